@@ -1,0 +1,125 @@
+"""Router rows for merged experts (pure tensor functions).
+
+A merged expert c stands for its members; the exact logit that gives it the members' combined routing
+probability is LSE_c(x) = log sum_{i in c} exp(l_i(x)) (softmax over clusters of LSE_c = summed member
+probabilities). Two rebuilds:
+
+- ``merged_router_rows``: frequency-weighted average of member rows (no data needed).
+- ``fit_router_rows``: fit each merged row on calibration tokens: ridge least squares to LSE_c, then optionally
+  a few LBFGS steps on KL(summed member probabilities || new softmax). Singleton clusters keep their row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moecompress.merge.subspace import _normalized_weights
+
+
+def merged_router_rows(
+    w_router: torch.Tensor,
+    clusters: list[list[int]],
+    freqs: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Frequency-weighted average of member router rows (and biases).
+
+    Args:
+        w_router: [E, H] router weight.
+        clusters: K lists of old expert ids; cluster c becomes new expert c.
+        freqs: [E] routing frequencies (a never-routed cluster gets the plain average).
+        bias: optional [E] router bias.
+
+    Returns:
+        ([K, H] rows, [K] bias or None), dtype of ``w_router``. A cluster of one keeps its row exactly.
+    """
+    rows, biases = [], []
+    for members in clusters:
+        f = _normalized_weights(freqs[members]).to(torch.float64)  # [n]
+        rows.append(f @ w_router[members].to(torch.float64))  # [H]
+        if bias is not None:
+            biases.append(f @ bias[members].to(torch.float64))
+    new_rows = torch.stack(rows).to(w_router.dtype)  # [K, H]
+    for c, members in enumerate(clusters):
+        if len(members) == 1:
+            new_rows[c] = w_router[members[0]]
+    new_bias = None
+    if bias is not None:
+        new_bias = torch.stack(biases).to(bias.dtype)
+        for c, members in enumerate(clusters):
+            if len(members) == 1:
+                new_bias[c] = bias[members[0]]
+    return new_rows, new_bias
+
+
+def cluster_logits(logits: torch.Tensor, clusters: list[list[int]]) -> torch.Tensor:
+    """Target cluster logits LSE_c = log sum_{i in c} exp(l_i): [T, E] -> [T, K]."""
+    return torch.stack([torch.logsumexp(logits[:, m], dim=1) for m in clusters], dim=1)
+
+
+def fit_router_rows(
+    x: torch.Tensor,
+    w_router: torch.Tensor,
+    clusters: list[list[int]],
+    bias: torch.Tensor | None = None,
+    ridge: float = 1e-2,
+    kl_steps: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fit the merged experts' router rows so that their routing matches the members' combined routing.
+
+    Args:
+        x: [T, H] calibration inputs of the router (the MoE block's input tokens).
+        w_router: [E, H] original router weight; bias: optional [E] original bias.
+        clusters: K lists of old expert ids.
+        ridge: L2 penalty (relative to mean diag of X^T X) pulling each row towards the weighted average row.
+        kl_steps: LBFGS iterations on KL(target cluster probs || new softmax) after the least-squares fit.
+
+    Returns:
+        ([K, H] rows, [K] bias or None) in the dtype of ``w_router``; singleton clusters keep their row exactly.
+    """
+    xf = x.to(torch.float64)  # [T, H]
+    W = w_router.to(torch.float64)  # [E, H]
+    logits = xf @ W.T + (bias.to(torch.float64) if bias is not None else 0.0)  # [T, E]
+    target = cluster_logits(logits, clusters)  # [T, K]
+    xa = torch.cat([xf, torch.ones_like(xf[:, :1])], dim=1) if bias is not None else xf  # [T, H(+1)]
+    # Prior: frequency-free average row (routing frequencies are unknown here; the average is the fallback).
+    prior = torch.stack([W[m].mean(0) for m in clusters])  # [K, H]
+    if bias is not None:
+        prior = torch.cat([prior, torch.stack([bias.to(torch.float64)[m].mean() for m in clusters])[:, None]], 1)
+    gram = xa.T @ xa  # [D, D]
+    lam = ridge * float(gram.diagonal().mean())
+    eye = torch.eye(gram.shape[0], dtype=torch.float64)
+    rhs = xa.T @ target + lam * prior.T  # [D, K]
+    sol = torch.linalg.solve(gram + lam * eye, rhs).T  # [K, D]
+    merged = [c for c, m in enumerate(clusters) if len(m) > 1]
+    if kl_steps > 0 and merged:
+        sol = _refine_kl(xa, target, sol, merged, kl_steps)
+    for c, m in enumerate(clusters):
+        if len(m) == 1:
+            sol[c] = torch.cat([W[m[0]], bias.to(torch.float64)[m[0] : m[0] + 1]]) if bias is not None else W[m[0]]
+    rows = sol[:, : w_router.shape[1]].to(w_router.dtype)
+    new_bias = sol[:, -1].to(bias.dtype) if bias is not None else None
+    return rows, new_bias
+
+
+def _refine_kl(
+    xa: torch.Tensor, target: torch.Tensor, sol: torch.Tensor, merged: list[int], steps: int
+) -> torch.Tensor:
+    """LBFGS on KL(softmax(target) || softmax(xa @ sol^T)) over the merged rows only."""
+    p = target.softmax(dim=1)  # [T, K]
+    fixed = sol.clone()
+    free = sol[merged].clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([free], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        w = fixed.index_put((torch.tensor(merged),), free)  # [K, D]
+        logq = (xa @ w.T).log_softmax(dim=1)  # [T, K]
+        loss = (p * (p.clamp_min(1e-30).log() - logq)).sum(1).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    out = fixed.clone()
+    out[merged] = free.detach()
+    return out

@@ -1,0 +1,81 @@
+"""Expert similarity for merging (pure tensor functions).
+
+Output similarity: every expert is evaluated on the SAME sampled tokens (that costs E/k times the routed
+compute, so callers sample tokens), and sim[a, b] = mean_t cos(f_a(x_t), f_b(x_t)).
+Router-logit similarity: cosine over tokens of the router logit columns, after removing the per-token mean
+(softmax ignores it). Cheap: it needs only the router.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def expert_outputs(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    chunk: int = 8,
+) -> torch.Tensor:
+    """Unweighted SwiGLU outputs of every expert on the same tokens.
+
+    Args:
+        x: [T, H] tokens.
+        w_gate, w_up: [E, I, H]; w_down: [E, H, I].
+        chunk: experts evaluated at once (bounds memory at chunk * T * I).
+
+    Returns:
+        [E, T, H] float32 outputs f_e(x_t).
+    """
+    xf = x.to(torch.float32)
+    outs = []
+    for s in range(0, w_gate.shape[0], chunk):
+        g = torch.einsum("th,eih->eti", xf, w_gate[s : s + chunk].to(torch.float32))  # [e, T, I]
+        u = torch.einsum("th,eih->eti", xf, w_up[s : s + chunk].to(torch.float32))  # [e, T, I]
+        h = F.silu(g) * u  # [e, T, I]
+        outs.append(torch.einsum("eti,ehi->eth", h, w_down[s : s + chunk].to(torch.float32)))  # [e, T, H]
+    return torch.cat(outs, dim=0)
+
+
+def output_features(outputs: torch.Tensor) -> torch.Tensor:
+    """Flattened per-token unit outputs, scaled so that ||a - b||^2 = 2 - 2 * mean_t cos(a_t, b_t).
+
+    Args:
+        outputs: [E, T, H] expert outputs.
+
+    Returns:
+        [E, T*H] features for k-means: squared Euclidean distance is an affine map of the output similarity.
+    """
+    E, T, _ = outputs.shape
+    unit = F.normalize(outputs.to(torch.float32), dim=-1, eps=1e-12)  # [E, T, H]
+    return unit.reshape(E, -1) / T**0.5  # [E, T*H]
+
+
+def output_similarity(outputs: torch.Tensor) -> torch.Tensor:
+    """Mean per-token cosine similarity of expert outputs.
+
+    Args:
+        outputs: [E, T, H] outputs of every expert on the same T tokens.
+
+    Returns:
+        [E, E] symmetric similarity, diagonal 1 (0 for an expert whose output is identically zero).
+    """
+    feats = output_features(outputs)  # [E, T*H]
+    return feats @ feats.T  # [E, E]
+
+
+def router_logit_similarity(logits: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of router logit columns over tokens, per-token mean removed.
+
+    Args:
+        logits: [T, E] router logits on calibration tokens.
+
+    Returns:
+        [E, E] symmetric similarity in [-1, 1].
+    """
+    z = logits.to(torch.float32)
+    z = z - z.mean(dim=1, keepdim=True)  # [T, E]: softmax-invariant
+    cols = F.normalize(z, dim=0, eps=1e-12)  # [T, E]
+    return cols.T @ cols  # [E, E]

@@ -1,0 +1,79 @@
+"""Sub-MoE subspace merge of a cluster of expert weight matrices (pure tensor functions).
+
+For member matrices W_1..W_n of shape [out, in] (one projection: gate, up or down):
+
+    [W_1 ... W_n] = U S [V_1; ...; V_n]^T          (one SVD, shared U; V_i are column blocks of V^T)
+    V_bar = sum_i f_i V_i / sum_i f_i              (frequency-weighted average of the blocks)
+    W     = U_r S_r V_bar_r^T                      (rank r)
+
+Untruncated (r = min(out, n * in)) this equals sum_i f_i W_i / sum_i f_i exactly, so the gain over plain
+averaging comes from the truncation to the shared dominant subspace (and from the clustering).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _normalized_weights(freqs: torch.Tensor) -> torch.Tensor:
+    """Frequency weights that sum to one; uniform when the cluster was never routed (all zero)."""
+    f = freqs.to(torch.float64).clamp_min(0)  # [n]
+    if float(f.sum()) <= 0.0:
+        return torch.full_like(f, 1.0 / f.numel())
+    return f / f.sum()
+
+
+def merge_average(weights: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Frequency-weighted average of member matrices (HC-SMoE style merge).
+
+    Args:
+        weights: [n, out, in] member matrices.
+        freqs: [n] non-negative routing frequencies (all zero -> uniform).
+
+    Returns:
+        [out, in] merged matrix in the dtype of ``weights``.
+    """
+    f = _normalized_weights(freqs)  # [n]
+    merged = torch.einsum("n,noi->oi", f, weights.to(torch.float64))  # [out, in]
+    return merged.to(weights.dtype)
+
+
+def rank_for(out_dim: int, in_dim: int, n_members: int, rank: int | None, rank_fraction: float | None) -> int:
+    """The SVD rank to keep for a merge of ``n_members`` [out_dim, in_dim] matrices.
+
+    ``rank`` wins over ``rank_fraction`` (a fraction of the full rank min(out, n * in)); neither means full rank.
+    """
+    full = min(out_dim, n_members * in_dim)
+    if rank is not None:
+        return max(1, min(int(rank), full))
+    if rank_fraction is not None:
+        return max(1, min(full, math.ceil(rank_fraction * full)))
+    return full
+
+
+def merge_subspace(weights: torch.Tensor, freqs: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+    """Merge member matrices in their shared SVD subspace (Sub-MoE).
+
+    Args:
+        weights: [n, out, in] member matrices (one projection of each expert in the cluster).
+        freqs: [n] non-negative routing frequencies of the members (all zero -> uniform).
+        rank: number of singular directions kept; None keeps all (then the result is the weighted average).
+
+    Returns:
+        [out, in] merged matrix in the dtype of ``weights``.
+    """
+    n, out_dim, in_dim = weights.shape
+    if n == 1 and rank is None:
+        return weights[0].clone()
+    f = _normalized_weights(freqs)  # [n]
+    w = weights.to(torch.float64)
+    cat = w.permute(1, 0, 2).reshape(out_dim, n * in_dim)  # [out, n*in]  = [W_1 ... W_n]
+    U, S, Vh = torch.linalg.svd(cat, full_matrices=False)  # U [out, R], S [R], Vh [R, n*in]
+    R = S.numel()
+    r = R if rank is None else max(1, min(int(rank), R))
+    blocks = Vh.reshape(R, n, in_dim)  # [R, n, in]: blocks[:, i] = V_i^T (column block i of Vh)
+    v_bar = torch.einsum("n,rni->ri", f, blocks)  # [R, in]
+    merged = (U[:, :r] * S[:r]) @ v_bar[:r]  # [out, in]
+    return merged.to(weights.dtype)
