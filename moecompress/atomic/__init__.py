@@ -1,0 +1,1 @@
+"""Atomic (neuron-level) pruning of routed experts: HEAPr scores, gradient statistics, channel slicing."""

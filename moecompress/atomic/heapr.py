@@ -1,0 +1,196 @@
+"""HEAPr atomic-expert scores and channel selection (Li et al. 2025), as pure functions over tensors.
+
+An atom is one intermediate channel j of a routed expert e: row j of gate and up, column j of down.
+Removing it changes the expert's (unweighted) output by -h_j(x) w_j, with w_j = W_down[e, :, j].
+A second-order (Fisher) estimate of the loss change, with g = dL/d f_e(x) over the tokens routed to e and
+the activation and gradient treated as independent, is
+
+    s_{e,j} = m_{e,j} * w_j^T G_e w_j,     m_{e,j} = mean_x h_j(x)^2,   G_e = mean_x g g^T.
+
+G_e comes in three forms (memory per expert for hidden size H):
+    full      Tensor [E, H, H]                    H^2 floats
+    diag      Tensor [E, H]                       H floats (only diag(G_e))
+    low-rank  LowRankG(factors [E, H, r], diag)   H*(r+1) floats, G_e ~ U U^T + diag(residual)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LowRankG:
+    """G_e ~ U_e U_e^T + diag(residual_e): a rank-r sketch plus the exact remainder of the diagonal."""
+
+    factors: torch.Tensor  # [E, H, r]
+    residual_diag: torch.Tensor | None = None  # [E, H], >= 0
+
+
+GradStat = torch.Tensor | LowRankG
+
+
+def g_kind(G: GradStat) -> str:
+    """'full', 'diag' or 'lowrank' for a gradient statistic."""
+    if isinstance(G, LowRankG):
+        return "lowrank"
+    if G.dim() == 3:
+        return "full"
+    if G.dim() == 2:
+        return "diag"
+    raise ValueError(f"G must be [E, H, H], [E, H] or LowRankG, got shape {tuple(G.shape)}")
+
+
+def quadratic_form(W_down: torch.Tensor, G: GradStat) -> torch.Tensor:
+    """q_{e,j} = w_j^T G_e w_j for every column j of every expert's down projection.
+
+    W_down: [E, H, I]. Returns [E, I] in float64.
+    """
+    W = W_down.double()  # [E, H, I]
+    kind = g_kind(G)
+    if kind == "full":
+        GW = torch.bmm(G.double(), W)  # [E, H, I]
+        return (W * GW).sum(dim=1)  # [E, I]
+    if kind == "diag":
+        return (W.square() * G.double().unsqueeze(-1)).sum(dim=1)  # [E, I]
+    assert isinstance(G, LowRankG)
+    UW = torch.bmm(G.factors.double().transpose(1, 2), W)  # [E, r, I]
+    q = UW.square().sum(dim=1)  # [E, I]
+    if G.residual_diag is not None:
+        q = q + (W.square() * G.residual_diag.double().unsqueeze(-1)).sum(dim=1)
+    return q
+
+
+def heapr_scores(m: torch.Tensor, W_down: torch.Tensor, G: GradStat) -> torch.Tensor:
+    """HEAPr score s_{e,j} = m_{e,j} * w_j^T G_e w_j (estimated loss increase when channel j of e is removed).
+
+    m: [E, I] channel second moments over routed tokens; W_down: [E, H, I]; G: see module docstring.
+    Returns [E, I] float64 (larger = more important).
+    """
+    if m.shape != (W_down.shape[0], W_down.shape[2]):
+        raise ValueError(f"m {tuple(m.shape)} does not match W_down {tuple(W_down.shape)}")
+    return m.double() * quadratic_form(W_down, G)
+
+
+# ---- selection ---------------------------------------------------------------------------------
+
+
+def n_to_remove(total_channels: int, ratio: float) -> int:
+    """Number of routed channels removed for a ratio of all routed channels."""
+    return int(round(ratio * total_channels))
+
+
+def select_exact(
+    scores: list[torch.Tensor],
+    ratio: float,
+    protected: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Global ranking over all routed experts of all layers; drop the lowest-scoring channels.
+
+    scores: per MoE layer [E_l, I]; protected: per layer bool [E_l] (protected experts keep every channel).
+    Removes round(ratio * all routed channels) channels, all from unprotected experts.
+    Returns per layer a bool keep mask [E_l, I]. Ties are broken by position (stable sort).
+    """
+    flat, owner = [], []
+    total = 0
+    for l, s in enumerate(scores):
+        s = s.double().clone()
+        total += s.numel()
+        if protected is not None and protected[l].any():
+            s[protected[l]] = math.inf
+        flat.append(s.reshape(-1))
+        owner.append(torch.full((s.numel(),), l))
+    n = n_to_remove(total, ratio)
+    allv = torch.cat(flat)  # [N]
+    if n > int(torch.isfinite(allv).sum()):
+        raise ValueError(f"cannot remove {n} channels: only {int(torch.isfinite(allv).sum())} are unprotected")
+    order = torch.sort(allv, stable=True).indices
+    keep_flat = torch.ones_like(allv, dtype=torch.bool)
+    keep_flat[order[:n]] = False
+    out, start = [], 0
+    for s in scores:
+        out.append(keep_flat[start : start + s.numel()].reshape(s.shape))
+        start += s.numel()
+    return out
+
+
+def uniform_width(I: int, ratio: float, multiple: int = 16) -> int:
+    """One kept width for every routed expert: I * (1 - ratio) rounded to the nearest multiple (at least one)."""
+    top = (I // multiple) * multiple
+    if top == 0:
+        raise ValueError(f"expert width {I} is below the width multiple {multiple}")
+    k = int(round(I * (1.0 - ratio) / multiple)) * multiple
+    return max(multiple, min(k, top))
+
+
+def select_uniform(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """Each expert keeps its own top-`width` channels by score, returned in ascending channel order.
+
+    scores: [E, I]. Returns kept channel indices [E, width] (long).
+    """
+    if not 0 < width <= scores.shape[1]:
+        raise ValueError(f"width {width} not in 1..{scores.shape[1]}")
+    # stable descending: sort ascending on -score with index tie-break
+    top = torch.sort(-scores.double(), dim=1, stable=True).indices[:, :width]  # [E, K]
+    return torch.sort(top, dim=1).values
+
+
+def mask_to_indices(keep: torch.Tensor) -> list[torch.Tensor]:
+    """Bool keep mask [E, I] -> per-expert ascending kept channel indices (possibly empty)."""
+    return [row.nonzero().flatten() for row in keep]
+
+
+# ---- ranking agreement -------------------------------------------------------------------------
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks (ties share the mean rank), 0-based, float64."""
+    x = x.double().flatten()
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(x.numel(), dtype=torch.float64)
+    uniq, inv = torch.unique(x, return_inverse=True)
+    if uniq.numel() < x.numel():
+        sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, ranks)
+        counts = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, torch.ones_like(ranks))
+        ranks = (sums / counts)[inv]
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two score tensors of the same shape."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else float("nan")
+
+
+def bottom_overlap(a: torch.Tensor, b: torch.Tensor, frac: float) -> float:
+    """|lowest-frac set of a  intersect  lowest-frac set of b| / set size: agreement on what gets removed."""
+    n = max(1, int(round(frac * a.numel())))
+    sa = set(torch.argsort(a.double().flatten(), stable=True)[:n].tolist())
+    sb = set(torch.argsort(b.double().flatten(), stable=True)[:n].tolist())
+    return len(sa & sb) / n
+
+
+def ranking_agreement(ref: list[torch.Tensor], other: list[torch.Tensor], frac: float = 0.25) -> dict[str, float]:
+    """How close a cheaper score's ranking is to the reference one, globally over all layers.
+
+    Returns Spearman correlation (global and mean within-expert) and the overlap of the removed sets at `frac`
+    (global, and within-expert as used by the uniform layout).
+    """
+    a = torch.cat([s.double().flatten() for s in ref])
+    b = torch.cat([s.double().flatten() for s in other])
+    per_expert, per_expert_overlap = [], []
+    for sa, sb in zip(ref, other, strict=True):
+        for ra, rb in zip(sa, sb, strict=True):
+            per_expert.append(spearman(ra, rb))
+            per_expert_overlap.append(bottom_overlap(ra, rb, frac))
+    return {
+        "spearman_global": spearman(a, b),
+        "spearman_within_expert_mean": float(torch.tensor(per_expert).nanmean()),
+        f"removed_overlap_global@{frac:g}": bottom_overlap(a, b, frac),
+        f"removed_overlap_within_expert@{frac:g}": float(torch.tensor(per_expert_overlap).mean()),
+    }
