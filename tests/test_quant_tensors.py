@@ -1,0 +1,156 @@
+"""Pure tensor quantizers: RTN, GPTQ, packing (against compressed-tensors' own decompressor), fused experts, NF4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moecompress.quant.gptq import gptq_quantize, hessian_from_inputs
+from moecompress.quant.pack import pack_int32, packed_cols, unpack_int32
+from moecompress.quant.rtn import (
+    dequantize,
+    group_size_for,
+    qrange,
+    quantized_nbytes,
+    rtn_quantize,
+)
+
+BITS = (2, 3, 4, 8)
+
+
+def test_group_size_rule():
+    assert group_size_for(256) == 128
+    assert group_size_for(128) == 128
+    assert group_size_for(192) == 64
+    assert group_size_for(96) == 32
+    assert group_size_for(48) == 16
+    assert group_size_for(40) == 40  # no 16..128 divisor: one group per row
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_rtn_codes_in_range_and_error_falls_with_bits(bits):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 256, generator=g).to(torch.bfloat16)
+    q, s = rtn_quantize(w, bits)
+    qmin, qmax = qrange(bits)
+    assert q.dtype == torch.int8 and s.shape == (32, 2) and s.dtype == torch.bfloat16
+    assert int(q.min()) >= qmin and int(q.max()) <= qmax
+    rel = ((dequantize(q, s, 128, torch.float32) - w.float()).pow(2).sum() / w.float().pow(2).sum()).item()
+    bound = {2: 0.2, 3: 0.06, 4: 0.015, 8: 1e-4}[bits]
+    assert rel < bound
+
+
+def test_rtn_error_monotone_in_bits():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    errs = []
+    for b in BITS:
+        q, s = rtn_quantize(w, b, scale_dtype=torch.float32)
+        errs.append((dequantize(q, s, 128) - w).pow(2).sum().item())
+    assert errs == sorted(errs, reverse=True)
+
+
+def test_fused_3d_equals_per_expert_loop():
+    w = torch.randn(5, 24, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)  # [E, I, H]
+    for b in (3, 4):
+        q, s = rtn_quantize(w, b)
+        for e in range(w.shape[0]):
+            qe, se = rtn_quantize(w[e], b)
+            assert torch.equal(q[e], qe) and torch.equal(s[e], se)
+        packed = pack_int32(q, b)
+        for e in range(w.shape[0]):
+            assert torch.equal(packed[e], pack_int32(q[e], b))
+        assert torch.equal(unpack_int32(packed, b, 256), q)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("cols", [256, 128, 100, 7])
+def test_pack_roundtrip_and_matches_compressed_tensors(bits, cols):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    qmin, qmax = qrange(bits)
+    q = torch.randint(qmin, qmax + 1, (6, cols), generator=torch.Generator().manual_seed(bits), dtype=torch.int8)
+    q[0, : min(cols, 4)] = torch.tensor([qmin, qmax, 0, -1][: min(cols, 4)], dtype=torch.int8)
+    packed = pack_int32(q, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (6, packed_cols(cols, bits))
+    assert torch.equal(unpack_int32(packed, bits, cols), q)
+    assert torch.equal(packed, pack_to_int32(q, bits))  # their packer, bit for bit
+    assert torch.equal(unpack_from_int32(packed, bits, torch.Size((6, cols))), q)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_compressed_tensors_decompressor_reads_our_layout(bits):
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    q, s = rtn_quantize(w, bits)
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=128),
+    )
+    sd = {"weight_packed": pack_int32(q, bits), "weight_scale": s, "weight_shape": torch.tensor([16, 256])}
+    theirs = PackedQuantizationCompressor.decompress(sd, scheme)["weight"]
+    ours = dequantize(q, s, 128)
+    assert theirs.dtype == ours.dtype == torch.bfloat16
+    assert torch.equal(theirs, ours)
+
+
+def _out_err(x, w, wq):
+    return (x @ w.T - x @ wq.T).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_gptq_beats_rtn_on_calibration_inputs(bits):
+    gen = torch.Generator().manual_seed(4)
+    cols = 256
+    mix = torch.randn(cols, cols, generator=gen) / cols**0.5  # correlated inputs, as in real activations
+    x = torch.randn(2048, cols, generator=gen) @ mix + 0.1 * torch.randn(2048, cols, generator=gen)
+    w = torch.randn(48, cols, generator=gen)
+    h = hessian_from_inputs(x)
+    qg, sg = gptq_quantize(w, h, bits, scale_dtype=torch.float32)
+    qr, sr = rtn_quantize(w, bits, scale_dtype=torch.float32)
+    qmin, qmax = qrange(bits)
+    assert int(qg.min()) >= qmin and int(qg.max()) <= qmax
+    e_gptq = _out_err(x, w, dequantize(qg, sg, 128))
+    e_rtn = _out_err(x, w, dequantize(qr, sr, 128))
+    assert e_gptq <= e_rtn
+    assert e_gptq < 0.8 * e_rtn  # and by a clear margin on correlated inputs
+
+
+def test_gptq_group_larger_than_block_and_dead_inputs():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(512, 40, generator=gen)
+    x[:, 3] = 0.0  # a dead input channel
+    w = torch.randn(8, 40, generator=gen)
+    q, s = gptq_quantize(w, hessian_from_inputs(x), 4, block_size=16, scale_dtype=torch.float32)
+    assert s.shape == (8, 1)  # width 40 has no 16..128 divisor: per-row group
+    wq = dequantize(q, s, 40)
+    assert torch.all(wq[:, 3] == 0)
+    qr, sr = rtn_quantize(w, 4, scale_dtype=torch.float32)
+    assert _out_err(x, w, wq) <= _out_err(x, w, dequantize(qr, sr, 40))
+
+
+def test_quantized_nbytes_matches_tensors():
+    w = torch.randn(24, 256)
+    for b in BITS:
+        q, s = rtn_quantize(w, b)
+        real = pack_int32(q, b).numel() * 4 + s.numel() * 2 + torch.tensor([24, 256]).numel() * 8
+        assert quantized_nbytes(24, 256, b, 128) == real
+
+
+def test_nf4_expert_slices_through_bitsandbytes():
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    from moecompress.quant.nf4 import nf4_dequantize_experts, nf4_nbytes, nf4_quantize_experts
+
+    w = torch.randn(3, 64, 128, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)  # [E, I, H]
+    parts = nf4_quantize_experts(w)
+    deq = nf4_dequantize_experts(parts)
+    assert deq.shape == w.shape
+    for e in range(3):  # per-expert loop through bitsandbytes directly gives the same weights
+        p, st = bnbf.quantize_4bit(w[e].contiguous(), blocksize=64, quant_type="nf4")
+        assert torch.equal(bnbf.dequantize_4bit(p, st), deq[e])
+    rel = ((deq.float() - w.float()).pow(2).sum() / w.float().pow(2).sum()).item()
+    assert rel < 0.02
+    assert nf4_nbytes(parts) < w.numel() * 2 / 3  # well under a third of bf16
