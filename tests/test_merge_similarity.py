@@ -40,3 +40,12 @@ def test_router_logit_similarity_ignores_per_token_offset():
     z = logits - logits.mean(1, keepdim=True)
     assert torch.allclose(sim[0, 2], F.cosine_similarity(z[:, 0], z[:, 2], dim=0), atol=1e-5)
     assert sim[0, 2] > 0.8 > sim[0, 1]
+
+
+def test_gram_features_reproduce_output_distances():
+    from moecompress.merge.similarity import gram_features
+
+    out = torch.randn(6, 9, 5, generator=torch.Generator().manual_seed(4))
+    z = gram_features(output_similarity(out))
+    f = output_features(out).double()
+    assert torch.allclose(torch.cdist(z, z), torch.cdist(f, f), atol=1e-5)

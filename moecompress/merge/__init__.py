@@ -2,13 +2,21 @@
 
 from moecompress.merge.cluster import agglomerative_cluster, kmeans_cluster, labels_to_clusters
 from moecompress.merge.router import fit_router_rows, merged_router_rows
-from moecompress.merge.similarity import expert_outputs, output_similarity, router_logit_similarity
+from moecompress.merge.similarity import (
+    expert_outputs,
+    gram_features,
+    output_features,
+    output_similarity,
+    router_logit_similarity,
+)
 from moecompress.merge.subspace import merge_average, merge_subspace, rank_for
 
 __all__ = [
     "agglomerative_cluster",
     "expert_outputs",
     "fit_router_rows",
+    "gram_features",
+    "output_features",
     "kmeans_cluster",
     "labels_to_clusters",
     "merge_average",

@@ -79,3 +79,15 @@ def router_logit_similarity(logits: torch.Tensor) -> torch.Tensor:
     z = z - z.mean(dim=1, keepdim=True)  # [T, E]: softmax-invariant
     cols = F.normalize(z, dim=0, eps=1e-12)  # [T, E]
     return cols.T @ cols  # [E, E]
+
+
+def gram_features(similarity: torch.Tensor) -> torch.Tensor:
+    """Vectors whose Gram matrix is ``similarity`` (clipped to PSD): [E, E] -> [E, E].
+
+    For a cosine-type similarity S, ||z_a - z_b||^2 = S_aa + S_bb - 2 S_ab, so k-means on these vectors is
+    k-means on the similarity itself (e.g. a profile's stored output similarity, without the outputs).
+    """
+    s = similarity.to(torch.float64)
+    s = (s + s.T) / 2
+    evals, evecs = torch.linalg.eigh(s)  # ascending
+    return evecs * evals.clamp_min(0).sqrt()  # [E, E]

@@ -1,0 +1,326 @@
+"""`moecompress merge`: cluster each MoE layer's experts and merge every cluster into ONE expert.
+
+Per MoE layer (DESIGN.md section 5):
+  1. calibration inputs x of the MoE block, from a layer-streamed pass (one decoder layer in memory);
+  2. similarity: mean per-token cosine of expert outputs on sampled tokens (or router-logit similarity),
+     from the profile when one is given;
+  3. clusters: seeded k-means (``subspace``) or average-linkage hierarchical clustering on mean outputs
+     (``average``, HC-SMoE); protected (super) experts stay alone;
+  4. merge: Sub-MoE shared-SVD merge at rank r (``subspace``) or frequency-weighted average (``average``);
+  5. router rows: fitted on x so each merged expert receives its members' combined routing (or averaged).
+The output is a normal HF folder with fewer experts per layer (uniform count) and moecompress.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import MoEWeights
+from .checkpoint import Checkpoint
+from .errors import UserError
+from .merge.cluster import agglomerative_cluster, check_merge_target, kmeans_cluster, labels_to_clusters
+from .merge.cluster import n_clusters_for as n_clusters_for
+from .merge.router import fit_router_rows, merged_router_rows
+from .merge.similarity import expert_outputs, gram_features, output_similarity, router_logit_similarity
+from .merge.subspace import merge_average, merge_subspace, rank_for
+from .writer import check_output, dir_bytes, write_checkpoint
+
+METHODS = ("subspace", "average")
+ROUTER_REBUILDS = ("fit", "average")
+SIMILARITIES = ("output", "router")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Everything that decides a merge (recorded in moecompress.json)."""
+
+    ratio: float
+    method: str = "subspace"
+    rank: int | None = None
+    rank_fraction: float | None = None
+    router: str = "fit"
+    similarity: str = "output"
+    protect_super: bool = True
+    sim_tokens: int = 512
+    fit_tokens: int = 8192
+    kl_steps: int = 20
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise UserError(f"--ratio {self.ratio} must be between 0 and 1 (the fraction of experts merged away)")
+        if self.method not in METHODS:
+            raise UserError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.router not in ROUTER_REBUILDS:
+            raise UserError(f"--router {self.router!r} is not one of {', '.join(ROUTER_REBUILDS)}")
+        if self.similarity not in SIMILARITIES:
+            raise UserError(f"--similarity {self.similarity!r} is not one of {', '.join(SIMILARITIES)}")
+        if self.rank is not None and self.rank_fraction is not None:
+            raise UserError("give either --rank or --rank-fraction, not both")
+        if self.rank is not None and self.rank < 1:
+            raise UserError(f"--rank {self.rank} must be at least 1")
+        if self.rank_fraction is not None and not 0.0 < self.rank_fraction <= 1.0:
+            raise UserError(f"--rank-fraction {self.rank_fraction} must be in (0, 1]")
+        if self.method == "average" and (self.rank is not None or self.rank_fraction is not None):
+            raise UserError("--rank/--rank-fraction apply to --method subspace only")
+        if self.sim_tokens < 2 or self.fit_tokens < 1:
+            raise UserError("--sim-tokens must be at least 2 and --fit-tokens at least 1")
+
+
+def routing_frequency(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """phi_e = |X_e| / (k T) from router logits [T, E] -> [E] (top-k of the logits = top-k of the softmax)."""
+    idx = logits.topk(top_k, dim=1).indices  # [T, k]
+    counts = torch.bincount(idx.flatten(), minlength=logits.shape[1]).to(torch.float64)
+    return counts / max(idx.numel(), 1)
+
+
+def merge_layer(
+    w: MoEWeights,
+    x: torch.Tensor,
+    n_clusters: int,
+    top_k: int,
+    opts: MergeOptions,
+    freqs: torch.Tensor | None = None,
+    similarity: torch.Tensor | None = None,
+    protected: list[int] | None = None,
+) -> tuple[MoEWeights, dict[str, Any]]:
+    """Merge one MoE layer's routed experts into ``n_clusters`` experts.
+
+    Args:
+        w: the layer's view (gate/up [E, I, H], down [E, H, I], router [E, H]); SwiGLU experts.
+        x: [T, H] calibration inputs of the MoE block.
+        n_clusters: experts after merging.
+        top_k: the router's top-k.
+        freqs: [E] routing frequencies (from a profile); None computes them from x.
+        similarity: [E, E] expert similarity (from a profile); None computes it from x.
+        protected: expert ids never merged with others.
+
+    Returns:
+        (merged view with n_clusters experts, info for the manifest).
+    """
+    gen = torch.Generator().manual_seed(opts.seed)
+    xf = x.to(torch.float32)
+    logits = xf @ w.router.to(torch.float32).T  # [T, E]
+    if w.router_bias is not None:
+        logits = logits + w.router_bias.to(torch.float32)
+    if freqs is None:
+        freqs = routing_frequency(logits, top_k)  # [E]
+    sample = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.sim_tokens]]  # [Ts, H]
+    outputs = expert_outputs(sample, w.gate, w.up, w.down)  # [E, Ts, H]
+    if opts.method == "subspace":
+        if similarity is None:
+            similarity = output_similarity(outputs) if opts.similarity == "output" else router_logit_similarity(logits)
+        labels = kmeans_cluster(gram_features(similarity), n_clusters, protected or (), seed=opts.seed)
+    else:  # HC-SMoE: average linkage on the cosine distance of mean expert outputs
+        mean_out = F.normalize(outputs.mean(dim=1).double(), dim=-1)  # [E, H]
+        labels = agglomerative_cluster(1.0 - mean_out @ mean_out.T, n_clusters, protected or ())
+    clusters = labels_to_clusters(labels)
+
+    gate, up, down, ranks = [], [], [], []
+    for members in clusters:
+        f = freqs[members]
+        if len(members) == 1:
+            gate.append(w.gate[members[0]])
+            up.append(w.up[members[0]])
+            down.append(w.down[members[0]])
+            ranks.append(None)
+            continue
+        r: dict[str, int | None] = {}
+        for name, t, dst in (("gate", w.gate, gate), ("up", w.up, up), ("down", w.down, down)):
+            m = t[members]  # [n, out, in]
+            if opts.method == "average":
+                dst.append(merge_average(m, f))
+                r[name] = None
+            else:
+                rk = rank_for(m.shape[1], m.shape[2], len(members), opts.rank, opts.rank_fraction)
+                dst.append(merge_subspace(m, f, rk))
+                r[name] = rk
+        ranks.append(r)
+
+    if opts.router == "fit":
+        fit_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.fit_tokens]]
+        rows, bias = fit_router_rows(fit_x, w.router, clusters, bias=w.router_bias, kl_steps=opts.kl_steps)
+    else:
+        rows, bias = merged_router_rows(w.router, clusters, freqs, bias=w.router_bias)
+    corr = None
+    if w.correction_bias is not None:
+        corr = torch.stack([w.correction_bias[m].double().mean() for m in clusters]).to(w.correction_bias.dtype)
+    merged = MoEWeights(
+        gate=torch.stack(gate), up=torch.stack(up), down=torch.stack(down), router=rows, router_bias=bias,
+        correction_bias=corr,
+    )  # fmt: skip
+    sim_used = similarity if similarity is not None else output_similarity(outputs)
+    within = [float(sim_used[m][:, m].mean()) for m in clusters if len(m) > 1]
+    info = {
+        "clusters": clusters,
+        "old_to_new": labels.tolist(),
+        "ranks": ranks,
+        "frequency": [round(float(v), 6) for v in freqs],
+        "cluster_sizes": [len(m) for m in clusters],
+        "mean_within_cluster_similarity": round(sum(within) / len(within), 4) if within else None,
+    }
+    return merged, info
+
+
+def _protected_experts(ckpt: Checkpoint, profile: Any | None, opts: MergeOptions) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {l: [] for l in ckpt.moe_layers}
+    if profile is not None and opts.protect_super:
+        for l, e in profile.super_experts:
+            if l in out:
+                out[l].append(int(e))
+    return out
+
+
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def expected_bytes(ckpt: Checkpoint, n_clusters: int) -> int:
+    """Tensor bytes of the checkpoint after merging every MoE layer to ``n_clusters`` experts (headers excluded)."""
+    E = ckpt.num_experts
+    patterns = [ckpt.family.routed_key_pattern(l) for l in ckpt.moe_layers]
+    total = 0
+    for key, meta in ckpt.tensor_info().items():
+        n = 1
+        for s in meta["shape"]:
+            n *= s
+        nbytes = n * DTYPE_BYTES[meta["dtype"]]
+        if any(p.match(key) for p in patterns):
+            hub = re.search(r"\.experts\.(\d+)\.", key)
+            if hub:  # one expert's projection: experts 0..K-1 remain
+                nbytes = nbytes if int(hub.group(1)) < n_clusters else 0
+            else:  # router rows / biases / fused expert tensors: leading dimension E
+                nbytes = nbytes // E * n_clusters
+        total += nbytes
+    return total
+
+
+def _capture_into(store: list[torch.Tensor]) -> Any:
+    """A forward pre-hook that appends the MoE block's input tokens [T, H] to ``store``."""
+
+    def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        h = args[0] if args else kwargs["hidden_states"]
+        store.append(h.detach().reshape(-1, h.shape[-1]).cpu())
+
+    return hook
+
+
+def merge_model(
+    model: str | Path | None,
+    output: str | Path,
+    opts: MergeOptions,
+    profile_dir: str | Path | None = None,
+    calib: str = "mixed",
+    samples: int = 64,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    tokens: Any | None = None,
+) -> dict[str, Any]:
+    """Merge a checkpoint's experts and write OUTPUT (HF folder + moecompress.json). Returns the manifest.
+
+    ``tokens`` (a ``data.TokenSet``) replaces ``calib``/``samples``/``seq_len`` when given (API use, tests).
+    """
+    from .data import calibration_set, check_seq_len
+    from .profile import Profile, load_tokenizer
+    from .stream import LayerStream, resolve_device
+
+    opts.validate()
+    ckpt = Checkpoint(model)
+    out = check_output(output, ckpt.path, overwrite)
+    cfg = ckpt.config
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise UserError(f"merge supports SwiGLU experts (hidden_act silu); this model uses {cfg.hidden_act!r}")
+    E, top_k, fam = ckpt.num_experts, ckpt.top_k, ckpt.family
+    K = n_clusters_for(E, opts.ratio)
+    if fam.n_group(cfg) > 1:
+        raise UserError(f"{fam.name} uses group-limited routing (n_group > 1), which merge does not support yet")
+    profile = None
+    if profile_dir is not None:
+        profile = Profile.load(profile_dir)
+        profile.check_model(ckpt)
+    protected = _protected_experts(ckpt, profile, opts)
+    check_merge_target(E, K, top_k, max((len(v) for v in protected.values()), default=0), fam.n_group(cfg))
+    if tokens is None:
+        check_seq_len(seq_len, cfg)
+        tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed=opts.seed)
+    dev = resolve_device(device)
+
+    t0 = time.time()
+    layers_info: dict[str, Any] = {}
+    manifest: dict[str, Any] = {
+        "command": "merge",
+        "method": opts.method,
+        "options": asdict(opts),
+        "source_model": str(ckpt.path),
+        "source_fingerprint": ckpt.fingerprint,
+        "profile": str(Path(profile_dir).resolve()) if profile_dir is not None else None,
+        "calibration": tokens.describe(),
+        "experts_before": E,
+        "experts_after": K,
+        "top_k": top_k,
+        "protected": {str(l): v for l, v in protected.items() if v},
+        "router_rebuild": "ridge least squares to log-sum-exp of member logits + LBFGS on KL"
+        if opts.router == "fit"
+        else "frequency-weighted average of member rows",
+        "propagation": "later layers are calibrated on the original (unmerged) model's activations",
+        "layers": layers_info,
+    }
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        moe = set(ckpt.moe_layers)
+        layer_keys = [k for k in ckpt.keys() if k.startswith("model.layers.")]
+        for k in ckpt.keys():
+            if k not in layer_keys:
+                yield k, ckpt.get(k)
+        stream = LayerStream(ckpt, tokens.input_ids, batch_size=batch_size, device=dev)
+        try:
+            for l, layer in stream.layers():
+                pat = fam.routed_key_pattern(l)
+                for k in ckpt.keys():
+                    if k.startswith(f"model.layers.{l}.") and not (l in moe and pat.match(k)):
+                        yield k, ckpt.get(k)
+                if l not in moe:
+                    stream.forward_layer(layer)
+                    continue
+                xs: list[torch.Tensor] = []
+                block = stream.moe_block(layer)
+                hook = block.register_forward_pre_hook(_capture_into(xs), with_kwargs=True)
+                try:
+                    stream.forward_layer(layer)
+                finally:
+                    hook.remove()
+                x = torch.cat(xs)  # [T, H]
+                w = ckpt.moe_weights(l)
+                freqs = profile.layer(l, "frequency") if profile is not None else None
+                sim = None
+                if profile is not None and opts.similarity == "output":
+                    sim = profile.layer(l, "output_similarity")
+                elif profile is not None:
+                    sim = profile.layer(l, "router_similarity")
+                merged, info = merge_layer(w, x, K, top_k, opts, freqs, sim, protected[l])
+                layers_info[str(l)] = info
+                if progress:
+                    print(f"merge: layer {l} -> {K} experts, sizes {info['cluster_sizes']}", flush=True)
+                yield from fam.write_layer(merged, l).items()
+        finally:
+            stream.close()
+        manifest["seconds"] = round(time.time() - t0, 2)
+
+    raw_cfg = json.loads((ckpt.path / "config.json").read_text())
+    raw_cfg.update(fam.expert_count_updates(K))
+    manifest["bytes_before"] = ckpt.bytes_on_disk
+    manifest["expected_tensor_bytes_after"] = expected_bytes(ckpt, K)
+    write_checkpoint(out, tensors(), raw_cfg, ckpt.side_files(), manifest, overwrite=overwrite)
+    manifest["bytes_after"] = dir_bytes(out)
+    return manifest
