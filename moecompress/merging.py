@@ -233,6 +233,7 @@ def merge_model(
     """
     from .data import calibration_set, check_seq_len
     from .profile import Profile, load_tokenizer
+    from .progress import console
     from .stream import LayerStream, resolve_device
 
     opts.validate()
@@ -311,7 +312,7 @@ def merge_model(
                 merged, info = merge_layer(w, x, K, top_k, opts, freqs, sim, protected[l])
                 layers_info[str(l)] = info
                 if progress:
-                    print(f"merge: layer {l} -> {K} experts, sizes {info['cluster_sizes']}", flush=True)
+                    console.print(f"merge: layer {l}: {E} -> {K} experts, cluster sizes {info['cluster_sizes']}")
                 yield from fam.write_layer(merged, l).items()
         finally:
             stream.close()

@@ -1,0 +1,1 @@
+"""Calibration and held-out evaluation text shipped with moecompress (installed as moecompress.calibration)."""

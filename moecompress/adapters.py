@@ -1,0 +1,236 @@
+"""One declarative record per MoE family, and the per-layer weight view every algorithm sees.
+
+The view, for MoE layer l with E routed experts of width I over hidden size H:
+    gate, up: [E, I, H]   down: [E, H, I]   router: [E, H]   (+ router_bias [E], correction_bias [E])
+It reads from and writes to *hub-format* tensor names (what ``save_pretrained`` writes and vLLM reads:
+one key per expert projection) and also reads transformers' in-memory fused names
+(``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+
+def _qwen_dense_layers(cfg: Any) -> frozenset[int]:
+    step = getattr(cfg, "decoder_sparse_step", 1) or 1
+    only = set(getattr(cfg, "mlp_only_layers", None) or [])
+    return frozenset(l for l in range(cfg.num_hidden_layers) if l in only or (l + 1) % step != 0)
+
+
+def _deepseek_dense_layers(cfg: Any) -> frozenset[int]:
+    return frozenset(range(min(getattr(cfg, "first_k_dense_replace", 0) or 0, cfg.num_hidden_layers)))
+
+
+def _no_dense_layers(cfg: Any) -> frozenset[int]:
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its MoE pieces. A new family is one more record (plus a tiny test model)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    count_keys: tuple[str, ...]  # config keys holding the routed expert count (all are written)
+    disk_block: str = "mlp"  # MoE block name in checkpoint keys
+    module_block: str = "mlp"  # MoE block attribute on the transformers decoder layer
+    router: str = "gate"  # router sub-module of the block (weight [E, H])
+    experts: str = "experts"
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert disk names
+    router_bias: bool = False
+    correction_bias: str | None = None  # DeepSeek: router buffer added to scores for top-k choice only
+    shared: str | None = None  # shared expert sub-module (never a routed expert)
+    shared_gate: str | None = None
+    norm_topk_key: str | None = "norm_topk_prob"  # None: always renormalized over the top-k
+    group_key: str | None = None  # group-limited routing (E % n_group == 0 must hold)
+    dense_layers: Callable[[Any], frozenset[int]] = field(default=_no_dense_layers)
+
+    # ---- config facts -------------------------------------------------------------------------
+    def num_experts(self, cfg: Any) -> int:
+        for key in self.count_keys:
+            value = getattr(cfg, key, None)
+            if value:
+                return int(value)
+        raise UserError(f"config.json has none of {', '.join(self.count_keys)}: cannot tell the expert count")
+
+    def top_k(self, cfg: Any) -> int:
+        k = getattr(cfg, "num_experts_per_tok", None)
+        if not k:
+            raise UserError("config.json has no num_experts_per_tok: cannot tell the router's top-k")
+        return int(k)
+
+    def norm_topk(self, cfg: Any) -> bool:
+        return True if self.norm_topk_key is None else bool(getattr(cfg, self.norm_topk_key, False))
+
+    def n_group(self, cfg: Any) -> int:
+        return int(getattr(cfg, self.group_key, 1) or 1) if self.group_key else 1
+
+    def moe_layers(self, cfg: Any) -> list[int]:
+        dense = self.dense_layers(cfg)
+        return [l for l in range(cfg.num_hidden_layers) if l not in dense]
+
+    def expert_count_updates(self, n: int) -> dict[str, int]:
+        """config.json entries to write for a new routed-expert count."""
+        return {key: n for key in self.count_keys}
+
+    # ---- tensor names ---------------------------------------------------------------------------
+    def block_prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.disk_block}."
+
+    def expert_key(self, layer: int, expert: int, proj: int) -> str:
+        """proj: 0 gate, 1 up, 2 down."""
+        return f"{self.block_prefix(layer)}{self.experts}.{expert}.{self.expert_names[proj]}.weight"
+
+    def router_key(self, layer: int, what: str = "weight") -> str:
+        return f"{self.block_prefix(layer)}{self.router}.{what}"
+
+    def correction_key(self, layer: int) -> str | None:
+        return self.router_key(layer, self.correction_bias) if self.correction_bias else None
+
+    def routed_key_pattern(self, layer: int) -> re.Pattern[str]:
+        """Matches every key owned by the routed experts and router of one layer (hub or fused names)."""
+        return re.compile(
+            rf"^model\.layers\.{layer}\.(?:{re.escape(self.disk_block)}|{re.escape(self.module_block)})\."
+            rf"(?:{re.escape(self.experts)}\.|{re.escape(self.router)}\.)"
+        )
+
+    def disk_to_module(self, key: str) -> str:
+        """Rename a hub key's block part to the transformers module name (e.g. Mixtral block_sparse_moe -> mlp)."""
+        if self.disk_block == self.module_block:
+            return key
+        return re.sub(rf"\.{re.escape(self.disk_block)}\.", f".{self.module_block}.", key, count=1)
+
+    # ---- the view ------------------------------------------------------------------------------
+    def read_layer(self, tensors: Mapping[str, torch.Tensor], layer: int, num_experts: int) -> MoEWeights:
+        """Per-layer view from hub-format or fused (in-memory) tensors."""
+        p = self.block_prefix(layer)
+        fused = f"model.layers.{layer}.{self.module_block}.{self.experts}.gate_up_proj"
+        if fused in tensors:
+            gate_up = tensors[fused]  # [E, 2I, H]
+            I = gate_up.shape[1] // 2
+            gate, up = gate_up[:, :I], gate_up[:, I:]
+            down = tensors[f"model.layers.{layer}.{self.module_block}.{self.experts}.down_proj"]  # [E, H, I]
+            rp = f"model.layers.{layer}.{self.module_block}.{self.router}."
+        else:
+            try:
+                gate = torch.stack([tensors[self.expert_key(layer, e, 0)] for e in range(num_experts)])
+                up = torch.stack([tensors[self.expert_key(layer, e, 1)] for e in range(num_experts)])
+                down = torch.stack([tensors[self.expert_key(layer, e, 2)] for e in range(num_experts)])
+            except KeyError as err:
+                raise UserError(
+                    f"{self.name} checkpoint lacks {err.args[0]} (layer {layer}): the weights do not match config.json"
+                ) from None
+            rp = p + self.router + "."
+        router = tensors.get(rp + "weight")
+        if router is None:
+            raise UserError(f"{self.name} checkpoint lacks the router weight {rp}weight (layer {layer})")
+        bias = tensors.get(rp + "bias") if self.router_bias else None
+        corr = tensors.get(rp + self.correction_bias) if self.correction_bias else None
+        return MoEWeights(gate=gate, up=up, down=down, router=router, router_bias=bias, correction_bias=corr)
+
+    def write_layer(self, w: MoEWeights, layer: int) -> dict[str, torch.Tensor]:
+        """Hub-format tensors for one layer's routed experts and router (experts numbered 0..E-1)."""
+        out: dict[str, torch.Tensor] = {}
+        for e in range(w.num_experts):
+            for proj, t in enumerate((w.gate[e], w.up[e], w.down[e])):
+                out[self.expert_key(layer, e, proj)] = t.contiguous()
+        out[self.router_key(layer)] = w.router.contiguous()
+        if w.router_bias is not None:
+            out[self.router_key(layer, "bias")] = w.router_bias.contiguous()
+        if w.correction_bias is not None and self.correction_bias:
+            out[self.router_key(layer, self.correction_bias)] = w.correction_bias.contiguous()
+        return out
+
+
+@dataclass
+class MoEWeights:
+    """One MoE layer's routed experts and router, in the internal view."""
+
+    gate: torch.Tensor  # [E, I, H]
+    up: torch.Tensor  # [E, I, H]
+    down: torch.Tensor  # [E, H, I]
+    router: torch.Tensor  # [E, H]
+    router_bias: torch.Tensor | None = None  # [E]
+    correction_bias: torch.Tensor | None = None  # [E]
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    def select(self, experts: list[int] | torch.Tensor) -> MoEWeights:
+        """Keep only these experts, in this order (renumbered 0..k-1); router rows and biases follow."""
+        idx = torch.as_tensor(experts, dtype=torch.long)
+        pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+        return replace(
+            self,
+            gate=self.gate.index_select(0, idx),
+            up=self.up.index_select(0, idx),
+            down=self.down.index_select(0, idx),
+            router=self.router.index_select(0, idx),
+            router_bias=pick(self.router_bias),
+            correction_bias=pick(self.correction_bias),
+        )
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="Mixtral",
+        model_types=("mixtral",),
+        count_keys=("num_local_experts",),
+        disk_block="block_sparse_moe",
+        expert_names=("w1", "w3", "w2"),
+        norm_topk_key=None,
+    ),
+    Family(
+        name="Qwen2-MoE",
+        model_types=("qwen2_moe",),
+        count_keys=("num_experts",),
+        shared="shared_expert",
+        shared_gate="shared_expert_gate",
+        dense_layers=_qwen_dense_layers,
+    ),
+    Family(
+        name="Qwen3-MoE",
+        model_types=("qwen3_moe",),
+        count_keys=("num_experts", "num_local_experts"),
+        dense_layers=_qwen_dense_layers,
+    ),
+    Family(name="OLMoE", model_types=("olmoe",), count_keys=("num_experts",)),
+    Family(
+        name="DeepSeek-V3",
+        model_types=("deepseek_v3",),
+        count_keys=("n_routed_experts",),
+        correction_bias="e_score_correction_bias",
+        shared="shared_experts",
+        group_key="n_group",
+        dense_layers=_deepseek_dense_layers,
+    ),
+)
+
+
+def family_for(cfg: Any) -> Family:
+    """The family record for a transformers config, or a UserError naming what is missing."""
+    model_type = getattr(cfg, "model_type", None)
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            if not any(getattr(cfg, k, None) for k in fam.count_keys):
+                raise UserError(
+                    f"model_type {model_type!r} has no routed experts ({' / '.join(fam.count_keys)} missing or 0): "
+                    "moecompress needs a Mixture-of-Experts model"
+                )
+            return fam
+    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    if not any(getattr(cfg, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        raise UserError(
+            f"model_type {model_type!r} is not a Mixture-of-Experts model (no expert count in config.json); "
+            f"supported MoE families: {supported}"
+        )
+    raise UserError(f"no moecompress adapter for model_type {model_type!r}; supported: {supported}")

@@ -1,0 +1,63 @@
+"""`moecompress merge`: parse, validate, call ``merging.merge_model``. Registered through cli.PLUGINS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli_common import DeviceOpt, ModelArg, OverwriteOpt, user_errors
+from .progress import console
+
+
+@user_errors
+def merge(
+    model: ModelArg = None,
+    ratio: Annotated[float, typer.Option("--ratio", help="Fraction of experts merged away per layer (0-1).")] = 0.5,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output model folder.")] = Path("out/merged"),
+    method: Annotated[str, typer.Option(help="subspace (Sub-MoE shared-SVD merge) or average (HC-SMoE).")] = "subspace",
+    rank: Annotated[int | None, typer.Option("--rank", help="SVD rank kept per merged projection.")] = None,
+    rank_fraction: Annotated[
+        float | None, typer.Option("--rank-fraction", help="SVD rank as a fraction of full rank (default: full).")
+    ] = None,
+    profile: Annotated[
+        Path | None, typer.Option("--profile", help="Profile run folder: frequencies, similarities, super experts.")
+    ] = None,
+    router: Annotated[str, typer.Option(help="Router rows: fit (on calibration tokens) or average.")] = "fit",
+    similarity: Annotated[str, typer.Option(help="Clustering similarity: output or router (logits).")] = "output",
+    protect: Annotated[bool, typer.Option(help="Keep super experts (from --profile) unmerged.")] = True,
+    calib: Annotated[str, typer.Option(help="Built-in set (a domain or mixed) or a .txt/.jsonl file.")] = "mixed",
+    samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 256,
+    sim_tokens: Annotated[int, typer.Option("--sim-tokens", help="Tokens per layer for output similarity.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for sampling and k-means.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")] = 8,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Cluster each MoE layer's experts and merge every cluster into one expert: fewer experts, smaller files.
+
+    Examples:\n
+      moecompress merge --ratio 0.5 -o out/merged\n
+      moecompress merge ./Qwen3-30B-A3B --ratio 0.25 --rank-fraction 0.5 --profile runs/qwen -o out/qwen-merged\n
+      moecompress merge --ratio 0.5 --method average -o out/hc-smoe
+    """
+    from .merging import MergeOptions, merge_model
+
+    opts = MergeOptions(
+        ratio=ratio, method=method, rank=rank, rank_fraction=rank_fraction, router=router, similarity=similarity,
+        protect_super=protect, sim_tokens=sim_tokens, seed=seed,
+    )  # fmt: skip
+    man = merge_model(model, output, opts, profile, calib, samples, seq_len, batch_size, device, overwrite)
+    saved = 1 - man["bytes_after"] / man["bytes_before"]
+    console.print(
+        f"merged {man['experts_before']} -> {man['experts_after']} experts per layer ({method}) in "
+        f"{man.get('seconds', 0):.1f}s: {man['bytes_before']:,} -> {man['bytes_after']:,} bytes ({saved:.1%} smaller)"
+        f" -> {output}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `merge` command to the moecompress app."""
+    app.command("merge")(merge)

@@ -1,0 +1,246 @@
+"""`moecompress profile`: one layer-streamed forward pass that measures every routed expert."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from . import __version__
+from .checkpoint import Checkpoint
+from .data import TokenSet, calibration_set, check_seq_len
+from .errors import UserError
+from .progress import progress_bar
+from .stats import (
+    LayerAccumulator,
+    add_router_batch,
+    finalize,
+    observe_into,
+    output_similarity,
+    routed_forward,
+    super_experts,
+)
+from .stream import LayerStream
+from .writer import atomic_dir, check_output
+
+
+def load_tokenizer(path: Path) -> Any:
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer from {path} ({str(err).splitlines()[0]})") from None
+
+
+def min_tokens_rule(top_k: int, tokens: int, num_experts: int) -> int:
+    """Fewer routed tokens than this and an expert's statistics are flagged as unreliable."""
+    return max(8, int(0.05 * top_k * tokens / num_experts))
+
+
+@dataclass
+class Profile:
+    """A profile run folder: profile.json (summary) + profile.safetensors (per-layer tensors)."""
+
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Profile:
+        d = Path(run_dir)
+        if not (d / "profile.json").exists():
+            raise UserError(f"{d} has no profile.json: give a folder written by `moecompress profile`")
+        try:
+            meta = json.loads((d / "profile.json").read_text())
+            tensors = load_file(str(d / "profile.safetensors"))
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read the profile in {d} ({err})") from None
+        return cls(meta, tensors)
+
+    def layer(self, l: int, name: str) -> torch.Tensor:
+        """e.g. profile.layer(3, "reap") -> [E]; names as in stats.finalize plus "output_similarity"."""
+        return self.tensors[f"layer{l}.{name}"]
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return list(self.meta["moe_layers"])
+
+    @property
+    def super_experts(self) -> list[tuple[int, int]]:
+        return [tuple(x) for x in self.meta["super_experts"]]  # type: ignore[misc]
+
+    def check_model(self, ckpt: Checkpoint) -> None:
+        if self.meta.get("model_fingerprint") != ckpt.fingerprint:
+            raise UserError(
+                f"the profile was made on another model (fingerprint {self.meta.get('model_fingerprint', '?')[:12]} "
+                f"!= {ckpt.fingerprint[:12]}): profile this model again"
+            )
+
+
+@torch.no_grad()
+def collect(
+    ckpt: Checkpoint,
+    tokens: TokenSet,
+    batch_size: int = 8,
+    device: torch.device | None = None,
+    sim_tokens: int = 256,
+    streamed: bool = True,
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Run the calibration pass; returns per-MoE-layer statistics (see stats.finalize)."""
+    device = device or torch.device("cpu")
+    doms = tokens.domain_names
+    dom_id = torch.tensor([doms.index(d) for d in tokens.domains])  # [N]
+    token_domain = dom_id[:, None].expand_as(tokens.input_ids)  # [N, S]
+    fam = ckpt.family
+    stream = LayerStream(ckpt, tokens.input_ids, batch_size=batch_size, device=device)
+    moe = set(ckpt.moe_layers)
+    results: dict[int, dict[str, torch.Tensor]] = {}
+    n_layers = len(stream.decoder_layers)
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("profile: embed", total=len(stream.batches) * (n_layers + 1))
+            stream.capture()
+            bar.advance(task, len(stream.batches))
+            for l, layer in stream.layers():
+                bar.update(task, description=f"profile: layer {l + 1}/{n_layers}")
+                if l not in moe:
+                    for i in range(len(stream.cache)):
+                        stream.cache[i] = stream.run_layer(layer, i)
+                        bar.advance(task)
+                    continue
+                block = stream.moe_block(layer)
+                experts = getattr(block, fam.experts)
+                router = getattr(block, fam.router)
+                acc = LayerAccumulator(
+                    ckpt.num_experts, experts.down_proj.shape[-1], experts.down_proj.shape[1], len(doms), sim_tokens
+                )
+                for i in range(len(stream.cache)):
+                    td = token_domain[i * batch_size : (i + 1) * batch_size].reshape(-1)
+
+                    def observed(hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, _td: Any = td) -> Any:
+                        logits = torch.nn.functional.linear(hidden.float(), router.weight.float())
+                        if getattr(router, "bias", None) is not None:
+                            logits = logits + router.bias.float()
+                        add_router_batch(acc, logits, hidden)
+                        obs = observe_into(acc, w, _td)
+                        return routed_forward(experts.gate_up_proj, experts.down_proj, experts.act_fn, hidden, idx, w,
+                                              obs)
+
+                    experts.forward = observed
+                    try:
+                        stream.cache[i] = stream.run_layer(layer, i)
+                    finally:
+                        del experts.forward
+                    bar.advance(task)
+                stats = finalize(acc, ckpt.top_k)
+                x = torch.cat(acc.sim_inputs).to(device)
+                stats["output_similarity"] = output_similarity(experts.gate_up_proj, experts.down_proj,
+                                                               experts.act_fn, x).cpu()
+                results[l] = stats
+    finally:
+        stream.close()
+    return results
+
+
+def run_profile(
+    model: str | Path | None,
+    output: str | Path,
+    calib: str = "mixed",
+    samples: int = 64,
+    seq_len: int = 256,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: torch.device | None = None,
+    sim_tokens: int = 256,
+    overwrite: bool = False,
+) -> Profile:
+    """Profile a model on calibration data and write OUTPUT/profile.json + profile.safetensors."""
+    t0 = time.time()
+    ckpt = Checkpoint(model)
+    out = check_output(output, ckpt.path, overwrite)
+    check_seq_len(seq_len, ckpt.config)
+    tok = load_tokenizer(ckpt.path)
+    tokens = calibration_set(tok, calib, samples, seq_len, seed)
+    stats = collect(ckpt, tokens, batch_size, device, sim_tokens)
+    prof = build_profile(ckpt, tokens, stats, time.time() - t0)
+    save_profile(prof, out, overwrite)
+    return prof
+
+
+def build_profile(
+    ckpt: Checkpoint, tokens: TokenSet, stats: dict[int, dict[str, torch.Tensor]], elapsed: float
+) -> Profile:
+    T = tokens.num_tokens
+    k = ckpt.top_k
+    E = ckpt.num_experts
+    low = min_tokens_rule(k, T, E)
+    experts = []
+    max_abs: dict[tuple[int, int], float] = {}
+    for l, s in stats.items():
+        for e in range(E):
+            max_abs[(l, e)] = float(s["max_abs_out"][e])
+    supers, rule = super_experts(max_abs, ckpt.config.num_hidden_layers)
+    warnings = []
+    for l, s in stats.items():
+        for e in range(E):
+            n = int(s["tokens"][e])
+            flagged = n < low
+            experts.append(
+                {
+                    "layer": l,
+                    "expert": e,
+                    "tokens": n,
+                    "frequency": float(s["frequency"][e]),
+                    "routing_mass": float(s["routing_mass"][e]),
+                    "reap": float(s["reap"][e]),
+                    "max_abs_out": float(s["max_abs_out"][e]),
+                    "max_abs_channel": int(s["max_abs_channel"][e]),
+                    "super": (l, e) in supers,
+                    "low_tokens": flagged,
+                }
+            )
+            if flagged:
+                warnings.append(f"layer {l} expert {e}: only {n} routed tokens (< {low}); its statistics are unreliable")
+    doms = tokens.domain_names
+    domains = None
+    if len(doms) > 1:
+        domains = {
+            d: {
+                "windows": tokens.domains.count(d),
+                "counts": [[int(s["domain_counts"][i, e]) for e in range(E)] for s in stats.values()],
+            }
+            for i, d in enumerate(doms)
+        }
+    meta = {
+        "model": str(ckpt.path),
+        "model_fingerprint": ckpt.fingerprint,
+        "family": ckpt.family.name,
+        "model_type": ckpt.config.model_type,
+        "num_experts": E,
+        "top_k": k,
+        "tokens": T,
+        "moe_layers": sorted(stats),
+        "num_hidden_layers": ckpt.config.num_hidden_layers,
+        "experts": experts,
+        "super_experts": [list(x) for x in supers],
+        "super_rule": rule,
+        "min_tokens": low,
+        "domains": domains,
+        "calibration": tokens.describe(),
+        "tool_version": __version__,
+        "elapsed_s": round(elapsed, 2),
+        "warnings": warnings,
+    }
+    tensors = {f"layer{l}.{name}": t.contiguous() for l, s in stats.items() for name, t in s.items()}
+    return Profile(meta, tensors)
+
+
+def save_profile(prof: Profile, output: str | Path, overwrite: bool = False) -> Path:
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        (tmp / "profile.json").write_text(json.dumps(prof.meta, indent=1) + "\n")
+        save_file(prof.tensors, str(tmp / "profile.safetensors"))
+    return Path(output)

@@ -1,0 +1,23 @@
+"""Rich progress bars for every pass over data (to stderr; quiet with MOECOMPRESS_QUIET=1)."""
+
+from __future__ import annotations
+
+import os
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=os.environ.get("MOECOMPRESS_QUIET") == "1",
+        transient=False,
+    )

@@ -1,0 +1,182 @@
+"""Profile statistics of routed experts (DESIGN.md section 4), as pure tensor code.
+
+For MoE layer l, expert e, tokens X_e routed to e, renormalized top-k probability p_e(x), unweighted expert
+output f_e(x) = W_down h(x) with h(x) = act(W_gate x) * (W_up x):
+  frequency    phi_e = |X_e| / (k T)
+  routing mass w_e   = sum_{x in X_e} p_e(x), normalized within the layer
+  REAP         S_e   = mean_{x in X_e} p_e(x) ||f_e(x)||_2
+  max |out|    a_e   = max_{x in X_e} ||f_e(x)||_inf (and its channel)
+  moments      m_ej  = mean_{x in X_e} h_j(x)^2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerAccumulator:
+    """Running sums for one MoE layer over all calibration batches."""
+
+    num_experts: int
+    width: int  # I
+    hidden: int  # H
+    num_domains: int = 0
+    sim_tokens: int = 256
+    counts: torch.Tensor = field(init=False)  # [E]
+    mass: torch.Tensor = field(init=False)  # [E] sum of p
+    reap_sum: torch.Tensor = field(init=False)  # [E] sum of p * ||f||
+    max_abs: torch.Tensor = field(init=False)  # [E]
+    max_channel: torch.Tensor = field(init=False)  # [E] channel of max |f|
+    sq_sum: torch.Tensor = field(init=False)  # [E, I] sum of h^2
+    domain_counts: torch.Tensor = field(init=False)  # [D, E]
+    logit_gram: torch.Tensor = field(init=False)  # [E, E] sum over tokens of logits logits^T
+    sim_inputs: list[torch.Tensor] = field(default_factory=list)
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        E = self.num_experts
+        f64 = torch.float64
+        self.counts = torch.zeros(E, dtype=torch.long)
+        self.mass = torch.zeros(E, dtype=f64)
+        self.reap_sum = torch.zeros(E, dtype=f64)
+        self.max_abs = torch.zeros(E, dtype=f64)
+        self.max_channel = torch.full((E,), -1, dtype=torch.long)
+        self.sq_sum = torch.zeros(E, self.width, dtype=f64)
+        self.domain_counts = torch.zeros(max(self.num_domains, 1), E, dtype=torch.long)
+        self.logit_gram = torch.zeros(E, E, dtype=f64)
+
+    @property
+    def sim_collected(self) -> int:
+        return sum(x.shape[0] for x in self.sim_inputs)
+
+
+def routed_forward(
+    gate_up: torch.Tensor,  # [E, 2I, H]
+    down: torch.Tensor,  # [E, H, I]
+    act: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,  # [T, H]
+    top_k_index: torch.Tensor,  # [T, k]
+    top_k_weights: torch.Tensor,  # [T, k]
+    observe: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The eager experts computation of transformers (same ops, same order), calling
+    ``observe(e, token_idx, top_k_pos, h [n, I], f [n, H])`` with each expert's unweighted output."""
+    out = torch.zeros_like(hidden)
+    E = gate_up.shape[0]
+    for e in torch.unique(top_k_index).tolist():
+        if e < 0 or e >= E:
+            continue
+        token_idx, pos = torch.where(top_k_index == e)
+        g, u = nn.functional.linear(hidden[token_idx], gate_up[e]).chunk(2, dim=-1)
+        h = act(g) * u  # [n, I]
+        f = nn.functional.linear(h, down[e])  # [n, H]
+        if observe is not None:
+            observe(e, token_idx, pos, h, f)
+        out.index_add_(0, token_idx, (f * top_k_weights[token_idx, pos, None]).to(out.dtype))
+    return out
+
+
+def observe_into(
+    acc: LayerAccumulator,
+    top_k_weights: torch.Tensor,  # [T, k]
+    token_domain: torch.Tensor | None,  # [T] domain id per token
+) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """An observer for ``routed_forward`` that adds one batch into ``acc``."""
+    p_all = top_k_weights.double() / top_k_weights.double().sum(-1, keepdim=True).clamp_min(1e-30)  # [T, k]
+
+    def observe(e: int, token_idx: torch.Tensor, pos: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> None:
+        p = p_all[token_idx, pos].cpu()  # [n]
+        fd = f.detach().double().cpu()
+        acc.counts[e] += token_idx.numel()
+        acc.mass[e] += p.sum()
+        acc.reap_sum[e] += (p * fd.norm(dim=-1)).sum()
+        amax = fd.abs().amax(dim=0)  # [H]
+        m, ch = amax.max(dim=0)
+        if m > acc.max_abs[e]:
+            acc.max_abs[e] = m
+            acc.max_channel[e] = ch
+        acc.sq_sum[e] += h.detach().double().cpu().pow(2).sum(0)
+        if token_domain is not None:
+            acc.domain_counts[:, e] += torch.bincount(token_domain[token_idx.cpu()], minlength=acc.num_domains)
+
+    return observe
+
+
+def add_router_batch(acc: LayerAccumulator, logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """Router-logit Gram matrix and a token sample for output similarity."""
+    lg = logits.detach().double().cpu()  # [T, E]
+    acc.logit_gram += lg.T @ lg
+    acc.tokens += logits.shape[0]
+    need = acc.sim_tokens - acc.sim_collected
+    if need > 0:
+        step = max(1, hidden.shape[0] // need)
+        acc.sim_inputs.append(hidden.detach()[::step][:need].cpu())
+
+
+def output_similarity(
+    gate_up: torch.Tensor,  # [E, 2I, H]
+    down: torch.Tensor,  # [E, H, I]
+    act: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,  # [N, H] sampled tokens, every expert evaluated on all of them
+) -> torch.Tensor:
+    """Mean per-token cosine similarity of expert outputs: [E, E]."""
+    g, u = torch.einsum("nh,eih->eni", x, gate_up).chunk(2, dim=-1)
+    f = torch.einsum("eni,ehi->enh", act(g) * u, down)  # [E, N, H]
+    f = nn.functional.normalize(f.double(), dim=-1)
+    return torch.einsum("anh,bnh->ab", f, f) / x.shape[0]
+
+
+def gram_to_cosine(gram: torch.Tensor) -> torch.Tensor:
+    d = gram.diagonal().clamp_min(1e-30).sqrt()
+    return gram / (d[:, None] * d[None, :])
+
+
+def finalize(acc: LayerAccumulator, top_k: int) -> dict[str, torch.Tensor]:
+    """Per-expert statistics of one layer from its accumulator."""
+    n = acc.counts.double()
+    safe = n.clamp_min(1)
+    total = acc.mass.sum()
+    return {
+        "tokens": acc.counts,
+        "frequency": n / max(top_k * acc.tokens, 1),
+        "routing_mass": acc.mass / total if total > 0 else acc.mass,
+        "reap": acc.reap_sum / safe,
+        "max_abs_out": acc.max_abs,
+        "max_abs_channel": acc.max_channel,
+        "channel_sq_mean": acc.sq_sum / safe[:, None],
+        "router_similarity": gram_to_cosine(acc.logit_gram),
+        "domain_counts": acc.domain_counts,
+    }
+
+
+def super_experts(
+    max_abs: dict[tuple[int, int], float], num_layers: int, quantile: float = 0.995, median_factor: float = 10.0
+) -> tuple[list[tuple[int, int]], dict[str, Any]]:
+    """Super experts (Su et al. 2025) with a magnitude guard for small pools.
+
+    Pool a_e over experts of layers l < round(0.75 L); super if a_e > P99.5, a_e > max/10 and a_e > 10 x median.
+    """
+    cutoff = round(0.75 * num_layers)
+    pool = {k: v for k, v in max_abs.items() if k[0] < cutoff}
+    rule: dict[str, Any] = {
+        "rule": "a_e > quantile(pool, q) and a_e > max(pool)/10 and a_e > median_factor * median(pool)",
+        "pool_layers_below": cutoff,
+        "quantile": quantile,
+        "median_factor": median_factor,
+    }
+    if not pool:
+        rule.update(threshold_quantile=None, threshold_max=None, threshold_median=None)
+        return [], rule
+    vals = torch.tensor(list(pool.values()), dtype=torch.float64)
+    q = torch.quantile(vals, quantile).item()
+    mx = vals.max().item()
+    med = vals.median().item()
+    rule.update(threshold_quantile=q, threshold_max=mx / 10, threshold_median=median_factor * med, pool_size=len(pool))
+    chosen = sorted(k for k, v in pool.items() if v > q and v > mx / 10 and v > median_factor * med)
+    return chosen, rule

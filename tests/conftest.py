@@ -1,0 +1,95 @@
+"""Tiny real transformers MoE models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MOECOMPRESS_QUIET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+torch.set_num_threads(1)
+
+VOCAB = 320
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+
+
+def tiny_config(model_type: str, **over: object):
+    """A tiny config; expert width 24 (not a multiple of 16 on purpose)."""
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    if model_type == "mixtral":
+        base.update(num_local_experts=6, intermediate_size=24, head_dim=8)
+    elif model_type == "qwen2_moe":
+        base.update(num_experts=6, moe_intermediate_size=24, intermediate_size=40, shared_expert_intermediate_size=40,
+                    norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1])
+    elif model_type == "qwen3_moe":
+        base.update(num_experts=6, moe_intermediate_size=24, intermediate_size=40, head_dim=8, norm_topk_prob=True,
+                    decoder_sparse_step=1, mlp_only_layers=[])
+    elif model_type == "olmoe":
+        base.update(num_experts=6, intermediate_size=24, norm_topk_prob=False)
+    elif model_type == "deepseek_v3":
+        base.update(n_routed_experts=8, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
+                    first_k_dense_replace=1, n_group=2, num_key_value_heads=4, topk_group=1, kv_lora_rank=16, q_lora_rank=None,
+                    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=1.0,
+                    norm_topk_prob=True, rope_interleave=False)
+    base.update(over)
+    return AutoConfig.for_model(model_type, **base)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from moecompress.data import load_texts
+
+    text = "\n\n".join(load_texts("mixed", "calib").values())
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text[i : i + 10000] for i in range(0, len(text), 10000)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    d = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(d)
+    return d
+
+
+def build_tiny(model_type: str, folder: Path, tokenizer_dir: Path, seed: int = 0, **over: object) -> Path:
+    """Save a tiny randomly initialized model of ``model_type`` (with non-trivial router/bias values)."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type, **over)
+    model = AutoModelForCausalLM.from_config(cfg, experts_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.05, 0.05)
+    model.save_pretrained(folder)
+    for f in tokenizer_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_model(request, tmp_path, tokenizer_dir) -> Path:
+    return build_tiny(request.param, tmp_path / request.param, tokenizer_dir)
