@@ -70,7 +70,9 @@ def _read_header(path: Path) -> bytes:
             raise ValueError(f"tensor data runs past the end of the file ({8 + n + end} > {size} bytes)")
         return header
     except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
-        raise UserError(f"{path.name} is not a valid safetensors file ({err}): re-download or re-save the model") from None
+        raise UserError(
+            f"{path.name} is not a valid safetensors file ({err}): re-download or re-save the model"
+        ) from None
 
 
 class Checkpoint:
@@ -96,7 +98,9 @@ class Checkpoint:
             return AutoConfig.from_pretrained(self.path, trust_remote_code=False)
         except (ValueError, KeyError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UserError(f"transformers cannot read config.json (model_type {raw['model_type']!r}): {first}") from None
+            raise UserError(
+                f"transformers cannot read config.json (model_type {raw['model_type']!r}): {first}"
+            ) from None
 
     def _load_weight_map(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"

@@ -34,7 +34,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
 ) -> None:
     pass
 
@@ -94,12 +96,16 @@ def profile(
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder for profile.json/.safetensors.")] = Path(
         "runs/profile"
     ),
-    calib: Annotated[str, typer.Option(help="Built-in set (shakespeare, bible, python, austen, mixed) or .txt/.jsonl")] = "mixed",
+    calib: Annotated[
+        str, typer.Option(help="Built-in set (shakespeare, bible, python, austen, mixed) or .txt/.jsonl")
+    ] = "mixed",
     samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for window sampling.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")] = 8,
-    sim_tokens: Annotated[int, typer.Option("--sim-tokens", help="Tokens sampled per layer for output similarity.")] = 256,
+    sim_tokens: Annotated[
+        int, typer.Option("--sim-tokens", help="Tokens sampled per layer for output similarity.")
+    ] = 256,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -114,7 +120,9 @@ def profile(
     """
     from .profile import run_profile
 
-    prof = run_profile(model, output, calib, samples, seq_len, seed, batch_size, device_of(device), sim_tokens, overwrite)
+    prof = run_profile(
+        model, output, calib, samples, seq_len, seed, batch_size, device_of(device), sim_tokens, overwrite
+    )
     meta = prof.meta
     console.print(
         f"profiled {meta['family']} model: {len(meta['moe_layers'])} MoE layers x {meta['num_experts']} experts "

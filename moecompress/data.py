@@ -50,7 +50,7 @@ def load_texts(spec: str | Path, split: str = "calib") -> dict[str, str]:
                 obj = json.loads(line)
                 text = obj["text"]
             except (ValueError, KeyError, TypeError):
-                raise UserError(f"{p}:{n} is not a JSON object with a \"text\" field") from None
+                raise UserError(f'{p}:{n} is not a JSON object with a "text" field') from None
             texts.setdefault(str(obj.get("domain", p.stem)), []).append(str(text))
         out = {d: "\n\n".join(v) for d, v in texts.items()}
     else:

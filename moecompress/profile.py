@@ -81,6 +81,20 @@ class Profile:
             )
 
 
+def _observing_forward(experts: Any, router: Any, acc: LayerAccumulator, token_domain: torch.Tensor) -> Any:
+    """A drop-in experts forward: the eager computation plus statistics of this batch into ``acc``."""
+
+    def forward(hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(hidden.float(), router.weight.float())  # [T, E]
+        if getattr(router, "bias", None) is not None:
+            logits = logits + router.bias.float()
+        add_router_batch(acc, logits, hidden)
+        observe = observe_into(acc, w, token_domain)
+        return routed_forward(experts.gate_up_proj, experts.down_proj, experts.act_fn, hidden, idx, w, observe)
+
+    return forward
+
+
 @torch.no_grad()
 def collect(
     ckpt: Checkpoint,
@@ -121,15 +135,7 @@ def collect(
                 for i in range(len(stream.cache)):
                     td = token_domain[i * batch_size : (i + 1) * batch_size].reshape(-1)
 
-                    def observed(hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, _td: Any = td) -> Any:
-                        logits = torch.nn.functional.linear(hidden.float(), router.weight.float())
-                        if getattr(router, "bias", None) is not None:
-                            logits = logits + router.bias.float()
-                        add_router_batch(acc, logits, hidden)
-                        obs = observe_into(acc, w, _td)
-                        return routed_forward(experts.gate_up_proj, experts.down_proj, experts.act_fn, hidden, idx, w,
-                                              obs)
-
+                    observed = _observing_forward(experts, router, acc, td)
                     experts.forward = observed
                     try:
                         stream.cache[i] = stream.run_layer(layer, i)
@@ -138,8 +144,9 @@ def collect(
                     bar.advance(task)
                 stats = finalize(acc, ckpt.top_k)
                 x = torch.cat(acc.sim_inputs).to(device)
-                stats["output_similarity"] = output_similarity(experts.gate_up_proj, experts.down_proj,
-                                                               experts.act_fn, x).cpu()
+                stats["output_similarity"] = output_similarity(
+                    experts.gate_up_proj, experts.down_proj, experts.act_fn, x
+                ).cpu()
                 results[l] = stats
     finally:
         stream.close()
@@ -204,7 +211,9 @@ def build_profile(
                 }
             )
             if flagged:
-                warnings.append(f"layer {l} expert {e}: only {n} routed tokens (< {low}); its statistics are unreliable")
+                warnings.append(
+                    f"layer {l} expert {e}: only {n} routed tokens (< {low}); its statistics are unreliable"
+                )
     doms = tokens.domain_names
     domains = None
     if len(doms) > 1:

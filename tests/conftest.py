@@ -39,18 +39,46 @@ def tiny_config(model_type: str, **over: object):
     if model_type == "mixtral":
         base.update(num_local_experts=6, intermediate_size=24, head_dim=8)
     elif model_type == "qwen2_moe":
-        base.update(num_experts=6, moe_intermediate_size=24, intermediate_size=40, shared_expert_intermediate_size=40,
-                    norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1])
+        base.update(
+            num_experts=6,
+            moe_intermediate_size=24,
+            intermediate_size=40,
+            shared_expert_intermediate_size=40,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+        )
     elif model_type == "qwen3_moe":
-        base.update(num_experts=6, moe_intermediate_size=24, intermediate_size=40, head_dim=8, norm_topk_prob=True,
-                    decoder_sparse_step=1, mlp_only_layers=[])
+        base.update(
+            num_experts=6,
+            moe_intermediate_size=24,
+            intermediate_size=40,
+            head_dim=8,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     elif model_type == "olmoe":
         base.update(num_experts=6, intermediate_size=24, norm_topk_prob=False)
     elif model_type == "deepseek_v3":
-        base.update(n_routed_experts=8, moe_intermediate_size=24, intermediate_size=40, n_shared_experts=1,
-                    first_k_dense_replace=1, n_group=2, num_key_value_heads=4, topk_group=1, kv_lora_rank=16, q_lora_rank=None,
-                    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=1.0,
-                    norm_topk_prob=True, rope_interleave=False)
+        base.update(
+            n_routed_experts=8,
+            moe_intermediate_size=24,
+            intermediate_size=40,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=2,
+            num_key_value_heads=4,
+            topk_group=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            routed_scaling_factor=1.0,
+            norm_topk_prob=True,
+            rope_interleave=False,
+        )
     base.update(over)
     return AutoConfig.for_model(model_type, **base)
 
@@ -63,8 +91,12 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([text[i : i + 10000] for i in range(0, len(text), 10000)], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     d = tmp_path_factory.mktemp("tok")
@@ -78,7 +110,7 @@ def build_tiny(model_type: str, folder: Path, tokenizer_dir: Path, seed: int = 0
     cfg = tiny_config(model_type, **over)
     model = AutoModelForCausalLM.from_config(cfg, experts_implementation="eager")
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.08)
         for name, b in model.named_buffers():

