@@ -53,7 +53,7 @@ def merge(
     saved = 1 - man["bytes_after"] / man["bytes_before"]
     console.print(
         f"merged {man['experts_before']} -> {man['experts_after']} experts per layer ({method}) in "
-        f"{man.get('seconds', 0):.1f}s: {man['bytes_before']:,} -> {man['bytes_after']:,} bytes ({saved:.1%} smaller)"
+        f"{man['elapsed_s']:.1f}s: {man['bytes_before']:,} -> {man['bytes_after']:,} bytes ({saved:.1%} smaller)"
         f" -> {output}"
     )
 

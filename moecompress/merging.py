@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import __version__
 from .adapters import MoEWeights
 from .checkpoint import Checkpoint
 from .errors import UserError
@@ -32,7 +34,7 @@ from .merge.cluster import n_clusters_for as n_clusters_for
 from .merge.router import fit_router_rows, merged_router_rows
 from .merge.similarity import expert_outputs, gram_features, output_similarity, router_logit_similarity
 from .merge.subspace import merge_average, merge_subspace, rank_for
-from .writer import check_output, dir_bytes, write_checkpoint
+from .writer import atomic_dir, check_output, dir_bytes, write_shards
 
 METHODS = ("subspace", "average")
 ROUTER_REBUILDS = ("fit", "average")
@@ -92,6 +94,7 @@ def merge_layer(
     freqs: torch.Tensor | None = None,
     similarity: torch.Tensor | None = None,
     protected: list[int] | None = None,
+    n_group: int = 1,
 ) -> tuple[MoEWeights, dict[str, Any]]:
     """Merge one MoE layer's routed experts into ``n_clusters`` experts.
 
@@ -103,26 +106,40 @@ def merge_layer(
         freqs: [E] routing frequencies (from a profile); None computes them from x.
         similarity: [E, E] expert similarity (from a profile); None computes it from x.
         protected: expert ids never merged with others.
+        n_group: routing groups (experts g*E/n_group.. stay in group g); clusters never cross groups.
 
     Returns:
         (merged view with n_clusters experts, info for the manifest).
     """
     gen = torch.Generator().manual_seed(opts.seed)
+    E = w.num_experts
     xf = x.to(torch.float32)
     logits = xf @ w.router.to(torch.float32).T  # [T, E]
     if w.router_bias is not None:
         logits = logits + w.router_bias.to(torch.float32)
     if freqs is None:
-        freqs = routing_frequency(logits, top_k)  # [E]
+        scores = logits if w.correction_bias is None else logits.sigmoid() + w.correction_bias.to(torch.float32)
+        freqs = routing_frequency(scores, top_k)  # [E]
     sample = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.sim_tokens]]  # [Ts, H]
     outputs = expert_outputs(sample, w.gate, w.up, w.down)  # [E, Ts, H]
-    if opts.method == "subspace":
-        if similarity is None:
-            similarity = output_similarity(outputs) if opts.similarity == "output" else router_logit_similarity(logits)
-        labels = kmeans_cluster(gram_features(similarity), n_clusters, protected or (), seed=opts.seed)
-    else:  # HC-SMoE: average linkage on the cosine distance of mean expert outputs
-        mean_out = F.normalize(outputs.mean(dim=1).double(), dim=-1)  # [E, H]
-        labels = agglomerative_cluster(1.0 - mean_out @ mean_out.T, n_clusters, protected or ())
+    if similarity is None:
+        similarity = output_similarity(outputs) if opts.similarity == "output" else router_logit_similarity(logits)
+    mean_out = F.normalize(outputs.mean(dim=1).double(), dim=-1)  # [E, H]
+    # Group-limited routing (DeepSeek): cluster inside each group so new experts stay group-contiguous.
+    Eg, Kg = E // n_group, n_clusters // n_group
+    labels = torch.empty(E, dtype=torch.long)
+    for g in range(n_group):
+        idx = torch.arange(g * Eg, (g + 1) * Eg)
+        prot = [p - g * Eg for p in protected or () if g * Eg <= p < (g + 1) * Eg]
+        try:
+            if opts.method == "subspace":
+                local = kmeans_cluster(gram_features(similarity[idx][:, idx]), Kg, prot, seed=opts.seed)
+            else:  # HC-SMoE: average linkage on the cosine distance of mean expert outputs
+                m = mean_out[idx]
+                local = agglomerative_cluster(1.0 - m @ m.T, Kg, prot)
+        except ValueError as err:
+            raise UserError(f"cannot merge: {err}; use a smaller --ratio or --no-protect") from None
+        labels[idx] = local + g * Kg
     clusters = labels_to_clusters(labels)
 
     gate, up, down, ranks = [], [], [], []
@@ -146,7 +163,7 @@ def merge_layer(
                 r[name] = rk
         ranks.append(r)
 
-    if opts.router == "fit":
+    if opts.router == "fit" and w.correction_bias is None:
         fit_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.fit_tokens]]
         rows, bias = fit_router_rows(fit_x, w.router, clusters, bias=w.router_bias, kl_steps=opts.kl_steps)
     else:
@@ -158,8 +175,7 @@ def merge_layer(
         gate=torch.stack(gate), up=torch.stack(up), down=torch.stack(down), router=rows, router_bias=bias,
         correction_bias=corr,
     )  # fmt: skip
-    sim_used = similarity if similarity is not None else output_similarity(outputs)
-    within = [float(sim_used[m][:, m].mean()) for m in clusters if len(m) > 1]
+    within = [float(similarity[m][:, m].mean()) for m in clusters if len(m) > 1]
     info = {
         "clusters": clusters,
         "old_to_new": labels.tolist(),
@@ -183,8 +199,11 @@ def _protected_experts(ckpt: Checkpoint, profile: Any | None, opts: MergeOptions
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def expected_bytes(ckpt: Checkpoint, n_clusters: int) -> int:
-    """Tensor bytes of the checkpoint after merging every MoE layer to ``n_clusters`` experts (headers excluded)."""
+def expected_size(ckpt: Checkpoint, n_clusters: int, unit: str = "bytes") -> int:
+    """Tensor bytes (or parameters) of the checkpoint after merging every MoE layer to ``n_clusters`` experts.
+
+    Safetensors headers are excluded: the bytes equal the output index's ``metadata.total_size``.
+    """
     E = ckpt.num_experts
     patterns = [ckpt.family.routed_key_pattern(l) for l in ckpt.moe_layers]
     total = 0
@@ -192,15 +211,20 @@ def expected_bytes(ckpt: Checkpoint, n_clusters: int) -> int:
         n = 1
         for s in meta["shape"]:
             n *= s
-        nbytes = n * DTYPE_BYTES[meta["dtype"]]
+        size = n * (DTYPE_BYTES[meta["dtype"]] if unit == "bytes" else 1)
         if any(p.match(key) for p in patterns):
             hub = re.search(r"\.experts\.(\d+)\.", key)
             if hub:  # one expert's projection: experts 0..K-1 remain
-                nbytes = nbytes if int(hub.group(1)) < n_clusters else 0
+                size = size if int(hub.group(1)) < n_clusters else 0
             else:  # router rows / biases / fused expert tensors: leading dimension E
-                nbytes = nbytes // E * n_clusters
-        total += nbytes
+                size = size // E * n_clusters
+        total += size
     return total
+
+
+def expected_bytes(ckpt: Checkpoint, n_clusters: int) -> int:
+    """Tensor bytes after merging (see ``expected_size``)."""
+    return expected_size(ckpt, n_clusters, "bytes")
 
 
 def _capture_into(store: list[torch.Tensor]) -> Any:
@@ -233,7 +257,7 @@ def merge_model(
     """
     from .data import calibration_set, check_seq_len
     from .profile import Profile, load_tokenizer
-    from .progress import console
+    from .progress import console, progress_bar
     from .stream import LayerStream, resolve_device
 
     opts.validate()
@@ -244,14 +268,13 @@ def merge_model(
         raise UserError(f"merge supports SwiGLU experts (hidden_act silu); this model uses {cfg.hidden_act!r}")
     E, top_k, fam = ckpt.num_experts, ckpt.top_k, ckpt.family
     K = n_clusters_for(E, opts.ratio)
-    if fam.n_group(cfg) > 1:
-        raise UserError(f"{fam.name} uses group-limited routing (n_group > 1), which merge does not support yet")
+    n_group = fam.n_group(cfg)
     profile = None
     if profile_dir is not None:
         profile = Profile.load(profile_dir)
         profile.check_model(ckpt)
     protected = _protected_experts(ckpt, profile, opts)
-    check_merge_target(E, K, top_k, max((len(v) for v in protected.values()), default=0), fam.n_group(cfg))
+    check_merge_target(E, K, top_k, max((len(v) for v in protected.values()), default=0), n_group)
     if tokens is None:
         check_seq_len(seq_len, cfg)
         tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed=opts.seed)
@@ -259,69 +282,95 @@ def merge_model(
 
     t0 = time.time()
     layers_info: dict[str, Any] = {}
+    warnings: list[str] = []
+    if profile is None and opts.protect_super:
+        warnings.append("no --profile: super experts are unknown, so none is protected from merging")
+    if opts.router == "fit" and fam.correction_bias:
+        warnings.append(f"{fam.name} routes with sigmoid scores: router rows are frequency-weighted averages, not fit")
     manifest: dict[str, Any] = {
         "command": "merge",
+        "layout": "uniform",
         "method": opts.method,
+        "ratio": opts.ratio,
         "options": asdict(opts),
         "source_model": str(ckpt.path),
         "source_fingerprint": ckpt.fingerprint,
         "profile": str(Path(profile_dir).resolve()) if profile_dir is not None else None,
         "calibration": tokens.describe(),
+        "calibration_fingerprint": tokens.fingerprint,
         "experts_before": E,
         "experts_after": K,
         "top_k": top_k,
-        "protected": {str(l): v for l, v in protected.items() if v},
-        "router_rebuild": "ridge least squares to log-sum-exp of member logits + LBFGS on KL"
+        "n_group": n_group,
+        "protected": sorted([l, e] for l, v in protected.items() for e in v),
+        "similarity": f"{opts.similarity} ({'from the profile' if profile is not None else 'measured here'})",
+        "router_rebuild": "ridge least squares to log-sum-exp of member logits, then LBFGS on KL"
         if opts.router == "fit"
         else "frequency-weighted average of member rows",
-        "propagation": "later layers are calibrated on the original (unmerged) model's activations",
+        "propagation": "every layer is calibrated on the original (unmerged) model's activations",
+        "params_before": ckpt.num_params,
+        "params_after": expected_size(ckpt, K, "params"),
+        "bytes_before": ckpt.bytes_on_disk,
+        "expected_tensor_bytes_after": expected_bytes(ckpt, K),
+        "warnings": warnings,
         "layers": layers_info,
     }
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         moe = set(ckpt.moe_layers)
-        layer_keys = [k for k in ckpt.keys() if k.startswith("model.layers.")]
         for k in ckpt.keys():
-            if k not in layer_keys:
+            if not k.startswith("model.layers."):
                 yield k, ckpt.get(k)
         stream = LayerStream(ckpt, tokens.input_ids, batch_size=batch_size, device=dev)
+        n_layers = len(stream.decoder_layers)
         try:
-            for l, layer in stream.layers():
-                pat = fam.routed_key_pattern(l)
-                for k in ckpt.keys():
-                    if k.startswith(f"model.layers.{l}.") and not (l in moe and pat.match(k)):
-                        yield k, ckpt.get(k)
-                if l not in moe:
-                    stream.forward_layer(layer)
-                    continue
-                xs: list[torch.Tensor] = []
-                block = stream.moe_block(layer)
-                hook = block.register_forward_pre_hook(_capture_into(xs), with_kwargs=True)
-                try:
-                    stream.forward_layer(layer)
-                finally:
-                    hook.remove()
-                x = torch.cat(xs)  # [T, H]
-                w = ckpt.moe_weights(l)
-                freqs = profile.layer(l, "frequency") if profile is not None else None
-                sim = None
-                if profile is not None and opts.similarity == "output":
-                    sim = profile.layer(l, "output_similarity")
-                elif profile is not None:
-                    sim = profile.layer(l, "router_similarity")
-                merged, info = merge_layer(w, x, K, top_k, opts, freqs, sim, protected[l])
-                layers_info[str(l)] = info
-                if progress:
-                    console.print(f"merge: layer {l}: {E} -> {K} experts, cluster sizes {info['cluster_sizes']}")
-                yield from fam.write_layer(merged, l).items()
+            with progress_bar() as bar:
+                task = bar.add_task("merge", total=n_layers)
+                for l, layer in stream.layers():
+                    bar.update(task, description=f"merge: layer {l + 1}/{n_layers}")
+                    pat = fam.routed_key_pattern(l)
+                    for k in ckpt.keys():
+                        if k.startswith(f"model.layers.{l}.") and not (l in moe and pat.match(k)):
+                            yield k, ckpt.get(k)
+                    if l not in moe:
+                        stream.forward_layer(layer)
+                        bar.advance(task)
+                        continue
+                    xs: list[torch.Tensor] = []
+                    hook = stream.moe_block(layer).register_forward_pre_hook(_capture_into(xs), with_kwargs=True)
+                    try:
+                        stream.forward_layer(layer)
+                    finally:
+                        hook.remove()
+                    x = torch.cat(xs)  # [T, H]
+                    freqs = sim = None
+                    if profile is not None:
+                        freqs = profile.layer(l, "frequency")
+                        sim = profile.layer(l, f"{opts.similarity}_similarity")
+                    merged, info = merge_layer(
+                        ckpt.moe_weights(l), x, K, top_k, opts, freqs, sim, protected[l], n_group
+                    )
+                    layers_info[str(l)] = info
+                    if freqs is not None and float(freqs.sum()) > 0:
+                        never = [e for e in range(E) if float(freqs[e]) == 0]
+                        if never:
+                            warnings.append(f"layer {l}: experts {never} were never routed in the profile")
+                    if progress:
+                        console.print(f"merge: layer {l}: {E} -> {K} experts, cluster sizes {info['cluster_sizes']}")
+                    yield from fam.write_layer(merged, l).items()
+                    bar.advance(task)
         finally:
             stream.close()
-        manifest["seconds"] = round(time.time() - t0, 2)
 
     raw_cfg = json.loads((ckpt.path / "config.json").read_text())
     raw_cfg.update(fam.expert_count_updates(K))
-    manifest["bytes_before"] = ckpt.bytes_on_disk
-    manifest["expected_tensor_bytes_after"] = expected_bytes(ckpt, K)
-    write_checkpoint(out, tensors(), raw_cfg, ckpt.side_files(), manifest, overwrite=overwrite)
-    manifest["bytes_after"] = dir_bytes(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_shards(tmp, tensors())
+        manifest["bytes_after"] = dir_bytes(tmp)
+        manifest["elapsed_s"] = round(time.time() - t0, 2)
+        (tmp / "config.json").write_text(json.dumps(raw_cfg, indent=2, sort_keys=True) + "\n")
+        for f in ckpt.side_files():
+            shutil.copy2(f, tmp / f.name)
+        manifest = {"tool": "moecompress", "tool_version": __version__, **manifest}
+        (tmp / "moecompress.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

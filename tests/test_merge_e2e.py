@@ -135,3 +135,26 @@ def test_merge_refuses_bad_targets(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         merge_model(src, tmp_path / "exists", MergeOptions(ratio=0.5), tokens=_tokens(), progress=False)
     assert not (tmp_path / "o1").exists()
+
+
+def test_merge_every_family(tiny_model, tmp_path):
+    """All five adapter families: merged output reloads without warnings, shrinks as computed, keeps groups."""
+    ckpt = Checkpoint(tiny_model)
+    E0 = ckpt.num_experts
+    out = tmp_path / "merged"
+    man = merge_model(tiny_model, out, MergeOptions(ratio=0.5, rank_fraction=0.75, sim_tokens=64), samples=4,
+                      seq_len=32, progress=False, device="cpu")  # fmt: skip
+    K = E0 // 2
+    assert man["experts_after"] == K and man["layout"] == "uniform"
+    model = _reload_without_warnings(out)
+    assert Checkpoint(out).num_experts == K
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == expected_bytes(ckpt, K)
+    assert man["params_after"] == Checkpoint(out).num_params < ckpt.num_params
+    assert man["bytes_after"] < man["bytes_before"]
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 300, (1, 10))).logits).all()
+    if man["n_group"] > 1:  # DeepSeek: every cluster stays inside one routing group
+        Eg = E0 // man["n_group"]
+        for info in man["layers"].values():
+            assert all(len({e // Eg for e in c}) == 1 for c in info["clusters"])
