@@ -106,6 +106,10 @@ def profile(
     sim_tokens: Annotated[
         int, typer.Option("--sim-tokens", help="Tokens sampled per layer for output similarity.")
     ] = 256,
+    min_tokens: Annotated[
+        int | None,
+        typer.Option("--min-tokens", help="Flag experts with fewer routed tokens (default: 5% of fair share)."),
+    ] = None,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
 ) -> None:

@@ -164,6 +164,7 @@ def run_profile(
     device: torch.device | None = None,
     sim_tokens: int = 256,
     overwrite: bool = False,
+    min_tokens: int | None = None,
 ) -> Profile:
     """Profile a model on calibration data and write OUTPUT/profile.json + profile.safetensors."""
     t0 = time.time()
@@ -173,18 +174,22 @@ def run_profile(
     tok = load_tokenizer(ckpt.path)
     tokens = calibration_set(tok, calib, samples, seq_len, seed)
     stats = collect(ckpt, tokens, batch_size, device, sim_tokens)
-    prof = build_profile(ckpt, tokens, stats, time.time() - t0)
+    prof = build_profile(ckpt, tokens, stats, time.time() - t0, min_tokens)
     save_profile(prof, out, overwrite)
     return prof
 
 
 def build_profile(
-    ckpt: Checkpoint, tokens: TokenSet, stats: dict[int, dict[str, torch.Tensor]], elapsed: float
+    ckpt: Checkpoint,
+    tokens: TokenSet,
+    stats: dict[int, dict[str, torch.Tensor]],
+    elapsed: float,
+    min_tokens: int | None = None,
 ) -> Profile:
     T = tokens.num_tokens
     k = ckpt.top_k
     E = ckpt.num_experts
-    low = min_tokens_rule(k, T, E)
+    low = min_tokens if min_tokens is not None else min_tokens_rule(k, T, E)
     experts = []
     max_abs: dict[tuple[int, int], float] = {}
     for l, s in stats.items():

@@ -1,0 +1,82 @@
+"""The per-layer view reads and writes every family's checkpoint exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moecompress.adapters import FAMILIES, family_for
+from moecompress.checkpoint import Checkpoint
+from moecompress.errors import UserError
+
+
+def test_view_write_roundtrip_is_bit_identical(tiny_model):
+    ck = Checkpoint(tiny_model)
+    disk = load_file(str(tiny_model / "model.safetensors"))
+    rebuilt = dict(disk)
+    for l in ck.moe_layers:
+        w = ck.moe_weights(l)
+        E, I, H = w.gate.shape
+        assert w.down.shape == (E, H, I) and w.router.shape == (E, H) and E == ck.num_experts
+        written = ck.family.write_layer(w, l)
+        for k, v in written.items():
+            assert k in disk, k
+            rebuilt[k] = v
+        assert set(written) == {k for k in disk if ck.family.routed_key_pattern(l).match(k)}
+    assert rebuilt.keys() == disk.keys()
+    for k in disk:
+        assert torch.equal(rebuilt[k], disk[k]) and rebuilt[k].dtype == disk[k].dtype, k
+
+
+def test_fused_in_memory_view_equals_disk_view(tiny_model):
+    ck = Checkpoint(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, experts_implementation="eager")
+    sd = model.state_dict()
+    for l in ck.moe_layers:
+        a, b = ck.moe_weights(l), ck.family.read_layer(sd, l, ck.num_experts)
+        for name in ("gate", "up", "down", "router"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (l, name)
+        if ck.family.correction_bias:
+            assert torch.equal(a.correction_bias, b.correction_bias)
+
+
+def test_select_keeps_router_rows_and_biases(tmp_path, tokenizer_dir):
+    ck = Checkpoint(build_tiny("deepseek_v3", tmp_path / "ds", tokenizer_dir))
+    w = ck.moe_weights(ck.moe_layers[0])
+    sub = w.select([5, 1])
+    assert torch.equal(sub.gate[0], w.gate[5]) and torch.equal(sub.down[1], w.down[1])
+    assert torch.equal(sub.router, w.router[[5, 1]])
+    assert torch.equal(sub.correction_bias, w.correction_bias[[5, 1]])
+
+
+def test_family_facts(tmp_path, tokenizer_dir):
+    qwen2 = Checkpoint(build_tiny("qwen2_moe", tmp_path / "q2", tokenizer_dir))
+    assert qwen2.moe_layers == [0, 2]  # mlp_only_layers=[1] is dense
+    assert qwen2.family.shared == "shared_expert"
+    ds = Checkpoint(build_tiny("deepseek_v3", tmp_path / "ds", tokenizer_dir))
+    assert ds.moe_layers == [1, 2] and ds.family.n_group(ds.config) == 2
+    q3 = family_for(AutoConfig.for_model("qwen3_moe", num_experts=8))
+    assert q3.expert_count_updates(6) == {"num_experts": 6, "num_local_experts": 6}
+    mix = Checkpoint(build_tiny("mixtral", tmp_path / "mx", tokenizer_dir))
+    assert mix.family.expert_key(0, 3, 0) == "model.layers.0.block_sparse_moe.experts.3.w1.weight"
+
+
+def test_every_family_has_distinct_model_types():
+    types = [t for f in FAMILIES for t in f.model_types]
+    assert len(types) == len(set(types))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kwargs", "message"),
+    [
+        ("llama", {}, "not a Mixture-of-Experts model"),
+        ("qwen3_moe", {"num_experts": 0}, "has no routed experts"),
+        ("gpt_oss", {}, "no moecompress adapter for model_type 'gpt_oss'"),
+    ],
+)
+def test_unsupported_models_name_what_is_missing(model_type, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        family_for(AutoConfig.for_model(model_type, **kwargs))
