@@ -1,0 +1,91 @@
+"""Load an exact-layout atomic-pruned folder (per-expert widths) as a stock transformers model, exactly.
+
+On disk each routed expert keeps its own width (hub per-expert keys, e.g. ``mlp.experts.3.gate_proj.weight
+[K_e, H]``); experts left with no channel are gone from the layer (router rows removed, experts renumbered).
+moecompress.json records per layer ``kept_experts`` and ``widths``. In memory every layer's experts are
+zero-padded to one width per layer (the widest, rounded up to 16; config.json keeps the source width, which
+shared experts may derive from): a padded channel computes SiLU(0) * 0 = 0 and
+its down column is 0, so it adds exactly nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from ..adapters import family_for
+from ..checkpoint import Checkpoint
+from ..errors import UserError
+from .apply import ExactLayer, pad_exact, padded_width
+
+LAYOUT = "atomic_exact"
+
+
+def load_exact_atomic(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """Rebuild the model of an ``atomic_exact`` output folder (see module docstring)."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "moecompress.json").read_text())
+        layers = {int(l): v for l, v in manifest["layers"].items()}
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(
+            f"{path} has no readable atomic-pruning manifest ({err}): it is not an atomic_exact output"
+        ) from None
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    fam = family_for(config)
+    widths = {l: padded_width(v["widths"]) for l, v in layers.items()}
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, experts_implementation="eager")
+    dtype = dtype or torch.float32
+    ckpt = Checkpoint(path)
+    patterns = [fam.routed_key_pattern(l) for l in layers]
+    state = {fam.disk_to_module(k): ckpt.get(k).to(dtype) for k in ckpt.keys() if not any(p.match(k) for p in patterns)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    routed = [n for n, _ in model.named_parameters() if any(p.match(n) for p in patterns)]
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    left = set(missing) - set(routed) - tied
+    if left or unexpected:
+        raise UserError(f"{path}: weights do not match the config (missing {sorted(left)[:3]}, extra {unexpected[:3]})")
+    for l, info in layers.items():
+        E_l = len(info["kept_experts"])
+
+        def get(e: int, proj: int, _l: int = l) -> torch.Tensor:
+            return ckpt.get(fam.expert_key(_l, e, proj)).to(dtype)
+
+        opt = lambda what, _l=l: (  # noqa: E731
+            ckpt.get(fam.router_key(_l, what)).to(dtype) if fam.router_key(_l, what) in ckpt.weight_map else None
+        )
+        ex = ExactLayer(
+            gate=[get(e, 0) for e in range(E_l)],
+            up=[get(e, 1) for e in range(E_l)],
+            down=[get(e, 2) for e in range(E_l)],
+            router=ckpt.get(fam.router_key(l)).to(dtype),
+            router_bias=opt("bias") if fam.router_bias else None,
+            correction_bias=opt(fam.correction_bias) if fam.correction_bias else None,
+            kept_experts=list(info["kept_experts"]),
+            kept_channels=[],
+        )
+        if ex.widths != list(info["widths"]):
+            raise UserError(f"{path}: layer {l} expert widths on disk {ex.widths} differ from moecompress.json")
+        w = pad_exact(ex, widths[l])
+        block = getattr(model.model.layers[l], fam.module_block)
+        experts, router = getattr(block, fam.experts), getattr(block, fam.router)
+        experts.gate_up_proj = torch.nn.Parameter(torch.cat([w.gate, w.up], dim=1), requires_grad=False)  # [E,2W,H]
+        experts.down_proj = torch.nn.Parameter(w.down, requires_grad=False)  # [E, H, W]
+        experts.num_experts = E_l
+        if hasattr(experts, "intermediate_dim"):
+            experts.intermediate_dim = widths[l]
+        router.weight = torch.nn.Parameter(w.router, requires_grad=False)
+        if w.router_bias is not None:
+            router.bias = torch.nn.Parameter(w.router_bias, requires_grad=False)
+        if w.correction_bias is not None:
+            setattr(router, fam.correction_bias, w.correction_bias)
+        if hasattr(router, "num_experts"):
+            router.num_experts = E_l
+    if tied:
+        model.tie_weights()
+    return model.to(device=device, dtype=dtype).eval()

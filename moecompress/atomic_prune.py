@@ -1,0 +1,348 @@
+"""Atomic (neuron-level) pruning of routed experts with HEAPr scores: the library entry point.
+
+    atomic_prune(model, output, ratio, hessian="full", layout="uniform", profile=None, ...)
+
+1. the profile (given, or measured first) supplies m_{e,j} (channel second moments) and the super experts;
+2. one forward + backward of the LM loss per calibration batch yields G_e per MoE layer (gradstats);
+3. scores s_{e,j} = m_{e,j} w_j^T G_e w_j (or m alone with score="magnitude"), ranked globally;
+4. uniform layout: every routed expert keeps its own top-K channels, K one multiple of 16 for the whole model;
+   exact layout: the globally lowest channels go, experts keep unequal widths (loaded by moecompress.load);
+5. the writer puts out a normal HF folder + moecompress.json.
+
+What scales: the statistics (diag: H floats/expert, lowrank: H(r+1)) and the per-layer slicing and writing.
+What does not (yet): the backward pass holds the whole model in memory (one process, no layer streaming of the
+backward); full G needs H^2 floats per expert of the accumulated layers (use `layer_groups` to bound it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import MoEWeights
+from .atomic.apply import ExactLayer, slice_exact, slice_uniform
+from .atomic.gradstats import KINDS, LayerGradStats, bytes_per_expert, collect_grad_stats
+from .atomic.heapr import heapr_scores, mask_to_indices, select_exact, select_uniform, uniform_width
+from .checkpoint import Checkpoint
+from .data import calibration_set, check_seq_len
+from .errors import UserError
+from .progress import console, progress_bar
+from .writer import check_output, dir_bytes, write_checkpoint
+
+LAYOUTS = ("uniform", "exact")
+SCORES = ("heapr", "magnitude")
+WIDTH_MULTIPLE = 16
+
+
+def width_key(config: Any) -> str:
+    """config key holding the routed experts' intermediate width."""
+    return "moe_intermediate_size" if getattr(config, "moe_intermediate_size", None) else "intermediate_size"
+
+
+def check_args(ratio: float, hessian: str, layout: str, score: str, rank: int) -> None:
+    """Refuse bad options before any work."""
+    if not 0.0 < ratio < 1.0:
+        raise UserError(f"--ratio {ratio} must be between 0 and 1 (the fraction of routed-expert channels removed)")
+    if hessian not in KINDS:
+        raise UserError(f"--hessian {hessian!r} is not one of {', '.join(KINDS)}")
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if score not in SCORES:
+        raise UserError(f"--score {score!r} is not one of {', '.join(SCORES)}")
+    if rank < 1:
+        raise UserError(f"--rank {rank} must be at least 1")
+
+
+def load_model(path: Path, device: torch.device | None = None) -> torch.nn.Module:
+    """The whole model in float32 for the gradient pass (eager experts: exact per-expert math, any width)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager")
+    return model.to(device or "cpu").eval()
+
+
+def experts_of(model: torch.nn.Module, fam: Any, layer: int) -> torch.nn.Module:
+    block = getattr(model.model.layers[layer], fam.module_block)
+    return getattr(block, fam.experts)
+
+
+def _gate_up(mod: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    I = mod.down_proj.shape[-1]
+    return mod.gate_up_proj[:, :I], mod.gate_up_proj[:, I:]  # [E, I, H] each
+
+
+def gradient_pass(
+    model: torch.nn.Module,
+    fam: Any,
+    layers: list[int],
+    input_ids: torch.Tensor,
+    hessian: str,
+    rank: int = 32,
+    batch_size: int = 8,
+    layer_groups: int = 1,
+    with_moments: bool = False,
+) -> dict[int, LayerGradStats]:
+    """G_e (and optionally m) for every MoE layer; `layer_groups` > 1 repeats the pass per group of layers."""
+    groups = [layers[i::layer_groups] for i in range(layer_groups)]
+    batches = list(input_ids.split(batch_size))
+    out: dict[int, LayerGradStats] = {}
+    with progress_bar() as bar:
+        task = bar.add_task(f"gradient pass ({hessian} G)", total=len(batches) * len(groups))
+        for group in groups:
+            mods = {l: experts_of(model, fam, l) for l in group}
+            out.update(
+                collect_grad_stats(
+                    model,
+                    mods,
+                    batches,
+                    kind=hessian,
+                    rank=rank,
+                    gate_up_fn=_gate_up if with_moments else None,
+                    progress=lambda _: bar.advance(task),
+                )
+            )
+    return out
+
+
+def channel_scores(
+    ckpt: Checkpoint, m: dict[int, torch.Tensor], stats: dict[int, LayerGradStats] | None, score: str
+) -> dict[int, torch.Tensor]:
+    """Per MoE layer [E, I] scores (float64)."""
+    out = {}
+    for l in ckpt.moe_layers:
+        if score == "magnitude":
+            out[l] = m[l].double()
+        else:
+            assert stats is not None
+            out[l] = heapr_scores(m[l], ckpt.moe_weights(l).down.float(), stats[l].G)
+    return out
+
+
+def select(
+    scores: dict[int, torch.Tensor],
+    ratio: float,
+    layout: str,
+    protected: dict[int, torch.Tensor],
+    top_k: int,
+    n_group: int = 1,
+) -> tuple[dict[int, list[torch.Tensor]], int | None]:
+    """Kept channel indices per layer and expert; the common width for the uniform layout."""
+    layers = sorted(scores)
+    if layout == "uniform":
+        I = scores[layers[0]].shape[1]
+        try:
+            K = uniform_width(I, ratio, WIDTH_MULTIPLE)
+        except ValueError as err:
+            raise UserError(f"{err}: use --layout exact") from None
+        if K >= I:
+            raise UserError(
+                f"--ratio {ratio} removes less than one block of {WIDTH_MULTIPLE} channels per expert (width {I}): "
+                "raise --ratio or use --layout exact"
+            )
+        return {l: list(select_uniform(scores[l], K)) for l in layers}, K
+    try:
+        masks = select_exact([scores[l] for l in layers], ratio, [protected[l] for l in layers])
+    except ValueError as err:
+        raise UserError(f"{err}: lower --ratio or pass --no-protect-super") from None
+    keep = {}
+    for l, mask in zip(layers, masks, strict=True):
+        alive = int(mask.any(dim=1).sum())
+        if alive < top_k:
+            raise UserError(
+                f"--ratio {ratio} leaves layer {l} with {alive} experts that have channels, fewer than top-k {top_k}: "
+                "lower --ratio"
+            )
+        if n_group > 1 and alive < mask.shape[0]:
+            raise UserError(
+                f"--ratio {ratio} empties {mask.shape[0] - alive} expert(s) of layer {l}, which a group-limited router "
+                f"(n_group={n_group}) cannot lose: lower --ratio or use --layout uniform"
+            )
+        keep[l] = mask_to_indices(mask)
+    return keep, None
+
+
+def pruned_tensors(
+    ckpt: Checkpoint, keep: dict[int, list[torch.Tensor]], layout: str
+) -> tuple[Iterator[tuple[str, torch.Tensor]], dict[int, MoEWeights | ExactLayer]]:
+    """All output tensors (hub names): routed experts/routers of MoE layers sliced, everything else copied."""
+    fam = ckpt.family
+    new: dict[int, MoEWeights | ExactLayer] = {}
+    for l, k in keep.items():
+        w = ckpt.moe_weights(l)
+        new[l] = slice_uniform(w, torch.stack(k)) if layout == "uniform" else slice_exact(w, k)
+    patterns = [fam.routed_key_pattern(l) for l in keep]
+
+    def gen() -> Iterator[tuple[str, torch.Tensor]]:
+        for key in ckpt.keys():
+            if not any(p.match(key) for p in patterns):
+                yield key, ckpt.get(key)
+        for l, w in new.items():
+            yield from _layer_tensors(fam, w, l).items()
+
+    return gen(), new
+
+
+def _layer_tensors(fam: Any, w: MoEWeights | ExactLayer, layer: int) -> dict[str, torch.Tensor]:
+    if isinstance(w, MoEWeights):
+        return fam.write_layer(w, layer)
+    out: dict[str, torch.Tensor] = {}
+    for e in range(len(w.gate)):
+        for proj, t in enumerate((w.gate[e], w.up[e], w.down[e])):
+            out[fam.expert_key(layer, e, proj)] = t.contiguous()
+    out[fam.router_key(layer)] = w.router.contiguous()
+    if w.router_bias is not None:
+        out[fam.router_key(layer, "bias")] = w.router_bias.contiguous()
+    if w.correction_bias is not None and fam.correction_bias:
+        out[fam.router_key(layer, fam.correction_bias)] = w.correction_bias.contiguous()
+    return out
+
+
+def _profile(ckpt: Checkpoint, calib: str, samples: int, seq_len: int, seed: int) -> Any:
+    """Profile in memory (no --profile given)."""
+    from .profile import build_profile, collect, load_tokenizer
+
+    t0 = time.time()
+    tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
+    return build_profile(ckpt, tokens, collect(ckpt, tokens), time.time() - t0)
+
+
+def atomic_prune(
+    model: str | Path | None,
+    output: str | Path,
+    ratio: float,
+    hessian: str = "full",
+    layout: str = "uniform",
+    score: str = "heapr",
+    profile: str | Path | None = None,
+    calib: str = "mixed",
+    samples: int = 64,
+    seq_len: int = 256,
+    seed: int = 0,
+    batch_size: int = 8,
+    rank: int = 32,
+    layer_groups: int = 1,
+    protect_super: bool = True,
+    device: torch.device | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Remove `ratio` of the routed experts' intermediate channels; write an HF folder to `output`.
+
+    hessian: full | diag | lowrank (rank `rank`) approximation of G_e; layout: uniform (one width per model, a
+    multiple of 16, loads in transformers) | exact (per-expert widths, loads with moecompress.load);
+    score: heapr | magnitude (m_{e,j} alone, no gradient pass). Returns the manifest written to moecompress.json.
+    """
+    check_args(ratio, hessian, layout, score, rank)
+    t0 = time.time()
+    ckpt = Checkpoint(model)
+    out = check_output(output, ckpt.path, overwrite)
+    prof = None
+    if profile is not None:
+        from .profile import Profile
+
+        prof = Profile.load(profile)
+        prof.check_model(ckpt)
+        cal = prof.meta.get("calibration") or {}  # the profile's own tokens, so m and G see the same data
+        if cal.get("name"):
+            calib, samples, seq_len, seed = cal["name"], cal["samples"], cal["seq_len"], cal["seed"]
+    check_seq_len(seq_len, ckpt.config)
+    fam, layers, E, H = ckpt.family, ckpt.moe_layers, ckpt.num_experts, ckpt.config.hidden_size
+    if (
+        layout == "uniform"
+        and getattr(ckpt.config, "n_shared_experts", 0)
+        and width_key(ckpt.config) == ("moe_intermediate_size")
+    ):
+        raise UserError(
+            f"{fam.name} sizes its shared experts from moe_intermediate_size, so a narrower uniform width would "
+            "resize them: use --layout exact (loads with moecompress.load)"
+        )
+    prof = prof or _profile(ckpt, calib, samples, seq_len, seed)
+    m = {l: prof.layer(l, "channel_sq_mean").float() for l in layers}  # [E, I]
+    supers = [tuple(x) for x in prof.super_experts] if protect_super else []
+    protected = {l: torch.tensor([(l, e) in supers for e in range(E)]) for l in layers}
+
+    stats = None
+    if score == "heapr":
+        from .profile import load_tokenizer
+
+        tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
+        net = load_model(ckpt.path, device)
+        stats = gradient_pass(
+            net, fam, layers, tokens.input_ids.to(net.device), hessian, rank, batch_size, layer_groups
+        )
+        del net
+    scores = channel_scores(ckpt, m, stats, score)
+    keep, K = select(scores, ratio, layout, protected, ckpt.top_k, fam.n_group(ckpt.config))
+
+    I = m[layers[0]].shape[1]
+    total_ch = len(layers) * E * I
+    kept_ch = sum(int(k.numel()) for l in layers for k in keep[l])
+    removed_experts = {l: [e for e in range(E) if keep[l][e].numel() == 0] for l in layers}
+    n_removed_experts = sum(len(v) for v in removed_experts.values())
+    params_removed = (total_ch - kept_ch) * 3 * H + n_removed_experts * H  # gate+up rows, down cols, router rows
+    config = ckpt.config.to_dict()
+    layer_info: dict[str, Any] = {}
+    if layout == "uniform":
+        config[width_key(ckpt.config)] = K
+    for l in layers:
+        layer_info[str(l)] = {
+            "kept_experts": [e for e in range(E) if keep[l][e].numel() > 0],
+            "widths": [int(k.numel()) for k in keep[l] if k.numel() > 0],
+        }
+    g_bytes = bytes_per_expert(hessian, H, rank) if score == "heapr" else None
+    warnings: list[str] = []
+    if layout == "uniform" and supers:
+        warnings.append(
+            f"uniform layout: protected experts {[list(x) for x in supers]} keep only their top-{K} channels"
+        )
+    manifest: dict[str, Any] = {
+        "command": "prune --granularity atom",
+        "source_model": str(ckpt.path),
+        "source_fingerprint": ckpt.fingerprint,
+        "calibration_fingerprint": (prof.meta.get("calibration") or {}).get("fingerprint"),
+        "method": "heapr" if score == "heapr" else "activation_magnitude",
+        "score": "m_ej * w_j^T G_e w_j" if score == "heapr" else "m_ej",
+        "hessian": hessian if score == "heapr" else None,
+        "hessian_rank": rank if score == "heapr" and hessian == "lowrank" else None,
+        "hessian_bytes_per_expert": g_bytes,
+        "ratio": ratio,
+        "layout": "uniform" if layout == "uniform" else "atomic_exact",
+        "width": K,
+        "width_key": width_key(ckpt.config),
+        "original_width": I,
+        "routed_channels_total": total_ch,
+        "routed_channels_removed": total_ch - kept_ch,
+        "routed_channels_removed_fraction": (total_ch - kept_ch) / total_ch,
+        "params_before": ckpt.num_params,
+        "params_after": ckpt.num_params - params_removed,
+        "params_removed": params_removed,
+        "params_removed_fraction_of_all": params_removed / ckpt.num_params,
+        "protected": [list(x) for x in supers],
+        "protection": "whole" if layout == "exact" else "top-K channels only (uniform width)",
+        "experts_removed_from_routing": {str(l): v for l, v in removed_experts.items() if v},
+        "layers": layer_info,
+        "load_with": "transformers" if layout == "uniform" else "moecompress.load",
+        "calibration": {"calib": calib, "samples": samples, "seq_len": seq_len, "seed": seed},
+        "bytes_before": ckpt.bytes_on_disk,
+        "warnings": warnings,
+    }
+    tensors, _ = pruned_tensors(ckpt, keep, layout)
+    channels = {str(l): [k.tolist() for k in keep[l]] for l in layers}
+    write_checkpoint(
+        out, tensors, config, ckpt.side_files(), manifest, overwrite, extra_json={"atomic_channels.json": channels}
+    )
+    manifest["bytes_after"] = dir_bytes(out)
+    manifest["elapsed_s"] = round(time.time() - t0, 2)
+    full = json.loads((out / "moecompress.json").read_text())
+    (out / "moecompress.json").write_text(json.dumps({**full, **manifest}, indent=2) + "\n")
+    for w in warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    console.print(
+        f"atomic prune ({manifest['method']}, {layout}): removed {manifest['routed_channels_removed_fraction']:.1%} "
+        f"of routed channels = {manifest['params_removed_fraction_of_all']:.1%} of all parameters -> {out}"
+    )
+    return manifest
