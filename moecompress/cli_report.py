@@ -1,0 +1,55 @@
+"""`moecompress report`: render the HTML report from sidecar files. Registered through cli.PLUGINS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli_common import user_errors
+from .progress import console
+
+
+@user_errors
+def report(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Run folders (profile -o), output folders (prune/merge/quantize -o) or sidecar JSON files."
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="HTML file to write (default: FOLDER/report.html for one folder, else ./report.html).",
+        ),
+    ] = None,
+    title: Annotated[str | None, typer.Option(help="Page title (default: the model name).")] = None,
+) -> None:
+    """Render one self-contained HTML report (no network, no scripts) from the files other commands wrote.
+
+    It never recomputes: summary, per-layer x per-expert heatmaps, what was removed/merged/quantized, a bytes-vs-KL
+    Pareto plot when several runs are given, and warnings.
+
+    Examples:\n
+      moecompress report runs/base\n
+      moecompress report out/pruned out/merged out/quant -o compare.html
+    """
+    from .report import REPORT_NAME, build_report
+
+    page = build_report(paths, title=title)
+    if output is None:
+        output = paths[0] / REPORT_NAME if len(paths) == 1 and paths[0].is_dir() else Path(REPORT_NAME)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(output)
+    console.print(f"report: {len(paths)} folder(s) -> {output} ({len(page):,} bytes)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `report` command to the moecompress app."""
+    app.command("report")(report)
