@@ -250,7 +250,7 @@ def atomic_prune(
         if cal.get("name"):
             calib, samples, seq_len, seed = cal["name"], cal["samples"], cal["seq_len"], cal["seed"]
     check_seq_len(seq_len, ckpt.config)
-    fam, layers, E, H = ckpt.family, ckpt.moe_layers, ckpt.num_experts, ckpt.config.hidden_size
+    fam, layers, H = ckpt.family, ckpt.moe_layers, ckpt.config.hidden_size
     if (
         layout == "uniform"
         and getattr(ckpt.config, "n_shared_experts", 0)
@@ -263,7 +263,6 @@ def atomic_prune(
     prof = prof or _profile(ckpt, calib, samples, seq_len, seed)
     m = {l: prof.layer(l, "channel_sq_mean").float() for l in layers}  # [E, I]
     supers = [tuple(x) for x in prof.super_experts] if protect_super else []
-    protected = {l: torch.tensor([(l, e) in supers for e in range(E)]) for l in layers}
 
     stats = None
     if score == "heapr":
@@ -276,9 +275,39 @@ def atomic_prune(
         )
         del net
     scores = channel_scores(ckpt, m, stats, score)
+    info = {
+        "method": "heapr" if score == "heapr" else "activation_magnitude",
+        "score": "m_ej * w_j^T G_e w_j" if score == "heapr" else "m_ej",
+        "hessian": hessian if score == "heapr" else None,
+        "hessian_rank": rank if score == "heapr" and hessian == "lowrank" else None,
+        "hessian_bytes_per_expert": bytes_per_expert(hessian, H, rank) if score == "heapr" else None,
+        "calibration_fingerprint": (prof.meta.get("calibration") or {}).get("fingerprint"),
+        "calibration": {"calib": calib, "samples": samples, "seq_len": seq_len, "seed": seed},
+    }
+    return write_atomic(ckpt, out, scores, ratio, layout, supers, info, overwrite, t0)
+
+
+def write_atomic(
+    ckpt: Checkpoint,
+    out: Path,
+    scores: dict[int, torch.Tensor],
+    ratio: float,
+    layout: str,
+    supers: list[tuple[int, int]],
+    info: dict[str, Any],
+    overwrite: bool = False,
+    t0: float | None = None,
+) -> dict[str, Any]:
+    """Select channels from per-layer scores [E, I] and write the pruned folder; returns the manifest.
+
+    info: method facts merged into the manifest (method, score, hessian, calibration, ...).
+    """
+    t0 = time.time() if t0 is None else t0
+    fam, layers, E, H = ckpt.family, ckpt.moe_layers, ckpt.num_experts, ckpt.config.hidden_size
+    protected = {l: torch.tensor([(l, e) in supers for e in range(E)]) for l in layers}
     keep, K = select(scores, ratio, layout, protected, ckpt.top_k, fam.n_group(ckpt.config))
 
-    I = m[layers[0]].shape[1]
+    I = scores[layers[0]].shape[1]
     total_ch = len(layers) * E * I
     kept_ch = sum(int(k.numel()) for l in layers for k in keep[l])
     removed_experts = {l: [e for e in range(E) if keep[l][e].numel() == 0] for l in layers}
@@ -293,7 +322,6 @@ def atomic_prune(
             "kept_experts": [e for e in range(E) if keep[l][e].numel() > 0],
             "widths": [int(k.numel()) for k in keep[l] if k.numel() > 0],
         }
-    g_bytes = bytes_per_expert(hessian, H, rank) if score == "heapr" else None
     warnings: list[str] = []
     if layout == "uniform" and supers:
         warnings.append(
@@ -303,12 +331,7 @@ def atomic_prune(
         "command": "prune --granularity atom",
         "source_model": str(ckpt.path),
         "source_fingerprint": ckpt.fingerprint,
-        "calibration_fingerprint": (prof.meta.get("calibration") or {}).get("fingerprint"),
-        "method": "heapr" if score == "heapr" else "activation_magnitude",
-        "score": "m_ej * w_j^T G_e w_j" if score == "heapr" else "m_ej",
-        "hessian": hessian if score == "heapr" else None,
-        "hessian_rank": rank if score == "heapr" and hessian == "lowrank" else None,
-        "hessian_bytes_per_expert": g_bytes,
+        **info,
         "ratio": ratio,
         "layout": "uniform" if layout == "uniform" else "atomic_exact",
         "width": K,
@@ -326,7 +349,6 @@ def atomic_prune(
         "experts_removed_from_routing": {str(l): v for l, v in removed_experts.items() if v},
         "layers": layer_info,
         "load_with": "transformers" if layout == "uniform" else "moecompress.load",
-        "calibration": {"calib": calib, "samples": samples, "seq_len": seq_len, "seed": seed},
         "bytes_before": ckpt.bytes_on_disk,
         "warnings": warnings,
     }
