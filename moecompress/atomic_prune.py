@@ -202,13 +202,15 @@ def _layer_tensors(fam: Any, w: MoEWeights | ExactLayer, layer: int) -> dict[str
     return out
 
 
-def _profile(ckpt: Checkpoint, calib: str, samples: int, seq_len: int, seed: int) -> Any:
+def _profile(
+    ckpt: Checkpoint, calib: str, samples: int, seq_len: int, seed: int, batch_size: int, device: torch.device | None
+) -> Any:
     """Profile in memory (no --profile given)."""
     from .profile import build_profile, collect, load_tokenizer
 
     t0 = time.time()
     tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
-    return build_profile(ckpt, tokens, collect(ckpt, tokens), time.time() - t0)
+    return build_profile(ckpt, tokens, collect(ckpt, tokens, batch_size, device), time.time() - t0)
 
 
 def atomic_prune(
@@ -260,7 +262,7 @@ def atomic_prune(
             f"{fam.name} sizes its shared experts from moe_intermediate_size, so a narrower uniform width would "
             "resize them: use --layout exact (loads with moecompress.load)"
         )
-    prof = prof or _profile(ckpt, calib, samples, seq_len, seed)
+    prof = prof or _profile(ckpt, calib, samples, seq_len, seed, batch_size, device)
     m = {l: prof.layer(l, "channel_sq_mean").float() for l in layers}  # [E, I]
     supers = [tuple(x) for x in prof.super_experts] if protect_super else []
 

@@ -42,17 +42,19 @@ def bytes_per_expert(kind: str, hidden: int, rank: int = 32, dtype_bytes: int = 
 class GradStatAccumulator:
     """Accumulates one MoE layer's per-expert G_e from gradient rows g [n, H] (already scaled by p_e)."""
 
-    def __init__(self, num_experts: int, hidden: int, kind: str = "full", rank: int = 32) -> None:
+    def __init__(
+        self, num_experts: int, hidden: int, kind: str = "full", rank: int = 32, device: torch.device | str = "cpu"
+    ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown Hessian approximation {kind!r}; use one of {KINDS}")
         self.E, self.H, self.kind, self.rank = num_experts, hidden, kind, rank
         self.counts = torch.zeros(num_experts, dtype=torch.long)  # [E]
         if kind == "full":
-            self.sum = torch.zeros(num_experts, hidden, hidden)  # [E, H, H]
+            self.sum = torch.zeros(num_experts, hidden, hidden, device=device)  # [E, H, H]
         else:
-            self.diag = torch.zeros(num_experts, hidden)  # [E, H]
+            self.diag = torch.zeros(num_experts, hidden, device=device)  # [E, H]
         if kind == "lowrank":
-            self.sketch = torch.zeros(num_experts, 2 * rank, hidden)  # [E, 2r, H]
+            self.sketch = torch.zeros(num_experts, 2 * rank, hidden, device=device)  # [E, 2r, H]
             self.fill = [0] * num_experts
 
     def update(self, expert: int, g: torch.Tensor) -> None:
@@ -94,7 +96,8 @@ class GradStatAccumulator:
 
     def result(self) -> GradStat:
         """Mean statistic over routed tokens (experts with no tokens get zeros)."""
-        n = self.counts.clamp_min(1).float()  # [E]
+        dev = (self.sum if self.kind == "full" else self.diag).device
+        n = self.counts.clamp_min(1).float().to(dev)  # [E]
         if self.kind == "full":
             return self.sum / n[:, None, None]
         if self.kind == "diag":
@@ -147,7 +150,7 @@ def collect_grad_stats(
             names = ("hidden_states", "top_k_index", "top_k_weights")
             hidden, idx, w = (list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs])[:3]
             if layer not in accs:
-                accs[layer] = GradStatAccumulator(_num_experts(mod, idx), out.shape[-1], kind, rank)
+                accs[layer] = GradStatAccumulator(_num_experts(mod, idx), out.shape[-1], kind, rank, out.device)
             if gate_up_fn is not None:
                 _add_moments(msum, layer, mod, hidden.detach(), idx, gate_up_fn, act)
             if out.requires_grad:
@@ -186,8 +189,10 @@ def collect_grad_stats(
         if layer not in accs:
             continue
         acc = accs[layer]
-        m = msum[layer] / acc.counts.clamp_min(1)[:, None] if layer in msum else None
-        out[layer] = LayerGradStats(G=acc.result(), counts=acc.counts.clone(), m=m)
+        m = msum[layer].cpu() / acc.counts.clamp_min(1)[:, None] if layer in msum else None
+        G = acc.result()
+        G = LowRankG(G.factors.cpu(), G.residual_diag.cpu()) if isinstance(G, LowRankG) else G.cpu()
+        out[layer] = LayerGradStats(G=G, counts=acc.counts.clone(), m=m)
     return out
 
 
@@ -200,7 +205,7 @@ def _add_moments(msum, layer, mod, hidden, idx, gate_up_fn, act) -> None:
     """m_{e,j} sums: h_j(x)^2 over tokens x routed to e (counts come from the gradient accumulator)."""
     W_gate, W_up = gate_up_fn(mod)  # [E, I, H]
     if layer not in msum:
-        msum[layer] = torch.zeros(W_gate.shape[0], W_gate.shape[1], dtype=torch.float64)
+        msum[layer] = torch.zeros(W_gate.shape[0], W_gate.shape[1], dtype=torch.float64, device=hidden.device)
     x = hidden.reshape(-1, W_gate.shape[-1]).float()  # [T, H]
     with torch.no_grad():
         for e in torch.unique(idx).tolist():
