@@ -1,0 +1,227 @@
+"""Expert pruning end to end on every family: write, reload with transformers, compare with pruning in memory."""
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+from conftest import build_tiny
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from moecompress import loading
+from moecompress.checkpoint import Checkpoint
+from moecompress.cli import app
+from moecompress.data import TokenSet
+from moecompress.merging import DTYPE_BYTES
+from moecompress.profile import build_profile, collect, save_profile
+from moecompress.prune_load import load_per_layer, prune_in_memory
+from moecompress.pruning import PruneOptions, prune_model
+
+loading.register_loader("per-layer", "moecompress.prune_load:load_per_layer")
+
+
+def _tokens(n=4, s=16, vocab=320):
+    ids = torch.randint(0, vocab, (n, s), generator=torch.Generator().manual_seed(0))
+    return TokenSet(ids, ["a", "a", "b", "b"][:n], "random", 0)
+
+
+def _reload(path):
+    """from_pretrained with no missing/unexpected keys and no transformers warning."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, experts_implementation="eager", output_loading_info=True
+            )
+    finally:
+        logger.removeHandler(handler)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert not [str(w.message) for w in caught if "weight" in str(w.message) or "key" in str(w.message)]
+    return model.eval()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _tensor_bytes(ckpt, keys):
+    info = ckpt.tensor_info()
+    total = 0
+    for k in keys:
+        n = 1
+        for s in info[k]["shape"]:
+            n *= s
+        total += n * DTYPE_BYTES[info[k]["dtype"]]
+    return total
+
+
+def _profile_dir(path, folder, tokens, edit=None):
+    """A profile run of ``path``; ``edit(meta, tensors)`` may plant super experts or skew scores."""
+    ck = Checkpoint(path)
+    prof = build_profile(ck, tokens, collect(ck, tokens, batch_size=2), 0.0)
+    if edit is not None:
+        edit(prof.meta, prof.tensors)
+    save_profile(prof, folder)
+    return folder
+
+
+def test_prune_every_family_reloads_equal_to_in_memory_pruning(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    man = prune_model(tiny_model, out, PruneOptions(ratio=0.34, method="reap"), tokens=_tokens())
+    src = Checkpoint(tiny_model)
+    fam, E = src.family, src.num_experts
+    cfg = json.loads((out / "config.json").read_text())
+    n = 4 if fam.n_group(src.config) > 1 else 2  # DeepSeek: 3 of 8 rounded to 2 per group
+    assert all(cfg[k] == E - n for k in fam.count_keys)
+    assert cfg["architectures"] == json.loads((tiny_model / "config.json").read_text())["architectures"]
+
+    # kept map = the profile's REAP ranking (written into OUT/profile), experts renumbered 0..k-1 in order
+    prof = json.loads((out / "profile" / "profile.json").read_text())
+    for l in src.moe_layers:
+        reap = {r["expert"]: r["reap"] for r in prof["experts"] if r["layer"] == l}
+        info = man["layers"][str(l)]
+        if fam.n_group(src.config) > 1:
+            Eg = E // 2
+            want = sorted(e for g in range(2) for e in sorted(range(g * Eg, (g + 1) * Eg), key=reap.get)[n // 2 :])
+        else:
+            want = sorted(sorted(reap, key=reap.get)[n:])
+        assert info["kept"] == want
+        assert info["old_to_new"] == {str(e): i for i, e in enumerate(want)}
+
+    pruned = _reload(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, experts_implementation="eager").eval()
+    ref = prune_in_memory(base, {l: man["layers"][str(l)]["kept"] for l in src.moe_layers})
+    ids = _tokens().input_ids
+    got = _logits(pruned, ids)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, _logits(ref, ids), rtol=0, atol=0)
+
+    # size: exactly the removed experts' tensors and router rows are gone
+    removed_keys = [
+        fam.expert_key(l, e, p) for l in src.moe_layers for e in man["layers"][str(l)]["removed"] for p in range(3)
+    ]
+    router_keys = [k for l in src.moe_layers for k in src.keys() if k.startswith(fam.router_key(l, ""))]
+    router_bytes = _tensor_bytes(src, router_keys)
+    expected = _tensor_bytes(src, src.keys()) - _tensor_bytes(src, removed_keys) - router_bytes * n // E
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == expected
+    assert man["bytes_after"] < man["bytes_before"] and man["params_after"] < man["params_before"]
+    assert man["source_fingerprint"] == src.fingerprint and man["calibration_fingerprint"] == _tokens().fingerprint
+    if fam.shared:
+        assert {p["module"] for p in man["protected_why"] if p["why"] == "shared"} == {fam.shared}
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_protected_super_experts_survive(family, tmp_path, tokenizer_dir):
+    path = build_tiny(family, tmp_path / family, tokenizer_dir)
+    ck = Checkpoint(path)
+    l = ck.moe_layers[0]
+    holder = {}
+
+    def plant(meta, tensors):  # the weakest expert of layer l becomes a super expert
+        weakest = int(tensors[f"layer{l}.reap"].argmin())
+        holder["e"] = weakest
+        meta["super_experts"] = [[l, weakest]]
+
+    prof = _profile_dir(path, tmp_path / "prof", _tokens(), plant)
+    man = prune_model(path, tmp_path / "out", PruneOptions(ratio=0.5, method="reap"), profile_dir=prof)
+    assert holder["e"] in man["layers"][str(l)]["kept"]
+    assert man["protected"] == [[l, holder["e"]]]
+    assert {"layer": l, "expert": holder["e"], "why": "super"} in man["protected_why"]
+    man2 = prune_model(
+        path, tmp_path / "out2", PruneOptions(ratio=0.5, method="reap", protect_super=False), profile_dir=prof
+    )
+    assert holder["e"] not in man2["layers"][str(l)]["kept"] and man2["protected"] == []
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_per_layer_layout_round_trips_exactly(family, tmp_path, tokenizer_dir):
+    path = build_tiny(family, tmp_path / family, tokenizer_dir)
+    ck = Checkpoint(path)
+    first = ck.moe_layers[0]
+
+    def skew(meta, tensors):  # the first MoE layer's experts look nearly useless but one -> it loses the most
+        r = tensors[f"layer{first}.reap"]
+        tensors[f"layer{first}.reap"] = torch.where(r == r.max(), r, r * 1e-3)
+
+    prof = _profile_dir(path, tmp_path / "prof", _tokens(), skew)
+    out = tmp_path / "out"
+    man = prune_model(path, out, PruneOptions(ratio=0.25, method="reap", layout="per-layer"), profile_dir=prof)
+    counts = {int(l): v["num_experts"] for l, v in man["layers"].items()}
+    assert len(set(counts.values())) > 1, counts
+    E = ck.num_experts
+    assert sum(E - c for c in counts.values()) == man["experts_removed_total"]
+    assert man["layout"] == "per-layer"
+    model = loading.load(out)
+    assert isinstance(model, type(load_per_layer(out)))
+    base = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
+    ref = prune_in_memory(base, {int(l): v["kept"] for l, v in man["layers"].items()})
+    ids = _tokens().input_ids
+    torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), rtol=0, atol=0)
+    fam = ck.family
+    for l, c in counts.items():
+        block = getattr(model.model.layers[l], fam.module_block)
+        assert getattr(block, fam.experts).gate_up_proj.shape[0] == c == getattr(block, fam.router).weight.shape[0]
+
+
+def test_output_error_method_writes_a_loadable_model(tmp_path, tokenizer_dir):
+    path = build_tiny("mixtral", tmp_path / "m", tokenizer_dir)
+    man = prune_model(path, tmp_path / "out", PruneOptions(ratio=0.34, method="output-error"), tokens=_tokens())
+    for info in man["layers"].values():
+        assert len(info["kept"]) == 4 and len(info["removal_order"]) == 2
+        assert info["removal_costs"][0] >= 0
+    assert torch.isfinite(_logits(_reload(tmp_path / "out"), _tokens().input_ids)).all()
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, ["prune", *map(str, args)])
+
+
+def test_cli_refusals_exit_2_and_write_nothing(tmp_path, tokenizer_dir):
+    path = build_tiny("qwen3_moe", tmp_path / "q", tokenizer_dir)
+    ds = build_tiny("deepseek_v3", tmp_path / "ds", tokenizer_dir)
+    other = build_tiny("qwen3_moe", tmp_path / "q2", tokenizer_dir, num_experts=8)
+    prof = _profile_dir(other, tmp_path / "prof-other", _tokens())
+    (tmp_path / "exists").mkdir()
+    cases = [
+        ([path, "--ratio", "0"], "between 0 and 1"),
+        ([path, "--ratio", "1"], "between 0 and 1"),
+        ([path, "--ratio", "0.9"], "fewer than top-k"),
+        ([ds, "--ratio", "0.7"], "router's minimum"),
+        ([path, "--ratio", "0.5", "--method", "magic"], "not one of"),
+        ([path, "--ratio", "0.5", "--layout", "exact"], "granularity atom"),
+        ([path, "--ratio", "0.5", "-o", path / "inside"], "inside"),
+        ([path, "--ratio", "0.5", "-o", tmp_path / "exists"], "already exists"),
+        ([path, "--ratio", "0.5", "--profile", prof], "another model"),
+    ]
+    for args, msg in cases:
+        out = args[args.index("-o") + 1] if "-o" in args else tmp_path / "never"
+        r = _cli(*args, *([] if "-o" in args else ["-o", out]))
+        assert r.exit_code == 2, (args, r.output)
+        assert msg in r.output.replace("\n", " "), (msg, r.output)
+        assert not (tmp_path / "never").exists() and not (path / "inside").exists()
+        assert list((tmp_path / "exists").iterdir()) == []
+
+
+def test_cli_prunes_with_profile_and_reports_protection(tmp_path, tokenizer_dir):
+    path = build_tiny("qwen2_moe", tmp_path / "q", tokenizer_dir)
+    prof = _profile_dir(path, tmp_path / "prof", _tokens())
+    r = _cli(path, "--ratio", "0.34", "--method", "frequency", "--profile", prof, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert "shared experts (shared_expert) are never pruned" in r.output.replace("\n", " ")
+    man = json.loads((tmp_path / "out" / "moecompress.json").read_text())
+    assert man["method"] == "frequency" and man["experts_after"] == 4 and man["tool"] == "moecompress"
+    assert man["profile"] == str(prof.resolve())
+    freq = load_file(str(prof / "profile.safetensors"))
+    for l, info in man["layers"].items():
+        assert info["removed"] == sorted(freq[f"layer{l}.frequency"].sort(stable=True).indices[:2].tolist())

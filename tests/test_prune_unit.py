@@ -1,0 +1,133 @@
+"""Pure parts of expert pruning: counts, score orders, selection, routing emulation, output-error greedy."""
+
+import pytest
+import torch
+from conftest import build_tiny
+from transformers import AutoModelForCausalLM
+
+from moecompress.adapters import family_for
+from moecompress.errors import UserError
+from moecompress.prune_load import layer_view, prune_in_memory
+from moecompress.pruning import (
+    RouterSpec,
+    Step,
+    combine,
+    expert_outputs,
+    output_error_order,
+    removal_count,
+    route,
+    score_order,
+    select_global,
+    select_uniform,
+)
+
+SOFT = RouterSpec(top_k=2)
+GROUPED = RouterSpec(top_k=2, kind="sigmoid_group", n_group=2, topk_group=1)
+
+
+def test_removal_count_rounds_and_refuses():
+    assert removal_count(16, 0.25, SOFT) == (4, None)
+    assert removal_count(16, 0.5, SOFT) == (8, None)
+    with pytest.raises(UserError, match="between 0 and 1"):
+        removal_count(16, 1.0, SOFT)
+    with pytest.raises(UserError, match="between 0 and 1"):
+        removal_count(16, 0.0, SOFT)
+    with pytest.raises(UserError, match="fewer than top-k 2"):
+        removal_count(6, 0.9, SOFT)  # 5 removed, 1 left
+    with pytest.raises(UserError, match="removes no expert"):
+        removal_count(6, 0.01, SOFT)
+    n, note = removal_count(8, 0.34, GROUPED)  # 3 of 8 breaks 8 % 2: the same count from each group instead
+    assert n == 4 and "multiple of n_group=2" in note
+    assert GROUPED.min_keep() == 4  # two per group (top-2 group scores), and topk_group * per_group >= top_k
+    with pytest.raises(UserError, match="router's minimum 4"):
+        removal_count(8, 0.7, GROUPED)
+
+
+def test_score_order_groups_and_protection():
+    s = torch.tensor([0.5, 0.1, 0.3, 0.2, 0.9, 0.05, 0.4, 0.6])
+    assert [st.experts for st in score_order(s, set())][:3] == [(5,), (1,), (3,)]
+    assert all(5 not in st.experts for st in score_order(s, {5}))
+    grouped = score_order(s, {1}, n_group=2)  # groups 0-3 and 4-7; round r = r-th weakest of each group
+    assert grouped[0].experts == (3, 5) and grouped[0].cost == pytest.approx(0.25)
+    assert grouped[1].experts == (2, 6)
+    assert len(grouped) == 3  # group 0 has only 3 unprotected experts
+
+
+def test_select_uniform_and_global():
+    orders = {
+        0: [Step((e,), c) for e, c in [(3, 0.01), (2, 0.02), (1, 0.5)]],
+        1: [Step((e,), c) for e, c in [(0, 0.1), (1, 0.2), (2, 0.3)]],
+    }
+    assert select_uniform(orders, 1, 4) == {0: [0, 1, 2], 1: [1, 2, 3]}
+    glob = select_global(orders, 2, 4, min_keep=2)
+    assert glob == {0: [0, 1], 1: [0, 1, 2, 3]}  # both of layer 0's cheap steps, none of layer 1's
+    glob = select_global(orders, 3, 4, min_keep=2)  # layer 0 stops at min_keep, the next goes to layer 1
+    assert glob == {0: [0, 1], 1: [1, 2, 3]}
+    with pytest.raises(UserError, match="protected"):
+        select_uniform({0: orders[0][:1]}, 2, 4)
+    with pytest.raises(UserError, match="only 4 of the 5"):
+        select_global(orders, 5, 4, min_keep=2)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
+def test_route_matches_transformers_router_with_and_without_experts(family, tmp_path, tokenizer_dir):
+    """route(logits, mask) == the stock router of the model with those experts deleted (any family semantics)."""
+    path = build_tiny(family, tmp_path / family, tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
+    fam = family_for(model.config)
+    spec = RouterSpec.from_config(fam, model.config)
+    l = fam.moe_layers(model.config)[-1]
+    x = torch.randn(64, model.config.hidden_size)
+    w = layer_view(model, fam, l)
+    E = w.num_experts
+    gone = [1, 6] if family == "deepseek_v3" else [2]  # one per group for DeepSeek
+    mask = torch.zeros(E, dtype=torch.bool)
+    mask[gone] = True
+    keep = [e for e in range(E) if e not in gone]
+    with torch.no_grad():
+        logits = x @ w.router.T
+        for removed, kept in ((None, list(range(E))), (mask, keep)):
+            if removed is not None:
+                prune_in_memory(model, {l: keep})
+            router = getattr(getattr(model.model.layers[l], fam.module_block), fam.router)
+            _, ref_w, ref_idx = router(x)
+            ours_w, ours_idx = route(logits, spec, removed, w.correction_bias)
+            ref_old = torch.tensor(kept)[ref_idx]  # renumbered -> original ids
+            o1, o2 = ref_old.sort(-1), ours_idx.sort(-1)
+            assert torch.equal(o1.values, o2.values)
+            torch.testing.assert_close(ref_w.float().gather(1, o1.indices), ours_w.gather(1, o2.indices))
+
+
+def test_output_error_greedy_first_step_is_brute_force_best():
+    g = torch.Generator().manual_seed(0)
+    T, E, H = 200, 6, 8
+    outs = torch.randn(T, E, H, generator=g)
+    logits = torch.randn(T, E, generator=g) * 2
+    y0 = combine(outs, *route(logits, SOFT))
+    errs = []
+    for e in range(E):
+        m = torch.zeros(E, dtype=torch.bool)
+        m[e] = True
+        errs.append(float((combine(outs, *route(logits, SOFT, m)) - y0).pow(2).sum() / y0.pow(2).sum()))
+    order = output_error_order(outs, logits, SOFT, set(), 3)
+    assert order[0].experts == (min(range(E), key=errs.__getitem__),)
+    assert order[0].cost == pytest.approx(min(errs))
+    assert len(order) == 3 and len({s.experts for s in order}) == 3
+    protected = {order[0].experts[0]}
+    assert all(protected.isdisjoint(s.experts) for s in output_error_order(outs, logits, SOFT, protected, 3))
+    grouped = output_error_order(outs[:, :4], logits[:, :4], RouterSpec(2, "sigmoid_group", True, 2, 2), set(), 2)
+    assert len(grouped) == 1 and sorted(e // 2 for e in grouped[0].experts) == [0, 1]  # one from each group
+
+
+def test_expert_outputs_and_combine_equal_the_experts_module(tmp_path, tokenizer_dir):
+    path = build_tiny("qwen3_moe", tmp_path / "q", tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
+    fam = family_for(model.config)
+    block = model.model.layers[0].mlp
+    x = torch.randn(40, model.config.hidden_size)
+    with torch.no_grad():
+        _, w, idx = block.gate(x)
+        ref = block.experts(x, idx, w)
+        v = layer_view(model, fam, 0)
+        ours = combine(expert_outputs(x, v.gate, v.up, v.down), w, idx)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
