@@ -16,6 +16,7 @@ def report(
     paths: Annotated[
         list[Path],
         typer.Argument(
+            metavar="RUN_OR_OUTPUT_DIR",
             help="Run folders (profile -o), output folders (prune/merge/quantize -o) or sidecar JSON files."
         ),
     ],

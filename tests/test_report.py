@@ -280,3 +280,34 @@ def test_single_json_file_and_write_report(tmp_path):
 def test_pareto_front():
     pts = [(3.0, 0.1), (1.0, 0.5), (2.0, 0.6), (2.0, 0.2), (4.0, 0.1)]
     assert pareto_front(pts) == [1, 3, 0]
+
+
+def test_formats_written_by_the_commands(tmp_path):
+    """Layouts the real commands write: bit plan per layer, protected_why, domain windows, profile pointer."""
+    prof = make_profile(layers=(0, 1), n_exp=4)
+    for d in prof["domains"].values():
+        d["windows"] = d.pop("tokens")
+    write_json(tmp_path / "run" / "profile.json", prof)
+    quant = tmp_path / "quant"
+    layers = {str(layer): {"bits": [2, 4], "experts": [{"expert": e, "bits": 4 if e % 2 else 2, "bytes": 100}
+                                                       for e in reversed(range(4))]} for layer in (0, 1)}  # fmt: skip
+    write_json(quant / "bit_plan.json", {"plan": "lp", "granularity": "expert", "total_bytes": 800,
+                                         "few_token_experts": [[1, 2]], "few_token_rule": "fewer than 12 tokens: RTN",
+                                         "layers": layers})  # fmt: skip
+    write_json(quant / "moecompress.json", {"command": "quantize", "bits": 3.0, "profile": str(tmp_path / "run"),
+                                            "layers": {"0": {"bits": [2, 4]}, "1": {"bits": [2, 4]}},
+                                            "protected": [[0, 3]],
+                                            "protected_why": [{"layer": 0, "expert": 3, "why": "super"},
+                                                              {"layer": 0, "module": "shared_expert", "why": "shared"}],
+                                            })  # fmt: skip
+    page = parse(build_report([tmp_path / "run", quant], names=["base run", "q3"]))
+    bits = {(int(c["data-row"]), int(c["data-col"])): float(c["data-value"]) for c in _chart_cells(page, "run0-bits")}
+    assert bits == {(r, e): (4.0 if e % 2 else 2.0) for r in range(2) for e in range(4)}
+    text = " ".join(page.text)
+    assert "1 experts fell back (fewer than 12 tokens: RTN): L1/E2" in text
+    assert "shared_expert" in text and "super" in text
+    assert "calibration windows" in text
+    # the profile-only run is the one the manifest points to: shown once, as the q3 run's profile
+    heads = [a for t, a in page.tags if t == "th" and a.get("class") == "runname"]
+    assert len(heads) == 1 and "q3" in text and "base run" not in text
+    assert len(_chart_cells(page, "profile0-frequency")) == 8

@@ -21,7 +21,7 @@ from moecompress.report.svg import esc, fmt_num, heatmap
 KNOWN_KEYS = {
     "tool", "tool_version", "command", "source_model", "source_fingerprint", "method", "ratio", "bits", "layers",
     "protected", "calibration_fingerprint", "params_before", "params_after", "bytes_before", "bytes_after",
-    "elapsed_s", "seconds", "warnings", "model", "family",
+    "elapsed_s", "seconds", "warnings", "model", "family", "protected_why",
 }  # fmt: skip
 STATE_COLORS = {"kept": "#55a868", "removed": "#d9d9d9"}
 BIT_COLORS = {2: "#c44e52", 3: "#dd8452", 4: "#e8c547", 5: "#b5cf6b", 6: "#8fbc8f", 8: "#4c72b0", 16: "#8172b3"}
@@ -42,7 +42,21 @@ def protected_cells(manifest: dict[str, Any]) -> list[tuple[int, int, str]]:
             out.append((int(p[0]), int(p[1]), str(p[2]) if len(p) > 2 else ""))
         elif isinstance(p, dict) and num(p.get("layer")) is not None and num(p.get("expert")) is not None:
             out.append((int(p["layer"]), int(p["expert"]), str(first(p.get("reason"), p.get("why"), ""))))
-    return out
+    why = {}
+    for w in manifest.get("protected_why") or []:  # reasons recorded beside a plain [[l, e]] list
+        if isinstance(w, dict) and num(w.get("layer")) is not None and num(w.get("expert")) is not None:
+            why[(int(w["layer"]), int(w["expert"]))] = str(first(w.get("why"), w.get("reason"), ""))
+    out = [(layer, e, r or why.get((layer, e), "")) for layer, e, r in out]
+    return sorted(set(out))
+
+
+def protected_modules(manifest: dict[str, Any]) -> list[tuple[Any, str, str]]:
+    """(layer, module, why) of protected modules that are not routed experts (e.g. shared experts)."""
+    return [
+        (w.get("layer"), str(w["module"]), str(first(w.get("why"), w.get("reason"), "")))
+        for w in manifest.get("protected_why") or []
+        if isinstance(w, dict) and w.get("module") is not None
+    ]
 
 
 def actions_section(
@@ -63,13 +77,14 @@ def actions_section(
     if clusters:
         parts.append(_cluster_block(clusters, n_before, prot, anchor))
     widths = plan_widths(bit_plan) or plan_widths({"layers": manifest.get("layers")})
+    mods = protected_modules(manifest)
     if widths:
         parts.append(_bits_block(widths, n_before, prot, anchor))
     if bit_plan is not None:
         scalars = {k: v for k, v in bit_plan.items() if not isinstance(v, (dict, list))}
         if scalars:
             parts.append(f"<h3>Bit plan</h3>{generic(scalars)}")
-    parts.append(_protected_block(prot))
+    parts.append(_protected_block(prot, mods))
     other_layers = {k: v for k, v in layers.items() if k not in kept and k not in clusters}
     if other_layers and not widths:
         parts.append(f"<h3>Per-layer record</h3>{generic(other_layers)}")
@@ -158,9 +173,10 @@ def _bits_block(widths: dict[tuple[int, int], float], n: int, prot, anchor: str)
     )
 
 
-def _protected_block(prot: list[tuple[int, int, str]]) -> str:
-    if not prot:
+def _protected_block(prot: list[tuple[int, int, str]], mods: list[tuple[Any, str, str]]) -> str:
+    if not prot and not mods:
         return "<h3>Protected experts</h3>" + note("None recorded.")
-    rows = [[num_cell(layer, "protected.layer"), num_cell(e, "protected.expert"), text_cell(why or "–")]
+    rows = [[num_cell(layer, "protected.layer"), text_cell(f"expert {e}"), text_cell(why or "–")]
             for layer, e, why in prot]  # fmt: skip
-    return "<h3>Protected experts</h3>" + table(["layer", "expert", "why"], rows)
+    rows += [[num_cell(layer, "protected.layer"), text_cell(mod), text_cell(why or "–")] for layer, mod, why in mods]
+    return "<h3>Protected experts and modules</h3>" + table(["layer", "expert / module", "why"], rows)

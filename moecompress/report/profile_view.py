@@ -62,7 +62,7 @@ def profile_section(profile: dict[str, Any], source: str, anchor: str) -> str:
         if all(v is None for row in mat for v in row):
             parts.append(note(f"{title}: not in this profile."))
             continue
-        log = _log_scale(mat)
+        log = key == "max_abs_out" and _log_scale(mat)
         svg = heatmap(
             mat,
             row_names=layers,
@@ -125,7 +125,12 @@ def _domain_block(profile: dict[str, Any], layers: list[int], anchor: str) -> st
     hi = max((v for m in freqs.values() for row in m for v in row if v is not None), default=1.0)
     domains = profile.get("domains") or {}
     for name, mat in freqs.items():
-        tokens = (domains.get(name) or {}).get("tokens") if isinstance(domains.get(name), dict) else None
+        d = domains.get(name) if isinstance(domains.get(name), dict) else {}
+        size = (
+            f"{fmt_num(num(d['tokens']))} tokens"
+            if num(d.get("tokens")) is not None
+            else (f"{fmt_num(num(d['windows']))} calibration windows" if num(d.get("windows")) is not None else "")
+        )
         svg = heatmap(
             mat,
             row_names=layers[: len(mat)] if len(layers) >= len(mat) else list(range(len(mat))),
@@ -134,8 +139,5 @@ def _domain_block(profile: dict[str, Any], layers: list[int], anchor: str) -> st
             vmax=hi,
             chart_id=f"{anchor}-domain-{name}",
         )
-        maps.append(
-            f'<figure class="domain"><figcaption><b>{esc(name)}</b> — {esc(fmt_num(tokens))} tokens</figcaption>'
-            f"{svg}</figure>"
-        )
+        maps.append(f'<figure class="domain"><figcaption><b>{esc(name)}</b> {esc(size)}</figcaption>{svg}</figure>')
     return "".join(parts) + f'<div class="grid">{"".join(maps)}</div>'

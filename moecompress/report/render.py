@@ -97,7 +97,7 @@ def _change(before: Any, after: Any, key: str, fmt=fmt_num, as_bytes: bool = Fal
     show = human_bytes if as_bytes else fmt
     if b is None and a is None:
         return f'<td data-key="{esc(key)}">–</td>'
-    text = f"{show(b) if b is not None else '–'} → {show(a) if a is not None else '–'}"
+    text = f"{show(b)} → {show(a) if a is not None else '–'}" if b is not None else show(a)
     if b and a is not None:
         text += f" ({(a - b) / b * 100:+.1f}%)"
     vals = f' data-before="{esc(repr(b))}" data-after="{esc(repr(a))}"'
@@ -144,8 +144,10 @@ def _summary(runs: list[RunSidecars]) -> str:
     ]
     head = "<th></th>" + "".join(f'<th class="runname">{esc(r.name)}</th>' for r in runs)
     body = "".join(f"<tr><th>{esc(label)}</th>{''.join(cells)}</tr>" for label, cells in rows)
-    note_text = "Quality columns need `moecompress eval --base` results saved as eval.json in the folder."
-    return f'<table class="kv summary"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>' + note(note_text)
+    page = f'<table class="kv summary"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    if all(f["kl_to_base"] is None for f in facts):
+        page += note("KL and top-1 agreement come from `moecompress eval OUT --base MODEL --json OUT/eval.json`.")
+    return page
 
 
 def _setting(f: dict[str, Any]) -> str | None:
@@ -225,22 +227,34 @@ def _warnings(runs: list[RunSidecars]) -> list[tuple[str, Any]]:
             out.append(
                 (f"{run.name} (profile)", f"{len(low)} experts with too few calibration tokens: {listing}{more}")
             )
-        for rec in (run.bit_plan or {}).get("experts") or []:
+        plan = run.bit_plan or {}
+        for rec in plan.get("experts") or []:
             if isinstance(rec, dict) and rec.get("fallback"):
                 out.append((f"{run.name} (bit plan)", f"layer {rec.get('layer')} expert {rec.get('expert')}: "
                             f"fallback {rec.get('fallback')}"))  # fmt: skip
+        few = plan.get("few_token_experts")
+        if isinstance(few, list) and few:
+            cells = ", ".join(f"L{x[0]}/E{x[1]}" if isinstance(x, list) and len(x) == 2 else str(x) for x in few[:60])
+            rule = plan.get("few_token_rule") or "too few routed calibration tokens"
+            more = f" and {len(few) - 60} more" if len(few) > 60 else ""
+            out.append((f"{run.name} (bit plan)", f"{len(few)} experts fell back ({rule}): {cells}{more}"))
     return out
 
 
-def build_report(paths: Sequence[str | Path], title: str | None = None) -> str:
+def build_report(paths: Sequence[str | Path], title: str | None = None, names: Sequence[str] | None = None) -> str:
     """Render one self-contained HTML page (no scripts, no network) from the sidecars of ``paths``.
 
     Each path is a run folder (``profile -o``), an output folder (``prune``/``merge``/``quantize -o``) or a single
-    sidecar JSON file. Several paths give a comparison table and a bytes-vs-KL Pareto plot.
+    sidecar JSON file. Several paths give a comparison table and a bytes-vs-KL Pareto plot. ``names`` overrides
+    the displayed run names (default: folder names). A profile-only folder whose profile another folder already
+    uses (e.g. the run given to ``prune --profile``) is not shown twice.
     """
     if not paths:
         raise UserError("give at least one run or output folder to report on")
     runs = [load_run(p) for p in paths]
+    for run, name in zip(runs, names or [], strict=False):
+        run.name = name
+    runs = _drop_redundant_profiles(runs)
     for i, run in enumerate(runs):  # unique names for tables, charts and anchors
         if sum(r.name == run.name for r in runs[:i]) > 0:
             run.name = f"{run.name} #{i + 1}"
@@ -287,11 +301,25 @@ def build_report(paths: Sequence[str | Path], title: str | None = None) -> str:
     )
 
 
-def write_report(folder: Path, extra: Sequence[Path] = ()) -> Path:
+def _drop_redundant_profiles(runs: list[RunSidecars]) -> list[RunSidecars]:
+    def key(r: RunSidecars) -> str | None:
+        return str(r.profile_path.resolve()) if r.profile_path is not None else None
+
+    def profile_only(r: RunSidecars) -> bool:
+        return r.profile is not None and not any((r.manifest, r.bit_plan, r.eval, r.eval_base))
+
+    used = {key(r) for r in runs if not profile_only(r)}
+    kept = [r for r in runs if not (profile_only(r) and key(r) in used)]
+    return kept or runs
+
+
+def write_report(folder: Path, extra: Sequence[Path] = (), name: str | None = None) -> Path:
     """Write ``folder/report.html`` from the sidecars in ``folder`` (plus ``extra`` folders, e.g. the profile run)
-    atomically, and return its path. Commands call this at the end of every run that writes an output folder."""
+    atomically, and return its path. Commands call this at the end of every run that writes an output folder.
+    ``name`` is the run name shown in the page (default: the folder name; pass the final name when ``folder`` is a
+    temporary folder that is renamed afterwards)."""
     folder = Path(folder)
-    page = build_report([folder, *extra])
+    page = build_report([folder, *extra], names=[name] if name else None)
     target = folder / REPORT_NAME
     fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html", dir=folder)
     try:

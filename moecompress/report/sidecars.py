@@ -261,23 +261,19 @@ def plan_widths(bit_plan: dict[str, Any] | None) -> dict[tuple[int, int], float]
                 return out
     layers = int_key_dict(bit_plan.get("layers"))
     for layer, entry in (layers or {}).items():
+        per: Any = entry
         if isinstance(entry, dict):
-            per = first(entry.get("experts"), entry.get("widths"), entry.get("bits"), entry.get("width"))
-            n = num(first(entry.get("num_experts"), entry.get("n_experts")))
-        else:
-            per, n = entry, None
-        if num(per) is not None and n is not None:
-            per = [per] * int(n)
-        if isinstance(per, list):
-            for ex, b in enumerate(per):
-                b = num(b.get("bits") if isinstance(b, dict) else b)
-                if b is not None:
-                    out[(layer, ex)] = b
-        elif (m := int_key_dict(per)) is not None:
-            for ex, b in m.items():
-                b = num(b.get("bits") if isinstance(b, dict) else b)
-                if b is not None:
-                    out[(layer, ex)] = b
+            per = first(entry.get("experts"), entry.get("widths"))
+            n, scalar = num(first(entry.get("num_experts"), entry.get("n_experts"))), num(entry.get("bits"))
+            if per is None and n is not None and scalar is not None:  # one width for the whole layer
+                per = [scalar] * int(n)
+        items = list(enumerate(per)) if isinstance(per, list) else list((int_key_dict(per) or {}).items())
+        for ex, b in items:
+            if isinstance(b, dict):
+                ex = int(b["expert"]) if num(b.get("expert")) is not None else ex
+                b = first(b.get("bits"), b.get("width"))
+            if num(b) is not None:
+                out[(layer, ex)] = b
     return out
 
 

@@ -82,9 +82,9 @@ def heatmap(
     n_rows = len(values)
     n_cols = max((len(r) for r in values), default=0)
     col_names = list(col_names) if col_names is not None else list(range(n_cols))
-    cw = max(5.0, min(34.0, 900.0 / max(n_cols, 1)))
+    cw = max(5.0, min(34.0, (384.0 if n_cols <= 16 else 900.0) / max(n_cols, 1)))
     ch = max(7.0, min(26.0, 520.0 / max(n_rows, 1)))
-    left, top, right = 64.0, 34.0, 150.0
+    left, top, right = 56.0, 34.0, 110.0
     width = left + cw * n_cols + right
     leg_h = max(ch * n_rows, 96.0)
     height = top + max(ch * n_rows, leg_h + 14) + (34.0 if (marks and mark_label) or (dots and dot_label) else 12.0)
