@@ -23,7 +23,12 @@ app = typer.Typer(
 )
 
 # Modules that add commands: each defines register(app). One line per capability.
-PLUGINS: tuple[str, ...] = ("moecompress.cli_merge", "moecompress.cli_report", "moecompress.cli_prune")
+PLUGINS: tuple[str, ...] = (
+    "moecompress.cli_merge",
+    "moecompress.cli_report",
+    "moecompress.cli_prune",
+    "moecompress.cli_quantize",
+)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,96 @@
+"""`moecompress quantize`: parse, validate, call ``quantize.run_quantize``. Registered through cli.PLUGINS."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .cli_common import DeviceOpt, ModelArg, OverwriteOpt, device_of, user_errors
+from .progress import console
+
+
+@user_errors
+def quantize(
+    model: ModelArg = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output model folder.")] = Path("out/quantized"),
+    bits: Annotated[
+        float | None,
+        typer.Option("--bits", help="Average bits per routed-expert weight (2, 3, 4, 8; fractional with --plan lp)."),
+    ] = None,
+    budget_gb: Annotated[
+        float | None, typer.Option("--budget-gb", help="Total size of the output weights in GB (1e9 bytes).")
+    ] = None,
+    plan: Annotated[str, typer.Option(help="lp (global bit allocation) or uniform (every expert at --bits).")] = "lp",
+    method: Annotated[str, typer.Option(help="gptq (per-expert Hessians from routed tokens) or rtn.")] = "gptq",
+    granularity: Annotated[
+        str, typer.Option(help="layer: one width per layer's experts (servable); expert: per-expert widths.")
+    ] = "layer",
+    other_bits: Annotated[
+        int, typer.Option("--other-bits", help="Attention / shared / dense weights: 2, 3, 4, 8 or 16 (keep).")
+    ] = 8,
+    plan_only: Annotated[bool, typer.Option("--plan-only", help="Write OUTPUT/bit_plan.json and stop.")] = False,
+    profile: Annotated[
+        Path | None, typer.Option("--profile", help="Profile run folder: importance and super experts.")
+    ] = None,
+    importance: Annotated[
+        str, typer.Option(help="Expert importance in the LP cost: uniform, mass (routing mass) or reap (profile).")
+    ] = "uniform",
+    calib: Annotated[str, typer.Option(help="Built-in set (a domain or mixed) or a .txt/.jsonl file.")] = "mixed",
+    samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 32,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed for window sampling.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")] = 8,
+    min_tokens: Annotated[
+        int, typer.Option("--min-tokens", help="Experts with fewer routed tokens use RTN instead of GPTQ.")
+    ] = 32,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Quantize routed experts to 2/3/4/8 bits with a global bit plan; write a compressed-tensors checkpoint.
+
+    The plan (bit_plan.json) gives each expert (or each layer, --granularity layer) a width so that the total
+    measured MoE-block output error is minimal within the byte budget. Uniform-width outputs load with
+    transformers' AutoModelForCausalLM.from_pretrained; every output loads exactly with moecompress.load.
+
+    Examples:\n
+      moecompress quantize --bits 4 --plan uniform -o out/q4\n
+      moecompress quantize --bits 2.5 -o out/q2.5\n
+      moecompress quantize --bits 3 --granularity expert --method rtn -o out/q3-expert\n
+      moecompress quantize ./Qwen3-30B-A3B --budget-gb 14 --profile runs/qwen --plan-only -o out/plan
+    """
+    from .quantize import run_quantize
+
+    plan_d = run_quantize(
+        model, output, bits, budget_gb, plan, method, granularity, other_bits, plan_only, profile, importance,
+        calib, samples, seq_len, seed, batch_size, min_tokens, device_of(device), overwrite,
+        command="moecompress " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )  # fmt: skip
+    t = Table(title="bit plan")
+    t.add_column("layer")
+    t.add_column("widths")
+    t.add_column("bytes", justify="right")
+    for l, d in plan_d["layers"].items():
+        counts = {}
+        for r in d["experts"]:
+            counts[r["bits"]] = counts.get(r["bits"], 0) + 1
+        widths = ", ".join(f"{n}x{b}b" for b, n in sorted(counts.items()))
+        t.add_row(l, widths, f"{sum(r['bytes'] for r in d['experts']):,}")
+    console.print(t)
+    cost = plan_d["predicted_cost"]
+    console.print(
+        f"average {plan_d['average_bits_routed']:.3f} bits per routed-expert weight; "
+        f"{plan_d['total_bytes']:,} bytes of weights" + (f"; predicted cost {cost:.4g}" if cost is not None else "")
+    )
+    if plan_d["few_token_experts"]:
+        console.print(f"[yellow]warning:[/] {len(plan_d['few_token_experts'])} experts had too few tokens: RTN used")
+    console.print(f"{'plan written to' if plan_only else 'quantized model written to'} {output}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `quantize` command to the moecompress app."""
+    app.command("quantize")(quantize)

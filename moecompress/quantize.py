@@ -1,0 +1,518 @@
+"""`moecompress quantize`: mixed-precision quantization of routed experts with a global bit plan.
+
+One layer-streamed calibration pass collects, per routed expert, GPTQ Hessians from that expert's routed tokens and
+the MoE-block output error err[e, b] with only that expert quantized at b bits (see quant/layer.py). The plan
+(``--plan lp``: the global ILP of quant/bitplan.py; ``--plan uniform``) is written to bit_plan.json, then a
+compressed-tensors pack-quantized checkpoint + moecompress.json (layout "quantized") is written atomically.
+
+Scope notes: layer inputs are propagated through the *original* weights (errors are measured per expert, not
+compounded); attention / shared experts / dense MLPs are quantized with RTN at ``--other-bits`` (16 keeps them);
+routers, norms, embeddings and lm_head are never quantized. All candidate codes are kept in memory between the
+measurement and the write (refused above ``MAX_CODE_CACHE_BYTES``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import UserError
+from .progress import console, progress_bar
+from .quant.bitplan import allocate_bits_detailed
+from .quant.ctformat import quantization_config
+from .quant.layer import LayerCapture, QuantizedExperts, expert_errors, expert_group_size, quantize_layer_experts
+from .quant.pack import pack_int32
+from .quant.rtn import SUPPORTED_BITS, group_size_for, quantized_nbytes, rtn_quantize
+
+WIDTHS = SUPPORTED_BITS  # candidate widths of the LP, (2, 3, 4, 8)
+OTHER_BITS = (2, 3, 4, 8, 16)
+MAX_CODE_CACHE_BYTES = 8 * 1024**3
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+_ELT = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def scale_dtype_of(ckpt: Checkpoint) -> torch.dtype:
+    """Scales are stored in the model's dtype (so transformers dequantizes into that dtype); bf16 if unknown."""
+    dt = getattr(ckpt.config, "dtype", None) or getattr(ckpt.config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if dt in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+
+
+class Layout:
+    """Which checkpoint keys are routed experts, which other weights get --other-bits, which stay as they are."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        fam = ckpt.family
+        self.fam = fam
+        self.moe = list(ckpt.moe_layers)
+        self.E = ckpt.num_experts
+        self.info = ckpt.tensor_info()
+        self.routed: dict[str, tuple[int, int, int]] = {}  # key -> (layer, expert, proj)
+        for l in self.moe:
+            for e in range(self.E):
+                for proj in range(3):
+                    k = fam.expert_key(l, e, proj)
+                    if k not in self.info:
+                        raise UserError(f"{k} is missing: moecompress quantize needs the hub per-expert layout")
+                    self.routed[k] = (l, e, proj)
+        k0 = fam.expert_key(self.moe[0], 0, 0)
+        self.I, self.H = self.info[k0]["shape"]
+        routed_pats = [fam.routed_key_pattern(l) for l in self.moe]
+        self.other: list[str] = []
+        for k, v in self.info.items():
+            if k in self.routed or not k.endswith(".weight") or len(v["shape"]) != 2:
+                continue
+            if not k.startswith("model.layers."):
+                continue  # embeddings, lm_head
+            if any(p.match(k) for p in routed_pats):
+                continue  # router
+            if fam.shared_gate and f".{fam.shared_gate}." in k:
+                continue
+            self.other.append(k)
+
+    def expert_bytes(self, bits: float, scale_bytes: int) -> float:
+        """Bytes of one routed expert (3 projections) at ``bits`` (fractional: payload bits x params)."""
+        g_h = g_i = expert_group_size(self.H, self.I)
+        if bits in WIDTHS:
+            return 2 * quantized_nbytes(self.I, self.H, int(bits), g_h, scale_bytes) + quantized_nbytes(
+                self.H, self.I, int(bits), g_i, scale_bytes
+            )
+        payload = 3 * self.I * self.H * bits / 8
+        scales = (2 * self.I * (self.H // g_h) + self.H * (self.I // g_i)) * scale_bytes
+        return payload + scales + 3 * 16
+
+    def fixed_bytes(self, other_bits: int, scale_bytes: int) -> int:
+        """Bytes of everything but the routed experts in the output."""
+        total = 0
+        for k, v in self.info.items():
+            if k in self.routed:
+                continue
+            if k in self.other and other_bits < 16:
+                r, c = v["shape"]
+                total += quantized_nbytes(r, c, other_bits, group_size_for(c), scale_bytes)
+            else:
+                total += _numel(v["shape"]) * _ELT.get(v["dtype"], 4)
+        return total
+
+
+def _validate(bits: float | None, budget_gb: float | None, plan: str, method: str, granularity: str, other_bits: int):
+    if (bits is None) == (budget_gb is None):
+        raise UserError("give exactly one of --bits B (average bits per routed-expert weight) or --budget-gb G")
+    if plan not in ("lp", "uniform"):
+        raise UserError(f"--plan {plan!r} is not one of lp, uniform")
+    if method not in ("gptq", "rtn"):
+        raise UserError(f"--method {method!r} is not one of gptq, rtn")
+    if granularity not in ("layer", "expert"):
+        raise UserError(f"--granularity {granularity!r} is not one of layer, expert")
+    if other_bits not in OTHER_BITS:
+        raise UserError(f"--other-bits {other_bits} is not one of {', '.join(map(str, OTHER_BITS))}")
+    if plan == "uniform":
+        if bits is None:
+            raise UserError("--plan uniform needs --bits (one of 2, 3, 4, 8), not --budget-gb")
+        if bits not in WIDTHS:
+            raise UserError(f"--plan uniform supports --bits 2, 3, 4 or 8, got {bits:g}: use --plan lp for {bits:g}")
+    if bits is not None and not 2 <= bits <= 8:
+        raise UserError(f"--bits {bits:g} is outside 2..8 (the supported widths are 2, 3, 4, 8)")
+    if budget_gb is not None and budget_gb <= 0:
+        raise UserError(f"--budget-gb {budget_gb:g} must be positive")
+
+
+def _importance(lay: Layout, prof: Any, mode: str) -> np.ndarray:
+    """[L_moe, E] importance; super experts from the profile get x100."""
+    imp = np.ones((len(lay.moe), lay.E))
+    if prof is None:
+        if mode != "uniform":
+            raise UserError(f"--importance {mode} needs --profile RUN_DIR (a `moecompress profile` folder)")
+        return imp
+    for i, l in enumerate(lay.moe):
+        if mode == "mass":
+            imp[i] = prof.layer(l, "routing_mass").double().numpy() * lay.E
+        elif mode == "reap":
+            r = prof.layer(l, "reap").double().numpy()
+            imp[i] = r / max(r.mean(), 1e-30)
+        elif mode != "uniform":
+            raise UserError(f"--importance {mode!r} is not one of uniform, mass, reap")
+    for l, e in prof.super_experts:
+        if l in lay.moe:
+            imp[lay.moe.index(l), e] *= 100.0
+    return imp
+
+
+@torch.no_grad()
+def measure(
+    ckpt: Checkpoint,
+    lay: Layout,
+    input_ids: torch.Tensor | None,
+    widths: tuple[int, ...],
+    method: str,
+    min_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    scale_dtype: torch.dtype,
+) -> dict[str, Any]:
+    """Quantize every routed expert at every width in ``widths``; with calibration ids, also GPTQ Hessians and
+    err[l, e, b]. Returns codes per (layer, width), errors [L, E, B] (or None), token counts and methods used."""
+    from .stats import routed_forward
+    from .stream import LayerStream
+
+    L, E = len(lay.moe), lay.E
+    codes: dict[tuple[int, int], QuantizedExperts] = {}
+    used: dict[int, list[str]] = {}
+    counts = np.zeros((L, E), dtype=np.int64)
+    err = np.zeros((L, E, len(widths))) if input_ids is not None else None
+    wdtype = _DTYPES.get(lay.info[next(iter(lay.routed))]["dtype"], torch.float32)
+    if input_ids is None:  # RTN needs no data
+        with progress_bar() as bar:
+            task = bar.add_task("quantize: rtn", total=L)
+            for l in lay.moe:
+                w = ckpt.moe_weights(l)
+                gu, dn = torch.cat([w.gate, w.up], dim=1), w.down  # [E, 2I, H], [E, H, I]
+                for b in widths:
+                    codes[(l, b)], used[l] = quantize_layer_experts(gu, dn, b, "rtn", None, 0, scale_dtype)
+                bar.advance(task)
+        return {"codes": codes, "err": None, "counts": None, "used": used}
+    fam = ckpt.family
+    stream = LayerStream(ckpt, input_ids, batch_size=batch_size, device=device)
+    n_layers = len(stream.decoder_layers)
+    moe = set(lay.moe)
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("quantize: calibrate", total=n_layers)
+            stream.capture()
+            for l, layer in stream.layers():
+                bar.update(task, description=f"quantize: layer {l + 1}/{n_layers}")
+                if l not in moe:
+                    for i in range(len(stream.cache)):
+                        stream.cache[i] = stream.run_layer(layer, i)
+                    bar.advance(task)
+                    continue
+                experts = getattr(stream.moe_block(layer), fam.experts)
+                cap = LayerCapture(E, experts.down_proj.shape[1], experts.down_proj.shape[2])
+
+                def fwd(hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, _cap=cap, _ex=experts) -> Any:
+                    _cap.add_batch(hidden, idx, w)
+                    return routed_forward(_ex.gate_up_proj, _ex.down_proj, _ex.act_fn, hidden, idx, w, _cap.observer())
+
+                experts.forward = fwd
+                try:
+                    for i in range(len(stream.cache)):
+                        stream.cache[i] = stream.run_layer(layer, i)
+                finally:
+                    del experts.forward
+                gu = experts.gate_up_proj.detach().float().cpu()
+                dn = experts.down_proj.detach().float().cpu()
+                li = lay.moe.index(l)
+                counts[li] = cap.counts.numpy()
+                qs = []
+                for b in widths:
+                    codes[(l, b)], used[l] = quantize_layer_experts(gu, dn, b, method, cap, min_tokens, scale_dtype)
+                    qs.append(codes[(l, b)])
+                err[li] = expert_errors(gu, dn, experts.act_fn, cap, qs, wdtype).numpy()
+                bar.advance(task)
+    finally:
+        stream.close()
+    return {"codes": codes, "err": err, "counts": counts, "used": used}
+
+
+def make_plan(
+    lay: Layout,
+    meas: dict[str, Any],
+    widths: tuple[int, ...],
+    plan: str,
+    bits: float | None,
+    budget_gb: float | None,
+    granularity: str,
+    other_bits: int,
+    scale_bytes: int,
+    importance: np.ndarray,
+    min_tokens: int,
+) -> dict[str, Any]:
+    """The bit plan (as written to bit_plan.json): a width per routed expert, predicted cost and bytes."""
+    L, E = len(lay.moe), lay.E
+    per_width = np.array([lay.expert_bytes(b, scale_bytes) for b in widths])  # [B]
+    nbytes = np.tile(per_width, (L * E, 1))  # [N, B]
+    fixed = lay.fixed_bytes(other_bits, scale_bytes)
+    if bits is not None:
+        budget = L * E * lay.expert_bytes(bits, scale_bytes)
+    else:
+        budget = budget_gb * 1e9 - fixed
+        smallest = fixed + nbytes.min(axis=1).sum()
+        if budget < nbytes.min(axis=1).sum():
+            raise UserError(
+                f"--budget-gb {budget_gb:g} is below the smallest possible model ({smallest / 1e9:.4f} GB with every "
+                f"routed expert at {min(widths)} bits and other weights at --other-bits {other_bits}): raise it"
+            )
+    err = meas["err"]
+    counts = meas["counts"]
+    costs = None
+    flagged: list[list[int]] = []
+    if err is not None:
+        e2 = err.copy()  # [L, E, B]
+        for li in range(L):
+            low = counts[li] < min_tokens
+            flagged += [[lay.moe[li], int(e)] for e in np.where(low)[0]]
+            if low.any() and (~low).any():  # unreliable measurement: use the layer's median measured error
+                e2[li, low] = np.median(e2[li, ~low], axis=0)
+        costs = (importance[:, :, None] * e2).reshape(L * E, len(widths))
+    solver = None
+    if plan == "uniform":
+        choice = np.full(L * E, widths.index(int(bits)))
+    else:
+        if costs is None:
+            raise UserError("--plan lp needs calibration data to measure errors")
+        groups = np.repeat(np.arange(L), E) if granularity == "layer" else None
+        res = allocate_bits_detailed(costs, nbytes, budget, groups)
+        choice = res.choice
+        solver = {"name": res.solver, "status": res.status, "solve_s": round(res.solve_s, 3), **res.info}
+    chosen_bits = np.array(widths)[choice].reshape(L, E)
+    layers = {}
+    for li, l in enumerate(lay.moe):
+        rows = []
+        for e in range(E):
+            n = li * E + e
+            rows.append(
+                {
+                    "expert": e,
+                    "bits": int(chosen_bits[li, e]),
+                    "bytes": int(nbytes[n, choice[n]]),
+                    "predicted_cost": None if costs is None else float(costs[n, choice[n]]),
+                    "err": None if err is None else {str(b): float(err[li, e, j]) for j, b in enumerate(widths)},
+                    "tokens": None if counts is None else int(counts[li, e]),
+                    "method": meas["used"][l][e] if (l, int(chosen_bits[li, e])) in meas["codes"] else None,
+                    "importance": float(importance[li, e]),
+                }
+            )
+        layers[str(l)] = {"bits": sorted({r["bits"] for r in rows}), "experts": rows}
+    routed_bytes = int(nbytes[np.arange(L * E), choice].sum())
+    n_params = L * E * 3 * lay.I * lay.H
+    return {
+        "plan": plan,
+        "granularity": granularity if plan == "lp" else "layer",
+        "widths": list(widths),
+        "target_bits": bits,
+        "budget_gb": budget_gb,
+        "budget_bytes_routed": float(budget),
+        "routed_bytes": routed_bytes,
+        "fixed_bytes": int(fixed),
+        "total_bytes": int(fixed + routed_bytes),
+        "average_bits_routed": float((chosen_bits.sum() * 3 * lay.I * lay.H) / n_params),
+        "predicted_cost": None if costs is None else float(costs[np.arange(L * E), choice].sum()),
+        "other_bits": other_bits,
+        "few_token_experts": flagged,
+        "few_token_rule": f"fewer than {min_tokens} routed calibration tokens: RTN instead of GPTQ, and the layer's "
+        "median measured error is used as its cost",
+        "solver": solver,
+        "width_counts": {str(b): int((chosen_bits == b).sum()) for b in widths},
+        "layers": layers,
+    }
+
+
+def _tensors(ckpt: Checkpoint, lay: Layout, codes: dict, plan: dict, other_bits: int, scale_dtype: torch.dtype):
+    """(key, tensor) pairs of the output checkpoint, in the input's key order."""
+    bits_of = {(int(l), r["expert"]): r["bits"] for l, d in plan["layers"].items() for r in d["experts"]}
+    I = lay.I
+    for key in ckpt.keys():
+        if key in lay.routed:
+            l, e, proj = lay.routed[key]
+            qe: QuantizedExperts = codes[(l, bits_of[(l, e)])]
+            if proj == 2:
+                q, s = qe.down_q[e], qe.down_s[e]
+            else:
+                sl = slice(0, I) if proj == 0 else slice(I, 2 * I)
+                q, s = qe.gate_up_q[e, sl], qe.gate_up_s[e, sl]
+            base = key[: -len(".weight")]
+            yield base + ".weight_packed", pack_int32(q.contiguous(), qe.bits)
+            yield base + ".weight_scale", s.contiguous()
+            yield base + ".weight_shape", torch.tensor(list(q.shape), dtype=torch.int64)
+        elif key in lay.other and other_bits < 16:
+            w = ckpt.get(key)
+            q, s = rtn_quantize(w, other_bits, group_size_for(w.shape[-1]), scale_dtype)
+            base = key[: -len(".weight")]
+            yield base + ".weight_packed", pack_int32(q, other_bits)
+            yield base + ".weight_scale", s
+            yield base + ".weight_shape", torch.tensor(list(w.shape), dtype=torch.int64)
+        else:
+            yield key, ckpt.get(key)
+
+
+def _qconfig(lay: Layout, plan: dict, other_bits: int) -> dict[str, Any]:
+    fam = lay.fam
+    g_h = g_i = expert_group_size(lay.H, lay.I)
+    names = fam.expert_names
+    modules: dict[str, tuple[int, int]] = {}
+    extra: dict[tuple[int, int], list[str]] = {}
+    all_bits = {r["bits"] for d in plan["layers"].values() for r in d["experts"]}
+    if len(all_bits) == 1:  # uniform: generic targets, one scheme for all routed experts (what vLLM expects)
+        b = all_bits.pop()
+        blk = re.escape(f".{fam.experts}.")
+        gu = f"re:.*{blk}\\d+\\.(?:{re.escape(names[0])}|{re.escape(names[1])})$"
+        dn = f"re:.*{blk}\\d+\\.{re.escape(names[2])}$"
+        if g_h == g_i:
+            extra[(b, g_h)] = [f"re:.*{blk}\\d+\\.(?:{'|'.join(re.escape(n) for n in names)})$"]
+        else:
+            extra[(b, g_h)] = [gu]
+            extra.setdefault((b, g_i), []).append(dn)
+    else:
+        for key, (l, e, proj) in lay.routed.items():
+            b = next(r["bits"] for r in plan["layers"][str(l)]["experts"] if r["expert"] == e)
+            modules[key[: -len(".weight")]] = (b, g_i if proj == 2 else g_h)
+    if other_bits < 16:
+        for key in lay.other:
+            c = lay.info[key]["shape"][1]
+            modules[key[: -len(".weight")]] = (other_bits, group_size_for(c))
+    ignore = ["lm_head", f"re:.*\\.{re.escape(fam.router)}$"]
+    if fam.shared_gate:
+        ignore.append(f"re:.*\\.{re.escape(fam.shared_gate)}$")
+    return quantization_config(modules, ignore, fam.experts, extra)
+
+
+def run_quantize(
+    model: str | Path | None,
+    output: str | Path,
+    bits: float | None = None,
+    budget_gb: float | None = None,
+    plan: str = "lp",
+    method: str = "gptq",
+    granularity: str = "layer",
+    other_bits: int = 8,
+    plan_only: bool = False,
+    profile: str | Path | None = None,
+    importance: str = "uniform",
+    calib: str = "mixed",
+    samples: int = 32,
+    seq_len: int = 256,
+    seed: int = 0,
+    batch_size: int = 8,
+    min_tokens: int = 32,
+    device: torch.device | None = None,
+    overwrite: bool = False,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Quantize a model's routed experts (and other linears at ``other_bits``); returns the bit plan.
+
+    Writes OUTPUT as a compressed-tensors pack-quantized folder with bit_plan.json and moecompress.json, or only
+    OUTPUT/bit_plan.json when ``plan_only``. Refusals (nothing written) raise UserError.
+    """
+    from .data import calibration_set, check_seq_len
+    from .profile import Profile, load_tokenizer
+    from .writer import atomic_dir, check_output, write_checkpoint
+
+    t0 = time.time()
+    _validate(bits, budget_gb, plan, method, granularity, other_bits)
+    ckpt = Checkpoint(model)
+    out = check_output(output, ckpt.path, overwrite)
+    lay = Layout(ckpt)
+    prof = None
+    if profile is not None:
+        prof = Profile.load(profile)
+        prof.check_model(ckpt)
+    imp = _importance(lay, prof, importance)
+    scale_dtype = scale_dtype_of(ckpt)
+    sb = torch.tensor([], dtype=scale_dtype).element_size()
+    widths = WIDTHS if plan == "lp" else (int(bits),)
+    if budget_gb is not None:  # refuse impossible budgets before any work
+        fixed = lay.fixed_bytes(other_bits, sb)
+        smallest = fixed + len(lay.moe) * lay.E * lay.expert_bytes(min(WIDTHS), sb)
+        if budget_gb * 1e9 < smallest:
+            raise UserError(
+                f"--budget-gb {budget_gb:g} is below the smallest possible model ({smallest / 1e9:.4f} GB with every "
+                f"routed expert at {min(WIDTHS)} bits and other weights at --other-bits {other_bits}): raise it"
+            )
+    cache = len(lay.moe) * lay.E * 3 * lay.I * lay.H * len(widths)
+    if cache > MAX_CODE_CACHE_BYTES:
+        raise UserError(
+            f"holding {len(widths)} candidate widths of every expert needs {cache / 1e9:.1f} GB of memory: "
+            "use --plan uniform (one width) on a model this large"
+        )
+    need_data = plan == "lp" or method == "gptq"
+    tokens = None
+    if need_data:
+        check_seq_len(seq_len, ckpt.config)
+        tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
+    meas = measure(
+        ckpt,
+        lay,
+        tokens.input_ids if tokens is not None else None,
+        widths,
+        method,
+        min_tokens,
+        batch_size,
+        device or torch.device("cpu"),
+        scale_dtype,
+    )
+    bit_plan = make_plan(lay, meas, widths, plan, bits, budget_gb, granularity, other_bits, sb, imp, min_tokens)
+    bit_plan.update(
+        method=method,
+        importance=importance,
+        calibration=tokens.describe() if tokens is not None else None,
+        source_model=str(ckpt.path),
+        source_fingerprint=ckpt.fingerprint,
+    )
+    console.print(
+        f"bit plan: {bit_plan['width_counts']} experts per width, average {bit_plan['average_bits_routed']:.3f} "
+        f"bits, {bit_plan['total_bytes'] / 1e6:.2f} MB predicted"
+        + (f", cost {bit_plan['predicted_cost']:.4g}" if bit_plan["predicted_cost"] is not None else "")
+    )
+    if plan_only:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            (tmp / "bit_plan.json").write_text(json.dumps(bit_plan, indent=1) + "\n")
+        return bit_plan
+    uniform = len({r["bits"] for d in bit_plan["layers"].values() for r in d["experts"]}) == 1
+    config = ckpt.config.to_dict()
+    config["quantization_config"] = _qconfig(lay, bit_plan, other_bits)
+    warnings = []
+    if bit_plan["few_token_experts"]:
+        warnings.append(
+            f"{len(bit_plan['few_token_experts'])} experts had fewer than {min_tokens} routed calibration tokens: "
+            "RTN instead of GPTQ (see bit_plan.json few_token_experts)"
+        )
+    if not uniform:
+        warnings.append("mixed widths: load exactly with moecompress.load (transformers/vLLM need one width)")
+    manifest = {
+        "command": command or "moecompress quantize",
+        "layout": "quantized",
+        "format": "compressed-tensors/pack-quantized",
+        "servable": uniform or bit_plan["granularity"] == "layer",
+        "source_model": str(ckpt.path),
+        "source_fingerprint": ckpt.fingerprint,
+        "method": method,
+        "plan": plan,
+        "bits": bits,
+        "budget_gb": budget_gb,
+        "other_bits": other_bits,
+        "params_before": ckpt.num_params,
+        "params_after": ckpt.num_params,
+        "bytes_before": ckpt.bytes_on_disk,
+        "bytes_after": bit_plan["total_bytes"],
+        "warnings": warnings,
+        "protected": [list(x) for x in (prof.super_experts if prof is not None else [])],
+        "calibration_fingerprint": tokens.fingerprint if tokens is not None else None,
+        "layers": {l: {"bits": d["bits"]} for l, d in bit_plan["layers"].items()},
+    }
+    manifest["elapsed_s"] = round(time.time() - t0, 2)
+    write_checkpoint(
+        out,
+        _tensors(ckpt, lay, meas["codes"], bit_plan, other_bits, scale_dtype),
+        config,
+        ckpt.side_files(),
+        manifest,
+        overwrite=overwrite,
+        extra_json={"bit_plan.json": bit_plan},
+    )
+    return bit_plan

@@ -1,0 +1,139 @@
+"""`moecompress quantize` end to end on tiny models: plans, refusals, the checkpoint format and both loaders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny
+from transformers import AutoModelForCausalLM
+
+from moecompress.errors import UserError
+from moecompress.quant.layer import LayerCapture, expert_errors, expert_group_size, quantize_layer_experts
+from moecompress.quant.load import load_quantized
+from moecompress.quantize import run_quantize
+
+KW = dict(samples=4, seq_len=32, batch_size=4, min_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory, tokenizer_dir):
+    return build_tiny("qwen3_moe", tmp_path_factory.mktemp("m") / "qwen3", tokenizer_dir)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_uniform_loads_in_transformers_and_moecompress_identically(qwen, tmp_path, bits):
+    out = tmp_path / "q"
+    plan = run_quantize(qwen, out, bits=bits, plan="uniform", method="rtn", other_bits=8, **KW)
+    assert plan["width_counts"][str(bits)] == sum(len(d["experts"]) for d in plan["layers"].values())
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and cfg["quantization_status"] == "compressed"
+    assert "lm_head" in cfg["ignore"] and any("gate" in p for p in cfg["ignore"])
+    man = json.loads((out / "moecompress.json").read_text())
+    assert man["layout"] == "quantized" and man["bytes_after"] == plan["total_bytes"]
+    idx = json.loads((out / "model.safetensors.index.json").read_text())
+    assert idx["metadata"]["total_size"] == plan["total_bytes"]  # predicted bytes are the real tensor bytes
+    assert "model.layers.0.mlp.experts.3.down_proj.weight_packed" in idx["weight_map"]
+    assert "model.layers.0.mlp.gate.weight" in idx["weight_map"]  # router untouched
+    ours = load_quantized(out)
+    theirs = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager")
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(ours, ids), _logits(theirs, ids))
+    base = AutoModelForCausalLM.from_pretrained(qwen, experts_implementation="eager")
+    d = (ours.model.layers[0].mlp.experts.gate_up_proj - base.model.layers[0].mlp.experts.gate_up_proj).abs()
+    assert 0 < d.max() < 0.1  # quantized, not garbage
+
+
+def test_lp_expert_granularity_meets_budget_and_loads_exactly(qwen, tmp_path):
+    out = tmp_path / "lp"
+    plan = run_quantize(qwen, out, bits=3.0, plan="lp", method="gptq", granularity="expert", other_bits=16, **KW)
+    assert plan["routed_bytes"] <= plan["budget_bytes_routed"]
+    assert plan["solver"]["status"] == "Optimal"
+    # the LP never predicts a worse total error than the uniform 3-bit plan of the same bytes
+    uni = sum(r["err"]["3"] * r["importance"] for d in plan["layers"].values() for r in d["experts"])
+    assert plan["predicted_cost"] <= uni + 1e-12
+    bits = {r["bits"] for d in plan["layers"].values() for r in d["experts"]}
+    assert len(bits) > 1  # a real mixed plan on random weights
+    saved = json.loads((out / "bit_plan.json").read_text())
+    assert saved["layers"] == json.loads(json.dumps(plan["layers"]))
+    m = load_quantized(out)
+    base = AutoModelForCausalLM.from_pretrained(qwen, experts_implementation="eager")
+    # attention kept at 16 bits: identical to the base model
+    assert torch.equal(m.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    # every expert's loaded weights take at most 2^bits values per group (H=32, I=24: one group size, gcd 8)
+    g = expert_group_size(32, 24)
+    assert g == 8
+    for l, d in plan["layers"].items():
+        gu = m.model.layers[int(l)].mlp.experts.gate_up_proj  # [E, 2I, H]
+        for r in d["experts"]:
+            groups = gu[r["expert"]].reshape(-1, g)  # [2I * H / g, g]
+            levels = max(len(torch.unique(row)) for row in groups)
+            assert levels <= 2 ** r["bits"]
+
+
+def test_layer_granularity_ties_widths_and_plan_only_writes_only_the_plan(qwen, tmp_path):
+    out = tmp_path / "plan"
+    plan = run_quantize(qwen, out, bits=2.5, method="rtn", granularity="layer", plan_only=True, **KW)
+    for d in plan["layers"].values():
+        assert len(d["bits"]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["bit_plan.json"]
+    assert plan["average_bits_routed"] <= 2.5 + 1e-9
+
+
+def test_refusals_write_nothing(qwen, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(UserError, match="supports --bits 2, 3, 4 or 8"):
+        run_quantize(qwen, out, bits=5, plan="uniform", **KW)
+    with pytest.raises(UserError, match="outside 2..8"):
+        run_quantize(qwen, out, bits=1.5, **KW)
+    with pytest.raises(UserError, match="below the smallest possible model"):
+        run_quantize(qwen, out, budget_gb=1e-6, method="rtn", **KW)
+    with pytest.raises(UserError, match="exactly one of"):
+        run_quantize(qwen, out, **KW)
+    with pytest.raises(UserError, match="other-bits"):
+        run_quantize(qwen, out, bits=4, other_bits=5, **KW)
+    assert not out.exists()
+
+
+def test_measured_error_equals_block_output_error(qwen):
+    """err[e, b] is exactly the MoE-block output MSE with only expert e quantized (through the real block)."""
+    model = AutoModelForCausalLM.from_pretrained(qwen, experts_implementation="eager")
+    block = model.model.layers[1].mlp
+    experts = block.experts
+    x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(1))
+    E, H, I = experts.down_proj.shape
+    cap = LayerCapture(E, H, I)
+    from moecompress.stats import routed_forward
+
+    def fwd(hidden, idx, w):
+        cap.add_batch(hidden, idx, w)
+        return routed_forward(experts.gate_up_proj, experts.down_proj, experts.act_fn, hidden, idx, w, cap.observer())
+
+    experts.forward = fwd
+    with torch.no_grad():
+        ref = block(x)
+    del experts.forward
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    gu, dn = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
+    q, used = quantize_layer_experts(gu, dn, 2, "gptq", cap, 4, torch.float32)
+    err = expert_errors(gu, dn, experts.act_fn, cap, [q], torch.float32)  # [E, 1]
+    gq, dq = q.dequantized(torch.float32)
+    for e in range(E):
+        with torch.no_grad():
+            experts.gate_up_proj[e] = gq[e]
+            experts.down_proj[e] = dq[e]
+            out = block(x)
+            out = out[0] if isinstance(out, tuple) else out
+            experts.gate_up_proj[e] = gu[e]
+            experts.down_proj[e] = dn[e]
+        direct = (out - ref).double().pow(2).sum().item() / 64
+        assert err[e, 0].item() == pytest.approx(direct, rel=1e-4, abs=1e-12)
+    assert int(cap.counts.sum()) == 64 * 2  # top-2
+    assert np.all(err.numpy() >= 0) and used.count("gptq") + sum(u.startswith("rtn") for u in used) == E
