@@ -29,6 +29,7 @@ from . import __version__
 from .adapters import MoEWeights
 from .checkpoint import Checkpoint
 from .errors import UserError
+from .merge.align import align_cluster
 from .merge.cluster import agglomerative_cluster, check_merge_target, kmeans_cluster, labels_to_clusters
 from .merge.cluster import n_clusters_for as n_clusters_for
 from .merge.router import fit_router_rows, merged_router_rows
@@ -52,10 +53,16 @@ class MergeOptions:
     router: str = "fit"
     similarity: str = "output"
     protect_super: bool = True
+    align: bool | None = None  # neuron alignment before merging; None: on for subspace, off for average (HC-SMoE)
+    align_tokens: int = 2048
     sim_tokens: int = 512
     fit_tokens: int = 8192
     kl_steps: int = 20
     seed: int = 0
+
+    @property
+    def aligned(self) -> bool:
+        return self.method == "subspace" if self.align is None else self.align
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -142,6 +149,7 @@ def merge_layer(
         labels[idx] = local + g * Kg
     clusters = labels_to_clusters(labels)
 
+    align_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.align_tokens]]  # [Ta, H]
     gate, up, down, ranks = [], [], [], []
     for members in clusters:
         f = freqs[members]
@@ -152,8 +160,10 @@ def merge_layer(
             ranks.append(None)
             continue
         r: dict[str, int | None] = {}
-        for name, t, dst in (("gate", w.gate, gate), ("up", w.up, up), ("down", w.down, down)):
-            m = t[members]  # [n, out, in]
+        mg, mu, md = w.gate[members], w.up[members], w.down[members]  # [n, I, H], [n, I, H], [n, H, I]
+        if opts.aligned:
+            mg, mu, md = align_cluster(align_x, mg, mu, md, ref=int(f.argmax()))
+        for name, m, dst in (("gate", mg, gate), ("up", mu, up), ("down", md, down)):
             if opts.method == "average":
                 dst.append(merge_average(m, f))
                 r[name] = None
@@ -307,6 +317,7 @@ def merge_model(
         "router_rebuild": "ridge least squares to log-sum-exp of member logits, then LBFGS on KL"
         if opts.router == "fit"
         else "frequency-weighted average of member rows",
+        "neuron_alignment": opts.aligned,
         "propagation": "every layer is calibrated on the original (unmerged) model's activations",
         "params_before": ckpt.num_params,
         "params_after": expected_size(ckpt, K, "params"),

@@ -1,0 +1,216 @@
+"""Benchmark expert merging against REAP expert pruning at the same expert count.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/merge_bench.py            # built-in model, ratios 0.25 and 0.5
+
+For each ratio: subspace merge (k-means on output similarity, Sub-MoE SVD merge at several rank fractions),
+HC-SMoE-style average merge (hierarchical clustering + frequency-weighted average), the subspace merge with the
+plain averaged router (to measure the router fit), and REAP pruning (drop the lowest-saliency experts) with the
+same writer. Every variant has the same expert count per layer. Metrics vs the base model: KL(base || model) and
+top-1 agreement on held-out windows, per-domain perplexity, and greedy-generation match (token-wise and prefix).
+Writes reports/merge_bench.json and reports/merge_bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("MOECOMPRESS_QUIET", "1")
+
+from moecompress.checkpoint import Checkpoint, resolve_model  # noqa: E402
+from moecompress.data import eval_set  # noqa: E402
+from moecompress.evaluate import evaluate  # noqa: E402
+from moecompress.loading import load  # noqa: E402
+from moecompress.merge.cluster import n_clusters_for  # noqa: E402
+from moecompress.merging import MergeOptions, merge_model  # noqa: E402
+from moecompress.profile import Profile, load_tokenizer, run_profile  # noqa: E402
+from moecompress.writer import dir_bytes, write_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def reap_prune(model: Path, profile: Profile, ratio: float, out: Path) -> dict[str, Any]:
+    """REAP expert pruning (DESIGN 5): per layer keep the K highest-saliency experts (super experts kept)."""
+    ckpt = Checkpoint(model)
+    fam, E = ckpt.family, ckpt.num_experts
+    K = n_clusters_for(E, ratio)
+    supers = set(profile.super_experts)
+    kept: dict[str, list[int]] = {}
+
+    def tensors():
+        moe = set(ckpt.moe_layers)
+        for k in ckpt.keys():
+            l = int(k.split(".")[2]) if k.startswith("model.layers.") else None
+            if l is None or l not in moe or not fam.routed_key_pattern(l).match(k):
+                yield k, ckpt.get(k)
+        for l in ckpt.moe_layers:
+            score = profile.layer(l, "reap").clone().double()  # [E]
+            for sl, se in supers:
+                if sl == l:
+                    score[se] = float("inf")
+            keep = sorted(score.argsort(descending=True)[:K].tolist())
+            kept[str(l)] = keep
+            yield from fam.write_layer(ckpt.moe_weights(l).select(keep), l).items()
+
+    cfg = json.loads((ckpt.path / "config.json").read_text())
+    cfg.update(fam.expert_count_updates(K))
+    manifest = {"command": "bench-reap-prune", "layout": "uniform", "ratio": ratio, "kept": kept}
+    write_checkpoint(out, tensors(), cfg, ckpt.side_files(), manifest, overwrite=True)
+    return manifest
+
+
+@torch.no_grad()
+def greedy(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy continuation [N, new_tokens] of equal-length prompts [N, P] (no EOS stop, full re-forward)."""
+    ids = prompts
+    for _ in range(new_tokens):
+        nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)  # [N, 1]
+        ids = torch.cat([ids, nxt], dim=1)
+    return ids[:, prompts.shape[1] :]
+
+
+def generation_match(base_gen: torch.Tensor, gen: torch.Tensor) -> tuple[float, float]:
+    """(token-wise match rate, mean common-prefix fraction) of greedy continuations [N, G]."""
+    same = (base_gen == gen).float()  # [N, G]
+    prefix = same.cumprod(dim=1).sum(dim=1) / gen.shape[1]  # [N]
+    return float(same.mean()), float(prefix.mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder (default: the built-in model)")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    ap.add_argument("--rank-fractions", type=float, nargs="+", default=[1.0, 0.75, 0.5])
+    ap.add_argument("--samples", type=int, default=64, help="calibration windows (profile and merge)")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--max-windows", type=int, default=16, help="eval windows per domain")
+    ap.add_argument("--gen-prompts", type=int, default=4, help="greedy prompts per domain")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--work", default="/tmp/moecompress-merge-bench")
+    ap.add_argument("--report", default=str(ROOT / "reports" / "merge_bench"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    t_start = time.time()
+    base = resolve_model(args.model)
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    t0 = time.time()
+    prof = run_profile(base, work / "profile", "mixed", args.samples, args.seq_len, 0, 8, torch.device("cpu"), 256)
+    profile_s = time.time() - t0
+    print(f"profile: {profile_s:.1f}s, super experts {prof.super_experts}", flush=True)
+
+    # Greedy prompts: the first tokens of held-out windows, gen_prompts per domain.
+    tok = load_tokenizer(base)
+    ev = eval_set(tok, "mixed", args.prompt_len, None)
+    rows = [i for d in ev.domain_names for i in [j for j, x in enumerate(ev.domains) if x == d][: args.gen_prompts]]
+    prompts = ev.input_ids[rows]  # [N, P]
+    base_model = load(base, "cpu")
+    base_gen = greedy(base_model, prompts, args.gen_tokens)
+    del base_model
+
+    def measure(name: str, path: Path, ratio: float | None, extra: dict[str, Any]) -> dict[str, Any]:
+        t = time.time()
+        res = evaluate(path, base, "mixed", args.seq_len, 8, torch.device("cpu"), args.max_windows)
+        m = load(path, "cpu")
+        tok_match, prefix = generation_match(base_gen, greedy(m, prompts, args.gen_tokens))
+        row = {
+            "variant": name,
+            "ratio": ratio,
+            "experts": Checkpoint(path).num_experts,
+            "kl_to_base": res["kl_to_base"],
+            "top1_agreement": res["top1_agreement"],
+            "perplexity": res["perplexity"],
+            "gen_token_match": tok_match,
+            "gen_prefix_match": prefix,
+            "bytes": dir_bytes(path),
+            "params": res["params"],
+            "eval_s": round(time.time() - t, 1),
+            **extra,
+        }
+        print(
+            f"{name:28s} E={row['experts']:3d} KL={row['kl_to_base']:.4f} top1={row['top1_agreement']:.4f} "
+            f"ppl={row['perplexity']['all']:.2f} gen={tok_match:.3f}/{prefix:.3f} bytes={row['bytes']:,}",
+            flush=True,
+        )
+        return row
+
+    results = [measure("base", base, None, {"build_s": 0.0})]
+    for ratio in args.ratios:
+        variants: list[tuple[str, MergeOptions]] = []
+        for rf in args.rank_fractions:
+            variants.append((f"subspace r={rf:g}", MergeOptions(ratio=ratio, rank_fraction=None if rf == 1 else rf)))
+        variants.append(("subspace r=1 router=avg", MergeOptions(ratio=ratio, router="average")))
+        variants.append(("average (HC-SMoE)", MergeOptions(ratio=ratio, method="average")))
+        for name, opts in variants:
+            out = work / f"{name.replace(' ', '_').replace('=', '').replace('(', '').replace(')', '')}-{ratio}"
+            t = time.time()
+            man = merge_model(base, out, opts, work / "profile", "mixed", args.samples, args.seq_len, 8, "cpu",
+                              overwrite=True, progress=False)  # fmt: skip
+            sims = [v["mean_within_cluster_similarity"] for v in man["layers"].values()]
+            extra = {
+                "build_s": round(time.time() - t, 1),
+                "mean_within_cluster_similarity": round(sum(s for s in sims if s is not None) / len(sims), 4),
+                "max_cluster_size": max(max(v["cluster_sizes"]) for v in man["layers"].values()),
+            }
+            results.append(measure(name, out, ratio, extra))
+        out = work / f"reap-{ratio}"
+        t = time.time()
+        reap_prune(base, prof, ratio, out)
+        results.append(measure("REAP prune", out, ratio, {"build_s": round(time.time() - t, 1)}))
+
+    doms = [d for d in results[0]["perplexity"] if d != "all"]
+    report = {
+        "command": " ".join(["OMP_NUM_THREADS=1 .venv/bin/python bench/merge_bench.py", *sys.argv[1:]]),
+        "model": str(base),
+        "model_fingerprint": Checkpoint(base).fingerprint,
+        "settings": vars(args),
+        "profile_s": round(profile_s, 1),
+        "total_s": round(time.time() - t_start, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "results": results,
+    }
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.report + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    base_bytes = results[0]["bytes"]
+    lines = [
+        "# Expert merging vs REAP pruning",
+        "",
+        f"Model: `{base}` ({results[0]['experts']} experts/layer, {base_bytes:,} bytes). Command: `{report['command']}`"
+        f" ({report['total_s']:.0f} s on CPU, {report['threads']} thread(s)).",
+        "",
+        f"Eval: {args.max_windows} held-out windows x {args.seq_len} tokens per domain; greedy generation: "
+        f"{len(prompts)} prompts of {args.prompt_len} tokens, {args.gen_tokens} new tokens; gen = token-wise match "
+        "/ common-prefix fraction vs the base model's continuation.",
+        "",
+        "| ratio | variant | experts | KL | top-1 | ppl all | " + " | ".join(f"ppl {d}" for d in doms)
+        + " | gen tok | gen prefix | bytes | size vs base |",
+        "|---|---|---|---|---|---|" + "---|" * len(doms) + "---|---|---|---|",
+    ]  # fmt: skip
+    for r in results:
+        ppl = " | ".join(f"{r['perplexity'][d]:.2f}" for d in doms)
+        lines.append(
+            f"| {r['ratio'] if r['ratio'] is not None else '-'} | {r['variant']} | {r['experts']} | "
+            f"{r['kl_to_base']:.4f} | {r['top1_agreement']:.4f} | {r['perplexity']['all']:.2f} | {ppl} | "
+            f"{r['gen_token_match']:.3f} | {r['gen_prefix_match']:.3f} | {r['bytes']:,} | "
+            f"{r['bytes'] / base_bytes:.1%} |"
+        )
+    Path(args.report + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

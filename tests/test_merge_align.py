@@ -1,0 +1,41 @@
+import torch
+
+from moecompress.merge.align import align_cluster, match_neurons, permute_expert
+from moecompress.merge.similarity import expert_outputs
+from moecompress.merge.subspace import merge_average, merge_subspace
+
+
+def _expert(seed: int, I: int = 12, H: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(I, H, generator=g), torch.randn(I, H, generator=g), torch.randn(H, I, generator=g)
+
+
+def test_permutation_keeps_the_expert_function():
+    gate, up, down = _expert(0)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    pg, pu, pd = permute_expert(gate, up, down, perm)
+    x = torch.randn(20, 8)
+    a = expert_outputs(x, gate[None], up[None], down[None])
+    b = expert_outputs(x, pg[None], pu[None], pd[None])
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_alignment_recovers_a_permuted_copy_so_the_merge_returns_the_expert():
+    gate, up, down = _expert(2)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(3))
+    pg, pu, pd = permute_expert(gate, up, down, perm)
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(4))
+    G, U, D = torch.stack([gate, pg]), torch.stack([up, pu]), torch.stack([down, pd])
+    f = torch.tensor([0.5, 0.5])
+    assert not torch.allclose(merge_average(G, f), gate, atol=1e-3)  # unaligned averaging mixes neurons
+    G2, U2, D2 = align_cluster(x, G, U, D, ref=0)
+    assert torch.allclose(merge_average(G2, f), gate, atol=1e-6)
+    assert torch.allclose(merge_average(D2, f), down, atol=1e-6)
+    assert torch.allclose(merge_subspace(U2.double(), f.double()), up.double(), atol=1e-5)
+
+
+def test_match_neurons_is_a_permutation():
+    a = torch.randn(50, 10)
+    perm = match_neurons(a, a[:, torch.arange(9, -1, -1)])
+    assert torch.equal(perm, torch.arange(9, -1, -1))
+    assert sorted(perm.tolist()) == list(range(10))
