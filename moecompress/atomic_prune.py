@@ -53,7 +53,7 @@ def check_args(ratio: float, hessian: str, layout: str, score: str, rank: int) -
     if layout not in LAYOUTS:
         raise UserError(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     if score not in SCORES:
-        raise UserError(f"--score {score!r} is not one of {', '.join(SCORES)}")
+        raise UserError(f"--method {score!r} is not an atom score: use one of {', '.join(SCORES)}")
     if rank < 1:
         raise UserError(f"--rank {rank} must be at least 1")
 
