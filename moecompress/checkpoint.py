@@ -84,7 +84,6 @@ class Checkpoint:
         self.family: Family = family_for(self.config)
         self.weight_map = self._load_weight_map()
         self._headers = {f: _read_header(self.path / f) for f in sorted(set(self.weight_map.values()))}
-        self._handles: dict[str, Any] = {}
 
     # ---- validation -----------------------------------------------------------------------------
     def _load_config(self) -> PretrainedConfig:
@@ -178,23 +177,35 @@ class Checkpoint:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
-    def get(self, key: str) -> torch.Tensor:
-        fname = self.weight_map.get(key)
-        if fname is None:
-            raise UserError(f"tensor {key} is missing from {self.path}")
-        handle = self._handles.get(fname)
-        if handle is None:
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors, opening each shard once and closing it after (its memory map is released, so
+        resident memory stays at what the caller keeps, not what it has read)."""
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            fname = self.weight_map.get(key)
+            if fname is None:
+                raise UserError(f"tensor {key} is missing from {self.path}")
+            by_file.setdefault(fname, []).append(key)
+        out: dict[str, torch.Tensor] = {}
+        for fname, ks in by_file.items():
             try:
-                handle = self._handles[fname] = safe_open(str(self.path / fname), framework="pt")
+                handle = safe_open(str(self.path / fname), framework="pt")
             except Exception as err:  # safetensors raises its own error types
                 raise UserError(f"{fname} cannot be opened as safetensors ({err})") from None
-        try:
-            return handle.get_tensor(key)
-        except Exception as err:
-            raise UserError(f"tensor {key} in {fname} cannot be read ({err}): the file is corrupt") from None
+            with handle as f:
+                for key in ks:
+                    try:
+                        out[key] = f.get_tensor(key)
+                    except Exception as err:
+                        msg = f"tensor {key} in {fname} cannot be read ({err}): the file is corrupt"
+                        raise UserError(msg) from None
+        return out
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.read([key])[key]
 
     def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {k: self.get(k) for k in self.weight_map if k.startswith(prefix)}
+        return self.read([k for k in self.weight_map if k.startswith(prefix)])
 
     def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
         """All hub-format tensors of decoder layer ``layer``."""
@@ -203,18 +214,20 @@ class Checkpoint:
     def moe_weights(self, layer: int) -> MoEWeights:
         """The per-layer view of one MoE layer's routed experts, read lazily from disk."""
         pat = self.family.routed_key_pattern(layer)
-        tensors = {k: self.get(k) for k in self.weight_map if pat.match(k)}
+        tensors = self.read([k for k in self.weight_map if pat.match(k)])
         return self.family.read_layer(tensors, layer, self.num_experts)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for k in self.weight_map:
-            yield k, self.get(k)
+        """Every tensor, one shard open at a time."""
+        by_file: dict[str, list[str]] = {}
+        for k, f in self.weight_map.items():
+            by_file.setdefault(f, []).append(k)
+        for keys in by_file.values():
+            for i in range(0, len(keys), 64):
+                yield from self.read(keys[i : i + 64]).items()
 
     def side_files(self) -> list[Path]:
         return [self.path / f for f in SIDE_FILES if (self.path / f).exists()]
-
-    def close(self) -> None:
-        self._handles.clear()
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.path}, family={self.family.name}, experts={self.num_experts}, top_k={self.top_k})"
