@@ -50,7 +50,9 @@ def _root(
 @user_errors
 def info(
     model: ModelArg = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the facts as JSON here.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("-o", "--output", "--json", help="Also write the facts as JSON here.")
+    ] = None,
 ) -> None:
     """Show what moecompress sees in a model: family, MoE layers, experts, top-k, size, layout.
 
