@@ -403,11 +403,13 @@ def run_quantize(
     device: torch.device | None = None,
     overwrite: bool = False,
     command: str | None = None,
+    measurement: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Quantize a model's routed experts (and other linears at ``other_bits``); returns the bit plan.
 
     Writes OUTPUT as a compressed-tensors pack-quantized folder with bit_plan.json and moecompress.json, or only
     OUTPUT/bit_plan.json when ``plan_only``. Refusals (nothing written) raise UserError.
+    ``measurement`` (from :func:`measure_model`) reuses one calibration pass for several plans.
     """
     from .data import calibration_set, check_seq_len
     from .profile import Profile, load_tokenizer
@@ -440,22 +442,29 @@ def run_quantize(
             f"holding {len(widths)} candidate widths of every expert needs {cache / 1e9:.1f} GB of memory: "
             "use --plan uniform (one width) on a model this large"
         )
-    need_data = plan == "lp" or method == "gptq"
-    tokens = None
-    if need_data:
-        check_seq_len(seq_len, ckpt.config)
-        tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
-    meas = measure(
-        ckpt,
-        lay,
-        tokens.input_ids if tokens is not None else None,
-        widths,
-        method,
-        min_tokens,
-        batch_size,
-        device or torch.device("cpu"),
-        scale_dtype,
-    )
+    if measurement is not None:  # reuse one calibration pass for several plans (benchmarks)
+        if measurement["method"] != method or measurement["fingerprint"] != ckpt.fingerprint:
+            raise ValueError("measurement was made with another method or model")
+        widths, meas, tokens = measurement["widths"], measurement["meas"], measurement["tokens"]
+        if plan == "uniform" and int(bits) not in widths:
+            raise ValueError(f"measurement has no codes at {bits} bits")
+    else:
+        need_data = plan == "lp" or method == "gptq"
+        tokens = None
+        if need_data:
+            check_seq_len(seq_len, ckpt.config)
+            tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
+        meas = measure(
+            ckpt,
+            lay,
+            tokens.input_ids if tokens is not None else None,
+            widths,
+            method,
+            min_tokens,
+            batch_size,
+            device or torch.device("cpu"),
+            scale_dtype,
+        )
     bit_plan = make_plan(lay, meas, widths, plan, bits, budget_gb, granularity, other_bits, sb, imp, min_tokens)
     bit_plan.update(
         method=method,
@@ -516,3 +525,37 @@ def run_quantize(
         extra_json={"bit_plan.json": bit_plan},
     )
     return bit_plan
+
+
+def measure_model(
+    model: str | Path | None,
+    method: str = "gptq",
+    calib: str = "mixed",
+    samples: int = 32,
+    seq_len: int = 256,
+    seed: int = 0,
+    batch_size: int = 8,
+    min_tokens: int = 32,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """One calibration pass at every candidate width, reusable by ``run_quantize(measurement=...)``."""
+    from .data import calibration_set, check_seq_len
+    from .profile import load_tokenizer
+
+    ckpt = Checkpoint(model)
+    lay = Layout(ckpt)
+    check_seq_len(seq_len, ckpt.config)
+    tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
+    t0 = time.time()
+    meas = measure(
+        ckpt, lay, tokens.input_ids, WIDTHS, method, min_tokens, batch_size, device or torch.device("cpu"),
+        scale_dtype_of(ckpt),
+    )  # fmt: skip
+    return {
+        "meas": meas,
+        "tokens": tokens,
+        "method": method,
+        "widths": WIDTHS,
+        "fingerprint": ckpt.fingerprint,
+        "elapsed_s": time.time() - t0,
+    }
