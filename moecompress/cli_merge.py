@@ -31,6 +31,9 @@ def merge(
         bool | None,
         typer.Option("--align/--no-align", help="Match neurons before merging (default: on for subspace only)."),
     ] = None,
+    refit: Annotated[
+        bool, typer.Option("--refit/--no-refit", help="Refit merged down projections on calibration tokens.")
+    ] = False,
     calib: Annotated[str, typer.Option(help="Built-in set (a domain or mixed) or a .txt/.jsonl file.")] = "mixed",
     samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 256,
@@ -51,7 +54,7 @@ def merge(
 
     opts = MergeOptions(
         ratio=ratio, method=method, rank=rank, rank_fraction=rank_fraction, router=router, similarity=similarity,
-        protect_super=protect, align=align, sim_tokens=sim_tokens, seed=seed,
+        protect_super=protect, align=align, refit=refit, sim_tokens=sim_tokens, seed=seed,
     )  # fmt: skip
     man = merge_model(model, output, opts, profile, calib, samples, seq_len, batch_size, device, overwrite)
     saved = 1 - man["bytes_after"] / man["bytes_before"]

@@ -32,6 +32,7 @@ from .errors import UserError
 from .merge.align import align_cluster
 from .merge.cluster import agglomerative_cluster, check_merge_target, kmeans_cluster, labels_to_clusters
 from .merge.cluster import n_clusters_for as n_clusters_for
+from .merge.refit import refit_down, routing_weights
 from .merge.router import fit_router_rows, merged_router_rows
 from .merge.similarity import expert_outputs, gram_features, output_similarity, router_logit_similarity
 from .merge.subspace import merge_average, merge_subspace, rank_for
@@ -55,6 +56,7 @@ class MergeOptions:
     protect_super: bool = True
     align: bool | None = None  # neuron alignment before merging; None: on for subspace, off for average (HC-SMoE)
     align_tokens: int = 2048
+    refit: bool = False  # least-squares refit of each merged expert's down projection on calibration tokens
     sim_tokens: int = 512
     fit_tokens: int = 8192
     kl_steps: int = 20
@@ -102,6 +104,7 @@ def merge_layer(
     similarity: torch.Tensor | None = None,
     protected: list[int] | None = None,
     n_group: int = 1,
+    norm_topk: bool = True,
 ) -> tuple[MoEWeights, dict[str, Any]]:
     """Merge one MoE layer's routed experts into ``n_clusters`` experts.
 
@@ -113,6 +116,7 @@ def merge_layer(
         freqs: [E] routing frequencies (from a profile); None computes them from x.
         similarity: [E, E] expert similarity (from a profile); None computes it from x.
         protected: expert ids never merged with others.
+        norm_topk: whether the router renormalizes the top-k weights (used by the down refit).
         n_group: routing groups (experts g*E/n_group.. stay in group g); clusters never cross groups.
 
     Returns:
@@ -150,6 +154,9 @@ def merge_layer(
     clusters = labels_to_clusters(labels)
 
     align_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.align_tokens]]  # [Ta, H]
+    route_w = None
+    if opts.refit and w.correction_bias is None:
+        route_w = routing_weights(logits, top_k, norm_topk)  # [T, E]
     gate, up, down, ranks = [], [], [], []
     for members in clusters:
         f = freqs[members]
@@ -172,6 +179,8 @@ def merge_layer(
                 dst.append(merge_subspace(m, f, rk))
                 r[name] = rk
         ranks.append(r)
+        if route_w is not None:
+            down[-1] = refit_down(xf, route_w, members, w.gate, w.up, w.down, gate[-1], up[-1], down[-1])
 
     if opts.router == "fit" and w.correction_bias is None:
         fit_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.fit_tokens]]
@@ -318,6 +327,7 @@ def merge_model(
         if opts.router == "fit"
         else "frequency-weighted average of member rows",
         "neuron_alignment": opts.aligned,
+        "down_refit": opts.refit and not fam.correction_bias,
         "propagation": "every layer is calibrated on the original (unmerged) model's activations",
         "params_before": ckpt.num_params,
         "params_after": expected_size(ckpt, K, "params"),

@@ -68,7 +68,8 @@ def _reload_without_warnings(path):
 def test_merge_qwen_shrinks_and_reloads(tmp_path, method):
     src = _qwen(tmp_path)
     out = tmp_path / f"out-{method}"
-    opts = MergeOptions(ratio=0.5, method=method, rank_fraction=0.5 if method == "subspace" else None, sim_tokens=32)
+    sub = method == "subspace"
+    opts = MergeOptions(ratio=0.5, method=method, rank_fraction=0.5 if sub else None, refit=sub, sim_tokens=32)
     manifest = merge_model(src, out, opts, tokens=_tokens(), progress=False, device="cpu")
     K = E // 2
     cfg = json.loads((out / "config.json").read_text())
@@ -87,6 +88,7 @@ def test_merge_qwen_shrinks_and_reloads(tmp_path, method):
     assert ckpt.bytes_on_disk - dir_bytes(out) >= 0.95 * routed * 4 * (E - K) / E
     # Manifest: every old expert lands in exactly one new expert.
     written = json.loads((out / "moecompress.json").read_text())
+    assert written["down_refit"] is sub and written["neuron_alignment"] is sub
     for info in written["layers"].values():
         assert sorted(e for c in info["clusters"] for e in c) == list(range(E))
         assert len(info["clusters"]) == K

@@ -1,0 +1,68 @@
+"""Refit a merged expert's down projection on calibration tokens (pure tensor functions).
+
+After merging, the merged expert c replaces its members. On the tokens routed to any member (top-k of the
+original router, weights p renormalized as the model does), the members contributed
+    y(x) = sum_{i in c and in top-k(x)} p_i(x) f_i(x),      s(x) = sum_{i in c and in top-k(x)} p_i(x),
+and the merged expert will contribute about s(x) W_down h_c(x) (h_c: merged intermediate activation).
+Weighted ridge least squares gives the down projection that best reproduces the members' contribution:
+    W_down = argmin_W sum_x ||s(x) W h_c(x) - y(x)||^2 + lam ||W - W_merged||^2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moecompress.merge.align import activations
+
+
+def routing_weights(logits: torch.Tensor, top_k: int, norm_topk: bool) -> torch.Tensor:
+    """Dense routing weights [T, E]: softmax probabilities kept on the top-k (renormalized when norm_topk)."""
+    probs = logits.double().softmax(dim=1)  # [T, E]
+    val, idx = probs.topk(top_k, dim=1)  # [T, k]
+    if norm_topk:
+        val = val / val.sum(dim=1, keepdim=True)
+    return torch.zeros_like(probs).scatter(1, idx, val)
+
+
+def refit_down(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    members: list[int],
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    merged_gate: torch.Tensor,
+    merged_up: torch.Tensor,
+    merged_down: torch.Tensor,
+    ridge: float = 1e-3,
+) -> torch.Tensor:
+    """Least-squares down projection for a merged expert.
+
+    Args:
+        x: [T, H] calibration tokens; weights: [T, E] dense routing weights (``routing_weights``).
+        members: old expert ids of the cluster; gate/up [E, I, H], down [E, H, I]: the original experts.
+        merged_gate, merged_up: [I, H]; merged_down: [H, I] the merged expert (prior for the ridge term).
+        ridge: penalty relative to the mean diagonal of the Gram matrix.
+
+    Returns:
+        [H, I] refitted down projection (dtype of ``merged_down``); the merged one when no token reaches the cluster.
+    """
+    w = weights[:, members]  # [T, n]
+    s = w.sum(dim=1)  # [T]
+    rows = s > 0
+    if not bool(rows.any()):
+        return merged_down.clone()
+    xs, ws, ss = x[rows].to(torch.float32), w[rows], s[rows]  # [t, H], [t, n], [t]
+    y = torch.zeros(xs.shape[0], down.shape[1], dtype=torch.float64)  # [t, H]
+    for j, e in enumerate(members):
+        on = ws[:, j] > 0
+        if bool(on.any()):
+            f = activations(xs[on], gate[e], up[e]).double() @ down[e].double().T  # [n_on, H]
+            y[on] += ws[on, j, None] * f
+    a = ss[:, None] * activations(xs, merged_gate, merged_up).double()  # [t, I]
+    gram = a.T @ a  # [I, I]
+    lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    prior = merged_down.double()  # [H, I]
+    rhs = y.T @ a + lam * prior  # [H, I]
+    sol = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64), rhs.T).T  # [H, I]
+    return sol.to(merged_down.dtype)
