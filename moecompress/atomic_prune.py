@@ -9,9 +9,10 @@
    exact layout: the globally lowest channels go, experts keep unequal widths (loaded by moecompress.load);
 5. the writer puts out a normal HF folder + moecompress.json.
 
-What scales: the statistics (diag: H floats/expert, lowrank: H(r+1)) and the per-layer slicing and writing.
-What does not (yet): the backward pass holds the whole model in memory (one process, no layer streaming of the
-backward); full G needs H^2 floats per expert of the accumulated layers (use `layer_groups` to bound it).
+Scaling: the gradient pass is layer-streamed (atomic/gradstream.py): one decoder layer's weights and one layer's
+G accumulators in memory at a time (full G: E x H^2 floats for that layer only; diag: E x H; lowrank: E x H(2r+1)),
+plus the cached activations of every layer (2 x L x N x S x H floats on the host). Scores are computed per layer as
+soon as its G is complete. `gradient_pass` (whole model in memory) remains for small models and benchmarks.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from .adapters import MoEWeights
 from .atomic.apply import ExactLayer, slice_exact, slice_uniform
 from .atomic.gradstats import KINDS, LayerGradStats, bytes_per_expert, collect_grad_stats
+from .atomic.gradstream import streamed_grad_stats
 from .atomic.heapr import heapr_scores, mask_to_indices, select_exact, select_uniform, uniform_width
 from .checkpoint import Checkpoint
 from .data import calibration_set, check_seq_len
@@ -109,18 +111,50 @@ def gradient_pass(
     return out
 
 
-def channel_scores(
-    ckpt: Checkpoint, m: dict[int, torch.Tensor], stats: dict[int, LayerGradStats] | None, score: str
+def streamed_scores(
+    ckpt: Checkpoint,
+    m: dict[int, torch.Tensor],
+    input_ids: torch.Tensor,
+    hessian: str,
+    rank: int = 32,
+    batch_size: int = 8,
+    device: torch.device | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Per MoE layer [E, I] scores (float64)."""
-    out = {}
-    for l in ckpt.moe_layers:
-        if score == "magnitude":
-            out[l] = m[l].double()
-        else:
-            assert stats is not None
-            out[l] = heapr_scores(m[l], ckpt.moe_weights(l).down.float(), stats[l].G)
-    return out
+    """HEAPr scores per MoE layer from the layer-streamed gradient pass; each layer's G is dropped once scored."""
+    n_layers = ckpt.config.num_hidden_layers
+
+    def score(l: int, st: LayerGradStats, experts: torch.nn.Module) -> torch.Tensor:
+        return heapr_scores(m[l], experts.down_proj.detach().float().cpu(), st.G)  # [E, I]
+
+    with progress_bar() as bar:
+        task = bar.add_task(f"gradient pass ({hessian} G)", total=2 * n_layers + 1)
+        return streamed_grad_stats(
+            ckpt, input_ids, hessian, rank, batch_size, device, on_layer=score, progress=lambda _: bar.advance(task)
+        )
+
+
+def channel_scores(
+    ckpt: Checkpoint, m: dict[int, torch.Tensor], stats: dict[int, torch.Tensor] | None, score: str
+) -> dict[int, torch.Tensor]:
+    """Per MoE layer [E, I] scores (float64): the streamed HEAPr scores, or m alone for score="magnitude"."""
+    if score == "magnitude":
+        return {l: m[l].double() for l in ckpt.moe_layers}
+    assert stats is not None
+    return stats
+
+
+def uniform_k(I: int, ratio: float) -> int:
+    """The one kept width of the uniform layout (a multiple of 16), or a UserError when none fits."""
+    try:
+        K = uniform_width(I, ratio, WIDTH_MULTIPLE)
+    except ValueError as err:
+        raise UserError(f"{err}: use --layout exact") from None
+    if K >= I:
+        raise UserError(
+            f"--ratio {ratio} removes less than one block of {WIDTH_MULTIPLE} channels per expert (width {I}): "
+            "raise --ratio or use --layout exact"
+        )
+    return K
 
 
 def select(
@@ -134,16 +168,7 @@ def select(
     """Kept channel indices per layer and expert; the common width for the uniform layout."""
     layers = sorted(scores)
     if layout == "uniform":
-        I = scores[layers[0]].shape[1]
-        try:
-            K = uniform_width(I, ratio, WIDTH_MULTIPLE)
-        except ValueError as err:
-            raise UserError(f"{err}: use --layout exact") from None
-        if K >= I:
-            raise UserError(
-                f"--ratio {ratio} removes less than one block of {WIDTH_MULTIPLE} channels per expert (width {I}): "
-                "raise --ratio or use --layout exact"
-            )
+        K = uniform_k(scores[layers[0]].shape[1], ratio)
         return {l: list(select_uniform(scores[l], K)) for l in layers}, K
     try:
         masks = select_exact([scores[l] for l in layers], ratio, [protected[l] for l in layers])
@@ -227,7 +252,6 @@ def atomic_prune(
     seed: int = 0,
     batch_size: int = 8,
     rank: int = 32,
-    layer_groups: int = 1,
     protect_super: bool = True,
     device: torch.device | None = None,
     overwrite: bool = False,
@@ -262,6 +286,8 @@ def atomic_prune(
             f"{fam.name} sizes its shared experts from moe_intermediate_size, so a narrower uniform width would "
             "resize them: use --layout exact (loads with moecompress.load)"
         )
+    if layout == "uniform":
+        uniform_k(int(getattr(ckpt.config, width_key(ckpt.config))), ratio)  # refuse before any pass
     prof = prof or _profile(ckpt, calib, samples, seq_len, seed, batch_size, device)
     m = {l: prof.layer(l, "channel_sq_mean").float() for l in layers}  # [E, I]
     supers = [tuple(x) for x in prof.super_experts] if protect_super else []
@@ -271,11 +297,7 @@ def atomic_prune(
         from .profile import load_tokenizer
 
         tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
-        net = load_model(ckpt.path, device)
-        stats = gradient_pass(
-            net, fam, layers, tokens.input_ids.to(net.device), hessian, rank, batch_size, layer_groups
-        )
-        del net
+        stats = streamed_scores(ckpt, m, tokens.input_ids, hessian, rank, batch_size, device)
     scores = channel_scores(ckpt, m, stats, score)
     info = {
         "method": "heapr" if score == "heapr" else "activation_magnitude",

@@ -4,7 +4,7 @@ ranking follows the measured loss change of zeroing each channel."""
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moecompress.atomic.gradstats import collect_grad_stats
 from moecompress.atomic.heapr import heapr_scores, ranking_agreement, spearman
@@ -127,3 +127,25 @@ def test_hooks_see_the_same_statistics_under_each_experts_implementation(impl):
         assert torch.equal(ref[l].counts, got[l].counts)
         assert torch.allclose(ref[l].G, got[l].G, rtol=1e-3, atol=1e-6)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_layer_streamed_gradient_pass_equals_the_whole_model_pass(tmp_path, tokenizer_dir):
+    from conftest import build_tiny
+
+    from moecompress.atomic.gradstream import streamed_grad_stats
+    from moecompress.checkpoint import Checkpoint
+
+    for fam in ("qwen3_moe", "deepseek_v3"):
+        src = build_tiny(fam, tmp_path / fam, tokenizer_dir)
+        ckpt = Checkpoint(src)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, experts_implementation="eager").eval()
+        ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+        mods = {l: model.model.layers[l].mlp.experts for l in ckpt.moe_layers}
+        ref = collect_grad_stats(model, mods, list(ids.split(2)), kind="full", gate_up_fn=_gate_up)
+        got = streamed_grad_stats(ckpt, ids, kind="full", batch_size=2, with_moments=True)
+        assert sorted(got) == sorted(ref) == ckpt.moe_layers
+        for l in ref:
+            assert torch.equal(got[l].counts, ref[l].counts)
+            scale = ref[l].G.abs().max()
+            assert torch.allclose(got[l].G, ref[l].G, atol=1e-4 * scale), (fam, l)
+            assert torch.allclose(got[l].m, ref[l].m, rtol=1e-4, atol=1e-9)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -144,23 +145,8 @@ def collect_grad_stats(
     accs: dict[int, GradStatAccumulator] = {}
     msum: dict[int, torch.Tensor] = {}
     handles = []
-
-    def make_hook(layer: int):
-        def hook(mod, args, kwargs, out):
-            names = ("hidden_states", "top_k_index", "top_k_weights")
-            hidden, idx, w = (list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs])[:3]
-            if layer not in accs:
-                accs[layer] = GradStatAccumulator(_num_experts(mod, idx), out.shape[-1], kind, rank, out.device)
-            if gate_up_fn is not None:
-                _add_moments(msum, layer, mod, hidden.detach(), idx, gate_up_fn, act)
-            if out.requires_grad:
-                i, ww = idx.detach(), w.detach()
-                out.register_hook(lambda grad: accs[layer].update_routed(grad, i, ww))
-
-        return hook
-
     for layer, mod in experts_modules.items():
-        handles.append(mod.register_forward_hook(make_hook(layer), with_kwargs=True))
+        handles.append(attach_hook(mod, layer, accs, msum, kind, rank, gate_up_fn, act))
     emb = model.get_input_embeddings()
     handles.append(emb.register_forward_hook(lambda mod, args, out: out.detach().requires_grad_(True)))
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -184,16 +170,41 @@ def collect_grad_stats(
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-    out: dict[int, LayerGradStats] = {}
-    for layer in experts_modules:
+    return {l: finish(accs[l], msum.get(l)) for l in experts_modules if l in accs}
+
+
+def attach_hook(
+    mod: torch.nn.Module,
+    layer: int,
+    accs: dict[int, GradStatAccumulator],
+    msum: dict[int, torch.Tensor],
+    kind: str,
+    rank: int,
+    gate_up_fn: Callable[[torch.nn.Module], tuple[torch.Tensor, torch.Tensor]] | None,
+    act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+) -> Any:
+    """Forward hook on an Experts module: records routing, adds m sums, and hooks dL/dy of its output."""
+
+    def hook(mod, args, kwargs, out):
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        hidden, idx, w = (list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs])[:3]
         if layer not in accs:
-            continue
-        acc = accs[layer]
-        m = msum[layer].cpu() / acc.counts.clamp_min(1)[:, None] if layer in msum else None
-        G = acc.result()
-        G = LowRankG(G.factors.cpu(), G.residual_diag.cpu()) if isinstance(G, LowRankG) else G.cpu()
-        out[layer] = LayerGradStats(G=G, counts=acc.counts.clone(), m=m)
-    return out
+            accs[layer] = GradStatAccumulator(_num_experts(mod, idx), out.shape[-1], kind, rank, out.device)
+        if gate_up_fn is not None:
+            _add_moments(msum, layer, mod, hidden.detach(), idx, gate_up_fn, act)
+        if out.requires_grad:
+            i, ww = idx.detach(), w.detach()
+            out.register_hook(lambda grad: accs[layer].update_routed(grad, i, ww))
+
+    return mod.register_forward_hook(hook, with_kwargs=True)
+
+
+def finish(acc: GradStatAccumulator, msum: torch.Tensor | None) -> LayerGradStats:
+    """Mean statistics of one layer, on the CPU."""
+    m = msum.cpu() / acc.counts.clamp_min(1)[:, None] if msum is not None else None
+    G = acc.result()
+    G = LowRankG(G.factors.cpu(), G.residual_diag.cpu()) if isinstance(G, LowRankG) else G.cpu()
+    return LayerGradStats(G=G, counts=acc.counts.clone(), m=m)
 
 
 def _num_experts(mod: torch.nn.Module, idx: torch.Tensor) -> int:

@@ -1,0 +1,108 @@
+"""The HEAPr gradient pass one decoder layer at a time (forward, then backward in reverse layer order).
+
+Forward: the core LayerStream runs layer after layer and every layer's inputs are kept (L activation caches of
+[N, S, H]). Head: final norm + lm_head on the last hidden state -> summed next-token NLL -> dL/dh_L per batch.
+Backward: from the top layer down, each layer is materialized again, re-run on its cached inputs with autograd,
+and back-propagated with the incoming gradient; the Experts hooks of gradstats see dL/dy of that layer, and the
+gradient at the layer's input becomes the next (lower) layer's incoming gradient. Only one layer's weights and one
+layer's G accumulators live at a time; ``on_layer`` turns a layer's statistics into scores so full G never
+exists for more than one layer (Qwen3-30B: 128 experts x 16.8 MB = 2.1 GB instead of 103 GB for 48 layers).
+Host memory for activations: 2 x L x N x S x H floats (Qwen3-30B, 64 x 256 tokens: about 13 GB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import Checkpoint
+from ..stream import LayerStream
+from .gradstats import GradStatAccumulator, LayerGradStats, attach_hook, finish
+
+
+def _gate_up(mod: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    I = mod.down_proj.shape[-1]
+    return mod.gate_up_proj[:, :I], mod.gate_up_proj[:, I:]  # [E, I, H] each
+
+
+def streamed_grad_stats(
+    ckpt: Checkpoint,
+    input_ids: torch.Tensor,
+    kind: str = "full",
+    rank: int = 32,
+    batch_size: int = 8,
+    device: torch.device | None = None,
+    with_moments: bool = False,
+    on_layer: Callable[[int, LayerGradStats, torch.nn.Module], Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[int, Any]:
+    """G_e (and optionally m) per MoE layer with one layer in memory at a time.
+
+    input_ids: [N, S]. Returns {layer: on_layer(layer, stats, experts_module)} (or the LayerGradStats when
+    on_layer is None). progress(n) is called after each of the 2 x num_layers + 1 steps.
+    """
+    fam, moe = ckpt.family, set(ckpt.moe_layers)
+    ls = LayerStream(ckpt, input_ids, batch_size=batch_size, device=device)
+    out: dict[int, Any] = {}
+    step = 0
+
+    def tick() -> None:
+        nonlocal step
+        step += 1
+        if progress is not None:
+            progress(step)
+
+    try:
+        ls.capture()
+        n_layers = len(ls.decoder_layers)
+        inputs: list[list[torch.Tensor]] = []
+        for _, layer in ls.layers():  # forward, keeping every layer's inputs
+            inputs.append([ls.cache[i] for i in range(len(ls.cache))])
+            ls.forward_layer(layer)
+            tick()
+        ls._ensure_head()
+        grads: list[torch.Tensor] = []
+        for i, ids in enumerate(ls.batches):  # head: dL/dh at the last layer's output
+            h = ls.cache[i].to(ls.device).detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = ls.model.lm_head(ls.model.model.norm(h))  # [B, S, V]
+                loss = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                    ids[:, 1:].reshape(-1).to(ls.device),
+                    reduction="sum",
+                )
+                loss.backward()
+            grads.append(h.grad.detach())
+        tick()
+        for l in reversed(range(n_layers)):  # backward, one layer at a time
+            layer = ls.load_layer(l)
+            accs: dict[int, GradStatAccumulator] = {}
+            msum: dict[int, torch.Tensor] = {}
+            handle = None
+            experts = None
+            if l in moe:
+                experts = getattr(ls.moe_block(layer), fam.experts)
+                handle = attach_hook(experts, l, accs, msum, kind, rank, _gate_up if with_moments else None)
+            try:
+                for i in range(len(grads)):
+                    x = inputs[l][i].to(ls.device).detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        y = layer(x, **ls.kwargs[i])
+                        y = y[0] if isinstance(y, tuple) else y
+                        y.backward(grads[i])
+                    grads[i] = x.grad.detach()
+                if l in accs:
+                    stats = finish(accs[l], msum.get(l))
+                    out[l] = on_layer(l, stats, experts) if on_layer is not None else stats
+            finally:
+                if handle is not None:
+                    handle.remove()
+                ls.free(layer)
+                inputs[l] = []
+            tick()
+    finally:
+        ls.close()
+    return out
