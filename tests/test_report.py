@@ -311,3 +311,17 @@ def test_formats_written_by_the_commands(tmp_path):
     heads = [a for t, a in page.tags if t == "th" and a.get("class") == "runname"]
     assert len(heads) == 1 and "q3" in text and "base run" not in text
     assert len(_chart_cells(page, "profile0-frequency")) == 8
+
+
+def test_report_inside_a_temporary_output_folder(tmp_path):
+    """Commands write report.html inside writer.atomic_dir's `.NAME.tmp-PID-MS` folder: the page names NAME."""
+    runs = make_runs(tmp_path)
+    tmp_out = tmp_path / ".pruned.tmp-123-456"
+    runs["prune"].rename(tmp_out)
+    page = parse(write_report(tmp_out, [runs["profile"]]).read_text(encoding="utf-8"))
+    heads = [a for t, a in page.tags if t == "th" and a.get("class") == "runname"]
+    assert len(heads) == 2
+    text = " ".join(page.text)
+    assert ".tmp-123" not in text and str(tmp_path / "pruned") in text
+    # the shared profile's warnings are listed once, not once per run
+    assert text.count("2 experts have fewer than 40 routed tokens") == 1

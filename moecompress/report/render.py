@@ -108,7 +108,7 @@ def _summary(runs: list[RunSidecars]) -> str:
     """One table, one column per run: what was run and what it cost and saved."""
     facts = [run_facts(r) for r in runs]
     rows: list[tuple[str, list[str]]] = [
-        ("Folder", [f'<td class="mono">{esc(r.path)}</td>' for r in runs]),
+        ("Folder", [f'<td class="mono">{esc(r.shown_path or r.path)}</td>' for r in runs]),
         ("Model", [text_cell(f["model"]) for f in facts]),
         ("Family", [text_cell(f["family"]) for f in facts]),
         (
@@ -207,6 +207,7 @@ def _pareto(runs: list[RunSidecars]) -> tuple[str, list[str]]:
 
 def _warnings(runs: list[RunSidecars]) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
+    seen_profiles: set[str] = set()
     fps = {f for r in runs if (f := run_facts(r)["source_fingerprint"])}
     if len(fps) > 1:
         out.append(("report", f"the runs come from {len(fps)} different source models; compare with care"))
@@ -214,19 +215,16 @@ def _warnings(runs: list[RunSidecars]) -> list[tuple[str, Any]]:
         if run.empty:
             out.append((run.name, "no sidecar files found in this folder"))
         out += [(run.name, p) for p in run.problems]
-        for label, doc in (("profile", run.profile), ("manifest", run.manifest), ("bit plan", run.bit_plan),
-                           ("eval", run.eval)):  # fmt: skip
+        prof_key = str(run.profile_path.resolve()) if run.profile_path else f"run{id(run)}"
+        docs = [("manifest", run.manifest), ("bit plan", run.bit_plan), ("eval", run.eval)]
+        if prof_key not in seen_profiles:  # a profile shared by several runs is reported once
+            seen_profiles.add(prof_key)
+            docs.insert(0, ("profile", run.profile))
+            out += _low_token_warning(run)
+        for label, doc in docs:
             ws = (doc or {}).get("warnings")
             for w in ws if isinstance(ws, list) else ([ws] if ws else []):
                 out.append((f"{run.name} ({label})", w))
-        low = [e for e in (run.profile or {}).get("experts") or [] if isinstance(e, dict) and e.get("low_tokens")]
-        if low:
-            listing = ", ".join(f"L{e.get('layer')}/E{e.get('expert')} ({fmt_num(num(e.get('tokens')))} tokens)"
-                                for e in low[:60])  # fmt: skip
-            more = f" and {len(low) - 60} more" if len(low) > 60 else ""
-            out.append(
-                (f"{run.name} (profile)", f"{len(low)} experts with too few calibration tokens: {listing}{more}")
-            )
         plan = run.bit_plan or {}
         for rec in plan.get("experts") or []:
             if isinstance(rec, dict) and rec.get("fallback"):
@@ -239,6 +237,20 @@ def _warnings(runs: list[RunSidecars]) -> list[tuple[str, Any]]:
             more = f" and {len(few) - 60} more" if len(few) > 60 else ""
             out.append((f"{run.name} (bit plan)", f"{len(few)} experts fell back ({rule}): {cells}{more}"))
     return out
+
+
+def _low_token_warning(run: RunSidecars) -> list[tuple[str, Any]]:
+    """One line listing the profile's low-token experts, unless the profile's own warnings already name them."""
+    prof = run.profile or {}
+    low = [e for e in prof.get("experts") or [] if isinstance(e, dict) and e.get("low_tokens")]
+    own = prof.get("warnings") if isinstance(prof.get("warnings"), list) else []
+    if not low or sum("token" in str(w) for w in own) >= len(low):
+        return []
+    listing = ", ".join(
+        f"L{e.get('layer')}/E{e.get('expert')} ({fmt_num(num(e.get('tokens')))} tokens)" for e in low[:60]
+    )
+    more = f" and {len(low) - 60} more" if len(low) > 60 else ""
+    return [(f"{run.name} (profile)", f"{len(low)} experts with too few calibration tokens: {listing}{more}")]
 
 
 def build_report(paths: Sequence[str | Path], title: str | None = None, names: Sequence[str] | None = None) -> str:

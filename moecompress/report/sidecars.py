@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ EVAL_BASE = "eval_base.json"
 MAX_JSON_BYTES = 256 * 1024 * 1024
 # Manifest keys that may point to the profile run a command reused.
 PROFILE_POINTERS = ("profile", "profile_dir", "profile_path", "profile_run")
+# writer.atomic_dir builds OUT in ".<name>.tmp-<pid>-<ms>" beside OUT and renames it when complete.
+ATOMIC_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-\d+-\d+$")
 
 
 @dataclass
@@ -32,6 +35,7 @@ class RunSidecars:
 
     path: Path
     name: str
+    shown_path: Path | None = None
     profile: dict[str, Any] | None = None
     profile_path: Path | None = None
     manifest: dict[str, Any] | None = None
@@ -89,7 +93,11 @@ def load_run(path: str | Path) -> RunSidecars:
         if kind == "profile":
             run.profile_path = path
         return run
-    run = RunSidecars(path=path, name=path.resolve().name or str(path))
+    name = path.resolve().name or str(path)
+    shown = path
+    if m := ATOMIC_TMP.match(name):  # a report written inside a command's temporary output folder
+        name, shown = m["name"], path.parent / m["name"]
+    run = RunSidecars(path=path, name=name, shown_path=shown)
     run.manifest = read_json(path / MANIFEST, run.problems)
     run.bit_plan = read_json(path / BIT_PLAN, run.problems)
     run.eval = read_json(path / EVAL, run.problems)
