@@ -17,7 +17,7 @@ def report(
         list[Path],
         typer.Argument(
             metavar="RUN_OR_OUTPUT_DIR",
-            help="Run folders (profile -o), output folders (prune/merge/quantize -o) or sidecar JSON files."
+            help="Run folders (profile -o), output folders (prune/merge/quantize -o) or sidecar JSON files.",
         ),
     ],
     output: Annotated[
