@@ -176,3 +176,12 @@ def test_refuses_output_inside_model_or_existing(tmp_path, tokenizer_dir):
     (tmp_path / "taken").mkdir()
     with pytest.raises(UserError, match="already exists"):
         ap.atomic_prune(src, tmp_path / "taken", 0.3, **FAST)
+
+
+def test_refuses_a_profile_of_another_model(tmp_path, tokenizer_dir):
+    src = build_tiny("qwen3_moe", tmp_path / "src", tokenizer_dir)
+    other = build_tiny("qwen3_moe", tmp_path / "other", tokenizer_dir, seed=1)
+    run_profile(other, tmp_path / "prof", samples=2, seq_len=16)
+    with pytest.raises(UserError, match="another model"):
+        ap.atomic_prune(src, tmp_path / "out", 0.3, profile=tmp_path / "prof")
+    assert not (tmp_path / "out").exists()
