@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.table import Table
 
@@ -16,6 +16,7 @@ from .progress import console
 
 @user_errors
 def quantize(
+    ctx: typer.Context,
     model: ModelArg = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Output model folder.")] = Path("out/quantized"),
     bits: Annotated[
@@ -68,7 +69,7 @@ def quantize(
     plan_d = run_quantize(
         model, output, bits, budget_gb, plan, method, granularity, other_bits, plan_only, profile, importance,
         calib, samples, seq_len, seed, batch_size, min_tokens, device_of(device), overwrite,
-        command="moecompress " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command=_command_line(ctx),
     )  # fmt: skip
     t = Table(title="bit plan")
     t.add_column("layer")
@@ -89,6 +90,22 @@ def quantize(
     if plan_d["few_token_experts"]:
         console.print(f"[yellow]warning:[/] {len(plan_d['few_token_experts'])} experts had too few tokens: RTN used")
     console.print(f"{'plan written to' if plan_only else 'quantized model written to'} {output}")
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as the user would type it (non-default options only), for moecompress.json."""
+    parts = ["moecompress", "quantize"]
+    for p in ctx.command.params:
+        v = ctx.params.get(p.name)
+        if p.name == "model":
+            if v is not None:
+                parts.append(shlex.quote(str(v)))
+            continue
+        if v == p.default or v is None:
+            continue
+        flag = max(p.opts, key=len)
+        parts += [flag] if v is True else [flag, shlex.quote(str(v))]
+    return " ".join(parts)
 
 
 def register(app: typer.Typer) -> None:

@@ -137,3 +137,67 @@ def test_measured_error_equals_block_output_error(qwen):
         assert err[e, 0].item() == pytest.approx(direct, rel=1e-4, abs=1e-12)
     assert int(cap.counts.sum()) == 64 * 2  # top-2
     assert np.all(err.numpy() >= 0) and used.count("gptq") + sum(u.startswith("rtn") for u in used) == E
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
+def test_every_family_uniform_output_loads_exactly(family, tmp_path, tokenizer_dir):
+    src = build_tiny(family, tmp_path / family, tokenizer_dir)
+    out = tmp_path / "q"
+    run_quantize(src, out, bits=4, plan="uniform", method="rtn", other_bits=8, **KW)
+    ours = load_quantized(out)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    theirs = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager")
+    assert torch.equal(_logits(ours, ids), _logits(theirs, ids))
+    base = AutoModelForCausalLM.from_pretrained(src, experts_implementation="eager")
+    kl = torch.nn.functional.kl_div(
+        _logits(ours, ids).log_softmax(-1), _logits(base, ids).log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    assert 0 < kl.item() < 0.05
+
+
+def test_cli_quantize_and_exit_2_on_refusal(qwen, tmp_path):
+    from typer.testing import CliRunner
+
+    from moecompress import loading
+    from moecompress.cli import app
+
+    out = tmp_path / "cli"
+    args = ["quantize", str(qwen), "--method", "rtn", "--samples", "4", "--seq-len", "32", "--device", "cpu"]
+    r = CliRunner().invoke(app, [*args, "--bits", "5", "--plan", "uniform", "-o", str(out)])
+    assert r.exit_code == 2 and not out.exists()
+    r = CliRunner().invoke(app, [*args, "--bits", "3.5", "--granularity", "expert", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    plan = json.loads((out / "bit_plan.json").read_text())
+    assert plan["routed_bytes"] <= plan["budget_bytes_routed"] and plan["granularity"] == "expert"
+    assert json.loads((out / "moecompress.json").read_text())["command"].startswith("moecompress quantize")
+    loading.register_loader("quantized", "moecompress.quant.load:load_quantized")  # what loading.py must wire
+    m = loading.load(out)
+    ref = load_quantized(out)
+    ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(_logits(m, ids), _logits(ref, ids))
+
+
+def test_importance_from_profile_boosts_super_experts():
+    from moecompress.quantize import _importance
+
+    class Lay:
+        moe = [0, 2]
+        E = 4
+
+    class Prof:
+        super_experts = [(2, 1)]
+
+        def layer(self, l, name):
+            return {"routing_mass": torch.tensor([0.1, 0.2, 0.3, 0.4]), "reap": torch.tensor([1.0, 1.0, 2.0, 4.0])}[
+                name
+            ]
+
+    imp = _importance(Lay(), Prof(), "mass")
+    assert imp.shape == (2, 4)
+    assert imp[0].tolist() == pytest.approx([0.4, 0.8, 1.2, 1.6])
+    assert imp[1, 1] == pytest.approx(0.8 * 100)
+    imp = _importance(Lay(), Prof(), "reap")
+    assert imp[0].tolist() == pytest.approx([0.5, 0.5, 1.0, 2.0])
+    assert _importance(Lay(), None, "uniform").tolist() == [[1.0] * 4] * 2
+    with pytest.raises(UserError, match="needs --profile"):
+        _importance(Lay(), None, "reap")
