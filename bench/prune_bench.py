@@ -1,0 +1,203 @@
+"""Expert-pruning benchmark on the built-in model: which score removes the least quality at 25% and 50%?
+
+For each ratio and method (frequency, routing-mass, REAP, random [several seeds], output-error), prune with one
+shared profile, then measure against the unpruned model on held-out text: KL(base || pruned), top-1 agreement,
+per-domain perplexity (moecompress.evaluate.evaluate), parameters and bytes on disk. Also explains the REAP vs
+frequency outcome: how similar their rankings are and what REAP keeps that frequency drops.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/prune_bench.py                # built-in model
+    OMP_NUM_THREADS=1 .venv/bin/python bench/prune_bench.py --model /tmp/ckpt --max-windows 4
+
+Writes reports/prune_bench.json and reports/prune_bench.md (or --out PREFIX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moecompress import loading
+from moecompress.checkpoint import Checkpoint
+from moecompress.evaluate import evaluate
+from moecompress.profile import Profile, run_profile
+from moecompress.pruning import PruneOptions, prune_model
+
+METHODS = ("frequency", "routing-mass", "reap", "random", "output-error")
+PER_LAYER = ("reap", "output-error")  # also run with --layout per-layer (global ranking, loads via moecompress.load)
+loading.register_loader("per-layer", "moecompress.prune_load:load_per_layer")  # until loading.py registers it
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def ranking_diagnostics(prof: Profile, runs: dict[str, dict]) -> dict:
+    """How REAP and frequency differ on this model's profile."""
+    rho, cv, overlap = [], [], {}
+    for l in prof.moe_layers:
+        f, r = prof.layer(l, "frequency").double(), prof.layer(l, "reap").double()
+        rho.append(spearman(f, r))
+        cv.append(float(f.std() / f.mean()))
+    for key, run in runs.items():
+        if not key.startswith("reap@") or run["layout"] != "uniform":
+            continue
+        other = runs.get(key.replace("reap@", "frequency@"))
+        if other:
+            a = [set(v["removed"]) for v in run["manifest_layers"].values()]
+            b = [set(v["removed"]) for v in other["manifest_layers"].values()]
+            same = sum(len(x & y) for x, y in zip(a, b, strict=True))
+            overlap[key.split("@")[1]] = same / max(sum(len(x) for x in a), 1)
+    # REAP = mean over routed tokens of p * ||f||: it ignores how often an expert is routed to
+    f_all = torch.cat([prof.layer(l, "frequency") for l in prof.moe_layers]).double()
+    r_all = torch.cat([prof.layer(l, "reap") for l in prof.moe_layers]).double()
+    mass = torch.cat([prof.layer(l, "routing_mass") for l in prof.moe_layers]).double()
+    return {
+        "spearman_reap_vs_frequency_per_layer": [round(x, 3) for x in rho],
+        "frequency_coefficient_of_variation_per_layer": [round(x, 3) for x in cv],
+        "removed_set_overlap_reap_vs_frequency": {k: round(v, 3) for k, v in overlap.items()},
+        "spearman_reap_vs_frequency_all": round(spearman(f_all, r_all), 3),
+        "spearman_routing_mass_vs_frequency_all": round(spearman(f_all, mass), 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model folder (default: the built-in model)")
+    ap.add_argument("--ratios", default="0.25,0.5")
+    ap.add_argument("--samples", type=int, default=32, help="calibration windows for the shared profile")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--max-windows", type=int, default=4, help="eval windows per domain")
+    ap.add_argument("--random-seeds", type=int, default=3)
+    ap.add_argument("--error-tokens", type=int, default=4096)
+    ap.add_argument("--out", default="reports/prune_bench")
+    args = ap.parse_args()
+    t0 = time.time()
+    ckpt = Checkpoint(args.model)
+    base = ckpt.path
+    work = Path(tempfile.mkdtemp(prefix="prune-bench-"))
+    try:
+        prof_dir = work / "profile"
+        prof = run_profile(base, prof_dir, "mixed", args.samples, args.seq_len, 0, 8)
+        ev = dict(seq_len=args.seq_len, max_windows=args.max_windows)
+        base_eval = evaluate(base, base, **ev)
+        runs: dict[str, dict] = {}
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            plan = [(m, "uniform", s) for m in METHODS for s in (range(args.random_seeds) if m == "random" else [0])]
+            plan += [(m, "per-layer", 0) for m in PER_LAYER]
+            for method, layout, seed in plan:
+                key = f"{method}@{ratio}" + (f"#seed{seed}" if method == "random" else "")
+                key += "/per-layer" if layout == "per-layer" else ""
+                out = work / key.replace("@", "_").replace("#", "_").replace("/", "_")
+                opts = PruneOptions(ratio, method, layout, seed=seed, error_tokens=args.error_tokens)
+                t1 = time.time()
+                man = prune_model(base, out, opts, prof_dir)
+                prune_s = time.time() - t1
+                res = evaluate(out, base, **ev)
+                runs[key] = {
+                    "method": method, "layout": layout, "ratio": ratio, "seed": seed, "prune_s": round(prune_s, 2),
+                    "kl_to_base": res["kl_to_base"], "top1_agreement": res["top1_agreement"],
+                    "perplexity": res["perplexity"], "params": res["params"], "bytes": res["bytes"],
+                    "experts_after": man["experts_after"], "protected": man["protected"],
+                    "experts_per_layer": [v["num_experts"] for v in man["layers"].values()],
+                    "manifest_layers": {l: {"removed": v["removed"]} for l, v in man["layers"].items()},
+                }  # fmt: skip
+                print(f"{key:28s} KL {res['kl_to_base']:.4f} top1 {res['top1_agreement']:.4f} "
+                      f"ppl {res['perplexity']['all']:.2f} ({prune_s:.1f}s prune)", flush=True)  # fmt: skip
+        diag = ranking_diagnostics(prof, runs)
+        report = {
+            "model": str(base),
+            "model_fingerprint": ckpt.fingerprint,
+            "calibration": prof.meta["calibration"],
+            "super_experts": prof.meta["super_experts"],
+            "eval": {"data": "mixed", **ev},
+            "base": {"perplexity": base_eval["perplexity"], "params": base_eval["params"], "bytes": base_eval["bytes"]},
+            "runs": runs,
+            "diagnostics": diag,
+            "elapsed_s": round(time.time() - t0, 1),
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out + ".json").write_text(json.dumps(report, indent=2) + "\n")
+        md = render_md(report, args)
+        Path(args.out + ".md").write_text(md)
+        print(md)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _avg(rows: list[dict]) -> dict:
+    out = {k: sum(r[k] for r in rows) / len(rows) for k in ("kl_to_base", "top1_agreement")}
+    out["perplexity"] = {d: sum(r["perplexity"][d] for r in rows) / len(rows) for d in rows[0]["perplexity"]}
+    out.update({k: rows[0][k] for k in ("params", "bytes", "experts_per_layer", "method", "ratio", "layout")})
+    return out
+
+
+def render_md(rep: dict, args: argparse.Namespace) -> str:
+    doms = list(rep["base"]["perplexity"])
+    lines = [
+        "# Expert pruning on the built-in model",
+        "",
+        f"Model `{rep['model']}`; shared profile: {rep['calibration']['samples']} windows x "
+        f"{rep['calibration']['seq_len']} tokens of `mixed`; eval: {rep['eval']['max_windows']} held-out windows "
+        f"per domain x {rep['eval']['seq_len']} tokens. Super experts (protected): {rep['super_experts'] or 'none'}. "
+        f"random = mean of {args.random_seeds} seeds. Uniform layout unless marked per-layer. "
+        f"Total {rep['elapsed_s']:.0f}s.",
+        "",
+        "Reproduce: `OMP_NUM_THREADS=1 .venv/bin/python bench/prune_bench.py"
+        + (f" --model {args.model}" if args.model else "")
+        + f" --max-windows {args.max_windows} --samples {args.samples}`",
+        "",
+        "| ratio | method | experts/layer | KL(base‖pruned) | top-1 agree | " + " | ".join(f"ppl {d}" for d in doms)
+        + " | params | bytes |",
+        "|---|---|---|---|---|" + "---|" * len(doms) + "---|---|",
+        "| 0 | base | - | 0 | 1 | " + " | ".join(f"{rep['base']['perplexity'][d]:.2f}" for d in doms)
+        + f" | {rep['base']['params']:,} | {rep['base']['bytes']:,} |",
+    ]  # fmt: skip
+    groups: dict[tuple[float, str], list[dict]] = {}
+    for r in rep["runs"].values():
+        name = r["method"] + (" (per-layer)" if r["layout"] == "per-layer" else "")
+        groups.setdefault((r["ratio"], name), []).append(r)
+    best: dict[float, tuple[str, float]] = {}
+    for (ratio, method), rows in groups.items():
+        a = _avg(rows)
+        if ratio not in best or a["kl_to_base"] < best[ratio][1]:
+            best[ratio] = (method, a["kl_to_base"])
+        counts = a["experts_per_layer"]
+        per = str(counts[0]) if len(set(counts)) == 1 else "/".join(map(str, counts))
+        lines.append(
+            f"| {ratio:g} | {method} | {per} | {a['kl_to_base']:.4f} | {a['top1_agreement']:.4f} | "
+            + " | ".join(f"{a['perplexity'][d]:.2f}" for d in doms)
+            + f" | {a['params']:,} | {a['bytes']:,} |"
+        )
+    lines += ["", "Lowest KL: " + "; ".join(f"{r:g}: {m} ({kl:.4f})" for r, (m, kl) in sorted(best.items())), ""]
+    d = rep["diagnostics"]
+    for ratio in sorted(best):
+        reap = _avg(groups[(ratio, "reap")])["kl_to_base"]
+        freq = _avg(groups[(ratio, "frequency")])["kl_to_base"]
+        verdict = "beats" if reap < freq else "does not beat"
+        lines.append(f"- ratio {ratio:g}: REAP {verdict} frequency (KL {reap:.4f} vs {freq:.4f}).")
+    lines += [
+        "",
+        "Diagnostics (REAP = mean over an expert's routed tokens of p * ||f||; it does not weigh how often the "
+        "expert is routed to, frequency does):",
+        f"- Spearman(REAP, frequency) per layer: {d['spearman_reap_vs_frequency_per_layer']}",
+        f"- coefficient of variation of frequency per layer: {d['frequency_coefficient_of_variation_per_layer']}",
+        f"- share of removed experts that REAP and frequency agree on: {d['removed_set_overlap_reap_vs_frequency']}",
+        f"- Spearman(routing mass, frequency) over all experts: {d['spearman_routing_mass_vs_frequency_all']}",
+        "",
+        "Bytes are the safetensors files; params count every tensor (tied embeddings once).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
