@@ -2,11 +2,13 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/merge_bench.py            # built-in model, ratios 0.25 and 0.5
 
-For each ratio: subspace merge (k-means on output similarity, Sub-MoE SVD merge at several rank fractions),
-HC-SMoE-style average merge (hierarchical clustering + frequency-weighted average), the subspace merge with the
-plain averaged router (to measure the router fit), and REAP pruning (drop the lowest-saliency experts) with the
-same writer. Every variant has the same expert count per layer. Metrics vs the base model: KL(base || model) and
-top-1 agreement on held-out windows, per-domain perplexity, and greedy-generation match (token-wise and prefix).
+For each ratio: subspace merge (k-means on output similarity, neuron alignment, Sub-MoE SVD merge at several
+rank fractions), the same without alignment, with the plain averaged router instead of the fitted one, and with
+the least-squares down-projection refit (the CLI default); HC-SMoE-style average merge (hierarchical clustering
+on mean outputs + frequency-weighted average, no alignment) with and without the refit; and REAP pruning (drop
+the lowest-saliency experts, super experts kept) with the same writer. Every variant has the same expert count
+per layer. Metrics vs the base model: KL(base || model) and top-1 agreement on held-out windows, per-domain
+perplexity, and greedy-generation match (token-wise and common prefix).
 Writes reports/merge_bench.json and reports/merge_bench.md.
 """
 
@@ -89,10 +91,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model folder (default: the built-in model)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--rank-fractions", type=float, nargs="+", default=[1.0, 0.75, 0.5])
+    ap.add_argument("--rank-fractions", type=float, nargs="+", default=[1.0, 0.5])
     ap.add_argument("--samples", type=int, default=64, help="calibration windows (profile and merge)")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--max-windows", type=int, default=16, help="eval windows per domain")
+    ap.add_argument("--max-windows", type=int, default=8, help="eval windows per domain")
     ap.add_argument("--gen-prompts", type=int, default=4, help="greedy prompts per domain")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-tokens", type=int, default=32)
@@ -149,12 +151,18 @@ def main() -> None:
     results = [measure("base", base, None, {"build_s": 0.0})]
     for ratio in args.ratios:
         variants: list[tuple[str, MergeOptions]] = []
-        for rf in args.rank_fractions:
-            variants.append((f"subspace r={rf:g}", MergeOptions(ratio=ratio, rank_fraction=None if rf == 1 else rf)))
-        variants.append(("subspace r=1 router=avg", MergeOptions(ratio=ratio, router="average")))
-        variants.append(("average (HC-SMoE)", MergeOptions(ratio=ratio, method="average")))
+        for rf in args.rank_fractions:  # subspace: k-means on output similarity + aligned Sub-MoE SVD merge
+            rank_fraction = None if rf == 1 else rf
+            variants.append((f"subspace r={rf:g}", MergeOptions(ratio=ratio, rank_fraction=rank_fraction, refit=False)))
+        variants += [
+            ("subspace r=1 no-align", MergeOptions(ratio=ratio, align=False, refit=False)),
+            ("subspace r=1 router=avg", MergeOptions(ratio=ratio, router="average", refit=False)),
+            ("subspace r=1 +refit (default)", MergeOptions(ratio=ratio)),
+            ("average (HC-SMoE)", MergeOptions(ratio=ratio, method="average")),
+            ("average +refit", MergeOptions(ratio=ratio, method="average", refit=True)),
+        ]
         for name, opts in variants:
-            out = work / f"{name.replace(' ', '_').replace('=', '').replace('(', '').replace(')', '')}-{ratio}"
+            out = work / f"{''.join(c if c.isalnum() or c in '.-' else '_' for c in name)}-{ratio}"
             t = time.time()
             man = merge_model(base, out, opts, work / "profile", "mixed", args.samples, args.seq_len, 8, "cpu",
                               overwrite=True, progress=False)  # fmt: skip

@@ -32,8 +32,11 @@ def merge(
         typer.Option("--align/--no-align", help="Match neurons before merging (default: on for subspace only)."),
     ] = None,
     refit: Annotated[
-        bool, typer.Option("--refit/--no-refit", help="Refit merged down projections on calibration tokens.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--refit/--no-refit", help="Refit merged down projections on calibration tokens (default: subspace)."
+        ),
+    ] = None,
     calib: Annotated[str, typer.Option(help="Built-in set (a domain or mixed) or a .txt/.jsonl file.")] = "mixed",
     samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 256,

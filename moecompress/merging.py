@@ -56,7 +56,7 @@ class MergeOptions:
     protect_super: bool = True
     align: bool | None = None  # neuron alignment before merging; None: on for subspace, off for average (HC-SMoE)
     align_tokens: int = 2048
-    refit: bool = False  # least-squares refit of each merged expert's down projection on calibration tokens
+    refit: bool | None = None  # least-squares refit of merged down projections; None: on for subspace only
     sim_tokens: int = 512
     fit_tokens: int = 8192
     kl_steps: int = 20
@@ -65,6 +65,10 @@ class MergeOptions:
     @property
     def aligned(self) -> bool:
         return self.method == "subspace" if self.align is None else self.align
+
+    @property
+    def refitted(self) -> bool:
+        return self.method == "subspace" if self.refit is None else self.refit
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -155,7 +159,7 @@ def merge_layer(
 
     align_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.align_tokens]]  # [Ta, H]
     route_w = None
-    if opts.refit and w.correction_bias is None:
+    if opts.refitted and w.correction_bias is None:
         route_w = routing_weights(logits, top_k, norm_topk)  # [T, E]
     gate, up, down, ranks = [], [], [], []
     for members in clusters:
@@ -327,7 +331,7 @@ def merge_model(
         if opts.router == "fit"
         else "frequency-weighted average of member rows",
         "neuron_alignment": opts.aligned,
-        "down_refit": opts.refit and not fam.correction_bias,
+        "down_refit": opts.refitted and not fam.correction_bias,
         "propagation": "every layer is calibrated on the original (unmerged) model's activations",
         "params_before": ckpt.num_params,
         "params_after": expected_size(ckpt, K, "params"),

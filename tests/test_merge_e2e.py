@@ -69,7 +69,7 @@ def test_merge_qwen_shrinks_and_reloads(tmp_path, method):
     src = _qwen(tmp_path)
     out = tmp_path / f"out-{method}"
     sub = method == "subspace"
-    opts = MergeOptions(ratio=0.5, method=method, rank_fraction=0.5 if sub else None, refit=sub, sim_tokens=32)
+    opts = MergeOptions(ratio=0.5, method=method, rank_fraction=0.5 if sub else None, sim_tokens=32)
     manifest = merge_model(src, out, opts, tokens=_tokens(), progress=False, device="cpu")
     K = E // 2
     cfg = json.loads((out / "config.json").read_text())
