@@ -325,3 +325,10 @@ def test_report_inside_a_temporary_output_folder(tmp_path):
     assert ".tmp-123" not in text and str(tmp_path / "pruned") in text
     # the shared profile's warnings are listed once, not once per run
     assert text.count("2 experts have fewer than 40 routed tokens") == 1
+
+
+def test_full_command_line_in_manifest(tmp_path):
+    write_json(tmp_path / "q" / "moecompress.json", {"command": "moecompress quantize m --bits 3 -o q", "bits": 3})
+    html = build_report([tmp_path / "q"])
+    assert "<th>Command / method</th><td>quantize</td>" in html  # short in the summary
+    assert "moecompress quantize m --bits 3 -o q" in " ".join(parse(html).text)  # full line among the fields

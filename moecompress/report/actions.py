@@ -90,9 +90,9 @@ def actions_section(
         parts.append(f"<h3>Per-layer record</h3>{generic(other_layers)}")
     elif layers:
         parts.append(f"<details><summary>Per-layer record (raw)</summary>{generic(layers, 1)}</details>")
-    other = {k: v for k, v in manifest.items() if k not in KNOWN_KEYS}
+    other = {k: v for k, v in manifest.items() if k not in KNOWN_KEYS or (k == "command" and " " in str(v))}
     if other:
-        parts.append(f"<h3>Other manifest fields</h3>{generic(other)}")
+        parts.append(f"<details><summary>Other manifest fields ({len(other)})</summary>{generic(other)}</details>")
     return "".join(parts)
 
 

@@ -68,6 +68,8 @@ def generic(value: Any, depth: int = 0) -> str:
         return _folded(value)
     if isinstance(value, float):
         return esc(fmt_num(value, 6))
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
+        return esc(f"{value:,}")
     if value is None:
         return "–"
     return esc(value)

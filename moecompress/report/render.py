@@ -64,6 +64,16 @@ def _bytes_cell(x: Any, key: str) -> str:
     return f'<td class="num" data-key="{esc(key)}" data-value="{esc(repr(v))}">{esc(human_bytes(v))}</td>'
 
 
+def short_command(command: Any) -> str | None:
+    """'prune' from 'prune' or from a full command line 'moecompress prune MODEL --ratio 0.5 ...'."""
+    if command is None:
+        return None
+    words = str(command).split()
+    if len(words) > 1 and words[0].endswith("moecompress"):
+        return words[1]
+    return str(command)
+
+
 def run_facts(run: RunSidecars) -> dict[str, Any]:
     """The summary numbers of one run, each taken from the first sidecar that has it."""
     m, p, ev, base = run.manifest or {}, run.profile or {}, run.eval or {}, run.eval_base or {}
@@ -72,7 +82,9 @@ def run_facts(run: RunSidecars) -> dict[str, Any]:
     return {
         "model": first(m.get("source_model"), m.get("model"), p.get("model"), ev.get("model")),
         "family": first(m.get("family"), p.get("family")),
-        "command": first(m.get("command"), "profile" if run.profile else None, "eval" if run.eval else None),
+        "command": first(
+            short_command(m.get("command")), "profile" if run.profile else None, "eval" if run.eval else None
+        ),  # fmt: skip
         "method": m.get("method"),
         "ratio": m.get("ratio"),
         "bits": m.get("bits"),
