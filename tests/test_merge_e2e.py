@@ -160,3 +160,23 @@ def test_merge_every_family(tiny_model, tmp_path):
         Eg = E0 // man["n_group"]
         for info in man["layers"].values():
             assert all(len({e // Eg for e in c}) == 1 for c in info["clusters"])
+
+
+def test_merge_uses_the_profile_and_protects_super_experts(tmp_path, tokenizer_dir, monkeypatch):
+    from conftest import build_tiny
+
+    from moecompress.profile import Profile, run_profile
+
+    src = build_tiny("qwen3_moe", tmp_path / "q", tokenizer_dir)
+    prof = run_profile(src, tmp_path / "prof", "mixed", 4, 32, 0, 4, torch.device("cpu"), 64)
+    monkeypatch.setattr(Profile, "super_experts", property(lambda self: [(0, 3), (2, 5)]))
+    man = merge_model(src, tmp_path / "m", MergeOptions(ratio=0.5), tmp_path / "prof", samples=4, seq_len=32,
+                      progress=False, device="cpu")  # fmt: skip
+    assert man["protected"] == [[0, 3], [2, 5]]
+    assert [3] in man["layers"]["0"]["clusters"] and [5] in man["layers"]["2"]["clusters"]
+    freq = prof.layer(1, "frequency")
+    assert man["layers"]["1"]["frequency"] == [round(float(v), 6) for v in freq]
+    other = build_tiny("qwen3_moe", tmp_path / "q2", tokenizer_dir, seed=1, num_experts=8)
+    with pytest.raises(UserError, match="another model"):
+        merge_model(other, tmp_path / "m2", MergeOptions(ratio=0.5), tmp_path / "prof", samples=4, seq_len=32,
+                    progress=False)  # fmt: skip
