@@ -108,7 +108,8 @@ def heatmap(
     out.append(
         f'<text x="{left + cw * n_cols / 2:.1f}" y="12" text-anchor="middle" fill="#444">{esc(col_title)}</text>'
     )
-    label_every = max(1, math.ceil(14.0 / cw))
+    widest = max((len(str(c)) for c in col_names[:n_cols]), default=1)
+    label_every = max(1, math.ceil((6.5 * widest + 4.0) / cw))
     for j, name in enumerate(col_names[:n_cols]):
         if j % label_every == 0:
             out.append(
@@ -127,6 +128,7 @@ def heatmap(
                 f'<text x="{left - 6:.1f}" y="{y + 3.5:.1f}" text-anchor="end" font-size="10" '
                 f'fill="#555">{esc(name)}</text>'
             )
+    out.append(f'<g stroke="#fff" stroke-width="{0.5 if min(cw, ch) >= 9 else 0.25}">')
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             x, y = left + cw * j, top + ch * i
@@ -146,8 +148,9 @@ def heatmap(
             data = "" if v is None else f' data-value="{esc(repr(v) if isinstance(v, (int, float)) else v)}"'
             out.append(
                 f'<rect class="cell" x="{x:.2f}" y="{y:.2f}" width="{cw:.2f}" height="{ch:.2f}" fill="{color}" '
-                f'stroke="#fff" stroke-width="0.5" data-row="{i}" data-col="{j}"{data}><title>{esc(tip)}</title></rect>'
+                f'data-row="{i}" data-col="{j}"{data}><title>{esc(tip)}</title></rect>'
             )
+    out.append("</g>")
     for i, j in sorted(dots):
         if i < n_rows and j < n_cols:
             out.append(
