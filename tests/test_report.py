@@ -332,3 +332,18 @@ def test_full_command_line_in_manifest(tmp_path):
     html = build_report([tmp_path / "q"])
     assert "<th>Command / method</th><td>quantize</td>" in html  # short in the summary
     assert "moecompress quantize m --bits 3 -o q" in " ".join(parse(html).text)  # full line among the fields
+
+
+def test_perplexity_change_against_the_base(tmp_path):
+    runs = make_runs(tmp_path)
+    html = build_report([runs["prune"], runs["merge"]])
+    page = parse(html)
+    assert float(page.keyed()["ppl.merged.shakespeare"]["data-value"]) == 110.0
+    # merged vs eval_base.json of the pruned folder: 110 / 101.5 - 1 = +8.4%; python 44 / 40.25 - 1 = +9.3%
+    assert '<span class="worse">(+8.4%)</span>' in html and '<span class="worse">(+9.3%)</span>' in html
+    # without eval_base.json, the profile run's eval of the source model is the base
+    (runs["prune"] / "eval_base.json").unlink()
+    prof_eval = json.loads((runs["profile"] / "eval.json").read_text())
+    write_json(runs["profile"] / "eval.json", {**prof_eval, "model": "builtin-moe"})
+    html = build_report([runs["profile"], runs["prune"]])
+    assert '<span class="worse">(+18.2%)</span>' in html  # 120 / 101.5

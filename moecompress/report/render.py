@@ -170,30 +170,58 @@ def _setting(f: dict[str, Any]) -> str | None:
     return None
 
 
+def _base_ppl(runs: list[RunSidecars]) -> dict[str, float] | None:
+    """Perplexities of the uncompressed model: an ``eval_base.json``, or the eval of a folder whose ``model`` is a
+    compressed run's ``source_model`` (e.g. the profile run's eval of the base model)."""
+    for run in runs:
+        if run.eval_base is not None and perplexities(run.eval_base):
+            return perplexities(run.eval_base)
+    sources = {str(r.manifest.get("source_model")) for r in runs if r.manifest and r.manifest.get("source_model")}
+    for run in runs:
+        if run.manifest is None and run.eval is not None and str(run.eval.get("model")) in sources:
+            return perplexities(run.eval)
+    return None
+
+
+def _ppl_cell(value: float | None, base: float | None, key: str) -> str:
+    cell = num_cell(value, key)
+    if value is None or not base:
+        return cell
+    change = (value - base) / base * 100
+    cls = "worse" if change > 0.05 else ("better" if change < -0.05 else "note")
+    return cell.replace("</td>", f' <span class="{cls}">({change:+.1f}%)</span></td>')
+
+
 def _quality(runs: list[RunSidecars]) -> str:
     series: dict[str, dict[str, float]] = {}
+    is_base: set[str] = set()
     seen_base: set[str] = set()
     for run in runs:
         if run.eval_base is not None:
             key = json.dumps(perplexities(run.eval_base), sort_keys=True)
             if key not in seen_base:
                 seen_base.add(key)
-                series[f"base ({run.name})" if len(runs) > 1 else "base model"] = perplexities(run.eval_base)
+                name = f"base ({run.name})" if len(runs) > 1 else "base model"
+                series[name] = perplexities(run.eval_base)
+                is_base.add(name)
         if run.eval is not None:
             series[run.name] = perplexities(run.eval)
     if not series:
         return note("No evaluation found (run `moecompress eval --json OUT/eval.json`, with `--base` for KL).")
+    base = _base_ppl(runs)
     domains = list(dict.fromkeys(d for s in series.values() for d in s))
     if "all" in domains:
         domains = [d for d in domains if d != "all"] + ["all"]
-    rows = [[text_cell(name)] + [num_cell(s.get(d), f"ppl.{name}.{d}") for d in domains] for name, s in series.items()]
+    rows = []
+    for name, s in series.items():
+        ref = None if name in is_base or s == base else base
+        rows.append([text_cell(name)] + [_ppl_cell(s.get(d), (ref or {}).get(d), f"ppl.{name}.{d}") for d in domains])
     svg = grouped_bars(domains, {n: [s.get(d) for d in domains] for n, s in series.items()}, value_name="perplexity",
                        chart_id="perplexity")  # fmt: skip
-    return (
-        "<h3>Held-out perplexity per domain (lower is better)</h3>"
-        + table(["", *domains], rows)
-        + f"<figure>{svg}</figure>"
+    text = "Held-out perplexity per domain (lower is better)" + (
+        ", change vs the base model in brackets" if base else ""
     )
+    return f"<h3>{esc(text)}</h3>" + table(["", *domains], rows) + f"<figure>{svg}</figure>"
 
 
 def _pareto(runs: list[RunSidecars]) -> tuple[str, list[str]]:
