@@ -64,7 +64,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows per domain")
     ap.add_argument("--plans", default="all", help="comma-separated plan names, or all")
+    ap.add_argument("--md-only", action="store_true", help="re-render reports/quant_bench.md from the JSON")
     args = ap.parse_args()
+    if args.md_only:
+        res = json.loads((ROOT / "reports" / "quant_bench.json").read_text())
+        (ROOT / "reports" / "quant_bench.md").write_text(markdown(res))
+        return
     torch.manual_seed(0)
     loading.register_loader("quantized", "moecompress.quant.load:load_quantized")  # until loading.py wires it
     ckpt = Checkpoint(args.model)
@@ -84,6 +89,7 @@ def main() -> None:
             "perplexity": base_ev["perplexity"],
             "kl_to_base": 0.0,
             "top1_agreement": 1.0,
+            "process_peak_rss_bytes": base_ev["peak_memory_bytes"],
         }
     ]
     measure_s = {}
@@ -120,7 +126,7 @@ def main() -> None:
                     "perplexity": ev["perplexity"],
                     "kl_to_base": ev["kl_to_base"],
                     "top1_agreement": ev["top1_agreement"],
-                    "peak_memory_bytes": ev["peak_memory_bytes"],
+                    "process_peak_rss_bytes": ev["peak_memory_bytes"],  # max over the whole bench process so far
                     "few_token_experts": len(bp["few_token_experts"]),
                 }
                 if len(bp["width_counts"]) and sum(1 for v in bp["width_counts"].values() if v) == 1:
@@ -133,12 +139,13 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    cmd = "OMP_NUM_THREADS=1 .venv/bin/python bench/quant_bench.py"
+    cmd = command_line(vars(args))
     result = {
         "command": cmd,
         "args": vars(args),
         "model": model,
         "model_fingerprint": ckpt.fingerprint,
+        "train_step": _train_step(ckpt.path),
         "calibration": {"set": "mixed", "samples": args.samples, "seq_len": args.seq_len, "seed": 0},
         "eval": {"set": "mixed (held-out split)", "windows_per_domain": args.eval_windows, "seq_len": args.seq_len},
         "other_bits": 16,
@@ -153,15 +160,35 @@ def main() -> None:
     print(markdown(result))
 
 
+def command_line(args: dict) -> str:
+    """The command that reproduces a run, from its recorded arguments."""
+    defaults = {"model": None, "methods": "rtn,gptq", "samples": 16, "seq_len": 256, "eval_windows": 8, "plans": "all"}
+    extra = "".join(
+        f" --{k.replace('_', '-')} {json.dumps(v) if ' ' in str(v) else v}"
+        for k, v in args.items()
+        if k in defaults and v != defaults[k]
+    )
+    return "OMP_NUM_THREADS=1 .venv/bin/python bench/quant_bench.py" + extra
+
+
+def _train_step(path: Path) -> int | None:
+    """Training step of an intermediate checkpoint (training/work/ckpt writes train_log.json), else None."""
+    f = Path(path) / "train_log.json"
+    return json.loads(f.read_text()).get("step") if f.exists() else None
+
+
 def markdown(res: dict) -> str:
     doms = [d for d in res["rows"][0]["perplexity"] if d != "all"]
     head = ["config", "method", "avg bits", "routed bytes", "file bytes", "KL to base", "top-1", "ppl all"] + [
         f"ppl {d}" for d in doms
     ]
     lines = [
-        "# Quantization benchmark (built-in model)",
+        "# Quantization benchmark",
         "",
-        f"Command: `{res['command']}` ({res['elapsed_s']} s on {res['machine']['platform']}, "
+        f"Model: `{res['model']}` (fingerprint {res['model_fingerprint'][:12]}"
+        + (f", training step {res['train_step']}" if res.get("train_step") else "")
+        + ").",
+        f"Command: `{command_line(res['args'])}` ({res['elapsed_s']} s on {res['machine']['platform']}, "
         f"{res['machine']['threads']} thread(s)).",
         f"Calibration: {res['calibration']['samples']} windows x {res['calibration']['seq_len']} tokens (mixed); "
         f"evaluation: {res['eval']['windows_per_domain']} held-out windows per domain. Attention, norms, router, "
@@ -179,7 +206,7 @@ def markdown(res: dict) -> str:
             f"{r.get('average_bits', 16):.3g}",
             f"{r.get('routed_bytes', 0):,}",
             f"{r['bytes']:,}",
-            f"{r['kl_to_base']:.4f}",
+            f"{r['kl_to_base']:.2e}",
             f"{r['top1_agreement']:.3f}",
             f"{r['perplexity']['all']:.2f}",
         ] + [f"{r['perplexity'][d]:.2f}" for d in doms]
