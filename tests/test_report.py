@@ -164,6 +164,10 @@ def test_profile_report_matches_sidecar(tmp_path):
     prof = json.loads((runs["profile"] / "profile.json").read_text())
     page = parse(build_report([runs["profile"]]))
     assert not page.find("script") and not page.find("link") and not page.find("img") and not page.find("iframe")
+    # opens offline: nothing is fetched (the only URL is the SVG namespace)
+    urls = [v for _, a in page.tags for k, v in a.items() if v and "://" in v]
+    assert set(urls) == {"http://www.w3.org/2000/svg"}
+    assert not any(k in ("src", "srcset", "action") for _, a in page.tags for k in a)
     for key in ("frequency", "reap", "max_abs_out", "routing_mass"):
         cells = [a for t, a in page.tags if t == "rect" and a.get("class") == "cell" and "data-row" in a
                  and any(a is b for b in _chart_cells(page, f"profile0-{key}"))]  # fmt: skip

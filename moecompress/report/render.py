@@ -233,12 +233,14 @@ def _pareto(runs: list[RunSidecars]) -> tuple[str, list[str]]:
             points.append((float(f["bytes_after"]), float(f["kl_to_base"]), run.name))
         elif run.manifest is not None:
             skipped.append(run.name)
+    reference = None
     if base_bytes is not None and points:
         points.insert(0, (float(base_bytes), 0.0, "base model"))
+        reference = 0
     if len(points) < 2:
         return "", skipped
     svg = pareto_scatter(points, x_name="bytes on disk", y_name="KL(base ‖ model)", fmt_x=human_bytes,
-                         chart_id="pareto")  # fmt: skip
+                         reference=reference, chart_id="pareto")  # fmt: skip
     text = "Lower-left is better; the dashed line joins the runs no other run beats on both bytes and KL."
     if skipped:
         text += f" Left out (no bytes or no KL to base): {', '.join(skipped)}."

@@ -308,9 +308,11 @@ def pareto_scatter(
     y_name: str,
     fmt_x: Callable[[float], str] = fmt_num,
     fmt_y: Callable[[float], str] = fmt_num,
+    reference: int | None = None,
     chart_id: str = "",
 ) -> str:
-    """Scatter of (x, y, label) with the Pareto front (lower x and lower y are better) drawn as a step line."""
+    """Scatter of (x, y, label) with the Pareto front (lower x and lower y are better) drawn as a step line.
+    The point at index ``reference`` (e.g. the uncompressed model) is drawn grey."""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     xt = nice_ticks(min(xs + [0.0]), max(xs) * 1.06 if xs else 1.0)
     yt = nice_ticks(min(ys + [0.0]), max(ys) * 1.06 if ys else 1.0)
@@ -352,7 +354,7 @@ def pareto_scatter(
         out.append(f'<path class="front" d="{d}" fill="none" stroke="#c44e52" stroke-dasharray="4 3"/>')
     on_front = set(front)
     for i, (x, y, label) in enumerate(points):
-        color = SERIES_COLORS[i % len(SERIES_COLORS)]
+        color = "#999999" if i == reference else SERIES_COLORS[i % len(SERIES_COLORS)]
         tip = f"{label}: {x_name} {fmt_x(x)}, {y_name} {fmt_y(y)}" + (" (Pareto front)" if i in on_front else "")
         out.append(
             f'<circle class="point" cx="{px(x):.1f}" cy="{py(y):.1f}" r="{6 if i in on_front else 4.5}" '
