@@ -173,16 +173,18 @@ def output_error_order(
     protected: set[int],
     max_remove: int,
     correction: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> list[Step]:
     """Greedy removal order: each step drops the expert whose removal raises the relative error least.
 
     outs [T, E, H] expert outputs, logits [T, E] router logits (+ router bias) on the same tokens. Error of a
-    removed set R: ||y_R - y||^2 / ||y||^2 summed over tokens (y = routed output with every expert). With groups,
-    every group loses one expert per round (the round is one step; its cost is the round's error increase)."""
+    removed set R: ||y_R - y||^2 / scale summed over tokens (y = routed output with every expert; scale defaults
+    to ||y||^2; pass the residual stream's energy on the same tokens to compare layers). With groups, every group
+    loses one expert per round (the round is one step; its cost is the round's error increase)."""
     E = logits.shape[1]
     g, Eg = spec.n_group, E // spec.n_group
     y0 = combine(outs, *route(logits, spec, None, correction))  # [T, H]
-    denom = max(float(y0.pow(2).sum()), 1e-30)
+    denom = max(float(scale if scale is not None else y0.pow(2).sum()), 1e-30)
     removed = torch.zeros(E, dtype=torch.bool)
     lost = [0] * g
     steps: list[Step] = []
@@ -272,6 +274,7 @@ class PruneOptions:
     protect_super: bool = True
     seed: int = 0
     error_tokens: int = 4096  # output-error: calibration tokens per layer the greedy search measures on
+    error_scale: str = "residual"  # output-error costs relative to: residual (stream energy) | output (routed)
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -284,8 +287,9 @@ class PruneOptions:
             raise UserError(f"--error-tokens {self.error_tokens} must be at least 1")
 
 
-def _moe_inputs(stream: Any, layer: Any, limit: int) -> torch.Tensor:
-    """Run one materialized layer over the stream's cache (propagating it); return <= limit MoE-block inputs."""
+def _moe_inputs(stream: Any, layer: Any, limit: int) -> tuple[torch.Tensor, float]:
+    """Run one materialized layer over the stream's cache (propagating it); return <= limit MoE-block inputs
+    [T, H] and the residual stream's energy sum ||r||^2 (layer outputs) on the same tokens."""
     xs: list[torch.Tensor] = []
 
     def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -299,7 +303,8 @@ def _moe_inputs(stream: Any, layer: Any, limit: int) -> torch.Tensor:
         handle.remove()
     x = torch.cat(xs)  # [T, H]
     step = max(1, x.shape[0] // limit)
-    return x[::step][:limit]
+    r = torch.cat([stream.cache[i].reshape(-1, x.shape[-1]) for i in range(len(stream.cache))])  # [T, H]
+    return x[::step][:limit], float(r[::step][:limit].float().pow(2).sum())
 
 
 def output_error_orders(
@@ -321,7 +326,7 @@ def output_error_orders(
                     stream.forward_layer(layer)
                     bar.advance(task)
                     continue
-                x = _moe_inputs(stream, layer, opts.error_tokens)  # [T, H]
+                x, resid = _moe_inputs(stream, layer, opts.error_tokens)  # [T, H]
                 block = stream.moe_block(layer)
                 experts, router = getattr(block, fam.experts), getattr(block, fam.router)
                 I = experts.down_proj.shape[-1]
@@ -332,7 +337,8 @@ def output_error_orders(
                     if getattr(router, "bias", None) is not None:
                         logits = logits + router.bias.float()
                     corr = getattr(router, fam.correction_bias) if fam.correction_bias else None
-                    orders[l] = output_error_order(outs, logits, spec, protected[l], max_remove, corr)
+                    scale = resid if opts.error_scale == "residual" else None
+                    orders[l] = output_error_order(outs, logits, spec, protected[l], max_remove, corr, scale)
                 del outs
                 bar.advance(task)
     finally:

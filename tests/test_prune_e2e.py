@@ -225,3 +225,18 @@ def test_cli_prunes_with_profile_and_reports_protection(tmp_path, tokenizer_dir)
     freq = load_file(str(prof / "profile.safetensors"))
     for l, info in man["layers"].items():
         assert info["removed"] == sorted(freq[f"layer{l}.frequency"].sort(stable=True).indices[:2].tolist())
+
+
+def test_output_error_per_layer_grouped_round_trips(tmp_path, tokenizer_dir):
+    path = build_tiny("deepseek_v3", tmp_path / "ds", tokenizer_dir)
+    out = tmp_path / "out"
+    opts = PruneOptions(ratio=0.5, method="output-error", layout="per-layer")
+    man = prune_model(path, out, opts, tokens=_tokens())
+    counts = [v["num_experts"] for v in man["layers"].values()]
+    assert sum(8 - c for c in counts) == 4 * len(counts) and all(c % 2 == 0 and c >= 4 for c in counts)
+    for info in man["layers"].values():  # every removal round takes one expert from each group of 4
+        assert all(sorted(e // 4 for e in step) == [0, 1] for step in info["removal_order"])
+    base = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
+    ref = prune_in_memory(base, {int(l): v["kept"] for l, v in man["layers"].items()})
+    ids = _tokens().input_ids
+    torch.testing.assert_close(_logits(loading.load(out), ids), _logits(ref, ids), rtol=0, atol=0)

@@ -113,6 +113,9 @@ def test_output_error_greedy_first_step_is_brute_force_best():
     assert order[0].experts == (min(range(E), key=errs.__getitem__),)
     assert order[0].cost == pytest.approx(min(errs))
     assert len(order) == 3 and len({s.experts for s in order}) == 3
+    scaled = output_error_order(outs, logits, SOFT, set(), 3, scale=10 * float(y0.pow(2).sum()))
+    assert [s.experts for s in scaled] == [s.experts for s in order]  # the order is the layer's own
+    assert [s.cost for s in scaled] == pytest.approx([s.cost / 10 for s in order])  # costs compare across layers
     protected = {order[0].experts[0]}
     assert all(protected.isdisjoint(s.experts) for s in output_error_order(outs, logits, SOFT, protected, 3))
     grouped = output_error_order(outs[:, :4], logits[:, :4], RouterSpec(2, "sigmoid_group", True, 2, 2), set(), 2)
