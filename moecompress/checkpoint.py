@@ -36,8 +36,8 @@ def builtin_model_dir() -> Path:
 
 
 def resolve_model(path: str | Path | None) -> Path:
-    """The model folder: ``path``, or the built-in model when None."""
-    if path is None:
+    """The model folder: ``path``, or the built-in model when None (or the word "builtin" and no such folder)."""
+    if path is None or (str(path) == "builtin" and not Path("builtin").exists()):
         p = builtin_model_dir()
         if not (p / "config.json").exists():
             raise UserError(f"the built-in model is missing from {p}: reinstall moecompress")
