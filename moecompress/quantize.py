@@ -294,7 +294,7 @@ def make_plan(
                     "predicted_cost": None if costs is None else float(costs[n, choice[n]]),
                     "err": None if err is None else {str(b): float(err[li, e, j]) for j, b in enumerate(widths)},
                     "tokens": None if counts is None else int(counts[li, e]),
-                    "method": meas["used"][l][e] if (l, int(chosen_bits[li, e])) in meas["codes"] else None,
+                    "method": meas["used"][l][e],
                     "importance": float(importance[li, e]),
                 }
             )

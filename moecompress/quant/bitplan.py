@@ -14,6 +14,9 @@ Formulation choices that keep a Qwen3-30B-sized instance (48 x 128 experts x 4 w
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -47,6 +50,25 @@ def _available_solver(prefer: str | None) -> tuple[str, object]:
         if name in avail:
             return name, pulp.getSolver(name, msg=False)
     raise UserError("no MIP solver available to pulp: install highspy (pip install highspy)")
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence fd 1 (solver banners written from C) for the duration of the block."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _new_var(prob, name: str):
@@ -133,7 +155,8 @@ def allocate_bits_detailed(
     slv.timeLimit = time_limit_s
     build_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    prob.solve(slv)
+    with _quiet_stdout():  # highspy prints a banner even with msg=False
+        prob.solve(slv)
     solve_s = time.perf_counter() - t1
     status = pulp.LpStatus[prob.status]
     if status == "Infeasible":
