@@ -240,3 +240,17 @@ def test_output_error_per_layer_grouped_round_trips(tmp_path, tokenizer_dir):
     ref = prune_in_memory(base, {int(l): v["kept"] for l, v in man["layers"].items()})
     ids = _tokens().input_ids
     torch.testing.assert_close(_logits(loading.load(out), ids), _logits(ref, ids), rtol=0, atol=0)
+
+
+def test_cli_atom_granularity_dispatches_to_atomic_prune(tmp_path, tokenizer_dir):
+    path = build_tiny("qwen3_moe", tmp_path / "q", tokenizer_dir)
+    prof = _profile_dir(path, tmp_path / "prof", _tokens())
+    out = tmp_path / "atoms"
+    r = _cli(path, "--ratio", "0.25", "--granularity", "atom", "--method", "magnitude", "--layout", "exact",
+             "--profile", prof, "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    man = json.loads((out / "moecompress.json").read_text())
+    assert man["command"] == "prune --granularity atom" and man["method"] == "activation_magnitude"
+    assert man["routed_channels_removed_fraction"] == pytest.approx(0.25, abs=0.01)
+    r = _cli(path, "--ratio", "0.25", "--granularity", "atom", "--layout", "per-layer", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "granularity expert" in r.output and not (tmp_path / "x").exists()
