@@ -44,16 +44,19 @@ PLANS = (
 )
 
 
-def hf_matches(out: Path, ids: torch.Tensor) -> bool:
+def hf_matches(out: Path, ids: torch.Tensor) -> bool | str:
     """transformers' from_pretrained (compressed-tensors) gives the same logits as moecompress's loader."""
     from transformers import AutoModelForCausalLM
 
     from moecompress.quant.load import load_quantized
 
     a = load_quantized(out, dtype=torch.bfloat16)
-    b = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager", dtype=torch.bfloat16)
-    with torch.no_grad():
-        return bool(torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits))
+    try:
+        b = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager", dtype=torch.bfloat16)
+        with torch.no_grad():
+            return bool(torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits))
+    except Exception as err:  # noqa: BLE001 - record what transformers does with this layout
+        return f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
 
 
 def main() -> None:
@@ -129,8 +132,7 @@ def main() -> None:
                     "process_peak_rss_bytes": ev["peak_memory_bytes"],  # max over the whole bench process so far
                     "few_token_experts": len(bp["few_token_experts"]),
                 }
-                if len(bp["width_counts"]) and sum(1 for v in bp["width_counts"].values() if v) == 1:
-                    row["transformers_loads_same_logits"] = hf_matches(out, ids)
+                row["transformers_loads_same_logits"] = hf_matches(out, ids)
                 rows.append(row)
                 print(
                     f"{method:5s} {name:14s} avg {row['average_bits']:.3f} bits  routed {row['routed_bytes']:>9,} B  "
@@ -214,11 +216,16 @@ def markdown(res: dict) -> str:
     lines.append("")
     hf = [r for r in res["rows"] if "transformers_loads_same_logits" in r]
     if hf:
-        ok = all(r["transformers_loads_same_logits"] for r in hf)
-        lines.append(
-            "Uniform outputs loaded with AutoModelForCausalLM.from_pretrained give the same logits as "
-            f"moecompress.load: {'yes' if ok else 'NO'} ({len(hf)} outputs checked)."
-        )
+        lines += [
+            "Does `AutoModelForCausalLM.from_pretrained` (transformers, compressed-tensors) give the same logits as "
+            "`moecompress.load` (exact by construction)?",
+            "",
+            "| config | method | widths used | same logits |",
+            "|---|---|---|---|",
+        ]
+        for r in hf:
+            used = ", ".join(f"{n}x{b}b" for b, n in r["width_counts"].items() if n)
+            lines.append(f"| {r['config']} | {r['method']} | {used} | {r['transformers_loads_same_logits']} |")
     lines.append("")
     return "\n".join(lines)
 

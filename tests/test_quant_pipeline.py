@@ -201,3 +201,13 @@ def test_importance_from_profile_boosts_super_experts():
     assert _importance(Lay(), None, "uniform").tolist() == [[1.0] * 4] * 2
     with pytest.raises(UserError, match="needs --profile"):
         _importance(Lay(), None, "reap")
+
+
+def test_budget_gb_plan_fits_the_total_size(qwen, tmp_path):
+    ref = run_quantize(qwen, tmp_path / "u3", bits=3, plan="uniform", method="rtn", other_bits=8, plan_only=True, **KW)
+    budget = (ref["total_bytes"] + 2000) / 1e9
+    kw = dict(method="rtn", granularity="expert", plan_only=True, **KW)
+    plan = run_quantize(qwen, tmp_path / "g", budget_gb=budget, **kw)
+    assert plan["total_bytes"] <= budget * 1e9
+    assert plan["average_bits_routed"] > 2.5  # it spends the budget rather than dropping everything to 2 bits
+    assert plan["fixed_bytes"] == ref["fixed_bytes"]  # attention etc. at --other-bits 8 in both
