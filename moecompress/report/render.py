@@ -209,6 +209,7 @@ def _quality(runs: list[RunSidecars]) -> str:
     if not series:
         return note("No evaluation found (run `moecompress eval --json OUT/eval.json`, with `--base` for KL).")
     base = _base_ppl(runs)
+    series = {(f"{n} (base model)" if s == base and n not in is_base else n): s for n, s in series.items()}
     domains = list(dict.fromkeys(d for s in series.values() for d in s))
     if "all" in domains:
         domains = [d for d in domains if d != "all"] + ["all"]
