@@ -19,7 +19,11 @@ from .checkpoint import resolve_model
 from .errors import UserError
 
 # layout name in moecompress.json -> "module:function" taking (path, device, dtype) and returning the model
-LOADERS: dict[str, str] = {}
+LOADERS: dict[str, str] = {
+    "per-layer": "moecompress.prune_load:load_per_layer",  # expert pruning with per-layer expert counts
+    "atomic_exact": "moecompress.atomic.load:load_exact_atomic",  # atomic pruning with per-expert widths
+    "quantized": "moecompress.quant.load:load_quantized",  # compressed-tensors, any bit plan
+}
 
 
 def register_loader(layout: str, target: str) -> None:
