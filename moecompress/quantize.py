@@ -8,7 +8,8 @@ compressed-tensors pack-quantized checkpoint + moecompress.json (layout "quantiz
 Scope notes: layer inputs are propagated through the *original* weights (errors are measured per expert, not
 compounded); attention / shared experts / dense MLPs are quantized with RTN at ``--other-bits`` (16 keeps them);
 routers, norms, embeddings and lm_head are never quantized. All candidate codes are kept in memory between the
-measurement and the write (refused above ``MAX_CODE_CACHE_BYTES``).
+measurement and the write up to ``MAX_CODE_CACHE_BYTES``; above it, a second streamed pass re-quantizes each layer at
+its planned widths while the checkpoint is written (memory: one layer).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,49 +156,49 @@ def _importance(lay: Layout, prof: Any, mode: str) -> np.ndarray:
     return imp
 
 
-@torch.no_grad()
-def measure(
+def layer_pass(
     ckpt: Checkpoint,
     lay: Layout,
     input_ids: torch.Tensor | None,
-    widths: tuple[int, ...],
+    widths_of: Callable[[int], tuple[int, ...]],
     method: str,
     min_tokens: int,
     batch_size: int,
     device: torch.device,
     scale_dtype: torch.dtype,
-) -> dict[str, Any]:
-    """Quantize every routed expert at every width in ``widths``; with calibration ids, also GPTQ Hessians and
-    err[l, e, b]. Returns codes per (layer, width), errors [L, E, B] (or None), token counts and methods used."""
+    with_err: bool,
+    label: str = "quantize",
+) -> Iterator[dict[str, Any]]:
+    """Stream the model layer by layer; for each MoE layer yield its experts quantized at ``widths_of(layer)``
+    (``codes`` by width), the method used per expert, routed-token counts and (``with_err``) err [E, B].
+    Without calibration ids (RTN) the weights are read straight from the checkpoint."""
     from .stats import routed_forward
     from .stream import LayerStream
 
-    L, E = len(lay.moe), lay.E
-    codes: dict[tuple[int, int], QuantizedExperts] = {}
-    used: dict[int, list[str]] = {}
-    counts = np.zeros((L, E), dtype=np.int64)
-    err = np.zeros((L, E, len(widths))) if input_ids is not None else None
+    E = lay.E
     wdtype = _DTYPES.get(lay.info[next(iter(lay.routed))]["dtype"], torch.float32)
     if input_ids is None:  # RTN needs no data
         with progress_bar() as bar:
-            task = bar.add_task("quantize: rtn", total=L)
+            task = bar.add_task(f"{label}: rtn", total=len(lay.moe))
             for l in lay.moe:
                 w = ckpt.moe_weights(l)
                 gu, dn = torch.cat([w.gate, w.up], dim=1), w.down  # [E, 2I, H], [E, H, I]
-                for b in widths:
-                    codes[(l, b)], used[l] = quantize_layer_experts(gu, dn, b, "rtn", None, 0, scale_dtype)
+                codes = {}
+                for b in widths_of(l):
+                    codes[b], used = quantize_layer_experts(gu, dn, b, "rtn", None, 0, scale_dtype)
+                yield {"layer": l, "codes": codes, "used": used, "counts": None, "err": None}
                 bar.advance(task)
-        return {"codes": codes, "err": None, "counts": None, "used": used}
+        return
     fam = ckpt.family
     stream = LayerStream(ckpt, input_ids, batch_size=batch_size, device=device)
     n_layers = len(stream.decoder_layers)
     moe = set(lay.moe)
     try:
         with progress_bar() as bar:
-            task = bar.add_task("quantize: calibrate", total=n_layers)
+            task = bar.add_task(label, total=n_layers)
             stream.capture()
             for l, layer in stream.layers():
-                bar.update(task, description=f"quantize: layer {l + 1}/{n_layers}")
+                bar.update(task, description=f"{label}: layer {l + 1}/{n_layers}")
                 if l not in moe:
                     for i in range(len(stream.cache)):
                         stream.cache[i] = stream.run_layer(layer, i)
@@ -217,16 +219,52 @@ def measure(
                     del experts.forward
                 gu = experts.gate_up_proj.detach().float().cpu()
                 dn = experts.down_proj.detach().float().cpu()
-                li = lay.moe.index(l)
-                counts[li] = cap.counts.numpy()
-                qs = []
-                for b in widths:
-                    codes[(l, b)], used[l] = quantize_layer_experts(gu, dn, b, method, cap, min_tokens, scale_dtype)
-                    qs.append(codes[(l, b)])
-                err[li] = expert_errors(gu, dn, experts.act_fn, cap, qs, wdtype).numpy()
+                codes = {}
+                used: list[str] = []
+                for b in widths_of(l):
+                    codes[b], used = quantize_layer_experts(gu, dn, b, method, cap, min_tokens, scale_dtype)
+                err = None
+                if with_err:
+                    err = expert_errors(gu, dn, experts.act_fn, cap, list(codes.values()), wdtype).numpy()
+                yield {"layer": l, "codes": codes, "used": used, "counts": cap.counts.numpy(), "err": err}
+                del cap
                 bar.advance(task)
     finally:
         stream.close()
+
+
+def measure(
+    ckpt: Checkpoint,
+    lay: Layout,
+    input_ids: torch.Tensor | None,
+    widths: tuple[int, ...],
+    method: str,
+    min_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    scale_dtype: torch.dtype,
+    keep_codes: bool = True,
+) -> dict[str, Any]:
+    """Quantize every routed expert at every width in ``widths``; with calibration ids, also GPTQ Hessians and
+    err[l, e, b]. Returns codes per (layer, width) (empty unless ``keep_codes``), errors [L, E, B] (or None),
+    token counts [L, E] (or None) and methods used."""
+    L, E = len(lay.moe), lay.E
+    codes: dict[tuple[int, int], QuantizedExperts] = {}
+    used: dict[int, list[str]] = {}
+    counts = np.zeros((L, E), dtype=np.int64) if input_ids is not None else None
+    err = np.zeros((L, E, len(widths))) if input_ids is not None else None
+    passes = layer_pass(
+        ckpt, lay, input_ids, lambda l: widths, method, min_tokens, batch_size, device, scale_dtype,
+        with_err=input_ids is not None, label="quantize: measure" if not keep_codes else "quantize",
+    )  # fmt: skip
+    for r in passes:
+        l, li = r["layer"], lay.moe.index(r["layer"])
+        used[l] = r["used"]
+        if keep_codes:
+            codes.update({(l, b): q for b, q in r["codes"].items()})
+        if r["err"] is not None:
+            err[li] = r["err"]
+            counts[li] = r["counts"]
     return {"codes": codes, "err": err, "counts": counts, "used": used}
 
 
@@ -323,24 +361,22 @@ def make_plan(
     }
 
 
-def _tensors(ckpt: Checkpoint, lay: Layout, codes: dict, plan: dict, other_bits: int, scale_dtype: torch.dtype):
-    """(key, tensor) pairs of the output checkpoint, in the input's key order."""
+def _tensors(
+    ckpt: Checkpoint,
+    lay: Layout,
+    layer_codes: Iterable[tuple[int, dict[int, QuantizedExperts]]],
+    plan: dict,
+    other_bits: int,
+    scale_dtype: torch.dtype,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of the output: every non-routed tensor (in the input's key order), then the routed
+    experts layer by layer as ``layer_codes`` yields ``(layer, {bits: codes})`` (lazily: a streamed pass feeds it)."""
     bits_of = {(int(l), r["expert"]): r["bits"] for l, d in plan["layers"].items() for r in d["experts"]}
     I = lay.I
     for key in ckpt.keys():
         if key in lay.routed:
-            l, e, proj = lay.routed[key]
-            qe: QuantizedExperts = codes[(l, bits_of[(l, e)])]
-            if proj == 2:
-                q, s = qe.down_q[e], qe.down_s[e]
-            else:
-                sl = slice(0, I) if proj == 0 else slice(I, 2 * I)
-                q, s = qe.gate_up_q[e, sl], qe.gate_up_s[e, sl]
-            base = key[: -len(".weight")]
-            yield base + ".weight_packed", pack_int32(q.contiguous(), qe.bits)
-            yield base + ".weight_scale", s.contiguous()
-            yield base + ".weight_shape", torch.tensor(list(q.shape), dtype=torch.int64)
-        elif key in lay.other and other_bits < 16:
+            continue
+        if key in lay.other and other_bits < 16:
             w = ckpt.get(key)
             q, s = rtn_quantize(w, other_bits, group_size_for(w.shape[-1]), scale_dtype)
             base = key[: -len(".weight")]
@@ -349,6 +385,19 @@ def _tensors(ckpt: Checkpoint, lay: Layout, codes: dict, plan: dict, other_bits:
             yield base + ".weight_shape", torch.tensor(list(w.shape), dtype=torch.int64)
         else:
             yield key, ckpt.get(key)
+    for l, by_width in layer_codes:
+        for e in range(lay.E):
+            qe = by_width[bits_of[(l, e)]]
+            for proj in range(3):
+                if proj == 2:
+                    q, s = qe.down_q[e], qe.down_s[e]
+                else:
+                    sl = slice(0, I) if proj == 0 else slice(I, 2 * I)
+                    q, s = qe.gate_up_q[e, sl], qe.gate_up_s[e, sl]
+                base = lay.fam.expert_key(l, e, proj)[: -len(".weight")]
+                yield base + ".weight_packed", pack_int32(q.contiguous(), qe.bits)
+                yield base + ".weight_scale", s.contiguous()
+                yield base + ".weight_shape", torch.tensor(list(q.shape), dtype=torch.int64)
 
 
 def _qconfig(lay: Layout, plan: dict, other_bits: int) -> dict[str, Any]:
@@ -404,6 +453,7 @@ def run_quantize(
     overwrite: bool = False,
     command: str | None = None,
     measurement: dict[str, Any] | None = None,
+    max_cache_bytes: int = MAX_CODE_CACHE_BYTES,
 ) -> dict[str, Any]:
     """Quantize a model's routed experts (and other linears at ``other_bits``); returns the bit plan.
 
@@ -436,12 +486,9 @@ def run_quantize(
                 f"--budget-gb {budget_gb:g} is below the smallest possible model ({smallest / 1e9:.4f} GB with every "
                 f"routed expert at {min(WIDTHS)} bits and other weights at --other-bits {other_bits}): raise it"
             )
-    cache = len(lay.moe) * lay.E * 3 * lay.I * lay.H * len(widths)
-    if cache > MAX_CODE_CACHE_BYTES:
-        raise UserError(
-            f"holding {len(widths)} candidate widths of every expert needs {cache / 1e9:.1f} GB of memory: "
-            "use --plan uniform (one width) on a model this large"
-        )
+    # int8 codes of every candidate width of every expert; above the limit, the codes are not kept: a second
+    # streamed pass re-quantizes each layer at its planned widths while the checkpoint is written
+    streamed = len(lay.moe) * lay.E * 3 * lay.I * lay.H * len(widths) > max_cache_bytes
     if measurement is not None:  # reuse one calibration pass for several plans (benchmarks)
         if measurement["method"] != method or measurement["fingerprint"] != ckpt.fingerprint:
             raise ValueError("measurement was made with another method or model")
@@ -454,17 +501,21 @@ def run_quantize(
         if need_data:
             check_seq_len(seq_len, ckpt.config)
             tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
-        meas = measure(
-            ckpt,
-            lay,
-            tokens.input_ids if tokens is not None else None,
-            widths,
-            method,
-            min_tokens,
-            batch_size,
-            device or torch.device("cpu"),
-            scale_dtype,
-        )
+        if streamed and tokens is None:  # uniform RTN on a large model: nothing to measure
+            meas = {"codes": {}, "err": None, "counts": None, "used": {l: ["rtn"] * lay.E for l in lay.moe}}
+        else:
+            meas = measure(
+                ckpt,
+                lay,
+                tokens.input_ids if tokens is not None else None,
+                widths,
+                method,
+                min_tokens,
+                batch_size,
+                device or torch.device("cpu"),
+                scale_dtype,
+                keep_codes=not streamed,
+            )
     bit_plan = make_plan(lay, meas, widths, plan, bits, budget_gb, granularity, other_bits, sb, imp, min_tokens)
     bit_plan.update(
         method=method,
@@ -514,16 +565,32 @@ def run_quantize(
         "calibration_fingerprint": tokens.fingerprint if tokens is not None else None,
         "layers": {l: {"bits": d["bits"]} for l, d in bit_plan["layers"].items()},
     }
-    manifest["elapsed_s"] = round(time.time() - t0, 2)
+    if measurement is not None or not streamed:
+        layer_codes: Iterable = ((l, {b: meas["codes"][(l, b)] for b in widths}) for l in lay.moe)
+    else:
+        planned = {int(l): tuple(d["bits"]) for l, d in bit_plan["layers"].items()}
+        passes = layer_pass(
+            ckpt, lay, tokens.input_ids if tokens is not None else None, lambda l: planned[l], method, min_tokens,
+            batch_size, device or torch.device("cpu"), scale_dtype, with_err=False, label="quantize: write",
+        )  # fmt: skip
+        layer_codes = ((r["layer"], r["codes"]) for r in passes)
+    manifest["streamed_write"] = bool(streamed and measurement is None)
     write_checkpoint(
         out,
-        _tensors(ckpt, lay, meas["codes"], bit_plan, other_bits, scale_dtype),
+        _tensors(ckpt, lay, layer_codes, bit_plan, other_bits, scale_dtype),
         config,
         ckpt.side_files(),
         manifest,
         overwrite=overwrite,
         extra_json={"bit_plan.json": bit_plan},
     )
+    # the streamed pass runs inside the write: record the total time once the folder is complete
+    man_path = Path(out) / "moecompress.json"
+    full = json.loads(man_path.read_text())
+    full["elapsed_s"] = round(time.time() - t0, 2)
+    tmp = man_path.with_name(".moecompress.json.tmp")
+    tmp.write_text(json.dumps(full, indent=2) + "\n")
+    tmp.replace(man_path)
     return bit_plan
 
 

@@ -211,3 +211,19 @@ def test_budget_gb_plan_fits_the_total_size(qwen, tmp_path):
     assert plan["total_bytes"] <= budget * 1e9
     assert plan["average_bits_routed"] > 2.5  # it spends the budget rather than dropping everything to 2 bits
     assert plan["fixed_bytes"] == ref["fixed_bytes"]  # attention etc. at --other-bits 8 in both
+
+
+@pytest.mark.parametrize("plan,method", [("lp", "gptq"), ("uniform", "rtn")])
+def test_streamed_write_equals_cached(qwen, tmp_path, plan, method):
+    """Above the code-cache limit a second streamed pass re-quantizes while writing: same plan, same weights."""
+    kw = dict(bits=3.0 if plan == "lp" else 3, plan=plan, method=method, granularity="expert", other_bits=16, **KW)
+    a = run_quantize(qwen, tmp_path / "cached", **kw)
+    b = run_quantize(qwen, tmp_path / "streamed", max_cache_bytes=0, **kw)
+    assert json.loads((tmp_path / "streamed" / "moecompress.json").read_text())["streamed_write"] is True
+    assert json.loads((tmp_path / "cached" / "moecompress.json").read_text())["streamed_write"] is False
+    assert [r["bits"] for d in a["layers"].values() for r in d["experts"]] == [
+        r["bits"] for d in b["layers"].values() for r in d["experts"]
+    ]
+    sa, sb = load_quantized(tmp_path / "cached").state_dict(), load_quantized(tmp_path / "streamed").state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
