@@ -191,18 +191,29 @@ def output_error_order(
     prev = 0.0
     round_experts: list[int] = []
     round_cost = 0.0
+    cur_w, cur_idx = route(logits, spec, removed, correction)
+    d2 = torch.zeros(logits.shape[0], dtype=torch.float64)  # [T] ||y_R - y||^2 per token
     for _ in range(max_remove):
         least = min(lost)
         cands = [e for e in range(E) if not removed[e] and e not in protected and lost[e // Eg] == least]
         if not cands:
             break
-        best, best_err = -1, math.inf
+        best, best_err, best_state = -1, math.inf, None
+        total = d2.sum()
         for e in cands:
             trial = removed.clone()
             trial[e] = True
-            err = float((combine(outs, *route(logits, spec, trial, correction)) - y0).pow(2).sum()) / denom
+            w, idx = route(logits, spec, trial, correction)
+            # only tokens whose routing changes need their output recomputed (all others keep d2)
+            rows = ((idx != cur_idx) | (w != cur_w)).any(-1).nonzero().squeeze(1)  # [n]
+            y = (outs[rows[:, None], idx[rows]] * w[rows][:, :, None]).sum(1)  # [n, k, H] -> [n, H]
+            new_d2 = (y - y0[rows]).double().pow(2).sum(-1)
+            err = float(total - d2[rows].sum() + new_d2.sum()) / denom
             if err < best_err:
-                best, best_err = e, err
+                best, best_err, best_state = e, err, (w, idx, rows, new_d2)
+        w, idx, rows, new_d2 = best_state
+        cur_w, cur_idx = w, idx
+        d2[rows] = new_d2
         removed[best] = True
         lost[best // Eg] += 1
         round_experts.append(best)
