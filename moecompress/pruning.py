@@ -3,9 +3,11 @@
 Every method turns one MoE layer into a *removal order*: a list of steps, each a set of experts removed together
 (one expert; one expert per group for group-limited routers such as DeepSeek-V3's ``n_group``) with a cost.
   frequency / routing-mass / reap / random: ascending profile score (normalized to a share of the layer);
-  output-error (NAEE-style greedy): on cached MoE-block inputs, repeatedly make unroutable the expert whose
-    removal (its tokens go to their next choice) changes the layer's routed output least; cost = the increase of
-    the relative squared output error.
+  output-error (NAEE-style greedy): on cached MoE-block inputs of the unpruned model, repeatedly make unroutable
+    the expert whose removal (its tokens go to their next choice) changes the layer's routed output least;
+    cost = the increase of ||y_R - y||^2 relative to the residual stream's energy on the same tokens (so layers
+    compare). Memory: [T, E, H] expert outputs per layer (T = error_tokens); only tokens whose routing changes
+    are recomputed per candidate.
 Layouts: ``uniform`` takes the first n = round(ratio E) experts of every layer's order; ``per-layer`` takes the
 cheapest steps across all layers (costs compared globally), keeping at least the router's minimum in each layer.
 Protected experts (super experts) never appear in an order; shared experts are not routed, so never candidates.
