@@ -11,8 +11,9 @@
 
 Scaling: the gradient pass is layer-streamed (atomic/gradstream.py): one decoder layer's weights and one layer's
 G accumulators in memory at a time (full G: E x H^2 floats for that layer only; diag: E x H; lowrank: E x H(2r+1)),
-plus the cached activations of every layer (2 x L x N x S x H floats on the host). Scores are computed per layer as
-soon as its G is complete. `gradient_pass` (whole model in memory) remains for small models and benchmarks.
+plus the cached inputs of every layer and one gradient ((L + 1) x N x S x H floats on the host). Scores are
+computed per layer as soon as its G is complete. `gradient_pass` (whole model in memory) remains for small models
+and benchmarks.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ and back-propagated with the incoming gradient; the Experts hooks of gradstats s
 gradient at the layer's input becomes the next (lower) layer's incoming gradient. Only one layer's weights and one
 layer's G accumulators live at a time; ``on_layer`` turns a layer's statistics into scores so full G never
 exists for more than one layer (Qwen3-30B: 128 experts x 16.8 MB = 2.1 GB instead of 103 GB for 48 layers).
-Host memory for activations: 2 x L x N x S x H floats (Qwen3-30B, 64 x 256 tokens: about 13 GB).
+Host memory for activations: (L + 1) x N x S x H floats (Qwen3-30B, 64 x 256 tokens: about 6.6 GB in fp32).
 """
 
 from __future__ import annotations
