@@ -17,6 +17,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +46,25 @@ PLANS = (
 )
 
 
+_RSS = """
+import resource, sys, torch
+from moecompress import loading
+loading.register_loader("quantized", "moecompress.quant.load:load_quantized")
+m = loading.load(sys.argv[1])
+with torch.no_grad():
+    m(input_ids=torch.zeros(8, 256, dtype=torch.long))
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]  # this process only (ru_maxrss
+print(int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""  # survives exec and would include the parent's size)
+
+
+def peak_rss(path: str | Path) -> int:
+    """Peak RSS (bytes) of a fresh process that loads a folder with moecompress.load and runs one 8x256 forward."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _RSS, str(path)], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
 def hf_matches(out: Path, ids: torch.Tensor) -> bool | str:
     """transformers' from_pretrained (compressed-tensors) gives the same logits as moecompress's loader."""
     from transformers import AutoModelForCausalLM
@@ -68,10 +89,11 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows per domain")
     ap.add_argument("--plans", default="all", help="comma-separated plan names, or all")
     ap.add_argument("--md-only", action="store_true", help="re-render reports/quant_bench.md from the JSON")
+    ap.add_argument("--report-dir", default=str(ROOT / "reports"), help="where quant_bench.json/.md go")
     args = ap.parse_args()
     if args.md_only:
-        res = json.loads((ROOT / "reports" / "quant_bench.json").read_text())
-        (ROOT / "reports" / "quant_bench.md").write_text(markdown(res))
+        res = json.loads((Path(args.report_dir) / "quant_bench.json").read_text())
+        (Path(args.report_dir) / "quant_bench.md").write_text(markdown(res))
         return
     torch.manual_seed(0)
     loading.register_loader("quantized", "moecompress.quant.load:load_quantized")  # until loading.py wires it
@@ -93,6 +115,7 @@ def main() -> None:
             "kl_to_base": 0.0,
             "top1_agreement": 1.0,
             "process_peak_rss_bytes": base_ev["peak_memory_bytes"],
+            "load_forward_peak_rss_bytes": peak_rss(model),
         }
     ]
     measure_s = {}
@@ -133,6 +156,8 @@ def main() -> None:
                     "few_token_experts": len(bp["few_token_experts"]),
                 }
                 row["transformers_loads_same_logits"] = hf_matches(out, ids)
+                if method == args.methods.split(",")[-1] and name in ("uniform 4", "uniform 2", "lp-expert 2.5"):
+                    row["load_forward_peak_rss_bytes"] = peak_rss(out)
                 rows.append(row)
                 print(
                     f"{method:5s} {name:14s} avg {row['average_bits']:.3f} bits  routed {row['routed_bytes']:>9,} B  "
@@ -156,15 +181,17 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
         "rows": rows,
     }
-    (ROOT / "reports").mkdir(exist_ok=True)
-    (ROOT / "reports" / "quant_bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    (ROOT / "reports" / "quant_bench.md").write_text(markdown(result))
+    rep = Path(args.report_dir)
+    rep.mkdir(parents=True, exist_ok=True)
+    (rep / "quant_bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (rep / "quant_bench.md").write_text(markdown(result))
     print(markdown(result))
 
 
 def command_line(args: dict) -> str:
     """The command that reproduces a run, from its recorded arguments."""
     defaults = {"model": None, "methods": "rtn,gptq", "samples": 16, "seq_len": 256, "eval_windows": 8, "plans": "all"}
+    # --report-dir is where the files go, not part of the measurement
     extra = "".join(
         f" --{k.replace('_', '-')} {json.dumps(v) if ' ' in str(v) else v}"
         for k, v in args.items()
@@ -214,6 +241,15 @@ def markdown(res: dict) -> str:
         ] + [f"{r['perplexity'][d]:.2f}" for d in doms]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    mem = [r for r in res["rows"] if r.get("load_forward_peak_rss_bytes")]
+    if mem:
+        lines += [
+            "Peak RSS of a fresh process that loads the folder with `moecompress.load` (float32, CPU) and runs one "
+            "8 x 256 forward: "
+            + ", ".join(f"{r['config']} ({r['method']}): {r['load_forward_peak_rss_bytes'] / 1e6:.0f} MB" for r in mem)
+            + ". On CPU the loader dequantizes to dense weights, so the saving is on disk, not in RAM.",
+            "",
+        ]
     hf = [r for r in res["rows"] if "transformers_loads_same_logits" in r]
     if hf:
         lines += [
