@@ -19,7 +19,7 @@ import heapq
 import importlib.util
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -288,6 +288,7 @@ class PruneOptions:
     seed: int = 0
     error_tokens: int = 4096  # output-error: calibration tokens per layer the greedy search measures on
     error_scale: str = "residual"  # output-error costs relative to: residual (stream energy) | output (routed)
+    sequential: bool = True  # output-error, uniform: measure each layer on the already-pruned earlier layers
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -300,10 +301,11 @@ class PruneOptions:
             raise UserError(f"--error-tokens {self.error_tokens} must be at least 1")
 
 
-def _moe_inputs(stream: Any, layer: Any, limit: int) -> tuple[torch.Tensor, float]:
-    """Run one materialized layer over the stream's cache (propagating it); return <= limit MoE-block inputs
-    [T, H] and the residual stream's energy sum ||r||^2 (layer outputs) on the same tokens."""
+def _moe_inputs(stream: Any, layer: Any, limit: int, propagate: bool = True) -> tuple[torch.Tensor, float]:
+    """Run one materialized layer over the stream's cache (replacing it by the outputs when ``propagate``); return
+    <= limit MoE-block inputs [T, H] and the residual stream's energy sum ||r||^2 (layer outputs) on those tokens."""
     xs: list[torch.Tensor] = []
+    rs: list[torch.Tensor] = []
 
     def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         h = args[0] if args else kwargs["hidden_states"]
@@ -311,21 +313,29 @@ def _moe_inputs(stream: Any, layer: Any, limit: int) -> tuple[torch.Tensor, floa
 
     handle = stream.moe_block(layer).register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        stream.forward_layer(layer)
+        with torch.no_grad():
+            for i in range(len(stream.cache)):
+                out = stream.run_layer(layer, i)
+                rs.append(out.reshape(-1, out.shape[-1]))
+                if propagate:
+                    stream.cache[i] = out
     finally:
         handle.remove()
-    x = torch.cat(xs)  # [T, H]
+    x, r = torch.cat(xs), torch.cat(rs)  # [T, H]
     step = max(1, x.shape[0] // limit)
-    r = torch.cat([stream.cache[i].reshape(-1, x.shape[-1]) for i in range(len(stream.cache))])  # [T, H]
     return x[::step][:limit], float(r[::step][:limit].float().pow(2).sum())
 
 
 def output_error_orders(
     ckpt: Any, tokens: Any, spec: RouterSpec, protected: dict[int, set[int]], max_remove: int, opts: PruneOptions,
-    batch_size: int, device: torch.device,
+    batch_size: int, device: torch.device, sequential: int | None = None,
 ) -> dict[int, list[Step]]:  # fmt: skip
-    """Greedy output-error orders of every MoE layer, on the unpruned model's layer inputs (one layer in memory)."""
+    """Greedy output-error orders of every MoE layer (one decoder layer in memory).
+
+    Inputs are the unpruned model's, unless ``sequential`` = n: then each layer loses its first n experts right
+    after its order is found, and later layers are measured on the pruned model's activations (uniform layout)."""
     from .progress import progress_bar
+    from .prune_load import layer_view, set_layer_experts
     from .stream import LayerStream
 
     fam, moe = ckpt.family, set(ckpt.moe_layers)
@@ -339,7 +349,7 @@ def output_error_orders(
                     stream.forward_layer(layer)
                     bar.advance(task)
                     continue
-                x, resid = _moe_inputs(stream, layer, opts.error_tokens)  # [T, H]
+                x, resid = _moe_inputs(stream, layer, opts.error_tokens, sequential is None)  # [T, H]
                 block = stream.moe_block(layer)
                 experts, router = getattr(block, fam.experts), getattr(block, fam.router)
                 I = experts.down_proj.shape[-1]
@@ -353,6 +363,10 @@ def output_error_orders(
                     scale = resid if opts.error_scale == "residual" else None
                     orders[l] = output_error_order(outs, logits, spec, protected[l], max_remove, corr, scale)
                 del outs
+                if sequential is not None:
+                    keep = select_uniform({l: orders[l]}, sequential, ckpt.num_experts)[l]
+                    set_layer_experts(stream.model, fam, l, layer_view(stream.model, fam, l).select(keep))
+                    stream.forward_layer(layer)
                 bar.advance(task)
     finally:
         stream.close()
@@ -446,7 +460,8 @@ def prune_model(
     max_remove = n if opts.layout == "uniform" else E - spec.min_keep()
     scores: dict[int, torch.Tensor] = {}
     if opts.method == "output-error":
-        orders = output_error_orders(ckpt, tokens, spec, protected, max_remove, opts, batch_size, dev)
+        seq = n if opts.layout == "uniform" and opts.sequential else None
+        orders = output_error_orders(ckpt, tokens, spec, protected, max_remove, opts, batch_size, dev, seq)
     else:
         scores = {l: method_scores(prof, l, opts.method, opts.seed) for l in layers}
         orders = {l: score_order(scores[l], protected[l], spec.n_group) for l in layers}
@@ -482,7 +497,7 @@ def prune_model(
         "source_fingerprint": ckpt.fingerprint,
         "method": opts.method,
         "ratio": opts.ratio,
-        "options": {k: getattr(opts, k) for k in ("method", "layout", "protect_super", "seed", "error_tokens")},
+        "options": asdict(opts),
         "experts_before": E,
         "experts_after": max(counts.values()) if opts.layout == "per-layer" else E - n,
         "experts_removed_total": sum(E - c for c in counts.values()),
