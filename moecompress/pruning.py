@@ -509,6 +509,11 @@ def prune_model(
         "calibration": cal,
         "calibration_fingerprint": cal.get("fingerprint"),
         "output_error_calibration": tokens.describe() if opts.method == "output-error" else None,
+        "output_error_inputs": None
+        if opts.method != "output-error"
+        else "pruned earlier layers (sequential)"
+        if opts.layout == "uniform" and opts.sequential
+        else "unpruned model",
         "params_before": ckpt.num_params,
         "bytes_before": ckpt.bytes_on_disk,
         "warnings": warnings,
