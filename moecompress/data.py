@@ -98,7 +98,7 @@ def _encode(tokenizer: Any, text: str) -> torch.Tensor:
     ids: list[int] = []
     step = 100_000
     for i in range(0, len(text), step):  # chunked so huge files don't hit the tokenizer's max length warning
-        ids.extend(tokenizer(text[i : i + step], add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(text[i : i + step], add_special_tokens=False, verbose=False)["input_ids"])
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -110,7 +110,7 @@ def unigram_perplexity(model: str | Path | None = None, data: str | Path = "mixe
     V = len(tok)
     counts = torch.ones(V, dtype=torch.float64)
     for text in fit_texts.values():
-        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
         counts += torch.bincount(ids, minlength=V).double()[:V]
     logp = (counts / counts.sum()).log()
     out: dict[str, float] = {}
