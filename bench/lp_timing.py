@@ -11,6 +11,7 @@ Also times the per-projection variant (x 3 projections = 73,728 binaries) and th
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -90,7 +91,11 @@ def main() -> None:
         )
     out = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/lp_timing.py",
-        "machine": {"platform": platform.platform(), "processor": platform.processor()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_average_1_5_15_min_after": [round(x, 2) for x in os.getloadavg()],  # other processes compete
+        },
         "results": rows,
     }
     (ROOT / "reports").mkdir(exist_ok=True)
