@@ -60,7 +60,18 @@ def ranking_diagnostics(prof: Profile, runs: dict[str, dict]) -> dict:
     f_all = torch.cat([prof.layer(l, "frequency") for l in prof.moe_layers]).double()
     r_all = torch.cat([prof.layer(l, "reap") for l in prof.moe_layers]).double()
     mass = torch.cat([prof.layer(l, "routing_mass") for l in prof.moe_layers]).double()
+    # domain specialization: share of an expert's routed tokens that come from its most frequent domain
+    spec = {l: None for l in prof.moe_layers}
+    for l in prof.moe_layers:
+        dc = prof.layer(l, "domain_counts").double()  # [D, E]
+        spec[l] = dc.max(0).values / dc.sum(0).clamp_min(1)  # [E]
+    specialization = {"all experts": float(torch.cat(list(spec.values())).mean())}
+    for key, run in runs.items():
+        if run["layout"] == "uniform" and run["method"] in ("frequency", "reap", "output-error"):
+            vals = [float(spec[int(l)][e]) for l, v in run["manifest_layers"].items() for e in v["removed"]]
+            specialization[f"removed by {key}"] = sum(vals) / len(vals)
     return {
+        "top_domain_share": {k: round(v, 3) for k, v in specialization.items()},
         "spearman_reap_vs_frequency_per_layer": [round(x, 3) for x in rho],
         "frequency_coefficient_of_variation_per_layer": [round(x, 3) for x in cv],
         "removed_set_overlap_reap_vs_frequency": {k: round(v, 3) for k, v in overlap.items()},
@@ -192,6 +203,7 @@ def render_md(rep: dict, args: argparse.Namespace) -> str:
         f"- coefficient of variation of frequency per layer: {d['frequency_coefficient_of_variation_per_layer']}",
         f"- share of removed experts that REAP and frequency agree on: {d['removed_set_overlap_reap_vs_frequency']}",
         f"- Spearman(routing mass, frequency) over all experts: {d['spearman_routing_mass_vs_frequency_all']}",
+        f"- mean share of an expert's tokens from its top domain (specialization): {d['top_domain_share']}",
         "",
         "Bytes are the safetensors files; params count every tensor (tied embeddings once).",
         "",
