@@ -434,7 +434,7 @@ def prune_model(
     fam, cfg, E, layers = ckpt.family, ckpt.config, ckpt.num_experts, ckpt.moe_layers
     spec = RouterSpec.from_config(fam, cfg)
     n, note = removal_count(E, opts.ratio, spec)
-    if tokens is None and (profile_dir is None or opts.method == "output-error"):
+    if tokens is None and profile_dir is None:  # with --profile, its own windows are reused
         check_seq_len(seq_len, cfg)
     dev = device or torch.device("cpu")
     warnings = [note] if note else []
@@ -450,7 +450,8 @@ def prune_model(
         if tokens is None:
             tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, opts.seed)
         prof = build_profile(ckpt, tokens, collect(ckpt, tokens, batch_size, dev), time.time() - t0)
-    if tokens is None:
+    if tokens is None and opts.method == "output-error":  # a profile that does not name its calibration set
+        check_seq_len(seq_len, cfg)
         tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, opts.seed)
     supers = {(int(l), int(e)) for l, e in prof.super_experts} if opts.protect_super else set()
     protected = {l: {e for ll, e in supers if ll == l} for l in layers}
