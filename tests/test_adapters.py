@@ -80,3 +80,10 @@ def test_every_family_has_distinct_model_types():
 def test_unsupported_models_name_what_is_missing(model_type, kwargs, message):
     with pytest.raises(UserError, match=message):
         family_for(AutoConfig.for_model(model_type, **kwargs))
+
+
+def test_fingerprint_sees_weights_not_only_shapes(tmp_path, tokenizer_dir):
+    a = Checkpoint(build_tiny("qwen3_moe", tmp_path / "a", tokenizer_dir, seed=0))
+    b = Checkpoint(build_tiny("qwen3_moe", tmp_path / "b", tokenizer_dir, seed=1))
+    assert a.fingerprint != b.fingerprint
+    assert a.fingerprint == Checkpoint(tmp_path / "a").fingerprint
