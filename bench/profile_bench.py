@@ -210,20 +210,22 @@ def main() -> None:
     ap.add_argument("--parts", default="overhead,rss", help="overhead, rss or both (results merge into --out)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "profile_bench.json")
     args = ap.parse_args()
-    res = {"overhead": overhead(args.samples, args.seq_len, args.batch, args.repeats)}
-    o = res["overhead"]
+    parts = set(args.parts.split(","))
+    res = json.loads(args.out.read_text()) if args.out.exists() else {}
     print(f"{'measure':45s} {'value':>12s}")
-    for k in (
-        "tokens",
-        "plain_forward_s",
-        "profile_pass_s",
-        "ratio_pass_vs_forward",
-        "plain_load_s",
-        "profile_end_to_end_s",
-        "ratio_end_to_end_vs_load_plus_forward",
-    ):
-        print(f"{k:45s} {o[k]:>12}")
-    if not args.skip_rss:
+    if "overhead" in parts:
+        res["overhead"] = o = overhead(args.samples, args.seq_len, args.batch, args.repeats)
+        for k in (
+            "tokens",
+            "plain_forward_s",
+            "profile_pass_s",
+            "ratio_pass_vs_forward",
+            "plain_load_s",
+            "profile_end_to_end_s",
+            "ratio_end_to_end_vs_load_plus_forward",
+        ):
+            print(f"{k:45s} {o[k]:>12}")
+    if "rss" in parts:
         res["peak_rss"] = r = peak_rss(args)
         gib = 1024**3
         print(f"{'synthetic checkpoint (GiB)':45s} {r['checkpoint_bytes'] / gib:>12.2f}")

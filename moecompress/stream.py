@@ -141,10 +141,9 @@ class LayerStream:
         return self.model.model.layers
 
     def _materialize(self, module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-        module.to_empty(device=self.device)
-        missing, unexpected = module.load_state_dict(
-            {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False
-        )
+        module.to(dtype=self.dtype).to_empty(device=self.device)
+        # load_state_dict copies into the existing parameters and casts on the fly: no second full-size copy
+        missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise UserError(
                 f"{what}: checkpoint tensors do not match the {self.ckpt.config.model_type} config "
@@ -154,7 +153,9 @@ class LayerStream:
 
     def load_layer(self, l: int) -> nn.Module:
         layer = self.decoder_layers[l]
-        state = module_state(self.fam, self.ckpt.layer_tensors(l), l, self.ckpt.num_experts if l in self._moe else None)
+        raw = self.ckpt.layer_tensors(l)
+        state = module_state(self.fam, raw, l, self.ckpt.num_experts if l in self._moe else None)
+        del raw  # per-expert tensors are now stacked into the fused ones
         self._materialize(layer, state, f"layer {l}")
         return layer
 
