@@ -5,10 +5,10 @@
 For each ratio: subspace merge (k-means on output similarity, neuron alignment, Sub-MoE SVD merge at several
 rank fractions), the same without alignment, with the plain averaged router instead of the fitted one, and with
 the least-squares down-projection refit (the CLI default); HC-SMoE-style average merge (hierarchical clustering
-on mean outputs + frequency-weighted average, no alignment) with and without the refit; and REAP pruning (drop
-the lowest-saliency experts, super experts kept) with the same writer. Every variant has the same expert count
-per layer. Metrics vs the base model: KL(base || model) and top-1 agreement on held-out windows, per-domain
-perplexity, and greedy-generation match (token-wise and common prefix).
+on mean outputs + frequency-weighted average, no alignment) with and without the refit; and expert pruning
+through the project's `prune` API on the same profile: REAP (drop the lowest-saliency experts) and output-error.
+Every variant has the same expert count per layer. Metrics vs the base model: KL(base || model) and top-1
+agreement on held-out windows, per-domain perplexity, and greedy-generation match (token-wise and common prefix).
 Writes reports/merge_bench.json and reports/merge_bench.md.
 """
 
@@ -32,42 +32,12 @@ from moecompress.checkpoint import Checkpoint, resolve_model  # noqa: E402
 from moecompress.data import eval_set  # noqa: E402
 from moecompress.evaluate import evaluate  # noqa: E402
 from moecompress.loading import load  # noqa: E402
-from moecompress.merge.cluster import n_clusters_for  # noqa: E402
 from moecompress.merging import MergeOptions, merge_model  # noqa: E402
-from moecompress.profile import Profile, load_tokenizer, run_profile  # noqa: E402
-from moecompress.writer import dir_bytes, write_checkpoint  # noqa: E402
+from moecompress.profile import load_tokenizer, run_profile  # noqa: E402
+from moecompress.pruning import PruneOptions, prune_model  # noqa: E402
+from moecompress.writer import dir_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def reap_prune(model: Path, profile: Profile, ratio: float, out: Path) -> dict[str, Any]:
-    """REAP expert pruning (DESIGN 5): per layer keep the K highest-saliency experts (super experts kept)."""
-    ckpt = Checkpoint(model)
-    fam, E = ckpt.family, ckpt.num_experts
-    K = n_clusters_for(E, ratio)
-    supers = set(profile.super_experts)
-    kept: dict[str, list[int]] = {}
-
-    def tensors():
-        moe = set(ckpt.moe_layers)
-        for k in ckpt.keys():
-            l = int(k.split(".")[2]) if k.startswith("model.layers.") else None
-            if l is None or l not in moe or not fam.routed_key_pattern(l).match(k):
-                yield k, ckpt.get(k)
-        for l in ckpt.moe_layers:
-            score = profile.layer(l, "reap").clone().double()  # [E]
-            for sl, se in supers:
-                if sl == l:
-                    score[se] = float("inf")
-            keep = sorted(score.argsort(descending=True)[:K].tolist())
-            kept[str(l)] = keep
-            yield from fam.write_layer(ckpt.moe_weights(l).select(keep), l).items()
-
-    cfg = json.loads((ckpt.path / "config.json").read_text())
-    cfg.update(fam.expert_count_updates(K))
-    manifest = {"command": "bench-reap-prune", "layout": "uniform", "ratio": ratio, "kept": kept}
-    write_checkpoint(out, tensors(), cfg, ckpt.side_files(), manifest, overwrite=True)
-    return manifest
 
 
 @torch.no_grad()
@@ -173,10 +143,12 @@ def main() -> None:
                 "max_cluster_size": max(max(v["cluster_sizes"]) for v in man["layers"].values()),
             }
             results.append(measure(name, out, ratio, extra))
-        out = work / f"reap-{ratio}"
-        t = time.time()
-        reap_prune(base, prof, ratio, out)
-        results.append(measure("REAP prune", out, ratio, {"build_s": round(time.time() - t, 1)}))
+        for method, label in (("reap", "REAP prune"), ("output-error", "output-error prune")):
+            out = work / f"prune-{method}-{ratio}"
+            t = time.time()
+            prune_model(base, out, PruneOptions(ratio=ratio, method=method), work / "profile", "mixed", args.samples,
+                        args.seq_len, 8, torch.device("cpu"), overwrite=True)  # fmt: skip
+            results.append(measure(label, out, ratio, {"build_s": round(time.time() - t, 1)}))
 
     doms = [d for d in results[0]["perplexity"] if d != "all"]
     report = {
