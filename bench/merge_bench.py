@@ -70,7 +70,13 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--work", default="/tmp/moecompress-merge-bench")
     ap.add_argument("--report", default=str(ROOT / "reports" / "merge_bench"))
+    ap.add_argument("--render-only", action="store_true", help="rewrite REPORT.md from REPORT.json and exit")
     args = ap.parse_args()
+    if args.render_only:
+        report = json.loads(Path(args.report + ".json").read_text())
+        Path(args.report + ".md").write_text(render(report))
+        print(render(report))
+        return
     torch.manual_seed(0)
     t_start = time.time()
     base = resolve_model(args.model)
@@ -150,12 +156,12 @@ def main() -> None:
                         args.seq_len, 8, torch.device("cpu"), overwrite=True)  # fmt: skip
             results.append(measure(label, out, ratio, {"build_s": round(time.time() - t, 1)}))
 
-    doms = [d for d in results[0]["perplexity"] if d != "all"]
     report = {
         "command": " ".join(["OMP_NUM_THREADS=1 .venv/bin/python bench/merge_bench.py", *sys.argv[1:]]),
         "model": str(base),
         "model_fingerprint": Checkpoint(base).fingerprint,
         "settings": vars(args),
+        "greedy_prompts": len(prompts),
         "profile_s": round(profile_s, 1),
         "total_s": round(time.time() - t_start, 1),
         "torch": torch.__version__,
@@ -165,16 +171,27 @@ def main() -> None:
     }
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    text = render(report)
+    Path(args.report + ".md").write_text(text)
+    print(text)
+
+
+def render(report: dict[str, Any]) -> str:
+    """The markdown table and the measured effects, from the JSON report only."""
+    results = report["results"]
+    st = report["settings"]
+    doms = [d for d in results[0]["perplexity"] if d != "all"]
     base_bytes = results[0]["bytes"]
     lines = [
-        "# Expert merging vs REAP pruning",
+        "# Expert merging vs expert pruning (built-in model)",
         "",
-        f"Model: `{base}` ({results[0]['experts']} experts/layer, {base_bytes:,} bytes). Command: `{report['command']}`"
-        f" ({report['total_s']:.0f} s on CPU, {report['threads']} thread(s)).",
+        f"Model: `{report['model']}` ({results[0]['experts']} experts/layer, {base_bytes:,} bytes). "
+        f"Command: `{report['command']}` ({report['total_s']:.0f} s on CPU, {report['threads']} thread(s)).",
         "",
-        f"Eval: {args.max_windows} held-out windows x {args.seq_len} tokens per domain; greedy generation: "
-        f"{len(prompts)} prompts of {args.prompt_len} tokens, {args.gen_tokens} new tokens; gen = token-wise match "
-        "/ common-prefix fraction vs the base model's continuation.",
+        f"Eval: {st['max_windows']} held-out windows x {st['seq_len']} tokens per domain; greedy generation: "
+        f"{report.get('greedy_prompts', '?')} prompts of {st['prompt_len']} tokens, {st['gen_tokens']} new tokens; "
+        "gen tok / gen prefix = token-wise match / common-prefix fraction vs the base model's continuation. "
+        f"Calibration and profile: {st['samples']} windows x {st['seq_len']} tokens of `mixed` (calib split).",
         "",
         "| ratio | variant | experts | KL | top-1 | ppl all | " + " | ".join(f"ppl {d}" for d in doms)
         + " | gen tok | gen prefix | bytes | size vs base |",
@@ -188,8 +205,29 @@ def main() -> None:
             f"{r['gen_token_match']:.3f} | {r['gen_prefix_match']:.3f} | {r['bytes']:,} | "
             f"{r['bytes'] / base_bytes:.1%} |"
         )
-    Path(args.report + ".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += ["", "Measured effects (KL to base; lower is better):", ""]
+    for ratio in sorted({r["ratio"] for r in results if r["ratio"] is not None}):
+        by = {r["variant"]: r for r in results if r["ratio"] == ratio}
+
+        def kl(name: str, by: dict[str, Any] = by) -> float | None:
+            return by[name]["kl_to_base"] if name in by else None
+
+        pairs = [
+            ("truncation (subspace r=1 -> r=0.5)", "subspace r=1", "subspace r=0.5"),
+            ("neuron alignment (off -> on)", "subspace r=1 no-align", "subspace r=1"),
+            ("router fit (average rows -> fit)", "subspace r=1 router=avg", "subspace r=1"),
+            ("down refit, subspace (off -> on)", "subspace r=1", "subspace r=1 +refit (default)"),
+            ("down refit, HC-SMoE average (off -> on)", "average (HC-SMoE)", "average +refit"),
+            ("clustering, no alignment (HC-SMoE -> k-means)", "average (HC-SMoE)", "subspace r=1 no-align"),
+            ("merge vs REAP prune (REAP -> subspace default)", "REAP prune", "subspace r=1 +refit (default)"),
+        ]
+        best = min((r for r in results if r["ratio"] == ratio), key=lambda r: r["kl_to_base"])
+        lines.append(f"- ratio {ratio}: lowest KL {best['variant']} ({best['kl_to_base']:.4f}).")
+        for label, a, b in pairs:
+            ka, kb = kl(a), kl(b)
+            if ka is not None and kb is not None:
+                lines.append(f"  - {label}: {ka:.4f} -> {kb:.4f}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
