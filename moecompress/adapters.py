@@ -136,10 +136,12 @@ class Family:
         corr = tensors.get(rp + self.correction_bias) if self.correction_bias else None
         return MoEWeights(gate=gate, up=up, down=down, router=router, router_bias=bias, correction_bias=corr)
 
-    def write_layer(self, w: MoEWeights, layer: int) -> dict[str, torch.Tensor]:
-        """Hub-format tensors for one layer's routed experts and router (experts numbered 0..E-1)."""
+    def write_layer(self, w: Any, layer: int) -> dict[str, torch.Tensor]:
+        """Hub-format tensors for one layer's routed experts and router (experts numbered 0..E-1).
+
+        ``w``: a MoEWeights, or any object with the same fields holding per-expert lists (unequal widths)."""
         out: dict[str, torch.Tensor] = {}
-        for e in range(w.num_experts):
+        for e in range(len(w.gate)):
             for proj, t in enumerate((w.gate[e], w.up[e], w.down[e])):
                 out[self.expert_key(layer, e, proj)] = t.contiguous()
         out[self.router_key(layer)] = w.router.contiguous()

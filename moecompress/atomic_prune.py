@@ -214,18 +214,7 @@ def pruned_tensors(
 
 
 def _layer_tensors(fam: Any, w: MoEWeights | ExactLayer, layer: int) -> dict[str, torch.Tensor]:
-    if isinstance(w, MoEWeights):
-        return fam.write_layer(w, layer)
-    out: dict[str, torch.Tensor] = {}
-    for e in range(len(w.gate)):
-        for proj, t in enumerate((w.gate[e], w.up[e], w.down[e])):
-            out[fam.expert_key(layer, e, proj)] = t.contiguous()
-    out[fam.router_key(layer)] = w.router.contiguous()
-    if w.router_bias is not None:
-        out[fam.router_key(layer, "bias")] = w.router_bias.contiguous()
-    if w.correction_bias is not None and fam.correction_bias:
-        out[fam.router_key(layer, fam.correction_bias)] = w.correction_bias.contiguous()
-    return out
+    return fam.write_layer(w, layer)  # exact layers hold per-expert lists of unequal widths
 
 
 def _profile(

@@ -122,9 +122,8 @@ def collect(
             for l, layer in stream.layers():
                 bar.update(task, description=f"profile: layer {l + 1}/{n_layers}")
                 if l not in moe:
-                    for i in range(len(stream.cache)):
-                        stream.cache[i] = stream.run_layer(layer, i)
-                        bar.advance(task)
+                    stream.forward_layer(layer)
+                    bar.advance(task, len(stream.batches))
                     continue
                 block = stream.moe_block(layer)
                 experts = getattr(block, fam.experts)

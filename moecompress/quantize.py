@@ -200,8 +200,7 @@ def layer_pass(
             for l, layer in stream.layers():
                 bar.update(task, description=f"{label}: layer {l + 1}/{n_layers}")
                 if l not in moe:
-                    for i in range(len(stream.cache)):
-                        stream.cache[i] = stream.run_layer(layer, i)
+                    stream.forward_layer(layer)
                     bar.advance(task)
                     continue
                 experts = getattr(stream.moe_block(layer), fam.experts)
