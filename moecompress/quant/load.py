@@ -3,12 +3,18 @@
 Every ``*.weight_packed`` tensor is unpacked (on ``device``: on CUDA the unpacking runs on the GPU) and dequantized
 as ``q * scale`` in the scale dtype, the same numbers compressed-tensors produces; per-expert hub keys are then
 fused into the stock transformers modules (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``).
+
+With ``packed=True`` (the default on CUDA) the routed experts are not dequantized at load time: each MoE layer's
+experts module is replaced by :class:`~moecompress.quant.packed_experts.PackedExperts`, which keeps the int32 codes
+and scales on ``device`` and dequantizes a hit expert on the fly (same numbers as the dense path; the memory of the
+routed experts stays at their packed size). Routers, attention, shared experts and embeddings load as before.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import init_empty_weights
@@ -18,7 +24,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from moecompress.errors import UserError
 from moecompress.quant.ctformat import scheme_of
 from moecompress.quant.pack import unpack_int32
+from moecompress.quant.packed_experts import PackedExperts
 from moecompress.quant.rtn import dequantize
+
+if TYPE_CHECKING:
+    from moecompress.adapters import Family
 
 
 def _read_all(path: Path) -> dict[str, torch.Tensor]:
@@ -58,15 +68,66 @@ def dequantize_state(
     return out
 
 
+def split_routed(
+    raw: dict[str, torch.Tensor], qconfig: dict, fam: Family, layers: list[int], num_experts: int
+) -> tuple[dict[int, tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], list[int]]], dict[str, torch.Tensor]]:
+    """Take the packed routed experts of every MoE layer in ``layers`` whose experts are all packed out of ``raw``.
+
+    Returns ``({layer: (experts, bits)}, rest)``: ``experts[e] = {"gate"|"up"|"down": (packed, scale)}`` as stored,
+    ``bits[e]`` the expert's width; ``rest`` is every other tensor (a layer with an unpacked expert stays in it).
+    """
+    rest = dict(raw)
+    out: dict[int, tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], list[int]]] = {}
+    for l in layers:
+        bases = [[fam.expert_key(l, e, p)[: -len(".weight")] for p in range(3)] for e in range(num_experts)]
+        if not all(b + ".weight_packed" in rest for row in bases for b in row):
+            continue
+        experts, bits = [], []
+        for e, row in enumerate(bases):
+            entry: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            widths = set()
+            for name, base in zip(("gate", "up", "down"), row, strict=True):
+                scheme = scheme_of(qconfig, base)
+                if scheme is None:
+                    raise UserError(
+                        f"{base} is packed but no quantization_config group targets it: the folder is damaged"
+                    )
+                packed, scale = rest.pop(base + ".weight_packed"), rest.pop(base + ".weight_scale")
+                rows, cols = (int(x) for x in rest.pop(base + ".weight_shape").tolist())
+                if packed.shape[0] != rows or packed.shape[-1] != -(-cols * scheme[0] // 32):
+                    raise UserError(
+                        f"{base}: packed shape {tuple(packed.shape)} does not hold weight_shape {[rows, cols]}"
+                    )
+                widths.add(scheme[0])
+                entry[name] = (packed, scale)
+            if len(widths) != 1:
+                raise UserError(f"layer {l} expert {e}: its projections have different widths {sorted(widths)}")
+            experts.append(entry)
+            bits.append(widths.pop())
+        out[l] = (experts, bits)
+    return out, rest
+
+
 def load_quantized(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    packed: bool | None = None,
 ) -> PreTrainedModel:
-    """Load a moecompress quantized folder exactly (weights = dequantized codes), in ``dtype`` (default float32)."""
+    """Load a moecompress quantized folder exactly (weights = dequantized codes), in ``dtype`` (default float32).
+
+    ``packed``: keep the routed experts packed and dequantize them on the fly (:class:`PackedExperts`); the same
+    numbers, a fraction of the memory, some time per forward. ``None`` (default): packed on CUDA, dense on CPU
+    (on CPU the per-forward unpacking costs more than the memory it saves is usually worth; see
+    reports/quant_memory.md).
+    """
     from moecompress.adapters import family_for
     from moecompress.stream import module_state
 
     p = Path(path)
     dtype = dtype or torch.float32
+    if packed is None:
+        packed = torch.device(device).type == "cuda"
     cfg_json = json.loads((p / "config.json").read_text())
     qconfig = cfg_json.get("quantization_config") or {}
     if qconfig.get("format") != "pack-quantized":
@@ -75,9 +136,13 @@ def load_quantized(
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     fam = family_for(config)
-    state = dequantize_state(_read_all(p), qconfig, device)
     moe = set(fam.moe_layers(config))
     E = fam.num_experts(config)
+    raw = _read_all(p)
+    routed: dict[int, tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], list[int]]] = {}
+    if packed:
+        routed, raw = split_routed(raw, qconfig, fam, sorted(moe), E)
+    state = dequantize_state(raw, qconfig, device)
     module_sd: dict[str, torch.Tensor] = {}
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in state.items():
@@ -86,10 +151,21 @@ def load_quantized(
         else:
             module_sd[k] = v
     for l, tensors in layers.items():
+        if l in routed:  # experts are PackedExperts: the rest (router included) only needs renaming
+            for k, v in tensors.items():
+                module_sd[fam.disk_to_module(k)] = v
+            continue
         for k, v in module_state(fam, tensors, l, E if l in moe else None).items():
             module_sd[f"model.layers.{l}.{k}"] = v
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, experts_implementation="eager")
+    for l, (experts, bits) in routed.items():
+        block = model.get_submodule(f"model.layers.{l}.{fam.module_block}")
+        try:
+            mod = PackedExperts.from_experts(experts, bits, getattr(block, fam.experts).act_fn, device)
+        except ValueError as err:
+            raise UserError(f"{p}: layer {l} routed experts: {err}: the folder is damaged") from None
+        setattr(block, fam.experts, mod)
     own = model.state_dict()
     sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in module_sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)

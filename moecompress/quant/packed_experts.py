@@ -1,0 +1,147 @@
+"""Routed experts kept packed in memory and dequantized on the fly, per hit expert, on the module's device.
+
+:class:`PackedExperts` replaces a transformers ``*Experts`` module (``gate_up_proj [E, 2I, H]``, ``down_proj
+[E, H, I]``). It holds the compressed-tensors pack-quantized codes (int32) and group scales (their stored dtype) as
+buffers, grouped by width: for every width ``b`` in use, ``gate_up_packed_b{b} [n_b, 2I, ceil(H b / 32)]``,
+``gate_up_scale_b{b} [n_b, 2I, H / g_h]``, ``down_packed_b{b} [n_b, H, ceil(I b / 32)]``, ``down_scale_b{b}
+[n_b, H, I / g_i]``; expert ``e`` is slot ``slot[e]`` of width ``bits[e]`` (any per-expert plan).
+
+``forward`` is transformers' eager experts loop; the only difference is that a hit expert's weights are unpacked
+(:func:`moecompress.quant.pack.unpack_int32`: int32 shifts and masks, pure torch, so on CUDA it runs on the GPU)
+and dequantized (:func:`moecompress.quant.rtn.dequantize`, in the scale dtype, then cast to the compute dtype) at
+that moment, exactly as :func:`moecompress.quant.load.dequantize_state` does at load time: the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from moecompress.quant.pack import unpack_int32
+from moecompress.quant.rtn import dequantize
+
+
+class PackedExperts(nn.Module):
+    """Routed experts of one MoE layer as packed codes + scales; weights exist only while an expert is computed.
+
+    Build it with :meth:`from_experts`; ``forward(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])
+    -> [T, H]`` has the semantics of transformers' eager experts forward.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_dim: int,
+        intermediate_dim: int,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        bits: Sequence[int],
+        group_gate_up: int,
+        group_down: int,
+    ):
+        super().__init__()
+        if len(bits) != num_experts:
+            raise ValueError(f"{len(bits)} widths for {num_experts} experts")
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.act_fn = act_fn
+        self.bits = [int(b) for b in bits]
+        self.group_gate_up = group_gate_up
+        self.group_down = group_down
+        counts: dict[int, int] = {}
+        self.slot: list[int] = []
+        for b in self.bits:
+            self.slot.append(counts.get(b, 0))
+            counts[b] = counts.get(b, 0) + 1
+        self.widths = sorted(counts)
+
+    @classmethod
+    def from_experts(
+        cls,
+        experts: Sequence[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+        bits: Sequence[int],
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        device: torch.device | str = "cpu",
+    ) -> PackedExperts:
+        """``experts[e]``: ``{"gate"|"up"|"down": (packed int32 [R, W], scale [R, C / g])}`` as stored on disk,
+        ``bits[e]`` its width. Shapes: gate/up ``[I, H]``, down ``[H, I]`` (read from the scales' group count and
+        the packed width, checked against each other)."""
+        E = len(experts)
+        I, H = experts[0]["gate"][0].shape[0], experts[0]["down"][0].shape[0]
+        g_h = H // experts[0]["gate"][1].shape[-1]
+        g_i = I // experts[0]["down"][1].shape[-1]
+        mod = cls(E, H, I, act_fn, bits, g_h, g_i)
+        for b in mod.widths:
+            members = [e for e in range(E) if mod.bits[e] == b]
+            gu_p = torch.stack([torch.cat([experts[e]["gate"][0], experts[e]["up"][0]]) for e in members])
+            gu_s = torch.stack([torch.cat([experts[e]["gate"][1], experts[e]["up"][1]]) for e in members])
+            dn_p = torch.stack([experts[e]["down"][0] for e in members])
+            dn_s = torch.stack([experts[e]["down"][1] for e in members])
+            want = {
+                "gate_up_packed": (len(members), 2 * I, -(-H * b // 32)),
+                "gate_up_scale": (len(members), 2 * I, H // g_h),
+                "down_packed": (len(members), H, -(-I * b // 32)),
+                "down_scale": (len(members), H, I // g_i),
+            }
+            for (name, shape), t in zip(want.items(), (gu_p, gu_s, dn_p, dn_s), strict=True):
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"{name} of the {b}-bit experts has shape {tuple(t.shape)}, expected {shape}")
+                mod.register_buffer(f"{name}_b{b}", t.to(device).contiguous())
+        return mod
+
+    def extra_repr(self) -> str:
+        widths = {b: self.bits.count(b) for b in self.widths}
+        return f"num_experts={self.num_experts}, H={self.hidden_dim}, I={self.intermediate_dim}, widths={widths}"
+
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized ``(gate_up [2I, H], down [H, I])`` of expert ``e`` in ``dtype``, on the buffers' device
+        (unpacked there)."""
+        b, s = self.bits[e], self.slot[e]
+        gu_q = unpack_int32(getattr(self, f"gate_up_packed_b{b}")[s], b, self.hidden_dim)  # [2I, H] int8
+        gu = dequantize(gu_q, getattr(self, f"gate_up_scale_b{b}")[s], self.group_gate_up).to(dtype)
+        dn_q = unpack_int32(getattr(self, f"down_packed_b{b}")[s], b, self.intermediate_dim)  # [H, I] int8
+        dn = dequantize(dn_q, getattr(self, f"down_scale_b{b}")[s], self.group_down).to(dtype)
+        return gu, dn
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts dequantized: ``(gate_up_proj [E, 2I, H], down_proj [E, H, I])`` (for checks, not serving)."""
+        pairs = [self.expert_weights(e, dtype) for e in range(self.num_experts)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """``hidden_states [T, H]``, ``top_k_index [T, k]``, ``top_k_weights [T, k]`` -> ``[T, H]``.
+
+        Weights are dequantized in the scale dtype and cast to ``hidden_states.dtype`` (the model's dtype)."""
+        final_hidden_states = torch.zeros_like(hidden_states)  # [T, H]
+        with torch.no_grad():
+            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)  # [T, k, E+1]
+            expert_mask = expert_mask.permute(2, 1, 0)  # [E+1, k, T]
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist()
+        for e in expert_hit:
+            if e == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[e])
+            current_state = hidden_states[token_idx]  # [t, H]
+            gate_up, down = self.expert_weights(e, hidden_states.dtype)
+            gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)  # [t, I] each
+            current_hidden_states = self.act_fn(gate) * up
+            current_hidden_states = nn.functional.linear(current_hidden_states, down)  # [t, H]
+            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+def module_nbytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer resident in ``module`` (meta tensors excluded; tied tensors once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type == "meta" or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
