@@ -41,7 +41,7 @@ figure{margin:10px 0 16px;overflow-x:auto}.grid{display:flex;flex-wrap:wrap;gap:
 svg.chart{max-width:100%;height:auto}
 .note{color:#666;font-size:13px}.warn li{margin:2px 0}.better{color:#1a7f37}.worse{color:#b42318}
 pre{background:#f6f8fa;padding:8px;overflow:auto;max-height:420px;font-size:12px}
-.runname{font-weight:600}table.summary td{min-width:120px;max-width:330px}
+.runname{font-weight:600}table.summary td{min-width:90px;max-width:260px;word-break:break-word}.scroll{overflow-x:auto}
 """
 
 
@@ -147,19 +147,29 @@ def _summary(runs: list[RunSidecars]) -> str:
         ("Tool version", [text_cell(f["tool_version"]) for f in facts]),
         (
             "Calibration fingerprint",
-            [f'<td class="mono">{esc(f["calibration_fingerprint"] or "–")}</td>' for f in facts],
+            [_fingerprint(f["calibration_fingerprint"]) for f in facts],
         ),  # fmt: skip
         (
             "Source model fingerprint",
-            [f'<td class="mono">{esc(f["source_fingerprint"] or "–")}</td>' for f in facts],
+            [_fingerprint(f["source_fingerprint"]) for f in facts],
         ),  # fmt: skip
     ]
     head = "<th></th>" + "".join(f'<th class="runname">{esc(r.name)}</th>' for r in runs)
     body = "".join(f"<tr><th>{esc(label)}</th>{''.join(cells)}</tr>" for label, cells in rows)
-    page = f'<table class="kv summary"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    page = f'<div class="scroll"><table class="kv summary"><thead><tr>{head}</tr></thead>'
+    page += f"<tbody>{body}</tbody></table></div>"
     if all(f["kl_to_base"] is None for f in facts):
         page += note("KL and top-1 agreement come from `moecompress eval OUT --base MODEL --json OUT/eval.json`.")
     return page
+
+
+def _fingerprint(value: Any) -> str:
+    """A table cell with the first 16 characters of a fingerprint; the full value is in the tooltip."""
+    if not value:
+        return "<td>–</td>"
+    text = str(value)
+    short = text if len(text) <= 16 else text[:16] + "…"
+    return f'<td class="mono" title="{esc(text)}">{esc(short)}</td>'
 
 
 def _setting(f: dict[str, Any]) -> str | None:
@@ -222,7 +232,7 @@ def _quality(runs: list[RunSidecars]) -> str:
     text = "Held-out perplexity per domain (lower is better)" + (
         ", change vs the base model in brackets" if base else ""
     )
-    return f"<h3>{esc(text)}</h3>" + table(["", *domains], rows) + f"<figure>{svg}</figure>"
+    return f'<h3>{esc(text)}</h3><div class="scroll">{table(["", *domains], rows)}</div><figure>{svg}</figure>'
 
 
 def _pareto(runs: list[RunSidecars]) -> tuple[str, list[str]]:
