@@ -23,6 +23,12 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters as a dense model counts them: packed (quantized) expert modules report their logical size."""
+    n = sum(p.numel() for p in model.parameters())
+    return n + sum(m.logical_numel() for m in model.modules() if hasattr(m, "logical_numel"))
+
+
 def logit_agreement(base_logits: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position KL(base || model) and top-1 agreement. Inputs [..., V]; outputs [...]."""
     lb = torch.log_softmax(base_logits.float(), -1)
@@ -88,7 +94,7 @@ def evaluate(
         "perplexity": ppl,
         "kl_to_base": kl_sum / n_pos if b is not None else None,
         "top1_agreement": agree_sum / n_pos if b is not None else None,
-        "params": sum(p.numel() for p in m.parameters()),
+        "params": count_params(m),
         "bytes": dir_bytes(path),
         "device": device.type,
         "peak_memory_bytes": peak_memory_bytes(device),

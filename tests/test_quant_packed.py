@@ -133,3 +133,14 @@ def test_cuda_packed_equals_cpu_dense(outputs):
             assert torch.equal(gu.cpu(), _experts(cpu, l).gate_up_proj)
             assert torch.equal(dn.cpu(), _experts(cpu, l).down_proj)
         torch.testing.assert_close(_logits(gpu, IDS.cuda()).cpu(), _logits(cpu), rtol=1e-4, atol=1e-4)
+
+
+def test_eval_counts_packed_experts_as_their_dense_size():
+    from torch import nn
+
+    from moecompress.evaluate import count_params
+    from moecompress.quant.packed_experts import PackedExperts
+
+    packed = PackedExperts(4, 32, 24, nn.functional.silu, [4, 4, 3, 2], 32, 24)
+    model = nn.Sequential(nn.Linear(32, 32, bias=False), packed)
+    assert count_params(model) == 32 * 32 + 3 * 4 * 24 * 32

@@ -91,6 +91,10 @@ class PackedExperts(nn.Module):
                 mod.register_buffer(f"{name}_b{b}", t.to(device).contiguous())
         return mod
 
+    def logical_numel(self) -> int:
+        """Weights this module stands for (gate, up and down of every expert), as a dense model counts them."""
+        return 3 * self.num_experts * self.intermediate_dim * self.hidden_dim
+
     def extra_repr(self) -> str:
         widths = {b: self.bits.count(b) for b in self.widths}
         return f"num_experts={self.num_experts}, H={self.hidden_dim}, I={self.intermediate_dim}, widths={widths}"
