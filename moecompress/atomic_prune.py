@@ -18,7 +18,6 @@ and benchmarks.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +34,7 @@ from .checkpoint import Checkpoint
 from .data import calibration_set, check_seq_len
 from .errors import UserError
 from .progress import console, progress_bar
-from .writer import check_output, dir_bytes, write_checkpoint
+from .writer import check_output, write_checkpoint
 
 LAYOUTS = ("uniform", "exact")
 SCORES = ("heapr", "magnitude")
@@ -298,7 +297,8 @@ def atomic_prune(
         "calibration_fingerprint": (prof.meta.get("calibration") or {}).get("fingerprint"),
         "calibration": {"calib": calib, "samples": samples, "seq_len": seq_len, "seed": seed},
     }
-    return write_atomic(ckpt, out, scores, ratio, layout, supers, info, overwrite, t0)
+    reports = [Path(profile)] if profile is not None else []
+    return write_atomic(ckpt, out, scores, ratio, layout, supers, info, overwrite, t0, reports)
 
 
 def write_atomic(
@@ -311,6 +311,7 @@ def write_atomic(
     info: dict[str, Any],
     overwrite: bool = False,
     t0: float | None = None,
+    report_inputs: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Select channels from per-layer scores [E, I] and write the pruned folder; returns the manifest.
 
@@ -369,12 +370,10 @@ def write_atomic(
     tensors, _ = pruned_tensors(ckpt, keep, layout)
     channels = {str(l): [k.tolist() for k in keep[l]] for l in layers}
     write_checkpoint(
-        out, tensors, config, ckpt.side_files(), manifest, overwrite, extra_json={"atomic_channels.json": channels}
-    )
-    manifest["bytes_after"] = dir_bytes(out)
-    manifest["elapsed_s"] = round(time.time() - t0, 2)
-    full = json.loads((out / "moecompress.json").read_text())
-    (out / "moecompress.json").write_text(json.dumps({**full, **manifest}, indent=2) + "\n")
+        out, tensors, config, ckpt.side_files(), manifest, overwrite,
+        extra_json={"atomic_channels.json": channels}, started=t0,
+        report_inputs=report_inputs or [],
+    )  # fmt: skip
     for w in warnings:
         console.print(f"[yellow]warning:[/] {w}")
     console.print(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -25,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import __version__
 from .adapters import MoEWeights
 from .checkpoint import Checkpoint
 from .errors import UserError
@@ -36,7 +34,7 @@ from .merge.refit import refit_down, routing_weights
 from .merge.router import fit_router_rows, merged_router_rows
 from .merge.similarity import expert_outputs, gram_features, output_similarity, router_logit_similarity
 from .merge.subspace import merge_average, merge_subspace, rank_for
-from .writer import atomic_dir, check_output, dir_bytes, write_shards
+from .writer import check_output, write_checkpoint
 
 METHODS = ("subspace", "average")
 ROUTER_REBUILDS = ("fit", "average")
@@ -389,13 +387,8 @@ def merge_model(
 
     raw_cfg = json.loads((ckpt.path / "config.json").read_text())
     raw_cfg.update(fam.expert_count_updates(K))
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_shards(tmp, tensors())
-        manifest["bytes_after"] = dir_bytes(tmp)
-        manifest["elapsed_s"] = round(time.time() - t0, 2)
-        (tmp / "config.json").write_text(json.dumps(raw_cfg, indent=2, sort_keys=True) + "\n")
-        for f in ckpt.side_files():
-            shutil.copy2(f, tmp / f.name)
-        manifest = {"tool": "moecompress", "tool_version": __version__, **manifest}
-        (tmp / "moecompress.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_checkpoint(
+        out, tensors(), raw_cfg, ckpt.side_files(), manifest, overwrite, started=t0,
+        report_inputs=[Path(profile_dir)] if profile_dir is not None else [],
+    )  # fmt: skip
     return manifest

@@ -16,7 +16,6 @@ Protected experts (super experts) never appear in an order; shared experts are n
 from __future__ import annotations
 
 import heapq
-import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,11 +24,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-
-if importlib.util.find_spec("moecompress.report") is not None:  # the HTML report ships separately
-    from .report import write_report
-else:
-    write_report = None
+from .report import write_report
 
 METHODS = ("reap", "frequency", "routing-mass", "random", "output-error")
 LAYOUTS = ("uniform", "per-layer")
@@ -533,6 +528,5 @@ def prune_model(
         manifest.update(params_after=totals["params"], bytes_after=dir_bytes(tmp), elapsed_s=round(time.time() - t0, 2))
         manifest = {"tool": "moecompress", "tool_version": __version__, **manifest}
         (tmp / "moecompress.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if write_report is not None:
-            write_report(tmp, [Path(profile_dir)] if profile_dir is not None else [])
+        write_report(tmp, [Path(profile_dir)] if profile_dir is not None else [])
     return manifest

@@ -544,7 +544,8 @@ def run_quantize(
     if not uniform:
         warnings.append("mixed widths: load exactly with moecompress.load (transformers/vLLM need one width)")
     manifest = {
-        "command": command or "moecompress quantize",
+        "command": "quantize",
+        "command_line": command or "moecompress quantize",
         "layout": "quantized",
         "format": "compressed-tensors/pack-quantized",
         "servable": uniform or bit_plan["granularity"] == "layer",
@@ -558,7 +559,7 @@ def run_quantize(
         "params_before": ckpt.num_params,
         "params_after": ckpt.num_params,
         "bytes_before": ckpt.bytes_on_disk,
-        "bytes_after": bit_plan["total_bytes"],
+        "bytes_predicted": bit_plan["total_bytes"],
         "warnings": warnings,
         "protected": [list(x) for x in (prof.super_experts if prof is not None else [])],
         "calibration_fingerprint": tokens.fingerprint if tokens is not None else None,
@@ -582,14 +583,9 @@ def run_quantize(
         manifest,
         overwrite=overwrite,
         extra_json={"bit_plan.json": bit_plan},
+        started=t0,
+        report_inputs=[Path(profile)] if profile is not None else [],
     )
-    # the streamed pass runs inside the write: record the total time once the folder is complete
-    man_path = Path(out) / "moecompress.json"
-    full = json.loads(man_path.read_text())
-    full["elapsed_s"] = round(time.time() - t0, 2)
-    tmp = man_path.with_name(".moecompress.json.tmp")
-    tmp.write_text(json.dumps(full, indent=2) + "\n")
-    tmp.replace(man_path)
     return bit_plan
 
 

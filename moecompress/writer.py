@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -113,18 +113,34 @@ def write_checkpoint(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     extra_json: dict[str, Any] | None = None,
+    started: float | None = None,
+    report_inputs: Sequence[Path] = (),
+    report: bool = True,
 ) -> Path:
-    """Write a complete HF folder atomically. ``manifest`` becomes moecompress.json (tool + version added)."""
+    """Write a complete HF folder atomically.
+
+    ``manifest`` becomes moecompress.json with tool, version, the real ``bytes_after`` and (given ``started``,
+    a time.time() value) ``elapsed_s`` added; it is written after the tensors, so a generator may still fill it
+    in while it yields. ``report.html`` is rendered into the folder from its sidecars (plus ``report_inputs``,
+    e.g. the profile run folder) unless ``report`` is False.
+    """
     o = Path(out).expanduser().resolve()
     with atomic_dir(o, overwrite=overwrite) as tmp:
         write_shards(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for f in side_files:
             shutil.copy2(f, tmp / f.name)
-        full = {"tool": "moecompress", "tool_version": __version__, **manifest}
-        (tmp / "moecompress.json").write_text(json.dumps(full, indent=2) + "\n")
         for name, obj in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        manifest["bytes_after"] = dir_bytes(tmp)
+        if started is not None:
+            manifest["elapsed_s"] = round(time.time() - started, 2)
+        full = {"tool": "moecompress", "tool_version": __version__, **manifest}
+        (tmp / "moecompress.json").write_text(json.dumps(full, indent=2) + "\n")
+        if report:
+            from .report import write_report
+
+            write_report(tmp, [Path(p) for p in report_inputs])
     return o
 
 

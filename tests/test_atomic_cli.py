@@ -43,7 +43,6 @@ def test_exact_output_loads_through_moecompress_load(tmp_path, tokenizer_dir, mo
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert json.loads((out / "moecompress.json").read_text())["layout"] == LAYOUT
-    monkeypatch.setitem(loading.LOADERS, LAYOUT, "moecompress.atomic.load:load_exact_atomic")
     model = loading.load(out)
     widths = json.loads((out / "moecompress.json").read_text())["layers"]["0"]["widths"]
     assert model.model.layers[0].mlp.experts.down_proj.shape[-1] == 16 * -(-max(widths) // 16)

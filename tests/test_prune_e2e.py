@@ -20,8 +20,6 @@ from moecompress.profile import build_profile, collect, save_profile
 from moecompress.prune_load import load_per_layer, prune_in_memory
 from moecompress.pruning import PruneOptions, prune_model
 
-loading.register_loader("per-layer", "moecompress.prune_load:load_per_layer")
-
 
 def _tokens(n=4, s=16, vocab=320):
     ids = torch.randint(0, vocab, (n, s), generator=torch.Generator().manual_seed(0))

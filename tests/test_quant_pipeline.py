@@ -14,6 +14,7 @@ from moecompress.errors import UserError
 from moecompress.quant.layer import LayerCapture, expert_errors, expert_group_size, quantize_layer_experts
 from moecompress.quant.load import load_quantized
 from moecompress.quantize import run_quantize
+from moecompress.writer import dir_bytes
 
 KW = dict(samples=4, seq_len=32, batch_size=4, min_tokens=4)
 
@@ -37,7 +38,8 @@ def test_uniform_loads_in_transformers_and_moecompress_identically(qwen, tmp_pat
     assert cfg["format"] == "pack-quantized" and cfg["quantization_status"] == "compressed"
     assert "lm_head" in cfg["ignore"] and any("gate" in p for p in cfg["ignore"])
     man = json.loads((out / "moecompress.json").read_text())
-    assert man["layout"] == "quantized" and man["bytes_after"] == plan["total_bytes"]
+    assert man["layout"] == "quantized" and man["bytes_predicted"] == plan["total_bytes"]
+    assert man["bytes_after"] == dir_bytes(out)
     idx = json.loads((out / "model.safetensors.index.json").read_text())
     assert idx["metadata"]["total_size"] == plan["total_bytes"]  # predicted bytes are the real tensor bytes
     assert "model.layers.0.mlp.experts.3.down_proj.weight_packed" in idx["weight_map"]
@@ -169,8 +171,8 @@ def test_cli_quantize_and_exit_2_on_refusal(qwen, tmp_path):
     assert r.exit_code == 0, r.output
     plan = json.loads((out / "bit_plan.json").read_text())
     assert plan["routed_bytes"] <= plan["budget_bytes_routed"] and plan["granularity"] == "expert"
-    assert json.loads((out / "moecompress.json").read_text())["command"].startswith("moecompress quantize")
-    loading.register_loader("quantized", "moecompress.quant.load:load_quantized")  # what loading.py must wire
+    man = json.loads((out / "moecompress.json").read_text())
+    assert man["command"] == "quantize" and man["command_line"].startswith("moecompress quantize")
     m = loading.load(out)
     ref = load_quantized(out)
     ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(2))
