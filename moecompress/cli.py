@@ -10,7 +10,19 @@ import typer
 from rich.table import Table
 
 from . import __version__
-from .cli_common import DeviceOpt, ModelArg, OverwriteOpt, device_of, user_errors, write_json
+from .cli_common import (
+    BatchOpt,
+    CalibOpt,
+    DeviceOpt,
+    ModelArg,
+    OverwriteOpt,
+    SamplesOpt,
+    SeedOpt,
+    SeqLenOpt,
+    device_of,
+    user_errors,
+    write_json,
+)
 from .progress import console
 
 app = typer.Typer(
@@ -103,13 +115,11 @@ def profile(
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder for profile.json/.safetensors.")] = Path(
         "runs/profile"
     ),
-    calib: Annotated[
-        str, typer.Option(help="Built-in set (shakespeare, bible, python, austen, mixed) or .txt/.jsonl")
-    ] = "mixed",
-    samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 64,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed for window sampling.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")] = 8,
+    calib: CalibOpt = "mixed",
+    samples: SamplesOpt = 64,
+    seq_len: SeqLenOpt = 256,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 8,
     sim_tokens: Annotated[
         int, typer.Option("--sim-tokens", help="Tokens sampled per layer for output similarity.")
     ] = 256,

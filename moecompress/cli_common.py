@@ -53,3 +53,13 @@ def write_json(obj: Any, path: Path | None) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text + "\n")
         tmp.rename(path)
+
+
+# Calibration options shared by every command that runs a calibration pass (defaults are set per command).
+CalibOpt = Annotated[
+    str, typer.Option(help="Calibration data: built-in set (shakespeare, bible, python, austen, mixed) or .txt/.jsonl.")
+]
+SamplesOpt = Annotated[int, typer.Option(help="Number of calibration windows.")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per window.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for window sampling.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")]

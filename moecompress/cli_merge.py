@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_common import DeviceOpt, ModelArg, OverwriteOpt, user_errors
+from .cli_common import BatchOpt, CalibOpt, DeviceOpt, ModelArg, OverwriteOpt, SamplesOpt, SeqLenOpt, user_errors
 from .progress import console
 
 
@@ -37,12 +37,12 @@ def merge(
             "--refit/--no-refit", help="Refit merged down projections on calibration tokens (default: subspace)."
         ),
     ] = None,
-    calib: Annotated[str, typer.Option(help="Built-in set (a domain or mixed) or a .txt/.jsonl file.")] = "mixed",
-    samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 64,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 256,
+    calib: CalibOpt = "mixed",
+    samples: SamplesOpt = 64,
+    seq_len: SeqLenOpt = 256,
     sim_tokens: Annotated[int, typer.Option("--sim-tokens", help="Tokens per layer for output similarity.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for sampling and k-means.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")] = 8,
+    batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
 ) -> None:

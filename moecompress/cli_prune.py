@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from .cli_common import DeviceOpt, ModelArg, OverwriteOpt, device_of, user_errors
+from .cli_common import (
+    BatchOpt,
+    CalibOpt,
+    DeviceOpt,
+    ModelArg,
+    OverwriteOpt,
+    SamplesOpt,
+    SeqLenOpt,
+    device_of,
+    user_errors,
+)
 from .errors import UserError
 from .progress import console
 from .pruning import DEFAULT_METHOD, METHODS
@@ -47,13 +57,11 @@ def prune(
     ] = 4096,
     hessian: Annotated[str, typer.Option(help="atom only: G_e approximation full, diag or lowrank.")] = "full",
     rank: Annotated[int, typer.Option(help="atom only: rank of the lowrank G_e sketch.")] = 32,
-    calib: Annotated[
-        str, typer.Option(help="Built-in set (shakespeare, bible, python, austen, mixed) or .txt/.jsonl")
-    ] = "mixed",
-    samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 64,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 256,
+    calib: CalibOpt = "mixed",
+    samples: SamplesOpt = 64,
+    seq_len: SeqLenOpt = 256,
     seed: Annotated[int, typer.Option(help="Seed for window sampling (and --method random).")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")] = 8,
+    batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
 ) -> None:

@@ -10,7 +10,18 @@ import click
 import typer
 from rich.table import Table
 
-from .cli_common import DeviceOpt, ModelArg, OverwriteOpt, device_of, user_errors
+from .cli_common import (
+    BatchOpt,
+    CalibOpt,
+    DeviceOpt,
+    ModelArg,
+    OverwriteOpt,
+    SamplesOpt,
+    SeedOpt,
+    SeqLenOpt,
+    device_of,
+    user_errors,
+)
 from .progress import console
 
 
@@ -41,11 +52,11 @@ def quantize(
     importance: Annotated[
         str, typer.Option(help="Expert importance in the LP cost: uniform, mass (routing mass) or reap (profile).")
     ] = "uniform",
-    calib: Annotated[str, typer.Option(help="Built-in set (a domain or mixed) or a .txt/.jsonl file.")] = "mixed",
-    samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 32,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed for window sampling.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")] = 8,
+    calib: CalibOpt = "mixed",
+    samples: SamplesOpt = 32,
+    seq_len: SeqLenOpt = 256,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 8,
     min_tokens: Annotated[
         int, typer.Option("--min-tokens", help="Experts with fewer routed tokens use RTN instead of GPTQ.")
     ] = 32,
