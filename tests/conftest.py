@@ -125,3 +125,31 @@ def build_tiny(model_type: str, folder: Path, tokenizer_dir: Path, seed: int = 0
 @pytest.fixture(params=FAMILIES)
 def tiny_model(request, tmp_path, tokenizer_dir) -> Path:
     return build_tiny(request.param, tmp_path / request.param, tokenizer_dir)
+
+
+def reload_clean(path: Path):
+    """from_pretrained with no missing/unexpected/mismatched keys and no transformers or weight warning."""
+    import logging
+    import warnings
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, experts_implementation="eager", output_loading_info=True
+            )
+    finally:
+        logger.removeHandler(handler)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert not [
+        str(w.message)
+        for w in caught
+        if "moecompress" in str(w.filename) or "weight" in str(w.message) or "key" in str(w.message)
+    ]
+    return model.eval()

@@ -1,11 +1,10 @@
 import json
-import logging
-import warnings
 
 import pytest
 import torch
+from conftest import reload_clean
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from moecompress.checkpoint import Checkpoint
 from moecompress.data import TokenSet
@@ -46,24 +45,6 @@ def _tokens(n=6, s=16):
     return TokenSet(ids, ["rand"] * n, "random", 0)
 
 
-def _reload_without_warnings(path):
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("transformers")
-    logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model = AutoModelForCausalLM.from_pretrained(path)
-    finally:
-        logger.removeHandler(handler)
-    bad = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
-    assert not bad, bad
-    assert not [str(w.message) for w in caught if "moecompress" in str(w.filename) or "weight" in str(w.message)]
-    return model
-
-
 @pytest.mark.parametrize("method", ["subspace", "average"])
 def test_merge_qwen_shrinks_and_reloads(tmp_path, method):
     src = _qwen(tmp_path)
@@ -74,7 +55,7 @@ def test_merge_qwen_shrinks_and_reloads(tmp_path, method):
     K = E // 2
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_experts"] == K and cfg["num_local_experts"] == K
-    model = _reload_without_warnings(out)
+    model = reload_clean(out)
     for layer in model.model.layers:
         assert layer.mlp.experts.gate_up_proj.shape[0] == K and layer.mlp.gate.weight.shape[0] == K
     with torch.no_grad():
@@ -121,7 +102,7 @@ def test_merge_mixtral_reloads(tmp_path):
     out = tmp_path / "mx"
     merge_model(src, out, MergeOptions(ratio=0.25, sim_tokens=32), tokens=_tokens(), progress=False, device="cpu")
     assert json.loads((out / "config.json").read_text())["num_local_experts"] == 6
-    model = _reload_without_warnings(out)
+    model = reload_clean(out)
     assert model.model.layers[1].mlp.experts.down_proj.shape[0] == 6
 
 
@@ -148,7 +129,7 @@ def test_merge_every_family(tiny_model, tmp_path):
                       seq_len=32, progress=False, device="cpu")  # fmt: skip
     K = E0 // 2
     assert man["experts_after"] == K and man["layout"] == "uniform"
-    model = _reload_without_warnings(out)
+    model = reload_clean(out)
     assert Checkpoint(out).num_experts == K
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == expected_bytes(ckpt, K)

@@ -1,12 +1,10 @@
 """Expert pruning end to end on every family: write, reload with transformers, compare with pruning in memory."""
 
 import json
-import logging
-import warnings
 
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, reload_clean
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -24,27 +22,6 @@ from moecompress.pruning import PruneOptions, prune_model
 def _tokens(n=4, s=16, vocab=320):
     ids = torch.randint(0, vocab, (n, s), generator=torch.Generator().manual_seed(0))
     return TokenSet(ids, ["a", "a", "b", "b"][:n], "random", 0)
-
-
-def _reload(path):
-    """from_pretrained with no missing/unexpected keys and no transformers warning."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("transformers")
-    logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model, info = AutoModelForCausalLM.from_pretrained(
-                path, experts_implementation="eager", output_loading_info=True
-            )
-    finally:
-        logger.removeHandler(handler)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
-    assert not [str(w.message) for w in caught if "weight" in str(w.message) or "key" in str(w.message)]
-    return model.eval()
 
 
 def _logits(model, ids):
@@ -96,7 +73,7 @@ def test_prune_every_family_reloads_equal_to_in_memory_pruning(tiny_model, tmp_p
         assert info["kept"] == want
         assert info["old_to_new"] == {str(e): i for i, e in enumerate(want)}
 
-    pruned = _reload(out)
+    pruned = reload_clean(out)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, experts_implementation="eager").eval()
     ref = prune_in_memory(base, {l: man["layers"][str(l)]["kept"] for l in src.moe_layers})
     ids = _tokens().input_ids
@@ -181,7 +158,7 @@ def test_output_error_method_writes_a_loadable_model(family, tmp_path, tokenizer
         assert len(info["kept"]) == (E - 2 if family == "mixtral" else E - 4)
         assert all(c >= 0 or abs(c) < 1e-6 for c in info["removal_costs"][:1])
     assert man["output_error_inputs"] == "pruned earlier layers (sequential)"
-    assert torch.isfinite(_logits(_reload(tmp_path / "out"), _tokens().input_ids)).all()
+    assert torch.isfinite(_logits(reload_clean(tmp_path / "out"), _tokens().input_ids)).all()
 
 
 def _cli(*args):
