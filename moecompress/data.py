@@ -94,7 +94,7 @@ class TokenSet:
         }
 
 
-def _encode(tokenizer: Any, text: str) -> torch.Tensor:
+def encode_text(tokenizer: Any, text: str) -> torch.Tensor:
     ids: list[int] = []
     step = 100_000
     for i in range(0, len(text), step):  # chunked so huge files don't hit the tokenizer's max length warning
@@ -125,7 +125,7 @@ def calibration_set(
         n = samples // len(names) + (1 if i < samples % len(names) else 0)
         if n == 0:
             continue
-        ids = _encode(tokenizer, texts[d])
+        ids = encode_text(tokenizer, texts[d])
         if len(ids) < seq_len:
             raise UserError(
                 f"calibration text {d!r} has {len(ids)} tokens, fewer than --seq-len {seq_len}: "
@@ -143,7 +143,7 @@ def eval_set(tokenizer: Any, spec: str | Path, seq_len: int, max_windows: int | 
     rows: list[torch.Tensor] = []
     doms: list[str] = []
     for d in sorted(texts):
-        ids = _encode(tokenizer, texts[d])
+        ids = encode_text(tokenizer, texts[d])
         n = len(ids) // seq_len
         if n == 0:
             raise UserError(f"evaluation text {d!r} has {len(ids)} tokens, fewer than --seq-len {seq_len}")

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from .checkpoint import resolve_model
-from .data import check_seq_len, eval_set
+from .data import check_seq_len, encode_text, eval_set, load_texts
+from .errors import UserError
 from .loading import load
 from .profile import load_tokenizer
 from .progress import progress_bar
@@ -57,8 +58,6 @@ def evaluate(
     b = load(resolve_model(base), device) if base is not None else None
     tokens = eval_set(load_tokenizer(path), data, seq_len, max_windows)
     if tokens.input_ids.max() >= m.config.vocab_size:
-        from .errors import UserError
-
         raise UserError("the tokenizer produces ids beyond the model's vocabulary: the folder's tokenizer is wrong")
     doms = tokens.domain_names
     nll = {d: 0.0 for d in doms}
@@ -105,18 +104,13 @@ def evaluate(
 def unigram_perplexity(model: str | Path | None = None, data: str | Path = "mixed", seq_len: int = 256) -> dict:
     """Baseline: perplexity of an add-one unigram model fitted on the calibration split, scored on the same
     eval windows as ``evaluate`` (built-in sets; for a file, fitted on the file itself)."""
-    from .data import load_texts
-
     tok = load_tokenizer(resolve_model(model))
     tokens = eval_set(tok, data, seq_len)
-    try:
-        fit_texts = load_texts(data, "calib")
-    except Exception:  # a user file: fit on itself
-        fit_texts = load_texts(data, "eval")
+    fit_texts = load_texts(data, "calib")  # built-in sets: the calibration split; a file: the file itself
     V = len(tok)
     counts = torch.ones(V, dtype=torch.float64)
     for text in fit_texts.values():
-        ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+        ids = encode_text(tok, text)
         counts += torch.bincount(ids, minlength=V).double()[:V]
     logp = (counts / counts.sum()).log()
     out: dict[str, float] = {}

@@ -6,6 +6,7 @@ tensors are read lazily from the safetensors shards and freed after use (GPTQ-st
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,8 +102,6 @@ class ActivationCache:
     def close(self) -> None:
         self._mem.clear()
         if self._dir is not None:
-            import shutil
-
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
@@ -149,7 +148,6 @@ class LayerStream:
                 f"{what}: checkpoint tensors do not match the {self.ckpt.config.model_type} config "
                 f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
             )
-        module.to(self.dtype)
 
     def load_layer(self, l: int) -> nn.Module:
         layer = self.decoder_layers[l]
