@@ -11,19 +11,26 @@ from rich.table import Table
 
 from . import __version__
 from .cli_common import (
+    INT_MAX,
     BatchOpt,
     CalibOpt,
     DeviceOpt,
+    FileOverwriteOpt,
     ModelArg,
     OverwriteOpt,
     SamplesOpt,
     SeedOpt,
     SeqLenOpt,
+    calib_checks,
+    check_numbers,
+    data_file,
     device_of,
+    guard,
     user_errors,
     write_json,
 )
-from .progress import console
+from .errors import UserError
+from .progress import console, out_console
 
 app = typer.Typer(
     name="moecompress",
@@ -45,7 +52,7 @@ PLUGINS: tuple[str, ...] = (
 
 def _version(value: bool) -> None:
     if value:
-        console.print(f"moecompress {__version__}")
+        out_console.print(f"moecompress {__version__}")
         raise typer.Exit()
 
 
@@ -65,6 +72,7 @@ def info(
     json_out: Annotated[
         Path | None, typer.Option("-o", "--output", "--json", help="Also write the facts as JSON here.")
     ] = None,
+    overwrite: FileOverwriteOpt = False,
 ) -> None:
     """Show what moecompress sees in a model: family, MoE layers, experts, top-k, size, layout.
 
@@ -75,6 +83,7 @@ def info(
     from .checkpoint import Checkpoint
     from .loading import read_manifest
 
+    guard([(json_out, "file")], model, overwrite=overwrite)
     ck = Checkpoint(model)
     cfg = ck.config
     fam = ck.family
@@ -101,20 +110,20 @@ def info(
     t = Table(show_header=False, box=None)
     for k, v in facts.items():
         t.add_row(f"[bold]{k}", str(v))
-    console.print(t)
+    out_console.print(t)
     if facts["layout"] != "uniform":
-        console.print(f"layout {facts['layout']!r}: load it exactly with moecompress.load(path)")
+        out_console.print(f"layout {facts['layout']!r}: load it exactly with moecompress.load(path)")
     if json_out:
-        write_json(facts, json_out)
+        write_json(facts, json_out, overwrite)
 
 
 @app.command()
 @user_errors
 def profile(
     model: ModelArg = None,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Run folder for profile.json/.safetensors.")] = Path(
-        "runs/profile"
-    ),
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Run folder for profile.json/.safetensors (created).")
+    ] = Path("runs/profile"),
     calib: CalibOpt = "mixed",
     samples: SamplesOpt = 64,
     seq_len: SeqLenOpt = 256,
@@ -141,16 +150,21 @@ def profile(
     """
     from .profile import run_profile
 
-    prof = run_profile(
-        model, output, calib, samples, seq_len, seed, batch_size, device_of(device), sim_tokens, overwrite
+    check_numbers(
+        *calib_checks(samples, seq_len, seed, batch_size),
+        ("--sim-tokens", sim_tokens, 2, INT_MAX, True),
+        ("--min-tokens", min_tokens, 0, INT_MAX, True),
     )
+    dev = device_of(device)
+    guard([(output, "dir")], model, [data_file(calib)], overwrite)
+    prof = run_profile(model, output, calib, samples, seq_len, seed, batch_size, dev, sim_tokens, overwrite, min_tokens)
     meta = prof.meta
-    console.print(
+    out_console.print(
         f"profiled {meta['family']} model: {len(meta['moe_layers'])} MoE layers x {meta['num_experts']} experts "
         f"on {meta['tokens']:,} tokens in {meta['elapsed_s']:.1f}s -> {output}"
     )
     sup = meta["super_experts"]
-    console.print(f"super experts: {', '.join(f'L{l}E{e}' for l, e in sup) if sup else 'none'}")
+    out_console.print(f"super experts: {', '.join(f'L{l}E{e}' for l, e in sup) if sup else 'none'}")
     for w in meta["warnings"][:10]:
         console.print(f"[yellow]warning:[/] {w}")
     if len(meta["warnings"]) > 10:
@@ -163,13 +177,16 @@ def eval_cmd(
     model: ModelArg = None,
     base: Annotated[Path | None, typer.Option(help="Base model folder to compare with (KL, top-1 agreement).")] = None,
     data: Annotated[str, typer.Option(help="Built-in set (a domain or mixed) or a .txt/.jsonl file.")] = "mixed",
-    seq_len: Annotated[int, typer.Option("--seq-len")] = 256,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
-    max_windows: Annotated[int | None, typer.Option("--max-windows", help="Cap windows per domain.")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window (at least 2).")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward batch (at least 1).")] = 8,
+    max_windows: Annotated[
+        int | None, typer.Option("--max-windows", help="Cap windows per domain (at least 1; default: no cap).")
+    ] = None,
     unigram: Annotated[bool, typer.Option(help="Also report an add-one unigram baseline perplexity.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Same as --json.")] = None,
     device: DeviceOpt = "auto",
+    overwrite: FileOverwriteOpt = False,
 ) -> None:
     """Held-out perplexity per domain; with --base, KL(base || model) and top-1 agreement; params and bytes.
 
@@ -177,9 +194,21 @@ def eval_cmd(
       moecompress eval\n
       moecompress eval out/pruned --base ./base-model --json out/pruned/eval.json
     """
+    from .checkpoint import resolve_model
     from .evaluate import evaluate, unigram_perplexity
 
-    res = evaluate(model, base, data, seq_len, batch_size, device_of(device), max_windows)
+    check_numbers(
+        ("--seq-len", seq_len, 2, INT_MAX, True),
+        ("--batch-size", batch_size, 1, INT_MAX, True),
+        ("--max-windows", max_windows, 1, INT_MAX, True),
+    )
+    if json_out is not None and output is not None and json_out != output:
+        raise UserError("--json and -o/--output are the same option: give only one of them")
+    target = json_out or output
+    dev = device_of(device)
+    base_dir = resolve_model(base) if base is not None else None
+    guard([(target, "file")], model, [base_dir, data_file(data)], overwrite)
+    res = evaluate(model, base, data, seq_len, batch_size, dev, max_windows)
     if unigram:
         res["unigram_perplexity"] = unigram_perplexity(model, data, seq_len)
     t = Table(title=f"moecompress eval: {res['model']}")
@@ -192,13 +221,14 @@ def eval_cmd(
         if unigram:
             row.append(f"{res['unigram_perplexity'][d]:.1f}")
         t.add_row(*row)
-    console.print(t)
+    out_console.print(t)
     if res["kl_to_base"] is not None:
-        console.print(f"KL(base || model) = {res['kl_to_base']:.4f}   top-1 agreement = {res['top1_agreement']:.4f}")
-    console.print(f"params {res['params']:,}   bytes on disk {res['bytes']:,}")
-    target = json_out or output
+        out_console.print(
+            f"KL(base || model) = {res['kl_to_base']:.3g}   top-1 agreement = {res['top1_agreement']:.4f}"
+        )
+    out_console.print(f"params {res['params']:,}   bytes on disk {res['bytes']:,}")
     if target:
-        write_json(res, target)
+        write_json(res, target, overwrite)
 
 
 for _mod in PLUGINS:

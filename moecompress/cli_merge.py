@@ -7,8 +7,25 @@ from typing import Annotated
 
 import typer
 
-from .cli_common import BatchOpt, CalibOpt, DeviceOpt, ModelArg, OverwriteOpt, SamplesOpt, SeqLenOpt, user_errors
-from .progress import console
+from .cli_common import (
+    INT_MAX,
+    POSITIVE,
+    BatchOpt,
+    CalibOpt,
+    DeviceOpt,
+    ModelArg,
+    OverwriteOpt,
+    SamplesOpt,
+    SeqLenOpt,
+    calib_checks,
+    check_numbers,
+    check_ratio,
+    data_file,
+    device_of,
+    guard,
+    user_errors,
+)
+from .progress import out_console
 
 
 @user_errors
@@ -55,13 +72,22 @@ def merge(
     """
     from .merging import MergeOptions, merge_model
 
+    check_ratio("--ratio", ratio, "the fraction of experts merged away")
+    check_numbers(
+        *calib_checks(samples, seq_len, seed, batch_size),
+        ("--rank", rank, 1, INT_MAX, True),
+        ("--rank-fraction", rank_fraction, POSITIVE, 1.0, False),
+        ("--sim-tokens", sim_tokens, 2, INT_MAX, True),
+    )
+    device_of(device)
+    guard([(output, "dir")], model, [profile, data_file(calib)], overwrite)
     opts = MergeOptions(
         ratio=ratio, method=method, rank=rank, rank_fraction=rank_fraction, router=router, similarity=similarity,
         protect_super=protect, align=align, refit=refit, sim_tokens=sim_tokens, seed=seed,
     )  # fmt: skip
     man = merge_model(model, output, opts, profile, calib, samples, seq_len, batch_size, device, overwrite)
     saved = 1 - man["bytes_after"] / man["bytes_before"]
-    console.print(
+    out_console.print(
         f"merged {man['experts_before']} -> {man['experts_after']} experts per layer ({method}) in "
         f"{man['elapsed_s']:.1f}s: {man['bytes_before']:,} -> {man['bytes_after']:,} bytes ({saved:.1%} smaller)"
         f" -> {output}"

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .cli_common import (
+    INT_MAX,
     BatchOpt,
     CalibOpt,
     DeviceOpt,
@@ -15,11 +16,16 @@ from .cli_common import (
     OverwriteOpt,
     SamplesOpt,
     SeqLenOpt,
+    calib_checks,
+    check_numbers,
+    check_ratio,
+    data_file,
     device_of,
+    guard,
     user_errors,
 )
 from .errors import UserError
-from .progress import console
+from .progress import console, out_console
 from .pruning import DEFAULT_METHOD, METHODS
 
 GRANULARITIES = ("expert", "atom")
@@ -31,7 +37,7 @@ def prune(
         typer.Option("--ratio", help="Fraction removed (0-1): of routed experts, or of atoms.", show_default=False),
     ],
     model: ModelArg = None,
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output model folder.")] = Path("out/pruned"),
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output model folder (created).")] = Path("out/pruned"),
     method: Annotated[
         str | None,
         typer.Option(help=f"expert: {', '.join(METHODS)} (default {DEFAULT_METHOD}); atom: heapr or magnitude."),
@@ -77,9 +83,16 @@ def prune(
       moecompress prune --ratio 0.25 --method output-error --layout per-layer -o out/naee\n
       moecompress prune --ratio 0.25 --granularity atom --hessian diag -o out/atoms
     """
+    check_ratio("--ratio", ratio, "the fraction of routed experts (or atoms) removed")
+    check_numbers(
+        *calib_checks(samples, seq_len, seed, batch_size),
+        ("--error-tokens", error_tokens, 1, INT_MAX, True),
+        ("--rank", rank, 1, INT_MAX, True),
+    )
     if granularity not in GRANULARITIES:
         raise UserError(f"--granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
     dev = device_of(device)
+    guard([(output, "dir")], model, [profile, data_file(calib)], overwrite)
     if granularity == "atom":
         from .atomic_prune import atomic_prune
 
@@ -105,20 +118,20 @@ def prune(
         console.print(f"[yellow]warning:[/] {w}")
     sup = [f"L{l}E{e}" for l, e in man["protected"]]
     shared = sorted({p["module"] for p in man["protected_why"] if p["why"] == "shared"})
-    console.print(
+    out_console.print(
         f"protected: super experts {', '.join(sup) if sup else 'none'}"
         + (f"; shared experts ({', '.join(shared)}) are never pruned" if shared else "")
     )
     counts = [v["num_experts"] for v in man["layers"].values()]
     per = f"{counts[0]}" if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)} (per layer: {counts})"
     saved = 1 - man["bytes_after"] / man["bytes_before"]
-    console.print(
+    out_console.print(
         f"pruned {man['experts_before']} -> {per} experts per MoE layer ({man['method']}, {man['layout']}) in "
         f"{man['elapsed_s']:.1f}s: {man['bytes_before']:,} -> {man['bytes_after']:,} bytes ({saved:.1%} smaller)"
         f" -> {output}"
     )
     if man["layout"] != "uniform":
-        console.print("per-layer layout: load it exactly with moecompress.load(path)")
+        out_console.print("per-layer layout: load it exactly with moecompress.load(path)")
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,8 @@ import typer
 from rich.table import Table
 
 from .cli_common import (
+    INT_MAX,
+    POSITIVE,
     BatchOpt,
     CalibOpt,
     DeviceOpt,
@@ -19,10 +22,14 @@ from .cli_common import (
     SamplesOpt,
     SeedOpt,
     SeqLenOpt,
+    calib_checks,
+    check_numbers,
+    data_file,
     device_of,
+    guard,
     user_errors,
 )
-from .progress import console
+from .progress import console, out_console
 
 
 @user_errors
@@ -77,9 +84,18 @@ def quantize(
     """
     from .quantize import run_quantize
 
+    check_numbers(
+        *calib_checks(samples, seq_len, seed, batch_size),
+        ("--bits", bits, 2, 8, False),
+        ("--budget-gb", budget_gb, POSITIVE, math.inf, False),
+        ("--other-bits", other_bits, 2, 16, True),
+        ("--min-tokens", min_tokens, 0, INT_MAX, True),
+    )
+    dev = device_of(device)
+    guard([(output, "dir")], model, [profile, data_file(calib)], overwrite)
     plan_d = run_quantize(
         model, output, bits, budget_gb, plan, method, granularity, other_bits, plan_only, profile, importance,
-        calib, samples, seq_len, seed, batch_size, min_tokens, device_of(device), overwrite,
+        calib, samples, seq_len, seed, batch_size, min_tokens, dev, overwrite,
         command=_command_line(ctx),
     )  # fmt: skip
     t = Table(title="bit plan")
@@ -92,15 +108,15 @@ def quantize(
             counts[r["bits"]] = counts.get(r["bits"], 0) + 1
         widths = ", ".join(f"{n}x{b}b" for b, n in sorted(counts.items()))
         t.add_row(l, widths, f"{sum(r['bytes'] for r in d['experts']):,}")
-    console.print(t)
+    out_console.print(t)
     cost = plan_d["predicted_cost"]
-    console.print(
+    out_console.print(
         f"average {plan_d['average_bits_routed']:.3f} bits per routed-expert weight; "
         f"{plan_d['total_bytes']:,} bytes of weights" + (f"; predicted cost {cost:.4g}" if cost is not None else "")
     )
     if plan_d["few_token_experts"]:
         console.print(f"[yellow]warning:[/] {len(plan_d['few_token_experts'])} experts had too few tokens: RTN used")
-    console.print(f"{'plan written to' if plan_only else 'quantized model written to'} {output}")
+    out_console.print(f"{'plan written to' if plan_only else 'quantized model written to'} {output}")
 
 
 def _command_line(ctx: click.Context) -> str:

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
-from .cli_common import user_errors
-from .progress import console
+from .cli_common import FileOverwriteOpt, guard, user_errors
+from .errors import UserError
+from .progress import out_console
+from .writer import write_file
 
 
 @user_errors
@@ -25,10 +27,12 @@ def report(
         typer.Option(
             "-o",
             "--output",
-            help="HTML file to write (default: FOLDER/report.html for one folder, else ./report.html).",
+            help="HTML file to write (default: FOLDER/report.html for one folder, else ./report.html). Never inside "
+            "an input folder except that folder's own report.html, which is regenerated.",
         ),
     ] = None,
     title: Annotated[str | None, typer.Option(help="Page title (default: the model name).")] = None,
+    overwrite: FileOverwriteOpt = False,
 ) -> None:
     """Render one self-contained HTML report (no network, no scripts) from the files other commands wrote.
 
@@ -41,14 +45,15 @@ def report(
     """
     from .report import REPORT_NAME, build_report
 
-    page = build_report(paths, title=title)
+    for p in paths:
+        if not p.exists():
+            raise UserError(f"{p} does not exist: give a run folder, an output folder or a sidecar JSON file")
     if output is None:
         output = paths[0] / REPORT_NAME if len(paths) == 1 and paths[0].is_dir() else Path(REPORT_NAME)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(output)
-    console.print(f"report: {len(paths)} folder(s) -> {output} ({len(page):,} bytes)")
+    guard([(output, "file")], others=paths, overwrite=overwrite, with_model=False)
+    page = build_report(paths, title=title)
+    write_file(output, page, overwrite=overwrite)
+    out_console.print(f"report: {len(paths)} folder(s) -> {output} ({len(page):,} bytes)")
 
 
 def register(app: typer.Typer) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from .checkpoint import resolve_model
 from .data import check_seq_len, encode_text, eval_set, load_texts
@@ -39,6 +42,18 @@ def logit_agreement(base_logits: torch.Tensor, logits: torch.Tensor) -> tuple[to
     return kl, agree
 
 
+@contextmanager
+def no_hf_progress() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar: eval shows its own progress, and an error stays one line."""
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 @torch.no_grad()
 def evaluate(
     model: str | Path | None = None,
@@ -53,9 +68,10 @@ def evaluate(
     t0 = time.time()
     device = device or torch.device("cpu")
     path = resolve_model(model)
-    m = load(path, device)
-    check_seq_len(seq_len, m.config)
-    b = load(resolve_model(base), device) if base is not None else None
+    with no_hf_progress():
+        m = load(path, device)
+        check_seq_len(seq_len, m.config)
+        b = load(resolve_model(base), device) if base is not None else None
     tokens = eval_set(load_tokenizer(path), data, seq_len, max_windows)
     if tokens.input_ids.max() >= m.config.vocab_size:
         raise UserError("the tokenizer produces ids beyond the model's vocabulary: the folder's tokenizer is wrong")

@@ -1,4 +1,5 @@
-"""Rich progress bars for every pass over data (to stderr; quiet with MOECOMPRESS_QUIET=1)."""
+"""Consoles and progress bars: results go to stdout (``out_console``); progress, warnings and errors to stderr
+(``console``; progress bars are quiet with MOECOMPRESS_QUIET=1)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
+out_console = Console()
 
 
 def progress_bar() -> Progress:
