@@ -19,14 +19,32 @@ import torch
 from .errors import UserError
 
 
+def config_int(cfg: Any, key: str, lo: int = 1, default: Any = None, hi: int | None = None) -> int:
+    """``cfg.key`` as a whole number in [lo, hi]; a UserError naming the key, the value and the allowed range.
+
+    Booleans, strings and fractions are refused (``true`` or ``"8"`` is never silently read as a count)."""
+    value = getattr(cfg, key, default)
+    span = f"{lo}..{hi}" if hi is not None else f"at least {lo}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        shown = "missing" if value is None else f"{value!r} ({type(value).__name__})"
+        raise UserError(f"config.json {key} is {shown}: it must be a whole number, {span}")
+    if value < lo or (hi is not None and value > hi):
+        raise UserError(f"config.json {key} is {value}: it must be {span}")
+    return value
+
+
 def _qwen_dense_layers(cfg: Any) -> frozenset[int]:
-    step = getattr(cfg, "decoder_sparse_step", 1) or 1
-    only = set(getattr(cfg, "mlp_only_layers", None) or [])
-    return frozenset(l for l in range(cfg.num_hidden_layers) if l in only or (l + 1) % step != 0)
+    L = config_int(cfg, "num_hidden_layers")
+    step = config_int(cfg, "decoder_sparse_step", default=1)
+    only = getattr(cfg, "mlp_only_layers", None) or []
+    if not isinstance(only, list) or any(isinstance(l, bool) or not isinstance(l, int) for l in only):
+        raise UserError(f"config.json mlp_only_layers is {only!r}: it must be a list of layer indices")
+    return frozenset(l for l in range(L) if l in set(only) or (l + 1) % step != 0)
 
 
 def _deepseek_dense_layers(cfg: Any) -> frozenset[int]:
-    return frozenset(range(min(getattr(cfg, "first_k_dense_replace", 0) or 0, cfg.num_hidden_layers)))
+    L = config_int(cfg, "num_hidden_layers")
+    return frozenset(range(min(config_int(cfg, "first_k_dense_replace", lo=0, default=0), L)))
 
 
 def _no_dense_layers(cfg: Any) -> frozenset[int]:
@@ -56,26 +74,50 @@ class Family:
     # ---- config facts -------------------------------------------------------------------------
     def num_experts(self, cfg: Any) -> int:
         for key in self.count_keys:
-            value = getattr(cfg, key, None)
-            if value:
-                return int(value)
+            if getattr(cfg, key, None) is not None:
+                return config_int(cfg, key)
         raise UserError(f"config.json has none of {', '.join(self.count_keys)}: cannot tell the expert count")
 
     def top_k(self, cfg: Any) -> int:
-        k = getattr(cfg, "num_experts_per_tok", None)
-        if not k:
+        if getattr(cfg, "num_experts_per_tok", None) is None:
             raise UserError("config.json has no num_experts_per_tok: cannot tell the router's top-k")
-        return int(k)
+        return config_int(cfg, "num_experts_per_tok", hi=self.num_experts(cfg))
 
     def norm_topk(self, cfg: Any) -> bool:
         return True if self.norm_topk_key is None else bool(getattr(cfg, self.norm_topk_key, False))
 
     def n_group(self, cfg: Any) -> int:
-        return int(getattr(cfg, self.group_key, 1) or 1) if self.group_key else 1
+        if not self.group_key or getattr(cfg, self.group_key, None) is None:
+            return 1
+        return config_int(cfg, self.group_key, hi=self.num_experts(cfg))
 
     def moe_layers(self, cfg: Any) -> list[int]:
         dense = self.dense_layers(cfg)
-        return [l for l in range(cfg.num_hidden_layers) if l not in dense]
+        return [l for l in range(config_int(cfg, "num_hidden_layers")) if l not in dense]
+
+    def check_config(self, cfg: Any, layers_on_disk: int | None = None) -> None:
+        """Every count this family reads from config.json is a whole number in range and they agree with each
+        other (top-k <= experts, groups divide the experts, no more layers than ``layers_on_disk``); raises a
+        UserError naming the field otherwise."""
+        for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
+            config_int(cfg, key)
+        if layers_on_disk is not None and cfg.num_hidden_layers > layers_on_disk:
+            raise UserError(
+                f"config.json num_hidden_layers is {cfg.num_hidden_layers}, but the weights hold "
+                f"{layers_on_disk} decoder layers: the config does not belong to these weights"
+            )
+        E, k, G = self.num_experts(cfg), self.top_k(cfg), self.n_group(cfg)
+        if E % G:
+            raise UserError(f"config.json {self.group_key} is {G}, which does not divide the {E} routed experts")
+        if G > 1 and getattr(cfg, "topk_group", None) is not None:
+            tg = config_int(cfg, "topk_group", hi=G)
+            if k > E // G * tg:
+                raise UserError(
+                    f"config.json num_experts_per_tok is {k}, more than the {E // G * tg} experts in the "
+                    f"topk_group={tg} groups a token may use"
+                )
+        if not self.moe_layers(cfg):
+            raise UserError("config.json makes every layer dense (no MoE layer): nothing for moecompress to do")
 
     def expert_count_updates(self, n: int) -> dict[str, int]:
         """config.json entries to write for a new routed-expert count."""
@@ -218,21 +260,44 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+# Config keys (top level, or inside a nested sub-config such as DBRX's ffn_config) that hold a routed expert count.
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _expert_count_anywhere(cfg: Any) -> str | None:
+    """'key=value' of the first routed-expert count above 1 in the config or one level of nested sub-configs."""
+    try:
+        d = cfg.to_dict()
+    except Exception:  # a hostile config object: treat it as carrying no expert count
+        return None
+    places: list[tuple[str, Any]] = [("", d)] + [(f"{k}.", v) for k, v in d.items() if isinstance(v, dict)]
+    for prefix, sub in places:
+        for key in EXPERT_COUNT_KEYS:
+            v = sub.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 1:
+                return f"{prefix}{key}={v}"
+    return None
+
+
 def family_for(cfg: Any) -> Family:
     """The family record for a transformers config, or a UserError naming what is missing."""
     model_type = getattr(cfg, "model_type", None)
     for fam in FAMILIES:
         if model_type in fam.model_types:
-            if not any(getattr(cfg, k, None) for k in fam.count_keys):
+            if all(getattr(cfg, k, None) in (None, 0) for k in fam.count_keys):
                 raise UserError(
                     f"model_type {model_type!r} has no routed experts ({' / '.join(fam.count_keys)} missing or 0): "
                     "moecompress needs a Mixture-of-Experts model"
                 )
             return fam
     supported = ", ".join(t for f in FAMILIES for t in f.model_types)
-    if not any(getattr(cfg, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+    found = _expert_count_anywhere(cfg)
+    if found is None:
         raise UserError(
             f"model_type {model_type!r} is not a Mixture-of-Experts model (no expert count in config.json); "
             f"supported MoE families: {supported}"
         )
-    raise UserError(f"no moecompress adapter for model_type {model_type!r}; supported: {supported}")
+    raise UserError(
+        f"no moecompress adapter for model_type {model_type!r} yet: it is a Mixture-of-Experts family ({found}) "
+        f"that moecompress cannot read; supported: {supported}"
+    )

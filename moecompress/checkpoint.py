@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import re
+import stat
 import struct
 from collections.abc import Iterator
 from functools import cached_property
@@ -12,7 +15,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .adapters import Family, MoEWeights, family_for
 from .errors import UserError
@@ -52,74 +55,252 @@ def resolve_model(path: str | Path | None) -> Path:
     return p.resolve()
 
 
-def _read_header(path: Path) -> bytes:
-    """The safetensors JSON header bytes; raises UserError when the file is not a valid safetensors file."""
+# bytes per element of every safetensors dtype
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+MAX_CONFIG_BYTES = 16 * 1024**2
+MAX_HEADER_BYTES = 100_000_000
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def read_json_file(path: Path, what: str, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """Parse a small JSON file; any way it can be unreadable (too large, not UTF-8, not JSON, nested too deep)
+    becomes one UserError naming the file."""
     try:
+        if path.stat().st_size > max_bytes:
+            raise ValueError(f"larger than {max_bytes // 1024**2} MiB")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
+        raise UserError(f"{path} is not a valid {what} ({reason})") from None
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """``moecompress.json`` of a folder: None when absent, a dict otherwise (a UserError when it is not one)."""
+    f = Path(path) / "moecompress.json"
+    if not f.exists():
+        return None
+    manifest = read_json_file(f, "moecompress manifest (JSON)")
+    if not isinstance(manifest, dict):
+        raise UserError(f"{f} holds a JSON {type(manifest).__name__}, not an object: it is not a moecompress manifest")
+    if not isinstance(manifest.get("layout", "uniform"), str):
+        raise UserError(f"{f} has a layout that is not a name ({manifest['layout']!r})")
+    return manifest
+
+
+def _check_entry(key: Any, v: Any, data_bytes: int) -> None:
+    if not isinstance(v, dict):
+        raise ValueError(f"entry {key!r} is a {type(v).__name__}, not an object")
+    dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"tensor {key} has unknown dtype {dtype!r}")
+    ints = lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
+    if not ints(shape) or len(shape) > 8:
+        raise ValueError(f"tensor {key} has shape {shape!r}, not a list of sizes")
+    if not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise ValueError(f"tensor {key} has data_offsets {offsets!r}, not [begin, end]")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * DTYPE_BYTES[dtype]:
+        raise ValueError(f"tensor {key} {dtype}{shape} needs {numel * DTYPE_BYTES[dtype]} bytes, has {offsets}")
+    if offsets[1] > data_bytes:
+        raise ValueError(f"tensor {key} data runs past the end of the file")
+
+
+def _read_header(path: Path) -> tuple[bytes, dict[str, dict[str, Any]]]:
+    """(header bytes, {key: {dtype, shape, data_offsets}}) of a safetensors file; a UserError when the file is
+    not one (whatever regular file ``path`` resolves to: a symlink into a blob store is fine, /etc/passwd is not)."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ValueError("not a regular file")
         with path.open("rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
                 raise ValueError("shorter than 8 bytes")
             (n,) = struct.unpack("<Q", raw)
             size = path.stat().st_size
-            if n > min(size - 8, 100_000_000):
+            if n > min(size - 8, MAX_HEADER_BYTES):
                 raise ValueError("header length is larger than the file")
             header = f.read(n)
         meta = json.loads(header)
-        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"tensor data runs past the end of the file ({8 + n + end} > {size} bytes)")
-        return header
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        if not isinstance(meta, dict):
+            raise ValueError(f"the header is a JSON {type(meta).__name__}, not an object")
+        extra = meta.get("__metadata__", {})
+        if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+            raise ValueError("__metadata__ is not an object of strings")
+        tensors = {k: v for k, v in meta.items() if k != "__metadata__"}
+        for k, v in tensors.items():
+            _check_entry(k, v, size - 8 - n)
+        return header, tensors
+    except (OSError, ValueError, RecursionError, struct.error) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0][:200]
         raise UserError(
-            f"{path.name} is not a valid safetensors file ({err}): re-download or re-save the model"
+            f"{path.name} is not a valid safetensors file ({reason}): re-download or re-save the model"
         ) from None
 
 
+def _plain_name(fname: Any, index: str) -> str:
+    """A shard name from an index must be a plain file name inside the model folder (no folders, no ``..``)."""
+    if not isinstance(fname, str):
+        raise UserError(f"{index} maps a tensor to {fname!r}, not a file name: the index is corrupt")
+    if fname in ("", ".", "..") or Path(fname).is_absolute() or ".." in Path(fname).parts:
+        raise UserError(f"{index} names shard {fname!r}, which points outside the model folder: refusing to read it")
+    if "/" in fname or "\\" in fname or "\0" in fname:
+        raise UserError(f"{index} names shard {fname!r}, which is not a plain file name in the model folder")
+    return fname
+
+
+def _expected_shapes(config: PretrainedConfig) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """(state-dict name -> shape, parameter names) of the transformers model config.json describes, built on the
+    meta device (no memory, well under a second even for 100B-parameter configs)."""
+    cfg = copy.deepcopy(config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, experts_implementation="eager")
+    except Exception as err:  # a config transformers accepts field by field can still fail as a whole
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise UserError(
+            f"transformers cannot build a {cfg.model_type} model from config.json ({type(err).__name__}: {first})"
+        ) from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, [n for n, _ in model.named_parameters()]
+
+
+def check_shapes(ck: Checkpoint) -> None:
+    """Every tensor on disk has the shape config.json implies, and (for plain folders) none is missing.
+
+    Routers are checked first, so the routed expert count is bounded by real tensors before anything of that
+    size is built. Routed expert tensors of non-uniform layouts (per-layer prune, exact atomic, quantized) are
+    left to their own loaders, which check them against moecompress.json."""
+    cfg, fam = ck.config, ck.family
+    E, H = ck.num_experts, cfg.hidden_size
+    moe = set(ck.moe_layers)
+    uniform = ck.manifest.get("layout", "uniform") == "uniform" and not getattr(cfg, "quantization_config", None)
+
+    def mismatch(key: str, got: tuple[int, ...], want: tuple[int, ...], why: str = "") -> UserError:
+        return UserError(
+            f"tensor {key} has shape {list(got)} but config.json implies {list(want)}{why}: "
+            "config.json does not match the weights"
+        )
+
+    if uniform:
+        for l in sorted(moe):
+            rk = fam.router_key(l)
+            key = next((k for k in (rk, fam.disk_to_module(rk)) if k in ck._info), None)
+            if key is None:
+                raise UserError(f"the weights lack the router of MoE layer {l} ({rk}): the checkpoint is incomplete")
+            got = tuple(ck._info[key]["shape"])
+            if got != (E, H):
+                raise mismatch(key, got, (E, H), f" ({E} routed experts x hidden_size {H})")
+    expected, params = _expected_shapes(cfg)
+    names = "|".join(re.escape(n) for n in fam.expert_names)
+    blocks = f"{re.escape(fam.disk_block)}|{re.escape(fam.module_block)}"
+    expert_re = re.compile(rf"^model\.layers\.(\d+)\.(?:{blocks})\.{re.escape(fam.experts)}\.(\d+)\.({names})\.weight$")
+    present: set[Any] = set()
+    for k in ck.weight_map:
+        got = tuple(ck._info[k]["shape"])
+        lm = _LAYER_KEY.match(k)
+        layer = int(lm[1]) if lm else -1
+        if layer in moe and fam.routed_key_pattern(layer).match(k):
+            if not uniform:
+                continue
+            if em := expert_re.match(k):
+                e, proj = int(em[2]), fam.expert_names.index(em[3])
+                if e >= E:
+                    raise UserError(f"tensor {k} is expert {e}, but config.json declares {E} routed experts")
+                fused = expected.get(f"model.layers.{layer}.{fam.module_block}.{fam.experts}.gate_up_proj")
+                if fused is not None:
+                    I = fused[1] // 2
+                    want = (I, H) if proj < 2 else (H, I)
+                    if got != want:
+                        raise mismatch(k, got, want, f" (expert width {I}, hidden_size {H})")
+                present.add((layer, e, proj))
+                continue
+        name = fam.disk_to_module(k)
+        if name in expected:
+            if got != expected[name]:
+                raise mismatch(k, got, expected[name])
+            present.add(name)
+    if not uniform:
+        return
+    for n in params:
+        if n in present:
+            continue
+        lm = _LAYER_KEY.match(n)
+        l = int(lm[1]) if lm else -1
+        if l in moe and n.endswith((f"{fam.experts}.gate_up_proj", f"{fam.experts}.down_proj")):
+            projs = (0, 1) if n.endswith("gate_up_proj") else (2,)
+            gone = [(e, p) for e in range(E) for p in projs if (l, e, p) not in present]
+            if not gone:
+                continue
+            n = fam.expert_key(l, *gone[0])
+        raise UserError(f"the weights lack {n}, which the model in config.json needs: the checkpoint is incomplete")
+
+
 class Checkpoint:
-    """A validated local HF checkpoint folder with lazy tensor access."""
+    """A validated local HF checkpoint folder with lazy tensor access.
+
+    Opening one checks, in one place, everything later passes rely on: config.json counts are whole numbers in
+    range and agree with each other, shard names are plain file names, every shard is a safetensors file, and
+    every tensor's shape agrees with config.json (see ``check_shapes``). A broken or hostile folder fails here
+    with one UserError, before any work."""
 
     def __init__(self, path: str | Path | None):
         self.path = resolve_model(path)
         self.config = self._load_config()
         self.family: Family = family_for(self.config)
+        self.manifest = read_manifest(self.path) or {}
         self.weight_map = self._load_weight_map()
-        self._headers = {f: _read_header(self.path / f) for f in sorted(set(self.weight_map.values()))}
+        self._headers: dict[str, bytes] = {}
+        self._info: dict[str, dict[str, Any]] = {}
+        for f in sorted(set(self.weight_map.values())):
+            header, tensors = _read_header(self.path / f)
+            self._headers[f] = header
+            self._info.update({k: v for k, v in tensors.items() if self.weight_map.get(k) == f})
+        for k, f in self.weight_map.items():
+            if k not in self._info:
+                raise UserError(f"the index maps tensor {k} to {f}, which does not hold it: the index is corrupt")
+        layers_on_disk = {int(m[1]) for k in self.weight_map if (m := _LAYER_KEY.match(k))}
+        self.family.check_config(self.config, max(layers_on_disk, default=-1) + 1)
+        missing = sorted(set(range(self.config.num_hidden_layers)) - layers_on_disk)
+        if missing:
+            raise UserError(f"the weights have no tensors for decoder layer {missing[0]}: the checkpoint is incomplete")
+        self.nonfinite: dict[str, tuple[int, int]] = {}  # tensor -> (NaN count, Inf count), filled as tensors are read
+        check_shapes(self)
 
     # ---- validation -----------------------------------------------------------------------------
     def _load_config(self) -> PretrainedConfig:
-        try:
-            raw = json.loads((self.path / "config.json").read_text())
-        except (OSError, ValueError) as err:
-            raise UserError(f"{self.path / 'config.json'} is not valid JSON ({err})") from None
-        if not isinstance(raw, dict) or "model_type" not in raw:
+        raw = read_json_file(self.path / "config.json", "config.json (JSON)")
+        if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
             raise UserError(f"{self.path / 'config.json'} has no model_type: not a transformers model config")
         try:
             return AutoConfig.from_pretrained(self.path, trust_remote_code=False)
-        except (ValueError, KeyError) as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        except Exception as err:  # transformers/huggingface_hub raise many types for a config they cannot read
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
             raise UserError(
-                f"transformers cannot read config.json (model_type {raw['model_type']!r}): {first}"
+                f"transformers cannot read config.json (model_type {raw['model_type']!r}): {' '.join(lines)[:300]}"
             ) from None
 
     def _load_weight_map(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            try:
-                wm = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as err:
-                raise UserError(f"{index} is not a valid safetensors index ({err})") from None
-            root = self.path.resolve()
+            raw = read_json_file(index, "safetensors index (JSON)", MAX_HEADER_BYTES)
+            wm = raw.get("weight_map") if isinstance(raw, dict) else None
+            if not isinstance(wm, dict) or not wm:
+                raise UserError(f"{index} has no weight_map object: it is not a valid safetensors index")
+            for fname in wm.values():
+                _plain_name(fname, index.name)
             for fname in set(wm.values()):
-                target = (self.path / fname).resolve()
-                if root not in target.parents or Path(fname).is_absolute():
-                    raise UserError(f"{index.name} points outside the model folder ({fname!r}): refusing to read it")
-                if not target.exists():
+                if not (self.path / fname).exists():
                     raise UserError(f"{index.name} names shard {fname} which is missing from {self.path}")
             return dict(wm)
         single = self.path / "model.safetensors"
         if single.exists():
-            header = json.loads(_read_header(single))
-            return {k: "model.safetensors" for k in header if k != "__metadata__"}
+            return {k: "model.safetensors" for k in _read_header(single)[1]}
         if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
             raise UserError(
                 f"{self.path} holds only pickle weights (*.bin/*.pt), which moecompress never loads: "
@@ -166,13 +347,8 @@ class Checkpoint:
         return sum((self.path / f).stat().st_size for f in self._headers)
 
     def tensor_info(self) -> dict[str, dict[str, Any]]:
-        """key -> {dtype, shape} from the headers, without reading data."""
-        out: dict[str, dict[str, Any]] = {}
-        for header in self._headers.values():
-            for k, v in json.loads(header).items():
-                if k != "__metadata__":
-                    out[k] = {"dtype": v["dtype"], "shape": v["shape"]}
-        return out
+        """key -> {dtype, shape} from the (validated) headers, without reading data."""
+        return {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in self._info.items()}
 
     @property
     def num_params(self) -> int:
@@ -210,7 +386,24 @@ class Checkpoint:
                     except Exception as err:
                         msg = f"tensor {key} in {fname} cannot be read ({err}): the file is corrupt"
                         raise UserError(msg) from None
+                    self._check_finite(key, out[key])
         return out
+
+    def _check_finite(self, key: str, t: torch.Tensor) -> None:
+        """Record and warn (once per tensor, on stderr) about NaN/Inf weights as they are read."""
+        if not t.is_floating_point() or key in self.nonfinite or bool(torch.isfinite(t).all()):
+            return
+        nan = int(torch.isnan(t).sum())
+        inf = t.numel() - nan - int(torch.isfinite(t).sum())
+        self.nonfinite[key] = (nan, inf)
+        from .progress import console
+
+        console.print(
+            f"[yellow]warning:[/] tensor {key} holds {nan} NaN and {inf} Inf values: statistics that depend on it "
+            "are not finite (written as null in JSON)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def get(self, key: str) -> torch.Tensor:
         return self.read([key])[key]

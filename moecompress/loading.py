@@ -7,15 +7,13 @@ layouts recorded in ``moecompress.json`` (``"layout"``) dispatch to the loader r
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .checkpoint import resolve_model
+from .checkpoint import Checkpoint, read_manifest, resolve_model  # noqa: F401  (read_manifest: public here)
 from .errors import UserError
 
 # layout name in moecompress.json -> "module:function" taking (path, device, dtype) and returning the model
@@ -29,16 +27,6 @@ LOADERS: dict[str, str] = {
 def register_loader(layout: str, target: str) -> None:
     """Register ``"package.module:function"`` as the loader for outputs whose manifest says ``layout``."""
     LOADERS[layout] = target
-
-
-def read_manifest(path: str | Path) -> dict[str, Any] | None:
-    f = Path(path) / "moecompress.json"
-    if not f.exists():
-        return None
-    try:
-        return json.loads(f.read_text())
-    except ValueError as err:
-        raise UserError(f"{f} is not valid JSON ({err})") from None
 
 
 def load_uniform(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> PreTrainedModel:
@@ -62,7 +50,7 @@ def load(
 ) -> PreTrainedModel:
     """Load any moecompress output (or any supported HF MoE folder; the built-in model when None)."""
     p = resolve_model(path)
-    manifest = read_manifest(p) or {}
+    manifest = Checkpoint(p).manifest  # validates config.json against the tensors before transformers sees them
     layout = manifest.get("layout", "uniform")
     if layout == "uniform":
         return load_uniform(p, device, dtype)

@@ -33,8 +33,11 @@ from .writer import atomic_dir, check_output
 def load_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the tokenizer from {path} ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # a tokenizer.json of the wrong structure raises KeyError, TypeError, tokenizers' own...
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise UserError(
+            f"cannot load the tokenizer from {path} ({type(err).__name__}: {first}): its tokenizer files are broken"
+        ) from None
 
 
 def min_tokens_rule(top_k: int, tokens: int, num_experts: int) -> int:
