@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,12 +252,34 @@ def build_profile(
         "elapsed_s": round(elapsed, 2),
         "warnings": warnings,
     }
+    meta, nonfinite = json_safe(meta)
+    if nonfinite:
+        more = f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else ""
+        warnings.append(
+            f"{len(nonfinite)} statistics are NaN or Inf ({', '.join(nonfinite[:5])}{more}): written as null in "
+            "profile.json (JSON has no NaN); profile.safetensors keeps the raw values"
+        )
+    bad = [f"tensor {k} holds {n} NaN and {i} Inf values" for k, (n, i) in ckpt.nonfinite.items()]
+    meta["warnings"] = bad + warnings
     tensors = {f"layer{l}.{name}": t.contiguous() for l, s in stats.items() for name, t in s.items()}
     return Profile(meta, tensors)
 
 
+def json_safe(obj: Any, path: str = "") -> tuple[Any, list[str]]:
+    """A copy of ``obj`` with every NaN/Inf float replaced by None, and the paths of those replaced."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, [path or "value"]
+    if isinstance(obj, dict):
+        pairs = [(k, json_safe(v, f"{path}.{k}" if path else str(k))) for k, v in obj.items()]
+        return {k: v for k, (v, _) in pairs}, [p for _, (_, ps) in pairs for p in ps]
+    if isinstance(obj, list):
+        items = [json_safe(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return [v for v, _ in items], [p for _, ps in items for p in ps]
+    return obj, []
+
+
 def save_profile(prof: Profile, output: str | Path, overwrite: bool = False) -> Path:
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        (tmp / "profile.json").write_text(json.dumps(prof.meta, indent=1) + "\n")
+        (tmp / "profile.json").write_text(json.dumps(json_safe(prof.meta)[0], indent=1, allow_nan=False) + "\n")
         save_file(prof.tensors, str(tmp / "profile.safetensors"))
     return Path(output)

@@ -7,11 +7,14 @@ from typing import Any
 
 from moecompress.report.blocks import generic, note, num_cell, table, text_cell
 from moecompress.report.sidecars import (
+    MAX_CELLS,
     clusters_of,
+    count_of,
+    expert_of,
     first,
     int_key_dict,
     kept_experts,
-    num,
+    layer_of,
     plan_widths,
     profile_layers,
 )
@@ -29,32 +32,45 @@ BIT_COLORS = {2: "#c44e52", 3: "#dd8452", 4: "#e8c547", 5: "#b5cf6b", 6: "#8fbc8
 
 def protected_cells(manifest: dict[str, Any]) -> list[tuple[int, int, str]]:
     """(layer, expert, reason) of protected experts; accepts ``[[l, e], ...]``, ``[{layer, expert, reason}]`` or
-    ``{layer: [experts]}``."""
+    ``{layer: [experts]}``. Indices out of range are left out."""
     prot = manifest.get("protected")
     out: list[tuple[int, int, str]] = []
     if isinstance(prot, dict):
         for layer, experts in (int_key_dict(prot) or {}).items():
             for e in experts if isinstance(experts, list) else []:
-                if num(e) is not None:
-                    out.append((layer, int(e), ""))
+                if (ex := expert_of(e)) is not None:
+                    out.append((layer, ex, ""))
     for p in prot if isinstance(prot, list) else []:
-        if isinstance(p, (list, tuple)) and len(p) >= 2 and num(p[0]) is not None and num(p[1]) is not None:
-            out.append((int(p[0]), int(p[1]), str(p[2]) if len(p) > 2 else ""))
-        elif isinstance(p, dict) and num(p.get("layer")) is not None and num(p.get("expert")) is not None:
-            out.append((int(p["layer"]), int(p["expert"]), str(first(p.get("reason"), p.get("why"), ""))))
-    why = {}
-    for w in manifest.get("protected_why") or []:  # reasons recorded beside a plain [[l, e]] list
-        if isinstance(w, dict) and num(w.get("layer")) is not None and num(w.get("expert")) is not None:
-            why[(int(w["layer"]), int(w["expert"]))] = str(first(w.get("why"), w.get("reason"), ""))
-    out = [(layer, e, r or why.get((layer, e), "")) for layer, e, r in out]
+        if isinstance(p, list) and len(p) >= 2:
+            layer, ex, why = layer_of(p[0]), expert_of(p[1]), str(p[2]) if len(p) > 2 else ""
+        elif isinstance(p, dict):
+            layer, ex, why = (
+                layer_of(p.get("layer")),
+                expert_of(p.get("expert")),
+                str(first(p.get("reason"), p.get("why"), "")),
+            )
+        else:
+            continue
+        if layer is not None and ex is not None:
+            out.append((layer, ex, why))
+    why_of = {}
+    for w in manifest.get("protected_why") if isinstance(manifest.get("protected_why"), list) else []:
+        if (
+            isinstance(w, dict)
+            and (l := layer_of(w.get("layer"))) is not None
+            and (e := expert_of(w.get("expert"))) is not None
+        ):
+            why_of[(l, e)] = str(first(w.get("why"), w.get("reason"), ""))
+    out = [(layer, e, r or why_of.get((layer, e), "")) for layer, e, r in out]
     return sorted(set(out))
 
 
 def protected_modules(manifest: dict[str, Any]) -> list[tuple[Any, str, str]]:
     """(layer, module, why) of protected modules that are not routed experts (e.g. shared experts)."""
+    why = manifest.get("protected_why")
     return [
         (w.get("layer"), str(w["module"]), str(first(w.get("why"), w.get("reason"), "")))
-        for w in manifest.get("protected_why") or []
+        for w in (why if isinstance(why, list) else [])
         if isinstance(w, dict) and w.get("module") is not None
     ]
 
@@ -72,12 +88,18 @@ def actions_section(
     parts = []
     kept = {layer: k for layer, entry in layers.items() if (k := kept_experts(entry)) is not None}
     clusters = {layer: c for layer, entry in layers.items() if (c := clusters_of(entry)) is not None}
+    widths = plan_widths(bit_plan) or plan_widths({"layers": manifest.get("layers")})
+    mods = protected_modules(manifest)
+    seen = [e for k in kept.values() for e in k] + [e for c in clusters.values() for m in c for e in m]
+    n_wide = max([n_before] + [e + 1 for _, e in widths] + [e + 1 for e in seen])
+    rows = len(set(kept) | set(clusters) | {layer for layer, _ in widths})
+    if rows * n_wide > MAX_CELLS:
+        parts.append(note(f"{rows} layers x {n_wide} experts is more than a chart can show ({MAX_CELLS:,} cells)."))
+        kept, clusters, widths = {}, {}, {}
     if kept and not clusters:
         parts.append(_kept_block(kept, n_before, prot, anchor))
     if clusters:
         parts.append(_cluster_block(clusters, n_before, prot, anchor))
-    widths = plan_widths(bit_plan) or plan_widths({"layers": manifest.get("layers")})
-    mods = protected_modules(manifest)
     if widths:
         parts.append(_bits_block(widths, n_before, prot, anchor))
     if bit_plan is not None:
@@ -97,9 +119,10 @@ def actions_section(
 
 
 def _experts_before(manifest: dict[str, Any], layers: dict[int, Any], profile: dict | None) -> int:
-    n = num(first(manifest.get("num_experts_before"), manifest.get("experts_before"), manifest.get("num_experts")))
+    keys = ("num_experts_before", "experts_before", "num_experts")
+    n = first(*(count_of(manifest.get(k)) for k in keys))
     if n is not None:
-        return int(n)
+        return n
     if profile:
         _, n_prof = profile_layers(profile)
         if n_prof:
@@ -111,14 +134,16 @@ def _experts_before(manifest: dict[str, Any], layers: dict[int, Any], profile: d
 
 def _kept_block(kept: dict[int, list[int]], n: int, prot, anchor: str) -> str:
     order = sorted(kept)
-    mat = [["kept" if e in set(kept[layer]) else "removed" for e in range(n)] for layer in order]
+    n = max([n] + [e + 1 for k in kept.values() for e in k])
+    keep = {layer: set(kept[layer]) for layer in order}
+    mat = [["kept" if e in keep[layer] else "removed" for e in range(n)] for layer in order]
     marks = {(order.index(layer), e) for layer, e, _ in prot if layer in kept and e < n}
     svg = heatmap(mat, row_names=order, value_name="expert", palette=STATE_COLORS, fmt=str, marks=marks,
                   mark_label="protected", chart_id=f"{anchor}-kept")  # fmt: skip
     rows = [
         [num_cell(layer, "kept.layer"), num_cell(len(kept[layer]), f"kept.count.{layer}"),
          text_cell(", ".join(map(str, kept[layer]))),
-         text_cell(", ".join(str(e) for e in range(n) if e not in set(kept[layer])))]
+         text_cell(", ".join(str(e) for e in range(n) if e not in keep[layer]))]
         for layer in order
     ]  # fmt: skip
     total = sum(len(k) for k in kept.values())

@@ -11,6 +11,13 @@ from moecompress.report.svg import esc, fmt_num
 
 MAX_INLINE_LIST = 24
 MAX_DEPTH = 3
+MAX_TEXT = 10_000  # characters of one string shown in a cell
+
+
+def clip(value: Any) -> str:
+    """``str(value)``, cut to MAX_TEXT characters (a sidecar string may be megabytes long)."""
+    text = str(value)
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + f"… ({len(text):,} characters)"
 
 
 def num_cell(value: Any, key: str = "", digits: int = 4, tag: str = "td") -> str:
@@ -24,7 +31,7 @@ def num_cell(value: Any, key: str = "", digits: int = 4, tag: str = "td") -> str
 
 def text_cell(value: Any, tag: str = "td") -> str:
     """A table cell showing any value as escaped text."""
-    return f"<{tag}>{'–' if value is None else esc(value)}</{tag}>"
+    return f"<{tag}>{'–' if value is None else esc(clip(value))}</{tag}>"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
@@ -51,7 +58,7 @@ def generic(value: Any, depth: int = 0) -> str:
             return "<em>empty</em>"
         if depth >= MAX_DEPTH or len(value) > 64:
             return _folded(value)
-        rows = "".join(f"<tr><th>{esc(k)}</th><td>{generic(v, depth + 1)}</td></tr>" for k, v in value.items())
+        rows = "".join(f"<tr><th>{esc(clip(k))}</th><td>{generic(v, depth + 1)}</td></tr>" for k, v in value.items())
         return f'<table class="kv nested"><tbody>{rows}</tbody></table>'
     if isinstance(value, list):
         if not value:
@@ -60,7 +67,7 @@ def generic(value: Any, depth: int = 0) -> str:
             isinstance(x, list) and all(not isinstance(y, (dict, list)) for y in x) for x in value
         )
         if flat and len(value) <= MAX_INLINE_LIST:
-            return esc(", ".join(_short(x) for x in value))
+            return esc(clip(", ".join(_short(x) for x in value)))
         if all(isinstance(x, dict) for x in value) and len(value) <= MAX_INLINE_LIST and depth < MAX_DEPTH:
             keys = list(dict.fromkeys(k for x in value for k in x))
             rows = [[f"<td>{generic(x.get(k), depth + 1)}</td>" for k in keys] for x in value]
@@ -72,7 +79,7 @@ def generic(value: Any, depth: int = 0) -> str:
         return esc(f"{value:,}")
     if value is None:
         return "–"
-    return esc(value)
+    return esc(clip(value))
 
 
 def _short(x: Any) -> str:

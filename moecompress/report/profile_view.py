@@ -5,7 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from moecompress.report.blocks import generic, kv_table, note, num_cell, table, text_cell
-from moecompress.report.sidecars import domain_frequencies, expert_flags, expert_matrix, num, profile_layers
+from moecompress.report.sidecars import (
+    MAX_CELLS,
+    domain_frequencies,
+    expert_flags,
+    expert_matrix,
+    expert_of,
+    layer_of,
+    num,
+    profile_layers,
+)
 from moecompress.report.svg import esc, fmt_num, heatmap
 
 # (profile key, title, explanation)
@@ -50,11 +59,17 @@ def profile_section(profile: dict[str, Any], source: str, anchor: str) -> str:
         ("Tool version", text_cell(profile.get("tool_version"))),
     ]
     parts = [kv_table(rows)]
-    supers = expert_flags(profile, "super")
-    low = expert_flags(profile, "low_tokens")
+    big = len(layers) * n_exp > MAX_CELLS
+    supers = set() if big else expert_flags(profile, "super")
+    low = set() if big else expert_flags(profile, "low_tokens")
     parts.append(_super_block(profile, layers, supers))
     if not layers or not n_exp:
         parts.append(note("This profile lists no MoE layers or experts, so there is nothing to draw."))
+        return "".join(parts)
+    if len(layers) * n_exp > MAX_CELLS:
+        parts.append(
+            note(f"{len(layers)} layers x {n_exp} experts is more than a chart can show ({MAX_CELLS:,} cells).")
+        )
         return "".join(parts)
     maps = []
     for key, title, text in HEATMAPS:
@@ -86,11 +101,8 @@ def _super_block(profile: dict[str, Any], layers: list[int], supers: set[tuple[i
     out = ["<h3>Super experts</h3>"]
     if supers:
         _, max_out = expert_matrix(profile, "max_abs_out")
-        by_cell = {
-            (int(e["layer"]), int(e["expert"])): e
-            for e in profile.get("experts") or []
-            if isinstance(e, dict) and num(e.get("layer")) is not None and num(e.get("expert")) is not None
-        }
+        experts = profile.get("experts") if isinstance(profile.get("experts"), list) else []
+        by_cell = {(layer_of(e.get("layer")), expert_of(e.get("expert"))): e for e in experts if isinstance(e, dict)}
         rows = []
         for r, c in sorted(supers):
             e = by_cell.get((layers[r], c), {})
@@ -123,7 +135,7 @@ def _domain_block(profile: dict[str, Any], layers: list[int], anchor: str) -> st
         ),
     ]
     hi = max((v for m in freqs.values() for row in m for v in row if v is not None), default=1.0)
-    domains = profile.get("domains") or {}
+    domains = profile.get("domains") if isinstance(profile.get("domains"), dict) else {}
     for name, mat in freqs.items():
         d = domains.get(name) if isinstance(domains.get(name), dict) else {}
         size = (

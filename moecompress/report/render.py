@@ -19,9 +19,9 @@ from typing import Any
 
 from moecompress.errors import UserError
 from moecompress.report.actions import actions_section
-from moecompress.report.blocks import generic, note, num_cell, section, table, text_cell
+from moecompress.report.blocks import clip, generic, note, num_cell, section, table, text_cell
 from moecompress.report.profile_view import profile_section
-from moecompress.report.sidecars import RunSidecars, first, load_run, num, perplexities
+from moecompress.report.sidecars import MAX_LIST, RunSidecars, first, load_run, num, perplexities
 from moecompress.report.svg import esc, fmt_num, grouped_bars, pareto_scatter
 
 REPORT_NAME = "report.html"
@@ -276,13 +276,15 @@ def _warnings(runs: list[RunSidecars]) -> list[tuple[str, Any]]:
             out += _low_token_warning(run)
         for label, doc in docs:
             ws = (doc or {}).get("warnings")
-            for w in ws if isinstance(ws, list) else ([ws] if ws else []):
-                out.append((f"{run.name} ({label})", w))
+            out += _capped(f"{run.name} ({label})", ws if isinstance(ws, list) else ([ws] if ws else []))
         plan = run.bit_plan or {}
-        for rec in plan.get("experts") or []:
-            if isinstance(rec, dict) and rec.get("fallback"):
-                out.append((f"{run.name} (bit plan)", f"layer {rec.get('layer')} expert {rec.get('expert')}: "
-                            f"fallback {rec.get('fallback')}"))  # fmt: skip
+        records = plan.get("experts") if isinstance(plan.get("experts"), list) else []
+        fallbacks = [
+            f"layer {clip(r.get('layer'))} expert {clip(r.get('expert'))}: fallback {clip(r.get('fallback'))}"
+            for r in records
+            if isinstance(r, dict) and r.get("fallback")
+        ]
+        out += _capped(f"{run.name} (bit plan)", fallbacks)
         few = plan.get("few_token_experts")
         if isinstance(few, list) and few:
             cells = ", ".join(f"L{x[0]}/E{x[1]}" if isinstance(x, list) and len(x) == 2 else str(x) for x in few[:60])
@@ -292,10 +294,19 @@ def _warnings(runs: list[RunSidecars]) -> list[tuple[str, Any]]:
     return out
 
 
+def _capped(source: str, items: list[Any]) -> list[tuple[str, Any]]:
+    """At most MAX_LIST warnings from one source, then one line saying how many more there are."""
+    out: list[tuple[str, Any]] = [(source, w) for w in items[:MAX_LIST]]
+    if len(items) > MAX_LIST:
+        out.append((source, f"... and {len(items) - MAX_LIST:,} more"))
+    return out
+
+
 def _low_token_warning(run: RunSidecars) -> list[tuple[str, Any]]:
     """One line listing the profile's low-token experts, unless the profile's own warnings already name them."""
     prof = run.profile or {}
-    low = [e for e in prof.get("experts") or [] if isinstance(e, dict) and e.get("low_tokens")]
+    experts = prof.get("experts") if isinstance(prof.get("experts"), list) else []
+    low = [e for e in experts if isinstance(e, dict) and e.get("low_tokens")]
     own = prof.get("warnings") if isinstance(prof.get("warnings"), list) else []
     if not low or sum("token" in str(w) for w in own) >= len(low):
         return []

@@ -4,6 +4,11 @@ A run folder (``moecompress profile -o RUN``) or an output folder (``prune``/``m
 ``profile.json``, ``moecompress.json`` (manifest), ``bit_plan.json``, ``eval.json`` and ``eval_base.json``. Every
 piece is optional; a file that is missing is ``None``, a file that cannot be read becomes a line in
 ``RunSidecars.problems`` (shown in the report) instead of an exception. Nothing here recomputes a statistic.
+
+Every field is untrusted. ``read_json`` bounds what is read (size, nesting depth; numbers beyond +-2**53, NaN and
+Inf become ``None``) and ``check_ranges`` turns counts and indices outside what any real model has (``MAX_LAYERS``
+layers, ``MAX_EXPERTS`` experts per layer) into "problems" lines; the helpers below skip those same values, so the
+work the report does is bounded by the real model's size, never by a number someone wrote into a file.
 """
 
 from __future__ import annotations
@@ -16,13 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from moecompress.errors import UserError
+from moecompress.report.svg import MAX_CELLS  # noqa: F401  (re-exported: layers x experts drawn per chart)
 
 PROFILE = "profile.json"
 MANIFEST = "moecompress.json"
 BIT_PLAN = "bit_plan.json"
 EVAL = "eval.json"
 EVAL_BASE = "eval_base.json"
-MAX_JSON_BYTES = 256 * 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_DEPTH = 64  # JSON nesting; the commands write at most 5 levels
+MAX_INT = 2**53  # larger integers are not exact as floats (and overflow charts); they are shown as missing
+MAX_LAYERS = 1024  # decoder layers of the largest real MoE are ~100
+MAX_EXPERTS = 4096  # routed experts per layer of the largest real MoE are ~400
+MAX_LIST = 200  # warnings shown per source
 # Manifest keys that may point to the profile run a command reused.
 PROFILE_POINTERS = ("profile", "profile_dir", "profile_path", "profile_run")
 # writer.atomic_dir builds OUT in ".<name>.tmp-<pid>-<ms>" beside OUT and renames it when complete.
@@ -51,7 +62,8 @@ class RunSidecars:
 
 
 def read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
-    """Read a JSON object; ``None`` when absent; an unreadable or non-object file adds a line to ``problems``."""
+    """Read a JSON object; ``None`` when absent; an unreadable, too large, too deeply nested or non-object file
+    adds a line to ``problems``. Out-of-range numbers are replaced by ``None`` (and counted in ``problems``)."""
     if not path.is_file():
         return None
     try:
@@ -59,13 +71,56 @@ def read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
             problems.append(f"{path.name}: larger than {MAX_JSON_BYTES // 2**20} MiB, not read")
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        problems.append(f"{path.name}: cannot be read ({type(exc).__name__}: {exc})")
+    except RecursionError:
+        problems.append(f"{path.name}: nested too deeply (more than {MAX_DEPTH} levels), not read")
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: bad JSON, or an integer of >4300 digits
+        problems.append(f"{path.name}: cannot be read ({type(exc).__name__}: {str(exc)[:200]})")
         return None
     if not isinstance(data, dict):
         problems.append(f"{path.name}: expected a JSON object, found {type(data).__name__}")
         return None
+    if _depth(data) > MAX_DEPTH:
+        problems.append(f"{path.name}: nested too deeply (more than {MAX_DEPTH} levels), not read")
+        return None
+    bad: list[tuple[str, Any]] = []
+    data = _scrub(data, "", bad)
+    if bad:
+        where, value = bad[0]
+        shown = repr(value) if len(repr(value)) <= 24 else repr(value)[:20] + "…"
+        problems.append(
+            f"{path.name}: {len(bad)} number(s) out of range (first: {where or 'value'} = {shown}); shown as –"
+        )
     return data
+
+
+def _depth(data: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > MAX_DEPTH:
+            return d
+        if isinstance(value, dict):
+            stack.extend((v, d + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, d + 1) for v in value)
+    return deepest
+
+
+def _scrub(value: Any, where: str, bad: list[tuple[str, Any]]) -> Any:
+    """``value`` with integers beyond +-MAX_INT and NaN/Inf floats replaced by ``None`` (recorded in ``bad``)."""
+    if isinstance(value, dict):
+        return {k: _scrub(v, f"{where}.{k}" if where else str(k), bad) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, f"{where}[{i}]", bad) for i, v in enumerate(value)]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if (isinstance(value, int) and abs(value) > MAX_INT) or (isinstance(value, float) and not math.isfinite(value)):
+        bad.append((where, value))
+        return None
+    return value
 
 
 def _kind_of(data: dict[str, Any], name: str) -> str:
@@ -92,6 +147,7 @@ def load_run(path: str | Path) -> RunSidecars:
         setattr(run, kind, data)
         if kind == "profile":
             run.profile_path = path
+        check_ranges(run)
         return run
     name = path.resolve().name or str(path)
     shown = path
@@ -105,7 +161,44 @@ def load_run(path: str | Path) -> RunSidecars:
     run.profile_path = _find_profile(path, run.manifest)
     if run.profile_path is not None:
         run.profile = read_json(run.profile_path, run.problems)
+    check_ranges(run)
     return run
+
+
+def check_ranges(run: RunSidecars) -> None:
+    """Add a "problems" line for every count or index that no real model has (the report then ignores it)."""
+    out = run.problems
+
+    def bad(src: str, key: str, value: Any, allowed: str) -> None:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:36] + "…"
+        out.append(f"{src}: {key} = {shown} is out of range ({allowed}); ignored")
+
+    p = run.profile
+    if p is not None:
+        for key in ("num_experts", "top_k"):
+            if key in p and p[key] is not None and count_of(p[key]) is None:
+                bad(PROFILE, key, p[key], f"a whole number 1..{MAX_EXPERTS}")
+        layers = p.get("moe_layers")
+        if layers is not None and (not isinstance(layers, list) or any(layer_of(x) is None for x in layers)):
+            bad(PROFILE, "moe_layers", layers, f"a list of layer indices 0..{MAX_LAYERS - 1}")
+        n = profile_layers(p)[1]
+        recs = [e for e in _list(p.get("experts")) if isinstance(e, dict)]
+        wrong = [e for e in recs if layer_of(e.get("layer")) is None or (expert_of(e.get("expert")) or 0) >= max(n, 1)
+                 or expert_of(e.get("expert")) is None]  # fmt: skip
+        if wrong:
+            out.append(f"{PROFILE}: {len(wrong)} expert record(s) with a layer or expert index out of range; ignored")
+    m = run.manifest
+    if m is not None:
+        for key in ("num_experts_before", "experts_before", "num_experts"):
+            if m.get(key) is not None and count_of(m[key]) is None:
+                bad(MANIFEST, key, m[key], f"a whole number 1..{MAX_EXPERTS}")
+        layers = m.get("layers")
+        if isinstance(layers, dict) and layers and int_key_dict(layers) is None:
+            out.append(f"{MANIFEST}: layers has keys that are not layer indices 0..{MAX_LAYERS - 1}; ignored")
+        for layer, entry in (int_key_dict(layers) or {}).items():
+            listed = entry.get("kept", entry.get("clusters")) if isinstance(entry, dict) else entry
+            if isinstance(listed, list) and kept_experts(entry) is None and clusters_of(entry) is None:
+                out.append(f"{MANIFEST}: layer {layer} lists experts out of range 0..{MAX_EXPERTS - 1}; ignored")
 
 
 def _find_profile(folder: Path, manifest: dict[str, Any] | None) -> Path | None:
@@ -134,21 +227,49 @@ def num(x: Any) -> float | int | None:
     return x
 
 
+def index(x: Any, limit: int) -> int | None:
+    """A whole number in [0, limit) (a layer or expert index), or ``None``."""
+    v = num(x)
+    if v is None or v != int(v) or not 0 <= v < limit:
+        return None
+    return int(v)
+
+
+def layer_of(x: Any) -> int | None:
+    return index(x, MAX_LAYERS)
+
+
+def expert_of(x: Any) -> int | None:
+    return index(x, MAX_EXPERTS)
+
+
+def count_of(x: Any, limit: int = MAX_EXPERTS) -> int | None:
+    """A count in [1, limit], or ``None``."""
+    v = index(x, limit + 1)
+    return v if v else None
+
+
 def first(*values: Any) -> Any:
     """First value that is not ``None``."""
     return next((v for v in values if v is not None), None)
 
 
 def profile_layers(profile: dict[str, Any]) -> tuple[list[int], int]:
-    """(MoE layer indices in order, number of routed experts per layer) from a profile."""
-    layers = [int(x) for x in profile.get("moe_layers") or [] if num(x) is not None]
-    experts = [e for e in profile.get("experts") or [] if isinstance(e, dict)]
+    """(MoE layer indices in order, number of routed experts per layer) from a profile.
+
+    Only indices in range count; a declared ``num_experts`` out of range gives way to what the records show."""
+    layers = list(dict.fromkeys(l for x in _list(profile.get("moe_layers")) if (l := layer_of(x)) is not None))
+    experts = [e for e in _list(profile.get("experts")) if isinstance(e, dict)]
     if not layers:
-        layers = sorted({int(e["layer"]) for e in experts if num(e.get("layer")) is not None})
-    n = num(profile.get("num_experts"))
+        layers = sorted({l for e in experts if (l := layer_of(e.get("layer"))) is not None})
+    n = count_of(profile.get("num_experts"))
     if n is None:
-        n = max((int(e["expert"]) + 1 for e in experts if num(e.get("expert")) is not None), default=0)
-    return layers, int(n)
+        n = max((x + 1 for e in experts if (x := expert_of(e.get("expert"))) is not None), default=0)
+    return layers, n
+
+
+def _list(x: Any) -> list[Any]:
+    return x if isinstance(x, list) else []
 
 
 def expert_matrix(profile: dict[str, Any], key: str) -> tuple[list[int], list[list[float | None]]]:
@@ -156,13 +277,12 @@ def expert_matrix(profile: dict[str, Any], key: str) -> tuple[list[int], list[li
     layers, n = profile_layers(profile)
     row = {layer: i for i, layer in enumerate(layers)}
     mat: list[list[float | None]] = [[None] * n for _ in layers]
-    for e in profile.get("experts") or []:
+    for e in _list(profile.get("experts")):
         if not isinstance(e, dict):
             continue
-        layer, ex, v = num(e.get("layer")), num(e.get("expert")), num(e.get(key))
-        if layer is None or ex is None or int(layer) not in row or not 0 <= int(ex) < n:
-            continue
-        mat[row[int(layer)]][int(ex)] = v
+        layer, ex = layer_of(e.get("layer")), expert_of(e.get("expert"))
+        if layer in row and ex is not None and ex < n:
+            mat[row[layer]][ex] = num(e.get(key))
     return layers, mat
 
 
@@ -171,15 +291,17 @@ def expert_flags(profile: dict[str, Any], key: str) -> set[tuple[int, int]]:
     layers, n = profile_layers(profile)
     row = {layer: i for i, layer in enumerate(layers)}
     cells = set()
-    for e in profile.get("experts") or []:
-        if isinstance(e, dict) and e.get(key) and num(e.get("layer")) is not None and num(e.get("expert")) is not None:
-            if int(e["layer"]) in row and 0 <= int(e["expert"]) < n:
-                cells.add((row[int(e["layer"])], int(e["expert"])))
+    for e in _list(profile.get("experts")):
+        if isinstance(e, dict) and e.get(key):
+            layer, ex = layer_of(e.get("layer")), expert_of(e.get("expert"))
+            if layer in row and ex is not None and ex < n:
+                cells.add((row[layer], ex))
     if key == "super":
-        for pair in profile.get("super_experts") or []:
-            if isinstance(pair, (list, tuple)) and len(pair) == 2 and all(num(p) is not None for p in pair):
-                if int(pair[0]) in row and 0 <= int(pair[1]) < n:
-                    cells.add((row[int(pair[0])], int(pair[1])))
+        for pair in _list(profile.get("super_experts")):
+            if isinstance(pair, list) and len(pair) == 2:
+                layer, ex = layer_of(pair[0]), expert_of(pair[1])
+                if layer in row and ex is not None and ex < n:
+                    cells.add((row[layer], ex))
     return cells
 
 
@@ -188,30 +310,43 @@ def domain_frequencies(profile: dict[str, Any]) -> dict[str, list[list[float | N
     domains = profile.get("domains")
     if not isinstance(domains, dict):
         return {}
-    top_k = num(profile.get("top_k")) or 1
+    layers, n = profile_layers(profile)
+    top_k = count_of(profile.get("top_k")) or 1
     out = {}
-    for name, d in domains.items():
+    for name, d in list(domains.items())[:64]:
         if not isinstance(d, dict) or not isinstance(d.get("counts"), list):
             continue
         tokens = num(d.get("tokens"))
         rows = []
-        for counts in d["counts"]:
+        for counts in d["counts"][: max(len(layers), 1)]:
             if not isinstance(counts, list):
                 continue
-            total = tokens * top_k if tokens else sum(c for c in counts if num(c) is not None)
-            rows.append([(c / total if total and num(c) is not None else None) for c in counts])
+            counts = [c if num(c) is not None and c >= 0 else None for c in counts[: max(n, 1)]]
+            total = tokens * top_k if tokens and tokens > 0 else sum(c for c in counts if c is not None)
+            rows.append([(c / total if total and c is not None else None) for c in counts])
         out[str(name)] = rows
     return out
 
 
-def int_key_dict(d: Any) -> dict[int, Any] | None:
-    """``{"3": x}`` -> ``{3: x}`` when every key is an integer string; else ``None``."""
+def int_key_dict(d: Any, limit: int = MAX_LAYERS) -> dict[int, Any] | None:
+    """``{"3": x}`` -> ``{3: x}`` when every key is an integer string in [0, limit); else ``None``."""
     if not isinstance(d, dict) or not d:
         return None
-    try:
-        return {int(k): v for k, v in d.items()}
-    except (TypeError, ValueError):
+    out = {}
+    for k, v in d.items():
+        i = index(int(k), limit) if isinstance(k, str) and k.isascii() and k.isdigit() and len(k) < 12 else None
+        if i is None:
+            return None
+        out[i] = v
+    return out
+
+
+def _indices(xs: Any) -> list[int] | None:
+    """Sorted expert indices from a list, or ``None`` when any entry is not an index in range."""
+    if not isinstance(xs, list) or len(xs) > MAX_EXPERTS:
         return None
+    out = [expert_of(x) for x in xs]
+    return None if any(x is None for x in out) else sorted(out)  # type: ignore[type-var]
 
 
 def kept_experts(entry: Any) -> list[int] | None:
@@ -220,18 +355,18 @@ def kept_experts(entry: Any) -> list[int] | None:
     Understands ``{"kept": [...]}``, ``{"kept_map"|"map"|"old_to_new": {old: new}}``, a bare ``{old: new}`` map
     and a bare list of ints.
     """
-    if isinstance(entry, list) and entry and all(num(x) is not None for x in entry):
-        return sorted(int(x) for x in entry)
+    if isinstance(entry, list) and entry:
+        return _indices(entry)
     if not isinstance(entry, dict):
         return None
     for key in ("kept", "kept_experts", "keep"):
-        if isinstance(entry.get(key), list) and all(num(x) is not None for x in entry[key]):
-            return sorted(int(x) for x in entry[key])
+        if isinstance(entry.get(key), list):
+            return _indices(entry[key])
     for key in ("kept_map", "map", "old_to_new", "mapping"):
-        m = int_key_dict(entry.get(key))
+        m = int_key_dict(entry.get(key), MAX_EXPERTS)
         if m is not None:
             return sorted(k for k, v in m.items() if v is not None)
-    m = int_key_dict(entry)
+    m = int_key_dict(entry, MAX_EXPERTS)
     if m is not None and all(num(v) is not None or v is None for v in m.values()):
         return sorted(k for k, v in m.items() if v is not None)
     return None
@@ -241,10 +376,11 @@ def clusters_of(entry: Any) -> list[list[int]] | None:
     """Merge clusters (lists of old expert indices, one per new expert) from one manifest layer entry."""
     cand = entry.get("clusters") if isinstance(entry, dict) else None
     if isinstance(cand, dict):
-        m = int_key_dict(cand)
+        m = int_key_dict(cand, MAX_EXPERTS)
         cand = [m[k] for k in sorted(m)] if m is not None else list(cand.values())
-    if isinstance(cand, list) and cand and all(isinstance(c, list) for c in cand):
-        if all(num(x) is not None for c in cand for x in c):
+    if isinstance(cand, list) and cand and len(cand) <= MAX_EXPERTS and all(isinstance(c, list) for c in cand):
+        out = [_indices(c) for c in cand]
+        if all(c is not None for c in out) and sum(len(c) for c in out) <= MAX_EXPERTS:  # type: ignore[arg-type]
             return [[int(x) for x in c] for c in cand]
     return None
 
@@ -255,16 +391,21 @@ def plan_widths(bit_plan: dict[str, Any] | None) -> dict[tuple[int, int], float]
     if not isinstance(bit_plan, dict):
         return {}
     out: dict[tuple[int, int], float] = {}
+
+    def bits_of(b: Any) -> float | None:
+        v = num(b)
+        return v if v is not None and 0 < v <= 64 else None
+
     for key in ("experts", "plan", "assignments", "entries"):
         records = bit_plan.get(key)
         if isinstance(records, list):
             for r in records:
                 if not isinstance(r, dict):
                     continue
-                layer, ex = num(r.get("layer")), num(r.get("expert"))
-                bits = num(first(r.get("bits"), r.get("width"), r.get("w")))
+                layer, ex = layer_of(r.get("layer")), expert_of(r.get("expert"))
+                bits = bits_of(first(r.get("bits"), r.get("width"), r.get("w")))
                 if layer is not None and ex is not None and bits is not None:
-                    out[(int(layer), int(ex))] = bits
+                    out[(layer, ex)] = bits
             if out:
                 return out
     layers = int_key_dict(bit_plan.get("layers"))
@@ -272,15 +413,19 @@ def plan_widths(bit_plan: dict[str, Any] | None) -> dict[tuple[int, int], float]
         per: Any = entry
         if isinstance(entry, dict):
             per = first(entry.get("experts"), entry.get("widths"))
-            n, scalar = num(first(entry.get("num_experts"), entry.get("n_experts"))), num(entry.get("bits"))
+            n, scalar = count_of(first(entry.get("num_experts"), entry.get("n_experts"))), num(entry.get("bits"))
             if per is None and n is not None and scalar is not None:  # one width for the whole layer
-                per = [scalar] * int(n)
-        items = list(enumerate(per)) if isinstance(per, list) else list((int_key_dict(per) or {}).items())
+                per = [scalar] * n
+        items = (
+            list(enumerate(per[:MAX_EXPERTS]))
+            if isinstance(per, list)
+            else list((int_key_dict(per, MAX_EXPERTS) or {}).items())
+        )
         for ex, b in items:
             if isinstance(b, dict):
-                ex = int(b["expert"]) if num(b.get("expert")) is not None else ex
+                ex = first(expert_of(b.get("expert")), ex)
                 b = first(b.get("bits"), b.get("width"))
-            if num(b) is not None:
+            if bits_of(b) is not None:
                 out[(layer, ex)] = b
     return out
 

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 Matrix = Sequence[Sequence[float | None]]
+MAX_CELLS = 2**17  # cells per heatmap; real models need far fewer (DeepSeek-V3: 58 x 256 = 14,848)
 
 # Viridis-like ramp (dark purple -> teal -> yellow), readable in print and for most colour-blind readers.
 _RAMP = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
@@ -81,6 +82,8 @@ def heatmap(
     """
     n_rows = len(values)
     n_cols = max((len(r) for r in values), default=0)
+    if n_rows * n_cols > MAX_CELLS:
+        return f'<p class="note">{n_rows} x {n_cols} cells: more than a chart can show ({MAX_CELLS:,} cells).</p>'
     col_names = list(col_names) if col_names is not None else list(range(n_cols))
     cw = max(5.0, min(34.0, (384.0 if n_cols <= 16 else 900.0) / max(n_cols, 1)))
     ch = max(7.0, min(26.0, 520.0 / max(n_rows, 1)))
@@ -213,7 +216,7 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     ticks = [math.floor(lo / step) * step]
-    while ticks[-1] < hi - step * 1e-9:
+    while ticks[-1] < hi - step * 1e-9 and len(ticks) < 4 * n + 4:  # bounded even when step is below float spacing
         ticks.append(ticks[-1] + step)
     ticks = [round(t, 12) for t in ticks]
     return ticks
