@@ -10,6 +10,12 @@ buffers, grouped by width: for every width ``b`` in use, ``gate_up_packed_b{b} [
 (:func:`moecompress.quant.pack.unpack_int32`: int32 shifts and masks, pure torch, so on CUDA it runs on the GPU)
 and dequantized (:func:`moecompress.quant.rtn.dequantize`, in the scale dtype, then cast to the compute dtype) at
 that moment, exactly as :func:`moecompress.quant.load.dequantize_state` does at load time: the same numbers.
+
+On CUDA (when Triton is installed) a hit expert's two products run instead through the fused Triton kernel of
+:mod:`moecompress.quant.triton_pack`, which unpacks and dequantizes weight tiles in registers: the dense weight of
+an expert is never written to memory; the weights are the same numbers, only the matmul's summation order differs.
+``kernel`` selects: ``"auto"`` (Triton where :func:`~moecompress.quant.triton_pack.available`, else torch),
+``"torch"``, ``"triton"`` (error when unavailable); :func:`set_kernel` sets it on every such module of a model.
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from moecompress.quant import triton_pack
 from moecompress.quant.pack import unpack_int32
 from moecompress.quant.rtn import dequantize
+
+KERNELS = ("auto", "torch", "triton")
 
 
 class PackedExperts(nn.Module):
@@ -56,6 +65,7 @@ class PackedExperts(nn.Module):
             self.slot.append(counts.get(b, 0))
             counts[b] = counts.get(b, 0) + 1
         self.widths = sorted(counts)
+        self.kernel = "auto"
 
     @classmethod
     def from_experts(
@@ -114,6 +124,32 @@ class PackedExperts(nn.Module):
         pairs = [self.expert_weights(e, dtype) for e in range(self.num_experts)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
+    def uses_triton(self, hidden_states: torch.Tensor) -> bool:
+        """Whether ``forward`` on ``hidden_states`` runs the fused Triton kernel (see ``kernel``)."""
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.kernel == "torch":
+            return False
+        ok = triton_pack.available(hidden_states)
+        if self.kernel == "triton" and not ok:
+            raise RuntimeError(
+                "the Triton packed kernel needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU): "
+                f"triton installed: {triton_pack.triton_installed()}, device: {hidden_states.device}"
+            )
+        return ok
+
+    def _expert_fused(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on its tokens ``x [t, H]`` through the fused kernel -> ``[t, H]`` (before routing weights)."""
+        b, s = self.bits[e], self.slot[e]
+        gate_up = triton_pack.packed_linear(
+            x, getattr(self, f"gate_up_packed_b{b}")[s], getattr(self, f"gate_up_scale_b{b}")[s], b, self.group_gate_up
+        )  # [t, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up  # [t, I]
+        return triton_pack.packed_linear(
+            h, getattr(self, f"down_packed_b{b}")[s], getattr(self, f"down_scale_b{b}")[s], b, self.group_down
+        )  # [t, H]
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -121,6 +157,7 @@ class PackedExperts(nn.Module):
 
         Weights are dequantized in the scale dtype and cast to ``hidden_states.dtype`` (the model's dtype)."""
         final_hidden_states = torch.zeros_like(hidden_states)  # [T, H]
+        fused = self.uses_triton(hidden_states)
         with torch.no_grad():
             expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)  # [T, k, E+1]
             expert_mask = expert_mask.permute(2, 1, 0)  # [E+1, k, T]
@@ -130,13 +167,29 @@ class PackedExperts(nn.Module):
                 continue
             top_k_pos, token_idx = torch.where(expert_mask[e])
             current_state = hidden_states[token_idx]  # [t, H]
-            gate_up, down = self.expert_weights(e, hidden_states.dtype)
-            gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)  # [t, I] each
-            current_hidden_states = self.act_fn(gate) * up
-            current_hidden_states = nn.functional.linear(current_hidden_states, down)  # [t, H]
+            if fused:
+                current_hidden_states = self._expert_fused(e, current_state)  # [t, H]
+            else:
+                gate_up, down = self.expert_weights(e, hidden_states.dtype)
+                gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)  # [t, I] each
+                current_hidden_states = self.act_fn(gate) * up
+                current_hidden_states = nn.functional.linear(current_hidden_states, down)  # [t, H]
             current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
         return final_hidden_states
+
+
+def set_kernel(model: nn.Module, kernel: str) -> int:
+    """Set ``kernel`` (``"auto"``, ``"torch"`` or ``"triton"``) on every :class:`PackedExperts` of ``model``;
+    returns how many modules were set."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PackedExperts):
+            m.kernel = kernel
+            n += 1
+    return n
 
 
 def module_nbytes(module: nn.Module) -> int:
