@@ -8,6 +8,12 @@ Per MoE layer (DESIGN.md section 5):
      (``average``, HC-SMoE); protected (super) experts stay alone;
   4. merge: Sub-MoE shared-SVD merge at rank r (``subspace``) or frequency-weighted average (``average``);
   5. router rows: fitted on x so each merged expert receives its members' combined routing (or averaged).
+With ``choose`` (the default), steps 4-5 become a measured choice per cluster (merge/choose.py): keep the dominant
+member with its router row (= pruning), subspace merge or average, each with or without a least-squares refit of
+its down projection to the layer output; clusterings are the k-means one and the pruning choice (output-error
+pruning's kept experts, each removed expert joining its most similar kept one), so clusters differ in size; the
+lowest routed-output error on held-out calibration tokens wins, so a merged layer is never worse than pruning it
+on those tokens. With ``sequential`` (the default) every layer is calibrated on the already-merged earlier layers.
 The output is a normal HF folder with fewer experts per layer (uniform count) and moecompress.json.
 """
 
@@ -28,12 +34,14 @@ from .adapters import MoEWeights
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .merge.align import align_cluster
+from .merge.choose import KINDS, Clustering, LayerFit, assemble, choose_clusters, pruning_clustering
 from .merge.cluster import agglomerative_cluster, check_merge_target, kmeans_cluster, labels_to_clusters
 from .merge.cluster import n_clusters_for as n_clusters_for
 from .merge.refit import refit_down, routing_weights
 from .merge.router import fit_router_rows, merged_router_rows
 from .merge.similarity import expert_outputs, gram_features, output_similarity, router_logit_similarity
 from .merge.subspace import merge_average, merge_subspace, rank_for
+from .pruning import RouterSpec
 from .writer import check_output, write_checkpoint
 
 METHODS = ("subspace", "average")
@@ -59,6 +67,10 @@ class MergeOptions:
     fit_tokens: int = 8192
     kl_steps: int = 20
     seed: int = 0
+    choose: bool = True  # measure keep/subspace/average (+refit) per cluster and keep the best (merge/choose.py)
+    candidates: tuple[str, ...] = KINDS
+    eval_tokens: int = 4096  # choose: held-out calibration tokens the candidates are measured on
+    sequential: bool = True  # calibrate each layer on the already-merged earlier layers
 
     @property
     def aligned(self) -> bool:
@@ -87,6 +99,11 @@ class MergeOptions:
             raise UserError("--rank/--rank-fraction apply to --method subspace only")
         if self.sim_tokens < 2 or self.fit_tokens < 1:
             raise UserError("--sim-tokens must be at least 2 and --fit-tokens at least 1")
+        bad = [k for k in self.candidates if k not in KINDS]
+        if bad or not self.candidates:
+            raise UserError(f"merge candidates {bad or '(none)'} are not among {', '.join(KINDS)}")
+        if self.eval_tokens < 1:
+            raise UserError(f"eval_tokens {self.eval_tokens} must be at least 1")
 
 
 def routing_frequency(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -107,6 +124,7 @@ def merge_layer(
     protected: list[int] | None = None,
     n_group: int = 1,
     norm_topk: bool = True,
+    spec: RouterSpec | None = None,
 ) -> tuple[MoEWeights, dict[str, Any]]:
     """Merge one MoE layer's routed experts into ``n_clusters`` experts.
 
@@ -120,6 +138,7 @@ def merge_layer(
         protected: expert ids never merged with others.
         norm_topk: whether the router renormalizes the top-k weights (used by the down refit).
         n_group: routing groups (experts g*E/n_group.. stay in group g); clusters never cross groups.
+        spec: how the router turns logits into top-k weights (needed by ``opts.choose``; default: softmax top-k).
 
     Returns:
         (merged view with n_clusters experts, info for the manifest).
@@ -154,6 +173,9 @@ def merge_layer(
             raise UserError(f"cannot merge: {err}; use a smaller --ratio or --no-protect") from None
         labels[idx] = local + g * Kg
     clusters = labels_to_clusters(labels)
+    if opts.choose:
+        spec = spec or RouterSpec(top_k=top_k, norm_topk=norm_topk)
+        return _choose_layer(w, xf, clusters, freqs, similarity, protected or [], n_group, spec, opts, gen)
 
     align_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.align_tokens]]  # [Ta, H]
     route_w = None
@@ -208,6 +230,71 @@ def merge_layer(
     return merged, info
 
 
+def _choose_layer(
+    w: MoEWeights,
+    xf: torch.Tensor,
+    clusters: list[list[int]],
+    freqs: torch.Tensor,
+    similarity: torch.Tensor,
+    protected: list[int],
+    n_group: int,
+    spec: RouterSpec,
+    opts: MergeOptions,
+    gen: torch.Generator,
+) -> tuple[MoEWeights, dict[str, Any]]:
+    """Measured per-cluster choice over two clusterings (merge/choose.py); returns the best layer and its info."""
+    perm = torch.randperm(xf.shape[0], generator=gen)
+    n_eval = min(opts.eval_tokens, xf.shape[0] // 3)
+    x_eval, x_fit = xf[perm[:n_eval]], xf[perm[n_eval:]][: opts.fit_tokens]  # disjoint
+    fit = LayerFit(w, x_fit, x_eval, spec)
+    dominant = [m[int(freqs[m].argmax())] for m in clusters]
+    options = [Clustering("k-means", clusters, dominant)]
+    options.append(pruning_clustering(fit, len(clusters), protected, similarity, n_group))
+
+    def rank_fn(m: torch.Tensor) -> int:
+        return rank_for(m.shape[1], m.shape[2], m.shape[0], opts.rank, opts.rank_fraction)
+
+    tried = []
+    for c in options:
+        chosen, start, err = choose_clusters(fit, c, freqs, x_fit, opts.candidates, opts.aligned, rank_fn)
+        tried.append((err, c, chosen, start))
+    err, best, chosen, _ = min(tried, key=lambda t: t[0])
+    merged = assemble(chosen, w)
+    labels = torch.empty(w.num_experts, dtype=torch.long)
+    for j, m in enumerate(best.clusters):
+        labels[m] = j
+    within = [float(similarity[m][:, m].mean()) for m in best.clusters if len(m) > 1]
+    info = {
+        "clusters": best.clusters,
+        "old_to_new": labels.tolist(),
+        "clustering": best.name,
+        "kept_as_is": best.dominant,
+        "choices": [c.kind for c in chosen],
+        "ranks": [
+            _ranks(w, len(m), opts) if c.kind.startswith("subspace") else None
+            for m, c in zip(best.clusters, chosen, strict=True)
+        ],
+        "output_error": round(err, 6),
+        "output_error_pruning": round(next(t[3] for t in tried if t[1].name == "pruning"), 6),
+        "output_error_by_clustering": {t[1].name: round(t[0], 6) for t in tried},
+        "eval_tokens": n_eval,
+        "fit_tokens": x_fit.shape[0],
+        "frequency": [round(float(v), 6) for v in freqs],
+        "cluster_sizes": [len(m) for m in best.clusters],
+        "mean_within_cluster_similarity": round(sum(within) / len(within), 4) if within else None,
+    }
+    return merged, info
+
+
+def _ranks(w: MoEWeights, n: int, opts: MergeOptions) -> dict[str, int]:
+    I, H = w.gate.shape[1], w.gate.shape[2]
+    return {
+        "gate": rank_for(I, H, n, opts.rank, opts.rank_fraction),
+        "up": rank_for(I, H, n, opts.rank, opts.rank_fraction),
+        "down": rank_for(H, I, n, opts.rank, opts.rank_fraction),
+    }
+
+
 def _protected_experts(ckpt: Checkpoint, profile: Any | None, opts: MergeOptions) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {l: [] for l in ckpt.moe_layers}
     if profile is not None and opts.protect_super:
@@ -248,6 +335,13 @@ def expected_bytes(ckpt: Checkpoint, n_clusters: int) -> int:
     return expected_size(ckpt, n_clusters, "bytes")
 
 
+def _as_dtype(w: MoEWeights, dtype: torch.dtype) -> MoEWeights:
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return MoEWeights(
+        cast(w.gate), cast(w.up), cast(w.down), cast(w.router), cast(w.router_bias), cast(w.correction_bias)
+    )
+
+
 def _capture_into(store: list[torch.Tensor]) -> Any:
     """A forward pre-hook that appends the MoE block's input tokens [T, H] to ``store``."""
 
@@ -279,6 +373,7 @@ def merge_model(
     from .data import calibration_set, check_seq_len
     from .profile import Profile, load_tokenizer
     from .progress import console, progress_bar
+    from .prune_load import set_layer_experts
     from .stream import LayerStream, resolve_device
 
     opts.validate()
@@ -288,6 +383,7 @@ def merge_model(
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise UserError(f"merge supports SwiGLU experts (hidden_act silu); this model uses {cfg.hidden_act!r}")
     E, top_k, fam = ckpt.num_experts, ckpt.top_k, ckpt.family
+    spec = RouterSpec.from_config(fam, cfg)
     K = n_clusters_for(E, opts.ratio)
     n_group = fam.n_group(cfg)
     profile = None
@@ -330,7 +426,13 @@ def merge_model(
         else "frequency-weighted average of member rows",
         "neuron_alignment": opts.aligned,
         "down_refit": opts.refitted and not fam.correction_bias,
-        "propagation": "every layer is calibrated on the original (unmerged) model's activations",
+        "choice": "per cluster, the lowest routed-output error on held-out calibration tokens among "
+        f"{', '.join(opts.candidates)}; clusterings: k-means and the output-error pruning choice"
+        if opts.choose
+        else None,
+        "propagation": "every layer is calibrated on the already-merged earlier layers"
+        if opts.sequential
+        else "every layer is calibrated on the original (unmerged) model's activations",
         "params_before": ckpt.num_params,
         "params_after": expected_size(ckpt, K, "params"),
         "bytes_before": ckpt.bytes_on_disk,
@@ -362,7 +464,12 @@ def merge_model(
                     xs: list[torch.Tensor] = []
                     hook = stream.moe_block(layer).register_forward_pre_hook(_capture_into(xs), with_kwargs=True)
                     try:
-                        stream.forward_layer(layer)
+                        if opts.sequential:  # inputs only; the merged layer makes the next layer's inputs
+                            with torch.no_grad():
+                                for i in range(len(stream.cache)):
+                                    stream.run_layer(layer, i)
+                        else:
+                            stream.forward_layer(layer)
                     finally:
                         hook.remove()
                     x = torch.cat(xs)  # [T, H]
@@ -371,9 +478,12 @@ def merge_model(
                         freqs = profile.layer(l, "frequency")
                         sim = profile.layer(l, f"{opts.similarity}_similarity")
                     merged, info = merge_layer(
-                        ckpt.moe_weights(l), x, K, top_k, opts, freqs, sim, protected[l], n_group
+                        ckpt.moe_weights(l), x, K, top_k, opts, freqs, sim, protected[l], n_group, spec.norm_topk, spec
                     )
                     layers_info[str(l)] = info
+                    if opts.sequential:
+                        set_layer_experts(stream.model, fam, l, _as_dtype(merged, stream.dtype))
+                        stream.forward_layer(layer)
                     if freqs is not None and float(freqs.sum()) > 0:
                         never = [e for e in range(E) if float(freqs[e]) == 0]
                         if never:

@@ -45,12 +45,12 @@ def _tokens(n=6, s=16):
     return TokenSet(ids, ["rand"] * n, "random", 0)
 
 
-@pytest.mark.parametrize("method", ["subspace", "average"])
-def test_merge_qwen_shrinks_and_reloads(tmp_path, method):
+@pytest.mark.parametrize("method,choose", [("subspace", False), ("average", False), ("subspace", True)])
+def test_merge_qwen_shrinks_and_reloads(tmp_path, method, choose):
     src = _qwen(tmp_path)
-    out = tmp_path / f"out-{method}"
+    out = tmp_path / f"out-{method}-{choose}"
     sub = method == "subspace"
-    opts = MergeOptions(ratio=0.5, method=method, rank_fraction=0.5 if sub else None, sim_tokens=32)
+    opts = MergeOptions(ratio=0.5, method=method, rank_fraction=0.5 if sub else None, sim_tokens=32, choose=choose)
     manifest = merge_model(src, out, opts, tokens=_tokens(), progress=False, device="cpu")
     K = E // 2
     cfg = json.loads((out / "config.json").read_text())
@@ -75,14 +75,17 @@ def test_merge_qwen_shrinks_and_reloads(tmp_path, method):
         assert len(info["clusters"]) == K
         for new, members in enumerate(info["clusters"]):
             assert all(info["old_to_new"][e] == new for e in members)
-        if method == "subspace":
+        if method == "subspace" and not choose:
             assert any(r is not None and r["gate"] == 8 for r in info["ranks"])  # ceil(0.5 * min(16, n*32))
+        if choose:
+            assert all(r is None or r["gate"] == 8 for r in info["ranks"])
+            assert info["output_error"] <= info["output_error_pruning"]
 
 
 def test_average_merge_writes_the_weighted_average(tmp_path):
     src = _qwen(tmp_path)
     out = tmp_path / "avg"
-    merge_model(src, out, MergeOptions(ratio=0.25, method="average", router="average", sim_tokens=32),
+    merge_model(src, out, MergeOptions(ratio=0.25, method="average", router="average", sim_tokens=32, choose=False),
                 tokens=_tokens(), progress=False, device="cpu")  # fmt: skip
     before, after = Checkpoint(src), Checkpoint(out)
     info = json.loads((out / "moecompress.json").read_text())["layers"]["1"]

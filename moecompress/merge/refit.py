@@ -60,9 +60,22 @@ def refit_down(
             f = activations(xs[on], gate[e], up[e]).double() @ down[e].double().T  # [n_on, H]
             y[on] += ws[on, j, None] * f
     a = ss[:, None] * activations(xs, merged_gate, merged_up).double()  # [t, I]
+    return lstsq_down(a, y, merged_down, ridge)
+
+
+def lstsq_down(a: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """Ridge least squares W = argmin sum_t ||W a_t - y_t||^2 + lam ||W - prior||^2.
+
+    Args:
+        a: [t, I] (weighted) intermediate activations; y: [t, H] targets; prior: [H, I] the current projection.
+        ridge: lam relative to the mean diagonal of the Gram matrix a^T a.
+
+    Returns:
+        [H, I] in the dtype of ``prior``.
+    """
+    a, y = a.double(), y.double()
     gram = a.T @ a  # [I, I]
     lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-    prior = merged_down.double()  # [H, I]
-    rhs = y.T @ a + lam * prior  # [H, I]
+    rhs = y.T @ a + lam * prior.double()  # [H, I]
     sol = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64), rhs.T).T  # [H, I]
-    return sol.to(merged_down.dtype)
+    return sol.to(prior.dtype)
