@@ -139,3 +139,46 @@ def test_builtin_model_is_found_from_anywhere(tmp_path, monkeypatch):
     res = run("info")
     assert res.exit_code == 0 and "Qwen3-MoE" in res.output
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _bf16_copy(src, dst):
+    """The same tiny model saved in bf16, as the built-in model and hub checkpoints are."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(dst)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_quantized_output_in_transformers_matches_only_in_the_checkpoint_dtype(model, tmp_path):
+    """What the README says: a bf16 model's uniform quantized output gives moecompress.load's logits in
+    transformers when loaded in bf16; asked for fp32, transformers still decompresses the experts to bf16, so the
+    logits differ (default experts kernel) or the forward fails (eager)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import moecompress
+
+    src = _bf16_copy(model, tmp_path / "bf16")
+    out = tmp_path / "q4"
+    res = run("quantize", src, "--bits", "4", "--plan", "uniform", "--method", "rtn", "--samples", "2",
+              "--seq-len", "16", "--device", "cpu", "-o", out)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def logp(m):
+        with torch.no_grad():
+            return torch.log_softmax(m(input_ids=ids).logits.float(), -1)
+
+    ours16 = logp(moecompress.load(out, "cpu", torch.bfloat16))
+    for kw in ({}, {"experts_implementation": "eager"}):
+        assert torch.equal(logp(AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, **kw)), ours16)
+    ours32 = logp(moecompress.load(out, "cpu", torch.float32))
+    d = (logp(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)) - ours32).abs().max().item()
+    assert d > 0
+    eager32 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, experts_implementation="eager")
+    with pytest.raises(RuntimeError, match="dtype"):
+        logp(eager32)
