@@ -45,7 +45,11 @@ OverwriteOpt = Annotated[
     ),
 ]
 FileOverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="Replace an existing output file (never one inside an input folder).")
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an existing output file (never an input or a file inside an input folder). " + writer.TEMP_HELP,
+    ),
 ]
 
 
@@ -58,13 +62,13 @@ def _one_line(msg: str) -> None:
 
 
 def _write_failure(err: OSError) -> str:
-    """One line for an OSError raised while writing: which output, why; its temporary is removed."""
+    """One line for an OSError such as a full disk: which output (its temporary is removed), or which file."""
     reason = err.strerror or str(err)
     name = str(err.filename or "")
     for r in writer._RESERVED.values():
         if name.startswith(str(r.tmp)) or name == str(r.out):
             return f"cannot write {r.out}: {reason}; the partial output was removed and nothing was written"
-    return f"cannot write {name or 'the output'}: {reason}; nothing was written"
+    return f"{reason}: {name or 'an output'}; nothing was written"
 
 
 def user_errors(fn: F) -> F:
@@ -157,9 +161,22 @@ def guard(
             writer.guard_output(out, inputs, overwrite, kind=kind)
 
 
+def finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None: JSON has no NaN, and other readers reject it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json(obj: Any, path: Path | None, overwrite: bool = False) -> None:
-    """JSON to ``path`` (atomically, through the temporary ``guard`` reserved), or to stdout when None."""
-    text = json.dumps(obj, indent=2, allow_nan=False)
+    """JSON to ``path`` (atomically, through the temporary ``guard`` reserved), or to stdout when None.
+
+    Non-finite numbers are written as null."""
+    text = json.dumps(finite(obj), indent=2, allow_nan=False)
     if path is None:
         sys.stdout.write(text + "\n")
     else:

@@ -63,8 +63,8 @@ def _abs(p: str | Path) -> Path:
 
 
 def is_moecompress_folder(folder: Path) -> bool:
-    """A folder moecompress wrote: its manifest or a profile run's profile.json is there."""
-    return (folder / MANIFEST).is_file() or (folder / "profile.json").is_file()
+    """A folder moecompress wrote: its manifest, a profile run's profile.json or a --plan-only bit_plan.json."""
+    return any((folder / n).is_file() for n in (MANIFEST, "profile.json", "bit_plan.json"))
 
 
 def _own_sidecar(o: Path, inp: Path) -> bool:

@@ -179,7 +179,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(area, tmp_path):
 
 
 def test_help_shows_where_temporaries_go():
-    for cmd in ("profile", "prune", "merge", "quantize"):
+    for cmd in ("profile", "prune", "merge", "quantize", "eval", "info", "report"):
         res = run(cmd, "--help")
         text = re.sub(r"[\s│]+", "", res.output)
         assert res.exit_code == 0 and ".NAME.tmp-PID-*besideit" in text, (cmd, res.output)
