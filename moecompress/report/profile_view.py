@@ -14,6 +14,7 @@ from moecompress.report.sidecars import (
     layer_of,
     num,
     profile_layers,
+    text,
 )
 from moecompress.report.svg import esc, fmt_num, heatmap
 
@@ -51,10 +52,12 @@ def profile_section(profile: dict[str, Any], source: str, anchor: str) -> str:
         ("Calibration set", text_cell(cal.get("name"))),
         (
             "Samples x seq-len, seed",
-            text_cell(f"{cal.get('samples', '?')} x {cal.get('seq_len', '?')}, seed {cal.get('seed', '?')}"),
+            text_cell(
+                f"{text(cal.get('samples')) or '?'} x {text(cal.get('seq_len')) or '?'}, seed {text(cal.get('seed'))}"
+            ),
         ),
-        ("Calibration fingerprint", f'<td class="mono">{esc(cal.get("fingerprint", "–"))}</td>'),
-        ("Model fingerprint", f'<td class="mono">{esc(profile.get("model_fingerprint", "–"))}</td>'),
+        ("Calibration fingerprint", f'<td class="mono">{esc(text(cal.get("fingerprint")) or "–")}</td>'),
+        ("Model fingerprint", f'<td class="mono">{esc(text(profile.get("model_fingerprint")) or "–")}</td>'),
         ("Profile time (s)", num_cell(profile.get("elapsed_s"), "profile.elapsed_s")),
         ("Tool version", text_cell(profile.get("tool_version"))),
     ]
@@ -72,7 +75,7 @@ def profile_section(profile: dict[str, Any], source: str, anchor: str) -> str:
         )
         return "".join(parts)
     maps = []
-    for key, title, text in HEATMAPS:
+    for key, title, explain in HEATMAPS:
         _, mat = expert_matrix(profile, key)
         if all(v is None for row in mat for v in row):
             parts.append(note(f"{title}: not in this profile."))
@@ -89,7 +92,7 @@ def profile_section(profile: dict[str, Any], source: str, anchor: str) -> str:
             dot_label="too few calibration tokens",
             chart_id=f"{anchor}-{key}",
         )
-        cap = f'<b>{esc(title)}</b><br><span class="note">{esc(text)}</span>'
+        cap = f'<b>{esc(title)}</b><br><span class="note">{esc(explain)}</span>'
         maps.append(f"<figure><figcaption>{cap}</figcaption>{svg}</figure>")
     parts.append(f'<div class="grid">{"".join(maps)}</div>')
     parts.append(_domain_block(profile, layers, anchor))

@@ -21,7 +21,7 @@ from moecompress.errors import UserError
 from moecompress.report.actions import actions_section
 from moecompress.report.blocks import clip, generic, note, num_cell, section, table, text_cell
 from moecompress.report.profile_view import profile_section
-from moecompress.report.sidecars import MAX_LIST, RunSidecars, first, load_run, num, perplexities
+from moecompress.report.sidecars import MAX_LIST, RunSidecars, first, load_run, num, perplexities, text
 from moecompress.report.svg import esc, fmt_num, grouped_bars, pareto_scatter
 
 REPORT_NAME = "report.html"
@@ -80,14 +80,14 @@ def run_facts(run: RunSidecars) -> dict[str, Any]:
     cal = p.get("calibration") if isinstance(p.get("calibration"), dict) else {}
     mcal = m.get("calibration") if isinstance(m.get("calibration"), dict) else {}
     return {
-        "model": first(m.get("source_model"), m.get("model"), p.get("model"), ev.get("model")),
-        "family": first(m.get("family"), p.get("family")),
+        "model": text(first(m.get("source_model"), m.get("model"), p.get("model"), ev.get("model"))),
+        "family": text(first(m.get("family"), p.get("family"))),
         "command": first(
-            short_command(m.get("command")), "profile" if run.profile else None, "eval" if run.eval else None
+            short_command(text(m.get("command"))), "profile" if run.profile else None, "eval" if run.eval else None
         ),  # fmt: skip
-        "method": m.get("method"),
-        "ratio": m.get("ratio"),
-        "bits": m.get("bits"),
+        "method": text(m.get("method")),
+        "ratio": text(m.get("ratio")),
+        "bits": text(m.get("bits")),
         "params_before": first(num(m.get("params_before")), num(base.get("params"))),
         "params_after": first(num(m.get("params_after")), num(ev.get("params"))),
         "bytes_before": first(num(m.get("bytes_before")), num(base.get("bytes"))),
@@ -96,11 +96,11 @@ def run_facts(run: RunSidecars) -> dict[str, Any]:
         "top1_agreement": num(ev.get("top1_agreement")),
         "elapsed_s": first(num(m.get("elapsed_s")), num(m.get("seconds"))),
         "profile_elapsed_s": num(p.get("elapsed_s")),
-        "tool_version": first(m.get("tool_version"), p.get("tool_version")),
-        "calibration_fingerprint": first(
-            m.get("calibration_fingerprint"), mcal.get("fingerprint"), cal.get("fingerprint")
+        "tool_version": text(first(m.get("tool_version"), p.get("tool_version"))),
+        "calibration_fingerprint": text(
+            first(m.get("calibration_fingerprint"), mcal.get("fingerprint"), cal.get("fingerprint"))
         ),
-        "source_fingerprint": first(m.get("source_fingerprint"), p.get("model_fingerprint")),
+        "source_fingerprint": text(first(m.get("source_fingerprint"), p.get("model_fingerprint"))),
     }
 
 

@@ -249,6 +249,14 @@ def count_of(x: Any, limit: int = MAX_EXPERTS) -> int | None:
     return v if v else None
 
 
+def text(x: Any, limit: int = 1000) -> str | None:
+    """A name-like field (model, family, fingerprint, ...) as a short string; ``None`` for lists, objects, null."""
+    if isinstance(x, bool) or not isinstance(x, (str, int, float)):
+        return None
+    t = str(x)
+    return t if len(t) <= limit else t[:limit] + "…"
+
+
 def first(*values: Any) -> Any:
     """First value that is not ``None``."""
     return next((v for v in values if v is not None), None)

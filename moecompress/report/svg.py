@@ -319,8 +319,8 @@ def pareto_scatter(
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     xt = nice_ticks(min(xs + [0.0]), max(xs) * 1.06 if xs else 1.0)
     yt = nice_ticks(min(ys + [0.0]), max(ys) * 1.06 if ys else 1.0)
-    x0, x1 = (xt[0], xt[-1]) if len(xt) > 1 else (0.0, 1.0)
-    y0, y1 = (yt[0], yt[-1]) if len(yt) > 1 else (0.0, 1.0)
+    x0, x1 = (xt[0], xt[-1]) if len(xt) > 1 and xt[-1] > xt[0] else (min(xs + [0.0]), max(xs + [1.0]))
+    y0, y1 = (yt[0], yt[-1]) if len(yt) > 1 and yt[-1] > yt[0] else (min(ys + [0.0]), max(ys + [1.0]))
     left, top, pw, ph = 80.0, 20.0, 620.0, 320.0
     width, height = left + pw + 200, top + ph + 50
 
