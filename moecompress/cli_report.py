@@ -50,7 +50,11 @@ def report(
             raise UserError(f"{p} does not exist: give a run folder, an output folder or a sidecar JSON file")
     if output is None:
         output = paths[0] / REPORT_NAME if len(paths) == 1 and paths[0].is_dir() else Path(REPORT_NAME)
-    guard([(output, "file")], others=paths, overwrite=overwrite, with_model=False)
+    from .report.sidecars import load_run
+
+    # inputs: the folders and files given, and the profile runs their manifests point to
+    profiles = [r.profile_path.parent for r in map(load_run, paths) if r.profile_path is not None]
+    guard([(output, "file")], others=[*paths, *profiles], overwrite=overwrite, with_model=False)
     page = build_report(paths, title=title)
     write_file(output, page, overwrite=overwrite)
     out_console.print(f"report: {len(paths)} folder(s) -> {output} ({len(page):,} bytes)")

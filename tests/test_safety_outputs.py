@@ -95,6 +95,7 @@ def test_file_outputs_never_replace_an_input_or_an_existing_file(area, tmp_path)
         (["report", r, "-o", r / "profile.json", "--overwrite"], "is inside the input"),
         (["report", p, r, "-o", r / "sub" / "x.html"], "is inside the input"),
         (["report", r, "-o", r], "is the input"),
+        (["report", p, "-o", r / "x.html"], "is inside the input"),  # R: the profile run P's manifest names
     ]
     for args, msg in cases:
         one_line(run(*args), 2, msg)
