@@ -29,12 +29,14 @@ from .errors import UserError
 from .progress import console, progress_bar
 from .quant.bitplan import allocate_bits_detailed
 from .quant.ctformat import quantization_config
-from .quant.layer import LayerCapture, QuantizedExperts, expert_errors, expert_group_size, quantize_layer_experts
+from .quant.layer import GPTQOptions, LayerCapture, QuantizedExperts, expert_group_sizes, quantize_layer
 from .quant.pack import pack_int32
 from .quant.rtn import SUPPORTED_BITS, group_size_for, quantized_nbytes, rtn_quantize
 
 WIDTHS = SUPPORTED_BITS  # candidate widths of the LP, (2, 3, 4, 8)
 OTHER_BITS = (2, 3, 4, 8, 16)
+PROBE_WIDTHS = (2, 3, 4)  # widths whose per-layer KL is measured (sensitivity of the plan cost)
+PROTECT_BITS = 8  # super experts and experts with too few calibration tokens get at least this many bits
 MAX_CODE_CACHE_BYTES = 8 * 1024**3
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 _ELT = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
@@ -90,7 +92,7 @@ class Layout:
 
     def expert_bytes(self, bits: float, scale_bytes: int) -> float:
         """Bytes of one routed expert (3 projections) at ``bits`` (fractional: payload bits x params)."""
-        g_h = g_i = expert_group_size(self.H, self.I)
+        g_h, g_i = expert_group_sizes(self.H, self.I)
         if bits in WIDTHS:
             return 2 * quantized_nbytes(self.I, self.H, int(bits), g_h, scale_bytes) + quantized_nbytes(
                 self.H, self.I, int(bits), g_i, scale_bytes
@@ -156,6 +158,35 @@ def _importance(lay: Layout, prof: Any, mode: str) -> np.ndarray:
     return imp
 
 
+COST_RULES = {
+    "kl": "predicted KL: err[l,e,b] x s[l,b], s[l,b] = measured KL with layer l's routed experts at b bits / "
+    "sum_e err[l,e,b] (widths not probed use the nearest probed width below)",
+    "err": "MoE-block output MSE with only that expert quantized (err[l,e,b]) x importance",
+}
+
+
+def layer_sensitivity(
+    moe: list[int], widths: tuple[int, ...], err: np.ndarray, probe_kl: dict[tuple[int, int], float] | None
+) -> np.ndarray:
+    """``s [L, B]``: measured KL per unit of summed block-output error, per layer and width (see make_plan).
+
+    Widths without a probe take the value of the nearest probed width below (else above). Without probes: ones."""
+    L, B = len(moe), len(widths)
+    s = np.ones((L, B))
+    if not probe_kl:
+        return s
+    for li, l in enumerate(moe):
+        probed = {b: probe_kl[(l, b)] for b in widths if (l, b) in probe_kl}
+        if not probed:
+            continue
+        for j, b in enumerate(widths):
+            below = [p for p in probed if p <= b]
+            p = max(below) if below else min(probed)
+            tot = err[li, :, widths.index(p)].sum()
+            s[li, j] = max(probed[p], 0.0) / tot if tot > 0 else 0.0
+    return s
+
+
 def layer_pass(
     ckpt: Checkpoint,
     lay: Layout,
@@ -168,43 +199,67 @@ def layer_pass(
     scale_dtype: torch.dtype,
     with_err: bool,
     label: str = "quantize",
+    opts: GPTQOptions | None = None,
+    probe: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Stream the model layer by layer; for each MoE layer yield its experts quantized at ``widths_of(layer)``
-    (``codes`` by width), the method used per expert, routed-token counts and (``with_err``) err [E, B].
-    Without calibration ids (RTN) the weights are read straight from the checkpoint."""
+    (``codes`` by width), the method used per expert, routed-token counts, max |expert output| and (``with_err``)
+    err [E, B]. Without calibration ids (RTN) the weights are read straight from the checkpoint.
+
+    ``probe`` (a dict, filled when the pass ends): sensitivity probes. On the first calibration batch, a copy of
+    the hidden states is run through the model with only layer l's routed experts at width b (for every MoE layer
+    l and every width in ``probe["widths"]``), the rest exact; ``probe["kl"][(l, b)]`` is the measured
+    KL(base || that model) per token. One streamed pass does it all: the copies ride along with the stream."""
     from .stats import routed_forward
     from .stream import LayerStream
 
     E = lay.E
     wdtype = _DTYPES.get(lay.info[next(iter(lay.routed))]["dtype"], torch.float32)
+    opts = opts or GPTQOptions()
     if input_ids is None:  # RTN needs no data
         with progress_bar() as bar:
             task = bar.add_task(f"{label}: rtn", total=len(lay.moe))
             for l in lay.moe:
                 w = ckpt.moe_weights(l)
                 gu, dn = torch.cat([w.gate, w.up], dim=1), w.down  # [E, 2I, H], [E, H, I]
-                codes = {}
-                for b in widths_of(l):
-                    codes[b], used = quantize_layer_experts(gu, dn, b, "rtn", None, 0, scale_dtype)
-                yield {"layer": l, "codes": codes, "used": used, "counts": None, "err": None}
+                codes, used, _ = quantize_layer(
+                    gu, dn, torch.nn.functional.silu, widths_of(l), "rtn", None, 0, scale_dtype, with_err=False
+                )
+                yield {"layer": l, "codes": codes, "used": used, "counts": None, "err": None, "max_abs": None}
                 bar.advance(task)
         return
     fam = ckpt.family
     stream = LayerStream(ckpt, input_ids, batch_size=batch_size, device=device)
     n_layers = len(stream.decoder_layers)
     moe = set(lay.moe)
+    states: dict[tuple[int, int], torch.Tensor] = {}  # (layer, bits) -> probe hidden states
+    base_state: torch.Tensor | None = None
+
+    def run(layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        out = layer(h, **stream.kwargs[0])
+        return out[0] if isinstance(out, tuple) else out
+
     try:
         with progress_bar() as bar:
             task = bar.add_task(label, total=n_layers)
             stream.capture()
+            if probe is not None:
+                base_state = stream.cache[0].to(device).clone()
             for l, layer in stream.layers():
                 bar.update(task, description=f"{label}: layer {l + 1}/{n_layers}")
                 if l not in moe:
+                    if probe is not None:
+                        with torch.no_grad():
+                            base_state = run(layer, base_state)
+                            states = {k: run(layer, h) for k, h in states.items()}
                     stream.forward_layer(layer)
                     bar.advance(task)
                     continue
                 experts = getattr(stream.moe_block(layer), fam.experts)
-                cap = LayerCapture(E, experts.down_proj.shape[1], experts.down_proj.shape[2])
+                cap = LayerCapture(
+                    E, experts.down_proj.shape[1], experts.down_proj.shape[2], device=device,
+                    with_down=method == "gptq" and not opts.sequential,
+                )  # fmt: skip
 
                 def fwd(hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, _cap=cap, _ex=experts) -> Any:
                     _cap.add_batch(hidden, idx, w)
@@ -212,24 +267,61 @@ def layer_pass(
 
                 experts.forward = fwd
                 try:
-                    for i in range(len(stream.cache)):
-                        stream.cache[i] = stream.run_layer(layer, i)
+                    with torch.no_grad():
+                        for i in range(len(stream.cache)):
+                            stream.cache[i] = stream.run_layer(layer, i)
                 finally:
                     del experts.forward
-                gu = experts.gate_up_proj.detach().float().cpu()
-                dn = experts.down_proj.detach().float().cpu()
-                codes = {}
-                used: list[str] = []
-                for b in widths_of(l):
-                    codes[b], used = quantize_layer_experts(gu, dn, b, method, cap, min_tokens, scale_dtype)
-                err = None
-                if with_err:
-                    err = expert_errors(gu, dn, experts.act_fn, cap, list(codes.values()), wdtype).numpy()
-                yield {"layer": l, "codes": codes, "used": used, "counts": cap.counts.numpy(), "err": err}
+                codes, used, err = quantize_layer(
+                    experts.gate_up_proj.detach(), experts.down_proj.detach(), experts.act_fn, widths_of(l), method,
+                    cap, min_tokens, scale_dtype, wdtype, opts, with_err,
+                )  # fmt: skip
+                if probe is not None:
+                    with torch.no_grad():
+                        new = {}
+                        for b in probe["widths"]:
+                            if b not in codes:
+                                continue
+                            orig = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
+                            gq, dq = codes[b].dequantized(wdtype)
+                            experts.gate_up_proj.copy_(gq)
+                            experts.down_proj.copy_(dq)
+                            new[(l, b)] = run(layer, base_state)
+                            experts.gate_up_proj.copy_(orig[0])
+                            experts.down_proj.copy_(orig[1])
+                            del orig
+                        base_state = run(layer, base_state)
+                        states = {k: run(layer, h) for k, h in states.items()}
+                        states.update(new)
+                yield {
+                    "layer": l, "codes": codes, "used": used, "counts": cap.counts.numpy(),
+                    "err": None if err is None else err.numpy(), "max_abs": cap.max_abs.numpy(),
+                }  # fmt: skip
                 del cap
                 bar.advance(task)
+            if probe is not None:
+                probe["kl"] = _probe_kl(stream, base_state, states)
     finally:
         stream.close()
+
+
+@torch.no_grad()
+def _probe_kl(stream: Any, base: torch.Tensor, states: dict[tuple[int, int], torch.Tensor]) -> dict:
+    """Mean per-token KL(base || probe) of the final distributions, one window at a time."""
+    stream._ensure_head()
+    norm, head = stream.model.model.norm, stream.model.lm_head
+
+    def logp(h: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(head(norm(h)).float(), dim=-1)
+
+    sums = dict.fromkeys(states, 0.0)
+    for r in range(base.shape[0]):
+        lb = logp(base[r : r + 1])
+        pb = lb.exp()
+        for k, h in states.items():
+            sums[k] += float((pb * (lb - logp(h[r : r + 1]))).sum(-1).sum())
+    n = base.shape[0] * base.shape[1]
+    return {k: v / n for k, v in sums.items()}
 
 
 def measure(
@@ -243,18 +335,24 @@ def measure(
     device: torch.device,
     scale_dtype: torch.dtype,
     keep_codes: bool = True,
+    opts: GPTQOptions | None = None,
+    probe_widths: tuple[int, ...] = PROBE_WIDTHS,
 ) -> dict[str, Any]:
-    """Quantize every routed expert at every width in ``widths``; with calibration ids, also GPTQ Hessians and
-    err[l, e, b]. Returns codes per (layer, width) (empty unless ``keep_codes``), errors [L, E, B] (or None),
-    token counts [L, E] (or None) and methods used."""
+    """Quantize every routed expert at every width in ``widths``; with calibration ids, also GPTQ Hessians,
+    err[l, e, b] and the sensitivity probes (KL with one layer quantized at each of ``probe_widths``; none if
+    empty). Returns codes per (layer, width) (empty unless ``keep_codes``), errors [L, E, B] (or None), token counts
+    [L, E] (or None), max |expert output| [L, E] (or None), probe KLs {(layer, bits): KL} and methods used."""
     L, E = len(lay.moe), lay.E
     codes: dict[tuple[int, int], QuantizedExperts] = {}
     used: dict[int, list[str]] = {}
-    counts = np.zeros((L, E), dtype=np.int64) if input_ids is not None else None
-    err = np.zeros((L, E, len(widths))) if input_ids is not None else None
+    data = input_ids is not None
+    counts = np.zeros((L, E), dtype=np.int64) if data else None
+    err = np.zeros((L, E, len(widths))) if data else None
+    max_abs = np.zeros((L, E)) if data else None
+    probe = {"widths": tuple(b for b in probe_widths if b in widths)} if data and probe_widths else None
     passes = layer_pass(
         ckpt, lay, input_ids, lambda l: widths, method, min_tokens, batch_size, device, scale_dtype,
-        with_err=input_ids is not None, label="quantize: measure" if not keep_codes else "quantize",
+        with_err=data, label="quantize: measure" if not keep_codes else "quantize", opts=opts, probe=probe,
     )  # fmt: skip
     for r in passes:
         l, li = r["layer"], lay.moe.index(r["layer"])
@@ -264,7 +362,11 @@ def measure(
         if r["err"] is not None:
             err[li] = r["err"]
             counts[li] = r["counts"]
-    return {"codes": codes, "err": err, "counts": counts, "used": used}
+            max_abs[li] = r["max_abs"]
+    return {
+        "codes": codes, "err": err, "counts": counts, "used": used, "max_abs": max_abs,
+        "probe_kl": probe.get("kl") if probe else None,
+    }  # fmt: skip
 
 
 def make_plan(
@@ -279,8 +381,17 @@ def make_plan(
     scale_bytes: int,
     importance: np.ndarray,
     min_tokens: int,
+    cost_model: str = "kl",
+    protect: bool = True,
+    supers: list[tuple[int, int]] | tuple = (),
 ) -> dict[str, Any]:
-    """The bit plan (as written to bit_plan.json): a width per routed expert, predicted cost and bytes."""
+    """The bit plan (as written to bit_plan.json): a width per routed expert, predicted cost and bytes.
+
+    ``cost_model='kl'``: cost[l, e, b] = s[l, b] * err[l, e, b], with the layer sensitivity s[l, b] = (measured
+    KL with all of layer l's experts at b bits) / (sum of err[l, :, b]), so a layer's summed cost equals its
+    measured KL and costs across layers are in the same unit (predicted KL). ``'err'``: the raw block-output error.
+    ``protect``: super experts (``supers``) and experts with fewer than ``min_tokens`` routed tokens get at least
+    PROTECT_BITS bits in LP plans (they leave their layer's tie with --granularity layer)."""
     L, E = len(lay.moe), lay.E
     per_width = np.array([lay.expert_bytes(b, scale_bytes) for b in widths])  # [B]
     nbytes = np.tile(per_width, (L * E, 1))  # [N, B]
@@ -299,6 +410,7 @@ def make_plan(
     counts = meas["counts"]
     costs = None
     flagged: list[list[int]] = []
+    sens = None
     if err is not None:
         e2 = err.copy()  # [L, E, B]
         for li in range(L):
@@ -306,15 +418,42 @@ def make_plan(
             flagged += [[lay.moe[li], int(e)] for e in np.where(low)[0]]
             if low.any() and (~low).any():  # unreliable measurement: use the layer's median measured error
                 e2[li, low] = np.median(e2[li, ~low], axis=0)
+        if cost_model == "kl":
+            sens = layer_sensitivity(lay.moe, widths, e2, meas.get("probe_kl"))
+            e2 = e2 * sens[:, None, :]
         costs = (importance[:, :, None] * e2).reshape(L * E, len(widths))
+    protected: dict[tuple[int, int], str] = {}
+    if protect and plan == "lp":
+        for l, e in supers:
+            if l in lay.moe:
+                protected[(l, e)] = "super expert"
+        for l, e in flagged:
+            protected.setdefault((l, e), f"fewer than {min_tokens} calibration tokens")
+    protect_note = None
+    floor = per_width.min() * L * E  # every expert at the lowest width
+    high = per_width[np.array(widths) >= PROTECT_BITS]
+    extra = high.min() - per_width.min() if high.size else np.inf  # one expert raised to 8 bits
+    if protected and floor + len(protected) * extra > budget:  # the budget cannot hold them: keep super experts
+        dropped = [k for k, why in protected.items() if why != "super expert"]
+        protected = {k: why for k, why in protected.items() if why == "super expert"}
+        protect_note = f"{len(dropped)} few-token experts not protected: the budget cannot hold them at 8 bits"
+        if floor + len(protected) * extra > budget:
+            protected, protect_note = {}, "no expert protected: the budget cannot hold the super experts at 8 bits"
+    allowed = np.ones((L * E, len(widths)), dtype=bool)
+    for l, e in protected:
+        allowed[lay.moe.index(l) * E + e] = np.array(widths) >= PROTECT_BITS
     solver = None
     if plan == "uniform":
         choice = np.full(L * E, widths.index(int(bits)))
     else:
         if costs is None:
             raise UserError("--plan lp needs calibration data to measure errors")
-        groups = np.repeat(np.arange(L), E) if granularity == "layer" else None
-        res = allocate_bits_detailed(costs, nbytes, budget, groups)
+        groups = None
+        if granularity == "layer":  # protected experts leave their layer's tie (their own item)
+            groups = np.repeat(np.arange(L), E)
+            for n, (l, e) in enumerate(protected):
+                groups[lay.moe.index(l) * E + e] = L + n
+        res = allocate_bits_detailed(costs, nbytes, budget, groups, allowed=allowed)
         choice = res.choice
         solver = {"name": res.solver, "status": res.status, "solve_s": round(res.solve_s, 3), **res.info}
     chosen_bits = np.array(widths)[choice].reshape(L, E)
@@ -333,6 +472,7 @@ def make_plan(
                     "tokens": None if counts is None else int(counts[li, e]),
                     "method": meas["used"][l][e],
                     "importance": float(importance[li, e]),
+                    "protected": protected.get((l, e)),
                 }
             )
         layers[str(l)] = {"bits": sorted({r["bits"] for r in rows}), "experts": rows}
@@ -352,6 +492,20 @@ def make_plan(
         "predicted_cost": None if costs is None else float(costs[np.arange(L * E), choice].sum()),
         "other_bits": other_bits,
         "few_token_experts": flagged,
+        "cost_model": cost_model if costs is not None else None,
+        "cost_model_rule": COST_RULES.get(cost_model) if costs is not None else None,
+        "sensitivity": None
+        if sens is None
+        else {str(l): dict(zip(map(str, widths), map(float, sens[li]), strict=True)) for li, l in enumerate(lay.moe)},
+        "probe_kl": None if not meas.get("probe_kl") else {f"{l}:{b}": v for (l, b), v in meas["probe_kl"].items()},
+        "protected": [[l, e, why] for (l, e), why in protected.items()],
+        "protect_rule": (
+            f"super experts and experts with fewer than {min_tokens} routed calibration tokens get "
+            f">= {PROTECT_BITS} bits"
+            if protect and plan == "lp"
+            else "off"
+        ),
+        "protect_note": protect_note,
         "few_token_rule": f"fewer than {min_tokens} routed calibration tokens: RTN instead of GPTQ, and the layer's "
         "median measured error is used as its cost",
         "solver": solver,
@@ -401,7 +555,7 @@ def _tensors(
 
 def _qconfig(lay: Layout, plan: dict, other_bits: int) -> dict[str, Any]:
     fam = lay.fam
-    g_h = g_i = expert_group_size(lay.H, lay.I)
+    g_h, g_i = expert_group_sizes(lay.H, lay.I)
     names = fam.expert_names
     modules: dict[str, tuple[int, int]] = {}
     extra: dict[tuple[int, int], list[str]] = {}
@@ -430,6 +584,20 @@ def _qconfig(lay: Layout, plan: dict, other_bits: int) -> dict[str, Any]:
     return quantization_config(modules, ignore, fam.experts, extra)
 
 
+def _super_experts(ckpt: Checkpoint, lay: Layout, prof: Any, meas: dict[str, Any]) -> tuple[list, dict | None]:
+    """Super experts: the profile's when given, else detected with the profile's rule from this pass's max
+    |expert output| (None without calibration data)."""
+    from .stats import super_experts
+
+    if prof is not None:
+        return [tuple(x) for x in prof.super_experts], {"source": "profile"}
+    if meas.get("max_abs") is None:
+        return [], None
+    max_abs = {(l, e): float(meas["max_abs"][li, e]) for li, l in enumerate(lay.moe) for e in range(lay.E)}
+    chosen, rule = super_experts(max_abs, ckpt.config.num_hidden_layers)
+    return chosen, {"source": "quantize calibration pass", **rule}
+
+
 def run_quantize(
     model: str | Path | None,
     output: str | Path,
@@ -453,6 +621,9 @@ def run_quantize(
     command: str | None = None,
     measurement: dict[str, Any] | None = None,
     max_cache_bytes: int = MAX_CODE_CACHE_BYTES,
+    opts: GPTQOptions | None = None,
+    cost_model: str = "kl",
+    protect: bool = True,
 ) -> dict[str, Any]:
     """Quantize a model's routed experts (and other linears at ``other_bits``); returns the bit plan.
 
@@ -489,6 +660,7 @@ def run_quantize(
     # streamed pass re-quantizes each layer at its planned widths while the checkpoint is written
     streamed = len(lay.moe) * lay.E * 3 * lay.I * lay.H * len(widths) > max_cache_bytes
     if measurement is not None:  # reuse one calibration pass for several plans (benchmarks)
+        opts = measurement.get("opts", opts)
         if measurement["method"] != method or measurement["fingerprint"] != ckpt.fingerprint:
             raise ValueError("measurement was made with another method or model")
         widths, meas, tokens = measurement["widths"], measurement["meas"], measurement["tokens"]
@@ -514,9 +686,18 @@ def run_quantize(
                 device or torch.device("cpu"),
                 scale_dtype,
                 keep_codes=not streamed,
+                opts=opts,
+                probe_widths=PROBE_WIDTHS if (plan == "lp" and cost_model == "kl") else (),
             )
-    bit_plan = make_plan(lay, meas, widths, plan, bits, budget_gb, granularity, other_bits, sb, imp, min_tokens)
+    supers, super_rule = _super_experts(ckpt, lay, prof, meas)
+    bit_plan = make_plan(
+        lay, meas, widths, plan, bits, budget_gb, granularity, other_bits, sb, imp, min_tokens, cost_model, protect,
+        supers,
+    )  # fmt: skip
     bit_plan.update(
+        super_experts=[list(x) for x in supers],
+        super_rule=super_rule,
+        gptq=(opts or GPTQOptions()).describe() if method == "gptq" else None,
         method=method,
         importance=importance,
         calibration=tokens.describe() if tokens is not None else None,
@@ -561,7 +742,7 @@ def run_quantize(
         "bytes_before": ckpt.bytes_on_disk,
         "bytes_predicted": bit_plan["total_bytes"],
         "warnings": warnings,
-        "protected": [list(x) for x in (prof.super_experts if prof is not None else [])],
+        "protected": [list(x) for x in supers],
         "calibration_fingerprint": tokens.fingerprint if tokens is not None else None,
         "layers": {l: {"bits": d["bits"]} for l, d in bit_plan["layers"].items()},
     }
@@ -572,6 +753,7 @@ def run_quantize(
         passes = layer_pass(
             ckpt, lay, tokens.input_ids if tokens is not None else None, lambda l: planned[l], method, min_tokens,
             batch_size, device or torch.device("cpu"), scale_dtype, with_err=False, label="quantize: write",
+            opts=opts,
         )  # fmt: skip
         layer_codes = ((r["layer"], r["codes"]) for r in passes)
     manifest["streamed_write"] = bool(streamed and measurement is None)
@@ -599,6 +781,8 @@ def measure_model(
     batch_size: int = 8,
     min_tokens: int = 32,
     device: torch.device | None = None,
+    opts: GPTQOptions | None = None,
+    probe_widths: tuple[int, ...] = PROBE_WIDTHS,
 ) -> dict[str, Any]:
     """One calibration pass at every candidate width, reusable by ``run_quantize(measurement=...)``."""
     from .data import calibration_set, check_seq_len
@@ -611,12 +795,13 @@ def measure_model(
     t0 = time.time()
     meas = measure(
         ckpt, lay, tokens.input_ids, WIDTHS, method, min_tokens, batch_size, device or torch.device("cpu"),
-        scale_dtype_of(ckpt),
+        scale_dtype_of(ckpt), opts=opts, probe_widths=probe_widths,
     )  # fmt: skip
     return {
         "meas": meas,
         "tokens": tokens,
         "method": method,
+        "opts": opts,
         "widths": WIDTHS,
         "fingerprint": ckpt.fingerprint,
         "elapsed_s": time.time() - t0,

@@ -77,3 +77,82 @@ def test_cbc_fallback_agrees_with_highs():
     b = allocate_bits_detailed(costs, nbytes, budget, solver="PULP_CBC_CMD")
     assert a.solver == "HiGHS" and b.solver == "PULP_CBC_CMD"
     assert a.cost == pytest.approx(b.cost, rel=1e-6)
+
+
+def test_allowed_choices_are_respected_and_optimal():
+    costs, nbytes = _instance(11)
+    budget = nbytes[:, 2].sum()  # uniform 4-bit bytes
+    allowed = np.ones(costs.shape, dtype=bool)
+    allowed[2, :3] = False  # item 2 may only take the last (8-bit) choice
+    got = allocate_bits_detailed(costs, nbytes, budget, allowed=allowed)
+    assert got.choice[2] == 3
+    best = _brute(np.where(allowed, costs, 1e9), nbytes, budget)[0]
+    assert got.cost == pytest.approx(best, rel=1e-9)
+
+
+def _fake_plan(err, counts, probe_kl=None, supers=(), granularity="expert", bits=3.0, cost_model="kl"):
+    from moecompress.quantize import make_plan
+
+    L, E, _ = err.shape
+
+    class Lay:
+        moe = list(range(L))
+        I, H = 8, 16
+
+        def expert_bytes(self, b, sb):
+            return 3 * self.I * self.H * b / 8 + 10
+
+        def fixed_bytes(self, ob, sb):
+            return 0
+
+    Lay.E = E
+    meas = {"err": err, "counts": counts, "probe_kl": probe_kl, "used": {l: ["gptq"] * E for l in range(L)}}
+    return make_plan(
+        Lay(), meas, (2, 3, 4, 8), "lp", bits, None, granularity, 16, 2, np.ones((L, E)), 32, cost_model, True,
+        list(supers),
+    )  # fmt: skip
+
+
+def _errs(L=3, E=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.lognormal(size=(L, E, 1)) * 4.0 ** -np.array([2, 3, 4, 8])[None, None, :]
+
+
+def test_super_and_low_token_experts_get_8_bits_and_the_plan_says_so():
+    err = _errs()
+    counts = np.full((3, 4), 500)
+    counts[1, 2] = 3  # too few tokens
+    for gran in ("expert", "layer"):
+        plan = _fake_plan(err, counts, supers=[(0, 1)], granularity=gran, bits=4.0)
+        bits = {(int(l), r["expert"]): r["bits"] for l, d in plan["layers"].items() for r in d["experts"]}
+        assert bits[(0, 1)] >= 8 and bits[(1, 2)] >= 8
+        reasons = {(l, e): why for l, e, why in plan["protected"]}
+        assert reasons[(0, 1)] == "super expert" and "fewer than 32" in reasons[(1, 2)]
+        assert "8 bits" in plan["protect_rule"]
+        assert plan["routed_bytes"] <= plan["budget_bytes_routed"]
+        if gran == "layer":  # the others of a layer still share one width
+            for l in range(3):
+                rest = {b for (ll, e), b in bits.items() if ll == l and (ll, e) not in reasons}
+                assert len(rest) == 1
+
+
+def test_kl_cost_sums_to_measured_layer_kl_and_is_monotone_in_bits():
+    err = _errs(seed=1)
+    counts = np.full((3, 4), 500)
+    probe = {(l, b): f * (l + 1) for l in range(3) for b, f in ((2, 0.4), (3, 0.1), (4, 0.02))}
+    plan = _fake_plan(err, counts, probe_kl=probe)
+    assert plan["cost_model"] == "kl"
+    sens = plan["sensitivity"]
+    for l in range(3):
+        for j, b in enumerate((2, 3, 4)):  # a layer's summed cost at a probed width is its measured KL
+            assert sens[str(l)][str(b)] * err[l, :, j].sum() == pytest.approx(probe[(l, b)])
+        assert sens[str(l)]["8"] == sens[str(l)]["4"]  # unprobed width: nearest probed below
+        for e in range(4):  # per-expert cost never rises with more bits
+            c = [sens[str(l)][str(b)] * err[l, e, j] for j, b in enumerate((2, 3, 4, 8))]
+            assert c == sorted(c, reverse=True)
+    # a layer 10x as sensitive gets more bits than the plain error cost gives it
+    probe2 = {(l, b): v * (10 if l == 2 else 1) for (l, b), v in probe.items()}
+    p_kl = _fake_plan(err, counts, probe_kl=probe2)
+    p_err = _fake_plan(err, counts, cost_model="err")
+    avg = lambda p, l: np.mean([r["bits"] for r in p["layers"][str(l)]["experts"]])  # noqa: E731
+    assert avg(p_kl, 2) > avg(p_err, 2)

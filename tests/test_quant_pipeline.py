@@ -11,8 +11,10 @@ from conftest import build_tiny
 from transformers import AutoModelForCausalLM
 
 from moecompress.errors import UserError
-from moecompress.quant.layer import LayerCapture, expert_errors, expert_group_size, quantize_layer_experts
+from moecompress.quant.gptq import gptq_quantize, prepare_hessian
+from moecompress.quant.layer import GPTQOptions, LayerCapture, expert_group_size, quantize_layer
 from moecompress.quant.load import load_quantized
+from moecompress.quant.rtn import dequantize
 from moecompress.quantize import run_quantize
 from moecompress.writer import dir_bytes
 
@@ -124,9 +126,8 @@ def test_measured_error_equals_block_output_error(qwen):
     del experts.forward
     ref = ref[0] if isinstance(ref, tuple) else ref
     gu, dn = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
-    q, used = quantize_layer_experts(gu, dn, 2, "gptq", cap, 4, torch.float32)
-    err = expert_errors(gu, dn, experts.act_fn, cap, [q], torch.float32)  # [E, 1]
-    gq, dq = q.dequantized(torch.float32)
+    codes, used, err = quantize_layer(gu, dn, experts.act_fn, (2,), "gptq", cap, 4, torch.float32)  # err [E, 1]
+    gq, dq = codes[2].dequantized(torch.float32)
     for e in range(E):
         with torch.no_grad():
             experts.gate_up_proj[e] = gq[e]
@@ -139,6 +140,39 @@ def test_measured_error_equals_block_output_error(qwen):
         assert err[e, 0].item() == pytest.approx(direct, rel=1e-4, abs=1e-12)
     assert int(cap.counts.sum()) == 64 * 2  # top-2
     assert np.all(err.numpy() >= 0) and used.count("gptq") + sum(u.startswith("rtn") for u in used) == E
+
+
+def _layer_capture(seed=0, E=3, H=32, I=16, T=96):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:2] for _ in range(T)])
+    w = torch.softmax(torch.randn(T, 2, generator=gen), -1)
+    gu = torch.randn(E, 2 * I, H, generator=gen) / H**0.5
+    dn = torch.randn(E, H, I, generator=gen) / I**0.5
+    cap = LayerCapture(E, H, I, with_down=True)
+    cap.add_batch(x, idx, w)
+    from moecompress.stats import routed_forward
+
+    routed_forward(gu, dn, torch.nn.functional.silu, x, idx, w, cap.observer())
+    return cap, gu, dn
+
+
+def test_sequential_down_hessian_comes_from_quantized_gate_up():
+    cap, gu, dn = _layer_capture()
+    act = torch.nn.functional.silu
+    seq, _, _ = quantize_layer(gu, dn, act, (2, 3), "gptq", cap, 4, torch.float32, opts=GPTQOptions(sequential=True))
+    plain, _, _ = quantize_layer(gu, dn, act, (2,), "gptq", cap, 4, torch.float32, opts=GPTQOptions(sequential=False))
+    g = expert_group_size(32, 16)
+    for b in (2, 3):
+        for e in range(3):
+            x, _ = cap.routed(e)
+            gq = dequantize(seq[b].gate_up_q[e], seq[b].gate_up_s[e], g, torch.float32)
+            a, u = (x @ gq.T).chunk(2, dim=-1)
+            hq = act(a) * u  # outputs of the quantized gate/up at this width
+            want = gptq_quantize(dn[e], None, b, g, torch.float32, prepared=prepare_hessian(hq.T @ hq))
+            assert torch.equal(seq[b].down_q[e], want[0]) and torch.equal(seq[b].down_s[e], want[1])
+    assert torch.equal(seq[2].gate_up_q, plain[2].gate_up_q)  # gate/up do not depend on the order
+    assert not torch.equal(seq[2].down_q, plain[2].down_q)  # the original-weight Hessian gives other codes
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moecompress.quant.gptq import gptq_quantize, hessian_from_inputs
+from moecompress.quant.gptq import gptq_quantize, hessian_from_inputs, prepare_hessian
 from moecompress.quant.pack import pack_int32, packed_cols, unpack_int32
 from moecompress.quant.rtn import (
     dequantize,
@@ -128,6 +128,65 @@ def test_gptq_group_larger_than_block_and_dead_inputs():
     assert torch.all(wq[:, 3] == 0)
     qr, sr = rtn_quantize(w, 4, scale_dtype=torch.float32)
     assert _out_err(x, w, wq) <= _out_err(x, w, dequantize(qr, sr, 40))
+
+
+def _varying_inputs(seed, cols=256, rows=4096):
+    """Correlated inputs whose per-channel scale spans ~2 orders of magnitude (a strongly varying H diagonal)."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=gen) / cols**0.5
+    scale = torch.exp(1.5 * torch.randn(cols, generator=gen))
+    return (torch.randn(rows, cols, generator=gen) @ mix + 0.1 * torch.randn(rows, cols, generator=gen)) * scale
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_actorder_gptq_keeps_the_plain_group_layout_and_beats_rtn(bits):
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    x = _varying_inputs(7)
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    q, s = gptq_quantize(w, hessian_from_inputs(x), bits, actorder=True)
+    assert q.shape == (32, 256) and s.shape == (32, 2) and s.dtype == torch.bfloat16
+    qmin, qmax = qrange(bits)
+    assert int(q.min()) >= qmin and int(q.max()) <= qmax
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=128),
+    )
+    sd = {"weight_packed": pack_int32(q, bits), "weight_scale": s, "weight_shape": torch.tensor([32, 256])}
+    theirs = PackedQuantizationCompressor.decompress(sd, scheme)["weight"]  # no g_idx: plain groups
+    assert torch.equal(theirs, dequantize(q, s, 128))
+    qr, sr = rtn_quantize(w, bits)
+    assert _out_err(x, w.float(), theirs.float()) <= _out_err(x, w.float(), dequantize(qr, sr, 128).float())
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4))
+def test_actorder_beats_natural_order_on_a_strongly_varying_diagonal(bits):
+    x = _varying_inputs(9)
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(10))
+    h = hessian_from_inputs(x)
+    errs = {}
+    for ao in (False, True):
+        q, s = gptq_quantize(w, h, bits, scale_dtype=torch.float32, actorder=ao)
+        errs[ao] = _out_err(x, w, dequantize(q, s, 128))
+    assert errs[True] < 0.9 * errs[False]
+    # the Hessian-diagonal-weighted scale search is at least as good on the same inputs
+    q, s = gptq_quantize(w, h, bits, scale_dtype=torch.float32, actorder=True, clip="hmse")
+    assert _out_err(x, w, dequantize(q, s, 128)) <= errs[True] * 1.02
+
+
+def test_prepared_hessian_is_reused_across_widths_with_identical_results():
+    x = _varying_inputs(11, cols=128, rows=1024)
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(12))
+    h = hessian_from_inputs(x)
+    ph = prepare_hessian(h)
+    assert torch.equal(ph.perm, torch.argsort(torch.diag(h), descending=True, stable=True))
+    for b in (2, 3, 4, 8):
+        a = gptq_quantize(w, h, b, scale_dtype=torch.float32)
+        c = gptq_quantize(w, None, b, scale_dtype=torch.float32, prepared=ph)
+        assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+    with pytest.raises(ValueError, match="actorder"):
+        gptq_quantize(w, None, 4, actorder=False, prepared=ph)
 
 
 def test_quantized_nbytes_matches_tensors():

@@ -101,8 +101,12 @@ def allocate_bits_detailed(
     groups_for_layer_constraint: np.ndarray | None = None,
     solver: str | None = None,
     time_limit_s: float = 120.0,
+    allowed: np.ndarray | None = None,
 ) -> BitPlanResult:
-    """Solve the allocation; see :func:`allocate_bits`. Returns the choice and solver details."""
+    """Solve the allocation; see :func:`allocate_bits`. Returns the choice and solver details.
+
+    ``allowed`` (optional ``[N, B]`` bool): choices an item may take (e.g. protected experts: 8 bits only). With a
+    layer constraint, a group may take a width only if all its members may."""
     import pulp
 
     costs = np.asarray(costs, dtype=np.float64)  # [N, B]
@@ -112,6 +116,9 @@ def allocate_bits_detailed(
     if not np.isfinite(costs).all():
         raise ValueError("costs must be finite")
     n_items = costs.shape[0]
+    ok = np.ones(costs.shape, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    if ok.shape != costs.shape or not ok.any(axis=1).all():
+        raise ValueError("allowed must be [N, B] with at least one allowed choice per item")
     if groups_for_layer_constraint is not None:
         groups = np.asarray(groups_for_layer_constraint, dtype=np.int64)  # [N]
         uniq, inv = np.unique(groups, return_inverse=True)
@@ -119,19 +126,25 @@ def allocate_bits_detailed(
         b_item = np.zeros((len(uniq), costs.shape[1]))
         np.add.at(c_item, inv, costs)
         np.add.at(b_item, inv, nbytes)
+        ok_item = np.ones(c_item.shape, dtype=bool)
+        np.logical_and.at(ok_item, inv, ok)
+        if not ok_item.any(axis=1).all():
+            raise UserError("a layer's experts allow no common width (protected experts): use --granularity expert")
     else:
         inv = np.arange(n_items)
-        c_item, b_item = costs, nbytes
-    min_total = b_item.min(axis=1).sum()
+        c_item, b_item, ok_item = costs, nbytes, ok
+    big = np.where(ok_item, b_item, np.inf)
+    min_total = big.min(axis=1).sum()
     if budget < min_total:
         raise UserError(
             f"budget of {budget:,.0f} bytes is below the smallest possible model ({min_total:,.0f} bytes with every "
             "routed expert at the lowest width): raise --bits / --budget-gb"
         )
     t0 = time.perf_counter()
-    keep = _pareto(c_item, b_item)
-    base_b = b_item.min(axis=1)  # [M]
-    base_c = c_item.min(axis=1)
+    keep = _pareto(np.where(ok_item, c_item, np.inf), big)
+    keep = [k[ok_item[m, k]] for m, k in enumerate(keep)]
+    base_b = big.min(axis=1)  # [M]
+    base_c = np.where(ok_item, c_item, np.inf).min(axis=1)
     prob = pulp.LpProblem("bitplan", pulp.LpMinimize)
     xs: list[list[pulp.LpVariable]] = []
     obj_terms = {}

@@ -1,17 +1,32 @@
 """GPTQ (Frantar et al. 2023) for one weight matrix given its input Hessian, group-wise symmetric integer codes.
 
 Minimizes ``|| X W^T - X Wq^T ||^2`` column by column with the inverse-Hessian error feedback, in blocks of
-``block_size`` columns (lazy batch updates). Group scales are computed from the error-updated weights when the
-group is reached (the standard "static_groups=False" variant), with the same clipping search as RTN, so codes and
-scales follow exactly the RTN/compressed-tensors conventions of :mod:`moecompress.quant.rtn`.
-No activation reordering (it would permute groups and break the plain group layout).
+``block_size`` columns (lazy batch updates). Codes and scales follow the RTN/compressed-tensors conventions of
+:mod:`moecompress.quant.rtn` (plain group layout: group ``j`` is columns ``j*g .. (j+1)*g - 1``; no ``g_idx``).
+
+Two orders:
+
+- ``actorder=True`` (default; the "static" activation ordering): every group's scale is fixed up front from the
+  *unpermuted* weight (clipping search, optionally weighted by the Hessian diagonal), then the columns are processed
+  in descending order of the Hessian diagonal, so the most-used inputs are quantized first and their rounding error
+  is absorbed by the many columns that follow. The groups stay where they are, so the output layout is unchanged.
+- ``actorder=False``: natural column order, each group's scale computed from the error-updated weights when the
+  group is reached (the reference "static_groups=False" variant).
+
+The Hessian factorization (damping, permutation, Cholesky of the inverse) depends only on ``H``: compute it once
+with :func:`prepare_hessian` and pass it to :func:`gptq_quantize` for every candidate width.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from moecompress.quant.rtn import DEFAULT_CLIP_GRID, compute_scales, group_size_for, qrange
+
+CLIP_MODES = ("none", "mse", "hmse")
+DEFAULT_CLIP = "mse"
 
 
 def hessian_from_inputs(x: torch.Tensor) -> torch.Tensor:
@@ -36,34 +51,115 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("Hessian is not positive definite even after damping")
 
 
+@dataclass
+class PreparedHessian:
+    """What GPTQ needs from a Hessian, independent of the bit width (reuse it across candidate widths)."""
+
+    hinv: torch.Tensor  # [C, C] upper Cholesky factor of the damped inverse, in processing order
+    perm: torch.Tensor | None  # [C] processing order (None: natural order)
+    dead: torch.Tensor  # [C] bool, inputs that never fire (zero diagonal)
+    diag: torch.Tensor  # [C] Hessian diagonal (original order), weights of the "hmse" clipping search
+
+
+def prepare_hessian(h: torch.Tensor, damp: float = 0.01, actorder: bool = True) -> PreparedHessian:
+    """Damp, order (descending diagonal when ``actorder``) and factorize ``h [C, C]`` once."""
+    h = h.float().clone()
+    diag = torch.diag(h).clone()
+    dead = diag == 0
+    h[dead, dead] = 1.0
+    perm = None
+    if actorder:
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        h = h[perm][:, perm]
+    return PreparedHessian(_inverse_cholesky(h, damp), perm, dead, diag)
+
+
+def _static_scales(
+    w: torch.Tensor, bits: int, g: int, scale_dtype: torch.dtype, clip_grid: tuple[float, ...], weight: torch.Tensor
+) -> torch.Tensor:
+    """Group scales ``[R, C // g]`` of the unpermuted ``w [R, C]``, shrink picked per group by the squared error
+    weighted per column by ``weight [C]`` (ones: plain MSE; the Hessian diagonal: expected output error)."""
+    rows, cols = w.shape
+    qmin, qmax = qrange(bits)
+    wg = w.unflatten(-1, (cols // g, g))  # [R, G, g]
+    cw = weight.reshape(cols // g, g)  # [G, g]
+    absmax = wg.abs().amax(dim=-1)  # [R, G]
+    best_s = best_err = None
+    for shrink in clip_grid:
+        s = (absmax * shrink / ((qmax - qmin) / 2)).to(scale_dtype).float()
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q = torch.clamp(torch.round(wg / s.unsqueeze(-1)), qmin, qmax)
+        err = ((q * s.unsqueeze(-1) - wg).pow(2) * cw).sum(dim=-1)  # [R, G]
+        if best_s is None:
+            best_s, best_err = s, err
+        else:
+            better = err < best_err
+            best_s = torch.where(better, s, best_s)
+            best_err = torch.where(better, err, best_err)
+    return best_s.to(scale_dtype)
+
+
 def gptq_quantize(
     w: torch.Tensor,
-    h: torch.Tensor,
+    h: torch.Tensor | None,
     bits: int,
     group_size: int | None = None,
     scale_dtype: torch.dtype = torch.bfloat16,
     damp: float = 0.01,
     block_size: int = 128,
     clip_grid: tuple[float, ...] = DEFAULT_CLIP_GRID,
+    actorder: bool = True,
+    clip: str = DEFAULT_CLIP,
+    prepared: PreparedHessian | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ-quantize ``w [R, C]`` with input Hessian ``h [C, C]``.
+    """GPTQ-quantize ``w [R, C]`` with input Hessian ``h [C, C]`` (or its :func:`prepare_hessian` result).
 
+    ``clip``: scale search per group, ``'none'`` (absmax), ``'mse'`` (weight squared error over ``clip_grid``) or
+    ``'hmse'`` (squared error weighted by the Hessian diagonal; only with ``actorder``, where scales are fixed from
+    the unpermuted weight). Runs on ``w``'s device.
     Returns ``(q [R, C] int8, scale [R, C // g] scale_dtype)`` with ``w ~= q * scale`` group-wise.
     Dead inputs (zero Hessian diagonal) get their weights zeroed, as in the reference implementation.
     """
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
     rows, cols = w.shape
     g = group_size or group_size_for(cols)
     if cols % g:
         raise ValueError(f"group_size {g} must divide the input width {cols}")
     qmin, qmax = qrange(bits)
-    block_size = g if g >= block_size else (block_size // g) * g  # groups never straddle blocks
+    grid = (1.0,) if clip == "none" else clip_grid
+    ph = prepared if prepared is not None else prepare_hessian(h.to(w.device), damp, actorder)
+    if (ph.perm is not None) != actorder:
+        raise ValueError("the prepared Hessian was made with another actorder setting")
     wk = w.float().clone()  # [R, C]
-    h = h.float().clone()  # [C, C]
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    wk[:, dead] = 0.0
-    hinv = _inverse_cholesky(h, damp)  # [C, C] upper
+    wk[:, ph.dead] = 0.0
+    hinv = ph.hinv
     q_out = torch.zeros(rows, cols, dtype=torch.int8, device=w.device)
+    if actorder:
+        cw = ph.diag if clip == "hmse" else torch.ones(cols, device=w.device)
+        scales = _static_scales(wk, bits, g, scale_dtype, grid, cw.to(w.device).float())  # [R, G]
+        s_cols = scales.float().repeat_interleave(g, dim=1)[:, ph.perm]  # [R, C] scale of each processed column
+        wk = wk[:, ph.perm]
+        q_perm = torch.zeros_like(q_out)
+        for b0 in range(0, cols, block_size):
+            b1 = min(b0 + block_size, cols)
+            w_blk = wk[:, b0:b1].clone()
+            err_blk = torch.zeros_like(w_blk)
+            hinv_blk = hinv[b0:b1, b0:b1]
+            for i in range(b1 - b0):
+                s = s_cols[:, b0 + i]
+                wcol = w_blk[:, i]
+                qcol = torch.clamp(torch.round(wcol / s), qmin, qmax)
+                q_perm[:, b0 + i] = qcol.to(torch.int8)
+                err = (wcol - qcol * s) / hinv_blk[i, i]
+                w_blk[:, i:] -= err.unsqueeze(1) @ hinv_blk[i, i:].unsqueeze(0)
+                err_blk[:, i] = err
+            wk[:, b1:] -= err_blk @ hinv[b0:b1, b1:]
+        q_out[:, ph.perm] = q_perm
+        return q_out, scales
+    if clip == "hmse":
+        raise ValueError("clip='hmse' needs actorder=True (static group scales)")
+    block_size = g if g >= block_size else (block_size // g) * g  # groups never straddle blocks
     scales = torch.zeros(rows, cols // g, dtype=scale_dtype, device=w.device)
     cur_scale = None
     for b0 in range(0, cols, block_size):
@@ -74,7 +170,7 @@ def gptq_quantize(
         for i in range(b1 - b0):
             col = b0 + i
             if col % g == 0:
-                s = compute_scales(w_blk[:, i : i + g], bits, g, scale_dtype, clip_grid)[:, 0]  # [R]
+                s = compute_scales(w_blk[:, i : i + g], bits, g, scale_dtype, grid)[:, 0]  # [R]
                 scales[:, col // g] = s
                 cur_scale = s.float()
             wcol = w_blk[:, i]  # [R]

@@ -8,8 +8,14 @@ unchanged: the router is never quantized), so
     err[e, b] = sum_{x in X_e} p_e(x)^2 || f_e^{q,b}(x) - f_e(x) ||^2 / T        (T: all calibration tokens)
 
 is exactly the mean squared MoE-block output error with only expert e quantized at b bits.
+
 GPTQ Hessians per expert come from that expert's routed tokens only: H_gu[e] = X_e^T X_e for gate/up (one GPTQ run
-on the fused [2I, H] matrix: rows are independent given H) and H_down[e] = h_e^T h_e with h = act(gate x) * (up x).
+on the fused [2I, H] matrix: rows are independent given H). Sequential (default): gate/up are quantized first and
+down_proj's Hessian is built from the *quantized* gate/up outputs, h_q = act(Wg_q x) * (Wu_q x), at each candidate
+width (so down_proj's rounding compensates the error already made upstream); otherwise H_down[e] = h^T h of the
+original weights. Work runs on the device of the captured Hessians, one expert at a time (weights are upcast per
+expert); the Hessian factorization of gate/up is computed once per expert and reused across widths, and only the
+int8 codes and scales of each width are kept (on the CPU), never dequantized copies of the layer.
 """
 
 from __future__ import annotations
@@ -21,39 +27,58 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moecompress.quant.gptq import gptq_quantize
+from moecompress.quant.gptq import DEFAULT_CLIP, gptq_quantize, prepare_hessian
 from moecompress.quant.rtn import dequantize, group_size_for, rtn_quantize
 
 
 @dataclass
+class GPTQOptions:
+    """Choices of the GPTQ pipeline (defaults are the measured best, see bench/quant_bench.py)."""
+
+    actorder: bool = True  # static activation ordering (plain group layout)
+    sequential: bool = True  # down_proj's Hessian from the quantized gate/up outputs
+    clip: str = DEFAULT_CLIP  # per-group scale search: none | mse | hmse
+    damp: float = 0.01
+
+    def describe(self) -> dict:
+        return {"actorder": self.actorder, "sequential": self.sequential, "clip": self.clip, "damp": self.damp}
+
+
+@dataclass
 class LayerCapture:
-    """Routed inputs and Hessians of one MoE layer, accumulated batch by batch."""
+    """Routed inputs and Hessians of one MoE layer, accumulated batch by batch (Hessians on ``device``)."""
 
     num_experts: int
     hidden: int  # H
     width: int  # I
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    with_down: bool = True  # accumulate H_down of the original weights (not needed when sequential)
     batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (x, idx, w)
     h_gu: torch.Tensor = field(init=False)  # [E, H, H]
-    h_down: torch.Tensor = field(init=False)  # [E, I, I]
+    h_down: torch.Tensor | None = field(init=False)  # [E, I, I]
     counts: torch.Tensor = field(init=False)  # [E]
+    max_abs: torch.Tensor = field(init=False)  # [E] max |down_proj output| (super experts)
     tokens: int = 0
 
     def __post_init__(self) -> None:
         E = self.num_experts
-        self.h_gu = torch.zeros(E, self.hidden, self.hidden)
-        self.h_down = torch.zeros(E, self.width, self.width)
+        self.h_gu = torch.zeros(E, self.hidden, self.hidden, device=self.device)
+        self.h_down = torch.zeros(E, self.width, self.width, device=self.device) if self.with_down else None
         self.counts = torch.zeros(E, dtype=torch.long)
+        self.max_abs = torch.zeros(E, dtype=torch.float64)
 
     def observer(self) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
         """Hook for ``stats.routed_forward`` that adds one batch's per-expert Hessians (call after ``add_batch``)."""
         x_all = self.batches[-1][0]
 
         def observe(e: int, token_idx: torch.Tensor, pos: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> None:
-            x = x_all[token_idx.cpu()]  # [n, H]
+            x = x_all[token_idx.cpu()].to(self.device)  # [n, H]
             self.h_gu[e] += x.T @ x
-            hf = h.detach().float().cpu()  # [n, I]
-            self.h_down[e] += hf.T @ hf
+            if self.h_down is not None:
+                hf = h.detach().float().to(self.device)  # [n, I]
+                self.h_down[e] += hf.T @ hf
             self.counts[e] += token_idx.numel()
+            self.max_abs[e] = max(float(self.max_abs[e]), float(f.detach().abs().max()))
 
         return observe
 
@@ -62,11 +87,32 @@ class LayerCapture:
         self.batches.append((hidden.detach().float().cpu(), idx.detach().cpu(), weights.detach().float().cpu()))
         self.tokens += hidden.shape[0]
 
+    def routed(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(X_e [n, H], p_e [n])``: the routed inputs of expert ``e`` and their router weights, on ``device``."""
+        xs, ps = [], []
+        for x, idx, w in self.batches:
+            tok, pos = torch.where(idx == e)
+            xs.append(x[tok])
+            ps.append(w[tok, pos])
+        if not xs:
+            return torch.zeros(0, self.hidden, device=self.device), torch.zeros(0, device=self.device)
+        return torch.cat(xs).to(self.device), torch.cat(ps).to(self.device)
+
 
 def expert_group_size(hidden: int, width: int) -> int:
     """One group size for all routed-expert projections (gate/up read H columns, down reads I): transformers and
     vLLM apply one scheme to a fused experts module. 128 when it divides both H and I (every real MoE model)."""
     return group_size_for(math.gcd(hidden, width))
+
+
+def expert_group_sizes(hidden: int, width: int) -> tuple[int, int]:
+    """``(g_h, g_i)``: group sizes of gate/up (H columns) and down (I columns). One shared size (above) unless it
+    would be degenerate (< 8 columns per scale, e.g. H 64 / I 43 share no divisor): then each projection gets its
+    own rule (two schemes in the config, still one per projection kind)."""
+    g = expert_group_size(hidden, width)
+    if g >= 8:
+        return g, g
+    return group_size_for(hidden), group_size_for(width)
 
 
 @dataclass
@@ -88,81 +134,113 @@ class QuantizedExperts:
         )
 
 
-def quantize_layer_experts(
-    gate_up: torch.Tensor,  # [E, 2I, H]
+def _expert_out(gu: torch.Tensor, dn: torch.Tensor, act: Callable, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    g, u = nn.functional.linear(x, gu).chunk(2, dim=-1)
+    h = act(g) * u  # [n, I]
+    return h, nn.functional.linear(h, dn)  # [n, H]
+
+
+@torch.no_grad()
+def quantize_layer(
+    gate_up: torch.Tensor,  # [E, 2I, H] (any dtype/device; upcast per expert)
     down: torch.Tensor,  # [E, H, I]
+    act: Callable[[torch.Tensor], torch.Tensor],
+    widths: tuple[int, ...],
+    method: str,
+    cap: LayerCapture | None,
+    min_tokens: int,
+    scale_dtype: torch.dtype,
+    weight_dtype: torch.dtype = torch.float32,
+    opts: GPTQOptions | None = None,
+    with_err: bool = True,
+) -> tuple[dict[int, QuantizedExperts], list[str], torch.Tensor | None]:
+    """Quantize every routed expert of a layer at every width in ``widths``.
+
+    Returns codes by width, each expert's method (``'gptq'``, ``'rtn'`` or ``'rtn (n tokens)'`` for experts with
+    fewer than ``min_tokens`` routed tokens) and, with ``cap`` and ``with_err``, ``err [E, len(widths)]`` (module
+    doc; quantized weights compared as the loader sees them: dequantized to ``weight_dtype``, then float32).
+    """
+    if method not in ("gptq", "rtn"):
+        raise ValueError(f"unknown method {method!r}")
+    if method == "gptq" and cap is None:
+        raise ValueError("gptq needs a LayerCapture")
+    opts = opts or GPTQOptions()
+    E, I2, H = gate_up.shape
+    I = down.shape[-1]
+    g_h, g_i = expert_group_sizes(H, I)
+    dev = cap.device if cap is not None else torch.device("cpu")
+    out = {
+        b: QuantizedExperts(
+            b,
+            torch.empty(E, I2, H, dtype=torch.int8),
+            torch.empty(E, I2, H // g_h, dtype=scale_dtype),
+            torch.empty(E, H, I, dtype=torch.int8),
+            torch.empty(E, H, I // g_i, dtype=scale_dtype),
+            g_h,
+            g_i,
+        )
+        for b in widths
+    }
+    err = torch.zeros(E, len(widths), dtype=torch.float64) if (cap is not None and with_err) else None
+    used: list[str] = []
+    for e in range(E):
+        gu = gate_up[e].to(dev).float()  # [2I, H]
+        dn = down[e].to(dev).float()  # [H, I]
+        n = int(cap.counts[e]) if cap is not None else 0
+        gptq = method == "gptq" and n >= min_tokens
+        used.append("gptq" if gptq else ("rtn" if method == "rtn" else f"rtn ({n} tokens)"))
+        xe = pe = ref = None
+        if cap is not None and (with_err or (gptq and opts.sequential)):
+            xe, pe = cap.routed(e)
+            ref = _expert_out(gu, dn, act, xe)[1] if with_err else None
+        ph_gu = prepare_hessian(cap.h_gu[e], opts.damp, opts.actorder) if gptq else None
+        ph_dn = None
+        if gptq and not opts.sequential:
+            ph_dn = prepare_hessian(cap.h_down[e], opts.damp, opts.actorder)
+        for j, b in enumerate(widths):
+            if gptq:
+                q1, s1 = gptq_quantize(
+                    gu, None, b, g_h, scale_dtype, opts.damp, actorder=opts.actorder, clip=opts.clip, prepared=ph_gu
+                )
+            else:
+                q1, s1 = rtn_quantize(gu, b, g_h, scale_dtype)
+            gu_q = dequantize(q1, s1, g_h, weight_dtype).float()
+            hq = None
+            if xe is not None:
+                hq = _expert_out(gu_q, dn, act, xe)[0]  # [n, I] outputs of the quantized gate/up
+            if gptq:
+                if opts.sequential:
+                    ph_dn = prepare_hessian(hq.T @ hq, opts.damp, opts.actorder)
+                q2, s2 = gptq_quantize(
+                    dn, None, b, g_i, scale_dtype, opts.damp, actorder=opts.actorder, clip=opts.clip, prepared=ph_dn
+                )
+            else:
+                q2, s2 = rtn_quantize(dn, b, g_i, scale_dtype)
+            qe = out[b]
+            qe.gate_up_q[e], qe.gate_up_s[e] = q1.cpu(), s1.cpu()
+            qe.down_q[e], qe.down_s[e] = q2.cpu(), s2.cpu()
+            if err is not None and xe.shape[0]:
+                dn_q = dequantize(q2, s2, g_i, weight_dtype).float()
+                d = (nn.functional.linear(hq, dn_q) - ref) * pe.unsqueeze(-1)
+                err[e, j] = d.double().pow(2).sum().item()
+    if err is not None:
+        err /= max(cap.tokens, 1)
+    return out, used, err
+
+
+def quantize_layer_experts(
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
     bits: int,
     method: str,
     cap: LayerCapture | None,
     min_tokens: int,
     scale_dtype: torch.dtype,
+    act: Callable[[torch.Tensor], torch.Tensor] = nn.functional.silu,
+    opts: GPTQOptions | None = None,
 ) -> tuple[QuantizedExperts, list[str]]:
-    """Quantize every routed expert of a layer at ``bits``; returns the codes and each expert's method used.
-
-    ``method='gptq'`` uses the expert's own Hessians; experts with fewer than ``min_tokens`` routed tokens fall back
-    to round-to-nearest (method recorded as ``'rtn (n tokens)'``).
-    """
-    E, I2, H = gate_up.shape
-    I = down.shape[-1]
-    g_h = g_i = expert_group_size(H, I)
-    gu = gate_up.float()
-    dn = down.float()
-    if method == "rtn":
-        q1, s1 = rtn_quantize(gu, bits, g_h, scale_dtype)
-        q2, s2 = rtn_quantize(dn, bits, g_i, scale_dtype)
-        return QuantizedExperts(bits, q1, s1, q2, s2, g_h, g_i), ["rtn"] * E
-    if method != "gptq":
-        raise ValueError(f"unknown method {method!r}")
-    assert cap is not None
-    q1 = torch.empty(E, I2, H, dtype=torch.int8)
-    s1 = torch.empty(E, I2, H // g_h, dtype=scale_dtype)
-    q2 = torch.empty(E, H, I, dtype=torch.int8)
-    s2 = torch.empty(E, H, I // g_i, dtype=scale_dtype)
-    used = []
-    for e in range(E):
-        n = int(cap.counts[e])
-        if n < min_tokens:
-            q1[e], s1[e] = rtn_quantize(gu[e], bits, g_h, scale_dtype)
-            q2[e], s2[e] = rtn_quantize(dn[e], bits, g_i, scale_dtype)
-            used.append(f"rtn ({n} tokens)")
-            continue
-        q1[e], s1[e] = gptq_quantize(gu[e], cap.h_gu[e], bits, g_h, scale_dtype)
-        q2[e], s2[e] = gptq_quantize(dn[e], cap.h_down[e], bits, g_i, scale_dtype)
-        used.append("gptq")
-    return QuantizedExperts(bits, q1, s1, q2, s2, g_h, g_i), used
-
-
-@torch.no_grad()
-def expert_errors(
-    gate_up: torch.Tensor,  # [E, 2I, H]
-    down: torch.Tensor,  # [E, H, I]
-    act: Callable[[torch.Tensor], torch.Tensor],
-    cap: LayerCapture,
-    quantized: list[QuantizedExperts],
-    weight_dtype: torch.dtype,
-) -> torch.Tensor:
-    """``err [E, len(quantized)]``: mean squared MoE-block output error with only expert e quantized (see module doc).
-
-    Quantized weights are compared as the loader sees them (dequantized to ``weight_dtype``, then float32).
-    """
-    E = gate_up.shape[0]
-    err = torch.zeros(E, len(quantized), dtype=torch.float64)
-    deq = [qe.dequantized(weight_dtype) for qe in quantized]
-    ref_gu, ref_dn = gate_up.float(), down.float()
-    for x, idx, w in cap.batches:
-        for e in torch.unique(idx).tolist():
-            if e < 0 or e >= E:
-                continue
-            tok, pos = torch.where(idx == e)
-            xe = x[tok]  # [n, H]
-            p = w[tok, pos].unsqueeze(-1)  # [n, 1] the block weighs f_e by the router weights as given
-
-            def f(gu: torch.Tensor, dn: torch.Tensor, xe: torch.Tensor = xe) -> torch.Tensor:
-                g, u = nn.functional.linear(xe, gu).chunk(2, dim=-1)
-                return nn.functional.linear(act(g) * u, dn)  # [n, H]
-
-            ref = f(ref_gu[e], ref_dn[e])
-            for j, (gu_q, dn_q) in enumerate(deq):
-                d = (f(gu_q[e].float(), dn_q[e].float()) - ref) * p
-                err[e, j] += d.double().pow(2).sum()
-    return err / max(cap.tokens, 1)
+    """One width of :func:`quantize_layer` (no error measurement)."""
+    codes, used, _ = quantize_layer(
+        gate_up, down, act, (bits,), method, cap, min_tokens, scale_dtype, opts=opts, with_err=False
+    )
+    return codes[bits], used
