@@ -1,6 +1,14 @@
 """Benchmark expert merging against REAP expert pruning at the same expert count.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/merge_bench.py            # built-in model, ratios 0.25 and 0.5
+    OMP_NUM_THREADS=1 .venv/bin/python bench/merge_bench.py --model DIR --quick   # the default and its parts
+
+The default merge (``choose``) measures, per cluster, keep-the-dominant-expert (= pruning), subspace merge and
+frequency-weighted average, each with and without a least-squares down refit to the layer output, over the
+k-means clustering and the pruning-anchored one, and keeps the lowest routed-output error; each layer is
+calibrated on the already-merged earlier layers. Its parts: "choose, original inputs" (not sequential) and
+"choose, keep only" (no merge candidates: pruning + down refit). "before" variants are the previous default
+(k-means + aligned subspace merge + member-target refit, every layer on the original model's activations).
 
 For each ratio: subspace merge (k-means on output similarity, neuron alignment, Sub-MoE SVD merge at several
 rank fractions), the same without alignment, with the plain averaged router instead of the fitted one, and with
@@ -71,6 +79,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/moecompress-merge-bench")
     ap.add_argument("--report", default=str(ROOT / "reports" / "merge_bench"))
     ap.add_argument("--render-only", action="store_true", help="rewrite REPORT.md from REPORT.json and exit")
+    ap.add_argument("--quick", action="store_true", help="only the default, its parts, the previous default, pruning")
     args = ap.parse_args()
     if args.render_only:
         report = json.loads(Path(args.report + ".json").read_text())
@@ -126,17 +135,24 @@ def main() -> None:
 
     results = [measure("base", base, None, {"build_s": 0.0})]
     for ratio in args.ratios:
-        variants: list[tuple[str, MergeOptions]] = []
-        for rf in args.rank_fractions:  # subspace: k-means on output similarity + aligned Sub-MoE SVD merge
-            rank_fraction = None if rf == 1 else rf
-            variants.append((f"subspace r={rf:g}", MergeOptions(ratio=ratio, rank_fraction=rank_fraction, refit=False)))
-        variants += [
-            ("subspace r=1 no-align", MergeOptions(ratio=ratio, align=False, refit=False)),
-            ("subspace r=1 router=avg", MergeOptions(ratio=ratio, router="average", refit=False)),
-            ("subspace r=1 +refit (default)", MergeOptions(ratio=ratio)),
-            ("average (HC-SMoE)", MergeOptions(ratio=ratio, method="average")),
-            ("average +refit", MergeOptions(ratio=ratio, method="average", refit=True)),
+        old = dict(choose=False, sequential=False)  # the previous pipeline: one merge kind, original activations
+        variants: list[tuple[str, MergeOptions]] = [
+            ("choose (default)", MergeOptions(ratio=ratio)),
+            ("choose, original inputs", MergeOptions(ratio=ratio, sequential=False)),
+            ("choose, keep only", MergeOptions(ratio=ratio, candidates=("keep", "keep+refit"))),
+            ("subspace r=1 +refit (before)", MergeOptions(ratio=ratio, **old)),
         ]
+        if not args.quick:
+            for rf in args.rank_fractions:  # subspace: k-means on output similarity + aligned Sub-MoE SVD merge
+                rank_fraction = None if rf == 1 else rf
+                opts = MergeOptions(ratio=ratio, rank_fraction=rank_fraction, refit=False, **old)
+                variants.append((f"subspace r={rf:g}", opts))
+            variants += [
+                ("subspace r=1 no-align", MergeOptions(ratio=ratio, align=False, refit=False, **old)),
+                ("subspace r=1 router=avg", MergeOptions(ratio=ratio, router="average", refit=False, **old)),
+                ("average (HC-SMoE)", MergeOptions(ratio=ratio, method="average", **old)),
+                ("average +refit", MergeOptions(ratio=ratio, method="average", refit=True, **old)),
+            ]
         for name, opts in variants:
             out = work / f"{''.join(c if c.isalnum() or c in '.-' else '_' for c in name)}-{ratio}"
             t = time.time()
@@ -145,11 +161,13 @@ def main() -> None:
             sims = [v["mean_within_cluster_similarity"] for v in man["layers"].values()]
             extra = {
                 "build_s": round(time.time() - t, 1),
+                "choices": {l: v.get("choices") for l, v in man["layers"].items()} if opts.choose else None,
+                "clustering": {l: v.get("clustering") for l, v in man["layers"].items()} if opts.choose else None,
                 "mean_within_cluster_similarity": round(sum(s for s in sims if s is not None) / len(sims), 4),
                 "max_cluster_size": max(max(v["cluster_sizes"]) for v in man["layers"].values()),
             }
             results.append(measure(name, out, ratio, extra))
-        for method, label in (("reap", "REAP prune"), ("output-error", "output-error prune")):
+        for method, label in (("reap", "REAP prune"), ("output-error", "output-error prune (default)")):
             out = work / f"prune-{method}-{ratio}"
             t = time.time()
             prune_model(base, out, PruneOptions(ratio=ratio, method=method), work / "profile", "mixed", args.samples,
@@ -183,7 +201,7 @@ def render(report: dict[str, Any]) -> str:
     doms = [d for d in results[0]["perplexity"] if d != "all"]
     base_bytes = results[0]["bytes"]
     lines = [
-        "# Expert merging vs expert pruning (built-in model)",
+        "# Expert merging vs expert pruning",
         "",
         f"Model: `{report['model']}` ({results[0]['experts']} experts/layer, {base_bytes:,} bytes). "
         f"Command: `{report['command']}` ({report['total_s']:.0f} s on CPU, {report['threads']} thread(s)).",
@@ -216,11 +234,23 @@ def render(report: dict[str, Any]) -> str:
             ("truncation (subspace r=1 -> r=0.5)", "subspace r=1", "subspace r=0.5"),
             ("neuron alignment (off -> on)", "subspace r=1 no-align", "subspace r=1"),
             ("router fit (average rows -> fit)", "subspace r=1 router=avg", "subspace r=1"),
-            ("down refit, subspace (off -> on)", "subspace r=1", "subspace r=1 +refit (default)"),
+            ("down refit, subspace (off -> on)", "subspace r=1", "subspace r=1 +refit (before)"),
             ("down refit, HC-SMoE average (off -> on)", "average (HC-SMoE)", "average +refit"),
             ("clustering, no alignment (HC-SMoE -> k-means)", "average (HC-SMoE)", "subspace r=1 no-align"),
-            ("merge vs REAP prune (REAP -> subspace default)", "REAP prune", "subspace r=1 +refit (default)"),
+            ("merge vs REAP prune (REAP -> previous merge)", "REAP prune", "subspace r=1 +refit (before)"),
+            ("previous merge -> choose (default)", "subspace r=1 +refit (before)", "choose (default)"),
+            (
+                "sequential calibration (original inputs -> merged earlier layers)",
+                "choose, original inputs",
+                "choose (default)",
+            ),
+            ("merge candidates (keep/keep+refit only -> all)", "choose, keep only", "choose (default)"),
+            ("merge vs pruning (output-error prune -> choose)", "output-error prune (default)", "choose (default)"),
         ]
+        if by.get("choose (default)", {}).get("choices"):
+            d = by["choose (default)"]
+            picks = "; ".join(f"{l}: {d['clustering'][l]} {','.join(c)}" for l, c in d["choices"].items())
+            lines.append(f"- ratio {ratio}, choose (default) per layer (clustering, choice per cluster): {picks}")
         best = min((r for r in results if r["ratio"] == ratio), key=lambda r: r["kl_to_base"])
         lines.append(f"- ratio {ratio}: lowest KL {best['variant']} ({best['kl_to_base']:.4f}).")
         for label, a, b in pairs:

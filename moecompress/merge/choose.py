@@ -158,22 +158,27 @@ def choose_clusters(
                 if j not in merged_cache:
                     merged_cache[j] = merge_candidates(w, members, freqs, x_fit, clustering.dominant[j], align, rank_fn)
                 base += merged_cache[j]
-            for cand in base:
-                lj = fit._logits(cand.row[None], None if cand.bias is None else cand.bias[None])[:, 0]  # [T]
-                trial_logits = logits.clone()
-                trial_logits[:, j] = lj
-                trial_corr = None if corr is None else corr.clone()
-                if trial_corr is not None:
-                    trial_corr[j] = cand.corr
+            for cand in base:  # try it in place of column j; restore unless it is strictly better
+                old_l, old_o = logits[:, j].clone(), outs[:, j].clone()
+                old_c = None if corr is None else corr[j].clone()
+                logits[:, j] = fit._logits(cand.row[None], None if cand.bias is None else cand.bias[None])[:, 0]
+                if corr is not None:
+                    corr[j] = cand.corr
                 versions = [cand] if cand.kind in kinds else []
                 if cand.kind + "+refit" in kinds:
-                    versions.append(fit.refit(cand, j, outs, trial_logits, trial_corr))
+                    versions.append(fit.refit(cand, j, outs, logits, corr))
+                best_out = None
                 for v in versions:
-                    trial_outs = outs.clone()
-                    trial_outs[:, j] = fit.output(v)
-                    e = fit.error(trial_outs, trial_logits, trial_corr)
+                    outs[:, j] = fit.output(v)
+                    e = fit.error(outs, logits, corr)
                     if e < err * (1 - 1e-9):
-                        err, chosen[j], outs, logits, corr, changed = e, v, trial_outs, trial_logits, trial_corr, True
+                        err, chosen[j], best_out, changed = e, v, outs[:, j].clone(), True
+                if best_out is not None:
+                    outs[:, j] = best_out
+                else:
+                    logits[:, j], outs[:, j] = old_l, old_o
+                    if corr is not None:
+                        corr[j] = old_c
         if not changed:
             break
     return chosen, start, err
