@@ -391,10 +391,15 @@ class Checkpoint:
 
     def _check_finite(self, key: str, t: torch.Tensor) -> None:
         """Record and warn (once per tensor, on stderr) about NaN/Inf weights as they are read."""
-        if not t.is_floating_point() or key in self.nonfinite or bool(torch.isfinite(t).all()):
+        if not t.is_floating_point() or key in self.nonfinite:
             return
-        nan = int(torch.isnan(t).sum())
-        inf = t.numel() - nan - int(torch.isfinite(t).sum())
+        nan = inf = 0
+        for chunk in t.reshape(-1).split(1 << 24):  # bounded temporaries even for a multi-GB embedding
+            if not bool(torch.isfinite(chunk).all()):
+                nan += int(torch.isnan(chunk).sum())
+                inf += int(torch.isinf(chunk).sum())
+        if not nan and not inf:
+            return
         self.nonfinite[key] = (nan, inf)
         from .progress import console
 

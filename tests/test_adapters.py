@@ -75,6 +75,12 @@ def test_every_family_has_distinct_model_types():
         ("llama", {}, "not a Mixture-of-Experts model"),
         ("qwen3_moe", {"num_experts": 0}, "has no routed experts"),
         ("gpt_oss", {}, "no moecompress adapter for model_type 'gpt_oss'"),
+        (
+            "dbrx",
+            {},
+            r"no moecompress adapter for model_type 'dbrx' yet: it is a Mixture-of-Experts family "
+            r"\(ffn_config.moe_num_experts=4\).*supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3",
+        ),
     ],
 )
 def test_unsupported_models_name_what_is_missing(model_type, kwargs, message):
@@ -87,3 +93,36 @@ def test_fingerprint_sees_weights_not_only_shapes(tmp_path, tokenizer_dir):
     b = Checkpoint(build_tiny("qwen3_moe", tmp_path / "b", tokenizer_dir, seed=1))
     assert a.fingerprint != b.fingerprint
     assert a.fingerprint == Checkpoint(tmp_path / "a").fingerprint
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kwargs", "message"),
+    [
+        ("mixtral", {"num_experts_per_tok": 9}, "num_experts_per_tok is 9: it must be 1..8"),
+        ("mixtral", {"num_experts_per_tok": 0}, "num_experts_per_tok is 0: it must be 1..8"),
+        ("qwen3_moe", {"decoder_sparse_step": 0}, "decoder_sparse_step is 0: it must be at least 1"),
+        ("qwen3_moe", {"num_experts": -4}, "num_experts is -4: it must be at least 1"),
+        ("mixtral", {"num_hidden_layers": -1}, "num_hidden_layers is -1: it must be at least 1"),
+        ("deepseek_v3", {"n_group": 3}, "n_group is 3, which does not divide the 8 routed experts"),
+        ("deepseek_v3", {"n_group": 4, "topk_group": 1, "num_experts_per_tok": 3}, "more than the 2 experts"),
+        ("deepseek_v3", {"first_k_dense_replace": -1}, "first_k_dense_replace is -1: it must be at least 0"),
+    ],
+)
+def test_config_counts_are_checked_where_they_are_read(model_type, kwargs, message):
+    base = {"num_local_experts": 8} if model_type == "mixtral" else {}
+    base |= {"num_experts": 8} if model_type == "qwen3_moe" else {}
+    base |= (
+        {"n_routed_experts": 8, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 2}
+        if model_type == "deepseek_v3"
+        else {}
+    )
+    cfg = AutoConfig.for_model(model_type, **{"num_hidden_layers": 2, **base, **kwargs})
+    with pytest.raises(UserError, match=message):
+        family_for(cfg).check_config(cfg)
+
+
+def test_every_family_opens_with_its_shapes_checked(tiny_model):
+    """The shape check accepts every real family as transformers writes it (no false alarms)."""
+    ck = Checkpoint(tiny_model)
+    state = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert ck.num_params == sum(t.numel() for t in state.values())

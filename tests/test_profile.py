@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from moecompress.checkpoint import Checkpoint
 from moecompress.data import calibration_set
-from moecompress.profile import Profile, collect, load_tokenizer, run_profile
+from moecompress.errors import UserError
+from moecompress.profile import Profile, collect, json_safe, load_tokenizer, run_profile
 from moecompress.stats import super_experts
 
 
@@ -164,3 +165,28 @@ def test_spilled_cache_equals_memory_cache(tmp_path, tokenizer_dir, samples):
         ref = full(input_ids=ids).logits
     assert torch.equal(outs[0], outs[1])
     assert torch.allclose(outs[0], ref, atol=1e-5)
+
+
+def test_json_safe_replaces_every_non_finite_number():
+    meta = {"a": float("nan"), "b": [1.0, float("inf"), {"c": -float("inf")}], "d": "nan", "e": 2}
+    clean, where = json_safe(meta)
+    assert clean == {"a": None, "b": [1.0, None, {"c": None}], "d": "nan", "e": 2}
+    assert where == ["a", "b[1]", "b[2].c"]
+    json.dumps(clean, allow_nan=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", "holds a JSON list"),
+        ('{"moe_layers": "all"}', "field moe_layers is 'all'"),
+        ('{"moe_layers": [0], "super_experts": [[0]]}', "field super_experts"),
+        ('{"moe_layers": [0], "num_experts": 1e400}', "field num_experts"),
+        ("[" * 50_000 + "]" * 50_000, "nested too deeply"),
+        ("{}", "has no moe_layers"),
+    ],
+)
+def test_malformed_profile_json_is_one_user_error(tmp_path, text, message):
+    (tmp_path / "profile.json").write_text(text)
+    with pytest.raises(UserError, match=message):
+        Profile.load(tmp_path)
