@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -71,6 +73,17 @@ def _write_failure(err: OSError) -> str:
     return f"{reason}: {name or 'an output'}; nothing was written"
 
 
+def _release_uninterrupted() -> list[Path]:
+    """writer.release_reserved with Ctrl-C held off, so a second Ctrl-C cannot leave half a temporary behind."""
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        return writer.release_reserved()
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
 def user_errors(fn: F) -> F:
     """Run a command: UserError or a failed write -> one line on stderr, exit 2; Ctrl-C -> one line, exit 130.
 
@@ -94,7 +107,7 @@ def user_errors(fn: F) -> F:
             _one_line(_write_failure(os_err))
             code = 2
         finally:
-            done = writer.release_reserved()
+            done = _release_uninterrupted()
             if code == 130:
                 what = f"already written: {', '.join(map(str, done))}" if done else "nothing was written"
                 console.print(f"interrupted; {what}", highlight=False, soft_wrap=True, markup=False)

@@ -419,3 +419,23 @@ def test_eval_prints_kl_with_three_significant_digits(area, tmp_path, tokenizer_
     shown = re.search(r"KL\(base \|\| model\) = (\S+) ", res.stdout)
     assert kl > 0 and shown and shown.group(1) == f"{kl:.3g}", res.stdout
     assert float(shown.group(1)) != 0 and abs(float(shown.group(1)) - kl) <= 0.005 * kl
+
+
+@pytest.mark.slow
+def test_sigkill_leftover_is_removed_by_the_next_run(area, tmp_path):
+    """SIGKILL cannot be caught: the next run into the same folder removes the dead process's temporary."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moecompress.cli", "profile", str(area["model"]), "-o", str(tmp_path / "run"),
+         "--samples", "512", "--seq-len", "64", "--batch-size", "1", "--device", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MOECOMPRESS_QUIET": "1"},
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not temps(tmp_path) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    left = temps(tmp_path)
+    proc.kill()
+    proc.wait()
+    assert left and all(p.exists() for p in left)
+    res = run("info", area["model"], "--json", tmp_path / "facts.json")
+    line = one_line(res, 0, "removed 1 stale temporary item(s)")
+    assert left[0].name in line and not temps(tmp_path) and not (tmp_path / "run").exists()
