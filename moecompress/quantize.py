@@ -31,7 +31,7 @@ from .quant.bitplan import allocate_bits_detailed
 from .quant.ctformat import quantization_config
 from .quant.layer import GPTQOptions, LayerCapture, QuantizedExperts, expert_group_sizes, quantize_layer
 from .quant.pack import pack_int32
-from .quant.rtn import SUPPORTED_BITS, group_size_for, quantized_nbytes, rtn_quantize
+from .quant.rtn import SUPPORTED_BITS, dequantize, group_size_for, quantized_nbytes, rtn_quantize
 
 WIDTHS = SUPPORTED_BITS  # candidate widths of the LP, (2, 3, 4, 8)
 OTHER_BITS = (2, 3, 4, 8, 16)
@@ -201,6 +201,7 @@ def layer_pass(
     label: str = "quantize",
     opts: GPTQOptions | None = None,
     probe: dict[str, Any] | None = None,
+    propagate: dict[tuple[int, int], int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Stream the model layer by layer; for each MoE layer yield its experts quantized at ``widths_of(layer)``
     (``codes`` by width), the method used per expert, routed-token counts, max |expert output| and (``with_err``)
@@ -209,7 +210,10 @@ def layer_pass(
     ``probe`` (a dict, filled when the pass ends): sensitivity probes. On the first calibration batch, a copy of
     the hidden states is run through the model with only layer l's routed experts at width b (for every MoE layer
     l and every width in ``probe["widths"]``), the rest exact; ``probe["kl"][(l, b)]`` is the measured
-    KL(base || that model) per token. One streamed pass does it all: the copies ride along with the stream."""
+    KL(base || that model) per token. One streamed pass does it all: the copies ride along with the stream.
+
+    ``propagate`` ({(layer, expert): bits}): the next layer's inputs come from this layer with its routed experts
+    quantized at those widths (the write pass), instead of the original weights."""
     from .stats import routed_forward
     from .stream import LayerStream
 
@@ -269,13 +273,25 @@ def layer_pass(
                 try:
                     with torch.no_grad():
                         for i in range(len(stream.cache)):
-                            stream.cache[i] = stream.run_layer(layer, i)
+                            out = stream.run_layer(layer, i)
+                            if propagate is None:
+                                stream.cache[i] = out
+                            del out
                 finally:
                     del experts.forward
                 codes, used, err = quantize_layer(
                     experts.gate_up_proj.detach(), experts.down_proj.detach(), experts.act_fn, widths_of(l), method,
                     cap, min_tokens, scale_dtype, wdtype, opts, with_err,
                 )  # fmt: skip
+                if propagate is not None:  # next inputs through the quantized experts, at their planned widths
+                    with torch.no_grad():
+                        for e in range(E):
+                            qe = codes[propagate[(l, e)]]
+                            g_h, g_i = qe.g_h, qe.g_i
+                            experts.gate_up_proj[e] = dequantize(qe.gate_up_q[e], qe.gate_up_s[e], g_h, wdtype)
+                            experts.down_proj[e] = dequantize(qe.down_q[e], qe.down_s[e], g_i, wdtype)
+                        for i in range(len(stream.cache)):
+                            stream.cache[i] = stream.run_layer(layer, i)
                 if probe is not None:
                     with torch.no_grad():
                         new = {}
@@ -685,7 +701,7 @@ def run_quantize(
                 batch_size,
                 device or torch.device("cpu"),
                 scale_dtype,
-                keep_codes=not streamed,
+                keep_codes=not streamed and not (method == "gptq" and (opts or GPTQOptions()).propagate),
                 opts=opts,
                 probe_widths=PROBE_WIDTHS if (plan == "lp" and cost_model == "kl") else (),
             )
@@ -746,17 +762,21 @@ def run_quantize(
         "calibration_fingerprint": tokens.fingerprint if tokens is not None else None,
         "layers": {l: {"bits": d["bits"]} for l, d in bit_plan["layers"].items()},
     }
-    if measurement is not None or not streamed:
+    prop = method == "gptq" and (opts or GPTQOptions()).propagate
+    second = prop or (streamed and measurement is None)
+    if not second:
         layer_codes: Iterable = ((l, {b: meas["codes"][(l, b)] for b in widths}) for l in lay.moe)
     else:
         planned = {int(l): tuple(d["bits"]) for l, d in bit_plan["layers"].items()}
+        bits_of = {(int(l), r["expert"]): r["bits"] for l, d in bit_plan["layers"].items() for r in d["experts"]}
         passes = layer_pass(
             ckpt, lay, tokens.input_ids if tokens is not None else None, lambda l: planned[l], method, min_tokens,
             batch_size, device or torch.device("cpu"), scale_dtype, with_err=False, label="quantize: write",
-            opts=opts,
+            opts=opts, propagate=bits_of if prop else None,
         )  # fmt: skip
         layer_codes = ((r["layer"], r["codes"]) for r in passes)
-    manifest["streamed_write"] = bool(streamed and measurement is None)
+    manifest["streamed_write"] = bool(second)
+    manifest["propagate_quantized"] = bool(prop)
     write_checkpoint(
         out,
         _tensors(ckpt, lay, layer_codes, bit_plan, other_bits, scale_dtype),
@@ -783,8 +803,10 @@ def measure_model(
     device: torch.device | None = None,
     opts: GPTQOptions | None = None,
     probe_widths: tuple[int, ...] = PROBE_WIDTHS,
+    widths: tuple[int, ...] = WIDTHS,
 ) -> dict[str, Any]:
-    """One calibration pass at every candidate width, reusable by ``run_quantize(measurement=...)``."""
+    """One calibration pass at every candidate width (``widths``; LP plans need all of WIDTHS), reusable by
+    ``run_quantize(measurement=...)``."""
     from .data import calibration_set, check_seq_len
     from .profile import load_tokenizer
 
@@ -794,7 +816,7 @@ def measure_model(
     tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
     t0 = time.time()
     meas = measure(
-        ckpt, lay, tokens.input_ids, WIDTHS, method, min_tokens, batch_size, device or torch.device("cpu"),
+        ckpt, lay, tokens.input_ids, widths, method, min_tokens, batch_size, device or torch.device("cpu"),
         scale_dtype_of(ckpt), opts=opts, probe_widths=probe_widths,
     )  # fmt: skip
     return {
@@ -802,7 +824,7 @@ def measure_model(
         "tokens": tokens,
         "method": method,
         "opts": opts,
-        "widths": WIDTHS,
+        "widths": widths,
         "fingerprint": ckpt.fingerprint,
         "elapsed_s": time.time() - t0,
     }

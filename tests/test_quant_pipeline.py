@@ -253,6 +253,7 @@ def test_budget_gb_plan_fits_the_total_size(qwen, tmp_path):
 def test_streamed_write_equals_cached(qwen, tmp_path, plan, method):
     """Above the code-cache limit a second streamed pass re-quantizes while writing: same plan, same weights."""
     kw = dict(bits=3.0 if plan == "lp" else 3, plan=plan, method=method, granularity="expert", other_bits=16, **KW)
+    kw["opts"] = GPTQOptions(propagate=False)
     a = run_quantize(qwen, tmp_path / "cached", **kw)
     b = run_quantize(qwen, tmp_path / "streamed", max_cache_bytes=0, **kw)
     assert json.loads((tmp_path / "streamed" / "moecompress.json").read_text())["streamed_write"] is True
@@ -263,3 +264,17 @@ def test_streamed_write_equals_cached(qwen, tmp_path, plan, method):
     sa, sb = load_quantized(tmp_path / "cached").state_dict(), load_quantized(tmp_path / "streamed").state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_propagated_write_pass_feeds_quantized_layers_forward(qwen, tmp_path):
+    """With propagation the first MoE layer's codes are those of the one-pass run; later layers see the quantized
+    earlier layers' outputs (other Hessians, other codes), and the manifest says so."""
+    kw = dict(bits=2, plan="uniform", method="gptq", other_bits=16, **KW)
+    run_quantize(qwen, tmp_path / "a", opts=GPTQOptions(propagate=False), **kw)
+    run_quantize(qwen, tmp_path / "b", opts=GPTQOptions(propagate=True), **kw)
+    man = json.loads((tmp_path / "b" / "moecompress.json").read_text())
+    assert man["propagate_quantized"] is True and man["streamed_write"] is True
+    sa, sb = load_quantized(tmp_path / "a").state_dict(), load_quantized(tmp_path / "b").state_dict()
+    k0, k1 = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.gate_up_proj"
+    assert torch.equal(sa[k0], sb[k0])
+    assert not torch.equal(sa[k1], sb[k1])

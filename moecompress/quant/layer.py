@@ -39,9 +39,15 @@ class GPTQOptions:
     sequential: bool = True  # down_proj's Hessian from the quantized gate/up outputs
     clip: str = DEFAULT_CLIP  # per-group scale search: none | mse | hmse
     damp: float = 0.01
+    # the written codes are computed in a second streamed pass whose layer inputs come from the already quantized
+    # earlier layers (at their planned widths); the first pass (errors, plan) propagates the original weights
+    propagate: bool = True
 
     def describe(self) -> dict:
-        return {"actorder": self.actorder, "sequential": self.sequential, "clip": self.clip, "damp": self.damp}
+        return {
+            "actorder": self.actorder, "sequential": self.sequential, "clip": self.clip, "damp": self.damp,
+            "propagate_quantized": self.propagate,
+        }  # fmt: skip
 
 
 @dataclass
