@@ -351,3 +351,25 @@ def test_perplexity_change_against_the_base(tmp_path):
     write_json(runs["profile"] / "eval.json", {**prof_eval, "model": "builtin-moe"})
     html = build_report([runs["profile"], runs["prune"]])
     assert '<span class="worse">(+18.2%)</span>' in html  # 120 / 101.5
+
+
+def test_untrusted_counts_are_problems_and_work_is_bounded(tmp_path):
+    """A manifest that claims 10**12 experts, a profile with an expert index of 10**15 and a bit plan with 10**9
+    layers render in well under a second: each is named in the warnings, and charts use the real sizes."""
+    import time
+
+    run = tmp_path / "run"
+    prof = make_profile(layers=(0, 1), n_exp=4)
+    prof["experts"].append({"layer": 0, "expert": 10**15, "reap": 1.0})
+    write_json(run / "profile.json", prof)
+    write_json(run / "moecompress.json", {"command": "prune", "num_experts_before": 10**12,
+                                          "layers": {"0": {"kept": [0, 2]}, "1": {"kept": [1, 10**12]}}})  # fmt: skip
+    write_json(run / "bit_plan.json", {"experts": [{"layer": 10**9, "expert": 0, "bits": 4}]})
+    t0 = time.monotonic()
+    html = build_report([run])
+    assert time.monotonic() - t0 < 5
+    text = " ".join(" ".join(parse(html).text).split())
+    assert "num_experts_before = 1000000000000 is out of range (a whole number 1..4096); ignored" in text
+    assert "1 expert record(s) with a layer or expert index out of range; ignored" in text
+    assert "layer 1 lists experts out of range 0..4095; ignored" in text
+    assert "2 of 4 routed experts kept over 1 MoE layers" in text  # n from the profile, not 10**12
