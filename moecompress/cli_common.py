@@ -126,7 +126,7 @@ def check_numbers(*checks: tuple[str, float | int | None, float, float, bool]) -
         if value is None or (math.isfinite(value) and lo <= value <= hi):
             continue
         low = "greater than 0" if lo == POSITIVE else f"at least {lo:g}"
-        high = "" if hi in (math.inf, INT_MAX) else f" and at most {hi:g}"
+        high = "" if hi == math.inf else f" and at most {int(hi)}" if whole else f" and at most {hi:g}"
         kind = "a whole number" if whole else "a finite number"
         raise UserError(f"{flag} {value:g} is out of range: use {kind} {low}{high}")
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
-out_console = Console()
+out_console = Console(soft_wrap=True)  # result lines stay whole when piped
 
 
 def progress_bar() -> Progress:
