@@ -163,8 +163,131 @@ def combine(outs: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Ten
     return (picked * w[:, :, None]).sum(1)
 
 
+class DenseOutputs:
+    """Expert outputs held as one [T, E, H] tensor (small problems and tests)."""
+
+    def __init__(self, outs: torch.Tensor):
+        self.outs = outs
+
+    def get(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """[P] token rows, [P, k] experts -> [P, k, H] unweighted outputs."""
+        return self.outs[rows[:, None], idx].float()
+
+    def release(self, e: int) -> None:
+        pass
+
+
+class ExpertOutputs:
+    """Unweighted outputs f_e(x_t) of (token, expert) pairs without a [T, E, H] tensor.
+
+    Each token's ``c`` best-ranked experts under the original router (the ones its routing can move to as experts
+    are removed) are computed once into [T, c, H]; any other pair is computed when asked for (exact either way)."""
+
+    def __init__(
+        self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, rank: torch.Tensor,
+        c: int, act: Callable = torch.nn.functional.silu,
+    ):  # fmt: skip
+        T, E = rank.shape
+        c = max(1, min(c, E))
+        self.x, self.gate, self.up, self.down, self.act = x, gate, up, down, act
+        top = rank.topk(c, dim=1).indices  # [T, c]
+        self.slot = torch.full((T, E), -1, dtype=torch.int32)
+        self.slot.scatter_(1, top, torch.arange(c, dtype=torch.int32).expand(T, c).contiguous())
+        self.cache = torch.empty(T, c, down.shape[1])
+        self.owner = top.to(torch.int32)  # [T, c] expert held in each slot (-1: free)
+        flat = top.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=E).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                pos = order[start : start + n]
+                start += n
+                self.cache.view(T * c, -1)[pos] = self.apply(e, x[pos // c])
+
+    def release(self, e: int) -> None:
+        """Expert e was removed: its slots may hold other experts' outputs from now on."""
+        rows = (self.slot[:, e] >= 0).nonzero().squeeze(1)
+        self.owner[rows, self.slot[rows, e].long()] = -1
+        self.slot[rows, e] = -1
+
+    def apply(self, e: int, xr: torch.Tensor) -> torch.Tensor:
+        """f_e on rows xr [n, H] -> [n, H] (float32)."""
+        xf = xr.float()
+        h = self.act(xf @ self.gate[e].float().T) * (xf @ self.up[e].float().T)
+        return h @ self.down[e].float().T
+
+    def get(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """[P] token rows, [P, k] experts -> [P, k, H] unweighted outputs."""
+        s = self.slot[rows[:, None], idx]  # [P, k]
+        out = self.cache[rows[:, None], s.clamp_min(0).long()]  # [P, k, H] (a copy)
+        miss = (s < 0).nonzero()
+        if miss.numel():
+            pr, pk = miss.unbind(1)
+            E = self.slot.shape[1]
+            keys, inv = (rows[pr] * E + idx[pr, pk]).unique(return_inverse=True)  # sorted by token
+            tok, exp = keys // E, keys % E
+            vals = torch.empty(keys.numel(), out.shape[-1])
+            for e in exp.unique().tolist():
+                sel = exp == e
+                vals[sel] = self.apply(e, self.x[tok[sel]])
+            out[pr, pk] = vals[inv]
+            self._keep(tok, exp, vals)
+        return out
+
+    def _keep(self, tok: torch.Tensor, exp: torch.Tensor, vals: torch.Tensor) -> None:
+        """Store computed pairs (sorted by token) in their token's free slots, as far as there are any."""
+        _, first, counts = tok.unique_consecutive(return_inverse=True, return_counts=True)
+        rank = torch.arange(tok.numel()) - (counts.cumsum(0) - counts)[first]  # n-th miss of its token
+        free = self.owner[tok] < 0  # [U, c]
+        pick = (free.cumsum(1) == rank[:, None] + 1) & free
+        ok = pick.any(1)
+        if bool(ok.any()):
+            t, e, sl = tok[ok], exp[ok], pick[ok].int().argmax(1)
+            self.cache[t, sl] = vals[ok]
+            self.owner[t, sl] = e.to(torch.int32)
+            self.slot[t, e] = sl.to(torch.int32)
+
+
+def _routed(src: Any, rows: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Routed output [P, H] of token rows [P] under weights/indices [P, k]."""
+    return (src.get(rows, idx) * w[:, :, None]).sum(1)
+
+
+def _choice(logits: torch.Tensor, spec: RouterSpec, correction: torch.Tensor | None) -> torch.Tensor:
+    """The score the router ranks experts by: logits (softmax) or sigmoid scores + correction bias."""
+    if spec.kind == "softmax":
+        return logits
+    return logits.sigmoid() + (correction.float() if correction is not None else 0.0)
+
+
+def _sets(
+    logits: torch.Tensor, spec: RouterSpec, removed: torch.Tensor, idx: torch.Tensor, correction: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For token rows with top-k ``idx``: (affecting [n, E], depends [n, E]) boolean masks.
+
+    affecting: the experts whose removal can change the token's routing (its top-k; with groups also the top-2 of
+    every group, which set the group scores). depends: the experts whose removal can change the routing the token
+    would get if one more expert went (softmax: its top-(k+1); groups: the top-max(3, k+1) of every group)."""
+    n, E = logits.shape
+    k = spec.top_k
+    choice = _choice(logits, spec, correction).masked_fill(removed, float("-inf"))
+    aff = torch.zeros(n, E, dtype=torch.bool)
+    aff.scatter_(1, idx, True)
+    dep = torch.zeros(n, E, dtype=torch.bool)
+    if spec.kind == "softmax":
+        dep.scatter_(1, choice.topk(min(k + 1, E), dim=1).indices, True)
+        return aff, dep
+    g, Eg = spec.n_group, E // spec.n_group
+    off = (torch.arange(g) * Eg)[None, :, None]
+    grouped = choice.view(n, g, Eg)
+    aff.scatter_(1, (grouped.topk(min(2, Eg), dim=-1).indices + off).reshape(n, -1), True)
+    dep.scatter_(1, (grouped.topk(min(max(3, k + 1), Eg), dim=-1).indices + off).reshape(n, -1), True)
+    return aff, dep | aff
+
+
 def output_error_order(
-    outs: torch.Tensor,
+    outs: Any,
     logits: torch.Tensor,
     spec: RouterSpec,
     protected: set[int],
@@ -174,48 +297,146 @@ def output_error_order(
 ) -> list[Step]:
     """Greedy removal order: each step drops the expert whose removal raises the relative error least.
 
-    outs [T, E, H] expert outputs, logits [T, E] router logits (+ router bias) on the same tokens. Error of a
-    removed set R: ||y_R - y||^2 / scale summed over tokens (y = routed output with every expert; scale defaults
-    to ||y||^2; pass the residual stream's energy on the same tokens to compare layers). With groups, every group
-    loses one expert per round (the round is one step; its cost is the round's error increase)."""
-    E = logits.shape[1]
+    outs: [T, E, H] expert outputs, or an object with ``get(rows, idx)`` (``ExpertOutputs``); logits [T, E] router
+    logits (+ router bias) on the same tokens. Error of a removed set R: ||y_R - y||^2 / scale summed over tokens
+    (y = routed output with every expert; scale defaults to ||y||^2; pass the residual stream's energy on the same
+    tokens to compare layers). With groups, every group loses one expert per round (the round is one step; its
+    cost is the round's error increase).
+
+    Exact and incremental: the error a candidate's removal adds is kept per (token, expert) pair for the experts
+    that can change the token's routing (``_sets``); a removal recomputes only the tokens whose routing depends on
+    the removed expert. Without top-k renormalization (softmax over all experts) removing any expert rescales every
+    token's weights by Z / (Z - exp(l_e)); that part is closed-form from per-token scalars."""
+    src = outs if hasattr(outs, "get") else DenseOutputs(outs)
+    logits = logits.float()
+    T, E = logits.shape
     g, Eg = spec.n_group, E // spec.n_group
-    y0 = combine(outs, *route(logits, spec, None, correction))  # [T, H]
-    denom = max(float(scale if scale is not None else y0.pow(2).sum()), 1e-30)
+    rows_all = torch.arange(T)
+    y0 = _routed(src, rows_all, *route(logits, spec, None, correction)).double()  # [T, H]
+    C = y0.pow(2).sum(1)  # [T] ||y||^2
+    denom = max(float(scale if scale is not None else C.sum()), 1e-30)
+    nonorm = spec.kind == "softmax" and not spec.norm_topk
     removed = torch.zeros(E, dtype=torch.bool)
+    blocked = torch.zeros(E, dtype=torch.bool)
+    blocked[list(protected)] = True
+    d2 = torch.zeros(T, dtype=torch.float64)  # ||y_R - y||^2 per token
+    pair = torch.zeros(T, E, dtype=torch.float64)  # per (token, affecting expert): new d2, or ||u||^2 (nonorm)
+    ub = torch.zeros(T, E, dtype=torch.float64) if nonorm else None  # nonorm: <u, y>
+    aff = torch.zeros(T, E, dtype=torch.bool)
+    dep = torch.zeros(T, E, dtype=torch.bool)
+    if nonorm:  # exp(l - max) per token; Z = sum over the experts still routable; A = ||y_R||^2, B = <y_R, y>
+        el = (logits - logits.max(1, keepdim=True).values).double().exp()  # [T, E]
+        Z = el.sum(1)
+        A, B = C.clone(), C.clone()
+    chunk = max(1, (1 << 22) // (E + spec.top_k * y0.shape[1]))
+    delta = torch.zeros(E, dtype=torch.float64)  # fixed modes: summed error increase of removing each expert
+
+    def gain(rows: torch.Tensor) -> torch.Tensor:  # [E] summed error increase of each removal over these rows
+        return ((pair[rows] - d2[rows, None]) * aff[rows]).sum(0)
+
+    def refresh(rows: torch.Tensor) -> None:
+        """Recompute the routing, error and pair errors of these tokens under the current removed set."""
+        step = max(64, (1 << 23) // ((2 * spec.top_k + 1) * y0.shape[1] + E))  # rows: ~32 MB of work at once
+        for s in range(0, rows.numel(), step):
+            r = rows[s : s + step]
+            if not nonorm:
+                delta.sub_(gain(r))
+            (_refresh_softmax if spec.kind == "softmax" else _refresh_general)(r)
+            if not nonorm:
+                delta.add_(gain(r))
+
+    def _store(rows: torch.Tensor, y: torch.Tensor) -> None:
+        if nonorm:
+            A[rows] = y.pow(2).sum(1)
+            B[rows] = (y * y0[rows]).sum(1)
+            d2[rows] = A[rows] - 2 * B[rows] + C[rows]
+        else:
+            d2[rows] = (y - y0[rows]).pow(2).sum(1)
+
+    def _refresh_softmax(rows: torch.Tensor) -> None:
+        # every removal from the top-k brings in the same (k+1)-th expert: one gather of k+1 outputs per token
+        k = spec.top_k
+        probs = torch.softmax(logits[rows].masked_fill(removed, float("-inf")), dim=-1)  # as route() does
+        pj, J = probs.topk(min(k + 1, E), dim=-1)  # [n, k+1]
+        f = src.get(rows, J)  # [n, k+1, H]
+        cur = pj[:, :k] / pj[:, :k].sum(-1, keepdim=True) if spec.norm_topk else pj[:, :k]
+        _store(rows, torch.einsum("nk,nkh->nh", cur, f[:, :k]).double())
+        n, kk = J.shape
+        wt = pj[:, None, :].expand(n, k, kk).clone()  # [n, k (removed slot), k+1]
+        wt[:, torch.arange(k), torch.arange(k)] = 0.0
+        if spec.norm_topk:
+            wt = wt / wt.sum(-1, keepdim=True).clamp_min(1e-30)
+        yt = torch.einsum("nsj,njh->nsh", wt, f)  # [n, k, H]: output with top-k slot s removed
+        top = J[:, :k]
+        aff[rows], dep[rows] = False, False
+        aff[rows[:, None], top] = True
+        dep[rows[:, None], J] = True
+        pair[rows] = 0.0
+        yr = y0[rows][:, None, :]
+        if nonorm:  # weights are the current probabilities p_j = exp(l_j) / Z, so u = y_trial * Z
+            yt, z = yt.double(), Z[rows][:, None]
+            pair[rows[:, None], top] = yt.pow(2).sum(-1) * z * z
+            ub[rows] = 0.0
+            ub[rows[:, None], top] = (yt * yr).sum(-1) * z
+        else:  # a difference of outputs: float32 is enough per token; sums over tokens are float64
+            pair[rows[:, None], top] = (yt - yr.float()).pow(2).sum(-1).double()
+
+    def _refresh_general(rows: torch.Tensor) -> None:
+        lr = logits[rows]
+        w, idx = route(lr, spec, removed, correction)
+        _store(rows, _routed(src, rows, w, idx).double())
+        a, d = _sets(lr, spec, removed, idx, correction)
+        aff[rows], dep[rows] = a, d
+        pair[rows] = 0.0
+        pr, pe = a.nonzero().unbind(1)
+        for s in range(0, pr.numel(), chunk):
+            r, e = pr[s : s + chunk], pe[s : s + chunk]
+            trial = removed.expand(r.numel(), E).clone()
+            trial[torch.arange(r.numel()), e] = True
+            tok = rows[r]
+            yt = _routed(src, tok, *route(lr[r], spec, trial, correction)).double()  # [P, H]
+            if nonorm:
+                zp = Z[tok] - el[tok, e]
+                pair[tok, e] = yt.pow(2).sum(1) * zp * zp
+                ub[tok, e] = (yt * y0[tok]).sum(1) * zp
+            else:
+                pair[tok, e] = (yt - y0[tok]).pow(2).sum(1)
+
+    refresh(rows_all)
     lost = [0] * g
     steps: list[Step] = []
     prev = 0.0
     round_experts: list[int] = []
     round_cost = 0.0
-    cur_w, cur_idx = route(logits, spec, removed, correction)
-    d2 = torch.zeros(logits.shape[0], dtype=torch.float64)  # [T] ||y_R - y||^2 per token
     for _ in range(max_remove):
         least = min(lost)
-        cands = [e for e in range(E) if not removed[e] and e not in protected and lost[e // Eg] == least]
-        if not cands:
+        cand = ~removed & ~blocked & (torch.tensor(lost).repeat_interleave(Eg) == least)
+        if not bool(cand.any()):
             break
-        best, best_err, best_state = -1, math.inf, None
-        total = d2.sum()
-        for e in cands:
-            trial = removed.clone()
-            trial[e] = True
-            w, idx = route(logits, spec, trial, correction)
-            # only tokens whose routing changes need their output recomputed (all others keep d2)
-            rows = ((idx != cur_idx) | (w != cur_w)).any(-1).nonzero().squeeze(1)  # [n]
-            y = (outs[rows[:, None], idx[rows]] * w[rows][:, :, None]).sum(1)  # [n, k, H] -> [n, H]
-            new_d2 = (y - y0[rows]).double().pow(2).sum(-1)
-            err = float(total - d2[rows].sum() + new_d2.sum()) / denom
-            if err < best_err:
-                best, best_err, best_state = e, err, (w, idx, rows, new_d2)
-        w, idx, rows, new_d2 = best_state
-        cur_w, cur_idx = w, idx
-        d2[rows] = new_d2
+        if nonorm:
+            zp = Z[:, None] - el  # [T, E]
+            c = Z[:, None] / zp
+            new = (
+                torch.where(aff, pair / zp.pow(2) - 2 * ub / zp, c.pow(2) * A[:, None] - 2 * c * B[:, None])
+                + C[:, None]
+            )
+            delta = (new - d2[:, None]).sum(0)
+        score = delta.masked_fill(~cand, math.inf)
+        best = int(score.argmin())
+        err = (float(d2.sum()) + float(score[best])) / denom
         removed[best] = True
+        src.release(best)
+        if nonorm:  # every token loses exp(l_best) from its normalizer; tokens whose top-k moved are recomputed
+            c = Z / (Z - el[:, best])
+            A *= c * c
+            B *= c
+            Z -= el[:, best]
+            d2.copy_(A - 2 * B + C)
+        refresh(dep[:, best].nonzero().squeeze(1))
         lost[best // Eg] += 1
         round_experts.append(best)
-        round_cost += best_err - prev
-        prev = best_err
+        round_cost += err - prev
+        prev = err
         if len(round_experts) == g:
             steps.append(Step(tuple(sorted(round_experts)), round_cost))
             round_experts, round_cost = [], 0.0
@@ -270,6 +491,8 @@ def select_global(orders: dict[int, list[Step]], total: int, num_experts: int, m
 
 # ---- apply and write ---------------------------------------------------------------------------------------
 DEFAULT_METHOD = "output-error"  # lowest KL at 25% and 50% on the built-in model (reports/prune_bench.md)
+DEFAULT_REFIT = "none"
+REFITS = ("none", "router", "router+down")
 
 
 @dataclass(frozen=True)
@@ -284,6 +507,7 @@ class PruneOptions:
     error_tokens: int = 4096  # output-error: calibration tokens per layer the greedy search measures on
     error_scale: str = "residual"  # output-error costs relative to: residual (stream energy) | output (routed)
     sequential: bool = True  # output-error, uniform: measure each layer on the already-pruned earlier layers
+    refit: str = DEFAULT_REFIT  # after removal, refit on calibration tokens: none | router | router+down
 
     def validate(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -292,84 +516,323 @@ class PruneOptions:
             raise UserError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.layout not in LAYOUTS:
             raise UserError(f"--layout {self.layout!r} is not one of {', '.join(LAYOUTS)} for expert pruning")
+        if self.refit not in REFITS:
+            raise UserError(f"--refit {self.refit!r} is not one of {', '.join(REFITS)}")
         if self.error_tokens < 1:
             raise UserError(f"--error-tokens {self.error_tokens} must be at least 1")
 
 
-def _moe_inputs(stream: Any, layer: Any, limit: int, propagate: bool = True) -> tuple[torch.Tensor, float]:
-    """Run one materialized layer over the stream's cache (replacing it by the outputs when ``propagate``); return
-    <= limit MoE-block inputs [T, H] and the residual stream's energy sum ||r||^2 (layer outputs) on those tokens."""
+class _Stop(Exception):
+    pass
+
+
+def _sampled(offset: int, n: int, step: int, limit: int) -> torch.Tensor:
+    """Positions inside a batch of n tokens starting at global token ``offset`` that are sampled: global positions
+    0, step, 2 step, ... (at most ``limit`` of them)."""
+    first = (-offset) % step
+    pos = torch.arange(first, n, step)
+    return pos[: max(0, limit - (offset + first) // step)]
+
+
+def _moe_inputs(
+    stream: Any, layer: Any, limit: int, propagate: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MoE-block inputs [T, H] of <= limit tokens (every step-th, step = total // limit), kept batch by batch.
+
+    propagate: run the whole layer, replace the stream's cache by its outputs and also return the layer outputs on
+    the same tokens [T, H]; otherwise stop each batch at the MoE block (its inputs are all that is needed)."""
+    total = sum(int(b.numel()) for b in stream.batches)
+    step = max(1, total // limit)
     xs: list[torch.Tensor] = []
     rs: list[torch.Tensor] = []
+    offset = 0
 
     def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         h = args[0] if args else kwargs["hidden_states"]
-        xs.append(h.detach().reshape(-1, h.shape[-1]))
+        h = h.detach().reshape(-1, h.shape[-1])
+        xs.append(h[_sampled(offset, h.shape[0], step, limit).to(h.device)].clone())
+        if not propagate:
+            raise _Stop
 
     handle = stream.moe_block(layer).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             for i in range(len(stream.cache)):
-                out = stream.run_layer(layer, i)
-                rs.append(out.reshape(-1, out.shape[-1]))
-                if propagate:
-                    stream.cache[i] = out
+                n = int(stream.batches[i].numel())
+                try:
+                    out = stream.run_layer(layer, i)
+                except _Stop:
+                    offset += n
+                    continue
+                flat = out.reshape(-1, out.shape[-1])
+                rs.append(flat[_sampled(offset, n, step, limit).to(flat.device)].clone())
+                offset += n
+                stream.cache[i] = out
     finally:
         handle.remove()
-    x, r = torch.cat(xs), torch.cat(rs)  # [T, H]
-    step = max(1, x.shape[0] // limit)
-    return x[::step][:limit], float(r[::step][:limit].float().pow(2).sum())
+    return torch.cat(xs), (torch.cat(rs) if propagate else None)
 
 
-def output_error_orders(
-    ckpt: Any, tokens: Any, spec: RouterSpec, protected: dict[int, set[int]], max_remove: int, opts: PruneOptions,
-    batch_size: int, device: torch.device, sequential: int | None = None,
-) -> dict[int, list[Step]]:  # fmt: skip
-    """Greedy output-error orders of every MoE layer (one decoder layer in memory).
+def _forward_sampled(stream: Any, layer: Any, limit: int) -> torch.Tensor:
+    """Forward the (pruned) layer over the cache like ``stream.forward_layer``; return its outputs on the sampled
+    tokens of ``_moe_inputs`` [T, H]."""
+    total = sum(int(b.numel()) for b in stream.batches)
+    step = max(1, total // limit)
+    rs: list[torch.Tensor] = []
+    offset = 0
+    with torch.no_grad():
+        for i in range(len(stream.cache)):
+            out = stream.run_layer(layer, i)
+            flat = out.reshape(-1, out.shape[-1])
+            rs.append(flat[_sampled(offset, flat.shape[0], step, limit).to(flat.device)].clone())
+            offset += flat.shape[0]
+            stream.cache[i] = out
+    return torch.cat(rs)
 
-    Inputs are the unpruned model's, unless ``sequential`` = n: then each layer loses its first n experts right
-    after its order is found, and later layers are measured on the pruned model's activations (uniform layout)."""
+
+# ---- compensation: refit what remains on calibration tokens at the layer output ----------------------------------
+
+
+def _dense(w: torch.Tensor, idx: torch.Tensor, E: int) -> torch.Tensor:
+    """Top-k weights/indices [T, k] -> dense [T, E] float64 (zeros off the top-k)."""
+    return torch.zeros(w.shape[0], E, dtype=torch.float64).scatter_add_(1, idx, w.double())
+
+
+def refit_router(
+    src: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: RouterSpec,
+    removed: torch.Tensor, y0: torch.Tensor, correction: torch.Tensor | None = None, steps: int = 100,
+    lr: float = 0.05,
+) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:  # fmt: skip
+    """Refit the kept experts' router rows (and bias) so the pruned layer's routed output matches the original one.
+
+    Minimizes sum_x ||y_R(x) - y(x)||^2 (y: routed output with every expert, y_R: with ``removed`` [E] unroutable
+    and the new rows) by full-batch Adam on the rows, routing exactly as the model does (hard top-k: gradients
+    flow through the chosen experts' weights; a row that falls behind lets the next expert in). ``lr`` is the
+    step in logit units (scaled by the tokens' mean |x|). Returns (rows [E, H] with removed rows unchanged,
+    bias or None, error before, error after); the best iterate is kept, so the error never grows.
+    ``src``: expert outputs (``ExpertOutputs`` / ``DenseOutputs``) on the rows of x."""
+    T, H = x.shape
+    rows_all = torch.arange(T)
+    keep = (~removed).nonzero().squeeze(1)
+    xf = x.float()
+    base_w = weight.float()
+    base_b = bias.float() if bias is not None else None
+    y0 = y0.float()
+    p = base_w[keep].clone().requires_grad_(True)
+    params = [p]
+    pb = None
+    if base_b is not None:
+        pb = base_b[keep].clone().requires_grad_(True)
+        params.append(pb)
+    opt = torch.optim.Adam(params, lr=lr / max(float(xf.abs().mean()) * H**0.5, 1e-12))
+
+    def loss_fn() -> torch.Tensor:
+        w_full = base_w.index_put((keep,), p)
+        logits = xf @ w_full.T
+        if pb is not None:
+            logits = logits + base_b.index_put((keep,), pb)
+        w, idx = route(logits, spec, removed, correction)
+        y = (src.get(rows_all, idx) * w[:, :, None]).sum(1)
+        return (y - y0).pow(2).sum()
+
+    best = (math.inf, None, None)
+    first = math.inf
+    for i in range(steps + 1):
+        opt.zero_grad()
+        loss = loss_fn()
+        val = float(loss.detach())
+        if i == 0:
+            first = val
+        if val < best[0]:
+            best = (val, p.detach().clone(), pb.detach().clone() if pb is not None else None)
+        if i == steps:
+            break
+        loss.backward()
+        opt.step()
+    rows = weight.clone()
+    rows[keep] = best[1].to(weight.dtype)
+    new_bias = None
+    if bias is not None:
+        new_bias = bias.clone()
+        new_bias[keep] = best[2].to(bias.dtype)
+    return rows, new_bias, first, best[0]
+
+
+class _Bank:
+    """Expert tensors indexed as refit_down's members: 0..E-1 the original experts, E..E+K-1 the kept experts with
+    negated current down projections, E+K a zero expert (so a target y - sum_{j != e} w_j f_j is a member sum)."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, cur: torch.Tensor, kept: list[int]):
+        self.E, self.K, self.kept = gate.shape[0], len(kept), kept
+        self.gate = _BankPart(self, gate, gate, 1.0)
+        self.up = _BankPart(self, up, up, 1.0)
+        self.down = _BankPart(self, down, cur, -1.0)
+
+
+class _BankPart:
+    def __init__(self, bank: _Bank, orig: torch.Tensor, cur: torch.Tensor, sign: float):
+        self.bank, self.orig, self.cur, self.sign = bank, orig, cur, sign
+        self.shape = (bank.E + bank.K + 1, *orig.shape[1:])
+
+    def __getitem__(self, m: int) -> torch.Tensor:
+        b = self.bank
+        if m < b.E:
+            return self.orig[m]
+        if m < b.E + b.K:
+            return self.sign * self.cur[b.kept[m - b.E]]
+        return torch.zeros_like(self.orig[0])
+
+
+def refit_downs(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, kept: list[int],
+    w_orig: torch.Tensor, w_new: torch.Tensor, ridge: float = 1e-3,
+) -> torch.Tensor:  # fmt: skip
+    """Least-squares down projections of the kept experts (``merge.refit.refit_down``, one kept expert at a time,
+    Gauss-Seidel: each fit sees the others' already refitted outputs).
+
+    For kept expert e on the tokens routed to it (new weight w_e > 0) the target is its share of the original
+    output, y(x) - sum_{j != e} w_j(x) f_j(x), reproduced by w_e(x) W h_e(x). Args: x [T, H]; gate/up [E, I, H],
+    down [E, H, I] original experts; w_orig, w_new: dense routing weights [T, E] of the original and the pruned
+    (refitted) router. Returns [E, H, I] (removed experts' rows unchanged)."""
+    from .merge.refit import refit_down
+
+    E, K = gate.shape[0], len(kept)
+    cur = down.clone()
+    bank = _Bank(gate, up, down, cur, kept)
+    members = list(range(E + K + 1))
+    for e in kept:
+        on = w_new[:, e] > 0
+        if not bool(on.any()):
+            continue
+        W = torch.zeros(x.shape[0], E + K + 1, dtype=torch.float64)
+        W[on, :E] = w_orig[on].double()
+        others = w_new[on][:, kept].double()  # [n, K]
+        others[:, kept.index(e)] = 0.0
+        W[on, E : E + K] = others
+        W[on, E + K] = w_new[on, e].double() - W[on, : E + K].sum(1)
+        cur[e] = refit_down(x, W, members, bank.gate, bank.up, bank.down, gate[e], up[e], cur[e], ridge)
+    return cur
+
+
+def calibrated_pass(
+    ckpt: Any, tokens: Any, spec: RouterSpec, opts: PruneOptions, batch_size: int, device: torch.device,
+    protected: dict[int, set[int]] | None = None, max_remove: int = 0, n: int | None = None,
+    kept: dict[int, list[int]] | None = None, refit_dir: Any = None,
+) -> tuple[dict[int, list[Step]], dict[int, dict[str, float]]]:  # fmt: skip
+    """One layer-streamed pass over the calibration tokens (one decoder layer in memory); per MoE layer:
+
+    - ``kept`` None, ``n`` None: the output-error order on the unpruned model's inputs (nothing is pruned);
+    - ``kept`` None, ``n`` given (sequential): the order on the already-pruned earlier layers' outputs, then the
+      layer keeps all but its first n experts;
+    - ``kept`` given: the layer keeps those experts.
+    A pruned layer is refitted (``opts.refit``: router rows, then down projections) against the unpruned layer's
+    routed output on the same inputs, written to ``refit_dir/<layer>.safetensors`` (hub dtype), and the pruned
+    layer makes the next layer's inputs. Returns (orders, per-layer refit errors relative to ||y||^2)."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
     from .progress import progress_bar
     from .prune_load import layer_view, set_layer_experts
     from .stream import LayerStream
 
-    fam, moe = ckpt.family, set(ckpt.moe_layers)
+    fam, moe, E = ckpt.family, set(ckpt.moe_layers), ckpt.num_experts
+    dtype = ckpt.moe_weights(ckpt.moe_layers[0]).router.dtype if refit_dir is not None else None
     stream = LayerStream(ckpt, tokens.input_ids, batch_size=batch_size, device=device)
+    limit = opts.error_tokens
     orders: dict[int, list[Step]] = {}
+    info: dict[int, dict[str, float]] = {}
     try:
         with progress_bar() as bar:
-            task = bar.add_task("output-error greedy", total=len(stream.decoder_layers))
+            task = bar.add_task("calibrated pruning pass", total=len(stream.decoder_layers))
             for l, layer in stream.layers():
                 if l not in moe:
                     stream.forward_layer(layer)
                     bar.advance(task)
                     continue
-                x, resid = _moe_inputs(stream, layer, opts.error_tokens, sequential is None)  # [T, H]
+                prune_here = kept is not None or n is not None
+                x, r = _moe_inputs(stream, layer, limit, propagate=not prune_here)  # [T, H]
                 block = stream.moe_block(layer)
                 experts, router = getattr(block, fam.experts), getattr(block, fam.router)
                 I = experts.down_proj.shape[-1]
                 gu = experts.gate_up_proj
                 with torch.no_grad():
-                    outs = expert_outputs(x, gu[:, :I], gu[:, I:], experts.down_proj, experts.act_fn)  # [T, E, H]
                     logits = x.float() @ router.weight.float().T  # [T, E]
                     if getattr(router, "bias", None) is not None:
                         logits = logits + router.bias.float()
                     corr = getattr(router, fam.correction_bias) if fam.correction_bias else None
-                    scale = resid if opts.error_scale == "residual" else None
-                    orders[l] = output_error_order(outs, logits, spec, protected[l], max_remove, corr, scale)
-                del outs
-                if sequential is not None:
-                    keep = select_uniform({l: orders[l]}, sequential, ckpt.num_experts)[l]
-                    set_layer_experts(stream.model, fam, l, layer_view(stream.model, fam, l).select(keep))
-                    stream.forward_layer(layer)
+                    c = spec.top_k + 2  # more are computed when asked for, into removed experts' slots
+                    src = ExpertOutputs(x, gu[:, :I], gu[:, I:], experts.down_proj, _choice(logits, spec, corr), c,
+                                        experts.act_fn)  # fmt: skip
+                    rows_all = torch.arange(x.shape[0])
+                    y0 = _routed(src, rows_all, *route(logits, spec, None, corr))  # [T, H]
+                    y0sq = max(float(y0.double().pow(2).sum()), 1e-30)
+                    order = None
+                    if kept is None:
+                        order = output_error_order(src, logits, spec, protected[l], max_remove, corr, y0sq)
+                    if not prune_here:
+                        rescale = y0sq / max(float(r.double().pow(2).sum()), 1e-30)
+                        orders[l] = _rescaled(order, rescale if opts.error_scale == "residual" else 1.0)
+                        bar.advance(task)
+                        continue
+                    keep = select_uniform({l: order}, n, E)[l] if kept is None else kept[l]
+                    removed = torch.ones(E, dtype=torch.bool)
+                    removed[keep] = False
+                    view = layer_view(stream.model, fam, l)
+                    stats: dict[str, float] = {}
+                if opts.refit != "none":
+                    for e in removed.nonzero().squeeze(1).tolist():
+                        src.release(e)  # their slots can hold the outputs the kept experts' routing moves to
+                    rows, bias, e0, e1 = refit_router(src, x, view.router, view.router_bias, spec, removed, y0, corr)
+                    view = replace(view, router=rows, router_bias=bias)
+                    stats = {"error_before": e0 / y0sq, "error_after_router": e1 / y0sq}
+                with torch.no_grad():
+                    if opts.refit == "router+down":
+                        lg = x.float() @ rows.float().T + (bias.float() if bias is not None else 0.0)
+                        w_new = _dense(*route(lg, spec, removed, corr), E)
+                        w_orig = _dense(*route(logits, spec, None, corr), E)
+                        view = replace(view, down=refit_downs(x, view.gate, view.up, view.down, keep, w_orig, w_new))
+                    sel = view.select(keep)
+                    set_layer_experts(stream.model, fam, l, sel)
+                    if refit_dir is not None and opts.refit != "none":
+                        t = {"router": sel.router.to(dtype).contiguous(), "down": sel.down.to(dtype).contiguous()}
+                        if sel.router_bias is not None:
+                            t["router_bias"] = sel.router_bias.to(dtype).contiguous()
+                        save_file(t, str(refit_dir / f"{l}.safetensors"))
+                    if opts.refit == "none":
+                        y_p = _routed(src, rows_all, *route(logits, spec, removed, corr))
+                    else:  # the pruned layer's own routed output
+                        xd = x.to(router.weight.dtype)
+                        _, w_p, idx_p = router(xd)
+                        y_p = experts(xd, idx_p, w_p).float()
+                        if opts.refit == "router+down":
+                            stats["error_after_down"] = float((y_p - y0).double().pow(2).sum()) / y0sq
+                r_p = _forward_sampled(stream, layer, limit)
+                if order is not None:  # costs relative to the unpruned layer's output energy: r = r_p + y - y_p
+                    energy = max(float((r_p.float() + y0 - y_p).double().pow(2).sum()), 1e-30)
+                    orders[l] = _rescaled(order, y0sq / energy if opts.error_scale == "residual" else 1.0)
+                if stats:
+                    info[l] = {k: round(v, 6) for k, v in stats.items()}
                 bar.advance(task)
     finally:
         stream.close()
-    return orders
+    return orders, info
 
 
-def pruned_tensors(ckpt: Any, kept: dict[int, list[int]], totals: dict[str, int]) -> Any:
-    """Output tensors in hub names, one decoder layer at a time; ``totals`` gets params and tensor bytes."""
+def _rescaled(order: list[Step], factor: float) -> list[Step]:
+    return [Step(s.experts, s.cost * factor) for s in order]
+
+
+def pruned_tensors(ckpt: Any, kept: dict[int, list[int]], totals: dict[str, int], refit_dir: Any = None) -> Any:
+    """Output tensors in hub names, one decoder layer at a time; ``totals`` gets params and tensor bytes.
+
+    ``refit_dir/<layer>.safetensors`` (from ``calibrated_pass``), when there, replaces the kept experts' router
+    rows, router bias and down projections of that layer."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
     fam = ckpt.family
 
     def emit(key: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -389,7 +852,12 @@ def pruned_tensors(ckpt: Any, kept: dict[int, list[int]], totals: dict[str, int]
             if pat is None or not pat.match(k):
                 yield emit(k, ckpt.get(k))
         if pat is not None:
-            for k, t in fam.write_layer(ckpt.moe_weights(l).select(kept[l]), l).items():
+            w = ckpt.moe_weights(l).select(kept[l])
+            f = Path(refit_dir) / f"{l}.safetensors" if refit_dir is not None else None
+            if f is not None and f.exists():
+                r = load_file(str(f))
+                w = replace(w, router=r["router"], down=r["down"], router_bias=r.get("router_bias", w.router_bias))
+            for k, t in fam.write_layer(w, l).items():
                 yield emit(k, t)
 
 
@@ -411,16 +879,15 @@ def prune_model(
 
     Everything is validated before the (optional) profiling pass. ``tokens`` (a ``data.TokenSet``) replaces
     ``calib``/``samples``/``seq_len`` for the profiling and output-error passes (API use, tests)."""
-    import json
     import shutil
+    import tempfile
     import time
     from pathlib import Path
 
-    from . import __version__
     from .checkpoint import Checkpoint
     from .data import calibration_set, check_seq_len
-    from .profile import Profile, build_profile, collect, load_tokenizer, save_profile
-    from .writer import atomic_dir, check_output, dir_bytes, write_shards
+    from .profile import Profile, build_profile, collect, load_tokenizer
+    from .writer import check_output
 
     t0 = time.time()
     opts.validate()
@@ -433,19 +900,20 @@ def prune_model(
         check_seq_len(seq_len, cfg)
     dev = device or torch.device("cpu")
     warnings = [note] if note else []
+    needs_tokens = opts.method == "output-error" or opts.refit != "none"
 
     if profile_dir is not None:
         prof = Profile.load(profile_dir)
         prof.check_model(ckpt)
         cal = prof.meta.get("calibration") or {}
-        if tokens is None and opts.method == "output-error" and cal.get("name"):
+        if tokens is None and needs_tokens and cal.get("name"):
             calib, samples, seq_len = cal["name"], cal["samples"], cal["seq_len"]
             tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, cal.get("seed") or 0)
     else:
         if tokens is None:
             tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, opts.seed)
         prof = build_profile(ckpt, tokens, collect(ckpt, tokens, batch_size, dev), time.time() - t0)
-    if tokens is None and opts.method == "output-error":  # a profile that does not name its calibration set
+    if tokens is None and needs_tokens:  # a profile that does not name its calibration set
         check_seq_len(seq_len, cfg)
         tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, opts.seed)
     supers = {(int(l), int(e)) for l, e in prof.super_experts} if opts.protect_super else set()
@@ -455,16 +923,49 @@ def prune_model(
 
     max_remove = n if opts.layout == "uniform" else E - spec.min_keep()
     scores: dict[int, torch.Tensor] = {}
-    if opts.method == "output-error":
-        seq = n if opts.layout == "uniform" and opts.sequential else None
-        orders = output_error_orders(ckpt, tokens, spec, protected, max_remove, opts, batch_size, dev, seq)
-    else:
-        scores = {l: method_scores(prof, l, opts.method, opts.seed) for l in layers}
-        orders = {l: score_order(scores[l], protected[l], spec.n_group) for l in layers}
-    if opts.layout == "uniform":
-        kept = select_uniform(orders, n, E)
-    else:
-        kept = select_global(orders, n * len(layers), E, spec.min_keep())
+    refit_dir = Path(tempfile.mkdtemp(prefix="moecompress-refit-")) if opts.refit != "none" else None
+    try:
+        refit_info: dict[int, dict[str, float]] = {}
+        seq = n if opts.method == "output-error" and opts.layout == "uniform" and opts.sequential else None
+        if opts.method == "output-error":
+            orders, refit_info = calibrated_pass(
+                ckpt, tokens, spec, opts, batch_size, dev, protected, max_remove, n=seq, refit_dir=refit_dir
+            )
+        else:
+            scores = {l: method_scores(prof, l, opts.method, opts.seed) for l in layers}
+            orders = {l: score_order(scores[l], protected[l], spec.n_group) for l in layers}
+        if opts.layout == "uniform":
+            kept = select_uniform(orders, n, E)
+        else:
+            kept = select_global(orders, n * len(layers), E, spec.min_keep())
+        if opts.refit != "none" and seq is None:  # refit in a pass of its own, on the already-pruned earlier layers
+            _, refit_info = calibrated_pass(ckpt, tokens, spec, opts, batch_size, dev, kept=kept, refit_dir=refit_dir)
+        return _write_pruned(
+            ckpt, out, opts, prof, profile_dir, tokens, spec, n, kept, orders, scores, supers, warnings, refit_dir,
+            refit_info, overwrite, command, t0,
+        )  # fmt: skip
+    finally:
+        if refit_dir is not None:
+            shutil.rmtree(refit_dir, ignore_errors=True)
+
+
+def _write_pruned(
+    ckpt: Any, out: Any, opts: PruneOptions, prof: Any, profile_dir: Any, tokens: Any, spec: RouterSpec, n: int,
+    kept: dict[int, list[int]], orders: dict[int, list[Step]], scores: dict[int, torch.Tensor], supers: set,
+    warnings: list[str], refit_dir: Any, refit_info: dict[int, dict[str, float]], overwrite: bool, command: str,
+    t0: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Manifest + output folder of an expert pruning (``prune_model``)."""
+    import json
+    import shutil
+    import time
+    from pathlib import Path
+
+    from . import __version__
+    from .profile import save_profile
+    from .writer import atomic_dir, dir_bytes, write_shards
+
+    fam, E, layers = ckpt.family, ckpt.num_experts, ckpt.moe_layers
     counts = {l: len(k) for l, k in kept.items()}
 
     layer_info: dict[str, Any] = {}
@@ -504,7 +1005,12 @@ def prune_model(
         "profile": str(Path(profile_dir).resolve()) if profile_dir is not None else "profile",
         "calibration": cal,
         "calibration_fingerprint": cal.get("fingerprint"),
-        "output_error_calibration": tokens.describe() if opts.method == "output-error" else None,
+        "output_error_calibration": tokens.describe()
+        if opts.method == "output-error" or opts.refit != "none"
+        else None,
+        "refit": opts.refit,
+        "refit_inputs": None if opts.refit == "none" else "pruned earlier layers (sequential)",
+        "refit_layer_errors": {str(l): v for l, v in sorted(refit_info.items())},
         "output_error_inputs": None
         if opts.method != "output-error"
         else "pruned earlier layers (sequential)"
@@ -519,7 +1025,7 @@ def prune_model(
     raw_cfg.update(fam.expert_count_updates(max(counts.values())))
     totals = {"params": 0, "tensor_bytes": 0}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_shards(tmp, pruned_tensors(ckpt, kept, totals))
+        write_shards(tmp, pruned_tensors(ckpt, kept, totals, refit_dir))
         (tmp / "config.json").write_text(json.dumps(raw_cfg, indent=2, sort_keys=True) + "\n")
         for f in ckpt.side_files():
             shutil.copy2(f, tmp / f.name)
