@@ -47,18 +47,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PLANS = (
     ("uniform 4", "uniform", 4, "layer", "kl"),
     ("uniform 3", "uniform", 3, "layer", "kl"),
-    ("uniform 2", "uniform", 2, "layer", "kl"),
     ("lp-layer 3.0", "lp", 3.0, "layer", "kl"),
-    ("lp-layer 2.5", "lp", 2.5, "layer", "kl"),
     ("lp-expert 3.0", "lp", 3.0, "expert", "kl"),
     ("lp-expert 2.5", "lp", 2.5, "expert", "kl"),
     ("lp-layer 3.0, old cost", "lp", 3.0, "layer", "err"),
     ("lp-expert 3.0, old cost", "lp", 3.0, "expert", "err"),
 )
-ABLATIONS = (
-    ("before: natural order, original-weight Hessians", GPTQOptions(actorder=False, sequential=False, propagate=False)),
-    ("act-order only", GPTQOptions(actorder=True, sequential=False, propagate=False)),
-    ("act-order + sequential", GPTQOptions(actorder=True, sequential=True, propagate=False)),
+ABLATIONS = (  # each row adds one choice; the default adds propagation through the quantized layers on top
+    ("before: natural order, original-weight Hessians", GPTQOptions(False, False, "mse", propagate=False)),
+    ("+ act-order", GPTQOptions(True, False, "mse", propagate=False)),
+    ("+ act-order + sequential", GPTQOptions(True, True, "mse", propagate=False)),
+    ("+ act-order + sequential + H-weighted scales", GPTQOptions(True, True, "hmse", propagate=False)),
 )
 LLMC_SETTINGS = (
     ("llm-compressor best (routed-only calibration, actorder static)", False),
@@ -279,9 +278,10 @@ def bench_model(model_arg: str | None, args: argparse.Namespace, work: Path, llm
                 shutil.rmtree(out, ignore_errors=True)
                 info = run_llmc(llmc_py, model, ids, b, all_experts, out, lay, scale_dtype_of(ckpt))
                 llmc_info = info["version"]
-                bp = run_quantize(
-                    model, tmpl, bits=b, plan="uniform", method="gptq", other_bits=16, overwrite=True, measurement=m
-                )
+                bp = run_quantize(  # a template with our layout: its routed codes are replaced by llm-compressor's
+                    model, tmpl, bits=b, plan="uniform", method="gptq", other_bits=16, overwrite=True,
+                    measurement={**m, "opts": GPTQOptions(propagate=False)},
+                )  # fmt: skip
                 adopt_llmc(out, tmpl, lay)
                 shutil.rmtree(out, ignore_errors=True)
                 extra = {
@@ -358,9 +358,21 @@ def main() -> None:
     ap.add_argument("--with-llmcompressor", action="store_true", help="llm-compressor GPTQ rows (separate venv)")
     ap.add_argument("--llmc-venv", default=str(ROOT / "runs" / "llmc-venv"), help="venv for llm-compressor")
     ap.add_argument("--md-only", action="store_true", help="re-render reports/quant_bench.md from the JSON")
+    ap.add_argument("--merge", nargs="+", default=None, help="combine the models of several result JSONs into one")
     ap.add_argument("--report-dir", default=str(ROOT / "reports"), help="where quant_bench.json/.md go")
     args = ap.parse_args()
     rep = Path(args.report_dir)
+    if args.merge:  # runs of different models made in parallel processes: one report
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        res = {**parts[0], "models": [m for p in parts for m in p["models"]]}
+        res["commands"] = [p["command"] for p in parts]
+        res["command"] = " ; ".join(res["commands"])
+        res["elapsed_s"] = max(p["elapsed_s"] for p in parts)
+        rep.mkdir(parents=True, exist_ok=True)
+        (rep / "quant_bench.json").write_text(json.dumps(res, indent=1) + "\n")
+        (rep / "quant_bench.md").write_text(markdown(res))
+        print(markdown(res))
+        return
     if args.md_only:
         res = json.loads((rep / "quant_bench.json").read_text())
         (rep / "quant_bench.md").write_text(markdown(res))

@@ -262,7 +262,7 @@ def layer_pass(
                 experts = getattr(stream.moe_block(layer), fam.experts)
                 cap = LayerCapture(
                     E, experts.down_proj.shape[1], experts.down_proj.shape[2], device=device,
-                    with_down=method == "gptq" and not opts.sequential,
+                    with_down=method == "gptq" and not opts.sequential, weighted=opts.weighted,
                 )  # fmt: skip
 
                 def fwd(hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, _cap=cap, _ex=experts) -> Any:

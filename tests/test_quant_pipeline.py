@@ -165,10 +165,10 @@ def test_sequential_down_hessian_comes_from_quantized_gate_up():
     g = expert_group_size(32, 16)
     for b in (2, 3):
         for e in range(3):
-            x, _ = cap.routed(e)
+            x, p = cap.routed(e)
             gq = dequantize(seq[b].gate_up_q[e], seq[b].gate_up_s[e], g, torch.float32)
             a, u = (x @ gq.T).chunk(2, dim=-1)
-            hq = act(a) * u  # outputs of the quantized gate/up at this width
+            hq = (act(a) * u) * p.unsqueeze(-1)  # outputs of the quantized gate/up, weighted by the router weights
             want = gptq_quantize(dn[e], None, b, g, torch.float32, prepared=prepare_hessian(hq.T @ hq))
             assert torch.equal(seq[b].down_q[e], want[0]) and torch.equal(seq[b].down_s[e], want[1])
     assert torch.equal(seq[2].gate_up_q, plain[2].gate_up_q)  # gate/up do not depend on the order
@@ -266,6 +266,20 @@ def test_streamed_write_equals_cached(qwen, tmp_path, plan, method):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_hessians_weight_routed_tokens_by_router_weight_squared():
+    cap, gu, dn = _layer_capture(seed=4)
+    plain = LayerCapture(3, 32, 16, weighted=False)
+    x, idx, w = cap.batches[0]
+    plain.add_batch(x, idx, w)
+    from moecompress.stats import routed_forward
+
+    routed_forward(gu, dn, torch.nn.functional.silu, x, idx, w, plain.observer())
+    for e in range(3):
+        xe, pe = cap.routed(e)
+        torch.testing.assert_close(cap.h_gu[e], (xe * pe[:, None]).T @ (xe * pe[:, None]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain.h_gu[e], xe.T @ xe, rtol=1e-5, atol=1e-5)
+
+
 def test_propagated_write_pass_feeds_quantized_layers_forward(qwen, tmp_path):
     """With propagation the first MoE layer's codes are those of the one-pass run; later layers see the quantized
     earlier layers' outputs (other Hessians, other codes), and the manifest says so."""
@@ -278,3 +292,22 @@ def test_propagated_write_pass_feeds_quantized_layers_forward(qwen, tmp_path):
     k0, k1 = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.gate_up_proj"
     assert torch.equal(sa[k0], sb[k0])
     assert not torch.equal(sa[k1], sb[k1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gptq_and_hessians_run_on_the_device_and_match_cpu():
+    cap, gu, dn = _layer_capture(seed=3)
+    dev = LayerCapture(3, 32, 16, device=torch.device("cuda"), with_down=False)
+    for x, idx, w in cap.batches:
+        dev.add_batch(x, idx, w)
+        from moecompress.stats import routed_forward
+
+        routed_forward(gu.cuda(), dn.cuda(), torch.nn.functional.silu, x.cuda(), idx.cuda(), w.cuda(), dev.observer())
+    assert dev.h_gu.is_cuda
+    torch.testing.assert_close(dev.h_gu.cpu(), cap.h_gu, rtol=1e-4, atol=1e-3)
+    act = torch.nn.functional.silu
+    a, _, ea = quantize_layer(gu, dn, act, (4,), "gptq", cap, 4, torch.float32)
+    b, _, eb = quantize_layer(gu.cuda(), dn.cuda(), act, (4,), "gptq", dev, 4, torch.float32)
+    assert (a[4].gate_up_q != b[4].gate_up_q).float().mean() < 0.01  # same codes up to float rounding ties
+    torch.testing.assert_close(ea, eb, rtol=0.1, atol=1e-6)

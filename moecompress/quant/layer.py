@@ -42,9 +42,13 @@ class GPTQOptions:
     # the written codes are computed in a second streamed pass whose layer inputs come from the already quantized
     # earlier layers (at their planned widths); the first pass (errors, plan) propagates the original weights
     propagate: bool = True
+    # Hessians weight each routed token by its router weight squared (p^2 x x^T): the expert's error enters the
+    # block output scaled by p, so this is the block-output error GPTQ should minimize
+    weighted: bool = True
 
     def describe(self) -> dict:
         return {
+            "router_weighted_hessians": self.weighted,
             "actorder": self.actorder, "sequential": self.sequential, "clip": self.clip, "damp": self.damp,
             "propagate_quantized": self.propagate,
         }  # fmt: skip
@@ -59,6 +63,7 @@ class LayerCapture:
     width: int  # I
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     with_down: bool = True  # accumulate H_down of the original weights (not needed when sequential)
+    weighted: bool = True  # Hessians weight tokens by their router weight squared
     batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (x, idx, w)
     h_gu: torch.Tensor = field(init=False)  # [E, H, H]
     h_down: torch.Tensor | None = field(init=False)  # [E, I, I]
@@ -75,13 +80,15 @@ class LayerCapture:
 
     def observer(self) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
         """Hook for ``stats.routed_forward`` that adds one batch's per-expert Hessians (call after ``add_batch``)."""
-        x_all = self.batches[-1][0]
+        x_all, _, w_all = self.batches[-1]
 
         def observe(e: int, token_idx: torch.Tensor, pos: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> None:
-            x = x_all[token_idx.cpu()].to(self.device)  # [n, H]
-            self.h_gu[e] += x.T @ x
+            tok = token_idx.cpu()
+            x = x_all[tok].to(self.device)  # [n, H]
+            p = w_all[tok, pos.cpu()].to(self.device).unsqueeze(-1) if self.weighted else 1.0  # [n, 1]
+            self.h_gu[e] += (x * p).T @ (x * p)
             if self.h_down is not None:
-                hf = h.detach().float().to(self.device)  # [n, I]
+                hf = h.detach().float().to(self.device) * p  # [n, I]
                 self.h_down[e] += hf.T @ hf
             self.counts[e] += token_idx.numel()
             self.max_abs[e] = max(float(self.max_abs[e]), float(f.detach().abs().max()))
@@ -216,7 +223,8 @@ def quantize_layer(
                 hq = _expert_out(gu_q, dn, act, xe)[0]  # [n, I] outputs of the quantized gate/up
             if gptq:
                 if opts.sequential:
-                    ph_dn = prepare_hessian(hq.T @ hq, opts.damp, opts.actorder)
+                    hw = hq * pe.unsqueeze(-1) if opts.weighted else hq
+                    ph_dn = prepare_hessian(hw.T @ hw, opts.damp, opts.actorder)
                 q2, s2 = gptq_quantize(
                     dn, None, b, g_i, scale_dtype, opts.damp, actorder=opts.actorder, clip=opts.clip, prepared=ph_dn
                 )
