@@ -4,11 +4,11 @@ Parts (``--parts``; each op checks the time budget first and is recorded as skip
 that raises is recorded with its error and the run goes on). They run in the order 1 (device), 3, 4, 5, then 1 on
 the CPU and 2, so that the GPU-only parts never wait for the slower CPU reference:
 
-1. ``builtin``: on MODEL (default: the built-in model) run ``profile``, ``prune`` (25% of experts, REAP order from
-   the profile), ``quantize`` (GPTQ, uniform 4 and 3 bits), ``prune --granularity atom`` (HEAPr, 25% of channels)
-   and ``eval`` (of the 4-bit and the pruned model against the base) through the CLI, on the device and on the CPU.
-   Each op is timed (CUDA events on cuda, wall clock on both) with its peak GPU memory
-   (``torch.cuda.max_memory_allocated`` after a reset).
+1. ``builtin``: on MODEL (default: the built-in model) run ``profile``, ``prune`` (25% of experts: REAP order from
+   the profile, and the default output-error search), ``quantize`` (GPTQ, uniform 4 and 3 bits), ``prune
+   --granularity atom`` (HEAPr, 25% of channels) and ``eval`` (of the 4-bit and the pruned model against the base)
+   through the CLI, on the device and on the CPU. Each op is timed (CUDA events on cuda, wall clock on both) with
+   its peak GPU memory (``torch.cuda.max_memory_allocated`` after a reset).
 2. ``compare``: the device's outputs against the CPU's, within the tolerances in ``TOL`` (profile statistics:
    relative L2 per tensor and routed-token counts; pruning: the kept-expert/channel lists; quantization: the
    fraction of identical codes and the scales; eval: KL(base || model), top-1 agreement and perplexity).
@@ -207,6 +207,8 @@ def pipeline(run: Runner, model: str, dev: str, work: Path, size: dict[str, int]
     run.cmd(section, "profile", dev, ["profile", model, "-o", str(d / "profile"), *calib], est)
     reap = ["prune", model, "--ratio", "0.25", "--method", "reap", *prof, "-o", str(d / "pruned"), *calib]
     run.cmd(section, "prune_reap", dev, reap, est, needs=["profile"])
+    outerr = ["prune", model, "--ratio", "0.25", *prof, "-o", str(d / "pruned_outerr"), *calib]  # the default method
+    run.cmd(section, "prune_output_error", dev, outerr, est, needs=["profile"])
     for b in (4, 3):
         q = ["quantize", model, "--bits", str(b), "--plan", "uniform", "--method", "gptq", "-o", str(d / f"q{b}")]
         run.cmd(section, f"quantize_gptq{b}", dev, [*q, *calib], 2 * est)
@@ -351,6 +353,11 @@ def compare_all(run: Runner, work: Path, dev: str, ref: str, sec_dev: dict, sec_
     checks = [
         ("profile", "profile", lambda: compare_profile(a / "profile", b / "profile")),
         ("prune_reap", "prune_reap", lambda: compare_outputs(a / "pruned", b / "pruned")),
+        (
+            "prune_output_error",
+            "prune_output_error",
+            lambda: compare_outputs(a / "pruned_outerr", b / "pruned_outerr"),
+        ),  # fmt: skip
         ("quantize_gptq4", "quantize_gptq4", lambda: compare_outputs(a / "q4", b / "q4")),
         ("quantize_gptq3", "quantize_gptq3", lambda: compare_outputs(a / "q3", b / "q3")),
         ("prune_atom_heapr", "prune_atom_heapr", lambda: compare_outputs(a / "atom", b / "atom")),
@@ -560,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     size = (
         dict(samples=4, seq_len=32, eval_windows=1, est_s=5)
         if quick
-        else dict(samples=32, seq_len=256, eval_windows=8, est_s=20)
+        else dict(samples=16, seq_len=256, eval_windows=4, est_s=20)
     )
     big_layers = args.big_layers or (2 if quick else 4)
     iters = args.iters or (2 if quick else 10)
@@ -627,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
             checks = [v for v in res["compare"].values() if "skipped" not in v]
             res["compare_all_ok"] = bool(checks) and all(v.get("ok") for v in checks)
     finally:
+        from moecompress.quant import packed_experts
+
+        res["triton_auto_fallbacks"] = list(packed_experts._TRITON_FAILED)  # the "auto" kernel failed (reported)
         run.save()
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

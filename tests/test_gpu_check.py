@@ -33,8 +33,8 @@ def test_quick_cpu_run_passes_every_part(tiny, tmp_path):
     res = json.loads(out.read_text())
     assert not res["budget_exhausted"]
     ops = res["builtin"]["cpu"]
-    assert set(ops) == {"profile", "prune_reap", "quantize_gptq4", "quantize_gptq3", "prune_atom_heapr",
-                        "eval_q4", "eval_pruned"}  # fmt: skip
+    names = ["profile", "prune_reap", "prune_output_error", "quantize_gptq4", "quantize_gptq3", "prune_atom_heapr"]
+    assert set(ops) == {*names, "eval_q4", "eval_pruned"}
     assert all(op["ok"] and op["wall_s"] > 0 for op in ops.values()), ops
     cmp = res["compare"]
     assert res["compare_all_ok"] and all(c["ok"] for c in cmp.values()), cmp

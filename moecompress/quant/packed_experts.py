@@ -16,10 +16,13 @@ On CUDA (when Triton is installed) a hit expert's two products run instead throu
 an expert is never written to memory; the weights are the same numbers, only the matmul's summation order differs.
 ``kernel`` selects: ``"auto"`` (Triton where :func:`~moecompress.quant.triton_pack.available`, else torch),
 ``"torch"``, ``"triton"`` (error when unavailable); :func:`set_kernel` sets it on every such module of a model.
+Under ``"auto"`` a kernel that fails (e.g. Triton cannot compile for this GPU) is reported once with a warning
+and the torch path takes over for the rest of the process; under ``"triton"`` the error propagates.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -30,6 +33,7 @@ from moecompress.quant.pack import unpack_int32
 from moecompress.quant.rtn import dequantize
 
 KERNELS = ("auto", "torch", "triton")
+_TRITON_FAILED: list[str] = []  # set once the kernel failed under "auto": the torch path is used from then on
 
 
 class PackedExperts(nn.Module):
@@ -130,8 +134,8 @@ class PackedExperts(nn.Module):
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.kernel == "torch":
             return False
-        ok = triton_pack.available(hidden_states)
-        if self.kernel == "triton" and not ok:
+        ok = triton_pack.available(hidden_states) and not (self.kernel == "auto" and _TRITON_FAILED)
+        if self.kernel == "triton" and not triton_pack.available(hidden_states):
             raise RuntimeError(
                 "the Triton packed kernel needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU): "
                 f"triton installed: {triton_pack.triton_installed()}, device: {hidden_states.device}"
@@ -168,8 +172,20 @@ class PackedExperts(nn.Module):
             top_k_pos, token_idx = torch.where(expert_mask[e])
             current_state = hidden_states[token_idx]  # [t, H]
             if fused:
-                current_hidden_states = self._expert_fused(e, current_state)  # [t, H]
-            else:
+                try:
+                    current_hidden_states = self._expert_fused(e, current_state)  # [t, H]
+                except Exception as err:  # reported, then the exact torch path (same numbers)
+                    if self.kernel == "triton":
+                        raise
+                    _TRITON_FAILED.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                    warnings.warn(
+                        f"moecompress: the Triton packed-experts kernel failed ({_TRITON_FAILED[0]}); "
+                        "using the torch unpacking path from now on",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    fused = False
+            if not fused:
                 gate_up, down = self.expert_weights(e, hidden_states.dtype)
                 gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)  # [t, I] each
                 current_hidden_states = self.act_fn(gate) * up
