@@ -1,10 +1,13 @@
-"""Atomic (channel) pruning vs expert pruning on the built-in model, at the same parameter reduction.
+"""Atomic (channel) pruning vs expert pruning (built-in model or --model), at the same parameter reduction.
 
 At 25% of routed-expert parameters:
   - atomic HEAPr (full G), uniform width (every expert keeps its top 96 of 128 channels) and exact (global ranking);
   - atomic by activation magnitude only (m_{e,j}), uniform and exact;
   - atomic HEAPr with cheaper G (diag, low-rank) and with the score weighted by expert frequency, exact;
-  - expert-level REAP: drop the 4 of 16 experts per layer with the lowest REAP saliency (from the profile).
+  - compensation, each part separately: + least-squares refit of the kept down_proj columns on the unpruned
+    model's activations (every layer independently), and + refit layer by layer on the already-pruned earlier
+    layers (sequential, the default of `prune --granularity atom`), for HEAPr and magnitude, both layouts;
+  - expert-level REAP: drop round(25% E) experts per layer with the lowest REAP saliency (from the profile).
 Reports KL(base || pruned) and top-1 agreement on held-out text, per-domain perplexity, and how closely the
 rankings from diag / low-rank G agree with the full-G ranking. Writes reports/atomic_bench.{json,md}.
 
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from moecompress.atomic.compensate import Compensation
 from moecompress.atomic.gradstats import bytes_per_expert
 from moecompress.atomic.heapr import heapr_scores, ranking_agreement
 from moecompress.atomic.load import load_exact_atomic
@@ -33,10 +37,9 @@ from moecompress.profile import build_profile, collect, load_tokenizer
 from moecompress.writer import dir_bytes, write_checkpoint
 
 RATIO = 0.25
-EXPERTS_DROPPED = 4  # of 16 per layer = 25% of routed-expert parameters
 
 
-def expert_prune(ckpt: Checkpoint, out: Path, drop: dict[int, list[int]]) -> dict:
+def expert_prune(ckpt: Checkpoint, out: Path, drop: dict[int, list[int]], n_drop: int) -> dict:
     """Expert-level pruning written with the core writer (same count per layer; routers sliced)."""
     fam, E, H = ckpt.family, ckpt.num_experts, ckpt.config.hidden_size
     patterns = [fam.routed_key_pattern(l) for l in drop]
@@ -50,7 +53,7 @@ def expert_prune(ckpt: Checkpoint, out: Path, drop: dict[int, list[int]]) -> dic
             yield from fam.write_layer(w, l).items()
 
     config = ckpt.config.to_dict()
-    config.update(fam.expert_count_updates(E - EXPERTS_DROPPED))
+    config.update(fam.expert_count_updates(E - n_drop))
     I = ckpt.moe_weights(ckpt.moe_layers[0]).down.shape[-1]
     removed = sum(len(d) for d in drop.values()) * (3 * H * I + H)
     manifest = {"command": "bench expert prune", "layout": "uniform", "method": "reap", "params_removed": removed}
@@ -92,6 +95,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out windows per domain")
     ap.add_argument("--ranks", default="8,32", help="low-rank sketch ranks to compare with full G")
     ap.add_argument("--out", default="reports/atomic_bench", help="writes OUT.json and OUT.md")
+    ap.add_argument("--quick", action="store_true", help="only the compensation variants and REAP (skip G sketches)")
     args = ap.parse_args()
     os.environ.setdefault("MOECOMPRESS_QUIET", "1")
     torch.manual_seed(0)
@@ -117,7 +121,7 @@ def main() -> None:
     timings["gradient_pass_full_s"] = time.time() - t
     G["full"] = {l: s.G for l, s in full.items()}
     G["diag"] = {l: torch.diagonal(s.G, dim1=1, dim2=2).clone() for l, s in full.items()}  # = the diag accumulator
-    ranks = [int(r) for r in args.ranks.split(",") if r]
+    ranks = [int(r) for r in args.ranks.split(",") if r] if not args.quick else []
     for r in ranks:
         t = time.time()
         low = gradient_pass(net, fam, layers, calib.input_ids, "lowrank", rank=r)
@@ -132,6 +136,7 @@ def main() -> None:
     agreement = {
         k: ranking_agreement([scores["full"][l] for l in layers], [scores[k][l] for l in layers], RATIO)
         for k in ["diag", *[f"lowrank{r}" for r in ranks], "magnitude", "full_freq"]
+        if k in scores
     }
     memory = {
         name: {kind: bytes_per_expert(kind, h, rank=32) for kind in ("full", "diag", "lowrank")}
@@ -143,19 +148,29 @@ def main() -> None:
     t = time.time()
     base_eval = evaluate_model(base, None, evals)
     rows.append({"variant": "base (no pruning)", "params_removed_fraction_of_all": 0.0, **base_eval})
-    variants = [
-        ("atomic HEAPr full G, uniform", "full", "uniform"),
-        ("atomic HEAPr full G, exact", "full", "exact"),
-        ("atomic magnitude m only, uniform", "magnitude", "uniform"),
-        ("atomic magnitude m only, exact", "magnitude", "exact"),
-        ("atomic HEAPr diag G, exact", "diag", "exact"),
-        *[(f"atomic HEAPr low-rank r={r} G, exact", f"lowrank{r}", "exact") for r in ranks[-1:]],
-        ("atomic HEAPr full G x expert frequency, exact", "full_freq", "exact"),
-    ]
+    I = m[layers[0]].shape[1]
+    uniform_ok = (I - round(RATIO * I)) // 16 * 16 not in (0, I)
+    variants = []
+    for key, label in (("full", "HEAPr full G"), ("magnitude", "magnitude m only")):
+        for layout in ("uniform", "exact") if uniform_ok else ("exact",):
+            variants += [
+                (f"atomic {label}, {layout}", key, layout, None),
+                (f"atomic {label}, {layout}, +refit (unpruned inputs)", key, layout, False),
+                (f"atomic {label}, {layout}, +refit sequential (default)", key, layout, True),
+            ]
+    if not args.quick:
+        variants += [
+            ("atomic HEAPr diag G, exact", "diag", "exact", None),
+            *[(f"atomic HEAPr low-rank r={r} G, exact", f"lowrank{r}", "exact", None) for r in ranks[-1:]],
+            ("atomic HEAPr full G x expert frequency, exact", "full_freq", "exact", None),
+        ]
     with tempfile.TemporaryDirectory() as tmp:
-        for name, key, layout in variants:
-            out = Path(tmp) / f"{key}_{layout}"
-            man = write_atomic(ckpt, out, scores[key], RATIO, layout, supers, {"method": key})
+        for name, key, layout, seq in variants:
+            out = Path(tmp) / f"{key}_{layout}_{seq}"
+            comp = None if seq is None else Compensation(calib.input_ids, sequential=seq)
+            t = time.time()
+            man = write_atomic(ckpt, out, scores[key], RATIO, layout, supers, {"method": key}, compensation=comp)
+            build_s = time.time() - t
             if layout == "uniform":
                 from transformers import AutoModelForCausalLM
 
@@ -172,25 +187,27 @@ def main() -> None:
                     "params_removed_fraction_of_all": man["params_removed_fraction_of_all"],
                     "experts_emptied": sum(len(v) for v in man["experts_removed_from_routing"].values()),
                     "bytes": dir_bytes(out),
+                    "compensation": None if seq is None else ("sequential" if seq else "unpruned inputs"),
+                    "write_s": round(build_s, 1),
                     **res,
                 }
             )
             print(f"{name}: KL {res['kl_to_base']:.4f} ppl {res['perplexity']['all']:.2f}", flush=True)
         safe = {l: [e for e in range(E) if (l, e) not in supers] for l in layers}
+        n_drop = round(RATIO * E)
         drop = {
-            l: sorted(sorted(safe[l], key=lambda e, _l=l: float(prof.layer(_l, "reap")[e]))[:EXPERTS_DROPPED])
-            for l in layers
+            l: sorted(sorted(safe[l], key=lambda e, _l=l: float(prof.layer(_l, "reap")[e]))[:n_drop]) for l in layers
         }
         out = Path(tmp) / "reap"
-        info = expert_prune(ckpt, out, drop)
+        info = expert_prune(ckpt, out, drop, n_drop)
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, experts_implementation="eager").eval()
         res = evaluate_model(model, base, evals)
         rows.append(
             {
-                "variant": f"expert-level REAP (drop {EXPERTS_DROPPED}/{E} per layer)",
-                "routed_params_removed_fraction": EXPERTS_DROPPED / E,
+                "variant": f"expert-level REAP (drop {n_drop}/{E} per layer)",
+                "routed_params_removed_fraction": n_drop / E,
                 "params_removed_fraction_of_all": info["params_removed_fraction_of_all"],
                 "experts_emptied": sum(len(d) for d in drop.values()),
                 "bytes": dir_bytes(out),
@@ -203,6 +220,7 @@ def main() -> None:
     timings["total_s"] = time.time() - t_start
 
     report = {
+        "command": " ".join(["OMP_NUM_THREADS=1 .venv/bin/python bench/atomic_bench.py", *__import__("sys").argv[1:]]),
         "model": str(ckpt.path),
         "model_fingerprint": ckpt.fingerprint,
         "ratio_of_routed_expert_params": RATIO,
@@ -224,7 +242,9 @@ def main() -> None:
 def render_md(rep: dict) -> str:
     doms = rep["eval"]["domains"]
     lines = [
-        "# Atomic pruning benchmark (built-in model)",
+        "# Atomic pruning benchmark",
+        "",
+        f"Command: `{rep.get('command', 'OMP_NUM_THREADS=1 .venv/bin/python bench/atomic_bench.py')}`.",
         "",
         f"Model `{rep['model']}` (fingerprint {rep['model_fingerprint'][:12]}), "
         f"{rep['ratio_of_routed_expert_params']:.0%} of routed-expert parameters removed. "

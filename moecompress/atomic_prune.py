@@ -7,7 +7,9 @@
 3. scores s_{e,j} = m_{e,j} w_j^T G_e w_j (or m alone with score="magnitude"), ranked globally;
 4. uniform layout: every routed expert keeps its own top-K channels, K one multiple of 16 for the whole model;
    exact layout: the globally lowest channels go, experts keep unequal widths (loaded by moecompress.load);
-5. the writer puts out a normal HF folder + moecompress.json.
+5. compensation (default on, atomic/compensate.py): each expert's kept down_proj columns are refitted by least
+   squares on its routed tokens, layer by layer on the already-pruned earlier layers;
+6. the writer puts out a normal HF folder + moecompress.json.
 
 Scaling: the gradient pass is layer-streamed (atomic/gradstream.py): one decoder layer's weights and one layer's
 G accumulators in memory at a time (full G: E x H^2 floats for that layer only; diag: E x H; lowrank: E x H(2r+1)),
@@ -26,7 +28,8 @@ from typing import Any
 import torch
 
 from .adapters import MoEWeights
-from .atomic.apply import ExactLayer, slice_exact, slice_uniform
+from .atomic.apply import ExactLayer
+from .atomic.compensate import Compensation, compensated_downs, slice_layer, with_downs
 from .atomic.gradstats import KINDS, LayerGradStats, bytes_per_expert, collect_grad_stats
 from .atomic.gradstream import streamed_grad_stats
 from .atomic.heapr import heapr_scores, mask_to_indices, select_exact, select_uniform, uniform_width
@@ -192,14 +195,21 @@ def select(
 
 
 def pruned_tensors(
-    ckpt: Checkpoint, keep: dict[int, list[torch.Tensor]], layout: str
+    ckpt: Checkpoint,
+    keep: dict[int, list[torch.Tensor]],
+    layout: str,
+    downs: dict[int, list[torch.Tensor]] | None = None,
 ) -> tuple[Iterator[tuple[str, torch.Tensor]], dict[int, MoEWeights | ExactLayer]]:
-    """All output tensors (hub names): routed experts/routers of MoE layers sliced, everything else copied."""
+    """All output tensors (hub names): routed experts/routers of MoE layers sliced, everything else copied.
+
+    downs: refitted down projections per layer and old expert id (``compensated_downs``) replacing the sliced ones.
+    """
     fam = ckpt.family
     new: dict[int, MoEWeights | ExactLayer] = {}
     for l, k in keep.items():
-        w = ckpt.moe_weights(l)
-        new[l] = slice_uniform(w, torch.stack(k)) if layout == "uniform" else slice_exact(w, k)
+        new[l] = slice_layer(ckpt.moe_weights(l), k, layout)
+        if downs is not None:
+            new[l] = with_downs(new[l], downs[l])
     patterns = [fam.routed_key_pattern(l) for l in keep]
 
     def gen() -> Iterator[tuple[str, torch.Tensor]]:
@@ -244,12 +254,16 @@ def atomic_prune(
     protect_super: bool = True,
     device: torch.device | None = None,
     overwrite: bool = False,
+    refit: bool = True,
+    sequential: bool = True,
 ) -> dict[str, Any]:
     """Remove `ratio` of the routed experts' intermediate channels; write an HF folder to `output`.
 
     hessian: full | diag | lowrank (rank `rank`) approximation of G_e; layout: uniform (one width per model, a
     multiple of 16, loads in transformers) | exact (per-expert widths, loads with moecompress.load);
-    score: heapr | magnitude (m_{e,j} alone, no gradient pass). Returns the manifest written to moecompress.json.
+    score: heapr | magnitude (m_{e,j} alone, no gradient pass); refit: least-squares refit of the kept down_proj
+    columns on the calibration tokens (``sequential``: on the already-pruned earlier layers).
+    Returns the manifest written to moecompress.json.
     """
     check_args(ratio, hessian, layout, score, rank)
     t0 = time.time()
@@ -282,10 +296,13 @@ def atomic_prune(
     supers = [tuple(x) for x in prof.super_experts] if protect_super else []
 
     stats = None
-    if score == "heapr":
+    tokens = None
+    if score == "heapr" or refit:
         from .profile import load_tokenizer
 
         tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
+    if score == "heapr":
+        assert tokens is not None
         stats = streamed_scores(ckpt, m, tokens.input_ids, hessian, rank, batch_size, device)
     scores = channel_scores(ckpt, m, stats, score)
     info = {
@@ -298,7 +315,11 @@ def atomic_prune(
         "calibration": {"calib": calib, "samples": samples, "seq_len": seq_len, "seed": seed},
     }
     reports = [Path(profile)] if profile is not None else []
-    return write_atomic(ckpt, out, scores, ratio, layout, supers, info, overwrite, t0, reports)
+    comp = None
+    if refit:
+        assert tokens is not None
+        comp = Compensation(tokens.input_ids, sequential, batch_size=batch_size, device=device)
+    return write_atomic(ckpt, out, scores, ratio, layout, supers, info, overwrite, t0, reports, comp)
 
 
 def write_atomic(
@@ -312,10 +333,12 @@ def write_atomic(
     overwrite: bool = False,
     t0: float | None = None,
     report_inputs: list[Path] | None = None,
+    compensation: Compensation | None = None,
 ) -> dict[str, Any]:
     """Select channels from per-layer scores [E, I] and write the pruned folder; returns the manifest.
 
     info: method facts merged into the manifest (method, score, hessian, calibration, ...).
+    compensation: refit the kept down_proj columns after selection (atomic/compensate.py); None: plain slicing.
     """
     t0 = time.time() if t0 is None else t0
     fam, layers, E, H = ckpt.family, ckpt.moe_layers, ckpt.num_experts, ckpt.config.hidden_size
@@ -364,10 +387,14 @@ def write_atomic(
         "experts_removed_from_routing": {str(l): v for l, v in removed_experts.items() if v},
         "layers": layer_info,
         "load_with": "transformers" if layout == "uniform" else "moecompress.load",
+        "compensation": compensation.describe() if compensation is not None else None,
         "bytes_before": ckpt.bytes_on_disk,
         "warnings": warnings,
     }
-    tensors, _ = pruned_tensors(ckpt, keep, layout)
+    downs = None
+    if compensation is not None:
+        downs, manifest["compensation_output_error"] = compensated_downs(ckpt, keep, layout, compensation)
+    tensors, _ = pruned_tensors(ckpt, keep, layout, downs)
     channels = {str(l): [k.tolist() for k in keep[l]] for l in layers}
     write_checkpoint(
         out, tensors, config, ckpt.side_files(), manifest, overwrite,
