@@ -382,7 +382,7 @@ def test_sigint_for_real_in_a_subprocess(area, tmp_path):
     """A real SIGINT while profile computes: exit 130, one line, the temporary created up front is removed."""
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moecompress.cli", "profile", str(area["model"]), "-o", str(out), "--samples", "512",
+        [sys.executable, "-m", "moecompress.cli", "profile", str(area["model"]), "-o", str(out), "--samples", "2048",
          "--seq-len", "64", "--batch-size", "1", "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "MOECOMPRESS_QUIET": "1"},
     )  # fmt: skip
@@ -426,7 +426,7 @@ def test_sigkill_leftover_is_removed_by_the_next_run(area, tmp_path):
     """SIGKILL cannot be caught: the next run into the same folder removes the dead process's temporary."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "moecompress.cli", "profile", str(area["model"]), "-o", str(tmp_path / "run"),
-         "--samples", "512", "--seq-len", "64", "--batch-size", "1", "--device", "cpu"],
+         "--samples", "2048", "--seq-len", "64", "--batch-size", "1", "--device", "cpu"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MOECOMPRESS_QUIET": "1"},
     )  # fmt: skip
     deadline = time.time() + 120
