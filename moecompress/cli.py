@@ -207,7 +207,7 @@ def eval_cmd(
     target = json_out or output
     dev = device_of(device)
     base_dir = resolve_model(base) if base is not None else None
-    guard([(target, "file")], model, [base_dir, data_file(data)], overwrite)
+    guard([(target, "file")], model, [base_dir, data_file(data)], overwrite, sidecars_in_model=True)
     res = evaluate(model, base, data, seq_len, batch_size, dev, max_windows)
     if unigram:
         res["unigram_perplexity"] = unigram_perplexity(model, data, seq_len)

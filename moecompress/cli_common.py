@@ -161,17 +161,21 @@ def guard(
     others: Iterable[Path | str | None] = (),
     overwrite: bool = False,
     with_model: bool = True,
+    sidecars_in_model: bool = False,
 ) -> None:
     """Check every (output, "dir" | "file") against the command's inputs (MODEL, --base, --profile, data files)
-    before any work, and create each output's temporary now (writer.guard_output)."""
+    before any work, and create each output's temporary now (writer.guard_output). ``sidecars_in_model``: the
+    sidecar files moecompress keeps in its folders (eval.json, ...) may go into MODEL only, not the other inputs."""
     inputs: list[Path | str | None] = list(others)
+    homes = None
     if with_model:
         from .checkpoint import resolve_model
 
         inputs.insert(0, resolve_model(model))
+        homes = inputs[:1] if sidecars_in_model else None
     for out, kind in outputs:
         if out is not None:
-            writer.guard_output(out, inputs, overwrite, kind=kind)
+            writer.guard_output(out, inputs, overwrite, kind=kind, homes=homes)
 
 
 def finite(obj: Any) -> Any:

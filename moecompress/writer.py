@@ -138,6 +138,7 @@ def guard_output(
     overwrite: bool = False,
     kind: str = "dir",
     reserve: bool = True,
+    homes: Iterable[str | Path] | None = None,
 ) -> Path:
     """The one check every output goes through, before any work; returns the absolute output path.
 
@@ -145,18 +146,20 @@ def guard_output(
     the output is an input, lies inside one or contains one (symlinks resolved), when it exists and not
     ``overwrite``, and when ``overwrite`` would replace a folder moecompress did not write (an empty folder is fine)
     or a folder with a file. The only outputs allowed inside an input folder are the sidecars moecompress writes
-    into its own folders (OWN_SIDECARS); an existing report.html there is regenerated without ``overwrite``.
+    into its own folders (OWN_SIDECARS; only into ``homes`` when given, e.g. eval's model, never its --base); an
+    existing report.html there is regenerated without ``overwrite``.
     With ``reserve``, stale temporaries of dead processes beside the output are removed, missing parents are
     created and the temporary is created now, so an unwritable location fails here, before any compute.
     """
     given = Path(out).expanduser()
     o = _abs(given)
     regenerate = False
+    home = None if homes is None else {_abs(h) for h in homes}
     for raw in inputs:
         if raw is None:
             continue
         i = _abs(raw)
-        if _own_sidecar(o, i):
+        if (home is None or i in home) and _own_sidecar(o, i):
             regenerate = o.name == "report.html"
             continue
         if o == i:

@@ -86,6 +86,7 @@ def test_file_outputs_never_replace_an_input_or_an_existing_file(area, tmp_path)
         (["eval", m, "-o", m / "eval.json"], "is inside the input"),  # a plain HF folder is not moecompress's
         (["eval", p, "--json", p / "config.json", "--overwrite"], "is inside the input"),
         (["eval", m, "--base", p, "--json", p / "moecompress.json", "--overwrite"], "is inside the input"),
+        (["eval", m, "--base", p, "--json", p / "eval.json"], "is inside the input"),  # not the evaluated model's
         (["eval", m, "--data", text, "--json", text, "--overwrite"], "is the input"),
         (["eval", m, "--json", r / "profile.json"], "already exists"),
         (["info", m, "--json", m / "model.safetensors", "--overwrite"], "is inside the input"),
