@@ -54,10 +54,14 @@ PLANS = (
     ("lp-expert 3.0, old cost", "lp", 3.0, "expert", "err"),
 )
 ABLATIONS = (  # each row adds one choice; the default adds propagation through the quantized layers on top
-    ("before: natural order, original-weight Hessians", GPTQOptions(False, False, "mse", propagate=False)),
-    ("+ act-order", GPTQOptions(True, False, "mse", propagate=False)),
-    ("+ act-order + sequential", GPTQOptions(True, True, "mse", propagate=False)),
-    ("+ act-order + sequential + H-weighted scales", GPTQOptions(True, True, "hmse", propagate=False)),
+    (
+        "before: natural order, original-weight Hessians",
+        GPTQOptions(False, False, "mse", propagate=False, weighted=False),
+    ),
+    ("+ act-order", GPTQOptions(True, False, "mse", propagate=False, weighted=False)),
+    ("+ act-order + sequential", GPTQOptions(True, True, "mse", propagate=False, weighted=False)),
+    ("+ act-order + sequential + H-weighted scales", GPTQOptions(True, True, "hmse", propagate=False, weighted=False)),
+    ("+ ... + router-weighted Hessians", GPTQOptions(True, True, "hmse", propagate=False, weighted=True)),
 )
 LLMC_SETTINGS = (
     ("llm-compressor best (routed-only calibration, actorder static)", False),
@@ -262,35 +266,36 @@ def bench_model(model_arg: str | None, args: argparse.Namespace, work: Path, llm
 
     measure_s = {}
     kw = dict(samples=args.samples, seq_len=args.seq_len)
-    m = measure_model(model, "gptq", opts=GPTQOptions(), **kw)
-    measure_s["gptq (default)"] = round(m["elapsed_s"], 1)
-    print(f"{model}: default GPTQ measured in {m['elapsed_s']:.1f}s", flush=True)
-    plans = [p for p in PLANS if args.plans == "all" or p[0] in args.plans.split(",")]
-    for name, plan, bits, gran, cost in plans:
-        quant_row(m, name, plan, bits, gran, cost, "gptq (default)")
-    llmc_info = None
-    if llmc_py is not None:
-        ids = calibration_set(load_tokenizer(ckpt.path), "mixed", args.samples, args.seq_len, 0).input_ids
-        assert torch.equal(ids, m["tokens"].input_ids)  # the windows our calibration pass used
-        for label, all_experts in LLMC_SETTINGS:
-            for b in (4, 3):
-                out, tmpl = work / "llmc", work / "llmc-ours"
-                shutil.rmtree(out, ignore_errors=True)
-                info = run_llmc(llmc_py, model, ids, b, all_experts, out, lay, scale_dtype_of(ckpt))
-                llmc_info = info["version"]
-                bp = run_quantize(  # a template with our layout: its routed codes are replaced by llm-compressor's
-                    model, tmpl, bits=b, plan="uniform", method="gptq", other_bits=16, overwrite=True,
-                    measurement={**m, "opts": GPTQOptions(propagate=False)},
-                )  # fmt: skip
-                adopt_llmc(out, tmpl, lay)
-                shutil.rmtree(out, ignore_errors=True)
-                extra = {
-                    "plan": "uniform", "target_bits": b, "average_bits": b, "routed_bytes": bp["routed_bytes"],
-                    "llmc_elapsed_s": round(info["elapsed_s"], 1),
-                }  # fmt: skip
-                add(f"uniform {b}", label, tmpl, extra)
-    probe_kl = {f"{l}:{b}": v for (l, b), v in (m["meas"]["probe_kl"] or {}).items()}
-    del m
+    llmc_info, probe_kl = None, {}
+    if not args.skip_default:
+        m = measure_model(model, "gptq", opts=GPTQOptions(), **kw)
+        measure_s["gptq (default)"] = round(m["elapsed_s"], 1)
+        print(f"{model}: default GPTQ measured in {m['elapsed_s']:.1f}s", flush=True)
+        plans = [p for p in PLANS if args.plans == "all" or p[0] in args.plans.split(",")]
+        for name, plan, bits, gran, cost in plans:
+            quant_row(m, name, plan, bits, gran, cost, "gptq (default)")
+        if llmc_py is not None:
+            ids = calibration_set(load_tokenizer(ckpt.path), "mixed", args.samples, args.seq_len, 0).input_ids
+            assert torch.equal(ids, m["tokens"].input_ids)  # the windows our calibration pass used
+            for label, all_experts in LLMC_SETTINGS:
+                for b in (4, 3):
+                    out, tmpl = work / "llmc", work / "llmc-ours"
+                    shutil.rmtree(out, ignore_errors=True)
+                    info = run_llmc(llmc_py, model, ids, b, all_experts, out, lay, scale_dtype_of(ckpt))
+                    llmc_info = info["version"]
+                    bp = run_quantize(  # a template with our layout: its routed codes are replaced by llm-compressor's
+                        model, tmpl, bits=b, plan="uniform", method="gptq", other_bits=16, overwrite=True,
+                        measurement={**m, "opts": GPTQOptions(propagate=False)},
+                    )  # fmt: skip
+                    adopt_llmc(out, tmpl, lay)
+                    shutil.rmtree(out, ignore_errors=True)
+                    extra = {
+                        "plan": "uniform", "target_bits": b, "average_bits": b, "routed_bytes": bp["routed_bytes"],
+                        "llmc_elapsed_s": round(info["elapsed_s"], 1),
+                    }  # fmt: skip
+                    add(f"uniform {b}", label, tmpl, extra)
+        probe_kl = {f"{l}:{b}": v for (l, b), v in (m["meas"]["probe_kl"] or {}).items()}
+        del m
     if args.ablations:
         for label, opts in ABLATIONS:
             ma = measure_model(model, "gptq", opts=opts, probe_widths=(), widths=(3, 4), **kw)
@@ -303,12 +308,7 @@ def bench_model(model_arg: str | None, args: argparse.Namespace, work: Path, llm
         for b in (4, 3):
             quant_row(mr, f"uniform {b}", "uniform", b, "layer", "kl", "rtn")
         del mr
-    ours = [r for r in rows if r["method"] == "gptq (default)" and "predicted_kl" in r]
-    corr = {
-        "plans": len(ours),
-        "spearman_predicted_kl": spearman([r["predicted_kl"] for r in ours], [r["kl_to_base"] for r in ours]),
-        "spearman_old_proxy": spearman([r["old_proxy"] for r in ours], [r["kl_to_base"] for r in ours]),
-    }
+    corr = rank_correlation(rows)
     return {
         "model": model,
         "model_fingerprint": ckpt.fingerprint,
@@ -321,6 +321,16 @@ def bench_model(model_arg: str | None, args: argparse.Namespace, work: Path, llm
         "llmcompressor_version": llmc_info,
         "elapsed_s": round(time.time() - t0, 1),
         "rows": rows,
+    }
+
+
+def rank_correlation(rows: list[dict]) -> dict:
+    """Spearman between predicted and measured KL over the default method's plans (KL cost and old proxy)."""
+    ours = [r for r in rows if r["method"] == "gptq (default)" and "predicted_kl" in r]
+    return {
+        "plans": len(ours),
+        "spearman_predicted_kl": spearman([r["predicted_kl"] for r in ours], [r["kl_to_base"] for r in ours]),
+        "spearman_old_proxy": spearman([r["old_proxy"] for r in ours], [r["kl_to_base"] for r in ours]),
     }
 
 
@@ -355,6 +365,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows per domain")
     ap.add_argument("--plans", default="all", help="comma-separated plan names, or all")
     ap.add_argument("--ablations", action="store_true", help="GPTQ without each of its choices (4 and 3 bits)")
+    ap.add_argument("--skip-default", action="store_true", help="no default-pipeline or llm-compressor rows")
     ap.add_argument("--with-llmcompressor", action="store_true", help="llm-compressor GPTQ rows (separate venv)")
     ap.add_argument("--llmc-venv", default=str(ROOT / "runs" / "llmc-venv"), help="venv for llm-compressor")
     ap.add_argument("--md-only", action="store_true", help="re-render reports/quant_bench.md from the JSON")
@@ -364,7 +375,22 @@ def main() -> None:
     rep = Path(args.report_dir)
     if args.merge:  # runs of different models made in parallel processes: one report
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        res = {**parts[0], "models": [m for p in parts for m in p["models"]]}
+        by_model: dict[str, dict] = {}
+        for p in parts:
+            for mres in p["models"]:
+                if mres["model"] not in by_model:
+                    by_model[mres["model"]] = mres
+                    continue
+                acc = by_model[mres["model"]]
+                acc["rows"] += [r for r in mres["rows"] if r["config"] != "base"]
+                acc["measure_s"].update(mres["measure_s"])
+                acc["probe_kl"] = acc["probe_kl"] or mres["probe_kl"]
+                acc["llmcompressor_version"] = acc["llmcompressor_version"] or mres["llmcompressor_version"]
+                acc["elapsed_s"] = max(acc["elapsed_s"], mres["elapsed_s"])
+        for mres in by_model.values():
+            mres["targets"] = targets(mres["rows"])
+            mres["proxy_rank_correlation"] = rank_correlation(mres["rows"])
+        res = {**parts[0], "models": list(by_model.values())}
         res["commands"] = [p["command"] for p in parts]
         res["command"] = " ; ".join(res["commands"])
         res["elapsed_s"] = max(p["elapsed_s"] for p in parts)
@@ -413,6 +439,8 @@ def command_line(args: dict) -> str:
             parts.append(f"--{k.replace('_', '-')} {v}")
     if args.get("ablations"):
         parts.append("--ablations")
+    if args.get("skip_default"):
+        parts.append("--skip-default")
     if args.get("with_llmcompressor"):
         parts.append("--with-llmcompressor")
     return " ".join(parts)
