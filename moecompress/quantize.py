@@ -5,11 +5,20 @@ the MoE-block output error err[e, b] with only that expert quantized at b bits (
 (``--plan lp``: the global ILP of quant/bitplan.py; ``--plan uniform``) is written to bit_plan.json, then a
 compressed-tensors pack-quantized checkpoint + moecompress.json (layout "quantized") is written atomically.
 
-Scope notes: layer inputs are propagated through the *original* weights (errors are measured per expert, not
-compounded); attention / shared experts / dense MLPs are quantized with RTN at ``--other-bits`` (16 keeps them);
-routers, norms, embeddings and lm_head are never quantized. All candidate codes are kept in memory between the
-measurement and the write up to ``MAX_CODE_CACHE_BYTES``; above it, a second streamed pass re-quantizes each layer at
-its planned widths while the checkpoint is written (memory: one layer).
+The plan's cost predicts KL (``cost_model="kl"``, default): the same pass runs sensitivity probes (the first
+calibration batch through the model with one layer's routed experts at 2, 3 and 4 bits, riding along the stream),
+and each layer's errors are scaled so that their sum equals the layer's measured KL (make_plan). Super experts and
+experts with too few calibration tokens get >= 8 bits in LP plans (``protect``; the plan lists them and why).
+
+GPTQ (quant/gptq.py, quant/layer.py): static act-order with the plain group layout, Hessian-diagonal-weighted scale
+search, router-weighted Hessians, gate/up before down_proj (whose Hessian comes from the quantized gate/up outputs).
+The measuring pass propagates layer inputs through the *original* weights (errors are per expert, not compounded);
+with ``GPTQOptions.propagate`` (default) the written codes come from a second streamed pass in which each layer is
+quantized at its planned widths on the inputs produced by the already quantized earlier layers (as the quantized
+model will see them). Without propagation the measured codes are kept up to ``MAX_CODE_CACHE_BYTES`` and written
+directly; above it the second pass re-quantizes. Heavy math runs on ``device``, one expert at a time.
+Attention / shared experts / dense MLPs are quantized with RTN at ``--other-bits`` (16 keeps them); routers, norms,
+embeddings and lm_head are never quantized.
 """
 
 from __future__ import annotations
