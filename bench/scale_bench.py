@@ -46,14 +46,22 @@ def child(argv: list[str]) -> None:
     print(json.dumps({"cpu_s": round(cpu, 2), "peak_rss_bytes": hwm, "code": code, "module": moecompress.__file__}))
 
 
-def run_cmd(code_dir: Path, argv: list[str], timeout: float) -> dict:
+def run_cmd(code_dir: Path, argv: list[str], cpu_cap: float) -> dict:
+    """Run one command in a fresh process with the code under ``code_dir``, stopped after ``cpu_cap`` CPU seconds
+    (RLIMIT_CPU, so a busy machine does not stop it early)."""
+    import resource
+
     env = {**os.environ, "PYTHONPATH": str(code_dir), "OMP_NUM_THREADS": "1", "MOECOMPRESS_QUIET": "1"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--", *argv]
+    cap = max(1, int(cpu_cap))
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_CPU, (cap, cap + 5))
+
     t = time.time()
-    try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir())
-    except subprocess.TimeoutExpired:
-        return {"timed_out": True, "wall_s": round(time.time() - t, 1)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir(), preexec_fn=limit)
+    if out.returncode in (-24, -9):  # SIGXCPU / SIGKILL at the CPU limit
+        return {"timed_out": True, "cpu_cap_s": cap, "wall_s": round(time.time() - t, 1)}
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if out.returncode or not lines:
         raise RuntimeError(f"{' '.join(argv)} failed under {code_dir}:\n{out.stderr[-3000:]}")
@@ -106,16 +114,17 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--before", type=Path, default=None, help="checkout of the older code to compare against")
-    ap.add_argument("--before-timeout", type=float, default=300.0, help="seconds per command for the old code")
+    ap.add_argument("--after", type=Path, default=ROOT, help="checkout of the new code (default: this one)")
+    ap.add_argument("--before-timeout", type=float, default=300.0, help="CPU seconds per command for the old code")
     ap.add_argument("--builtin-ratios", default="0.25,0.5", help="built-in model before/after check ('' = skip)")
     ap.add_argument("--out", default=str(ROOT / "reports" / "scale_bench"))
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))
     from profile_bench import synthetic_checkpoint
 
-    versions = {"after": ROOT}
+    versions = {"after": args.after.resolve()}
     if args.before is not None:
-        versions = {"before": args.before.resolve(), "after": ROOT}
+        versions = {"before": args.before.resolve(), "after": args.after.resolve()}
     work = Path(tempfile.mkdtemp(prefix="scale-bench-"))
     t0 = time.time()
     calib = ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--device", "cpu"]
@@ -145,7 +154,7 @@ def main() -> None:
         "setup": {
             "layers": args.layers, "hidden": args.hidden, "width": args.width, "top_k": args.top_k,
             "calibration_tokens": args.samples * args.seq_len, "ratio": args.ratio, "dtype": "bfloat16",
-            "threads": 1, "before": str(args.before) if args.before else None,
+            "threads": 1, "before": str(args.before) if args.before else None, "after": str(args.after),
             "before_timeout_s": args.before_timeout,
         },
         "rows": rows,
@@ -163,7 +172,7 @@ def _cell(r: dict | None) -> str:
     if r is None:
         return "-"
     if r.get("timed_out"):
-        return f"> {r['wall_s']:.0f} s (stopped)"
+        return f"> {r['cpu_cap_s']:.0f} s (stopped)"
     return f"{r['cpu_s']:.1f} s, {r['peak_rss_bytes'] / 2**30:.2f} GiB"
 
 

@@ -69,12 +69,18 @@ class RouterSpec:
 
 
 # ---- how many -------------------------------------------------------------------------------------------
+def possible_ratios(num_experts: int, spec: RouterSpec) -> list[float]:
+    """Ratios that remove a whole number of experts from every group and keep the router's minimum."""
+    E, g = num_experts, spec.n_group
+    return [m / E for m in range(g, E, g) if E - m >= spec.min_keep()]
+
+
 def removal_count(num_experts: int, ratio: float, spec: RouterSpec) -> tuple[int, str | None]:
     """n experts removed per layer for ``ratio`` (uniform layout); a note when rounded to a multiple of n_group."""
     if not 0.0 < ratio < 1.0:
         raise UserError(f"--ratio {ratio} must be between 0 and 1 (the fraction of routed experts removed)")
     E, g = num_experts, spec.n_group
-    n = round(ratio * E)
+    n = raw = round(ratio * E)
     note = None
     if g > 1 and n % g:
         m = max(g, round(n / g) * g)
@@ -85,8 +91,25 @@ def removal_count(num_experts: int, ratio: float, spec: RouterSpec) -> tuple[int
     if n < 1:
         raise UserError(f"--ratio {ratio} removes no expert of {E}: use a ratio of at least {1 / E:.3f}")
     if E - n < spec.min_keep():
-        what = f"top-k {spec.top_k}" if spec.kind == "softmax" else f"the router's minimum {spec.min_keep()}"
-        raise UserError(f"--ratio {ratio} leaves {E - n} of {E} experts, fewer than {what}: lower --ratio")
+        if g == 1:
+            what = f"top-k {spec.top_k}" if spec.kind == "softmax" else f"the router's minimum {spec.min_keep()}"
+            raise UserError(f"--ratio {ratio} leaves {E - n} of {E} experts, fewer than {what}: lower --ratio")
+        per = spec.min_keep() // g
+        asked = (
+            f"{raw} of {E} experts rounds to {n} (the same number from each of the {g} groups of {E // g})"
+            if raw != n
+            else f"{n} of {E} experts"
+        )
+        ok = possible_ratios(E, spec)
+        hint = (
+            "possible ratios: " + ", ".join(f"{r:g}" for r in ok)
+            if ok
+            else f"no ratio can remove experts from this model (every group must keep {per})"
+        )
+        raise UserError(
+            f"--ratio {ratio}: {asked}, which leaves {E - n}, fewer than the router's minimum {spec.min_keep()} "
+            f"({per} per group, top-k {spec.top_k}); {hint}"
+        )
     return n, note
 
 

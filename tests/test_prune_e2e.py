@@ -232,3 +232,49 @@ def test_cli_atom_granularity_dispatches_to_atomic_prune(tmp_path, tokenizer_dir
     assert man["routed_channels_removed_fraction"] == pytest.approx(0.25, abs=0.01)
     r = _cli(path, "--ratio", "0.25", "--granularity", "atom", "--layout", "per-layer", "-o", tmp_path / "x")
     assert r.exit_code == 2 and "granularity expert" in r.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("family", "layout", "refit"),
+    [
+        ("qwen3_moe", "uniform", "router+down"),
+        ("qwen2_moe", "uniform", "router"),
+        ("deepseek_v3", "per-layer", "router"),
+    ],
+)
+def test_refit_output_reloads_and_changes_only_router_rows_and_down(family, layout, refit, tmp_path, tokenizer_dir):
+    """--refit writes the same keys and shapes as plain pruning; the reloaded model equals the base model pruned in
+    memory with the written router rows (and down projections) put in, so nothing else changed; each layer's
+    calibration error did not grow."""
+    from dataclasses import replace
+
+    from moecompress.prune_load import layer_view, set_layer_experts
+
+    path = build_tiny(family, tmp_path / family, tokenizer_dir)
+    plain, out = tmp_path / "plain", tmp_path / "refit"
+    prune_model(path, plain, PruneOptions(ratio=0.34, layout=layout), tokens=_tokens())
+    man = prune_model(path, out, PruneOptions(ratio=0.34, layout=layout, refit=refit), tokens=_tokens())
+    assert man["refit"] == refit and man["options"]["refit"] == refit
+    a, b = Checkpoint(plain), Checkpoint(out)
+    assert a.tensor_info() == b.tensor_info()  # same keys, shapes and dtypes
+    model = reload_clean(out) if layout == "uniform" else loading.load(out)
+    base = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
+    kept = {int(l): v["kept"] for l, v in man["layers"].items()}
+    ref = prune_in_memory(base, kept)
+    fam, src = b.family, Checkpoint(path)
+    changed = 0
+    for l in kept:
+        w, orig = b.moe_weights(l), src.moe_weights(l).select(kept[l])
+        assert torch.equal(w.gate, orig.gate) and torch.equal(w.up, orig.up)
+        changed += int(not torch.equal(w.router, orig.router))
+        if refit == "router":
+            assert torch.equal(w.down, orig.down)
+        v = layer_view(ref, fam, l)
+        set_layer_experts(ref, fam, l, replace(v, router=w.router.float(), down=w.down.float()))
+        errs = man["refit_layer_errors"][str(l)]
+        assert errs["error_after_router"] <= errs["error_before"] + 1e-9
+        if refit == "router+down":
+            assert errs["error_after_down"] <= errs["error_after_router"] + 1e-6
+    assert changed > 0
+    ids = _tokens().input_ids
+    torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), rtol=0, atol=0)

@@ -9,11 +9,17 @@ from moecompress.adapters import family_for
 from moecompress.errors import UserError
 from moecompress.prune_load import layer_view, prune_in_memory
 from moecompress.pruning import (
+    ExpertOutputs,
     RouterSpec,
     Step,
+    _choice,
+    _dense,
     combine,
     expert_outputs,
     output_error_order,
+    possible_ratios,
+    refit_downs,
+    refit_router,
     removal_count,
     route,
     score_order,
@@ -122,41 +128,125 @@ def test_output_error_greedy_first_step_is_brute_force_best():
     assert len(grouped) == 1 and sorted(e // 2 for e in grouped[0].experts) == [0, 1]  # one from each group
 
 
-def _naive_greedy(outs, logits, spec, n):
-    y0 = combine(outs, *route(logits, spec))
+def _naive_greedy(outs, logits, spec, n, correction=None, protected=()):
+    """Recompute every token's routed output for every candidate (the definition of the greedy)."""
+    y0 = combine(outs, *route(logits, spec, None, correction))
+    denom = float(y0.double().pow(2).sum())
     removed = torch.zeros(logits.shape[1], dtype=torch.bool)
     Eg = logits.shape[1] // spec.n_group
-    order = []
+    order, errs = [], []
     for _ in range(n):
         lost = [int(removed[g * Eg : (g + 1) * Eg].sum()) for g in range(spec.n_group)]
         best = None
         for e in range(logits.shape[1]):
-            if removed[e] or lost[e // Eg] != min(lost):
+            if removed[e] or e in protected or lost[e // Eg] != min(lost):
                 continue
             t = removed.clone()
             t[e] = True
-            err = float((combine(outs, *route(logits, spec, t)) - y0).double().pow(2).sum())
+            err = float((combine(outs, *route(logits, spec, t, correction)) - y0).double().pow(2).sum())
             if best is None or err < best[1]:
                 best = (e, err)
         removed[best[0]] = True
         order.append(best[0])
-    return order
+        errs.append(best[1] / denom)
+    return order, errs
 
 
-@pytest.mark.parametrize(
-    "spec", [SOFT, RouterSpec(top_k=2, norm_topk=False), RouterSpec(3, "sigmoid_group", True, 2, 1, 2.5)]
-)
-def test_incremental_greedy_equals_naive_recompute(spec):
-    g = torch.Generator().manual_seed(1)
-    outs = torch.randn(300, 8, 6, generator=g)
-    logits = torch.randn(300, 8, generator=g) * 2
-    order = output_error_order(outs, logits, spec, set(), 4)
-    flat = [e for s in order for e in s.experts]
-    naive = _naive_greedy(outs, logits, spec, 4)
-    if spec.n_group > 1:  # steps are rounds (sorted inside); compare as rounds
-        assert [sorted(naive[i : i + 2]) for i in (0, 2)] == [list(s.experts) for s in order]
-    else:
-        assert flat == naive
+def _experts(seed, T=400, E=8, H=6, I=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    gate, up = torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g)
+    down = torch.randn(E, H, I, generator=g)
+    return x, gate, up, down, torch.randn(T, E, generator=g) * 2, torch.randn(E, generator=g) * 0.1
+
+
+SPECS = [SOFT, RouterSpec(top_k=2, norm_topk=False), RouterSpec(3, "sigmoid_group", True, 2, 1, 2.5),
+         RouterSpec(2, "sigmoid_group", True, 2, 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["softmax", "softmax-no-norm", "groups", "groups-topk2"])
+@pytest.mark.parametrize("cached", [False, True], ids=["dense", "cached"])
+def test_incremental_greedy_equals_naive_recompute(spec, cached):
+    """The incremental greedy (only tokens whose top-k can change are recomputed) makes the same choices with the
+    same costs as recomputing every token for every candidate, with outputs held densely or cached for each
+    token's best few experts (c=3 < k+1 for some specs: the rest is computed on demand into freed slots)."""
+    for seed in range(3):
+        x, gate, up, down, logits, corr = _experts(seed)
+        corr = corr if spec.kind != "softmax" else None
+        dense = expert_outputs(x, gate, up, down)
+        src = ExpertOutputs(x, gate, up, down, _choice(logits, spec, corr), 3) if cached else dense
+        n = 6 if spec.n_group == 1 else 4  # two rounds of one expert per group: each group of 4 keeps 2
+        protected = {5} if spec.n_group == 1 else set()
+        order = output_error_order(src, logits, spec, protected, n, corr)
+        naive, errs = _naive_greedy(dense, logits, spec, n, corr, protected)
+        g = spec.n_group
+        rounds = [sorted(naive[i : i + g]) for i in range(0, len(naive), g)]
+        assert [list(s.experts) for s in order] == rounds
+        assert [sum(s.cost for s in order[: i + 1]) for i in range(len(order))] == pytest.approx(
+            errs[g - 1 :: g], rel=1e-5, abs=1e-9
+        )
+
+
+def test_expert_outputs_cache_is_exact_and_reuses_freed_slots():
+    x, gate, up, down, logits, _ = _experts(4, T=50)
+    dense = expert_outputs(x, gate, up, down)
+    src = ExpertOutputs(x, gate, up, down, logits, 2)
+    rows = torch.arange(50)
+    idx = torch.randint(0, 8, (50, 3), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(src.get(rows, idx), dense[rows[:, None], idx])
+    e = int(logits.argmax(1)[0])  # token 0 caches its best expert
+    src.release(e)
+    assert int(src.slot[0, e]) == -1
+    other = int(logits[0].argsort()[0])  # its worst: not cached until asked for, then kept in the freed slot
+    assert int(src.slot[0, other]) == -1
+    torch.testing.assert_close(src.get(rows[:1], torch.tensor([[other]])), dense[:1, [other]])
+    assert int(src.slot[0, other]) >= 0
+
+
+def test_group_rounding_says_so_and_lists_possible_ratios():
+    eight_pairs = RouterSpec(top_k=2, kind="sigmoid_group", n_group=8, topk_group=2)
+    with pytest.raises(UserError) as err:
+        removal_count(16, 0.25, eight_pairs)
+    msg = str(err.value)
+    assert "4 of 16 experts rounds to 8" in msg and "8 groups of 2" in msg
+    assert "router's minimum 16" in msg and "no ratio can remove experts" in msg
+    four = RouterSpec(top_k=4, kind="sigmoid_group", n_group=4, topk_group=2)
+    assert possible_ratios(16, four) == [0.25, 0.5]
+    with pytest.raises(UserError, match=r"13 of 16 experts rounds to 12 .*possible ratios: 0.25, 0.5"):
+        removal_count(16, 0.8, four)
+
+
+def _layer_error(x, gate, up, down, weight, spec, removed, y0, corr=None):
+    src = ExpertOutputs(x, gate, up, down, _choice(x @ weight.T, spec, corr), 10)
+    y = combine(expert_outputs(x, gate, up, down), *route(x @ weight.T, spec, removed, corr))
+    return src, float((y - y0).pow(2).sum())
+
+
+@pytest.mark.parametrize("spec", [SOFT, RouterSpec(top_k=2, norm_topk=False)], ids=["norm", "no-norm"])
+def test_refit_lowers_the_pruned_layer_output_error(spec):
+    """Router refit, then down refit, each lower ||y_pruned - y||^2 on the calibration tokens of a tiny layer."""
+    g = torch.Generator().manual_seed(3)
+    T, E, H, I = 600, 6, 8, 12
+    x = torch.randn(T, H, generator=g)
+    gate, up = torch.randn(E, I, H, generator=g) * 0.5, torch.randn(E, I, H, generator=g) * 0.5
+    down = torch.randn(E, H, I, generator=g) * 0.5
+    weight = torch.randn(E, H, generator=g)
+    y0 = combine(expert_outputs(x, gate, up, down), *route(x @ weight.T, spec))
+    removed = torch.zeros(E, dtype=torch.bool)
+    removed[[1, 4]] = True
+    src, before = _layer_error(x, gate, up, down, weight, spec, removed, y0)
+    rows, bias, e0, e1 = refit_router(src, x, weight, None, spec, removed, y0, steps=60)
+    assert bias is None and e0 == pytest.approx(before, rel=1e-4)
+    _, after = _layer_error(x, gate, up, down, rows, spec, removed, y0)
+    assert after == pytest.approx(e1, rel=1e-4) and after < 0.9 * before
+    assert torch.equal(rows[removed], weight[removed])
+    w_orig = _dense(*route(x @ weight.T, spec), E)
+    w_new = _dense(*route(x @ rows.T, spec, removed), E)
+    kept = [e for e in range(E) if not removed[e]]
+    new_down = refit_downs(x, gate, up, down, kept, w_orig, w_new)
+    assert torch.equal(new_down[removed], down[removed])
+    y = combine(expert_outputs(x, gate, up, new_down), *route(x @ rows.T, spec, removed))
+    assert float((y - y0).pow(2).sum()) < 0.9 * after
 
 
 def test_expert_outputs_and_combine_equal_the_experts_module(tmp_path, tokenizer_dir):
