@@ -78,6 +78,30 @@ def test_kernel_rejects_bad_shapes(interpret):
         triton_pack.packed_linear(torch.randn(2, 64), p.float(), s, 4, 32)
 
 
+@needs_triton
+def test_grouped_kernel_equals_one_launch_per_expert(interpret):
+    """Rows of several experts in one launch (rows scheduled by align_rows, padded per expert, -1 rows skipped)
+    give each row exactly what packed_linear gives for its own expert."""
+    S, N, K, bits, group = 3, 40, 64, 3, 32
+    qs = [_packed(N, K, bits, group, seed=s) for s in range(S)]
+    packed = torch.stack([p for _, _, p in qs])  # [S, N, W]
+    scale = torch.stack([s for _, s, _ in qs])  # [S, N, K / g]
+    x = torch.randn(11, K, generator=torch.Generator().manual_seed(5))
+    slots = torch.tensor([2, 0, -1, 2, 2, 1, 0, -1, 2, 0, 2])  # slot per row of x, -1: not computed
+    pos, block_slot, P = triton_pack.align_rows(slots, S, block=16)
+    assert P == 3 * 16 and block_slot.tolist() == [0, 1, 2]  # 3, 1 and 5 rows, each padded to 16
+    assert (pos[slots < 0] == -1).all() and len(set(pos[slots >= 0].tolist())) == 9
+    rows = torch.full((P,), -1)
+    rows[pos[slots >= 0]] = torch.nonzero(slots >= 0).squeeze(1)
+    out = triton_pack.packed_grouped_linear(x, rows, block_slot, packed, scale, bits, group, block=16)  # [P, N]
+    for r in range(11):
+        if slots[r] >= 0:
+            s = int(slots[r])
+            want = triton_pack.packed_linear(x[r : r + 1], packed[s], scale[s], bits, group)[0]
+            torch.testing.assert_close(out[pos[r]], want, rtol=1e-6, atol=1e-6)
+            assert pos[r] // 16 == s  # its block belongs to its expert
+
+
 def _experts(E: int, H: int, I: int, bits: list[int], seed: int = 0) -> PackedExperts:
     """PackedExperts built from random RTN-quantized experts (per-expert widths), as the loader builds it."""
     g = torch.Generator().manual_seed(seed)
@@ -154,7 +178,7 @@ def test_auto_falls_back_to_torch_with_a_warning_when_the_kernel_fails(interpret
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image for this GPU")
 
-    monkeypatch.setattr(triton_pack, "packed_linear", broken)
+    monkeypatch.setattr(triton_pack, "packed_grouped_linear", broken)
     mod = _experts(4, 16, 16, [4, 3, 4, 3])
     h = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
     idx, w = torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2, generator=torch.Generator().manual_seed(3))

@@ -11,9 +11,10 @@ buffers, grouped by width: for every width ``b`` in use, ``gate_up_packed_b{b} [
 and dequantized (:func:`moecompress.quant.rtn.dequantize`, in the scale dtype, then cast to the compute dtype) at
 that moment, exactly as :func:`moecompress.quant.load.dequantize_state` does at load time: the same numbers.
 
-On CUDA (when Triton is installed) a hit expert's two products run instead through the fused Triton kernel of
-:mod:`moecompress.quant.triton_pack`, which unpacks and dequantizes weight tiles in registers: the dense weight of
-an expert is never written to memory; the weights are the same numbers, only the matmul's summation order differs.
+On CUDA (when Triton is installed) the experts' products run instead through the fused Triton kernel of
+:mod:`moecompress.quant.triton_pack`, which unpacks and dequantizes weight tiles in registers (the dense weight of
+an expert is never written to memory), grouped: the rows of all hit experts of one width go through one launch per
+projection. The weights are the same numbers; only the matmul's summation order differs.
 ``kernel`` selects: ``"auto"`` (Triton where :func:`~moecompress.quant.triton_pack.available`, else torch),
 ``"torch"``, ``"triton"`` (error when unavailable); :func:`set_kernel` sets it on every such module of a model.
 Under ``"auto"`` a kernel that fails (e.g. Triton cannot compile for this GPU) is reported once with a warning
@@ -142,17 +143,45 @@ class PackedExperts(nn.Module):
             )
         return ok
 
-    def _expert_fused(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on its tokens ``x [t, H]`` through the fused kernel -> ``[t, H]`` (before routing weights)."""
-        b, s = self.bits[e], self.slot[e]
-        gate_up = triton_pack.packed_linear(
-            x, getattr(self, f"gate_up_packed_b{b}")[s], getattr(self, f"gate_up_scale_b{b}")[s], b, self.group_gate_up
-        )  # [t, 2I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = self.act_fn(gate) * up  # [t, I]
-        return triton_pack.packed_linear(
-            h, getattr(self, f"down_packed_b{b}")[s], getattr(self, f"down_scale_b{b}")[s], b, self.group_down
-        )  # [t, H]
+    def _forward_fused(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """``forward`` through the grouped Triton kernel: per width, two launches (gate_up, down) cover every hit
+        expert; rows are scheduled by expert (:func:`~moecompress.quant.triton_pack.align_rows`)."""
+        T, k = top_k_index.shape
+        dev = hidden_states.device
+        E = self.num_experts
+        flat = top_k_index.reshape(-1)  # [A] one row per (token, choice)
+        tok = torch.arange(T * k, device=dev) // k  # [A]
+        valid = (flat >= 0) & (flat < E)
+        w_flat = top_k_weights.reshape(-1)  # [A]
+        out = torch.zeros_like(hidden_states)  # [T, H]
+        for b in self.widths:
+            table = torch.full((E + 1,), -1, dtype=torch.long, device=dev)  # expert -> its slot among b-bit experts
+            members = [e for e in range(E) if self.bits[e] == b]
+            table[members] = torch.tensor([self.slot[e] for e in members], device=dev)
+            slots = torch.where(valid, table[flat.clamp(0, E)], -1)  # [A]
+            pos, block_slot, P = triton_pack.align_rows(slots, len(members))
+            if P == 0:
+                continue
+            sel = (pos >= 0).nonzero().squeeze(1)  # rows of this width
+            rows = torch.full((P,), -1, dtype=torch.long, device=dev)
+            rows[pos[sel]] = tok[sel]
+            gate_up = triton_pack.packed_grouped_linear(
+                hidden_states, rows, block_slot, getattr(self, f"gate_up_packed_b{b}"),
+                getattr(self, f"gate_up_scale_b{b}"), b, self.group_gate_up,
+            )  # [P, 2I]  # fmt: skip
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = self.act_fn(gate) * up  # [P, I] (padding rows hold garbage and are never read)
+            rows_h = torch.full((P,), -1, dtype=torch.long, device=dev)
+            rows_h[pos[sel]] = pos[sel]
+            down = triton_pack.packed_grouped_linear(
+                h, rows_h, block_slot, getattr(self, f"down_packed_b{b}"), getattr(self, f"down_scale_b{b}"), b,
+                self.group_down,
+            )  # [P, H]  # fmt: skip
+            vals = down[pos[sel]] * w_flat[sel, None]  # [n, H]
+            out.index_add_(0, tok[sel], vals.to(out.dtype))
+        return out
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -160,8 +189,20 @@ class PackedExperts(nn.Module):
         """``hidden_states [T, H]``, ``top_k_index [T, k]``, ``top_k_weights [T, k]`` -> ``[T, H]``.
 
         Weights are dequantized in the scale dtype and cast to ``hidden_states.dtype`` (the model's dtype)."""
+        if self.uses_triton(hidden_states):
+            try:
+                return self._forward_fused(hidden_states, top_k_index, top_k_weights)
+            except Exception as err:  # reported, then the exact torch path (same weights)
+                if self.kernel == "triton":
+                    raise
+                _TRITON_FAILED.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                warnings.warn(
+                    f"moecompress: the Triton packed-experts kernel failed ({_TRITON_FAILED[0]}); "
+                    "using the torch unpacking path from now on",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         final_hidden_states = torch.zeros_like(hidden_states)  # [T, H]
-        fused = self.uses_triton(hidden_states)
         with torch.no_grad():
             expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)  # [T, k, E+1]
             expert_mask = expert_mask.permute(2, 1, 0)  # [E+1, k, T]
@@ -171,25 +212,10 @@ class PackedExperts(nn.Module):
                 continue
             top_k_pos, token_idx = torch.where(expert_mask[e])
             current_state = hidden_states[token_idx]  # [t, H]
-            if fused:
-                try:
-                    current_hidden_states = self._expert_fused(e, current_state)  # [t, H]
-                except Exception as err:  # reported, then the exact torch path (same numbers)
-                    if self.kernel == "triton":
-                        raise
-                    _TRITON_FAILED.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-                    warnings.warn(
-                        f"moecompress: the Triton packed-experts kernel failed ({_TRITON_FAILED[0]}); "
-                        "using the torch unpacking path from now on",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    fused = False
-            if not fused:
-                gate_up, down = self.expert_weights(e, hidden_states.dtype)
-                gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)  # [t, I] each
-                current_hidden_states = self.act_fn(gate) * up
-                current_hidden_states = nn.functional.linear(current_hidden_states, down)  # [t, H]
+            gate_up, down = self.expert_weights(e, hidden_states.dtype)
+            gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)  # [t, I] each
+            current_hidden_states = self.act_fn(gate) * up
+            current_hidden_states = nn.functional.linear(current_hidden_states, down)  # [t, H]
             current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
         return final_hidden_states

@@ -54,10 +54,14 @@ def _define() -> None:
         p_ptr,
         s_ptr,
         o_ptr,
+        rows_ptr,
+        slot_ptr,
         M,
         N,
         stride_xm,
         stride_xk,
+        stride_pe,
+        stride_se,
         stride_pn,
         stride_pw,
         stride_sn,
@@ -69,22 +73,31 @@ def _define() -> None:
         BITS: tl.constexpr,
         GROUP: tl.constexpr,
         DOT_F32: tl.constexpr,
+        GROUPED: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] output rows
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        m_ok = rm < M
+        if GROUPED:  # a block of rows of one expert: x rows gathered through rows_ptr (-1: padding), its weights
+            slot = tl.load(slot_ptr + pid_m)
+            rx = tl.load(rows_ptr + rm)
+            m_ok = rx >= 0
+            p_ptr += slot.to(tl.int64) * stride_pe
+            s_ptr += slot.to(tl.int64) * stride_se
+        else:
+            rx = rm
+            m_ok = rm < M
         n_ok = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)  # [BK]
             k_ok = rk < K
             x = tl.load(
-                x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
+                x_ptr + rx[:, None] * stride_xm + rk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
             )  # [BM, BK]
             bit = rk * BITS
             word = bit // 32  # [BK] word of each code's first bit
@@ -161,11 +174,71 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bi
 
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _kernel()[grid](
-        x, packed, scale, out, M, N,
-        x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1),
+        x, packed, scale, out, x, x, M, N,
+        x.stride(0), x.stride(1), 0, 0, packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1),
         out.stride(0), out.stride(1),
-        K=K, W=W, BITS=bits, GROUP=group,
-        DOT_F32=x.dtype == torch.float32 or interpreting(),
+        K=K, W=W, BITS=bits, GROUP=group, DOT_F32=x.dtype == torch.float32 or interpreting(), GROUPED=False,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    )  # fmt: skip
+    return out
+
+
+GROUP_M = 16  # rows per block of the grouped kernel: each expert's rows are padded to a multiple of it
+
+
+def align_rows(slots: torch.Tensor, num_slots: int, block: int = GROUP_M) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Schedule rows by expert slot for :func:`packed_grouped_linear`.
+
+    ``slots [A]``: the slot (expert within one width's buffers) of each row, -1 for rows that are not computed.
+    Returns ``(pos [A], block_slot [P / block], P)``: ``pos[a]`` is row ``a``'s position in the padded order
+    (-1 when not computed); each slot's rows are contiguous and padded to a multiple of ``block``; block ``i`` of
+    the padded order belongs to slot ``block_slot[i]``. One host sync (``P``)."""
+    on = slots >= 0
+    s = torch.where(on, slots, num_slots)  # not computed -> a sentinel slot after the real ones
+    order = torch.argsort(s, stable=True)
+    counts = torch.bincount(s, minlength=num_slots + 1)[:num_slots]  # [S]
+    padded = (counts + block - 1) // block * block
+    pstart = torch.cumsum(padded, 0) - padded
+    cstart = torch.cumsum(counts, 0) - counts
+    ss = s[order]
+    real = ss < num_slots
+    rank = torch.arange(order.numel(), device=slots.device)
+    pos_sorted = torch.where(real, pstart[ss.clamp_max(num_slots - 1)] + rank - cstart[ss.clamp_max(num_slots - 1)], -1)
+    pos = torch.empty_like(pos_sorted)
+    pos[order] = pos_sorted
+    P = int(padded.sum())
+    block_slot = torch.repeat_interleave(torch.arange(num_slots, device=slots.device), padded // block)
+    return pos, block_slot.to(torch.int32), P
+
+
+def packed_grouped_linear(
+    x: torch.Tensor, rows: torch.Tensor, block_slot: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+    bits: int, group: int, block: int = GROUP_M,
+) -> torch.Tensor:  # fmt: skip
+    """Many experts in one launch: output row ``i`` (of ``P = len(rows)``) is ``x[rows[i]] @ W_s^T`` with
+    ``s = block_slot[i // block]`` and ``W_s`` = dequant(``packed [S, N, W]``, ``scale [S, N, K / group]``) of
+    slot ``s``; ``rows[i] = -1`` marks padding (its output row is left unwritten). -> ``[P, N]`` in ``x``'s dtype."""
+    if packed.dim() != 3 or scale.dim() != 3 or packed.dtype != torch.int32:
+        raise ValueError("packed_grouped_linear takes packed int32 [S, N, W] and scale [S, N, K / group]")
+    M, K = x.shape
+    S, N, W = packed.shape
+    P = rows.numel()
+    if W != -(-K * bits // 32) or scale.shape != (S, N, K // group) or K % group:
+        raise ValueError(f"packed {tuple(packed.shape)} / scale {tuple(scale.shape)} do not hold [{N}, {K}] codes")
+    if P % block or block_slot.numel() != P // block:
+        raise ValueError(f"{P} rows are not {block_slot.numel()} blocks of {block}")
+    out = torch.empty(P, N, dtype=x.dtype, device=x.device)
+    if P == 0:
+        return out
+    bn = 64 if N >= 64 else 32 if N >= 32 else 16
+    import triton
+
+    grid = (P // block, triton.cdiv(N, bn))
+    _kernel()[grid](
+        x, packed, scale, out, rows.to(torch.int32).contiguous(), block_slot.to(torch.int32).contiguous(), M, N,
+        x.stride(0), x.stride(1), packed.stride(0), scale.stride(0), packed.stride(1), packed.stride(2),
+        scale.stride(1), scale.stride(2), out.stride(0), out.stride(1),
+        K=K, W=W, BITS=bits, GROUP=group, DOT_F32=x.dtype == torch.float32 or interpreting(), GROUPED=True,
+        BLOCK_M=block, BLOCK_N=bn, BLOCK_K=32,
     )  # fmt: skip
     return out
