@@ -488,6 +488,8 @@ def throughput(big: Path, q4: Path, dev: str, iters: int, batches: list[int]) ->
 
     res: dict[str, Any] = {"forward": "one token per sequence, no KV cache; median of iters after one warm-up"}
     vocab = 8192
+    probe = torch.randint(0, vocab, (4, 16), generator=torch.Generator().manual_seed(1)).to(dev)
+    logits: dict[str, torch.Tensor] = {}
     variants: list[tuple[str, Callable[[], torch.nn.Module], str | None]] = [
         ("dense_bf16_default_kernel", lambda: AutoModelForCausalLM.from_pretrained(big, dtype=torch.bfloat16), None),
         (
@@ -507,6 +509,8 @@ def throughput(big: Path, q4: Path, dev: str, iters: int, batches: list[int]) ->
             if kernel:
                 set_kernel(m, kernel)
             r: dict[str, Any] = {"ok": True, "resident_bytes": module_nbytes(m)}
+            with torch.no_grad():
+                logits[name] = m(input_ids=probe, use_cache=False).logits.float().cpu()
             for b in batches:
                 r[f"tokens_per_s_b{b}"] = round(tokens_per_s(m, dev, b, iters, vocab), 1)
             if dev == "cuda":
@@ -518,6 +522,9 @@ def throughput(big: Path, q4: Path, dev: str, iters: int, batches: list[int]) ->
         if dev == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+    if "packed4_triton" in logits and "packed4_torch" in logits:  # same weights: only summation order differs
+        a, t = logits["packed4_triton"], logits["packed4_torch"]
+        res["packed_triton_vs_torch_logits_rel_max_abs"] = float((a - t).abs().max() / t.abs().max())
     for b in batches:
         d, p = res.get("dense_bf16_default_kernel", {}), res.get("packed4_triton", {})
         if d.get("ok") and p.get("ok"):
