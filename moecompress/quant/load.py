@@ -7,7 +7,9 @@ fused into the stock transformers modules (``gate_up_proj [E, 2I, H]``, ``down_p
 With ``packed=True`` (the default on CUDA) the routed experts are not dequantized at load time: each MoE layer's
 experts module is replaced by :class:`~moecompress.quant.packed_experts.PackedExperts`, which keeps the int32 codes
 and scales on ``device`` and dequantizes a hit expert on the fly (same numbers as the dense path; the memory of the
-routed experts stays at their packed size). Routers, attention, shared experts and embeddings load as before.
+routed experts stays at their packed size). On CUDA with Triton installed its products run through the fused
+dequantize-and-multiply kernel of :mod:`moecompress.quant.triton_pack` (same weights, float32 accumulation; see
+``PackedExperts.kernel``). Routers, attention, shared experts and embeddings load as before.
 """
 
 from __future__ import annotations
