@@ -74,6 +74,8 @@ def _define() -> None:
         GROUP: tl.constexpr,
         DOT_F32: tl.constexpr,
         GROUPED: tl.constexpr,
+        SCALE_KIND: tl.constexpr,
+        OUT_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -118,17 +120,17 @@ def _define() -> None:
             w = q.to(tl.float32) * s.to(tl.float32)  # exact in float32
             # rounded once to the scale dtype, as rtn.dequantize does (bf16: integer round-to-nearest-even, so the
             # interpreter, whose float casts truncate, and the GPU round alike; the value stays a float32)
-            if s_ptr.dtype.element_ty == tl.bfloat16:
+            if SCALE_KIND == 1:  # bfloat16 scales
                 wb = w.to(tl.uint32, bitcast=True)
                 w = ((wb + 0x7FFF + ((wb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-            elif s_ptr.dtype.element_ty == tl.float16:
+            elif SCALE_KIND == 2:  # float16 scales
                 w = w.to(tl.float16).to(tl.float32)
             if DOT_F32:  # float32 inputs (or the interpreter, whose dot has no bf16): IEEE products
                 acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:  # 16-bit inputs: tensor cores, float32 accumulator (bf16 x bf16 products are exact in float32)
                 acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
         o = o_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
-        if o_ptr.dtype.element_ty == tl.bfloat16:  # round to nearest even first: the cast below is then exact
+        if OUT_BF16:  # round to nearest even first: the cast below is then exact
             ab = acc.to(tl.uint32, bitcast=True)
             acc = ((ab + 0x7FFF + ((ab >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
         tl.store(o, acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -143,6 +145,12 @@ def _kernel() -> Any:
         _define()
         _KERNELS[key] = triton.jit(_packed_matmul)
     return _KERNELS[key]
+
+
+def _dtype_flags(scale: torch.Tensor, out: torch.Tensor) -> dict[str, int]:
+    """Compile-time dtype switches (scale rounding: 0 none, 1 bf16, 2 fp16; bf16 output rounding)."""
+    kind = {torch.bfloat16: 1, torch.float16: 2}.get(scale.dtype, 0)
+    return {"SCALE_KIND": kind, "OUT_BF16": int(out.dtype == torch.bfloat16)}
 
 
 def _blocks(M: int, N: int) -> tuple[int, int, int]:
@@ -178,6 +186,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bi
         x.stride(0), x.stride(1), 0, 0, packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1),
         out.stride(0), out.stride(1),
         K=K, W=W, BITS=bits, GROUP=group, DOT_F32=x.dtype == torch.float32 or interpreting(), GROUPED=False,
+        **_dtype_flags(scale, out),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
     )  # fmt: skip
     return out
@@ -239,6 +248,7 @@ def packed_grouped_linear(
         x.stride(0), x.stride(1), packed.stride(0), scale.stride(0), packed.stride(1), packed.stride(2),
         scale.stride(1), scale.stride(2), out.stride(0), out.stride(1),
         K=K, W=W, BITS=bits, GROUP=group, DOT_F32=x.dtype == torch.float32 or interpreting(), GROUPED=True,
+        **_dtype_flags(scale, out),
         BLOCK_M=block, BLOCK_N=bn, BLOCK_K=32,
     )  # fmt: skip
     return out
