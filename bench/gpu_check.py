@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (the CPU smoke run of the test suite)")
     ap.add_argument("--model", default="builtin", help="model for parts 1-3 (default: the built-in model)")
-    ap.add_argument("--budget-s", type=float, default=300.0, help="time budget; later parts are skipped past it")
+    ap.add_argument("--budget-s", type=float, default=270.0, help="time budget; later parts are skipped past it")
     ap.add_argument("--big-layers", type=int, default=None, help="layers of the synthetic checkpoint (default 4)")
     ap.add_argument("--iters", type=int, default=None, help="timed forwards per throughput point")
     ap.add_argument("--out", default=str(ROOT / "reports" / "gpu_check.json"))

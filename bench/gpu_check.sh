@@ -4,8 +4,9 @@
 # Installs the carried wheels (.whl/, made here by bench/gpu_wheels.sh) and the project with --no-deps into
 # /tmp (the machine's own torch, transformers, triton stay), then runs bench/gpu_check.py on cuda with a time
 # budget. Results: $OUT/gpu_check.json (rewritten after every op, so a cut-off run still returns what it did),
-# $OUT/gpu_check.log, and reports/gpu_check.json in the machine's copy of the tree.
-# Elsewhere (no $OUT): results go to reports/. Budget: GPU_CHECK_BUDGET_S seconds for the Python part (default 300).
+# $OUT/gpu_check.log, and reports/gpu_check.json in the machine's copy of the tree; then the suite's tests marked
+# gpu (at most GPU_PYTEST_S=60 s; $OUT/gpu_pytest.xml).
+# Elsewhere (no $OUT): results go to reports/. Budget: GPU_CHECK_BUDGET_S seconds for the Python part (default 270).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/reports}
@@ -40,8 +41,13 @@ import moecompress
 print("moecompress", moecompress.__file__)
 PYEOF
 export PYTHONUNBUFFERED=1 MOECOMPRESS_QUIET=1 TOKENIZERS_PARALLELISM=false
-$PY bench/gpu_check.py --device cuda --budget-s "${GPU_CHECK_BUDGET_S:-300}" --out "$OUT/gpu_check.json" "$@"
+$PY bench/gpu_check.py --device cuda --budget-s "${GPU_CHECK_BUDGET_S:-270}" --out "$OUT/gpu_check.json" "$@"
 rc=$?
 [ "$OUT/gpu_check.json" -ef reports/gpu_check.json ] || cp "$OUT/gpu_check.json" reports/gpu_check.json 2>/dev/null
+# The suite's CUDA tests (marked gpu): packed experts on CUDA vs the CPU dense loader, the Triton kernel on CUDA
+echo "== pytest -m gpu"
+timeout "${GPU_PYTEST_S:-60}" $PY -m pytest -q -p no:cacheprovider -m gpu --junitxml="$OUT/gpu_pytest.xml" \
+  tests/test_quant_packed.py tests/test_quant_triton.py
+echo "== pytest -m gpu exited with $?"
 echo "== gpu_check.py exited with $rc at $(date -u +%FT%TZ)"
 exit $rc
