@@ -96,7 +96,14 @@ def main() -> None:
     ap.add_argument("--ranks", default="8,32", help="low-rank sketch ranks to compare with full G")
     ap.add_argument("--out", default="reports/atomic_bench", help="writes OUT.json and OUT.md")
     ap.add_argument("--quick", action="store_true", help="only the compensation variants and REAP (skip G sketches)")
+    ap.add_argument("--combine", nargs="+", default=None, help="JSON reports of single runs -> OUT.{json,md}")
     args = ap.parse_args()
+    if args.combine:
+        runs = [json.loads(Path(p).read_text()) for p in args.combine]
+        Path(args.out + ".json").write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+        Path(args.out + ".md").write_text("\n\n".join(render_md(r) for r in runs) + "\n")
+        print(Path(args.out + ".md").read_text())
+        return
     os.environ.setdefault("MOECOMPRESS_QUIET", "1")
     torch.manual_seed(0)
     t_start = time.time()
@@ -242,7 +249,7 @@ def main() -> None:
 def render_md(rep: dict) -> str:
     doms = rep["eval"]["domains"]
     lines = [
-        "# Atomic pruning benchmark",
+        f"# Atomic pruning benchmark: {'built-in model' if Path(rep['model']).parent.name == 'builtin' else Path(rep['model']).name}",
         "",
         f"Command: `{rep.get('command', 'OMP_NUM_THREADS=1 .venv/bin/python bench/atomic_bench.py')}`.",
         "",

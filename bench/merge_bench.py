@@ -80,11 +80,17 @@ def main() -> None:
     ap.add_argument("--report", default=str(ROOT / "reports" / "merge_bench"))
     ap.add_argument("--render-only", action="store_true", help="rewrite REPORT.md from REPORT.json and exit")
     ap.add_argument("--quick", action="store_true", help="only the default, its parts, the previous default, pruning")
+    ap.add_argument("--combine", nargs="+", default=None, help="JSON reports of single runs -> REPORT.{json,md}")
     args = ap.parse_args()
+    if args.combine:
+        runs = [json.loads(Path(p).read_text()) for p in args.combine]
+        Path(args.report + ".json").write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+        args.render_only = True
     if args.render_only:
         report = json.loads(Path(args.report + ".json").read_text())
-        Path(args.report + ".md").write_text(render(report))
-        print(render(report))
+        text = "\n".join(render(r) for r in report.get("runs", [report]))
+        Path(args.report + ".md").write_text(text)
+        print(text)
         return
     torch.manual_seed(0)
     t_start = time.time()
@@ -201,7 +207,7 @@ def render(report: dict[str, Any]) -> str:
     doms = [d for d in results[0]["perplexity"] if d != "all"]
     base_bytes = results[0]["bytes"]
     lines = [
-        "# Expert merging vs expert pruning",
+        f"# Expert merging vs expert pruning: {'built-in model' if Path(report['model']).parent.name == 'builtin' else Path(report['model']).name}",
         "",
         f"Model: `{report['model']}` ({results[0]['experts']} experts/layer, {base_bytes:,} bytes). "
         f"Command: `{report['command']}` ({report['total_s']:.0f} s on CPU, {report['threads']} thread(s)).",
