@@ -249,7 +249,7 @@ def main() -> None:
 def render_md(rep: dict) -> str:
     doms = rep["eval"]["domains"]
     lines = [
-        f"# Atomic pruning benchmark: {'built-in model' if Path(rep['model']).parent.name == 'builtin' else Path(rep['model']).name}",
+        f"# Atomic pruning benchmark: {model_name(rep['model'])}",
         "",
         f"Command: `{rep.get('command', 'OMP_NUM_THREADS=1 .venv/bin/python bench/atomic_bench.py')}`.",
         "",
@@ -286,6 +286,10 @@ def render_md(rep: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in rep["timings_s"].items())]
     return "\n".join(lines)
+
+
+def model_name(path: str) -> str:
+    return "built-in model" if Path(path).parent.name == "builtin" else Path(path).name
 
 
 if __name__ == "__main__":

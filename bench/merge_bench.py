@@ -207,7 +207,7 @@ def render(report: dict[str, Any]) -> str:
     doms = [d for d in results[0]["perplexity"] if d != "all"]
     base_bytes = results[0]["bytes"]
     lines = [
-        f"# Expert merging vs expert pruning: {'built-in model' if Path(report['model']).parent.name == 'builtin' else Path(report['model']).name}",
+        f"# Expert merging vs expert pruning: {model_name(report['model'])}",
         "",
         f"Model: `{report['model']}` ({results[0]['experts']} experts/layer, {base_bytes:,} bytes). "
         f"Command: `{report['command']}` ({report['total_s']:.0f} s on CPU, {report['threads']} thread(s)).",
@@ -264,6 +264,10 @@ def render(report: dict[str, Any]) -> str:
             if ka is not None and kb is not None:
                 lines.append(f"  - {label}: {ka:.4f} -> {kb:.4f}")
     return "\n".join(lines) + "\n"
+
+
+def model_name(path: str) -> str:
+    return "built-in model" if Path(path).parent.name == "builtin" else Path(path).name
 
 
 if __name__ == "__main__":
