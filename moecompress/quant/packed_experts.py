@@ -143,6 +143,17 @@ class PackedExperts(nn.Module):
             )
         return ok
 
+    def _slot_table(self, b: int, dev: torch.device) -> torch.Tensor:
+        key = (b, str(dev))
+        tables = self.__dict__.setdefault("_slot_tables", {})
+        if key not in tables:
+            t = torch.full((self.num_experts + 1,), -1, dtype=torch.long)
+            for e in range(self.num_experts):
+                if self.bits[e] == b:
+                    t[e] = self.slot[e]
+            tables[key] = t.to(dev)
+        return tables[key]
+
     def _forward_fused(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -157,11 +168,9 @@ class PackedExperts(nn.Module):
         w_flat = top_k_weights.reshape(-1)  # [A]
         out = torch.zeros_like(hidden_states)  # [T, H]
         for b in self.widths:
-            table = torch.full((E + 1,), -1, dtype=torch.long, device=dev)  # expert -> its slot among b-bit experts
-            members = [e for e in range(E) if self.bits[e] == b]
-            table[members] = torch.tensor([self.slot[e] for e in members], device=dev)
+            table = self._slot_table(b, dev)  # [E + 1] expert -> its slot among the b-bit experts, else -1
             slots = torch.where(valid, table[flat.clamp(0, E)], -1)  # [A]
-            pos, block_slot, P = triton_pack.align_rows(slots, len(members))
+            pos, block_slot, P = triton_pack.align_rows(slots, self.bits.count(b))
             if P == 0:
                 continue
             sel = (pos >= 0).nonzero().squeeze(1)  # rows of this width
