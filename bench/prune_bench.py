@@ -1,12 +1,14 @@
-"""Expert-pruning benchmark on the built-in model: which score removes the least quality at 25% and 50%?
+"""Expert-pruning benchmark: which score removes the least quality at 25% and 50%, and what refitting adds?
 
 For each ratio and method (frequency, routing-mass, REAP, random [several seeds], output-error), prune with one
 shared profile, then measure against the unpruned model on held-out text: KL(base || pruned), top-1 agreement,
-per-domain perplexity (moecompress.evaluate.evaluate), parameters and bytes on disk. Also explains the REAP vs
-frequency outcome: how similar their rankings are and what REAP keeps that frequency drops.
+per-domain perplexity (moecompress.evaluate.evaluate), parameters and bytes on disk. Output-error also runs with
+each ``--refits`` compensation (router rows; router rows + down projections refitted on calibration tokens after
+the removal). Also explains the REAP vs frequency outcome: how similar their rankings are and what REAP keeps
+that frequency drops.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/prune_bench.py                # built-in model
-    OMP_NUM_THREADS=1 .venv/bin/python bench/prune_bench.py --model /tmp/ckpt --max-windows 4
+    OMP_NUM_THREADS=1 .venv/bin/python bench/prune_bench.py --model M --max-windows 4 --methods reap,output-error
 
 Writes reports/prune_bench.json and reports/prune_bench.md (or --out PREFIX).
 """
@@ -26,7 +28,7 @@ from moecompress import loading
 from moecompress.checkpoint import Checkpoint
 from moecompress.evaluate import evaluate
 from moecompress.profile import Profile, run_profile
-from moecompress.pruning import PruneOptions, prune_model
+from moecompress.pruning import DEFAULT_REFIT, REFITS, PruneOptions, prune_model
 
 METHODS = ("frequency", "routing-mass", "reap", "random", "output-error")
 PER_LAYER = ("reap", "output-error")  # also run with --layout per-layer (global ranking, loads via moecompress.load)
@@ -67,7 +69,11 @@ def ranking_diagnostics(prof: Profile, runs: dict[str, dict]) -> dict:
         spec[l] = dc.max(0).values / dc.sum(0).clamp_min(1)  # [E]
     specialization = {"all experts": float(torch.cat(list(spec.values())).mean())}
     for key, run in runs.items():
-        if run["layout"] == "uniform" and run["method"] in ("frequency", "reap", "output-error"):
+        if (
+            run["layout"] == "uniform"
+            and run.get("refit", "none") == "none"
+            and run["method"] in ("frequency", "reap", "output-error")
+        ):
             vals = [float(spec[int(l)][e]) for l, v in run["manifest_layers"].items() for e in v["removed"]]
             specialization[f"removed by {key}"] = sum(vals) / len(vals)
     return {
@@ -89,6 +95,9 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=4, help="eval windows per domain")
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--error-tokens", type=int, default=4096)
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list of methods to run")
+    ap.add_argument("--refits", default=",".join(REFITS), help="refits to run with output-error (none = plain)")
+    ap.add_argument("--per-layer", default=",".join(PER_LAYER), help="methods also run with --layout per-layer")
     ap.add_argument("--out", default="reports/prune_bench")
     args = ap.parse_args()
     t0 = time.time()
@@ -102,26 +111,35 @@ def main() -> None:
         base_eval = evaluate(base, base, **ev)
         runs: dict[str, dict] = {}
         for ratio in (float(r) for r in args.ratios.split(",")):
-            plan = [(m, "uniform", s) for m in METHODS for s in (range(args.random_seeds) if m == "random" else [0])]
-            plan += [(m, "per-layer", 0) for m in PER_LAYER]
-            for method, layout, seed in plan:
+            methods = [m for m in args.methods.split(",") if m]
+            refits = [r for r in args.refits.split(",") if r]
+            plan = [
+                (m, "uniform", s, r)
+                for m in methods
+                for s in (range(args.random_seeds) if m == "random" else [0])
+                for r in (refits if m == "output-error" else ["none"])
+            ]
+            plan += [(m, "per-layer", 0, "none") for m in args.per_layer.split(",") if m in methods]
+            for method, layout, seed, refit in plan:
                 key = f"{method}@{ratio}" + (f"#seed{seed}" if method == "random" else "")
                 key += "/per-layer" if layout == "per-layer" else ""
-                out = work / key.replace("@", "_").replace("#", "_").replace("/", "_")
-                opts = PruneOptions(ratio, method, layout, seed=seed, error_tokens=args.error_tokens)
+                key += f"+refit={refit}" if refit != "none" else ""
+                out = work / key.replace("@", "_").replace("#", "_").replace("/", "_").replace("+", "_")
+                opts = PruneOptions(ratio, method, layout, seed=seed, error_tokens=args.error_tokens, refit=refit)
                 t1 = time.time()
                 man = prune_model(base, out, opts, prof_dir)
                 prune_s = time.time() - t1
                 res = evaluate(out, base, **ev)
                 runs[key] = {
-                    "method": method, "layout": layout, "ratio": ratio, "seed": seed, "prune_s": round(prune_s, 2),
+                    "method": method, "layout": layout, "ratio": ratio, "seed": seed, "refit": refit,
+                    "prune_s": round(prune_s, 2), "refit_layer_errors": man.get("refit_layer_errors"),
                     "kl_to_base": res["kl_to_base"], "top1_agreement": res["top1_agreement"],
                     "perplexity": res["perplexity"], "params": res["params"], "bytes": res["bytes"],
                     "experts_after": man["experts_after"], "protected": man["protected"],
                     "experts_per_layer": [v["num_experts"] for v in man["layers"].values()],
                     "manifest_layers": {l: {"removed": v["removed"]} for l, v in man["layers"].items()},
                 }  # fmt: skip
-                print(f"{key:28s} KL {res['kl_to_base']:.4f} top1 {res['top1_agreement']:.4f} "
+                print(f"{key:40s} KL {res['kl_to_base']:.4f} top1 {res['top1_agreement']:.4f} "
                       f"ppl {res['perplexity']['all']:.2f} ({prune_s:.1f}s prune)", flush=True)  # fmt: skip
         diag = ranking_diagnostics(prof, runs)
         report = {
@@ -130,6 +148,7 @@ def main() -> None:
             "calibration": prof.meta["calibration"],
             "super_experts": prof.meta["super_experts"],
             "eval": {"data": "mixed", **ev},
+            "default_refit": DEFAULT_REFIT,
             "base": {"perplexity": base_eval["perplexity"], "params": base_eval["params"], "bytes": base_eval["bytes"]},
             "runs": runs,
             "diagnostics": diag,
@@ -148,13 +167,14 @@ def _avg(rows: list[dict]) -> dict:
     out = {k: sum(r[k] for r in rows) / len(rows) for k in ("kl_to_base", "top1_agreement")}
     out["perplexity"] = {d: sum(r["perplexity"][d] for r in rows) / len(rows) for d in rows[0]["perplexity"]}
     out.update({k: rows[0][k] for k in ("params", "bytes", "experts_per_layer", "method", "ratio", "layout")})
+    out["prune_s"] = sum(r["prune_s"] for r in rows) / len(rows)
     return out
 
 
 def render_md(rep: dict, args: argparse.Namespace) -> str:
     doms = list(rep["base"]["perplexity"])
     lines = [
-        "# Expert pruning on the built-in model",
+        f"# Expert pruning on {'the built-in model' if args.model is None else Path(args.model).name}",
         "",
         f"Model `{rep['model']}`; shared profile: {rep['calibration']['samples']} windows x "
         f"{rep['calibration']['seq_len']} tokens of `mixed`; eval: {rep['eval']['max_windows']} held-out windows "
@@ -164,17 +184,23 @@ def render_md(rep: dict, args: argparse.Namespace) -> str:
         "",
         "Reproduce: `OMP_NUM_THREADS=1 .venv/bin/python bench/prune_bench.py"
         + (f" --model {args.model}" if args.model else "")
-        + f" --max-windows {args.max_windows} --samples {args.samples}`",
+        + f" --max-windows {args.max_windows} --samples {args.samples}"
+        + (f" --methods {args.methods}" if args.methods != ",".join(METHODS) else "")
+        + (f" --refits {args.refits}" if args.refits != ",".join(REFITS) else "")
+        + (f" --per-layer {args.per_layer}" if args.per_layer != ",".join(PER_LAYER) else "")
+        + (f" --out {args.out}" if args.out != "reports/prune_bench" else "")
+        + "`",
         "",
         "| ratio | method | experts/layer | KL(base‖pruned) | top-1 agree | " + " | ".join(f"ppl {d}" for d in doms)
-        + " | params | bytes |",
-        "|---|---|---|---|---|" + "---|" * len(doms) + "---|---|",
+        + " | params | bytes | prune s |",
+        "|---|---|---|---|---|" + "---|" * len(doms) + "---|---|---|",
         "| 0 | base | - | 0 | 1 | " + " | ".join(f"{rep['base']['perplexity'][d]:.2f}" for d in doms)
-        + f" | {rep['base']['params']:,} | {rep['base']['bytes']:,} |",
+        + f" | {rep['base']['params']:,} | {rep['base']['bytes']:,} | - |",
     ]  # fmt: skip
     groups: dict[tuple[float, str], list[dict]] = {}
     for r in rep["runs"].values():
         name = r["method"] + (" (per-layer)" if r["layout"] == "per-layer" else "")
+        name += f" + refit {r['refit']}" if r.get("refit", "none") != "none" else ""
         groups.setdefault((r["ratio"], name), []).append(r)
     best: dict[float, tuple[str, float]] = {}
     for (ratio, method), rows in groups.items():
@@ -186,11 +212,21 @@ def render_md(rep: dict, args: argparse.Namespace) -> str:
         lines.append(
             f"| {ratio:g} | {method} | {per} | {a['kl_to_base']:.4f} | {a['top1_agreement']:.4f} | "
             + " | ".join(f"{a['perplexity'][d]:.2f}" for d in doms)
-            + f" | {a['params']:,} | {a['bytes']:,} |"
+            + f" | {a['params']:,} | {a['bytes']:,} | {a['prune_s']:.1f} |"
         )
     lines += ["", "Lowest KL: " + "; ".join(f"{r:g}: {m} ({kl:.4f})" for r, (m, kl) in sorted(best.items())), ""]
     d = rep["diagnostics"]
     for ratio in sorted(best):
+        plain = groups.get((ratio, "output-error"))
+        for rf in [r for r in REFITS if r != "none"]:
+            fitted = groups.get((ratio, f"output-error + refit {rf}"))
+            if plain and fitted:
+                a, b = _avg(plain)["kl_to_base"], _avg(fitted)["kl_to_base"]
+                lines.append(
+                    f"- ratio {ratio:g}: refit {rf} changes output-error KL by {b / a - 1:+.1%} ({a:.4f} -> {b:.4f})."
+                )
+        if (ratio, "reap") not in groups or (ratio, "frequency") not in groups:
+            continue
         reap = _avg(groups[(ratio, "reap")])["kl_to_base"]
         freq = _avg(groups[(ratio, "frequency")])["kl_to_base"]
         verdict = "beats" if reap < freq else "does not beat"

@@ -26,7 +26,7 @@ from .cli_common import (
 )
 from .errors import UserError
 from .progress import console, out_console
-from .pruning import DEFAULT_METHOD, METHODS
+from .pruning import DEFAULT_METHOD, DEFAULT_REFIT, METHODS, REFITS
 
 GRANULARITIES = ("expert", "atom")
 
@@ -61,6 +61,9 @@ def prune(
     error_tokens: Annotated[
         int, typer.Option("--error-tokens", help="output-error: calibration tokens per layer for the greedy search.")
     ] = 4096,
+    refit: Annotated[
+        str, typer.Option(help=f"expert: after removal refit on calibration tokens: {', '.join(REFITS)}.")
+    ] = DEFAULT_REFIT,
     hessian: Annotated[str, typer.Option(help="atom only: G_e approximation full, diag or lowrank.")] = "full",
     rank: Annotated[int, typer.Option(help="atom only: rank of the lowrank G_e sketch.")] = 32,
     calib: CalibOpt = "mixed",
@@ -111,7 +114,7 @@ def prune(
 
     opts = PruneOptions(
         ratio=ratio, method=method or DEFAULT_METHOD, layout=layout, protect_super=protect_super, seed=seed,
-        error_tokens=error_tokens,
+        error_tokens=error_tokens, refit=refit,
     )  # fmt: skip
     man = prune_model(model, output, opts, profile, calib, samples, seq_len, batch_size, dev, overwrite)
     for w in man["warnings"]:

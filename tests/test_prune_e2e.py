@@ -177,6 +177,7 @@ def test_cli_refusals_exit_2_and_write_nothing(tmp_path, tokenizer_dir):
         ([path, "--ratio", "0.9"], "fewer than top-k"),
         ([ds, "--ratio", "0.7"], "router's minimum"),
         ([path, "--ratio", "0.5", "--method", "magic"], "not one of"),
+        ([path, "--ratio", "0.5", "--refit", "magic"], "--refit 'magic' is not one of none, router"),
         ([path, "--ratio", "0.5", "--layout", "exact"], "granularity atom"),
         ([path, "--ratio", "0.5", "-o", path / "inside"], "inside"),
         ([path, "--ratio", "0.5", "-o", tmp_path / "exists"], "already exists"),
