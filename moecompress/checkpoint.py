@@ -62,6 +62,7 @@ DTYPE_BYTES = {
 }  # fmt: skip
 MAX_CONFIG_BYTES = 16 * 1024**2
 MAX_HEADER_BYTES = 100_000_000
+MAX_LAYERS = 100_000  # bound on num_hidden_layers when the weights cannot tell (real models have ~100)
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -251,9 +252,37 @@ class Checkpoint:
 
     def __init__(self, path: str | Path | None):
         self.path = resolve_model(path)
-        self.config = self._load_config()
+        raw = read_json_file(self.path / "config.json", "config.json (JSON)")
+        if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+            raise UserError(f"{self.path / 'config.json'} has no model_type: not a transformers model config")
+        try:  # the weights' headers first: they bound what config.json may claim before transformers reads it
+            self._read_weights()
+            weights_error = None
+        except UserError as err:
+            weights_error = err
+        layers_on_disk = {int(m[1]) for k in getattr(self, "weight_map", {}) if (m := _LAYER_KEY.match(k))}
+        L = raw.get("num_hidden_layers")
+        limit = len(layers_on_disk) if weights_error is None else MAX_LAYERS
+        if type(L) is int and L > limit:  # transformers builds per-layer lists: 10**9 layers would hang it
+            if weights_error is not None:
+                raise UserError(f"config.json num_hidden_layers is {L}: no model has more than {MAX_LAYERS:,}")
+            raise UserError(
+                f"config.json num_hidden_layers is {L}, but the weights hold {limit} decoder layers: "
+                "the config does not belong to these weights"
+            )
+        self.config = self._load_config(raw["model_type"])
         self.family: Family = family_for(self.config)
         self.manifest = read_manifest(self.path) or {}
+        if weights_error is not None:
+            raise weights_error
+        self.family.check_config(self.config, max(layers_on_disk, default=-1) + 1)
+        missing = sorted(set(range(self.config.num_hidden_layers)) - layers_on_disk)
+        if missing:
+            raise UserError(f"the weights have no tensors for decoder layer {missing[0]}: the checkpoint is incomplete")
+        self.nonfinite: dict[str, tuple[int, int]] = {}  # tensor -> (NaN count, Inf count), filled as tensors are read
+        check_shapes(self)
+
+    def _read_weights(self) -> None:
         self.weight_map = self._load_weight_map()
         self._headers: dict[str, bytes] = {}
         self._info: dict[str, dict[str, Any]] = {}
@@ -264,25 +293,15 @@ class Checkpoint:
         for k, f in self.weight_map.items():
             if k not in self._info:
                 raise UserError(f"the index maps tensor {k} to {f}, which does not hold it: the index is corrupt")
-        layers_on_disk = {int(m[1]) for k in self.weight_map if (m := _LAYER_KEY.match(k))}
-        self.family.check_config(self.config, max(layers_on_disk, default=-1) + 1)
-        missing = sorted(set(range(self.config.num_hidden_layers)) - layers_on_disk)
-        if missing:
-            raise UserError(f"the weights have no tensors for decoder layer {missing[0]}: the checkpoint is incomplete")
-        self.nonfinite: dict[str, tuple[int, int]] = {}  # tensor -> (NaN count, Inf count), filled as tensors are read
-        check_shapes(self)
 
     # ---- validation -----------------------------------------------------------------------------
-    def _load_config(self) -> PretrainedConfig:
-        raw = read_json_file(self.path / "config.json", "config.json (JSON)")
-        if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
-            raise UserError(f"{self.path / 'config.json'} has no model_type: not a transformers model config")
+    def _load_config(self, model_type: str) -> PretrainedConfig:
         try:
             return AutoConfig.from_pretrained(self.path, trust_remote_code=False)
         except Exception as err:  # transformers/huggingface_hub raise many types for a config they cannot read
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
             raise UserError(
-                f"transformers cannot read config.json (model_type {raw['model_type']!r}): {' '.join(lines)[:300]}"
+                f"transformers cannot read config.json (model_type {model_type!r}): {' '.join(lines)[:300]}"
             ) from None
 
     def _load_weight_map(self) -> dict[str, str]:

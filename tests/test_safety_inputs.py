@@ -309,3 +309,16 @@ def test_checkpoint_api_raises_user_error_not_others(model):
     edit_config(num_experts_per_tok=99)(model)
     with pytest.raises(UserError, match="num_experts_per_tok is 99"):
         Checkpoint(model)
+
+
+def test_layer_count_is_bounded_before_transformers_reads_the_config(tmp_path, tokenizer_dir):
+    """transformers' Qwen2-MoE config builds per-layer lists (10**8 layers: minutes and gigabytes)."""
+    import time
+
+    d = build_tiny("qwen2_moe", tmp_path / "q2", tokenizer_dir)
+    edit_config(num_hidden_layers=10**8)(d)
+    t0 = time.monotonic()
+    refused(["info", d], "num_hidden_layers is 100000000, but the weights hold 3 decoder layers", d)
+    assert time.monotonic() - t0 < 30
+    (d / "model.safetensors").write_bytes(b"garbage")  # weights that cannot tell: an absolute bound still holds
+    refused(["info", d], "num_hidden_layers is 100000000: no model has more than 100,000", d)
