@@ -42,6 +42,9 @@ def test_quick_cpu_run_passes_every_part(tiny, tmp_path):
     for q in ("quantize_gptq4", "quantize_gptq3"):
         assert cmp[q]["codes"] > 0 and cmp[q]["codes_equal_frac"] == 1.0
     assert cmp["prune_reap"]["kept_identical"] and cmp["prune_reap"]["kept_lists"] == 3
+    assert (
+        cmp["prune_atom_heapr"]["kept_identical"] and cmp["prune_atom_heapr"]["kept_lists"] == 6
+    )  # experts + channels
     assert cmp["eval_q4"]["kl_dev"] == cmp["eval_q4"]["kl_cpu"] > 0
     k = res["kernel"]["q4_logits"]
     assert k["ok"] and k["packed_layers"] == 3 and k["torch_vs_cpu_dense_rel_max_abs"] == 0
