@@ -15,8 +15,9 @@ the CPU and 2, so that the GPU-only parts never wait for the slower CPU referenc
 3. ``kernel``: the 4-bit model loaded packed on the device; logits of the fused Triton kernel vs the torch
    unpacking path vs the CPU dense loader.
 4. ``big``: a synthetic checkpoint shaped like Qwen3-30B-A3B's MoE layers (hidden 2048, 128 experts of width 768,
-   top-8, 32 query / 4 KV heads of 128) with ``--big-layers`` layers and the built-in tokenizer (vocab 8192), made
-   on the machine in bf16; ``profile`` and ``quantize`` (GPTQ 4-bit) on the device, timed, peak memory recorded.
+   top-8, 32 query / 4 KV heads of 128) with ``--big-layers`` layers (default 2) and the built-in tokenizer (vocab
+   8192), made on the machine in bf16; ``profile`` and ``quantize`` (GPTQ 4-bit) on the device, timed, peak memory
+   recorded.
 5. ``throughput``: tokens/s of one-token forwards (no KV cache) at batch 1 and 64 of the big 4-bit model with packed
    experts (Triton kernel, and the torch unpacking path) vs the dense bf16 model (transformers' default experts
    kernel and the eager loop), CUDA events, median of ``--iters``.
@@ -571,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (the CPU smoke run of the test suite)")
     ap.add_argument("--model", default="builtin", help="model for parts 1-3 (default: the built-in model)")
     ap.add_argument("--budget-s", type=float, default=270.0, help="time budget; later parts are skipped past it")
-    ap.add_argument("--big-layers", type=int, default=None, help="layers of the synthetic checkpoint (default 4)")
+    ap.add_argument("--big-layers", type=int, default=None, help="layers of the synthetic checkpoint (default 2)")
     ap.add_argument("--iters", type=int, default=None, help="timed forwards per throughput point")
     ap.add_argument("--out", default=str(ROOT / "reports" / "gpu_check.json"))
     ap.add_argument("--parts", default="builtin,kernel,big,throughput", help="comma list of the parts to run")
@@ -587,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         if quick
         else dict(samples=16, seq_len=256, eval_windows=4, est_s=20)
     )
-    big_layers = args.big_layers or (2 if quick else 4)
+    big_layers = args.big_layers or 2
     iters = args.iters or (2 if quick else 10)
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
@@ -626,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         if parts & {"big", "throughput"}:
             big = res["big"] = {}
             run.op(big, "make", dev, lambda: make_big(bdir / "base", big_layers, shapes, dev), est_big / 2)
-            bcal = ["--samples", "4" if quick else "16", "--seq-len", "32" if quick else "256", "--batch-size", "4"]
+            bcal = ["--samples", "4" if quick else "8", "--seq-len", "32" if quick else "256", "--batch-size", "4"]
             base = str(bdir / "base")
             if "big" in parts:
                 prof = ["profile", base, "-o", str(bdir / "profile"), *bcal]
