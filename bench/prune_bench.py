@@ -99,7 +99,11 @@ def main() -> None:
     ap.add_argument("--refits", default=",".join(REFITS), help="refits to run with output-error (none = plain)")
     ap.add_argument("--per-layer", default=",".join(PER_LAYER), help="methods also run with --layout per-layer")
     ap.add_argument("--out", default="reports/prune_bench")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json of an earlier run")
     args = ap.parse_args()
+    if args.render_only:
+        Path(args.out + ".md").write_text(render_md(json.loads(Path(args.out + ".json").read_text()), args))
+        return
     t0 = time.time()
     ckpt = Checkpoint(args.model)
     base = ckpt.path
@@ -187,7 +191,8 @@ def render_md(rep: dict, args: argparse.Namespace) -> str:
         + f" --max-windows {args.max_windows} --samples {args.samples}"
         + (f" --methods {args.methods}" if args.methods != ",".join(METHODS) else "")
         + (f" --refits {args.refits}" if args.refits != ",".join(REFITS) else "")
-        + (f" --per-layer {args.per_layer}" if args.per_layer != ",".join(PER_LAYER) else "")
+        + (f" --per-layer '{args.per_layer}'" if args.per_layer != ",".join(PER_LAYER) else "")
+        + (f" --random-seeds {args.random_seeds}" if args.random_seeds != 3 else "")
         + (f" --out {args.out}" if args.out != "reports/prune_bench" else "")
         + "`",
         "",

@@ -3,11 +3,17 @@
 Every method turns one MoE layer into a *removal order*: a list of steps, each a set of experts removed together
 (one expert; one expert per group for group-limited routers such as DeepSeek-V3's ``n_group``) with a cost.
   frequency / routing-mass / reap / random: ascending profile score (normalized to a share of the layer);
-  output-error (NAEE-style greedy): on cached MoE-block inputs of the unpruned model, repeatedly make unroutable
-    the expert whose removal (its tokens go to their next choice) changes the layer's routed output least;
-    cost = the increase of ||y_R - y||^2 relative to the residual stream's energy on the same tokens (so layers
-    compare). Memory: [T, E, H] expert outputs per layer (T = error_tokens); only tokens whose routing changes
-    are recomputed per candidate.
+  output-error (NAEE-style greedy): on cached MoE-block inputs (of the already-pruned earlier layers by default),
+    repeatedly make unroutable the expert whose removal (its tokens go to their next choice) changes the layer's
+    routed output least; cost = the increase of ||y_R - y||^2 relative to the residual stream's energy on the same
+    tokens (so layers compare). Exact and incremental: per (token, expert that can change its routing) the error
+    of that removal is kept, and a removal recomputes only the tokens whose top-k it can change. Memory: each
+    token's best k+2 expert outputs [T, k+2, H] (more on demand, into removed experts' slots) and [T, E] tables,
+    T = error_tokens; never [T, E, H].
+Compensation (``refit``, after the experts are chosen, each layer calibrated on the already-pruned earlier
+layers): the kept experts' router rows are refitted by Adam on the layer's routed-output error with the model's
+hard top-k routing (``refit_router``), then optionally their down projections by least squares, one expert at a
+time against the rest of the layer (``refit_downs``, through ``merge.refit.refit_down``). Same keys and shapes.
 Layouts: ``uniform`` takes the first n = round(ratio E) experts of every layer's order; ``per-layer`` takes the
 cheapest steps across all layers (costs compared globally), keeping at least the router's minimum in each layer.
 Protected experts (super experts) never appear in an order; shared experts are not routed, so never candidates.
