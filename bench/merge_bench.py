@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--report", default=str(ROOT / "reports" / "merge_bench"))
     ap.add_argument("--render-only", action="store_true", help="rewrite REPORT.md from REPORT.json and exit")
     ap.add_argument("--quick", action="store_true", help="only the default, its parts, the previous default, pruning")
+    ap.add_argument("--only", nargs="+", default=None, help="run only the variants with these names")
     ap.add_argument("--combine", nargs="+", default=None, help="JSON reports of single runs -> REPORT.{json,md}")
     args = ap.parse_args()
     if args.combine:
@@ -160,6 +161,8 @@ def main() -> None:
                 ("average +refit", MergeOptions(ratio=ratio, method="average", refit=True, **old)),
             ]
         for name, opts in variants:
+            if args.only and name not in args.only:
+                continue
             out = work / f"{''.join(c if c.isalnum() or c in '.-' else '_' for c in name)}-{ratio}"
             t = time.time()
             man = merge_model(base, out, opts, work / "profile", "mixed", args.samples, args.seq_len, 8, "cpu",
@@ -174,6 +177,8 @@ def main() -> None:
             }
             results.append(measure(name, out, ratio, extra))
         for method, label in (("reap", "REAP prune"), ("output-error", "output-error prune (default)")):
+            if args.only and label not in args.only:
+                continue
             out = work / f"prune-{method}-{ratio}"
             t = time.time()
             prune_model(base, out, PruneOptions(ratio=ratio, method=method), work / "profile", "mixed", args.samples,

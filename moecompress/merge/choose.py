@@ -74,9 +74,13 @@ class LayerFit:
         logits = self.x @ rows.float().T
         return logits + bias.float() if bias is not None else logits
 
-    def output(self, c: Candidate) -> torch.Tensor:
-        """Unweighted output [T, H] of one candidate expert."""
-        return activations(self.x, c.gate, c.up) @ c.down.float().T
+    def activations(self, c: Candidate) -> torch.Tensor:
+        """Intermediate activations [T, I] of one candidate expert (shared by its +refit version)."""
+        return activations(self.x, c.gate, c.up)
+
+    def output(self, c: Candidate, h: torch.Tensor | None = None) -> torch.Tensor:
+        """Unweighted output [T, H] of one candidate expert (h: its activations, when known)."""
+        return (self.activations(c) if h is None else h) @ c.down.float().T
 
     def error(self, outs: torch.Tensor, logits: torch.Tensor, corr: torch.Tensor | None) -> float:
         """Relative routed-output error on the measure tokens of a layer given by outs [T, K, H], logits [T, K]."""
@@ -84,7 +88,15 @@ class LayerFit:
         w, idx = route(logits[m], self.spec, None, corr)
         return float((combine(outs[m], w, idx) - self.y[m]).double().pow(2).sum()) / self.norm
 
-    def refit(self, c: Candidate, j: int, outs: torch.Tensor, logits: torch.Tensor, corr: torch.Tensor | None):
+    def refit(
+        self,
+        c: Candidate,
+        j: int,
+        outs: torch.Tensor,
+        logits: torch.Tensor,
+        corr: torch.Tensor | None,
+        h: torch.Tensor | None = None,
+    ) -> Candidate:
         """``c`` with its down projection refitted (fit tokens) as new expert ``j`` of the layer (outs, logits)."""
         f = slice(0, self.n_fit)
         w, idx = route(logits[f], self.spec, None, corr)  # [t, k]
@@ -94,7 +106,8 @@ class LayerFit:
         on = s > 0
         if int(on.sum()) == 0:
             return c
-        a = s[on, None] * activations(self.x[f][on], c.gate, c.up)  # [n, I]
+        hf = activations(self.x[f][on], c.gate, c.up) if h is None else h[f][on]
+        a = s[on, None] * hf  # [n, I]
         down = lstsq_down(a, (self.y[f] - others)[on], c.down)
         return Candidate(c.kind + "+refit", c.gate, c.up, down, c.row, c.bias, c.corr)
 
@@ -159,17 +172,21 @@ def choose_clusters(
                     merged_cache[j] = merge_candidates(w, members, freqs, x_fit, clustering.dominant[j], align, rank_fn)
                 base += merged_cache[j]
             for cand in base:  # try it in place of column j; restore unless it is strictly better
+                is_current = cand.kind == "keep" and chosen[j].kind == "keep"
+                if is_current and "keep+refit" not in kinds:
+                    continue
+                h = fit.activations(cand)  # [T, I]
                 old_l, old_o = logits[:, j].clone(), outs[:, j].clone()
                 old_c = None if corr is None else corr[j].clone()
                 logits[:, j] = fit._logits(cand.row[None], None if cand.bias is None else cand.bias[None])[:, 0]
                 if corr is not None:
                     corr[j] = cand.corr
-                versions = [cand] if cand.kind in kinds else []
+                versions = [cand] if cand.kind in kinds and not is_current else []
                 if cand.kind + "+refit" in kinds:
-                    versions.append(fit.refit(cand, j, outs, logits, corr))
+                    versions.append(fit.refit(cand, j, outs, logits, corr, h))
                 best_out = None
                 for v in versions:
-                    outs[:, j] = fit.output(v)
+                    outs[:, j] = fit.output(v, h)
                     e = fit.error(outs, logits, corr)
                     if e < err * (1 - 1e-9):
                         err, chosen[j], best_out, changed = e, v, outs[:, j].clone(), True
@@ -191,7 +208,9 @@ def pruning_clustering(
     removed expert joins the kept, unprotected expert of its group whose output it resembles most."""
     E = fit.w.num_experts
     f = slice(0, fit.n_fit)
-    order = output_error_order(fit.outs0[f], fit.logits0[f], fit.spec, set(protected), E, fit.w.correction_bias)
+    order = output_error_order(
+        fit.outs0[f], fit.logits0[f], fit.spec, set(protected), E - n_keep, fit.w.correction_bias
+    )
     removed: list[int] = []
     for step in order:
         if len(removed) >= E - n_keep:
