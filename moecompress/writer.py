@@ -300,11 +300,22 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     """safetensors.save_file whose I/O failures (disk full, read-only) raise OSError like every other write."""
     try:
         save_file(tensors, str(path), metadata=metadata)
+        os.chmod(path, _FILE_MODE)  # safetensors creates files 0600; give them the mode every other file gets
     except Exception as err:
         os_err = as_os_error(err, path)
         if os_err is None:
             raise
         raise os_err from None
+
+
+def _umask_file_mode() -> int:
+    """0666 less the process umask: the mode ``open(path, "w")`` gives a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _umask_file_mode()
 
 
 def write_shards(

@@ -440,3 +440,13 @@ def test_sigkill_leftover_is_removed_by_the_next_run(area, tmp_path):
     res = run("info", area["model"], "--json", tmp_path / "facts.json")
     line = one_line(res, 0, "removed 1 stale temporary item(s)")
     assert left[0].name in line and not temps(tmp_path) and not (tmp_path / "run").exists()
+
+
+def test_written_shards_are_readable_like_every_other_file(tmp_path):
+    """safetensors creates its files 0600; a written checkpoint's shards get the mode plain files get (umask)."""
+    import torch
+
+    writer.write_shards(tmp_path, [("w", torch.zeros(2))])
+    (tmp_path / "plain.txt").write_text("x")
+    shard = next(tmp_path.glob("model-*.safetensors"))
+    assert shard.stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
