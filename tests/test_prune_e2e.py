@@ -240,7 +240,7 @@ def test_cli_atom_granularity_dispatches_to_atomic_prune(tmp_path, tokenizer_dir
     [
         ("qwen3_moe", "uniform", "router+down"),
         ("qwen2_moe", "uniform", "router"),
-        ("deepseek_v3", "per-layer", "router"),
+        pytest.param("deepseek_v3", "per-layer", "router", marks=pytest.mark.slow),
     ],
 )
 def test_refit_output_reloads_and_changes_only_router_rows_and_down(family, layout, refit, tmp_path, tokenizer_dir):
