@@ -19,17 +19,42 @@ needs_triton = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def interpret(monkeypatch):
-    """Triton's CPU interpreter. It must be on when Triton is first imported (Triton decorates its own library
-    functions then); moecompress imports Triton only when a kernel first runs, so this holds unless something else
-    imported it earlier in this process."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if "triton" in sys.modules:
-        from triton.language import standard
+def _triton_modules() -> dict:
+    return {k: v for k, v in sys.modules.items() if k == "triton" or k.startswith("triton.")}
 
-        if type(standard.zeros_like).__name__ != "InterpretedFunction":
-            pytest.skip("triton was imported in this process before TRITON_INTERPRET=1: run this file on its own")
+
+@pytest.fixture(scope="module")
+def interpreted_triton():
+    """Triton in interpreter mode for this module. The interpreter must be on when Triton is imported (Triton
+    decorates its own library functions then), and in a full run something imported it before (bitsandbytes and
+    compressed-tensors do): its Python modules are then swapped for a fresh import with TRITON_INTERPRET=1 (its
+    compiled extension is kept) and restored afterwards, and moecompress's kernel is re-bound to the fresh import."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    saved = _triton_modules()
+    swap = bool(saved) and type(getattr(saved.get("triton.language.standard"), "zeros_like", None)).__name__ != (
+        "InterpretedFunction"
+    )
+    if swap:
+        for k in saved:
+            if not k.startswith("triton._C"):
+                del sys.modules[k]
+    mp.setattr(triton_pack, "tl", None)
+    mp.setattr(triton_pack, "_packed_matmul", None)
+    mp.setattr(triton_pack, "_KERNELS", {})
+    try:
+        yield
+    finally:
+        mp.undo()
+        if swap:
+            for k in _triton_modules():
+                del sys.modules[k]
+            sys.modules.update(saved)
+
+
+@pytest.fixture
+def interpret(interpreted_triton, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _packed(N: int, K: int, bits: int, group: int, seed: int, scale_dtype=torch.bfloat16):
