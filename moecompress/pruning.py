@@ -728,18 +728,17 @@ def refit_downs(
     E, K = gate.shape[0], len(kept)
     cur = down.clone()
     bank = _Bank(gate, up, down, cur, kept)
-    members = list(range(E + K + 1))
     for e in kept:
         on = w_new[:, e] > 0
         if not bool(on.any()):
             continue
-        W = torch.zeros(x.shape[0], E + K + 1, dtype=torch.float64)
-        W[on, :E] = w_orig[on].double()
-        others = w_new[on][:, kept].double()  # [n, K]
-        others[:, kept.index(e)] = 0.0
-        W[on, E : E + K] = others
-        W[on, E + K] = w_new[on, e].double() - W[on, : E + K].sum(1)
-        cur[e] = refit_down(x, W, members, bank.gate, bank.up, bank.down, gate[e], up[e], cur[e], ridge)
+        W = torch.zeros(int(on.sum()), E + K + 1, dtype=torch.float64)  # only the tokens routed to e
+        W[:, :E] = w_orig[on].double()
+        W[:, E : E + K] = w_new[on][:, kept].double()
+        W[:, E + kept.index(e)] = 0.0
+        W[:, E + K] = w_new[on, e].double() - W[:, : E + K].sum(1)
+        members = (W[:, : E + K] != 0).any(0).nonzero().squeeze(1).tolist() + [E + K]  # the ones that contribute
+        cur[e] = refit_down(x[on], W, members, bank.gate, bank.up, bank.down, gate[e], up[e], cur[e], ridge)
     return cur
 
 
