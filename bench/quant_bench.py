@@ -53,7 +53,7 @@ PLANS = (
     ("lp-layer 3.0, old cost", "lp", 3.0, "layer", "err"),
     ("lp-expert 3.0, old cost", "lp", 3.0, "expert", "err"),
 )
-ABLATIONS = (  # each row adds one choice; the default adds propagation through the quantized layers on top
+ABLATIONS = (  # each row adds one choice
     (
         "before: natural order, original-weight Hessians",
         GPTQOptions(False, False, "mse", propagate=False, weighted=False),
@@ -61,7 +61,8 @@ ABLATIONS = (  # each row adds one choice; the default adds propagation through 
     ("+ act-order", GPTQOptions(True, False, "mse", propagate=False, weighted=False)),
     ("+ act-order + sequential", GPTQOptions(True, True, "mse", propagate=False, weighted=False)),
     ("+ act-order + sequential + H-weighted scales", GPTQOptions(True, True, "hmse", propagate=False, weighted=False)),
-    ("+ ... + router-weighted Hessians", GPTQOptions(True, True, "hmse", propagate=False, weighted=True)),
+    ("+ ... + router-weighted Hessians (= default)", GPTQOptions(True, True, "hmse", propagate=False, weighted=True)),
+    ("default + propagation through the quantized layers", GPTQOptions(propagate=True)),
 )
 LLMC_SETTINGS = (
     ("llm-compressor best (routed-only calibration, actorder static)", False),

@@ -12,11 +12,11 @@ experts with too few calibration tokens get >= 8 bits in LP plans (``protect``; 
 
 GPTQ (quant/gptq.py, quant/layer.py): static act-order with the plain group layout, Hessian-diagonal-weighted scale
 search, router-weighted Hessians, gate/up before down_proj (whose Hessian comes from the quantized gate/up outputs).
-The measuring pass propagates layer inputs through the *original* weights (errors are per expert, not compounded);
-with ``GPTQOptions.propagate`` (default) the written codes come from a second streamed pass in which each layer is
-quantized at its planned widths on the inputs produced by the already quantized earlier layers (as the quantized
-model will see them). Without propagation the measured codes are kept up to ``MAX_CODE_CACHE_BYTES`` and written
-directly; above it the second pass re-quantizes. Heavy math runs on ``device``, one expert at a time.
+The measuring pass propagates layer inputs through the *original* weights (errors are per expert, not compounded).
+With ``GPTQOptions.propagate`` (off by default: measured no better) the written codes come from a second streamed
+pass that quantizes each layer at its planned widths on the inputs of the already quantized earlier layers.
+Without it the measured codes are kept up to ``MAX_CODE_CACHE_BYTES`` and written directly; above it the second
+pass re-quantizes. Heavy math runs on ``device``, one expert at a time.
 Attention / shared experts / dense MLPs are quantized with RTN at ``--other-bits`` (16 keeps them); routers, norms,
 embeddings and lm_head are never quantized.
 """

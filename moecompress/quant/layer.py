@@ -40,8 +40,9 @@ class GPTQOptions:
     clip: str = DEFAULT_CLIP  # per-group scale search: none | mse | hmse
     damp: float = 0.01
     # the written codes are computed in a second streamed pass whose layer inputs come from the already quantized
-    # earlier layers (at their planned widths); the first pass (errors, plan) propagates the original weights
-    propagate: bool = True
+    # earlier layers (at their planned widths); the first pass (errors, plan) propagates the original weights.
+    # Off by default: measured worse at 3 bits on both bench models and within noise at 4 (reports/quant_bench.md)
+    propagate: bool = False
     # Hessians weight each routed token by its router weight squared (p^2 x x^T): the expert's error enters the
     # block output scaled by p, so this is the block-output error GPTQ should minimize
     weighted: bool = True
