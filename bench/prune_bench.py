@@ -183,7 +183,8 @@ def render_md(rep: dict, args: argparse.Namespace) -> str:
         f"Model `{rep['model']}`; shared profile: {rep['calibration']['samples']} windows x "
         f"{rep['calibration']['seq_len']} tokens of `mixed`; eval: {rep['eval']['max_windows']} held-out windows "
         f"per domain x {rep['eval']['seq_len']} tokens. Super experts (protected): {rep['super_experts'] or 'none'}. "
-        f"random = mean of {args.random_seeds} seeds. Uniform layout unless marked per-layer. "
+        + (f"random = mean of {args.random_seeds} seeds. " if "random" in args.methods else "")
+        + "Uniform layout unless marked per-layer. "
         f"Total {rep['elapsed_s']:.0f}s.",
         "",
         "Reproduce: `OMP_NUM_THREADS=1 .venv/bin/python bench/prune_bench.py"
@@ -246,7 +247,8 @@ def render_md(rep: dict, args: argparse.Namespace) -> str:
         f"- Spearman(routing mass, frequency) over all experts: {d['spearman_routing_mass_vs_frequency_all']}",
         f"- mean share of an expert's tokens from its top domain (specialization): {d['top_domain_share']}",
         "",
-        "Bytes are the safetensors files; params count every tensor (tied embeddings once).",
+        "Bytes are the safetensors files; params count every tensor (tied embeddings once). prune s: wall-clock "
+        "seconds of prune_model with the shared profile (machines are noisy: compare within one run).",
         "",
     ]
     return "\n".join(lines)
