@@ -222,8 +222,12 @@ def test_output_error_per_layer_grouped_round_trips(tmp_path, tokenizer_dir):
 
 
 def test_cli_atom_granularity_dispatches_to_atomic_prune(tmp_path, tokenizer_dir):
+    from moecompress.data import calibration_set
+    from moecompress.profile import load_tokenizer
+
     path = build_tiny("qwen3_moe", tmp_path / "q", tokenizer_dir)
-    prof = _profile_dir(path, tmp_path / "prof", _tokens())
+    named = calibration_set(load_tokenizer(path), "mixed", 4, 16, 0)  # atomic prune re-reads the profile's windows
+    prof = _profile_dir(path, tmp_path / "prof", named)
     out = tmp_path / "atoms"
     r = _cli(path, "--ratio", "0.25", "--granularity", "atom", "--method", "magnitude", "--layout", "exact",
              "--profile", prof, "-o", out)  # fmt: skip
