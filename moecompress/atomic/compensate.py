@@ -22,6 +22,8 @@ from ..merge.align import activations
 from ..merge.refit import refit_down
 from .apply import ExactLayer, pad_exact, padded_width, slice_exact, slice_uniform
 
+ERROR_TOKENS = 2048  # calibration tokens on which each layer's routed-output error is reported (manifest)
+
 
 @dataclass(frozen=True)
 class Compensation:
@@ -171,9 +173,10 @@ def compensated_downs(
                 out[l] = refit_expert_downs(x, weights, w, keep[l], comp.ridge, comp.holdout)
                 sliced = slice_layer(w, keep[l], layout)
                 pruned = with_downs(sliced, out[l])
+                xe = x[:: max(1, x.shape[0] // ERROR_TOKENS)][:ERROR_TOKENS]  # the diagnostic needs few tokens
                 errors[str(l)] = {
-                    "sliced": round(routed_error(x, w, sliced, spec), 6),
-                    "refit": round(routed_error(x, w, pruned, spec), 6),
+                    "sliced": round(routed_error(xe, w, sliced, spec), 6),
+                    "refit": round(routed_error(xe, w, pruned, spec), 6),
                 }
                 if comp.sequential:
                     if isinstance(pruned, ExactLayer):
