@@ -68,3 +68,16 @@ def test_refit_lowers_each_layers_output_error_and_the_output_reloads(layout, tm
     assert json.loads((out / "atomic_channels.json").read_text()) == json.loads(
         (tmp_path / "plain" / "atomic_channels.json").read_text()
     )  # the refit changes weights, not the selection
+
+
+def test_sequential_refit_sees_the_pruned_earlier_layers(tmp_path, carved_model):
+    from moecompress.checkpoint import Checkpoint
+
+    views = {}
+    for seq in (True, False):
+        out = tmp_path / f"seq-{seq}"
+        man = ap.atomic_prune(carved_model, out, 0.25, layout="uniform", sequential=seq, **FAST)
+        assert ("already-pruned" in man["compensation"]) is seq
+        views[seq] = Checkpoint(out)
+    assert torch.equal(views[True].moe_weights(0).down, views[False].moe_weights(0).down)
+    assert not torch.equal(views[True].moe_weights(1).down, views[False].moe_weights(1).down)

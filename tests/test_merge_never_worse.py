@@ -79,3 +79,18 @@ def test_layer_output_refit_lowers_the_error_and_choice_never_loses_to_keep():
     trial = outs.clone()
     trial[:, 0] = fit.output(refit)
     assert fit.error(trial, logits, None) < fit.error(outs, logits, None)
+
+
+def test_sequential_calibration_sees_the_merged_earlier_layers(tmp_path, carved_model):
+    from moecompress.checkpoint import Checkpoint
+
+    tokens = calibration_set(load_tokenizer(carved_model), "mixed", 6, SEQ, seed=0)
+    views = {}
+    for seq in (True, False):
+        out = tmp_path / f"seq-{seq}"
+        man = merge_model(carved_model, out, MergeOptions(ratio=0.25, sequential=seq), tokens=tokens, progress=False)
+        assert ("already-merged" in man["propagation"]) is seq
+        views[seq] = Checkpoint(out)
+    a0, b0 = views[True].moe_weights(0), views[False].moe_weights(0)
+    assert torch.equal(a0.down, b0.down) and torch.equal(a0.router, b0.router)  # same inputs at the first layer
+    assert not torch.equal(views[True].moe_weights(1).down, views[False].moe_weights(1).down)
