@@ -59,6 +59,7 @@ def merge(
     seq_len: SeqLenOpt = 256,
     sim_tokens: Annotated[int, typer.Option("--sim-tokens", help="Tokens per layer for output similarity.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for sampling and k-means.")] = 0,
+    choose: Annotated[bool, typer.Option(help="Measured best merge per cluster (default) or --method for all.")] = True,
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
@@ -83,7 +84,7 @@ def merge(
     guard([(output, "dir")], model, [profile, data_file(calib)], overwrite)
     opts = MergeOptions(
         ratio=ratio, method=method, rank=rank, rank_fraction=rank_fraction, router=router, similarity=similarity,
-        protect_super=protect, align=align, refit=refit, sim_tokens=sim_tokens, seed=seed,
+        protect_super=protect, align=align, refit=refit, sim_tokens=sim_tokens, seed=seed, choose=choose,
     )  # fmt: skip
     man = merge_model(model, output, opts, profile, calib, samples, seq_len, batch_size, device, overwrite)
     saved = 1 - man["bytes_after"] / man["bytes_before"]
