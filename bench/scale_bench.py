@@ -184,11 +184,14 @@ def render_md(rep: dict) -> str:
         f"Synthetic bf16 Qwen3-MoE: {s['layers']} layers, hidden {s['hidden']}, width {s['width']}, top-{s['top_k']}; "
         f"{s['calibration_tokens']:,} calibration tokens; `prune --ratio {s['ratio']}` (default method, "
         f"output-error, profiling included); one thread; CPU seconds (user+sys) and peak RSS (VmHWM) of a fresh "
-        f"process. Before = `{s['before']}` (stopped after {s['before_timeout_s']:.0f} s). Total "
+        f"process. Before = `{s['before']}` {s.get('before_commit', '')} (stopped after {s['before_timeout_s']:.0f} "
+        f"CPU s), after = `{s.get('after')}` {s.get('after_commit', '')}. Total "
         f"{rep['elapsed_s']:.0f} s.",
         "",
-        "Reproduce: `OMP_NUM_THREADS=1 .venv/bin/python bench/scale_bench.py --before /tmp/before` "
-        "(after `git worktree add /tmp/before <old commit>`)",
+        "Reproduce: `mkdir /tmp/before && git archive <old commit> | tar -x -C /tmp/before` (same for /tmp/after "
+        "with the new commit, or omit --after), then `OMP_NUM_THREADS=1 .venv/bin/python bench/scale_bench.py "
+        f"--before /tmp/before --after /tmp/after --before-timeout {s['before_timeout_s']:g} --builtin-ratios "
+        f"{','.join(rep['builtin']) or chr(39) * 2}`",
         "",
         "| E | checkpoint | profile before | prune before | profile after | prune after | prune / profile (after) |",
         "|---|---|---|---|---|---|---|",
@@ -218,5 +221,7 @@ def render_md(rep: dict) -> str:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[3:] if sys.argv[2:3] == ["--"] else sys.argv[2:])
+    elif len(sys.argv) > 2 and sys.argv[1] == "--render-only":  # --render-only PREFIX: rewrite PREFIX.md
+        Path(sys.argv[2] + ".md").write_text(render_md(json.loads(Path(sys.argv[2] + ".json").read_text())))
     else:
         main()
