@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from moecompress.quant.gptq import DEFAULT_CLIP, gptq_quantize, prepare_hessian
-from moecompress.quant.rtn import dequantize, group_size_for, rtn_quantize
+from moecompress.quant.rtn import DEFAULT_CLIP_GRID, dequantize, group_size_for, rtn_quantize
 
 
 @dataclass
@@ -46,6 +46,7 @@ class GPTQOptions:
     # Hessians weight each routed token by its router weight squared (p^2 x x^T): the expert's error enters the
     # block output scaled by p, so this is the block-output error GPTQ should minimize
     weighted: bool = True
+    clip_grid: tuple[float, ...] = DEFAULT_CLIP_GRID  # shrink factors of the scale search
 
     def describe(self) -> dict:
         return {
@@ -214,7 +215,16 @@ def quantize_layer(
         for j, b in enumerate(widths):
             if gptq:
                 q1, s1 = gptq_quantize(
-                    gu, None, b, g_h, scale_dtype, opts.damp, actorder=opts.actorder, clip=opts.clip, prepared=ph_gu
+                    gu,
+                    None,
+                    b,
+                    g_h,
+                    scale_dtype,
+                    opts.damp,
+                    clip_grid=opts.clip_grid,
+                    actorder=opts.actorder,
+                    clip=opts.clip,
+                    prepared=ph_gu,
                 )
             else:
                 q1, s1 = rtn_quantize(gu, b, g_h, scale_dtype)
@@ -227,7 +237,16 @@ def quantize_layer(
                     hw = hq * pe.unsqueeze(-1) if opts.weighted else hq
                     ph_dn = prepare_hessian(hw.T @ hw, opts.damp, opts.actorder)
                 q2, s2 = gptq_quantize(
-                    dn, None, b, g_i, scale_dtype, opts.damp, actorder=opts.actorder, clip=opts.clip, prepared=ph_dn
+                    dn,
+                    None,
+                    b,
+                    g_i,
+                    scale_dtype,
+                    opts.damp,
+                    clip_grid=opts.clip_grid,
+                    actorder=opts.actorder,
+                    clip=opts.clip,
+                    prepared=ph_dn,
                 )
             else:
                 q2, s2 = rtn_quantize(dn, b, g_i, scale_dtype)
