@@ -69,7 +69,7 @@ def merge(
     Examples:\n
       moecompress merge --ratio 0.5 -o out/merged\n
       moecompress merge ./Qwen3-30B-A3B --ratio 0.25 --rank-fraction 0.5 --profile runs/qwen -o out/qwen-merged\n
-      moecompress merge --ratio 0.5 --method average -o out/hc-smoe
+      moecompress merge --ratio 0.5 --method average --no-choose -o out/hc-smoe
     """
     from .merging import MergeOptions, merge_model
 
