@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moecompress.quant.rtn import DEFAULT_CLIP_GRID, group_size_for, qrange
+from moecompress.quant.rtn import DEFAULT_CLIP_GRID, compute_scales, group_size_for, qrange
 
 CLIP_MODES = ("none", "mse", "hmse")
 DEFAULT_CLIP = "hmse"
@@ -78,31 +78,6 @@ def prepare_hessian(h: torch.Tensor, damp: float = 0.01, actorder: bool = True) 
     return PreparedHessian(_inverse_cholesky(h, damp), perm, dead, diag)
 
 
-def _static_scales(
-    w: torch.Tensor, bits: int, g: int, scale_dtype: torch.dtype, clip_grid: tuple[float, ...], weight: torch.Tensor
-) -> torch.Tensor:
-    """Group scales ``[R, C // g]`` of the unpermuted ``w [R, C]``, shrink picked per group by the squared error
-    weighted per column by ``weight [C]`` (ones: plain MSE; the Hessian diagonal: expected output error)."""
-    rows, cols = w.shape
-    qmin, qmax = qrange(bits)
-    wg = w.unflatten(-1, (cols // g, g))  # [R, G, g]
-    cw = weight.reshape(cols // g, g)  # [G, g]
-    absmax = wg.abs().amax(dim=-1)  # [R, G]
-    best_s = best_err = None
-    for shrink in clip_grid:
-        s = (absmax * shrink / ((qmax - qmin) / 2)).to(scale_dtype).float()
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        q = torch.clamp(torch.round(wg / s.unsqueeze(-1)), qmin, qmax)
-        err = ((q * s.unsqueeze(-1) - wg).pow(2) * cw).sum(dim=-1)  # [R, G]
-        if best_s is None:
-            best_s, best_err = s, err
-        else:
-            better = err < best_err
-            best_s = torch.where(better, s, best_s)
-            best_err = torch.where(better, err, best_err)
-    return best_s.to(scale_dtype)
-
-
 def gptq_quantize(
     w: torch.Tensor,
     h: torch.Tensor | None,
@@ -141,7 +116,7 @@ def gptq_quantize(
     q_out = torch.zeros(rows, cols, dtype=torch.int8, device=w.device)
     if actorder:
         cw = ph.diag if clip == "hmse" else torch.ones(cols, device=w.device)
-        scales = _static_scales(wk, bits, g, scale_dtype, grid, cw.to(w.device).float())  # [R, G]
+        scales = compute_scales(wk, bits, g, scale_dtype, grid, cw.to(w.device).float())  # [R, G]
         s_cols = scales.float().repeat_interleave(g, dim=1)[:, ph.perm]  # [R, C] scale of each processed column
         wk = wk[:, ph.perm]
         q_perm = torch.zeros_like(q_out)
@@ -173,7 +148,7 @@ def gptq_quantize(
         for i in range(b1 - b0):
             col = b0 + i
             if col % g == 0:
-                s = _static_scales(w_blk[:, i : i + g], bits, g, scale_dtype, grid, cw[col : col + g])[:, 0]  # [R]
+                s = compute_scales(w_blk[:, i : i + g], bits, g, scale_dtype, grid, cw[col : col + g])[:, 0]  # [R]
                 scales[:, col // g] = s
                 cur_scale = s.float()
             wcol = w_blk[:, i]  # [R]

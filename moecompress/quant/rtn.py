@@ -49,23 +49,27 @@ def compute_scales(
     group_size: int,
     scale_dtype: torch.dtype = torch.bfloat16,
     clip_grid: tuple[float, ...] = DEFAULT_CLIP_GRID,
+    col_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-group scales for ``w [..., R, C]`` -> ``[..., R, C // group_size]`` in ``scale_dtype``.
 
-    For every group the shrink factor in ``clip_grid`` with the lowest squared reconstruction error wins.
+    For every group the shrink factor in ``clip_grid`` with the lowest squared reconstruction error wins; with
+    ``col_weight [C]`` each column's squared error is weighted (e.g. by the Hessian diagonal: expected output error).
     """
     cols = w.shape[-1]
     _check(bits, cols, group_size)
     qmin, qmax = qrange(bits)
     wg = w.float().unflatten(-1, (cols // group_size, group_size))  # [..., R, G, g]
     absmax = wg.abs().amax(dim=-1)  # [..., R, G]
+    cw = None if col_weight is None else col_weight.float().reshape(cols // group_size, group_size)  # [G, g]
     best_scale = None
     best_err = None
     for shrink in clip_grid:
         s = (absmax * shrink / ((qmax - qmin) / 2)).to(scale_dtype).float()  # [..., R, G]
         s = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.clamp(torch.round(wg / s.unsqueeze(-1)), qmin, qmax)
-        err = (q * s.unsqueeze(-1) - wg).pow(2).sum(dim=-1)  # [..., R, G]
+        sq = (q * s.unsqueeze(-1) - wg).pow(2)  # [..., R, G, g]
+        err = (sq if col_weight is None else sq * cw).sum(dim=-1)  # [..., R, G]
         if best_scale is None:
             best_scale, best_err = s, err
         else:
