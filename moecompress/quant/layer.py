@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moecompress.quant.gptq import DEFAULT_CLIP, gptq_quantize, prepare_hessian
+from moecompress.quant.gptq import DEFAULT_CLIP, PreparedHessian, gptq_quantize, prepare_hessian
 from moecompress.quant.rtn import DEFAULT_CLIP_GRID, dequantize, group_size_for, rtn_quantize
 
 
@@ -198,6 +198,16 @@ def quantize_layer(
     }
     err = torch.zeros(E, len(widths), dtype=torch.float64) if (cap is not None and with_err) else None
     used: list[str] = []
+
+    def quantize_one(
+        w: torch.Tensor, bits: int, g: int, prepared: PreparedHessian | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GPTQ with the prepared Hessian when there is one (enough routed tokens), else RTN."""
+        if prepared is None:
+            return rtn_quantize(w, bits, g, scale_dtype)
+        kw = {"clip_grid": opts.clip_grid, "actorder": opts.actorder, "clip": opts.clip, "prepared": prepared}
+        return gptq_quantize(w, None, bits, g, scale_dtype, opts.damp, **kw)
+
     for e in range(E):
         gu = gate_up[e].to(dev).float()  # [2I, H]
         dn = down[e].to(dev).float()  # [H, I]
@@ -213,43 +223,15 @@ def quantize_layer(
         if gptq and not opts.sequential:
             ph_dn = prepare_hessian(cap.h_down[e], opts.damp, opts.actorder)
         for j, b in enumerate(widths):
-            if gptq:
-                q1, s1 = gptq_quantize(
-                    gu,
-                    None,
-                    b,
-                    g_h,
-                    scale_dtype,
-                    opts.damp,
-                    clip_grid=opts.clip_grid,
-                    actorder=opts.actorder,
-                    clip=opts.clip,
-                    prepared=ph_gu,
-                )
-            else:
-                q1, s1 = rtn_quantize(gu, b, g_h, scale_dtype)
+            q1, s1 = quantize_one(gu, b, g_h, ph_gu)
             gu_q = dequantize(q1, s1, g_h, weight_dtype).float()
             hq = None
             if xe is not None:
                 hq = _expert_out(gu_q, dn, act, xe)[0]  # [n, I] outputs of the quantized gate/up
-            if gptq:
-                if opts.sequential:
-                    hw = hq * pe.unsqueeze(-1) if opts.weighted else hq
-                    ph_dn = prepare_hessian(hw.T @ hw, opts.damp, opts.actorder)
-                q2, s2 = gptq_quantize(
-                    dn,
-                    None,
-                    b,
-                    g_i,
-                    scale_dtype,
-                    opts.damp,
-                    clip_grid=opts.clip_grid,
-                    actorder=opts.actorder,
-                    clip=opts.clip,
-                    prepared=ph_dn,
-                )
-            else:
-                q2, s2 = rtn_quantize(dn, b, g_i, scale_dtype)
+            if gptq and opts.sequential:
+                hw = hq * pe.unsqueeze(-1) if opts.weighted else hq
+                ph_dn = prepare_hessian(hw.T @ hw, opts.damp, opts.actorder)
+            q2, s2 = quantize_one(dn, b, g_i, ph_dn)
             qe = out[b]
             qe.gate_up_q[e], qe.gate_up_s[e] = q1.cpu(), s1.cpu()
             qe.down_q[e], qe.down_s[e] = q2.cpu(), s2.cpu()
