@@ -220,9 +220,11 @@ class ExpertOutputs:
         c = max(1, min(c, E))
         self.x, self.gate, self.up, self.down, self.act = x, gate, up, down, act
         top = rank.topk(c, dim=1).indices  # [T, c]
-        self.slot = torch.full((T, E), -1, dtype=torch.int32)
-        self.slot.scatter_(1, top, torch.arange(c, dtype=torch.int32).expand(T, c).contiguous())
-        self.cache = torch.empty(T, c, down.shape[1])
+        dev = x.device
+        self.slot = torch.full((T, E), -1, dtype=torch.int32, device=dev)
+        top = top.to(dev)
+        self.slot.scatter_(1, top, torch.arange(c, dtype=torch.int32, device=dev).expand(T, c).contiguous())
+        self.cache = torch.empty(T, c, down.shape[1], device=dev)
         self.owner = top.to(torch.int32)  # [T, c] expert held in each slot (-1: free)
         flat = top.reshape(-1)
         order = flat.argsort(stable=True)
@@ -256,7 +258,7 @@ class ExpertOutputs:
             E = self.slot.shape[1]
             keys, inv = (rows[pr] * E + idx[pr, pk]).unique(return_inverse=True)  # sorted by token
             tok, exp = keys // E, keys % E
-            vals = torch.empty(keys.numel(), out.shape[-1])
+            vals = torch.empty(keys.numel(), out.shape[-1], device=out.device)
             for e in exp.unique().tolist():
                 sel = exp == e
                 vals[sel] = self.apply(e, self.x[tok[sel]])
@@ -267,7 +269,9 @@ class ExpertOutputs:
     def _keep(self, tok: torch.Tensor, exp: torch.Tensor, vals: torch.Tensor) -> None:
         """Store computed pairs (sorted by token) in their token's free slots, as far as there are any."""
         _, first, counts = tok.unique_consecutive(return_inverse=True, return_counts=True)
-        rank = torch.arange(tok.numel()) - (counts.cumsum(0) - counts)[first]  # n-th miss of its token
+        rank = (
+            torch.arange(tok.numel(), device=tok.device) - (counts.cumsum(0) - counts)[first]
+        )  # n-th miss of its token
         free = self.owner[tok] < 0  # [U, c]
         pick = (free.cumsum(1) == rank[:, None] + 1) & free
         ok = pick.any(1)
@@ -301,14 +305,14 @@ def _sets(
     n, E = logits.shape
     k = spec.top_k
     choice = _choice(logits, spec, correction).masked_fill(removed, float("-inf"))
-    aff = torch.zeros(n, E, dtype=torch.bool)
+    aff = torch.zeros(n, E, dtype=torch.bool, device=logits.device)
     aff.scatter_(1, idx, True)
-    dep = torch.zeros(n, E, dtype=torch.bool)
+    dep = torch.zeros(n, E, dtype=torch.bool, device=logits.device)
     if spec.kind == "softmax":
         dep.scatter_(1, choice.topk(min(k + 1, E), dim=1).indices, True)
         return aff, dep
     g, Eg = spec.n_group, E // spec.n_group
-    off = (torch.arange(g) * Eg)[None, :, None]
+    off = (torch.arange(g, device=logits.device) * Eg)[None, :, None]
     grouped = choice.view(n, g, Eg)
     aff.scatter_(1, (grouped.topk(min(2, Eg), dim=-1).indices + off).reshape(n, -1), True)
     dep.scatter_(1, (grouped.topk(min(max(3, k + 1), Eg), dim=-1).indices + off).reshape(n, -1), True)
@@ -340,25 +344,28 @@ def output_error_order(
     logits = logits.float()
     T, E = logits.shape
     g, Eg = spec.n_group, E // spec.n_group
-    rows_all = torch.arange(T)
+    dev = logits.device
+    rows_all = torch.arange(T, device=dev)
     y0 = _routed(src, rows_all, *route(logits, spec, None, correction)).double()  # [T, H]
     C = y0.pow(2).sum(1)  # [T] ||y||^2
     denom = max(float(scale if scale is not None else C.sum()), 1e-30)
     nonorm = spec.kind == "softmax" and not spec.norm_topk
-    removed = torch.zeros(E, dtype=torch.bool)
-    blocked = torch.zeros(E, dtype=torch.bool)
-    blocked[list(protected)] = True
-    d2 = torch.zeros(T, dtype=torch.float64)  # ||y_R - y||^2 per token
-    pair = torch.zeros(T, E, dtype=torch.float64)  # per (token, affecting expert): new d2, or ||u||^2 (nonorm)
-    ub = torch.zeros(T, E, dtype=torch.float64) if nonorm else None  # nonorm: <u, y>
-    aff = torch.zeros(T, E, dtype=torch.bool)
-    dep = torch.zeros(T, E, dtype=torch.bool)
+    removed = torch.zeros(E, dtype=torch.bool, device=dev)
+    blocked = torch.zeros(E, dtype=torch.bool, device=dev)
+    blocked[sorted(protected)] = True
+    d2 = torch.zeros(T, dtype=torch.float64, device=dev)  # ||y_R - y||^2 per token
+    pair = torch.zeros(T, E, dtype=torch.float64, device=dev)  # per (token, affecting expert): new d2, or ||u||^2
+    ub = torch.zeros(T, E, dtype=torch.float64, device=dev) if nonorm else None  # nonorm: <u, y>
+    aff = torch.zeros(T, E, dtype=torch.bool, device=dev)
+    dep = torch.zeros(T, E, dtype=torch.bool, device=dev)
     if nonorm:  # exp(l - max) per token; Z = sum over the experts still routable; A = ||y_R||^2, B = <y_R, y>
         el = (logits - logits.max(1, keepdim=True).values).double().exp()  # [T, E]
         Z = el.sum(1)
         A, B = C.clone(), C.clone()
     chunk = max(1, (1 << 22) // (E + spec.top_k * y0.shape[1]))
-    delta = torch.zeros(E, dtype=torch.float64)  # fixed modes: summed error increase of removing each expert
+    delta = torch.zeros(
+        E, dtype=torch.float64, device=dev
+    )  # fixed modes: summed error increase of removing each expert
 
     def gain(rows: torch.Tensor) -> torch.Tensor:  # [E] summed error increase of each removal over these rows
         return ((pair[rows] - d2[rows, None]) * aff[rows]).sum(0)
@@ -392,7 +399,8 @@ def output_error_order(
         _store(rows, torch.einsum("nk,nkh->nh", cur, f[:, :k]).double())
         n, kk = J.shape
         wt = pj[:, None, :].expand(n, k, kk).clone()  # [n, k (removed slot), k+1]
-        wt[:, torch.arange(k), torch.arange(k)] = 0.0
+        ar = torch.arange(k, device=dev)
+        wt[:, ar, ar] = 0.0
         if spec.norm_topk:
             wt = wt / wt.sum(-1, keepdim=True).clamp_min(1e-30)
         yt = torch.einsum("nsj,njh->nsh", wt, f)  # [n, k, H]: output with top-k slot s removed
@@ -421,7 +429,7 @@ def output_error_order(
         for s in range(0, pr.numel(), chunk):
             r, e = pr[s : s + chunk], pe[s : s + chunk]
             trial = removed.expand(r.numel(), E).clone()
-            trial[torch.arange(r.numel()), e] = True
+            trial[torch.arange(r.numel(), device=dev), e] = True
             tok = rows[r]
             yt = _routed(src, tok, *route(lr[r], spec, trial, correction)).double()  # [P, H]
             if nonorm:
@@ -439,7 +447,7 @@ def output_error_order(
     round_cost = 0.0
     for _ in range(max_remove):
         least = min(lost)
-        cand = ~removed & ~blocked & (torch.tensor(lost).repeat_interleave(Eg) == least)
+        cand = ~removed & ~blocked & (torch.tensor(lost, device=dev).repeat_interleave(Eg) == least)
         if not bool(cand.any()):
             break
         if nonorm:
@@ -624,7 +632,7 @@ def _forward_sampled(stream: Any, layer: Any, limit: int) -> torch.Tensor:
 
 def _dense(w: torch.Tensor, idx: torch.Tensor, E: int) -> torch.Tensor:
     """Top-k weights/indices [T, k] -> dense [T, E] float64 (zeros off the top-k)."""
-    return torch.zeros(w.shape[0], E, dtype=torch.float64).scatter_add_(1, idx, w.double())
+    return torch.zeros(w.shape[0], E, dtype=torch.float64, device=w.device).scatter_add_(1, idx, w.double())
 
 
 def refit_router(
@@ -641,7 +649,7 @@ def refit_router(
     bias or None, error before, error after); the best iterate is kept, so the error never grows.
     ``src``: expert outputs (``ExpertOutputs`` / ``DenseOutputs``) on the rows of x."""
     T, H = x.shape
-    rows_all = torch.arange(T)
+    rows_all = torch.arange(T, device=x.device)
     keep = (~removed).nonzero().squeeze(1)
     xf = x.float()
     base_w = weight.float()
@@ -732,7 +740,7 @@ def refit_downs(
         on = w_new[:, e] > 0
         if not bool(on.any()):
             continue
-        W = torch.zeros(int(on.sum()), E + K + 1, dtype=torch.float64)  # only the tokens routed to e
+        W = torch.zeros(int(on.sum()), E + K + 1, dtype=torch.float64, device=x.device)  # only the tokens routed to e
         W[:, :E] = w_orig[on].double()
         W[:, E : E + K] = w_new[on][:, kept].double()
         W[:, E + kept.index(e)] = 0.0
@@ -792,7 +800,7 @@ def calibrated_pass(
                     c = spec.top_k + 2  # more are computed when asked for, into removed experts' slots
                     src = ExpertOutputs(x, gu[:, :I], gu[:, I:], experts.down_proj, _choice(logits, spec, corr), c,
                                         experts.act_fn)  # fmt: skip
-                    rows_all = torch.arange(x.shape[0])
+                    rows_all = torch.arange(x.shape[0], device=x.device)
                     y0 = _routed(src, rows_all, *route(logits, spec, None, corr))  # [T, H]
                     y0sq = max(float(y0.double().pow(2).sum()), 1e-30)
                     order = None
@@ -804,7 +812,7 @@ def calibrated_pass(
                         bar.advance(task)
                         continue
                     keep = select_uniform({l: order}, n, E)[l] if kept is None else kept[l]
-                    removed = torch.ones(E, dtype=torch.bool)
+                    removed = torch.ones(E, dtype=torch.bool, device=x.device)
                     removed[keep] = False
                     view = layer_view(stream.model, fam, l)
                     stats: dict[str, float] = {}

@@ -283,3 +283,15 @@ def test_refit_output_reloads_and_changes_only_router_rows_and_down(family, layo
     assert changed > 0
     ids = _tokens().input_ids
     torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_output_error_pruning_on_cuda_keeps_the_cpu_experts(family, tmp_path, tokenizer_dir):
+    path = build_tiny(family, tmp_path / "m", tokenizer_dir)
+    kept = []
+    for dev in ("cpu", "cuda"):
+        opts = PruneOptions(ratio=0.34, method="output-error", refit="router+down")
+        man = prune_model(path, tmp_path / dev, opts, tokens=_tokens(), device=torch.device(dev))
+        kept.append({l: v["kept"] for l, v in man["layers"].items()})
+    assert kept[0] == kept[1]

@@ -261,3 +261,31 @@ def test_expert_outputs_and_combine_equal_the_experts_module(tmp_path, tokenizer
         v = layer_view(model, fam, 0)
         ours = combine(expert_outputs(x, v.gate, v.up, v.down), w, idx)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", SPECS, ids=["softmax", "softmax-no-norm", "groups", "groups-topk2"])
+def test_output_error_search_and_refit_on_cuda_equal_cpu(spec):
+    """Every tensor of the search and the refit follows the data's device: the same order on CUDA as on the CPU."""
+    x, gate, up, down, logits, corr = _experts(1)
+    corr = corr if spec.kind != "softmax" else None
+    n = 6 if spec.n_group == 1 else 4
+    runs = []
+    for dev in ("cpu", "cuda"):
+        t = [v.to(dev) if v is not None else None for v in (x, gate, up, down, logits, corr)]
+        src = ExpertOutputs(t[0], t[1], t[2], t[3], _choice(t[4], spec, t[5]), 3)
+        runs.append(output_error_order(src, t[4], spec, {5} if spec.n_group == 1 else set(), n, t[5]))
+    assert [s.experts for s in runs[0]] == [s.experts for s in runs[1]]
+    assert [s.cost for s in runs[0]] == pytest.approx([s.cost for s in runs[1]], rel=1e-4, abs=1e-9)
+    if spec.kind == "softmax":
+        removed = torch.zeros(8, dtype=torch.bool, device="cuda")
+        removed[[1, 4]] = True
+        xc, wc = x.cuda(), (torch.randn(8, 6, generator=torch.Generator().manual_seed(2))).cuda()
+        gc, uc, dc = gate.cuda(), up.cuda(), down.cuda()
+        y0 = combine(expert_outputs(xc, gc, uc, dc), *route(xc @ wc.T, spec))
+        src = ExpertOutputs(xc, gc, uc, dc, xc @ wc.T, 4)
+        rows, _, e0, e1 = refit_router(src, xc, wc, None, spec, removed, y0, steps=10)
+        assert rows.device.type == "cuda" and e1 <= e0
+        kept = [e for e in range(8) if not removed[e]]
+        w_o, w_n = _dense(*route(xc @ wc.T, spec), 8), _dense(*route(xc @ rows.T, spec, removed), 8)
+        assert refit_downs(xc, gc, uc, dc, kept, w_o, w_n).device.type == "cuda"

@@ -53,7 +53,7 @@ def refit_down(
     if not bool(rows.any()):
         return merged_down.clone()
     xs, ws, ss = x[rows].to(torch.float32), w[rows], s[rows]  # [t, H], [t, n], [t]
-    y = torch.zeros(xs.shape[0], down.shape[1], dtype=torch.float64)  # [t, H]
+    y = torch.zeros(xs.shape[0], down.shape[1], dtype=torch.float64, device=xs.device)  # [t, H]
     for j, e in enumerate(members):
         on = ws[:, j] > 0
         if bool(on.any()):
@@ -77,5 +77,7 @@ def lstsq_down(a: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, ridge: flo
     gram = a.T @ a  # [I, I]
     lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
     rhs = y.T @ a + lam * prior.double()  # [H, I]
-    sol = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64), rhs.T).T  # [H, I]
+    sol = torch.linalg.solve(
+        gram + lam * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device), rhs.T
+    ).T  # [H, I]
     return sol.to(prior.dtype)
