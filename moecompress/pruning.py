@@ -13,7 +13,8 @@ Every method turns one MoE layer into a *removal order*: a list of steps, each a
 Compensation (``refit``, after the experts are chosen, each layer calibrated on the already-pruned earlier
 layers): the kept experts' router rows are refitted by Adam on the layer's routed-output error with the model's
 hard top-k routing (``refit_router``), then optionally their down projections by least squares, one expert at a
-time against the rest of the layer (``refit_downs``, through ``merge.refit.refit_down``). Same keys and shapes.
+time against the rest of the layer (``refit_downs``: explicit per-token targets from the cached expert outputs,
+``merge.refit.refit_down_to``; ~k expert evaluations per token). Same keys and shapes.
 Layouts: ``uniform`` takes the first n = round(ratio E) experts of every layer's order; ``per-layer`` takes the
 cheapest steps across all layers (costs compared globally), keeping at least the router's minimum in each layer.
 Protected experts (super experts) never appear in an order; shared experts are not routed, so never candidates.
@@ -722,9 +723,54 @@ class _BankPart:
 
 def refit_downs(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, kept: list[int],
+    w_orig: torch.Tensor | None, w_new: torch.Tensor, ridge: float = 1e-3, y0: torch.Tensor | None = None,
+    y_new: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Least-squares down projections of the kept experts (``merge.refit.refit_down_to``, one kept expert at a time,
+    Gauss-Seidel: each fit sees the others' already refitted outputs).
+
+    For kept expert e on the tokens routed to it (new weight w_e > 0) the target is its share of the original
+    output, y(x) - sum_{j != e} w_j(x) f_j(x), reproduced by w_e(x) W h_e(x). The pruned layer's current output
+    is kept per token and updated after each fit, so each (token, routed expert) pair is evaluated about once.
+    Args: x [T, H]; gate/up [E, I, H], down [E, H, I] original experts; w_orig, w_new: dense routing weights [T, E]
+    of the original and the pruned (refitted) router; y0, y_new: [T, H] routed outputs of the original layer and
+    of the pruned one with the original downs when already known (e.g. from cached expert outputs), else computed.
+    Returns [E, H, I] (removed experts' rows unchanged)."""
+    from .merge.align import activations
+    from .merge.refit import refit_down_to
+
+    def routed(w: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        y = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float64, device=x.device)
+        for e in experts:
+            on = (w[:, e] > 0).nonzero().squeeze(1)
+            if on.numel():
+                y[on] += w[on, e, None].double() * (activations(x[on], gate[e], up[e]) @ down[e].float().T).double()
+        return y
+
+    E = gate.shape[0]
+    y0 = routed(w_orig, list(range(E))) if y0 is None else y0.double()
+    y_cur = routed(w_new, kept) if y_new is None else y_new.double().clone()
+    cur = down.clone()
+    for e in kept:
+        on = (w_new[:, e] > 0).nonzero().squeeze(1)
+        if not on.numel():
+            continue
+        xs, we = x[on], w_new[on, e].double()
+        h = activations(xs, gate[e], up[e])  # [t, I] float32
+        old = cur[e].float().clone()  # cur[e] is overwritten below
+        mine = we[:, None] * (h @ old.T).double()  # e's current contribution
+        new = refit_down_to(xs, y0[on] - y_cur[on] + mine, we, gate[e], up[e], cur[e], ridge, act=h)
+        cur[e] = new
+        y_cur[on] += we[:, None] * (h @ (new.float() - old).T).double()
+    return cur
+
+
+def _refit_downs_members(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, kept: list[int],
     w_orig: torch.Tensor, w_new: torch.Tensor, ridge: float = 1e-3,
 ) -> torch.Tensor:  # fmt: skip
-    """Least-squares down projections of the kept experts (``merge.refit.refit_down``, one kept expert at a time,
+    """Reference form of ``refit_downs`` through ``merge.refit.refit_down`` (targets built from member experts' outputs:
+    ~2 k^2 expert evaluations per token; kept to test the cheap form against). One kept expert at a time,
     Gauss-Seidel: each fit sees the others' already refitted outputs).
 
     For kept expert e on the tokens routed to it (new weight w_e > 0) the target is its share of the original
@@ -825,9 +871,11 @@ def calibrated_pass(
                 with torch.no_grad():
                     if opts.refit == "router+down":
                         lg = x.float() @ rows.float().T + (bias.float() if bias is not None else 0.0)
-                        w_new = _dense(*route(lg, spec, removed, corr), E)
-                        w_orig = _dense(*route(logits, spec, None, corr), E)
-                        view = replace(view, down=refit_downs(x, view.gate, view.up, view.down, keep, w_orig, w_new))
+                        w_p, idx_p = route(lg, spec, removed, corr)
+                        w_new = _dense(w_p, idx_p, E)
+                        y_new = _routed(src, rows_all, w_p, idx_p)  # cached outputs: no extra expert evaluation
+                        downs = refit_downs(x, view.gate, view.up, view.down, keep, None, w_new, y0=y0, y_new=y_new)
+                        view = replace(view, down=downs)
                     sel = view.select(keep)
                     set_layer_experts(stream.model, fam, l, sel)
                     if refit_dir is not None and opts.refit != "none":

@@ -289,3 +289,32 @@ def test_output_error_search_and_refit_on_cuda_equal_cpu(spec):
         kept = [e for e in range(8) if not removed[e]]
         w_o, w_n = _dense(*route(xc @ wc.T, spec), 8), _dense(*route(xc @ rows.T, spec, removed), 8)
         assert refit_downs(xc, gc, uc, dc, kept, w_o, w_n).device.type == "cuda"
+
+
+@pytest.mark.parametrize(
+    "spec", [SOFT, RouterSpec(top_k=2, norm_topk=False), SPECS[2]], ids=["norm", "no-norm", "groups"]
+)
+def test_cheap_down_refit_equals_the_member_sum_form(spec):
+    """refit_downs with explicit targets (the layer output kept per token) equals the reference that rebuilds every
+    target from member experts' outputs, with or without the outputs passed in."""
+    from moecompress.pruning import _refit_downs_members
+
+    x, gate, up, down, logits, corr = _experts(7, T=300)
+    corr = corr if spec.kind != "softmax" else None
+    E = gate.shape[0]
+    removed = torch.zeros(E, dtype=torch.bool)
+    removed[[0, 3] if spec.n_group == 1 else [0, 5]] = True
+    kept = [e for e in range(E) if not removed[e]]
+    w_orig = _dense(*route(logits, spec, None, corr), E)
+    w_p, idx_p = route(logits + 0.3 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)), spec,
+                       removed, corr)  # fmt: skip
+    w_new = _dense(w_p, idx_p, E)
+    ref = _refit_downs_members(x, gate, up, down, kept, w_orig, w_new)
+    ours = refit_downs(x, gate, up, down, kept, w_orig, w_new)
+    dense = expert_outputs(x, gate, up, down)
+    given = refit_downs(x, gate, up, down, kept, None, w_new, y0=combine(dense, *route(logits, spec, None, corr)),
+                        y_new=combine(dense, w_p, idx_p))  # fmt: skip
+    assert not torch.equal(ref[kept], down[kept])
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(given, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(ours[removed], down[removed])

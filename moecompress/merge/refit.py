@@ -59,8 +59,32 @@ def refit_down(
         if bool(on.any()):
             f = activations(xs[on], gate[e], up[e]).double() @ down[e].double().T  # [n_on, H]
             y[on] += ws[on, j, None] * f
-    a = ss[:, None] * activations(xs, merged_gate, merged_up).double()  # [t, I]
-    return lstsq_down(a, y, merged_down, ridge)
+    return refit_down_to(xs, y, ss, merged_gate, merged_up, merged_down, ridge)
+
+
+def refit_down_to(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    scale: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    prior: torch.Tensor,
+    ridge: float = 1e-3,
+    act: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Down projection W = argmin sum_t ||scale_t W h(x_t) - target_t||^2 + lam ||W - prior||^2 (explicit targets).
+
+    Args:
+        x: [t, H] tokens; target: [t, H] what the expert's weighted output should be on each token (e.g. the layer
+        output minus every other expert's contribution); scale: [t] the expert's routing weight on each token.
+        gate, up: [I, H] the expert (h = silu(gate x) * (up x)); prior: [H, I] current down projection.
+        act: [t, I] h(x) when already computed (skips gate/up).
+
+    Returns:
+        [H, I] in the dtype of ``prior``.
+    """
+    h = activations(x, gate, up) if act is None else act
+    return lstsq_down(scale.double()[:, None] * h.double(), target, prior, ridge)
 
 
 def lstsq_down(a: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
