@@ -29,6 +29,7 @@ from .progress import console, out_console
 from .pruning import DEFAULT_METHOD, DEFAULT_REFIT, METHODS, REFITS
 
 GRANULARITIES = ("expert", "atom")
+ATOM_REFITS = ("down", "none")
 
 
 def prune(
@@ -62,8 +63,14 @@ def prune(
         int, typer.Option("--error-tokens", help="output-error: calibration tokens per layer for the greedy search.")
     ] = 4096,
     refit: Annotated[
-        str, typer.Option(help=f"expert: after removal refit on calibration tokens: {', '.join(REFITS)}.")
-    ] = DEFAULT_REFIT,
+        str | None,
+        typer.Option(
+            help=f"After removal, refit on calibration tokens. expert: {', '.join(REFITS)} (default {DEFAULT_REFIT});"
+            f" atom: {' or '.join(ATOM_REFITS)} (default {ATOM_REFITS[0]}: least-squares refit of the kept down_proj"
+            " columns).",
+            show_default=False,
+        ),
+    ] = None,
     hessian: Annotated[str, typer.Option(help="atom only: G_e approximation full, diag or lowrank.")] = "full",
     rank: Annotated[int, typer.Option(help="atom only: rank of the lowrank G_e sketch.")] = 32,
     calib: CalibOpt = "mixed",
@@ -102,10 +109,12 @@ def prune(
         if layout == "per-layer":
             raise UserError("--layout per-layer is for --granularity expert; atoms use uniform or exact")
         score = method or "heapr"
+        if refit not in (None, *ATOM_REFITS):
+            raise UserError(f"--refit {refit!r} is not one of {', '.join(ATOM_REFITS)} for --granularity atom")
         atomic_prune(
             model, output, ratio, hessian=hessian, layout=layout, score=score, profile=profile, calib=calib,
             samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, rank=rank,
-            protect_super=protect_super, device=dev, overwrite=overwrite,
+            protect_super=protect_super, device=dev, overwrite=overwrite, refit=refit != "none",
         )  # fmt: skip
         return
     if layout == "exact":
@@ -114,7 +123,7 @@ def prune(
 
     opts = PruneOptions(
         ratio=ratio, method=method or DEFAULT_METHOD, layout=layout, protect_super=protect_super, seed=seed,
-        error_tokens=error_tokens, refit=refit,
+        error_tokens=error_tokens, refit=refit or DEFAULT_REFIT,
     )  # fmt: skip
     man = prune_model(model, output, opts, profile, calib, samples, seq_len, batch_size, dev, overwrite)
     for w in man["warnings"]:

@@ -46,3 +46,18 @@ def test_exact_output_loads_through_moecompress_load(tmp_path, tokenizer_dir, mo
     model = loading.load(out)
     widths = json.loads((out / "moecompress.json").read_text())["layers"]["0"]["widths"]
     assert model.model.layers[0].mlp.experts.down_proj.shape[-1] == 16 * -(-max(widths) // 16)
+
+
+def test_cli_atom_refit_flag(tmp_path, tokenizer_dir):
+    """--refit down (default) compensates the kept down_proj columns; --refit none slices them plainly."""
+    src = build_tiny("qwen3_moe", tmp_path / "src", tokenizer_dir, moe_intermediate_size=32)
+    runner = CliRunner()
+    common = ["prune", str(src), "--granularity", "atom", "--ratio", "0.5", "--method", "magnitude", *ARGS]
+    for flag, compensated in ((["--refit", "none"], False), ([], True)):
+        out = tmp_path / f"out-{compensated}"
+        res = runner.invoke(app, [*common, *flag, "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        assert (json.loads((out / "moecompress.json").read_text())["compensation"] is not None) == compensated
+    res = runner.invoke(app, [*common, "--refit", "router", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--refit 'router'" in res.output, res.output
+    assert not (tmp_path / "x").exists()
