@@ -13,9 +13,10 @@
 
 Scaling: the gradient pass is layer-streamed (atomic/gradstream.py): one decoder layer's weights and one layer's
 G accumulators in memory at a time (full G: E x H^2 floats for that layer only; diag: E x H; lowrank: E x H(2r+1)),
-plus the cached inputs of every layer and one gradient ((L + 1) x N x S x H floats on the host). Scores are
-computed per layer as soon as its G is complete. `gradient_pass` (whole model in memory) remains for small models
-and benchmarks.
+plus the cached inputs of every layer and one gradient ((L + 1) x N x S x H floats, spilled to disk past a bound
+and read back one batch at a time). Scores are computed per layer as soon as its G is complete (G upcast one
+expert at a time); the writer slices one pruned layer at a time. `gradient_pass` (whole model in memory) remains
+for small models and benchmarks.
 """
 
 from __future__ import annotations
@@ -199,27 +200,30 @@ def pruned_tensors(
     keep: dict[int, list[torch.Tensor]],
     layout: str,
     downs: dict[int, list[torch.Tensor]] | None = None,
-) -> tuple[Iterator[tuple[str, torch.Tensor]], dict[int, MoEWeights | ExactLayer]]:
+) -> Iterator[tuple[str, torch.Tensor]]:
     """All output tensors (hub names): routed experts/routers of MoE layers sliced, everything else copied.
 
     downs: refitted down projections per layer and old expert id (``compensated_downs``) replacing the sliced ones.
+    Each MoE layer is read and sliced when the writer reaches it and dropped after its tensors are handed out,
+    so one pruned layer is in memory at a time.
     """
     fam = ckpt.family
-    new: dict[int, MoEWeights | ExactLayer] = {}
-    for l, k in keep.items():
-        new[l] = slice_layer(ckpt.moe_weights(l), k, layout)
-        if downs is not None:
-            new[l] = with_downs(new[l], downs[l])
     patterns = [fam.routed_key_pattern(l) for l in keep]
 
     def gen() -> Iterator[tuple[str, torch.Tensor]]:
         for key in ckpt.keys():
             if not any(p.match(key) for p in patterns):
                 yield key, ckpt.get(key)
-        for l, w in new.items():
-            yield from _layer_tensors(fam, w, l).items()
+        for l, k in keep.items():
+            w = slice_layer(ckpt.moe_weights(l), k, layout)
+            if downs is not None:
+                w = with_downs(w, downs[l])
+            tensors = _layer_tensors(fam, w, l)
+            del w
+            for name in list(tensors):
+                yield name, tensors.pop(name)
 
-    return gen(), new
+    return gen()
 
 
 def _layer_tensors(fam: Any, w: MoEWeights | ExactLayer, layer: int) -> dict[str, torch.Tensor]:
@@ -394,7 +398,7 @@ def write_atomic(
     downs = None
     if compensation is not None:
         downs, manifest["compensation_output_error"] = compensated_downs(ckpt, keep, layout, compensation)
-    tensors, _ = pruned_tensors(ckpt, keep, layout, downs)
+    tensors = pruned_tensors(ckpt, keep, layout, downs)
     channels = {str(l): [k.tolist() for k in keep[l]] for l in layers}
     write_checkpoint(
         out, tensors, config, ckpt.side_files(), manifest, overwrite,

@@ -81,6 +81,11 @@ class ActivationCache:
     def __len__(self) -> int:
         return self._n
 
+    @property
+    def spilled(self) -> bool:
+        """True when the batches live in files (read back one at a time)."""
+        return self._dir is not None
+
     def append(self, t: torch.Tensor) -> None:
         if self._dir is None:
             self._mem.append(t)

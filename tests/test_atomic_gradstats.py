@@ -149,3 +149,42 @@ def test_layer_streamed_gradient_pass_equals_the_whole_model_pass(tmp_path, toke
             scale = ref[l].G.abs().max()
             assert torch.allclose(got[l].G, ref[l].G, atol=1e-4 * scale), (fam, l)
             assert torch.allclose(got[l].m, ref[l].m, rtol=1e-4, atol=1e-9)
+
+
+def test_spilled_gradient_pass_gives_the_same_scores_and_cleans_up(tmp_path, tokenizer_dir, monkeypatch):
+    """Layer inputs and gradients kept in files (read back one batch at a time) give bit-identical statistics and
+    HEAPr scores to the in-memory pass, and the spill folders are removed afterwards."""
+    import tempfile
+
+    from conftest import build_tiny
+
+    from moecompress.atomic.gradstream import streamed_grad_stats
+    from moecompress.checkpoint import Checkpoint
+
+    src = build_tiny("qwen3_moe", tmp_path / "m", tokenizer_dir)
+    ckpt = Checkpoint(src)
+    ids = torch.randint(0, 320, (6, 16), generator=torch.Generator().manual_seed(1))
+    spill_root = tmp_path / "spill"
+    spill_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill_root))
+    seen = []
+
+    def score(l, st, experts):
+        seen.append(len(list(spill_root.iterdir())))
+        return heapr_scores(st.m, experts.down_proj.detach().float(), st.G), st
+
+    for kind in ("full", "lowrank"):
+        seen.clear()
+        mem = streamed_grad_stats(ckpt, ids, kind=kind, rank=4, batch_size=4, with_moments=True, on_layer=score)
+        assert seen and all(n == 0 for n in seen)  # in memory: nothing on disk
+        seen.clear()
+        disk = streamed_grad_stats(
+            ckpt, ids, kind=kind, rank=4, batch_size=4, with_moments=True, on_layer=score, spill=True
+        )
+        assert seen and all(n > 0 for n in seen)  # the spilled pass did use files
+        assert list(spill_root.iterdir()) == []
+        assert sorted(mem) == sorted(disk) == ckpt.moe_layers
+        for l in mem:
+            assert torch.equal(mem[l][0], disk[l][0]), (kind, l)
+            assert torch.equal(mem[l][1].counts, disk[l][1].counts)
+            assert torch.equal(mem[l][1].m, disk[l][1].m)

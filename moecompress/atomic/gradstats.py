@@ -95,12 +95,15 @@ class GradStatAccumulator:
             tok, pos = torch.where(top_k_index == e)
             self.update(e, grad[tok] * w[tok, pos, None])
 
-    def result(self) -> GradStat:
-        """Mean statistic over routed tokens (experts with no tokens get zeros)."""
+    def result(self, in_place: bool = False) -> GradStat:
+        """Mean statistic over routed tokens (experts with no tokens get zeros).
+
+        in_place: divide the full [E, H, H] sums in place (no second layer-sized copy; the accumulator is spent).
+        """
         dev = (self.sum if self.kind == "full" else self.diag).device
         n = self.counts.clamp_min(1).float().to(dev)  # [E]
         if self.kind == "full":
-            return self.sum / n[:, None, None]
+            return self.sum.div_(n[:, None, None]) if in_place else self.sum / n[:, None, None]
         if self.kind == "diag":
             return self.diag / n[:, None]
         # lowrank: G ~ B^T B / n + diag(residual)
@@ -200,9 +203,9 @@ def attach_hook(
 
 
 def finish(acc: GradStatAccumulator, msum: torch.Tensor | None) -> LayerGradStats:
-    """Mean statistics of one layer, on the CPU."""
+    """Mean statistics of one layer, on the CPU (the accumulator is spent: full G is divided in place)."""
     m = msum.cpu() / acc.counts.clamp_min(1)[:, None] if msum is not None else None
-    G = acc.result()
+    G = acc.result(in_place=True)
     G = LowRankG(G.factors.cpu(), G.residual_diag.cpu()) if isinstance(G, LowRankG) else G.cpu()
     return LayerGradStats(G=G, counts=acc.counts.clone(), m=m)
 

@@ -7,7 +7,9 @@ and back-propagated with the incoming gradient; the Experts hooks of gradstats s
 gradient at the layer's input becomes the next (lower) layer's incoming gradient. Only one layer's weights and one
 layer's G accumulators live at a time; ``on_layer`` turns a layer's statistics into scores so full G never
 exists for more than one layer (Qwen3-30B: 128 experts x 16.8 MB = 2.1 GB instead of 103 GB for 48 layers).
-Host memory for activations: (L + 1) x N x S x H floats (Qwen3-30B, 64 x 256 tokens: about 6.6 GB in fp32).
+Activations: (L + 1) x N x S x H floats (Qwen3-30B, 64 x 256 tokens: about 6.6 GB in fp32) kept per layer in an
+ActivationCache: in memory, or (``spill``, by default past the LayerStream bound) in files that stay on disk and are
+read back one batch at a time, so host memory then holds one batch of inputs and one batch of gradients.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import Checkpoint
-from ..stream import LayerStream
+from ..stream import ActivationCache, LayerStream
 from .gradstats import GradStatAccumulator, LayerGradStats, attach_hook, finish
 
 
@@ -38,14 +40,17 @@ def streamed_grad_stats(
     with_moments: bool = False,
     on_layer: Callable[[int, LayerGradStats, torch.nn.Module], Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    spill: bool | None = None,
 ) -> dict[int, Any]:
     """G_e (and optionally m) per MoE layer with one layer in memory at a time.
 
     input_ids: [N, S]. Returns {layer: on_layer(layer, stats, experts_module)} (or the LayerGradStats when
-    on_layer is None). progress(n) is called after each of the 2 x num_layers + 1 steps.
+    on_layer is None). progress(n) is called after each of the 2 x num_layers + 1 steps. spill: keep the layer
+    inputs and gradients in files (None: LayerStream's size rule); the scores do not depend on it.
     """
     fam, moe = ckpt.family, set(ckpt.moe_layers)
-    ls = LayerStream(ckpt, input_ids, batch_size=batch_size, device=device)
+    ls = LayerStream(ckpt, input_ids, batch_size=batch_size, device=device, spill=spill)
+    spilled = ls.cache.spilled
     out: dict[int, Any] = {}
     step = 0
 
@@ -55,16 +60,19 @@ def streamed_grad_stats(
         if progress is not None:
             progress(step)
 
+    inputs: list[ActivationCache] = []
+    grads = ActivationCache(spilled)
     try:
         ls.capture()
         n_layers = len(ls.decoder_layers)
-        inputs: list[list[torch.Tensor]] = []
-        for _, layer in ls.layers():  # forward, keeping every layer's inputs
-            inputs.append([ls.cache[i] for i in range(len(ls.cache))])
+        for _, layer in ls.layers():  # forward, keeping every layer's inputs (spilled ones stay on disk)
+            acts = ActivationCache(spilled)
+            inputs.append(acts)
+            for i in range(len(ls.cache)):
+                acts.append(ls.cache[i])  # in memory: the same tensor, no copy
             ls.forward_layer(layer)
             tick()
         ls._ensure_head()
-        grads: list[torch.Tensor] = []
         for i, ids in enumerate(ls.batches):  # head: dL/dh at the last layer's output
             h = ls.cache[i].to(ls.device).detach().requires_grad_(True)
             with torch.enable_grad():
@@ -76,6 +84,7 @@ def streamed_grad_stats(
                 )
                 loss.backward()
             grads.append(h.grad.detach())
+            del h, logits, loss
         tick()
         for l in reversed(range(n_layers)):  # backward, one layer at a time
             layer = ls.load_layer(l)
@@ -92,17 +101,24 @@ def streamed_grad_stats(
                     with torch.enable_grad():
                         y = layer(x, **ls.kwargs[i])
                         y = y[0] if isinstance(y, tuple) else y
-                        y.backward(grads[i])
+                        y.backward(grads[i].to(ls.device))
                     grads[i] = x.grad.detach()
+                    del x, y
                 if l in accs:
-                    stats = finish(accs[l], msum.get(l))
+                    acc, m = accs.pop(l), msum.pop(l, None)
+                    stats = finish(acc, m)
+                    del acc, m  # the accumulator's sums are freed before the layer is scored
                     out[l] = on_layer(l, stats, experts) if on_layer is not None else stats
+                    del stats
             finally:
                 if handle is not None:
                     handle.remove()
                 ls.free(layer)
-                inputs[l] = []
+                inputs[l].close()
             tick()
     finally:
+        for acts in inputs:
+            acts.close()
+        grads.close()
         ls.close()
     return out
