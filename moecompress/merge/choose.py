@@ -31,9 +31,19 @@ from moecompress.merge.align import activations, align_cluster
 from moecompress.merge.refit import lstsq_down
 from moecompress.merge.router import fit_router_rows
 from moecompress.merge.subspace import merge_average, merge_subspace
-from moecompress.pruning import RouterSpec, combine, expert_outputs, output_error_order, route
+from moecompress.pruning import RouterSpec, expert_outputs, output_error_order, route
 
 KINDS = ("keep", "keep+refit", "subspace", "subspace+refit", "average", "average+refit")
+CACHE_BYTES = 1 << 29  # activations and outputs of unrefitted candidates kept for reuse across sweeps (per layer)
+
+
+def combine(outs: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Routed output [T, H] from outs [T, K, H], weights and indices [T, k] (pruning.combine's values, with a
+    row gather instead of ``Tensor.gather`` on an expanded index, ~2x faster on the CPU)."""
+    T, K, H = outs.shape
+    rows = (idx + torch.arange(T, device=idx.device)[:, None] * K).reshape(-1)  # [T k]
+    picked = outs.reshape(T * K, H).index_select(0, rows).view(T, -1, H)  # [T, k, H]
+    return (picked * w[:, :, None]).sum(1)
 
 
 @dataclass
@@ -69,6 +79,22 @@ class LayerFit:
         self.logits0 = self._logits(w.router, w.router_bias)  # [T, E]
         self.y = combine(self.outs0, *route(self.logits0, spec, None, w.correction_bias))  # [T, H]
         self.norm = max(float(self.y[self.n_fit :].double().pow(2).sum()), 1e-30)
+        self._cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cached_bytes = 0
+
+    def computed(self, key: Any, c: Candidate) -> tuple[torch.Tensor, torch.Tensor]:
+        """(activations [T, I], output [T, H]) of candidate ``c``, reused under ``key`` while the cache has room
+        (the same candidate recurs in every sweep and, for ``keep``, in both clusterings)."""
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        h = self.activations(c)
+        out = (h, self.output(c, h))
+        size = h.numel() * h.element_size() + out[1].numel() * out[1].element_size()
+        if self._cached_bytes + size <= CACHE_BYTES:
+            self._cache[key] = out
+            self._cached_bytes += size
+        return out
 
     def _logits(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         logits = self.x @ rows.float().T
@@ -175,7 +201,8 @@ def choose_clusters(
                 is_current = cand.kind == "keep" and chosen[j].kind == "keep"
                 if is_current and "keep+refit" not in kinds:
                     continue
-                h = fit.activations(cand)  # [T, I]
+                key = (cand.kind, clustering.dominant[j], () if cand.kind == "keep" else tuple(members))
+                h, plain = fit.computed(key, cand)  # [T, I], [T, H]
                 old_l, old_o = logits[:, j].clone(), outs[:, j].clone()
                 old_c = None if corr is None else corr[j].clone()
                 logits[:, j] = fit._logits(cand.row[None], None if cand.bias is None else cand.bias[None])[:, 0]
@@ -186,7 +213,7 @@ def choose_clusters(
                     versions.append(fit.refit(cand, j, outs, logits, corr, h))
                 best_out = None
                 for v in versions:
-                    outs[:, j] = fit.output(v, h)
+                    outs[:, j] = plain if v is cand else fit.output(v, h)
                     e = fit.error(outs, logits, corr)
                     if e < err * (1 - 1e-9):
                         err, chosen[j], best_out, changed = e, v, outs[:, j].clone(), True
