@@ -663,6 +663,24 @@ def refit_router(
         pb = base_b[keep].clone().requires_grad_(True)
         params.append(pb)
     opt = torch.optim.Adam(params, lr=lr / max(float(xf.abs().mean()) * H**0.5, 1e-12))
+    # Each token's error is a quadratic in its k weights: ||sum_s w_s f_s - y||^2 = w^T G w - 2 w^T b + ||y||^2 with
+    # G, b over the token's c best kept experts under the starting router (float64, computed once); a token routed
+    # outside them is evaluated directly. Per step: [T, k, k] instead of [T, k, H].
+    E = weight.shape[0]
+    c = min(keep.numel(), spec.top_k + 4)
+    lg0 = xf @ base_w.T + (base_b if base_b is not None else 0.0)
+    cand = _choice(lg0, spec, correction).masked_fill(removed, float("-inf")).topk(c, dim=1).indices  # [T, c]
+    slotmap = torch.full((T, E), -1, dtype=torch.long, device=x.device)
+    slotmap.scatter_(1, cand, torch.arange(c, device=x.device).expand(T, c).contiguous())
+    gram = torch.empty(T, c, c, dtype=torch.float64, device=x.device)
+    lin = torch.empty(T, c, dtype=torch.float64, device=x.device)
+    step = max(1, (1 << 22) // (c * H))
+    for s in range(0, T, step):
+        r = rows_all[s : s + step]
+        f = src.get(r, cand[r]).double()  # [n, c, H]
+        gram[r] = f @ f.transpose(1, 2)
+        lin[r] = (f @ y0[r].double()[:, :, None]).squeeze(2)
+    const = y0.double().pow(2).sum(1)  # [T]
 
     def loss_fn() -> torch.Tensor:
         w_full = base_w.index_put((keep,), p)
@@ -670,8 +688,18 @@ def refit_router(
         if pb is not None:
             logits = logits + base_b.index_put((keep,), pb)
         w, idx = route(logits, spec, removed, correction)
-        y = (src.get(rows_all, idx) * w[:, :, None]).sum(1)
-        return (y - y0).pow(2).sum()
+        pos = slotmap.gather(1, idx)  # [T, k]
+        inside = (pos >= 0).all(1)
+        q = pos.clamp_min(0)
+        g = gram[rows_all[:, None, None], q[:, :, None], q[:, None, :]]  # [T, k, k]
+        wd = w.double()
+        per = (wd[:, :, None] * g * wd[:, None, :]).sum((1, 2)) - 2 * (wd * lin.gather(1, q)).sum(1) + const
+        loss = per[inside].sum()
+        out = (~inside).nonzero().squeeze(1)
+        if out.numel():
+            y = (src.get(out, idx[out]) * w[out, :, None]).sum(1)
+            loss = loss + (y - y0[out]).double().pow(2).sum()
+        return loss
 
     best = (math.inf, None, None)
     first = math.inf

@@ -318,3 +318,24 @@ def test_cheap_down_refit_equals_the_member_sum_form(spec):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(given, ref, rtol=1e-4, atol=1e-5)
     assert torch.equal(ours[removed], down[removed])
+
+
+def test_router_refit_error_is_exact_for_tokens_routed_outside_their_candidates():
+    """The router refit's quadratic form (over each token's k+4 best kept experts) and its direct fallback give the
+    layer's true error, also when the refitted router sends tokens outside those candidates."""
+    g = torch.Generator().manual_seed(5)
+    T, E, H, I = 300, 16, 8, 6
+    x = torch.randn(T, H, generator=g)
+    gate, up, down = (torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g),
+                      torch.randn(E, H, I, generator=g))  # fmt: skip
+    weight = torch.randn(E, H, generator=g)
+    y0 = combine(expert_outputs(x, gate, up, down), *route(x @ weight.T, SOFT))
+    removed = torch.zeros(E, dtype=torch.bool)
+    removed[[2, 7]] = True
+    src, before = _layer_error(x, gate, up, down, weight, SOFT, removed, y0)
+    rows, _, e0, e1 = refit_router(src, x, weight, None, SOFT, removed, y0, steps=40, lr=0.3)
+    _, after = _layer_error(x, gate, up, down, rows, SOFT, removed, y0)
+    assert e0 == pytest.approx(before, rel=1e-5) and after == pytest.approx(e1, rel=1e-4) and e1 < e0
+    cand = (x @ weight.T).masked_fill(removed, float("-inf")).topk(6, dim=1).indices
+    idx = route(x @ rows.T, SOFT, removed)[1]
+    assert not bool((idx[:, :, None] == cand[:, None, :]).any(2).all()), "no token left its candidates"
