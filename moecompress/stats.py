@@ -51,6 +51,14 @@ class LayerAccumulator:
         self.domain_counts = torch.zeros(max(self.num_domains, 1), E, dtype=torch.long)
         self.logit_gram = torch.zeros(E, E, dtype=f64)
 
+    def to(self, device: torch.device) -> None:
+        """Keep the running sums on ``device`` (the compute device: no host sync per expert); finalize brings them
+        back to the CPU."""
+        for name in ("counts", "mass", "reap_sum", "max_abs", "max_channel", "sq_sum", "domain_counts", "logit_gram"):
+            t = getattr(self, name)
+            if t.device != device:
+                setattr(self, name, t.to(device))
+
     @property
     def sim_collected(self) -> int:
         return sum(x.shape[0] for x in self.sim_inputs)
@@ -87,30 +95,37 @@ def observe_into(
     top_k_weights: torch.Tensor,  # [T, k]
     token_domain: torch.Tensor | None,  # [T] domain id per token
 ) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
-    """An observer for ``routed_forward`` that adds one batch into ``acc``."""
+    """An observer for ``routed_forward`` that adds one batch into ``acc``.
+
+    The sums stay on the batch's device (moved there once per batch if needed): no CPU-GPU sync per expert.
+    """
+    dev = top_k_weights.device
+    acc.to(dev)
     p_all = top_k_weights.double() / top_k_weights.double().sum(-1, keepdim=True).clamp_min(1e-30)  # [T, k]
+    dom = token_domain.to(dev) if token_domain is not None else None
 
     def observe(e: int, token_idx: torch.Tensor, pos: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> None:
-        p = p_all[token_idx, pos].cpu()  # [n]
-        fd = f.detach().double().cpu()
+        p = p_all[token_idx, pos]  # [n]
+        fd = f.detach().double()
         acc.counts[e] += token_idx.numel()
         acc.mass[e] += p.sum()
         acc.reap_sum[e] += (p * fd.norm(dim=-1)).sum()
         amax = fd.abs().amax(dim=0)  # [H]
         m, ch = amax.max(dim=0)
-        if m > acc.max_abs[e]:
-            acc.max_abs[e] = m
-            acc.max_channel[e] = ch
-        acc.sq_sum[e] += h.detach().double().cpu().pow(2).sum(0)
-        if token_domain is not None:
-            acc.domain_counts[:, e] += torch.bincount(token_domain[token_idx.cpu()], minlength=acc.num_domains)
+        better = m > acc.max_abs[e]  # kept as a tensor: no host sync
+        acc.max_abs[e] = torch.where(better, m, acc.max_abs[e])
+        acc.max_channel[e] = torch.where(better, ch, acc.max_channel[e])
+        acc.sq_sum[e] += h.detach().double().pow(2).sum(0)
+        if dom is not None:
+            acc.domain_counts[:, e] += torch.bincount(dom[token_idx], minlength=acc.num_domains)
 
     return observe
 
 
 def add_router_batch(acc: LayerAccumulator, logits: torch.Tensor, hidden: torch.Tensor) -> None:
     """Router-logit Gram matrix and a token sample for output similarity."""
-    lg = logits.detach().double().cpu()  # [T, E]
+    lg = logits.detach().double()  # [T, E]
+    acc.to(lg.device)
     acc.logit_gram += lg.T @ lg
     acc.tokens += logits.shape[0]
     need = acc.sim_tokens - acc.sim_collected
@@ -138,7 +153,8 @@ def gram_to_cosine(gram: torch.Tensor) -> torch.Tensor:
 
 
 def finalize(acc: LayerAccumulator, top_k: int) -> dict[str, torch.Tensor]:
-    """Per-expert statistics of one layer from its accumulator."""
+    """Per-expert statistics of one layer from its accumulator (on the CPU)."""
+    acc.to(torch.device("cpu"))
     n = acc.counts.double()
     safe = n.clamp_min(1)
     total = acc.mass.sum()
