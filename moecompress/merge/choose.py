@@ -211,14 +211,15 @@ def choose_clusters(
                 versions = [cand] if cand.kind in kinds and not is_current else []
                 if cand.kind + "+refit" in kinds:
                     versions.append(fit.refit(cand, j, outs, logits, corr, h))
-                best_out = None
+                best = None
+                m = slice(fit.n_fit, None)  # the error reads the measure tokens only; the fit part follows a win
                 for v in versions:
-                    outs[:, j] = plain if v is cand else fit.output(v, h)
+                    outs[m, j] = plain[m] if v is cand else h[m] @ v.down.float().T
                     e = fit.error(outs, logits, corr)
                     if e < err * (1 - 1e-9):
-                        err, chosen[j], best_out, changed = e, v, outs[:, j].clone(), True
-                if best_out is not None:
-                    outs[:, j] = best_out
+                        err, chosen[j], best, changed = e, v, v, True
+                if best is not None:
+                    outs[:, j] = plain if best is cand else fit.output(best, h)
                 else:
                     logits[:, j], outs[:, j] = old_l, old_o
                     if corr is not None:
