@@ -188,3 +188,9 @@ def test_spilled_gradient_pass_gives_the_same_scores_and_cleans_up(tmp_path, tok
             assert torch.equal(mem[l][0], disk[l][0]), (kind, l)
             assert torch.equal(mem[l][1].counts, disk[l][1].counts)
             assert torch.equal(mem[l][1].m, disk[l][1].m)
+    import moecompress.atomic.gradstream as gs
+
+    monkeypatch.setattr(gs, "SPILL_BYTES", 0)  # the default rule spills once all layers' inputs pass the bound
+    seen.clear()
+    streamed_grad_stats(ckpt, ids, kind="diag", batch_size=4, with_moments=True, on_layer=score)
+    assert seen and all(n > 0 for n in seen)

@@ -8,8 +8,8 @@ gradient at the layer's input becomes the next (lower) layer's incoming gradient
 layer's G accumulators live at a time; ``on_layer`` turns a layer's statistics into scores so full G never
 exists for more than one layer (Qwen3-30B: 128 experts x 16.8 MB = 2.1 GB instead of 103 GB for 48 layers).
 Activations: (L + 1) x N x S x H floats (Qwen3-30B, 64 x 256 tokens: about 6.6 GB in fp32) kept per layer in an
-ActivationCache: in memory, or (``spill``, by default past the LayerStream bound) in files that stay on disk and are
-read back one batch at a time, so host memory then holds one batch of inputs and one batch of gradients.
+ActivationCache: in memory, or (``spill``, by default past SPILL_BYTES for all layers) in files that stay on disk
+and are read back one batch at a time, so host memory then holds one batch of inputs and one batch of gradients.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from ..checkpoint import Checkpoint
 from ..stream import ActivationCache, LayerStream
 from .gradstats import GradStatAccumulator, LayerGradStats, attach_hook, finish
+
+SPILL_BYTES = 4 * 1024**3  # kept layer inputs beyond this go to files
 
 
 def _gate_up(mod: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,9 +48,12 @@ def streamed_grad_stats(
 
     input_ids: [N, S]. Returns {layer: on_layer(layer, stats, experts_module)} (or the LayerGradStats when
     on_layer is None). progress(n) is called after each of the 2 x num_layers + 1 steps. spill: keep the layer
-    inputs and gradients in files (None: LayerStream's size rule); the scores do not depend on it.
+    inputs and gradients in files (None: when all layers' inputs exceed SPILL_BYTES); the scores do not depend on it.
     """
     fam, moe = ckpt.family, set(ckpt.moe_layers)
+    if spill is None:  # every layer's inputs are kept: the bound applies to all of them together
+        cfg = ckpt.config
+        spill = (cfg.num_hidden_layers + 1) * input_ids.numel() * cfg.hidden_size * 4 > SPILL_BYTES
     ls = LayerStream(ckpt, input_ids, batch_size=batch_size, device=device, spill=spill)
     spilled = ls.cache.spilled
     out: dict[int, Any] = {}
