@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--after", type=Path, default=ROOT, help="checkout of the new code (default: this one)")
     ap.add_argument("--before-timeout", type=float, default=300.0, help="CPU seconds per command for the old code")
     ap.add_argument("--builtin-ratios", default="0.25,0.5", help="built-in model before/after check ('' = skip)")
+    ap.add_argument("--refits", default="", help="also prune with each --refit (comma list), e.g. none,router+down")
     ap.add_argument("--out", default=str(ROOT / "reports" / "scale_bench"))
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))
@@ -141,6 +142,10 @@ def main() -> None:
                     code, ["prune", str(model), "--ratio", str(args.ratio), "-o", str(work / f"pr-{name}"), *calib], cap
                 )
                 row[name] = {"profile": prof, "prune": prune}
+                for refit in (r for r in args.refits.split(",") if r):
+                    argv = ["prune", str(model), "--ratio", str(args.ratio), "--refit", refit, "-o", str(work / "rf")]
+                    row[name][f"prune --refit {refit}"] = run_cmd(code, [*argv, *calib], cap)
+                    shutil.rmtree(work / "rf", ignore_errors=True)
                 for d in ("prof", "pr"):
                     shutil.rmtree(work / f"{d}-{name}", ignore_errors=True)
                 print(E, name, json.dumps(row[name]), flush=True)
@@ -155,7 +160,7 @@ def main() -> None:
             "layers": args.layers, "hidden": args.hidden, "width": args.width, "top_k": args.top_k,
             "calibration_tokens": args.samples * args.seq_len, "ratio": args.ratio, "dtype": "bfloat16",
             "threads": 1, "before": str(args.before) if args.before else None, "after": str(args.after),
-            "before_timeout_s": args.before_timeout,
+            "before_timeout_s": args.before_timeout, "refits": args.refits,
         },
         "rows": rows,
         "builtin": builtin,
@@ -191,7 +196,8 @@ def render_md(rep: dict) -> str:
         "Reproduce: `mkdir /tmp/before && git archive <old commit> | tar -x -C /tmp/before` (same for /tmp/after "
         "with the new commit, or omit --after), then `OMP_NUM_THREADS=1 .venv/bin/python bench/scale_bench.py "
         f"--before /tmp/before --after /tmp/after --before-timeout {s['before_timeout_s']:g} --builtin-ratios "
-        f"{','.join(rep['builtin']) or chr(39) * 2}`",
+        f"{','.join(rep['builtin']) or chr(39) * 2} --experts {','.join(str(r['experts']) for r in rep['rows'])} "
+        f"--ratio {s['ratio']:g}" + (f" --refits {s['refits']}`" if s.get("refits") else "`"),
         "",
         "| E | checkpoint | profile before | prune before | profile after | prune after | prune / profile (after) |",
         "|---|---|---|---|---|---|---|",
@@ -203,6 +209,21 @@ def render_md(rep: dict) -> str:
             f"| {r['experts']} | {r['checkpoint_bytes'] / 2**20:.0f} MiB | {_cell(b.get('profile'))} | "
             f"{_cell(b.get('prune'))} | {_cell(a['profile'])} | {_cell(a['prune'])} | {ratio:.2f}x |"
         )
+    refits = [k for k in rep["rows"][0]["after"] if k.startswith("prune --refit")] if rep["rows"] else []
+    if refits:
+        lines += ["", f"`prune --ratio {s['ratio']}` with each refit (CPU s, peak RSS; x profile):", ""]
+        lines += ["| E | version | " + " | ".join(refits) + " |", "|---|---|" + "---|" * len(refits)]
+        for r in rep["rows"]:
+            for name in ("before", "after"):
+                if name in r:
+                    v = r[name]
+                    cells = [
+                        f"{_cell(v[k])} ({v[k]['cpu_s'] / v['profile']['cpu_s']:.2f}x)"
+                        if "cpu_s" in v[k]
+                        else _cell(v[k])
+                        for k in refits
+                    ]
+                    lines.append(f"| {r['experts']} | {name} | " + " | ".join(cells) + " |")
     if rep["builtin"]:
         lines += ["", "Built-in model, default `prune` before/after:", ""]
         lines += [

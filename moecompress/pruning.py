@@ -664,23 +664,47 @@ def refit_router(
         params.append(pb)
     opt = torch.optim.Adam(params, lr=lr / max(float(xf.abs().mean()) * H**0.5, 1e-12))
     # Each token's error is a quadratic in its k weights: ||sum_s w_s f_s - y||^2 = w^T G w - 2 w^T b + ||y||^2 with
-    # G, b over the token's c best kept experts under the starting router (float64, computed once); a token routed
-    # outside them is evaluated directly. Per step: [T, k, k] instead of [T, k, H].
+    # G, b over the token's candidate experts (float64): its k+4 best kept ones under the starting router, grown by
+    # the experts the refit routes it to (up to 3k+4); a token routed outside a full set is evaluated directly.
+    # Per step: [T, k, k] instead of [T, k, H].
     E = weight.shape[0]
     c = min(keep.numel(), spec.top_k + 4)
+    cap = min(keep.numel(), c + 2 * spec.top_k)
     lg0 = xf @ base_w.T + (base_b if base_b is not None else 0.0)
     cand = _choice(lg0, spec, correction).masked_fill(removed, float("-inf")).topk(c, dim=1).indices  # [T, c]
+    cands = torch.cat([cand, cand[:, :1].expand(T, cap - c)], 1)  # [T, cap]; slots past count[t] are unused
+    count = torch.full((T,), c, dtype=torch.long, device=x.device)
     slotmap = torch.full((T, E), -1, dtype=torch.long, device=x.device)
     slotmap.scatter_(1, cand, torch.arange(c, device=x.device).expand(T, c).contiguous())
-    gram = torch.empty(T, c, c, dtype=torch.float64, device=x.device)
-    lin = torch.empty(T, c, dtype=torch.float64, device=x.device)
-    step = max(1, (1 << 22) // (c * H))
-    for s in range(0, T, step):
-        r = rows_all[s : s + step]
-        f = src.get(r, cand[r]).double()  # [n, c, H]
-        gram[r] = f @ f.transpose(1, 2)
-        lin[r] = (f @ y0[r].double()[:, :, None]).squeeze(2)
+    gram = torch.empty(T, cap, cap, dtype=torch.float64, device=x.device)
+    lin = torch.empty(T, cap, dtype=torch.float64, device=x.device)
     const = y0.double().pow(2).sum(1)  # [T]
+
+    def fill(rows: torch.Tensor) -> None:
+        step = max(1, (1 << 22) // (cap * H))
+        for s in range(0, rows.numel(), step):
+            r = rows[s : s + step]
+            f = src.get(r, cands[r]).double()  # [n, cap, H]
+            gram[r] = f @ f.transpose(1, 2)
+            lin[r] = (f @ y0[r].double()[:, :, None]).squeeze(2)
+
+    def extend(rows: torch.Tensor, idx: torch.Tensor) -> None:
+        """Add the experts these tokens are routed to outside their candidates (as far as there is room)."""
+        sub = idx[rows]  # [n, k]
+        miss = slotmap[rows[:, None], sub] < 0
+        slot = count[rows][:, None] + miss.long().cumsum(1) - 1
+        ok = miss & (slot < cap)
+        grown = ok.any(1)
+        if not bool(grown.any()):
+            return
+        r2, kk = ok.nonzero().unbind(1)
+        t, e, sl = rows[r2], sub[r2, kk], slot[r2, kk]
+        cands[t, sl] = e
+        slotmap[t, e] = sl
+        count[rows] += ok.sum(1)
+        fill(rows[grown])
+
+    fill(rows_all)
 
     def loss_fn() -> torch.Tensor:
         w_full = base_w.index_put((keep,), p)
@@ -689,6 +713,10 @@ def refit_router(
             logits = logits + base_b.index_put((keep,), pb)
         w, idx = route(logits, spec, removed, correction)
         pos = slotmap.gather(1, idx)  # [T, k]
+        outside = (pos < 0).any(1)
+        if bool(outside.any()):
+            extend(outside.nonzero().squeeze(1), idx)
+            pos = slotmap.gather(1, idx)
         inside = (pos >= 0).all(1)
         q = pos.clamp_min(0)
         g = gram[rows_all[:, None, None], q[:, :, None], q[:, None, :]]  # [T, k, k]
