@@ -752,31 +752,6 @@ def refit_router(
     return rows, new_bias, first, best[0]
 
 
-class _Bank:
-    """Expert tensors indexed as refit_down's members: 0..E-1 the original experts, E..E+K-1 the kept experts with
-    negated current down projections, E+K a zero expert (so a target y - sum_{j != e} w_j f_j is a member sum)."""
-
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, cur: torch.Tensor, kept: list[int]):
-        self.E, self.K, self.kept = gate.shape[0], len(kept), kept
-        self.gate = _BankPart(self, gate, gate, 1.0)
-        self.up = _BankPart(self, up, up, 1.0)
-        self.down = _BankPart(self, down, cur, -1.0)
-
-
-class _BankPart:
-    def __init__(self, bank: _Bank, orig: torch.Tensor, cur: torch.Tensor, sign: float):
-        self.bank, self.orig, self.cur, self.sign = bank, orig, cur, sign
-        self.shape = (bank.E + bank.K + 1, *orig.shape[1:])
-
-    def __getitem__(self, m: int) -> torch.Tensor:
-        b = self.bank
-        if m < b.E:
-            return self.orig[m]
-        if m < b.E + b.K:
-            return self.sign * self.cur[b.kept[m - b.E]]
-        return torch.zeros_like(self.orig[0])
-
-
 def refit_downs(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, kept: list[int],
     w_orig: torch.Tensor | None, w_new: torch.Tensor, ridge: float = 1e-3, y0: torch.Tensor | None = None,
@@ -818,37 +793,6 @@ def refit_downs(
         new = refit_down_to(xs, y0[on] - y_cur[on] + mine, we, gate[e], up[e], cur[e], ridge, act=h)
         cur[e] = new
         y_cur[on] += we[:, None] * (h @ (new.float() - old).T).double()
-    return cur
-
-
-def _refit_downs_members(
-    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, kept: list[int],
-    w_orig: torch.Tensor, w_new: torch.Tensor, ridge: float = 1e-3,
-) -> torch.Tensor:  # fmt: skip
-    """Reference form of ``refit_downs`` through ``merge.refit.refit_down`` (targets built from member experts' outputs:
-    ~2 k^2 expert evaluations per token; kept to test the cheap form against). One kept expert at a time,
-    Gauss-Seidel: each fit sees the others' already refitted outputs).
-
-    For kept expert e on the tokens routed to it (new weight w_e > 0) the target is its share of the original
-    output, y(x) - sum_{j != e} w_j(x) f_j(x), reproduced by w_e(x) W h_e(x). Args: x [T, H]; gate/up [E, I, H],
-    down [E, H, I] original experts; w_orig, w_new: dense routing weights [T, E] of the original and the pruned
-    (refitted) router. Returns [E, H, I] (removed experts' rows unchanged)."""
-    from .merge.refit import refit_down
-
-    E, K = gate.shape[0], len(kept)
-    cur = down.clone()
-    bank = _Bank(gate, up, down, cur, kept)
-    for e in kept:
-        on = w_new[:, e] > 0
-        if not bool(on.any()):
-            continue
-        W = torch.zeros(int(on.sum()), E + K + 1, dtype=torch.float64, device=x.device)  # only the tokens routed to e
-        W[:, :E] = w_orig[on].double()
-        W[:, E : E + K] = w_new[on][:, kept].double()
-        W[:, E + kept.index(e)] = 0.0
-        W[:, E + K] = w_new[on, e].double() - W[:, : E + K].sum(1)
-        members = (W[:, : E + K] != 0).any(0).nonzero().squeeze(1).tolist() + [E + K]  # the ones that contribute
-        cur[e] = refit_down(x[on], W, members, bank.gate, bank.up, bank.down, gate[e], up[e], cur[e], ridge)
     return cur
 
 

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from moecompress.adapters import family_for
 from moecompress.errors import UserError
+from moecompress.merge.refit import refit_down
 from moecompress.prune_load import layer_view, prune_in_memory
 from moecompress.pruning import (
     ExpertOutputs,
@@ -291,14 +292,66 @@ def test_output_error_search_and_refit_on_cuda_equal_cpu(spec):
         assert refit_downs(xc, gc, uc, dc, kept, w_o, w_n).device.type == "cuda"
 
 
+class _Bank:
+    """Expert tensors indexed as refit_down's members: 0..E-1 the original experts, E..E+K-1 the kept experts with
+    negated current down projections, E+K a zero expert (so a target y - sum_{j != e} w_j f_j is a member sum)."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, cur: torch.Tensor, kept: list[int]):
+        self.E, self.K, self.kept = gate.shape[0], len(kept), kept
+        self.gate = _BankPart(self, gate, gate, 1.0)
+        self.up = _BankPart(self, up, up, 1.0)
+        self.down = _BankPart(self, down, cur, -1.0)
+
+
+class _BankPart:
+    def __init__(self, bank: _Bank, orig: torch.Tensor, cur: torch.Tensor, sign: float):
+        self.bank, self.orig, self.cur, self.sign = bank, orig, cur, sign
+        self.shape = (bank.E + bank.K + 1, *orig.shape[1:])
+
+    def __getitem__(self, m: int) -> torch.Tensor:
+        b = self.bank
+        if m < b.E:
+            return self.orig[m]
+        if m < b.E + b.K:
+            return self.sign * self.cur[b.kept[m - b.E]]
+        return torch.zeros_like(self.orig[0])
+
+
+def refit_downs_members(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, kept: list[int],
+    w_orig: torch.Tensor, w_new: torch.Tensor, ridge: float = 1e-3,
+) -> torch.Tensor:  # fmt: skip
+    """Reference form of ``refit_downs`` through ``merge.refit.refit_down`` (targets built from member experts' outputs:
+    ~2 k^2 expert evaluations per token; kept to test the cheap form against). One kept expert at a time,
+    Gauss-Seidel: each fit sees the others' already refitted outputs).
+
+    For kept expert e on the tokens routed to it (new weight w_e > 0) the target is its share of the original
+    output, y(x) - sum_{j != e} w_j(x) f_j(x), reproduced by w_e(x) W h_e(x). Args: x [T, H]; gate/up [E, I, H],
+    down [E, H, I] original experts; w_orig, w_new: dense routing weights [T, E] of the original and the pruned
+    (refitted) router. Returns [E, H, I] (removed experts' rows unchanged)."""
+    E, K = gate.shape[0], len(kept)
+    cur = down.clone()
+    bank = _Bank(gate, up, down, cur, kept)
+    for e in kept:
+        on = w_new[:, e] > 0
+        if not bool(on.any()):
+            continue
+        W = torch.zeros(int(on.sum()), E + K + 1, dtype=torch.float64, device=x.device)  # only the tokens routed to e
+        W[:, :E] = w_orig[on].double()
+        W[:, E : E + K] = w_new[on][:, kept].double()
+        W[:, E + kept.index(e)] = 0.0
+        W[:, E + K] = w_new[on, e].double() - W[:, : E + K].sum(1)
+        members = (W[:, : E + K] != 0).any(0).nonzero().squeeze(1).tolist() + [E + K]  # the ones that contribute
+        cur[e] = refit_down(x[on], W, members, bank.gate, bank.up, bank.down, gate[e], up[e], cur[e], ridge)
+    return cur
+
+
 @pytest.mark.parametrize(
     "spec", [SOFT, RouterSpec(top_k=2, norm_topk=False), SPECS[2]], ids=["norm", "no-norm", "groups"]
 )
 def test_cheap_down_refit_equals_the_member_sum_form(spec):
     """refit_downs with explicit targets (the layer output kept per token) equals the reference that rebuilds every
     target from member experts' outputs, with or without the outputs passed in."""
-    from moecompress.pruning import _refit_downs_members
-
     x, gate, up, down, logits, corr = _experts(7, T=300)
     corr = corr if spec.kind != "softmax" else None
     E = gate.shape[0]
@@ -309,7 +362,7 @@ def test_cheap_down_refit_equals_the_member_sum_form(spec):
     w_p, idx_p = route(logits + 0.3 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)), spec,
                        removed, corr)  # fmt: skip
     w_new = _dense(w_p, idx_p, E)
-    ref = _refit_downs_members(x, gate, up, down, kept, w_orig, w_new)
+    ref = refit_downs_members(x, gate, up, down, kept, w_orig, w_new)
     ours = refit_downs(x, gate, up, down, kept, w_orig, w_new)
     dense = expert_outputs(x, gate, up, down)
     given = refit_downs(x, gate, up, down, kept, None, w_new, y0=combine(dense, *route(logits, spec, None, corr)),
