@@ -178,22 +178,13 @@ def guard(
             writer.guard_output(out, inputs, overwrite, kind=kind, homes=homes)
 
 
-def finite(obj: Any) -> Any:
-    """``obj`` with NaN and infinities as None: JSON has no NaN, and other readers reject it."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [finite(v) for v in obj]
-    return obj
-
-
 def write_json(obj: Any, path: Path | None, overwrite: bool = False) -> None:
     """JSON to ``path`` (atomically, through the temporary ``guard`` reserved), or to stdout when None.
 
     Non-finite numbers are written as null."""
-    text = json.dumps(finite(obj), indent=2, allow_nan=False)
+    from .profile import json_safe
+
+    text = json.dumps(json_safe(obj)[0], indent=2, allow_nan=False)
     if path is None:
         sys.stdout.write(text + "\n")
     else:

@@ -299,7 +299,7 @@ def json_safe(obj: Any, path: str = "") -> tuple[Any, list[str]]:
     if isinstance(obj, dict):
         pairs = [(k, json_safe(v, f"{path}.{k}" if path else str(k))) for k, v in obj.items()]
         return {k: v for k, (v, _) in pairs}, [p for _, (_, ps) in pairs for p in ps]
-    if isinstance(obj, list):
+    if isinstance(obj, list | tuple):
         items = [json_safe(v, f"{path}[{i}]") for i, v in enumerate(obj)]
         return [v for v, _ in items], [p for _, ps in items for p in ps]
     return obj, []
