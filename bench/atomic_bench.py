@@ -24,17 +24,17 @@ import time
 from pathlib import Path
 
 import torch
+from moecompress.calibration.sets import calibration_set, eval_set
 
 from moecompress.atomic.compensate import Compensation
 from moecompress.atomic.gradstats import bytes_per_expert
 from moecompress.atomic.heapr import heapr_scores, ranking_agreement
 from moecompress.atomic.load import load_exact_atomic
-from moecompress.atomic_prune import gradient_pass, load_model, write_atomic
-from moecompress.checkpoint import Checkpoint
-from moecompress.data import calibration_set, eval_set
-from moecompress.evaluate import logit_agreement
-from moecompress.profile import build_profile, collect, load_tokenizer
-from moecompress.writer import dir_bytes, write_checkpoint
+from moecompress.atomic.run import gradient_pass, load_model, write_atomic
+from moecompress.core.checkpoint import Checkpoint
+from moecompress.core.evaluate import logit_agreement
+from moecompress.core.writer import dir_bytes, write_checkpoint
+from moecompress.profile.run import build_profile, collect, load_tokenizer
 
 RATIO = 0.25
 

@@ -18,8 +18,8 @@ if [ ! -f "$DIR/.pins" ] || [ "$(cat "$DIR/.pins")" != "${PINS[*]}" ]; then
   echo "${PINS[*]}" > "$DIR/.pins"
 fi
 TESTS=(
-  tests/test_compat.py tests/test_adapters.py tests/test_builtin.py tests/test_profile.py tests/test_evaluate.py
-  tests/test_prune_e2e.py tests/test_atomic_prune.py tests/test_quant_pipeline.py tests/test_quant_packed.py
+  tests/core/test_compat.py tests/core/test_families.py tests/core/test_builtin.py tests/profile/test_profile.py tests/core/test_evaluate.py
+  tests/prune/test_prune_e2e.py tests/atomic/test_atomic_prune.py tests/quant/test_quant_pipeline.py tests/quant/test_quant_packed.py
 )
 PYTHONPATH="$DIR${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 MOECOMPRESS_EXPECT_TRANSFORMERS=5.17.0 \
   "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}" "$@"

@@ -131,7 +131,7 @@ def timed(dev: str, fn: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
 
 def cli(args: list[str]) -> None:
     """Run one moecompress command in this process; a non-zero exit is an error."""
-    from moecompress.cli import app
+    from moecompress.cli.main import app
 
     try:
         code = app(args, standalone_mode=False, prog_name="moecompress")
@@ -421,7 +421,7 @@ def make_big(path: Path, layers: int, shapes: dict[str, int], dev: str, seed: in
     from safetensors.torch import save_file
     from transformers import Qwen3MoeConfig
 
-    from moecompress.checkpoint import resolve_model
+    from moecompress.core.checkpoint import resolve_model
 
     tok_src = resolve_model(None)
     path.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ rc=$?
 # The suite's CUDA tests (marked gpu): packed experts on CUDA vs the CPU dense loader, the Triton kernel on CUDA
 echo "== pytest -m gpu"
 timeout "${GPU_PYTEST_S:-60}" $PY -m pytest -q -p no:cacheprovider -m gpu --junitxml="$OUT/gpu_pytest.xml" \
-  tests/test_quant_packed.py tests/test_quant_triton.py
+  tests/quant/test_quant_packed.py tests/quant/test_quant_triton.py
 echo "== pytest -m gpu exited with $?"
 echo "== gpu_check.py exited with $rc at $(date -u +%FT%TZ)"
 exit $rc

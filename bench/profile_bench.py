@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MOECOMPRESS_QUIET", "1")
 
-from moecompress.checkpoint import Checkpoint, builtin_model_dir  # noqa: E402
-from moecompress.data import calibration_set  # noqa: E402
-from moecompress.loading import load  # noqa: E402
-from moecompress.profile import collect, load_tokenizer, run_profile  # noqa: E402
+from moecompress.calibration.sets import calibration_set  # noqa: E402
+
+from moecompress.core.checkpoint import Checkpoint, builtin_model_dir  # noqa: E402
+from moecompress.core.loading import load  # noqa: E402
+from moecompress.profile.run import collect, load_tokenizer, run_profile  # noqa: E402
 
 
 def overhead(samples: int, seq_len: int, batch: int, repeats: int) -> dict:
@@ -151,7 +152,7 @@ def peak_rss(args: argparse.Namespace) -> dict:
         size = synthetic_checkpoint(model, args.synthetic_layers, args.hidden, args.experts, args.width, 4)
         gen_s = time.perf_counter() - t
         code = (
-            "import resource, sys, torch; from moecompress.profile import run_profile; "
+            "import resource, sys, torch; from moecompress.profile.run import run_profile; "
             f"run_profile({str(model)!r}, {str(work / 'run')!r}, 'mixed', {args.rss_samples}, 256, 0, 8); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
         )
@@ -169,7 +170,7 @@ def peak_rss(args: argparse.Namespace) -> dict:
             [
                 sys.executable,
                 "-c",
-                "import resource, torch, transformers, moecompress.profile; "
+                "import resource, torch, transformers, moecompress.profile.run; "
                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)",
             ],
             check=True,

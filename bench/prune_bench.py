@@ -2,7 +2,7 @@
 
 For each ratio and method (frequency, routing-mass, REAP, random [several seeds], output-error), prune with one
 shared profile, then measure against the unpruned model on held-out text: KL(base || pruned), top-1 agreement,
-per-domain perplexity (moecompress.evaluate.evaluate), parameters and bytes on disk. Output-error also runs with
+per-domain perplexity (moecompress.core.evaluate.evaluate), parameters and bytes on disk. Output-error also runs with
 each ``--refits`` compensation (router rows; router rows + down projections refitted on calibration tokens after
 the removal). Also explains the REAP vs frequency outcome: how similar their rankings are and what REAP keeps
 that frequency drops.
@@ -24,15 +24,15 @@ from pathlib import Path
 
 import torch
 
-from moecompress import loading
-from moecompress.checkpoint import Checkpoint
-from moecompress.evaluate import evaluate
-from moecompress.profile import Profile, run_profile
-from moecompress.pruning import DEFAULT_REFIT, REFITS, PruneOptions, prune_model
+from moecompress.core import loading
+from moecompress.core.checkpoint import Checkpoint
+from moecompress.core.evaluate import evaluate
+from moecompress.profile.run import Profile, run_profile
+from moecompress.prune.run import DEFAULT_REFIT, REFITS, PruneOptions, prune_model
 
 METHODS = ("frequency", "routing-mass", "reap", "random", "output-error")
 PER_LAYER = ("reap", "output-error")  # also run with --layout per-layer (global ranking, loads via moecompress.load)
-loading.register_loader("per-layer", "moecompress.prune_load:load_per_layer")  # until loading.py registers it
+loading.register_loader("per-layer", "moecompress.prune.load:load_per_layer")  # until loading.py registers it
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

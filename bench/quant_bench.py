@@ -35,12 +35,13 @@ import torch
 
 os.environ.setdefault("MOECOMPRESS_QUIET", "1")
 
-from moecompress.checkpoint import Checkpoint  # noqa: E402
-from moecompress.data import calibration_set  # noqa: E402
-from moecompress.evaluate import evaluate  # noqa: E402
-from moecompress.profile import load_tokenizer  # noqa: E402
+from moecompress.calibration.sets import calibration_set  # noqa: E402
+
+from moecompress.core.checkpoint import Checkpoint  # noqa: E402
+from moecompress.core.evaluate import evaluate  # noqa: E402
+from moecompress.profile.run import load_tokenizer  # noqa: E402
 from moecompress.quant.layer import GPTQOptions, expert_group_sizes  # noqa: E402
-from moecompress.quantize import PROBE_WIDTHS, Layout, layer_sensitivity, measure_model, run_quantize  # noqa: E402
+from moecompress.quant.run import PROBE_WIDTHS, Layout, layer_sensitivity, measure_model, run_quantize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, plan, bits, granularity, cost model)
@@ -206,7 +207,7 @@ def bench_model(model_arg: str | None, args: argparse.Namespace, work: Path, llm
     ckpt = Checkpoint(None if model_arg in (None, "builtin") else model_arg)
     model = str(ckpt.path)
     lay = Layout(ckpt)
-    from moecompress.quantize import scale_dtype_of
+    from moecompress.quant.run import scale_dtype_of
 
     ev_kw = dict(data="mixed", seq_len=args.seq_len, batch_size=8, device=torch.device("cpu"))
     t0 = time.time()
@@ -459,7 +460,7 @@ def markdown(res: dict) -> str:
         f"{res['machine']['threads']} thread(s)).",
         f"Calibration: {res['calibration']['samples']} windows x {res['calibration']['seq_len']} tokens (mixed, seed "
         f"0), the same windows for every method; evaluation: {res['eval']['windows_per_domain']} held-out windows per "
-        "domain through `moecompress.evaluate` for every row (KL(base || quantized) per token, fp32 forward). Only "
+        "domain via `moecompress.core.evaluate` for every row (KL(base || quantized) per token, fp32 forward). Only "
         "routed experts are quantized (attention, routers, norms, embeddings as in the base). LP plans have the "
         "routed-expert byte budget of the uniform plan of that many bits (2.5: payload 2.5 bits/weight plus the same "
         "scale overhead). Sensitivity probes: KL with one layer's routed experts at "

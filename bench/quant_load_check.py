@@ -47,7 +47,7 @@ def main() -> None:
         cmd = [
             sys.executable,
             "-m",
-            "moecompress.cli",
+            "moecompress.cli.main",
             "quantize",
             args.model,
             "--bits",

@@ -34,7 +34,7 @@ import json, sys, time, torch
 def hwm():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
 torch.set_num_threads(1)
-from moecompress.loading import load
+from moecompress.core.loading import load
 from moecompress.quant.load import load_quantized
 from moecompress.quant.packed_experts import PackedExperts, module_nbytes
 path, mode, device, batch, seq, seed = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
@@ -140,8 +140,8 @@ def effects(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    from moecompress.checkpoint import Checkpoint
-    from moecompress.quantize import run_quantize
+    from moecompress.core.checkpoint import Checkpoint
+    from moecompress.quant.run import run_quantize
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", default="4,3")
@@ -190,7 +190,7 @@ def main() -> None:
                     print(f"{dev} {b}-bit {mode}: {r}", flush=True)
             res["devices"][dev] = rows
         if "cuda" not in devices:
-            res["devices"]["cuda"] = "Not run: no CUDA device on this host (see tests/test_quant_packed.py, gpu mark)."
+            res["devices"]["cuda"] = "No CUDA device here (see tests/quant/test_quant_packed.py, gpu mark)."
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["effects"] = effects(res["devices"]["cpu"])

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def child(argv: list[str]) -> None:
     """Run one moecompress command in this process; print CPU seconds, peak RSS and where the code came from."""
     import moecompress
-    from moecompress.cli import app
+    from moecompress.cli.main import app
 
     t0 = os.times()
     code = 0

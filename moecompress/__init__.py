@@ -6,9 +6,9 @@ __version__ = "0.1.0"
 def load(path=None, device="cpu", dtype=None):  # noqa: ANN001, ANN201 - thin lazy wrapper, see loading.load
     """Load any moecompress output (or a supported HF MoE folder) as a transformers model, exactly.
 
-    See :func:`moecompress.loading.load`.
+    See :func:`moecompress.core.loading.load`.
     """
-    from .loading import load as _load
+    from .core.loading import load as _load
 
     return _load(path, device, dtype)
 

@@ -85,7 +85,7 @@ def tiny_config(model_type: str, **over: object):
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from moecompress.data import load_texts
+    from moecompress.calibration.sets import load_texts
 
     text = "\n\n".join(load_texts("mixed", "calib").values())
     tok = Tokenizer(models.BPE())

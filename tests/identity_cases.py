@@ -78,7 +78,7 @@ def run_case(name: str, workdir: Path, tokenizer_dir: Path | None) -> dict[str, 
     """Run one case through the CLI in this process; return the digest of what it wrote."""
     from typer.testing import CliRunner
 
-    from moecompress.cli import app
+    from moecompress.cli.main import app
 
     model_spec, argv = ALL[name]
     cmd, rest = argv[0], argv[1:]

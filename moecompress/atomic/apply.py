@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..adapters import MoEWeights
+from ..core.families import MoEWeights
 
 
 def slice_uniform(w: MoEWeights, keep: torch.Tensor) -> MoEWeights:

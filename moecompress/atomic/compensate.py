@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import MoEWeights
+from ..core.families import MoEWeights
 from ..merge.align import activations
 from ..merge.refit import refit_down
 from .apply import ExactLayer, pad_exact, padded_width, slice_exact, slice_uniform
@@ -48,7 +48,7 @@ class Compensation:
 
 def dense_routing(logits: torch.Tensor, spec: Any, correction: torch.Tensor | None = None) -> torch.Tensor:
     """Routing weights [T, E] (zero off the top-k) as the family's router computes them."""
-    from ..pruning import route
+    from ..prune.run import route
 
     w, idx = route(logits, spec, None, correction)  # [T, k]
     return torch.zeros(logits.shape, dtype=torch.float64).scatter(1, idx, w.double())
@@ -103,7 +103,7 @@ def with_downs(pruned: MoEWeights | ExactLayer, downs: list[torch.Tensor]) -> Mo
 
 def routed_error(x: torch.Tensor, w: MoEWeights, pruned: MoEWeights | ExactLayer, spec: Any) -> float:
     """sum ||y'(x) - y(x)||^2 / sum ||y(x)||^2 of the routed outputs of the pruned layer vs the unpruned one on x."""
-    from ..pruning import combine, expert_outputs, route
+    from ..prune.run import combine, expert_outputs, route
 
     def y(v: MoEWeights) -> torch.Tensor:
         logits = x @ v.router.T + (v.router_bias if v.router_bias is not None else 0.0)
@@ -146,10 +146,10 @@ def compensated_downs(
 ) -> tuple[dict[int, list[torch.Tensor]], dict[str, dict[str, float]]]:
     """Refitted down projections per MoE layer and old expert id ([H, K_e], float32), layer-streamed, and per layer
     the relative routed-output error on the calibration tokens of the sliced layer and of the refitted one."""
-    from ..progress import progress_bar
-    from ..prune_load import layer_view, set_layer_experts
-    from ..pruning import RouterSpec
-    from ..stream import LayerStream
+    from ..core.progress import progress_bar
+    from ..core.stream import LayerStream
+    from ..prune.load import layer_view, set_layer_experts
+    from ..prune.run import RouterSpec
 
     fam = ckpt.family
     spec = RouterSpec.from_config(fam, ckpt.config)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import Checkpoint
-from ..stream import ActivationCache, LayerStream
+from ..core.checkpoint import Checkpoint
+from ..core.stream import ActivationCache, LayerStream
 from .gradstats import GradStatAccumulator, LayerGradStats, attach_hook, finish
 
 SPILL_BYTES = 4 * 1024**3  # kept layer inputs beyond this go to files

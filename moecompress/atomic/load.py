@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from ..adapters import family_for
-from ..checkpoint import Checkpoint
-from ..errors import UserError
+from ..core.checkpoint import Checkpoint
+from ..core.errors import UserError
+from ..core.families import family_for
 from .apply import ExactLayer, pad_exact, padded_width
 
 LAYOUT = "atomic_exact"

@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from moecompress.adapters import MoEWeights
+from moecompress.core.families import MoEWeights
 from moecompress.merge.align import activations, align_cluster
 from moecompress.merge.refit import lstsq_down
 from moecompress.merge.router import fit_router_rows
 from moecompress.merge.subspace import merge_average, merge_subspace
-from moecompress.pruning import RouterSpec, expert_outputs, output_error_order, route
+from moecompress.prune.run import RouterSpec, expert_outputs, output_error_order, route
 
 KINDS = ("keep", "keep+refit", "subspace", "subspace+refit", "average", "average+refit")
 CACHE_BYTES = 1 << 29  # activations and outputs of unrefitted candidates kept for reuse across sweeps (per layer)

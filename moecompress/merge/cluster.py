@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import torch
 
-from moecompress.errors import UserError
+from moecompress.core.errors import UserError
 
 
 def n_clusters_for(n_experts: int, ratio: float) -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moecompress.errors import UserError
+from moecompress.core.errors import UserError
 
 
 @dataclass

@@ -23,14 +23,14 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from moecompress.errors import UserError
+from moecompress.core.errors import UserError
 from moecompress.quant.ctformat import scheme_of
 from moecompress.quant.pack import unpack_int32
 from moecompress.quant.packed_experts import PackedExperts
 from moecompress.quant.rtn import dequantize
 
 if TYPE_CHECKING:
-    from moecompress.adapters import Family
+    from moecompress.core.families import Family
 
 
 def _read_all(path: Path) -> dict[str, torch.Tensor]:
@@ -123,8 +123,8 @@ def load_quantized(
     (on CPU the per-forward unpacking costs more than the memory it saves is usually worth; see
     reports/quant_memory.md).
     """
-    from moecompress.adapters import family_for
-    from moecompress.stream import module_state
+    from moecompress.core.families import family_for
+    from moecompress.core.stream import module_state
 
     p = Path(path)
     dtype = dtype or torch.float32

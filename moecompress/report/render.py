@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from moecompress.errors import UserError
+from moecompress.core.errors import UserError
 from moecompress.report.actions import actions_section
 from moecompress.report.blocks import clip, generic, note, num_cell, section, table, text_cell
 from moecompress.report.profile_view import profile_section

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moecompress.errors import UserError
+from moecompress.core.errors import UserError
 from moecompress.report.svg import MAX_CELLS  # noqa: F401  (re-exported: layers x experts drawn per chart)
 
 PROFILE = "profile.json"

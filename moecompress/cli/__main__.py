@@ -1,0 +1,5 @@
+"""`python -m moecompress.cli ...` runs the command line."""
+
+from moecompress.cli.main import main
+
+main()

@@ -1,0 +1,461 @@
+"""Read a local Hugging Face checkpoint folder lazily, one tensor at a time, and validate it."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import stat
+import struct
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from .errors import UserError
+from .families import Family, MoEWeights, family_for
+
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def builtin_model_dir() -> Path:
+    from ..builtin import MODEL_DIR
+
+    return MODEL_DIR
+
+
+def resolve_model(path: str | Path | None) -> Path:
+    """The model folder: ``path``, or the built-in model when None (or the word "builtin" and no such folder)."""
+    if path is None or (str(path) == "builtin" and not Path("builtin").exists()):
+        p = builtin_model_dir()
+        if not (p / "config.json").exists():
+            raise UserError(f"the built-in model is missing from {p}: reinstall moecompress")
+        return p
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"model path {p} does not exist: give a local Hugging Face model folder")
+    if not p.is_dir():
+        raise UserError(f"model path {p} is a file: give the folder that holds config.json and *.safetensors")
+    if not (p / "config.json").exists():
+        raise UserError(f"{p} has no config.json: give a local Hugging Face model folder")
+    return p.resolve()
+
+
+# bytes per element of every safetensors dtype
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+MAX_CONFIG_BYTES = 16 * 1024**2
+MAX_HEADER_BYTES = 100_000_000
+MAX_LAYERS = 100_000  # bound on num_hidden_layers when the weights cannot tell (real models have ~100)
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def read_json_file(path: Path, what: str, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """Parse a small JSON file; any way it can be unreadable (too large, not UTF-8, not JSON, nested too deep)
+    becomes one UserError naming the file."""
+    try:
+        if path.stat().st_size > max_bytes:
+            raise ValueError(f"larger than {max_bytes // 1024**2} MiB")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
+        raise UserError(f"{path} is not a valid {what} ({reason})") from None
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """``moecompress.json`` of a folder: None when absent, a dict otherwise (a UserError when it is not one)."""
+    f = Path(path) / "moecompress.json"
+    if not f.exists():
+        return None
+    manifest = read_json_file(f, "moecompress manifest (JSON)")
+    if not isinstance(manifest, dict):
+        raise UserError(f"{f} holds a JSON {type(manifest).__name__}, not an object: it is not a moecompress manifest")
+    if not isinstance(manifest.get("layout", "uniform"), str):
+        raise UserError(f"{f} has a layout that is not a name ({manifest['layout']!r})")
+    return manifest
+
+
+def _check_entry(key: Any, v: Any, data_bytes: int) -> None:
+    if not isinstance(v, dict):
+        raise ValueError(f"entry {key!r} is a {type(v).__name__}, not an object")
+    dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"tensor {key} has unknown dtype {dtype!r}")
+    ints = lambda xs: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
+    if not ints(shape) or len(shape) > 8:
+        raise ValueError(f"tensor {key} has shape {shape!r}, not a list of sizes")
+    if not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise ValueError(f"tensor {key} has data_offsets {offsets!r}, not [begin, end]")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * DTYPE_BYTES[dtype]:
+        raise ValueError(f"tensor {key} {dtype}{shape} needs {numel * DTYPE_BYTES[dtype]} bytes, has {offsets}")
+    if offsets[1] > data_bytes:
+        raise ValueError(f"tensor {key} data runs past the end of the file")
+
+
+def _read_header(path: Path) -> tuple[bytes, dict[str, dict[str, Any]]]:
+    """(header bytes, {key: {dtype, shape, data_offsets}}) of a safetensors file; a UserError when the file is
+    not one (whatever regular file ``path`` resolves to: a symlink into a blob store is fine, /etc/passwd is not)."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ValueError("not a regular file")
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("shorter than 8 bytes")
+            (n,) = struct.unpack("<Q", raw)
+            size = path.stat().st_size
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError("header length is larger than the file")
+            header = f.read(n)
+        meta = json.loads(header)
+        if not isinstance(meta, dict):
+            raise ValueError(f"the header is a JSON {type(meta).__name__}, not an object")
+        extra = meta.get("__metadata__", {})
+        if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+            raise ValueError("__metadata__ is not an object of strings")
+        tensors = {k: v for k, v in meta.items() if k != "__metadata__"}
+        for k, v in tensors.items():
+            _check_entry(k, v, size - 8 - n)
+        return header, tensors
+    except (OSError, ValueError, RecursionError, struct.error) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0][:200]
+        raise UserError(
+            f"{path.name} is not a valid safetensors file ({reason}): re-download or re-save the model"
+        ) from None
+
+
+def _plain_name(fname: Any, index: str) -> str:
+    """A shard name from an index must be a plain file name inside the model folder (no folders, no ``..``)."""
+    if not isinstance(fname, str):
+        raise UserError(f"{index} maps a tensor to {fname!r}, not a file name: the index is corrupt")
+    if fname in ("", ".", "..") or Path(fname).is_absolute() or ".." in Path(fname).parts:
+        raise UserError(f"{index} names shard {fname!r}, which points outside the model folder: refusing to read it")
+    if "/" in fname or "\\" in fname or "\0" in fname:
+        raise UserError(f"{index} names shard {fname!r}, which is not a plain file name in the model folder")
+    return fname
+
+
+def _expected_shapes(config: PretrainedConfig) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """(state-dict name -> shape, parameter names) of the transformers model config.json describes, built on the
+    meta device (no memory, well under a second even for 100B-parameter configs)."""
+    cfg = copy.deepcopy(config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, experts_implementation="eager")
+    except Exception as err:  # a config transformers accepts field by field can still fail as a whole
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise UserError(
+            f"transformers cannot build a {cfg.model_type} model from config.json ({type(err).__name__}: {first})"
+        ) from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, [n for n, _ in model.named_parameters()]
+
+
+def check_shapes(ck: Checkpoint) -> None:
+    """Every tensor on disk has the shape config.json implies, and (for plain folders) none is missing.
+
+    Routers are checked first, so the routed expert count is bounded by real tensors before anything of that
+    size is built. Routed expert tensors of non-uniform layouts (per-layer prune, exact atomic, quantized) are
+    left to their own loaders, which check them against moecompress.json."""
+    cfg, fam = ck.config, ck.family
+    E, H = ck.num_experts, cfg.hidden_size
+    moe = set(ck.moe_layers)
+    uniform = ck.manifest.get("layout", "uniform") == "uniform" and not getattr(cfg, "quantization_config", None)
+
+    def mismatch(key: str, got: tuple[int, ...], want: tuple[int, ...], why: str = "") -> UserError:
+        return UserError(
+            f"tensor {key} has shape {list(got)} but config.json implies {list(want)}{why}: "
+            "config.json does not match the weights"
+        )
+
+    if uniform:
+        for l in sorted(moe):
+            rk = fam.router_key(l)
+            key = next((k for k in (rk, fam.disk_to_module(rk)) if k in ck._info), None)
+            if key is None:
+                raise UserError(f"the weights lack the router of MoE layer {l} ({rk}): the checkpoint is incomplete")
+            got = tuple(ck._info[key]["shape"])
+            if got != (E, H):
+                raise mismatch(key, got, (E, H), f" ({E} routed experts x hidden_size {H})")
+    expected, params = _expected_shapes(cfg)
+    names = "|".join(re.escape(n) for n in fam.expert_names)
+    blocks = f"{re.escape(fam.disk_block)}|{re.escape(fam.module_block)}"
+    expert_re = re.compile(rf"^model\.layers\.(\d+)\.(?:{blocks})\.{re.escape(fam.experts)}\.(\d+)\.({names})\.weight$")
+    present: set[Any] = set()
+    for k in ck.weight_map:
+        got = tuple(ck._info[k]["shape"])
+        lm = _LAYER_KEY.match(k)
+        layer = int(lm[1]) if lm else -1
+        if layer in moe and fam.routed_key_pattern(layer).match(k):
+            if not uniform:
+                continue
+            if em := expert_re.match(k):
+                e, proj = int(em[2]), fam.expert_names.index(em[3])
+                if e >= E:
+                    raise UserError(f"tensor {k} is expert {e}, but config.json declares {E} routed experts")
+                fused = expected.get(f"model.layers.{layer}.{fam.module_block}.{fam.experts}.gate_up_proj")
+                if fused is not None:
+                    I = fused[1] // 2
+                    want = (I, H) if proj < 2 else (H, I)
+                    if got != want:
+                        raise mismatch(k, got, want, f" (expert width {I}, hidden_size {H})")
+                present.add((layer, e, proj))
+                continue
+        name = fam.disk_to_module(k)
+        if name in expected:
+            if got != expected[name]:
+                raise mismatch(k, got, expected[name])
+            present.add(name)
+    if not uniform:
+        return
+    for n in params:
+        if n in present:
+            continue
+        lm = _LAYER_KEY.match(n)
+        l = int(lm[1]) if lm else -1
+        if l in moe and n.endswith((f"{fam.experts}.gate_up_proj", f"{fam.experts}.down_proj")):
+            projs = (0, 1) if n.endswith("gate_up_proj") else (2,)
+            gone = [(e, p) for e in range(E) for p in projs if (l, e, p) not in present]
+            if not gone:
+                continue
+            n = fam.expert_key(l, *gone[0])
+        raise UserError(f"the weights lack {n}, which the model in config.json needs: the checkpoint is incomplete")
+
+
+class Checkpoint:
+    """A validated local HF checkpoint folder with lazy tensor access.
+
+    Opening one checks, in one place, everything later passes rely on: config.json counts are whole numbers in
+    range and agree with each other, shard names are plain file names, every shard is a safetensors file, and
+    every tensor's shape agrees with config.json (see ``check_shapes``). A broken or hostile folder fails here
+    with one UserError, before any work."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = resolve_model(path)
+        raw = read_json_file(self.path / "config.json", "config.json (JSON)")
+        if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+            raise UserError(f"{self.path / 'config.json'} has no model_type: not a transformers model config")
+        try:  # the weights' headers first: they bound what config.json may claim before transformers reads it
+            self._read_weights()
+            weights_error = None
+        except UserError as err:
+            weights_error = err
+        layers_on_disk = {int(m[1]) for k in getattr(self, "weight_map", {}) if (m := _LAYER_KEY.match(k))}
+        L = raw.get("num_hidden_layers")
+        limit = len(layers_on_disk) if weights_error is None else MAX_LAYERS
+        if type(L) is int and L > limit:  # transformers builds per-layer lists: 10**9 layers would hang it
+            if weights_error is not None:
+                raise UserError(f"config.json num_hidden_layers is {L}: no model has more than {MAX_LAYERS:,}")
+            raise UserError(
+                f"config.json num_hidden_layers is {L}, but the weights hold {limit} decoder layers: "
+                "the config does not belong to these weights"
+            )
+        self.config = self._load_config(raw["model_type"])
+        self.family: Family = family_for(self.config)
+        self.manifest = read_manifest(self.path) or {}
+        if weights_error is not None:
+            raise weights_error
+        self.family.check_config(self.config, max(layers_on_disk, default=-1) + 1)
+        missing = sorted(set(range(self.config.num_hidden_layers)) - layers_on_disk)
+        if missing:
+            raise UserError(f"the weights have no tensors for decoder layer {missing[0]}: the checkpoint is incomplete")
+        self.nonfinite: dict[str, tuple[int, int]] = {}  # tensor -> (NaN count, Inf count), filled as tensors are read
+        check_shapes(self)
+
+    def _read_weights(self) -> None:
+        self.weight_map = self._load_weight_map()
+        self._headers: dict[str, bytes] = {}
+        self._info: dict[str, dict[str, Any]] = {}
+        for f in sorted(set(self.weight_map.values())):
+            header, tensors = _read_header(self.path / f)
+            self._headers[f] = header
+            self._info.update({k: v for k, v in tensors.items() if self.weight_map.get(k) == f})
+        for k, f in self.weight_map.items():
+            if k not in self._info:
+                raise UserError(f"the index maps tensor {k} to {f}, which does not hold it: the index is corrupt")
+
+    # ---- validation -----------------------------------------------------------------------------
+    def _load_config(self, model_type: str) -> PretrainedConfig:
+        try:
+            return AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+        except Exception as err:  # transformers/huggingface_hub raise many types for a config they cannot read
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+            raise UserError(
+                f"transformers cannot read config.json (model_type {model_type!r}): {' '.join(lines)[:300]}"
+            ) from None
+
+    def _load_weight_map(self) -> dict[str, str]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            raw = read_json_file(index, "safetensors index (JSON)", MAX_HEADER_BYTES)
+            wm = raw.get("weight_map") if isinstance(raw, dict) else None
+            if not isinstance(wm, dict) or not wm:
+                raise UserError(f"{index} has no weight_map object: it is not a valid safetensors index")
+            for fname in wm.values():
+                _plain_name(fname, index.name)
+            for fname in set(wm.values()):
+                if not (self.path / fname).exists():
+                    raise UserError(f"{index.name} names shard {fname} which is missing from {self.path}")
+            return dict(wm)
+        single = self.path / "model.safetensors"
+        if single.exists():
+            return {k: "model.safetensors" for k in _read_header(single)[1]}
+        if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")):
+            raise UserError(
+                f"{self.path} holds only pickle weights (*.bin/*.pt), which moecompress never loads: "
+                "convert them to safetensors first"
+            )
+        raise UserError(f"{self.path} has no model.safetensors or model.safetensors.index.json")
+
+    # ---- facts ----------------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return self.family.num_experts(self.config)
+
+    @property
+    def top_k(self) -> int:
+        return self.family.top_k(self.config)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return self.family.moe_layers(self.config)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 over config.json and, per shard, its name, size, safetensors header and 16 evenly spaced
+        64 KiB samples of its tensor data (so two same-shaped models with different weights differ, without
+        reading whole multi-GB shards)."""
+        h = hashlib.sha256((self.path / "config.json").read_bytes())
+        block, samples = 64 * 1024, 16
+        for fname, header in self._headers.items():
+            f = self.path / fname
+            size = f.stat().st_size
+            h.update(fname.encode())
+            h.update(str(size).encode())
+            h.update(header)
+            start = 8 + len(header)
+            span = max(size - start - block, 0)
+            with f.open("rb") as fh:
+                for i in range(samples):
+                    fh.seek(start + span * i // max(samples - 1, 1))
+                    h.update(fh.read(block))
+        return h.hexdigest()
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum((self.path / f).stat().st_size for f in self._headers)
+
+    def tensor_info(self) -> dict[str, dict[str, Any]]:
+        """key -> {dtype, shape} from the (validated) headers, without reading data."""
+        return {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in self._info.items()}
+
+    @property
+    def num_params(self) -> int:
+        total = 0
+        for info in self.tensor_info().values():
+            n = 1
+            for s in info["shape"]:
+                n *= s
+            total += n
+        return total
+
+    # ---- tensors --------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors, opening each shard once and closing it after (its memory map is released, so
+        resident memory stays at what the caller keeps, not what it has read)."""
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            fname = self.weight_map.get(key)
+            if fname is None:
+                raise UserError(f"tensor {key} is missing from {self.path}")
+            by_file.setdefault(fname, []).append(key)
+        out: dict[str, torch.Tensor] = {}
+        for fname, ks in by_file.items():
+            try:
+                handle = safe_open(str(self.path / fname), framework="pt")
+            except Exception as err:  # safetensors raises its own error types
+                raise UserError(f"{fname} cannot be opened as safetensors ({err})") from None
+            with handle as f:
+                for key in ks:
+                    try:
+                        out[key] = f.get_tensor(key)
+                    except Exception as err:
+                        msg = f"tensor {key} in {fname} cannot be read ({err}): the file is corrupt"
+                        raise UserError(msg) from None
+                    self._check_finite(key, out[key])
+        return out
+
+    def _check_finite(self, key: str, t: torch.Tensor) -> None:
+        """Record and warn (once per tensor, on stderr) about NaN/Inf weights as they are read."""
+        if not t.is_floating_point() or key in self.nonfinite:
+            return
+        nan = inf = 0
+        for chunk in t.reshape(-1).split(1 << 24):  # bounded temporaries even for a multi-GB embedding
+            if not bool(torch.isfinite(chunk).all()):
+                nan += int(torch.isnan(chunk).sum())
+                inf += int(torch.isinf(chunk).sum())
+        if not nan and not inf:
+            return
+        self.nonfinite[key] = (nan, inf)
+        from .progress import console
+
+        console.print(
+            f"[yellow]warning:[/] tensor {key} holds {nan} NaN and {inf} Inf values: statistics that depend on it "
+            "are not finite (written as null in JSON)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.read([key])[key]
+
+    def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
+        return self.read([k for k in self.weight_map if k.startswith(prefix)])
+
+    def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """All hub-format tensors of decoder layer ``layer``."""
+        return self.prefixed(f"model.layers.{layer}.")
+
+    def moe_weights(self, layer: int) -> MoEWeights:
+        """The per-layer view of one MoE layer's routed experts, read lazily from disk."""
+        pat = self.family.routed_key_pattern(layer)
+        tensors = self.read([k for k in self.weight_map if pat.match(k)])
+        return self.family.read_layer(tensors, layer, self.num_experts)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, one shard open at a time."""
+        by_file: dict[str, list[str]] = {}
+        for k, f in self.weight_map.items():
+            by_file.setdefault(f, []).append(k)
+        for keys in by_file.values():
+            for i in range(0, len(keys), 64):
+                yield from self.read(keys[i : i + 64]).items()
+
+    def side_files(self) -> list[Path]:
+        return [self.path / f for f in SIDE_FILES if (self.path / f).exists()]
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.path}, family={self.family.name}, experts={self.num_experts}, top_k={self.top_k})"

@@ -1,0 +1,237 @@
+"""Layer-streamed execution: capture the first decoder layer's inputs once, then run one layer at a time.
+
+Only the embedding, one decoder layer and the activation cache are in memory at any time; each layer's
+tensors are read lazily from the safetensors shards and freed after use (GPTQ-style sequential pass).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from .checkpoint import Checkpoint
+from .errors import UserError
+from .families import Family
+
+
+class _Captured(Exception):
+    pass
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available: use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda")
+    return torch.device(device)
+
+
+def module_state(fam: Family, tensors: dict[str, torch.Tensor], layer: int, num_experts: int | None) -> dict[str, Any]:
+    """Hub-format tensors of one decoder layer -> the transformers module's state dict (keys relative to layer)."""
+    prefix = f"model.layers.{layer}."
+    out: dict[str, torch.Tensor] = {}
+    if num_experts is not None:
+        pat = fam.routed_key_pattern(layer)
+        w = fam.read_layer({k: v for k, v in tensors.items() if pat.match(k)}, layer, num_experts)
+        mb = f"{fam.module_block}."
+        out[f"{mb}{fam.experts}.gate_up_proj"] = torch.cat([w.gate, w.up], dim=1)  # [E, 2I, H]
+        out[f"{mb}{fam.experts}.down_proj"] = w.down  # [E, H, I]
+        out[f"{mb}{fam.router}.weight"] = w.router
+        if w.router_bias is not None:
+            out[f"{mb}{fam.router}.bias"] = w.router_bias
+        if w.correction_bias is not None:
+            out[f"{mb}{fam.router}.{fam.correction_bias}"] = w.correction_bias
+        tensors = {k: v for k, v in tensors.items() if not pat.match(k)}
+    for k, v in tensors.items():
+        out[fam.disk_to_module(k)[len(prefix) :]] = v
+    return out
+
+
+def skeleton(ckpt: Checkpoint) -> nn.Module:
+    """The whole model on the meta device (buffers such as rotary tables stay real and tiny)."""
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            ckpt.config, trust_remote_code=False, experts_implementation="eager", attn_implementation="sdpa"
+        )
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class ActivationCache:
+    """Per-batch hidden states, in memory or spilled to safetensors files in a temporary folder."""
+
+    def __init__(self, spill: bool):
+        self._mem: list[torch.Tensor] = []
+        self._dir = Path(tempfile.mkdtemp(prefix="moecompress-acts-")) if spill else None
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def spilled(self) -> bool:
+        """True when the batches live in files (read back one at a time)."""
+        return self._dir is not None
+
+    def append(self, t: torch.Tensor) -> None:
+        if self._dir is None:
+            self._mem.append(t)
+        else:
+            save_file({"h": t.contiguous().cpu()}, str(self._dir / f"{self._n}.safetensors"))
+        self._n += 1
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._dir is None:
+            return self._mem[i]
+        return load_file(str(self._dir / f"{i}.safetensors"))["h"]
+
+    def __setitem__(self, i: int, t: torch.Tensor) -> None:
+        if self._dir is None:
+            self._mem[i] = t
+        else:
+            save_file({"h": t.contiguous().cpu()}, str(self._dir / f"{i}.safetensors"))
+
+    def close(self) -> None:
+        self._mem.clear()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class LayerStream:
+    """Run a checkpoint one decoder layer at a time over fixed token batches.
+
+    >>> ls = LayerStream(ckpt, input_ids, batch_size=8, device=torch.device("cpu"))
+    >>> for l, layer in ls.layers():      # layer l is materialized; ls.cache holds its inputs
+    ...     ls.forward_layer(layer)       # replaces the cache with the layer's outputs
+    """
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        input_ids: torch.Tensor,  # [N, S]
+        batch_size: int = 8,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        spill: bool | None = None,
+    ):
+        self.ckpt = ckpt
+        self.fam = ckpt.family
+        self.device = device or torch.device("cpu")
+        self.dtype = dtype
+        self.model = skeleton(ckpt)
+        self.batches = list(input_ids.split(batch_size))
+        H = ckpt.config.hidden_size
+        if spill is None:
+            spill = input_ids.numel() * H * 4 > 4 * 1024**3
+        self.cache = ActivationCache(spill)
+        self.kwargs: list[dict[str, Any]] = []
+        self._moe = set(ckpt.moe_layers)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    def _materialize(self, module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+        module.to(dtype=self.dtype).to_empty(device=self.device)
+        # load_state_dict copies into the existing parameters and casts on the fly: no second full-size copy
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UserError(
+                f"{what}: checkpoint tensors do not match the {self.ckpt.config.model_type} config "
+                f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
+
+    def load_layer(self, l: int) -> nn.Module:
+        layer = self.decoder_layers[l]
+        raw = self.ckpt.layer_tensors(l)
+        state = module_state(self.fam, raw, l, self.ckpt.num_experts if l in self._moe else None)
+        del raw  # per-expert tensors are now stacked into the fused ones
+        self._materialize(layer, state, f"layer {l}")
+        return layer
+
+    def free(self, module: nn.Module) -> None:
+        module.to("meta")
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Embed every batch and record the first decoder layer's inputs and keyword arguments."""
+        emb = self.model.get_input_embeddings()
+        self._materialize(emb, {"weight": self.ckpt.get("model.embed_tokens.weight")}, "embeddings")
+        first = self.decoder_layers[0]
+        store = self
+
+        class Catcher(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.attention_type = getattr(first, "attention_type", "full_attention")
+
+            def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+                store.cache.append(hidden_states.detach())
+                store.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")})
+                raise _Captured
+
+        self.decoder_layers[0] = Catcher()
+        try:
+            for ids in self.batches:
+                try:
+                    self.model.model(input_ids=ids.to(self.device), use_cache=False)
+                except _Captured:
+                    pass
+        finally:
+            self.decoder_layers[0] = first
+            self.free(emb)
+
+    def run_layer(self, layer: nn.Module, i: int) -> torch.Tensor:
+        out = layer(self.cache[i].to(self.device), **self.kwargs[i])
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def forward_layer(self, layer: nn.Module) -> None:
+        """Replace the cached inputs by this layer's outputs."""
+        for i in range(len(self.cache)):
+            self.cache[i] = self.run_layer(layer, i)
+
+    def layers(self) -> Iterator[tuple[int, nn.Module]]:
+        """Yield (index, materialized layer); the layer is freed when the caller moves on."""
+        if not len(self.cache):
+            self.capture()
+        for l in range(len(self.decoder_layers)):
+            layer = self.load_layer(l)
+            try:
+                yield l, layer
+            finally:
+                self.free(layer)
+
+    def moe_block(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.fam.module_block)
+
+    @torch.no_grad()
+    def logits(self, i: int) -> torch.Tensor:
+        """Final norm + lm_head on cached batch i (call after all layers ran)."""
+        self._ensure_head()
+        h = self.model.model.norm(self.cache[i].to(self.device))
+        return self.model.lm_head(h)
+
+    def _ensure_head(self) -> None:
+        if getattr(self, "_head_ready", False):
+            return
+        self._materialize(self.model.model.norm, {"weight": self.ckpt.get("model.norm.weight")}, "final norm")
+        key = "lm_head.weight" if "lm_head.weight" in self.ckpt.weight_map else "model.embed_tokens.weight"
+        self._materialize(self.model.lm_head, {"weight": self.ckpt.get(key)}, "lm_head")
+        self._head_ready = True
+
+    def close(self) -> None:
+        self.cache.close()

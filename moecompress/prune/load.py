@@ -1,0 +1,116 @@
+"""Load expert-pruned folders whose MoE layers keep different numbers of experts (layout "per-layer"), exactly.
+
+On disk every MoE layer l holds hub per-expert keys for experts 0..k_l-1 plus a router of k_l rows;
+``config.json`` carries the largest k_l and ``moecompress.json`` lists each layer's kept experts. The loader builds
+the stock transformers model from the config on the meta device, loads every other tensor, then gives each MoE
+layer its own fused expert parameters ``gate_up_proj [k_l, 2I, H]``, ``down_proj [k_l, H, I]``, router rows and
+biases, and sets the modules' own ``num_experts`` (their forward reads it). Nothing is padded: it is exact.
+
+``set_layer_experts`` is also how a model in memory is pruned (``prune_in_memory``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from ..core.checkpoint import Checkpoint
+from ..core.errors import UserError
+from ..core.families import Family, MoEWeights, family_for
+from ..core.loading import read_manifest
+
+LAYOUT = "per-layer"
+
+
+def set_layer_experts(model: nn.Module, fam: Family, layer: int, w: MoEWeights) -> None:
+    """Replace one MoE layer's routed experts and router by ``w`` (k experts) and set the modules' counts."""
+    block = getattr(model.model.layers[layer], fam.module_block)
+    experts, router = getattr(block, fam.experts), getattr(block, fam.router)
+    k = w.num_experts
+    experts.gate_up_proj = nn.Parameter(torch.cat([w.gate, w.up], dim=1), requires_grad=False)  # [k, 2I, H]
+    experts.down_proj = nn.Parameter(w.down.contiguous(), requires_grad=False)  # [k, H, I]
+    experts.num_experts = k
+    router.weight = nn.Parameter(w.router.contiguous(), requires_grad=False)  # [k, H]
+    if w.router_bias is not None:
+        router.bias = nn.Parameter(w.router_bias.contiguous(), requires_grad=False)
+    if fam.correction_bias:
+        if w.correction_bias is None:
+            raise UserError(f"layer {layer}: the {fam.name} router needs its {fam.correction_bias} tensor")
+        router.register_buffer(fam.correction_bias, w.correction_bias.contiguous())
+    if hasattr(router, "num_experts"):
+        router.num_experts = k
+
+
+def layer_view(model: nn.Module, fam: Family, layer: int) -> MoEWeights:
+    """The per-layer view of an in-memory transformers model's MoE layer."""
+    block = getattr(model.model.layers[layer], fam.module_block)
+    experts, router = getattr(block, fam.experts), getattr(block, fam.router)
+    I = experts.down_proj.shape[-1]
+    gu = experts.gate_up_proj.data  # [E, 2I, H]
+    return MoEWeights(
+        gate=gu[:, :I],
+        up=gu[:, I:],
+        down=experts.down_proj.data,
+        router=router.weight.data,
+        router_bias=router.bias.data if getattr(router, "bias", None) is not None else None,
+        correction_bias=getattr(router, fam.correction_bias) if fam.correction_bias else None,
+    )
+
+
+@torch.no_grad()
+def prune_in_memory(model: nn.Module, kept: dict[int, list[int]]) -> nn.Module:
+    """Keep only ``kept[l]`` (original indices, renumbered 0..k-1 in this order) in each listed MoE layer."""
+    fam = family_for(model.config)
+    for l, keep in kept.items():
+        set_layer_experts(model, fam, l, layer_view(model, fam, l).select(keep))
+    return model
+
+
+@torch.no_grad()
+def load_per_layer(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """Rebuild a per-layer expert-pruned folder as a stock transformers model (see the module docstring)."""
+    path = Path(path)
+    manifest = read_manifest(path) or {}
+    try:
+        counts = {int(l): len(v["kept"]) for l, v in manifest["layers"].items()}
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"{path}/moecompress.json has no per-layer kept-expert lists ({err}): not a prune output"
+        ) from None
+    dtype = dtype or torch.float32
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    fam = family_for(config)
+    ckpt = Checkpoint(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, experts_implementation="eager")
+    patterns = [fam.routed_key_pattern(l) for l in counts]
+    state = {fam.disk_to_module(k): ckpt.get(k).to(dtype) for k in ckpt.keys() if not any(p.match(k) for p in patterns)}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    left = {k for k in missing if not any(p.match(k) for p in patterns)} - tied
+    if left or unexpected:
+        raise UserError(
+            f"{path}: weights do not match config.json (missing {sorted(left)[:3]}, extra {unexpected[:3]})"
+        )
+    for l, k in counts.items():
+        pat = fam.routed_key_pattern(l)
+        tensors = {key: ckpt.get(key).to(dtype) for key in ckpt.keys() if pat.match(key)}
+        extra = [key for key in tensors if f".{fam.experts}.{k}." in key]
+        if extra:
+            raise UserError(f"{path}: layer {l} has more experts on disk than moecompress.json lists ({k})")
+        w = fam.read_layer(tensors, l, k)
+        if w.router.shape[0] != k:
+            raise UserError(f"{path}: layer {l} router has {w.router.shape[0]} rows, moecompress.json lists {k}")
+        set_layer_experts(model, fam, l, w)
+    if tied:
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise UserError(f"{path}: no weights on disk for {still_meta[:3]}")
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,96 @@
+"""Merging is never worse than pruning (issue 14 section 2), on both kinds of tiny model.
+
+Trained-style experts: the randomly initialized fixtures of conftest.py (independent experts). Dense-carved
+experts: tests/carved.py (experts are disjoint pieces of one FFN). At the same expert count, the merged model's
+KL to the base must not exceed the output-error pruned model's, and every layer's measured routed-output error
+must not exceed the pruning choice's (the guarantee the per-cluster choice gives on calibration tokens).
+"""
+
+import carved
+import pytest
+import torch
+from conftest import build_tiny, reload_clean
+from moecompress.calibration.sets import calibration_set
+
+import moecompress
+from moecompress.core.evaluate import evaluate
+from moecompress.core.families import MoEWeights
+from moecompress.merge.choose import Clustering, LayerFit, choose_clusters, keep_candidate
+from moecompress.merge.run import MergeOptions, merge_model
+from moecompress.profile.run import load_tokenizer
+from moecompress.prune.run import PruneOptions, RouterSpec, prune_model
+
+carved_model = carved.carved_model
+SEQ = 64
+
+
+def _kl(path, base):
+    return evaluate(path, base, "mixed", SEQ, 8, torch.device("cpu"), 2)["kl_to_base"]
+
+
+def _merge_and_prune(src, tmp_path, ratio):
+    tokens = calibration_set(load_tokenizer(src), "mixed", 12, SEQ, seed=0)
+    man = merge_model(src, tmp_path / "merged", MergeOptions(ratio=ratio), tokens=tokens, progress=False, device="cpu")
+    prune_model(src, tmp_path / "pruned", PruneOptions(ratio=ratio), tokens=tokens, device=torch.device("cpu"))
+    return man, _kl(tmp_path / "merged", src), _kl(tmp_path / "pruned", src)
+
+
+@pytest.mark.parametrize("kind", ["trained-style", "dense-carved"])
+def test_merge_kl_not_above_pruning_kl(kind, tmp_path, tokenizer_dir, carved_model):
+    if kind == "dense-carved":
+        src, ratio = carved_model, 0.25  # 4 -> 3 experts
+    else:
+        src, ratio = build_tiny("mixtral", tmp_path / "mixtral", tokenizer_dir, seed=3), 0.5  # 6 -> 3 experts
+    man, kl_merge, kl_prune = _merge_and_prune(src, tmp_path, ratio)
+    assert man["experts_after"] == (3 if kind == "dense-carved" else 3)
+    for info in man["layers"].values():
+        assert info["output_error"] <= info["output_error_pruning"] + 1e-12
+        assert sorted(e for c in info["clusters"] for e in c) == list(range(man["experts_before"]))
+    assert kl_merge <= kl_prune, (kl_merge, kl_prune)
+    # the output loads in transformers with no missing keys, and moecompress.load gives the same logits
+    ids = torch.randint(1, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = reload_clean(tmp_path / "merged")(ids).logits
+        b = moecompress.load(tmp_path / "merged")(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _random_layer(E=6, I=12, H=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    return MoEWeights(gate=r(E, I, H), up=r(E, I, H), down=r(E, H, I), router=r(E, H))
+
+
+def test_layer_output_refit_lowers_the_error_and_choice_never_loses_to_keep():
+    w = _random_layer()
+    g = torch.Generator().manual_seed(1)
+    x_fit, x_eval = torch.randn(600, 16, generator=g), torch.randn(300, 16, generator=g)
+    fit = LayerFit(w, x_fit, x_eval, RouterSpec(top_k=2))
+    clusters = Clustering("test", [[0, 1], [2, 3], [4], [5]], [0, 2, 4, 5])
+    freqs = torch.full((6,), 1 / 6)
+    keep_only, start, err_keep = choose_clusters(fit, clusters, freqs, x_fit, ("keep",))
+    assert [c.kind for c in keep_only] == ["keep"] * 4 and err_keep == start > 0
+    chosen, start2, err = choose_clusters(fit, clusters, freqs, x_fit)
+    assert start2 == start and err < 0.9 * start  # refits and merges beat plain pruning here
+    # refitting one kept expert's down projection to the layer output lowers the error it was fitted for
+    outs = torch.stack([fit.outs0[:, d] for d in clusters.dominant], 1)
+    logits = fit._logits(torch.stack([w.router[d] for d in clusters.dominant]), None)
+    refit = fit.refit(keep_candidate(w, 0), 0, outs, logits, None)
+    trial = outs.clone()
+    trial[:, 0] = fit.output(refit)
+    assert fit.error(trial, logits, None) < fit.error(outs, logits, None)
+
+
+def test_sequential_calibration_sees_the_merged_earlier_layers(tmp_path, carved_model):
+    from moecompress.core.checkpoint import Checkpoint
+
+    tokens = calibration_set(load_tokenizer(carved_model), "mixed", 6, SEQ, seed=0)
+    views = {}
+    for seq in (True, False):
+        out = tmp_path / f"seq-{seq}"
+        man = merge_model(carved_model, out, MergeOptions(ratio=0.25, sequential=seq), tokens=tokens, progress=False)
+        assert ("already-merged" in man["propagation"]) is seq
+        views[seq] = Checkpoint(out)
+    a0, b0 = views[True].moe_weights(0), views[False].moe_weights(0)
+    assert torch.equal(a0.down, b0.down) and torch.equal(a0.router, b0.router)  # same inputs at the first layer
+    assert not torch.equal(views[True].moe_weights(1).down, views[False].moe_weights(1).down)

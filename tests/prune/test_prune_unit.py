@@ -1,0 +1,394 @@
+"""Pure parts of expert pruning: counts, score orders, selection, routing emulation, output-error greedy."""
+
+import pytest
+import torch
+from conftest import build_tiny
+from transformers import AutoModelForCausalLM
+
+from moecompress.core.errors import UserError
+from moecompress.core.families import family_for
+from moecompress.merge.refit import refit_down
+from moecompress.prune.load import layer_view, prune_in_memory
+from moecompress.prune.run import (
+    ExpertOutputs,
+    RouterSpec,
+    Step,
+    _choice,
+    _dense,
+    combine,
+    expert_outputs,
+    output_error_order,
+    possible_ratios,
+    refit_downs,
+    refit_router,
+    removal_count,
+    route,
+    score_order,
+    select_global,
+    select_uniform,
+)
+
+SOFT = RouterSpec(top_k=2)
+GROUPED = RouterSpec(top_k=2, kind="sigmoid_group", n_group=2, topk_group=1)
+
+
+def test_removal_count_rounds_and_refuses():
+    assert removal_count(16, 0.25, SOFT) == (4, None)
+    assert removal_count(16, 0.5, SOFT) == (8, None)
+    with pytest.raises(UserError, match="between 0 and 1"):
+        removal_count(16, 1.0, SOFT)
+    with pytest.raises(UserError, match="between 0 and 1"):
+        removal_count(16, 0.0, SOFT)
+    with pytest.raises(UserError, match="fewer than top-k 2"):
+        removal_count(6, 0.9, SOFT)  # 5 removed, 1 left
+    with pytest.raises(UserError, match="removes no expert"):
+        removal_count(6, 0.01, SOFT)
+    n, note = removal_count(8, 0.34, GROUPED)  # 3 of 8 breaks 8 % 2: the same count from each group instead
+    assert n == 4 and "multiple of n_group=2" in note
+    assert GROUPED.min_keep() == 4  # two per group (top-2 group scores), and topk_group * per_group >= top_k
+    with pytest.raises(UserError, match="router's minimum 4"):
+        removal_count(8, 0.7, GROUPED)
+
+
+def test_score_order_groups_and_protection():
+    s = torch.tensor([0.5, 0.1, 0.3, 0.2, 0.9, 0.05, 0.4, 0.6])
+    assert [st.experts for st in score_order(s, set())][:3] == [(5,), (1,), (3,)]
+    assert all(5 not in st.experts for st in score_order(s, {5}))
+    grouped = score_order(s, {1}, n_group=2)  # groups 0-3 and 4-7; round r = r-th weakest of each group
+    assert grouped[0].experts == (3, 5) and grouped[0].cost == pytest.approx(0.25)
+    assert grouped[1].experts == (2, 6)
+    assert len(grouped) == 3  # group 0 has only 3 unprotected experts
+
+
+def test_select_uniform_and_global():
+    orders = {
+        0: [Step((e,), c) for e, c in [(3, 0.01), (2, 0.02), (1, 0.5)]],
+        1: [Step((e,), c) for e, c in [(0, 0.1), (1, 0.2), (2, 0.3)]],
+    }
+    assert select_uniform(orders, 1, 4) == {0: [0, 1, 2], 1: [1, 2, 3]}
+    glob = select_global(orders, 2, 4, min_keep=2)
+    assert glob == {0: [0, 1], 1: [0, 1, 2, 3]}  # both of layer 0's cheap steps, none of layer 1's
+    glob = select_global(orders, 3, 4, min_keep=2)  # layer 0 stops at min_keep, the next goes to layer 1
+    assert glob == {0: [0, 1], 1: [1, 2, 3]}
+    with pytest.raises(UserError, match="protected"):
+        select_uniform({0: orders[0][:1]}, 2, 4)
+    with pytest.raises(UserError, match="only 4 of the 5"):
+        select_global(orders, 5, 4, min_keep=2)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
+def test_route_matches_transformers_router_with_and_without_experts(family, tmp_path, tokenizer_dir):
+    """route(logits, mask) == the stock router of the model with those experts deleted (any family semantics)."""
+    path = build_tiny(family, tmp_path / family, tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
+    fam = family_for(model.config)
+    spec = RouterSpec.from_config(fam, model.config)
+    l = fam.moe_layers(model.config)[-1]
+    x = torch.randn(64, model.config.hidden_size)
+    w = layer_view(model, fam, l)
+    E = w.num_experts
+    gone = [1, 6] if family == "deepseek_v3" else [2]  # one per group for DeepSeek
+    mask = torch.zeros(E, dtype=torch.bool)
+    mask[gone] = True
+    keep = [e for e in range(E) if e not in gone]
+    with torch.no_grad():
+        logits = x @ w.router.T
+        for removed, kept in ((None, list(range(E))), (mask, keep)):
+            if removed is not None:
+                prune_in_memory(model, {l: keep})
+            router = getattr(getattr(model.model.layers[l], fam.module_block), fam.router)
+            _, ref_w, ref_idx = router(x)
+            ours_w, ours_idx = route(logits, spec, removed, w.correction_bias)
+            ref_old = torch.tensor(kept)[ref_idx]  # renumbered -> original ids
+            o1, o2 = ref_old.sort(-1), ours_idx.sort(-1)
+            assert torch.equal(o1.values, o2.values)
+            torch.testing.assert_close(ref_w.float().gather(1, o1.indices), ours_w.gather(1, o2.indices))
+
+
+def test_output_error_greedy_first_step_is_brute_force_best():
+    g = torch.Generator().manual_seed(0)
+    T, E, H = 200, 6, 8
+    outs = torch.randn(T, E, H, generator=g)
+    logits = torch.randn(T, E, generator=g) * 2
+    y0 = combine(outs, *route(logits, SOFT))
+    errs = []
+    for e in range(E):
+        m = torch.zeros(E, dtype=torch.bool)
+        m[e] = True
+        errs.append(float((combine(outs, *route(logits, SOFT, m)) - y0).pow(2).sum() / y0.pow(2).sum()))
+    order = output_error_order(outs, logits, SOFT, set(), 3)
+    assert order[0].experts == (min(range(E), key=errs.__getitem__),)
+    assert order[0].cost == pytest.approx(min(errs))
+    assert len(order) == 3 and len({s.experts for s in order}) == 3
+    scaled = output_error_order(outs, logits, SOFT, set(), 3, scale=10 * float(y0.pow(2).sum()))
+    assert [s.experts for s in scaled] == [s.experts for s in order]  # the order is the layer's own
+    assert [s.cost for s in scaled] == pytest.approx([s.cost / 10 for s in order])  # costs compare across layers
+    protected = {order[0].experts[0]}
+    assert all(protected.isdisjoint(s.experts) for s in output_error_order(outs, logits, SOFT, protected, 3))
+    grouped = output_error_order(outs[:, :4], logits[:, :4], RouterSpec(2, "sigmoid_group", True, 2, 2), set(), 2)
+    assert len(grouped) == 1 and sorted(e // 2 for e in grouped[0].experts) == [0, 1]  # one from each group
+
+
+def _naive_greedy(outs, logits, spec, n, correction=None, protected=()):
+    """Recompute every token's routed output for every candidate (the definition of the greedy)."""
+    y0 = combine(outs, *route(logits, spec, None, correction))
+    denom = float(y0.double().pow(2).sum())
+    removed = torch.zeros(logits.shape[1], dtype=torch.bool)
+    Eg = logits.shape[1] // spec.n_group
+    order, errs = [], []
+    for _ in range(n):
+        lost = [int(removed[g * Eg : (g + 1) * Eg].sum()) for g in range(spec.n_group)]
+        best = None
+        for e in range(logits.shape[1]):
+            if removed[e] or e in protected or lost[e // Eg] != min(lost):
+                continue
+            t = removed.clone()
+            t[e] = True
+            err = float((combine(outs, *route(logits, spec, t, correction)) - y0).double().pow(2).sum())
+            if best is None or err < best[1]:
+                best = (e, err)
+        removed[best[0]] = True
+        order.append(best[0])
+        errs.append(best[1] / denom)
+    return order, errs
+
+
+def _experts(seed, T=400, E=8, H=6, I=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    gate, up = torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g)
+    down = torch.randn(E, H, I, generator=g)
+    return x, gate, up, down, torch.randn(T, E, generator=g) * 2, torch.randn(E, generator=g) * 0.1
+
+
+SPECS = [SOFT, RouterSpec(top_k=2, norm_topk=False), RouterSpec(3, "sigmoid_group", True, 2, 1, 2.5),
+         RouterSpec(2, "sigmoid_group", True, 2, 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["softmax", "softmax-no-norm", "groups", "groups-topk2"])
+@pytest.mark.parametrize("cached", [False, True], ids=["dense", "cached"])
+def test_incremental_greedy_equals_naive_recompute(spec, cached):
+    """The incremental greedy (only tokens whose top-k can change are recomputed) makes the same choices with the
+    same costs as recomputing every token for every candidate, with outputs held densely or cached for each
+    token's best few experts (c=3 < k+1 for some specs: the rest is computed on demand into freed slots)."""
+    for seed in range(3):
+        x, gate, up, down, logits, corr = _experts(seed)
+        corr = corr if spec.kind != "softmax" else None
+        dense = expert_outputs(x, gate, up, down)
+        src = ExpertOutputs(x, gate, up, down, _choice(logits, spec, corr), 3) if cached else dense
+        n = 6 if spec.n_group == 1 else 4  # two rounds of one expert per group: each group of 4 keeps 2
+        protected = {5} if spec.n_group == 1 else set()
+        order = output_error_order(src, logits, spec, protected, n, corr)
+        naive, errs = _naive_greedy(dense, logits, spec, n, corr, protected)
+        g = spec.n_group
+        rounds = [sorted(naive[i : i + g]) for i in range(0, len(naive), g)]
+        assert [list(s.experts) for s in order] == rounds
+        assert [sum(s.cost for s in order[: i + 1]) for i in range(len(order))] == pytest.approx(
+            errs[g - 1 :: g], rel=1e-5, abs=1e-9
+        )
+
+
+def test_expert_outputs_cache_is_exact_and_reuses_freed_slots():
+    x, gate, up, down, logits, _ = _experts(4, T=50)
+    dense = expert_outputs(x, gate, up, down)
+    src = ExpertOutputs(x, gate, up, down, logits, 2)
+    rows = torch.arange(50)
+    idx = torch.randint(0, 8, (50, 3), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(src.get(rows, idx), dense[rows[:, None], idx])
+    e = int(logits.argmax(1)[0])  # token 0 caches its best expert
+    src.release(e)
+    assert int(src.slot[0, e]) == -1
+    other = int(logits[0].argsort()[0])  # its worst: not cached until asked for, then kept in the freed slot
+    assert int(src.slot[0, other]) == -1
+    torch.testing.assert_close(src.get(rows[:1], torch.tensor([[other]])), dense[:1, [other]])
+    assert int(src.slot[0, other]) >= 0
+
+
+def test_group_rounding_says_so_and_lists_possible_ratios():
+    eight_pairs = RouterSpec(top_k=2, kind="sigmoid_group", n_group=8, topk_group=2)
+    with pytest.raises(UserError) as err:
+        removal_count(16, 0.25, eight_pairs)
+    msg = str(err.value)
+    assert "4 of 16 experts rounds to 8" in msg and "8 groups of 2" in msg
+    assert "router's minimum 16" in msg and "no ratio can remove experts" in msg
+    four = RouterSpec(top_k=4, kind="sigmoid_group", n_group=4, topk_group=2)
+    assert possible_ratios(16, four) == [0.25, 0.5]
+    with pytest.raises(UserError, match=r"13 of 16 experts rounds to 12 .*possible ratios: 0.25, 0.5"):
+        removal_count(16, 0.8, four)
+
+
+def _layer_error(x, gate, up, down, weight, spec, removed, y0, corr=None):
+    src = ExpertOutputs(x, gate, up, down, _choice(x @ weight.T, spec, corr), 10)
+    y = combine(expert_outputs(x, gate, up, down), *route(x @ weight.T, spec, removed, corr))
+    return src, float((y - y0).pow(2).sum())
+
+
+@pytest.mark.parametrize("spec", [SOFT, RouterSpec(top_k=2, norm_topk=False)], ids=["norm", "no-norm"])
+def test_refit_lowers_the_pruned_layer_output_error(spec):
+    """Router refit, then down refit, each lower ||y_pruned - y||^2 on the calibration tokens of a tiny layer."""
+    g = torch.Generator().manual_seed(3)
+    T, E, H, I = 600, 6, 8, 12
+    x = torch.randn(T, H, generator=g)
+    gate, up = torch.randn(E, I, H, generator=g) * 0.5, torch.randn(E, I, H, generator=g) * 0.5
+    down = torch.randn(E, H, I, generator=g) * 0.5
+    weight = torch.randn(E, H, generator=g)
+    y0 = combine(expert_outputs(x, gate, up, down), *route(x @ weight.T, spec))
+    removed = torch.zeros(E, dtype=torch.bool)
+    removed[[1, 4]] = True
+    src, before = _layer_error(x, gate, up, down, weight, spec, removed, y0)
+    rows, bias, e0, e1 = refit_router(src, x, weight, None, spec, removed, y0, steps=60)
+    assert bias is None and e0 == pytest.approx(before, rel=1e-4)
+    _, after = _layer_error(x, gate, up, down, rows, spec, removed, y0)
+    assert after == pytest.approx(e1, rel=1e-4) and after < 0.9 * before
+    assert torch.equal(rows[removed], weight[removed])
+    w_orig = _dense(*route(x @ weight.T, spec), E)
+    w_new = _dense(*route(x @ rows.T, spec, removed), E)
+    kept = [e for e in range(E) if not removed[e]]
+    new_down = refit_downs(x, gate, up, down, kept, w_orig, w_new)
+    assert torch.equal(new_down[removed], down[removed])
+    y = combine(expert_outputs(x, gate, up, new_down), *route(x @ rows.T, spec, removed))
+    assert float((y - y0).pow(2).sum()) < 0.9 * after
+
+
+def test_expert_outputs_and_combine_equal_the_experts_module(tmp_path, tokenizer_dir):
+    path = build_tiny("qwen3_moe", tmp_path / "q", tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
+    fam = family_for(model.config)
+    block = model.model.layers[0].mlp
+    x = torch.randn(40, model.config.hidden_size)
+    with torch.no_grad():
+        _, w, idx = block.gate(x)
+        ref = block.experts(x, idx, w)
+        v = layer_view(model, fam, 0)
+        ours = combine(expert_outputs(x, v.gate, v.up, v.down), w, idx)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", SPECS, ids=["softmax", "softmax-no-norm", "groups", "groups-topk2"])
+def test_output_error_search_and_refit_on_cuda_equal_cpu(spec):
+    """Every tensor of the search and the refit follows the data's device: the same order on CUDA as on the CPU."""
+    x, gate, up, down, logits, corr = _experts(1)
+    corr = corr if spec.kind != "softmax" else None
+    n = 6 if spec.n_group == 1 else 4
+    runs = []
+    for dev in ("cpu", "cuda"):
+        t = [v.to(dev) if v is not None else None for v in (x, gate, up, down, logits, corr)]
+        src = ExpertOutputs(t[0], t[1], t[2], t[3], _choice(t[4], spec, t[5]), 3)
+        runs.append(output_error_order(src, t[4], spec, {5} if spec.n_group == 1 else set(), n, t[5]))
+    assert [s.experts for s in runs[0]] == [s.experts for s in runs[1]]
+    assert [s.cost for s in runs[0]] == pytest.approx([s.cost for s in runs[1]], rel=1e-4, abs=1e-9)
+    if spec.kind == "softmax":
+        removed = torch.zeros(8, dtype=torch.bool, device="cuda")
+        removed[[1, 4]] = True
+        xc, wc = x.cuda(), (torch.randn(8, 6, generator=torch.Generator().manual_seed(2))).cuda()
+        gc, uc, dc = gate.cuda(), up.cuda(), down.cuda()
+        y0 = combine(expert_outputs(xc, gc, uc, dc), *route(xc @ wc.T, spec))
+        src = ExpertOutputs(xc, gc, uc, dc, xc @ wc.T, 4)
+        rows, _, e0, e1 = refit_router(src, xc, wc, None, spec, removed, y0, steps=10)
+        assert rows.device.type == "cuda" and e1 <= e0
+        kept = [e for e in range(8) if not removed[e]]
+        w_o, w_n = _dense(*route(xc @ wc.T, spec), 8), _dense(*route(xc @ rows.T, spec, removed), 8)
+        assert refit_downs(xc, gc, uc, dc, kept, w_o, w_n).device.type == "cuda"
+
+
+class _Bank:
+    """Expert tensors indexed as refit_down's members: 0..E-1 the original experts, E..E+K-1 the kept experts with
+    negated current down projections, E+K a zero expert (so a target y - sum_{j != e} w_j f_j is a member sum)."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, cur: torch.Tensor, kept: list[int]):
+        self.E, self.K, self.kept = gate.shape[0], len(kept), kept
+        self.gate = _BankPart(self, gate, gate, 1.0)
+        self.up = _BankPart(self, up, up, 1.0)
+        self.down = _BankPart(self, down, cur, -1.0)
+
+
+class _BankPart:
+    def __init__(self, bank: _Bank, orig: torch.Tensor, cur: torch.Tensor, sign: float):
+        self.bank, self.orig, self.cur, self.sign = bank, orig, cur, sign
+        self.shape = (bank.E + bank.K + 1, *orig.shape[1:])
+
+    def __getitem__(self, m: int) -> torch.Tensor:
+        b = self.bank
+        if m < b.E:
+            return self.orig[m]
+        if m < b.E + b.K:
+            return self.sign * self.cur[b.kept[m - b.E]]
+        return torch.zeros_like(self.orig[0])
+
+
+def refit_downs_members(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, kept: list[int],
+    w_orig: torch.Tensor, w_new: torch.Tensor, ridge: float = 1e-3,
+) -> torch.Tensor:  # fmt: skip
+    """Reference form of ``refit_downs`` through ``merge.refit.refit_down`` (targets built from member experts' outputs:
+    ~2 k^2 expert evaluations per token; kept to test the cheap form against). One kept expert at a time,
+    Gauss-Seidel: each fit sees the others' already refitted outputs).
+
+    For kept expert e on the tokens routed to it (new weight w_e > 0) the target is its share of the original
+    output, y(x) - sum_{j != e} w_j(x) f_j(x), reproduced by w_e(x) W h_e(x). Args: x [T, H]; gate/up [E, I, H],
+    down [E, H, I] original experts; w_orig, w_new: dense routing weights [T, E] of the original and the pruned
+    (refitted) router. Returns [E, H, I] (removed experts' rows unchanged)."""
+    E, K = gate.shape[0], len(kept)
+    cur = down.clone()
+    bank = _Bank(gate, up, down, cur, kept)
+    for e in kept:
+        on = w_new[:, e] > 0
+        if not bool(on.any()):
+            continue
+        W = torch.zeros(int(on.sum()), E + K + 1, dtype=torch.float64, device=x.device)  # only the tokens routed to e
+        W[:, :E] = w_orig[on].double()
+        W[:, E : E + K] = w_new[on][:, kept].double()
+        W[:, E + kept.index(e)] = 0.0
+        W[:, E + K] = w_new[on, e].double() - W[:, : E + K].sum(1)
+        members = (W[:, : E + K] != 0).any(0).nonzero().squeeze(1).tolist() + [E + K]  # the ones that contribute
+        cur[e] = refit_down(x[on], W, members, bank.gate, bank.up, bank.down, gate[e], up[e], cur[e], ridge)
+    return cur
+
+
+@pytest.mark.parametrize(
+    "spec", [SOFT, RouterSpec(top_k=2, norm_topk=False), SPECS[2]], ids=["norm", "no-norm", "groups"]
+)
+def test_cheap_down_refit_equals_the_member_sum_form(spec):
+    """refit_downs with explicit targets (the layer output kept per token) equals the reference that rebuilds every
+    target from member experts' outputs, with or without the outputs passed in."""
+    x, gate, up, down, logits, corr = _experts(7, T=300)
+    corr = corr if spec.kind != "softmax" else None
+    E = gate.shape[0]
+    removed = torch.zeros(E, dtype=torch.bool)
+    removed[[0, 3] if spec.n_group == 1 else [0, 5]] = True
+    kept = [e for e in range(E) if not removed[e]]
+    w_orig = _dense(*route(logits, spec, None, corr), E)
+    w_p, idx_p = route(logits + 0.3 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)), spec,
+                       removed, corr)  # fmt: skip
+    w_new = _dense(w_p, idx_p, E)
+    ref = refit_downs_members(x, gate, up, down, kept, w_orig, w_new)
+    ours = refit_downs(x, gate, up, down, kept, w_orig, w_new)
+    dense = expert_outputs(x, gate, up, down)
+    given = refit_downs(x, gate, up, down, kept, None, w_new, y0=combine(dense, *route(logits, spec, None, corr)),
+                        y_new=combine(dense, w_p, idx_p))  # fmt: skip
+    assert not torch.equal(ref[kept], down[kept])
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(given, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(ours[removed], down[removed])
+
+
+def test_router_refit_error_is_exact_for_tokens_routed_outside_their_candidates():
+    """The router refit's quadratic form (over each token's k+4 best kept experts) and its direct fallback give the
+    layer's true error, also when the refitted router sends tokens outside those candidates."""
+    g = torch.Generator().manual_seed(5)
+    T, E, H, I = 300, 16, 8, 6
+    x = torch.randn(T, H, generator=g)
+    gate, up, down = (torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g),
+                      torch.randn(E, H, I, generator=g))  # fmt: skip
+    weight = torch.randn(E, H, generator=g)
+    y0 = combine(expert_outputs(x, gate, up, down), *route(x @ weight.T, SOFT))
+    removed = torch.zeros(E, dtype=torch.bool)
+    removed[[2, 7]] = True
+    src, before = _layer_error(x, gate, up, down, weight, SOFT, removed, y0)
+    rows, _, e0, e1 = refit_router(src, x, weight, None, SOFT, removed, y0, steps=40, lr=0.3)
+    _, after = _layer_error(x, gate, up, down, rows, SOFT, removed, y0)
+    assert e0 == pytest.approx(before, rel=1e-5) and after == pytest.approx(e1, rel=1e-4) and e1 < e0
+    cand = (x @ weight.T).masked_fill(removed, float("-inf")).topk(6, dim=1).indices
+    idx = route(x @ rows.T, SOFT, removed)[1]
+    assert not bool((idx[:, :, None] == cand[:, None, :]).any(2).all()), "no token left its candidates"
