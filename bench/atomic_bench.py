@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from moecompress.calibration.sets import calibration_set, eval_set
+from moecompress.calibration.sets import calibration_set, eval_set, load_tokenizer
 
 from moecompress.atomic.compensate import Compensation
 from moecompress.atomic.gradstats import bytes_per_expert
@@ -34,7 +34,7 @@ from moecompress.atomic.run import gradient_pass, load_model, write_atomic
 from moecompress.core.checkpoint import Checkpoint
 from moecompress.core.evaluate import logit_agreement
 from moecompress.core.writer import dir_bytes, write_checkpoint
-from moecompress.profile.run import build_profile, collect, load_tokenizer
+from moecompress.profile.run import build_profile, collect
 
 RATIO = 0.25
 

@@ -36,14 +36,17 @@ import torch
 
 os.environ.setdefault("MOECOMPRESS_QUIET", "1")
 
-from moecompress.calibration.sets import eval_set  # noqa: E402
+from moecompress.calibration.sets import (
+    eval_set,  # noqa: E402
+    load_tokenizer,  # noqa: E402
+)
 
 from moecompress.core.checkpoint import Checkpoint, resolve_model  # noqa: E402
 from moecompress.core.evaluate import evaluate  # noqa: E402
 from moecompress.core.loading import load  # noqa: E402
 from moecompress.core.writer import dir_bytes  # noqa: E402
 from moecompress.merge.run import MergeOptions, merge_model  # noqa: E402
-from moecompress.profile.run import load_tokenizer, run_profile  # noqa: E402
+from moecompress.profile.run import run_profile  # noqa: E402
 from moecompress.prune.run import PruneOptions, prune_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

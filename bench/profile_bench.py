@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MOECOMPRESS_QUIET", "1")
 
-from moecompress.calibration.sets import calibration_set  # noqa: E402
+from moecompress.calibration.sets import calibration_set, load_tokenizer  # noqa: E402
 
 from moecompress.core.checkpoint import Checkpoint, builtin_model_dir  # noqa: E402
 from moecompress.core.loading import load  # noqa: E402
-from moecompress.profile.run import collect, load_tokenizer, run_profile  # noqa: E402
+from moecompress.profile.run import collect, run_profile  # noqa: E402
 
 
 def overhead(samples: int, seq_len: int, batch: int, repeats: int) -> dict:

@@ -35,11 +35,13 @@ import torch
 
 os.environ.setdefault("MOECOMPRESS_QUIET", "1")
 
-from moecompress.calibration.sets import calibration_set  # noqa: E402
+from moecompress.calibration.sets import (
+    calibration_set,  # noqa: E402
+    load_tokenizer,  # noqa: E402
+)
 
 from moecompress.core.checkpoint import Checkpoint  # noqa: E402
 from moecompress.core.evaluate import evaluate  # noqa: E402
-from moecompress.profile.run import load_tokenizer  # noqa: E402
 from moecompress.quant.layer import GPTQOptions, expert_group_sizes  # noqa: E402
 from moecompress.quant.run import PROBE_WIDTHS, Layout, layer_sensitivity, measure_model, run_quantize  # noqa: E402
 

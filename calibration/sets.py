@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
 from ..core.errors import UserError
 
@@ -152,3 +153,13 @@ def eval_set(tokenizer: Any, spec: str | Path, seq_len: int, max_windows: int | 
         rows.extend(ids[: n * seq_len].view(n, seq_len))
         doms.extend([d] * n)
     return TokenSet(torch.stack(rows), doms, str(spec), None)
+
+
+def load_tokenizer(path: Path) -> Any:
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as err:  # a tokenizer.json of the wrong structure raises KeyError, TypeError, tokenizers' own...
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise UserError(
+            f"cannot load the tokenizer from {path} ({type(err).__name__}: {first}): its tokenizer files are broken"
+        ) from None

@@ -234,7 +234,8 @@ def _profile(
     ckpt: Checkpoint, calib: str, samples: int, seq_len: int, seed: int, batch_size: int, device: torch.device | None
 ) -> Any:
     """Profile in memory (no --profile given)."""
-    from ..profile.run import build_profile, collect, load_tokenizer
+    from ..calibration.sets import load_tokenizer
+    from ..profile.run import build_profile, collect
 
     t0 = time.time()
     tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
@@ -302,7 +303,7 @@ def atomic_prune(
     stats = None
     tokens = None
     if score == "heapr" or refit:
-        from ..profile.run import load_tokenizer
+        from ..calibration.sets import load_tokenizer
 
         tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
     if score == "heapr":

@@ -182,7 +182,7 @@ def write_json(obj: Any, path: Path | None, overwrite: bool = False) -> None:
     """JSON to ``path`` (atomically, through the temporary ``guard`` reserved), or to stdout when None.
 
     Non-finite numbers are written as null."""
-    from ..profile.run import json_safe
+    from ..core.manifest import json_safe
 
     text = json.dumps(json_safe(obj)[0], indent=2, allow_nan=False)
     if path is None:

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from ..calibration.sets import check_seq_len, encode_text, eval_set, load_texts
-from ..profile.run import load_tokenizer
+from ..calibration.sets import check_seq_len, encode_text, eval_set, load_texts, load_tokenizer
 from .checkpoint import resolve_model
 from .errors import UserError
 from .loading import load

@@ -201,7 +201,7 @@ def _reserve(o: Path, kind: str) -> None:
     _RESERVED[o] = _Reserved(o, tmp, kind, created)
 
 
-def _take_temp(o: Path, kind: str) -> Path:
+def take_temp(o: Path, kind: str) -> Path:
     """The temporary reserved for ``o`` by guard_output, or a new one (library calls without the CLI)."""
     r = _RESERVED.get(o)
     if r is not None and r.tmp.exists():
@@ -213,7 +213,7 @@ def _take_temp(o: Path, kind: str) -> Path:
     return tmp
 
 
-def _finish(o: Path, tmp: Path, overwrite: bool) -> None:
+def finish_temp(o: Path, tmp: Path, overwrite: bool) -> None:
     """Rename ``tmp`` to ``o``, replacing ``o`` only as guard_output allows."""
     if o.exists() or o.is_symlink():
         if not overwrite and not (o.name == "report.html" and _own_sidecar(o, o.parent)):
@@ -260,10 +260,10 @@ def check_output(out: str | Path, model_dir: str | Path | None, overwrite: bool)
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield the temporary folder beside ``out``; on success it replaces ``out``, on error it is removed."""
     o = _abs(out)
-    tmp = _take_temp(o, "dir")
+    tmp = take_temp(o, "dir")
     try:
         yield tmp
-        _finish(o, tmp, overwrite)
+        finish_temp(o, tmp, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -272,10 +272,10 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 def write_file(out: str | Path, text: str, overwrite: bool = False) -> Path:
     """Write a text file atomically through its temporary (reserved by guard_output when the CLI runs)."""
     o = _abs(out)
-    tmp = _take_temp(o, "file")
+    tmp = take_temp(o, "file")
     try:
         tmp.write_text(text, encoding="utf-8")
-        _finish(o, tmp, overwrite)
+        finish_temp(o, tmp, overwrite)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -318,45 +318,60 @@ def _umask_file_mode() -> int:
 _FILE_MODE = _umask_file_mode()
 
 
+class ShardWriter:
+    """Tensors pushed one at a time into model-0000x-of-0000n.safetensors shards (a shard is flushed when the
+    next tensor would pass ``max_shard_bytes``), then ``close()`` names them and writes the index."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.folder, self.max_shard_bytes = folder, max_shard_bytes
+        self._shard: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._written: list[tuple[str, list[str]]] = []
+        self._seen: set[str] = set()
+        self.total = 0  # tensor bytes
+        self.params = 0
+
+    def _flush(self) -> None:
+        if not self._shard:
+            return
+        name = f"shard-{len(self._written):05d}.tmp"
+        save_tensors(self._shard, self.folder / name, metadata={"format": "pt"})
+        self._written.append((name, list(self._shard)))
+        self._shard, self._size = {}, 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        if key in self._seen:
+            raise ValueError(f"tensor {key} written twice")
+        self._seen.add(key)
+        nbytes = t.numel() * t.element_size()
+        if self._shard and self._size + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._shard[key] = t.detach().to("cpu").contiguous()
+        self._size += nbytes
+        self.total += nbytes
+        self.params += t.numel()
+
+    def close(self) -> dict[str, Any]:
+        self._flush()
+        n = len(self._written)
+        weight_map: dict[str, str] = {}
+        for i, (tmpname, keys) in enumerate(self._written):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.folder / tmpname).rename(self.folder / final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return index
+
+
 def write_shards(
     folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> dict[str, Any]:
     """Write tensors as model-0000x-of-0000n.safetensors + model.safetensors.index.json; returns the index."""
-    shard: dict[str, torch.Tensor] = {}
-    size = 0
-    written: list[tuple[str, list[str]]] = []
-    total = 0
-
-    def flush() -> None:
-        nonlocal shard, size
-        if not shard:
-            return
-        name = f"shard-{len(written):05d}.tmp"
-        save_tensors(shard, folder / name, metadata={"format": "pt"})
-        written.append((name, list(shard)))
-        shard, size = {}, 0
-
-    seen: set[str] = set()
+    w = ShardWriter(folder, max_shard_bytes)
     for key, t in tensors:
-        if key in seen:
-            raise ValueError(f"tensor {key} written twice")
-        seen.add(key)
-        nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
-        shard[key] = t.detach().to("cpu").contiguous()
-        size += nbytes
-        total += nbytes
-    flush()
-    n = len(written)
-    weight_map: dict[str, str] = {}
-    for i, (tmpname, keys) in enumerate(written):
-        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        (folder / tmpname).rename(folder / final)
-        weight_map.update({k: final for k in keys})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return index
+        w.add(key, t)
+    return w.close()
 
 
 def write_checkpoint(

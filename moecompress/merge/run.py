@@ -370,10 +370,10 @@ def merge_model(
 
     ``tokens`` (a ``data.TokenSet``) replaces ``calib``/``samples``/``seq_len`` when given (API use, tests).
     """
-    from ..calibration.sets import calibration_set, check_seq_len
+    from ..calibration.sets import calibration_set, check_seq_len, load_tokenizer
     from ..core.progress import console, progress_bar
     from ..core.stream import LayerStream, resolve_device
-    from ..profile.run import Profile, load_tokenizer
+    from ..profile.run import Profile
     from ..prune.load import set_layer_experts
 
     opts.validate()

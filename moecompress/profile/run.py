@@ -3,42 +3,25 @@
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
 
 from .. import __version__
-from ..calibration.sets import TokenSet, calibration_set, check_seq_len
+from ..calibration.sets import TokenSet
 from ..core.checkpoint import Checkpoint, read_json_file
+from ..core.engine import Engine
 from ..core.errors import UserError
-from ..core.progress import progress_bar
-from ..core.stream import LayerStream
-from ..core.writer import atomic_dir, check_output
+from ..core.job import Job
+from ..core.manifest import json_safe
+from ..core.writer import atomic_dir
 from .stats import (
-    LayerAccumulator,
-    add_router_batch,
-    finalize,
-    observe_into,
-    output_similarity,
-    routed_forward,
     super_experts,
 )
-
-
-def load_tokenizer(path: Path) -> Any:
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except Exception as err:  # a tokenizer.json of the wrong structure raises KeyError, TypeError, tokenizers' own...
-        first = (str(err).splitlines() or [""])[0][:200]
-        raise UserError(
-            f"cannot load the tokenizer from {path} ({type(err).__name__}: {first}): its tokenizer files are broken"
-        ) from None
+from .transform import ProfileTransform
 
 
 def min_tokens_rule(top_k: int, tokens: int, num_experts: int) -> int:
@@ -112,20 +95,6 @@ def _check_profile_meta(meta: dict[str, Any], path: Path) -> None:
         raise UserError(f"{path} has no moe_layers: it is not a moecompress profile")
 
 
-def _observing_forward(experts: Any, router: Any, acc: LayerAccumulator, token_domain: torch.Tensor) -> Any:
-    """A drop-in experts forward: the eager computation plus statistics of this batch into ``acc``."""
-
-    def forward(hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(hidden.float(), router.weight.float())  # [T, E]
-        if getattr(router, "bias", None) is not None:
-            logits = logits + router.bias.float()
-        add_router_batch(acc, logits, hidden)
-        observe = observe_into(acc, w, token_domain)
-        return routed_forward(experts.gate_up_proj, experts.down_proj, experts.act_fn, hidden, idx, w, observe)
-
-    return forward
-
-
 @torch.no_grad()
 def collect(
     ckpt: Checkpoint,
@@ -133,54 +102,11 @@ def collect(
     batch_size: int = 8,
     device: torch.device | None = None,
     sim_tokens: int = 256,
-    streamed: bool = True,
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Run the calibration pass; returns per-MoE-layer statistics (see stats.finalize)."""
-    device = device or torch.device("cpu")
-    doms = tokens.domain_names
-    dom_id = torch.tensor([doms.index(d) for d in tokens.domains])  # [N]
-    token_domain = dom_id[:, None].expand_as(tokens.input_ids)  # [N, S]
-    fam = ckpt.family
-    stream = LayerStream(ckpt, tokens.input_ids, batch_size=batch_size, device=device)
-    moe = set(ckpt.moe_layers)
-    results: dict[int, dict[str, torch.Tensor]] = {}
-    n_layers = len(stream.decoder_layers)
-    try:
-        with progress_bar() as bar:
-            task = bar.add_task("profile: embed", total=len(stream.batches) * (n_layers + 1))
-            stream.capture()
-            bar.advance(task, len(stream.batches))
-            for l, layer in stream.layers():
-                bar.update(task, description=f"profile: layer {l + 1}/{n_layers}")
-                if l not in moe:
-                    stream.forward_layer(layer)
-                    bar.advance(task, len(stream.batches))
-                    continue
-                block = stream.moe_block(layer)
-                experts = getattr(block, fam.experts)
-                router = getattr(block, fam.router)
-                acc = LayerAccumulator(
-                    ckpt.num_experts, experts.down_proj.shape[-1], experts.down_proj.shape[1], len(doms), sim_tokens
-                )
-                for i in range(len(stream.cache)):
-                    td = token_domain[i * batch_size : (i + 1) * batch_size].reshape(-1)
-
-                    observed = _observing_forward(experts, router, acc, td)
-                    experts.forward = observed
-                    try:
-                        stream.cache[i] = stream.run_layer(layer, i)
-                    finally:
-                        del experts.forward
-                    bar.advance(task)
-                stats = finalize(acc, ckpt.top_k)
-                x = torch.cat(acc.sim_inputs).to(device)
-                stats["output_similarity"] = output_similarity(
-                    experts.gate_up_proj, experts.down_proj, experts.act_fn, x
-                ).cpu()
-                results[l] = stats
-    finally:
-        stream.close()
-    return results
+    t = ProfileTransform(ckpt.num_experts, ckpt.top_k, tokens.domain_names, tokens.domains, sim_tokens)
+    Engine(ckpt, tokens.input_ids, batch_size, device, "profile").run([t])
+    return t.results
 
 
 def run_profile(
@@ -197,15 +123,15 @@ def run_profile(
     min_tokens: int | None = None,
 ) -> Profile:
     """Profile a model on calibration data and write OUTPUT/profile.json + profile.safetensors."""
-    t0 = time.time()
-    ckpt = Checkpoint(model)
-    out = check_output(output, ckpt.path, overwrite)
-    check_seq_len(seq_len, ckpt.config)
-    tok = load_tokenizer(ckpt.path)
-    tokens = calibration_set(tok, calib, samples, seq_len, seed)
-    stats = collect(ckpt, tokens, batch_size, device, sim_tokens)
-    prof = build_profile(ckpt, tokens, stats, time.time() - t0, min_tokens)
-    save_profile(prof, out, overwrite)
+    job = Job.prepare(
+        model, output, calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+        device=device, overwrite=overwrite,
+    )  # fmt: skip
+    tokens = job.tokens()
+    stats = collect(job.ckpt, tokens, batch_size, job.device, sim_tokens)
+    prof = build_profile(job.ckpt, tokens, stats, job.elapsed, min_tokens)
+    assert job.out is not None
+    save_profile(prof, job.out, overwrite)
     return prof
 
 
@@ -290,19 +216,6 @@ def build_profile(
     meta["warnings"] = bad + warnings
     tensors = {f"layer{l}.{name}": t.contiguous() for l, s in stats.items() for name, t in s.items()}
     return Profile(meta, tensors)
-
-
-def json_safe(obj: Any, path: str = "") -> tuple[Any, list[str]]:
-    """A copy of ``obj`` with every NaN/Inf float replaced by None, and the paths of those replaced."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None, [path or "value"]
-    if isinstance(obj, dict):
-        pairs = [(k, json_safe(v, f"{path}.{k}" if path else str(k))) for k, v in obj.items()]
-        return {k: v for k, (v, _) in pairs}, [p for _, (_, ps) in pairs for p in ps]
-    if isinstance(obj, list | tuple):
-        items = [json_safe(v, f"{path}[{i}]") for i, v in enumerate(obj)]
-        return [v for v, _ in items], [p for _, ps in items for p in ps]
-    return obj, []
 
 
 def save_profile(prof: Profile, output: str | Path, overwrite: bool = False) -> Path:

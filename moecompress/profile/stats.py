@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.experts import routed_forward  # noqa: F401  (re-exported: the eager experts computation)
+
 
 @dataclass
 class LayerAccumulator:
@@ -62,32 +64,6 @@ class LayerAccumulator:
     @property
     def sim_collected(self) -> int:
         return sum(x.shape[0] for x in self.sim_inputs)
-
-
-def routed_forward(
-    gate_up: torch.Tensor,  # [E, 2I, H]
-    down: torch.Tensor,  # [E, H, I]
-    act: Callable[[torch.Tensor], torch.Tensor],
-    hidden: torch.Tensor,  # [T, H]
-    top_k_index: torch.Tensor,  # [T, k]
-    top_k_weights: torch.Tensor,  # [T, k]
-    observe: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """The eager experts computation of transformers (same ops, same order), calling
-    ``observe(e, token_idx, top_k_pos, h [n, I], f [n, H])`` with each expert's unweighted output."""
-    out = torch.zeros_like(hidden)
-    E = gate_up.shape[0]
-    for e in torch.unique(top_k_index).tolist():
-        if e < 0 or e >= E:
-            continue
-        token_idx, pos = torch.where(top_k_index == e)
-        g, u = nn.functional.linear(hidden[token_idx], gate_up[e]).chunk(2, dim=-1)
-        h = act(g) * u  # [n, I]
-        f = nn.functional.linear(h, down[e])  # [n, H]
-        if observe is not None:
-            observe(e, token_idx, pos, h, f)
-        out.index_add_(0, token_idx, (f * top_k_weights[token_idx, pos, None]).to(out.dtype))
-    return out
 
 
 def observe_into(

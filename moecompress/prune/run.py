@@ -968,10 +968,10 @@ def prune_model(
     import time
     from pathlib import Path
 
-    from ..calibration.sets import calibration_set, check_seq_len
+    from ..calibration.sets import calibration_set, check_seq_len, load_tokenizer
     from ..core.checkpoint import Checkpoint
     from ..core.writer import check_output
-    from ..profile.run import Profile, build_profile, collect, load_tokenizer
+    from ..profile.run import Profile, build_profile, collect
 
     t0 = time.time()
     opts.validate()

@@ -656,9 +656,9 @@ def run_quantize(
     OUTPUT/bit_plan.json when ``plan_only``. Refusals (nothing written) raise UserError.
     ``measurement`` (from :func:`measure_model`) reuses one calibration pass for several plans.
     """
-    from ..calibration.sets import calibration_set, check_seq_len
+    from ..calibration.sets import calibration_set, check_seq_len, load_tokenizer
     from ..core.writer import atomic_dir, check_output, write_checkpoint
-    from ..profile.run import Profile, load_tokenizer
+    from ..profile.run import Profile
 
     t0 = time.time()
     _validate(bits, budget_gb, plan, method, granularity, other_bits)
@@ -816,8 +816,7 @@ def measure_model(
 ) -> dict[str, Any]:
     """One calibration pass at every candidate width (``widths``; LP plans need all of WIDTHS), reusable by
     ``run_quantize(measurement=...)``."""
-    from ..calibration.sets import calibration_set, check_seq_len
-    from ..profile.run import load_tokenizer
+    from ..calibration.sets import calibration_set, check_seq_len, load_tokenizer
 
     ckpt = Checkpoint(model)
     lay = Layout(ckpt)

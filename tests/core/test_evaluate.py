@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 from conftest import build_tiny
-from moecompress.calibration.sets import eval_set
+from moecompress.calibration.sets import eval_set, load_tokenizer
 from transformers import AutoModelForCausalLM
 
 from moecompress.core.evaluate import evaluate, logit_agreement, unigram_perplexity
 from moecompress.core.writer import dir_bytes
-from moecompress.profile.run import load_tokenizer
 
 
 def test_perplexity_matches_manual_computation(tmp_path, tokenizer_dir):

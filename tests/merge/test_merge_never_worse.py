@@ -10,14 +10,13 @@ import carved
 import pytest
 import torch
 from conftest import build_tiny, reload_clean
-from moecompress.calibration.sets import calibration_set
+from moecompress.calibration.sets import calibration_set, load_tokenizer
 
 import moecompress
 from moecompress.core.evaluate import evaluate
 from moecompress.core.families import MoEWeights
 from moecompress.merge.choose import Clustering, LayerFit, choose_clusters, keep_candidate
 from moecompress.merge.run import MergeOptions, merge_model
-from moecompress.profile.run import load_tokenizer
 from moecompress.prune.run import PruneOptions, RouterSpec, prune_model
 
 carved_model = carved.carved_model

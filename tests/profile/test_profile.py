@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 from conftest import build_tiny
-from moecompress.calibration.sets import calibration_set
+from moecompress.calibration.sets import calibration_set, load_tokenizer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from moecompress.core.checkpoint import Checkpoint
 from moecompress.core.errors import UserError
-from moecompress.profile.run import Profile, collect, json_safe, load_tokenizer, run_profile
+from moecompress.profile.run import Profile, collect, json_safe, run_profile
 from moecompress.profile.stats import super_experts
 
 

@@ -222,9 +222,7 @@ def test_output_error_per_layer_grouped_round_trips(tmp_path, tokenizer_dir):
 
 
 def test_cli_atom_granularity_dispatches_to_atomic_prune(tmp_path, tokenizer_dir):
-    from moecompress.calibration.sets import calibration_set
-
-    from moecompress.profile.run import load_tokenizer
+    from moecompress.calibration.sets import calibration_set, load_tokenizer
 
     path = build_tiny("qwen3_moe", tmp_path / "q", tokenizer_dir)
     named = calibration_set(load_tokenizer(path), "mixed", 4, 16, 0)  # atomic prune re-reads the profile's windows

@@ -1,0 +1,259 @@
+"""The one layer-streamed loop every operation runs in; operations are per-layer transforms.
+
+    engine = Engine(ckpt, tokens, batch_size, device)
+    engine.run([ProfileTransform(...), PruneTransform(...), QuantTransform(...)], emit=writer_sink)
+
+For each decoder layer l, in order:
+  1. the layer is read from the checkpoint (one layer in memory);
+  2. for a MoE layer, the MoE block's inputs are captured once (the attention part only: every transform of
+     this layer sees the same inputs, since transforms change only the MoE block), and each transform in turn
+     gets ``transform.moe_layer(ctx)``: it reads ``ctx.inputs`` (per calibration batch, [T_b, H]) and may change
+     the block in place (fewer experts, narrower experts, quantized weights) and ``ctx.replace(...)`` the hub
+     tensors written for it;
+  3. the (transformed) layer runs forward over the activation cache, so layer l + 1 is calibrated on the
+     compressed layers 0..l (sequential calibration, as GPTQ does); transforms that asked for it see each batch's
+     routed computation on the way (``observe_forward``: the profile's statistics ride this pass);
+  4. ``transform.layer_done(ctx)`` (e.g. measures on the layer's outputs), then the layer's tensors go to
+     ``emit`` (hub names, checkpoint order) and the layer is freed.
+Only the engine reads checkpoints and only the writer writes files; transforms are pure per-layer work plus
+their own bookkeeping, and each returns its manifest section from ``section()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint
+from .experts import routed_forward
+from .progress import progress_bar
+from .stream import LayerStream
+
+
+class _Stop(Exception):
+    pass
+
+
+class Transform:
+    """One operation's per-layer work. Subclasses override what they need; every hook is optional.
+
+    ``wants_inputs``: the engine captures the MoE block inputs before ``moe_layer`` (False for transforms that
+    only observe the forward pass). ``observes_forward``: ``observe_forward`` is called for each batch of the
+    block's routed computation, as the block is after this transform's ``moe_layer``: during the layer's forward
+    when no later transform ``changes_block``, else on the captured inputs first; then ``observed``."""
+
+    name = "transform"
+    wants_inputs = True
+    observes_forward = False
+    changes_block = True
+
+    def start(self, engine: Engine) -> None:
+        """Once, after the first layer's inputs are captured."""
+
+    def moe_layer(self, ctx: LayerContext) -> None:
+        """Change or measure MoE layer ``ctx.index`` (its inputs are ``ctx.inputs``)."""
+
+    def observe_forward(
+        self, ctx: LayerContext, batch: int, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
+    ) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None:
+        """Called with one batch's MoE input [T, H] and routing (top-k index and weight [T, k]) during the
+        forward; may return an observer ``(expert, token_idx, top_k_pos, h [n, I], f [n, H])`` for
+        ``experts.routed_forward``."""
+        return None
+
+    def observed(self, ctx: LayerContext) -> None:
+        """Every batch of this layer was shown to ``observe_forward`` (the block is still as it saw it)."""
+
+    def layer_done(self, ctx: LayerContext) -> None:
+        """After the layer's forward (``ctx.engine.cache`` holds its outputs), before it is written and freed."""
+
+    def rewrite(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Tensors to write instead of checkpoint tensor ``key`` (outside the replaced routed experts), or None
+        to leave it to the next transform (and finally write it unchanged)."""
+        return None
+
+    def config(self, cfg: dict[str, Any]) -> None:
+        """Update the output's config.json (expert count, widths, quantization_config) in place."""
+
+    def section(self) -> dict[str, Any]:
+        """This transform's manifest section."""
+        return {}
+
+
+@dataclass
+class LayerContext:
+    """What a transform sees of one decoder layer."""
+
+    engine: Engine
+    index: int
+    layer: nn.Module  # the materialized decoder layer (changed in place by transforms)
+    is_moe: bool
+    inputs: list[torch.Tensor] = field(default_factory=list)  # MoE-block inputs per batch, [T_b, H]
+    replaced: dict[str, torch.Tensor] | None = None  # hub tensors that replace this layer's routed keys
+    extra: dict[str, Any] = field(default_factory=dict)  # what one transform leaves for a later one
+
+    @property
+    def block(self) -> nn.Module:
+        return getattr(self.layer, self.engine.fam.module_block)
+
+    @property
+    def experts(self) -> nn.Module:
+        return getattr(self.block, self.engine.fam.experts)
+
+    @property
+    def router(self) -> nn.Module:
+        return getattr(self.block, self.engine.fam.router)
+
+    def replace(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write these hub-named tensors instead of the checkpoint's routed tensors (and router) of this layer."""
+        self.replaced = tensors
+
+
+class Engine:
+    """The checkpoint streamed one decoder layer at a time over fixed calibration batches."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        input_ids: torch.Tensor,  # [N, S]
+        batch_size: int = 8,
+        device: torch.device | None = None,
+        label: str = "pass",
+    ):
+        self.ckpt = ckpt
+        self.fam = ckpt.family
+        self.stream = LayerStream(ckpt, input_ids, batch_size=batch_size, device=device)
+        self.device = self.stream.device
+        self.batch_size = batch_size
+        self.label = label
+        self.moe = set(ckpt.moe_layers)
+
+    @property
+    def cache(self) -> Any:
+        return self.stream.cache
+
+    @property
+    def batches(self) -> list[torch.Tensor]:
+        return self.stream.batches
+
+    @property
+    def model(self) -> nn.Module:
+        return self.stream.model
+
+    def moe_inputs(self, layer: nn.Module) -> list[torch.Tensor]:
+        """The MoE block's inputs [T_b, H] for every cached batch (the layer runs up to its MoE block only)."""
+        xs: list[torch.Tensor] = []
+
+        def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            h = args[0] if args else kwargs["hidden_states"]
+            xs.append(h.detach().reshape(-1, h.shape[-1]))
+            raise _Stop
+
+        handle = getattr(layer, self.fam.module_block).register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for i in range(len(self.cache)):
+                    try:
+                        self.stream.run_layer(layer, i)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+        return xs
+
+    def _observing(self, ctx: LayerContext, observers: list[Transform], batch: int) -> Callable[..., torch.Tensor]:
+        """An experts forward for batch ``batch``: the eager computation, with the observers' hooks."""
+        experts = ctx.experts
+
+        def fwd(hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            obs = [o.observe_forward(ctx, batch, hidden, idx, w) for o in observers]
+            obs = [o for o in obs if o is not None]
+
+            def observe(*a: Any) -> None:
+                for o in obs:
+                    o(*a)
+
+            return routed_forward(
+                experts.gate_up_proj, experts.down_proj, experts.act_fn, hidden, idx, w, observe if obs else None
+            )
+
+        return fwd
+
+    @torch.no_grad()
+    def forward(self, ctx: LayerContext, observers: list[Transform]) -> None:
+        """Run the layer over the cache (replacing it by the outputs); observers see each batch's routing."""
+        if not observers:
+            self.stream.forward_layer(ctx.layer)
+            return
+        experts = ctx.experts
+        for i in range(len(self.cache)):
+            experts.forward = self._observing(ctx, observers, i)
+            try:
+                self.cache[i] = self.stream.run_layer(ctx.layer, i)
+            finally:
+                del experts.forward
+        for o in observers:
+            o.observed(ctx)
+
+    @torch.no_grad()
+    def observe_inputs(self, ctx: LayerContext, observers: list[Transform]) -> None:
+        """Show the observers the MoE block as it is now, on the captured inputs (the block runs with its own
+        routing; its output is dropped): used when a later transform changes the block before the forward."""
+        experts = ctx.experts
+        for i, x in enumerate(ctx.inputs):
+            experts.forward = self._observing(ctx, observers, i)
+            try:
+                ctx.block(x.unsqueeze(0))
+            finally:
+                del experts.forward
+        for o in observers:
+            o.observed(ctx)
+
+    def layers(self, transforms: list[Transform]) -> Iterator[LayerContext]:
+        """Drive ``transforms`` over every layer; yields each finished layer's context before it is freed."""
+        stream = self.stream
+        n_layers = len(stream.decoder_layers)
+        with progress_bar() as bar:
+            task = bar.add_task(f"{self.label}: embed", total=n_layers + 1)
+            stream.capture()
+            bar.advance(task)
+            for t in transforms:
+                t.start(self)
+            for l, layer in stream.layers():
+                bar.update(task, description=f"{self.label}: layer {l + 1}/{n_layers}")
+                ctx = LayerContext(self, l, layer, l in self.moe)
+                pending: list[Transform] = []  # observers that can still ride the forward pass
+                if ctx.is_moe:
+                    if any(t.wants_inputs for t in transforms):
+                        ctx.inputs = self.moe_inputs(layer)
+                    for t in transforms:
+                        t.moe_layer(ctx)
+                        if t.observes_forward:
+                            pending.append(t)
+                        elif pending and t.changes_block:  # observe the block before this transform changes it
+                            if not ctx.inputs:
+                                ctx.inputs = self.moe_inputs(layer)
+                            self.observe_inputs(ctx, pending)
+                            pending = []
+                self.forward(ctx, pending)
+                if ctx.is_moe:
+                    for t in transforms:
+                        t.layer_done(ctx)
+                yield ctx
+                bar.advance(task)
+
+    def run(self, transforms: list[Transform], emit: Callable[[LayerContext], None] | None = None) -> None:
+        """One pass: every layer through every transform; ``emit`` gets each finished layer (e.g. the writer)."""
+        try:
+            for ctx in self.layers(transforms):
+                if emit is not None:
+                    emit(ctx)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.stream.close()

@@ -1,0 +1,99 @@
+"""What every command prepares once, before any compute: the checkpoint, the guarded output folder, the
+calibration tokens (a reused profile's own windows when it names them), the profile, the device.
+
+    job = Job.prepare(model, "out/q3", calib="mixed", samples=64, seq_len=256, device=torch.device("cpu"))
+    tokens = job.tokens()            # the same windows for every stage of the job
+    engine = job.engine("quantize")  # the layer-streamed loop over those tokens
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..calibration.sets import TokenSet, calibration_set, check_seq_len, load_tokenizer
+from .checkpoint import Checkpoint
+from .engine import Engine
+from .writer import check_output
+
+
+@dataclass
+class Job:
+    ckpt: Checkpoint
+    out: Path | None
+    device: torch.device
+    batch_size: int = 8
+    overwrite: bool = False
+    calib: str | Path = "mixed"
+    samples: int = 64
+    seq_len: int = 256
+    seed: int = 0
+    profile_dir: Path | None = None
+    started: float = field(default_factory=time.time)
+    _tokens: TokenSet | None = None
+    _profile: Any = None
+
+    @classmethod
+    def prepare(
+        cls,
+        model: str | Path | None,
+        output: str | Path | None,
+        *,
+        calib: str | Path = "mixed",
+        samples: int = 64,
+        seq_len: int = 256,
+        seed: int = 0,
+        batch_size: int = 8,
+        device: torch.device | None = None,
+        overwrite: bool = False,
+        profile_dir: str | Path | None = None,
+        tokens: TokenSet | None = None,
+    ) -> Job:
+        """Validate everything that can be validated without compute; the output is checked, not created."""
+        started = time.time()
+        ckpt = Checkpoint(model)
+        out = check_output(output, ckpt.path, overwrite) if output is not None else None
+        if tokens is None and profile_dir is None:  # with a profile, its own windows are reused
+            check_seq_len(seq_len, ckpt.config)
+        return cls(
+            ckpt, out, device or torch.device("cpu"), batch_size, overwrite, calib, samples, seq_len, seed,
+            Path(profile_dir) if profile_dir is not None else None, started, tokens,
+        )  # fmt: skip
+
+    def profile(self) -> Any:
+        """The reused profile (loaded once and checked against this model), or None."""
+        if self._profile is None and self.profile_dir is not None:
+            from ..profile.run import Profile
+
+            self._profile = Profile.load(self.profile_dir)
+            self._profile.check_model(self.ckpt)
+        return self._profile
+
+    def tokens(self) -> TokenSet:
+        """The calibration windows: given, a reused profile's own, or drawn from --calib (seeded)."""
+        if self._tokens is None:
+            prof = self.profile()
+            cal = (prof.meta.get("calibration") or {}) if prof is not None else {}
+            if cal.get("name"):
+                self._tokens = calibration_set(
+                    load_tokenizer(self.ckpt.path), cal["name"], cal["samples"], cal["seq_len"], cal.get("seed") or 0
+                )
+            else:
+                check_seq_len(self.seq_len, self.ckpt.config)
+                self._tokens = calibration_set(
+                    load_tokenizer(self.ckpt.path), self.calib, self.samples, self.seq_len, self.seed
+                )
+        return self._tokens
+
+    def engine(self, label: str, tokens: TokenSet | None = None) -> Engine:
+        """The layer-streamed loop over the job's tokens (or ``tokens``) on the job's device."""
+        t = tokens if tokens is not None else self.tokens()
+        return Engine(self.ckpt, t.input_ids, self.batch_size, self.device, label)
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.started

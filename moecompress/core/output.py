@@ -1,0 +1,106 @@
+"""The one writer of compressed model folders, fed layer by layer while the engine runs.
+
+    with Output(job.out, job.overwrite) as out:           # a temporary folder beside the output
+        out.add_globals(ckpt, transforms)                # embeddings, final norm, lm_head
+        engine.run(transforms, emit=out.add_layer)       # each finished decoder layer, then it is freed
+        out.finish(ckpt, config, manifest, transforms)   # config.json, side files, moecompress.json, report
+    # the folder is renamed into place only when complete; on any error the temporary is removed
+
+A layer's tensors are the checkpoint's (hub names, checkpoint order) except its routed experts and router when a
+transform called ``ctx.replace(...)``; every tensor written passes through the transforms' ``rewrite`` (e.g.
+quantizing attention weights to --other-bits).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint
+from .engine import LayerContext, Transform
+from .manifest import Manifest
+from .writer import ShardWriter, dir_bytes, finish_temp, take_temp
+
+
+class Output:
+    def __init__(self, out: Path, overwrite: bool = False, max_shard_bytes: int | None = None):
+        self.out, self.overwrite = Path(out), overwrite
+        self.tmp: Path | None = None
+        self._max = max_shard_bytes
+        self.shards: ShardWriter | None = None
+        self.transforms: Sequence[Transform] = ()
+
+    def __enter__(self) -> Output:
+        self.tmp = take_temp(self.out.expanduser().resolve(), "dir")
+        self.shards = ShardWriter(self.tmp, self._max) if self._max else ShardWriter(self.tmp)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        assert self.shards is not None
+        for tr in self.transforms:
+            new = tr.rewrite(key, t)
+            if new is not None:
+                for k, v in new.items():
+                    self.shards.add(k, v)
+                return
+        self.shards.add(key, t)
+
+    def add_globals(self, ckpt: Checkpoint, transforms: Sequence[Transform] = ()) -> None:
+        """Every tensor outside the decoder layers (embeddings, final norm, lm_head), in checkpoint order."""
+        self.transforms = transforms
+        for k in ckpt.keys():
+            if not k.startswith("model.layers."):
+                self.add(k, ckpt.get(k))
+
+    def add_layer(self, ctx: LayerContext) -> None:
+        """Decoder layer ``ctx.index`` as the transforms left it."""
+        ckpt, l = ctx.engine.ckpt, ctx.index
+        keys = [k for k in ckpt.keys() if k.startswith(f"model.layers.{l}.")]
+        pat = ckpt.family.routed_key_pattern(l) if ctx.replaced is not None else None
+        for k in keys:
+            if pat is None or not pat.match(k):
+                self.add(k, ckpt.get(k))
+        assert self.shards is not None
+        for k, t in (ctx.replaced or {}).items():  # already final: no rewrite
+            self.shards.add(k, t)
+
+    def finish(
+        self,
+        ckpt: Checkpoint,
+        config: dict[str, Any],
+        manifest: Manifest,
+        extra_json: dict[str, Any] | None = None,
+        side_files: Iterable[Path] | None = None,
+        report_inputs: Sequence[Path] = (),
+        report: bool = True,
+        elapsed: float | None = None,
+    ) -> Path:
+        """config.json, tokenizer and side files, sidecars, moecompress.json, report.html; then the rename."""
+        assert self.tmp is not None and self.shards is not None
+        tmp = self.tmp
+        self.shards.close()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for f in side_files if side_files is not None else ckpt.side_files():
+            shutil.copy2(f, tmp / f.name)
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        manifest.params_after = self.shards.params
+        manifest.bytes_after = dir_bytes(tmp)
+        if elapsed is not None:
+            manifest.elapsed_s = round(elapsed, 2)
+        manifest.write(tmp)
+        if report:
+            from ..report import write_report
+
+            write_report(tmp, [Path(p) for p in report_inputs])
+        finish_temp(self.out.expanduser().resolve(), tmp, self.overwrite)
+        return self.out
