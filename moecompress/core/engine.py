@@ -231,14 +231,14 @@ class Engine:
                     if any(t.wants_inputs for t in transforms):
                         ctx.inputs = self.moe_inputs(layer)
                     for t in transforms:
-                        t.moe_layer(ctx)
-                        if t.observes_forward:
-                            pending.append(t)
-                        elif pending and t.changes_block:  # observe the block before this transform changes it
+                        if pending and t.changes_block:  # the observers see the block before t changes it
                             if not ctx.inputs:
                                 ctx.inputs = self.moe_inputs(layer)
                             self.observe_inputs(ctx, pending)
                             pending = []
+                        t.moe_layer(ctx)
+                        if t.observes_forward:
+                            pending.append(t)
                 self.forward(ctx, pending)
                 if ctx.is_moe:
                     for t in transforms:
