@@ -1,0 +1,138 @@
+"""The engine owns the layer loop: MoE inputs captured once, transforms in order, sequential calibration, and the
+Output writer fed layer by layer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny, reload_clean
+from moecompress.calibration.sets import calibration_set, load_tokenizer
+from torch import nn
+
+from moecompress.core.checkpoint import Checkpoint
+from moecompress.core.engine import Engine, LayerContext, Transform
+from moecompress.core.manifest import Manifest
+from moecompress.core.output import Output
+from moecompress.profile.transform import ProfileTransform
+
+
+class DropLast(Transform):
+    """Test transform: removes the last routed expert of every MoE layer (weights and router row)."""
+
+    name = "drop-last"
+    wants_inputs = False
+
+    def moe_layer(self, ctx: LayerContext) -> None:
+        ex, r = ctx.experts, ctx.router
+        ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.data[:-1].clone(), requires_grad=False)
+        ex.down_proj = nn.Parameter(ex.down_proj.data[:-1].clone(), requires_grad=False)
+        r.weight = nn.Parameter(r.weight.data[:-1].clone(), requires_grad=False)
+        for m in (ex, r):
+            if hasattr(m, "num_experts"):
+                m.num_experts -= 1
+        fam, l = ctx.engine.fam, ctx.index
+        mb = f"model.layers.{l}.{fam.module_block}."
+        state = {mb + k: v for k, v in ctx.block.state_dict().items()}
+        E = ex.gate_up_proj.shape[0]
+        dtype = ctx.engine.ckpt.moe_weights(l).router.dtype
+        w = fam.read_layer(state, l, E)
+        ctx.replace({k: t.to(dtype) for k, t in fam.write_layer(w, l).items()})
+
+    def config(self, cfg: dict) -> None:
+        cfg.update(self.fam_updates)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory, tokenizer_dir):
+    return build_tiny("mixtral", tmp_path_factory.mktemp("m") / "mixtral", tokenizer_dir)
+
+
+def _tokens(path):
+    return calibration_set(load_tokenizer(path), "mixed", 4, 16, seed=1)
+
+
+def test_moe_inputs_are_what_the_full_model_feeds_the_moe_block(mixtral):
+    ck = Checkpoint(mixtral)
+    tokens = _tokens(mixtral)
+    eng = Engine(ck, tokens.input_ids, batch_size=3)
+    got = {ctx.index: torch.cat(ctx.inputs) for ctx in eng.layers([Transform()])}
+    eng.close()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(mixtral, experts_implementation="eager").eval()
+    seen: dict[int, list[torch.Tensor]] = {}
+    for l, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda m, a, _l=l: seen.setdefault(_l, []).append(a[0].reshape(-1, 32)))
+    with torch.no_grad():
+        for ids in tokens.input_ids.split(3):
+            model(input_ids=ids)
+    assert sorted(got) == ck.moe_layers
+    for l in ck.moe_layers:
+        torch.testing.assert_close(got[l], torch.cat(seen[l]), rtol=1e-5, atol=1e-5)
+
+
+def test_observers_see_the_block_before_a_later_stage_changes_it(mixtral):
+    """A profile chained before a changing stage is taken on the unchanged block (on the captured inputs), and
+    equals the profile that rides the forward pass, on the first MoE layer (same inputs both ways)."""
+    ck = Checkpoint(mixtral)
+    tokens = _tokens(mixtral)
+
+    def profile(chain):
+        p = ProfileTransform(ck.num_experts, ck.top_k, tokens.domain_names, tokens.domains, 16)
+        Engine(ck, tokens.input_ids, batch_size=3).run([p, *chain])
+        return p.results
+
+    alone, chained = profile([]), profile([DropLast()])
+    first, later = ck.moe_layers[0], ck.moe_layers[1]
+    for name, t in alone[first].items():
+        torch.testing.assert_close(chained[first][name], t, rtol=1e-6, atol=1e-9, msg=name)
+    assert chained[later]["tokens"].shape == alone[later]["tokens"].shape  # still measured on all experts
+    # the later layer's inputs come from the changed earlier layer (sequential calibration): statistics differ
+    assert not torch.equal(chained[later]["reap"], alone[later]["reap"])
+
+
+def test_output_writes_the_transformed_layers_and_loads_in_transformers(mixtral, tmp_path):
+    ck = Checkpoint(mixtral)
+    tokens = _tokens(mixtral)
+    drop = DropLast()
+    drop.fam_updates = ck.family.expert_count_updates(ck.num_experts - 1)
+    out = tmp_path / "dropped"
+    eng = Engine(ck, tokens.input_ids, batch_size=3)
+    cfg = json.loads((ck.path / "config.json").read_text())
+    man = Manifest("test", "uniform", "transformers", str(ck.path), ck.fingerprint, tokens.describe(),
+                   ck.num_params, ck.bytes_on_disk)  # fmt: skip
+    with Output(out) as o:
+        o.add_globals(ck, [drop])
+        eng.run([drop], emit=o.add_layer)
+        drop.config(cfg)
+        man.add("prune", {"note": "test: last expert dropped"})
+        o.finish(ck, cfg, man, report=False)
+    model = reload_clean(out)
+    assert model.config.num_local_experts == ck.num_experts - 1
+    back = Manifest.read(out)
+    assert back.stage("prune") == {"op": "prune", "note": "test: last expert dropped"}
+    assert back.params_after == sum(p.numel() for p in model.parameters())
+    # every tensor outside the routed experts is the checkpoint's, bit for bit
+    sd = model.state_dict()
+    torch.testing.assert_close(sd["model.embed_tokens.weight"], ck.get("model.embed_tokens.weight"), rtol=0, atol=0)
+    ref = ck.get("model.layers.0.self_attn.q_proj.weight")
+    torch.testing.assert_close(sd["model.layers.0.self_attn.q_proj.weight"], ref, rtol=0, atol=0)
+
+
+def test_a_failed_pass_leaves_no_output(mixtral, tmp_path):
+    ck = Checkpoint(mixtral)
+    tokens = _tokens(mixtral)
+
+    class Boom(Transform):
+        def moe_layer(self, ctx: LayerContext) -> None:
+            if ctx.index == ck.moe_layers[-1]:
+                raise RuntimeError("boom")
+
+    out = tmp_path / "never"
+    with pytest.raises(RuntimeError, match="boom"), Output(out) as o:
+        o.add_globals(ck)
+        Engine(ck, tokens.input_ids, batch_size=3).run([Boom()], emit=o.add_layer)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
