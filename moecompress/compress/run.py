@@ -1,0 +1,116 @@
+"""`moecompress compress`: every stage of a recipe in ONE layer-streamed pass, one checkpoint, one manifest.
+
+For each decoder layer l (core/engine.py): the MoE block's inputs are captured once; each stage in recipe order
+changes the block (experts removed or merged, channels removed, weights quantized); the compressed layer runs
+forward and its outputs are layer l + 1's inputs. So every stage of layer l + 1 is calibrated on the compressed
+layers 0..l (sequential calibration, as GPTQ does), where running the single commands one after the other
+calibrates the first command on the original model. The profile the stages need (super experts, profile
+scores) comes from ``--profile`` or from one profiling pass before the compression pass.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.engine import Transform
+from ..core.job import Job
+from ..core.manifest import Manifest
+from ..core.output import Output
+from .recipe import Stage
+
+# op -> builder(job, options, profile) -> Transform. Each operation package provides its transform.
+Builder = Callable[[Job, dict[str, Any], Any], Transform]
+
+
+def _prune(job: Job, opts: dict[str, Any], prof: Any) -> Transform:
+    from ..prune.transform import transform_for_recipe
+
+    return transform_for_recipe(job, opts, prof)
+
+
+def _merge(job: Job, opts: dict[str, Any], prof: Any) -> Transform:
+    from ..merge.transform import transform_for_recipe
+
+    return transform_for_recipe(job, opts, prof)
+
+
+def _atom(job: Job, opts: dict[str, Any], prof: Any) -> Transform:
+    from ..atomic.transform import transform_for_recipe
+
+    return transform_for_recipe(job, opts, prof)
+
+
+def _quantize(job: Job, opts: dict[str, Any], prof: Any) -> Transform:
+    from ..quant.transform import transform_for_recipe
+
+    return transform_for_recipe(job, opts, prof)
+
+
+BUILDERS: dict[str, Builder] = {"prune": _prune, "merge": _merge, "atom": _atom, "quantize": _quantize}
+
+
+def _profile(job: Job) -> tuple[Any, bool]:
+    """The reused --profile, or a profile made now in a pass of its own (returned with True: save it)."""
+    prof = job.profile()
+    if prof is not None:
+        return prof, False
+    from ..profile.run import build_profile, collect
+
+    tokens = job.tokens()
+    stats = collect(job.ckpt, tokens, job.batch_size, job.device)
+    return build_profile(job.ckpt, tokens, stats, job.elapsed), True
+
+
+def compress_model(
+    model: str | Path | None,
+    output: str | Path,
+    stages: list[Stage],
+    calib: str | Path = "mixed",
+    samples: int = 64,
+    seq_len: int = 256,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: torch.device | None = None,
+    overwrite: bool = False,
+    profile_dir: str | Path | None = None,
+) -> Manifest:
+    """Run ``stages`` in one pass and write OUTPUT (HF folder + moecompress.json + report.html)."""
+    job = Job.prepare(
+        model, output, calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+        device=device, overwrite=overwrite, profile_dir=profile_dir,
+    )  # fmt: skip
+    ckpt = job.ckpt
+    prof, made = _profile(job)
+    transforms = [BUILDERS[s.op](job, dict(s.options), prof) for s in stages]
+    cfg = json.loads((ckpt.path / "config.json").read_text())
+    tokens = job.tokens()
+    manifest = Manifest(
+        command="compress", layout="uniform", load_with="transformers", source_model=str(ckpt.path),
+        source_fingerprint=ckpt.fingerprint, calibration=tokens.describe(), params_before=ckpt.num_params,
+        bytes_before=ckpt.bytes_on_disk,
+    )  # fmt: skip
+    assert job.out is not None
+    with Output(job.out, job.overwrite) as out:
+        out.add_globals(ckpt, transforms)
+        job.engine("compress").run(transforms, emit=out.add_layer)
+        for s, t in zip(stages, transforms, strict=True):
+            t.config(cfg)
+            section = manifest.add(s.op, {"recipe": s.options, **t.section()})
+            manifest.warnings += [str(w) for w in section.pop("warnings", []) or []]
+            layout = getattr(t, "layout", None)
+            if layout is not None:
+                manifest.layout = layout
+                manifest.load_with = "transformers" if layout == "uniform" else "moecompress.load"
+        if made:
+            from ..profile.run import save_profile
+
+            assert out.tmp is not None
+            save_profile(prof, out.tmp / "profile")
+        reuse = [Path(profile_dir)] if profile_dir is not None else []
+        out.finish(ckpt, cfg, manifest, report_inputs=reuse, elapsed=job.elapsed)
+    return manifest
