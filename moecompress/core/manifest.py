@@ -120,7 +120,7 @@ def _from_schema1(d: dict[str, Any]) -> dict[str, Any]:
     for k in ("params_before", "bytes_before"):
         out[k] = int(d.get(k) or 0)
     op = {"prune": "prune", "merge": "merge", "quantize": "quantize"}.get(out["command"], "prune")
-    if d.get("granularity") == "atom":
+    if d.get("granularity") == "atom" or out["command"] == "prune --granularity atom":  # atomic prune wrote the latter
         op = "atom"
     section = {k: v for k, v in d.items() if k not in _COMMON and k not in ("tool", "tool_version", "schema")}
     out["stages"] = [{"op": op, **section}]
