@@ -132,7 +132,7 @@ class LayerStream:
         self.device = device or torch.device("cpu")
         self.dtype = dtype
         self.model = skeleton(ckpt)
-        self.batches = list(input_ids.split(batch_size))
+        self.batches = [b for b in input_ids.split(batch_size) if b.numel()]  # no windows: a write-only pass
         H = ckpt.config.hidden_size
         if spill is None:
             spill = input_ids.numel() * H * 4 > 4 * 1024**3
