@@ -225,6 +225,11 @@ class LayerStream:
         h = self.model.model.norm(self.cache[i].to(self.device))
         return self.model.lm_head(h)
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + lm_head on hidden states h [B, S, H] -> logits [B, S, V] (autograd allowed)."""
+        self._ensure_head()
+        return self.model.lm_head(self.model.model.norm(h))
+
     def _ensure_head(self) -> None:
         if getattr(self, "_head_ready", False):
             return
