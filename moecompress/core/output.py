@@ -57,18 +57,17 @@ class Output:
     def add_globals(self, ckpt: Checkpoint, transforms: Sequence[Transform] = ()) -> None:
         """Every tensor outside the decoder layers (embeddings, final norm, lm_head), in checkpoint order."""
         self.transforms = transforms
-        for k in ckpt.keys():
-            if not k.startswith("model.layers."):
-                self.add(k, ckpt.get(k))
+        keys = [k for k in ckpt.keys() if not k.startswith("model.layers.")]
+        for k, t in ckpt.read(keys).items():  # each shard opened once
+            self.add(k, t)
 
     def add_layer(self, ctx: LayerContext) -> None:
         """Decoder layer ``ctx.index`` as the transforms left it."""
         ckpt, l = ctx.engine.ckpt, ctx.index
-        keys = [k for k in ckpt.keys() if k.startswith(f"model.layers.{l}.")]
         pat = ckpt.family.routed_key_pattern(l) if ctx.replaced is not None else None
-        for k in keys:
-            if pat is None or not pat.match(k):
-                self.add(k, ckpt.get(k))
+        keys = [k for k in ckpt.keys() if k.startswith(f"model.layers.{l}.") and (pat is None or not pat.match(k))]
+        for k, t in ckpt.read(keys).items():  # each shard opened once, checkpoint order
+            self.add(k, t)
         assert self.shards is not None
         for k, t in (ctx.replaced or {}).items():  # already final: no rewrite
             self.shards.add(k, t)
