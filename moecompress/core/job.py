@@ -34,6 +34,7 @@ class Job:
     seed: int = 0
     profile_dir: Path | None = None
     started: float = field(default_factory=time.time)
+    profile_windows: bool = True  # tokens() reuses a profile's own windows (quantize: False, windows from --calib)
     _tokens: TokenSet | None = None
     _profile: Any = None
 
@@ -52,16 +53,17 @@ class Job:
         overwrite: bool = False,
         profile_dir: str | Path | None = None,
         tokens: TokenSet | None = None,
+        profile_windows: bool = True,
     ) -> Job:
         """Validate everything that can be validated without compute; the output is checked, not created."""
         started = time.time()
         ckpt = Checkpoint(model)
         out = check_output(output, ckpt.path, overwrite) if output is not None else None
-        if tokens is None and profile_dir is None:  # with a profile, its own windows are reused
+        if tokens is None and (profile_dir is None or not profile_windows):  # else the profile's windows
             check_seq_len(seq_len, ckpt.config)
         return cls(
             ckpt, out, device or torch.device("cpu"), batch_size, overwrite, calib, samples, seq_len, seed,
-            Path(profile_dir) if profile_dir is not None else None, started, tokens,
+            Path(profile_dir) if profile_dir is not None else None, started, profile_windows, tokens,
         )  # fmt: skip
 
     def profile(self) -> Any:
@@ -76,7 +78,7 @@ class Job:
     def tokens(self) -> TokenSet:
         """The calibration windows: given, a reused profile's own, or drawn from --calib (seeded)."""
         if self._tokens is None:
-            prof = self.profile()
+            prof = self.profile() if self.profile_windows else None
             cal = (prof.meta.get("calibration") or {}) if prof is not None else {}
             if cal.get("name"):
                 self._tokens = calibration_set(
