@@ -77,13 +77,11 @@ def info(
       moecompress info ./Qwen3-30B-A3B --json facts.json
     """
     from ..core.checkpoint import Checkpoint
-    from ..core.loading import read_manifest
 
     guard([(json_out, "file")], model, overwrite=overwrite)
-    ck = Checkpoint(model)
+    ck = Checkpoint(model)  # reads moecompress.json strictly too
     cfg = ck.config
     fam = ck.family
-    manifest = read_manifest(ck.path) or {}
     facts = {
         "model": str(ck.path),
         "family": fam.name,
@@ -100,8 +98,9 @@ def info(
         "params": ck.num_params,
         "bytes": ck.bytes_on_disk,
         "fingerprint": ck.fingerprint,
-        "layout": manifest.get("layout", "uniform"),
-        "compressed_by": manifest.get("command"),
+        "layout": ck.layout,
+        "compressed_by": ck.manifest.command if ck.manifest is not None else None,
+        "stages": [s["op"] for s in ck.manifest.stages] if ck.manifest is not None else [],
     }
     t = Table(show_header=False, box=None)
     for k, v in facts.items():

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .errors import UserError
 from .families import Family, MoEWeights, family_for
+from .manifest import Manifest
 
 SIDE_FILES = (
     "tokenizer.json",
@@ -78,17 +79,23 @@ def read_json_file(path: Path, what: str, max_bytes: int = MAX_CONFIG_BYTES) -> 
         raise UserError(f"{path} is not a valid {what} ({reason})") from None
 
 
-def read_manifest(path: str | Path) -> dict[str, Any] | None:
-    """``moecompress.json`` of a folder: None when absent, a dict otherwise (a UserError when it is not one)."""
+def load_manifest(path: str | Path) -> Manifest | None:
+    """``moecompress.json`` of a folder, read strictly (``Manifest.from_dict``): None when absent, one UserError
+    naming the file and the field when it is not a manifest moecompress wrote (schema 1 reads as one stage)."""
     f = Path(path) / "moecompress.json"
     if not f.exists():
         return None
-    manifest = read_json_file(f, "moecompress manifest (JSON)")
-    if not isinstance(manifest, dict):
-        raise UserError(f"{f} holds a JSON {type(manifest).__name__}, not an object: it is not a moecompress manifest")
-    if not isinstance(manifest.get("layout", "uniform"), str):
-        raise UserError(f"{f} has a layout that is not a name ({manifest['layout']!r})")
-    return manifest
+    return Manifest.from_dict(read_json_file(f, "moecompress manifest (JSON)"), str(f))
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The raw ``moecompress.json`` dict, checked by ``load_manifest`` first (None when absent).
+
+    For loaders that read a schema-1 output's op fields at the top level; new code reads
+    ``load_manifest(path).stage(op)``, which also finds them in a schema-2 output."""
+    if load_manifest(path) is None:
+        return None
+    return read_json_file(Path(path) / "moecompress.json", "moecompress manifest (JSON)")
 
 
 def _check_entry(key: Any, v: Any, data_bytes: int) -> None:
@@ -180,7 +187,7 @@ def check_shapes(ck: Checkpoint) -> None:
     cfg, fam = ck.config, ck.family
     E, H = ck.num_experts, cfg.hidden_size
     moe = set(ck.moe_layers)
-    uniform = ck.manifest.get("layout", "uniform") == "uniform" and not getattr(cfg, "quantization_config", None)
+    uniform = ck.layout == "uniform" and not getattr(cfg, "quantization_config", None)
 
     def mismatch(key: str, got: tuple[int, ...], want: tuple[int, ...], why: str = "") -> UserError:
         return UserError(
@@ -272,7 +279,7 @@ class Checkpoint:
             )
         self.config = self._load_config(raw["model_type"])
         self.family: Family = family_for(self.config)
-        self.manifest = read_manifest(self.path) or {}
+        self.manifest: Manifest | None = load_manifest(self.path)
         if weights_error is not None:
             raise weights_error
         self.family.check_config(self.config, max(layers_on_disk, default=-1) + 1)
@@ -339,6 +346,11 @@ class Checkpoint:
     @property
     def moe_layers(self) -> list[int]:
         return self.family.moe_layers(self.config)
+
+    @property
+    def layout(self) -> str:
+        """moecompress.json ``layout`` ("uniform" for a folder moecompress did not write)."""
+        return self.manifest.layout if self.manifest is not None else "uniform"
 
     @cached_property
     def fingerprint(self) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .checkpoint import Checkpoint, read_manifest, resolve_model  # noqa: F401  (read_manifest: public here)
+from .checkpoint import Checkpoint, load_manifest, read_manifest, resolve_model  # noqa: F401  (readers: public here)
 from .errors import UserError
 
 # layout name in moecompress.json -> "module:function" taking (path, device, dtype) and returning the model
@@ -50,8 +50,7 @@ def load(
 ) -> PreTrainedModel:
     """Load any moecompress output (or any supported HF MoE folder; the built-in model when None)."""
     p = resolve_model(path)
-    manifest = Checkpoint(p).manifest  # validates config.json against the tensors before transformers sees them
-    layout = manifest.get("layout", "uniform")
+    layout = Checkpoint(p).layout  # validates config.json and moecompress.json before transformers sees them
     if layout == "uniform":
         return load_uniform(p, device, dtype)
     target = LOADERS.get(layout)

@@ -160,7 +160,13 @@ BROKEN: dict[str, tuple[Callable[[Path], None], str]] = {
         sharded({"weight_map": {"model.embed_tokens.weight": 1}}),
         "not a file name",
     ),
-    "manifest_is_list": (write_file("moecompress.json", "[1, 2]"), "not a moecompress manifest"),
+    "manifest_is_list": (write_file("moecompress.json", "[1, 2]"), "moecompress.json is not a JSON object"),
+    # schema 2 is read strictly: a missing common field or another schema is named
+    "manifest_without_layout": (
+        write_file("moecompress.json", json.dumps({"schema": 2, "command": "prune", "stages": []})),
+        "moecompress.json field layout is None",
+    ),
+    "manifest_future_schema": (write_file("moecompress.json", '{"schema": 3}'), "has schema 3; this moecompress"),
     "config_is_list": (write_file("config.json", "[]"), "has no model_type"),
     "config_too_deep": (write_file("config.json", "[" * 100_000 + "]" * 100_000), "nested too deeply"),
 }
