@@ -80,18 +80,18 @@ def merge(
         ("--rank-fraction", rank_fraction, POSITIVE, 1.0, False),
         ("--sim-tokens", sim_tokens, 2, INT_MAX, True),
     )
-    device_of(device)
+    dev = device_of(device)
     guard([(output, "dir")], model, [profile, data_file(calib)], overwrite)
     opts = MergeOptions(
         ratio=ratio, method=method, rank=rank, rank_fraction=rank_fraction, router=router, similarity=similarity,
         protect_super=protect, align=align, refit=refit, sim_tokens=sim_tokens, seed=seed, choose=choose,
     )  # fmt: skip
-    man = merge_model(model, output, opts, profile, calib, samples, seq_len, batch_size, device, overwrite)
-    saved = 1 - man["bytes_after"] / man["bytes_before"]
+    man = merge_model(model, output, opts, profile, calib, samples, seq_len, batch_size, dev, overwrite)
+    sec = man.stage("merge") or {}
+    before, after = man.bytes_before, man.bytes_after or 0
     out_console.print(
-        f"merged {man['experts_before']} -> {man['experts_after']} experts per layer ({method}) in "
-        f"{man['elapsed_s']:.1f}s: {man['bytes_before']:,} -> {man['bytes_after']:,} bytes ({saved:.1%} smaller)"
-        f" -> {output}"
+        f"merged {sec['experts_before']} -> {sec['experts_after']} experts per layer ({method}) in "
+        f"{man.elapsed_s or 0:.1f}s: {before:,} -> {after:,} bytes ({1 - after / before:.1%} smaller) -> {output}"
     )
 
 

@@ -1,28 +1,29 @@
-"""Expert merging: similarity, clustering, subspace merge and router rebuild (pure tensor functions)."""
+"""Expert merging: similarity, clustering, subspace merge and router rebuild (pure tensor functions); the layer
+merge (layer.py), its engine transform (transform.py) and the command (run.py)."""
 
 from moecompress.merge.cluster import agglomerative_cluster, kmeans_cluster, labels_to_clusters
 from moecompress.merge.router import fit_router_rows, merged_router_rows
 from moecompress.merge.similarity import (
-    expert_outputs,
     gram_features,
     output_features,
-    output_similarity,
+    outputs_by_expert,
+    pairwise_output_similarity,
     router_logit_similarity,
 )
 from moecompress.merge.subspace import merge_average, merge_subspace, rank_for
 
 __all__ = [
     "agglomerative_cluster",
-    "expert_outputs",
     "fit_router_rows",
     "gram_features",
-    "output_features",
     "kmeans_cluster",
     "labels_to_clusters",
     "merge_average",
     "merge_subspace",
     "merged_router_rows",
-    "output_similarity",
+    "output_features",
+    "outputs_by_expert",
+    "pairwise_output_similarity",
     "rank_for",
     "router_logit_similarity",
 ]

@@ -13,11 +13,15 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from moecompress.core.experts import Act, expert_hidden
 
-def activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU intermediate activations h = silu(gate x) * (up x): x [T, H], gate/up [I, H] -> [T, I]."""
-    xf = x.to(torch.float32)
-    return F.silu(xf @ gate.to(torch.float32).T) * (xf @ up.to(torch.float32).T)
+
+def activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Act = F.silu) -> torch.Tensor:
+    """Intermediate activations h = act(gate x) * (up x) in float32 (``core.experts.expert_hidden``):
+    x [T, H], gate/up [I, H] -> [T, I]. Pass the family's ``act``; the SiLU default serves only callers outside
+    merge/ that predate it (prune's down refit, atomic/compensate)."""
+    f32 = torch.float32
+    return expert_hidden(x.to(f32), gate.to(f32), up.to(f32), act)
 
 
 def match_neurons(ref_act: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -43,21 +47,22 @@ def permute_expert(
 
 
 def align_cluster(
-    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ref: int
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ref: int, act: Act
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Align every member of a cluster to member ``ref``.
 
     Args:
-        x: [T, H] sample tokens; gate, up: [n, I, H]; down: [n, H, I] the members; ref: index of the reference.
+        x: [T, H] sample tokens; gate, up: [n, I, H]; down: [n, H, I] the members; ref: index of the reference;
+        act: the experts' activation.
 
     Returns:
         (gate, up, down) with every member's neurons permuted to match the reference (functions unchanged).
     """
-    ref_act = activations(x, gate[ref], up[ref])  # [T, I]
+    ref_act = activations(x, gate[ref], up[ref], act)  # [T, I]
     g, u, d = gate.clone(), up.clone(), down.clone()
     for j in range(gate.shape[0]):
         if j == ref:
             continue
-        perm = match_neurons(ref_act, activations(x, gate[j], up[j]))
+        perm = match_neurons(ref_act, activations(x, gate[j], up[j], act))
         g[j], u[j], d[j] = permute_expert(gate[j], up[j], down[j], perm)
     return g, u, d

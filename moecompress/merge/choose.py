@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from moecompress.core.experts import Act
 from moecompress.core.families import MoEWeights
 from moecompress.merge.align import activations, align_cluster
 from moecompress.merge.refit import lstsq_down
@@ -73,11 +74,11 @@ class Clustering:
 class LayerFit:
     """One layer's calibration state: tokens, the original output, and the merged layer under construction."""
 
-    def __init__(self, w: MoEWeights, x_fit: torch.Tensor, x_eval: torch.Tensor, spec: RouterSpec):
-        self.w, self.spec = w, spec
+    def __init__(self, w: MoEWeights, x_fit: torch.Tensor, x_eval: torch.Tensor, spec: RouterSpec, act: Act):
+        self.w, self.spec, self.act = w, spec, act  # act: the experts' activation
         self.x = torch.cat([x_fit, x_eval]).float()  # [T, H]
         self.n_fit = x_fit.shape[0]
-        self.outs0 = expert_outputs(self.x, w.gate, w.up, w.down)  # [T, E, H]
+        self.outs0 = expert_outputs(self.x, w.gate, w.up, w.down, act)  # [T, E, H]
         self.logits0 = self._logits(w.router, w.router_bias)  # [T, E]
         self.y = combine(self.outs0, *route(self.logits0, spec, None, w.correction_bias))  # [T, H]
         self.norm = max(float(self.y[self.n_fit :].double().pow(2).sum()), 1e-30)
@@ -104,7 +105,7 @@ class LayerFit:
 
     def activations(self, c: Candidate) -> torch.Tensor:
         """Intermediate activations [T, I] of one candidate expert (shared by its +refit version)."""
-        return activations(self.x, c.gate, c.up)
+        return activations(self.x, c.gate, c.up, self.act)
 
     def output(self, c: Candidate, h: torch.Tensor | None = None) -> torch.Tensor:
         """Unweighted output [T, H] of one candidate expert (h: its activations, when known)."""
@@ -135,7 +136,7 @@ class LayerFit:
             return c
         tok = on.nonzero()[:, 0]  # [n] fit tokens routed to expert j
         others = combine(outs[f], (w * ~mine)[tok], idx[tok], tok)  # [n, H] the other experts' part
-        hf = activations(self.x[f][on], c.gate, c.up) if h is None else h[f][on]
+        hf = activations(self.x[f][on], c.gate, c.up, self.act) if h is None else h[f][on]
         a = s[on, None] * hf  # [n, I]
         down = lstsq_down(a, self.y[f][on] - others, c.down)
         return Candidate(c.kind + "+refit", c.gate, c.up, down, c.row, c.bias, c.corr)
@@ -147,13 +148,20 @@ def keep_candidate(w: MoEWeights, e: int) -> Candidate:
 
 
 def merge_candidates(
-    w: MoEWeights, members: list[int], freqs: torch.Tensor, x_fit: torch.Tensor, ref: int, align: bool, rank_fn: Any
+    w: MoEWeights,
+    members: list[int],
+    freqs: torch.Tensor,
+    x_fit: torch.Tensor,
+    ref: int,
+    align: bool,
+    rank_fn: Any,
+    act: Act,
 ) -> list[Candidate]:
     """Subspace and average merges of a cluster (aligned to member ``ref`` when ``align``) with fitted rows."""
     mg, mu, md = w.gate[members], w.up[members], w.down[members]  # [n, I, H], [n, I, H], [n, H, I]
     f = freqs[members]
     if align:
-        mg, mu, md = align_cluster(x_fit[:2048], mg, mu, md, ref=members.index(ref))
+        mg, mu, md = align_cluster(x_fit[:2048], mg, mu, md, members.index(ref), act)
     if w.correction_bias is None:
         rows, bias = fit_router_rows(x_fit, w.router, [members], bias=w.router_bias)
         row, b, corr = rows[0], None if bias is None else bias[0], None
@@ -198,7 +206,9 @@ def choose_clusters(
             base = [keep_candidate(w, clustering.dominant[j])]
             if len(members) > 1 and ({"subspace", "subspace+refit", "average", "average+refit"} & set(kinds)):
                 if j not in merged_cache:
-                    merged_cache[j] = merge_candidates(w, members, freqs, x_fit, clustering.dominant[j], align, rank_fn)
+                    merged_cache[j] = merge_candidates(
+                        w, members, freqs, x_fit, clustering.dominant[j], align, rank_fn, fit.act
+                    )
                 base += merged_cache[j]
             for cand in base:  # try it in place of column j; restore unless it is strictly better
                 is_current = cand.kind == "keep" and chosen[j].kind == "keep"

@@ -13,34 +13,42 @@ from collections.abc import Iterable
 
 import torch
 
-from moecompress.core.errors import UserError
-
 
 def n_clusters_for(n_experts: int, ratio: float) -> int:
     """Experts left after merging away ``round(ratio * E)`` of them (the pruning rule of DESIGN section 5)."""
     return n_experts - int(round(ratio * n_experts))
 
 
+class MergeTargetError(ValueError):
+    """A merge target the layer cannot take; ``fix`` says which way to change the ratio: "larger", "smaller",
+    "unprotect" (smaller, or protect fewer experts) or "other" (the run layer words it with its flags)."""
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.fix = fix
+
+
 def check_merge_target(n_experts: int, n_clusters: int, top_k: int, n_protected: int = 0, n_group: int = 1) -> None:
     """Refuse a merge target the model cannot run or the protected experts do not leave room for.
 
     Raises:
-        UserError: fewer experts than top-k, no expert merged, protected experts taking every cluster, or an
+        MergeTargetError: fewer experts than top-k, no expert merged, protected experts taking every cluster, or an
             expert count that breaks ``E % n_group == 0`` (grouped routing).
     """
     if n_clusters >= n_experts:
-        raise UserError(f"the merge ratio leaves all {n_experts} experts: use a larger --ratio")
+        raise MergeTargetError(f"merging to {n_clusters} of {n_experts} experts merges none", "larger")
     if n_clusters < top_k:
-        raise UserError(
-            f"merging to {n_clusters} experts leaves fewer than top-k={top_k} experts per layer: use a smaller --ratio"
+        raise MergeTargetError(
+            f"merging to {n_clusters} experts leaves fewer than top-k={top_k} experts per layer", "smaller"
         )
     if n_protected >= n_clusters and n_protected < n_experts:
-        raise UserError(
+        raise MergeTargetError(
             f"{n_protected} protected experts need {n_protected} of the {n_clusters} merged experts, leaving none for "
-            "the others: use a smaller --ratio or --no-protect"
+            "the others",
+            "unprotect",
         )
     if n_group > 1 and n_clusters % n_group:
-        raise UserError(f"{n_clusters} experts is not a multiple of n_group={n_group}: choose another --ratio")
+        raise MergeTargetError(f"{n_clusters} experts is not a multiple of n_group={n_group}", "other")
 
 
 def labels_to_clusters(labels: torch.Tensor) -> list[list[int]]:

@@ -11,7 +11,9 @@ Weighted ridge least squares gives the down projection that best reproduces the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from moecompress.core.experts import Act
 from moecompress.merge.align import activations
 
 
@@ -35,6 +37,7 @@ def refit_down(
     merged_up: torch.Tensor,
     merged_down: torch.Tensor,
     ridge: float = 1e-3,
+    act_fn: Act = F.silu,
 ) -> torch.Tensor:
     """Least-squares down projection for a merged expert.
 
@@ -43,6 +46,7 @@ def refit_down(
         members: old expert ids of the cluster; gate/up [E, I, H], down [E, H, I]: the original experts.
         merged_gate, merged_up: [I, H]; merged_down: [H, I] the merged expert (prior for the ridge term).
         ridge: penalty relative to the mean diagonal of the Gram matrix.
+        act_fn: the experts' activation (pass the family's; SiLU only for callers that predate it).
 
     Returns:
         [H, I] refitted down projection (dtype of ``merged_down``); the merged one when no token reaches the cluster.
@@ -57,9 +61,9 @@ def refit_down(
     for j, e in enumerate(members):
         on = ws[:, j] > 0
         if bool(on.any()):
-            f = activations(xs[on], gate[e], up[e]).double() @ down[e].double().T  # [n_on, H]
+            f = activations(xs[on], gate[e], up[e], act_fn).double() @ down[e].double().T  # [n_on, H]
             y[on] += ws[on, j, None] * f
-    return refit_down_to(xs, y, ss, merged_gate, merged_up, merged_down, ridge)
+    return refit_down_to(xs, y, ss, merged_gate, merged_up, merged_down, ridge, act_fn=act_fn)
 
 
 def refit_down_to(
@@ -71,19 +75,20 @@ def refit_down_to(
     prior: torch.Tensor,
     ridge: float = 1e-3,
     act: torch.Tensor | None = None,
+    act_fn: Act = F.silu,
 ) -> torch.Tensor:
     """Down projection W = argmin sum_t ||scale_t W h(x_t) - target_t||^2 + lam ||W - prior||^2 (explicit targets).
 
     Args:
         x: [t, H] tokens; target: [t, H] what the expert's weighted output should be on each token (e.g. the layer
         output minus every other expert's contribution); scale: [t] the expert's routing weight on each token.
-        gate, up: [I, H] the expert (h = silu(gate x) * (up x)); prior: [H, I] current down projection.
-        act: [t, I] h(x) when already computed (skips gate/up).
+        gate, up: [I, H] the expert (h = act_fn(gate x) * (up x)); prior: [H, I] current down projection.
+        act: [t, I] h(x) when already computed (skips gate/up); act_fn: the experts' activation.
 
     Returns:
         [H, I] in the dtype of ``prior``.
     """
-    h = activations(x, gate, up) if act is None else act
+    h = activations(x, gate, up, act_fn) if act is None else act
     return lstsq_down(scale.double()[:, None] * h.double(), target, prior, ridge)
 
 

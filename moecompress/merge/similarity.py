@@ -11,32 +11,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moecompress.core.experts import Act, expert_forward
 
-def expert_outputs(
-    x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    chunk: int = 8,
+
+def outputs_by_expert(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, act: Act
 ) -> torch.Tensor:
-    """Unweighted SwiGLU outputs of every expert on the same tokens.
+    """Unweighted outputs of every expert on the same tokens, expert-major (``core.experts.expert_forward``).
 
     Args:
         x: [T, H] tokens.
         w_gate, w_up: [E, I, H]; w_down: [E, H, I].
-        chunk: experts evaluated at once (bounds memory at chunk * T * I).
+        act: the experts' activation (``experts.act_fn`` or ``core.experts.activation(config)``).
 
     Returns:
-        [E, T, H] float32 outputs f_e(x_t).
+        [E, T, H] float32 outputs f_e(x_t) (one expert's [T, I] activations in memory at a time).
     """
     xf = x.to(torch.float32)
-    outs = []
-    for s in range(0, w_gate.shape[0], chunk):
-        g = torch.einsum("th,eih->eti", xf, w_gate[s : s + chunk].to(torch.float32))  # [e, T, I]
-        u = torch.einsum("th,eih->eti", xf, w_up[s : s + chunk].to(torch.float32))  # [e, T, I]
-        h = F.silu(g) * u  # [e, T, I]
-        outs.append(torch.einsum("eti,ehi->eth", h, w_down[s : s + chunk].to(torch.float32)))  # [e, T, H]
-    return torch.cat(outs, dim=0)
+    f32 = torch.float32
+    return torch.stack(
+        [expert_forward(xf, w_gate[e].to(f32), w_up[e].to(f32), w_down[e].to(f32), act) for e in range(w_gate.shape[0])]
+    )
 
 
 def output_features(outputs: torch.Tensor) -> torch.Tensor:
@@ -53,7 +48,7 @@ def output_features(outputs: torch.Tensor) -> torch.Tensor:
     return unit.reshape(E, -1) / T**0.5  # [E, T*H]
 
 
-def output_similarity(outputs: torch.Tensor) -> torch.Tensor:
+def pairwise_output_similarity(outputs: torch.Tensor) -> torch.Tensor:
     """Mean per-token cosine similarity of expert outputs.
 
     Args:

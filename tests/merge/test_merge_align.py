@@ -1,7 +1,8 @@
 import torch
+import torch.nn.functional as F
 
 from moecompress.merge.align import align_cluster, match_neurons, permute_expert
-from moecompress.merge.similarity import expert_outputs
+from moecompress.merge.similarity import outputs_by_expert
 from moecompress.merge.subspace import merge_average, merge_subspace
 
 
@@ -15,8 +16,8 @@ def test_permutation_keeps_the_expert_function():
     perm = torch.randperm(12, generator=torch.Generator().manual_seed(1))
     pg, pu, pd = permute_expert(gate, up, down, perm)
     x = torch.randn(20, 8)
-    a = expert_outputs(x, gate[None], up[None], down[None])
-    b = expert_outputs(x, pg[None], pu[None], pd[None])
+    a = outputs_by_expert(x, gate[None], up[None], down[None], F.silu)
+    b = outputs_by_expert(x, pg[None], pu[None], pd[None], F.silu)
     assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -28,7 +29,7 @@ def test_alignment_recovers_a_permuted_copy_so_the_merge_returns_the_expert():
     G, U, D = torch.stack([gate, pg]), torch.stack([up, pu]), torch.stack([down, pd])
     f = torch.tensor([0.5, 0.5])
     assert not torch.allclose(merge_average(G, f), gate, atol=1e-3)  # unaligned averaging mixes neurons
-    G2, U2, D2 = align_cluster(x, G, U, D, ref=0)
+    G2, U2, D2 = align_cluster(x, G, U, D, 0, F.silu)
     assert torch.allclose(merge_average(G2, f), gate, atol=1e-6)
     assert torch.allclose(merge_average(D2, f), down, atol=1e-6)
     assert torch.allclose(merge_subspace(U2.double(), f.double()), up.double(), atol=1e-5)

@@ -35,7 +35,7 @@ def test_cli_merge_runs_and_refuses(tmp_path):
     calib.write_text("To be, or not to be, that is the question. " * 40)
     runner = CliRunner()
     out = tmp_path / "o"
-    res = runner.invoke(_app(), ["merge", str(src), "--ratio", "0.9", "-o", str(out)])
+    res = runner.invoke(_app(), ["merge", str(src), "--ratio", "0.9", "--seq-len", "32", "-o", str(out)])
     assert res.exit_code == 2 and "top-k" in res.output
     res = runner.invoke(_app(), ["merge", str(src), "--ratio", "0.5", "--method", "bogus", "-o", str(out)])
     assert res.exit_code == 2 and "--method" in res.output
@@ -47,7 +47,7 @@ def test_cli_merge_runs_and_refuses(tmp_path):
     assert json.loads((out / "config.json").read_text())["num_local_experts"] == 6
     assert json.loads((src / "config.json").read_text())["num_local_experts"] == 8
     man = json.loads((out / "moecompress.json").read_text())
-    assert man["calibration"]["samples"] == 4 and man["options"]["rank"] == 8
+    assert man["calibration"]["samples"] == 4 and man["stages"][0]["options"]["rank"] == 8
     assert (out / "tokenizer.json").exists()
     res = runner.invoke(_app(), [*args, "--seq-len", "32", "-o", str(out)])
     assert res.exit_code == 2 and "already exists" in res.output

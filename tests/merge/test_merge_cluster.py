@@ -79,16 +79,13 @@ def test_protected_taking_all_clusters_is_refused():
 
 
 def test_merge_target_is_checked_against_top_k():
-    from moecompress.core.errors import UserError
-    from moecompress.merge.cluster import check_merge_target, n_clusters_for
+    from moecompress.merge.cluster import MergeTargetError, check_merge_target, n_clusters_for
 
     assert n_clusters_for(16, 0.25) == 12 and n_clusters_for(16, 0.5) == 8 and n_clusters_for(60, 0.25) == 45
     check_merge_target(16, 8, top_k=2, n_protected=1)
-    with pytest.raises(UserError, match="top-k"):
-        check_merge_target(16, 1, top_k=2)
-    with pytest.raises(UserError, match="protected"):
-        check_merge_target(16, 4, top_k=2, n_protected=4)
-    with pytest.raises(UserError, match="n_group"):
-        check_merge_target(16, 6, top_k=2, n_group=4)
-    with pytest.raises(UserError, match="larger --ratio"):
-        check_merge_target(16, 16, top_k=2)
+    cases = [((16, 1, 2), {}, "top-k", "smaller"), ((16, 4, 2), {"n_protected": 4}, "protected", "unprotect")]
+    cases += [((16, 6, 2), {"n_group": 4}, "n_group", "other"), ((16, 16, 2), {}, "merges none", "larger")]
+    for args, kw, words, fix in cases:  # a ValueError saying which way to move the ratio, naming no CLI flag
+        with pytest.raises(MergeTargetError, match=words) as err:
+            check_merge_target(*args, **kw)
+        assert isinstance(err.value, ValueError) and err.value.fix == fix and "--" not in str(err.value)

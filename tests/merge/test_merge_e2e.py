@@ -14,6 +14,7 @@ from moecompress.merge.run import MergeOptions, expected_bytes, merge_model
 from moecompress.merge.subspace import merge_average
 
 E, TOPK = 8, 2
+CPU = torch.device("cpu")
 
 
 def _qwen(tmp_path, dtype=torch.float32):
@@ -51,7 +52,7 @@ def test_merge_qwen_shrinks_and_reloads(tmp_path, method, choose):
     out = tmp_path / f"out-{method}-{choose}"
     sub = method == "subspace"
     opts = MergeOptions(ratio=0.5, method=method, rank_fraction=0.5 if sub else None, sim_tokens=32, choose=choose)
-    manifest = merge_model(src, out, opts, tokens=_tokens(), progress=False, device="cpu")
+    manifest = merge_model(src, out, opts, tokens=_tokens(), device=CPU).stage("merge")
     K = E // 2
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_experts"] == K and cfg["num_local_experts"] == K
@@ -69,6 +70,8 @@ def test_merge_qwen_shrinks_and_reloads(tmp_path, method, choose):
     assert ckpt.bytes_on_disk - dir_bytes(out) >= 0.95 * routed * 4 * (E - K) / E
     # Manifest: every old expert lands in exactly one new expert.
     written = json.loads((out / "moecompress.json").read_text())
+    assert written["schema"] == 2 and [s["op"] for s in written["stages"]] == ["merge"]
+    written = written["stages"][0]
     assert written["down_refit"] is sub and written["neuron_alignment"] is sub
     for info in written["layers"].values():
         assert sorted(e for c in info["clusters"] for e in c) == list(range(E))
@@ -86,9 +89,9 @@ def test_average_merge_writes_the_weighted_average(tmp_path):
     src = _qwen(tmp_path)
     out = tmp_path / "avg"
     merge_model(src, out, MergeOptions(ratio=0.25, method="average", router="average", sim_tokens=32, choose=False),
-                tokens=_tokens(), progress=False, device="cpu")  # fmt: skip
+                tokens=_tokens(), device=CPU)  # fmt: skip
     before, after = Checkpoint(src), Checkpoint(out)
-    info = json.loads((out / "moecompress.json").read_text())["layers"]["1"]
+    info = json.loads((out / "moecompress.json").read_text())["stages"][0]["layers"]["1"]
     w0, w1 = before.moe_weights(1), after.moe_weights(1)
     f = torch.tensor(info["frequency"], dtype=torch.float64)
     for new, members in enumerate(info["clusters"]):
@@ -103,7 +106,7 @@ def test_average_merge_writes_the_weighted_average(tmp_path):
 def test_merge_mixtral_reloads(tmp_path):
     src = _mixtral(tmp_path)
     out = tmp_path / "mx"
-    merge_model(src, out, MergeOptions(ratio=0.25, sim_tokens=32), tokens=_tokens(), progress=False, device="cpu")
+    merge_model(src, out, MergeOptions(ratio=0.25, sim_tokens=32), tokens=_tokens(), device=CPU)
     assert json.loads((out / "config.json").read_text())["num_local_experts"] == 6
     model = reload_clean(out)
     assert model.model.layers[1].mlp.experts.down_proj.shape[0] == 6
@@ -112,14 +115,14 @@ def test_merge_mixtral_reloads(tmp_path):
 def test_merge_refuses_bad_targets(tmp_path):
     src = _qwen(tmp_path)
     with pytest.raises(UserError, match="top-k"):
-        merge_model(src, tmp_path / "o1", MergeOptions(ratio=0.9), tokens=_tokens(), progress=False)
+        merge_model(src, tmp_path / "o1", MergeOptions(ratio=0.9), tokens=_tokens())
     with pytest.raises(UserError, match="ratio"):
-        merge_model(src, tmp_path / "o2", MergeOptions(ratio=1.0), tokens=_tokens(), progress=False)
+        merge_model(src, tmp_path / "o2", MergeOptions(ratio=1.0), tokens=_tokens())
     with pytest.raises(UserError, match="subspace only"):
         merge_model(src, tmp_path / "o3", MergeOptions(ratio=0.5, method="average", rank=4), tokens=_tokens())
     (tmp_path / "exists").mkdir()
     with pytest.raises(UserError, match="already exists"):
-        merge_model(src, tmp_path / "exists", MergeOptions(ratio=0.5), tokens=_tokens(), progress=False)
+        merge_model(src, tmp_path / "exists", MergeOptions(ratio=0.5), tokens=_tokens())
     assert not (tmp_path / "o1").exists()
 
 
@@ -129,20 +132,21 @@ def test_merge_every_family(tiny_model, tmp_path):
     E0 = ckpt.num_experts
     out = tmp_path / "merged"
     man = merge_model(tiny_model, out, MergeOptions(ratio=0.5, rank_fraction=0.75, sim_tokens=64), samples=4,
-                      seq_len=32, progress=False, device="cpu")  # fmt: skip
+                      seq_len=32, device=CPU)  # fmt: skip
+    sec = man.stage("merge")
     K = E0 // 2
-    assert man["experts_after"] == K and man["layout"] == "uniform"
+    assert sec["experts_after"] == K and man.layout == "uniform"
     model = reload_clean(out)
     assert Checkpoint(out).num_experts == K
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == expected_bytes(ckpt, K)
-    assert man["params_after"] == Checkpoint(out).num_params < ckpt.num_params
-    assert man["bytes_after"] < man["bytes_before"]
+    assert man.params_after == Checkpoint(out).num_params < ckpt.num_params
+    assert man.bytes_after < man.bytes_before
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 300, (1, 10))).logits).all()
-    if man["n_group"] > 1:  # DeepSeek: every cluster stays inside one routing group
-        Eg = E0 // man["n_group"]
-        for info in man["layers"].values():
+    if sec["n_group"] > 1:  # DeepSeek: every cluster stays inside one routing group
+        Eg = E0 // sec["n_group"]
+        for info in sec["layers"].values():
             assert all(len({e // Eg for e in c}) == 1 for c in info["clusters"])
 
 
@@ -155,12 +159,11 @@ def test_merge_uses_the_profile_and_protects_super_experts(tmp_path, tokenizer_d
     prof = run_profile(src, tmp_path / "prof", "mixed", 4, 32, 0, 4, torch.device("cpu"), 64)
     monkeypatch.setattr(Profile, "super_experts", property(lambda self: [(0, 3), (2, 5)]))
     man = merge_model(src, tmp_path / "m", MergeOptions(ratio=0.5), tmp_path / "prof", samples=4, seq_len=32,
-                      progress=False, device="cpu")  # fmt: skip
+                      device=CPU).stage("merge")  # fmt: skip
     assert man["protected"] == [[0, 3], [2, 5]]
     assert [3] in man["layers"]["0"]["clusters"] and [5] in man["layers"]["2"]["clusters"]
     freq = prof.layer(1, "frequency")
     assert man["layers"]["1"]["frequency"] == [round(float(v), 6) for v in freq]
     other = build_tiny("qwen3_moe", tmp_path / "q2", tokenizer_dir, seed=1, num_experts=8)
     with pytest.raises(UserError, match="another model"):
-        merge_model(other, tmp_path / "m2", MergeOptions(ratio=0.5), tmp_path / "prof", samples=4, seq_len=32,
-                    progress=False)  # fmt: skip
+        merge_model(other, tmp_path / "m2", MergeOptions(ratio=0.5), tmp_path / "prof", samples=4, seq_len=32)

@@ -9,6 +9,7 @@ must not exceed the pruning choice's (the guarantee the per-cluster choice gives
 import carved
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import build_tiny, reload_clean
 from moecompress.calibration.sets import calibration_set, load_tokenizer
 
@@ -29,9 +30,9 @@ def _kl(path, base):
 
 def _merge_and_prune(src, tmp_path, ratio):
     tokens = calibration_set(load_tokenizer(src), "mixed", 12, SEQ, seed=0)
-    man = merge_model(src, tmp_path / "merged", MergeOptions(ratio=ratio), tokens=tokens, progress=False, device="cpu")
+    man = merge_model(src, tmp_path / "merged", MergeOptions(ratio=ratio), tokens=tokens, device=torch.device("cpu"))
     prune_model(src, tmp_path / "pruned", PruneOptions(ratio=ratio), tokens=tokens, device=torch.device("cpu"))
-    return man, _kl(tmp_path / "merged", src), _kl(tmp_path / "pruned", src)
+    return man.stage("merge"), _kl(tmp_path / "merged", src), _kl(tmp_path / "pruned", src)
 
 
 @pytest.mark.parametrize("kind", ["trained-style", "dense-carved"])
@@ -64,7 +65,7 @@ def test_layer_output_refit_lowers_the_error_and_choice_never_loses_to_keep():
     w = _random_layer()
     g = torch.Generator().manual_seed(1)
     x_fit, x_eval = torch.randn(600, 16, generator=g), torch.randn(300, 16, generator=g)
-    fit = LayerFit(w, x_fit, x_eval, RouterSpec(top_k=2))
+    fit = LayerFit(w, x_fit, x_eval, RouterSpec(top_k=2), F.silu)
     clusters = Clustering("test", [[0, 1], [2, 3], [4], [5]], [0, 2, 4, 5])
     freqs = torch.full((6,), 1 / 6)
     keep_only, start, err_keep = choose_clusters(fit, clusters, freqs, x_fit, ("keep",))
@@ -87,7 +88,7 @@ def test_sequential_calibration_sees_the_merged_earlier_layers(tmp_path, carved_
     views = {}
     for seq in (True, False):
         out = tmp_path / f"seq-{seq}"
-        man = merge_model(carved_model, out, MergeOptions(ratio=0.25, sequential=seq), tokens=tokens, progress=False)
+        man = merge_model(carved_model, out, MergeOptions(ratio=0.25, sequential=seq), tokens=tokens).stage("merge")
         assert ("already-merged" in man["propagation"]) is seq
         views[seq] = Checkpoint(out)
     a0, b0 = views[True].moe_weights(0), views[False].moe_weights(0)

@@ -1,25 +1,35 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from moecompress.merge.similarity import expert_outputs, output_features, output_similarity, router_logit_similarity
+from moecompress.merge.similarity import (
+    output_features,
+    outputs_by_expert,
+    pairwise_output_similarity,
+    router_logit_similarity,
+)
 
 
-def test_expert_outputs_match_per_expert_loop():
+@pytest.mark.parametrize("act", [F.silu, F.gelu])
+def test_outputs_by_expert_match_per_expert_loop_with_the_given_activation(act):
     g = torch.Generator().manual_seed(0)
     E, I, H, T = 5, 6, 8, 7
     wg, wu, wd = torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g), torch.randn(E, H, I, generator=g)
     x = torch.randn(T, H, generator=g)
-    out = expert_outputs(x, wg, wu, wd, chunk=2)
+    out = outputs_by_expert(x, wg, wu, wd, act)
+    assert out.shape == (E, T, H)
     for e in range(E):
-        ref = (F.silu(x @ wg[e].T) * (x @ wu[e].T)) @ wd[e].T
+        ref = (act(x @ wg[e].T) * (x @ wu[e].T)) @ wd[e].T
         assert torch.allclose(out[e], ref, atol=1e-5)
+    other = F.gelu if act is F.silu else F.silu  # the activation is honoured, not assumed
+    assert not torch.allclose(outputs_by_expert(x, wg, wu, wd, other), out, atol=1e-3)
 
 
 def test_output_similarity_is_mean_per_token_cosine():
     g = torch.Generator().manual_seed(1)
     out = torch.randn(4, 10, 6, generator=g)
     out[3] = 2.5 * out[1]  # same direction on every token
-    sim = output_similarity(out)
+    sim = pairwise_output_similarity(out)
     ref = F.cosine_similarity(out[0], out[2], dim=-1).mean()
     assert torch.allclose(sim[0, 2], ref, atol=1e-6)
     assert torch.allclose(sim.diagonal(), torch.ones(4), atol=1e-6)
@@ -46,6 +56,6 @@ def test_gram_features_reproduce_output_distances():
     from moecompress.merge.similarity import gram_features
 
     out = torch.randn(6, 9, 5, generator=torch.Generator().manual_seed(4))
-    z = gram_features(output_similarity(out))
+    z = gram_features(pairwise_output_similarity(out))
     f = output_features(out).double()
     assert torch.allclose(torch.cdist(z, z), torch.cdist(f, f), atol=1e-5)

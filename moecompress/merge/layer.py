@@ -1,0 +1,229 @@
+"""One MoE layer's merge (pure tensor functions, no I/O; errors are ValueError).
+
+Per MoE layer (DESIGN.md section 5), given the block's calibration inputs x [T, H]:
+  1. similarity: mean per-token cosine of expert outputs on sampled tokens (or router-logit similarity), unless a
+     profile gives it;
+  2. clusters: seeded k-means (``subspace``) or average-linkage hierarchical clustering on mean outputs
+     (``average``, HC-SMoE); protected (super) experts stay alone; clusters never cross routing groups;
+  3. merge: Sub-MoE shared-SVD merge at rank r (``subspace``) or frequency-weighted average (``average``);
+  4. router rows: fitted on x so each merged expert receives its members' combined routing (or averaged).
+With ``choose`` (the default), steps 3-4 become a measured choice per cluster (merge/choose.py) over two
+clusterings (k-means and the output-error pruning choice), so a merged layer is never worse than pruning it on
+held-out calibration tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..core.experts import Act
+from ..core.families import MoEWeights
+from ..prune.run import RouterSpec
+from .align import align_cluster
+from .choose import Clustering, LayerFit, assemble, choose_clusters, pruning_clustering
+from .cluster import MergeTargetError, agglomerative_cluster, kmeans_cluster, labels_to_clusters
+from .options import MergeOptions
+from .refit import refit_down, routing_weights
+from .router import fit_router_rows, merged_router_rows
+from .similarity import gram_features, outputs_by_expert, pairwise_output_similarity, router_logit_similarity
+from .subspace import merge_average, merge_subspace, rank_for
+
+
+def routing_frequency(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """phi_e = |X_e| / (k T) from router logits [T, E] -> [E] (top-k of the logits = top-k of the softmax)."""
+    idx = logits.topk(top_k, dim=1).indices  # [T, k]
+    counts = torch.bincount(idx.flatten(), minlength=logits.shape[1]).to(torch.float64)
+    return counts / max(idx.numel(), 1)
+
+
+def merge_layer(
+    w: MoEWeights,
+    x: torch.Tensor,
+    n_clusters: int,
+    top_k: int,
+    opts: MergeOptions,
+    freqs: torch.Tensor | None = None,
+    similarity: torch.Tensor | None = None,
+    protected: list[int] | None = None,
+    n_group: int = 1,
+    norm_topk: bool = True,
+    spec: RouterSpec | None = None,
+    *,
+    act: Act,
+) -> tuple[MoEWeights, dict[str, Any]]:
+    """Merge one MoE layer's routed experts into ``n_clusters`` experts.
+
+    Args:
+        w: the layer's view (gate/up [E, I, H], down [E, H, I], router [E, H]) in the dtype to write.
+        x: [T, H] calibration inputs of the MoE block.
+        n_clusters: experts after merging.
+        top_k: the router's top-k.
+        freqs: [E] routing frequencies (from a profile); None computes them from x.
+        similarity: [E, E] expert similarity (from a profile); None computes it from x.
+        protected: expert ids never merged with others.
+        norm_topk: whether the router renormalizes the top-k weights (used by the down refit).
+        n_group: routing groups (experts g*E/n_group.. stay in group g); clusters never cross groups.
+        spec: how the router turns logits into top-k weights (needed by ``opts.choose``; default: softmax top-k).
+        act: the experts' activation (``experts.act_fn``).
+
+    Returns:
+        (merged view with n_clusters experts in the dtypes of ``w``, info for the manifest).
+
+    Raises:
+        MergeTargetError: the protected experts leave k-means no room in a group.
+    """
+    gen = torch.Generator().manual_seed(opts.seed)
+    E = w.num_experts
+    xf = x.to(torch.float32)
+    logits = xf @ w.router.to(torch.float32).T  # [T, E]
+    if w.router_bias is not None:
+        logits = logits + w.router_bias.to(torch.float32)
+    if freqs is None:
+        scores = logits if w.correction_bias is None else logits.sigmoid() + w.correction_bias.to(torch.float32)
+        freqs = routing_frequency(scores, top_k)  # [E]
+    sample = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.sim_tokens]]  # [Ts, H]
+    outputs = outputs_by_expert(sample, w.gate, w.up, w.down, act)  # [E, Ts, H]
+    if similarity is None:
+        output = opts.similarity == "output"
+        similarity = pairwise_output_similarity(outputs) if output else router_logit_similarity(logits)
+    mean_out = F.normalize(outputs.mean(dim=1).double(), dim=-1)  # [E, H]
+    # Group-limited routing (DeepSeek): cluster inside each group so new experts stay group-contiguous.
+    Eg, Kg = E // n_group, n_clusters // n_group
+    labels = torch.empty(E, dtype=torch.long)
+    for g in range(n_group):
+        idx = torch.arange(g * Eg, (g + 1) * Eg)
+        prot = [p - g * Eg for p in protected or () if g * Eg <= p < (g + 1) * Eg]
+        try:
+            if opts.method == "subspace":
+                local = kmeans_cluster(gram_features(similarity[idx][:, idx]), Kg, prot, seed=opts.seed)
+            else:  # HC-SMoE: average linkage on the cosine distance of mean expert outputs
+                m = mean_out[idx]
+                local = agglomerative_cluster(1.0 - m @ m.T, Kg, prot)
+        except ValueError as err:
+            raise MergeTargetError(f"cannot cluster group {g} of {Eg} experts into {Kg}: {err}", "unprotect") from None
+        labels[idx] = local + g * Kg
+    clusters = labels_to_clusters(labels)
+    if opts.choose:
+        spec = spec or RouterSpec(top_k=top_k, norm_topk=norm_topk)
+        return choose_layer(w, xf, clusters, freqs, similarity, protected or [], n_group, spec, opts, gen, act)
+
+    align_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.align_tokens]]  # [Ta, H]
+    route_w = None
+    if opts.refitted and w.correction_bias is None:
+        route_w = routing_weights(logits, top_k, norm_topk)  # [T, E]
+    gate, up, down, ranks = [], [], [], []
+    for members in clusters:
+        f = freqs[members]
+        if len(members) == 1:
+            gate.append(w.gate[members[0]])
+            up.append(w.up[members[0]])
+            down.append(w.down[members[0]])
+            ranks.append(None)
+            continue
+        r: dict[str, int | None] = {}
+        mg, mu, md = w.gate[members], w.up[members], w.down[members]  # [n, I, H], [n, I, H], [n, H, I]
+        if opts.aligned:
+            mg, mu, md = align_cluster(align_x, mg, mu, md, int(f.argmax()), act)
+        for name, m, dst in (("gate", mg, gate), ("up", mu, up), ("down", md, down)):
+            if opts.method == "average":
+                dst.append(merge_average(m, f))
+                r[name] = None
+            else:
+                rk = rank_for(m.shape[1], m.shape[2], len(members), opts.rank, opts.rank_fraction)
+                dst.append(merge_subspace(m, f, rk))
+                r[name] = rk
+        ranks.append(r)
+        if route_w is not None:
+            down[-1] = refit_down(xf, route_w, members, w.gate, w.up, w.down, gate[-1], up[-1], down[-1], act_fn=act)
+
+    if opts.router == "fit" and w.correction_bias is None:
+        fit_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.fit_tokens]]
+        rows, bias = fit_router_rows(fit_x, w.router, clusters, bias=w.router_bias, kl_steps=opts.kl_steps)
+    else:
+        rows, bias = merged_router_rows(w.router, clusters, freqs, bias=w.router_bias)
+    corr = None
+    if w.correction_bias is not None:
+        corr = torch.stack([w.correction_bias[m].double().mean() for m in clusters]).to(w.correction_bias.dtype)
+    merged = MoEWeights(
+        gate=torch.stack(gate), up=torch.stack(up), down=torch.stack(down), router=rows, router_bias=bias,
+        correction_bias=corr,
+    )  # fmt: skip
+    within = [float(similarity[m][:, m].mean()) for m in clusters if len(m) > 1]
+    info = {
+        "clusters": clusters,
+        "old_to_new": labels.tolist(),
+        "ranks": ranks,
+        "frequency": [round(float(v), 6) for v in freqs],
+        "cluster_sizes": [len(m) for m in clusters],
+        "mean_within_cluster_similarity": round(sum(within) / len(within), 4) if within else None,
+    }
+    return merged, info
+
+
+def choose_layer(
+    w: MoEWeights,
+    xf: torch.Tensor,
+    clusters: list[list[int]],
+    freqs: torch.Tensor,
+    similarity: torch.Tensor,
+    protected: list[int],
+    n_group: int,
+    spec: RouterSpec,
+    opts: MergeOptions,
+    gen: torch.Generator,
+    act: Act,
+) -> tuple[MoEWeights, dict[str, Any]]:
+    """Measured per-cluster choice over two clusterings (merge/choose.py); returns the best layer and its info."""
+    perm = torch.randperm(xf.shape[0], generator=gen)
+    n_eval = min(opts.eval_tokens, xf.shape[0] // 3)
+    x_eval, x_fit = xf[perm[:n_eval]], xf[perm[n_eval:]][: opts.fit_tokens]  # disjoint
+    fit = LayerFit(w, x_fit, x_eval, spec, act)
+    dominant = [m[int(freqs[m].argmax())] for m in clusters]
+    options = [Clustering("k-means", clusters, dominant)]
+    options.append(pruning_clustering(fit, len(clusters), protected, similarity, n_group))
+
+    def rank_fn(m: torch.Tensor) -> int:
+        return rank_for(m.shape[1], m.shape[2], m.shape[0], opts.rank, opts.rank_fraction)
+
+    tried = []
+    for c in options:
+        chosen, start, err = choose_clusters(fit, c, freqs, x_fit, opts.candidates, opts.aligned, rank_fn)
+        tried.append((err, c, chosen, start))
+    err, best, chosen, _ = min(tried, key=lambda t: t[0])
+    merged = assemble(chosen, w)
+    labels = torch.empty(w.num_experts, dtype=torch.long)
+    for j, m in enumerate(best.clusters):
+        labels[m] = j
+    within = [float(similarity[m][:, m].mean()) for m in best.clusters if len(m) > 1]
+    info = {
+        "clusters": best.clusters,
+        "old_to_new": labels.tolist(),
+        "clustering": best.name,
+        "kept_as_is": best.dominant,
+        "choices": [c.kind for c in chosen],
+        "ranks": [
+            _ranks(w, len(m), opts) if c.kind.startswith("subspace") else None
+            for m, c in zip(best.clusters, chosen, strict=True)
+        ],
+        "output_error": round(err, 6),
+        "output_error_pruning": round(next(t[3] for t in tried if t[1].name == "pruning"), 6),
+        "output_error_by_clustering": {t[1].name: round(t[0], 6) for t in tried},
+        "eval_tokens": n_eval,
+        "fit_tokens": x_fit.shape[0],
+        "frequency": [round(float(v), 6) for v in freqs],
+        "cluster_sizes": [len(m) for m in best.clusters],
+        "mean_within_cluster_similarity": round(sum(within) / len(within), 4) if within else None,
+    }
+    return merged, info
+
+
+def _ranks(w: MoEWeights, n: int, opts: MergeOptions) -> dict[str, int]:
+    I, H = w.gate.shape[1], w.gate.shape[2]
+    return {
+        "gate": rank_for(I, H, n, opts.rank, opts.rank_fraction),
+        "up": rank_for(I, H, n, opts.rank, opts.rank_fraction),
+        "down": rank_for(H, I, n, opts.rank, opts.rank_fraction),
+    }
