@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..core.experts import Act, expert_hidden
 from .heapr import GradStat, LowRankG
 
 KINDS = ("full", "diag", "lowrank")
@@ -135,14 +136,15 @@ def collect_grad_stats(
     kind: str = "full",
     rank: int = 32,
     gate_up_fn: Callable[[torch.nn.Module], tuple[torch.Tensor, torch.Tensor]] | None = None,
-    act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    act: Act | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[int, LayerGradStats]:
     """One forward + backward of the summed next-token NLL per batch; returns G (and m) per MoE layer.
 
     experts_modules: layer index -> that layer's Experts module (forward(hidden [T,H], top_k_index [T,k],
     top_k_weights [T,k]) -> [T,H]). Only these layers accumulate, so a big model can run one group of layers
-    per pass. batches: input_ids [B, S]. gate_up_fn(module) -> (W_gate [E,I,H], W_up [E,I,H]) enables m.
+    per pass. batches: input_ids [B, S]. gate_up_fn(module) -> (W_gate [E,I,H], W_up [E,I,H]) enables m, with
+    ``act`` (None: each Experts module's own ``act_fn``).
     Parameters get no gradients; the embedding output is the only leaf that requires grad.
     """
     accs: dict[int, GradStatAccumulator] = {}
@@ -184,9 +186,11 @@ def attach_hook(
     kind: str,
     rank: int,
     gate_up_fn: Callable[[torch.nn.Module], tuple[torch.Tensor, torch.Tensor]] | None,
-    act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    act: Act | None = None,
 ) -> Any:
-    """Forward hook on an Experts module: records routing, adds m sums, and hooks dL/dy of its output."""
+    """Forward hook on an Experts module: records routing, adds m sums (activation ``act``, None: the module's
+    own ``act_fn``), and hooks dL/dy of its output."""
+    act = act if act is not None else mod.act_fn
 
     def hook(mod, args, kwargs, out):
         names = ("hidden_states", "top_k_index", "top_k_weights")
@@ -226,5 +230,5 @@ def _add_moments(msum, layer, mod, hidden, idx, gate_up_fn, act) -> None:
             if not 0 <= e < W_gate.shape[0]:
                 continue
             tok = torch.where(idx == e)[0]
-            h = act(x[tok] @ W_gate[e].float().T) * (x[tok] @ W_up[e].float().T)  # [n, I]
+            h = expert_hidden(x[tok], W_gate[e].float(), W_up[e].float(), act)  # [n, I]
             msum[layer][e] += h.double().square().sum(0)

@@ -1,11 +1,12 @@
-"""The HEAPr gradient pass one decoder layer at a time (forward, then backward in reverse layer order).
+"""The HEAPr gradient pass one decoder layer at a time: an engine pass forward, then backward in reverse layer order.
 
-Forward: the core LayerStream runs layer after layer and every layer's inputs are kept (L activation caches of
-[N, S, H]). Head: final norm + lm_head on the last hidden state -> summed next-token NLL -> dL/dh_L per batch.
-Backward: from the top layer down, each layer is materialized again, re-run on its cached inputs with autograd,
-and back-propagated with the incoming gradient; the Experts hooks of gradstats see dL/dy of that layer, and the
-gradient at the layer's input becomes the next (lower) layer's incoming gradient. Only one layer's weights and one
-layer's G accumulators live at a time; ``on_layer`` turns a layer's statistics into scores so full G never
+Forward: the engine runs layer after layer (nothing changes the layers) and every layer's inputs are kept (L
+activation caches of [N, S, H]). Head: final norm + lm_head on the last hidden state -> summed next-token NLL
+-> dL/dh_L per batch. Backward (this module's own loop: the engine only runs forward, and the loss needs every
+layer first): from the top layer down, each layer is materialized again, re-run on its cached inputs with
+autograd, and back-propagated with the incoming gradient; the Experts hooks of gradstats see dL/dy of that layer,
+and the gradient at the layer's input becomes the next (lower) layer's incoming gradient. Only one layer's weights
+and one layer's G accumulators live at a time; ``on_layer`` turns a layer's statistics into scores so full G never
 exists for more than one layer (Qwen3-30B: 128 experts x 16.8 MB = 2.1 GB instead of 103 GB for 48 layers).
 Activations: (L + 1) x N x S x H floats (Qwen3-30B, 64 x 256 tokens: about 6.6 GB in fp32) kept per layer in an
 ActivationCache: in memory, or (``spill``, by default past SPILL_BYTES for all layers) in files that stay on disk
@@ -21,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core.checkpoint import Checkpoint
-from ..core.stream import ActivationCache, LayerStream
+from ..core.engine import Engine, Transform
+from ..core.progress import progress_bar
+from ..core.stream import ActivationCache
 from .gradstats import GradStatAccumulator, LayerGradStats, attach_hook, finish
 
 SPILL_BYTES = 4 * 1024**3  # kept layer inputs beyond this go to files
@@ -30,6 +33,26 @@ SPILL_BYTES = 4 * 1024**3  # kept layer inputs beyond this go to files
 def _gate_up(mod: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     I = mod.down_proj.shape[-1]
     return mod.gate_up_proj[:, :I], mod.gate_up_proj[:, I:]  # [E, I, H] each
+
+
+class _FirstInputs(Transform):
+    """Keeps the first decoder layer's inputs (the engine's cache right after the capture)."""
+
+    name = "gradient inputs"
+    wants_inputs = False
+    changes_block = False
+
+    def __init__(self, keep: ActivationCache):
+        self.keep = keep
+
+    def start(self, engine: Engine) -> None:
+        for i in range(len(engine.cache)):
+            self.keep.append(engine.cache[i])
+
+
+def _keep_all(acts: ActivationCache, cache: Any) -> None:
+    for i in range(len(cache)):
+        acts.append(cache[i])  # in memory: the same tensor, no copy
 
 
 def streamed_grad_stats(
@@ -54,8 +77,8 @@ def streamed_grad_stats(
     if spill is None:  # every layer's inputs are kept: the bound applies to all of them together
         cfg = ckpt.config
         spill = (cfg.num_hidden_layers + 1) * input_ids.numel() * cfg.hidden_size * 4 > SPILL_BYTES
-    ls = LayerStream(ckpt, input_ids, batch_size=batch_size, device=device, spill=spill)
-    spilled = ls.cache.spilled
+    engine = Engine(ckpt, input_ids, batch_size, device, "gradient pass (forward)")
+    ls = engine.stream
     out: dict[int, Any] = {}
     step = 0
 
@@ -65,23 +88,19 @@ def streamed_grad_stats(
         if progress is not None:
             progress(step)
 
-    inputs: list[ActivationCache] = []
-    grads = ActivationCache(spilled)
+    inputs: list[ActivationCache] = [ActivationCache(spill)]  # inputs[l]: decoder layer l's inputs
+    grads = ActivationCache(spill)
     try:
-        ls.capture()
         n_layers = len(ls.decoder_layers)
-        for _, layer in ls.layers():  # forward, keeping every layer's inputs (spilled ones stay on disk)
-            acts = ActivationCache(spilled)
-            inputs.append(acts)
-            for i in range(len(ls.cache)):
-                acts.append(ls.cache[i])  # in memory: the same tensor, no copy
-            ls.forward_layer(layer)
+        for ctx in engine.layers([_FirstInputs(inputs[0])]):  # forward, keeping every layer's outputs
+            if ctx.index < n_layers - 1:
+                inputs.append(ActivationCache(spill))
+                _keep_all(inputs[-1], engine.cache)
             tick()
-        ls._ensure_head()
         for i, ids in enumerate(ls.batches):  # head: dL/dh at the last layer's output
-            h = ls.cache[i].to(ls.device).detach().requires_grad_(True)
+            h = engine.cache[i].to(ls.device).detach().requires_grad_(True)
             with torch.enable_grad():
-                logits = ls.model.lm_head(ls.model.model.norm(h))  # [B, S, V]
+                logits = ls.head(h)  # [B, S, V]
                 loss = F.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                     ids[:, 1:].reshape(-1).to(ls.device),
@@ -91,39 +110,42 @@ def streamed_grad_stats(
             grads.append(h.grad.detach())
             del h, logits, loss
         tick()
-        for l in reversed(range(n_layers)):  # backward, one layer at a time
-            layer = ls.load_layer(l)
-            accs: dict[int, GradStatAccumulator] = {}
-            msum: dict[int, torch.Tensor] = {}
-            handle = None
-            experts = None
-            if l in moe:
-                experts = getattr(ls.moe_block(layer), fam.experts)
-                handle = attach_hook(experts, l, accs, msum, kind, rank, _gate_up if with_moments else None)
-            try:
-                for i in range(len(grads)):
-                    x = inputs[l][i].to(ls.device).detach().requires_grad_(True)
-                    with torch.enable_grad():
-                        y = layer(x, **ls.kwargs[i])
-                        y = y[0] if isinstance(y, tuple) else y
-                        y.backward(grads[i].to(ls.device))
-                    grads[i] = x.grad.detach()
-                    del x, y
-                if l in accs:
-                    acc, m = accs.pop(l), msum.pop(l, None)
-                    stats = finish(acc, m)
-                    del acc, m  # the accumulator's sums are freed before the layer is scored
-                    out[l] = on_layer(l, stats, experts) if on_layer is not None else stats
-                    del stats
-            finally:
-                if handle is not None:
-                    handle.remove()
-                ls.free(layer)
-                inputs[l].close()
-            tick()
+        with progress_bar() as bar:  # backward, one layer at a time
+            task = bar.add_task("gradient pass (backward)", total=n_layers)
+            for l in reversed(range(n_layers)):
+                layer = ls.load_layer(l)
+                accs: dict[int, GradStatAccumulator] = {}
+                msum: dict[int, torch.Tensor] = {}
+                handle = None
+                experts = None
+                if l in moe:
+                    experts = getattr(ls.moe_block(layer), fam.experts)
+                    handle = attach_hook(experts, l, accs, msum, kind, rank, _gate_up if with_moments else None)
+                try:
+                    for i in range(len(grads)):
+                        x = inputs[l][i].to(ls.device).detach().requires_grad_(True)
+                        with torch.enable_grad():
+                            y = layer(x, **ls.kwargs[i])
+                            y = y[0] if isinstance(y, tuple) else y
+                            y.backward(grads[i].to(ls.device))
+                        grads[i] = x.grad.detach()
+                        del x, y
+                    if l in accs:
+                        acc, m = accs.pop(l), msum.pop(l, None)
+                        stats = finish(acc, m)
+                        del acc, m  # the accumulator's sums are freed before the layer is scored
+                        out[l] = on_layer(l, stats, experts) if on_layer is not None else stats
+                        del stats
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                    ls.free(layer)
+                    inputs[l].close()
+                tick()
+                bar.advance(task)
     finally:
         for acts in inputs:
             acts.close()
         grads.close()
-        ls.close()
+        engine.close()
     return out

@@ -131,7 +131,7 @@ def uniform_width(I: int, ratio: float, multiple: int = 16) -> int:
     return max(multiple, min(k, top))
 
 
-def select_uniform(scores: torch.Tensor, width: int) -> torch.Tensor:
+def top_channels(scores: torch.Tensor, width: int) -> torch.Tensor:
     """Each expert keeps its own top-`width` channels by score, returned in ascending channel order.
 
     scores: [E, I]. Returns kept channel indices [E, width] (long).
@@ -146,6 +146,41 @@ def select_uniform(scores: torch.Tensor, width: int) -> torch.Tensor:
 def mask_to_indices(keep: torch.Tensor) -> list[torch.Tensor]:
     """Bool keep mask [E, I] -> per-expert ascending kept channel indices (possibly empty)."""
     return [row.nonzero().flatten() for row in keep]
+
+
+def select_channels(
+    scores: dict[int, torch.Tensor],
+    ratio: float,
+    width: int | None,
+    protected: dict[int, torch.Tensor],
+    top_k: int,
+    n_group: int = 1,
+) -> dict[int, list[torch.Tensor]]:
+    """Kept channel indices per MoE layer and expert (ascending; empty for an expert that loses every channel).
+
+    scores: per layer [E, I]; width: the one kept width of the uniform layout (each expert keeps its own top
+    ``width``), or None for the exact layout (global ranking, ``select_exact``); protected: per layer bool [E]
+    (exact layout only). Raises ValueError when the exact selection leaves a layer fewer routable experts than
+    ``top_k``, or empties an expert of a group-limited router (``n_group`` > 1).
+    """
+    layers = sorted(scores)
+    if width is not None:
+        return {l: list(top_channels(scores[l], width)) for l in layers}
+    masks = select_exact([scores[l] for l in layers], ratio, [protected[l] for l in layers])
+    keep = {}
+    for l, mask in zip(layers, masks, strict=True):
+        alive = int(mask.any(dim=1).sum())
+        if alive < top_k:
+            raise ValueError(
+                f"ratio {ratio} leaves layer {l} with {alive} experts that have channels, fewer than top-k {top_k}"
+            )
+        if n_group > 1 and alive < mask.shape[0]:
+            raise ValueError(
+                f"ratio {ratio} empties {mask.shape[0] - alive} expert(s) of layer {l}, which a group-limited router "
+                f"(n_group={n_group}) cannot lose"
+            )
+        keep[l] = mask_to_indices(mask)
+    return keep
 
 
 # ---- ranking agreement -------------------------------------------------------------------------

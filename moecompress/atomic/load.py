@@ -2,23 +2,25 @@
 
 On disk each routed expert keeps its own width (hub per-expert keys, e.g. ``mlp.experts.3.gate_proj.weight
 [K_e, H]``); experts left with no channel are gone from the layer (router rows removed, experts renumbered).
-moecompress.json records per layer ``kept_experts`` and ``widths``. In memory every layer's experts are
-zero-padded to one width per layer (the widest, rounded up to 16; config.json keeps the source width, which
-shared experts may derive from): a padded channel computes SiLU(0) * 0 = 0 and
-its down column is 0, so it adds exactly nothing.
+moecompress.json records per layer ``kept_experts`` and ``widths`` (its "atom" stage section). The model is built
+on the meta device (accelerate's init_empty_weights) and given the weights on disk; in memory every layer's
+experts are zero-padded to one width per layer (the widest, rounded up to 16; config.json keeps the source width,
+which shared experts may derive from): a padded channel has gate = up = 0 (act(0) * 0 = 0) and a zero down
+column, so it adds exactly nothing.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..core.checkpoint import Checkpoint
 from ..core.errors import UserError
 from ..core.families import family_for
+from ..core.manifest import Manifest
 from .apply import ExactLayer, pad_exact, padded_width
 
 LAYOUT = "atomic_exact"
@@ -29,25 +31,27 @@ def load_exact_atomic(
 ) -> PreTrainedModel:
     """Rebuild the model of an ``atomic_exact`` output folder (see module docstring)."""
     path = Path(path)
+    man = Manifest.read(path)
+    section = man.stage("atom") if man is not None else None
     try:
-        manifest = json.loads((path / "moecompress.json").read_text())
-        layers = {int(l): v for l, v in manifest["layers"].items()}
-    except (OSError, ValueError, KeyError) as err:
+        assert section is not None
+        layers = {int(l): v for l, v in section["layers"].items()}
+    except (AssertionError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise UserError(
-            f"{path} has no readable atomic-pruning manifest ({err}): it is not an atomic_exact output"
+            f"{path} has no readable atomic-pruning manifest ({err!r}): it is not an atomic_exact output"
         ) from None
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     fam = family_for(config)
     widths = {l: padded_width(v["widths"]) for l, v in layers.items()}
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, experts_implementation="eager")
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device until the weights are assigned
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, experts_implementation="eager")
     dtype = dtype or torch.float32
     ckpt = Checkpoint(path)
     patterns = [fam.routed_key_pattern(l) for l in layers]
     state = {fam.disk_to_module(k): ckpt.get(k).to(dtype) for k in ckpt.keys() if not any(p.match(k) for p in patterns)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    routed = [n for n, _ in model.named_parameters() if any(p.match(n) for p in patterns)]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    left = set(missing) - set(routed) - tied
+    left = {k for k in missing if not any(p.match(k) for p in patterns)} - tied
     if left or unexpected:
         raise UserError(f"{path}: weights do not match the config (missing {sorted(left)[:3]}, extra {unexpected[:3]})")
     for l, info in layers.items():
@@ -88,4 +92,7 @@ def load_exact_atomic(
             router.num_experts = E_l
     if tied:
         model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise UserError(f"{path}: no weights on disk for {still_meta[:3]}")
     return model.to(device=device, dtype=dtype).eval()

@@ -2,52 +2,52 @@
 
     atomic_prune(model, output, ratio, hessian="full", layout="uniform", profile=None, ...)
 
-1. the profile (given, or measured first) supplies m_{e,j} (channel second moments) and the super experts;
-2. one forward + backward of the LM loss per calibration batch yields G_e per MoE layer (gradstats);
-3. scores s_{e,j} = m_{e,j} w_j^T G_e w_j (or m alone with score="magnitude"), ranked globally;
-4. uniform layout: every routed expert keeps its own top-K channels, K one multiple of 16 for the whole model;
-   exact layout: the globally lowest channels go, experts keep unequal widths (loaded by moecompress.load);
-5. compensation (default on, atomic/compensate.py): each expert's kept down_proj columns are refitted by least
-   squares on its routed tokens, layer by layer on the already-pruned earlier layers;
-6. the writer puts out a normal HF folder + moecompress.json.
+1. ``Job.prepare``: checkpoint, guarded output, calibration tokens (a given profile's own windows);
+2. the profile (given, or measured first: one engine pass) supplies m_{e,j} (channel second moments) and the
+   super experts;
+3. HEAPr: the gradient pass (atomic/gradstream.py: an engine pass forward, then one backward of the LM loss layer
+   by layer) yields G_e per MoE layer and the scores s_{e,j} = m_{e,j} w_j^T G_e w_j (or m alone with
+   score="magnitude", no gradient pass);
+4. selection (needs every layer's scores first): uniform layout: every routed expert keeps its own top-K channels,
+   K one multiple of 16 for the whole model; exact layout: the globally lowest channels go, experts keep unequal
+   widths (loaded by moecompress.load);
+5. one engine pass with ``AtomTransform`` (atomic/transform.py): each MoE layer is sliced and (default) its kept
+   down_proj columns refitted on its inputs from the already-pruned earlier layers, and written by ``Output``
+   as the pass goes: a normal HF folder + moecompress.json (one "atom" stage section).
 
-Scaling: the gradient pass is layer-streamed (atomic/gradstream.py): one decoder layer's weights and one layer's
-G accumulators in memory at a time (full G: E x H^2 floats for that layer only; diag: E x H; lowrank: E x H(2r+1)),
-plus the cached inputs of every layer and one gradient ((L + 1) x N x S x H floats, spilled to disk past a bound
-and read back one batch at a time). Scores are computed per layer as soon as its G is complete (G upcast one
-expert at a time); the writer slices one pruned layer at a time. `gradient_pass` (whole model in memory) remains
-for small models and benchmarks.
+Scaling: one decoder layer's weights in memory at a time in every pass; the gradient pass also keeps every
+layer's inputs ((L + 1) x N x S x H floats, spilled to disk past a bound) and one layer's G accumulators (full G:
+E x H^2 floats; diag: E x H; lowrank: E x H(2r+1)), scored as soon as the layer's G is complete.
+``gradient_pass`` (whole model in memory) remains for small models and benchmarks.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..calibration.sets import calibration_set, check_seq_len
 from ..core.checkpoint import Checkpoint
+from ..core.engine import Engine
 from ..core.errors import UserError
-from ..core.families import MoEWeights
+from ..core.job import Job
+from ..core.manifest import Manifest
+from ..core.output import Output
 from ..core.progress import console, progress_bar
-from ..core.writer import check_output, write_checkpoint
-from .apply import ExactLayer
-from .compensate import Compensation, compensated_downs, slice_layer, with_downs
+from .compensate import Compensation
 from .gradstats import KINDS, LayerGradStats, bytes_per_expert, collect_grad_stats
 from .gradstream import streamed_grad_stats
-from .heapr import heapr_scores, mask_to_indices, select_exact, select_uniform, uniform_width
+from .heapr import heapr_scores, select_channels, uniform_width
+from .transform import AtomTransform, Refit, width_key
 
 LAYOUTS = ("uniform", "exact")
 SCORES = ("heapr", "magnitude")
 WIDTH_MULTIPLE = 16
+COMMAND = "prune --granularity atom"
 
-
-def width_key(config: Any) -> str:
-    """config key holding the routed experts' intermediate width."""
-    return "moe_intermediate_size" if getattr(config, "moe_intermediate_size", None) else "intermediate_size"
+__all__ = ["atomic_prune", "width_key", "write_atomic"]
 
 
 def check_args(ratio: float, hessian: str, layout: str, score: str, rank: int) -> None:
@@ -93,7 +93,8 @@ def gradient_pass(
     layer_groups: int = 1,
     with_moments: bool = False,
 ) -> dict[int, LayerGradStats]:
-    """G_e (and optionally m) for every MoE layer; `layer_groups` > 1 repeats the pass per group of layers."""
+    """G_e (and optionally m) for every MoE layer of a model in memory; ``layer_groups`` > 1 repeats the pass per
+    group of layers (benchmarks; the command streams the layers: ``streamed_scores``)."""
     groups = [layers[i::layer_groups] for i in range(layer_groups)]
     batches = list(input_ids.split(batch_size))
     out: dict[int, LayerGradStats] = {}
@@ -110,7 +111,7 @@ def gradient_pass(
                     rank=rank,
                     gate_up_fn=_gate_up if with_moments else None,
                     progress=lambda _: bar.advance(task),
-                )
+                )  # fmt: skip
             )
     return out
 
@@ -124,27 +125,29 @@ def streamed_scores(
     batch_size: int = 8,
     device: torch.device | None = None,
 ) -> dict[int, torch.Tensor]:
-    """HEAPr scores per MoE layer from the layer-streamed gradient pass; each layer's G is dropped once scored."""
-    n_layers = ckpt.config.num_hidden_layers
+    """HEAPr scores [E, I] per MoE layer from the layer-streamed gradient pass; each layer's G is dropped once
+    scored."""
 
     def score(l: int, st: LayerGradStats, experts: torch.nn.Module) -> torch.Tensor:
         return heapr_scores(m[l], experts.down_proj.detach().float().cpu(), st.G)  # [E, I]
 
-    with progress_bar() as bar:
-        task = bar.add_task(f"gradient pass ({hessian} G)", total=2 * n_layers + 1)
-        return streamed_grad_stats(
-            ckpt, input_ids, hessian, rank, batch_size, device, on_layer=score, progress=lambda _: bar.advance(task)
-        )
+    return streamed_grad_stats(ckpt, input_ids, hessian, rank, batch_size, device, on_layer=score)
 
 
 def channel_scores(
-    ckpt: Checkpoint, m: dict[int, torch.Tensor], stats: dict[int, torch.Tensor] | None, score: str
+    ckpt: Checkpoint,
+    m: dict[int, torch.Tensor],
+    score: str,
+    input_ids: torch.Tensor,
+    hessian: str,
+    rank: int = 32,
+    batch_size: int = 8,
+    device: torch.device | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Per MoE layer [E, I] scores (float64): the streamed HEAPr scores, or m alone for score="magnitude"."""
+    """Per MoE layer [E, I] scores (float64): HEAPr from the streamed gradient pass, or m alone ("magnitude")."""
     if score == "magnitude":
         return {l: m[l].double() for l in ckpt.moe_layers}
-    assert stats is not None
-    return stats
+    return streamed_scores(ckpt, m, input_ids, hessian, rank, batch_size, device)
 
 
 def uniform_k(I: int, ratio: float) -> int:
@@ -161,85 +164,52 @@ def uniform_k(I: int, ratio: float) -> int:
     return K
 
 
-def select(
+def atom_transform(
+    ckpt: Checkpoint,
     scores: dict[int, torch.Tensor],
     ratio: float,
     layout: str,
-    protected: dict[int, torch.Tensor],
-    top_k: int,
-    n_group: int = 1,
-) -> tuple[dict[int, list[torch.Tensor]], int | None]:
-    """Kept channel indices per layer and expert; the common width for the uniform layout."""
-    layers = sorted(scores)
-    if layout == "uniform":
-        K = uniform_k(scores[layers[0]].shape[1], ratio)
-        return {l: list(select_uniform(scores[l], K)) for l in layers}, K
+    supers: list[tuple[int, int]],
+    info: dict[str, Any],
+    compensation: Compensation | None = None,
+) -> AtomTransform:
+    """The channels every expert keeps (from per-layer scores [E, I], ranked globally for the exact layout) as a
+    ready ``AtomTransform`` (refitting the kept down_proj columns with ``compensation``)."""
+    from ..prune.run import RouterSpec
+
+    fam, layers, E = ckpt.family, ckpt.moe_layers, ckpt.num_experts
+    K = uniform_k(scores[layers[0]].shape[1], ratio) if layout == "uniform" else None
+    protected = {l: torch.tensor([(l, e) in supers for e in range(E)]) for l in layers}
     try:
-        masks = select_exact([scores[l] for l in layers], ratio, [protected[l] for l in layers])
+        keep = select_channels(scores, ratio, K, protected, ckpt.top_k, fam.n_group(ckpt.config))
     except ValueError as err:
-        raise UserError(f"{err}: lower --ratio or pass --no-protect-super") from None
-    keep = {}
-    for l, mask in zip(layers, masks, strict=True):
-        alive = int(mask.any(dim=1).sum())
-        if alive < top_k:
-            raise UserError(
-                f"--ratio {ratio} leaves layer {l} with {alive} experts that have channels, fewer than top-k {top_k}: "
-                "lower --ratio"
-            )
-        if n_group > 1 and alive < mask.shape[0]:
-            raise UserError(
-                f"--ratio {ratio} empties {mask.shape[0] - alive} expert(s) of layer {l}, which a group-limited router "
-                f"(n_group={n_group}) cannot lose: lower --ratio or use --layout uniform"
-            )
-        keep[l] = mask_to_indices(mask)
-    return keep, None
+        raise UserError(f"{err}: lower --ratio, pass --no-protect-super or use --layout uniform") from None
+    info = {
+        **info,
+        "ratio": ratio,
+        "width_key": width_key(ckpt.config),
+        "protected": [list(x) for x in supers],
+        "protection": "whole" if layout == "exact" else "top-K channels only (uniform width)",
+        "compensation": compensation.describe() if compensation is not None else None,
+    }
+    refit = None
+    if compensation is not None:
+        refit = Refit(compensation.fit_tokens, compensation.ridge, compensation.holdout)
+    seq = compensation.sequential if compensation is not None else True
+    spec = RouterSpec.from_config(fam, ckpt.config)
+    return AtomTransform(spec, keep=keep, layout=layout, refit=refit, sequential=seq, info=info)
 
 
-def pruned_tensors(
-    ckpt: Checkpoint,
-    keep: dict[int, list[torch.Tensor]],
-    layout: str,
-    downs: dict[int, list[torch.Tensor]] | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """All output tensors (hub names): routed experts/routers of MoE layers sliced, everything else copied.
-
-    downs: refitted down projections per layer and old expert id (``compensated_downs``) replacing the sliced ones.
-    Each MoE layer is read and sliced when the writer reaches it and dropped after its tensors are handed out,
-    so one pruned layer is in memory at a time.
-    """
-    fam = ckpt.family
-    patterns = [fam.routed_key_pattern(l) for l in keep]
-
-    def gen() -> Iterator[tuple[str, torch.Tensor]]:
-        for key in ckpt.keys():
-            if not any(p.match(key) for p in patterns):
-                yield key, ckpt.get(key)
-        for l, k in keep.items():
-            w = slice_layer(ckpt.moe_weights(l), k, layout)
-            if downs is not None:
-                w = with_downs(w, downs[l])
-            tensors = _layer_tensors(fam, w, l)
-            del w
-            for name in list(tensors):
-                yield name, tensors.pop(name)
-
-    return gen()
-
-
-def _layer_tensors(fam: Any, w: MoEWeights | ExactLayer, layer: int) -> dict[str, torch.Tensor]:
-    return fam.write_layer(w, layer)  # exact layers hold per-expert lists of unequal widths
-
-
-def _profile(
-    ckpt: Checkpoint, calib: str, samples: int, seq_len: int, seed: int, batch_size: int, device: torch.device | None
-) -> Any:
-    """Profile in memory (no --profile given)."""
-    from ..calibration.sets import load_tokenizer
+def _profile(job: Job) -> Any:
+    """The given profile, or one measured now on the job's tokens (an engine pass, kept in memory)."""
+    prof = job.profile()
+    if prof is not None:
+        return prof
     from ..profile.run import build_profile, collect
 
     t0 = time.time()
-    tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
-    return build_profile(ckpt, tokens, collect(ckpt, tokens, batch_size, device), time.time() - t0)
+    tokens = job.tokens()
+    return build_profile(job.ckpt, tokens, collect(job.ckpt, tokens, job.batch_size, job.device), time.time() - t0)
 
 
 def atomic_prune(
@@ -268,48 +238,31 @@ def atomic_prune(
     multiple of 16, loads in transformers) | exact (per-expert widths, loads with moecompress.load);
     score: heapr | magnitude (m_{e,j} alone, no gradient pass); refit: least-squares refit of the kept down_proj
     columns on the calibration tokens (``sequential``: on the already-pruned earlier layers).
-    Returns the manifest written to moecompress.json.
+    Returns the manifest written to moecompress.json as one flat dict (common fields + the "atom" section).
     """
     check_args(ratio, hessian, layout, score, rank)
-    t0 = time.time()
-    ckpt = Checkpoint(model)
-    out = check_output(output, ckpt.path, overwrite)
-    prof = None
-    if profile is not None:
-        from ..profile.run import Profile
-
-        prof = Profile.load(profile)
-        prof.check_model(ckpt)
-        cal = prof.meta.get("calibration") or {}  # the profile's own tokens, so m and G see the same data
-        if cal.get("name"):
-            calib, samples, seq_len, seed = cal["name"], cal["samples"], cal["seq_len"], cal["seed"]
-    check_seq_len(seq_len, ckpt.config)
-    fam, layers, H = ckpt.family, ckpt.moe_layers, ckpt.config.hidden_size
+    job = Job.prepare(
+        model, output, calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+        device=device, overwrite=overwrite, profile_dir=profile,
+    )  # fmt: skip
+    ckpt, H = job.ckpt, job.ckpt.config.hidden_size
+    prof = job.profile()  # a given profile is checked against the model before any work
     if (
         layout == "uniform"
         and getattr(ckpt.config, "n_shared_experts", 0)
         and width_key(ckpt.config) == ("moe_intermediate_size")
     ):
         raise UserError(
-            f"{fam.name} sizes its shared experts from moe_intermediate_size, so a narrower uniform width would "
-            "resize them: use --layout exact (loads with moecompress.load)"
+            f"{ckpt.family.name} sizes its shared experts from moe_intermediate_size, so a narrower uniform width "
+            "would resize them: use --layout exact (loads with moecompress.load)"
         )
     if layout == "uniform":
         uniform_k(int(getattr(ckpt.config, width_key(ckpt.config))), ratio)  # refuse before any pass
-    prof = prof or _profile(ckpt, calib, samples, seq_len, seed, batch_size, device)
-    m = {l: prof.layer(l, "channel_sq_mean").float() for l in layers}  # [E, I]
+    tokens = job.tokens()
+    prof = prof or _profile(job)
+    m = {l: prof.layer(l, "channel_sq_mean").float() for l in ckpt.moe_layers}  # [E, I]
     supers = [tuple(x) for x in prof.super_experts] if protect_super else []
-
-    stats = None
-    tokens = None
-    if score == "heapr" or refit:
-        from ..calibration.sets import load_tokenizer
-
-        tokens = calibration_set(load_tokenizer(ckpt.path), calib, samples, seq_len, seed)
-    if score == "heapr":
-        assert tokens is not None
-        stats = streamed_scores(ckpt, m, tokens.input_ids, hessian, rank, batch_size, device)
-    scores = channel_scores(ckpt, m, stats, score)
+    scores = channel_scores(ckpt, m, score, tokens.input_ids, hessian, rank, batch_size, job.device)
     info = {
         "method": "heapr" if score == "heapr" else "activation_magnitude",
         "score": "m_ej * w_j^T G_e w_j" if score == "heapr" else "m_ej",
@@ -317,14 +270,15 @@ def atomic_prune(
         "hessian_rank": rank if score == "heapr" and hessian == "lowrank" else None,
         "hessian_bytes_per_expert": bytes_per_expert(hessian, H, rank) if score == "heapr" else None,
         "calibration_fingerprint": (prof.meta.get("calibration") or {}).get("fingerprint"),
-        "calibration": {"calib": calib, "samples": samples, "seq_len": seq_len, "seed": seed},
     }
-    reports = [Path(profile)] if profile is not None else []
     comp = None
     if refit:
-        assert tokens is not None
-        comp = Compensation(tokens.input_ids, sequential, batch_size=batch_size, device=device)
-    return write_atomic(ckpt, out, scores, ratio, layout, supers, info, overwrite, t0, reports, comp)
+        comp = Compensation(tokens.input_ids, sequential, batch_size=batch_size, device=job.device)
+    assert job.out is not None
+    return write_atomic(
+        ckpt, job.out, scores, ratio, layout, supers, info, overwrite, job.started,
+        [Path(profile)] if profile is not None else [], comp, tokens.input_ids, tokens.describe(),
+    )  # fmt: skip
 
 
 def write_atomic(
@@ -339,77 +293,54 @@ def write_atomic(
     t0: float | None = None,
     report_inputs: list[Path] | None = None,
     compensation: Compensation | None = None,
+    input_ids: torch.Tensor | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Select channels from per-layer scores [E, I] and write the pruned folder; returns the manifest.
+    """Select channels from per-layer scores [E, I] and write the pruned folder in one engine pass; returns the
+    manifest (flat: common fields + the "atom" section).
 
-    info: method facts merged into the manifest (method, score, hessian, calibration, ...).
-    compensation: refit the kept down_proj columns after selection (atomic/compensate.py); None: plain slicing.
+    info: method facts for the section (method, score, hessian, ...). compensation: refit the kept down_proj
+    columns (atomic/compensate.py); None: plain slicing. input_ids [N, S]: the calibration windows the pass runs
+    over (default: ``compensation.input_ids``; without a refit nothing reads the activations and one window, or one
+    token when none is given, runs).
     """
     t0 = time.time() if t0 is None else t0
-    fam, layers, E, H = ckpt.family, ckpt.moe_layers, ckpt.num_experts, ckpt.config.hidden_size
-    protected = {l: torch.tensor([(l, e) in supers for e in range(E)]) for l in layers}
-    keep, K = select(scores, ratio, layout, protected, ckpt.top_k, fam.n_group(ckpt.config))
-
-    I = scores[layers[0]].shape[1]
-    total_ch = len(layers) * E * I
-    kept_ch = sum(int(k.numel()) for l in layers for k in keep[l])
-    removed_experts = {l: [e for e in range(E) if keep[l][e].numel() == 0] for l in layers}
-    n_removed_experts = sum(len(v) for v in removed_experts.values())
-    params_removed = (total_ch - kept_ch) * 3 * H + n_removed_experts * H  # gate+up rows, down cols, router rows
-    config = ckpt.config.to_dict()
-    layer_info: dict[str, Any] = {}
-    if layout == "uniform":
-        config[width_key(ckpt.config)] = K
-    for l in layers:
-        layer_info[str(l)] = {
-            "kept_experts": [e for e in range(E) if keep[l][e].numel() > 0],
-            "widths": [int(k.numel()) for k in keep[l] if k.numel() > 0],
-        }
+    t = atom_transform(ckpt, scores, ratio, layout, supers, info, compensation)
+    ids = input_ids if input_ids is not None else compensation.input_ids if compensation is not None else None
+    if not t.wants_inputs:  # nothing reads the activations: the pass runs over one window (one token if none given)
+        ids = ids[:1] if ids is not None else torch.zeros(1, 1, dtype=torch.long)
+    elif ids is None:
+        raise ValueError("write_atomic needs the calibration windows (input_ids) to refit on")
+    batch_size = compensation.batch_size if compensation is not None else 8
+    device = compensation.device if compensation is not None else None
     warnings: list[str] = []
     if layout == "uniform" and supers:
         warnings.append(
-            f"uniform layout: protected experts {[list(x) for x in supers]} keep only their top-{K} channels"
+            f"uniform layout: protected experts {[list(x) for x in supers]} keep only their top-{t.kept_width} channels"
         )
-    manifest: dict[str, Any] = {
-        "command": "prune --granularity atom",
-        "source_model": str(ckpt.path),
-        "source_fingerprint": ckpt.fingerprint,
-        **info,
-        "ratio": ratio,
-        "layout": "uniform" if layout == "uniform" else "atomic_exact",
-        "width": K,
-        "width_key": width_key(ckpt.config),
-        "original_width": I,
-        "routed_channels_total": total_ch,
-        "routed_channels_removed": total_ch - kept_ch,
-        "routed_channels_removed_fraction": (total_ch - kept_ch) / total_ch,
-        "params_before": ckpt.num_params,
-        "params_after": ckpt.num_params - params_removed,
-        "params_removed": params_removed,
-        "params_removed_fraction_of_all": params_removed / ckpt.num_params,
-        "protected": [list(x) for x in supers],
-        "protection": "whole" if layout == "exact" else "top-K channels only (uniform width)",
-        "experts_removed_from_routing": {str(l): v for l, v in removed_experts.items() if v},
-        "layers": layer_info,
-        "load_with": "transformers" if layout == "uniform" else "moecompress.load",
-        "compensation": compensation.describe() if compensation is not None else None,
-        "bytes_before": ckpt.bytes_on_disk,
-        "warnings": warnings,
-    }
-    downs = None
-    if compensation is not None:
-        downs, manifest["compensation_output_error"] = compensated_downs(ckpt, keep, layout, compensation)
-    tensors = pruned_tensors(ckpt, keep, layout, downs)
-    channels = {str(l): [k.tolist() for k in keep[l]] for l in layers}
-    write_checkpoint(
-        out, tensors, config, ckpt.side_files(), manifest, overwrite,
-        extra_json={"atomic_channels.json": channels}, started=t0,
-        report_inputs=report_inputs or [],
-    )  # fmt: skip
+    engine = Engine(ckpt, ids, batch_size, device, "atomic prune")
+    with Output(out, overwrite) as o:
+        o.add_globals(ckpt, [t])
+        engine.run([t], emit=o.add_layer)
+        config = ckpt.config.to_dict()
+        t.config(config)
+        section = t.section()
+        man = Manifest(
+            command=COMMAND, layout=section["layout"],
+            load_with="transformers" if layout == "uniform" else "moecompress.load",
+            source_model=str(ckpt.path), source_fingerprint=ckpt.fingerprint, calibration=calibration,
+            params_before=ckpt.num_params, bytes_before=ckpt.bytes_on_disk, warnings=warnings,
+        )  # fmt: skip
+        man.add("atom", section)
+        o.finish(
+            ckpt, config, man, extra_json={"atomic_channels.json": t.channels}, report_inputs=report_inputs or [],
+            elapsed=time.time() - t0,
+        )  # fmt: skip
     for w in warnings:
         console.print(f"[yellow]warning:[/] {w}")
     console.print(
-        f"atomic prune ({manifest['method']}, {layout}): removed {manifest['routed_channels_removed_fraction']:.1%} "
-        f"of routed channels = {manifest['params_removed_fraction_of_all']:.1%} of all parameters -> {out}"
+        f"atomic prune ({section.get('method')}, {layout}): removed {section['routed_channels_removed_fraction']:.1%}"
+        f" of routed channels = {section['params_removed_fraction_of_all']:.1%} of all parameters -> {out}"
     )
-    return manifest
+    flat = {k: v for k, v in man.to_dict().items() if k != "stages"}
+    return {**flat, **section}

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from moecompress.atomic.load import LAYOUT
 from moecompress.cli.main import app
 from moecompress.core import loading
+from moecompress.core.manifest import Manifest
 
 ARGS = ["--samples", "4", "--seq-len", "32", "--batch-size", "4", "--device", "cpu"]
 
@@ -21,7 +22,7 @@ def test_cli_prune_atoms_and_refusals(tmp_path, tokenizer_dir):
               *ARGS, "-o", str(out)],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
-    man = json.loads((out / "moecompress.json").read_text())
+    man = Manifest.read(out).stage("atom")
     assert man["hessian"] == "lowrank" and man["hessian_rank"] == 4 and man["width"] == 16
     assert json.loads((out / "config.json").read_text())["moe_intermediate_size"] == 16
     for bad, msg in [
@@ -44,7 +45,7 @@ def test_exact_output_loads_through_moecompress_load(tmp_path, tokenizer_dir, mo
     assert res.exit_code == 0, res.output
     assert json.loads((out / "moecompress.json").read_text())["layout"] == LAYOUT
     model = loading.load(out)
-    widths = json.loads((out / "moecompress.json").read_text())["layers"]["0"]["widths"]
+    widths = Manifest.read(out).stage("atom")["layers"]["0"]["widths"]
     assert model.model.layers[0].mlp.experts.down_proj.shape[-1] == 16 * -(-max(widths) // 16)
 
 
@@ -57,7 +58,7 @@ def test_cli_atom_refit_flag(tmp_path, tokenizer_dir):
         out = tmp_path / f"out-{compensated}"
         res = runner.invoke(app, [*common, *flag, "-o", str(out)])
         assert res.exit_code == 0, res.output
-        assert (json.loads((out / "moecompress.json").read_text())["compensation"] is not None) == compensated
+        assert (Manifest.read(out).stage("atom")["compensation"] is not None) == compensated
     res = runner.invoke(app, [*common, "--refit", "router", "-o", str(tmp_path / "x")])
     assert res.exit_code == 2 and "--refit 'router'" in res.output, res.output
     assert not (tmp_path / "x").exists()

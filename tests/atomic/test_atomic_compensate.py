@@ -10,16 +10,17 @@ from conftest import reload_clean
 import moecompress
 from moecompress.atomic import run as ap
 from moecompress.atomic.compensate import dense_routing, refit_expert_downs, slice_layer, with_downs
+from moecompress.core.experts import routed_forward
 from moecompress.core.families import MoEWeights
-from moecompress.prune.run import RouterSpec, combine, expert_outputs, route
+from moecompress.prune.run import RouterSpec, route
 
 carved_model = carved.carved_model
 FAST = dict(samples=8, seq_len=64, batch_size=4, hessian="diag")
 
 
 def _routed(x, w, spec):
-    logits = x @ w.router.T
-    return combine(expert_outputs(x, w.gate, w.up, w.down), *route(logits, spec))
+    wk, idx = route(x @ w.router.T, spec)  # [T, k]
+    return routed_forward(torch.cat([w.gate, w.up], dim=1), w.down, torch.nn.functional.silu, x, idx, wk)
 
 
 def test_refit_lowers_the_layer_output_error_of_pruned_channels():
@@ -32,7 +33,7 @@ def test_refit_lowers_the_layer_output_error_of_pruned_channels():
     keep = [torch.sort(torch.randperm(I, generator=g)[:14]).values for _ in range(E)]
     y = _routed(x, w, spec)
     plain = slice_layer(w, keep, "uniform")
-    downs = refit_expert_downs(x, dense_routing(x @ w.router.T, spec), w, keep)
+    downs = refit_expert_downs(x, dense_routing(x @ w.router.T, spec), w, keep, torch.nn.functional.silu)
     fitted = with_downs(plain, downs)
     err_plain = float((_routed(x, plain, spec) - y).pow(2).sum())
     err_fit = float((_routed(x, fitted, spec) - y).pow(2).sum())
@@ -40,7 +41,8 @@ def test_refit_lowers_the_layer_output_error_of_pruned_channels():
     # exact layout: per-expert widths, an emptied expert stays empty
     keep[1] = torch.tensor([], dtype=torch.long)
     exact = with_downs(
-        slice_layer(w, keep, "exact"), refit_expert_downs(x, dense_routing(x @ w.router.T, spec), w, keep)
+        slice_layer(w, keep, "exact"),
+        refit_expert_downs(x, dense_routing(x @ w.router.T, spec), w, keep, torch.nn.functional.silu),
     )
     assert exact.kept_experts == [0, 2, 3] and [d.shape for d in exact.down] == [(H, 14)] * 3
 

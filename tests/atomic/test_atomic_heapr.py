@@ -12,8 +12,8 @@ from moecompress.atomic.heapr import (
     quadratic_form,
     ranking_agreement,
     select_exact,
-    select_uniform,
     spearman,
+    top_channels,
     uniform_width,
 )
 from moecompress.core.families import MoEWeights
@@ -147,12 +147,12 @@ def test_select_exact_global_lowest_and_protection():
         select_exact([torch.rand(2, 4)], 0.75, [torch.tensor([True, False])])
 
 
-def test_select_uniform_and_width():
+def test_top_channels_and_width():
     assert uniform_width(128, 0.25) == 96
     assert uniform_width(768, 0.2) % 16 == 0
     assert uniform_width(128, 0.99) == 16
     s = torch.tensor([[0.1, 0.5, 0.3, 0.9], [4.0, 3.0, 2.0, 1.0]])
-    assert select_uniform(s, 2).tolist() == [[1, 3], [0, 1]]
+    assert top_channels(s, 2).tolist() == [[1, 3], [0, 1]]
 
 
 def _weights(E=3, I=8, H=5):

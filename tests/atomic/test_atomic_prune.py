@@ -102,7 +102,7 @@ def test_exact_output_round_trips_through_the_loader(tmp_path, tokenizer_dir):
 def test_exact_layout_removes_empty_experts_from_routing(tmp_path, tokenizer_dir, monkeypatch):
     src = build_tiny("qwen3_moe", tmp_path / "src", tokenizer_dir)
 
-    def scores(ckpt, m, stats, score):  # expert 1 of every layer ranks lowest; ratio 1/6 removes exactly it
+    def scores(ckpt, m, score, *_):  # expert 1 of every layer ranks lowest; ratio 1/6 removes exactly it
         out = {}
         for l in ckpt.moe_layers:
             s = torch.rand(6, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(l)) + 1

@@ -1,0 +1,240 @@
+"""Atomic (channel) pruning as an engine transform: select, slice and refit each MoE layer's expert channels.
+
+    t = AtomTransform(spec, keep=keep, layout="uniform", refit=Refit())   # channels chosen before the pass
+    t = AtomTransform(spec, width=96)                                     # chained: choose on the block as it is
+    engine.run([..., t, ...], emit=out.add_layer)
+
+Per MoE layer (``moe_layer``) the transform works on the block as the earlier transforms left it (fp32; maybe
+fewer experts: ``ctx.extra["expert_ids"]`` then lists the source expert id of each expert now in the block, set by
+the transform that removed experts):
+  1. the kept channels of every expert: given (``keep``, per source expert, e.g. the global HEAPr ranking of
+     ``atomic.run``), or each expert's top ``width`` by ``scores`` [E_src, I] (per source expert), or, with
+     neither, by the channel second moments m_{e,j} measured on ``ctx.inputs`` with the block's own routing;
+  2. with ``refit``, each expert's kept down_proj columns are refitted on the layer's inputs (atomic/compensate);
+  3. the block is left narrowed (exact layout: zero-padded to one width per layer, which computes exactly the
+     same), so the engine's forward feeds the next layer with the pruned layer's outputs; the hub tensors of the
+     pruned experts and router are ``ctx.replace``-d, cast to the checkpoint's dtypes.
+``config`` sets the width key (uniform layout); ``section`` is the manifest's "atom" stage section.
+The exact layout (per-expert widths, loaded by ``moecompress.load``) must be the last stage that writes the
+routed experts: a later stage would see (and write) the zero-padded block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core.engine import LayerContext, Transform
+from ..core.experts import expert_hidden
+from ..core.families import MoEWeights
+from .apply import ExactLayer, pad_exact, padded_width
+from .compensate import ERROR_TOKENS, dense_routing, refit_expert_downs, routed_error, slice_layer, with_downs
+from .heapr import top_channels
+
+EXPERTS = "expert_ids"  # ctx.extra key: source expert id of each expert in the block (absent: 0..E-1)
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Refit:
+    """The down_proj refit of the kept channels (see atomic/compensate.py)."""
+
+    fit_tokens: int = 8192
+    ridge: float = 1e-3
+    holdout: int = 4
+
+
+def width_key(config: Any) -> str:
+    """config key holding the routed experts' intermediate width."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    return "moe_intermediate_size" if get("moe_intermediate_size") else "intermediate_size"
+
+
+def block_view(ctx: LayerContext) -> MoEWeights:
+    """The MoE block's routed experts and router as they are now (float32 copies on the CPU)."""
+    from ..prune.load import layer_view
+
+    w = layer_view(ctx.engine.model, ctx.engine.fam, ctx.index)
+    return MoEWeights(*(None if t is None else t.detach().float().cpu() for t in (
+        w.gate, w.up, w.down, w.router, w.router_bias, w.correction_bias)))  # fmt: skip
+
+
+def channel_moments(x: torch.Tensor, weights: torch.Tensor, w: MoEWeights, act: Any) -> torch.Tensor:
+    """m_{e,j} = mean h_j(x)^2 over the tokens routed to e (x [T, H], weights [T, E] dense routing) -> [E, I]."""
+    m = torch.zeros(w.gate.shape[0], w.gate.shape[1], dtype=torch.float64)
+    for e in range(w.gate.shape[0]):
+        on = weights[:, e] > 0
+        if bool(on.any()):
+            m[e] = expert_hidden(x[on], w.gate[e], w.up[e], act).double().square().mean(0)
+    return m
+
+
+class AtomTransform(Transform):
+    """Channel pruning of every MoE layer's routed experts (see the module docstring).
+
+    spec: the router's ``prune.run.RouterSpec`` (dense routing weights for the refit and the measured moments).
+    keep: {layer: [kept channel indices per source expert]} or None; scores: {layer: [E_src, I]} or None;
+    width: the one kept width of the uniform layout (needed without ``keep``); layout: uniform | exact;
+    refit: None for plain slicing; sequential: False leaves the block unpruned for the forward (the next layers
+    see the unpruned model's activations; not chainable); info: method facts copied into the section.
+    """
+
+    name = "atom"
+
+    def __init__(
+        self,
+        spec: Any,
+        *,
+        keep: dict[int, list[torch.Tensor]] | None = None,
+        scores: dict[int, torch.Tensor] | None = None,
+        width: int | None = None,
+        layout: str = "uniform",
+        refit: Refit | None = None,
+        sequential: bool = True,
+        info: dict[str, Any] | None = None,
+    ):
+        if layout not in ("uniform", "exact"):
+            raise ValueError(f"layout {layout!r} is not uniform or exact")
+        if keep is None and width is None:
+            raise ValueError("without kept channels, the uniform width to keep is needed")
+        if keep is None and layout == "exact":
+            raise ValueError("the exact layout needs its channels chosen before the pass (a global ranking)")
+        self.spec, self.keep, self.scores, self.width = spec, keep, scores, width
+        self.layout, self.refit, self.sequential, self.info = layout, refit, sequential, dict(info or {})
+        self.wants_inputs = refit is not None or (keep is None and scores is None)
+        self.layers: dict[str, dict[str, Any]] = {}
+        self.channels: dict[str, list[list[int]]] = {}
+        self.errors: dict[str, dict[str, float]] = {}
+        self.removed_experts: dict[str, list[int]] = {}
+        self.totals = {"channels": 0, "removed": 0, "params_removed": 0, "original_width": 0}
+        self._dtypes: dict[str, str] = {}
+        self._params = 0
+
+    def start(self, engine: Any) -> None:
+        self._dtypes = {k: v["dtype"] for k, v in engine.ckpt.tensor_info().items()}
+        self._params = engine.ckpt.num_params
+
+    def _kept(self, ctx: LayerContext, w: MoEWeights, x: torch.Tensor | None) -> list[torch.Tensor]:
+        """Kept channels [K_e] per expert of the block as it is now."""
+        E, l = w.num_experts, ctx.index
+        src = ctx.extra.get(EXPERTS)
+
+        def of_block(per_source: Any, what: str) -> Any:
+            if len(per_source) == E and src is None:
+                return per_source
+            if src is None or len(src) != E:
+                raise ValueError(
+                    f"layer {l}: the block has {E} experts, the {what} {len(per_source)}, and no ctx.extra"
+                    f"[{EXPERTS!r}] maps them"
+                )
+            return [per_source[s] for s in src] if isinstance(per_source, list) else per_source[torch.tensor(src)]
+
+        if self.keep is not None:
+            return [k.long() for k in of_block(self.keep[l], "kept channels list")]
+        assert self.width is not None
+        if self.scores is not None:
+            s = of_block(self.scores[l], "scores")
+        else:
+            assert x is not None
+            logits = x @ w.router.T + (w.router_bias if w.router_bias is not None else 0.0)  # [T, E]
+            s = channel_moments(x, dense_routing(logits, self.spec, w.correction_bias), w, ctx.experts.act_fn)
+        return list(top_channels(s, self.width))
+
+    def _cast(self, ctx: LayerContext, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each hub tensor in the dtype the checkpoint stores it in (the layer's routed dtype for a new name)."""
+        pat = ctx.engine.fam.routed_key_pattern(ctx.index)
+        routed = [d for k, d in self._dtypes.items() if pat.match(k)]
+        out = {}
+        for k, t in tensors.items():
+            d = self._dtypes.get(k) or (routed[0] if routed else "F32")
+            out[k] = t.to(_DTYPES[d]) if d in _DTYPES else t
+        return out
+
+    def moe_layer(self, ctx: LayerContext) -> None:
+        fam, l = ctx.engine.fam, ctx.index
+        w = block_view(ctx)  # [E, I, H] ...
+        E, I, H = w.gate.shape
+        act = ctx.experts.act_fn
+        x = None
+        if self.wants_inputs:
+            x = torch.cat([t.cpu() for t in ctx.inputs]).float()  # [T, H]
+        keep = self._kept(ctx, w, x)
+        sliced = slice_layer(w, keep, self.layout)
+        pruned = sliced
+        if self.refit is not None:
+            assert x is not None
+            fit = self.refit.fit_tokens
+            x = x[:: max(1, x.shape[0] // fit)][:fit]
+            logits = x @ w.router.T + (w.router_bias if w.router_bias is not None else 0.0)  # [T, E]
+            weights = dense_routing(logits, self.spec, w.correction_bias)
+            downs = refit_expert_downs(x, weights, w, keep, act, self.refit.ridge, self.refit.holdout)
+            pruned = with_downs(sliced, downs)
+            xe = x[:: max(1, x.shape[0] // ERROR_TOKENS)][:ERROR_TOKENS]  # the diagnostic needs few tokens
+            self.errors[str(l)] = {
+                "sliced": round(routed_error(xe, w, sliced, self.spec, act), 6),
+                "refit": round(routed_error(xe, w, pruned, self.spec, act), 6),
+            }
+        ctx.replace(self._cast(ctx, fam.write_layer(pruned, l)))
+        self._record(ctx, keep, E, I, H)
+        if isinstance(pruned, ExactLayer) and len(pruned.kept_experts) < E:
+            src = ctx.extra.get(EXPERTS) or list(range(E))
+            ctx.extra[EXPERTS] = [src[e] for e in pruned.kept_experts]
+        if self.sequential:
+            from ..prune.load import set_layer_experts
+
+            now = pad_exact(pruned, padded_width(pruned.widths)) if isinstance(pruned, ExactLayer) else pruned
+            dev = ctx.engine.device
+            set_layer_experts(ctx.engine.model, fam, l, MoEWeights(*(None if t is None else t.to(dev) for t in (
+                now.gate, now.up, now.down, now.router, now.router_bias, now.correction_bias))))  # fmt: skip
+
+    def _record(self, ctx: LayerContext, keep: list[torch.Tensor], E: int, I: int, H: int) -> None:
+        src = ctx.extra.get(EXPERTS) or list(range(E))
+        kept = sum(int(k.numel()) for k in keep)
+        gone = [src[e] for e in range(E) if keep[e].numel() == 0]
+        self.layers[str(ctx.index)] = {
+            "kept_experts": [src[e] for e in range(E) if keep[e].numel() > 0],
+            "widths": [int(k.numel()) for k in keep if k.numel() > 0],
+        }
+        self.channels[str(ctx.index)] = [k.tolist() for k in keep]
+        if gone:
+            self.removed_experts[str(ctx.index)] = gone
+        self.totals["channels"] += E * I
+        self.totals["removed"] += E * I - kept
+        self.totals["params_removed"] += (E * I - kept) * 3 * H + len(gone) * H  # gate+up rows, down cols, router
+        self.totals["original_width"] = max(self.totals["original_width"], I)
+
+    @property
+    def kept_width(self) -> int | None:
+        """The uniform layout's one width (None for the exact layout)."""
+        if self.layout != "uniform":
+            return None
+        if self.width is not None:
+            return self.width
+        return len(next(iter(self.keep.values()))[0]) if self.keep else None
+
+    def config(self, cfg: dict[str, Any]) -> None:
+        if self.layout == "uniform" and self.kept_width is not None:
+            cfg[width_key(cfg)] = self.kept_width
+
+    def section(self) -> dict[str, Any]:
+        t = self.totals
+        total = max(t["channels"], 1)
+        out: dict[str, Any] = {
+            **self.info,
+            "layout": "uniform" if self.layout == "uniform" else "atomic_exact",
+            "width": self.kept_width,
+            "original_width": t["original_width"],
+            "routed_channels_total": t["channels"],
+            "routed_channels_removed": t["removed"],
+            "routed_channels_removed_fraction": t["removed"] / total,
+            "params_removed": t["params_removed"],
+            "params_removed_fraction_of_all": t["params_removed"] / max(self._params, 1),
+            "experts_removed_from_routing": dict(self.removed_experts),
+            "layers": self.layers,
+            "compensation": self.info.get("compensation"),
+        }
+        if self.refit is not None:
+            out["compensation_output_error"] = self.errors
+        return out
