@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -29,7 +28,7 @@ from .options import METHODS as METHODS
 from .options import ROUTER_REBUILDS as ROUTER_REBUILDS
 from .options import SIMILARITIES as SIMILARITIES
 from .options import MergeOptions
-from .transform import MergeTransform
+from .transform import MergeTransform, protected_experts
 
 __all__ = ["DTYPE_BYTES", "MergeOptions", "MergeTransform", "expected_bytes", "expected_size", "merge_model"]
 
@@ -45,16 +44,6 @@ _FIX = {
 def user_error(err: MergeTargetError) -> UserError:
     """A merge target refused by the math, in the command's words."""
     return UserError(f"cannot merge: {err}; {_FIX.get(err.fix, 'choose another --ratio')}")
-
-
-def protected_experts(moe_layers: list[int], profile: Any | None, protect_super: bool) -> dict[int, list[int]]:
-    """The profile's super experts per MoE layer (none without a profile or with ``protect_super`` off)."""
-    out: dict[int, list[int]] = {l: [] for l in moe_layers}
-    if profile is not None and protect_super:
-        for l, e in profile.super_experts:
-            if l in out:
-                out[l].append(int(e))
-    return out
 
 
 def expected_size(ckpt: Checkpoint, n_clusters: int, unit: str = "bytes") -> int:
@@ -135,16 +124,12 @@ def merge_model(
         except MergeTargetError as err:
             raise user_error(err) from None
         t.config(cfg)
-        manifest.warnings += t.warnings
-        manifest.add(
-            "merge",
-            {
-                **t.section(),
-                "profile": str(Path(profile_dir).resolve()) if profile_dir is not None else None,
-                "calibration_fingerprint": tokens.fingerprint,
-                "expected_tensor_bytes_after": expected_bytes(ckpt, K),
-            },
-        )
+        section = t.section()
+        manifest.warnings += section.pop("warnings")
+        section["profile"] = str(Path(profile_dir).resolve()) if profile_dir is not None else None
+        section["calibration_fingerprint"] = tokens.fingerprint
+        section["expected_tensor_bytes_after"] = expected_bytes(ckpt, K)
+        manifest.add("merge", section)
         report_inputs = [Path(profile_dir)] if profile_dir is not None else []
         out.finish(ckpt, cfg, manifest, report_inputs=report_inputs, elapsed=job.elapsed)
     return manifest

@@ -18,10 +18,12 @@ from typing import Any
 import torch
 
 from ..core.engine import Engine, LayerContext, Transform
+from ..core.errors import UserError
 from ..core.families import MoEWeights
+from ..core.job import Job
 from ..prune.load import layer_view, set_layer_experts
 from ..prune.run import RouterSpec
-from .cluster import check_merge_target, n_clusters_for
+from .cluster import MergeTargetError, check_merge_target, n_clusters_for
 from .layer import merge_layer
 from .options import MergeOptions
 
@@ -164,7 +166,37 @@ class MergeTransform(Transform):
             if opts.sequential
             else "every layer is calibrated on the original (unmerged) model's activations",
             "layers": self.layers,
+            "warnings": list(self.warnings),  # the command moves them to the manifest's common warnings
         }
+
+
+def protected_experts(moe_layers: list[int], profile: Any | None, protect_super: bool) -> dict[int, list[int]]:
+    """The profile's super experts per MoE layer (none without a profile or with ``protect_super`` off)."""
+    out: dict[int, list[int]] = {l: [] for l in moe_layers}
+    if profile is not None and protect_super:
+        for l, e in profile.super_experts:
+            if l in out:
+                out[l].append(int(e))
+    return out
+
+
+def transform_for_recipe(job: Job, options: dict[str, Any], profile: Any | None) -> MergeTransform:
+    """A ``merge: {ratio: R}`` recipe stage (compress): the merge command's defaults, seeded by the job, the
+    profile's super experts protected; the ratio is checked against the checkpoint's expert count (a stage after an
+    expert-removing one is checked per layer, during the pass)."""
+    opts = MergeOptions(seed=job.seed, **options)
+    opts.validate()
+    ckpt = job.ckpt
+    protected = protected_experts(ckpt.moe_layers, profile, opts.protect_super)
+    n_prot = max((len(v) for v in protected.values()), default=0)
+    try:
+        check_merge_target(
+            ckpt.num_experts, n_clusters_for(ckpt.num_experts, opts.ratio), ckpt.top_k, n_prot,
+            ckpt.family.n_group(ckpt.config),
+        )  # fmt: skip
+    except MergeTargetError as err:
+        raise UserError(f"merge stage: {err}; choose another ratio") from None
+    return MergeTransform(opts, profile, protected)
 
 
 def _cpu(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
