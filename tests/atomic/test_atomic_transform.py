@@ -1,0 +1,114 @@
+"""AtomTransform chains with other transforms in one engine pass: it works on the block as an earlier stage left it,
+leaves it narrowed (the next layer is calibrated on it) and writes exactly what it left."""
+
+import pytest
+import torch
+from conftest import build_tiny
+from transformers import AutoModelForCausalLM
+
+from moecompress.atomic.heapr import top_channels
+from moecompress.atomic.transform import AtomTransform, Refit
+from moecompress.core.checkpoint import Checkpoint
+from moecompress.core.engine import Engine, LayerContext, Transform
+from moecompress.core.manifest import Manifest
+from moecompress.core.output import Output
+from moecompress.profile.transform import ProfileTransform
+from moecompress.prune.load import layer_view, set_layer_experts
+from moecompress.prune.run import RouterSpec
+
+DROP = [0, 3]
+
+
+class DropExperts(Transform):
+    """A stand-in earlier stage: removes experts DROP from every MoE layer and says which source experts remain."""
+
+    name = "prune"
+
+    def moe_layer(self, ctx: LayerContext) -> None:
+        fam = ctx.engine.fam
+        w = layer_view(ctx.engine.model, fam, ctx.index)
+        kept = [e for e in range(w.num_experts) if e not in DROP]
+        set_layer_experts(ctx.engine.model, fam, ctx.index, w.select(kept))
+        ctx.extra["expert_ids"] = kept
+        ctx.replace(fam.write_layer(w.select(kept), ctx.index))
+
+    def config(self, cfg):
+        for k in ("num_experts", "num_local_experts"):  # Qwen3-MoE reads both
+            if k in cfg:
+                cfg[k] -= len(DROP)
+
+
+def _ids(ckpt, n=8, s=24, seed=0):
+    return torch.randint(0, ckpt.config.vocab_size, (n, s), generator=torch.Generator().manual_seed(seed))
+
+
+def test_atom_after_expert_removal_in_one_pass_writes_what_the_next_layer_saw(tmp_path, tokenizer_dir):
+    src = build_tiny("qwen3_moe", tmp_path / "src", tokenizer_dir)
+    ckpt = Checkpoint(src)
+    E, I = ckpt.num_experts, 24
+    g = torch.Generator().manual_seed(1)
+    scores = {l: torch.rand(E, I, generator=g, dtype=torch.float64) for l in ckpt.moe_layers}  # per source expert
+    atom = AtomTransform(RouterSpec.from_config(ckpt.family, ckpt.config), scores=scores, width=16, refit=Refit())
+    ts = [DropExperts(), atom]
+    ids = _ids(ckpt)
+    engine = Engine(ckpt, ids, batch_size=4)
+    out = tmp_path / "out"
+    with Output(out) as o:
+        o.add_globals(ckpt, ts)
+        for ctx in engine.layers(ts):
+            if ctx.is_moe:  # the block is left narrowed: 4 experts of width 16
+                assert tuple(ctx.experts.down_proj.shape) == (E - len(DROP), 32, 16)
+            o.add_layer(ctx)
+        with torch.no_grad():
+            logits = torch.cat([engine.stream.head(engine.cache[i]) for i in range(len(engine.cache))])
+        engine.close()
+        cfg = ckpt.config.to_dict()
+        for t in ts:
+            t.config(cfg)
+        man = Manifest("test", "uniform", "transformers", str(src), ckpt.fingerprint, None, ckpt.num_params, 0)
+        man.add("atom", atom.section())
+        o.finish(ckpt, cfg, man, report=False)
+    assert cfg["moe_intermediate_size"] == 16
+    sec = Manifest.read(out).stage("atom")
+    kept = [e for e in range(E) if e not in DROP]
+    assert all(v == {"kept_experts": kept, "widths": [16] * len(kept)} for v in sec["layers"].values())
+    for err in sec["compensation_output_error"].values():
+        assert err["refit"] <= err["sliced"] and err["sliced"] > 0
+    # the written model computes what the engine propagated: each layer's outputs came from the pruned block
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, experts_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=0, atol=2e-5)
+    source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, experts_implementation="eager")
+    for l in ckpt.moe_layers:  # gate/up rows: the top-16 channels by the source expert's own scores
+        new, old = model.model.layers[l].mlp.experts, source.model.layers[l].mlp.experts
+        for e, s in enumerate(kept):
+            k = top_channels(scores[l][s : s + 1], 16)[0]
+            assert torch.equal(new.gate_up_proj[e, :16], old.gate_up_proj[s, k])
+            assert torch.equal(new.gate_up_proj[e, 16:], old.gate_up_proj[s, I + k])
+
+
+def test_measured_moments_pick_the_profiles_channels_on_the_block_it_saw(tmp_path, tokenizer_dir):
+    """Profile (observer) then AtomTransform without scores: both see each layer's block before the atom stage
+    narrows it, on the same sequentially calibrated inputs, so the atom stage keeps the profile's top channels."""
+    src = build_tiny("qwen3_moe", tmp_path / "src", tokenizer_dir)
+    ckpt = Checkpoint(src)
+    ids = _ids(ckpt, n=8, s=32)
+    prof = ProfileTransform(ckpt.num_experts, ckpt.top_k, ["d"], ["d"] * ids.shape[0], 16)
+    atom = AtomTransform(RouterSpec.from_config(ckpt.family, ckpt.config), width=16)
+    Engine(ckpt, ids, batch_size=4).run([prof, atom])
+    assert sorted(prof.results) == ckpt.moe_layers and len(ckpt.moe_layers) > 1
+    for l in ckpt.moe_layers:
+        m = prof.results[l]["channel_sq_mean"]  # [E, I]
+        assert atom.channels[str(l)] == top_channels(m, 16).tolist()
+
+
+def test_a_block_with_fewer_experts_needs_the_source_map():
+    atom = AtomTransform(RouterSpec(top_k=2), keep={0: [torch.arange(4)] * 6}, layout="uniform")
+
+    class Ctx:
+        index, extra = 0, {}
+
+    with pytest.raises(ValueError, match="expert_ids"):
+        atom._kept(Ctx(), type("W", (), {"num_experts": 4})(), None)
+    with pytest.raises(ValueError, match="exact layout"):
+        AtomTransform(RouterSpec(top_k=2), width=16, layout="exact")
