@@ -1,140 +1,180 @@
-"""Report section "what was done" for one output folder: kept/removed experts, merge clusters, bit widths,
-protected experts, and every other manifest field rendered generically."""
+"""Report section "what was done" for one output folder: the output's common facts, then one block per stage of
+its manifest, in order (prune: kept/removed experts; atom: channels kept per expert; merge: clusters; quantize:
+bit widths from bit_plan.json), each with its settings, protected experts and the rest of its section."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from moecompress.report.blocks import generic, note, num_cell, table, text_cell
+from moecompress.core.manifest import Manifest
+from moecompress.report.blocks import generic, kv_table, note, num_cell, table, text_cell
 from moecompress.report.sidecars import (
+    LISTED,
     MAX_CELLS,
-    clusters_of,
     count_of,
+    entry_experts,
     expert_of,
-    first,
     int_key_dict,
-    kept_experts,
     layer_of,
     plan_widths,
     profile_layers,
 )
 from moecompress.report.svg import esc, fmt_num, heatmap
 
-# Manifest keys shown elsewhere (summary / dedicated blocks); all others go to "other fields".
-KNOWN_KEYS = {
-    "tool", "tool_version", "command", "source_model", "source_fingerprint", "method", "ratio", "bits", "layers",
-    "protected", "calibration_fingerprint", "params_before", "params_after", "bytes_before", "bytes_after",
-    "elapsed_s", "seconds", "warnings", "model", "family", "protected_why",
+TITLES = {
+    "profile": "profile",
+    "prune": "expert pruning",
+    "atom": "channel (atomic) pruning",
+    "merge": "expert merging",
+    "quantize": "quantization",
+}
+# The fields of each op's section shown in its settings table, in this order (what the op writes today); every
+# other field of the section is listed under "other fields".
+SETTINGS: dict[str, tuple[str, ...]] = {
+    "profile": (),
+    "prune": ("method", "ratio", "granularity", "experts_before", "experts_after", "experts_removed_total", "refit",
+              "top_k", "n_group", "output_error_inputs", "refit_inputs", "profile"),
+    "atom": ("method", "score", "ratio", "original_width", "width", "width_key", "routed_channels_removed_fraction",
+             "params_removed", "params_removed_fraction_of_all", "protection", "hessian", "compensation"),
+    "merge": ("method", "ratio", "experts_before", "experts_after", "similarity", "router_rebuild",
+              "neuron_alignment", "down_refit", "choice", "propagation", "profile"),
+    "quantize": ("method", "plan", "bits", "budget_gb", "other_bits", "format", "servable", "bytes_predicted",
+                 "command_line"),
 }  # fmt: skip
+# drawn by the stage block itself (or in the summary)
+DRAWN = {"op", "layers", "protected", "protected_why", "calibration_fingerprint"}
 STATE_COLORS = {"kept": "#55a868", "removed": "#d9d9d9"}
 BIT_COLORS = {2: "#c44e52", 3: "#dd8452", 4: "#e8c547", 5: "#b5cf6b", 6: "#8fbc8f", 8: "#4c72b0", 16: "#8172b3"}
 
 
-def protected_cells(manifest: dict[str, Any]) -> list[tuple[int, int, str]]:
-    """(layer, expert, reason) of protected experts; accepts ``[[l, e], ...]``, ``[{layer, expert, reason}]`` or
-    ``{layer: [experts]}``. Indices out of range are left out."""
-    prot = manifest.get("protected")
-    out: list[tuple[int, int, str]] = []
-    if isinstance(prot, dict):
-        for layer, experts in (int_key_dict(prot) or {}).items():
-            for e in experts if isinstance(experts, list) else []:
-                if (ex := expert_of(e)) is not None:
-                    out.append((layer, ex, ""))
-    for p in prot if isinstance(prot, list) else []:
-        if isinstance(p, list) and len(p) >= 2:
-            layer, ex, why = layer_of(p[0]), expert_of(p[1]), str(p[2]) if len(p) > 2 else ""
-        elif isinstance(p, dict):
-            layer, ex, why = (
-                layer_of(p.get("layer")),
-                expert_of(p.get("expert")),
-                str(first(p.get("reason"), p.get("why"), "")),
-            )
-        else:
-            continue
-        if layer is not None and ex is not None:
-            out.append((layer, ex, why))
-    why_of = {}
-    for w in manifest.get("protected_why") if isinstance(manifest.get("protected_why"), list) else []:
-        if (
-            isinstance(w, dict)
-            and (l := layer_of(w.get("layer"))) is not None
-            and (e := expert_of(w.get("expert"))) is not None
-        ):
-            why_of[(l, e)] = str(first(w.get("why"), w.get("reason"), ""))
-    out = [(layer, e, r or why_of.get((layer, e), "")) for layer, e, r in out]
-    return sorted(set(out))
+def protected_cells(stage: dict[str, Any]) -> list[tuple[int, int, str]]:
+    """(layer, expert, why) of a stage's ``protected`` [[layer, expert], ...], the reason from its
+    ``protected_why`` [{layer, expert, why}]. Indices out of range are left out."""
+    why_of: dict[tuple[int, int], str] = {}
+    for w in _list(stage.get("protected_why")):
+        if isinstance(w, dict) and (l := layer_of(w.get("layer"))) is not None:
+            if (e := expert_of(w.get("expert"))) is not None:
+                why_of[(l, e)] = str(w.get("why") or "")
+    out = set()
+    for p in _list(stage.get("protected")):
+        if isinstance(p, list) and len(p) == 2 and (l := layer_of(p[0])) is not None:
+            if (e := expert_of(p[1])) is not None:
+                out.add((l, e, why_of.get((l, e), "")))
+    return sorted(out)
 
 
-def protected_modules(manifest: dict[str, Any]) -> list[tuple[Any, str, str]]:
+def protected_modules(stage: dict[str, Any]) -> list[tuple[Any, str, str]]:
     """(layer, module, why) of protected modules that are not routed experts (e.g. shared experts)."""
-    why = manifest.get("protected_why")
     return [
-        (w.get("layer"), str(w["module"]), str(first(w.get("why"), w.get("reason"), "")))
-        for w in (why if isinstance(why, list) else [])
+        (w.get("layer"), str(w["module"]), str(w.get("why") or ""))
+        for w in _list(stage.get("protected_why"))
         if isinstance(w, dict) and w.get("module") is not None
     ]
 
 
+def _list(x: Any) -> list[Any]:
+    return x if isinstance(x, list) else []
+
+
 def actions_section(
-    manifest: dict[str, Any] | None, bit_plan: dict[str, Any] | None, profile: dict | None, anchor: str
+    manifest: Manifest | None,
+    manifest_error: str | None,
+    bit_plan: dict[str, Any] | None,
+    profile: dict | None,
+    anchor: str,
 ) -> str:
     """HTML for what one command did to the model (empty string when there is no manifest and no plan)."""
-    if manifest is None and bit_plan is None:
-        return ""
-    manifest = manifest or {}
-    layers = int_key_dict(manifest.get("layers")) or {}
-    n_before = _experts_before(manifest, layers, profile)
-    prot = protected_cells(manifest)
     parts = []
-    kept = {layer: k for layer, entry in layers.items() if (k := kept_experts(entry)) is not None}
-    clusters = {layer: c for layer, entry in layers.items() if (c := clusters_of(entry)) is not None}
-    widths = plan_widths(bit_plan) or plan_widths({"layers": manifest.get("layers")})
-    mods = protected_modules(manifest)
-    seen = [e for k in kept.values() for e in k] + [e for c in clusters.values() for m in c for e in m]
-    n_wide = max([n_before] + [e + 1 for _, e in widths] + [e + 1 for e in seen])
-    rows = len(set(kept) | set(clusters) | {layer for layer, _ in widths})
-    if rows * n_wide > MAX_CELLS:
-        parts.append(note(f"{rows} layers x {n_wide} experts is more than a chart can show ({MAX_CELLS:,} cells)."))
-        kept, clusters, widths = {}, {}, {}
-    if kept and not clusters:
-        parts.append(_kept_block(kept, n_before, prot, anchor))
-    if clusters:
-        parts.append(_cluster_block(clusters, n_before, prot, anchor))
-    if widths:
-        parts.append(_bits_block(widths, n_before, prot, anchor))
-    if bit_plan is not None:
-        scalars = {k: v for k, v in bit_plan.items() if not isinstance(v, (dict, list))}
-        if scalars:
-            parts.append(f"<h3>Bit plan</h3>{generic(scalars)}")
-    parts.append(_protected_block(prot, mods))
-    other_layers = {k: v for k, v in layers.items() if k not in kept and k not in clusters}
-    if other_layers and not widths:
-        parts.append(f"<h3>Per-layer record</h3>{generic(other_layers)}")
-    elif layers:
-        parts.append(f"<details><summary>Per-layer record (raw)</summary>{generic(layers, 1)}</details>")
-    other = {k: v for k, v in manifest.items() if k not in KNOWN_KEYS or (k == "command" and " " in str(v))}
-    if other:
-        parts.append(f"<details><summary>Other manifest fields ({len(other)})</summary>{generic(other)}</details>")
+    if manifest_error is not None:
+        parts.append(
+            '<div class="unreadable"><h3>Unreadable manifest</h3>'
+            + note(f"moecompress.json is not a manifest this moecompress reads, so nothing of it is shown: "
+                   f"{manifest_error}")
+            + "</div>"
+        )  # fmt: skip
+    if manifest is None:
+        if bit_plan is not None:  # quantize --plan-only: the plan alone
+            parts.append(_quantize_block({}, bit_plan, 0, f"{anchor}-plan"))
+        return "".join(parts)
+    ops = [st["op"] for st in manifest.stages]
+    facts = [("command", text_cell(manifest.command)), ("stages", text_cell(" → ".join(ops) or "none")),
+             ("layout", text_cell(manifest.layout)), ("load with", text_cell(manifest.load_with))]  # fmt: skip
+    if manifest.calibration:
+        facts.append(("calibration", f"<td>{generic(manifest.calibration, 1)}</td>"))
+    parts.append(kv_table(facts))
+    if len(ops) > 1:
+        parts.append(note(f"{len(ops)} stages in one layer-streamed pass, in this order: each stage works on the "
+                          "layer as the stages before it left it."))  # fmt: skip
+    n = _experts_in(manifest, profile)
+    for i, st in enumerate(manifest.stages):
+        n_in = count_of(st.get("experts_before")) or n
+        parts.append(_stage_block(st, i, len(ops), n_in, bit_plan, f"{anchor}-s{i}"))
+        n = count_of(st.get("experts_after")) or n_in
     return "".join(parts)
 
 
-def _experts_before(manifest: dict[str, Any], layers: dict[int, Any], profile: dict | None) -> int:
-    keys = ("num_experts_before", "experts_before", "num_experts")
-    n = first(*(count_of(manifest.get(k)) for k in keys))
-    if n is not None:
+def _experts_in(manifest: Manifest, profile: dict | None) -> int:
+    """Routed experts per layer before the first stage: the stage's own count, else the profile's, else 0 (each
+    chart then widens to the largest index it is given)."""
+    if manifest.stages and (n := count_of(manifest.stages[0].get("experts_before"))) is not None:
         return n
-    if profile:
-        _, n_prof = profile_layers(profile)
-        if n_prof:
-            return n_prof
-    seen = [x for entry in layers.values() for x in (kept_experts(entry) or [])]
-    seen += [x for entry in layers.values() for c in (clusters_of(entry) or []) for x in c]
-    return max(seen, default=-1) + 1
+    return profile_layers(profile)[1] if profile else 0
+
+
+def _stage_block(st: dict[str, Any], i: int, n_stages: int, n: int, bit_plan: dict | None, anchor: str) -> str:
+    op = st["op"]
+    head = f"Stage {i + 1} of {n_stages}: {op} ({TITLES[op]})" if n_stages > 1 else f"{op} ({TITLES[op]})"
+    settings = [(k, f"<td>{generic(st[k], 1)}</td>") for k in SETTINGS[op] if k in st]
+    parts = [f'<h3 class="stage" data-op="{esc(op)}" id="{esc(anchor)}">{esc(head)}</h3>']
+    if settings:
+        parts.append(kv_table(settings))
+    layers = int_key_dict(st.get("layers")) or {}
+    if op == "quantize":
+        parts.append(_quantize_block(st, bit_plan, n, anchor))
+    elif op in LISTED:
+        listed = {l: v for l, e in layers.items() if (v := entry_experts(op, e)) is not None}
+        n = max([n] + [x + 1 for v in listed.values() for x in _flat(v)])
+        if len(listed) * n > MAX_CELLS:
+            parts.append(note(f"{len(listed)} layers x {n} experts is more than a chart can show ({MAX_CELLS:,})."))
+        elif listed and op == "prune":
+            parts.append(_kept_block(listed, n, protected_cells(st), anchor))  # type: ignore[arg-type]
+        elif listed and op == "merge":
+            parts.append(_cluster_block(listed, n, protected_cells(st), anchor))  # type: ignore[arg-type]
+        elif listed:
+            parts.append(_widths_block(listed, layers, n, protected_cells(st), anchor))  # type: ignore[arg-type]
+    parts.append(_protected_block(protected_cells(st), protected_modules(st)))
+    if layers:
+        parts.append(f"<details><summary>Per-layer record (raw)</summary>{generic(layers, 1)}</details>")
+    other = {k: v for k, v in st.items() if k not in DRAWN and k not in SETTINGS[op]}
+    if other:
+        parts.append(f"<details><summary>Other fields of this stage ({len(other)})</summary>{generic(other)}</details>")
+    return "".join(parts)
+
+
+def _flat(v: list) -> list[int]:
+    return [x for c in v for x in (c if isinstance(c, list) else [c])]
+
+
+def _quantize_block(st: dict[str, Any], bit_plan: dict | None, n: int, anchor: str) -> str:
+    """Per-expert widths of bit_plan.json (the manifest section holds only each layer's set of widths)."""
+    if bit_plan is None:
+        return note("No bit_plan.json in this folder: per-expert widths are not shown.")
+    parts = []
+    widths = plan_widths(bit_plan)
+    rows = len({layer for layer, _ in widths})
+    n = max([n] + [e + 1 for _, e in widths])
+    if rows * n > MAX_CELLS:
+        parts.append(note(f"{rows} layers x {n} experts is more than a chart can show ({MAX_CELLS:,} cells)."))
+    elif widths:
+        parts.append(_bits_block(widths, n, protected_cells(st), anchor))
+    scalars = {k: v for k, v in bit_plan.items() if not isinstance(v, (dict, list))}
+    if scalars:
+        parts.append(f"<h4>Bit plan</h4>{generic(scalars)}")
+    return "".join(parts)
 
 
 def _kept_block(kept: dict[int, list[int]], n: int, prot, anchor: str) -> str:
     order = sorted(kept)
-    n = max([n] + [e + 1 for k in kept.values() for e in k])
     keep = {layer: set(kept[layer]) for layer in order}
     mat = [["kept" if e in keep[layer] else "removed" for e in range(n)] for layer in order]
     marks = {(order.index(layer), e) for layer, e, _ in prot if layer in kept and e < n}
@@ -148,11 +188,37 @@ def _kept_block(kept: dict[int, list[int]], n: int, prot, anchor: str) -> str:
     ]  # fmt: skip
     total = sum(len(k) for k in kept.values())
     return (
-        f"<h3>Kept and removed experts</h3>"
+        f"<h4>Kept and removed experts</h4>"
         f"<p>{esc(total)} of {esc(n * len(order))} routed experts kept over {esc(len(order))} MoE layers.</p>"
         f"<figure>{svg}</figure>"
         f"<details><summary>Per-layer lists</summary>{table(['layer', 'kept', 'kept experts', 'removed'], rows)}"
         f"</details>"
+    )
+
+
+def _widths_block(kept: dict[int, list[int]], layers: dict[int, Any], n: int, prot, anchor: str) -> str:
+    """Atomic pruning: channels kept in each original expert (``kept_experts[i]`` keeps ``widths[i]``)."""
+    order = sorted(kept)
+    mat: list[list[float | None]] = []
+    for layer in order:
+        widths = _list(layers[layer].get("widths"))
+        row: list[float | None] = [None] * n
+        for e, w in zip(layers[layer].get("kept_experts"), widths, strict=False):
+            v = count_of(w, 2**20)
+            row[int(e)] = v
+        mat.append(row)
+    marks = {(order.index(layer), e) for layer, e, _ in prot if layer in kept and e < n}
+    svg = heatmap(mat, row_names=order, value_name="channels kept", fmt=lambda v: fmt_num(int(v)), marks=marks,
+                  mark_label="protected", chart_id=f"{anchor}-widths")  # fmt: skip
+    kept_n = sum(v for r in mat for v in r if v is not None)
+    return (
+        "<h4>Channels kept per expert</h4>"
+        + note(
+            "Each cell is an original expert, coloured by how many of its channels were kept "
+            "(grey: the expert was removed from routing)."
+        )  # fmt: skip
+        + f'<p><b data-key="{esc(anchor)}.channels_kept" data-value="{esc(kept_n)}">{esc(f"{kept_n:,}")}</b> '
+        f"channels kept over {esc(len(order))} MoE layers.</p><figure>{svg}</figure>"
     )
 
 
@@ -171,7 +237,7 @@ def _cluster_block(clusters: dict[int, list[list[int]]], n: int, prot, anchor: s
         rows.append([num_cell(layer, "clusters.layer"), num_cell(len(clusters[layer]), f"clusters.count.{layer}"),
                      text_cell(desc or "no merges")])  # fmt: skip
     return (
-        "<h3>Merge clusters</h3>"
+        "<h4>Merge clusters</h4>"
         + note(
             "Each cell is an original expert, coloured by the size of the cluster it was merged into "
             "(1 = kept as it was; grey = not in any cluster)."
@@ -183,7 +249,6 @@ def _cluster_block(clusters: dict[int, list[list[int]]], n: int, prot, anchor: s
 
 def _bits_block(widths: dict[tuple[int, int], float], n: int, prot, anchor: str) -> str:
     order = sorted({layer for layer, _ in widths})
-    n = max(n, max(e for _, e in widths) + 1)
     mat = [[widths.get((layer, e)) for e in range(n)] for layer in order]
     used = sorted({v for v in widths.values()})
     palette = {b: BIT_COLORS.get(int(b), "#999999") if float(b).is_integer() else "#999999" for b in used}
@@ -192,7 +257,7 @@ def _bits_block(widths: dict[tuple[int, int], float], n: int, prot, anchor: str)
                   marks=marks, mark_label="protected", chart_id=f"{anchor}-bits")  # fmt: skip
     mean = sum(widths.values()) / len(widths)
     return (
-        f"<h3>Bit widths</h3><p>Mean width over {esc(len(widths))} routed experts: "
+        f"<h4>Bit widths</h4><p>Mean width over {esc(len(widths))} routed experts: "
         f'<b data-key="bits.mean" data-value="{esc(repr(mean))}">{esc(fmt_num(mean))}</b> bits.</p>'
         f"<figure>{svg}</figure>"
     )
@@ -200,8 +265,8 @@ def _bits_block(widths: dict[tuple[int, int], float], n: int, prot, anchor: str)
 
 def _protected_block(prot: list[tuple[int, int, str]], mods: list[tuple[Any, str, str]]) -> str:
     if not prot and not mods:
-        return "<h3>Protected experts</h3>" + note("None recorded.")
+        return "<h4>Protected experts</h4>" + note("None recorded.")
     rows = [[num_cell(layer, "protected.layer"), text_cell(f"expert {e}"), text_cell(why or "–")]
             for layer, e, why in prot]  # fmt: skip
     rows += [[num_cell(layer, "protected.layer"), text_cell(mod), text_cell(why or "–")] for layer, mod, why in mods]
-    return "<h3>Protected experts and modules</h3>" + table(["layer", "expert / module", "why"], rows)
+    return "<h4>Protected experts and modules</h4>" + table(["layer", "expert / module", "why"], rows)

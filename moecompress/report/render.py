@@ -19,7 +19,7 @@ from typing import Any
 
 from moecompress.core.errors import UserError
 from moecompress.report.actions import actions_section
-from moecompress.report.blocks import clip, generic, note, num_cell, section, table, text_cell
+from moecompress.report.blocks import generic, note, num_cell, section, table, text_cell
 from moecompress.report.profile_view import profile_section
 from moecompress.report.sidecars import MAX_LIST, RunSidecars, first, load_run, num, perplexities, text
 from moecompress.report.svg import esc, fmt_num, grouped_bars, pareto_scatter
@@ -30,7 +30,9 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-seri
 margin:0}
 main{max-width:1240px;margin:0 auto;padding:16px 24px 48px;background:#fff}
 h1{font-size:22px;margin:8px 0 4px}h2{font-size:18px;border-bottom:2px solid #4c72b0;padding-bottom:3px;margin-top:28px}
-h3{font-size:15px;margin:18px 0 6px}
+h3{font-size:15px;margin:18px 0 6px}h3.stage{font-size:16px;border-top:1px solid #ddd;padding-top:10px}
+h4{font-size:14px;margin:14px 0 4px}
+.unreadable{border-left:4px solid #b42318;padding:2px 10px;background:#fff4f2}
 nav{font-size:13px;margin:6px 0 10px}nav a{margin-right:12px;color:#4c72b0}
 table{border-collapse:collapse;margin:6px 0 10px;font-size:13px}
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
@@ -64,44 +66,47 @@ def _bytes_cell(x: Any, key: str) -> str:
     return f'<td class="num" data-key="{esc(key)}" data-value="{esc(repr(v))}">{esc(human_bytes(v))}</td>'
 
 
-def short_command(command: Any) -> str | None:
-    """'prune' from 'prune' or from a full command line 'moecompress prune MODEL --ratio 0.5 ...'."""
-    if command is None:
-        return None
-    words = str(command).split()
-    if len(words) > 1 and words[0].endswith("moecompress"):
-        return words[1]
-    return str(command)
-
-
 def run_facts(run: RunSidecars) -> dict[str, Any]:
-    """The summary numbers of one run, each taken from the first sidecar that has it."""
-    m, p, ev, base = run.manifest or {}, run.profile or {}, run.eval or {}, run.eval_base or {}
+    """The summary numbers of one run: the manifest's common fields and stages, else the profile and eval."""
+    m, p, ev, base = run.manifest, run.profile or {}, run.eval or {}, run.eval_base or {}
+    stages = m.stages if m is not None else []
     cal = p.get("calibration") if isinstance(p.get("calibration"), dict) else {}
-    mcal = m.get("calibration") if isinstance(m.get("calibration"), dict) else {}
+    mcal = (m.calibration if m is not None else None) or {}
     return {
-        "model": text(first(m.get("source_model"), m.get("model"), p.get("model"), ev.get("model"))),
-        "family": text(first(m.get("family"), p.get("family"))),
+        "model": text(first((m.source_model or None) if m else None, p.get("model"), ev.get("model"))),
+        "family": text(p.get("family")),
         "command": first(
-            short_command(text(m.get("command"))), "profile" if run.profile else None, "eval" if run.eval else None
+            text(m.command) if m is not None else None, "profile" if run.profile else None, "eval" if run.eval else None
         ),  # fmt: skip
-        "method": text(m.get("method")),
-        "ratio": text(m.get("ratio")),
-        "bits": text(m.get("bits")),
-        "params_before": first(num(m.get("params_before")), num(base.get("params"))),
-        "params_after": first(num(m.get("params_after")), num(ev.get("params"))),
-        "bytes_before": first(num(m.get("bytes_before")), num(base.get("bytes"))),
-        "bytes_after": first(num(m.get("bytes_after")), num(ev.get("bytes"))),
+        "method": " + ".join(t for st in stages if (t := text(st.get("method")))) or None,
+        "setting": " → ".join(s for st in stages if (s := _setting(st))) or None,
+        "params_before": first(num(m.params_before) if m else None, num(base.get("params"))),
+        "params_after": first(num(m.params_after) if m else None, num(ev.get("params"))),
+        "bytes_before": first(num(m.bytes_before) if m else None, num(base.get("bytes"))),
+        "bytes_after": first(num(m.bytes_after) if m else None, num(ev.get("bytes"))),
         "kl_to_base": num(ev.get("kl_to_base")),
         "top1_agreement": num(ev.get("top1_agreement")),
-        "elapsed_s": first(num(m.get("elapsed_s")), num(m.get("seconds"))),
+        "elapsed_s": num(m.elapsed_s) if m is not None else None,
         "profile_elapsed_s": num(p.get("elapsed_s")),
-        "tool_version": text(first(m.get("tool_version"), p.get("tool_version"))),
+        "tool_version": text(first(run.tool_version, p.get("tool_version"))),
         "calibration_fingerprint": text(
-            first(m.get("calibration_fingerprint"), mcal.get("fingerprint"), cal.get("fingerprint"))
-        ),
-        "source_fingerprint": text(first(m.get("source_fingerprint"), p.get("model_fingerprint"))),
+            first(
+                *(st.get("calibration_fingerprint") for st in stages),
+                mcal.get("fingerprint"),
+                cal.get("fingerprint"),
+            )
+        ),  # fmt: skip
+        "source_fingerprint": text(first((m.source_fingerprint or None) if m else None, p.get("model_fingerprint"))),
     }
+
+
+def _setting(stage: dict[str, Any]) -> str | None:
+    """ "ratio 0.25" for a prune/atom/merge stage, "3 bits" for a quantize stage."""
+    if stage["op"] == "quantize":
+        bits = text(stage.get("bits"))
+        return f"{bits} bits" if bits is not None else None
+    ratio = text(stage.get("ratio"))
+    return f"ratio {ratio}" if ratio is not None else None
 
 
 def _change(before: Any, after: Any, key: str, fmt=fmt_num, as_bytes: bool = False) -> str:
@@ -127,7 +132,7 @@ def _summary(runs: list[RunSidecars]) -> str:
             "Command / method",
             [text_cell(" / ".join(str(x) for x in (f["command"], f["method"]) if x) or None) for f in facts],
         ),  # fmt: skip
-        ("Ratio / bits", [text_cell(_setting(f)) for f in facts]),
+        ("Ratio / bits", [text_cell(f["setting"]) for f in facts]),
         ("Parameters", [_change(f["params_before"], f["params_after"], f"run{i}.params") for i, f in enumerate(facts)]),
         (
             "Bytes on disk",
@@ -172,21 +177,13 @@ def _fingerprint(value: Any) -> str:
     return f'<td class="mono" title="{esc(text)}">{esc(short)}</td>'
 
 
-def _setting(f: dict[str, Any]) -> str | None:
-    if f["ratio"] is not None:
-        return f"ratio {f['ratio']}"
-    if f["bits"] is not None:
-        return f"{f['bits']} bits"
-    return None
-
-
 def _base_ppl(runs: list[RunSidecars]) -> dict[str, float] | None:
     """Perplexities of the uncompressed model: an ``eval_base.json``, or the eval of a folder whose ``model`` is a
     compressed run's ``source_model`` (e.g. the profile run's eval of the base model)."""
     for run in runs:
         if run.eval_base is not None and perplexities(run.eval_base):
             return perplexities(run.eval_base)
-    sources = {str(r.manifest.get("source_model")) for r in runs if r.manifest and r.manifest.get("source_model")}
+    sources = {r.manifest.source_model for r in runs if r.manifest is not None and r.manifest.source_model}
     for run in runs:
         if run.manifest is None and run.eval is not None and str(run.eval.get("model")) in sources:
             return perplexities(run.eval)
@@ -269,22 +266,17 @@ def _warnings(runs: list[RunSidecars]) -> list[tuple[str, Any]]:
             out.append((run.name, "no sidecar files found in this folder"))
         out += [(run.name, p) for p in run.problems]
         prof_key = str(run.profile_path.resolve()) if run.profile_path else f"run{id(run)}"
-        docs = [("manifest", run.manifest), ("bit plan", run.bit_plan), ("eval", run.eval)]
+        docs = [("bit plan", run.bit_plan), ("eval", run.eval)]
         if prof_key not in seen_profiles:  # a profile shared by several runs is reported once
             seen_profiles.add(prof_key)
             docs.insert(0, ("profile", run.profile))
             out += _low_token_warning(run)
+        if run.manifest is not None:
+            out += _capped(f"{run.name} (manifest)", run.manifest.warnings)
         for label, doc in docs:
             ws = (doc or {}).get("warnings")
             out += _capped(f"{run.name} ({label})", ws if isinstance(ws, list) else ([ws] if ws else []))
         plan = run.bit_plan or {}
-        records = plan.get("experts") if isinstance(plan.get("experts"), list) else []
-        fallbacks = [
-            f"layer {clip(r.get('layer'))} expert {clip(r.get('expert'))}: fallback {clip(r.get('fallback'))}"
-            for r in records
-            if isinstance(r, dict) and r.get("fallback")
-        ]
-        out += _capped(f"{run.name} (bit plan)", fallbacks)
         few = plan.get("few_token_experts")
         if isinstance(few, list) and few:
             cells = ", ".join(f"L{x[0]}/E{x[1]}" if isinstance(x, list) and len(x) == 2 else str(x) for x in few[:60])
@@ -353,7 +345,7 @@ def build_report(paths: Sequence[str | Path], title: str | None = None, names: S
         sections.append((f"profile{i}", f"Profile: {run.name}", profile_section(run.profile, str(run.profile_path),
                                                                                  f"profile{i}")))  # fmt: skip
     for i, run in enumerate(runs):
-        body = actions_section(run.manifest, run.bit_plan, run.profile, f"run{i}")
+        body = actions_section(run.manifest, run.manifest_error, run.bit_plan, run.profile, f"run{i}")
         if body:
             sections.append((f"done{i}", f"What was done: {run.name}", body))
     warns = _warnings(runs)
@@ -382,7 +374,7 @@ def _drop_redundant_profiles(runs: list[RunSidecars]) -> list[RunSidecars]:
         return str(r.profile_path.resolve()) if r.profile_path is not None else None
 
     def profile_only(r: RunSidecars) -> bool:
-        return r.profile is not None and not any((r.manifest, r.bit_plan, r.eval, r.eval_base))
+        return r.profile is not None and not any((r.manifest, r.manifest_error, r.bit_plan, r.eval, r.eval_base))
 
     used = {key(r) for r in runs if not profile_only(r)}
     kept = [r for r in runs if not (profile_only(r) and key(r) in used)]

@@ -1,14 +1,22 @@
-"""Tolerant readers for the sidecar files that moecompress commands write.
+"""Readers for the sidecar files that moecompress commands write.
 
-A run folder (``moecompress profile -o RUN``) or an output folder (``prune``/``merge``/``quantize -o OUT``) may hold:
-``profile.json``, ``moecompress.json`` (manifest), ``bit_plan.json``, ``eval.json`` and ``eval_base.json``. Every
-piece is optional; a file that is missing is ``None``, a file that cannot be read becomes a line in
-``RunSidecars.problems`` (shown in the report) instead of an exception. Nothing here recomputes a statistic.
+A run folder (``moecompress profile -o RUN``) or an output folder (``prune``/``merge``/``quantize``/``compress -o
+OUT``) may hold: ``profile.json``, ``moecompress.json`` (the manifest), ``bit_plan.json``, ``eval.json`` and
+``eval_base.json``. Every piece is optional; a file that is missing is ``None``, a file that cannot be read becomes
+a line in ``RunSidecars.problems`` (shown in the report) instead of an exception. Nothing here recomputes a
+statistic.
 
-Every field is untrusted. ``read_json`` bounds what is read (size, nesting depth; numbers beyond +-2**53, NaN and
-Inf become ``None``) and ``check_ranges`` turns counts and indices outside what any real model has (``MAX_LAYERS``
-layers, ``MAX_EXPERTS`` experts per layer) into "problems" lines; the helpers below skip those same values, so the
-work the report does is bounded by the real model's size, never by a number someone wrote into a file.
+The manifest has one schema (``moecompress.core.manifest``): it is read strictly with ``Manifest.from_dict``
+(schema-1 outputs of earlier versions read as one stage); one that does not fit is not guessed at but shown as
+an unreadable manifest with the reason (``RunSidecars.manifest_error``). Each stage section holds its op's own
+fields (``prune``: ``layers[l].kept``; ``atom``: ``layers[l].kept_experts``/``widths``; ``merge``:
+``layers[l].clusters``; ``quantize``: per-expert widths in ``bit_plan.json``).
+
+Every field is still untrusted. ``read_json`` bounds what is read (size, nesting depth; numbers beyond +-2**53,
+NaN and Inf become ``None``) and ``check_ranges`` turns counts and indices outside what any real model has
+(``MAX_LAYERS`` layers, ``MAX_EXPERTS`` experts per layer) into "problems" lines; the helpers below skip those
+same values, so the work the report does is bounded by the real model's size, never by a number someone wrote
+into a file.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from moecompress.core.errors import UserError
+from moecompress.core.manifest import Manifest
 from moecompress.report.svg import MAX_CELLS  # noqa: F401  (re-exported: layers x experts drawn per chart)
 
 PROFILE = "profile.json"
@@ -34,8 +43,6 @@ MAX_INT = 2**53  # larger integers are not exact as floats (and overflow charts)
 MAX_LAYERS = 1024  # decoder layers of the largest real MoE are ~100
 MAX_EXPERTS = 4096  # routed experts per layer of the largest real MoE are ~400
 MAX_LIST = 200  # warnings shown per source
-# Manifest keys that may point to the profile run a command reused.
-PROFILE_POINTERS = ("profile", "profile_dir", "profile_path", "profile_run")
 # writer.atomic_dir builds OUT in ".<name>.tmp-<pid>-<ms>" beside OUT and renames it when complete.
 ATOMIC_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-\d+-\d+$")
 
@@ -49,7 +56,9 @@ class RunSidecars:
     shown_path: Path | None = None
     profile: dict[str, Any] | None = None
     profile_path: Path | None = None
-    manifest: dict[str, Any] | None = None
+    manifest: Manifest | None = None
+    manifest_error: str | None = None  # why moecompress.json is not a manifest this moecompress reads
+    tool_version: str | None = None  # of the manifest (Manifest holds what the output is, not who wrote it)
     bit_plan: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
     eval_base: dict[str, Any] | None = None
@@ -58,7 +67,7 @@ class RunSidecars:
     @property
     def empty(self) -> bool:
         """True when no sidecar at all was found."""
-        return not any((self.profile, self.manifest, self.bit_plan, self.eval, self.eval_base))
+        return not any((self.profile, self.manifest, self.manifest_error, self.bit_plan, self.eval, self.eval_base))
 
 
 def read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
@@ -92,6 +101,27 @@ def read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
             f"{path.name}: {len(bad)} number(s) out of range (first: {where or 'value'} = {shown}); shown as –"
         )
     return data
+
+
+def read_manifest(run: RunSidecars, path: Path) -> None:
+    """Fill ``run.manifest`` from ``path`` (strictly), or ``run.manifest_error`` with the one-line reason."""
+    n = len(run.problems)
+    data = read_json(path, run.problems)
+    if data is None:
+        if len(run.problems) > n:  # present but unreadable: read_json said why
+            run.manifest_error = run.problems[-1]
+        return
+    _set_manifest(run, data)
+
+
+def _set_manifest(run: RunSidecars, data: dict[str, Any]) -> None:
+    try:
+        run.manifest = Manifest.from_dict(data, MANIFEST)
+    except UserError as err:
+        run.manifest_error = str(err)
+        run.problems.append(f"unreadable manifest: {err}")
+        return
+    run.tool_version = text(data.get("tool_version"))
 
 
 def _depth(data: Any) -> int:
@@ -144,7 +174,10 @@ def load_run(path: str | Path) -> RunSidecars:
         if data is None:
             raise UserError(f"{path} is not a readable JSON sidecar: give a run or output folder")
         kind = _kind_of(data, path.name)
-        setattr(run, kind, data)
+        if kind == "manifest":
+            _set_manifest(run, data)
+        else:
+            setattr(run, kind, data)
         if kind == "profile":
             run.profile_path = path
         check_ranges(run)
@@ -154,7 +187,7 @@ def load_run(path: str | Path) -> RunSidecars:
     if m := ATOMIC_TMP.match(name):  # a report written inside a command's temporary output folder
         name, shown = m["name"], path.parent / m["name"]
     run = RunSidecars(path=path, name=name, shown_path=shown)
-    run.manifest = read_json(path / MANIFEST, run.problems)
+    read_manifest(run, path / MANIFEST)
     run.bit_plan = read_json(path / BIT_PLAN, run.problems)
     run.eval = read_json(path / EVAL, run.problems)
     run.eval_base = read_json(path / EVAL_BASE, run.problems)
@@ -187,25 +220,30 @@ def check_ranges(run: RunSidecars) -> None:
                  or expert_of(e.get("expert")) is None]  # fmt: skip
         if wrong:
             out.append(f"{PROFILE}: {len(wrong)} expert record(s) with a layer or expert index out of range; ignored")
-    m = run.manifest
-    if m is not None:
-        for key in ("num_experts_before", "experts_before", "num_experts"):
-            if m.get(key) is not None and count_of(m[key]) is None:
-                bad(MANIFEST, key, m[key], f"a whole number 1..{MAX_EXPERTS}")
-        layers = m.get("layers")
-        if isinstance(layers, dict) and layers and int_key_dict(layers) is None:
-            out.append(f"{MANIFEST}: layers has keys that are not layer indices 0..{MAX_LAYERS - 1}; ignored")
+    for i, st in enumerate(run.manifest.stages if run.manifest is not None else []):
+        src = f"{MANIFEST} stage {i + 1} ({st['op']})"
+        for key in ("experts_before", "experts_after"):
+            if st.get(key) is not None and count_of(st[key]) is None:
+                bad(src, key, st[key], f"a whole number 1..{MAX_EXPERTS}")
+        layers = st.get("layers")
+        if layers is not None and int_key_dict(layers) is None:
+            out.append(f"{src}: layers is not a map of layer indices 0..{MAX_LAYERS - 1}; ignored")
         for layer, entry in (int_key_dict(layers) or {}).items():
-            listed = entry.get("kept", entry.get("clusters")) if isinstance(entry, dict) else entry
-            if isinstance(listed, list) and kept_experts(entry) is None and clusters_of(entry) is None:
-                out.append(f"{MANIFEST}: layer {layer} lists experts out of range 0..{MAX_EXPERTS - 1}; ignored")
+            key = LISTED.get(st["op"])
+            if key is not None and entry_experts(st["op"], entry) is None:
+                if isinstance(entry, dict) and entry.get(key) is not None:
+                    out.append(f"{src}: layer {layer} lists experts out of range 0..{MAX_EXPERTS - 1}; ignored")
+                else:
+                    out.append(f"{src}: layer {layer} has no {key} list; ignored")
 
 
-def _find_profile(folder: Path, manifest: dict[str, Any] | None) -> Path | None:
+def _find_profile(folder: Path, manifest: Manifest | None) -> Path | None:
+    """The folder's own profile.json, else the profile run a stage reused (its ``profile``: a path, absolute or
+    relative to the folder)."""
     if (folder / PROFILE).is_file():
         return folder / PROFILE
-    for key in PROFILE_POINTERS:
-        ref = (manifest or {}).get(key)
+    for st in manifest.stages if manifest is not None else []:
+        ref = st.get("profile")
         if not isinstance(ref, str) or not ref:
             continue
         for cand in (Path(ref), folder / ref):
@@ -357,84 +395,36 @@ def _indices(xs: Any) -> list[int] | None:
     return None if any(x is None for x in out) else sorted(out)  # type: ignore[type-var]
 
 
-def kept_experts(entry: Any) -> list[int] | None:
-    """Kept original expert indices from one manifest layer entry, whatever shape it has.
+# op -> the key of its layer entry that lists experts (prune: kept originals; atom: originals with >= 1 channel;
+# merge: one cluster of originals per new expert)
+LISTED = {"prune": "kept", "atom": "kept_experts", "merge": "clusters"}
 
-    Understands ``{"kept": [...]}``, ``{"kept_map"|"map"|"old_to_new": {old: new}}``, a bare ``{old: new}`` map
-    and a bare list of ints.
-    """
-    if isinstance(entry, list) and entry:
-        return _indices(entry)
-    if not isinstance(entry, dict):
+
+def entry_experts(op: str, entry: Any) -> list[int] | list[list[int]] | None:
+    """What a stage's layer entry lists (see ``LISTED``): sorted expert indices, or for ``merge`` the clusters;
+    ``None`` when absent or when any index is out of range."""
+    value = entry.get(LISTED[op]) if isinstance(entry, dict) else None
+    if op != "merge":
+        return _indices(value)
+    if not isinstance(value, list) or not value or len(value) > MAX_EXPERTS:
         return None
-    for key in ("kept", "kept_experts", "keep"):
-        if isinstance(entry.get(key), list):
-            return _indices(entry[key])
-    for key in ("kept_map", "map", "old_to_new", "mapping"):
-        m = int_key_dict(entry.get(key), MAX_EXPERTS)
-        if m is not None:
-            return sorted(k for k, v in m.items() if v is not None)
-    m = int_key_dict(entry, MAX_EXPERTS)
-    if m is not None and all(num(v) is not None or v is None for v in m.values()):
-        return sorted(k for k, v in m.items() if v is not None)
-    return None
-
-
-def clusters_of(entry: Any) -> list[list[int]] | None:
-    """Merge clusters (lists of old expert indices, one per new expert) from one manifest layer entry."""
-    cand = entry.get("clusters") if isinstance(entry, dict) else None
-    if isinstance(cand, dict):
-        m = int_key_dict(cand, MAX_EXPERTS)
-        cand = [m[k] for k in sorted(m)] if m is not None else list(cand.values())
-    if isinstance(cand, list) and cand and len(cand) <= MAX_EXPERTS and all(isinstance(c, list) for c in cand):
-        out = [_indices(c) for c in cand]
-        if all(c is not None for c in out) and sum(len(c) for c in out) <= MAX_EXPERTS:  # type: ignore[arg-type]
-            return [[int(x) for x in c] for c in cand]
-    return None
+    out = [_indices(c) for c in value]
+    if any(c is None for c in out) or sum(len(c) for c in out) > MAX_EXPERTS:  # type: ignore[arg-type]
+        return None
+    return [[int(x) for x in c] for c in value]
 
 
 def plan_widths(bit_plan: dict[str, Any] | None) -> dict[tuple[int, int], float]:
-    """{(layer, expert): bits} from a bit plan, reading ``experts``/``plan``/``assignments`` records or a
-    ``layers`` map of per-layer widths (a layer-wide width or a list/map of per-expert widths)."""
-    if not isinstance(bit_plan, dict):
-        return {}
+    """{(layer, expert): bits} from bit_plan.json's ``layers[l].experts`` records (``{"expert", "bits", ...}``)."""
     out: dict[tuple[int, int], float] = {}
-
-    def bits_of(b: Any) -> float | None:
-        v = num(b)
-        return v if v is not None and 0 < v <= 64 else None
-
-    for key in ("experts", "plan", "assignments", "entries"):
-        records = bit_plan.get(key)
-        if isinstance(records, list):
-            for r in records:
-                if not isinstance(r, dict):
-                    continue
-                layer, ex = layer_of(r.get("layer")), expert_of(r.get("expert"))
-                bits = bits_of(first(r.get("bits"), r.get("width"), r.get("w")))
-                if layer is not None and ex is not None and bits is not None:
-                    out[(layer, ex)] = bits
-            if out:
-                return out
-    layers = int_key_dict(bit_plan.get("layers"))
+    layers = int_key_dict(bit_plan.get("layers")) if isinstance(bit_plan, dict) else None
     for layer, entry in (layers or {}).items():
-        per: Any = entry
-        if isinstance(entry, dict):
-            per = first(entry.get("experts"), entry.get("widths"))
-            n, scalar = count_of(first(entry.get("num_experts"), entry.get("n_experts"))), num(entry.get("bits"))
-            if per is None and n is not None and scalar is not None:  # one width for the whole layer
-                per = [scalar] * n
-        items = (
-            list(enumerate(per[:MAX_EXPERTS]))
-            if isinstance(per, list)
-            else list((int_key_dict(per, MAX_EXPERTS) or {}).items())
-        )
-        for ex, b in items:
-            if isinstance(b, dict):
-                ex = first(expert_of(b.get("expert")), ex)
-                b = first(b.get("bits"), b.get("width"))
-            if bits_of(b) is not None:
-                out[(layer, ex)] = b
+        records = entry.get("experts") if isinstance(entry, dict) else None
+        for r in records[:MAX_EXPERTS] if isinstance(records, list) else []:
+            ex = expert_of(r.get("expert")) if isinstance(r, dict) else None
+            bits = num(r.get("bits")) if isinstance(r, dict) else None
+            if ex is not None and bits is not None and 0 < bits <= 64:
+                out[(layer, ex)] = bits
     return out
 
 

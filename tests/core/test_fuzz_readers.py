@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from moecompress.core.checkpoint import Checkpoint
 from moecompress.core.errors import UserError
+from moecompress.core.manifest import LAYOUTS, OPS
 from moecompress.report import build_report
 
 FAST = settings(
@@ -100,7 +101,7 @@ profile_like = st.fixed_dictionaries(
 manifest_like = st.fixed_dictionaries(
     {
         "command": scalars,
-        "num_experts_before": st.one_of(st.integers(-5, 10**12), scalars),
+        "experts_before": st.one_of(st.integers(-5, 10**12), scalars),
         "layers": st.one_of(
             st.dictionaries(
                 st.one_of(st.text(max_size=3), st.integers(0, 10**9).map(str)),
@@ -119,15 +120,70 @@ manifest_like = st.fixed_dictionaries(
         "source_fingerprint": json_values,
     }
 )
+# schema 2 with valid common fields, so that the stage sections (untrusted too) reach the report's renderers
+stage_like = st.fixed_dictionaries(
+    {"op": st.sampled_from(OPS)},
+    optional={
+        "experts_before": st.one_of(st.integers(-5, 10**12), scalars),
+        "experts_after": st.one_of(st.integers(-5, 10**12), scalars),
+        "layers": st.one_of(
+            st.dictionaries(
+                st.one_of(st.text(max_size=3), st.integers(0, 10**9).map(str)),
+                st.one_of(
+                    st.fixed_dictionaries({"kept": st.lists(st.integers(-3, 10**12), max_size=4)}),
+                    st.fixed_dictionaries({"clusters": st.lists(st.lists(st.integers(-3, 10**9), max_size=3))}),
+                    st.fixed_dictionaries(
+                        {"kept_experts": st.lists(st.integers(-3, 10**9), max_size=4), "widths": json_values}
+                    ),
+                    json_values,
+                ),
+                max_size=3,
+            ),
+            json_values,
+        ),
+        "protected": json_values,
+        "protected_why": json_values,
+        "profile": json_values,
+        "method": json_values,
+        "ratio": json_values,
+        "bits": json_values,
+    },
+)
+stage_manifest_like = st.fixed_dictionaries(
+    {
+        "schema": st.just(2),
+        "command": st.text(max_size=8),
+        "layout": st.sampled_from(LAYOUTS),
+        "load_with": st.text(max_size=8),
+        "source_model": st.text(max_size=8),
+        "source_fingerprint": st.text(max_size=8),
+        "calibration": st.one_of(st.none(), st.dictionaries(st.text(max_size=6), json_values, max_size=3)),
+        "params_before": st.integers(0, 10**12),
+        "bytes_before": st.integers(0, 10**12),
+        "params_after": st.one_of(st.none(), st.integers(0, 10**12)),
+        "bytes_after": st.one_of(st.none(), st.integers(0, 10**12)),
+        "elapsed_s": st.one_of(st.none(), st.floats(0, 1e6)),
+        "warnings": st.lists(st.text(max_size=8), max_size=3),
+        "stages": st.lists(stage_like, max_size=3),
+    }
+)
 plan_like = st.fixed_dictionaries(
     {
-        "experts": st.lists(
-            st.fixed_dictionaries(
-                {"layer": st.integers(-2, 10**12), "expert": st.integers(-2, 10**12), "bits": scalars}
+        "layers": st.one_of(
+            st.dictionaries(
+                st.one_of(st.text(max_size=3), st.integers(-2, 10**12).map(str)),
+                st.fixed_dictionaries(
+                    {
+                        "experts": st.lists(
+                            st.fixed_dictionaries({"expert": st.integers(-2, 10**12), "bits": scalars}), max_size=4
+                        )
+                    }
+                ),
+                max_size=3,
             ),
-            max_size=4,
+            json_values,
         ),
-        "layers": json_values,
+        "few_token_experts": json_values,
     }
 )
 eval_like = st.fixed_dictionaries(
@@ -139,7 +195,7 @@ eval_like = st.fixed_dictionaries(
 @given(
     docs=st.tuples(
         st.one_of(profile_like, json_values),
-        st.one_of(manifest_like, json_values),
+        st.one_of(manifest_like, stage_manifest_like, json_values),
         st.one_of(plan_like, json_values),
         st.one_of(eval_like, json_values),
     )
@@ -164,8 +220,10 @@ def test_report_renders_any_sidecars_quickly(docs):
         ("moecompress.json", '{"a":' * 200 + "1" + "}" * 200, "nested too deeply"),
         ("profile.json", json.dumps({"moe_layers": [1], "num_experts": 10**400, "experts": []}), "out of range"),
         ("moecompress.json", '{"bytes_after": ' + "9" * 5000 + "}", "cannot be read"),
-        ("moecompress.json", json.dumps({"command": "prune", "num_experts_before": 10**12, "layers": {"1": [0]}}),
-         "num_experts_before = 1000000000000 is out of range"),
+        ("moecompress.json", json.dumps({"command": "prune", "experts_before": 10**12, "layers": {"1": {"kept": [0]}}}),
+         "experts_before = 1000000000000 is out of range"),
+        ("moecompress.json", json.dumps({"schema": 2, "command": "prune", "stages": []}), "unreadable manifest"),
+        ("moecompress.json", json.dumps({"command": 7}), "field command is 7"),
         ("bit_plan.json", json.dumps({"experts": [{"layer": 1, "expert": 10**12, "bits": 4}]}), ""),
         ("profile.json", json.dumps({"moe_layers": list(range(3)), "num_experts": 4,
                                      "experts": [{"layer": 0, "expert": 0, "reap": float("inf")}]}), "out of range"),
