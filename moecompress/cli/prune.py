@@ -1,4 +1,4 @@
-"""`moecompress prune`: parse, validate, call ``pruning.prune_model`` (whole experts) or ``atomic_prune`` (atoms)."""
+"""`moecompress prune`: parse, validate, call ``prune.run.prune_model`` (whole experts) or ``atomic_prune`` (atoms)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from ..core.errors import UserError
 from ..core.progress import console, out_console
-from ..prune.run import DEFAULT_METHOD, DEFAULT_REFIT, METHODS, REFITS
+from ..prune.transform import DEFAULT_METHOD, DEFAULT_REFIT, METHODS, REFITS
 from .common import (
     INT_MAX,
     BatchOpt,
@@ -119,30 +119,32 @@ def prune(
         return
     if layout == "exact":
         raise UserError("--layout exact is for --granularity atom; whole experts use uniform or per-layer")
-    from ..prune.run import PruneOptions, prune_model
+    from ..prune.run import prune_model
+    from ..prune.transform import PruneOptions
 
     opts = PruneOptions(
         ratio=ratio, method=method or DEFAULT_METHOD, layout=layout, protect_super=protect_super, seed=seed,
         error_tokens=error_tokens, refit=refit or DEFAULT_REFIT,
     )  # fmt: skip
     man = prune_model(model, output, opts, profile, calib, samples, seq_len, batch_size, dev, overwrite)
-    for w in man["warnings"]:
+    stage = man.stage("prune") or {}
+    for w in man.warnings:
         console.print(f"[yellow]warning:[/] {w}")
-    sup = [f"L{l}E{e}" for l, e in man["protected"]]
-    shared = sorted({p["module"] for p in man["protected_why"] if p["why"] == "shared"})
+    sup = [f"L{l}E{e}" for l, e in stage["protected"]]
+    shared = sorted({p["module"] for p in stage["protected_why"] if p["why"] == "shared"})
     out_console.print(
         f"protected: super experts {', '.join(sup) if sup else 'none'}"
         + (f"; shared experts ({', '.join(shared)}) are never pruned" if shared else "")
     )
-    counts = [v["num_experts"] for v in man["layers"].values()]
+    counts = [v["num_experts"] for v in stage["layers"].values()]
     per = f"{counts[0]}" if len(set(counts)) == 1 else f"{min(counts)}-{max(counts)} (per layer: {counts})"
-    saved = 1 - man["bytes_after"] / man["bytes_before"]
+    after = man.bytes_after or 0
     out_console.print(
-        f"pruned {man['experts_before']} -> {per} experts per MoE layer ({man['method']}, {man['layout']}) in "
-        f"{man['elapsed_s']:.1f}s: {man['bytes_before']:,} -> {man['bytes_after']:,} bytes ({saved:.1%} smaller)"
-        f" -> {output}"
+        f"pruned {stage['experts_before']} -> {per} experts per MoE layer ({stage['method']}, {man.layout}) in "
+        f"{man.elapsed_s or 0:.1f}s: {man.bytes_before:,} -> {after:,} bytes ({1 - after / man.bytes_before:.1%} "
+        f"smaller) -> {output}"
     )
-    if man["layout"] != "uniform":
+    if man.layout != "uniform":
         out_console.print("per-layer layout: load it exactly with moecompress.load(path)")
 
 

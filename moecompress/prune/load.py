@@ -6,7 +6,7 @@ the stock transformers model from the config on the meta device, loads every oth
 layer its own fused expert parameters ``gate_up_proj [k_l, 2I, H]``, ``down_proj [k_l, H, I]``, router rows and
 biases, and sets the modules' own ``num_experts`` (their forward reads it). Nothing is padded: it is exact.
 
-``set_layer_experts`` is also how a model in memory is pruned (``prune_in_memory``).
+``set_block_experts`` is also how a model in memory is pruned (``prune_in_memory``, ``PruneTransform``).
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from ..core.checkpoint import Checkpoint
 from ..core.errors import UserError
 from ..core.families import Family, MoEWeights, family_for
-from ..core.loading import read_manifest
+from ..core.manifest import Manifest
 
 LAYOUT = "per-layer"
 
 
-def set_layer_experts(model: nn.Module, fam: Family, layer: int, w: MoEWeights) -> None:
-    """Replace one MoE layer's routed experts and router by ``w`` (k experts) and set the modules' counts."""
-    block = getattr(model.model.layers[layer], fam.module_block)
+def set_block_experts(block: nn.Module, fam: Family, w: MoEWeights, layer: int = -1) -> None:
+    """Replace one MoE block's routed experts and router by ``w`` (k experts) and set the modules' counts."""
     experts, router = getattr(block, fam.experts), getattr(block, fam.router)
     k = w.num_experts
     experts.gate_up_proj = nn.Parameter(torch.cat([w.gate, w.up], dim=1), requires_grad=False)  # [k, 2I, H]
@@ -45,9 +44,8 @@ def set_layer_experts(model: nn.Module, fam: Family, layer: int, w: MoEWeights) 
         router.num_experts = k
 
 
-def layer_view(model: nn.Module, fam: Family, layer: int) -> MoEWeights:
-    """The per-layer view of an in-memory transformers model's MoE layer."""
-    block = getattr(model.model.layers[layer], fam.module_block)
+def block_view(block: nn.Module, fam: Family) -> MoEWeights:
+    """The per-layer view of a transformers MoE block as it is now (its own tensors, not copies)."""
     experts, router = getattr(block, fam.experts), getattr(block, fam.router)
     I = experts.down_proj.shape[-1]
     gu = experts.gate_up_proj.data  # [E, 2I, H]
@@ -59,6 +57,30 @@ def layer_view(model: nn.Module, fam: Family, layer: int) -> MoEWeights:
         router_bias=router.bias.data if getattr(router, "bias", None) is not None else None,
         correction_bias=getattr(router, fam.correction_bias) if fam.correction_bias else None,
     )
+
+
+def set_layer_experts(model: nn.Module, fam: Family, layer: int, w: MoEWeights) -> None:
+    """``set_block_experts`` on decoder layer ``layer`` of a transformers model."""
+    set_block_experts(getattr(model.model.layers[layer], fam.module_block), fam, w, layer)
+
+
+def layer_view(model: nn.Module, fam: Family, layer: int) -> MoEWeights:
+    """``block_view`` of decoder layer ``layer`` of a transformers model."""
+    return block_view(getattr(model.model.layers[layer], fam.module_block), fam)
+
+
+def kept_lists(path: Path) -> dict[int, list[int]]:
+    """Each MoE layer's kept experts (original indices) from the folder's moecompress.json (its prune stage)."""
+    manifest = Manifest.read(path)
+    section = manifest.stage("prune") if manifest is not None else None
+    if section is None:
+        raise UserError(f"{path}/moecompress.json has no prune stage: not an expert-pruning output")
+    try:
+        return {int(l): [int(e) for e in v["kept"]] for l, v in section["layers"].items()}
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise UserError(
+            f"{path}/moecompress.json has no per-layer kept-expert lists ({err}): not a prune output"
+        ) from None
 
 
 @torch.no_grad()
@@ -76,13 +98,7 @@ def load_per_layer(
 ) -> PreTrainedModel:
     """Rebuild a per-layer expert-pruned folder as a stock transformers model (see the module docstring)."""
     path = Path(path)
-    manifest = read_manifest(path) or {}
-    try:
-        counts = {int(l): len(v["kept"]) for l, v in manifest["layers"].items()}
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(
-            f"{path}/moecompress.json has no per-layer kept-expert lists ({err}): not a prune output"
-        ) from None
+    counts = {l: len(kept) for l, kept in kept_lists(path).items()}
     dtype = dtype or torch.float32
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     fam = family_for(config)

@@ -13,10 +13,25 @@ from typer.testing import CliRunner
 from moecompress.cli.main import app
 from moecompress.core import loading
 from moecompress.core.checkpoint import Checkpoint
+from moecompress.core.manifest import Manifest
 from moecompress.merge.run import DTYPE_BYTES
 from moecompress.profile.run import build_profile, collect, save_profile
 from moecompress.prune.load import load_per_layer, prune_in_memory
-from moecompress.prune.run import PruneOptions, prune_model
+from moecompress.prune.run import prune_model as _prune_model
+from moecompress.prune.transform import PruneOptions
+
+
+def _flat(man):
+    """A one-stage manifest as one dict: its common fields and its prune section (moecompress.json schema 2)."""
+    assert [s["op"] for s in man.stages] == ["prune"]
+    return {**man.to_dict(), **man.stage("prune")}
+
+
+def prune_model(*args, **kw):
+    """``prune.run.prune_model``; the manifest it returns equals the moecompress.json it wrote."""
+    man = _prune_model(*args, **kw)
+    assert Manifest.read(args[1]) == man
+    return _flat(man)
 
 
 def _tokens(n=4, s=16, vocab=320):
@@ -198,7 +213,7 @@ def test_cli_prunes_with_profile_and_reports_protection(tmp_path, tokenizer_dir)
     r = _cli(path, "--ratio", "0.34", "--method", "frequency", "--profile", prof, "-o", tmp_path / "out")
     assert r.exit_code == 0, r.output
     assert "shared experts (shared_expert) are never pruned" in r.output.replace("\n", " ")
-    man = json.loads((tmp_path / "out" / "moecompress.json").read_text())
+    man = _flat(Manifest.read(tmp_path / "out"))
     assert man["method"] == "frequency" and man["experts_after"] == 4 and man["tool"] == "moecompress"
     assert man["profile"] == str(prof.resolve())
     freq = load_file(str(prof / "profile.safetensors"))
@@ -231,9 +246,10 @@ def test_cli_atom_granularity_dispatches_to_atomic_prune(tmp_path, tokenizer_dir
     r = _cli(path, "--ratio", "0.25", "--granularity", "atom", "--method", "magnitude", "--layout", "exact",
              "--profile", prof, "-o", out)  # fmt: skip
     assert r.exit_code == 0, r.output
-    man = json.loads((out / "moecompress.json").read_text())
-    assert man["command"] == "prune --granularity atom" and man["method"] == "activation_magnitude"
-    assert man["routed_channels_removed_fraction"] == pytest.approx(0.25, abs=0.01)
+    man = Manifest.read(out)
+    atoms = man.stage("atom") or man.stage("prune")  # a manifest of schema 1 reads as one "prune" stage
+    assert man.command == "prune --granularity atom" and atoms["method"] == "activation_magnitude"
+    assert atoms["routed_channels_removed_fraction"] == pytest.approx(0.25, abs=0.01)
     r = _cli(path, "--ratio", "0.25", "--granularity", "atom", "--layout", "per-layer", "-o", tmp_path / "x")
     assert r.exit_code == 2 and "granularity expert" in r.output and not (tmp_path / "x").exists()
 

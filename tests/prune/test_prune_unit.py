@@ -5,28 +5,26 @@ import torch
 from conftest import build_tiny
 from transformers import AutoModelForCausalLM
 
-from moecompress.core.errors import UserError
 from moecompress.core.families import family_for
 from moecompress.merge.refit import refit_down
 from moecompress.prune.load import layer_view, prune_in_memory
-from moecompress.prune.run import (
+from moecompress.prune.order import (
     ExpertOutputs,
+    NotEnoughRemovable,
     RouterSpec,
     Step,
-    _choice,
-    _dense,
     combine,
-    expert_outputs,
+    kept_global,
+    kept_uniform,
     output_error_order,
+    outputs_by_token,
     possible_ratios,
-    refit_downs,
-    refit_router,
     removal_count,
     route,
+    router_choice,
     score_order,
-    select_global,
-    select_uniform,
 )
+from moecompress.prune.refit import dense_weights, refit_downs, refit_router
 
 SOFT = RouterSpec(top_k=2)
 GROUPED = RouterSpec(top_k=2, kind="sigmoid_group", n_group=2, topk_group=1)
@@ -35,18 +33,18 @@ GROUPED = RouterSpec(top_k=2, kind="sigmoid_group", n_group=2, topk_group=1)
 def test_removal_count_rounds_and_refuses():
     assert removal_count(16, 0.25, SOFT) == (4, None)
     assert removal_count(16, 0.5, SOFT) == (8, None)
-    with pytest.raises(UserError, match="between 0 and 1"):
+    with pytest.raises(ValueError, match="between 0 and 1"):
         removal_count(16, 1.0, SOFT)
-    with pytest.raises(UserError, match="between 0 and 1"):
+    with pytest.raises(ValueError, match="between 0 and 1"):
         removal_count(16, 0.0, SOFT)
-    with pytest.raises(UserError, match="fewer than top-k 2"):
+    with pytest.raises(ValueError, match="fewer than top-k 2"):
         removal_count(6, 0.9, SOFT)  # 5 removed, 1 left
-    with pytest.raises(UserError, match="removes no expert"):
+    with pytest.raises(ValueError, match="removes no expert"):
         removal_count(6, 0.01, SOFT)
     n, note = removal_count(8, 0.34, GROUPED)  # 3 of 8 breaks 8 % 2: the same count from each group instead
     assert n == 4 and "multiple of n_group=2" in note
     assert GROUPED.min_keep() == 4  # two per group (top-2 group scores), and topk_group * per_group >= top_k
-    with pytest.raises(UserError, match="router's minimum 4"):
+    with pytest.raises(ValueError, match="router's minimum 4"):
         removal_count(8, 0.7, GROUPED)
 
 
@@ -60,20 +58,20 @@ def test_score_order_groups_and_protection():
     assert len(grouped) == 3  # group 0 has only 3 unprotected experts
 
 
-def test_select_uniform_and_global():
+def test_kept_uniform_and_global():
     orders = {
         0: [Step((e,), c) for e, c in [(3, 0.01), (2, 0.02), (1, 0.5)]],
         1: [Step((e,), c) for e, c in [(0, 0.1), (1, 0.2), (2, 0.3)]],
     }
-    assert select_uniform(orders, 1, 4) == {0: [0, 1, 2], 1: [1, 2, 3]}
-    glob = select_global(orders, 2, 4, min_keep=2)
+    assert kept_uniform(orders, 1, 4) == {0: [0, 1, 2], 1: [1, 2, 3]}
+    glob = kept_global(orders, 2, 4, min_keep=2)
     assert glob == {0: [0, 1], 1: [0, 1, 2, 3]}  # both of layer 0's cheap steps, none of layer 1's
-    glob = select_global(orders, 3, 4, min_keep=2)  # layer 0 stops at min_keep, the next goes to layer 1
+    glob = kept_global(orders, 3, 4, min_keep=2)  # layer 0 stops at min_keep, the next goes to layer 1
     assert glob == {0: [0, 1], 1: [1, 2, 3]}
-    with pytest.raises(UserError, match="protected"):
-        select_uniform({0: orders[0][:1]}, 2, 4)
-    with pytest.raises(UserError, match="only 4 of the 5"):
-        select_global(orders, 5, 4, min_keep=2)
+    with pytest.raises(NotEnoughRemovable, match="protected"):
+        kept_uniform({0: orders[0][:1]}, 2, 4)
+    with pytest.raises(NotEnoughRemovable, match="only 4 of the 5"):
+        kept_global(orders, 5, 4, min_keep=2)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
@@ -174,8 +172,8 @@ def test_incremental_greedy_equals_naive_recompute(spec, cached):
     for seed in range(3):
         x, gate, up, down, logits, corr = _experts(seed)
         corr = corr if spec.kind != "softmax" else None
-        dense = expert_outputs(x, gate, up, down)
-        src = ExpertOutputs(x, gate, up, down, _choice(logits, spec, corr), 3) if cached else dense
+        dense = outputs_by_token(x, gate, up, down)
+        src = ExpertOutputs(x, gate, up, down, router_choice(logits, spec, corr), 3) if cached else dense
         n = 6 if spec.n_group == 1 else 4  # two rounds of one expert per group: each group of 4 keeps 2
         protected = {5} if spec.n_group == 1 else set()
         order = output_error_order(src, logits, spec, protected, n, corr)
@@ -188,9 +186,9 @@ def test_incremental_greedy_equals_naive_recompute(spec, cached):
         )
 
 
-def test_expert_outputs_cache_is_exact_and_reuses_freed_slots():
+def test_outputs_by_token_cache_is_exact_and_reuses_freed_slots():
     x, gate, up, down, logits, _ = _experts(4, T=50)
-    dense = expert_outputs(x, gate, up, down)
+    dense = outputs_by_token(x, gate, up, down)
     src = ExpertOutputs(x, gate, up, down, logits, 2)
     rows = torch.arange(50)
     idx = torch.randint(0, 8, (50, 3), generator=torch.Generator().manual_seed(0))
@@ -206,20 +204,20 @@ def test_expert_outputs_cache_is_exact_and_reuses_freed_slots():
 
 def test_group_rounding_says_so_and_lists_possible_ratios():
     eight_pairs = RouterSpec(top_k=2, kind="sigmoid_group", n_group=8, topk_group=2)
-    with pytest.raises(UserError) as err:
+    with pytest.raises(ValueError) as err:
         removal_count(16, 0.25, eight_pairs)
     msg = str(err.value)
     assert "4 of 16 experts rounds to 8" in msg and "8 groups of 2" in msg
     assert "router's minimum 16" in msg and "no ratio can remove experts" in msg
     four = RouterSpec(top_k=4, kind="sigmoid_group", n_group=4, topk_group=2)
     assert possible_ratios(16, four) == [0.25, 0.5]
-    with pytest.raises(UserError, match=r"13 of 16 experts rounds to 12 .*possible ratios: 0.25, 0.5"):
+    with pytest.raises(ValueError, match=r"13 of 16 experts rounds to 12 .*possible ratios: 0.25, 0.5"):
         removal_count(16, 0.8, four)
 
 
 def _layer_error(x, gate, up, down, weight, spec, removed, y0, corr=None):
-    src = ExpertOutputs(x, gate, up, down, _choice(x @ weight.T, spec, corr), 10)
-    y = combine(expert_outputs(x, gate, up, down), *route(x @ weight.T, spec, removed, corr))
+    src = ExpertOutputs(x, gate, up, down, router_choice(x @ weight.T, spec, corr), 10)
+    y = combine(outputs_by_token(x, gate, up, down), *route(x @ weight.T, spec, removed, corr))
     return src, float((y - y0).pow(2).sum())
 
 
@@ -232,7 +230,7 @@ def test_refit_lowers_the_pruned_layer_output_error(spec):
     gate, up = torch.randn(E, I, H, generator=g) * 0.5, torch.randn(E, I, H, generator=g) * 0.5
     down = torch.randn(E, H, I, generator=g) * 0.5
     weight = torch.randn(E, H, generator=g)
-    y0 = combine(expert_outputs(x, gate, up, down), *route(x @ weight.T, spec))
+    y0 = combine(outputs_by_token(x, gate, up, down), *route(x @ weight.T, spec))
     removed = torch.zeros(E, dtype=torch.bool)
     removed[[1, 4]] = True
     src, before = _layer_error(x, gate, up, down, weight, spec, removed, y0)
@@ -241,16 +239,16 @@ def test_refit_lowers_the_pruned_layer_output_error(spec):
     _, after = _layer_error(x, gate, up, down, rows, spec, removed, y0)
     assert after == pytest.approx(e1, rel=1e-4) and after < 0.9 * before
     assert torch.equal(rows[removed], weight[removed])
-    w_orig = _dense(*route(x @ weight.T, spec), E)
-    w_new = _dense(*route(x @ rows.T, spec, removed), E)
+    w_orig = dense_weights(*route(x @ weight.T, spec), E)
+    w_new = dense_weights(*route(x @ rows.T, spec, removed), E)
     kept = [e for e in range(E) if not removed[e]]
     new_down = refit_downs(x, gate, up, down, kept, w_orig, w_new)
     assert torch.equal(new_down[removed], down[removed])
-    y = combine(expert_outputs(x, gate, up, new_down), *route(x @ rows.T, spec, removed))
+    y = combine(outputs_by_token(x, gate, up, new_down), *route(x @ rows.T, spec, removed))
     assert float((y - y0).pow(2).sum()) < 0.9 * after
 
 
-def test_expert_outputs_and_combine_equal_the_experts_module(tmp_path, tokenizer_dir):
+def test_outputs_by_token_and_combine_equal_the_experts_module(tmp_path, tokenizer_dir):
     path = build_tiny("qwen3_moe", tmp_path / "q", tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
     fam = family_for(model.config)
@@ -260,7 +258,7 @@ def test_expert_outputs_and_combine_equal_the_experts_module(tmp_path, tokenizer
         _, w, idx = block.gate(x)
         ref = block.experts(x, idx, w)
         v = layer_view(model, fam, 0)
-        ours = combine(expert_outputs(x, v.gate, v.up, v.down), w, idx)
+        ours = combine(outputs_by_token(x, v.gate, v.up, v.down), w, idx)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -274,7 +272,7 @@ def test_output_error_search_and_refit_on_cuda_equal_cpu(spec):
     runs = []
     for dev in ("cpu", "cuda"):
         t = [v.to(dev) if v is not None else None for v in (x, gate, up, down, logits, corr)]
-        src = ExpertOutputs(t[0], t[1], t[2], t[3], _choice(t[4], spec, t[5]), 3)
+        src = ExpertOutputs(t[0], t[1], t[2], t[3], router_choice(t[4], spec, t[5]), 3)
         runs.append(output_error_order(src, t[4], spec, {5} if spec.n_group == 1 else set(), n, t[5]))
     assert [s.experts for s in runs[0]] == [s.experts for s in runs[1]]
     assert [s.cost for s in runs[0]] == pytest.approx([s.cost for s in runs[1]], rel=1e-4, abs=1e-9)
@@ -283,12 +281,12 @@ def test_output_error_search_and_refit_on_cuda_equal_cpu(spec):
         removed[[1, 4]] = True
         xc, wc = x.cuda(), (torch.randn(8, 6, generator=torch.Generator().manual_seed(2))).cuda()
         gc, uc, dc = gate.cuda(), up.cuda(), down.cuda()
-        y0 = combine(expert_outputs(xc, gc, uc, dc), *route(xc @ wc.T, spec))
+        y0 = combine(outputs_by_token(xc, gc, uc, dc), *route(xc @ wc.T, spec))
         src = ExpertOutputs(xc, gc, uc, dc, xc @ wc.T, 4)
         rows, _, e0, e1 = refit_router(src, xc, wc, None, spec, removed, y0, steps=10)
         assert rows.device.type == "cuda" and e1 <= e0
         kept = [e for e in range(8) if not removed[e]]
-        w_o, w_n = _dense(*route(xc @ wc.T, spec), 8), _dense(*route(xc @ rows.T, spec, removed), 8)
+        w_o, w_n = dense_weights(*route(xc @ wc.T, spec), 8), dense_weights(*route(xc @ rows.T, spec, removed), 8)
         assert refit_downs(xc, gc, uc, dc, kept, w_o, w_n).device.type == "cuda"
 
 
@@ -358,13 +356,13 @@ def test_cheap_down_refit_equals_the_member_sum_form(spec):
     removed = torch.zeros(E, dtype=torch.bool)
     removed[[0, 3] if spec.n_group == 1 else [0, 5]] = True
     kept = [e for e in range(E) if not removed[e]]
-    w_orig = _dense(*route(logits, spec, None, corr), E)
+    w_orig = dense_weights(*route(logits, spec, None, corr), E)
     w_p, idx_p = route(logits + 0.3 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)), spec,
                        removed, corr)  # fmt: skip
-    w_new = _dense(w_p, idx_p, E)
+    w_new = dense_weights(w_p, idx_p, E)
     ref = refit_downs_members(x, gate, up, down, kept, w_orig, w_new)
     ours = refit_downs(x, gate, up, down, kept, w_orig, w_new)
-    dense = expert_outputs(x, gate, up, down)
+    dense = outputs_by_token(x, gate, up, down)
     given = refit_downs(x, gate, up, down, kept, None, w_new, y0=combine(dense, *route(logits, spec, None, corr)),
                         y_new=combine(dense, w_p, idx_p))  # fmt: skip
     assert not torch.equal(ref[kept], down[kept])
@@ -382,7 +380,7 @@ def test_router_refit_error_is_exact_for_tokens_routed_outside_their_candidates(
     gate, up, down = (torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g),
                       torch.randn(E, H, I, generator=g))  # fmt: skip
     weight = torch.randn(E, H, generator=g)
-    y0 = combine(expert_outputs(x, gate, up, down), *route(x @ weight.T, SOFT))
+    y0 = combine(outputs_by_token(x, gate, up, down), *route(x @ weight.T, SOFT))
     removed = torch.zeros(E, dtype=torch.bool)
     removed[[2, 7]] = True
     src, before = _layer_error(x, gate, up, down, weight, SOFT, removed, y0)

@@ -1,0 +1,531 @@
+"""Expert pruning's pure math (DESIGN.md section 5): which routed experts each MoE layer loses, and in what order.
+
+Every method turns one MoE layer into a *removal order*: a list of steps, each a set of experts removed together
+(one expert; one expert per group for group-limited routers such as DeepSeek-V3's ``n_group``) with a cost.
+  frequency / routing-mass / reap / random: ascending profile score (normalized to a share of the layer);
+  output-error (NAEE-style greedy): on MoE-block inputs, repeatedly make unroutable the expert whose removal (its
+    tokens go to their next choice) changes the layer's routed output least; cost = the increase of ||y_R - y||^2
+    relative to a scale (the residual stream's energy on the same tokens, so layers compare). Exact and
+    incremental: per (token, expert that can change its routing) the error of that removal is kept, and a removal
+    recomputes only the tokens whose top-k it can change. Memory: each token's best k+2 expert outputs [T, k+2, H]
+    (more on demand, into removed experts' slots) and [T, E] tables, T = error tokens; never [T, E, H].
+Selection: ``kept_uniform`` takes the first n experts of every layer's order; ``kept_global`` the cheapest steps
+across all layers (costs compared globally), keeping at least the router's minimum in each layer.
+Protected experts (super experts) never appear in an order; shared experts are not routed, so never candidates.
+Bad arguments raise ``ValueError`` (``NotEnoughRemovable`` when protection leaves too few candidates).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core.experts import expert_forward
+
+PROFILE_KEYS = {"reap": "reap", "frequency": "frequency", "routing-mass": "routing_mass"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """Experts removed together, and what removing them costs (comparable across layers)."""
+
+    experts: tuple[int, ...]
+    cost: float
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How a family's router turns logits into top-k weights (transformers 5.x semantics)."""
+
+    top_k: int
+    kind: str = "softmax"  # softmax | sigmoid_group (DeepSeek-V3)
+    norm_topk: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    scaling: float = 1.0
+
+    @classmethod
+    def from_config(cls, fam: Any, cfg: Any) -> RouterSpec:
+        if fam.correction_bias:
+            return cls(
+                top_k=fam.top_k(cfg), kind="sigmoid_group", norm_topk=fam.norm_topk(cfg), n_group=fam.n_group(cfg),
+                topk_group=int(getattr(cfg, "topk_group", 1) or 1),
+                scaling=float(getattr(cfg, "routed_scaling_factor", 1.0) or 1.0),
+            )  # fmt: skip
+        return cls(top_k=fam.top_k(cfg), norm_topk=fam.norm_topk(cfg))
+
+    def min_keep(self) -> int:
+        """Fewest experts a layer may keep and still route (>= top-k; every group >= 2 for group routing)."""
+        if self.kind != "sigmoid_group":
+            return self.top_k
+        per_group = max(2, math.ceil(self.top_k / max(self.topk_group, 1)))
+        return max(self.top_k, per_group * self.n_group)
+
+
+# ---- how many -------------------------------------------------------------------------------------------
+def possible_ratios(num_experts: int, spec: RouterSpec) -> list[float]:
+    """Ratios that remove a whole number of experts from every group and keep the router's minimum."""
+    E, g = num_experts, spec.n_group
+    return [m / E for m in range(g, E, g) if E - m >= spec.min_keep()]
+
+
+def removal_count(num_experts: int, ratio: float, spec: RouterSpec) -> tuple[int, str | None]:
+    """n experts removed per layer for ``ratio`` (uniform layout); a note when rounded to a multiple of n_group.
+
+    ValueError (starting "ratio ...") when the ratio removes nothing or leaves fewer than the router's minimum."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio {ratio} must be between 0 and 1 (the fraction of routed experts removed)")
+    E, g = num_experts, spec.n_group
+    n = raw = round(ratio * E)
+    note = None
+    if g > 1 and n % g:
+        m = max(g, round(n / g) * g)
+        note = f"ratio {ratio}: {n} of {E} experts is not a multiple of n_group={g}; removing {m} ({m // g} per group)"
+        n = m
+    if n < 1:
+        raise ValueError(f"ratio {ratio} removes no expert of {E}: use a ratio of at least {1 / E:.3f}")
+    if E - n < spec.min_keep():
+        if g == 1:
+            what = f"top-k {spec.top_k}" if spec.kind == "softmax" else f"the router's minimum {spec.min_keep()}"
+            raise ValueError(f"ratio {ratio} leaves {E - n} of {E} experts, fewer than {what}: lower the ratio")
+        per = spec.min_keep() // g
+        asked = (
+            f"{raw} of {E} experts rounds to {n} (the same number from each of the {g} groups of {E // g})"
+            if raw != n
+            else f"{n} of {E} experts"
+        )
+        ok = possible_ratios(E, spec)
+        hint = (
+            "possible ratios: " + ", ".join(f"{r:g}" for r in ok)
+            if ok
+            else f"no ratio can remove experts from this model (every group must keep {per})"
+        )
+        raise ValueError(
+            f"ratio {ratio}: {asked}, which leaves {E - n}, fewer than the router's minimum {spec.min_keep()} "
+            f"({per} per group, top-k {spec.top_k}); {hint}"
+        )
+    return n, note
+
+
+# ---- score orders ---------------------------------------------------------------------------------------
+def method_scores(profile: Any, layer: int, method: str, seed: int = 0) -> torch.Tensor:
+    """[E] importance of each expert (higher = keep), as a share of the layer's total.
+
+    ``profile``: anything with ``layer(l, name) -> [E]`` (``profile.run.Profile``)."""
+    if method not in (*PROFILE_KEYS, "random"):
+        raise ValueError(f"method {method!r} has no profile score (one of {', '.join([*PROFILE_KEYS, 'random'])})")
+    if method == "random":
+        g = torch.Generator().manual_seed(seed * 1009 + layer)
+        n = profile.layer(layer, "frequency").shape[0]
+        return torch.rand(n, generator=g, dtype=torch.float64)
+    s = profile.layer(layer, PROFILE_KEYS[method]).double().clamp_min(0)  # [E]
+    total = float(s.sum())
+    return s / total if total > 0 else s
+
+
+def score_order(scores: torch.Tensor, protected: set[int], n_group: int = 1) -> list[Step]:
+    """Removal order by ascending score; with groups, step r removes the r-th weakest expert of every group."""
+    E = scores.shape[0]
+    Eg = E // n_group
+    per_group = []
+    for g in range(n_group):
+        cand = [e for e in range(g * Eg, (g + 1) * Eg) if e not in protected]
+        per_group.append(sorted(cand, key=lambda e: (float(scores[e]), e)))
+    rounds = min(len(c) for c in per_group)
+    return [
+        Step(tuple(sorted(c[r] for c in per_group)), sum(float(scores[c[r]]) for c in per_group)) for r in range(rounds)
+    ]
+
+
+# ---- output-error greedy ---------------------------------------------------------------------------------
+def route(logits: torch.Tensor, spec: RouterSpec, removed: torch.Tensor | None = None, correction=None):
+    """Top-k weights and indices [T, k] of the router with ``removed`` [E] (bool) experts unroutable.
+
+    Masking a logit to -inf is the same as deleting the router row: softmax renormalizes over the rest, and
+    DeepSeek's group scores (top-2 sum of each group) skip the masked experts while a group keeps two."""
+    logits = logits.float()  # [T, E]
+    if spec.kind == "softmax":
+        if removed is not None:
+            logits = logits.masked_fill(removed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        w, idx = probs.topk(spec.top_k, dim=-1)
+        if spec.norm_topk:
+            w = w / w.sum(-1, keepdim=True)
+        return w, idx
+    scores = logits.sigmoid()  # [T, E]
+    choice = scores + (correction.float() if correction is not None else 0.0)
+    if removed is not None:
+        choice = choice.masked_fill(removed, float("-inf"))
+    T, E = choice.shape
+    g = spec.n_group
+    group_scores = choice.view(T, g, E // g).topk(2, dim=-1)[0].sum(-1)  # [T, g]
+    gidx = group_scores.topk(spec.topk_group, dim=-1, sorted=False)[1]
+    gmask = torch.zeros_like(group_scores).scatter_(1, gidx, 1).bool()
+    choice = choice.masked_fill(~gmask.repeat_interleave(E // g, dim=1), float("-inf"))
+    idx = choice.topk(spec.top_k, dim=-1, sorted=False)[1]
+    w = scores.gather(1, idx)
+    if spec.norm_topk:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * spec.scaling, idx
+
+
+def outputs_by_token(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: Callable = torch.nn.functional.silu
+) -> torch.Tensor:
+    """Unweighted output of every expert on every token, token-major: x [T, H], gate/up [E, I, H], down [E, H, I]
+    -> [T, E, H] (all experts at once, for small problems and tests; ``merge.similarity.expert_outputs`` is the
+    expert-major [E, T, H] one)."""
+    xf = x.float()
+    h = act(torch.einsum("th,eih->tei", xf, gate.float())) * torch.einsum("th,eih->tei", xf, up.float())
+    return torch.einsum("tei,ehi->teh", h, down.float())
+
+
+def combine(outs: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Routed output [T, H] from expert outputs [T, E, H], weights and indices [T, k]."""
+    picked = outs.gather(1, idx[:, :, None].expand(-1, -1, outs.shape[-1]))  # [T, k, H]
+    return (picked * w[:, :, None]).sum(1)
+
+
+class DenseOutputs:
+    """Expert outputs held as one [T, E, H] tensor (small problems and tests)."""
+
+    def __init__(self, outs: torch.Tensor):
+        self.outs = outs
+
+    def get(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """[P] token rows, [P, k] experts -> [P, k, H] unweighted outputs."""
+        return self.outs[rows[:, None], idx].float()
+
+    def release(self, e: int) -> None:
+        pass
+
+
+class ExpertOutputs:
+    """Unweighted outputs f_e(x_t) of (token, expert) pairs without a [T, E, H] tensor.
+
+    Each token's ``c`` best-ranked experts under the original router (the ones its routing can move to as experts
+    are removed) are computed once into [T, c, H]; any other pair is computed when asked for (exact either way)."""
+
+    def __init__(
+        self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, rank: torch.Tensor,
+        c: int, act: Callable = torch.nn.functional.silu,
+    ):  # fmt: skip
+        T, E = rank.shape
+        c = max(1, min(c, E))
+        self.x, self.gate, self.up, self.down, self.act = x, gate, up, down, act
+        top = rank.topk(c, dim=1).indices  # [T, c]
+        dev = x.device
+        self.slot = torch.full((T, E), -1, dtype=torch.int32, device=dev)
+        top = top.to(dev)
+        self.slot.scatter_(1, top, torch.arange(c, dtype=torch.int32, device=dev).expand(T, c).contiguous())
+        self.cache = torch.empty(T, c, down.shape[1], device=dev)
+        self.owner = top.to(torch.int32)  # [T, c] expert held in each slot (-1: free)
+        flat = top.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=E).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                pos = order[start : start + n]
+                start += n
+                self.cache.view(T * c, -1)[pos] = self.apply(e, x[pos // c])
+
+    def release(self, e: int) -> None:
+        """Expert e was removed: its slots may hold other experts' outputs from now on."""
+        rows = (self.slot[:, e] >= 0).nonzero().squeeze(1)
+        self.owner[rows, self.slot[rows, e].long()] = -1
+        self.slot[rows, e] = -1
+
+    def apply(self, e: int, xr: torch.Tensor) -> torch.Tensor:
+        """f_e on rows xr [n, H] -> [n, H] (float32)."""
+        return expert_forward(xr.float(), self.gate[e].float(), self.up[e].float(), self.down[e].float(), self.act)
+
+    def get(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """[P] token rows, [P, k] experts -> [P, k, H] unweighted outputs."""
+        s = self.slot[rows[:, None], idx]  # [P, k]
+        out = self.cache[rows[:, None], s.clamp_min(0).long()]  # [P, k, H] (a copy)
+        miss = (s < 0).nonzero()
+        if miss.numel():
+            pr, pk = miss.unbind(1)
+            E = self.slot.shape[1]
+            keys, inv = (rows[pr] * E + idx[pr, pk]).unique(return_inverse=True)  # sorted by token
+            tok, exp = keys // E, keys % E
+            vals = torch.empty(keys.numel(), out.shape[-1], device=out.device)
+            for e in exp.unique().tolist():
+                sel = exp == e
+                vals[sel] = self.apply(e, self.x[tok[sel]])
+            out[pr, pk] = vals[inv]
+            self._keep(tok, exp, vals)
+        return out
+
+    def _keep(self, tok: torch.Tensor, exp: torch.Tensor, vals: torch.Tensor) -> None:
+        """Store computed pairs (sorted by token) in their token's free slots, as far as there are any."""
+        _, first, counts = tok.unique_consecutive(return_inverse=True, return_counts=True)
+        rank = (
+            torch.arange(tok.numel(), device=tok.device) - (counts.cumsum(0) - counts)[first]
+        )  # n-th miss of its token
+        free = self.owner[tok] < 0  # [U, c]
+        pick = (free.cumsum(1) == rank[:, None] + 1) & free
+        ok = pick.any(1)
+        if bool(ok.any()):
+            t, e, sl = tok[ok], exp[ok], pick[ok].int().argmax(1)
+            self.cache[t, sl] = vals[ok]
+            self.owner[t, sl] = e.to(torch.int32)
+            self.slot[t, e] = sl.to(torch.int32)
+
+
+def routed_output(src: Any, rows: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Routed output [P, H] of token rows [P] under weights/indices [P, k]."""
+    return (src.get(rows, idx) * w[:, :, None]).sum(1)
+
+
+def router_choice(logits: torch.Tensor, spec: RouterSpec, correction: torch.Tensor | None) -> torch.Tensor:
+    """The score the router ranks experts by: logits (softmax) or sigmoid scores + correction bias."""
+    if spec.kind == "softmax":
+        return logits
+    return logits.sigmoid() + (correction.float() if correction is not None else 0.0)
+
+
+def _sets(
+    logits: torch.Tensor, spec: RouterSpec, removed: torch.Tensor, idx: torch.Tensor, correction: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For token rows with top-k ``idx``: (affecting [n, E], depends [n, E]) boolean masks.
+
+    affecting: the experts whose removal can change the token's routing (its top-k; with groups also the top-2 of
+    every group, which set the group scores). depends: the experts whose removal can change the routing the token
+    would get if one more expert went (softmax: its top-(k+1); groups: the top-max(3, k+1) of every group)."""
+    n, E = logits.shape
+    k = spec.top_k
+    choice = router_choice(logits, spec, correction).masked_fill(removed, float("-inf"))
+    aff = torch.zeros(n, E, dtype=torch.bool, device=logits.device)
+    aff.scatter_(1, idx, True)
+    dep = torch.zeros(n, E, dtype=torch.bool, device=logits.device)
+    if spec.kind == "softmax":
+        dep.scatter_(1, choice.topk(min(k + 1, E), dim=1).indices, True)
+        return aff, dep
+    g, Eg = spec.n_group, E // spec.n_group
+    off = (torch.arange(g, device=logits.device) * Eg)[None, :, None]
+    grouped = choice.view(n, g, Eg)
+    aff.scatter_(1, (grouped.topk(min(2, Eg), dim=-1).indices + off).reshape(n, -1), True)
+    dep.scatter_(1, (grouped.topk(min(max(3, k + 1), Eg), dim=-1).indices + off).reshape(n, -1), True)
+    return aff, dep | aff
+
+
+def output_error_order(
+    outs: Any,
+    logits: torch.Tensor,
+    spec: RouterSpec,
+    protected: set[int],
+    max_remove: int,
+    correction: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> list[Step]:
+    """Greedy removal order: each step drops the expert whose removal raises the relative error least.
+
+    outs: [T, E, H] expert outputs, or an object with ``get(rows, idx)`` (``ExpertOutputs``); logits [T, E] router
+    logits (+ router bias) on the same tokens. Error of a removed set R: ||y_R - y||^2 / scale summed over tokens
+    (y = routed output with every expert; scale defaults to ||y||^2; pass the residual stream's energy on the same
+    tokens to compare layers). With groups, every group loses one expert per round (the round is one step; its
+    cost is the round's error increase).
+
+    Exact and incremental: the error a candidate's removal adds is kept per (token, expert) pair for the experts
+    that can change the token's routing (``_sets``); a removal recomputes only the tokens whose routing depends on
+    the removed expert. Without top-k renormalization (softmax over all experts) removing any expert rescales every
+    token's weights by Z / (Z - exp(l_e)); that part is closed-form from per-token scalars."""
+    src = outs if hasattr(outs, "get") else DenseOutputs(outs)
+    logits = logits.float()
+    T, E = logits.shape
+    g, Eg = spec.n_group, E // spec.n_group
+    dev = logits.device
+    rows_all = torch.arange(T, device=dev)
+    y0 = routed_output(src, rows_all, *route(logits, spec, None, correction)).double()  # [T, H]
+    C = y0.pow(2).sum(1)  # [T] ||y||^2
+    denom = max(float(scale if scale is not None else C.sum()), 1e-30)
+    nonorm = spec.kind == "softmax" and not spec.norm_topk
+    removed = torch.zeros(E, dtype=torch.bool, device=dev)
+    blocked = torch.zeros(E, dtype=torch.bool, device=dev)
+    blocked[sorted(protected)] = True
+    d2 = torch.zeros(T, dtype=torch.float64, device=dev)  # ||y_R - y||^2 per token
+    pair = torch.zeros(T, E, dtype=torch.float64, device=dev)  # per (token, affecting expert): new d2, or ||u||^2
+    ub = torch.zeros(T, E, dtype=torch.float64, device=dev) if nonorm else None  # nonorm: <u, y>
+    aff = torch.zeros(T, E, dtype=torch.bool, device=dev)
+    dep = torch.zeros(T, E, dtype=torch.bool, device=dev)
+    if nonorm:  # exp(l - max) per token; Z = sum over the experts still routable; A = ||y_R||^2, B = <y_R, y>
+        el = (logits - logits.max(1, keepdim=True).values).double().exp()  # [T, E]
+        Z = el.sum(1)
+        A, B = C.clone(), C.clone()
+    chunk = max(1, (1 << 22) // (E + spec.top_k * y0.shape[1]))
+    delta = torch.zeros(
+        E, dtype=torch.float64, device=dev
+    )  # fixed modes: summed error increase of removing each expert
+
+    def gain(rows: torch.Tensor) -> torch.Tensor:  # [E] summed error increase of each removal over these rows
+        return ((pair[rows] - d2[rows, None]) * aff[rows]).sum(0)
+
+    def refresh(rows: torch.Tensor) -> None:
+        """Recompute the routing, error and pair errors of these tokens under the current removed set."""
+        step = max(64, (1 << 23) // ((2 * spec.top_k + 1) * y0.shape[1] + E))  # rows: ~32 MB of work at once
+        for s in range(0, rows.numel(), step):
+            r = rows[s : s + step]
+            if not nonorm:
+                delta.sub_(gain(r))
+            (_refresh_softmax if spec.kind == "softmax" else _refresh_general)(r)
+            if not nonorm:
+                delta.add_(gain(r))
+
+    def _store(rows: torch.Tensor, y: torch.Tensor) -> None:
+        if nonorm:
+            A[rows] = y.pow(2).sum(1)
+            B[rows] = (y * y0[rows]).sum(1)
+            d2[rows] = A[rows] - 2 * B[rows] + C[rows]
+        else:
+            d2[rows] = (y - y0[rows]).pow(2).sum(1)
+
+    def _refresh_softmax(rows: torch.Tensor) -> None:
+        # every removal from the top-k brings in the same (k+1)-th expert: one gather of k+1 outputs per token
+        k = spec.top_k
+        probs = torch.softmax(logits[rows].masked_fill(removed, float("-inf")), dim=-1)  # as route() does
+        pj, J = probs.topk(min(k + 1, E), dim=-1)  # [n, k+1]
+        f = src.get(rows, J)  # [n, k+1, H]
+        cur = pj[:, :k] / pj[:, :k].sum(-1, keepdim=True) if spec.norm_topk else pj[:, :k]
+        _store(rows, torch.einsum("nk,nkh->nh", cur, f[:, :k]).double())
+        n, kk = J.shape
+        wt = pj[:, None, :].expand(n, k, kk).clone()  # [n, k (removed slot), k+1]
+        ar = torch.arange(k, device=dev)
+        wt[:, ar, ar] = 0.0
+        if spec.norm_topk:
+            wt = wt / wt.sum(-1, keepdim=True).clamp_min(1e-30)
+        yt = torch.einsum("nsj,njh->nsh", wt, f)  # [n, k, H]: output with top-k slot s removed
+        top = J[:, :k]
+        aff[rows], dep[rows] = False, False
+        aff[rows[:, None], top] = True
+        dep[rows[:, None], J] = True
+        pair[rows] = 0.0
+        yr = y0[rows][:, None, :]
+        if nonorm:  # weights are the current probabilities p_j = exp(l_j) / Z, so u = y_trial * Z
+            yt, z = yt.double(), Z[rows][:, None]
+            pair[rows[:, None], top] = yt.pow(2).sum(-1) * z * z
+            ub[rows] = 0.0
+            ub[rows[:, None], top] = (yt * yr).sum(-1) * z
+        else:  # a difference of outputs: float32 is enough per token; sums over tokens are float64
+            pair[rows[:, None], top] = (yt - yr.float()).pow(2).sum(-1).double()
+
+    def _refresh_general(rows: torch.Tensor) -> None:
+        lr = logits[rows]
+        w, idx = route(lr, spec, removed, correction)
+        _store(rows, routed_output(src, rows, w, idx).double())
+        a, d = _sets(lr, spec, removed, idx, correction)
+        aff[rows], dep[rows] = a, d
+        pair[rows] = 0.0
+        pr, pe = a.nonzero().unbind(1)
+        for s in range(0, pr.numel(), chunk):
+            r, e = pr[s : s + chunk], pe[s : s + chunk]
+            trial = removed.expand(r.numel(), E).clone()
+            trial[torch.arange(r.numel(), device=dev), e] = True
+            tok = rows[r]
+            yt = routed_output(src, tok, *route(lr[r], spec, trial, correction)).double()  # [P, H]
+            if nonorm:
+                zp = Z[tok] - el[tok, e]
+                pair[tok, e] = yt.pow(2).sum(1) * zp * zp
+                ub[tok, e] = (yt * y0[tok]).sum(1) * zp
+            else:
+                pair[tok, e] = (yt - y0[tok]).pow(2).sum(1)
+
+    refresh(rows_all)
+    lost = [0] * g
+    steps: list[Step] = []
+    prev = 0.0
+    round_experts: list[int] = []
+    round_cost = 0.0
+    for _ in range(max_remove):
+        least = min(lost)
+        cand = ~removed & ~blocked & (torch.tensor(lost, device=dev).repeat_interleave(Eg) == least)
+        if not bool(cand.any()):
+            break
+        if nonorm:
+            zp = Z[:, None] - el  # [T, E]
+            c = Z[:, None] / zp
+            new = (
+                torch.where(aff, pair / zp.pow(2) - 2 * ub / zp, c.pow(2) * A[:, None] - 2 * c * B[:, None])
+                + C[:, None]
+            )
+            delta = (new - d2[:, None]).sum(0)
+        score = delta.masked_fill(~cand, math.inf)
+        best = int(score.argmin())
+        err = (float(d2.sum()) + float(score[best])) / denom
+        removed[best] = True
+        src.release(best)
+        if nonorm:  # every token loses exp(l_best) from its normalizer; tokens whose top-k moved are recomputed
+            c = Z / (Z - el[:, best])
+            A *= c * c
+            B *= c
+            Z -= el[:, best]
+            d2.copy_(A - 2 * B + C)
+        refresh(dep[:, best].nonzero().squeeze(1))
+        lost[best // Eg] += 1
+        round_experts.append(best)
+        round_cost += err - prev
+        prev = err
+        if len(round_experts) == g:
+            steps.append(Step(tuple(sorted(round_experts)), round_cost))
+            round_experts, round_cost = [], 0.0
+    return steps
+
+
+# ---- selection -------------------------------------------------------------------------------------------
+class NotEnoughRemovable(ValueError):
+    """Protected experts (or the router's minimum) leave fewer removable experts than asked for."""
+
+
+def kept_uniform(orders: dict[int, list[Step]], n: int, num_experts: int) -> dict[int, list[int]]:
+    """Kept experts (ascending) per layer when every layer loses the first ``n`` experts of its order."""
+    kept: dict[int, list[int]] = {}
+    for l, order in orders.items():
+        gone: list[int] = []
+        for step in order:
+            if len(gone) >= n:
+                break
+            gone.extend(step.experts)
+        if len(gone) < n:
+            raise NotEnoughRemovable(
+                f"layer {l}: only {len(gone)} experts may be removed (the rest are protected), not {n}"
+            )
+        kept[l] = [e for e in range(num_experts) if e not in set(gone)]
+    return kept
+
+
+def kept_global(orders: dict[int, list[Step]], total: int, num_experts: int, min_keep: int) -> dict[int, list[int]]:
+    """Kept experts per layer when the ``total`` cheapest steps across all layers go (each layer keeps >= min_keep).
+
+    Steps of one layer are taken in order; the next step of every layer competes on cost."""
+    gone: dict[int, list[int]] = {l: [] for l in orders}
+    pos = dict.fromkeys(orders, 0)
+    heap = [(o[0].cost, l) for l, o in orders.items() if o]
+    heapq.heapify(heap)
+    removed = 0
+    while heap and removed < total:
+        _, l = heapq.heappop(heap)
+        step = orders[l][pos[l]]
+        if removed + len(step.experts) > total or num_experts - len(gone[l]) - len(step.experts) < min_keep:
+            continue  # this layer is done (steps of a layer have one size)
+        gone[l].extend(step.experts)
+        removed += len(step.experts)
+        pos[l] += 1
+        if pos[l] < len(orders[l]):
+            heapq.heappush(heap, (orders[l][pos[l]].cost, l))
+    if removed < total:
+        raise NotEnoughRemovable(
+            f"only {removed} of the {total} experts asked for can be removed (protected experts and the router's "
+            "minimum per layer)"
+        )
+    return {l: [e for e in range(num_experts) if e not in set(g)] for l, g in gone.items()}
+
+
+def rescaled(order: list[Step], factor: float) -> list[Step]:
+    """The same steps with every cost multiplied by ``factor``."""
+    return [Step(s.experts, s.cost * factor) for s in order]

@@ -1,0 +1,186 @@
+"""Compensation after expert pruning: refit what remains on calibration tokens at the layer's routed output.
+
+``refit_router``: the kept experts' router rows (and bias) by Adam on the layer's routed-output error with the
+model's hard top-k routing. ``refit_downs``: then their down projections by least squares, one kept expert at a
+time against the rest of the layer (explicit per-token targets from the cached expert outputs,
+``merge.refit.refit_down_to``; ~k expert evaluations per token). Same keys and shapes. Pure tensor functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..core.experts import expert_forward, expert_hidden
+from ..merge.refit import refit_down_to
+from .order import RouterSpec, route, router_choice
+
+
+def dense_weights(w: torch.Tensor, idx: torch.Tensor, E: int) -> torch.Tensor:
+    """Top-k weights/indices [T, k] -> dense [T, E] float64 (zeros off the top-k)."""
+    return torch.zeros(w.shape[0], E, dtype=torch.float64, device=w.device).scatter_add_(1, idx, w.double())
+
+
+@torch.enable_grad()
+def refit_router(
+    src: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: RouterSpec,
+    removed: torch.Tensor, y0: torch.Tensor, correction: torch.Tensor | None = None, steps: int = 100,
+    lr: float = 0.05,
+) -> tuple[torch.Tensor, torch.Tensor | None, float, float]:  # fmt: skip
+    """Refit the kept experts' router rows (and bias) so the pruned layer's routed output matches the original one.
+
+    Minimizes sum_x ||y_R(x) - y(x)||^2 (y: routed output with every expert, y_R: with ``removed`` [E] unroutable
+    and the new rows) by full-batch Adam on the rows, routing exactly as the model does (hard top-k: gradients
+    flow through the chosen experts' weights; a row that falls behind lets the next expert in). ``lr`` is the
+    step in logit units (scaled by the tokens' mean |x|). Returns (rows [E, H] with removed rows unchanged,
+    bias or None, error before, error after); the best iterate is kept, so the error never grows.
+    ``src``: expert outputs (``ExpertOutputs`` / ``DenseOutputs``) on the rows of x."""
+    T, H = x.shape
+    rows_all = torch.arange(T, device=x.device)
+    keep = (~removed).nonzero().squeeze(1)
+    xf = x.float()
+    base_w = weight.float()
+    base_b = bias.float() if bias is not None else None
+    y0 = y0.float()
+    p = base_w[keep].clone().requires_grad_(True)
+    params = [p]
+    pb = None
+    if base_b is not None:
+        pb = base_b[keep].clone().requires_grad_(True)
+        params.append(pb)
+    opt = torch.optim.Adam(params, lr=lr / max(float(xf.abs().mean()) * H**0.5, 1e-12))
+    # Each token's error is a quadratic in its k weights: ||sum_s w_s f_s - y||^2 = w^T G w - 2 w^T b + ||y||^2 with
+    # G, b over the token's candidate experts (float64): its k+4 best kept ones under the starting router, grown by
+    # the experts the refit routes it to (up to 3k+4); a token routed outside a full set is evaluated directly.
+    # Per step: [T, k, k] instead of [T, k, H].
+    E = weight.shape[0]
+    c = min(keep.numel(), spec.top_k + 4)
+    cap = min(keep.numel(), c + 2 * spec.top_k)
+    lg0 = xf @ base_w.T + (base_b if base_b is not None else 0.0)
+    cand = router_choice(lg0, spec, correction).masked_fill(removed, float("-inf")).topk(c, dim=1).indices  # [T, c]
+    cands = torch.cat([cand, cand[:, :1].expand(T, cap - c)], 1)  # [T, cap]; slots past count[t] are unused
+    count = torch.full((T,), c, dtype=torch.long, device=x.device)
+    slotmap = torch.full((T, E), -1, dtype=torch.long, device=x.device)
+    slotmap.scatter_(1, cand, torch.arange(c, device=x.device).expand(T, c).contiguous())
+    gram = torch.empty(T, cap, cap, dtype=torch.float64, device=x.device)
+    lin = torch.empty(T, cap, dtype=torch.float64, device=x.device)
+    const = y0.double().pow(2).sum(1)  # [T]
+
+    def fill(rows: torch.Tensor) -> None:
+        step = max(1, (1 << 22) // (cap * H))
+        for s in range(0, rows.numel(), step):
+            r = rows[s : s + step]
+            f = src.get(r, cands[r]).double()  # [n, cap, H]
+            gram[r] = f @ f.transpose(1, 2)
+            lin[r] = (f @ y0[r].double()[:, :, None]).squeeze(2)
+
+    def extend(rows: torch.Tensor, idx: torch.Tensor) -> None:
+        """Add the experts these tokens are routed to outside their candidates (as far as there is room)."""
+        sub = idx[rows]  # [n, k]
+        miss = slotmap[rows[:, None], sub] < 0
+        slot = count[rows][:, None] + miss.long().cumsum(1) - 1
+        ok = miss & (slot < cap)
+        grown = ok.any(1)
+        if not bool(grown.any()):
+            return
+        r2, kk = ok.nonzero().unbind(1)
+        t, e, sl = rows[r2], sub[r2, kk], slot[r2, kk]
+        cands[t, sl] = e
+        slotmap[t, e] = sl
+        count[rows] += ok.sum(1)
+        fill(rows[grown])
+
+    fill(rows_all)
+
+    def loss_fn() -> torch.Tensor:
+        w_full = base_w.index_put((keep,), p)
+        logits = xf @ w_full.T
+        if pb is not None:
+            logits = logits + base_b.index_put((keep,), pb)
+        w, idx = route(logits, spec, removed, correction)
+        pos = slotmap.gather(1, idx)  # [T, k]
+        outside = (pos < 0).any(1)
+        if bool(outside.any()):
+            extend(outside.nonzero().squeeze(1), idx)
+            pos = slotmap.gather(1, idx)
+        inside = (pos >= 0).all(1)
+        q = pos.clamp_min(0)
+        g = gram[rows_all[:, None, None], q[:, :, None], q[:, None, :]]  # [T, k, k]
+        wd = w.double()
+        per = (wd[:, :, None] * g * wd[:, None, :]).sum((1, 2)) - 2 * (wd * lin.gather(1, q)).sum(1) + const
+        loss = per[inside].sum()
+        out = (~inside).nonzero().squeeze(1)
+        if out.numel():
+            y = (src.get(out, idx[out]) * w[out, :, None]).sum(1)
+            loss = loss + (y - y0[out]).double().pow(2).sum()
+        return loss
+
+    best = (math.inf, None, None)
+    first = math.inf
+    for i in range(steps + 1):
+        opt.zero_grad()
+        loss = loss_fn()
+        val = float(loss.detach())
+        if i == 0:
+            first = val
+        if val < best[0]:
+            best = (val, p.detach().clone(), pb.detach().clone() if pb is not None else None)
+        if i == steps:
+            break
+        loss.backward()
+        opt.step()
+    rows = weight.clone()
+    rows[keep] = best[1].to(weight.dtype)
+    new_bias = None
+    if bias is not None:
+        new_bias = bias.clone()
+        new_bias[keep] = best[2].to(bias.dtype)
+    return rows, new_bias, first, best[0]
+
+
+def refit_downs(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, kept: list[int],
+    w_orig: torch.Tensor | None, w_new: torch.Tensor, ridge: float = 1e-3, y0: torch.Tensor | None = None,
+    y_new: torch.Tensor | None = None, act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.silu,
+) -> torch.Tensor:  # fmt: skip
+    """Least-squares down projections of the kept experts (``merge.refit.refit_down_to``, one kept expert at a time,
+    Gauss-Seidel: each fit sees the others' already refitted outputs).
+
+    For kept expert e on the tokens routed to it (new weight w_e > 0) the target is its share of the original
+    output, y(x) - sum_{j != e} w_j(x) f_j(x), reproduced by w_e(x) W h_e(x). The pruned layer's current output
+    is kept per token and updated after each fit, so each (token, routed expert) pair is evaluated about once.
+    Args: x [T, H]; gate/up [E, I, H], down [E, H, I] original experts; w_orig, w_new: dense routing weights [T, E]
+    of the original and the pruned (refitted) router; y0, y_new: [T, H] routed outputs of the original layer and
+    of the pruned one with the original downs when already known (e.g. from cached expert outputs), else computed;
+    act: the experts' activation (``experts.act_fn``). Returns [E, H, I] (removed experts' rows unchanged)."""
+
+    def f(e: int, xr: torch.Tensor) -> torch.Tensor:  # expert e's unweighted output [n, H], float32
+        return expert_forward(xr.float(), gate[e].float(), up[e].float(), down[e].float(), act)
+
+    def routed(w: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        y = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float64, device=x.device)
+        for e in experts:
+            on = (w[:, e] > 0).nonzero().squeeze(1)
+            if on.numel():
+                y[on] += w[on, e, None].double() * f(e, x[on]).double()
+        return y
+
+    E = gate.shape[0]
+    y0 = routed(w_orig, list(range(E))) if y0 is None else y0.double()
+    y_cur = routed(w_new, kept) if y_new is None else y_new.double().clone()
+    cur = down.clone()
+    for e in kept:
+        on = (w_new[:, e] > 0).nonzero().squeeze(1)
+        if not on.numel():
+            continue
+        xs, we = x[on], w_new[on, e].double()
+        h = expert_hidden(xs.float(), gate[e].float(), up[e].float(), act)  # [t, I] float32
+        old = cur[e].float().clone()  # cur[e] is overwritten below
+        mine = we[:, None] * (h @ old.T).double()  # e's current contribution
+        new = refit_down_to(xs, y0[on] - y_cur[on] + mine, we, gate[e], up[e], cur[e], ridge, act=h)
+        cur[e] = new
+        y_cur[on] += we[:, None] * (h @ (new.float() - old).T).double()
+    return cur

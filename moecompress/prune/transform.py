@@ -1,0 +1,301 @@
+"""Expert pruning as an engine transform: each MoE layer loses its weakest routed experts when the pass reaches it.
+
+    t = PruneTransform(spec, num_experts, PruneOptions(ratio=0.25), protected)        # output-error, sequential
+    t = PruneTransform(spec, num_experts, PruneOptions(0.25, method="reap"), protected, scores=scores)
+    engine.run([t, QuantTransform(...)], emit=out.add_layer)
+
+Per MoE layer ``moe_layer`` works on the block as the earlier stages left it (``ctx.block``, fp32): it takes every
+step-th of the layer's MoE inputs (at most ``error_tokens``), orders the experts (output error on those inputs, or
+the profile scores given to the constructor), keeps the block's experts that survive (router rows, biases and the
+correction bias follow, renumbered 0..k-1), optionally refits the kept router rows and down projections, and calls
+``ctx.replace`` with the layer's routed-expert and router tensors in the checkpoint's dtypes. The engine's forward
+then runs the pruned layer, so the next layer is ordered (and refitted) on the pruned earlier layers.
+
+When the experts are chosen: ``uniform`` output-error (the default) decides layer by layer in the same pass;
+score methods decide before the pass (``scores``); the ``per-layer`` layout (and ``sequential=False``) ranks every
+layer's steps globally, so it first needs a measuring pass (``measure=True``, which prunes nothing and only records
+``orders``) and then a second transform built with those ``orders``. A transform that needs no inputs (orders
+known, no refit) only slices weights: run it on an engine over zero windows and the pass does no compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from ..core.engine import Engine, LayerContext, Transform
+from .load import block_view, set_block_experts
+from .order import (
+    ExpertOutputs,
+    RouterSpec,
+    Step,
+    kept_global,
+    kept_uniform,
+    output_error_order,
+    removal_count,
+    rescaled,
+    route,
+    routed_output,
+    router_choice,
+    score_order,
+)
+from .refit import dense_weights, refit_downs, refit_router
+
+METHODS = ("reap", "frequency", "routing-mass", "random", "output-error")
+LAYOUTS = ("uniform", "per-layer")
+REFITS = ("none", "router", "router+down")
+DEFAULT_METHOD = "output-error"  # lowest KL at 25% and 50% on the built-in model (reports/prune_bench.md)
+DEFAULT_REFIT = "none"
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Everything that decides an expert pruning (recorded in moecompress.json)."""
+
+    ratio: float
+    method: str = DEFAULT_METHOD
+    layout: str = "uniform"
+    protect_super: bool = True
+    seed: int = 0
+    error_tokens: int = 4096  # output-error: calibration tokens per layer the greedy search measures on
+    error_scale: str = "residual"  # output-error costs relative to: residual (stream energy) | output (routed)
+    sequential: bool = True  # output-error, uniform: measure each layer on the already-pruned earlier layers
+    refit: str = DEFAULT_REFIT  # after removal, refit on calibration tokens: none | router | router+down
+
+    def validate(self) -> None:
+        """ValueError naming the option (as the CLI flag without its dashes) that is out of range."""
+        if not 0.0 < self.ratio < 1.0:
+            raise ValueError(f"ratio {self.ratio} must be between 0 and 1 (the fraction of routed experts removed)")
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)} for expert pruning")
+        if self.refit not in REFITS:
+            raise ValueError(f"refit {self.refit!r} is not one of {', '.join(REFITS)}")
+        if self.error_tokens < 1:
+            raise ValueError(f"error-tokens {self.error_tokens} must be at least 1")
+
+    @property
+    def decides_in_pass(self) -> bool:
+        """The experts are chosen layer by layer during the pruning pass (uniform sequential output error)."""
+        return self.method == "output-error" and self.layout == "uniform" and self.sequential
+
+
+def _sampled(offset: int, n: int, step: int, limit: int) -> torch.Tensor:
+    """Positions inside a batch of n tokens starting at global token ``offset`` that are sampled: global positions
+    0, step, 2 step, ... (at most ``limit`` of them)."""
+    first = (-offset) % step
+    pos = torch.arange(first, n, step)
+    return pos[: max(0, limit - (offset + first) // step)]
+
+
+def sample_rows(batches: list[torch.Tensor], limit: int) -> torch.Tensor:
+    """Every step-th row (step = total // limit, at most ``limit`` rows) of per-batch rows [T_b, H] -> [T, H]."""
+    step = max(1, sum(int(b.shape[0]) for b in batches) // limit)
+    out, offset = [], 0
+    for b in batches:
+        out.append(b[_sampled(offset, b.shape[0], step, limit).to(b.device)].clone())
+        offset += b.shape[0]
+    return torch.cat(out)
+
+
+class PruneTransform(Transform):
+    """Drop ``removal_count(num_experts, opts.ratio)`` routed experts of every MoE layer (see the module docstring).
+
+    Args:
+        spec: the router's semantics (``RouterSpec.from_config``); num_experts: the experts each MoE block has
+        when this stage reaches it; protected: per layer, experts never removed (indices of that block);
+        scores: per layer [E] importance (``order.method_scores`` of a profile) for the score methods;
+        orders: per layer removal orders from a measuring pass (the per-layer layout); measure: only order
+        the experts (on the unpruned layers) and record ``orders``, pruning nothing.
+    After the pass: ``kept`` (per layer, ascending), ``orders`` (costs on the scale ``opts.error_scale`` says),
+    ``refit_errors`` (per layer, relative to the unpruned layer's ||y||^2), ``notes`` (e.g. group rounding)."""
+
+    name = "prune"
+
+    def __init__(
+        self,
+        spec: RouterSpec,
+        num_experts: int,
+        opts: PruneOptions,
+        protected: dict[int, set[int]] | None = None,
+        scores: dict[int, torch.Tensor] | None = None,
+        orders: dict[int, list[Step]] | None = None,
+        measure: bool = False,
+    ):
+        opts.validate()
+        self.spec, self.E, self.opts, self.measure = spec, num_experts, opts, measure
+        self.protected = protected or {}
+        self.n, note = removal_count(num_experts, opts.ratio, spec)
+        self.notes = [note] if note else []
+        self.max_remove = self.n if opts.layout == "uniform" else num_experts - spec.min_keep()
+        self.scores = scores or {}
+        if opts.method != "output-error" and scores is None and orders is None:
+            raise ValueError(f"method {opts.method!r} orders experts by profile scores: pass scores")
+        if scores is not None:
+            orders = {l: score_order(s, self.protected.get(l, set()), spec.n_group) for l, s in scores.items()}
+        self.orders: dict[int, list[Step]] = dict(orders or {})
+        self.kept: dict[int, list[int]] = {}
+        if orders is not None and not measure:
+            self.kept = self._select(self.orders)
+        self.wants_inputs = measure or opts.refit != "none" or orders is None
+        self.refit_errors: dict[int, dict[str, float]] = {}
+        self._pending: tuple[list[Step] | None, float, torch.Tensor | None, torch.Tensor | None] | None = None
+        self._fam: Any = None
+        self._dtypes: dict[str, str] = {}
+
+    def _select(self, orders: dict[int, list[Step]]) -> dict[int, list[int]]:
+        if self.opts.layout == "uniform":
+            return kept_uniform(orders, self.n, self.E)
+        return kept_global(orders, self.n * len(orders), self.E, self.spec.min_keep())
+
+    def start(self, engine: Engine) -> None:
+        self._fam = engine.fam
+        self._dtypes = {k: v["dtype"] for k, v in engine.ckpt.tensor_info().items()}
+
+    @torch.no_grad()
+    def moe_layer(self, ctx: LayerContext) -> None:
+        l, fam, spec, opts = ctx.index, ctx.engine.fam, self.spec, self.opts
+        E = ctx.experts.down_proj.shape[0]
+        if E != self.E:
+            raise ValueError(
+                f"layer {l} has {E} routed experts when pruning reaches it; the transform expects {self.E}"
+            )
+        view = block_view(ctx.block, fam)
+        if not self.wants_inputs:  # chosen before the pass, nothing to refit: slice the block
+            self._apply(ctx, view.select(self.kept[l]))
+            return
+        x = sample_rows(ctx.inputs, opts.error_tokens)  # [T, H]
+        logits = x.float() @ view.router.float().T  # [T, E]
+        if view.router_bias is not None:
+            logits = logits + view.router_bias.float()
+        corr = view.correction_bias
+        # each token's best k+2 expert outputs; more are computed when asked for, into removed experts' slots
+        src = ExpertOutputs(x, view.gate, view.up, view.down, router_choice(logits, spec, corr), spec.top_k + 2,
+                            ctx.experts.act_fn)  # fmt: skip
+        rows_all = torch.arange(x.shape[0], device=x.device)
+        y0 = routed_output(src, rows_all, *route(logits, spec, None, corr))  # [T, H] the unpruned routed output
+        y0sq = max(float(y0.double().pow(2).sum()), 1e-30)
+        order = None
+        if l not in self.kept:
+            order = output_error_order(src, logits, spec, self.protected.get(l, set()), self.max_remove, corr, y0sq)
+        if self.measure:
+            self._pending = (order, y0sq, None, None)
+            return
+        keep = self.kept[l] = kept_uniform({l: order}, self.n, E)[l] if order is not None else self.kept[l]
+        removed = torch.ones(E, dtype=torch.bool, device=x.device)
+        removed[keep] = False
+        if opts.refit != "none":
+            view, stats = self._refit(ctx, src, x, view, removed, keep, y0, y0sq)
+            self._apply(ctx, view.select(keep))
+            xd = x.to(ctx.router.weight.dtype)  # the pruned layer's own routed output
+            _, w_p, idx_p = ctx.router(xd)
+            y_p = ctx.experts(xd, idx_p, w_p).float()
+            if opts.refit == "router+down":
+                stats["error_after_down"] = float((y_p - y0).double().pow(2).sum()) / y0sq
+            self.refit_errors[l] = {k: round(v, 6) for k, v in stats.items()}
+        else:
+            y_p = routed_output(src, rows_all, *route(logits, spec, removed, corr))
+            self._apply(ctx, view.select(keep))
+        self._pending = (order, y0sq, y0, y_p) if order is not None else None
+
+    def _refit(
+        self, ctx: LayerContext, src: ExpertOutputs, x: torch.Tensor, view: Any, removed: torch.Tensor,
+        keep: list[int], y0: torch.Tensor, y0sq: float,
+    ) -> tuple[Any, dict[str, float]]:  # fmt: skip
+        """The kept experts' router rows (then down projections) refitted to the unpruned routed output y0."""
+        spec, corr = self.spec, view.correction_bias
+        for e in removed.nonzero().squeeze(1).tolist():
+            src.release(e)  # their slots can hold the outputs the kept experts' routing moves to
+        rows, bias, e0, e1 = refit_router(src, x, view.router, view.router_bias, spec, removed, y0, corr)
+        view = replace(view, router=rows, router_bias=bias)
+        stats = {"error_before": e0 / y0sq, "error_after_router": e1 / y0sq}
+        if self.opts.refit == "router+down":
+            lg = x.float() @ rows.float().T + (bias.float() if bias is not None else 0.0)
+            w_p, idx_p = route(lg, spec, removed, corr)
+            y_new = routed_output(src, torch.arange(x.shape[0], device=x.device), w_p, idx_p)  # no extra evaluation
+            w_new = dense_weights(w_p, idx_p, self.E)
+            downs = refit_downs(x, view.gate, view.up, view.down, keep, None, w_new, y0=y0, y_new=y_new,
+                                act=ctx.experts.act_fn)  # fmt: skip
+            view = replace(view, down=downs)
+        return view, stats
+
+    def _apply(self, ctx: LayerContext, sel: Any) -> None:
+        """Leave the block pruned to ``sel`` and write its routed experts and router in the checkpoint's dtypes."""
+        l, fam = ctx.index, ctx.engine.fam
+        set_block_experts(ctx.block, fam, sel, l)
+        fallback = self._dtypes.get(fam.router_key(l), "F32")
+        tensors = fam.write_layer(sel, l)
+        ctx.replace({k: t.to("cpu", _DTYPES[self._dtypes.get(k, fallback)]) for k, t in tensors.items()})
+
+    @torch.no_grad()
+    def layer_done(self, ctx: LayerContext) -> None:
+        """Scale the layer's order costs by its residual stream's energy on the sampled tokens (layers compare)."""
+        if self._pending is None:
+            return
+        order, y0sq, y0, y_p = self._pending
+        self._pending = None
+        if order is None:
+            return
+        cache = ctx.engine.cache
+        r = sample_rows([cache[i].reshape(-1, cache[i].shape[-1]) for i in range(len(cache))], self.opts.error_tokens)
+        if y0 is not None:  # the unpruned layer's output on the same tokens: r = r_p + y - y_p
+            r = r.float() + y0 - y_p
+        energy = max(float(r.double().pow(2).sum()), 1e-30)
+        self.orders[ctx.index] = rescaled(order, y0sq / energy if self.opts.error_scale == "residual" else 1.0)
+
+    def config(self, cfg: dict[str, Any]) -> None:
+        if self.kept:
+            cfg.update(self._fam.expert_count_updates(max(len(k) for k in self.kept.values())))
+
+    def section(self) -> dict[str, Any]:
+        opts, E = self.opts, self.E
+        counts = {l: len(k) for l, k in self.kept.items()}
+        layers: dict[str, Any] = {}
+        for l in sorted(self.kept):
+            info: dict[str, Any] = {
+                "kept": self.kept[l],
+                "removed": [e for e in range(E) if e not in set(self.kept[l])],
+                "old_to_new": {str(e): i for i, e in enumerate(self.kept[l])},
+                "num_experts": counts[l],
+                "removal_order": [list(s.experts) for s in self.orders.get(l, [])],
+                "removal_costs": [round(s.cost, 8) for s in self.orders.get(l, [])],
+            }
+            if self.scores:
+                info["scores"] = [round(float(v), 8) for v in self.scores[l]]
+            layers[str(l)] = info
+        protected = sorted([l, e] for l, es in self.protected.items() for e in es)
+        why: list[dict[str, Any]] = [{"layer": l, "expert": e, "why": "super"} for l, e in protected]
+        if self._fam is not None and self._fam.shared:
+            why += [{"layer": l, "module": self._fam.shared, "why": "shared"} for l in sorted(self.kept)]
+        seq = "pruned earlier layers (sequential)"
+        return {
+            "granularity": "expert",
+            "method": opts.method,
+            "ratio": opts.ratio,
+            "options": asdict(opts),
+            "experts_before": E,
+            "experts_after": (max(counts.values()) if counts else E) if opts.layout == "per-layer" else E - self.n,
+            "experts_removed_total": sum(E - c for c in counts.values()),
+            "top_k": self.spec.top_k,
+            "n_group": self.spec.n_group,
+            "protected": protected,
+            "protected_why": why,
+            "chosen": "layer by layer in the pruning pass"
+            if opts.decides_in_pass
+            else "before the pruning pass, from profile scores"
+            if opts.method != "output-error"
+            else "before the pruning pass, from a measuring pass over the unpruned model (global ranking)",
+            "refit": opts.refit,
+            "refit_inputs": None if opts.refit == "none" else seq,
+            "refit_layer_errors": {str(l): v for l, v in sorted(self.refit_errors.items())},
+            "output_error_inputs": None
+            if opts.method != "output-error"
+            else seq
+            if opts.decides_in_pass
+            else "unpruned model",
+            "layers": layers,
+        }
