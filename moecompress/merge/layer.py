@@ -76,7 +76,6 @@ def merge_layer(
         MergeTargetError: the protected experts leave k-means no room in a group.
     """
     gen = torch.Generator().manual_seed(opts.seed)
-    E = w.num_experts
     xf = x.to(torch.float32)
     logits = xf @ w.router.to(torch.float32).T  # [T, E]
     if w.router_bias is not None:
@@ -84,6 +83,28 @@ def merge_layer(
     if freqs is None:
         scores = logits if w.correction_bias is None else logits.sigmoid() + w.correction_bias.to(torch.float32)
         freqs = routing_frequency(scores, top_k)  # [E]
+    clusters, similarity = cluster_layer(w, xf, logits, n_clusters, opts, gen, act, similarity, protected, n_group)
+    if opts.choose:
+        spec = spec or RouterSpec(top_k=top_k, norm_topk=norm_topk)
+        return choose_layer(w, xf, clusters, freqs, similarity, protected or [], n_group, spec, opts, gen, act)
+    return merge_clusters(w, xf, logits, clusters, freqs, similarity, top_k, norm_topk, opts, gen, act)
+
+
+def cluster_layer(
+    w: MoEWeights,
+    xf: torch.Tensor,
+    logits: torch.Tensor,
+    n_clusters: int,
+    opts: MergeOptions,
+    gen: torch.Generator,
+    act: Act,
+    similarity: torch.Tensor | None = None,
+    protected: list[int] | None = None,
+    n_group: int = 1,
+) -> tuple[list[list[int]], torch.Tensor]:
+    """The layer's clusters (old expert ids; k-means on the similarity, or HC-SMoE average linkage on mean outputs),
+    never across routing groups, protected experts alone; returns them with the [E, E] similarity used."""
+    E = w.num_experts
     sample = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.sim_tokens]]  # [Ts, H]
     outputs = outputs_by_expert(sample, w.gate, w.up, w.down, act)  # [E, Ts, H]
     if similarity is None:
@@ -105,11 +126,23 @@ def merge_layer(
         except ValueError as err:
             raise MergeTargetError(f"cannot cluster group {g} of {Eg} experts into {Kg}: {err}", "unprotect") from None
         labels[idx] = local + g * Kg
-    clusters = labels_to_clusters(labels)
-    if opts.choose:
-        spec = spec or RouterSpec(top_k=top_k, norm_topk=norm_topk)
-        return choose_layer(w, xf, clusters, freqs, similarity, protected or [], n_group, spec, opts, gen, act)
+    return labels_to_clusters(labels), similarity
 
+
+def merge_clusters(
+    w: MoEWeights,
+    xf: torch.Tensor,
+    logits: torch.Tensor,
+    clusters: list[list[int]],
+    freqs: torch.Tensor,
+    similarity: torch.Tensor,
+    top_k: int,
+    norm_topk: bool,
+    opts: MergeOptions,
+    gen: torch.Generator,
+    act: Act,
+) -> tuple[MoEWeights, dict[str, Any]]:
+    """One merge kind for every cluster (``opts.method``, aligned and refitted as asked) and rebuilt router rows."""
     align_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.align_tokens]]  # [Ta, H]
     route_w = None
     if opts.refitted and w.correction_bias is None:
@@ -154,13 +187,22 @@ def merge_layer(
     within = [float(similarity[m][:, m].mean()) for m in clusters if len(m) > 1]
     info = {
         "clusters": clusters,
-        "old_to_new": labels.tolist(),
+        "old_to_new": _old_to_new(clusters, w.num_experts),
         "ranks": ranks,
         "frequency": [round(float(v), 6) for v in freqs],
         "cluster_sizes": [len(m) for m in clusters],
         "mean_within_cluster_similarity": round(sum(within) / len(within), 4) if within else None,
     }
     return merged, info
+
+
+def _old_to_new(clusters: list[list[int]], n_experts: int) -> list[int]:
+    """labels [E]: the new expert each old expert went into."""
+    labels = [0] * n_experts
+    for j, m in enumerate(clusters):
+        for e in m:
+            labels[e] = j
+    return labels
 
 
 def choose_layer(
@@ -194,13 +236,10 @@ def choose_layer(
         tried.append((err, c, chosen, start))
     err, best, chosen, _ = min(tried, key=lambda t: t[0])
     merged = assemble(chosen, w)
-    labels = torch.empty(w.num_experts, dtype=torch.long)
-    for j, m in enumerate(best.clusters):
-        labels[m] = j
     within = [float(similarity[m][:, m].mean()) for m in best.clusters if len(m) > 1]
     info = {
         "clusters": best.clusters,
-        "old_to_new": labels.tolist(),
+        "old_to_new": _old_to_new(best.clusters, w.num_experts),
         "clustering": best.name,
         "kept_as_is": best.dominant,
         "choices": [c.kind for c in chosen],

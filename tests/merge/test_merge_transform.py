@@ -120,3 +120,28 @@ def test_merge_without_source_ids_ignores_the_profile_and_says_so(mixtral):
     Engine(ck, tokens.input_ids, batch_size=2).run([Anonymous(), merge])
     assert merge.counts == {l: (5, 3) for l in ck.moe_layers}
     assert all("are not used" in w for w in merge.warnings) and len(merge.warnings) == len(ck.moe_layers)
+
+
+def test_merge_computes_experts_with_the_models_activation(tmp_path, tokenizer_dir, monkeypatch):
+    """A GELU-gated model: every expert computation of the merge (similarity, choice, refit, alignment) gets the
+    model's own activation, and the merged output loads."""
+    import moecompress.merge.align as align
+    import moecompress.merge.layer as layer
+    from moecompress.merge.run import merge_model
+
+    src = build_tiny("qwen3_moe", tmp_path / "gelu", tokenizer_dir, hidden_act="gelu")
+    acts = []
+
+    def spy(fn):
+        def wrapped(*a, **k):
+            acts.append(k.get("act", a[-1]))
+            return fn(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(layer, "outputs_by_expert", spy(layer.outputs_by_expert))
+    monkeypatch.setattr(align, "expert_hidden", spy(align.expert_hidden))
+    merge_model(src, tmp_path / "m", MergeOptions(ratio=0.5, sim_tokens=32), samples=2, seq_len=16)
+    gelu = type(reload_clean(tmp_path / "m").model.layers[0].mlp.experts.act_fn)
+    assert gelu.__name__ == "GELUActivation" and len(acts) > 3
+    assert all(isinstance(a, gelu) for a in acts)
