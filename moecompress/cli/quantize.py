@@ -94,9 +94,10 @@ def quantize(
     dev = device_of(device)
     guard([(output, "dir")], model, [profile, data_file(calib)], overwrite)
     plan_d = run_quantize(
-        model, output, bits, budget_gb, plan, method, granularity, other_bits, plan_only, profile, importance,
-        calib, samples, seq_len, seed, batch_size, min_tokens, dev, overwrite,
-        command=_command_line(ctx),
+        model, output, bits=bits, budget_gb=budget_gb, plan=plan, method=method, granularity=granularity,
+        other_bits=other_bits, plan_only=plan_only, profile=profile, importance=importance, calib=calib,
+        samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, min_tokens=min_tokens, device=dev,
+        overwrite=overwrite, command=_command_line(ctx),
     )  # fmt: skip
     t = Table(title="bit plan")
     t.add_column("layer")

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moecompress.core.errors import UserError
-
 
 @dataclass
 class BitPlanResult:
@@ -49,7 +47,7 @@ def _available_solver(prefer: str | None) -> tuple[str, object]:
     for name in order:
         if name in avail:
             return name, pulp.getSolver(name, msg=False)
-    raise UserError("no MIP solver available to pulp: install highspy (pip install highspy)")
+    raise ValueError("no MIP solver available to pulp: install highspy (pip install highspy)")
 
 
 @contextlib.contextmanager
@@ -129,16 +127,16 @@ def allocate_bits_detailed(
         ok_item = np.ones(c_item.shape, dtype=bool)
         np.logical_and.at(ok_item, inv, ok)
         if not ok_item.any(axis=1).all():
-            raise UserError("a layer's experts allow no common width (protected experts): use --granularity expert")
+            raise ValueError("a layer's experts allow no common width (protected experts): plan per expert")
     else:
         inv = np.arange(n_items)
         c_item, b_item, ok_item = costs, nbytes, ok
     big = np.where(ok_item, b_item, np.inf)
     min_total = big.min(axis=1).sum()
     if budget < min_total:
-        raise UserError(
+        raise ValueError(
             f"budget of {budget:,.0f} bytes is below the smallest possible model ({min_total:,.0f} bytes with every "
-            "routed expert at the lowest width): raise --bits / --budget-gb"
+            "routed expert at the lowest width): raise the budget"
         )
     t0 = time.perf_counter()
     keep = _pareto(np.where(ok_item, c_item, np.inf), big)
@@ -173,13 +171,13 @@ def allocate_bits_detailed(
     solve_s = time.perf_counter() - t1
     status = pulp.LpStatus[prob.status]
     if status == "Infeasible":
-        raise UserError(
+        raise ValueError(
             f"bit allocation infeasible: the byte budget ({budget:,.0f} bytes) cannot be met with one width per "
             + ("layer" if groups_for_layer_constraint is not None else "expert")
-            + "; raise the budget or use --granularity expert"
+            + "; raise the budget or plan per expert"
         )
     if status != "Optimal":
-        raise UserError(f"bit allocation solver ({name}) ended with status {status}: raise the budget or time limit")
+        raise ValueError(f"bit allocation solver ({name}) ended with status {status}: raise the budget or time limit")
     item_choice = np.empty(len(keep), dtype=np.int64)
     for m, (ks, row) in enumerate(zip(keep, xs, strict=True)):
         vals = [v.value() if len(row) > 1 else 1.0 for v in row]
@@ -187,7 +185,7 @@ def allocate_bits_detailed(
     choice = item_choice[inv]  # [N]
     total_bytes = nbytes[np.arange(n_items), choice].sum()
     if total_bytes > budget + 1e-6 * max(budget, 1.0):
-        raise UserError(f"solver returned a plan over budget ({total_bytes:,.0f} > {budget:,.0f} bytes)")
+        raise ValueError(f"solver returned a plan over budget ({total_bytes:,.0f} > {budget:,.0f} bytes)")
     return BitPlanResult(
         choice=choice,
         cost=float(costs[np.arange(n_items), choice].sum()),
@@ -219,6 +217,6 @@ def allocate_bits(
         ``[N]`` int array of chosen width indices.
 
     Raises:
-        UserError: budget below the smallest possible total, or the problem is infeasible.
+        ValueError: budget below the smallest possible total, or the problem is infeasible.
     """
     return allocate_bits_detailed(costs, nbytes, budget, groups_for_layer_constraint).choice

@@ -21,12 +21,13 @@ int8 codes and scales of each width are kept (on the CPU), never dequantized cop
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from moecompress.core.experts import expert_hidden
 from moecompress.quant.gptq import DEFAULT_CLIP, PreparedHessian, gptq_quantize, prepare_hessian
 from moecompress.quant.rtn import DEFAULT_CLIP_GRID, dequantize, group_size_for, rtn_quantize
 
@@ -150,8 +151,9 @@ class QuantizedExperts:
 
 
 def _expert_out(gu: torch.Tensor, dn: torch.Tensor, act: Callable, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    g, u = nn.functional.linear(x, gu).chunk(2, dim=-1)
-    h = act(g) * u  # [n, I]
+    """``(h [n, I], f [n, H])`` of one expert (fused gate/up ``gu [2I, H]``) through the one expert kernel."""
+    I = gu.shape[0] // 2
+    h = expert_hidden(x, gu[:I], gu[I:], act)  # [n, I]
     return h, nn.functional.linear(h, dn)  # [n, H]
 
 
@@ -168,17 +170,22 @@ def quantize_layer(
     weight_dtype: torch.dtype = torch.float32,
     opts: GPTQOptions | None = None,
     with_err: bool = True,
+    expert_widths: Sequence[int] | None = None,
 ) -> tuple[dict[int, QuantizedExperts], list[str], torch.Tensor | None]:
     """Quantize every routed expert of a layer at every width in ``widths``.
 
     Returns codes by width, each expert's method (``'gptq'``, ``'rtn'`` or ``'rtn (n tokens)'`` for experts with
     fewer than ``min_tokens`` routed tokens) and, with ``cap`` and ``with_err``, ``err [E, len(widths)]`` (module
     doc; quantized weights compared as the loader sees them: dequantized to ``weight_dtype``, then float32).
+    ``expert_widths`` (one width per expert, each in ``widths``): expert e is quantized at its width only (a bit
+    plan's write); the rows of the other widths' codes are left unset for it.
     """
     if method not in ("gptq", "rtn"):
         raise ValueError(f"unknown method {method!r}")
     if method == "gptq" and cap is None:
         raise ValueError("gptq needs a LayerCapture")
+    if expert_widths is not None and (len(expert_widths) != gate_up.shape[0] or set(expert_widths) - set(widths)):
+        raise ValueError(f"expert_widths {list(expert_widths)} must give one of {widths} per expert")
     opts = opts or GPTQOptions()
     E, I2, H = gate_up.shape
     I = down.shape[-1]
@@ -223,6 +230,8 @@ def quantize_layer(
         if gptq and not opts.sequential:
             ph_dn = prepare_hessian(cap.h_down[e], opts.damp, opts.actorder)
         for j, b in enumerate(widths):
+            if expert_widths is not None and expert_widths[e] != b:
+                continue
             q1, s1 = quantize_one(gu, b, g_h, ph_gu)
             gu_q = dequantize(q1, s1, g_h, weight_dtype).float()
             hq = None

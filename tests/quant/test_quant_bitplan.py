@@ -7,7 +7,6 @@ import itertools
 import numpy as np
 import pytest
 
-from moecompress.core.errors import UserError
 from moecompress.quant.bitplan import allocate_bits, allocate_bits_detailed
 
 
@@ -64,9 +63,9 @@ def test_generous_budget_takes_cheapest_cost_and_tight_budget_smallest():
 
 def test_refusals():
     costs, nbytes = _instance(9)
-    with pytest.raises(UserError, match="below the smallest possible"):
+    with pytest.raises(ValueError, match="below the smallest possible"):
         allocate_bits(costs, nbytes, nbytes[:, 0].sum() - 1)
-    with pytest.raises(UserError, match="below the smallest possible"):
+    with pytest.raises(ValueError, match="below the smallest possible"):
         allocate_bits(costs, nbytes, nbytes[:, 0].sum() - 1, groups_for_layer_constraint=np.zeros(6, dtype=int))
 
 

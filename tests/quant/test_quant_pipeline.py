@@ -11,6 +11,7 @@ from conftest import build_tiny
 from transformers import AutoModelForCausalLM
 
 from moecompress.core.errors import UserError
+from moecompress.core.manifest import Manifest
 from moecompress.core.writer import dir_bytes
 from moecompress.quant.gptq import gptq_quantize, prepare_hessian
 from moecompress.quant.layer import GPTQOptions, LayerCapture, expert_group_size, quantize_layer
@@ -39,9 +40,10 @@ def test_uniform_loads_in_transformers_and_moecompress_identically(qwen, tmp_pat
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == "pack-quantized" and cfg["quantization_status"] == "compressed"
     assert "lm_head" in cfg["ignore"] and any("gate" in p for p in cfg["ignore"])
-    man = json.loads((out / "moecompress.json").read_text())
-    assert man["layout"] == "quantized" and man["bytes_predicted"] == plan["total_bytes"]
-    assert man["bytes_after"] == dir_bytes(out)
+    man = Manifest.read(out)
+    assert man.layout == "quantized" and man.load_with == "transformers"
+    assert man.stage("quantize")["bytes_predicted"] == plan["total_bytes"]
+    assert man.bytes_after == dir_bytes(out)
     idx = json.loads((out / "model.safetensors.index.json").read_text())
     assert idx["metadata"]["total_size"] == plan["total_bytes"]  # predicted bytes are the real tensor bytes
     assert "model.layers.0.mlp.experts.3.down_proj.weight_packed" in idx["weight_map"]
@@ -114,7 +116,7 @@ def test_measured_error_equals_block_output_error(qwen):
     x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(1))
     E, H, I = experts.down_proj.shape
     cap = LayerCapture(E, H, I)
-    from moecompress.profile.stats import routed_forward
+    from moecompress.core.experts import routed_forward
 
     def fwd(hidden, idx, w):
         cap.add_batch(hidden, idx, w)
@@ -151,7 +153,7 @@ def _layer_capture(seed=0, E=3, H=32, I=16, T=96):
     dn = torch.randn(E, H, I, generator=gen) / I**0.5
     cap = LayerCapture(E, H, I, with_down=True)
     cap.add_batch(x, idx, w)
-    from moecompress.profile.stats import routed_forward
+    from moecompress.core.experts import routed_forward
 
     routed_forward(gu, dn, torch.nn.functional.silu, x, idx, w, cap.observer())
     return cap, gu, dn
@@ -205,8 +207,9 @@ def test_cli_quantize_and_exit_2_on_refusal(qwen, tmp_path):
     assert r.exit_code == 0, r.output
     plan = json.loads((out / "bit_plan.json").read_text())
     assert plan["routed_bytes"] <= plan["budget_bytes_routed"] and plan["granularity"] == "expert"
-    man = json.loads((out / "moecompress.json").read_text())
-    assert man["command"] == "quantize" and man["command_line"].startswith("moecompress quantize")
+    man = Manifest.read(out)
+    assert man.command == "quantize" and man.stage("quantize")["command_line"].startswith("moecompress quantize")
+    assert man.load_with == "moecompress.load"  # mixed widths
     m = loading.load(out)
     ref = load_quantized(out)
     ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(2))
@@ -214,7 +217,7 @@ def test_cli_quantize_and_exit_2_on_refusal(qwen, tmp_path):
 
 
 def test_importance_from_profile_boosts_super_experts():
-    from moecompress.quant.run import _importance
+    from moecompress.quant.plan import _importance
 
     class Lay:
         moe = [0, 2]
@@ -249,21 +252,25 @@ def test_budget_gb_plan_fits_the_total_size(qwen, tmp_path):
     assert plan["fixed_bytes"] == ref["fixed_bytes"]  # attention etc. at --other-bits 8 in both
 
 
-@pytest.mark.parametrize("plan,method", [("lp", "gptq"), ("uniform", "rtn")])
-def test_streamed_write_equals_cached(qwen, tmp_path, plan, method):
-    """Above the code-cache limit a second streamed pass re-quantizes while writing: same plan, same weights."""
-    kw = dict(bits=3.0 if plan == "lp" else 3, plan=plan, method=method, granularity="expert", other_bits=16, **KW)
-    kw["opts"] = GPTQOptions(propagate=False)
-    a = run_quantize(qwen, tmp_path / "cached", **kw)
-    b = run_quantize(qwen, tmp_path / "streamed", max_cache_bytes=0, **kw)
-    assert json.loads((tmp_path / "streamed" / "moecompress.json").read_text())["streamed_write"] is True
-    assert json.loads((tmp_path / "cached" / "moecompress.json").read_text())["streamed_write"] is False
-    assert [r["bits"] for d in a["layers"].values() for r in d["experts"]] == [
-        r["bits"] for d in b["layers"].values() for r in d["experts"]
-    ]
-    sa, sb = load_quantized(tmp_path / "cached").state_dict(), load_quantized(tmp_path / "streamed").state_dict()
-    assert sa.keys() == sb.keys()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_lp_write_pass_gives_each_expert_the_codes_of_its_width(qwen, tmp_path, method):
+    """The LP plan's write pass (after the measuring pass) sees the same inputs: every expert's written weights are
+    those of the one-pass uniform output at the expert's planned width."""
+    kw = dict(method=method, other_bits=16, opts=GPTQOptions(propagate=False), **KW)
+    lp = run_quantize(qwen, tmp_path / "lp", bits=3.0, plan="lp", granularity="expert", **kw)
+    assert Manifest.read(tmp_path / "lp").stage("quantize")["passes"] == "measure + quantize"
+    widths = {r["bits"] for d in lp["layers"].values() for r in d["experts"]}
+    assert len(widths) > 1
+    mixed = load_quantized(tmp_path / "lp").state_dict()
+    uniform = {}
+    for b in widths:
+        run_quantize(qwen, tmp_path / f"u{b}", bits=b, plan="uniform", **kw)
+        uniform[b] = load_quantized(tmp_path / f"u{b}").state_dict()
+    for l, d in lp["layers"].items():
+        for name in ("gate_up_proj", "down_proj"):
+            k = f"model.layers.{l}.mlp.experts.{name}"
+            for r in d["experts"]:
+                assert torch.equal(mixed[k][r["expert"]], uniform[r["bits"]][k][r["expert"]]), (k, r)
 
 
 def test_hessians_weight_routed_tokens_by_router_weight_squared():
@@ -271,7 +278,7 @@ def test_hessians_weight_routed_tokens_by_router_weight_squared():
     plain = LayerCapture(3, 32, 16, weighted=False)
     x, idx, w = cap.batches[0]
     plain.add_batch(x, idx, w)
-    from moecompress.profile.stats import routed_forward
+    from moecompress.core.experts import routed_forward
 
     routed_forward(gu, dn, torch.nn.functional.silu, x, idx, w, plain.observer())
     for e in range(3):
@@ -286,8 +293,8 @@ def test_propagated_write_pass_feeds_quantized_layers_forward(qwen, tmp_path):
     kw = dict(bits=2, plan="uniform", method="gptq", other_bits=16, **KW)
     run_quantize(qwen, tmp_path / "a", opts=GPTQOptions(propagate=False), **kw)
     run_quantize(qwen, tmp_path / "b", opts=GPTQOptions(propagate=True), **kw)
-    man = json.loads((tmp_path / "b" / "moecompress.json").read_text())
-    assert man["propagate_quantized"] is True and man["streamed_write"] is True
+    assert Manifest.read(tmp_path / "b").stage("quantize")["propagate_quantized"] is True
+    assert Manifest.read(tmp_path / "a").stage("quantize")["propagate_quantized"] is False
     sa, sb = load_quantized(tmp_path / "a").state_dict(), load_quantized(tmp_path / "b").state_dict()
     k0, k1 = "model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.gate_up_proj"
     assert torch.equal(sa[k0], sb[k0])
@@ -301,7 +308,7 @@ def test_gptq_and_hessians_run_on_the_device_and_match_cpu():
     dev = LayerCapture(3, 32, 16, device=torch.device("cuda"), with_down=False)
     for x, idx, w in cap.batches:
         dev.add_batch(x, idx, w)
-        from moecompress.profile.stats import routed_forward
+        from moecompress.core.experts import routed_forward
 
         routed_forward(gu.cuda(), dn.cuda(), torch.nn.functional.silu, x.cuda(), idx.cuda(), w.cuda(), dev.observer())
     assert dev.h_gu.is_cuda
