@@ -158,6 +158,8 @@ def _kind_of(data: dict[str, Any], name: str) -> str:
         return "eval_base" if "base" in name else "eval"
     if "experts" in data and "moe_layers" in data:
         return "profile"
+    if "command" in data or "schema" in data:  # every manifest names its command (bit plans do not)
+        return "manifest"
     if "bit_plan" in name or "plan" in data:
         return "bit_plan"
     return "manifest"
@@ -226,7 +228,7 @@ def check_ranges(run: RunSidecars) -> None:
             if st.get(key) is not None and count_of(st[key]) is None:
                 bad(src, key, st[key], f"a whole number 1..{MAX_EXPERTS}")
         layers = st.get("layers")
-        if layers is not None and int_key_dict(layers) is None:
+        if layers not in (None, {}) and int_key_dict(layers) is None:
             out.append(f"{src}: layers is not a map of layer indices 0..{MAX_LAYERS - 1}; ignored")
         for layer, entry in (int_key_dict(layers) or {}).items():
             key = LISTED.get(st["op"])

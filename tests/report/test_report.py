@@ -316,6 +316,8 @@ def test_single_json_file_and_write_report(tmp_path):
     runs = make_runs(tmp_path)
     run = load_run(runs["prune"] / "eval.json")
     assert run.eval is not None and run.eval["kl_to_base"] == 0.21
+    run = load_run(runs["quant"] / "moecompress.json")
+    assert run.manifest is not None and run.manifest.stage("quantize")["plan"] == "lp" and run.bit_plan is None
     out = write_report(runs["prune"])
     assert out == runs["prune"] / "report.html"
     page = parse(out.read_text(encoding="utf-8"))
@@ -342,7 +344,8 @@ def test_schema1_outputs_still_render(tmp_path):
                                          "few_token_experts": [[1, 2]], "few_token_rule": "fewer than 12 tokens: RTN",
                                          "layers": layers})  # fmt: skip
     write_json(quant / "moecompress.json", {"tool": "moecompress", "tool_version": "0.0.9", "command": "quantize",
-                                            "layout": "quantized", "bits": 3.0, "profile": str(tmp_path / "run"),
+                                            "layout": "quantized", "bits": 3.0, "plan": "lp",
+                                            "profile": str(tmp_path / "run"),
                                             "layers": {"0": {"bits": [2, 4]}, "1": {"bits": [2, 4]}},
                                             "protected": [[0, 3]],
                                             "protected_why": [{"layer": 0, "expert": 3, "why": "super"},
@@ -360,6 +363,7 @@ def test_schema1_outputs_still_render(tmp_path):
     heads = [a for t, a in page.tags if t == "th" and a.get("class") == "runname"]
     assert len(heads) == 1 and "q3" in text and "base run" not in text
     assert len(_chart_cells(page, "profile0-frequency")) == 8
+    assert load_run(quant / "moecompress.json").manifest.stages[0]["op"] == "quantize"  # a manifest, not a plan
     # a schema-1 prune output (no profile: the chart is as wide as the kept lists show)
     pruned = tmp_path / "pruned"
     write_json(pruned / "moecompress.json", {"command": "prune", "granularity": "expert", "layout": "uniform",
