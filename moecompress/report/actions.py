@@ -106,10 +106,12 @@ def actions_section(
         parts.append(note(f"{len(ops)} stages in one layer-streamed pass, in this order: each stage works on the "
                           "layer as the stages before it left it."))  # fmt: skip
     n = _experts_in(manifest, profile)
+    renumbered = False
     for i, st in enumerate(manifest.stages):
         n_in = count_of(st.get("experts_before")) or n
-        parts.append(_stage_block(st, i, len(ops), n_in, bit_plan, f"{anchor}-s{i}"))
+        parts.append(_stage_block(st, i, len(ops), n_in, bit_plan, f"{anchor}-s{i}", renumbered))
         n = count_of(st.get("experts_after")) or n_in
+        renumbered = renumbered or n != n_in
     return "".join(parts)
 
 
@@ -121,11 +123,15 @@ def _experts_in(manifest: Manifest, profile: dict | None) -> int:
     return profile_layers(profile)[1] if profile else 0
 
 
-def _stage_block(st: dict[str, Any], i: int, n_stages: int, n: int, bit_plan: dict | None, anchor: str) -> str:
+def _stage_block(
+    st: dict[str, Any], i: int, n_stages: int, n: int, bit_plan: dict | None, anchor: str, renumbered: bool
+) -> str:
     op = st["op"]
     head = f"Stage {i + 1} of {n_stages}: {op} ({TITLES[op]})" if n_stages > 1 else f"{op} ({TITLES[op]})"
     settings = [(k, f"<td>{generic(st[k], 1)}</td>") for k in SETTINGS[op] if k in st]
     parts = [f'<h3 class="stage" data-op="{esc(op)}" id="{esc(anchor)}">{esc(head)}</h3>']
+    if renumbered:
+        parts.append(note(f"Experts are numbered as the earlier stages left them ({n} per layer)."))
     if settings:
         parts.append(kv_table(settings))
     layers = int_key_dict(st.get("layers")) or {}

@@ -409,6 +409,7 @@ def test_two_stage_manifest_renders_both_sections(tmp_path):
     keyed = page.keyed()
     assert keyed["run0.bytes"]["data-after"] == "5000000" and float(keyed["run0.elapsed_s"]["data-value"]) == 9.5
     assert "prune → quantize" in text and "moecompress.load" in text
+    assert text.index("Stage 2 of 2") < text.index("numbered as the earlier stages left them (6 per layer)")
     assert "Unreadable manifest" not in text
 
 
