@@ -32,7 +32,7 @@ from moecompress.merge.align import activations, align_cluster
 from moecompress.merge.refit import lstsq_down
 from moecompress.merge.router import fit_router_rows
 from moecompress.merge.subspace import merge_average, merge_subspace
-from moecompress.prune.run import RouterSpec, expert_outputs, output_error_order, route
+from moecompress.prune.order import RouterSpec, output_error_order, outputs_by_token, route
 
 KINDS = ("keep", "keep+refit", "subspace", "subspace+refit", "average", "average+refit")
 CACHE_BYTES = 1 << 29  # activations and outputs of unrefitted candidates kept for reuse across sweeps (per layer)
@@ -78,7 +78,7 @@ class LayerFit:
         self.w, self.spec, self.act = w, spec, act  # act: the experts' activation
         self.x = torch.cat([x_fit, x_eval]).float()  # [T, H]
         self.n_fit = x_fit.shape[0]
-        self.outs0 = expert_outputs(self.x, w.gate, w.up, w.down, act)  # [T, E, H]
+        self.outs0 = outputs_by_token(self.x, w.gate, w.up, w.down, act)  # [T, E, H]
         self.logits0 = self._logits(w.router, w.router_bias)  # [T, E]
         self.y = combine(self.outs0, *route(self.logits0, spec, None, w.correction_bias))  # [T, H]
         self.norm = max(float(self.y[self.n_fit :].double().pow(2).sum()), 1e-30)

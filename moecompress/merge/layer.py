@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..core.experts import Act
 from ..core.families import MoEWeights
-from ..prune.run import RouterSpec
+from ..prune.order import RouterSpec
 from .align import align_cluster
 from .choose import Clustering, LayerFit, assemble, choose_clusters, pruning_clustering
 from .cluster import MergeTargetError, agglomerative_cluster, kmeans_cluster, labels_to_clusters

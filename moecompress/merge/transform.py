@@ -21,8 +21,8 @@ from ..core.engine import Engine, LayerContext, Transform
 from ..core.errors import UserError
 from ..core.families import MoEWeights
 from ..core.job import Job
-from ..prune.load import layer_view, set_layer_experts
-from ..prune.run import RouterSpec
+from ..prune.load import block_view, set_block_experts
+from ..prune.order import RouterSpec
 from .cluster import MergeTargetError, check_merge_target, n_clusters_for
 from .layer import merge_layer
 from .options import MergeOptions
@@ -110,7 +110,7 @@ class MergeTransform(Transform):
     def moe_layer(self, ctx: LayerContext) -> None:
         l, eng = ctx.index, ctx.engine
         dt = self._dtypes(l)
-        cur = layer_view(eng.model, self.fam, l)  # [E, ...] as the block is now (stream dtype)
+        cur = block_view(ctx.block, self.fam)  # [E, ...] as the block is now (stream dtype)
         w = MoEWeights(**{k: _cpu(getattr(cur, k), dt[k]) for k in dt})
         E = w.num_experts
         K = n_clusters_for(E, self.opts.ratio)
@@ -127,7 +127,7 @@ class MergeTransform(Transform):
         src = ids if ids is not None else list(range(E))
         ctx.extra["merged_from"] = [[src[e] for e in c] for c in info["clusters"]]
         if self.opts.sequential:  # the merged layer makes the next layer's inputs
-            set_layer_experts(eng.model, self.fam, l, _as(merged, eng.stream.dtype, eng.device))
+            set_block_experts(ctx.block, self.fam, _as(merged, eng.stream.dtype, eng.device), l)
         ctx.replace(self.fam.write_layer(merged, l))
 
     @property

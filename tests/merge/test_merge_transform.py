@@ -17,7 +17,7 @@ from moecompress.core.manifest import Manifest
 from moecompress.core.output import Output
 from moecompress.merge.options import MergeOptions
 from moecompress.merge.transform import MergeTransform
-from moecompress.prune.load import layer_view, set_layer_experts
+from moecompress.prune.load import block_view, set_block_experts
 
 
 class DropLast(Transform):
@@ -27,10 +27,10 @@ class DropLast(Transform):
     wants_inputs = False
 
     def moe_layer(self, ctx: LayerContext) -> None:
-        eng, l = ctx.engine, ctx.index
-        w = layer_view(eng.model, eng.fam, l)
+        fam = ctx.engine.fam
+        w = block_view(ctx.block, fam)
         keep = list(range(w.num_experts - 1))
-        set_layer_experts(eng.model, eng.fam, l, w.select(keep))
+        set_block_experts(ctx.block, fam, w.select(keep), ctx.index)
         src = ctx.extra.get("expert_ids") or list(range(w.num_experts))
         ctx.extra["expert_ids"] = [src[e] for e in keep]
         ctx.replace({"stale": torch.zeros(1)})  # a later stage's replace wins
