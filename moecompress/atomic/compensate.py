@@ -26,24 +26,40 @@ ERROR_TOKENS = 2048  # calibration tokens on which each layer's routed-output er
 
 
 @dataclass(frozen=True)
-class Compensation:
+class Refit:
     """How to refit the kept channels' down projections (recorded in the manifest by ``describe``)."""
 
-    input_ids: torch.Tensor  # [N, S] calibration windows
-    sequential: bool = True
     fit_tokens: int = 8192
     ridge: float = 1e-3
     holdout: int = 4  # every holdout-th token checks each expert's refit (kept only where it beats slicing)
-    batch_size: int = 8
-    device: torch.device | None = None
 
-    def describe(self) -> str:
-        where = "the already-pruned earlier layers" if self.sequential else "the unpruned model"
+    def describe(self, sequential: bool = True) -> str:
+        where = "the already-pruned earlier layers" if sequential else "the unpruned model"
         return (
             f"least-squares refit of each expert's kept down_proj columns on its routed tokens (routing-weighted, "
             f"ridge {self.ridge:g}, <= {self.fit_tokens} tokens per layer, every {self.holdout}th token held out to "
             f"check it: an expert keeps plain slicing where the refit is worse there), activations from {where}"
         )
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """The refit of a single ``prune --granularity atom`` run: its options and the windows the pass runs over."""
+
+    input_ids: torch.Tensor  # [N, S] calibration windows
+    sequential: bool = True
+    fit_tokens: int = 8192
+    ridge: float = 1e-3
+    holdout: int = 4
+    batch_size: int = 8
+    device: torch.device | None = None
+
+    @property
+    def refit(self) -> Refit:
+        return Refit(self.fit_tokens, self.ridge, self.holdout)
+
+    def describe(self) -> str:
+        return self.refit.describe(self.sequential)
 
 
 def dense_routing(logits: torch.Tensor, spec: Any, correction: torch.Tensor | None = None) -> torch.Tensor:

@@ -40,7 +40,7 @@ from .compensate import Compensation
 from .gradstats import KINDS, LayerGradStats, bytes_per_expert, collect_grad_stats
 from .gradstream import streamed_grad_stats
 from .heapr import heapr_scores, select_channels, uniform_width
-from .transform import AtomTransform, Refit, width_key
+from .transform import AtomTransform, width_key
 
 LAYOUTS = ("uniform", "exact")
 SCORES = ("heapr", "magnitude")
@@ -164,6 +164,37 @@ def uniform_k(I: int, ratio: float) -> int:
     return K
 
 
+def check_layout(ckpt: Checkpoint, layout: str, ratio: float) -> int | None:
+    """Refuse a layout the model cannot take before any pass; the uniform layout's width (None for exact)."""
+    if layout != "uniform":
+        return None
+    if getattr(ckpt.config, "n_shared_experts", 0) and width_key(ckpt.config) == "moe_intermediate_size":
+        raise UserError(
+            f"{ckpt.family.name} sizes its shared experts from moe_intermediate_size, so a narrower uniform width "
+            "would resize them: use --layout exact (loads with moecompress.load)"
+        )
+    return uniform_k(int(getattr(ckpt.config, width_key(ckpt.config))), ratio)
+
+
+def score_channels(
+    job: Job, prof: Any, score: str, hessian: str = "full", rank: int = 32
+) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """Per MoE layer [E, I] scores of the source model (HEAPr: the gradient pass over the job's tokens) and the
+    method facts for the manifest section."""
+    ckpt, H = job.ckpt, job.ckpt.config.hidden_size
+    m = {l: prof.layer(l, "channel_sq_mean").float() for l in ckpt.moe_layers}  # [E, I]
+    scores = channel_scores(ckpt, m, score, job.tokens().input_ids, hessian, rank, job.batch_size, job.device)
+    heapr = score == "heapr"
+    return scores, {
+        "method": "heapr" if heapr else "activation_magnitude",
+        "score": "m_ej * w_j^T G_e w_j" if heapr else "m_ej",
+        "hessian": hessian if heapr else None,
+        "hessian_rank": rank if heapr and hessian == "lowrank" else None,
+        "hessian_bytes_per_expert": bytes_per_expert(hessian, H, rank) if heapr else None,
+        "calibration_fingerprint": (prof.meta.get("calibration") or {}).get("fingerprint"),
+    }
+
+
 def atom_transform(
     ckpt: Checkpoint,
     scores: dict[int, torch.Tensor],
@@ -184,6 +215,10 @@ def atom_transform(
         keep = select_channels(scores, ratio, K, protected, ckpt.top_k, fam.n_group(ckpt.config))
     except ValueError as err:
         raise UserError(f"{err}: lower --ratio, pass --no-protect-super or use --layout uniform") from None
+    warnings = list(info.get("warnings", []))
+    if layout == "uniform" and supers:
+        shown = [list(x) for x in supers]
+        warnings.append(f"uniform layout: protected experts {shown} keep only their top-{K} channels")
     info = {
         **info,
         "ratio": ratio,
@@ -191,16 +226,15 @@ def atom_transform(
         "protected": [list(x) for x in supers],
         "protection": "whole" if layout == "exact" else "top-K channels only (uniform width)",
         "compensation": compensation.describe() if compensation is not None else None,
+        "warnings": warnings,
     }
-    refit = None
-    if compensation is not None:
-        refit = Refit(compensation.fit_tokens, compensation.ridge, compensation.holdout)
+    refit = compensation.refit if compensation is not None else None
     seq = compensation.sequential if compensation is not None else True
     spec = RouterSpec.from_config(fam, ckpt.config)
     return AtomTransform(spec, keep=keep, layout=layout, refit=refit, sequential=seq, info=info)
 
 
-def _profile(job: Job) -> Any:
+def job_profile(job: Job) -> Any:
     """The given profile, or one measured now on the job's tokens (an engine pass, kept in memory)."""
     prof = job.profile()
     if prof is not None:
@@ -245,38 +279,16 @@ def atomic_prune(
         model, output, calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
         device=device, overwrite=overwrite, profile_dir=profile,
     )  # fmt: skip
-    ckpt, H = job.ckpt, job.ckpt.config.hidden_size
-    prof = job.profile()  # a given profile is checked against the model before any work
-    if (
-        layout == "uniform"
-        and getattr(ckpt.config, "n_shared_experts", 0)
-        and width_key(ckpt.config) == ("moe_intermediate_size")
-    ):
-        raise UserError(
-            f"{ckpt.family.name} sizes its shared experts from moe_intermediate_size, so a narrower uniform width "
-            "would resize them: use --layout exact (loads with moecompress.load)"
-        )
-    if layout == "uniform":
-        uniform_k(int(getattr(ckpt.config, width_key(ckpt.config))), ratio)  # refuse before any pass
+    job.profile()  # a given profile is checked against the model before any work
+    check_layout(job.ckpt, layout, ratio)
     tokens = job.tokens()
-    prof = prof or _profile(job)
-    m = {l: prof.layer(l, "channel_sq_mean").float() for l in ckpt.moe_layers}  # [E, I]
+    prof = job_profile(job)
+    scores, info = score_channels(job, prof, score, hessian, rank)
     supers = [tuple(x) for x in prof.super_experts] if protect_super else []
-    scores = channel_scores(ckpt, m, score, tokens.input_ids, hessian, rank, batch_size, job.device)
-    info = {
-        "method": "heapr" if score == "heapr" else "activation_magnitude",
-        "score": "m_ej * w_j^T G_e w_j" if score == "heapr" else "m_ej",
-        "hessian": hessian if score == "heapr" else None,
-        "hessian_rank": rank if score == "heapr" and hessian == "lowrank" else None,
-        "hessian_bytes_per_expert": bytes_per_expert(hessian, H, rank) if score == "heapr" else None,
-        "calibration_fingerprint": (prof.meta.get("calibration") or {}).get("fingerprint"),
-    }
-    comp = None
-    if refit:
-        comp = Compensation(tokens.input_ids, sequential, batch_size=batch_size, device=job.device)
+    comp = Compensation(tokens.input_ids, sequential, batch_size=batch_size, device=job.device) if refit else None
     assert job.out is not None
     return write_atomic(
-        ckpt, job.out, scores, ratio, layout, supers, info, overwrite, job.started,
+        job.ckpt, job.out, scores, ratio, layout, supers, info, overwrite, job.started,
         [Path(profile)] if profile is not None else [], comp, tokens.input_ids, tokens.describe(),
     )  # fmt: skip
 
@@ -313,11 +325,6 @@ def write_atomic(
         raise ValueError("write_atomic needs the calibration windows (input_ids) to refit on")
     batch_size = compensation.batch_size if compensation is not None else 8
     device = compensation.device if compensation is not None else None
-    warnings: list[str] = []
-    if layout == "uniform" and supers:
-        warnings.append(
-            f"uniform layout: protected experts {[list(x) for x in supers]} keep only their top-{t.kept_width} channels"
-        )
     engine = Engine(ckpt, ids, batch_size, device, "atomic prune")
     with Output(out, overwrite) as o:
         o.add_globals(ckpt, [t])
@@ -325,6 +332,7 @@ def write_atomic(
         config = ckpt.config.to_dict()
         t.config(config)
         section = t.section()
+        warnings = section.pop("warnings")
         man = Manifest(
             command=COMMAND, layout=section["layout"],
             load_with="transformers" if layout == "uniform" else "moecompress.load",

@@ -21,7 +21,6 @@ routed experts: a later stage would see (and write) the zero-padded block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,20 +29,19 @@ from ..core.engine import LayerContext, Transform
 from ..core.experts import expert_hidden
 from ..core.families import MoEWeights
 from .apply import ExactLayer, pad_exact, padded_width
-from .compensate import ERROR_TOKENS, dense_routing, refit_expert_downs, routed_error, slice_layer, with_downs
+from .compensate import (
+    ERROR_TOKENS,
+    Refit,
+    dense_routing,
+    refit_expert_downs,
+    routed_error,
+    slice_layer,
+    with_downs,
+)
 from .heapr import top_channels
 
 EXPERTS = "expert_ids"  # ctx.extra key: source expert id of each expert in the block (absent: 0..E-1)
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-
-
-@dataclass(frozen=True)
-class Refit:
-    """The down_proj refit of the kept channels (see atomic/compensate.py)."""
-
-    fit_tokens: int = 8192
-    ridge: float = 1e-3
-    holdout: int = 4
 
 
 def width_key(config: Any) -> str:
@@ -102,7 +100,9 @@ class AtomTransform(Transform):
         if keep is None and layout == "exact":
             raise ValueError("the exact layout needs its channels chosen before the pass (a global ranking)")
         self.spec, self.keep, self.scores, self.width = spec, keep, scores, width
-        self.layout, self.refit, self.sequential, self.info = layout, refit, sequential, dict(info or {})
+        self.atom_layout, self.refit, self.sequential, self.info = layout, refit, sequential, dict(info or {})
+        self.layout = "uniform" if layout == "uniform" else "atomic_exact"  # the manifest's layout name
+        self.warnings: list[str] = []
         self.wants_inputs = refit is not None or (keep is None and scores is None)
         self.layers: dict[str, dict[str, Any]] = {}
         self.channels: dict[str, list[list[int]]] = {}
@@ -134,10 +134,19 @@ class AtomTransform(Transform):
         if self.keep is not None:
             return [k.long() for k in of_block(self.keep[l], "kept channels list")]
         assert self.width is not None
-        if self.scores is not None:
+        unmapped = self.scores is not None and src is None and self.scores[l].shape[0] != E
+        if self.scores is not None and not unmapped:
             s = of_block(self.scores[l], "scores")
         else:
-            assert x is not None
+            if unmapped:  # e.g. an earlier stage merged experts: source scores do not apply to them
+                self.warnings.append(
+                    f"layer {l}: its {E} experts are not source experts (no ctx.extra[{EXPERTS!r}]), so their "
+                    "channels were ranked by second moments measured on the block as the earlier stages left it"
+                )
+            if x is None:
+                if not ctx.inputs:
+                    ctx.inputs = ctx.engine.moe_inputs(ctx.layer)
+                x = torch.cat([t.cpu() for t in ctx.inputs]).float()  # [T, H]
             logits = x @ w.router.T + (w.router_bias if w.router_bias is not None else 0.0)  # [T, E]
             s = channel_moments(x, dense_routing(logits, self.spec, w.correction_bias), w, ctx.experts.act_fn)
         return list(top_channels(s, self.width))
@@ -161,7 +170,7 @@ class AtomTransform(Transform):
         if self.wants_inputs:
             x = torch.cat([t.cpu() for t in ctx.inputs]).float()  # [T, H]
         keep = self._kept(ctx, w, x)
-        sliced = slice_layer(w, keep, self.layout)
+        sliced = slice_layer(w, keep, self.atom_layout)
         pruned = sliced
         if self.refit is not None:
             assert x is not None
@@ -208,14 +217,14 @@ class AtomTransform(Transform):
     @property
     def kept_width(self) -> int | None:
         """The uniform layout's one width (None for the exact layout)."""
-        if self.layout != "uniform":
+        if self.atom_layout != "uniform":
             return None
         if self.width is not None:
             return self.width
         return len(next(iter(self.keep.values()))[0]) if self.keep else None
 
     def config(self, cfg: dict[str, Any]) -> None:
-        if self.layout == "uniform" and self.kept_width is not None:
+        if self.atom_layout == "uniform" and self.kept_width is not None:
             cfg[width_key(cfg)] = self.kept_width
 
     def section(self) -> dict[str, Any]:
@@ -223,7 +232,7 @@ class AtomTransform(Transform):
         total = max(t["channels"], 1)
         out: dict[str, Any] = {
             **self.info,
-            "layout": "uniform" if self.layout == "uniform" else "atomic_exact",
+            "layout": self.layout,
             "width": self.kept_width,
             "original_width": t["original_width"],
             "routed_channels_total": t["channels"],
@@ -234,7 +243,31 @@ class AtomTransform(Transform):
             "experts_removed_from_routing": dict(self.removed_experts),
             "layers": self.layers,
             "compensation": self.info.get("compensation"),
+            "warnings": list(self.info.get("warnings", [])) + self.warnings,
         }
         if self.refit is not None:
             out["compensation_output_error"] = self.errors
         return out
+
+
+def transform_for_recipe(job: Any, options: dict[str, Any], profile: Any) -> AtomTransform:
+    """An ``atom: {ratio: R, score: heapr|magnitude, refit: down|none}`` recipe stage (compress): the uniform layout
+    (one width, a multiple of 16, for every routed expert), the single command's defaults (HEAPr with full G,
+    down_proj refit). Scores come from the source model before the compression pass (``profile``'s m; HEAPr adds
+    its gradient pass); each expert keeps its own top-K channels by its source expert's scores (an earlier stage
+    that removes experts says which remain in ``ctx.extra["expert_ids"]``; experts without that map, e.g. merged
+    ones, are ranked by moments measured on the block as it is, with a warning in the section)."""
+    from ..prune.run import RouterSpec
+    from .run import check_layout, job_profile, score_channels
+
+    ratio, score = float(options["ratio"]), str(options.get("score", "heapr"))
+    refit = Refit() if options.get("refit", "down") != "none" else None
+    ckpt = job.ckpt
+    K = check_layout(ckpt, "uniform", ratio)
+    scores, info = score_channels(job, profile if profile is not None else job_profile(job), score)
+    info = {
+        **info, "ratio": ratio, "width_key": width_key(ckpt.config), "protected": [],
+        "protection": "none (uniform width)", "compensation": refit.describe() if refit is not None else None,
+    }  # fmt: skip
+    spec = RouterSpec.from_config(ckpt.family, ckpt.config)
+    return AtomTransform(spec, scores=scores, width=K, refit=refit, info=info)

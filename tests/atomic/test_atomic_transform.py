@@ -112,3 +112,37 @@ def test_a_block_with_fewer_experts_needs_the_source_map():
         atom._kept(Ctx(), type("W", (), {"num_experts": 4})(), None)
     with pytest.raises(ValueError, match="exact layout"):
         AtomTransform(RouterSpec(top_k=2), width=16, layout="exact")
+
+
+class DropUnmapped(DropExperts):
+    """Removes experts without saying which remain (as a merge would): source scores cannot be mapped."""
+
+    def moe_layer(self, ctx: LayerContext) -> None:
+        super().moe_layer(ctx)
+        del ctx.extra["expert_ids"]
+
+
+@pytest.mark.parametrize("score", ["magnitude", "heapr"])
+def test_recipe_stage_ranks_each_remaining_expert_by_its_source_scores(tmp_path, tokenizer_dir, score):
+    from moecompress.atomic.run import job_profile, score_channels
+    from moecompress.atomic.transform import transform_for_recipe
+    from moecompress.core.job import Job
+
+    src = build_tiny("qwen3_moe", tmp_path / "src", tokenizer_dir)
+    job = Job.prepare(src, None, samples=4, seq_len=32, batch_size=4)
+    prof = job_profile(job)
+    atom = transform_for_recipe(job, {"ratio": 0.3, "score": score, "refit": "none"}, prof)
+    assert atom.width == 16 and atom.layout == "uniform" and not atom.wants_inputs
+    scores, _ = score_channels(job, prof, score)
+    job.engine("test").run([DropExperts(), atom])
+    kept = [e for e in range(job.ckpt.num_experts) if e not in DROP]
+    for l in job.ckpt.moe_layers:
+        assert atom.channels[str(l)] == top_channels(scores[l][kept], 16).tolist()
+    assert atom.section()["method"] == ("heapr" if score == "heapr" else "activation_magnitude")
+    assert atom.section()["warnings"] == []
+    # experts that are not source experts: ranked by moments measured on the block, and said so
+    again = transform_for_recipe(job, {"ratio": 0.3, "score": "magnitude", "refit": "none"}, prof)
+    job.engine("test").run([DropUnmapped(), again])
+    warned = again.section()["warnings"]
+    assert len(warned) == len(job.ckpt.moe_layers) and "measured on the block" in warned[0]
+    assert all(len(k) == 16 for per in again.channels.values() for k in per)
