@@ -70,6 +70,13 @@ class Family:
     norm_topk_key: str | None = "norm_topk_prob"  # None: always renormalized over the top-k
     group_key: str | None = None  # group-limited routing (E % n_group == 0 must hold)
     dense_layers: Callable[[Any], frozenset[int]] = field(default=_no_dense_layers)
+    top_k_key: str = "num_experts_per_tok"
+    # routing_known: the block's routing is one moecompress re-implements (prune's output-error search, RouterSpec:
+    # softmax top-k with/without renormalization, DeepSeek-V3 sigmoid + correction bias + group-limited top-k).
+    # False for a derived family whose router code is not a copy of a hand-written family's: operations that
+    # re-implement routing must refuse it; operations that use the model's own routing (profile) work.
+    routing_known: bool = True
+    derived: bool = False  # built by ``derive`` from the transformers model, not written by hand
 
     # ---- config facts -------------------------------------------------------------------------
     def num_experts(self, cfg: Any) -> int:
@@ -79,9 +86,9 @@ class Family:
         raise UserError(f"config.json has none of {', '.join(self.count_keys)}: cannot tell the expert count")
 
     def top_k(self, cfg: Any) -> int:
-        if getattr(cfg, "num_experts_per_tok", None) is None:
-            raise UserError("config.json has no num_experts_per_tok: cannot tell the router's top-k")
-        return config_int(cfg, "num_experts_per_tok", hi=self.num_experts(cfg))
+        if getattr(cfg, self.top_k_key, None) is None:
+            raise UserError(f"config.json has no {self.top_k_key}: cannot tell the router's top-k")
+        return config_int(cfg, self.top_k_key, hi=self.num_experts(cfg))
 
     def norm_topk(self, cfg: Any) -> bool:
         return True if self.norm_topk_key is None else bool(getattr(cfg, self.norm_topk_key, False))
@@ -280,7 +287,10 @@ def _expert_count_anywhere(cfg: Any) -> str | None:
 
 
 def family_for(cfg: Any) -> Family:
-    """The family record for a transformers config, or a UserError naming what is missing."""
+    """The family record for a transformers config, or a UserError naming what is missing.
+
+    A hand-written record first; any other Mixture-of-Experts model type is derived from its transformers model
+    (``derive.derive``), or refused in one line naming the reason."""
     model_type = getattr(cfg, "model_type", None)
     for fam in FAMILIES:
         if model_type in fam.model_types:
@@ -290,14 +300,64 @@ def family_for(cfg: Any) -> Family:
                     "moecompress needs a Mixture-of-Experts model"
                 )
             return fam
-    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    supported = ", ".join(t for f in FAMILIES for t in f.model_types) + " and the derived families in the README"
     found = _expert_count_anywhere(cfg)
     if found is None:
         raise UserError(
             f"model_type {model_type!r} is not a Mixture-of-Experts model (no expert count in config.json); "
             f"supported MoE families: {supported}"
         )
+    fam, reason = derived_family(cfg)
+    if fam is not None:
+        return fam
     raise UserError(
         f"no moecompress adapter for model_type {model_type!r} yet: it is a Mixture-of-Experts family ({found}) "
-        f"that moecompress cannot read; supported: {supported}"
+        f"that moecompress cannot read: {reason}; supported: {supported}"
     )
+
+
+_DERIVED: dict[str, tuple[Family | None, str]] = {}
+
+
+def derived_family(cfg: Any) -> tuple[Family | None, str]:
+    """(Family, "") derived from the transformers model ``cfg`` describes, or (None, the one-line reason)."""
+    from .derive import Refusal, derive
+
+    try:
+        memo = cfg.to_json_string(use_diff=False)
+    except Exception:  # a config transformers cannot serialize: derive it every time
+        memo = None
+    if memo is not None and memo in _DERIVED:
+        return _DERIVED[memo]
+    try:
+        d = derive(cfg)
+    except Refusal as err:
+        result: tuple[Family | None, str] = (None, str(err))
+    else:
+        dense = d["dense"]
+        fam = Family(
+            name=d["model_type"],
+            model_types=(d["model_type"],),
+            count_keys=d["count_keys"],
+            disk_block=d["disk_block"],
+            module_block=d["module_block"],
+            router=d["router"],
+            experts=d["experts"],
+            expert_names=d["expert_names"],
+            router_bias=d["router_bias"],
+            correction_bias=d["correction_bias"],
+            shared=d["shared"],
+            shared_gate=d["shared_gate"],
+            norm_topk_key=d["norm_topk_key"],
+            group_key=d["group_key"],
+            dense_layers=lambda cfg, dense=dense: dense,
+            top_k_key=d["top_k_key"],
+            routing_known=d["routing_like"] is not None,
+            derived=True,
+        )
+        result = (fam, "")
+    if memo is not None:
+        if len(_DERIVED) > 64:
+            _DERIVED.clear()
+        _DERIVED[memo] = result
+    return result

@@ -1,0 +1,279 @@
+"""Derive a ``Family`` from the transformers model a config describes, instead of transcribing it by hand.
+
+The model is built on the meta device (no memory). Its experts modules are the ones transformers wraps with
+``use_experts_implementation`` (they carry ``has_gate`` / ``is_transposed`` / ``has_bias`` / ``is_concatenated`` /
+``has_post_expert_norm``); the parent of one is the MoE block, the block child holding a ``weight [E, H]`` is the
+router. The on-disk names come from transformers' own save path (``revert_weight_conversion``, the reverse of
+``conversion_mapping.py``), run on small marker tensors so every per-expert key is matched to its expert and
+projection by value, not by guessing names. What cannot be supported correctly is refused with one reason
+(``Refusal``); the caller turns it into a one-line UserError.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+COUNT_EXCLUDE = ("per_tok", "shared", "top", "group", "layer", "capacity")
+
+
+class Refusal(Exception):
+    """A model type moecompress cannot support correctly yet; ``str(err)`` is the one-line reason."""
+
+
+def _norm_source(cls: type) -> str:
+    """A class's source with every CamelCase name replaced (two modular copies of one family compare equal)."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return f"<no source {cls.__qualname__}>"
+    src = re.sub(r"#.*", "", src)
+    src = re.sub(r"\b[A-Z][A-Za-z0-9_]*\b", "X", src)
+    return re.sub(r"\s+", " ", src)
+
+
+@lru_cache(maxsize=1)
+def _reference_routing() -> dict[str, tuple[str, str]]:
+    """Normalized (block, router) sources of the hand-written families whose routing moecompress re-implements."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
+    from transformers.models.mixtral import modeling_mixtral as mx
+    from transformers.models.olmoe import modeling_olmoe as ol
+    from transformers.models.qwen2_moe import modeling_qwen2_moe as q2
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as q3
+
+    return {
+        "mixtral": (_norm_source(mx.MixtralSparseMoeBlock), _norm_source(mx.MixtralTopKRouter)),
+        "qwen2_moe": (_norm_source(q2.Qwen2MoeSparseMoeBlock), _norm_source(q2.Qwen2MoeTopKRouter)),
+        "qwen3_moe": (_norm_source(q3.Qwen3MoeSparseMoeBlock), _norm_source(q3.Qwen3MoeTopKRouter)),
+        "olmoe": (_norm_source(ol.OlmoeSparseMoeBlock), _norm_source(ol.OlmoeTopKRouter)),
+        "deepseek_v3": (_norm_source(ds.DeepseekV3MoE), _norm_source(ds.DeepseekV3TopkRouter)),
+    }
+
+
+def meta_model(cfg: Any) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(cfg)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, experts_implementation="eager")
+    except Exception as err:  # transformers raises many types for a config it cannot build
+        first = (str(err).splitlines() or [""])[0][:160]
+        raise Refusal(f"transformers cannot build it from config.json ({type(err).__name__}: {first})") from None
+
+
+def _experts_modules(layer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n, m in layer.named_modules() if hasattr(m, "has_gate") and hasattr(m, "is_transposed")]
+
+
+def derive(cfg: Any) -> dict[str, Any]:
+    """The ``Family`` fields for this config (see ``families.derived_family``), or a ``Refusal`` with the reason."""
+    from transformers.integrations.moe import _default_apply_gate
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    mt = cfg.model_type
+    if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise Refusal("transformers has no causal-LM class for it (a multimodal or non-generative model)")
+    if getattr(cfg, "text_config", None) is not None:
+        raise Refusal("its config nests a text_config (a multimodal model): moecompress reads text-only causal LMs")
+    model = meta_model(cfg)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise Refusal("its decoder layers are not at model.layers")
+    keys = model.state_dict().keys()
+    for need in ("model.embed_tokens.weight", "model.norm.weight"):
+        if need not in keys:
+            raise Refusal(f"it has no {need} (the layer stream needs the standard embedding and final norm)")
+    if len({type(l) for l in layers}) > 1:
+        raise Refusal(f"its decoder layers are of {len({type(l) for l in layers})} classes (hybrid stacks)")
+    kinds = getattr(cfg, "layer_types", None)
+    if isinstance(kinds, (list, tuple)) and len(set(map(str, kinds))) > 1:
+        raise Refusal(
+            f"it mixes layer types ({', '.join(sorted(set(map(str, kinds))))}): the layer stream replays the first "
+            "layer's attention inputs to every layer"
+        )
+    found = {l: _experts_modules(layer) for l, layer in enumerate(layers)}
+    moe = sorted(l for l, f in found.items() if f)
+    if not moe:
+        raise Refusal("no decoder layer holds a routed experts module")
+    paths = {tuple(n for n, _ in found[l]) for l in moe}
+    if len(paths) > 1 or len(next(iter(paths))) != 1:
+        raise Refusal(f"its layers hold experts modules at {sorted(paths)} (not one block.experts per layer)")
+    path = next(iter(paths))[0]
+    if path.count(".") != 1:
+        raise Refusal(f"its experts module sits at {path}, not directly under the MoE block")
+    block_name, experts_name = path.split(".")
+    l0 = moe[0]
+    ex = found[l0][0][1]
+    flags = {
+        "is_transposed": bool(ex.is_transposed),
+        "has_bias": bool(ex.has_bias),
+        "has_gate": bool(ex.has_gate),
+        "is_concatenated": bool(getattr(ex, "is_concatenated", True)),
+        "has_post_expert_norm": bool(getattr(ex, "has_post_expert_norm", False)),
+    }
+    if not flags["has_gate"]:
+        raise Refusal("its experts have no gate projection (has_gate=False): the expert view is gate/up/down")
+    if flags["is_transposed"] or flags["has_bias"]:
+        raise Refusal("its experts are transposed and/or carry biases (is_transposed/has_bias), not yet read/written")
+    if not flags["is_concatenated"]:
+        raise Refusal("its experts interleave gate and up rows (is_concatenated=False)")
+    if flags["has_post_expert_norm"]:
+        raise Refusal("its experts apply a norm after each expert (has_post_expert_norm=True)")
+    if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+        raise Refusal(f"{type(ex).__name__} overrides _apply_gate (a custom gated activation, e.g. clamped SwiGLU)")
+    if not hasattr(ex, "act_fn"):
+        raise Refusal(f"{type(ex).__name__} has no act_fn")
+    params = {n: tuple(p.shape) for n, p in ex.named_parameters()}
+    if set(params) != {"gate_up_proj", "down_proj"} or list(ex.buffers()):
+        raise Refusal(f"its experts hold {sorted(params)}, not exactly gate_up_proj and down_proj")
+    E, I2, H = params["gate_up_proj"]
+    I = I2 // 2
+    if I2 % 2 or params["down_proj"] != (E, H, I) or H != cfg.hidden_size:
+        raise Refusal(f"its experts have shapes {params}, not gate_up [E, 2I, H] and down [E, H, I]")
+    for l in moe:
+        got = {n: tuple(p.shape) for n, p in found[l][0][1].named_parameters()}
+        if got != params:
+            raise Refusal(f"its layers differ in expert shapes (layer {l0}: {params}, layer {l}: {got})")
+
+    block = layers[l0].get_submodule(block_name)
+    routers = [
+        n
+        for n, c in block.named_children()
+        if n != experts_name and getattr(c, "weight", None) is not None and tuple(c.weight.shape) == (E, H)
+    ]
+    if len(routers) != 1:
+        kinds = ", ".join(f"{n}: {type(c).__name__}" for n, c in block.named_children() if n != experts_name)
+        raise Refusal(f"its MoE block has no single router with weight [E, hidden] ({kinds})")
+    router_name = routers[0]
+    router = block.get_submodule(router_name)
+    if "hash" in type(router).__name__.lower():
+        raise Refusal(f"it routes by hash ({type(router).__name__}): removing experts changes the hash table")
+    tensors = dict(router.named_parameters()) | dict(router.named_buffers())
+    extra = sorted(set(tensors) - {"weight", "bias", "e_score_correction_bias"})
+    if extra:
+        raise Refusal(f"its router {type(router).__name__} holds tensors {extra} besides weight/bias/correction bias")
+    for n in ("bias", "e_score_correction_bias"):
+        if n in tensors and tuple(tensors[n].shape) != (E,):
+            raise Refusal(f"its router {n} has shape {list(tensors[n].shape)}, not [E]")
+    shared = [n for n, c in block.named_children() if "shared" in n and not n.endswith("gate") and list(c.parameters())]
+    skip = (f"{experts_name}.", f"{router_name}.", *(f"{n}." for n in shared))
+    for n, t in [*block.named_parameters(), *block.named_buffers()]:
+        if not n.startswith(skip) and t.dim() >= 1 and t.shape[0] == E:
+            raise Refusal(
+                f"its MoE block holds a per-expert tensor outside the router ({block_name}.{n} "
+                f"{list(t.shape)}): removing experts would leave it stale"
+            )
+    shared_gate = [n for n, c in block.named_children() if "shared" in n and n.endswith("gate")]
+
+    raw = cfg.to_dict()
+    count_keys = tuple(
+        k
+        for k, v in raw.items()
+        if isinstance(k, str)
+        and "expert" in k.lower()
+        and type(v) is int
+        and v == E
+        and not any(s in k.lower() for s in COUNT_EXCLUDE)
+    )
+    if not count_keys:
+        raise Refusal(f"no config.json key holds its routed expert count {E} (a key naming experts)")
+    nested = [f"{k}.{kk}" for k, v in raw.items() if isinstance(v, dict) for kk in v if "expert" in str(kk).lower()]
+    if nested:
+        raise Refusal(f"its config keeps expert settings in sub-configs ({nested[0]})")
+    top_k_key = "num_experts_per_tok"
+    if type(raw.get(top_k_key)) is not int:
+        raise Refusal("its config has no integer num_experts_per_tok (the router's top-k)")
+
+    disk_block, expert_names = _disk_layout(model, l0, block_name, experts_name, router_name, E)
+
+    reference = None
+    sig = (_norm_source(type(block)), _norm_source(type(router)))
+    for name, ref in _reference_routing().items():
+        if ref == sig:
+            reference = name
+    return {
+        "model_type": mt,
+        "count_keys": count_keys,
+        "top_k_key": top_k_key,
+        "disk_block": disk_block,
+        "module_block": block_name,
+        "router": router_name,
+        "experts": experts_name,
+        "expert_names": expert_names,
+        "router_bias": "bias" in tensors,
+        "correction_bias": "e_score_correction_bias" if "e_score_correction_bias" in tensors else None,
+        "shared": shared[0] if shared else None,
+        "shared_gate": shared_gate[0] if shared_gate else None,
+        "norm_topk_key": "norm_topk_prob" if "norm_topk_prob" in raw else None,
+        "group_key": "n_group" if raw.get("n_group") is not None else None,
+        "dense": frozenset(range(len(layers))) - frozenset(moe),
+        "routing_like": reference,
+        "flags": flags,
+        "classes": (type(block).__name__, type(router).__name__, type(ex).__name__),
+    }
+
+
+def _disk_layout(
+    model: torch.nn.Module, l: int, block: str, experts: str, router: str, E: int
+) -> tuple[str, tuple[str, str, str]]:
+    """(block name on disk, per-expert (gate, up, down) names) from transformers' own save path.
+
+    Marker tensors stand in for layer l's fused experts; after ``revert_weight_conversion`` each per-expert key is
+    matched to its (expert, projection) by value, so a transposed, reordered or renamed layout is seen, not assumed."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    prefix = f"model.layers.{l}."
+    sd = {k: v for k, v in model.state_dict().items() if k.startswith(prefix) or not k.startswith("model.layers.")}
+    gu_key, dn_key = f"{prefix}{block}.{experts}.gate_up_proj", f"{prefix}{block}.{experts}.down_proj"
+    gate_up = torch.arange(E * 4 * 3, dtype=torch.float64).reshape(E, 4, 3)
+    down = torch.arange(E * 3 * 2, dtype=torch.float64).reshape(E, 3, 2) + 1e7
+    sd[gu_key], sd[dn_key] = gate_up, down
+    try:
+        out = revert_weight_conversion(model, sd)
+    except Exception as err:
+        raise Refusal(f"transformers' save conversion fails on it ({type(err).__name__}: {str(err)[:120]})") from None
+    marked = {k: v for k, v in out.items() if v.device.type != "meta" and v.dtype == torch.float64}
+    fused = [k for k, v in marked.items() if v.shape[0] == E and v.dim() == 3]
+    if fused:
+        raise Refusal(
+            f"its experts are fused on disk ({', '.join(sorted(fused))}): moecompress writes per-expert keys "
+            "and cannot write this layout back yet"
+        )
+    pat = re.compile(
+        rf"^{re.escape(prefix)}(?P<block>[\w.]+?)\.{re.escape(experts)}\.(?P<e>\d+)\.(?P<name>\w+)\.weight$"
+    )
+    names: dict[int, set[str]] = {0: set(), 1: set(), 2: set()}
+    blocks: set[str] = set()
+    seen = 0
+    for k, v in marked.items():
+        m = pat.match(k)
+        if m is None:
+            raise Refusal(f"transformers saves its experts as {k}, not <block>.{experts}.<e>.<proj>.weight")
+        e = int(m["e"])
+        want = {0: gate_up[e, :2], 1: gate_up[e, 2:], 2: down[e]} if e < E else {}
+        proj = next((p for p, t in want.items() if v.shape == t.shape and torch.equal(v, t)), None)
+        if proj is None:
+            raise Refusal(f"transformers saves {k} with values that are not one expert's gate/up/down rows")
+        names[proj].add(m["name"])
+        blocks.add(m["block"])
+        seen += 1
+    if seen != 3 * E or any(len(n) != 1 for n in names.values()) or len(blocks) != 1:
+        raise Refusal(f"transformers saves its experts in a layout moecompress does not map ({sorted(marked)[:3]})")
+    disk_block = blocks.pop()
+    for k in out:
+        if k in marked:
+            continue
+        src = k if disk_block == block else re.sub(rf"\.{re.escape(disk_block)}\.", f".{block}.", k, count=1)
+        if src not in sd:
+            raise Refusal(f"transformers renames its tensors on disk ({k}): not one block rename")
+    if f"{prefix}{disk_block}.{router}.weight" not in out:
+        raise Refusal(f"its router is renamed on disk (module {block}.{router}): not mapped yet")
+    return disk_block, (names[0].pop(), names[1].pop(), names[2].pop())
