@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..core.checkpoint import Checkpoint
 from ..core.engine import Engine, Transform
 from ..core.progress import progress_bar
-from ..core.stream import ActivationCache
+from ..core.stream import ActivationCache, LayerStream
 from .gradstats import GradStatAccumulator, LayerGradStats, attach_hook, finish
 
 SPILL_BYTES = 4 * 1024**3  # kept layer inputs beyond this go to files
@@ -55,6 +55,34 @@ def _keep_all(acts: ActivationCache, cache: Any) -> None:
         acts.append(cache[i])  # in memory: the same tensor, no copy
 
 
+def _head_grads(ls: LayerStream, hidden: Any, grads: ActivationCache) -> None:
+    """dL/dh [B, S, H] of the summed next-token NLL at the last layer's outputs ``hidden``, per batch."""
+    for i, ids in enumerate(ls.batches):
+        h = hidden[i].to(ls.device).detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = ls.head(h)  # [B, S, V]
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1).to(ls.device),
+                reduction="sum",
+            )  # fmt: skip
+            loss.backward()
+        grads.append(h.grad.detach())
+        del h, logits, loss
+
+
+def _backward_layer(ls: LayerStream, layer: torch.nn.Module, inputs: ActivationCache, grads: ActivationCache) -> None:
+    """Back-propagate every batch's incoming gradient through ``layer`` (re-run on its kept ``inputs``; the Experts
+    hooks see dL/dy on the way); ``grads`` then holds the gradients at the layer's inputs."""
+    for i in range(len(grads)):
+        x = inputs[i].to(ls.device).detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = layer(x, **ls.kwargs[i])
+            y = y[0] if isinstance(y, tuple) else y
+            y.backward(grads[i].to(ls.device))
+        grads[i] = x.grad.detach()
+        del x, y
+
+
 def streamed_grad_stats(
     ckpt: Checkpoint,
     input_ids: torch.Tensor,
@@ -80,14 +108,8 @@ def streamed_grad_stats(
     engine = Engine(ckpt, input_ids, batch_size, device, "gradient pass (forward)")
     ls = engine.stream
     out: dict[int, Any] = {}
-    step = 0
-
-    def tick() -> None:
-        nonlocal step
-        step += 1
-        if progress is not None:
-            progress(step)
-
+    steps = iter(range(1, 2 * len(ls.decoder_layers) + 2))
+    tick = (lambda: progress(next(steps))) if progress is not None else (lambda: None)
     inputs: list[ActivationCache] = [ActivationCache(spill)]  # inputs[l]: decoder layer l's inputs
     grads = ActivationCache(spill)
     try:
@@ -97,18 +119,7 @@ def streamed_grad_stats(
                 inputs.append(ActivationCache(spill))
                 _keep_all(inputs[-1], engine.cache)
             tick()
-        for i, ids in enumerate(ls.batches):  # head: dL/dh at the last layer's output
-            h = engine.cache[i].to(ls.device).detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = ls.head(h)  # [B, S, V]
-                loss = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                    ids[:, 1:].reshape(-1).to(ls.device),
-                    reduction="sum",
-                )
-                loss.backward()
-            grads.append(h.grad.detach())
-            del h, logits, loss
+        _head_grads(ls, engine.cache, grads)
         tick()
         with progress_bar() as bar:  # backward, one layer at a time
             task = bar.add_task("gradient pass (backward)", total=n_layers)
@@ -116,24 +127,13 @@ def streamed_grad_stats(
                 layer = ls.load_layer(l)
                 accs: dict[int, GradStatAccumulator] = {}
                 msum: dict[int, torch.Tensor] = {}
-                handle = None
-                experts = None
-                if l in moe:
-                    experts = getattr(ls.moe_block(layer), fam.experts)
-                    handle = attach_hook(experts, l, accs, msum, kind, rank, _gate_up if with_moments else None)
+                experts = getattr(ls.moe_block(layer), fam.experts) if l in moe else None
+                gate_up = _gate_up if with_moments else None
+                handle = attach_hook(experts, l, accs, msum, kind, rank, gate_up) if experts is not None else None
                 try:
-                    for i in range(len(grads)):
-                        x = inputs[l][i].to(ls.device).detach().requires_grad_(True)
-                        with torch.enable_grad():
-                            y = layer(x, **ls.kwargs[i])
-                            y = y[0] if isinstance(y, tuple) else y
-                            y.backward(grads[i].to(ls.device))
-                        grads[i] = x.grad.detach()
-                        del x, y
+                    _backward_layer(ls, layer, inputs[l], grads)
                     if l in accs:
-                        acc, m = accs.pop(l), msum.pop(l, None)
-                        stats = finish(acc, m)
-                        del acc, m  # the accumulator's sums are freed before the layer is scored
+                        stats = finish(accs.pop(l), msum.pop(l, None))  # the accumulator's sums are freed first
                         out[l] = on_layer(l, stats, experts) if on_layer is not None else stats
                         del stats
                 finally:

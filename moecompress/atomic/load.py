@@ -12,6 +12,7 @@ column, so it adds exactly nothing.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -24,6 +25,45 @@ from ..core.manifest import Manifest
 from .apply import ExactLayer, pad_exact, padded_width
 
 LAYOUT = "atomic_exact"
+
+
+def _read_layer(ckpt: Checkpoint, fam: Any, l: int, info: dict[str, Any], dtype: torch.dtype) -> ExactLayer:
+    """Layer ``l``'s experts (unequal widths) and router as written, checked against the manifest's widths."""
+    n = len(info["kept_experts"])
+    get = lambda key: ckpt.get(key).to(dtype)  # noqa: E731
+    opt = lambda what: get(fam.router_key(l, what)) if fam.router_key(l, what) in ckpt.weight_map else None  # noqa: E731
+    ex = ExactLayer(
+        gate=[get(fam.expert_key(l, e, 0)) for e in range(n)],  # [K_e, H] each
+        up=[get(fam.expert_key(l, e, 1)) for e in range(n)],  # [K_e, H] each
+        down=[get(fam.expert_key(l, e, 2)) for e in range(n)],  # [H, K_e] each
+        router=get(fam.router_key(l)),  # [E', H]
+        router_bias=opt("bias") if fam.router_bias else None,
+        correction_bias=opt(fam.correction_bias) if fam.correction_bias else None,
+        kept_experts=list(info["kept_experts"]),
+        kept_channels=[],
+    )
+    if ex.widths != list(info["widths"]):
+        raise UserError(f"{ckpt.path}: layer {l} expert widths on disk {ex.widths} differ from moecompress.json")
+    return ex
+
+
+def _set_padded(block: torch.nn.Module, fam: Any, ex: ExactLayer) -> None:
+    """Give the MoE block the layer's experts zero-padded to one width (exact) and its router."""
+    width = padded_width(ex.widths)
+    w = pad_exact(ex, width)
+    experts, router = getattr(block, fam.experts), getattr(block, fam.router)
+    experts.gate_up_proj = torch.nn.Parameter(torch.cat([w.gate, w.up], dim=1), requires_grad=False)  # [E', 2W, H]
+    experts.down_proj = torch.nn.Parameter(w.down, requires_grad=False)  # [E', H, W]
+    experts.num_experts = len(ex.gate)
+    if hasattr(experts, "intermediate_dim"):
+        experts.intermediate_dim = width
+    router.weight = torch.nn.Parameter(w.router, requires_grad=False)
+    if w.router_bias is not None:
+        router.bias = torch.nn.Parameter(w.router_bias, requires_grad=False)
+    if w.correction_bias is not None:
+        setattr(router, fam.correction_bias, w.correction_bias)
+    if hasattr(router, "num_experts"):
+        router.num_experts = len(ex.gate)
 
 
 def load_exact_atomic(
@@ -42,7 +82,6 @@ def load_exact_atomic(
         ) from None
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     fam = family_for(config)
-    widths = {l: padded_width(v["widths"]) for l, v in layers.items()}
     with init_empty_weights(include_buffers=False):  # parameters on the meta device until the weights are assigned
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, experts_implementation="eager")
     dtype = dtype or torch.float32
@@ -55,41 +94,7 @@ def load_exact_atomic(
     if left or unexpected:
         raise UserError(f"{path}: weights do not match the config (missing {sorted(left)[:3]}, extra {unexpected[:3]})")
     for l, info in layers.items():
-        E_l = len(info["kept_experts"])
-
-        def get(e: int, proj: int, _l: int = l) -> torch.Tensor:
-            return ckpt.get(fam.expert_key(_l, e, proj)).to(dtype)
-
-        opt = lambda what, _l=l: (  # noqa: E731
-            ckpt.get(fam.router_key(_l, what)).to(dtype) if fam.router_key(_l, what) in ckpt.weight_map else None
-        )
-        ex = ExactLayer(
-            gate=[get(e, 0) for e in range(E_l)],
-            up=[get(e, 1) for e in range(E_l)],
-            down=[get(e, 2) for e in range(E_l)],
-            router=ckpt.get(fam.router_key(l)).to(dtype),
-            router_bias=opt("bias") if fam.router_bias else None,
-            correction_bias=opt(fam.correction_bias) if fam.correction_bias else None,
-            kept_experts=list(info["kept_experts"]),
-            kept_channels=[],
-        )
-        if ex.widths != list(info["widths"]):
-            raise UserError(f"{path}: layer {l} expert widths on disk {ex.widths} differ from moecompress.json")
-        w = pad_exact(ex, widths[l])
-        block = getattr(model.model.layers[l], fam.module_block)
-        experts, router = getattr(block, fam.experts), getattr(block, fam.router)
-        experts.gate_up_proj = torch.nn.Parameter(torch.cat([w.gate, w.up], dim=1), requires_grad=False)  # [E,2W,H]
-        experts.down_proj = torch.nn.Parameter(w.down, requires_grad=False)  # [E, H, W]
-        experts.num_experts = E_l
-        if hasattr(experts, "intermediate_dim"):
-            experts.intermediate_dim = widths[l]
-        router.weight = torch.nn.Parameter(w.router, requires_grad=False)
-        if w.router_bias is not None:
-            router.bias = torch.nn.Parameter(w.router_bias, requires_grad=False)
-        if w.correction_bias is not None:
-            setattr(router, fam.correction_bias, w.correction_bias)
-        if hasattr(router, "num_experts"):
-            router.num_experts = E_l
+        _set_padded(getattr(model.model.layers[l], fam.module_block), fam, _read_layer(ckpt, fam, l, info, dtype))
     if tied:
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
