@@ -88,16 +88,6 @@ def load_manifest(path: str | Path) -> Manifest | None:
     return Manifest.from_dict(read_json_file(f, "moecompress manifest (JSON)"), str(f))
 
 
-def read_manifest(path: str | Path) -> dict[str, Any] | None:
-    """The raw ``moecompress.json`` dict, checked by ``load_manifest`` first (None when absent).
-
-    For loaders that read a schema-1 output's op fields at the top level; new code reads
-    ``load_manifest(path).stage(op)``, which also finds them in a schema-2 output."""
-    if load_manifest(path) is None:
-        return None
-    return read_json_file(Path(path) / "moecompress.json", "moecompress manifest (JSON)")
-
-
 def _check_entry(key: Any, v: Any, data_bytes: int) -> None:
     if not isinstance(v, dict):
         raise ValueError(f"entry {key!r} is a {type(v).__name__}, not an object")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .checkpoint import Checkpoint, load_manifest, read_manifest, resolve_model  # noqa: F401  (readers: public here)
+from .checkpoint import Checkpoint, load_manifest, resolve_model  # noqa: F401  (load_manifest: public here)
 from .errors import UserError
 
 # layout name in moecompress.json -> "module:function" taking (path, device, dtype) and returning the model

@@ -11,11 +11,13 @@ from moecompress.report.blocks import generic, kv_table, note, num_cell, table, 
 from moecompress.report.sidecars import (
     LISTED,
     MAX_CELLS,
+    MAX_EXPERTS,
     count_of,
     entry_experts,
     expert_of,
     int_key_dict,
     layer_of,
+    num,
     plan_widths,
     profile_layers,
 )
@@ -28,18 +30,19 @@ TITLES = {
     "merge": "expert merging",
     "quantize": "quantization",
 }
-# The fields of each op's section shown in its settings table, in this order (what the op writes today); every
-# other field of the section is listed under "other fields".
+# The fields of each op's section shown in its settings table, in this order (what the op writes today; "recipe":
+# the stage's options as `compress` was given them); every other field of the section is under "other fields".
 SETTINGS: dict[str, tuple[str, ...]] = {
-    "profile": (),
-    "prune": ("method", "ratio", "granularity", "experts_before", "experts_after", "experts_removed_total", "refit",
-              "top_k", "n_group", "output_error_inputs", "refit_inputs", "profile"),
-    "atom": ("method", "score", "ratio", "original_width", "width", "width_key", "routed_channels_removed_fraction",
-             "params_removed", "params_removed_fraction_of_all", "protection", "hessian", "compensation"),
-    "merge": ("method", "ratio", "experts_before", "experts_after", "similarity", "router_rebuild",
+    "profile": ("recipe",),
+    "prune": ("recipe", "method", "ratio", "granularity", "experts_before", "experts_after", "experts_removed_total",
+              "refit", "top_k", "n_group", "output_error_inputs", "refit_inputs", "profile"),
+    "atom": ("recipe", "method", "score", "ratio", "original_width", "width", "width_key",
+             "routed_channels_removed_fraction", "params_removed", "params_removed_fraction_of_all", "protection",
+             "hessian", "compensation"),
+    "merge": ("recipe", "method", "ratio", "experts_before", "experts_after", "similarity", "router_rebuild",
               "neuron_alignment", "down_refit", "choice", "propagation", "profile"),
-    "quantize": ("method", "plan", "bits", "budget_gb", "other_bits", "format", "servable", "bytes_predicted",
-                 "command_line"),
+    "quantize": ("recipe", "method", "plan", "bits", "budget_gb", "other_bits", "format", "servable",
+                 "bytes_predicted", "command_line"),
 }  # fmt: skip
 # drawn by the stage block itself (or in the summary)
 DRAWN = {"op", "layers", "protected", "protected_why", "calibration_fingerprint"}
@@ -162,21 +165,32 @@ def _flat(v: list) -> list[int]:
 
 
 def _quantize_block(st: dict[str, Any], bit_plan: dict | None, n: int, anchor: str) -> str:
-    """Per-expert widths of bit_plan.json (the manifest section holds only each layer's set of widths)."""
-    if bit_plan is None:
+    """Per-expert widths of bit_plan.json; without one, of the section's layers that hold a single width (the
+    section holds each layer's set of widths: one width means every routed expert of the layer has it)."""
+    widths = plan_widths(bit_plan) if bit_plan is not None else _layer_widths(st, n)
+    if not widths and bit_plan is None:
         return note("No bit_plan.json in this folder: per-expert widths are not shown.")
     parts = []
-    widths = plan_widths(bit_plan)
     rows = len({layer for layer, _ in widths})
     n = max([n] + [e + 1 for _, e in widths])
     if rows * n > MAX_CELLS:
         parts.append(note(f"{rows} layers x {n} experts is more than a chart can show ({MAX_CELLS:,} cells)."))
     elif widths:
         parts.append(_bits_block(widths, n, protected_cells(st), anchor))
-    scalars = {k: v for k, v in bit_plan.items() if not isinstance(v, (dict, list))}
+    scalars = {k: v for k, v in (bit_plan or {}).items() if not isinstance(v, (dict, list))}
     if scalars:
         parts.append(f"<h4>Bit plan</h4>{generic(scalars)}")
     return "".join(parts)
+
+
+def _layer_widths(st: dict[str, Any], n: int) -> dict[tuple[int, int], float]:
+    out: dict[tuple[int, int], float] = {}
+    for layer, entry in (int_key_dict(st.get("layers")) or {}).items():
+        bits = entry.get("bits") if isinstance(entry, dict) else None
+        b = num(bits[0]) if isinstance(bits, list) and len(bits) == 1 else None
+        if b is not None and 0 < b <= 64 and 0 < n <= MAX_EXPERTS:
+            out.update({(layer, e): b for e in range(n)})
+    return out
 
 
 def _kept_block(kept: dict[int, list[int]], n: int, prot, anchor: str) -> str:

@@ -413,6 +413,22 @@ def test_two_stage_manifest_renders_both_sections(tmp_path):
     assert "Unreadable manifest" not in text
 
 
+def test_compress_quantize_stage_without_bit_plan(tmp_path):
+    """`compress --prune 0.25 --bits 4` writes no bit_plan.json: one width per layer in the quantize section means
+    every expert the prune stage left has it; the stages' recipes are shown with their settings."""
+    out = tmp_path / "p25-q4"
+    out.mkdir()
+    m = make_manifest("compress", "builtin-moe", layout="quantized", load_with="moecompress.load")
+    m.add("prune", {"recipe": {"ratio": 0.25}, **prune_section(None)})
+    m.add("quantize", {"recipe": {"bits": 4}, "method": "gptq", "bits": 4,
+                       "layers": {"1": {"bits": [4]}, "2": {"bits": [4]}, "3": {"bits": [2, 4]}}})  # fmt: skip
+    m.write(out)
+    page = parse(build_report([out]))
+    assert _values(page, "run0-s1-bits") == {(r, e): 4.0 for r in range(2) for e in range(6)}  # layer 3: unknown
+    text = " ".join(page.text)
+    assert "recipe" in text and "No bit_plan.json" not in text
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
