@@ -19,7 +19,7 @@ def report(
         list[Path],
         typer.Argument(
             metavar="RUN_OR_OUTPUT_DIR",
-            help="Run folders (profile -o), output folders (prune/merge/quantize -o) or sidecar JSON files.",
+            help="Run folders (profile -o), output folders (prune/merge/quantize/compress -o) or sidecar JSON files.",
         ),
     ],
     output: Annotated[
@@ -36,8 +36,9 @@ def report(
 ) -> None:
     """Render one self-contained HTML report (no network, no scripts) from the files other commands wrote.
 
-    It never recomputes: summary, per-layer x per-expert heatmaps, what was removed/merged/quantized, a bytes-vs-KL
-    Pareto plot when several runs are given, and warnings.
+    It never recomputes: summary, per-layer x per-expert heatmaps, what was removed/merged/quantized (one block per
+    stage of the output's moecompress.json), a bytes-vs-KL Pareto plot when several runs are given, and warnings.
+    A moecompress.json that is not a manifest this version reads is shown as "Unreadable manifest" with the reason.
 
     Examples:\n
       moecompress report runs/base\n
