@@ -95,7 +95,8 @@ class MergeTransform(Transform):
                     "the profile's statistics and protected experts are not used"
                 )
                 return [], None, None
-        protected = [i for i, src in enumerate(ids) if src in prot]
+        pos = {src: i for i, src in enumerate(ids)}
+        protected = [pos[p] for p in prot if p in pos]  # in the order given (as the single command had it)
         if self.profile is None:
             return protected, None, None
         idx = torch.as_tensor(ids)
