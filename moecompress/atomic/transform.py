@@ -50,7 +50,7 @@ def width_key(config: Any) -> str:
     return "moe_intermediate_size" if get("moe_intermediate_size") else "intermediate_size"
 
 
-def block_view(ctx: LayerContext) -> MoEWeights:
+def current_weights(ctx: LayerContext) -> MoEWeights:
     """The MoE block's routed experts and router as they are now (float32 copies on the CPU)."""
     from ..prune.load import layer_view
 
@@ -163,7 +163,7 @@ class AtomTransform(Transform):
 
     def moe_layer(self, ctx: LayerContext) -> None:
         fam, l = ctx.engine.fam, ctx.index
-        w = block_view(ctx)  # [E, I, H] ...
+        w = current_weights(ctx)  # [E, I, H] ...
         E, I, H = w.gate.shape
         act = ctx.experts.act_fn
         x = None
