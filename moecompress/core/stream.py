@@ -137,8 +137,12 @@ class LayerStream:
         if spill is None:
             spill = input_ids.numel() * H * 4 > 4 * 1024**3
         self.cache = ActivationCache(spill)
-        self.kwargs: list[dict[str, Any]] = []
+        self.kwargs: list[dict[str, Any]] = []  # per batch: the first decoder layer's keyword arguments
         self._moe = set(ckpt.moe_layers)
+        kinds = getattr(ckpt.config, "layer_types", None)
+        mixed = isinstance(kinds, (list, tuple)) and len(set(map(str, kinds))) > 1
+        self.layer_types: list[str] | None = [str(t) for t in kinds] if mixed else None
+        self._kwargs_by_type: dict[str, list[dict[str, Any]]] = {}  # mixed layer types: each type's own inputs
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -183,6 +187,9 @@ class LayerStream:
                 store.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")})
                 raise _Captured
 
+        if self.layer_types is not None:
+            self._capture_types(emb)
+            return
         self.decoder_layers[0] = Catcher()
         try:
             for ids in self.batches:
@@ -194,8 +201,56 @@ class LayerStream:
             self.decoder_layers[0] = first
             self.free(emb)
 
+    def _capture_types(self, emb: nn.Module) -> None:
+        """Mixed layer types (sliding/full/linear attention): record each type's keyword arguments (its own mask)
+        at its first layer; the layers before pass the hidden states through unchanged (no compute)."""
+        types = self.layer_types
+        assert types is not None
+        first = {t: types.index(t) for t in set(types)}
+        last = max(first.values())
+        store, saved = self, [self.decoder_layers[j] for j in range(last + 1)]
+
+        class Recorder(nn.Module):
+            def __init__(self, j: int) -> None:
+                super().__init__()
+                self.j = j
+                self.attention_type = getattr(saved[j], "attention_type", types[j])
+
+            def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+                if self.j == 0:
+                    store.cache.append(hidden_states.detach())
+                if first[types[self.j]] == self.j:
+                    kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+                    store._kwargs_by_type.setdefault(types[self.j], []).append(kw)
+                if self.j == last:
+                    raise _Captured
+                return hidden_states
+
+        for j in range(last + 1):
+            self.decoder_layers[j] = Recorder(j)
+        try:
+            for ids in self.batches:
+                try:
+                    self.model.model(input_ids=ids.to(self.device), use_cache=False)
+                except _Captured:
+                    pass
+        finally:
+            for j, layer in enumerate(saved):
+                self.decoder_layers[j] = layer
+            self.free(emb)
+        self.kwargs = self._kwargs_by_type.get(types[0], [])  # no batches: a write-only pass
+
+    def layer_kwargs(self, l: int, i: int) -> dict[str, Any]:
+        """Keyword arguments of decoder layer l for cached batch i (its layer type's mask when types are mixed)."""
+        if self.layer_types is None:
+            return self.kwargs[i]
+        return self._kwargs_by_type[self.layer_types[l]][i]
+
     def run_layer(self, layer: nn.Module, i: int) -> torch.Tensor:
-        out = layer(self.cache[i].to(self.device), **self.kwargs[i])
+        kw = self.kwargs[i]
+        if self.layer_types is not None:
+            kw = self.layer_kwargs(next(j for j, m in enumerate(self.decoder_layers) if m is layer), i)
+        out = layer(self.cache[i].to(self.device), **kw)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
