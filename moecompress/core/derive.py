@@ -93,12 +93,6 @@ def derive(cfg: Any) -> dict[str, Any]:
             raise Refusal(f"it has no {need} (the layer stream needs the standard embedding and final norm)")
     if len({type(l) for l in layers}) > 1:
         raise Refusal(f"its decoder layers are of {len({type(l) for l in layers})} classes (hybrid stacks)")
-    kinds = getattr(cfg, "layer_types", None)
-    if isinstance(kinds, (list, tuple)) and len(set(map(str, kinds))) > 1:
-        raise Refusal(
-            f"it mixes layer types ({', '.join(sorted(set(map(str, kinds))))}): the layer stream replays the first "
-            "layer's attention inputs to every layer"
-        )
     found = {l: _experts_modules(layer) for l, layer in enumerate(layers)}
     moe = sorted(l for l, f in found.items() if f)
     if not moe:
