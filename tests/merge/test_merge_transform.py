@@ -145,3 +145,17 @@ def test_merge_computes_experts_with_the_models_activation(tmp_path, tokenizer_d
     gelu = type(reload_clean(tmp_path / "m").model.layers[0].mlp.experts.act_fn)
     assert gelu.__name__ == "GELUActivation" and len(acts) > 3
     assert all(isinstance(a, gelu) for a in acts)
+
+
+def test_recipe_stage_builds_the_transform_and_refuses_a_bad_ratio_before_the_pass(mixtral, tmp_path):
+    from moecompress.core.errors import UserError
+    from moecompress.core.job import Job
+    from moecompress.merge.transform import transform_for_recipe
+
+    job = Job.prepare(mixtral, tmp_path / "o", samples=2, seq_len=16, seed=3)
+    t = transform_for_recipe(job, {"ratio": 0.5}, None)
+    assert isinstance(t, MergeTransform) and t.opts.ratio == 0.5 and t.opts.seed == 3
+    with pytest.raises(UserError, match="top-k"):
+        transform_for_recipe(job, {"ratio": 0.9}, None)  # 6 -> 1 expert, top-2
+    with pytest.raises(UserError, match="--ratio"):
+        transform_for_recipe(job, {"ratio": 1.0}, None)
