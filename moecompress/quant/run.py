@@ -53,6 +53,8 @@ from .plan import (  # noqa: F401  (Layout, layer_sensitivity, scale_dtype_of: t
 )
 from .transform import MeasureTransform, QuantTransform
 
+MAX_CODE_CACHE_BYTES = 8 * 1024**3
+
 
 @dataclass(frozen=True)
 class QuantOptions:
@@ -79,6 +81,7 @@ class QuantOptions:
     opts: GPTQOptions = field(default_factory=GPTQOptions)
     cost_model: str = "kl"
     protect: bool = True
+    max_cache_bytes: int = MAX_CODE_CACHE_BYTES  # the measuring pass keeps every width's codes up to this size
 
     def check(self) -> None:
         _validate(self.bits, self.budget_gb, self.plan, self.method, self.granularity, self.other_bits)
@@ -220,10 +223,13 @@ def _planned(
             (tmp / "bit_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
         return plan
     widths = {int(l): [x["bits"] for x in d["experts"]] for l, d in plan["layers"].items()}
+    codes = None if o.propagate else meas.get("codes")
     t = QuantTransform(
-        widths, o.method, min_tokens=o.min_tokens, opts=o.opts, other_bits=o.other_bits, propagate=o.propagate
-    )
-    return _write(r, t, tokens if o.method == "gptq" else None, lambda: plan)
+        widths, o.method, min_tokens=o.min_tokens, opts=o.opts, other_bits=o.other_bits, propagate=o.propagate,
+        codes=codes,
+    )  # fmt: skip
+    # with the measured codes (or RTN) the write pass needs no windows: the layers stream through, no compute
+    return _write(r, t, tokens if o.method == "gptq" and codes is None else None, lambda: plan)
 
 
 def _write(r: _Run, t: QuantTransform, tokens: TokenSet | None, get_plan: Any) -> dict[str, Any]:
@@ -298,7 +304,10 @@ def _measure_pass(r: _Run, tokens: TokenSet | None) -> dict[str, Any]:
         used = {l: ["rtn"] * r.lay.E for l in r.lay.moe}
         return {"err": None, "counts": None, "max_abs": None, "probe_kl": None, "used": used}
     probes = PROBE_WIDTHS if (o.plan == "lp" and o.cost_model == "kl") else ()
-    return measure(r.ckpt, tokens, o.widths, o.method, o.min_tokens, o.batch_size, r.job.device, o.opts, probes)
+    lay = r.lay
+    fits = len(lay.moe) * lay.E * 3 * lay.I * lay.H * len(o.widths) <= o.max_cache_bytes
+    keep = fits and not o.propagate and not o.plan_only  # propagated writes see other inputs: other codes
+    return measure(r.ckpt, tokens, o.widths, o.method, o.min_tokens, o.batch_size, r.job.device, o.opts, probes, keep)
 
 
 def measure(
@@ -311,10 +320,14 @@ def measure(
     device: torch.device | None,
     opts: GPTQOptions | None = None,
     probe_widths: tuple[int, ...] = PROBE_WIDTHS,
+    keep_codes: bool = False,
 ) -> dict[str, Any]:
     """One measuring pass (``MeasureTransform``): errors [L, E, B], token counts [L, E], max |expert output|
-    [L, E], methods used per layer and the probe KLs {(layer, bits): KL} (None without probes)."""
-    t = MeasureTransform(widths, method, min_tokens=min_tokens, opts=opts, probe_widths=probe_widths)
+    [L, E], methods used per layer, the probe KLs {(layer, bits): KL} (None without probes) and, with
+    ``keep_codes``, the codes {(layer, bits): QuantizedExperts} (else None)."""
+    t = MeasureTransform(
+        widths, method, min_tokens=min_tokens, opts=opts, probe_widths=probe_widths, keep_codes=keep_codes
+    )
     engine = Engine(ckpt, tokens.input_ids, batch_size, device, "quantize: measure")
     engine.run([t], emit=t.probe_layer)
     moe = list(ckpt.moe_layers)
@@ -324,6 +337,7 @@ def measure(
         "max_abs": np.stack([t.max_abs[l] for l in moe]),
         "used": {l: t.used[l] for l in moe},
         "probe_kl": t.probe_kl(engine),
+        "codes": t.codes,
     }
 
 
@@ -340,13 +354,14 @@ def measure_model(
     opts: GPTQOptions | None = None,
     probe_widths: tuple[int, ...] = PROBE_WIDTHS,
     widths: tuple[int, ...] = WIDTHS,
+    keep_codes: bool = True,
 ) -> dict[str, Any]:
     """One measuring pass at every candidate width (``widths``; LP plans need all of WIDTHS), reusable by
-    ``run_quantize(measurement=...)``."""
+    ``run_quantize(measurement=...)`` (whose write pass reuses the kept codes unless its options propagate)."""
     job = Job.prepare(model, None, calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size)
     tokens = job.tokens()
     t0 = time.time()
-    meas = measure(job.ckpt, tokens, widths, method, min_tokens, batch_size, device, opts, probe_widths)
+    meas = measure(job.ckpt, tokens, widths, method, min_tokens, batch_size, device, opts, probe_widths, keep_codes)
     return {
         "meas": meas, "tokens": tokens, "method": method, "opts": opts, "widths": widths,
         "fingerprint": job.ckpt.fingerprint, "elapsed_s": time.time() - t0,

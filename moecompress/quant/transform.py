@@ -103,6 +103,7 @@ class QuantTransform(Transform):
         other_bits: int = 16,
         propagate: bool = True,
         with_err: bool = False,
+        codes: Mapping[tuple[int, int], QuantizedExperts] | None = None,
     ):
         if method not in ("gptq", "rtn"):
             raise ValueError(f"method {method!r} is not one of gptq, rtn")
@@ -116,6 +117,9 @@ class QuantTransform(Transform):
         self.bits, self.method, self.min_tokens = bits, method, min_tokens
         self.opts = opts or GPTQOptions()
         self.other_bits, self.propagate, self.with_err = other_bits, propagate, with_err
+        if codes is not None and (with_err or propagate):
+            raise ValueError("precomputed codes are for the block's own weights: no with_err, no propagate")
+        self.codes = codes
         self.layers: dict[int, dict[str, Any]] = {}  # layer -> bits, used, counts, err, max_abs, H, I
         self.other: dict[str, tuple[int, int]] = {}  # module -> (bits, group) of the --other-bits weights
         self._engine: Engine | None = None
@@ -137,14 +141,17 @@ class QuantTransform(Transform):
         gu, dn = _fused(ctx)
         E, l = gu.shape[0], ctx.index
         ws = self.widths(l, E)
-        cap = None
-        if self.method == "gptq" or self.with_err:
-            cap = capture_layer(ctx, self.method == "gptq" and not self.opts.sequential, self.opts.weighted)
         uniq = tuple(sorted(set(ws)))
-        codes, used, err = quantize_layer(
-            gu, dn, ctx.experts.act_fn, uniq, self.method, cap, self.min_tokens, self.scale_dtype, self.weight_dtype,
-            self.opts, self.with_err, expert_widths=None if len(uniq) == 1 else ws,
-        )  # fmt: skip
+        cap = err = used = None
+        if self.codes is not None:  # quantized by the measuring pass on the same inputs: the same codes
+            codes = {b: self.codes[(l, b)] for b in uniq}
+        else:
+            if self.method == "gptq" or self.with_err:
+                cap = capture_layer(ctx, self.method == "gptq" and not self.opts.sequential, self.opts.weighted)
+            codes, used, err = quantize_layer(
+                gu, dn, ctx.experts.act_fn, uniq, self.method, cap, self.min_tokens, self.scale_dtype,
+                self.weight_dtype, self.opts, self.with_err, expert_widths=None if len(uniq) == 1 else ws,
+            )  # fmt: skip
         self.layers[l] = {
             "bits": ws, "used": used, "H": gu.shape[2], "I": dn.shape[2],
             "counts": None if cap is None else cap.counts.numpy(),
@@ -269,7 +276,8 @@ class MeasureTransform(Transform):
     """The LP plan's measuring pass: every expert at every width of ``widths`` (codes are not kept), its error
     err[e, b], routed tokens and max |output|; with ``probe_widths``, the sensitivity probes (drive the pass with
     ``emit=probe_layer``, then ``probe_kl(engine)``). Results by layer in ``err``, ``counts``, ``max_abs``,
-    ``used``."""
+    ``used``; with ``keep_codes``, every width's codes in ``codes`` (int8: 3 bytes per expert weight per width)
+    for a write pass that gets them instead of quantizing again (``QuantTransform(codes=...)``)."""
 
     name = "quantize"
     changes_block = False
@@ -282,8 +290,10 @@ class MeasureTransform(Transform):
         min_tokens: int = 32,
         opts: GPTQOptions | None = None,
         probe_widths: tuple[int, ...] = (),
+        keep_codes: bool = False,
     ):
         self.widths, self.method, self.min_tokens = tuple(widths), method, min_tokens
+        self.codes: dict[tuple[int, int], QuantizedExperts] | None = {} if keep_codes else None  # (layer, bits)
         self.opts = opts or GPTQOptions()
         self.probe_widths = tuple(b for b in probe_widths if b in self.widths)
         self.err: dict[int, np.ndarray] = {}  # [E, B]
@@ -311,6 +321,8 @@ class MeasureTransform(Transform):
         self.used[l], self.counts[l], self.max_abs[l] = used, cap.counts.numpy(), cap.max_abs.numpy()
         self.err[l] = err.numpy() if err is not None else np.zeros((gu.shape[0], len(self.widths)))
         self._codes = {b: codes[b] for b in self.probe_widths}
+        if self.codes is not None:
+            self.codes.update({(l, b): q for b, q in codes.items()})
 
     @torch.no_grad()
     def probe_layer(self, ctx: LayerContext) -> None:

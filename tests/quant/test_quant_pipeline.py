@@ -252,12 +252,13 @@ def test_budget_gb_plan_fits_the_total_size(qwen, tmp_path):
     assert plan["fixed_bytes"] == ref["fixed_bytes"]  # attention etc. at --other-bits 8 in both
 
 
-@pytest.mark.parametrize("method", ["gptq", "rtn"])
-def test_lp_write_pass_gives_each_expert_the_codes_of_its_width(qwen, tmp_path, method):
+@pytest.mark.parametrize("method,cache", [("gptq", 0), ("gptq", 2**30), ("rtn", 0)])
+def test_lp_write_pass_gives_each_expert_the_codes_of_its_width(qwen, tmp_path, method, cache):
     """The LP plan's write pass (after the measuring pass) sees the same inputs: every expert's written weights are
-    those of the one-pass uniform output at the expert's planned width."""
+    those of the one-pass uniform output at the expert's planned width, whether the write pass quantizes again
+    (``max_cache_bytes=0``) or reuses the measured codes."""
     kw = dict(method=method, other_bits=16, opts=GPTQOptions(propagate=False), **KW)
-    lp = run_quantize(qwen, tmp_path / "lp", bits=3.0, plan="lp", granularity="expert", **kw)
+    lp = run_quantize(qwen, tmp_path / "lp", bits=3.0, plan="lp", granularity="expert", max_cache_bytes=cache, **kw)
     assert Manifest.read(tmp_path / "lp").stage("quantize")["passes"] == "measure + quantize"
     widths = {r["bits"] for d in lp["layers"].values() for r in d["experts"]}
     assert len(widths) > 1
