@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..core.errors import UserError
+from ..core.manifest import Manifest
 from ..core.progress import console, out_console
 from ..prune.transform import DEFAULT_METHOD, DEFAULT_REFIT, METHODS, REFITS
 from .common import (
@@ -126,7 +127,11 @@ def prune(
         ratio=ratio, method=method or DEFAULT_METHOD, layout=layout, protect_super=protect_super, seed=seed,
         error_tokens=error_tokens, refit=refit or DEFAULT_REFIT,
     )  # fmt: skip
-    man = prune_model(model, output, opts, profile, calib, samples, seq_len, batch_size, dev, overwrite)
+    _summary(prune_model(model, output, opts, profile, calib, samples, seq_len, batch_size, dev, overwrite), output)
+
+
+def _summary(man: Manifest, output: Path) -> None:
+    """Warnings to stderr; what was protected and removed, and the sizes, to stdout."""
     stage = man.stage("prune") or {}
     for w in man.warnings:
         console.print(f"[yellow]warning:[/] {w}")
