@@ -146,3 +146,32 @@ def test_recipe_stage_ranks_each_remaining_expert_by_its_source_scores(tmp_path,
     warned = again.section()["warnings"]
     assert len(warned) == len(job.ckpt.moe_layers) and "measured on the block" in warned[0]
     assert all(len(k) == 16 for per in again.channels.values() for k in per)
+
+
+@pytest.mark.parametrize("score", ["heapr", "magnitude"])
+def test_a_lone_recipe_stage_writes_what_the_single_command_writes(tmp_path, tokenizer_dir, score):
+    import hashlib
+
+    from moecompress.atomic.run import atomic_prune, job_profile
+    from moecompress.atomic.transform import transform_for_recipe
+    from moecompress.core.job import Job
+
+    src = build_tiny("mixtral", tmp_path / "src", tokenizer_dir)
+    kw = dict(samples=6, seq_len=32, batch_size=3)
+    atomic_prune(src, tmp_path / "single", 0.3, score=score, **kw)
+    job = Job.prepare(src, tmp_path / "stage", **kw)
+    atom = transform_for_recipe(job, {"ratio": 0.3, "score": score}, job_profile(job))
+    with Output(job.out) as o:
+        o.add_globals(job.ckpt, [atom])
+        job.engine("stage").run([atom], emit=o.add_layer)
+        cfg = job.ckpt.config.to_dict()
+        atom.config(cfg)
+        man = Manifest("compress", "uniform", "transformers", str(src), job.ckpt.fingerprint, None, 0, 0)
+        man.add("atom", atom.section())
+        o.finish(job.ckpt, cfg, man, report=False)
+
+    def digest(d):
+        return [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("*.safetensors"))]
+
+    assert digest(tmp_path / "single") == digest(tmp_path / "stage")
+    assert Manifest.read(tmp_path / "stage").stage("atom")["width"] == 16
