@@ -18,9 +18,18 @@ from ..profile.run import Profile, build_profile, collect, save_profile
 
 # Names other packages import from here (atomic/compensate, merge/choose, merge/run, bench, their tests): they
 # live in order.py (the math) and transform.py (the options) now.
-from .order import NotEnoughRemovable, RouterSpec, combine, method_scores, output_error_order, removal_count, route
+from .order import NotEnoughRemovable, RouterSpec, combine, output_error_order, removal_count, route
 from .order import outputs_by_token as expert_outputs
-from .transform import DEFAULT_METHOD, DEFAULT_REFIT, LAYOUTS, METHODS, REFITS, PruneOptions, PruneTransform
+from .transform import (
+    DEFAULT_METHOD,
+    DEFAULT_REFIT,
+    LAYOUTS,
+    METHODS,
+    REFITS,
+    PruneOptions,
+    PruneTransform,
+    protected_experts,
+)
 
 __all__ = [
     "DEFAULT_METHOD", "DEFAULT_REFIT", "LAYOUTS", "METHODS", "REFITS", "PruneOptions", "RouterSpec", "combine",
@@ -98,18 +107,12 @@ def _plan(job: Job, spec: RouterSpec, opts: PruneOptions, prof: Profile) -> Prun
 
     Score methods order by the profile; the per-layer layout (or non-sequential output error) first orders every
     layer in a measuring pass over the unpruned model, since a global ranking needs every layer."""
-    ckpt = job.ckpt
-    supers = {(int(l), int(e)) for l, e in prof.super_experts} if opts.protect_super else set()
-    protected = {l: {e for ll, e in supers if ll == l} for l in ckpt.moe_layers}
-    E = ckpt.num_experts
-    if opts.method != "output-error":
-        scores = {l: method_scores(prof, l, opts.method, opts.seed) for l in ckpt.moe_layers}
-        return _flag_errors(lambda: PruneTransform(spec, E, opts, protected, scores=scores))
-    if opts.decides_in_pass:
-        return PruneTransform(spec, E, opts, protected)
-    measure = PruneTransform(spec, E, opts, protected, measure=True)
+    E, layers = job.ckpt.num_experts, job.ckpt.moe_layers
+    if opts.method != "output-error" or opts.decides_in_pass:
+        return _flag_errors(lambda: PruneTransform.from_profile(spec, E, opts, prof, layers))
+    measure = PruneTransform(spec, E, opts, protected_experts(prof, layers, opts.protect_super), measure=True)
     _run(job.engine("output-error order"), [measure])
-    return _flag_errors(lambda: PruneTransform(spec, E, opts, protected, orders=measure.orders))
+    return _flag_errors(lambda: PruneTransform.from_profile(spec, E, opts, prof, layers, orders=measure.orders))
 
 
 def _run(engine: Engine, transforms: list[Transform], emit: Any = None) -> None:

@@ -33,6 +33,7 @@ from .order import (
     Step,
     kept_global,
     kept_uniform,
+    method_scores,
     output_error_order,
     removal_count,
     rescaled,
@@ -102,6 +103,12 @@ def sample_rows(batches: list[torch.Tensor], limit: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def protected_experts(profile: Any, layers: list[int], protect_super: bool = True) -> dict[int, set[int]]:
+    """Per MoE layer, the experts never removed: the profile's super experts (none without ``protect_super``)."""
+    supers = {(int(l), int(e)) for l, e in profile.super_experts} if protect_super and profile is not None else set()
+    return {l: {e for ll, e in supers if ll == l} for l in layers}
+
+
 class PruneTransform(Transform):
     """Drop ``removal_count(num_experts, opts.ratio)`` routed experts of every MoE layer (see the module docstring).
 
@@ -146,6 +153,22 @@ class PruneTransform(Transform):
         self._pending: tuple[list[Step] | None, float, torch.Tensor | None, torch.Tensor | None] | None = None
         self._fam: Any = None
         self._dtypes: dict[str, str] = {}
+
+    @classmethod
+    def from_profile(
+        cls, spec: RouterSpec, num_experts: int, opts: PruneOptions, profile: Any, layers: list[int],
+        orders: dict[int, list[Step]] | None = None,
+    ) -> PruneTransform:  # fmt: skip
+        """The transform ``opts`` asks for, protecting ``profile``'s super experts (unless ``protect_super`` is off):
+        score methods order by the profile's scores; output error decides in the pass, or from ``orders`` of a
+        measuring pass (per-layer layout, ``sequential=False``). ``profile`` may be None for output error."""
+        protected = protected_experts(profile, layers, opts.protect_super)
+        if opts.method != "output-error":
+            if profile is None:
+                raise ValueError(f"method {opts.method!r} orders experts by profile scores: give a profile")
+            scores = {l: method_scores(profile, l, opts.method, opts.seed) for l in layers}
+            return cls(spec, num_experts, opts, protected, scores=scores)
+        return cls(spec, num_experts, opts, protected, orders=orders)
 
     def _select(self, orders: dict[int, list[Step]]) -> dict[int, list[int]]:
         if self.opts.layout == "uniform":
