@@ -73,7 +73,8 @@ def prune_model(
         prof = build_profile(ckpt, job.tokens(), collect(ckpt, job.tokens(), batch_size, job.device), job.elapsed)
     prune = _plan(job, spec, opts, prof)
     needs_tokens = opts.method == "output-error" or opts.refit != "none"
-    engine = job.engine("prune") if prune.wants_inputs else Engine(ckpt, torch.zeros(0, 1, dtype=torch.long))
+    no_windows = torch.zeros(0, 1, dtype=torch.long)  # experts chosen, nothing to refit: slice, no compute
+    engine = job.engine("prune") if prune.wants_inputs else Engine(ckpt, no_windows, label="prune")
     cal = prof.meta.get("calibration") or {}
     warnings = [f"--{note}" for note in prune.notes]
     if not opts.protect_super and prof.super_experts:
