@@ -70,13 +70,15 @@ def _head_grads(ls: LayerStream, hidden: Any, grads: ActivationCache) -> None:
         del h, logits, loss
 
 
-def _backward_layer(ls: LayerStream, layer: torch.nn.Module, inputs: ActivationCache, grads: ActivationCache) -> None:
-    """Back-propagate every batch's incoming gradient through ``layer`` (re-run on its kept ``inputs``; the Experts
-    hooks see dL/dy on the way); ``grads`` then holds the gradients at the layer's inputs."""
+def _backward_layer(
+    ls: LayerStream, l: int, layer: torch.nn.Module, inputs: ActivationCache, grads: ActivationCache
+) -> None:
+    """Back-propagate every batch's incoming gradient through decoder layer ``l`` (re-run on its kept ``inputs``;
+    the Experts hooks see dL/dy on the way); ``grads`` then holds the gradients at the layer's inputs."""
     for i in range(len(grads)):
         x = inputs[i].to(ls.device).detach().requires_grad_(True)
         with torch.enable_grad():
-            y = layer(x, **ls.kwargs[i])
+            y = layer(x, **ls.layer_kwargs(l, i))  # the layer type's own mask when types are mixed
             y = y[0] if isinstance(y, tuple) else y
             y.backward(grads[i].to(ls.device))
         grads[i] = x.grad.detach()
@@ -131,7 +133,7 @@ def streamed_grad_stats(
                 gate_up = _gate_up if with_moments else None
                 handle = attach_hook(experts, l, accs, msum, kind, rank, gate_up) if experts is not None else None
                 try:
-                    _backward_layer(ls, layer, inputs[l], grads)
+                    _backward_layer(ls, l, layer, inputs[l], grads)
                     if l in accs:
                         stats = finish(accs.pop(l), msum.pop(l, None))  # the accumulator's sums are freed first
                         out[l] = on_layer(l, stats, experts) if on_layer is not None else stats
