@@ -32,6 +32,13 @@ def expert_forward(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: 
     return nn.functional.linear(expert_hidden(x, gate, up, act), down)
 
 
+def fused_hidden(x: torch.Tensor, gate_up: torch.Tensor, act: Act) -> torch.Tensor:
+    """h(x) from transformers' fused ``gate_up [2I, H]`` (gate rows first): x [T, H] -> [T, I]. The same values as
+    ``expert_hidden`` up to float rounding; bit for bit what the eager kernel (and ``routed_forward``) computes."""
+    g, u = nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+    return act(g) * u
+
+
 def routed_forward(
     gate_up: torch.Tensor,  # [E, 2I, H]
     down: torch.Tensor,  # [E, H, I]
@@ -49,8 +56,7 @@ def routed_forward(
         if e < 0 or e >= E:
             continue
         token_idx, pos = torch.where(top_k_index == e)
-        g, u = nn.functional.linear(hidden[token_idx], gate_up[e]).chunk(2, dim=-1)
-        h = act(g) * u  # [n, I]
+        h = fused_hidden(hidden[token_idx], gate_up[e], act)  # [n, I]
         f = nn.functional.linear(h, down[e])  # [n, H]
         if observe is not None:
             observe(e, token_idx, pos, h, f)
