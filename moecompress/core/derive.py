@@ -84,6 +84,8 @@ def derive(cfg: Any) -> dict[str, Any]:
     if getattr(cfg, "text_config", None) is not None:
         raise Refusal("its config nests a text_config (a multimodal model): moecompress reads text-only causal LMs")
     model = meta_model(cfg)
+    if not getattr(model, "_supports_sdpa", False):
+        raise Refusal(f"{type(model).__name__} has no SDPA attention (the layer stream runs attention through SDPA)")
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise Refusal("its decoder layers are not at model.layers")
@@ -182,11 +184,11 @@ def derive(cfg: Any) -> dict[str, Any]:
     nested = [f"{k}.{kk}" for k, v in raw.items() if isinstance(v, dict) for kk in v if "expert" in str(kk).lower()]
     if nested:
         raise Refusal(f"its config keeps expert settings in sub-configs ({nested[0]})")
-    top_k_key = "num_experts_per_tok"
-    if type(raw.get(top_k_key)) is not int:
+    top_k_key = next((k for k in ("num_experts_per_tok", "num_experts_per_token") if type(raw.get(k)) is int), None)
+    if top_k_key is None:
         raise Refusal("its config has no integer num_experts_per_tok (the router's top-k)")
 
-    disk_block, expert_names = _disk_layout(model, l0, block_name, experts_name, router_name, E)
+    disk_block, expert_names, renames = _disk_layout(model, l0, block_name, experts_name, router_name, E)
 
     reference = None
     sig = (_norm_source(type(block)), _norm_source(type(router)))
@@ -202,12 +204,13 @@ def derive(cfg: Any) -> dict[str, Any]:
         "router": router_name,
         "experts": experts_name,
         "expert_names": expert_names,
+        "renames": renames,
         "router_bias": "bias" in tensors,
         "correction_bias": "e_score_correction_bias" if "e_score_correction_bias" in tensors else None,
         "shared": shared[0] if shared else None,
         "shared_gate": shared_gate[0] if shared_gate else None,
         "norm_topk_key": "norm_topk_prob" if "norm_topk_prob" in raw else None,
-        "group_key": "n_group" if raw.get("n_group") is not None else None,
+        "group_key": next((k for k in ("n_group", "num_expert_group") if raw.get(k) is not None), None),
         "dense": frozenset(range(len(layers))) - frozenset(moe),
         "routing_like": reference,
         "flags": flags,
@@ -217,8 +220,9 @@ def derive(cfg: Any) -> dict[str, Any]:
 
 def _disk_layout(
     model: torch.nn.Module, l: int, block: str, experts: str, router: str, E: int
-) -> tuple[str, tuple[str, str, str]]:
-    """(block name on disk, per-expert (gate, up, down) names) from transformers' own save path.
+) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...]]:
+    """(block name on disk, per-expert (gate, up, down) names, other per-layer renames) from transformers' own
+    save path.
 
     Marker tensors stand in for layer l's fused experts; after ``revert_weight_conversion`` each per-expert key is
     matched to its (expert, projection) by value, so a transposed, reordered or renamed layout is seen, not assumed."""
@@ -262,12 +266,20 @@ def _disk_layout(
     if seen != 3 * E or any(len(n) != 1 for n in names.values()) or len(blocks) != 1:
         raise Refusal(f"transformers saves its experts in a layout moecompress does not map ({sorted(marked)[:3]})")
     disk_block = blocks.pop()
-    for k in out:
+    by_id = {id(v): k for k, v in sd.items()}
+    renames: dict[str, str] = {}  # layer-relative disk name -> module name (beyond the block rename)
+    for k, v in out.items():
         if k in marked:
             continue
         src = k if disk_block == block else re.sub(rf"\.{re.escape(disk_block)}\.", f".{block}.", k, count=1)
-        if src not in sd:
-            raise Refusal(f"transformers renames its tensors on disk ({k}): not one block rename")
+        if src in sd:
+            continue
+        src = by_id.get(id(v))
+        if src is None or not (k.startswith(prefix) and src.startswith(prefix)):
+            raise Refusal(f"transformers converts its tensor {k} on disk (not a per-layer rename)")
+        if src[len(prefix) :].startswith((f"{block}.{router}.", f"{block}.{experts}.")):
+            raise Refusal(f"transformers moves a routed tensor on disk ({src} -> {k}): not mapped yet")
+        renames[k[len(prefix) :]] = src[len(prefix) :]
     if f"{prefix}{disk_block}.{router}.weight" not in out:
         raise Refusal(f"its router is renamed on disk (module {block}.{router}): not mapped yet")
-    return disk_block, (names[0].pop(), names[1].pop(), names[2].pop())
+    return disk_block, (names[0].pop(), names[1].pop(), names[2].pop()), tuple(sorted(renames.items()))

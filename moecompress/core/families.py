@@ -51,6 +51,9 @@ def _no_dense_layers(cfg: Any) -> frozenset[int]:
     return frozenset()
 
 
+_LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")
+
+
 @dataclass(frozen=True)
 class Family:
     """Where a family keeps its MoE pieces. A new family is one more record (plus a tiny test model)."""
@@ -77,6 +80,8 @@ class Family:
     # re-implement routing must refuse it; operations that use the model's own routing (profile) work.
     routing_known: bool = True
     derived: bool = False  # built by ``derive`` from the transformers model, not written by hand
+    # other per-layer tensors transformers saves under another name: (disk name, module name), layer-relative
+    renames: tuple[tuple[str, str], ...] = ()
 
     # ---- config facts -------------------------------------------------------------------------
     def num_experts(self, cfg: Any) -> int:
@@ -153,6 +158,11 @@ class Family:
 
     def disk_to_module(self, key: str) -> str:
         """Rename a hub key's block part to the transformers module name (e.g. Mixtral block_sparse_moe -> mlp)."""
+        if self.renames and (m := _LAYER_PREFIX.match(key)):
+            rel = key[m.end() :]
+            for disk, module in self.renames:
+                if rel == disk:
+                    return m[0] + module
         if self.disk_block == self.module_block:
             return key
         return re.sub(rf"\.{re.escape(self.disk_block)}\.", f".{self.module_block}.", key, count=1)
@@ -352,6 +362,7 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             group_key=d["group_key"],
             dense_layers=lambda cfg, dense=dense: dense,
             top_k_key=d["top_k_key"],
+            renames=d["renames"],
             routing_known=d["routing_like"] is not None,
             derived=True,
         )
