@@ -1,0 +1,230 @@
+"""The per-model-type checks of issue 12, shared by tests/families and bench/families.py.
+
+For one model type of the installed transformers: the family is derived (or refused with its reason), a tiny
+model is saved with ``save_pretrained``, the checkpoint opens, view -> write is bit-identical, the streamed
+profile's statistics equal a brute-force loop over tokens on the full transformers model, and the outputs of
+``prune --method frequency`` and ``quantize --plan uniform --method rtn`` load in plain transformers with no
+missing or unexpected keys."""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from family_models import build, tiny_config
+from moecompress.calibration.sets import calibration_set, load_tokenizer
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moecompress.core.checkpoint import Checkpoint
+from moecompress.core.errors import UserError
+from moecompress.core.families import family_for
+from moecompress.profile.run import collect
+
+OPS = ("open", "view_write", "profile", "prune", "quantize")
+
+
+def refusal_reason(message: str) -> str:
+    """The reason part of family_for's one-line refusal."""
+    m = re.search(r"cannot read: (.*); supported:", message)
+    if m:
+        return m[1]
+    return re.sub(r"; supported.*", "", message)
+
+
+def family_or_refusal(model_type: str) -> tuple[Any, str | None]:
+    """(tiny config, None) when moecompress derives a family for it, else (None, the refusal reason)."""
+    try:
+        cfg = tiny_config(model_type)
+    except Exception:  # a config class that refuses the tiny sizes: judge its defaults
+        try:
+            cfg = AutoConfig.for_model(model_type)
+        except Exception as err:
+            return None, f"transformers has no config class registered for it ({type(err).__name__})"
+    try:
+        family_for(cfg)
+    except UserError as err:
+        return None, refusal_reason(str(err))
+    return cfg, None
+
+
+def reload_clean(path: Path) -> torch.nn.Module:
+    """from_pretrained with no missing/unexpected/mismatched keys and no transformers warning."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, experts_implementation="eager", output_loading_info=True
+            )
+    finally:
+        logger.removeHandler(handler)
+    bad = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
+    assert not bad, bad
+    warned = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert not warned, warned[:2]
+    return model.eval()
+
+
+def check_view_write(ck: Checkpoint) -> None:
+    disk: dict[str, torch.Tensor] = {}
+    for f in sorted(set(ck.weight_map.values())):
+        disk.update(load_file(str(ck.path / f)))
+    for l in ck.moe_layers:
+        w = ck.moe_weights(l)
+        E, I, H = w.gate.shape
+        assert w.down.shape == (E, H, I) and w.router.shape == (E, H) and E == ck.num_experts
+        written = ck.family.write_layer(w, l)
+        assert set(written) == {k for k in disk if ck.family.routed_key_pattern(l).match(k)}, l
+        for k, v in written.items():
+            assert torch.equal(v, disk[k]) and v.dtype == disk[k].dtype, k
+
+
+def brute_force(path: Path, input_ids: torch.Tensor, domains: list[str]) -> dict[int, dict[str, torch.Tensor]]:
+    """Full transformers model, one token and one chosen expert at a time (the model's own routing)."""
+    ck = Checkpoint(path)
+    fam = ck.family
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
+    seen: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+    hooks = []
+    for l in ck.moe_layers:
+        ex = getattr(getattr(model.model.layers[l], fam.module_block), fam.experts)
+
+        def grab(mod: Any, args: tuple[Any, ...], _l: int = l) -> None:
+            seen.setdefault(_l, []).append(tuple(a.detach() for a in args[:3]))
+
+        hooks.append(ex.register_forward_pre_hook(grab))
+    with torch.no_grad():
+        for row in input_ids:
+            model(input_ids=row[None])
+    for h in hooks:
+        h.remove()
+    doms = sorted(set(domains))
+    out = {}
+    for l in ck.moe_layers:
+        w = ck.moe_weights(l)
+        E, I, H = w.gate.shape
+        act = getattr(getattr(model.model.layers[l], fam.module_block), fam.experts).act_fn
+        tokens, mass = torch.zeros(E), torch.zeros(E, dtype=torch.float64)
+        reap, sq, dom = (
+            torch.zeros(E, dtype=torch.float64),
+            torch.zeros(E, I, dtype=torch.float64),
+            torch.zeros(len(doms), E),
+        )
+        for row_i, (hid, idx, wts) in enumerate(seen[l]):
+            d = doms.index(domains[row_i])
+            for t in range(hid.shape[0]):
+                p = wts[t].double() / wts[t].double().sum()
+                for j in range(idx.shape[1]):
+                    e = int(idx[t, j])
+                    x = hid[t].float()
+                    h = act(w.gate[e].float() @ x) * (w.up[e].float() @ x)
+                    f = w.down[e].float() @ h
+                    tokens[e] += 1
+                    mass[e] += p[j]
+                    reap[e] += p[j] * f.double().norm()
+                    sq[e] += h.double() ** 2
+                    dom[d, e] += 1
+        n = tokens.clamp_min(1)
+        out[l] = dict(
+            tokens=tokens,
+            routing_mass=mass / mass.sum(),
+            reap=reap / n,
+            channel_sq_mean=sq / n[:, None].double(),
+            domain_counts=dom,
+        )
+    return out
+
+
+def check_profile(ck: Checkpoint) -> None:
+    tokens = calibration_set(load_tokenizer(ck.path), "mixed", samples=4, seq_len=16, seed=3)
+    stats = collect(ck, tokens, batch_size=3)
+    ref = brute_force(ck.path, tokens.input_ids, tokens.domains)
+    T, k = tokens.num_tokens, ck.top_k
+    assert sorted(stats) == ck.moe_layers
+    for l in ck.moe_layers:
+        s, r = stats[l], ref[l]
+        assert int(s["tokens"].sum()) == k * T
+        assert torch.equal(s["tokens"].double(), r["tokens"].double()), l
+        assert torch.allclose(s["frequency"], r["tokens"].double() / (k * T))
+        assert torch.equal(s["domain_counts"].double(), r["domain_counts"].double()), l
+        for name in ("routing_mass", "reap", "channel_sq_mean"):
+            assert torch.allclose(s[name].double(), r[name], rtol=1e-4, atol=1e-6), (l, name)
+
+
+def _cli(*args: Any) -> None:
+    from typer.testing import CliRunner
+
+    from moecompress.cli.main import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    if res.exit_code != 0:
+        import traceback
+
+        tb = "".join(traceback.format_exception(res.exception))[-1500:] if res.exception else ""
+        raise AssertionError(f"{' '.join(map(str, args[:1]))} exit {res.exit_code}: {res.output[-600:]} {tb}")
+
+
+CALIB = ("--samples", "2", "--seq-len", "16", "--device", "cpu")
+
+
+def check_prune(ck: Checkpoint, work: Path) -> None:
+    out = work / "pruned"
+    _cli("prune", ck.path, "--ratio", "0.25", "--method", "frequency", *CALIB, "-o", out)
+    model = reload_clean(out)
+    pruned = Checkpoint(out)
+    assert pruned.num_experts == ck.num_experts - round(0.25 * ck.num_experts), pruned.num_experts
+    for key in ck.family.count_keys:
+        assert getattr(model.config, key) == pruned.num_experts, key
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(12)[None] % 300).logits).all()
+
+
+def check_quantize(ck: Checkpoint, work: Path) -> None:
+    out = work / "q4"
+    _cli("quantize", ck.path, "--bits", "4", "--plan", "uniform", "--method", "rtn", *CALIB, "-o", out)
+    reload_clean(out)
+
+
+def run_checks(model_type: str, work: Path, tokenizer_dir: Path, ops: tuple[str, ...] = OPS) -> dict[str, Any]:
+    """{"model_type", "supported": bool, "reason" | per-op "ok"/"failed: ..."}; assertion errors are recorded."""
+    cfg, reason = family_or_refusal(model_type)
+    if cfg is None:
+        return {"model_type": model_type, "supported": False, "reason": reason}
+    result: dict[str, Any] = {"model_type": model_type, "supported": True, "ops": {}}
+    path = build(model_type, work / model_type, tokenizer_dir)
+    ck = Checkpoint(path)
+    fam = ck.family
+    result |= {
+        "derived": fam.derived,
+        "routing_known": fam.routing_known,
+        "moe_layers": ck.moe_layers,
+        "count_keys": list(fam.count_keys),
+        "shared": fam.shared,
+        "disk": f"{fam.disk_block}.{fam.experts}.<e>.{'/'.join(fam.expert_names)}",
+    }
+    result["ops"]["open"] = "ok"
+    steps = {
+        "view_write": lambda: check_view_write(ck),
+        "profile": lambda: check_profile(ck),
+        "prune": lambda: check_prune(ck, work / f"{model_type}-out"),
+        "quantize": lambda: check_quantize(ck, work / f"{model_type}-out"),
+    }
+    for op, fn in steps.items():
+        if op not in ops:
+            continue
+        try:
+            fn()
+            result["ops"][op] = "ok"
+        except Exception as err:  # recorded per op: the report says which operation fails and why
+            first = (str(err).strip().splitlines() or [""])[-1][:200]
+            result["ops"][op] = f"failed: {type(err).__name__}: {first}"
+    return result

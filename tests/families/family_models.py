@@ -1,0 +1,129 @@
+"""Tiny real models of every MoE model type the installed transformers ships, built from their config classes."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 320
+E = 8  # routed experts
+MOE_WIDTH = 40  # expert width, not a multiple of 16 on purpose
+EXCLUDE = ("per_tok", "shared", "top", "group", "layer", "capacity")
+
+
+def installed_moe_types() -> list[str]:
+    """Model types whose modeling file wraps an experts class with ``use_experts_implementation``."""
+    root = os.path.dirname(transformers.__file__)
+    out = set()
+    for p in glob.glob(os.path.join(root, "models", "*", "modeling_*.py")):
+        with open(p, encoding="utf-8") as f:
+            if "use_experts_implementation" in f.read():
+                out.add(os.path.basename(os.path.dirname(p)))
+    return sorted(out)
+
+
+def _overrides(defaults: dict[str, Any]) -> dict[str, Any]:
+    """Small sizes for the keys this config class has; the structure (top-k, shared experts, groups, dense
+    layers, layer types) is kept."""
+    want: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        num_experts_per_tok=2,
+        num_experts_per_token=2,
+        moe_intermediate_size=MOE_WIDTH,
+        shared_expert_intermediate_size=48,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=False,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        decoder_sparse_step=1,
+        sliding_window=8,
+    )
+    out = {k: v for k, v in want.items() if k in defaults}
+    if "moe_intermediate_size" not in defaults and "intermediate_size" in defaults:
+        out["intermediate_size"] = MOE_WIDTH  # the family keeps its expert width in intermediate_size
+    elif "intermediate_size" in defaults:
+        out["intermediate_size"] = 72
+    if isinstance(defaults.get("q_lora_rank"), int) is False and "q_lora_rank" in out:
+        out["q_lora_rank"] = defaults["q_lora_rank"]
+    for k, v in defaults.items():
+        if isinstance(k, str) and "expert" in k.lower() and type(v) is int and v > 1:
+            if not any(s in k.lower() for s in EXCLUDE):
+                out[k] = E
+    for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        if k in defaults and not isinstance(defaults[k], (list, dict)):
+            out[k] = E
+    if "n_shared_experts" in defaults and defaults["n_shared_experts"] is None:
+        out["n_shared_experts"] = 1  # keep shared experts in the structure
+    if "kv_lora_rank" in defaults:  # multi-head latent attention: as many key/value heads as query heads
+        out["num_key_value_heads"] = out.get("num_attention_heads", 4)
+        if "head_dim" in out and "qk_rope_head_dim" in defaults:
+            out["head_dim"] = out["qk_rope_head_dim"]  # DeepSeek-V3 takes its rotary width from head_dim
+    if "mlp_only_layers" in defaults:
+        out["mlp_only_layers"] = [1]
+    return out
+
+
+def tiny_config(model_type: str):
+    defaults = AutoConfig.for_model(model_type).to_dict()
+    return AutoConfig.for_model(model_type, **_overrides(defaults))
+
+
+def build(model_type: str, folder: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
+    """Save a tiny randomly initialized model of ``model_type`` (routers and biases non-trivial)."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type)
+    model = AutoModelForCausalLM.from_config(cfg, experts_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
+                b.uniform_(-0.05, 0.05)
+    model.save_pretrained(folder)
+    if tokenizer_dir is not None:
+        for f in tokenizer_dir.iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def make_tokenizer(folder: Path) -> Path:
+    """The byte-level BPE tokenizer of the test suite (vocab 320), trained on the built-in calibration text."""
+    from moecompress.calibration.sets import load_texts
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = "\n\n".join(load_texts("mixed", "calib").values())
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text[i : i + 10000] for i in range(0, len(text), 10000)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return folder

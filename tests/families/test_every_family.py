@@ -1,0 +1,84 @@
+"""Every MoE model type the installed transformers ships: derived and checked end to end, or refused for its
+listed reason (issue 12). The model types are enumerated from the installed transformers, so the next release
+is tested without edits: a new type must pass every check, or its refusal must be added to REFUSED knowingly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from family_checks import family_or_refusal, run_checks
+from family_models import build, installed_moe_types, tiny_config
+
+from moecompress.core.checkpoint import Checkpoint
+from moecompress.core.derive import derive
+from moecompress.core.families import FAMILIES, family_for
+
+TYPES = installed_moe_types()
+
+# model type -> what its one-line refusal must say (the reason moecompress cannot support it correctly yet)
+REFUSED: dict[str, str] = {}
+
+# fast subset for the default suite: derived families of different shapes (shared experts, correction bias and
+# groups, mixed sliding/full attention, linear-attention hybrid)
+FAST = ("glm4_moe", "mellum", "cohere2_moe", "qwen3_next")
+
+
+def test_the_enumeration_sees_every_hand_written_family():
+    assert len(TYPES) >= 40
+    for fam in FAMILIES:
+        assert set(fam.model_types) <= set(TYPES), fam.name
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe"])
+def test_derivation_agrees_with_the_hand_written_record(model_type):
+    """The transcribed records are what derivation finds (disk names, router, shared experts, routing)."""
+    cfg = tiny_config(model_type)
+    d, fam = derive(cfg), family_for(cfg)
+    for name in ("disk_block", "module_block", "router", "experts", "expert_names", "shared", "shared_gate"):
+        assert d[name] == getattr(fam, name), name
+    assert d["correction_bias"] == fam.correction_bias and d["routing_like"] == model_type
+    assert set(d["count_keys"]) <= set(fam.count_keys)
+    assert d["dense"] == fam.dense_layers(cfg)
+
+
+@pytest.mark.parametrize("model_type", FAST)
+def test_a_derived_family_opens_round_trips_and_profiles_exactly(model_type, tmp_path, tokenizer_dir):
+    assert model_type not in REFUSED and model_type in TYPES
+    r = run_checks(model_type, tmp_path, tokenizer_dir, ops=("view_write", "profile"))
+    assert r["supported"] and r["derived"], r
+    assert r["ops"] == {"open": "ok", "view_write": "ok", "profile": "ok"}, r
+
+
+def test_a_derived_family_prunes_and_quantizes_to_clean_transformers_checkpoints(tmp_path, tokenizer_dir):
+    r = run_checks("glm4_moe", tmp_path, tokenizer_dir, ops=("prune", "quantize"))
+    assert r["ops"] == {"open": "ok", "prune": "ok", "quantize": "ok"}, r
+
+
+def test_derived_routing_is_marked_unknown_unless_it_copies_a_hand_written_router(tmp_path, tokenizer_dir):
+    """prune's output-error search re-implements routing: a derived router it does not know must say so."""
+    glm = Checkpoint(build("glm4_moe", tmp_path / "glm", tokenizer_dir))
+    assert glm.family.derived and not glm.family.routing_known  # sigmoid + correction bias, own code
+    mellum = family_for(tiny_config("mellum"))
+    assert mellum.derived and mellum.routing_known  # its block and router are Qwen3-MoE's code
+    assert glm.family.correction_bias == "e_score_correction_bias" and glm.family.group_key == "n_group"
+    w = glm.moe_weights(glm.moe_layers[0])
+    assert w.correction_bias is not None and w.correction_bias.shape == (glm.num_experts,)
+    assert not torch.equal(w.correction_bias, torch.zeros_like(w.correction_bias))
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_listed_refusals_name_their_reason(model_type):
+    cfg, reason = family_or_refusal(model_type)
+    assert cfg is None and REFUSED[model_type] in reason, reason
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", TYPES)
+def test_every_installed_moe_type(model_type, tmp_path, tokenizer_dir):
+    """Supported: open, view -> write bit-identical, profile = brute force, prune and quantize load cleanly."""
+    r = run_checks(model_type, tmp_path, tokenizer_dir)
+    if model_type in REFUSED:
+        assert not r["supported"] and REFUSED[model_type] in r["reason"], r
+        return
+    assert r["supported"], f"{model_type} is refused ({r.get('reason')}): support it or list it in REFUSED"
+    assert all(v == "ok" for v in r["ops"].values()), r["ops"]
