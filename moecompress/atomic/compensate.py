@@ -20,6 +20,7 @@ import torch
 from ..core.experts import Act, expert_hidden, routed_forward
 from ..core.families import MoEWeights
 from ..merge.refit import lstsq_down
+from ..prune.order import route
 from .apply import ExactLayer, pad_exact, padded_width, slice_exact, slice_uniform
 
 ERROR_TOKENS = 2048  # calibration tokens on which each layer's routed-output error is reported (manifest)
@@ -64,8 +65,6 @@ class Compensation:
 
 def dense_routing(logits: torch.Tensor, spec: Any, correction: torch.Tensor | None = None) -> torch.Tensor:
     """Routing weights [T, E] (zero off the top-k) as the family's router computes them."""
-    from ..prune.run import route
-
     w, idx = route(logits, spec, None, correction)  # [T, k]
     return torch.zeros(logits.shape, dtype=torch.float64).scatter(1, idx, w.double())
 
@@ -148,7 +147,6 @@ def with_downs(pruned: MoEWeights | ExactLayer, downs: list[torch.Tensor]) -> Mo
 
 def routed_error(x: torch.Tensor, w: MoEWeights, pruned: MoEWeights | ExactLayer, spec: Any, act: Act) -> float:
     """sum ||y'(x) - y(x)||^2 / sum ||y(x)||^2 of the routed outputs of the pruned layer vs the unpruned one on x."""
-    from ..prune.run import route
 
     def y(v: MoEWeights) -> torch.Tensor:
         logits = x @ v.router.T + (v.router_bias if v.router_bias is not None else 0.0)

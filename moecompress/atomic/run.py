@@ -36,6 +36,7 @@ from ..core.job import Job
 from ..core.manifest import Manifest
 from ..core.output import Output
 from ..core.progress import console, progress_bar
+from ..prune.order import RouterSpec
 from .compensate import Compensation
 from .gradstats import KINDS, LayerGradStats, bytes_per_expert, collect_grad_stats
 from .gradstream import streamed_grad_stats
@@ -206,8 +207,6 @@ def atom_transform(
 ) -> AtomTransform:
     """The channels every expert keeps (from per-layer scores [E, I], ranked globally for the exact layout) as a
     ready ``AtomTransform`` (refitting the kept down_proj columns with ``compensation``)."""
-    from ..prune.run import RouterSpec
-
     fam, layers, E = ckpt.family, ckpt.moe_layers, ckpt.num_experts
     K = uniform_k(scores[layers[0]].shape[1], ratio) if layout == "uniform" else None
     protected = {l: torch.tensor([(l, e) in supers for e in range(E)]) for l in layers}

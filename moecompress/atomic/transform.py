@@ -28,6 +28,8 @@ import torch
 from ..core.engine import LayerContext, Transform
 from ..core.experts import expert_hidden
 from ..core.families import MoEWeights
+from ..prune.load import block_view, set_block_experts
+from ..prune.order import RouterSpec
 from .apply import ExactLayer, pad_exact, padded_width
 from .compensate import (
     ERROR_TOKENS,
@@ -52,9 +54,7 @@ def width_key(config: Any) -> str:
 
 def current_weights(ctx: LayerContext) -> MoEWeights:
     """The MoE block's routed experts and router as they are now (float32 copies on the CPU)."""
-    from ..prune.load import layer_view
-
-    w = layer_view(ctx.engine.model, ctx.engine.fam, ctx.index)
+    w = block_view(ctx.block, ctx.engine.fam)
     return MoEWeights(*(None if t is None else t.detach().float().cpu() for t in (
         w.gate, w.up, w.down, w.router, w.router_bias, w.correction_bias)))  # fmt: skip
 
@@ -72,7 +72,7 @@ def channel_moments(x: torch.Tensor, weights: torch.Tensor, w: MoEWeights, act: 
 class AtomTransform(Transform):
     """Channel pruning of every MoE layer's routed experts (see the module docstring).
 
-    spec: the router's ``prune.run.RouterSpec`` (dense routing weights for the refit and the measured moments).
+    spec: the router's ``prune.order.RouterSpec`` (dense routing weights for the refit and the measured moments).
     keep: {layer: [kept channel indices per source expert]} or None; scores: {layer: [E_src, I]} or None;
     width: the one kept width of the uniform layout (needed without ``keep``); layout: uniform | exact;
     refit: None for plain slicing; sequential: False leaves the block unpruned for the forward (the next layers
@@ -191,12 +191,10 @@ class AtomTransform(Transform):
             src = ctx.extra.get(EXPERTS) or list(range(E))
             ctx.extra[EXPERTS] = [src[e] for e in pruned.kept_experts]
         if self.sequential:
-            from ..prune.load import set_layer_experts
-
             now = pad_exact(pruned, padded_width(pruned.widths)) if isinstance(pruned, ExactLayer) else pruned
             dev = ctx.engine.device
-            set_layer_experts(ctx.engine.model, fam, l, MoEWeights(*(None if t is None else t.to(dev) for t in (
-                now.gate, now.up, now.down, now.router, now.router_bias, now.correction_bias))))  # fmt: skip
+            set_block_experts(ctx.block, fam, MoEWeights(*(None if t is None else t.to(dev) for t in (
+                now.gate, now.up, now.down, now.router, now.router_bias, now.correction_bias))), l)  # fmt: skip
 
     def _record(self, ctx: LayerContext, keep: list[torch.Tensor], E: int, I: int, H: int) -> None:
         src = ctx.extra.get(EXPERTS) or list(range(E))
@@ -257,7 +255,6 @@ def transform_for_recipe(job: Any, options: dict[str, Any], profile: Any) -> Ato
     its gradient pass); each expert keeps its own top-K channels by its source expert's scores (an earlier stage
     that removes experts says which remain in ``ctx.extra["expert_ids"]``; experts without that map, e.g. merged
     ones, are ranked by moments measured on the block as it is, with a warning in the section)."""
-    from ..prune.run import RouterSpec
     from .run import check_layout, job_profile, score_channels
 
     ratio, score = float(options["ratio"]), str(options.get("score", "heapr"))

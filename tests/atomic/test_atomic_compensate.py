@@ -12,7 +12,7 @@ from moecompress.atomic import run as ap
 from moecompress.atomic.compensate import dense_routing, refit_expert_downs, slice_layer, with_downs
 from moecompress.core.experts import routed_forward
 from moecompress.core.families import MoEWeights
-from moecompress.prune.run import RouterSpec, route
+from moecompress.prune.order import RouterSpec, route
 
 carved_model = carved.carved_model
 FAST = dict(samples=8, seq_len=64, batch_size=4, hessian="diag")

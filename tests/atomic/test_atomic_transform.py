@@ -13,8 +13,8 @@ from moecompress.core.engine import Engine, LayerContext, Transform
 from moecompress.core.manifest import Manifest
 from moecompress.core.output import Output
 from moecompress.profile.transform import ProfileTransform
-from moecompress.prune.load import layer_view, set_layer_experts
-from moecompress.prune.run import RouterSpec
+from moecompress.prune.load import block_view, set_block_experts
+from moecompress.prune.order import RouterSpec
 
 DROP = [0, 3]
 
@@ -26,9 +26,9 @@ class DropExperts(Transform):
 
     def moe_layer(self, ctx: LayerContext) -> None:
         fam = ctx.engine.fam
-        w = layer_view(ctx.engine.model, fam, ctx.index)
+        w = block_view(ctx.block, fam)
         kept = [e for e in range(w.num_experts) if e not in DROP]
-        set_layer_experts(ctx.engine.model, fam, ctx.index, w.select(kept))
+        set_block_experts(ctx.block, fam, w.select(kept))
         ctx.extra["expert_ids"] = kept
         ctx.replace(fam.write_layer(w.select(kept), ctx.index))
 
