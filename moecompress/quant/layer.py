@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moecompress.core.experts import expert_hidden
+from moecompress.core.experts import fused_hidden
 from moecompress.quant.gptq import DEFAULT_CLIP, PreparedHessian, gptq_quantize, prepare_hessian
 from moecompress.quant.rtn import DEFAULT_CLIP_GRID, dequantize, group_size_for, rtn_quantize
 
@@ -152,8 +152,7 @@ class QuantizedExperts:
 
 def _expert_out(gu: torch.Tensor, dn: torch.Tensor, act: Callable, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``(h [n, I], f [n, H])`` of one expert (fused gate/up ``gu [2I, H]``) through the one expert kernel."""
-    I = gu.shape[0] // 2
-    h = expert_hidden(x, gu[:I], gu[I:], act)  # [n, I]
+    h = fused_hidden(x, gu, act)  # [n, I]
     return h, nn.functional.linear(h, dn)  # [n, H]
 
 

@@ -194,93 +194,14 @@ def make_plan(
     ``protect``: super experts (``supers``) and experts with fewer than ``min_tokens`` routed tokens get at least
     PROTECT_BITS bits in LP plans (they leave their layer's tie with --granularity layer)."""
     L, E = len(lay.moe), lay.E
-    per_width = np.array([lay.expert_bytes(b, scale_bytes) for b in widths])  # [B]
-    nbytes = np.tile(per_width, (L * E, 1))  # [N, B]
-    fixed = lay.fixed_bytes(other_bits, scale_bytes)
-    if bits is not None:
-        budget = L * E * lay.expert_bytes(bits, scale_bytes)
-    else:
-        budget = budget_gb * 1e9 - fixed
-        smallest = fixed + nbytes.min(axis=1).sum()
-        if budget < nbytes.min(axis=1).sum():
-            raise UserError(
-                f"--budget-gb {budget_gb:g} is below the smallest possible model ({smallest / 1e9:.4f} GB with every "
-                f"routed expert at {min(widths)} bits and other weights at --other-bits {other_bits}): raise it"
-            )
-    err = meas["err"]
-    counts = meas["counts"]
-    costs = None
-    flagged: list[list[int]] = []
-    sens = None
-    if err is not None:
-        e2 = err.copy()  # [L, E, B]
-        for li in range(L):
-            low = counts[li] < min_tokens
-            flagged += [[lay.moe[li], int(e)] for e in np.where(low)[0]]
-            if low.any() and (~low).any():  # unreliable measurement: use the layer's median measured error
-                e2[li, low] = np.median(e2[li, ~low], axis=0)
-        if cost_model == "kl":
-            sens = layer_sensitivity(lay.moe, widths, e2, meas.get("probe_kl"))
-            e2 = e2 * sens[:, None, :]
-        costs = (importance[:, :, None] * e2).reshape(L * E, len(widths))
+    per_width, nbytes, fixed, budget = _bytes(lay, widths, bits, budget_gb, other_bits, scale_bytes)
+    costs, flagged, sens = _costs(lay, meas, widths, importance, min_tokens, cost_model)
     protected: dict[tuple[int, int], str] = {}
-    if protect and plan == "lp":
-        for l, e in supers:
-            if l in lay.moe:
-                protected[(l, e)] = "super expert"
-        for l, e in flagged:
-            protected.setdefault((l, e), f"fewer than {min_tokens} calibration tokens")
     protect_note = None
-    floor = per_width.min() * L * E  # every expert at the lowest width
-    high = per_width[np.array(widths) >= PROTECT_BITS]
-    extra = high.min() - per_width.min() if high.size else np.inf  # one expert raised to 8 bits
-    if protected and floor + len(protected) * extra > budget:  # the budget cannot hold them: keep super experts
-        dropped = [k for k, why in protected.items() if why != "super expert"]
-        protected = {k: why for k, why in protected.items() if why == "super expert"}
-        protect_note = f"{len(dropped)} few-token experts not protected: the budget cannot hold them at 8 bits"
-        if floor + len(protected) * extra > budget:
-            protected, protect_note = {}, "no expert protected: the budget cannot hold the super experts at 8 bits"
-    allowed = np.ones((L * E, len(widths)), dtype=bool)
-    for l, e in protected:
-        allowed[lay.moe.index(l) * E + e] = np.array(widths) >= PROTECT_BITS
-    solver = None
-    if plan == "uniform":
-        choice = np.full(L * E, widths.index(int(bits)))
-    else:
-        if costs is None:
-            raise UserError("--plan lp needs calibration data to measure errors")
-        groups = None
-        if granularity == "layer":  # protected experts leave their layer's tie (their own item)
-            groups = np.repeat(np.arange(L), E)
-            for n, (l, e) in enumerate(protected):
-                groups[lay.moe.index(l) * E + e] = L + n
-        try:
-            res = allocate_bits_detailed(costs, nbytes, budget, groups, allowed=allowed)
-        except ValueError as err:
-            msg = str(err).replace("raise the budget", "raise --bits / --budget-gb")
-            raise UserError(msg.replace("plan per expert", "use --granularity expert")) from None
-        choice = res.choice
-        solver = {"name": res.solver, "status": res.status, "solve_s": round(res.solve_s, 3), **res.info}
+    if protect and plan == "lp":
+        protected, protect_note = _protected(lay, supers, flagged, per_width, widths, budget, min_tokens)
+    choice, solver = _choose(lay, plan, granularity, widths, bits, costs, nbytes, budget, protected)
     chosen_bits = np.array(widths)[choice].reshape(L, E)
-    layers = {}
-    for li, l in enumerate(lay.moe):
-        rows = []
-        for e in range(E):
-            n = li * E + e
-            rows.append(
-                {
-                    "expert": e,
-                    "bits": int(chosen_bits[li, e]),
-                    "bytes": int(nbytes[n, choice[n]]),
-                    "predicted_cost": None if costs is None else float(costs[n, choice[n]]),
-                    "err": None if err is None else {str(b): float(err[li, e, j]) for j, b in enumerate(widths)},
-                    "tokens": None if counts is None else int(counts[li, e]),
-                    "method": meas["used"][l][e],
-                    "importance": float(importance[li, e]),
-                    "protected": protected.get((l, e)),
-                }
-            )
-        layers[str(l)] = {"bits": sorted({r["bits"] for r in rows}), "experts": rows}
     routed_bytes = int(nbytes[np.arange(L * E), choice].sum())
     n_params = L * E * 3 * lay.I * lay.H
     return {
@@ -315,8 +236,148 @@ def make_plan(
         "median measured error is used as its cost",
         "solver": solver,
         "width_counts": {str(b): int((chosen_bits == b).sum()) for b in widths},
-        "layers": layers,
+        "layers": _layer_rows(lay, meas, widths, choice, nbytes, costs, importance, protected),
     }
+
+
+def _bytes(
+    lay: Layout, widths: tuple[int, ...], bits: float | None, budget_gb: float | None, other_bits: int, sb: int
+) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """``(per_width [B], nbytes [N, B], fixed bytes, routed-expert budget)``; an impossible --budget-gb is refused."""
+    L, E = len(lay.moe), lay.E
+    per_width = np.array([lay.expert_bytes(b, sb) for b in widths])  # [B]
+    nbytes = np.tile(per_width, (L * E, 1))  # [N, B]
+    fixed = lay.fixed_bytes(other_bits, sb)
+    if bits is not None:
+        return per_width, nbytes, fixed, L * E * lay.expert_bytes(bits, sb)
+    assert budget_gb is not None
+    budget = budget_gb * 1e9 - fixed
+    smallest = fixed + nbytes.min(axis=1).sum()
+    if budget < nbytes.min(axis=1).sum():
+        raise UserError(
+            f"--budget-gb {budget_gb:g} is below the smallest possible model ({smallest / 1e9:.4f} GB with every "
+            f"routed expert at {min(widths)} bits and other weights at --other-bits {other_bits}): raise it"
+        )
+    return per_width, nbytes, fixed, budget
+
+
+def _costs(
+    lay: Layout, meas: dict[str, Any], widths: tuple[int, ...], importance: np.ndarray, min_tokens: int, model: str
+) -> tuple[np.ndarray | None, list[list[int]], np.ndarray | None]:
+    """``(costs [N, B] or None without measured errors, few-token experts [[layer, expert]], sensitivity [L, B])``;
+    a few-token expert's error is its layer's median measured error."""
+    err, counts = meas["err"], meas["counts"]
+    flagged: list[list[int]] = []
+    if err is None:
+        return None, flagged, None
+    L, E = len(lay.moe), lay.E
+    e2 = err.copy()  # [L, E, B]
+    for li in range(L):
+        low = counts[li] < min_tokens
+        flagged += [[lay.moe[li], int(e)] for e in np.where(low)[0]]
+        if low.any() and (~low).any():  # unreliable measurement: use the layer's median measured error
+            e2[li, low] = np.median(e2[li, ~low], axis=0)
+    sens = None
+    if model == "kl":
+        sens = layer_sensitivity(lay.moe, widths, e2, meas.get("probe_kl"))
+        e2 = e2 * sens[:, None, :]
+    return (importance[:, :, None] * e2).reshape(L * E, len(widths)), flagged, sens
+
+
+def _protected(
+    lay: Layout,
+    supers: list[tuple[int, int]] | tuple,
+    flagged: list[list[int]],
+    per_width: np.ndarray,
+    widths: tuple[int, ...],
+    budget: float,
+    min_tokens: int,
+) -> tuple[dict[tuple[int, int], str], str | None]:
+    """Experts held at >= PROTECT_BITS and why (super experts first; none the budget cannot hold), and a note."""
+    protected: dict[tuple[int, int], str] = {}
+    for l, e in supers:
+        if l in lay.moe:
+            protected[(l, e)] = "super expert"
+    for l, e in flagged:
+        protected.setdefault((l, e), f"fewer than {min_tokens} calibration tokens")
+    note = None
+    floor = per_width.min() * len(lay.moe) * lay.E  # every expert at the lowest width
+    high = per_width[np.array(widths) >= PROTECT_BITS]
+    extra = high.min() - per_width.min() if high.size else np.inf  # one expert raised to 8 bits
+    if protected and floor + len(protected) * extra > budget:  # the budget cannot hold them: keep super experts
+        dropped = [k for k, why in protected.items() if why != "super expert"]
+        protected = {k: why for k, why in protected.items() if why == "super expert"}
+        note = f"{len(dropped)} few-token experts not protected: the budget cannot hold them at 8 bits"
+        if floor + len(protected) * extra > budget:
+            protected, note = {}, "no expert protected: the budget cannot hold the super experts at 8 bits"
+    return protected, note
+
+
+def _choose(
+    lay: Layout,
+    plan: str,
+    granularity: str,
+    widths: tuple[int, ...],
+    bits: float | None,
+    costs: np.ndarray | None,
+    nbytes: np.ndarray,
+    budget: float,
+    protected: dict[tuple[int, int], str],
+) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """``(choice [N] width index per expert, solver facts or None)``: --bits for every expert, or the global LP."""
+    L, E = len(lay.moe), lay.E
+    if plan == "uniform":
+        return np.full(L * E, widths.index(int(bits or 0))), None
+    if costs is None:
+        raise UserError("--plan lp needs calibration data to measure errors")
+    allowed = np.ones((L * E, len(widths)), dtype=bool)
+    for l, e in protected:
+        allowed[lay.moe.index(l) * E + e] = np.array(widths) >= PROTECT_BITS
+    groups = None
+    if granularity == "layer":  # protected experts leave their layer's tie (their own item)
+        groups = np.repeat(np.arange(L), E)
+        for n, (l, e) in enumerate(protected):
+            groups[lay.moe.index(l) * E + e] = L + n
+    try:
+        res = allocate_bits_detailed(costs, nbytes, budget, groups, allowed=allowed)
+    except ValueError as err:
+        msg = str(err).replace("raise the budget", "raise --bits / --budget-gb")
+        raise UserError(msg.replace("plan per expert", "use --granularity expert")) from None
+    return res.choice, {"name": res.solver, "status": res.status, "solve_s": round(res.solve_s, 3), **res.info}
+
+
+def _layer_rows(
+    lay: Layout,
+    meas: dict[str, Any],
+    widths: tuple[int, ...],
+    choice: np.ndarray,
+    nbytes: np.ndarray,
+    costs: np.ndarray | None,
+    importance: np.ndarray,
+    protected: dict[tuple[int, int], str],
+) -> dict[str, Any]:
+    """bit_plan.json "layers": per layer its widths and one row per expert."""
+    err, counts, E = meas["err"], meas["counts"], lay.E
+    layers = {}
+    for li, l in enumerate(lay.moe):
+        rows = []
+        for e in range(E):
+            n = li * E + e
+            rows.append(
+                {
+                    "expert": e,
+                    "bits": int(widths[choice[n]]),
+                    "bytes": int(nbytes[n, choice[n]]),
+                    "predicted_cost": None if costs is None else float(costs[n, choice[n]]),
+                    "err": None if err is None else {str(b): float(err[li, e, j]) for j, b in enumerate(widths)},
+                    "tokens": None if counts is None else int(counts[li, e]),
+                    "method": meas["used"][l][e],
+                    "importance": float(importance[li, e]),
+                    "protected": protected.get((l, e)),
+                }
+            )
+        layers[str(l)] = {"bits": sorted({r["bits"] for r in rows}), "experts": rows}
+    return layers
 
 
 def _super_experts(ckpt: Checkpoint, lay: Layout, prof: Any, meas: dict[str, Any]) -> tuple[list, dict | None]:

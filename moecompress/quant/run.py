@@ -6,8 +6,9 @@ Three modes, each a short function over the engine (quant/transform.py):
 - uniform (``--plan uniform``): ONE pass of ``QuantTransform(bits)``; the writer gets each layer as it finishes.
 - LP (``--plan lp``): the plan needs every layer's measurements first, so two passes: ``MeasureTransform`` (errors
   at every candidate width, token counts, sensitivity probes), ``make_plan`` (quant/plan.py), then
-  ``QuantTransform(plan)`` writes each expert at its planned width (the same inputs, so the same codes the
-  measurement saw: no code cache, memory bounded by one layer).
+  ``QuantTransform(plan)`` writes each expert at its planned width. The measuring pass keeps every width's codes
+  up to ``max_cache_bytes`` (8 GiB), and the write pass then just streams the layers through (no windows);
+  above it (or with propagation) the write pass quantizes again on the same inputs: the same codes.
 - plan only (``--plan-only``): the measurement and the plan, written to OUTPUT/bit_plan.json.
 
 GPTQ (quant/gptq.py, quant/layer.py): static act-order with the plain group layout, Hessian-diagonal-weighted scale
