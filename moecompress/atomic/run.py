@@ -193,6 +193,8 @@ def score_channels(
         "hessian_rank": rank if heapr and hessian == "lowrank" else None,
         "hessian_bytes_per_expert": bytes_per_expert(hessian, H, rank) if heapr else None,
         "calibration_fingerprint": (prof.meta.get("calibration") or {}).get("fingerprint"),
+        "scored_on": "the source model, in passes before the pruning pass: the profile's channel moments"
+        + (" and the HEAPr gradient pass (an engine forward, then a backward layer by layer)" if heapr else ""),
     }
 
 
