@@ -188,7 +188,7 @@ def derive(cfg: Any) -> dict[str, Any]:
     if top_k_key is None:
         raise Refusal("its config has no integer num_experts_per_tok (the router's top-k)")
 
-    disk_block, expert_names, renames = _disk_layout(model, l0, block_name, experts_name, router_name, E)
+    disk_block, expert_names, renames, disk_router = _disk_layout(model, l0, block_name, experts_name, router_name, E)
 
     reference = None
     sig = (_norm_source(type(block)), _norm_source(type(router)))
@@ -205,6 +205,7 @@ def derive(cfg: Any) -> dict[str, Any]:
         "experts": experts_name,
         "expert_names": expert_names,
         "renames": renames,
+        "disk_router": disk_router,
         "router_bias": "bias" in tensors,
         "correction_bias": "e_score_correction_bias" if "e_score_correction_bias" in tensors else None,
         "shared": shared[0] if shared else None,
@@ -220,9 +221,9 @@ def derive(cfg: Any) -> dict[str, Any]:
 
 def _disk_layout(
     model: torch.nn.Module, l: int, block: str, experts: str, router: str, E: int
-) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...]]:
-    """(block name on disk, per-expert (gate, up, down) names, other per-layer renames) from transformers' own
-    save path.
+) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], str | None]:
+    """(block name on disk, per-expert (gate, up, down) names, other per-layer renames, router name on disk when
+    it differs) from transformers' own save path.
 
     Marker tensors stand in for layer l's fused experts; after ``revert_weight_conversion`` each per-expert key is
     matched to its (expert, projection) by value, so a transposed, reordered or renamed layout is seen, not assumed."""
@@ -268,9 +269,19 @@ def _disk_layout(
     disk_block = blocks.pop()
     by_id = {id(v): k for k, v in sd.items()}
     renames: dict[str, str] = {}  # layer-relative disk name -> module name (beyond the block rename)
+    rw = sd[f"{prefix}{block}.{router}.weight"]
+    rdisk = next((k for k, v in out.items() if v is rw), f"{prefix}{disk_block}.{router}.weight")
+    m = re.match(rf"^{re.escape(prefix)}{re.escape(disk_block)}\.(\w+)\.weight$", rdisk)
+    if m is None:
+        raise Refusal(f"transformers saves its router as {rdisk}: not <block>.<router>.weight")
+    disk_router = m[1]
     for k, v in out.items():
         if k in marked:
             continue
+        if disk_router != router and k.startswith(f"{prefix}{disk_block}.{disk_router}."):
+            tail = k[len(f"{prefix}{disk_block}.{disk_router}.") :]
+            if f"{prefix}{block}.{router}.{tail}" in sd:
+                continue
         src = k if disk_block == block else re.sub(rf"\.{re.escape(disk_block)}\.", f".{block}.", k, count=1)
         if src in sd:
             continue
@@ -280,6 +291,5 @@ def _disk_layout(
         if src[len(prefix) :].startswith((f"{block}.{router}.", f"{block}.{experts}.")):
             raise Refusal(f"transformers moves a routed tensor on disk ({src} -> {k}): not mapped yet")
         renames[k[len(prefix) :]] = src[len(prefix) :]
-    if f"{prefix}{disk_block}.{router}.weight" not in out:
-        raise Refusal(f"its router is renamed on disk (module {block}.{router}): not mapped yet")
-    return disk_block, (names[0].pop(), names[1].pop(), names[2].pop()), tuple(sorted(renames.items()))
+    layout = (names[0].pop(), names[1].pop(), names[2].pop())
+    return disk_block, layout, tuple(sorted(renames.items())), None if disk_router == router else disk_router

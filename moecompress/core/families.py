@@ -82,6 +82,7 @@ class Family:
     derived: bool = False  # built by ``derive`` from the transformers model, not written by hand
     # other per-layer tensors transformers saves under another name: (disk name, module name), layer-relative
     renames: tuple[tuple[str, str], ...] = ()
+    disk_router: str | None = None  # router name in checkpoint keys when it differs (Phi-MoE: gate on disk, router)
 
     # ---- config facts -------------------------------------------------------------------------
     def num_experts(self, cfg: Any) -> int:
@@ -144,16 +145,17 @@ class Family:
         return f"{self.block_prefix(layer)}{self.experts}.{expert}.{self.expert_names[proj]}.weight"
 
     def router_key(self, layer: int, what: str = "weight") -> str:
-        return f"{self.block_prefix(layer)}{self.router}.{what}"
+        return f"{self.block_prefix(layer)}{self.disk_router or self.router}.{what}"
 
     def correction_key(self, layer: int) -> str | None:
         return self.router_key(layer, self.correction_bias) if self.correction_bias else None
 
     def routed_key_pattern(self, layer: int) -> re.Pattern[str]:
         """Matches every key owned by the routed experts and router of one layer (hub or fused names)."""
+        names = (self.experts, *sorted({self.router, self.disk_router or self.router}))
         return re.compile(
             rf"^model\.layers\.{layer}\.(?:{re.escape(self.disk_block)}|{re.escape(self.module_block)})\."
-            rf"(?:{re.escape(self.experts)}\.|{re.escape(self.router)}\.)"
+            rf"(?:{'|'.join(re.escape(n) for n in names)})\."
         )
 
     def disk_to_module(self, key: str) -> str:
@@ -163,9 +165,12 @@ class Family:
             for disk, module in self.renames:
                 if rel == disk:
                     return m[0] + module
-        if self.disk_block == self.module_block:
-            return key
-        return re.sub(rf"\.{re.escape(self.disk_block)}\.", f".{self.module_block}.", key, count=1)
+        if self.disk_block != self.module_block:
+            key = re.sub(rf"\.{re.escape(self.disk_block)}\.", f".{self.module_block}.", key, count=1)
+        if self.disk_router and self.disk_router != self.router:
+            mb = re.escape(self.module_block)
+            key = re.sub(rf"^(model\.layers\.\d+\.{mb}\.){re.escape(self.disk_router)}\.", rf"\g<1>{self.router}.", key)
+        return key
 
     # ---- the view ------------------------------------------------------------------------------
     def read_layer(self, tensors: Mapping[str, torch.Tensor], layer: int, num_experts: int) -> MoEWeights:
@@ -187,7 +192,7 @@ class Family:
                 raise UserError(
                     f"{self.name} checkpoint lacks {err.args[0]} (layer {layer}): the weights do not match config.json"
                 ) from None
-            rp = p + self.router + "."
+            rp = p + (self.disk_router or self.router) + "."
         router = tensors.get(rp + "weight")
         if router is None:
             raise UserError(f"{self.name} checkpoint lacks the router weight {rp}weight (layer {layer})")
@@ -363,6 +368,7 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             dense_layers=lambda cfg, dense=dense: dense,
             top_k_key=d["top_k_key"],
             renames=d["renames"],
+            disk_router=d["disk_router"],
             routing_known=d["routing_like"] is not None,
             derived=True,
         )
