@@ -82,7 +82,7 @@ class LayerCapture:
         self.max_abs = torch.zeros(E, dtype=torch.float64)
 
     def observer(self) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
-        """Hook for ``stats.routed_forward`` that adds one batch's per-expert Hessians (call after ``add_batch``)."""
+        """Hook for ``experts.routed_forward``: adds one batch's per-expert Hessians (call after ``add_batch``)."""
         x_all, _, w_all = self.batches[-1]
 
         def observe(e: int, token_idx: torch.Tensor, pos: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> None:

@@ -6,7 +6,8 @@ buffers, grouped by width: for every width ``b`` in use, ``gate_up_packed_b{b} [
 ``gate_up_scale_b{b} [n_b, 2I, H / g_h]``, ``down_packed_b{b} [n_b, H, ceil(I b / 32)]``, ``down_scale_b{b}
 [n_b, H, I / g_i]``; expert ``e`` is slot ``slot[e]`` of width ``bits[e]`` (any per-expert plan).
 
-``forward`` is transformers' eager experts loop; the only difference is that a hit expert's weights are unpacked
+``forward`` is transformers' eager experts loop (expert kernel: ``core.experts.fused_hidden`` with the module's
+own activation ``act_fn``); the only difference is that a hit expert's weights are unpacked
 (:func:`moecompress.quant.pack.unpack_int32`: int32 shifts and masks, pure torch, so on CUDA it runs on the GPU)
 and dequantized (:func:`moecompress.quant.rtn.dequantize`, in the scale dtype, then cast to the compute dtype) at
 that moment, exactly as :func:`moecompress.quant.load.dequantize_state` does at load time: the same numbers.
@@ -29,6 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from moecompress.core.experts import fused_hidden
 from moecompress.quant import triton_pack
 from moecompress.quant.pack import unpack_int32
 from moecompress.quant.rtn import dequantize
@@ -222,8 +224,7 @@ class PackedExperts(nn.Module):
             top_k_pos, token_idx = torch.where(expert_mask[e])
             current_state = hidden_states[token_idx]  # [t, H]
             gate_up, down = self.expert_weights(e, hidden_states.dtype)
-            gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)  # [t, I] each
-            current_hidden_states = self.act_fn(gate) * up
+            current_hidden_states = fused_hidden(current_state, gate_up, self.act_fn)  # [t, I]
             current_hidden_states = nn.functional.linear(current_hidden_states, down)  # [t, H]
             current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
