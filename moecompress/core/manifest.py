@@ -91,7 +91,8 @@ class Manifest:
         for k, types in _COMMON.items():
             v = d.get(k)
             if k not in d or not isinstance(v, types) or isinstance(v, bool):
-                raise UserError(f"{where} field {k} is {v!r}: not what moecompress writes (rewrite the output)")
+                shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:56] + "…"
+                raise UserError(f"{where} field {k} is {shown}: not what moecompress writes (rewrite the output)")
         stages = d.get("stages")
         if not isinstance(stages, list) or not all(isinstance(s, dict) and s.get("op") in OPS for s in stages):
             raise UserError(f"{where} has no valid stages list: not what moecompress writes (rewrite the output)")
@@ -115,11 +116,10 @@ def _from_schema1(d: dict[str, Any]) -> dict[str, Any]:
     out["layout"] = d.get("layout") or "uniform"
     out["load_with"] = d.get("load_with") or "transformers"
     out["warnings"] = d.get("warnings") or []
-    for k in ("source_model", "source_fingerprint"):
-        out[k] = str(d.get(k) or "")
-    for k in ("params_before", "bytes_before"):
-        out[k] = int(d.get(k) or 0)
-    op = {"prune": "prune", "merge": "merge", "quantize": "quantize"}.get(out["command"], "prune")
+    for k, missing in (("source_model", ""), ("source_fingerprint", ""), ("params_before", 0), ("bytes_before", 0)):
+        out[k] = missing if d.get(k) is None else d[k]  # not coerced: a wrong type is named by from_dict
+    cmd = out["command"] if isinstance(out["command"], str) else ""
+    op = {"prune": "prune", "merge": "merge", "quantize": "quantize"}.get(cmd, "prune")
     if d.get("granularity") == "atom" or out["command"] == "prune --granularity atom":  # atomic prune wrote the latter
         op = "atom"
     section = {k: v for k, v in d.items() if k not in _COMMON and k not in ("tool", "tool_version", "schema")}
