@@ -267,10 +267,12 @@ def _manifest(r: _Run, t: QuantTransform, plan: dict[str, Any], tokens: TokenSet
         ckpt.fingerprint, tokens.describe() if tokens is not None else None, ckpt.num_params, ckpt.bytes_on_disk,
         warnings=warnings,
     )  # fmt: skip
+    section = t.section()
+    section.pop("warnings")  # the same few-token warning, worded for this command, is above
     m.add(
         "quantize",
         {
-            **t.section(),
+            **section,
             "command_line": o.command or "moecompress quantize",
             "servable": t.uniform or plan["granularity"] == "layer",
             "plan": o.plan,

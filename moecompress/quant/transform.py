@@ -92,6 +92,7 @@ class QuantTransform(Transform):
     with ``with_err``, ``err [E, 1]`` at the layer's width (uniform width only)."""
 
     name = "quantize"
+    layout = "quantized"  # compressed-tensors: moecompress.load reads any plan (transformers: uniform widths)
 
     def __init__(
         self,
@@ -246,7 +247,10 @@ class QuantTransform(Transform):
         return quantization_config(modules, ignore, fam.experts, extra)
 
     def section(self) -> dict[str, Any]:
+        few = sum(u.startswith("rtn (") for d in self.layers.values() for u in d["used"] or [])
+        warn = f"{few} experts had fewer than {self.min_tokens} routed calibration tokens: RTN instead of GPTQ"
         return {
+            "warnings": [warn] if few else [],
             "format": "compressed-tensors/pack-quantized",
             "method": self.method,
             "bits": self.bits if isinstance(self.bits, int) else None,
@@ -255,6 +259,16 @@ class QuantTransform(Transform):
             "propagate_quantized": self.propagate,
             "layers": {str(l): {"bits": sorted(set(d["bits"]))} for l, d in self.layers.items()},
         }
+
+
+def transform_for_recipe(job: Any, opts: Mapping[str, Any], prof: Any = None) -> QuantTransform:
+    """The ``quantize`` stage of a compress recipe, ``{bits, method: gptq, other_bits: 8}``: every routed expert at
+    ``bits``, sequential calibration (the block is left quantized for the next layer and the next stage), experts
+    with fewer than 32 routed tokens by RTN. The profile is not needed."""
+    return QuantTransform(
+        int(opts["bits"]), str(opts.get("method", "gptq")), min_tokens=32, other_bits=int(opts.get("other_bits", 8)),
+        propagate=True,
+    )  # fmt: skip
 
 
 def router_tensors(ctx: LayerContext) -> dict[str, torch.Tensor]:

@@ -142,3 +142,11 @@ def test_refusals_are_value_errors():
     q = QuantTransform({1: [2, 3]})
     with pytest.raises(ValueError, match="2 widths for 4 experts"):
         q.widths(1, 4)
+
+
+def test_recipe_stage_builds_a_sequential_transform(qwen):
+    from moecompress.core.job import Job
+    from moecompress.quant.transform import transform_for_recipe
+
+    t = transform_for_recipe(Job.prepare(qwen, None, seq_len=32), {"bits": 4, "method": "rtn"}, None)
+    assert (t.bits, t.method, t.other_bits, t.propagate, t.layout) == (4, "rtn", 8, True, "quantized")
