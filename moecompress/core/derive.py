@@ -290,6 +290,12 @@ def _disk_layout(
             raise Refusal(f"transformers converts its tensor {k} on disk (not a per-layer rename)")
         if src[len(prefix) :].startswith((f"{block}.{router}.", f"{block}.{experts}.")):
             raise Refusal(f"transformers moves a routed tensor on disk ({src} -> {k}): not mapped yet")
-        renames[k[len(prefix) :]] = src[len(prefix) :]
+        disk_rel, module_rel = k[len(prefix) :], src[len(prefix) :]
+        if disk_rel.split(".")[-2:] != module_rel.split(".")[-2:]:  # not a relocation: the module itself is renamed
+            raise Refusal(
+                f"transformers renames a module on disk ({module_rel} -> {disk_rel}): outputs that rewrite it "
+                "(quantization) would not load back"
+            )
+        renames[disk_rel] = module_rel
     layout = (names[0].pop(), names[1].pop(), names[2].pop())
     return disk_block, layout, tuple(sorted(renames.items())), None if disk_router == router else disk_router
