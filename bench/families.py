@@ -71,7 +71,7 @@ def table(report: dict) -> str:
         f"**{report['all_ops_pass']} pass every check** below (tiny model of each built from its config class, "
         "saved by `save_pretrained`).",
         "",
-        "| model type | record | routing re-implemented | open | view→write | profile = brute force | prune 25% loads "
+        "| model type | record | `routing_known` | open | view→write | profile = brute force | prune 25% loads "
         "| quantize 4-bit loads |",
         "|---|---|---|---|---|---|---|---|",
     ]
