@@ -76,7 +76,7 @@ def prune_model(
     no_windows = torch.zeros(0, 1, dtype=torch.long)  # experts chosen, nothing to refit: slice, no compute
     engine = job.engine("prune") if prune.wants_inputs else Engine(ckpt, no_windows, label="prune")
     cal = prof.meta.get("calibration") or {}
-    warnings = [f"--{note}" for note in prune.notes]
+    warnings = [f"--{note}" for note in prune.notes]  # the section's warnings, as flags
     if not opts.protect_super and prof.super_experts:
         warnings.append(f"--no-protect-super: super experts {sorted(prof.super_experts)} may be removed")
     per_layer = opts.layout == "per-layer"
@@ -91,8 +91,10 @@ def prune_model(
             save_profile(prof, out.tmp / "profile")  # type: ignore[operator]
         config = json.loads((ckpt.path / "config.json").read_text())
         prune.config(config)
+        section = prune.section()
+        del section["warnings"]
         manifest.add("prune", {
-            **prune.section(),
+            **section,
             "profile": str(Path(profile_dir).resolve()) if profile_dir is not None else "profile",
             "calibration_fingerprint": cal.get("fingerprint"),
             "output_error_calibration": job.tokens().describe() if needs_tokens else None,

@@ -21,7 +21,7 @@ known, no refit) only slices weights: run it on an engine over zero windows and 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +43,9 @@ from .order import (
     score_order,
 )
 from .refit import dense_weights, refit_downs, refit_router
+
+if TYPE_CHECKING:
+    from ..core.job import Job
 
 METHODS = ("reap", "frequency", "routing-mass", "random", "output-error")
 LAYOUTS = ("uniform", "per-layer")
@@ -169,6 +172,11 @@ class PruneTransform(Transform):
             scores = {l: method_scores(profile, l, opts.method, opts.seed) for l in layers}
             return cls(spec, num_experts, opts, protected, scores=scores)
         return cls(spec, num_experts, opts, protected, orders=orders)
+
+    @property
+    def layout(self) -> str:
+        """The output's layout: uniform (transformers loads it) or per-layer (``moecompress.load``)."""
+        return self.opts.layout
 
     def _select(self, orders: dict[int, list[Step]]) -> dict[int, list[int]]:
         if self.opts.layout == "uniform":
@@ -321,4 +329,23 @@ class PruneTransform(Transform):
             if opts.decides_in_pass
             else "unpruned model",
             "layers": layers,
+            "warnings": list(self.notes),
         }
+
+
+def transform_for_recipe(job: Job, options: dict[str, Any], profile: Any) -> PruneTransform:
+    """The ``prune: {ratio, method, refit, protect_super, error_tokens}`` stage of ``moecompress compress``.
+
+    Uniform layout (the per-layer layout's global ranking needs a measuring pass of its own); output error (the
+    default) chooses each layer's experts in the pass, on the compressed earlier layers; score methods use
+    ``profile``. The count is the checkpoint's (a prune stage comes before any other expert-removing stage).
+    During the pass a layer whose protected experts leave too few to remove raises ``order.NotEnoughRemovable``."""
+    from ..core.errors import UserError
+
+    ckpt = job.ckpt
+    try:
+        opts = PruneOptions(**options)
+        spec = RouterSpec.from_config(ckpt.family, ckpt.config)
+        return PruneTransform.from_profile(spec, ckpt.num_experts, opts, profile, ckpt.moe_layers)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"prune stage: {err}") from None

@@ -113,3 +113,32 @@ def test_chosen_experts_slice_with_no_compute(tmp_path, tokenizer_dir):
     for l in ckpt.moe_layers:  # the highest indices score lowest
         assert t.kept[l] == [0, 1, 2, 3]
         assert torch.equal(out.moe_weights(l).down, ckpt.moe_weights(l).select([0, 1, 2, 3]).down)
+
+
+def test_recipe_stage_builds_the_transform_and_a_one_stage_compress_equals_prune(tmp_path, tokenizer_dir):
+    """``prune: {...}`` in a compress recipe is the same transform as the prune command: a one-stage compress
+    writes the same safetensors bytes as ``prune`` with the same options and calibration."""
+    from moecompress.compress.recipe import parse
+    from moecompress.compress.run import compress_model
+    from moecompress.core.errors import UserError
+    from moecompress.core.job import Job
+    from moecompress.prune.run import prune_model
+    from moecompress.prune.transform import transform_for_recipe
+
+    path = build_tiny("qwen3_moe", tmp_path / "m", tokenizer_dir)
+    job = Job.prepare(path, None, samples=4, seq_len=16)
+    t = transform_for_recipe(job, {"ratio": 0.34, "refit": "router"}, None)
+    assert isinstance(t, PruneTransform) and t.wants_inputs and t.layout == "uniform" and t.n == 2
+    with pytest.raises(UserError, match="prune stage: ratio 0.9 leaves 1 of 6 experts"):
+        transform_for_recipe(job, {"ratio": 0.9}, None)
+    with pytest.raises(UserError, match="prune stage: method 'reap' orders experts by profile scores"):
+        transform_for_recipe(job, {"ratio": 0.34, "method": "reap"}, None)
+
+    calib = dict(calib="mixed", samples=4, seq_len=16, batch_size=2)
+    prune_model(path, tmp_path / "prune", PruneOptions(ratio=0.34, refit="router"), **calib)
+    man = compress_model(path, tmp_path / "compress", parse([{"prune": {"ratio": 0.34, "refit": "router"}}]), **calib)
+    assert [s["op"] for s in man.stages] == ["prune"]
+    files = sorted(f.name for f in (tmp_path / "prune").glob("*.safetensors"))
+    assert files and files == sorted(f.name for f in (tmp_path / "compress").glob("*.safetensors"))
+    for f in sorted((tmp_path / "prune").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "compress" / f.name).read_bytes(), f.name
