@@ -188,7 +188,9 @@ def derive(cfg: Any) -> dict[str, Any]:
     if top_k_key is None:
         raise Refusal("its config has no integer num_experts_per_tok (the router's top-k)")
 
-    disk_block, expert_names, renames, disk_router = _disk_layout(model, l0, block_name, experts_name, router_name, E)
+    disk_block, expert_names, renames, (disk_router, disk_correction) = _disk_layout(
+        model, l0, block_name, experts_name, router_name, E
+    )
 
     reference = None
     sig = (_norm_source(type(block)), _norm_source(type(router)))
@@ -206,6 +208,7 @@ def derive(cfg: Any) -> dict[str, Any]:
         "expert_names": expert_names,
         "renames": renames,
         "disk_router": disk_router,
+        "disk_correction": disk_correction,
         "router_bias": "bias" in tensors,
         "correction_bias": "e_score_correction_bias" if "e_score_correction_bias" in tensors else None,
         "shared": shared[0] if shared else None,
@@ -221,9 +224,9 @@ def derive(cfg: Any) -> dict[str, Any]:
 
 def _disk_layout(
     model: torch.nn.Module, l: int, block: str, experts: str, router: str, E: int
-) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], str | None]:
-    """(block name on disk, per-expert (gate, up, down) names, other per-layer renames, router name on disk when
-    it differs) from transformers' own save path.
+) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None]]:
+    """(block name on disk, per-expert (gate, up, down) names, other per-layer renames, (router name, correction
+    bias block-relative name) on disk when they differ) from transformers' own save path.
 
     Marker tensors stand in for layer l's fused experts; after ``revert_weight_conversion`` each per-expert key is
     matched to its (expert, projection) by value, so a transposed, reordered or renamed layout is seen, not assumed."""
@@ -275,6 +278,7 @@ def _disk_layout(
     if m is None:
         raise Refusal(f"transformers saves its router as {rdisk}: not <block>.<router>.weight")
     disk_router = m[1]
+    disk_correction = None
     for k, v in out.items():
         if k in marked:
             continue
@@ -288,6 +292,12 @@ def _disk_layout(
         src = by_id.get(id(v))
         if src is None or not (k.startswith(prefix) and src.startswith(prefix)):
             raise Refusal(f"transformers converts its tensor {k} on disk (not a per-layer rename)")
+        inside = f"{prefix}{disk_block}.{experts}."
+        if src == f"{prefix}{block}.{router}.e_score_correction_bias" and k.startswith(inside):
+            raise Refusal(f"transformers saves the router's correction bias inside the experts ({k}): not mapped yet")
+        if src == f"{prefix}{block}.{router}.e_score_correction_bias" and k.startswith(f"{prefix}{disk_block}."):
+            disk_correction = k[len(f"{prefix}{disk_block}.") :]
+            continue
         if src[len(prefix) :].startswith((f"{block}.{router}.", f"{block}.{experts}.")):
             raise Refusal(f"transformers moves a routed tensor on disk ({src} -> {k}): not mapped yet")
         disk_rel, module_rel = k[len(prefix) :], src[len(prefix) :]
@@ -298,4 +308,5 @@ def _disk_layout(
             )
         renames[disk_rel] = module_rel
     layout = (names[0].pop(), names[1].pop(), names[2].pop())
-    return disk_block, layout, tuple(sorted(renames.items())), None if disk_router == router else disk_router
+    routers = None if disk_router == router else disk_router, disk_correction
+    return disk_block, layout, tuple(sorted(renames.items())), routers

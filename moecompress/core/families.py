@@ -83,6 +83,7 @@ class Family:
     # other per-layer tensors transformers saves under another name: (disk name, module name), layer-relative
     renames: tuple[tuple[str, str], ...] = ()
     disk_router: str | None = None  # router name in checkpoint keys when it differs (Phi-MoE: gate on disk, router)
+    disk_correction: str | None = None  # correction bias's block-relative checkpoint name when not under the router
 
     # ---- config facts -------------------------------------------------------------------------
     def num_experts(self, cfg: Any) -> int:
@@ -145,6 +146,8 @@ class Family:
         return f"{self.block_prefix(layer)}{self.experts}.{expert}.{self.expert_names[proj]}.weight"
 
     def router_key(self, layer: int, what: str = "weight") -> str:
+        if self.disk_correction and what == self.correction_bias:
+            return f"{self.block_prefix(layer)}{self.disk_correction}"
         return f"{self.block_prefix(layer)}{self.disk_router or self.router}.{what}"
 
     def correction_key(self, layer: int) -> str | None:
@@ -153,15 +156,19 @@ class Family:
     def routed_key_pattern(self, layer: int) -> re.Pattern[str]:
         """Matches every key owned by the routed experts and router of one layer (hub or fused names)."""
         names = (self.experts, *sorted({self.router, self.disk_router or self.router}))
+        owned = rf"(?:{'|'.join(re.escape(n) for n in names)})\."
+        if self.disk_correction:
+            owned = rf"(?:{owned}|{re.escape(self.disk_correction)}$)"
         return re.compile(
-            rf"^model\.layers\.{layer}\.(?:{re.escape(self.disk_block)}|{re.escape(self.module_block)})\."
-            rf"(?:{'|'.join(re.escape(n) for n in names)})\."
+            rf"^model\.layers\.{layer}\.(?:{re.escape(self.disk_block)}|{re.escape(self.module_block)})\.{owned}"
         )
 
     def disk_to_module(self, key: str) -> str:
         """Rename a hub key's block part to the transformers module name (e.g. Mixtral block_sparse_moe -> mlp)."""
-        if self.renames and (m := _LAYER_PREFIX.match(key)):
+        if (self.renames or self.disk_correction) and (m := _LAYER_PREFIX.match(key)):
             rel = key[m.end() :]
+            if self.disk_correction and rel == f"{self.disk_block}.{self.disk_correction}":
+                return f"{m[0]}{self.module_block}.{self.router}.{self.correction_bias}"
             for disk, module in self.renames:
                 if rel == disk:
                     return m[0] + module
@@ -183,6 +190,7 @@ class Family:
             gate, up = gate_up[:, :I], gate_up[:, I:]
             down = tensors[f"model.layers.{layer}.{self.module_block}.{self.experts}.down_proj"]  # [E, H, I]
             rp = f"model.layers.{layer}.{self.module_block}.{self.router}."
+            ck = rp + (self.correction_bias or "")
         else:
             try:
                 gate = torch.stack([tensors[self.expert_key(layer, e, 0)] for e in range(num_experts)])
@@ -193,11 +201,12 @@ class Family:
                     f"{self.name} checkpoint lacks {err.args[0]} (layer {layer}): the weights do not match config.json"
                 ) from None
             rp = p + (self.disk_router or self.router) + "."
+            ck = self.router_key(layer, self.correction_bias or "")
         router = tensors.get(rp + "weight")
         if router is None:
             raise UserError(f"{self.name} checkpoint lacks the router weight {rp}weight (layer {layer})")
         bias = tensors.get(rp + "bias") if self.router_bias else None
-        corr = tensors.get(rp + self.correction_bias) if self.correction_bias else None
+        corr = tensors.get(ck) if self.correction_bias else None
         return MoEWeights(gate=gate, up=up, down=down, router=router, router_bias=bias, correction_bias=corr)
 
     def write_layer(self, w: Any, layer: int) -> dict[str, torch.Tensor]:
@@ -369,6 +378,7 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             top_k_key=d["top_k_key"],
             renames=d["renames"],
             disk_router=d["disk_router"],
+            disk_correction=d["disk_correction"],
             routing_known=d["routing_like"] is not None,
             derived=True,
         )
