@@ -185,3 +185,24 @@ def test_refuses_a_profile_of_another_model(tmp_path, tokenizer_dir):
     with pytest.raises(UserError, match="another model"):
         ap.atomic_prune(src, tmp_path / "out", 0.3, profile=tmp_path / "prof")
     assert not (tmp_path / "out").exists()
+
+
+def test_exact_loader_builds_the_model_on_the_meta_device(tmp_path, tokenizer_dir, monkeypatch):
+    """No full-size random model first: every parameter is on the meta device until the weights on disk arrive."""
+    import moecompress.atomic.load as load_mod
+
+    src = build_tiny("qwen3_moe", tmp_path / "src", tokenizer_dir)
+    out = tmp_path / "out"
+    ap.atomic_prune(src, out, 0.25, hessian="diag", layout="exact", score="magnitude", **FAST)
+    built = []
+    real = load_mod.AutoModelForCausalLM.from_config
+
+    def from_config(*a, **k):
+        model = real(*a, **k)
+        built.append({p.is_meta for p in model.parameters()})
+        return model
+
+    monkeypatch.setattr(load_mod.AutoModelForCausalLM, "from_config", from_config)
+    model = load_exact_atomic(out)
+    assert built and all(s == {True} for s in built)
+    assert not any(p.is_meta for p in model.parameters())
