@@ -18,9 +18,12 @@ from typing import Any
 import torch
 
 from ..core.engine import Transform
+from ..core.errors import UserError
 from ..core.job import Job
 from ..core.manifest import Manifest
 from ..core.output import Output
+from ..merge.cluster import MergeTargetError
+from ..prune.order import NotEnoughRemovable
 from .recipe import Stage
 
 # op -> builder(job, options, profile) -> Transform. Each operation package provides its transform.
@@ -97,7 +100,10 @@ def compress_model(
     assert job.out is not None
     with Output(job.out, job.overwrite) as out:
         out.add_globals(ckpt, transforms)
-        job.engine("compress").run(transforms, emit=out.add_layer)
+        try:
+            job.engine("compress").run(transforms, emit=out.add_layer)
+        except (NotEnoughRemovable, MergeTargetError) as err:  # a stage that cannot run on what the last one left
+            raise UserError(f"compress: {err}; change the recipe's ratios") from None
         for s, t in zip(stages, transforms, strict=True):
             t.config(cfg)
             section = manifest.add(s.op, {"recipe": s.options, **t.section()})

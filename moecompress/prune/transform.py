@@ -197,7 +197,7 @@ class PruneTransform(Transform):
             )
         view = block_view(ctx.block, fam)
         if not self.wants_inputs:  # chosen before the pass, nothing to refit: slice the block
-            self._apply(ctx, view.select(self.kept[l]))
+            self._apply(ctx, view.select(self.kept[l]), self.kept[l])
             return
         x = sample_rows(ctx.inputs, opts.error_tokens)  # [T, H]
         logits = x.float() @ view.router.float().T  # [T, E]
@@ -221,7 +221,7 @@ class PruneTransform(Transform):
         removed[keep] = False
         if opts.refit != "none":
             view, stats = self._refit(ctx, src, x, view, removed, keep, y0, y0sq)
-            self._apply(ctx, view.select(keep))
+            self._apply(ctx, view.select(keep), keep)
             xd = x.to(ctx.router.weight.dtype)  # the pruned layer's own routed output
             _, w_p, idx_p = ctx.router(xd)
             y_p = ctx.experts(xd, idx_p, w_p).float()
@@ -230,7 +230,7 @@ class PruneTransform(Transform):
             self.refit_errors[l] = {k: round(v, 6) for k, v in stats.items()}
         else:
             y_p = routed_output(src, rows_all, *route(logits, spec, removed, corr))
-            self._apply(ctx, view.select(keep))
+            self._apply(ctx, view.select(keep), keep)
         self._pending = (order, y0sq, y0, y_p) if order is not None else None
 
     def _refit(
@@ -254,9 +254,13 @@ class PruneTransform(Transform):
             view = replace(view, down=downs)
         return view, stats
 
-    def _apply(self, ctx: LayerContext, sel: Any) -> None:
-        """Leave the block pruned to ``sel`` and write its routed experts and router in the checkpoint's dtypes."""
+    def _apply(self, ctx: LayerContext, sel: Any, keep: list[int]) -> None:
+        """Leave the block pruned to ``sel`` (experts ``keep`` of the block) and write its routed experts and router
+        in the checkpoint's dtypes; ``ctx.extra["expert_ids"]`` names each kept expert's source expert for the
+        stages after this one."""
         l, fam = ctx.index, ctx.engine.fam
+        source = ctx.extra.get("expert_ids", list(range(self.E)))
+        ctx.extra["expert_ids"] = [source[e] for e in keep]
         set_block_experts(ctx.block, fam, sel, l)
         fallback = self._dtypes.get(fam.router_key(l), "F32")
         tensors = fam.write_layer(sel, l)
