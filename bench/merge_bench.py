@@ -169,8 +169,8 @@ def main() -> None:
                 continue
             out = work / f"{''.join(c if c.isalnum() or c in '.-' else '_' for c in name)}-{ratio}"
             t = time.time()
-            man = merge_model(base, out, opts, work / "profile", "mixed", args.samples, args.seq_len, 8, "cpu",
-                              overwrite=True, progress=False)  # fmt: skip
+            man = merge_model(base, out, opts, work / "profile", "mixed", args.samples, args.seq_len, 8,
+                              torch.device("cpu"), overwrite=True).stage("merge")  # fmt: skip
             sims = [v["mean_within_cluster_similarity"] for v in man["layers"].values()]
             extra = {
                 "build_s": round(time.time() - t, 1),

@@ -131,7 +131,7 @@ def main() -> None:
                 out = work / key.replace("@", "_").replace("#", "_").replace("/", "_").replace("+", "_")
                 opts = PruneOptions(ratio, method, layout, seed=seed, error_tokens=args.error_tokens, refit=refit)
                 t1 = time.time()
-                man = prune_model(base, out, opts, prof_dir)
+                man = prune_model(base, out, opts, prof_dir).stage("prune")
                 prune_s = time.time() - t1
                 res = evaluate(out, base, **ev)
                 runs[key] = {
