@@ -97,6 +97,8 @@ def compress_model(
         source_fingerprint=ckpt.fingerprint, calibration=tokens.describe(), params_before=ckpt.num_params,
         bytes_before=ckpt.bytes_on_disk,
     )  # fmt: skip
+    # where the report finds the profile the stages used: the --profile run, or the one saved into the output
+    profile_ref = str(Path(profile_dir).resolve()) if profile_dir is not None else "profile"
     assert job.out is not None
     with Output(job.out, job.overwrite) as out:
         out.add_globals(ckpt, transforms)
@@ -106,7 +108,7 @@ def compress_model(
             raise UserError(f"compress: {err}; change the recipe's ratios") from None
         for s, t in zip(stages, transforms, strict=True):
             t.config(cfg)
-            section = manifest.add(s.op, {"recipe": s.options, **t.section()})
+            section = manifest.add(s.op, {"recipe": s.options, **t.section(), "profile": profile_ref})
             manifest.warnings += [str(w) for w in section.pop("warnings", []) or []]
             layout = getattr(t, "layout", None)
             if layout is not None:

@@ -100,13 +100,10 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: Path) -> Manifest | None:
-        f = Path(folder) / "moecompress.json"
-        if not f.is_file():
-            return None
-        try:
-            return cls.from_dict(json.loads(f.read_text()), str(f))
-        except (OSError, ValueError) as err:
-            raise UserError(f"{f} cannot be read ({err}): rewrite the output") from None
+        """``folder``/moecompress.json read through the bounded JSON reader (size and depth limited), or None."""
+        from .checkpoint import load_manifest
+
+        return load_manifest(folder)
 
 
 def _from_schema1(d: dict[str, Any]) -> dict[str, Any]:
