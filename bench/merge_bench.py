@@ -47,7 +47,8 @@ from moecompress.core.loading import load  # noqa: E402
 from moecompress.core.writer import dir_bytes  # noqa: E402
 from moecompress.merge.run import MergeOptions, merge_model  # noqa: E402
 from moecompress.profile.run import run_profile  # noqa: E402
-from moecompress.prune.run import PruneOptions, prune_model  # noqa: E402
+from moecompress.prune.run import prune_model  # noqa: E402
+from moecompress.prune.transform import PruneOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

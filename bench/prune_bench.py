@@ -28,7 +28,8 @@ from moecompress.core import loading
 from moecompress.core.checkpoint import Checkpoint
 from moecompress.core.evaluate import evaluate
 from moecompress.profile.run import Profile, run_profile
-from moecompress.prune.run import DEFAULT_REFIT, REFITS, PruneOptions, prune_model
+from moecompress.prune.run import prune_model
+from moecompress.prune.transform import DEFAULT_REFIT, REFITS, PruneOptions
 
 METHODS = ("frequency", "routing-mass", "reap", "random", "output-error")
 PER_LAYER = ("reap", "output-error")  # also run with --layout per-layer (global ranking, loads via moecompress.load)

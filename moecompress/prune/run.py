@@ -15,26 +15,8 @@ from ..core.job import Job
 from ..core.manifest import Manifest
 from ..core.output import Output
 from ..profile.run import Profile, build_profile, collect, save_profile
-
-# Names other packages import from here (atomic/compensate, merge/choose, merge/run, bench, their tests): they
-# live in order.py (the math) and transform.py (the options) now.
-from .order import NotEnoughRemovable, RouterSpec, combine, output_error_order, removal_count, route
-from .order import outputs_by_token as expert_outputs
-from .transform import (
-    DEFAULT_METHOD,
-    DEFAULT_REFIT,
-    LAYOUTS,
-    METHODS,
-    REFITS,
-    PruneOptions,
-    PruneTransform,
-    protected_experts,
-)
-
-__all__ = [
-    "DEFAULT_METHOD", "DEFAULT_REFIT", "LAYOUTS", "METHODS", "REFITS", "PruneOptions", "RouterSpec", "combine",
-    "expert_outputs", "output_error_order", "prune_model", "route",
-]  # fmt: skip
+from .order import NotEnoughRemovable, RouterSpec, removal_count
+from .transform import PruneOptions, PruneTransform, protected_experts
 
 
 def prune_model(

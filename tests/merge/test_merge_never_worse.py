@@ -18,7 +18,9 @@ from moecompress.core.evaluate import evaluate
 from moecompress.core.families import MoEWeights
 from moecompress.merge.choose import Clustering, LayerFit, choose_clusters, keep_candidate
 from moecompress.merge.run import MergeOptions, merge_model
-from moecompress.prune.run import PruneOptions, RouterSpec, prune_model
+from moecompress.prune.order import RouterSpec
+from moecompress.prune.run import prune_model
+from moecompress.prune.transform import PruneOptions
 
 carved_model = carved.carved_model
 SEQ = 64
