@@ -1,6 +1,6 @@
 """moecompress: make Mixture-of-Experts language models smaller while keeping them good."""
 
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def load(path=None, device="cpu", dtype=None):  # noqa: ANN001, ANN201 - thin lazy wrapper, see loading.load

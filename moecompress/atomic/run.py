@@ -41,7 +41,7 @@ from .compensate import Compensation
 from .gradstats import KINDS, LayerGradStats, bytes_per_expert, collect_grad_stats
 from .gradstream import streamed_grad_stats
 from .heapr import heapr_scores, select_channels, uniform_width
-from .transform import AtomTransform, width_key
+from .transform import AtomTransform, Refit, width_key
 
 LAYOUTS = ("uniform", "exact")
 SCORES = ("heapr", "magnitude")
@@ -353,3 +353,23 @@ def write_atomic(
     )
     flat = {k: v for k, v in man.to_dict().items() if k != "stages"}
     return {**flat, **section}
+
+
+def transform_for_recipe(job: Any, options: dict[str, Any], profile: Any) -> AtomTransform:
+    """An ``atom: {ratio: R, score: heapr|magnitude, refit: down|none}`` recipe stage (compress): the uniform layout
+    (one width, a multiple of 16, for every routed expert), the single command's defaults (HEAPr with full G,
+    down_proj refit). Scores come from the source model before the compression pass (``profile``'s m; HEAPr adds
+    its gradient pass); each expert keeps its own top-K channels by its source expert's scores (an earlier stage
+    that removes experts says which remain in ``ctx.extra["expert_ids"]``; experts without that map, e.g. merged
+    ones, are ranked by moments measured on the block as it is, with a warning in the section)."""
+    ratio, score = float(options["ratio"]), str(options.get("score", "heapr"))
+    refit = Refit() if options.get("refit", "down") != "none" else None
+    ckpt = job.ckpt
+    K = check_layout(ckpt, "uniform", ratio)
+    scores, info = score_channels(job, profile if profile is not None else job_profile(job), score)
+    info = {
+        **info, "ratio": ratio, "width_key": width_key(ckpt.config), "protected": [],
+        "protection": "none (uniform width)", "compensation": refit.describe() if refit is not None else None,
+    }  # fmt: skip
+    spec = RouterSpec.from_config(ckpt.family, ckpt.config)
+    return AtomTransform(spec, scores=scores, width=K, refit=refit, info=info)

@@ -29,7 +29,6 @@ from ..core.engine import LayerContext, Transform
 from ..core.experts import expert_hidden
 from ..core.families import MoEWeights
 from ..prune.load import block_view, set_block_experts
-from ..prune.order import RouterSpec
 from .apply import ExactLayer, pad_exact, padded_width
 from .compensate import (
     ERROR_TOKENS,
@@ -246,25 +245,3 @@ class AtomTransform(Transform):
         if self.refit is not None:
             out["compensation_output_error"] = self.errors
         return out
-
-
-def transform_for_recipe(job: Any, options: dict[str, Any], profile: Any) -> AtomTransform:
-    """An ``atom: {ratio: R, score: heapr|magnitude, refit: down|none}`` recipe stage (compress): the uniform layout
-    (one width, a multiple of 16, for every routed expert), the single command's defaults (HEAPr with full G,
-    down_proj refit). Scores come from the source model before the compression pass (``profile``'s m; HEAPr adds
-    its gradient pass); each expert keeps its own top-K channels by its source expert's scores (an earlier stage
-    that removes experts says which remain in ``ctx.extra["expert_ids"]``; experts without that map, e.g. merged
-    ones, are ranked by moments measured on the block as it is, with a warning in the section)."""
-    from .run import check_layout, job_profile, score_channels
-
-    ratio, score = float(options["ratio"]), str(options.get("score", "heapr"))
-    refit = Refit() if options.get("refit", "down") != "none" else None
-    ckpt = job.ckpt
-    K = check_layout(ckpt, "uniform", ratio)
-    scores, info = score_channels(job, profile if profile is not None else job_profile(job), score)
-    info = {
-        **info, "ratio": ratio, "width_key": width_key(ckpt.config), "protected": [],
-        "protection": "none (uniform width)", "compensation": refit.describe() if refit is not None else None,
-    }  # fmt: skip
-    spec = RouterSpec.from_config(ckpt.family, ckpt.config)
-    return AtomTransform(spec, scores=scores, width=K, refit=refit, info=info)

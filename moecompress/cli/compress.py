@@ -28,9 +28,7 @@ from .common import (
 
 RecipeOpt = Annotated[
     Path | None,
-    typer.Option(
-        "--recipe", help="YAML or JSON list of stages: `- prune: {ratio: 0.25}`, `- quantize: {bits: 3}`."
-    ),
+    typer.Option("--recipe", help="YAML or JSON list of stages: `- prune: {ratio: 0.25}`, `- quantize: {bits: 3}`."),
 ]
 PruneOpt = Annotated[float | None, typer.Option("--prune", help="Shorthand: remove this fraction of routed experts.")]
 MergeOpt = Annotated[float | None, typer.Option("--merge", help="Shorthand: merge away this fraction of experts.")]

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import __version__
 from ..core.errors import UserError
 from ..core.progress import console, out_console
+from ..version import __version__
 from . import compress as compress_cli
 from . import merge as merge_cli
 from . import prune as prune_cli

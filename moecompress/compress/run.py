@@ -43,7 +43,7 @@ def _merge(job: Job, opts: dict[str, Any], prof: Any) -> Transform:
 
 
 def _atom(job: Job, opts: dict[str, Any], prof: Any) -> Transform:
-    from ..atomic.transform import transform_for_recipe
+    from ..atomic.run import transform_for_recipe
 
     return transform_for_recipe(job, opts, prof)
 

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .errors import UserError
 from .families import Family, MoEWeights, family_for
+from .jsonfile import MAX_CONFIG_BYTES, read_json_file  # noqa: F401  (read_json_file: public here)
 from .manifest import Manifest
 
 SIDE_FILES = (
@@ -61,31 +62,14 @@ DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
-MAX_CONFIG_BYTES = 16 * 1024**2
 MAX_HEADER_BYTES = 100_000_000
 MAX_LAYERS = 100_000  # bound on num_hidden_layers when the weights cannot tell (real models have ~100)
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def read_json_file(path: Path, what: str, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
-    """Parse a small JSON file; any way it can be unreadable (too large, not UTF-8, not JSON, nested too deep)
-    becomes one UserError naming the file."""
-    try:
-        if path.stat().st_size > max_bytes:
-            raise ValueError(f"larger than {max_bytes // 1024**2} MiB")
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:
-        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
-        raise UserError(f"{path} is not a valid {what} ({reason})") from None
-
-
 def load_manifest(path: str | Path) -> Manifest | None:
-    """``moecompress.json`` of a folder, read strictly (``Manifest.from_dict``): None when absent, one UserError
-    naming the file and the field when it is not a manifest moecompress wrote (schema 1 reads as one stage)."""
-    f = Path(path) / "moecompress.json"
-    if not f.exists():
-        return None
-    return Manifest.from_dict(read_json_file(f, "moecompress manifest (JSON)"), str(f))
+    """``moecompress.json`` of a folder, read strictly: see ``Manifest.read``."""
+    return Manifest.read(Path(path))
 
 
 def _check_entry(key: Any, v: Any, data_bytes: int) -> None:

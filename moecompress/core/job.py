@@ -69,7 +69,7 @@ class Job:
     def profile(self) -> Any:
         """The reused profile (loaded once and checked against this model), or None."""
         if self._profile is None and self.profile_dir is not None:
-            from ..profile.run import Profile
+            from ..profile.files import Profile
 
             self._profile = Profile.load(self.profile_dir)
             self._profile.check_model(self.ckpt)

@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from ..version import __version__
 from .errors import UserError
+from .jsonfile import read_json_file
 
 SCHEMA = 2
 OPS = ("profile", "prune", "atom", "merge", "quantize")
@@ -100,10 +101,11 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: Path) -> Manifest | None:
-        """``folder``/moecompress.json read through the bounded JSON reader (size and depth limited), or None."""
-        from .checkpoint import load_manifest
-
-        return load_manifest(folder)
+        """``folder``/moecompress.json read with bounds (size, depth) and strictly, or None when absent."""
+        f = Path(folder) / "moecompress.json"
+        if not f.exists():
+            return None
+        return cls.from_dict(read_json_file(f, "moecompress manifest (JSON)"), str(f))
 
 
 def _from_schema1(d: dict[str, Any]) -> dict[str, Any]:

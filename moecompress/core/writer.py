@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .. import __version__
+from ..version import __version__
 from .errors import UserError
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3

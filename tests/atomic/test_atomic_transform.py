@@ -124,8 +124,7 @@ class DropUnmapped(DropExperts):
 
 @pytest.mark.parametrize("score", ["magnitude", "heapr"])
 def test_recipe_stage_ranks_each_remaining_expert_by_its_source_scores(tmp_path, tokenizer_dir, score):
-    from moecompress.atomic.run import job_profile, score_channels
-    from moecompress.atomic.transform import transform_for_recipe
+    from moecompress.atomic.run import job_profile, score_channels, transform_for_recipe
     from moecompress.core.job import Job
 
     src = build_tiny("qwen3_moe", tmp_path / "src", tokenizer_dir)
@@ -152,8 +151,7 @@ def test_recipe_stage_ranks_each_remaining_expert_by_its_source_scores(tmp_path,
 def test_a_lone_recipe_stage_writes_what_the_single_command_writes(tmp_path, tokenizer_dir, score):
     import hashlib
 
-    from moecompress.atomic.run import atomic_prune, job_profile
-    from moecompress.atomic.transform import transform_for_recipe
+    from moecompress.atomic.run import atomic_prune, job_profile, transform_for_recipe
     from moecompress.core.job import Job
 
     src = build_tiny("mixtral", tmp_path / "src", tokenizer_dir)
