@@ -165,14 +165,15 @@ def uniform_k(I: int, ratio: float) -> int:
     return K
 
 
-def check_layout(ckpt: Checkpoint, layout: str, ratio: float) -> int | None:
-    """Refuse a layout the model cannot take before any pass; the uniform layout's width (None for exact)."""
+def check_layout(ckpt: Checkpoint, layout: str, ratio: float, instead: str = "use --layout exact") -> int | None:
+    """Refuse a layout the model cannot take before any pass; the uniform layout's width (None for exact).
+    ``instead``: what the refusal tells the user to do."""
     if layout != "uniform":
         return None
     if getattr(ckpt.config, "n_shared_experts", 0) and width_key(ckpt.config) == "moe_intermediate_size":
         raise UserError(
             f"{ckpt.family.name} sizes its shared experts from moe_intermediate_size, so a narrower uniform width "
-            "would resize them: use --layout exact (loads with moecompress.load)"
+            f"would resize them: {instead} (loads with moecompress.load)"
         )
     return uniform_k(int(getattr(ckpt.config, width_key(ckpt.config))), ratio)
 
@@ -365,7 +366,8 @@ def transform_for_recipe(job: Any, options: dict[str, Any], profile: Any) -> Ato
     ratio, score = float(options["ratio"]), str(options.get("score", "heapr"))
     refit = Refit() if options.get("refit", "down") != "none" else None
     ckpt = job.ckpt
-    K = check_layout(ckpt, "uniform", ratio)
+    instead = "an atom stage writes one uniform width, so run `moecompress prune --granularity atom --layout exact`"
+    K = check_layout(ckpt, "uniform", ratio, instead)
     scores, info = score_channels(job, profile if profile is not None else job_profile(job), score)
     info = {
         **info, "ratio": ratio, "width_key": width_key(ckpt.config), "protected": [],
