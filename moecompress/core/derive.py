@@ -233,7 +233,14 @@ def _disk_layout(
     from transformers.core_model_loading import revert_weight_conversion
 
     prefix = f"model.layers.{l}."
-    sd = {k: v for k, v in model.state_dict().items() if k.startswith(prefix) or not k.startswith("model.layers.")}
+    lay = re.compile(r"^model\.layers\.\d+\.")
+    routed = (f"{block}.{experts}.", f"{block}.{router}.")
+
+    def other_routed(k: str) -> bool:  # other layers' routed tensors: layer l's markers stand for them
+        m = lay.match(k)
+        return m is not None and m[0] != prefix and k[m.end() :].startswith(routed)
+
+    sd = {k: v for k, v in model.state_dict().items() if not other_routed(k)}  # every layer type's own tensors
     gu_key, dn_key = f"{prefix}{block}.{experts}.gate_up_proj", f"{prefix}{block}.{experts}.down_proj"
     gate_up = torch.arange(E * 4 * 3, dtype=torch.float64).reshape(E, 4, 3)
     down = torch.arange(E * 3 * 2, dtype=torch.float64).reshape(E, 3, 2) + 1e7
@@ -290,17 +297,19 @@ def _disk_layout(
         if src in sd:
             continue
         src = by_id.get(id(v))
-        if src is None or not (k.startswith(prefix) and src.startswith(prefix)):
+        kp, sp = lay.match(k), lay.match(src or "")
+        if src is None or kp is None or sp is None or kp[0] != sp[0]:
             raise Refusal(f"transformers converts its tensor {k} on disk (not a per-layer rename)")
-        inside = f"{prefix}{disk_block}.{experts}."
-        if src == f"{prefix}{block}.{router}.e_score_correction_bias" and k.startswith(inside):
+        lp = kp[0]
+        inside = f"{lp}{disk_block}.{experts}."
+        if src == f"{lp}{block}.{router}.e_score_correction_bias" and k.startswith(inside):
             raise Refusal(f"transformers saves the router's correction bias inside the experts ({k}): not mapped yet")
-        if src == f"{prefix}{block}.{router}.e_score_correction_bias" and k.startswith(f"{prefix}{disk_block}."):
-            disk_correction = k[len(f"{prefix}{disk_block}.") :]
+        if src == f"{lp}{block}.{router}.e_score_correction_bias" and k.startswith(f"{lp}{disk_block}."):
+            disk_correction = k[len(f"{lp}{disk_block}.") :]
             continue
-        if src[len(prefix) :].startswith((f"{block}.{router}.", f"{block}.{experts}.")):
+        if src[len(lp) :].startswith(routed):
             raise Refusal(f"transformers moves a routed tensor on disk ({src} -> {k}): not mapped yet")
-        disk_rel, module_rel = k[len(prefix) :], src[len(prefix) :]
+        disk_rel, module_rel = k[len(lp) :], src[len(lp) :]
         if disk_rel.split(".")[-2:] != module_rel.split(".")[-2:]:  # not a relocation: the module itself is renamed
             raise Refusal(
                 f"transformers renames a module on disk ({module_rel} -> {disk_rel}): outputs that rewrite it "
