@@ -78,6 +78,10 @@ def _overrides(defaults: dict[str, Any]) -> dict[str, Any]:
         out["num_key_value_heads"] = out.get("num_attention_heads", 4)
         if "head_dim" in out and "qk_rope_head_dim" in defaults:
             out["head_dim"] = out["qk_rope_head_dim"]  # DeepSeek-V3 takes its rotary width from head_dim
+    kinds = defaults.get("layer_types")
+    if isinstance(kinds, list) and len(set(kinds)) > 1:  # every layer type early, so a later MoE layer sees it
+        order = list(dict.fromkeys(kinds))
+        out["layer_types"] = [order[i % len(order)] for i in range(out["num_hidden_layers"])]
     if "mlp_only_layers" in defaults:
         out["mlp_only_layers"] = [1]
     return out

@@ -128,3 +128,14 @@ def test_every_installed_moe_type(model_type, tmp_path, tokenizer_dir):
         return
     assert r["supported"], f"{model_type} is refused ({r.get('reason')}): support it or list it in REFUSED"
     assert all(v == "ok" for v in r["ops"].values()), r["ops"]
+
+
+def test_the_fast_subset_keeps_mixed_layer_types():
+    """cohere2_moe (sliding + full attention, window 8 < the 16-token windows) and qwen3_next (linear + full
+    attention) exercise the stream's per-type layer inputs in the profile = brute force check above: each type
+    comes before a later MoE layer (with the first layer's inputs replayed to every layer, cohere2_moe's check
+    fails at layer 2)."""
+    for model_type in ("cohere2_moe", "qwen3_next"):
+        cfg = tiny_config(model_type)
+        assert len(set(cfg.layer_types)) > 1 and len(set(cfg.layer_types[:2])) == 2, model_type
+    assert tiny_config("cohere2_moe").sliding_window == 8
