@@ -283,6 +283,7 @@ def atomic_prune(
     )  # fmt: skip
     job.profile()  # a given profile is checked against the model before any work
     check_layout(job.ckpt, layout, ratio)
+    job.ckpt.family.check_routing(job.ckpt.config, "the down_proj refit", False, bool(refit), "use --refit none")
     tokens = job.tokens()
     prof = job_profile(job)
     scores, info = score_channels(job, prof, score, hessian, rank)
@@ -368,6 +369,7 @@ def transform_for_recipe(job: Any, options: dict[str, Any], profile: Any) -> Ato
     ckpt = job.ckpt
     instead = "an atom stage writes one uniform width, so run `moecompress prune --granularity atom --layout exact`"
     K = check_layout(ckpt, "uniform", ratio, instead)
+    ckpt.family.check_routing(ckpt.config, "the atom stage's refit", False, refit is not None, "give it refit: none")
     scores, info = score_channels(job, profile if profile is not None else job_profile(job), score)
     info = {
         **info, "ratio": ratio, "width_key": width_key(ckpt.config), "protected": [],

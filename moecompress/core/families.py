@@ -100,6 +100,24 @@ class Family:
     def norm_topk(self, cfg: Any) -> bool:
         return True if self.norm_topk_key is None else bool(getattr(cfg, self.norm_topk_key, False))
 
+    def check_routing(self, cfg: Any, what: str, removes_experts: bool, needs_routing: bool, hint: str) -> None:
+        """Refuse ``what`` where this family's routing matters and moecompress has not verified it (a derived family
+        whose router code differs from the hand-written ones): re-implemented routing (``needs_routing``: output-error
+        search, refits, merging) or group-limited routing with experts removed (renumbering would regroup them)."""
+        if self.routing_known:
+            return
+        if removes_experts and self.group_key is not None and self.n_group(cfg) > 1:
+            raise UserError(
+                f"{self.name} routes within groups of experts (config {self.group_key} = {self.n_group(cfg)}) by "
+                f"code moecompress has not verified: {what} could regroup its experts, so it is refused for this "
+                "model type (quantize and channel pruning without refit work)"
+            )
+        if needs_routing:
+            raise UserError(
+                f"{what} re-implements the router, and {self.name}'s routing (derived from its transformers code) "
+                f"is not one moecompress has verified: {hint}"
+            )
+
     def n_group(self, cfg: Any) -> int:
         if not self.group_key or getattr(cfg, self.group_key, None) is None:
             return 1

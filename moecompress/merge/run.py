@@ -98,6 +98,7 @@ def merge_model(
         device=device, overwrite=overwrite, profile_dir=profile_dir, tokens=tokens, profile_windows=False,
     )  # fmt: skip
     profile, ckpt = job.profile(), job.ckpt
+    ckpt.family.check_routing(ckpt.config, "merging", True, True, "prune with --method frequency instead")
     protected = protected_experts(ckpt.moe_layers, profile, opts.protect_super)
     K = n_clusters_for(ckpt.num_experts, opts.ratio)
     try:

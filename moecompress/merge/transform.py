@@ -188,6 +188,7 @@ def transform_for_recipe(job: Job, options: dict[str, Any], profile: Any | None)
     opts = MergeOptions(seed=job.seed, **options)
     opts.validate()
     ckpt = job.ckpt
+    ckpt.family.check_routing(ckpt.config, "the merge stage", True, True, "use a prune stage with method: frequency")
     protected = protected_experts(ckpt.moe_layers, profile, opts.protect_super)
     n_prot = max((len(v) for v in protected.values()), default=0)
     try:

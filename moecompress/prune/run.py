@@ -41,6 +41,11 @@ def prune_model(
     tests); with a profile that names its calibration windows, those are reused."""
     _flag_errors(opts.validate)
     first = Checkpoint(model)  # the ratio is refused before the calibration settings are checked
+    first.family.check_routing(
+        first.config, "expert pruning", removes_experts=True,
+        needs_routing=opts.method == "output-error" or opts.refit != "none",
+        hint="use --method frequency, routing-mass or reap with --refit none (they use the model's own routing)",
+    )  # fmt: skip
     _flag_errors(
         lambda: removal_count(first.num_experts, opts.ratio, RouterSpec.from_config(first.family, first.config))
     )

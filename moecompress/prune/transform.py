@@ -349,6 +349,11 @@ def transform_for_recipe(job: Job, options: dict[str, Any], profile: Any) -> Pru
     ckpt = job.ckpt
     try:
         opts = PruneOptions(**options)
+        ckpt.family.check_routing(
+            ckpt.config, "the prune stage", removes_experts=True,
+            needs_routing=opts.method == "output-error" or opts.refit != "none",
+            hint="give it method: frequency, routing-mass or reap and refit: none",
+        )  # fmt: skip
         spec = RouterSpec.from_config(ckpt.family, ckpt.config)
         return PruneTransform.from_profile(spec, ckpt.num_experts, opts, profile, ckpt.moe_layers)
     except (TypeError, ValueError) as err:
