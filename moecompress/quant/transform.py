@@ -344,7 +344,7 @@ class MeasureTransform(Transform):
         through this layer; for a MoE layer, new copies start with its experts at each probe width."""
         if self._base is None:
             return
-        kwargs = ctx.engine.stream.kwargs[0]
+        kwargs = ctx.engine.stream.layer_kwargs(ctx.index, 0)  # this layer type's mask (mixed layer types)
 
         def run(h: torch.Tensor) -> torch.Tensor:
             out = ctx.layer(h, **kwargs)
