@@ -4,6 +4,8 @@ Reads ``moecompress/`` as text (ast), imports nothing. Prints the longest functi
 ``reports/code_shape.json`` so a refactor can state its before and after.
 
     .venv/bin/python bench/code_shape.py [--top 15] [--out reports/code_shape.json]
+    git worktree add /tmp/before e174ab2 && .venv/bin/python bench/code_shape.py --root /tmp/before \
+        --out reports/code_shape.before.json       # the tree before the engine refactor (issue 11)
 """
 
 from __future__ import annotations
@@ -93,10 +95,14 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def main() -> None:
+    global ROOT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "code_shape.json")
+    ap.add_argument("--root", type=Path, default=None, help="another checkout to measure (e.g. a git worktree)")
     args = ap.parse_args()
+    if args.root is not None:
+        ROOT = args.root.resolve()
     files = sorted((ROOT / PKG).rglob("*.py")) + sorted((ROOT / "calibration").rglob("*.py"))
     funcs, graph = scan(files)
     cyc = cycles(graph)
