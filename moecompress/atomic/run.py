@@ -35,7 +35,7 @@ from ..core.errors import UserError
 from ..core.job import Job
 from ..core.manifest import Manifest
 from ..core.output import Output
-from ..core.progress import console, progress_bar
+from ..core.progress import progress_bar
 from ..prune.order import RouterSpec
 from .compensate import Compensation
 from .gradstats import KINDS, LayerGradStats, bytes_per_expert, collect_grad_stats
@@ -347,12 +347,6 @@ def write_atomic(
             ckpt, config, man, extra_json={"atomic_channels.json": t.channels}, report_inputs=report_inputs or [],
             elapsed=time.time() - t0,
         )  # fmt: skip
-    for w in warnings:
-        console.print(f"[yellow]warning:[/] {w}")
-    console.print(
-        f"atomic prune ({section.get('method')}, {layout}): removed {section['routed_channels_removed_fraction']:.1%}"
-        f" of routed channels = {section['params_removed_fraction_of_all']:.1%} of all parameters -> {out}"
-    )
     flat = {k: v for k, v in man.to_dict().items() if k != "stages"}
     return {**flat, **section}
 

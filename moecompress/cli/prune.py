@@ -112,11 +112,18 @@ def prune(
         score = method or "heapr"
         if refit not in (None, *ATOM_REFITS):
             raise UserError(f"--refit {refit!r} is not one of {', '.join(ATOM_REFITS)} for --granularity atom")
-        atomic_prune(
+        res = atomic_prune(
             model, output, ratio, hessian=hessian, layout=layout, score=score, profile=profile, calib=calib,
             samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, rank=rank,
             protect_super=protect_super, device=dev, overwrite=overwrite, refit=refit != "none",
         )  # fmt: skip
+        for w in res.get("warnings") or []:
+            console.print(f"[yellow]warning:[/] {w}")
+        out_console.print(
+            f"atomic prune ({res.get('method')}, {res['layout']}): removed "
+            f"{res['routed_channels_removed_fraction']:.1%} of routed channels = "
+            f"{res['params_removed_fraction_of_all']:.1%} of all parameters -> {output}"
+        )
         return
     if layout == "exact":
         raise UserError("--layout exact is for --granularity atom; whole experts use uniform or per-layer")

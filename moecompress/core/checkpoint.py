@@ -8,7 +8,6 @@ import json
 import re
 import stat
 import struct
-from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -430,15 +429,6 @@ class Checkpoint:
         pat = self.family.routed_key_pattern(layer)
         tensors = self.read([k for k in self.weight_map if pat.match(k)])
         return self.family.read_layer(tensors, layer, self.num_experts)
-
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor, one shard open at a time."""
-        by_file: dict[str, list[str]] = {}
-        for k, f in self.weight_map.items():
-            by_file.setdefault(f, []).append(k)
-        for keys in by_file.values():
-            for i in range(0, len(keys), 64):
-                yield from self.read(keys[i : i + 64]).items()
 
     def side_files(self) -> list[Path]:
         return [self.path / f for f in SIDE_FILES if (self.path / f).exists()]

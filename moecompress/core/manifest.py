@@ -91,7 +91,8 @@ class Manifest:
             raise UserError(f"{where} has schema {d.get('schema')!r}; this moecompress reads {SCHEMA}: upgrade it")
         for k, types in _COMMON.items():
             v = d.get(k)
-            if k not in d or not isinstance(v, types) or isinstance(v, bool):
+            out_of_range = isinstance(v, int | float) and not (math.isfinite(v) and 0 <= v < 2**63)
+            if k not in d or not isinstance(v, types) or isinstance(v, bool) or out_of_range:
                 shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:56] + "…"
                 raise UserError(f"{where} field {k} is {shown}: not what moecompress writes (rewrite the output)")
         stages = d.get("stages")

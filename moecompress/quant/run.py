@@ -37,7 +37,6 @@ from ..core.errors import UserError
 from ..core.job import Job
 from ..core.manifest import Manifest
 from ..core.output import Output
-from ..core.progress import console
 from ..core.writer import atomic_dir
 from .layer import GPTQOptions
 from .plan import (  # noqa: F401  (Layout, layer_sensitivity, scale_dtype_of: the bench's API)
@@ -137,11 +136,6 @@ class _Run:
             calibration=tokens.describe() if tokens is not None else None,
             source_model=str(self.ckpt.path), source_fingerprint=self.ckpt.fingerprint,
         )  # fmt: skip
-        console.print(
-            f"bit plan: {plan['width_counts']} experts per width, average {plan['average_bits_routed']:.3f} "
-            f"bits, {plan['total_bytes'] / 1e6:.2f} MB predicted"
-            + (f", cost {plan['predicted_cost']:.4g}" if plan["predicted_cost"] is not None else "")
-        )
         return plan
 
 
