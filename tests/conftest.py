@@ -83,8 +83,8 @@ def tiny_config(model_type: str, **over: object):
     return AutoConfig.for_model(model_type, **base)
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
+def make_tokenizer(folder: Path) -> Path:
+    """The byte-level BPE tokenizer of the test suite (vocab 320), trained on the built-in calibration text."""
     from moecompress.calibration.sets import load_texts
 
     text = "\n\n".join(load_texts("mixed", "calib").values())
@@ -99,9 +99,13 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     )
     tok.train_from_iterator([text[i : i + 10000] for i in range(0, len(text), 10000)], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    d = tmp_path_factory.mktemp("tok")
-    fast.save_pretrained(d)
-    return d
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def build_tiny(model_type: str, folder: Path, tokenizer_dir: Path, seed: int = 0, **over: object) -> Path:

@@ -105,13 +105,7 @@ def _tokenizer(workdir: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).parent))
     import conftest
 
-    class _F:
-        def mktemp(self, n: str) -> Path:
-            p = workdir / n
-            p.mkdir(exist_ok=True)
-            return p
-
-    return conftest.tokenizer_dir.__wrapped__(_F())
+    return conftest.make_tokenizer(workdir / "tok")
 
 
 if __name__ == "__main__" and "--record" in sys.argv:

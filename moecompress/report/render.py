@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -232,17 +233,22 @@ def _quality(runs: list[RunSidecars]) -> str:
     return f'<h3>{esc(text)}</h3><div class="scroll">{table(["", *domains], rows)}</div><figure>{svg}</figure>'
 
 
+def _plottable(v: Any, most: float) -> bool:
+    """A number the chart can place: finite, 0..most (sidecars are untrusted: 1e308 bytes is not a size)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= most
+
+
 def _pareto(runs: list[RunSidecars]) -> tuple[str, list[str]]:
     points, skipped, base_bytes = [], [], None
     for run in runs:
         f = run_facts(run)
         base_bytes = base_bytes if base_bytes is not None else f["bytes_before"]
-        if f["bytes_after"] is not None and f["kl_to_base"] is not None:
+        if _plottable(f["bytes_after"], 1e18) and _plottable(f["kl_to_base"], 1e9):
             points.append((float(f["bytes_after"]), float(f["kl_to_base"]), run.name))
         elif run.manifest is not None:
             skipped.append(run.name)
     reference = None
-    if base_bytes is not None and points:
+    if _plottable(base_bytes, 1e18) and points:
         points.insert(0, (float(base_bytes), 0.0, "base model"))
         reference = 0
     if len(points) < 2:

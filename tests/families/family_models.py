@@ -112,22 +112,7 @@ def build(model_type: str, folder: Path, tokenizer_dir: Path | None = None, seed
 
 
 def make_tokenizer(folder: Path) -> Path:
-    """The byte-level BPE tokenizer of the test suite (vocab 320), trained on the built-in calibration text."""
-    from moecompress.calibration.sets import load_texts
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """The test suite's tokenizer (conftest.make_tokenizer), for use outside pytest too (bench/families.py)."""
+    from conftest import make_tokenizer as make
 
-    text = "\n\n".join(load_texts("mixed", "calib").values())
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([text[i : i + 10000] for i in range(0, len(text), 10000)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.save_pretrained(folder)
-    return folder
+    return make(folder)
