@@ -62,7 +62,9 @@ def compress(
 
     Layer l is pruned / merged / channel-pruned, then quantized, and its outputs computed with the compressed
     layer feed layer l + 1 (sequential calibration). One moecompress.json with a section per stage, one report.
-    The single commands are one-stage recipes.
+    A one-stage prune, merge or atom recipe writes exactly what its single command writes; a quantize stage
+    feeds the next layer the quantized weights (`moecompress quantize` the original ones). Recipes quantize at
+    one width (2, 3, 4, 8 bits); the LP bit plan is `moecompress quantize --plan lp`.
 
     Examples:\n
       moecompress compress --prune 0.25 --bits 3 -o out/p25-q3\n
