@@ -344,6 +344,13 @@ def family_for(cfg: Any) -> Family:
             return fam
     supported = ", ".join(t for f in FAMILIES for t in f.model_types) + " and the derived families in the README"
     found = _expert_count_anywhere(cfg)
+    nested = [k for k, v in vars(cfg).items() if hasattr(v, "to_dict") and k.endswith("config")]
+    if found is None and nested:
+        raise UserError(
+            f"model_type {model_type!r} keeps its language model in nested configs ({', '.join(nested[:3])}) and "
+            "no expert count at the top of config.json: moecompress reads text-only causal LMs; "
+            f"supported MoE families: {supported}"
+        )
     if found is None:
         raise UserError(
             f"model_type {model_type!r} is not a Mixture-of-Experts model (no expert count in config.json); "

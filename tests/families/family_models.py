@@ -113,6 +113,11 @@ def build(model_type: str, folder: Path, tokenizer_dir: Path | None = None, seed
 
 def make_tokenizer(folder: Path) -> Path:
     """The test suite's tokenizer (conftest.make_tokenizer), for use outside pytest too (bench/families.py)."""
+    import sys
+
+    tests = str(Path(__file__).resolve().parents[1])  # tests/, where conftest.py lives (also outside pytest)
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
     from conftest import make_tokenizer as make
 
     return make(folder)
