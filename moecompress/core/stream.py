@@ -137,6 +137,7 @@ class LayerStream:
         if spill is None:
             spill = input_ids.numel() * H * 4 > 4 * 1024**3
         self.cache = ActivationCache(spill)
+        self.captured = False  # capture() ran (the cache may still be empty: zero windows)
         self.kwargs: list[dict[str, Any]] = []  # per batch: the first decoder layer's keyword arguments
         self._moe = set(ckpt.moe_layers)
         kinds = getattr(ckpt.config, "layer_types", None)
@@ -172,6 +173,7 @@ class LayerStream:
     @torch.no_grad()
     def capture(self) -> None:
         """Embed every batch and record the first decoder layer's inputs and keyword arguments."""
+        self.captured = True
         emb = self.model.get_input_embeddings()
         self._materialize(emb, {"weight": self.ckpt.get("model.embed_tokens.weight")}, "embeddings")
         first = self.decoder_layers[0]
@@ -261,7 +263,7 @@ class LayerStream:
 
     def layers(self) -> Iterator[tuple[int, nn.Module]]:
         """Yield (index, materialized layer); the layer is freed when the caller moves on."""
-        if not len(self.cache):
+        if not self.captured:  # (a pass over zero windows has an empty cache but is captured)
             self.capture()
         for l in range(len(self.decoder_layers)):
             layer = self.load_layer(l)
