@@ -21,6 +21,7 @@ LOADERS: dict[str, str] = {
     "per-layer": "moecompress.prune.load:load_per_layer",  # expert pruning with per-layer expert counts
     "atomic_exact": "moecompress.atomic.load:load_exact_atomic",  # atomic pruning with per-expert widths
     "quantized": "moecompress.quant.load:load_quantized",  # compressed-tensors, any bit plan
+    "budget_exact": "moecompress.budget.load:load_budget",  # budget plan: per-expert counts, widths and bits
 }
 
 

@@ -25,8 +25,8 @@ from .errors import UserError
 from .jsonfile import read_json_file
 
 SCHEMA = 2
-OPS = ("profile", "prune", "atom", "merge", "quantize")
-LAYOUTS = ("uniform", "per-layer", "atomic_exact", "quantized")
+OPS = ("profile", "prune", "atom", "merge", "quantize", "budget")
+LAYOUTS = ("uniform", "per-layer", "atomic_exact", "quantized", "budget_exact")
 
 # common field -> accepted types (None allowed where listed)
 _COMMON: dict[str, tuple[type, ...]] = {
