@@ -37,6 +37,20 @@ def _norm_source(cls: type) -> str:
     return re.sub(r"\s+", " ", src)
 
 
+def _source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return ""
+
+
+# group-limited routing over contiguous, equal groups of expert indices (DeepSeek-V2/V3, GLM-4.5 and their copies):
+# ``scores.view(-1, self.num_group, self.num_experts // self.num_group)``. Experts removed in equal numbers from
+# every group, in order, leave every kept expert in its group: the pruned router is the base router with those
+# experts masked out of routing (tests/families checks it per model type).
+_CONTIGUOUS_GROUPS = re.compile(r"\.view\(\s*-1,\s*self\.(\w+),\s*self\.\w+\s*//\s*self\.\1\s*\)")
+
+
 @lru_cache(maxsize=1)
 def _reference_routing() -> dict[str, tuple[str, str]]:
     """Normalized (block, router) sources of the hand-written families whose routing moecompress re-implements."""
@@ -194,6 +208,7 @@ def derive(cfg: Any) -> dict[str, Any]:
 
     reference = None
     sig = (_norm_source(type(block)), _norm_source(type(router)))
+    groups_contiguous = any(_CONTIGUOUS_GROUPS.search(_source(c)) for c in (type(block), type(router)))
     for name, ref in _reference_routing().items():
         if ref == sig:
             reference = name
@@ -215,6 +230,7 @@ def derive(cfg: Any) -> dict[str, Any]:
         "shared_gate": shared_gate[0] if shared_gate else None,
         "norm_topk_key": "norm_topk_prob" if "norm_topk_prob" in raw else None,
         "group_key": next((k for k in ("n_group", "num_expert_group") if raw.get(k) is not None), None),
+        "groups_contiguous": groups_contiguous,
         "dense": frozenset(range(len(layers))) - frozenset(moe),
         "routing_like": reference,
         "flags": flags,

@@ -72,6 +72,9 @@ class Family:
     shared_gate: str | None = None
     norm_topk_key: str | None = "norm_topk_prob"  # None: always renormalized over the top-k
     group_key: str | None = None  # group-limited routing (E % n_group == 0 must hold)
+    # the router groups experts by contiguous index blocks (view(-1, n_group, E // n_group)): removing the same
+    # number from every group keeps each kept expert in its group (a derived family's code, checked in derive)
+    groups_contiguous: bool = False
     dense_layers: Callable[[Any], frozenset[int]] = field(default=_no_dense_layers)
     top_k_key: str = "num_experts_per_tok"
     # routing_known: the block's routing is one moecompress re-implements (prune's output-error search, RouterSpec:
@@ -106,7 +109,7 @@ class Family:
         search, refits, merging) or group-limited routing with experts removed (renumbering would regroup them)."""
         if self.routing_known:
             return
-        if removes_experts and self.group_key is not None and self.n_group(cfg) > 1:
+        if removes_experts and self.group_key is not None and self.n_group(cfg) > 1 and not self.groups_contiguous:
             raise UserError(
                 f"{self.name} routes within groups of experts (config {self.group_key} = {self.n_group(cfg)}) by "
                 f"code moecompress has not verified: {what} could regroup its experts, so it is refused for this "
@@ -399,6 +402,7 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             shared_gate=d["shared_gate"],
             norm_topk_key=d["norm_topk_key"],
             group_key=d["group_key"],
+            groups_contiguous=d["groups_contiguous"],
             dense_layers=lambda cfg, dense=dense: dense,
             top_k_key=d["top_k_key"],
             renames=d["renames"],

@@ -51,17 +51,19 @@ class RouterSpec:
 
     @classmethod
     def from_config(cls, fam: Any, cfg: Any) -> RouterSpec:
+        groups = dict(n_group=fam.n_group(cfg), topk_group=int(getattr(cfg, "topk_group", 1) or 1))
         if fam.correction_bias:
             return cls(
-                top_k=fam.top_k(cfg), kind="sigmoid_group", norm_topk=fam.norm_topk(cfg), n_group=fam.n_group(cfg),
-                topk_group=int(getattr(cfg, "topk_group", 1) or 1),
+                top_k=fam.top_k(cfg), kind="sigmoid_group", norm_topk=fam.norm_topk(cfg), **groups,
                 scaling=float(getattr(cfg, "routed_scaling_factor", 1.0) or 1.0),
             )  # fmt: skip
+        if groups["n_group"] > 1:  # group-limited softmax (DeepSeek-V2): removal counts per group; ``route`` is
+            return cls(top_k=fam.top_k(cfg), norm_topk=fam.norm_topk(cfg), **groups)  # never used (routing refused)
         return cls(top_k=fam.top_k(cfg), norm_topk=fam.norm_topk(cfg))
 
     def min_keep(self) -> int:
         """Fewest experts a layer may keep and still route (>= top-k; every group >= 2 for group routing)."""
-        if self.kind != "sigmoid_group":
+        if self.n_group <= 1:
             return self.top_k
         per_group = max(2, math.ceil(self.top_k / max(self.topk_group, 1)))
         return max(self.top_k, per_group * self.n_group)

@@ -4,13 +4,16 @@ For one model type of the installed transformers: the family is derived (or refu
 model is saved with ``save_pretrained``, the checkpoint opens, view -> write is bit-identical, the streamed
 profile's statistics equal a brute-force loop over tokens on the full transformers model, and the outputs of
 ``prune --method frequency`` and ``quantize --plan uniform --method rtn`` load in plain transformers with no
-missing or unexpected keys."""
+missing or unexpected keys, and the pruned logits equal the base model's with the removed experts masked out of
+routing."""
 
 from __future__ import annotations
 
 import logging
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +201,68 @@ def check_prune(ck: Checkpoint, work: Path) -> None:
         assert getattr(model.config, key) == pruned.num_experts, key
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(12)[None] % 300).logits).all()
+    check_masked(ck, out, model)
+
+
+@contextmanager
+def experts_masked(model: torch.nn.Module, fam: Any, E: int, removed: dict[int, list[int]]) -> Iterator[None]:
+    """The base model with ``removed`` experts (per layer) masked out of routing, through the family's own code:
+    inside each router's forward, the router logits (every ``F.linear`` output of width E) are -inf for them, and a
+    correction bias is -inf for them (sigmoid routers add it after the logits). E: the base model's expert count."""
+    routers = {id(getattr(getattr(model.model.layers[l], fam.module_block), fam.router)): l for l in removed}
+    active: list[int] = []
+    linear = torch.nn.functional.linear
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def masked_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        y = linear(x, w, b)
+        if active and y.shape[-1] == E:
+            y = y.clone()
+            y[..., removed[active[-1]]] = float("-inf")
+        return y
+
+    def enter(mod: Any, args: Any) -> None:
+        active.append(routers[id(mod)])
+
+    def leave(mod: Any, args: Any, out: Any) -> None:
+        active.pop()
+
+    hooks = []
+    for l, gone in removed.items():
+        router = getattr(getattr(model.model.layers[l], fam.module_block), fam.router)
+        hooks += [router.register_forward_pre_hook(enter), router.register_forward_hook(leave)]
+        corr = getattr(router, fam.correction_bias, None) if fam.correction_bias else None
+        if corr is not None:
+            saved.append((corr, corr.detach().clone()))
+            with torch.no_grad():
+                corr[gone] = float("-inf")
+    torch.nn.functional.linear = masked_linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for t, v in saved:
+                t.copy_(v)
+
+
+def check_masked(ck: Checkpoint, out: Path, pruned: torch.nn.Module) -> None:
+    """Pruned logits == the base model with the removed experts masked out of routing (issue 12)."""
+    stage = Checkpoint(out).manifest.stage("prune")
+    removed = {int(l): info["removed"] for l, info in stage["layers"].items()}
+    assert removed and all(removed.values()), removed
+    base = AutoModelForCausalLM.from_pretrained(ck.path, experts_implementation="eager").eval()
+    ids = (torch.arange(2 * 24).reshape(2, 24) * 7 + 3) % 300
+    with torch.no_grad():
+        want = pruned(input_ids=ids).logits
+        plain = base(input_ids=ids).logits
+        with experts_masked(base, ck.family, ck.num_experts, removed):
+            got = base(input_ids=ids).logits
+    assert not torch.allclose(plain, want, atol=1e-4), "removing experts changed nothing: the check cannot fail"
+    err = float((got - want).abs().max())
+    assert err < 1e-4, f"pruned logits differ from the base model with those experts masked by {err:.2e}"
 
 
 def check_quantize(ck: Checkpoint, work: Path) -> None:

@@ -4,6 +4,8 @@ is tested without edits: a new type must pass every check, or its refusal must b
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from family_checks import family_or_refusal, run_checks
@@ -11,6 +13,7 @@ from family_models import build, installed_moe_types, tiny_config
 
 from moecompress.core.checkpoint import Checkpoint
 from moecompress.core.derive import derive
+from moecompress.core.errors import UserError
 from moecompress.core.families import FAMILIES, family_for
 
 TYPES = installed_moe_types()
@@ -100,12 +103,25 @@ def test_a_derived_family_prunes_and_quantizes_to_clean_transformers_checkpoints
     assert r["ops"] == {"open": "ok", "prune": "ok", "quantize": "ok"}, r
 
 
-def test_unverified_group_routing_refuses_expert_removal_and_still_quantizes(tmp_path, tokenizer_dir):
-    """glm4_moe routes within groups (sigmoid + correction bias) by its own code: removing experts could regroup
-    them, so expert pruning is refused; quantization uses the model's own routing."""
+def test_group_routing_prunes_whole_groups_and_equals_the_base_model_with_those_experts_masked(tmp_path, tokenizer_dir):
+    """glm4_moe routes within contiguous groups (sigmoid + correction bias, top-2 group scores) by its own code:
+    prune removes the same number of experts from every group, so the pruned model's logits equal the base
+    model's with those experts masked out of routing (the check fails if a removal regroups experts)."""
     r = run_checks("glm4_moe", tmp_path, tokenizer_dir, ops=("prune", "quantize"))
-    assert r["ops"]["prune"].startswith("refused: group-limited routing"), r
-    assert r["ops"]["quantize"] == "ok", r
+    assert r["ops"] == {"open": "ok", "prune": "ok", "quantize": "ok"}, r
+    removed = Checkpoint(tmp_path / "glm4_moe-out" / "pruned").manifest.stage("prune")["layers"]
+    for info in removed.values():  # 8 experts in 2 groups of 4: one from each
+        assert sorted(e // 4 for e in info["removed"]) == [0, 1], info
+
+
+def test_group_routing_is_refused_only_when_its_groups_are_not_contiguous_index_blocks():
+    glm = family_for(tiny_config("glm4_moe"))
+    assert glm.group_key == "n_group" and glm.groups_contiguous and not glm.routing_known
+    cfg = tiny_config("glm4_moe")
+    glm.check_routing(cfg, "expert pruning", True, False, "")  # verified: no refusal
+    odd = replace(glm, groups_contiguous=False)
+    with pytest.raises(UserError, match="routes within groups of experts"):
+        odd.check_routing(cfg, "expert pruning", True, False, "")
 
 
 def test_derived_routing_is_marked_unknown_unless_it_copies_a_hand_written_router(tmp_path, tokenizer_dir):
@@ -136,7 +152,7 @@ def test_every_installed_moe_type(model_type, tmp_path, tokenizer_dir):
         return
     assert r["supported"], f"{model_type} is refused ({r.get('reason')}): support it or list it in REFUSED"
     fam = Checkpoint(build(model_type, tmp_path / "again", tokenizer_dir)).family
-    refusable = {"prune"} if fam.group_key and not fam.routing_known else set()
+    refusable = {"prune"} if fam.group_key and not fam.routing_known and not fam.groups_contiguous else set()
     assert all(v == "ok" or (k in refusable and v.startswith("refused:")) for k, v in r["ops"].items()), r["ops"]
 
 
