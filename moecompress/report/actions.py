@@ -29,6 +29,7 @@ TITLES = {
     "atom": "channel (atomic) pruning",
     "merge": "expert merging",
     "quantize": "quantization",
+    "budget": "byte-budget plan",
 }
 # The fields of each op's section shown in its settings table, in this order (what the op writes today; "recipe":
 # the stage's options as `compress` was given them); every other field of the section is under "other fields".
@@ -43,6 +44,8 @@ SETTINGS: dict[str, tuple[str, ...]] = {
               "neuron_alignment", "down_refit", "choice", "propagation", "profile"),
     "quantize": ("recipe", "method", "plan", "bits", "budget_gb", "other_bits", "format", "servable",
                  "bytes_predicted", "command_line"),
+    "budget": ("layout", "budget_rule", "budget_bytes", "total_bytes", "written_tensor_bytes", "fixed_bytes",
+               "routed_bytes", "predicted_cost", "cost_unit", "other_bits", "counts", "solver", "bytes_counted"),
 }  # fmt: skip
 # drawn by the stage block itself (or in the summary)
 DRAWN = {"op", "layers", "protected", "protected_why", "calibration_fingerprint"}
@@ -140,6 +143,8 @@ def _stage_block(
     layers = int_key_dict(st.get("layers")) or {}
     if op == "quantize":
         parts.append(_quantize_block(st, bit_plan, n, anchor))
+    elif op == "budget":
+        parts.append(_budget_block(st, layers, count_of(st.get("source_experts")) or n, anchor))
     elif op in LISTED:
         listed = {l: v for l, e in layers.items() if (v := entry_experts(op, e)) is not None}
         n = max([n] + [x + 1 for v in listed.values() for x in _flat(v)])
@@ -280,6 +285,49 @@ def _bits_block(widths: dict[tuple[int, int], float], n: int, prot, anchor: str)
         f"<h4>Bit widths</h4><p>Mean width over {esc(len(widths))} routed experts: "
         f'<b data-key="bits.mean" data-value="{esc(repr(mean))}">{esc(fmt_num(mean))}</b> bits.</p>'
         f"<figure>{svg}</figure>"
+    )
+
+
+def _budget_block(st: dict[str, Any], layers: dict[int, Any], n: int, anchor: str) -> str:
+    """The plan of a byte budget: per layer and source expert, its bits and the share of its channels it kept
+    (grey: removed), and the plan's predicted cost next to its bytes."""
+    order = sorted(layers)
+    width = num(st.get("source_width"))
+    bits_of: dict[tuple[int, int], float] = {}
+    frac: list[list[float | None]] = []
+    for layer in order:
+        entry = layers[layer] if isinstance(layers[layer], dict) else {}
+        row: list[float | None] = [None] * n
+        for e, w, b in zip(_list(entry.get("kept_experts")), _list(entry.get("widths")), _list(entry.get("bits")),
+                           strict=False):  # fmt: skip
+            e, w, b = expert_of(e), num(w), num(b)
+            if e is None or e >= n or w is None or b is None:
+                continue
+            bits_of[(layer, e)] = b
+            row[e] = w / width if width else None
+        frac.append(row)
+    if not order or len(order) * n > MAX_CELLS:
+        return note("No per-layer plan to draw.") if not order else note(f"{len(order)} x {n} cells: too many to draw.")
+    used = sorted(set(bits_of.values()))
+    palette = {b: BIT_COLORS.get(int(b), "#999999") for b in used}
+    bits_mat = [[bits_of.get((layer, e)) for e in range(n)] for layer in order]
+    svg_b = heatmap(bits_mat, row_names=order, value_name="bits", palette=palette, fmt=lambda v: f"{fmt_num(v)} bit",
+                    chart_id=f"{anchor}-budget-bits")  # fmt: skip
+    svg_w = heatmap(frac, row_names=order, value_name="channels kept", vmin=0.0, vmax=1.0,
+                    fmt=lambda v: f"{v:.0%}", chart_id=f"{anchor}-budget-widths")  # fmt: skip
+    kept = len(bits_of)
+    pred, total = num(st.get("predicted_cost")), num(st.get("total_bytes"))
+    return (
+        "<h4>What each expert got</h4>"
+        + note(
+            "Each cell is an original expert: its bit width (left) and the share of its channels it kept "
+            "(right); empty: removed. One integer program chose them together for the byte budget."
+        )  # fmt: skip
+        + f'<p><b data-key="budget.kept" data-value="{esc(kept)}">{esc(kept)}</b> of {esc(n * len(order))} routed '
+        f"experts kept; predicted cost {esc(fmt_num(pred))} (predicted KL to the source model) for "
+        f"{esc(fmt_num(total))} bytes. Measured KL: the evaluation section (moecompress eval) when this folder has "
+        "one.</p>"
+        f"<figure>{svg_b}</figure><figure>{svg_w}</figure>"
     )
 
 

@@ -1,0 +1,209 @@
+"""From measurements to a plan: predicted costs in KL units, exact bytes, the integer program, plan.json.
+
+Cost of option o of expert e in layer l (predicted KL, comparable across kinds and layers):
+  removed:         s_rm[l]  * err_rm[e]
+  kept (w, b):     s_cut[l] * err_cut[e, w] + s_q[l, b] * max(err[e, w, b] - err_cut[e, w], 0)
+with s_q = ``quant.plan.layer_sensitivity`` (the LP bit plan's own calibration: a layer's measured KL with all its
+experts at b bits per unit of their summed error; widths not probed take the nearest probed width below),
+s_cut[l] = KL with all of layer l's experts cut to the narrowest width / their summed err_cut, and
+s_rm[l] = KL with the layer's removal probe / the summed err_rm of the experts it removed. At full width the cost
+is exactly the LP's. Without probes every s is 1 (raw block-output error).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..core.checkpoint import Checkpoint
+from ..core.errors import UserError
+from ..prune.order import RouterSpec
+from ..quant.plan import WIDTHS, Layout, layer_sensitivity, scale_dtype_of
+from .measure import PROBE_CUT, PROBE_REMOVE, BudgetMeasure
+from .options import Option, menu, option_bytes
+from .solve import Shape, servable_plan, smallest_bytes, solve
+
+_ELT = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.4g} GB = {n:,.0f} bytes"
+
+
+def bf16_bytes(ckpt: Checkpoint) -> int:
+    """Bytes of every tensor of the checkpoint at 2 bytes per value (what --budget-ratio is a fraction of)."""
+    total = 0
+    for v in ckpt.tensor_info().values():
+        n = 1
+        for s in v["shape"]:
+            n *= s
+        total += 2 * n
+    return total
+
+
+def router_keys(ckpt: Checkpoint, l: int) -> list[str]:
+    fam, info = ckpt.family, ckpt.tensor_info()
+    keys = [fam.router_key(l)]
+    if fam.router_bias:
+        keys.append(fam.router_key(l, "bias"))
+    if fam.correction_bias:
+        keys.append(fam.router_key(l, fam.correction_bias))
+    return [k for k in keys if k in info]
+
+
+def byte_model(ckpt: Checkpoint, other_bits: int) -> tuple[int, int, int, int]:
+    """``(fixed bytes, router-row bytes per expert, scale bytes, hidden)``: fixed = every tensor but the routed
+    experts and routers of the MoE layers (other weights at ``other_bits``); a kept expert adds its router row."""
+    lay = Layout(ckpt)
+    sb = scale_dtype_of(ckpt).itemsize
+    info = ckpt.tensor_info()
+    E = ckpt.num_experts
+    router = 0
+    for k in router_keys(ckpt, lay.moe[0]):
+        n = 1
+        for s in info[k]["shape"]:
+            n *= s
+        router += n * _ELT.get(info[k]["dtype"], 4)
+    routers_total = 0
+    for l in lay.moe:
+        for k in router_keys(ckpt, l):
+            n = 1
+            for s in info[k]["shape"]:
+                n *= s
+            routers_total += n * _ELT.get(info[k]["dtype"], 4)
+    return lay.fixed_bytes(other_bits, sb) - routers_total, router // E, sb, lay.H
+
+
+def costs_of(m: BudgetMeasure, moe: list[int], opts: dict[int, list[Option]], kl: dict) -> tuple[np.ndarray, dict]:
+    """``(costs [L, E, O], sensitivities)`` (module docstring)."""
+    L, E = len(moe), len(m.err_rm[moe[0]])
+    widths = m.widths[moe[0]]
+    bits = m.bits
+    full = np.stack([m.err[l][:, 0, :] for l in moe])  # [L, E, B] full-width errors
+    probe_q = {(l, b): v for (l, b), v in kl.items() if isinstance(b, int)}
+    s_q = layer_sensitivity(moe, tuple(bits), full, probe_q) if probe_q else np.ones((L, len(bits)))
+    s_cut, s_rm = np.ones(L), np.ones(L)
+    for li, l in enumerate(moe):
+        if (l, PROBE_CUT) in kl:
+            tot = m.err_cut[l][:, -1].sum()
+            s_cut[li] = max(kl[(l, PROBE_CUT)], 0.0) / tot if tot > 0 else 0.0
+        if (l, PROBE_REMOVE) in kl:
+            tot = m.err_rm[l][m.removal_probe[l]].sum()
+            s_rm[li] = max(kl[(l, PROBE_REMOVE)], 0.0) / tot if tot > 0 else 0.0
+        elif probe_q:  # no removal probe (e.g. nothing removable): the most damaging bit probe's scale
+            s_rm[li] = s_q[li].max()
+    O = len(opts[moe[0]])
+    costs = np.zeros((L, E, O))
+    for li, l in enumerate(moe):
+        for o, opt in enumerate(opts[l]):
+            if opt.removed:
+                costs[li, :, o] = s_rm[li] * m.err_rm[l]
+                continue
+            wi, bi = widths.index(opt.width), bits.index(opt.bits)
+            cut = m.err_cut[l][:, wi]
+            costs[li, :, o] = s_cut[li] * cut + s_q[li, bi] * np.maximum(m.err[l][:, wi, bi] - cut, 0.0)
+    sens = {
+        str(l): {"bits": dict(zip(map(str, bits), map(float, s_q[li]), strict=True)), "cut": float(s_cut[li]),
+                 "remove": float(s_rm[li])}
+        for li, l in enumerate(moe)
+    }  # fmt: skip
+    return costs, sens
+
+
+def make_plan(
+    ckpt: Checkpoint,
+    m: BudgetMeasure,
+    kl: dict,
+    budget_bytes: float,
+    servable: bool,
+    other_bits: int,
+    supers: list[tuple[int, int]],
+    budget_note: str,
+) -> dict[str, Any]:
+    """The plan (as written to plan.json): every expert's option with its predicted cost and bytes."""
+    moe, E = list(ckpt.moe_layers), ckpt.num_experts
+    spec = RouterSpec.from_config(ckpt.family, ckpt.config)
+    fixed, row_bytes, sb, H = byte_model(ckpt, other_bits)
+    I = int(ckpt.tensor_info()[ckpt.family.expert_key(moe[0], 0, 0)]["shape"][0])
+    opts = {l: menu(I, m.fractions, m.bits) for l in moe}
+    labels = [o.label() for o in opts[moe[0]]]
+    costs, sens = costs_of(m, moe, opts, kl)
+    L, O = len(moe), len(labels)
+    nbytes = np.array([[option_bytes(o, H, sb, row_bytes) for o in opts[moe[0]]]] * (L * E)).reshape(L, E, O)
+    allowed = np.ones((L, E, O), dtype=bool)
+    sup = {(l, e) for l, e in supers if l in moe}
+    for l, e in sup:
+        allowed[moe.index(l), e, 0] = False
+        if not servable:  # as quant's LP: super experts keep full width at >= 8 bits
+            allowed[moe.index(l), e, 1:] = [not o.removed and o.fraction == 1.0 and o.bits >= 8 for o in opts[l][1:]]
+    per = E // max(spec.n_group, 1)
+    shape = Shape(
+        np.repeat(np.arange(L), E), np.tile(np.arange(E) // per, L), spec.min_keep(), spec.n_group,
+        max(2, -(-spec.top_k // max(spec.topk_group, 1))) if spec.n_group > 1 else 1,
+    )  # fmt: skip
+    routed_budget = budget_bytes - fixed
+    try:
+        if servable:
+            sol = servable_plan(costs, nbytes, routed_budget, shape, allowed)
+        else:
+            sol = solve(costs.reshape(L * E, O), nbytes.reshape(L * E, O), routed_budget, shape,
+                        allowed.reshape(L * E, O))  # fmt: skip
+    except ValueError as err:
+        if "budget" not in str(err):
+            raise UserError(f"budget plan: {err}") from None
+        if servable:
+            smallest = L * spec.min_keep() * nbytes[0, 0, 1:].min()
+        else:
+            smallest = smallest_bytes(nbytes.reshape(L * E, O), shape, allowed.reshape(L * E, O))
+        raise UserError(
+            f"{budget_note} ({_gb(budget_bytes)}) is below the smallest plan this model allows: "
+            f"{_gb(fixed + smallest)} ({'one layout per model, ' if servable else ''}other weights at "
+            f"--other-bits {other_bits}, at least {spec.min_keep()} experts per layer, super experts kept): raise it"
+        ) from None
+    choice = sol.choice.reshape(L, E)
+    layers = {}
+    for li, l in enumerate(moe):
+        rows = []
+        for e in range(E):
+            o = opts[l][choice[li, e]]
+            rows.append({
+                "expert": e, "choice": o.label(), "removed": o.removed, "width": o.width, "bits": o.bits,
+                "bytes": int(nbytes[li, e, choice[li, e]]), "predicted_cost": float(costs[li, e, choice[li, e]]),
+                "super": (l, e) in sup, "tokens": int(m.counts[l][e]),
+                "costs": {lab: float(c) for lab, c in zip(labels, costs[li, e], strict=True)},
+            })  # fmt: skip
+        layers[str(l)] = {
+            "kept_experts": [r["expert"] for r in rows if not r["removed"]],
+            "widths": [r["width"] for r in rows if not r["removed"]],
+            "bits": [r["bits"] for r in rows if not r["removed"]],
+            "experts": rows,
+        }
+    routed = int(round(sol.nbytes))
+    return {
+        "layout": "servable" if servable else "exact",
+        "budget_bytes": int(budget_bytes),
+        "budget_rule": budget_note,
+        "bytes_counted": "safetensors tensor payload (headers and side files are not counted)",
+        "fixed_bytes": int(fixed),
+        "routed_bytes": routed,
+        "total_bytes": int(fixed + routed),
+        "predicted_cost": float(sol.cost),
+        "cost_unit": "predicted KL (sum over experts of measured error x the layer's KL calibration)",
+        "other_bits": other_bits,
+        "options": labels,
+        "option_bytes": {lab: int(b) for lab, b in zip(labels, nbytes[0, 0], strict=True)},
+        "source_width": I,
+        "source_experts": E,
+        "min_keep": spec.min_keep(),
+        "solver": {"name": sol.solver, "solve_s": round(sol.solve_s, 3), **sol.info},
+        "sensitivity": sens,
+        "probe_kl": {f"{l}:{k}": float(v) for (l, k), v in kl.items()},
+        "removal_probe": {str(l): v for l, v in m.removal_probe.items()},
+        "super_experts": sorted([list(x) for x in sup]),
+        "counts": {lab: int((choice == o).sum()) for o, lab in enumerate(labels)},
+        "layers": layers,
+    }
+
+
+__all__ = ["WIDTHS", "bf16_bytes", "byte_model", "costs_of", "make_plan"]

@@ -1,0 +1,136 @@
+"""`moecompress compress --budget-gb X`: one plan of expert removal, channel widths and bit widths for a byte budget.
+
+    budget_compress(model, output, budget_gb=None, budget_ratio=0.3, servable=False, other_bits=8)
+
+1. ``Job.prepare`` and the profile (``--profile`` or one profiling pass): super experts are never removed;
+2. the measuring pass (budget/measure.py): every option's block-output error and the KL probes;
+3. the plan (budget/plan.py + budget/solve.py): the integer program over every routed expert's options under the
+   byte budget (exact layout), or the best (expert count, width, bits) for every layer (``servable``);
+4. the write pass: prune -> atom -> quantize transforms with the plan's explicit choices, one engine pass, one
+   checkpoint with moecompress.json (one section per stage plus the "budget" section) and plan.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..compress.run import _profile
+from ..core.errors import UserError
+from ..core.job import Job
+from ..core.manifest import Manifest
+from ..core.output import Output
+from ..prune.order import RouterSpec
+from ..prune.transform import protected_experts
+from .execute import LAYOUT, transforms_for
+from .measure import BudgetMeasure
+from .plan import bf16_bytes, make_plan
+
+OTHER_BITS = (4, 8, 16)
+
+
+def budget_bytes_for(ckpt: Any, budget_gb: float | None, budget_ratio: float | None) -> tuple[float, str]:
+    """The byte budget and how it was given (one of the two)."""
+    if (budget_gb is None) == (budget_ratio is None):
+        raise UserError("give exactly one of --budget-gb G or --budget-ratio R")
+    if budget_gb is not None:
+        if not budget_gb > 0:
+            raise UserError(f"--budget-gb {budget_gb:g} must be positive")
+        return budget_gb * 1e9, f"--budget-gb {budget_gb:g}"
+    assert budget_ratio is not None
+    if not 0 < budget_ratio < 1:
+        raise UserError(f"--budget-ratio {budget_ratio:g} must be between 0 and 1 (a fraction of the bf16 size)")
+    ref = bf16_bytes(ckpt)
+    return budget_ratio * ref, f"--budget-ratio {budget_ratio:g} of the bf16 size ({ref:,} bytes)"
+
+
+def plan_budget(
+    job: Job, prof: Any, budget: float, note: str, servable: bool, other_bits: int, probes: bool = True
+) -> tuple[dict[str, Any], BudgetMeasure]:
+    """The measuring pass and the plan (no output written)."""
+    ckpt = job.ckpt
+    spec = RouterSpec.from_config(ckpt.family, ckpt.config)
+    protected = protected_experts(prof, list(ckpt.moe_layers))
+    measure = BudgetMeasure(spec, protected=protected, probes=probes)
+    engine = job.engine("budget: measure")
+    engine.run([measure], emit=measure.probe_layer)
+    kl = measure.probe_kl(engine)
+    supers = [tuple(x) for x in prof.super_experts] if prof is not None else []
+    plan = make_plan(ckpt, measure, kl, budget, servable, other_bits, supers, note)
+    return plan, measure
+
+
+def budget_compress(
+    model: str | Path | None,
+    output: str | Path,
+    budget_gb: float | None = None,
+    budget_ratio: float | None = None,
+    servable: bool = False,
+    other_bits: int = 8,
+    calib: str | Path = "mixed",
+    samples: int = 64,
+    seq_len: int = 256,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: torch.device | None = None,
+    overwrite: bool = False,
+    profile_dir: str | Path | None = None,
+) -> Manifest:
+    """Plan for the budget and write OUTPUT (HF folder + moecompress.json + plan.json + report.html)."""
+    if other_bits not in OTHER_BITS:
+        raise UserError(f"--other-bits {other_bits} is not one of {', '.join(map(str, OTHER_BITS))}")
+    job = Job.prepare(
+        model, output, calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+        device=device, overwrite=overwrite, profile_dir=profile_dir,
+    )  # fmt: skip
+    ckpt = job.ckpt
+    ckpt.family.check_routing(
+        ckpt.config, "the budget planner", removes_experts=True, needs_routing=True,
+        hint="use --recipe with a quantize stage, or moecompress quantize --plan lp --budget-gb",
+    )  # fmt: skip
+    budget, note = budget_bytes_for(ckpt, budget_gb, budget_ratio)
+    prof, made = _profile(job)
+    plan, measure = plan_budget(job, prof, budget, note, servable, other_bits)
+    spec = RouterSpec.from_config(ckpt.family, ckpt.config)
+    protected = protected_experts(prof, list(ckpt.moe_layers))
+    transforms = transforms_for(plan, spec, ckpt.num_experts, measure.keep, other_bits, protected)
+    cfg = json.loads((ckpt.path / "config.json").read_text())
+    tokens = job.tokens()
+    manifest = Manifest(
+        command="compress --budget", layout="uniform", load_with="transformers", source_model=str(ckpt.path),
+        source_fingerprint=ckpt.fingerprint, calibration=tokens.describe(), params_before=ckpt.num_params,
+        bytes_before=ckpt.bytes_on_disk,
+    )  # fmt: skip
+    profile_ref = str(Path(profile_dir).resolve()) if profile_dir is not None else "profile"
+    assert job.out is not None
+    with Output(job.out, job.overwrite) as out:
+        out.add_globals(ckpt, transforms)
+        job.engine("budget: write").run(transforms, emit=out.add_layer)
+        summary = {k: v for k, v in plan.items() if k not in ("layers", "sensitivity", "probe_kl")}
+        summary["layers"] = {
+            l: {k: v[k] for k in ("kept_experts", "widths", "bits")} for l, v in plan["layers"].items()
+        }
+        manifest.add("budget", {**summary, "plan_file": "plan.json", "profile": profile_ref})
+        for t in transforms:
+            t.config(cfg)
+            section = manifest.add(t.name, {**t.section(), "profile": profile_ref})
+            manifest.warnings += [str(w) for w in section.pop("warnings", []) or []]
+        if servable:
+            manifest.layout, manifest.load_with = "quantized", "transformers"
+        else:
+            manifest.layout, manifest.load_with = LAYOUT, "moecompress.load"
+        if made:
+            from ..profile.run import save_profile
+
+            assert out.tmp is not None
+            save_profile(prof, out.tmp / "profile")
+        assert out.shards is not None
+        written = int(out.shards.total)
+        plan["written_tensor_bytes"] = written
+        manifest.stage("budget")["written_tensor_bytes"] = written  # type: ignore[index]
+        reuse = [Path(profile_dir)] if profile_dir is not None else []
+        out.finish(ckpt, cfg, manifest, extra_json={"plan.json": plan}, report_inputs=reuse, elapsed=job.elapsed)
+    return manifest
