@@ -17,6 +17,7 @@ Multi-node jobs use torchrun's own rendezvous flags (``--nnodes``, ``--rdzv-endp
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 
@@ -85,6 +86,7 @@ def _group_ready() -> bool:
     if not td.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if _device is not None and _device.type == "cuda" else "gloo"
         td.init_process_group(backend=backend, timeout=_timeout())
+        atexit.register(shutdown)
     return td.get_world_size() > 1
 
 
@@ -140,6 +142,17 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
         td.all_reduce(wire)
     if wire.data_ptr() != t.data_ptr():
         t.copy_(wire)
+    return t
+
+
+def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
+    """Copy rank ``src``'s ``t`` into ``t`` on every rank (exact for every dtype; the identity at world 1)."""
+    if not _group_ready():
+        return t
+    wire = _wire(t.contiguous()).reshape(-1).view(torch.uint8)
+    td.broadcast(wire, src)
+    if wire.data_ptr() != t.data_ptr():
+        t.copy_(wire.view(t.dtype).reshape(t.shape))
     return t
 
 

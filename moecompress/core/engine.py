@@ -17,6 +17,15 @@ For each decoder layer l, in order:
      ``emit`` (hub names, checkpoint order) and the layer is freed.
 Only the engine reads checkpoints and only the writer writes files; transforms are pure per-layer work plus
 their own bookkeeping, and each returns its manifest section from ``section()``.
+
+Under ``torchrun`` (core/dist.py, world W > 1) every rank runs the same loop on its share of the calibration
+batches (batch b on rank b % W) through the non-MoE parts and the layers' forward; at each MoE layer the captured
+MoE inputs are gathered in batch order, so ``ctx.inputs`` holds exactly the single-process tokens on every rank and
+a transform computes the same statistics (its per-expert work may be split with ``dist.share`` +
+``dist.fill_rows_``). Observers that do not declare ``observes_split`` are shown the gathered inputs (every batch,
+as in one process); those that do ride the rank's own forward and combine across ranks in ``observed``.
+``engine.cache`` then indexes every batch: reading one another rank holds is a collective (every rank reads the
+same batches in the same order); ``engine.stream.cache`` is this rank's own.
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import dist
 from .checkpoint import Checkpoint
+from .errors import UserError
 from .experts import routed_forward
 from .progress import progress_bar
 from .stream import LayerStream
@@ -49,6 +60,7 @@ class Transform:
     name = "transform"
     wants_inputs = True
     observes_forward = False
+    observes_split = False  # under torchrun: sees only this rank's batches in the forward, combines in observed
     changes_block = True
 
     def start(self, engine: Engine) -> None:
@@ -61,8 +73,8 @@ class Transform:
         self, ctx: LayerContext, batch: int, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
     ) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None:
         """Called with one batch's MoE input [T, H] and routing (top-k index and weight [T, k]) during the
-        forward; may return an observer ``(expert, token_idx, top_k_pos, h [n, I], f [n, H])`` for
-        ``experts.routed_forward``."""
+        forward (``batch``: the index among all calibration batches); may return an observer
+        ``(expert, token_idx, top_k_pos, h [n, I], f [n, H])`` for ``experts.routed_forward``."""
         return None
 
     def observed(self, ctx: LayerContext) -> None:
@@ -126,26 +138,59 @@ class Engine:
     ):
         self.ckpt = ckpt
         self.fam = ckpt.family
+        self.world, self.rank = dist.world(), dist.rank()
+        self.all_batches = [b for b in input_ids.split(batch_size) if b.numel()]  # [B_b, S] each, every rank's
+        if self.world > 1:
+            if device is not None:
+                device = dist.use_device(device)  # cuda:LOCAL_RANK
+            if 0 < len(self.all_batches) < self.world:
+                raise UserError(
+                    f"{len(self.all_batches)} calibration batch(es) for {self.world} ranks: give at least "
+                    f"{self.world} batches (--samples >= {self.world} x --batch-size) or start fewer ranks"
+                )
+            mine = self.all_batches[self.rank :: self.world]  # only the last batch may be short: it stays last
+            input_ids = torch.cat(mine) if mine else input_ids[:0]
         self.stream = LayerStream(ckpt, input_ids, batch_size=batch_size, device=device)
         self.device = self.stream.device
         self.batch_size = batch_size
         self.label = label
         self.moe = set(ckpt.moe_layers)
+        self._shared = SharedCache(self) if self.world > 1 else None
 
     @property
     def cache(self) -> Any:
-        return self.stream.cache
+        """Every batch's hidden states (under torchrun a ``SharedCache`` over the ranks' own caches)."""
+        return self._shared if self._shared is not None else self.stream.cache
 
     @property
     def batches(self) -> list[torch.Tensor]:
-        return self.stream.batches
+        """Every calibration batch's token ids [B_b, S] (all ranks' under torchrun)."""
+        return self.all_batches
+
+    def global_batch(self, i: int) -> int:
+        """Index among all batches of this rank's cached batch ``i``."""
+        return i * self.world + self.rank
+
+    def gather_batches(self, local: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-batch tensors [T_b, ...] of this rank's batches -> every batch's, in batch order (exact; a collective
+        under torchrun, the identity otherwise). Batch b holds B_b x S rows (the tokens of batch b)."""
+        if self.world == 1 or not self.all_batches:
+            return local
+        n, ref = len(self.all_batches), local[0]
+        rows = [b.numel() for b in self.all_batches]
+        buf = torch.zeros((n, max(rows), *ref.shape[1:]), dtype=ref.dtype, device=ref.device)  # [nb, T_max, ...]
+        for i, t in enumerate(local):
+            buf[self.global_batch(i), : t.shape[0]] = t
+        dist.fill_rows_(buf, n)
+        return [buf[b, : rows[b]] for b in range(n)]
 
     @property
     def model(self) -> nn.Module:
         return self.stream.model
 
     def moe_inputs(self, layer: nn.Module) -> list[torch.Tensor]:
-        """The MoE block's inputs [T_b, H] for every cached batch (the layer runs up to its MoE block only)."""
+        """The MoE block's inputs [T_b, H] for every batch (the layer runs up to its MoE block only; this rank's
+        batches, gathered in batch order under torchrun: a collective)."""
         xs: list[torch.Tensor] = []
 
         def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -156,14 +201,14 @@ class Engine:
         handle = getattr(layer, self.fam.module_block).register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad():
-                for i in range(len(self.cache)):
+                for i in range(len(self.stream.cache)):
                     try:
                         self.stream.run_layer(layer, i)
                     except _Stop:
                         pass
         finally:
             handle.remove()
-        return xs
+        return self.gather_batches(xs)
 
     def _observing(self, ctx: LayerContext, observers: list[Transform], batch: int) -> Callable[..., torch.Tensor]:
         """An experts forward for batch ``batch``: the eager computation, with the observers' hooks."""
@@ -189,11 +234,11 @@ class Engine:
         if not observers:
             self.stream.forward_layer(ctx.layer)
             return
-        experts = ctx.experts
-        for i in range(len(self.cache)):
-            experts.forward = self._observing(ctx, observers, i)
+        experts, cache = ctx.experts, self.stream.cache
+        for i in range(len(cache)):
+            experts.forward = self._observing(ctx, observers, self.global_batch(i))
             try:
-                self.cache[i] = self.stream.run_layer(ctx.layer, i)
+                cache[i] = self.stream.run_layer(ctx.layer, i)
             finally:
                 del experts.forward
         for o in observers:
@@ -239,6 +284,12 @@ class Engine:
                         t.moe_layer(ctx)
                         if t.observes_forward:
                             pending.append(t)
+                    whole = [t for t in pending if not t.observes_split] if self.world > 1 else []
+                    if whole:  # under torchrun: every batch, as one process sees them, on the gathered inputs
+                        if not ctx.inputs:
+                            ctx.inputs = self.moe_inputs(layer)
+                        self.observe_inputs(ctx, whole)
+                        pending = [t for t in pending if t not in whole]
                 self.forward(ctx, pending)
                 if ctx.is_moe:
                     for t in transforms:
@@ -257,3 +308,26 @@ class Engine:
 
     def close(self) -> None:
         self.stream.close()
+
+
+class SharedCache:
+    """The activation cache of every batch under torchrun: batch b lives on rank b % world. Reading batch b is a
+    collective (rank b % world broadcasts it): every rank must read the same batches in the same order. Read-only."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def __len__(self) -> int:
+        return len(self.engine.all_batches)
+
+    def __getitem__(self, b: int) -> torch.Tensor:
+        eng, w = self.engine, self.engine.world
+        if not 0 <= b < len(self):
+            raise IndexError(b)
+        local = eng.stream.cache
+        if b % w == eng.rank:
+            t = local[b // w].to(eng.device)
+        else:
+            mine = local[0]  # [B, S, H]: every rank holds at least one batch
+            t = torch.empty((eng.all_batches[b].shape[0], *mine.shape[1:]), dtype=mine.dtype, device=eng.device)
+        return dist.broadcast_(t, b % w)

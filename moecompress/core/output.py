@@ -9,18 +9,22 @@
 A layer's tensors are the checkpoint's (hub names, checkpoint order) except its routed experts and router when a
 transform called ``ctx.replace(...)``; every tensor written passes through the transforms' ``rewrite`` (e.g.
 quantizing attention weights to --other-bits).
+Under torchrun only rank 0 writes: on the other ranks ``tmp`` is a private scratch folder (removed at the end) and
+nothing is added; ``finish`` returns on every rank once rank 0 has renamed the folder into place.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import dist
 from .checkpoint import Checkpoint
 from .engine import LayerContext, Transform
 from .manifest import Manifest
@@ -36,16 +40,21 @@ class Output:
         self.transforms: Sequence[Transform] = ()
 
     def __enter__(self) -> Output:
+        self.main = dist.is_main()
+        if not self.main:  # rank 0 writes; side files the command puts into tmp land in a scratch folder
+            self.tmp = Path(tempfile.mkdtemp(prefix=f"moecompress-rank{dist.rank()}-"))
+            return self
         self.tmp = take_temp(self.out.expanduser().resolve(), "dir")
         self.shards = ShardWriter(self.tmp, self._max) if self._max else ShardWriter(self.tmp)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None and self.tmp is not None:
+        if (exc_type is not None or not self.main) and self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def add(self, key: str, t: torch.Tensor) -> None:
-        assert self.shards is not None
+        if self.shards is None:  # not rank 0
+            return
         for tr in self.transforms:
             new = tr.rewrite(key, t)
             if new is not None:
@@ -57,18 +66,21 @@ class Output:
     def add_globals(self, ckpt: Checkpoint, transforms: Sequence[Transform] = ()) -> None:
         """Every tensor outside the decoder layers (embeddings, final norm, lm_head), in checkpoint order."""
         self.transforms = transforms
+        if self.shards is None:
+            return
         keys = [k for k in ckpt.keys() if not k.startswith("model.layers.")]
         for k, t in ckpt.read(keys).items():  # each shard opened once
             self.add(k, t)
 
     def add_layer(self, ctx: LayerContext) -> None:
         """Decoder layer ``ctx.index`` as the transforms left it."""
+        if self.shards is None:
+            return
         ckpt, l = ctx.engine.ckpt, ctx.index
         pat = ckpt.family.routed_key_pattern(l) if ctx.replaced is not None else None
         keys = [k for k in ckpt.keys() if k.startswith(f"model.layers.{l}.") and (pat is None or not pat.match(k))]
         for k, t in ckpt.read(keys).items():  # each shard opened once, checkpoint order
             self.add(k, t)
-        assert self.shards is not None
         for k, t in (ctx.replaced or {}).items():  # already final: no rewrite
             self.shards.add(k, t)
 
@@ -84,7 +96,10 @@ class Output:
         elapsed: float | None = None,
     ) -> Path:
         """config.json, tokenizer and side files, sidecars, moecompress.json, report.html; then the rename."""
-        assert self.tmp is not None and self.shards is not None
+        if self.shards is None:  # not rank 0: wait until rank 0 has written the folder
+            dist.barrier()
+            return self.out
+        assert self.tmp is not None
         tmp = self.tmp
         self.shards.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -102,4 +117,5 @@ class Output:
 
             write_report(tmp, [Path(p) for p in report_inputs])
         finish_temp(self.out.expanduser().resolve(), tmp, self.overwrite)
+        dist.barrier()
         return self.out

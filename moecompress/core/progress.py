@@ -1,5 +1,6 @@
 """Consoles and progress bars: results go to stdout (``out_console``); progress, warnings and errors to stderr
-(``console``; progress bars are quiet with MOECOMPRESS_QUIET=1)."""
+(``console``; progress bars are quiet with MOECOMPRESS_QUIET=1). Under torchrun only rank 0 shows progress and
+results; errors and warnings print on every rank."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import os
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from . import dist
+
 console = Console(stderr=True)
-out_console = Console(soft_wrap=True)  # result lines stay whole when piped
+out_console = Console(soft_wrap=True, quiet=not dist.is_main())  # result lines stay whole when piped
 
 
 def progress_bar() -> Progress:
@@ -20,6 +23,6 @@ def progress_bar() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=os.environ.get("MOECOMPRESS_QUIET") == "1",
+        disable=os.environ.get("MOECOMPRESS_QUIET") == "1" or not dist.is_main(),
         transient=False,
     )

@@ -7,6 +7,8 @@ The guard also creates the output's temporary sibling ``.NAME.tmp-PID-MS`` right
 be written fails in one line before the work. The result is written into that temporary and renamed into place
 only when complete, so an interrupted run never leaves a half-written output and never touches an input.
 Temporaries of processes that no longer run are removed by the next run into the same folder.
+Under torchrun only rank 0 writes: the other ranks check the outputs like rank 0 but reserve nothing, and what they
+would write goes to a private scratch folder that is removed (``atomic_dir``) or nowhere (``write_file``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..version import __version__
+from . import dist
 from .errors import UserError
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -180,7 +184,7 @@ def guard_output(
                 f"output {given} is not a folder moecompress wrote (no {MANIFEST} or profile.json): --overwrite only "
                 "replaces moecompress outputs or empty folders; choose another location"
             )
-    if reserve and o not in _RESERVED:
+    if reserve and o not in _RESERVED and dist.is_main():
         _reserve(o, kind)
     return o
 
@@ -258,7 +262,15 @@ def check_output(out: str | Path, model_dir: str | Path | None, overwrite: bool)
 
 @contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield the temporary folder beside ``out``; on success it replaces ``out``, on error it is removed."""
+    """Yield the temporary folder beside ``out``; on success it replaces ``out``, on error it is removed.
+    Under torchrun, ranks other than 0 get a private scratch folder that is removed (rank 0 writes)."""
+    if not dist.is_main():
+        scratch = Path(tempfile.mkdtemp(prefix=f"moecompress-rank{dist.rank()}-"))
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     o = _abs(out)
     tmp = take_temp(o, "dir")
     try:
@@ -270,8 +282,11 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def write_file(out: str | Path, text: str, overwrite: bool = False) -> Path:
-    """Write a text file atomically through its temporary (reserved by guard_output when the CLI runs)."""
+    """Write a text file atomically through its temporary (reserved by guard_output when the CLI runs); under
+    torchrun only rank 0 writes."""
     o = _abs(out)
+    if not dist.is_main():
+        return o
     tmp = take_temp(o, "file")
     try:
         tmp.write_text(text, encoding="utf-8")
