@@ -63,19 +63,55 @@ class PreparedHessian:
     perm: torch.Tensor | None  # [C] processing order (None: natural order)
     dead: torch.Tensor  # [C] bool, inputs that never fire (zero diagonal)
     diag: torch.Tensor  # [C] Hessian diagonal (original order), weights of the "hmse" clipping search
+    h: torch.Tensor | None = None  # [C, C] the Hessian (original order, dead diagonal 1), for ``refine_scales``
 
 
-def prepare_hessian(h: torch.Tensor, damp: float = 0.01, actorder: bool = True) -> PreparedHessian:
-    """Damp, order (descending diagonal when ``actorder``) and factorize ``h [C, C]`` once."""
+def prepare_hessian(h: torch.Tensor, damp: float = 0.01, actorder: bool = True, keep: bool = False) -> PreparedHessian:
+    """Damp, order (descending diagonal when ``actorder``) and factorize ``h [C, C]`` once (``keep``: also keep
+    the Hessian itself, which :func:`refine_scales` needs)."""
     h = h.float().clone()
     diag = torch.diag(h).clone()
     dead = diag == 0
     h[dead, dead] = 1.0
+    kept = h if keep else None
     perm = None
     if actorder:
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
         h = h[perm][:, perm]
-    return PreparedHessian(_inverse_cholesky(h, damp), perm, dead, diag)
+    return PreparedHessian(_inverse_cholesky(h, damp), perm, dead, diag, kept)
+
+
+def refine_scales(
+    w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, h: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Least-squares group scales for fixed codes: per row, ``s = argmin (w - Q s)^T H (w - Q s)`` (``Q [C, G]``
+    holds the row's codes in its groups' columns), the output error of the row over the calibration inputs.
+
+    ``w [R, C]`` the original weights, ``q [R, C]`` the codes, ``scales [R, G]`` (their dtype is kept), ``h [C, C]``.
+    A row keeps its old scales unless the refined ones, rounded to the scale dtype, are positive and lower its
+    error. Costs one ``[R, C] x [C, C]`` product per group row block, about one GPTQ run."""
+    rows, cols = w.shape
+    G = cols // group_size
+    wf, qf, hf = w.float(), q.float(), h.float()
+    qg = qf.unflatten(1, (G, group_size))  # [R, G, g]
+    # A[r, g, g'] = sum_{c in g, c' in g'} q[r, c] H[c, c'] q[r, c']; b[r, g] = sum_{c in g} q[r, c] (H w_r)[c]
+    a = torch.empty(rows, G, G, device=w.device)
+    for j in range(G):
+        cj = slice(j * group_size, (j + 1) * group_size)
+        p = qf[:, cj] @ hf[cj, :]  # [R, C]: sum_{c' in g_j} q[r, c'] H[c', c]
+        a[:, :, j] = (p.unflatten(1, (G, group_size)) * qg).sum(-1)
+    b = ((wf @ hf).unflatten(1, (G, group_size)) * qg).sum(-1)  # [R, G]
+    eye = torch.eye(G, device=w.device) * (a.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-12) * 1e-6)[:, None, None]
+    new = torch.linalg.solve(a + eye, b.unsqueeze(-1)).squeeze(-1).to(scales.dtype)  # [R, G]
+
+    def row_err(s: torch.Tensor) -> torch.Tensor:
+        d = wf - qf * s.float().repeat_interleave(group_size, dim=1)  # [R, C]
+        return ((d @ hf) * d).sum(-1)
+
+    ok = torch.isfinite(new.float()).all(-1) & (new.float() > 0).all(-1)
+    new = torch.where(ok[:, None], new, scales)
+    better = ok & (row_err(new) < row_err(scales))
+    return torch.where(better[:, None], new, scales)
 
 
 def gptq_quantize(
@@ -90,6 +126,7 @@ def gptq_quantize(
     actorder: bool = True,
     clip: str = DEFAULT_CLIP,
     prepared: PreparedHessian | None = None,
+    refine: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-quantize ``w [R, C]`` with input Hessian ``h [C, C]`` (or its :func:`prepare_hessian` result).
 
@@ -98,6 +135,8 @@ def gptq_quantize(
     rounding when inputs are uncorrelated). Runs on ``w``'s device.
     Returns ``(q [R, C] int8, scale [R, C // g] scale_dtype)`` with ``w ~= q * scale`` group-wise.
     Dead inputs (zero Hessian diagonal) get their weights zeroed, as in the reference implementation.
+    ``refine``: afterwards, the group scales are refitted by least squares to the codes (:func:`refine_scales`;
+    the prepared Hessian must have been made with ``keep=True``).
     """
     if clip not in CLIP_MODES:
         raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
@@ -107,9 +146,15 @@ def gptq_quantize(
         raise ValueError(f"group_size {g} must divide the input width {cols}")
     qmin, qmax = qrange(bits)
     grid = (1.0,) if clip == "none" else clip_grid
-    ph = prepared if prepared is not None else prepare_hessian(h.to(w.device), damp, actorder)
+    ph = prepared if prepared is not None else prepare_hessian(h.to(w.device), damp, actorder, keep=refine)
     if (ph.perm is not None) != actorder:
         raise ValueError("the prepared Hessian was made with another actorder setting")
+    if refine and ph.h is None:
+        raise ValueError("refine needs a Hessian prepared with keep=True")
+    w0 = None
+    if refine:
+        w0 = w.float().clone()
+        w0[:, ph.dead] = 0.0
     wk = w.float().clone()  # [R, C]
     wk[:, ph.dead] = 0.0
     hinv = ph.hinv
@@ -135,7 +180,7 @@ def gptq_quantize(
                 err_blk[:, i] = err
             wk[:, b1:] -= err_blk @ hinv[b0:b1, b1:]
         q_out[:, ph.perm] = q_perm
-        return q_out, scales
+        return (q_out, refine_scales(w0, q_out, scales, ph.h, g)) if refine else (q_out, scales)
     cw = ph.diag.to(w.device).float() if clip == "hmse" else torch.ones(cols, device=w.device)
     block_size = g if g >= block_size else (block_size // g) * g  # groups never straddle blocks
     scales = torch.zeros(rows, cols // g, dtype=scale_dtype, device=w.device)
@@ -159,4 +204,4 @@ def gptq_quantize(
             w_blk[:, i:] -= err.unsqueeze(1) @ hinv_blk[i, i:].unsqueeze(0)
             err_blk[:, i] = err
         wk[:, b1:] -= err_blk @ hinv[b0:b1, b1:]
-    return q_out, scales
+    return (q_out, refine_scales(w0, q_out, scales, ph.h, g)) if refine else (q_out, scales)

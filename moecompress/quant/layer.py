@@ -13,9 +13,12 @@ GPTQ Hessians per expert come from that expert's routed tokens only: H_gu[e] = X
 on the fused [2I, H] matrix: rows are independent given H). Sequential (default): gate/up are quantized first and
 down_proj's Hessian is built from the *quantized* gate/up outputs, h_q = act(Wg_q x) * (Wu_q x), at each candidate
 width (so down_proj's rounding compensates the error already made upstream); otherwise H_down[e] = h^T h of the
-original weights. Work runs on the device of the captured Hessians, one expert at a time (weights are upcast per
-expert); the Hessian factorization of gate/up is computed once per expert and reused across widths, and only the
-int8 codes and scales of each width are kept (on the CPU), never dequantized copies of the layer.
+original weights. Work runs on the device of the capture, one expert at a time (weights are upcast per
+expert). Hessians exist only for a chunk of experts at a time (``hessian_chunk``: a quarter of --max-memory, else
+of the device's free memory), built from the captured layer inputs, which are re-read per chunk; the gate/up
+factorization is computed once per expert and reused across widths, and only the int8 codes and scales of each
+width are kept (on the CPU), never dequantized copies of the layer. Under torchrun, each rank quantizes its share
+of the experts (``core.dist.share``) and the rows are exchanged afterwards (``core.dist.fill_rows_``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moecompress.core import dist
 from moecompress.core.experts import fused_hidden
 from moecompress.quant.gptq import DEFAULT_CLIP, PreparedHessian, gptq_quantize, prepare_hessian
 from moecompress.quant.rtn import DEFAULT_CLIP_GRID, dequantize, group_size_for, rtn_quantize
@@ -48,51 +52,45 @@ class GPTQOptions:
     # block output scaled by p, so this is the block-output error GPTQ should minimize
     weighted: bool = True
     clip_grid: tuple[float, ...] = DEFAULT_CLIP_GRID  # shrink factors of the scale search
+    # after GPTQ, each row's group scales are refitted by least squares to its codes under the full Hessian
+    refine: bool = False
 
     def describe(self) -> dict:
         return {
             "router_weighted_hessians": self.weighted,
             "actorder": self.actorder, "sequential": self.sequential, "clip": self.clip, "damp": self.damp,
-            "propagate_quantized": self.propagate,
+            "propagate_quantized": self.propagate, "refine_scales": self.refine,
         }  # fmt: skip
 
 
 @dataclass
 class LayerCapture:
-    """Routed inputs and Hessians of one MoE layer, accumulated batch by batch (Hessians on ``device``)."""
+    """Routed inputs of one MoE layer, kept batch by batch, with per-expert token counts and max |output|.
+
+    Hessians are not held for the whole layer: :meth:`hessians` builds them for a chunk of experts at a time from
+    the kept inputs (on ``device``), so per-expert state is bounded by the chunk (``hessian_chunk``)."""
 
     num_experts: int
     hidden: int  # H
     width: int  # I
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    with_down: bool = True  # accumulate H_down of the original weights (not needed when sequential)
+    with_down: bool = True  # the layer will need H_down of the original weights (not when sequential)
     weighted: bool = True  # Hessians weight tokens by their router weight squared
     batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (x, idx, w)
-    h_gu: torch.Tensor = field(init=False)  # [E, H, H]
-    h_down: torch.Tensor | None = field(init=False)  # [E, I, I]
     counts: torch.Tensor = field(init=False)  # [E]
     max_abs: torch.Tensor = field(init=False)  # [E] max |down_proj output| (super experts)
     tokens: int = 0
 
     def __post_init__(self) -> None:
         E = self.num_experts
-        self.h_gu = torch.zeros(E, self.hidden, self.hidden, device=self.device)
-        self.h_down = torch.zeros(E, self.width, self.width, device=self.device) if self.with_down else None
         self.counts = torch.zeros(E, dtype=torch.long)
         self.max_abs = torch.zeros(E, dtype=torch.float64)
 
     def observer(self) -> Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
-        """Hook for ``experts.routed_forward``: adds one batch's per-expert Hessians (call after ``add_batch``)."""
-        x_all, _, w_all = self.batches[-1]
+        """Hook for ``experts.routed_forward``: counts one batch's routed tokens and max |output| per expert (call
+        after ``add_batch``)."""
 
         def observe(e: int, token_idx: torch.Tensor, pos: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> None:
-            tok = token_idx.cpu()
-            x = x_all[tok].to(self.device)  # [n, H]
-            p = w_all[tok, pos.cpu()].to(self.device).unsqueeze(-1) if self.weighted else 1.0  # [n, 1]
-            self.h_gu[e] += (x * p).T @ (x * p)
-            if self.h_down is not None:
-                hf = h.detach().float().to(self.device) * p  # [n, I]
-                self.h_down[e] += hf.T @ hf
             self.counts[e] += token_idx.numel()
             self.max_abs[e] = max(float(self.max_abs[e]), float(f.detach().abs().max()))
 
@@ -102,6 +100,34 @@ class LayerCapture:
         """Keep one batch's MoE inputs ``hidden [T, H]``, ``idx [T, k]``, ``weights [T, k]`` (float32, CPU)."""
         self.batches.append((hidden.detach().float().cpu(), idx.detach().cpu(), weights.detach().float().cpu()))
         self.tokens += hidden.shape[0]
+
+    def hessians(
+        self,
+        experts: Sequence[int],
+        gate_up: torch.Tensor | None = None,
+        act: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(H_gu [n, H, H], H_down [n, I, I] or None)`` of the ``experts`` (on ``device``), summed batch by batch
+        over their routed tokens, each token weighted by its router weight squared when ``weighted``:
+        H_gu = sum p^2 x x^T; given ``gate_up [E, 2I, H]`` and ``act``, H_down = sum p^2 h h^T of the hidden
+        ``h = act(W_gate x) * (W_up x)`` of those weights."""
+        n, dev = len(experts), self.device
+        h_gu = torch.zeros(n, self.hidden, self.hidden, device=dev)
+        h_dn = torch.zeros(n, self.width, self.width, device=dev) if gate_up is not None else None
+        if h_dn is not None and act is None:
+            raise ValueError("H_down needs the layer's activation")
+        for x_all, idx, w_all in self.batches:
+            for i, e in enumerate(experts):
+                tok, pos = torch.where(idx == e)
+                if not tok.numel():
+                    continue
+                x = x_all[tok].to(dev)  # [m, H]
+                p = w_all[tok, pos].to(dev).unsqueeze(-1) if self.weighted else 1.0  # [m, 1]
+                h_gu[i] += (x * p).T @ (x * p)
+                if h_dn is not None:
+                    hf = fused_hidden(x, gate_up[e].to(dev).float(), act) * p  # [m, I]
+                    h_dn[i] += hf.T @ hf
+        return h_gu, h_dn
 
     def routed(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(X_e [n, H], p_e [n])``: the routed inputs of expert ``e`` and their router weights, on ``device``."""
@@ -113,6 +139,29 @@ class LayerCapture:
         if not xs:
             return torch.zeros(0, self.hidden, device=self.device), torch.zeros(0, device=self.device)
         return torch.cat(xs).to(self.device), torch.cat(ps).to(self.device)
+
+
+HESSIAN_MEMORY_FRACTION = 0.25  # of --max-memory, else of the free memory of the job's device
+
+
+def hessian_chunk(
+    num_experts: int, hidden: int, width: int, with_down: bool, device: torch.device, limit: int | None = None
+) -> int:
+    """How many experts' Hessians (and their factorizations) are held at once: a quarter of ``limit`` (default
+    ``--max-memory``, else the free memory of ``device``: MemAvailable on the CPU, free GPU memory on CUDA)
+    divided by one expert's Hessians, ``(H^2 + I^2) x 4`` bytes (``I^2`` only ``with_down``; the factorizations
+    are made one expert at a time); at least 1, at most ``num_experts``."""
+    from ..core.limits import host_available_bytes, memory_limit
+
+    if limit is None:
+        limit = memory_limit()
+    if limit is None:
+        if device.type == "cuda":
+            limit = int(torch.cuda.mem_get_info(device)[0])
+        else:
+            limit = host_available_bytes()
+    per = 4 * (hidden * hidden + (width * width if with_down else 0))
+    return int(max(1, min(num_experts, (limit * HESSIAN_MEMORY_FRACTION) // per)))
 
 
 def expert_group_size(hidden: int, width: int) -> int:
@@ -170,6 +219,7 @@ def quantize_layer(
     opts: GPTQOptions | None = None,
     with_err: bool = True,
     expert_widths: Sequence[int] | None = None,
+    chunk: int | None = None,
 ) -> tuple[dict[int, QuantizedExperts], list[str], torch.Tensor | None]:
     """Quantize every routed expert of a layer at every width in ``widths``.
 
@@ -178,6 +228,11 @@ def quantize_layer(
     doc; quantized weights compared as the loader sees them: dequantized to ``weight_dtype``, then float32).
     ``expert_widths`` (one width per expert, each in ``widths``): expert e is quantized at its width only (a bit
     plan's write); the rows of the other widths' codes are left unset for it.
+
+    Memory: Hessians exist for ``chunk`` experts at a time (default :func:`hessian_chunk`, from ``--max-memory``
+    or the device's free memory), built from the captured inputs per chunk. Under torchrun each rank quantizes
+    the experts of ``dist.share(E)`` and the codes and errors are then exchanged (``dist.fill_rows_``), so every
+    rank returns the whole layer, bit for bit what one process computes.
     """
     if method not in ("gptq", "rtn"):
         raise ValueError(f"unknown method {method!r}")
@@ -203,7 +258,9 @@ def quantize_layer(
         for b in widths
     }
     err = torch.zeros(E, len(widths), dtype=torch.float64) if (cap is not None and with_err) else None
-    used: list[str] = []
+    counts = cap.counts.tolist() if cap is not None else [0] * E
+    gptq_e = [method == "gptq" and counts[e] >= min_tokens for e in range(E)]
+    used = ["gptq" if g else ("rtn" if method == "rtn" else f"rtn ({counts[e]} tokens)") for e, g in enumerate(gptq_e)]
 
     def quantize_one(
         w: torch.Tensor, bits: int, g: int, prepared: PreparedHessian | None
@@ -212,22 +269,21 @@ def quantize_layer(
         if prepared is None:
             return rtn_quantize(w, bits, g, scale_dtype)
         kw = {"clip_grid": opts.clip_grid, "actorder": opts.actorder, "clip": opts.clip, "prepared": prepared}
+        kw["refine"] = opts.refine
         return gptq_quantize(w, None, bits, g, scale_dtype, opts.damp, **kw)
 
-    for e in range(E):
+    def one_expert(e: int, h_gu: torch.Tensor | None, h_dn: torch.Tensor | None) -> None:
         gu = gate_up[e].to(dev).float()  # [2I, H]
         dn = down[e].to(dev).float()  # [H, I]
-        n = int(cap.counts[e]) if cap is not None else 0
-        gptq = method == "gptq" and n >= min_tokens
-        used.append("gptq" if gptq else ("rtn" if method == "rtn" else f"rtn ({n} tokens)"))
+        gptq = gptq_e[e]
         xe = pe = ref = None
         if cap is not None and (with_err or (gptq and opts.sequential)):
             xe, pe = cap.routed(e)
             ref = _expert_out(gu, dn, act, xe)[1] if with_err else None
-        ph_gu = prepare_hessian(cap.h_gu[e], opts.damp, opts.actorder) if gptq else None
+        ph_gu = prepare_hessian(h_gu, opts.damp, opts.actorder, opts.refine) if gptq else None
         ph_dn = None
         if gptq and not opts.sequential:
-            ph_dn = prepare_hessian(cap.h_down[e], opts.damp, opts.actorder)
+            ph_dn = prepare_hessian(h_dn, opts.damp, opts.actorder, opts.refine)
         for j, b in enumerate(widths):
             if expert_widths is not None and expert_widths[e] != b:
                 continue
@@ -238,7 +294,7 @@ def quantize_layer(
                 hq = _expert_out(gu_q, dn, act, xe)[0]  # [n, I] outputs of the quantized gate/up
             if gptq and opts.sequential:
                 hw = hq * pe.unsqueeze(-1) if opts.weighted else hq
-                ph_dn = prepare_hessian(hw.T @ hw, opts.damp, opts.actorder)
+                ph_dn = prepare_hessian(hw.T @ hw, opts.damp, opts.actorder, opts.refine)
             q2, s2 = quantize_one(dn, b, g_i, ph_dn)
             qe = out[b]
             qe.gate_up_q[e], qe.gate_up_s[e] = q1.cpu(), s1.cpu()
@@ -247,7 +303,29 @@ def quantize_layer(
                 dn_q = dequantize(q2, s2, g_i, weight_dtype).float()
                 d = (nn.functional.linear(hq, dn_q) - ref) * pe.unsqueeze(-1)
                 err[e, j] = d.double().pow(2).sum().item()
+
+    # this rank's experts (all of them in one process), their Hessians built chunk by chunk within the memory bound
+    mine = list(dist.share(E))
+    if chunk is None:
+        chunk = hessian_chunk(E, H, I, not opts.sequential, dev) if cap is not None else E
+    for c0 in range(0, len(mine), max(1, chunk)):
+        ids = mine[c0 : c0 + max(1, chunk)]
+        hs = [e for e in ids if gptq_e[e]]
+        h_gu = h_dn = None
+        if hs:
+            assert cap is not None
+            h_gu, h_dn = cap.hessians(
+                hs, gate_up if not opts.sequential else None, act if not opts.sequential else None
+            )
+        for e in ids:
+            k = hs.index(e) if e in hs else None
+            one_expert(e, None if k is None else h_gu[k], None if (k is None or h_dn is None) else h_dn[k])
+        del h_gu, h_dn
+    for qe in out.values():  # every rank gets every expert's codes (a no-op in one process)
+        for t in (qe.gate_up_q, qe.gate_up_s, qe.down_q, qe.down_s):
+            dist.fill_rows_(t, E)
     if err is not None:
+        dist.fill_rows_(err, E)
         err /= max(cap.tokens, 1)
     return out, used, err
 

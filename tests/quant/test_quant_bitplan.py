@@ -155,3 +155,39 @@ def test_kl_cost_sums_to_measured_layer_kl_and_is_monotone_in_bits():
     p_err = _fake_plan(err, counts, cost_model="err")
     avg = lambda p, l: np.mean([r["bits"] for r in p["layers"][str(l)]["experts"]])  # noqa: E731
     assert avg(p_kl, 2) > avg(p_err, 2)
+
+
+def _mcknap(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    nbytes = np.tile(np.array([1.0, 1.5, 2.0, 4.0]), (n, 1)) * 1000 + rng.integers(0, 50, (n, 4))
+    costs = np.sort(rng.random((n, 4)), axis=1)[:, ::-1] * rng.random((n, 1))
+    return costs, nbytes, nbytes[:, 1].sum()
+
+
+@pytest.mark.parametrize("status", [-1, 0])  # CBC at its time limit: "Infeasible" or "Not Solved", no solution
+def test_solver_stopped_at_its_time_limit_is_not_reported_infeasible(monkeypatch, status):
+    import pulp
+
+    def stopped(self, solver=None, **kw):
+        self.status, self.sol_status = status, pulp.LpSolutionNoSolutionFound
+        return status
+
+    monkeypatch.setattr(pulp.LpProblem, "solve", stopped)
+    costs, nbytes, budget = _mcknap(20)
+    with pytest.raises(
+        ValueError, match=r"reached its 0 s time limit without a plan; install HiGHS \(pip install highspy"
+    ):
+        allocate_bits_detailed(costs, nbytes, budget, solver="PULP_CBC_CMD", time_limit_s=0.0)
+    with pytest.raises(ValueError, match="stopped with status") as err:
+        allocate_bits_detailed(costs, nbytes, budget, solver="PULP_CBC_CMD", time_limit_s=1e9)
+    assert "budget" not in str(err.value) and "highspy" in str(err.value)  # no advice that does not apply
+
+
+def test_real_cbc_time_limit_says_so():
+    costs, nbytes, budget = _mcknap()
+    try:
+        res = allocate_bits_detailed(costs, nbytes, budget, solver="PULP_CBC_CMD", time_limit_s=0.01)
+    except ValueError as err:
+        assert "time limit" in str(err) and "highspy" in str(err) and "infeasible" not in str(err).lower()
+    else:  # solved (or a feasible plan at the limit) within 0.01 s: the plan must hold the budget
+        assert res.nbytes <= budget and (res.status == "Optimal" or "time limit" in res.status)

@@ -1,0 +1,171 @@
+"""Quantization at scale: Hessians built for a bounded chunk of experts at a time (bit-identical to one chunk),
+the chunk from the memory bound, experts split across torchrun ranks (equal to one process), and the least-squares
+scale refinement after GPTQ."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moecompress.core import limits
+from moecompress.core.experts import routed_forward
+from moecompress.quant.gptq import gptq_quantize, prepare_hessian, refine_scales
+from moecompress.quant.layer import GPTQOptions, LayerCapture, hessian_chunk, quantize_layer
+from moecompress.quant.rtn import dequantize
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _capture(seed=0, E=5, H=32, I=16, T=160, batches=2):
+    gen = torch.Generator().manual_seed(seed)
+    gu = torch.randn(E, 2 * I, H, generator=gen) / H**0.5
+    dn = torch.randn(E, H, I, generator=gen) / I**0.5
+    cap = LayerCapture(E, H, I)
+    for _ in range(batches):
+        x = torch.randn(T, H, generator=gen)
+        idx = torch.stack([torch.randperm(E, generator=gen)[:2] for _ in range(T)])
+        w = torch.softmax(torch.randn(T, 2, generator=gen), -1)
+        cap.add_batch(x, idx, w)
+        routed_forward(gu, dn, torch.nn.functional.silu, x, idx, w, cap.observer())
+    return cap, gu, dn
+
+
+def _same(a, b):
+    (ca, ua, ea), (cb, ub, eb) = a, b
+    assert ua == ub and torch.equal(ea, eb)
+    for bits in ca:
+        for name in ("gate_up_q", "gate_up_s", "down_q", "down_s"):
+            assert torch.equal(getattr(ca[bits], name), getattr(cb[bits], name)), (bits, name)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_chunked_hessians_are_bit_identical_to_one_chunk(sequential, monkeypatch):
+    cap, gu, dn = _capture()
+    opts = GPTQOptions(sequential=sequential)
+    act = torch.nn.functional.silu
+    run = lambda chunk: quantize_layer(gu, dn, act, (2, 4), "gptq", cap, 4, torch.float32, opts=opts, chunk=chunk)  # noqa: E731
+    whole = run(5)
+    sizes = []
+    orig = LayerCapture.hessians
+
+    def spy(self, experts, *a, **k):
+        sizes.append(len(experts))
+        return orig(self, experts, *a, **k)
+
+    monkeypatch.setattr(LayerCapture, "hessians", spy)
+    for chunk in (1, 2):
+        sizes.clear()
+        _same(run(chunk), whole)
+        assert max(sizes) == chunk and sum(sizes) == 5  # never more than `chunk` experts' Hessians at once
+
+
+def test_few_token_experts_get_no_hessian_and_rtn(monkeypatch):
+    cap, gu, dn = _capture(E=4, T=40, batches=1)
+    built = []
+    orig = LayerCapture.hessians
+    monkeypatch.setattr(LayerCapture, "hessians", lambda self, ex, *a, **k: built.extend(ex) or orig(self, ex, *a, **k))
+    min_tokens = int(cap.counts.min()) + 1
+    _, used, _ = quantize_layer(gu, dn, torch.nn.functional.silu, (3,), "gptq", cap, min_tokens, torch.float32)
+    few = [e for e in range(4) if cap.counts[e] < min_tokens]
+    assert few and sorted(built) == [e for e in range(4) if e not in few]
+    assert all(used[e] == f"rtn ({int(cap.counts[e])} tokens)" for e in few)
+
+
+def test_chunk_follows_the_memory_bound():
+    per = 4 * (64 * 64 + 32 * 32)  # H_gu + H_down of one expert, float32
+    assert hessian_chunk(100, 64, 32, True, torch.device("cpu"), limit=4 * per * 7) == 7
+    assert hessian_chunk(100, 64, 32, True, torch.device("cpu"), limit=1) == 1
+    assert hessian_chunk(100, 64, 32, False, torch.device("cpu"), limit=10**12) == 100
+    assert hessian_chunk(100, 64, 32, False, torch.device("cpu"), limit=4 * 4 * 64 * 64 * 3) == 3
+    try:
+        limits.set_memory_limit(4 * per * 2)  # --max-memory wins over the free memory
+        assert hessian_chunk(100, 64, 32, True, torch.device("cpu")) == 2
+    finally:
+        limits.set_memory_limit(None)
+    assert 1 <= hessian_chunk(8, 64, 32, True, torch.device("cpu")) <= 8
+
+
+def test_refined_scales_lower_the_output_error_and_keep_the_codes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 64, generator=g) * torch.rand(64, generator=g) * 3
+    h = x.T @ x
+    w = torch.randn(24, 64, generator=g)
+    for bits in (2, 3, 4):
+        q0, s0 = gptq_quantize(w, h, bits, 16, torch.bfloat16)
+        q1, s1 = gptq_quantize(w, h, bits, 16, torch.bfloat16, refine=True)
+        assert torch.equal(q0, q1) and s1.dtype == torch.bfloat16
+
+        def row_err(s, q0=q0):
+            d = w - dequantize(q0, s, 16, torch.float32)
+            return ((d @ h) * d).sum(-1)
+
+        e0, e1 = row_err(s0), row_err(s1)
+        assert (e1 <= e0).all() and e1.sum() < 0.99 * e0.sum()
+    with pytest.raises(ValueError, match="keep=True"):
+        gptq_quantize(w, None, 3, 16, prepared=prepare_hessian(h), refine=True)
+    # an exact fit: codes times known scales are recovered
+    q = torch.randint(-4, 4, (3, 32), generator=g).float()
+    s = torch.tensor([[0.5, 0.25], [1.0, 2.0], [0.125, 0.75]])
+    wq = q * s.repeat_interleave(16, dim=1)
+    got = refine_scales(wq, q.to(torch.int8), torch.ones(3, 2), torch.eye(32) + 0.1, 16)
+    torch.testing.assert_close(got, s)
+
+
+_RANK_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from test_quant_scale import _capture
+from moecompress.core import dist
+from moecompress.quant.layer import GPTQOptions, quantize_layer
+cap, gu, dn = _capture(seed=1, E=5)
+codes, used, err = quantize_layer(gu, dn, torch.nn.functional.silu, (2, 4), "gptq", cap, 4, torch.float32,
+                                  opts=GPTQOptions(refine=True), chunk=2)
+if dist.is_main():
+    torch.save({"codes": {b: vars(q) for b, q in codes.items()}, "used": used, "err": err}, sys.argv[1])
+dist.barrier()
+dist.shutdown()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch: ~25 s on a loaded 2-core machine
+def test_two_gloo_ranks_split_experts_and_equal_one_process(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    port, out = _free_port(), tmp_path / "ranks.pt"
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env.update(OMP_NUM_THREADS="1", MOECOMPRESS_DIST_TIMEOUT="60", PYTHONPATH=str(_ROOT))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(out), str(Path(__file__).parent)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+    got = torch.load(out, weights_only=False)
+    cap, gu, dn = _capture(seed=1, E=5)
+    codes, used, err = quantize_layer(
+        gu, dn, torch.nn.functional.silu, (2, 4), "gptq", cap, 4, torch.float32, opts=GPTQOptions(refine=True)
+    )
+    assert got["used"] == used and torch.equal(got["err"], err)
+    for b, q in codes.items():
+        for name, t in vars(q).items():
+            if isinstance(t, torch.Tensor):
+                assert torch.equal(got["codes"][b][name], t), (b, name)
