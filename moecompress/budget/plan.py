@@ -111,6 +111,56 @@ def costs_of(m: BudgetMeasure, moe: list[int], opts: dict[int, list[Option]], kl
     return costs, sens
 
 
+class Structure:
+    """What a plan may choose, before anything is measured: every expert's options and their exact bytes, the
+    allowed choices (super experts: never removed; exact layout: full width at 8 bits, as quant's LP protects them)
+    and the router's constraints."""
+
+    def __init__(self, ckpt: Checkpoint, servable: bool, other_bits: int, supers: list[tuple[int, int]],
+                 fractions: tuple[float, ...], bits: tuple[int, ...]):  # fmt: skip
+        self.servable, self.other_bits = servable, other_bits
+        self.moe, self.E = list(ckpt.moe_layers), ckpt.num_experts
+        moe, E = self.moe, self.E
+        self.spec = spec = RouterSpec.from_config(ckpt.family, ckpt.config)
+        self.fixed, row_bytes, sb, H = byte_model(ckpt, other_bits)
+        self.I = int(ckpt.tensor_info()[ckpt.family.expert_key(moe[0], 0, 0)]["shape"][0])
+        self.opts = {l: menu(self.I, fractions, bits) for l in moe}
+        self.labels = [o.label() for o in self.opts[moe[0]]]
+        self.L, self.O = L, O = len(moe), len(self.labels)
+        row = [option_bytes(o, H, sb, row_bytes) for o in self.opts[moe[0]]]
+        self.nbytes = np.array([row] * (L * E), dtype=np.float64).reshape(L, E, O)
+        self.allowed = np.ones((L, E, O), dtype=bool)
+        self.supers = {(l, e) for l, e in supers if l in moe}
+        for l, e in self.supers:
+            self.allowed[moe.index(l), e, 0] = False
+            if not servable:
+                self.allowed[moe.index(l), e, 1:] = [o.fraction == 1.0 and o.bits >= 8 for o in self.opts[l][1:]]
+        per = E // max(spec.n_group, 1)
+        self.shape = Shape(
+            np.repeat(np.arange(L), E), np.tile(np.arange(E) // per, L), spec.min_keep(), spec.n_group,
+            max(2, -(-spec.top_k // max(spec.topk_group, 1))) if spec.n_group > 1 else 1,
+        )  # fmt: skip
+
+    def smallest(self) -> float:
+        """The fewest total bytes any plan reaches."""
+        L, E, O = self.L, self.E, self.O
+        if self.servable:
+            routed = L * self.spec.min_keep() * self.nbytes[0, 0, 1:].min()
+        else:
+            routed = smallest_bytes(self.nbytes.reshape(L * E, O), self.shape, self.allowed.reshape(L * E, O))
+        return self.fixed + routed
+
+    def check_reachable(self, budget_bytes: float, budget_note: str) -> None:
+        """A one-line UserError naming the smallest reachable size when the budget is below it."""
+        smallest = self.smallest()
+        if budget_bytes < smallest:
+            raise UserError(
+                f"{budget_note} ({_gb(budget_bytes)}) is below the smallest plan this model allows: "
+                f"{_gb(smallest)} ({'one layout per model, ' if self.servable else ''}other weights at --other-bits "
+                f"{self.other_bits}, at least {self.spec.min_keep()} experts per layer, super experts kept): raise it"
+            )
+
+
 def make_plan(
     ckpt: Checkpoint,
     m: BudgetMeasure,
@@ -122,45 +172,22 @@ def make_plan(
     budget_note: str,
 ) -> dict[str, Any]:
     """The plan (as written to plan.json): every expert's option with its predicted cost and bytes."""
-    moe, E = list(ckpt.moe_layers), ckpt.num_experts
-    spec = RouterSpec.from_config(ckpt.family, ckpt.config)
-    fixed, row_bytes, sb, H = byte_model(ckpt, other_bits)
-    I = int(ckpt.tensor_info()[ckpt.family.expert_key(moe[0], 0, 0)]["shape"][0])
-    opts = {l: menu(I, m.fractions, m.bits) for l in moe}
-    labels = [o.label() for o in opts[moe[0]]]
+    s = Structure(ckpt, servable, other_bits, supers, m.fractions, m.bits)
+    moe, E, L, O, opts, nbytes, allowed, sup = s.moe, s.E, s.L, s.O, s.opts, s.nbytes, s.allowed, s.supers
+    labels, spec, fixed, I = s.labels, s.spec, s.fixed, s.I
     costs, sens = costs_of(m, moe, opts, kl)
-    L, O = len(moe), len(labels)
-    nbytes = np.array([[option_bytes(o, H, sb, row_bytes) for o in opts[moe[0]]]] * (L * E)).reshape(L, E, O)
-    allowed = np.ones((L, E, O), dtype=bool)
-    sup = {(l, e) for l, e in supers if l in moe}
-    for l, e in sup:
-        allowed[moe.index(l), e, 0] = False
-        if not servable:  # as quant's LP: super experts keep full width at >= 8 bits
-            allowed[moe.index(l), e, 1:] = [not o.removed and o.fraction == 1.0 and o.bits >= 8 for o in opts[l][1:]]
-    per = E // max(spec.n_group, 1)
-    shape = Shape(
-        np.repeat(np.arange(L), E), np.tile(np.arange(E) // per, L), spec.min_keep(), spec.n_group,
-        max(2, -(-spec.top_k // max(spec.topk_group, 1))) if spec.n_group > 1 else 1,
-    )  # fmt: skip
     routed_budget = budget_bytes - fixed
     try:
         if servable:
-            sol = servable_plan(costs, nbytes, routed_budget, shape, allowed)
+            sol = servable_plan(costs, nbytes, routed_budget, s.shape, allowed)
         else:
-            sol = solve(costs.reshape(L * E, O), nbytes.reshape(L * E, O), routed_budget, shape,
+            sol = solve(costs.reshape(L * E, O), nbytes.reshape(L * E, O), routed_budget, s.shape,
                         allowed.reshape(L * E, O))  # fmt: skip
     except ValueError as err:
         if "budget" not in str(err):
             raise UserError(f"budget plan: {err}") from None
-        if servable:
-            smallest = L * spec.min_keep() * nbytes[0, 0, 1:].min()
-        else:
-            smallest = smallest_bytes(nbytes.reshape(L * E, O), shape, allowed.reshape(L * E, O))
-        raise UserError(
-            f"{budget_note} ({_gb(budget_bytes)}) is below the smallest plan this model allows: "
-            f"{_gb(fixed + smallest)} ({'one layout per model, ' if servable else ''}other weights at "
-            f"--other-bits {other_bits}, at least {spec.min_keep()} experts per layer, super experts kept): raise it"
-        ) from None
+        s.check_reachable(budget_bytes, budget_note)
+        raise UserError(f"budget plan: {err}") from None
     choice = sol.choice.reshape(L, E)
     layers = {}
     for li, l in enumerate(moe):

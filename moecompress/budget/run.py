@@ -27,7 +27,8 @@ from ..prune.order import RouterSpec
 from ..prune.transform import protected_experts
 from .execute import LAYOUT, transforms_for
 from .measure import BudgetMeasure
-from .plan import bf16_bytes, make_plan
+from .options import BITS, FRACTIONS
+from .plan import Structure, bf16_bytes, make_plan
 
 OTHER_BITS = (4, 8, 16)
 
@@ -92,7 +93,10 @@ def budget_compress(
         hint="use --recipe with a quantize stage, or moecompress quantize --plan lp --budget-gb",
     )  # fmt: skip
     budget, note = budget_bytes_for(ckpt, budget_gb, budget_ratio)
+    Structure(ckpt, servable, other_bits, [], FRACTIONS, BITS).check_reachable(budget, note)  # before any pass
     prof, made = _profile(job)
+    supers = [tuple(x) for x in prof.super_experts] if prof is not None else []
+    Structure(ckpt, servable, other_bits, supers, FRACTIONS, BITS).check_reachable(budget, note)  # super experts kept
     plan, measure = plan_budget(job, prof, budget, note, servable, other_bits)
     spec = RouterSpec.from_config(ckpt.family, ckpt.config)
     protected = protected_experts(prof, list(ckpt.moe_layers))

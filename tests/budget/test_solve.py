@@ -1,0 +1,121 @@
+"""The byte-budget integer program agrees with brute force on small instances (budget/solve.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from moecompress.budget.options import Option, cut_width, expert_bytes, menu, option_bytes
+from moecompress.budget.solve import Shape, servable_plan, smallest_bytes, solve
+
+
+def _feasible(choice, shape: Shape, allowed) -> bool:
+    choice = np.asarray(choice)
+    if allowed is not None and not allowed[np.arange(len(choice)), choice].all():
+        return False
+    for l in np.unique(shape.layer):
+        kept = (choice != 0) & (shape.layer == l)
+        if kept.sum() < shape.min_keep:
+            return False
+        if shape.n_group > 1:
+            per = [int((kept & (shape.group == g)).sum()) for g in np.unique(shape.group[shape.layer == l])]
+            if len(set(per)) != 1 or per[0] < shape.per_group:
+                return False
+    return True
+
+
+def _brute(costs, nbytes, budget, shape, allowed=None):
+    best = None
+    N, O = costs.shape
+    for choice in itertools.product(range(O), repeat=N):
+        b = nbytes[np.arange(N), choice].sum()
+        if b > budget or not _feasible(choice, shape, allowed):
+            continue
+        c = costs[np.arange(N), choice].sum()
+        if best is None or c < best[0] - 1e-12:
+            best = (c, choice)
+    return best
+
+
+def _instance(rng, L, E, O):
+    costs = rng.uniform(0, 1, (L * E, O))
+    costs[:, 0] = rng.uniform(0.5, 3, L * E)  # removal: costly
+    base = rng.integers(20, 40, O)
+    base[0] = 0
+    nbytes = np.tile(np.sort(base)[::1].astype(float), (L * E, 1))
+    nbytes[:, 1:] = np.sort(rng.integers(10, 60, (L * E, O - 1)), axis=1)[:, ::-1]  # more bytes, less cost mostly
+    costs[:, 1:] = np.sort(costs[:, 1:], axis=1)
+    return costs, nbytes
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_integer_program_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    L, E, O = 2, 3, 3
+    costs, nbytes = _instance(rng, L, E, O)
+    shape = Shape(np.repeat(np.arange(L), E), np.zeros(L * E, dtype=int), min_keep=2)
+    allowed = np.ones_like(costs, dtype=bool)
+    allowed[1, 0] = False  # a super expert: never removed
+    lo = smallest_bytes(nbytes, shape, allowed)
+    budget = lo + rng.uniform(0.1, 0.9) * (nbytes.max(axis=1).sum() - lo)
+    got = solve(costs, nbytes, budget, shape, allowed)
+    ref = _brute(costs, nbytes, budget, shape, allowed)
+    assert got.cost == pytest.approx(ref[0], rel=1e-9, abs=1e-9)
+    assert got.nbytes <= budget and _feasible(got.choice, shape, allowed)
+    assert got.choice[1] != 0
+    # the smallest reachable size is what brute force finds with cost = bytes
+    assert lo == pytest.approx(_brute(nbytes, nbytes, np.inf, shape, allowed)[0])
+    with pytest.raises(ValueError, match="budget"):
+        solve(costs, nbytes, lo - 1, shape, allowed)
+
+
+def test_group_routers_keep_the_same_count_in_every_group():
+    rng = np.random.default_rng(7)
+    L, E, O = 1, 6, 3
+    costs, nbytes = _instance(rng, L, E, O)
+    costs[:, 0] = 0.01  # removal is cheap: only the constraints hold experts
+    shape = Shape(np.zeros(E, dtype=int), np.arange(E) // 3, min_keep=2, n_group=2, per_group=2)
+    got = solve(costs, nbytes, 1e9, shape)
+    ref = _brute(costs, nbytes, 1e9, shape)
+    assert got.cost == pytest.approx(ref[0])
+    kept = got.choice != 0
+    assert kept[:3].sum() == kept[3:].sum() == 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_servable_plan_is_the_best_single_layout(seed):
+    rng = np.random.default_rng(seed)
+    L, E, O = 2, 4, 4
+    costs = rng.uniform(0, 1, (L, E, O))
+    per = np.array([0, 30, 20, 10.0])
+    nbytes = np.broadcast_to(per, (L, E, O)).copy()
+    shape = Shape(np.repeat(np.arange(L), E), np.zeros(L * E, dtype=int), min_keep=2)
+    budget = rng.uniform(40, 200)
+    got = servable_plan(costs, nbytes, budget, shape)
+    best = None
+    for o in range(1, O):  # brute force over every plan with one count and one kept option for the model
+        for K in range(2, E + 1):
+            for keeps in itertools.product(itertools.combinations(range(E), K), repeat=L):
+                if L * K * per[o] > budget:
+                    continue
+                c = sum(costs[l, e, o if e in keeps[l] else 0] for l in range(L) for e in range(E))
+                best = c if best is None or c < best else best
+    assert got.cost == pytest.approx(best)
+    ch = got.choice.reshape(L, E)
+    assert len({int((r != 0).sum()) for r in ch}) == 1 and len(set(ch[ch != 0].tolist())) == 1
+
+
+def test_option_bytes_follow_quant_accounting():
+    assert cut_width(128, 0.75) == 96 and cut_width(128, 0.5) == 64 and cut_width(24, 0.5) == 16
+    opts = menu(128)
+    assert opts[0].removed and len(opts) == 13 and {o.bits for o in opts[1:]} == {2, 3, 4, 8}
+    # 4 bits, H=256, I=64, group 64 (gcd): packed int32 + bf16 scales + 2 int64 shape per projection
+    g = 64
+    one = 2 * (64 * (256 * 4 // 32) * 4 + 64 * (256 // g) * 2 + 16) + (
+        256 * (64 * 4 // 32) * 4 + 256 * (64 // g) * 2 + 16
+    )
+    assert expert_bytes(256, 64, 4, 2) == one
+    assert option_bytes(Option("remove"), 256, 2, 512) == 0
+    assert option_bytes(Option("keep", 64, 4, 0.5), 256, 2, 512) == one + 512
