@@ -48,20 +48,18 @@ def budget_bytes_for(ckpt: Any, budget_gb: float | None, budget_ratio: float | N
     return budget_ratio * ref, f"--budget-ratio {budget_ratio:g} of the bf16 size ({ref:,} bytes)"
 
 
-def plan_budget(
-    job: Job, prof: Any, budget: float, note: str, servable: bool, other_bits: int, probes: bool = True
-) -> tuple[dict[str, Any], BudgetMeasure]:
-    """The measuring pass and the plan (no output written)."""
+def measure_budget(job: Job, prof: Any, probes: bool = True) -> tuple[BudgetMeasure, dict]:
+    """The measuring pass: every option's error and the KL probes (reusable for several budgets)."""
     ckpt = job.ckpt
     spec = RouterSpec.from_config(ckpt.family, ckpt.config)
-    protected = protected_experts(prof, list(ckpt.moe_layers))
-    measure = BudgetMeasure(spec, protected=protected, probes=probes)
+    measure = BudgetMeasure(spec, protected=protected_experts(prof, list(ckpt.moe_layers)), probes=probes)
     engine = job.engine("budget: measure")
     engine.run([measure], emit=measure.probe_layer)
-    kl = measure.probe_kl(engine)
-    supers = [tuple(x) for x in prof.super_experts] if prof is not None else []
-    plan = make_plan(ckpt, measure, kl, budget, servable, other_bits, supers, note)
-    return plan, measure
+    return measure, measure.probe_kl(engine)
+
+
+def supers_of(prof: Any) -> list[tuple[int, int]]:
+    return [tuple(x) for x in prof.super_experts] if prof is not None else []
 
 
 def budget_compress(
@@ -95,9 +93,19 @@ def budget_compress(
     budget, note = budget_bytes_for(ckpt, budget_gb, budget_ratio)
     Structure(ckpt, servable, other_bits, [], FRACTIONS, BITS).check_reachable(budget, note)  # before any pass
     prof, made = _profile(job)
-    supers = [tuple(x) for x in prof.super_experts] if prof is not None else []
+    supers = supers_of(prof)
     Structure(ckpt, servable, other_bits, supers, FRACTIONS, BITS).check_reachable(budget, note)  # super experts kept
-    plan, measure = plan_budget(job, prof, budget, note, servable, other_bits)
+    measure, kl = measure_budget(job, prof)
+    plan = make_plan(ckpt, measure, kl, budget, servable, other_bits, supers, note)
+    return write_plan(job, prof, made, plan, measure, other_bits, profile_dir)
+
+
+def write_plan(
+    job: Job, prof: Any, made: bool, plan: dict[str, Any], measure: BudgetMeasure, other_bits: int,
+    profile_dir: str | Path | None = None,
+) -> Manifest:  # fmt: skip
+    """The write pass of ``plan`` (make_plan's dict) into ``job.out``: one checkpoint, plan.json, manifest, report."""
+    ckpt, servable = job.ckpt, plan["layout"] == "servable"
     spec = RouterSpec.from_config(ckpt.family, ckpt.config)
     protected = protected_experts(prof, list(ckpt.moe_layers))
     transforms = transforms_for(plan, spec, ckpt.num_experts, measure.keep, other_bits, protected)
