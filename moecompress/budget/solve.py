@@ -12,8 +12,9 @@ Items n = routed experts (layer ``layer[n]``, router group ``group[n]``); option
 
 Within an item, kept options that another kept option dominates (no more bytes, no higher cost) are dropped
 before solving (exact: constraints treat every kept option alike); removal is always a variable. Solved by HiGHS
-when pulp has it (highspy), CBC otherwise. ``servable_plan`` solves the servable variant exactly by enumeration
-(one expert count, one width and one bit width for every layer: bytes no longer depend on which experts are
+through highspy's own API when it is installed (pulp's modelling layer alone took 4 s to build a Qwen3-30B-sized
+instance), else through pulp (HiGHS or its bundled CBC). ``servable_plan`` solves the servable variant exactly by
+enumeration (one expert count, one width and one bit width for every layer: bytes no longer depend on which experts are
 kept, so each (count, width, bits) has its best experts by sorting).
 """
 
@@ -63,17 +64,91 @@ def _check(costs: np.ndarray, nbytes: np.ndarray, allowed: np.ndarray | None) ->
 
 def _kept_options(costs: np.ndarray, nbytes: np.ndarray, ok: np.ndarray) -> list[np.ndarray]:
     """Per item, the kept options on its Pareto front (fewer bytes must mean strictly higher cost)."""
-    out = []
-    for n in range(costs.shape[0]):
-        ks = np.where(ok[n, 1:])[0] + 1
-        order = ks[np.lexsort((costs[n, ks], nbytes[n, ks]))]
-        best, kept = np.inf, []
-        for j in order:
-            if costs[n, j] < best:
-                kept.append(j)
-                best = costs[n, j]
-        out.append(np.array(kept, dtype=np.int64))
-    return out
+    c = np.where(ok, costs, np.inf)
+    b = np.where(ok, nbytes, np.inf)
+    c[:, 0] = b[:, 0] = np.inf  # option 0 (removal) is always its own variable
+    order = np.lexsort((c, b))  # [N, O] by bytes, then cost, per row
+    cs = np.take_along_axis(c, order, axis=1)
+    best_before = np.concatenate([np.full((c.shape[0], 1), np.inf), np.minimum.accumulate(cs, axis=1)[:, :-1]], 1)
+    keep = cs < best_before
+    return [order[n][keep[n]] for n in range(c.shape[0])]
+
+
+def _highs_solve(costs, nbytes, ok, shape: Shape, budget: float, time_limit_s: float):
+    """The program through highspy's own API (no modelling layer: a 48 x 128 x 13 instance builds in ~1 s).
+    Returns ``(choice, status, solve_s, info)`` or None when highspy is not installed."""
+    try:
+        import highspy
+        import scipy.sparse as sp
+    except ImportError:
+        return None
+    t0 = time.perf_counter()
+    kept = _kept_options(costs, nbytes, ok)
+    N = costs.shape[0]
+    item = np.concatenate([np.full(len(k) + bool(ok[n, 0]), n) for n, k in enumerate(kept)])
+    opt = np.concatenate([np.concatenate([[0] if ok[n, 0] else [], k]).astype(np.int64) for n, k in enumerate(kept)])
+    V = len(item)
+    c, b = costs[item, opt], nbytes[item, opt]
+    kept_col = opt != 0
+    cols = np.arange(V)
+    blocks = [
+        sp.csr_matrix((np.ones(V), (item, cols)), shape=(N, V)),
+        sp.csr_matrix((b, (np.zeros(V, dtype=np.int64), cols)), shape=(1, V)),
+    ]
+    layers = np.unique(shape.layer)
+    lidx = np.searchsorted(layers, shape.layer[item])
+    blocks.append(sp.csr_matrix((np.ones(kept_col.sum()), (lidx[kept_col], cols[kept_col])), shape=(len(layers), V)))
+    lo = [np.ones(N), [-highspy.kHighsInf], np.full(len(layers), float(shape.min_keep))]
+    hi = [np.ones(N), [float(budget)], np.full(len(layers), highspy.kHighsInf)]
+    if shape.n_group > 1:
+        groups = sorted({(int(shape.layer[n]), int(shape.group[n])) for n in range(N)})
+        gidx = {g: i for i, g in enumerate(groups)}
+        grow = np.array([gidx[(int(shape.layer[n]), int(shape.group[n]))] for n in item])
+        blocks.append(
+            sp.csr_matrix((np.ones(kept_col.sum()), (grow[kept_col], cols[kept_col])), shape=(len(groups), V))
+        )
+        lo.append(np.full(len(groups), float(shape.per_group)))
+        hi.append(np.full(len(groups), highspy.kHighsInf))
+        first = {}
+        eq_r, eq_c, eq_v = [], [], []
+        for (l, _g), i in gidx.items():
+            first.setdefault(l, i)
+        rows = [(i, first[l]) for (l, _g), i in gidx.items() if first[l] != i]
+        for k, (i, j) in enumerate(rows):
+            for src, sign in ((i, 1.0), (j, -1.0)):
+                m = kept_col & (grow == src)
+                eq_r += [k] * int(m.sum())
+                eq_c += cols[m].tolist()
+                eq_v += [sign] * int(m.sum())
+        if rows:
+            blocks.append(sp.csr_matrix((eq_v, (eq_r, eq_c)), shape=(len(rows), V)))
+            lo.append(np.zeros(len(rows)))
+            hi.append(np.zeros(len(rows)))
+    A = sp.vstack(blocks).tocsc()
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(time_limit_s))
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = V, A.shape[0]
+    lp.col_cost_, lp.col_lower_, lp.col_upper_ = c, np.zeros(V), np.ones(V)
+    lp.row_lower_, lp.row_upper_ = np.concatenate(lo), np.concatenate(hi)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
+    lp.integrality_ = [highspy.HighsVarType.kInteger] * V
+    h.passModel(lp)
+    build_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    with _quiet_stdout():
+        h.run()
+    solve_s = time.perf_counter() - t1
+    status = h.modelStatusToString(h.getModelStatus())
+    if status != "Optimal":
+        return None, status, solve_s, {}
+    x = np.asarray(h.getSolution().col_value)
+    choice = np.zeros(N, dtype=np.int64)
+    on = x > 0.5
+    choice[item[on]] = opt[on]
+    return choice, status, solve_s, {"build_s": round(build_s, 3), "binaries": V, "full_binaries": int(costs.size)}
 
 
 def _problem(costs, nbytes, ok, shape: Shape, budget: float | None, objective: str):
@@ -168,22 +243,25 @@ def solve(
     costs = np.asarray(costs, dtype=np.float64)
     nbytes = np.asarray(nbytes, dtype=np.float64)
     ok = _check(costs, nbytes, allowed)
-    t0 = time.perf_counter()
-    prob, xs = _problem(costs, nbytes, ok, shape, budget, "cost")
-    build_s = time.perf_counter() - t0
-    name, status, solve_s = _run(prob, solver, time_limit_s)
+    got = _highs_solve(costs, nbytes, ok, shape, budget, time_limit_s) if solver in (None, "HiGHS") else None
+    if got is not None:
+        choice, status, solve_s, info = got
+        name = "HiGHS (highspy)"
+    else:
+        t0 = time.perf_counter()
+        prob, xs = _problem(costs, nbytes, ok, shape, budget, "cost")
+        build_s = time.perf_counter() - t0
+        name, status, solve_s = _run(prob, solver, time_limit_s)
+        info = {"build_s": round(build_s, 3), "binaries": sum(len(r) for r in xs), "full_binaries": int(costs.size)}
+        choice = _read(xs) if status == "Optimal" else None
     if status == "Infeasible":
         raise ValueError(f"budget of {budget:,.0f} bytes cannot hold the routed experts")
-    if status != "Optimal":
+    if status != "Optimal" or choice is None:
         raise ValueError(f"the planner's solver ({name}) ended with status {status}: raise the budget or time limit")
-    choice = _read(xs)
     total = float(nbytes[np.arange(len(choice)), choice].sum())
     if total > budget * (1 + 1e-9) + 1e-6:
         raise ValueError(f"solver returned a plan over budget ({total:,.0f} > {budget:,.0f} bytes)")
-    return Solution(
-        choice, float(costs[np.arange(len(choice)), choice].sum()), total, name, solve_s,
-        {"build_s": round(build_s, 3), "binaries": sum(len(r) for r in xs), "full_binaries": int(costs.size)},
-    )  # fmt: skip
+    return Solution(choice, float(costs[np.arange(len(choice)), choice].sum()), total, name, solve_s, info)
 
 
 def servable_plan(

@@ -65,6 +65,8 @@ def test_the_integer_program_matches_brute_force(seed):
     assert got.cost == pytest.approx(ref[0], rel=1e-9, abs=1e-9)
     assert got.nbytes <= budget and _feasible(got.choice, shape, allowed)
     assert got.choice[1] != 0
+    cbc = solve(costs, nbytes, budget, shape, allowed, solver="PULP_CBC_CMD")  # pulp's path agrees
+    assert cbc.cost == pytest.approx(got.cost, rel=1e-9, abs=1e-9) and cbc.solver == "PULP_CBC_CMD"
     # the smallest reachable size is what brute force finds with cost = bytes
     assert lo == pytest.approx(_brute(nbytes, nbytes, np.inf, shape, allowed)[0])
     with pytest.raises(ValueError, match="budget"):
@@ -80,6 +82,7 @@ def test_group_routers_keep_the_same_count_in_every_group():
     got = solve(costs, nbytes, 1e9, shape)
     ref = _brute(costs, nbytes, 1e9, shape)
     assert got.cost == pytest.approx(ref[0])
+    assert solve(costs, nbytes, 1e9, shape, solver="PULP_CBC_CMD").cost == pytest.approx(ref[0])
     kept = got.choice != 0
     assert kept[:3].sum() == kept[3:].sum() == 2
 
