@@ -12,6 +12,7 @@ Memory: the layer's fit tokens [<= fit_tokens, H] and [T, I] activations of one 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -105,8 +106,10 @@ def refit_expert_downs(
     act: Act,
     ridge: float = 1e-3,
     holdout: int = 4,
+    experts: Iterable[int] | None = None,
 ) -> list[torch.Tensor]:
-    """Refitted down projections [H, K_e] of every expert (an expert with no channel gets an empty [H, 0]).
+    """Refitted down projections [H, K_e] of every expert (an expert with no channel gets an empty [H, 0]); with
+    ``experts``, only those are refitted (the others keep their sliced columns): each expert's fit is its own.
 
     Args:
         x: [T, H] MoE-block inputs; weights: [T, E] routing weights; w: the unpruned layer; keep: kept channels;
@@ -118,10 +121,11 @@ def refit_expert_downs(
     if holdout > 1:
         check[::holdout] = True
     out = []
+    todo = set(range(len(keep)) if experts is None else experts)
     for e, k in enumerate(keep):
         k = k.long()
         kept_down = w.down[e][:, k]  # [H, K_e]
-        if k.numel() == 0:
+        if k.numel() == 0 or e not in todo:
             out.append(kept_down)
             continue
         fitted = refit_down(x[~check], weights[~check, e], w, e, k, act, ridge)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..core import dist
 from ..core.experts import Act, expert_hidden
 from .heapr import GradStat, LowRankG
 
@@ -204,6 +205,36 @@ def attach_hook(
             out.register_hook(lambda grad: accs[layer].update_routed(grad, i, ww))
 
     return mod.register_forward_hook(hook, with_kwargs=True)
+
+
+def reduce_ranks_(acc: GradStatAccumulator, msum: torch.Tensor | None) -> None:
+    """Under torchrun: every rank's sums of one layer (its own batches) -> the sums over all batches, on every rank.
+
+    counts, full G sums, diagonals and m sums are summed (all-reduce: the float sums differ from one process's
+    batch order by rounding, ~1e-7 relative in float32); lowrank sketches are merged in rank order (Frequent
+    Directions sketches are mergeable: rank 0's sketch, then the rows of rank 1's, ...; the same on every rank).
+    """
+    if dist.world() == 1:
+        return
+    dist.all_reduce_sum_(acc.counts)
+    if msum is not None:
+        dist.all_reduce_sum_(msum)
+    if acc.kind == "full":
+        dist.all_reduce_sum_(acc.sum)
+        return
+    dist.all_reduce_sum_(acc.diag)
+    if acc.kind == "lowrank":
+        W, r = dist.world(), dist.rank()
+        sk = torch.zeros(W, *acc.sketch.shape, dtype=acc.sketch.dtype, device=acc.sketch.device)  # [W, E, 2r, H]
+        fill = torch.zeros(W, acc.E, dtype=torch.long)
+        sk[r], fill[r] = acc.sketch, torch.tensor(acc.fill)
+        dist.fill_rows_(sk, W)
+        dist.fill_rows_(fill, W)
+        acc.sketch.copy_(sk[0])
+        acc.fill = fill[0].tolist()
+        for src in range(1, W):
+            for e in range(acc.E):
+                acc._sketch_rows(e, sk[src, e, : int(fill[src, e])])
 
 
 def finish(acc: GradStatAccumulator, msum: torch.Tensor | None) -> LayerGradStats:

@@ -11,6 +11,9 @@ exists for more than one layer (Qwen3-30B: 128 experts x 16.8 MB = 2.1 GB instea
 Activations: (L + 1) x N x S x H floats (Qwen3-30B, 64 x 256 tokens: about 6.6 GB in fp32) kept per layer in an
 ActivationCache: in memory, or (``spill``, by default past SPILL_BYTES for all layers) in files that stay on disk
 and are read back one batch at a time, so host memory then holds one batch of inputs and one batch of gradients.
+Under torchrun each rank runs the forward and the backward on its own share of the batches (the engine's
+``stream``); a layer's accumulated sums are then combined across ranks (gradstats.reduce_ranks_) before scoring,
+so the kept activations and the gradient work are split W ways.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..core.checkpoint import Checkpoint
 from ..core.engine import Engine, Transform
 from ..core.progress import progress_bar
 from ..core.stream import ActivationCache, LayerStream
-from .gradstats import GradStatAccumulator, LayerGradStats, attach_hook, finish
+from .gradstats import GradStatAccumulator, LayerGradStats, attach_hook, finish, reduce_ranks_
 
 SPILL_BYTES = 4 * 1024**3  # kept layer inputs beyond this go to files
 
@@ -36,7 +39,7 @@ def _gate_up(mod: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _FirstInputs(Transform):
-    """Keeps the first decoder layer's inputs (the engine's cache right after the capture)."""
+    """Keeps the first decoder layer's inputs (this rank's cache right after the capture)."""
 
     name = "gradient inputs"
     wants_inputs = False
@@ -46,8 +49,9 @@ class _FirstInputs(Transform):
         self.keep = keep
 
     def start(self, engine: Engine) -> None:
-        for i in range(len(engine.cache)):
-            self.keep.append(engine.cache[i])
+        cache = engine.stream.cache
+        for i in range(len(cache)):
+            self.keep.append(cache[i])
 
 
 def _keep_all(acts: ActivationCache, cache: Any) -> None:
@@ -119,9 +123,9 @@ def streamed_grad_stats(
         for ctx in engine.layers([_FirstInputs(inputs[0])]):  # forward, keeping every layer's outputs
             if ctx.index < n_layers - 1:
                 inputs.append(ActivationCache(spill))
-                _keep_all(inputs[-1], engine.cache)
+                _keep_all(inputs[-1], ls.cache)
             tick()
-        _head_grads(ls, engine.cache, grads)
+        _head_grads(ls, ls.cache, grads)
         tick()
         with progress_bar() as bar:  # backward, one layer at a time
             task = bar.add_task("gradient pass (backward)", total=n_layers)
@@ -135,6 +139,7 @@ def streamed_grad_stats(
                 try:
                     _backward_layer(ls, l, layer, inputs[l], grads)
                     if l in accs:
+                        reduce_ranks_(accs[l], msum.get(l))
                         stats = finish(accs.pop(l), msum.pop(l, None))  # the accumulator's sums are freed first
                         out[l] = on_layer(l, stats, experts) if on_layer is not None else stats
                         del stats

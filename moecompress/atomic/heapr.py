@@ -16,6 +16,7 @@ G_e comes in three forms (memory per expert for hidden size H):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -43,16 +44,17 @@ def g_kind(G: GradStat) -> str:
     raise ValueError(f"G must be [E, H, H], [E, H] or LowRankG, got shape {tuple(G.shape)}")
 
 
-def quadratic_form(W_down: torch.Tensor, G: GradStat) -> torch.Tensor:
-    """q_{e,j} = w_j^T G_e w_j for every column j of every expert's down projection.
+def quadratic_form(W_down: torch.Tensor, G: GradStat, experts: Iterable[int] | None = None) -> torch.Tensor:
+    """q_{e,j} = w_j^T G_e w_j for every column j of every expert's down projection (of ``experts`` only when
+    given: the other rows are zero; each expert's row is computed on its own, the same either way).
 
     W_down: [E, H, I]. Returns [E, I] in float64. Upcast one expert at a time: no float64 copy of a layer-sized
     tensor (full G at H 2048, E 128 is 2.1 GB in fp32; its float64 copy and G W would add 4.3 + 1.6 GB).
     """
     kind = g_kind(G)
     E, _, I = W_down.shape
-    q = torch.empty(E, I, dtype=torch.float64, device=W_down.device)
-    for e in range(E):
+    q = torch.zeros(E, I, dtype=torch.float64, device=W_down.device)
+    for e in range(E) if experts is None else experts:
         W = W_down[e].double()  # [H, I]
         if kind == "full":
             assert isinstance(G, torch.Tensor)
@@ -69,15 +71,17 @@ def quadratic_form(W_down: torch.Tensor, G: GradStat) -> torch.Tensor:
     return q
 
 
-def heapr_scores(m: torch.Tensor, W_down: torch.Tensor, G: GradStat) -> torch.Tensor:
+def heapr_scores(
+    m: torch.Tensor, W_down: torch.Tensor, G: GradStat, experts: Iterable[int] | None = None
+) -> torch.Tensor:
     """HEAPr score s_{e,j} = m_{e,j} * w_j^T G_e w_j (estimated loss increase when channel j of e is removed).
 
     m: [E, I] channel second moments over routed tokens; W_down: [E, H, I]; G: see module docstring.
-    Returns [E, I] float64 (larger = more important).
+    Returns [E, I] float64 (larger = more important); only the rows of ``experts`` when given (others zero).
     """
     if m.shape != (W_down.shape[0], W_down.shape[2]):
         raise ValueError(f"m {tuple(m.shape)} does not match W_down {tuple(W_down.shape)}")
-    return m.double() * quadratic_form(W_down, G)
+    return m.double() * quadratic_form(W_down, G, experts)
 
 
 # ---- selection ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..core import dist
 from ..core.checkpoint import Checkpoint
 from ..core.engine import Engine
 from ..core.errors import UserError
@@ -130,7 +131,9 @@ def streamed_scores(
     scored."""
 
     def score(l: int, st: LayerGradStats, experts: torch.nn.Module) -> torch.Tensor:
-        return heapr_scores(m[l], experts.down_proj.detach().float().cpu(), st.G)  # [E, I]
+        E = m[l].shape[0]  # under torchrun each rank scores its share of the experts, then all rows are shared
+        s = heapr_scores(m[l], experts.down_proj.detach().float().cpu(), st.G, dist.share(E))  # [E, I]
+        return dist.fill_rows_(s, E)
 
     return streamed_grad_stats(ckpt, input_ids, hessian, rank, batch_size, device, on_layer=score)
 

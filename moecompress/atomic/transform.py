@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..core import dist
 from ..core.engine import LayerContext, Transform
 from ..core.experts import expert_hidden
 from ..core.families import MoEWeights
@@ -66,6 +67,30 @@ def channel_moments(x: torch.Tensor, weights: torch.Tensor, w: MoEWeights, act: 
         if bool(on.any()):
             m[e] = expert_hidden(x[on], w.gate[e], w.up[e], act).double().square().mean(0)
     return m
+
+
+def split_refit(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    w: MoEWeights,
+    keep: list[torch.Tensor],
+    act: Any,
+    ridge: float,
+    holdout: int,
+) -> list[torch.Tensor]:
+    """``refit_expert_downs`` with the experts split across torchrun ranks (dist.share), then every rank gets every
+    expert's refitted columns (exact); one process refits them all."""
+    E = len(keep)
+    if dist.world() == 1:
+        return refit_expert_downs(x, weights, w, keep, act, ridge, holdout)
+    mine = dist.share(E)
+    downs = refit_expert_downs(x, weights, w, keep, act, ridge, holdout, experts=mine)
+    widths = [int(k.numel()) for k in keep]
+    buf = torch.zeros(E, w.down.shape[1], max(widths, default=0), dtype=w.down.dtype)  # [E, H, K_max]
+    for e in mine:
+        buf[e, :, : widths[e]] = downs[e]
+    dist.fill_rows_(buf, E)
+    return [buf[e, :, : widths[e]].clone() for e in range(E)]
 
 
 class AtomTransform(Transform):
@@ -177,7 +202,7 @@ class AtomTransform(Transform):
             x = x[:: max(1, x.shape[0] // fit)][:fit]
             logits = x @ w.router.T + (w.router_bias if w.router_bias is not None else 0.0)  # [T, E]
             weights = dense_routing(logits, self.spec, w.correction_bias)
-            downs = refit_expert_downs(x, weights, w, keep, act, self.refit.ridge, self.refit.holdout)
+            downs = split_refit(x, weights, w, keep, act, self.refit.ridge, self.refit.holdout)
             pruned = with_downs(sliced, downs)
             xe = x[:: max(1, x.shape[0] // ERROR_TOKENS)][:ERROR_TOKENS]  # the diagnostic needs few tokens
             self.errors[str(l)] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -38,10 +39,10 @@ def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
     return env
 
 
-def run_ranks(argv: list[str], world: int = 2, timeout: float = 120) -> list[subprocess.CompletedProcess]:
-    """Run ``python argv`` as ``world`` ranks of one gloo job (torchrun's environment, without torchrun)."""
+def start_ranks(argv: list[str], world: int = 2) -> list[subprocess.Popen]:
+    """Start ``python argv`` as ``world`` ranks of one gloo job (torchrun's environment, without torchrun)."""
     port = free_port()
-    procs = [
+    return [
         subprocess.Popen(
             [sys.executable, *argv],
             env=rank_env(r, world, port),
@@ -51,6 +52,9 @@ def run_ranks(argv: list[str], world: int = 2, timeout: float = 120) -> list[sub
         )
         for r in range(world)
     ]
+
+
+def wait_ranks(procs: list[subprocess.Popen], timeout: float = 120) -> list[subprocess.CompletedProcess]:
     done = []
     for p in procs:
         try:
@@ -61,6 +65,10 @@ def run_ranks(argv: list[str], world: int = 2, timeout: float = 120) -> list[sub
             raise
         done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     return done
+
+
+def run_ranks(argv: list[str], world: int = 2, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    return wait_ranks(start_ranks(argv, world), timeout)
 
 
 def test_world_one_is_identity(monkeypatch):
@@ -123,10 +131,97 @@ print("ok", r)
 """
 
 
-def test_two_gloo_ranks_fill_rows_exactly_and_sum(tmp_path):
-    script = tmp_path / "rows.py"
-    script.write_text(_ROWS_SCRIPT)
-    results = run_ranks([str(script)], world=2)
-    for r, res in enumerate(results):
+# One process per rank: the dist calls above, then several commands (one process group), then their exit codes.
+_CLI_SCRIPT = r"""
+import json, sys
+import torch
+from moecompress.cli.main import app
+codes = []
+for argv in json.loads(sys.argv[1]):
+    torch.manual_seed(0)
+    try:
+        app(argv, prog_name="moecompress")
+    except SystemExit as e:
+        codes.append(e.code or 0)
+print("codes", json.dumps(codes))
+"""
+
+_SMALL = ["--samples", "5", "--seq-len", "16", "--batch-size", "1"]  # 5 batches: 3 on rank 0, 2 on rank 1
+_COMMANDS = {
+    "profile": ["profile", *_SMALL],
+    "prune": ["prune", "--ratio", "0.25", *_SMALL],
+    "atom": ["prune", "--granularity", "atom", "--ratio", "0.25", *_SMALL],
+    "quantize4": ["quantize", "--bits", "4", "--plan", "uniform", *_SMALL],
+}
+
+
+def safetensors_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def run_world1(model: Path, commands: dict[str, list[str]], out: Path) -> None:
+    from typer.testing import CliRunner
+
+    from moecompress.cli.main import app
+
+    for name, argv in commands.items():
+        torch.manual_seed(0)
+        res = CliRunner().invoke(app, [argv[0], str(model), *argv[1:], "-o", str(out / name)])
+        assert res.exit_code == 0, (name, res.output, res.exception)
+
+
+def start_world2(model: Path, commands: dict[str, list[str]], out: Path, extra=()) -> list[subprocess.Popen]:
+    """Two gloo ranks running ``commands`` (then ``extra`` argvs) in one process each."""
+    argvs = [[a[0], str(model), *a[1:], "-o", str(out / n)] for n, a in commands.items()] + list(extra)
+    script = out.parent / "cli_rank.py"
+    script.write_text(_ROWS_SCRIPT + _CLI_SCRIPT)
+    return start_ranks([str(script), json.dumps(argvs)], world=2)
+
+
+def assert_same_outputs(w1: Path, w2: Path, names) -> None:
+    for name in names:
+        a, b = safetensors_bytes(w1 / name), safetensors_bytes(w2 / name)
+        assert a and sorted(a) == sorted(b), name
+        for f in a:
+            assert a[f] == b[f], f"{name}/{f}: 2 ranks wrote other bytes than 1 process"
+
+
+def test_two_gloo_ranks_write_the_single_process_bytes(tmp_path, tokenizer_dir):
+    """Two gloo ranks (one process each, so one import for all of it): fill_rows_ is exact for every dtype and
+    all_reduce_sum_ sums; profile, prune 25%, atom prune (HEAPr, refit) and quantize 4-bit over 5 batches (3 on
+    rank 0, 2 on rank 1) write the same safetensors bytes and sidecars as one process; only rank 0 writes and
+    prints results; a bad input fails on both ranks in one line, exit 2, without hanging."""
+    from conftest import build_tiny
+
+    model = build_tiny("mixtral", tmp_path / "model", tokenizer_dir)
+    w1, w2 = tmp_path / "w1", tmp_path / "w2"
+    too_few = ["profile", str(model), "--samples", "1", "--seq-len", "16", "-o", str(w2 / "bad")]
+    procs = start_world2(model, _COMMANDS, w2, extra=[too_few])
+    run_world1(model, _COMMANDS, w1)  # meanwhile
+    ranks = wait_ranks(procs, timeout=600)
+    for res in ranks:
         assert res.returncode == 0, res.stderr[-3000:]
-        assert res.stdout.strip() == f"ok {r}"
+        assert res.stdout.splitlines()[-1] == "codes " + json.dumps([0] * len(_COMMANDS) + [2]), res.stderr[-3000:]
+        errors = [ln for ln in res.stderr.splitlines() if "calibration batch" in ln]
+        assert len(errors) == 1 and "for 2 ranks" in errors[0], res.stderr[-3000:]
+    assert "written to" in ranks[0].stdout or "->" in ranks[0].stdout
+    assert ranks[1].stdout.strip().splitlines() == ["ok 1", "codes " + json.dumps([0] * len(_COMMANDS) + [2])]
+    assert ranks[0].stdout.startswith("ok 0\n")
+    assert_same_outputs(w1, w2, _COMMANDS)
+    assert not (w2 / "bad").exists()
+    assert sorted(p.name for p in w2.iterdir() if p.name != "cli_rank.py") == sorted(_COMMANDS)
+    for name in _COMMANDS:  # the sidecars too (the timings aside)
+        for f in (w1 / name).glob("*.json"):
+            a, b = (json.loads((d / name / f.name).read_text()) for d in (w1, w2))
+            assert _strip(a, str(w1)) == _strip(b, str(w2)), f"{name}/{f.name}"
+
+
+def _strip(obj, root: str):
+    """JSON with timings removed and the run folder replaced (the two runs wrote to different places)."""
+    if isinstance(obj, dict):
+        return {k: _strip(v, root) for k, v in obj.items() if k not in ("elapsed_s", "seconds", "created")}
+    if isinstance(obj, list):
+        return [_strip(v, root) for v in obj]
+    if isinstance(obj, str):
+        return obj.replace(root, "ROOT")
+    return obj
