@@ -9,6 +9,14 @@ warm-up), and whether the logits equal the dense loader's. On CUDA (when present
 torch.cuda.max_memory_allocated as the peak.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/quant_memory.py     # writes reports/quant_memory.json + .md
+
+``--layer``: peak RSS of GPTQ-quantizing one synthetic routed layer (bf16 weights, random routed tokens, uniform
+4 bits, sequential GPTQ) with the per-layer code before the chunked Hessians (``--before-rev``: quant/layer.py of
+that commit, whose capture holds [E, H, H] for the whole layer) and with today's code at several --max-memory
+bounds (Hessians for a chunk of experts at a time). Each row runs in a fresh interpreter; the codes of every row
+are compared with the first's. Writes reports/quant_memory.layer.json + .md.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quant_memory.py --layer --hidden 1024 --experts 128 --width 384
 """
 
 from __future__ import annotations
@@ -67,6 +75,118 @@ if device == "cuda":
 torch.save(logits.float().cpu(), sys.argv[7])
 print(json.dumps(res))
 """
+
+
+_LAYER_CHILD = r"""
+import hashlib, importlib.util, json, sys, time, torch
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) * 1024
+torch.set_num_threads(1)
+from moecompress.core import limits
+from moecompress.core.experts import routed_forward
+mode, H, E, I, T, k, limit, old_path = sys.argv[1], *map(int, sys.argv[2:8]), sys.argv[8]
+if mode == "before":
+    spec = importlib.util.spec_from_file_location("layer_before", old_path)
+    L = importlib.util.module_from_spec(spec)
+    sys.modules["layer_before"] = L
+    spec.loader.exec_module(L)
+else:
+    from moecompress.quant import layer as L
+    limits.set_memory_limit(limit or None)
+g = torch.Generator().manual_seed(0)
+gu = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(torch.bfloat16)
+dn = (torch.randn(E, H, I, generator=g) / I**0.5).to(torch.bfloat16)
+res = {"rss_weights": hwm()}
+cap = L.LayerCapture(E, H, I, with_down=False)
+for b0 in range(0, T, 512):
+    x = torch.randn(min(512, T - b0), H, generator=g)
+    logits = x @ torch.randn(H, E, generator=g)
+    w, idx = torch.topk(torch.softmax(logits, -1), k)
+    cap.add_batch(x, idx, w / w.sum(-1, keepdim=True))
+    routed_forward(gu, dn, torch.nn.functional.silu, x.to(torch.bfloat16), idx, w.to(torch.bfloat16), cap.observer())
+res["rss_capture"] = hwm()
+t0 = time.time()
+codes, used, err = L.quantize_layer(gu, dn, torch.nn.functional.silu, (4,), "gptq", cap, 32, torch.bfloat16,
+                                    torch.bfloat16, L.GPTQOptions())
+res["quantize_s"] = round(time.time() - t0, 1)
+res["rss_peak"] = hwm()
+q = codes[4]
+h = hashlib.sha256()
+for t in (q.gate_up_q, q.gate_up_s, q.down_q, q.down_s):
+    h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+res["codes_sha256"] = h.hexdigest()
+res["gptq_experts"] = used.count("gptq")
+res["chunk"] = E if mode == "before" else L.hessian_chunk(E, H, I, False, torch.device("cpu"))
+print(json.dumps(res))
+"""
+
+
+def layer_bench(args: argparse.Namespace) -> None:
+    """Peak RSS of one synthetic layer's GPTQ, before (whole-layer Hessians) and after (chunked) (see --layer)."""
+    work = Path(tempfile.mkdtemp(prefix="quant-memory-layer-"))
+    old = work / "layer_before.py"
+    old.write_text(
+        subprocess.run(
+            ["git", "show", f"{args.before_rev}:moecompress/quant/layer.py"], cwd=ROOT, capture_output=True,
+            text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    H, E, I, T, k = args.hidden, args.experts, args.width, args.tokens, args.topk
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    rows = []
+    runs = [("before", 0)] + [("after", int(float(x) * 2**20)) for x in args.limits_mib.split(",")]
+    t0 = time.time()
+    try:
+        for mode, limit in runs:
+            cmd = [sys.executable, "-c", _LAYER_CHILD, mode, *map(str, (H, E, I, T, k, limit)), str(old)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                raise RuntimeError(out.stderr[-3000:])
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r.update(mode=mode, max_memory=limit or None)
+            rows.append(r)
+            print(r, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    layer_bytes = E * 3 * I * H * 2
+    res = {
+        "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/quant_memory.py" + "".join(f" {a}" for a in sys.argv[1:]),
+        "shape": {"hidden": H, "experts": E, "width": I, "tokens": T, "top_k": k},
+        "layer_bf16_bytes": layer_bytes,
+        "whole_layer_hessian_bytes": E * H * H * 4,
+        "before_rev": args.before_rev,
+        "host": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        "elapsed_s": round(time.time() - t0, 1),
+        "rows": rows,
+        "codes_equal": all(r["codes_sha256"] == rows[0]["codes_sha256"] for r in rows),
+    }
+    lines = [
+        "# GPTQ of one routed layer: peak RSS with whole-layer Hessians (before) and chunked Hessians (after)",
+        "",
+        f"Command: `{res['command']}` ({res['elapsed_s']} s; host {res['host']}).  ",
+        f"Synthetic layer: E {E}, H {H}, I {I} (bf16, {mib(layer_bytes)} MiB), {T} tokens, top-{k}; uniform 4-bit "
+        f"sequential GPTQ of every expert (experts with < 32 routed tokens by RTN). Before: quant/layer.py of "
+        f"{args.before_rev} (H_gu [E, H, H] for the layer: {mib(E * H * H * 4)} MiB). After: today's code, with "
+        "--max-memory set as in the row (Hessians of a chunk of experts: a quarter of the bound). Peak RSS is "
+        "VmHWM of a fresh process, imports and the synthetic weights included.",
+        "",
+        "| code | --max-memory | experts per chunk | peak RSS after weights MiB | after capture MiB | peak MiB "
+        "| quantize s | GPTQ experts | codes equal to before |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lim = "-" if r["max_memory"] is None else f"{mib(r['max_memory'])} MiB"
+        lines.append(
+            f"| {r['mode']} | {lim} | {r['chunk']} | {mib(r['rss_weights'])} | {mib(r['rss_capture'])} "
+            f"| {mib(r['rss_peak'])} | {r['quantize_s']} | {r['gptq_experts']} "
+            f"| {r['codes_sha256'] == rows[0]['codes_sha256']} |"
+        )
+    lines.append("")
+    rep = Path(args.report_dir)
+    rep.mkdir(parents=True, exist_ok=True)
+    (rep / "quant_memory.layer.json").write_text(json.dumps(res, indent=2) + "\n")
+    (rep / "quant_memory.layer.md").write_text("\n".join(lines))
+    print("\n".join(lines))
 
 
 def disk_bytes(path: Path) -> int:
@@ -149,7 +269,18 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--other-bits", type=int, default=8)
     ap.add_argument("--report-dir", default=str(ROOT / "reports"))
+    ap.add_argument("--layer", action="store_true", help="GPTQ of one synthetic layer: whole-layer vs chunked Hessians")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--width", type=int, default=384)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--limits-mib", default="1024,128", help="--max-memory of the 'after' rows (MiB)")
+    ap.add_argument("--before-rev", default="de10cf3", help="commit whose quant/layer.py is the 'before'")
     args = ap.parse_args()
+    if args.layer:
+        layer_bench(args)
+        return
     torch.manual_seed(0)
     ckpt = Checkpoint(None)
     model = Path(ckpt.path)

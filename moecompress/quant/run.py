@@ -6,9 +6,10 @@ Three modes, each a short function over the engine (quant/transform.py):
 - uniform (``--plan uniform``): ONE pass of ``QuantTransform(bits)``; the writer gets each layer as it finishes.
 - LP (``--plan lp``): the plan needs every layer's measurements first, so two passes: ``MeasureTransform`` (errors
   at every candidate width, token counts, sensitivity probes), ``make_plan`` (quant/plan.py), then
-  ``QuantTransform(plan)`` writes each expert at its planned width. The measuring pass keeps every width's codes
-  up to ``max_cache_bytes`` (8 GiB), and the write pass then just streams the layers through (no windows);
-  above it (or with propagation) the write pass quantizes again on the same inputs: the same codes.
+  ``QuantTransform(plan)`` writes each expert at its planned width. The measuring pass keeps every width's codes,
+  packed as written (2 + 3 + 4 + 8 bits per weight), when they fit in half of --max-memory (else half of the
+  host's available memory; ``max_cache_bytes`` overrides), and the write pass then just streams the layers through
+  (no windows); above it (or with propagation) the write pass quantizes again on the same inputs: the same codes.
 - plan only (``--plan-only``): the measurement and the plan, written to OUTPUT/bit_plan.json.
 
 GPTQ (quant/gptq.py, quant/layer.py): static act-order with the plain group layout, Hessian-diagonal-weighted scale
@@ -51,9 +52,17 @@ from .plan import (  # noqa: F401  (Layout, layer_sensitivity, scale_dtype_of: t
     make_plan,
     scale_dtype_of,
 )
-from .transform import MeasureTransform, QuantTransform
+from .transform import MeasureTransform, PackedCodes, QuantTransform
 
-MAX_CODE_CACHE_BYTES = 8 * 1024**3
+CODE_CACHE_FRACTION = 0.5  # of --max-memory, else of the host's available memory: the LP's kept codes
+
+
+def code_cache_bound() -> int:
+    """Bytes the measuring pass may keep in codes for the write pass (see the module doc)."""
+    from ..core.limits import host_available_bytes, memory_limit
+
+    limit = memory_limit()
+    return int((limit if limit is not None else host_available_bytes()) * CODE_CACHE_FRACTION)
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,7 @@ class QuantOptions:
     opts: GPTQOptions = field(default_factory=GPTQOptions)
     cost_model: str = "kl"
     protect: bool = True
-    max_cache_bytes: int = MAX_CODE_CACHE_BYTES  # the measuring pass keeps every width's codes up to this size
+    max_cache_bytes: int | None = None  # the measuring pass keeps every width's codes up to this (code_cache_bound)
 
     def check(self) -> None:
         _validate(self.bits, self.budget_gb, self.plan, self.method, self.granularity, self.other_bits)
@@ -302,7 +311,8 @@ def _measure_pass(r: _Run, tokens: TokenSet | None) -> dict[str, Any]:
         return {"err": None, "counts": None, "max_abs": None, "probe_kl": None, "used": used}
     probes = PROBE_WIDTHS if (o.plan == "lp" and o.cost_model == "kl") else ()
     lay = r.lay
-    fits = len(lay.moe) * lay.E * 3 * lay.I * lay.H * len(o.widths) <= o.max_cache_bytes
+    bound = o.max_cache_bytes if o.max_cache_bytes is not None else code_cache_bound()
+    fits = PackedCodes.estimate(len(lay.moe) * lay.E * 3 * lay.I * lay.H, o.widths) <= bound
     keep = fits and not o.propagate and not o.plan_only  # propagated writes see other inputs: other codes
     return measure(r.ckpt, tokens, o.widths, o.method, o.min_tokens, o.batch_size, r.job.device, o.opts, probes, keep)
 

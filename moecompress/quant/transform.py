@@ -40,6 +40,27 @@ from .rtn import SUPPORTED_BITS, dequantize, group_size_for, rtn_quantize
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
+class PackedCodes:
+    """One layer's routed-expert codes at one width, packed as they are written (int32 words, ``bits`` per code):
+    what the measuring pass of an LP plan keeps for the write pass, ``bits / 8`` bytes per weight instead of the
+    int8 codes' one byte. Packing is row-wise, so an expert's gate rows, up rows and down rows are slices."""
+
+    def __init__(self, qe: QuantizedExperts):
+        self.bits, self.g_h, self.g_i = qe.bits, qe.g_h, qe.g_i
+        self.I, self.H = qe.down_q.shape[-1], qe.down_q.shape[-2]
+        self.gate_up, self.gate_up_s = pack_int32(qe.gate_up_q, qe.bits), qe.gate_up_s  # [E, 2I, words], [E, 2I, G]
+        self.down, self.down_s = pack_int32(qe.down_q, qe.bits), qe.down_s  # [E, H, words], [E, H, G']
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.gate_up_s, self.down, self.down_s))
+
+    @staticmethod
+    def estimate(num_weights: int, widths: Sequence[int]) -> int:
+        """Bytes of ``num_weights`` expert weights packed at every width of ``widths`` (scales not counted)."""
+        return sum(-(-num_weights * b // 8) for b in widths)
+
+
 def scale_dtype_for(config: Any) -> torch.dtype:
     """Scales are stored in the model's dtype (so transformers dequantizes into that dtype); bf16 if unknown."""
     dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -104,7 +125,7 @@ class QuantTransform(Transform):
         other_bits: int = 16,
         propagate: bool = True,
         with_err: bool = False,
-        codes: Mapping[tuple[int, int], QuantizedExperts] | None = None,
+        codes: Mapping[tuple[int, int], QuantizedExperts | PackedCodes] | None = None,
     ):
         if method not in ("gptq", "rtn"):
             raise ValueError(f"method {method!r} is not one of gptq, rtn")
@@ -169,22 +190,29 @@ class QuantTransform(Transform):
                     )
                     ctx.experts.down_proj[e] = dequantize(qe.down_q[e], qe.down_s[e], qe.g_i, self.weight_dtype)
 
-    def packed(self, ctx: LayerContext, codes: dict[int, QuantizedExperts], ws: list[int]) -> dict[str, torch.Tensor]:
+    def packed(
+        self, ctx: LayerContext, codes: Mapping[int, QuantizedExperts | PackedCodes], ws: list[int]
+    ) -> dict[str, torch.Tensor]:
         """weight_packed / weight_scale / weight_shape of every routed projection (hub names)."""
         fam, out = ctx.engine.fam, {}
         for e, b in enumerate(ws):
             qe = codes[b]
-            I = qe.down_q.shape[-1]
+            pre = isinstance(qe, PackedCodes)
+            I, H = (qe.I, qe.H) if pre else (qe.down_q.shape[-1], qe.down_q.shape[-2])
             for proj in range(3):
                 if proj == 2:
-                    q, s = qe.down_q[e], qe.down_s[e]
+                    shape = [H, I]
+                    w, s = (qe.down[e], qe.down_s[e]) if pre else (qe.down_q[e], qe.down_s[e])
                 else:
                     sl = slice(0, I) if proj == 0 else slice(I, 2 * I)
-                    q, s = qe.gate_up_q[e, sl], qe.gate_up_s[e, sl]
+                    shape = [I, H]
+                    w, s = (
+                        (qe.gate_up[e, sl], qe.gate_up_s[e, sl]) if pre else (qe.gate_up_q[e, sl], qe.gate_up_s[e, sl])
+                    )
                 base = fam.expert_key(ctx.index, e, proj)[: -len(".weight")]
-                out[base + ".weight_packed"] = pack_int32(q.contiguous(), b)
+                out[base + ".weight_packed"] = w.contiguous() if pre else pack_int32(w.contiguous(), b)
                 out[base + ".weight_scale"] = s.contiguous()
-                out[base + ".weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
+                out[base + ".weight_shape"] = torch.tensor(shape, dtype=torch.int64)
         return out
 
     def is_other(self, key: str, t: torch.Tensor) -> bool:
@@ -290,8 +318,9 @@ class MeasureTransform(Transform):
     """The LP plan's measuring pass: every expert at every width of ``widths`` (codes are not kept), its error
     err[e, b], routed tokens and max |output|; with ``probe_widths``, the sensitivity probes (drive the pass with
     ``emit=probe_layer``, then ``probe_kl(engine)``). Results by layer in ``err``, ``counts``, ``max_abs``,
-    ``used``; with ``keep_codes``, every width's codes in ``codes`` (int8: 3 bytes per expert weight per width)
-    for a write pass that gets them instead of quantizing again (``QuantTransform(codes=...)``)."""
+    ``used``; with ``keep_codes``, every width's codes in ``codes``, packed as written (``PackedCodes``: bits / 8
+    bytes per expert weight per width) for a write pass that gets them instead of quantizing again
+    (``QuantTransform(codes=...)``)."""
 
     name = "quantize"
     changes_block = False
@@ -307,7 +336,7 @@ class MeasureTransform(Transform):
         keep_codes: bool = False,
     ):
         self.widths, self.method, self.min_tokens = tuple(widths), method, min_tokens
-        self.codes: dict[tuple[int, int], QuantizedExperts] | None = {} if keep_codes else None  # (layer, bits)
+        self.codes: dict[tuple[int, int], PackedCodes] | None = {} if keep_codes else None  # (layer, bits)
         self.opts = opts or GPTQOptions()
         self.probe_widths = tuple(b for b in probe_widths if b in self.widths)
         self.err: dict[int, np.ndarray] = {}  # [E, B]
@@ -336,7 +365,7 @@ class MeasureTransform(Transform):
         self.err[l] = err.numpy() if err is not None else np.zeros((gu.shape[0], len(self.widths)))
         self._codes = {b: codes[b] for b in self.probe_widths}
         if self.codes is not None:
-            self.codes.update({(l, b): q for b, q in codes.items()})
+            self.codes.update({(l, b): PackedCodes(q) for b, q in codes.items()})
 
     @torch.no_grad()
     def probe_layer(self, ctx: LayerContext) -> None:

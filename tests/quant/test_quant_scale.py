@@ -169,3 +169,26 @@ def test_two_gloo_ranks_split_experts_and_equal_one_process(tmp_path):
         for name, t in vars(q).items():
             if isinstance(t, torch.Tensor):
                 assert torch.equal(got["codes"][b][name], t), (b, name)
+
+
+def test_lp_code_cache_is_packed_and_bounded_by_max_memory():
+    from moecompress.quant.run import code_cache_bound
+    from moecompress.quant.transform import PackedCodes
+
+    cap, gu, dn = _capture(E=3, H=64, I=32)
+    codes, _, _ = quantize_layer(gu, dn, torch.nn.functional.silu, (2, 3, 4, 8), "rtn", cap, 4, torch.bfloat16)
+    n = 3 * 3 * 32 * 64  # expert weights of the layer
+    scales = sum(t.numel() * 2 for t in (codes[2].gate_up_s, codes[2].down_s))
+    for b, qe in codes.items():
+        p = PackedCodes(qe)
+        assert p.nbytes == n * b // 8 + scales  # bits / 8 bytes per weight (int8 codes: one byte)
+    assert PackedCodes.estimate(n, (2, 3, 4, 8)) == n * 17 // 8
+    try:
+        limits.set_memory_limit(10**9)
+        assert code_cache_bound() == 5 * 10**8
+    finally:
+        limits.set_memory_limit(None)
+    assert (
+        code_cache_bound() == limits.host_available_bytes() // 2
+        or abs(code_cache_bound() - limits.host_available_bytes() // 2) < 2**28
+    )  # available memory moves between the two reads
