@@ -1,0 +1,272 @@
+"""The byte-budget planner (`compress --budget-*`) against single methods and hand-made two-step chains.
+
+At 25%, 35% and 50% of a model's bf16 tensor bytes: KL(base || output) on held-out windows of the joint plan
+(exact layout and --servable) vs the best single method whose output fits (quantize uniform 2/3/4 bits, quantize's
+LP plan at that budget, expert pruning, channel pruning; all at --other-bits 8 where they quantize) and the best
+two-step chain that fits (prune or merge, then quantize, in one `compress` pass). Every run uses the same
+calibration windows (mixed, --samples, --seq-len, seed 0). Bytes are the safetensors tensor payload (what the planner
+budgets). Also: the Spearman rank correlation between the planner's predicted cost and the measured KL over all its
+plans (extra budgets included), and the solve time of a synthetic Qwen3-30B-sized instance (48 layers x 128 experts
+x 13 options) on one core.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/budget_bench.py                      # the built-in model
+    OMP_NUM_THREADS=1 .venv/bin/python bench/budget_bench.py --model /work/shared/validation/stories260k-moe \\
+        --out reports/budget_bench.stories260k
+
+Writes PREFIX.json, PREFIX.md and PREFIX.svg (Pareto plot, bytes vs KL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIOS = (0.25, 0.35, 0.5)
+EXTRA = (0.3, 0.42, 0.6)  # more plans for the predicted-vs-measured correlation
+
+
+def payload(folder: Path) -> int:
+    """Tensor bytes of every safetensors file (headers excluded)."""
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as h:
+            n = int.from_bytes(h.read(8), "little")
+            head = json.loads(h.read(n))
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in head.items() if k != "__metadata__")
+    return total
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def synthetic_ip(seed: int = 0) -> dict[str, Any]:
+    """A Qwen3-30B-A3B-sized instance (48 x 128 experts, H 2048, I 768, 13 options each) at 30% of the expert bytes."""
+    from moecompress.budget.options import menu, option_bytes
+    from moecompress.budget.solve import Shape, solve
+
+    L, E = 48, 128
+    opts = menu(768)
+    rng = np.random.default_rng(seed)
+    per = np.array([option_bytes(o, 2048, 2, 2048 * 2) for o in opts], dtype=float)
+    nbytes = np.tile(per, (L * E, 1))
+    scale = rng.lognormal(0, 1, (L * E, 1))  # expert importance
+    base = np.array([0 if o.removed else 50 * 2.0 ** (-2 * o.bits) + 3 * (1 - o.fraction) for o in opts])
+    costs = scale * base * (1 + rng.uniform(0, 0.3, (L * E, len(opts))))
+    costs[:, 0] = scale[:, 0] * rng.uniform(5, 20, L * E)
+    t = time.perf_counter()
+    sol = solve(costs, nbytes, 0.3 * per.max() * L * E, Shape(np.repeat(np.arange(L), E), np.zeros(L * E, int), 8))
+    return {"items": L * E, "options": len(opts), "solver": sol.solver, "solve_s": round(sol.solve_s, 2),
+            "total_s": round(time.perf_counter() - t, 2), **sol.info}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model folder (default: the built-in model)")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--out", default=str(ROOT / "reports" / "budget_bench"))
+    ap.add_argument("--skip-ip", action="store_true", help="skip the synthetic solve-time instance")
+    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="budgets compared, fractions of bf16")
+    ap.add_argument("--extra", default=",".join(map(str, EXTRA)), help="more budgets (exact plans) for the correlation")
+    args = ap.parse_args()
+    ratios = tuple(float(x) for x in args.ratios.split(","))
+    extra = tuple(float(x) for x in args.extra.split(",") if x)
+
+    from moecompress.budget.plan import bf16_bytes, make_plan
+    from moecompress.budget.run import measure_budget, supers_of, write_plan
+    from moecompress.compress.recipe import parse
+    from moecompress.compress.run import _profile, compress_model
+    from moecompress.core.checkpoint import Checkpoint, resolve_model
+    from moecompress.core.errors import UserError
+    from moecompress.core.evaluate import evaluate
+    from moecompress.core.job import Job
+    from moecompress.quant.run import measure_model, run_quantize
+
+    model = resolve_model(args.model)
+    ckpt = Checkpoint(model)
+    ref = bf16_bytes(ckpt)
+    cal = {"calib": "mixed", "samples": args.samples, "seq_len": args.seq_len, "seed": 0}
+    tmp = Path(tempfile.mkdtemp(prefix="budget_bench_"))
+    runs: list[dict[str, Any]] = []
+
+    def record(kind: str, name: str, out: Path, t0: float, **extra: Any) -> None:
+        ev = evaluate(out, base=model, data="mixed", seq_len=args.seq_len, max_windows=args.eval_windows)
+        row = {"kind": kind, "name": name, "bytes": payload(out), "kl": ev["kl_to_base"],
+               "top1": ev["top1_agreement"], "wall_s": round(time.time() - t0, 1), **extra}  # fmt: skip
+        row["ratio"] = row["bytes"] / ref
+        runs.append(row)
+        print(f"{kind:8s} {name:28s} {row['bytes']:>12,} ({row['ratio']:.1%}) KL {row['kl']:.5f}", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+    # the joint plan: one profile + one measuring pass, a write pass per budget
+    t0 = time.time()
+    job = Job.prepare(model, None, batch_size=8, **cal)
+    prof, _ = _profile(job)
+    measure, kl = measure_budget(job, prof)
+    measure_s = round(time.time() - t0, 1)
+    print(f"profile + measuring pass: {measure_s} s", flush=True)
+    for ratio in ratios + extra:
+        for servable in (False, True) if ratio in ratios else (False,):
+            name = f"joint {'servable' if servable else 'exact'} {ratio:.0%}"
+            try:
+                plan = make_plan(ckpt, measure, kl, ratio * ref, servable, 8, supers_of(prof), f"{ratio:.0%}")
+            except UserError as err:
+                runs.append({"kind": "joint", "name": name, "target": ratio, "unreachable": str(err)})
+                print(f"joint    {name:28s} unreachable", flush=True)
+                continue
+            t1 = time.time()
+            out = tmp / "joint"
+            w = Job.prepare(model, out, batch_size=8, tokens=job.tokens(), **cal)
+            write_plan(w, prof, False, plan, measure, 8)
+            record("joint", name, out, t1, target=ratio, predicted=plan["predicted_cost"],
+                   counts=plan["counts"], solve_s=plan["solver"]["solve_s"], layout=plan["layout"])  # fmt: skip
+
+    # single methods
+    meas = measure_model(model, samples=args.samples, seq_len=args.seq_len, keep_codes=True)
+    for b in (2, 3, 4):
+        t1 = time.time()
+        out = tmp / "q"
+        run_quantize(model, out, measurement=meas, plan="uniform", bits=b, **cal)
+        record("single", f"quantize {b} bit", out, t1)
+    for ratio in ratios:
+        t1 = time.time()
+        out = tmp / "q"
+        try:
+            run_quantize(model, out, measurement=meas, plan="lp", budget_gb=ratio * ref / 1e9, granularity="expert",
+                         **cal)  # fmt: skip
+        except UserError:
+            runs.append({"kind": "single", "name": f"quantize LP {ratio:.0%}", "target": ratio, "unreachable": True})
+            continue
+        record("single", f"quantize LP {ratio:.0%}", out, t1)
+    E = ckpt.num_experts
+    spec_k = ckpt.family.top_k(ckpt.config)
+    prune_ratios = sorted({r for r in (0.5, 0.75) if E - round(r * E) >= spec_k})
+    stages: list[tuple[str, str, list[dict]]] = []
+    for r in prune_ratios:
+        stages.append(("single", f"prune {r:.0%}", [{"prune": {"ratio": r}}]))
+    for r in (0.5, 0.7):
+        stages.append(("single", f"atom {r:.0%}", [{"atom": {"ratio": r}}]))
+    for r in sorted({0.25, 0.5} & set(prune_ratios) | {0.25, 0.5}):
+        if E - round(r * E) < spec_k or round(r * E) < 1:
+            continue
+        for b in (2, 3, 4):
+            stages.append(("chain", f"prune {r:.0%} + {b} bit", [{"prune": {"ratio": r}}, {"quantize": {"bits": b}}]))
+    for b in (2, 3):
+        stages.append(("chain", f"merge 50% + {b} bit", [{"merge": {"ratio": 0.5}}, {"quantize": {"bits": b}}]))
+    for kind, name, raw in stages:
+        t1 = time.time()
+        out = tmp / "c"
+        try:
+            compress_model(model, out, parse(raw), batch_size=8, **cal)
+        except UserError as err:
+            runs.append({"kind": kind, "name": name, "failed": str(err)})
+            print(f"{kind:8s} {name:28s} refused: {err}", flush=True)
+            continue
+        record(kind, name, out, t1)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    # per budget: the joint plans vs the best single method and the best chain that fit
+    table = []
+    for ratio in ratios:
+        cap = ratio * ref
+        row: dict[str, Any] = {"target": ratio, "budget_bytes": int(cap)}
+        for kind, key in (("single", "best_single"), ("chain", "best_chain")):
+            fit = [r for r in runs if r["kind"] == kind and "kl" in r and r["bytes"] <= cap]
+            row[key] = min(fit, key=lambda r: r["kl"]) if fit else None
+        for lay in ("exact", "servable"):
+            row[lay] = next((r for r in runs if r["name"] == f"joint {lay} {ratio:.0%}"), None)
+        table.append(row)
+    plans = [r for r in runs if r["kind"] == "joint" and "kl" in r]
+    rho = spearman([r["predicted"] for r in plans], [r["kl"] for r in plans])
+    ip = None if args.skip_ip else synthetic_ip()
+    result = {
+        "model": str(model), "bf16_bytes": ref, "calibration": cal, "eval_windows": args.eval_windows,
+        "measure_s": measure_s, "runs": runs, "table": table, "spearman_predicted_vs_kl": rho,
+        "plans_in_correlation": len(plans), "synthetic_ip": ip,
+    }  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(result, indent=1) + "\n")
+    Path(f"{out}.md").write_text(markdown(result, args))
+    Path(f"{out}.svg").write_text(plot(runs, ref))
+    print(Path(f"{out}.md").read_text())
+
+
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return "none fits"
+    if "kl" not in r:
+        return "unreachable"
+    return f"{r['name']}: KL {r['kl']:.5f} ({r['bytes']:,} B)"
+
+
+def markdown(res: dict, args: Any) -> str:
+    name = Path(res["model"]).name
+    lines = [
+        f"# Byte-budget planner vs single methods and two-step chains: {name}",
+        "",
+        f"`OMP_NUM_THREADS=1 .venv/bin/python bench/budget_bench.py{' --model ' + args.model if args.model else ''}"
+        f"{'' if args.ratios == ','.join(map(str, RATIOS)) else ' --ratios ' + args.ratios}`; "
+        f"calibration {res['calibration']['samples']} x {res['calibration']['seq_len']} tokens (mixed, seed 0) for "
+        f"every run; KL(base || output) on {res['eval_windows']} held-out windows per domain; bytes = safetensors "
+        f"tensor payload; bf16 size {res['bf16_bytes']:,} B. Profile + measuring pass of the planner: "
+        f"{res['measure_s']} s (once for all its budgets).",
+        "",
+        "| budget | joint (exact) | joint (servable) | best single method | best two-step chain |",
+        "|---|---|---|---|---|",
+    ]
+    for row in res["table"]:
+        cells = [_cell(row[k]) for k in ("exact", "servable", "best_single", "best_chain")]
+        lines.append(f"| {row['target']:.0%} ({row['budget_bytes']:,} B) | " + " | ".join(cells) + " |")
+    rho = res["spearman_predicted_vs_kl"]
+    lines += [
+        "",
+        f"Spearman rank correlation of the planner's predicted cost with the measured KL over its "
+        f"{res['plans_in_correlation']} plans: {'n/a' if rho is None else f'{rho:.3f}'}.",
+    ]
+    if res["synthetic_ip"]:
+        ip = res["synthetic_ip"]
+        lines.append(
+            f"Synthetic Qwen3-30B-sized instance ({ip['items']:,} experts x {ip['options']} options, "
+            f"{ip['binaries']:,} binaries after Pareto pruning): {ip['solver']} solve {ip['solve_s']} s, build "
+            f"{ip['build_s']} s, total {ip['total_s']} s on one core."
+        )
+    lines += [
+        "",
+        "All runs:",
+        "",
+        "| kind | run | bytes | of bf16 | KL | top-1 | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["runs"]:
+        if "kl" in r:
+            lines.append(f"| {r['kind']} | {r['name']} | {r['bytes']:,} | {r['ratio']:.1%} | {r['kl']:.5f} | "
+                         f"{r['top1']:.4f} | {r['wall_s']} |")  # fmt: skip
+        else:
+            lines.append(f"| {r['kind']} | {r['name']} | – | – | {'unreachable' if 'unreachable' in r else 'refused'}"
+                         " | – | – |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], ref: int) -> str:
+    from moecompress.report.svg import pareto_scatter
+
+    pts = [(r["bytes"] / 1e6, r["kl"], r["name"]) for r in runs if "kl" in r]
+    return pareto_scatter(pts, x_name="MB (tensor payload)", y_name="KL to the source model", chart_id="budget")
+
+
+if __name__ == "__main__":
+    main()
