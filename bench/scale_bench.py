@@ -239,8 +239,389 @@ def render_md(rep: dict) -> str:
     return "\n".join(lines)
 
 
+# ---- per-operation sweep: measured CPU s and peak RSS per (case, op), the fitted cost model, the flagship table ----
+
+CASES = {  # name -> (layers, hidden, experts, width, top-k)
+    "E16": (2, 512, 16, 256, 8),
+    "E64": (2, 512, 64, 256, 8),
+    "E128": (2, 512, 128, 256, 8),
+    "E256": (2, 512, 256, 256, 8),
+    "qwen3-30b-layer": (1, 2048, 128, 768, 8),
+    "dsv3-slice": (1, 7168, 16, 2048, 8),
+}
+OPS = {  # op name -> (argv after MODEL, the estimate's op and settings)
+    "profile": (["profile"], ("profile", {})),
+    "prune": (["prune", "--ratio", "0.5"], ("prune", {"method": "output-error"})),
+    "prune-reap": (["prune", "--ratio", "0.5", "--method", "reap"], ("prune", {"method": "reap"})),
+    "prune-refit": (
+        ["prune", "--ratio", "0.5", "--refit", "router+down"],
+        ("prune", {"method": "output-error", "refit": "router+down"}),
+    ),
+    "merge": (["merge", "--ratio", "0.5"], ("merge", {})),
+    "quantize-rtn": (
+        ["quantize", "--bits", "4", "--plan", "uniform", "--method", "rtn"],
+        ("quantize", {"plan": "uniform", "method": "rtn"}),
+    ),
+    "quantize-gptq": (
+        ["quantize", "--bits", "4", "--plan", "uniform"],
+        ("quantize", {"plan": "uniform", "method": "gptq"}),
+    ),
+    "quantize-lp": (["quantize", "--bits", "3"], ("quantize", {"plan": "lp", "method": "gptq"})),
+    "atom": (["prune", "--granularity", "atom", "--ratio", "0.25"], ("atom", {"hessian": "full"})),
+    "compress": (["compress", "--prune", "0.25", "--bits", "4"], ("compress", {"stages": ["prune", "quantize"]})),
+}
+
+
+def run_watched(argv: list[str], cpu_cap: float, rss_cap: int) -> dict:
+    """One command in a fresh process of this checkout, stopped after ``cpu_cap`` CPU s or past ``rss_cap`` bytes
+    of resident memory (polled 5x a second; the machine is shared, so a case that would not fit is stopped)."""
+    import resource
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MOECOMPRESS_QUIET": "1"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--", *argv]
+    cap = max(1, int(cpu_cap))
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_CPU, (cap, cap + 5))
+
+    t = time.time()
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir(),
+        preexec_fn=limit,
+    )  # fmt: skip
+    killed_rss = 0
+    peak_seen = 0
+    while proc.poll() is None:
+        try:
+            rss = next(int(l.split()[1]) * 1024 for l in open(f"/proc/{proc.pid}/status") if l.startswith("VmRSS"))
+        except (OSError, StopIteration):
+            rss = 0
+        peak_seen = max(peak_seen, rss)
+        if rss > rss_cap:
+            killed_rss = rss
+            proc.kill()
+            break
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate()
+    wall = round(time.time() - t, 1)
+    if killed_rss:
+        return {
+            "stopped": f"resident memory passed {rss_cap / 2**30:.1f} GiB",
+            "rss_at_stop": killed_rss,
+            "wall_s": wall,
+        }
+    if proc.returncode in (-24, -9):
+        return {"stopped": f"CPU time passed {cap} s", "cpu_cap_s": cap, "rss_seen": peak_seen, "wall_s": wall}
+    lines = [l for l in stdout.splitlines() if l.startswith("{")]
+    if proc.returncode or not lines:
+        return {"failed": (stderr or stdout)[-600:], "wall_s": wall}
+    res = json.loads(lines[-1])
+    res["wall_s"] = wall
+    if res.get("code"):
+        res["failed"] = (stderr or stdout)[-600:]
+    return res
+
+
+def _commit() -> str:
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), "log", "-1", "--format=%h %cd", "--date=format:%H:%M"], capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+def ops_sweep(args: argparse.Namespace) -> None:
+    """Measure each --ops on each --cases; results merge into PREFIX.json (a rerun replaces its cells)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profile_bench import synthetic_checkpoint
+
+    from moecompress.estimate import predict, shape_of_config
+
+    store = Path(args.out + ".json")
+    rep = json.loads(store.read_text()) if store.exists() else {"runs": {}}
+    rep["setup"] = {"samples": args.samples, "seq_len": args.seq_len, "batch_size": 8, "device": "cpu", "threads": 1}
+    rss_cap = int(args.rss_cap_gib * 2**30)
+    calib = ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--device", "cpu"]
+    work = Path(tempfile.mkdtemp(prefix="scale-ops-", dir=args.work))
+    try:
+        for case in args.cases.split(","):
+            L, H, E, I, k = CASES[case]
+            model = work / case
+            size = synthetic_checkpoint(model, L, H, E, I, k)
+            shape = shape_of_config(json.loads((model / "config.json").read_text()))
+            for op in args.ops.split(","):
+                argv, (est_op, settings) = OPS[op]
+                tokens = {"samples": args.samples, "seq_len": args.seq_len, "batch_size": 8, "device": "cpu"}
+                try:
+                    pred = predict(shape, est_op, **settings, **tokens)
+                except (KeyError, OSError):  # no fitted coefficients yet for this op
+                    pred = None
+                key = f"{case}/{op}/{args.samples}x{args.seq_len}"
+                if pred is not None and pred.host_bytes > rss_cap * args.skip_factor:
+                    res = {"skipped": f"predicted {pred.host_bytes / 2**30:.1f} GiB > {rss_cap / 2**30:.1f} GiB cap"}
+                else:
+                    out = work / "out"
+                    res = run_watched([argv[0], str(model), *argv[1:], "-o", str(out), *calib], args.cpu_cap, rss_cap)
+                    shutil.rmtree(out, ignore_errors=True)
+                res.update(
+                    case=case, op=op, checkpoint_bytes=size, commit=_commit(), at=time.strftime("%H:%M", time.gmtime())
+                )
+                res.update(samples=args.samples, seq_len=args.seq_len)
+                if pred is not None:
+                    res["predicted_before_run"] = {"host_bytes": pred.host_bytes, "seconds": round(pred.seconds, 1)}
+                rep["runs"][key] = res
+                print(key, json.dumps({k: v for k, v in res.items() if k != "module"}), flush=True)
+                store.write_text(json.dumps(rep, indent=2) + "\n")
+            shutil.rmtree(model, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def case_config(case: str) -> dict:
+    """The config.json ``profile_bench.synthetic_checkpoint`` writes for a case (the fit's shapes)."""
+    L, H, E, I, k = CASES[case]
+    return {
+        "model_type": "qwen3_moe", "vocab_size": 8192, "hidden_size": H, "intermediate_size": 4 * H,
+        "moe_intermediate_size": I, "num_hidden_layers": L, "num_attention_heads": H // 64,
+        "num_key_value_heads": max(1, H // 256), "head_dim": 64, "num_experts": E, "num_experts_per_tok": k,
+        "norm_topk_prob": True, "max_position_embeddings": 2048, "dtype": "bfloat16", "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    }  # fmt: skip
+
+
+FLAGSHIPS = {  # published config.json sizes (bf16 weights; DeepSeek-V3 and Kimi-K2 ship fp8 and are planned in bf16)
+    "Qwen3-30B-A3B": {
+        "model_type": "qwen3_moe", "num_hidden_layers": 48, "hidden_size": 2048, "num_experts": 128,
+        "moe_intermediate_size": 768, "intermediate_size": 6144, "num_experts_per_tok": 8, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936, "dtype": "bfloat16",
+    },
+    "Qwen3-235B-A22B": {
+        "model_type": "qwen3_moe", "num_hidden_layers": 94, "hidden_size": 4096, "num_experts": 128,
+        "moe_intermediate_size": 1536, "intermediate_size": 12288, "num_experts_per_tok": 8,
+        "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
+        "dtype": "bfloat16",
+    },
+    "DeepSeek-V3": {
+        "model_type": "deepseek_v3", "num_hidden_layers": 61, "first_k_dense_replace": 3, "hidden_size": 7168,
+        "n_routed_experts": 256, "n_shared_experts": 1, "moe_intermediate_size": 2048, "intermediate_size": 18432,
+        "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "num_attention_heads": 128,
+        "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 128, "v_head_dim": 128, "vocab_size": 129280, "dtype": "bfloat16",
+    },
+    "Kimi-K2": {
+        "model_type": "deepseek_v3", "num_hidden_layers": 61, "first_k_dense_replace": 1, "hidden_size": 7168,
+        "n_routed_experts": 384, "n_shared_experts": 1, "moe_intermediate_size": 2048, "intermediate_size": 18432,
+        "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1, "num_attention_heads": 64,
+        "num_key_value_heads": 64, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 128, "v_head_dim": 128, "vocab_size": 163840, "dtype": "bfloat16",
+    },
+    "Mixtral-8x22B": {
+        "model_type": "mixtral", "num_hidden_layers": 56, "hidden_size": 6144, "num_local_experts": 8,
+        "intermediate_size": 16384, "num_experts_per_tok": 2, "num_attention_heads": 48, "num_key_value_heads": 8,
+        "vocab_size": 32768, "dtype": "bfloat16",
+    },
+}  # fmt: skip
+FLAGSHIP_OPS = ["profile", "prune", "merge", "quantize-gptq", "quantize-lp", "atom"]
+FLAGSHIP_TOKENS = [(128, 2048), (512, 2048)]
+
+
+def measured_runs(stores: list[Path]) -> list[dict]:
+    """The completed runs of the sweep stores, as fit rows (variant, shape, settings, host bytes, CPU s)."""
+    from moecompress.estimate import shape_of_config
+    from moecompress.estimate.model import Settings, variant
+
+    runs = []
+    for store in stores:
+        for key, r in json.loads(store.read_text())["runs"].items():
+            if "cpu_s" not in r or r.get("failed"):
+                continue
+            est_op, settings = OPS[r["op"]][1]
+            s = Settings(samples=r["samples"], seq_len=r["seq_len"], batch_size=8, device="cpu", **settings)
+            runs.append({
+                "name": key, "op": r["op"], "variant": variant(est_op, s) if est_op != "compress" else "compress",
+                "shape": shape_of_config(case_config(r["case"])), "settings": s, "est_op": est_op,
+                "host_bytes": r["peak_rss_bytes"], "seconds": r["cpu_s"], "commit": r.get("commit"),
+            })  # fmt: skip
+    return runs
+
+
+def mac_rate() -> float:
+    """One CPU thread's fp32 multiply-add rate (1024^2 matmuls, CPU time): the prior of every time term."""
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(2):
+        a @ b
+    t0 = os.times()
+    for _ in range(10):
+        a @ b
+    t1 = os.times()
+    return 10 * 1024**3 / max((t1.user - t0.user) + (t1.system - t0.system), 1e-3)
+
+
+def fit_and_report(args: argparse.Namespace) -> None:
+    """Fit coefficients.json on the stores' runs; write PREFIX.md: measured, predicted vs measured, flagships."""
+    from moecompress.estimate import predict, shape_of_config
+    from moecompress.estimate.fit import fit
+    from moecompress.estimate.model import COEFFICIENTS
+
+    stores = [Path(p) for p in args.stores.split(",")]
+    runs = measured_runs(stores)
+    mac = mac_rate()
+    fitted = fit([r for r in runs if r["variant"] != "compress"], mac)
+    coefs = {
+        "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/scale_bench.py --fit --stores "
+        + ",".join(os.path.relpath(p, ROOT) for p in stores),
+        "fitted_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(),
+        "mac_per_s": round(mac),
+        "units": "host: copies of each term's bytes at the peak RSS; seconds: CPU s (one thread) per term unit",
+        "ops": fitted,
+    }  # fmt: skip
+    COEFFICIENTS.write_text(json.dumps(coefs, indent=1) + "\n")
+    from moecompress.estimate import model as est_model
+
+    est_model._load.cache_clear()
+    check = []
+    for r in runs:
+        st = r["settings"]
+        kw = {k: getattr(st, k) for k in ("samples", "seq_len", "batch_size", "device", "method", "refit", "plan")}
+        if r["op"] == "compress":
+            kw["stages"] = OPS["compress"][1][1]["stages"]
+        p = predict(r["shape"], r["est_op"], **kw)
+        check.append({
+            "run": r["name"], "commit": r["commit"], "measured_host": r["host_bytes"], "predicted_host": p.host_bytes,
+            "measured_s": r["seconds"], "predicted_s": round(p.seconds, 2),
+            "host_err": p.host_bytes / r["host_bytes"] - 1, "time_err": p.seconds / r["seconds"] - 1,
+        })  # fmt: skip
+    flag = []
+    for name, cfg in FLAGSHIPS.items():
+        shape = shape_of_config(cfg)
+        for n, sl in FLAGSHIP_TOKENS:
+            for op in FLAGSHIP_OPS:
+                est_op, settings = OPS[op][1]
+                if OPS[op][1][0] != "compress" and op not in fitted:
+                    continue
+                p = predict(shape, est_op, samples=n, seq_len=sl, batch_size=8, device="cuda", **settings)
+                flag.append({
+                    "model": name, "tokens": f"{n} x {sl}", "op": op, "host_bytes": p.host_bytes,
+                    "gpu_bytes": p.gpu_bytes, "disk_bytes": p.disk_bytes, "cpu_thread_s": round(p.seconds),
+                    "time_class": p.time_class, "params": shape.params,
+                    "fits_80GB_gpu_256GB_host": p.gpu_bytes <= 80e9 and p.host_bytes <= 256e9,
+                })  # fmt: skip
+    saved = [json.loads(s.read_text()) for s in stores]
+    rep = {"coefficients": coefs, "check": check, "flagships": flag, "stores": saved}
+    Path(args.out + ".fit.json").write_text(json.dumps(rep, indent=1) + "\n")
+    md = render_fit_md(rep)
+    Path(args.out + ".md").write_text(md)
+    print(md)
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.1f} GiB" if b < 2**40 else f"{b / 2**40:.2f} TiB"
+
+
+def _dur(s: float) -> str:
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if s >= size:
+            return f"{s / size:.1f} {unit}"
+    return f"{s:.0f} s"
+
+
+def render_fit_md(rep: dict) -> str:
+    c = rep["coefficients"]
+    lines = [
+        "# Scale: measured cost per operation, the fitted cost model, flagship predictions",
+        "",
+        "Synthetic bf16 Qwen3-MoE checkpoints (`bench/profile_bench.py::synthetic_checkpoint`): E16/E64/E128/E256 = 2 "
+        "layers, hidden 512, width 256, top-8; qwen3-30b-layer = 1 layer of Qwen3-30B-A3B's MoE shape (hidden 2048, "
+        "128 experts of width 768, top-8); dsv3-slice = 1 layer with DeepSeek-V3's dims (hidden 7168, width 2048) and "
+        "16 experts. Each command in a fresh process, one thread, `--device cpu`, 8 windows per batch; CPU seconds "
+        "(user + system) and peak RSS (VmHWM); a run is stopped past 8 GiB resident (the machine is shared) or "
+        "skipped when predicted above 12 GiB. Commit and UTC time of each run in the JSON.",
+        "",
+        "Rerun: `OMP_NUM_THREADS=1 .venv/bin/python bench/scale_bench.py --ops-sweep --cases E16,E64,E256` "
+        "(and `--cases qwen3-30b-layer,dsv3-slice`), then `" + c["command"] + "` (writes "
+        "`moecompress/estimate/coefficients.json`, this file and `reports/scale_bench.ops.fit.json`).",
+        "",
+        "## Measured (CPU s, peak RSS)",
+        "",
+    ]
+    runs: dict = {}
+    for store in rep["stores"]:
+        runs.update(store["runs"])
+    label = lambda r: r["case"] + (f" ({r['samples']}x{r['seq_len']})" if r["samples"] != 16 else "")  # noqa: E731
+    cases = list(dict.fromkeys(label(r) for r in runs.values()))
+    ops = [o for o in OPS if any(r["op"] == o for r in runs.values())]
+    lines += ["| case | " + " | ".join(ops) + " |", "|---|" + "---|" * len(ops)]
+    for case in cases:
+        cells = []
+        for op in ops:
+            r = next((r for r in runs.values() if r["op"] == op and label(r) == case), None)
+            if r is None:
+                cells.append("-")
+            elif "cpu_s" in r and not r.get("failed"):
+                cells.append(f"{r['cpu_s']:.1f} s, {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+            else:
+                cells.append(r.get("stopped") or r.get("skipped") or "failed")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    ok_h = sum(abs(x["host_err"]) <= 0.3 for x in rep["check"])
+    ok_t = sum(abs(x["time_err"]) <= 0.3 for x in rep["check"])
+    n = len(rep["check"])
+    lines += [
+        "",
+        f"## Predicted vs measured (fit on these runs; target within 30%: host {ok_h}/{n}, time {ok_t}/{n})",
+        "",
+        "| run | peak RSS measured | predicted | error | CPU s measured | predicted | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for x in rep["check"]:
+        lines.append(
+            f"| {x['run']} | {_gib(x['measured_host'])} | {_gib(x['predicted_host'])} | {x['host_err']:+.0%} | "
+            f"{x['measured_s']:.1f} | {x['predicted_s']:.1f} | {x['time_err']:+.0%} |"
+        )
+    lines += [
+        "",
+        "## Predicted for flagship models (`--device cuda`, one 80 GB GPU + 256 GB host)",
+        "",
+        "Peak host and GPU memory, activation-cache disk, and time on ONE CPU thread (GPU time is not measured: no "
+        "GPU in these runs; the CPU figure is an upper bound). The GPU column assumes the layer, its per-expert "
+        "state and the unspilled activation cache live on the GPU. `moecompress plan MODEL --samples 128 --seq-len "
+        "2048 --device cuda --gpu-memory 80GB --host-memory 256GB` prints the same for any config.json.",
+        "",
+        "| model | tokens | op | host | GPU | cache disk | time (1 CPU thread) | fits |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in rep["flagships"]:
+        lines.append(
+            f"| {f['model']} | {f['tokens']} | {f['op']} | {_gib(f['host_bytes'])} | {_gib(f['gpu_bytes'])} | "
+            f"{_gib(f['disk_bytes']) if f['disk_bytes'] else '-'} | {_dur(f['cpu_thread_s'])} ({f['time_class']}) | "
+            f"{'yes' if f['fits_80GB_gpu_256GB_host'] else 'no'} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+    if len(sys.argv) > 1 and sys.argv[1] == "--fit":
+        ap = argparse.ArgumentParser(description="fit the cost model")
+        ap.add_argument("--fit", action="store_true")
+        ap.add_argument("--stores", default=str(ROOT / "reports" / "scale_bench.ops.json"))
+        ap.add_argument("--out", default=str(ROOT / "reports" / "scale_bench.ops"))
+        fit_and_report(ap.parse_args())
+    elif len(sys.argv) > 1 and sys.argv[1] == "--ops-sweep":
+        ap = argparse.ArgumentParser(description="per-operation sweep")
+        ap.add_argument("--ops-sweep", action="store_true")
+        ap.add_argument("--cases", default="E16,E64,E128,E256")
+        ap.add_argument("--ops", default=",".join(OPS))
+        ap.add_argument("--samples", type=int, default=16)
+        ap.add_argument("--seq-len", type=int, default=256)
+        ap.add_argument("--cpu-cap", type=float, default=900.0)
+        ap.add_argument("--rss-cap-gib", type=float, default=8.0)
+        ap.add_argument("--skip-factor", type=float, default=1.5, help="skip an op predicted above cap x this")
+        ap.add_argument("--work", default=None, help="folder for the synthetic checkpoints (default: $TMPDIR)")
+        ap.add_argument("--out", default=str(ROOT / "reports" / "scale_bench.ops"))
+        ops_sweep(ap.parse_args())
+    elif len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[3:] if sys.argv[2:3] == ["--"] else sys.argv[2:])
     elif len(sys.argv) > 2 and sys.argv[1] == "--render-only":  # --render-only PREFIX: rewrite PREFIX.md
         Path(sys.argv[2] + ".md").write_text(render_md(json.loads(Path(sys.argv[2] + ".json").read_text())))

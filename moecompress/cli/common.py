@@ -199,3 +199,29 @@ SamplesOpt = Annotated[int, typer.Option(help="Number of calibration windows (at
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per window (at least 2, at most the context).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for window sampling (0 or more).")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward batch (at least 1).")]
+
+
+def _max_memory(value: str | None) -> str | None:
+    """--max-memory callback: parse the size and set the process-wide limit (cleared when not given); bad text is
+    one line on stderr, exit 2, before any work."""
+    from ..core.limits import parse_size, set_memory_limit
+
+    try:
+        set_memory_limit(parse_size(value) if value is not None else None)
+    except ValueError as err:
+        _one_line(f"--max-memory {err}")
+        raise typer.Exit(2) from None
+    return value
+
+
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        callback=_max_memory,
+        help="Memory this command may use, e.g. 64GB or 512GiB (default: the machine's RAM / the GPU's memory). "
+        "Per-expert state (Hessians, HEAPr's G) is held a chunk of experts at a time to stay under it, and the "
+        "command refuses up front when even that is predicted not to fit (see `moecompress plan`).",
+        show_default=False,
+    ),
+]

@@ -13,6 +13,7 @@ from ..core.progress import console, out_console
 from ..version import __version__
 from . import compress as compress_cli
 from . import merge as merge_cli
+from . import plan as plan_cli
 from . import prune as prune_cli
 from . import quantize as quantize_cli
 from . import report as report_cli
@@ -227,7 +228,7 @@ def eval_cmd(
 
 
 # the other commands live one per module, each with register(app); help lists them in this order
-for _command in (merge_cli, report_cli, prune_cli, quantize_cli, compress_cli):
+for _command in (merge_cli, report_cli, prune_cli, quantize_cli, compress_cli, plan_cli):
     _command.register(app)
 
 

@@ -9,6 +9,7 @@ calibration tokens (a reused profile's own windows when it names them), the prof
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,29 @@ import torch
 from ..calibration.sets import TokenSet, calibration_set, check_seq_len, load_tokenizer
 from .checkpoint import Checkpoint
 from .engine import Engine
+from .errors import UserError
+from .limits import memory_limit
 from .writer import check_output
+
+
+def check_fits_up_front(
+    ckpt: Checkpoint, op: str, settings: dict[str, Any], *, samples: int, seq_len: int, batch_size: int,
+    device: torch.device, profile_reused: bool = False,
+) -> None:  # fmt: skip
+    """Refuse ``op`` in one line (UserError) when its predicted peak host or GPU memory exceeds the machine or
+    --max-memory. A model the cost model cannot size (an unusual config) is not refused."""
+    from ..estimate import check_fits, predict, shape_of_config
+
+    try:
+        shape = shape_of_config(ckpt.config)
+        settings.setdefault("profile_reused", profile_reused)
+        est = predict(
+            shape, op, samples=samples, seq_len=seq_len, batch_size=batch_size, device=device.type,
+            max_memory=memory_limit(), **settings,
+        )  # fmt: skip
+    except (UserError, ValueError, KeyError, TypeError, OSError):
+        return
+    check_fits(est, device.type, memory_limit())
 
 
 @dataclass
@@ -54,13 +77,25 @@ class Job:
         profile_dir: str | Path | None = None,
         tokens: TokenSet | None = None,
         profile_windows: bool = True,
+        op: str | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> Job:
-        """Validate everything that can be validated without compute; the output is checked, not created."""
+        """Validate everything that can be validated without compute; the output is checked, not created.
+
+        With ``op`` (profile, prune, atom, merge, quantize, compress) and its ``settings`` (method, refit, plan,
+        hessian, stages, ... as ``estimate.predict`` takes them), refuse in one line when the predicted peak
+        memory exceeds this machine's RAM, the GPU or --max-memory (``core.limits.memory_limit()``)."""
         started = time.time()
         ckpt = Checkpoint(model)
         out = check_output(output, ckpt.path, overwrite) if output is not None else None
         if tokens is None and (profile_dir is None or not profile_windows):  # else the profile's windows
             check_seq_len(seq_len, ckpt.config)
+        if op is not None:
+            n, s = (tokens.input_ids.shape[0], tokens.input_ids.shape[1]) if tokens is not None else (samples, seq_len)
+            check_fits_up_front(
+                ckpt, op, dict(settings or {}), samples=n, seq_len=s, batch_size=batch_size,
+                device=device or torch.device("cpu"), profile_reused=profile_dir is not None,
+            )  # fmt: skip
         return cls(
             ckpt, out, device or torch.device("cpu"), batch_size, overwrite, calib, samples, seq_len, seed,
             Path(profile_dir) if profile_dir is not None else None, started, profile_windows, tokens,

@@ -1,0 +1,65 @@
+"""Fit the cost model's coefficients to measured runs: non-negative least squares on relative errors.
+
+    coefs = fit(runs)   # runs: [{"variant", "shape": ModelShape, "settings": Settings, "host_bytes", "seconds"}]
+
+Each row is divided by its measurement, so a 1 GiB run and a 16 GiB run weigh the same (the target is a relative
+error). Coefficients are non-negative (a copy count or seconds per operation is never negative).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.optimize import nnls
+
+from .model import features, priors
+
+
+def fit_terms(
+    rows: list[dict[str, float]], measured: list[float], prior: dict[str, float] | None = None, weight: float = 0.01
+) -> dict[str, float]:
+    """Non-negative c minimizing sum_i ((sum_j c_j rows[i][j] - m_i) / m_i)^2 + weight sum_j (c_j / prior_j - 1)^2.
+
+    The prior term only decides what the runs leave open (terms that do not vary across them); with
+    ``prior=None`` it is left out. Raises ValueError without data."""
+    if not rows or len(rows) != len(measured) or min(measured) <= 0:
+        raise ValueError("fit needs at least one run with a positive measurement per row")
+    names = sorted({n for r in rows for n in r})
+    if prior is None:
+        scale = np.array(
+            [max(max(abs(r.get(n, 0.0)) / m for r, m in zip(rows, measured, strict=True)), 1e-300) for n in names]
+        )
+        scale = 1.0 / scale
+    else:
+        scale = np.array([prior.get(n, 1.0) for n in names], dtype=np.float64)
+    # x_j = c_j / scale_j; each row divided by its measurement (relative errors)
+    A = np.array(
+        [
+            [r.get(n, 0.0) * sc / m for n, sc in zip(names, scale, strict=True)]
+            for r, m in zip(rows, measured, strict=True)
+        ]
+    )
+    b = np.ones(len(rows))
+    if prior is not None:
+        A = np.vstack([A, np.sqrt(weight) * np.eye(len(names))])
+        b = np.concatenate([b, np.sqrt(weight) * np.ones(len(names))])
+    x, _ = nnls(A, b, maxiter=50 * len(names))
+    return {n: float(v * sc) for n, v, sc in zip(names, x, scale, strict=True)}
+
+
+def fit(runs: list[dict[str, Any]], mac_per_s: float | None = None) -> dict[str, dict[str, Any]]:
+    """Per variant: fitted "host" and "seconds" coefficients and the runs they came from (pulled weakly towards
+    ``model.priors(mac_per_s)`` when given)."""
+    host_prior, time_prior = priors(mac_per_s) if mac_per_s else (None, None)
+    out: dict[str, dict[str, Any]] = {}
+    for var in sorted({r["variant"] for r in runs}):
+        mine = [r for r in runs if r["variant"] == var]
+        mem = [features(r["shape"], var, r["settings"])[0] for r in mine]
+        tim = [features(r["shape"], var, r["settings"])[2] for r in mine]
+        out[var] = {
+            "host": fit_terms(mem, [float(r["host_bytes"]) for r in mine], host_prior),
+            "seconds": fit_terms(tim, [float(r["seconds"]) for r in mine], time_prior),
+            "runs": [r["name"] for r in mine],
+        }
+    return out

@@ -1,0 +1,234 @@
+"""The cost model: per operation, peak host memory, peak GPU memory, activation-cache disk and time.
+
+Each prediction is a sum of named terms, each a size or an operation count computed from the model's shape and the
+calibration settings (``features``), times a coefficient fitted by least squares on measured runs
+(``bench/scale_bench.py --ops-sweep`` then ``--fit``; stored in ``coefficients.json`` beside this module with the
+command that produced it). Memory terms are bytes, time terms are multiply-adds or bytes; the coefficient of a
+memory term is "copies held at the peak", the coefficient of a time term is seconds per unit on one CPU thread.
+
+    est = predict(shape, "quantize", samples=128, seq_len=2048, plan="lp", device="cuda")
+    est.host_bytes, est.gpu_bytes, est.disk_bytes, est.seconds, est.time_class
+
+The activation-cache disk is not fitted: it follows the engine's spill rule (the cache of T H fp32 values spills to
+disk past 4 GiB; HEAPr keeps every layer's inputs and spills once they pass 4 GiB together).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .shape import ModelShape
+
+COEFFICIENTS = Path(__file__).with_name("coefficients.json")
+SPILL_BYTES = 4 * 1024**3  # the engine's activation cache spills past this (core/stream.py)
+OPS = ("profile", "prune", "atom", "merge", "quantize", "compress")
+PROFILE_SIM_TOKENS = 256  # profile --sim-tokens default
+MERGE_SIM_TOKENS = 512  # merge --sim-tokens default
+ERROR_TOKENS = 4096  # prune --error-tokens default
+TIME_CLASSES = ((60.0, "seconds"), (3600.0, "minutes"), (86400.0, "hours"), (math.inf, "days"))
+CHUNKED = {"quantize": "hessians", "atom": "G"}  # per-expert state these ops hold a chunk of at a time
+
+
+# What the fit is pulled towards where the runs cannot tell terms apart (a weak prior, see fit.fit_terms): one copy
+# of every memory term, a Python + torch process's baseline, and every time term at one CPU thread's measured
+# multiply-add rate (``mac_per_s`` in coefficients.json, measured by the bench that fits).
+PRIOR_HOST_CONST = 5e8
+PRIOR_SECONDS_CONST = 2.0
+
+
+def priors(mac_per_s: float) -> tuple[dict[str, float], dict[str, float]]:
+    """(host prior per term, seconds prior per term): see PRIOR_HOST_CONST."""
+    host = {n: 1.0 for n in ("layer", "acts", "sim", "err", "cache", "align", "codes", "hessians", "G")}
+    secs = {n: 1.0 / mac_per_s for n in ("fwd", "sim", "search", "refit", "svd", "rtn", "gptq", "hessians")}
+    secs.update(grads=1.0 / mac_per_s, score=1.0 / mac_per_s)
+    return {"const": PRIOR_HOST_CONST, **host}, {"const": PRIOR_SECONDS_CONST, **secs}
+
+
+def time_class(seconds: float) -> str:
+    return next(name for bound, name in TIME_CLASSES if seconds < bound)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Calibration and op settings a prediction depends on (the CLI's options)."""
+
+    samples: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+    device: str = "cpu"
+    method: str | None = None
+    refit: str | None = None
+    plan: str = "lp"
+    hessian: str = "full"
+    sim_tokens: int | None = None
+    error_tokens: int = ERROR_TOKENS
+    profile_reused: bool = False
+    stages: tuple[str, ...] = ()
+    max_memory: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.samples * self.seq_len
+
+
+def variant(op: str, s: Settings) -> str:
+    """The fitted model an op and its settings use (one coefficient set per variant)."""
+    if op == "prune":
+        if s.method not in (None, "output-error"):
+            return "prune-reap"  # every profile-score method costs a profile pass and a sort
+        return "prune-refit" if s.refit not in (None, "none") else "prune"
+    if op == "quantize":
+        if s.method == "rtn":
+            return "quantize-rtn"
+        return "quantize-lp" if s.plan == "lp" else "quantize-gptq"
+    return op
+
+
+def features(shape: ModelShape, var: str, s: Settings) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """(memory terms in bytes, of which per-expert state that --max-memory may chunk, time terms) of one variant."""
+    H, E, I, k = shape.hidden, shape.experts, shape.width, shape.top_k
+    L, Lm, T = shape.layers, shape.moe_layers, s.tokens
+    Tb = min(T, s.batch_size * s.seq_len)
+    acts = 4.0 * T * H  # the activation cache, fp32 [T, H]
+    acts_mem = acts if acts <= SPILL_BYTES else 4.0 * Tb * H * 2
+    layer = 4.0 * shape.layer_params  # the one decoder layer the engine holds, fp32
+    fwd = L * T * shape.active_params_per_token + L * T * s.seq_len * H  # multiply-adds of a pass
+    mem: dict[str, float] = {"const": 1.0, "layer": layer, "acts": acts_mem}
+    state: dict[str, float] = {}
+    tim: dict[str, float] = {"const": 1.0, "fwd": fwd}
+    expert_fwd = 3.0 * H * I  # multiply-adds of one expert on one token
+    sim = s.sim_tokens or (MERGE_SIM_TOKENS if var == "merge" else PROFILE_SIM_TOKENS)
+    if var in ("profile", "prune", "prune-reap", "prune-refit"):
+        mem["sim"] = 4.0 * sim * E * H
+        tim["sim"] = Lm * sim * E * expert_fwd
+    if var in ("prune", "prune-refit"):
+        err = min(s.error_tokens, T)
+        mem["err"] = 4.0 * err * E * H
+        tim["search"] = Lm * err * E * expert_fwd
+    if var == "prune-refit":
+        mem["cache"] = 4.0 * T * k * H
+        tim["refit"] = Lm * T * E * H
+    if var == "merge":
+        mem["sim"] = 4.0 * sim * E * H
+        mem["align"] = 4.0 * E * I * I
+        tim["sim"] = Lm * sim * E * expert_fwd
+        tim["svd"] = Lm * E * H * I * min(H, I)
+    if var == "quantize-rtn":
+        mem["codes"] = 1.0 * shape.moe_layer_params
+        tim["rtn"] = Lm * shape.moe_layer_params
+    if var in ("quantize-gptq", "quantize-lp"):
+        state["hessians"] = 4.0 * E * (H * H + I * I)  # [E, H, H] + [E, I, I] fp32
+        tim["gptq"] = Lm * E * I * H * (2.0 * H + I)
+        tim["hessians"] = Lm * T * k * (H * H + I * I)
+    if var == "quantize-lp":
+        mem["codes"] = 4.0 * shape.moe_layer_params
+    if var == "atom":
+        every = 4.0 * (L + 1) * T * H  # every layer's inputs (and gradients), spilled together past 4 GiB
+        mem["acts"] = every if every <= SPILL_BYTES else acts_mem
+        state["G"] = 4.0 * E * H * H if s.hessian == "full" else 4.0 * E * H * (I if s.hessian == "diag" else 64)
+        tim["grads"] = Lm * T * k * H * H if s.hessian == "full" else Lm * T * k * H * I
+        tim["score"] = Lm * E * I * H * (H if s.hessian == "full" else 1)
+    mem.update(state)
+    return mem, state, tim
+
+
+def disk_bytes(shape: ModelShape, var: str, s: Settings) -> int:
+    """Activation-cache bytes spilled to disk at the peak (the engine's rule, not fitted)."""
+    acts = 4 * s.tokens * shape.hidden
+    if var == "atom":
+        every = 2 * (shape.layers + 1) * acts  # inputs and gradients of every layer
+        return every if every // 2 > SPILL_BYTES else 0
+    return 2 * acts if acts > SPILL_BYTES else 0  # inputs and the next layer's outputs
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def coefficients(path: Path | None = None) -> dict[str, Any]:
+    """The fitted coefficients (``coefficients.json``): {"ops": {variant: {"host": {...}, "seconds": {...}}}}."""
+    return _load(str(path or COEFFICIENTS))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    op: str
+    variant: str
+    host_bytes: int
+    gpu_bytes: int
+    disk_bytes: int
+    seconds: float
+    terms: dict[str, float] = field(default_factory=dict)  # host bytes per term (what dominates)
+
+    @property
+    def time_class(self) -> str:
+        return time_class(self.seconds)
+
+
+def _apply(coef: dict[str, float], terms: dict[str, float]) -> dict[str, float]:
+    return {name: coef.get(name, 0.0) * value for name, value in terms.items()}
+
+
+def predict_variant(shape: ModelShape, var: str, s: Settings, coefs: dict[str, Any] | None = None) -> Estimate:
+    """One fitted variant: host/GPU peak, disk, one-thread CPU seconds."""
+    c = (coefs or coefficients())["ops"][var]
+    mem, state, tim = features(shape, var, s)
+    host = _apply(c["host"], mem)
+    seconds = sum(_apply(c["seconds"], tim).values())
+    if s.max_memory is not None and state:  # per-expert state is held a chunk of experts at a time
+        rest = sum(v for n, v in host.items() if n not in state)
+        held = sum(host[n] for n in state)
+        room = max(s.max_memory - rest, held / shape.experts)
+        if held > room:
+            for n in state:
+                host[n] *= room / held
+    gpu = 0.0
+    if s.device.startswith("cuda"):  # the layer, its per-expert state and (unspilled) cache live on the GPU
+        gpu = sum(v for n, v in host.items() if n != "const")
+        host = {"const": host["const"], "read": 1.0 * shape.dtype_bytes * shape.layer_params}
+    return Estimate("", var, int(sum(host.values())), int(gpu), disk_bytes(shape, var, s), float(seconds), host)
+
+
+def predict(shape: ModelShape, op: str, coefs: dict[str, Any] | None = None, **settings: Any) -> Estimate:
+    """Predict one operation (``op`` in OPS) with the CLI's settings (samples, seq_len, batch_size, device, method,
+    refit, plan, hessian, sim_tokens, error_tokens, profile_reused, stages, max_memory)."""
+    if op not in OPS:
+        raise ValueError(f"unknown operation {op!r}: use one of {', '.join(OPS)}")
+    known = {k: v for k, v in settings.items() if k in Settings.__dataclass_fields__ and v is not None}
+    if "stages" in known:
+        known["stages"] = tuple(known["stages"])
+    s = Settings(**known)
+    if op != "compress":
+        est = predict_variant(shape, variant(op, s), s, coefs)
+        if s.profile_reused and op == "prune":  # the profile pass is not run again
+            prof = predict_variant(shape, "profile", s, coefs)
+            est = _replace(est, seconds=max(est.seconds - prof.seconds + _const_seconds(coefs), _const_seconds(coefs)))
+        return _replace(est, op=op)
+    # compress: a profile pass (unless reused), then one engine pass running every stage's transform per layer
+    stages = [variant(st, s) for st in (s.stages or ("prune",))]
+    parts = [predict_variant(shape, v, s, coefs) for v in stages]
+    prof = predict_variant(shape, "profile", s, coefs)
+    base = _const_seconds(coefs)
+    seconds = base + (0.0 if s.profile_reused else prof.seconds - base)
+    for v, p in zip(stages, parts, strict=True):  # a measured prune includes its own profile pass
+        seconds += p.seconds - base - (prof.seconds - base if v.startswith("prune") else 0.0)
+    host = max(p.host_bytes for p in [*parts, prof])
+    gpu = max(p.gpu_bytes for p in [*parts, prof])
+    disk = max(p.disk_bytes for p in parts)
+    return Estimate("compress", "+".join(stages), host, gpu, disk, max(seconds, base), {})
+
+
+def _const_seconds(coefs: dict[str, Any] | None) -> float:
+    return float((coefs or coefficients())["ops"]["profile"]["seconds"].get("const", 0.0))
+
+
+def _replace(est: Estimate, **kw: Any) -> Estimate:
+    from dataclasses import replace
+
+    return replace(est, **kw)

@@ -1,0 +1,113 @@
+"""estimate: shapes from config.json agree with the real transformers models; predictions move the right way with
+tokens, device and --max-memory; the least-squares fit recovers known coefficients; the shipped fit is complete."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_config
+from transformers import AutoModelForCausalLM
+
+from moecompress.core.errors import UserError
+from moecompress.estimate import check_fits, coefficients, predict, shape_of_config, shape_of_folder
+from moecompress.estimate.fit import fit_terms
+from moecompress.estimate.model import Settings, features, variant
+
+VARIANTS = ("profile", "prune", "prune-reap", "prune-refit", "merge", "quantize-rtn", "quantize-gptq", "quantize-lp",
+            "atom")  # fmt: skip
+
+
+def unit_coefs() -> dict:
+    """Every term's coefficient 1: predictions are the plain sums of the terms (no fitted numbers involved)."""
+    ones = {n: 1.0 for n in ("const", "layer", "acts", "sim", "err", "cache", "align", "codes", "hessians", "G")}
+    time_terms = ("const", "fwd", "sim", "search", "refit", "svd", "rtn", "gptq", "hessians", "grads", "score")
+    secs = {n: 1e-9 for n in time_terms}
+    return {"ops": {v: {"host": dict(ones), "seconds": dict(secs)} for v in VARIANTS}}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shape_counts_the_real_parameters(family: str) -> None:
+    cfg = tiny_config(family)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    real = sum(p.numel() for p in model.parameters())
+    shape = shape_of_config(cfg)
+    assert abs(shape.params - real) / real < 0.02, (shape, real)  # norms and biases are left out
+    assert shape.moe_layers == (2 if family in ("qwen2_moe", "deepseek_v3") else 3)
+
+
+def test_shape_of_a_config_only_folder(tmp_path) -> None:
+    """A 700 GB model can be planned from config.json alone: no weights in the folder."""
+    (tmp_path / "config.json").write_text(tiny_config("deepseek_v3").to_json_string())
+    shape = shape_of_folder(tmp_path)
+    assert (shape.experts, shape.top_k, shape.width, shape.shared_width) == (8, 2, 24, 24)
+    assert shape.layers == 3 and shape.moe_layers == 2
+
+
+def test_predictions_move_the_right_way() -> None:
+    shape = shape_of_config(tiny_config("qwen3_moe", hidden_size=512, num_experts=64, moe_intermediate_size=256))
+    c = unit_coefs()
+    small = predict(shape, "quantize", coefs=c, samples=16, seq_len=256)
+    big = predict(shape, "quantize", coefs=c, samples=64, seq_len=256)
+    assert big.host_bytes > small.host_bytes and big.seconds > small.seconds
+    gpu = predict(shape, "quantize", coefs=c, samples=16, seq_len=256, device="cuda")
+    assert gpu.gpu_bytes > 0 and gpu.host_bytes < small.host_bytes and small.gpu_bytes == 0
+    # Hessians are chunked under --max-memory, never below one expert's
+    hess = features(shape, "quantize-lp", Settings())[1]["hessians"]
+    capped = predict(shape, "quantize", coefs=c, samples=16, seq_len=256, max_memory=small.host_bytes - hess // 2)
+    assert capped.host_bytes == pytest.approx(small.host_bytes - hess // 2, rel=1e-6)
+    floor = predict(shape, "quantize", coefs=c, samples=16, seq_len=256, max_memory=1)
+    assert floor.host_bytes == pytest.approx(small.host_bytes - hess + hess / 64, rel=1e-6)
+    # the activation cache spills to disk past 4 GiB (engine rule) and is then not held in memory
+    huge = predict(shape, "profile", coefs=c, samples=4096, seq_len=2048)
+    assert huge.disk_bytes == 2 * 4 * 4096 * 2048 * 512 and huge.host_bytes < huge.disk_bytes
+    assert predict(shape, "profile", coefs=c, samples=16, seq_len=256).disk_bytes == 0
+    # compress: one profile pass plus the stages, at the largest stage's peak
+    comp = predict(shape, "compress", coefs=c, samples=16, seq_len=256, stages=["prune", "quantize"])
+    prune = predict(shape, "prune", coefs=c, samples=16, seq_len=256)
+    assert comp.host_bytes == max(small.host_bytes, prune.host_bytes)
+    assert comp.seconds > small.seconds
+
+
+def test_variants() -> None:
+    assert variant("prune", Settings(method="reap")) == "prune-reap"
+    assert variant("prune", Settings(refit="router+down")) == "prune-refit"
+    assert variant("quantize", Settings(plan="uniform")) == "quantize-gptq"
+    assert variant("quantize", Settings(method="rtn")) == "quantize-rtn"
+    with pytest.raises(ValueError):
+        predict(shape_of_config(tiny_config("mixtral")), "shrink", coefs=unit_coefs())
+
+
+def test_fit_recovers_known_coefficients() -> None:
+    truth = {"const": 0.5, "layer": 2.5, "acts": 1.0}
+    rows = [{"const": 1.0, "layer": float(l), "acts": float(a)} for l in (1e6, 4e7, 3e8) for a in (2e5, 9e7)]
+    measured = [sum(truth[n] * r[n] for n in r) for r in rows]
+    got = fit_terms(rows, measured)
+    assert got == pytest.approx(truth, rel=1e-6)
+    with pytest.raises(ValueError):
+        fit_terms([], [])
+
+
+def test_check_fits_refuses_in_one_line() -> None:
+    shape = shape_of_config(tiny_config("qwen3_moe"))
+    est = predict(shape, "quantize", coefs=unit_coefs(), samples=8, seq_len=32)
+    check_fits(est, "cpu", max_memory=est.host_bytes)  # exactly at the limit fits
+    with pytest.raises(UserError) as err:
+        check_fits(est, "cpu", max_memory=est.host_bytes - 1)
+    msg = str(err.value)
+    assert "\n" not in msg and "quantize is predicted to need" in msg and "torchrun" in msg
+
+
+def test_shipped_coefficients_cover_every_variant() -> None:
+    c = coefficients()
+    assert c["command"].startswith("OMP_NUM_THREADS=1 ") and "scale_bench.py" in c["command"]
+    for v in VARIANTS:
+        assert v in c["ops"], v
+        assert c["ops"][v]["host"].get("const", 0) > 0 and c["ops"][v]["runs"]
+    shape = shape_of_config(tiny_config("mixtral"))
+    for op in ("profile", "prune", "atom", "merge", "quantize", "compress"):
+        est = predict(shape, op, samples=8, seq_len=32)
+        assert 2**26 < est.host_bytes < 2**34 and est.seconds > 0  # a tiny model: a Python process, seconds
+    json.dumps(c)
