@@ -18,7 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.experts import routed_forward  # noqa: F401  (re-exported: the eager experts computation)
+from ..core.experts import (
+    expert_outputs,
+    routed_forward,  # noqa: F401  (re-exported: the eager experts computation)
+)
 
 
 @dataclass
@@ -117,8 +120,7 @@ def output_similarity(
     x: torch.Tensor,  # [N, H] sampled tokens, every expert evaluated on all of them
 ) -> torch.Tensor:
     """Mean per-token cosine similarity of expert outputs: [E, E]."""
-    g, u = torch.einsum("nh,eih->eni", x, gate_up).chunk(2, dim=-1)
-    f = torch.einsum("eni,ehi->enh", act(g) * u, down)  # [E, N, H]
+    f = expert_outputs(gate_up, down, act, x)  # [E, N, H] (biased experts: their own computation)
     f = nn.functional.normalize(f.double(), dim=-1)
     return torch.einsum("anh,bnh->ab", f, f) / x.shape[0]
 
