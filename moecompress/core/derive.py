@@ -52,6 +52,14 @@ _CONTIGUOUS_GROUPS = re.compile(r"\.view\(\s*-1,\s*self\.(\w+),\s*self\.\w+\s*//
 
 
 @lru_cache(maxsize=1)
+def _clamped_swiglu_source() -> str:
+    """gpt-oss's gated activation (``GptOssExperts._apply_gate``), normalized: ``core.experts.clamped_swiglu``."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    return _norm_source(GptOssExperts._apply_gate)
+
+
+@lru_cache(maxsize=1)
 def _reference_routing() -> dict[str, tuple[str, str]]:
     """Normalized (block, router) sources of the hand-written families whose routing moecompress re-implements."""
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
@@ -98,8 +106,6 @@ def derive(cfg: Any) -> dict[str, Any]:
     if getattr(cfg, "text_config", None) is not None:
         raise Refusal("its config nests a text_config (a multimodal model): moecompress reads text-only causal LMs")
     model = meta_model(cfg)
-    if not getattr(model, "_supports_sdpa", False):
-        raise Refusal(f"{type(model).__name__} has no SDPA attention (the layer stream runs attention through SDPA)")
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise Refusal("its decoder layers are not at model.layers")
@@ -131,23 +137,31 @@ def derive(cfg: Any) -> dict[str, Any]:
     }
     if not flags["has_gate"]:
         raise Refusal("its experts have no gate projection (has_gate=False): the expert view is gate/up/down")
-    if flags["is_transposed"] or flags["has_bias"]:
-        raise Refusal("its experts are transposed and/or carry biases (is_transposed/has_bias), not yet read/written")
-    if not flags["is_concatenated"]:
-        raise Refusal("its experts interleave gate and up rows (is_concatenated=False)")
     if flags["has_post_expert_norm"]:
         raise Refusal("its experts apply a norm after each expert (has_post_expert_norm=True)")
+    gate = None
     if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-        raise Refusal(f"{type(ex).__name__} overrides _apply_gate (a custom gated activation, e.g. clamped SwiGLU)")
-    if not hasattr(ex, "act_fn"):
+        if _norm_source(type(ex)._apply_gate) != _clamped_swiglu_source():
+            raise Refusal(f"{type(ex).__name__} overrides _apply_gate (a custom gated activation moecompress lacks)")
+        gate = "clamped_swiglu"  # gpt-oss's, with the experts' alpha and limit
+    elif not hasattr(ex, "act_fn"):
         raise Refusal(f"{type(ex).__name__} has no act_fn")
+    if gate is not None and not all(isinstance(getattr(ex, a, None), (int, float)) for a in ("alpha", "limit")):
+        raise Refusal(f"{type(ex).__name__} has no numeric alpha and limit for its clamped SwiGLU")
     params = {n: tuple(p.shape) for n, p in ex.named_parameters()}
-    if set(params) != {"gate_up_proj", "down_proj"} or list(ex.buffers()):
-        raise Refusal(f"its experts hold {sorted(params)}, not exactly gate_up_proj and down_proj")
-    E, I2, H = params["gate_up_proj"]
-    I = I2 // 2
-    if I2 % 2 or params["down_proj"] != (E, H, I) or H != cfg.hidden_size:
-        raise Refusal(f"its experts have shapes {params}, not gate_up [E, 2I, H] and down [E, H, I]")
+    want = {"gate_up_proj", "down_proj"} | ({"gate_up_proj_bias", "down_proj_bias"} if flags["has_bias"] else set())
+    if set(params) != want or list(ex.buffers()):
+        raise Refusal(f"its experts hold {sorted(params)}, not exactly {sorted(want)}")
+    if flags["is_transposed"]:
+        E, H, I2 = params["gate_up_proj"]
+        down_shape = (E, I2 // 2, H)
+    else:
+        E, I2, H = params["gate_up_proj"]
+        down_shape = (E, H, I2 // 2)
+    if I2 % 2 or params["down_proj"] != down_shape or H != cfg.hidden_size:
+        raise Refusal(f"its experts have shapes {params}, not gate_up [E, 2I, H] and down [E, H, I] (or transposed)")
+    if flags["has_bias"] and (params["gate_up_proj_bias"] != (E, I2) or params["down_proj_bias"] != (E, H)):
+        raise Refusal(f"its expert biases have shapes {params}, not [E, 2I] and [E, H]")
     for l in moe:
         got = {n: tuple(p.shape) for n, p in found[l][0][1].named_parameters()}
         if got != params:
@@ -202,9 +216,11 @@ def derive(cfg: Any) -> dict[str, Any]:
     if top_k_key is None:
         raise Refusal("its config has no integer num_experts_per_tok (the router's top-k)")
 
-    disk_block, expert_names, renames, (disk_router, disk_correction) = _disk_layout(
+    disk_block, expert_names, renames, (disk_router, disk_correction), fused_disk = _disk_layout(
         model, l0, block_name, experts_name, router_name, E
     )
+    if (flags["is_transposed"] or flags["has_bias"] or not flags["is_concatenated"]) and not fused_disk:
+        raise Refusal("its experts are transposed, interleaved or biased in memory but saved per expert: not mapped")
 
     reference = None
     sig = (_norm_source(type(block)), _norm_source(type(router)))
@@ -234,15 +250,19 @@ def derive(cfg: Any) -> dict[str, Any]:
         "dense": frozenset(range(len(layers))) - frozenset(moe),
         "routing_like": reference,
         "flags": flags,
+        "gate": gate,
+        "fused_disk": fused_disk,
         "classes": (type(block).__name__, type(router).__name__, type(ex).__name__),
     }
 
 
 def _disk_layout(
     model: torch.nn.Module, l: int, block: str, experts: str, router: str, E: int
-) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None]]:
+) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None], bool]:
     """(block name on disk, per-expert (gate, up, down) names, other per-layer renames, (router name, correction
-    bias block-relative name) on disk when they differ) from transformers' own save path.
+    bias block-relative name) on disk when they differ, fused on disk) from transformers' own save path.
+    Fused on disk is supported when transformers saves the experts module's own tensors under their own names
+    (gpt-oss); fused tensors renamed on disk (Granite's input_linear/output_linear) are refused.
 
     Marker tensors stand in for layer l's fused experts; after ``revert_weight_conversion`` each per-expert key is
     matched to its (expert, projection) by value, so a transposed, reordered or renamed layout is seen, not assumed."""
@@ -267,10 +287,21 @@ def _disk_layout(
         raise Refusal(f"transformers' save conversion fails on it ({type(err).__name__}: {str(err)[:120]})") from None
     marked = {k: v for k, v in out.items() if v.device.type != "meta" and v.dtype == torch.float64}
     fused = [k for k, v in marked.items() if v.shape[0] == E and v.dim() == 3]
+    if (
+        fused
+        and set(marked) == {gu_key, dn_key}
+        and torch.equal(out[gu_key], gate_up)
+        and torch.equal(out[dn_key], down)
+    ):
+        if set(out) != set(sd):  # fused experts saved as they are, and nothing else renamed
+            raise Refusal(
+                f"transformers renames tensors on disk besides its fused experts ({sorted(set(out) ^ set(sd))[:2]})"
+            )
+        return block, ("gate_up_proj", "gate_up_proj", "down_proj"), (), (None, None), True
     if fused:
         raise Refusal(
-            f"its experts are fused on disk ({', '.join(sorted(fused))}): moecompress writes per-expert keys "
-            "and cannot write this layout back yet"
+            f"its experts are fused on disk under other names ({', '.join(sorted(fused))}): moecompress cannot "
+            "write this layout back yet"
         )
     pat = re.compile(
         rf"^{re.escape(prefix)}(?P<block>[\w.]+?)\.{re.escape(experts)}\.(?P<e>\d+)\.(?P<name>\w+)\.weight$"
@@ -334,4 +365,4 @@ def _disk_layout(
         renames[disk_rel] = module_rel
     layout = (names[0].pop(), names[1].pop(), names[2].pop())
     routers = None if disk_router == router else disk_router, disk_correction
-    return disk_block, layout, tuple(sorted(renames.items())), routers
+    return disk_block, layout, tuple(sorted(renames.items())), routers, False

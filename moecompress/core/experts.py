@@ -1,5 +1,8 @@
 """The one expert computation (SwiGLU-style gated MLP) every operation uses, honouring the family's activation.
 
+Experts with biases and their own gate (gpt-oss) run as ``BiasedExperts``, whose ``act_fn`` (an ``ExpertsKernel``)
+``routed_forward`` and ``expert_outputs`` compute with exactly, while the plain act(g) * u helpers refuse it.
+
 For expert e with gate, up [I, H] and down [H, I] (transformers' fused ``gate_up_proj`` [E, 2I, H] holds gate
 rows first): h(x) = act(x gate^T) * (x up^T) [T, I], f(x) = h(x) down^T [T, H]. ``act`` is the model's own
 activation (``experts.act_fn`` of the transformers module, or ``activation(config)``): never assume SiLU.
@@ -8,11 +11,84 @@ activation (``experts.act_fn`` of the transformers module, or ``activation(confi
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from .errors import UserError
+
 Act = Callable[[torch.Tensor], torch.Tensor]
+
+
+def clamped_swiglu(g: torch.Tensor, u: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's gated activation (``GptOssExperts._apply_gate``): (clamp(u, ±limit) + 1) * g' sigmoid(alpha g'),
+    g' = min(g, limit). g, u [n, I] -> [n, I]."""
+    g = g.clamp(min=None, max=limit)
+    u = u.clamp(min=-limit, max=limit)
+    return (u + 1) * (g * torch.sigmoid(g * alpha))
+
+
+class ExpertsKernel:
+    """The ``act_fn`` of ``BiasedExperts``: the expert computation of experts with biases and their own gated
+    activation (gpt-oss). ``routed_forward`` and ``expert_outputs`` compute with it exactly; the plain helpers
+    (``expert_hidden``, ``fused_hidden``, calling it as act(g)) refuse in one line, since an operation that models
+    experts as act(gate x) * (up x) without biases would be silently wrong on these experts."""
+
+    def __init__(self, module: BiasedExperts):
+        self.module = module
+
+    def hidden(self, x: torch.Tensor, gate_up: torch.Tensor, e: int) -> torch.Tensor:
+        """h(x) of expert e: x [n, H], gate_up [2I, H] (gate rows first) -> [n, I]."""
+        g, u = nn.functional.linear(x, gate_up, self.module.gate_up_bias[e]).chunk(2, dim=-1)
+        return self.module.glu(g, u)
+
+    def output(self, h: torch.Tensor, down: torch.Tensor, e: int) -> torch.Tensor:
+        """f = h down^T + b_down: h [n, I], down [H, I] -> [n, H]."""
+        return nn.functional.linear(h, down, self.module.down_bias[e])
+
+    def refuse(self) -> UserError:
+        return UserError(
+            f"this model's experts carry biases and a {self.module.gate} activation ({self.module.family}) that this "
+            "operation's expert math does not model, so it is refused for this model type (profile, expert pruning "
+            "by frequency, routing-mass or reap, eval and load work)"
+        )
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        raise self.refuse()
+
+
+class BiasedExperts(nn.Module):
+    """The experts of a family whose module is not act(g) * u over [E, 2I, H] (gpt-oss: transposed, gate/up
+    interleaved, biases, clamped SwiGLU), held in the internal view's layout so every moecompress path reads it the
+    same way: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I], gate_up_bias [E, 2I], down_bias [E, H].
+    ``forward`` is the family's eager computation (same values up to float rounding)."""
+
+    def __init__(self, E: int, H: int, I: int, family: str, gate: str, alpha: float, limit: float):
+        super().__init__()
+        if gate != "clamped_swiglu":
+            raise ValueError(f"unknown expert gate {gate!r}")
+        self.num_experts, self.family, self.gate, self.alpha, self.limit = E, family, gate, alpha, limit
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(E, H, I), requires_grad=False)
+        self.gate_up_bias = nn.Parameter(torch.empty(E, 2 * I), requires_grad=False)
+        self.down_bias = nn.Parameter(torch.empty(E, H), requires_grad=False)
+        self.act_fn = ExpertsKernel(self)
+
+    def glu(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return clamped_swiglu(g, u, self.alpha, self.limit)
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return routed_forward(self.gate_up_proj, self.down_proj, self.act_fn, hidden, top_k_index, top_k_weights)
+
+
+def expert_outputs(gate_up: torch.Tensor, down: torch.Tensor, act: Act, x: torch.Tensor) -> torch.Tensor:
+    """Every expert's unweighted output on the same tokens: gate_up [E, 2I, H], down [E, H, I], x [N, H] ->
+    [E, N, H] (with the experts' biases and own activation for ``BiasedExperts``)."""
+    if isinstance(act, ExpertsKernel):
+        return torch.stack([act.output(act.hidden(x, gate_up[e], e), down[e], e) for e in range(gate_up.shape[0])])
+    g, u = torch.einsum("nh,eih->eni", x, gate_up).chunk(2, dim=-1)
+    return torch.einsum("eni,ehi->enh", act(g) * u, down)
 
 
 def activation(config: object) -> Act:
@@ -24,6 +100,8 @@ def activation(config: object) -> Act:
 
 def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Act) -> torch.Tensor:
     """h(x) = act(x gate^T) * (x up^T): x [T, H], gate/up [I, H] -> [T, I]."""
+    if isinstance(act, ExpertsKernel):
+        raise act.refuse()
     return act(nn.functional.linear(x, gate)) * nn.functional.linear(x, up)
 
 
@@ -35,6 +113,8 @@ def expert_forward(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: 
 def fused_hidden(x: torch.Tensor, gate_up: torch.Tensor, act: Act) -> torch.Tensor:
     """h(x) from transformers' fused ``gate_up [2I, H]`` (gate rows first): x [T, H] -> [T, I]. The same values as
     ``expert_hidden`` up to float rounding; bit for bit what the eager kernel (and ``routed_forward``) computes."""
+    if isinstance(act, ExpertsKernel):
+        raise act.refuse()
     g, u = nn.functional.linear(x, gate_up).chunk(2, dim=-1)
     return act(g) * u
 
@@ -52,12 +132,17 @@ def routed_forward(
     ``observe(e, token_idx, top_k_pos, h [n, I], f [n, H])`` with each expert's unweighted output."""
     out = torch.zeros_like(hidden)
     E = gate_up.shape[0]
+    kernel = act if isinstance(act, ExpertsKernel) else None  # biased experts (gpt-oss): their own computation
     for e in torch.unique(top_k_index).tolist():
         if e < 0 or e >= E:
             continue
         token_idx, pos = torch.where(top_k_index == e)
-        h = fused_hidden(hidden[token_idx], gate_up[e], act)  # [n, I]
-        f = nn.functional.linear(h, down[e])  # [n, H]
+        if kernel is None:
+            h = fused_hidden(hidden[token_idx], gate_up[e], act)  # [n, I]
+            f = nn.functional.linear(h, down[e])  # [n, H]
+        else:
+            h = kernel.hidden(hidden[token_idx], gate_up[e], e)
+            f = kernel.output(h, down[e], e)
         if observe is not None:
             observe(e, token_idx, pos, h, f)
         out.index_add_(0, token_idx, (f * top_k_weights[token_idx, pos, None]).to(out.dtype))

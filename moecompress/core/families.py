@@ -87,6 +87,19 @@ class Family:
     renames: tuple[tuple[str, str], ...] = ()
     disk_router: str | None = None  # router name in checkpoint keys when it differs (Phi-MoE: gate on disk, router)
     disk_correction: str | None = None  # correction bias's block-relative checkpoint name when not under the router
+    # experts saved as the module's own fused tensors (gpt-oss: experts.gate_up_proj [E, H, 2I], down_proj [E, I, H],
+    # their biases; MXFP4 releases hold gate_up_proj_blocks/_scales instead): read and written in that layout
+    fused_disk: bool = False
+    transposed: bool = False  # fused tensors are [E, H, 2I] / [E, I, H] (x @ W), not [E, 2I, H] / [E, H, I]
+    interleaved: bool = False  # gate and up rows alternate (g0, u0, g1, u1, ...) instead of gate rows first
+    expert_bias: bool = False  # gate_up_proj_bias [E, 2I] and down_proj_bias [E, H]
+    gate: str | None = None  # the experts' gated activation when not act(g) * u: "clamped_swiglu" (gpt-oss)
+
+    @property
+    def own_experts(self) -> bool:
+        """The layer stream runs this family's experts as ``experts.BiasedExperts`` (biases, own gate, transposed or
+        interleaved layouts), not as the transformers module."""
+        return self.transposed or self.interleaved or self.expert_bias or self.gate is not None
 
     # ---- config facts -------------------------------------------------------------------------
     def num_experts(self, cfg: Any) -> int:
@@ -163,7 +176,15 @@ class Family:
         return f"model.layers.{layer}.{self.disk_block}."
 
     def expert_key(self, layer: int, expert: int, proj: int) -> str:
-        """proj: 0 gate, 1 up, 2 down."""
+        """proj: 0 gate, 1 up, 2 down. A family fused on disk has no per-expert keys: outputs written per expert
+        (quantized ones) would not load in transformers for it, so that operation is refused in one line."""
+        if self.fused_disk:
+            raise UserError(
+                f"{self.name} keeps its routed experts fused on disk ({self.disk_block}.{self.experts}.gate_up_proj"
+                f"{', with biases' if self.expert_bias else ''}): moecompress writes quantized experts per expert, "
+                "which transformers does not load for this model type, so quantization is refused for it "
+                "(profile, expert pruning, eval and load work)"
+            )
         return f"{self.block_prefix(layer)}{self.experts}.{expert}.{self.expert_names[proj]}.weight"
 
     def router_key(self, layer: int, what: str = "weight") -> str:
@@ -201,8 +222,62 @@ class Family:
         return key
 
     # ---- the view ------------------------------------------------------------------------------
+    def fused_key(self, layer: int, name: str) -> str:
+        """A fused experts tensor of a family fused on disk (name: gate_up_proj, down_proj, their _bias)."""
+        return f"{self.block_prefix(layer)}{self.experts}.{name}"
+
+    def _read_fused(self, tensors: Mapping[str, torch.Tensor], layer: int) -> MoEWeights:
+        """The view of a family fused on disk (gpt-oss layout: transposed, gate/up interleaved, biases; MXFP4
+        ``_blocks``/``_scales`` dequantized on read with transformers' own converter)."""
+
+        def get(name: str) -> torch.Tensor:
+            key = self.fused_key(layer, name)
+            if key in tensors:
+                return tensors[key]
+            blocks, scales = tensors.get(key + "_blocks"), tensors.get(key + "_scales")
+            if blocks is None or scales is None:
+                raise UserError(f"{self.name} checkpoint lacks {key} (layer {layer}): the weights do not match config")
+            return dequantize_mxfp4(blocks, scales, key)
+
+        gu, down = get("gate_up_proj"), get("down_proj")
+        if self.transposed:
+            gu, down = gu.transpose(1, 2), down.transpose(1, 2)  # [E, 2I, H], [E, H, I]
+        I = gu.shape[1] // 2
+        gate, up = (gu[:, 0::2], gu[:, 1::2]) if self.interleaved else (gu[:, :I], gu[:, I:])
+        gb = ub = db = None
+        if self.expert_bias:
+            gub, db = get("gate_up_proj_bias"), get("down_proj_bias")  # [E, 2I], [E, H]
+            gb, ub = (gub[:, 0::2], gub[:, 1::2]) if self.interleaved else (gub[:, :I], gub[:, I:])
+        rp = self.block_prefix(layer) + (self.disk_router or self.router) + "."
+        router = tensors.get(rp + "weight")
+        if router is None:
+            raise UserError(f"{self.name} checkpoint lacks the router weight {rp}weight (layer {layer})")
+        bias = tensors.get(rp + "bias") if self.router_bias else None
+        return MoEWeights(gate, up, down, router, bias, None, gb, ub, db)
+
+    def _write_fused(self, w: Any, layer: int) -> dict[str, torch.Tensor]:
+        if not isinstance(w.gate, torch.Tensor):
+            raise UserError(f"{self.name} keeps its experts fused on disk: experts of unequal widths cannot be written")
+
+        def fuse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [E, I, ...] x2 -> [E, 2I, ...]
+            return torch.stack([a, b], dim=2).flatten(1, 2) if self.interleaved else torch.cat([a, b], dim=1)
+
+        gu, down = fuse(w.gate, w.up), w.down  # [E, 2I, H], [E, H, I]
+        if self.transposed:
+            gu, down = gu.transpose(1, 2), down.transpose(1, 2)
+        out = {self.fused_key(layer, "gate_up_proj"): gu.contiguous(), self.fused_key(layer, "down_proj"): down}
+        if self.expert_bias:
+            out[self.fused_key(layer, "gate_up_proj_bias")] = fuse(w.gate_bias, w.up_bias)
+            out[self.fused_key(layer, "down_proj_bias")] = w.down_bias
+        out[self.router_key(layer)] = w.router
+        if w.router_bias is not None:
+            out[self.router_key(layer, "bias")] = w.router_bias
+        return {k: v.contiguous() for k, v in out.items()}
+
     def read_layer(self, tensors: Mapping[str, torch.Tensor], layer: int, num_experts: int) -> MoEWeights:
         """Per-layer view from hub-format or fused (in-memory) tensors."""
+        if self.fused_disk:
+            return self._read_fused(tensors, layer)
         p = self.block_prefix(layer)
         fused = f"model.layers.{layer}.{self.module_block}.{self.experts}.gate_up_proj"
         if fused in tensors:
@@ -233,7 +308,18 @@ class Family:
     def write_layer(self, w: Any, layer: int) -> dict[str, torch.Tensor]:
         """Hub-format tensors for one layer's routed experts and router (experts numbered 0..E-1).
 
-        ``w``: a MoEWeights, or any object with the same fields holding per-expert lists (unequal widths)."""
+        ``w``: a MoEWeights, or any object with the same fields holding per-expert lists (unequal widths).
+        A family fused on disk gets its fused tensors back (bit for bit what ``read_layer`` read)."""
+        if self.expert_bias:
+            E, I = len(w.gate), w.gate[0].shape[0]
+            gb, ub, db = (getattr(w, n, None) for n in ("gate_bias", "up_bias", "down_bias"))
+            if gb is None or ub is None or db is None or tuple(gb.shape) != (E, I) or ub.shape != gb.shape:
+                raise UserError(
+                    f"{self.name}'s experts carry biases that this operation did not keep in step with the weights "
+                    f"({E} experts of width {I}): it is refused for this model type"
+                )
+        if self.fused_disk:
+            return self._write_fused(w, layer)
         out: dict[str, torch.Tensor] = {}
         for e in range(len(w.gate)):
             for proj, t in enumerate((w.gate[e], w.up[e], w.down[e])):
@@ -256,6 +342,9 @@ class MoEWeights:
     router: torch.Tensor  # [E, H]
     router_bias: torch.Tensor | None = None  # [E]
     correction_bias: torch.Tensor | None = None  # [E]
+    gate_bias: torch.Tensor | None = None  # [E, I]  (experts with biases: gpt-oss)
+    up_bias: torch.Tensor | None = None  # [E, I]
+    down_bias: torch.Tensor | None = None  # [E, H]
 
     @property
     def num_experts(self) -> int:
@@ -273,7 +362,23 @@ class MoEWeights:
             router=self.router.index_select(0, idx),
             router_bias=pick(self.router_bias),
             correction_bias=pick(self.correction_bias),
+            gate_bias=pick(self.gate_bias),
+            up_bias=pick(self.up_bias),
+            down_bias=pick(self.down_bias),
         )
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, key: str) -> torch.Tensor:
+    """An MXFP4 experts tensor as published (``*_blocks`` [E, R, G, 16] uint8, ``*_scales`` [E, R, G] uint8 E8M0) in
+    bfloat16, with transformers' own converter: [E, G * 32, R] (gpt-oss: gate_up [E, H, 2I], down [E, I, H])."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
+        raise UserError(
+            f"{key}_blocks {list(blocks.shape)} / _scales {list(scales.shape)} are not MXFP4 (uint8 blocks of 16 "
+            "bytes with one uint8 scale each): the checkpoint is corrupt"
+        )
+    return convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -410,6 +515,11 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             disk_correction=d["disk_correction"],
             routing_known=d["routing_like"] is not None,
             derived=True,
+            fused_disk=d["fused_disk"],
+            transposed=d["flags"]["is_transposed"],
+            interleaved=not d["flags"]["is_concatenated"],
+            expert_bias=d["flags"]["has_bias"],
+            gate=d["gate"],
         )
         result = (fam, "")
     if memo is not None:

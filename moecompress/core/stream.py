@@ -6,6 +6,7 @@ tensors are read lazily from the safetensors shards and freed after use (GPTQ-st
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from .checkpoint import Checkpoint
 from .errors import UserError
+from .experts import BiasedExperts
 from .families import Family
 
 
@@ -48,6 +50,9 @@ def module_state(fam: Family, tensors: dict[str, torch.Tensor], layer: int, num_
         mb = f"{fam.module_block}."
         out[f"{mb}{fam.experts}.gate_up_proj"] = torch.cat([w.gate, w.up], dim=1)  # [E, 2I, H]
         out[f"{mb}{fam.experts}.down_proj"] = w.down  # [E, H, I]
+        if fam.own_experts and w.gate_bias is not None and w.up_bias is not None:  # BiasedExperts
+            out[f"{mb}{fam.experts}.gate_up_bias"] = torch.cat([w.gate_bias, w.up_bias], dim=1)  # [E, 2I]
+            out[f"{mb}{fam.experts}.down_bias"] = w.down_bias  # [E, H]
         out[f"{mb}{fam.router}.weight"] = w.router
         if w.router_bias is not None:
             out[f"{mb}{fam.router}.bias"] = w.router_bias
@@ -60,14 +65,38 @@ def module_state(fam: Family, tensors: dict[str, torch.Tensor], layer: int, num_
 
 
 def skeleton(ckpt: Checkpoint) -> nn.Module:
-    """The whole model on the meta device (buffers such as rotary tables stay real and tiny)."""
+    """The whole model on the meta device (buffers such as rotary tables stay real and tiny). Attention runs through
+    SDPA, or the family's eager attention where it has no SDPA path (gpt-oss's attention sinks); the experts of a
+    family with biases or its own gate are ``BiasedExperts``."""
+    cfg = copy.deepcopy(ckpt.config)
+    if hasattr(cfg, "quantization_config"):  # an MXFP4 release: its experts are dequantized on read
+        del cfg.quantization_config
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(
-            ckpt.config, trust_remote_code=False, experts_implementation="eager", attn_implementation="sdpa"
-        )
+        try:
+            model = AutoModelForCausalLM.from_config(
+                cfg, trust_remote_code=False, experts_implementation="eager", attn_implementation="sdpa"
+            )
+        except ValueError as err:
+            if "sdpa" not in str(err).lower() and "scaled_dot_product" not in str(err):
+                raise
+            model = AutoModelForCausalLM.from_config(
+                cfg, trust_remote_code=False, experts_implementation="eager", attn_implementation="eager"
+            )
+    if ckpt.family.own_experts:
+        for l in ckpt.moe_layers:
+            block = getattr(model.model.layers[l], ckpt.family.module_block)
+            setattr(block, ckpt.family.experts, _biased_experts(ckpt.family, getattr(block, ckpt.family.experts)))
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _biased_experts(fam: Family, ex: nn.Module) -> nn.Module:
+    """The moecompress module (on the meta device) for a transformers experts module with biases / its own gate."""
+    E, a, b = ex.gate_up_proj.shape
+    H, I = (a, b // 2) if fam.transposed else (b, a // 2)
+    with torch.device("meta"):
+        return BiasedExperts(E, H, I, fam.name, fam.gate or "", float(ex.alpha), float(ex.limit))
 
 
 class ActivationCache:

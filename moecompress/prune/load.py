@@ -33,6 +33,9 @@ def set_block_experts(block: nn.Module, fam: Family, w: MoEWeights, layer: int =
     experts.gate_up_proj = nn.Parameter(torch.cat([w.gate, w.up], dim=1), requires_grad=False)  # [k, 2I, H]
     experts.down_proj = nn.Parameter(w.down.contiguous(), requires_grad=False)  # [k, H, I]
     experts.num_experts = k
+    if w.gate_bias is not None and w.up_bias is not None and hasattr(experts, "gate_up_bias"):  # BiasedExperts
+        experts.gate_up_bias = nn.Parameter(torch.cat([w.gate_bias, w.up_bias], dim=1), requires_grad=False)
+        experts.down_bias = nn.Parameter(w.down_bias.contiguous(), requires_grad=False)
     router.weight = nn.Parameter(w.router.contiguous(), requires_grad=False)  # [k, H]
     if w.router_bias is not None:
         router.bias = nn.Parameter(w.router_bias.contiguous(), requires_grad=False)
@@ -49,6 +52,10 @@ def block_view(block: nn.Module, fam: Family) -> MoEWeights:
     experts, router = getattr(block, fam.experts), getattr(block, fam.router)
     I = experts.down_proj.shape[-1]
     gu = experts.gate_up_proj.data  # [E, 2I, H]
+    gub = getattr(experts, "gate_up_bias", None)  # [E, 2I] (BiasedExperts)
+    biases = {}
+    if gub is not None:
+        biases = dict(gate_bias=gub.data[:, :I], up_bias=gub.data[:, I:], down_bias=experts.down_bias.data)
     return MoEWeights(
         gate=gu[:, :I],
         up=gu[:, I:],
@@ -56,6 +63,7 @@ def block_view(block: nn.Module, fam: Family) -> MoEWeights:
         router=router.weight.data,
         router_bias=router.bias.data if getattr(router, "bias", None) is not None else None,
         correction_bias=getattr(router, fam.correction_bias) if fam.correction_bias else None,
+        **biases,
     )
 
 

@@ -285,6 +285,9 @@ class PruneTransform(Transform):
     def config(self, cfg: dict[str, Any]) -> None:
         if self.kept:
             cfg.update(self._fam.expert_count_updates(max(len(k) for k in self.kept.values())))
+        qc = cfg.get("quantization_config")
+        if isinstance(qc, dict) and qc.get("quant_method") == "mxfp4" and self.kept:
+            del cfg["quantization_config"]  # the routed experts (its only MXFP4 tensors) are written dequantized
 
     def section(self) -> dict[str, Any]:
         opts, E = self.opts, self.E

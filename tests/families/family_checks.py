@@ -95,7 +95,7 @@ def brute_force(path: Path, input_ids: torch.Tensor, domains: list[str]) -> dict
     """Full transformers model, one token and one chosen expert at a time (the model's own routing)."""
     ck = Checkpoint(path)
     fam = ck.family
-    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager", dtype=torch.float32).eval()
     seen: dict[int, list[tuple[torch.Tensor, ...]]] = {}
     hooks = []
     for l in ck.moe_layers:
@@ -115,7 +115,18 @@ def brute_force(path: Path, input_ids: torch.Tensor, domains: list[str]) -> dict
     for l in ck.moe_layers:
         w = ck.moe_weights(l)
         E, I, H = w.gate.shape
-        act = getattr(getattr(model.model.layers[l], fam.module_block), fam.experts).act_fn
+        ex = getattr(getattr(model.model.layers[l], fam.module_block), fam.experts)
+
+        def expert(e: int, x: torch.Tensor, ex: Any = ex, w: Any = w) -> tuple[torch.Tensor, torch.Tensor]:
+            """(h [I], f [H]) of expert e from the view, with the transformers module's own activation."""
+            g, u = w.gate[e].float() @ x, w.up[e].float() @ x
+            if w.gate_bias is None:
+                h = ex.act_fn(g) * u
+                return h, w.down[e].float() @ h
+            g, u = g + w.gate_bias[e].float(), u + w.up_bias[e].float()
+            h = ex._apply_gate(torch.stack([g, u], -1).flatten() if fam.interleaved else torch.cat([g, u]))
+            return h, w.down[e].float() @ h + w.down_bias[e].float()
+
         tokens, mass = torch.zeros(E), torch.zeros(E, dtype=torch.float64)
         reap, sq, dom = (
             torch.zeros(E, dtype=torch.float64),
@@ -128,9 +139,7 @@ def brute_force(path: Path, input_ids: torch.Tensor, domains: list[str]) -> dict
                 p = wts[t].double() / wts[t].double().sum()
                 for j in range(idx.shape[1]):
                     e = int(idx[t, j])
-                    x = hid[t].float()
-                    h = act(w.gate[e].float() @ x) * (w.up[e].float() @ x)
-                    f = w.down[e].float() @ h
+                    h, f = expert(e, hid[t].float())
                     tokens[e] += 1
                     mass[e] += p[j]
                     reap[e] += p[j] * f.double().norm()
@@ -184,6 +193,7 @@ class Refused(Exception):
 
 
 GROUPS_UNVERIFIED = "routes within groups of experts"
+FUSED_ON_DISK = "keeps its routed experts fused on disk"
 
 
 def check_prune(ck: Checkpoint, work: Path) -> None:
@@ -253,7 +263,8 @@ def check_masked(ck: Checkpoint, out: Path, pruned: torch.nn.Module) -> None:
     stage = Checkpoint(out).manifest.stage("prune")
     removed = {int(l): info["removed"] for l, info in stage["layers"].items()}
     assert removed and all(removed.values()), removed
-    base = AutoModelForCausalLM.from_pretrained(ck.path, experts_implementation="eager").eval()
+    base = AutoModelForCausalLM.from_pretrained(ck.path, experts_implementation="eager", dtype=torch.float32).eval()
+    pruned = pruned.float()
     ids = (torch.arange(2 * 24).reshape(2, 24) * 7 + 3) % 300
     with torch.no_grad():
         want = pruned(input_ids=ids).logits
@@ -267,7 +278,14 @@ def check_masked(ck: Checkpoint, out: Path, pruned: torch.nn.Module) -> None:
 
 def check_quantize(ck: Checkpoint, work: Path) -> None:
     out = work / "q4"
-    _cli("quantize", ck.path, "--bits", "4", "--plan", "uniform", "--method", "rtn", *CALIB, "-o", out)
+    try:
+        _cli("quantize", ck.path, "--bits", "4", "--plan", "uniform", "--method", "rtn", *CALIB, "-o", out)
+    except AssertionError as err:
+        if FUSED_ON_DISK in str(err) and ck.family.fused_disk and not out.exists():
+            raise Refused(
+                "experts fused on disk: per-expert quantized tensors would not load in transformers"
+            ) from None
+        raise
     reload_clean(out)
 
 
@@ -286,7 +304,9 @@ def run_checks(model_type: str, work: Path, tokenizer_dir: Path, ops: tuple[str,
         "moe_layers": ck.moe_layers,
         "count_keys": list(fam.count_keys),
         "shared": fam.shared,
-        "disk": f"{fam.disk_block}.{fam.experts}.<e>.{'/'.join(fam.expert_names)}",
+        "disk": f"{fam.disk_block}.{fam.experts}.gate_up_proj/down_proj (fused)"
+        if fam.fused_disk
+        else f"{fam.disk_block}.{fam.experts}.<e>.{'/'.join(fam.expert_names)}",
     }
     result["ops"]["open"] = "ok"
     steps = {

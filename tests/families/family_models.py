@@ -28,7 +28,7 @@ def installed_moe_types() -> list[str]:
     return sorted(out)
 
 
-def _overrides(defaults: dict[str, Any]) -> dict[str, Any]:
+def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, Any]:
     """Small sizes for the keys this config class has; the structure (top-k, shared experts, groups, dense
     layers, layer types) is kept."""
     want: dict[str, Any] = dict(
@@ -41,7 +41,7 @@ def _overrides(defaults: dict[str, Any]) -> dict[str, Any]:
         max_position_embeddings=256,
         num_experts_per_tok=2,
         num_experts_per_token=2,
-        moe_intermediate_size=MOE_WIDTH,
+        moe_intermediate_size=width,
         shared_expert_intermediate_size=48,
         pad_token_id=0,
         bos_token_id=0,
@@ -60,7 +60,7 @@ def _overrides(defaults: dict[str, Any]) -> dict[str, Any]:
     )
     out = {k: v for k, v in want.items() if k in defaults}
     if "moe_intermediate_size" not in defaults and "intermediate_size" in defaults:
-        out["intermediate_size"] = MOE_WIDTH  # the family keeps its expert width in intermediate_size
+        out["intermediate_size"] = width  # the family keeps its expert width in intermediate_size
     elif "intermediate_size" in defaults:
         out["intermediate_size"] = 72
     if isinstance(defaults.get("q_lora_rank"), int) is False and "q_lora_rank" in out:
@@ -89,15 +89,17 @@ def _overrides(defaults: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, width: int = MOE_WIDTH):
     defaults = AutoConfig.for_model(model_type).to_dict()
-    return AutoConfig.for_model(model_type, **_overrides(defaults))
+    return AutoConfig.for_model(model_type, **_overrides(defaults, width))
 
 
-def build(model_type: str, folder: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
+def build(
+    model_type: str, folder: Path, tokenizer_dir: Path | None = None, seed: int = 0, width: int = MOE_WIDTH
+) -> Path:
     """Save a tiny randomly initialized model of ``model_type`` (routers and biases non-trivial)."""
     torch.manual_seed(seed)
-    cfg = tiny_config(model_type)
+    cfg = tiny_config(model_type, width)
     model = AutoModelForCausalLM.from_config(cfg, experts_implementation="eager")
     with torch.no_grad():
         for p in model.parameters():
