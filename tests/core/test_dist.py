@@ -146,7 +146,7 @@ for argv in json.loads(sys.argv[1]):
 print("codes", json.dumps(codes))
 """
 
-_SMALL = ["--samples", "5", "--seq-len", "16", "--batch-size", "1"]  # 5 batches: 3 on rank 0, 2 on rank 1
+_SMALL = ["--samples", "5", "--seq-len", "32", "--batch-size", "1"]  # 5 batches: 3 on rank 0, 2 on rank 1
 _COMMANDS = {
     "profile": ["profile", *_SMALL],
     "prune": ["prune", "--ratio", "0.25", *_SMALL],
@@ -225,3 +225,33 @@ def _strip(obj, root: str):
     if isinstance(obj, str):
         return obj.replace(root, "ROOT")
     return obj
+
+
+_SLOW = ["--samples", "7", "--seq-len", "32", "--batch-size", "2"]  # 4 batches, the last one short
+_ATOM = ["prune", "--granularity", "atom"]
+_SLOW_COMMANDS = {
+    "atom-exact": [*_ATOM, "--ratio", "0.25", "--layout", "exact", *_SLOW],
+    "atom-lowrank": [*_ATOM, "--ratio", "0.2", "--layout", "exact", "--hessian", "lowrank", "--rank", "4", *_SLOW],
+    "merge": ["merge", "--ratio", "0.25", *_SLOW],
+    "lp3": ["quantize", "--bits", "3", "--granularity", "expert", *_SLOW],
+    "compress": ["compress", "--prune", "0.25", "--bits", "4", *_SLOW],
+}
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_more_operations(tmp_path, tokenizer_dir):
+    """DeepSeek-V3 (group routing, shared expert): atom prune exact layout (per-expert widths: refits exchanged
+    padded) and lowrank G (sketches merged), merge, the LP bit plan (its probe reads the first batch through the
+    shared cache) and a one-pass compress (profile observed on the gathered inputs before prune): the same bytes
+    as one process."""
+    from conftest import build_tiny
+
+    model = build_tiny("deepseek_v3", tmp_path / "model", tokenizer_dir)
+    w1, w2 = tmp_path / "w1", tmp_path / "w2"
+    procs = start_world2(model, _SLOW_COMMANDS, w2)
+    run_world1(model, _SLOW_COMMANDS, w1)
+    ranks = wait_ranks(procs, timeout=900)
+    for res in ranks:
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stdout.splitlines()[-1] == "codes " + json.dumps([0] * len(_SLOW_COMMANDS)), res.stderr[-3000:]
+    assert_same_outputs(w1, w2, _SLOW_COMMANDS)
