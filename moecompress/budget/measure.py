@@ -138,7 +138,7 @@ class BudgetMeasure(Transform):
         B, Wn = len(self.bits), len(widths)
         err = np.zeros((E, Wn, B))
         err_cut = np.zeros((E, Wn))
-        routed = [cap.routed(e) for e in range(E)]
+        routed = [tuple(t.cpu().float() for t in cap.routed(e)) for e in range(E)]  # the weights' device (CPU)
         refs = [torch.nn.functional.linear(fused_hidden(xe, torch.cat([w.gate[e], w.up[e]]), act), w.down[e])
                 for e, (xe, _) in enumerate(routed)]  # fmt: skip
         self.keep[l] = {}
