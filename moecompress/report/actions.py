@@ -88,8 +88,10 @@ def actions_section(
     bit_plan: dict[str, Any] | None,
     profile: dict | None,
     anchor: str,
+    evaluation: dict | None = None,
 ) -> str:
-    """HTML for what one command did to the model (empty string when there is no manifest and no plan)."""
+    """HTML for what one command did to the model (empty string when there is no manifest and no plan);
+    ``evaluation`` (the folder's eval.json) puts the measured KL beside a budget plan's predicted one."""
     parts = []
     if manifest_error is not None:
         parts.append(
@@ -115,7 +117,7 @@ def actions_section(
     renumbered = False
     for i, st in enumerate(manifest.stages):
         n_in = count_of(st.get("experts_before")) or n
-        parts.append(_stage_block(st, i, len(ops), n_in, bit_plan, f"{anchor}-s{i}", renumbered))
+        parts.append(_stage_block(st, i, len(ops), n_in, bit_plan, f"{anchor}-s{i}", renumbered, evaluation))
         n = count_of(st.get("experts_after")) or n_in
         renumbered = renumbered or n != n_in
     return "".join(parts)
@@ -130,8 +132,9 @@ def _experts_in(manifest: Manifest, profile: dict | None) -> int:
 
 
 def _stage_block(
-    st: dict[str, Any], i: int, n_stages: int, n: int, bit_plan: dict | None, anchor: str, renumbered: bool
-) -> str:
+    st: dict[str, Any], i: int, n_stages: int, n: int, bit_plan: dict | None, anchor: str, renumbered: bool,
+    evaluation: dict | None = None,
+) -> str:  # fmt: skip
     op = st["op"]
     head = f"Stage {i + 1} of {n_stages}: {op} ({TITLES[op]})" if n_stages > 1 else f"{op} ({TITLES[op]})"
     settings = [(k, f"<td>{generic(st[k], 1)}</td>") for k in SETTINGS[op] if k in st]
@@ -144,7 +147,7 @@ def _stage_block(
     if op == "quantize":
         parts.append(_quantize_block(st, bit_plan, n, anchor))
     elif op == "budget":
-        parts.append(_budget_block(st, layers, count_of(st.get("source_experts")) or n, anchor))
+        parts.append(_budget_block(st, layers, count_of(st.get("source_experts")) or n, anchor, evaluation))
     elif op in LISTED:
         listed = {l: v for l, e in layers.items() if (v := entry_experts(op, e)) is not None}
         n = max([n] + [x + 1 for v in listed.values() for x in _flat(v)])
@@ -288,7 +291,9 @@ def _bits_block(widths: dict[tuple[int, int], float], n: int, prot, anchor: str)
     )
 
 
-def _budget_block(st: dict[str, Any], layers: dict[int, Any], n: int, anchor: str) -> str:
+def _budget_block(
+    st: dict[str, Any], layers: dict[int, Any], n: int, anchor: str, evaluation: dict | None = None
+) -> str:
     """The plan of a byte budget: per layer and source expert, its bits and the share of its channels it kept
     (grey: removed), and the plan's predicted cost next to its bytes."""
     order = sorted(layers)
@@ -317,6 +322,12 @@ def _budget_block(st: dict[str, Any], layers: dict[int, Any], n: int, anchor: st
                     fmt=lambda v: f"{v:.0%}", chart_id=f"{anchor}-budget-widths")  # fmt: skip
     kept = len(bits_of)
     pred, total = num(st.get("predicted_cost")), num(st.get("total_bytes"))
+    kl = num((evaluation or {}).get("kl_to_base"))
+    measured = (
+        f'Measured KL (eval.json): <b data-key="budget.measured_kl" data-value="{esc(kl)}">{esc(fmt_num(kl))}</b>.'
+        if kl is not None
+        else "Measured KL: `moecompress eval OUT --base SOURCE --json OUT/eval.json`, then `moecompress report OUT`."
+    )
     return (
         "<h4>What each expert got</h4>"
         + note(
@@ -325,8 +336,7 @@ def _budget_block(st: dict[str, Any], layers: dict[int, Any], n: int, anchor: st
         )  # fmt: skip
         + f'<p><b data-key="budget.kept" data-value="{esc(kept)}">{esc(kept)}</b> of {esc(n * len(order))} routed '
         f"experts kept; predicted cost {esc(fmt_num(pred))} (predicted KL to the source model) for "
-        f"{esc(fmt_num(total))} bytes. Measured KL: the evaluation section (moecompress eval) when this folder has "
-        "one.</p>"
+        f"{esc(fmt_num(total))} bytes. {measured}</p>"
         f"<figure>{svg_b}</figure><figure>{svg_w}</figure>"
     )
 

@@ -351,7 +351,7 @@ def build_report(paths: Sequence[str | Path], title: str | None = None, names: S
         sections.append((f"profile{i}", f"Profile: {run.name}", profile_section(run.profile, str(run.profile_path),
                                                                                  f"profile{i}")))  # fmt: skip
     for i, run in enumerate(runs):
-        body = actions_section(run.manifest, run.manifest_error, run.bit_plan, run.profile, f"run{i}")
+        body = actions_section(run.manifest, run.manifest_error, run.bit_plan, run.profile, f"run{i}", run.eval)
         if body:
             sections.append((f"done{i}", f"What was done: {run.name}", body))
     warns = _warnings(runs)
