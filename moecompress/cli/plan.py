@@ -108,7 +108,7 @@ def plan(
     settings: dict[str, object] = {
         "samples": samples, "seq_len": seq_len, "batch_size": batch_size, "method": method, "refit": refit,
         "plan": quant_plan, "hessian": hessian, "stages": stage_list, "profile_reused": reuse_profile,
-        "max_memory": cap,
+        "max_memory": cap, "memory": (gpu if device == "cuda" else host) or None,
     }  # fmt: skip
     shape, rows = plan_rows(model, ops, settings, device, host, gpu)
     s = shape  # type: ignore[assignment]

@@ -37,11 +37,18 @@ def check_fits_up_front(
         settings.setdefault("profile_reused", profile_reused)
         est = predict(
             shape, op, samples=samples, seq_len=seq_len, batch_size=batch_size, device=device.type,
-            max_memory=memory_limit(), **settings,
+            max_memory=memory_limit(), memory=_device_memory(device), **settings,
         )  # fmt: skip
     except (UserError, ValueError, KeyError, TypeError, OSError):
         return
     check_fits(est, device.type, memory_limit())
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """The memory an op sizes its chunks by without --max-memory: the GPU's, else this machine's RAM."""
+    from .limits import gpu_memory_bytes, host_memory_bytes
+
+    return (gpu_memory_bytes(device) if device.type == "cuda" else host_memory_bytes()) or None
 
 
 @dataclass

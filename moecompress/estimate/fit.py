@@ -17,9 +17,10 @@ from .model import features, priors
 
 
 def fit_terms(
-    rows: list[dict[str, float]], measured: list[float], prior: dict[str, float] | None = None, weight: float = 0.01
+    rows: list[dict[str, float]], measured: list[float], prior: dict[str, float] | None = None, weight: float = 1e-3
 ) -> dict[str, float]:
-    """Non-negative c minimizing sum_i ((sum_j c_j rows[i][j] - m_i) / m_i)^2 + weight sum_j (c_j / prior_j - 1)^2.
+    """Non-negative c minimizing sum_i ((sum_j c_j rows[i][j] - m_i) / m_i)^2 + weight sum_j (c_j / prior_j - 1)^2
+    (the second sum over every term but "const").
 
     The prior term only decides what the runs leave open (terms that do not vary across them); with
     ``prior=None`` it is left out. Raises ValueError without data."""
@@ -41,9 +42,12 @@ def fit_terms(
         ]
     )
     b = np.ones(len(rows))
-    if prior is not None:
-        A = np.vstack([A, np.sqrt(weight) * np.eye(len(names))])
-        b = np.concatenate([b, np.sqrt(weight) * np.ones(len(names))])
+    if prior is not None:  # every term but the constant (which every run determines) is pulled towards its prior
+        pulled = [j for j, n in enumerate(names) if n != "const"]
+        P = np.zeros((len(pulled), len(names)))
+        P[range(len(pulled)), pulled] = np.sqrt(weight)
+        A = np.vstack([A, P])
+        b = np.concatenate([b, np.sqrt(weight) * np.ones(len(pulled))])
     x, _ = nnls(A, b, maxiter=50 * len(names))
     return {n: float(v * sc) for n, v, sc in zip(names, x, scale, strict=True)}
 

@@ -9,7 +9,7 @@ from .model import CHUNKED, Estimate
 _ADVICE = {  # the term that dominates the host peak -> what shrinks it
     "acts": "fewer --samples or a shorter --seq-len (the activation cache holds samples x seq-len x hidden fp32)",
     "hessians": "--max-memory (Hessians are then held a chunk of experts at a time)",
-    "G": "--max-memory (G is then held a chunk of experts at a time) or --hessian diag",
+    "G": "--hessian diag (G_e as its diagonal)",
     "err": "a smaller --error-tokens",
     "sim": "a smaller --sim-tokens",
     "cache": "fewer --samples (the refit caches the routed expert outputs)",
@@ -45,7 +45,7 @@ def advice(est: Estimate, max_memory_given: bool) -> str:
     tips = []
     for n in ranked[:2]:
         tip = _ADVICE.get(n)
-        if tip and not (max_memory_given and n in CHUNKED.values()):
+        if tip and not (max_memory_given and n in CHUNKED):
             tips.append(tip)
     tips += ["a machine with more memory", "torchrun --nproc-per-node N to split the work"]
     return ", ".join(dict.fromkeys(tips))

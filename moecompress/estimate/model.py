@@ -31,7 +31,17 @@ PROFILE_SIM_TOKENS = 256  # profile --sim-tokens default
 MERGE_SIM_TOKENS = 512  # merge --sim-tokens default
 ERROR_TOKENS = 4096  # prune --error-tokens default
 TIME_CLASSES = ((60.0, "seconds"), (3600.0, "minutes"), (86400.0, "hours"), (math.inf, "days"))
-CHUNKED = {"quantize": "hessians", "atom": "G"}  # per-expert state these ops hold a chunk of at a time
+# per-expert state an op holds a bounded share of: quantize's Hessians (HESSIAN_MEMORY_FRACTION of --max-memory,
+# else of the device's memory, in chunks of experts) and the LP plan's kept codes (CODE_CACHE_FRACTION; past it,
+# GPTQ runs again in the write pass)
+CHUNKED = {"hessians": ("quantize-gptq", "quantize-lp"), "codes": ("quantize-lp",)}
+
+
+def _fractions() -> dict[str, float]:
+    from ..quant.layer import HESSIAN_MEMORY_FRACTION
+    from ..quant.run import CODE_CACHE_FRACTION
+
+    return {"hessians": HESSIAN_MEMORY_FRACTION, "codes": CODE_CACHE_FRACTION}
 
 
 # What the fit is pulled towards where the runs cannot tell terms apart (a weak prior, see fit.fit_terms): one copy
@@ -70,6 +80,7 @@ class Settings:
     profile_reused: bool = False
     stages: tuple[str, ...] = ()
     max_memory: int | None = None
+    memory: int | None = None  # the memory of the machine (or GPU) the op runs on: it sizes chunks without --max-memory
 
     @property
     def tokens(self) -> int:
@@ -181,13 +192,11 @@ def predict_variant(shape: ModelShape, var: str, s: Settings, coefs: dict[str, A
     mem, state, tim = features(shape, var, s)
     host = _apply(c["host"], mem)
     seconds = sum(_apply(c["seconds"], tim).values())
-    if s.max_memory is not None and state:  # per-expert state is held a chunk of experts at a time
-        rest = sum(v for n, v in host.items() if n not in state)
-        held = sum(host[n] for n in state)
-        room = max(s.max_memory - rest, held / shape.experts)
-        if held > room:
-            for n in state:
-                host[n] *= room / held
+    limit = s.max_memory if s.max_memory is not None else s.memory
+    if limit is not None:  # bounded per-expert state: a share of the limit, never below one expert's
+        for name, frac in _fractions().items():
+            if var in CHUNKED[name] and name in host and host[name] > frac * limit:
+                host[name] = max(frac * limit, host[name] / shape.experts)
     gpu = 0.0
     if s.device.startswith("cuda"):  # the layer, its per-expert state and (unspilled) cache live on the GPU
         gpu = sum(v for n, v in host.items() if n != "const")
@@ -197,7 +206,7 @@ def predict_variant(shape: ModelShape, var: str, s: Settings, coefs: dict[str, A
 
 def predict(shape: ModelShape, op: str, coefs: dict[str, Any] | None = None, **settings: Any) -> Estimate:
     """Predict one operation (``op`` in OPS) with the CLI's settings (samples, seq_len, batch_size, device, method,
-    refit, plan, hessian, sim_tokens, error_tokens, profile_reused, stages, max_memory)."""
+    refit, plan, hessian, sim_tokens, error_tokens, profile_reused, stages, max_memory, memory)."""
     if op not in OPS:
         raise ValueError(f"unknown operation {op!r}: use one of {', '.join(OPS)}")
     known = {k: v for k, v in settings.items() if k in Settings.__dataclass_fields__ and v is not None}
@@ -211,7 +220,8 @@ def predict(shape: ModelShape, op: str, coefs: dict[str, Any] | None = None, **s
             est = _replace(est, seconds=max(est.seconds - prof.seconds + _const_seconds(coefs), _const_seconds(coefs)))
         return _replace(est, op=op)
     # compress: a profile pass (unless reused), then one engine pass running every stage's transform per layer
-    stages = [variant(st, s) for st in (s.stages or ("prune",))]
+    one_pass = _replace_settings(s, plan="uniform")  # a compress quantize stage is uniform (no global LP plan)
+    stages = [variant(st, one_pass) for st in (s.stages or ("prune",))]
     parts = [predict_variant(shape, v, s, coefs) for v in stages]
     prof = predict_variant(shape, "profile", s, coefs)
     base = _const_seconds(coefs)
@@ -226,6 +236,12 @@ def predict(shape: ModelShape, op: str, coefs: dict[str, Any] | None = None, **s
 
 def _const_seconds(coefs: dict[str, Any] | None) -> float:
     return float((coefs or coefficients())["ops"]["profile"]["seconds"].get("const", 0.0))
+
+
+def _replace_settings(s: Settings, **kw: Any) -> Settings:
+    from dataclasses import replace
+
+    return replace(s, **kw)
 
 
 def _replace(est: Estimate, **kw: Any) -> Estimate:

@@ -54,12 +54,17 @@ def test_predictions_move_the_right_way() -> None:
     assert big.host_bytes > small.host_bytes and big.seconds > small.seconds
     gpu = predict(shape, "quantize", coefs=c, samples=16, seq_len=256, device="cuda")
     assert gpu.gpu_bytes > 0 and gpu.host_bytes < small.host_bytes and small.gpu_bytes == 0
-    # Hessians are chunked under --max-memory, never below one expert's
+    # Hessians are held a chunk of experts at a time: a quarter of --max-memory (or of the machine), never below
+    # one expert's
     hess = features(shape, "quantize-lp", Settings())[1]["hessians"]
-    capped = predict(shape, "quantize", coefs=c, samples=16, seq_len=256, max_memory=small.host_bytes - hess // 2)
-    assert capped.host_bytes == pytest.approx(small.host_bytes - hess // 2, rel=1e-6)
+    capped = predict(shape, "quantize", coefs=c, samples=16, seq_len=256, max_memory=int(hess))
+    assert capped.terms["hessians"] == pytest.approx(0.25 * hess, rel=1e-6)  # and the LP's kept codes: half
+    assert capped.terms["codes"] == pytest.approx(min(0.5 * hess, small.terms["codes"]), rel=1e-6)
+    machine = predict(shape, "quantize", coefs=c, samples=16, seq_len=256, memory=int(hess))
+    assert machine.host_bytes == capped.host_bytes
     floor = predict(shape, "quantize", coefs=c, samples=16, seq_len=256, max_memory=1)
-    assert floor.host_bytes == pytest.approx(small.host_bytes - hess + hess / 64, rel=1e-6)
+    assert floor.host_bytes < capped.host_bytes
+    assert floor.terms["hessians"] == pytest.approx(hess / 64, rel=1e-6)
     # the activation cache spills to disk past 4 GiB (engine rule) and is then not held in memory
     huge = predict(shape, "profile", coefs=c, samples=4096, seq_len=2048)
     assert huge.disk_bytes == 2 * 4 * 4096 * 2048 * 512 and huge.host_bytes < huge.disk_bytes
@@ -111,3 +116,14 @@ def test_shipped_coefficients_cover_every_variant() -> None:
         est = predict(shape, op, samples=8, seq_len=32)
         assert 2**26 < est.host_bytes < 2**34 and est.seconds > 0  # a tiny model: a Python process, seconds
     json.dumps(c)
+
+
+def test_fit_prior_decides_only_what_the_runs_leave_open() -> None:
+    """One run cannot tell a constant from a size term: the size term keeps its prior, the constant takes the
+    rest; with runs that vary the size, the data wins over the prior."""
+    prior = {"const": 1.0, "layer": 2.0}
+    got = fit_terms([{"const": 1.0, "layer": 10.0}], [50.0], prior)
+    assert got["layer"] == pytest.approx(2.0, rel=1e-3) and got["const"] == pytest.approx(30.0, rel=1e-2)
+    rows = [{"const": 1.0, "layer": float(l)} for l in (10.0, 100.0, 1000.0)]
+    got = fit_terms(rows, [5.0 + 3.0 * r["layer"] for r in rows], prior)
+    assert got["layer"] == pytest.approx(3.0, rel=1e-2) and got["const"] == pytest.approx(5.0, rel=0.1)
