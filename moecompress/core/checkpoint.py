@@ -213,7 +213,7 @@ def check_shapes(ck: Checkpoint) -> None:
             continue
         lm = _LAYER_KEY.match(n)
         l = int(lm[1]) if lm else -1
-        if l in moe and n.endswith((f"{fam.experts}.gate_up_proj", f"{fam.experts}.down_proj")):
+        if l in moe and not fam.fused_disk and n.endswith((f"{fam.experts}.gate_up_proj", f"{fam.experts}.down_proj")):
             projs = (0, 1) if n.endswith("gate_up_proj") else (2,)
             gone = [(e, p) for e in range(E) for p in projs if (l, e, p) not in present]
             if not gone:

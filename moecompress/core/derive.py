@@ -216,10 +216,10 @@ def derive(cfg: Any) -> dict[str, Any]:
     if top_k_key is None:
         raise Refusal("its config has no integer num_experts_per_tok (the router's top-k)")
 
-    disk_block, expert_names, renames, (disk_router, disk_correction), fused_disk = _disk_layout(
+    disk_block, expert_names, renames, (disk_router, disk_correction), fused_names = _disk_layout(
         model, l0, block_name, experts_name, router_name, E
     )
-    if (flags["is_transposed"] or flags["has_bias"] or not flags["is_concatenated"]) and not fused_disk:
+    if (flags["is_transposed"] or flags["has_bias"] or not flags["is_concatenated"]) and fused_names is None:
         raise Refusal("its experts are transposed, interleaved or biased in memory but saved per expert: not mapped")
 
     reference = None
@@ -251,18 +251,17 @@ def derive(cfg: Any) -> dict[str, Any]:
         "routing_like": reference,
         "flags": flags,
         "gate": gate,
-        "fused_disk": fused_disk,
+        "fused_names": fused_names,
         "classes": (type(block).__name__, type(router).__name__, type(ex).__name__),
     }
 
 
 def _disk_layout(
     model: torch.nn.Module, l: int, block: str, experts: str, router: str, E: int
-) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None], bool]:
+) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None], Any]:
     """(block name on disk, per-expert (gate, up, down) names, other per-layer renames, (router name, correction
-    bias block-relative name) on disk when they differ, fused on disk) from transformers' own save path.
-    Fused on disk is supported when transformers saves the experts module's own tensors under their own names
-    (gpt-oss); fused tensors renamed on disk (Granite's input_linear/output_linear) are refused.
+    bias block-relative name) on disk when they differ, the block-relative disk names of the fused (gate_up, down)
+    when the experts are fused on disk, else None) from transformers' own save path.
 
     Marker tensors stand in for layer l's fused experts; after ``revert_weight_conversion`` each per-expert key is
     matched to its (expert, projection) by value, so a transposed, reordered or renamed layout is seen, not assumed."""
@@ -287,22 +286,8 @@ def _disk_layout(
         raise Refusal(f"transformers' save conversion fails on it ({type(err).__name__}: {str(err)[:120]})") from None
     marked = {k: v for k, v in out.items() if v.device.type != "meta" and v.dtype == torch.float64}
     fused = [k for k, v in marked.items() if v.shape[0] == E and v.dim() == 3]
-    if (
-        fused
-        and set(marked) == {gu_key, dn_key}
-        and torch.equal(out[gu_key], gate_up)
-        and torch.equal(out[dn_key], down)
-    ):
-        if set(out) != set(sd):  # fused experts saved as they are, and nothing else renamed
-            raise Refusal(
-                f"transformers renames tensors on disk besides its fused experts ({sorted(set(out) ^ set(sd))[:2]})"
-            )
-        return block, ("gate_up_proj", "gate_up_proj", "down_proj"), (), (None, None), True
     if fused:
-        raise Refusal(
-            f"its experts are fused on disk under other names ({', '.join(sorted(fused))}): moecompress cannot "
-            "write this layout back yet"
-        )
+        return _fused_layout(out, sd, marked, prefix, block, router, gu_key, dn_key, gate_up, down)
     pat = re.compile(
         rf"^{re.escape(prefix)}(?P<block>[\w.]+?)\.{re.escape(experts)}\.(?P<e>\d+)\.(?P<name>\w+)\.weight$"
     )
@@ -365,4 +350,41 @@ def _disk_layout(
         renames[disk_rel] = module_rel
     layout = (names[0].pop(), names[1].pop(), names[2].pop())
     routers = None if disk_router == router else disk_router, disk_correction
-    return disk_block, layout, tuple(sorted(renames.items())), routers, False
+    return disk_block, layout, tuple(sorted(renames.items())), routers, None
+
+
+def _fused_layout(
+    out: dict[str, Any],
+    sd: dict[str, Any],
+    marked: dict[str, Any],
+    prefix: str,
+    block: str,
+    router: str,
+    gu_key: str,
+    dn_key: str,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None], Any]:
+    """``_disk_layout`` for experts saved fused: the marker tensors come back whole (same values, maybe renamed, as
+    Granite's input_linear/output_linear), the router maybe renamed (Granite's router.layer), nothing else."""
+    names: dict[str, str] = {}
+    inside = f"{prefix}{block}."
+    for k, v in marked.items():
+        which = "gate_up" if torch.equal(v, gate_up) else "down" if torch.equal(v, down) else None
+        if which is None or not k.startswith(inside) or which in names:
+            raise Refusal(f"its experts are fused on disk and converted on save ({k}): moecompress cannot write it")
+        names[which] = k[len(inside) :]
+    if set(names) != {"gate_up", "down"}:
+        raise Refusal(f"its experts are fused on disk in a layout moecompress does not map ({sorted(marked)[:2]})")
+    rkey = f"{inside}{router}.weight"
+    rdisk = next((k for k, v in out.items() if v is sd[rkey]), rkey)
+    m = re.match(rf"^{re.escape(inside)}([\w.]+)\.weight$", rdisk)
+    if m is None:
+        raise Refusal(f"transformers saves its router as {rdisk}: not <block>.<router>.weight")
+    others, want = set(out) - set(marked) - {rdisk}, set(sd) - {gu_key, dn_key, rkey}
+    if others != want:
+        odd = sorted(others ^ want)[:2]
+        raise Refusal(f"transformers renames tensors on disk besides its fused experts ({odd})")
+    disk_router = None if m[1] == router else m[1]
+    fused_names = (names["gate_up"], names["down"])
+    return block, ("gate_up_proj", "gate_up_proj", "down_proj"), (), (disk_router, None), fused_names

@@ -89,11 +89,16 @@ class Family:
     disk_correction: str | None = None  # correction bias's block-relative checkpoint name when not under the router
     # experts saved as the module's own fused tensors (gpt-oss: experts.gate_up_proj [E, H, 2I], down_proj [E, I, H],
     # their biases; MXFP4 releases hold gate_up_proj_blocks/_scales instead): read and written in that layout
-    fused_disk: bool = False
+    fused_names: tuple[str, str] | None = None  # block-relative disk names of (gate_up, down) when fused on disk
     transposed: bool = False  # fused tensors are [E, H, 2I] / [E, I, H] (x @ W), not [E, 2I, H] / [E, H, I]
     interleaved: bool = False  # gate and up rows alternate (g0, u0, g1, u1, ...) instead of gate rows first
     expert_bias: bool = False  # gate_up_proj_bias [E, 2I] and down_proj_bias [E, H]
     gate: str | None = None  # the experts' gated activation when not act(g) * u: "clamped_swiglu" (gpt-oss)
+
+    @property
+    def fused_disk(self) -> bool:
+        """The routed experts are saved as fused tensors (gpt-oss's experts.gate_up_proj, Granite's input_linear)."""
+        return self.fused_names is not None
 
     @property
     def own_experts(self) -> bool:
@@ -201,14 +206,19 @@ class Family:
         owned = rf"(?:{'|'.join(re.escape(n) for n in names)})\."
         if self.disk_correction:
             owned = rf"(?:{owned}|{re.escape(self.disk_correction)}$)"
+        if self.fused_names:  # fused experts saved outside the experts name (Granite's input_linear.weight)
+            owned = rf"(?:{owned}|{'|'.join(re.escape(n) + '$' for n in self.fused_names)})"
         return re.compile(
             rf"^model\.layers\.{layer}\.(?:{re.escape(self.disk_block)}|{re.escape(self.module_block)})\.{owned}"
         )
 
     def disk_to_module(self, key: str) -> str:
         """Rename a hub key's block part to the transformers module name (e.g. Mixtral block_sparse_moe -> mlp)."""
-        if (self.renames or self.disk_correction) and (m := _LAYER_PREFIX.match(key)):
+        if (self.renames or self.disk_correction or self.fused_names) and (m := _LAYER_PREFIX.match(key)):
             rel = key[m.end() :]
+            for fused, name in zip(self.fused_names or (), ("gate_up_proj", "down_proj"), strict=False):
+                if rel == f"{self.disk_block}.{fused}":
+                    return f"{m[0]}{self.module_block}.{self.experts}.{name}"
             if self.disk_correction and rel == f"{self.disk_block}.{self.disk_correction}":
                 return f"{m[0]}{self.module_block}.{self.router}.{self.correction_bias}"
             for disk, module in self.renames:
@@ -224,7 +234,9 @@ class Family:
     # ---- the view ------------------------------------------------------------------------------
     def fused_key(self, layer: int, name: str) -> str:
         """A fused experts tensor of a family fused on disk (name: gate_up_proj, down_proj, their _bias)."""
-        return f"{self.block_prefix(layer)}{self.experts}.{name}"
+        names = dict(zip(("gate_up_proj", "down_proj"), self.fused_names or (), strict=False))
+        rel = names.get(name, f"{self.experts}.{name}")
+        return f"{self.block_prefix(layer)}{rel}"
 
     def _read_fused(self, tensors: Mapping[str, torch.Tensor], layer: int) -> MoEWeights:
         """The view of a family fused on disk (gpt-oss layout: transposed, gate/up interleaved, biases; MXFP4
@@ -515,7 +527,7 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             disk_correction=d["disk_correction"],
             routing_known=d["routing_like"] is not None,
             derived=True,
-            fused_disk=d["fused_disk"],
+            fused_names=d["fused_names"],
             transposed=d["flags"]["is_transposed"],
             interleaved=not d["flags"]["is_concatenated"],
             expert_bias=d["flags"]["has_bias"],

@@ -307,14 +307,14 @@ class LayerStream:
     @torch.no_grad()
     def logits(self, i: int) -> torch.Tensor:
         """Final norm + lm_head on cached batch i (call after all layers ran)."""
-        self._ensure_head()
-        h = self.model.model.norm(self.cache[i].to(self.device))
-        return self.model.lm_head(h)
+        return self.head(self.cache[i].to(self.device))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head on hidden states h [B, S, H] -> logits [B, S, V] (autograd allowed)."""
         self._ensure_head()
-        return self.model.lm_head(self.model.model.norm(h))
+        logits = self.model.lm_head(self.model.model.norm(h))
+        scale = getattr(self.ckpt.config, "logits_scaling", None)  # Granite divides its logits
+        return logits / scale if isinstance(scale, (int, float)) and scale not in (0, 1) else logits
 
     def _ensure_head(self) -> None:
         if getattr(self, "_head_ready", False):

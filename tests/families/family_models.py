@@ -82,6 +82,8 @@ def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, An
     if isinstance(kinds, list) and len(set(kinds)) > 1:  # every layer type early, so a later MoE layer sees it
         order = list(dict.fromkeys(kinds))
         out["layer_types"] = [order[i % len(order)] for i in range(out["num_hidden_layers"])]
+    elif isinstance(kinds, list) and set(kinds) == {"linear_attention"}:  # Granite-4.0-H: Mamba with attention
+        out["layer_types"] = ["linear_attention", "attention"] * (out["num_hidden_layers"] // 2)
     if "topk_method" in defaults:  # DeepSeek-V2: route within groups (its default "greedy" ignores them)
         out["topk_method"] = "group_limited_greedy"
     if "mlp_only_layers" in defaults:
