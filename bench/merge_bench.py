@@ -86,6 +86,14 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true", help="rewrite REPORT.md from REPORT.json and exit")
     ap.add_argument("--quick", action="store_true", help="only the default, its parts, the previous default, pruning")
     ap.add_argument("--only", nargs="+", default=None, help="run only the variants with these names")
+    ap.add_argument(
+        "--align-block",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also the default merge with neuron "
+        "alignment in blocks of at most N neurons (merge/align.py's bounded matching; exact: the width)",
+    )
     ap.add_argument("--combine", nargs="+", default=None, help="JSON reports of single runs -> REPORT.{json,md}")
     args = ap.parse_args()
     if args.combine:
@@ -154,6 +162,7 @@ def main() -> None:
             ("choose, keep only", MergeOptions(ratio=ratio, candidates=("keep", "keep+refit"))),
             ("subspace r=1 +refit (before)", MergeOptions(ratio=ratio, **old)),
         ]
+        variants += [(f"choose, align block {b}", MergeOptions(ratio=ratio, align_block=b)) for b in args.align_block]
         if not args.quick:
             for rf in args.rank_fractions:  # subspace: k-means on output similarity + aligned Sub-MoE SVD merge
                 rank_fraction = None if rf == 1 else rf
@@ -261,6 +270,10 @@ def render(report: dict[str, Any]) -> str:
                 "choose (default)",
             ),
             ("merge candidates (keep/keep+refit only -> all)", "choose, keep only", "choose (default)"),
+            *[
+                (f"exact neuron matching -> blocks of {b}", "choose (default)", f"choose, align block {b}")
+                for b in st.get("align_block", [])
+            ],
             ("merge vs pruning (output-error prune -> choose)", "output-error prune (default)", "choose (default)"),
         ]
         if by.get("choose (default)", {}).get("choices"):

@@ -10,13 +10,19 @@ Each clustering (a list of clusters with a dominant member each) starts with eve
 then, cluster by cluster (coordinate descent, the others fixed), every candidate is built and measured:
   keep        the dominant member and its router row (what pruning does);
   subspace    aligned Sub-MoE merge (``merge_subspace``) with a router row fitted to the members' log-sum-exp;
-  average     frequency-weighted average (HC-SMoE) with the fitted router row;
+  average     frequency-weighted average (HC-SMoE) with the fitted router row (an untruncated subspace merge is
+              the same average, so it is measured once);
   +refit      the same with its down projection refitted on F by ridge least squares to the layer-output
               residual  r(x) = y(x) - (the other routed experts' part of y'(x)),  weighted by its routing weight;
 and the candidate with the lowest error is kept (the current one stays unless another is strictly better).
 The clustering with the lowest final error wins. With the pruning choice among the clusterings (its dominant
 members = the experts pruning keeps), the merged layer's error on M is never above pruning's.
-Memory: [T, K, H] merged-expert outputs and [T, E, H] original ones for T = |F| + |M| tokens.
+
+Cost and memory (T = |F| + |M| tokens, k = top-k, K merged experts): no [T, E, H] or [T, K, H] tensor. The merged
+layer is held as its routing [T, k] and the outputs of each token's k routed experts [T, k, H] (``_Routed``); a
+candidate for cluster j changes only the tokens j is routed to before or after (and, without top-k
+renormalization, every token's scale in closed form), so a trial computes the candidate on ~T k / K tokens and any
+expert that enters a changed token's top-k on that token alone. Everything stays on the tokens' device.
 """
 
 from __future__ import annotations
@@ -26,27 +32,15 @@ from typing import Any
 
 import torch
 
-from moecompress.core.experts import Act
+from moecompress.core.experts import Act, expert_forward
 from moecompress.core.families import MoEWeights
-from moecompress.merge.align import activations, align_cluster
+from moecompress.merge.align import EXACT_BLOCK, activations, align_cluster
 from moecompress.merge.refit import lstsq_down
-from moecompress.merge.router import fit_router_rows
+from moecompress.merge.router import RouterFitter
 from moecompress.merge.subspace import merge_average, merge_subspace
-from moecompress.prune.order import RouterSpec, output_error_order, outputs_by_token, route
+from moecompress.prune.order import ExpertOutputs, RouterSpec, output_error_order, route, router_choice
 
 KINDS = ("keep", "keep+refit", "subspace", "subspace+refit", "average", "average+refit")
-CACHE_BYTES = 1 << 29  # activations and outputs of unrefitted candidates kept for reuse across sweeps (per layer)
-
-
-def combine(outs: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Routed output [T, H] from outs [T, K, H], weights and indices [T, k] (pruning.combine's values, with a
-    row gather instead of ``Tensor.gather`` on an expanded index, ~2x faster on the CPU); with ``tokens`` [n]
-    (token ids), only those tokens' outputs [n, H] (w, idx: [n, k], rows of those tokens)."""
-    T, K, H = outs.shape
-    ids = torch.arange(T, device=idx.device) if tokens is None else tokens
-    rows = (idx + ids[:, None] * K).reshape(-1)  # [n k]
-    picked = outs.reshape(T * K, H).index_select(0, rows).view(idx.shape[0], -1, H)  # [n, k, H]
-    return (picked * w[:, :, None]).sum(1)
 
 
 @dataclass
@@ -72,74 +66,162 @@ class Clustering:
 
 
 class LayerFit:
-    """One layer's calibration state: tokens, the original output, and the merged layer under construction."""
+    """One layer's calibration state: tokens, the original routed output, and cached original expert outputs.
+
+    ``src`` holds each token's k+1 best-ranked original experts' outputs ([T, k+1, H]; other pairs are computed
+    when asked), which give the original output y, the pruning order and every clustering's starting point."""
 
     def __init__(self, w: MoEWeights, x_fit: torch.Tensor, x_eval: torch.Tensor, spec: RouterSpec, act: Act):
         self.w, self.spec, self.act = w, spec, act  # act: the experts' activation
         self.x = torch.cat([x_fit, x_eval]).float()  # [T, H]
         self.n_fit = x_fit.shape[0]
-        self.outs0 = outputs_by_token(self.x, w.gate, w.up, w.down, act)  # [T, E, H]
         self.logits0 = self._logits(w.router, w.router_bias)  # [T, E]
-        self.y = combine(self.outs0, *route(self.logits0, spec, None, w.correction_bias))  # [T, H]
+        rank = router_choice(self.logits0, spec, w.correction_bias)
+        self.src = ExpertOutputs(self.x, w.gate, w.up, w.down, rank, spec.top_k + 1, act)
+        rows = torch.arange(self.x.shape[0], device=self.x.device)
+        w0, idx0 = route(self.logits0, spec, None, w.correction_bias)
+        self.y = (self.src.get(rows, idx0) * w0[:, :, None]).sum(1)  # [T, H]
         self.norm = max(float(self.y[self.n_fit :].double().pow(2).sum()), 1e-30)
-        self._cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._cached_bytes = 0
-
-    def computed(self, key: Any, c: Candidate) -> tuple[torch.Tensor, torch.Tensor]:
-        """(activations [T, I], output [T, H]) of candidate ``c``, reused under ``key`` while the cache has room
-        (the same candidate recurs in every sweep and, for ``keep``, in both clusterings)."""
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        h = self.activations(c)
-        out = (h, self.output(c, h))
-        size = h.numel() * h.element_size() + out[1].numel() * out[1].element_size()
-        if self._cached_bytes + size <= CACHE_BYTES:
-            self._cache[key] = out
-            self._cached_bytes += size
-        return out
+        self.router = RouterFitter(x_fit, w.router, w.router_bias) if w.correction_bias is None else None
 
     def _logits(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         logits = self.x @ rows.float().T
         return logits + bias.float() if bias is not None else logits
 
-    def activations(self, c: Candidate) -> torch.Tensor:
-        """Intermediate activations [T, I] of one candidate expert (shared by its +refit version)."""
-        return activations(self.x, c.gate, c.up, self.act)
+    def hidden(self, c: Candidate, rows: torch.Tensor) -> torch.Tensor:
+        """Intermediate activations [n, I] of candidate ``c`` on token rows [n]."""
+        return activations(self.x[rows], c.gate, c.up, self.act)
 
-    def output(self, c: Candidate, h: torch.Tensor | None = None) -> torch.Tensor:
-        """Unweighted output [T, H] of one candidate expert (h: its activations, when known)."""
-        return (self.activations(c) if h is None else h) @ c.down.float().T
+    def start(self, clustering: Clustering) -> tuple[list[Candidate], _Routed]:
+        """Every cluster at "keep its dominant member": the candidates and the merged layer's routed state."""
+        w = self.w
+        chosen = [keep_candidate(w, d) for d in clustering.dominant]
+        rows = torch.stack([c.row for c in chosen])  # [K, H]
+        bias = None if w.router_bias is None else torch.stack([c.bias for c in chosen])
+        corr = None if w.correction_bias is None else torch.stack([c.corr for c in chosen])
+        logits = self._logits(rows, bias)  # [T, K]
+        wts, idx = route(logits, self.spec, None, corr)
+        dom = torch.as_tensor(clustering.dominant, device=idx.device)
+        all_rows = torch.arange(self.x.shape[0], device=idx.device)
+        outs = self.src.get(all_rows, dom[idx])  # [T, k, H] the dominant experts' original outputs
+        return chosen, _Routed(self, logits, corr, wts, idx, outs)
 
-    def error(self, outs: torch.Tensor, logits: torch.Tensor, corr: torch.Tensor | None) -> float:
-        """Relative routed-output error on the measure tokens of a layer given by outs [T, K, H], logits [T, K]."""
-        m = slice(self.n_fit, None)
-        w, idx = route(logits[m], self.spec, None, corr)
-        return float((combine(outs[m], w, idx) - self.y[m]).double().pow(2).sum()) / self.norm
 
-    def refit(
-        self,
-        c: Candidate,
-        j: int,
-        outs: torch.Tensor,
-        logits: torch.Tensor,
-        corr: torch.Tensor | None,
-        h: torch.Tensor | None = None,
-    ) -> Candidate:
-        """``c`` with its down projection refitted (fit tokens) as new expert ``j`` of the layer (outs, logits)."""
-        f = slice(0, self.n_fit)
-        w, idx = route(logits[f], self.spec, None, corr)  # [t, k]
-        mine = idx == j  # [t, k]
-        s = (w * mine).sum(1)  # [t] routing weight of expert j
-        on = s > 0
-        if int(on.sum()) == 0:
-            return c
-        tok = on.nonzero()[:, 0]  # [n] fit tokens routed to expert j
-        others = combine(outs[f], (w * ~mine)[tok], idx[tok], tok)  # [n, H] the other experts' part
-        hf = activations(self.x[f][on], c.gate, c.up, self.act) if h is None else h[f][on]
-        a = s[on, None] * hf  # [n, I]
-        down = lstsq_down(a, self.y[f][on] - others, c.down)
-        return Candidate(c.kind + "+refit", c.gate, c.up, down, c.row, c.bias, c.corr)
+class _Routed:
+    """The merged layer under construction on all T tokens: logits [T, K], correction bias [K], routing (wts, idx)
+    [T, k], each routed expert's output [T, k, H], the routed output [T, H] and its squared error [T] to y."""
+
+    def __init__(self, fit: LayerFit, logits, corr, wts, idx, outs):
+        self.fit, self.logits, self.corr, self.wts, self.idx, self.outs = fit, logits, corr, wts, idx, outs
+        self.yc = (outs * wts[:, :, None]).sum(1)  # [T, H]
+        self.d2 = (self.yc - fit.y).double().pow(2).sum(1)  # [T]
+        m = slice(fit.n_fit, None)
+        self.err = float(self.d2[m].sum()) / fit.norm
+
+    def trial(
+        self, j: int, cand: Candidate, chosen: list[Candidate], plain: str | None, refit: str | None
+    ) -> list[_Trial]:
+        """Cluster j's candidate in place of the current one (the others fixed): its plain version (named ``plain``)
+        and/or its down-refitted version (named ``refit``), each with its error on the measure tokens (nothing is
+        changed here)."""
+        fit, spec = self.fit, self.fit.spec
+        col = fit._logits(cand.row[None], None if cand.bias is None else cand.bias[None])[:, 0]  # [T]
+        logits = self.logits.clone()
+        logits[:, j] = col
+        corr = None
+        if self.corr is not None:
+            corr = self.corr.clone()
+            corr[j] = cand.corr
+        w2, idx2 = route(logits, spec, None, corr)  # [T, k]
+        has_j = idx2 == j  # [T, k]
+        changed = (idx2 != self.idx).any(1) | has_j.any(1) | (self.idx == j).any(1)  # [T]
+        rows = changed.nonzero()[:, 0]  # [n]
+        nonorm = spec.kind == "softmax" and not spec.norm_topk
+        # outputs of the changed tokens' new top-k: kept slots, the candidate, experts that entered the top-k
+        i_new, i_old = idx2[rows], self.idx[rows]  # [n, k]
+        match = i_new[:, :, None] == i_old[:, None, :]  # [n, k, k]
+        pos = match.int().argmax(2)  # [n, k]
+        outs = self.outs[rows[:, None], pos]  # [n, k, H] (a copy)
+        mine = i_new == j  # [n, k]
+        enter = ~match.any(2) & ~mine
+        if bool(enter.any()):
+            pr, ps = enter.nonzero().unbind(1)
+            ex = i_new[pr, ps]
+            for e in ex.unique().tolist():
+                sel = ex == e
+                c = chosen[e]
+                outs[pr[sel], ps[sel]] = expert_forward(
+                    fit.x[rows[pr[sel]]], c.gate.float(), c.up.float(), c.down.float(), fit.act
+                )
+        jr, js = mine.nonzero().unbind(1)  # the changed rows routed to j, and j's slot there
+        h = fit.hidden(cand, rows[jr])  # [nj, I]
+        w_new = w2[rows]  # [n, k]
+        s = w_new[jr, js]  # [nj] j's routing weight
+        others = (outs * (w_new * ~mine)[:, :, None]).sum(1)  # [n, H] the other routed experts' part
+        scale = None
+        if nonorm:  # every token's weights scale by Z_old / Z_new; unchanged tokens in closed form
+            scale = (w2.sum(1) / self.wts.sum(1).clamp_min(1e-30))[:, None]  # [T, 1]
+        versions: list[_Trial] = []
+        downs = []
+        if plain is not None:
+            downs.append((Candidate(plain, *_parts(cand)), cand.down))
+        if refit is not None:
+            f = rows[jr] < fit.n_fit  # fit rows routed to j
+            if bool(f.any()):
+                a = s[f, None] * h[f]  # [nf, I]
+                down = lstsq_down(a, fit.y[rows[jr[f]]] - others[jr[f]], cand.down)
+                downs.append((Candidate(refit, cand.gate, cand.up, down, cand.row, cand.bias, cand.corr), down))
+            elif plain is None:  # nothing to refit on: the candidate as it is (as the plain version would be)
+                downs.append((cand, cand.down))
+        for c, down in downs:
+            out_j = torch.nn.functional.linear(h, down.float())  # [nj, H]
+            o = outs.clone() if len(downs) > 1 else outs
+            o[jr, js] = out_j
+            yn = others.clone()
+            yn.index_add_(0, jr, s[:, None] * out_j)  # [n, H]
+            d2n = (yn - fit.y[rows]).double().pow(2).sum(1)  # [n]
+            m = rows >= fit.n_fit
+            if nonorm:
+                d2_all = (self.yc * scale - fit.y).double().pow(2).sum(1)  # [T] unchanged tokens, rescaled
+                base = float(d2_all[fit.n_fit :].sum()) - float(d2_all[rows[m]].sum())
+            else:
+                base = float(self.d2[fit.n_fit :].sum()) - float(self.d2[rows[m]].sum())
+            err = (base + float(d2n[m].sum())) / fit.norm
+            versions.append(_Trial(c, err, j, logits, corr, w2, idx2, rows, o, yn, d2n, scale))
+        return versions
+
+    def accept(self, t: _Trial) -> None:
+        """Make trial ``t`` the merged layer's current state."""
+        self.logits, self.corr = t.logits, t.corr
+        if t.scale is not None:  # no top-k renormalization: every token's weights and output rescaled
+            self.wts = t.w2.clone()
+            self.yc = self.yc * t.scale  # slot outputs are unweighted: unchanged
+        self.wts[t.rows], self.idx[t.rows] = t.w2[t.rows], t.idx2[t.rows]
+        self.outs[t.rows] = t.outs
+        self.yc[t.rows] = t.yn
+        self.d2 = (self.yc - self.fit.y).double().pow(2).sum(1) if t.scale is not None else self.d2
+        self.d2[t.rows] = t.d2n
+        self.err = t.err
+
+
+@dataclass
+class _Trial:
+    cand: Candidate
+    err: float
+    j: int
+    logits: torch.Tensor
+    corr: torch.Tensor | None
+    w2: torch.Tensor
+    idx2: torch.Tensor
+    rows: torch.Tensor
+    outs: torch.Tensor
+    yn: torch.Tensor
+    d2n: torch.Tensor
+    scale: torch.Tensor | None
+
+
+def _parts(c: Candidate) -> tuple[Any, ...]:
+    return c.gate, c.up, c.down, c.row, c.bias, c.corr
 
 
 def keep_candidate(w: MoEWeights, e: int) -> Candidate:
@@ -148,33 +230,35 @@ def keep_candidate(w: MoEWeights, e: int) -> Candidate:
 
 
 def merge_candidates(
-    w: MoEWeights,
+    fit: LayerFit,
     members: list[int],
     freqs: torch.Tensor,
-    x_fit: torch.Tensor,
+    x_align: torch.Tensor,
     ref: int,
     align: bool,
     rank_fn: Any,
-    act: Act,
+    align_block: int = EXACT_BLOCK,
 ) -> list[Candidate]:
-    """Subspace and average merges of a cluster (aligned to member ``ref`` when ``align``) with fitted rows."""
+    """Subspace and average merges of a cluster (aligned to member ``ref`` on tokens ``x_align`` when ``align``) with
+    fitted rows; an untruncated subspace merge equals the average, so then only "subspace" is returned."""
+    w = fit.w
     mg, mu, md = w.gate[members], w.up[members], w.down[members]  # [n, I, H], [n, I, H], [n, H, I]
     f = freqs[members]
     if align:
-        mg, mu, md = align_cluster(x_fit[:2048], mg, mu, md, members.index(ref), act)
-    if w.correction_bias is None:
-        rows, bias = fit_router_rows(x_fit, w.router, [members], bias=w.router_bias)
+        mg, mu, md = align_cluster(x_align, mg, mu, md, members.index(ref), fit.act, align_block)
+    if fit.router is not None:
+        rows, bias = fit.router.fit([members])
         row, b, corr = rows[0], None if bias is None else bias[0], None
     else:  # sigmoid routing: frequency-free average row and correction bias (as merged_router_rows does)
         row, b = w.router[members].mean(0), None if w.router_bias is None else w.router_bias[members].mean()
         corr = w.correction_bias[members].double().mean().to(w.correction_bias.dtype)
-    out = []
-    for kind in ("subspace", "average"):
-        if kind == "subspace":
-            parts = [merge_subspace(m, f, rank_fn(m)) for m in (mg, mu, md)]
-        else:
-            parts = [merge_average(m, f) for m in (mg, mu, md)]
-        out.append(Candidate(kind, parts[0], parts[1], parts[2], row, b, corr))
+    ranks = [rank_fn(m) for m in (mg, mu, md)]
+    mats = (mg, mu, md)
+    full = all(r is None or r >= min(m.shape[1], m.shape[0] * m.shape[2]) for r, m in zip(ranks, mats, strict=True))
+    parts = [merge_subspace(m, f, r) for m, r in zip(mats, ranks, strict=True)]
+    out = [Candidate("subspace", *parts, row, b, corr)]
+    if not full:
+        out.append(Candidate("average", *[merge_average(m, f) for m in (mg, mu, md)], row, b, corr))
     return out
 
 
@@ -182,64 +266,60 @@ def choose_clusters(
     fit: LayerFit,
     clustering: Clustering,
     freqs: torch.Tensor,
-    x_fit: torch.Tensor,
+    x_align: torch.Tensor,
     kinds: tuple[str, ...] = KINDS,
     align: bool = True,
     rank_fn: Any = lambda m: None,
     sweeps: int = 2,
+    align_block: int = EXACT_BLOCK,
+    clock: Any = None,
 ) -> tuple[list[Candidate], float, float]:
-    """Coordinate descent over the clusters' candidates. Returns (chosen candidates, error at start, final error)."""
+    """Coordinate descent over the clusters' candidates. Returns (chosen candidates, error at start, final error).
+    ``clock`` (``layer.Clock``, optional) is charged "merge candidates" (alignment, merges, router rows) and
+    "candidate trials" (routing, outputs, refits, errors)."""
     w = fit.w
-    chosen = [keep_candidate(w, d) for d in clustering.dominant]
-    outs = torch.stack([fit.outs0[:, d] for d in clustering.dominant], 1)  # [T, K, H]
-    rows = torch.stack([c.row for c in chosen])  # [K, H]
-    bias = None if w.router_bias is None else torch.stack([c.bias for c in chosen])
-    logits = fit._logits(rows, bias)  # [T, K]
-    corr = None if w.correction_bias is None else torch.stack([c.corr for c in chosen])
-    err = start = fit.error(outs, logits, corr)
+    lap = clock.lap if clock is not None else (lambda name: None)
+    chosen, state = fit.start(clustering)
+    start = state.err
     merged_cache: dict[int, list[Candidate]] = {}
+    merging = {"subspace", "subspace+refit", "average", "average+refit"} & set(kinds)
     for _ in range(sweeps):
         changed = False
         for j, members in enumerate(clustering.clusters):
             if len(members) == 1 and "keep+refit" not in kinds:
                 continue
             base = [keep_candidate(w, clustering.dominant[j])]
-            if len(members) > 1 and ({"subspace", "subspace+refit", "average", "average+refit"} & set(kinds)):
+            if len(members) > 1 and merging:
                 if j not in merged_cache:
+                    lap("candidate trials")
                     merged_cache[j] = merge_candidates(
-                        w, members, freqs, x_fit, clustering.dominant[j], align, rank_fn, fit.act
+                        fit, members, freqs, x_align, clustering.dominant[j], align, rank_fn, align_block
                     )
+                    lap("merge candidates")
                 base += merged_cache[j]
-            for cand in base:  # try it in place of column j; restore unless it is strictly better
+            for cand in base:  # try it in place of column j; keep it only if it is strictly better
                 is_current = cand.kind == "keep" and chosen[j].kind == "keep"
-                if is_current and "keep+refit" not in kinds:
+                # an untruncated subspace merge is the average: one candidate, under the first name asked for
+                names = (
+                    ("subspace", "average")
+                    if cand.kind == "subspace" and len(merged_cache.get(j, ())) == 1
+                    else (cand.kind,)
+                )
+                plain = next((n for n in names if n in kinds), None) if not is_current else None
+                refit = next((n + "+refit" for n in names if n + "+refit" in kinds), None)
+                if plain is None and refit is None:
                     continue
-                key = (cand.kind, clustering.dominant[j], () if cand.kind == "keep" else tuple(members))
-                h, plain = fit.computed(key, cand)  # [T, I], [T, H]
-                m = slice(fit.n_fit, None)  # the error reads the measure tokens only; the fit part follows a win
-                old_l, old_o = logits[:, j].clone(), outs[m, j].clone()
-                old_c = None if corr is None else corr[j].clone()
-                logits[:, j] = fit._logits(cand.row[None], None if cand.bias is None else cand.bias[None])[:, 0]
-                if corr is not None:
-                    corr[j] = cand.corr
-                versions = [cand] if cand.kind in kinds and not is_current else []
-                if cand.kind + "+refit" in kinds:
-                    versions.append(fit.refit(cand, j, outs, logits, corr, h))
                 best = None
-                for v in versions:
-                    outs[m, j] = plain[m] if v is cand else h[m] @ v.down.float().T
-                    e = fit.error(outs, logits, corr)
-                    if e < err * (1 - 1e-9):
-                        err, chosen[j], best, changed = e, v, v, True
+                for t in state.trial(j, cand, chosen, plain, refit):
+                    if t.err < state.err * (1 - 1e-9) and (best is None or t.err < best.err * (1 - 1e-9)):
+                        best = t
                 if best is not None:
-                    outs[:, j] = plain if best is cand else fit.output(best, h)
-                else:
-                    logits[:, j], outs[m, j] = old_l, old_o
-                    if corr is not None:
-                        corr[j] = old_c
+                    state.accept(best)
+                    chosen[j], changed = best.cand, True
         if not changed:
             break
-    return chosen, start, err
+    lap("candidate trials")
+    return chosen, start, state.err
 
 
 def pruning_clustering(
@@ -248,10 +328,8 @@ def pruning_clustering(
     """The pruning choice as a clustering: output-error pruning (on the fit tokens) keeps ``n_keep`` experts; each
     removed expert joins the kept, unprotected expert of its group whose output it resembles most."""
     E = fit.w.num_experts
-    f = slice(0, fit.n_fit)
-    order = output_error_order(
-        fit.outs0[f], fit.logits0[f], fit.spec, set(protected), E - n_keep, fit.w.correction_bias
-    )
+    f = slice(0, fit.n_fit)  # the fit tokens are the first rows of fit.src
+    order = output_error_order(fit.src, fit.logits0[f], fit.spec, set(protected), E - n_keep, fit.w.correction_bias)
     removed: list[int] = []
     for step in order:
         if len(removed) >= E - n_keep:

@@ -14,6 +14,7 @@ held-out calibration tokens.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from .cluster import MergeTargetError, agglomerative_cluster, kmeans_cluster, la
 from .options import MergeOptions
 from .refit import refit_down, routing_weights
 from .router import fit_router_rows, merged_router_rows
-from .similarity import gram_features, outputs_by_expert, pairwise_output_similarity, router_logit_similarity
+from .similarity import gram_features, output_similarity, router_logit_similarity
 from .subspace import merge_average, merge_subspace, rank_for
 
 
@@ -75,19 +76,47 @@ def merge_layer(
     Raises:
         MergeTargetError: the protected experts leave k-means no room in a group.
     """
-    gen = torch.Generator().manual_seed(opts.seed)
+    clock = Clock(x.device)
+    gen = torch.Generator().manual_seed(opts.seed)  # on the CPU: the same draws on every device
     xf = x.to(torch.float32)
     logits = xf @ w.router.to(torch.float32).T  # [T, E]
     if w.router_bias is not None:
         logits = logits + w.router_bias.to(torch.float32)
     if freqs is None:
         scores = logits if w.correction_bias is None else logits.sigmoid() + w.correction_bias.to(torch.float32)
-        freqs = routing_frequency(scores, top_k)  # [E]
-    clusters, similarity = cluster_layer(w, xf, logits, n_clusters, opts, gen, act, similarity, protected, n_group)
+        freqs = routing_frequency(scores, top_k).cpu()  # [E]
+    clusters, similarity = cluster_layer(
+        w, xf, logits, n_clusters, opts, gen, act, similarity, protected, n_group, clock
+    )  # fmt: skip
     if opts.choose:
         spec = spec or RouterSpec(top_k=top_k, norm_topk=norm_topk)
-        return choose_layer(w, xf, clusters, freqs, similarity, protected or [], n_group, spec, opts, gen, act)
-    return merge_clusters(w, xf, logits, clusters, freqs, similarity, top_k, norm_topk, opts, gen, act)
+        merged, info = choose_layer(
+            w, xf, clusters, freqs, similarity, protected or [], n_group, spec, opts, gen, act, clock
+        )  # fmt: skip
+    else:
+        merged, info = merge_clusters(w, xf, logits, clusters, freqs, similarity, top_k, norm_topk, opts, gen, act)
+        clock.lap("merge")
+    info["seconds"] = clock.laps
+    return merged, info
+
+
+class Clock:
+    """Seconds per phase of one layer's merge (synchronized on CUDA so a phase owns its kernels)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.laps: dict[str, float] = {}
+        self.t = self._now()
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.laps[name] = round(self.laps.get(name, 0.0) + now - self.t, 3)
+        self.t = now
 
 
 def cluster_layer(
@@ -101,16 +130,20 @@ def cluster_layer(
     similarity: torch.Tensor | None = None,
     protected: list[int] | None = None,
     n_group: int = 1,
+    clock: Clock | None = None,
 ) -> tuple[list[list[int]], torch.Tensor]:
     """The layer's clusters (old expert ids; k-means on the similarity, or HC-SMoE average linkage on mean outputs),
     never across routing groups, protected experts alone; returns them with the [E, E] similarity used."""
     E = w.num_experts
-    sample = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.sim_tokens]]  # [Ts, H]
-    outputs = outputs_by_expert(sample, w.gate, w.up, w.down, act)  # [E, Ts, H]
-    if similarity is None:
-        output = opts.similarity == "output"
-        similarity = pairwise_output_similarity(outputs) if output else router_logit_similarity(logits)
-    mean_out = F.normalize(outputs.mean(dim=1).double(), dim=-1)  # [E, H]
+    sample = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.sim_tokens].to(xf.device)]  # [Ts, H]
+    if similarity is None or opts.method == "average":
+        measured, mean = output_similarity(sample, w.gate, w.up, w.down, act)  # [E, E], [E, H]
+        if similarity is None:
+            similarity = measured if opts.similarity == "output" else router_logit_similarity(logits)
+        mean_out = F.normalize(mean.double(), dim=-1).cpu()  # [E, H]
+    similarity = similarity.cpu()
+    if clock is not None:
+        clock.lap("similarity")
     # Group-limited routing (DeepSeek): cluster inside each group so new experts stay group-contiguous.
     Eg, Kg = E // n_group, n_clusters // n_group
     labels = torch.empty(E, dtype=torch.long)
@@ -126,6 +159,8 @@ def cluster_layer(
         except ValueError as err:
             raise MergeTargetError(f"cannot cluster group {g} of {Eg} experts into {Kg}: {err}", "unprotect") from None
         labels[idx] = local + g * Kg
+    if clock is not None:
+        clock.lap("clustering")
     return labels_to_clusters(labels), similarity
 
 
@@ -143,7 +178,7 @@ def merge_clusters(
     act: Act,
 ) -> tuple[MoEWeights, dict[str, Any]]:
     """One merge kind for every cluster (``opts.method``, aligned and refitted as asked) and rebuilt router rows."""
-    align_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.align_tokens]]  # [Ta, H]
+    align_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.align_tokens].to(xf.device)]  # [Ta, H]
     route_w = None
     if opts.refitted and w.correction_bias is None:
         route_w = routing_weights(logits, top_k, norm_topk)  # [T, E]
@@ -159,7 +194,7 @@ def merge_clusters(
         r: dict[str, int | None] = {}
         mg, mu, md = w.gate[members], w.up[members], w.down[members]  # [n, I, H], [n, I, H], [n, H, I]
         if opts.aligned:
-            mg, mu, md = align_cluster(align_x, mg, mu, md, int(f.argmax()), act)
+            mg, mu, md = align_cluster(align_x, mg, mu, md, int(f.argmax()), act, opts.align_block)
         for name, m, dst in (("gate", mg, gate), ("up", mu, up), ("down", md, down)):
             if opts.method == "average":
                 dst.append(merge_average(m, f))
@@ -173,7 +208,7 @@ def merge_clusters(
             down[-1] = refit_down(xf, route_w, members, w.gate, w.up, w.down, gate[-1], up[-1], down[-1], act_fn=act)
 
     if opts.router == "fit" and w.correction_bias is None:
-        fit_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.fit_tokens]]
+        fit_x = xf[torch.randperm(xf.shape[0], generator=gen)[: opts.fit_tokens].to(xf.device)]
         rows, bias = fit_router_rows(fit_x, w.router, clusters, bias=w.router_bias, kl_steps=opts.kl_steps)
     else:
         rows, bias = merged_router_rows(w.router, clusters, freqs, bias=w.router_bias)
@@ -217,22 +252,29 @@ def choose_layer(
     opts: MergeOptions,
     gen: torch.Generator,
     act: Act,
+    clock: Clock | None = None,
 ) -> tuple[MoEWeights, dict[str, Any]]:
     """Measured per-cluster choice over two clusterings (merge/choose.py); returns the best layer and its info."""
-    perm = torch.randperm(xf.shape[0], generator=gen)
+    clock = clock or Clock(xf.device)
+    perm = torch.randperm(xf.shape[0], generator=gen).to(xf.device)
     n_eval = min(opts.eval_tokens, xf.shape[0] // 3)
     x_eval, x_fit = xf[perm[:n_eval]], xf[perm[n_eval:]][: opts.fit_tokens]  # disjoint
     fit = LayerFit(w, x_fit, x_eval, spec, act)
+    clock.lap("layer outputs")
     dominant = [m[int(freqs[m].argmax())] for m in clusters]
     options = [Clustering("k-means", clusters, dominant)]
     options.append(pruning_clustering(fit, len(clusters), protected, similarity, n_group))
+    clock.lap("pruning order")
 
     def rank_fn(m: torch.Tensor) -> int:
         return rank_for(m.shape[1], m.shape[2], m.shape[0], opts.rank, opts.rank_fraction)
 
     tried = []
+    x_align = x_fit[: opts.align_tokens]
     for c in options:
-        chosen, start, err = choose_clusters(fit, c, freqs, x_fit, opts.candidates, opts.aligned, rank_fn)
+        chosen, start, err = choose_clusters(
+            fit, c, freqs, x_align, opts.candidates, opts.aligned, rank_fn, align_block=opts.align_block, clock=clock
+        )  # fmt: skip
         tried.append((err, c, chosen, start))
     err, best, chosen, _ = min(tried, key=lambda t: t[0])
     merged = assemble(chosen, w)

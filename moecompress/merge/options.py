@@ -25,6 +25,7 @@ class MergeOptions:
     protect_super: bool = True
     align: bool | None = None  # neuron alignment before merging; None: on for subspace, off for average (HC-SMoE)
     align_tokens: int = 2048
+    align_block: int = 1024  # neurons matched exactly in one block (merge/align.py); wider experts: blocks
     refit: bool | None = None  # least-squares refit of merged down projections; None: on for subspace only
     sim_tokens: int = 512
     fit_tokens: int = 8192
@@ -65,5 +66,7 @@ class MergeOptions:
         bad = [k for k in self.candidates if k not in KINDS]
         if bad or not self.candidates:
             raise UserError(f"merge candidates {bad or '(none)'} are not among {', '.join(KINDS)}")
+        if self.align_block < 2:
+            raise UserError(f"align_block {self.align_block} must be at least 2")
         if self.eval_tokens < 1:
             raise UserError(f"eval_tokens {self.eval_tokens} must be at least 1")

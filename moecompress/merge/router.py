@@ -77,29 +77,44 @@ def fit_router_rows(
     Returns:
         ([K, H] rows, [K] bias or None) in the dtype of ``w_router``; singleton clusters keep their row exactly.
     """
-    xf = x.to(torch.float64)  # [T, H]
-    W = w_router.to(torch.float64)  # [E, H]
-    logits = xf @ W.T + (bias.to(torch.float64) if bias is not None else 0.0)  # [T, E]
-    target = cluster_logits(logits, clusters)  # [T, K]
-    xa = torch.cat([xf, torch.ones_like(xf[:, :1])], dim=1) if bias is not None else xf  # [T, H(+1)]
-    # Prior: frequency-free average row (routing frequencies are unknown here; the average is the fallback).
-    prior = torch.stack([W[m].mean(0) for m in clusters])  # [K, H]
-    if bias is not None:
-        prior = torch.cat([prior, torch.stack([bias.to(torch.float64)[m].mean() for m in clusters])[:, None]], 1)
-    gram = xa.T @ xa  # [D, D]
-    lam = ridge * float(gram.diagonal().mean())
-    eye = torch.eye(gram.shape[0], dtype=torch.float64)
-    rhs = xa.T @ target + lam * prior.T  # [D, K]
-    sol = torch.linalg.solve(gram + lam * eye, rhs).T  # [K, D]
-    merged = [c for c, m in enumerate(clusters) if len(m) > 1]
-    if kl_steps > 0 and merged:
-        sol = _refine_kl(xa, target, sol, merged, kl_steps)
-    for c, m in enumerate(clusters):
-        if len(m) == 1:
-            sol[c] = torch.cat([W[m[0]], bias.to(torch.float64)[m[0] : m[0] + 1]]) if bias is not None else W[m[0]]
-    rows = sol[:, : w_router.shape[1]].to(w_router.dtype)
-    new_bias = sol[:, -1].to(bias.dtype) if bias is not None else None
-    return rows, new_bias
+    return RouterFitter(x, w_router, bias, ridge).fit(clusters, kl_steps)
+
+
+class RouterFitter:
+    """``fit_router_rows`` for many cluster lists on the same tokens and router: the Gram matrix, its Cholesky
+    factor and the original logits are computed once (per layer, not per cluster), on the tokens' device."""
+
+    def __init__(self, x: torch.Tensor, w_router: torch.Tensor, bias: torch.Tensor | None = None, ridge: float = 1e-2):
+        self.w_router, self.bias = w_router, bias
+        self.W = w_router.to(x.device, torch.float64)  # [E, H]
+        xf = x.to(torch.float64)  # [T, H]
+        self.logits = xf @ self.W.T + (bias.to(x.device, torch.float64) if bias is not None else 0.0)  # [T, E]
+        self.xa = torch.cat([xf, torch.ones_like(xf[:, :1])], dim=1) if bias is not None else xf  # [T, H(+1)]
+        gram = self.xa.T @ self.xa  # [D, D]
+        self.lam = max(ridge * float(gram.diagonal().mean()), 1e-12)
+        gram.diagonal().add_(self.lam)
+        self.chol = torch.linalg.cholesky(gram)  # gram + lam I is positive definite (lam > 0 unless x == 0)
+
+    def fit(self, clusters: list[list[int]], kl_steps: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([K, H] rows, [K] bias or None) for ``clusters`` (as ``fit_router_rows``)."""
+        W, bias = self.W, self.bias
+        target = cluster_logits(self.logits, clusters)  # [T, K]
+        # Prior: frequency-free average row (routing frequencies are unknown here; the average is the fallback).
+        prior = torch.stack([W[m].mean(0) for m in clusters])  # [K, H]
+        b64 = bias.to(W.device, torch.float64) if bias is not None else None
+        if b64 is not None:
+            prior = torch.cat([prior, torch.stack([b64[m].mean() for m in clusters])[:, None]], 1)
+        rhs = self.xa.T @ target + self.lam * prior.T  # [D, K]
+        sol = torch.cholesky_solve(rhs, self.chol).T  # [K, D]
+        merged = [c for c, m in enumerate(clusters) if len(m) > 1]
+        if kl_steps > 0 and merged:
+            sol = _refine_kl(self.xa, target, sol, merged, kl_steps)
+        for c, m in enumerate(clusters):
+            if len(m) == 1:
+                sol[c] = torch.cat([W[m[0]], b64[m[0] : m[0] + 1]]) if b64 is not None else W[m[0]]
+        rows = sol[:, : self.w_router.shape[1]].to(self.w_router.device, self.w_router.dtype)
+        new_bias = sol[:, -1].to(bias.device, bias.dtype) if bias is not None else None
+        return rows, new_bias
 
 
 def _refine_kl(
@@ -113,7 +128,7 @@ def _refine_kl(
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        w = fixed.index_put((torch.tensor(merged),), free)  # [K, D]
+        w = fixed.index_put((torch.tensor(merged, device=fixed.device),), free)  # [K, D]
         logq = (xa @ w.T).log_softmax(dim=1)  # [T, K]
         loss = (p * (p.clamp_min(1e-30).log() - logq)).sum(1).mean()
         loss.backward()

@@ -34,6 +34,32 @@ def outputs_by_expert(
     )
 
 
+def output_similarity(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    act: Act,
+    chunk_bytes: int = 1 << 26,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pairwise_output_similarity(outputs_by_expert(x, ...))`` and the experts' mean outputs, without the
+    [E, T, H] outputs: tokens are taken in chunks of about ``chunk_bytes`` of outputs (on the tokens' device).
+
+    Returns:
+        ([E, E] mean per-token cosine similarity, [E, H] mean output per expert), float32.
+    """
+    E, T, H = w_gate.shape[0], x.shape[0], w_down.shape[1]
+    step = max(1, chunk_bytes // (4 * E * H))
+    sim = torch.zeros(E, E, device=x.device)
+    total = torch.zeros(E, H, device=x.device)
+    for s in range(0, T, step):
+        outs = outputs_by_expert(x[s : s + step], w_gate, w_up, w_down, act)  # [E, t, H]
+        total += outs.sum(1)
+        unit = F.normalize(outs, dim=-1, eps=1e-12).reshape(E, -1)  # [E, t*H]
+        sim += unit @ unit.T
+    return sim / T, total / T
+
+
 def output_features(outputs: torch.Tensor) -> torch.Tensor:
     """Flattened per-token unit outputs, scaled so that ||a - b||^2 = 2 - 2 * mean_t cos(a_t, b_t).
 

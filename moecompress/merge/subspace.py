@@ -7,7 +7,8 @@ For member matrices W_1..W_n of shape [out, in] (one projection: gate, up or dow
     W     = U_r S_r V_bar_r^T                      (rank r)
 
 Untruncated (r = min(out, n * in)) this equals sum_i f_i W_i / sum_i f_i exactly, so the gain over plain
-averaging comes from the truncation to the shared dominant subspace (and from the clustering).
+averaging comes from the truncation to the shared dominant subspace (and from the clustering); an untruncated
+merge is therefore computed as that average, without the SVD.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def merge_average(weights: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     Returns:
         [out, in] merged matrix in the dtype of ``weights``.
     """
-    f = _normalized_weights(freqs)  # [n]
+    f = _normalized_weights(freqs).to(weights.device)  # [n]
     merged = torch.einsum("n,noi->oi", f, weights.to(torch.float64))  # [out, in]
     return merged.to(weights.dtype)
 
@@ -67,7 +68,9 @@ def merge_subspace(weights: torch.Tensor, freqs: torch.Tensor, rank: int | None 
     n, out_dim, in_dim = weights.shape
     if n == 1 and rank is None:
         return weights[0].clone()
-    f = _normalized_weights(freqs)  # [n]
+    if rank is None or rank >= min(out_dim, n * in_dim):  # untruncated: exactly the weighted average
+        return merge_average(weights, freqs)
+    f = _normalized_weights(freqs).to(weights.device)  # [n]
     w = weights.to(torch.float64)
     cat = w.permute(1, 0, 2).reshape(out_dim, n * in_dim)  # [out, n*in]  = [W_1 ... W_n]
     U, S, Vh = torch.linalg.svd(cat, full_matrices=False)  # U [out, R], S [R], Vh [R, n*in]

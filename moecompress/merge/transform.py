@@ -5,9 +5,10 @@
     t.config(cfg); manifest.add("merge", t.section())
 
 ``moe_layer`` reads the block as the engine (or an earlier stage) left it, merges it (``layer.merge_layer``: cluster,
-merge or choose, refit, router rebuild; the math runs on the CPU in the checkpoint's dtypes, as the single command
-always did), leaves the block merged (with ``sequential``) so the layer's forward feeds the next layer with the
-merged layer's outputs, and ``ctx.replace``s the layer's routed-expert and router tensors.
+merge or choose, refit, router rebuild; the math runs on the block's device (the job's ``--device``) on weights in
+the checkpoint's dtypes, as the single command always did), leaves the block merged (with ``sequential``) so the
+layer's forward feeds the next layer with the merged layer's outputs, and ``ctx.replace``s the layer's
+routed-expert and router tensors.
 """
 
 from __future__ import annotations
@@ -112,17 +113,19 @@ class MergeTransform(Transform):
         l, eng = ctx.index, ctx.engine
         dt = self._dtypes(l)
         cur = block_view(ctx.block, self.fam)  # [E, ...] as the block is now (stream dtype)
-        w = MoEWeights(**{k: _cpu(getattr(cur, k), dt[k]) for k in dt})
+        w = MoEWeights(**{k: _copy(getattr(cur, k), dt[k]) for k in dt})
         E = w.num_experts
         K = n_clusters_for(E, self.opts.ratio)
         ids = ctx.extra.pop("expert_ids", None)
         protected, freqs, sim = self._stats(l, E, ids)
         check_merge_target(E, K, self.spec.top_k, len(protected), self.n_group)
-        x = torch.cat(ctx.inputs).cpu()  # [T, H]
+        x = torch.cat([b.to(eng.device) for b in ctx.inputs])  # [T, H]
         merged, info = merge_layer(
             w, x, K, self.spec.top_k, self.opts, freqs, sim, protected, self.n_group, self.spec.norm_topk, self.spec,
             act=ctx.experts.act_fn,
         )  # fmt: skip
+        del x
+        merged = MoEWeights(**{k: None if v is None else v.cpu() for k, v in vars(merged).items()})
         self.layers[str(l)] = info
         self.counts[l] = (E, K)
         src = ids if ids is not None else list(range(E))
@@ -201,9 +204,10 @@ def transform_for_recipe(job: Job, options: dict[str, Any], profile: Any | None)
     return MergeTransform(opts, profile, protected)
 
 
-def _cpu(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A contiguous CPU copy in ``dtype`` (the block's fp32 values of bf16 weights convert back exactly)."""
-    return None if t is None else t.detach().to("cpu", dtype).clone(memory_format=torch.contiguous_format)
+def _copy(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A contiguous copy in ``dtype`` on the block's device (the block's fp32 values of bf16 weights convert back
+    exactly)."""
+    return None if t is None else t.detach().to(dtype=dtype, copy=True, memory_format=torch.contiguous_format)
 
 
 def _as(w: MoEWeights, dtype: torch.dtype, device: torch.device) -> MoEWeights:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -40,3 +41,40 @@ def test_match_neurons_is_a_permutation():
     perm = match_neurons(a, a[:, torch.arange(9, -1, -1)])
     assert torch.equal(perm, torch.arange(9, -1, -1))
     assert sorted(perm.tolist()) == list(range(10))
+
+
+def _correlated(I: int, T: int = 400, noise: float = 0.3, seed: int = 0):
+    """Reference activations [T, I] and a member whose neuron perm[i] is reference neuron i plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn(T, I, generator=g)
+    perm = torch.randperm(I, generator=g)
+    member = torch.empty_like(ref)
+    member[:, perm] = ref + noise * torch.randn(T, I, generator=g)
+    return ref, member, perm
+
+
+def _total_corr(ref, member, perm):
+    a = F.normalize(ref - ref.mean(0), dim=0)
+    b = F.normalize(member - member.mean(0), dim=0)
+    return float((a * b[:, perm]).sum())
+
+
+def test_blocked_matching_recovers_a_permuted_copy_exactly():
+    ref, member, perm = _correlated(96, noise=0.0)
+    for block in (2, 7, 32, 96):
+        assert torch.equal(match_neurons(ref, member, block=block), perm), block
+
+
+def test_blocked_matching_is_a_permutation_close_to_the_exact_assignment():
+    """Above ``block`` neurons the matching is exact within principal-direction blocks: a permutation, and on
+    noisy copies it keeps most of the exact assignment's total correlation."""
+    ref, member, perm = _correlated(128, noise=0.5, seed=1)
+    exact = match_neurons(ref, member)  # 128 <= the default block: Hungarian on the whole matrix
+    assert torch.equal(exact, perm)
+    for block in (16, 64):
+        approx = match_neurons(ref, member, block=block)
+        assert sorted(approx.tolist()) == list(range(128))
+        ratio = _total_corr(ref, member, approx) / _total_corr(ref, member, exact)
+        assert 0.8 < ratio <= 1.0 + 1e-9, (block, ratio)
+    with pytest.raises(ValueError, match="block"):
+        match_neurons(ref, member, block=1)

@@ -15,10 +15,11 @@ from moecompress.calibration.sets import calibration_set, load_tokenizer
 
 import moecompress
 from moecompress.core.evaluate import evaluate
+from moecompress.core.experts import expert_forward
 from moecompress.core.families import MoEWeights
-from moecompress.merge.choose import Clustering, LayerFit, choose_clusters, keep_candidate
+from moecompress.merge.choose import Clustering, LayerFit, choose_clusters, keep_candidate, merge_candidates
 from moecompress.merge.run import MergeOptions, merge_model
-from moecompress.prune.order import RouterSpec
+from moecompress.prune.order import RouterSpec, route
 from moecompress.prune.run import prune_model
 from moecompress.prune.transform import PruneOptions
 
@@ -74,13 +75,49 @@ def test_layer_output_refit_lowers_the_error_and_choice_never_loses_to_keep():
     assert [c.kind for c in keep_only] == ["keep"] * 4 and err_keep == start > 0
     chosen, start2, err = choose_clusters(fit, clusters, freqs, x_fit)
     assert start2 == start and err < 0.9 * start  # refits and merges beat plain pruning here
+    assert _dense_error(fit, chosen) == pytest.approx(err, rel=1e-4)
     # refitting one kept expert's down projection to the layer output lowers the error it was fitted for
-    outs = torch.stack([fit.outs0[:, d] for d in clusters.dominant], 1)
-    logits = fit._logits(torch.stack([w.router[d] for d in clusters.dominant]), None)
-    refit = fit.refit(keep_candidate(w, 0), 0, outs, logits, None)
-    trial = outs.clone()
-    trial[:, 0] = fit.output(refit)
-    assert fit.error(trial, logits, None) < fit.error(outs, logits, None)
+    cands, state = fit.start(clusters)
+    (refit,) = state.trial(0, keep_candidate(w, 0), cands, None, "keep+refit")
+    assert refit.cand.kind == "keep+refit" and refit.err < state.err
+    assert _dense_error(fit, [refit.cand, *cands[1:]]) == pytest.approx(refit.err, rel=1e-4)
+
+
+def _dense_error(fit, cands):
+    """The merged layer's error on the measure tokens, computed densely (every candidate on every token)."""
+    rows = torch.stack([c.row for c in cands])
+    corr = None if cands[0].corr is None else torch.stack([c.corr for c in cands])
+    w, idx = route(fit._logits(rows, None), fit.spec, None, corr)
+    outs = torch.stack([expert_forward(fit.x, c.gate, c.up, c.down, fit.act) for c in cands], 1)  # [T, K, H]
+    y = (outs.gather(1, idx[:, :, None].expand(-1, -1, outs.shape[-1])) * w[:, :, None]).sum(1)
+    return float((y - fit.y)[fit.n_fit :].double().pow(2).sum()) / fit.norm
+
+
+@pytest.mark.parametrize("spec", [RouterSpec(top_k=2), RouterSpec(top_k=2, norm_topk=False), RouterSpec(top_k=3)])
+def test_incremental_trials_equal_the_dense_merged_layer(spec):
+    """Every trial's error (only the tokens a candidate can change are recomputed; without top-k renormalization
+    the others rescale in closed form) equals the error of the merged layer computed densely."""
+    w = _random_layer(E=8, seed=2)
+    g = torch.Generator().manual_seed(4)
+    x_fit, x_eval = torch.randn(400, 16, generator=g), torch.randn(200, 16, generator=g)
+    fit = LayerFit(w, x_fit, x_eval, spec, F.silu)
+    clustering = Clustering("test", [[0, 1, 2], [3, 4], [5], [6, 7]], [1, 3, 5, 7])
+    cands, state = fit.start(clustering)
+    assert _dense_error(fit, cands) == pytest.approx(state.err, rel=1e-5)
+    freqs = torch.full((8,), 1 / 8)
+    for j, members in enumerate(clustering.clusters):
+        if len(members) == 1:
+            continue
+        (merged,) = merge_candidates(fit, members, freqs, x_fit, clustering.dominant[j], True, lambda m: None)
+        plain, refit = state.trial(j, merged, cands, "subspace", "subspace+refit")
+        for t in (plain, refit):
+            assert _dense_error(fit, [t.cand if i == j else c for i, c in enumerate(cands)]) == pytest.approx(
+                t.err, rel=1e-4
+            )
+        best = min((plain, refit), key=lambda t: t.err)
+        state.accept(best)
+        cands[j] = best.cand
+        assert _dense_error(fit, cands) == pytest.approx(state.err, rel=1e-4)
 
 
 def test_sequential_calibration_sees_the_merged_earlier_layers(tmp_path, carved_model):

@@ -126,6 +126,7 @@ def test_merge_computes_experts_with_the_models_activation(tmp_path, tokenizer_d
     """A GELU-gated model: every expert computation of the merge (similarity, choice, refit, alignment) gets the
     model's own activation, and the merged output loads."""
     import moecompress.merge.align as align
+    import moecompress.merge.choose as choose
     import moecompress.merge.layer as layer
     from moecompress.merge.run import merge_model
 
@@ -139,7 +140,8 @@ def test_merge_computes_experts_with_the_models_activation(tmp_path, tokenizer_d
 
         return wrapped
 
-    monkeypatch.setattr(layer, "outputs_by_expert", spy(layer.outputs_by_expert))
+    monkeypatch.setattr(layer, "output_similarity", spy(layer.output_similarity))
+    monkeypatch.setattr(choose, "expert_forward", spy(choose.expert_forward))
     monkeypatch.setattr(align, "expert_hidden", spy(align.expert_hidden))
     merge_model(src, tmp_path / "m", MergeOptions(ratio=0.5, sim_tokens=32), samples=2, seq_len=16)
     gelu = type(reload_clean(tmp_path / "m").model.layers[0].mlp.experts.act_fn)
