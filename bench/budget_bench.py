@@ -81,19 +81,20 @@ def main() -> None:
     ap.add_argument("--skip-ip", action="store_true", help="skip the synthetic solve-time instance")
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="budgets compared, fractions of bf16")
     ap.add_argument("--extra", default=",".join(map(str, EXTRA)), help="more budgets (exact plans) for the correlation")
+    ap.add_argument(
+        "--part",
+        choices=("all", "joint", "single", "chain"),
+        default="all",
+        help="run only one group (writes PREFIX.PART.json; run the groups in parallel, then --combine)",
+    )
+    ap.add_argument("--combine", action="store_true", help="combine PREFIX.{joint,single,chain}.json into PREFIX.*")
     args = ap.parse_args()
     ratios = tuple(float(x) for x in args.ratios.split(","))
     extra = tuple(float(x) for x in args.extra.split(",") if x)
 
-    from moecompress.budget.plan import bf16_bytes, make_plan
-    from moecompress.budget.run import measure_budget, supers_of, write_plan
-    from moecompress.compress.recipe import parse
-    from moecompress.compress.run import _profile, compress_model
+    from moecompress.budget.plan import bf16_bytes
     from moecompress.core.checkpoint import Checkpoint, resolve_model
-    from moecompress.core.errors import UserError
     from moecompress.core.evaluate import evaluate
-    from moecompress.core.job import Job
-    from moecompress.quant.run import measure_model, run_quantize
 
     model = resolve_model(args.model)
     ckpt = Checkpoint(model)
@@ -110,37 +111,75 @@ def main() -> None:
         runs.append(row)
         print(f"{kind:8s} {name:28s} {row['bytes']:>12,} ({row['ratio']:.1%}) KL {row['kl']:.5f}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
+        save()
 
-    # the joint plan: one profile + one measuring pass, a write pass per budget
+    def save() -> None:  # each part's runs so far (a long bench can be combined from what finished)
+        if args.part != "all":
+            Path(f"{args.out}.{args.part}.json").write_text(json.dumps({"runs": runs, "measure_s": state.get("m")}))
+
+    state: dict[str, Any] = {}
+
+    if args.combine:
+        runs, measure_s = [], None
+        for part in ("joint", "single", "chain"):
+            if not Path(f"{args.out}.{part}.json").exists():
+                continue
+            d = json.loads(Path(f"{args.out}.{part}.json").read_text())
+            runs += d["runs"]
+            measure_s = d.get("measure_s") or measure_s
+        return finish(args, model, ref, cal, runs, measure_s, ratios)
+    measure_s = None
+    if args.part in ("all", "joint"):
+        measure_s = state["m"] = joint(args, model, ckpt, ref, cal, ratios, extra, tmp, runs, record, state)
+    if args.part in ("all", "single"):
+        single(args, model, ckpt, ref, cal, ratios, tmp, runs, record)
+    if args.part in ("all", "chain"):
+        chain(model, ckpt, cal, tmp, runs, record)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if args.part != "all":
+        save()
+        return
+    finish(args, model, ref, cal, runs, measure_s, ratios)
+
+
+def joint(args, model, ckpt, ref, cal, ratios, extra, tmp, runs, record, state) -> float:
+    """The joint plan: one profile + one measuring pass, a write pass per budget."""
+    from moecompress.budget.plan import make_plan
+    from moecompress.budget.run import measure_budget, supers_of, write_plan
+    from moecompress.compress.run import _profile
+    from moecompress.core.errors import UserError
+    from moecompress.core.job import Job
+
     t0 = time.time()
     job = Job.prepare(model, None, batch_size=8, **cal)
     prof, _ = _profile(job)
     measure, kl = measure_budget(job, prof)
-    measure_s = round(time.time() - t0, 1)
+    measure_s = state["m"] = round(time.time() - t0, 1)
     print(f"profile + measuring pass: {measure_s} s", flush=True)
-    for ratio in ratios + extra:
-        for servable in (False, True) if ratio in ratios else (False,):
-            name = f"joint {'servable' if servable else 'exact'} {ratio:.0%}"
-            try:
-                plan = make_plan(ckpt, measure, kl, ratio * ref, servable, 8, supers_of(prof), f"{ratio:.0%}")
-            except UserError as err:
-                runs.append({"kind": "joint", "name": name, "target": ratio, "unreachable": str(err)})
-                print(f"joint    {name:28s} unreachable", flush=True)
-                continue
-            t1 = time.time()
-            out = tmp / "joint"
-            w = Job.prepare(model, out, batch_size=8, tokens=job.tokens(), **cal)
-            write_plan(w, prof, False, plan, measure, 8)
-            record("joint", name, out, t1, target=ratio, predicted=plan["predicted_cost"],
-                   counts=plan["counts"], solve_s=plan["solver"]["solve_s"], layout=plan["layout"])  # fmt: skip
-
-    # single methods
-    meas = measure_model(model, samples=args.samples, seq_len=args.seq_len, keep_codes=True)
-    for b in (2, 3, 4):
+    order = [(r, False) for r in ratios] + [(r, True) for r in ratios] + [(r, False) for r in extra]
+    for ratio, servable in order:
+        name = f"joint {'servable' if servable else 'exact'} {ratio:.0%}"
+        try:
+            plan = make_plan(ckpt, measure, kl, ratio * ref, servable, 8, supers_of(prof), f"{ratio:.0%}")
+        except UserError as err:
+            runs.append({"kind": "joint", "name": name, "target": ratio, "unreachable": str(err)})
+            print(f"joint    {name:28s} unreachable", flush=True)
+            continue
         t1 = time.time()
-        out = tmp / "q"
-        run_quantize(model, out, measurement=meas, plan="uniform", bits=b, **cal)
-        record("single", f"quantize {b} bit", out, t1)
+        out = tmp / "joint"
+        w = Job.prepare(model, out, batch_size=8, tokens=job.tokens(), **cal)
+        write_plan(w, prof, False, plan, measure, 8)
+        record("joint", name, out, t1, target=ratio, predicted=plan["predicted_cost"],
+               counts=plan["counts"], solve_s=plan["solver"]["solve_s"], layout=plan["layout"])  # fmt: skip
+    return measure_s
+
+
+def single(args, model, ckpt, ref, cal, ratios, tmp, runs, record) -> None:
+    """Quantize (uniform 2/3/4 bits, LP at each budget), expert pruning, channel pruning."""
+    from moecompress.core.errors import UserError
+    from moecompress.quant.run import measure_model, run_quantize
+
+    meas = measure_model(model, samples=args.samples, seq_len=args.seq_len, keep_codes=True)
     for ratio in ratios:
         t1 = time.time()
         out = tmp / "q"
@@ -151,21 +190,45 @@ def main() -> None:
             runs.append({"kind": "single", "name": f"quantize LP {ratio:.0%}", "target": ratio, "unreachable": True})
             continue
         record("single", f"quantize LP {ratio:.0%}", out, t1)
+    for b in (2, 3, 4):
+        t1 = time.time()
+        out = tmp / "q"
+        run_quantize(model, out, measurement=meas, plan="uniform", bits=b, **cal)
+        record("single", f"quantize {b} bit", out, t1)
+    run_stages(model, cal, tmp, runs, record, [s for s in stage_list(ckpt) if s[0] == "single"])
+
+
+def chain(model, ckpt, cal, tmp, runs, record) -> None:
+    """Two-step chains: prune or merge, then quantize, in one compress pass."""
+    run_stages(model, cal, tmp, runs, record, [s for s in stage_list(ckpt) if s[0] == "chain"])
+
+
+def stage_list(ckpt) -> list[tuple[str, str, list[dict]]]:
     E = ckpt.num_experts
-    spec_k = ckpt.family.top_k(ckpt.config)
-    prune_ratios = sorted({r for r in (0.5, 0.75) if E - round(r * E) >= spec_k})
+    top_k = ckpt.family.top_k(ckpt.config)
+    ok = lambda r: round(r * E) >= 1 and E - round(r * E) >= top_k  # noqa: E731
     stages: list[tuple[str, str, list[dict]]] = []
-    for r in prune_ratios:
-        stages.append(("single", f"prune {r:.0%}", [{"prune": {"ratio": r}}]))
-    for r in (0.5, 0.7):
-        stages.append(("single", f"atom {r:.0%}", [{"atom": {"ratio": r}}]))
-    for r in sorted({0.25, 0.5} & set(prune_ratios) | {0.25, 0.5}):
-        if E - round(r * E) < spec_k or round(r * E) < 1:
-            continue
-        for b in (2, 3, 4):
-            stages.append(("chain", f"prune {r:.0%} + {b} bit", [{"prune": {"ratio": r}}, {"quantize": {"bits": b}}]))
+    for r in (0.5, 0.75):
+        if ok(r):
+            stages.append(("single", f"prune {r:.0%}", [{"prune": {"ratio": r}}]))
+    stages.append(("single", "atom 70%", [{"atom": {"ratio": 0.7}}]))
+    chains = [(0.25, (2, 3, 4)), (0.5, (2, 3)), (0.75, (2,))]
+    for r, bits in chains:
+        if ok(r):
+            for b in bits:
+                stages.append(
+                    ("chain", f"prune {r:.0%} + {b} bit", [{"prune": {"ratio": r}}, {"quantize": {"bits": b}}])
+                )
     for b in (2, 3):
         stages.append(("chain", f"merge 50% + {b} bit", [{"merge": {"ratio": 0.5}}, {"quantize": {"bits": b}}]))
+    return stages
+
+
+def run_stages(model, cal, tmp, runs, record, stages) -> None:
+    from moecompress.compress.recipe import parse
+    from moecompress.compress.run import compress_model
+    from moecompress.core.errors import UserError
+
     for kind, name, raw in stages:
         t1 = time.time()
         out = tmp / "c"
@@ -176,8 +239,10 @@ def main() -> None:
             print(f"{kind:8s} {name:28s} refused: {err}", flush=True)
             continue
         record(kind, name, out, t1)
-    shutil.rmtree(tmp, ignore_errors=True)
 
+
+def finish(args, model, ref, cal, runs, measure_s, ratios) -> None:
+    """The table per budget, the correlation, the synthetic solve; PREFIX.json, .md, .svg."""
     # per budget: the joint plans vs the best single method and the best chain that fit
     table = []
     for ratio in ratios:
