@@ -87,14 +87,25 @@ class GradStatAccumulator:
                 self.sketch[e, :r] = (shrunk[:, None] * Vt[:r]).float()
                 self.fill[e] = r
 
-    def update_routed(self, grad: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-        """Split dL/dy [T, H] per expert: g = p_e(x) dL/dy(x) for x routed to e (top_k_* : [T, k])."""
+    def update_routed(
+        self,
+        grad: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        experts: Iterable[int] | None = None,
+    ) -> None:
+        """Split dL/dy [T, H] per expert: g = p_e(x) dL/dy(x) for x routed to e (top_k_* : [T, k]). With
+        ``experts``, only those experts' statistics are accumulated (every expert's token count is)."""
         grad = grad.detach().reshape(-1, self.H).float()  # [T, H]
         w = top_k_weights.detach().float()  # [T, k]
+        only = None if experts is None else set(experts)
         for e in torch.unique(top_k_index).tolist():
             if not 0 <= e < self.E:
                 continue
             tok, pos = torch.where(top_k_index == e)
+            if only is not None and e not in only:
+                self.counts[e] += tok.numel()
+                continue
             self.update(e, grad[tok] * w[tok, pos, None])
 
     def result(self, in_place: bool = False) -> GradStat:
@@ -188,9 +199,11 @@ def attach_hook(
     rank: int,
     gate_up_fn: Callable[[torch.nn.Module], tuple[torch.Tensor, torch.Tensor]] | None,
     act: Act | None = None,
+    sink: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Any:
     """Forward hook on an Experts module: records routing, adds m sums (activation ``act``, None: the module's
-    own ``act_fn``), and hooks dL/dy of its output."""
+    own ``act_fn``), and hooks dL/dy of its output (into the accumulator, or to ``sink(grad, top_k_index,
+    top_k_weights)`` when given)."""
     act = act if act is not None else mod.act_fn
 
     def hook(mod, args, kwargs, out):
@@ -202,39 +215,27 @@ def attach_hook(
             _add_moments(msum, layer, mod, hidden.detach(), idx, gate_up_fn, act)
         if out.requires_grad:
             i, ww = idx.detach(), w.detach()
-            out.register_hook(lambda grad: accs[layer].update_routed(grad, i, ww))
+            if sink is not None:
+                out.register_hook(lambda grad: sink(grad, i, ww))
+            else:
+                out.register_hook(lambda grad: accs[layer].update_routed(grad, i, ww))
 
     return mod.register_forward_hook(hook, with_kwargs=True)
 
 
-def reduce_ranks_(acc: GradStatAccumulator, msum: torch.Tensor | None) -> None:
-    """Under torchrun: every rank's sums of one layer (its own batches) -> the sums over all batches, on every rank.
-
-    counts, full G sums, diagonals and m sums are summed (all-reduce: the float sums differ from one process's
-    batch order by rounding, ~1e-7 relative in float32); lowrank sketches are merged in rank order (Frequent
-    Directions sketches are mergeable: rank 0's sketch, then the rows of rank 1's, ...; the same on every rank).
-    """
+def share_rows_(acc: GradStatAccumulator) -> None:
+    """Under torchrun, when each rank accumulated only its experts (``update_routed(..., experts=dist.share(E))``):
+    every rank then holds every expert's sums (exact; a no-op in one process)."""
     if dist.world() == 1:
         return
-    dist.all_reduce_sum_(acc.counts)
-    if msum is not None:
-        dist.all_reduce_sum_(msum)
     if acc.kind == "full":
-        dist.all_reduce_sum_(acc.sum)
+        dist.fill_rows_(acc.sum, acc.E)
         return
-    dist.all_reduce_sum_(acc.diag)
+    dist.fill_rows_(acc.diag, acc.E)
     if acc.kind == "lowrank":
-        W, r = dist.world(), dist.rank()
-        sk = torch.zeros(W, *acc.sketch.shape, dtype=acc.sketch.dtype, device=acc.sketch.device)  # [W, E, 2r, H]
-        fill = torch.zeros(W, acc.E, dtype=torch.long)
-        sk[r], fill[r] = acc.sketch, torch.tensor(acc.fill)
-        dist.fill_rows_(sk, W)
-        dist.fill_rows_(fill, W)
-        acc.sketch.copy_(sk[0])
-        acc.fill = fill[0].tolist()
-        for src in range(1, W):
-            for e in range(acc.E):
-                acc._sketch_rows(e, sk[src, e, : int(fill[src, e])])
+        dist.fill_rows_(acc.sketch, acc.E)
+        fill = torch.tensor(acc.fill)
+        acc.fill = dist.fill_rows_(fill, acc.E).tolist()
 
 
 def finish(acc: GradStatAccumulator, msum: torch.Tensor | None) -> LayerGradStats:

@@ -12,8 +12,10 @@ Activations: (L + 1) x N x S x H floats (Qwen3-30B, 64 x 256 tokens: about 6.6 G
 ActivationCache: in memory, or (``spill``, by default past SPILL_BYTES for all layers) in files that stay on disk
 and are read back one batch at a time, so host memory then holds one batch of inputs and one batch of gradients.
 Under torchrun each rank runs the forward and the backward on its own share of the batches (the engine's
-``stream``); a layer's accumulated sums are then combined across ranks (gradstats.reduce_ranks_) before scoring,
-so the kept activations and the gradient work are split W ways.
+``stream``: the kept activations and the backward split W ways); each layer's dL/dy rows are then gathered in
+batch order and every rank accumulates G for its own experts only (``dist.share``: G's memory and its
+accumulation split W ways), in the single-process order, so G is bit for bit one process's; with
+``split_experts`` False the rows of G are then exchanged so every rank holds all of them.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..core import dist
 from ..core.checkpoint import Checkpoint
 from ..core.engine import Engine, Transform
 from ..core.progress import progress_bar
 from ..core.stream import ActivationCache, LayerStream
-from .gradstats import GradStatAccumulator, LayerGradStats, attach_hook, finish, reduce_ranks_
+from .gradstats import GradStatAccumulator, LayerGradStats, attach_hook, finish, share_rows_
 
 SPILL_BYTES = 4 * 1024**3  # kept layer inputs beyond this go to files
 
@@ -89,6 +92,20 @@ def _backward_layer(
         del x, y
 
 
+def _accumulate_gathered(
+    engine: Engine, acc: GradStatAccumulator, rows: list[tuple[torch.Tensor, ...]], split_experts: bool
+) -> None:
+    """Every batch's (dL/dy [T_b, H], top-k index, top-k weight) gathered in batch order, accumulated into this
+    rank's experts (the single-process order of additions); then, unless ``split_experts``, all experts' rows
+    exchanged."""
+    parts = [engine.gather_batches([r[j] for r in rows]) for j in range(3)]
+    mine = dist.share(acc.E)
+    for g, i, w in zip(*parts, strict=True):
+        acc.update_routed(g, i, w, experts=mine)
+    if not split_experts:
+        share_rows_(acc)
+
+
 def streamed_grad_stats(
     ckpt: Checkpoint,
     input_ids: torch.Tensor,
@@ -100,19 +117,23 @@ def streamed_grad_stats(
     on_layer: Callable[[int, LayerGradStats, torch.nn.Module], Any] | None = None,
     progress: Callable[[int], None] | None = None,
     spill: bool | None = None,
+    split_experts: bool = False,
 ) -> dict[int, Any]:
     """G_e (and optionally m) per MoE layer with one layer in memory at a time.
 
     input_ids: [N, S]. Returns {layer: on_layer(layer, stats, experts_module)} (or the LayerGradStats when
     on_layer is None). progress(n) is called after each of the 2 x num_layers + 1 steps. spill: keep the layer
     inputs and gradients in files (None: when all layers' inputs exceed SPILL_BYTES); the scores do not depend on it.
+    split_experts: under torchrun, each rank's G (and so ``on_layer``'s) holds only the experts of
+    ``dist.share(E)`` (the others are zero); False: every expert's on every rank. m, when asked for, is summed over
+    the ranks (all-reduce: float64 rounding of the sum order).
     """
     fam, moe = ckpt.family, set(ckpt.moe_layers)
     if spill is None:  # every layer's inputs are kept: the bound applies to all of them together
         cfg = ckpt.config
         spill = (cfg.num_hidden_layers + 1) * input_ids.numel() * cfg.hidden_size * 4 > SPILL_BYTES
     engine = Engine(ckpt, input_ids, batch_size, device, "gradient pass (forward)")
-    ls = engine.stream
+    ls, W = engine.stream, engine.world
     out: dict[int, Any] = {}
     steps = iter(range(1, 2 * len(ls.decoder_layers) + 2))
     tick = (lambda: progress(next(steps))) if progress is not None else (lambda: None)
@@ -135,11 +156,20 @@ def streamed_grad_stats(
                 msum: dict[int, torch.Tensor] = {}
                 experts = getattr(ls.moe_block(layer), fam.experts) if l in moe else None
                 gate_up = _gate_up if with_moments else None
-                handle = attach_hook(experts, l, accs, msum, kind, rank, gate_up) if experts is not None else None
+                rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # under torchrun: per own batch
+                keep = rows.append
+                sink = (lambda g, i, w: keep((g.detach().reshape(-1, g.shape[-1]), i, w))) if W > 1 else None  # noqa: B023
+                handle = None
+                if experts is not None:
+                    handle = attach_hook(experts, l, accs, msum, kind, rank, gate_up, sink=sink)
                 try:
                     _backward_layer(ls, l, layer, inputs[l], grads)
+                    if l in accs and W > 1:
+                        _accumulate_gathered(engine, accs[l], rows, split_experts)
+                        if l in msum:
+                            dist.all_reduce_sum_(msum[l])
+                    rows.clear()
                     if l in accs:
-                        reduce_ranks_(accs[l], msum.get(l))
                         stats = finish(accs.pop(l), msum.pop(l, None))  # the accumulator's sums are freed first
                         out[l] = on_layer(l, stats, experts) if on_layer is not None else stats
                         del stats

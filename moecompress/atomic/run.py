@@ -135,7 +135,7 @@ def streamed_scores(
         s = heapr_scores(m[l], experts.down_proj.detach().float().cpu(), st.G, dist.share(E))  # [E, I]
         return dist.fill_rows_(s, E)
 
-    return streamed_grad_stats(ckpt, input_ids, hessian, rank, batch_size, device, on_layer=score)
+    return streamed_grad_stats(ckpt, input_ids, hessian, rank, batch_size, device, on_layer=score, split_experts=True)
 
 
 def channel_scores(

@@ -96,8 +96,8 @@ class Output:
         elapsed: float | None = None,
     ) -> Path:
         """config.json, tokenizer and side files, sidecars, moecompress.json, report.html; then the rename."""
-        if self.shards is None:  # not rank 0: wait until rank 0 has written the folder
-            dist.barrier()
+        if self.shards is None:  # not rank 0: wait until rank 0 has written the folder, take its figures
+            self._written(manifest, elapsed)
             return self.out
         assert self.tmp is not None
         tmp = self.tmp
@@ -117,5 +117,16 @@ class Output:
 
             write_report(tmp, [Path(p) for p in report_inputs])
         finish_temp(self.out.expanduser().resolve(), tmp, self.overwrite)
-        dist.barrier()
+        self._written(manifest, elapsed)
         return self.out
+
+    def _written(self, manifest: Manifest, elapsed: float | None) -> None:
+        """Under torchrun: every rank returns once rank 0 has renamed the folder into place, its manifest holding
+        rank 0's written parameters and bytes (a no-op in one process)."""
+        if dist.world() == 1:
+            return
+        figures = torch.tensor([manifest.params_after or 0, manifest.bytes_after or 0], dtype=torch.long)
+        dist.broadcast_(figures, 0)
+        manifest.params_after, manifest.bytes_after = int(figures[0]), int(figures[1])
+        if elapsed is not None:
+            manifest.elapsed_s = round(elapsed, 2)

@@ -143,6 +143,13 @@ for argv in json.loads(sys.argv[1]):
         app(argv, prog_name="moecompress")
     except SystemExit as e:
         codes.append(e.code or 0)
+if len(sys.argv) > 2:  # the HEAPr gradient statistics of every layer, as each rank holds them
+    from moecompress.atomic.gradstream import streamed_grad_stats
+    from moecompress.core.checkpoint import Checkpoint
+
+    ids = torch.randint(0, 320, (5, 16), generator=torch.Generator().manual_seed(1))
+    st = streamed_grad_stats(Checkpoint(sys.argv[2]), ids, kind="full", batch_size=2)
+    torch.save({l: (s.G, s.counts) for l, s in st.items()}, sys.argv[3] + f".{dist.rank()}")
 print("codes", json.dumps(codes))
 """
 
@@ -170,12 +177,16 @@ def run_world1(model: Path, commands: dict[str, list[str]], out: Path) -> None:
         assert res.exit_code == 0, (name, res.output, res.exception)
 
 
-def start_world2(model: Path, commands: dict[str, list[str]], out: Path, extra=()) -> list[subprocess.Popen]:
-    """Two gloo ranks running ``commands`` (then ``extra`` argvs) in one process each."""
+def start_world2(
+    model: Path, commands: dict[str, list[str]], out: Path, extra=(), grads: Path | None = None
+) -> list[subprocess.Popen]:
+    """Two gloo ranks running ``commands`` (then ``extra`` argvs; then, given ``grads``, the gradient pass whose
+    statistics each rank saves to grads.RANK) in one process each."""
     argvs = [[a[0], str(model), *a[1:], "-o", str(out / n)] for n, a in commands.items()] + list(extra)
     script = out.parent / "cli_rank.py"
     script.write_text(_ROWS_SCRIPT + _CLI_SCRIPT)
-    return start_ranks([str(script), json.dumps(argvs)], world=2)
+    more = [str(model), str(grads)] if grads is not None else []
+    return start_ranks([str(script), json.dumps(argvs), *more], world=2)
 
 
 def assert_same_outputs(w1: Path, w2: Path, names) -> None:
@@ -190,14 +201,21 @@ def test_two_gloo_ranks_write_the_single_process_bytes(tmp_path, tokenizer_dir):
     """Two gloo ranks (one process each, so one import for all of it): fill_rows_ is exact for every dtype and
     all_reduce_sum_ sums; profile, prune 25%, atom prune (HEAPr, refit) and quantize 4-bit over 5 batches (3 on
     rank 0, 2 on rank 1) write the same safetensors bytes and sidecars as one process; only rank 0 writes and
-    prints results; a bad input fails on both ranks in one line, exit 2, without hanging."""
+    prints results; a bad input fails on both ranks in one line, exit 2, without hanging; the gradient pass's G
+    (each rank backpropagates its own batches, accumulates its own experts over every batch) is one process's G
+    bit for bit, on both ranks."""
     from conftest import build_tiny
 
     model = build_tiny("mixtral", tmp_path / "model", tokenizer_dir)
     w1, w2 = tmp_path / "w1", tmp_path / "w2"
     too_few = ["profile", str(model), "--samples", "1", "--seq-len", "16", "-o", str(w2 / "bad")]
-    procs = start_world2(model, _COMMANDS, w2, extra=[too_few])
+    procs = start_world2(model, _COMMANDS, w2, extra=[too_few], grads=tmp_path / "grads")
     run_world1(model, _COMMANDS, w1)  # meanwhile
+    from moecompress.atomic.gradstream import streamed_grad_stats
+    from moecompress.core.checkpoint import Checkpoint
+
+    ids = torch.randint(0, 320, (5, 16), generator=torch.Generator().manual_seed(1))
+    one = streamed_grad_stats(Checkpoint(model), ids, kind="full", batch_size=2)
     ranks = wait_ranks(procs, timeout=600)
     for res in ranks:
         assert res.returncode == 0, res.stderr[-3000:]
@@ -208,6 +226,11 @@ def test_two_gloo_ranks_write_the_single_process_bytes(tmp_path, tokenizer_dir):
     assert ranks[1].stdout.strip().splitlines() == ["ok 1", "codes " + json.dumps([0] * len(_COMMANDS) + [2])]
     assert ranks[0].stdout.startswith("ok 0\n")
     assert_same_outputs(w1, w2, _COMMANDS)
+    for r in range(2):
+        got = torch.load(tmp_path / f"grads.{r}")
+        assert sorted(got) == sorted(one)
+        for l, st in one.items():
+            assert torch.equal(got[l][1], st.counts) and torch.equal(got[l][0], st.G), (r, l)
     assert not (w2 / "bad").exists()
     assert sorted(p.name for p in w2.iterdir() if p.name != "cli_rank.py") == sorted(_COMMANDS)
     for name in _COMMANDS:  # the sidecars too (the timings aside)
