@@ -64,7 +64,11 @@ ABLATIONS = (  # each row adds one choice
     ("+ act-order", GPTQOptions(True, False, "mse", propagate=False, weighted=False)),
     ("+ act-order + sequential", GPTQOptions(True, True, "mse", propagate=False, weighted=False)),
     ("+ act-order + sequential + H-weighted scales", GPTQOptions(True, True, "hmse", propagate=False, weighted=False)),
-    ("+ ... + router-weighted Hessians (= default)", GPTQOptions(True, True, "hmse", propagate=False, weighted=True)),
+    ("+ ... + router-weighted Hessians", GPTQOptions(True, True, "hmse", propagate=False, weighted=True)),
+    (
+        "+ ... + least-squares scale refinement (= default)",
+        GPTQOptions(True, True, "hmse", propagate=False, weighted=True, refine=True),
+    ),
     ("default + propagation through the quantized layers", GPTQOptions(propagate=True)),
 )
 LLMC_SETTINGS = (

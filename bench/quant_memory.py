@@ -94,8 +94,11 @@ else:
     from moecompress.quant import layer as L
     limits.set_memory_limit(limit or None)
 g = torch.Generator().manual_seed(0)
-gu = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(torch.bfloat16)
-dn = (torch.randn(E, H, I, generator=g) / I**0.5).to(torch.bfloat16)
+gu = torch.empty(E, 2 * I, H, dtype=torch.bfloat16)  # filled per expert: no float32 copy of the layer
+dn = torch.empty(E, H, I, dtype=torch.bfloat16)
+for e in range(E):
+    gu[e] = torch.randn(2 * I, H, generator=g) / H**0.5
+    dn[e] = torch.randn(H, I, generator=g) / I**0.5
 res = {"rss_weights": hwm()}
 cap = L.LayerCapture(E, H, I, with_down=False)
 for b0 in range(0, T, 512):
@@ -106,8 +109,9 @@ for b0 in range(0, T, 512):
     routed_forward(gu, dn, torch.nn.functional.silu, x.to(torch.bfloat16), idx, w.to(torch.bfloat16), cap.observer())
 res["rss_capture"] = hwm()
 t0 = time.time()
+opts = L.GPTQOptions() if mode == "before" else L.GPTQOptions(damp=0.01, refine=False)  # the before's choices
 codes, used, err = L.quantize_layer(gu, dn, torch.nn.functional.silu, (4,), "gptq", cap, 32, torch.bfloat16,
-                                    torch.bfloat16, L.GPTQOptions())
+                                    torch.bfloat16, opts)
 res["quantize_s"] = round(time.time() - t0, 1)
 res["rss_peak"] = hwm()
 q = codes[4]
@@ -165,7 +169,8 @@ def layer_bench(args: argparse.Namespace) -> None:
         "",
         f"Command: `{res['command']}` ({res['elapsed_s']} s; host {res['host']}).  ",
         f"Synthetic layer: E {E}, H {H}, I {I} (bf16, {mib(layer_bytes)} MiB), {T} tokens, top-{k}; uniform 4-bit "
-        f"sequential GPTQ of every expert (experts with < 32 routed tokens by RTN). Before: quant/layer.py of "
+        f"sequential GPTQ of every expert (experts with < 32 routed tokens by RTN; the GPTQ choices of the before: "
+        "damp 0.01, no scale refinement). Before: quant/layer.py of "
         f"{args.before_rev} (H_gu [E, H, H] for the layer: {mib(E * H * H * 4)} MiB). After: today's code, with "
         "--max-memory set as in the row (Hessians of a chunk of experts: a quarter of the bound). Peak RSS is "
         "VmHWM of a fresh process, imports and the synthetic weights included.",

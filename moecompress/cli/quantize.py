@@ -18,6 +18,7 @@ from .common import (
     BatchOpt,
     CalibOpt,
     DeviceOpt,
+    MaxMemoryOpt,
     ModelArg,
     OverwriteOpt,
     SamplesOpt,
@@ -68,6 +69,7 @@ def quantize(
         int, typer.Option("--min-tokens", help="Experts with fewer routed tokens use RTN instead of GPTQ.")
     ] = 32,
     device: DeviceOpt = "auto",
+    max_memory: MaxMemoryOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Quantize routed experts to 2/3/4/8 bits with a global bit plan; write a compressed-tensors checkpoint.

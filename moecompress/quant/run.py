@@ -178,7 +178,8 @@ def _prepare(model: str | Path | None, output: str | Path, o: QuantOptions) -> _
     impossible --budget-gb is refused here, before any work."""
     job = Job.prepare(
         model, output, calib=o.calib, samples=o.samples, seq_len=o.seq_len, seed=o.seed, batch_size=o.batch_size,
-        device=o.device, overwrite=o.overwrite, profile_dir=o.profile, profile_windows=False,
+        device=o.device, overwrite=o.overwrite, profile_dir=o.profile, profile_windows=False, op="quantize",
+        settings={"method": o.method, "plan": o.plan},
     )  # fmt: skip
     lay = Layout(job.ckpt)
     prof = job.profile()

@@ -171,7 +171,9 @@ def test_sequential_down_hessian_comes_from_quantized_gate_up():
             gq = dequantize(seq[b].gate_up_q[e], seq[b].gate_up_s[e], g, torch.float32)
             a, u = (x @ gq.T).chunk(2, dim=-1)
             hq = (act(a) * u) * p.unsqueeze(-1)  # outputs of the quantized gate/up, weighted by the router weights
-            want = gptq_quantize(dn[e], None, b, g, torch.float32, prepared=prepare_hessian(hq.T @ hq))
+            o = GPTQOptions()
+            ph = prepare_hessian(hq.T @ hq, o.damp, keep=o.refine)
+            want = gptq_quantize(dn[e], None, b, g, torch.float32, o.damp, prepared=ph, refine=o.refine)
             assert torch.equal(seq[b].down_q[e], want[0]) and torch.equal(seq[b].down_s[e], want[1])
     assert torch.equal(seq[2].gate_up_q, plain[2].gate_up_q)  # gate/up do not depend on the order
     assert not torch.equal(seq[2].down_q, plain[2].down_q)  # the original-weight Hessian gives other codes

@@ -192,3 +192,16 @@ def test_lp_code_cache_is_packed_and_bounded_by_max_memory():
         code_cache_bound() == limits.host_available_bytes() // 2
         or abs(code_cache_bound() - limits.host_available_bytes() // 2) < 2**28
     )  # available memory moves between the two reads
+
+
+def test_quantize_takes_max_memory_and_refuses_bad_sizes(tmp_path):
+    from typer.testing import CliRunner
+
+    from moecompress.cli.main import app
+
+    res = CliRunner().invoke(app, ["quantize", "--help"])
+    assert res.exit_code == 0 and "--max-memory" in res.output
+    res = CliRunner().invoke(app, ["quantize", "--bits", "4", "--max-memory", "lots", "-o", str(tmp_path / "q")])
+    assert res.exit_code == 2 and "--max-memory" in res.output
+    assert not (tmp_path / "q").exists()
+    limits.set_memory_limit(None)
