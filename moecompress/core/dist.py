@@ -20,9 +20,13 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as td
+
+from .errors import UserError
 
 _device: torch.device | None = None  # the job's device, chosen before the first collective
 
@@ -90,6 +94,20 @@ def _group_ready() -> bool:
     return td.get_world_size() > 1
 
 
+@contextmanager
+def _peers() -> Iterator[None]:
+    """A collective whose peer failed or left (gloo: connection closed; a timeout) -> one line, exit 2 (UserError),
+    not a traceback: the rank that failed printed its own message."""
+    try:
+        yield
+    except RuntimeError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][-200:]
+        raise UserError(
+            f"rank {rank()} of {world()}: another rank of this torchrun job failed or stopped ({first}); its own "
+            "message says why"
+        ) from None
+
+
 def _wire(t: torch.Tensor) -> torch.Tensor:
     """A tensor on the device the backend talks through (the tensor's own, CPU under gloo)."""
     if t.device.type == "cuda" and "nccl" not in str(td.get_backend()):
@@ -114,7 +132,8 @@ def fill_rows_(t: torch.Tensor, n: int) -> torch.Tensor:
     send = torch.zeros(per * row_bytes, dtype=torch.uint8, device=mine.device)
     send[: mine.numel()] = mine
     parts = [torch.empty_like(send) for _ in range(w)]
-    td.all_gather(parts, send)
+    with _peers():
+        td.all_gather(parts, send)
     for src, part in enumerate(parts):
         rows = len(range(src, n, w))
         if src == r or rows == 0:
@@ -135,11 +154,13 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     wire = _wire(t)
     if wire.device.type == "cpu" and wire.dtype in (torch.bfloat16, torch.float16, torch.bool):
         wide = wire.to(torch.float32 if wire.is_floating_point() else torch.int64)
-        td.all_reduce(wide)
+        with _peers():
+            td.all_reduce(wide)
         wire = wide.to(t.dtype)
     else:
         wire = wire.contiguous()
-        td.all_reduce(wire)
+        with _peers():
+            td.all_reduce(wire)
     if wire.data_ptr() != t.data_ptr():
         t.copy_(wire)
     return t
@@ -150,7 +171,8 @@ def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
     if not _group_ready():
         return t
     wire = _wire(t.contiguous()).reshape(-1).view(torch.uint8)
-    td.broadcast(wire, src)
+    with _peers():
+        td.broadcast(wire, src)
     if wire.data_ptr() != t.data_ptr():
         t.copy_(wire.view(t.dtype).reshape(t.shape))
     return t
@@ -160,10 +182,11 @@ def barrier() -> None:
     """Wait for every rank (a no-op at world 1)."""
     if not _group_ready():
         return
-    if _device is not None and _device.type == "cuda":
-        td.barrier(device_ids=[_device.index or 0])
-    else:
-        td.barrier()
+    with _peers():
+        if _device is not None and _device.type == "cuda":
+            td.barrier(device_ids=[_device.index or 0])
+        else:
+            td.barrier()
 
 
 def shutdown() -> None:
