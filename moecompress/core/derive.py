@@ -91,6 +91,20 @@ def meta_model(cfg: Any) -> torch.nn.Module:
         raise Refusal(f"transformers cannot build it from config.json ({type(err).__name__}: {first})") from None
 
 
+def _stream_ends(model: torch.nn.Module, H: int) -> tuple[str, str]:
+    """(embedding, final norm) module names under ``model.model``: the input embedding, and the one other child
+    with parameters besides the layers (Llama's norm, Jamba's final_layernorm, Nemotron-H's norm_f)."""
+    inner = model.model
+    emb = model.get_input_embeddings()
+    embed = next((n for n, c in inner.named_children() if c is emb), None)
+    if embed is None:
+        raise Refusal("its input embedding is not a child of model.model (the layer stream embeds there)")
+    rest = [n for n, c in inner.named_children() if n not in (embed, "layers") and list(c.parameters())]
+    if len(rest) != 1 or tuple(getattr(inner.get_submodule(rest[0]), "weight", torch.empty(0)).shape) != (H,):
+        raise Refusal(f"it has no single final norm [hidden] beside the layers under model.model ({rest})")
+    return embed, rest[0]
+
+
 def _experts_modules(layer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(n, m) for n, m in layer.named_modules() if hasattr(m, "has_gate") and hasattr(m, "is_transposed")]
 
@@ -109,12 +123,7 @@ def derive(cfg: Any) -> dict[str, Any]:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise Refusal("its decoder layers are not at model.layers")
-    keys = model.state_dict().keys()
-    for need in ("model.embed_tokens.weight", "model.norm.weight"):
-        if need not in keys:
-            raise Refusal(f"it has no {need} (the layer stream needs the standard embedding and final norm)")
-    if len({type(l) for l in layers}) > 1:
-        raise Refusal(f"its decoder layers are of {len({type(l) for l in layers})} classes (hybrid stacks)")
+    embed_name, norm_name = _stream_ends(model, cfg.hidden_size)
     found = {l: _experts_modules(layer) for l, layer in enumerate(layers)}
     moe = sorted(l for l, f in found.items() if f)
     if not moe:
@@ -250,6 +259,8 @@ def derive(cfg: Any) -> dict[str, Any]:
         "dense": frozenset(range(len(layers))) - frozenset(moe),
         "routing_like": reference,
         "flags": flags,
+        "embed": embed_name,
+        "final_norm": norm_name,
         "gate": gate,
         "fused_names": fused_names,
         "classes": (type(block).__name__, type(router).__name__, type(ex).__name__),

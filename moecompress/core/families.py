@@ -94,6 +94,8 @@ class Family:
     interleaved: bool = False  # gate and up rows alternate (g0, u0, g1, u1, ...) instead of gate rows first
     expert_bias: bool = False  # gate_up_proj_bias [E, 2I] and down_proj_bias [E, H]
     gate: str | None = None  # the experts' gated activation when not act(g) * u: "clamped_swiglu" (gpt-oss)
+    embed: str = "embed_tokens"  # input embedding module under model.model
+    final_norm: str = "norm"  # final norm module under model.model (Jamba: final_layernorm)
 
     @property
     def fused_disk(self) -> bool:
@@ -532,6 +534,8 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             interleaved=not d["flags"]["is_concatenated"],
             expert_bias=d["flags"]["has_bias"],
             gate=d["gate"],
+            embed=d["embed"],
+            final_norm=d["final_norm"],
         )
         result = (fam, "")
     if memo is not None:

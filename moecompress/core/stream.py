@@ -172,6 +172,9 @@ class LayerStream:
         kinds = getattr(ckpt.config, "layer_types", None)
         mixed = isinstance(kinds, (list, tuple)) and len(set(map(str, kinds))) > 1
         self.layer_types: list[str] | None = [str(t) for t in kinds] if mixed else None
+        classes = [type(layer).__name__ for layer in self.decoder_layers]
+        if len(set(classes)) > 1:  # hybrid stacks of layer classes (Jamba's Mamba and attention layers)
+            self.layer_types = [f"{c}/{t}" for c, t in zip(classes, self.layer_types or classes, strict=True)]
         self._kwargs_by_type: dict[str, list[dict[str, Any]]] = {}  # mixed layer types: each type's own inputs
 
     @property
@@ -204,7 +207,7 @@ class LayerStream:
         """Embed every batch and record the first decoder layer's inputs and keyword arguments."""
         self.captured = True
         emb = self.model.get_input_embeddings()
-        self._materialize(emb, {"weight": self.ckpt.get("model.embed_tokens.weight")}, "embeddings")
+        self._materialize(emb, {"weight": self.ckpt.get(f"model.{self.fam.embed}.weight")}, "embeddings")
         first = self.decoder_layers[0]
         store = self
 
@@ -241,24 +244,31 @@ class LayerStream:
         last = max(first.values())
         store, saved = self, [self.decoder_layers[j] for j in range(last + 1)]
 
-        class Recorder(nn.Module):
-            def __init__(self, j: int) -> None:
-                super().__init__()
-                self.j = j
-                self.attention_type = getattr(saved[j], "attention_type", types[j])
+        def forward(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if self.j == 0:
+                store.cache.append(hidden_states.detach())
+            if first[types[self.j]] == self.j:
+                kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+                store._kwargs_by_type.setdefault(types[self.j], []).append(kw)
+            if self.j == last:
+                raise _Captured
+            return hidden_states
 
-            def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-                if self.j == 0:
-                    store.cache.append(hidden_states.detach())
-                if first[types[self.j]] == self.j:
-                    kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
-                    store._kwargs_by_type.setdefault(types[self.j], []).append(kw)
-                if self.j == last:
-                    raise _Captured
-                return hidden_states
+        def recorder(j: int) -> nn.Module:
+            """A stand-in of layer j's own class (the model picks each layer's mask by isinstance, as Jamba does)."""
+            cls = type(f"Recorder{type(saved[j]).__name__}", (type(saved[j]),), {"forward": forward})
+            rec = cls.__new__(cls)
+            nn.Module.__init__(rec)
+            for name, value in vars(saved[j]).items():  # plain attributes (layer_idx, attention_type, ...)
+                if not name.startswith("_"):
+                    setattr(rec, name, value)
+            rec.j = j
+            if not hasattr(rec, "attention_type"):
+                rec.attention_type = types[j]
+            return rec
 
         for j in range(last + 1):
-            self.decoder_layers[j] = Recorder(j)
+            self.decoder_layers[j] = recorder(j)
         try:
             for ids in self.batches:
                 try:
@@ -312,17 +322,22 @@ class LayerStream:
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head on hidden states h [B, S, H] -> logits [B, S, V] (autograd allowed)."""
         self._ensure_head()
-        logits = self.model.lm_head(self.model.model.norm(h))
+        logits = self.model.lm_head(self._norm(h))
         scale = getattr(self.ckpt.config, "logits_scaling", None)  # Granite divides its logits
         return logits / scale if isinstance(scale, (int, float)) and scale not in (0, 1) else logits
 
     def _ensure_head(self) -> None:
         if getattr(self, "_head_ready", False):
             return
-        self._materialize(self.model.model.norm, {"weight": self.ckpt.get("model.norm.weight")}, "final norm")
-        key = "lm_head.weight" if "lm_head.weight" in self.ckpt.weight_map else "model.embed_tokens.weight"
+        norm = self.fam.final_norm
+        self._materialize(self._norm, {"weight": self.ckpt.get(f"model.{norm}.weight")}, "final norm")
+        key = "lm_head.weight" if "lm_head.weight" in self.ckpt.weight_map else f"model.{self.fam.embed}.weight"
         self._materialize(self.model.lm_head, {"weight": self.ckpt.get(key)}, "lm_head")
         self._head_ready = True
+
+    @property
+    def _norm(self) -> nn.Module:
+        return self.model.model.get_submodule(self.fam.final_norm)
 
     def close(self) -> None:
         self.cache.close()

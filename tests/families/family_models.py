@@ -84,6 +84,8 @@ def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, An
         out["layer_types"] = [order[i % len(order)] for i in range(out["num_hidden_layers"])]
     elif isinstance(kinds, list) and set(kinds) == {"linear_attention"}:  # Granite-4.0-H: Mamba with attention
         out["layer_types"] = ["linear_attention", "attention"] * (out["num_hidden_layers"] // 2)
+    if "attn_layer_period" in defaults:  # Jamba: attention at layers 0, 2; MoE (Mamba) at 1, 3
+        out |= dict(attn_layer_period=2, attn_layer_offset=0, expert_layer_period=2, expert_layer_offset=1)
     if "topk_method" in defaults:  # DeepSeek-V2: route within groups (its default "greedy" ignores them)
         out["topk_method"] = "group_limited_greedy"
     if "mlp_only_layers" in defaults:
