@@ -4,7 +4,8 @@ For each model type whose modeling file uses ``use_experts_implementation``, run
 tests/families/family_checks.py (derive or refuse; tiny model saved with save_pretrained; checkpoint opens;
 view -> write bit-identical; profile statistics equal a brute-force loop on the full transformers model; prune
 25% --method frequency and quantize --bits 4 --plan uniform --method rtn load in plain transformers with no
-missing/unexpected keys) and writes reports/families.json. ``--readme`` regenerates the README table from it.
+missing/unexpected keys, pruned logits equal the base with those experts masked; info, atom, merge, eval, load,
+report) and writes reports/families.json. ``--readme`` regenerates the README table from it.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/families.py [--types a b ...]
     .venv/bin/python bench/families.py --readme       # README "Supported model types" table from the JSON
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "families"))
 REPORT = ROOT / "reports" / "families.json"
 BEGIN, END = "<!-- families-table:begin -->", "<!-- families-table:end -->"
-OPS = ("open", "view_write", "profile", "prune", "quantize")
+OPS = ("open", "view_write", "profile", "prune", "quantize", "info", "atom", "merge", "eval", "load", "report")
 
 
 def run(types: list[str] | None) -> dict:
@@ -47,7 +48,7 @@ def run(types: list[str] | None) -> dict:
         for mt in types or all_types:
             t0 = time.time()
             try:
-                r = run_checks(mt, Path(tmp), tok)
+                r = run_checks(mt, Path(tmp), tok, ops=OPS)
             except Exception as err:  # a tiny model that cannot even be built is recorded, not hidden
                 r = {"model_type": mt, "supported": False, "reason": f"check crashed: {type(err).__name__}: {err}"}
             r["seconds"] = round(time.time() - t0, 1)
@@ -71,12 +72,18 @@ def table(report: dict) -> str:
         f"Measured by `bench/families.py` with transformers {report['transformers']}: of the "
         f"{report['installed_moe_types']} model types whose experts use `use_experts_implementation`, "
         f"**{report['supported']} are supported** and {report['all_ops_pass']} pass every check below (tiny model "
-        "of each built from its config class, saved by `save_pretrained`; ✓ passes, – refused on purpose, with "
-        "the reason listed under the table, ✗ fails).",
+        "of each built from its config class, saved by `save_pretrained`; ✓ passes, – refused on purpose in one "
+        "line, the line listed under the table, ✗ fails). Columns: `info`; view→write bit-identical; profile "
+        "statistics = a brute-force token loop on the transformers model; `prune --ratio 0.25 --method frequency` "
+        "loads in plain transformers with no missing/unexpected keys and its logits equal the base model's with "
+        "the removed experts masked out of routing; `quantize --bits 4 --plan uniform --method rtn` loads in plain "
+        "transformers; `prune --granularity atom --refit none` loads with `moecompress.load`; `merge --ratio 0.25` "
+        "loads in plain transformers; `eval --base` and `report` run on the prune output; `moecompress.load` of "
+        "the prune output gives transformers' logits.",
         "",
-        "| model type | record | `routing_known` | open | view→write | profile = brute force | prune 25% loads "
-        "| quantize 4-bit loads |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model type | record | `routing_known` | open | view→write | profile | prune | quantize | info | atom "
+        "| merge | eval | load | report |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     refused = []
     for t, r in report["types"].items():

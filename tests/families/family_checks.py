@@ -29,6 +29,8 @@ from moecompress.core.families import family_for
 from moecompress.profile.run import collect
 
 OPS = ("open", "view_write", "profile", "prune", "quantize")
+# the other commands, run by bench/families.py for the README table (on the tiny model and the prune output)
+EXTRA_OPS = ("info", "atom", "merge", "eval", "load", "report")
 
 
 def refusal_reason(message: str) -> str:
@@ -289,6 +291,72 @@ def check_quantize(ck: Checkpoint, work: Path) -> None:
     reload_clean(out)
 
 
+def _cli_or_refused(*args: Any) -> None:
+    """A CLI command that passes, or exits 2 with its one-line refusal (recorded as refused, with the line)."""
+    from typer.testing import CliRunner
+
+    from moecompress.cli.main import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    if res.exit_code == 2 and res.output.strip().startswith("error:") and len(res.output.strip().splitlines()) <= 3:
+        raise Refused(" ".join(res.output.split())[len("error: ") :][:300])
+    if res.exit_code != 0:
+        _cli(*args)  # the same failure, with its traceback
+
+
+def check_atom(ck: Checkpoint, work: Path) -> None:
+    from moecompress import load
+
+    out = work / "atom"
+    _cli_or_refused("prune", ck.path, "--granularity", "atom", "--ratio", "0.25", "--refit", "none", *CALIB, "-o", out)
+    with torch.no_grad():
+        assert torch.isfinite(load(out)(input_ids=torch.arange(12)[None] % 300).logits).all()
+
+
+def check_merge(ck: Checkpoint, work: Path) -> None:
+    out = work / "merged"
+    _cli_or_refused("merge", ck.path, "--ratio", "0.25", *CALIB, "-o", out)
+    reload_clean(out)
+
+
+def check_load(ck: Checkpoint, work: Path) -> None:
+    """moecompress.load of the prune output gives the logits plain transformers gives."""
+    from moecompress import load
+
+    out = work / "pruned"
+    ids = torch.arange(16)[None] % 300
+    with torch.no_grad():
+        a = load(out)(input_ids=ids).logits
+        b = reload_clean(out).float()(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
+def check_eval(ck: Checkpoint, work: Path) -> None:
+    js = work / "eval.json"
+    _cli(
+        "eval",
+        work / "pruned",
+        "--base",
+        ck.path,
+        "--seq-len",
+        "16",
+        "--max-windows",
+        "2",
+        "--device",
+        "cpu",
+        "--json",
+        js,
+    )
+    import json
+
+    assert json.loads(js.read_text())
+
+
+def check_report(ck: Checkpoint, work: Path) -> None:
+    _cli("report", work / "pruned", "-o", work / "report.html", "--overwrite")
+    assert (work / "report.html").stat().st_size > 1000
+
+
 def run_checks(model_type: str, work: Path, tokenizer_dir: Path, ops: tuple[str, ...] = OPS) -> dict[str, Any]:
     """{"model_type", "supported": bool, "reason" | per-op "ok"/"failed: ..."}; assertion errors are recorded."""
     cfg, reason = family_or_refusal(model_type)
@@ -314,6 +382,12 @@ def run_checks(model_type: str, work: Path, tokenizer_dir: Path, ops: tuple[str,
         "profile": lambda: check_profile(ck),
         "prune": lambda: check_prune(ck, work / f"{model_type}-out"),
         "quantize": lambda: check_quantize(ck, work / f"{model_type}-out"),
+        "info": lambda: _cli("info", ck.path),
+        "atom": lambda: check_atom(ck, work / f"{model_type}-out"),
+        "merge": lambda: check_merge(ck, work / f"{model_type}-out"),
+        "load": lambda: check_load(ck, work / f"{model_type}-out"),  # after prune
+        "eval": lambda: check_eval(ck, work / f"{model_type}-out"),  # after prune
+        "report": lambda: check_report(ck, work / f"{model_type}-out"),  # after prune
     }
     for op, fn in steps.items():
         if op not in ops:
