@@ -71,8 +71,20 @@ class LayerFit:
     ``src`` holds each token's k+1 best-ranked original experts' outputs ([T, k+1, H]; other pairs are computed
     when asked), which give the original output y, the pruning order and every clustering's starting point."""
 
-    def __init__(self, w: MoEWeights, x_fit: torch.Tensor, x_eval: torch.Tensor, spec: RouterSpec, act: Act):
+    def __init__(
+        self,
+        w: MoEWeights,
+        x_fit: torch.Tensor,
+        x_eval: torch.Tensor,
+        spec: RouterSpec,
+        act: Act,
+        dtypes: dict[str, torch.dtype] | None = None,
+    ):
+        """``w`` may hold wider values than the checkpoint's (the engine's float32 block of a bf16 checkpoint: the
+        same values, no copy); ``dtypes`` (per field of ``MoEWeights``) is what every built candidate is rounded to,
+        once, so it is measured as it will be written (default: the dtypes of ``w``)."""
         self.w, self.spec, self.act = w, spec, act  # act: the experts' activation
+        self.dtypes = dtypes or {k: v.dtype for k, v in vars(w).items() if v is not None}
         self.x = torch.cat([x_fit, x_eval]).float()  # [T, H]
         self.n_fit = x_fit.shape[0]
         self.logits0 = self._logits(w.router, w.router_bias)  # [T, E]
@@ -82,7 +94,10 @@ class LayerFit:
         w0, idx0 = route(self.logits0, spec, None, w.correction_bias)
         self.y = (self.src.get(rows, idx0) * w0[:, :, None]).sum(1)  # [T, H]
         self.norm = max(float(self.y[self.n_fit :].double().pow(2).sum()), 1e-30)
-        self.router = RouterFitter(x_fit, w.router, w.router_bias) if w.correction_bias is None else None
+        self.router = None
+        if w.correction_bias is None:
+            dts = (self.dtypes["router"], self.dtypes.get("router_bias"))
+            self.router = RouterFitter(x_fit, w.router, w.router_bias, dtypes=dts)
 
     def _logits(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         logits = self.x @ rows.float().T
@@ -169,7 +184,7 @@ class _Routed:
             f = rows[jr] < fit.n_fit  # fit rows routed to j
             if bool(f.any()):
                 a = s[f, None] * h[f]  # [nf, I]
-                down = lstsq_down(a, fit.y[rows[jr[f]]] - others[jr[f]], cand.down)
+                down = lstsq_down(a, fit.y[rows[jr[f]]] - others[jr[f]], cand.down, dtype=fit.dtypes["down"])
                 downs.append((Candidate(refit, cand.gate, cand.up, down, cand.row, cand.bias, cand.corr), down))
             elif plain is None:  # nothing to refit on: the candidate as it is (as the plain version would be)
                 downs.append((cand, cand.down))
@@ -250,15 +265,19 @@ def merge_candidates(
         rows, bias = fit.router.fit([members])
         row, b, corr = rows[0], None if bias is None else bias[0], None
     else:  # sigmoid routing: frequency-free average row and correction bias (as merged_router_rows does)
-        row, b = w.router[members].mean(0), None if w.router_bias is None else w.router_bias[members].mean()
-        corr = w.correction_bias[members].double().mean().to(w.correction_bias.dtype)
+        dt = fit.dtypes
+        row = w.router[members].to(dt["router"]).mean(0)
+        b = None if w.router_bias is None else w.router_bias[members].to(dt["router_bias"]).mean()
+        corr = w.correction_bias[members].double().mean().to(dt["correction_bias"])
     ranks = [rank_fn(m) for m in (mg, mu, md)]
     mats = (mg, mu, md)
+    dts = [fit.dtypes[k] for k in ("gate", "up", "down")]
     full = all(r is None or r >= min(m.shape[1], m.shape[0] * m.shape[2]) for r, m in zip(ranks, mats, strict=True))
-    parts = [merge_subspace(m, f, r) for m, r in zip(mats, ranks, strict=True)]
+    parts = [merge_subspace(m, f, r, d) for m, r, d in zip(mats, ranks, dts, strict=True)]
     out = [Candidate("subspace", *parts, row, b, corr)]
     if not full:
-        out.append(Candidate("average", *[merge_average(m, f) for m in (mg, mu, md)], row, b, corr))
+        avg = [merge_average(m, f, d) for m, d in zip(mats, dts, strict=True)]
+        out.append(Candidate("average", *avg, row, b, corr))
     return out
 
 
@@ -348,14 +367,12 @@ def pruning_clustering(
     return Clustering("pruning", clusters, kept)
 
 
-def assemble(candidates: list[Candidate], w: MoEWeights) -> MoEWeights:
-    """The merged layer view from one candidate per cluster (cluster order = new expert order)."""
-    stack = lambda ts: torch.stack([t.to(ref.dtype) for t, ref in ts])  # noqa: E731
-    return MoEWeights(
-        gate=stack([(c.gate, w.gate) for c in candidates]),
-        up=stack([(c.up, w.up) for c in candidates]),
-        down=stack([(c.down, w.down) for c in candidates]),
-        router=stack([(c.row, w.router) for c in candidates]),
-        router_bias=None if w.router_bias is None else stack([(c.bias, w.router_bias) for c in candidates]),
-        correction_bias=None if w.correction_bias is None else stack([(c.corr, w.correction_bias) for c in candidates]),
-    )
+def assemble(candidates: list[Candidate], w: MoEWeights, dtypes: dict[str, torch.dtype] | None = None) -> MoEWeights:
+    """The merged layer view from one candidate per cluster (cluster order = new expert order), in ``dtypes`` (per
+    field; default: the dtypes of ``w``)."""
+    dt = dtypes or {k: v.dtype for k, v in vars(w).items() if v is not None}
+    parts = dict(gate="gate", up="up", down="down", router="row", router_bias="bias", correction_bias="corr")
+    return MoEWeights(**{
+        k: None if getattr(w, k) is None else torch.stack([getattr(c, a).to(dt[k]) for c in candidates])
+        for k, a in parts.items()
+    })  # fmt: skip

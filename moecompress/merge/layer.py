@@ -54,6 +54,7 @@ def merge_layer(
     spec: RouterSpec | None = None,
     *,
     act: Act,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> tuple[MoEWeights, dict[str, Any]]:
     """Merge one MoE layer's routed experts into ``n_clusters`` experts.
 
@@ -69,14 +70,20 @@ def merge_layer(
         n_group: routing groups (experts g*E/n_group.. stay in group g); clusters never cross groups.
         spec: how the router turns logits into top-k weights (needed by ``opts.choose``; default: softmax top-k).
         act: the experts' activation (``experts.act_fn``).
+        dtypes: the dtype to write per field of ``w`` when ``w`` holds the same values wider (the engine's float32
+            block of a bf16 checkpoint, used without a copy); default: the dtypes of ``w``.
 
     Returns:
-        (merged view with n_clusters experts in the dtypes of ``w``, info for the manifest).
+        (merged view with n_clusters experts in ``dtypes``, info for the manifest).
 
     Raises:
         MergeTargetError: the protected experts leave k-means no room in a group.
     """
     clock = Clock(x.device)
+    own = {k: v.dtype for k, v in vars(w).items() if v is not None}
+    dtypes = {**own, **(dtypes or {})}
+    if not opts.choose and dtypes != own:  # the single-kind merge computes in the dtypes it writes
+        w = MoEWeights(**{k: None if v is None else v.to(dtypes[k]) for k, v in vars(w).items()})
     gen = torch.Generator().manual_seed(opts.seed)  # on the CPU: the same draws on every device
     xf = x.to(torch.float32)
     logits = xf @ w.router.to(torch.float32).T  # [T, E]
@@ -91,7 +98,7 @@ def merge_layer(
     if opts.choose:
         spec = spec or RouterSpec(top_k=top_k, norm_topk=norm_topk)
         merged, info = choose_layer(
-            w, xf, clusters, freqs, similarity, protected or [], n_group, spec, opts, gen, act, clock
+            w, xf, clusters, freqs, similarity, protected or [], n_group, spec, opts, gen, act, clock, dtypes
         )  # fmt: skip
     else:
         merged, info = merge_clusters(w, xf, logits, clusters, freqs, similarity, top_k, norm_topk, opts, gen, act)
@@ -253,13 +260,15 @@ def choose_layer(
     gen: torch.Generator,
     act: Act,
     clock: Clock | None = None,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> tuple[MoEWeights, dict[str, Any]]:
-    """Measured per-cluster choice over two clusterings (merge/choose.py); returns the best layer and its info."""
+    """Measured per-cluster choice over two clusterings (merge/choose.py); returns the best layer (in ``dtypes``,
+    default those of ``w``) and its info."""
     clock = clock or Clock(xf.device)
     perm = torch.randperm(xf.shape[0], generator=gen).to(xf.device)
     n_eval = min(opts.eval_tokens, xf.shape[0] // 3)
     x_eval, x_fit = xf[perm[:n_eval]], xf[perm[n_eval:]][: opts.fit_tokens]  # disjoint
-    fit = LayerFit(w, x_fit, x_eval, spec, act)
+    fit = LayerFit(w, x_fit, x_eval, spec, act, dtypes)
     clock.lap("layer outputs")
     dominant = [m[int(freqs[m].argmax())] for m in clusters]
     options = [Clustering("k-means", clusters, dominant)]
@@ -277,7 +286,7 @@ def choose_layer(
         )  # fmt: skip
         tried.append((err, c, chosen, start))
     err, best, chosen, _ = min(tried, key=lambda t: t[0])
-    merged = assemble(chosen, w)
+    merged = assemble(chosen, w, fit.dtypes)
     within = [float(similarity[m][:, m].mean()) for m in best.clusters if len(m) > 1]
     info = {
         "clusters": best.clusters,

@@ -92,15 +92,18 @@ def refit_down_to(
     return lstsq_down(scale.double()[:, None] * h.double(), target, prior, ridge)
 
 
-def lstsq_down(a: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+def lstsq_down(
+    a: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, ridge: float = 1e-3, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Ridge least squares W = argmin sum_t ||W a_t - y_t||^2 + lam ||W - prior||^2.
 
     Args:
         a: [t, I] (weighted) intermediate activations; y: [t, H] targets; prior: [H, I] the current projection.
         ridge: lam relative to the mean diagonal of the Gram matrix a^T a.
+        dtype: the result's dtype (default: the dtype of ``prior``).
 
     Returns:
-        [H, I] in the dtype of ``prior``.
+        [H, I] in ``dtype``, rounded once from float64.
     """
     a, y = a.double(), y.double()
     gram = a.T @ a  # [I, I]
@@ -109,4 +112,4 @@ def lstsq_down(a: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, ridge: flo
     sol = torch.linalg.solve(
         gram + lam * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device), rhs.T
     ).T  # [H, I]
-    return sol.to(prior.dtype)
+    return sol.to(dtype or prior.dtype)

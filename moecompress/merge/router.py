@@ -84,8 +84,17 @@ class RouterFitter:
     """``fit_router_rows`` for many cluster lists on the same tokens and router: the Gram matrix, its Cholesky
     factor and the original logits are computed once (per layer, not per cluster), on the tokens' device."""
 
-    def __init__(self, x: torch.Tensor, w_router: torch.Tensor, bias: torch.Tensor | None = None, ridge: float = 1e-2):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        w_router: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        ridge: float = 1e-2,
+        dtypes: tuple[torch.dtype, torch.dtype | None] | None = None,
+    ):
+        """``dtypes``: (rows, bias) dtypes of the result (default: those of ``w_router`` and ``bias``)."""
         self.w_router, self.bias = w_router, bias
+        self.dtypes = dtypes or (w_router.dtype, None if bias is None else bias.dtype)
         self.W = w_router.to(x.device, torch.float64)  # [E, H]
         xf = x.to(torch.float64)  # [T, H]
         self.logits = xf @ self.W.T + (bias.to(x.device, torch.float64) if bias is not None else 0.0)  # [T, E]
@@ -112,8 +121,8 @@ class RouterFitter:
         for c, m in enumerate(clusters):
             if len(m) == 1:
                 sol[c] = torch.cat([W[m[0]], b64[m[0] : m[0] + 1]]) if b64 is not None else W[m[0]]
-        rows = sol[:, : self.w_router.shape[1]].to(self.w_router.device, self.w_router.dtype)
-        new_bias = sol[:, -1].to(bias.device, bias.dtype) if bias is not None else None
+        rows = sol[:, : self.w_router.shape[1]].to(self.w_router.device, self.dtypes[0])
+        new_bias = sol[:, -1].to(bias.device, self.dtypes[1]) if bias is not None else None
         return rows, new_bias
 
 

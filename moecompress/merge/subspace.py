@@ -26,7 +26,7 @@ def _normalized_weights(freqs: torch.Tensor) -> torch.Tensor:
     return f / f.sum()
 
 
-def merge_average(weights: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+def merge_average(weights: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Frequency-weighted average of member matrices (HC-SMoE style merge).
 
     Args:
@@ -34,11 +34,11 @@ def merge_average(weights: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         freqs: [n] non-negative routing frequencies (all zero -> uniform).
 
     Returns:
-        [out, in] merged matrix in the dtype of ``weights``.
+        [out, in] merged matrix in ``dtype`` (default: the dtype of ``weights``), rounded once from float64.
     """
     f = _normalized_weights(freqs).to(weights.device)  # [n]
     merged = torch.einsum("n,noi->oi", f, weights.to(torch.float64))  # [out, in]
-    return merged.to(weights.dtype)
+    return merged.to(dtype or weights.dtype)
 
 
 def rank_for(out_dim: int, in_dim: int, n_members: int, rank: int | None, rank_fraction: float | None) -> int:
@@ -54,22 +54,25 @@ def rank_for(out_dim: int, in_dim: int, n_members: int, rank: int | None, rank_f
     return full
 
 
-def merge_subspace(weights: torch.Tensor, freqs: torch.Tensor, rank: int | None = None) -> torch.Tensor:
+def merge_subspace(
+    weights: torch.Tensor, freqs: torch.Tensor, rank: int | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Merge member matrices in their shared SVD subspace (Sub-MoE).
 
     Args:
         weights: [n, out, in] member matrices (one projection of each expert in the cluster).
         freqs: [n] non-negative routing frequencies of the members (all zero -> uniform).
         rank: number of singular directions kept; None keeps all (then the result is the weighted average).
+        dtype: the result's dtype (default: the dtype of ``weights``).
 
     Returns:
-        [out, in] merged matrix in the dtype of ``weights``.
+        [out, in] merged matrix in ``dtype``, rounded once from float64.
     """
     n, out_dim, in_dim = weights.shape
     if n == 1 and rank is None:
-        return weights[0].clone()
+        return weights[0].to(dtype or weights.dtype, copy=True)
     if rank is None or rank >= min(out_dim, n * in_dim):  # untruncated: exactly the weighted average
-        return merge_average(weights, freqs)
+        return merge_average(weights, freqs, dtype)
     f = _normalized_weights(freqs).to(weights.device)  # [n]
     w = weights.to(torch.float64)
     cat = w.permute(1, 0, 2).reshape(out_dim, n * in_dim)  # [out, n*in]  = [W_1 ... W_n]
@@ -79,4 +82,4 @@ def merge_subspace(weights: torch.Tensor, freqs: torch.Tensor, rank: int | None 
     blocks = Vh.reshape(R, n, in_dim)  # [R, n, in]: blocks[:, i] = V_i^T (column block i of Vh)
     v_bar = torch.einsum("n,rni->ri", f, blocks)  # [R, in]
     merged = (U[:, :r] * S[:r]) @ v_bar[:r]  # [out, in]
-    return merged.to(weights.dtype)
+    return merged.to(dtype or weights.dtype)

@@ -113,7 +113,8 @@ class MergeTransform(Transform):
         l, eng = ctx.index, ctx.engine
         dt = self._dtypes(l)
         cur = block_view(ctx.block, self.fam)  # [E, ...] as the block is now (stream dtype)
-        w = MoEWeights(**{k: _copy(getattr(cur, k), dt[k]) for k in dt})
+        # the block's own tensors, no copy: merge_layer rounds what it builds to the checkpoint's dtypes ``dt``
+        w = MoEWeights(**{k: None if getattr(cur, k) is None else getattr(cur, k).detach() for k in dt})
         E = w.num_experts
         K = n_clusters_for(E, self.opts.ratio)
         ids = ctx.extra.pop("expert_ids", None)
@@ -122,7 +123,7 @@ class MergeTransform(Transform):
         x = torch.cat([b.to(eng.device) for b in ctx.inputs])  # [T, H]
         merged, info = merge_layer(
             w, x, K, self.spec.top_k, self.opts, freqs, sim, protected, self.n_group, self.spec.norm_topk, self.spec,
-            act=ctx.experts.act_fn,
+            act=ctx.experts.act_fn, dtypes={k: v for k, v in dt.items() if getattr(w, k) is not None},
         )  # fmt: skip
         del x
         merged = MoEWeights(**{k: None if v is None else v.cpu() for k, v in vars(merged).items()})
@@ -202,12 +203,6 @@ def transform_for_recipe(job: Job, options: dict[str, Any], profile: Any | None)
     except MergeTargetError as err:
         raise UserError(f"merge stage: {err}; choose another ratio") from None
     return MergeTransform(opts, profile, protected)
-
-
-def _copy(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A contiguous copy in ``dtype`` on the block's device (the block's fp32 values of bf16 weights convert back
-    exactly)."""
-    return None if t is None else t.detach().to(dtype=dtype, copy=True, memory_format=torch.contiguous_format)
 
 
 def _as(w: MoEWeights, dtype: torch.dtype, device: torch.device) -> MoEWeights:
