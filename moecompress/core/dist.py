@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -101,7 +102,8 @@ def _peers() -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][-200:]
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]  # gloo: "[file:line] What. More."
         raise UserError(
             f"rank {rank()} of {world()}: another rank of this torchrun job failed or stopped ({first}); its own "
             "message says why"

@@ -97,6 +97,7 @@ class Output:
     ) -> Path:
         """config.json, tokenizer and side files, sidecars, moecompress.json, report.html; then the rename."""
         if self.shards is None:  # not rank 0: wait until rank 0 has written the folder, take its figures
+            dist.barrier()
             self._written(manifest, elapsed)
             return self.out
         assert self.tmp is not None
@@ -116,6 +117,7 @@ class Output:
             from ..report import write_report
 
             write_report(tmp, [Path(p) for p in report_inputs])
+        dist.barrier()  # under torchrun: every rank has checked the output (its guard) before the folder appears
         finish_temp(self.out.expanduser().resolve(), tmp, self.overwrite)
         self._written(manifest, elapsed)
         return self.out

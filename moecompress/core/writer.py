@@ -270,11 +270,13 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
             yield scratch
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        dist.barrier()  # (see below)
         return
     o = _abs(out)
     tmp = take_temp(o, "dir")
     try:
         yield tmp
+        dist.barrier()  # under torchrun: every rank has checked the output before it appears
         finish_temp(o, tmp, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -286,10 +288,12 @@ def write_file(out: str | Path, text: str, overwrite: bool = False) -> Path:
     torchrun only rank 0 writes."""
     o = _abs(out)
     if not dist.is_main():
+        dist.barrier()  # (see below)
         return o
     tmp = take_temp(o, "file")
     try:
         tmp.write_text(text, encoding="utf-8")
+        dist.barrier()  # under torchrun: every rank has checked the output before it appears
         finish_temp(o, tmp, overwrite)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -162,9 +162,7 @@ except Exception as err:
 """
 
 _SMALL = ["--samples", "5", "--seq-len", "32", "--batch-size", "1"]  # 5 batches: 3 on rank 0, 2 on rank 1
-_COMMANDS = {
-    "profile": ["profile", *_SMALL],
-    "prune": ["prune", "--ratio", "0.25", *_SMALL],
+_COMMANDS = {  # the two with per-expert work split across ranks (the slow test adds profile, prune, ...)
     "atom": ["prune", "--granularity", "atom", "--ratio", "0.25", *_SMALL],
     "quantize4": ["quantize", "--bits", "4", "--plan", "uniform", *_SMALL],
 }
@@ -207,7 +205,7 @@ def assert_same_outputs(w1: Path, w2: Path, names) -> None:
 
 def test_two_gloo_ranks_write_the_single_process_bytes(tmp_path, tokenizer_dir):
     """Two gloo ranks (one process each, so one import for all of it): fill_rows_ is exact for every dtype and
-    all_reduce_sum_ sums; profile, prune 25%, atom prune (HEAPr, refit) and quantize 4-bit over 5 batches (3 on
+    all_reduce_sum_ sums; atom prune (profile, HEAPr, refit) and quantize 4-bit (GPTQ) over 5 batches (3 on
     rank 0, 2 on rank 1) write the same safetensors bytes and sidecars as one process; only rank 0 writes and
     prints results; a bad input fails on both ranks in one line, exit 2, without hanging; the gradient pass's G
     (each rank backpropagates its own batches, accumulates its own experts over every batch) is one process's G
@@ -236,6 +234,7 @@ def test_two_gloo_ranks_write_the_single_process_bytes(tmp_path, tokenizer_dir):
     assert ranks[0].stdout.startswith("ok 0\n")
     last = ranks[0].stdout.strip().splitlines()[-1]
     assert last.startswith("peer UserError rank 0 of 2: another rank of this torchrun job failed or stopped"), last
+    assert "Connection closed by peer" in last, last
     assert_same_outputs(w1, w2, _COMMANDS)
     for r in range(2):
         got = torch.load(tmp_path / f"grads.{r}")
@@ -264,6 +263,8 @@ def _strip(obj, root: str):
 _SLOW = ["--samples", "7", "--seq-len", "32", "--batch-size", "2"]  # 4 batches, the last one short
 _ATOM = ["prune", "--granularity", "atom"]
 _SLOW_COMMANDS = {
+    "profile": ["profile", *_SLOW],
+    "prune": ["prune", "--ratio", "0.25", *_SLOW],
     "atom-exact": [*_ATOM, "--ratio", "0.25", "--layout", "exact", *_SLOW],
     "atom-lowrank": [*_ATOM, "--ratio", "0.2", "--layout", "exact", "--hessian", "lowrank", "--rank", "4", *_SLOW],
     "merge": ["merge", "--ratio", "0.25", *_SLOW],
@@ -274,7 +275,8 @@ _SLOW_COMMANDS = {
 
 @pytest.mark.slow
 def test_two_gloo_ranks_more_operations(tmp_path, tokenizer_dir):
-    """DeepSeek-V3 (group routing, shared expert): atom prune exact layout (per-expert widths: refits exchanged
+    """DeepSeek-V3 (group routing, shared expert): profile, prune 25% (output-error: its layer_done reads every
+    batch's outputs through the shared cache), atom prune exact layout (per-expert widths: refits exchanged
     padded) and lowrank G (sketches merged), merge, the LP bit plan (its probe reads the first batch through the
     shared cache) and a one-pass compress (profile observed on the gathered inputs before prune): the same bytes
     as one process."""
@@ -287,5 +289,5 @@ def test_two_gloo_ranks_more_operations(tmp_path, tokenizer_dir):
     ranks = wait_ranks(procs, timeout=900)
     for res in ranks:
         assert res.returncode == 0, res.stderr[-3000:]
-        assert res.stdout.splitlines()[-1] == "codes " + json.dumps([0] * len(_SLOW_COMMANDS)), res.stderr[-3000:]
+        assert "codes " + json.dumps([0] * len(_SLOW_COMMANDS)) in res.stdout.splitlines(), res.stderr[-3000:]
     assert_same_outputs(w1, w2, _SLOW_COMMANDS)
