@@ -57,7 +57,7 @@ def run_profile(
     """Profile a model on calibration data and write OUTPUT/profile.json + profile.safetensors."""
     job = Job.prepare(
         model, output, calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-        device=device, overwrite=overwrite,
+        device=device, overwrite=overwrite, op="profile", settings={"sim_tokens": sim_tokens},
     )  # fmt: skip
     tokens = job.tokens()
     stats = collect(job.ckpt, tokens, batch_size, job.device, sim_tokens)
