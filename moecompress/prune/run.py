@@ -51,7 +51,8 @@ def prune_model(
     )
     job = Job.prepare(
         model, output, calib=calib, samples=samples, seq_len=seq_len, seed=opts.seed, batch_size=batch_size,
-        device=device, overwrite=overwrite, profile_dir=profile_dir, tokens=tokens,
+        device=device, overwrite=overwrite, profile_dir=profile_dir, tokens=tokens, op="prune",
+        settings={"method": opts.method, "refit": opts.refit, "error_tokens": opts.error_tokens},
     )  # fmt: skip
     ckpt = job.ckpt
     spec = RouterSpec.from_config(ckpt.family, ckpt.config)
