@@ -282,7 +282,7 @@ def atomic_prune(
     check_args(ratio, hessian, layout, score, rank)
     job = Job.prepare(
         model, output, calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-        device=device, overwrite=overwrite, profile_dir=profile,
+        device=device, overwrite=overwrite, profile_dir=profile, op="atom", settings={"hessian": hessian},
     )  # fmt: skip
     job.profile()  # a given profile is checked against the model before any work
     check_layout(job.ckpt, layout, ratio)
