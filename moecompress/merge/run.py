@@ -96,6 +96,7 @@ def merge_model(
     job = Job.prepare(
         model, output, calib=calib, samples=samples, seq_len=seq_len, seed=opts.seed, batch_size=batch_size,
         device=device, overwrite=overwrite, profile_dir=profile_dir, tokens=tokens, profile_windows=False,
+        op="merge", settings={"sim_tokens": opts.sim_tokens},
     )  # fmt: skip
     profile, ckpt = job.profile(), job.ckpt
     ckpt.family.check_routing(ckpt.config, "merging", True, True, "prune with --method frequency instead")
