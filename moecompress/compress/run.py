@@ -85,7 +85,8 @@ def compress_model(
     """Run ``stages`` in one pass and write OUTPUT (HF folder + moecompress.json + report.html)."""
     job = Job.prepare(
         model, output, calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-        device=device, overwrite=overwrite, profile_dir=profile_dir,
+        device=device, overwrite=overwrite, profile_dir=profile_dir, op="compress",
+        settings={"stages": [s.op for s in stages]},
     )  # fmt: skip
     ckpt = job.ckpt
     prof, made = _profile(job)
