@@ -98,7 +98,17 @@ def main() -> None:
         "--after): its merge and quantize rows become this report's before and quantize",
     )
     ap.add_argument("--out", default=str(ROOT / "reports" / "merge_bench.scale"))
+    ap.add_argument("--combine", type=Path, nargs="+", default=None, help="JSON reports of earlier runs -> OUT")
+    ap.add_argument("--note", action="append", default=[], help="a line for the report (with --combine)")
     args = ap.parse_args()
+    if args.combine:
+        parts = [json.loads(p.read_text()) for p in args.combine]
+        report = {"setup": parts[0]["setup"], "runs": [p["setup"] for p in parts], "notes": args.note,
+                  "rows": [r for p in parts for r in p["rows"]]}  # fmt: skip
+        Path(args.out + ".json").write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.out + ".md").write_text(render_md(report))
+        print(render_md(report))
+        return
     sys.path.insert(0, str(ROOT / "bench"))
     from profile_bench import synthetic_checkpoint
 
@@ -212,6 +222,21 @@ def render_md(rep: dict) -> str:
             f"{r['moe_layer_bytes_bf16'] / GiB:.2f} GiB | {_cell(q)} | {_cell(r.get('merge before'))} | {_cell(a)} | "
             f"{ratio} |"
         )
+    phases = [(r["case"], r["merge after"]["seconds"]) for r in rep["rows"] if r.get("merge after", {}).get("seconds")]
+    if phases:
+        names = list(dict.fromkeys(k for _, sec in phases for v in sec.values() for k in v))
+        lines += [
+            "",
+            "Where the new merge's time goes (wall seconds per phase, summed over layers, from moecompress.json):",
+            "",
+            "| case | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for case, sec in phases:
+            tot = {k: sum(v.get(k, 0.0) for v in sec.values()) for k in names}
+            lines.append(f"| {case} | " + " | ".join(f"{tot[k]:.1f}" for k in names) + " |")
+    for note in rep.get("notes", []):
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
