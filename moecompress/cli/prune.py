@@ -16,6 +16,7 @@ from .common import (
     BatchOpt,
     CalibOpt,
     DeviceOpt,
+    MaxMemoryOpt,
     ModelArg,
     OverwriteOpt,
     SamplesOpt,
@@ -81,6 +82,7 @@ def prune(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Remove the least important routed experts (or expert channels) and write a smaller HF model folder.
 
