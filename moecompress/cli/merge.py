@@ -14,6 +14,7 @@ from .common import (
     BatchOpt,
     CalibOpt,
     DeviceOpt,
+    MaxMemoryOpt,
     ModelArg,
     OverwriteOpt,
     SamplesOpt,
@@ -63,6 +64,7 @@ def merge(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Cluster each MoE layer's experts and merge every cluster into one expert: fewer experts, smaller files.
 
