@@ -13,6 +13,7 @@ from .common import (
     BatchOpt,
     CalibOpt,
     DeviceOpt,
+    MaxMemoryOpt,
     ModelArg,
     OverwriteOpt,
     SamplesOpt,
@@ -79,6 +80,7 @@ def compress(
     batch_size: BatchOpt = 8,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Chain several operations in ONE layer-streamed pass and write one checkpoint.
 
