@@ -23,6 +23,7 @@ from .common import (
     CalibOpt,
     DeviceOpt,
     FileOverwriteOpt,
+    MaxMemoryOpt,
     ModelArg,
     OverwriteOpt,
     SamplesOpt,
@@ -134,6 +135,7 @@ def profile(
     ] = None,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Measure every routed expert in one layer-streamed pass over calibration data.
 
