@@ -129,6 +129,9 @@ def main() -> None:
             measure_s = d.get("measure_s") or measure_s
         return finish(args, model, ref, cal, runs, measure_s, ratios)
     measure_s = None
+    part_file = Path(f"{args.out}.{args.part}.json")
+    if args.part == "chain" and part_file.exists():  # resume: keep the runs a killed chain part finished
+        runs += json.loads(part_file.read_text())["runs"]
     if args.part in ("all", "joint"):
         measure_s = state["m"] = joint(args, model, ckpt, ref, cal, ratios, extra, tmp, runs, record, state)
     if args.part in ("all", "single"):
@@ -208,19 +211,16 @@ def stage_list(ckpt) -> list[tuple[str, str, list[dict]]]:
     top_k = ckpt.family.top_k(ckpt.config)
     ok = lambda r: round(r * E) >= 1 and E - round(r * E) >= top_k  # noqa: E731
     stages: list[tuple[str, str, list[dict]]] = []
-    for r in (0.5, 0.75):
+    for r in (0.75, 0.5):
         if ok(r):
             stages.append(("single", f"prune {r:.0%}", [{"prune": {"ratio": r}}]))
-    stages.append(("single", "atom 70%", [{"atom": {"ratio": 0.7}}]))
-    chains = [(0.25, (2, 3, 4)), (0.5, (2, 3)), (0.75, (2,))]
-    for r, bits in chains:
-        if ok(r):
-            for b in bits:
-                stages.append(
-                    ("chain", f"prune {r:.0%} + {b} bit", [{"prune": {"ratio": r}}, {"quantize": {"bits": b}}])
-                )
-    for b in (2, 3):
-        stages.append(("chain", f"merge 50% + {b} bit", [{"merge": {"ratio": 0.5}}, {"quantize": {"bits": b}}]))
+    stages.insert(1, ("single", "atom 70%", [{"atom": {"ratio": 0.7}}]))
+    # most informative first (a long bench is combined from what finished): one chain per budget, then the rest
+    for r, b in [(0.75, 2), (0.25, 3), (0.25, 4), ("merge", 2), (0.5, 2), (0.25, 2), ("merge", 3), (0.5, 3)]:
+        if r == "merge":
+            stages.append(("chain", f"merge 50% + {b} bit", [{"merge": {"ratio": 0.5}}, {"quantize": {"bits": b}}]))
+        elif ok(r):
+            stages.append(("chain", f"prune {r:.0%} + {b} bit", [{"prune": {"ratio": r}}, {"quantize": {"bits": b}}]))
     return stages
 
 
@@ -229,7 +229,10 @@ def run_stages(model, cal, tmp, runs, record, stages) -> None:
     from moecompress.compress.run import compress_model
     from moecompress.core.errors import UserError
 
+    done = {r["name"] for r in runs}
     for kind, name, raw in stages:
+        if name in done:
+            continue
         t1 = time.time()
         out = tmp / "c"
         try:
@@ -237,6 +240,10 @@ def run_stages(model, cal, tmp, runs, record, stages) -> None:
         except UserError as err:
             runs.append({"kind": kind, "name": name, "failed": str(err)})
             print(f"{kind:8s} {name:28s} refused: {err}", flush=True)
+            continue
+        except Exception as err:  # noqa: BLE001 (another package's error: record it, go on with the others)
+            runs.append({"kind": kind, "name": name, "failed": f"{type(err).__name__}: {err}"})
+            print(f"{kind:8s} {name:28s} failed: {type(err).__name__}: {err}", flush=True)
             continue
         record(kind, name, out, t1)
 
