@@ -509,7 +509,9 @@ def fit_and_report(args: argparse.Namespace) -> None:
                 est_op, settings = OPS[op][1]
                 if OPS[op][1][0] != "compress" and op not in fitted:
                     continue
-                p = predict(shape, est_op, samples=n, seq_len=sl, batch_size=8, device="cuda", **settings)
+                p = predict(
+                    shape, est_op, samples=n, seq_len=sl, batch_size=8, device="cuda", memory=80 * 10**9, **settings
+                )
                 flag.append({
                     "model": name, "tokens": f"{n} x {sl}", "op": op, "host_bytes": p.host_bytes,
                     "gpu_bytes": p.gpu_bytes, "disk_bytes": p.disk_bytes, "cpu_thread_s": round(p.seconds),

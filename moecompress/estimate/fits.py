@@ -6,15 +6,15 @@ from ..core.errors import UserError
 from ..core.limits import format_size, gpu_memory_bytes, host_memory_bytes, memory_limit
 from .model import CHUNKED, Estimate
 
-_ADVICE = {  # the term that dominates the host peak -> what shrinks it
-    "acts": "fewer --samples or a shorter --seq-len (the activation cache holds samples x seq-len x hidden fp32)",
-    "hessians": "--max-memory (Hessians are then held a chunk of experts at a time)",
-    "G": "--hessian diag (G_e as its diagonal)",
-    "err": "a smaller --error-tokens",
-    "sim": "a smaller --sim-tokens",
-    "cache": "fewer --samples (the refit caches the routed expert outputs)",
-    "codes": "--plan uniform (the LP plan holds codes at every candidate width)",
-    "align": "--no-align",
+_ADVICE = {  # the term that dominates the host peak -> (what shrinks it, the variants that have that option)
+    "acts": ("fewer --samples or a shorter --seq-len (the activation cache: samples x seq-len x hidden fp32)", None),
+    "hessians": ("--max-memory (Hessians held a chunk of experts at a time)", ("quantize-gptq", "quantize-lp")),
+    "G": ("--hessian diag (G_e as its diagonal)", ("atom",)),
+    "err": ("a smaller --error-tokens", ("prune", "prune-refit")),
+    "sim": ("a smaller --sim-tokens", ("profile", "merge")),
+    "cache": ("fewer --samples (the refit caches the routed expert outputs)", ("prune-refit",)),
+    "codes": ("--plan uniform (the LP plan holds codes at every candidate width)", ("quantize-lp",)),
+    "align": ("--no-align", ("merge",)),
 }
 
 
@@ -44,8 +44,8 @@ def advice(est: Estimate, max_memory_given: bool) -> str:
     ranked = sorted(terms, key=lambda n: -terms[n])
     tips = []
     for n in ranked[:2]:
-        tip = _ADVICE.get(n)
-        if tip and not (max_memory_given and n in CHUNKED):
+        tip, variants = _ADVICE.get(n, (None, None))
+        if tip and (variants is None or est.variant in variants) and not (max_memory_given and n in CHUNKED):
             tips.append(tip)
     tips += ["a machine with more memory", "torchrun --nproc-per-node N to split the work"]
     return ", ".join(dict.fromkeys(tips))

@@ -48,6 +48,7 @@ def _fractions() -> dict[str, float]:
 # of every memory term, a Python + torch process's baseline, and every time term at one CPU thread's measured
 # multiply-add rate (``mac_per_s`` in coefficients.json, measured by the bench that fits).
 PRIOR_HOST_CONST = 5e8
+HOST_FLOOR = {"layer": 1.0, "acts": 1.0}  # certain: the engine holds one fp32 layer and the unspilled cache
 PRIOR_SECONDS_CONST = 2.0
 
 

@@ -78,3 +78,15 @@ def test_job_refuses_up_front_under_max_memory(tmp_path) -> None:
     msg = str(err.value)
     assert "quantize is predicted to need" in msg and "limit 1.0 MiB" in msg and "\n" not in msg
     Job.prepare(model, None, samples=4, seq_len=32)  # no op: no prediction, no refusal
+
+
+@pytest.mark.parametrize("argv", [["profile"], ["prune", "--ratio", "0.25"], ["merge", "--ratio", "0.25"],
+                                  ["compress", "--prune", "0.25"], ["quantize", "--bits", "4"]])  # fmt: skip
+def test_commands_refuse_past_max_memory_in_one_line(tmp_path, argv: list[str]) -> None:
+    out = tmp_path / "out"
+    res = run(*argv, "--max-memory", "1MB", "--samples", "2", "--seq-len", "16", "--device", "cpu", "-o", out)
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "is predicted to need" in lines[0] and "limit 976.6 KiB" in lines[0], res.output
+    assert not out.exists()
+    assert run(argv[0], "--max-memory", "lots").exit_code == 2
