@@ -234,7 +234,7 @@ def test_two_gloo_ranks_write_the_single_process_bytes(tmp_path, tokenizer_dir):
     assert ranks[0].stdout.startswith("ok 0\n")
     last = ranks[0].stdout.strip().splitlines()[-1]
     assert last.startswith("peer UserError rank 0 of 2: another rank of this torchrun job failed or stopped"), last
-    assert "Connection closed by peer" in last, last
+    assert "by peer" in last, last  # gloo: "Connection closed by peer" or "... reset by peer"
     assert_same_outputs(w1, w2, _COMMANDS)
     for r in range(2):
         got = torch.load(tmp_path / f"grads.{r}")
