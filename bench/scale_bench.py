@@ -546,8 +546,8 @@ def render_fit_md(rep: dict) -> str:
         "layers, hidden 512, width 256, top-8; qwen3-30b-layer = 1 layer of Qwen3-30B-A3B's MoE shape (hidden 2048, "
         "128 experts of width 768, top-8); dsv3-slice = 1 layer with DeepSeek-V3's dims (hidden 7168, width 2048) and "
         "16 experts. Each command in a fresh process, one thread, `--device cpu`, 8 windows per batch; CPU seconds "
-        "(user + system) and peak RSS (VmHWM); a run is stopped past 8 GiB resident (the machine is shared; none was) or "
-        "skipped when predicted above a multiple of that (none was). Commit and UTC time of each run in the JSON.",
+        "(user + system) and peak RSS (VmHWM); a run is stopped past 8 GiB resident (the machine is shared; none was) "
+        "or skipped when predicted above a multiple of that (none was). Commit and UTC time of each run in the JSON.",
         "",
         "Rerun: `OMP_NUM_THREADS=1 .venv/bin/python bench/scale_bench.py --ops-sweep --cases E16,E64,E256` "
         "(and `--cases qwen3-30b-layer,dsv3-slice`), then `" + c["command"] + "` (writes "
