@@ -23,6 +23,7 @@ E x H^2 floats; diag: E x H; lowrank: E x H(2r+1)), scored as soon as the layer'
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from ..core import dist
-from ..core.checkpoint import Checkpoint
+from ..core.checkpoint import Checkpoint, expected_shapes
 from ..core.engine import Engine
 from ..core.errors import UserError
 from ..core.job import Job
@@ -173,12 +174,27 @@ def check_layout(ckpt: Checkpoint, layout: str, ratio: float, instead: str = "us
     ``instead``: what the refusal tells the user to do."""
     if layout != "uniform":
         return None
-    if getattr(ckpt.config, "n_shared_experts", 0) and width_key(ckpt.config) == "moe_intermediate_size":
+    key = width_key(ckpt.config)
+    K = uniform_k(int(getattr(ckpt.config, key)), ratio)
+    other = _resized_besides_experts(ckpt, key, K)
+    if other is not None:
         raise UserError(
-            f"{ckpt.family.name} sizes its shared experts from moe_intermediate_size, so a narrower uniform width "
-            f"would resize them: {instead} (loads with moecompress.load)"
+            f"{ckpt.family.name} sizes more than its routed experts from {key} ({other} too), so a narrower "
+            f"uniform width would resize them: {instead} (loads with moecompress.load)"
         )
-    return uniform_k(int(getattr(ckpt.config, width_key(ckpt.config))), ratio)
+    return K
+
+
+def _resized_besides_experts(ckpt: Checkpoint, key: str, width: int) -> str | None:
+    """The first weight other than the routed experts' whose shape changes when config ``key`` becomes ``width``
+    (shared experts or dense MLPs sized from the same key: Jamba, EXAONE-MoE, DeepSeek-style shared experts), found
+    by building the model both ways on the meta device; None when only routed experts change."""
+    narrow = copy.deepcopy(ckpt.config)
+    setattr(narrow, key, width)
+    before, after = expected_shapes(ckpt.config)[0], expected_shapes(narrow)[0]
+    marker = f".{ckpt.family.experts}."
+    moved = [k for k, shape in before.items() if after.get(k) != shape and marker not in f".{k}"]
+    return moved[0] if moved else None
 
 
 def score_channels(

@@ -134,7 +134,7 @@ def _plain_name(fname: Any, index: str) -> str:
     return fname
 
 
-def _expected_shapes(config: PretrainedConfig) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+def expected_shapes(config: PretrainedConfig) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """(state-dict name -> shape, parameter names) of the transformers model config.json describes, built on the
     meta device (no memory, well under a second even for 100B-parameter configs)."""
     cfg = copy.deepcopy(config)
@@ -177,7 +177,7 @@ def check_shapes(ck: Checkpoint) -> None:
             got = tuple(ck._info[key]["shape"])
             if got != (E, H):
                 raise mismatch(key, got, (E, H), f" ({E} routed experts x hidden_size {H})")
-    expected, params = _expected_shapes(cfg)
+    expected, params = expected_shapes(cfg)
     names = "|".join(re.escape(n) for n in fam.expert_names)
     blocks = f"{re.escape(fam.disk_block)}|{re.escape(fam.module_block)}"
     expert_re = re.compile(rf"^model\.layers\.(\d+)\.(?:{blocks})\.{re.escape(fam.experts)}\.(\d+)\.({names})\.weight$")

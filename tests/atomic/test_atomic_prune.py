@@ -43,7 +43,7 @@ def _ids(vocab, seed=0):
 def test_uniform_output_loads_in_transformers_and_equals_the_pruned_model(tiny_model, tmp_path, caplog):
     out = tmp_path / "out"
     if tiny_model.name == "deepseek_v3":  # shared experts' width is moe_intermediate_size * n_shared_experts
-        with pytest.raises(UserError, match="shared experts"):
+        with pytest.raises(UserError, match=r"more than its routed experts .*shared_experts\.gate_proj"):
             ap.atomic_prune(tiny_model, out, 0.3, hessian="diag", layout="uniform", **FAST)
         return
     man = ap.atomic_prune(tiny_model, out, 0.3, hessian="diag", layout="uniform", **FAST)
