@@ -39,7 +39,7 @@ from ..prune.transform import sample_rows
 from ..quant.layer import GPTQOptions, quantize_layer
 from ..quant.plan import PROBE_WIDTHS
 from ..quant.rtn import dequantize
-from ..quant.transform import capture_layer, scale_dtype_for, weight_dtype_of
+from ..quant.transform import capture_layer, probe_kl, scale_dtype_for, weight_dtype_of
 from .options import BITS, FRACTIONS, cut_width
 
 PROBE_CUT = "cut"
@@ -239,24 +239,11 @@ class BudgetMeasure(Transform):
         self._states = {k: run(h) for k, h in self._states.items()}
         self._states.update(new)
 
-    @torch.no_grad()
     def probe_kl(self, engine: Engine) -> dict[tuple[int, Any], float]:
         """Mean per-token KL(base || probe) of the final distributions (after the pass)."""
         if self._base is None:
             return {}
-        base, head = self._base, engine.stream.head
-
-        def logp(h: torch.Tensor) -> torch.Tensor:
-            return torch.log_softmax(head(h).float(), dim=-1)
-
-        sums = dict.fromkeys(self._states, 0.0)
-        for r in range(base.shape[0]):
-            lb = logp(base[r : r + 1])
-            pb = lb.exp()
-            for k, h in self._states.items():
-                sums[k] += float((pb * (lb - logp(h[r : r + 1]))).sum(-1).sum())
-        n = base.shape[0] * base.shape[1]
-        return {k: v / n for k, v in sums.items()}
+        return probe_kl(self._base, self._states, engine.stream.head)
 
 
 def _mapped(w: MoEWeights, fn: Any) -> MoEWeights:

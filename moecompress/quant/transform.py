@@ -395,21 +395,27 @@ class MeasureTransform(Transform):
         self._states = {k: run(h) for k, h in self._states.items()}
         self._states.update(new)
 
-    @torch.no_grad()
     def probe_kl(self, engine: Engine) -> dict[tuple[int, int], float] | None:
         """Mean per-token KL(base || probe) of the final distributions, one window at a time (after the pass)."""
         if self._base is None:
             return None
-        base, head = self._base, engine.stream.head
+        return probe_kl(self._base, self._states, engine.stream.head)
 
-        def logp(h: torch.Tensor) -> torch.Tensor:
-            return torch.log_softmax(head(h).float(), dim=-1)
 
-        sums = dict.fromkeys(self._states, 0.0)
-        for r in range(base.shape[0]):
-            lb = logp(base[r : r + 1])
-            pb = lb.exp()
-            for k, h in self._states.items():
-                sums[k] += float((pb * (lb - logp(h[r : r + 1]))).sum(-1).sum())
-        n = base.shape[0] * base.shape[1]
-        return {k: v / n for k, v in sums.items()}
+@torch.no_grad()
+def probe_kl(base: torch.Tensor, states: dict[Any, torch.Tensor], head: Any) -> dict[Any, float]:
+    """Mean per-token KL(base || probe) of the final distributions: ``base`` and each ``states[k]`` are the last
+    hidden states [windows, seq, H] of the unchanged and the probed model, ``head`` maps them to logits (one window
+    at a time, so only one window's logits are held)."""
+
+    def logp(h: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(head(h).float(), dim=-1)
+
+    sums = dict.fromkeys(states, 0.0)
+    for r in range(base.shape[0]):
+        lb = logp(base[r : r + 1])
+        pb = lb.exp()
+        for k, h in states.items():
+            sums[k] += float((pb * (lb - logp(h[r : r + 1]))).sum(-1).sum())
+    n = base.shape[0] * base.shape[1]
+    return {k: v / n for k, v in sums.items()}
