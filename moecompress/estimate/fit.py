@@ -57,6 +57,10 @@ def fit(runs: list[dict[str, Any]], mac_per_s: float | None = None) -> dict[str,
     """Per variant: fitted "host" and "seconds" coefficients and the runs they came from (pulled weakly towards
     ``model.priors(mac_per_s)`` when given)."""
     host_prior, time_prior = priors(mac_per_s) if mac_per_s else (None, None)
+    # certain: the layer-streamed forward cannot run faster than this CPU's measured multiply-add rate (without the
+    # floor, runs whose forward is small beside the statistics left it at 0, and a 262k-token profile of a 30B model
+    # came out at half an hour)
+    time_floor = {"fwd": 1.0 / mac_per_s} if mac_per_s else None
     out: dict[str, dict[str, Any]] = {}
     for var in sorted({r["variant"] for r in runs}):
         mine = [r for r in runs if r["variant"] == var]
@@ -64,7 +68,7 @@ def fit(runs: list[dict[str, Any]], mac_per_s: float | None = None) -> dict[str,
         tim = [features(r["shape"], var, r["settings"])[2] for r in mine]
         out[var] = {
             "host": fit_terms(mem, [float(r["host_bytes"]) for r in mine], host_prior, floor=HOST_FLOOR),
-            "seconds": fit_terms(tim, [float(r["seconds"]) for r in mine], time_prior),
+            "seconds": fit_terms(tim, [float(r["seconds"]) for r in mine], time_prior, floor=time_floor),
             "runs": [r["name"] for r in mine],
         }
     return out
