@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,48 +32,19 @@ GiB = 1024**3
 
 def run_capped(code_dir: Path, argv: list[str], cpu_cap: float, rss_cap: float) -> dict:
     """One moecompress command in a fresh one-thread process with the code under ``code_dir``; stopped past
-    ``cpu_cap`` CPU seconds (RLIMIT_CPU) or ``rss_cap`` bytes resident (polled every 0.2 s)."""
-    import resource
+    ``cpu_cap`` CPU seconds (RLIMIT_CPU) or ``rss_cap`` bytes resident (scale_bench.run_watched); a command that
+    printed no result raises, as does a child that imported another checkout's code."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from scale_bench import run_watched
 
-    env = {**os.environ, "PYTHONPATH": str(code_dir), "OMP_NUM_THREADS": "1", "MOECOMPRESS_QUIET": "1"}
-    cmd = [sys.executable, str(ROOT / "bench" / "scale_bench.py"), "--child", "--", *argv]
-    cap = max(1, int(cpu_cap))
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_CPU, (cap, cap + 5))
-
-    t = time.time()
-    p = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir(),
-        preexec_fn=limit,
-    )  # fmt: skip
-    peak, killed = 0, None
-    while p.poll() is None:
-        try:
-            rss = next(
-                int(line.split()[1]) * 1024 for line in open(f"/proc/{p.pid}/status") if line.startswith("VmRSS")
-            )
-        except (OSError, StopIteration):
-            rss = 0
-        peak = max(peak, rss)
-        if rss > rss_cap:
-            killed = "rss"
-            p.kill()
-            break
-        time.sleep(0.2)
-    out, err = p.communicate()
-    wall = round(time.time() - t, 1)
-    if killed:
-        return {"stopped": f"resident memory passed {rss_cap / GiB:.1f} GiB", "wall_s": wall, "peak_rss_bytes": peak}
-    if p.returncode in (-24, -9):
-        return {"stopped": f"CPU time passed {cap} s", "wall_s": wall, "peak_rss_bytes": peak}
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    if p.returncode or not lines:
-        raise RuntimeError(f"{' '.join(argv)} failed under {code_dir}:\n{err[-3000:]}")
-    res = json.loads(lines[-1])
+    res = run_watched(argv, cpu_cap, int(rss_cap), code_dir=code_dir)
+    if "stopped" in res:
+        peak = res.get("rss_at_stop", res.get("rss_seen", 0))
+        return {"stopped": res["stopped"], "wall_s": res["wall_s"], "peak_rss_bytes": peak}
+    if "module" not in res:
+        raise RuntimeError(f"{' '.join(argv)} failed under {code_dir}:\n{res.get('failed', '')}")
     if not res["module"].startswith(str(code_dir)):
         raise RuntimeError(f"the child imported {res['module']}, not the code under {code_dir}")
-    res["wall_s"] = wall
     return res
 
 

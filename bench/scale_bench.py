@@ -272,12 +272,13 @@ OPS = {  # op name -> (argv after MODEL, the estimate's op and settings)
 }
 
 
-def run_watched(argv: list[str], cpu_cap: float, rss_cap: int) -> dict:
-    """One command in a fresh process of this checkout, stopped after ``cpu_cap`` CPU s or past ``rss_cap`` bytes
-    of resident memory (polled 5x a second; the machine is shared, so a case that would not fit is stopped)."""
+def run_watched(argv: list[str], cpu_cap: float, rss_cap: int, code_dir: Path = ROOT) -> dict:
+    """One command in a fresh process with the code under ``code_dir`` (default this checkout), stopped after
+    ``cpu_cap`` CPU s or past ``rss_cap`` bytes of resident memory (polled 5x a second; the machine is shared, so a
+    case that would not fit is stopped)."""
     import resource
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MOECOMPRESS_QUIET": "1"}
+    env = {**os.environ, "PYTHONPATH": str(code_dir), "OMP_NUM_THREADS": "1", "MOECOMPRESS_QUIET": "1"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--", *argv]
     cap = max(1, int(cpu_cap))
 
