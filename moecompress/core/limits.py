@@ -75,15 +75,23 @@ def memory_limit() -> int | None:
     return _limit
 
 
-def host_memory_bytes() -> int:
-    """Total RAM of this machine in bytes (``/proc/meminfo`` MemTotal, else ``os.sysconf``); 0 when unknown."""
+def _meminfo(field: str) -> int | None:
+    """One ``/proc/meminfo`` field in bytes, or None where it cannot be read."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def host_memory_bytes() -> int:
+    """Total RAM of this machine in bytes (``/proc/meminfo`` MemTotal, else ``os.sysconf``); 0 when unknown."""
+    total = _meminfo("MemTotal")
+    if total is not None:
+        return total
     try:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, OSError, ValueError):
@@ -92,14 +100,8 @@ def host_memory_bytes() -> int:
 
 def host_available_bytes() -> int:
     """RAM available to a new allocation now (``/proc/meminfo`` MemAvailable), else the total."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return host_memory_bytes()
+    available = _meminfo("MemAvailable")
+    return available if available is not None else host_memory_bytes()
 
 
 def gpu_memory_bytes(device: torch.device | str | int | None = None) -> int:
