@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..compress.run import _profile
+from ..compress.run import _profile, keep_profile, new_manifest
 from ..core.errors import UserError
 from ..core.job import Job
 from ..core.manifest import Manifest
@@ -110,13 +110,7 @@ def write_plan(
     protected = protected_experts(prof, list(ckpt.moe_layers))
     transforms = transforms_for(plan, spec, ckpt.num_experts, measure.keep, other_bits, protected)
     cfg = json.loads((ckpt.path / "config.json").read_text())
-    tokens = job.tokens()
-    manifest = Manifest(
-        command="compress --budget", layout="uniform", load_with="transformers", source_model=str(ckpt.path),
-        source_fingerprint=ckpt.fingerprint, calibration=tokens.describe(), params_before=ckpt.num_params,
-        bytes_before=ckpt.bytes_on_disk,
-    )  # fmt: skip
-    profile_ref = str(Path(profile_dir).resolve()) if profile_dir is not None else "profile"
+    manifest, profile_ref = new_manifest(job, "compress --budget", profile_dir)
     assert job.out is not None
     with Output(job.out, job.overwrite) as out:
         out.add_globals(ckpt, transforms)
@@ -134,15 +128,10 @@ def write_plan(
             manifest.layout, manifest.load_with = "quantized", "transformers"
         else:
             manifest.layout, manifest.load_with = LAYOUT, "moecompress.load"
-        if made:
-            from ..profile.run import save_profile
-
-            assert out.tmp is not None
-            save_profile(prof, out.tmp / "profile")
+        reuse = keep_profile(out, prof, made, profile_dir)
         assert out.shards is not None
         written = int(out.shards.total)
         plan["written_tensor_bytes"] = written
         manifest.stage("budget")["written_tensor_bytes"] = written  # type: ignore[index]
-        reuse = [Path(profile_dir)] if profile_dir is not None else []
         out.finish(ckpt, cfg, manifest, extra_json={"plan.json": plan}, report_inputs=reuse, elapsed=job.elapsed)
     return manifest

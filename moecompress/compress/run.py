@@ -69,6 +69,28 @@ def _profile(job: Job) -> tuple[Any, bool]:
     return build_profile(job.ckpt, tokens, stats, job.elapsed), True
 
 
+def new_manifest(job: Job, command: str, profile_dir: str | Path | None) -> tuple[Manifest, str]:
+    """The one-pass output's manifest (common fields; stages are added as they are written) and where the report
+    finds the profile the stages used: the --profile run, or the one saved into the output (``keep_profile``)."""
+    ckpt = job.ckpt
+    manifest = Manifest(
+        command=command, layout="uniform", load_with="transformers", source_model=str(ckpt.path),
+        source_fingerprint=ckpt.fingerprint, calibration=job.tokens().describe(), params_before=ckpt.num_params,
+        bytes_before=ckpt.bytes_on_disk,
+    )  # fmt: skip
+    return manifest, str(Path(profile_dir).resolve()) if profile_dir is not None else "profile"
+
+
+def keep_profile(out: Output, prof: Any, made: bool, profile_dir: str | Path | None) -> list[Path]:
+    """Save a profile this job made into the output (``profile/``); the folders the report reads it from."""
+    if made:
+        from ..profile.run import save_profile
+
+        assert out.tmp is not None
+        save_profile(prof, out.tmp / "profile")
+    return [Path(profile_dir)] if profile_dir is not None else []
+
+
 def compress_model(
     model: str | Path | None,
     output: str | Path,
@@ -92,14 +114,7 @@ def compress_model(
     prof, made = _profile(job)
     transforms = [BUILDERS[s.op](job, dict(s.options), prof) for s in stages]
     cfg = json.loads((ckpt.path / "config.json").read_text())
-    tokens = job.tokens()
-    manifest = Manifest(
-        command="compress", layout="uniform", load_with="transformers", source_model=str(ckpt.path),
-        source_fingerprint=ckpt.fingerprint, calibration=tokens.describe(), params_before=ckpt.num_params,
-        bytes_before=ckpt.bytes_on_disk,
-    )  # fmt: skip
-    # where the report finds the profile the stages used: the --profile run, or the one saved into the output
-    profile_ref = str(Path(profile_dir).resolve()) if profile_dir is not None else "profile"
+    manifest, profile_ref = new_manifest(job, "compress", profile_dir)
     assert job.out is not None
     with Output(job.out, job.overwrite) as out:
         out.add_globals(ckpt, transforms)
@@ -115,11 +130,6 @@ def compress_model(
             if layout is not None:
                 manifest.layout = layout
                 manifest.load_with = "transformers" if layout == "uniform" else "moecompress.load"
-        if made:
-            from ..profile.run import save_profile
-
-            assert out.tmp is not None
-            save_profile(prof, out.tmp / "profile")
-        reuse = [Path(profile_dir)] if profile_dir is not None else []
+        reuse = keep_profile(out, prof, made, profile_dir)
         out.finish(ckpt, cfg, manifest, report_inputs=reuse, elapsed=job.elapsed)
     return manifest
