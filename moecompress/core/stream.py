@@ -329,8 +329,9 @@ class LayerStream:
     def _ensure_head(self) -> None:
         if getattr(self, "_head_ready", False):
             return
-        norm = self.fam.final_norm
-        self._materialize(self._norm, {"weight": self.ckpt.get(f"model.{norm}.weight")}, "final norm")
+        prefix = f"model.{self.fam.final_norm}."  # weight, and bias where the norm has one (Phi-MoE's LayerNorm)
+        state = {k[len(prefix) :]: v for k, v in self.ckpt.prefixed(prefix).items()}
+        self._materialize(self._norm, state, "final norm")
         key = "lm_head.weight" if "lm_head.weight" in self.ckpt.weight_map else f"model.{self.fam.embed}.weight"
         self._materialize(self.model.lm_head, {"weight": self.ckpt.get(key)}, "lm_head")
         self._head_ready = True
