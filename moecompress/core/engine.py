@@ -41,6 +41,7 @@ from . import dist
 from .checkpoint import Checkpoint
 from .errors import UserError
 from .experts import routed_forward
+from .interface import observing
 from .progress import progress_bar
 from .stream import LayerStream
 
@@ -62,6 +63,9 @@ class Transform:
     observes_forward = False
     observes_split = False  # under torchrun: sees only this rank's batches in the forward, combines in observed
     changes_block = True
+    # reads_narrow: every read of the routed experts' fused weights upcasts what it uses, so the stream may hold
+    # them in the checkpoint's dtype (bf16: half the float32 layer); the engine does so when every transform says so
+    reads_narrow = False
 
     def start(self, engine: Engine) -> None:
         """Once, after the first layer's inputs are captured."""
@@ -211,7 +215,9 @@ class Engine:
         return self.gather_batches(xs)
 
     def _observing(self, ctx: LayerContext, observers: list[Transform], batch: int) -> Callable[..., torch.Tensor]:
-        """An experts forward for batch ``batch``: the eager computation, with the observers' hooks."""
+        """An experts forward for batch ``batch``: the eager computation, with the observers' hooks. The block
+        calls it through transformers' ``ExpertsInterface`` (``core.interface``: the registered "moecompress"
+        implementation), or as the experts' replaced forward where the module does not dispatch there."""
         experts = ctx.experts
 
         def fwd(hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -236,11 +242,8 @@ class Engine:
             return
         experts, cache = ctx.experts, self.stream.cache
         for i in range(len(cache)):
-            experts.forward = self._observing(ctx, observers, self.global_batch(i))
-            try:
+            with observing(experts, self._observing(ctx, observers, self.global_batch(i))):
                 cache[i] = self.stream.run_layer(ctx.layer, i)
-            finally:
-                del experts.forward
         for o in observers:
             o.observed(ctx)
 
@@ -250,17 +253,15 @@ class Engine:
         routing; its output is dropped): used when a later transform changes the block before the forward."""
         experts = ctx.experts
         for i, x in enumerate(ctx.inputs):
-            experts.forward = self._observing(ctx, observers, i)
-            try:
+            with observing(experts, self._observing(ctx, observers, i)):
                 ctx.block(x.unsqueeze(0))
-            finally:
-                del experts.forward
         for o in observers:
             o.observed(ctx)
 
     def layers(self, transforms: list[Transform]) -> Iterator[LayerContext]:
         """Drive ``transforms`` over every layer; yields each finished layer's context before it is freed."""
         stream = self.stream
+        stream.narrow = bool(transforms) and all(t.reads_narrow for t in transforms)
         n_layers = len(stream.decoder_layers)
         with progress_bar() as bar:
             task = bar.add_task(f"{self.label}: embed", total=n_layers + 1)

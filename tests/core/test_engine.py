@@ -136,3 +136,83 @@ def test_a_failed_pass_leaves_no_output(mixtral, tmp_path):
         Engine(ck, tokens.input_ids, batch_size=3).run([Boom()], emit=o.add_layer)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+class Seen(Transform):
+    """Test observer: records, for every batch it is shown, how the experts module runs and the routing it got."""
+
+    name = "seen"
+    wants_inputs = False
+    observes_forward = True
+    changes_block = False
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, bool, str, torch.Tensor, torch.Tensor]] = []
+
+    def observe_forward(self, ctx, batch, hidden, idx, w):
+        ex = ctx.experts
+        self.calls.append((ctx.index, batch, "forward" in vars(ex), ex.config._experts_implementation, idx, w))
+        return None
+
+
+def test_observation_runs_through_the_experts_interface_and_leaves_eager_unchanged(mixtral):
+    """The observing forward is reached through transformers' ExpertsInterface ("moecompress" registered, the
+    module's forward untouched); outside an observation the registered implementation is the eager forward."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from moecompress.core import interface
+
+    assert ALL_EXPERTS_FUNCTIONS["moecompress"] is interface.experts_forward
+    ck = Checkpoint(mixtral)
+    tokens = _tokens(mixtral)
+    seen = Seen()
+    eng = Engine(ck, tokens.input_ids, batch_size=3)
+    eng.run([seen])
+    assert {(c[0], c[1]) for c in seen.calls} == {(l, b) for l in ck.moe_layers for b in range(2)}
+    assert all(not patched and impl == "moecompress" for _, _, patched, impl, _, _ in seen.calls)
+    assert eng.model.config._experts_implementation == "eager"  # restored after each observation
+    # the routing shown is the model's own: top-k indices and weights of Mixtral's router on the batch
+    model = AutoModelForCausalLM.from_pretrained(mixtral, experts_implementation="eager").eval()
+    ids = tokens.input_ids[:3]
+    routed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def grab(l: int):
+        def hook(m: nn.Module, a: tuple) -> None:
+            routed.setdefault(l, (a[1], a[2]))
+
+        return hook
+
+    for l in ck.moe_layers:
+        model.model.layers[l].mlp.experts.register_forward_pre_hook(grab(l))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+    for l, b, _, _, idx, w in seen.calls:
+        if b == 0:
+            assert torch.equal(idx, routed[l][0])
+            torch.testing.assert_close(w, routed[l][1], rtol=1e-5, atol=1e-6)
+    theirs = AutoModelForCausalLM.from_pretrained(mixtral, experts_implementation="moecompress").eval()
+    with torch.no_grad():
+        assert torch.equal(theirs(input_ids=ids).logits, eager)
+
+
+def test_modules_outside_the_interface_are_observed_by_a_replaced_forward():
+    """moecompress's own BiasedExperts (gpt-oss) does not dispatch through ExpertsInterface, nor does a layout
+    routed_forward does not compute: those get their forward replaced for the observation, then restored."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from moecompress.core.experts import BiasedExperts
+    from moecompress.core.interface import dispatches, observing
+
+    cfg = MixtralConfig(hidden_size=8, intermediate_size=6, num_local_experts=3)
+    std = MixtralExperts(cfg)
+    assert dispatches(std)
+    odd = MixtralExperts(cfg)
+    odd.has_bias = True
+    own = BiasedExperts(3, 8, 6, "gpt_oss", "clamped_swiglu", 1.702, 7.0)
+    for ex, want in ((std, "interface"), (odd, "patch"), (own, "patch")):
+        with observing(ex, lambda h, i, w: h) as how:
+            assert how == want
+            assert ("forward" in vars(ex)) == (want == "patch")
+        assert "forward" not in vars(ex)
