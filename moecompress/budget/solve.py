@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..quant.bitplan import _available_solver, _new_var, _quiet_stdout
+from ..quant.bitplan import available_solver, new_var, quiet_stdout
 
 
 @dataclass
@@ -138,7 +138,7 @@ def _highs_solve(costs, nbytes, ok, shape: Shape, budget: float, time_limit_s: f
     h.passModel(lp)
     build_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    with _quiet_stdout():
+    with quiet_stdout():
         h.run()
     solve_s = time.perf_counter() - t1
     status = h.modelStatusToString(h.getModelStatus())
@@ -168,8 +168,8 @@ def _problem(costs, nbytes, ok, shape: Shape, budget: float | None, objective: s
     for n, ks in enumerate(kept):
         row = []
         if ok[n, 0]:
-            row.append((0, _new_var(prob, f"r_{n}")))
-        row += [(int(j), _new_var(prob, f"x_{n}_{j}")) for j in ks]
+            row.append((0, new_var(prob, f"r_{n}")))
+        row += [(int(j), new_var(prob, f"x_{n}_{j}")) for j in ks]
         xs.append(row)
         prob += pulp.LpAffineExpression([(v, 1.0) for _, v in row]) == 1, f"one_{n}"
         for j, v in row:
@@ -201,10 +201,10 @@ def _run(prob, solver: str | None, time_limit_s: float) -> tuple[str, str, float
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        name, slv = _available_solver(solver)
+        name, slv = available_solver(solver)
     slv.timeLimit = time_limit_s
     t = time.perf_counter()
-    with _quiet_stdout():
+    with quiet_stdout():
         prob.solve(slv)
     return name, pulp.LpStatus[prob.status], time.perf_counter() - t
 

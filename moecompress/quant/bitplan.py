@@ -38,7 +38,7 @@ class BitPlanResult:
     info: dict = field(default_factory=dict)
 
 
-def _available_solver(prefer: str | None) -> tuple[str, object]:
+def available_solver(prefer: str | None) -> tuple[str, object]:
     import pulp
 
     avail = pulp.listSolvers(onlyAvailable=True)
@@ -51,7 +51,7 @@ def _available_solver(prefer: str | None) -> tuple[str, object]:
 
 
 @contextlib.contextmanager
-def _quiet_stdout():
+def quiet_stdout():
     """Silence fd 1 (solver banners written from C) for the duration of the block."""
     sys.stdout.flush()
     try:
@@ -69,7 +69,7 @@ def _quiet_stdout():
         os.close(saved)
 
 
-def _new_var(prob, name: str):
+def new_var(prob, name: str):
     import pulp
 
     if hasattr(prob, "add_variable"):  # pulp >= 3.3
@@ -150,7 +150,7 @@ def allocate_bits_detailed(
     for m, ks in enumerate(keep):
         row = []
         for j in ks:
-            v = _new_var(prob, f"x_{m}_{j}")
+            v = new_var(prob, f"x_{m}_{j}")
             row.append(v)
             obj_terms[v] = float(c_item[m, j] - base_c[m])
             budget_terms[v] = float(b_item[m, j] - base_b[m])
@@ -162,11 +162,11 @@ def allocate_bits_detailed(
     prob += pulp.LpAffineExpression(budget_terms) <= slack, "budget"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # pulp 3.x announces its 4.0 API on PULP_CBC_CMD
-        name, slv = _available_solver(solver)
+        name, slv = available_solver(solver)
     slv.timeLimit = time_limit_s
     build_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    with _quiet_stdout():  # highspy prints a banner even with msg=False
+    with quiet_stdout():  # highspy prints a banner even with msg=False
         prob.solve(slv)
     solve_s = time.perf_counter() - t1
     status = pulp.LpStatus[prob.status]
