@@ -47,7 +47,7 @@ def _read_layer(ckpt: Checkpoint, fam: Any, l: int, info: dict[str, Any], dtype:
     return ex
 
 
-def _set_padded(block: torch.nn.Module, fam: Any, ex: ExactLayer) -> None:
+def set_padded(block: torch.nn.Module, fam: Any, ex: ExactLayer) -> None:
     """Give the MoE block the layer's experts zero-padded to one width (exact) and its router."""
     width = padded_width(ex.widths)
     w = pad_exact(ex, width)
@@ -94,7 +94,7 @@ def load_exact_atomic(
     if left or unexpected:
         raise UserError(f"{path}: weights do not match the config (missing {sorted(left)[:3]}, extra {unexpected[:3]})")
     for l, info in layers.items():
-        _set_padded(getattr(model.model.layers[l], fam.module_block), fam, _read_layer(ckpt, fam, l, info, dtype))
+        set_padded(getattr(model.model.layers[l], fam.module_block), fam, _read_layer(ckpt, fam, l, info, dtype))
     if tied:
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

@@ -17,11 +17,11 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..atomic.apply import ExactLayer
-from ..atomic.load import _set_padded
+from ..atomic.load import set_padded
 from ..core.errors import UserError
 from ..core.families import family_for
 from ..core.manifest import Manifest
-from ..quant.load import _read_all, dequantize_state
+from ..quant.load import dequantize_state, read_all
 
 
 def _layer(state: dict, fam: Any, l: int, n: int, dtype: torch.dtype, kept: list[int]) -> ExactLayer:
@@ -62,7 +62,7 @@ def load_budget(
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     fam = family_for(config)
-    state = dequantize_state(_read_all(p), qconfig, "cpu")
+    state = dequantize_state(read_all(p), qconfig, "cpu")
     patterns = [fam.routed_key_pattern(l) for l in layers]
     rest = {fam.disk_to_module(k): v.to(dtype) for k, v in state.items() if not any(q.match(k) for q in patterns)}
     with init_empty_weights(include_buffers=False):
@@ -79,7 +79,7 @@ def load_budget(
             raise UserError(f"{p}: layer {l} misses {err}: the folder is damaged") from None
         if ex.widths != list(info["widths"]) or ex.router.shape[0] != len(info["kept_experts"]):
             raise UserError(f"{p}: layer {l} expert widths on disk {ex.widths} differ from moecompress.json")
-        _set_padded(getattr(model.model.layers[l], fam.module_block), fam, ex)
+        set_padded(getattr(model.model.layers[l], fam.module_block), fam, ex)
     if tied:
         model.tie_weights()
     still_meta = [name for name, t in model.named_parameters() if t.is_meta]

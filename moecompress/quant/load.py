@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from moecompress.core.families import Family
 
 
-def _read_all(path: Path) -> dict[str, torch.Tensor]:
+def read_all(path: Path) -> dict[str, torch.Tensor]:
     idx = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(idx.read_text())["weight_map"].values())) if idx.exists() else ["model.safetensors"]
     out: dict[str, torch.Tensor] = {}
@@ -140,7 +140,7 @@ def load_quantized(
     fam = family_for(config)
     moe = set(fam.moe_layers(config))
     E = fam.num_experts(config)
-    raw = _read_all(p)
+    raw = read_all(p)
     routed: dict[int, tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], list[int]]] = {}
     if packed:
         routed, raw = split_routed(raw, qconfig, fam, sorted(moe), E)
