@@ -183,14 +183,18 @@ class Family:
         return f"model.layers.{layer}.{self.disk_block}."
 
     def expert_key(self, layer: int, expert: int, proj: int) -> str:
-        """proj: 0 gate, 1 up, 2 down. A family fused on disk has no per-expert keys: outputs written per expert
-        (quantized ones) would not load in transformers for it, so that operation is refused in one line."""
+        """proj: 0 gate, 1 up, 2 down. A family fused on disk has no per-expert keys, and transformers loads no
+        quantized layout of its experts (checked with transformers 5.23 + compressed-tensors 0.20: per-expert and
+        fused packed tensors alike, bench/quant_load_check.py --fused), so quantization is refused in one line."""
         if self.fused_disk:
+            fused = self.fused_names[0] if self.fused_names else f"{self.experts}.gate_up_proj"
             raise UserError(
-                f"{self.name} keeps its routed experts fused on disk ({self.disk_block}.{self.experts}.gate_up_proj"
-                f"{', with biases' if self.expert_bias else ''}): moecompress writes quantized experts per expert, "
-                "which transformers does not load for this model type, so quantization is refused for it "
-                "(profile, expert pruning, eval and load work)"
+                f"{self.name} keeps its routed experts fused on disk ({self.disk_block}.{fused}"
+                f"{', with biases' if self.expert_bias else ''}): transformers loads compressed-tensors experts only "
+                "through a per-expert WeightConverter of the model type's conversion mapping and this one has none, "
+                "so quantized experts would not load (per expert or fused, their weight_packed tensors come back "
+                "unexpected and gate_up_proj / down_proj missing); quantization is refused for it (profile, expert "
+                "pruning, eval and load work)"
             )
         return f"{self.block_prefix(layer)}{self.experts}.{expert}.{self.expert_names[proj]}.weight"
 
