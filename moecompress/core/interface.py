@@ -87,12 +87,12 @@ def observing(experts: nn.Module, fwd: Forward) -> Iterator[str]:
         finally:
             del experts.forward
         return
-    cfg: Any = experts.config
-    before = cfg._experts_implementation
-    cfg._experts_implementation = NAME
+    cfg: Any = experts.config  # what the module's forward reads; only this config, not its sub-configs
+    before = cfg._experts_implementation_internal
+    cfg._experts_implementation_internal = NAME
     _ACTIVE[id(experts)] = fwd
     try:
         yield "interface"
     finally:
         _ACTIVE.pop(id(experts), None)
-        cfg._experts_implementation = before
+        cfg._experts_implementation_internal = before
