@@ -6,6 +6,10 @@ Experts with biases and their own gate (gpt-oss) run as ``BiasedExperts``, whose
 For expert e with gate, up [I, H] and down [H, I] (transformers' fused ``gate_up_proj`` [E, 2I, H] holds gate
 rows first): h(x) = act(x gate^T) * (x up^T) [T, I], f(x) = h(x) down^T [T, H]. ``act`` is the model's own
 activation (``experts.act_fn`` of the transformers module, or ``activation(config)``): never assume SiLU.
+
+The layer stream may hold the fused weights in the checkpoint's dtype (bf16) while the hidden states are float32:
+``routed_forward``, ``expert_outputs`` and the ``ExpertsKernel`` upcast one expert's weights at a time to the
+hidden states' dtype (bf16 -> float32 is exact, so the results are the float32 layer's bit for bit).
 """
 
 from __future__ import annotations
@@ -40,12 +44,12 @@ class ExpertsKernel:
 
     def hidden(self, x: torch.Tensor, gate_up: torch.Tensor, e: int) -> torch.Tensor:
         """h(x) of expert e: x [n, H], gate_up [2I, H] (gate rows first) -> [n, I]."""
-        g, u = nn.functional.linear(x, gate_up, self.module.gate_up_bias[e]).chunk(2, dim=-1)
+        g, u = nn.functional.linear(x, gate_up.to(x.dtype), self.module.gate_up_bias[e]).chunk(2, dim=-1)
         return self.module.glu(g, u)
 
     def output(self, h: torch.Tensor, down: torch.Tensor, e: int) -> torch.Tensor:
         """f = h down^T + b_down: h [n, I], down [H, I] -> [n, H]."""
-        return nn.functional.linear(h, down, self.module.down_bias[e])
+        return nn.functional.linear(h, down.to(h.dtype), self.module.down_bias[e])
 
     def refuse(self) -> UserError:
         return UserError(
@@ -87,6 +91,11 @@ def expert_outputs(gate_up: torch.Tensor, down: torch.Tensor, act: Act, x: torch
     [E, N, H] (with the experts' biases and own activation for ``BiasedExperts``)."""
     if isinstance(act, ExpertsKernel):
         return torch.stack([act.output(act.hidden(x, gate_up[e], e), down[e], e) for e in range(gate_up.shape[0])])
+    if gate_up.dtype != x.dtype or down.dtype != x.dtype:  # narrow weights: one expert upcast at a time
+        out = torch.empty((gate_up.shape[0], x.shape[0], down.shape[1]), dtype=x.dtype, device=x.device)  # [E, N, H]
+        for e in range(gate_up.shape[0]):
+            out[e : e + 1] = expert_outputs(gate_up[e : e + 1].to(x.dtype), down[e : e + 1].to(x.dtype), act, x)
+        return out
     g, u = torch.einsum("nh,eih->eni", x, gate_up).chunk(2, dim=-1)
     return torch.einsum("eni,ehi->enh", act(g) * u, down)
 
@@ -138,8 +147,8 @@ def routed_forward(
             continue
         token_idx, pos = torch.where(top_k_index == e)
         if kernel is None:
-            h = fused_hidden(hidden[token_idx], gate_up[e], act)  # [n, I]
-            f = nn.functional.linear(h, down[e])  # [n, H]
+            h = fused_hidden(hidden[token_idx], gate_up[e].to(hidden.dtype), act)  # [n, I] (upcast: narrow weights)
+            f = nn.functional.linear(h, down[e].to(h.dtype))  # [n, H]
         else:
             h = kernel.hidden(hidden[token_idx], gate_up[e], e)
             f = kernel.output(h, down[e], e)

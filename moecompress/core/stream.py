@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from .checkpoint import Checkpoint
 from .errors import UserError
-from .experts import BiasedExperts
+from .experts import BiasedExperts, routed_forward
 from .families import Family
 
 
@@ -99,6 +99,21 @@ def _biased_experts(fam: Family, ex: nn.Module) -> nn.Module:
         return BiasedExperts(E, H, I, fam.name, fam.gate or "", float(ex.alpha), float(ex.limit))
 
 
+_NARROW: dict[type, type] = {}
+
+
+def _narrow_class(cls: type) -> type:
+    """``cls`` (a transformers experts module) whose forward is ``routed_forward``: the eager computation, same ops
+    and order, with each expert's weights upcast to the hidden states' dtype as it is used."""
+    if cls not in _NARROW:
+
+        def forward(self: Any, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> Any:
+            return routed_forward(self.gate_up_proj, self.down_proj, self.act_fn, hidden, top_k_index, top_k_weights)
+
+        _NARROW[cls] = type(cls.__name__, (cls,), {"forward": forward, "narrow_of": cls})
+    return _NARROW[cls]
+
+
 class ActivationCache:
     """Per-batch hidden states, in memory or spilled to safetensors files in a temporary folder."""
 
@@ -166,6 +181,9 @@ class LayerStream:
         if spill is None:
             spill = input_ids.numel() * H * 4 > 4 * 1024**3
         self.cache = ActivationCache(spill)
+        # narrow: the routed experts' fused weights are held in the checkpoint's dtype (bf16: half of float32) and
+        # upcast per expert where they are used (core.experts); every reader of them must upcast what it reads
+        self.narrow = False
         self.captured = False  # capture() ran (the cache may still be empty: zero windows)
         self.kwargs: list[dict[str, Any]] = []  # per batch: the first decoder layer's keyword arguments
         self._moe = set(ckpt.moe_layers)
@@ -181,8 +199,19 @@ class LayerStream:
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.model.layers
 
-    def _materialize(self, module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-        module.to(dtype=self.dtype).to_empty(device=self.device)
+    def _materialize(
+        self, module: nn.Module, state: dict[str, torch.Tensor], what: str, keep: tuple[str, ...] = ()
+    ) -> None:
+        """Allocate ``module`` in ``self.dtype`` on the device and copy ``state`` in; the parameters named in
+        ``keep`` take their state tensor's dtype instead when it is a narrower float (bf16, fp16)."""
+        module.to(dtype=self.dtype)
+        for name in keep:
+            p, t = module.get_parameter(name), state.get(name)
+            if t is not None and t.is_floating_point() and t.element_size() < p.element_size():
+                owner, _, attr = name.rpartition(".")
+                narrow = nn.Parameter(torch.empty(p.shape, dtype=t.dtype, device="meta"), requires_grad=False)
+                setattr(module.get_submodule(owner), attr, narrow)
+        module.to_empty(device=self.device)
         # load_state_dict copies into the existing parameters and casts on the fly: no second full-size copy
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -196,11 +225,22 @@ class LayerStream:
         raw = self.ckpt.layer_tensors(l)
         state = module_state(self.fam, raw, l, self.ckpt.num_experts if l in self._moe else None)
         del raw  # per-expert tensors are now stacked into the fused ones
-        self._materialize(layer, state, f"layer {l}")
+        keep: tuple[str, ...] = ()
+        if self.narrow and l in self._moe:
+            ex = f"{self.fam.module_block}.{self.fam.experts}"
+            keep = (f"{ex}.gate_up_proj", f"{ex}.down_proj")
+            experts = layer.get_submodule(ex)
+            if not isinstance(experts, BiasedExperts):  # (BiasedExperts' own forward is routed_forward)
+                experts.__class__ = _narrow_class(type(experts))
+        self._materialize(layer, state, f"layer {l}", keep)
         return layer
 
     def free(self, module: nn.Module) -> None:
         module.to("meta")
+        for m in module.modules():
+            if "narrow_of" in vars(type(m)):
+                m.__class__ = type(m).narrow_of
+
 
     @torch.no_grad()
     def capture(self) -> None:

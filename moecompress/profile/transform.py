@@ -77,6 +77,7 @@ class ProfileTransform(Transform):
     observes_forward = True
     observes_split = True
     changes_block = False
+    reads_narrow = True  # the experts' weights are read through core.experts (upcast per expert)
 
     def __init__(self, num_experts: int, top_k: int, domains: list[str], window_domains: list[str], sim_tokens: int):
         self.num_experts, self.top_k, self.sim_tokens = num_experts, top_k, sim_tokens
@@ -120,7 +121,7 @@ class ProfileTransform(Transform):
                 part.to(torch.device("cpu"))
                 fold(acc, part)
             return acc
-        dtype = ctx.experts.down_proj.dtype  # the MoE inputs' dtype (the sample's)
+        dtype = ctx.engine.stream.dtype  # the MoE inputs' dtype (the sample's)
         rows = max(self._quota, default=0)
         size = sum(getattr(acc, name).numel() for name in _SUMS) + 1 + rows * acc.hidden
         for first in range(0, n, W):  # a round: batches first .. first + W - 1, batch first + r on rank r

@@ -126,6 +126,10 @@ class PruneTransform(Transform):
 
     name = "prune"
 
+    @property
+    def reads_narrow(self) -> bool:  # weights upcast per expert where read (core/stream.py); refit downs stay float32
+        return "down" not in (self.opts.refit or "none")
+
     def __init__(
         self,
         spec: RouterSpec,

@@ -113,6 +113,7 @@ class QuantTransform(Transform):
     with ``with_err``, ``err [E, 1]`` at the layer's width (uniform width only)."""
 
     name = "quantize"
+    reads_narrow = True  # expert weights are upcast per expert where used (core/stream.py narrow)
     layout = "quantized"  # compressed-tensors: moecompress.load reads any plan (transformers: uniform widths)
 
     def __init__(
@@ -323,6 +324,7 @@ class MeasureTransform(Transform):
     (``QuantTransform(codes=...)``)."""
 
     name = "quantize"
+    reads_narrow = True  # expert weights are upcast per expert where used (core/stream.py narrow)
     changes_block = False
 
     def __init__(
