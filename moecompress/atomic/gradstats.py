@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..core import dist
 from ..core.experts import Act, expert_hidden
-from .heapr import GradStat, LowRankG
+from .heapr import ChunkedG, GradStat, LowRankG
 
 KINDS = ("full", "diag", "lowrank")
 
@@ -46,14 +46,27 @@ class GradStatAccumulator:
     """Accumulates one MoE layer's per-expert G_e from gradient rows g [n, H] (already scaled by p_e)."""
 
     def __init__(
-        self, num_experts: int, hidden: int, kind: str = "full", rank: int = 32, device: torch.device | str = "cpu"
+        self,
+        num_experts: int,
+        hidden: int,
+        kind: str = "full",
+        rank: int = 32,
+        device: torch.device | str = "cpu",
+        rows: list[int] | None = None,
     ) -> None:
+        """rows (full only): the experts whose G is kept, in this order ([len(rows), H, H]; default all); the
+        others' tokens are only counted."""
         if kind not in KINDS:
             raise ValueError(f"unknown Hessian approximation {kind!r}; use one of {KINDS}")
+        if rows is not None and kind != "full":
+            raise ValueError("rows are for the full statistic")
         self.E, self.H, self.kind, self.rank = num_experts, hidden, kind, rank
+        self.rows = rows
+        self.slot = {e: i for i, e in enumerate(rows)} if rows is not None else None
         self.counts = torch.zeros(num_experts, dtype=torch.long)  # [E]
         if kind == "full":
-            self.sum = torch.zeros(num_experts, hidden, hidden, device=device)  # [E, H, H]
+            n = num_experts if rows is None else len(rows)
+            self.sum = torch.zeros(n, hidden, hidden, device=device)  # [E or len(rows), H, H]
         else:
             self.diag = torch.zeros(num_experts, hidden, device=device)  # [E, H]
         if kind == "lowrank":
@@ -65,7 +78,7 @@ class GradStatAccumulator:
         g = g.detach().float()
         self.counts[expert] += g.shape[0]
         if self.kind == "full":
-            self.sum[expert].addmm_(g.T, g)
+            self.sum[expert if self.slot is None else self.slot[expert]].addmm_(g.T, g)
             return
         self.diag[expert] += g.square().sum(0)
         if self.kind == "lowrank":
@@ -99,6 +112,8 @@ class GradStatAccumulator:
         grad = grad.detach().reshape(-1, self.H).float()  # [T, H]
         w = top_k_weights.detach().float()  # [T, k]
         only = None if experts is None else set(experts)
+        if self.slot is not None:
+            only = set(self.slot) if only is None else only & set(self.slot)
         for e in torch.unique(top_k_index).tolist():
             if not 0 <= e < self.E:
                 continue
@@ -115,6 +130,8 @@ class GradStatAccumulator:
         """
         dev = (self.sum if self.kind == "full" else self.diag).device
         n = self.counts.clamp_min(1).float().to(dev)  # [E]
+        if self.rows is not None:
+            n = n[self.rows]  # [len(rows)]
         if self.kind == "full":
             return self.sum.div_(n[:, None, None]) if in_place else self.sum / n[:, None, None]
         if self.kind == "diag":
@@ -130,6 +147,31 @@ def _top_r(U: torch.Tensor, r: int) -> torch.Tensor:
     """Best rank-r factor of U U^T for each expert (U: [E, H, c] -> [E, H, r])."""
     Q, S, _ = torch.linalg.svd(U.double(), full_matrices=False)  # Q [E, H, c], S [E, c]
     return (Q[..., :r] * S[:, None, :r]).float()
+
+
+def chunked_g(
+    rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_experts: int, hidden: int, chunk: int
+) -> ChunkedG:
+    """Full G of one layer made ``chunk`` experts at a time from the kept (dL/dy [T_b, H], top-k index, top-k
+    weight) of every batch, replayed in batch order: each expert's sums are the whole accumulator's, bit for bit."""
+    dev = rows[0][0].device if rows else torch.device("cpu")
+
+    def build(ids: list[int]) -> torch.Tensor:
+        acc = GradStatAccumulator(num_experts, hidden, "full", device=dev, rows=ids)
+        for g, i, w in rows:
+            acc.update_routed(g, i, w)
+        return acc.result(in_place=True)  # [len(ids), H, H]
+
+    return ChunkedG(num_experts, chunk, build)
+
+
+def routed_counts(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], num_experts: int) -> torch.Tensor:
+    """Routed (token, slot) pairs per expert over the kept batches, as the accumulator counts them: [E] long."""
+    counts = torch.zeros(num_experts, dtype=torch.long)
+    for _, i, _ in rows:
+        i = i.reshape(-1).cpu()
+        counts += torch.bincount(i[(i >= 0) & (i < num_experts)], minlength=num_experts)
+    return counts
 
 
 @dataclass

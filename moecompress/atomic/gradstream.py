@@ -29,9 +29,18 @@ import torch.nn.functional as F
 from ..core import dist
 from ..core.checkpoint import Checkpoint
 from ..core.engine import Engine, Transform
+from ..core.limits import expert_chunk
 from ..core.progress import progress_bar
 from ..core.stream import ActivationCache, LayerStream
-from .gradstats import GradStatAccumulator, LayerGradStats, attach_hook, finish, share_rows_
+from .gradstats import (
+    GradStatAccumulator,
+    LayerGradStats,
+    attach_hook,
+    chunked_g,
+    finish,
+    routed_counts,
+    share_rows_,
+)
 
 SPILL_BYTES = 4 * 1024**3  # kept layer inputs beyond this go to files
 
@@ -118,6 +127,7 @@ def streamed_grad_stats(
     progress: Callable[[int], None] | None = None,
     spill: bool | None = None,
     split_experts: bool = False,
+    chunk: int | None = None,
 ) -> dict[int, Any]:
     """G_e (and optionally m) per MoE layer with one layer in memory at a time.
 
@@ -127,6 +137,10 @@ def streamed_grad_stats(
     split_experts: under torchrun, each rank's G (and so ``on_layer``'s) holds only the experts of
     ``dist.share(E)`` (the others are zero); False: every expert's on every rank. m, when asked for, is summed over
     the ranks (all-reduce: float64 rounding of the sum order).
+    chunk (full G with ``on_layer``): experts whose G is held at once (default: ``core.limits.expert_chunk`` of
+    H^2 x 4 bytes per expert, from ``--max-memory`` or the free memory). Below the layer's expert count, each
+    batch's dL/dy rows are kept (T x H floats) and G comes to ``on_layer`` as a ``heapr.ChunkedG``, built chunk by
+    chunk from them (scores bit-identical to the whole [E, H, H]).
     """
     fam, moe = ckpt.family, set(ckpt.moe_layers)
     if spill is None:  # every layer's inputs are kept: the bound applies to all of them together
@@ -134,6 +148,10 @@ def streamed_grad_stats(
         spill = (cfg.num_hidden_layers + 1) * input_ids.numel() * cfg.hidden_size * 4 > SPILL_BYTES
     engine = Engine(ckpt, input_ids, batch_size, device, "gradient pass (forward)")
     ls, W = engine.stream, engine.world
+    E, H = ckpt.num_experts, ckpt.config.hidden_size
+    if kind == "full" and on_layer is not None and chunk is None:
+        chunk = expert_chunk(E, 4 * H * H, ls.device)
+    chunked = kind == "full" and on_layer is not None and chunk is not None and chunk < len(dist.share(E))
     out: dict[int, Any] = {}
     steps = iter(range(1, 2 * len(ls.decoder_layers) + 2))
     tick = (lambda: progress(next(steps))) if progress is not None else (lambda: None)
@@ -158,12 +176,28 @@ def streamed_grad_stats(
                 gate_up = _gate_up if with_moments else None
                 rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # under torchrun: per own batch
                 keep = rows.append
-                sink = (lambda g, i, w: keep((g.detach().reshape(-1, g.shape[-1]), i, w))) if W > 1 else None  # noqa: B023
+                sink = None
+                if W > 1 or chunked:
+                    sink = lambda g, i, w: keep((g.detach().reshape(-1, g.shape[-1]), i, w))  # noqa: B023, E731
                 handle = None
-                if experts is not None:
-                    handle = attach_hook(experts, l, accs, msum, kind, rank, gate_up, sink=sink)
+                if experts is not None:  # (chunked: the rows are kept, the hook's own accumulator stays unused)
+                    handle = attach_hook(experts, l, accs, msum, "diag" if chunked else kind, rank, gate_up, sink=sink)
                 try:
                     _backward_layer(ls, l, layer, inputs[l], grads)
+                    if l in accs and chunked:
+                        accs.pop(l)
+                        if W > 1:
+                            parts = [engine.gather_batches([r[j] for r in rows]) for j in range(3)]
+                            rows[:] = list(zip(*parts, strict=True))
+                            if l in msum:
+                                dist.all_reduce_sum_(msum[l])
+                        assert chunk is not None
+                        counts = routed_counts(rows, E)
+                        ms = msum.pop(l, None)
+                        m = ms.cpu() / counts.clamp_min(1)[:, None] if ms is not None else None
+                        stats = LayerGradStats(G=chunked_g(rows, E, H, chunk), counts=counts, m=m)
+                        out[l] = on_layer(l, stats, experts)
+                        del stats
                     if l in accs and W > 1:
                         _accumulate_gathered(engine, accs[l], rows, split_experts)
                         if l in msum:

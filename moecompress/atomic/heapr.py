@@ -11,12 +11,13 @@ G_e comes in three forms (memory per expert for hidden size H):
     full      Tensor [E, H, H]                    H^2 floats
     diag      Tensor [E, H]                       H floats (only diag(G_e))
     low-rank  LowRankG(factors [E, H, r], diag)   H*(r+1) floats, G_e ~ U U^T + diag(residual)
+    chunked   ChunkedG (full G built for a chunk of experts at a time, under ``--max-memory``)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,14 +31,32 @@ class LowRankG:
     residual_diag: torch.Tensor | None = None  # [E, H], >= 0
 
 
-GradStat = torch.Tensor | LowRankG
+@dataclass(frozen=True)
+class ChunkedG:
+    """Full G_e made ``chunk`` experts at a time: ``build(ids)`` -> [len(ids), H, H] (G of those experts, in
+    order). The scores computed from it equal the whole [E, H, H]'s bit for bit (each expert's G is its own
+    sum, made by the same operations whatever the chunk)."""
+
+    num_experts: int
+    chunk: int
+    build: Callable[[list[int]], torch.Tensor]
+
+    def chunks(self, experts: Iterable[int] | None = None) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(ids, G of ids [len(ids), H, H]) for ``experts`` (default all) in chunks; one chunk lives at a time."""
+        ids = list(range(self.num_experts)) if experts is None else list(experts)
+        for c0 in range(0, len(ids), max(1, self.chunk)):
+            part = ids[c0 : c0 + max(1, self.chunk)]
+            yield part, self.build(part)
+
+
+GradStat = torch.Tensor | LowRankG | ChunkedG
 
 
 def g_kind(G: GradStat) -> str:
     """'full', 'diag' or 'lowrank' for a gradient statistic."""
     if isinstance(G, LowRankG):
         return "lowrank"
-    if G.dim() == 3:
+    if isinstance(G, ChunkedG) or G.dim() == 3:
         return "full"
     if G.dim() == 2:
         return "diag"
@@ -54,6 +73,13 @@ def quadratic_form(W_down: torch.Tensor, G: GradStat, experts: Iterable[int] | N
     kind = g_kind(G)
     E, _, I = W_down.shape
     q = torch.zeros(E, I, dtype=torch.float64, device=W_down.device)
+    if isinstance(G, ChunkedG):
+        for ids, part in G.chunks(experts):
+            for k, e in enumerate(ids):
+                W = W_down[e].double()  # [H, I]
+                q[e] = (W * (part[k].double() @ W)).sum(dim=0)
+            del part
+        return q
     for e in range(E) if experts is None else experts:
         W = W_down[e].double()  # [H, I]
         if kind == "full":

@@ -111,3 +111,22 @@ def gpu_memory_bytes(device: torch.device | str | int | None = None) -> int:
         return 0
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     return int(torch.cuda.get_device_properties(index).total_memory)
+
+
+STATE_MEMORY_FRACTION = 0.25  # of --max-memory (else of the free memory) for per-expert state held at once
+
+
+def expert_chunk(
+    num_experts: int, per_expert: int, device: torch.device | None = None, limit: int | None = None
+) -> int:
+    """How many experts' per-expert state (``per_expert`` bytes each: HEAPr's G, merge's per-expert tensors) is held
+    at once: a quarter of ``limit`` (default ``--max-memory``, else the free memory of ``device``: MemAvailable on
+    the CPU, free GPU memory on CUDA) divided by ``per_expert``; at least 1, at most ``num_experts``."""
+    if limit is None:
+        limit = memory_limit()
+    if limit is None:
+        if device is not None and device.type == "cuda":
+            limit = int(torch.cuda.mem_get_info(device)[0])
+        else:
+            limit = host_available_bytes()
+    return int(max(1, min(num_experts, int(limit * STATE_MEMORY_FRACTION) // max(1, per_expert))))
