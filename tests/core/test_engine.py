@@ -216,3 +216,31 @@ def test_modules_outside_the_interface_are_observed_by_a_replaced_forward():
             assert how == want
             assert ("forward" in vars(ex)) == (want == "patch")
         assert "forward" not in vars(ex)
+
+
+@pytest.mark.slow
+def test_every_supported_type_but_gpt_oss_is_observed_through_the_experts_interface(tmp_path):
+    """Which supported model types the engine observes through ExpertsInterface (each type's experts module as the
+    layer stream builds it from a tiny checkpoint): all but gpt-oss, whose experts run as moecompress's
+    BiasedExperts."""
+    import sys
+    from pathlib import Path
+
+    from moecompress.core.interface import dispatches
+    from moecompress.core.stream import LayerStream
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "families"))
+    from family_checks import family_or_refusal
+    from family_models import build, installed_moe_types
+
+    through, patched = [], []
+    for t in installed_moe_types():
+        if family_or_refusal(t)[0] is None:
+            continue
+        ck = Checkpoint(build(t, tmp_path / t))
+        stream = LayerStream(ck, torch.zeros(0, 1, dtype=torch.long))
+        block = getattr(stream.decoder_layers[ck.moe_layers[0]], ck.family.module_block)
+        (through if dispatches(getattr(block, ck.family.experts)) else patched).append(t)
+        stream.close()
+    assert patched == ["gpt_oss"], patched
+    assert len(through) >= 25, through
