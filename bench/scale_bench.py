@@ -431,9 +431,14 @@ def measured_runs(stores: list[Path]) -> list[dict]:
     from moecompress.estimate.model import Settings, variant
 
     runs = []
-    for store in stores:
-        for key, r in json.loads(store.read_text())["runs"].items():
-            if "cpu_s" not in r or r.get("failed"):
+    latest: dict[str, int] = {}  # a run measured again in a later store replaces the earlier one
+    loaded = [json.loads(store.read_text())["runs"] for store in stores]
+    for i, store_runs in enumerate(loaded):
+        for key in store_runs:
+            latest[key] = i
+    for i, store_runs in enumerate(loaded):
+        for key, r in store_runs.items():
+            if latest[key] != i or "cpu_s" not in r or r.get("failed"):
                 continue
             est_op, settings = OPS[r["op"]][1]
             s = Settings(samples=r["samples"], seq_len=r["seq_len"], batch_size=8, device="cpu", **settings)

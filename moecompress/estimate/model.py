@@ -48,7 +48,10 @@ def _fractions() -> dict[str, float]:
 # of every memory term, a Python + torch process's baseline, and every time term at one CPU thread's measured
 # multiply-add rate (``mac_per_s`` in coefficients.json, measured by the bench that fits).
 PRIOR_HOST_CONST = 5e8
-HOST_FLOOR = {"layer": 1.0, "acts": 1.0}  # certain: the engine holds one fp32 layer and the unspilled cache
+HOST_FLOOR = {"layer": 1.0, "acts": 1.0}  # certain: the engine holds one layer and the unspilled cache
+# variants whose transforms read the routed experts narrow (core/stream.py): the engine holds them in the
+# checkpoint's dtype (bf16: half of float32), the rest of the layer in float32
+NARROW = ("profile", "prune", "prune-reap", "prune-refit", "quantize-rtn", "quantize-gptq", "quantize-lp")
 PRIOR_SECONDS_CONST = 2.0
 
 
@@ -108,7 +111,10 @@ def features(shape: ModelShape, var: str, s: Settings) -> tuple[dict[str, float]
     Tb = min(T, s.batch_size * s.seq_len)
     acts = 4.0 * T * H  # the activation cache, fp32 [T, H]
     acts_mem = acts if acts <= SPILL_BYTES else 4.0 * Tb * H * 2
-    layer = 4.0 * shape.layer_params  # the one decoder layer the engine holds, fp32
+    moe_part = shape.layer_params - shape.attn_params  # the largest layer's MLP part: the MoE block unless dense wins
+    routed = shape.moe_layer_params if shape.moe_layers and moe_part >= shape.moe_layer_params else 0
+    held = shape.dtype_bytes if var in NARROW else 4  # routed experts in the checkpoint's dtype, or float32
+    layer = 4.0 * (shape.layer_params - routed) + min(4, held) * routed  # the one decoder layer the engine holds
     fwd = L * T * shape.active_params_per_token + L * T * s.seq_len * H  # multiply-adds of a pass
     mem: dict[str, float] = {"const": 1.0, "layer": layer, "acts": acts_mem}
     state: dict[str, float] = {}
