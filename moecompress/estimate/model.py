@@ -50,8 +50,8 @@ def _fractions() -> dict[str, float]:
 PRIOR_HOST_CONST = 5e8
 HOST_FLOOR = {"layer": 1.0, "acts": 1.0}  # certain: the engine holds one layer and the unspilled cache
 # variants whose transforms read the routed experts narrow (core/stream.py): the engine holds them in the
-# checkpoint's dtype (bf16: half of float32), the rest of the layer in float32
-NARROW = ("profile", "prune", "prune-reap", "prune-refit", "quantize-rtn", "quantize-gptq", "quantize-lp")
+# checkpoint's dtype (bf16: half of float32), the rest of the layer in float32 (a down refit keeps float32 downs)
+NARROW = ("profile", "prune", "prune-reap", "quantize-rtn", "quantize-gptq", "quantize-lp")
 PRIOR_SECONDS_CONST = 2.0
 
 
