@@ -146,9 +146,12 @@ def main() -> None:
 
 
 def joint(args, model, ckpt, ref, cal, ratios, extra, tmp, runs, record, state) -> float:
-    """The joint plan: one profile + one measuring pass, a write pass per budget."""
+    """The joint plan: one profile + one measuring pass, then per budget the checked plan (budget/check.py: written
+    only if it beats the quantize-only plan on the calibration windows); where the check chose the quantize-only
+    plan, the unchecked joint plan too, and the 35% (or first) exact plan written without propagating quantized
+    layer outputs."""
     from moecompress.budget.plan import make_plan
-    from moecompress.budget.run import measure_budget, supers_of, write_plan
+    from moecompress.budget.run import measure_budget, plan_and_write, supers_of, write_plan
     from moecompress.compress.run import _profile
     from moecompress.core.errors import UserError
     from moecompress.core.job import Job
@@ -160,20 +163,39 @@ def joint(args, model, ckpt, ref, cal, ratios, extra, tmp, runs, record, state) 
     measure_s = state["m"] = round(time.time() - t0, 1)
     print(f"profile + measuring pass: {measure_s} s", flush=True)
     order = [(r, False) for r in ratios] + [(r, True) for r in ratios] + [(r, False) for r in extra]
+    switched = []
     for ratio, servable in order:
         name = f"joint {'servable' if servable else 'exact'} {ratio:.0%}"
+        t1 = time.time()
+        out = tmp / "joint"
+        w = Job.prepare(model, out, batch_size=8, tokens=job.tokens(), **cal)
         try:
-            plan = make_plan(ckpt, measure, kl, ratio * ref, servable, 8, supers_of(prof), f"{ratio:.0%}")
+            plan_and_write(w, prof, False, measure, kl, ratio * ref, servable, 8, f"{ratio:.0%}")
         except UserError as err:
             runs.append({"kind": "joint", "name": name, "target": ratio, "unreachable": str(err)})
             print(f"joint    {name:28s} unreachable", flush=True)
             continue
+        plan = json.loads((out / "plan.json").read_text())
+        if (plan.get("check") or {}).get("chosen") == "bits_only":
+            switched.append((ratio, servable))
+        record("joint", name, out, t1, target=ratio, predicted=plan["predicted_cost"], counts=plan["counts"],
+               solve_s=plan["solver"]["solve_s"], layout=plan["layout"], check=plan.get("check"),
+               protect_note=plan.get("protect_note"), protected_few_token=len(plan.get("protected_few_token") or []),
+               restriction=plan.get("restriction"))  # fmt: skip
+    extra_rows = [(r, s, True) for r, s in switched]
+    exact = [r for r in ratios if any(x.get("name") == f"joint exact {r:.0%}" and "kl" in x for x in runs)]
+    if exact:
+        extra_rows.append((0.35 if 0.35 in exact else exact[0], False, False))
+    for ratio, servable, propagate in extra_rows:  # the unchecked joint plan; the no-propagate write
+        lay = "servable" if servable else "exact"
+        name = f"joint {lay} {ratio:.0%} " + ("unchecked" if propagate else "unchecked, no propagate")
+        plan = make_plan(ckpt, measure, kl, ratio * ref, servable, 8, supers_of(prof), f"{ratio:.0%}")
         t1 = time.time()
         out = tmp / "joint"
         w = Job.prepare(model, out, batch_size=8, tokens=job.tokens(), **cal)
-        write_plan(w, prof, False, plan, measure, 8)
-        record("joint", name, out, t1, target=ratio, predicted=plan["predicted_cost"],
-               counts=plan["counts"], solve_s=plan["solver"]["solve_s"], layout=plan["layout"])  # fmt: skip
+        write_plan(w, prof, False, plan, measure, 8, propagate=propagate)
+        record("variant", name, out, t1, target=ratio, predicted=plan["predicted_cost"], counts=plan["counts"],
+               layout=plan["layout"])  # fmt: skip
     return measure_s
 
 

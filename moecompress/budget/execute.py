@@ -127,9 +127,11 @@ class ExpertQuantTransform(QuantTransform):
 
 
 def transforms_for(plan: dict[str, Any], spec: RouterSpec, num_experts: int, keep: dict, other_bits: int,
-                   protected: dict[int, set[int]], method: str = "gptq") -> list[Any]:  # fmt: skip
+                   protected: dict[int, set[int]], method: str = "gptq",
+                   propagate: bool = True) -> list[Any]:  # fmt: skip
     """The write pass's transforms for ``plan`` (make_plan's dict); ``keep``: {layer: {width: [E, width]}}, the
-    measuring pass's kept channels of each cut width."""
+    measuring pass's kept channels of each cut width. ``propagate``: later layers are calibrated on the quantized
+    layers' outputs (as written), else on the unquantized (pruned and cut) layers'."""
     servable = plan["layout"] == "servable"
     layers = {int(l): v for l, v in plan["layers"].items()}
     I = plan["source_width"]
@@ -156,11 +158,11 @@ def transforms_for(plan: dict[str, Any], spec: RouterSpec, num_experts: int, kee
                                  info=info))  # fmt: skip
     if servable:
         b = {r["bits"] for v in layers.values() for r in v["experts"] if not r["removed"]}
-        out.append(QuantTransform(b.pop(), method, min_tokens=32, other_bits=other_bits, propagate=True))
+        out.append(QuantTransform(b.pop(), method, min_tokens=32, other_bits=other_bits, propagate=propagate))
     else:
         per = {l: {r["expert"]: (r["width"], r["bits"]) for r in v["experts"] if not r["removed"]}
                for l, v in layers.items()}  # fmt: skip
-        out.append(ExpertQuantTransform(per, method, min_tokens=32, other_bits=other_bits, propagate=True))
+        out.append(ExpertQuantTransform(per, method, min_tokens=32, other_bits=other_bits, propagate=propagate))
     return out
 
 

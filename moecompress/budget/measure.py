@@ -15,8 +15,9 @@ the unit of quant's err[e, b] (quant/layer.py), so every kind of option is measu
 
 KL calibration (probes, as quant's LP plan): a copy of the first calibration batch runs through the model with one
 layer changed, and the mean KL of the final distributions is measured: layer l's experts all at b bits
-(b in PROBE_WIDTHS, full width), all cut to the narrowest width (unquantized), and its cheapest quarter of
-removable experts removed. ``budget.plan`` turns these into KL per unit of error for each kind.
+(b in PROBE_WIDTHS, full width), all cut to each narrower width of the menu (unquantized; one probe per width, so
+each width has its own calibration), and its cheapest quarter of removable experts removed. ``budget.plan`` turns
+these into KL per unit of error for each kind (and cut width).
 It changes nothing: the write pass (budget.run) applies the plan.
 """
 
@@ -44,6 +45,11 @@ from .options import BITS, FRACTIONS, cut_width
 
 PROBE_CUT = "cut"
 PROBE_REMOVE = "remove"
+
+
+def cut_key(width: int) -> str:
+    """The probe key of a layer's experts all cut to ``width`` channels."""
+    return f"{PROBE_CUT}{width}"
 
 
 def removal_errors(x: torch.Tensor, w: MoEWeights, spec: RouterSpec, act: Any, chunk: int = 512) -> torch.Tensor:
@@ -80,7 +86,8 @@ def channel_scores(x: torch.Tensor, w: MoEWeights, spec: RouterSpec, act: Any) -
 class BudgetMeasure(Transform):
     """Measure every option of every routed expert (module docstring). Results by layer: ``err [E, W, B]``,
     ``err_cut [E, W]``, ``err_rm [E]``, ``counts``, ``max_abs``, ``keep`` (kept channels [E, w] per cut width),
-    ``widths``; after the pass, ``probe_kl(engine)``: {(layer, probe): KL}, probe = bits, "cut" or "remove"."""
+    ``widths``; after the pass, ``probe_kl(engine)``: {(layer, probe): KL}, probe = bits, ``cut_key(width)`` or
+    "remove"."""
 
     name = "budget"
     changes_block = False
@@ -103,6 +110,7 @@ class BudgetMeasure(Transform):
         self.refit = refit or Refit()
         self.protected = protected or {}
         self.probes = probes
+        self.final: torch.Tensor | None = None  # set by budget.run.measure_budget: the source's last hidden states
         self.opts = GPTQOptions()
         self.err: dict[int, np.ndarray] = {}
         self.err_cut: dict[int, np.ndarray] = {}
@@ -143,7 +151,7 @@ class BudgetMeasure(Transform):
                 for e, (xe, _) in enumerate(routed)]  # fmt: skip
         self.keep[l] = {}
         probe_q: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        cut_probe = None
+        cut_probes: dict[int, MoEWeights] = {}
         for wi, width in enumerate(widths):
             if width == I:
                 gate, up, down = w.gate, w.up, w.down
@@ -154,8 +162,8 @@ class BudgetMeasure(Transform):
                 up = torch.stack([w.up[e][keep[e]] for e in range(E)])
                 downs = refit_expert_downs(fit, routing, w, list(keep), act, self.refit.ridge, self.refit.holdout)
                 down = torch.stack([d.float() for d in downs])  # [E, H, width]
-                if wi == Wn - 1:
-                    cut_probe = _padded(w, keep, gate, up, down)
+                if self._base is not None:
+                    cut_probes[width] = _padded(w, keep, gate, up, down)
             gu = torch.cat([gate, up], dim=1)  # [E, 2w, H]
             codes, _, _ = quantize_layer(
                 gu, down, act, self.bits, self.method, cap, self.min_tokens, self.scale_dtype, self.weight_dtype,
@@ -186,8 +194,8 @@ class BudgetMeasure(Transform):
         if self._base is not None:
             self._probe = {b: MoEWeights(gq[:, :I], gq[:, I:], dq, w.router, w.router_bias, w.correction_bias)
                            for b, (gq, dq) in probe_q.items()}  # fmt: skip
-            if cut_probe is not None:
-                self._probe[PROBE_CUT] = cut_probe
+            for width, pw in cut_probes.items():
+                self._probe[cut_key(width)] = pw
             removed = self._removal_probe(l, E)
             if removed:
                 self.removal_probe[l] = removed

@@ -2,12 +2,19 @@
 
 Cost of option o of expert e in layer l (predicted KL, comparable across kinds and layers):
   removed:         s_rm[l]  * err_rm[e]
-  kept (w, b):     s_cut[l] * err_cut[e, w] + s_q[l, b] * max(err[e, w, b] - err_cut[e, w], 0)
+  kept (w, b):     s_cut[l, w] * err_cut[e, w] + s_q[l, b] * max(err[e, w, b] - err_cut[e, w], 0)
 with s_q = ``quant.plan.layer_sensitivity`` (the LP bit plan's own calibration: a layer's measured KL with all its
 experts at b bits per unit of their summed error; widths not probed take the nearest probed width below),
-s_cut[l] = KL with all of layer l's experts cut to the narrowest width / their summed err_cut, and
-s_rm[l] = KL with the layer's removal probe / the summed err_rm of the experts it removed. At full width the cost
-is exactly the LP's. Without probes every s is 1 (raw block-output error).
+s_cut[l, w] = KL with all of layer l's experts cut to width w / their summed err_cut[:, w] (one probe per cut
+width: a 75% cut is not a third of a 50% cut), and s_rm[l] = KL with the layer's removal probe / the summed err_rm
+of the experts it removed. At full width the cost is exactly the LP's. Without probes every s is 1 (raw
+block-output error).
+
+Protection (exact layout, as quant's LP plan): super experts are never removed and stay at full width and >= 8
+bits; experts with fewer than ``min_tokens`` routed calibration tokens (their GPTQ error is measured on the tokens
+it was fitted to) may be removed or kept at full width and >= 8 bits, unless the budget cannot hold that (then they
+are free, and plan.json says so). ``bits_only`` restricts every expert to full width and no removal: the
+quantize-only plan the joint plan is checked against (budget/check.py).
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ import numpy as np
 from ..core.checkpoint import Checkpoint
 from ..core.errors import UserError
 from ..prune.order import RouterSpec
-from ..quant.plan import WIDTHS, Layout, layer_sensitivity, scale_dtype_of
-from .measure import PROBE_CUT, PROBE_REMOVE, BudgetMeasure
+from ..quant.plan import PROTECT_BITS, WIDTHS, Layout, layer_sensitivity, scale_dtype_of
+from .measure import PROBE_REMOVE, BudgetMeasure, cut_key
 from .options import Option, menu, option_bytes
 from .solve import Shape, servable_plan, smallest_bytes, solve
 
@@ -83,11 +90,13 @@ def costs_of(m: BudgetMeasure, moe: list[int], opts: dict[int, list[Option]], kl
     full = np.stack([m.err[l][:, 0, :] for l in moe])  # [L, E, B] full-width errors
     probe_q = {(l, b): v for (l, b), v in kl.items() if isinstance(b, int)}
     s_q = layer_sensitivity(moe, tuple(bits), full, probe_q) if probe_q else np.ones((L, len(bits)))
-    s_cut, s_rm = np.ones(L), np.ones(L)
+    s_cut, s_rm = np.ones((L, len(widths))), np.ones(L)
     for li, l in enumerate(moe):
-        if (l, PROBE_CUT) in kl:
-            tot = m.err_cut[l][:, -1].sum()
-            s_cut[li] = max(kl[(l, PROBE_CUT)], 0.0) / tot if tot > 0 else 0.0
+        probed = [wi for wi, w in enumerate(widths) if (l, cut_key(w)) in kl]
+        for wi in range(1, len(widths) if probed else 1):
+            p = min(probed, key=lambda j: (abs(j - wi), -j))  # this width's probe, else the nearest (narrower first)
+            tot = m.err_cut[l][:, p].sum()
+            s_cut[li, wi] = max(kl[(l, cut_key(widths[p]))], 0.0) / tot if tot > 0 else 0.0
         if (l, PROBE_REMOVE) in kl:
             tot = m.err_rm[l][m.removal_probe[l]].sum()
             s_rm[li] = max(kl[(l, PROBE_REMOVE)], 0.0) / tot if tot > 0 else 0.0
@@ -102,13 +111,36 @@ def costs_of(m: BudgetMeasure, moe: list[int], opts: dict[int, list[Option]], kl
                 continue
             wi, bi = widths.index(opt.width), bits.index(opt.bits)
             cut = m.err_cut[l][:, wi]
-            costs[li, :, o] = s_cut[li] * cut + s_q[li, bi] * np.maximum(m.err[l][:, wi, bi] - cut, 0.0)
+            costs[li, :, o] = s_cut[li, wi] * cut + s_q[li, bi] * np.maximum(m.err[l][:, wi, bi] - cut, 0.0)
     sens = {
-        str(l): {"bits": dict(zip(map(str, bits), map(float, s_q[li]), strict=True)), "cut": float(s_cut[li]),
+        str(l): {"bits": dict(zip(map(str, bits), map(float, s_q[li]), strict=True)),
+                 "cut": {str(w): float(s_cut[li, wi]) for wi, w in enumerate(widths) if wi},
                  "remove": float(s_rm[li])}
         for li, l in enumerate(moe)
     }  # fmt: skip
     return costs, sens
+
+
+def _protect_few(s: Structure, m: BudgetMeasure, routed_budget: float) -> tuple[list[list[int]], str | None]:
+    """Restrict experts with fewer than ``m.min_tokens`` routed calibration tokens to removal or full width at >=
+    PROTECT_BITS (exact layout), in ``s.allowed``, unless the budget cannot hold that. ``(protected, note)``."""
+    if s.servable:
+        return [], None
+    few = [(li, e) for li, l in enumerate(s.moe) for e in range(s.E)
+           if m.counts[l][e] < m.min_tokens and (l, e) not in s.supers]  # fmt: skip
+    if not few:
+        return [], None
+    high = np.array([o.fraction == 1.0 and o.bits >= PROTECT_BITS for o in s.opts[s.moe[0]][1:]])
+    trial = s.allowed.copy()
+    for li, e in few:
+        trial[li, e, 1:] &= high
+    if not trial[:, :, 1:].any(axis=2).all():
+        return [], f"{len(few)} few-token experts not protected: no full-width 8-bit option is allowed"
+    n = s.L * s.E
+    if smallest_bytes(s.nbytes.reshape(n, s.O), s.shape, trial.reshape(n, s.O)) > routed_budget:
+        return [], f"{len(few)} few-token experts not protected: the budget cannot hold them at {PROTECT_BITS} bits"
+    s.allowed = trial
+    return [[s.moe[li], e] for li, e in few], None
 
 
 class Structure:
@@ -170,13 +202,20 @@ def make_plan(
     other_bits: int,
     supers: list[tuple[int, int]],
     budget_note: str,
+    bits_only: bool = False,
 ) -> dict[str, Any]:
-    """The plan (as written to plan.json): every expert's option with its predicted cost and bytes."""
+    """The plan (as written to plan.json): every expert's option with its predicted cost and bytes
+    (``bits_only``: the quantize-only plan, module docstring)."""
     s = Structure(ckpt, servable, other_bits, supers, m.fractions, m.bits)
-    moe, E, L, O, opts, nbytes, allowed, sup = s.moe, s.E, s.L, s.O, s.opts, s.nbytes, s.allowed, s.supers
+    moe, E, L, O, opts, nbytes, sup = s.moe, s.E, s.L, s.O, s.opts, s.nbytes, s.supers
     labels, spec, fixed, I = s.labels, s.spec, s.fixed, s.I
     costs, sens = costs_of(m, moe, opts, kl)
     routed_budget = budget_bytes - fixed
+    if bits_only:
+        s.allowed[:, :, 0] = False
+        s.allowed[:, :, 1:] &= np.array([o.fraction == 1.0 for o in opts[moe[0]][1:]])
+    few, protect_note = _protect_few(s, m, routed_budget)
+    allowed = s.allowed
     try:
         if servable:
             sol = servable_plan(costs, nbytes, routed_budget, s.shape, allowed)
@@ -228,6 +267,16 @@ def make_plan(
         "probe_kl": {f"{l}:{k}": float(v) for (l, k), v in kl.items()},
         "removal_probe": {str(l): v for l, v in m.removal_probe.items()},
         "super_experts": sorted([list(x) for x in sup]),
+        "restriction": "bits only (full width, no removal)" if bits_only else None,
+        "protected_few_token": few,
+        "protect_rule": f"super experts: never removed{'' if servable else ', full width at >= 8 bits'}; "
+        + (
+            ""
+            if servable
+            else f"experts with fewer than {m.min_tokens} routed calibration tokens: removed or full "
+            f"width at >= {PROTECT_BITS} bits"
+        ),
+        "protect_note": protect_note,
         "counts": {lab: int((choice == o).sum()) for o, lab in enumerate(labels)},
         "layers": layers,
     }

@@ -7,7 +7,9 @@
 3. the plan (budget/plan.py + budget/solve.py): the integer program over every routed expert's options under the
    byte budget (exact layout), or the best (expert count, width, bits) for every layer (``servable``);
 4. the write pass: prune -> atom -> quantize transforms with the plan's explicit choices, one engine pass, one
-   checkpoint with moecompress.json (one section per stage plus the "budget" section) and plan.json.
+   checkpoint with moecompress.json (one section per stage plus the "budget" section) and plan.json; with ``check``
+   (default) a joint plan that differs from the quantize-only plan must also beat it in KL on the calibration
+   windows (budget/check.py: one more pass, a third when the quantize-only plan wins and is written instead).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..core.manifest import Manifest
 from ..core.output import Output
 from ..prune.order import RouterSpec
 from ..prune.transform import protected_experts
+from .check import FinalStates, calibration_kl
 from .execute import LAYOUT, transforms_for
 from .measure import BudgetMeasure
 from .options import BITS, FRACTIONS
@@ -54,7 +57,9 @@ def measure_budget(job: Job, prof: Any, probes: bool = True) -> tuple[BudgetMeas
     spec = RouterSpec.from_config(ckpt.family, ckpt.config)
     measure = BudgetMeasure(spec, protected=protected_experts(prof, list(ckpt.moe_layers)), probes=probes)
     engine = job.engine("budget: measure")
-    engine.run([measure], emit=measure.probe_layer)
+    final = FinalStates(engine, measure.probe_layer)
+    engine.run([measure], emit=final)
+    measure.final = final.states  # the source model's last hidden states of every calibration batch (budget/check)
     return measure, measure.probe_kl(engine)
 
 
@@ -77,6 +82,7 @@ def budget_compress(
     device: torch.device | None = None,
     overwrite: bool = False,
     profile_dir: str | Path | None = None,
+    check: bool = True,
 ) -> Manifest:
     """Plan for the budget and write OUTPUT (HF folder + moecompress.json + plan.json + report.html)."""
     if other_bits not in OTHER_BITS:
@@ -96,25 +102,72 @@ def budget_compress(
     supers = supers_of(prof)
     Structure(ckpt, servable, other_bits, supers, FRACTIONS, BITS).check_reachable(budget, note)  # super experts kept
     measure, kl = measure_budget(job, prof)
+    return plan_and_write(job, prof, made, measure, kl, budget, servable, other_bits, note, profile_dir, check)
+
+
+def plan_and_write(
+    job: Job, prof: Any, made: bool, measure: BudgetMeasure, kl: dict, budget: float, servable: bool,
+    other_bits: int, note: str, profile_dir: str | Path | None = None, check: bool = True,
+) -> Manifest:  # fmt: skip
+    """Plan for ``budget`` and write it; with ``check`` (budget/check.py) a joint plan that differs from the
+    quantize-only plan is written only if its KL on the calibration windows is lower, else the quantize-only plan."""
+    ckpt, supers = job.ckpt, supers_of(prof)
     plan = make_plan(ckpt, measure, kl, budget, servable, other_bits, supers, note)
-    return write_plan(job, prof, made, plan, measure, other_bits, profile_dir)
+    alt = None
+    if check and measure.final is not None:
+        try:
+            alt = make_plan(ckpt, measure, kl, budget, servable, other_bits, supers, note, bits_only=True)
+        except UserError:  # only removals or cuts reach this budget
+            alt = None
+    if alt is None or _choices(alt) == _choices(plan):
+        plan["check"] = {"rule": "not needed: the quantize-only plan does not fit or is this plan" if check else "off"}
+        return write_plan(job, prof, made, plan, measure, other_bits, profile_dir)
+    engine = job.engine("budget: check the quantize-only plan")
+    final = FinalStates(engine)
+    engine.run(transforms_for(alt, measure.spec, ckpt.num_experts, measure.keep, other_bits,
+                              protected_experts(prof, list(ckpt.moe_layers))), emit=final)  # fmt: skip
+    assert final.states is not None
+    kl_alt = calibration_kl(measure.final, final.states, engine)
+    facts = {"rule": "calibration-window KL of the joint plan vs the quantize-only plan; the lower is written",
+             "joint_kl": None, "bits_only_kl": kl_alt, "bits_only_predicted_cost": alt["predicted_cost"],
+             "joint_predicted_cost": plan["predicted_cost"]}  # fmt: skip
+    plan["check"] = {**facts, "chosen": "joint"}
+    man, kl_plan = write_plan(job, prof, made, plan, measure, other_bits, profile_dir, measure_kl=True)
+    if kl_plan is None or kl_plan <= kl_alt:
+        return man
+    alt["check"] = {**facts, "joint_kl": kl_plan, "chosen": "bits_only"}
+    man = write_plan(job, prof, made, alt, measure, other_bits, profile_dir, overwrite=True)
+    return man
+
+
+def _choices(plan: dict[str, Any]) -> list[str]:
+    return [r["choice"] for v in plan["layers"].values() for r in v["experts"]]
 
 
 def write_plan(
     job: Job, prof: Any, made: bool, plan: dict[str, Any], measure: BudgetMeasure, other_bits: int,
-    profile_dir: str | Path | None = None,
-) -> Manifest:  # fmt: skip
-    """The write pass of ``plan`` (make_plan's dict) into ``job.out``: one checkpoint, plan.json, manifest, report."""
+    profile_dir: str | Path | None = None, measure_kl: bool = False, overwrite: bool = False, propagate: bool = True,
+) -> Any:  # fmt: skip
+    """The write pass of ``plan`` (make_plan's dict) into ``job.out``: one checkpoint, plan.json, manifest, report.
+    Returns the manifest; with ``measure_kl`` ``(manifest, KL on the calibration windows)`` (budget/check.py), the
+    KL recorded in plan.json's "check" as ``joint_kl``. ``overwrite``: replace this call's own earlier output."""
     ckpt, servable = job.ckpt, plan["layout"] == "servable"
     spec = RouterSpec.from_config(ckpt.family, ckpt.config)
     protected = protected_experts(prof, list(ckpt.moe_layers))
-    transforms = transforms_for(plan, spec, ckpt.num_experts, measure.keep, other_bits, protected)
+    transforms = transforms_for(plan, spec, ckpt.num_experts, measure.keep, other_bits, protected,
+                                propagate=propagate)  # fmt: skip
     cfg = json.loads((ckpt.path / "config.json").read_text())
     manifest, profile_ref = new_manifest(job, "compress --budget", profile_dir)
     assert job.out is not None
-    with Output(job.out, job.overwrite) as out:
+    with Output(job.out, job.overwrite or overwrite) as out:
         out.add_globals(ckpt, transforms)
-        job.engine("budget: write").run(transforms, emit=out.add_layer)
+        engine = job.engine("budget: write")
+        final = FinalStates(engine, out.add_layer) if measure_kl and measure.final is not None else None
+        engine.run(transforms, emit=final or out.add_layer)
+        kl = None
+        if final is not None and final.states is not None:
+            kl = calibration_kl(measure.final, final.states, engine)
+            plan.setdefault("check", {})["joint_kl"] = kl
         summary = {k: v for k, v in plan.items() if k not in ("layers", "sensitivity", "probe_kl")}
         summary["layers"] = {
             l: {k: v[k] for k in ("kept_experts", "widths", "bits")} for l, v in plan["layers"].items()
@@ -134,4 +187,4 @@ def write_plan(
         plan["written_tensor_bytes"] = written
         manifest.stage("budget")["written_tensor_bytes"] = written  # type: ignore[index]
         out.finish(ckpt, cfg, manifest, extra_json={"plan.json": plan}, report_inputs=reuse, elapsed=job.elapsed)
-    return manifest
+    return (manifest, kl) if measure_kl else manifest

@@ -10,6 +10,7 @@ from conftest import build_tiny, reload_clean
 from typer.testing import CliRunner
 
 import moecompress
+from moecompress.budget.options import menu
 from moecompress.cli.main import app
 from moecompress.core.checkpoint import Checkpoint
 from moecompress.core.manifest import Manifest
@@ -41,6 +42,25 @@ def _check_plan(plan: dict, E: int) -> None:
             assert r["predicted_cost"] == pytest.approx(r["costs"][r["choice"]])
             assert r["bytes"] == (0 if r["removed"] else plan["option_bytes"][r["choice"]])
     assert set(plan["sensitivity"]) == set(plan["layers"]) and plan["probe_kl"]
+    I = plan["source_width"]
+    narrower = sorted({o.width for o in menu(I) if not o.removed and o.width < I})
+    assert narrower  # the tiny model's width has one cut width (75% rounds back to full width)
+    for l, sens in plan["sensitivity"].items():  # every cut width has its own probe and calibration
+        assert sorted(map(int, sens["cut"])) == narrower
+        assert all(f"{l}:cut{w}" in plan["probe_kl"] for w in narrower)
+    check = plan["check"]
+    if "chosen" in check:  # the written plan is the one with the lower calibration-window KL
+        assert check["joint_kl"] is not None and check["bits_only_kl"] is not None
+        assert (check["chosen"] == "joint") == (check["joint_kl"] <= check["bits_only_kl"])
+        assert (plan["restriction"] is not None) == (check["chosen"] == "bits_only")
+    if plan["layout"] == "exact":
+        few = {tuple(x) for x in plan["protected_few_token"]}
+        for l, v in plan["layers"].items():
+            for r in v["experts"]:
+                if (int(l), r["expert"]) in few:
+                    assert r["tokens"] < 32 and (r["removed"] or (r["width"] == I and r["bits"] >= 8))
+                elif r["tokens"] < 32 and not r["super"]:
+                    assert plan["protect_note"], r
 
 
 def test_exact_plan_writes_its_bytes_and_loads_with_moecompress_load(qwen, tmp_path):
@@ -101,3 +121,17 @@ def test_an_unreachable_budget_names_the_smallest_plan(qwen, tmp_path):
     res = _run(str(qwen), "--budget-ratio", "0.2", *SMALL, "-o", str(out))
     assert res.exit_code == 2 and "smallest plan this model allows" in res.output and "raise it" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_joint_plan_is_written_only_if_it_beats_the_quantize_only_plan(qwen, tmp_path):
+    out = tmp_path / "c"
+    res = _run(str(qwen), "--budget-ratio", "0.95", *SMALL, "-o", str(out))  # the quantize-only plan fits (>= 0.9)
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    _check_plan(plan, 6)
+    check = plan["check"]
+    assert check["chosen"] in ("joint", "bits_only") and check["bits_only_kl"] > 0 and check["joint_kl"] > 0
+    rows = [r for v in plan["layers"].values() for r in v["experts"]]
+    if check["chosen"] == "bits_only":
+        assert all(not r["removed"] and r["width"] == plan["source_width"] for r in rows)
+    assert Manifest.read(out).stage("budget")["check"] == check
