@@ -8,13 +8,14 @@ import json
 import re
 import stat
 import struct
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from .errors import UserError
 from .families import Family, MoEWeights, family_for
@@ -137,12 +138,14 @@ def _plain_name(fname: Any, index: str) -> str:
 def expected_shapes(config: PretrainedConfig) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """(state-dict name -> shape, parameter names) of the transformers model config.json describes, built on the
     meta device (no memory, well under a second even for 100B-parameter configs)."""
+    from .derive import causal_lm
+
     cfg = copy.deepcopy(config)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, experts_implementation="eager")
+            model = causal_lm(cfg, experts_implementation="eager")
     except Exception as err:  # a config transformers accepts field by field can still fail as a whole
         first = (str(err).splitlines() or [""])[0][:200]
         raise UserError(
@@ -203,8 +206,11 @@ def check_shapes(ck: Checkpoint) -> None:
                 continue
         name = fam.disk_to_module(k)
         if name in expected:
-            if got != expected[name]:
-                raise mismatch(k, got, expected[name])
+            want = expected[name]
+            if fam.save_transposed and layer in moe and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                want = (want[0], want[2], want[1])  # transformers transposes them on save (Qwen3-VL-MoE)
+            if got != want:
+                raise mismatch(k, got, want)
             present.add(name)
     if not uniform:
         return
@@ -255,12 +261,120 @@ class Checkpoint:
         self.manifest: Manifest | None = load_manifest(self.path)
         if weights_error is not None:
             raise weights_error
+        # a multimodal wrapper: the view is its language model (text_config; keys named as a causal LM's), every other
+        # tensor keeps its name; wrapper_config is the whole config.json, written back with only text keys changed
+        self.wrapper_config: PretrainedConfig | None = None
+        self._disk: dict[str, str] = {}  # view name -> checkpoint name (only the renamed ones)
+        if self.family.nest is not None:
+            self.wrapper_config, self.config = self.config, self.config.get_text_config()
+            self._nest_keys()
+            layers_on_disk = {int(m[1]) for k in self.weight_map if (m := _LAYER_KEY.match(k))}
         self.family.check_config(self.config, max(layers_on_disk, default=-1) + 1)
+        if self.family.save_transposed:
+            self.family = replace(self.family, save_transposed=self._saved_transposed())
         missing = sorted(set(range(self.config.num_hidden_layers)) - layers_on_disk)
         if missing:
             raise UserError(f"the weights have no tensors for decoder layer {missing[0]}: the checkpoint is incomplete")
         self.nonfinite: dict[str, tuple[int, int]] = {}  # tensor -> (NaN count, Inf count), filled as tensors are read
         check_shapes(self)
+
+    def _nest_keys(self) -> None:
+        """Rename a wrapper's language-model keys to the view's (model.language_model.X -> model.X, its lm_head ->
+        lm_head.weight); a key of the view that would collide with another checkpoint key is refused."""
+        assert self.family.nest is not None
+        body, head = self.family.nest
+        view: dict[str, str] = {}
+        for k in self.weight_map:
+            v = self.view_key(k)
+            if v != k:
+                view[k] = v
+        clash = sorted(set(view.values()) & (set(self.weight_map) - set(view)))
+        if clash:
+            raise UserError(f"{clash[0]} is both a language-model tensor and another tensor of this {body} checkpoint")
+        self._disk = {v: k for k, v in view.items()}
+        self.weight_map = {view.get(k, k): f for k, f in self.weight_map.items()}
+        self._info = {view.get(k, k): v for k, v in self._info.items()}
+
+    def _saved_transposed(self) -> bool:
+        """A family whose loader transposes fused experts when their shape asks for it (Qwen3-VL-MoE: [E, H, 2I] as
+        published, [E, 2I, H] as transformers saves it): which of the two this checkpoint holds (outputs keep it)."""
+        key = self.family.fused_key(self.moe_layers[0], "gate_up_proj")
+        shape = self._info.get(key, {}).get("shape")
+        return bool(shape) and len(shape) == 3 and shape[2] != self.config.hidden_size
+
+    def view_key(self, key: str) -> str:
+        """The view's name of a checkpoint key (itself outside a multimodal wrapper's language model)."""
+        if self.family.nest is None:
+            return key
+        body, head = self.family.nest
+        if key.startswith(body + "."):
+            return "model." + key[len(body) + 1 :]
+        if key.startswith(head + "."):
+            return "lm_head." + key[len(head) + 1 :]
+        return key
+
+    def disk_key(self, key: str) -> str:
+        """The checkpoint name of a view key, also for new keys an operation writes (model.layers.3...weight_packed
+        -> model.language_model.layers.3...weight_packed): what outputs are written under."""
+        if self.family.nest is None:
+            return key
+        if key in self._disk:
+            return self._disk[key]
+        body, head = self.family.nest
+        if key.startswith("model.layers."):
+            return f"{body}.{key[len('model.') :]}"
+        if key.startswith("lm_head."):
+            return f"{head}.{key[len('lm_head.') :]}"
+        return key
+
+    def output_config(self, config: dict[str, Any], layout: str = "uniform") -> dict[str, Any]:
+        """config.json of an output from the config dict an operation changed: for a multimodal wrapper, its
+        config.json with only text_config entries changed (quantization_config stays at the top, where transformers
+        reads it). ``config`` is the text config's dict (whole or a diff), or config.json's own dict with text keys
+        (expert counts) set at its top."""
+        if self.wrapper_config is None:
+            return config
+        if layout != "uniform":
+            what = "quantized outputs" if layout == "quantized" else f"the {layout} layout"
+            raise UserError(
+                f"{self.wrapper_config.model_type} nests its MoE language model in a multimodal model: moecompress "
+                f"writes it in the uniform layout only ({what} would not load with moecompress.load yet); "
+                "use expert pruning or merging with the uniform layout, or channel pruning with --layout uniform"
+            )
+        raw = read_json_file(self.path / "config.json", "config.json (JSON)")
+        attr = next(k for k, v in vars(self.wrapper_config).items() if v is self.config)
+        if not isinstance(raw.get(attr), dict):
+            raise UserError(f"config.json has no {attr} object, which its model type keeps its language model in")
+        text_keys = set(self.config.to_dict())
+        if config.get("model_type") == raw.get("model_type"):  # config.json's dict: move text keys set at its top
+            full = copy.deepcopy(config)
+            text = dict(full[attr])
+            for k in [k for k in full if k not in raw and k in text_keys and k != "quantization_config"]:
+                text[k] = full.pop(k)
+            full[attr] = text
+            return full
+        full, before = copy.deepcopy(raw), self.config.to_dict()
+        text = dict(full[attr])
+        for k, v in config.items():
+            if k == "quantization_config":
+                full[k] = self._disk_names(v)
+            elif k not in before or before[k] != v:
+                text[k] = v
+        full[attr] = text
+        return full
+
+    def _disk_names(self, obj: Any) -> Any:
+        """``obj`` (a quantization_config) with the view's module names (model.layers.3.self_attn.q_proj, as plain
+        names or escaped in regexes) renamed to the checkpoint's (model.language_model.layers.3...)."""
+        if isinstance(obj, dict):
+            return {k: self._disk_names(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self._disk_names(v) for v in obj]
+        if not isinstance(obj, str) or self.family.nest is None:
+            return obj
+        body = self.family.nest[0]
+        obj = obj.replace(re.escape("model.layers."), re.escape(f"{body}.layers."))
+        return f"{body}.{obj[len('model.') :]}" if obj.startswith("model.layers.") else obj
 
     def _read_weights(self) -> None:
         self.weight_map = self._load_weight_map()
@@ -386,7 +500,7 @@ class Checkpoint:
             with handle as f:
                 for key in ks:
                     try:
-                        out[key] = f.get_tensor(key)
+                        out[key] = f.get_tensor(self._disk.get(key, key))
                     except Exception as err:
                         msg = f"tensor {key} in {fname} cannot be read ({err}): the file is corrupt"
                         raise UserError(msg) from None

@@ -77,18 +77,95 @@ def _reference_routing() -> dict[str, tuple[str, str]]:
     }
 
 
-def meta_model(cfg: Any) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+class TextLM(torch.nn.Module):
+    """A multimodal wrapper's language model as a causal LM: its text model (``model``) and its ``lm_head``, with the
+    state-dict names a text-only causal LM has (``model.layers.*``, ``model.norm.weight``, ``lm_head.weight``): the
+    layer stream and the expert view work on it as on any causal LM (calibration is text-only)."""
 
+    def __init__(self, body: torch.nn.Module, head: torch.nn.Module, config: Any):
+        super().__init__()
+        self.model, self.lm_head, self.config = body, head, config
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import CausalLMOutput
+
+        out = self.model(input_ids=input_ids, **kwargs)
+        return CausalLMOutput(logits=self.lm_head(out[0]))
+
+
+def causal_lm(cfg: Any, **kwargs: Any) -> torch.nn.Module:
+    """The causal LM of a (text) config: transformers' own class, or for the text config of a multimodal wrapper
+    that has none (Qwen3-VL-MoE, GLM-4.5V) its text model with an lm_head (``TextLM``)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+    mt = cfg.model_type
+    if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or mt not in MODEL_MAPPING_NAMES or not mt.endswith("_text"):
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, **kwargs)
+    body = AutoModel.from_config(cfg, trust_remote_code=False, **kwargs)
+    head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    return TextLM(body, head, cfg)
+
+
+def meta_model(cfg: Any) -> torch.nn.Module:
     cfg = copy.deepcopy(cfg)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, experts_implementation="eager")
+            return causal_lm(cfg, experts_implementation="eager")
     except Exception as err:  # transformers raises many types for a config it cannot build
         first = (str(err).splitlines() or [""])[0][:160]
         raise Refusal(f"transformers cannot build it from config.json ({type(err).__name__}: {first})") from None
+
+
+def wrapper_auto_class(cfg: Any) -> Any:
+    """The Auto class transformers loads a multimodal wrapper with (image-text-to-text), None for other models."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if getattr(cfg, "text_config", None) is None or cfg.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return None
+    return AutoModelForImageTextToText
+
+
+def _wrapper(cfg: Any) -> tuple[torch.nn.Module, TextLM, str, str]:
+    """(the wrapper on the meta device, its language model as a ``TextLM``, the text model's and the lm_head's paths
+    in the wrapper's state dict) of a multimodal model whose language model is an MoE (Qwen3-VL-MoE:
+    model.language_model and lm_head; Llama-4: language_model.model and language_model.lm_head)."""
+    auto = wrapper_auto_class(cfg)
+    if auto is None:
+        raise Refusal("its config nests a text_config and transformers has no image-text-to-text class for it")
+    cfg = copy.deepcopy(cfg)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    try:
+        with torch.device("meta"):
+            wrapper = auto.from_config(cfg, trust_remote_code=False, experts_implementation="eager")
+    except Exception as err:  # transformers raises many types for a config it cannot build
+        first = (str(err).splitlines() or [""])[0][:160]
+        raise Refusal(f"transformers cannot build it from config.json ({type(err).__name__}: {first})") from None
+    bodies = [
+        n
+        for n, m in wrapper.named_modules()
+        if isinstance(getattr(m, "layers", None), torch.nn.ModuleList) and any(map(_experts_modules, m.layers))
+    ]
+    heads = [n for n, _ in wrapper.named_modules() if n.rsplit(".", 1)[-1] == "lm_head"]
+    if not bodies:
+        raise Refusal(
+            "its language model's layers hold no experts module of transformers' experts interface "
+            "(use_experts_implementation): the expert view cannot be derived"
+        )
+    if len(bodies) != 1 or len(heads) != 1:
+        raise Refusal(f"it nests its language model where moecompress does not find one text model ({bodies}, {heads})")
+    text = cfg.get_text_config()
+    if getattr(wrapper.get_submodule(bodies[0]), "config", text).to_dict() != text.to_dict():
+        raise Refusal(f"its text model at {bodies[0]} is not built from its text_config")
+    lm = TextLM(wrapper.get_submodule(bodies[0]), wrapper.get_submodule(heads[0]), text)
+    return wrapper, lm, bodies[0], heads[0]
 
 
 def _stream_ends(model: torch.nn.Module, H: int) -> tuple[str, str]:
@@ -115,11 +192,15 @@ def derive(cfg: Any) -> dict[str, Any]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     mt = cfg.model_type
-    if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    nest: tuple[str, str] | None = None
+    wrapper: torch.nn.Module | None = None
+    if getattr(cfg, "text_config", None) is not None:  # a multimodal wrapper: its language model is the view
+        wrapper, model, body, head = _wrapper(cfg)
+        nest, cfg = (body, head), model.config
+    elif mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise Refusal("transformers has no causal-LM class for it (a multimodal or non-generative model)")
-    if getattr(cfg, "text_config", None) is not None:
-        raise Refusal("its config nests a text_config (a multimodal model): moecompress reads text-only causal LMs")
-    model = meta_model(cfg)
+    else:
+        model = meta_model(cfg)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise Refusal("its decoder layers are not at model.layers")
@@ -226,7 +307,7 @@ def derive(cfg: Any) -> dict[str, Any]:
         raise Refusal("its config has no integer num_experts_per_tok (the router's top-k)")
 
     disk_block, expert_names, renames, (disk_router, disk_correction), fused_names = _disk_layout(
-        model, l0, block_name, experts_name, router_name, E
+        wrapper or model, l0, block_name, experts_name, router_name, E, nest[0] if nest else "model"
     )
     if (flags["is_transposed"] or flags["has_bias"] or not flags["is_concatenated"]) and fused_names is None:
         raise Refusal("its experts are transposed, interleaved or biased in memory but saved per expert: not mapped")
@@ -264,11 +345,13 @@ def derive(cfg: Any) -> dict[str, Any]:
         "gate": gate,
         "fused_names": fused_names,
         "classes": (type(block).__name__, type(router).__name__, type(ex).__name__),
+        "nest": nest,
+        "text_config": cfg if nest else None,
     }
 
 
 def _disk_layout(
-    model: torch.nn.Module, l: int, block: str, experts: str, router: str, E: int
+    model: torch.nn.Module, l: int, block: str, experts: str, router: str, E: int, body: str = "model"
 ) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None], Any]:
     """(block name on disk, per-expert (gate, up, down) names, other per-layer renames, (router name, correction
     bias block-relative name) on disk when they differ, the block-relative disk names of the fused (gate_up, down)
@@ -278,8 +361,8 @@ def _disk_layout(
     matched to its (expert, projection) by value, so a transposed, reordered or renamed layout is seen, not assumed."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    prefix = f"model.layers.{l}."
-    lay = re.compile(r"^model\.layers\.\d+\.")
+    prefix = f"{body}.layers.{l}."  # body: the text model's path (a multimodal wrapper's model.language_model)
+    lay = re.compile(rf"^{re.escape(body)}\.layers\.\d+\.")
     routed = (f"{block}.{experts}.", f"{block}.{router}.")
 
     def other_routed(k: str) -> bool:  # other layers' routed tensors: layer l's markers stand for them
@@ -380,11 +463,20 @@ def _fused_layout(
     Granite's input_linear/output_linear), the router maybe renamed (Granite's router.layer), nothing else."""
     names: dict[str, str] = {}
     inside = f"{prefix}{block}."
+    flips: set[bool] = set()  # the save conversion transposes both fused tensors (Qwen3-VL-MoE: [E, H, 2I] on disk)
     for k, v in marked.items():
-        which = "gate_up" if torch.equal(v, gate_up) else "down" if torch.equal(v, down) else None
+        which = None
+        for flip in (False, True):
+            for name, t in (("gate_up", gate_up), ("down", down)):
+                t = t.transpose(1, 2) if flip else t
+                if which is None and v.shape == t.shape and torch.equal(v, t):
+                    which = name
+                    flips.add(flip)
         if which is None or not k.startswith(inside) or which in names:
             raise Refusal(f"its experts are fused on disk and converted on save ({k}): moecompress cannot write it")
         names[which] = k[len(inside) :]
+    if len(flips) != 1:
+        raise Refusal("its save conversion transposes one fused experts tensor and not the other: not mapped")
     if set(names) != {"gate_up", "down"}:
         raise Refusal(f"its experts are fused on disk in a layout moecompress does not map ({sorted(marked)[:2]})")
     rkey = f"{inside}{router}.weight"
@@ -397,5 +489,5 @@ def _fused_layout(
         odd = sorted(others ^ want)[:2]
         raise Refusal(f"transformers renames tensors on disk besides its fused experts ({odd})")
     disk_router = None if m[1] == router else m[1]
-    fused_names = (names["gate_up"], names["down"])
+    fused_names = (names["gate_up"], names["down"], "transposed" if flips.pop() else "")
     return block, ("gate_up_proj", "gate_up_proj", "down_proj"), (), (disk_router, None), fused_names

@@ -91,16 +91,27 @@ class Family:
     # their biases; MXFP4 releases hold gate_up_proj_blocks/_scales instead): read and written in that layout
     fused_names: tuple[str, str] | None = None  # block-relative disk names of (gate_up, down) when fused on disk
     transposed: bool = False  # fused tensors are [E, H, 2I] / [E, I, H] (x @ W), not [E, 2I, H] / [E, H, I]
+    # the save conversion transposes the fused tensors (Qwen3-VL-MoE: [E, 2I, H] in memory, [E, H, 2I] on disk)
+    save_transposed: bool = False
     interleaved: bool = False  # gate and up rows alternate (g0, u0, g1, u1, ...) instead of gate rows first
     expert_bias: bool = False  # gate_up_proj_bias [E, 2I] and down_proj_bias [E, H]
     gate: str | None = None  # the experts' gated activation when not act(g) * u: "clamped_swiglu" (gpt-oss)
     embed: str = "embed_tokens"  # input embedding module under model.model
     final_norm: str = "norm"  # final norm module under model.model (Jamba: final_layernorm)
+    # a multimodal wrapper whose language model is this MoE: (the text model's, the lm_head's path in its checkpoint),
+    # e.g. ("model.language_model", "lm_head"); the view names them model.* / lm_head.* (``Checkpoint`` maps the keys)
+    # and reads the wrapper's text_config; every other tensor (vision tower, projector) is copied as it is
+    nest: tuple[str, str] | None = None
 
     @property
     def fused_disk(self) -> bool:
         """The routed experts are saved as fused tensors (gpt-oss's experts.gate_up_proj, Granite's input_linear)."""
         return self.fused_names is not None
+
+    @property
+    def disk_transposed(self) -> bool:
+        """The fused tensors on disk are [E, H, 2I] / [E, I, H]."""
+        return self.transposed != self.save_transposed
 
     @property
     def own_experts(self) -> bool:
@@ -258,7 +269,7 @@ class Family:
             return dequantize_mxfp4(blocks, scales, key)
 
         gu, down = get("gate_up_proj"), get("down_proj")
-        if self.transposed:
+        if self.disk_transposed:
             gu, down = gu.transpose(1, 2), down.transpose(1, 2)  # [E, 2I, H], [E, H, I]
         I = gu.shape[1] // 2
         gate, up = (gu[:, 0::2], gu[:, 1::2]) if self.interleaved else (gu[:, :I], gu[:, I:])
@@ -281,7 +292,7 @@ class Family:
             return torch.stack([a, b], dim=2).flatten(1, 2) if self.interleaved else torch.cat([a, b], dim=1)
 
         gu, down = fuse(w.gate, w.up), w.down  # [E, 2I, H], [E, H, I]
-        if self.transposed:
+        if self.disk_transposed:
             gu, down = gu.transpose(1, 2), down.transpose(1, 2)
         out = {self.fused_key(layer, "gate_up_proj"): gu.contiguous(), self.fused_key(layer, "down_proj"): down}
         if self.expert_bias:
@@ -533,17 +544,21 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             disk_correction=d["disk_correction"],
             routing_known=d["routing_like"] is not None,
             derived=True,
-            fused_names=d["fused_names"],
+            fused_names=d["fused_names"][:2] if d["fused_names"] else None,
+            save_transposed=bool(d["fused_names"] and d["fused_names"][2]),
             transposed=d["flags"]["is_transposed"],
             interleaved=not d["flags"]["is_concatenated"],
             expert_bias=d["flags"]["has_bias"],
             gate=d["gate"],
             embed=d["embed"],
             final_norm=d["final_norm"],
+            nest=d["nest"],
         )
         result = (fam, "")
     if memo is not None:
         if len(_DERIVED) > 64:
             _DERIVED.clear()
         _DERIVED[memo] = result
+        if result[0] is not None and result[0].nest is not None:  # its text config (what Checkpoint.config holds)
+            _DERIVED[d["text_config"].to_json_string(use_diff=False)] = result
     return result

@@ -31,9 +31,15 @@ def register_loader(layout: str, target: str) -> None:
 
 
 def load_uniform(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A plain HF folder through transformers (eager experts: exact for any expert width)."""
+    """A plain HF folder through transformers (eager experts: exact for any expert width); a multimodal wrapper
+    through the class transformers maps it to (image-text-to-text)."""
+    from transformers import AutoConfig
+
+    from .derive import wrapper_auto_class
+
+    auto = wrapper_auto_class(AutoConfig.from_pretrained(path, trust_remote_code=False)) or AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto.from_pretrained(
             path, trust_remote_code=False, experts_implementation="eager", dtype=dtype or torch.float32
         )
     except (OSError, ValueError, RuntimeError) as err:

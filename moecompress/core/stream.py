@@ -17,9 +17,9 @@ import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from .checkpoint import Checkpoint
+from .derive import causal_lm
 from .errors import UserError
 from .experts import BiasedExperts, routed_forward
 from .families import Family
@@ -71,17 +71,13 @@ def skeleton(ckpt: Checkpoint) -> nn.Module:
     cfg = copy.deepcopy(ckpt.config)
     if hasattr(cfg, "quantization_config"):  # an MXFP4 release: its experts are dequantized on read
         del cfg.quantization_config
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False):  # causal_lm: a wrapper's text config gets its text model + head
         try:
-            model = AutoModelForCausalLM.from_config(
-                cfg, trust_remote_code=False, experts_implementation="eager", attn_implementation="sdpa"
-            )
+            model = causal_lm(cfg, experts_implementation="eager", attn_implementation="sdpa")
         except ValueError as err:
             if "sdpa" not in str(err).lower() and "scaled_dot_product" not in str(err):
                 raise
-            model = AutoModelForCausalLM.from_config(
-                cfg, trust_remote_code=False, experts_implementation="eager", attn_implementation="eager"
-            )
+            model = causal_lm(cfg, experts_implementation="eager", attn_implementation="eager")
     if ckpt.family.own_experts:
         for l in ckpt.moe_layers:
             block = getattr(model.model.layers[l], ckpt.family.module_block)
@@ -206,8 +202,8 @@ class LayerStream:
         ``keep`` take their state tensor's dtype instead when it is a narrower float (bf16, fp16)."""
         module.to(dtype=self.dtype)
         for name in keep:
-            p, t = module.get_parameter(name), state.get(name)
-            if t is not None and t.is_floating_point() and t.element_size() < p.element_size():
+            p, t = module.get_parameter(name), state[name]
+            if self._narrower(t):
                 owner, _, attr = name.rpartition(".")
                 narrow = nn.Parameter(torch.empty(p.shape, dtype=t.dtype, device="meta"), requires_grad=False)
                 setattr(module.get_submodule(owner), attr, narrow)
@@ -220,6 +216,10 @@ class LayerStream:
                 f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
             )
 
+    def _narrower(self, t: torch.Tensor | None) -> bool:
+        """A float tensor narrower than the stream's dtype (bf16, fp16 under float32)."""
+        return t is not None and t.is_floating_point() and t.element_size() < self.dtype.itemsize
+
     def load_layer(self, l: int) -> nn.Module:
         layer = self.decoder_layers[l]
         raw = self.ckpt.layer_tensors(l)
@@ -228,9 +228,9 @@ class LayerStream:
         keep: tuple[str, ...] = ()
         if self.narrow and l in self._moe:
             ex = f"{self.fam.module_block}.{self.fam.experts}"
-            keep = (f"{ex}.gate_up_proj", f"{ex}.down_proj")
+            keep = tuple(k for k in (f"{ex}.gate_up_proj", f"{ex}.down_proj") if self._narrower(state.get(k)))
             experts = layer.get_submodule(ex)
-            if not isinstance(experts, BiasedExperts):  # (BiasedExperts' own forward is routed_forward)
+            if keep and not isinstance(experts, BiasedExperts):  # (BiasedExperts' own forward is routed_forward)
                 experts.__class__ = _narrow_class(type(experts))
         self._materialize(layer, state, f"layer {l}", keep)
         return layer
@@ -240,7 +240,6 @@ class LayerStream:
         for m in module.modules():
             if "narrow_of" in vars(type(m)):
                 m.__class__ = type(m).narrow_of
-
 
     @torch.no_grad()
     def capture(self) -> None:
