@@ -38,6 +38,7 @@ class Output:
         self._max = max_shard_bytes
         self.shards: ShardWriter | None = None
         self.transforms: Sequence[Transform] = ()
+        self._disk_key: Any = lambda key: key
 
     def __enter__(self) -> Output:
         self.main = dist.is_main()
@@ -59,13 +60,14 @@ class Output:
             new = tr.rewrite(key, t)
             if new is not None:
                 for k, v in new.items():
-                    self.shards.add(k, v)
+                    self.shards.add(self._disk_key(k), v)
                 return
-        self.shards.add(key, t)
+        self.shards.add(self._disk_key(key), t)
 
     def add_globals(self, ckpt: Checkpoint, transforms: Sequence[Transform] = ()) -> None:
         """Every tensor outside the decoder layers (embeddings, final norm, lm_head), in checkpoint order."""
         self.transforms = transforms
+        self._disk_key = ckpt.disk_key  # a multimodal wrapper's language model is written under its own names
         if self.shards is None:
             return
         keys = [k for k in ckpt.keys() if not k.startswith("model.layers.")]
@@ -82,7 +84,7 @@ class Output:
         for k, t in ckpt.read(keys).items():  # each shard opened once, checkpoint order
             self.add(k, t)
         for k, t in (ctx.replaced or {}).items():  # already final: no rewrite
-            self.shards.add(k, t)
+            self.shards.add(self._disk_key(k), t)
 
     def finish(
         self,
@@ -103,6 +105,7 @@ class Output:
         assert self.tmp is not None
         tmp = self.tmp
         self.shards.close()
+        config = ckpt.output_config(config, manifest.layout)  # a multimodal wrapper: its config, text_config changed
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for f in side_files if side_files is not None else ckpt.side_files():
             shutil.copy2(f, tmp / f.name)
