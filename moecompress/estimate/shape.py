@@ -110,6 +110,7 @@ def shape_of_config(config: PretrainedConfig | dict[str, Any]) -> ModelShape:
         except Exception as err:  # transformers raises many types for a config it cannot read
             raise UserError(f"transformers cannot read config.json (model_type {raw['model_type']!r}): {err}") from None
     fam = family_for(cfg)
+    cfg = cfg.get_text_config()  # a multimodal wrapper: its language model's sizes
     H = _int(cfg, "hidden_size")
     E, k = fam.num_experts(cfg), fam.top_k(cfg)
     width = _int(cfg, "moe_intermediate_size", "expert_intermediate_size", "intermediate_size")
