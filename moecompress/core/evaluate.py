@@ -72,7 +72,7 @@ def evaluate(
         check_seq_len(seq_len, m.config)
         b = load(resolve_model(base), device) if base is not None else None
     tokens = eval_set(load_tokenizer(path), data, seq_len, max_windows)
-    if tokens.input_ids.max() >= m.config.vocab_size:
+    if tokens.input_ids.max() >= m.config.get_text_config().vocab_size:  # (a multimodal wrapper: its text model's)
         raise UserError("the tokenizer produces ids beyond the model's vocabulary: the folder's tokenizer is wrong")
     doms = tokens.domain_names
     nll = {d: 0.0 for d in doms}
