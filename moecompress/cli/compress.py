@@ -53,6 +53,14 @@ ServableOpt = Annotated[
 OtherBitsOpt = Annotated[
     int, typer.Option("--other-bits", help="With a budget: bits of attention/shared/dense weights (4, 8 or 16).")
 ]
+CheckOpt = Annotated[
+    bool,
+    typer.Option(
+        "--check/--no-check",
+        help="With a budget: write a plan that removes or cuts experts only if it beats the quantize-only plan in KL "
+        "on the calibration windows (one more pass; a third when the quantize-only plan wins).",
+    ),
+]
 
 
 @user_errors
@@ -70,6 +78,7 @@ def compress(
     budget_ratio: BudgetRatioOpt = None,
     servable: ServableOpt = False,
     other_bits: OtherBitsOpt = 8,
+    check: CheckOpt = True,
     profile: Annotated[
         Path | None, typer.Option("--profile", help="Profile run folder to reuse (else one profiling pass runs first).")
     ] = None,
@@ -106,11 +115,11 @@ def compress(
     check_numbers(*calib_checks(samples, seq_len, seed, batch_size))
     if budget_gb is not None or budget_ratio is not None:
         _budget(model, output, recipe, prune, merge, atom, bits, budget_gb, budget_ratio, servable, other_bits,
-                profile, calib, samples, seq_len, seed, batch_size, device, overwrite)  # fmt: skip
+                profile, calib, samples, seq_len, seed, batch_size, device, overwrite, check)  # fmt: skip
         return
-    if servable or other_bits != 8:
-        raise UserError("--servable/--exact and --other-bits go with --budget-gb or --budget-ratio (a recipe's "
-                        "quantize stage takes other_bits)")  # fmt: skip
+    if servable or other_bits != 8 or not check:
+        raise UserError("--servable/--exact, --other-bits and --no-check go with --budget-gb or --budget-ratio (a "
+                        "recipe's quantize stage takes other_bits)")  # fmt: skip
     if recipe is not None and any(v is not None for v in (prune, merge, atom, bits)):
         raise UserError("give either --recipe or the shorthand flags (--prune/--merge/--atom/--bits), not both")
     stages = rc.load(recipe) if recipe is not None else rc.from_flags(prune, merge, atom, bits)
@@ -127,7 +136,7 @@ def compress(
 
 
 def _budget(model, output, recipe, prune, merge, atom, bits, budget_gb, budget_ratio, servable, other_bits, profile,
-            calib, samples, seq_len, seed, batch_size, device, overwrite) -> None:  # fmt: skip
+            calib, samples, seq_len, seed, batch_size, device, overwrite, check=True) -> None:  # fmt: skip
     """compress --budget-gb/--budget-ratio: the planner (moecompress.budget)."""
     from ..budget.run import budget_compress
 
@@ -141,11 +150,13 @@ def _budget(model, output, recipe, prune, merge, atom, bits, budget_gb, budget_r
     man = budget_compress(
         model, output, budget_gb=budget_gb, budget_ratio=budget_ratio, servable=servable, other_bits=other_bits,
         calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device_of(device),
-        overwrite=overwrite, profile_dir=profile,
+        overwrite=overwrite, profile_dir=profile, check=check,
     )  # fmt: skip
     st = man.stage("budget") or {}
+    switched = (st.get("check") or {}).get("chosen") == "bits_only"
+    kind = " quantize-only (it beat the joint plan on the calibration windows)" if switched else ""
     out_console.print(
-        f"compress --budget: {st.get('layout')} plan, predicted KL {st.get('predicted_cost', 0):.4g}, "
+        f"compress --budget: {st.get('layout')}{kind} plan, predicted KL {st.get('predicted_cost', 0):.4g}, "
         f"{st.get('written_tensor_bytes', 0):,} of {st.get('budget_bytes', 0):,} budget bytes "
         f"({man.bytes_before:,} -> {man.bytes_after:,} bytes on disk) in {man.elapsed_s} s -> {output} "
         f"(plan.json; load with {man.load_with})",

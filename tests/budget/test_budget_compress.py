@@ -109,6 +109,7 @@ def test_budget_flag_errors_are_one_line(qwen, tmp_path):
         (["--budget-gb", "1", "--budget-ratio", "0.5"], "not both"),
         (["--budget-ratio", "1.5"], "between 0 and 1"),
         (["--servable"], "go with --budget-gb"),
+        (["--no-check"], "go with --budget-gb"),
         (["--budget-ratio", "0.5", "--other-bits", "3"], "--other-bits 3"),
     ):
         res = _run(str(qwen), *argv, *SMALL, "-o", str(out))
