@@ -12,10 +12,11 @@ always comes from the family's own MoE block, which calls the experts module.
     with observing(experts, fwd):   # fwd(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]
         layer(...)                  # the block routes; its experts module dispatches to fwd
 
-Experts modules that do not dispatch through the interface (moecompress's own ``BiasedExperts`` of gpt-oss, a
-narrowed class whose forward is overridden, or a layout ``routed_forward`` does not compute: transposed,
-interleaved, biased, gate-less experts, post-expert norms or a family's own gate) get their ``forward`` replaced for
-the observation instead (:func:`dispatches` says which).
+Experts modules that do not dispatch through the interface (moecompress's own ``BiasedExperts`` of gpt-oss, or a
+layout ``routed_forward`` does not compute: transposed, interleaved, biased, gate-less experts, post-expert norms or
+a family's own gate) get their ``forward`` replaced for the observation instead (:func:`dispatches` says which).
+The layer stream's narrowed experts (weights held in the checkpoint's dtype, core/stream.py) are observed through
+the interface as the transformers class they narrow.
 """
 
 from __future__ import annotations
@@ -67,28 +68,40 @@ def experts_forward(
 ExpertsInterface.register(NAME, experts_forward)
 
 
-def dispatches(experts: nn.Module) -> bool:
-    """The module's forward goes through ``ExpertsInterface`` and ``routed_forward`` computes its layout."""
-    if _eager(type(experts)) is None or getattr(experts, "config", None) is None:
-        return False
+def _interface_class(experts: nn.Module) -> type | None:
+    """The class through which ``experts`` dispatches to ``ExpertsInterface`` with a layout ``routed_forward``
+    computes: its own, or for the layer stream's narrowed class (``narrow_of``: forward overridden to upcast weights
+    held in the checkpoint's dtype) the transformers class it narrows; None when there is none."""
+    cls = vars(type(experts)).get("narrow_of", type(experts))
+    if _eager(cls) is None or getattr(experts, "config", None) is None:
+        return None
     if any(getattr(experts, k, None) is not v for k, v in _STANDARD.items()):
-        return False
-    return getattr(type(experts), "_apply_gate", None) is _default_apply_gate
+        return None
+    return cls if getattr(cls, "_apply_gate", None) is _default_apply_gate else None
+
+
+def dispatches(experts: nn.Module) -> bool:
+    """The module is observed through ``ExpertsInterface`` (see :func:`observing`)."""
+    return _interface_class(experts) is not None
 
 
 @contextmanager
 def observing(experts: nn.Module, fwd: Forward) -> Iterator[str]:
     """Run ``experts`` as ``fwd`` inside the block: through ``ExpertsInterface`` (yields "interface") where the
-    module dispatches there, else by replacing its ``forward`` (yields "patch")."""
-    if not dispatches(experts):
+    module dispatches there (a narrowed module runs as its transformers class meanwhile: ``fwd`` upcasts per expert
+    as the narrowed forward does), else by replacing its ``forward`` (yields "patch")."""
+    cls = _interface_class(experts)
+    if cls is None:
         experts.forward = fwd
         try:
             yield "patch"
         finally:
             del experts.forward
         return
+    own = type(experts)
     cfg: Any = experts.config  # what the module's forward reads; only this config, not its sub-configs
     before = cfg._experts_implementation_internal
+    experts.__class__ = cls
     cfg._experts_implementation_internal = NAME
     _ACTIVE[id(experts)] = fwd
     try:
@@ -96,3 +109,4 @@ def observing(experts: nn.Module, fwd: Forward) -> Iterator[str]:
     finally:
         _ACTIVE.pop(id(experts), None)
         cfg._experts_implementation_internal = before
+        experts.__class__ = own

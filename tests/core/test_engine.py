@@ -172,6 +172,16 @@ def test_observation_runs_through_the_experts_interface_and_leaves_eager_unchang
     assert {(c[0], c[1]) for c in seen.calls} == {(l, b) for l in ck.moe_layers for b in range(2)}
     assert all(not patched and impl == "moecompress" for _, _, patched, impl, _, _ in seen.calls)
     assert eng.model.config._experts_implementation == "eager"  # restored after each observation
+    # a pass that holds the experts narrow (core/stream.py: forward overridden) is observed the same way, as the
+    # transformers class it narrows, and sees the same routing
+    narrow = Seen()
+    narrow.reads_narrow = True
+    eng = Engine(ck, tokens.input_ids, batch_size=3)
+    eng.run([narrow])
+    assert eng.stream.narrow
+    assert [c[:4] for c in narrow.calls] == [c[:4] for c in seen.calls]
+    for a, b in zip(narrow.calls, seen.calls, strict=True):
+        assert torch.equal(a[4], b[4]) and torch.equal(a[5], b[5])
     # the routing shown is the model's own: top-k indices and weights of Mixtral's router on the batch
     model = AutoModelForCausalLM.from_pretrained(mixtral, experts_implementation="eager").eval()
     ids = tokens.input_ids[:3]
@@ -204,6 +214,7 @@ def test_modules_outside_the_interface_are_observed_by_a_replaced_forward():
 
     from moecompress.core.experts import BiasedExperts
     from moecompress.core.interface import dispatches, observing
+    from moecompress.core.stream import _narrow_class
 
     cfg = MixtralConfig(hidden_size=8, intermediate_size=6, num_local_experts=3)
     std = MixtralExperts(cfg)
@@ -211,11 +222,16 @@ def test_modules_outside_the_interface_are_observed_by_a_replaced_forward():
     odd = MixtralExperts(cfg)
     odd.has_bias = True
     own = BiasedExperts(3, 8, 6, "gpt_oss", "clamped_swiglu", 1.702, 7.0)
-    for ex, want in ((std, "interface"), (odd, "patch"), (own, "patch")):
+    narrowed = MixtralExperts(cfg)
+    narrowed.__class__ = _narrow_class(MixtralExperts)  # the layer stream's narrow experts: forward overridden
+    for ex, want in ((std, "interface"), (odd, "patch"), (own, "patch"), (narrowed, "interface")):
+        cls = type(ex)
         with observing(ex, lambda h, i, w: h) as how:
             assert how == want
             assert ("forward" in vars(ex)) == (want == "patch")
-        assert "forward" not in vars(ex)
+            if want == "interface":
+                assert type(ex) is MixtralExperts and ex.config._experts_implementation == "moecompress"
+        assert "forward" not in vars(ex) and type(ex) is cls
 
 
 @pytest.mark.slow
