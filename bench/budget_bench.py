@@ -130,8 +130,8 @@ def main() -> None:
         return finish(args, model, ref, cal, runs, measure_s, ratios)
     measure_s = None
     part_file = Path(f"{args.out}.{args.part}.json")
-    if args.part == "chain" and part_file.exists():  # resume: keep the runs a killed chain part finished
-        runs += json.loads(part_file.read_text())["runs"]
+    if args.part in ("single", "chain") and part_file.exists():  # resume: keep the runs a stopped part finished
+        runs += [r for r in json.loads(part_file.read_text())["runs"] if "failed" not in r]
     if args.part in ("all", "joint"):
         measure_s = state["m"] = joint(args, model, ckpt, ref, cal, ratios, extra, tmp, runs, record, state)
     if args.part in ("all", "single"):
@@ -204,6 +204,10 @@ def single(args, model, ckpt, ref, cal, ratios, tmp, runs, record) -> None:
     from moecompress.core.errors import UserError
     from moecompress.quant.run import measure_model, run_quantize
 
+    done = {r["name"] for r in runs}
+    todo = [f"quantize LP {r:.0%}" for r in ratios] + [f"quantize {b} bit" for b in (2, 3, 4)]
+    if all(n in done for n in todo):
+        return run_stages(model, cal, tmp, runs, record, [s for s in stage_list(ckpt) if s[0] == "single"])
     meas = measure_model(model, samples=args.samples, seq_len=args.seq_len, keep_codes=True)
     for ratio in ratios:
         t1 = time.time()
@@ -243,6 +247,8 @@ def stage_list(ckpt) -> list[tuple[str, str, list[dict]]]:
             stages.append(("chain", f"merge 50% + {b} bit", [{"merge": {"ratio": 0.5}}, {"quantize": {"bits": b}}]))
         elif ok(r):
             stages.append(("chain", f"prune {r:.0%} + {b} bit", [{"prune": {"ratio": r}}, {"quantize": {"bits": b}}]))
+    for a, b in [(0.25, 3), (0.5, 2), (0.25, 2)]:  # channel pruning, then quantize
+        stages.append(("chain", f"atom {a:.0%} + {b} bit", [{"atom": {"ratio": a}}, {"quantize": {"bits": b}}]))
     return stages
 
 
@@ -270,20 +276,36 @@ def run_stages(model, cal, tmp, runs, record, stages) -> None:
         record(kind, name, out, t1)
 
 
+METHODS = (
+    ("exact", "joint exact", lambda r, x: r["name"] == f"joint exact {x:.0%}"),
+    ("servable", "joint servable", lambda r, x: r["name"] == f"joint servable {x:.0%}"),
+    ("uniform", "quantize uniform", lambda r, x: r["name"].startswith("quantize ") and r["name"].endswith(" bit")),
+    ("lp", "quantize LP", lambda r, x: r["name"] == f"quantize LP {x:.0%}"),
+    ("prune", "prune alone", lambda r, x: r["kind"] == "single" and r["name"].startswith("prune ")),
+    ("atom", "atom alone", lambda r, x: r["kind"] == "single" and r["name"].startswith("atom ")),
+    ("chain", "best prune/merge/atom + quantize", lambda r, x: r["kind"] == "chain"),
+)
+
+
 def finish(args, model, ref, cal, runs, measure_s, ratios) -> None:
-    """The table per budget, the correlation, the synthetic solve; PREFIX.json, .md, .svg."""
-    # per budget: the joint plans vs the best single method and the best chain that fit
+    """The table per budget (each method's best run that fits), the correlation, the synthetic solve; PREFIX.json,
+    .md, .svg."""
     table = []
     for ratio in ratios:
         cap = ratio * ref
         row: dict[str, Any] = {"target": ratio, "budget_bytes": int(cap)}
-        for kind, key in (("single", "best_single"), ("chain", "best_chain")):
-            fit = [r for r in runs if r["kind"] == kind and "kl" in r and r["bytes"] <= cap]
-            row[key] = min(fit, key=lambda r: r["kl"]) if fit else None
-        for lay in ("exact", "servable"):
-            row[lay] = next((r for r in runs if r["name"] == f"joint {lay} {ratio:.0%}"), None)
+        for key, _, match in METHODS:
+            tried = [r for r in runs if match(r, ratio)]
+            fit = [r for r in tried if "kl" in r and r["bytes"] <= cap]
+            row[key] = min(fit, key=lambda r: r["kl"]) if fit else ("none fits" if tried else "not run")
+        others = [row[k]["kl"] for k, _, _ in METHODS[2:] if isinstance(row[k], dict)]
+        ex = row["exact"]
+        if isinstance(ex, dict) and others:
+            best = min(others)
+            row["verdict"] = "win" if ex["kl"] < best else ("tie" if ex["kl"] == best else "loss")
+            row["exact_vs_best_other"] = ex["kl"] / best - 1
         table.append(row)
-    plans = [r for r in runs if r["kind"] == "joint" and "kl" in r]
+    plans = [r for r in runs if "kl" in r and "predicted" in r and "no propagate" not in r["name"]]
     rho = spearman([r["predicted"] for r in plans], [r["kl"] for r in plans])
     ip = None if args.skip_ip else synthetic_ip()
     result = {
@@ -299,59 +321,72 @@ def finish(args, model, ref, cal, runs, measure_s, ratios) -> None:
     print(Path(f"{out}.md").read_text())
 
 
-def _cell(r: dict | None) -> str:
-    if r is None:
-        return "none fits"
-    if "kl" not in r:
-        return "unreachable"
-    return f"{r['name']}: KL {r['kl']:.5f} ({r['bytes']:,} B)"
+def _cell(r: Any, ref: int) -> str:
+    if not isinstance(r, dict):
+        return r
+    return f"{r['kl']:.5f} ({r['name']}, {r['bytes'] / ref:.1%})"
 
 
 def markdown(res: dict, args: Any) -> str:
     name = Path(res["model"]).name
+    ref = res["bf16_bytes"]
     lines = [
         f"# Byte-budget planner vs single methods and two-step chains: {name}",
         "",
         f"`OMP_NUM_THREADS=1 .venv/bin/python bench/budget_bench.py{' --model ' + args.model if args.model else ''}"
-        f"{'' if args.ratios == ','.join(map(str, RATIOS)) else ' --ratios ' + args.ratios}`; "
-        f"calibration {res['calibration']['samples']} x {res['calibration']['seq_len']} tokens (mixed, seed 0) for "
-        f"every run; KL(base || output) on {res['eval_windows']} held-out windows per domain; bytes = safetensors "
-        f"tensor payload; bf16 size {res['bf16_bytes']:,} B. Profile + measuring pass of the planner: "
-        f"{res['measure_s']} s (once for all its budgets).",
+        f" --samples {res['calibration']['samples']} --eval-windows {res['eval_windows']}"
+        f"{'' if args.ratios == ','.join(map(str, RATIOS)) else ' --ratios ' + args.ratios}` (parts joint, single "
+        f"and chain run side by side with `--part`, then `--combine`); calibration {res['calibration']['samples']} x "
+        f"{res['calibration']['seq_len']} tokens (mixed, seed 0) for every run; KL(source || output) on "
+        f"{res['eval_windows']} held-out windows per domain; bytes = safetensors tensor payload; bf16 size {ref:,} B. "
+        f"Profile + measuring pass of the planner: {res['measure_s']} s (once for all its budgets). Each cell: the "
+        "lowest KL of that method's runs that fit the budget (run, size as a fraction of bf16).",
         "",
-        "| budget | joint (exact) | joint (servable) | best single method | best two-step chain |",
-        "|---|---|---|---|---|",
+        "| budget | " + " | ".join(t for _, t, _ in METHODS) + " | joint exact vs best other |",
+        "|---" * (len(METHODS) + 2) + "|",
     ]
     for row in res["table"]:
-        cells = [_cell(row[k]) for k in ("exact", "servable", "best_single", "best_chain")]
-        lines.append(f"| {row['target']:.0%} ({row['budget_bytes']:,} B) | " + " | ".join(cells) + " |")
+        cells = [_cell(row[k], ref) for k, _, _ in METHODS]
+        v = f"{row['verdict']} ({row['exact_vs_best_other']:+.1%})" if "verdict" in row else "–"
+        lines.append(f"| {row['target']:.0%} | " + " | ".join(cells) + f" | {v} |")
     rho = res["spearman_predicted_vs_kl"]
     lines += [
         "",
         f"Spearman rank correlation of the planner's predicted cost with the measured KL over its "
-        f"{res['plans_in_correlation']} plans: {'n/a' if rho is None else f'{rho:.3f}'}.",
+        f"{res['plans_in_correlation']} plans (checked and unchecked, exact and servable): "
+        f"{'n/a' if rho is None else f'{rho:.3f}'}.",
     ]
+    checks = [r for r in res["runs"] if r.get("check") and "chosen" in r["check"]]
+    if checks:
+        lines += ["", "Quantize-only guard (KL on the calibration windows, budget/check.py):", ""]
+        for r in checks:
+            c = r["check"]
+            lines.append(f"- {r['name']}: joint {c['joint_kl']:.5f} vs quantize-only {c['bits_only_kl']:.5f} -> "
+                         f"{c['chosen']} written")  # fmt: skip
     if res["synthetic_ip"]:
         ip = res["synthetic_ip"]
         lines.append(
-            f"Synthetic Qwen3-30B-sized instance ({ip['items']:,} experts x {ip['options']} options, "
+            f"\nSynthetic Qwen3-30B-sized instance ({ip['items']:,} experts x {ip['options']} options, "
             f"{ip['binaries']:,} binaries after Pareto pruning): {ip['solver']} solve {ip['solve_s']} s, build "
             f"{ip['build_s']} s, total {ip['total_s']} s on one core."
         )
     lines += [
         "",
+        f"![bytes vs KL]({Path(args.out).name}.svg)",
+        "",
         "All runs:",
         "",
-        "| kind | run | bytes | of bf16 | KL | top-1 | wall s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| kind | run | bytes | of bf16 | KL | top-1 | predicted | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["runs"]:
         if "kl" in r:
+            pred = f"{r['predicted']:.5f}" if "predicted" in r else "–"
             lines.append(f"| {r['kind']} | {r['name']} | {r['bytes']:,} | {r['ratio']:.1%} | {r['kl']:.5f} | "
-                         f"{r['top1']:.4f} | {r['wall_s']} |")  # fmt: skip
+                         f"{r['top1']:.4f} | {pred} | {r['wall_s']} |")  # fmt: skip
         else:
-            lines.append(f"| {r['kind']} | {r['name']} | – | – | {'unreachable' if 'unreachable' in r else 'refused'}"
-                         " | – | – |")  # fmt: skip
+            why = "unreachable" if "unreachable" in r else f"failed: {r.get('failed', '')[:80]}"
+            lines.append(f"| {r['kind']} | {r['name']} | – | – | {why} | – | – | – |")
     return "\n".join(lines) + "\n"
 
 

@@ -336,9 +336,20 @@ def _budget_block(
         )  # fmt: skip
         + f'<p><b data-key="budget.kept" data-value="{esc(kept)}">{esc(kept)}</b> of {esc(n * len(order))} routed '
         f"experts kept; predicted cost {esc(fmt_num(pred))} (predicted KL to the source model) for "
-        f"{esc(fmt_num(total))} bytes. {measured}</p>"
+        f"{esc(fmt_num(total))} bytes. {measured}{_check_note(st.get('check'))}</p>"
         f"<figure>{svg_b}</figure><figure>{svg_w}</figure>"
     )
+
+
+def _check_note(chk: Any) -> str:
+    """The quantize-only guard's calibration-window KL of both plans and which one was written (budget/check.py)."""
+    if not isinstance(chk, dict) or chk.get("chosen") not in ("joint", "bits_only"):
+        return ""
+    j, q = num(chk.get("joint_kl")), num(chk.get("bits_only_kl"))
+    which = "the joint plan" if chk["chosen"] == "joint" else "the quantize-only plan (no removal, no cuts)"
+    key = f'data-key="budget.written" data-value="{esc(chk["chosen"])}"'
+    return (f" KL on the calibration windows: joint plan {esc(fmt_num(j))}, quantize-only plan {esc(fmt_num(q))}; "
+            f"<b {key}>{esc(which)}</b> was written.")  # fmt: skip
 
 
 def _protected_block(prot: list[tuple[int, int, str]], mods: list[tuple[Any, str, str]]) -> str:

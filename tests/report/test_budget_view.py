@@ -25,3 +25,11 @@ def test_the_plan_is_drawn_per_expert_with_predicted_and_measured_kl():
     assert 'data-value="0.5"' in html  # expert 2 of layer 0 kept 32 of 64 channels
     without = actions_section(_manifest(), None, None, None, "r")
     assert "moecompress eval OUT" in without and "budget.measured_kl" not in without
+
+
+def test_the_quantize_only_guard_says_which_plan_was_written():
+    m = _manifest()
+    m.stage("budget")["check"] = {"chosen": "bits_only", "joint_kl": 0.02, "bits_only_kl": 0.01}  # type: ignore[index]
+    html = actions_section(m, None, None, None, "r")
+    assert 'data-key="budget.written" data-value="bits_only"' in html and "0.02" in html and "0.01" in html
+    assert "budget.written" not in actions_section(_manifest(), None, None, None, "r")
