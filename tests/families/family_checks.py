@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from family_models import build, tiny_config
+from family_models import build, model_class, tiny_config
 from moecompress.calibration.sets import calibration_set, load_tokenizer
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from moecompress.core.checkpoint import Checkpoint
 from moecompress.core.errors import UserError
@@ -67,9 +67,8 @@ def reload_clean(path: Path) -> torch.nn.Module:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model, info = AutoModelForCausalLM.from_pretrained(
-                path, experts_implementation="eager", output_loading_info=True
-            )
+            auto = model_class(AutoConfig.from_pretrained(path))  # a multimodal wrapper: image-text-to-text
+            model, info = auto.from_pretrained(path, experts_implementation="eager", output_loading_info=True)
     finally:
         logger.removeHandler(handler)
     bad = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
@@ -79,10 +78,21 @@ def reload_clean(path: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def from_pretrained(path: Path) -> torch.nn.Module:
+    """The full transformers model of a folder in float32 (a multimodal wrapper with its vision tower)."""
+    auto = model_class(AutoConfig.from_pretrained(path))
+    return auto.from_pretrained(path, experts_implementation="eager", dtype=torch.float32).eval()
+
+
+def decoder_layers(model: torch.nn.Module, fam: Any) -> Any:
+    """The language model's decoder layers (a multimodal wrapper's text model, e.g. model.language_model.layers)."""
+    return model.get_submodule(fam.nest[0]).layers if fam.nest else model.model.layers
+
+
 def check_view_write(ck: Checkpoint) -> None:
     disk: dict[str, torch.Tensor] = {}
     for f in sorted(set(ck.weight_map.values())):
-        disk.update(load_file(str(ck.path / f)))
+        disk.update({ck.view_key(k): v for k, v in load_file(str(ck.path / f)).items()})
     for l in ck.moe_layers:
         w = ck.moe_weights(l)
         E, I, H = w.gate.shape
@@ -97,11 +107,11 @@ def brute_force(path: Path, input_ids: torch.Tensor, domains: list[str]) -> dict
     """Full transformers model, one token and one chosen expert at a time (the model's own routing)."""
     ck = Checkpoint(path)
     fam = ck.family
-    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager", dtype=torch.float32).eval()
+    model = from_pretrained(path)
     seen: dict[int, list[tuple[torch.Tensor, ...]]] = {}
     hooks = []
     for l in ck.moe_layers:
-        ex = getattr(getattr(model.model.layers[l], fam.module_block), fam.experts)
+        ex = getattr(getattr(decoder_layers(model, fam)[l], fam.module_block), fam.experts)
 
         def grab(mod: Any, args: tuple[Any, ...], _l: int = l) -> None:
             seen.setdefault(_l, []).append(tuple(a.detach() for a in args[:3]))
@@ -117,7 +127,7 @@ def brute_force(path: Path, input_ids: torch.Tensor, domains: list[str]) -> dict
     for l in ck.moe_layers:
         w = ck.moe_weights(l)
         E, I, H = w.gate.shape
-        ex = getattr(getattr(model.model.layers[l], fam.module_block), fam.experts)
+        ex = getattr(getattr(decoder_layers(model, fam)[l], fam.module_block), fam.experts)
 
         def expert(e: int, x: torch.Tensor, ex: Any = ex, w: Any = w) -> tuple[torch.Tensor, torch.Tensor]:
             """(h [I], f [H]) of expert e from the view, with the transformers module's own activation."""
@@ -196,6 +206,7 @@ class Refused(Exception):
 
 GROUPS_UNVERIFIED = "routes within groups of experts"
 FUSED_ON_DISK = "keeps its routed experts fused on disk"
+WRAPPER_LAYOUT = "writes it in the uniform layout only"
 
 
 def check_prune(ck: Checkpoint, work: Path) -> None:
@@ -210,7 +221,7 @@ def check_prune(ck: Checkpoint, work: Path) -> None:
     pruned = Checkpoint(out)
     assert pruned.num_experts == ck.num_experts - round(0.25 * ck.num_experts), pruned.num_experts
     for key in ck.family.count_keys:
-        assert getattr(model.config, key) == pruned.num_experts, key
+        assert getattr(model.config.get_text_config(), key) == pruned.num_experts, key
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(12)[None] % 300).logits).all()
     check_masked(ck, out, model)
@@ -221,7 +232,7 @@ def experts_masked(model: torch.nn.Module, fam: Any, E: int, removed: dict[int, 
     """The base model with ``removed`` experts (per layer) masked out of routing, through the family's own code:
     inside each router's forward, the router logits (every ``F.linear`` output of width E) are -inf for them, and a
     correction bias is -inf for them (sigmoid routers add it after the logits). E: the base model's expert count."""
-    routers = {id(getattr(getattr(model.model.layers[l], fam.module_block), fam.router)): l for l in removed}
+    routers = {id(getattr(getattr(decoder_layers(model, fam)[l], fam.module_block), fam.router)): l for l in removed}
     active: list[int] = []
     linear = torch.nn.functional.linear
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -241,7 +252,7 @@ def experts_masked(model: torch.nn.Module, fam: Any, E: int, removed: dict[int, 
 
     hooks = []
     for l, gone in removed.items():
-        router = getattr(getattr(model.model.layers[l], fam.module_block), fam.router)
+        router = getattr(getattr(decoder_layers(model, fam)[l], fam.module_block), fam.router)
         hooks += [router.register_forward_pre_hook(enter), router.register_forward_hook(leave)]
         corr = getattr(router, fam.correction_bias, None) if fam.correction_bias else None
         if corr is not None:
@@ -265,7 +276,7 @@ def check_masked(ck: Checkpoint, out: Path, pruned: torch.nn.Module) -> None:
     stage = Checkpoint(out).manifest.stage("prune")
     removed = {int(l): info["removed"] for l, info in stage["layers"].items()}
     assert removed and all(removed.values()), removed
-    base = AutoModelForCausalLM.from_pretrained(ck.path, experts_implementation="eager", dtype=torch.float32).eval()
+    base = from_pretrained(ck.path)
     pruned = pruned.float()
     ids = (torch.arange(2 * 24).reshape(2, 24) * 7 + 3) % 300
     with torch.no_grad():
@@ -287,6 +298,8 @@ def check_quantize(ck: Checkpoint, work: Path) -> None:
             raise Refused(
                 "experts fused on disk: per-expert quantized tensors would not load in transformers"
             ) from None
+        if WRAPPER_LAYOUT in str(err) and ck.family.nest and not out.exists():
+            raise Refused("multimodal wrapper: quantized outputs do not load with moecompress.load yet") from None
         raise
     reload_clean(out)
 

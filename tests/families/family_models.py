@@ -93,9 +93,49 @@ def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, An
     return out
 
 
+# small vision towers for multimodal wrappers whose language model is an MoE (the keys each vision config has)
+_VISION = dict(
+    depth=1, num_hidden_layers=1, hidden_size=32, num_heads=2, num_attention_heads=2, intermediate_size=48,
+    out_hidden_size=64, deepstack_visual_indexes=[0], num_position_embeddings=16, image_size=28, patch_size=14,
+    vision_output_dim=64, projector_input_dim=64, projector_output_dim=64, spatial_merge_size=2,
+)  # fmt: skip
+# token ids of a wrapper's image/video markers: inside the tiny vocabulary (the text windows never hold them)
+_MARKERS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_start_token_id",
+            "image_end_token_id", "video_start_token_id", "video_end_token_id", "boi_token_index", "eoi_token_index",
+            "image_token_index")  # fmt: skip
+
+
 def tiny_config(model_type: str, width: int = MOE_WIDTH):
     defaults = AutoConfig.for_model(model_type).to_dict()
-    return AutoConfig.for_model(model_type, **_overrides(defaults, width))
+    text = defaults.get("text_config")
+    if not isinstance(text, dict):
+        return AutoConfig.for_model(model_type, **_overrides(defaults, width))
+    # a multimodal wrapper: the tiny sizes go into its text config, a one-block vision tower beside it
+    vision = defaults.get("vision_config") or {}
+    small = text | _overrides(text, width)
+    rope = dict(small.get("rope_parameters") or {})
+    if rope:  # multimodal rotary sections (t, h, w) that fit the tiny head: they sum to half the rotary width
+        head = small.get("head_dim") or small["hidden_size"] // small["num_attention_heads"]
+        half = int(head * rope.get("partial_rotary_factor", small.get("partial_rotary_factor") or 1.0)) // 2
+        small["rope_parameters"] = rope | {"mrope_section": [half - 2 * (half // 4), half // 4, half // 4]}
+    kw: dict[str, Any] = {"text_config": small}
+    if isinstance(vision, dict):
+        kw["vision_config"] = vision | {k: v for k, v in _VISION.items() if k in vision}
+    for i, k in enumerate(m for m in _MARKERS if m in defaults):
+        kw[k] = VOCAB - 1 - i
+    if "tie_word_embeddings" in defaults:
+        kw["tie_word_embeddings"] = False
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def model_class(cfg: Any) -> Any:
+    """The Auto class transformers loads this model type with: causal LM, or image-text-to-text for a wrapper."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if getattr(cfg, "text_config", None) is not None and cfg.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def build(
@@ -104,7 +144,7 @@ def build(
     """Save a tiny randomly initialized model of ``model_type`` (routers and biases non-trivial)."""
     torch.manual_seed(seed)
     cfg = tiny_config(model_type, width)
-    model = AutoModelForCausalLM.from_config(cfg, experts_implementation="eager")
+    model = model_class(cfg).from_config(cfg, experts_implementation="eager")
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
