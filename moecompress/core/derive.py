@@ -63,12 +63,17 @@ def _clamped_swiglu_source() -> str:
 def _reference_routing() -> dict[str, tuple[str, str]]:
     """Normalized (block, router) sources of the hand-written families whose routing moecompress re-implements."""
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
+    from transformers.models.gpt_oss import modeling_gpt_oss as go
     from transformers.models.mixtral import modeling_mixtral as mx
     from transformers.models.olmoe import modeling_olmoe as ol
     from transformers.models.qwen2_moe import modeling_qwen2_moe as q2
     from transformers.models.qwen3_moe import modeling_qwen3_moe as q3
 
     return {
+        # gpt-oss: top-k of the biased logits, softmax over those k = Mixtral's softmax, top-k, renormalized, with the
+        # router bias added to the logits (which prune and merge add); checked per model type by the masked-routing
+        # equality of prune --method output-error (tests/families/test_gpt_oss.py)
+        "gpt_oss": (_norm_source(go.GptOssMLP), _norm_source(go.GptOssTopKRouter)),
         "mixtral": (_norm_source(mx.MixtralSparseMoeBlock), _norm_source(mx.MixtralTopKRouter)),
         "qwen2_moe": (_norm_source(q2.Qwen2MoeSparseMoeBlock), _norm_source(q2.Qwen2MoeTopKRouter)),
         "qwen3_moe": (_norm_source(q3.Qwen3MoeSparseMoeBlock), _norm_source(q3.Qwen3MoeTopKRouter)),

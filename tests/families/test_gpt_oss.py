@@ -41,6 +41,9 @@ def test_gpt_oss_round_trips_profiles_prunes_and_refuses_quantization(tmp_path, 
     fam = Checkpoint(tmp_path / "gpt_oss").family
     assert fam.fused_disk and fam.transposed and fam.interleaved and fam.expert_bias and fam.router_bias
     assert fam.gate == "clamped_swiglu"
+    # its router (top-k of the biased logits, softmax over the k) is Mixtral's routing with a router bias: verified,
+    # and the prune check above found the pruned logits equal to the base model's with those experts masked
+    assert fam.routing_known and fam.norm_topk(Checkpoint(tmp_path / "gpt_oss").config)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,9 @@ def gpt_oss(tmp_path_factory, tokenizer_dir):
     ("argv", "says"),
     [
         (["prune", "--granularity", "atom", "--ratio", "0.25", "--refit", "none"], "experts carry biases"),
-        (["merge", "--ratio", "0.25"], "not one moecompress has verified"),
+        (["merge", "--ratio", "0.25"], "fused on disk"),  # (and merge/ does not carry the experts' biases)
+        (["prune", "--ratio", "0.25"], "expert math does not model"),  # output-error: routing verified, experts not
+        (["prune", "--ratio", "0.25", "--method", "reap", "--refit", "router"], "expert math does not model"),
         (["quantize", "--bits", "4"], "fused on disk"),
     ],
 )
