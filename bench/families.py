@@ -79,7 +79,8 @@ def table(report: dict) -> str:
         "the removed experts masked out of routing; `quantize --bits 4 --plan uniform --method rtn` loads in plain "
         "transformers; `prune --granularity atom --refit none` loads with `moecompress.load`; `merge --ratio 0.25` "
         "loads in plain transformers; `eval --base` and `report` run on the prune output; `moecompress.load` of "
-        "the prune output gives transformers' logits.",
+        "the prune output gives transformers' logits. A multimodal wrapper (`record` wrapper) is checked on its MoE "
+        'language model, and "plain transformers" is the image-text-to-text class its model type maps to.',
         "",
         "| model type | record | `routing_known` | open | view→write | profile | prune | quantize | info | atom "
         "| merge | eval | load | report |",
@@ -94,7 +95,7 @@ def table(report: dict) -> str:
             "✓" if (v := r["ops"].get(op, "not run")) == "ok" else "–" if v.startswith("refused:") else "✗"
             for op in OPS
         ]
-        kind = "derived" if r.get("derived") else "hand-written"
+        kind = "wrapper" if r.get("nest") else "derived" if r.get("derived") else "hand-written"
         rows.append(f"| `{t}` | {kind} | {'yes' if r.get('routing_known') else 'no'} | " + " | ".join(cells) + " |")
     failed = [
         f"- `{t}` {op}: {v}"

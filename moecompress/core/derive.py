@@ -71,8 +71,8 @@ def _reference_routing() -> dict[str, tuple[str, str]]:
 
     return {
         # gpt-oss: top-k of the biased logits, softmax over those k = Mixtral's softmax, top-k, renormalized, with the
-        # router bias added to the logits (which prune and merge add); checked per model type by the masked-routing
-        # equality of prune --method output-error (tests/families/test_gpt_oss.py)
+        # router bias added to the logits (which prune and merge add); its prune output equals the base model with
+        # those experts masked out of routing (tests/families family checks)
         "gpt_oss": (_norm_source(go.GptOssMLP), _norm_source(go.GptOssTopKRouter)),
         "mixtral": (_norm_source(mx.MixtralSparseMoeBlock), _norm_source(mx.MixtralTopKRouter)),
         "qwen2_moe": (_norm_source(q2.Qwen2MoeSparseMoeBlock), _norm_source(q2.Qwen2MoeTopKRouter)),

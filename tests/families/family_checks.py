@@ -385,6 +385,7 @@ def run_checks(model_type: str, work: Path, tokenizer_dir: Path, ops: tuple[str,
         "moe_layers": ck.moe_layers,
         "count_keys": list(fam.count_keys),
         "shared": fam.shared,
+        "nest": list(fam.nest) if fam.nest else None,
         "disk": f"{fam.disk_block}.{fam.experts}.gate_up_proj/down_proj (fused)"
         if fam.fused_disk
         else f"{fam.disk_block}.{fam.experts}.<e>.{'/'.join(fam.expert_names)}",
