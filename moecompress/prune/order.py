@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..core.experts import expert_forward
+from ..core.experts import expert_forward, expert_hidden
 
 PROFILE_KEYS = {"reap": "reap", "frequency": "frequency", "routing-mass": "routing_mass"}
 
@@ -211,11 +211,13 @@ class ExpertOutputs:
     """Unweighted outputs f_e(x_t) of (token, expert) pairs without a [T, E, H] tensor.
 
     Each token's ``c`` best-ranked experts under the original router (the ones its routing can move to as experts
-    are removed) are computed once into [T, c, H]; any other pair is computed when asked for (exact either way)."""
+    are removed) are computed once into [T, c, H]; any other pair is computed when asked for (exact either way).
+    With ``hidden`` the intermediate activations h_e(x_t) [T, c, I] of the same pairs are kept too (``hidden_of``:
+    the down refit reads them instead of recomputing gate/up); f = h down^T bit for bit either way."""
 
     def __init__(
         self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, rank: torch.Tensor,
-        c: int, act: Callable = torch.nn.functional.silu,
+        c: int, act: Callable = torch.nn.functional.silu, hidden: bool = False,
     ):  # fmt: skip
         T, E = rank.shape
         c = max(1, min(c, E))
@@ -226,6 +228,7 @@ class ExpertOutputs:
         top = top.to(dev)
         self.slot.scatter_(1, top, torch.arange(c, dtype=torch.int32, device=dev).expand(T, c).contiguous())
         self.cache = torch.empty(T, c, down.shape[1], device=dev)
+        self.hcache = torch.empty(T, c, gate.shape[1], device=dev) if hidden else None
         self.owner = top.to(torch.int32)  # [T, c] expert held in each slot (-1: free)
         flat = top.reshape(-1)
         order = flat.argsort(stable=True)
@@ -235,7 +238,27 @@ class ExpertOutputs:
             if n:
                 pos = order[start : start + n]
                 start += n
-                self.cache.view(T * c, -1)[pos] = self.apply(e, x[pos // c])
+                if self.hcache is None:
+                    self.cache.view(T * c, -1)[pos] = self.apply(e, x[pos // c])
+                else:
+                    h = self.apply_hidden(e, x[pos // c])
+                    self.hcache.view(T * c, -1)[pos] = h
+                    self.cache.view(T * c, -1)[pos] = torch.nn.functional.linear(h, self.down[e].float())
+
+    def apply_hidden(self, e: int, xr: torch.Tensor) -> torch.Tensor:
+        """h_e on rows xr [n, H] -> [n, I] (float32)."""
+        return expert_hidden(xr.float(), self.gate[e].float(), self.up[e].float(), self.act)
+
+    def hidden_of(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        """h_e on token rows [n] -> [n, I] float32: from the cache where held, computed for the rest."""
+        s = self.slot[rows, e]
+        if self.hcache is None:
+            return self.apply_hidden(e, self.x[rows])
+        out = self.hcache[rows, s.clamp_min(0).long()]
+        miss = (s < 0).nonzero().squeeze(1)
+        if miss.numel():
+            out[miss] = self.apply_hidden(e, self.x[rows[miss]])
+        return out
 
     def release(self, e: int) -> None:
         """Expert e was removed: its slots may hold other experts' outputs from now on."""
@@ -258,14 +281,19 @@ class ExpertOutputs:
             keys, inv = (rows[pr] * E + idx[pr, pk]).unique(return_inverse=True)  # sorted by token
             tok, exp = keys // E, keys % E
             vals = torch.empty(keys.numel(), out.shape[-1], device=out.device)
+            hs = None if self.hcache is None else torch.empty(keys.numel(), self.hcache.shape[-1], device=out.device)
             for e in exp.unique().tolist():
                 sel = exp == e
-                vals[sel] = self.apply(e, self.x[tok[sel]])
+                if hs is None:
+                    vals[sel] = self.apply(e, self.x[tok[sel]])
+                else:
+                    hs[sel] = self.apply_hidden(e, self.x[tok[sel]])
+                    vals[sel] = torch.nn.functional.linear(hs[sel], self.down[e].float())
             out[pr, pk] = vals[inv]
-            self._keep(tok, exp, vals)
+            self._keep(tok, exp, vals, hs)
         return out
 
-    def _keep(self, tok: torch.Tensor, exp: torch.Tensor, vals: torch.Tensor) -> None:
+    def _keep(self, tok: torch.Tensor, exp: torch.Tensor, vals: torch.Tensor, hs: torch.Tensor | None = None) -> None:
         """Store computed pairs (sorted by token) in their token's free slots, as far as there are any."""
         _, first, counts = tok.unique_consecutive(return_inverse=True, return_counts=True)
         rank = (
@@ -277,6 +305,8 @@ class ExpertOutputs:
         if bool(ok.any()):
             t, e, sl = tok[ok], exp[ok], pick[ok].int().argmax(1)
             self.cache[t, sl] = vals[ok]
+            if hs is not None and self.hcache is not None:
+                self.hcache[t, sl] = hs[ok]
             self.owner[t, sl] = e.to(torch.int32)
             self.slot[t, e] = sl.to(torch.int32)
 

@@ -2,8 +2,8 @@
 
 ``refit_router``: the kept experts' router rows (and bias) by Adam on the layer's routed-output error with the
 model's hard top-k routing. ``refit_downs``: then their down projections by least squares, one kept expert at a
-time against the rest of the layer (explicit per-token targets from the cached expert outputs,
-``merge.refit.refit_down_to``; ~k expert evaluations per token). Same keys and shapes. Pure tensor functions.
+time against the rest of the layer (``fit_downs``: explicit per-token targets from the cached expert outputs and
+activations; no expert is evaluated again). Same keys and shapes. Pure tensor functions.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from ..core.experts import expert_forward, expert_hidden
-from ..merge.refit import refit_down_to
+from ..core.experts import expert_hidden
 from .order import RouterSpec, route, router_choice
 
 
@@ -146,41 +145,69 @@ def refit_downs(
     w_orig: torch.Tensor | None, w_new: torch.Tensor, ridge: float = 1e-3, y0: torch.Tensor | None = None,
     y_new: torch.Tensor | None = None, act: Callable[[torch.Tensor], torch.Tensor] = torch.nn.functional.silu,
 ) -> torch.Tensor:  # fmt: skip
-    """Least-squares down projections of the kept experts (``merge.refit.refit_down_to``, one kept expert at a time,
-    Gauss-Seidel: each fit sees the others' already refitted outputs).
+    """Least-squares down projections of the kept experts (``fit_downs``, gate/up evaluated here).
 
-    For kept expert e on the tokens routed to it (new weight w_e > 0) the target is its share of the original
-    output, y(x) - sum_{j != e} w_j(x) f_j(x), reproduced by w_e(x) W h_e(x). The pruned layer's current output
-    is kept per token and updated after each fit, so each (token, routed expert) pair is evaluated about once.
     Args: x [T, H]; gate/up [E, I, H], down [E, H, I] original experts; w_orig, w_new: dense routing weights [T, E]
     of the original and the pruned (refitted) router; y0, y_new: [T, H] routed outputs of the original layer and
     of the pruned one with the original downs when already known (e.g. from cached expert outputs), else computed;
     act: the experts' activation (``experts.act_fn``). Returns [E, H, I] (removed experts' rows unchanged)."""
 
-    def f(e: int, xr: torch.Tensor) -> torch.Tensor:  # expert e's unweighted output [n, H], float32
-        return expert_forward(xr.float(), gate[e].float(), up[e].float(), down[e].float(), act)
+    def hidden(e: int, rows: torch.Tensor) -> torch.Tensor:  # [n, I] float32
+        return expert_hidden(x[rows].float(), gate[e].float(), up[e].float(), act)
 
     def routed(w: torch.Tensor, experts: list[int]) -> torch.Tensor:
-        y = torch.zeros(x.shape[0], down.shape[1], dtype=torch.float64, device=x.device)
+        y = torch.zeros(x.shape[0], down.shape[1], device=x.device)
         for e in experts:
             on = (w[:, e] > 0).nonzero().squeeze(1)
             if on.numel():
-                y[on] += w[on, e, None].double() * f(e, x[on]).double()
+                y[on] += w[on, e, None].float() * torch.nn.functional.linear(hidden(e, on), down[e].float())
         return y
 
     E = gate.shape[0]
-    y0 = routed(w_orig, list(range(E))) if y0 is None else y0.double()
-    y_cur = routed(w_new, kept) if y_new is None else y_new.double().clone()
+    y0 = routed(w_orig, list(range(E))) if y0 is None else y0
+    y_cur = routed(w_new, kept) if y_new is None else y_new
+    return fit_downs(hidden, down, kept, w_new, y0, y_cur, ridge)[0]
+
+
+def fit_downs(
+    hidden: Callable[[int, torch.Tensor], torch.Tensor], down: torch.Tensor, kept: list[int], w_new: torch.Tensor,
+    y0: torch.Tensor, y_new: torch.Tensor, ridge: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Down projections of the kept experts by ridge least squares, one kept expert at a time (Gauss-Seidel: each
+    fit sees the others' already refitted outputs).
+
+    For kept expert e on the tokens routed to it (new weight w_e > 0) the target is its share of the original
+    output, y0(x) - sum_{j != e} w_j(x) f_j(x), reproduced by w_e(x) W h_e(x):
+        W = argmin sum_t ||w_e W h_e - target||^2 + lam ||W - W_old||^2   (lam: ``ridge`` x mean diagonal of the Gram).
+    The pruned layer's current output is kept per token and updated after each fit, so each (token, routed expert)
+    pair is evaluated about once; each fit is W_old + the ridge step on the residual y0 - y_current (``ridge_step``).
+    Args: hidden(e, rows) -> h_e on those token rows [n, I] float32 (e.g. ``ExpertOutputs.hidden_of``);
+    down [E, H, I]; w_new [T, E] dense routing weights of the pruned layer; y0, y_new [T, H] routed outputs of the
+    original layer and of the pruned one with the original downs. Returns ([E, H, I] in down's dtype, removed
+    experts' rows unchanged; the pruned layer's routed output with the new downs [T, H] float32)."""
+    resid = y0.float() - y_new.float()  # [T, H] what the pruned layer misses, updated after each fit
     cur = down.clone()
+    routed = (w_new > 0).T  # [E, T]
     for e in kept:
-        on = (w_new[:, e] > 0).nonzero().squeeze(1)
+        on = routed[e].nonzero().squeeze(1)
         if not on.numel():
             continue
-        xs, we = x[on], w_new[on, e].double()
-        h = expert_hidden(xs.float(), gate[e].float(), up[e].float(), act)  # [t, I] float32
+        a = w_new[on, e, None].float() * hidden(e, on)  # [t, I] the weighted activations
         old = cur[e].float().clone()  # cur[e] is overwritten below
-        mine = we[:, None] * (h @ old.T).double()  # e's current contribution
-        new = refit_down_to(xs, y0[on] - y_cur[on] + mine, we, gate[e], up[e], cur[e], ridge, act=h)
-        cur[e] = new
-        y_cur[on] += we[:, None] * (h @ (new.float() - old).T).double()
-    return cur
+        cur[e] = (old + ridge_step(a, resid[on], ridge).T).to(down.dtype)
+        resid.index_add_(0, on, a @ (cur[e].float() - old).T, alpha=-1.0)
+    return cur, y0.float() - resid
+
+
+def ridge_step(a: torch.Tensor, resid: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """The change D [I, H] of a projection that minimizes ||a D - resid||^2 + lam ||D||^2, lam = ``ridge`` x the mean
+    diagonal of a^T a: D = (a^T a + lam)^-1 a^T resid, or a^T (a a^T + lam)^-1 resid (the same) when a has fewer
+    rows than columns. a [t, I], resid [t, H]; products in float32, the inverse by Cholesky in float64."""
+    t, width = a.shape
+    few = t < width
+    k = a @ a.T if few else a.T @ a  # [t, t] or [I, I]
+    lam = ridge * max(float(k.diagonal().sum()) / width, 1e-12)
+    k = k.double()
+    k.diagonal().add_(lam)
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(k)).float()
+    return a.T @ (inv @ resid) if few else inv @ (a.T @ resid)

@@ -42,14 +42,14 @@ from .order import (
     router_choice,
     score_order,
 )
-from .refit import dense_weights, refit_downs, refit_router
+from .refit import dense_weights, fit_downs, refit_router
 
 if TYPE_CHECKING:
     from ..core.job import Job
 
 METHODS = ("reap", "frequency", "routing-mass", "random", "output-error")
 LAYOUTS = ("uniform", "per-layer")
-REFITS = ("none", "router", "router+down")
+REFITS = ("none", "router", "down", "router+down")
 DEFAULT_METHOD = "output-error"  # lowest KL at 25% and 50% on the built-in model (reports/prune_bench.md)
 DEFAULT_REFIT = "none"
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -210,7 +210,7 @@ class PruneTransform(Transform):
         corr = view.correction_bias
         # each token's best k+2 expert outputs; more are computed when asked for, into removed experts' slots
         src = ExpertOutputs(x, view.gate, view.up, view.down, router_choice(logits, spec, corr), spec.top_k + 2,
-                            ctx.experts.act_fn)  # fmt: skip
+                            ctx.experts.act_fn, hidden="down" in opts.refit)  # fmt: skip
         rows_all = torch.arange(x.shape[0], device=x.device)
         y0 = routed_output(src, rows_all, *route(logits, spec, None, corr))  # [T, H] the unpruned routed output
         y0sq = max(float(y0.double().pow(2).sum()), 1e-30)
@@ -224,13 +224,8 @@ class PruneTransform(Transform):
         removed = torch.ones(E, dtype=torch.bool, device=x.device)
         removed[keep] = False
         if opts.refit != "none":
-            view, stats = self._refit(ctx, src, x, view, removed, keep, y0, y0sq)
+            view, stats, y_p = self._refit(src, x, view, removed, keep, y0, y0sq)
             self._apply(ctx, view.select(keep), keep)
-            xd = x.to(ctx.router.weight.dtype)  # the pruned layer's own routed output
-            _, w_p, idx_p = ctx.router(xd)
-            y_p = ctx.experts(xd, idx_p, w_p).float()
-            if opts.refit == "router+down":
-                stats["error_after_down"] = float((y_p - y0).double().pow(2).sum()) / y0sq
             self.refit_errors[l] = {k: round(v, 6) for k, v in stats.items()}
         else:
             y_p = routed_output(src, rows_all, *route(logits, spec, removed, corr))
@@ -238,25 +233,30 @@ class PruneTransform(Transform):
         self._pending = (order, y0sq, y0, y_p) if order is not None else None
 
     def _refit(
-        self, ctx: LayerContext, src: ExpertOutputs, x: torch.Tensor, view: Any, removed: torch.Tensor,
-        keep: list[int], y0: torch.Tensor, y0sq: float,
-    ) -> tuple[Any, dict[str, float]]:  # fmt: skip
-        """The kept experts' router rows (then down projections) refitted to the unpruned routed output y0."""
+        self, src: ExpertOutputs, x: torch.Tensor, view: Any, removed: torch.Tensor, keep: list[int],
+        y0: torch.Tensor, y0sq: float,
+    ) -> tuple[Any, dict[str, float], torch.Tensor]:  # fmt: skip
+        """The kept experts' router rows and/or down projections refitted to the unpruned routed output y0; returns
+        the refitted view, the relative errors before/after, and the refitted layer's routed output on x [T, H]
+        (from the cached expert outputs and activations: no expert is evaluated again)."""
         spec, corr = self.spec, view.correction_bias
         for e in removed.nonzero().squeeze(1).tolist():
             src.release(e)  # their slots can hold the outputs the kept experts' routing moves to
-        rows, bias, e0, e1 = refit_router(src, x, view.router, view.router_bias, spec, removed, y0, corr)
-        view = replace(view, router=rows, router_bias=bias)
-        stats = {"error_before": e0 / y0sq, "error_after_router": e1 / y0sq}
-        if self.opts.refit == "router+down":
-            lg = x.float() @ rows.float().T + (bias.float() if bias is not None else 0.0)
-            w_p, idx_p = route(lg, spec, removed, corr)
-            y_new = routed_output(src, torch.arange(x.shape[0], device=x.device), w_p, idx_p)  # no extra evaluation
-            w_new = dense_weights(w_p, idx_p, self.E)
-            downs = refit_downs(x, view.gate, view.up, view.down, keep, None, w_new, y0=y0, y_new=y_new,
-                                act=ctx.experts.act_fn)  # fmt: skip
+        rows, bias = view.router, view.router_bias
+        stats: dict[str, float] = {}
+        if "router" in self.opts.refit:
+            rows, bias, e0, e1 = refit_router(src, x, rows, bias, spec, removed, y0, corr)
+            view = replace(view, router=rows, router_bias=bias)
+            stats = {"error_before": e0 / y0sq, "error_after_router": e1 / y0sq}
+        lg = x.float() @ rows.float().T + (bias.float() if bias is not None else 0.0)
+        w_p, idx_p = route(lg, spec, removed, corr)
+        y_p = routed_output(src, torch.arange(x.shape[0], device=x.device), w_p, idx_p)
+        stats.setdefault("error_before", float((y_p.double() - y0.double()).pow(2).sum()) / y0sq)
+        if "down" in self.opts.refit:
+            downs, y_p = fit_downs(src.hidden_of, view.down, keep, dense_weights(w_p, idx_p, self.E), y0, y_p)
             view = replace(view, down=downs)
-        return view, stats
+            stats["error_after_down"] = float((y_p.double() - y0.double()).pow(2).sum()) / y0sq
+        return view, stats, y_p
 
     def _apply(self, ctx: LayerContext, sel: Any, keep: list[int]) -> None:
         """Leave the block pruned to ``sel`` (experts ``keep`` of the block) and write its routed experts and router

@@ -6,6 +6,7 @@ from conftest import build_tiny
 from transformers import AutoModelForCausalLM
 
 from moecompress.core.errors import UserError
+from moecompress.core.experts import expert_hidden
 from moecompress.core.families import family_for
 from moecompress.merge.refit import refit_down
 from moecompress.prune.load import layer_view, prune_in_memory
@@ -25,7 +26,7 @@ from moecompress.prune.order import (
     router_choice,
     score_order,
 )
-from moecompress.prune.refit import dense_weights, refit_downs, refit_router
+from moecompress.prune.refit import dense_weights, fit_downs, refit_downs, refit_router, ridge_step
 
 SOFT = RouterSpec(top_k=2)
 GROUPED = RouterSpec(top_k=2, kind="sigmoid_group", n_group=2, topk_group=1)
@@ -392,3 +393,50 @@ def test_router_refit_error_is_exact_for_tokens_routed_outside_their_candidates(
     cand = (x @ weight.T).masked_fill(removed, float("-inf")).topk(6, dim=1).indices
     idx = route(x @ rows.T, SOFT, removed)[1]
     assert not bool((idx[:, :, None] == cand[:, None, :]).any(2).all()), "no token left its candidates"
+
+
+def test_cached_activations_give_the_same_outputs_and_the_true_activations():
+    """ExpertOutputs(hidden=True) returns bit for bit the outputs of the plain cache, also for pairs computed on demand
+    into removed experts' slots, and hidden_of is each expert's activation on cached and uncached tokens alike (to
+    float rounding: a matmul may round differently for another batch of rows)."""
+    x, gate, up, down, logits, _ = _experts(11, T=200, E=8, H=6, I=5)
+    plain, cached = (ExpertOutputs(x, gate, up, down, logits, 3, hidden=h) for h in (False, True))
+    for src in (plain, cached):
+        src.release(int(logits.argmax(1)[0]))
+    rows = torch.arange(200)
+    idx = logits.topk(6, dim=1).indices  # beyond the 3 cached: computed on demand, some kept in freed slots
+    assert torch.equal(cached.get(rows, idx), plain.get(rows, idx))
+    assert torch.equal(cached.get(rows, idx), plain.get(rows, idx))  # again, now partly from the freed slots
+    for e in range(8):
+        want = expert_hidden(x, gate[e], up[e], torch.nn.functional.silu)
+        torch.testing.assert_close(cached.hidden_of(e, rows), want)  # rounding may differ with the row batch
+        torch.testing.assert_close(plain.hidden_of(e, rows), want)
+    assert bool((cached.slot >= 0).any()) and bool((cached.slot < 0).any())
+
+
+@pytest.mark.parametrize("t", [4, 40], ids=["fewer-rows", "more-rows"])
+def test_ridge_step_is_the_ridge_solution(t):
+    """Both forms of the ridge step (a^T a or a a^T inverted) equal (a^T a + lam)^-1 a^T r in float64."""
+    g = torch.Generator().manual_seed(t)
+    a, r = torch.randn(t, 10, generator=g, dtype=torch.float64), torch.randn(t, 7, generator=g, dtype=torch.float64)
+    lam = 1e-2 * float((a.T @ a).diagonal().mean())
+    want = torch.linalg.solve(a.T @ a + lam * torch.eye(10, dtype=torch.float64), a.T @ r)
+    torch.testing.assert_close(ridge_step(a.float(), r.float(), 1e-2).double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_downs_returns_the_refitted_layer_output():
+    """fit_downs' running output is the pruned layer's routed output recomputed with the new down projections, and
+    the refit lowers the error to the original output."""
+    x, gate, up, down, logits, _ = _experts(12, T=300, E=8, H=6, I=5)
+    removed = torch.zeros(8, dtype=torch.bool)
+    removed[[1, 6]] = True
+    kept = [e for e in range(8) if not removed[e]]
+    dense = outputs_by_token(x, gate, up, down)
+    y0 = combine(dense, *route(logits, SOFT))
+    w_p, idx_p = route(logits, SOFT, removed)
+    y_new = combine(dense, w_p, idx_p)
+    src = ExpertOutputs(x, gate, up, down, logits, 4, hidden=True)
+    new, y = fit_downs(src.hidden_of, down, kept, dense_weights(w_p, idx_p, 8), y0, y_new)
+    assert torch.equal(new[removed], down[removed]) and not torch.equal(new[kept], down[kept])
+    torch.testing.assert_close(y, combine(outputs_by_token(x, gate, up, new), w_p, idx_p), rtol=1e-4, atol=1e-4)
+    assert float((y - y0).pow(2).sum()) < 0.9 * float((y_new - y0).pow(2).sum())
