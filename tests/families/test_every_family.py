@@ -19,9 +19,10 @@ from moecompress.core.families import FAMILIES, family_for
 TYPES = installed_moe_types()
 
 # model type -> what its one-line refusal must say (the reason moecompress cannot support it correctly yet);
-# lfm2_moe's is the tiny test config (its default config has layer_types None), deepseek_ocr2's and qwen4_exp's the
-# tiny multimodal test config, not findings about the families. Multimodal wrappers are read through their language
-# model (qwen3_5_moe, qwen3_vl_moe, glm4v_moe are supported); the others are refused for what their text model has
+# lfm2_moe's is the tiny test config (its default config has layer_types None), not a finding about the family;
+# deepseek_ocr2 and qwen4_exp cannot be built from their default configs either (a None transformers divides by).
+# Multimodal wrappers are read through their language model (qwen3_5_moe, qwen3_vl_moe, glm4v_moe are supported);
+# the others are refused for what their text model has
 REFUSED: dict[str, str] = {
     "afmoe": "no single router",
     "aria": "no integer num_experts_per_tok",
