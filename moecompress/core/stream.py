@@ -198,18 +198,25 @@ class LayerStream:
     def _materialize(
         self, module: nn.Module, state: dict[str, torch.Tensor], what: str, keep: tuple[str, ...] = ()
     ) -> None:
-        """Allocate ``module`` in ``self.dtype`` on the device and copy ``state`` in; the parameters named in
-        ``keep`` take their state tensor's dtype instead when it is a narrower float (bf16, fp16)."""
+        """Allocate ``module`` in ``self.dtype`` on the device and copy ``state`` in. The parameters named in
+        ``keep`` (narrower floats: bf16, fp16) become their state tensors themselves, in their own dtype (moved to
+        the device; on the CPU no copy at all: the stacked experts are not held twice while the layer loads)."""
         module.to(dtype=self.dtype)
+        held = {}
         for name in keep:
             p, t = module.get_parameter(name), state[name]
-            if self._narrower(t):
-                owner, _, attr = name.rpartition(".")
-                narrow = nn.Parameter(torch.empty(p.shape, dtype=t.dtype, device="meta"), requires_grad=False)
-                setattr(module.get_submodule(owner), attr, narrow)
+            if tuple(t.shape) != tuple(p.shape):
+                continue  # a mismatch: load_state_dict below names it
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
+            held[name] = t
         module.to_empty(device=self.device)
+        for name, t in held.items():
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, nn.Parameter(t.to(self.device), requires_grad=False))
         # load_state_dict copies into the existing parameters and casts on the fly: no second full-size copy
-        missing, unexpected = module.load_state_dict(state, strict=False)
+        missing, unexpected = module.load_state_dict({k: v for k, v in state.items() if k not in held}, strict=False)
+        missing = [k for k in missing if k not in held]
         if missing or unexpected:
             raise UserError(
                 f"{what}: checkpoint tensors do not match the {self.ckpt.config.model_type} config "
