@@ -84,6 +84,8 @@ def split_routed(
         bases = [[fam.expert_key(l, e, p)[: -len(".weight")] for p in range(3)] for e in range(num_experts)]
         if not all(b + ".weight_packed" in rest for row in bases for b in row):
             continue
+        if any(len({(scheme_of(qconfig, b) or (0,))[0] for b in row}) > 1 for row in bases):
+            continue  # an expert with per-projection widths (a per-expert LP option): the layer stays dense
         experts, bits = [], []
         for e, row in enumerate(bases):
             entry: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
