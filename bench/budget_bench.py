@@ -297,7 +297,8 @@ def finish(args, model, ref, cal, runs, measure_s, ratios) -> None:
         for key, _, match in METHODS:
             tried = [r for r in runs if match(r, ratio)]
             fit = [r for r in tried if "kl" in r and r["bytes"] <= cap]
-            row[key] = min(fit, key=lambda r: r["kl"]) if fit else ("none fits" if tried else "not run")
+            none = "unreachable" if tried and all("unreachable" in r for r in tried) else "none fits"
+            row[key] = min(fit, key=lambda r: r["kl"]) if fit else (none if tried else "not run")
         others = [row[k]["kl"] for k, _, _ in METHODS[2:] if isinstance(row[k], dict)]
         ex = row["exact"]
         if isinstance(ex, dict) and others:
