@@ -43,18 +43,27 @@ from moecompress.calibration.sets import (
 from moecompress.core.checkpoint import Checkpoint  # noqa: E402
 from moecompress.core.evaluate import evaluate  # noqa: E402
 from moecompress.quant.layer import GPTQOptions, expert_group_sizes  # noqa: E402
-from moecompress.quant.run import PROBE_WIDTHS, Layout, layer_sensitivity, measure_model, run_quantize  # noqa: E402
+from moecompress.quant.run import (  # noqa: E402
+    OPTIONS,
+    PROBE_WIDTHS,
+    Layout,
+    measure_model,
+    option_sensitivity,
+    run_quantize,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, plan, bits, granularity, cost model)
 PLANS = (
     ("uniform 4", "uniform", 4, "layer", "kl"),
     ("uniform 3", "uniform", 3, "layer", "kl"),
+    ("uniform 2", "uniform", 2, "layer", "kl"),
     ("lp-layer 3.0", "lp", 3.0, "layer", "kl"),
+    ("lp-layer 2.5", "lp", 2.5, "layer", "kl"),
+    ("lp-expert 3.5", "lp", 3.5, "expert", "kl"),
     ("lp-expert 3.0", "lp", 3.0, "expert", "kl"),
     ("lp-expert 2.5", "lp", 2.5, "expert", "kl"),
-    ("lp-layer 3.0, old cost", "lp", 3.0, "layer", "err"),
-    ("lp-expert 3.0, old cost", "lp", 3.0, "expert", "err"),
+    ("lp-expert 3.0, block-error cost", "lp", 3.0, "expert", "err"),
 )
 ABLATIONS = (  # each row adds one choice
     (
@@ -195,16 +204,17 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     return float(spearmanr(a, b).statistic)
 
 
-def predicted(meas: dict, moe: list[int], widths: tuple[int, ...], bp: dict) -> dict[str, float]:
+def predicted(meas: dict, moe: list[int], widths: tuple, bp: dict) -> dict[str, float]:
     """A plan's predicted KL under the KL cost model and its old proxy (summed block-output error), from the same
     calibration measurements, whatever cost model chose the plan."""
     err = meas["err"]
-    sens = layer_sensitivity(moe, widths, err, meas["probe_kl"])
+    sens = option_sensitivity(moe, widths, err, meas["probe_kl"])
+    pairs = [w if isinstance(w, tuple) else (w, w) for w in widths]
     kl = old = 0.0
     for li, l in enumerate(moe):
         for r in bp["layers"][str(l)]["experts"]:
-            j = widths.index(r["bits"])
-            kl += sens[li, j] * err[li, r["expert"], j]
+            j = pairs.index((r["gate_up_bits"], r["down_bits"]))
+            kl += sens[li] * err[li, r["expert"], j]
             old += err[li, r["expert"], j]
     return {"predicted_kl": float(kl), "old_proxy": float(old)}
 
@@ -276,7 +286,7 @@ def bench_model(model_arg: str | None, args: argparse.Namespace, work: Path, llm
     kw = dict(samples=args.samples, seq_len=args.seq_len)
     llmc_info, probe_kl = None, {}
     if not args.skip_default:
-        m = measure_model(model, "gptq", opts=GPTQOptions(), **kw)
+        m = measure_model(model, "gptq", opts=GPTQOptions(), widths=OPTIONS, **kw)
         measure_s["gptq (default)"] = round(m["elapsed_s"], 1)
         print(f"{model}: default GPTQ measured in {m['elapsed_s']:.1f}s", flush=True)
         plans = [p for p in PLANS if args.plans == "all" or p[0] in args.plans.split(",")]
@@ -361,6 +371,7 @@ def targets(rows: list[dict]) -> dict:
         "lp-layer3.0_vs_uniform3": ratio(kl(ours, "lp-layer 3.0"), kl(ours, "uniform 3")),
         "lp-expert2.5_vs_uniform3 (<= 1.5)": ratio(kl(ours, "lp-expert 2.5"), kl(ours, "uniform 3")),
         "lp-layer2.5_vs_uniform3": ratio(kl(ours, "lp-layer 2.5"), kl(ours, "uniform 3")),
+        "lp-expert3.5_vs_uniform4": ratio(kl(ours, "lp-expert 3.5"), kl(ours, "uniform 4")),
     }
 
 

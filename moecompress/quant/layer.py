@@ -182,6 +182,16 @@ def expert_group_sizes(hidden: int, width: int) -> tuple[int, int]:
     return group_size_for(hidden), group_size_for(width)
 
 
+Width = int | tuple[int, int]  # every projection at one width, or (gate/up bits, down bits)
+
+
+def split_width(w: Width) -> tuple[int, int]:
+    """``(gate/up bits, down bits)`` of a width or a per-projection option."""
+    if isinstance(w, tuple):
+        return int(w[0]), int(w[1])
+    return int(w), int(w)
+
+
 @dataclass
 class QuantizedExperts:
     """Codes and scales of one layer's routed experts at one width (fused over experts)."""
@@ -193,6 +203,12 @@ class QuantizedExperts:
     down_s: torch.Tensor  # [E, H, I / g_i]
     g_h: int
     g_i: int
+    down_bits: int | None = None  # down_proj's width when it differs from gate/up's (a per-projection option)
+
+    @property
+    def dbits(self) -> int:
+        """down_proj's width."""
+        return self.bits if self.down_bits is None else self.down_bits
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """``(gate_up [E, 2I, H], down [E, H, I])`` as the loader will see them."""
@@ -212,7 +228,7 @@ def quantize_layer(
     gate_up: torch.Tensor,  # [E, 2I, H] (any dtype/device; upcast per expert)
     down: torch.Tensor,  # [E, H, I]
     act: Callable[[torch.Tensor], torch.Tensor],
-    widths: tuple[int, ...],
+    widths: Sequence[Width],
     method: str,
     cap: LayerCapture | None,
     min_tokens: int,
@@ -220,16 +236,19 @@ def quantize_layer(
     weight_dtype: torch.dtype = torch.float32,
     opts: GPTQOptions | None = None,
     with_err: bool = True,
-    expert_widths: Sequence[int] | None = None,
+    expert_widths: Sequence[Width] | None = None,
     chunk: int | None = None,
-) -> tuple[dict[int, QuantizedExperts], list[str], torch.Tensor | None]:
+) -> tuple[dict[Width, QuantizedExperts], list[str], torch.Tensor | None]:
     """Quantize every routed expert of a layer at every width in ``widths``.
 
-    Returns codes by width, each expert's method (``'gptq'``, ``'rtn'`` or ``'rtn (n tokens)'`` for experts with
-    fewer than ``min_tokens`` routed tokens) and, with ``cap`` and ``with_err``, ``err [E, len(widths)]`` (module
-    doc; quantized weights compared as the loader sees them: dequantized to ``weight_dtype``, then float32).
-    ``expert_widths`` (one width per expert, each in ``widths``): expert e is quantized at its width only (a bit
-    plan's write); the rows of the other widths' codes are left unset for it.
+    A width is an int (every projection at it) or a per-projection option ``(gate/up bits, down bits)``; gate/up
+    is quantized once per distinct gate/up width and reused by every option that has it.
+
+    Returns codes by width (the keys of ``widths``), each expert's method (``'gptq'``, ``'rtn'`` or ``'rtn (n
+    tokens)'`` for experts with fewer than ``min_tokens`` routed tokens) and, with ``cap`` and ``with_err``, ``err
+    [E, len(widths)]`` (module doc; quantized weights compared as the loader sees them: dequantized to
+    ``weight_dtype``, then float32). ``expert_widths`` (one width per expert, each in ``widths``): expert e is
+    quantized at its width only (a bit plan's write); the rows of the other widths' codes are left unset for it.
 
     Memory: Hessians exist for ``chunk`` experts at a time (default :func:`hessian_chunk`, from ``--max-memory``
     or the device's free memory), built from the captured inputs per chunk. Under torchrun each rank quantizes
@@ -247,17 +266,22 @@ def quantize_layer(
     I = down.shape[-1]
     g_h, g_i = expert_group_sizes(H, I)
     dev = cap.device if cap is not None else torch.device("cpu")
+    pairs = {w: split_width(w) for w in widths}
+    gu_codes = {  # one gate/up code tensor per gate/up width, shared by the options that have it
+        bg: (torch.empty(E, I2, H, dtype=torch.int8), torch.empty(E, I2, H // g_h, dtype=scale_dtype))
+        for bg in dict.fromkeys(bg for bg, _ in pairs.values())
+    }
     out = {
-        b: QuantizedExperts(
-            b,
-            torch.empty(E, I2, H, dtype=torch.int8),
-            torch.empty(E, I2, H // g_h, dtype=scale_dtype),
+        w: QuantizedExperts(
+            bg,
+            *gu_codes[bg],
             torch.empty(E, H, I, dtype=torch.int8),
             torch.empty(E, H, I // g_i, dtype=scale_dtype),
             g_h,
             g_i,
+            None if bd == bg else bd,
         )
-        for b in widths
+        for w, (bg, bd) in pairs.items()
     }
     err = torch.zeros(E, len(widths), dtype=torch.float64) if (cap is not None and with_err) else None
     counts = cap.counts.tolist() if cap is not None else [0] * E
@@ -286,10 +310,10 @@ def quantize_layer(
         ph_dn = None
         if gptq and not opts.sequential:
             ph_dn = prepare_hessian(h_dn, opts.damp, opts.actorder, opts.refine)
-        for j, b in enumerate(widths):
-            if expert_widths is not None and expert_widths[e] != b:
-                continue
-            q1, s1 = quantize_one(gu, b, g_h, ph_gu)
+        mine_w = [w for w in widths if expert_widths is None or expert_widths[e] == w]
+        for bg in dict.fromkeys(pairs[w][0] for w in mine_w):  # gate/up once per width, then each down width
+            q1, s1 = quantize_one(gu, bg, g_h, ph_gu)
+            gu_codes[bg][0][e], gu_codes[bg][1][e] = q1.cpu(), s1.cpu()
             gu_q = dequantize(q1, s1, g_h, weight_dtype).float()
             hq = None
             if xe is not None:
@@ -297,14 +321,15 @@ def quantize_layer(
             if gptq and opts.sequential:
                 hw = hq * pe.unsqueeze(-1) if opts.weighted else hq
                 ph_dn = prepare_hessian(hw.T @ hw, opts.damp, opts.actorder, opts.refine)
-            q2, s2 = quantize_one(dn, b, g_i, ph_dn)
-            qe = out[b]
-            qe.gate_up_q[e], qe.gate_up_s[e] = q1.cpu(), s1.cpu()
-            qe.down_q[e], qe.down_s[e] = q2.cpu(), s2.cpu()
-            if err is not None and xe.shape[0]:
-                dn_q = dequantize(q2, s2, g_i, weight_dtype).float()
-                d = (nn.functional.linear(hq, dn_q) - ref) * pe.unsqueeze(-1)
-                err[e, j] = d.double().pow(2).sum().item()
+            for w in (w for w in mine_w if pairs[w][0] == bg):
+                j = widths.index(w)
+                q2, s2 = quantize_one(dn, pairs[w][1], g_i, ph_dn)
+                qe = out[w]
+                qe.down_q[e], qe.down_s[e] = q2.cpu(), s2.cpu()
+                if err is not None and xe.shape[0]:
+                    dn_q = dequantize(q2, s2, g_i, weight_dtype).float()
+                    d = (nn.functional.linear(hq, dn_q) - ref) * pe.unsqueeze(-1)
+                    err[e, j] = d.double().pow(2).sum().item()
 
     # this rank's experts (all of them in one process), their Hessians built chunk by chunk within the memory bound
     mine = list(dist.share(E))
@@ -323,9 +348,8 @@ def quantize_layer(
             k = hs.index(e) if e in hs else None
             one_expert(e, None if k is None else h_gu[k], None if (k is None or h_dn is None) else h_dn[k])
         del h_gu, h_dn
-    for qe in out.values():  # every rank gets every expert's codes (a no-op in one process)
-        for t in (qe.gate_up_q, qe.gate_up_s, qe.down_q, qe.down_s):
-            dist.fill_rows_(t, E)
+    for t in [t for c in gu_codes.values() for t in c] + [t for qe in out.values() for t in (qe.down_q, qe.down_s)]:
+        dist.fill_rows_(t, E)  # every rank gets every expert's codes (a no-op in one process)
     if err is not None:
         dist.fill_rows_(err, E)
         err /= max(cap.tokens, 1)

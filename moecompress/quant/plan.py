@@ -2,9 +2,14 @@
 width), expert importance, the layer sensitivities measured by the probes, and ``make_plan`` (uniform, or the
 global LP of quant/bitplan.py over the measured errors). Bad plans are refused with a UserError naming the flag.
 
-The plan's cost predicts KL (``cost_model="kl"``, default): each layer's errors are scaled so that their sum equals
-the layer's measured KL with its routed experts at b bits (the probes of ``MeasureTransform``). Super experts and
-experts with too few calibration tokens get >= 8 bits in LP plans (``protect``; the plan lists them and why).
+Per-expert LP plans (``--granularity expert``) choose per-projection options: gate/up at one width and down_proj
+at another (``OPTIONS``, e.g. 2-bit gate/up with a 4-bit down_proj: 2.67 bits per weight), each with its real bytes.
+Layer plans choose one width for all three projections (``WIDTHS``: every routed module of a layer alike).
+
+The plan's cost predicts KL (``cost_model="kl"``, default): each layer's errors are scaled by one factor so that
+their sum at the lowest probed width equals the layer's measured KL with its routed experts at that width (the
+probes of ``MeasureTransform``). Super experts and experts with too few calibration tokens get >= 8 bits in LP plans
+(``protect``; the plan lists them and why).
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ import torch
 from ..core.checkpoint import Checkpoint
 from ..core.errors import UserError
 from .bitplan import allocate_bits_detailed
-from .layer import expert_group_sizes
+from .layer import Width, expert_group_sizes, split_width
 from .rtn import SUPPORTED_BITS, group_size_for, quantized_nbytes
 from .transform import scale_dtype_for
 
 WIDTHS = SUPPORTED_BITS  # candidate widths of the LP, (2, 3, 4, 8)
+# per-expert LP plans: (gate/up bits, down bits). Measured (bench/quant_bench.py): the built-in model's KL is set by
+# down_proj (2-bit gate/up + 4-bit down, 2.67 bits per weight, is near uniform 3-bit), the validation model's more
+# by gate/up; per-projection options let the LP buy the cheap one on each
+OPTIONS: tuple[tuple[int, int], ...] = tuple((bg, bd) for bg in WIDTHS for bd in WIDTHS)
 OTHER_BITS = (2, 3, 4, 8, 16)
 PROBE_WIDTHS = (2, 3, 4)  # widths whose per-layer KL is measured (sensitivity of the plan cost)
 PROTECT_BITS = 8  # super experts and experts with too few calibration tokens get at least this many bits
@@ -73,9 +82,15 @@ class Layout:
                 continue
             self.other.append(k)
 
-    def expert_bytes(self, bits: float, scale_bytes: int) -> float:
-        """Bytes of one routed expert (3 projections) at ``bits`` (fractional: payload bits x params)."""
+    def expert_bytes(self, bits: float | tuple[int, int], scale_bytes: int) -> float:
+        """Bytes of one routed expert (3 projections) at ``bits`` (fractional: payload bits x params), or at a
+        per-projection option ``(gate/up bits, down bits)``."""
         g_h, g_i = expert_group_sizes(self.H, self.I)
+        if isinstance(bits, tuple):
+            bg, bd = bits
+            return 2 * quantized_nbytes(self.I, self.H, bg, g_h, scale_bytes) + quantized_nbytes(
+                self.H, self.I, bd, g_i, scale_bytes
+            )
         if bits in WIDTHS:
             return 2 * quantized_nbytes(self.I, self.H, int(bits), g_h, scale_bytes) + quantized_nbytes(
                 self.H, self.I, int(bits), g_i, scale_bytes
@@ -142,8 +157,8 @@ def _importance(lay: Layout, prof: Any, mode: str) -> np.ndarray:
 
 
 COST_RULES = {
-    "kl": "predicted KL: err[l,e,b] x s[l,b], s[l,b] = measured KL with layer l's routed experts at b bits / "
-    "sum_e err[l,e,b] (widths not probed use the nearest probed width below)",
+    "kl": "predicted KL: err[l,e,w] x s[l], s[l] = measured KL with layer l's routed experts at the lowest probed "
+    "width p / sum_e err[l,e,p] (one factor per layer for every width and option)",
     "err": "MoE-block output MSE with only that expert quantized (err[l,e,b]) x importance",
 }
 
@@ -170,10 +185,49 @@ def layer_sensitivity(
     return s
 
 
+def option_sensitivity(
+    moe: list[int], widths: tuple[Width, ...], err: np.ndarray, probe_kl: dict[tuple[int, int], float] | None
+) -> np.ndarray:
+    """``s [L]``: one factor per layer, its measured KL with every routed expert at the lowest probed width p
+    divided by its summed block-output error at p (``err [L, E, len(widths)]``; p is the width p or the option
+    (p, p)). Ones without probes; a layer without a usable probe gets the median factor of the others.
+
+    One factor for all widths keeps a layer's options in the ratio of their measured errors: per-width factors
+    (``layer_sensitivity``) priced per-projection options worse on both bench models (bench/quant_bench.py)."""
+    L = len(moe)
+    s = np.full(L, np.nan)
+    if not probe_kl:
+        return np.ones(L)
+    for li, l in enumerate(moe):
+        probed = sorted(b for (ll, b) in probe_kl if ll == l)
+        for p in probed:
+            j = next((j for j, w in enumerate(widths) if w == p or w == (p, p)), None)
+            if j is None:
+                continue
+            tot = err[li, :, j].sum()
+            if tot > 0:
+                s[li] = max(probe_kl[(l, p)], 0.0) / tot
+            break
+    ok = np.isfinite(s)
+    return np.where(ok, s, np.median(s[ok]) if ok.any() else 1.0)
+
+
+def width_label(w: Width) -> str:
+    """``"3"`` for a width, ``"2/4"`` for gate/up at 2 bits and down_proj at 4."""
+    bg, bd = split_width(w)
+    return str(bg) if bg == bd else f"{bg}/{bd}"
+
+
+def average_bits(w: Width) -> float:
+    """Payload bits per weight of an expert at a width or option (gate/up are 2/3 of its weights)."""
+    bg, bd = split_width(w)
+    return bg if bg == bd else round((2 * bg + bd) / 3, 4)
+
+
 def make_plan(
     lay: Layout,
     meas: dict[str, Any],
-    widths: tuple[int, ...],
+    widths: tuple[Width, ...],
     plan: str,
     bits: float | None,
     budget_gb: float | None,
@@ -188,9 +242,12 @@ def make_plan(
 ) -> dict[str, Any]:
     """The bit plan (as written to bit_plan.json): a width per routed expert, predicted cost and bytes.
 
-    ``cost_model='kl'``: cost[l, e, b] = s[l, b] * err[l, e, b], with the layer sensitivity s[l, b] = (measured
-    KL with all of layer l's experts at b bits) / (sum of err[l, :, b]), so a layer's summed cost equals its
-    measured KL and costs across layers are in the same unit (predicted KL). ``'err'``: the raw block-output error.
+    ``widths``: the measured widths (ints) or per-projection options ``(gate/up bits, down bits)``; layer plans
+    take only options with one width for all projections.
+
+    ``cost_model='kl'``: cost[l, e, w] = s[l] * err[l, e, w], with the layer factor s[l] = (measured KL with all of
+    layer l's experts at the lowest probed width p) / (sum of err[l, :, p]) (:func:`option_sensitivity`), so costs
+    across layers are in one unit (predicted KL). ``'err'``: the raw block-output error.
     ``protect``: super experts (``supers``) and experts with fewer than ``min_tokens`` routed tokens get at least
     PROTECT_BITS bits in LP plans (they leave their layer's tie with --granularity layer)."""
     L, E = len(lay.moe), lay.E
@@ -201,28 +258,25 @@ def make_plan(
     if protect and plan == "lp":
         protected, protect_note = _protected(lay, supers, flagged, per_width, widths, budget, min_tokens)
     choice, solver = _choose(lay, plan, granularity, widths, bits, costs, nbytes, budget, protected)
-    chosen_bits = np.array(widths)[choice].reshape(L, E)
+    chosen_bits = np.array([average_bits(widths[c]) for c in choice]).reshape(L, E)
     routed_bytes = int(nbytes[np.arange(L * E), choice].sum())
-    n_params = L * E * 3 * lay.I * lay.H
     return {
         "plan": plan,
         "granularity": granularity if plan == "lp" else "layer",
-        "widths": list(widths),
+        "widths": [width_label(w) for w in widths],
         "target_bits": bits,
         "budget_gb": budget_gb,
         "budget_bytes_routed": float(budget),
         "routed_bytes": routed_bytes,
         "fixed_bytes": int(fixed),
         "total_bytes": int(fixed + routed_bytes),
-        "average_bits_routed": float((chosen_bits.sum() * 3 * lay.I * lay.H) / n_params),
+        "average_bits_routed": float(chosen_bits.mean()),
         "predicted_cost": None if costs is None else float(costs[np.arange(L * E), choice].sum()),
         "other_bits": other_bits,
         "few_token_experts": flagged,
         "cost_model": cost_model if costs is not None else None,
         "cost_model_rule": COST_RULES.get(cost_model) if costs is not None else None,
-        "sensitivity": None
-        if sens is None
-        else {str(l): dict(zip(map(str, widths), map(float, sens[li]), strict=True)) for li, l in enumerate(lay.moe)},
+        "sensitivity": None if sens is None else {str(l): float(sens[li]) for li, l in enumerate(lay.moe)},
         "probe_kl": None if not meas.get("probe_kl") else {f"{l}:{b}": v for (l, b), v in meas["probe_kl"].items()},
         "protected": [[l, e, why] for (l, e), why in protected.items()],
         "protect_rule": (
@@ -235,13 +289,13 @@ def make_plan(
         "few_token_rule": f"fewer than {min_tokens} routed calibration tokens: RTN instead of GPTQ, and the layer's "
         "median measured error is used as its cost",
         "solver": solver,
-        "width_counts": {str(b): int((chosen_bits == b).sum()) for b in widths},
+        "width_counts": {width_label(w): int((choice == j).sum()) for j, w in enumerate(widths)},
         "layers": _layer_rows(lay, meas, widths, choice, nbytes, costs, importance, protected),
     }
 
 
 def _bytes(
-    lay: Layout, widths: tuple[int, ...], bits: float | None, budget_gb: float | None, other_bits: int, sb: int
+    lay: Layout, widths: tuple[Width, ...], bits: float | None, budget_gb: float | None, other_bits: int, sb: int
 ) -> tuple[np.ndarray, np.ndarray, int, float]:
     """``(per_width [B], nbytes [N, B], fixed bytes, routed-expert budget)``; an impossible --budget-gb is refused."""
     L, E = len(lay.moe), lay.E
@@ -262,9 +316,9 @@ def _bytes(
 
 
 def _costs(
-    lay: Layout, meas: dict[str, Any], widths: tuple[int, ...], importance: np.ndarray, min_tokens: int, model: str
+    lay: Layout, meas: dict[str, Any], widths: tuple[Width, ...], importance: np.ndarray, min_tokens: int, model: str
 ) -> tuple[np.ndarray | None, list[list[int]], np.ndarray | None]:
-    """``(costs [N, B] or None without measured errors, few-token experts [[layer, expert]], sensitivity [L, B])``;
+    """``(costs [N, B] or None without measured errors, few-token experts [[layer, expert]], sensitivity [L])``;
     a few-token expert's error is its layer's median measured error."""
     err, counts = meas["err"], meas["counts"]
     flagged: list[list[int]] = []
@@ -279,8 +333,8 @@ def _costs(
             e2[li, low] = np.median(e2[li, ~low], axis=0)
     sens = None
     if model == "kl":
-        sens = layer_sensitivity(lay.moe, widths, e2, meas.get("probe_kl"))
-        e2 = e2 * sens[:, None, :]
+        sens = option_sensitivity(lay.moe, widths, e2, meas.get("probe_kl"))
+        e2 = e2 * sens[:, None, None]
     return (importance[:, :, None] * e2).reshape(L * E, len(widths)), flagged, sens
 
 
@@ -289,7 +343,7 @@ def _protected(
     supers: list[tuple[int, int]] | tuple,
     flagged: list[list[int]],
     per_width: np.ndarray,
-    widths: tuple[int, ...],
+    widths: tuple[Width, ...],
     budget: float,
     min_tokens: int,
 ) -> tuple[dict[tuple[int, int], str], str | None]:
@@ -302,7 +356,7 @@ def _protected(
         protected.setdefault((l, e), f"fewer than {min_tokens} calibration tokens")
     note = None
     floor = per_width.min() * len(lay.moe) * lay.E  # every expert at the lowest width
-    high = per_width[np.array(widths) >= PROTECT_BITS]
+    high = per_width[np.array([min(split_width(w)) >= PROTECT_BITS for w in widths])]
     extra = high.min() - per_width.min() if high.size else np.inf  # one expert raised to 8 bits
     if protected and floor + len(protected) * extra > budget:  # the budget cannot hold them: keep super experts
         dropped = [k for k, why in protected.items() if why != "super expert"]
@@ -317,7 +371,7 @@ def _choose(
     lay: Layout,
     plan: str,
     granularity: str,
-    widths: tuple[int, ...],
+    widths: tuple[Width, ...],
     bits: float | None,
     costs: np.ndarray | None,
     nbytes: np.ndarray,
@@ -327,12 +381,16 @@ def _choose(
     """``(choice [N] width index per expert, solver facts or None)``: --bits for every expert, or the global LP."""
     L, E = len(lay.moe), lay.E
     if plan == "uniform":
-        return np.full(L * E, widths.index(int(bits or 0))), None
+        b = int(bits or 0)
+        return np.full(L * E, next(j for j, w in enumerate(widths) if split_width(w) == (b, b))), None
     if costs is None:
         raise UserError("--plan lp needs calibration data to measure errors")
+    pairs = [split_width(w) for w in widths]
     allowed = np.ones((L * E, len(widths)), dtype=bool)
+    if granularity == "layer":  # one width for every routed module of a layer
+        allowed[:] = np.array([bg == bd for bg, bd in pairs])
     for l, e in protected:
-        allowed[lay.moe.index(l) * E + e] = np.array(widths) >= PROTECT_BITS
+        allowed[lay.moe.index(l) * E + e] &= np.array([min(p) >= PROTECT_BITS for p in pairs])
     groups = None
     if granularity == "layer":  # protected experts leave their layer's tie (their own item)
         groups = np.repeat(np.arange(L), E)
@@ -349,7 +407,7 @@ def _choose(
 def _layer_rows(
     lay: Layout,
     meas: dict[str, Any],
-    widths: tuple[int, ...],
+    widths: tuple[Width, ...],
     choice: np.ndarray,
     nbytes: np.ndarray,
     costs: np.ndarray | None,
@@ -363,13 +421,19 @@ def _layer_rows(
         rows = []
         for e in range(E):
             n = li * E + e
+            w = widths[choice[n]]
+            bg, bd = split_width(w)
             rows.append(
                 {
                     "expert": e,
-                    "bits": int(widths[choice[n]]),
+                    "bits": average_bits(w),  # payload bits per weight
+                    "gate_up_bits": bg,
+                    "down_bits": bd,
                     "bytes": int(nbytes[n, choice[n]]),
                     "predicted_cost": None if costs is None else float(costs[n, choice[n]]),
-                    "err": None if err is None else {str(b): float(err[li, e, j]) for j, b in enumerate(widths)},
+                    "err": None
+                    if err is None
+                    else {width_label(o): float(err[li, e, j]) for j, o in enumerate(widths)},
                     "tokens": None if counts is None else int(counts[li, e]),
                     "method": meas["used"][l][e],
                     "importance": float(importance[li, e]),

@@ -39,8 +39,9 @@ from ..core.job import Job
 from ..core.manifest import Manifest
 from ..core.output import Output
 from ..core.writer import atomic_dir
-from .layer import GPTQOptions
-from .plan import (  # noqa: F401  (Layout, layer_sensitivity, scale_dtype_of: the bench's API)
+from .layer import GPTQOptions, Width, split_width
+from .plan import (  # noqa: F401  (Layout, layer_sensitivity, option_sensitivity, scale_dtype_of: the bench's API)
+    OPTIONS,
     OTHER_BITS,
     PROBE_WIDTHS,
     WIDTHS,
@@ -50,6 +51,7 @@ from .plan import (  # noqa: F401  (Layout, layer_sensitivity, scale_dtype_of: t
     _validate,
     layer_sensitivity,
     make_plan,
+    option_sensitivity,
     scale_dtype_of,
 )
 from .transform import MeasureTransform, PackedCodes, QuantTransform
@@ -96,8 +98,11 @@ class QuantOptions:
         _validate(self.bits, self.budget_gb, self.plan, self.method, self.granularity, self.other_bits)
 
     @property
-    def widths(self) -> tuple[int, ...]:
-        return WIDTHS if self.plan == "lp" else (int(self.bits or 0),)
+    def widths(self) -> tuple[Width, ...]:
+        """Measured widths: per-projection options for per-expert LP plans, one width per layer otherwise."""
+        if self.plan != "lp":
+            return (int(self.bits or 0),)
+        return OPTIONS if self.granularity == "expert" else WIDTHS
 
     @property
     def needs_data(self) -> bool:
@@ -131,7 +136,7 @@ class _Run:
         ids = tokens.input_ids if tokens is not None else torch.zeros(0, 1, dtype=torch.long)
         return Engine(self.ckpt, ids, self.o.batch_size, self.job.device, label)
 
-    def plan(self, meas: dict[str, Any], tokens: TokenSet | None, widths: tuple[int, ...] | None = None) -> dict:
+    def plan(self, meas: dict[str, Any], tokens: TokenSet | None, widths: tuple[Width, ...] | None = None) -> dict:
         """The bit plan from a measurement (``widths``: its candidate widths, default the mode's)."""
         o = self.o
         supers, super_rule = _super_experts(self.ckpt, self.lay, self.prof, meas)
@@ -196,13 +201,16 @@ def _prepare(model: str | Path | None, output: str | Path, o: QuantOptions) -> _
     return _Run(job, o, lay, prof, imp, sb)
 
 
-def _reuse(r: _Run, measurement: dict[str, Any]) -> tuple[dict[str, Any], TokenSet, tuple[int, ...]]:
+def _reuse(r: _Run, measurement: dict[str, Any]) -> tuple[dict[str, Any], TokenSet, tuple[Width, ...]]:
     """A measurement of :func:`measure_model` (its GPTQ options win) for this run's plan."""
     o = r.o
     if measurement["method"] != o.method or measurement["fingerprint"] != r.ckpt.fingerprint:
         raise ValueError("measurement was made with another method or model")
-    if o.plan == "uniform" and int(o.bits or 0) not in measurement["widths"]:
+    pairs = {split_width(w) for w in measurement["widths"]}
+    if o.plan == "uniform" and (int(o.bits or 0),) * 2 not in pairs:
         raise ValueError(f"measurement has no codes at {o.bits} bits")
+    if o.plan == "lp" and not {split_width(w) for w in o.widths} <= pairs:
+        raise ValueError("measurement lacks widths this plan chooses from (per-expert plans need OPTIONS)")
     r.o = replace(o, opts=measurement.get("opts") or o.opts)
     return measurement["meas"], measurement["tokens"], tuple(measurement["widths"])
 
@@ -218,19 +226,23 @@ def _uniform(r: _Run) -> dict[str, Any]:
 
 
 def _planned(
-    r: _Run, meas: dict[str, Any], tokens: TokenSet | None, widths: tuple[int, ...] | None = None
+    r: _Run, meas: dict[str, Any], tokens: TokenSet | None, widths: tuple[Width, ...] | None = None
 ) -> dict[str, Any]:
     """The plan from a measurement; unless --plan-only, a pass that writes each expert at its planned width."""
+    widths = widths or r.o.widths  # a reused measurement's widths: layer plans choose only one-width options
     plan = r.plan(meas, tokens, widths)
     o = r.o
     if o.plan_only:
         with atomic_dir(r.job.out, overwrite=o.overwrite) as tmp:
             (tmp / "bit_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
         return plan
-    widths = {int(l): [x["bits"] for x in d["experts"]] for l, d in plan["layers"].items()}
+    by_pair = {split_width(w): w for w in widths}  # the measured width of each (gate/up, down) choice
+    planned = {
+        int(l): [by_pair[(x["gate_up_bits"], x["down_bits"])] for x in d["experts"]] for l, d in plan["layers"].items()
+    }
     codes = None if o.propagate else meas.get("codes")
     t = QuantTransform(
-        widths, o.method, min_tokens=o.min_tokens, opts=o.opts, other_bits=o.other_bits, propagate=o.propagate,
+        planned, o.method, min_tokens=o.min_tokens, opts=o.opts, other_bits=o.other_bits, propagate=o.propagate,
         codes=codes,
     )  # fmt: skip
     # with the measured codes (or RTN) the write pass needs no windows: the layers stream through, no compute

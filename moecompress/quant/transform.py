@@ -33,7 +33,7 @@ import torch
 
 from ..core.engine import Engine, LayerContext, Transform
 from .ctformat import quantization_config
-from .layer import GPTQOptions, LayerCapture, QuantizedExperts, expert_group_sizes, quantize_layer
+from .layer import GPTQOptions, LayerCapture, QuantizedExperts, Width, expert_group_sizes, quantize_layer, split_width
 from .pack import pack_int32
 from .rtn import SUPPORTED_BITS, dequantize, group_size_for, rtn_quantize
 
@@ -45,20 +45,25 @@ class PackedCodes:
     what the measuring pass of an LP plan keeps for the write pass, ``bits / 8`` bytes per weight instead of the
     int8 codes' one byte. Packing is row-wise, so an expert's gate rows, up rows and down rows are slices."""
 
-    def __init__(self, qe: QuantizedExperts):
-        self.bits, self.g_h, self.g_i = qe.bits, qe.g_h, qe.g_i
+    def __init__(self, qe: QuantizedExperts, gate_up: torch.Tensor | None = None):
+        """``gate_up``: the gate/up codes already packed (per-projection options share them), else packed here."""
+        self.bits, self.down_bits, self.g_h, self.g_i = qe.bits, qe.dbits, qe.g_h, qe.g_i
         self.I, self.H = qe.down_q.shape[-1], qe.down_q.shape[-2]
-        self.gate_up, self.gate_up_s = pack_int32(qe.gate_up_q, qe.bits), qe.gate_up_s  # [E, 2I, words], [E, 2I, G]
-        self.down, self.down_s = pack_int32(qe.down_q, qe.bits), qe.down_s  # [E, H, words], [E, H, G']
+        self.gate_up = pack_int32(qe.gate_up_q, qe.bits) if gate_up is None else gate_up  # [E, 2I, words]
+        self.gate_up_s = qe.gate_up_s  # [E, 2I, G]
+        self.down, self.down_s = pack_int32(qe.down_q, qe.dbits), qe.down_s  # [E, H, words], [E, H, G']
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.gate_up, self.gate_up_s, self.down, self.down_s))
 
     @staticmethod
-    def estimate(num_weights: int, widths: Sequence[int]) -> int:
-        """Bytes of ``num_weights`` expert weights packed at every width of ``widths`` (scales not counted)."""
-        return sum(-(-num_weights * b // 8) for b in widths)
+    def estimate(num_weights: int, widths: Sequence[Width]) -> int:
+        """Bytes of ``num_weights`` expert weights (2/3 gate/up, 1/3 down) packed at every width of ``widths``
+        (gate/up codes once per gate/up width; scales not counted)."""
+        pairs = [split_width(w) for w in widths]
+        gu = sum(-(-num_weights * 2 * b // 24) for b in dict.fromkeys(b for b, _ in pairs))
+        return gu + sum(-(-num_weights * b // 24) for _, b in pairs)
 
 
 def scale_dtype_for(config: Any) -> torch.dtype:
@@ -107,7 +112,8 @@ def weight_dtype_of(engine: Engine) -> torch.dtype:
 
 
 class QuantTransform(Transform):
-    """Quantize routed experts at ``bits`` (an int for every expert, or {layer: [width per expert]}).
+    """Quantize routed experts at ``bits`` (an int for every expert, or {layer: [width per expert]}, a width being
+    an int or a per-projection option ``(gate/up bits, down bits)``).
 
     Also collects per layer what the bit plan reports: ``used`` (method per expert), ``counts``, ``max_abs`` and,
     with ``with_err``, ``err [E, 1]`` at the layer's width (uniform width only)."""
@@ -118,7 +124,7 @@ class QuantTransform(Transform):
 
     def __init__(
         self,
-        bits: int | Mapping[int, Sequence[int]],
+        bits: int | Mapping[int, Sequence[Width]],
         method: str = "gptq",
         *,
         min_tokens: int = 32,
@@ -130,7 +136,9 @@ class QuantTransform(Transform):
     ):
         if method not in ("gptq", "rtn"):
             raise ValueError(f"method {method!r} is not one of gptq, rtn")
-        plan_widths = {bits} if isinstance(bits, int) else {b for ws in bits.values() for b in ws}
+        plan_widths = (
+            {bits} if isinstance(bits, int) else {b for ws in bits.values() for w in ws for b in split_width(w)}
+        )
         if not plan_widths <= set(SUPPORTED_BITS):
             raise ValueError(f"widths {sorted(plan_widths)} are not all in {SUPPORTED_BITS}")
         if other_bits not in (*SUPPORTED_BITS, 16):
@@ -152,7 +160,7 @@ class QuantTransform(Transform):
         self.scale_dtype = scale_dtype_for(engine.ckpt.config)
         self.weight_dtype = weight_dtype_of(engine)
 
-    def widths(self, layer: int, num_experts: int) -> list[int]:
+    def widths(self, layer: int, num_experts: int) -> list[Width]:
         if isinstance(self.bits, int):
             return [self.bits] * num_experts
         ws = list(self.bits[layer])
@@ -164,7 +172,7 @@ class QuantTransform(Transform):
         gu, dn = _fused(ctx)
         E, l = gu.shape[0], ctx.index
         ws = self.widths(l, E)
-        uniq = tuple(sorted(set(ws)))
+        uniq = tuple(sorted(set(ws), key=split_width))
         cap = err = used = None
         if self.codes is not None:  # quantized by the measuring pass on the same inputs: the same codes
             codes = {b: self.codes[(l, b)] for b in uniq}
@@ -192,7 +200,7 @@ class QuantTransform(Transform):
                     ctx.experts.down_proj[e] = dequantize(qe.down_q[e], qe.down_s[e], qe.g_i, self.weight_dtype)
 
     def packed(
-        self, ctx: LayerContext, codes: Mapping[int, QuantizedExperts | PackedCodes], ws: list[int]
+        self, ctx: LayerContext, codes: Mapping[Width, QuantizedExperts | PackedCodes], ws: list[Width]
     ) -> dict[str, torch.Tensor]:
         """weight_packed / weight_scale / weight_shape of every routed projection (hub names)."""
         fam, out = ctx.engine.fam, {}
@@ -211,7 +219,8 @@ class QuantTransform(Transform):
                         (qe.gate_up[e, sl], qe.gate_up_s[e, sl]) if pre else (qe.gate_up_q[e, sl], qe.gate_up_s[e, sl])
                     )
                 base = fam.expert_key(ctx.index, e, proj)[: -len(".weight")]
-                out[base + ".weight_packed"] = w.contiguous() if pre else pack_int32(w.contiguous(), b)
+                wb = split_width(b)[1 if proj == 2 else 0]
+                out[base + ".weight_packed"] = w.contiguous() if pre else pack_int32(w.contiguous(), wb)
                 out[base + ".weight_scale"] = s.contiguous()
                 out[base + ".weight_shape"] = torch.tensor(shape, dtype=torch.int64)
         return out
@@ -242,7 +251,10 @@ class QuantTransform(Transform):
 
     @property
     def uniform(self) -> bool:
-        return len({b for d in self.layers.values() for b in d["bits"]}) == 1
+        """One width for every routed projection (what transformers loads: it reads one width for a fused
+        experts module, so one option with gate/up and down at different widths everywhere is not uniform)."""
+        ws = {split_width(b) for d in self.layers.values() for b in d["bits"]}
+        return len(ws) == 1 and len(set(next(iter(ws)))) == 1
 
     def config(self, cfg: dict[str, Any]) -> None:
         assert self._engine is not None
@@ -255,19 +267,20 @@ class QuantTransform(Transform):
         extra: dict[tuple[int, int], list[str]] = {}
         shapes = {(d["H"], d["I"]) for d in self.layers.values()}
         if self.uniform and len(shapes) == 1:
-            b = next(iter(self.layers.values()))["bits"][0]
+            b, bd = split_width(next(iter(self.layers.values()))["bits"][0])
             g_h, g_i = expert_group_sizes(*shapes.pop())
             blk = re.escape(f".{fam.experts}.")
-            if g_h == g_i:
+            if (b, g_h) == (bd, g_i):
                 extra[(b, g_h)] = [f"re:.*{blk}\\d+\\.(?:{'|'.join(re.escape(n) for n in names)})$"]
             else:
                 extra[(b, g_h)] = [f"re:.*{blk}\\d+\\.(?:{re.escape(names[0])}|{re.escape(names[1])})$"]
-                extra.setdefault((b, g_i), []).append(f"re:.*{blk}\\d+\\.{re.escape(names[2])}$")
+                extra.setdefault((bd, g_i), []).append(f"re:.*{blk}\\d+\\.{re.escape(names[2])}$")
         else:
             for l, d in self.layers.items():
                 g_h, g_i = expert_group_sizes(d["H"], d["I"])
-                for e, b in enumerate(d["bits"]):
+                for e, w in enumerate(d["bits"]):
                     for proj in range(3):
+                        b = split_width(w)[1 if proj == 2 else 0]
                         modules[fam.expert_key(l, e, proj)[: -len(".weight")]] = (b, g_i if proj == 2 else g_h)
         modules.update(self.other)
         ignore = ["lm_head", f"re:.*\\.{re.escape(fam.router)}$"]
@@ -286,8 +299,13 @@ class QuantTransform(Transform):
             "other_bits": self.other_bits,
             "gptq": self.opts.describe() if self.method == "gptq" else None,
             "propagate_quantized": self.propagate,
-            "layers": {str(l): {"bits": sorted(set(d["bits"]))} for l, d in self.layers.items()},
+            "layers": {str(l): {"bits": _json_widths(d["bits"])} for l, d in self.layers.items()},
         }
+
+
+def _json_widths(ws: Sequence[Width]) -> list:
+    """A layer's distinct widths for JSON: ints, and ``[gate/up bits, down bits]`` for per-projection options."""
+    return [list(w) if isinstance(w, tuple) else w for w in sorted(set(ws), key=split_width)]
 
 
 def transform_for_recipe(job: Any, opts: Mapping[str, Any], prof: Any = None) -> QuantTransform:
@@ -329,7 +347,7 @@ class MeasureTransform(Transform):
 
     def __init__(
         self,
-        widths: tuple[int, ...],
+        widths: Sequence[Width],
         method: str = "gptq",
         *,
         min_tokens: int = 32,
@@ -338,9 +356,11 @@ class MeasureTransform(Transform):
         keep_codes: bool = False,
     ):
         self.widths, self.method, self.min_tokens = tuple(widths), method, min_tokens
-        self.codes: dict[tuple[int, int], PackedCodes] | None = {} if keep_codes else None  # (layer, bits)
+        self.codes: dict[tuple[int, Width], PackedCodes] | None = {} if keep_codes else None  # (layer, width)
         self.opts = opts or GPTQOptions()
-        self.probe_widths = tuple(b for b in probe_widths if b in self.widths)
+        # a probe at b bits uses the width b, or the option (b, b)
+        self._probe = {b: w for b in probe_widths for w in (b, (b, b)) if w in self.widths}
+        self.probe_widths = tuple(self._probe)
         self.err: dict[int, np.ndarray] = {}  # [E, B]
         self.counts: dict[int, np.ndarray] = {}  # [E]
         self.max_abs: dict[int, np.ndarray] = {}  # [E]
@@ -365,9 +385,13 @@ class MeasureTransform(Transform):
         l = ctx.index
         self.used[l], self.counts[l], self.max_abs[l] = used, cap.counts.numpy(), cap.max_abs.numpy()
         self.err[l] = err.numpy() if err is not None else np.zeros((gu.shape[0], len(self.widths)))
-        self._codes = {b: codes[b] for b in self.probe_widths}
+        self._codes = {b: codes[w] for b, w in self._probe.items()}
         if self.codes is not None:
-            self.codes.update({(l, b): PackedCodes(q) for b, q in codes.items()})
+            gu = {}  # gate/up codes packed once per gate/up width
+            for w, q in codes.items():
+                p = PackedCodes(q, gu.get(q.bits))
+                gu[q.bits] = p.gate_up
+                self.codes[(l, w)] = p
 
     @torch.no_grad()
     def probe_layer(self, ctx: LayerContext) -> None:
