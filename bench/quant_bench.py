@@ -65,15 +65,18 @@ PLANS = (
     ("lp-expert 2.5", "lp", 2.5, "expert", "kl"),
     ("lp-expert 3.0, block-error cost", "lp", 3.0, "expert", "err"),
 )
-ABLATIONS = (  # each row adds one choice
+ABLATIONS = (  # each row adds one choice (damping 0.03 throughout; refine=False until its row)
     (
         "before: natural order, original-weight Hessians",
-        GPTQOptions(False, False, "mse", propagate=False, weighted=False),
+        GPTQOptions(False, False, "mse", propagate=False, weighted=False, refine=False),
     ),
-    ("+ act-order", GPTQOptions(True, False, "mse", propagate=False, weighted=False)),
-    ("+ act-order + sequential", GPTQOptions(True, True, "mse", propagate=False, weighted=False)),
-    ("+ act-order + sequential + H-weighted scales", GPTQOptions(True, True, "hmse", propagate=False, weighted=False)),
-    ("+ ... + router-weighted Hessians", GPTQOptions(True, True, "hmse", propagate=False, weighted=True)),
+    ("+ act-order", GPTQOptions(True, False, "mse", propagate=False, weighted=False, refine=False)),
+    ("+ act-order + sequential", GPTQOptions(True, True, "mse", propagate=False, weighted=False, refine=False)),
+    (
+        "+ act-order + sequential + H-weighted scales",
+        GPTQOptions(True, True, "hmse", propagate=False, weighted=False, refine=False),
+    ),
+    ("+ ... + router-weighted Hessians", GPTQOptions(True, True, "hmse", propagate=False, weighted=True, refine=False)),
     (
         "+ ... + least-squares scale refinement (= default)",
         GPTQOptions(True, True, "hmse", propagate=False, weighted=True, refine=True),
