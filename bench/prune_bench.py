@@ -11,6 +11,16 @@ that frequency drops.
     OMP_NUM_THREADS=1 .venv/bin/python bench/prune_bench.py --model M --max-windows 4 --methods reap,output-error
 
 Writes reports/prune_bench.json and reports/prune_bench.md (or --out PREFIX).
+
+``--cost-experts 128,256`` measures instead what pruning costs next to a profile (issue 13's bar: the default
+pruning <= 2x a profile): synthetic bf16 Qwen3-MoE checkpoints as in bench/scale_bench.py (2 layers, hidden 512,
+width 256, top-8; ``profile_bench.synthetic_checkpoint``), 4,096 calibration tokens, each command in a fresh
+one-thread process (``scale_bench.run_cmd``: CPU seconds user + system, imports included); ``profile`` and
+``prune --ratio R --refit X`` (profiling included, as a user runs it) repeated ``--cost-reps`` times interleaved,
+the least CPU time of each kept.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/prune_bench.py --cost-experts 128,256 --refits none,down,router+down \
+        --out reports/prune_bench.cost
 """
 
 from __future__ import annotations
@@ -101,7 +111,17 @@ def main() -> None:
     ap.add_argument("--per-layer", default=",".join(PER_LAYER), help="methods also run with --layout per-layer")
     ap.add_argument("--out", default="reports/prune_bench")
     ap.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json of an earlier run")
+    ap.add_argument("--cost-experts", default="", help="measure prune vs profile CPU time at these expert counts")
+    ap.add_argument("--cost-reps", type=int, default=2, help="interleaved repetitions per command (least kept)")
+    ap.add_argument("--cost-ratio", type=float, default=0.25, help="--ratio of the cost runs")
     args = ap.parse_args()
+    if args.cost_experts:
+        rep = json.loads(Path(args.out + ".json").read_text()) if args.render_only else cost_runs(args)
+        if not args.render_only:
+            Path(args.out + ".json").write_text(json.dumps(rep, indent=2) + "\n")
+        Path(args.out + ".md").write_text(render_cost_md(rep))
+        print(render_cost_md(rep))
+        return
     if args.render_only:
         Path(args.out + ".md").write_text(render_md(json.loads(Path(args.out + ".json").read_text()), args))
         return
@@ -166,6 +186,69 @@ def main() -> None:
         print(md)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def cost_runs(args: argparse.Namespace) -> dict:
+    """CPU seconds of profile and of prune with each refit on synthetic checkpoints (see the module docstring)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from profile_bench import synthetic_checkpoint
+    from scale_bench import ROOT, run_cmd
+
+    t0 = time.time()
+    refits = [r for r in args.refits.split(",") if r]
+    shape = {"layers": 2, "hidden": 512, "width": 256, "top_k": 8}
+    rep: dict = {"shape": shape, "samples": 16, "seq_len": 256, "ratio": args.cost_ratio, "reps": args.cost_reps,
+                 "default_refit": DEFAULT_REFIT, "experts": {}}  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="prune-cost-"))
+    try:
+        for E in (int(e) for e in args.cost_experts.split(",")):
+            model = work / f"E{E}"
+            synthetic_checkpoint(model, shape["layers"], shape["hidden"], E, shape["width"], shape["top_k"])
+            common = ["--samples", "16", "--seq-len", "256", "--device", "cpu", "--overwrite"]
+            plan = [("profile", ["profile", str(model), "-o", str(work / "p"), *common])]
+            plan += [(f"prune --refit {rf}", ["prune", str(model), "--ratio", str(args.cost_ratio), "--refit", rf,
+                                              "-o", str(work / "o"), *common]) for rf in refits]  # fmt: skip
+            cpu: dict[str, list[float]] = {}
+            for _ in range(args.cost_reps):
+                for name, argv in plan:
+                    res = run_cmd(ROOT, argv, 1800)
+                    cpu.setdefault(name, []).append(res["cpu_s"])
+                    print(f"E={E} {name:24s} {res['cpu_s']:.1f} CPU s, {res['peak_rss_bytes'] / 2**30:.2f} GiB",
+                          flush=True)  # fmt: skip
+            prof = min(cpu["profile"])
+            rep["experts"][str(E)] = {
+                name: {"cpu_s": min(v), "all_cpu_s": v, "x_profile": round(min(v) / prof, 3)} for name, v in cpu.items()
+            }
+            shutil.rmtree(model)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rep["elapsed_s"] = round(time.time() - t0, 1)
+    return rep
+
+
+def render_cost_md(rep: dict) -> str:
+    names = list(next(iter(rep["experts"].values())))
+    sh = rep["shape"]
+    lines = [
+        "# What expert pruning costs next to a profile",
+        "",
+        f"Synthetic bf16 Qwen3-MoE ({sh['layers']} layers, hidden {sh['hidden']}, width {sh['width']}, "
+        f"top-{sh['top_k']}), {rep['samples']} x {rep['seq_len']} calibration tokens, `prune --ratio {rep['ratio']}` "
+        f"(profiling included). CPU seconds (user + system, one thread, fresh process, imports included), least of "
+        f"{rep['reps']} interleaved runs; x profile in brackets. Default refit: `{rep['default_refit']}`. "
+        f"Total {rep['elapsed_s']:.0f} s wall (shared machine: compare within a row).",
+        "",
+        "| E | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for E, row in rep["experts"].items():
+        lines.append(f"| {E} | " + " | ".join(f"{row[n]['cpu_s']:.1f} ({row[n]['x_profile']:.2f}x)" for n in names)
+                     + " |")  # fmt: skip
+    lines += ["", "All runs (CPU s): " + "; ".join(
+        f"E{E} {n}: {row[n]['all_cpu_s']}" for E, row in rep["experts"].items() for n in names), ""]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _avg(rows: list[dict]) -> dict:

@@ -197,7 +197,7 @@ def test_cli_refusals_exit_2_and_write_nothing(tmp_path, tokenizer_dir):
         ([path, "--ratio", "0.9"], "fewer than top-k"),
         ([ds, "--ratio", "0.7"], "router's minimum"),
         ([path, "--ratio", "0.5", "--method", "magic"], "not one of"),
-        ([path, "--ratio", "0.5", "--refit", "magic"], "--refit 'magic' is not one of none, router"),
+        ([path, "--ratio", "0.5", "--refit", "magic"], "--refit 'magic' is not one of none, router, down"),
         ([path, "--ratio", "0.5", "--layout", "exact"], "granularity atom"),
         ([path, "--ratio", "0.5", "-o", path / "inside"], "inside"),
         ([path, "--ratio", "0.5", "-o", tmp_path / "exists"], "already exists"),
@@ -229,7 +229,7 @@ def test_cli_prunes_with_profile_and_reports_protection(tmp_path, tokenizer_dir)
 def test_output_error_per_layer_grouped_round_trips(tmp_path, tokenizer_dir):
     path = build_tiny("deepseek_v3", tmp_path / "ds", tokenizer_dir)
     out = tmp_path / "out"
-    opts = PruneOptions(ratio=0.5, method="output-error", layout="per-layer")
+    opts = PruneOptions(ratio=0.5, method="output-error", layout="per-layer", refit="none")
     man = prune_model(path, out, opts, tokens=_tokens())
     counts = [v["num_experts"] for v in man["layers"].values()]
     assert sum(8 - c for c in counts) == 4 * len(counts) and all(c % 2 == 0 and c >= 4 for c in counts)
