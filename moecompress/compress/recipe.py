@@ -30,7 +30,7 @@ OPTIONS: dict[str, dict[str, tuple[type | tuple[type, ...], Any, str]]] = {
     "prune": {
         "ratio": _RATIO,
         "method": (str, lambda v: v in ("output-error", "reap", "frequency", "routing-mass", "random"), "a method"),
-        "refit": (str, lambda v: v in ("none", "router", "router+down"), "none, router or router+down"),
+        "refit": (str, lambda v: v in ("none", "router", "down", "router+down"), "none, router, down or router+down"),
         "protect_super": (bool, lambda v: True, "true or false"),
         "error_tokens": (int, lambda v: v >= 1, "a whole number >= 1"),
     },
