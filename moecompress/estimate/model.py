@@ -96,7 +96,7 @@ def variant(op: str, s: Settings) -> str:
     if op == "prune":
         if s.method not in (None, "output-error"):
             return "prune-reap"  # every profile-score method costs a profile pass and a sort
-        return "prune-refit" if s.refit not in (None, "none") else "prune"
+        return "prune-refit" if s.refit in ("router", "router+down") else "prune"  # down: ~1.1x none (prune_bench.cost)
     if op == "quantize":
         if s.method == "rtn":
             return "quantize-rtn"
