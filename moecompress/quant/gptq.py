@@ -24,6 +24,7 @@ with :func:`prepare_hessian` and pass it to :func:`gptq_quantize` for every cand
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -127,6 +128,7 @@ def gptq_quantize(
     clip: str = DEFAULT_CLIP,
     prepared: PreparedHessian | None = None,
     refine: bool = False,
+    grid: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-quantize ``w [R, C]`` with input Hessian ``h [C, C]`` (or its :func:`prepare_hessian` result).
 
@@ -137,6 +139,8 @@ def gptq_quantize(
     Dead inputs (zero Hessian diagonal) get their weights zeroed, as in the reference implementation.
     ``refine``: afterwards, the group scales are refitted by least squares to the codes (:func:`refine_scales`;
     the prepared Hessian must have been made with ``keep=True``).
+    ``grid``: another code grid than ``bits``-bit integers (e.g. quant/mxfp4.py's FP4), an object with
+    ``scales(w [R, C], g, col_weight [C]) -> [R, C // g]`` and ``round(x) -> codes`` (integer-valued, int8 range).
     """
     if clip not in CLIP_MODES:
         raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
@@ -145,10 +149,12 @@ def gptq_quantize(
     if cols % g:
         raise ValueError(f"group_size {g} must divide the input width {cols}")
     qmin, qmax = qrange(bits)
-    grid = (1.0,) if clip == "none" else clip_grid
+    shrinks = (1.0,) if clip == "none" else clip_grid
     ph = prepared if prepared is not None else prepare_hessian(h.to(w.device), damp, actorder, keep=refine)
     if (ph.perm is not None) != actorder:
         raise ValueError("the prepared Hessian was made with another actorder setting")
+    if grid is not None and refine:
+        raise ValueError("refine fits free scales: not with a grid of its own")
     if refine and ph.h is None:
         raise ValueError("refine needs a Hessian prepared with keep=True")
     w0 = None
@@ -161,7 +167,10 @@ def gptq_quantize(
     q_out = torch.zeros(rows, cols, dtype=torch.int8, device=w.device)
     if actorder:
         cw = ph.diag if clip == "hmse" else torch.ones(cols, device=w.device)
-        scales = compute_scales(wk, bits, g, scale_dtype, grid, cw.to(w.device).float())  # [R, G]
+        scales = (
+            grid.scales(wk, g, cw.to(w.device).float()) if grid is not None  # [R, G]
+            else compute_scales(wk, bits, g, scale_dtype, shrinks, cw.to(w.device).float())
+        )  # fmt: skip
         s_cols = scales.float().repeat_interleave(g, dim=1)[:, ph.perm]  # [R, C] scale of each processed column
         wk = wk[:, ph.perm]
         q_perm = torch.zeros_like(q_out)
@@ -173,7 +182,7 @@ def gptq_quantize(
             for i in range(b1 - b0):
                 s = s_cols[:, b0 + i]
                 wcol = w_blk[:, i]
-                qcol = torch.clamp(torch.round(wcol / s), qmin, qmax)
+                qcol = grid.round(wcol / s) if grid is not None else torch.clamp(torch.round(wcol / s), qmin, qmax)
                 q_perm[:, b0 + i] = qcol.to(torch.int8)
                 err = (wcol - qcol * s) / hinv_blk[i, i]
                 w_blk[:, i:] -= err.unsqueeze(1) @ hinv_blk[i, i:].unsqueeze(0)
@@ -193,11 +202,19 @@ def gptq_quantize(
         for i in range(b1 - b0):
             col = b0 + i
             if col % g == 0:
-                s = compute_scales(w_blk[:, i : i + g], bits, g, scale_dtype, grid, cw[col : col + g])[:, 0]  # [R]
+                s = (
+                    grid.scales(w_blk[:, i : i + g], g, cw[col : col + g])
+                    if grid is not None
+                    else compute_scales(w_blk[:, i : i + g], bits, g, scale_dtype, shrinks, cw[col : col + g])
+                )[:, 0]  # [R]
                 scales[:, col // g] = s
                 cur_scale = s.float()
             wcol = w_blk[:, i]  # [R]
-            qcol = torch.clamp(torch.round(wcol / cur_scale), qmin, qmax)
+            qcol = (
+                grid.round(wcol / cur_scale)
+                if grid is not None
+                else torch.clamp(torch.round(wcol / cur_scale), qmin, qmax)
+            )
             q_out[:, col] = qcol.to(torch.int8)
             d = hinv_blk[i, i]
             err = (wcol - qcol * cur_scale) / d  # [R]
