@@ -40,6 +40,7 @@ from ..core.manifest import Manifest
 from ..core.output import Output
 from ..core.writer import atomic_dir
 from .layer import GPTQOptions, Width, split_width
+from .mxfp4 import check_options, run_mxfp4, writes_mxfp4
 from .plan import (  # noqa: F401  (Layout, layer_sensitivity, option_sensitivity, scale_dtype_of: the bench's API)
     OPTIONS,
     OTHER_BITS,
@@ -167,9 +168,15 @@ def run_quantize(
     unknown = set(options) - {f.name for f in fields(QuantOptions)}
     if unknown:
         raise TypeError(f"run_quantize got unknown options {sorted(unknown)}")
+    other_given = options.get("other_bits") is not None  # None: the default (8; gpt-oss MXFP4 keeps 16)
+    if not other_given:
+        options.pop("other_bits", None)
     o = QuantOptions(**options)
     o.check()
     r = _prepare(model, output, o)
+    if r.lay is None:  # gpt-oss: MXFP4 experts in the release layout (quant/mxfp4.py), no bit plan to choose
+        check_options(o, other_given, r.ckpt.config)
+        return run_mxfp4(r.job, o)
     if measurement is not None:
         return _planned(r, *_reuse(r, measurement))
     if o.plan == "uniform" and not o.plan_only:
@@ -186,6 +193,8 @@ def _prepare(model: str | Path | None, output: str | Path, o: QuantOptions) -> _
         device=o.device, overwrite=o.overwrite, profile_dir=o.profile, profile_windows=False, op="quantize",
         settings={"method": o.method, "plan": o.plan},
     )  # fmt: skip
+    if writes_mxfp4(job.ckpt.config):
+        return _Run(job, o, None, None, None, 0)  # type: ignore[arg-type]
     lay = Layout(job.ckpt)
     prof = job.profile()
     imp = _importance(lay, prof, o.importance)
