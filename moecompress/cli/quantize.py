@@ -51,8 +51,13 @@ def quantize(
         str, typer.Option(help="layer: one width per layer's experts (servable); expert: per-expert widths.")
     ] = "layer",
     other_bits: Annotated[
-        int, typer.Option("--other-bits", help="Attention / shared / dense weights: 2, 3, 4, 8 or 16 (keep).")
-    ] = 8,
+        int | None,
+        typer.Option(
+            "--other-bits",
+            help="Attention / shared / dense weights: 2, 3, 4, 8 or 16 (keep); default 8 "
+            "(gpt-oss: 16, its experts are written as MXFP4).",
+        ),
+    ] = None,
     plan_only: Annotated[bool, typer.Option("--plan-only", help="Write OUTPUT/bit_plan.json and stop.")] = False,
     profile: Annotated[
         Path | None, typer.Option("--profile", help="Profile run folder: importance and super experts.")
