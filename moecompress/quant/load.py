@@ -134,6 +134,10 @@ def load_quantized(
         packed = torch.device(device).type == "cuda"
     cfg_json = json.loads((p / "config.json").read_text())
     qconfig = cfg_json.get("quantization_config") or {}
+    if qconfig.get("quant_method") == "mxfp4":  # gpt-oss experts written as MXFP4 (quant/mxfp4.py)
+        from .mxfp4 import load_mxfp4
+
+        return load_mxfp4(p, device, dtype)
     if qconfig.get("format") != "pack-quantized":
         raise UserError(f"{p} is not a pack-quantized compressed-tensors folder")
     config = AutoConfig.from_pretrained(p, trust_remote_code=False)
