@@ -363,7 +363,7 @@ def markdown(res: dict, args: Any) -> str:
         lines += ["", "Quantize-only guard (KL on the calibration windows, budget/check.py):", ""]
         for r in checks:
             c = r["check"]
-            lines.append(f"- {r['name']}: joint {c['joint_kl']:.5f} vs quantize-only {c['bits_only_kl']:.5f} -> "
+            lines.append(f"- {r['name']}: joint {c['joint_kl']:.3g} vs quantize-only {c['bits_only_kl']:.3g} -> "
                          f"{c['chosen']} written")  # fmt: skip
     if res["synthetic_ip"]:
         ip = res["synthetic_ip"]
