@@ -177,14 +177,17 @@ def main() -> None:
             row["runs"] = runs
             rep["models"][str(info["experts"])] = row
             shutil.rmtree(model, ignore_errors=True)
+            rep["elapsed_s"] = round(time.time() - t0, 1)
+            write(rep, args)  # after each model: a long run stopped early keeps what it measured
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rep["elapsed_s"] = round(time.time() - t0, 1)
+    print(render_md(rep, args))
+
+
+def write(rep: dict, args: argparse.Namespace) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(rep, indent=2) + "\n")
-    md = render_md(rep, args)
-    Path(args.out + ".md").write_text(md)
-    print(md)
+    Path(args.out + ".md").write_text(render_md(rep, args))
 
 
 def render_md(rep: dict, args: argparse.Namespace) -> str:
