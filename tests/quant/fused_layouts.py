@@ -91,3 +91,37 @@ def try_layout(src: Path, out: Path, tensors: dict[str, torch.Tensor], targets: 
         "unexpected_example": unexpected[:2],
     }
     return res
+
+
+def mxfp4_check(ck: Checkpoint, work: Path, cli: Any) -> None:
+    """gpt-oss's quantized output (MXFP4, quant/mxfp4.py) for bench/families' quantize column: the model type rebuilt
+    at expert width 64 (MXFP4 blocks are 32 wide; the tiny width 40 is refused in one line), ``quantize --bits 4
+    --method rtn``, then plain ``from_pretrained`` with no missing/unexpected/mismatched keys and the logits of
+    ``moecompress.load`` (``cli(*argv)``: the checks' CLI runner)."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from moecompress import load
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "families"))
+    from family_models import build
+
+    src = build(ck.config.model_type, work / "w64", width=64)
+    for f in ck.path.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, src / f.name)
+    out = work / "q4-mxfp4"
+    cli("quantize", src, "--bits", "4", "--method", "rtn", "--samples", "2", "--seq-len", "16", "--device", "cpu",
+        "-o", out)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (on a CPU transformers says it dequantizes MXFP4 to bf16)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            out, output_loading_info=True, experts_implementation="eager"
+        )
+    bad = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
+    assert not bad, bad
+    ids = torch.arange(16)[None] % 300
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits.float(), load(out)(input_ids=ids).logits.float()
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
