@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -291,6 +292,11 @@ def check_masked(ck: Checkpoint, out: Path, pruned: torch.nn.Module) -> None:
 
 def check_quantize(ck: Checkpoint, work: Path) -> None:
     out = work / "q4"
+    if ck.config.model_type == "gpt_oss":  # written as MXFP4, checked at expert width 64 (blocks of 32 values)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quant"))
+        from fused_layouts import mxfp4_check
+
+        return mxfp4_check(ck, work, _cli)
     try:
         _cli("quantize", ck.path, "--bits", "4", "--plan", "uniform", "--method", "rtn", *CALIB, "-o", out)
     except AssertionError as err:
