@@ -32,12 +32,11 @@ def test_clamped_swiglu_is_gpt_oss_own_gate():
 
 
 @pytest.mark.slow
-def test_gpt_oss_round_trips_profiles_prunes_and_refuses_quantization(tmp_path, tokenizer_dir):
+def test_gpt_oss_round_trips_profiles_prunes_and_quantizes_to_mxfp4(tmp_path, tokenizer_dir):
     r = run_checks("gpt_oss", tmp_path, tokenizer_dir)
     assert r["supported"] and r["derived"], r
-    ops = r["ops"]
-    assert ops.pop("quantize").startswith("refused: experts fused on disk"), r
-    assert ops == {"open": "ok", "view_write": "ok", "profile": "ok", "prune": "ok"}, r
+    ops = r["ops"]  # quantize: MXFP4 at expert width 64 (tests/quant/test_mxfp4.py)
+    assert ops == {"open": "ok", "view_write": "ok", "profile": "ok", "prune": "ok", "quantize": "ok"}, r
     fam = Checkpoint(tmp_path / "gpt_oss").family
     assert fam.fused_disk and fam.transposed and fam.interleaved and fam.expert_bias and fam.router_bias
     assert fam.gate == "clamped_swiglu"
@@ -58,7 +57,7 @@ def gpt_oss(tmp_path_factory, tokenizer_dir):
         (["merge", "--ratio", "0.25"], "fused on disk"),  # (and merge/ does not carry the experts' biases)
         (["prune", "--ratio", "0.25"], "expert math does not model"),  # output-error: routing verified, experts not
         (["prune", "--ratio", "0.25", "--method", "reap", "--refit", "router"], "expert math does not model"),
-        (["quantize", "--bits", "4"], "fused on disk"),
+        (["quantize", "--bits", "4"], "not a multiple of 32"),  # MXFP4 blocks; at width 64 it is written
     ],
 )
 def test_operations_that_would_be_wrong_on_gpt_oss_refuse_in_one_line(gpt_oss, tmp_path, argv, says):
