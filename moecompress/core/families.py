@@ -206,6 +206,10 @@ class Family:
                 "so quantized experts would not load (per expert or fused, their weight_packed tensors come back "
                 "unexpected and gate_up_proj / down_proj missing); quantization is refused for it (profile, expert "
                 "pruning, eval and load work)"
+                if "gpt_oss" not in self.model_types  # gpt-oss: quant/mxfp4.py writes its release format instead
+                else f"{self.name} keeps its routed experts fused on disk: `moecompress quantize --bits 4` writes "
+                "them as MXFP4 (the release format transformers loads); compress quantize stages and byte budgets "
+                "are refused"
             )
         return f"{self.block_prefix(layer)}{self.experts}.{expert}.{self.expert_names[proj]}.weight"
 
