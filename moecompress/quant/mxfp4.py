@@ -272,8 +272,8 @@ def check_options(o: Any, other_bits_given: bool, cfg: Any) -> None:
         raise UserError(f"{what}: the other weights stay as the source holds them, --other-bits must be 16")
     if o.plan_only:
         raise UserError(f"{what}: one format, no bit plan to choose: drop --plan-only")
-    if o.importance != "uniform":
-        raise UserError(f"{what}: one format, nothing to weigh: drop --importance")
+    if o.importance != "uniform" or o.profile is not None:
+        raise UserError(f"{what}: one format, no expert to weigh or protect: drop --importance / --profile")
     for key in ("hidden_size", "intermediate_size"):
         n = int(getattr(cfg, key))
         if n % BLOCK:

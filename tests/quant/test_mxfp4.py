@@ -177,6 +177,7 @@ def test_a_release_requantized_by_rtn_is_byte_identical(gpt_oss64, tmp_path):
         (["--bits", "4", "--other-bits", "8"], "--other-bits must be 16"),
         (["--bits", "4", "--granularity", "expert"], "per-expert LP plans"),
         (["--budget-gb", "0.01"], "4 bits only"),
+        (["--bits", "4", "--profile", "runs/none"], "drop --importance / --profile"),
     ],
 )
 def test_what_mxfp4_cannot_hold_is_refused_in_one_line(gpt_oss64, tmp_path, argv, says):
