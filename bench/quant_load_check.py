@@ -12,8 +12,14 @@ without ``"dequantize": true`` in the quantization_config (tests/quant/fused_lay
 unexpected keys or the error in ``reports/quant_load_check.fused.json`` + ``.md``: the evidence behind the quantize
 refusal for those types.
 
+With ``--mxfp4`` it quantizes tiny gpt-oss models (hidden 64, expert widths ``--widths``, multiples of 32) to MXFP4
+with RTN and with GPTQ on the FP4 grid (same calibration windows), loads each output in stock transformers (missing /
+unexpected keys, max |logit - moecompress.load's logit|) and measures KL(source || output) and top-1 agreement with
+``moecompress eval`` on held-out windows: ``reports/quant_load_check.mxfp4.json`` + ``.md``.
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/quant_load_check.py
     OMP_NUM_THREADS=1 .venv/bin/python bench/quant_load_check.py --fused
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quant_load_check.py --mxfp4
 """
 
 from __future__ import annotations
@@ -44,7 +50,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--fused", action="store_true", help="probe the quantized layouts of fused-on-disk families")
     ap.add_argument("--types", nargs="*", default=None, help="with --fused: only these model types")
+    ap.add_argument("--mxfp4", action="store_true", help="gpt-oss MXFP4 output: loads, RTN vs GPTQ KL")
+    ap.add_argument("--widths", type=int, nargs="*", default=[64, 128], help="with --mxfp4: expert widths")
+    ap.add_argument("--samples", type=int, default=32, help="with --mxfp4: calibration windows")
     args = ap.parse_args()
+    if args.mxfp4:
+        mxfp4_check(args.out or ROOT / "reports" / "quant_load_check.mxfp4.json", args.widths, args.samples)
+        return
     if args.fused:
         fused_layouts(args.out or ROOT / "reports" / "quant_load_check.fused.json", args.types)
         return
@@ -170,6 +182,80 @@ def fused_layouts(out_json: Path, types: list[str] | None = None) -> None:
         lines.append(
             f"| {r['model_type']} | {r['layout']} | {r['dequantize']} | {r['loads']} | {r.get('missing', '-')} | "
             f"{r.get('unexpected', '-')} (`{ex}`) |"
+        )
+    out_json.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out_json} and {out_json.with_suffix('.md')}")
+
+
+def mxfp4_check(
+    out_json: Path, widths: list[int], samples: int, seq_len: int = 64, seeds: tuple[int, ...] = (0, 1)
+) -> None:
+    """gpt-oss MXFP4 output of tiny models: loads in transformers, equals moecompress.load, RTN vs GPTQ KL."""
+    import logging
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    sys.path.insert(0, str(ROOT / "tests" / "families"))
+    from family_models import build, make_tokenizer
+
+    from moecompress import load
+    from moecompress.cli.main import app
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    def cli(*argv: object) -> None:
+        res = CliRunner().invoke(app, [str(a) for a in argv])
+        assert res.exit_code == 0, res.output
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = make_tokenizer(Path(tmp) / "tok")
+        for width in widths:
+            for seed in seeds:
+                src = build("gpt_oss", Path(tmp) / f"src{width}-{seed}", tok, seed=seed, width=width)
+                for method in ("rtn", "gptq"):
+                    out = Path(tmp) / f"{method}{width}-{seed}"
+                    cal = ["--samples", samples, "--seq-len", seq_len, "--device", "cpu"]
+                    cli("quantize", src, "--bits", 4, "--method", method, *cal, "-o", out)
+                    model, info = AutoModelForCausalLM.from_pretrained(
+                        out, output_loading_info=True, experts_implementation="eager"
+                    )
+                    ids = torch.arange(64)[None] % 300
+                    with torch.no_grad():
+                        diff = float(
+                            (model(input_ids=ids).logits.float() - load(out)(input_ids=ids).logits).abs().max()
+                        )
+                    ev = out / "eval.json"
+                    cli("eval", out, "--base", src, "--seq-len", seq_len, "--max-windows", 8, "--device", "cpu",
+                        "--json", ev)  # fmt: skip
+                    e = json.loads(ev.read_text())
+                    row = {
+                        "width": width, "seed": seed, "method": method, "missing": len(info["missing_keys"]),
+                        "unexpected": len(info["unexpected_keys"]), "max_logit_diff": diff,
+                        "kl": e["kl_to_base"], "top1": e["top1_agreement"],
+                    }  # fmt: skip
+                    rows.append(row)
+                    print(row)
+    record = {"transformers": transformers.__version__, "torch": torch.__version__, "samples": samples,
+              "seq_len": seq_len, "rows": rows}  # fmt: skip
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(record, indent=2) + "\n")
+    lines = [
+        f"# gpt-oss MXFP4 output in stock transformers {transformers.__version__}: loads, RTN vs GPTQ",
+        "",
+        f"`OMP_NUM_THREADS=1 .venv/bin/python bench/quant_load_check.py --mxfp4 --widths {' '.join(map(str, widths))} "
+        f"--samples {samples}` (tiny random gpt_oss, hidden 64; calibration {samples} x {seq_len} mixed; KL on 8 "
+        f"held-out windows of {seq_len} per domain)",
+        "",
+        "| expert width | seed | method | missing | unexpected | max logit diff vs moecompress.load | KL | top-1 |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['width']} | {r['seed']} | {r['method']} | {r['missing']} | {r['unexpected']} | "
+            f"{r['max_logit_diff']:.2e} | {r['kl']:.4g} | {r['top1']:.4f} |"
         )
     out_json.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out_json} and {out_json.with_suffix('.md')}")
