@@ -21,15 +21,32 @@ def qwen(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def outputs(qwen, tmp_path_factory):
-    """Quantized folders: uniform 2/3/4/8 bits (RTN) and a per-expert mixed LP plan (GPTQ)."""
+    """Quantized folders: uniform 2/3/4/8 bits (RTN) and a per-expert mix of widths (one width per expert: the
+    packed layout; per-expert LP plans with per-projection options load dense, tests/quant/test_quant_options.py)."""
+    from moecompress.core.checkpoint import Checkpoint
+    from moecompress.core.engine import Engine
+    from moecompress.core.manifest import Manifest
+    from moecompress.core.output import Output
+    from moecompress.quant.transform import QuantTransform
+
     root = tmp_path_factory.mktemp("q")
     out = {}
     for b in (2, 3, 4, 8):
         out[b] = root / f"u{b}"
         run_quantize(qwen, out[b], bits=b, plan="uniform", method="rtn", other_bits=8, **KW)
     out["mixed"] = root / "mixed"
-    plan = run_quantize(qwen, out["mixed"], bits=3.0, plan="lp", method="gptq", granularity="expert", **KW)
-    return out, plan
+    ck = Checkpoint(qwen)
+    widths = {l: [(2, 3, 4, 8, 3, 2), (4, 4, 2, 3, 8, 3), (3, 2, 3, 4, 4, 8)][i] for i, l in enumerate(ck.moe_layers)}
+    t = QuantTransform({l: list(w) for l, w in widths.items()}, "rtn", other_bits=8, propagate=False)
+    with Output(out["mixed"], False) as o:
+        o.add_globals(ck, [t])
+        Engine(ck, torch.zeros(0, 1, dtype=torch.long), 4, torch.device("cpu"), "q").run([t], emit=o.add_layer)
+        cfg = ck.config.to_dict()
+        t.config(cfg)
+        man = Manifest("quantize", "quantized", "moecompress.load", str(ck.path), ck.fingerprint, None,
+                       ck.num_params, ck.bytes_on_disk)  # fmt: skip
+        o.finish(ck, cfg, man, report=False)
+    return out, {str(l): list(w) for l, w in widths.items()}
 
 
 def _logits(model, ids=IDS):
@@ -53,7 +70,7 @@ def test_packed_equals_dense(outputs, which):
         assert torch.equal(gu, _experts(dense, l).gate_up_proj)  # dequantized on the fly == dequantized at load
         assert torch.equal(dn, _experts(dense, l).down_proj)
         if which == "mixed":
-            assert ex.bits == [r["bits"] for r in plan["layers"][str(l)]["experts"]]
+            assert ex.bits == plan[str(l)]
         else:
             assert ex.bits == [which] * 6
         # router and attention are the dense loader's tensors
