@@ -191,3 +191,23 @@ def test_widths_not_multiples_of_32_are_refused(tmp_path, tokenizer_dir):
     src = build("gpt_oss", tmp_path / "w40", tokenizer_dir)  # expert width 40
     res = CliRunner().invoke(app, ["quantize", str(src), "--bits", "4", *CAL, "-o", str(tmp_path / "q")])
     assert res.exit_code == 2 and "intermediate_size is 40, not a multiple of 32" in res.output, res.output
+
+
+@pytest.mark.gpu
+def test_on_cuda_rtn_writes_the_cpu_bytes_and_gptq_loads(gpt_oss64, tmp_path):
+    cal = ["--samples", "4", "--seq-len", "32"]
+    outs = {}
+    for dev, method in (("cpu", "rtn"), ("cuda", "rtn"), ("cuda", "gptq")):
+        out = outs[(dev, method)] = tmp_path / f"{dev}-{method}"
+        res = CliRunner().invoke(
+            app, ["quantize", str(gpt_oss64), "--bits", "4", "--method", method, *cal, "--device", dev, "-o", str(out)]
+        )
+        assert res.exit_code == 0, res.output
+    a, b = _tensors(outs[("cpu", "rtn")]), _tensors(outs[("cuda", "rtn")])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    out = outs[("cuda", "gptq")]
+    model = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager")
+    ids = torch.arange(40)[None] % 300
+    with torch.no_grad():
+        x, y = model(input_ids=ids).logits.float(), load(out)(input_ids=ids).logits.float()
+    assert torch.allclose(x, y, atol=1e-5), float((x - y).abs().max())
