@@ -111,6 +111,7 @@ class BudgetMeasure(Transform):
         self.protected = protected or {}
         self.probes = probes
         self.final: torch.Tensor | None = None  # set by budget.run.measure_budget: the source's last hidden states
+        self.judge: torch.Tensor | None = None  # and the guard's held-out judge windows [R, S] (budget/check.py)
         self.opts = GPTQOptions()
         self.err: dict[int, np.ndarray] = {}
         self.err_cut: dict[int, np.ndarray] = {}

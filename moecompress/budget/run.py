@@ -8,7 +8,7 @@
    byte budget (exact layout), or the best (expert count, width, bits) for every layer (``servable``);
 4. the write pass: prune -> atom -> quantize transforms with the plan's explicit choices, one engine pass, one
    checkpoint with moecompress.json (one section per stage plus the "budget" section) and plan.json; with ``check``
-   (default) a joint plan that differs from the quantize-only plan must also beat it in KL on the calibration
+   (default) a joint plan that differs from the quantize-only plan must also beat it in KL on held-out calibration
    windows (budget/check.py: one more pass, a third when the quantize-only plan wins and is written instead).
 """
 
@@ -27,7 +27,7 @@ from ..core.manifest import Manifest
 from ..core.output import Output
 from ..prune.order import RouterSpec
 from ..prune.transform import protected_experts
-from .check import FinalStates, calibration_kl
+from .check import FinalStates, calibration_kl, engine_for, judge_windows
 from .execute import LAYOUT, transforms_for
 from .measure import BudgetMeasure
 from .options import BITS, FRACTIONS
@@ -51,15 +51,17 @@ def budget_bytes_for(ckpt: Any, budget_gb: float | None, budget_ratio: float | N
     return budget_ratio * ref, f"--budget-ratio {budget_ratio:g} of the bf16 size ({ref:,} bytes)"
 
 
-def measure_budget(job: Job, prof: Any, probes: bool = True) -> tuple[BudgetMeasure, dict]:
-    """The measuring pass: every option's error and the KL probes (reusable for several budgets)."""
+def measure_budget(job: Job, prof: Any, probes: bool = True, check: bool = True) -> tuple[BudgetMeasure, dict]:
+    """The measuring pass: every option's error and the KL probes (reusable for several budgets). With ``check``
+    the judge windows of the quantize-only guard (budget/check.py) ride along, unseen by the measurement."""
     ckpt = job.ckpt
     spec = RouterSpec.from_config(ckpt.family, ckpt.config)
     measure = BudgetMeasure(spec, protected=protected_experts(prof, list(ckpt.moe_layers)), probes=probes)
-    engine = job.engine("budget: measure")
+    measure.judge = judge_windows(job.tokens(), ckpt.path) if check else None
+    engine = engine_for(job, "budget: measure", measure.judge)
     final = FinalStates(engine, measure.probe_layer)
     engine.run([measure], emit=final)
-    measure.final = final.states  # the source model's last hidden states of every calibration batch (budget/check)
+    measure.final = final.states  # the source's last hidden states of the judge (else calibration) windows
     return measure, measure.probe_kl(engine)
 
 
@@ -101,7 +103,7 @@ def budget_compress(
     prof, made = _profile(job)
     supers = supers_of(prof)
     Structure(ckpt, servable, other_bits, supers, FRACTIONS, BITS).check_reachable(budget, note)  # super experts kept
-    measure, kl = measure_budget(job, prof)
+    measure, kl = measure_budget(job, prof, check=check)
     return plan_and_write(job, prof, made, measure, kl, budget, servable, other_bits, note, profile_dir, check)
 
 
@@ -110,7 +112,8 @@ def plan_and_write(
     other_bits: int, note: str, profile_dir: str | Path | None = None, check: bool = True,
 ) -> Manifest:  # fmt: skip
     """Plan for ``budget`` and write it; with ``check`` (budget/check.py) a joint plan that differs from the
-    quantize-only plan is written only if its KL on the calibration windows is lower, else the quantize-only plan."""
+    quantize-only plan is written only if its KL on held-out calibration windows is lower, else the quantize-only
+    plan."""
     ckpt, supers = job.ckpt, supers_of(prof)
     plan = make_plan(ckpt, measure, kl, budget, servable, other_bits, supers, note)
     alt = None
@@ -122,13 +125,15 @@ def plan_and_write(
     if alt is None or _choices(alt) == _choices(plan):
         plan["check"] = {"rule": "not needed: the quantize-only plan does not fit or is this plan" if check else "off"}
         return write_plan(job, prof, made, plan, measure, other_bits, profile_dir)
-    engine = job.engine("budget: check the quantize-only plan")
+    engine = engine_for(job, "budget: check the quantize-only plan", measure.judge)
     final = FinalStates(engine)
     engine.run(transforms_for(alt, measure.spec, ckpt.num_experts, measure.keep, other_bits,
                               protected_experts(prof, list(ckpt.moe_layers))), emit=final)  # fmt: skip
     assert final.states is not None
     kl_alt = calibration_kl(measure.final, final.states, engine)
-    facts = {"rule": "calibration-window KL of the joint plan vs the quantize-only plan; the lower is written",
+    judged = "held-out calibration windows" if measure.judge is not None else "the fitting calibration windows"
+    facts = {"rule": f"KL on {judged} of the joint plan vs the quantize-only plan; the lower is written",
+             "judge_windows": 0 if measure.judge is None else int(measure.judge.shape[0]),
              "joint_kl": None, "bits_only_kl": kl_alt, "bits_only_predicted_cost": alt["predicted_cost"],
              "joint_predicted_cost": plan["predicted_cost"]}  # fmt: skip
     plan["check"] = {**facts, "chosen": "joint"}
@@ -149,7 +154,7 @@ def write_plan(
     profile_dir: str | Path | None = None, measure_kl: bool = False, overwrite: bool = False, propagate: bool = True,
 ) -> Any:  # fmt: skip
     """The write pass of ``plan`` (make_plan's dict) into ``job.out``: one checkpoint, plan.json, manifest, report.
-    Returns the manifest; with ``measure_kl`` ``(manifest, KL on the calibration windows)`` (budget/check.py), the
+    Returns the manifest; with ``measure_kl`` ``(manifest, KL on the judge windows)`` (budget/check.py), the
     KL recorded in plan.json's "check" as ``joint_kl``. ``overwrite``: replace this call's own earlier output."""
     ckpt, servable = job.ckpt, plan["layout"] == "servable"
     spec = RouterSpec.from_config(ckpt.family, ckpt.config)
@@ -161,7 +166,7 @@ def write_plan(
     assert job.out is not None
     with Output(job.out, job.overwrite or overwrite) as out:
         out.add_globals(ckpt, transforms)
-        engine = job.engine("budget: write")
+        engine = engine_for(job, "budget: write", measure.judge if measure_kl else None)
         final = FinalStates(engine, out.add_layer) if measure_kl and measure.final is not None else None
         engine.run(transforms, emit=final or out.add_layer)
         kl = None
