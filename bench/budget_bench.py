@@ -88,6 +88,7 @@ def main() -> None:
         default="all",
         help="run only one group (writes PREFIX.PART.json; run the groups in parallel, then --combine)",
     )
+    ap.add_argument("--no-propagate-row", type=int, default=1, help="0: skip the no-propagate write of the joint part")
     ap.add_argument("--combine", action="store_true", help="combine PREFIX.{joint,single,chain}.json into PREFIX.*")
     args = ap.parse_args()
     ratios = tuple(float(x) for x in args.ratios.split(","))
@@ -185,7 +186,7 @@ def joint(args, model, ckpt, ref, cal, ratios, extra, tmp, runs, record, state) 
                restriction=plan.get("restriction"))  # fmt: skip
     extra_rows = [(r, s, True) for r, s in switched]
     exact = [r for r in ratios if any(x.get("name") == f"joint exact {r:.0%}" and "kl" in x for x in runs)]
-    if exact:
+    if exact and args.no_propagate_row:
         extra_rows.append((0.35 if 0.35 in exact else exact[0], False, False))
     for ratio, servable, propagate in extra_rows:  # the unchecked joint plan; the no-propagate write
         lay = "servable" if servable else "exact"
@@ -211,6 +212,8 @@ def single(args, model, ckpt, ref, cal, ratios, tmp, runs, record) -> None:
         return run_stages(model, cal, tmp, runs, record, [s for s in stage_list(ckpt) if s[0] == "single"])
     meas = measure_model(model, samples=args.samples, seq_len=args.seq_len, keep_codes=True)
     for ratio in ratios:
+        if f"quantize LP {ratio:.0%}" in done:
+            continue
         t1 = time.time()
         out = tmp / "q"
         try:
@@ -221,6 +224,8 @@ def single(args, model, ckpt, ref, cal, ratios, tmp, runs, record) -> None:
             continue
         record("single", f"quantize LP {ratio:.0%}", out, t1)
     for b in (2, 3, 4):
+        if f"quantize {b} bit" in done:
+            continue
         t1 = time.time()
         out = tmp / "q"
         run_quantize(model, out, measurement=meas, plan="uniform", bits=b, **cal)
