@@ -89,6 +89,13 @@ def main() -> None:
         help="run only one group (writes PREFIX.PART.json; run the groups in parallel, then --combine)",
     )
     ap.add_argument("--no-propagate-row", type=int, default=1, help="0: skip the no-propagate write of the joint part")
+    ap.add_argument(
+        "--rerun",
+        default=None,
+        help="with --combine: PREFIX2 of a partial rerun whose runs replace "
+        "PREFIX's of the same name (joint part: every joint run at a budget it reran)",
+    )
+    ap.add_argument("--rerun-note", default="rerun", help="what the rerun changed (shown beside its runs)")
     ap.add_argument("--combine", action="store_true", help="combine PREFIX.{joint,single,chain}.json into PREFIX.*")
     args = ap.parse_args()
     ratios = tuple(float(x) for x in args.ratios.split(","))
@@ -127,6 +134,9 @@ def main() -> None:
             if not Path(f"{args.out}.{part}.json").exists():
                 continue
             d = json.loads(Path(f"{args.out}.{part}.json").read_text())
+            if args.rerun and Path(f"{args.rerun}.{part}.json").exists():
+                d = rerun(d, json.loads(Path(f"{args.rerun}.{part}.json").read_text()), args.rerun_note)
+                Path(f"{args.out}.{part}.json").write_text(json.dumps(d))
             runs += d["runs"]
             measure_s = d.get("measure_s") or measure_s
         return finish(args, model, ref, cal, runs, measure_s, ratios)
@@ -145,6 +155,17 @@ def main() -> None:
         save()
         return
     finish(args, model, ref, cal, runs, measure_s, ratios)
+
+
+def rerun(old: dict, new: dict, note: str) -> dict:
+    """``old`` part results with ``new``'s runs in place of those of the same name (and of every joint or variant
+    run at a budget the new joint runs cover); new runs carry ``note``."""
+    names = {r["name"] for r in new["runs"]}
+    targets = {r.get("target") for r in new["runs"] if r["kind"] == "joint"}
+    kept = [r for r in old["runs"] if r["name"] not in names
+            and not (r["kind"] in ("joint", "variant") and r.get("target") in targets)]  # fmt: skip
+    measure_s = new.get("measure_s") or old.get("measure_s")
+    return {"runs": kept + [{**r, "rerun": note} for r in new["runs"]], "measure_s": measure_s}
 
 
 def joint(args, model, ckpt, ref, cal, ratios, extra, tmp, runs, record, state) -> float:
@@ -365,11 +386,13 @@ def markdown(res: dict, args: Any) -> str:
     ]
     checks = [r for r in res["runs"] if r.get("check") and "chosen" in r["check"]]
     if checks:
-        lines += ["", "Quantize-only guard (KL on the calibration windows, budget/check.py):", ""]
+        lines += ["", "Quantize-only guard (budget/check.py: KL on held-out calibration windows since the rerun, on "
+                  "the fitting windows before):", ""]  # fmt: skip
         for r in checks:
             c = r["check"]
-            lines.append(f"- {r['name']}: joint {c['joint_kl']:.3g} vs quantize-only {c['bits_only_kl']:.3g} -> "
-                         f"{c['chosen']} written")  # fmt: skip
+            on = f"{c['judge_windows']} held-out windows" if c.get("judge_windows") else "the fitting windows"
+            lines.append(f"- {r['name']}: joint {c['joint_kl']:.3g} vs quantize-only {c['bits_only_kl']:.3g} on {on} "
+                         f"-> {c['chosen']} written")  # fmt: skip
     if res["synthetic_ip"]:
         ip = res["synthetic_ip"]
         lines.append(
@@ -390,7 +413,8 @@ def markdown(res: dict, args: Any) -> str:
     for r in res["runs"]:
         if "kl" in r:
             pred = f"{r['predicted']:.5f}" if "predicted" in r else "–"
-            lines.append(f"| {r['kind']} | {r['name']} | {r['bytes']:,} | {r['ratio']:.1%} | {r['kl']:.5f} | "
+            name = r["name"] + (f" ({r['rerun']})" if r.get("rerun") else "")
+            lines.append(f"| {r['kind']} | {name} | {r['bytes']:,} | {r['ratio']:.1%} | {r['kl']:.5f} | "
                          f"{r['top1']:.4f} | {pred} | {r['wall_s']} |")  # fmt: skip
         else:
             why = "unreachable" if "unreachable" in r else f"failed: {r.get('failed', '')[:80]}"
