@@ -377,6 +377,11 @@ def markdown(res: dict, args: Any) -> str:
         cells = [_cell(row[k], ref) for k, _, _ in METHODS]
         v = f"{row['verdict']} ({row['exact_vs_best_other']:+.1%})" if "verdict" in row else "–"
         lines.append(f"| {row['target']:.0%} | " + " | ".join(cells) + f" | {v} |")
+    notes = sorted({r["rerun"] for r in res["runs"] if r.get("rerun")})
+    if notes:
+        lines += ["", f"Runs marked ({', '.join(notes)}) come from a later partial rerun, same settings "
+                  "(`--part joint|single --ratios ...`, then `--combine --rerun`); they replace the earlier runs of "
+                  "the same name (joint: of the same budget); the measuring-pass time is the rerun's."]  # fmt: skip
     rho = res["spearman_predicted_vs_kl"]
     lines += [
         "",
