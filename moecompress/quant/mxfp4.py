@@ -122,10 +122,14 @@ class FP4Grid:
         return 2.0 * fp4_values(fp4_codes(x / 2.0))
 
     @staticmethod
-    def to_mxfp4(q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """GPTQ's int8 codes ``q [R, C]`` and half-scales ``s [R, G]`` as ``(blocks, scales)``."""
+    def to_mxfp4(q: torch.Tensor, s: torch.Tensor, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """GPTQ's int8 codes ``q [R, C]`` and half-scales ``s [R, G]`` as ``(blocks, scales)``; a zero code takes the
+        sign of the weight ``w [R, C]`` it came from (so weights already on the grid, -0 included, keep their bytes)."""
         exps = torch.frexp(s.float())[1]  # s = 2^(e - 1) = 0.5 * 2^e: frexp gives (0.5, e)
-        return pack(fp4_codes(q.float() / 2.0), exps)
+        codes = fp4_codes(q.float() / 2.0)
+        if w is not None:
+            codes |= ((q == 0) & torch.signbit(w)).to(torch.uint8) << 3
+        return pack(codes, exps)
 
 
 FP4_GRID = FP4Grid()
@@ -164,7 +168,7 @@ def quantize_experts(
             w, None, 4, BLOCK, torch.float32, opts.damp, actorder=opts.actorder, clip=opts.clip, prepared=ph,
             grid=FP4_GRID,
         )  # fmt: skip
-        return FP4Grid.to_mxfp4(q, s)
+        return FP4Grid.to_mxfp4(q, s, w)
 
     chunk = hessian_chunk(E, H, I, False, dev) if cap is not None else E
     for c0 in range(0, E, chunk):

@@ -143,8 +143,10 @@ def test_quantize_gpt_oss_writes_mxfp4_that_transformers_loads(gpt_oss64, tmp_pa
         assert "gptq" in methods
 
 
-def test_a_release_requantized_by_rtn_is_byte_identical(gpt_oss64, tmp_path):
-    """An MXFP4 release (every block at its maximum code) read and written again: the same bytes."""
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_release_requantized_is_byte_identical(gpt_oss64, tmp_path, method):
+    """An MXFP4 release (every block at its maximum code) read and written again: the same bytes (GPTQ too: weights
+    on the grid round to themselves, no error to feed back)."""
     rel = tmp_path / "release"
     rel.mkdir()
     for f in gpt_oss64.iterdir():
@@ -163,11 +165,13 @@ def test_a_release_requantized_by_rtn_is_byte_identical(gpt_oss64, tmp_path):
     cfg["dtype"] = "bfloat16"
     (rel / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "q"
-    _quantize(rel, out, "--method", "rtn")
+    _quantize(rel, out, "--method", method)
     written = _tensors(out)
     assert written.keys() == tensors.keys()
     for k, v in tensors.items():
         assert written[k].dtype == v.dtype and torch.equal(written[k], v), k
+    plan = json.loads((out / "bit_plan.json").read_text())
+    assert method in {r["method"] for d in plan["layers"].values() for r in d["experts"]}
 
 
 @pytest.mark.parametrize(
