@@ -242,8 +242,10 @@ class Mxfp4Transform(Transform):
             fam.fused_key(l, "gate_up_proj_bias"): bias("gate_up_proj_bias", interleave(ex.gate_up_bias)),
             fam.fused_key(l, "down_proj_bias"): bias("down_proj_bias", ex.down_bias),
         }
-        ctx.replace({**out, **router_tensors(ctx)})
+        rest = {**{k: v for k, v in out.items() if not k.endswith(("_blocks", "_scales"))}, **router_tensors(ctx)}
+        ctx.replace({**out, **rest})
         self.layers[l] = {
+            "rest_bytes": sum(t.numel() * t.element_size() for t in rest.values()),  # biases, router
             "used": used, "err": None if err is None else err.tolist(),
             "counts": None if cap is None else cap.counts.tolist(),
             "bytes": [sum(int(t[e].numel()) for t in (gub, gus, dnb, dns)) for e in range(gu.shape[0])],
@@ -337,6 +339,7 @@ def _plan(ckpt: Any, t: Mxfp4Transform, o: Any) -> dict[str, Any]:
             n *= s
         kept += n * _BYTES.get(v["dtype"], 4)
     routed = sum(sum(d["bytes"]) for d in t.layers.values())
+    kept += sum(d["rest_bytes"] for d in t.layers.values())
     layers = {}
     for l, d in t.layers.items():
         rows = [

@@ -137,6 +137,7 @@ def test_quantize_gpt_oss_writes_mxfp4_that_transformers_loads(gpt_oss64, tmp_pa
         assert torch.equal(ex.down_proj.float(), want_dn.float()), l
     plan = json.loads((out / "bit_plan.json").read_text())
     assert plan["format"] == "mxfp4" and plan["average_bits_routed"] == 4.25
+    assert plan["total_bytes"] == sum(t.numel() * t.element_size() for t in written.values())  # exactly
     methods = {r["method"] for d in plan["layers"].values() for r in d["experts"]}
     assert methods <= ({"rtn"} if method == "rtn" else {"gptq"} | {m for m in methods if m.startswith("rtn (")})
     if method == "gptq":
