@@ -225,13 +225,14 @@ def joint(args, model, ckpt, ref, cal, ratios, extra, tmp, runs, record, state) 
 def single(args, model, ckpt, ref, cal, ratios, tmp, runs, record) -> None:
     """Quantize (uniform 2/3/4 bits, LP at each budget), expert pruning, channel pruning."""
     from moecompress.core.errors import UserError
+    from moecompress.quant.plan import OPTIONS  # per-expert LP plans choose per-projection options
     from moecompress.quant.run import measure_model, run_quantize
 
     done = {r["name"] for r in runs}
     todo = [f"quantize LP {r:.0%}" for r in ratios] + [f"quantize {b} bit" for b in (2, 3, 4)]
     if all(n in done for n in todo):
         return run_stages(model, cal, tmp, runs, record, [s for s in stage_list(ckpt) if s[0] == "single"])
-    meas = measure_model(model, samples=args.samples, seq_len=args.seq_len, keep_codes=True)
+    meas = measure_model(model, samples=args.samples, seq_len=args.seq_len, keep_codes=True, widths=OPTIONS)
     for ratio in ratios:
         if f"quantize LP {ratio:.0%}" in done:
             continue
