@@ -54,7 +54,7 @@ DEFAULT_METHOD = "output-error"  # lowest KL at 25% and 50% on the built-in mode
 # not "down" yet, though it meets issue 14's quality target (README, reports/prune_bench.refit*.md): it measured
 # 2.34x / 2.07x a profile at E = 128 / 256 (issue 13 asks <= 2x; no refit: 2.00x / 1.76x, prune_bench.cost.md), and
 # merging (whose choice has no layer-wide down refit) then loses to default pruning on the tiny test models
-# (tests/merge); on 64 finer experts it gains only 6% / 11% (reports/many_experts.partial.txt)
+# (tests/merge); on 64 / 128 finer experts it gains 6-17% (reports/many_experts.md)
 DEFAULT_REFIT = "none"
 
 
