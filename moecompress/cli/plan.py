@@ -11,6 +11,7 @@ from rich.table import Table
 from ..core.errors import UserError
 from ..core.limits import format_size, gpu_memory_bytes, host_memory_bytes, memory_limit, parse_size
 from ..core.progress import out_console
+from ..prune.transform import REFITS
 from .common import INT_MAX, BatchOpt, MaxMemoryOpt, ModelArg, SamplesOpt, SeqLenOpt, check_numbers, user_errors
 
 PLAN_OPS = ("profile", "prune", "atom", "merge", "quantize", "compress")
@@ -57,7 +58,7 @@ def plan(
     method: Annotated[
         str | None, typer.Option("--method", help="prune: output-error (default), reap, ...; quantize: gptq or rtn.")
     ] = None,
-    refit: Annotated[str | None, typer.Option("--refit", help="prune: none, router or router+down.")] = None,
+    refit: Annotated[str | None, typer.Option("--refit", help=f"prune: {', '.join(REFITS)}.")] = None,
     quant_plan: Annotated[str, typer.Option("--plan", help="quantize: lp or uniform.")] = "lp",
     hessian: Annotated[str, typer.Option("--hessian", help="atom: full, diag or lowrank.")] = "full",
     stages: Annotated[str, typer.Option("--stages", help="compress: stages in order, e.g. prune,quantize.")] = (
