@@ -158,12 +158,14 @@ def main() -> None:
 
 
 def rerun(old: dict, new: dict, note: str) -> dict:
-    """``old`` part results with ``new``'s runs in place of those of the same name (and of every joint or variant
-    run at a budget the new joint runs cover); new runs carry ``note``."""
+    """``old`` part results with ``new``'s runs in place of those of the same name (and of every checked joint run
+    and unchecked variant at a budget the new joint runs cover; a no-propagate write stays); new runs carry
+    ``note``."""
     names = {r["name"] for r in new["runs"]}
     targets = {r.get("target") for r in new["runs"] if r["kind"] == "joint"}
     kept = [r for r in old["runs"] if r["name"] not in names
-            and not (r["kind"] in ("joint", "variant") and r.get("target") in targets)]  # fmt: skip
+            and not (r["kind"] in ("joint", "variant") and r.get("target") in targets
+                     and "no propagate" not in r["name"])]  # fmt: skip
     measure_s = new.get("measure_s") or old.get("measure_s")
     return {"runs": kept + [{**r, "rerun": note} for r in new["runs"]], "measure_s": measure_s}
 
