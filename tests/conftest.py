@@ -108,8 +108,17 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def build_tiny(model_type: str, folder: Path, tokenizer_dir: Path, seed: int = 0, **over: object) -> Path:
-    """Save a tiny randomly initialized model of ``model_type`` (with non-trivial router/bias values)."""
+def build_tiny(
+    model_type: str,
+    folder: Path,
+    tokenizer_dir: Path,
+    seed: int = 0,
+    *,
+    dtype: torch.dtype | None = None,
+    **over: object,
+) -> Path:
+    """Save a tiny randomly initialized model of ``model_type`` (with non-trivial router/bias values), in ``dtype``
+    when given (e.g. bfloat16, as most releases are)."""
     torch.manual_seed(seed)
     cfg = tiny_config(model_type, **over)
     model = AutoModelForCausalLM.from_config(cfg, experts_implementation="eager")
@@ -120,6 +129,8 @@ def build_tiny(model_type: str, folder: Path, tokenizer_dir: Path, seed: int = 0
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.05, 0.05)
+    if dtype is not None:
+        model.to(dtype)
     model.save_pretrained(folder)
     for f in tokenizer_dir.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
@@ -157,3 +168,22 @@ def reload_clean(path: Path):
         if "moecompress" in str(w.filename) or "weight" in str(w.message) or "key" in str(w.message)
     ]
     return model.eval()
+
+
+def write_with_transform(src: Path, transform: object, out: Path) -> None:
+    """Write ``src`` through one ``transform`` (e.g. a QuantTransform with a hand-made bit plan) on the engine with
+    no calibration tokens, as a command's output (config, manifest), without a report."""
+    from moecompress.core.checkpoint import Checkpoint
+    from moecompress.core.engine import Engine
+    from moecompress.core.manifest import Manifest
+    from moecompress.core.output import Output
+
+    ck = Checkpoint(src)
+    with Output(out, False) as o:
+        o.add_globals(ck, [transform])
+        Engine(ck, torch.zeros(0, 1, dtype=torch.long), 4, torch.device("cpu"), "q").run([transform], emit=o.add_layer)
+        cfg = ck.config.to_dict()
+        transform.config(cfg)
+        man = Manifest("quantize", "quantized", "moecompress.load", str(ck.path), ck.fingerprint, None,
+                       ck.num_params, ck.bytes_on_disk)  # fmt: skip
+        o.finish(ck, cfg, man, report=False)

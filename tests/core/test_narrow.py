@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_config
+from conftest import build_tiny, make_tokenizer
 from moecompress.calibration.sets import calibration_set, load_tokenizer
-from transformers import AutoModelForCausalLM
 
 from moecompress.core.checkpoint import Checkpoint
 from moecompress.core.engine import Engine, LayerContext, Transform
@@ -17,19 +16,7 @@ from moecompress.profile.transform import ProfileTransform
 
 
 def _bf16_model(model_type: str, folder, tok):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type), experts_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.uniform_(-0.05, 0.05)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    for f in tok.iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
-    return folder
+    return build_tiny(model_type, folder, tok, dtype=torch.bfloat16)
 
 
 @pytest.fixture(scope="module", params=["mixtral", pytest.param("deepseek_v3", marks=pytest.mark.slow)])

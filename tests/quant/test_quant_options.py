@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, write_with_transform
 from transformers import AutoModelForCausalLM
 
 from moecompress.core.manifest import Manifest
@@ -107,22 +107,13 @@ def test_one_option_everywhere_is_not_claimed_loadable_by_transformers(qwen, tmp
     """transformers reads one width for a fused experts module (measured: gate/up at 3 bits with down at 4 gives
     other logits there), so such an output lists every module and loads with moecompress.load."""
     from moecompress.core.checkpoint import Checkpoint
-    from moecompress.core.engine import Engine
-    from moecompress.core.output import Output
     from moecompress.quant.rtn import fake_quantize
     from moecompress.quant.transform import QuantTransform, scale_dtype_for
 
     ck = Checkpoint(qwen)
     t = QuantTransform({l: [(3, 4)] * ck.num_experts for l in ck.moe_layers}, "rtn", other_bits=16, propagate=False)
     out = tmp_path / "q34"
-    with Output(out, False) as o:
-        o.add_globals(ck, [t])
-        Engine(ck, torch.zeros(0, 1, dtype=torch.long), 4, torch.device("cpu"), "q").run([t], emit=o.add_layer)
-        cfg = ck.config.to_dict()
-        t.config(cfg)
-        man = Manifest("quantize", "quantized", "moecompress.load", str(ck.path), ck.fingerprint, None,
-                       ck.num_params, ck.bytes_on_disk)  # fmt: skip
-        o.finish(ck, cfg, man, report=False)
+    write_with_transform(qwen, t, out)
     assert not t.uniform
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert sorted({g["weights"]["num_bits"] for g in qc["config_groups"].values()}) == [3, 4]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, write_with_transform
 
 from moecompress.quant.load import load_quantized
 from moecompress.quant.packed_experts import PackedExperts, module_nbytes
@@ -24,9 +24,6 @@ def outputs(qwen, tmp_path_factory):
     """Quantized folders: uniform 2/3/4/8 bits (RTN) and a per-expert mix of widths (one width per expert: the
     packed layout; per-expert LP plans with per-projection options load dense, tests/quant/test_quant_options.py)."""
     from moecompress.core.checkpoint import Checkpoint
-    from moecompress.core.engine import Engine
-    from moecompress.core.manifest import Manifest
-    from moecompress.core.output import Output
     from moecompress.quant.transform import QuantTransform
 
     root = tmp_path_factory.mktemp("q")
@@ -38,14 +35,7 @@ def outputs(qwen, tmp_path_factory):
     ck = Checkpoint(qwen)
     widths = {l: [(2, 3, 4, 8, 3, 2), (4, 4, 2, 3, 8, 3), (3, 2, 3, 4, 4, 8)][i] for i, l in enumerate(ck.moe_layers)}
     t = QuantTransform({l: list(w) for l, w in widths.items()}, "rtn", other_bits=8, propagate=False)
-    with Output(out["mixed"], False) as o:
-        o.add_globals(ck, [t])
-        Engine(ck, torch.zeros(0, 1, dtype=torch.long), 4, torch.device("cpu"), "q").run([t], emit=o.add_layer)
-        cfg = ck.config.to_dict()
-        t.config(cfg)
-        man = Manifest("quantize", "quantized", "moecompress.load", str(ck.path), ck.fingerprint, None,
-                       ck.num_params, ck.bytes_on_disk)  # fmt: skip
-        o.finish(ck, cfg, man, report=False)
+    write_with_transform(qwen, t, out["mixed"])
     return out, {str(l): list(w) for l, w in widths.items()}
 
 
