@@ -54,6 +54,13 @@ class MergeTransform(Transform):
 
     def start(self, engine: Engine) -> None:
         self.fam, cfg = engine.fam, engine.ckpt.config
+        if self.fam.fused_disk:
+            raise UserError(
+                f"{self.fam.name} keeps its routed experts fused on disk"
+                f"{' with biases' if self.fam.expert_bias else ''}: merge writes per-expert tensors"
+                f"{' and does not carry expert biases' if self.fam.expert_bias else ''}, so it is refused for it; "
+                "use `moecompress prune` to remove experts instead"
+            )
         self.spec = RouterSpec.from_config(self.fam, cfg)
         self.n_group = self.fam.n_group(cfg)
         self.source_experts = engine.ckpt.num_experts
