@@ -77,7 +77,8 @@ def table(report: dict) -> str:
         "statistics = a brute-force token loop on the transformers model; `prune --ratio 0.25 --method frequency` "
         "loads in plain transformers with no missing/unexpected keys and its logits equal the base model's with "
         "the removed experts masked out of routing; `quantize --bits 4 --plan uniform --method rtn` loads in plain "
-        "transformers; `prune --granularity atom --refit none` loads with `moecompress.load`; `merge --ratio 0.25` "
+        "transformers (gpt-oss: MXFP4 in the release layout, at expert width 64); "
+        "`prune --granularity atom --refit none` loads with `moecompress.load`; `merge --ratio 0.25` "
         "loads in plain transformers; `eval --base` and `report` run on the prune output; `moecompress.load` of "
         "the prune output gives transformers' logits. A multimodal wrapper (`record` wrapper) is checked on its MoE "
         'language model, and "plain transformers" is the image-text-to-text class its model type maps to.',
