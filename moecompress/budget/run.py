@@ -94,6 +94,7 @@ def budget_compress(
         device=device, overwrite=overwrite, profile_dir=profile_dir,
     )  # fmt: skip
     ckpt = job.ckpt
+    ckpt.check_layout("quantized")  # every budget plan writes quantized experts
     ckpt.family.check_routing(
         ckpt.config, "the budget planner", removes_experts=True, needs_routing=True,
         hint="use --recipe with a quantize stage, or moecompress quantize --plan lp --budget-gb",

@@ -327,6 +327,17 @@ class Checkpoint:
             return f"{head}.{key[len('lm_head.') :]}"
         return key
 
+    def check_layout(self, layout: str) -> None:
+        """Refuse in one line an output layout this checkpoint cannot be written in: a multimodal wrapper is written
+        in the uniform layout only (commands whose layout is known before the pass call this up front)."""
+        if self.wrapper_config is not None and layout != "uniform":
+            what = "quantized outputs" if layout == "quantized" else f"the {layout} layout"
+            raise UserError(
+                f"{self.wrapper_config.model_type} nests its MoE language model in a multimodal model: moecompress "
+                f"writes it in the uniform layout only ({what} would not load with moecompress.load yet); "
+                "use expert pruning or merging with the uniform layout, or channel pruning with --layout uniform"
+            )
+
     def output_config(self, config: dict[str, Any], layout: str = "uniform") -> dict[str, Any]:
         """config.json of an output from the config dict an operation changed: for a multimodal wrapper, its
         config.json with only text_config entries changed (quantization_config stays at the top, where transformers
@@ -334,13 +345,7 @@ class Checkpoint:
         (expert counts) set at its top."""
         if self.wrapper_config is None:
             return config
-        if layout != "uniform":
-            what = "quantized outputs" if layout == "quantized" else f"the {layout} layout"
-            raise UserError(
-                f"{self.wrapper_config.model_type} nests its MoE language model in a multimodal model: moecompress "
-                f"writes it in the uniform layout only ({what} would not load with moecompress.load yet); "
-                "use expert pruning or merging with the uniform layout, or channel pruning with --layout uniform"
-            )
+        self.check_layout(layout)
         raw = read_json_file(self.path / "config.json", "config.json (JSON)")
         attr = next(k for k, v in vars(self.wrapper_config).items() if v is self.config)
         if not isinstance(raw.get(attr), dict):

@@ -95,6 +95,9 @@ class Job:
         started = time.time()
         ckpt = Checkpoint(model)
         out = check_output(output, ckpt.path, overwrite) if output is not None else None
+        stages = (settings or {}).get("stages") or ()
+        if out is not None and (op == "quantize" or (op == "compress" and "quantize" in stages)):
+            ckpt.check_layout("quantized")  # known before the pass: refuse up front, not after it
         if tokens is None and (profile_dir is None or not profile_windows):  # else the profile's windows
             check_seq_len(seq_len, ckpt.config)
         if op is not None:

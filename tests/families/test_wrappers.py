@@ -115,3 +115,18 @@ def test_layouts_moecompress_load_cannot_read_back_are_refused_in_one_line(vl, t
     res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "pl")])
     assert res.exit_code == 2 and "writes it in the uniform layout only" in res.output, res.output
     assert len(res.output.strip().splitlines()) <= 3 and not (tmp_path / "pl").exists()
+
+
+@pytest.mark.parametrize("cmd", [["quantize", "--bits", "4"], ["compress", "--budget-ratio", "0.4"]])
+def test_quantized_outputs_of_a_wrapper_are_refused_before_any_pass(vl, tmp_path, monkeypatch, cmd):
+    """A layout known before the pass (quantized experts) is refused up front, not after the calibration pass."""
+    from moecompress.core.engine import Engine
+
+    def no_pass(*a, **k):
+        raise AssertionError("a pass ran before the refusal")
+
+    monkeypatch.setattr(Engine, "run", no_pass)
+    src, _ = vl
+    res = CliRunner().invoke(app, [cmd[0], str(src), *cmd[1:], *CALIB, "-o", str(tmp_path / "q")])
+    assert res.exit_code == 2 and "writes it in the uniform layout only" in res.output, res.output
+    assert not (tmp_path / "q").exists()
