@@ -23,15 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from ..core.checkpoint import Checkpoint
+from ..core.checkpoint import DTYPE_BYTES, Checkpoint
 from ..core.errors import UserError
 from ..prune.order import RouterSpec
 from ..quant.plan import PROTECT_BITS, WIDTHS, Layout, layer_sensitivity, scale_dtype_of
 from .measure import PROBE_REMOVE, BudgetMeasure, cut_key
 from .options import Option, menu, option_bytes
 from .solve import Shape, servable_plan, smallest_bytes, solve
-
-_ELT = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 
 
 def _gb(n: float) -> str:
@@ -71,14 +69,14 @@ def byte_model(ckpt: Checkpoint, other_bits: int) -> tuple[int, int, int, int]:
         n = 1
         for s in info[k]["shape"]:
             n *= s
-        router += n * _ELT.get(info[k]["dtype"], 4)
+        router += n * DTYPE_BYTES.get(info[k]["dtype"], 4)
     routers_total = 0
     for l in lay.moe:
         for k in router_keys(ckpt, l):
             n = 1
             for s in info[k]["shape"]:
                 n *= s
-            routers_total += n * _ELT.get(info[k]["dtype"], 4)
+            routers_total += n * DTYPE_BYTES.get(info[k]["dtype"], 4)
     return lay.fixed_bytes(other_bits, sb) - routers_total, router // E, sb, lay.H
 
 

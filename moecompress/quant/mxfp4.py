@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..core.checkpoint import DTYPE_BYTES
 from ..core.engine import Engine, LayerContext, Transform
 from ..core.errors import UserError
 from ..core.manifest import Manifest
@@ -319,9 +320,6 @@ def run_mxfp4(job: Any, o: Any) -> dict[str, Any]:
     return plan
 
 
-_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I32": 4, "I64": 8}
-
-
 def _plan(ckpt: Any, t: Mxfp4Transform, o: Any) -> dict[str, Any]:
     """bit_plan.json of an MXFP4 run: every expert at 4.25 bits per weight (4-bit codes + one 8-bit scale per 32)."""
     info, fam = ckpt.tensor_info(), ckpt.family
@@ -337,7 +335,7 @@ def _plan(ckpt: Any, t: Mxfp4Transform, o: Any) -> dict[str, Any]:
         n = 1
         for s in v["shape"]:
             n *= s
-        kept += n * _BYTES.get(v["dtype"], 4)
+        kept += n * DTYPE_BYTES.get(v["dtype"], 4)
     routed = sum(sum(d["bytes"]) for d in t.layers.values())
     kept += sum(d["rest_bytes"] for d in t.layers.values())
     layers = {}

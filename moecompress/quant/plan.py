@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.checkpoint import Checkpoint
+from ..core.checkpoint import DTYPE_BYTES, Checkpoint
 from ..core.errors import UserError
 from .bitplan import allocate_bits_detailed
 from .layer import Width, expert_group_sizes, split_width
@@ -34,7 +34,6 @@ OPTIONS: tuple[tuple[int, int], ...] = tuple((bg, bd) for bg in WIDTHS for bd in
 OTHER_BITS = (2, 3, 4, 8, 16)
 PROBE_WIDTHS = (2, 3, 4)  # widths whose per-layer KL is measured (sensitivity of the plan cost)
 PROTECT_BITS = 8  # super experts and experts with too few calibration tokens get at least this many bits
-_ELT = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _numel(shape: list[int]) -> int:
@@ -109,7 +108,7 @@ class Layout:
                 r, c = v["shape"]
                 total += quantized_nbytes(r, c, other_bits, group_size_for(c), scale_bytes)
             else:
-                total += _numel(v["shape"]) * _ELT.get(v["dtype"], 4)
+                total += _numel(v["shape"]) * DTYPE_BYTES.get(v["dtype"], 4)
         return total
 
 
