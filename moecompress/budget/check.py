@@ -21,9 +21,8 @@ import torch
 
 from ..calibration.sets import calibration_set, load_tokenizer
 from ..core import dist
-from ..core.engine import Engine, LayerContext, Transform
+from ..core.engine import Engine, LayerContext
 from ..core.errors import UserError
-from ..core.interface import observing
 from ..quant.transform import probe_kl
 
 JUDGE_SEED = 7919  # added to the calibration seed: the judge windows are another draw of the calibration text
@@ -66,19 +65,8 @@ class HeldOutEngine(Engine):
     def moe_inputs(self, layer: torch.nn.Module) -> list[torch.Tensor]:
         return super().moe_inputs(layer)[: self.fit_batches]
 
-    @torch.no_grad()
-    def forward(self, ctx: LayerContext, observers: list[Transform]) -> None:
-        if not observers:
-            return super().forward(ctx, observers)
-        experts, cache = ctx.experts, self.stream.cache
-        for i in range(len(cache)):
-            if i < self.fit_batches:
-                with observing(experts, self._observing(ctx, observers, self.global_batch(i))):
-                    cache[i] = self.stream.run_layer(ctx.layer, i)
-            else:
-                cache[i] = self.stream.run_layer(ctx.layer, i)
-        for o in observers:
-            o.observed(ctx)
+    def observes(self, i: int) -> bool:
+        return i < self.fit_batches
 
 
 def engine_for(job: Any, label: str, judge: torch.Tensor | None) -> Engine:
