@@ -10,7 +10,10 @@ layers run over them, but no transform sees them (no Hessian, no channel statist
 so the plans are fitted exactly as without them and their KL is not the optimistic one of the windows GPTQ fitted
 (on the built-in model that one judged a joint plan 5% worse that measured 1.2% better on the evaluation windows).
 ``FinalStates`` keeps the judge batches' final hidden states of each pass; the source's come from the measuring
-pass. The lower KL is written; plan.json records both and the rule.
+pass. The lower KL is written; plan.json records both and the rule. A plan written without propagation (quantize's
+LP plan is written as quantize writes it: later layers calibrated on the source's layer inputs) leaves the block
+unquantized for the fitting batches; its quantize stage leaves the quantized experts in ``ctx.extra[JUDGE_EXPERTS]``
+and the judge batches run through them (``HeldOutEngine.forward``), so the judged model is the written one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ..core import dist
 from ..core.engine import Engine, LayerContext
 from ..core.errors import UserError
 from ..quant.transform import probe_kl
+from .execute import JUDGE_EXPERTS
 
 JUDGE_SEED = 7919  # added to the calibration seed: the judge windows are another draw of the calibration text
 MIN_JUDGE = 16  # judge windows: max(MIN_JUDGE, fitting windows // 4)
@@ -67,6 +71,27 @@ class HeldOutEngine(Engine):
 
     def observes(self, i: int) -> bool:
         return i < self.fit_batches
+
+    @torch.no_grad()
+    def forward(self, ctx: LayerContext, observers: list) -> None:
+        """The engine's forward; when a transform left the layer's written experts in ``ctx.extra[JUDGE_EXPERTS]``
+        (``(gate_up [E, 2I, H], down [E, H, I])``: the block itself stays as the fitting batches need it), the judge
+        batches are run again through the block holding them."""
+        judged = ctx.extra.get(JUDGE_EXPERTS) if ctx.is_moe else None
+        cache = self.stream.cache
+        inputs = {i: cache[i].clone() for i in range(self.fit_batches, len(cache))} if judged is not None else {}
+        super().forward(ctx, observers)
+        if judged is None:
+            return
+        ex = ctx.experts
+        kept = ex.gate_up_proj.detach().clone(), ex.down_proj.detach().clone()
+        ex.gate_up_proj.copy_(judged[0])
+        ex.down_proj.copy_(judged[1])
+        for i, x in inputs.items():
+            cache[i] = x
+            cache[i] = self.stream.run_layer(ctx.layer, i)
+        ex.gate_up_proj.copy_(kept[0])
+        ex.down_proj.copy_(kept[1])
 
 
 def engine_for(job: Any, label: str, judge: torch.Tensor | None) -> Engine:

@@ -3,9 +3,10 @@
     PruneTransform (the plan's kept experts) -> AtomTransform (the plan's kept channels, refit) -> quantization
 
 Servable plans end with quant's ``QuantTransform`` at the plan's one width (uniform compressed-tensors, loaded by
-transformers). Exact plans end with ``ExpertQuantTransform``: every kept expert quantized at its own bits and its
-own channel width (the atom stage leaves the block zero-padded to one width per layer; each expert's real channels
-come first), written per expert, loaded by ``moecompress.load`` (budget/load.py).
+transformers). Exact plans end with ``ExpertQuantTransform``: every kept expert quantized at its own bits (gate/up
+and down_proj each at their own, quantize's per-projection options) and its own channel width (the atom stage
+leaves the block zero-padded to one width per layer; each expert's real channels come first), written per expert
+with every module's bits in ``quantization_config``, loaded by ``moecompress.load`` (budget/load.py).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from ..core.engine import LayerContext
 from ..prune.order import RouterSpec
 from ..prune.transform import PruneOptions, PruneTransform
 from ..quant.ctformat import quantization_config
-from ..quant.layer import LayerCapture, expert_group_sizes, quantize_layer
+from ..quant.layer import LayerCapture, Width, expert_group_sizes, quantize_layer, split_width
 from ..quant.pack import pack_int32
 from ..quant.rtn import dequantize
 from ..quant.transform import QuantTransform, capture_layer, router_tensors
 
 LAYOUT = "budget_exact"
+JUDGE_EXPERTS = "judge_experts"  # ctx.extra: the written experts of a layer not propagated (budget/check.py)
 
 
 def _sub_capture(cap: LayerCapture, experts: list[int], width: int) -> LayerCapture:
@@ -47,12 +49,13 @@ def _sub_capture(cap: LayerCapture, experts: list[int], width: int) -> LayerCapt
 class ExpertQuantTransform(QuantTransform):
     """Quantize each routed expert at its own bits and channel width.
 
-    ``plan``: {layer: {source expert: (width, bits)}} for every kept expert; the block's experts are mapped to
-    source experts by ``ctx.extra["expert_ids"]`` (set by the prune stage; absent: 0..E-1)."""
+    ``plan``: {layer: {source expert: (width, bits)}} for every kept expert, bits an int (every projection) or
+    ``(gate/up bits, down bits)``; the block's experts are mapped to source experts by ``ctx.extra["expert_ids"]``
+    (set by the prune stage; absent: 0..E-1)."""
 
     layout = LAYOUT
 
-    def __init__(self, plan: dict[int, dict[int, tuple[int, int]]], method: str = "gptq", **kw: Any):
+    def __init__(self, plan: dict[int, dict[int, tuple[int, Width]]], method: str = "gptq", **kw: Any):
         bits = {l: [b for _, b in per.values()] for l, per in plan.items()}
         super().__init__(bits, method, **kw)
         self.plan = plan
@@ -64,6 +67,11 @@ class ExpertQuantTransform(QuantTransform):
         src = ctx.extra.get(EXPERTS) or list(range(E))
         choice = [self.plan[l][s] for s in src]  # (width, bits) per block expert
         cap = capture_layer(ctx, False, self.opts.weighted) if self.method == "gptq" else None
+        if self.propagate:
+            gu_w, dn_w = ex.gate_up_proj.data, ex.down_proj.data
+        else:
+            gu_w, dn_w = torch.empty_like(ex.gate_up_proj.data), torch.empty_like(ex.down_proj.data)
+            ctx.extra[JUDGE_EXPERTS] = (gu_w, dn_w)
         out: dict[str, torch.Tensor] = {}
         used: list[str] = [""] * E
         rows: list[dict[str, Any]] = [{} for _ in range(E)]
@@ -74,13 +82,14 @@ class ExpertQuantTransform(QuantTransform):
             ws = [choice[e][1] for e in members]
             sub = _sub_capture(cap, members, width) if cap is not None else None
             codes, u, _ = quantize_layer(
-                gu, dn, ex.act_fn, tuple(sorted(set(ws))), self.method, sub, self.min_tokens, self.scale_dtype,
+                gu, dn, ex.act_fn, tuple(sorted(set(ws), key=split_width)), self.method, sub, self.min_tokens,
+                self.scale_dtype,
                 self.weight_dtype, self.opts, False, expert_widths=ws,
             )  # fmt: skip
             for j, e in enumerate(members):
                 qe, b = codes[ws[j]], ws[j]
                 used[e] = u[j]
-                rows[e] = {"bits": b, "width": width, "g": (qe.g_h, qe.g_i)}
+                rows[e] = {"bits": split_width(b), "width": width, "g": (qe.g_h, qe.g_i)}
                 for proj in range(3):
                     if proj == 2:
                         q, s = qe.down_q[j], qe.down_s[j]
@@ -88,18 +97,19 @@ class ExpertQuantTransform(QuantTransform):
                         sl = slice(0, width) if proj == 0 else slice(width, 2 * width)
                         q, s = qe.gate_up_q[j, sl], qe.gate_up_s[j, sl]
                     base = fam.expert_key(l, e, proj)[: -len(".weight")]
-                    out[base + ".weight_packed"] = pack_int32(q.contiguous(), b)
+                    out[base + ".weight_packed"] = pack_int32(q.contiguous(), split_width(b)[proj == 2])
                     out[base + ".weight_scale"] = s.contiguous()
                     out[base + ".weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
-                if self.propagate:  # the block holds what the loader sees (zero padding kept)
-                    with torch.no_grad():
-                        g = dequantize(qe.gate_up_q[j], qe.gate_up_s[j], qe.g_h, self.weight_dtype)
-                        ex.gate_up_proj[e].zero_()
-                        ex.gate_up_proj[e, :width] = g[:width].to(ex.gate_up_proj.dtype)
-                        ex.gate_up_proj[e, P : P + width] = g[width:].to(ex.gate_up_proj.dtype)
-                        ex.down_proj[e].zero_()
-                        ex.down_proj[e, :, :width] = dequantize(qe.down_q[j], qe.down_s[j], qe.g_i,
-                                                                self.weight_dtype).to(ex.down_proj.dtype)  # fmt: skip
+                # the block holds what the loader sees (zero padding kept); without propagation a copy of it goes
+                # to ctx.extra for the judge windows of budget/check.py (the fitting batches see the source's)
+                gq, dq = gu_w[e], dn_w[e]
+                with torch.no_grad():
+                    g = dequantize(qe.gate_up_q[j], qe.gate_up_s[j], qe.g_h, self.weight_dtype)
+                    gq.zero_()
+                    gq[:width] = g[:width].to(gq.dtype)
+                    gq[P : P + width] = g[width:].to(gq.dtype)
+                    dq.zero_()
+                    dq[:, :width] = dequantize(qe.down_q[j], qe.down_s[j], qe.g_i, self.weight_dtype).to(dq.dtype)
         self.layers[l] = {
             "bits": [r["bits"] for r in rows], "widths": [r["width"] for r in rows], "used": used,
             "groups": [r["g"] for r in rows], "H": gu_all.shape[2], "I": P, "counts": None, "max_abs": None,
@@ -111,9 +121,9 @@ class ExpertQuantTransform(QuantTransform):
         """Every routed module listed with its own bits and group size (widths differ per expert)."""
         modules: dict[str, tuple[int, int]] = {}
         for l, d in self.layers.items():
-            for e, (b, (g_h, g_i)) in enumerate(zip(d["bits"], d["groups"], strict=True)):
+            for e, ((bg, bd), (g_h, g_i)) in enumerate(zip(d["bits"], d["groups"], strict=True)):
                 for proj in range(3):
-                    modules[fam.expert_key(l, e, proj)[: -len(".weight")]] = (b, g_i if proj == 2 else g_h)
+                    modules[fam.expert_key(l, e, proj)[: -len(".weight")]] = (bd, g_i) if proj == 2 else (bg, g_h)
         modules.update(self.other)
         ignore = ["lm_head", f"re:.*\\.{re.escape(fam.router)}$"]
         if fam.shared_gate:
@@ -122,7 +132,8 @@ class ExpertQuantTransform(QuantTransform):
 
     def section(self) -> dict[str, Any]:
         out = super().section()
-        out["layers"] = {str(l): {"bits": d["bits"], "widths": d["widths"]} for l, d in self.layers.items()}
+        out["layers"] = {str(l): {"bits": [b if b == d else [b, d] for b, d in d["bits"]], "widths": d["widths"]}
+                         for l, d in self.layers.items()}  # fmt: skip
         return out
 
 
@@ -156,14 +167,20 @@ def transforms_for(plan: dict[str, Any], spec: RouterSpec, num_experts: int, kee
         info = {"method": "budget plan (channels: routed second moment x |down column|^2)", "score": "budget"}
         out.append(AtomTransform(spec, keep=channels, layout="uniform" if servable else "exact", refit=Refit(),
                                  info=info))  # fmt: skip
-    if servable:
-        b = {r["bits"] for v in layers.values() for r in v["experts"] if not r["removed"]}
+    if servable:  # one option with one width for every projection (plan.Structure)
+        b = {_bits(r) for v in layers.values() for r in v["experts"] if not r["removed"]}
         out.append(QuantTransform(b.pop(), method, min_tokens=32, other_bits=other_bits, propagate=propagate))
     else:
-        per = {l: {r["expert"]: (r["width"], r["bits"]) for r in v["experts"] if not r["removed"]}
+        per = {l: {r["expert"]: (r["width"], _bits(r)) for r in v["experts"] if not r["removed"]}
                for l, v in layers.items()}  # fmt: skip
         out.append(ExpertQuantTransform(per, method, min_tokens=32, other_bits=other_bits, propagate=propagate))
     return out
+
+
+def _bits(row: dict[str, Any]) -> Width:
+    """A plan row's quantize width: ``b`` (every projection) or ``(gate/up bits, down bits)``."""
+    bg, bd = row.get("gate_up_bits", row["bits"]), row.get("down_bits", row["bits"])
+    return bg if bg == bd else (bg, bd)
 
 
 __all__ = ["LAYOUT", "ExpertQuantTransform", "expert_group_sizes", "transforms_for"]

@@ -10,8 +10,10 @@ the unit of quant's err[e, b] (quant/layer.py), so every kind of option is measu
   channel cut  err_cut[e, w]   = sum_{x in X_e} p_e(x)^2 ||f_e^{w}(x) - f_e(x)||^2 / T, f_e^{w}: e's top-w channels
                                  (second moment x |down column|^2) with the down projection refitted as the atom
                                  stage does (atomic.compensate.refit_expert_downs);
-  cut + bits   err[e, w, b]    = the same with the cut expert quantized at b bits (quant.layer.quantize_layer, GPTQ
-                                 on the routed tokens' router-weighted Hessians), against the UNCHANGED expert.
+  cut + bits   err[e, w, o]    = the same with the cut expert quantized at option o (gate/up bits, down bits;
+                                 quant.layer.quantize_layer, GPTQ on the routed tokens' router-weighted Hessians),
+                                 against the UNCHANGED expert. At full width it is quantize_layer's own err[e, o]:
+                                 the numbers `quantize --plan lp --granularity expert` measures.
 
 KL calibration (probes, as quant's LP plan): a copy of the first calibration batch runs through the model with one
 layer changed, and the mean KL of the final distributions is measured: layer l's experts all at b bits
@@ -37,11 +39,11 @@ from ..core.families import MoEWeights
 from ..prune.load import block_view, set_block_experts
 from ..prune.order import RouterSpec, outputs_by_token, route
 from ..prune.transform import sample_rows
-from ..quant.layer import GPTQOptions, quantize_layer
+from ..quant.layer import GPTQOptions, Width, quantize_layer, split_width
 from ..quant.plan import PROBE_WIDTHS
 from ..quant.rtn import dequantize
 from ..quant.transform import capture_layer, probe_kl, scale_dtype_for, weight_dtype_of
-from .options import BITS, FRACTIONS, cut_width
+from .options import FRACTIONS, PAIRS, cut_width
 
 PROBE_CUT = "cut"
 PROBE_REMOVE = "remove"
@@ -84,9 +86,10 @@ def channel_scores(x: torch.Tensor, w: MoEWeights, spec: RouterSpec, act: Any) -
 
 
 class BudgetMeasure(Transform):
-    """Measure every option of every routed expert (module docstring). Results by layer: ``err [E, W, B]``,
-    ``err_cut [E, W]``, ``err_rm [E]``, ``counts``, ``max_abs``, ``keep`` (kept channels [E, w] per cut width),
-    ``widths``; after the pass, ``probe_kl(engine)``: {(layer, probe): KL}, probe = bits, ``cut_key(width)`` or
+    """Measure every option of every routed expert (module docstring). Results by layer: ``err [E, W, O]`` (O:
+    ``options``, quantize's per-projection menu by default), ``err_cut [E, W]``, ``err_rm [E]``, ``counts``,
+    ``max_abs``, ``used`` (GPTQ or RTN per expert), ``keep`` (kept channels [E, w] per cut width), ``widths``;
+    after the pass, ``probe_kl(engine)``: {(layer, probe): KL}, probe = bits, ``cut_key(width)`` or
     "remove"."""
 
     name = "budget"
@@ -97,7 +100,7 @@ class BudgetMeasure(Transform):
         spec: RouterSpec,
         *,
         fractions: tuple[float, ...] = FRACTIONS,
-        bits: tuple[int, ...] = BITS,
+        options: tuple[Width, ...] = PAIRS,
         method: str = "gptq",
         min_tokens: int = 32,
         error_tokens: int = 4096,
@@ -105,7 +108,7 @@ class BudgetMeasure(Transform):
         protected: dict[int, set[int]] | None = None,
         probes: bool = True,
     ):
-        self.spec, self.fractions, self.bits, self.method = spec, tuple(fractions), tuple(bits), method
+        self.spec, self.fractions, self.options, self.method = spec, tuple(fractions), tuple(options), method
         self.min_tokens, self.error_tokens = min_tokens, error_tokens
         self.refit = refit or Refit()
         self.protected = protected or {}
@@ -118,6 +121,7 @@ class BudgetMeasure(Transform):
         self.err_rm: dict[int, np.ndarray] = {}
         self.counts: dict[int, np.ndarray] = {}
         self.max_abs: dict[int, np.ndarray] = {}
+        self.used: dict[int, list[str]] = {}
         self.keep: dict[int, dict[int, torch.Tensor]] = {}  # layer -> width -> kept channels [E, width]
         self.widths: dict[int, list[int]] = {}
         self.removal_probe: dict[int, list[int]] = {}  # layer -> experts removed by its removal probe
@@ -144,8 +148,8 @@ class BudgetMeasure(Transform):
         logits = fit @ w.router.T + (w.router_bias if w.router_bias is not None else 0.0)
         routing = dense_routing(logits, self.spec, w.correction_bias)
         widths = sorted({cut_width(I, f) for f in self.fractions}, reverse=True)
-        B, Wn = len(self.bits), len(widths)
-        err = np.zeros((E, Wn, B))
+        O, Wn = len(self.options), len(widths)
+        err = np.zeros((E, Wn, O))
         err_cut = np.zeros((E, Wn))
         routed = [tuple(t.cpu().float() for t in cap.routed(e)) for e in range(E)]  # the weights' device (CPU)
         refs = [torch.nn.functional.linear(fused_hidden(xe, torch.cat([w.gate[e], w.up[e]]), act), w.down[e])
@@ -153,6 +157,8 @@ class BudgetMeasure(Transform):
         self.keep[l] = {}
         probe_q: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         cut_probes: dict[int, MoEWeights] = {}
+        pairs = [split_width(o) for o in self.options]
+        T = max(cap.tokens, 1)
         for wi, width in enumerate(widths):
             if width == I:
                 gate, up, down = w.gate, w.up, w.down
@@ -166,30 +172,39 @@ class BudgetMeasure(Transform):
                 if self._base is not None:
                     cut_probes[width] = _padded(w, keep, gate, up, down)
             gu = torch.cat([gate, up], dim=1)  # [E, 2w, H]
-            codes, _, _ = quantize_layer(
-                gu, down, act, self.bits, self.method, cap, self.min_tokens, self.scale_dtype, self.weight_dtype,
-                self.opts, False,
+            full = width == I  # quantize_layer's own error against the unchanged expert: quant's LP numbers
+            codes, used, q_err = quantize_layer(
+                gu, down, act, self.options, self.method, cap, self.min_tokens, self.scale_dtype, self.weight_dtype,
+                self.opts, full,
             )  # fmt: skip
+            if full:
+                assert q_err is not None
+                full_err, full_wi = q_err.numpy(), wi  # already per calibration token
+                self.used[l] = used
             for e in range(E):
                 xe, pe = routed[e]
-                if xe.shape[0] == 0:
+                if xe.shape[0] == 0 or full:
                     continue
                 p2 = pe.double().pow(2)
-                if width != I:
-                    f = torch.nn.functional.linear(fused_hidden(xe, gu[e], act), down[e])
-                    err_cut[e, wi] = float((p2 * (f - refs[e]).double().pow(2).sum(-1)).sum())
-                for bi, b in enumerate(self.bits):
-                    qe = codes[b]
-                    gq = dequantize(qe.gate_up_q[e], qe.gate_up_s[e], qe.g_h, self.weight_dtype).float()
+                f = torch.nn.functional.linear(fused_hidden(xe, gu[e], act), down[e])
+                err_cut[e, wi] = float((p2 * (f - refs[e]).double().pow(2).sum(-1)).sum())
+                hidden_q: dict[int, torch.Tensor] = {}  # the quantized gate/up's hidden, once per gate/up width
+                for oi, o in enumerate(self.options):
+                    qe, (bg, _) = codes[o], pairs[oi]
+                    if bg not in hidden_q:
+                        gq = dequantize(qe.gate_up_q[e], qe.gate_up_s[e], qe.g_h, self.weight_dtype).float()
+                        hidden_q[bg] = fused_hidden(xe, gq, act)
                     dq = dequantize(qe.down_q[e], qe.down_s[e], qe.g_i, self.weight_dtype).float()
-                    f = torch.nn.functional.linear(fused_hidden(xe, gq, act), dq)
-                    err[e, wi, bi] = float((p2 * (f - refs[e]).double().pow(2).sum(-1)).sum())
-            if width == I and self._base is not None:
+                    f = torch.nn.functional.linear(hidden_q[bg], dq)
+                    err[e, wi, oi] = float((p2 * (f - refs[e]).double().pow(2).sum(-1)).sum())
+            if full and self._base is not None:
                 for b in PROBE_WIDTHS:
-                    if b in codes:
-                        probe_q[b] = codes[b].dequantized(torch.float32)
-        T = max(cap.tokens, 1)
-        self.err[l], self.err_cut[l] = err / T, err_cut / T
+                    o = next((o for o in self.options if split_width(o) == (b, b)), None)
+                    if o is not None:
+                        probe_q[b] = codes[o].dequantized(torch.float32)
+        err /= T
+        err[:, full_wi] = full_err
+        self.err[l], self.err_cut[l] = err, err_cut / T
         self.counts[l], self.max_abs[l] = cap.counts.numpy(), cap.max_abs.numpy()
         self.widths[l] = widths
         if self._base is not None:

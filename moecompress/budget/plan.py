@@ -1,20 +1,24 @@
 """From measurements to a plan: predicted costs in KL units, exact bytes, the integer program, plan.json.
 
 Cost of option o of expert e in layer l (predicted KL, comparable across kinds and layers):
-  removed:         s_rm[l]  * err_rm[e]
-  kept (w, b):     s_cut[l, w] * err_cut[e, w] + s_q[l, b] * max(err[e, w, b] - err_cut[e, w], 0)
-with s_q = ``quant.plan.layer_sensitivity`` (the LP bit plan's own calibration: a layer's measured KL with all its
-experts at b bits per unit of their summed error; widths not probed take the nearest probed width below),
-s_cut[l, w] = KL with all of layer l's experts cut to width w / their summed err_cut[:, w] (one probe per cut
-width: a 75% cut is not a third of a 50% cut), and s_rm[l] = KL with the layer's removal probe / the summed err_rm
-of the experts it removed. At full width the cost is exactly the LP's. Without probes every s is 1 (raw
-block-output error).
+  removed:            s_rm[l]  * err_rm[e]
+  kept at full width: quantize's LP cost of the option (``quant.plan._costs``: s_q[l] * err[e, o], one KL factor
+                      per layer for every (gate/up, down) option, few-token experts at their layer's median error)
+  kept cut to w:      s_cut[l, w] * err_cut[e, w] + s_q[l] * max(err[e, w, o] - err_cut[e, w], 0)
+with s_q = ``quant.plan.option_sensitivity`` (the per-projection LP's calibration: layer l's measured KL with all its
+experts at the lowest probed width / their summed error there), s_cut[l, w] = KL with all of layer l's experts cut
+to width w / their summed err_cut[:, w] (one probe per cut width: a 75% cut is not a third of a 50% cut), and
+s_rm[l] = KL with the layer's removal probe / the summed err_rm of the experts it removed. At full width the costs
+and bytes are exactly those of `quantize --plan lp --granularity expert`, so its plan is in the program's feasible
+set. Without probes every s is 1 (raw block-output error).
 
 Protection (exact layout, as quant's LP plan): super experts are never removed and stay at full width and >= 8
 bits; experts with fewer than ``min_tokens`` routed calibration tokens (their GPTQ error is measured on the tokens
 it was fitted to) may be removed or kept at full width and >= 8 bits, unless the budget cannot hold that (then they
-are free, and plan.json says so). ``bits_only`` restricts every expert to full width and no removal: the
-quantize-only plan the joint plan is checked against (budget/check.py).
+are free, and plan.json says so). Servable plans choose one option with one width for every projection (what
+transformers and vLLM load). ``bits_only``: the quantize-only plan the joint plan is checked against
+(budget/check.py): for exact layouts quantize's own per-projection LP plan at the same budget (``quant.plan.
+make_plan``), for servable ones the best single full-width option.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ import numpy as np
 from ..core.checkpoint import DTYPE_BYTES, Checkpoint
 from ..core.errors import UserError
 from ..prune.order import RouterSpec
-from ..quant.plan import PROTECT_BITS, WIDTHS, Layout, layer_sensitivity, scale_dtype_of
+from ..quant.layer import Width, split_width
+from ..quant.plan import PROTECT_BITS, WIDTHS, Layout, scale_dtype_of
+from ..quant.plan import _costs as quant_costs
+from ..quant.plan import make_plan as quant_make_plan
 from .measure import PROBE_REMOVE, BudgetMeasure, cut_key
-from .options import Option, menu, option_bytes
+from .options import PAIRS, Option, menu, option_bytes
 from .solve import Shape, servable_plan, smallest_bytes, solve
 
 
@@ -80,14 +87,28 @@ def byte_model(ckpt: Checkpoint, other_bits: int) -> tuple[int, int, int, int]:
     return lay.fixed_bytes(other_bits, sb) - routers_total, router // E, sb, lay.H
 
 
-def costs_of(m: BudgetMeasure, moe: list[int], opts: dict[int, list[Option]], kl: dict) -> tuple[np.ndarray, dict]:
+def quant_measurement(m: BudgetMeasure, moe: list[int], kl: dict) -> dict[str, Any]:
+    """The full-width part of the measurement as quantize's measuring pass reports it (``quant.plan.make_plan``'s
+    ``meas``): err [L, E, O] at ``m.options``, counts [L, E], the bit probes {(layer, bits): KL}, used, max_abs."""
+    return {
+        "err": np.stack([m.err[l][:, 0, :] for l in moe]),
+        "counts": np.stack([m.counts[l] for l in moe]),
+        "max_abs": np.stack([m.max_abs[l] for l in moe]),
+        "used": {l: m.used[l] for l in moe},
+        "probe_kl": {(l, b): v for (l, b), v in kl.items() if isinstance(b, int)} or None,
+    }
+
+
+def costs_of(m: BudgetMeasure, ckpt: Checkpoint, opts: dict[int, list[Option]], kl: dict) -> tuple[np.ndarray, dict]:
     """``(costs [L, E, O], sensitivities)`` (module docstring)."""
+    lay = Layout(ckpt)
+    moe = lay.moe
     L, E = len(moe), len(m.err_rm[moe[0]])
     widths = m.widths[moe[0]]
-    bits = m.bits
-    full = np.stack([m.err[l][:, 0, :] for l in moe])  # [L, E, B] full-width errors
-    probe_q = {(l, b): v for (l, b), v in kl.items() if isinstance(b, int)}
-    s_q = layer_sensitivity(moe, tuple(bits), full, probe_q) if probe_q else np.ones((L, len(bits)))
+    meas = quant_measurement(m, moe, kl)
+    q, _, s_q = quant_costs(lay, meas, m.options, np.ones((L, E)), m.min_tokens, "kl")  # [L*E, O], [L]
+    q = q.reshape(L, E, len(m.options))
+    s_q = np.ones(L) if s_q is None else s_q
     s_cut, s_rm = np.ones((L, len(widths))), np.ones(L)
     for li, l in enumerate(moe):
         probed = [wi for wi, w in enumerate(widths) if (l, cut_key(w)) in kl]
@@ -98,20 +119,24 @@ def costs_of(m: BudgetMeasure, moe: list[int], opts: dict[int, list[Option]], kl
         if (l, PROBE_REMOVE) in kl:
             tot = m.err_rm[l][m.removal_probe[l]].sum()
             s_rm[li] = max(kl[(l, PROBE_REMOVE)], 0.0) / tot if tot > 0 else 0.0
-        elif probe_q:  # no removal probe (e.g. nothing removable): the most damaging bit probe's scale
-            s_rm[li] = s_q[li].max()
+        elif meas["probe_kl"]:  # no removal probe (e.g. nothing removable): the bits' factor
+            s_rm[li] = s_q[li]
     O = len(opts[moe[0]])
     costs = np.zeros((L, E, O))
+    index = {split_width(o): j for j, o in enumerate(m.options)}
     for li, l in enumerate(moe):
         for o, opt in enumerate(opts[l]):
             if opt.removed:
                 costs[li, :, o] = s_rm[li] * m.err_rm[l]
                 continue
-            wi, bi = widths.index(opt.width), bits.index(opt.bits)
+            wi, oi = widths.index(opt.width), index[opt.pair]
+            if wi == 0:
+                costs[li, :, o] = q[li, :, oi]
+                continue
             cut = m.err_cut[l][:, wi]
-            costs[li, :, o] = s_cut[li, wi] * cut + s_q[li, bi] * np.maximum(m.err[l][:, wi, bi] - cut, 0.0)
+            costs[li, :, o] = s_cut[li, wi] * cut + s_q[li] * np.maximum(m.err[l][:, wi, oi] - cut, 0.0)
     sens = {
-        str(l): {"bits": dict(zip(map(str, bits), map(float, s_q[li]), strict=True)),
+        str(l): {"bits": float(s_q[li]),
                  "cut": {str(w): float(s_cut[li, wi]) for wi, w in enumerate(widths) if wi},
                  "remove": float(s_rm[li])}
         for li, l in enumerate(moe)
@@ -128,7 +153,7 @@ def _protect_few(s: Structure, m: BudgetMeasure, routed_budget: float) -> tuple[
            if m.counts[l][e] < m.min_tokens and (l, e) not in s.supers]  # fmt: skip
     if not few:
         return [], None
-    high = np.array([o.fraction == 1.0 and o.bits >= PROTECT_BITS for o in s.opts[s.moe[0]][1:]])
+    high = np.array([o.fraction == 1.0 and min(o.pair) >= PROTECT_BITS for o in s.opts[s.moe[0]][1:]])
     trial = s.allowed.copy()
     for li, e in few:
         trial[li, e, 1:] &= high
@@ -143,28 +168,31 @@ def _protect_few(s: Structure, m: BudgetMeasure, routed_budget: float) -> tuple[
 
 class Structure:
     """What a plan may choose, before anything is measured: every expert's options and their exact bytes, the
-    allowed choices (super experts: never removed; exact layout: full width at 8 bits, as quant's LP protects them)
-    and the router's constraints."""
+    allowed choices (super experts: never removed; exact layout: full width at 8 bits, as quant's LP protects them;
+    servable layout: options with one width for every projection) and the router's constraints."""
 
     def __init__(self, ckpt: Checkpoint, servable: bool, other_bits: int, supers: list[tuple[int, int]],
-                 fractions: tuple[float, ...], bits: tuple[int, ...]):  # fmt: skip
+                 fractions: tuple[float, ...], options: tuple[Width, ...] = PAIRS):  # fmt: skip
         self.servable, self.other_bits = servable, other_bits
         self.moe, self.E = list(ckpt.moe_layers), ckpt.num_experts
         moe, E = self.moe, self.E
         self.spec = spec = RouterSpec.from_config(ckpt.family, ckpt.config)
         self.fixed, row_bytes, sb, H = byte_model(ckpt, other_bits)
         self.I = int(ckpt.tensor_info()[ckpt.family.expert_key(moe[0], 0, 0)]["shape"][0])
-        self.opts = {l: menu(self.I, fractions, bits) for l in moe}
+        self.opts = {l: menu(self.I, fractions, options) for l in moe}
         self.labels = [o.label() for o in self.opts[moe[0]]]
         self.L, self.O = L, O = len(moe), len(self.labels)
         row = [option_bytes(o, H, sb, row_bytes) for o in self.opts[moe[0]]]
         self.nbytes = np.array([row] * (L * E), dtype=np.float64).reshape(L, E, O)
         self.allowed = np.ones((L, E, O), dtype=bool)
+        if servable:  # transformers and vLLM read one width per fused experts module
+            self.allowed[:, :, 1:] = np.array([o.uniform for o in self.opts[moe[0]][1:]])
         self.supers = {(l, e) for l, e in supers if l in moe}
         for l, e in self.supers:
             self.allowed[moe.index(l), e, 0] = False
             if not servable:
-                self.allowed[moe.index(l), e, 1:] = [o.fraction == 1.0 and o.bits >= 8 for o in self.opts[l][1:]]
+                self.allowed[moe.index(l), e, 1:] = [o.fraction == 1.0 and min(o.pair) >= PROTECT_BITS
+                                                     for o in self.opts[l][1:]]  # fmt: skip
         per = E // max(spec.n_group, 1)
         self.shape = Shape(
             np.repeat(np.arange(L), E), np.tile(np.arange(E) // per, L), spec.min_keep(), spec.n_group,
@@ -175,7 +203,7 @@ class Structure:
         """The fewest total bytes any plan reaches."""
         L, E, O = self.L, self.E, self.O
         if self.servable:
-            routed = L * self.spec.min_keep() * self.nbytes[0, 0, 1:].min()
+            routed = L * self.spec.min_keep() * self.nbytes[0, 0, 1:][self.allowed[0, 0, 1:]].min()
         else:
             routed = smallest_bytes(self.nbytes.reshape(L * E, O), self.shape, self.allowed.reshape(L * E, O))
         return self.fixed + routed
@@ -204,11 +232,15 @@ def make_plan(
 ) -> dict[str, Any]:
     """The plan (as written to plan.json): every expert's option with its predicted cost and bytes
     (``bits_only``: the quantize-only plan, module docstring)."""
-    s = Structure(ckpt, servable, other_bits, supers, m.fractions, m.bits)
-    moe, E, L, O, opts, nbytes, sup = s.moe, s.E, s.L, s.O, s.opts, s.nbytes, s.supers
-    labels, spec, fixed, I = s.labels, s.spec, s.fixed, s.I
-    costs, sens = costs_of(m, moe, opts, kl)
-    routed_budget = budget_bytes - fixed
+    s = Structure(ckpt, servable, other_bits, supers, m.fractions, m.options)
+    moe, E, L, O, opts, nbytes = s.moe, s.E, s.L, s.O, s.opts, s.nbytes
+    costs, sens = costs_of(m, ckpt, opts, kl)
+    routed_budget = budget_bytes - s.fixed
+    if bits_only and not servable:
+        choice, solver, few, protect_note = _quant_lp(ckpt, m, kl, s, budget_bytes, supers)
+        why = "quantize's per-projection LP plan (quant.plan.make_plan: full width, no removal)"
+        return _plan_dict(s, m, kl, costs, sens, choice, solver, budget_bytes, budget_note, few, protect_note, why,
+                          propagate=False)  # fmt: skip
     if bits_only:
         s.allowed[:, :, 0] = False
         s.allowed[:, :, 1:] &= np.array([o.fraction == 1.0 for o in opts[moe[0]][1:]])
@@ -216,7 +248,8 @@ def make_plan(
     allowed = s.allowed
     try:
         if servable:
-            sol = servable_plan(costs, nbytes, routed_budget, s.shape, allowed)
+            sol = servable_plan(costs, nbytes, routed_budget, s.shape, allowed,
+                                kept_options=[o for o in range(1, O) if allowed[:, :, o].any()])  # fmt: skip
         else:
             sol = solve(costs.reshape(L * E, O), nbytes.reshape(L * E, O), routed_budget, s.shape,
                         allowed.reshape(L * E, O))  # fmt: skip
@@ -225,14 +258,46 @@ def make_plan(
             raise UserError(f"budget plan: {err}") from None
         s.check_reachable(budget_bytes, budget_note)
         raise UserError(f"budget plan: {err}") from None
-    choice = sol.choice.reshape(L, E)
+    solver = {"name": sol.solver, "solve_s": round(sol.solve_s, 3), **sol.info}
+    return _plan_dict(s, m, kl, costs, sens, sol.choice.reshape(L, E), solver, budget_bytes, budget_note, few,
+                      protect_note, "bits only (full width, no removal)" if bits_only else None)  # fmt: skip
+
+
+def _quant_lp(
+    ckpt: Checkpoint, m: BudgetMeasure, kl: dict, s: Structure, budget_bytes: float, supers: list[tuple[int, int]]
+) -> tuple[np.ndarray, dict, list, str | None]:
+    """``(choice [L, E] into the budget menu, solver facts, protected experts, protect note)`` of quantize's
+    per-projection LP plan (``quant.plan.make_plan``, granularity expert, its cost model and protection) at
+    ``budget_bytes``, from this measurement's full-width errors (the numbers quantize's measuring pass makes)."""
+    lay = Layout(ckpt)
+    sb = scale_dtype_of(ckpt).itemsize
+    qp = quant_make_plan(
+        lay, quant_measurement(m, s.moe, kl), m.options, "lp", None, budget_bytes / 1e9, "expert", s.other_bits, sb,
+        np.ones((s.L, s.E)), m.min_tokens, "kl", True, supers,
+    )  # fmt: skip
+    at = {o.pair: j for j, o in enumerate(s.opts[s.moe[0]]) if not o.removed and o.fraction == 1.0}
+    choice = np.array([[at[(r["gate_up_bits"], r["down_bits"])] for r in qp["layers"][str(l)]["experts"]]
+                       for l in s.moe])  # fmt: skip
+    return choice, dict(qp["solver"] or {}), [x[:2] for x in qp["protected"]], qp["protect_note"]
+
+
+def _plan_dict(
+    s: Structure, m: BudgetMeasure, kl: dict, costs: np.ndarray, sens: dict, choice: np.ndarray, solver: dict,
+    budget_bytes: float, budget_note: str, few: list, protect_note: str | None, restriction: str | None,
+    propagate: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """plan.json of ``choice [L, E]`` (an index into each expert's options); ``propagate``: the write pass
+    calibrates later layers on the quantized layers' outputs (else on the source's layer inputs, as quantize
+    writes its LP plans: then a quantize-only plan is written with quantize's codes, byte for byte)."""
+    moe, E, opts, nbytes, sup, labels, servable = s.moe, s.E, s.opts, s.nbytes, s.supers, s.labels, s.servable
     layers = {}
     for li, l in enumerate(moe):
         rows = []
         for e in range(E):
             o = opts[l][choice[li, e]]
             rows.append({
-                "expert": e, "choice": o.label(), "removed": o.removed, "width": o.width, "bits": o.bits,
+                "expert": e, "choice": o.label(), "removed": o.removed, "width": o.width,
+                "bits": o.average_bits if not o.removed else 0, "gate_up_bits": o.pair[0], "down_bits": o.pair[1],
                 "bytes": int(nbytes[li, e, choice[li, e]]), "predicted_cost": float(costs[li, e, choice[li, e]]),
                 "super": (l, e) in sup, "tokens": int(m.counts[l][e]),
                 "costs": {lab: float(c) for lab, c in zip(labels, costs[li, e], strict=True)},
@@ -243,29 +308,31 @@ def make_plan(
             "bits": [r["bits"] for r in rows if not r["removed"]],
             "experts": rows,
         }
-    routed = int(round(sol.nbytes))
+    flat = choice.reshape(-1)
+    routed = int(nbytes.reshape(s.L * E, s.O)[np.arange(flat.size), flat].sum())
     return {
         "layout": "servable" if servable else "exact",
         "budget_bytes": int(budget_bytes),
         "budget_rule": budget_note,
         "bytes_counted": "safetensors tensor payload (headers and side files are not counted)",
-        "fixed_bytes": int(fixed),
+        "fixed_bytes": int(s.fixed),
         "routed_bytes": routed,
-        "total_bytes": int(fixed + routed),
-        "predicted_cost": float(sol.cost),
+        "total_bytes": int(s.fixed + routed),
+        "predicted_cost": float(costs.reshape(s.L * E, s.O)[np.arange(flat.size), flat].sum()),
         "cost_unit": "predicted KL (sum over experts of measured error x the layer's KL calibration)",
-        "other_bits": other_bits,
+        "other_bits": s.other_bits,
         "options": labels,
         "option_bytes": {lab: int(b) for lab, b in zip(labels, nbytes[0, 0], strict=True)},
-        "source_width": I,
+        "source_width": s.I,
         "source_experts": E,
-        "min_keep": spec.min_keep(),
-        "solver": {"name": sol.solver, "solve_s": round(sol.solve_s, 3), **sol.info},
+        "min_keep": s.spec.min_keep(),
+        "solver": solver,
         "sensitivity": sens,
         "probe_kl": {f"{l}:{k}": float(v) for (l, k), v in kl.items()},
         "removal_probe": {str(l): v for l, v in m.removal_probe.items()},
         "super_experts": sorted([list(x) for x in sup]),
-        "restriction": "bits only (full width, no removal)" if bits_only else None,
+        "restriction": restriction,
+        "propagate_quantized": propagate,
         "protected_few_token": few,
         "protect_rule": f"super experts: never removed{'' if servable else ', full width at >= 8 bits'}; "
         + (

@@ -8,8 +8,10 @@
    byte budget (exact layout), or the best (expert count, width, bits) for every layer (``servable``);
 4. the write pass: prune -> atom -> quantize transforms with the plan's explicit choices, one engine pass, one
    checkpoint with moecompress.json (one section per stage plus the "budget" section) and plan.json; with ``check``
-   (default) a joint plan that differs from the quantize-only plan must also beat it in KL on held-out calibration
-   windows (budget/check.py: one more pass, a third when the quantize-only plan wins and is written instead).
+   (default) a joint plan that differs from the quantize-only plan (exact layouts: quantize's per-projection LP plan
+   at the same budget, written as `quantize --plan lp --granularity expert` writes it) must also beat it in KL on
+   held-out calibration windows (budget/check.py: one more pass, a third when the quantize-only plan wins and is
+   written instead).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..prune.transform import protected_experts
 from .check import FinalStates, calibration_kl, engine_for, judge_windows
 from .execute import LAYOUT, transforms_for
 from .measure import BudgetMeasure
-from .options import BITS, FRACTIONS
+from .options import FRACTIONS, PAIRS
 from .plan import Structure, bf16_bytes, make_plan
 
 OTHER_BITS = (4, 8, 16)
@@ -100,10 +102,10 @@ def budget_compress(
         hint="use --recipe with a quantize stage, or moecompress quantize --plan lp --budget-gb",
     )  # fmt: skip
     budget, note = budget_bytes_for(ckpt, budget_gb, budget_ratio)
-    Structure(ckpt, servable, other_bits, [], FRACTIONS, BITS).check_reachable(budget, note)  # before any pass
+    Structure(ckpt, servable, other_bits, [], FRACTIONS, PAIRS).check_reachable(budget, note)  # before any pass
     prof, made = _profile(job)
     supers = supers_of(prof)
-    Structure(ckpt, servable, other_bits, supers, FRACTIONS, BITS).check_reachable(budget, note)  # super experts kept
+    Structure(ckpt, servable, other_bits, supers, FRACTIONS, PAIRS).check_reachable(budget, note)  # supers kept
     measure, kl = measure_budget(job, prof, check=check)
     return plan_and_write(job, prof, made, measure, kl, budget, servable, other_bits, note, profile_dir, check)
 
@@ -114,7 +116,7 @@ def plan_and_write(
 ) -> Manifest:  # fmt: skip
     """Plan for ``budget`` and write it; with ``check`` (budget/check.py) a joint plan that differs from the
     quantize-only plan is written only if its KL on held-out calibration windows is lower, else the quantize-only
-    plan."""
+    plan (also when the two choose alike: then it is written as quantize writes it)."""
     ckpt, supers = job.ckpt, supers_of(prof)
     plan = make_plan(ckpt, measure, kl, budget, servable, other_bits, supers, note)
     alt = None
@@ -124,12 +126,15 @@ def plan_and_write(
         except UserError:  # only removals or cuts reach this budget
             alt = None
     if alt is None or _choices(alt) == _choices(plan):
+        if alt is not None:
+            plan = alt
         plan["check"] = {"rule": "not needed: the quantize-only plan does not fit or is this plan" if check else "off"}
         return write_plan(job, prof, made, plan, measure, other_bits, profile_dir)
     engine = engine_for(job, "budget: check the quantize-only plan", measure.judge)
     final = FinalStates(engine)
     engine.run(transforms_for(alt, measure.spec, ckpt.num_experts, measure.keep, other_bits,
-                              protected_experts(prof, list(ckpt.moe_layers))), emit=final)  # fmt: skip
+                              protected_experts(prof, list(ckpt.moe_layers)),
+                              propagate=alt["propagate_quantized"]), emit=final)  # fmt: skip
     assert final.states is not None
     kl_alt = calibration_kl(measure.final, final.states, engine)
     judged = "held-out calibration windows" if measure.judge is not None else "the fitting calibration windows"
@@ -152,14 +157,19 @@ def _choices(plan: dict[str, Any]) -> list[str]:
 
 def write_plan(
     job: Job, prof: Any, made: bool, plan: dict[str, Any], measure: BudgetMeasure, other_bits: int,
-    profile_dir: str | Path | None = None, measure_kl: bool = False, overwrite: bool = False, propagate: bool = True,
+    profile_dir: str | Path | None = None, measure_kl: bool = False, overwrite: bool = False,
+    propagate: bool | None = None,
 ) -> Any:  # fmt: skip
     """The write pass of ``plan`` (make_plan's dict) into ``job.out``: one checkpoint, plan.json, manifest, report.
     Returns the manifest; with ``measure_kl`` ``(manifest, KL on the judge windows)`` (budget/check.py), the
-    KL recorded in plan.json's "check" as ``joint_kl``. ``overwrite``: replace this call's own earlier output."""
+    KL recorded in plan.json's "check" as ``joint_kl``. ``overwrite``: replace this call's own earlier output.
+    ``propagate`` (default: the plan's "propagate_quantized"): later layers calibrated on the quantized layers."""
     ckpt, servable = job.ckpt, plan["layout"] == "servable"
     spec = RouterSpec.from_config(ckpt.family, ckpt.config)
     protected = protected_experts(prof, list(ckpt.moe_layers))
+    if propagate is None:
+        propagate = plan.get("propagate_quantized", True)
+    plan["propagate_quantized"] = propagate
     transforms = transforms_for(plan, spec, ckpt.num_experts, measure.keep, other_bits, protected,
                                 propagate=propagate)  # fmt: skip
     cfg = json.loads((ckpt.path / "config.json").read_text())

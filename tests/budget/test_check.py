@@ -36,7 +36,7 @@ def test_held_out_windows_change_no_measurement_and_are_the_judged_states(job):
     fit = job.tokens().input_ids
     judge = judge_windows(job.tokens(), job.ckpt.path)
     spec = RouterSpec.from_config(job.ckpt.family, job.ckpt.config)
-    small = {"fractions": (1.0, 0.5), "bits": (2,), "probes": False}  # one cut, one width: a short test
+    small = {"fractions": (1.0, 0.5), "options": ((2, 4),), "probes": False}  # one cut, one width: a short test
     plain, held = BudgetMeasure(spec, **small), BudgetMeasure(spec, **small)
     Engine(job.ckpt, fit, 2).run([plain])
     eng = HeldOutEngine(job.ckpt, fit, judge, 2, None, "held out")

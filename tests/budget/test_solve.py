@@ -113,12 +113,21 @@ def test_the_servable_plan_is_the_best_single_layout(seed):
 def test_option_bytes_follow_quant_accounting():
     assert cut_width(128, 0.75) == 96 and cut_width(128, 0.5) == 64 and cut_width(24, 0.5) == 16
     opts = menu(128)
-    assert opts[0].removed and len(opts) == 13 and {o.bits for o in opts[1:]} == {2, 3, 4, 8}
+    assert opts[0].removed and len(opts) == 1 + 3 * 16  # quantize's 16 (gate/up, down) options at each width
+    assert {o.pair for o in opts[1:]} == {(bg, bd) for bg in (2, 3, 4, 8) for bd in (2, 3, 4, 8)}
+    assert len(menu(128, options=(2, 3, 4, 8))) == 13 and all(o.uniform for o in menu(128, options=(2, 8))[1:])
     # 4 bits, H=256, I=64, group 64 (gcd): packed int32 + bf16 scales + 2 int64 shape per projection
     g = 64
     one = 2 * (64 * (256 * 4 // 32) * 4 + 64 * (256 // g) * 2 + 16) + (
         256 * (64 * 4 // 32) * 4 + 256 * (64 // g) * 2 + 16
     )
-    assert expert_bytes(256, 64, 4, 2) == one
+    assert expert_bytes(256, 64, 4, 2) == expert_bytes(256, 64, (4, 4), 2) == one
     assert option_bytes(Option("remove"), 256, 2, 512) == 0
     assert option_bytes(Option("keep", 64, 4, 0.5), 256, 2, 512) == one + 512
+    # a pair: gate/up at 2 bits, down_proj at 8 (3 bits per weight on average)
+    pair = 2 * (64 * (256 * 2 // 32) * 4 + 64 * (256 // g) * 2 + 16) + (
+        256 * (64 * 8 // 32) * 4 + 256 * (64 // g) * 2 + 16
+    )
+    o = Option("keep", 64, 2, 0.5, 8)
+    assert o.label() == "50%@2/8b" and o.average_bits == 4 and o.quant_width == (2, 8)
+    assert expert_bytes(256, 64, (2, 8), 2) == pair and option_bytes(o, 256, 2, 512) == pair + 512
