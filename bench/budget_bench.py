@@ -7,7 +7,7 @@ two-step chain that fits (prune or merge, then quantize, in one `compress` pass)
 calibration windows (mixed, --samples, --seq-len, seed 0). Bytes are the safetensors tensor payload (what the planner
 budgets). Also: the Spearman rank correlation between the planner's predicted cost and the measured KL over all its
 plans (extra budgets included), and the solve time of a synthetic Qwen3-30B-sized instance (48 layers x 128 experts
-x 13 options) on one core.
+x 49 options: removal, or 3 widths x quantize's 16 (gate/up, down) bit pairs) on one core.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/budget_bench.py                      # the built-in model
     OMP_NUM_THREADS=1 .venv/bin/python bench/budget_bench.py --model /work/shared/validation/stories260k-moe \\
@@ -52,7 +52,9 @@ def spearman(a: list[float], b: list[float]) -> float | None:
 
 
 def synthetic_ip(seed: int = 0) -> dict[str, Any]:
-    """A Qwen3-30B-A3B-sized instance (48 x 128 experts, H 2048, I 768, 13 options each) at 30% of the expert bytes."""
+    """A Qwen3-30B-A3B-sized instance (48 x 128 experts, H 2048, I 768, the planner's menu: removal or 3 widths x 16
+    (gate/up, down) bit pairs) at 30% of the expert bytes. Costs: gate/up and down_proj errors falling 4x per bit,
+    a cut's error growing with the channels removed, each option and expert with its own noise."""
     from moecompress.budget.options import menu, option_bytes
     from moecompress.budget.solve import Shape, solve
 
@@ -62,7 +64,8 @@ def synthetic_ip(seed: int = 0) -> dict[str, Any]:
     per = np.array([option_bytes(o, 2048, 2, 2048 * 2) for o in opts], dtype=float)
     nbytes = np.tile(per, (L * E, 1))
     scale = rng.lognormal(0, 1, (L * E, 1))  # expert importance
-    base = np.array([0 if o.removed else 50 * 2.0 ** (-2 * o.bits) + 3 * (1 - o.fraction) for o in opts])
+    base = np.array([0 if o.removed else 25 * 2.0 ** (-2 * o.pair[0]) + 25 * 2.0 ** (-2 * o.pair[1])
+                     + 3 * (1 - o.fraction) for o in opts])  # fmt: skip
     costs = scale * base * (1 + rng.uniform(0, 0.3, (L * E, len(opts))))
     costs[:, 0] = scale[:, 0] * rng.uniform(5, 20, L * E)
     t, c = time.perf_counter(), time.process_time()
