@@ -82,7 +82,7 @@ def pad_exact(layer: ExactLayer, width: int) -> MoEWeights:
     dtype = layer.gate[0].dtype if E else layer.router.dtype
     gate = torch.zeros(E, width, H, dtype=dtype)
     up = torch.zeros(E, width, H, dtype=dtype)
-    down = torch.zeros(E, H, width, dtype=dtype)
+    down = torch.zeros(E, H, width, dtype=layer.down[0].dtype if E else dtype)  # (refitted downs may be wider)
     for e in range(E):
         k = layer.gate[e].shape[0]
         gate[e, :k], up[e, :k], down[e, :, :k] = layer.gate[e], layer.up[e], layer.down[e]

@@ -64,6 +64,12 @@ class Compensation:
         return self.refit.describe(self.sequential)
 
 
+def refit_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype refitted down projections are computed and held in: at least float32 (a bf16 layer's refit is
+    rounded to bf16 only when written, as it was when layers were held in float32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def dense_routing(logits: torch.Tensor, spec: Any, correction: torch.Tensor | None = None) -> torch.Tensor:
     """Routing weights [T, E] (zero off the top-k) as the family's router computes them."""
     w, idx = route(logits, spec, None, correction)  # [T, k]
@@ -84,18 +90,19 @@ def refit_down(
     act: Act,
     ridge: float = 1e-3,
 ) -> torch.Tensor:
-    """Ridge least-squares down projection [H, K] of expert e's kept channels ``keep`` (dtype of ``w.down``).
+    """Ridge least-squares down projection [H, K] of expert e's kept channels ``keep`` (``refit_dtype`` of
+    ``w.down``: float32 for a bf16 or float32 layer).
 
     x: [T, H] tokens; p: [T] expert e's routing weight (0 where not routed). Target: p * f_e(x) of the unpruned
     expert; the sliced columns are the ridge prior and the answer when no token reaches e."""
     kept_down = w.down[e][:, keep]  # [H, K]
     rows = p > 0
     if not bool(rows.any()):
-        return kept_down.clone()
+        return kept_down.to(refit_dtype(kept_down.dtype), copy=True)
     xs, ps = x[rows].float(), p[rows]  # [t, H], [t]
     target = ps[:, None] * (_hidden(xs, w.gate[e], w.up[e], act).double() @ w.down[e].double().T)  # [t, H]
     h = _hidden(xs, w.gate[e][keep], w.up[e][keep], act)  # [t, K]
-    return lstsq_down(ps.double()[:, None] * h.double(), target, kept_down, ridge)
+    return lstsq_down(ps.double()[:, None] * h.double(), target, kept_down, ridge, refit_dtype(w.down.dtype))
 
 
 def refit_expert_downs(
@@ -142,11 +149,13 @@ def refit_expert_downs(
 
 
 def with_downs(pruned: MoEWeights | ExactLayer, downs: list[torch.Tensor]) -> MoEWeights | ExactLayer:
-    """The sliced layer with the refitted down projections (``downs`` indexed by the layer's expert id)."""
+    """The sliced layer with the refitted down projections (``downs`` indexed by the layer's expert id), held in
+    ``refit_dtype`` (float32 for a bf16 layer: rounded to the checkpoint's dtype only when written)."""
     if isinstance(pruned, ExactLayer):
-        dt = pruned.down[0].dtype if pruned.down else torch.float32
+        dt = refit_dtype(pruned.down[0].dtype) if pruned.down else torch.float32
         return replace(pruned, down=[downs[e].to(dt) for e in pruned.kept_experts])
-    return replace(pruned, down=torch.stack(downs).to(pruned.down.dtype))
+    dt = refit_dtype(pruned.down.dtype)
+    return replace(pruned, down=torch.stack([d.to(dt) for d in downs]))
 
 
 def routed_error(x: torch.Tensor, w: MoEWeights, pruned: MoEWeights | ExactLayer, spec: Any, act: Act) -> float:

@@ -20,15 +20,19 @@ accumulation split W ways), in the single-process order, so G is bit for bit one
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..core import dist
-from ..core.checkpoint import Checkpoint
+from ..core.checkpoint import DTYPE_BYTES, Checkpoint
 from ..core.engine import Engine, Transform
+from ..core.experts import ExpertsKernel, routed_forward
+from ..core.interface import observing
 from ..core.limits import expert_chunk
 from ..core.progress import progress_bar
 from ..core.stream import ActivationCache, LayerStream
@@ -56,6 +60,7 @@ class _FirstInputs(Transform):
     name = "gradient inputs"
     wants_inputs = False
     changes_block = False
+    reads_narrow = True  # reads no expert weight: the stream holds the routed experts in the checkpoint's dtype
 
     def __init__(self, keep: ActivationCache):
         self.keep = keep
@@ -64,6 +69,45 @@ class _FirstInputs(Transform):
         cache = engine.stream.cache
         for i in range(len(cache)):
             self.keep.append(cache[i])
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """y = x w^T for a weight held narrow (bf16): upcast to x's dtype in the forward and again in the backward, so
+    the graph keeps the narrow weight, not its float32 copy (which would be a whole float32 layer per batch).
+    dL/dx = dL/dy w, the same mm as F.linear's own backward with the float32 weight (bit for bit)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w)
+        return F.linear(x, w.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (w,) = ctx.saved_tensors
+        return grad.mm(w.to(grad.dtype)), None
+
+
+class _NarrowKernel(ExpertsKernel):
+    """The plain expert computation act(x gate^T) * (x up^T) down^T of ``routed_forward``, with ``_UpcastLinear``
+    for the narrow weights (the backward through a layer held in bf16)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__(module)  # type: ignore[arg-type]
+        self.act = module.act_fn
+
+    def hidden(self, x: torch.Tensor, gate_up: torch.Tensor, e: int) -> torch.Tensor:
+        g, u = _UpcastLinear.apply(x, gate_up).chunk(2, dim=-1)  # gate_up [2I, H], gate rows first
+        return self.act(g) * u
+
+    def output(self, h: torch.Tensor, down: torch.Tensor, e: int) -> torch.Tensor:
+        return _UpcastLinear.apply(h, down)
+
+
+def _narrow(experts: torch.nn.Module | None, dtype: torch.dtype) -> bool:
+    """The experts hold plain (act(g) * u) weights narrower than the stream's dtype."""
+    if experts is None or isinstance(getattr(experts, "act_fn", None), ExpertsKernel):
+        return False
+    return experts.gate_up_proj.dtype != dtype or experts.down_proj.dtype != dtype
 
 
 def _keep_all(acts: ActivationCache, cache: Any) -> None:
@@ -87,18 +131,40 @@ def _head_grads(ls: LayerStream, hidden: Any, grads: ActivationCache) -> None:
 
 
 def _backward_layer(
-    ls: LayerStream, l: int, layer: torch.nn.Module, inputs: ActivationCache, grads: ActivationCache
+    ls: LayerStream,
+    l: int,
+    layer: torch.nn.Module,
+    inputs: ActivationCache,
+    grads: ActivationCache,
+    experts: torch.nn.Module | None = None,
 ) -> None:
     """Back-propagate every batch's incoming gradient through decoder layer ``l`` (re-run on its kept ``inputs``;
-    the Experts hooks see dL/dy on the way); ``grads`` then holds the gradients at the layer's inputs."""
+    the Experts hooks see dL/dy on the way); ``grads`` then holds the gradients at the layer's inputs. Routed
+    ``experts`` held narrow run through ``_NarrowKernel`` (the graph holds no float32 copy of their weights)."""
     for i in range(len(grads)):
         x = inputs[i].to(ls.device).detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), _narrow_forward(experts, ls.dtype):
             y = layer(x, **ls.layer_kwargs(l, i))  # the layer type's own mask when types are mixed
             y = y[0] if isinstance(y, tuple) else y
             y.backward(grads[i].to(ls.device))
         grads[i] = x.grad.detach()
         del x, y
+
+
+@contextmanager
+def _narrow_forward(experts: torch.nn.Module | None, dtype: torch.dtype) -> Iterator[None]:
+    """While inside: narrow ``experts`` compute through ``_NarrowKernel`` (nothing changes for wide ones)."""
+    if not _narrow(experts, dtype):
+        yield
+        return
+    assert experts is not None
+    kernel = _NarrowKernel(experts)
+
+    def fwd(hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return routed_forward(experts.gate_up_proj, experts.down_proj, kernel, hidden, idx, w)
+
+    with observing(experts, fwd):
+        yield
 
 
 def _accumulate_gathered(
@@ -113,6 +179,29 @@ def _accumulate_gathered(
         acc.update_routed(g, i, w, experts=mine)
     if not split_experts:
         share_rows_(acc)
+
+
+G_LAYER_FRACTION = 0.5  # full G held at once: at most this fraction of one MoE layer's routed experts' bytes
+
+
+def routed_layer_bytes(ckpt: Checkpoint) -> int:
+    """Bytes of the largest MoE layer's routed experts and router in the checkpoint (its dtype)."""
+    info, best = ckpt.tensor_info(), 0
+    for l in ckpt.moe_layers:
+        pat = ckpt.family.routed_key_pattern(l)
+        best = max(best, sum(math.prod(v["shape"]) * DTYPE_BYTES.get(v["dtype"], 4) for k, v in info.items()
+                             if pat.match(k)))  # fmt: skip
+    return best
+
+
+def g_chunk(ckpt: Checkpoint, device: torch.device | None = None) -> int:
+    """Experts whose full G (H^2 float32 each) is held at once: ``core.limits.expert_chunk`` (a quarter of
+    ``--max-memory``, else of the free memory) and at most ``G_LAYER_FRACTION`` of one layer's routed bytes, so the
+    gradient pass peaks near one layer held narrow whatever the free memory (chunks only replay the kept dL/dy rows:
+    the scores are the same for every chunk)."""
+    E, H = ckpt.num_experts, ckpt.config.hidden_size
+    per = 4 * H * H
+    return max(1, min(expert_chunk(E, per, device), int(G_LAYER_FRACTION * routed_layer_bytes(ckpt)) // per))
 
 
 def streamed_grad_stats(
@@ -137,8 +226,8 @@ def streamed_grad_stats(
     split_experts: under torchrun, each rank's G (and so ``on_layer``'s) holds only the experts of
     ``dist.share(E)`` (the others are zero); False: every expert's on every rank. m, when asked for, is summed over
     the ranks (all-reduce: float64 rounding of the sum order).
-    chunk (full G with ``on_layer``): experts whose G is held at once (default: ``core.limits.expert_chunk`` of
-    H^2 x 4 bytes per expert, from ``--max-memory`` or the free memory). Below the layer's expert count, each
+    chunk (full G with ``on_layer``): experts whose G is held at once (default ``g_chunk``: from ``--max-memory`` or
+    the free memory, and at most half a layer's routed bytes). Below the layer's expert count, each
     batch's dL/dy rows are kept (T x H floats) and G comes to ``on_layer`` as a ``heapr.ChunkedG``, built chunk by
     chunk from them (scores bit-identical to the whole [E, H, H]).
     """
@@ -150,7 +239,7 @@ def streamed_grad_stats(
     ls, W = engine.stream, engine.world
     E, H = ckpt.num_experts, ckpt.config.hidden_size
     if kind == "full" and on_layer is not None and chunk is None:
-        chunk = expert_chunk(E, 4 * H * H, ls.device)
+        chunk = g_chunk(ckpt, ls.device)
     chunked = kind == "full" and on_layer is not None and chunk is not None and chunk < len(dist.share(E))
     out: dict[int, Any] = {}
     steps = iter(range(1, 2 * len(ls.decoder_layers) + 2))
@@ -183,7 +272,7 @@ def streamed_grad_stats(
                 if experts is not None:  # (chunked: the rows are kept, the hook's own accumulator stays unused)
                     handle = attach_hook(experts, l, accs, msum, "diag" if chunked else kind, rank, gate_up, sink=sink)
                 try:
-                    _backward_layer(ls, l, layer, inputs[l], grads)
+                    _backward_layer(ls, l, layer, inputs[l], grads, experts)
                     if l in accs and chunked:
                         accs.pop(l)
                         if W > 1:

@@ -133,7 +133,8 @@ def streamed_scores(
 
     def score(l: int, st: LayerGradStats, experts: torch.nn.Module) -> torch.Tensor:
         E = m[l].shape[0]  # under torchrun each rank scores its share of the experts, then all rows are shared
-        s = heapr_scores(m[l], experts.down_proj.detach().float().cpu(), st.G, dist.share(E))  # [E, I]
+        down = experts.down_proj.detach().cpu()  # [E, H, I] as held (bf16 layers: upcast per expert in the scores)
+        s = heapr_scores(m[l], down, st.G, dist.share(E))  # [E, I]
         return dist.fill_rows_(s, E)
 
     return streamed_grad_stats(ckpt, input_ids, hessian, rank, batch_size, device, on_layer=score, split_experts=True)

@@ -4,9 +4,10 @@
     t = AtomTransform(spec, width=96)                                     # chained: choose on the block as it is
     engine.run([..., t, ...], emit=out.add_layer)
 
-Per MoE layer (``moe_layer``) the transform works on the block as the earlier transforms left it (fp32; maybe
-fewer experts: ``ctx.extra["expert_ids"]`` then lists the source expert id of each expert now in the block, set by
-the transform that removed experts):
+Per MoE layer (``moe_layer``) the transform works on the block as the earlier transforms left it (its own tensors,
+no copy: the routed experts in the checkpoint's dtype when the stream holds them narrow, upcast one expert at a time
+where read; maybe fewer experts: ``ctx.extra["expert_ids"]`` then lists the source expert id of each expert now in
+the block, set by the transform that removed experts):
   1. the kept channels of every expert: given (``keep``, per source expert, e.g. the global HEAPr ranking of
      ``atomic.run``), or each expert's top ``width`` by ``scores`` [E_src, I] (per source expert), or, with
      neither, by the channel second moments m_{e,j} measured on ``ctx.inputs`` with the block's own routing;
@@ -35,6 +36,7 @@ from .compensate import (
     ERROR_TOKENS,
     Refit,
     dense_routing,
+    refit_dtype,
     refit_expert_downs,
     routed_error,
     slice_layer,
@@ -53,19 +55,29 @@ def width_key(config: Any) -> str:
 
 
 def current_weights(ctx: LayerContext) -> MoEWeights:
-    """The MoE block's routed experts and router as they are now (float32 copies on the CPU)."""
+    """The MoE block's routed experts and router as they are now, in float32 on the CPU (the block's own tensors
+    where they are float32 CPU tensors already, else float32 copies)."""
     w = block_view(ctx.block, ctx.engine.fam)
     return MoEWeights(*(None if t is None else t.detach().float().cpu() for t in (
         w.gate, w.up, w.down, w.router, w.router_bias, w.correction_bias)))  # fmt: skip
 
 
+def held_weights(ctx: LayerContext) -> MoEWeights:
+    """The MoE block's routed experts and router as the stream holds them, on the CPU: the block's own tensors (no
+    copy on the CPU), the routed experts possibly narrow (the checkpoint's bf16: every reader upcasts per expert)."""
+    w = block_view(ctx.block, ctx.engine.fam)
+    return MoEWeights(*(None if t is None else t.detach().cpu() for t in (
+        w.gate, w.up, w.down, w.router, w.router_bias, w.correction_bias)))  # fmt: skip
+
+
 def channel_moments(x: torch.Tensor, weights: torch.Tensor, w: MoEWeights, act: Any) -> torch.Tensor:
-    """m_{e,j} = mean h_j(x)^2 over the tokens routed to e (x [T, H], weights [T, E] dense routing) -> [E, I]."""
+    """m_{e,j} = mean h_j(x)^2 over the tokens routed to e (x [T, H], weights [T, E] dense routing) -> [E, I]
+    (weights upcast one expert at a time to x's dtype)."""
     m = torch.zeros(w.gate.shape[0], w.gate.shape[1], dtype=torch.float64)
     for e in range(w.gate.shape[0]):
         on = weights[:, e] > 0
         if bool(on.any()):
-            m[e] = expert_hidden(x[on], w.gate[e], w.up[e], act).double().square().mean(0)
+            m[e] = expert_hidden(x[on], w.gate[e].to(x.dtype), w.up[e].to(x.dtype), act).double().square().mean(0)
     return m
 
 
@@ -86,7 +98,7 @@ def split_refit(
     mine = dist.share(E)
     downs = refit_expert_downs(x, weights, w, keep, act, ridge, holdout, experts=mine)
     widths = [int(k.numel()) for k in keep]
-    buf = torch.zeros(E, w.down.shape[1], max(widths, default=0), dtype=w.down.dtype)  # [E, H, K_max]
+    buf = torch.zeros(E, w.down.shape[1], max(widths, default=0), dtype=refit_dtype(w.down.dtype))  # [E, H, K_max]
     for e in mine:
         buf[e, :, : widths[e]] = downs[e]
     dist.fill_rows_(buf, E)
@@ -104,6 +116,7 @@ class AtomTransform(Transform):
     """
 
     name = "atom"
+    reads_narrow = True  # expert weights are upcast per expert where read; refitted downs are held in float32
 
     def __init__(
         self,
@@ -187,7 +200,7 @@ class AtomTransform(Transform):
 
     def moe_layer(self, ctx: LayerContext) -> None:
         fam, l = ctx.engine.fam, ctx.index
-        w = current_weights(ctx)  # [E, I, H] ...
+        w = held_weights(ctx)  # [E, I, H] ... the block's own tensors (routed experts maybe bf16: upcast per expert)
         E, I, H = w.gate.shape
         act = ctx.experts.act_fn
         x = None

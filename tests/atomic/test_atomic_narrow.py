@@ -1,0 +1,113 @@
+"""Atomic pruning with the layers held in the checkpoint's dtype: a bf16 checkpoint's routed experts stay bf16
+through the gradient pass (forward and backward) and the pruning pass, and every score, kept channel and written
+tensor equals the run on the same checkpoint stored in float32 (its outputs rounded to bf16): bf16 -> float32 is
+exact, and weights are upcast one expert at a time where read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import build_tiny
+from safetensors.torch import load_file, save_file
+
+from moecompress.atomic import run as ap
+from moecompress.atomic.gradstream import _UpcastLinear, g_chunk, routed_layer_bytes, streamed_grad_stats
+from moecompress.atomic.heapr import heapr_scores
+from moecompress.atomic.transform import AtomTransform
+from moecompress.core.checkpoint import Checkpoint
+
+
+def as_float32(src, dst):
+    """The same checkpoint with every floating tensor stored in float32 (the same values)."""
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        tensors = load_file(f)
+        save_file({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, f, {"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["dtype"] = "float32"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def written(folder):
+    """(the kept channels, every written tensor) of an atomic-prune output."""
+    tensors = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    return json.loads((folder / "atomic_channels.json").read_text()), tensors
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tokenizer_dir):
+    d = tmp_path_factory.mktemp("narrow-atom")
+    bf = build_tiny("qwen3_moe", d / "bf16", tokenizer_dir, dtype=torch.bfloat16)
+    return bf, as_float32(bf, d / "f32")
+
+
+def test_upcast_linear_is_the_float32_linear_bit_for_bit():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 24, generator=gen).bfloat16()  # [out, in] held narrow
+    x = torch.randn(37, 24, generator=gen)
+    g = torch.randn(37, 40, generator=gen)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = torch.nn.functional.linear(a, w.float()), _UpcastLinear.apply(b, w)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad)
+
+
+def test_gradient_pass_holds_bf16_experts_and_scores_as_float32(pair):
+    ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    held: list[torch.dtype] = []
+
+    def score(l, st, experts):
+        held.append(experts.gate_up_proj.dtype)
+        return heapr_scores(st.m, experts.down_proj.detach(), st.G), st.counts, st.m
+
+    runs = {
+        (p.name, c): streamed_grad_stats(Checkpoint(p), ids, "full", batch_size=2, with_moments=True, on_layer=score,
+                                         chunk=c)
+        for p in pair for c in (None, 3)
+    }  # fmt: skip
+    L = len(Checkpoint(pair[0]).moe_layers)
+    assert held == [torch.bfloat16] * 2 * L + [torch.float32] * 2 * L
+    ref = runs[("f32", None)]
+    for key, run in runs.items():
+        for l in ref:
+            for a, b in zip(ref[l], run[l], strict=True):
+                assert torch.equal(a, b), (key, l)
+            assert ref[l][0].abs().sum() > 0
+
+
+def test_g_is_chunked_to_half_a_layer(pair):
+    ck = Checkpoint(pair[0])
+    per = 4 * ck.config.hidden_size**2
+    assert routed_layer_bytes(ck) > 0
+    assert g_chunk(ck) == max(1, min(ck.num_experts, routed_layer_bytes(ck) // 2 // per))
+    assert routed_layer_bytes(Checkpoint(pair[1])) == 2 * routed_layer_bytes(ck)  # float32 vs bf16 bytes
+
+
+@pytest.mark.parametrize("layout", ["uniform", pytest.param("exact", marks=pytest.mark.slow)])
+def test_atom_of_a_bf16_checkpoint_equals_its_float32_copy(pair, tmp_path, monkeypatch, layout):
+    held: list[torch.dtype] = []
+    moe_layer = AtomTransform.moe_layer
+
+    def spy(self, ctx):
+        held.append(ctx.experts.gate_up_proj.dtype)
+        moe_layer(self, ctx)
+
+    monkeypatch.setattr(AtomTransform, "moe_layer", spy)
+    mans = {
+        p.name: ap.atomic_prune(p, tmp_path / p.name, 0.25, layout=layout, samples=4, seq_len=32, batch_size=2)
+        for p in pair
+    }
+    L = len(Checkpoint(pair[0]).moe_layers)
+    assert held == [torch.bfloat16] * L + [torch.float32] * L
+    assert mans["bf16"]["compensation_output_error"] == mans["f32"]["compensation_output_error"]
+    (ch_bf, t_bf), (ch_32, t_32) = written(tmp_path / "bf16"), written(tmp_path / "f32")
+    assert ch_bf == ch_32
+    assert sorted(t_bf) == sorted(t_32)
+    for k, t in t_bf.items():
+        assert t.dtype == torch.bfloat16 and t_32[k].dtype == torch.float32, k
+        assert torch.equal(t, t_32[k].to(torch.bfloat16)), k
