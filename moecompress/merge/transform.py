@@ -44,6 +44,7 @@ class MergeTransform(Transform):
     name = "merge"
     wants_inputs = True
     changes_block = True
+    reads_narrow = True  # expert weights are upcast per expert (or per cluster) where read
 
     def __init__(self, opts: MergeOptions, profile: Any | None = None, protected: dict[int, list[int]] | None = None):
         self.opts, self.profile = opts, profile
@@ -119,7 +120,8 @@ class MergeTransform(Transform):
     def moe_layer(self, ctx: LayerContext) -> None:
         l, eng = ctx.index, ctx.engine
         dt = self._dtypes(l)
-        cur = block_view(ctx.block, self.fam)  # [E, ...] as the block is now (stream dtype)
+        cur = block_view(ctx.block, self.fam)  # [E, ...] as the block is now (routed experts maybe held narrow)
+        held = (ctx.experts.gate_up_proj.dtype, ctx.experts.down_proj.dtype)
         # the block's own tensors, no copy: merge_layer rounds what it builds to the checkpoint's dtypes ``dt``
         w = MoEWeights(**{k: None if getattr(cur, k) is None else getattr(cur, k).detach() for k in dt})
         E = w.num_experts
@@ -138,8 +140,8 @@ class MergeTransform(Transform):
         self.counts[l] = (E, K)
         src = ids if ids is not None else list(range(E))
         ctx.extra["merged_from"] = [[src[e] for e in c] for c in info["clusters"]]
-        if self.opts.sequential:  # the merged layer makes the next layer's inputs
-            set_block_experts(ctx.block, self.fam, _as(merged, eng.stream.dtype, eng.device), l)
+        if self.opts.sequential:  # the merged layer makes the next layer's inputs (experts held as they were)
+            set_block_experts(ctx.block, self.fam, _as(merged, eng.stream.dtype, eng.device, held), l)
         ctx.replace(self.fam.write_layer(merged, l))
 
     @property
@@ -212,8 +214,14 @@ def transform_for_recipe(job: Job, options: dict[str, Any], profile: Any | None)
     return MergeTransform(opts, profile, protected)
 
 
-def _as(w: MoEWeights, dtype: torch.dtype, device: torch.device) -> MoEWeights:
-    cast = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
+def _as(
+    w: MoEWeights, dtype: torch.dtype, device: torch.device, experts: tuple[torch.dtype, torch.dtype] | None = None
+) -> MoEWeights:
+    """``w`` on ``device`` in ``dtype``; the routed experts (gate/up, down) in ``experts`` dtypes when given (the
+    stream's narrow dtype: the merged experts' bf16 values are held as they are, upcast per expert where used)."""
+    gu, dn = experts or (dtype, dtype)
+    cast = lambda t, d=dtype: None if t is None else t.to(device, d)  # noqa: E731
     return MoEWeights(
-        cast(w.gate), cast(w.up), cast(w.down), cast(w.router), cast(w.router_bias), cast(w.correction_bias)
-    )
+        cast(w.gate, gu), cast(w.up, gu), cast(w.down, dn), cast(w.router), cast(w.router_bias),
+        cast(w.correction_bias),
+    )  # fmt: skip
