@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ import torch
 import typer
 from rich.text import Text
 
-from ..core import writer
+from ..core import dist, writer
 from ..core.errors import UserError
 from ..core.progress import console
 from ..core.stream import resolve_device
@@ -111,6 +112,10 @@ def user_errors(fn: F) -> F:
             if code == 130:
                 what = f"already written: {', '.join(map(str, done))}" if done else "nothing was written"
                 console.print(f"interrupted; {what}", highlight=False, soft_wrap=True, markup=False)
+            if code and dist.broken():  # a peer left: gloo may abort at teardown, so leave now with our code
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
         raise typer.Exit(code)
 
     return wrapper  # type: ignore[return-value]

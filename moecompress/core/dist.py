@@ -30,6 +30,17 @@ import torch.distributed as td
 from .errors import UserError
 
 _device: torch.device | None = None  # the job's device, chosen before the first collective
+_broken = False  # a collective failed because a peer left: the group cannot be torn down cleanly
+
+
+class PeerLost(UserError):
+    """A collective failed because another rank of the job failed or left.
+
+    The process group is then unusable, and tearing it down (or leaving it to the interpreter's exit) can abort
+    the process inside gloo ("terminate called without an active exception"), which would replace the one-line
+    message's exit code 2 by a signal. The CLI therefore leaves such a process with ``os._exit`` right after the
+    message (``cli.common.user_errors``).
+    """
 
 
 def _env_world() -> int:
@@ -99,12 +110,14 @@ def _group_ready() -> bool:
 def _peers() -> Iterator[None]:
     """A collective whose peer failed or left (gloo: connection closed; a timeout) -> one line, exit 2 (UserError),
     not a traceback: the rank that failed printed its own message."""
+    global _broken
     try:
         yield
     except RuntimeError as err:
+        _broken = True
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0][:160]  # gloo: "[file:line] What. More."
-        raise UserError(
+        raise PeerLost(
             f"rank {rank()} of {world()}: another rank of this torchrun job failed or stopped ({first}); its own "
             "message says why"
         ) from None
@@ -191,7 +204,12 @@ def barrier() -> None:
             td.barrier()
 
 
+def broken() -> bool:
+    """True once a collective failed because a peer left (see ``PeerLost``)."""
+    return _broken
+
+
 def shutdown() -> None:
-    """Destroy the process group if this module created one (end of a command)."""
-    if td.is_available() and td.is_initialized():
+    """Destroy the process group if this module created one (end of a command); a broken one is left alone."""
+    if td.is_available() and td.is_initialized() and not _broken:
         td.destroy_process_group()

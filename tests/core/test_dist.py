@@ -132,6 +132,8 @@ print("ok", r)
 
 
 # One process per rank: the dist calls above, then several commands (one process group), then their exit codes.
+# With a "leave" command, rank 1 then leaves (os._exit, as a crashed rank would) and rank 0 runs that command: its
+# first collective finds the peer gone, and the CLI must say so in one line and exit 2 (not hang, not abort).
 _CLI_SCRIPT = r"""
 import json, sys
 import torch
@@ -143,22 +145,24 @@ for argv in json.loads(sys.argv[1]):
         app(argv, prog_name="moecompress")
     except SystemExit as e:
         codes.append(e.code or 0)
-if len(sys.argv) > 2:  # the HEAPr gradient statistics of every layer, as each rank holds them
+leave = json.loads(sys.argv[2])
+if len(sys.argv) > 3:  # the HEAPr gradient statistics of every layer, as each rank holds them
     from moecompress.atomic.gradstream import streamed_grad_stats
     from moecompress.core.checkpoint import Checkpoint
 
     ids = torch.randint(0, 320, (5, 16), generator=torch.Generator().manual_seed(1))
-    st = streamed_grad_stats(Checkpoint(sys.argv[2]), ids, kind="full", batch_size=2)
-    torch.save({l: (s.G, s.counts) for l, s in st.items()}, sys.argv[3] + f".{dist.rank()}")
+    st = streamed_grad_stats(Checkpoint(sys.argv[3]), ids, kind="full", batch_size=2)
+    torch.save({l: (s.G, s.counts) for l, s in st.items()}, sys.argv[4] + f".{dist.rank()}")
 print("codes", json.dumps(codes), flush=True)
-if dist.rank() == 1:  # a rank that leaves: rank 0's next collective says so in one line instead of waiting
-    import os
+if leave:
+    if dist.rank() == 1:
+        import os
 
-    os._exit(0)
-try:
-    dist.fill_rows_(torch.zeros(2, 1), 2)
-except Exception as err:
-    print("peer", type(err).__name__, err)
+        os._exit(0)
+    try:
+        app(leave, prog_name="moecompress")
+    except SystemExit as e:
+        print("after the peer left: exit", e.code, flush=True)  # not reached: the CLI leaves with os._exit(2)
 """
 
 _SMALL = ["--samples", "5", "--seq-len", "32", "--batch-size", "1"]  # 5 batches: 3 on rank 0, 2 on rank 1
@@ -184,15 +188,21 @@ def run_world1(model: Path, commands: dict[str, list[str]], out: Path) -> None:
 
 
 def start_world2(
-    model: Path, commands: dict[str, list[str]], out: Path, extra=(), grads: Path | None = None
+    model: Path,
+    commands: dict[str, list[str]],
+    out: Path,
+    extra=(),
+    grads: Path | None = None,
+    leave: list[str] | None = None,
 ) -> list[subprocess.Popen]:
     """Two gloo ranks running ``commands`` (then ``extra`` argvs; then, given ``grads``, the gradient pass whose
-    statistics each rank saves to grads.RANK) in one process each."""
+    statistics each rank saves to grads.RANK) in one process each; then, given ``leave``, rank 1 leaves and rank 0
+    runs that argv."""
     argvs = [[a[0], str(model), *a[1:], "-o", str(out / n)] for n, a in commands.items()] + list(extra)
     script = out.parent / "cli_rank.py"
     script.write_text(_ROWS_SCRIPT + _CLI_SCRIPT)
     more = [str(model), str(grads)] if grads is not None else []
-    return start_ranks([str(script), json.dumps(argvs), *more], world=2)
+    return start_ranks([str(script), json.dumps(argvs), json.dumps(leave), *more], world=2)
 
 
 def assert_same_outputs(w1: Path, w2: Path, names) -> None:
@@ -215,7 +225,8 @@ def test_two_gloo_ranks_write_the_single_process_bytes(tmp_path, tokenizer_dir):
     model = build_tiny("mixtral", tmp_path / "model", tokenizer_dir)
     w1, w2 = tmp_path / "w1", tmp_path / "w2"
     too_few = ["profile", str(model), "--samples", "1", "--seq-len", "16", "-o", str(w2 / "bad")]
-    procs = start_world2(model, _COMMANDS, w2, extra=[too_few], grads=tmp_path / "grads")
+    leave = ["profile", str(model), *_SMALL, "-o", str(w2 / "peer")]
+    procs = start_world2(model, _COMMANDS, w2, extra=[too_few], grads=tmp_path / "grads", leave=leave)
     run_world1(model, _COMMANDS, w1)  # meanwhile
     from moecompress.atomic.gradstream import streamed_grad_stats
     from moecompress.core.checkpoint import Checkpoint
@@ -224,17 +235,18 @@ def test_two_gloo_ranks_write_the_single_process_bytes(tmp_path, tokenizer_dir):
     one = streamed_grad_stats(Checkpoint(model), ids, kind="full", batch_size=2)
     ranks = wait_ranks(procs, timeout=600)
     codes = "codes " + json.dumps([0] * len(_COMMANDS) + [2])
-    for res in ranks:
-        assert res.returncode == 0, res.stderr[-3000:]
+    for r, res in enumerate(ranks):
+        assert res.returncode == (2 if r == 0 else 0), res.stderr[-3000:]  # rank 0's last command lost its peer
         assert codes in res.stdout.splitlines(), res.stderr[-3000:]
         errors = [ln for ln in res.stderr.splitlines() if "calibration batch" in ln]
         assert len(errors) == 1 and "for 2 ranks" in errors[0], res.stderr[-3000:]
     assert "written to" in ranks[0].stdout or "->" in ranks[0].stdout
     assert ranks[1].stdout.strip().splitlines() == ["ok 1", codes]
-    assert ranks[0].stdout.startswith("ok 0\n")
-    last = ranks[0].stdout.strip().splitlines()[-1]
-    assert last.startswith("peer UserError rank 0 of 2: another rank of this torchrun job failed or stopped"), last
+    assert ranks[0].stdout.startswith("ok 0\n") and ranks[0].stdout.strip().splitlines()[-1] == codes
+    last = ranks[0].stderr.strip().splitlines()[-1]  # one line after the peer left, and no abort after it
+    assert last.startswith("error: rank 0 of 2: another rank of this torchrun job failed or stopped"), last
     assert "by peer" in last, last  # gloo: "Connection closed by peer" or "... reset by peer"
+    assert not (w2 / "peer").exists()
     assert_same_outputs(w1, w2, _COMMANDS)
     for r in range(2):
         got = torch.load(tmp_path / f"grads.{r}")
