@@ -270,7 +270,7 @@ class Checkpoint:
             self._nest_keys()
             layers_on_disk = {int(m[1]) for k in self.weight_map if (m := _LAYER_KEY.match(k))}
         self.family.check_config(self.config, max(layers_on_disk, default=-1) + 1)
-        if self.family.save_transposed:
+        if self.family.save_transposed and not self.family.scaled_input:  # (Llama-4's loader never transposes)
             self.family = replace(self.family, save_transposed=self._saved_transposed())
         missing = sorted(set(range(self.config.num_hidden_layers)) - layers_on_disk)
         if missing:
@@ -329,7 +329,15 @@ class Checkpoint:
 
     def check_layout(self, layout: str) -> None:
         """Refuse in one line an output layout this checkpoint cannot be written in: a multimodal wrapper is written
-        in the uniform layout only (commands whose layout is known before the pass call this up front)."""
+        in the uniform layout only (commands whose layout is known before the pass call this up front), and so is a
+        model whose router scales the experts' inputs (Llama-4: the non-uniform loaders fill transformers' own experts
+        modules, which hold Llama-4's fused experts transposed, [E, H, 2I])."""
+        if self.family.scaled_input and layout not in ("uniform", "quantized"):  # quantized: refused by expert_key
+            raise UserError(
+                f"{self.config.model_type} (Llama-4) is written in the uniform layout only: the {layout} layout's "
+                "loader would fill transformers' Llama4TextExperts, which holds its experts transposed; use the "
+                "uniform layout (--layout uniform)"
+            )
         if self.wrapper_config is not None and layout != "uniform":
             what = "quantized outputs" if layout == "quantized" else f"the {layout} layout"
             raise UserError(
@@ -343,9 +351,9 @@ class Checkpoint:
         config.json with only text_config entries changed (quantization_config stays at the top, where transformers
         reads it). ``config`` is the text config's dict (whole or a diff), or config.json's own dict with text keys
         (expert counts) set at its top."""
+        self.check_layout(layout)
         if self.wrapper_config is None:
             return config
-        self.check_layout(layout)
         raw = read_json_file(self.path / "config.json", "config.json (JSON)")
         attr = next(k for k, v in vars(self.wrapper_config).items() if v is self.config)
         if not isinstance(raw.get(attr), dict):

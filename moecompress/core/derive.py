@@ -37,6 +37,9 @@ def _norm_source(cls: type) -> str:
     return re.sub(r"\s+", " ", src)
 
 
+_norm_source_of = lru_cache(maxsize=512)(_norm_source)
+
+
 def _source(cls: type) -> str:
     try:
         return inspect.getsource(cls)
@@ -82,6 +85,37 @@ def _reference_routing() -> dict[str, tuple[str, str]]:
     }
 
 
+@lru_cache(maxsize=1)
+def _scaled_input_reference() -> tuple[str, str, str]:
+    """Normalized sources of Llama-4's (MoE block, router, experts): the computation ``ScaledInputMoe`` runs."""
+    from transformers.models.llama4 import modeling_llama4 as l4
+
+    return (_norm_source(l4.Llama4TextMoe), _norm_source(l4.Llama4Router), _norm_source(l4.Llama4TextExperts))
+
+
+def scaled_input_blocks(model: torch.nn.Module) -> int:
+    """Replace every MoE block whose code is Llama-4's (block, router and experts classes equal transformers'
+    ``Llama4TextMoe`` / ``Llama4Router`` / ``Llama4TextExperts`` up to names: the router's sigmoid scores multiply
+    the token copies before the experts) by ``interface.ScaledInputMoe``, the same computation on the experts
+    interface (the experts held as [E, 2I, H] / [E, H, I]); returns how many were replaced."""
+    from .interface import ScaledInputMoe
+
+    ref, n = _scaled_input_reference(), 0
+    for name, mod in list(model.named_modules()):
+        ex, router = getattr(mod, "experts", None), getattr(mod, "router", None)
+        if not isinstance(ex, torch.nn.Module) or not isinstance(router, torch.nn.Module):
+            continue
+        if (_norm_source_of(type(mod)), _norm_source_of(type(router)), _norm_source_of(type(ex))) != ref:
+            continue
+        parts = name.split(".")  # the config of the innermost model holding the block (a wrapper's text model's)
+        owners = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1, -1, -1)]
+        config = next(o.config for o in owners if hasattr(getattr(o, "config", None), "num_local_experts"))
+        parent = owners[0]
+        setattr(parent, parts[-1], ScaledInputMoe(mod, config))
+        n += 1
+    return n
+
+
 class TextLM(torch.nn.Module):
     """A multimodal wrapper's language model as a causal LM: its text model (``model``) and its ``lm_head``, with the
     state-dict names a text-only causal LM has (``model.layers.*``, ``model.norm.weight``, ``lm_head.weight``): the
@@ -103,16 +137,20 @@ class TextLM(torch.nn.Module):
 
 def causal_lm(cfg: Any, **kwargs: Any) -> torch.nn.Module:
     """The causal LM of a (text) config: transformers' own class, or for the text config of a multimodal wrapper
-    that has none (Qwen3-VL-MoE, GLM-4.5V) its text model with an lm_head (``TextLM``)."""
+    that has none (Qwen3-VL-MoE, GLM-4.5V) its text model with an lm_head (``TextLM``). Llama-4's MoE blocks are
+    ``ScaledInputMoe`` (``scaled_input_blocks``): the same computation, with the experts on the experts interface."""
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
     mt = cfg.model_type
     if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or mt not in MODEL_MAPPING_NAMES or not mt.endswith("_text"):
-        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, **kwargs)
-    body = AutoModel.from_config(cfg, trust_remote_code=False, **kwargs)
-    head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-    return TextLM(body, head, cfg)
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, **kwargs)
+    else:
+        body = AutoModel.from_config(cfg, trust_remote_code=False, **kwargs)
+        head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        model = TextLM(body, head, cfg)
+    scaled_input_blocks(model)
+    return model
 
 
 def meta_model(cfg: Any) -> torch.nn.Module:
@@ -153,6 +191,7 @@ def _wrapper(cfg: Any) -> tuple[torch.nn.Module, TextLM, str, str]:
     except Exception as err:  # transformers raises many types for a config it cannot build
         first = (str(err).splitlines() or [""])[0][:160]
         raise Refusal(f"transformers cannot build it from config.json ({type(err).__name__}: {first})") from None
+    scaled_input_blocks(wrapper)
     bodies = [
         n
         for n, m in wrapper.named_modules()
@@ -316,6 +355,17 @@ def derive(cfg: Any) -> dict[str, Any]:
     )
     if (flags["is_transposed"] or flags["has_bias"] or not flags["is_concatenated"]) and fused_names is None:
         raise Refusal("its experts are transposed, interleaved or biased in memory but saved per expert: not mapped")
+    scaled = bool(getattr(block, "scaled_input", False))
+    if scaled:  # Llama-4: transformers' own experts module holds (and saves, unconverted) [E, H, 2I] / [E, I, H]
+        if fused_names is None or fused_names[2]:
+            raise Refusal("its experts scale their inputs by the router (Llama-4) but are saved in another layout")
+        fused_names = (fused_names[0], fused_names[1], "transposed")
+        if raw.get(top_k_key) != 1:
+            raise Refusal(
+                f"its router scales each expert's input (Llama-4) and routes top-{raw.get(top_k_key)}: moecompress "
+                "reads these blocks with top-1 routing only (every released Llama-4 model routes top-1), where each "
+                "token's one scaled copy is the one row the profile counts for it"
+            )
 
     reference = None
     sig = (_norm_source(type(block)), _norm_source(type(router)))
@@ -351,6 +401,7 @@ def derive(cfg: Any) -> dict[str, Any]:
         "fused_names": fused_names,
         "classes": (type(block).__name__, type(router).__name__, type(ex).__name__),
         "nest": nest,
+        "scaled_input": scaled,
         "text_config": cfg if nest else None,
     }
 

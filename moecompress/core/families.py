@@ -102,6 +102,11 @@ class Family:
     # e.g. ("model.language_model", "lm_head"); the view names them model.* / lm_head.* (``Checkpoint`` maps the keys)
     # and reads the wrapper's text_config; every other tensor (vision tower, projector) is copied as it is
     nest: tuple[str, str] | None = None
+    # Llama-4: the router's score g (sigmoid of the top-k logit) multiplies the token copy BEFORE the expert, and the
+    # expert's output is added unweighted. The stream runs the block as ``interface.ScaledInputMoe``: the experts see
+    # the copies g x with routing weight 1, so observed statistics are of the expert's true input, activation and
+    # contribution f(g x) (routing mass = frequency, REAP = mean ||f(g x)||, channel moments of h(g x))
+    scaled_input: bool = False
 
     @property
     def fused_disk(self) -> bool:
@@ -197,6 +202,13 @@ class Family:
         """proj: 0 gate, 1 up, 2 down. A family fused on disk has no per-expert keys, and transformers loads no
         quantized layout of its experts (checked with transformers 5.23 + compressed-tensors 0.20: per-expert and
         fused packed tensors alike, bench/quant_load_check.py --fused), so quantization is refused in one line."""
+        if self.fused_disk and self.scaled_input:
+            raise UserError(
+                f"{self.name} keeps its routed experts fused on disk ({self.disk_block}.{self.fused_names[0]}): "
+                "transformers reads quantized Llama-4 experts as one module per expert (SequentialLlama4TextExperts: "
+                f"{self.experts}.<e>.gate_proj/up_proj/down_proj), a layout moecompress's quantization does not write "
+                "yet, so quantization is refused for it (profile, expert pruning, eval and load work)"
+            )
         if self.fused_disk:
             fused = self.fused_names[0] if self.fused_names else f"{self.experts}.gate_up_proj"
             raise UserError(
@@ -454,8 +466,8 @@ FAMILIES: tuple[Family, ...] = (
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
-def _expert_count_anywhere(cfg: Any) -> str | None:
-    """'key=value' of the first routed-expert count above 1 in the config or one level of nested sub-configs."""
+def _expert_count_anywhere(cfg: Any, least: int = 2) -> str | None:
+    """'key=value' of the first routed-expert count >= ``least`` in the config or one level of nested sub-configs."""
     try:
         d = cfg.to_dict()
     except Exception:  # a hostile config object: treat it as carrying no expert count
@@ -464,7 +476,7 @@ def _expert_count_anywhere(cfg: Any) -> str | None:
     for prefix, sub in places:
         for key in EXPERT_COUNT_KEYS:
             v = sub.get(key)
-            if isinstance(v, int) and not isinstance(v, bool) and v > 1:
+            if isinstance(v, int) and not isinstance(v, bool) and v >= least:
                 return f"{prefix}{key}={v}"
     return None
 
@@ -485,6 +497,10 @@ def family_for(cfg: Any) -> Family:
             return fam
     supported = ", ".join(t for f in FAMILIES for t in f.model_types) + " and the derived families in the README"
     found = _expert_count_anywhere(cfg)
+    if found is None and _expert_count_anywhere(cfg, least=1) is not None:  # one routed expert left (top-1 Llama-4
+        fam, _ = derived_family(cfg)  # pruned to its minimum): still a routed block, when derivation finds one
+        if fam is not None:
+            return fam
     nested = [k for k, v in vars(cfg).items() if hasattr(v, "to_dict") and k.endswith("config")]
     if found is None and nested:
         raise UserError(
@@ -557,6 +573,7 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             embed=d["embed"],
             final_norm=d["final_norm"],
             nest=d["nest"],
+            scaled_input=d["scaled_input"],
         )
         result = (fam, "")
     if memo is not None:

@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
+from transformers.integrations.moe import ExpertsInterface, _default_apply_gate, use_experts_implementation
+
+from .experts import routed_forward
 
 NAME = "moecompress"
 
@@ -110,3 +112,58 @@ def observing(experts: nn.Module, fwd: Forward) -> Iterator[str]:
         _ACTIVE.pop(id(experts), None)
         cfg._experts_implementation_internal = before
         experts.__class__ = own
+
+
+@use_experts_implementation
+class ScaledInputExperts(nn.Module):
+    """Routed experts whose router score multiplies the token copy *before* the expert (Llama-4), in the view's
+    layout (``gate_up_proj [E, 2I, H]`` gate rows first, ``down_proj [E, H, I]``), as a transformers experts class
+    (``use_experts_implementation``: it dispatches through ``ExpertsInterface`` like every other family's):
+    ``forward(hidden [n, H], top_k_index [n, k], top_k_weights [n, k])``, the eager computation. ``ScaledInputMoe``
+    calls it with the token copies already multiplied by their score (what the expert sees: g x) and weight 1 (the
+    expert's output is added unweighted), so every observer of the routed computation sees the expert's true input,
+    intermediate activation and output: h = act(W_gate g x) * (W_up g x), f = W_down h (the expert's contribution)."""
+
+    def __init__(self, config: Any, E: int, H: int, I: int, act_fn: Callable[..., torch.Tensor], like: torch.Tensor):
+        super().__init__()
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, device=like.device, dtype=like.dtype))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I, device=like.device, dtype=like.dtype))
+        self.act_fn = act_fn
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return routed_forward(self.gate_up_proj, self.down_proj, self.act_fn, hidden, top_k_index, top_k_weights)
+
+
+class ScaledInputMoe(nn.Module):
+    """Llama-4's MoE block (``Llama4TextMoe``: top-k of the router logits, sigmoid of those logits as scores, the
+    token copies multiplied by their score before the experts, a shared expert added) on the experts interface.
+
+    The same computation as transformers' block (which runs every expert on every token, the unrouted copies
+    multiplied by 0): ``router`` and ``shared_expert`` are the transformers modules themselves; the routed experts
+    are ``ScaledInputExperts`` called with the routed copies only (an unrouted copy is 0 and a gated MLP without
+    biases maps 0 to 0, so dropping them changes no value). Returns (output, router logits) as the block does."""
+
+    scaled_input = True
+
+    def __init__(self, block: nn.Module, config: Any):
+        super().__init__()
+        old = block.experts
+        E, H, I2 = old.gate_up_proj.shape  # transformers keeps them transposed: [E, H, 2I], down [E, I, H]
+        self.top_k, self.hidden_dim, self.num_experts = block.top_k, block.hidden_dim, E
+        self.experts = ScaledInputExperts(config, E, H, I2 // 2, old.act_fn, old.gate_up_proj)
+        self.router = block.router
+        self.shared_expert = block.shared_expert
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = hidden_states.reshape(-1, self.hidden_dim)  # [T, H]
+        scores, logits = self.router(x)  # [T, E]: sigmoid of the top-k logits, sigmoid(-inf) = 0 elsewhere
+        idx = torch.topk(logits, self.router.top_k, dim=1)[1]  # [T, k]: the router's own top-k, recomputed alike
+        p = scores.gather(1, idx)  # [T, k]
+        T, k = idx.shape
+        copies = (x.unsqueeze(1) * p.unsqueeze(-1)).reshape(T * k, -1)  # [T k, H]: what each expert sees
+        ones = torch.ones((T * k, 1), dtype=x.dtype, device=x.device)
+        routed = self.experts(copies, idx.reshape(T * k, 1), ones)  # [T k, H]
+        out = self.shared_expert(x)
+        out.add_(routed.reshape(T, k, -1).sum(dim=1))
+        return out, logits
