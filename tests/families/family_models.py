@@ -17,10 +17,18 @@ MOE_WIDTH = 40  # expert width, not a multiple of 16 on purpose
 EXCLUDE = ("per_tok", "shared", "top", "group", "layer", "capacity")
 
 
+# MoE model types whose experts module predates ``use_experts_implementation`` (Llama-4: the router's scores
+# multiply the experts' inputs; moecompress reads its block as ``interface.ScaledInputMoe``), when installed
+PRE_INTERFACE = ("llama4", "llama4_text")
+
+
 def installed_moe_types() -> list[str]:
-    """Model types whose modeling file wraps an experts class with ``use_experts_implementation``."""
+    """Model types whose modeling file wraps an experts class with ``use_experts_implementation``, and the
+    installed ``PRE_INTERFACE`` types."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
     root = os.path.dirname(transformers.__file__)
-    out = set()
+    out = {t for t in PRE_INTERFACE if t in CONFIG_MAPPING_NAMES}
     for p in glob.glob(os.path.join(root, "models", "*", "modeling_*.py")):
         with open(p, encoding="utf-8") as f:
             if "use_experts_implementation" in f.read():
@@ -59,6 +67,8 @@ def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, An
         sliding_window=8,
     )
     out = {k: v for k, v in want.items() if k in defaults}
+    if defaults.get("num_experts_per_tok") == 1:  # top-1 routers (Llama-4) are part of the structure: kept
+        out["num_experts_per_tok"] = 1
     if "moe_intermediate_size" not in defaults and "intermediate_size" in defaults:
         out["intermediate_size"] = width  # the family keeps its expert width in intermediate_size
     elif "intermediate_size" in defaults:
@@ -105,6 +115,16 @@ _MARKERS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision
             "image_token_index")  # fmt: skip
 
 
+def _uses_mrope(model_type: str) -> bool:
+    """The model type's modeling code reads multimodal rotary sections (Qwen-VL, GLM-4.5V; not Llama-4)."""
+    root = os.path.dirname(transformers.__file__)
+    for p in glob.glob(os.path.join(root, "models", model_type, "modeling_*.py")):
+        with open(p, encoding="utf-8") as f:
+            if "mrope_section" in f.read():
+                return True
+    return False
+
+
 def tiny_config(model_type: str, width: int = MOE_WIDTH):
     defaults = AutoConfig.for_model(model_type).to_dict()
     text = defaults.get("text_config")
@@ -114,7 +134,7 @@ def tiny_config(model_type: str, width: int = MOE_WIDTH):
     vision = defaults.get("vision_config") or {}
     small = text | _overrides(text, width)
     rope = dict(small.get("rope_parameters") or {})
-    if rope:  # multimodal rotary sections (t, h, w) that fit the tiny head: they sum to half the rotary width
+    if rope and _uses_mrope(model_type):  # multimodal rotary sections (t, h, w) fitting the tiny head: half the width
         head = small.get("head_dim") or small["hidden_size"] // small["num_attention_heads"]
         half = int(head * rope.get("partial_rotary_factor", small.get("partial_rotary_factor") or 1.0)) // 2
         small["rope_parameters"] = rope | {"mrope_section": [half - 2 * (half // 4), half // 4, half // 4]}

@@ -47,7 +47,6 @@ REFUSED: dict[str, str] = {
     "kolibri1": "moves a routed tensor on disk",
     "laguna": "correction bias inside the experts",
     "lfm2_moe": "cannot build it",
-    "llama4": "hold no experts module of transformers' experts interface",
     "mimo_v2_flash": "renames a module on disk",
     "minimax_m2": "per-expert tensor outside the router",
     "minimax_m3_vl": "overrides _apply_gate",
