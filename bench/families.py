@@ -70,7 +70,8 @@ def run(types: list[str] | None) -> dict:
 def table(report: dict) -> str:
     rows = [
         f"Measured by `bench/families.py` with transformers {report['transformers']}: of the "
-        f"{report['installed_moe_types']} model types whose experts use `use_experts_implementation`, "
+        f"{report['installed_moe_types']} MoE model types (those whose experts use `use_experts_implementation`, "
+        "and Llama-4's `llama4` / `llama4_text`, whose experts module predates it), "
         f"**{report['supported']} are supported** and {report['all_ops_pass']} pass every check below (tiny model "
         "of each built from its config class, saved by `save_pretrained`; ✓ passes, – refused on purpose in one "
         "line, the line listed under the table, ✗ fails). Columns: `info`; view→write bit-identical; profile "
