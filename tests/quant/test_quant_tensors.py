@@ -213,3 +213,15 @@ def test_nf4_expert_slices_through_bitsandbytes():
     rel = ((deq.float() - w.float()).pow(2).sum() / w.float().pow(2).sum()).item()
     assert rel < 0.02
     assert nf4_nbytes(parts) < w.numel() * 2 / 3  # well under a third of bf16
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_in_row_blocks_equals_one_block(bits, monkeypatch):
+    """pack_int32 / unpack_int32 work a block of rows at a time (bounded int64 temporaries): the same words."""
+    from moecompress.quant import pack
+
+    q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (3, 7, 96), dtype=torch.int8)
+    whole = pack.pack_int32(q, bits)
+    monkeypatch.setattr(pack, "BLOCK_ELEMENTS", 200)  # two rows of 96 codes per block
+    assert torch.equal(pack.pack_int32(q, bits), whole)
+    assert torch.equal(pack.unpack_int32(whole, bits, 96), q)
