@@ -15,9 +15,11 @@ down_proj's Hessian is built from the *quantized* gate/up outputs, h_q = act(Wg_
 width (so down_proj's rounding compensates the error already made upstream); otherwise H_down[e] = h^T h of the
 original weights. Work runs on the device of the capture, one expert at a time (weights are upcast per
 expert). Hessians exist only for a chunk of experts at a time (``hessian_chunk``: a quarter of --max-memory, else
-of the device's free memory), built from the captured layer inputs, which are re-read per chunk; the gate/up
-factorization is computed once per expert and reused across widths, and only the int8 codes and scales of each
-width are kept (on the CPU), never dequantized copies of the layer. Under torchrun, each rank quantizes its share
+of the device's free memory, and at most a quarter of the layer's routed weights), built from the captured layer
+inputs, which are re-read per chunk; the gate/up factorization is computed once per expert and reused across
+widths (and down_proj's, when it does not depend on the width), and only the codes and scales of each width are
+kept (on the CPU; with ``packed``, each expert packed as it is quantized: bits / 8 bytes per weight), never
+dequantized copies of the layer. Under torchrun, each rank quantizes its share
 of the experts (``core.dist.share``) and the rows are exchanged afterwards (``core.dist.fill_rows_``).
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +36,7 @@ from torch import nn
 from moecompress.core import dist
 from moecompress.core.experts import fused_hidden
 from moecompress.quant.gptq import DEFAULT_CLIP, PreparedHessian, gptq_quantize, prepare_hessian
+from moecompress.quant.pack import pack_int32, packed_cols, unpack_int32
 from moecompress.quant.rtn import DEFAULT_CLIP_GRID, dequantize, group_size_for, rtn_quantize
 
 
@@ -144,15 +148,24 @@ class LayerCapture:
 
 
 HESSIAN_MEMORY_FRACTION = 0.25  # of --max-memory, else of the free memory of the job's device
+HESSIAN_LAYER_FRACTION = 0.25  # of the layer's routed weights (as held): Hessians of a chunk stay below this
 
 
 def hessian_chunk(
-    num_experts: int, hidden: int, width: int, with_down: bool, device: torch.device, limit: int | None = None
+    num_experts: int,
+    hidden: int,
+    width: int,
+    with_down: bool,
+    device: torch.device,
+    limit: int | None = None,
+    layer_bytes: int | None = None,
 ) -> int:
-    """How many experts' Hessians (and their factorizations) are held at once: a quarter of ``limit`` (default
-    ``--max-memory``, else the free memory of ``device``: MemAvailable on the CPU, free GPU memory on CUDA)
-    divided by one expert's Hessians, ``(H^2 + I^2) x 4`` bytes (``I^2`` only ``with_down``; the factorizations
-    are made one expert at a time); at least 1, at most ``num_experts``."""
+    """How many experts' Hessians are held at once: a quarter of ``limit`` (default ``--max-memory``, else the
+    free memory of ``device``: MemAvailable on the CPU, free GPU memory on CUDA) and, given ``layer_bytes`` (the
+    layer's routed weights as held), at most a quarter of those, divided by one expert's Hessians, ``(H^2 + I^2)
+    x 4`` bytes (``I^2`` only ``with_down``; the factorizations are made one expert at a time); at least 1, at
+    most ``num_experts``. Small chunks cost nothing on the CPU (every expert's Hessian is summed from the same
+    batches either way); on a GPU each chunk moves the captured inputs to the device once more."""
     from ..core.limits import host_available_bytes, memory_limit
 
     if limit is None:
@@ -163,7 +176,10 @@ def hessian_chunk(
         else:
             limit = host_available_bytes()
     per = 4 * (hidden * hidden + (width * width if with_down else 0))
-    return int(max(1, min(num_experts, (limit * HESSIAN_MEMORY_FRACTION) // per)))
+    budget = limit * HESSIAN_MEMORY_FRACTION
+    if layer_bytes is not None:
+        budget = min(budget, layer_bytes * HESSIAN_LAYER_FRACTION)
+    return int(max(1, min(num_experts, budget // per)))
 
 
 def expert_group_size(hidden: int, width: int) -> int:
@@ -216,6 +232,95 @@ class QuantizedExperts:
             self.down_q, self.down_s, self.g_i, dtype
         )
 
+    def dequantized_expert(self, e: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate_up [2I, H], down [H, I])`` of expert ``e`` as the loader will see them."""
+        return dequantize(self.gate_up_q[e], self.gate_up_s[e], self.g_h, dtype), dequantize(
+            self.down_q[e], self.down_s[e], self.g_i, dtype
+        )
+
+
+class PackedCodes:
+    """One layer's routed-expert codes at one width, packed as they are written (int32 words, ``bits`` per code,
+    compressed-tensors pack-quantized rows): ``bits / 8`` bytes per weight instead of int8 codes' one byte.
+    Packing is row-wise, so an expert's gate rows, up rows and down rows are slices. What ``quantize_layer(...,
+    packed=True)`` fills expert by expert (no int8 copy of the layer) and the measuring pass of an LP plan keeps
+    for the write pass."""
+
+    def __init__(
+        self,
+        bits: int,
+        down_bits: int,
+        g_h: int,
+        g_i: int,
+        gate_up: torch.Tensor,  # [E, 2I, words] int32
+        gate_up_s: torch.Tensor,  # [E, 2I, H / g_h]
+        down: torch.Tensor,  # [E, H, words'] int32
+        down_s: torch.Tensor,  # [E, H, I / g_i]
+        hidden: int,
+        width: int,
+    ):
+        self.bits, self.down_bits, self.g_h, self.g_i = bits, down_bits, g_h, g_i
+        self.gate_up, self.gate_up_s, self.down, self.down_s = gate_up, gate_up_s, down, down_s
+        self.H, self.I = hidden, width
+
+    @classmethod
+    def empty(
+        cls,
+        E: int,
+        hidden: int,
+        width: int,
+        bits: int,
+        down_bits: int,
+        g_h: int,
+        g_i: int,
+        scale_dtype: torch.dtype,
+        gate_up: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> PackedCodes:
+        """Unset codes of ``E`` experts (``gate_up``: packed gate/up codes and scales to share, else new ones)."""
+        H, I = hidden, width
+        gu = gate_up or (
+            torch.empty(E, 2 * I, packed_cols(H, bits), dtype=torch.int32),
+            torch.empty(E, 2 * I, H // g_h, dtype=scale_dtype),
+        )
+        dn = torch.empty(E, H, packed_cols(I, down_bits), dtype=torch.int32)
+        return cls(bits, down_bits, g_h, g_i, *gu, dn, torch.empty(E, H, I // g_i, dtype=scale_dtype), H, I)
+
+    @classmethod
+    def of(cls, qe: QuantizedExperts, gate_up: torch.Tensor | None = None) -> PackedCodes:
+        """``qe`` packed (``gate_up``: its gate/up codes already packed, e.g. shared by per-projection options)."""
+        H, I = qe.down_q.shape[-2], qe.down_q.shape[-1]
+        gu = pack_int32(qe.gate_up_q, qe.bits) if gate_up is None else gate_up  # [E, 2I, words]
+        return cls(
+            qe.bits, qe.dbits, qe.g_h, qe.g_i, gu, qe.gate_up_s, pack_int32(qe.down_q, qe.dbits), qe.down_s, H, I
+        )
+
+    @property
+    def dbits(self) -> int:
+        """down_proj's width."""
+        return self.down_bits
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.gate_up_s, self.down, self.down_s))
+
+    @staticmethod
+    def estimate(num_weights: int, widths: Sequence[Width]) -> int:
+        """Bytes of ``num_weights`` expert weights (2/3 gate/up, 1/3 down) packed at every width of ``widths``
+        (gate/up codes once per gate/up width; scales not counted)."""
+        pairs = [split_width(w) for w in widths]
+        gu = sum(-(-num_weights * 2 * b // 24) for b in dict.fromkeys(b for b, _ in pairs))
+        return gu + sum(-(-num_weights * b // 24) for _, b in pairs)
+
+    def dequantized_expert(self, e: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate_up [2I, H], down [H, I])`` of expert ``e`` as the loader will see them."""
+        return self.weight(e, 0, dtype), self.weight(e, 1, dtype)
+
+    def weight(self, e: int, which: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Expert ``e``'s gate_up [2I, H] (``which`` 0) or down [H, I] (1) dequantized (unpacked where it is)."""
+        if which == 0:
+            return dequantize(unpack_int32(self.gate_up[e], self.bits, self.H), self.gate_up_s[e], self.g_h, dtype)
+        return dequantize(unpack_int32(self.down[e], self.down_bits, self.I), self.down_s[e], self.g_i, dtype)
+
 
 def _expert_out(gu: torch.Tensor, dn: torch.Tensor, act: Callable, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``(h [n, I], f [n, H])`` of one expert (fused gate/up ``gu [2I, H]``) through the one expert kernel."""
@@ -238,7 +343,8 @@ def quantize_layer(
     with_err: bool = True,
     expert_widths: Sequence[Width] | None = None,
     chunk: int | None = None,
-) -> tuple[dict[Width, QuantizedExperts], list[str], torch.Tensor | None]:
+    packed: bool = False,
+) -> tuple[dict[Width, Any], list[str], torch.Tensor | None]:
     """Quantize every routed expert of a layer at every width in ``widths``.
 
     A width is an int (every projection at it) or a per-projection option ``(gate/up bits, down bits)``; gate/up
@@ -250,10 +356,13 @@ def quantize_layer(
     ``weight_dtype``, then float32). ``expert_widths`` (one width per expert, each in ``widths``): expert e is
     quantized at its width only (a bit plan's write); the rows of the other widths' codes are left unset for it.
 
+    ``packed``: the codes are :class:`PackedCodes` (each expert packed as it is quantized: ``bits / 8`` bytes per
+    weight, never an int8 copy of the layer), else :class:`QuantizedExperts` (int8 codes).
+
     Memory: Hessians exist for ``chunk`` experts at a time (default :func:`hessian_chunk`, from ``--max-memory``
-    or the device's free memory), built from the captured inputs per chunk. Under torchrun each rank quantizes
-    the experts of ``dist.share(E)`` and the codes and errors are then exchanged (``dist.fill_rows_``), so every
-    rank returns the whole layer, bit for bit what one process computes.
+    or the device's free memory, and from the layer's size), built from the captured inputs per chunk. Under
+    torchrun each rank quantizes the experts of ``dist.share(E)`` and the codes and errors are then exchanged
+    (``dist.fill_rows_``), so every rank returns the whole layer, bit for bit what one process computes.
     """
     if method not in ("gptq", "rtn"):
         raise ValueError(f"unknown method {method!r}")
@@ -267,22 +376,29 @@ def quantize_layer(
     g_h, g_i = expert_group_sizes(H, I)
     dev = cap.device if cap is not None else torch.device("cpu")
     pairs = {w: split_width(w) for w in widths}
-    gu_codes = {  # one gate/up code tensor per gate/up width, shared by the options that have it
-        bg: (torch.empty(E, I2, H, dtype=torch.int8), torch.empty(E, I2, H // g_h, dtype=scale_dtype))
-        for bg in dict.fromkeys(bg for bg, _ in pairs.values())
-    }
-    out = {
-        w: QuantizedExperts(
-            bg,
-            *gu_codes[bg],
-            torch.empty(E, H, I, dtype=torch.int8),
-            torch.empty(E, H, I // g_i, dtype=scale_dtype),
-            g_h,
-            g_i,
-            None if bd == bg else bd,
-        )
-        for w, (bg, bd) in pairs.items()
-    }
+    out: dict[Width, Any] = {}
+    if packed:
+        gu_packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # gate/up codes once per gate/up width
+        for w, (bg, bd) in pairs.items():
+            out[w] = PackedCodes.empty(E, H, I, bg, bd, g_h, g_i, scale_dtype, gu_packed.get(bg))
+            gu_packed[bg] = out[w].gate_up, out[w].gate_up_s
+        gu_codes = {q.bits: (q.gate_up, q.gate_up_s) for q in out.values()}
+    else:
+        gu_codes = {  # one gate/up code tensor per gate/up width, shared by the options that have it
+            bg: (torch.empty(E, I2, H, dtype=torch.int8), torch.empty(E, I2, H // g_h, dtype=scale_dtype))
+            for bg in dict.fromkeys(bg for bg, _ in pairs.values())
+        }
+        for w, (bg, bd) in pairs.items():
+            out[w] = QuantizedExperts(
+                bg, *gu_codes[bg], torch.empty(E, H, I, dtype=torch.int8),
+                torch.empty(E, H, I // g_i, dtype=scale_dtype), g_h, g_i, None if bd == bg else bd,
+            )  # fmt: skip
+    down_of = {w: (q.down, q.down_s) if packed else (q.down_q, q.down_s) for w, q in out.items()}
+
+    def store(q: torch.Tensor, bits: int) -> torch.Tensor:
+        """One expert's int8 codes as kept: packed (on their device, then moved) or as they are."""
+        return (pack_int32(q, bits) if packed else q).cpu()
+
     err = torch.zeros(E, len(widths), dtype=torch.float64) if (cap is not None and with_err) else None
     counts = cap.counts.tolist() if cap is not None else [0] * E
     gptq_e = [method == "gptq" and counts[e] >= min_tokens for e in range(E)]
@@ -313,7 +429,7 @@ def quantize_layer(
         mine_w = [w for w in widths if expert_widths is None or expert_widths[e] == w]
         for bg in dict.fromkeys(pairs[w][0] for w in mine_w):  # gate/up once per width, then each down width
             q1, s1 = quantize_one(gu, bg, g_h, ph_gu)
-            gu_codes[bg][0][e], gu_codes[bg][1][e] = q1.cpu(), s1.cpu()
+            gu_codes[bg][0][e], gu_codes[bg][1][e] = store(q1, bg), s1.cpu()
             gu_q = dequantize(q1, s1, g_h, weight_dtype).float()
             hq = None
             if xe is not None:
@@ -324,8 +440,7 @@ def quantize_layer(
             for w in (w for w in mine_w if pairs[w][0] == bg):
                 j = widths.index(w)
                 q2, s2 = quantize_one(dn, pairs[w][1], g_i, ph_dn)
-                qe = out[w]
-                qe.down_q[e], qe.down_s[e] = q2.cpu(), s2.cpu()
+                down_of[w][0][e], down_of[w][1][e] = store(q2, pairs[w][1]), s2.cpu()
                 if err is not None and xe.shape[0]:
                     dn_q = dequantize(q2, s2, g_i, weight_dtype).float()
                     d = (nn.functional.linear(hq, dn_q) - ref) * pe.unsqueeze(-1)
@@ -334,7 +449,8 @@ def quantize_layer(
     # this rank's experts (all of them in one process), their Hessians built chunk by chunk within the memory bound
     mine = list(dist.share(E))
     if chunk is None:
-        chunk = hessian_chunk(E, H, I, not opts.sequential, dev) if cap is not None else E
+        held = gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
+        chunk = hessian_chunk(E, H, I, not opts.sequential, dev, layer_bytes=held) if cap is not None else E
     for c0 in range(0, len(mine), max(1, chunk)):
         ids = mine[c0 : c0 + max(1, chunk)]
         hs = [e for e in ids if gptq_e[e]]
@@ -348,7 +464,7 @@ def quantize_layer(
             k = hs.index(e) if e in hs else None
             one_expert(e, None if k is None else h_gu[k], None if (k is None or h_dn is None) else h_dn[k])
         del h_gu, h_dn
-    for t in [t for c in gu_codes.values() for t in c] + [t for qe in out.values() for t in (qe.down_q, qe.down_s)]:
+    for t in [t for c in gu_codes.values() for t in c] + [t for d in down_of.values() for t in d]:
         dist.fill_rows_(t, E)  # every rank gets every expert's codes (a no-op in one process)
     if err is not None:
         dist.fill_rows_(err, E)

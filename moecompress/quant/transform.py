@@ -32,38 +32,23 @@ import numpy as np
 import torch
 
 from ..core.engine import Engine, LayerContext, Transform
+from ..core.experts import routed_forward
+from ..core.interface import observing
 from .ctformat import quantization_config
-from .layer import GPTQOptions, LayerCapture, QuantizedExperts, Width, expert_group_sizes, quantize_layer, split_width
+from .layer import (
+    GPTQOptions,
+    LayerCapture,
+    PackedCodes,
+    QuantizedExperts,
+    Width,
+    expert_group_sizes,
+    quantize_layer,
+    split_width,
+)
 from .pack import pack_int32
-from .rtn import SUPPORTED_BITS, dequantize, group_size_for, rtn_quantize
+from .rtn import SUPPORTED_BITS, group_size_for, rtn_quantize
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-
-
-class PackedCodes:
-    """One layer's routed-expert codes at one width, packed as they are written (int32 words, ``bits`` per code):
-    what the measuring pass of an LP plan keeps for the write pass, ``bits / 8`` bytes per weight instead of the
-    int8 codes' one byte. Packing is row-wise, so an expert's gate rows, up rows and down rows are slices."""
-
-    def __init__(self, qe: QuantizedExperts, gate_up: torch.Tensor | None = None):
-        """``gate_up``: the gate/up codes already packed (per-projection options share them), else packed here."""
-        self.bits, self.down_bits, self.g_h, self.g_i = qe.bits, qe.dbits, qe.g_h, qe.g_i
-        self.I, self.H = qe.down_q.shape[-1], qe.down_q.shape[-2]
-        self.gate_up = pack_int32(qe.gate_up_q, qe.bits) if gate_up is None else gate_up  # [E, 2I, words]
-        self.gate_up_s = qe.gate_up_s  # [E, 2I, G]
-        self.down, self.down_s = pack_int32(qe.down_q, qe.dbits), qe.down_s  # [E, H, words], [E, H, G']
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.gate_up_s, self.down, self.down_s))
-
-    @staticmethod
-    def estimate(num_weights: int, widths: Sequence[Width]) -> int:
-        """Bytes of ``num_weights`` expert weights (2/3 gate/up, 1/3 down) packed at every width of ``widths``
-        (gate/up codes once per gate/up width; scales not counted)."""
-        pairs = [split_width(w) for w in widths]
-        gu = sum(-(-num_weights * 2 * b // 24) for b in dict.fromkeys(b for b, _ in pairs))
-        return gu + sum(-(-num_weights * b // 24) for _, b in pairs)
 
 
 def scale_dtype_for(config: Any) -> torch.dtype:
@@ -181,7 +166,7 @@ class QuantTransform(Transform):
                 cap = capture_layer(ctx, self.method == "gptq" and not self.opts.sequential, self.opts.weighted)
             codes, used, err = quantize_layer(
                 gu, dn, ctx.experts.act_fn, uniq, self.method, cap, self.min_tokens, self.scale_dtype,
-                self.weight_dtype, self.opts, self.with_err, expert_widths=None if len(uniq) == 1 else ws,
+                self.weight_dtype, self.opts, self.with_err, expert_widths=None if len(uniq) == 1 else ws, packed=True,
             )  # fmt: skip
         self.layers[l] = {
             "bits": ws, "used": used, "H": gu.shape[2], "I": dn.shape[2],
@@ -193,11 +178,8 @@ class QuantTransform(Transform):
         if self.propagate:  # the block holds what the loader will see: the next layer is calibrated on it
             with torch.no_grad():
                 for e, b in enumerate(ws):
-                    qe = codes[b]
-                    ctx.experts.gate_up_proj[e] = dequantize(
-                        qe.gate_up_q[e], qe.gate_up_s[e], qe.g_h, self.weight_dtype
-                    )
-                    ctx.experts.down_proj[e] = dequantize(qe.down_q[e], qe.down_s[e], qe.g_i, self.weight_dtype)
+                    gq, dq = codes[b].dequantized_expert(e, self.weight_dtype)
+                    ctx.experts.gate_up_proj[e], ctx.experts.down_proj[e] = gq, dq
 
     def packed(
         self, ctx: LayerContext, codes: Mapping[Width, QuantizedExperts | PackedCodes], ws: list[Width]
@@ -365,7 +347,7 @@ class MeasureTransform(Transform):
         self.counts: dict[int, np.ndarray] = {}  # [E]
         self.max_abs: dict[int, np.ndarray] = {}  # [E]
         self.used: dict[int, list[str]] = {}
-        self._codes: dict[int, QuantizedExperts] = {}
+        self._codes: dict[int, PackedCodes] = {}
         self._base: torch.Tensor | None = None  # the probe batch through the exact model
         self._states: dict[tuple[int, int], torch.Tensor] = {}  # (layer, bits) -> probe batch, layer at bits
 
@@ -380,18 +362,14 @@ class MeasureTransform(Transform):
         cap = capture_layer(ctx, self.method == "gptq" and not self.opts.sequential, self.opts.weighted)
         codes, used, err = quantize_layer(
             gu, dn, ctx.experts.act_fn, self.widths, self.method, cap, self.min_tokens, self.scale_dtype,
-            self.weight_dtype, self.opts, True,
+            self.weight_dtype, self.opts, True, packed=True,
         )  # fmt: skip
         l = ctx.index
         self.used[l], self.counts[l], self.max_abs[l] = used, cap.counts.numpy(), cap.max_abs.numpy()
         self.err[l] = err.numpy() if err is not None else np.zeros((gu.shape[0], len(self.widths)))
         self._codes = {b: codes[w] for b, w in self._probe.items()}
-        if self.codes is not None:
-            gu = {}  # gate/up codes packed once per gate/up width
-            for w, q in codes.items():
-                p = PackedCodes(q, gu.get(q.bits))
-                gu[q.bits] = p.gate_up
-                self.codes[(l, w)] = p
+        if self.codes is not None:  # packed as written (gate/up codes shared by the options that have them)
+            self.codes.update({(l, w): q for w, q in codes.items()})
 
     @torch.no_grad()
     def probe_layer(self, ctx: LayerContext) -> None:
@@ -408,14 +386,10 @@ class MeasureTransform(Transform):
         new = {}
         if ctx.is_moe:
             ex = ctx.experts
-            for b, qe in self._codes.items():
-                orig = ex.gate_up_proj.detach().clone(), ex.down_proj.detach().clone()
-                gq, dq = qe.dequantized(self.weight_dtype)
-                ex.gate_up_proj.copy_(gq)
-                ex.down_proj.copy_(dq)
-                new[(ctx.index, b)] = run(self._base)
-                ex.gate_up_proj.copy_(orig[0])
-                ex.down_proj.copy_(orig[1])
+            for b, qe in self._codes.items():  # the block's experts at b bits, dequantized per hit expert
+                gu, dn = _Dequantized(qe, 0, self.weight_dtype), _Dequantized(qe, 1, self.weight_dtype)
+                with observing(ex, lambda h, i, w, gu=gu, dn=dn: routed_forward(gu, dn, ex.act_fn, h, i, w)):
+                    new[(ctx.index, b)] = run(self._base)
             self._codes = {}
         self._base = run(self._base)
         self._states = {k: run(h) for k, h in self._states.items()}
@@ -426,6 +400,18 @@ class MeasureTransform(Transform):
         if self._base is None:
             return None
         return probe_kl(self._base, self._states, engine.stream.head)
+
+
+class _Dequantized:
+    """The fused gate_up (``which`` 0) or down_proj (1) of packed codes as ``routed_forward`` indexes them: expert
+    ``e``'s weights dequantized when it is hit, so no layer-sized copy exists."""
+
+    def __init__(self, qe: PackedCodes, which: int, dtype: torch.dtype):
+        self.qe, self.which, self.dtype = qe, which, dtype
+        self.shape = (qe.gate_up.shape[0],)
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return self.qe.weight(e, self.which, self.dtype)
 
 
 @torch.no_grad()

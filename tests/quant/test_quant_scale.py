@@ -180,7 +180,7 @@ def test_lp_code_cache_is_packed_and_bounded_by_max_memory():
     n = 3 * 3 * 32 * 64  # expert weights of the layer
     scales = sum(t.numel() * 2 for t in (codes[2].gate_up_s, codes[2].down_s))
     for b, qe in codes.items():
-        p = PackedCodes(qe)
+        p = PackedCodes.of(qe)
         assert p.nbytes == n * b // 8 + scales  # bits / 8 bytes per weight (int8 codes: one byte)
     assert PackedCodes.estimate(n, (2, 3, 4, 8)) == n * 17 // 8
     try:
@@ -205,3 +205,42 @@ def test_quantize_takes_max_memory_and_refuses_bad_sizes(tmp_path):
     assert res.exit_code == 2 and "--max-memory" in res.output
     assert not (tmp_path / "q").exists()
     limits.set_memory_limit(None)
+
+
+@pytest.mark.parametrize("widths", [(2, 3, 4, 8), ((2, 2), (2, 4), (4, 8))])
+def test_packed_codes_are_the_int8_codes_packed_expert_by_expert(widths):
+    """quantize_layer(packed=True) packs each expert as it is quantized (no int8 copy of the layer): the same
+    codes, scales and errors as the int8 path, gate/up packed once per gate/up width."""
+    from moecompress.quant.layer import PackedCodes
+
+    cap, gu, dn = _capture(seed=2, E=4, H=64, I=32)
+    kw = {"opts": GPTQOptions(), "chunk": 2}
+    plain, used, err = quantize_layer(gu, dn, torch.nn.functional.silu, widths, "gptq", cap, 4, torch.bfloat16, **kw)
+    packed, used2, err2 = quantize_layer(
+        gu, dn, torch.nn.functional.silu, widths, "gptq", cap, 4, torch.bfloat16, packed=True, **kw
+    )
+    assert used == used2 and torch.equal(err, err2)
+    for w in widths:
+        want, got = PackedCodes.of(plain[w]), packed[w]
+        assert isinstance(got, PackedCodes) and (got.bits, got.dbits) == (want.bits, want.dbits)
+        for name in ("gate_up", "gate_up_s", "down", "down_s"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (w, name)
+        for e in range(4):
+            for a, b in zip(got.dequantized_expert(e), plain[w].dequantized_expert(e), strict=True):
+                assert torch.equal(a, b)
+    if isinstance(widths[0], tuple):
+        assert packed[(2, 2)].gate_up is packed[(2, 4)].gate_up  # gate/up quantized and packed once per width
+
+
+def test_hessian_chunk_is_bounded_by_the_layer_size():
+    from moecompress.quant.layer import HESSIAN_LAYER_FRACTION, hessian_chunk
+
+    E, H, I = 128, 2048, 768
+    layer = E * 3 * I * H * 2  # bf16
+    per = 4 * H * H
+    cpu = torch.device("cpu")
+    assert hessian_chunk(E, H, I, False, cpu, limit=10**12) == E  # the memory bound alone: the whole layer
+    n = hessian_chunk(E, H, I, False, cpu, limit=10**12, layer_bytes=layer)
+    assert n == int(layer * HESSIAN_LAYER_FRACTION // per) and n * per <= layer * HESSIAN_LAYER_FRACTION
+    assert hessian_chunk(E, H, I, False, cpu, limit=8 * per, layer_bytes=layer) == 2  # --max-memory still binds
+    assert hessian_chunk(E, 7168, 2048, True, cpu, limit=10**12, layer_bytes=10**6) == 1  # at least one expert
