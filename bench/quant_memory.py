@@ -17,6 +17,15 @@ bounds (Hessians for a chunk of experts at a time). Each row runs in a fresh int
 are compared with the first's. Writes reports/quant_memory.layer.json + .md.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/quant_memory.py --layer --hidden 1024 --experts 128 --width 384
+
+``--peaks CASE``: where the memory of one ``moecompress quantize`` run goes. The case's synthetic bf16 checkpoint
+(bench/scale_bench.py CASES, e.g. qwen3-30b-layer) is generated, the command (``--argv``, default a uniform 4-bit
+GPTQ) runs in a fresh process whose side thread samples VmRSS every 20 ms together with the main thread's
+moecompress call stack; the report lists the largest RSS seen in each innermost moecompress function (the stage)
+and the peak (VmHWM). Writes reports/quant_memory.peaks.<case>.<label>.json + .md (``--label``).
+
+    flock /tmp/moec_big.lock env OMP_NUM_THREADS=1 .venv/bin/python bench/quant_memory.py --peaks qwen3-30b-layer \
+        --argv "quantize --bits 3" --label lp
 """
 
 from __future__ import annotations
@@ -194,6 +203,102 @@ def layer_bench(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+_PEAKS_CHILD = r"""
+import json, os, sys, threading, time
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+main_id = threading.main_thread().ident
+seen, order, done = {}, [], []
+def stack():
+    f = sys._current_frames().get(main_id)
+    names = []
+    while f is not None:
+        fn = f.f_code.co_filename
+        if "/moecompress/" in fn:
+            names.append(fn.split("/moecompress/")[-1][:-3] + "." + f.f_code.co_name)
+        f = f.f_back
+    return " < ".join(names[:3]) or "(imports / outside moecompress)"
+def sample():
+    while not done:
+        k, r = stack(), status("VmRSS:")
+        if k not in seen:
+            order.append(k)
+        seen[k] = max(seen.get(k, 0), r)
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
+from moecompress.cli.main import app
+t0, c0 = time.time(), os.times()
+code = 0
+try:
+    app(sys.argv[1:], standalone_mode=False)
+except SystemExit as e:
+    code = int(e.code or 0)
+done.append(1)
+c1 = os.times()
+print(json.dumps({"code": code, "peak_rss": status("VmHWM:"), "wall_s": round(time.time() - t0, 1),
+                  "cpu_s": round(c1.user - c0.user + c1.system - c0.system, 1),
+                  "stages": [[k, seen[k]] for k in order]}))
+"""
+
+
+def peaks_bench(args: argparse.Namespace) -> None:
+    """RSS per stage of one quantize run on a synthetic case (see --peaks)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profile_bench import synthetic_checkpoint
+    from scale_bench import CASES
+
+    L, H, E, I, k = CASES[args.peaks]
+    work = Path(tempfile.mkdtemp(prefix="quant-peaks-", dir=args.work))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MOECOMPRESS_QUIET": "1"}
+    try:
+        model = work / args.peaks
+        size = synthetic_checkpoint(model, L, H, E, I, k)
+        argv = args.argv.split()
+        cmd = [argv[0], str(model), *argv[1:], "-o", str(work / "out"), "--samples", str(args.samples), "--seq-len",
+               str(args.seq_len), "--device", "cpu"]  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", _PEAKS_CHILD, *cmd], capture_output=True, text=True, env=env)
+        lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
+        if out.returncode or not lines:
+            raise RuntimeError(out.stderr[-3000:])
+        r = json.loads(lines[-1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    layer = E * 3 * I * H * 2
+    res = {
+        "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/quant_memory.py" + "".join(f" {a!r}" if " " in a
+                                                                                  else f" {a}" for a in sys.argv[1:]),
+        "case": args.peaks, "shape": {"layers": L, "hidden": H, "experts": E, "width": I, "top_k": k},
+        "argv": args.argv, "tokens": args.samples * args.seq_len, "checkpoint_bytes": size,
+        "routed_layer_bf16_bytes": layer, "commit": subprocess.run(
+            ["git", "log", "-1", "--format=%h"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        **r,
+    }  # fmt: skip
+    lines = [
+        f"# Peak RSS per stage: `{args.argv}` on {args.peaks}",
+        "",
+        f"Command: `{res['command']}` (commit {res['commit']}).  ",
+        f"Case {args.peaks}: {L} layer(s), H {H}, E {E}, I {I}, top-{k}; one routed layer {mib(layer)} MiB in bf16; "
+        f"{res['tokens']:,} calibration tokens; one thread. RSS sampled every 20 ms with the main thread's innermost "
+        "moecompress frames (the stage); peak = VmHWM of the process.",
+        "",
+        f"Peak {mib(r['peak_rss'])} MiB = {r['peak_rss'] / layer:.2f}x the routed layer; {r['cpu_s']} CPU s, "
+        f"{r['wall_s']} s wall; exit {r['code']}.",
+        "",
+        "| stage (innermost moecompress frames) | max RSS MiB | x layer |",
+        "|---|---:|---:|",
+    ]
+    top = sorted(r["stages"], key=lambda x: -x[1])[: args.top]
+    for key, v in top:
+        lines.append(f"| {key} | {mib(v)} | {v / layer:.2f} |")
+    lines.append("")
+    rep = Path(args.report_dir)
+    rep.mkdir(parents=True, exist_ok=True)
+    stem = rep / f"quant_memory.peaks.{args.peaks}.{args.label}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -282,7 +387,17 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--limits-mib", default="1024,128", help="--max-memory of the 'after' rows (MiB)")
     ap.add_argument("--before-rev", default="de10cf3", help="commit whose quant/layer.py is the 'before'")
+    ap.add_argument("--peaks", default=None, help="a bench/scale_bench.py case: RSS per stage of one quantize run")
+    ap.add_argument("--argv", default="quantize --bits 4 --plan uniform", help="--peaks: the command (no MODEL)")
+    ap.add_argument("--label", default="gptq", help="--peaks: report name suffix")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--top", type=int, default=25, help="--peaks: stages listed")
+    ap.add_argument("--work", default=None, help="--peaks: folder for the synthetic checkpoint")
     args = ap.parse_args()
+    if args.peaks:
+        peaks_bench(args)
+        return
     if args.layer:
         layer_bench(args)
         return
