@@ -202,3 +202,14 @@ def test_the_llama4_wrapper_is_read_through_its_language_model(tmp_path, tokeniz
     r = run_checks("llama4", tmp_path, tokenizer_dir, ops=("view_write", "profile", "prune", "load"))
     assert r["nest"] == ["language_model.model", "language_model.lm_head"], r
     assert r["ops"] == {"open": "ok", "view_write": "ok", "profile": "ok", "prune": "ok", "load": "ok"}, r
+    src, out = load_file(str(tmp_path / "llama4" / "model.safetensors")), {}
+    for f in sorted((tmp_path / "llama4-out" / "pruned").glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    others = [k for k in src if not k.startswith("language_model.")]
+    assert others and all(torch.equal(src[k], out[k]) and src[k].dtype == out[k].dtype for k in others)
+    before = json.loads((tmp_path / "llama4" / "config.json").read_text())
+    after = json.loads((tmp_path / "llama4-out" / "pruned" / "config.json").read_text())
+    assert after["text_config"]["num_local_experts"] == before["text_config"]["num_local_experts"] - 2
+    assert {k: v for k, v in after.items() if k != "text_config"} == {
+        k: v for k, v in before.items() if k != "text_config"
+    }
