@@ -16,18 +16,35 @@ import torch
 from ..core.families import MoEWeights
 
 
-def slice_uniform(w: MoEWeights, keep: torch.Tensor) -> MoEWeights:
-    """keep: [E, K] channel indices per expert -> gate/up [E, K, H], down [E, H, K]; router unchanged."""
+def slice_uniform(w: MoEWeights, keep: torch.Tensor, down_dtype: torch.dtype | None = None) -> MoEWeights:
+    """keep: [E, K] channel indices per expert -> gate/up [E, K, H] (the two halves of one [E, 2K, H] tensor:
+    ``fused_gate_up`` returns it without a copy), down [E, H, K] (in ``down_dtype``, default that of ``w.down``);
+    router unchanged. Filled one expert at a time: no temporary the size of the layer."""
     E, K = keep.shape
-    H = w.gate.shape[2]
-    rows = keep[:, :, None].expand(E, K, H)  # [E, K, H]
-    cols = keep[:, None, :].expand(E, w.down.shape[1], K)  # [E, H, K]
-    return replace(
-        w,
-        gate=torch.gather(w.gate, 1, rows).contiguous(),
-        up=torch.gather(w.up, 1, rows).contiguous(),
-        down=torch.gather(w.down, 2, cols).contiguous(),
+    H, Hd = w.gate.shape[2], w.down.shape[1]
+    gate_up = torch.empty(E, 2 * K, H, dtype=w.gate.dtype, device=w.gate.device)  # [E, 2K, H]
+    down = torch.empty(E, Hd, K, dtype=down_dtype or w.down.dtype, device=w.down.device)  # [E, H, K]
+    for e in range(E):
+        k = keep[e].to(w.gate.device)
+        gate_up[e, :K] = w.gate[e].index_select(0, k)
+        gate_up[e, K:] = w.up[e].index_select(0, k)
+        down[e] = w.down[e].index_select(1, k.to(w.down.device))
+    return replace(w, gate=gate_up[:, :K], up=gate_up[:, K:], down=down)
+
+
+def fused_gate_up(w: MoEWeights) -> torch.Tensor:
+    """The fused gate_up [E, 2I, H] (gate rows first) of a view: the memory ``w.gate`` and ``w.up`` already share
+    when they are the two halves of one contiguous [E, 2I, H] tensor (a block's own ``gate_up_proj``, or
+    ``slice_uniform``'s result), no copy; else their concatenation."""
+    g, u = w.gate, w.up
+    E, I, H = g.shape
+    halves = (
+        g.dtype == u.dtype
+        and g.device == u.device
+        and g.stride() == u.stride() == (2 * I * H, H, 1)
+        and u.data_ptr() == g.data_ptr() + I * H * g.element_size()
     )
+    return g.as_strided((E, 2 * I, H), (2 * I * H, H, 1)) if halves else torch.cat([g, u], dim=1)
 
 
 @dataclass
@@ -48,24 +65,25 @@ class ExactLayer:
         return [g.shape[0] for g in self.gate]
 
 
-def slice_exact(w: MoEWeights, keep: list[torch.Tensor]) -> ExactLayer:
-    """keep: per expert ascending channel indices (may be empty). Empty experts leave routing."""
+def slice_exact(w: MoEWeights, keep: list[torch.Tensor], down_dtype: torch.dtype | None = None) -> ExactLayer:
+    """keep: per expert ascending channel indices (may be empty). Empty experts leave routing. Downs in
+    ``down_dtype`` (default that of ``w.down``)."""
     kept = [e for e, k in enumerate(keep) if k.numel() > 0]
     idx = torch.tensor(kept, dtype=torch.long)
-    sub = w.select(idx)
+    pick = lambda t: None if t is None else t.index_select(0, idx.to(t.device))  # noqa: E731
     gates, ups, downs = [], [], []
-    for new, old in enumerate(kept):
+    for old in kept:  # one expert at a time: no copy of the kept experts' whole weights
         k = keep[old].long()
-        gates.append(sub.gate[new].index_select(0, k).contiguous())  # [K_e, H]
-        ups.append(sub.up[new].index_select(0, k).contiguous())  # [K_e, H]
-        downs.append(sub.down[new].index_select(1, k).contiguous())  # [H, K_e]
+        gates.append(w.gate[old].index_select(0, k).contiguous())  # [K_e, H]
+        ups.append(w.up[old].index_select(0, k).contiguous())  # [K_e, H]
+        downs.append(w.down[old].index_select(1, k).to(down_dtype or w.down.dtype).contiguous())  # [H, K_e]
     return ExactLayer(
         gate=gates,
         up=ups,
         down=downs,
-        router=sub.router,
-        router_bias=sub.router_bias,
-        correction_bias=sub.correction_bias,
+        router=pick(w.router),
+        router_bias=pick(w.router_bias),
+        correction_bias=pick(w.correction_bias),
         kept_experts=kept,
         kept_channels=[keep[e].tolist() for e in kept],
     )

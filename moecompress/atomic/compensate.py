@@ -12,7 +12,7 @@ Memory: the layer's fit tokens [<= fit_tokens, H] and [T, I] activations of one 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,7 +22,7 @@ from ..core.experts import Act, expert_hidden, routed_forward
 from ..core.families import MoEWeights
 from ..merge.refit import lstsq_down
 from ..prune.order import route
-from .apply import ExactLayer, pad_exact, padded_width, slice_exact, slice_uniform
+from .apply import ExactLayer, fused_gate_up, pad_exact, padded_width, slice_exact, slice_uniform
 
 ERROR_TOKENS = 2048  # calibration tokens on which each layer's routed-output error is reported (manifest)
 
@@ -124,16 +124,30 @@ def refit_expert_downs(
         holdout: every holdout-th token is left out of the fit and checks it; an expert whose refit is worse there
             than plain slicing keeps its sliced columns (0: fit on every token, no check).
     """
+    return [d for _, d in iter_refit_downs(x, weights, w, keep, act, ridge, holdout, experts)]
+
+
+def iter_refit_downs(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    w: MoEWeights,
+    keep: list[torch.Tensor],
+    act: Act,
+    ridge: float = 1e-3,
+    holdout: int = 4,
+    experts: Iterable[int] | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``refit_expert_downs`` one expert at a time: yields (expert, its down projection [H, K_e]) in expert order,
+    so a caller can store each where it belongs and hold no list of them."""
     check = torch.zeros(x.shape[0], dtype=torch.bool)
     if holdout > 1:
         check[::holdout] = True
-    out = []
     todo = set(range(len(keep)) if experts is None else experts)
     for e, k in enumerate(keep):
         k = k.long()
         kept_down = w.down[e][:, k]  # [H, K_e]
         if k.numel() == 0 or e not in todo:
-            out.append(kept_down)
+            yield e, kept_down
             continue
         fitted = refit_down(x[~check], weights[~check, e], w, e, k, act, ridge)
         if holdout > 1:
@@ -144,8 +158,7 @@ def refit_expert_downs(
             err_fit, err_cut = (float((pv * (h @ d.float().T - target)).pow(2).sum()) for d in (fitted, kept_down))
             if err_fit > err_cut:
                 fitted = kept_down
-        out.append(fitted)
-    return out
+        yield e, fitted
 
 
 def with_downs(pruned: MoEWeights | ExactLayer, downs: list[torch.Tensor]) -> MoEWeights | ExactLayer:
@@ -158,18 +171,31 @@ def with_downs(pruned: MoEWeights | ExactLayer, downs: list[torch.Tensor]) -> Mo
     return replace(pruned, down=torch.stack([d.to(dt) for d in downs]))
 
 
+def routed_output(x: torch.Tensor, v: MoEWeights | ExactLayer, spec: Any, act: Act) -> torch.Tensor:
+    """The routed output [T, H] of a layer (an exact layer zero-padded) on x [T, H]: its router's top-k, its experts
+    (the fused gate_up read in place where gate and up are its halves; weights upcast per expert)."""
+    p = pad_exact(v, padded_width(v.widths)) if isinstance(v, ExactLayer) else v
+    logits = x @ p.router.T + (p.router_bias if p.router_bias is not None else 0.0)
+    wk, idx = route(logits, spec, None, p.correction_bias)  # [T, k]
+    return routed_forward(fused_gate_up(p), p.down, act, x, idx, wk)
+
+
+def relative_error(y: torch.Tensor, y0: torch.Tensor) -> float:
+    """sum ||y - y0||^2 / sum ||y0||^2 (routed outputs [T, H])."""
+    return float((y - y0).double().pow(2).sum() / y0.double().pow(2).sum().clamp_min(1e-30))
+
+
 def routed_error(x: torch.Tensor, w: MoEWeights, pruned: MoEWeights | ExactLayer, spec: Any, act: Act) -> float:
     """sum ||y'(x) - y(x)||^2 / sum ||y(x)||^2 of the routed outputs of the pruned layer vs the unpruned one on x."""
-
-    def y(v: MoEWeights) -> torch.Tensor:
-        logits = x @ v.router.T + (v.router_bias if v.router_bias is not None else 0.0)
-        wk, idx = route(logits, spec, None, v.correction_bias)  # [T, k]
-        return routed_forward(torch.cat([v.gate, v.up], dim=1), v.down, act, x, idx, wk)
-
-    p = pad_exact(pruned, padded_width(pruned.widths)) if isinstance(pruned, ExactLayer) else pruned
-    y0 = y(w)
-    return float((y(p) - y0).double().pow(2).sum() / y0.double().pow(2).sum().clamp_min(1e-30))
+    y0 = routed_output(x, w, spec, act)
+    return relative_error(routed_output(x, pruned, spec, act), y0)
 
 
-def slice_layer(w: MoEWeights, keep: list[torch.Tensor], layout: str) -> MoEWeights | ExactLayer:
-    return slice_uniform(w, torch.stack(keep)) if layout == "uniform" else slice_exact(w, keep)
+def slice_layer(
+    w: MoEWeights, keep: list[torch.Tensor], layout: str, down_dtype: torch.dtype | None = None
+) -> MoEWeights | ExactLayer:
+    """The layer with each expert's ``keep`` channels (uniform: one width; exact: per-expert widths), its downs in
+    ``down_dtype`` (default that of ``w.down``)."""
+    if layout == "uniform":
+        return slice_uniform(w, torch.stack(keep), down_dtype)
+    return slice_exact(w, keep, down_dtype)

@@ -22,6 +22,8 @@ routed experts: a later stage would see (and write) the zero-padded block.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,11 +38,12 @@ from .compensate import (
     ERROR_TOKENS,
     Refit,
     dense_routing,
+    iter_refit_downs,
     refit_dtype,
     refit_expert_downs,
-    routed_error,
+    relative_error,
+    routed_output,
     slice_layer,
-    with_downs,
 )
 from .heapr import top_channels
 
@@ -89,20 +92,24 @@ def split_refit(
     act: Any,
     ridge: float,
     holdout: int,
-) -> list[torch.Tensor]:
-    """``refit_expert_downs`` with the experts split across torchrun ranks (dist.share), then every rank gets every
-    expert's refitted columns (exact); one process refits them all."""
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(expert, refitted down [H, K_e]) for every expert in order (``iter_refit_downs``), with the experts split
+    across torchrun ranks (dist.share), then every rank gets every expert's refitted columns (exact); one process
+    refits them all, one expert at a time."""
     E = len(keep)
     if dist.world() == 1:
-        return refit_expert_downs(x, weights, w, keep, act, ridge, holdout)
+        yield from iter_refit_downs(x, weights, w, keep, act, ridge, holdout)
+        return
     mine = dist.share(E)
     downs = refit_expert_downs(x, weights, w, keep, act, ridge, holdout, experts=mine)
     widths = [int(k.numel()) for k in keep]
     buf = torch.zeros(E, w.down.shape[1], max(widths, default=0), dtype=refit_dtype(w.down.dtype))  # [E, H, K_max]
     for e in mine:
         buf[e, :, : widths[e]] = downs[e]
+    del downs
     dist.fill_rows_(buf, E)
-    return [buf[e, :, : widths[e]].clone() for e in range(E)]
+    for e in range(E):
+        yield e, buf[e, :, : widths[e]]
 
 
 class AtomTransform(Transform):
@@ -202,27 +209,16 @@ class AtomTransform(Transform):
         fam, l = ctx.engine.fam, ctx.index
         w = held_weights(ctx)  # [E, I, H] ... the block's own tensors (routed experts maybe bf16: upcast per expert)
         E, I, H = w.gate.shape
-        act = ctx.experts.act_fn
         x = None
         if self.wants_inputs:
             x = torch.cat([t.cpu() for t in ctx.inputs]).float()  # [T, H]
         keep = self._kept(ctx, w, x)
-        sliced = slice_layer(w, keep, self.atom_layout)
-        pruned = sliced
-        if self.refit is not None:
+        if self.refit is None:
+            pruned = slice_layer(w, keep, self.atom_layout)
+        else:
             assert x is not None
-            fit = self.refit.fit_tokens
-            x = x[:: max(1, x.shape[0] // fit)][:fit]
-            logits = x @ w.router.T + (w.router_bias if w.router_bias is not None else 0.0)  # [T, E]
-            weights = dense_routing(logits, self.spec, w.correction_bias)
-            downs = split_refit(x, weights, w, keep, act, self.refit.ridge, self.refit.holdout)
-            pruned = with_downs(sliced, downs)
-            xe = x[:: max(1, x.shape[0] // ERROR_TOKENS)][:ERROR_TOKENS]  # the diagnostic needs few tokens
-            self.errors[str(l)] = {
-                "sliced": round(routed_error(xe, w, sliced, self.spec, act), 6),
-                "refit": round(routed_error(xe, w, pruned, self.spec, act), 6),
-            }
-        ctx.replace(self._cast(ctx, fam.write_layer(pruned, l)))
+            pruned = self._refitted(ctx, w, x, keep)
+        del w, x
         self._record(ctx, keep, E, I, H)
         if isinstance(pruned, ExactLayer) and len(pruned.kept_experts) < E:
             src = ctx.extra.get(EXPERTS) or list(range(E))
@@ -230,8 +226,39 @@ class AtomTransform(Transform):
         if self.sequential:
             now = pad_exact(pruned, padded_width(pruned.widths)) if isinstance(pruned, ExactLayer) else pruned
             dev = ctx.engine.device
+            ctx.experts.gate_up_proj = ctx.experts.down_proj = None  # the unpruned experts go before the pruned come
             set_block_experts(ctx.block, fam, MoEWeights(*(None if t is None else t.to(dev) for t in (
                 now.gate, now.up, now.down, now.router, now.router_bias, now.correction_bias))), l)  # fmt: skip
+            if not isinstance(pruned, ExactLayer) and dev == pruned.gate.device:  # write the block's own tensors
+                gate_up, K = ctx.experts.gate_up_proj.data, pruned.gate.shape[1]
+                pruned = replace(pruned, gate=gate_up[:, :K], up=gate_up[:, K:], down=ctx.experts.down_proj.data)
+            del now
+        ctx.replace(self._cast(ctx, fam.write_layer(pruned, l)))
+
+    def _refitted(self, ctx: LayerContext, w: MoEWeights, x: torch.Tensor, keep: list[torch.Tensor]) -> Any:
+        """The sliced layer with each expert's kept down_proj columns refitted (held in float32), filled one expert
+        at a time; records the routed-output errors of the sliced and the refitted layer."""
+        assert self.refit is not None
+        act = ctx.experts.act_fn
+        fit = self.refit.fit_tokens
+        x = x[:: max(1, x.shape[0] // fit)][:fit]
+        logits = x @ w.router.T + (w.router_bias if w.router_bias is not None else 0.0)  # [T, E]
+        weights = dense_routing(logits, self.spec, w.correction_bias)
+        xe = x[:: max(1, x.shape[0] // ERROR_TOKENS)][:ERROR_TOKENS]  # the diagnostic needs few tokens
+        y0 = routed_output(xe, w, self.spec, act)  # [T_e, H] of the unpruned layer
+        pruned = slice_layer(w, keep, self.atom_layout, refit_dtype(w.down.dtype))
+        sliced = relative_error(routed_output(xe, pruned, self.spec, act), y0)
+        slot = {e: i for i, e in enumerate(pruned.kept_experts)} if isinstance(pruned, ExactLayer) else None
+        for e, down in split_refit(x, weights, w, keep, act, self.refit.ridge, self.refit.holdout):
+            if slot is None:
+                pruned.down[e] = down
+            elif e in slot:
+                pruned.down[slot[e]] = down.to(pruned.down[slot[e]].dtype)
+        self.errors[str(ctx.index)] = {
+            "sliced": round(sliced, 6),
+            "refit": round(relative_error(routed_output(xe, pruned, self.spec, act), y0), 6),
+        }
+        return pruned
 
     def _record(self, ctx: LayerContext, keep: list[torch.Tensor], E: int, I: int, H: int) -> None:
         src = ctx.extra.get(EXPERTS) or list(range(E))
