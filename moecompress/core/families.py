@@ -137,6 +137,8 @@ class Family:
         return config_int(cfg, self.top_k_key, hi=self.num_experts(cfg))
 
     def norm_topk(self, cfg: Any) -> bool:
+        if self.scaled_input:  # Llama-4: the sigmoid scores scale the expert inputs as they are, never renormalized
+            return False
         return True if self.norm_topk_key is None else bool(getattr(cfg, self.norm_topk_key, False))
 
     def check_routing(self, cfg: Any, what: str, removes_experts: bool, needs_routing: bool, hint: str) -> None:

@@ -126,7 +126,7 @@ def test_llama4_text_is_derived_with_its_layout_and_routing_facts():
         "experts",
         "shared_expert",
     )
-    assert fam.count_keys == ("num_local_experts",) and fam.top_k(cfg) == 1
+    assert fam.count_keys == ("num_local_experts",) and fam.top_k(cfg) == 1 and not fam.norm_topk(cfg)
     assert fam.moe_layers(cfg) == [1, 3]  # Maverick's interleaving, derived from the built model
 
 
