@@ -40,17 +40,22 @@ def hessian_from_inputs(x: torch.Tensor) -> torch.Tensor:
     return xf.T @ xf  # [C, C]
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``H^-1`` after damping; more damping if needed for positive definiteness."""
-    cols = h.shape[0]
+def _inverse_cholesky_(box: list[torch.Tensor], damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``H^-1`` after damping; more damping if needed for positive definiteness.
+
+    ``box`` holds the only reference to ``H [C, C]`` (float32), whose diagonal is damped in place, so at most three
+    [C, C] matrices exist here at once (H, its factor, the inverse; then H, the inverse, its factor)."""
+    h = box.pop()
     diag_mean = torch.diag(h).mean().clamp_min(1e-8)
-    eye = torch.eye(cols, dtype=h.dtype, device=h.device)
+    d0 = h.diagonal().clone()  # [C] undamped diagonal
     for mult in (1.0, 10.0, 100.0, 1000.0):
-        hd = h + eye * (damp * mult * diag_mean)
-        chol, info = torch.linalg.cholesky_ex(hd)
+        h.diagonal().copy_(d0 + damp * mult * diag_mean)  # = H + I * damp * mult * mean(diag H)
+        chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             chol_inv, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0:
                 return chol_inv
     raise ValueError("Hessian is not positive definite even after damping")
@@ -67,10 +72,15 @@ class PreparedHessian:
     h: torch.Tensor | None = None  # [C, C] the Hessian (original order, dead diagonal 1), for ``refine_scales``
 
 
-def prepare_hessian(h: torch.Tensor, damp: float = 0.01, actorder: bool = True, keep: bool = False) -> PreparedHessian:
+def prepare_hessian(
+    h: torch.Tensor, damp: float = 0.01, actorder: bool = True, keep: bool = False, inplace: bool = False
+) -> PreparedHessian:
     """Damp, order (descending diagonal when ``actorder``) and factorize ``h [C, C]`` once (``keep``: also keep
-    the Hessian itself, which :func:`refine_scales` needs)."""
-    h = h.float().clone()
+    the Hessian itself, which :func:`refine_scales` needs; ``inplace``: ``h`` may be changed and kept, no copy of
+    it is made first). Besides ``h``, at most three [C, C] matrices exist at once."""
+    h = h.float()
+    if not inplace:
+        h = h.clone()
     diag = torch.diag(h).clone()
     dead = diag == 0
     h[dead, dead] = 1.0
@@ -78,8 +88,11 @@ def prepare_hessian(h: torch.Tensor, damp: float = 0.01, actorder: bool = True, 
     perm = None
     if actorder:
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-        h = h[perm][:, perm]
-    return PreparedHessian(_inverse_cholesky(h, damp), perm, dead, diag, kept)
+        box = [h[perm[:, None], perm]]  # [C, C] in processing order (one gather)
+    else:
+        box = [h.clone() if keep else h]  # factorized in place: the kept Hessian stays undamped
+    del h
+    return PreparedHessian(_inverse_cholesky_(box, damp), perm, dead, diag, kept)
 
 
 def refine_scales(
@@ -171,7 +184,8 @@ def gptq_quantize(
             grid.scales(wk, g, cw.to(w.device).float()) if grid is not None  # [R, G]
             else compute_scales(wk, bits, g, scale_dtype, shrinks, cw.to(w.device).float())
         )  # fmt: skip
-        s_cols = scales.float().repeat_interleave(g, dim=1)[:, ph.perm]  # [R, C] scale of each processed column
+        scales_f = scales.float()  # [R, G]
+        group_of = ph.perm // g  # [C] group of each processed column
         wk = wk[:, ph.perm]
         q_perm = torch.zeros_like(q_out)
         for b0 in range(0, cols, block_size):
@@ -179,8 +193,9 @@ def gptq_quantize(
             w_blk = wk[:, b0:b1].clone()
             err_blk = torch.zeros_like(w_blk)
             hinv_blk = hinv[b0:b1, b0:b1]
+            s_blk = scales_f[:, group_of[b0:b1]]  # [R, n] scale of each processed column of the block
             for i in range(b1 - b0):
-                s = s_cols[:, b0 + i]
+                s = s_blk[:, i]
                 wcol = w_blk[:, i]
                 qcol = grid.round(wcol / s) if grid is not None else torch.clamp(torch.round(wcol / s), qmin, qmax)
                 q_perm[:, b0 + i] = qcol.to(torch.int8)
@@ -189,6 +204,7 @@ def gptq_quantize(
                 err_blk[:, i] = err
             wk[:, b1:] -= err_blk @ hinv[b0:b1, b1:]
         q_out[:, ph.perm] = q_perm
+        del wk, q_perm, w_blk, err_blk  # [R, C] working copies, not needed by the refinement
         return (q_out, refine_scales(w0, q_out, scales, ph.h, g)) if refine else (q_out, scales)
     cw = ph.diag.to(w.device).float() if clip == "hmse" else torch.ones(cols, device=w.device)
     block_size = g if g >= block_size else (block_size // g) * g  # groups never straddle blocks

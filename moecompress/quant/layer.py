@@ -422,10 +422,11 @@ def quantize_layer(
         if cap is not None and (with_err or (gptq and opts.sequential)):
             xe, pe = cap.routed(e)
             ref = _expert_out(gu, dn, act, xe)[1] if with_err else None
-        ph_gu = prepare_hessian(h_gu, opts.damp, opts.actorder, opts.refine) if gptq else None
+        # the chunk's Hessians are used once each: factorized in place (no copy of them)
+        ph_gu = prepare_hessian(h_gu, opts.damp, opts.actorder, opts.refine, inplace=True) if gptq else None
         ph_dn = None
         if gptq and not opts.sequential:
-            ph_dn = prepare_hessian(h_dn, opts.damp, opts.actorder, opts.refine)
+            ph_dn = prepare_hessian(h_dn, opts.damp, opts.actorder, opts.refine, inplace=True)
         mine_w = [w for w in widths if expert_widths is None or expert_widths[e] == w]
         for bg in dict.fromkeys(pairs[w][0] for w in mine_w):  # gate/up once per width, then each down width
             q1, s1 = quantize_one(gu, bg, g_h, ph_gu)
@@ -436,7 +437,7 @@ def quantize_layer(
                 hq = _expert_out(gu_q, dn, act, xe)[0]  # [n, I] outputs of the quantized gate/up
             if gptq and opts.sequential:
                 hw = hq * pe.unsqueeze(-1) if opts.weighted else hq
-                ph_dn = prepare_hessian(hw.T @ hw, opts.damp, opts.actorder, opts.refine)
+                ph_dn = prepare_hessian(hw.T @ hw, opts.damp, opts.actorder, opts.refine, inplace=True)
             for w in (w for w in mine_w if pairs[w][0] == bg):
                 j = widths.index(w)
                 q2, s2 = quantize_one(dn, pairs[w][1], g_i, ph_dn)

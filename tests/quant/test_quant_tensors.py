@@ -225,3 +225,46 @@ def test_packing_in_row_blocks_equals_one_block(bits, monkeypatch):
     monkeypatch.setattr(pack, "BLOCK_ELEMENTS", 200)  # two rows of 96 codes per block
     assert torch.equal(pack.pack_int32(q, bits), whole)
     assert torch.equal(pack.unpack_int32(whole, bits, 96), q)
+
+
+def _prepare_reference(h, damp, actorder):
+    """prepare_hessian as first written: I * damping added to a copy, two gathers for the order."""
+    h = h.float().clone()
+    diag = torch.diag(h).clone()
+    dead = diag == 0
+    h[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if actorder else None
+    if actorder:
+        h = h[perm][:, perm]
+    mean = torch.diag(h).mean().clamp_min(1e-8)
+    for mult in (1.0, 10.0, 100.0, 1000.0):
+        chol, info = torch.linalg.cholesky_ex(h + torch.eye(h.shape[0]) * (damp * mult * mean))
+        if int(info) == 0:
+            inv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0:
+                return inv, perm
+    raise AssertionError("not positive definite")
+
+
+@pytest.mark.parametrize("actorder", [True, False])
+@pytest.mark.parametrize("indefinite", [False, True])
+def test_prepare_hessian_in_place_equals_the_copying_factorization(actorder, indefinite):
+    """Damping the diagonal in place and one gather for the order (fewer [C, C] copies) give the same factor."""
+    x = torch.randn(40, 24, generator=torch.Generator().manual_seed(3))
+    x[:, 5] = 0  # a dead input
+    h = x.T @ x
+    if indefinite:  # needs more than the first damping (0.01 x mean diagonal), less than 10x that
+        live = [i for i in range(24) if i != 5]
+        h -= (torch.linalg.eigvalsh(h[live][:, live]).min() + 0.03 * torch.diag(h).mean()) * torch.eye(24)
+        h[5, 5] = 0
+        m = torch.diag(h).sum() / 23
+        assert int(torch.linalg.cholesky_ex(h + torch.eye(24) * 0.01 * m)[1]) != 0
+    want, perm = _prepare_reference(h, 0.01, actorder)
+    for inplace in (False, True):
+        src = h.clone()
+        ph = prepare_hessian(src, 0.01, actorder, keep=True, inplace=inplace)
+        assert torch.equal(ph.hinv, want) and (perm is None or torch.equal(ph.perm, perm))
+        kept = h.clone()
+        kept[5, 5] = 1.0
+        assert torch.equal(ph.h, kept)  # the kept Hessian is undamped, original order
+        assert (ph.h is src) == inplace and torch.equal(src, kept if inplace else h)
