@@ -7,6 +7,7 @@ tensors are read lazily from the safetensors shards and freed after use (GPTQ-st
 from __future__ import annotations
 
 import copy
+import ctypes
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,11 +19,29 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import Checkpoint
+from .checkpoint import DTYPE_BYTES, Checkpoint
 from .derive import causal_lm
 from .errors import UserError
 from .experts import BiasedExperts, routed_forward
 from .families import Family
+
+
+def release_freed() -> None:
+    """Give the C heap's freed pages back to the system (glibc ``malloc_trim``; a no-op elsewhere): tensors below
+    malloc's mmap threshold (per-expert weights, activations) are freed into the heap, whose pages otherwise stay
+    resident when it is fragmented, so a pass's peak would carry the freed garbage of the layers before."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+STACK_CHUNK_BYTES = 64 << 20  # per-expert tensors read at once while a layer's experts are stacked
 
 
 class _Captured(Exception):
@@ -40,16 +59,24 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def module_state(fam: Family, tensors: dict[str, torch.Tensor], layer: int, num_experts: int | None) -> dict[str, Any]:
-    """Hub-format tensors of one decoder layer -> the transformers module's state dict (keys relative to layer)."""
+def module_state(
+    fam: Family, tensors: dict[str, torch.Tensor], layer: int, num_experts: int | None,
+    stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Hub-format tensors of one decoder layer -> the transformers module's state dict (keys relative to layer).
+
+    ``stacked``: the routed experts already stacked as (gate_up [E, 2I, H], down [E, H, I]) (``stacked_experts``);
+    ``tensors`` then holds expert 0's hub keys (views into them, so the family reads router and biases as usual)
+    and no other expert's."""
     prefix = f"model.layers.{layer}."
     out: dict[str, torch.Tensor] = {}
     if num_experts is not None:
         pat = fam.routed_key_pattern(layer)
-        w = fam.read_layer({k: v for k, v in tensors.items() if pat.match(k)}, layer, num_experts)
+        w = fam.read_layer({k: v for k, v in tensors.items() if pat.match(k)}, layer, 1 if stacked else num_experts)
         mb = f"{fam.module_block}."
-        out[f"{mb}{fam.experts}.gate_up_proj"] = torch.cat([w.gate, w.up], dim=1)  # [E, 2I, H]
-        out[f"{mb}{fam.experts}.down_proj"] = w.down  # [E, H, I]
+        gate_up, down = stacked or (torch.cat([w.gate, w.up], dim=1), w.down)
+        out[f"{mb}{fam.experts}.gate_up_proj"] = gate_up  # [E, 2I, H]
+        out[f"{mb}{fam.experts}.down_proj"] = down  # [E, H, I]
         if fam.own_experts and w.gate_bias is not None and w.up_bias is not None:  # BiasedExperts
             out[f"{mb}{fam.experts}.gate_up_bias"] = torch.cat([w.gate_bias, w.up_bias], dim=1)  # [E, 2I]
             out[f"{mb}{fam.experts}.down_bias"] = w.down_bias  # [E, H]
@@ -183,6 +210,7 @@ class LayerStream:
         self.captured = False  # capture() ran (the cache may still be empty: zero windows)
         self.kwargs: list[dict[str, Any]] = []  # per batch: the first decoder layer's keyword arguments
         self._moe = set(ckpt.moe_layers)
+        self._info: dict[str, Any] | None = None  # the checkpoint's tensor headers (read once, when first needed)
         kinds = getattr(ckpt.config, "layer_types", None)
         mixed = isinstance(kinds, (list, tuple)) and len(set(map(str, kinds))) > 1
         self.layer_types: list[str] | None = [str(t) for t in kinds] if mixed else None
@@ -227,11 +255,57 @@ class LayerStream:
         """A float tensor narrower than the stream's dtype (bf16, fp16 under float32)."""
         return t is not None and t.is_floating_point() and t.element_size() < self.dtype.itemsize
 
+    def stacked_experts(self, l: int) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+        """MoE layer l's per-expert routed tensors read a chunk of experts at a time (~64 MB) straight into the fused
+        gate_up [E, 2I, H] and down [E, H, I] (the checkpoint's dtype): the per-expert copies never all exist beside
+        the stacked ones. Returns expert 0's hub tensors (views into the stacked ones, for ``module_state``) and the
+        pair; None when the family keeps its experts fused on disk or the experts' headers differ in shape or dtype
+        (then the layer is read whole, as before)."""
+        fam, E = self.fam, self.ckpt.num_experts
+        if fam.fused_disk or fam.own_experts or fam.expert_bias:
+            return None
+        if self._info is None:
+            self._info = self.ckpt.tensor_info()
+        info = self._info
+        keys = [[fam.expert_key(l, e, p) for p in range(3)] for e in range(E)]
+        if any(k not in info for ks in keys for k in ks):
+            return None
+        g0, u0, d0 = (info[k] for k in keys[0])
+        if any(info[ks[p]] != ref for ks in keys for p, ref in enumerate((g0, u0, d0))) or g0 != u0:
+            return None
+        (I, H), dt = g0["shape"], g0["dtype"]
+        if d0["shape"] != [H, I] or d0["dtype"] != dt:
+            return None
+        gate_up = down = None
+        per = 3 * I * H * max(1, int(DTYPE_BYTES.get(dt, 4)))
+        step = max(1, STACK_CHUNK_BYTES // per)
+        for s in range(0, E, step):
+            part = self.ckpt.read([k for e in range(s, min(E, s + step)) for k in keys[e]])
+            for e in range(s, min(E, s + step)):
+                g, u, d = (part.pop(k) for k in keys[e])
+                if gate_up is None or down is None:
+                    gate_up = torch.empty((E, 2 * I, H), dtype=g.dtype)
+                    down = torch.empty((E, H, I), dtype=d.dtype)
+                gate_up[e, :I], gate_up[e, I:], down[e] = g, u, d
+        assert gate_up is not None and down is not None
+        first = dict(zip(keys[0], (gate_up[0, :I], gate_up[0, I:], down[0]), strict=True))
+        return first, (gate_up, down)
+
     def load_layer(self, l: int) -> nn.Module:
         layer = self.decoder_layers[l]
-        raw = self.ckpt.layer_tensors(l)
-        state = module_state(self.fam, raw, l, self.ckpt.num_experts if l in self._moe else None)
+        moe = l in self._moe
+        got = self.stacked_experts(l) if moe else None
+        if got is None:
+            raw = self.ckpt.layer_tensors(l)
+            state = module_state(self.fam, raw, l, self.ckpt.num_experts if moe else None)
+        else:
+            skip = {self.fam.expert_key(l, e, p) for e in range(self.ckpt.num_experts) for p in range(3)}
+            prefix = f"model.layers.{l}."
+            raw = self.ckpt.read([k for k in self.ckpt.weight_map if k.startswith(prefix) and k not in skip])
+            state = module_state(self.fam, {**raw, **got[0]}, l, self.ckpt.num_experts, got[1])
+            del got
         del raw  # per-expert tensors are now stacked into the fused ones
+        release_freed()
         keep: tuple[str, ...] = ()
         if self.narrow and l in self._moe:
             ex = f"{self.fam.module_block}.{self.fam.experts}"
@@ -247,6 +321,7 @@ class LayerStream:
         for m in module.modules():
             if "narrow_of" in vars(type(m)):
                 m.__class__ = type(m).narrow_of
+        release_freed()
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -352,6 +427,7 @@ class LayerStream:
             self.capture()
         for l in range(len(self.decoder_layers)):
             layer = self.load_layer(l)
+            release_freed()  # the checkpoint-dtype state a float32 layer was copied from
             try:
                 yield l, layer
             finally:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..core.experts import (
     expert_outputs,
@@ -118,11 +117,23 @@ def output_similarity(
     down: torch.Tensor,  # [E, H, I]
     act: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,  # [N, H] sampled tokens, every expert evaluated on all of them
+    chunk: int | None = None,  # tokens per float64 chunk (default: ~8M float64 values)
 ) -> torch.Tensor:
-    """Mean per-token cosine similarity of expert outputs: [E, E]."""
+    """Mean per-token cosine similarity of expert outputs: [E, E].
+
+    The outputs are computed once in the hidden states' dtype ([E, N, H], float32: N tokens, not the layer's size);
+    the cosines are summed in float64 a chunk of ``chunk`` tokens at a time ([c, E, H] float64, ~64 MB by default),
+    so no float64 copy of all of [E, N, H] is made. Equal to normalizing all of it in float64 and one einsum, up to
+    float64 rounding (the sums run in another order)."""
     f = expert_outputs(gate_up, down, act, x)  # [E, N, H] (biased experts: their own computation)
-    f = nn.functional.normalize(f.double(), dim=-1)
-    return torch.einsum("anh,bnh->ab", f, f) / x.shape[0]
+    E, N, H = f.shape
+    step = chunk or max(1, (1 << 23) // max(E * H, 1))
+    sim = torch.zeros(E, E, dtype=torch.float64, device=f.device)
+    for s in range(0, N, step):
+        fc = f[:, s : s + step].transpose(0, 1).double()  # [c, E, H]
+        fc = fc / fc.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as nn.functional.normalize
+        sim += torch.bmm(fc, fc.transpose(1, 2)).sum(0)  # [E, E]
+    return sim / N
 
 
 def gram_to_cosine(gram: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ biases, and sets the modules' own ``num_experts`` (their forward reads it). Noth
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,11 +27,18 @@ from ..core.manifest import Manifest
 LAYOUT = "per-layer"
 
 
-def set_block_experts(block: nn.Module, fam: Family, w: MoEWeights, layer: int = -1) -> None:
-    """Replace one MoE block's routed experts and router by ``w`` (k experts) and set the modules' counts."""
+def set_block_experts(
+    block: nn.Module, fam: Family, w: MoEWeights, layer: int = -1, gate_up: torch.Tensor | None = None
+) -> None:
+    """Replace one MoE block's routed experts and router by ``w`` (k experts) and set the modules' counts.
+
+    ``gate_up``: the [k, 2I, H] tensor whose halves ``w.gate`` and ``w.up`` are (``select_experts``): the block
+    holds it as it is instead of a concatenated copy."""
     experts, router = getattr(block, fam.experts), getattr(block, fam.router)
     k = w.num_experts
-    experts.gate_up_proj = nn.Parameter(torch.cat([w.gate, w.up], dim=1), requires_grad=False)  # [k, 2I, H]
+    if gate_up is None or not (_is_half(w.gate, gate_up, 0) and _is_half(w.up, gate_up, 1)):
+        gate_up = torch.cat([w.gate, w.up], dim=1)
+    experts.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)  # [k, 2I, H]
     experts.down_proj = nn.Parameter(w.down.contiguous(), requires_grad=False)  # [k, H, I]
     experts.num_experts = k
     if w.gate_bias is not None and w.up_bias is not None and hasattr(experts, "gate_up_bias"):  # BiasedExperts
@@ -45,6 +53,35 @@ def set_block_experts(block: nn.Module, fam: Family, w: MoEWeights, layer: int =
         router.register_buffer(fam.correction_bias, w.correction_bias.contiguous())
     if hasattr(router, "num_experts"):
         router.num_experts = k
+
+
+def _is_half(t: torch.Tensor, fused: torch.Tensor, half: int) -> bool:
+    """``t`` is exactly ``fused[:, :I]`` (half 0) or ``fused[:, I:]`` (half 1) of ``fused`` [k, 2I, H]."""
+    I = fused.shape[1] // 2
+    view = fused[:, half * I : (half + 1) * I]
+    return (
+        t.dtype == fused.dtype and t.shape == view.shape and t.stride() == view.stride()
+        and t.data_ptr() == view.data_ptr()
+    )  # fmt: skip
+
+
+def select_experts(w: MoEWeights, keep: list[int]) -> tuple[MoEWeights, torch.Tensor]:
+    """``w.select(keep)`` with the kept experts' gate and up rows copied once, expert by expert, into one fused
+    [k, 2I, H] tensor (returned too) whose halves are the selection's gate and up: with ``set_block_experts(...,
+    gate_up=)`` the block holds that one copy (``select`` + the block's concatenation made two, and a temporary)."""
+    k, (I, H) = len(keep), w.gate.shape[1:]
+    gate_up = torch.empty((k, 2 * I, H), dtype=w.gate.dtype, device=w.gate.device)  # [k, 2I, H]
+    for j, e in enumerate(keep):
+        gate_up[j, :I] = w.gate[e]
+        gate_up[j, I:] = w.up[e]
+    idx = torch.as_tensor(keep, dtype=torch.long, device=w.router.device)
+    pick = lambda t: None if t is None else t.index_select(0, idx.to(t.device))  # noqa: E731
+    sel = replace(
+        w, gate=gate_up[:, :I], up=gate_up[:, I:], down=pick(w.down), router=pick(w.router),
+        router_bias=pick(w.router_bias), correction_bias=pick(w.correction_bias), gate_bias=pick(w.gate_bias),
+        up_bias=pick(w.up_bias), down_bias=pick(w.down_bias),
+    )  # fmt: skip
+    return sel, gate_up
 
 
 def block_view(block: nn.Module, fam: Family) -> MoEWeights:

@@ -311,9 +311,16 @@ class ExpertOutputs:
             self.slot[t, e] = sl.to(torch.int32)
 
 
-def routed_output(src: Any, rows: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Routed output [P, H] of token rows [P] under weights/indices [P, k]."""
-    return (src.get(rows, idx) * w[:, :, None]).sum(1)
+def routed_output(src: Any, rows: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Routed output [P, H] of token rows [P] under weights/indices [P, k], ``chunk`` rows at a time (the gathered
+    outputs [chunk, k, H] are the only temporary; each row's sum is the same for any chunk)."""
+    if rows.numel() <= chunk:
+        return (src.get(rows, idx) * w[:, :, None]).sum(1)
+    parts = [
+        (src.get(rows[s : s + chunk], idx[s : s + chunk]) * w[s : s + chunk, :, None]).sum(1)
+        for s in range(0, rows.numel(), chunk)
+    ]
+    return torch.cat(parts)
 
 
 def router_choice(logits: torch.Tensor, spec: RouterSpec, correction: torch.Tensor | None) -> torch.Tensor:

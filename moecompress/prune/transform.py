@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.engine import Engine, LayerContext, Transform
-from .load import block_view, set_block_experts
+from .load import block_view, select_experts, set_block_experts
 from .order import (
     ExpertOutputs,
     RouterSpec,
@@ -207,7 +207,7 @@ class PruneTransform(Transform):
             )
         view = block_view(ctx.block, fam)
         if not self.wants_inputs:  # chosen before the pass, nothing to refit: slice the block
-            self._apply(ctx, view.select(self.kept[l]), self.kept[l])
+            self._apply(ctx, view, self.kept[l])
             return
         x = sample_rows(ctx.inputs, opts.error_tokens)  # [T, H]
         logits = x.float() @ view.router.float().T  # [T, E]
@@ -231,11 +231,11 @@ class PruneTransform(Transform):
         removed[keep] = False
         if opts.refit != "none":
             view, stats, y_p = self._refit(src, x, view, removed, keep, y0, y0sq)
-            self._apply(ctx, view.select(keep), keep)
             self.refit_errors[l] = {k: round(v, 6) for k, v in stats.items()}
         else:
             y_p = routed_output(src, rows_all, *route(logits, spec, removed, corr))
-            self._apply(ctx, view.select(keep), keep)
+        del src  # the cached expert outputs ([T, k + 2, H]) go before the kept experts are copied
+        self._apply(ctx, view, keep)
         self._pending = (order, y0sq, y0, y_p) if order is not None else None
 
     def _refit(
@@ -264,14 +264,17 @@ class PruneTransform(Transform):
             stats["error_after_down"] = float((y_p.double() - y0.double()).pow(2).sum()) / y0sq
         return view, stats, y_p
 
-    def _apply(self, ctx: LayerContext, sel: Any, keep: list[int]) -> None:
-        """Leave the block pruned to ``sel`` (experts ``keep`` of the block) and write its routed experts and router
+    def _apply(self, ctx: LayerContext, view: Any, keep: list[int]) -> None:
+        """Leave the block pruned to experts ``keep`` of ``view`` (the block's view, maybe refitted; one copy of the
+        kept experts, which the block holds and the written tensors view) and write its routed experts and router
         in the checkpoint's dtypes; ``ctx.extra["expert_ids"]`` names each kept expert's source expert for the
         stages after this one."""
         l, fam = ctx.index, ctx.engine.fam
         source = ctx.extra.get("expert_ids", list(range(self.E)))
         ctx.extra["expert_ids"] = [source[e] for e in keep]
-        set_block_experts(ctx.block, fam, sel, l)
+        sel, gate_up = select_experts(view, keep)
+        del view
+        set_block_experts(ctx.block, fam, sel, l, gate_up=gate_up)
         fallback = self._dtypes.get(fam.router_key(l), "F32")
         tensors = fam.write_layer(sel, l)
         ctx.replace({k: t.to("cpu", _DTYPES[self._dtypes.get(k, fallback)]) for k, t in tensors.items()})
