@@ -43,6 +43,9 @@ def _check(bits: int, cols: int, group_size: int) -> None:
         raise ValueError(f"group_size {group_size} must divide the input width {cols}")
 
 
+SCALE_BLOCK_ELEMENTS = 1 << 20  # weights per block of rows in the scale search (its temporaries: ~4 MiB each)
+
+
 def compute_scales(
     w: torch.Tensor,
     bits: int,
@@ -55,21 +58,41 @@ def compute_scales(
 
     For every group the shrink factor in ``clip_grid`` with the lowest squared reconstruction error wins; with
     ``col_weight [C]`` each column's squared error is weighted (e.g. by the Hessian diagonal: expected output error).
+    Works a block of rows at a time (groups are independent), so its float32 temporaries stay near
+    ``SCALE_BLOCK_ELEMENTS`` weights whatever the size of ``w``.
     """
     cols = w.shape[-1]
     _check(bits, cols, group_size)
+    flat = w.reshape(-1, cols)  # [N, C]
+    step = max(1, SCALE_BLOCK_ELEMENTS // cols)
+    out = torch.empty(flat.shape[0], cols // group_size, dtype=scale_dtype, device=w.device)
+    for r0 in range(0, flat.shape[0], step):
+        out[r0 : r0 + step] = _search_scales(flat[r0 : r0 + step], bits, group_size, scale_dtype, clip_grid, col_weight)
+    return out.reshape(*w.shape[:-1], cols // group_size)
+
+
+def _search_scales(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    scale_dtype: torch.dtype,
+    clip_grid: tuple[float, ...],
+    col_weight: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`compute_scales` of ``w [N, C]`` in one vectorized step."""
+    cols = w.shape[-1]
     qmin, qmax = qrange(bits)
-    wg = w.float().unflatten(-1, (cols // group_size, group_size))  # [..., R, G, g]
-    absmax = wg.abs().amax(dim=-1)  # [..., R, G]
+    wg = w.float().unflatten(-1, (cols // group_size, group_size))  # [N, G, g]
+    absmax = wg.abs().amax(dim=-1)  # [N, G]
     cw = None if col_weight is None else col_weight.float().reshape(cols // group_size, group_size)  # [G, g]
     best_scale = None
     best_err = None
     for shrink in clip_grid:
-        s = (absmax * shrink / ((qmax - qmin) / 2)).to(scale_dtype).float()  # [..., R, G]
+        s = (absmax * shrink / ((qmax - qmin) / 2)).to(scale_dtype).float()  # [N, G]
         s = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.clamp(torch.round(wg / s.unsqueeze(-1)), qmin, qmax)
-        sq = (q * s.unsqueeze(-1) - wg).pow(2)  # [..., R, G, g]
-        err = (sq if col_weight is None else sq * cw).sum(dim=-1)  # [..., R, G]
+        sq = (q * s.unsqueeze(-1) - wg).pow(2)  # [N, G, g]
+        err = (sq if col_weight is None else sq * cw).sum(dim=-1)  # [N, G]
         if best_scale is None:
             best_scale, best_err = s, err
         else:

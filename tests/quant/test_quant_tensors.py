@@ -268,3 +268,16 @@ def test_prepare_hessian_in_place_equals_the_copying_factorization(actorder, ind
         kept[5, 5] = 1.0
         assert torch.equal(ph.h, kept)  # the kept Hessian is undamped, original order
         assert (ph.h is src) == inplace and torch.equal(src, kept if inplace else h)
+
+
+def test_scale_search_in_row_blocks_equals_one_block(monkeypatch):
+    """compute_scales works a block of rows at a time (bounded temporaries): the same scales."""
+    from moecompress.quant import rtn
+
+    w = torch.randn(3, 10, 64, generator=torch.Generator().manual_seed(4))
+    cw = torch.rand(64)
+    whole = [rtn.compute_scales(w, b, 16, torch.bfloat16, col_weight=c) for b in (2, 4) for c in (None, cw)]
+    monkeypatch.setattr(rtn, "SCALE_BLOCK_ELEMENTS", 150)  # two rows of 64 per block
+    blocked = [rtn.compute_scales(w, b, 16, torch.bfloat16, col_weight=c) for b in (2, 4) for c in (None, cw)]
+    assert all(torch.equal(a, b) for a, b in zip(whole, blocked, strict=True))
+    assert whole[0].shape == (3, 10, 4)
