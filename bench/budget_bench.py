@@ -91,7 +91,7 @@ def main() -> None:
         default="all",
         help="run only one group (writes PREFIX.PART.json; run the groups in parallel, then --combine)",
     )
-    ap.add_argument("--no-propagate-row", type=int, default=1, help="0: skip the no-propagate write of the joint part")
+    ap.add_argument("--propagate-row", type=int, default=1, help="0: skip the propagating write of the joint part")
     ap.add_argument(
         "--rerun",
         default=None,
@@ -162,13 +162,11 @@ def main() -> None:
 
 def rerun(old: dict, new: dict, note: str) -> dict:
     """``old`` part results with ``new``'s runs in place of those of the same name (and of every checked joint run
-    and unchecked variant at a budget the new joint runs cover; a no-propagate write stays); new runs carry
-    ``note``."""
+    and unchecked or propagating variant at a budget the new joint runs cover); new runs carry ``note``."""
     names = {r["name"] for r in new["runs"]}
     targets = {r.get("target") for r in new["runs"] if r["kind"] == "joint"}
     kept = [r for r in old["runs"] if r["name"] not in names
-            and not (r["kind"] in ("joint", "variant") and r.get("target") in targets
-                     and "no propagate" not in r["name"])]  # fmt: skip
+            and not (r["kind"] in ("joint", "variant") and r.get("target") in targets)]  # fmt: skip
     measure_s = new.get("measure_s") or old.get("measure_s")
     return {"runs": kept + [{**r, "rerun": note} for r in new["runs"]], "measure_s": measure_s}
 
@@ -176,8 +174,8 @@ def rerun(old: dict, new: dict, note: str) -> dict:
 def joint(args, model, ckpt, ref, cal, ratios, extra, tmp, runs, record, state) -> float:
     """The joint plan: one profile + one measuring pass, then per budget the checked plan (budget/check.py: written
     only if it beats the quantize-only plan on the calibration windows); where the check chose the quantize-only
-    plan, the unchecked joint plan too, and the 35% (or first) exact plan written without propagating quantized
-    layer outputs."""
+    plan, the unchecked joint plan too, and the 35% (or first) exact plan written propagating quantized layer
+    outputs (the write pass's other calibration: later layers' GPTQ on the quantized layers' outputs)."""
     from moecompress.budget.plan import make_plan
     from moecompress.budget.run import measure_budget, plan_and_write, supers_of, write_plan
     from moecompress.compress.run import _profile
@@ -210,13 +208,13 @@ def joint(args, model, ckpt, ref, cal, ratios, extra, tmp, runs, record, state) 
                solve_s=plan["solver"]["solve_s"], layout=plan["layout"], check=plan.get("check"),
                protect_note=plan.get("protect_note"), protected_few_token=len(plan.get("protected_few_token") or []),
                restriction=plan.get("restriction"))  # fmt: skip
-    extra_rows = [(r, s, True) for r, s in switched]
     exact = [r for r in ratios if any(x.get("name") == f"joint exact {r:.0%}" and "kl" in x for x in runs)]
-    if exact and args.no_propagate_row:
-        extra_rows.append((0.35 if 0.35 in exact else exact[0], False, False))
-    for ratio, servable, propagate in extra_rows:  # the unchecked joint plan; the no-propagate write
+    extra_rows = [(r, s, False) for r, s in switched]
+    if exact and args.propagate_row:
+        extra_rows.append((0.35 if 0.35 in exact else exact[0], False, True))
+    for ratio, servable, propagate in extra_rows:  # the unchecked joint plan; the propagating write
         lay = "servable" if servable else "exact"
-        name = f"joint {lay} {ratio:.0%} " + ("unchecked" if propagate else "unchecked, no propagate")
+        name = f"joint {lay} {ratio:.0%} " + ("unchecked, propagate" if propagate else "unchecked")
         plan = make_plan(ckpt, measure, kl, ratio * ref, servable, 8, supers_of(prof), f"{ratio:.0%}")
         t1 = time.time()
         out = tmp / "joint"
@@ -339,7 +337,7 @@ def finish(args, model, ref, cal, runs, measure_s, ratios) -> None:
             row["verdict"] = "win" if ex["kl"] < best else ("tie" if ex["kl"] == best else "loss")
             row["exact_vs_best_other"] = ex["kl"] / best - 1
         table.append(row)
-    plans = [r for r in runs if "kl" in r and "predicted" in r and "no propagate" not in r["name"]]
+    plans = [r for r in runs if "kl" in r and "predicted" in r and "propagate" not in r["name"]]
     rho = spearman([r["predicted"] for r in plans], [r["kl"] for r in plans])
     ip = None if args.skip_ip else synthetic_ip()
     result = {

@@ -139,7 +139,7 @@ class ExpertQuantTransform(QuantTransform):
 
 def transforms_for(plan: dict[str, Any], spec: RouterSpec, num_experts: int, keep: dict, other_bits: int,
                    protected: dict[int, set[int]], method: str = "gptq",
-                   propagate: bool = True) -> list[Any]:  # fmt: skip
+                   propagate: bool = False) -> list[Any]:  # fmt: skip
     """The write pass's transforms for ``plan`` (make_plan's dict); ``keep``: {layer: {width: [E, width]}}, the
     measuring pass's kept channels of each cut width. ``propagate``: later layers are calibrated on the quantized
     layers' outputs (as written), else on the unquantized (pruned and cut) layers'."""
@@ -169,12 +169,34 @@ def transforms_for(plan: dict[str, Any], spec: RouterSpec, num_experts: int, kee
                                  info=info))  # fmt: skip
     if servable:  # one option with one width for every projection (plan.Structure)
         b = {_bits(r) for v in layers.values() for r in v["experts"] if not r["removed"]}
-        out.append(QuantTransform(b.pop(), method, min_tokens=32, other_bits=other_bits, propagate=propagate))
+        out.append(ServableQuantTransform(b.pop(), method, min_tokens=32, other_bits=other_bits, propagate=propagate))
     else:
         per = {l: {r["expert"]: (r["width"], _bits(r)) for r in v["experts"] if not r["removed"]}
                for l, v in layers.items()}  # fmt: skip
         out.append(ExpertQuantTransform(per, method, min_tokens=32, other_bits=other_bits, propagate=propagate))
     return out
+
+
+class ServableQuantTransform(QuantTransform):
+    """quant's ``QuantTransform`` (one width for every routed expert); without propagation the written experts go to
+    ``ctx.extra[JUDGE_EXPERTS]`` for budget/check.py's judge windows and the block keeps the source's weights."""
+
+    def __init__(self, bits: int, method: str = "gptq", *, propagate: bool = False, **kw: Any):
+        super().__init__(bits, method, propagate=True, **kw)
+        self.keep_block = not propagate
+
+    def moe_layer(self, ctx: LayerContext) -> None:
+        ex = ctx.experts
+        orig = (ex.gate_up_proj.detach().clone(), ex.down_proj.detach().clone()) if self.keep_block else None
+        super().moe_layer(ctx)  # leaves the block quantized
+        if orig is not None:
+            ctx.extra[JUDGE_EXPERTS] = (ex.gate_up_proj.detach().clone(), ex.down_proj.detach().clone())
+            with torch.no_grad():
+                ex.gate_up_proj.copy_(orig[0])
+                ex.down_proj.copy_(orig[1])
+
+    def section(self) -> dict[str, Any]:
+        return {**super().section(), "propagate_quantized": not self.keep_block}
 
 
 def _bits(row: dict[str, Any]) -> Width:

@@ -168,7 +168,7 @@ def write_plan(
     spec = RouterSpec.from_config(ckpt.family, ckpt.config)
     protected = protected_experts(prof, list(ckpt.moe_layers))
     if propagate is None:
-        propagate = plan.get("propagate_quantized", True)
+        propagate = plan.get("propagate_quantized", False)
     plan["propagate_quantized"] = propagate
     transforms = transforms_for(plan, spec, ckpt.num_experts, measure.keep, other_bits, protected,
                                 propagate=propagate)  # fmt: skip

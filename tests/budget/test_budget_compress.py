@@ -53,12 +53,15 @@ def _check_plan(plan: dict, E: int) -> None:
         assert check["joint_kl"] is not None and check["bits_only_kl"] is not None
         assert (check["chosen"] == "joint") == (check["joint_kl"] <= check["bits_only_kl"])
         assert (plan["restriction"] is not None) == (check["chosen"] == "bits_only")
+    if plan["layout"] == "servable":  # one width for every projection: what transformers loads
+        assert all(r["gate_up_bits"] == r["down_bits"] for v in plan["layers"].values() for r in v["experts"])
     if plan["layout"] == "exact":
         few = {tuple(x) for x in plan["protected_few_token"]}
         for l, v in plan["layers"].items():
             for r in v["experts"]:
                 if (int(l), r["expert"]) in few:
-                    assert r["tokens"] < 32 and (r["removed"] or (r["width"] == I and r["bits"] >= 8))
+                    assert r["tokens"] < 32 and (r["removed"] or (r["width"] == I and r["gate_up_bits"] >= 8
+                                                                  and r["down_bits"] >= 8))  # fmt: skip
                 elif r["tokens"] < 32 and not r["super"]:
                     assert plan["protect_note"], r
 
@@ -133,6 +136,7 @@ def test_a_joint_plan_is_written_only_if_it_beats_the_quantize_only_plan(qwen, t
     check = plan["check"]
     assert check["chosen"] in ("joint", "bits_only") and check["bits_only_kl"] > 0 and check["joint_kl"] > 0
     rows = [r for v in plan["layers"].values() for r in v["experts"]]
-    if check["chosen"] == "bits_only":
+    if check["chosen"] == "bits_only":  # quantize's per-projection LP plan at the same budget
         assert all(not r["removed"] and r["width"] == plan["source_width"] for r in rows)
+        assert plan["restriction"].startswith("quantize's per-projection LP plan")
     assert Manifest.read(out).stage("budget")["check"] == check
