@@ -31,6 +31,7 @@ same batches in the same order); ``engine.stream.cache`` is this rank's own.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,6 +161,7 @@ class Engine:
         self.label = label
         self.moe = set(ckpt.moe_layers)
         self._shared = SharedCache(self) if self.world > 1 else None
+        self._replay: Replay | None = None  # the mixers' outputs moe_inputs kept for the layer's forward
 
     @property
     def cache(self) -> Any:
@@ -194,24 +196,35 @@ class Engine:
 
     def moe_inputs(self, layer: nn.Module) -> list[torch.Tensor]:
         """The MoE block's inputs [T_b, H] for every batch (the layer runs up to its MoE block only; this rank's
-        batches, gathered in batch order under torchrun: a collective)."""
+        batches, gathered in batch order under torchrun: a collective).
+
+        The outputs of the layer's mixers that ran before the block (attention, Mamba: children holding matrices) are
+        kept for the layer's forward, which then replays them instead of running them again (``Replay``), unless the
+        activation cache is spilled to disk (they are the cache's size)."""
         xs: list[torch.Tensor] = []
+        block = getattr(layer, self.fam.module_block)
+        replay = Replay(layer, block) if not getattr(self.stream.cache, "spilled", False) else None
 
         def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             h = args[0] if args else kwargs["hidden_states"]
             xs.append(h.detach().reshape(-1, h.shape[-1]))
             raise _Stop
 
-        handle = getattr(layer, self.fam.module_block).register_forward_pre_hook(hook, with_kwargs=True)
+        handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+        self._replay = None
         try:
-            with torch.no_grad():
+            with torch.no_grad(), replay.recording() if replay is not None else nullcontext():
                 for i in range(len(self.stream.cache)):
                     try:
                         self.stream.run_layer(layer, i)
                     except _Stop:
                         pass
+                    if replay is not None:
+                        replay.batch_done()
         finally:
             handle.remove()
+        if replay is not None and replay.complete(len(self.stream.cache)):
+            self._replay = replay
         return self.gather_batches(xs)
 
     def _observing(self, ctx: LayerContext, observers: list[Transform], batch: int) -> Callable[..., torch.Tensor]:
@@ -236,17 +249,22 @@ class Engine:
 
     @torch.no_grad()
     def forward(self, ctx: LayerContext, observers: list[Transform]) -> None:
-        """Run the layer over the cache (replacing it by the outputs); observers see each batch's routing."""
-        if not observers:
-            self.stream.forward_layer(ctx.layer)
-            return
-        experts, cache = ctx.experts, self.stream.cache
+        """Run the layer over the cache (replacing it by the outputs); observers see each batch's routing. When
+        ``moe_inputs`` ran on this layer, its mixers' outputs are replayed (they do not depend on the MoE block, the
+        only part transforms change) and ``ctx.inputs`` is released first (the replay takes its place in memory)."""
+        replay, self._replay = self._replay, None
+        if replay is not None and (replay.layer is not ctx.layer or not replay.complete(len(self.stream.cache))):
+            replay = None
+        if replay is not None:
+            ctx.inputs = []
+        cache = self.stream.cache
         for i in range(len(cache)):
-            if not self.observes(i):
-                cache[i] = self.stream.run_layer(ctx.layer, i)
-                continue
-            with observing(experts, self._observing(ctx, observers, self.global_batch(i))):
-                cache[i] = self.stream.run_layer(ctx.layer, i)
+            with replay.playing(i) if replay is not None else nullcontext():
+                if not observers or not self.observes(i):
+                    cache[i] = self.stream.run_layer(ctx.layer, i)
+                    continue
+                with observing(ctx.experts, self._observing(ctx, observers, self.global_batch(i))):
+                    cache[i] = self.stream.run_layer(ctx.layer, i)
         for o in observers:
             o.observed(ctx)
 
@@ -278,6 +296,7 @@ class Engine:
             for t in transforms:
                 t.start(self)
             for l, layer in stream.layers():
+                self._replay = None
                 bar.update(task, description=f"{self.label}: layer {l + 1}/{n_layers}")
                 ctx = LayerContext(self, l, layer, l in self.moe)
                 pending: list[Transform] = []  # observers that can still ride the forward pass
@@ -317,6 +336,80 @@ class Engine:
 
     def close(self) -> None:
         self.stream.close()
+
+
+class Replay:
+    """The outputs of a decoder layer's mixers (its children holding matrices, attention or Mamba, that run before
+    the MoE block) on every cached batch, recorded while ``Engine.moe_inputs`` runs the layer up to its block and
+    returned by those children when the engine runs the layer forward over the same batches: the forward computes
+    only the MoE block and what follows it. Exact: a mixer's output depends on the layer's input only (the same
+    cached batch), never on the block. A mixer called more or less than once per batch disables the replay."""
+
+    def __init__(self, layer: nn.Module, block: nn.Module):
+        self.layer = layer
+        self.mixers = {
+            name: child for name, child in layer.named_children()
+            if child is not block and any(p.dim() >= 2 for p in child.parameters())
+        }  # fmt: skip
+        self.outputs: dict[str, list[Any]] = {name: [] for name in self.mixers}
+        self._calls: dict[str, int] = dict.fromkeys(self.mixers, 0)
+        self.ok = bool(self.mixers)
+        self.batches = 0
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        def keep(name: str) -> Callable[..., None]:
+            def hook(_m: Any, _args: Any, out: Any) -> None:
+                self._calls[name] += 1
+                self.outputs[name].append(_cloned(out))  # a copy: the layer may change its output in place
+
+            return hook
+
+        handles = [m.register_forward_hook(keep(name)) for name, m in self.mixers.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def batch_done(self) -> None:
+        """One batch ran up to the block: each mixer that ran, ran once (a mixer after the block never runs)."""
+        self.batches += 1
+        for name, n in self._calls.items():
+            if n > 1:
+                self.ok = False
+            if n == 0:  # runs after the block (or not at all): not replayed
+                self.outputs[name].clear()
+            self._calls[name] = 0
+        self.outputs = {k: v for k, v in self.outputs.items() if len(v) == self.batches}
+
+    def complete(self, batches: int) -> bool:
+        """Every mixer kept holds an output for each of ``batches`` batches."""
+        return self.ok and bool(self.outputs) and self.batches == batches
+
+    @contextmanager
+    def playing(self, i: int) -> Iterator[None]:
+        """The mixers return batch ``i``'s recorded outputs (and forget them: each batch is replayed once)."""
+        own = {name: vars(self.mixers[name]).get("forward") for name in self.outputs}  # an instance's own forward
+        for name, outs in self.outputs.items():
+            out, outs[i] = outs[i], None
+            self.mixers[name].forward = lambda *a, _out=out, **k: _out
+        try:
+            yield
+        finally:
+            for name, f in own.items():
+                if f is None:
+                    del self.mixers[name].forward
+                else:
+                    self.mixers[name].forward = f
+
+
+def _cloned(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_cloned(o) for o in out)
+    return out
 
 
 class SharedCache:

@@ -57,8 +57,13 @@ def test_moe_inputs_are_what_the_full_model_feeds_the_moe_block(mixtral):
     ck = Checkpoint(mixtral)
     tokens = _tokens(mixtral)
     eng = Engine(ck, tokens.input_ids, batch_size=3)
-    got = {ctx.index: torch.cat(ctx.inputs) for ctx in eng.layers([Transform()])}
-    eng.close()
+    got: dict[int, torch.Tensor] = {}
+
+    class Inputs(Transform):
+        def moe_layer(self, ctx: LayerContext) -> None:
+            got[ctx.index] = torch.cat(ctx.inputs)
+
+    eng.run([Inputs()])
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(mixtral, experts_implementation="eager").eval()
