@@ -67,9 +67,10 @@ class ExpertQuantTransform(QuantTransform):
         src = ctx.extra.get(EXPERTS) or list(range(E))
         choice = [self.plan[l][s] for s in src]  # (width, bits) per block expert
         cap = capture_layer(ctx, False, self.opts.weighted) if self.method == "gptq" else None
+        gu_w = dn_w = None  # where the dequantized experts go: the block, a copy for judge windows, or nowhere
         if self.propagate:
             gu_w, dn_w = ex.gate_up_proj.data, ex.down_proj.data
-        else:
+        elif _judged(ctx):
             gu_w, dn_w = torch.empty_like(ex.gate_up_proj.data), torch.empty_like(ex.down_proj.data)
             ctx.extra[JUDGE_EXPERTS] = (gu_w, dn_w)
         out: dict[str, torch.Tensor] = {}
@@ -102,6 +103,8 @@ class ExpertQuantTransform(QuantTransform):
                     out[base + ".weight_shape"] = torch.tensor(list(q.shape), dtype=torch.int64)
                 # the block holds what the loader sees (zero padding kept); without propagation a copy of it goes
                 # to ctx.extra for the judge windows of budget/check.py (the fitting batches see the source's)
+                if gu_w is None or dn_w is None:
+                    continue
                 gq, dq = gu_w[e], dn_w[e]
                 with torch.no_grad():
                     g = dequantize(qe.gate_up_q[j], qe.gate_up_s[j], qe.g_h, self.weight_dtype)
@@ -187,8 +190,10 @@ class ServableQuantTransform(QuantTransform):
 
     def moe_layer(self, ctx: LayerContext) -> None:
         ex = ctx.experts
-        orig = (ex.gate_up_proj.detach().clone(), ex.down_proj.detach().clone()) if self.keep_block else None
-        super().moe_layer(ctx)  # leaves the block quantized
+        judged = self.keep_block and _judged(ctx)
+        orig = (ex.gate_up_proj.detach().clone(), ex.down_proj.detach().clone()) if judged else None
+        self.propagate = not self.keep_block or judged  # the block quantized, for the next layer or the judge
+        super().moe_layer(ctx)
         if orig is not None:
             ctx.extra[JUDGE_EXPERTS] = (ex.gate_up_proj.detach().clone(), ex.down_proj.detach().clone())
             with torch.no_grad():
@@ -197,6 +202,11 @@ class ServableQuantTransform(QuantTransform):
 
     def section(self) -> dict[str, Any]:
         return {**super().section(), "propagate_quantized": not self.keep_block}
+
+
+def _judged(ctx: LayerContext) -> bool:
+    """The pass has judge windows (budget/check.py's HeldOutEngine): they must see the written experts."""
+    return hasattr(ctx.engine, "fit_batches")
 
 
 def _bits(row: dict[str, Any]) -> Width:
