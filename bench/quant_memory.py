@@ -19,7 +19,8 @@ are compared with the first's. Writes reports/quant_memory.layer.json + .md.
     OMP_NUM_THREADS=1 .venv/bin/python bench/quant_memory.py --layer --hidden 1024 --experts 128 --width 384
 
 ``--peaks CASE``: where the memory of one ``moecompress quantize`` run goes. The case's synthetic bf16 checkpoint
-(bench/scale_bench.py CASES, e.g. qwen3-30b-layer) is generated, the command (``--argv``, default a uniform 4-bit
+(bench/scale_bench.py CASES, e.g. qwen3-30b-layer, or layers x hidden x experts x width x top-k, e.g. 1x2048x32x768x8)
+is generated, the command (``--argv``, default a uniform 4-bit
 GPTQ) runs in a fresh process whose side thread samples VmRSS every 20 ms together with the main thread's
 moecompress call stack; the report lists the largest RSS seen in each innermost moecompress function (the stage)
 and the peak (VmHWM). Writes reports/quant_memory.peaks.<case>.<label>.json + .md (``--label``).
@@ -226,6 +227,7 @@ def sample():
         seen[k] = max(seen.get(k, 0), r)
         time.sleep(0.02)
 threading.Thread(target=sample, daemon=True).start()
+import moecompress
 from moecompress.cli.main import app
 t0, c0 = time.time(), os.times()
 code = 0
@@ -237,7 +239,7 @@ done.append(1)
 c1 = os.times()
 print(json.dumps({"code": code, "peak_rss": status("VmHWM:"), "wall_s": round(time.time() - t0, 1),
                   "cpu_s": round(c1.user - c0.user + c1.system - c0.system, 1),
-                  "stages": [[k, seen[k]] for k in order]}))
+                  "stages": [[k, seen[k]] for k in order], "module": moecompress.__file__}))
 """
 
 
@@ -247,16 +249,21 @@ def peaks_bench(args: argparse.Namespace) -> None:
     from profile_bench import synthetic_checkpoint
     from scale_bench import CASES
 
-    L, H, E, I, k = CASES[args.peaks]
+    L, H, E, I, k = CASES[args.peaks] if args.peaks in CASES else map(int, args.peaks.split("x"))
     work = Path(tempfile.mkdtemp(prefix="quant-peaks-", dir=args.work))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MOECOMPRESS_QUIET": "1"}
+    code = Path(args.code).resolve() if args.code else ROOT
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(code), "MOECOMPRESS_QUIET": "1"}
     try:
         model = work / args.peaks
         size = synthetic_checkpoint(model, L, H, E, I, k)
         argv = args.argv.split()
         cmd = [argv[0], str(model), *argv[1:], "-o", str(work / "out"), "--samples", str(args.samples), "--seq-len",
                str(args.seq_len), "--device", "cpu"]  # fmt: skip
-        out = subprocess.run([sys.executable, "-c", _PEAKS_CHILD, *cmd], capture_output=True, text=True, env=env)
+        out = subprocess.run(  # cwd elsewhere: `python -c` puts the cwd first on sys.path, before PYTHONPATH
+            [sys.executable, "-c", _PEAKS_CHILD, *cmd], capture_output=True, text=True, env=env, cwd=work
+        )
+        if out.returncode == 0 and not json.loads(out.stdout.splitlines()[-1])["module"].startswith(str(code)):
+            raise RuntimeError(f"the child imported moecompress from outside {code}")
         lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
         if out.returncode or not lines:
             raise RuntimeError(out.stderr[-3000:])
@@ -269,7 +276,7 @@ def peaks_bench(args: argparse.Namespace) -> None:
                                                                                   else f" {a}" for a in sys.argv[1:]),
         "case": args.peaks, "shape": {"layers": L, "hidden": H, "experts": E, "width": I, "top_k": k},
         "argv": args.argv, "tokens": args.samples * args.seq_len, "checkpoint_bytes": size,
-        "routed_layer_bf16_bytes": layer, "commit": subprocess.run(
+        "routed_layer_bf16_bytes": layer, "code": str(code), "commit": args.code_label or subprocess.run(
             ["git", "log", "-1", "--format=%h"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         **r,
     }  # fmt: skip
@@ -294,8 +301,8 @@ def peaks_bench(args: argparse.Namespace) -> None:
     rep = Path(args.report_dir)
     rep.mkdir(parents=True, exist_ok=True)
     stem = rep / f"quant_memory.peaks.{args.peaks}.{args.label}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    stem.with_suffix(".md").write_text("\n".join(lines))
+    Path(f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
@@ -387,13 +394,17 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--limits-mib", default="1024,128", help="--max-memory of the 'after' rows (MiB)")
     ap.add_argument("--before-rev", default="de10cf3", help="commit whose quant/layer.py is the 'before'")
-    ap.add_argument("--peaks", default=None, help="a bench/scale_bench.py case: RSS per stage of one quantize run")
+    ap.add_argument(
+        "--peaks", default=None, help="a bench/scale_bench.py case or LxHxExIxK: RSS per stage of one quantize run"
+    )
     ap.add_argument("--argv", default="quantize --bits 4 --plan uniform", help="--peaks: the command (no MODEL)")
     ap.add_argument("--label", default="gptq", help="--peaks: report name suffix")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--top", type=int, default=25, help="--peaks: stages listed")
     ap.add_argument("--work", default=None, help="--peaks: folder for the synthetic checkpoint")
+    ap.add_argument("--code", default=None, help="--peaks: run this checkout's moecompress (default: this one)")
+    ap.add_argument("--code-label", default=None, help="--peaks: the commit --code holds, for the report")
     args = ap.parse_args()
     if args.peaks:
         peaks_bench(args)
