@@ -87,6 +87,11 @@ class Family:
     renames: tuple[tuple[str, str], ...] = ()
     disk_router: str | None = None  # router name in checkpoint keys when it differs (Phi-MoE: gate on disk, router)
     disk_correction: str | None = None  # correction bias's block-relative checkpoint name when not under the router
+    # the correction bias's block-relative module path when it is not ``<router>.<correction_bias>``: MiniMax-M2 keeps
+    # it on the block (``e_score_correction_bias``, passed to its router), ERNIE-4.5 under the router's
+    # ``moe_statics``; every module-side access goes through ``correction_of`` / ``set_correction``
+    correction_module: str | None = None
+    correction_row: bool = False  # held as [1, E] in the module and on disk (ERNIE-4.5's moe_statics); the view: [E]
     # experts saved as the module's own fused tensors (gpt-oss: experts.gate_up_proj [E, H, 2I], down_proj [E, I, H],
     # their biases; MXFP4 releases hold gate_up_proj_blocks/_scales instead): read and written in that layout
     fused_names: tuple[str, str] | None = None  # block-relative disk names of (gate_up, down) when fused on disk
@@ -235,6 +240,33 @@ class Family:
     def correction_key(self, layer: int) -> str | None:
         return self.router_key(layer, self.correction_bias) if self.correction_bias else None
 
+    # ---- the correction bias in the transformers module (DeepSeek: router buffer; MiniMax-M2: the block's) -------
+    def correction_module_key(self) -> str:
+        """The correction bias's key in the MoE block's state dict (block-relative)."""
+        return self.correction_module or f"{self.router}.{self.correction_bias}"
+
+    def correction_disk(self, t: torch.Tensor) -> torch.Tensor:
+        """The view's correction bias [E] in the shape the module and the checkpoint hold ([1, E] for ERNIE-4.5)."""
+        return t.reshape(1, -1) if self.correction_row else t
+
+    def correction_of(self, block: torch.nn.Module) -> torch.Tensor | None:
+        """The MoE block's correction bias as the view holds it ([E]), None when the family has none."""
+        if not self.correction_bias:
+            return None
+        owner, _, leaf = self.correction_module_key().rpartition(".")
+        t = getattr(block.get_submodule(owner) if owner else block, leaf, None)
+        return None if t is None else t.reshape(-1) if self.correction_row else t
+
+    def set_correction(self, block: torch.nn.Module, t: torch.Tensor) -> None:
+        """Give the MoE block this correction bias ([E], the view's): where and in the shape its module holds it."""
+        owner, _, leaf = self.correction_module_key().rpartition(".")
+        mod = block.get_submodule(owner) if owner else block
+        t = self.correction_disk(t).contiguous()
+        if leaf in mod._parameters:  # ERNIE-4.5 holds it as a parameter (requires_grad=False)
+            setattr(mod, leaf, torch.nn.Parameter(t, requires_grad=False))
+        else:
+            mod.register_buffer(leaf, t)
+
     def routed_key_pattern(self, layer: int) -> re.Pattern[str]:
         """Matches every key owned by the routed experts and router of one layer (hub or fused names)."""
         names = (self.experts, *sorted({self.router, self.disk_router or self.router}))
@@ -255,7 +287,7 @@ class Family:
                 if rel == f"{self.disk_block}.{fused}":
                     return f"{m[0]}{self.module_block}.{self.experts}.{name}"
             if self.disk_correction and rel == f"{self.disk_block}.{self.disk_correction}":
-                return f"{m[0]}{self.module_block}.{self.router}.{self.correction_bias}"
+                return f"{m[0]}{self.module_block}.{self.correction_module_key()}"
             for disk, module in self.renames:
                 if rel == disk:
                     return m[0] + module
@@ -333,7 +365,7 @@ class Family:
             gate, up = gate_up[:, :I], gate_up[:, I:]
             down = tensors[f"model.layers.{layer}.{self.module_block}.{self.experts}.down_proj"]  # [E, H, I]
             rp = f"model.layers.{layer}.{self.module_block}.{self.router}."
-            ck = rp + (self.correction_bias or "")
+            ck = f"model.layers.{layer}.{self.module_block}.{self.correction_module_key()}"
         else:
             try:
                 gate = torch.stack([tensors[self.expert_key(layer, e, 0)] for e in range(num_experts)])
@@ -350,6 +382,8 @@ class Family:
             raise UserError(f"{self.name} checkpoint lacks the router weight {rp}weight (layer {layer})")
         bias = tensors.get(rp + "bias") if self.router_bias else None
         corr = tensors.get(ck) if self.correction_bias else None
+        if corr is not None and self.correction_row:
+            corr = corr.reshape(-1)  # [1, E] -> [E]
         return MoEWeights(gate=gate, up=up, down=down, router=router, router_bias=bias, correction_bias=corr)
 
     def write_layer(self, w: Any, layer: int) -> dict[str, torch.Tensor]:
@@ -375,7 +409,7 @@ class Family:
         if w.router_bias is not None:
             out[self.router_key(layer, "bias")] = w.router_bias.contiguous()
         if w.correction_bias is not None and self.correction_bias:
-            out[self.router_key(layer, self.correction_bias)] = w.correction_bias.contiguous()
+            out[self.router_key(layer, self.correction_bias)] = self.correction_disk(w.correction_bias).contiguous()
         return out
 
 
@@ -564,6 +598,8 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             renames=d["renames"],
             disk_router=d["disk_router"],
             disk_correction=d["disk_correction"],
+            correction_module=d["correction_module"],
+            correction_row=d["correction_row"],
             routing_known=d["routing_like"] is not None,
             derived=True,
             fused_names=d["fused_names"][:2] if d["fused_names"] else None,
