@@ -84,7 +84,7 @@ def module_state(
         if w.router_bias is not None:
             out[f"{mb}{fam.router}.bias"] = w.router_bias
         if w.correction_bias is not None:
-            out[f"{mb}{fam.router}.{fam.correction_bias}"] = w.correction_bias
+            out[mb + fam.correction_module_key()] = fam.correction_disk(w.correction_bias)
         tensors = {k: v for k, v in tensors.items() if not pat.match(k)}
     for k, v in tensors.items():
         out[fam.disk_to_module(k)[len(prefix) :]] = v
