@@ -50,7 +50,7 @@ def set_block_experts(
     if fam.correction_bias:
         if w.correction_bias is None:
             raise UserError(f"layer {layer}: the {fam.name} router needs its {fam.correction_bias} tensor")
-        router.register_buffer(fam.correction_bias, w.correction_bias.contiguous())
+        fam.set_correction(block, w.correction_bias)  # the router's buffer (DeepSeek) or where the family holds it
     if hasattr(router, "num_experts"):
         router.num_experts = k
 
@@ -99,7 +99,7 @@ def block_view(block: nn.Module, fam: Family) -> MoEWeights:
         down=experts.down_proj.data,
         router=router.weight.data,
         router_bias=router.bias.data if getattr(router, "bias", None) is not None else None,
-        correction_bias=getattr(router, fam.correction_bias) if fam.correction_bias else None,
+        correction_bias=fam.correction_of(block),
         **biases,
     )
 
