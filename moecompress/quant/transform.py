@@ -307,8 +307,8 @@ def router_tensors(ctx: LayerContext) -> dict[str, torch.Tensor]:
     found = {fam.router_key(l): r.weight}
     if fam.router_bias and getattr(r, "bias", None) is not None:
         found[fam.router_key(l, "bias")] = r.bias
-    if fam.correction_bias and getattr(r, fam.correction_bias, None) is not None:
-        found[fam.router_key(l, fam.correction_bias)] = getattr(r, fam.correction_bias)
+    if (corr := fam.correction_of(ctx.block)) is not None:  # where the family holds it (router or block)
+        found[fam.router_key(l, fam.correction_bias)] = fam.correction_disk(corr)
     wd = DTYPES.get(info.get(fam.router_key(l), {}).get("dtype", ""), torch.float32)
     return {
         k: t.detach().to(DTYPES.get(info[k]["dtype"], wd) if k in info else wd).contiguous() for k, t in found.items()
