@@ -61,7 +61,7 @@ def set_padded(block: torch.nn.Module, fam: Any, ex: ExactLayer) -> None:
     if w.router_bias is not None:
         router.bias = torch.nn.Parameter(w.router_bias, requires_grad=False)
     if w.correction_bias is not None:
-        setattr(router, fam.correction_bias, w.correction_bias)
+        fam.set_correction(block, w.correction_bias)
     if hasattr(router, "num_experts"):
         router.num_experts = len(ex.gate)
 
