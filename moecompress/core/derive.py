@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+_CORR = "e_score_correction_bias"
 COUNT_EXCLUDE = ("per_tok", "shared", "top", "group", "layer", "capacity")
 
 
@@ -315,7 +316,8 @@ def derive(cfg: Any) -> dict[str, Any]:
     if "hash" in type(router).__name__.lower():
         raise Refusal(f"it routes by hash ({type(router).__name__}): removing experts changes the hash table")
     tensors = dict(router.named_parameters()) | dict(router.named_buffers())
-    extra = sorted(set(tensors) - {"weight", "bias", "e_score_correction_bias"})
+    corr_module, corr_row = _correction(block, router_name, router, tensors, E)
+    extra = sorted(set(tensors) - {"weight", "bias", "e_score_correction_bias", corr_module[len(router_name) + 1 :]})
     if extra:
         raise Refusal(f"its router {type(router).__name__} holds tensors {extra} besides weight/bias/correction bias")
     for n in ("bias", "e_score_correction_bias"):
@@ -324,7 +326,7 @@ def derive(cfg: Any) -> dict[str, Any]:
     shared = [n for n, c in block.named_children() if "shared" in n and not n.endswith("gate") and list(c.parameters())]
     skip = (f"{experts_name}.", f"{router_name}.", *(f"{n}." for n in shared))
     for n, t in [*block.named_parameters(), *block.named_buffers()]:
-        if not n.startswith(skip) and t.dim() >= 1 and t.shape[0] == E:
+        if not n.startswith(skip) and n != corr_module and t.dim() >= 1 and t.shape[0] == E:
             raise Refusal(
                 f"its MoE block holds a per-expert tensor outside the router ({block_name}.{n} "
                 f"{list(t.shape)}): removing experts would leave it stale"
@@ -346,12 +348,14 @@ def derive(cfg: Any) -> dict[str, Any]:
     nested = [f"{k}.{kk}" for k, v in raw.items() if isinstance(v, dict) for kk in v if "expert" in str(kk).lower()]
     if nested:
         raise Refusal(f"its config keeps expert settings in sub-configs ({nested[0]})")
-    top_k_key = next((k for k in ("num_experts_per_tok", "num_experts_per_token") if type(raw.get(k)) is int), None)
+    top_k_key = next(
+        (k for k in ("num_experts_per_tok", "num_experts_per_token", "moe_k") if type(raw.get(k)) is int), None
+    )
     if top_k_key is None:
         raise Refusal("its config has no integer num_experts_per_tok (the router's top-k)")
 
     disk_block, expert_names, renames, (disk_router, disk_correction), fused_names = _disk_layout(
-        wrapper or model, l0, block_name, experts_name, router_name, E, nest[0] if nest else "model"
+        wrapper or model, l0, block_name, experts_name, router_name, E, nest[0] if nest else "model", corr_module
     )
     if (flags["is_transposed"] or flags["has_bias"] or not flags["is_concatenated"]) and fused_names is None:
         raise Refusal("its experts are transposed, interleaved or biased in memory but saved per expert: not mapped")
@@ -386,7 +390,10 @@ def derive(cfg: Any) -> dict[str, Any]:
         "disk_router": disk_router,
         "disk_correction": disk_correction,
         "router_bias": "bias" in tensors,
-        "correction_bias": "e_score_correction_bias" if "e_score_correction_bias" in tensors else None,
+        "correction_bias": "e_score_correction_bias" if corr_module else None,
+        # block-relative module path when it is not the router's own e_score_correction_bias (MiniMax-M2, ERNIE-4.5)
+        "correction_module": corr_module if corr_module != f"{router_name}.e_score_correction_bias" else None,
+        "correction_row": corr_row,
         "shared": shared[0] if shared else None,
         "shared_gate": shared_gate[0] if shared_gate else None,
         "norm_topk_key": "norm_topk_prob" if "norm_topk_prob" in raw else None,
@@ -406,8 +413,46 @@ def derive(cfg: Any) -> dict[str, Any]:
     }
 
 
+def _correction(
+    block: torch.nn.Module, router_name: str, router: torch.nn.Module, tensors: dict[str, Any], E: int
+) -> tuple[str, bool]:
+    """(block-relative module path of the MoE block's routing correction bias, held as [1, E]), or ("", False).
+
+    DeepSeek-V3's router holds ``e_score_correction_bias`` [E]; ERNIE-4.5's holds it in ``moe_statics`` as [1, E]
+    (added to the softmax scores for the top-k choice); MiniMax-M2 / HY-V3's block holds it and passes it to its
+    router (``self.gate(hidden_states, self.e_score_correction_bias)``). Any of these is carried with the router rows
+    (sliced on expert removal); that removal equals masking those experts out of routing is checked per model type
+    (tests/families)."""
+    found = [n for n in tensors if n.rsplit(".", 1)[-1] == "e_score_correction_bias"]
+    own = [n for n, _ in [*block.named_parameters(recurse=False), *block.named_buffers(recurse=False)]]
+    if "e_score_correction_bias" in own:
+        call = rf"self\.{re.escape(router_name)}\([^)]*self\.e_score_correction_bias"
+        if found or not re.search(call, _source(type(block))):
+            raise Refusal(
+                f"its MoE block holds e_score_correction_bias and does not pass it to its router {router_name} "
+                "(the one use moecompress carries it for)"
+            )
+        t, path = block.e_score_correction_bias, "e_score_correction_bias"
+    elif len(found) == 1:
+        t, path = tensors[found[0]], f"{router_name}.{found[0]}"
+    elif found:
+        raise Refusal(f"its router holds several correction biases ({found})")
+    else:
+        return "", False
+    if tuple(t.shape) not in ((E,), (1, E)):
+        raise Refusal(f"its correction bias {path} has shape {list(t.shape)}, not [E] or [1, E]")
+    return path, t.dim() == 2
+
+
 def _disk_layout(
-    model: torch.nn.Module, l: int, block: str, experts: str, router: str, E: int, body: str = "model"
+    model: torch.nn.Module,
+    l: int,
+    block: str,
+    experts: str,
+    router: str,
+    E: int,
+    body: str = "model",
+    correction: str = "",
 ) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None], Any]:
     """(block name on disk, per-expert (gate, up, down) names, other per-layer renames, (router name, correction
     bias block-relative name) on disk when they differ, the block-relative disk names of the fused (gate_up, down)
@@ -468,8 +513,16 @@ def _disk_layout(
         raise Refusal(f"transformers saves its router as {rdisk}: not <block>.<router>.weight")
     disk_router = m[1]
     disk_correction = None
+    corr_src = f"{prefix}{block}.{correction}" if correction else None
     for k, v in out.items():
         if k in marked:
+            continue
+        if corr_src is not None and by_id.get(id(v)) == corr_src and corr_src != f"{prefix}{block}.{router}.{_CORR}":
+            # a correction bias outside the router's own e_score_correction_bias (MiniMax-M2's block buffer, saved
+            # as block_sparse_moe.e_score_correction_bias; ERNIE-4.5's gate.moe_statics, saved as mlp.moe_statics.*)
+            if not k.startswith(f"{prefix}{disk_block}."):
+                raise Refusal(f"transformers saves its correction bias {corr_src} outside the MoE block ({k})")
+            disk_correction = k[len(f"{prefix}{disk_block}.") :]
             continue
         if disk_router != router and k.startswith(f"{prefix}{disk_block}.{disk_router}."):
             tail = k[len(f"{prefix}{disk_block}.{disk_router}.") :]
