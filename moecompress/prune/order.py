@@ -7,7 +7,7 @@ Every method turns one MoE layer into a *removal order*: a list of steps, each a
     tokens go to their next choice) changes the layer's routed output least; cost = the increase of ||y_R - y||^2
     relative to a scale (the residual stream's energy on the same tokens, so layers compare). Exact and
     incremental: per (token, expert that can change its routing) the error of that removal is kept, and a removal
-    recomputes only the tokens whose top-k it can change. Memory: each token's best k+2 expert outputs [T, k+2, H]
+    recomputes only the tokens whose top-k it can change. Memory: each token's best k+4 expert outputs [T, k+4, H]
     (more on demand, into removed experts' slots) and [T, E] tables, T = error tokens; never [T, E, H].
 Selection: ``kept_uniform`` takes the first n experts of every layer's order; ``kept_global`` the cheapest steps
 across all layers (costs compared globally), keeping at least the router's minimum in each layer.
