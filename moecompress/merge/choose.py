@@ -292,10 +292,12 @@ def choose_clusters(
     sweeps: int = 2,
     align_block: int = EXACT_BLOCK,
     clock: Any = None,
+    cache: int | None = None,
 ) -> tuple[list[Candidate], float, float]:
     """Coordinate descent over the clusters' candidates. Returns (chosen candidates, error at start, final error).
     ``clock`` (``layer.Clock``, optional) is charged "merge candidates" (alignment, merges, router rows) and
-    "candidate trials" (routing, outputs, refits, errors)."""
+    "candidate trials" (routing, outputs, refits, errors). ``cache``: the clusters whose merge candidates are kept
+    for the next sweep (None: all; the others' are built again: the same tensors, so the same choice)."""
     w = fit.w
     lap = clock.lap if clock is not None else (lambda name: None)
     chosen, state = fit.start(clustering)
@@ -308,22 +310,22 @@ def choose_clusters(
             if len(members) == 1 and "keep+refit" not in kinds:
                 continue
             base = [keep_candidate(w, clustering.dominant[j])]
+            merges: list[Candidate] = []
             if len(members) > 1 and merging:
-                if j not in merged_cache:
+                merges = merged_cache.get(j, [])
+                if not merges:
                     lap("candidate trials")
-                    merged_cache[j] = merge_candidates(
+                    merges = merge_candidates(
                         fit, members, freqs, x_align, clustering.dominant[j], align, rank_fn, align_block
                     )
                     lap("merge candidates")
-                base += merged_cache[j]
+                    if cache is None or len(merged_cache) < cache:
+                        merged_cache[j] = merges
+                base += merges
             for cand in base:  # try it in place of column j; keep it only if it is strictly better
                 is_current = cand.kind == "keep" and chosen[j].kind == "keep"
                 # an untruncated subspace merge is the average: one candidate, under the first name asked for
-                names = (
-                    ("subspace", "average")
-                    if cand.kind == "subspace" and len(merged_cache.get(j, ())) == 1
-                    else (cand.kind,)
-                )
+                names = ("subspace", "average") if cand.kind == "subspace" and len(merges) == 1 else (cand.kind,)
                 plain = next((n for n in names if n in kinds), None) if not is_current else None
                 refit = next((n + "+refit" for n in names if n + "+refit" in kinds), None)
                 if plain is None and refit is None:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..core.experts import Act
 from ..core.families import MoEWeights
+from ..core.limits import expert_chunk
 from ..prune.order import RouterSpec
 from .align import align_cluster
 from .choose import Clustering, LayerFit, assemble, choose_clusters, pruning_clustering
@@ -278,14 +279,21 @@ def choose_layer(
     def rank_fn(m: torch.Tensor) -> int:
         return rank_for(m.shape[1], m.shape[2], m.shape[0], opts.rank, opts.rank_fraction)
 
-    tried = []
+    tried: list[tuple[float, Clustering, float]] = []  # (error, clustering, error at start)
+    kept: tuple[float, Clustering, list[Any]] | None = None  # the best so far (only its candidates are held)
     x_align = x_fit[: opts.align_tokens]
+    cache = cached_clusters(w, len(clusters), opts, fit.dtypes["gate"], xf.device)
     for c in options:
         chosen, start, err = choose_clusters(
-            fit, c, freqs, x_align, opts.candidates, opts.aligned, rank_fn, align_block=opts.align_block, clock=clock
+            fit, c, freqs, x_align, opts.candidates, opts.aligned, rank_fn, align_block=opts.align_block, clock=clock,
+            cache=cache,
         )  # fmt: skip
-        tried.append((err, c, chosen, start))
-    err, best, chosen, _ = min(tried, key=lambda t: t[0])
+        tried.append((err, c, start))
+        if kept is None or err < kept[0]:
+            kept = (err, c, chosen)
+        del chosen
+    assert kept is not None
+    err, best, chosen = kept
     merged = assemble(chosen, w, fit.dtypes)
     within = [float(similarity[m][:, m].mean()) for m in best.clusters if len(m) > 1]
     info = {
@@ -299,7 +307,7 @@ def choose_layer(
             for m, c in zip(best.clusters, chosen, strict=True)
         ],
         "output_error": round(err, 6),
-        "output_error_pruning": round(next(t[3] for t in tried if t[1].name == "pruning"), 6),
+        "output_error_pruning": round(next(t[2] for t in tried if t[1].name == "pruning"), 6),
         "output_error_by_clustering": {t[1].name: round(t[0], 6) for t in tried},
         "eval_tokens": n_eval,
         "fit_tokens": x_fit.shape[0],
@@ -308,6 +316,22 @@ def choose_layer(
         "mean_within_cluster_similarity": round(sum(within) / len(within), 4) if within else None,
     }
     return merged, info
+
+
+STATE_LAYER_FRACTION = 0.5  # merge candidates kept between sweeps: at most this fraction of the layer's experts
+
+
+def cached_clusters(
+    w: MoEWeights, n_clusters: int, opts: MergeOptions, dtype: torch.dtype, device: torch.device | None = None
+) -> int:
+    """Clusters whose merge candidates are kept from one sweep to the next (``choose_clusters``' cache; the others
+    are merged again): ``core.limits.expert_chunk`` of one cluster's candidates (a quarter of ``--max-memory``,
+    else of the free memory) and at most ``STATE_LAYER_FRACTION`` of the layer's experts in ``dtype``. One
+    cluster's candidates: gate, up, down of the subspace merge, and of the average when the rank is truncated."""
+    E, I, H = w.gate.shape
+    expert = 3 * I * H * torch.empty(0, dtype=dtype).element_size()  # bytes of one merged expert
+    per = expert * (1 if opts.rank is None and opts.rank_fraction is None else 2)
+    return max(1, min(expert_chunk(n_clusters, per, device), int(STATE_LAYER_FRACTION * E * expert) // per))
 
 
 def _ranks(w: MoEWeights, n: int, opts: MergeOptions) -> dict[str, int]:

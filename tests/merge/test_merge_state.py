@@ -1,0 +1,68 @@
+"""merge's per-cluster state under a memory bound: the merge candidates kept between sweeps are capped (by
+--max-memory, and at half the layer's experts), the others merged again, with the same choice and error."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moecompress.core.families import MoEWeights
+from moecompress.core.limits import set_memory_limit
+from moecompress.merge import choose
+from moecompress.merge.choose import Clustering, LayerFit, choose_clusters
+from moecompress.merge.layer import cached_clusters
+from moecompress.merge.options import MergeOptions
+from moecompress.prune.order import RouterSpec
+
+
+def _layer(E=8, I=12, H=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    return MoEWeights(gate=r(E, I, H), up=r(E, I, H), down=r(E, H, I), router=r(E, H))
+
+
+def test_capped_candidate_cache_makes_the_same_choice(monkeypatch):
+    built: list[tuple[int, ...]] = []
+    merge_candidates = choose.merge_candidates
+    monkeypatch.setattr(
+        choose, "merge_candidates", lambda fit, m, *a: built.append(tuple(m)) or merge_candidates(fit, m, *a)
+    )
+    w = _layer()
+    g = torch.Generator().manual_seed(1)
+    fit = LayerFit(w, torch.randn(500, 16, generator=g), torch.randn(250, 16, generator=g), RouterSpec(top_k=2), F.silu)
+    clustering = Clustering("test", [[0, 1, 2], [3, 4], [5], [6, 7]], [1, 3, 5, 7])
+    freqs = torch.full((8,), 1 / 8)
+    runs, merges = {}, {}
+    for c in (None, 0, 1):
+        built.clear()
+        runs[c] = choose_clusters(fit, clustering, freqs, fit.x[:200], cache=c)
+        merges[c] = list(built)
+    assert merges[None] == [(0, 1, 2), (3, 4), (6, 7)]  # each multi-member cluster merged once (two sweeps)
+    assert merges[0] == merges[None] * 2 and merges[1] == merges[None] + merges[None][1:]  # the rest merged again
+    ref_chosen, ref_start, ref_err = runs[None]
+    assert any(c.kind != "keep" for c in ref_chosen)  # merges or refits were chosen: the cache was used
+    for chosen, start, err in runs.values():
+        assert (start, err) == (ref_start, ref_err)
+        assert [c.kind for c in chosen] == [c.kind for c in ref_chosen]
+        for a, b in zip(chosen, ref_chosen, strict=True):
+            for x, y in zip((a.gate, a.up, a.down, a.row), (b.gate, b.up, b.down, b.row), strict=True):
+                assert torch.equal(x, y)
+
+
+def test_cached_clusters_follow_max_memory_and_half_the_layer():
+    w = _layer(E=8, I=12, H=16)
+    expert = 3 * 12 * 16 * 2  # one merged expert in bf16
+    full = MergeOptions(ratio=0.5)
+    truncated = MergeOptions(ratio=0.5, rank=2)  # subspace and average candidates per cluster
+    try:
+        set_memory_limit(10**9)
+        assert cached_clusters(w, 4, full, torch.bfloat16) == 4  # half the layer holds 4 clusters' merges
+        assert cached_clusters(w, 8, full, torch.bfloat16) == 4
+        assert cached_clusters(w, 8, truncated, torch.bfloat16) == 2
+        set_memory_limit(4 * 3 * expert)  # a quarter of it holds 3 merged experts
+        assert cached_clusters(w, 4, full, torch.bfloat16) == 3
+        assert cached_clusters(w, 4, truncated, torch.bfloat16) == 1
+        set_memory_limit(1)
+        assert cached_clusters(w, 4, full, torch.bfloat16) == 1  # at least one
+    finally:
+        set_memory_limit(None)
