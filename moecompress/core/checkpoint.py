@@ -353,6 +353,8 @@ class Checkpoint:
         (expert counts) set at its top."""
         self.check_layout(layout)
         if self.wrapper_config is None:
+            if self.family.renames and isinstance(config.get("quantization_config"), dict):
+                config = dict(config, quantization_config=self._module_targets(config["quantization_config"]))
             return config
         raw = read_json_file(self.path / "config.json", "config.json (JSON)")
         attr = next(k for k, v in vars(self.wrapper_config).items() if v is self.config)
@@ -375,6 +377,28 @@ class Checkpoint:
                 text[k] = v
         full[attr] = text
         return full
+
+    def _module_targets(self, obj: Any) -> Any:
+        """A quantization_config whose targets name modules transformers renames on load (HY-V3's disk
+        mlp.shared_mlp.* is the module mlp.shared_experts.*) with the module's name added to each: compressed-tensors
+        matches targets against the loaded model's module names, moecompress.load against the checkpoint's keys."""
+        if isinstance(obj, dict):
+            return {k: self._module_targets(v) if k != "ignore" else v for k, v in obj.items()}
+        if not isinstance(obj, list):
+            return obj
+        out = list(obj)
+        for t in obj:
+            if not isinstance(t, str):
+                continue
+            new = t
+            for disk, module in self.family.renames:
+                if disk.endswith(".weight") and module.endswith(".weight"):
+                    d, m = disk[: -len(".weight")], module[: -len(".weight")]
+                    new = new.replace(re.escape(f".{d}"), re.escape(f".{m}")) if t.startswith("re:") else new
+                    new = new.replace(f".{d}", f".{m}") if not t.startswith("re:") else new
+            if new != t and new not in out:
+                out.append(new)
+        return out
 
     def _disk_names(self, obj: Any) -> Any:
         """``obj`` (a quantization_config) with the view's module names (model.layers.3.self_attn.q_proj, as plain

@@ -508,21 +508,26 @@ def _disk_layout(
     renames: dict[str, str] = {}  # layer-relative disk name -> module name (beyond the block rename)
     rw = sd[f"{prefix}{block}.{router}.weight"]
     rdisk = next((k for k, v in out.items() if v is rw), f"{prefix}{disk_block}.{router}.weight")
-    m = re.match(rf"^{re.escape(prefix)}{re.escape(disk_block)}\.(\w+)\.weight$", rdisk)
+    m = re.match(rf"^{re.escape(prefix)}{re.escape(disk_block)}\.([\w.]+?)\.weight$", rdisk)
     if m is None:
         raise Refusal(f"transformers saves its router as {rdisk}: not <block>.<router>.weight")
     disk_router = m[1]
     disk_correction = None
-    corr_src = f"{prefix}{block}.{correction}" if correction else None
+    own_corr = bool(correction) and correction != f"{router}.{_CORR}"  # not DeepSeek's router buffer (below)
     for k, v in out.items():
         if k in marked:
             continue
-        if corr_src is not None and by_id.get(id(v)) == corr_src and corr_src != f"{prefix}{block}.{router}.{_CORR}":
+        csrc = by_id.get(id(v)) if own_corr else None
+        if csrc is not None and (cm := lay.match(csrc)) and csrc[cm.end() :] == f"{block}.{correction}":
             # a correction bias outside the router's own e_score_correction_bias (MiniMax-M2's block buffer, saved
-            # as block_sparse_moe.e_score_correction_bias; ERNIE-4.5's gate.moe_statics, saved as mlp.moe_statics.*)
-            if not k.startswith(f"{prefix}{disk_block}."):
-                raise Refusal(f"transformers saves its correction bias {corr_src} outside the MoE block ({k})")
-            disk_correction = k[len(f"{prefix}{disk_block}.") :]
+            # as block_sparse_moe.e_score_correction_bias; HY-V3's as mlp.expert_bias; ERNIE-4.5's gate.moe_statics,
+            # saved as mlp.moe_statics.*), in every MoE layer
+            if not k.startswith(f"{cm[0]}{disk_block}."):
+                raise Refusal(f"transformers saves its correction bias {csrc} outside the MoE block ({k})")
+            rel = k[len(f"{cm[0]}{disk_block}.") :]
+            if disk_correction not in (None, rel):
+                raise Refusal(f"transformers saves its correction bias under two names ({disk_correction}, {rel})")
+            disk_correction = rel
             continue
         if disk_router != router and k.startswith(f"{prefix}{disk_block}.{disk_router}."):
             tail = k[len(f"{prefix}{disk_block}.{disk_router}.") :]
