@@ -123,7 +123,7 @@ class LayerContext:
 
     @property
     def router(self) -> nn.Module:
-        return getattr(self.block, self.engine.fam.router)
+        return self.block.get_submodule(self.engine.fam.router)  # Hunyuan: gate.wg
 
     def replace(self, tensors: dict[str, torch.Tensor]) -> None:
         """Write these hub-named tensors instead of the checkpoint's routed tensors (and router) of this layer."""
