@@ -308,12 +308,22 @@ def derive(cfg: Any) -> dict[str, Any]:
         for n, c in block.named_children()
         if n != experts_name and getattr(c, "weight", None) is not None and tuple(c.weight.shape) == (E, H)
     ]
+    if not routers:  # Hunyuan: the gate module holds the router as a Linear child (gate.wg), and nothing else
+        routers = [
+            f"{n}.{g}"
+            for n, c in block.named_children()
+            if n != experts_name and "shared" not in n
+            for g, w in c.named_children()
+            if getattr(w, "weight", None) is not None and tuple(w.weight.shape) == (E, H)
+            and {k for k, _ in [*c.named_parameters(), *c.named_buffers()]} <= {f"{g}.weight", f"{g}.bias"}
+        ]  # fmt: skip
     if len(routers) != 1:
         kinds = ", ".join(f"{n}: {type(c).__name__}" for n, c in block.named_children() if n != experts_name)
         raise Refusal(f"its MoE block has no single router with weight [E, hidden] ({kinds})")
     router_name = routers[0]
     router = block.get_submodule(router_name)
-    if "hash" in type(router).__name__.lower():
+    owner = block.get_submodule(router_name.split(".")[0])
+    if "hash" in type(router).__name__.lower() or "hash" in type(owner).__name__.lower():
         raise Refusal(f"it routes by hash ({type(router).__name__}): removing experts changes the hash table")
     tensors = dict(router.named_parameters()) | dict(router.named_buffers())
     corr_module, corr_row = _correction(block, router_name, router, tensors, E)
@@ -349,7 +359,8 @@ def derive(cfg: Any) -> dict[str, Any]:
     if nested:
         raise Refusal(f"its config keeps expert settings in sub-configs ({nested[0]})")
     top_k_key = next(
-        (k for k in ("num_experts_per_tok", "num_experts_per_token", "moe_k") if type(raw.get(k)) is int), None
+        (k for k in ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk") if type(raw.get(k)) is int),
+        None,
     )
     if top_k_key is None:
         raise Refusal("its config has no integer num_experts_per_tok (the router's top-k)")

@@ -244,7 +244,8 @@ def experts_masked(model: torch.nn.Module, fam: Any, E: int, removed: dict[int, 
     """The base model with ``removed`` experts (per layer) masked out of routing, through the family's own code:
     inside each router's forward, the router logits (every ``F.linear`` output of width E) are -inf for them, and a
     correction bias is -inf for them (sigmoid routers add it after the logits). E: the base model's expert count."""
-    routers = {id(getattr(getattr(decoder_layers(model, fam)[l], fam.module_block), fam.router)): l for l in removed}
+    blocks = {l: getattr(decoder_layers(model, fam)[l], fam.module_block) for l in removed}
+    routers = {id(blocks[l].get_submodule(fam.router)): l for l in removed}  # Hunyuan's router: gate.wg
     active: list[int] = []
     linear = torch.nn.functional.linear
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -264,9 +265,9 @@ def experts_masked(model: torch.nn.Module, fam: Any, E: int, removed: dict[int, 
 
     hooks = []
     for l, gone in removed.items():
-        router = getattr(getattr(decoder_layers(model, fam)[l], fam.module_block), fam.router)
+        router = blocks[l].get_submodule(fam.router)
         hooks += [router.register_forward_pre_hook(enter), router.register_forward_hook(leave)]
-        corr = getattr(router, fam.correction_bias, None) if fam.correction_bias else None
+        corr = fam.correction_of(blocks[l])  # the router's (DeepSeek), the block's (MiniMax-M2), moe_statics (ERNIE)
         if corr is not None:
             saved.append((corr, corr.detach().clone()))
             with torch.no_grad():

@@ -37,7 +37,6 @@ REFUSED: dict[str, str] = {
     "flint": "renames a module on disk",
     "gemma4": "keeps its language model in nested configs",
     "glm5_next": "overrides _apply_gate",
-    "hunyuan_v1_moe": "no single router",
     "hy_v4": "no single final norm",
     "inkling": "no config class registered",
     "inkling2": "no single final norm",
