@@ -126,7 +126,8 @@ def features(shape: ModelShape, var: str, s: Settings) -> tuple[dict[str, float]
         tim["sim"] = Lm * sim * E * expert_fwd
     if var in ("prune", "prune-refit"):
         err = min(s.error_tokens, T)
-        mem["err"] = 4.0 * err * E * H
+        cached = min(E, k + (4 if var == "prune" else 2))  # each sampled token's expert outputs (prune/transform.py)
+        mem["err"] = 4.0 * err * cached * H
         tim["search"] = Lm * err * E * expert_fwd
     if var == "prune-refit":
         mem["cache"] = 4.0 * T * k * H
