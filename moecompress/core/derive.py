@@ -403,7 +403,7 @@ def derive(cfg: Any) -> dict[str, Any]:
         "router_bias": "bias" in tensors,
         "correction_bias": "e_score_correction_bias" if corr_module else None,
         # block-relative module path when it is not the router's own e_score_correction_bias (MiniMax-M2, ERNIE-4.5)
-        "correction_module": corr_module if corr_module != f"{router_name}.e_score_correction_bias" else None,
+        "correction_module": corr_module if corr_module not in ("", f"{router_name}.{_CORR}") else None,
         "correction_row": corr_row,
         "shared": shared[0] if shared else None,
         "shared_gate": shared_gate[0] if shared_gate else None,
