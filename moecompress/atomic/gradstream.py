@@ -181,7 +181,7 @@ def _accumulate_gathered(
         share_rows_(acc)
 
 
-G_LAYER_FRACTION = 0.5  # full G held at once: at most this fraction of one MoE layer's routed experts' bytes
+G_LAYER_FRACTION = 0.25  # full G held at once: at most this fraction of one MoE layer's routed experts' bytes
 
 
 def routed_layer_bytes(ckpt: Checkpoint) -> int:
@@ -227,7 +227,7 @@ def streamed_grad_stats(
     ``dist.share(E)`` (the others are zero); False: every expert's on every rank. m, when asked for, is summed over
     the ranks (all-reduce: float64 rounding of the sum order).
     chunk (full G with ``on_layer``): experts whose G is held at once (default ``g_chunk``: from ``--max-memory`` or
-    the free memory, and at most half a layer's routed bytes). Below the layer's expert count, each
+    the free memory, and at most a quarter of a layer's routed bytes). Below the layer's expert count, each
     batch's dL/dy rows are kept (T x H floats) and G comes to ``on_layer`` as a ``heapr.ChunkedG``, built chunk by
     chunk from them (scores bit-identical to the whole [E, H, H]).
     """
