@@ -222,6 +222,11 @@ def _stream_ends(model: torch.nn.Module, H: int) -> tuple[str, str]:
     if embed is None:
         raise Refusal("its input embedding is not a child of model.model (the layer stream embeds there)")
     rest = [n for n, c in inner.named_children() if n not in (embed, "layers") and list(c.parameters())]
+    if any("per_layer" in n for n in rest):
+        raise Refusal(
+            f"it feeds every decoder layer a per-layer input embedding besides the hidden states "
+            f"({', '.join(n for n in rest if 'per_layer' in n)}): the layer stream does not compute it"
+        )
     if len(rest) != 1 or tuple(getattr(inner.get_submodule(rest[0]), "weight", torch.empty(0)).shape) != (H,):
         raise Refusal(f"it has no single final norm [hidden] beside the layers under model.model ({rest})")
     return embed, rest[0]
@@ -436,14 +441,16 @@ def _correction(
     (tests/families)."""
     found = [n for n in tensors if n.rsplit(".", 1)[-1] == "e_score_correction_bias"]
     own = [n for n, _ in [*block.named_parameters(recurse=False), *block.named_buffers(recurse=False)]]
-    if "e_score_correction_bias" in own:
-        call = rf"self\.{re.escape(router_name)}\([^)]*self\.e_score_correction_bias"
-        if found or not re.search(call, _source(type(block))):
+    held = [n for n in own if n in ("e_score_correction_bias", "expert_bias")]  # AFMoE: expert_bias
+    if held:
+        owner = router_name.split(".")[0]  # the module the block calls (AFMoE's router, whose gate is the Linear)
+        call = rf"self\.{re.escape(owner)}\([^)]*self\.{held[0]}\b"
+        if found or len(held) > 1 or not re.search(call, _source(type(block))):
             raise Refusal(
-                f"its MoE block holds e_score_correction_bias and does not pass it to its router {router_name} "
+                f"its MoE block holds {held[0]} and does not pass it to its router {owner} "
                 "(the one use moecompress carries it for)"
             )
-        t, path = block.e_score_correction_bias, "e_score_correction_bias"
+        t, path = getattr(block, held[0]), held[0]
     elif len(found) == 1:
         t, path = tensors[found[0]], f"{router_name}.{found[0]}"
     elif found:

@@ -100,6 +100,12 @@ def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, An
         out["topk_method"] = "group_limited_greedy"
     if "mlp_only_layers" in defaults:
         out["mlp_only_layers"] = [1]
+    if defaults.get("enable_moe_block") is False:  # Gemma-4: the MoE variant's structure (experts beside the MLP)
+        out |= dict(enable_moe_block=True, top_k_experts=2)
+    if isinstance(defaults.get("per_layer_config"), dict):  # Gemma-4: per-layer overrides of the layers kept
+        out["per_layer_config"] = {k: v for k, v in defaults["per_layer_config"].items() if int(k) < 4}
+    if defaults.get("vocab_size_per_layer_input"):  # per-layer input embeddings (Gemma-3n / Gemma-4), small
+        out |= dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16)
     return out
 
 
@@ -169,8 +175,8 @@ def build(
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, 0.08)
-        for name, b in model.named_buffers():
-            if name.endswith(("e_score_correction_bias", "expert_bias")):
+        for name, b in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith(("e_score_correction_bias", "expert_bias")) and b.dim() == 1:  # AFMoE: a parameter
                 b.uniform_(-0.05, 0.05)
     model.save_pretrained(folder)
     if tokenizer_dir is not None:

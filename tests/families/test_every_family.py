@@ -24,18 +24,17 @@ TYPES = installed_moe_types()
 # Multimodal wrappers are read through their language model (qwen3_5_moe, qwen3_vl_moe, glm4v_moe are supported);
 # the others are refused for what their text model has
 REFUSED: dict[str, str] = {
-    "afmoe": "no single router",
-    "aria": "no integer num_experts_per_tok",
+    "aria": "fused on disk and converted on save",
     "axk2": "renames a module on disk",
     "bailing_hybrid": "converts its tensor",
     "beam": "overrides _apply_gate",
     "deepseek_ocr2": "cannot build it",
     "deepseek_v4": "no single final norm",
-    "diffusion_gemma": "keeps its language model in nested configs",
+    "diffusion_gemma": "does not find one text model",
     "dots3_note": "transformers saves its experts as model.layers",
     "ernie4_5_vl_moe": "not one block.experts per layer",
     "flint": "renames a module on disk",
-    "gemma4": "keeps its language model in nested configs",
+    "gemma4": "per-layer input embedding",
     "glm5_next": "overrides _apply_gate",
     "hy_v4": "no single final norm",
     "inkling": "no config class registered",
