@@ -6,6 +6,7 @@
   shared experts as ``mlp.shared_mlp``.
 - ERNIE-4.5 (``ernie4_5_moe``): the router holds it in ``moe_statics`` as a [1, E] parameter (top-k in ``moe_k``).
 - Hunyuan (``hunyuan_v1_moe``): the gate module holds the router as a Linear child ``gate.wg``.
+- AFMoE (``afmoe``): the block's ``expert_bias`` parameter, passed to its router module (Linear ``router.gate``).
 
 Each is carried as the block's correction bias (sliced with the router rows on expert removal, its disk key and shape
 kept); the family checks (view -> write bit-exact, profile = brute force, prune logits = base with the experts
@@ -42,6 +43,10 @@ WHERE = {
         correction_module="gate.moe_statics.e_score_correction_bias",
         disk_correction="moe_statics.e_score_correction_bias", correction_row=True, disk_block="mlp",
         router="gate", disk_router=None,
+    ),
+    "afmoe": dict(
+        correction_module="expert_bias", disk_correction="expert_bias", correction_row=False, disk_block="mlp",
+        router="router.gate", disk_router=None,
     ),
     "hunyuan_v1_moe": dict(
         correction_module=None, disk_correction=None, correction_row=False, disk_block="mlp", router="gate.wg",
@@ -122,7 +127,7 @@ def test_quantized_targets_name_the_modules_transformers_renames_on_load(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["hy_v3", "ernie4_5_moe", "hunyuan_v1_moe"])
+@pytest.mark.parametrize("model_type", ["hy_v3", "ernie4_5_moe", "hunyuan_v1_moe", "afmoe"])
 def test_family_checks(model_type, tmp_path, tokenizer_dir):
     """open, view -> write bit-exact, profile = brute force, prune (masked-routing logits), quantize loads."""
     assert family_for(tiny_config(model_type)).derived
