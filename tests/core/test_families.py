@@ -74,7 +74,7 @@ def test_every_family_has_distinct_model_types():
     [
         ("llama", {}, "not a Mixture-of-Experts model"),
         ("qwen3_moe", {"num_experts": 0}, "has no routed experts"),
-        ("afmoe", {}, "no moecompress adapter for model_type 'afmoe'.*no single router"),
+        ("zaya", {}, "no moecompress adapter for model_type 'zaya'.*no single router"),
         (
             "dbrx",
             {},
