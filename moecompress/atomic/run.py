@@ -179,9 +179,16 @@ def check_layout(ckpt: Checkpoint, layout: str, ratio: float, instead: str = "us
     K = uniform_k(int(getattr(ckpt.config, key)), ratio)
     other = _resized_besides_experts(ckpt, key, K)
     if other is not None:
+        try:
+            ckpt.check_layout("exact")
+        except UserError:  # Llama-4, multimodal wrappers: no exact layout either, so do not suggest it
+            instead = "channel pruning is not available for this model type (its exact layout is refused too); use "
+            instead += "expert pruning (moecompress prune --ratio R)"
+        else:
+            instead += " (loads with moecompress.load)"
         raise UserError(
             f"{ckpt.family.name} sizes more than its routed experts from {key} ({other} too), so a narrower "
-            f"uniform width would resize them: {instead} (loads with moecompress.load)"
+            f"uniform width would resize them: {instead}"
         )
     return K
 
