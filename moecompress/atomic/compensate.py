@@ -105,26 +105,10 @@ def refit_down(
     return lstsq_down(ps.double()[:, None] * h.double(), target, kept_down, ridge, refit_dtype(w.down.dtype))
 
 
-def refit_expert_downs(
-    x: torch.Tensor,
-    weights: torch.Tensor,
-    w: MoEWeights,
-    keep: list[torch.Tensor],
-    act: Act,
-    ridge: float = 1e-3,
-    holdout: int = 4,
-    experts: Iterable[int] | None = None,
-) -> list[torch.Tensor]:
-    """Refitted down projections [H, K_e] of every expert (an expert with no channel gets an empty [H, 0]); with
-    ``experts``, only those are refitted (the others keep their sliced columns): each expert's fit is its own.
-
-    Args:
-        x: [T, H] MoE-block inputs; weights: [T, E] routing weights; w: the unpruned layer; keep: kept channels;
-        act: the experts' activation (``experts.act_fn``).
-        holdout: every holdout-th token is left out of the fit and checks it; an expert whose refit is worse there
-            than plain slicing keeps its sliced columns (0: fit on every token, no check).
-    """
-    return [d for _, d in iter_refit_downs(x, weights, w, keep, act, ridge, holdout, experts)]
+def refit_expert_downs(*args: Any, **kwargs: Any) -> list[torch.Tensor]:
+    """Refitted down projections [H, K_e] of every expert, as a list (an expert with no channel gets an empty
+    [H, 0]); the arguments are ``iter_refit_downs``'s."""
+    return [d for _, d in iter_refit_downs(*args, **kwargs)]
 
 
 def iter_refit_downs(
@@ -137,8 +121,16 @@ def iter_refit_downs(
     holdout: int = 4,
     experts: Iterable[int] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """``refit_expert_downs`` one expert at a time: yields (expert, its down projection [H, K_e]) in expert order,
-    so a caller can store each where it belongs and hold no list of them."""
+    """The refitted down projection [H, K_e] of every expert, one at a time: yields (expert, down) in expert order,
+    so a caller can store each where it belongs and hold no list of them. With ``experts``, only those are refitted
+    (the others keep their sliced columns): each expert's fit is its own.
+
+    Args:
+        x: [T, H] MoE-block inputs; weights: [T, E] routing weights; w: the unpruned layer; keep: kept channels;
+        act: the experts' activation (``experts.act_fn``).
+        holdout: every holdout-th token is left out of the fit and checks it; an expert whose refit is worse there
+            than plain slicing keeps its sliced columns (0: fit on every token, no check).
+    """
     check = torch.zeros(x.shape[0], dtype=torch.bool)
     if holdout > 1:
         check[::holdout] = True
