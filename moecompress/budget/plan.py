@@ -2,7 +2,7 @@
 
 Cost of option o of expert e in layer l (predicted KL, comparable across kinds and layers):
   removed:            s_rm[l]  * err_rm[e]
-  kept at full width: quantize's LP cost of the option (``quant.plan._costs``: s_q[l] * err[e, o], one KL factor
+  kept at full width: quantize's LP cost of the option (``quant.plan.option_costs``: s_q[l] * err[e, o], one KL factor
                       per layer for every (gate/up, down) option, few-token experts at their layer's median error)
   kept cut to w:      s_cut[l, w] * err_cut[e, w] + s_q[l] * max(err[e, w, o] - err_cut[e, w], 0)
 with s_q = ``quant.plan.option_sensitivity`` (the per-projection LP's calibration: layer l's measured KL with all its
@@ -34,9 +34,9 @@ from ..core.errors import UserError
 from ..prune.order import RouterSpec
 from ..quant.layer import Width, split_width
 from ..quant.plan import PROTECT_BITS, WIDTHS, Layout, scale_dtype_of
-from ..quant.plan import _costs as quant_costs
-from ..quant.plan import _protected as quant_protected
 from ..quant.plan import make_plan as quant_make_plan
+from ..quant.plan import option_costs as quant_costs
+from ..quant.plan import plan_protection as quant_protected
 from .measure import PROBE_REMOVE, BudgetMeasure, cut_key
 from .options import PAIRS, Option, menu, option_bytes
 from .solve import Shape, servable_plan, smallest_bytes, solve
@@ -151,7 +151,7 @@ def quant_protection(
     ckpt: Checkpoint, m: BudgetMeasure, budget_bytes: float, other_bits: int, supers: list[tuple[int, int]]
 ) -> dict[tuple[int, int], str] | None:
     """The experts quantize's per-projection LP plan holds at >= PROTECT_BITS at this budget (``quant.plan.
-    _protected``: super experts, then few-token experts, each group dropped when the budget cannot hold it), or
+    plan_protection``: super experts, then few-token experts, each group dropped when the budget cannot hold it), or
     None when that plan does not fit the budget."""
     lay = Layout(ckpt)
     sb = scale_dtype_of(ckpt).itemsize

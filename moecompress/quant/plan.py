@@ -251,11 +251,11 @@ def make_plan(
     PROTECT_BITS bits in LP plans (they leave their layer's tie with --granularity layer)."""
     L, E = len(lay.moe), lay.E
     per_width, nbytes, fixed, budget = _bytes(lay, widths, bits, budget_gb, other_bits, scale_bytes)
-    costs, flagged, sens = _costs(lay, meas, widths, importance, min_tokens, cost_model)
+    costs, flagged, sens = option_costs(lay, meas, widths, importance, min_tokens, cost_model)
     protected: dict[tuple[int, int], str] = {}
     protect_note = None
     if protect and plan == "lp":
-        protected, protect_note = _protected(lay, supers, flagged, per_width, widths, budget, min_tokens)
+        protected, protect_note = plan_protection(lay, supers, flagged, per_width, widths, budget, min_tokens)
     choice, solver = _choose(lay, plan, granularity, widths, bits, costs, nbytes, budget, protected)
     chosen_bits = np.array([average_bits(widths[c]) for c in choice]).reshape(L, E)
     routed_bytes = int(nbytes[np.arange(L * E), choice].sum())
@@ -314,7 +314,7 @@ def _bytes(
     return per_width, nbytes, fixed, budget
 
 
-def _costs(
+def option_costs(
     lay: Layout, meas: dict[str, Any], widths: tuple[Width, ...], importance: np.ndarray, min_tokens: int, model: str
 ) -> tuple[np.ndarray | None, list[list[int]], np.ndarray | None]:
     """``(costs [N, B] or None without measured errors, few-token experts [[layer, expert]], sensitivity [L])``;
@@ -337,7 +337,7 @@ def _costs(
     return (importance[:, :, None] * e2).reshape(L * E, len(widths)), flagged, sens
 
 
-def _protected(
+def plan_protection(
     lay: Layout,
     supers: list[tuple[int, int]] | tuple,
     flagged: list[list[int]],
