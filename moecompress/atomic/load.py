@@ -51,7 +51,7 @@ def set_padded(block: torch.nn.Module, fam: Any, ex: ExactLayer) -> None:
     """Give the MoE block the layer's experts zero-padded to one width (exact) and its router."""
     width = padded_width(ex.widths)
     w = pad_exact(ex, width)
-    experts, router = getattr(block, fam.experts), block.get_submodule(fam.router)
+    experts, router = getattr(block, fam.experts), fam.router_of(block)
     experts.gate_up_proj = torch.nn.Parameter(torch.cat([w.gate, w.up], dim=1), requires_grad=False)  # [E', 2W, H]
     experts.down_proj = torch.nn.Parameter(w.down, requires_grad=False)  # [E', H, W]
     experts.num_experts = len(ex.gate)

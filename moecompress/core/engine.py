@@ -123,7 +123,7 @@ class LayerContext:
 
     @property
     def router(self) -> nn.Module:
-        return self.block.get_submodule(self.engine.fam.router)  # Hunyuan: gate.wg
+        return self.engine.fam.router_of(self.block)
 
     def replace(self, tensors: dict[str, torch.Tensor]) -> None:
         """Write these hub-named tensors instead of the checkpoint's routed tensors (and router) of this layer."""

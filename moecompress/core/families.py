@@ -249,6 +249,10 @@ class Family:
         """The view's correction bias [E] in the shape the module and the checkpoint hold ([1, E] for ERNIE-4.5)."""
         return t.reshape(1, -1) if self.correction_row else t
 
+    def router_of(self, block: torch.nn.Module) -> torch.nn.Module:
+        """The MoE block's router module (a dotted path where it is nested: Hunyuan's gate.wg)."""
+        return block.get_submodule(self.router)
+
     def correction_of(self, block: torch.nn.Module) -> torch.Tensor | None:
         """The MoE block's correction bias as the view holds it ([E]), None when the family has none."""
         if not self.correction_bias:

@@ -34,7 +34,7 @@ def set_block_experts(
 
     ``gate_up``: the [k, 2I, H] tensor whose halves ``w.gate`` and ``w.up`` are (``select_experts``): the block
     holds it as it is instead of a concatenated copy."""
-    experts, router = getattr(block, fam.experts), block.get_submodule(fam.router)
+    experts, router = getattr(block, fam.experts), fam.router_of(block)
     k = w.num_experts
     if gate_up is None or not (_is_half(w.gate, gate_up, 0) and _is_half(w.up, gate_up, 1)):
         gate_up = torch.cat([w.gate, w.up], dim=1)
@@ -86,7 +86,7 @@ def select_experts(w: MoEWeights, keep: list[int]) -> tuple[MoEWeights, torch.Te
 
 def block_view(block: nn.Module, fam: Family) -> MoEWeights:
     """The per-layer view of a transformers MoE block as it is now (its own tensors, not copies)."""
-    experts, router = getattr(block, fam.experts), block.get_submodule(fam.router)
+    experts, router = getattr(block, fam.experts), fam.router_of(block)
     I = experts.down_proj.shape[-1]
     gu = experts.gate_up_proj.data  # [E, 2I, H]
     gub = getattr(experts, "gate_up_bias", None)  # [E, 2I] (BiasedExperts)
