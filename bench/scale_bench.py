@@ -247,6 +247,7 @@ CASES = {  # name -> (layers, hidden, experts, width, top-k)
     "E128": (2, 512, 128, 256, 8),
     "E256": (2, 512, 256, 256, 8),
     "qwen3-30b-layer": (1, 2048, 128, 768, 8),
+    "qwen3-30b-2layer": (2, 2048, 128, 768, 8),  # two layers: what the shard writer holds between layers
     "dsv3-slice": (1, 7168, 16, 2048, 8),
 }
 OPS = {  # op name -> (argv after MODEL, the estimate's op and settings)
@@ -323,31 +324,29 @@ def run_watched(argv: list[str], cpu_cap: float, rss_cap: int, code_dir: Path = 
     return res
 
 
-def _commit() -> str:
+def _commit(code: Path = ROOT) -> str:
     out = subprocess.run(
-        ["git", "-C", str(ROOT), "log", "-1", "--format=%h %cd", "--date=format:%H:%M"], capture_output=True, text=True
+        ["git", "-C", str(code), "log", "-1", "--format=%h %cd", "--date=format:%H:%M"], capture_output=True, text=True
     )
     return out.stdout.strip()
 
 
 def ops_sweep(args: argparse.Namespace) -> None:
     """Measure each --ops on each --cases; results merge into PREFIX.json (a rerun replaces its cells)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from profile_bench import synthetic_checkpoint
-
     from moecompress.estimate import predict, shape_of_config
 
     store = Path(args.out + ".json")
     rep = json.loads(store.read_text()) if store.exists() else {"runs": {}}
     rep["setup"] = {"samples": args.samples, "seq_len": args.seq_len, "batch_size": 8, "device": "cpu", "threads": 1}
     rss_cap = int(args.rss_cap_gib * 2**30)
+    code = Path(args.code).resolve()
     calib = ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--device", "cpu"]
     work = Path(tempfile.mkdtemp(prefix="scale-ops-", dir=args.work))
     try:
         for case in args.cases.split(","):
             L, H, E, I, k = CASES[case]
             model = work / case
-            size = synthetic_checkpoint(model, L, H, E, I, k)
+            size = _make_checkpoint(model, (L, H, E, I, k))
             shape = shape_of_config(json.loads((model / "config.json").read_text()))
             for op in args.ops.split(","):
                 argv, (est_op, settings) = OPS[op]
@@ -361,10 +360,15 @@ def ops_sweep(args: argparse.Namespace) -> None:
                     res = {"skipped": f"predicted {pred.host_bytes / 2**30:.1f} GiB > {rss_cap / 2**30:.1f} GiB cap"}
                 else:
                     out = work / "out"
-                    res = run_watched([argv[0], str(model), *argv[1:], "-o", str(out), *calib], args.cpu_cap, rss_cap)
+                    cmd = [argv[0], str(model), *argv[1:], "-o", str(out), *calib]
+                    res = run_watched(cmd, args.cpu_cap, rss_cap, code_dir=code)
                     shutil.rmtree(out, ignore_errors=True)
                 res.update(
-                    case=case, op=op, checkpoint_bytes=size, commit=_commit(), at=time.strftime("%H:%M", time.gmtime())
+                    case=case,
+                    op=op,
+                    checkpoint_bytes=size,
+                    commit=_commit(code),
+                    at=time.strftime("%H:%M", time.gmtime()),
                 )
                 res.update(samples=args.samples, seq_len=args.seq_len)
                 if pred is not None:
@@ -375,6 +379,20 @@ def ops_sweep(args: argparse.Namespace) -> None:
             shutil.rmtree(model, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _make_checkpoint(model: Path, dims: tuple[int, int, int, int, int]) -> int:
+    """``profile_bench.synthetic_checkpoint`` in a child process (this process stays small while the runs go on:
+    generating a 30B-shaped layer in it left ~2.7 GB resident for the whole sweep); returns its tensor bytes."""
+    code = (
+        "import sys, json; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+        "from profile_bench import synthetic_checkpoint; "
+        "print(synthetic_checkpoint(Path(sys.argv[2]), *map(int, sys.argv[3:])))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-c", code, str(ROOT / "bench"), str(model), *map(str, dims)]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def case_config(case: str) -> dict:
@@ -645,6 +663,7 @@ if __name__ == "__main__":
         ap.add_argument("--rss-cap-gib", type=float, default=8.0)
         ap.add_argument("--skip-factor", type=float, default=1.5, help="skip an op predicted above cap x this")
         ap.add_argument("--work", default=None, help="folder for the synthetic checkpoints (default: $TMPDIR)")
+        ap.add_argument("--code", default=str(ROOT), help="checkout whose moecompress runs (e.g. the code before)")
         ap.add_argument("--out", default=str(ROOT / "reports" / "scale_bench.ops"))
         ops_sweep(ap.parse_args())
     elif len(sys.argv) > 1 and sys.argv[1] == "--child":
