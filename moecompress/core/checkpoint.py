@@ -138,7 +138,7 @@ def _plain_name(fname: Any, index: str) -> str:
 def expected_shapes(config: PretrainedConfig) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """(state-dict name -> shape, parameter names) of the transformers model config.json describes, built on the
     meta device (no memory, well under a second even for 100B-parameter configs)."""
-    from .derive import causal_lm
+    from .derive import build_error, causal_lm
 
     cfg = copy.deepcopy(config)
     if hasattr(cfg, "quantization_config"):
@@ -147,10 +147,8 @@ def expected_shapes(config: PretrainedConfig) -> tuple[dict[str, tuple[int, ...]
         with torch.device("meta"):
             model = causal_lm(cfg, experts_implementation="eager")
     except Exception as err:  # a config transformers accepts field by field can still fail as a whole
-        first = (str(err).splitlines() or [""])[0][:200]
-        raise UserError(
-            f"transformers cannot build a {cfg.model_type} model from config.json ({type(err).__name__}: {first})"
-        ) from None
+        why = build_error(err, cfg.model_type)
+        raise UserError(f"transformers cannot build a {cfg.model_type} model from config.json ({why})") from None
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}, [n for n, _ in model.named_parameters()]
 
 

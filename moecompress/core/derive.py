@@ -154,6 +154,49 @@ def causal_lm(cfg: Any, **kwargs: Any) -> torch.nn.Module:
     return model
 
 
+def unset_config_keys(err: BaseException) -> tuple[Any, list[str]]:
+    """Config keys left None (missing from config.json) that the code raising ``err`` reads: the innermost frame of
+    its traceback that holds a transformers config (``config`` or ``self.config``) and reads ``config.<key>`` in its
+    function, for keys whose value there is None (LFM2-MoE indexes ``config.layer_types[i]``)."""
+    from transformers import PretrainedConfig
+
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for fr in reversed(frames):
+        cfg = fr.f_locals.get("config", getattr(fr.f_locals.get("self"), "config", None))
+        if not isinstance(cfg, PretrainedConfig):
+            continue
+        try:
+            src = inspect.getsource(fr.f_code)
+        except (OSError, TypeError):
+            continue
+        keys = [
+            k for k in dict.fromkeys(re.findall(r"\bconfig\.(\w+)", src)) if k in vars(cfg) and vars(cfg)[k] is None
+        ]
+        if keys:
+            return cfg, keys
+    return None, []
+
+
+def build_error(err: BaseException, model_type: str) -> str:
+    """Why transformers could not build the model config.json describes, in one line: the keys to add to config.json
+    when its code read one left unset, else transformers' own first line."""
+    cfg, keys = unset_config_keys(err) if isinstance(err, TypeError) else (None, [])
+    if keys:
+        names = ", ".join(keys)
+        sub = getattr(cfg, "base_config_key", "") if getattr(cfg, "model_type", model_type) != model_type else ""
+        where = f"config.json's {sub}" if sub else "config.json"  # a wrapper's text_config
+        return (
+            f"{where} has no {names} (None), which transformers' {model_type} code reads: add {names} to "
+            f"{where} as the model's published config.json sets it"
+        )
+    first = (str(err).splitlines() or [""])[0][:160]
+    return f"{type(err).__name__}: {first}"
+
+
 def meta_model(cfg: Any) -> torch.nn.Module:
     cfg = copy.deepcopy(cfg)
     if hasattr(cfg, "quantization_config"):
@@ -162,8 +205,7 @@ def meta_model(cfg: Any) -> torch.nn.Module:
         with torch.device("meta"):
             return causal_lm(cfg, experts_implementation="eager")
     except Exception as err:  # transformers raises many types for a config it cannot build
-        first = (str(err).splitlines() or [""])[0][:160]
-        raise Refusal(f"transformers cannot build it from config.json ({type(err).__name__}: {first})") from None
+        raise Refusal(f"transformers cannot build it from config.json ({build_error(err, cfg.model_type)})") from None
 
 
 def wrapper_auto_class(cfg: Any) -> Any:
@@ -190,8 +232,7 @@ def _wrapper(cfg: Any) -> tuple[torch.nn.Module, TextLM, str, str]:
         with torch.device("meta"):
             wrapper = auto.from_config(cfg, trust_remote_code=False, experts_implementation="eager")
     except Exception as err:  # transformers raises many types for a config it cannot build
-        first = (str(err).splitlines() or [""])[0][:160]
-        raise Refusal(f"transformers cannot build it from config.json ({type(err).__name__}: {first})") from None
+        raise Refusal(f"transformers cannot build it from config.json ({build_error(err, cfg.model_type)})") from None
     scaled_input_blocks(wrapper)
     bodies = [
         n
@@ -444,8 +485,11 @@ def _correction(
     held = [n for n in own if n in ("e_score_correction_bias", "expert_bias")]  # AFMoE: expert_bias
     if held:
         owner = router_name.split(".")[0]  # the module the block calls (AFMoE's router, whose gate is the Linear)
-        call = rf"self\.{re.escape(owner)}\([^)]*self\.{held[0]}\b"
-        if found or len(held) > 1 or not re.search(call, _source(type(block))):
+        src = _source(type(block))
+        # passed as self.<bias>, or through a local alias (LFM2-MoE: expert_bias = self.expert_bias if ... else None)
+        names = [rf"self\.{held[0]}", *re.findall(rf"^\s*(\w+)\s*=\s*self\.{held[0]}\b", src, flags=re.M)]
+        call = rf"self\.{re.escape(owner)}\([^)]*\b(?:{'|'.join(names)})\b"
+        if found or len(held) > 1 or not re.search(call, src):
             raise Refusal(
                 f"its MoE block holds {held[0]} and does not pass it to its router {owner} "
                 "(the one use moecompress carries it for)"

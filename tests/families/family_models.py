@@ -36,6 +36,18 @@ def installed_moe_types() -> list[str]:
     return sorted(out)
 
 
+# config fields the config class leaves None but its modeling code reads, which every published config.json of the
+# model type holds (LFM2-8B-A1B: layer_types; DeepSeek-OCR-2: mlp_layer_types; Qwen4-Exp: its sparse-attention
+# indexer's sizes): set in the tiny configs as the real ones set them (a layer count -> the per-layer list)
+REAL_FIELDS: dict[str, dict[str, Any]] = {
+    "lfm2_moe": {"layer_types": lambda L: ["conv", "full_attention"] * (L // 2)},
+    "deepseek_ocr2_text": {"mlp_layer_types": lambda L: ["dense"] + ["sparse"] * (L - 1)},
+    "qwen4_exp_text": dict(
+        indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4
+    ),
+}
+
+
 def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, Any]:
     """Small sizes for the keys this config class has; the structure (top-k, shared experts, groups, dense
     layers, layer types) is kept."""
@@ -67,6 +79,7 @@ def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, An
         sliding_window=8,
     )
     out = {k: v for k, v in want.items() if k in defaults}
+    model_type = defaults.get("model_type")
     if defaults.get("num_experts_per_tok") == 1:  # top-1 routers (Llama-4) are part of the structure: kept
         out["num_experts_per_tok"] = 1
     if "moe_intermediate_size" not in defaults and "intermediate_size" in defaults:
@@ -94,6 +107,8 @@ def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, An
         out["layer_types"] = [order[i % len(order)] for i in range(out["num_hidden_layers"])]
     elif isinstance(kinds, list) and set(kinds) == {"linear_attention"}:  # Granite-4.0-H: Mamba with attention
         out["layer_types"] = ["linear_attention", "attention"] * (out["num_hidden_layers"] // 2)
+    for k, v in REAL_FIELDS.get(model_type, {}).items():
+        out[k] = v(out["num_hidden_layers"]) if callable(v) else v
     if "attn_layer_period" in defaults:  # Jamba: attention at layers 0, 2; MoE (Mamba) at 1, 3
         out |= dict(attn_layer_period=2, attn_layer_offset=0, expert_layer_period=2, expert_layer_offset=1)
     if "topk_method" in defaults:  # DeepSeek-V2: route within groups (its default "greedy" ignores them)

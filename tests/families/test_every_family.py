@@ -19,8 +19,7 @@ from moecompress.core.families import FAMILIES, family_for
 TYPES = installed_moe_types()
 
 # model type -> what its one-line refusal must say (the reason moecompress cannot support it correctly yet);
-# lfm2_moe's is the tiny test config (its default config has layer_types None), not a finding about the family;
-# deepseek_ocr2 and qwen4_exp cannot be built from their default configs either (a None transformers divides by).
+# (lfm2_moe, deepseek_ocr2 and qwen4_exp are built with the fields their default configs leave None: REAL_FIELDS).
 # Multimodal wrappers are read through their language model (qwen3_5_moe, qwen3_vl_moe, glm4v_moe are supported);
 # the others are refused for what their text model has
 REFUSED: dict[str, str] = {
@@ -28,7 +27,7 @@ REFUSED: dict[str, str] = {
     "axk2": "renames a module on disk",
     "bailing_hybrid": "converts its tensor",
     "beam": "overrides _apply_gate",
-    "deepseek_ocr2": "cannot build it",
+    "deepseek_ocr2": "transformers saves its experts as model.layers",
     "deepseek_v4": "no single final norm",
     "diffusion_gemma": "does not find one text model",
     "dots3_note": "transformers saves its experts as model.layers",
@@ -42,7 +41,6 @@ REFUSED: dict[str, str] = {
     "kimi_linear": "converts its tensor",
     "kolibri1": "moves a routed tensor on disk",
     "laguna": "correction bias inside the experts",
-    "lfm2_moe": "cannot build it",
     "mimo_v2_flash": "renames a module on disk",
     "minimax_m3_vl": "overrides _apply_gate",
     "mistral4": "has no causal-LM class",
@@ -51,7 +49,7 @@ REFUSED: dict[str, str] = {
     "nemotron_h": "no gate projection (has_gate=False)",
     "openai_privacy_filter": "has no causal-LM class",
     "qwen3_omni_moe": "keeps its language model in nested configs",
-    "qwen4_exp": "cannot build it",
+    "qwen4_exp": "no single final norm",
     "unlimited_ocr": "transformers saves its experts as model.layers",
     "zaya": "no single router",
 }
