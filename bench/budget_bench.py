@@ -100,6 +100,14 @@ def main() -> None:
     )
     ap.add_argument("--rerun-note", default="rerun", help="what the rerun changed (shown beside its runs)")
     ap.add_argument("--combine", action="store_true", help="combine PREFIX.{joint,single,chain}.json into PREFIX.*")
+    ap.add_argument(
+        "--measure-cache",
+        default=None,
+        help="joint part: the planner's measuring pass (profile, errors, probes, judge windows) saved to this file "
+        "(torch.save) when it is absent, read from it when present (the planning and writing code can change after "
+        "the measuring pass ran; its time is the pass's own)",
+    )
+    ap.add_argument("--measure-only", action="store_true", help="with --measure-cache: stop after saving it")
     args = ap.parse_args()
     ratios = tuple(float(x) for x in args.ratios.split(","))
     extra = tuple(float(x) for x in args.extra.split(",") if x)
@@ -182,12 +190,24 @@ def joint(args, model, ckpt, ref, cal, ratios, extra, tmp, runs, record, state) 
     from moecompress.core.errors import UserError
     from moecompress.core.job import Job
 
+    import torch
+
     t0 = time.time()
     job = Job.prepare(model, None, batch_size=8, **cal)
-    prof, _ = _profile(job)
-    measure, kl = measure_budget(job, prof)
-    measure_s = state["m"] = round(time.time() - t0, 1)
+    cache = Path(args.measure_cache) if args.measure_cache else None
+    if cache is not None and cache.exists():
+        prof, measure, kl, measure_s = torch.load(cache, weights_only=False)
+        print(f"profile + measuring pass read from {cache} (it took {measure_s} s)", flush=True)
+    else:
+        prof, _ = _profile(job)
+        measure, kl = measure_budget(job, prof)
+        measure_s = round(time.time() - t0, 1)
+        if cache is not None:
+            torch.save((prof, measure, kl, measure_s), cache)
+    state["m"] = measure_s
     print(f"profile + measuring pass: {measure_s} s", flush=True)
+    if args.measure_only:
+        return measure_s
     order = [(r, False) for r in ratios] + [(r, True) for r in ratios] + [(r, False) for r in extra]
     switched = []
     for ratio, servable in order:

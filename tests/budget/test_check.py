@@ -7,10 +7,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_tiny
+from moecompress.calibration.sets import encode_text, load_texts, load_tokenizer
 
-from moecompress.budget.check import FinalStates, HeldOutEngine, judge_windows
+from moecompress.budget.check import (
+    JUDGE_PER_FIT,
+    MIN_JUDGE,
+    FinalStates,
+    HeldOutEngine,
+    fitting_starts,
+    judge_windows,
+)
+from moecompress.budget.execute import JUDGE_EXPERTS
 from moecompress.budget.measure import BudgetMeasure
-from moecompress.core.engine import Engine
+from moecompress.core.engine import Engine, Transform
 from moecompress.core.job import Job
 from moecompress.prune.order import RouterSpec
 
@@ -21,12 +30,78 @@ def job(tmp_path_factory, tokenizer_dir):
     return Job.prepare(model, None, samples=4, seq_len=32, batch_size=2)
 
 
-def test_judge_windows_are_other_calibration_windows(job):
+def test_judge_windows_are_every_unused_calibration_window_up_to_the_cap(job):
+    """Judge windows: the calibration text's windows (end to end) that share no token position with a fitting window,
+    every one of them up to JUDGE_PER_FIT per fitting window, spread over the domains; seeded, so the same twice."""
+    tokens = job.tokens()
+    fit = tokens.input_ids
+    S = fit.shape[1]
+    tok = load_tokenizer(job.ckpt.path)
+    ids = {d: encode_text(tok, t) for d, t in load_texts(tokens.name, "calib").items()}
+    starts = fitting_starts(ids, fit, tokens.seed or 0)
+    assert starts is not None and sum(map(len, starts.values())) == fit.shape[0]
+    free = {d: [k * S for k in range(len(v) // S) if all(abs(k * S - s) >= S for s in starts[d])]
+            for d, v in ids.items()}  # fmt: skip
+    every = judge_windows(tokens, job.ckpt.path, limit=10**9)
+    assert every is not None and every.shape == (sum(map(len, free.values())), S)
+    allowed = {tuple(ids[d][p : p + S].tolist()) for d in free for p in free[d]}
+    assert {tuple(r.tolist()) for r in every} == allowed  # all of them, and only windows no fitting window touches
+    judge = judge_windows(tokens, job.ckpt.path)
+    assert judge is not None and judge.shape[0] == min(len(allowed), max(MIN_JUDGE, JUDGE_PER_FIT * fit.shape[0]))
+    assert {tuple(r.tolist()) for r in judge} <= allowed
+    assert torch.equal(judge, judge_windows(tokens, job.ckpt.path))  # seeded
+    other = Job.prepare(job.ckpt.path, None, samples=4, seq_len=32, batch_size=2, seed=5).tokens()
+    assert fitting_starts(ids, other.input_ids, 0) is None  # not the seed-0 draw: no positions to hold out
+
+
+class _Scale(Transform):
+    """Leaves the layer's experts scaled by ``f`` as the written experts for the judge batches (or, ``apply``,
+    scales the block itself)."""
+
+    name, changes_block = "scale", False
+
+    def __init__(self, f: float, apply: bool = False):
+        self.f, self.apply = f, apply
+
+    @torch.no_grad()
+    def moe_layer(self, ctx):
+        ex = ctx.experts
+        if self.apply:
+            ex.gate_up_proj.mul_(self.f)
+            ex.down_proj.mul_(self.f)
+        else:
+            ctx.extra[JUDGE_EXPERTS] = (ex.gate_up_proj * self.f, ex.down_proj * self.f)
+
+
+def test_judge_batches_run_once_through_the_written_experts(job, monkeypatch):
+    """With written experts in ctx.extra, each judge batch runs through every layer once (not once with the source's
+    experts and again with the written ones), and its states are those of the model holding the written experts;
+    the fitting batches see the source's block."""
     fit = job.tokens().input_ids
-    judge = judge_windows(job.tokens(), job.ckpt.path)
-    assert judge is not None and judge.shape[1] == fit.shape[1] and judge.shape[0] >= 8
-    assert not {tuple(r.tolist()) for r in judge} & {tuple(r.tolist()) for r in fit}
-    assert torch.equal(judge, judge_windows(job.tokens(), job.ckpt.path))  # seeded
+    judge = judge_windows(job.tokens(), job.ckpt.path, limit=6)
+    calls = []
+    real = type(Engine(job.ckpt, fit[:2], 2).stream).run_layer
+
+    def counted(self, layer, i):
+        calls.append(i)
+        return real(self, layer, i)
+
+    monkeypatch.setattr(type(Engine(job.ckpt, fit[:2], 2).stream), "run_layer", counted)
+    eng = HeldOutEngine(job.ckpt, fit, judge, 2, None, "held out")
+    final, fitted = FinalStates(eng), []
+    eng.run([_Scale(0.5)], emit=lambda ctx: (final(ctx), fitted.append(eng.cache[0].clone())))
+    n_layers, n_moe, judged = len(eng.stream.decoder_layers), len(eng.moe), len(eng.cache) - eng.fit_batches
+    # each judge batch: once up to the block in moe_inputs (its attention kept for the forward's replay), once in
+    # the layer's forward (with a rerun through the written experts it would be n_moe more)
+    assert len([i for i in calls if i >= eng.fit_batches]) == (n_layers + n_moe) * judged
+    ref = Engine(job.ckpt, judge, 2)
+    want = FinalStates(ref)
+    ref.run([_Scale(0.5, apply=True)], emit=want)
+    torch.testing.assert_close(final.states, want.states)
+    plain = Engine(job.ckpt, fit, 2)
+    src = []
+    plain.run([], emit=lambda ctx: src.append(plain.cache[0].clone()))
+    torch.testing.assert_close(fitted[-1], src[-1])  # the fitting batches ran through the source's experts
 
 
 def test_held_out_windows_change_no_measurement_and_are_the_judged_states(job):
