@@ -1,11 +1,18 @@
 """The one expert computation (SwiGLU-style gated MLP) every operation uses, honouring the family's activation.
 
-Experts with biases and their own gate (gpt-oss) run as ``BiasedExperts``, whose ``act_fn`` (an ``ExpertsKernel``)
-``routed_forward`` and ``expert_outputs`` compute with exactly, while the plain act(g) * u helpers refuse it.
-
 For expert e with gate, up [I, H] and down [H, I] (transformers' fused ``gate_up_proj`` [E, 2I, H] holds gate
 rows first): h(x) = act(x gate^T) * (x up^T) [T, I], f(x) = h(x) down^T [T, H]. ``act`` is the model's own
 activation (``experts.act_fn`` of the transformers module, or ``activation(config)``): never assume SiLU.
+
+Three kinds of ``act`` compute h differently, each exactly what the family's experts module computes:
+- a plain activation (``ACT2FN``): h = act(g) * u;
+- ``GatedActivation``: a family's own gated activation (transformers' ``_apply_gate`` override: Beam, GLM-5-Next,
+  MiniMax-M3), h = _apply_gate([g | u]), checked channel-wise (h_j depends on g_j and u_j only, 0 maps to 0), so
+  channel pruning, padding and every h-based statistic stay exact; the helpers below call it through ``gated``;
+- ``ExpertsKernel``: experts with biases and their own gate (gpt-oss) run as ``BiasedExperts``, whose ``act_fn``
+  ``routed_forward`` and ``expert_outputs`` compute with exactly, while the plain helpers refuse it.
+Calling a ``GatedActivation`` or an ``ExpertsKernel`` as act(g) refuses in one line: a code path that multiplies
+act(g) * u itself would be silently wrong on these experts.
 
 The layer stream may hold the fused weights in the checkpoint's dtype (bf16) while the hidden states are float32:
 ``routed_forward``, ``expert_outputs`` and the ``ExpertsKernel`` upcast one expert's weights at a time to the
@@ -15,6 +22,7 @@ hidden states' dtype (bf16 -> float32 is exact, so the results are the float32 l
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -31,6 +39,101 @@ def clamped_swiglu(g: torch.Tensor, u: torch.Tensor, alpha: float, limit: float)
     g = g.clamp(min=None, max=limit)
     u = u.clamp(min=-limit, max=limit)
     return (u + 1) * (g * torch.sigmoid(g * alpha))
+
+
+class GatedActivation:
+    """A family's own gated activation: h = ``_apply_gate``([g | u]) of its transformers experts class (an override
+    of transformers' act(g) * u), called with the scalars and parameter-free modules it reads (``swiglu_limit``,
+    ``act_fn``, ...) copied from the experts module. Made by ``own_gate`` only after ``check_channelwise`` showed
+    it is channel-wise (h_j from g_j and u_j alone, any width) and maps 0 to 0. ``fused(gate_up_out [n, 2I])`` is
+    bit for bit the family's eager computation; ``glu(g, u)`` the same on split halves."""
+
+    def __init__(self, experts: nn.Module, family: str):
+        self.apply_gate = type(experts)._apply_gate
+        self.family, self.cls = family, type(experts).__name__
+        self.owner = _gate_owner(experts)
+
+    def fused(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        """[..., 2I] (gate first) -> [..., I]."""
+        return self.apply_gate(self.owner, gate_up_out)
+
+    def glu(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """g, u [..., I] -> h [..., I]."""
+        return self.fused(torch.cat([g, u], dim=-1))
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        raise UserError(
+            f"{self.family}'s experts use their own gated activation ({self.cls}._apply_gate), which this code path "
+            "does not apply (it computes act(gate) * up itself), so it is refused for this model type"
+        )
+
+
+def _gate_owner(experts: nn.Module) -> SimpleNamespace:
+    """What ``_apply_gate`` may read of its module: plain scalar attributes and parameter-free child modules."""
+    owner = SimpleNamespace(**{k: v for k, v in vars(experts).items() if isinstance(v, (bool, int, float, str))})
+    for name, child in experts.named_children():
+        if any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
+            continue
+        setattr(owner, name, child)
+    return owner
+
+
+def check_channelwise(glu: Callable[[torch.Tensor], torch.Tensor], scale: float = 1.0) -> str | None:
+    """None when ``glu`` ([n, 2I] gate rows first -> [n, I]) is channel-wise and maps 0 to 0, else the reason.
+
+    Probed on random values over +-``scale`` x 4 (past the clamps of the known gates): output j must not change when
+    the other channels are permuted or removed (up to float rounding: vectorized kernels round a tail apart), and a
+    zero channel (atom padding) must give exactly 0."""
+    gen = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")  # (also under a meta device context: the stream builds its modules there)
+    g, u = ((torch.rand(6, 9, generator=gen, device=cpu) * 2 - 1) * 4 * scale for _ in range(2))
+    try:
+        h = glu(torch.cat([g, u], dim=-1))
+        perm = torch.randperm(9, generator=gen, device=cpu)
+        hp = glu(torch.cat([g[:, perm], u[:, perm]], dim=-1))
+        hn = glu(torch.cat([g[:, :4], u[:, :4]], dim=-1))
+        h0 = glu(torch.zeros(6, 18, device=cpu))
+    except Exception as err:  # a gate that cannot run on plain float tensors
+        return f"its _apply_gate fails on a probe ({type(err).__name__}: {str(err)[:80]})"
+    if tuple(h.shape) != (6, 9) or not torch.isfinite(h).all():
+        return f"its _apply_gate maps [n, 2I] to {list(h.shape)}, not [n, I]"
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731 (vectorized tails round apart)
+    if not close(hp, h[:, perm]) or not close(hn, h[:, :4]):
+        return "its _apply_gate mixes channels (channel j's output depends on other channels)"
+    if not torch.equal(h0, torch.zeros_like(h0)):
+        return "its _apply_gate does not map a zero channel to 0"
+    return None
+
+
+def own_gate(experts: nn.Module, family: str | None = None) -> GatedActivation:
+    """The ``GatedActivation`` of a transformers experts module that overrides ``_apply_gate`` with concatenated
+    gate/up halves and no biases; a ValueError with the reason when that gate is not channel-wise."""
+    if not getattr(experts, "is_concatenated", True) or getattr(experts, "has_bias", False):
+        raise ValueError(f"{type(experts).__name__} overrides _apply_gate on interleaved or biased gate/up rows")
+    act = GatedActivation(experts, family or type(experts).__name__)
+    limits = [v for k, v in vars(act.owner).items() if "limit" in k and isinstance(v, (int, float))]
+    reason = check_channelwise(act.fused, max([1.0, *map(abs, limits)]))
+    if reason is not None:
+        raise ValueError(f"{type(experts).__name__} overrides _apply_gate and {reason}")
+    return act
+
+
+def experts_activation(experts: nn.Module) -> Act:
+    """What computes h for a transformers (or moecompress) experts module: its ``GatedActivation`` where its class
+    overrides transformers' default ``_apply_gate`` (gpt-oss's biased experts aside), else its ``act_fn``."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    gate = getattr(type(experts), "_apply_gate", _default_apply_gate)
+    if gate is _default_apply_gate or getattr(experts, "has_bias", False) or hasattr(experts, "gate_up_bias"):
+        return experts.act_fn
+    return own_gate(experts)
+
+
+def gated(act: Act, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """h = act(g) * u, or the family's own gated activation of (g, u): g, u [..., I] -> [..., I]."""
+    if isinstance(act, GatedActivation):
+        return act.glu(g, u)
+    return act(g) * u
 
 
 class ExpertsKernel:
@@ -86,6 +189,23 @@ class BiasedExperts(nn.Module):
         return routed_forward(self.gate_up_proj, self.down_proj, self.act_fn, hidden, top_k_index, top_k_weights)
 
 
+class GatedExperts(nn.Module):
+    """The experts of a family with its own channel-wise gated activation (``GatedActivation``) in the view's
+    layout: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I], ``act_fn`` the gate; ``forward`` is
+    ``routed_forward``: the family's eager computation (F.linear, its ``_apply_gate``, F.linear, weighting), same
+    ops in the same order."""
+
+    def __init__(self, E: int, H: int, I: int, act_fn: GatedActivation):
+        super().__init__()
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(E, H, I), requires_grad=False)
+        self.act_fn = act_fn
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return routed_forward(self.gate_up_proj, self.down_proj, self.act_fn, hidden, top_k_index, top_k_weights)
+
+
 def expert_outputs(gate_up: torch.Tensor, down: torch.Tensor, act: Act, x: torch.Tensor) -> torch.Tensor:
     """Every expert's unweighted output on the same tokens: gate_up [E, 2I, H], down [E, H, I], x [N, H] ->
     [E, N, H] (with the experts' biases and own activation for ``BiasedExperts``)."""
@@ -96,8 +216,9 @@ def expert_outputs(gate_up: torch.Tensor, down: torch.Tensor, act: Act, x: torch
         for e in range(gate_up.shape[0]):
             out[e : e + 1] = expert_outputs(gate_up[e : e + 1].to(x.dtype), down[e : e + 1].to(x.dtype), act, x)
         return out
-    g, u = torch.einsum("nh,eih->eni", x, gate_up).chunk(2, dim=-1)
-    return torch.einsum("eni,ehi->enh", act(g) * u, down)
+    gu = torch.einsum("nh,eih->eni", x, gate_up)  # [E, N, 2I]
+    h = act.fused(gu) if isinstance(act, GatedActivation) else gated(act, *gu.chunk(2, dim=-1))
+    return torch.einsum("eni,ehi->enh", h, down)
 
 
 def activation(config: object) -> Act:
@@ -111,7 +232,7 @@ def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Ac
     """h(x) = act(x gate^T) * (x up^T): x [T, H], gate/up [I, H] -> [T, I]."""
     if isinstance(act, ExpertsKernel):
         raise act.refuse()
-    return act(nn.functional.linear(x, gate)) * nn.functional.linear(x, up)
+    return gated(act, nn.functional.linear(x, gate), nn.functional.linear(x, up))
 
 
 def expert_forward(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: Act) -> torch.Tensor:
@@ -124,7 +245,10 @@ def fused_hidden(x: torch.Tensor, gate_up: torch.Tensor, act: Act) -> torch.Tens
     ``expert_hidden`` up to float rounding; bit for bit what the eager kernel (and ``routed_forward``) computes."""
     if isinstance(act, ExpertsKernel):
         raise act.refuse()
-    g, u = nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+    gu = nn.functional.linear(x, gate_up)  # [T, 2I]
+    if isinstance(act, GatedActivation):
+        return act.fused(gu)
+    g, u = gu.chunk(2, dim=-1)
     return act(g) * u
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from .checkpoint import DTYPE_BYTES, Checkpoint
 from .derive import causal_lm
 from .errors import UserError
-from .experts import BiasedExperts, routed_forward
+from .experts import BiasedExperts, GatedExperts, own_gate, routed_forward
 from .families import Family
 
 
@@ -94,7 +94,7 @@ def module_state(
 def skeleton(ckpt: Checkpoint) -> nn.Module:
     """The whole model on the meta device (buffers such as rotary tables stay real and tiny). Attention runs through
     SDPA, or the family's eager attention where it has no SDPA path (gpt-oss's attention sinks); the experts of a
-    family with biases or its own gate are ``BiasedExperts``."""
+    family with biases or its own gate are ``BiasedExperts`` / ``GatedExperts``."""
     cfg = copy.deepcopy(ckpt.config)
     if hasattr(cfg, "quantization_config"):  # an MXFP4 release: its experts are dequantized on read
         del cfg.quantization_config
@@ -115,10 +115,13 @@ def skeleton(ckpt: Checkpoint) -> nn.Module:
 
 
 def _biased_experts(fam: Family, ex: nn.Module) -> nn.Module:
-    """The moecompress module (on the meta device) for a transformers experts module with biases / its own gate."""
+    """The moecompress module (on the meta device) for a transformers experts module with biases / its own gate:
+    ``BiasedExperts`` (gpt-oss), or ``GatedExperts`` for a channel-wise ``_apply_gate`` of its own."""
     E, a, b = ex.gate_up_proj.shape
     H, I = (a, b // 2) if fam.transposed else (b, a // 2)
     with torch.device("meta"):
+        if fam.gate == "apply_gate":
+            return GatedExperts(E, H, I, own_gate(ex, fam.name))
         return BiasedExperts(E, H, I, fam.name, fam.gate or "", float(ex.alpha), float(ex.limit))
 
 
