@@ -282,6 +282,8 @@ def derive(cfg: Any) -> dict[str, Any]:
     from transformers.integrations.moe import _default_apply_gate
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from .experts import own_gate
+
     mt = cfg.model_type
     nest: tuple[str, str] | None = None
     wrapper: torch.nn.Module | None = None
@@ -322,12 +324,16 @@ def derive(cfg: Any) -> dict[str, Any]:
         raise Refusal("its experts apply a norm after each expert (has_post_expert_norm=True)")
     gate = None
     if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
-        if _norm_source(type(ex)._apply_gate) != _clamped_swiglu_source():
-            raise Refusal(f"{type(ex).__name__} overrides _apply_gate (a custom gated activation moecompress lacks)")
         gate = "clamped_swiglu"  # gpt-oss's, with the experts' alpha and limit
+        if _norm_source(type(ex)._apply_gate) != _clamped_swiglu_source():
+            try:  # its own gate, used as it is where channel-wise (core.experts.own_gate: Beam, MiniMax-M3, GLM-5)
+                own_gate(ex)
+            except ValueError as err:
+                raise Refusal(str(err)) from None
+            gate = "apply_gate"
     elif not hasattr(ex, "act_fn"):
         raise Refusal(f"{type(ex).__name__} has no act_fn")
-    if gate is not None and not all(isinstance(getattr(ex, a, None), (int, float)) for a in ("alpha", "limit")):
+    if gate == "clamped_swiglu" and not all(isinstance(getattr(ex, a, None), (int, float)) for a in ("alpha", "limit")):
         raise Refusal(f"{type(ex).__name__} has no numeric alpha and limit for its clamped SwiGLU")
     params = {n: tuple(p.shape) for n, p in ex.named_parameters()}
     want = {"gate_up_proj", "down_proj"} | ({"gate_up_proj_bias", "down_proj_bias"} if flags["has_bias"] else set())
@@ -411,9 +417,11 @@ def derive(cfg: Any) -> dict[str, Any]:
     if top_k_key is None:
         raise Refusal("its config has no integer num_experts_per_tok (the router's top-k)")
 
-    disk_block, expert_names, renames, (disk_router, disk_correction), fused_names = _disk_layout(
+    disk_block, expert_names, renames, (disk_router, disk_correction), fused_names, view = _disk_layout(
         wrapper or model, l0, block_name, experts_name, router_name, E, nest[0] if nest else "model", corr_module
     )
+    if view and nest:
+        raise Refusal(f"transformers converts its tensor {view[0][2][0][0]} on disk inside a multimodal wrapper")
     if (flags["is_transposed"] or flags["has_bias"] or not flags["is_concatenated"]) and fused_names is None:
         raise Refusal("its experts are transposed, interleaved or biased in memory but saved per expert: not mapped")
     scaled = bool(getattr(block, "scaled_input", False))
@@ -428,6 +436,9 @@ def derive(cfg: Any) -> dict[str, Any]:
                 "token's one scaled copy is the one row the profile counts for it"
             )
 
+    if len(_VIEWS) > 64:
+        _VIEWS.clear()
+    _VIEWS[cfg.to_json_string(use_diff=False)] = view
     reference = None
     sig = (_norm_source(type(block)), _norm_source(type(router)))
     groups_contiguous = any(_CONTIGUOUS_GROUPS.search(_source(c)) for c in (type(block), type(router)))
@@ -467,6 +478,7 @@ def derive(cfg: Any) -> dict[str, Any]:
         "nest": nest,
         "scaled_input": scaled,
         "text_config": cfg if nest else None,
+        "view": view,
     }
 
 
@@ -515,10 +527,11 @@ def _disk_layout(
     E: int,
     body: str = "model",
     correction: str = "",
-) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None], Any]:
+) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None], Any, Any]:
     """(block name on disk, per-expert (gate, up, down) names, other per-layer renames, (router name, correction
     bias block-relative name) on disk when they differ, the block-relative disk names of the fused (gate_up, down)
-    when the experts are fused on disk, else None) from transformers' own save path.
+    when the experts are fused on disk, else None, the ``view`` rules of the tensors transformers converts beyond a
+    per-layer rename) from transformers' own save path.
 
     Marker tensors stand in for layer l's fused experts; after ``revert_weight_conversion`` each per-expert key is
     matched to its (expert, projection) by value, so a transposed, reordered or renamed layout is seen, not assumed."""
@@ -568,6 +581,8 @@ def _disk_layout(
     disk_block = blocks.pop()
     by_id = {id(v): k for k, v in sd.items()}
     renames: dict[str, str] = {}  # layer-relative disk name -> module name (beyond the block rename)
+    unmatched: list[str] = []  # disk keys transformers converts (no module tensor saved as it is)
+    view: list[ViewRule] = []
     rw = sd[f"{prefix}{block}.{router}.weight"]
     rdisk = next((k for k, v in out.items() if v is rw), f"{prefix}{disk_block}.{router}.weight")
     m = re.match(rf"^{re.escape(prefix)}{re.escape(disk_block)}\.([\w.]+?)\.weight$", rdisk)
@@ -600,8 +615,14 @@ def _disk_layout(
             continue
         src = by_id.get(id(v))
         kp, sp = lay.match(k), lay.match(src or "")
-        if src is None or kp is None or sp is None or kp[0] != sp[0]:
-            raise Refusal(f"transformers converts its tensor {k} on disk (not a per-layer rename)")
+        if src is None:
+            unmatched.append(k)
+            continue
+        if kp is None and sp is None:  # a rename outside the layers (Bailing-hybrid: word_embeddings)
+            view.append(("", src, ((k, -1),)))
+            continue
+        if kp is None or sp is None or kp[0] != sp[0]:
+            raise Refusal(f"transformers moves its tensor {src} to another layer on disk ({k})")
         lp = kp[0]
         inside = f"{lp}{disk_block}.{experts}."
         if src == f"{lp}{block}.{router}.e_score_correction_bias" and k.startswith(inside):
@@ -611,16 +632,109 @@ def _disk_layout(
             continue
         if src[len(lp) :].startswith(routed):
             raise Refusal(f"transformers moves a routed tensor on disk ({src} -> {k}): not mapped yet")
-        disk_rel, module_rel = k[len(lp) :], src[len(lp) :]
-        if disk_rel.split(".")[-2:] != module_rel.split(".")[-2:]:  # not a relocation: the module itself is renamed
-            raise Refusal(
-                f"transformers renames a module on disk ({module_rel} -> {disk_rel}): outputs that rewrite it "
-                "(quantization) would not load back"
-            )
-        renames[disk_rel] = module_rel
+        # a relocation (Kimi-Linear's forget_gate.f_a_proj) or a renamed module or parameter (A.X-K2's W_down, Flint's
+        # softmax_offset): outputs keep the disk name (transformers renames it on load, a quantized module's
+        # weight_packed too), quantization_config targets name both (Checkpoint.output_config)
+        renames[k[len(lp) :]] = src[len(lp) :]
+    if unmatched:
+        view += _converted(model, sd, out, unmatched, lay)
     layout = (names[0].pop(), names[1].pop(), names[2].pop())
     routers = None if disk_router == router else disk_router, disk_correction
-    return disk_block, layout, tuple(sorted(renames.items())), routers, None
+    return disk_block, layout, tuple(sorted(renames.items())), routers, None, tuple(view)
+
+
+# A tensor the checkpoint's view names as transformers' module does, made of disk tensors: (layer-relative scope
+# "layers" or "" for a tensor outside the decoder layers, the module-side name (layer-relative for "layers"),
+# ((disk name, dim), ...)): the module tensor is the disk tensors concatenated along dim, in order (dim -1: one
+# disk tensor, renamed). Kimi-Linear and Bailing-hybrid: self_attn.conv1d.weight = cat(q_conv1d, k_conv1d, v_conv1d)
+ViewRule = tuple[str, str, tuple[tuple[str, int], ...]]
+_VIEWS: dict[str, tuple[ViewRule, ...]] = {}
+
+
+def view_rules(cfg: Any) -> tuple[ViewRule, ...]:
+    """The ``view`` rules ``derive`` found for this config (none for a config it refuses)."""
+    memo = cfg.to_json_string(use_diff=False)
+    if memo not in _VIEWS:
+        try:
+            derive(cfg)
+        except Refusal:
+            _VIEWS[memo] = ()
+    return _VIEWS.get(memo, ())
+
+
+MAX_MARKER_ELEMENTS = 1 << 25  # bound on the converted tensors' elements markers are made for (256 MiB float64)
+
+
+def _converted(
+    model: torch.nn.Module, sd: dict[str, Any], out: dict[str, Any], unmatched: list[str], lay: re.Pattern[str]
+) -> list[ViewRule]:
+    """The view rules of disk tensors transformers' save conversion makes from module tensors other than by renaming
+    them (``unmatched``). One layer's (and every global) consumed module tensor gets marker values (unique numbers);
+    transformers' own ``revert_weight_conversion`` splits them; each disk tensor is then found as a slice of one
+    module tensor along one dimension by value, and the slices must tile it in order. Anything else is refused."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    kept = {id(v) for v in out.values()}
+    consumed = [k for k, v in sd.items() if k not in out and id(v) not in kept and v.device.type == "meta"]
+    reps: dict[str, str] = {}  # layer-relative (or global) name -> one representative module key
+    for k in consumed:
+        m = lay.match(k)
+        reps.setdefault(f"layers:{k[m.end() :]}" if m else k, k)
+    markers: dict[str, torch.Tensor] = {}
+    start = 0
+    for k in reps.values():
+        n = sd[k].numel()
+        if start + n > MAX_MARKER_ELEMENTS:
+            raise Refusal(f"transformers converts its tensor {k} on disk and it is too large to map by markers")
+        markers[k] = (torch.arange(n, dtype=torch.float64) + start).reshape(sd[k].shape)
+        start += n
+    try:
+        split = revert_weight_conversion(model, dict(markers))
+    except Exception as err:
+        raise Refusal(f"transformers' save conversion fails on its converted tensors ({type(err).__name__})") from None
+    owners = sorted((float(t.reshape(-1)[0]), k) for k, t in markers.items())
+    pieces: dict[str, list[tuple[int, int, str]]] = {}  # module key -> [(dim, start, disk key)]
+    for dk, p in split.items():
+        if p.device.type == "meta" or p.dtype != torch.float64 or p.numel() == 0:
+            continue
+        first = float(p.reshape(-1)[0])
+        mk = max((o for o in owners if o[0] <= first), default=(0.0, ""))[1]
+        m = markers.get(mk)
+        if m is None or p.dim() != m.dim():
+            raise Refusal(f"transformers converts {dk} on disk in a way moecompress does not map (not a slice)")
+        at = torch.unravel_index(torch.tensor(int(first - float(m.reshape(-1)[0]))), m.shape)
+        dims = [d for d in range(m.dim()) if p.shape[d] != m.shape[d]] or [0]
+        d = dims[0]
+        s0 = int(at[d])
+        if len(dims) != 1 or any(int(a) for i, a in enumerate(at) if i != d):
+            raise Refusal(f"transformers converts {dk} on disk in a way moecompress does not map (not one slice)")
+        if not torch.equal(m.narrow(d, s0, p.shape[d]), p):
+            raise Refusal(f"transformers converts {dk} on disk in a way moecompress does not map (values reordered)")
+        pieces.setdefault(mk, []).append((d, s0, dk))
+    rules: list[ViewRule] = []
+    for mk, ps in pieces.items():
+        ps.sort()
+        m = markers[mk]
+        d = ps[0][0]
+        ends = [s + split[dk].shape[d] for _, s, dk in ps]
+        if {p[0] for p in ps} != {d} or [s for _, s, _ in ps] != [0, *ends[:-1]] or ends[-1] != m.shape[d]:
+            raise Refusal(f"transformers converts {mk} on disk into pieces that do not tile it: not mapped")
+        km = lay.match(mk)
+        if km is None:
+            rules.append(("", mk, tuple((dk, d) for _, _, dk in ps)))
+            continue
+        if any(not dk.startswith(km[0]) for _, _, dk in ps):
+            raise Refusal(f"transformers converts {mk} on disk into tensors of another layer: not mapped")
+        rules.append(("layers", mk[km.end() :], tuple((dk[km.end() :], d) for _, _, dk in ps)))
+    done = {dk for _, _, ps in rules for dk, _ in ps}
+    left = [
+        k
+        for k in unmatched
+        if (lay.match(k) is None and k not in done) or (lay.match(k) and k[lay.match(k).end() :] not in done)
+    ]
+    if left:
+        raise Refusal(f"transformers converts its tensor {left[0]} on disk in a way moecompress does not map")
+    return rules
 
 
 def _fused_layout(
@@ -634,7 +748,7 @@ def _fused_layout(
     dn_key: str,
     gate_up: torch.Tensor,
     down: torch.Tensor,
-) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None], Any]:
+) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None], Any, Any]:
     """``_disk_layout`` for experts saved fused: the marker tensors come back whole (same values, maybe renamed, as
     Granite's input_linear/output_linear), the router maybe renamed (Granite's router.layer), nothing else."""
     names: dict[str, str] = {}
@@ -666,4 +780,4 @@ def _fused_layout(
         raise Refusal(f"transformers renames tensors on disk besides its fused experts ({odd})")
     disk_router = None if m[1] == router else m[1]
     fused_names = (names["gate_up"], names["down"], "transposed" if flips.pop() else "")
-    return block, ("gate_up_proj", "gate_up_proj", "down_proj"), (), (disk_router, None), fused_names
+    return block, ("gate_up_proj", "gate_up_proj", "down_proj"), (), (disk_router, None), fused_names, ()
