@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..core import dist
 from ..core.checkpoint import DTYPE_BYTES, Checkpoint
 from ..core.engine import Engine, Transform
-from ..core.experts import ExpertsKernel, routed_forward
+from ..core.experts import ExpertsKernel, gated, routed_forward
 from ..core.interface import observing
 from ..core.limits import expert_chunk
 from ..core.progress import progress_bar
@@ -97,7 +97,7 @@ class _NarrowKernel(ExpertsKernel):
 
     def hidden(self, x: torch.Tensor, gate_up: torch.Tensor, e: int) -> torch.Tensor:
         g, u = _UpcastLinear.apply(x, gate_up).chunk(2, dim=-1)  # gate_up [2I, H], gate rows first
-        return self.act(g) * u
+        return gated(self.act, g, u)  # act(g) * u, or the family's own gate (core.experts.GatedActivation)
 
     def output(self, h: torch.Tensor, down: torch.Tensor, e: int) -> torch.Tensor:
         return _UpcastLinear.apply(h, down)
