@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..core.experts import expert_forward, expert_hidden
+from ..core.experts import expert_forward, expert_hidden, gated
 
 PROFILE_KEYS = {"reap": "reap", "frequency": "frequency", "routing-mass": "routing_mass"}
 
@@ -183,7 +183,7 @@ def outputs_by_token(
     -> [T, E, H] (all experts at once, for small problems and tests; ``merge.similarity.expert_outputs`` is the
     expert-major [E, T, H] one)."""
     xf = x.float()
-    h = act(torch.einsum("th,eih->tei", xf, gate.float())) * torch.einsum("th,eih->tei", xf, up.float())
+    h = gated(act, torch.einsum("th,eih->tei", xf, gate.float()), torch.einsum("th,eih->tei", xf, up.float()))
     return torch.einsum("tei,ehi->teh", h, down.float())
 
 
