@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from moecompress.core.experts import fused_hidden
+from moecompress.core.experts import fused_hidden, gated
 from moecompress.quant import triton_pack
 from moecompress.quant.pack import unpack_int32
 from moecompress.quant.rtn import dequantize
@@ -183,7 +183,7 @@ class PackedExperts(nn.Module):
                 getattr(self, f"gate_up_scale_b{b}"), b, self.group_gate_up,
             )  # [P, 2I]  # fmt: skip
             gate, up = gate_up.chunk(2, dim=-1)
-            h = self.act_fn(gate) * up  # [P, I] (padding rows hold garbage and are never read)
+            h = gated(self.act_fn, gate, up)  # [P, I] (padding rows hold garbage and are never read)
             rows_h = torch.full((P,), -1, dtype=torch.long, device=dev)
             rows_h[pos[sel]] = pos[sel]
             down = triton_pack.packed_grouped_linear(
