@@ -24,6 +24,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from moecompress.core.errors import UserError
+from moecompress.core.experts import experts_activation
 from moecompress.quant.ctformat import scheme_of
 from moecompress.quant.pack import unpack_int32
 from moecompress.quant.packed_experts import PackedExperts
@@ -170,7 +171,7 @@ def load_quantized(
     for l, (experts, bits) in routed.items():
         block = model.get_submodule(f"model.layers.{l}.{fam.module_block}")
         try:
-            mod = PackedExperts.from_experts(experts, bits, getattr(block, fam.experts).act_fn, device)
+            mod = PackedExperts.from_experts(experts, bits, experts_activation(getattr(block, fam.experts)), device)
         except ValueError as err:
             raise UserError(f"{p}: layer {l} routed experts: {err}: the folder is damaged") from None
         setattr(block, fam.experts, mod)
