@@ -142,10 +142,12 @@ def brute_force(path: Path, input_ids: torch.Tensor, domains: list[str]) -> dict
         ex = getattr(getattr(decoder_layers(model, fam)[l], fam.module_block), fam.experts)
 
         def expert(e: int, x: torch.Tensor, ex: Any = ex, w: Any = w) -> tuple[torch.Tensor, torch.Tensor]:
-            """(h [I], f [H]) of expert e from the view, with the transformers module's own activation."""
+            """(h [I], f [H]) of expert e from the view, with the transformers module's own gated activation
+            (its ``_apply_gate`` on [g | u]: act(g) * u unless the family overrides it, as Beam or MiniMax-M3 do)."""
             g, u = w.gate[e].float() @ x, w.up[e].float() @ x
             if w.gate_bias is None:
-                h = ex.act_fn(g) * u
+                own = getattr(ex, "_apply_gate", None)  # (Llama-4's experts predate the interface: act_fn only)
+                h = own(torch.cat([g, u])) if own is not None else ex.act_fn(g) * u
                 return h, w.down[e].float() @ h
             g, u = g + w.gate_bias[e].float(), u + w.up_bias[e].float()
             h = ex._apply_gate(torch.stack([g, u], -1).flatten() if fam.interleaved else torch.cat([g, u]))
