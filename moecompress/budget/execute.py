@@ -3,10 +3,11 @@
     PruneTransform (the plan's kept experts) -> AtomTransform (the plan's kept channels, refit) -> quantization
 
 Servable plans end with quant's ``QuantTransform`` at the plan's one width (uniform compressed-tensors, loaded by
-transformers). Exact plans end with ``ExpertQuantTransform``: every kept expert quantized at its own bits (gate/up
-and down_proj each at their own, quantize's per-projection options) and its own channel width (the atom stage
-leaves the block zero-padded to one width per layer; each expert's real channels come first), written per expert
-with every module's bits in ``quantization_config``, loaded by ``moecompress.load`` (budget/load.py).
+transformers) or its width per layer (one scheme per layer: vLLM serves it, ``moecompress.load`` loads it). Exact
+plans end with ``ExpertQuantTransform``: every kept expert quantized at its own bits (gate/up and down_proj each at
+their own, quantize's per-projection options) and its own channel width (the atom stage leaves the block zero-padded
+to one width per layer; each expert's real channels come first), written per expert with every module's bits in
+``quantization_config``, loaded by ``moecompress.load`` (budget/load.py).
 """
 
 from __future__ import annotations
@@ -170,9 +171,9 @@ def transforms_for(plan: dict[str, Any], spec: RouterSpec, num_experts: int, kee
         info = {"method": "budget plan (channels: routed second moment x |down column|^2)", "score": "budget"}
         out.append(AtomTransform(spec, keep=channels, layout="uniform" if servable else "exact", refit=Refit(),
                                  info=info))  # fmt: skip
-    if servable:  # one option with one width for every projection (plan.Structure)
-        b = {_bits(r) for v in layers.values() for r in v["experts"] if not r["removed"]}
-        out.append(ServableQuantTransform(b.pop(), method, min_tokens=32, other_bits=other_bits, propagate=propagate))
+    if servable:  # one width for every projection; one for the model, else per layer (plan.Structure)
+        out.append(ServableQuantTransform(servable_bits(plan), method, min_tokens=32, other_bits=other_bits,
+                                          propagate=propagate))  # fmt: skip
     else:
         per = {l: {r["expert"]: (r["width"], _bits(r)) for r in v["experts"] if not r["removed"]}
                for l, v in layers.items()}  # fmt: skip
@@ -180,11 +181,23 @@ def transforms_for(plan: dict[str, Any], spec: RouterSpec, num_experts: int, kee
     return out
 
 
-class ServableQuantTransform(QuantTransform):
-    """quant's ``QuantTransform`` (one width for every routed expert); without propagation the written experts go to
-    ``ctx.extra[JUDGE_EXPERTS]`` for budget/check.py's judge windows and the block keeps the source's weights."""
+def servable_bits(plan: dict[str, Any]) -> int | dict[int, list[Width]]:
+    """A servable plan's bits as ``QuantTransform`` takes them: one int when every kept expert of the model has it
+    (transformers loads it), else {layer: [width per kept expert]} (one per layer; quantize's per-layer LP plan
+    also holds protected experts at 8 bits)."""
+    per = {int(l): [_bits(r) for r in v["experts"] if not r["removed"]] for l, v in plan["layers"].items()}
+    one = {b for ws in per.values() for b in ws}
+    b = next(iter(one))
+    return b if len(one) == 1 and isinstance(b, int) else per
 
-    def __init__(self, bits: int, method: str = "gptq", *, propagate: bool = False, **kw: Any):
+
+class ServableQuantTransform(QuantTransform):
+    """quant's ``QuantTransform`` (one width for every routed expert, or per layer); without propagation the written
+    experts go to ``ctx.extra[JUDGE_EXPERTS]`` for budget/check.py's judge windows and the block keeps the source's
+    weights."""
+
+    def __init__(self, bits: int | dict[int, list[Width]], method: str = "gptq", *, propagate: bool = False,
+                 **kw: Any):  # fmt: skip
         super().__init__(bits, method, propagate=True, **kw)
         self.keep_block = not propagate
 
@@ -215,4 +228,4 @@ def _bits(row: dict[str, Any]) -> Width:
     return bg if bg == bd else (bg, bd)
 
 
-__all__ = ["LAYOUT", "ExpertQuantTransform", "expert_group_sizes", "transforms_for"]
+__all__ = ["LAYOUT", "ExpertQuantTransform", "expert_group_sizes", "servable_bits", "transforms_for"]

@@ -17,10 +17,14 @@ bits; experts with fewer than ``min_tokens`` routed calibration tokens (their GP
 it was fitted to) may be removed or kept at full width and >= 8 bits, unless the budget cannot hold that (then they
 are free, and plan.json says so). Where quantize's LP plan fits the budget, each group (super experts, few-token
 experts) is held at >= 8 bits exactly when quantize's plan holds it (``quant_protection``), so no protection of the
-joint program excludes quantize's plan. Servable plans choose one option with one width for every projection (what
-transformers and vLLM load). ``bits_only``: the quantize-only plan the joint plan is checked against
-(budget/check.py): for exact layouts quantize's own per-projection LP plan at the same budget (``quant.plan.
-make_plan``), for servable ones the best single full-width option.
+joint program excludes quantize's plan. Servable plans keep one expert count and one channel width for the whole
+model (what a config states: transformers and vLLM read one ``num_experts`` and one ``moe_intermediate_size``) and
+choose per layer one bit width for every projection of its kept experts (one quantization scheme per layer, what
+vLLM serves; transformers 5.23 loads only one width for the model exactly, so mixed layers load with
+``moecompress.load``). ``bits_only``: the quantize-only plan the joint plan is checked against (budget/check.py):
+quantize's own LP plan at the same budget (``quant.plan.make_plan`` on this measurement), per projection and expert
+for exact layouts (``--granularity expert``), per layer for servable ones (``--granularity layer``, quantize's
+servable plan), as `quantize --plan lp --budget-gb` would write it.
 """
 
 from __future__ import annotations
@@ -262,13 +266,14 @@ def make_plan(
     moe, E, L, O, opts, nbytes = s.moe, s.E, s.L, s.O, s.opts, s.nbytes
     costs, sens = costs_of(m, ckpt, opts, kl)
     routed_budget = budget_bytes - s.fixed
-    if bits_only and not servable:
-        choice, solver, few, protect_note = _quant_lp(ckpt, m, kl, s, budget_bytes, supers)
-        why = "quantize's per-projection LP plan (quant.plan.make_plan: full width, no removal)"
-        return _plan_dict(s, m, kl, costs, sens, choice, solver, budget_bytes, budget_note, few, protect_note, why)
     if bits_only:
-        s.allowed[:, :, 0] = False
-        s.allowed[:, :, 1:] &= np.array([o.fraction == 1.0 for o in opts[moe[0]][1:]])
+        gran = "layer" if servable else "expert"
+        choice, solver, few, protect_note = _quant_lp(ckpt, m, kl, s, budget_bytes, supers, gran)
+        why = (
+            f"quantize's {'per-layer' if servable else 'per-projection'} LP plan (quant.plan.make_plan, "
+            f"--granularity {gran}: full width, no removal)"
+        )
+        return _plan_dict(s, m, kl, costs, sens, choice, solver, budget_bytes, budget_note, few, protect_note, why)
     quant = None if servable else quant_protection(ckpt, m, budget_bytes, other_bits, supers)
     if quant is not None:  # where quantize's LP plan fits, super experts are held at >= 8 bits only if it holds them
         for l, e in s.supers - set(quant):
@@ -277,8 +282,9 @@ def make_plan(
     allowed = s.allowed
     try:
         if servable:
-            sol = servable_plan(costs, nbytes, routed_budget, s.shape, allowed,
-                                kept_options=[o for o in range(1, O) if allowed[:, :, o].any()])  # fmt: skip
+            kept = [o for o in range(1, O) if allowed[:, :, o].any()]
+            sol = servable_plan(costs, nbytes, routed_budget, s.shape, allowed, kept_options=kept,
+                                width_of={o: opts[moe[0]][o].width for o in kept})  # fmt: skip
         else:
             sol = solve(costs.reshape(L * E, O), nbytes.reshape(L * E, O), routed_budget, s.shape,
                         allowed.reshape(L * E, O))  # fmt: skip
@@ -289,20 +295,22 @@ def make_plan(
         raise UserError(f"budget plan: {err}") from None
     solver = {"name": sol.solver, "solve_s": round(sol.solve_s, 3), **sol.info}
     return _plan_dict(s, m, kl, costs, sens, sol.choice.reshape(L, E), solver, budget_bytes, budget_note, few,
-                      protect_note, "bits only (full width, no removal)" if bits_only else None)  # fmt: skip
+                      protect_note, None)  # fmt: skip
 
 
 def _quant_lp(
-    ckpt: Checkpoint, m: BudgetMeasure, kl: dict, s: Structure, budget_bytes: float, supers: list[tuple[int, int]]
-) -> tuple[np.ndarray, dict, list, str | None]:
-    """``(choice [L, E] into the budget menu, solver facts, protected experts, protect note)`` of quantize's
-    per-projection LP plan (``quant.plan.make_plan``, granularity expert, its cost model and protection) at
-    ``budget_bytes``, from this measurement's full-width errors (the numbers quantize's measuring pass makes)."""
+    ckpt: Checkpoint, m: BudgetMeasure, kl: dict, s: Structure, budget_bytes: float, supers: list[tuple[int, int]],
+    granularity: str = "expert",
+) -> tuple[np.ndarray, dict, list, str | None]:  # fmt: skip
+    """``(choice [L, E] into the budget menu, solver facts, protected experts, protect note)`` of quantize's LP plan
+    (``quant.plan.make_plan`` at ``granularity`` "expert" (per projection) or "layer", its cost model and
+    protection) at ``budget_bytes``, from this measurement's full-width errors (the numbers quantize's measuring
+    pass makes)."""
     lay = Layout(ckpt)
     sb = scale_dtype_of(ckpt).itemsize
     qp = quant_make_plan(
-        lay, quant_measurement(m, s.moe, kl), m.options, "lp", None, budget_bytes / 1e9, "expert", s.other_bits, sb,
-        np.ones((s.L, s.E)), m.min_tokens, "kl", True, supers,
+        lay, quant_measurement(m, s.moe, kl), m.options, "lp", None, budget_bytes / 1e9, granularity, s.other_bits,
+        sb, np.ones((s.L, s.E)), m.min_tokens, "kl", True, supers,
     )  # fmt: skip
     at = {o.pair: j for j, o in enumerate(s.opts[s.moe[0]]) if not o.removed and o.fraction == 1.0}
     choice = np.array([[at[(r["gate_up_bits"], r["down_bits"])] for r in qp["layers"][str(l)]["experts"]]

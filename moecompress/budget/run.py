@@ -5,13 +5,13 @@
 1. ``Job.prepare`` and the profile (``--profile`` or one profiling pass): super experts are never removed;
 2. the measuring pass (budget/measure.py): every option's block-output error and the KL probes;
 3. the plan (budget/plan.py + budget/solve.py): the integer program over every routed expert's options under the
-   byte budget (exact layout), or the best (expert count, width, bits) for every layer (``servable``);
+   byte budget (exact layout), or the best expert count and width for the model with bits per layer (``servable``);
 4. the write pass: prune -> atom -> quantize transforms with the plan's explicit choices, one engine pass, one
    checkpoint with moecompress.json (one section per stage plus the "budget" section) and plan.json; with ``check``
-   (default) a joint plan that differs from the quantize-only plan (exact layouts: quantize's per-projection LP plan
-   at the same budget, written as `quantize --plan lp --granularity expert` writes it) must also beat it in KL on
-   held-out calibration windows (budget/check.py: one more pass, a third when the quantize-only plan wins and is
-   written instead).
+   (default) a joint plan that differs from the quantize-only plan (quantize's LP plan at the same budget, written as
+   `quantize --plan lp` writes it: ``--granularity expert`` for exact layouts, ``--granularity layer`` for
+   servable ones) must also beat it in KL on held-out calibration windows (budget/check.py: one more pass, a third
+   when the quantize-only plan wins and is written instead).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..core.output import Output
 from ..prune.order import RouterSpec
 from ..prune.transform import protected_experts
 from .check import FinalStates, calibration_kl, engine_for, judge_windows
-from .execute import LAYOUT, transforms_for
+from .execute import LAYOUT, servable_bits, transforms_for
 from .measure import BudgetMeasure
 from .options import FRACTIONS, PAIRS
 from .plan import Structure, bf16_bytes, make_plan
@@ -194,8 +194,12 @@ def write_plan(
             t.config(cfg)
             section = manifest.add(t.name, {**t.section(), "profile": profile_ref})
             manifest.warnings += [str(w) for w in section.pop("warnings", []) or []]
-        if servable:
-            manifest.layout, manifest.load_with = "quantized", "transformers"
+        if servable:  # one bit width for the model: transformers; per layer: vLLM and moecompress.load
+            one = isinstance(servable_bits(plan), int)
+            manifest.layout, manifest.load_with = "quantized", "transformers" if one else "moecompress.load"
+            if not one:
+                manifest.warnings.append("bit widths per layer (one scheme per layer, vLLM serves them): "
+                                         "transformers 5.23 loads them wrongly: moecompress.load")  # fmt: skip
         else:
             manifest.layout, manifest.load_with = LAYOUT, "moecompress.load"
         reuse = keep_profile(out, prof, made, profile_dir)

@@ -14,9 +14,10 @@ Within an item, kept options that another kept option dominates (no more bytes, 
 before solving (exact: constraints treat every kept option alike); removal is always a variable. Solved by HiGHS
 through highspy's own API when it is installed, to a proved relative gap of ``MIP_REL_GAP`` (0.1%; pulp's modelling
 layer alone took 4 s to build a Qwen3-30B-sized instance), else through pulp (HiGHS or its bundled CBC).
-``servable_plan`` solves the servable variant exactly by enumeration (one expert count, one width and one bit width
-for every layer: bytes no longer depend on which experts are kept, so each (count, width, bits) has its best experts
-by sorting).
+``servable_plan`` solves the servable variant exactly: one expert count and one channel width for the whole model
+(what a config states), one bit width per layer (one quantization scheme per layer); bytes no longer depend on which
+experts are kept, so each (count, option) has its best experts per layer by sorting, and each (count, width) its
+best bits per layer by a small knapsack over the layers.
 """
 
 from __future__ import annotations
@@ -273,6 +274,36 @@ def solve(
     return Solution(choice, float(costs[np.arange(len(choice)), choice].sum()), total, name, solve_s, info)
 
 
+def _keep_costs(costs: np.ndarray, ok: np.ndarray, shape: Shape, opts: list[int]) -> np.ndarray:
+    """``C [O', L, E + 1]``: layer l's summed cost with its best K experts kept at option ``opts[j]`` and the rest
+    removed (K per layer, K / n_group per group; the experts with the smallest cost of keeping them rather than
+    removing them, never-removed ones first); inf where K cannot be met (a never-removed expert left out, or an
+    expert kept at an option it may not take) or the groups cannot split K evenly."""
+    L, E, _ = costs.shape
+    must = ~ok[:, :, 0]
+    g = max(shape.n_group, 1)
+    grp = shape.group.reshape(L, E)
+    out = np.full((len(opts), L, E + 1), np.inf)
+    removed = costs[:, :, 0].sum(1)  # [L] every expert removed
+    for j, o in enumerate(opts):
+        for l in range(L):
+            per = np.zeros(E // g + 1)  # summed over groups, k experts per group
+            for q in range(g):
+                m = np.where(grp[l] == q)[0] if g > 1 else np.arange(E)
+                delta = np.where(ok[l, m, o], costs[l, m, o] - costs[l, m, 0], np.inf)
+                order = np.lexsort((delta, ~must[l, m]))  # never-removed experts first, then by delta
+                cum = np.concatenate([[0.0], np.cumsum(delta[order])])[: E // g + 1]
+                cum[: int(must[l, m].sum())] = np.inf  # a never-removed expert left out
+                per += cum
+            ks = np.arange(E // g + 1)
+            out[j, l, ks * g] = removed[l] + per
+    if g > 1 or shape.per_group > 1:
+        ks = np.arange(E + 1)
+        out[:, :, (ks % g != 0) | (ks // g < (shape.per_group if g > 1 else 1))] = np.inf
+    out[:, :, : shape.min_keep] = np.inf
+    return out
+
+
 def servable_plan(
     costs: np.ndarray,  # [L, E, O]
     nbytes: np.ndarray,  # [L, E, O] (bytes of a kept option do not depend on the expert)
@@ -280,46 +311,61 @@ def servable_plan(
     shape: Shape,
     allowed: np.ndarray | None = None,
     kept_options: list[int] | None = None,
+    width_of: dict[int, int] | None = None,
 ) -> Solution:
-    """One expert count K, one kept option (width, bits) for every kept expert of every layer; per layer the K
-    experts with the smallest cost of keeping them at that option relative to removing them (per group with group
-    routers). Exact by enumeration over (K, option)."""
+    """One expert count K and one channel width (``width_of``: option -> width; default one width for all) for the
+    whole model, what a config states; per layer one kept option of that width (its bits: one quantization scheme
+    per layer) for all its kept experts, the K with the smallest cost of keeping them rather than removing them (per
+    group with group routers). Exact: per (K, width) the best option of every layer under the budget is a
+    multiple-choice knapsack over the layers (``solve``; skipped when each layer's best fits, or when it cannot beat
+    the best so far)."""
     t0 = time.perf_counter()
     L, E, O = costs.shape
-    ok = np.ones(costs.shape, dtype=bool) if allowed is None else allowed
-    must = ~ok[:, :, 0]  # [L, E] never removed
-    layer_group = shape.group.reshape(L, E)
-    g = max(shape.n_group, 1)
-    best: tuple[float, int, int, np.ndarray] | None = None
-    for o in kept_options or range(1, O):
-        per = float(nbytes[0, 0, o])
-        for K in range(shape.min_keep, E + 1):
-            if K % g or K // g < (shape.per_group if g > 1 else 1):
+    ok = np.ones(costs.shape, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    opts = list(kept_options or range(1, O))
+    width_of = width_of or dict.fromkeys(opts, 0)
+    C = _keep_costs(costs, ok, shape, opts)  # [O', L, E + 1]
+    per = np.array([float(nbytes[0, 0, o]) for o in opts])
+    best: tuple[float, int, np.ndarray] | None = None  # (cost, K, option index per layer)
+    solves = 0
+    for K in range(shape.min_keep, E + 1):
+        for w in sorted(set(width_of.values())):
+            js = [j for j, o in enumerate(opts) if width_of[o] == w]
+            c = C[js][:, :, K].T  # [L, n] cost of layer l at option js[n]
+            b = np.broadcast_to(K * per[js], c.shape)
+            fin = np.isfinite(c)
+            if not fin.any(axis=1).all() or np.where(fin, b, np.inf).min(1).sum() > budget * (1 + 1e-9) + 1e-6:
                 continue
-            if L * K * per > budget * (1 + 1e-9) + 1e-6:
+            pick = np.where(fin, c, np.inf).argmin(1)
+            lb = float(c[np.arange(L), pick].sum())
+            if best is not None and lb >= best[0]:
                 continue
-            total, chosen = 0.0, np.zeros((L, E), dtype=np.int64)
-            feasible = True
-            for l in range(L):
-                delta = costs[l, :, o] - costs[l, :, 0]  # keeping e instead of removing it
-                delta = np.where(must[l], -np.inf, delta)
-                delta = np.where(ok[l, :, o], delta, np.inf)
-                keep: list[int] = []
-                for grp in range(g):
-                    members = np.where(layer_group[l] == grp)[0] if g > 1 else np.arange(E)
-                    order = members[np.argsort(delta[members], kind="stable")]
-                    take = order[: K // g]
-                    if np.isposinf(delta[take]).any() or must[l, order[K // g :]].any():
-                        feasible = False
-                    keep += take.tolist()
-                chosen[l, keep] = o
-                total += float(costs[l, np.arange(E), chosen[l]].sum())
-            if feasible and (best is None or total < best[0]):
-                best = (total, K, o, chosen)
+            if b[np.arange(L), pick].sum() > budget * (1 + 1e-9) + 1e-6:  # a knapsack over the layers
+                solves += 1
+                items = Shape(np.arange(L), np.zeros(L, dtype=np.int64), 0)
+                z = np.zeros((L, 1))
+                try:
+                    sol = solve(np.hstack([z, np.where(fin, c, 0.0)]), np.hstack([z, b]), budget, items,
+                                np.hstack([np.zeros((L, 1), dtype=bool), fin]))  # fmt: skip
+                except ValueError:
+                    continue
+                pick = sol.choice - 1
+            total = float(c[np.arange(L), pick].sum())
+            if best is None or total < best[0]:
+                best = (total, K, np.array([js[p] for p in pick]))
     if best is None:
         raise ValueError(f"budget of {budget:,.0f} bytes cannot hold the routed experts with one layout per model")
-    total, K, o, chosen = best
+    total, K, jl = best
+    g = max(shape.n_group, 1)
+    grp = shape.group.reshape(L, E)
+    chosen = np.zeros((L, E), dtype=np.int64)
+    for l in range(L):
+        o = opts[jl[l]]
+        for q in range(g):
+            m = np.where(grp[l] == q)[0] if g > 1 else np.arange(E)
+            delta = np.where(ok[l, m, o], costs[l, m, o] - costs[l, m, 0], np.inf)
+            chosen[l, m[np.lexsort((delta, ok[l, m, 0]))[: K // g]]] = o
     nb = float(nbytes.reshape(L * E, O)[np.arange(L * E), chosen.reshape(-1)].sum())
-    return Solution(
-        chosen.reshape(-1), total, nb, "enumeration", time.perf_counter() - t0, {"experts_per_layer": K, "option": o}
-    )
+    cost = float(costs.reshape(L * E, O)[np.arange(L * E), chosen.reshape(-1)].sum())
+    info = {"experts_per_layer": K, "options": [int(opts[j]) for j in jl], "knapsacks_solved": solves}
+    return Solution(chosen.reshape(-1), cost, nb, "enumeration + knapsack over layers", time.perf_counter() - t0, info)

@@ -85,6 +85,43 @@ def test_the_quantize_only_plan_is_quantizes_lp_plan_written_byte_for_byte(qwen,
         assert torch.equal(tb[k], tq[k]), k
 
 
+@pytest.mark.slow
+def test_the_servable_quantize_only_plan_is_quantizes_layer_lp_plan_written_byte_for_byte(qwen, measured, tmp_path):
+    """With --servable the guard's alternative is `quantize --plan lp --granularity layer --budget-gb` (quantize's
+    servable plan: one width per layer), chosen alike and written tensor for tensor; the servable program holds it
+    (its predicted cost is no higher); per-layer widths load with moecompress.load as the engine judged them."""
+    job, m, kl = measured
+    lay, sb = Layout(job.ckpt), scale_dtype_of(job.ckpt).itemsize
+    budget = lay.fixed_bytes(8, sb) + len(lay.moe) * lay.E * lay.expert_bytes(3, sb)  # 3 bits per weight
+    alt = make_plan(job.ckpt, m, kl, budget, True, 8, [], "test", bits_only=True)
+    q = tmp_path / "q"
+    qp = run_quantize(qwen, q, plan="lp", granularity="layer", budget_gb=budget / 1e9, calib="mixed", seed=0, **CAL)
+    for l, v in alt["layers"].items():
+        got = [(r["gate_up_bits"], r["down_bits"], r["removed"], r["width"]) for r in v["experts"]]
+        want = [(r["gate_up_bits"], r["down_bits"], False, alt["source_width"]) for r in qp["layers"][l]["experts"]]
+        assert got == want
+    assert alt["total_bytes"] == qp["total_bytes"] and alt["restriction"].startswith("quantize's per-layer LP plan")
+    if not qp["protected"]:  # then one width per layer, inside the servable program's choices
+        joint = make_plan(job.ckpt, m, kl, budget, True, 8, [], "test")
+        assert joint["predicted_cost"] <= alt["predicted_cost"] * (1 + 1e-9) + 1e-12
+    b = tmp_path / "b"
+    man = write_plan(Job.prepare(qwen, b, tokens=job.tokens(), **CAL), None, False, alt, m, 8)
+    tb, tq = _tensors(b), _tensors(q)
+    assert set(tb) == set(tq)
+    for k in tq:
+        assert torch.equal(tb[k], tq[k]), k
+    mixed = len({r["gate_up_bits"] for v in alt["layers"].values() for r in v["experts"]}) > 1
+    assert man.load_with == ("moecompress.load" if mixed else "transformers")
+    b = tmp_path / "b16"  # other weights unquantized: the judge's KL is the loaded model's (the engine runs the
+    # source's attention; --other-bits is applied as the tensors are written)
+    man, kl_engine = write_plan(Job.prepare(qwen, b, tokens=job.tokens(), **CAL), None, False, alt, m, 16,
+                                measure_kl=True)  # fmt: skip
+    with torch.no_grad():
+        src = torch.log_softmax(reload_clean(qwen)(input_ids=m.judge).logits.float(), -1)
+        got = torch.log_softmax(moecompress.load(b)(input_ids=m.judge).logits.float(), -1)
+    assert float((src.exp() * (src - got)).sum(-1).mean()) == pytest.approx(kl_engine, rel=1e-3)
+
+
 def test_pairs_are_written_per_projection_and_load_as_the_dequantized_plan(qwen, measured, tmp_path):
     """A plan with per-projection widths, a removal and a cut: on disk each projection is packed at its own bits,
     and moecompress.load's logits give the KL the write pass measured on its judge windows (the dequantized plan as

@@ -87,27 +87,55 @@ def test_group_routers_keep_the_same_count_in_every_group():
     assert kept[:3].sum() == kept[3:].sum() == 2
 
 
+def _servable_brute(costs, per, budget, E, L, width_of, min_keep=2):
+    """Every plan with one expert count for the model and one kept option per layer, all of one width."""
+    best = None
+    for K in range(min_keep, E + 1):
+        for opts in itertools.product(sorted(width_of), repeat=L):
+            if len({width_of[o] for o in opts}) > 1 or K * sum(per[o] for o in opts) > budget:
+                continue
+            c = 0.0
+            for l in range(L):  # every set of K kept experts
+                c += min(sum(costs[l, e, opts[l] if e in keep else 0] for e in range(E))
+                         for keep in itertools.combinations(range(E), K))  # fmt: skip
+            best = c if best is None or c < best else best
+    return best
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_the_servable_plan_is_the_best_single_layout(seed):
+def test_the_servable_plan_is_the_best_count_width_and_bits_per_layer(seed):
+    """One expert count and one width for the model, one option (bits) per layer: the best such plan (brute
+    force over counts, per-layer options and kept experts), within the budget."""
     rng = np.random.default_rng(seed)
-    L, E, O = 2, 4, 4
+    L, E, O = 3, 4, 5
     costs = rng.uniform(0, 1, (L, E, O))
-    per = np.array([0, 30, 20, 10.0])
+    per = np.array([0, 30, 20, 10.0, 15.0])
     nbytes = np.broadcast_to(per, (L, E, O)).copy()
     shape = Shape(np.repeat(np.arange(L), E), np.zeros(L * E, dtype=int), min_keep=2)
-    budget = rng.uniform(40, 200)
-    got = servable_plan(costs, nbytes, budget, shape)
-    best = None
-    for o in range(1, O):  # brute force over every plan with one count and one kept option for the model
-        for K in range(2, E + 1):
-            for keeps in itertools.product(itertools.combinations(range(E), K), repeat=L):
-                if L * K * per[o] > budget:
-                    continue
-                c = sum(costs[l, e, o if e in keeps[l] else 0] for l in range(L) for e in range(E))
-                best = c if best is None or c < best else best
-    assert got.cost == pytest.approx(best)
+    width_of = {1: 0, 2: 0, 3: 0, 4: 1}  # option 4 is another channel width: never mixed with 1-3
+    budget = rng.uniform(60, 300)
+    got = servable_plan(costs, nbytes, budget, shape, kept_options=[1, 2, 3, 4], width_of=width_of)
+    assert got.cost == pytest.approx(_servable_brute(costs, per, budget, E, L, width_of))
     ch = got.choice.reshape(L, E)
-    assert len({int((r != 0).sum()) for r in ch}) == 1 and len(set(ch[ch != 0].tolist())) == 1
+    assert got.nbytes <= budget and len({int((r != 0).sum()) for r in ch}) == 1
+    assert len({width_of[int(o)] for o in ch[ch != 0]}) == 1 and all(len(set(r[r != 0].tolist())) == 1 for r in ch)
+    one = servable_plan(costs, nbytes, budget, shape, kept_options=[1, 2, 3])  # bits per layer: never worse
+    assert got.cost <= one.cost + 1e-12
+
+
+def test_the_servable_plan_keeps_never_removed_experts_and_groups_even():
+    rng = np.random.default_rng(3)
+    L, E, O = 2, 6, 3
+    costs = rng.uniform(0, 1, (L, E, O))
+    costs[:, :, 0] = 0.001  # removal is cheap: only the constraints keep experts
+    nbytes = np.broadcast_to(np.array([0, 20, 10.0]), (L, E, O)).copy()
+    allowed = np.ones((L, E, O), dtype=bool)
+    allowed[1, 4, 0] = False  # a super expert
+    shape = Shape(np.repeat(np.arange(L), E), np.tile(np.arange(E) // 3, L), min_keep=2, n_group=2, per_group=1)
+    got = servable_plan(costs, nbytes, 1e9, shape, allowed)
+    ch = got.choice.reshape(L, E)
+    assert ch[1, 4] != 0 and (ch[:, :3] != 0).sum(1).tolist() == (ch[:, 3:] != 0).sum(1).tolist()
+    assert len({int((r != 0).sum()) for r in ch}) == 1 and (ch != 0).sum(1)[0] == 2
 
 
 def test_option_bytes_follow_quant_accounting():
