@@ -1,13 +1,14 @@
 """The byte-budget planner (`compress --budget-*`) against single methods and hand-made two-step chains.
 
-At 25%, 35% and 50% of a model's bf16 tensor bytes: KL(base || output) on held-out windows of the joint plan
-(exact layout and --servable) vs the best single method whose output fits (quantize uniform 2/3/4 bits, quantize's
-LP plan at that budget, expert pruning, channel pruning; all at --other-bits 8 where they quantize) and the best
-two-step chain that fits (prune or merge, then quantize, in one `compress` pass). Every run uses the same
-calibration windows (mixed, --samples, --seq-len, seed 0). Bytes are the safetensors tensor payload (what the planner
-budgets). Also: the Spearman rank correlation between the planner's predicted cost and the measured KL over all its
-plans (extra budgets included), and the solve time of a synthetic Qwen3-30B-sized instance (48 layers x 128 experts
-x 49 options: removal, or 3 widths x quantize's 16 (gate/up, down) bit pairs) on one core.
+At 25%, 35% and 50% of a model's bf16 tensor bytes: KL(base || output) on held-out windows of the joint plan (exact
+layout and --servable) vs the best single method whose output fits (quantize uniform 2/3/4 bits, quantize's LP plans
+at that budget per expert and projection and per layer (the two guard alternatives), expert pruning, channel
+pruning; all at --other-bits 8 where they quantize) and the best two-step chain that fits (prune or merge, then
+quantize, in one `compress` pass). Every run uses the same calibration windows (mixed, --samples, --seq-len, seed
+0). Bytes are the safetensors tensor payload (what the planner budgets). Also: the Spearman rank correlation between
+the planner's predicted cost and the measured KL over all its plans (extra budgets included), and the solve time of
+a synthetic Qwen3-30B-sized instance (48 layers x 128 experts x 49 options: removal, or 3 widths x quantize's 16
+(gate/up, down) bit pairs) on one core.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/budget_bench.py                      # the built-in model
     OMP_NUM_THREADS=1 .venv/bin/python bench/budget_bench.py --model /work/shared/validation/stories260k-moe \\
@@ -56,7 +57,7 @@ def synthetic_ip(seed: int = 0) -> dict[str, Any]:
     (gate/up, down) bit pairs) at 30% of the expert bytes. Costs: gate/up and down_proj errors falling 4x per bit,
     a cut's error growing with the channels removed, each option and expert with its own noise."""
     from moecompress.budget.options import menu, option_bytes
-    from moecompress.budget.solve import Shape, solve
+    from moecompress.budget.solve import Shape, servable_plan, solve
 
     L, E = 48, 128
     opts = menu(768)
@@ -68,11 +69,19 @@ def synthetic_ip(seed: int = 0) -> dict[str, Any]:
                      + 3 * (1 - o.fraction) for o in opts])  # fmt: skip
     costs = scale * base * (1 + rng.uniform(0, 0.3, (L * E, len(opts))))
     costs[:, 0] = scale[:, 0] * rng.uniform(5, 20, L * E)
+    shape = Shape(np.repeat(np.arange(L), E), np.zeros(L * E, int), 8)
     t, c = time.perf_counter(), time.process_time()
-    sol = solve(costs, nbytes, 0.3 * per.max() * L * E, Shape(np.repeat(np.arange(L), E), np.zeros(L * E, int), 8))
-    return {"items": L * E, "options": len(opts), "solver": sol.solver, "solve_s": round(sol.solve_s, 2),
-            "total_s": round(time.perf_counter() - t, 2), "total_cpu_s": round(time.process_time() - c, 2),
-            **sol.info}  # fmt: skip
+    sol = solve(costs, nbytes, 0.3 * per.max() * L * E, shape)
+    out = {"items": L * E, "options": len(opts), "solver": sol.solver, "solve_s": round(sol.solve_s, 2),
+           "total_s": round(time.perf_counter() - t, 2), "total_cpu_s": round(time.process_time() - c, 2),
+           **sol.info}  # fmt: skip
+    kept = [j for j, o in enumerate(opts) if not o.removed and o.uniform]  # --servable: one count and width, bits
+    t, c = time.perf_counter(), time.process_time()  # per layer
+    srv = servable_plan(costs.reshape(L, E, -1), nbytes.reshape(L, E, -1), 0.3 * per.max() * L * E, shape,
+                        kept_options=kept, width_of={j: opts[j].width for j in kept})  # fmt: skip
+    out["servable"] = {"total_s": round(time.perf_counter() - t, 2), "total_cpu_s": round(time.process_time() - c, 2),
+                       "knapsacks_solved": srv.info["knapsacks_solved"]}  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -184,13 +193,13 @@ def joint(args, model, ckpt, ref, cal, ratios, extra, tmp, runs, record, state) 
     only if it beats the quantize-only plan on the calibration windows); where the check chose the quantize-only
     plan, the unchecked joint plan too, and the 35% (or first) exact plan written propagating quantized layer
     outputs (the write pass's other calibration: later layers' GPTQ on the quantized layers' outputs)."""
+    import torch
+
     from moecompress.budget.plan import make_plan
     from moecompress.budget.run import measure_budget, plan_and_write, supers_of, write_plan
     from moecompress.compress.run import _profile
     from moecompress.core.errors import UserError
     from moecompress.core.job import Job
-
-    import torch
 
     t0 = time.time()
     job = Job.prepare(model, None, batch_size=8, **cal)
@@ -253,6 +262,7 @@ def single(args, model, ckpt, ref, cal, ratios, tmp, runs, record) -> None:
 
     done = {r["name"] for r in runs}
     todo = [f"quantize LP {r:.0%}" for r in ratios] + [f"quantize {b} bit" for b in (2, 3, 4)]
+    todo += [f"quantize LP layer {r:.0%}" for r in ratios]
     if all(n in done for n in todo):
         return run_stages(model, cal, tmp, runs, record, [s for s in stage_list(ckpt) if s[0] == "single"])
     meas = measure_model(model, samples=args.samples, seq_len=args.seq_len, keep_codes=True, widths=OPTIONS)
@@ -268,6 +278,19 @@ def single(args, model, ckpt, ref, cal, ratios, tmp, runs, record) -> None:
             runs.append({"kind": "single", "name": f"quantize LP {ratio:.0%}", "target": ratio, "unreachable": True})
             continue
         record("single", f"quantize LP {ratio:.0%}", out, t1)
+    for ratio in ratios:  # quantize's servable LP plan (one width per layer): the --servable guard's alternative
+        name = f"quantize LP layer {ratio:.0%}"
+        if name in done:
+            continue
+        t1 = time.time()
+        out = tmp / "q"
+        try:
+            run_quantize(model, out, measurement=meas, plan="lp", budget_gb=ratio * ref / 1e9, granularity="layer",
+                         **cal)  # fmt: skip
+        except UserError:
+            runs.append({"kind": "single", "name": name, "target": ratio, "unreachable": True})
+            continue
+        record("single", name, out, t1)
     for b in (2, 3, 4):
         if f"quantize {b} bit" in done:
             continue
@@ -332,6 +355,7 @@ METHODS = (
     ("servable", "joint servable", lambda r, x: r["name"] == f"joint servable {x:.0%}"),
     ("uniform", "quantize uniform", lambda r, x: r["name"].startswith("quantize ") and r["name"].endswith(" bit")),
     ("lp", "quantize LP", lambda r, x: r["name"] == f"quantize LP {x:.0%}"),
+    ("lp_layer", "quantize LP per layer", lambda r, x: r["name"] == f"quantize LP layer {x:.0%}"),
     ("prune", "prune alone", lambda r, x: r["kind"] == "single" and r["name"].startswith("prune ")),
     ("atom", "atom alone", lambda r, x: r["kind"] == "single" and r["name"].startswith("atom ")),
     ("chain", "best prune/merge/atom + quantize", lambda r, x: r["kind"] == "chain"),
@@ -430,6 +454,13 @@ def markdown(res: dict, args: Any) -> str:
             f"{ip['build_s']} s, total {ip['total_s']} s wall, {ip['total_cpu_s']} s CPU (one thread; the machine "
             f"was shared, so wall time includes waiting for a core)."
         )
+        if ip.get("servable"):
+            sv = ip["servable"]
+            lines.append(
+                f"The same instance with `--servable` (one expert count and width for the model, bits per layer): "
+                f"{sv['total_cpu_s']} s CPU, {sv['total_s']} s wall ({sv['knapsacks_solved']} knapsacks over the "
+                "layers solved)."
+            )
     lines += [
         "",
         f"![bytes vs KL]({Path(args.out).name}.svg)",
