@@ -46,8 +46,8 @@ ServableOpt = Annotated[
     bool,
     typer.Option(
         "--servable/--exact",
-        help="With a budget: one expert count, width and bit width for the whole model (transformers/vLLM load it); "
-        "default: per-expert choices (moecompress.load).",
+        help="With a budget: one expert count and width for the whole model, one bit width per layer (vLLM serves "
+        "it; transformers loads it when one bit width is chosen); default: per-expert choices (moecompress.load).",
     ),
 ]
 OtherBitsOpt = Annotated[
