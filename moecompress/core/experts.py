@@ -70,7 +70,14 @@ class GatedActivation:
 
 def _gate_owner(experts: nn.Module) -> SimpleNamespace:
     """What ``_apply_gate`` may read of its module: plain scalar attributes and parameter-free child modules."""
-    owner = SimpleNamespace(**{k: v for k, v in vars(experts).items() if isinstance(v, (bool, int, float, str))})
+    owner = SimpleNamespace()
+    for name in dir(experts):  # the instance's and its class's (a class-level constant)
+        try:
+            v = getattr(experts, name)
+        except Exception:  # a property that cannot be read on this module
+            continue
+        if not name.startswith("__") and isinstance(v, (bool, int, float, str)):
+            setattr(owner, name, v)
     for name, child in experts.named_children():
         if any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
             continue

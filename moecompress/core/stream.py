@@ -265,7 +265,7 @@ class LayerStream:
         pair; None when the family keeps its experts fused on disk or the experts' headers differ in shape or dtype
         (then the layer is read whole, as before)."""
         fam, E = self.fam, self.ckpt.num_experts
-        if fam.fused_disk or fam.own_experts or fam.expert_bias:
+        if fam.fused_disk or fam.expert_bias or (fam.own_experts and fam.gate != "apply_gate"):  # own gate: same layout
             return None
         if self._info is None:
             self._info = self.ckpt.tensor_info()
