@@ -100,7 +100,9 @@ class Family:
     save_transposed: bool = False
     interleaved: bool = False  # gate and up rows alternate (g0, u0, g1, u1, ...) instead of gate rows first
     expert_bias: bool = False  # gate_up_proj_bias [E, 2I] and down_proj_bias [E, H]
-    gate: str | None = None  # the experts' gated activation when not act(g) * u: "clamped_swiglu" (gpt-oss)
+    # the experts' gated activation when not act(g) * u: "clamped_swiglu" (gpt-oss, with biases: BiasedExperts) or
+    # "apply_gate" (the family's own channel-wise _apply_gate, run as experts.GatedExperts: Beam)
+    gate: str | None = None
     embed: str = "embed_tokens"  # input embedding module under model.model
     final_norm: str = "norm"  # final norm module under model.model (Jamba: final_layernorm)
     # a multimodal wrapper whose language model is this MoE: (the text model's, the lm_head's path in its checkpoint),
@@ -126,7 +128,7 @@ class Family:
     @property
     def own_experts(self) -> bool:
         """The layer stream runs this family's experts as ``experts.BiasedExperts`` (biases, own gate, transposed or
-        interleaved layouts), not as the transformers module."""
+        interleaved layouts) or ``experts.GatedExperts`` (its own channel-wise gate), not as the transformers module."""
         return self.transposed or self.interleaved or self.expert_bias or self.gate is not None
 
     # ---- config facts -------------------------------------------------------------------------
