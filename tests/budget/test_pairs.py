@@ -92,7 +92,8 @@ def test_the_servable_quantize_only_plan_is_quantizes_layer_lp_plan_written_byte
     (its predicted cost is no higher); per-layer widths load with moecompress.load as the engine judged them."""
     job, m, kl = measured
     lay, sb = Layout(job.ckpt), scale_dtype_of(job.ckpt).itemsize
-    budget = lay.fixed_bytes(8, sb) + len(lay.moe) * lay.E * lay.expert_bytes(3, sb)  # 3 bits per weight
+    per = (lay.expert_bytes(3, sb) + lay.expert_bytes(4, sb)) / 2  # 3.5 bits per weight: layers at 3 and 4 bits
+    budget = lay.fixed_bytes(8, sb) + len(lay.moe) * lay.E * per
     alt = make_plan(job.ckpt, m, kl, budget, True, 8, [], "test", bits_only=True)
     q = tmp_path / "q"
     qp = run_quantize(qwen, q, plan="lp", granularity="layer", budget_gb=budget / 1e9, calib="mixed", seed=0, **CAL)
@@ -111,6 +112,7 @@ def test_the_servable_quantize_only_plan_is_quantizes_layer_lp_plan_written_byte
     for k in tq:
         assert torch.equal(tb[k], tq[k]), k
     mixed = len({r["gate_up_bits"] for v in alt["layers"].values() for r in v["experts"]}) > 1
+    assert mixed  # layers at different widths
     assert man.load_with == ("moecompress.load" if mixed else "transformers")
     b = tmp_path / "b16"  # other weights unquantized: the judge's KL is the loaded model's (the engine runs the
     # source's attention; --other-bits is applied as the tensors are written)
