@@ -263,10 +263,15 @@ class Checkpoint:
         # tensor keeps its name; wrapper_config is the whole config.json, written back with only text keys changed
         self.wrapper_config: PretrainedConfig | None = None
         self._disk: dict[str, str] = {}  # view name -> checkpoint name (only the renamed ones)
+        # a view tensor transformers concatenates from disk tensors on load: view name -> (dim, disk names)
+        self._pieces: dict[str, tuple[int, tuple[str, ...]]] = {}
+        self._piece_info: dict[str, tuple[str, dict[str, Any]]] = {}  # disk name of a piece -> (its shard, header)
         if self.family.nest is not None:
             self.wrapper_config, self.config = self.config, self.config.get_text_config()
             self._nest_keys()
             layers_on_disk = {int(m[1]) for k in self.weight_map if (m := _LAYER_KEY.match(k))}
+        elif self.family.derived:
+            self._convert_keys()
         self.family.check_config(self.config, max(layers_on_disk, default=-1) + 1)
         if self.family.save_transposed and not self.family.scaled_input:  # (Llama-4's loader never transposes)
             self.family = replace(self.family, save_transposed=self._saved_transposed())
@@ -293,6 +298,89 @@ class Checkpoint:
         self.weight_map = {view.get(k, k): f for k, f in self.weight_map.items()}
         self._info = {view.get(k, k): v for k, v in self._info.items()}
 
+    def _convert_keys(self) -> None:
+        """Name the tensors transformers converts on load beyond per-layer renames as its modules do (``derive``'s
+        view rules): a renamed tensor outside the layers (Bailing-hybrid's model.word_embeddings is the view's
+        model.embed_tokens), and a module tensor made of several disk tensors (Kimi-Linear's self_attn.conv1d.weight =
+        cat(q_conv1d, k_conv1d, v_conv1d)), read concatenated and written back as the disk tensors
+        (``disk_items``), bit for bit. Every consumer (the layer stream, the loaders, the shape check) sees the
+        module names; outputs keep the checkpoint's."""
+        from .derive import view_rules
+
+        rules = view_rules(self.config)
+        if not rules:
+            return
+        prefixes = sorted({m[0] for k in self.weight_map if (m := _LAYER_KEY.match(k))})
+        names: dict[str, str] = {}  # disk name -> view name (the first piece of a concatenation)
+        whole: dict[str, dict[str, Any]] = {}  # a concatenation's header entry (dtype, shape)
+        for scope, module, parts in rules:
+            for p in prefixes if scope else [""]:
+                disk = [p + d for d, _ in parts]
+                have = [k in self.weight_map for k in disk]
+                if not any(have):
+                    continue  # a layer of another type (Kimi-Linear's full-attention layers have no conv)
+                view = p + module
+                if not all(have):
+                    raise UserError(
+                        f"the weights hold {disk[have.index(True)]} but not {disk[have.index(False)]}, which "
+                        f"transformers concatenates into {view}: the checkpoint is incomplete"
+                    )
+                if view in self.weight_map or view in names.values():
+                    raise UserError(f"{view} is both a tensor of this checkpoint and made of {disk[0]}")
+                names[disk[0]] = view
+                dim = parts[0][1]
+                if dim < 0:
+                    self._disk[view] = disk[0]
+                    continue
+                infos = [self._info[k] for k in disk]
+                shapes = [list(i["shape"]) for i in infos]
+                rest = {tuple(sh[:dim] + sh[dim + 1 :]) for sh in shapes if len(sh) > dim}
+                if len(rest) != 1 or len({i["dtype"] for i in infos}) != 1 or any(len(sh) <= dim for sh in shapes):
+                    raise UserError(
+                        f"{', '.join(disk)} have shapes {shapes}: transformers concatenates them into {view} along "
+                        f"dimension {dim}, which these shapes do not allow: config.json does not match the weights"
+                    )
+                self._pieces[view] = (dim, tuple(disk))
+                self._piece_info.update({k: (self.weight_map[k], i) for k, i in zip(disk, infos, strict=True)})
+                shape = list(shapes[0])
+                shape[dim] = sum(sh[dim] for sh in shapes)
+                whole[view] = {"dtype": infos[0]["dtype"], "shape": shape}
+        gone = {k for _, disk in self._pieces.values() for k in disk[1:]}
+        self.weight_map = {names.get(k, k): f for k, f in self.weight_map.items() if k not in gone}
+        self._info = {names.get(k, k): v for k, v in self._info.items() if k not in gone} | whole
+
+    def disk_items(self, key: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The checkpoint tensors a view tensor is written as: itself under its checkpoint name, or the disk tensors
+        transformers concatenates into it, split back at their sizes (bit for bit what was read)."""
+        if key not in self._pieces:
+            base = key.rpartition(".")[0]
+            made = next((v for v in self._pieces if v.rpartition(".")[0] == base), None)
+            if made is not None:
+                raise UserError(
+                    f"{key} would be written for {made}, which transformers concatenates from "
+                    f"{', '.join(self._pieces[made][1])} on load: an operation that rewrites it (quantizing it) "
+                    "is not supported for this model type"
+                )
+            return [(self.disk_key(key), t)]
+        dim, disk = self._pieces[key]
+        sizes = [self._piece_info[k][1]["shape"][dim] for k in disk]
+        if t.dim() <= dim or t.shape[dim] != sum(sizes):
+            raise UserError(
+                f"{key} has shape {list(t.shape)}: transformers splits it into {', '.join(disk)} "
+                f"of sizes {sizes} along dimension {dim} on save, so an operation may not change it"
+            )
+        return [(k, c.contiguous()) for k, c in zip(disk, t.split(sizes, dim), strict=True)]
+
+    def disk_writer(self, transforms: Any = ()) -> Any:
+        """``disk_items`` for an output written by ``transforms``. A quantized output (a transform writing a
+        compressed-tensors quantization_config) keeps a concatenated view tensor whole, under its module name:
+        transformers 5.23 loads compressed-tensors checkpoints by wrapping every converter of ``.weight`` tensors with
+        its experts dequantizer, which fails on Kimi-Linear's q/k/v_conv1d pieces ("Concatenate ... Ckpt contains:
+        0"), while the module's own name loads as it is (tests/core/test_disk_layouts.py)."""
+        if not any(callable(getattr(tr, "qconfig", None)) for tr in transforms):
+            return self.disk_items
+        return lambda key, t: [(key, t)] if key in self._pieces else self.disk_items(key, t)
+
     def _saved_transposed(self) -> bool:
         """A family whose loader transposes fused experts when their shape asks for it (Qwen3-VL-MoE: [E, H, 2I] as
         published, [E, 2I, H] as transformers saves it): which of the two this checkpoint holds (outputs keep it)."""
@@ -301,9 +389,10 @@ class Checkpoint:
         return bool(shape) and len(shape) == 3 and shape[2] != self.config.hidden_size
 
     def view_key(self, key: str) -> str:
-        """The view's name of a checkpoint key (itself outside a multimodal wrapper's language model)."""
+        """The view's name of a checkpoint key (itself outside a multimodal wrapper's language model and the tensors
+        ``_convert_keys`` renames; a piece of a concatenation keeps its name)."""
         if self.family.nest is None:
-            return key
+            return next((v for v, d in self._disk.items() if d == key), key)
         body, head = self.family.nest
         if key.startswith(body + "."):
             return "model." + key[len(body) + 1 :]
@@ -314,10 +403,10 @@ class Checkpoint:
     def disk_key(self, key: str) -> str:
         """The checkpoint name of a view key, also for new keys an operation writes (model.layers.3...weight_packed
         -> model.language_model.layers.3...weight_packed): what outputs are written under."""
-        if self.family.nest is None:
-            return key
         if key in self._disk:
             return self._disk[key]
+        if self.family.nest is None:
+            return key
         body, head = self.family.nest
         if key.startswith("model.layers."):
             return f"{body}.{key[len('model.') :]}"
@@ -351,7 +440,8 @@ class Checkpoint:
         (expert counts) set at its top."""
         self.check_layout(layout)
         if self.wrapper_config is None:
-            if self.family.renames and isinstance(config.get("quantization_config"), dict):
+            renamed = self.family.renames or self.family.disk_block != self.family.module_block
+            if renamed and isinstance(config.get("quantization_config"), dict):
                 config = dict(config, quantization_config=self._module_targets(config["quantization_config"]))
             return config
         raw = read_json_file(self.path / "config.json", "config.json (JSON)")
@@ -378,8 +468,9 @@ class Checkpoint:
 
     def _module_targets(self, obj: Any) -> Any:
         """A quantization_config whose targets name modules transformers renames on load (HY-V3's disk
-        mlp.shared_mlp.* is the module mlp.shared_experts.*) with the module's name added to each: compressed-tensors
-        matches targets against the loaded model's module names, moecompress.load against the checkpoint's keys."""
+        mlp.shared_mlp.* is the module mlp.shared_experts.*; Kimi-Linear's block_sparse_moe.shared_experts.* is
+        mlp.shared_experts.*) with the module's name added to each: compressed-tensors matches targets against the
+        loaded model's module names, moecompress.load against the checkpoint's keys."""
         if isinstance(obj, dict):
             return {k: self._module_targets(v) if k != "ignore" else v for k, v in obj.items()}
         if not isinstance(obj, list):
@@ -389,11 +480,14 @@ class Checkpoint:
             if not isinstance(t, str):
                 continue
             new = t
-            for disk, module in self.family.renames:
-                if disk.endswith(".weight") and module.endswith(".weight"):
-                    d, m = disk[: -len(".weight")], module[: -len(".weight")]
-                    new = new.replace(re.escape(f".{d}"), re.escape(f".{m}")) if t.startswith("re:") else new
-                    new = new.replace(f".{d}", f".{m}") if not t.startswith("re:") else new
+            pairs = [
+                (d[:-7], m[:-7]) for d, m in self.family.renames if d.endswith(".weight") and m.endswith(".weight")
+            ]
+            if self.family.disk_block != self.family.module_block:  # (Mixtral: no block-named target is written)
+                pairs.append((f"{self.family.disk_block}.", f"{self.family.module_block}."))
+            for d, m in pairs:
+                new = new.replace(re.escape(f".{d}"), re.escape(f".{m}")) if t.startswith("re:") else new
+                new = new.replace(f".{d}", f".{m}") if not t.startswith("re:") else new
             if new != t and new not in out:
                 out.append(new)
         return out
@@ -520,26 +614,40 @@ class Checkpoint:
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Read tensors, opening each shard once and closing it after (its memory map is released, so
         resident memory stays at what the caller keeps, not what it has read)."""
-        by_file: dict[str, list[str]] = {}
+        by_file: dict[str, list[tuple[str, str]]] = {}  # shard -> [(view name, checkpoint name)]
         for key in keys:
+            if key in self._pieces:  # made of several disk tensors (``_convert_keys``), maybe in several shards
+                for dk in self._pieces[key][1]:
+                    by_file.setdefault(self._piece_info[dk][0], []).append((key, dk))
+                continue
             fname = self.weight_map.get(key)
             if fname is None:
                 raise UserError(f"tensor {key} is missing from {self.path}")
-            by_file.setdefault(fname, []).append(key)
+            by_file.setdefault(fname, []).append((key, self._disk.get(key, key)))
         out: dict[str, torch.Tensor] = {}
+        parts: dict[str, dict[str, torch.Tensor]] = {}
         for fname, ks in by_file.items():
             try:
                 handle = safe_open(str(self.path / fname), framework="pt")
             except Exception as err:  # safetensors raises its own error types
                 raise UserError(f"{fname} cannot be opened as safetensors ({err})") from None
             with handle as f:
-                for key in ks:
+                for key, dk in ks:
                     try:
-                        out[key] = f.get_tensor(self._disk.get(key, key))
+                        t = f.get_tensor(dk)
                     except Exception as err:
                         msg = f"tensor {key} in {fname} cannot be read ({err}): the file is corrupt"
                         raise UserError(msg) from None
+                    if key in self._pieces:
+                        out.setdefault(key, t)  # (its place in the order; the concatenation replaces it below)
+                        parts.setdefault(key, {})[dk] = t
+                        continue
+                    out[key] = t
                     self._check_finite(key, out[key])
+        for key, got in parts.items():
+            dim, disk = self._pieces[key]
+            out[key] = torch.cat([got[k] for k in disk], dim)
+            self._check_finite(key, out[key])
         return out
 
     def _check_finite(self, key: str, t: torch.Tensor) -> None:

@@ -624,11 +624,11 @@ def _disk_layout(
         if kp is None or sp is None or kp[0] != sp[0]:
             raise Refusal(f"transformers moves its tensor {src} to another layer on disk ({k})")
         lp = kp[0]
-        inside = f"{lp}{disk_block}.{experts}."
-        if src == f"{lp}{block}.{router}.e_score_correction_bias" and k.startswith(inside):
-            raise Refusal(f"transformers saves the router's correction bias inside the experts ({k}): not mapped yet")
         if src == f"{lp}{block}.{router}.e_score_correction_bias" and k.startswith(f"{lp}{disk_block}."):
-            disk_correction = k[len(f"{lp}{disk_block}.") :]
+            disk_correction = k[len(f"{lp}{disk_block}.") :]  # (Laguna's: inside the experts, experts.<name>)
+            continue
+        if src == f"{lp}{block}.{router}.e_score_correction_bias":  # outside the block (Kolibri-1's moe.router.*):
+            view.append(("layers", src[len(lp) :], ((k[len(lp) :], -1),)))  # the checkpoint's view renames it
             continue
         if src[len(lp) :].startswith(routed):
             raise Refusal(f"transformers moves a routed tensor on disk ({src} -> {k}): not mapped yet")

@@ -113,6 +113,8 @@ def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, An
         out |= dict(attn_layer_period=2, attn_layer_offset=0, expert_layer_period=2, expert_layer_offset=1)
     if "topk_method" in defaults:  # DeepSeek-V2: route within groups (its default "greedy" ignores them)
         out["topk_method"] = "group_limited_greedy"
+    if (defaults.get("num_expert_group") or 1) > 1:  # Bailing-hybrid: group-limited routing kept, 2 groups of 4
+        out["num_expert_group"] = 2
     if "mlp_only_layers" in defaults:
         out["mlp_only_layers"] = [1]
     if defaults.get("enable_moe_block") is False:  # Gemma-4: the MoE variant's structure (experts beside the MLP)
