@@ -39,6 +39,7 @@ class Output:
         self.shards: ShardWriter | None = None
         self.transforms: Sequence[Transform] = ()
         self._disk_key: Any = lambda key: key
+        self._disk_items: Any = lambda key, t: [(key, t)]
 
     def __enter__(self) -> Output:
         self.main = dist.is_main()
@@ -60,14 +61,17 @@ class Output:
             new = tr.rewrite(key, t)
             if new is not None:
                 for k, v in new.items():
-                    self.shards.add(self._disk_key(k), v)
+                    for dk, dv in self._disk_items(k, v):
+                        self.shards.add(dk, dv)
                 return
-        self.shards.add(self._disk_key(key), t)
+        for dk, dv in self._disk_items(key, t):  # (Kimi-Linear's conv1d: the disk tensors it is made of)
+            self.shards.add(dk, dv)
 
     def add_globals(self, ckpt: Checkpoint, transforms: Sequence[Transform] = ()) -> None:
         """Every tensor outside the decoder layers (embeddings, final norm, lm_head), in checkpoint order."""
         self.transforms = transforms
         self._disk_key = ckpt.disk_key  # a multimodal wrapper's language model is written under its own names
+        self._disk_items = ckpt.disk_writer(transforms)  # (a quantized output keeps Kimi-Linear's conv1d whole)
         if self.shards is None:
             return
         keys = [k for k in ckpt.keys() if not k.startswith("model.layers.")]
