@@ -7,7 +7,7 @@ view -> write bit-identical; profile statistics equal a brute-force loop on the 
 missing/unexpected keys, pruned logits equal the base with those experts masked; info, atom, merge, eval, load,
 report) and writes reports/families.json. ``--readme`` regenerates the README table from it.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/families.py [--types a b ...]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/families.py [--types a b ...] [--readme]   # run (then the table)
     .venv/bin/python bench/families.py --readme       # README "Supported model types" table from the JSON
 """
 
@@ -131,14 +131,20 @@ def write_readme(report: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", nargs="*", help="only these model types (merged into the existing report)")
-    ap.add_argument("--readme", action="store_true", help="regenerate the README table from reports/families.json")
+    ap.add_argument(
+        "--readme",
+        action="store_true",
+        help="regenerate the README table from reports/families.json (alone: without running; with --types: after)",
+    )
     args = ap.parse_args()
-    if args.readme:
+    if args.readme and args.types is None:
         write_readme(json.loads(REPORT.read_text()))
         return
     report = run(args.types)
     REPORT.write_text(json.dumps(report, indent=1) + "\n")
     print(f"{report['all_ops_pass']} of {report['installed_moe_types']} model types pass every check -> {REPORT}")
+    if args.readme:
+        write_readme(report)
 
 
 if __name__ == "__main__":
