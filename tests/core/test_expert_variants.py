@@ -215,3 +215,44 @@ def test_beam_every_operation_follows_the_experts_gate(gate, tmp_path, tokenizer
     merge = r["ops"].pop("merge")
     assert set(r["ops"].values()) == {"ok"}, r
     assert merge.startswith("refused: merging re-implements the router"), merge
+
+
+def test_packed_experts_of_moecompress_load_apply_the_family_gate():
+    """``moecompress.load``'s PackedExperts (mixed-width quantized outputs) get ``experts_activation`` of the
+    transformers module: the family's own gate, so they equal GatedExperts on the dequantized weights."""
+    from moecompress.quant.pack import pack_int32
+    from moecompress.quant.packed_experts import PackedExperts
+    from moecompress.quant.rtn import rtn_quantize
+
+    ex = _experts("minimax_m3_vl")
+    bits = [4, 8, 4, 3]
+    stored = []
+    for e, b in enumerate(bits):
+        entry = {}
+        for name, w in (("gate", ex.gate_up_proj[e, :I]), ("up", ex.gate_up_proj[e, I:]), ("down", ex.down_proj[e])):
+            q, s = rtn_quantize(w.detach(), b, group_size=4)
+            entry[name] = (pack_int32(q, b), s)
+        stored.append(entry)
+    packed = PackedExperts.from_experts(stored, bits, experts_activation(ex))
+    ours = _ours(ex)  # the same dequantized weights, run as GatedExperts
+    gu, dn = zip(*(packed.expert_weights(e, torch.float32) for e in range(E)), strict=True)
+    ours.gate_up_proj.data, ours.down_proj.data = torch.stack(gu), torch.stack(dn)
+    x, idx, w = _routing()
+    with torch.no_grad():
+        got, want = packed(x, idx, w), ours(x, idx, w)
+        plain = PackedExperts.from_experts(stored, bits, nn.functional.silu)(x, idx, w)
+    assert torch.allclose(got, want, atol=1e-6), float((got - want).abs().max())
+    assert float((plain - want).abs().max()) > 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["glm5_next", "minimax_m3_vl"])
+def test_own_gate_on_cuda_equals_the_family_forward(model_type):
+    """The own gate keeps tensors on the data's device (its probe runs on CPU scalars only)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ex = _experts(model_type).cuda()
+    x, idx, w = (t.cuda() for t in _routing())
+    with torch.no_grad():
+        want, got = ex(x, idx, w), _ours(ex).cuda()(x, idx, w)
+    assert got.device.type == "cuda" and torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
