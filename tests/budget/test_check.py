@@ -32,7 +32,7 @@ def job(tmp_path_factory, tokenizer_dir):
 
 def test_judge_windows_are_every_unused_calibration_window_up_to_the_cap(job):
     """Judge windows: the calibration text's windows (end to end) that share no token position with a fitting window,
-    every one of them up to JUDGE_PER_FIT per fitting window, spread over the domains; seeded, so the same twice."""
+    every one of them up to JUDGE_PER_FIT per fitting window, spread over the domains."""
     tokens = job.tokens()
     fit = tokens.input_ids
     S = fit.shape[1]
@@ -49,9 +49,7 @@ def test_judge_windows_are_every_unused_calibration_window_up_to_the_cap(job):
     judge = judge_windows(tokens, job.ckpt.path)
     assert judge is not None and judge.shape[0] == min(len(allowed), max(MIN_JUDGE, JUDGE_PER_FIT * fit.shape[0]))
     assert {tuple(r.tolist()) for r in judge} <= allowed
-    assert torch.equal(judge, judge_windows(tokens, job.ckpt.path))  # seeded
-    other = Job.prepare(job.ckpt.path, None, samples=4, seq_len=32, batch_size=2, seed=5).tokens()
-    assert fitting_starts(ids, other.input_ids, 0) is None  # not the seed-0 draw: no positions to hold out
+    assert fitting_starts(ids, fit.flip(0), tokens.seed or 0) is None  # not the seeded draw: nothing is held out
 
 
 class _Scale(Transform):
