@@ -32,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = (0.25, 0.35, 0.5)
 EXTRA = (0.3, 0.42, 0.6)  # more plans for the predicted-vs-measured correlation
+CACHED = "; the measuring pass ran first (`--measure-only --measure-cache F`), the run read it"
 
 
 def payload(folder: Path) -> int:
@@ -117,6 +118,7 @@ def main() -> None:
         "the measuring pass ran; its time is the pass's own)",
     )
     ap.add_argument("--measure-only", action="store_true", help="with --measure-cache: stop after saving it")
+    ap.add_argument("--render", action="store_true", help="rewrite PREFIX.md and PREFIX.svg from PREFIX.json")
     args = ap.parse_args()
     ratios = tuple(float(x) for x in args.ratios.split(","))
     extra = tuple(float(x) for x in args.extra.split(",") if x)
@@ -148,6 +150,11 @@ def main() -> None:
 
     state: dict[str, Any] = {}
 
+    if args.render:
+        res = json.loads(Path(f"{args.out}.json").read_text())
+        Path(f"{args.out}.md").write_text(markdown(res, args))
+        Path(f"{args.out}.svg").write_text(plot(res["runs"], res["bf16_bytes"]))
+        return
     if args.combine:
         runs, measure_s = [], None
         for part in ("joint", "single", "chain"):
@@ -388,6 +395,9 @@ def finish(args, model, ref, cal, runs, measure_s, ratios) -> None:
         "model": str(model), "bf16_bytes": ref, "calibration": cal, "eval_windows": args.eval_windows,
         "measure_s": measure_s, "runs": runs, "table": table, "spearman_predicted_vs_kl": rho,
         "plans_in_correlation": len(plans), "synthetic_ip": ip,
+        "run_mode": "parts joint, single and chain run side by side with `--part`, then `--combine`" if args.combine
+        else "one process",
+        "measure_cache": bool(args.measure_cache),
     }  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -411,8 +421,10 @@ def markdown(res: dict, args: Any) -> str:
         "",
         f"`OMP_NUM_THREADS=1 .venv/bin/python bench/budget_bench.py{' --model ' + args.model if args.model else ''}"
         f" --samples {res['calibration']['samples']} --eval-windows {res['eval_windows']}"
-        f"{'' if args.ratios == ','.join(map(str, RATIOS)) else ' --ratios ' + args.ratios}` (parts joint, single "
-        f"and chain run side by side with `--part`, then `--combine`); calibration {res['calibration']['samples']} x "
+        f"{'' if args.ratios == ','.join(map(str, RATIOS)) else ' --ratios ' + args.ratios}` ("
+        f"{res.get('run_mode', 'parts joint, single and chain run side by side with `--part`, then `--combine`')}"
+        f"{CACHED if res.get('measure_cache') else ''}"
+        f"); calibration {res['calibration']['samples']} x "
         f"{res['calibration']['seq_len']} tokens (mixed, seed 0) for every run; KL(source || output) on "
         f"{res['eval_windows']} held-out windows per domain; bytes = safetensors tensor payload; bf16 size {ref:,} B. "
         f"Profile + measuring pass of the planner: {res['measure_s']} s (once for all its budgets). Each cell: the "
@@ -439,8 +451,9 @@ def markdown(res: dict, args: Any) -> str:
     ]
     checks = [r for r in res["runs"] if r.get("check") and "chosen" in r["check"]]
     if checks:
-        lines += ["", "Quantize-only guard (budget/check.py: KL on held-out calibration windows since the rerun, on "
-                  "the fitting windows before):", ""]  # fmt: skip
+        lines += ["", "Quantize-only guard (budget/check.py: KL on held-out calibration windows of the joint plan "
+                  "and of quantize's LP plan at the same budget, per expert (exact) or per layer (servable)):",
+                  ""]  # fmt: skip
         for r in checks:
             c = r["check"]
             on = f"{c['judge_windows']} held-out windows" if c.get("judge_windows") else "the fitting windows"
