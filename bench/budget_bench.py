@@ -442,6 +442,12 @@ def markdown(res: dict, args: Any) -> str:
         lines += ["", f"Runs marked ({', '.join(notes)}) come from a later partial rerun, same settings "
                   "(`--part joint|single --ratios ...`, then `--combine --rerun`); they replace the earlier runs of "
                   "the same name (joint: of the same budget); the measuring-pass time is the rerun's."]  # fmt: skip
+    earlier = [r for r in res["runs"] if r.get("earlier")]
+    if earlier:
+        lines += ["", f"Runs marked (earlier) come from the previous run of this bench, same settings and code of "
+                  f"their method ({earlier[0]['earlier']}): {len(earlier)} chain runs; this run's chain part was "
+                  "stopped for CPU time after the runs it finished, each of which reproduced its earlier KL to "
+                  "every printed digit."]  # fmt: skip
     rho = res["spearman_predicted_vs_kl"]
     lines += [
         "",
@@ -486,7 +492,9 @@ def markdown(res: dict, args: Any) -> str:
     for r in res["runs"]:
         if "kl" in r:
             pred = f"{r['predicted']:.5f}" if "predicted" in r else "–"
-            name = r["name"] + (f" ({r['rerun']})" if r.get("rerun") else "")
+            name = (
+                r["name"] + (f" ({r['rerun']})" if r.get("rerun") else "") + (" (earlier)" if r.get("earlier") else "")
+            )
             lines.append(f"| {r['kind']} | {name} | {r['bytes']:,} | {r['ratio']:.1%} | {r['kl']:.5f} | "
                          f"{r['top1']:.4f} | {pred} | {r['wall_s']} |")  # fmt: skip
         else:
