@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
 
@@ -267,23 +268,53 @@ def routed_forward(
     top_k_index: torch.Tensor,  # [T, k]
     top_k_weights: torch.Tensor,  # [T, k]
     observe: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """The eager experts computation of transformers (same ops, same order), calling
-    ``observe(e, token_idx, top_k_pos, h [n, I], f [n, H])`` with each expert's unweighted output."""
+    ``observe(e, token_idx, top_k_pos, h [n, I], f [n, H])`` with each expert's unweighted output.
+    ``recompute`` (without ``observe``): under autograd each expert's term is checkpointed (non-reentrant
+    torch.utils.checkpoint: the same graph and ops, its intermediates recomputed in the backward instead of kept)."""
+    if recompute and observe is not None:
+        raise ValueError("recompute would call observe again in the backward")
     out = torch.zeros_like(hidden)
     E = gate_up.shape[0]
     kernel = act if isinstance(act, ExpertsKernel) else None  # biased experts (gpt-oss): their own computation
+
+    def term(e: int, token_idx: torch.Tensor, pos: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if kernel is None:
+            h = fused_hidden(x[token_idx], gate_up[e].to(x.dtype), act)  # [n, I] (upcast: narrow weights)
+            f = nn.functional.linear(h, down[e].to(h.dtype))  # [n, H]
+        else:
+            h = kernel.hidden(x[token_idx], gate_up[e], e)
+            f = kernel.output(h, down[e], e)
+        if observe is not None:
+            observe(e, token_idx, pos, h, f)
+        return f * w[token_idx, pos, None]
+
     for e in torch.unique(top_k_index).tolist():
         if e < 0 or e >= E:
             continue
         token_idx, pos = torch.where(top_k_index == e)
-        if kernel is None:
-            h = fused_hidden(hidden[token_idx], gate_up[e].to(hidden.dtype), act)  # [n, I] (upcast: narrow weights)
-            f = nn.functional.linear(h, down[e].to(h.dtype))  # [n, H]
+        if recompute and torch.is_grad_enabled():
+            t = checkpoint(term, e, token_idx, pos, hidden, top_k_weights, use_reentrant=False)
+            out = _IndexAdd.apply(out, token_idx, t.to(out.dtype))  # (index_add_ would keep t for its backward)
         else:
-            h = kernel.hidden(hidden[token_idx], gate_up[e], e)
-            f = kernel.output(h, down[e], e)
-        if observe is not None:
-            observe(e, token_idx, pos, h, f)
-        out.index_add_(0, token_idx, (f * top_k_weights[token_idx, pos, None]).to(out.dtype))
+            t = term(e, token_idx, pos, hidden, top_k_weights)
+            out.index_add_(0, token_idx, t.to(out.dtype))
     return out
+
+
+class _IndexAdd(torch.autograd.Function):
+    """out.index_add_(0, idx, src) (in place) whose backward keeps only idx (autograd's index_add_ keeps src [n, H]
+    too); the same gradients: grad for out, grad.index_select(0, idx) for src."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.mark_dirty(out)
+        return out.index_add_(0, idx, src)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
+        (idx,) = ctx.saved_tensors
+        return grad, None, grad.index_select(0, idx)
