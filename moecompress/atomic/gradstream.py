@@ -161,7 +161,7 @@ def _narrow_forward(experts: torch.nn.Module | None, dtype: torch.dtype) -> Iter
     kernel = _NarrowKernel(experts)
 
     def fwd(hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return routed_forward(experts.gate_up_proj, experts.down_proj, kernel, hidden, idx, w)
+        return routed_forward(experts.gate_up_proj, experts.down_proj, kernel, hidden, idx, w, recompute=True)
 
     with observing(experts, fwd):
         yield

@@ -14,7 +14,7 @@ from conftest import build_tiny
 from safetensors.torch import load_file, save_file
 
 from moecompress.atomic import run as ap
-from moecompress.atomic.gradstream import _UpcastLinear, g_chunk, routed_layer_bytes, streamed_grad_stats
+from moecompress.atomic.gradstream import _NarrowKernel, _UpcastLinear, g_chunk, routed_layer_bytes, streamed_grad_stats
 from moecompress.atomic.heapr import heapr_scores
 from moecompress.atomic.transform import AtomTransform
 from moecompress.core.checkpoint import Checkpoint
@@ -111,3 +111,40 @@ def test_atom_of_a_bf16_checkpoint_equals_its_float32_copy(pair, tmp_path, monke
     for k, t in t_bf.items():
         assert t.dtype == torch.bfloat16 and t_32[k].dtype == torch.float32, k
         assert torch.equal(t, t_32[k].to(torch.bfloat16)), k
+
+
+def test_the_backward_recomputes_each_experts_terms_with_the_same_gradients():
+    """routed_forward(recompute=True), the gradient pass's narrow path: autograd keeps no expert intermediate
+    (saved tensors are the inputs and routing only) and every gradient is bit for bit the kept-graph one."""
+    from moecompress.core.experts import routed_forward
+
+    gen = torch.Generator().manual_seed(0)
+    E, I, H, T, k = 6, 24, 16, 40, 2
+    gate_up = torch.randn(E, 2 * I, H, generator=gen).bfloat16()
+    down = torch.randn(E, H, I, generator=gen).bfloat16()
+    x0, logits = torch.randn(T, H, generator=gen), torch.randn(T, E, generator=gen)
+    idx = logits.topk(k, dim=-1).indices
+    experts = torch.nn.Module()
+    experts.act_fn = torch.nn.SiLU()
+    kernel = _NarrowKernel(experts)
+    grads, saved = [], []
+    for recompute in (False, True):
+        x = x0.clone().requires_grad_(True)
+        w = torch.softmax(x @ torch.ones(H, E) * 0.1 + logits, -1).gather(1, idx)  # weights depend on x too
+        kept: dict[int, int] = {}  # float storages autograd keeps (each once)
+
+        def pack(t, kept=kept):
+            if t.dtype == torch.float32:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = routed_forward(gate_up, down, kernel, x, idx, w, recompute=recompute)
+        y.backward(torch.ones_like(y))
+        grads.append(x.grad)
+        saved.append(sum(kept.values()))
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+    # kept graph: per expert [n, 2I] + act [n, I] + f [n, H] + f w [n, H] floats; recomputed: x and the weights
+    assert saved[1] == x0.numel() * 4 + w.numel() * 4 and saved[0] > 5 * saved[1], saved
+    with pytest.raises(ValueError, match="observe"):
+        routed_forward(gate_up, down, kernel, x0, idx, w.detach(), observe=lambda *a: None, recompute=True)
