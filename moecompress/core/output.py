@@ -28,14 +28,24 @@ from . import dist
 from .checkpoint import Checkpoint
 from .engine import LayerContext, Transform
 from .manifest import Manifest
-from .writer import ShardWriter, dir_bytes, finish_temp, take_temp
+from .writer import ShardWriter, dir_bytes, finish_temp, layer_flush_bytes, take_temp
 
 
 class Output:
-    def __init__(self, out: Path, overwrite: bool = False, max_shard_bytes: int | None = None):
+    def __init__(
+        self,
+        out: Path,
+        overwrite: bool = False,
+        max_shard_bytes: int | None = None,
+        layer_flush_bytes: int | None = None,
+    ):
+        """``layer_flush_bytes``: a shard is written at the end of a layer once this much is buffered (default
+        writer.layer_flush_bytes(): 256 MiB or a sixteenth of --max-memory), so the writer holds at most that
+        while the next layer is computed; shards also end before passing ``max_shard_bytes``."""
         self.out, self.overwrite = Path(out), overwrite
         self.tmp: Path | None = None
         self._max = max_shard_bytes
+        self._layer_flush = layer_flush_bytes
         self.shards: ShardWriter | None = None
         self.transforms: Sequence[Transform] = ()
         self._disk_key: Any = lambda key: key
@@ -48,6 +58,8 @@ class Output:
             return self
         self.tmp = take_temp(self.out.expanduser().resolve(), "dir")
         self.shards = ShardWriter(self.tmp, self._max) if self._max else ShardWriter(self.tmp)
+        if self._layer_flush is None:
+            self._layer_flush = layer_flush_bytes()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -77,6 +89,7 @@ class Output:
         keys = [k for k in ckpt.keys() if not k.startswith("model.layers.")]
         for k, t in ckpt.read(keys).items():  # each shard opened once
             self.add(k, t)
+        self.shards.boundary(self._layer_flush or 0)
 
     def add_layer(self, ctx: LayerContext) -> None:
         """Decoder layer ``ctx.index`` as the transforms left it."""
@@ -89,6 +102,7 @@ class Output:
             self.add(k, t)
         for k, t in (ctx.replaced or {}).items():  # already final: no rewrite
             self.shards.add(self._disk_key(k), t)
+        self.shards.boundary(self._layer_flush or 0)  # the next layer is computed without this one's output held
 
     def finish(
         self,

@@ -35,6 +35,10 @@ from . import dist
 from .errors import UserError
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# Output written by the layer stream is flushed into a shard at the end of a decoder layer once this much is
+# buffered (a --max-memory makes it at most a sixteenth of that): between layers the writer holds at most this,
+# not up to DEFAULT_SHARD_BYTES (1.7 Qwen3-30B layers on top of every op's peak).
+LAYER_FLUSH_BYTES = 256 * 1024**2
 MANIFEST = "moecompress.json"
 # Files moecompress writes into a folder it made earlier (eval --json, report): they may be (re)written there even
 # though that folder is an input of the command, e.g. `eval out/pruned --json out/pruned/eval.json`.
@@ -337,9 +341,18 @@ def _umask_file_mode() -> int:
 _FILE_MODE = _umask_file_mode()
 
 
+def layer_flush_bytes() -> int:
+    """What the stream's writer may hold between two layers: LAYER_FLUSH_BYTES, or a sixteenth of --max-memory."""
+    from .limits import memory_limit
+
+    limit = memory_limit()
+    return LAYER_FLUSH_BYTES if limit is None else min(LAYER_FLUSH_BYTES, limit // 16)
+
+
 class ShardWriter:
     """Tensors pushed one at a time into model-0000x-of-0000n.safetensors shards (a shard is flushed when the
-    next tensor would pass ``max_shard_bytes``), then ``close()`` names them and writes the index."""
+    next tensor would pass ``max_shard_bytes``, or at a boundary() once ``bound`` bytes are buffered), then
+    ``close()`` names them and writes the index."""
 
     def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.folder, self.max_shard_bytes = folder, max_shard_bytes
@@ -357,6 +370,19 @@ class ShardWriter:
         save_tensors(self._shard, self.folder / name, metadata={"format": "pt"})
         self._written.append((name, list(self._shard)))
         self._shard, self._size = {}, 0
+
+    @property
+    def buffered(self) -> int:
+        """Tensor bytes held for the shard not written yet."""
+        return self._size
+
+    def boundary(self, bound: int) -> bool:
+        """A point where a shard may end (a decoder layer is complete): write the buffered tensors when they
+        reach ``bound`` bytes; returns whether a shard was written."""
+        if not self._shard or self._size < bound:
+            return False
+        self._flush()
+        return True
 
     def add(self, key: str, t: torch.Tensor) -> None:
         if key in self._seen:
