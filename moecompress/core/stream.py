@@ -11,6 +11,7 @@ import ctypes
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,40 @@ STACK_CHUNK_BYTES = 64 << 20  # per-expert tensors read at once while a layer's 
 
 class _Captured(Exception):
     pass
+
+
+# Gemma-4's per-layer input embeddings (PLE): modules of the text model beside the embedding, the layers and the final
+# norm; the text model's own project_per_layer_inputs combines them into [B, S, L, D] before its first layer, and
+# decoder layer l is called with slice [:, :, l] (its per_layer_input argument)
+PER_LAYER_MODULES = ("embed_tokens_per_layer", "per_layer_model_projection", "per_layer_projection_norm")
+
+
+def per_layer_modules(text_model: nn.Module) -> tuple[str, ...]:
+    """The per-layer input modules ``text_model`` holds (empty for every model without per-layer inputs)."""
+    if not getattr(text_model, "hidden_size_per_layer_input", None) or not hasattr(
+        text_model, "project_per_layer_inputs"
+    ):
+        return ()
+    return tuple(n for n in PER_LAYER_MODULES if isinstance(getattr(text_model, n, None), nn.Module))
+
+
+@contextmanager
+def recording_per_layer_inputs(text_model: nn.Module, store: Any) -> Iterator[None]:
+    """While active, every per-layer input tensor [B, S, L, D] the text model computes (its own
+    ``project_per_layer_inputs``: the token's per-layer embedding + the projected input embedding, normed and scaled)
+    is appended to ``store``: the stream passes decoder layer l the slice ``[:, :, l]``, as the model does."""
+    own = text_model.project_per_layer_inputs
+
+    def project(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = own(*args, **kwargs)
+        store.append(out.detach())
+        return out
+
+    text_model.project_per_layer_inputs = project
+    try:
+        yield
+    finally:
+        del text_model.project_per_layer_inputs
 
 
 def resolve_device(device: str) -> torch.device:
@@ -221,6 +256,9 @@ class LayerStream:
         if len(set(classes)) > 1:  # hybrid stacks of layer classes (Jamba's Mamba and attention layers)
             self.layer_types = [f"{c}/{t}" for c, t in zip(classes, self.layer_types or classes, strict=True)]
         self._kwargs_by_type: dict[str, list[dict[str, Any]]] = {}  # mixed layer types: each type's own inputs
+        self._per_layer_names = per_layer_modules(self.model.model)
+        # per batch: the per-layer inputs [B, S, L, D] (Gemma-4); spilled with the activations
+        self.per_layer = ActivationCache(spill) if self._per_layer_names else None
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -332,6 +370,35 @@ class LayerStream:
         self.captured = True
         emb = self.model.get_input_embeddings()
         self._materialize(emb, {"weight": self.ckpt.get(f"model.{self.fam.embed}.weight")}, "embeddings")
+        if self.per_layer is not None:
+            try:
+                self._capture_per_layer(emb)
+            finally:
+                self.free(emb)
+            return
+        self._capture(emb)
+
+    def _capture_per_layer(self, emb: nn.Module) -> None:
+        """Capture with the per-layer input modules materialized, recording the per-layer inputs of every batch."""
+        inner, parts = self.model.model, []
+        try:
+            for name in self._per_layer_names:
+                part = inner.get_submodule(name)
+                parts.append(part)
+                state = {k[len(f"model.{name}.") :]: v for k, v in self.ckpt.prefixed(f"model.{name}.").items()}
+                self._materialize(part, state, name)
+            with recording_per_layer_inputs(inner, self.per_layer):
+                self._capture(emb, free_embedding=False)
+            if len(self.per_layer) != len(self.batches):
+                raise UserError(
+                    f"{self.ckpt.config.model_type}: the per-layer inputs were computed {len(self.per_layer)} times "
+                    f"for {len(self.batches)} batches: the layer stream cannot pass them to the layers"
+                )
+        finally:
+            for part in parts:
+                self.free(part)
+
+    def _capture(self, emb: nn.Module, free_embedding: bool = True) -> None:
         first = self.decoder_layers[0]
         store = self
 
@@ -346,7 +413,7 @@ class LayerStream:
                 raise _Captured
 
         if self.layer_types is not None:
-            self._capture_types(emb)
+            self._capture_types(emb, free_embedding)
             return
         self.decoder_layers[0] = Catcher()
         try:
@@ -357,9 +424,10 @@ class LayerStream:
                     pass
         finally:
             self.decoder_layers[0] = first
-            self.free(emb)
+            if free_embedding:
+                self.free(emb)
 
-    def _capture_types(self, emb: nn.Module) -> None:
+    def _capture_types(self, emb: nn.Module, free_embedding: bool = True) -> None:
         """Mixed layer types (sliding/full/linear attention): record each type's keyword arguments (its own mask)
         at its first layer; the layers before pass the hidden states through unchanged (no compute)."""
         types = self.layer_types
@@ -402,18 +470,21 @@ class LayerStream:
         finally:
             for j, layer in enumerate(saved):
                 self.decoder_layers[j] = layer
-            self.free(emb)
+            if free_embedding:
+                self.free(emb)
         self.kwargs = self._kwargs_by_type.get(types[0], [])  # no batches: a write-only pass
 
     def layer_kwargs(self, l: int, i: int) -> dict[str, Any]:
-        """Keyword arguments of decoder layer l for cached batch i (its layer type's mask when types are mixed)."""
-        if self.layer_types is None:
-            return self.kwargs[i]
-        return self._kwargs_by_type[self.layer_types[l]][i]
+        """Keyword arguments of decoder layer l for cached batch i (its layer type's mask when types are mixed; its
+        slice of the per-layer inputs where the model has them: Gemma-4)."""
+        kw = self.kwargs[i] if self.layer_types is None else self._kwargs_by_type[self.layer_types[l]][i]
+        if self.per_layer is not None:
+            kw = {**kw, "per_layer_input": self.per_layer[i][:, :, l, :].to(self.device)}
+        return kw
 
     def run_layer(self, layer: nn.Module, i: int) -> torch.Tensor:
         kw = self.kwargs[i]
-        if self.layer_types is not None:
+        if self.layer_types is not None or self.per_layer is not None:
             kw = self.layer_kwargs(next(j for j, m in enumerate(self.decoder_layers) if m is layer), i)
         out = layer(self.cache[i].to(self.device), **kw)
         return out[0] if isinstance(out, tuple) else out
@@ -449,7 +520,12 @@ class LayerStream:
         self._ensure_head()
         logits = self.model.lm_head(self._norm(h))
         scale = getattr(self.ckpt.config, "logits_scaling", None)  # Granite divides its logits
-        return logits / scale if isinstance(scale, (int, float)) and scale not in (0, 1) else logits
+        if isinstance(scale, (int, float)) and scale not in (0, 1):
+            logits = logits / scale
+        cap = getattr(self.ckpt.config, "final_logit_softcapping", None)  # Gemma-4: cap * tanh(logits / cap)
+        if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def _ensure_head(self) -> None:
         if getattr(self, "_head_ready", False):
@@ -467,3 +543,5 @@ class LayerStream:
 
     def close(self) -> None:
         self.cache.close()
+        if self.per_layer is not None:
+            self.per_layer.close()
