@@ -262,12 +262,10 @@ def _stream_ends(model: torch.nn.Module, H: int) -> tuple[str, str]:
     embed = next((n for n, c in inner.named_children() if c is emb), None)
     if embed is None:
         raise Refusal("its input embedding is not a child of model.model (the layer stream embeds there)")
-    rest = [n for n, c in inner.named_children() if n not in (embed, "layers") and list(c.parameters())]
-    if any("per_layer" in n for n in rest):
-        raise Refusal(
-            f"it feeds every decoder layer a per-layer input embedding besides the hidden states "
-            f"({', '.join(n for n in rest if 'per_layer' in n)}): the layer stream does not compute it"
-        )
+    from .stream import per_layer_modules  # Gemma-4's per-layer inputs: the layer stream computes them
+
+    skip = (embed, "layers", *per_layer_modules(inner))
+    rest = [n for n, c in inner.named_children() if n not in skip and list(c.parameters())]
     if len(rest) != 1 or tuple(getattr(inner.get_submodule(rest[0]), "weight", torch.empty(0)).shape) != (H,):
         raise Refusal(f"it has no single final norm [hidden] beside the layers under model.model ({rest})")
     return embed, rest[0]

@@ -29,7 +29,7 @@ REFUSED: dict[str, str] = {
     "diffusion_gemma": "does not find one text model",
     "dots3_note": "transformers saves its experts as model.layers",
     "ernie4_5_vl_moe": "not one block.experts per layer",
-    "gemma4": "per-layer input embedding",
+    "gemma4": "not directly under the MoE block",
     "glm5_next": "converts its tensor",
     "hy_v4": "no single final norm",
     "inkling": "no config class registered",
