@@ -267,6 +267,10 @@ class Checkpoint:
         self._pieces: dict[str, tuple[int, tuple[str, ...]]] = {}
         self._piece_info: dict[str, tuple[str, dict[str, Any]]] = {}  # disk name of a piece -> (its shard, header)
         if self.family.nest is not None:
+            from .derive import nest_disk_body
+
+            # (the text model's path in the checkpoint: where the module keeps it, or DeepSeek-OCR-2's model.*)
+            self._nest = (nest_disk_body(self.config) or self.family.nest[0], self.family.nest[1])
             self.wrapper_config, self.config = self.config, self.config.get_text_config()
             self._nest_keys()
             layers_on_disk = {int(m[1]) for k in self.weight_map if (m := _LAYER_KEY.match(k))}
@@ -285,7 +289,7 @@ class Checkpoint:
         """Rename a wrapper's language-model keys to the view's (model.language_model.X -> model.X, its lm_head ->
         lm_head.weight); a key of the view that would collide with another checkpoint key is refused."""
         assert self.family.nest is not None
-        body, head = self.family.nest
+        body, head = self._nest
         view: dict[str, str] = {}
         for k in self.weight_map:
             v = self.view_key(k)
@@ -393,7 +397,7 @@ class Checkpoint:
         ``_convert_keys`` renames; a piece of a concatenation keeps its name)."""
         if self.family.nest is None:
             return next((v for v, d in self._disk.items() if d == key), key)
-        body, head = self.family.nest
+        body, head = self._nest
         if key.startswith(body + "."):
             return "model." + key[len(body) + 1 :]
         if key.startswith(head + "."):
@@ -407,7 +411,7 @@ class Checkpoint:
             return self._disk[key]
         if self.family.nest is None:
             return key
-        body, head = self.family.nest
+        body, head = self._nest
         if key.startswith("model.layers."):
             return f"{body}.{key[len('model.') :]}"
         if key.startswith("lm_head."):
@@ -501,7 +505,7 @@ class Checkpoint:
             return [self._disk_names(v) for v in obj]
         if not isinstance(obj, str) or self.family.nest is None:
             return obj
-        body = self.family.nest[0]
+        body = self._nest[0]
         obj = obj.replace(re.escape("model.layers."), re.escape(f"{body}.layers."))
         return f"{body}.{obj[len('model.') :]}" if obj.startswith("model.layers.") else obj
 

@@ -144,14 +144,37 @@ def causal_lm(cfg: Any, **kwargs: Any) -> torch.nn.Module:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
     mt = cfg.model_type
-    if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or mt not in MODEL_MAPPING_NAMES or not mt.endswith("_text"):
+    own = _text_model_class(cfg) if mt.endswith("_text") and mt not in MODEL_MAPPING_NAMES else None
+    if own is None and (
+        mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or mt not in MODEL_MAPPING_NAMES or not mt.endswith("_text")
+    ):
         model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False, **kwargs)
     else:
-        body = AutoModel.from_config(cfg, trust_remote_code=False, **kwargs)
+        body = own._from_config(cfg, **kwargs) if own else AutoModel.from_config(cfg, trust_remote_code=False, **kwargs)
         head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         model = TextLM(body, head, cfg)
     scaled_input_blocks(model)
     return model
+
+
+def _text_model_class(cfg: Any) -> Any:
+    """A wrapper's text model class when transformers maps its text config to no Auto class (DeepSeek-OCR-2's
+    DeepseekOcr2TextModel): the base model of the config's own modeling module built from exactly this config class."""
+    import importlib
+
+    from transformers import PreTrainedModel
+
+    try:
+        mod = importlib.import_module(type(cfg).__module__.replace(".configuration_", ".modeling_"))
+    except ImportError:
+        return None
+    found = [
+        c
+        for c in vars(mod).values()
+        if isinstance(c, type) and issubclass(c, PreTrainedModel) and getattr(c, "config_class", None) is type(cfg)
+        and c.__name__.endswith("TextModel")
+    ]  # fmt: skip
+    return found[0] if len(found) == 1 else None
 
 
 def unset_config_keys(err: BaseException) -> tuple[Any, list[str]]:
@@ -285,6 +308,8 @@ def derive(cfg: Any) -> dict[str, Any]:
     mt = cfg.model_type
     nest: tuple[str, str] | None = None
     wrapper: torch.nn.Module | None = None
+    entry = cfg.to_json_string(use_diff=False)
+    _TEXT_BODY[0] = None
     if getattr(cfg, "text_config", None) is not None:  # a multimodal wrapper: its language model is the view
         wrapper, model, body, head = _wrapper(cfg)
         nest, cfg = (body, head), model.config
@@ -420,6 +445,8 @@ def derive(cfg: Any) -> dict[str, Any]:
     )
     if view and nest:
         raise Refusal(f"transformers converts its tensor {view[0][2][0][0]} on disk inside a multimodal wrapper")
+    if nest:
+        _NEST_DISK[entry] = _TEXT_BODY[0] or ""
     if (flags["is_transposed"] or flags["has_bias"] or not flags["is_concatenated"]) and fused_names is None:
         raise Refusal("its experts are transposed, interleaved or biased in memory but saved per expert: not mapped")
     scaled = bool(getattr(block, "scaled_input", False))
@@ -434,6 +461,10 @@ def derive(cfg: Any) -> dict[str, Any]:
                 "token's one scaled copy is the one row the profile counts for it"
             )
 
+    if cfg.to_dict().get("per_layer_config"):  # (Dots3-Note: its tiny test config does not build; not verified)
+        raise Refusal(
+            "its config overrides layer sizes per layer (per_layer_config), which no moecompress check has verified"
+        )
     if len(_VIEWS) > 64:
         _VIEWS.clear()
     _VIEWS[cfg.to_json_string(use_diff=False)] = view
@@ -552,6 +583,7 @@ def _disk_layout(
         out = revert_weight_conversion(model, sd)
     except Exception as err:
         raise Refusal(f"transformers' save conversion fails on it ({type(err).__name__}: {str(err)[:120]})") from None
+    out = _text_body_on_disk(out, sd, body, l)
     marked = {k: v for k, v in out.items() if v.device.type != "meta" and v.dtype == torch.float64}
     fused = [k for k, v in marked.items() if v.shape[0] == E and v.dim() == 3]
     if fused:
@@ -613,9 +645,13 @@ def _disk_layout(
             continue
         src = by_id.get(id(v))
         kp, sp = lay.match(k), lay.match(src or "")
+        if src is None and body != "model" and not k.startswith(f"{body}."):
+            continue  # a multimodal wrapper's other tensors (Dots3-Note's vision experts): copied as they are
         if src is None:
             unmatched.append(k)
             continue
+        if kp is None and sp is None and body != "model" and not src.startswith(f"{body}."):
+            continue  # a multimodal wrapper's other tensors (its vision tower): copied as they are, never read
         if kp is None and sp is None:  # a rename outside the layers (Bailing-hybrid: word_embeddings)
             view.append(("", src, ((k, -1),)))
             continue
@@ -635,10 +671,47 @@ def _disk_layout(
         # weight_packed too), quantization_config targets name both (Checkpoint.output_config)
         renames[k[len(lp) :]] = src[len(lp) :]
     if unmatched:
-        view += _converted(model, sd, out, unmatched, lay)
+        view += _converted(model, sd, out, unmatched, lay, body)
     layout = (names[0].pop(), names[1].pop(), names[2].pop())
     routers = None if disk_router == router else disk_router, disk_correction
     return disk_block, layout, tuple(sorted(renames.items())), routers, None, tuple(view)
+
+
+_NEST_DISK: dict[str, str] = {}  # a multimodal wrapper's config -> where its checkpoint keeps the text model
+
+
+def _text_body_on_disk(out: dict[str, Any], sd: dict[str, Any], body: str, l: int) -> dict[str, Any]:
+    """``out`` (transformers' save conversion) with a multimodal wrapper's text model named as in the module
+    (``body``) where the checkpoint keeps it elsewhere (DeepSeek-OCR-2: model.layers.*, model.embed_tokens, model.norm
+    on disk; model.language_model.* in the module); the disk body is recorded (``nest_disk_body``)."""
+    marked = [k for k, v in out.items() if v.device.type != "meta" and v.dtype == torch.float64]  # layer l's experts
+    found = {m[1] or "" for k in marked if (m := re.match(rf"^(?:(.+)\.)?layers\.{l}\.", k))}
+    if (
+        body == "model" or len(marked) <= 2 or len(found) != 1 or (dbody := found.pop()) in (body, "")
+    ):  # (2: fused)  # ("": Mistral-Large-4's root)
+        return out
+    dpre = f"{dbody}." if dbody else ""
+    renamed = {}
+    for k, v in out.items():
+        m = f"{body}.{k[len(dpre) :]}" if k.startswith(dpre) else None
+        text = m is not None and (k.startswith(f"{dpre}layers.") or sd.get(m) is v)
+        renamed[m if text else k] = v
+    _TEXT_BODY[0] = dbody
+    return renamed
+
+
+_TEXT_BODY: list[str | None] = [None]  # the disk body ``_text_body_on_disk`` found in the last derive
+
+
+def nest_disk_body(cfg: Any) -> str | None:
+    """Where a multimodal wrapper's checkpoint keeps its text model when not where the module does (None then)."""
+    memo = cfg.to_json_string(use_diff=False)
+    if memo not in _NEST_DISK:
+        try:
+            derive(cfg)
+        except Refusal:
+            return None
+    return _NEST_DISK.get(memo) or None
 
 
 # A tensor the checkpoint's view names as transformers' module does, made of disk tensors: (layer-relative scope
@@ -664,7 +737,12 @@ MAX_MARKER_ELEMENTS = 1 << 25  # bound on the converted tensors' elements marker
 
 
 def _converted(
-    model: torch.nn.Module, sd: dict[str, Any], out: dict[str, Any], unmatched: list[str], lay: re.Pattern[str]
+    model: torch.nn.Module,
+    sd: dict[str, Any],
+    out: dict[str, Any],
+    unmatched: list[str],
+    lay: re.Pattern[str],
+    body: str = "model",
 ) -> list[ViewRule]:
     """The view rules of disk tensors transformers' save conversion makes from module tensors other than by renaming
     them (``unmatched``). One layer's (and every global) consumed module tensor gets marker values (unique numbers);
@@ -673,7 +751,11 @@ def _converted(
     from transformers.core_model_loading import revert_weight_conversion
 
     kept = {id(v) for v in out.values()}
-    consumed = [k for k, v in sd.items() if k not in out and id(v) not in kept and v.device.type == "meta"]
+    consumed = [
+        k
+        for k, v in sd.items()
+        if k not in out and id(v) not in kept and v.device.type == "meta" and (body == "model" or k.startswith(body))
+    ]  # (a multimodal wrapper: its text model's only)
     reps: dict[str, str] = {}  # layer-relative (or global) name -> one representative module key
     for k in consumed:
         m = lay.match(k)

@@ -42,6 +42,7 @@ def installed_moe_types() -> list[str]:
 REAL_FIELDS: dict[str, dict[str, Any]] = {
     "lfm2_moe": {"layer_types": lambda L: ["conv", "full_attention"] * (L // 2)},
     "deepseek_ocr2_text": {"mlp_layer_types": lambda L: ["dense"] + ["sparse"] * (L - 1)},
+    "unlimited_ocr_text": {"mlp_layer_types": lambda L: ["dense"] + ["sparse"] * (L - 1)},
     "qwen4_exp_text": dict(
         indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4
     ),
@@ -107,6 +108,8 @@ def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, An
         out["layer_types"] = [order[i % len(order)] for i in range(out["num_hidden_layers"])]
     elif isinstance(kinds, list) and set(kinds) == {"linear_attention"}:  # Granite-4.0-H: Mamba with attention
         out["layer_types"] = ["linear_attention", "attention"] * (out["num_hidden_layers"] // 2)
+    elif isinstance(kinds, list) and len(set(kinds)) == 1:  # one kind (Unlimited-OCR): one entry per tiny layer
+        out["layer_types"] = kinds[:1] * out["num_hidden_layers"]
     for k, v in REAL_FIELDS.get(model_type, {}).items():
         out[k] = v(out["num_hidden_layers"]) if callable(v) else v
     if "attn_layer_period" in defaults:  # Jamba: attention at layers 0, 2; MoE (Mamba) at 1, 3
@@ -132,6 +135,29 @@ _VISION = dict(
     out_hidden_size=64, deepstack_visual_indexes=[0], num_position_embeddings=16, image_size=28, patch_size=14,
     vision_output_dim=64, projector_input_dim=64, projector_output_dim=64, spatial_merge_size=2,
 )  # fmt: skip
+# wrappers whose vision tower nests sub-configs (DeepSeek-OCR-2: a SAM encoder and a Qwen2 encoder, 7B by default):
+# small sizes per sub-config (the last SAM downsample width is the encoder's hidden size)
+VISION_FIELDS: dict[str, dict[str, dict[str, Any]]] = {
+    "deepseek_ocr2": {
+        "sam_config": dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, global_attn_indexes=[1],
+            image_size=64, window_size=2, output_channels=16, downsample_channels=[32, 48],
+        ),
+        "encoder_config": dict(
+            hidden_size=48, vocab_size=VOCAB, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, layer_types=["full_attention"], max_window_layers=1,
+        ),
+    },
+    "unlimited_ocr": {
+        "sam_config": dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, global_attn_indexes=[1],
+            image_size=64, window_size=2, output_channels=16, downsample_channels=[32, 48],
+        ),
+        "encoder_config": dict(
+            hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+        ),
+    },
+}  # fmt: skip
 # token ids of a wrapper's image/video markers: inside the tiny vocabulary (the text windows never hold them)
 _MARKERS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_start_token_id",
             "image_end_token_id", "video_start_token_id", "video_end_token_id", "boi_token_index", "eoi_token_index",
@@ -164,6 +190,8 @@ def tiny_config(model_type: str, width: int = MOE_WIDTH):
     kw: dict[str, Any] = {"text_config": small}
     if isinstance(vision, dict):
         kw["vision_config"] = vision | {k: v for k, v in _VISION.items() if k in vision}
+        for sub, small_sub in VISION_FIELDS.get(model_type, {}).items():  # nested vision sub-configs
+            kw["vision_config"][sub] = vision[sub] | small_sub
     for i, k in enumerate(m for m in _MARKERS if m in defaults):
         kw[k] = VOCAB - 1 - i
     if "tie_word_embeddings" in defaults:

@@ -24,17 +24,16 @@ TYPES = installed_moe_types()
 # the others are refused for what their text model has
 REFUSED: dict[str, str] = {
     "aria": "fused on disk and converted on save",
-    "deepseek_ocr2": "transformers saves its experts as model.layers",
     "deepseek_v4": "no single final norm",
     "diffusion_gemma": "does not find one text model",
-    "dots3_note": "transformers saves its experts as model.layers",
+    "dots3_note": "overrides layer sizes per layer",
     "ernie4_5_vl_moe": "not one block.experts per layer",
     "gemma4": "not directly under the MoE block",
     "glm5_next": "converts its tensor",
     "hy_v4": "no single final norm",
     "inkling": "no config class registered",
     "inkling2": "no single final norm",
-    "minimax_m3_vl": "transformers saves its experts as",
+    "minimax_m3_vl": "too large to map by markers",
     "mistral4": "has no causal-LM class",
     "mistral_large4": "transformers saves its experts as layers",
     "muse_spark": "has_post_expert_norm=True",
@@ -42,7 +41,6 @@ REFUSED: dict[str, str] = {
     "openai_privacy_filter": "has no causal-LM class",
     "qwen3_omni_moe": "keeps its language model in nested configs",
     "qwen4_exp": "no single final norm",
-    "unlimited_ocr": "transformers saves its experts as model.layers",
     "zaya": "no single router",
 }
 
