@@ -167,3 +167,115 @@ class ScaledInputMoe(nn.Module):
         out = self.shared_expert(x)
         out.add_(routed.reshape(T, k, -1).sum(dim=1))
         return out, logits
+
+
+# Gemma-4: the decoder layer holds its router and routed experts itself (no MoE block module) and runs them beside
+# its dense MLP: the view's block is ``DecoderLayerMoe`` (``decoder_layer_blocks``), holding those modules under
+# ``<layer>.moe``; the layer's forward is transformers' with that one call in place of the inline routed path
+BLOCK = "moe"
+_LAYER_PARTS = ("router", "experts", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2")
+
+
+class DecoderLayerMoe(nn.Module):
+    """Gemma-4's routed path as a MoE block (``Gemma4TextDecoderLayer``'s own modules, moved here): the router
+    reads the layer's residual stream (its own RMS norm, scale, softmax, top-k, renormalization, per-expert scale),
+    the experts read ``pre_feedforward_layernorm_2`` of it, and ``post_feedforward_layernorm_2`` normalizes their
+    sum; the layer adds this to its dense MLP's output. ``forward(residual [B, S, H]) -> [B, S, H]``: the same
+    operations in the same order as the layer's inline code."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        for name in _LAYER_PARTS:
+            setattr(self, name, getattr(layer, name))
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        flat = residual.reshape(-1, residual.shape[-1])
+        _, top_k_weights, top_k_index = self.router(flat)
+        hidden = self.pre_feedforward_layernorm_2(flat)
+        hidden = self.experts(hidden, top_k_index, top_k_weights)
+        return self.post_feedforward_layernorm_2(hidden.reshape(residual.shape))
+
+
+def _layer_forward(
+    self: Any,
+    hidden_states: torch.Tensor,
+    per_layer_input: torch.Tensor | None = None,
+    shared_kv_states: Any = None,
+    position_embeddings: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """``Gemma4TextDecoderLayer.forward`` (transformers 5.23) with the routed path as ``self.moe(residual)``."""
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(
+        hidden_states=hidden_states,
+        position_embeddings=position_embeddings,
+        attention_mask=attention_mask,
+        shared_kv_states=shared_kv_states,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        **kwargs,
+    )
+    hidden_states = self.post_attention_layernorm(hidden_states)
+    hidden_states = residual + hidden_states
+
+    residual = hidden_states
+    hidden_states = self.pre_feedforward_layernorm(hidden_states)
+    hidden_states = self.mlp(hidden_states)
+    hidden_states = self.post_feedforward_layernorm_1(hidden_states) + self.moe(residual)
+    hidden_states = self.post_feedforward_layernorm(hidden_states)
+    hidden_states = residual + hidden_states
+
+    if self.hidden_size_per_layer_input:
+        residual = hidden_states
+        hidden_states = self.per_layer_input_gate(hidden_states)
+        hidden_states = self.act_fn(hidden_states)
+        hidden_states = hidden_states * per_layer_input
+        hidden_states = self.per_layer_projection(hidden_states)
+        hidden_states = self.post_per_layer_input_norm(hidden_states)
+        hidden_states = residual + hidden_states
+
+    hidden_states *= self.layer_scalar
+    return hidden_states
+
+
+_LAYER_CLASSES: dict[type, type] = {}
+
+
+def _gemma4_reference() -> tuple[str, str, str]:
+    """Normalized sources of transformers' Gemma-4 (decoder layer, router, experts): what ``_layer_forward`` and
+    ``DecoderLayerMoe`` compute."""
+    from transformers.models.gemma4 import modeling_gemma4 as g4
+
+    from .derive import _norm_source_of
+
+    return tuple(_norm_source_of(c) for c in (g4.Gemma4TextDecoderLayer, g4.Gemma4TextRouter, g4.Gemma4TextExperts))
+
+
+def decoder_layer_blocks(model: nn.Module) -> int:
+    """Give every decoder layer that holds its router and experts itself, with the code of transformers' Gemma-4
+    (layer, router and experts classes equal to ``Gemma4TextDecoderLayer`` / ``Gemma4TextRouter`` /
+    ``Gemma4TextExperts`` up to names), a ``DecoderLayerMoe`` at ``<layer>.moe`` holding them and the layer's forward
+    calling it; returns how many layers changed (a Gemma-4 layer with ``enable_moe_block`` off has no router)."""
+    from .derive import _norm_source_of
+
+    ref, n = None, 0
+    for mod in list(model.modules()):
+        if not all(isinstance(getattr(mod, p, None), nn.Module) for p in _LAYER_PARTS):
+            continue
+        ref = ref or _gemma4_reference()
+        if tuple(_norm_source_of(type(m)) for m in (mod, mod.router, mod.experts)) != ref:
+            continue
+        block = DecoderLayerMoe(mod)
+        for name in _LAYER_PARTS:
+            del mod._modules[name]
+        setattr(mod, BLOCK, block)
+        cls = type(mod)
+        if cls not in _LAYER_CLASSES:
+            _LAYER_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": _layer_forward, "block_of": cls})
+        mod.__class__ = _LAYER_CLASSES[cls]
+        n += 1
+    return n

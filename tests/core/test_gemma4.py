@@ -6,6 +6,10 @@ token embedding (``embed_tokens_per_layer``) with a projection of the input embe
 stream records that tensor from the model's own ``project_per_layer_inputs`` during capture and passes each layer its
 slice (``LayerStream.layer_kwargs``). Checked here on a tiny Gemma-4 text model from its config class: a
 layer-by-layer pass fed the recorded slices reproduces the full model's hidden states bit for bit.
+
+Its decoder layer also holds its router and routed experts itself, beside its dense MLP: ``interface.
+decoder_layer_blocks`` moves them into one block (``DecoderLayerMoe`` at ``<layer>.moe``) that the layer calls;
+the logits stay bit for bit those of transformers' model, and the experts dispatch through the experts interface.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import pytest
 import torch
 from transformers.models.gemma4 import Gemma4ForCausalLM, Gemma4TextConfig
 
+from moecompress.core.experts import routed_forward
+from moecompress.core.interface import DecoderLayerMoe, decoder_layer_blocks, observing
 from moecompress.core.stream import ActivationCache, per_layer_modules, recording_per_layer_inputs
 
 
@@ -97,3 +103,34 @@ def test_models_without_per_layer_inputs_have_no_per_layer_modules():
     assert per_layer_modules(model.model) == ()
     with pytest.raises(AttributeError):
         model.model.embed_tokens_per_layer  # noqa: B018
+
+
+@torch.no_grad()
+def test_the_decoder_layer_block_computes_what_the_layer_does():
+    model = _tiny(seed=2)
+    ids = torch.randint(1, 96, (2, 10), generator=torch.Generator().manual_seed(3))
+    want = model(input_ids=ids, use_cache=False).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert decoder_layer_blocks(model) == 4
+    assert decoder_layer_blocks(model) == 0  # (done once)
+    layer = model.model.layers[1]
+    assert isinstance(layer.moe, DecoderLayerMoe) and not hasattr(layer, "router") and not hasattr(layer, "experts")
+    moved = ("router.", "experts.", "pre_feedforward_layernorm_2.", "post_feedforward_layernorm_2.")
+    renamed = {k.replace("layers.1.", "layers.1.moe.", 1) if k.startswith("model.layers.1.") and
+               k[len("model.layers.1."):].startswith(moved) else k for k in before if "layers.1." in k}  # fmt: skip
+    assert renamed == {k for k in model.state_dict() if "layers.1." in k}
+    got = model(input_ids=ids, use_cache=False).logits
+    assert torch.equal(got, want)
+    seen: list[int] = []
+
+    def fwd(hidden, top_k_index, top_k_weights):  # the observation sees the experts' normed inputs
+        seen.append(hidden.shape[0])
+        ex = layer.moe.experts
+        return routed_forward(ex.gate_up_proj, ex.down_proj, ex.act_fn, hidden, top_k_index, top_k_weights)
+
+    with observing(layer.moe.experts, fwd) as how:
+        again = model(input_ids=ids, use_cache=False).logits
+    assert how == "interface" and seen == [20] and torch.equal(again, want)
+    # a changed router row changes the output: the block is what the layer runs
+    layer.moe.router.proj.weight[0].mul_(-3)
+    assert not torch.equal(model(input_ids=ids, use_cache=False).logits, want)
