@@ -34,6 +34,9 @@ from .execute import JUDGE_EXPERTS
 
 MIN_JUDGE = 16
 JUDGE_PER_FIT = 8  # judge windows: every unused calibration window, at most 8 per fitting window (module docstring)
+# and at most this many bytes of their float32 hidden states (three copies live: the activation cache, the source's
+# final states, a write pass's final states): 128 windows of 256 tokens at H 2048 (Qwen3-30B), no cap on the built-in
+JUDGE_STATE_BYTES = 256 * 2**20
 
 
 def fitting_starts(ids: dict[str, torch.Tensor], fit: torch.Tensor, seed: int) -> dict[str, list[int]] | None:
@@ -56,11 +59,14 @@ def fitting_starts(ids: dict[str, torch.Tensor], fit: torch.Tensor, seed: int) -
     return out
 
 
-def judge_windows(tokens: Any, tokenizer_path: Any, limit: int | None = None) -> torch.Tensor | None:
+def judge_windows(
+    tokens: Any, tokenizer_path: Any, limit: int | None = None, hidden: int | None = None
+) -> torch.Tensor | None:
     """``[R, S]`` calibration windows held out from the fit (module docstring): the non-overlapping windows of the
     calibration text that share no token position with a fitting window, evenly spread over each domain's text and
     over the domains, at most ``limit`` (default max(MIN_JUDGE, JUDGE_PER_FIT x the fitting windows): the judge
-    forwards cost a few plain forwards of the calibration set, small next to the measuring pass's quantizations);
+    forwards cost a few plain forwards of the calibration set, small next to the measuring pass's quantizations; with
+    ``hidden`` (the model's H) also at most JUDGE_STATE_BYTES of float32 hidden states, never below MIN_JUDGE);
     None when they cannot be found (the fitting windows are not a seeded calibration draw, or nothing is left: the
     guard then judges on the fitting windows, plan.json says so) or under torchrun (one process decides)."""
     if dist.world() > 1:
@@ -68,6 +74,8 @@ def judge_windows(tokens: Any, tokenizer_path: Any, limit: int | None = None) ->
     fit = tokens.input_ids
     S = fit.shape[1]
     n = limit or max(MIN_JUDGE, JUDGE_PER_FIT * fit.shape[0])
+    if hidden:
+        n = min(n, max(MIN_JUDGE, JUDGE_STATE_BYTES // (4 * S * hidden)))
     try:
         tok = load_tokenizer(tokenizer_path)
         ids = {d: encode_text(tok, t) for d, t in load_texts(tokens.name, "calib").items()}

@@ -59,7 +59,8 @@ def measure_budget(job: Job, prof: Any, probes: bool = True, check: bool = True)
     ckpt = job.ckpt
     spec = RouterSpec.from_config(ckpt.family, ckpt.config)
     measure = BudgetMeasure(spec, protected=protected_experts(prof, list(ckpt.moe_layers)), probes=probes)
-    measure.judge = judge_windows(job.tokens(), ckpt.path) if check else None
+    hidden = int(ckpt.tensor_info()[ckpt.family.expert_key(ckpt.moe_layers[0], 0, 0)]["shape"][1])
+    measure.judge = judge_windows(job.tokens(), ckpt.path, hidden=hidden) if check else None
     engine = engine_for(job, "budget: measure", measure.judge)
     final = FinalStates(engine, measure.probe_layer)
     engine.run([measure], emit=final)

@@ -11,6 +11,7 @@ from moecompress.calibration.sets import encode_text, load_texts, load_tokenizer
 
 from moecompress.budget.check import (
     JUDGE_PER_FIT,
+    JUDGE_STATE_BYTES,
     MIN_JUDGE,
     FinalStates,
     HeldOutEngine,
@@ -49,6 +50,9 @@ def test_judge_windows_are_every_unused_calibration_window_up_to_the_cap(job):
     judge = judge_windows(tokens, job.ckpt.path)
     assert judge is not None and judge.shape[0] == min(len(allowed), max(MIN_JUDGE, JUDGE_PER_FIT * fit.shape[0]))
     assert {tuple(r.tolist()) for r in judge} <= allowed
+    big = JUDGE_STATE_BYTES // (4 * S * (MIN_JUDGE + 4))  # a hidden size whose states hold MIN_JUDGE + 4 windows
+    capped = judge_windows(tokens, job.ckpt.path, hidden=big)
+    assert capped is not None and capped.shape[0] == MIN_JUDGE + 4 < judge.shape[0]
     assert fitting_starts(ids, fit.flip(0), tokens.seed or 0) is None  # not the seeded draw: nothing is held out
 
 
