@@ -154,6 +154,9 @@ def causal_lm(cfg: Any, **kwargs: Any) -> torch.nn.Module:
         head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         model = TextLM(body, head, cfg)
     scaled_input_blocks(model)
+    from .interface import decoder_layer_blocks  # Gemma-4: its layer's router and experts as one block (<layer>.moe)
+
+    decoder_layer_blocks(model)
     return model
 
 
@@ -256,7 +259,10 @@ def _wrapper(cfg: Any) -> tuple[torch.nn.Module, TextLM, str, str]:
             wrapper = auto.from_config(cfg, trust_remote_code=False, experts_implementation="eager")
     except Exception as err:  # transformers raises many types for a config it cannot build
         raise Refusal(f"transformers cannot build it from config.json ({build_error(err, cfg.model_type)})") from None
+    from .interface import decoder_layer_blocks
+
     scaled_input_blocks(wrapper)
+    decoder_layer_blocks(wrapper)
     bodies = [
         n
         for n, m in wrapper.named_modules()
