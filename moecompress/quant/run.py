@@ -9,7 +9,9 @@ Three modes, each a short function over the engine (quant/transform.py):
   ``QuantTransform(plan)`` writes each expert at its planned width. The measuring pass keeps every width's codes,
   packed as written (2 + 3 + 4 + 8 bits per weight), when they fit in half of --max-memory (else half of the
   host's available memory; ``max_cache_bytes`` overrides), and the write pass then just streams the layers through
-  (no windows); above it (or with propagation) the write pass quantizes again on the same inputs: the same codes.
+  (no windows); above it, when one layer's codes fit, they are spilled to one temporary file per layer (quant/
+  codecache.py: one layer in memory; where the temporary disk has twice their size free); otherwise (or with
+  propagation) the write pass quantizes again on the same inputs: the same codes.
 - plan only (``--plan-only``): the measurement and the plan, written to OUTPUT/bit_plan.json.
 
 GPTQ (quant/gptq.py, quant/layer.py): static act-order with the plain group layout, Hessian-diagonal-weighted scale
@@ -334,9 +336,26 @@ def _measure_pass(r: _Run, tokens: TokenSet | None) -> dict[str, Any]:
     probes = PROBE_WIDTHS if (o.plan == "lp" and o.cost_model == "kl") else ()
     lay = r.lay
     bound = o.max_cache_bytes if o.max_cache_bytes is not None else code_cache_bound()
-    fits = PackedCodes.estimate(len(lay.moe) * lay.E * 3 * lay.I * lay.H, o.widths) <= bound
-    keep = fits and not o.propagate and not o.plan_only  # propagated writes see other inputs: other codes
-    return measure(r.ckpt, tokens, o.widths, o.method, o.min_tokens, o.batch_size, r.job.device, o.opts, probes, keep)
+    total = PackedCodes.estimate(len(lay.moe) * lay.E * 3 * lay.I * lay.H, o.widths)
+    fits = total <= bound
+    # past the bound, one layer's codes at a time in memory and the rest in files, where the disk has room twice
+    spill = not fits and PackedCodes.estimate(lay.E * 3 * lay.I * lay.H, o.widths) <= bound and 2 * total <= _free_tmp()
+    keep = (fits or spill) and not o.propagate and not o.plan_only  # propagated writes see other inputs: other codes
+    return measure(
+        r.ckpt, tokens, o.widths, o.method, o.min_tokens, o.batch_size, r.job.device, o.opts, probes, keep,
+        spill_codes=spill and keep,
+    )  # fmt: skip
+
+
+def _free_tmp() -> int:
+    """Free bytes of the temporary folder's disk (0 when unknown)."""
+    import shutil
+    import tempfile
+
+    try:
+        return shutil.disk_usage(tempfile.gettempdir()).free
+    except OSError:
+        return 0
 
 
 def measure(
@@ -350,13 +369,16 @@ def measure(
     opts: GPTQOptions | None = None,
     probe_widths: tuple[int, ...] = PROBE_WIDTHS,
     keep_codes: bool = False,
+    spill_codes: bool = False,
 ) -> dict[str, Any]:
     """One measuring pass (``MeasureTransform``): errors [L, E, B], token counts [L, E], max |expert output|
     [L, E], methods used per layer, the probe KLs {(layer, bits): KL} (None without probes) and, with
-    ``keep_codes``, the codes {(layer, bits): QuantizedExperts} (else None)."""
+    ``keep_codes``, the codes {(layer, bits): PackedCodes} (a ``CodeCache``, in files with ``spill_codes``; else
+    None)."""
     t = MeasureTransform(
-        widths, method, min_tokens=min_tokens, opts=opts, probe_widths=probe_widths, keep_codes=keep_codes
-    )
+        widths, method, min_tokens=min_tokens, opts=opts, probe_widths=probe_widths, keep_codes=keep_codes,
+        spill_codes=spill_codes,
+    )  # fmt: skip
     engine = Engine(ckpt, tokens.input_ids, batch_size, device, "quantize: measure")
     engine.run([t], emit=t.probe_layer)
     moe = list(ckpt.moe_layers)

@@ -34,6 +34,7 @@ import torch
 from ..core.engine import Engine, LayerContext, Transform
 from ..core.experts import routed_forward
 from ..core.interface import observing
+from .codecache import CodeCache
 from .ctformat import quantization_config
 from .layer import (
     GPTQOptions,
@@ -321,7 +322,7 @@ class MeasureTransform(Transform):
     ``emit=probe_layer``, then ``probe_kl(engine)``). Results by layer in ``err``, ``counts``, ``max_abs``,
     ``used``; with ``keep_codes``, every width's codes in ``codes``, packed as written (``PackedCodes``: bits / 8
     bytes per expert weight per width) for a write pass that gets them instead of quantizing again
-    (``QuantTransform(codes=...)``)."""
+    (``QuantTransform(codes=...)``); with ``spill_codes`` they go to one file per layer (``CodeCache``)."""
 
     name = "quantize"
     reads_narrow = True  # expert weights are upcast per expert where used (core/stream.py narrow)
@@ -336,9 +337,10 @@ class MeasureTransform(Transform):
         opts: GPTQOptions | None = None,
         probe_widths: tuple[int, ...] = (),
         keep_codes: bool = False,
+        spill_codes: bool = False,
     ):
         self.widths, self.method, self.min_tokens = tuple(widths), method, min_tokens
-        self.codes: dict[tuple[int, Width], PackedCodes] | None = {} if keep_codes else None  # (layer, width)
+        self.codes = CodeCache(spill_codes) if keep_codes else None  # (layer, width) -> PackedCodes
         self.opts = opts or GPTQOptions()
         # a probe at b bits uses the width b, or the option (b, b)
         self._probe = {b: w for b in probe_widths for w in (b, (b, b)) if w in self.widths}
@@ -369,7 +371,7 @@ class MeasureTransform(Transform):
         self.err[l] = err.numpy() if err is not None else np.zeros((gu.shape[0], len(self.widths)))
         self._codes = {b: codes[w] for b, w in self._probe.items()}
         if self.codes is not None:  # packed as written (gate/up codes shared by the options that have them)
-            self.codes.update({(l, w): q for w, q in codes.items()})
+            self.codes.put_layer(l, codes)
 
     @torch.no_grad()
     def probe_layer(self, ctx: LayerContext) -> None:
