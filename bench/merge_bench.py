@@ -190,13 +190,19 @@ def main() -> None:
                 "max_cluster_size": max(max(v["cluster_sizes"]) for v in man["layers"].values()),
             }
             results.append(measure(name, out, ratio, extra))
-        for method, label in (("reap", "REAP prune"), ("output-error", "output-error prune (default)")):
+        prunes = (
+            ("reap", None, "REAP prune"),
+            ("output-error", None, "output-error prune (default)"),  # its default refit: down
+            ("output-error", "none", "output-error prune, no refit (before)"),
+        )
+        for method, refit, label in prunes:
             if args.only and label not in args.only:
                 continue
-            out = work / f"prune-{method}-{ratio}"
+            out = work / f"prune-{method}-{refit}-{ratio}"
             t = time.time()
-            prune_model(base, out, PruneOptions(ratio=ratio, method=method), work / "profile", "mixed", args.samples,
-                        args.seq_len, 8, torch.device("cpu"), overwrite=True)  # fmt: skip
+            popts = PruneOptions(ratio=ratio, method=method, refit=refit)
+            prune_model(base, out, popts, work / "profile", "mixed", args.samples, args.seq_len, 8,
+                        torch.device("cpu"), overwrite=True)  # fmt: skip
             results.append(measure(label, out, ratio, {"build_s": round(time.time() - t, 1)}))
 
     report = {
@@ -275,6 +281,11 @@ def render(report: dict[str, Any]) -> str:
                 for b in st.get("align_block", [])
             ],
             ("merge vs pruning (output-error prune -> choose)", "output-error prune (default)", "choose (default)"),
+            (
+                "pruning refit (no refit -> default down refit)",
+                "output-error prune, no refit (before)",
+                "output-error prune (default)",
+            ),
         ]
         if by.get("choose (default)", {}).get("choices"):
             d = by["choose (default)"]

@@ -10,7 +10,7 @@ import typer
 from ..core.errors import UserError
 from ..core.manifest import Manifest
 from ..core.progress import console, out_console
-from ..prune.transform import DEFAULT_METHOD, DEFAULT_REFIT, METHODS, REFITS
+from ..prune.transform import DEFAULT_METHOD, DEFAULT_REFIT, METHODS, REFITS, default_refit
 from .common import (
     INT_MAX,
     BatchOpt,
@@ -67,7 +67,8 @@ def prune(
     refit: Annotated[
         str | None,
         typer.Option(
-            help=f"After removal, refit on calibration tokens. expert: {', '.join(REFITS)} (default {DEFAULT_REFIT});"
+            help=f"After removal, refit on calibration tokens. expert: {', '.join(REFITS)} (default"
+            f" {DEFAULT_REFIT} with output-error, none with the score methods, which work on every model type);"
             f" atom: {' or '.join(ATOM_REFITS)} (default {ATOM_REFITS[0]}: least-squares refit of the kept down_proj"
             " columns).",
             show_default=False,
@@ -134,7 +135,7 @@ def prune(
 
     opts = PruneOptions(
         ratio=ratio, method=method or DEFAULT_METHOD, layout=layout, protect_super=protect_super, seed=seed,
-        error_tokens=error_tokens, refit=refit or DEFAULT_REFIT,
+        error_tokens=error_tokens, refit=refit or default_refit(method or DEFAULT_METHOD),
     )  # fmt: skip
     _summary(prune_model(model, output, opts, profile, calib, samples, seq_len, batch_size, dev, overwrite), output)
 

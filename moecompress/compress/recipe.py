@@ -4,7 +4,7 @@ A recipe file is YAML or JSON, either a list of stages or ``{"stages": [...]}``;
 from the operation to its options:
 
     stages:
-      - prune: {ratio: 0.25}                      # drop 25% of the routed experts (output-error by default)
+      - prune: {ratio: 0.25}                      # drop 25% of the routed experts (output-error + down refit)
       - merge: {ratio: 0.25}                      # or merge them in clusters
       - atom: {ratio: 0.2}                        # drop 20% of each expert's channels (HEAPr by default)
       - quantize: {bits: 3}                       # then quantize what is left

@@ -6,17 +6,23 @@ members, so a merge can always do at least as well as pruning: measure the candi
 For one MoE layer with calibration tokens split into a fit part F and a disjoint measure part M:
   y(x)   = the original layer's routed output;  y'(x) = the merged layer's routed output (new router, new experts);
   error  = sum_{x in M} ||y'(x) - y(x)||^2 / sum_{x in M} ||y(x)||^2.
-Each clustering (a list of clusters with a dominant member each) starts with every cluster at "keep the dominant";
-then, cluster by cluster (coordinate descent, the others fixed), every candidate is built and measured:
-  keep        the dominant member and its router row (what pruning does);
+Each clustering (a list of clusters with a dominant member each) starts from the layer-wide pruning candidate:
+every cluster keeps its dominant member and its router row, and their down projections are refitted exactly as the
+default pruning refits them (``prune.refit.fit_downs`` on all T tokens with its hold-out check; "keep" alone when
+"keep+refit" is not among the kinds). Then, cluster by cluster (coordinate descent, the others fixed), every
+candidate is built and measured:
+  keep        the dominant member and its router row (pruning without the refit);
   subspace    aligned Sub-MoE merge (``merge_subspace``) with a router row fitted to the members' log-sum-exp;
   average     frequency-weighted average (HC-SMoE) with the fitted router row (an untruncated subspace merge is
               the same average, so it is measured once);
   +refit      the same with its down projection refitted on F by ridge least squares to the layer-output
               residual  r(x) = y(x) - (the other routed experts' part of y'(x)),  weighted by its routing weight;
-and the candidate with the lowest error is kept (the current one stays unless another is strictly better).
-The clustering with the lowest final error wins. With the pruning choice among the clusterings (its dominant
-members = the experts pruning keeps), the merged layer's error on M is never above pruning's.
+and a candidate replaces the current one only when it lowers the error by more than ``min_gain_se`` standard
+errors of the change (paired over the tokens of M; 0: any decrease). The clusterings are compared the same way,
+the pruning choice (its dominant members = the experts output-error pruning keeps on all the layer's tokens) first,
+so a merged layer stays the pruned one unless something measurably better was found. Finally
+(``LayerFit.routed(...).refit_all``) the down projections refitted on F in the descent are fitted again on all T
+tokens, as pruning's refit uses every token.
 
 Cost and memory (T = |F| + |M| tokens, k = top-k, K merged experts): no [T, E, H] or [T, K, H] tensor. The merged
 layer is held as its routing [T, k] and the outputs of each token's k routed experts [T, k, H] (``_Routed``); a
@@ -39,6 +45,7 @@ from moecompress.merge.refit import lstsq_down
 from moecompress.merge.router import RouterFitter
 from moecompress.merge.subspace import merge_average, merge_subspace
 from moecompress.prune.order import ExpertOutputs, RouterSpec, output_error_order, route, router_choice
+from moecompress.prune.refit import HOLDOUT, MIN_ROWS, dense_weights, fit_downs
 
 KINDS = ("keep", "keep+refit", "subspace", "subspace+refit", "average", "average+refit")
 
@@ -54,6 +61,8 @@ class Candidate:
     row: torch.Tensor  # [H]
     bias: torch.Tensor | None = None  # [] router bias
     corr: torch.Tensor | None = None  # [] correction bias (sigmoid routers)
+    prior: torch.Tensor | None = None  # [H, I] a refitted candidate's down projection before its refit
+    fit_all: bool = False  # fitted on every calibration token already (the pruning refit): no final refit
 
 
 @dataclass
@@ -121,6 +130,48 @@ class LayerFit:
         outs = self.src.get(all_rows, dom[idx])  # [T, k, H] the dominant experts' original outputs
         return chosen, _Routed(self, logits, corr, wts, idx, outs)
 
+    def pruning_refit(
+        self, clustering: Clustering, chosen: list[Candidate], state: _Routed, holdout: int = HOLDOUT,
+        min_rows: float = MIN_ROWS,
+    ) -> tuple[list[Candidate], _Routed]:  # fmt: skip
+        """The start of ``clustering`` (every dominant member kept as it is: ``chosen``, ``state``) with the down
+        projections refitted as the default pruning refits them: ``prune.refit.fit_downs`` on all T tokens (fit
+        and measure parts) with its hold-out check (every ``holdout``-th token) and its minimum of fit tokens per
+        channel (``min_rows``), one kept member after the other.
+        Returns the candidates ("keep+refit" where the refit was kept, marked fitted on every token) and state."""
+        w, dom = self.w, clustering.dominant
+        E = w.num_experts
+        experts = torch.as_tensor(dom, device=state.idx.device)[state.idx]  # [T, k] original expert ids
+        dense = dense_weights(state.wts, experts, E)  # [T, E]
+
+        def hidden(e: int, rows: torch.Tensor) -> torch.Tensor:
+            return activations(self.x[rows], w.gate[e], w.up[e], self.act)
+
+        downs, _ = fit_downs(
+            hidden, w.down, dom, dense, self.y, state.yc, kept_only=True, holdout=holdout, min_rows=min_rows
+        )
+        out = []
+        for c, d in zip(chosen, downs, strict=True):
+            d = d.to(self.dtypes["down"])
+            refit = not torch.equal(d, c.down.to(d.dtype))
+            kind = "keep+refit" if refit else c.kind
+            out.append(Candidate(kind, c.gate, c.up, d, c.row, c.bias, c.corr, prior=c.down, fit_all=True))
+        return out, self.routed(out)
+
+    def routed(self, chosen: list[Candidate]) -> _Routed:
+        """The routed state of the merged layer made of ``chosen`` (one candidate per cluster) on all T tokens."""
+        rows = torch.stack([c.row.float() for c in chosen])  # [K, H]
+        bias = None if chosen[0].bias is None else torch.stack([c.bias.float() for c in chosen])
+        corr = None if chosen[0].corr is None else torch.stack([c.corr for c in chosen])
+        logits = self._logits(rows, bias)  # [T, K]
+        wts, idx = route(logits, self.spec, None, corr)
+        outs = torch.empty(*idx.shape, self.x.shape[1], device=self.x.device)  # [T, k, H]
+        for j, c in enumerate(chosen):
+            r, s = (idx == j).nonzero().unbind(1)
+            if r.numel():
+                outs[r, s] = torch.nn.functional.linear(self.hidden(c, r), c.down.float())
+        return _Routed(self, logits, corr, wts, idx, outs)
+
 
 class _Routed:
     """The merged layer under construction on all T tokens: logits [T, K], correction bias [K], routing (wts, idx)
@@ -185,7 +236,8 @@ class _Routed:
             if bool(f.any()):
                 a = s[f, None] * h[f]  # [nf, I]
                 down = lstsq_down(a, fit.y[rows[jr[f]]] - others[jr[f]], cand.down, dtype=fit.dtypes["down"])
-                downs.append((Candidate(refit, cand.gate, cand.up, down, cand.row, cand.bias, cand.corr), down))
+                c = Candidate(refit, cand.gate, cand.up, down, cand.row, cand.bias, cand.corr, prior=cand.down)
+                downs.append((c, down))
             elif plain is None:  # nothing to refit on: the candidate as it is (as the plain version would be)
                 downs.append((cand, cand.down))
         for c, down in downs:
@@ -199,11 +251,46 @@ class _Routed:
             if nonorm:
                 d2_all = (self.yc * scale - fit.y).double().pow(2).sum(1)  # [T] unchanged tokens, rescaled
                 base = float(d2_all[fit.n_fit :].sum()) - float(d2_all[rows[m]].sum())
+                delta = d2_all - self.d2  # [T] per-token change of the squared error
+                delta[rows] = d2n - self.d2[rows]
+                delta = delta[fit.n_fit :]
             else:
                 base = float(self.d2[fit.n_fit :].sum()) - float(self.d2[rows[m]].sum())
+                delta = d2n[m] - self.d2[rows[m]]  # the other measure tokens' errors are unchanged
             err = (base + float(d2n[m].sum())) / fit.norm
-            versions.append(_Trial(c, err, j, logits, corr, w2, idx2, rows, o, yn, d2n, scale))
+            # standard error of the change of the mean squared error over the measure tokens (paired)
+            n_m = self.d2.shape[0] - fit.n_fit
+            mean = float(delta.sum()) / n_m
+            sd = max(float(delta.pow(2).sum()) / n_m - mean * mean, 0.0) ** 0.5
+            se = sd / n_m**0.5 * n_m / fit.norm  # on the scale of ``err``
+            versions.append(_Trial(c, err, j, logits, corr, w2, idx2, rows, o, yn, d2n, scale, se))
         return versions
+
+    def refit_all(self, chosen: list[Candidate]) -> float:
+        """Refit, on all T tokens (fit and measure parts), the down projection of every chosen candidate that was
+        refitted on the fit part, one cluster at a time in cluster order against the rest of the merged layer
+        (Gauss-Seidel, as ``prune.refit.fit_downs``; same ridge, around the same prior): the choice is made on
+        held-out tokens, the chosen layer is then fitted on every calibration token, as pruning's refit is.
+        Updates ``chosen`` and this state; returns the error on the measure tokens after (in-sample now)."""
+        fit = self.fit
+        for j, c in enumerate(chosen):
+            if not c.kind.endswith("+refit") or c.fit_all:
+                continue
+            jr, js = (self.idx == j).nonzero().unbind(1)  # tokens routed to j, and j's slot there
+            if not jr.numel():
+                continue
+            s = self.wts[jr, js]  # [n]
+            h = fit.hidden(c, jr)  # [n, I]
+            others = self.yc[jr] - s[:, None] * self.outs[jr, js]  # [n, H]
+            prior = c.down if c.prior is None else c.prior
+            down = lstsq_down(s[:, None] * h, fit.y[jr] - others, prior, dtype=fit.dtypes["down"])
+            out_j = torch.nn.functional.linear(h, down.float())  # [n, H]
+            self.outs[jr, js] = out_j
+            self.yc[jr] = others + s[:, None] * out_j
+            chosen[j] = Candidate(c.kind, c.gate, c.up, down, c.row, c.bias, c.corr, prior=prior)
+        self.d2 = (self.yc - fit.y).double().pow(2).sum(1)
+        self.err = float(self.d2[fit.n_fit :].sum()) / fit.norm
+        return self.err
 
     def accept(self, t: _Trial) -> None:
         """Make trial ``t`` the merged layer's current state."""
@@ -233,6 +320,7 @@ class _Trial:
     yn: torch.Tensor
     d2n: torch.Tensor
     scale: torch.Tensor | None
+    se: float = 0.0  # standard error of (err - the current error), from the per-token changes on the measure tokens
 
 
 def _parts(c: Candidate) -> tuple[Any, ...]:
@@ -293,8 +381,17 @@ def choose_clusters(
     align_block: int = EXACT_BLOCK,
     clock: Any = None,
     cache: int | None = None,
-) -> tuple[list[Candidate], float, float]:
-    """Coordinate descent over the clusters' candidates. Returns (chosen candidates, error at start, final error).
+    min_gain_se: float = 0.0,
+    holdout: int = HOLDOUT,
+) -> tuple[list[Candidate], float, float, torch.Tensor]:
+    """Coordinate descent over the clusters' candidates. Returns (chosen candidates, error at start, final error,
+    the final squared error of each measure token [n_M] float64). With "keep+refit" among ``kinds`` the start is
+    the layer-wide pruning candidate: every cluster keeps its dominant member, its down projection refitted on the
+    fit tokens where that lowers the error on M, one cluster after the other (what ``prune``'s default down refit
+    does with its held-out check); else every dominant member as it is.
+    A candidate replaces the current one only when it lowers the error on the measure tokens by more than
+    ``min_gain_se`` standard errors of the change (paired over the measure tokens: with few tokens a switch must
+    not follow noise).
     ``clock`` (``layer.Clock``, optional) is charged "merge candidates" (alignment, merges, router rows) and
     "candidate trials" (routing, outputs, refits, errors). ``cache``: the clusters whose merge candidates are kept
     for the next sweep (None: all; the others' are built again: the same tensors, so the same choice)."""
@@ -302,6 +399,9 @@ def choose_clusters(
     lap = clock.lap if clock is not None else (lambda name: None)
     chosen, state = fit.start(clustering)
     start = state.err
+    if "keep+refit" in kinds:  # the default pruning's down refit, on all T tokens with its hold-out check
+        chosen, state = fit.pruning_refit(clustering, chosen, state, holdout)
+        start = state.err
     merged_cache: dict[int, list[Candidate]] = {}
     merging = {"subspace", "subspace+refit", "average", "average+refit"} & set(kinds)
     for _ in range(sweeps):
@@ -322,7 +422,7 @@ def choose_clusters(
                     if cache is None or len(merged_cache) < cache:
                         merged_cache[j] = merges
                 base += merges
-            for cand in base:  # try it in place of column j; keep it only if it is strictly better
+            for cand in base:  # try it in place of column j; keep it only if it is clearly better
                 is_current = cand.kind == "keep" and chosen[j].kind == "keep"
                 # an untruncated subspace merge is the average: one candidate, under the first name asked for
                 names = ("subspace", "average") if cand.kind == "subspace" and len(merges) == 1 else (cand.kind,)
@@ -332,7 +432,8 @@ def choose_clusters(
                     continue
                 best = None
                 for t in state.trial(j, cand, chosen, plain, refit):
-                    if t.err < state.err * (1 - 1e-9) and (best is None or t.err < best.err * (1 - 1e-9)):
+                    gain = state.err * (1 - 1e-9) - t.err
+                    if gain > min_gain_se * t.se and (best is None or t.err < best.err * (1 - 1e-9)):
                         best = t
                 if best is not None:
                     state.accept(best)
@@ -340,17 +441,17 @@ def choose_clusters(
         if not changed:
             break
     lap("candidate trials")
-    return chosen, start, state.err
+    return chosen, start, state.err, state.d2[fit.n_fit :]
 
 
 def pruning_clustering(
     fit: LayerFit, n_keep: int, protected: list[int], similarity: torch.Tensor, n_group: int = 1
 ) -> Clustering:
-    """The pruning choice as a clustering: output-error pruning (on the fit tokens) keeps ``n_keep`` experts; each
-    removed expert joins the kept, unprotected expert of its group whose output it resembles most."""
+    """The pruning choice as a clustering: output-error pruning (on all the layer's tokens) keeps ``n_keep``
+    experts; each removed expert joins the kept, unprotected expert of its group whose output it resembles most."""
     E = fit.w.num_experts
-    f = slice(0, fit.n_fit)  # the fit tokens are the first rows of fit.src
-    order = output_error_order(fit.src, fit.logits0[f], fit.spec, set(protected), E - n_keep, fit.w.correction_bias)
+    # on every calibration token (fit and measure), as pruning chooses: the clusterings' baseline is its choice
+    order = output_error_order(fit.src, fit.logits0, fit.spec, set(protected), E - n_keep, fit.w.correction_bias)
     removed: list[int] = []
     for step in order:
         if len(removed) >= E - n_keep:

@@ -280,20 +280,25 @@ def choose_layer(
         return rank_for(m.shape[1], m.shape[2], m.shape[0], opts.rank, opts.rank_fraction)
 
     tried: list[tuple[float, Clustering, float]] = []  # (error, clustering, error at start)
-    kept: tuple[float, Clustering, list[Any]] | None = None  # the best so far (only its candidates are held)
+    # the best so far (only its candidates are held): (error, clustering, candidates, per-token errors [n_M])
+    kept: tuple[float, Clustering, list[Any], torch.Tensor] | None = None
     x_align = x_fit[: opts.align_tokens]
     cache = cached_clusters(w, len(clusters), opts, fit.dtypes["gate"], xf.device)
-    for c in options:
-        chosen, start, err = choose_clusters(
+    for c in reversed(options):  # the pruning choice first: another clustering must be clearly better
+        chosen, start, err, d2 = choose_clusters(
             fit, c, freqs, x_align, opts.candidates, opts.aligned, rank_fn, align_block=opts.align_block, clock=clock,
-            cache=cache,
+            cache=cache, min_gain_se=opts.min_gain_se,
         )  # fmt: skip
         tried.append((err, c, start))
-        if kept is None or err < kept[0]:
-            kept = (err, c, chosen)
+        if kept is None or kept[0] - err > opts.min_gain_se * _paired_se(d2 - kept[3], fit.norm):
+            kept = (err, c, chosen, d2)
         del chosen
     assert kept is not None
-    err, best, chosen = kept
+    err, best, chosen, _ = kept
+    err_all = None
+    if opts.final_refit and any(c.kind.endswith("+refit") for c in chosen):
+        err_all = fit.routed(chosen).refit_all(chosen)
+        clock.lap("final refit")
     merged = assemble(chosen, w, fit.dtypes)
     within = [float(similarity[m][:, m].mean()) for m in best.clusters if len(m) > 1]
     info = {
@@ -309,6 +314,7 @@ def choose_layer(
         "output_error": round(err, 6),
         "output_error_pruning": round(next(t[2] for t in tried if t[1].name == "pruning"), 6),
         "output_error_by_clustering": {t[1].name: round(t[0], 6) for t in tried},
+        "output_error_after_final_refit": None if err_all is None else round(err_all, 6),
         "eval_tokens": n_eval,
         "fit_tokens": x_fit.shape[0],
         "frequency": [round(float(v), 6) for v in freqs],
@@ -316,6 +322,15 @@ def choose_layer(
         "mean_within_cluster_similarity": round(sum(within) / len(within), 4) if within else None,
     }
     return merged, info
+
+
+def _paired_se(delta: torch.Tensor, norm: float) -> float:
+    """Standard error of the mean squared-error change over the measure tokens (per-token changes ``delta``),
+    on the scale of the relative error (sum / ``norm``)."""
+    n = delta.shape[0]
+    if n < 2:
+        return 0.0
+    return float(delta.std()) * n**0.5 / norm
 
 
 STATE_LAYER_FRACTION = 0.5  # merge candidates kept between sweeps: at most this fraction of the layer's experts

@@ -34,6 +34,9 @@ class MergeOptions:
     choose: bool = True  # measure keep/subspace/average (+refit) per cluster and keep the best (merge/choose.py)
     candidates: tuple[str, ...] = KINDS
     eval_tokens: int = 4096  # choose: held-out calibration tokens the candidates are measured on
+    min_gain_se: float = 2.0  # choose: a candidate (or clustering) replaces the pruning-like one only when it lowers
+    # the held-out error by more than this many standard errors (paired over the measure tokens)
+    final_refit: bool = True  # choose: refit the chosen down projections on every calibration token (fit + held-out)
     sequential: bool = True  # calibrate each layer on the already-merged earlier layers
 
     @property
@@ -68,5 +71,7 @@ class MergeOptions:
             raise UserError(f"merge candidates {bad or '(none)'} are not among {', '.join(KINDS)}")
         if self.align_block < 2:
             raise UserError(f"align_block {self.align_block} must be at least 2")
+        if self.min_gain_se < 0:
+            raise UserError(f"min_gain_se {self.min_gain_se} must be at least 0")
         if self.eval_tokens < 1:
             raise UserError(f"eval_tokens {self.eval_tokens} must be at least 1")

@@ -169,9 +169,17 @@ def refit_downs(
     return fit_downs(hidden, down, kept, w_new, y0, y_cur, ridge)[0]
 
 
+# the default pruning's down refit: an expert is refitted only with at least 2 fit tokens per channel of its width
+# (512 calibration tokens on the built-in model: KL 0.042 -> 0.27 without it); no hold-out check by default (every
+# 4th token held out cut the built-in model's 25% gain from -19% to -5%: the fits lose a quarter of their tokens)
+MIN_ROWS = 2.0
+HOLDOUT = 0
+
+
 def fit_downs(
     hidden: Callable[[int, torch.Tensor], torch.Tensor], down: torch.Tensor, kept: list[int], w_new: torch.Tensor,
-    y0: torch.Tensor, y_new: torch.Tensor, ridge: float = 1e-3,
+    y0: torch.Tensor, y_new: torch.Tensor, ridge: float = 1e-3, kept_only: bool = False, holdout: int = 0,
+    min_rows: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Down projections of the kept experts by ridge least squares, one kept expert at a time (Gauss-Seidel: each
     fit sees the others' already refitted outputs).
@@ -181,21 +189,44 @@ def fit_downs(
         W = argmin sum_t ||w_e W h_e - target||^2 + lam ||W - W_old||^2   (lam: ``ridge`` x mean diagonal of the Gram).
     The pruned layer's current output is kept per token and updated after each fit, so each (token, routed expert)
     pair is evaluated about once; each fit is W_old + the ridge step on the residual y0 - y_current (``ridge_step``).
+    With ``holdout`` > 1 every holdout-th token is left out of the fits and checks them: an expert keeps its down
+    projection unless its refit lowers the error on its held-out tokens. An expert with fewer fit tokens than
+    ``min_rows`` x its width I is not refitted at all (each output row has I unknowns: with few calibration tokens
+    a refit fits noise; 512 tokens on the built-in model, ~0.5 per unknown, took KL 0.042 to 0.27, and to 0.078
+    with the hold-out check alone).
     Args: hidden(e, rows) -> h_e on those token rows [n, I] float32 (e.g. ``ExpertOutputs.hidden_of``);
     down [E, H, I]; w_new [T, E] dense routing weights of the pruned layer; y0, y_new [T, H] routed outputs of the
     original layer and of the pruned one with the original downs. Returns ([E, H, I] in down's dtype, removed
-    experts' rows unchanged; the pruned layer's routed output with the new downs [T, H] float32)."""
+    experts' rows unchanged, or with ``kept_only`` [len(kept), H, I] float32 in the order of ``kept`` (a layer held
+    in bf16 needs no float32 copy of every down projection); the pruned layer's routed output with the new downs
+    [T, H] float32)."""
     resid = y0.float() - y_new.float()  # [T, H] what the pruned layer misses, updated after each fit
-    cur = down.clone()
+    if kept_only:
+        cur = torch.empty((len(kept), *down.shape[1:]), dtype=torch.float32, device=down.device)  # [k, H, I]
+    else:
+        cur = down.clone()
     routed = (w_new > 0).T  # [E, T]
-    for e in kept:
+    check = torch.zeros(w_new.shape[0], dtype=torch.bool, device=w_new.device)  # [T] held-out tokens
+    if holdout > 1:
+        check[::holdout] = True
+    for j, e in enumerate(kept):
+        i = j if kept_only else e
+        if kept_only:
+            cur[i] = down[e]
         on = routed[e].nonzero().squeeze(1)
-        if not on.numel():
+        fit = ~check[on]
+        if not bool(fit.any()) or int(fit.sum()) < min_rows * down.shape[2]:
             continue
         a = w_new[on, e, None].float() * hidden(e, on)  # [t, I] the weighted activations
-        old = cur[e].float().clone()  # cur[e] is overwritten below
-        cur[e] = (old + ridge_step(a, resid[on], ridge).T).to(down.dtype)
-        resid.index_add_(0, on, a @ (cur[e].float() - old).T, alpha=-1.0)
+        old = cur[i].float()
+        new = (old + ridge_step(a[fit], resid[on[fit]], ridge).T).to(cur.dtype)  # [H, I]
+        change = a @ (new.float() - old).T  # [t, H] the expert's output change on its tokens
+        if holdout > 1:
+            r = resid[on[~fit]]  # [n, H] held-out residuals
+            if not float((r - change[~fit]).double().pow(2).sum()) < float(r.double().pow(2).sum()):
+                continue
+        cur[i] = new
+        resid.index_add_(0, on, change, alpha=-1.0)
     return cur, y0.float() - resid
 
 

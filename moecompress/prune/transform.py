@@ -42,7 +42,7 @@ from .order import (
     router_choice,
     score_order,
 )
-from .refit import dense_weights, fit_downs, refit_router
+from .refit import HOLDOUT, MIN_ROWS, dense_weights, fit_downs, refit_router
 
 if TYPE_CHECKING:
     from ..core.job import Job
@@ -51,11 +51,16 @@ METHODS = ("reap", "frequency", "routing-mass", "random", "output-error")
 LAYOUTS = ("uniform", "per-layer")
 REFITS = ("none", "router", "down", "router+down")
 DEFAULT_METHOD = "output-error"  # lowest KL at 25% and 50% on the built-in model (reports/prune_bench.md)
-# not "down" yet, though it meets issue 14's quality target (README, reports/prune_bench.refit*.md): it measured
-# 2.34x / 2.07x a profile at E = 128 / 256 (issue 13 asks <= 2x; no refit: 2.00x / 1.76x, prune_bench.cost.md), and
-# merging (whose choice has no layer-wide down refit) then loses to default pruning on the tiny test models
-# (tests/merge); on 64 / 128 finer experts it gains 6-17% (reports/many_experts.md)
-DEFAULT_REFIT = "none"
+# with output error, the kept experts' down projections are refitted by default (issue 14 section 4): KL -19% / -42%
+# at 25% / 50% on the built-in model, -21% / -25% on the dense-carved stories260k (reports/prune_bench.refit*.md).
+# The score methods keep "none": they use the model's own routing and work on every family, a refit does not.
+DEFAULT_REFIT = "down"
+
+
+def default_refit(method: str) -> str:
+    """The refit a method gets when none is asked for: ``down`` after output error (it models the routing already),
+    ``none`` after the score methods."""
+    return DEFAULT_REFIT if method == "output-error" else "none"
 
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -73,7 +78,13 @@ class PruneOptions:
     error_tokens: int = 4096  # output-error: calibration tokens per layer the greedy search measures on
     error_scale: str = "residual"  # output-error costs relative to: residual (stream energy) | output (routed)
     sequential: bool = True  # output-error, uniform: measure each layer on the already-pruned earlier layers
-    refit: str = DEFAULT_REFIT  # after removal, refit on calibration tokens: none | router | down | router+down
+    refit: str | None = None  # after removal, refit: none | router | down | router+down (None: default_refit(method))
+    refit_min_rows: float = MIN_ROWS  # down refit: fit tokens per channel of width an expert needs to be refitted
+    refit_holdout: int = HOLDOUT  # down refit: every n-th token checks each expert's refit (0: no check)
+
+    def __post_init__(self) -> None:
+        if self.refit is None:
+            object.__setattr__(self, "refit", default_refit(self.method))
 
     def validate(self) -> None:
         """ValueError naming the option (as the CLI flag without its dashes) that is out of range."""
@@ -85,6 +96,10 @@ class PruneOptions:
             raise ValueError(f"layout {self.layout!r} is not one of {', '.join(LAYOUTS)} for expert pruning")
         if self.refit not in REFITS:
             raise ValueError(f"refit {self.refit!r} is not one of {', '.join(REFITS)}")
+        if self.refit_min_rows < 0:
+            raise ValueError(f"refit-min-rows {self.refit_min_rows} must be at least 0")
+        if self.refit_holdout < 0:
+            raise ValueError(f"refit-holdout {self.refit_holdout} must be at least 0 (0: no check)")
         if self.error_tokens < 1:
             raise ValueError(f"error-tokens {self.error_tokens} must be at least 1")
 
@@ -132,9 +147,7 @@ class PruneTransform(Transform):
 
     name = "prune"
 
-    @property
-    def reads_narrow(self) -> bool:  # weights upcast per expert where read (core/stream.py); refit downs stay float32
-        return "down" not in (self.opts.refit or "none")
+    reads_narrow = True  # weights upcast per expert where read (core/stream.py); refitted downs are held in float32
 
     def __init__(
         self,
@@ -215,10 +228,9 @@ class PruneTransform(Transform):
             logits = logits + view.router_bias.float()
         corr = view.correction_bias
         # each token's best k+4 expert outputs (k+2 missed often enough that the misses, computed a few rows at a
-        # time, cost more than the extra upfront rows: E128 prune pass 13.0 -> 11.6-12.3 CPU s, same order and costs);
-        # more are computed when asked for, into removed experts' slots. The refits keep k+2: their least-squares
-        # fits read these outputs, whose last bits depend on the rows computed together (their bytes stay recorded)
-        c = spec.top_k + (4 if opts.refit == "none" else 2)
+        # time, cost more than the extra upfront rows: E128 prune pass 13.0 -> 11.6-12.3 CPU s, same order and costs;
+        # with the down refit 21.8 -> 20.4-21.3 CPU s); more are computed when asked for, into removed experts' slots
+        c = spec.top_k + 4
         src = ExpertOutputs(x, view.gate, view.up, view.down, router_choice(logits, spec, corr), c,
                             ctx.experts.act_fn, hidden="down" in opts.refit)  # fmt: skip
         rows_all = torch.arange(x.shape[0], device=x.device)
@@ -233,22 +245,24 @@ class PruneTransform(Transform):
         keep = self.kept[l] = kept_uniform({l: order}, self.n, E)[l] if order is not None else self.kept[l]
         removed = torch.ones(E, dtype=torch.bool, device=x.device)
         removed[keep] = False
+        downs = None
         if opts.refit != "none":
-            view, stats, y_p = self._refit(src, x, view, removed, keep, y0, y0sq)
+            view, downs, stats, y_p = self._refit(src, x, view, removed, keep, y0, y0sq)
             self.refit_errors[l] = {k: round(v, 6) for k, v in stats.items()}
         else:
             y_p = routed_output(src, rows_all, *route(logits, spec, removed, corr))
         del src  # the cached expert outputs ([T, c, H]) go before the kept experts are copied
-        self._apply(ctx, view, keep)
+        self._apply(ctx, view, keep, downs)
         self._pending = (order, y0sq, y0, y_p) if order is not None else None
 
     def _refit(
         self, src: ExpertOutputs, x: torch.Tensor, view: Any, removed: torch.Tensor, keep: list[int],
         y0: torch.Tensor, y0sq: float,
-    ) -> tuple[Any, dict[str, float], torch.Tensor]:  # fmt: skip
+    ) -> tuple[Any, torch.Tensor | None, dict[str, float], torch.Tensor]:  # fmt: skip
         """The kept experts' router rows and/or down projections refitted to the unpruned routed output y0; returns
-        the refitted view, the relative errors before/after, and the refitted layer's routed output on x [T, H]
-        (from the cached expert outputs and activations: no expert is evaluated again)."""
+        the view with the refitted router, the kept experts' refitted down projections ([k, H, I] float32, in the
+        order of ``keep``; None without a down refit), the relative errors before/after, and the refitted layer's
+        routed output on x [T, H] (from the cached expert outputs and activations: no expert is evaluated again)."""
         spec, corr = self.spec, view.correction_bias
         for e in removed.nonzero().squeeze(1).tolist():
             src.release(e)  # their slots can hold the outputs the kept experts' routing moves to
@@ -262,21 +276,37 @@ class PruneTransform(Transform):
         w_p, idx_p = route(lg, spec, removed, corr)
         y_p = routed_output(src, torch.arange(x.shape[0], device=x.device), w_p, idx_p)
         stats.setdefault("error_before", float((y_p.double() - y0.double()).pow(2).sum()) / y0sq)
+        downs = None
         if "down" in self.opts.refit:
-            downs, y_p = fit_downs(src.hidden_of, view.down, keep, dense_weights(w_p, idx_p, self.E), y0, y_p)
-            view = replace(view, down=downs)
+            w_dense = dense_weights(w_p, idx_p, self.E)
+            downs, y_p = fit_downs(
+                src.hidden_of,
+                view.down,
+                keep,
+                w_dense,
+                y0,
+                y_p,
+                kept_only=True,
+                holdout=self.opts.refit_holdout,
+                min_rows=self.opts.refit_min_rows,
+            )
             stats["error_after_down"] = float((y_p.double() - y0.double()).pow(2).sum()) / y0sq
-        return view, stats, y_p
+        return view, downs, stats, y_p
 
-    def _apply(self, ctx: LayerContext, view: Any, keep: list[int]) -> None:
+    def _apply(self, ctx: LayerContext, view: Any, keep: list[int], downs: torch.Tensor | None = None) -> None:
         """Leave the block pruned to experts ``keep`` of ``view`` (the block's view, maybe refitted; one copy of the
         kept experts, which the block holds and the written tensors view) and write its routed experts and router
-        in the checkpoint's dtypes; ``ctx.extra["expert_ids"]`` names each kept expert's source expert for the
-        stages after this one."""
+        in the checkpoint's dtypes; ``downs`` [k, H, I]: the kept experts' refitted down projections (held as they
+        are, float32). ``ctx.extra["expert_ids"]`` names each kept expert's source expert for the stages after
+        this one."""
         l, fam = ctx.index, ctx.engine.fam
         source = ctx.extra.get("expert_ids", list(range(self.E)))
         ctx.extra["expert_ids"] = [source[e] for e in keep]
+        if downs is not None:
+            view = replace(view, down=None)
         sel, gate_up = select_experts(view, keep)
+        if downs is not None:
+            sel = replace(sel, down=downs)
         del view
         set_block_experts(ctx.block, fam, sel, l, gate_up=gate_up)
         fallback = self._dtypes.get(fam.router_key(l), "F32")

@@ -27,6 +27,7 @@ from moecompress.prune.order import (
     score_order,
 )
 from moecompress.prune.refit import dense_weights, fit_downs, refit_downs, refit_router, ridge_step
+from moecompress.prune.transform import PruneOptions
 
 SOFT = RouterSpec(top_k=2)
 GROUPED = RouterSpec(top_k=2, kind="sigmoid_group", n_group=2, topk_group=1)
@@ -440,3 +441,43 @@ def test_fit_downs_returns_the_refitted_layer_output():
     assert torch.equal(new[removed], down[removed]) and not torch.equal(new[kept], down[kept])
     torch.testing.assert_close(y, combine(outputs_by_token(x, gate, up, new), w_p, idx_p), rtol=1e-4, atol=1e-4)
     assert float((y - y0).pow(2).sum()) < 0.9 * float((y_new - y0).pow(2).sum())
+    # kept_only: the kept experts' rows alone, float32, in the order of ``kept`` (a bf16 layer needs no float32 copy)
+    only, y2 = fit_downs(src.hidden_of, down.bfloat16(), kept, dense_weights(w_p, idx_p, 8), y0, y_new, kept_only=True)
+    assert only.dtype == torch.float32 and only.shape == (len(kept), *down.shape[1:])
+    full, y3 = fit_downs(src.hidden_of, down.bfloat16().float(), kept, dense_weights(w_p, idx_p, 8), y0, y_new)
+    assert torch.equal(only, full[kept]) and torch.equal(y2, y3)
+
+
+def test_the_default_refit_is_down_after_output_error_and_none_after_score_methods():
+    """issue 14: output-error pruning refits the kept down projections by default; the score methods (which use the
+    model's own routing and work on every model type) keep none; an explicit refit is kept as given."""
+    assert PruneOptions(ratio=0.25).refit == "down"
+    assert PruneOptions(ratio=0.25, method="output-error", refit="none").refit == "none"
+    for method in ("reap", "frequency", "routing-mass", "random"):
+        assert PruneOptions(ratio=0.25, method=method).refit == "none"
+    assert PruneOptions(ratio=0.25, method="reap", refit="down").refit == "down"
+
+
+def test_fit_downs_hold_out_check_and_minimum_rows():
+    """With a hold-out, each accepted refit lowers the error on the held-out tokens (so their total never grows)
+    and a rejected one leaves its expert as it was; an expert with fewer fit tokens than ``min_rows`` x its width
+    is not refitted."""
+    x, gate, up, down, logits, _ = _experts(12, T=120, E=8, H=6, I=5)
+    removed = torch.zeros(8, dtype=torch.bool)
+    removed[[1, 6]] = True
+    kept = [e for e in range(8) if not removed[e]]
+    dense = outputs_by_token(x, gate, up, down)
+    y0 = combine(dense, *route(logits, SOFT))
+    w_p, idx_p = route(logits, SOFT, removed)
+    y_new = combine(dense, w_p, idx_p)
+    src = ExpertOutputs(x, gate, up, down, logits, 4, hidden=True)
+    wd = dense_weights(w_p, idx_p, 8)
+    new, y = fit_downs(src.hidden_of, down, kept, wd, y0, y_new, holdout=2)
+    check = torch.zeros(120, dtype=torch.bool)
+    check[::2] = True
+    err = lambda yy: float((yy - y0)[check].double().pow(2).sum())  # noqa: E731
+    assert err(y) <= err(y_new)
+    torch.testing.assert_close(y, combine(outputs_by_token(x, gate, up, new), w_p, idx_p), rtol=1e-4, atol=1e-4)
+    same, y2 = fit_downs(src.hidden_of, down, kept, wd, y0, y_new, holdout=2, min_rows=1e9)
+    assert torch.equal(same, down)
+    torch.testing.assert_close(y2, y_new.float())
