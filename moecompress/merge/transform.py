@@ -172,8 +172,9 @@ class MergeTransform(Transform):
             else "frequency-weighted average of member rows",
             "neuron_alignment": opts.aligned,
             "down_refit": opts.refitted and not self.fam.correction_bias,
-            "choice": "per cluster, the lowest routed-output error on held-out calibration tokens among "
-            f"{', '.join(opts.candidates)}; clusterings: k-means and the output-error pruning choice"
+            "choice": "from the default pruning (output error + guarded down refit), per cluster the routed-output "
+            f"error on held-out calibration tokens among {', '.join(opts.candidates)}, switching only when lower by "
+            f"> {opts.min_gain_se:g} standard errors; clusterings: the output-error pruning choice and k-means"
             if opts.choose
             else None,
             "propagation": "every layer is calibrated on the already-merged earlier layers"
