@@ -248,6 +248,7 @@ CASES = {  # name -> (layers, hidden, experts, width, top-k)
     "E256": (2, 512, 256, 256, 8),
     "qwen3-30b-layer": (1, 2048, 128, 768, 8),
     "qwen3-30b-2layer": (2, 2048, 128, 768, 8),  # two layers: what the shard writer holds between layers
+    "q30-e64-2layer": (2, 2048, 64, 768, 8),  # the same with half the experts (under the 3 GiB of a shared machine)
     "dsv3-slice": (1, 7168, 16, 2048, 8),
 }
 OPS = {  # op name -> (argv after MODEL, the estimate's op and settings)
