@@ -273,31 +273,21 @@ def single(args, model, ckpt, ref, cal, ratios, tmp, runs, record) -> None:
     if all(n in done for n in todo):
         return run_stages(model, cal, tmp, runs, record, [s for s in stage_list(ckpt) if s[0] == "single"])
     meas = measure_model(model, samples=args.samples, seq_len=args.seq_len, keep_codes=True, widths=OPTIONS)
-    for ratio in ratios:
-        if f"quantize LP {ratio:.0%}" in done:
-            continue
-        t1 = time.time()
-        out = tmp / "q"
-        try:
-            run_quantize(model, out, measurement=meas, plan="lp", budget_gb=ratio * ref / 1e9, granularity="expert",
-                         **cal)  # fmt: skip
-        except UserError:
-            runs.append({"kind": "single", "name": f"quantize LP {ratio:.0%}", "target": ratio, "unreachable": True})
-            continue
-        record("single", f"quantize LP {ratio:.0%}", out, t1)
-    for ratio in ratios:  # quantize's servable LP plan (one width per layer): the --servable guard's alternative
-        name = f"quantize LP layer {ratio:.0%}"
-        if name in done:
-            continue
-        t1 = time.time()
-        out = tmp / "q"
-        try:
-            run_quantize(model, out, measurement=meas, plan="lp", budget_gb=ratio * ref / 1e9, granularity="layer",
-                         **cal)  # fmt: skip
-        except UserError:
-            runs.append({"kind": "single", "name": name, "target": ratio, "unreachable": True})
-            continue
-        record("single", name, out, t1)
+    # quantize's LP plan per expert, and per layer (one width per layer: the --servable guard's alternative)
+    for granularity, label in (("expert", "quantize LP"), ("layer", "quantize LP layer")):
+        for ratio in ratios:
+            name = f"{label} {ratio:.0%}"
+            if name in done:
+                continue
+            t1 = time.time()
+            out = tmp / "q"
+            try:
+                run_quantize(model, out, measurement=meas, plan="lp", budget_gb=ratio * ref / 1e9,
+                             granularity=granularity, **cal)  # fmt: skip
+            except UserError:
+                runs.append({"kind": "single", "name": name, "target": ratio, "unreachable": True})
+                continue
+            record("single", name, out, t1)
     for b in (2, 3, 4):
         if f"quantize {b} bit" in done:
             continue

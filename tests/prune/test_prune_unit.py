@@ -425,10 +425,10 @@ def test_ridge_step_is_the_ridge_solution(t):
     torch.testing.assert_close(ridge_step(a.float(), r.float(), 1e-2).double(), want, rtol=1e-4, atol=1e-5)
 
 
-def test_fit_downs_returns_the_refitted_layer_output():
-    """fit_downs' running output is the pruned layer's routed output recomputed with the new down projections, and
-    the refit lowers the error to the original output."""
-    x, gate, up, down, logits, _ = _experts(12, T=300, E=8, H=6, I=5)
+def _pruned_pair(T: int):
+    """Experts 1 and 6 of 8 removed: (x, gate, up, down, removed, kept, y0, w_p, idx_p, y_new, src) with y0 the
+    original routed output and y_new the pruned layer's with the original down projections."""
+    x, gate, up, down, logits, _ = _experts(12, T=T, E=8, H=6, I=5)
     removed = torch.zeros(8, dtype=torch.bool)
     removed[[1, 6]] = True
     kept = [e for e in range(8) if not removed[e]]
@@ -437,6 +437,13 @@ def test_fit_downs_returns_the_refitted_layer_output():
     w_p, idx_p = route(logits, SOFT, removed)
     y_new = combine(dense, w_p, idx_p)
     src = ExpertOutputs(x, gate, up, down, logits, 4, hidden=True)
+    return x, gate, up, down, removed, kept, y0, w_p, idx_p, y_new, src
+
+
+def test_fit_downs_returns_the_refitted_layer_output():
+    """fit_downs' running output is the pruned layer's routed output recomputed with the new down projections, and
+    the refit lowers the error to the original output."""
+    x, gate, up, down, removed, kept, y0, w_p, idx_p, y_new, src = _pruned_pair(300)
     new, y = fit_downs(src.hidden_of, down, kept, dense_weights(w_p, idx_p, 8), y0, y_new)
     assert torch.equal(new[removed], down[removed]) and not torch.equal(new[kept], down[kept])
     torch.testing.assert_close(y, combine(outputs_by_token(x, gate, up, new), w_p, idx_p), rtol=1e-4, atol=1e-4)
@@ -462,15 +469,7 @@ def test_fit_downs_hold_out_check_and_minimum_rows():
     """With a hold-out, each accepted refit lowers the error on the held-out tokens (so their total never grows)
     and a rejected one leaves its expert as it was; an expert with fewer fit tokens than ``min_rows`` x its width
     is not refitted."""
-    x, gate, up, down, logits, _ = _experts(12, T=120, E=8, H=6, I=5)
-    removed = torch.zeros(8, dtype=torch.bool)
-    removed[[1, 6]] = True
-    kept = [e for e in range(8) if not removed[e]]
-    dense = outputs_by_token(x, gate, up, down)
-    y0 = combine(dense, *route(logits, SOFT))
-    w_p, idx_p = route(logits, SOFT, removed)
-    y_new = combine(dense, w_p, idx_p)
-    src = ExpertOutputs(x, gate, up, down, logits, 4, hidden=True)
+    x, gate, up, down, removed, kept, y0, w_p, idx_p, y_new, src = _pruned_pair(120)
     wd = dense_weights(w_p, idx_p, 8)
     new, y = fit_downs(src.hidden_of, down, kept, wd, y0, y_new, holdout=2)
     check = torch.zeros(120, dtype=torch.bool)
