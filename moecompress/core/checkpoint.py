@@ -266,6 +266,8 @@ class Checkpoint:
         # a view tensor transformers concatenates from disk tensors on load: view name -> (dim, disk names)
         self._pieces: dict[str, tuple[int, tuple[str, ...]]] = {}
         self._piece_info: dict[str, tuple[str, dict[str, Any]]] = {}  # disk name of a piece -> (its shard, header)
+        if self.family.layer_parts and self.family.nest is None:
+            self._nest_keys()  # (only the layer-held block's keys are renamed: model.layers.N.moe.<part>)
         if self.family.nest is not None:
             from .derive import nest_disk_body
 
@@ -288,8 +290,7 @@ class Checkpoint:
     def _nest_keys(self) -> None:
         """Rename a wrapper's language-model keys to the view's (model.language_model.X -> model.X, its lm_head ->
         lm_head.weight); a key of the view that would collide with another checkpoint key is refused."""
-        assert self.family.nest is not None
-        body, head = self._nest
+        body = self._nest[0] if self.family.nest else "the"
         view: dict[str, str] = {}
         for k in self.weight_map:
             v = self.view_key(k)
@@ -396,12 +397,21 @@ class Checkpoint:
         """The view's name of a checkpoint key (itself outside a multimodal wrapper's language model and the tensors
         ``_convert_keys`` renames; a piece of a concatenation keeps its name)."""
         if self.family.nest is None:
-            return next((v for v, d in self._disk.items() if d == key), key)
+            found = next((v for v, d in self._disk.items() if d == key), None)
+            return found if found is not None else self._block_view_key(key)
         body, head = self._nest
         if key.startswith(body + "."):
-            return "model." + key[len(body) + 1 :]
+            return self._block_view_key("model." + key[len(body) + 1 :])
         if key.startswith(head + "."):
             return "lm_head." + key[len(head) + 1 :]
+        return key
+
+    def _block_view_key(self, key: str) -> str:
+        """Gemma-4: the router and experts its decoder layer holds (``layers.N.router.*``) are the view's block
+        (``layers.N.moe.router.*``, ``interface.DecoderLayerMoe``)."""
+        parts = self.family.layer_parts
+        if parts and (m := _LAYER_KEY.match(key)) and key[m.end() :].split(".", 1)[0] in parts:
+            return f"{m[0]}{self.family.module_block}.{key[m.end() :]}"
         return key
 
     def disk_key(self, key: str) -> str:
@@ -409,6 +419,10 @@ class Checkpoint:
         -> model.language_model.layers.3...weight_packed): what outputs are written under."""
         if key in self._disk:
             return self._disk[key]
+        if self.family.layer_parts and (m := _LAYER_KEY.match(key)):  # layers.N.moe.<part> -> layers.N.<part>
+            rest = key[m.end() :]
+            if rest.startswith(self.family.module_block + ".") and rest.split(".", 2)[1] in self.family.layer_parts:
+                key = m[0] + rest[len(self.family.module_block) + 1 :]
         if self.family.nest is None:
             return key
         body, head = self._nest

@@ -87,6 +87,14 @@ def _reference_routing() -> dict[str, tuple[str, str]]:
 
 
 @lru_cache(maxsize=1)
+def _gemma4_router_source() -> str:
+    """Normalized source of transformers' ``Gemma4TextRouter`` (proj, scale, per_expert_scale)."""
+    from transformers.models.gemma4 import modeling_gemma4 as g4
+
+    return _norm_source(g4.Gemma4TextRouter)
+
+
+@lru_cache(maxsize=1)
 def _scaled_input_reference() -> tuple[str, str, str]:
     """Normalized sources of Llama-4's (MoE block, router, experts): the computation ``ScaledInputMoe`` runs."""
     from transformers.models.llama4 import modeling_llama4 as l4
@@ -300,6 +308,13 @@ def _stream_ends(model: torch.nn.Module, H: int) -> tuple[str, str]:
     return embed, rest[0]
 
 
+def _layer_parts(block: torch.nn.Module) -> tuple[str, ...]:
+    """The decoder-layer modules a ``DecoderLayerMoe`` block holds (saved at ``layers.N.<part>``), else ()."""
+    from .interface import _LAYER_PARTS, DecoderLayerMoe
+
+    return _LAYER_PARTS if isinstance(block, DecoderLayerMoe) else ()
+
+
 def _experts_modules(layer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(n, m) for n, m in layer.named_modules() if hasattr(m, "has_gate") and hasattr(m, "is_transposed")]
 
@@ -398,6 +413,11 @@ def derive(cfg: Any) -> dict[str, Any]:
             if getattr(w, "weight", None) is not None and tuple(w.weight.shape) == (E, H)
             and {k for k, _ in [*c.named_parameters(), *c.named_buffers()]} <= {f"{g}.weight", f"{g}.bias"}
         ]  # fmt: skip
+    expert_scale = None
+    if not routers and _norm_source_of(type(getattr(block, "router", None))) == _gemma4_router_source():
+        # Gemma-4: proj [E, H] scores the normed, scaled residual (router.scale [H], no per-expert state, is kept as
+        # it is); per_expert_scale [E] multiplies the renormalized top-k weights: sliced with the router rows
+        routers, expert_scale = ["router.proj"], "router.per_expert_scale"
     if len(routers) != 1:
         kinds = ", ".join(f"{n}: {type(c).__name__}" for n, c in block.named_children() if n != experts_name)
         raise Refusal(f"its MoE block has no single router with weight [E, hidden] ({kinds})")
@@ -417,7 +437,7 @@ def derive(cfg: Any) -> dict[str, Any]:
     shared = [n for n, c in block.named_children() if "shared" in n and not n.endswith("gate") and list(c.parameters())]
     skip = (f"{experts_name}.", f"{router_name}.", *(f"{n}." for n in shared))
     for n, t in [*block.named_parameters(), *block.named_buffers()]:
-        if not n.startswith(skip) and n != corr_module and t.dim() >= 1 and t.shape[0] == E:
+        if not n.startswith(skip) and n not in (corr_module, expert_scale) and t.dim() >= 1 and t.shape[0] == E:
             raise Refusal(
                 f"its MoE block holds a per-expert tensor outside the router ({block_name}.{n} "
                 f"{list(t.shape)}): removing experts would leave it stale"
@@ -440,7 +460,11 @@ def derive(cfg: Any) -> dict[str, Any]:
     if nested:
         raise Refusal(f"its config keeps expert settings in sub-configs ({nested[0]})")
     top_k_key = next(
-        (k for k in ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk") if type(raw.get(k)) is int),
+        (
+            k
+            for k in ("num_experts_per_tok", "num_experts_per_token", "moe_k", "moe_topk", "top_k_experts")
+            if type(raw.get(k)) is int
+        ),
         None,
     )
     if top_k_key is None:
@@ -512,6 +536,8 @@ def derive(cfg: Any) -> dict[str, Any]:
         "classes": (type(block).__name__, type(router).__name__, type(ex).__name__),
         "nest": nest,
         "scaled_input": scaled,
+        "expert_scale": expert_scale,
+        "layer_parts": _layer_parts(block),
         "text_config": cfg if nest else None,
         "view": view,
     }

@@ -114,6 +114,12 @@ class Family:
     # the copies g x with routing weight 1, so observed statistics are of the expert's true input, activation and
     # contribution f(g x) (routing mass = frequency, REAP = mean ||f(g x)||, channel moments of h(g x))
     scaled_input: bool = False
+    # a per-expert output scale [E] (block-relative path) that multiplies each expert's routing weight after the
+    # top-k renormalization: Gemma-4's ``router.per_expert_scale``; expert removal slices it with the router rows
+    expert_scale: str | None = None
+    # the MoE block is a view of modules its decoder layer holds itself (Gemma-4's ``interface.DecoderLayerMoe``):
+    # the checkpoint keeps them at ``layers.N.<part>.*``, the view at ``layers.N.<module_block>.<part>.*``
+    layer_parts: tuple[str, ...] = ()
 
     @property
     def fused_disk(self) -> bool:
@@ -279,6 +285,8 @@ class Family:
         owned = rf"(?:{'|'.join(re.escape(n) for n in names)})\."
         if self.disk_correction:
             owned = rf"(?:{owned}|{re.escape(self.disk_correction)}$)"
+        if self.expert_scale:
+            owned = rf"(?:{owned}|{re.escape(self.expert_scale)}$)"
         if self.fused_names:  # fused experts saved outside the experts name (Granite's input_linear.weight)
             owned = rf"(?:{owned}|{'|'.join(re.escape(n) + '$' for n in self.fused_names)})"
         return re.compile(
@@ -338,7 +346,7 @@ class Family:
         if router is None:
             raise UserError(f"{self.name} checkpoint lacks the router weight {rp}weight (layer {layer})")
         bias = tensors.get(rp + "bias") if self.router_bias else None
-        return MoEWeights(gate, up, down, router, bias, None, gb, ub, db)
+        return MoEWeights(gate, up, down, router, bias, None, gb, ub, db, self._read_expert_scale(tensors, layer))
 
     def _write_fused(self, w: Any, layer: int) -> dict[str, torch.Tensor]:
         if not isinstance(w.gate, torch.Tensor):
@@ -357,7 +365,15 @@ class Family:
         out[self.router_key(layer)] = w.router
         if w.router_bias is not None:
             out[self.router_key(layer, "bias")] = w.router_bias
+        out |= self._write_expert_scale(w, layer)
         return {k: v.contiguous() for k, v in out.items()}
+
+    def _write_expert_scale(self, w: Any, layer: int) -> dict[str, torch.Tensor]:
+        if not self.expert_scale:
+            return {}
+        if getattr(w, "expert_scale", None) is None:
+            raise UserError(f"{self.name} layer {layer}: its per-expert scale {self.expert_scale} was not kept")
+        return {self.block_prefix(layer) + self.expert_scale: w.expert_scale.contiguous()}
 
     def read_layer(self, tensors: Mapping[str, torch.Tensor], layer: int, num_experts: int) -> MoEWeights:
         """Per-layer view from hub-format or fused (in-memory) tensors."""
@@ -390,7 +406,19 @@ class Family:
         corr = tensors.get(ck) if self.correction_bias else None
         if corr is not None and self.correction_row:
             corr = corr.reshape(-1)  # [1, E] -> [E]
-        return MoEWeights(gate=gate, up=up, down=down, router=router, router_bias=bias, correction_bias=corr)
+        return MoEWeights(
+            gate=gate, up=up, down=down, router=router, router_bias=bias, correction_bias=corr,
+            expert_scale=self._read_expert_scale(tensors, layer),
+        )  # fmt: skip
+
+    def _read_expert_scale(self, tensors: Mapping[str, torch.Tensor], layer: int) -> torch.Tensor | None:
+        """The per-expert output scale [E] of a family that has one (disk or module name), else None."""
+        if not self.expert_scale:
+            return None
+        for p in (self.block_prefix(layer), f"model.layers.{layer}.{self.module_block}."):
+            if p + self.expert_scale in tensors:
+                return tensors[p + self.expert_scale]
+        raise UserError(f"{self.name} checkpoint lacks {self.block_prefix(layer)}{self.expert_scale} (layer {layer})")
 
     def write_layer(self, w: Any, layer: int) -> dict[str, torch.Tensor]:
         """Hub-format tensors for one layer's routed experts and router (experts numbered 0..E-1).
@@ -416,6 +444,7 @@ class Family:
             out[self.router_key(layer, "bias")] = w.router_bias.contiguous()
         if w.correction_bias is not None and self.correction_bias:
             out[self.router_key(layer, self.correction_bias)] = self.correction_disk(w.correction_bias).contiguous()
+        out |= self._write_expert_scale(w, layer)
         return out
 
 
@@ -432,6 +461,7 @@ class MoEWeights:
     gate_bias: torch.Tensor | None = None  # [E, I]  (experts with biases: gpt-oss)
     up_bias: torch.Tensor | None = None  # [E, I]
     down_bias: torch.Tensor | None = None  # [E, H]
+    expert_scale: torch.Tensor | None = None  # [E] (Gemma-4's router.per_expert_scale)
 
     @property
     def num_experts(self) -> int:
@@ -452,6 +482,7 @@ class MoEWeights:
             gate_bias=pick(self.gate_bias),
             up_bias=pick(self.up_bias),
             down_bias=pick(self.down_bias),
+            expert_scale=pick(self.expert_scale),
         )
 
 
@@ -618,6 +649,8 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             final_norm=d["final_norm"],
             nest=d["nest"],
             scaled_input=d["scaled_input"],
+            expert_scale=d.get("expert_scale"),
+            layer_parts=d.get("layer_parts", ()),
         )
         result = (fam, "")
     if memo is not None:

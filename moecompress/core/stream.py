@@ -120,6 +120,8 @@ def module_state(
             out[f"{mb}{fam.router}.bias"] = w.router_bias
         if w.correction_bias is not None:
             out[mb + fam.correction_module_key()] = fam.correction_disk(w.correction_bias)
+        if w.expert_scale is not None:  # Gemma-4's router.per_expert_scale (its router.scale [H] passes through)
+            out[mb + fam.expert_scale] = w.expert_scale
         tensors = {k: v for k, v in tensors.items() if not pat.match(k)}
     for k, v in tensors.items():
         out[fam.disk_to_module(k)[len(prefix) :]] = v
@@ -279,7 +281,11 @@ class LayerStream:
             owner, _, attr = name.rpartition(".")
             setattr(module.get_submodule(owner), attr, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
             held[name] = t
+        # real buffers the checkpoint does not hold (non-persistent: Gemma-4's embed_scale) keep their values
+        real = {n: b.clone() for n, b in module.named_buffers() if b.device.type != "meta" and n not in state}
         module.to_empty(device=self.device)
+        for name, t in real.items():
+            module.get_buffer(name).copy_(t)
         for name, t in held.items():
             owner, _, attr = name.rpartition(".")
             setattr(module.get_submodule(owner), attr, nn.Parameter(t.to(self.device), requires_grad=False))

@@ -51,6 +51,9 @@ def set_block_experts(
         if w.correction_bias is None:
             raise UserError(f"layer {layer}: the {fam.name} router needs its {fam.correction_bias} tensor")
         fam.set_correction(block, w.correction_bias)  # the router's buffer (DeepSeek) or where the family holds it
+    if fam.expert_scale:  # Gemma-4's router.per_expert_scale [k]
+        owner, _, leaf = fam.expert_scale.rpartition(".")
+        setattr(block.get_submodule(owner), leaf, nn.Parameter(w.expert_scale.contiguous(), requires_grad=False))
     if hasattr(router, "num_experts"):
         router.num_experts = k
 
@@ -79,7 +82,7 @@ def select_experts(w: MoEWeights, keep: list[int]) -> tuple[MoEWeights, torch.Te
     sel = replace(
         w, gate=gate_up[:, :I], up=gate_up[:, I:], down=pick(w.down), router=pick(w.router),
         router_bias=pick(w.router_bias), correction_bias=pick(w.correction_bias), gate_bias=pick(w.gate_bias),
-        up_bias=pick(w.up_bias), down_bias=pick(w.down_bias),
+        up_bias=pick(w.up_bias), down_bias=pick(w.down_bias), expert_scale=pick(w.expert_scale),
     )  # fmt: skip
     return sel, gate_up
 
@@ -100,6 +103,7 @@ def block_view(block: nn.Module, fam: Family) -> MoEWeights:
         router=router.weight.data,
         router_bias=router.bias.data if getattr(router, "bias", None) is not None else None,
         correction_bias=fam.correction_of(block),
+        expert_scale=block.get_parameter(fam.expert_scale).data if fam.expert_scale else None,
         **biases,
     )
 

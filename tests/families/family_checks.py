@@ -90,6 +90,12 @@ def decoder_layers(model: torch.nn.Module, fam: Any) -> Any:
     return model.get_submodule(fam.nest[0]).layers if fam.nest else model.model.layers
 
 
+def moe_block(layer: torch.nn.Module, fam: Any) -> torch.nn.Module:
+    """A decoder layer's MoE block in transformers' own model: the layer itself where it holds its router and
+    experts (Gemma-4; the view's ``<layer>.moe``, ``interface.DecoderLayerMoe``)."""
+    return layer if fam.layer_parts else getattr(layer, fam.module_block)
+
+
 def check_view_write(ck: Checkpoint) -> None:
     disk: dict[str, torch.Tensor] = {}
     for f in sorted(set(ck.weight_map.values())):
@@ -112,7 +118,7 @@ def brute_force(path: Path, input_ids: torch.Tensor, domains: list[str]) -> dict
     seen: dict[int, list[tuple[torch.Tensor, ...]]] = {}
     hooks = []
     for l in ck.moe_layers:
-        ex = getattr(getattr(decoder_layers(model, fam)[l], fam.module_block), fam.experts)
+        ex = getattr(moe_block(decoder_layers(model, fam)[l], fam), fam.experts)
 
         def grab(mod: Any, args: tuple[Any, ...], _l: int = l) -> None:
             seen.setdefault(_l, []).append(tuple(a.detach() for a in args[:3]))
@@ -125,7 +131,7 @@ def brute_force(path: Path, input_ids: torch.Tensor, domains: list[str]) -> dict
             seen.setdefault(_l, []).append((copies, idx.reshape(-1, 1), torch.ones(copies.shape[0], 1)))
 
         if fam.scaled_input:
-            router = getattr(getattr(decoder_layers(model, fam)[l], fam.module_block), fam.router)
+            router = getattr(moe_block(decoder_layers(model, fam)[l], fam), fam.router)
             hooks.append(router.register_forward_hook(grab_scaled))
         else:
             hooks.append(ex.register_forward_pre_hook(grab))
@@ -139,7 +145,7 @@ def brute_force(path: Path, input_ids: torch.Tensor, domains: list[str]) -> dict
     for l in ck.moe_layers:
         w = ck.moe_weights(l)
         E, I, H = w.gate.shape
-        ex = getattr(getattr(decoder_layers(model, fam)[l], fam.module_block), fam.experts)
+        ex = getattr(moe_block(decoder_layers(model, fam)[l], fam), fam.experts)
 
         def expert(e: int, x: torch.Tensor, ex: Any = ex, w: Any = w) -> tuple[torch.Tensor, torch.Tensor]:
             """(h [I], f [H]) of expert e from the view, with the transformers module's own gated activation
@@ -246,7 +252,7 @@ def experts_masked(model: torch.nn.Module, fam: Any, E: int, removed: dict[int, 
     """The base model with ``removed`` experts (per layer) masked out of routing, through the family's own code:
     inside each router's forward, the router logits (every ``F.linear`` output of width E) are -inf for them, and a
     correction bias is -inf for them (sigmoid routers add it after the logits). E: the base model's expert count."""
-    blocks = {l: getattr(decoder_layers(model, fam)[l], fam.module_block) for l in removed}
+    blocks = {l: moe_block(decoder_layers(model, fam)[l], fam) for l in removed}
     routers = {id(blocks[l].get_submodule(fam.router)): l for l in removed}  # Hunyuan's router: gate.wg
     active: list[int] = []
     linear = torch.nn.functional.linear

@@ -28,7 +28,6 @@ REFUSED: dict[str, str] = {
     "diffusion_gemma": "does not find one text model",
     "dots3_note": "overrides layer sizes per layer",
     "ernie4_5_vl_moe": "not one block.experts per layer",
-    "gemma4": "no single router with weight [E, hidden] (router: Gemma4TextRouter",
     "glm5_next": "converts its tensor",
     "hy_v4": "no single final norm",
     "inkling": "no config class registered",
