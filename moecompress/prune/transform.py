@@ -279,17 +279,24 @@ class PruneTransform(Transform):
         downs = None
         if "down" in self.opts.refit:
             w_dense = dense_weights(w_p, idx_p, self.E)
-            downs, y_p = fit_downs(
-                src.hidden_of,
-                view.down,
-                keep,
-                w_dense,
-                y0,
-                y_p,
-                kept_only=True,
-                holdout=self.opts.refit_holdout,
-                min_rows=self.opts.refit_min_rows,
-            )
+            # fit_downs skips an expert with fewer routed tokens than min_rows x its width; when that holds for
+            # every kept expert (flagship shapes at the default --error-tokens) its float32 copy of the kept downs
+            # ([k, H, I]: 400 MB on a Qwen3-30B layer) is not made; the output is the same
+            need = max(self.opts.refit_min_rows * view.down.shape[2], 1.0)
+            if int((w_dense[:, keep] > 0).sum(0).max()) >= need:
+                downs, y_p = fit_downs(
+                    src.hidden_of,
+                    view.down,
+                    keep,
+                    w_dense,
+                    y0,
+                    y_p,
+                    kept_only=True,
+                    holdout=self.opts.refit_holdout,
+                    min_rows=self.opts.refit_min_rows,
+                )
+            else:
+                y_p = y0.float() - (y0.float() - y_p.float())  # what fit_downs returns when it refits nothing
             stats["error_after_down"] = float((y_p.double() - y0.double()).pow(2).sum()) / y0sq
         return view, downs, stats, y_p
 

@@ -320,3 +320,32 @@ def test_output_error_pruning_on_cuda_keeps_the_cpu_experts(family, tmp_path, to
         man = prune_model(path, tmp_path / dev, opts, tokens=_tokens(), device=torch.device(dev))
         kept.append({l: v["kept"] for l, v in man["layers"].items()})
     assert kept[0] == kept[1]
+
+
+def test_down_refit_that_no_expert_can_take_writes_the_unrefitted_bytes(tmp_path, tokenizer_dir, monkeypatch):
+    """When every kept expert has fewer routed tokens than the guard needs (min_rows x its width), the down refit
+    makes no float32 copy of the kept downs (fit_downs is not called) and the output is byte-identical to --refit
+    none."""
+    import moecompress.prune.transform as transform
+
+    path = build_tiny("mixtral", tmp_path / "m", tokenizer_dir)
+    plain, out = tmp_path / "plain", tmp_path / "refit"
+    prune_model(path, plain, PruneOptions(ratio=0.34, refit="none"), tokens=_tokens())
+
+    def never(*a, **k):
+        raise AssertionError("fit_downs called although no expert can be refitted")
+
+    monkeypatch.setattr(transform, "fit_downs", never)
+    man = prune_model(path, out, PruneOptions(ratio=0.34, refit="down", refit_min_rows=1e9), tokens=_tokens())
+    assert man["refit"] == "down"
+    a, b = Checkpoint(plain), Checkpoint(out)
+    assert a.tensor_info() == b.tensor_info()
+    keys = sorted(a.tensor_info())
+    ta, tb = a.read(keys), b.read(keys)
+    assert all(torch.equal(ta[k], tb[k]) for k in keys)
+    monkeypatch.undo()
+    with pytest.raises(AssertionError, match="fit_downs called"):  # the guard is what skipped it
+        monkeypatch.setattr(transform, "fit_downs", never)
+        prune_model(
+            path, tmp_path / "again", PruneOptions(ratio=0.34, refit="down", refit_min_rows=0), tokens=_tokens()
+        )
