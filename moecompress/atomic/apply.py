@@ -36,6 +36,13 @@ def fused_gate_up(w: MoEWeights) -> torch.Tensor:
     """The fused gate_up [E, 2I, H] (gate rows first) of a view: the memory ``w.gate`` and ``w.up`` already share
     when they are the two halves of one contiguous [E, 2I, H] tensor (a block's own ``gate_up_proj``, or
     ``slice_uniform``'s result), no copy; else their concatenation."""
+    fused = fused_halves(w)
+    return fused if fused is not None else torch.cat([w.gate, w.up], dim=1)
+
+
+def fused_halves(w: MoEWeights) -> torch.Tensor | None:
+    """The [E, 2I, H] tensor whose two halves ``w.gate`` and ``w.up`` are (a view, no copy), or None when they
+    are not."""
     g, u = w.gate, w.up
     E, I, H = g.shape
     halves = (
@@ -44,7 +51,7 @@ def fused_gate_up(w: MoEWeights) -> torch.Tensor:
         and g.stride() == u.stride() == (2 * I * H, H, 1)
         and u.data_ptr() == g.data_ptr() + I * H * g.element_size()
     )
-    return g.as_strided((E, 2 * I, H), (2 * I * H, H, 1)) if halves else torch.cat([g, u], dim=1)
+    return g.as_strided((E, 2 * I, H), (2 * I * H, H, 1)) if halves else None
 
 
 @dataclass

@@ -33,7 +33,7 @@ from ..core.engine import LayerContext, Transform
 from ..core.experts import expert_hidden
 from ..core.families import MoEWeights
 from ..prune.load import block_view, set_block_experts
-from .apply import ExactLayer, pad_exact, padded_width
+from .apply import ExactLayer, fused_gate_up, fused_halves, pad_exact, padded_width
 from .compensate import (
     ERROR_TOKENS,
     Refit,
@@ -227,8 +227,9 @@ class AtomTransform(Transform):
             now = pad_exact(pruned, padded_width(pruned.widths)) if isinstance(pruned, ExactLayer) else pruned
             dev = ctx.engine.device
             ctx.experts.gate_up_proj = ctx.experts.down_proj = None  # the unpruned experts go before the pruned come
-            set_block_experts(ctx.block, fam, MoEWeights(*(None if t is None else t.to(dev) for t in (
-                now.gate, now.up, now.down, now.router, now.router_bias, now.correction_bias))), l)  # fmt: skip
+            moved = MoEWeights(*(None if t is None else t.to(dev) for t in (
+                now.gate, now.up, now.down, now.router, now.router_bias, now.correction_bias)))  # fmt: skip
+            set_block_experts(ctx.block, fam, moved, l, gate_up=fused_halves(moved))  # halves: held, not copied
             if not isinstance(pruned, ExactLayer) and dev == pruned.gate.device:  # write the block's own tensors
                 gate_up, K = ctx.experts.gate_up_proj.data, pruned.gate.shape[1]
                 pruned = replace(pruned, gate=gate_up[:, :K], up=gate_up[:, K:], down=ctx.experts.down_proj.data)
@@ -246,6 +247,9 @@ class AtomTransform(Transform):
         weights = dense_routing(logits, self.spec, w.correction_bias)
         xe = x[:: max(1, x.shape[0] // ERROR_TOKENS)][:ERROR_TOKENS]  # the diagnostic needs few tokens
         y0 = routed_output(xe, w, self.spec, act)  # [T_e, H] of the unpruned layer
+        fused = self._compactable(ctx, w, keep)
+        if fused is not None:
+            return self._refitted_in_place(ctx, w, x, weights, keep, fused, xe, y0)
         pruned = slice_layer(w, keep, self.atom_layout, refit_dtype(w.down.dtype))
         sliced = relative_error(routed_output(xe, pruned, self.spec, act), y0)
         slot = {e: i for i, e in enumerate(pruned.kept_experts)} if isinstance(pruned, ExactLayer) else None
@@ -254,6 +258,62 @@ class AtomTransform(Transform):
                 pruned.down[e] = down
             elif e in slot:
                 pruned.down[slot[e]] = down.to(pruned.down[slot[e]].dtype)
+        self.errors[str(ctx.index)] = {
+            "sliced": round(sliced, 6),
+            "refit": round(relative_error(routed_output(xe, pruned, self.spec, act), y0), 6),
+        }
+        return pruned
+
+    def _compactable(self, ctx: LayerContext, w: MoEWeights, keep: list[torch.Tensor]) -> torch.Tensor | None:
+        """The block's own fused gate_up [E, 2I, H] when the uniform slice may be written into its storage, expert by
+        expert as the refit goes (sequential pass, one process: the block is replaced right after and nothing
+        reads an expert's unpruned rows once its refit is done); else None."""
+        fused = getattr(ctx.experts, "gate_up_proj", None)
+        if not (self.sequential and self.atom_layout == "uniform" and dist.world() == 1 and torch.is_tensor(fused)):
+            return None
+        fused = fused.data
+        E, I, H = w.gate.shape
+        widths = {int(k.numel()) for k in keep}
+        if len(widths) != 1 or not 0 < next(iter(widths)) <= I or fused.shape != (E, 2 * I, H):
+            return None
+        if not (fused.is_contiguous() and fused.dtype == w.gate.dtype == w.up.dtype):
+            return None
+        if w.gate.data_ptr() != fused.data_ptr() or fused_gate_up(w).data_ptr() != fused.data_ptr():
+            return None  # not the block's own halves (e.g. a CPU copy of a GPU block)
+        return fused
+
+    def _refitted_in_place(
+        self,
+        ctx: LayerContext,
+        w: MoEWeights,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        keep: list[torch.Tensor],
+        fused: torch.Tensor,
+        xe: torch.Tensor,
+        y0: torch.Tensor,
+    ) -> MoEWeights:
+        """``_refitted`` with the sliced gate/up rows written into the block's own gate_up storage (the first
+        E * 2K * H elements, as ``slice_uniform`` lays them out) once each expert's refit is done: the layer's
+        unpruned and sliced gate_up never coexist. Same tensors, same errors (the sliced error is taken after the
+        refit, on the sliced downs of the block's down_proj, upcast per expert as before)."""
+        assert self.refit is not None
+        act = ctx.experts.act_fn
+        E, I, H = w.gate.shape
+        K = int(keep[0].numel())
+        flat = fused.view(-1)[: E * 2 * K * H].view(E, 2 * K, H)  # [E, 2K, H]: slice_uniform's layout
+        down = torch.empty(E, w.down.shape[1], K, dtype=refit_dtype(w.down.dtype))  # [E, H, K]
+        for e, d in split_refit(x, weights, w, keep, act, self.refit.ridge, self.refit.holdout):
+            down[e] = d
+            k = keep[e].long()
+            rows = torch.cat([w.gate[e].index_select(0, k), w.up[e].index_select(0, k)])  # [2K, H], a copy
+            flat[e] = rows  # overwrites only experts <= e, whose unpruned rows are no longer read
+            del rows
+        sliced_down = torch.stack([w.down[e].index_select(1, keep[e].long()) for e in range(E)])  # [E, H, K]
+        pruned = replace(w, gate=flat[:, :K], up=flat[:, K:], down=sliced_down)
+        sliced = relative_error(routed_output(xe, pruned, self.spec, act), y0)
+        del sliced_down
+        pruned = replace(pruned, down=down)
         self.errors[str(ctx.index)] = {
             "sliced": round(sliced, 6),
             "refit": round(relative_error(routed_output(xe, pruned, self.spec, act), y0), 6),
