@@ -174,7 +174,8 @@ def routed_output(x: torch.Tensor, v: MoEWeights | ExactLayer, spec: Any, act: A
 
 def relative_error(y: torch.Tensor, y0: torch.Tensor) -> float:
     """sum ||y - y0||^2 / sum ||y0||^2 (routed outputs [T, H])."""
-    return float((y - y0).double().pow(2).sum() / y0.double().pow(2).sum().clamp_min(1e-30))
+    num = (y - y0).double().pow_(2).sum()  # in place: one float64 temporary at a time, the same values
+    return float(num / y0.double().pow_(2).sum().clamp_min(1e-30))
 
 
 def routed_error(x: torch.Tensor, w: MoEWeights, pruned: MoEWeights | ExactLayer, spec: Any, act: Act) -> float:
