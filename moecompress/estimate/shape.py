@@ -84,6 +84,12 @@ def _attn_params(cfg: Any, H: int) -> int:
         qr, kvr = _int(cfg, "q_lora_rank", default=0), _int(cfg, "kv_lora_rank")
         q = H * qr + qr * heads * (nope + rope) if qr else H * heads * (nope + rope)
         return q + H * (kvr + rope) + kvr * heads * (nope + v) + heads * v * H
+    raw = cfg.to_dict()
+    if raw.get("per_layer_config"):  # Gemma-4: per-layer head_dim / key-value heads (global reads raise): the widest
+        over = list(raw["per_layer_config"].values())
+        keys = ("head_dim", "num_key_value_heads")
+        hd, kv = ([v for v in [raw.get(k), *(o.get(k) for o in over)] if v] for k in keys)
+        return H * max(hd or [H // heads]) * (2 * heads + 2 * max(kv or [heads]))
     hd = getattr(cfg, "head_dim", None) or H // heads
     kv = _int(cfg, "num_key_value_heads", default=heads)
     return H * hd * (2 * heads + 2 * kv)
