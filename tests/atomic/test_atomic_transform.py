@@ -173,3 +173,38 @@ def test_a_lone_recipe_stage_writes_what_the_single_command_writes(tmp_path, tok
 
     assert digest(tmp_path / "single") == digest(tmp_path / "stage")
     assert Manifest.read(tmp_path / "stage").stage("atom")["width"] == 16
+
+
+def _atom_pass(src, ids, scores, compact: bool, monkeypatch):
+    """(every written tensor, the propagated logits, the manifest errors) of one refitted uniform atom pass; with
+    ``compact`` False the sliced gate/up are built in a new tensor (the path before the in-place compaction)."""
+    ckpt = Checkpoint(src)
+    atom = AtomTransform(RouterSpec.from_config(ckpt.family, ckpt.config), scores=scores, width=16, refit=Refit())
+    calls = []
+    real = AtomTransform._refitted_in_place
+    monkeypatch.setattr(AtomTransform, "_refitted_in_place", lambda *a: calls.append(1) or real(*a))
+    if not compact:
+        monkeypatch.setattr(AtomTransform, "_compactable", lambda *a: None)
+    engine = Engine(ckpt, ids, batch_size=4)
+    written = {}
+    for ctx in engine.layers([atom]):
+        if ctx.is_moe:
+            written.update({k: t.clone() for k, t in ctx.replaced.items()})
+    with torch.no_grad():
+        logits = torch.cat([engine.stream.head(engine.cache[i]) for i in range(len(engine.cache))])
+    engine.close()
+    monkeypatch.undo()
+    return written, logits, atom.errors, len(calls)
+
+
+def test_in_place_slice_writes_and_propagates_what_a_new_tensor_did(tmp_path, tokenizer_dir, monkeypatch):
+    src = build_tiny("qwen3_moe", tmp_path / "src", tokenizer_dir)
+    ckpt = Checkpoint(src)
+    g = torch.Generator().manual_seed(2)
+    scores = {l: torch.rand(ckpt.num_experts, 24, generator=g, dtype=torch.float64) for l in ckpt.moe_layers}
+    ids = _ids(ckpt)
+    new, logits, errors, calls = _atom_pass(src, ids, scores, True, monkeypatch)
+    old, logits0, errors0, calls0 = _atom_pass(src, ids, scores, False, monkeypatch)
+    assert calls == len(ckpt.moe_layers) and calls0 == 0  # each MoE layer took the in-place path, then none did
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) and new[k].dtype == old[k].dtype for k in new)
+    assert torch.equal(logits, logits0) and errors == errors0
