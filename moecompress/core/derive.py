@@ -308,6 +308,11 @@ def _stream_ends(model: torch.nn.Module, H: int) -> tuple[str, str]:
     return embed, rest[0]
 
 
+# per-layer config overrides of the attention only (Gemma-4's full-attention layers: global head_dim and key-value
+# heads): the layer stream builds every layer with transformers' own code, the experts' shapes are checked per layer
+_ATTENTION_OVERRIDES = {"head_dim", "num_key_value_heads"}
+
+
 def _layer_parts(block: torch.nn.Module) -> tuple[str, ...]:
     """The decoder-layer modules a ``DecoderLayerMoe`` block holds (saved at ``layers.N.<part>``), else ()."""
     from .interface import _LAYER_PARTS, DecoderLayerMoe
@@ -491,10 +496,12 @@ def derive(cfg: Any) -> dict[str, Any]:
                 "token's one scaled copy is the one row the profile counts for it"
             )
 
-    if cfg.to_dict().get("per_layer_config"):  # (Dots3-Note: its tiny test config does not build; not verified)
+    overrides = sorted({k for v in (cfg.to_dict().get("per_layer_config") or {}).values() for k in v})
+    if set(overrides) - _ATTENTION_OVERRIDES:  # (Dots3-Note: its tiny test config does not build; not verified)
         raise Refusal(
-            "its config overrides layer sizes per layer (per_layer_config), which no moecompress check has verified"
-        )
+            f"its config overrides layer sizes per layer (per_layer_config: {overrides}), which no moecompress check "
+            "has verified"
+        )  # Gemma-4: the full-attention layers' head_dim / key-value heads (built by transformers, checked in tests)
     if len(_VIEWS) > 64:
         _VIEWS.clear()
     _VIEWS[cfg.to_json_string(use_diff=False)] = view

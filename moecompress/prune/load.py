@@ -51,9 +51,12 @@ def set_block_experts(
         if w.correction_bias is None:
             raise UserError(f"layer {layer}: the {fam.name} router needs its {fam.correction_bias} tensor")
         fam.set_correction(block, w.correction_bias)  # the router's buffer (DeepSeek) or where the family holds it
-    if fam.expert_scale:  # Gemma-4's router.per_expert_scale [k]
+    if fam.expert_scale:  # Gemma-4's router.per_expert_scale [k] (kept as it is when the experts stay the same)
         owner, _, leaf = fam.expert_scale.rpartition(".")
-        setattr(block.get_submodule(owner), leaf, nn.Parameter(w.expert_scale.contiguous(), requires_grad=False))
+        if w.expert_scale is not None:
+            setattr(block.get_submodule(owner), leaf, nn.Parameter(w.expert_scale.contiguous(), requires_grad=False))
+        elif block.get_parameter(fam.expert_scale).shape[0] != k:
+            raise UserError(f"layer {layer}: the {fam.name} experts were renumbered without their {fam.expert_scale}")
     if hasattr(router, "num_experts"):
         router.num_experts = k
 

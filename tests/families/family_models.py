@@ -124,6 +124,9 @@ def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, An
         out |= dict(enable_moe_block=True, top_k_experts=2)
     if isinstance(defaults.get("per_layer_config"), dict):  # Gemma-4: per-layer overrides of the layers kept
         out["per_layer_config"] = {k: v for k, v in defaults["per_layer_config"].items() if int(k) < 4}
+        if "vocab_size_per_layer_input" in defaults:  # Gemma-4: full-attention layers' own head_dim, key-value heads
+            full = [i for i, t in enumerate(out.get("layer_types") or []) if t == "full_attention"]
+            out["per_layer_config"] = {i: {"head_dim": 32, "num_key_value_heads": 1} for i in full}  # (others: 16, 2)
     if defaults.get("vocab_size_per_layer_input"):  # per-layer input embeddings (Gemma-3n / Gemma-4), small
         out |= dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16)
     return out
