@@ -112,6 +112,17 @@ def split_refit(
         yield e, buf[e, :, : widths[e]]
 
 
+class _SlicedDowns:
+    """Every expert's kept down columns, indexable like the sliced [E, H, K] tensor: ``[e]`` is expert e's [H, K_e]
+    (a copy made when read; ``routed_forward`` reads only ``down[e]``)."""
+
+    def __init__(self, down: torch.Tensor, keep: list[torch.Tensor]):
+        self.down, self.keep = down, keep
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return self.down[e].index_select(1, self.keep[e].long())
+
+
 class AtomTransform(Transform):
     """Channel pruning of every MoE layer's routed experts (see the module docstring).
 
@@ -309,10 +320,9 @@ class AtomTransform(Transform):
             rows = torch.cat([w.gate[e].index_select(0, k), w.up[e].index_select(0, k)])  # [2K, H], a copy
             flat[e] = rows  # overwrites only experts <= e, whose unpruned rows are no longer read
             del rows
-        sliced_down = torch.stack([w.down[e].index_select(1, keep[e].long()) for e in range(E)])  # [E, H, K]
+        sliced_down: Any = _SlicedDowns(w.down, keep)  # read per expert by routed_forward: no [E, H, K] copy
         pruned = replace(w, gate=flat[:, :K], up=flat[:, K:], down=sliced_down)
         sliced = relative_error(routed_output(xe, pruned, self.spec, act), y0)
-        del sliced_down
         pruned = replace(pruned, down=down)
         self.errors[str(ctx.index)] = {
             "sliced": round(sliced, 6),
