@@ -226,6 +226,8 @@ def build(
         for name, b in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith(("e_score_correction_bias", "expert_bias")) and b.dim() == 1:  # AFMoE: a parameter
                 b.uniform_(-0.05, 0.05)
+            if name.endswith(("router.per_expert_scale", "router.scale")):  # Gemma-4: its router's own scales
+                b.uniform_(0.5, 1.5)
     model.save_pretrained(folder)
     if tokenizer_dir is not None:
         for f in tokenizer_dir.iterdir():
