@@ -158,6 +158,11 @@ class Family:
         """Refuse ``what`` where this family's routing matters and moecompress has not verified it (a derived family
         whose router code differs from the hand-written ones): re-implemented routing (``needs_routing``: output-error
         search, refits, merging) or group-limited routing with experts removed (renumbering would regroup them)."""
+        if self.expert_scale and not removes_experts:  # channel pruning (the atom transform rebuilds the layer)
+            raise UserError(
+                f"channel pruning does not carry {self.name}'s per-expert output scale ({self.expert_scale}) yet: "
+                "prune whole experts with --method frequency, routing-mass or reap and --refit none"
+            )
         if self.routing_known:
             return
         if removes_experts and self.group_key is not None and self.n_group(cfg) > 1 and not self.groups_contiguous:
