@@ -134,3 +134,38 @@ def test_the_decoder_layer_block_computes_what_the_layer_does():
     # a changed router row changes the output: the block is what the layer runs
     layer.moe.router.proj.weight[0].mul_(-3)
     assert not torch.equal(model(input_ids=ids, use_cache=False).logits, want)
+
+
+def test_a_text_only_gemma4_checkpoint_prunes_by_frequency_with_its_per_expert_scale_sliced(tmp_path, tokenizer_dir):
+    """The checkpoint keeps the router and experts at layers.N.*, the view at layers.N.moe.*; a frequency prune
+    writes them back under the disk names, with per_expert_scale sliced as the router rows, and loads cleanly."""
+    from conftest import reload_clean
+    from typer.testing import CliRunner
+
+    from moecompress.cli.main import app
+    from moecompress.core.checkpoint import Checkpoint
+
+    model = _tiny(vocab_size=320, vocab_size_per_layer_input=320)  # the test tokenizer's ids
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("router.per_expert_scale", "router.scale")):
+                p.uniform_(0.5, 1.5)
+    src, out = tmp_path / "g4", tmp_path / "pruned"
+    model.save_pretrained(src)
+    for f in tokenizer_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    ck = Checkpoint(src)
+    assert ck.family.router == "router.proj" and ck.family.expert_scale == "router.per_expert_scale"
+    assert "model.layers.1.moe.router.per_expert_scale" in ck.weight_map
+    assert ck.disk_key("model.layers.1.moe.router.proj.weight") == "model.layers.1.router.proj.weight"
+    args = ["prune", src, "--ratio", "0.25", "--method", "frequency", "--samples", "2", "--seq-len", "16", "-o", out]
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    pruned = reload_clean(out)
+    removed = Checkpoint(out).manifest.stage("prune")["layers"]
+    for l, layer in enumerate(pruned.model.layers):
+        gone = set(removed[str(l)]["removed"])
+        kept = [e for e in range(8) if e not in gone]
+        assert len(kept) == 6
+        assert torch.equal(layer.router.per_expert_scale, model.model.layers[l].router.per_expert_scale[kept])
+        assert torch.equal(layer.router.proj.weight, model.model.layers[l].router.proj.weight[kept])
