@@ -176,6 +176,12 @@ MIN_ROWS = 2.0
 HOLDOUT = 0
 
 
+def refits_any(w_new: torch.Tensor, kept: list[int], width: int, min_rows: float) -> bool:
+    """False when ``fit_downs`` would refit none of ``kept``: no kept expert has as many routed tokens (w_new > 0)
+    as its guard needs (``min_rows`` x ``width``, and at least one), hold-out or not (fit tokens <= routed ones)."""
+    return int((w_new[:, kept] > 0).sum(0).max()) >= max(min_rows * width, 1.0)
+
+
 def fit_downs(
     hidden: Callable[[int, torch.Tensor], torch.Tensor], down: torch.Tensor, kept: list[int], w_new: torch.Tensor,
     y0: torch.Tensor, y_new: torch.Tensor, ridge: float = 1e-3, kept_only: bool = False, holdout: int = 0,

@@ -42,7 +42,7 @@ from .order import (
     router_choice,
     score_order,
 )
-from .refit import HOLDOUT, MIN_ROWS, dense_weights, fit_downs, refit_router
+from .refit import HOLDOUT, MIN_ROWS, dense_weights, fit_downs, refit_router, refits_any
 
 if TYPE_CHECKING:
     from ..core.job import Job
@@ -279,11 +279,9 @@ class PruneTransform(Transform):
         downs = None
         if "down" in self.opts.refit:
             w_dense = dense_weights(w_p, idx_p, self.E)
-            # fit_downs skips an expert with fewer routed tokens than min_rows x its width; when that holds for
-            # every kept expert (flagship shapes at the default --error-tokens) its float32 copy of the kept downs
-            # ([k, H, I]: 400 MB on a Qwen3-30B layer) is not made; the output is the same
-            need = max(self.opts.refit_min_rows * view.down.shape[2], 1.0)
-            if int((w_dense[:, keep] > 0).sum(0).max()) >= need:
+            # when fit_downs would refit no kept expert (flagship shapes at the default --error-tokens), its float32
+            # copy of the kept downs ([k, H, I]: 400 MB on a Qwen3-30B layer) is not made; the output is the same
+            if refits_any(w_dense, keep, view.down.shape[2], self.opts.refit_min_rows):
                 downs, y_p = fit_downs(
                     src.hidden_of,
                     view.down,
