@@ -11,8 +11,12 @@ Three kinds of ``act`` compute h differently, each exactly what the family's exp
   channel pruning, padding and every h-based statistic stay exact; the helpers below call it through ``gated``;
 - ``ExpertsKernel``: experts with biases and their own gate (gpt-oss) run as ``BiasedExperts``, whose ``act_fn``
   ``routed_forward`` and ``expert_outputs`` compute with exactly, while the plain helpers refuse it.
-Calling a ``GatedActivation`` or an ``ExpertsKernel`` as act(g) refuses in one line: a code path that multiplies
-act(g) * u itself would be silently wrong on these experts.
+- ``Ungated``: experts with no gate projection (transformers' ``has_gate=False``: Nemotron-H, h = act(x up^T), its
+  relu^2). The view keeps the [E, 2I, H] layout every operation slices, with the gate half a copy of the up rows that
+  nothing computes with: h = act(u) (``gated``, ``fused_hidden``, ``expert_outputs``, ``routed_forward`` use the up
+  rows only, bit for bit transformers' eager computation) and the family writes only up and down.
+Calling a ``GatedActivation``, an ``ExpertsKernel`` or an ``Ungated`` as act(g) refuses in one line: a code path that
+multiplies act(g) * u itself would be silently wrong on these experts.
 
 The layer stream may hold the fused weights in the checkpoint's dtype (bf16) while the hidden states are float32:
 ``routed_forward``, ``expert_outputs`` and the ``ExpertsKernel`` upcast one expert's weights at a time to the
@@ -131,6 +135,8 @@ def experts_activation(experts: nn.Module) -> Act:
     overrides transformers' default ``_apply_gate`` (gpt-oss's biased experts aside), else its ``act_fn``."""
     from transformers.integrations.moe import _default_apply_gate
 
+    if getattr(experts, "has_gate", True) is False:  # transformers' gateless experts (Nemotron-H)
+        return Ungated(experts.act_fn, type(experts).__name__)
     gate = getattr(type(experts), "_apply_gate", _default_apply_gate)
     if gate is _default_apply_gate or getattr(experts, "has_bias", False) or hasattr(experts, "gate_up_bias"):
         return experts.act_fn
@@ -139,7 +145,7 @@ def experts_activation(experts: nn.Module) -> Act:
 
 def gated(act: Act, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """h = act(g) * u, or the family's own gated activation of (g, u): g, u [..., I] -> [..., I]."""
-    if isinstance(act, GatedActivation):
+    if isinstance(act, (GatedActivation, Ungated)):
         return act.glu(g, u)
     return act(g) * u
 
@@ -214,6 +220,48 @@ class GatedExperts(nn.Module):
         return routed_forward(self.gate_up_proj, self.down_proj, self.act_fn, hidden, top_k_index, top_k_weights)
 
 
+class Ungated:
+    """The activation of experts without a gate projection (``has_gate=False``, Nemotron-H): h = act(u), u = x up^T.
+    ``act`` is the experts module's own ``act_fn`` (Nemotron-H: relu^2). The view's gate rows are a copy of the up
+    rows and never computed with: ``glu(g, u)`` = act(u), ``fused([g | u])`` = act(u). Channel j of h depends on
+    up row j alone, so channel pruning, padding (act(0) = 0 is checked) and every h-based statistic stay exact."""
+
+    def __init__(self, act: Act, family: str):
+        self.act, self.family = act, family
+        zero = act(torch.zeros(2, device=torch.device("cpu")))
+        if not torch.equal(zero, torch.zeros_like(zero)):
+            raise ValueError(f"{family}'s gateless expert activation does not map 0 to 0")
+
+    def fused(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        """[..., 2I] (gate half first, ignored) -> [..., I]."""
+        return self.act(gate_up_out[..., gate_up_out.shape[-1] // 2 :])
+
+    def glu(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.act(u)
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        raise UserError(
+            f"{self.family}'s experts have no gate projection (h = act(up x)), and this code path computes "
+            "act(gate) * up itself, so it is refused for this model type"
+        )
+
+
+class UngatedExperts(nn.Module):
+    """The experts of a family without a gate projection in the view's layout: gate_up_proj [E, 2I, H] (the gate half
+    a copy of the up rows, unused), down_proj [E, H, I], ``act_fn`` an ``Ungated``; ``forward`` is ``routed_forward``:
+    F.linear(x, up), act, F.linear(h, down), weighting: transformers' eager computation, same ops in the same order."""
+
+    def __init__(self, E: int, H: int, I: int, act_fn: Ungated):
+        super().__init__()
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(E, H, I), requires_grad=False)
+        self.act_fn = act_fn
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return routed_forward(self.gate_up_proj, self.down_proj, self.act_fn, hidden, top_k_index, top_k_weights)
+
+
 def expert_outputs(gate_up: torch.Tensor, down: torch.Tensor, act: Act, x: torch.Tensor) -> torch.Tensor:
     """Every expert's unweighted output on the same tokens: gate_up [E, 2I, H], down [E, H, I], x [N, H] ->
     [E, N, H] (with the experts' biases and own activation for ``BiasedExperts``)."""
@@ -224,6 +272,9 @@ def expert_outputs(gate_up: torch.Tensor, down: torch.Tensor, act: Act, x: torch
         for e in range(gate_up.shape[0]):
             out[e : e + 1] = expert_outputs(gate_up[e : e + 1].to(x.dtype), down[e : e + 1].to(x.dtype), act, x)
         return out
+    if isinstance(act, Ungated):  # the up rows only
+        h = act.act(torch.einsum("nh,eih->eni", x, gate_up[:, gate_up.shape[1] // 2 :]))  # [E, N, I]
+        return torch.einsum("eni,ehi->enh", h, down)
     gu = torch.einsum("nh,eih->eni", x, gate_up)  # [E, N, 2I]
     h = act.fused(gu) if isinstance(act, GatedActivation) else gated(act, *gu.chunk(2, dim=-1))
     return torch.einsum("eni,ehi->enh", h, down)
@@ -253,6 +304,8 @@ def fused_hidden(x: torch.Tensor, gate_up: torch.Tensor, act: Act) -> torch.Tens
     ``expert_hidden`` up to float rounding; bit for bit what the eager kernel (and ``routed_forward``) computes."""
     if isinstance(act, ExpertsKernel):
         raise act.refuse()
+    if isinstance(act, Ungated):  # transformers' eager gateless experts: act(F.linear(x, up))
+        return act.act(nn.functional.linear(x, gate_up[gate_up.shape[0] // 2 :]))
     gu = nn.functional.linear(x, gate_up)  # [T, 2I]
     if isinstance(act, GatedActivation):
         return act.fused(gu)
