@@ -101,10 +101,16 @@ class Family:
     interleaved: bool = False  # gate and up rows alternate (g0, u0, g1, u1, ...) instead of gate rows first
     expert_bias: bool = False  # gate_up_proj_bias [E, 2I] and down_proj_bias [E, H]
     # the experts' gated activation when not act(g) * u: "clamped_swiglu" (gpt-oss, with biases: BiasedExperts) or
-    # "apply_gate" (the family's own channel-wise _apply_gate, run as experts.GatedExperts: Beam)
+    # "apply_gate" (the family's own channel-wise _apply_gate, run as experts.GatedExperts: Beam), or "ungated": no gate
+    # projection (transformers' has_gate=False, Nemotron-H: h = act(x up^T)); the view's gate is then a copy of the up
+    # rows that nothing computes with (experts.Ungated), expert_names[0] == expert_names[1], and only up and down are
+    # written
     gate: str | None = None
     embed: str = "embed_tokens"  # input embedding module under model.model
     final_norm: str = "norm"  # final norm module under model.model (Jamba: final_layernorm)
+    # where the checkpoint keeps the model body: "model" (model.layers.*), or another root transformers renames on
+    # load (Nemotron-H: backbone.*); ``Checkpoint`` maps its keys to the view's model.* and back
+    disk_body: str = "model"
     # a multimodal wrapper whose language model is this MoE: (the text model's, the lm_head's path in its checkpoint),
     # e.g. ("model.language_model", "lm_head"); the view names them model.* / lm_head.* (``Checkpoint`` maps the keys)
     # and reads the wrapper's text_config; every other tensor (vision tower, projector) is copied as it is
@@ -140,6 +146,11 @@ class Family:
     # ---- config facts -------------------------------------------------------------------------
     def num_experts(self, cfg: Any) -> int:
         for key in self.count_keys:
+    @property
+    def gateless(self) -> bool:
+        """The experts have no gate projection (``experts.Ungated``): the view's gate is a copy of its up rows."""
+        return self.gate == "ungated"
+
             if getattr(cfg, key, None) is not None:
                 return config_int(cfg, key)
         raise UserError(f"config.json has none of {', '.join(self.count_keys)}: cannot tell the expert count")
@@ -386,10 +397,15 @@ class Family:
             return self._read_fused(tensors, layer)
         p = self.block_prefix(layer)
         fused = f"model.layers.{layer}.{self.module_block}.{self.experts}.gate_up_proj"
-        if fused in tensors:
-            gate_up = tensors[fused]  # [E, 2I, H]
-            I = gate_up.shape[1] // 2
-            gate, up = gate_up[:, :I], gate_up[:, I:]
+        own_up = f"model.layers.{layer}.{self.module_block}.{self.experts}.up_proj"  # a gateless module's [E, I, H]
+        if fused in tensors or (self.gateless and own_up in tensors):
+            if fused in tensors:
+                gate_up = tensors[fused]  # [E, 2I, H]
+                I = gate_up.shape[1] // 2
+                gate, up = gate_up[:, :I], gate_up[:, I:]
+            else:
+                up = tensors[own_up]
+                gate = up.clone()
             down = tensors[f"model.layers.{layer}.{self.module_block}.{self.experts}.down_proj"]  # [E, H, I]
             rp = f"model.layers.{layer}.{self.module_block}.{self.router}."
             ck = f"model.layers.{layer}.{self.module_block}.{self.correction_module_key()}"
@@ -454,6 +470,8 @@ class Family:
 
 
 @dataclass
+                if proj == 0 and self.gateless:  # no gate projection: the view's gate copies up, never written
+                    continue
 class MoEWeights:
     """One MoE layer's routed experts and router, in the internal view."""
 
@@ -661,6 +679,7 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
     if memo is not None:
         if len(_DERIVED) > 64:
             _DERIVED.clear()
+            disk_body=d.get("disk_body", "model"),
         _DERIVED[memo] = result
         if result[0] is not None and result[0].nest is not None:  # its text config (what Checkpoint.config holds)
             _DERIVED[d["text_config"].to_json_string(use_diff=False)] = result
