@@ -23,7 +23,7 @@ from torch import nn
 from .checkpoint import DTYPE_BYTES, Checkpoint
 from .derive import causal_lm
 from .errors import UserError
-from .experts import BiasedExperts, GatedExperts, own_gate, routed_forward
+from .experts import BiasedExperts, GatedExperts, Ungated, UngatedExperts, own_gate, routed_forward
 from .families import Family
 
 
@@ -154,6 +154,10 @@ def skeleton(ckpt: Checkpoint) -> nn.Module:
 def _biased_experts(fam: Family, ex: nn.Module) -> nn.Module:
     """The moecompress module (on the meta device) for a transformers experts module with biases / its own gate:
     ``BiasedExperts`` (gpt-oss), or ``GatedExperts`` for a channel-wise ``_apply_gate`` of its own."""
+    if fam.gateless:  # no gate projection (Nemotron-H): up [E, I, H] in transformers' module
+        E, I, H = ex.up_proj.shape
+        with torch.device("meta"):
+            return UngatedExperts(E, H, I, Ungated(ex.act_fn, fam.name))
     E, a, b = ex.gate_up_proj.shape
     H, I = (a, b // 2) if fam.transposed else (b, a // 2)
     with torch.device("meta"):
