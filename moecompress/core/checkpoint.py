@@ -65,6 +65,9 @@ DTYPE_BYTES = {
 MAX_HEADER_BYTES = 100_000_000
 MAX_LAYERS = 100_000  # bound on num_hidden_layers when the weights cannot tell (real models have ~100)
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+# a decoder layer's key on disk, before the family is known: under model.*, or a root transformers renames to model.*
+# on load (Nemotron-H's backbone.*: Family.disk_body)
+_DISK_LAYER_KEY = re.compile(r"^(?:model|backbone)\.layers\.(\d+)\.")
 
 
 def load_manifest(path: str | Path) -> Manifest | None:
@@ -195,12 +198,17 @@ def check_shapes(ck: Checkpoint) -> None:
                 if e >= E:
                     raise UserError(f"tensor {k} is expert {e}, but config.json declares {E} routed experts")
                 fused = expected.get(f"model.layers.{layer}.{fam.module_block}.{fam.experts}.gate_up_proj")
+                if fam.gateless:  # transformers' up_proj [E, I, H] (the view's gate is read from the up key)
+                    up = expected.get(f"model.layers.{layer}.{fam.module_block}.{fam.experts}.up_proj")
+                    fused = None if up is None else (up[0], 2 * up[1], up[2])
                 if fused is not None:
                     I = fused[1] // 2
                     want = (I, H) if proj < 2 else (H, I)
                     if got != want:
                         raise mismatch(k, got, want, f" (expert width {I}, hidden_size {H})")
                 present.add((layer, e, proj))
+                if fam.gateless:
+                    present.add((layer, e, 1))
                 continue
         name = fam.disk_to_module(k)
         if name in expected:
@@ -217,8 +225,9 @@ def check_shapes(ck: Checkpoint) -> None:
             continue
         lm = _LAYER_KEY.match(n)
         l = int(lm[1]) if lm else -1
-        if l in moe and not fam.fused_disk and n.endswith((f"{fam.experts}.gate_up_proj", f"{fam.experts}.down_proj")):
-            projs = (0, 1) if n.endswith("gate_up_proj") else (2,)
+        ups = tuple(f"{fam.experts}.{u}" for u in (("gate_up_proj", "up_proj") if fam.gateless else ("gate_up_proj",)))
+        if l in moe and not fam.fused_disk and n.endswith((*ups, f"{fam.experts}.down_proj")):
+            projs = (0, 1) if n.endswith(ups) else (2,)
             gone = [(e, p) for e in range(E) for p in projs if (l, e, p) not in present]
             if not gone:
                 continue
@@ -244,7 +253,7 @@ class Checkpoint:
             weights_error = None
         except UserError as err:
             weights_error = err
-        layers_on_disk = {int(m[1]) for k in getattr(self, "weight_map", {}) if (m := _LAYER_KEY.match(k))}
+        layers_on_disk = {int(m[1]) for k in getattr(self, "weight_map", {}) if (m := _DISK_LAYER_KEY.match(k))}
         L = raw.get("num_hidden_layers")
         limit = len(layers_on_disk) if weights_error is None else MAX_LAYERS
         if type(L) is int and L > limit:  # transformers builds per-layer lists: 10**9 layers would hang it
@@ -266,6 +275,8 @@ class Checkpoint:
         # a view tensor transformers concatenates from disk tensors on load: view name -> (dim, disk names)
         self._pieces: dict[str, tuple[int, tuple[str, ...]]] = {}
         self._piece_info: dict[str, tuple[str, dict[str, Any]]] = {}  # disk name of a piece -> (its shard, header)
+        if self.family.disk_body != "model":
+            self._body_keys()
         if self.family.layer_parts and self.family.nest is None:
             self._nest_keys()  # (only the layer-held block's keys are renamed: model.layers.N.moe.<part>)
         if self.family.nest is not None:
@@ -286,6 +297,16 @@ class Checkpoint:
             raise UserError(f"the weights have no tensors for decoder layer {missing[0]}: the checkpoint is incomplete")
         self.nonfinite: dict[str, tuple[int, int]] = {}  # tensor -> (NaN count, Inf count), filled as tensors are read
         check_shapes(self)
+
+    def _body_keys(self) -> None:
+        """Name a checkpoint whose body sits under another root (Nemotron-H: backbone.*) as the view does (model.*);
+        ``view_key`` / ``disk_key`` map the root both ways, so outputs keep the checkpoint's names."""
+        body = self.family.disk_body
+        clash = sorted(k for k in self.weight_map if k.startswith("model."))
+        if clash:
+            raise UserError(f"{clash[0]} sits beside the {body}.* tensors this model type keeps its body under")
+        self.weight_map = {self.view_key(k): f for k, f in self.weight_map.items()}
+        self._info = {self.view_key(k): v for k, v in self._info.items()}
 
     def _nest_keys(self) -> None:
         """Rename a wrapper's language-model keys to the view's (model.language_model.X -> model.X, its lm_head ->
@@ -396,6 +417,9 @@ class Checkpoint:
     def view_key(self, key: str) -> str:
         """The view's name of a checkpoint key (itself outside a multimodal wrapper's language model and the tensors
         ``_convert_keys`` renames; a piece of a concatenation keeps its name)."""
+        body = self.family.disk_body
+        if body != "model" and key.startswith(f"{body}."):  # (Nemotron-H: backbone.* -> model.*)
+            key = f"model.{key[len(body) + 1 :]}"
         if self.family.nest is None:
             found = next((v for v, d in self._disk.items() if d == key), None)
             return found if found is not None else self._block_view_key(key)
@@ -424,7 +448,8 @@ class Checkpoint:
             if rest.startswith(self.family.module_block + ".") and rest.split(".", 2)[1] in self.family.layer_parts:
                 key = m[0] + rest[len(self.family.module_block) + 1 :]
         if self.family.nest is None:
-            return key
+            body = self.family.disk_body
+            return f"{body}.{key[len('model.') :]}" if body != "model" and key.startswith("model.") else key
         body, head = self._nest
         if key.startswith("model.layers."):
             return f"{body}.{key[len('model.') :]}"
@@ -641,7 +666,8 @@ class Checkpoint:
             fname = self.weight_map.get(key)
             if fname is None:
                 raise UserError(f"tensor {key} is missing from {self.path}")
-            by_file.setdefault(fname, []).append((key, self._disk.get(key, key)))
+            dk = self.disk_key(key) if self.family.disk_body != "model" else self._disk.get(key, key)
+            by_file.setdefault(fname, []).append((key, dk))
         out: dict[str, torch.Tensor] = {}
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for fname, ks in by_file.items():

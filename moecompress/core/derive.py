@@ -367,12 +367,27 @@ def derive(cfg: Any) -> dict[str, Any]:
         "is_concatenated": bool(getattr(ex, "is_concatenated", True)),
         "has_post_expert_norm": bool(getattr(ex, "has_post_expert_norm", False)),
     }
-    if not flags["has_gate"]:
-        raise Refusal("its experts have no gate projection (has_gate=False): the expert view is gate/up/down")
+    gateless = not flags["has_gate"]
+    if gateless:  # Nemotron-H: h = act(x up^T) (experts.Ungated); its latent MoE variant is refused
+        latent = getattr(cfg, "moe_latent_size", None)
+        if latent is not None:
+            raise Refusal(
+                f"its experts run in a latent space (moe_latent_size={latent}: fc1_latent_proj / fc2_latent_proj "
+                "around the experts), which the expert view (experts over the hidden size) does not model"
+            )
+        if flags["is_transposed"] or flags["has_bias"] or flags["has_post_expert_norm"] or not hasattr(ex, "act_fn"):
+            raise Refusal(f"its gateless experts are transposed, biased, post-normed or have no act_fn ({flags})")
     if flags["has_post_expert_norm"]:
         raise Refusal("its experts apply a norm after each expert (has_post_expert_norm=True)")
-    gate = None
-    if getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
+    gate = "ungated" if gateless else None
+    if gateless:
+        from .experts import Ungated
+
+        try:
+            Ungated(ex.act_fn, mt)
+        except ValueError as err:
+            raise Refusal(str(err)) from None
+    elif getattr(type(ex), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
         gate = "clamped_swiglu"  # gpt-oss's, with the experts' alpha and limit
         if _norm_source(type(ex)._apply_gate) != _clamped_swiglu_source():
             try:  # its own gate, used as it is where channel-wise (core.experts.own_gate: Beam, MiniMax-M3, GLM-5)
@@ -386,15 +401,22 @@ def derive(cfg: Any) -> dict[str, Any]:
         raise Refusal(f"{type(ex).__name__} has no numeric alpha and limit for its clamped SwiGLU")
     params = {n: tuple(p.shape) for n, p in ex.named_parameters()}
     want = {"gate_up_proj", "down_proj"} | ({"gate_up_proj_bias", "down_proj_bias"} if flags["has_bias"] else set())
+    if gateless:
+        want = {"up_proj", "down_proj"}
     if set(params) != want or list(ex.buffers()):
         raise Refusal(f"its experts hold {sorted(params)}, not exactly {sorted(want)}")
-    if flags["is_transposed"]:
+    if gateless:
+        E, I, H = params["up_proj"]
+        I2, down_shape = 2 * I, (E, H, I)
+        if params["down_proj"] != down_shape or H != cfg.hidden_size:
+            raise Refusal(f"its gateless experts have shapes {params}, not up [E, I, H] and down [E, H, I]")
+    elif flags["is_transposed"]:
         E, H, I2 = params["gate_up_proj"]
         down_shape = (E, I2 // 2, H)
     else:
         E, I2, H = params["gate_up_proj"]
         down_shape = (E, H, I2 // 2)
-    if I2 % 2 or params["down_proj"] != down_shape or H != cfg.hidden_size:
+    if not gateless and (I2 % 2 or params["down_proj"] != down_shape or H != cfg.hidden_size):
         raise Refusal(f"its experts have shapes {params}, not gate_up [E, 2I, H] and down [E, H, I] (or transposed)")
     if flags["has_bias"] and (params["gate_up_proj_bias"] != (E, I2) or params["down_proj_bias"] != (E, H)):
         raise Refusal(f"its expert biases have shapes {params}, not [E, 2I] and [E, H]")
@@ -475,9 +497,13 @@ def derive(cfg: Any) -> dict[str, Any]:
     if top_k_key is None:
         raise Refusal("its config has no integer num_experts_per_tok (the router's top-k)")
 
+    _ROOT_BODY[0] = "model"
     disk_block, expert_names, renames, (disk_router, disk_correction), fused_names, view = _disk_layout(
-        wrapper or model, l0, block_name, experts_name, router_name, E, nest[0] if nest else "model", corr_module
+        wrapper or model, l0, block_name, experts_name, router_name, E, nest[0] if nest else "model", corr_module,
+        gateless,
     )
+    if gateless and fused_names is not None:
+        raise Refusal("its gateless experts are saved fused on disk: not mapped")
     if view and nest:
         raise Refusal(f"transformers converts its tensor {view[0][2][0][0]} on disk inside a multimodal wrapper")
     if nest:
@@ -539,6 +565,7 @@ def derive(cfg: Any) -> dict[str, Any]:
         "embed": embed_name,
         "final_norm": norm_name,
         "gate": gate,
+        "disk_body": _ROOT_BODY[0],
         "fused_names": fused_names,
         "classes": (type(block).__name__, type(router).__name__, type(ex).__name__),
         "nest": nest,
@@ -595,6 +622,7 @@ def _disk_layout(
     E: int,
     body: str = "model",
     correction: str = "",
+    gateless: bool = False,
 ) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None], Any, Any]:
     """(block name on disk, per-expert (gate, up, down) names, other per-layer renames, (router name, correction
     bias block-relative name) on disk when they differ, the block-relative disk names of the fused (gate_up, down)
@@ -617,11 +645,16 @@ def _disk_layout(
     gu_key, dn_key = f"{prefix}{block}.{experts}.gate_up_proj", f"{prefix}{block}.{experts}.down_proj"
     gate_up = torch.arange(E * 4 * 3, dtype=torch.float64).reshape(E, 4, 3)
     down = torch.arange(E * 3 * 2, dtype=torch.float64).reshape(E, 3, 2) + 1e7
-    sd[gu_key], sd[dn_key] = gate_up, down
+    if gateless:  # up [E, 2, 3] (the view's up rows: gate_up[:, 2:]), no gate
+        gu_key = f"{prefix}{block}.{experts}.up_proj"
+        gate_up = torch.cat([torch.full((E, 2, 3), -1.0, dtype=torch.float64), gate_up[:, 2:]], dim=1)
+        down = down[:, :, :2]
+    sd[gu_key], sd[dn_key] = gate_up[:, 2:] if gateless else gate_up, down
     try:
         out = revert_weight_conversion(model, sd)
     except Exception as err:
         raise Refusal(f"transformers' save conversion fails on it ({type(err).__name__}: {str(err)[:120]})") from None
+    out = _root_body_on_disk(out, sd, body)
     out = _text_body_on_disk(out, sd, body, l)
     marked = {k: v for k, v in out.items() if v.device.type != "meta" and v.dtype == torch.float64}
     fused = [k for k, v in marked.items() if v.shape[0] == E and v.dim() == 3]
@@ -639,12 +672,17 @@ def _disk_layout(
             raise Refusal(f"transformers saves its experts as {k}, not <block>.{experts}.<e>.<proj>.weight")
         e = int(m["e"])
         want = {0: gate_up[e, :2], 1: gate_up[e, 2:], 2: down[e]} if e < E else {}
+        if gateless:
+            want.pop(0, None)
         proj = next((p for p, t in want.items() if v.shape == t.shape and torch.equal(v, t)), None)
         if proj is None:
             raise Refusal(f"transformers saves {k} with values that are not one expert's gate/up/down rows")
         names[proj].add(m["name"])
         blocks.add(m["block"])
         seen += 1
+    if gateless:  # the view's gate is read from (a copy of) the up key and never written
+        names[0] = set(names[1])
+        seen += E
     if seen != 3 * E or any(len(n) != 1 for n in names.values()) or len(blocks) != 1:
         raise Refusal(f"transformers saves its experts in a layout moecompress does not map ({sorted(marked)[:3]})")
     disk_block = blocks.pop()
@@ -714,6 +752,26 @@ def _disk_layout(
     layout = (names[0].pop(), names[1].pop(), names[2].pop())
     routers = None if disk_router == router else disk_router, disk_correction
     return disk_block, layout, tuple(sorted(renames.items())), routers, None, tuple(view)
+
+
+_ROOT_BODY: list[str] = ["model"]  # the disk root ``_root_body_on_disk`` found in the last derive
+
+
+def _root_body_on_disk(out: dict[str, Any], sd: dict[str, Any], body: str) -> dict[str, Any]:
+    """``out`` (transformers' save conversion) with the model body named as in the module (model.*) where the save
+    conversion renames that root (Nemotron-H: ``WeightRenaming("backbone.", "model.")`` saves backbone.*): every
+    key under that one root is renamed back; the disk root is recorded (``_ROOT_BODY``, the family's disk_body)."""
+    if body != "model" or any(k.startswith("model.") for k in out):
+        return out
+    roots = {m[1] for k in out if (m := re.match(r"^(\w+)\.layers\.\d+\.", k))}
+    if len(roots) != 1:
+        return out
+    root = roots.pop()
+    renamed = {f"model.{k[len(root) + 1 :]}" if k.startswith(f"{root}.") else k: v for k, v in out.items()}
+    if any(k.startswith("model.") and k not in sd and ".layers." not in k for k in renamed):
+        raise Refusal(f"transformers saves its body as {root}.* with tensors the module does not hold")
+    _ROOT_BODY[0] = root
+    return renamed
 
 
 _NEST_DISK: dict[str, str] = {}  # a multimodal wrapper's config -> where its checkpoint keeps the text model

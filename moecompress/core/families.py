@@ -143,14 +143,14 @@ class Family:
         interleaved layouts) or ``experts.GatedExperts`` (its own channel-wise gate), not as the transformers module."""
         return self.transposed or self.interleaved or self.expert_bias or self.gate is not None
 
-    # ---- config facts -------------------------------------------------------------------------
-    def num_experts(self, cfg: Any) -> int:
-        for key in self.count_keys:
     @property
     def gateless(self) -> bool:
         """The experts have no gate projection (``experts.Ungated``): the view's gate is a copy of its up rows."""
         return self.gate == "ungated"
 
+    # ---- config facts -------------------------------------------------------------------------
+    def num_experts(self, cfg: Any) -> int:
+        for key in self.count_keys:
             if getattr(cfg, key, None) is not None:
                 return config_int(cfg, key)
         raise UserError(f"config.json has none of {', '.join(self.count_keys)}: cannot tell the expert count")
@@ -459,6 +459,8 @@ class Family:
         out: dict[str, torch.Tensor] = {}
         for e in range(len(w.gate)):
             for proj, t in enumerate((w.gate[e], w.up[e], w.down[e])):
+                if proj == 0 and self.gateless:  # no gate projection: the view's gate copies up, never written
+                    continue
                 out[self.expert_key(layer, e, proj)] = t.contiguous()
         out[self.router_key(layer)] = w.router.contiguous()
         if w.router_bias is not None:
@@ -470,8 +472,6 @@ class Family:
 
 
 @dataclass
-                if proj == 0 and self.gateless:  # no gate projection: the view's gate copies up, never written
-                    continue
 class MoEWeights:
     """One MoE layer's routed experts and router, in the internal view."""
 
@@ -668,6 +668,7 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             interleaved=not d["flags"]["is_concatenated"],
             expert_bias=d["flags"]["has_bias"],
             gate=d["gate"],
+            disk_body=d.get("disk_body", "model"),
             embed=d["embed"],
             final_norm=d["final_norm"],
             nest=d["nest"],
@@ -679,7 +680,6 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
     if memo is not None:
         if len(_DERIVED) > 64:
             _DERIVED.clear()
-            disk_body=d.get("disk_body", "model"),
         _DERIVED[memo] = result
         if result[0] is not None and result[0].nest is not None:  # its text config (what Checkpoint.config holds)
             _DERIVED[d["text_config"].to_json_string(use_diff=False)] = result
