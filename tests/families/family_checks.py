@@ -151,6 +151,9 @@ def brute_force(path: Path, input_ids: torch.Tensor, domains: list[str]) -> dict
             """(h [I], f [H]) of expert e from the view, with the transformers module's own gated activation
             (its ``_apply_gate`` on [g | u]: act(g) * u unless the family overrides it, as Beam or MiniMax-M3 do)."""
             g, u = w.gate[e].float() @ x, w.up[e].float() @ x
+            if getattr(ex, "has_gate", True) is False:  # gateless experts (Nemotron-H): h = act(up x)
+                h = ex.act_fn(u)
+                return h, w.down[e].float() @ h
             if w.gate_bias is None:
                 own = getattr(ex, "_apply_gate", None)  # (Llama-4's experts predate the interface: act_fn only)
                 h = own(torch.cat([g, u])) if own is not None else ex.act_fn(g) * u
