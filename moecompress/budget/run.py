@@ -97,7 +97,7 @@ def budget_compress(
         device=device, overwrite=overwrite, profile_dir=profile_dir,
     )  # fmt: skip
     ckpt = job.ckpt
-    ckpt.check_layout("quantized")  # every budget plan writes quantized experts
+    ckpt.check_layout("quantized" if servable else LAYOUT)  # every budget plan writes quantized experts
     ckpt.family.expert_key(ckpt.moe_layers[0], 0, 0)  # fused on disk: quantization's own refusal, before routing's
     ckpt.family.check_routing(
         ckpt.config, "the budget planner", removes_experts=True, needs_routing=True,

@@ -468,12 +468,12 @@ class Checkpoint:
                 "loader would fill transformers' Llama4TextExperts, which holds its experts transposed; use the "
                 "uniform layout (--layout uniform)"
             )
-        if self.wrapper_config is not None and layout != "uniform":
-            what = "quantized outputs" if layout == "quantized" else f"the {layout} layout"
+        if self.wrapper_config is not None and layout not in ("uniform", "quantized"):  # (quant.load.load_wrapper)
             raise UserError(
                 f"{self.wrapper_config.model_type} nests its MoE language model in a multimodal model: moecompress "
-                f"writes it in the uniform layout only ({what} would not load with moecompress.load yet); "
-                "use expert pruning or merging with the uniform layout, or channel pruning with --layout uniform"
+                f"writes it in the uniform or quantized layout only (the {layout} layout would not load with "
+                "moecompress.load yet); use expert pruning or merging with the uniform layout, or channel pruning "
+                "with --layout uniform"
             )
 
     def output_config(self, config: dict[str, Any], layout: str = "uniform") -> dict[str, Any]:

@@ -15,8 +15,9 @@ dequantize-and-multiply kernel of :mod:`moecompress.quant.triton_pack` (same wei
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import init_empty_weights
@@ -145,6 +146,8 @@ def load_quantized(
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     fam = family_for(config)
+    if fam.nest is not None:  # a multimodal wrapper: its language model nested beside a vision tower
+        return load_wrapper(p, config, fam, qconfig, device, dtype, packed)
     moe = set(fam.moe_layers(config))
     E = fam.num_experts(config)
     raw = read_all(p)
@@ -186,3 +189,68 @@ def load_quantized(
         model.tie_weights()
     model.to(device)
     return model.eval()
+
+
+def load_wrapper(
+    p: Path, config: Any, fam: Family, qconfig: dict, device: torch.device | str, dtype: torch.dtype, packed: bool
+) -> PreTrainedModel:
+    """A quantized multimodal wrapper (Qwen3.5-MoE, Qwen3-VL-MoE, GLM-4.5V, Llama-4, Gemma-4, DeepSeek-OCR-2): every
+    packed module dequantized (``q * scale``, as compressed-tensors does), then loaded by the class transformers maps
+    the model type to, through ``from_pretrained(state_dict=...)``: transformers' own conversion mapping places the
+    per-expert keys, the text model's disk names (DeepSeek-OCR-2's model.* is the module's model.language_model.*)
+    and the vision tower exactly as for an unquantized folder, so no key mapping is repeated here; missing or
+    unexpected keys are refused. ``packed``: the language model's routed experts are then replaced by
+    :class:`PackedExperts` (the load itself peaks at the dense model's size)."""
+    from moecompress.core.derive import wrapper_auto_class
+
+    auto = wrapper_auto_class(config)
+    if auto is None:
+        raise UserError(f"{p}: transformers has no image-text-to-text class for {config.model_type}")
+    raw = read_all(p)
+    tcfg = config.get_text_config()
+    moe, E = sorted(fam.moe_layers(tcfg)), fam.num_experts(tcfg)
+    routed: dict[int, tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], list[int]]] = {}
+    if packed:  # (split_routed names experts as the view does: model.layers.N...; a copy under those names)
+        from moecompress.core.checkpoint import Checkpoint
+
+        ck = Checkpoint(p)
+        view = {ck.view_key(k): k for k in raw}
+        routed, _ = split_routed({v: raw[k] for v, k in view.items()}, _view_qconfig(qconfig, ck), fam, moe, E)
+    state = dequantize_state(raw, qconfig, device)
+    with torch.device("meta"):  # (the Auto class needs a path; its model class takes a state dict alone)
+        cls = type(auto.from_config(config, trust_remote_code=False))
+    try:
+        model, info = cls.from_pretrained(
+            None, config=config, state_dict=state, experts_implementation="eager", dtype=dtype,
+            output_loading_info=True,
+        )  # fmt: skip
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"transformers cannot load {p}: {str(err).splitlines()[0]}") from None
+    bad = {k: sorted(info[k])[:3] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if bad:
+        raise UserError(f"{p}: tensors do not match config.json ({bad})")
+    for l, (experts, bits) in routed.items():
+        block = model.get_submodule(f"{fam.nest[0]}.layers.{l}.{fam.module_block}")
+        try:
+            mod = PackedExperts.from_experts(experts, bits, experts_activation(getattr(block, fam.experts)), device)
+        except ValueError as err:
+            raise UserError(f"{p}: layer {l} routed experts: {err}: the folder is damaged") from None
+        setattr(block, fam.experts, mod)
+    return model.to(device).eval()
+
+
+def _view_qconfig(qconfig: dict, ck: Any) -> dict:
+    """``qconfig`` with its targets also naming the view's modules (model.layers.N... for the checkpoint's
+    model.language_model.layers.N...), so ``scheme_of`` answers for view names."""
+    out = json.loads(json.dumps(qconfig))
+    for group in out.get("config_groups", {}).values():
+        group["targets"] = [*group.get("targets", []), *(_to_view(t, ck) for t in group.get("targets", []))]
+    out["ignore"] = [*out.get("ignore", []), *(_to_view(t, ck) for t in out.get("ignore", []))]
+    return out
+
+
+def _to_view(target: str, ck: Any) -> str:
+    body = ck._nest[0]
+    if target.startswith("re:"):
+        return target.replace(re.escape(f"{body}.layers."), re.escape("model.layers."))
+    return ck.view_key(target + ".weight")[: -len(".weight")]

@@ -113,13 +113,14 @@ def test_layouts_moecompress_load_cannot_read_back_are_refused_in_one_line(vl, t
     src, _ = vl
     args = ["prune", str(src), "--ratio", "0.25", "--method", "frequency", "--layout", "per-layer", *CALIB]
     res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "pl")])
-    assert res.exit_code == 2 and "writes it in the uniform layout only" in res.output, res.output
+    assert res.exit_code == 2 and "writes it in the uniform or quantized layout only" in res.output, res.output
     assert len(res.output.strip().splitlines()) <= 3 and not (tmp_path / "pl").exists()
 
 
-@pytest.mark.parametrize("cmd", [["quantize", "--bits", "4"], ["compress", "--budget-ratio", "0.4"]])
-def test_quantized_outputs_of_a_wrapper_are_refused_before_any_pass(vl, tmp_path, monkeypatch, cmd):
-    """A layout known before the pass (quantized experts) is refused up front, not after the calibration pass."""
+def test_budget_plans_of_a_wrapper_are_refused_before_any_pass(vl, tmp_path, monkeypatch):
+    """A layout known before the pass (a budget plan's per-expert counts, widths and bits) is refused up front, not
+    after the calibration pass (quantized outputs load: tests/quant/test_wrapper_quant.py)."""
+    cmd = ["compress", "--budget-ratio", "0.4"]
     from moecompress.core.engine import Engine
 
     def no_pass(*a, **k):
@@ -128,5 +129,5 @@ def test_quantized_outputs_of_a_wrapper_are_refused_before_any_pass(vl, tmp_path
     monkeypatch.setattr(Engine, "run", no_pass)
     src, _ = vl
     res = CliRunner().invoke(app, [cmd[0], str(src), *cmd[1:], *CALIB, "-o", str(tmp_path / "q")])
-    assert res.exit_code == 2 and "writes it in the uniform layout only" in res.output, res.output
+    assert res.exit_code == 2 and "writes it in the uniform or quantized layout only" in res.output, res.output
     assert not (tmp_path / "q").exists()
