@@ -23,7 +23,6 @@ E x H^2 floats; diag: E x H; lowrank: E x H(2r+1)), scored as soon as the layer'
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from ..core import dist
-from ..core.checkpoint import Checkpoint, expected_shapes
+from ..core.checkpoint import Checkpoint
 from ..core.engine import Engine
 from ..core.errors import UserError
 from ..core.job import Job
@@ -43,6 +42,7 @@ from .compensate import Compensation
 from .gradstats import KINDS, LayerGradStats, bytes_per_expert, collect_grad_stats
 from .gradstream import streamed_grad_stats
 from .heapr import heapr_scores, select_channels, uniform_width
+from .shared import checkpoint_padding
 from .transform import AtomTransform, Refit, width_key
 
 LAYOUTS = ("uniform", "exact")
@@ -172,12 +172,14 @@ def uniform_k(I: int, ratio: float) -> int:
 
 def check_layout(ckpt: Checkpoint, layout: str, ratio: float, instead: str = "use --layout exact") -> int | None:
     """Refuse a layout the model cannot take before any pass; the uniform layout's width (None for exact).
-    ``instead``: what the refusal tells the user to do."""
+    ``instead``: what the refusal tells the user to do. Shared experts sized from the width key (DeepSeek-style
+    ``moe_intermediate_size * n_shared_experts``) are zero-padded to the narrower width (atomic/shared.py); a module
+    no config key keeps exact (a dense or shared MLP sized by the width key itself) is refused here."""
     if layout != "uniform":
         return None
     key = width_key(ckpt.config)
     K = uniform_k(int(getattr(ckpt.config, key)), ratio)
-    other = _resized_besides_experts(ckpt, key, K)
+    other = checkpoint_padding(ckpt, key, K).refusal
     if other is not None:
         try:
             ckpt.check_layout("exact")
@@ -187,22 +189,10 @@ def check_layout(ckpt: Checkpoint, layout: str, ratio: float, instead: str = "us
         else:
             instead += " (loads with moecompress.load)"
         raise UserError(
-            f"{ckpt.family.name} sizes more than its routed experts from {key} ({other} too), so a narrower "
-            f"uniform width would resize them: {instead}"
+            f"{ckpt.family.name} sizes more than its routed experts from {key} ({other} too, and no config key "
+            f"widens it back), so a narrower uniform width would resize it: {instead}"
         )
     return K
-
-
-def _resized_besides_experts(ckpt: Checkpoint, key: str, width: int) -> str | None:
-    """The first weight other than the routed experts' whose shape changes when config ``key`` becomes ``width``
-    (shared experts or dense MLPs sized from the same key: Jamba, EXAONE-MoE, DeepSeek-style shared experts), found
-    by building the model both ways on the meta device; None when only routed experts change."""
-    narrow = copy.deepcopy(ckpt.config)
-    setattr(narrow, key, width)
-    before, after = expected_shapes(ckpt.config)[0], expected_shapes(narrow)[0]
-    marker = f".{ckpt.family.experts}."
-    moved = [k for k, shape in before.items() if after.get(k) != shape and marker not in f".{k}"]
-    return moved[0] if moved else None
 
 
 def score_channels(

@@ -16,6 +16,9 @@ the block, set by the transform that removed experts):
      same), so the engine's forward feeds the next layer with the pruned layer's outputs; the hub tensors of the
      pruned experts and router are ``ctx.replace``-d, cast to the checkpoint's dtypes.
 ``config`` sets the width key (uniform layout); ``section`` is the manifest's "atom" stage section.
+Uniform layout on a family that sizes its shared experts from the same key (DeepSeek-style
+``moe_intermediate_size * n_shared_experts``): ``rewrite`` zero-pads them to the next multiple of the kept width and
+``config`` sets the shared count to match (atomic/shared.py: their output is exactly unchanged).
 The exact layout (per-expert widths, loaded by ``moecompress.load``) must be the last stage that writes the
 routed experts: a later stage would see (and write) the zero-padded block.
 """
@@ -30,6 +33,7 @@ import torch
 
 from ..core import dist
 from ..core.engine import LayerContext, Transform
+from ..core.errors import UserError
 from ..core.experts import expert_hidden
 from ..core.families import MoEWeights
 from ..prune.load import block_view, set_block_experts
@@ -46,6 +50,7 @@ from .compensate import (
     slice_layer,
 )
 from .heapr import top_channels
+from .shared import SharedPadding, checkpoint_padding
 
 EXPERTS = "expert_ids"  # ctx.extra key: source expert id of each expert in the block (absent: 0..E-1)
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -131,6 +136,7 @@ class AtomTransform(Transform):
     width: the one kept width of the uniform layout (needed without ``keep``); layout: uniform | exact;
     refit: None for plain slicing; sequential: False leaves the block unpruned for the forward (the next layers
     see the unpruned model's activations; not chainable); info: method facts copied into the section.
+    shared: the shared-expert padding of the uniform width (None: found in ``start`` from the checkpoint).
     """
 
     name = "atom"
@@ -147,6 +153,7 @@ class AtomTransform(Transform):
         refit: Refit | None = None,
         sequential: bool = True,
         info: dict[str, Any] | None = None,
+        shared: SharedPadding | None = None,
     ):
         if layout not in ("uniform", "exact"):
             raise ValueError(f"layout {layout!r} is not uniform or exact")
@@ -166,10 +173,23 @@ class AtomTransform(Transform):
         self.totals = {"channels": 0, "removed": 0, "params_removed": 0, "original_width": 0}
         self._dtypes: dict[str, str] = {}
         self._params = 0
+        self.shared = shared
 
     def start(self, engine: Any) -> None:
         self._dtypes = {k: v["dtype"] for k, v in engine.ckpt.tensor_info().items()}
         self._params = engine.ckpt.num_params
+        K = self.kept_width
+        if self.shared is None and K is not None:
+            self.shared = checkpoint_padding(engine.ckpt, width_key(engine.ckpt.config), K)
+        if self.shared is not None and self.shared.refusal is not None:
+            raise UserError(
+                f"{engine.fam.name} sizes {self.shared.refusal} from {self.shared.key} too, and no config key "
+                f"widens it back, so a uniform width of {K} would resize it: use the exact layout"
+            )
+
+    def rewrite(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        padded = self.shared.pad(key, tensor) if self.shared is not None else None
+        return {key: padded} if padded is not None else None
 
     def _kept(self, ctx: LayerContext, w: MoEWeights, x: torch.Tensor | None) -> list[torch.Tensor]:
         """Kept channels [K_e] per expert of the block as it is now."""
@@ -358,9 +378,12 @@ class AtomTransform(Transform):
     def config(self, cfg: dict[str, Any]) -> None:
         if self.atom_layout == "uniform" and self.kept_width is not None:
             cfg[width_key(cfg)] = self.kept_width
+            if self.shared is not None:
+                self.shared.config(cfg)
 
     def section(self) -> dict[str, Any]:
         t = self.totals
+        pad_warning = [w for w in [self.shared.warning() if self.shared is not None else None] if w]
         total = max(t["channels"], 1)
         out: dict[str, Any] = {
             **self.info,
@@ -373,9 +396,10 @@ class AtomTransform(Transform):
             "params_removed": t["params_removed"],
             "params_removed_fraction_of_all": t["params_removed"] / max(self._params, 1),
             "experts_removed_from_routing": dict(self.removed_experts),
+            "shared_padding": self.shared.describe() if self.shared is not None else None,
             "layers": self.layers,
             "compensation": self.info.get("compensation"),
-            "warnings": list(self.info.get("warnings", [])) + self.warnings,
+            "warnings": list(self.info.get("warnings", [])) + self.warnings + pad_warning,
         }
         if self.refit is not None:
             out["compensation_output_error"] = self.errors
