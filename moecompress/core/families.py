@@ -126,6 +126,9 @@ class Family:
     # the MoE block is a view of modules its decoder layer holds itself (Gemma-4's ``interface.DecoderLayerMoe``):
     # the checkpoint keeps them at ``layers.N.<part>.*``, the view at ``layers.N.<module_block>.<part>.*``
     layer_parts: tuple[str, ...] = ()
+    # MoE layers routed by a fixed token -> expert id table (DeepSeek-V4's first layers: router.tid2eid[input_ids]);
+    # removing or merging experts would change which experts tokens reach there: refused (check_routing)
+    hash_layers: tuple[int, ...] = ()
 
     @property
     def fused_disk(self) -> bool:
@@ -173,6 +176,12 @@ class Family:
             raise UserError(
                 f"channel pruning does not carry {self.name}'s per-expert output scale ({self.expert_scale}) yet: "
                 "prune whole experts with --method frequency, routing-mass or reap and --refit none"
+            )
+        if removes_experts and self.hash_layers:
+            raise UserError(
+                f"{what} is refused for {self.name}: its layers {list(self.hash_layers)} pick experts by a fixed token "
+                "-> expert table (router.tid2eid), so removing experts would send tokens elsewhere, and config.json "
+                "holds one expert count for every layer (quantize and channel pruning, --granularity atom, work)"
             )
         if self.routing_known:
             return
@@ -305,6 +314,8 @@ class Family:
             owned = rf"(?:{owned}|{re.escape(self.expert_scale)}$)"
         if self.fused_names:  # fused experts saved outside the experts name (Granite's input_linear.weight)
             owned = rf"(?:{owned}|{'|'.join(re.escape(n) + '$' for n in self.fused_names)})"
+        if self.hash_layers:  # a hash router's token -> expert table is the layer's own tensor, passed through as is
+            owned = rf"(?!(?:{re.escape(self.router)}|{re.escape(self.disk_router or self.router)})\.tid2eid$){owned}"
         return re.compile(
             rf"^model\.layers\.{layer}\.(?:{re.escape(self.disk_block)}|{re.escape(self.module_block)})\.{owned}"
         )
@@ -675,6 +686,7 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             scaled_input=d["scaled_input"],
             expert_scale=d.get("expert_scale"),
             layer_parts=d.get("layer_parts", ()),
+            hash_layers=d.get("hash_layers", ()),
         )
         result = (fam, "")
     if memo is not None:
