@@ -303,9 +303,47 @@ def _stream_ends(model: torch.nn.Module, H: int) -> tuple[str, str]:
 
     skip = (embed, "layers", *per_layer_modules(inner))
     rest = [n for n, c in inner.named_children() if n not in skip and list(c.parameters())]
-    if len(rest) != 1 or tuple(getattr(inner.get_submodule(rest[0]), "weight", torch.empty(0)).shape) != (H,):
+    norms = [n for n in rest if tuple(getattr(inner.get_submodule(n), "weight", torch.empty(0)).shape) == (H,)]
+    if len(norms) != 1:
         raise Refusal(f"it has no single final norm [hidden] beside the layers under model.model ({rest})")
-    return embed, rest[0]
+    others = [n for n in rest if n != norms[0]]
+    if others:  # hyper-connections (DeepSeek-V4's hc_head): the stream runs them with the model's own forward
+        before = _used_before_layers(type(inner), others)
+        if before:
+            raise Refusal(
+                f"its model.model runs {before} around its decoder layers besides the embedding: the layer stream "
+                "runs only modules its forward calls after the last layer"
+            )
+    return embed, norms[0]
+
+
+def _used_before_layers(cls: type, names: list[str]) -> list[str]:
+    """The modules among ``names`` (children of a text model of class ``cls``) that ``cls.forward`` uses anywhere but
+    after its loop over ``self.layers`` (all of them when the loop is not found): the others form the model's head,
+    which the layer stream runs by calling that forward with the layers replaced (``stream.LayerStream.head``)."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return list(names)
+    loops = [
+        n for n in ast.walk(tree)
+        if isinstance(n, ast.For) and any(
+            isinstance(a, ast.Attribute) and a.attr == "layers" and getattr(a.value, "id", None) == "self"
+            for a in ast.walk(n.iter)
+        )
+    ]  # fmt: skip
+    if len(loops) != 1:
+        return list(names)
+    end = loops[0].end_lineno or 0
+    used = [
+        (a.attr, a.lineno)
+        for a in ast.walk(tree)
+        if isinstance(a, ast.Attribute) and isinstance(a.value, ast.Name) and a.value.id == "self" and a.attr in names
+    ]
+    return sorted({n for n, line in used if line <= end} | {n for n in names if n not in {u for u, _ in used}})
 
 
 # per-layer config overrides of the attention only (Gemma-4's full-attention layers: global head_dim and key-value
@@ -318,6 +356,20 @@ def _layer_parts(block: torch.nn.Module) -> tuple[str, ...]:
     from .interface import _LAYER_PARTS, DecoderLayerMoe
 
     return _LAYER_PARTS if isinstance(block, DecoderLayerMoe) else ()
+
+
+# DeepSeek-V4's hash router: a frozen [vocab, top-k] table of expert ids looked up by input id
+_HASH_TABLE = "tid2eid"
+
+
+def _hash_routed(layers: torch.nn.ModuleList, moe: list[int], block_name: str) -> list[int]:
+    """The MoE layers whose block routes by a fixed token -> expert table (a module holding ``tid2eid``): their
+    experts are chosen by input id, so the layer stream passes them the input ids and removing an expert would
+    change which experts tokens reach."""
+    return [
+        l for l in moe
+        if any(n.rsplit(".", 1)[-1] == _HASH_TABLE for n, _ in layers[l].get_submodule(block_name).named_buffers())
+    ]  # fmt: skip
 
 
 def _experts_modules(layer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -358,7 +410,10 @@ def derive(cfg: Any) -> dict[str, Any]:
     if path.count(".") != 1:
         raise Refusal(f"its experts module sits at {path}, not directly under the MoE block")
     block_name, experts_name = path.split(".")
-    l0 = moe[0]
+    hashed = _hash_routed(layers, moe, path.split(".")[0])
+    if len(hashed) == len(moe):
+        raise Refusal("every MoE layer routes by a fixed token -> expert table (hash routing): no learned router")
+    l0 = next(l for l in moe if l not in hashed)  # a learned router's layer: the view's reference
     ex = found[l0][0][1]
     flags = {
         "is_transposed": bool(ex.is_transposed),
@@ -453,6 +508,13 @@ def derive(cfg: Any) -> dict[str, Any]:
     owner = block.get_submodule(router_name.split(".")[0])
     if "hash" in type(router).__name__.lower() or "hash" in type(owner).__name__.lower():
         raise Refusal(f"it routes by hash ({type(router).__name__}): removing experts changes the hash table")
+    for l in hashed:  # DeepSeek-V4's first layers: the same router weight [E, H], expert ids from tid2eid[input_ids]
+        r = layers[l].get_submodule(block_name).get_submodule(router_name)
+        held = {n: tuple(t.shape) for n, t in [*r.named_parameters(), *r.named_buffers()]}
+        if held.get("weight") != (E, H) or set(held) != {"weight", _HASH_TABLE}:
+            raise Refusal(
+                f"its hash-routed layer {l} holds router tensors {sorted(held)}, not weight and {_HASH_TABLE}"
+            )
     tensors = dict(router.named_parameters()) | dict(router.named_buffers())
     corr_module, corr_row = _correction(block, router_name, router, tensors, E)
     extra = sorted(set(tensors) - {"weight", "bias", "e_score_correction_bias", corr_module[len(router_name) + 1 :]})
@@ -572,6 +634,7 @@ def derive(cfg: Any) -> dict[str, Any]:
         "scaled_input": scaled,
         "expert_scale": expert_scale,
         "layer_parts": _layer_parts(block),
+        "hash_layers": tuple(hashed),
         "text_config": cfg if nest else None,
         "view": view,
     }

@@ -181,6 +181,22 @@ def _narrow_class(cls: type) -> type:
     return _NARROW[cls]
 
 
+def _stand_in(layer: nn.Module, j: int, forward: Any, attention_type: str | None = None) -> nn.Module:
+    """A stand-in for decoder layer j of the layer's own class (a model picks each layer's mask by isinstance, as
+    Jamba does) with ``forward`` as its forward, its plain attributes (layer_idx, attention_type, ...), ``j``, and no
+    modules or weights."""
+    cls = type(f"Recorder{type(layer).__name__}", (type(layer),), {"forward": forward})
+    rec = cls.__new__(cls)
+    nn.Module.__init__(rec)
+    for name, value in vars(layer).items():
+        if not name.startswith("_"):
+            setattr(rec, name, value)
+    rec.j = j
+    if not hasattr(rec, "attention_type"):
+        rec.attention_type = attention_type if attention_type is not None else "full_attention"
+    return rec
+
+
 class ActivationCache:
     """Per-batch hidden states, in memory or spilled to safetensors files in a temporary folder."""
 
@@ -263,6 +279,13 @@ class LayerStream:
             self.layer_types = [f"{c}/{t}" for c, t in zip(classes, self.layer_types or classes, strict=True)]
         self._kwargs_by_type: dict[str, list[dict[str, Any]]] = {}  # mixed layer types: each type's own inputs
         self._per_layer_names = per_layer_modules(self.model.model)
+        # the text model's modules its forward runs after the last layer besides the final norm (DeepSeek-V4's
+        # hyper-connection head hc_head, which collapses the [B, S, hc, D] streams before the norm): the head is then
+        # that forward run with stand-ins for the embedding and the layers (derive checked they are used only there)
+        skip = (self.fam.embed, "layers", self.fam.final_norm, *self._per_layer_names)
+        self._tail_names = tuple(
+            n for n, c in self.model.model.named_children() if n not in skip and list(c.parameters())
+        )
         # per batch: the per-layer inputs [B, S, L, D] (Gemma-4); spilled with the activations
         self.per_layer = ActivationCache(spill) if self._per_layer_names else None
 
@@ -456,21 +479,8 @@ class LayerStream:
                 raise _Captured
             return hidden_states
 
-        def recorder(j: int) -> nn.Module:
-            """A stand-in of layer j's own class (the model picks each layer's mask by isinstance, as Jamba does)."""
-            cls = type(f"Recorder{type(saved[j]).__name__}", (type(saved[j]),), {"forward": forward})
-            rec = cls.__new__(cls)
-            nn.Module.__init__(rec)
-            for name, value in vars(saved[j]).items():  # plain attributes (layer_idx, attention_type, ...)
-                if not name.startswith("_"):
-                    setattr(rec, name, value)
-            rec.j = j
-            if not hasattr(rec, "attention_type"):
-                rec.attention_type = types[j]
-            return rec
-
         for j in range(last + 1):
-            self.decoder_layers[j] = recorder(j)
+            self.decoder_layers[j] = _stand_in(saved[j], j, forward, types[j])
         try:
             for ids in self.batches:
                 try:
@@ -526,9 +536,10 @@ class LayerStream:
         return self.head(self.cache[i].to(self.device))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + lm_head on hidden states h [B, S, H] -> logits [B, S, V] (autograd allowed)."""
+        """Final norm + lm_head on the last layer's outputs h ([B, S, H]; [B, S, hc, H] for hyper-connections) ->
+        logits [B, S, V] (autograd allowed)."""
         self._ensure_head()
-        logits = self.model.lm_head(self._norm(h))
+        logits = self.model.lm_head(self._tail(h) if self._tail_names else self._norm(h))
         scale = getattr(self.ckpt.config, "logits_scaling", None)  # Granite divides its logits
         if isinstance(scale, (int, float)) and scale not in (0, 1):
             logits = logits / scale
@@ -537,12 +548,41 @@ class LayerStream:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def _tail(self, h: torch.Tensor) -> torch.Tensor:
+        """The text model's own forward from its last layer's outputs ``h`` on: its embedding returns zeros and its
+        layers pass the hidden states through, the first one handing ``h`` on (each a stand-in of the layer's own
+        class, as in ``_capture_types``), so what the forward does after its loop (DeepSeek-V4: ``norm(hc_head(h))``)
+        runs as transformers runs it."""
+        inner = self.model.model
+        own_embed, own_layers = inner.get_submodule(self.fam.embed), inner.layers
+        H = self.ckpt.config.hidden_size
+
+        class Zeros(nn.Module):
+            def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+                return torch.zeros((*input_ids.shape, H), dtype=h.dtype, device=h.device)
+
+        def forward(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return h if self.j == 0 else hidden_states
+
+        setattr(inner, self.fam.embed, Zeros())
+        inner.layers = nn.ModuleList(_stand_in(layer, j, forward) for j, layer in enumerate(own_layers))
+        try:
+            ids = torch.zeros(h.shape[:2], dtype=torch.long, device=h.device)
+            out = inner(input_ids=ids, use_cache=False)
+        finally:
+            setattr(inner, self.fam.embed, own_embed)
+            inner.layers = own_layers
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
     def _ensure_head(self) -> None:
         if getattr(self, "_head_ready", False):
             return
         prefix = f"model.{self.fam.final_norm}."  # weight, and bias where the norm has one (Phi-MoE's LayerNorm)
         state = {k[len(prefix) :]: v for k, v in self.ckpt.prefixed(prefix).items()}
         self._materialize(self._norm, state, "final norm")
+        for name in self._tail_names:
+            state = {k[len(f"model.{name}.") :]: v for k, v in self.ckpt.prefixed(f"model.{name}.").items()}
+            self._materialize(self.model.model.get_submodule(name), state, name)
         key = "lm_head.weight" if "lm_head.weight" in self.ckpt.weight_map else f"model.{self.fam.embed}.weight"
         self._materialize(self.model.lm_head, {"weight": self.ckpt.get(key)}, "lm_head")
         self._head_ready = True
