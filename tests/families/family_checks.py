@@ -229,6 +229,7 @@ class Refused(Exception):
 
 GROUPS_UNVERIFIED = "routes within groups of experts"
 FUSED_ON_DISK = "keeps its routed experts fused on disk"
+HASH_ROUTED = "pick experts by a fixed token -> expert table"
 WRAPPER_LAYOUT = "writes it in the uniform layout only"
 
 
@@ -239,6 +240,8 @@ def check_prune(ck: Checkpoint, work: Path) -> None:
     except AssertionError as err:
         if GROUPS_UNVERIFIED in str(err) and ck.family.group_key and not ck.family.routing_known:
             raise Refused("group-limited routing not verified: expert removal could regroup experts") from None
+        if HASH_ROUTED in str(err) and ck.family.hash_layers and not out.exists():
+            raise Refused("hash-routed layers (tid2eid): expert removal would send tokens to other experts") from None
         raise
     model = reload_clean(out)
     pruned = Checkpoint(out)
@@ -439,6 +442,9 @@ def run_checks(model_type: str, work: Path, tokenizer_dir: Path, ops: tuple[str,
     }
     for op, fn in steps.items():
         if op not in ops:
+            continue
+        if op in ("load", "eval", "report") and result["ops"].get("prune", "").startswith("refused"):
+            result["ops"][op] = "refused: runs on the prune output (expert pruning is refused)"
             continue
         try:
             fn()
