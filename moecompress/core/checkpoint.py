@@ -535,16 +535,21 @@ class Checkpoint:
                 out.append(new)
         return out
 
-    def _disk_names(self, obj: Any) -> Any:
+    def _disk_names(self, obj: Any, body: str | None = None) -> Any:
         """``obj`` (a quantization_config) with the view's module names (model.layers.3.self_attn.q_proj, as plain
-        names or escaped in regexes) renamed to the checkpoint's (model.language_model.layers.3...)."""
+        names or escaped in regexes) renamed to the checkpoint's (model.language_model.layers.3...); where the
+        checkpoint keeps the text model elsewhere than the module (DeepSeek-OCR-2: model.layers.* on disk), a list
+        names both (compressed-tensors matches module names, moecompress.load the checkpoint's keys)."""
         if isinstance(obj, dict):
-            return {k: self._disk_names(v) for k, v in obj.items()}
+            return {k: self._disk_names(v, body) for k, v in obj.items()}
         if isinstance(obj, list):
-            return [self._disk_names(v) for v in obj]
+            out = [self._disk_names(v, body) for v in obj]
+            if body is None and self.family.nest is not None and self.family.nest[0] != self._nest[0]:
+                out += [n for v in obj if (n := self._disk_names(v, self.family.nest[0])) not in out]
+            return out
         if not isinstance(obj, str) or self.family.nest is None:
             return obj
-        body = self._nest[0]
+        body = body or self._nest[0]
         obj = obj.replace(re.escape("model.layers."), re.escape(f"{body}.layers."))
         return f"{body}.{obj[len('model.') :]}" if obj.startswith("model.layers.") else obj
 
