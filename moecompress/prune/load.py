@@ -38,7 +38,10 @@ def set_block_experts(
     k = w.num_experts
     if gate_up is None or not (_is_half(w.gate, gate_up, 0) and _is_half(w.up, gate_up, 1)):
         gate_up = torch.cat([w.gate, w.up], dim=1)
-    experts.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)  # [k, 2I, H]
+    if fam.gateless and hasattr(experts, "up_proj"):  # transformers' gateless experts (Nemotron-H): up_proj [k, I, H]
+        experts.up_proj = nn.Parameter(w.up.contiguous(), requires_grad=False)
+    else:
+        experts.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)  # [k, 2I, H]
     experts.down_proj = nn.Parameter(w.down.contiguous(), requires_grad=False)  # [k, H, I]
     experts.num_experts = k
     if w.gate_bias is not None and w.up_bias is not None and hasattr(experts, "gate_up_bias"):  # BiasedExperts
