@@ -52,7 +52,10 @@ def set_padded(block: torch.nn.Module, fam: Any, ex: ExactLayer) -> None:
     width = padded_width(ex.widths)
     w = pad_exact(ex, width)
     experts, router = getattr(block, fam.experts), fam.router_of(block)
-    experts.gate_up_proj = torch.nn.Parameter(torch.cat([w.gate, w.up], dim=1), requires_grad=False)  # [E', 2W, H]
+    if fam.gateless and hasattr(experts, "up_proj"):  # transformers' gateless experts (Nemotron-H): up_proj [E', W, H]
+        experts.up_proj = torch.nn.Parameter(w.up, requires_grad=False)  # (zero rows: relu^2(0) = 0, exact)
+    else:
+        experts.gate_up_proj = torch.nn.Parameter(torch.cat([w.gate, w.up], dim=1), requires_grad=False)  # [E', 2W, H]
     experts.down_proj = torch.nn.Parameter(w.down, requires_grad=False)  # [E', H, W]
     experts.num_experts = len(ex.gate)
     if hasattr(experts, "intermediate_dim"):
