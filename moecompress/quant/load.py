@@ -151,6 +151,11 @@ def load_quantized(
     moe = set(fam.moe_layers(config))
     E = fam.num_experts(config)
     raw = read_all(p)
+    if fam.disk_body != "model":  # (Nemotron-H's backbone.*: the view's model.*; quantization targets name modules)
+        raw = {
+            f"model.{k[len(fam.disk_body) + 1 :]}" if k.startswith(f"{fam.disk_body}.") else k: v
+            for k, v in raw.items()
+        }
     routed: dict[int, tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], list[int]]] = {}
     if packed:
         routed, raw = split_routed(raw, qconfig, fam, sorted(moe), E)
@@ -168,6 +173,8 @@ def load_quantized(
                 module_sd[fam.disk_to_module(k)] = v
             continue
         for k, v in module_state(fam, tensors, l, E if l in moe else None).items():
+            if fam.gateless and k.endswith(f".{fam.experts}.gate_up_proj"):  # transformers' up_proj [E, I, H]
+                k, v = k[: -len("gate_up_proj")] + "up_proj", v[:, v.shape[1] // 2 :]  # (the view's gate copies up)
             module_sd[f"model.layers.{l}.{k}"] = v
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, experts_implementation="eager")
