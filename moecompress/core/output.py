@@ -69,15 +69,18 @@ class Output:
     def add(self, key: str, t: torch.Tensor) -> None:
         if self.shards is None:  # not rank 0
             return
-        for tr in self.transforms:
-            new = tr.rewrite(key, t)
+        for k, v in self._rewritten(key, t, 0):
+            for dk, dv in self._disk_items(k, v):  # (Kimi-Linear's conv1d: the disk tensors it is made of)
+                self.shards.add(dk, dv)
+
+    def _rewritten(self, key: str, t: torch.Tensor, start: int) -> list[tuple[str, torch.Tensor]]:
+        """What to write for tensor ``key``: the first transform from ``start`` on whose ``rewrite`` takes it, each
+        tensor it returns passed on to the later transforms (atom's zero-padded shared experts, then quantized)."""
+        for i in range(start, len(self.transforms)):
+            new = self.transforms[i].rewrite(key, t)
             if new is not None:
-                for k, v in new.items():
-                    for dk, dv in self._disk_items(k, v):
-                        self.shards.add(dk, dv)
-                return
-        for dk, dv in self._disk_items(key, t):  # (Kimi-Linear's conv1d: the disk tensors it is made of)
-            self.shards.add(dk, dv)
+                return [kv for k, v in new.items() for kv in self._rewritten(k, v, i + 1)]
+        return [(key, t)]
 
     def add_globals(self, ckpt: Checkpoint, transforms: Sequence[Transform] = ()) -> None:
         """Every tensor outside the decoder layers (embeddings, final norm, lm_head), in checkpoint order."""
