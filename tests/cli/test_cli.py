@@ -56,7 +56,7 @@ def test_missing_path(tmp_path):
 
 
 def test_not_moe_and_unknown_family(tmp_path):
-    for model_type, msg in (("llama", "not a Mixture-of-Experts model"), ("nemotron_h", "no moecompress adapter")):
+    for model_type, msg in (("llama", "not a Mixture-of-Experts model"), ("zaya", "no moecompress adapter")):
         d = tmp_path / model_type
         AutoConfig.for_model(model_type).save_pretrained(d)
         assert_refused(run("profile", d, "-o", tmp_path / "out"), msg)
