@@ -49,6 +49,16 @@ REAL_FIELDS: dict[str, dict[str, Any]] = {
 }
 
 
+# small sizes for fields only one model type has (Nemotron-H's Mamba-2 mixer: 128 heads of 64 by default, its shared
+# expert 7688 wide), set in its tiny config beside the common ones
+SMALL_FIELDS: dict[str, dict[str, Any]] = {
+    "nemotron_h": dict(
+        mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=16, chunk_size=8,
+        moe_shared_expert_intermediate_size=48,
+    ),
+}  # fmt: skip
+
+
 def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, Any]:
     """Small sizes for the keys this config class has; the structure (top-k, shared experts, groups, dense
     layers, layer types) is kept."""
@@ -110,6 +120,7 @@ def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, An
         out["layer_types"] = ["linear_attention", "attention"] * (out["num_hidden_layers"] // 2)
     elif isinstance(kinds, list) and len(set(kinds)) == 1:  # one kind (Unlimited-OCR): one entry per tiny layer
         out["layer_types"] = kinds[:1] * out["num_hidden_layers"]
+    out |= SMALL_FIELDS.get(model_type, {})
     for k, v in REAL_FIELDS.get(model_type, {}).items():
         out[k] = v(out["num_hidden_layers"]) if callable(v) else v
     if "attn_layer_period" in defaults:  # Jamba: attention at layers 0, 2; MoE (Mamba) at 1, 3

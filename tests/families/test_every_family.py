@@ -35,7 +35,6 @@ REFUSED: dict[str, str] = {
     "mistral4": "has no causal-LM class",
     "mistral_large4": "transformers saves its experts as layers",
     "muse_spark": "has_post_expert_norm=True",
-    "nemotron_h": "no gate projection (has_gate=False)",
     "openai_privacy_filter": "has no causal-LM class",
     "qwen3_omni_moe": "keeps its language model in nested configs",
     "qwen4_exp": "no single final norm",
