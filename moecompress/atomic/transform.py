@@ -174,10 +174,12 @@ class AtomTransform(Transform):
         self._dtypes: dict[str, str] = {}
         self._params = 0
         self.shared = shared
+        self._module_key: Any = lambda key: key  # a checkpoint key -> transformers' module name (start)
 
     def start(self, engine: Any) -> None:
         self._dtypes = {k: v["dtype"] for k, v in engine.ckpt.tensor_info().items()}
         self._params = engine.ckpt.num_params
+        self._module_key = engine.fam.disk_to_module  # Hunyuan-V3 shared_mlp, Kimi-Linear block_sparse_moe on disk
         K = self.kept_width
         if self.shared is None and K is not None:
             self.shared = checkpoint_padding(engine.ckpt, width_key(engine.ckpt.config), K)
@@ -188,7 +190,9 @@ class AtomTransform(Transform):
             )
 
     def rewrite(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        padded = self.shared.pad(key, tensor) if self.shared is not None else None
+        if self.shared is None or not self.shared.active:
+            return None
+        padded = self.shared.pad(self._module_key(key), tensor)  # its shapes are named as transformers' modules
         return {key: padded} if padded is not None else None
 
     def _kept(self, ctx: LayerContext, w: MoEWeights, x: torch.Tensor | None) -> list[torch.Tensor]:

@@ -27,7 +27,7 @@ from moecompress.core.errors import UserError  # noqa: E402
 
 # model type -> the count key the meta-model check must find, and its value in the tiny config
 SHARED = {"deepseek_v3": ("n_shared_experts", 1), "glm4_moe": ("n_shared_experts", 1)}
-SHARED["ernie4_5_moe"] = ("moe_num_shared_experts", 2)
+SHARED.update(ernie4_5_moe=("moe_num_shared_experts", 2), hy_v3=("num_shared_experts", 1))  # hy_v3: shared_mlp on disk
 
 
 @pytest.mark.parametrize("model_type", sorted(SHARED))
@@ -87,7 +87,7 @@ def shared_modules(model):
     }
 
 
-@pytest.mark.parametrize("model_type,refit", [("deepseek_v3", True), ("glm4_moe", False), ("ernie4_5_moe", False)])
+@pytest.mark.parametrize("model_type,refit", [("deepseek_v3", True), ("glm4_moe", False), ("hy_v3", False)])
 def test_uniform_atom_pads_shared_experts_exactly(tmp_path, tokenizer_dir, model_type, refit):
     key, n = SHARED[model_type]
     src = build(model_type, tmp_path / "src", tokenizer_dir)
