@@ -162,6 +162,7 @@ class Engine:
         self.moe = set(ckpt.moe_layers)
         self._shared = SharedCache(self) if self.world > 1 else None
         self._replay: Replay | None = None  # the mixers' outputs moe_inputs kept for the layer's forward
+        self.block_kwargs: list[dict[str, torch.Tensor]] = []  # moe_inputs' per-batch keyword inputs of the block
 
     @property
     def cache(self) -> Any:
@@ -205,9 +206,15 @@ class Engine:
         block = getattr(layer, self.fam.module_block)
         replay = Replay(layer, block) if not getattr(self.stream.cache, "spilled", False) else None
 
+        kws: list[dict[str, torch.Tensor]] = []  # per batch: the block's per-token keyword inputs, as [1, T_b, ...]
+
         def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             h = args[0] if args else kwargs["hidden_states"]
             xs.append(h.detach().reshape(-1, h.shape[-1]))
+            kws.append({  # DeepSeek-V4's hash-routed blocks take the input ids: mlp(x, input_ids=input_ids)
+                k: v.detach().reshape(1, -1, *v.shape[h.dim() - 1 :]) for k, v in kwargs.items()
+                if k != "hidden_states" and torch.is_tensor(v) and v.shape[: h.dim() - 1] == h.shape[:-1]
+            })  # fmt: skip
             raise _Stop
 
         handle = block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -225,6 +232,9 @@ class Engine:
             handle.remove()
         if replay is not None and replay.complete(len(self.stream.cache)):
             self._replay = replay
+        names = sorted(kws[0]) if kws else []
+        parts = [self.gather_batches([kw[n] for kw in kws]) for n in names]
+        self.block_kwargs = [dict(zip(names, vals, strict=True)) for vals in zip(*parts, strict=True)]
         return self.gather_batches(xs)
 
     def _observing(self, ctx: LayerContext, observers: list[Transform], batch: int) -> Callable[..., torch.Tensor]:
@@ -280,7 +290,7 @@ class Engine:
         experts = ctx.experts
         for i, x in enumerate(ctx.inputs):
             with observing(experts, self._observing(ctx, observers, i)):
-                ctx.block(x.unsqueeze(0))
+                ctx.block(x.unsqueeze(0), **(self.block_kwargs[i] if i < len(self.block_kwargs) else {}))
         for o in observers:
             o.observed(ctx)
 
