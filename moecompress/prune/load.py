@@ -50,8 +50,8 @@ def set_block_experts(
     router.weight = nn.Parameter(w.router.contiguous(), requires_grad=False)  # [k, H]
     if w.router_bias is not None:
         router.bias = nn.Parameter(w.router_bias.contiguous(), requires_grad=False)
-    if fam.correction_bias:
-        if w.correction_bias is None:
+    if fam.correction_bias and not (w.correction_bias is None and layer in fam.hash_layers):  # (DeepSeek-V4's hash
+        if w.correction_bias is None:  # routers hold no correction bias: their table picks the experts)
             raise UserError(f"layer {layer}: the {fam.name} router needs its {fam.correction_bias} tensor")
         fam.set_correction(block, w.correction_bias)  # the router's buffer (DeepSeek) or where the family holds it
     if fam.expert_scale:  # Gemma-4's router.per_expert_scale [k] (kept as it is when the experts stay the same)
