@@ -26,7 +26,6 @@ from family_checks import (  # noqa: E402
     CALIB,
     check_masked,
     check_profile,
-    check_quantize,
     check_view_write,
     family_or_refusal,
     from_pretrained,
@@ -113,8 +112,28 @@ def test_expert_removal_is_refused_in_one_line_where_a_layer_routes_by_its_table
         assert not (tmp_path / cmd[0]).exists()
 
 
-def test_quantized_output_loads_cleanly(hashed, tmp_path):
-    check_quantize(Checkpoint(hashed), tmp_path)  # 4-bit RTN: plain transformers loads it, no missing/unexpected keys
+def test_gptq_output_loads_cleanly(hashed, tmp_path):
+    """GPTQ replays each MoE block alone on its captured inputs: a hash-routed block gets its input ids with them."""
+    out = tmp_path / "q4"
+    res = _cli("quantize", hashed, "--bits", "4", *CALIB, "-o", out)
+    assert res.exit_code == 0, res.output
+    model = reload_clean(out)  # plain transformers + compressed-tensors: no missing/unexpected keys
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(12)[None] % 300).logits).all()
+
+
+@pytest.mark.slow
+def test_channel_pruning_runs_its_gradient_through_the_models_head(hashed, tmp_path):
+    """HEAPr's gradient pass differentiates the next-token loss through norm(hc_head(h)) (the stream's head);
+    channels are pruned on hash and learned layers alike (no expert is removed)."""
+    from moecompress import load
+
+    out = tmp_path / "atom"
+    res = _cli("prune", hashed, "--granularity", "atom", "--ratio", "0.25", "--layout", "exact", "--refit", "none",
+               *CALIB, "-o", out)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    with torch.no_grad():
+        assert torch.isfinite(load(out)(input_ids=torch.arange(12)[None] % 300).logits).all()
 
 
 def test_learned_router_layers_prune_to_the_base_model_with_those_experts_masked(tmp_path, tokenizer_dir):
