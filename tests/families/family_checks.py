@@ -361,12 +361,32 @@ def _cli_or_refused(*args: Any) -> None:
 
 
 def check_atom(ck: Checkpoint, work: Path) -> None:
+    """Uniform channel pruning: the output loads in plain transformers (no missing/unexpected keys) with the logits
+    moecompress.load gives; shared experts zero-padded to the narrower width (atomic/shared.py: DeepSeek-style
+    ``moe_intermediate_size * n_shared_experts``) give exactly the base model's output on the same input."""
+    import json
+
     from moecompress import load
 
     out = work / "atom"
     _cli_or_refused("prune", ck.path, "--granularity", "atom", "--ratio", "0.25", "--refit", "none", *CALIB, "-o", out)
+    ids = torch.arange(12)[None] % 300
+    pruned = reload_clean(out).float()
     with torch.no_grad():
-        assert torch.isfinite(load(out)(input_ids=torch.arange(12)[None] % 300).logits).all()
+        a, b = load(out)(input_ids=ids).logits, pruned(input_ids=ids).logits
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+        stage = next(s for s in json.loads((out / "moecompress.json").read_text())["stages"] if s["op"] == "atom")
+        pad = stage.get("shared_padding")
+        if not pad:
+            return
+        base = from_pretrained(ck.path)
+        x = torch.randn(16, ck.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        for name in pad["modules"]:  # model.layers.<l>.<path in the layer>
+            l, rest = name.split(".", 3)[2:]
+            before = decoder_layers(base, ck.family)[int(l)].get_submodule(rest)
+            after = decoder_layers(pruned, ck.family)[int(l)].get_submodule(rest)
+            assert after.down_proj.weight.shape[1] == pad["padded_width"] > before.down_proj.weight.shape[1]
+            assert torch.equal(after(x), before(x)), f"{name}: the padded shared experts' output differs"
 
 
 def check_merge(ck: Checkpoint, work: Path) -> None:
