@@ -87,6 +87,19 @@ def _reference_routing() -> dict[str, tuple[str, str]]:
 
 
 @lru_cache(maxsize=1)
+def _nemotron_h_routing() -> tuple[str, str]:
+    """Normalized (block, router) sources of Nemotron-H: ``NemotronHTopkRouter`` is DeepSeek-V3's router up to names
+    (sigmoid, correction bias, group-limited top-k, renormalization, routed scaling: checked here), and
+    ``NemotronHMoE`` calls it as ``DeepseekV3MoE`` does, with latent projections around the experts that are
+    identities when ``moe_latent_size`` is unset (the latent variant is refused): its routing is DeepSeek-V3's."""
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
+    from transformers.models.nemotron_h import modeling_nemotron_h as nh
+
+    block, router = _norm_source(nh.NemotronHMoE), _norm_source(nh.NemotronHTopkRouter)
+    return (block, router) if router == _norm_source(ds.DeepseekV3TopkRouter) else ("", "")
+
+
+@lru_cache(maxsize=1)
 def _gemma4_router_source() -> str:
     """Normalized source of transformers' ``Gemma4TextRouter`` (proj, scale, per_expert_scale)."""
     from transformers.models.gemma4 import modeling_gemma4 as g4
@@ -599,6 +612,8 @@ def derive(cfg: Any) -> dict[str, Any]:
     for name, ref in _reference_routing().items():
         if ref == sig:
             reference = name
+    if reference is None and gateless and sig == _nemotron_h_routing():
+        reference = "deepseek_v3"  # its router is DeepSeek-V3's; its block adds identity latent projections (above)
     return {
         "model_type": mt,
         "count_keys": count_keys,
