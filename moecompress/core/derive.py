@@ -317,17 +317,17 @@ def _stream_ends(model: torch.nn.Module, H: int) -> tuple[str, str]:
     skip = (embed, "layers", *per_layer_modules(inner))
     rest = [n for n, c in inner.named_children() if n not in skip and list(c.parameters())]
     norms = [n for n in rest if tuple(getattr(inner.get_submodule(n), "weight", torch.empty(0)).shape) == (H,)]
-    if len(norms) != 1:
+    if len(norms) > 1 or not rest:
         raise Refusal(f"it has no single final norm [hidden] beside the layers under model.model ({rest})")
-    others = [n for n in rest if n != norms[0]]
-    if others:  # hyper-connections (DeepSeek-V4's hc_head): the stream runs them with the model's own forward
+    others = [n for n in rest if n not in norms]
+    if others:  # hyper-connections (DeepSeek-V4's hc_head, Qwen4-Exp's mixer): run with the model's own forward
         before = _used_before_layers(type(inner), others)
         if before:
             raise Refusal(
                 f"its model.model runs {before} around its decoder layers besides the embedding: the layer stream "
                 "runs only modules its forward calls after the last layer"
             )
-    return embed, norms[0]
+    return embed, (norms or others)[0]  # (no [hidden] norm: the stream's head is the forward's tail all the same)
 
 
 def _used_before_layers(cls: type, names: list[str]) -> list[str]:

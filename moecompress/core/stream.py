@@ -286,6 +286,9 @@ class LayerStream:
         self._tail_names = tuple(
             n for n, c in self.model.model.named_children() if n not in skip and list(c.parameters())
         )
+        H, norm = ckpt.config.hidden_size, self.model.model.get_submodule(self.fam.final_norm)
+        # the final module is no [hidden] norm (Qwen4-Exp's hyper_connection_mixer): the forward's tail as well
+        self._own_head = bool(self._tail_names) or tuple(getattr(norm, "weight", torch.empty(0)).shape) != (H,)
         # per batch: the per-layer inputs [B, S, L, D] (Gemma-4); spilled with the activations
         self.per_layer = ActivationCache(spill) if self._per_layer_names else None
 
@@ -539,7 +542,7 @@ class LayerStream:
         """Final norm + lm_head on the last layer's outputs h ([B, S, H]; [B, S, hc, H] for hyper-connections) ->
         logits [B, S, V] (autograd allowed)."""
         self._ensure_head()
-        logits = self.model.lm_head(self._tail(h) if self._tail_names else self._norm(h))
+        logits = self.model.lm_head(self._tail(h) if self._own_head else self._norm(h))
         scale = getattr(self.ckpt.config, "logits_scaling", None)  # Granite divides its logits
         if isinstance(scale, (int, float)) and scale not in (0, 1):
             logits = logits / scale

@@ -162,11 +162,42 @@ def test_learned_router_layers_prune_to_the_base_model_with_those_experts_masked
 @pytest.mark.parametrize(
     "model_type, reason",
     [
-        ("hy_v4", "renames tensors on disk"),
+        ("hy_v4", "renames tensors on disk"),  # (its hc_head is renamed on disk beside experts fused on disk)
         ("inkling2", "converted on save"),
-        ("qwen4_exp", "no single final norm"),
     ],
 )
 def test_the_other_hyper_connection_types_are_refused_naming_their_reason(model_type, reason):
     cfg, why = family_or_refusal(model_type)
     assert cfg is None and reason in why, why
+
+
+@pytest.fixture(scope="module")
+def qwen4_exp(tmp_path_factory, tokenizer_dir) -> Path:
+    from family_models import build
+
+    return build("qwen4_exp", tmp_path_factory.mktemp("q4x") / "qwen4_exp", tokenizer_dir)
+
+
+@torch.no_grad()
+def test_qwen4_exp_streams_its_hyper_connection_mixer_as_its_head(qwen4_exp):
+    """Qwen4-Exp (a multimodal wrapper) repeats the embedding into hc_count streams [B, S, hc * D] and ends in
+    ``hyper_connection_mixer`` (no [hidden] final norm): the streamed logits are its language model's logits."""
+    ck = Checkpoint(qwen4_exp)
+    ids = (torch.arange(2 * 20).reshape(2, 20) * 7 + 2) % 300
+    ls = LayerStream(ck, ids, batch_size=2)
+    try:
+        for _, layer in ls.layers():
+            ls.forward_layer(layer)
+        got = ls.logits(0)
+    finally:
+        ls.close()
+    assert ls._own_head and ck.family.final_norm == "hyper_connection_mixer"
+    want = from_pretrained(qwen4_exp)(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
+@pytest.mark.slow
+def test_qwen4_exp_prunes_to_the_base_model_with_those_experts_masked(qwen4_exp, tmp_path):
+    from family_checks import check_prune
+
+    check_prune(Checkpoint(qwen4_exp), tmp_path)
