@@ -37,7 +37,6 @@ REFUSED: dict[str, str] = {
     "muse_spark": "has_post_expert_norm=True",
     "openai_privacy_filter": "has no causal-LM class",
     "qwen3_omni_moe": "keeps its language model in nested configs",
-    "qwen4_exp": "no single final norm",
     "zaya": "no single router",
 }
 
