@@ -116,3 +116,33 @@ def test_uniform_atom_pads_shared_experts_exactly(tmp_path, tokenizer_dir, model
             assert s.gate_proj.weight.shape[0] == new * K
             assert not s.down_proj.weight[:, MOE_WIDTH * n :].any()  # the zero channels
             torch.testing.assert_close(s(x), before[l](x), rtol=0, atol=0)  # the shared experts' output, exactly
+
+
+@pytest.mark.slow
+def test_compress_atom_then_quantize_quantizes_the_padded_shared_experts(tmp_path, tokenizer_dir):
+    """compress --atom --bits: the later quantize stage's rewrite sees atom's padded shared experts (core/output)."""
+    from safetensors import safe_open
+
+    from moecompress.compress.recipe import Stage
+    from moecompress.compress.run import compress_model
+
+    src = build("deepseek_v3", tmp_path / "src", tokenizer_dir)
+    out = tmp_path / "out"
+    stages = [Stage("atom", {"ratio": 0.25, "score": "magnitude", "refit": "none"}), Stage("quantize", {"bits": 4})]
+    compress_model(src, out, stages, samples=4, seq_len=32, batch_size=4)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["moe_intermediate_size"] == 32 and cfg["n_shared_experts"] == 2
+    keys = [k for f in out.glob("*.safetensors") for k in safe_open(f, "pt").keys()]
+    assert "model.layers.1.mlp.shared_experts.down_proj.weight_packed" in keys
+    assert "model.layers.1.mlp.shared_experts.down_proj.weight" not in keys
+    shape = next(
+        safe_open(f, "pt").get_tensor("model.layers.1.mlp.shared_experts.down_proj.weight_shape")
+        for f in out.glob("*.safetensors")
+        if "model.layers.1.mlp.shared_experts.down_proj.weight_shape" in safe_open(f, "pt").keys()
+    )
+    assert shape.tolist() == [cfg["hidden_size"], 64]  # zero-padded to 2 x 32 before quantization
+    ids = torch.arange(24)[None] % 300
+    with torch.no_grad():
+        a = load(out)(input_ids=ids).logits
+        b = reload_clean(out)(input_ids=ids).logits
+    assert torch.equal(a, b)
