@@ -146,6 +146,14 @@ class Family:
         interleaved layouts) or ``experts.GatedExperts`` (its own channel-wise gate), not as the transformers module."""
         return self.transposed or self.interleaved or self.expert_bias or self.gate is not None
 
+    def view_names(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's tensors under the view's names: keys under ``disk_body`` (Nemotron-H's backbone.*) renamed
+        to model.* (for loaders that read a folder's files directly; ``Checkpoint`` maps them itself)."""
+        if self.disk_body == "model":
+            return tensors
+        pre = f"{self.disk_body}."
+        return {f"model.{k[len(pre) :]}" if k.startswith(pre) else k: v for k, v in tensors.items()}
+
     @property
     def gateless(self) -> bool:
         """The experts have no gate projection (``experts.Ungated``): the view's gate is a copy of its up rows."""
