@@ -150,12 +150,7 @@ def load_quantized(
         return load_wrapper(p, config, fam, qconfig, device, dtype, packed)
     moe = set(fam.moe_layers(config))
     E = fam.num_experts(config)
-    raw = read_all(p)
-    if fam.disk_body != "model":  # (Nemotron-H's backbone.*: the view's model.*; quantization targets name modules)
-        raw = {
-            f"model.{k[len(fam.disk_body) + 1 :]}" if k.startswith(f"{fam.disk_body}.") else k: v
-            for k, v in raw.items()
-        }
+    raw = fam.view_names(read_all(p))  # (Nemotron-H: backbone.* -> model.*; quantization targets name modules)
     routed: dict[int, tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], list[int]]] = {}
     if packed:
         routed, raw = split_routed(raw, qconfig, fam, sorted(moe), E)
