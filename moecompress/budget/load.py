@@ -62,7 +62,7 @@ def load_budget(
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     fam = family_for(config)
-    state = dequantize_state(read_all(p), qconfig, "cpu")
+    state = dequantize_state(fam.view_names(read_all(p)), qconfig, "cpu")  # (Nemotron-H: backbone.* -> model.*)
     patterns = [fam.routed_key_pattern(l) for l in layers]
     rest = {fam.disk_to_module(k): v.to(dtype) for k, v in state.items() if not any(q.match(k) for q in patterns)}
     with init_empty_weights(include_buffers=False):
