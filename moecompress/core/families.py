@@ -381,7 +381,10 @@ class Family:
         if router is None:
             raise UserError(f"{self.name} checkpoint lacks the router weight {rp}weight (layer {layer})")
         bias = tensors.get(rp + "bias") if self.router_bias else None
-        return MoEWeights(gate, up, down, router, bias, None, gb, ub, db, self._read_expert_scale(tensors, layer))
+        corr = tensors.get(self.router_key(layer, self.correction_bias)) if self.correction_bias else None  # (HY-V4)
+        if corr is not None and self.correction_row:
+            corr = corr.reshape(-1)  # [1, E] -> [E]
+        return MoEWeights(gate, up, down, router, bias, corr, gb, ub, db, self._read_expert_scale(tensors, layer))
 
     def _write_fused(self, w: Any, layer: int) -> dict[str, torch.Tensor]:
         if not isinstance(w.gate, torch.Tensor):
@@ -400,6 +403,8 @@ class Family:
         out[self.router_key(layer)] = w.router
         if w.router_bias is not None:
             out[self.router_key(layer, "bias")] = w.router_bias
+        if w.correction_bias is not None and self.correction_bias:
+            out[self.router_key(layer, self.correction_bias)] = self.correction_disk(w.correction_bias)
         out |= self._write_expert_scale(w, layer)
         return {k: v.contiguous() for k, v in out.items()}
 
