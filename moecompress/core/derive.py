@@ -330,17 +330,15 @@ def _stream_ends(model: torch.nn.Module, H: int) -> tuple[str, str]:
     return embed, (norms or others)[0]  # (no [hidden] norm: the stream's head is the forward's tail all the same)
 
 
-def _used_before_layers(cls: type, names: list[str]) -> list[str]:
-    """The modules among ``names`` (children of a text model of class ``cls``) that ``cls.forward`` uses anywhere but
-    after its loop over ``self.layers`` (all of them when the loop is not found): the others form the model's head,
-    which the layer stream runs by calling that forward with the layers replaced (``stream.LayerStream.head``)."""
+def _layers_loop(cls: type) -> Any:
+    """The one ``for ... in self.layers...`` loop of ``cls.forward`` (an ``ast.For``), or None."""
     import ast
     import textwrap
 
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
     except (OSError, TypeError, SyntaxError):
-        return list(names)
+        return None
     loops = [
         n for n in ast.walk(tree)
         if isinstance(n, ast.For) and any(
@@ -348,9 +346,49 @@ def _used_before_layers(cls: type, names: list[str]) -> list[str]:
             for a in ast.walk(n.iter)
         )
     ]  # fmt: skip
-    if len(loops) != 1:
+    return loops[0] if len(loops) == 1 else None
+
+
+def layer_carry(cls: type) -> tuple[dict[str, int], int]:
+    """What the layer loop of ``cls.forward`` threads from one decoder layer to the next beside the hidden states:
+    ({keyword argument: index of the layer output it is taken from}, the number of outputs the loop unpacks), e.g.
+    HY-V4 / GLM-5-DSA's ``hidden_states, topk_indices = decoder_layer(..., prev_topk_indices=topk_indices)`` ->
+    ({"prev_topk_indices": 1}, 2); ({}, 1) when the loop threads the hidden states only."""
+    import ast
+
+    loop = _layers_loop(cls)
+    if loop is None:
+        return {}, 1
+    names = {t.id for t in ast.walk(loop.target) if isinstance(t, ast.Name)}
+    carry: dict[str, int] = {}
+    arity = 1
+    for node in ast.walk(loop):
+        call = getattr(node, "value", None)
+        if not (isinstance(node, ast.Assign) and isinstance(call, ast.Call) and isinstance(node.targets[0], ast.Tuple)):
+            continue
+        if not (isinstance(call.func, ast.Name) and call.func.id in names):
+            continue  # (another call's tuple: Gemma-4's per-layer inputs)
+        elts = node.targets[0].elts
+        arity = len(elts)
+        for j, t in enumerate(elts[1:], 1):
+            for kw in call.keywords:
+                if isinstance(t, ast.Name) and isinstance(kw.value, ast.Name) and kw.value.id == t.id and kw.arg:
+                    carry[kw.arg] = j
+    return carry, arity
+
+
+def _used_before_layers(cls: type, names: list[str]) -> list[str]:
+    """The modules among ``names`` (children of a text model of class ``cls``) that ``cls.forward`` uses anywhere but
+    after its loop over ``self.layers`` (all of them when the loop is not found): the others form the model's head,
+    which the layer stream runs by calling that forward with the layers replaced (``stream.LayerStream.head``)."""
+    import ast
+    import textwrap
+
+    loop = _layers_loop(cls)
+    if loop is None:
         return list(names)
-    end = loops[0].end_lineno or 0
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    end = loop.end_lineno or 0
     used = [
         (a.attr, a.lineno)
         for a in ast.walk(tree)
@@ -1030,9 +1068,28 @@ def _fused_layout(
     if m is None:
         raise Refusal(f"transformers saves its router as {rdisk}: not <block>.<router>.weight")
     others, want = set(out) - set(marked) - {rdisk}, set(sd) - {gu_key, dn_key, rkey}
+    renames: dict[str, str] = {}  # layer-relative disk name -> module name
+    view: list[ViewRule] = []  # renames outside the layers (HY-V4's hc_head: hc_pre.hc_head.hc_head_fn on disk)
+    by_id = {id(v): k for k, v in sd.items()}
+    lay = re.compile(r"^model\.layers\.\d+\.")
+    for k in sorted(others - want):  # tensors saved as they are under another name (the same tensor object)
+        src = by_id.get(id(out[k]))
+        kp, sp = lay.match(k), lay.match(src or "")
+        if src is None or src not in want - others or (kp is None) != (sp is None) or (kp and sp and kp[0] != sp[0]):
+            raise Refusal(f"transformers renames tensors on disk besides its fused experts ({k}, from {src})")
+        routed = (f"{block}.{router}.", f"{block}.{gu_key.rsplit('.', 2)[1]}.")  # (the router's, the experts')
+        if sp is not None and src[sp.end() :].startswith(routed):
+            raise Refusal(f"transformers moves a routed tensor on disk ({src} -> {k}): not mapped yet")
+        if kp is None:
+            view.append(("", src, ((k, -1),)))
+        elif renames.setdefault(k[kp.end() :], src[kp.end() :]) != src[kp.end() :]:
+            raise Refusal(f"transformers renames {k[kp.end() :]} differently in different layers")
+        want.discard(src)
+        others.discard(k)
     if others != want:
         odd = sorted(others ^ want)[:2]
         raise Refusal(f"transformers renames tensors on disk besides its fused experts ({odd})")
     disk_router = None if m[1] == router else m[1]
     fused_names = (names["gate_up"], names["down"], "transposed" if flips.pop() else "")
-    return block, ("gate_up_proj", "gate_up_proj", "down_proj"), (), (disk_router, None), fused_names, ()
+    layout = ("gate_up_proj", "gate_up_proj", "down_proj")
+    return block, layout, tuple(sorted(renames.items())), (disk_router, None), fused_names, tuple(view)

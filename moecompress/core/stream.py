@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import DTYPE_BYTES, Checkpoint
-from .derive import causal_lm
+from .derive import causal_lm, layer_carry
 from .errors import UserError
 from .experts import BiasedExperts, GatedExperts, Ungated, UngatedExperts, own_gate, routed_forward
 from .families import Family
@@ -286,6 +286,13 @@ class LayerStream:
         self._tail_names = tuple(
             n for n, c in self.model.model.named_children() if n not in skip and list(c.parameters())
         )
+        # what the model's layer loop threads from one layer to the next beside the hidden states (HY-V4, GLM-5-DSA:
+        # the top-k indices a "full" indexer layer hands to the "shared" layers after it): {keyword: output index};
+        # per batch, the values layer l gets (_carry_in, from layer l - 1) and the ones it gave (_carry_out)
+        self._carry, self._arity = layer_carry(type(self.model.model))
+        self._carry_layer = 0
+        self._carry_in: dict[int, dict[str, Any]] = {}
+        self._carry_out: dict[int, dict[str, Any]] = {}
         H, norm = ckpt.config.hidden_size, self.model.model.get_submodule(self.fam.final_norm)
         # the final module is no [hidden] norm (Qwen4-Exp's hyper_connection_mixer): the forward's tail as well
         self._own_head = bool(self._tail_names) or tuple(getattr(norm, "weight", torch.empty(0)).shape) != (H,)
@@ -503,13 +510,23 @@ class LayerStream:
         kw = self.kwargs[i] if self.layer_types is None else self._kwargs_by_type[self.layer_types[l]][i]
         if self.per_layer is not None:
             kw = {**kw, "per_layer_input": self.per_layer[i][:, :, l, :].to(self.device)}
+        if self._carry:
+            if l != self._carry_layer:
+                raise UserError(
+                    f"{self.ckpt.config.model_type}'s layers hand {sorted(self._carry)} on to the next layer, which "
+                    f"the layer stream holds for the current layer only (layer {l} was asked for at layer "
+                    f"{self._carry_layer}): this operation re-runs earlier layers and is not available for it"
+                )
+            kw = {**kw, **self._carry_in.get(i, dict.fromkeys(self._carry))}
         return kw
 
     def run_layer(self, layer: nn.Module, i: int) -> torch.Tensor:
         kw = self.kwargs[i]
-        if self.layer_types is not None or self.per_layer is not None:
+        if self.layer_types is not None or self.per_layer is not None or self._carry:
             kw = self.layer_kwargs(next(j for j, m in enumerate(self.decoder_layers) if m is layer), i)
         out = layer(self.cache[i].to(self.device), **kw)
+        if self._carry and isinstance(out, tuple):
+            self._carry_out[i] = {k: out[j] for k, j in self._carry.items()}
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
@@ -529,6 +546,8 @@ class LayerStream:
                 yield l, layer
             finally:
                 self.free(layer)
+            if self._carry:  # layer l + 1 gets what layer l handed on
+                self._carry_in, self._carry_out, self._carry_layer = self._carry_out, {}, l + 1
 
     def moe_block(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.fam.module_block)
@@ -564,8 +583,11 @@ class LayerStream:
             def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
                 return torch.zeros((*input_ids.shape, H), dtype=h.dtype, device=h.device)
 
-        def forward(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            return h if self.j == 0 else hidden_states
+        extra = (None,) * (self._arity - 1)  # (what a loop that unpacks more outputs threads on: None)
+
+        def forward(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            out = h if self.j == 0 else hidden_states
+            return (out, *extra) if extra else out
 
         setattr(inner, self.fam.embed, Zeros())
         inner.layers = nn.ModuleList(_stand_in(layer, j, forward) for j, layer in enumerate(own_layers))
