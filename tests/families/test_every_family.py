@@ -28,7 +28,6 @@ REFUSED: dict[str, str] = {
     "dots3_note": "overrides layer sizes per layer",
     "ernie4_5_vl_moe": "not one block.experts per layer",
     "glm5_next": "converts its tensor",
-    "hy_v4": "renames tensors on disk besides its fused experts",
     "inkling": "no config class registered",
     "inkling2": "converted on save",
     "minimax_m3_vl": "too large to map by markers",
