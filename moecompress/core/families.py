@@ -254,8 +254,8 @@ class Family:
             raise UserError(
                 f"{self.name} keeps its routed experts fused on disk ({self.disk_block}.{self.fused_names[0]}): "
                 "transformers reads quantized Llama-4 experts as one module per expert (SequentialLlama4TextExperts: "
-                f"{self.experts}.<e>.gate_proj/up_proj/down_proj), a layout moecompress's quantization does not write "
-                "yet, so quantization is refused for it (profile, expert pruning, eval and load work)"
+                f"{self.experts}.<e>.gate_proj/up_proj/down_proj), which moecompress quantize writes (quant/keys.py); "
+                "the byte-budget planner's per-expert layout is refused for it"
             )
         if self.fused_disk:
             fused = self.fused_names[0] if self.fused_names else f"{self.experts}.gate_up_proj"

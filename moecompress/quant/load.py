@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from moecompress.core.errors import UserError
 from moecompress.core.experts import experts_activation
+from moecompress.quant import keys
 from moecompress.quant.ctformat import scheme_of
 from moecompress.quant.pack import unpack_int32
 from moecompress.quant.packed_experts import PackedExperts
@@ -83,7 +84,7 @@ def split_routed(
     rest = dict(raw)
     out: dict[int, tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], list[int]]] = {}
     for l in layers:
-        bases = [[fam.expert_key(l, e, p)[: -len(".weight")] for p in range(3)] for e in range(num_experts)]
+        bases = [[keys.expert_key(fam, l, e, p)[: -len(".weight")] for p in range(3)] for e in range(num_experts)]
         if not all(b + ".weight_packed" in rest for row in bases for b in row):
             continue
         if any(len({(scheme_of(qconfig, b) or (0,))[0] for b in row}) > 1 for row in bases):
@@ -112,6 +113,26 @@ def split_routed(
             bits.append(widths.pop())
         out[l] = (experts, bits)
     return out, rest
+
+
+def fuse_sequential(
+    state: dict[str, torch.Tensor], fam: Family, layers: list[int], num_experts: int
+) -> dict[str, torch.Tensor]:
+    """Llama-4's dequantized per-expert projections (``experts.<e>.gate_proj/up_proj/down_proj.weight``, the modules
+    of SequentialLlama4TextExperts, ``quant/keys.py``) as the fused disk tensors its unquantized checkpoint holds
+    (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``, as Llama4TextExperts holds them); others unchanged."""
+    if not keys.sequential(fam):
+        return state
+    out = dict(state)
+    for l in layers:
+        names = [[keys.expert_key(fam, l, e, p) for e in range(num_experts)] for p in range(3)]
+        if not all(k in out for row in names for k in row):
+            raise UserError(f"layer {l}: {names[0][0]} and the other routed experts are not all in the folder")
+        gate, up, down = (torch.stack([out.pop(k) for k in row]) for row in names)  # [E, I, H] x2, [E, H, I]
+        gu_key, down_key = keys.fused_keys(fam, l)
+        out[gu_key] = torch.cat([gate, up], dim=1).transpose(1, 2).contiguous()  # [E, H, 2I]
+        out[down_key] = down.transpose(1, 2).contiguous()  # [E, I, H]
+    return out
 
 
 def load_quantized(
@@ -146,8 +167,8 @@ def load_quantized(
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     fam = family_for(config)
-    if fam.nest is not None:  # a multimodal wrapper: its language model nested beside a vision tower
-        return load_wrapper(p, config, fam, qconfig, device, dtype, packed)
+    if fam.nest is not None or keys.sequential(fam):  # a multimodal wrapper, or Llama-4's transposed experts
+        return load_through_transformers(p, config, fam, qconfig, device, dtype, packed)
     moe = set(fam.moe_layers(config))
     E = fam.num_experts(config)
     raw = fam.view_names(read_all(p))  # (Nemotron-H: backbone.* -> model.*; quantization targets name modules)
@@ -193,32 +214,35 @@ def load_quantized(
     return model.eval()
 
 
-def load_wrapper(
+def load_through_transformers(
     p: Path, config: Any, fam: Family, qconfig: dict, device: torch.device | str, dtype: torch.dtype, packed: bool
 ) -> PreTrainedModel:
-    """A quantized multimodal wrapper (Qwen3.5-MoE, Qwen3-VL-MoE, GLM-4.5V, Llama-4, Gemma-4, DeepSeek-OCR-2): every
-    packed module dequantized (``q * scale``, as compressed-tensors does), then loaded by the class transformers maps
-    the model type to, through ``from_pretrained(state_dict=...)``: transformers' own conversion mapping places the
-    per-expert keys, the text model's disk names (DeepSeek-OCR-2's model.* is the module's model.language_model.*)
-    and the vision tower exactly as for an unquantized folder, so no key mapping is repeated here; missing or
-    unexpected keys are refused. ``packed``: the language model's routed experts are then replaced by
-    :class:`PackedExperts` (the load itself peaks at the dense model's size)."""
+    """A quantized folder whose modules moecompress does not fill itself: a multimodal wrapper (Qwen3.5-MoE,
+    Qwen3-VL-MoE, GLM-4.5V, Gemma-4, DeepSeek-OCR-2, Unlimited-OCR, Llama-4) or Llama-4's text model (its experts
+    module holds [E, H, 2I]). Every packed module is dequantized (``q * scale``, as compressed-tensors does; Llama-4's
+    per-expert modules fused back: ``fuse_sequential``), then loaded by the class transformers maps the model type
+    to (image-text-to-text for a wrapper), through ``from_pretrained(state_dict=...)``: transformers' own conversion
+    mapping places the per-expert keys, the text model's disk names (DeepSeek-OCR-2's model.* is the module's
+    model.language_model.*) and the vision tower exactly as for an unquantized folder, so no key mapping is repeated
+    here; missing or unexpected keys are refused. ``packed``: the language model's routed experts are then replaced
+    by :class:`PackedExperts` (not Llama-4's; the load itself peaks at the dense model's size)."""
     from moecompress.core.derive import wrapper_auto_class
 
-    auto = wrapper_auto_class(config)
-    if auto is None:
-        raise UserError(f"{p}: transformers has no image-text-to-text class for {config.model_type}")
+    auto = wrapper_auto_class(config) or AutoModelForCausalLM
     raw = read_all(p)
     tcfg = config.get_text_config()
     moe, E = sorted(fam.moe_layers(tcfg)), fam.num_experts(tcfg)
     routed: dict[int, tuple[list[dict[str, tuple[torch.Tensor, torch.Tensor]]], list[int]]] = {}
-    if packed:  # (split_routed names experts as the view does: model.layers.N...; a copy under those names)
-        from moecompress.core.checkpoint import Checkpoint
+    from moecompress.core.checkpoint import Checkpoint
 
-        ck = Checkpoint(p)
+    ck = Checkpoint(p)
+    if packed and not keys.sequential(fam):  # (split_routed names experts as the view does: model.layers.N...)
         view = {ck.view_key(k): k for k in raw}
         routed, _ = split_routed({v: raw[k] for v, k in view.items()}, _view_qconfig(qconfig, ck), fam, moe, E)
     state = dequantize_state(raw, qconfig, device)
+    if keys.sequential(fam):  # Llama-4: per-expert modules fused back into the disk tensors, under the view's names
+        state = {ck.view_key(k): v for k, v in state.items()}
+        state = {ck.disk_key(k): v for k, v in fuse_sequential(state, fam, moe, E).items()}
     with torch.device("meta"):  # (the Auto class needs a path; its model class takes a state dict alone)
         cls = type(auto.from_config(config, trust_remote_code=False))
     try:
@@ -232,7 +256,7 @@ def load_wrapper(
     if bad:
         raise UserError(f"{p}: tensors do not match config.json ({bad})")
     for l, (experts, bits) in routed.items():
-        block = model.get_submodule(f"{fam.nest[0]}.layers.{l}.{fam.module_block}")
+        block = model.get_submodule(f"{fam.nest[0] if fam.nest else 'model'}.layers.{l}.{fam.module_block}")
         try:
             mod = PackedExperts.from_experts(experts, bits, experts_activation(getattr(block, fam.experts)), device)
         except ValueError as err:
@@ -252,6 +276,8 @@ def _view_qconfig(qconfig: dict, ck: Any) -> dict:
 
 
 def _to_view(target: str, ck: Any) -> str:
+    if ck.family.nest is None:
+        return target
     body = ck._nest[0]
     if target.startswith("re:"):
         return target.replace(re.escape(f"{body}.layers."), re.escape("model.layers."))

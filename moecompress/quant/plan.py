@@ -21,6 +21,7 @@ import torch
 
 from ..core.checkpoint import DTYPE_BYTES, Checkpoint
 from ..core.errors import UserError
+from . import keys
 from .bitplan import allocate_bits_detailed
 from .layer import Width, expert_group_sizes, split_width
 from .rtn import SUPPORTED_BITS, group_size_for, quantized_nbytes
@@ -58,16 +59,16 @@ class Layout:
         self.moe = list(ckpt.moe_layers)
         self.E = ckpt.num_experts
         self.info = ckpt.tensor_info()
-        self.routed: dict[str, tuple[int, int, int]] = {}  # key -> (layer, expert, proj)
+        self.routed: dict[str, tuple[int, int, int]] = {}  # key -> (layer, expert, proj) (output names)
+        self.fused = {k for l in self.moe for k in keys.fused_keys(fam, l)}  # Llama-4's disk tensors they replace
         for l in self.moe:
             for e in range(self.E):
                 for proj in range(3):
-                    k = fam.expert_key(l, e, proj)
-                    if k not in self.info:
+                    k = keys.expert_key(fam, l, e, proj)
+                    if k not in self.info and not self.fused:
                         raise UserError(f"{k} is missing: moecompress quantize needs the hub per-expert layout")
                     self.routed[k] = (l, e, proj)
-        k0 = fam.expert_key(self.moe[0], 0, 0)
-        self.I, self.H = self.info[k0]["shape"]
+        self.I, self.H = keys.expert_info(ckpt, self.moe[0], 0)[0]
         routed_pats = [fam.routed_key_pattern(l) for l in self.moe]
         self.other: list[str] = []
         for k, v in self.info.items():
@@ -102,7 +103,7 @@ class Layout:
         """Bytes of everything but the routed experts in the output."""
         total = 0
         for k, v in self.info.items():
-            if k in self.routed:
+            if k in self.routed or k in self.fused:
                 continue
             if k in self.other and other_bits < 16:
                 r, c = v["shape"]

@@ -34,6 +34,7 @@ import torch
 from ..core.engine import Engine, LayerContext, Transform
 from ..core.experts import routed_forward
 from ..core.interface import observing
+from . import keys
 from .codecache import CodeCache
 from .ctformat import quantization_config
 from .layer import (
@@ -93,8 +94,7 @@ def _fused(ctx: LayerContext) -> tuple[torch.Tensor, torch.Tensor]:
 def weight_dtype_of(engine: Engine) -> torch.dtype:
     """The checkpoint's dtype of the routed expert weights (what the loader dequantizes into)."""
     ck = engine.ckpt
-    key = ck.family.expert_key(ck.moe_layers[0], 0, 0)
-    return DTYPES.get(ck.tensor_info()[key]["dtype"], torch.float32)
+    return DTYPES.get(keys.expert_info(ck, ck.moe_layers[0], 0)[1], torch.float32)
 
 
 class QuantTransform(Transform):
@@ -201,7 +201,7 @@ class QuantTransform(Transform):
                     w, s = (
                         (qe.gate_up[e, sl], qe.gate_up_s[e, sl]) if pre else (qe.gate_up_q[e, sl], qe.gate_up_s[e, sl])
                     )
-                base = fam.expert_key(ctx.index, e, proj)[: -len(".weight")]
+                base = keys.expert_key(fam, ctx.index, e, proj)[: -len(".weight")]
                 wb = split_width(b)[1 if proj == 2 else 0]
                 out[base + ".weight_packed"] = w.contiguous() if pre else pack_int32(w.contiguous(), wb)
                 out[base + ".weight_scale"] = s.contiguous()
@@ -246,7 +246,7 @@ class QuantTransform(Transform):
     def qconfig(self, fam: Any) -> dict[str, Any]:
         """compressed-tensors quantization_config: one generic scheme when every routed expert has one width
         (what transformers and vLLM expect), else every routed module listed with its width."""
-        names, modules = fam.expert_names, {}
+        names, modules = keys.expert_names(fam), {}
         extra: dict[tuple[int, int], list[str]] = {}
         shapes = {(d["H"], d["I"]) for d in self.layers.values()}
         if self.uniform and len(shapes) == 1:
@@ -264,7 +264,7 @@ class QuantTransform(Transform):
                 for e, w in enumerate(d["bits"]):
                     for proj in range(3):
                         b = split_width(w)[1 if proj == 2 else 0]
-                        modules[fam.expert_key(l, e, proj)[: -len(".weight")]] = (b, g_i if proj == 2 else g_h)
+                        modules[keys.expert_key(fam, l, e, proj)[: -len(".weight")]] = (b, g_i if proj == 2 else g_h)
         modules.update(self.other)
         ignore = ["lm_head", f"re:.*\\.{re.escape(fam.router)}$"]
         if fam.shared_gate:
