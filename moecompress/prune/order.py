@@ -260,6 +260,11 @@ class ExpertOutputs:
             out[miss] = self.apply_hidden(e, self.x[rows[miss]])
         return out
 
+    def hidden_only(self) -> None:
+        """Free the cached outputs [T, c, H] (only ``hidden_of`` is asked from here on: ``get`` is no longer
+        available); the down refit needs the activations alone (the 30B-shaped layer: 403 MB less at its peak)."""
+        self.cache = None
+
     def release(self, e: int) -> None:
         """Expert e was removed: its slots may hold other experts' outputs from now on."""
         rows = (self.slot[:, e] >= 0).nonzero().squeeze(1)
