@@ -293,6 +293,10 @@ class LayerStream:
         self._carry_layer = 0
         self._carry_in: dict[int, dict[str, Any]] = {}
         self._carry_out: dict[int, dict[str, Any]] = {}
+        # keep_carries: every layer's carried inputs are kept (HEAPr's backward pass re-runs every layer on its kept
+        # inputs; they are the top-k indices, smaller than the hidden states it keeps for each layer)
+        self.keep_carries = False
+        self._carry_hist: dict[int, dict[int, dict[str, Any]]] = {}
         H, norm = ckpt.config.hidden_size, self.model.model.get_submodule(self.fam.final_norm)
         # the final module is no [hidden] norm (Qwen4-Exp's hyper_connection_mixer): the forward's tail as well
         self._own_head = bool(self._tail_names) or tuple(getattr(norm, "weight", torch.empty(0)).shape) != (H,)
@@ -511,6 +515,8 @@ class LayerStream:
         if self.per_layer is not None:
             kw = {**kw, "per_layer_input": self.per_layer[i][:, :, l, :].to(self.device)}
         if self._carry:
+            if l != self._carry_layer and l in self._carry_hist:
+                return {**kw, **self._carry_hist[l].get(i, dict.fromkeys(self._carry))}
             if l != self._carry_layer:
                 raise UserError(
                     f"{self.ckpt.config.model_type}'s layers hand {sorted(self._carry)} on to the next layer, which "
@@ -547,6 +553,8 @@ class LayerStream:
             finally:
                 self.free(layer)
             if self._carry:  # layer l + 1 gets what layer l handed on
+                if self.keep_carries:
+                    self._carry_hist[l] = self._carry_in
                 self._carry_in, self._carry_out, self._carry_layer = self._carry_out, {}, l + 1
 
     def moe_block(self, layer: nn.Module) -> nn.Module:

@@ -219,3 +219,19 @@ def test_qwen4_exp_prunes_to_the_base_model_with_those_experts_masked(qwen4_exp,
     from family_checks import check_prune
 
     check_prune(Checkpoint(qwen4_exp), tmp_path)
+
+
+@pytest.mark.slow
+def test_hy_v4_channel_pruning_re_runs_each_layer_with_what_the_layer_before_handed_on(tmp_path, tokenizer_dir):
+    """HEAPr's backward pass re-runs every layer on its kept inputs: the stream keeps each layer's carried top-k
+    indices for it (``keep_carries``); the output loads and runs."""
+    from family_models import build
+
+    from moecompress import load
+
+    path = build("hy_v4", tmp_path / "hy_v4", tokenizer_dir)
+    out = tmp_path / "atom"
+    res = _cli("prune", path, "--granularity", "atom", "--ratio", "0.25", "--refit", "none", *CALIB, "-o", out)
+    assert res.exit_code == 0, res.output
+    with torch.no_grad():
+        assert torch.isfinite(load(out)(input_ids=torch.arange(12)[None] % 300).logits).all()
