@@ -237,6 +237,7 @@ def streamed_grad_stats(
         spill = (cfg.num_hidden_layers + 1) * input_ids.numel() * cfg.hidden_size * 4 > SPILL_BYTES
     engine = Engine(ckpt, input_ids, batch_size, device, "gradient pass (forward)")
     ls, W = engine.stream, engine.world
+    ls.keep_carries = True  # the backward re-runs every layer: what layers hand on too (HY-V4's top-k indices)
     E, H = ckpt.num_experts, ckpt.config.hidden_size
     if kind == "full" and on_layer is not None and chunk is None:
         chunk = g_chunk(ckpt, ls.device)
