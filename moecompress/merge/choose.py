@@ -138,7 +138,8 @@ class LayerFit:
         projections refitted as the default pruning refits them: ``prune.refit.fit_downs`` on all T tokens (fit
         and measure parts) with its hold-out check (every ``holdout``-th token) and its minimum of fit tokens per
         channel (``min_rows``), one kept member after the other.
-        Returns the candidates ("keep+refit" where the refit was kept, marked fitted on every token) and state."""
+        Returns the candidates ("keep+refit" where the refit was kept, marked fitted on every token) and state;
+        ``state`` is consumed (its expert outputs [T, k, H] are freed before the new state's are made)."""
         w, dom = self.w, clustering.dominant
         E = w.num_experts
         experts = torch.as_tensor(dom, device=state.idx.device)[state.idx]  # [T, k] original expert ids
@@ -147,15 +148,19 @@ class LayerFit:
         def hidden(e: int, rows: torch.Tensor) -> torch.Tensor:
             return activations(self.x[rows], w.gate[e], w.up[e], self.act)
 
-        downs, _ = fit_downs(
+        downs = fit_downs(
             hidden, w.down, dom, dense, self.y, state.yc, kept_only=True, holdout=holdout, min_rows=min_rows
-        )
+        )[0]
         out = []
-        for c, d in zip(chosen, downs, strict=True):
-            d = d.to(self.dtypes["down"])
+        for j, c in enumerate(chosen):
+            d = downs[j].to(self.dtypes["down"])
             refit = not torch.equal(d, c.down.to(d.dtype))
             kind = "keep+refit" if refit else c.kind
             out.append(Candidate(kind, c.gate, c.up, d, c.row, c.bias, c.corr, prior=c.down, fit_all=True))
+        # the float32 downs [K, H, I] and the old state's outputs [T, k, H] go before the new state is built (on the
+        # 30B-shaped layer 403 + 268 MB that were held together with the new outputs)
+        del downs
+        state.outs = state.yc = None
         return out, self.routed(out)
 
     def routed(self, chosen: list[Candidate]) -> _Routed:
@@ -242,8 +247,8 @@ class _Routed:
                 downs.append((cand, cand.down))
         for c, down in downs:
             out_j = torch.nn.functional.linear(h, down.float())  # [nj, H]
-            o = outs.clone() if len(downs) > 1 else outs
-            o[jr, js] = out_j
+            # the version's outputs are ``outs`` with j's slots set to out_j: kept apart (``accept`` writes both), not
+            # one [n, k, H] copy per version (the 32-expert cut of the 30B-shaped layer peaked in these copies)
             yn = others.clone()
             yn.index_add_(0, jr, s[:, None] * out_j)  # [n, H]
             d2n = (yn - fit.y[rows]).double().pow(2).sum(1)  # [n]
@@ -263,7 +268,7 @@ class _Routed:
             mean = float(delta.sum()) / n_m
             sd = max(float(delta.pow(2).sum()) / n_m - mean * mean, 0.0) ** 0.5
             se = sd / n_m**0.5 * n_m / fit.norm  # on the scale of ``err``
-            versions.append(_Trial(c, err, j, logits, corr, w2, idx2, rows, o, yn, d2n, scale, se))
+            versions.append(_Trial(c, err, j, logits, corr, w2, idx2, rows, outs, yn, d2n, scale, se, (jr, js, out_j)))
         return versions
 
     def refit_all(self, chosen: list[Candidate]) -> float:
@@ -300,6 +305,8 @@ class _Routed:
             self.yc = self.yc * t.scale  # slot outputs are unweighted: unchanged
         self.wts[t.rows], self.idx[t.rows] = t.w2[t.rows], t.idx2[t.rows]
         self.outs[t.rows] = t.outs
+        jr, js, out_j = t.slots
+        self.outs[t.rows[jr], js] = out_j
         self.yc[t.rows] = t.yn
         self.d2 = (self.yc - self.fit.y).double().pow(2).sum(1) if t.scale is not None else self.d2
         self.d2[t.rows] = t.d2n
@@ -321,6 +328,7 @@ class _Trial:
     d2n: torch.Tensor
     scale: torch.Tensor | None
     se: float = 0.0  # standard error of (err - the current error), from the per-token changes on the measure tokens
+    slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows of ``rows``, slot, output) of j
 
 
 def _parts(c: Candidate) -> tuple[Any, ...]:
@@ -383,6 +391,7 @@ def choose_clusters(
     cache: int | None = None,
     min_gain_se: float = 0.0,
     holdout: int = HOLDOUT,
+    last: bool = False,
 ) -> tuple[list[Candidate], float, float, torch.Tensor]:
     """Coordinate descent over the clusters' candidates. Returns (chosen candidates, error at start, final error,
     the final squared error of each measure token [n_M] float64). With "keep+refit" among ``kinds`` the start is
@@ -394,10 +403,13 @@ def choose_clusters(
     not follow noise).
     ``clock`` (``layer.Clock``, optional) is charged "merge candidates" (alignment, merges, router rows) and
     "candidate trials" (routing, outputs, refits, errors). ``cache``: the clusters whose merge candidates are kept
-    for the next sweep (None: all; the others' are built again: the same tensors, so the same choice)."""
+    for the next sweep (None: all; the others' are built again: the same tensors, so the same choice). ``last``:
+    no clustering of this ``fit`` starts after this one (``fit.src`` is freed once this one has started)."""
     w = fit.w
     lap = clock.lap if clock is not None else (lambda name: None)
     chosen, state = fit.start(clustering)
+    if last:  # no clustering starts after this one: the cached original outputs ([T, k+1, H]) are done with
+        fit.src = None
     start = state.err
     if "keep+refit" in kinds:  # the default pruning's down refit, on all T tokens with its hold-out check
         chosen, state = fit.pruning_refit(clustering, chosen, state, holdout)

@@ -284,10 +284,10 @@ def choose_layer(
     kept: tuple[float, Clustering, list[Any], torch.Tensor] | None = None
     x_align = x_fit[: opts.align_tokens]
     cache = cached_clusters(w, len(clusters), opts, fit.dtypes["gate"], xf.device)
-    for c in reversed(options):  # the pruning choice first: another clustering must be clearly better
+    for i, c in enumerate(reversed(options)):  # the pruning choice first: another clustering must be clearly better
         chosen, start, err, d2 = choose_clusters(
             fit, c, freqs, x_align, opts.candidates, opts.aligned, rank_fn, align_block=opts.align_block, clock=clock,
-            cache=cache, min_gain_se=opts.min_gain_se,
+            cache=cache, min_gain_se=opts.min_gain_se, last=i == len(options) - 1,
         )  # fmt: skip
         tried.append((err, c, start))
         if kept is None or kept[0] - err > opts.min_gain_se * _paired_se(d2 - kept[3], fit.norm):
