@@ -498,6 +498,8 @@ class Checkpoint:
             for k in [k for k in full if k not in raw and k in text_keys and k != "quantization_config"]:
                 text[k] = full.pop(k)
             full[attr] = text
+            if isinstance(full.get("quantization_config"), dict):  # (compress: a quantize stage's, view names)
+                full["quantization_config"] = self._disk_names(full["quantization_config"])
             return full
         full, before = copy.deepcopy(raw), self.config.to_dict()
         text = dict(full[attr])

@@ -98,3 +98,17 @@ def test_vision_tower_is_copied_and_the_config_names_the_wrappers_modules(q35):
     src_cfg = json.loads((src / "config.json").read_text())
     assert {k: v for k, v in cfg.items() if k != "quantization_config"} == src_cfg  # nothing else changed
     assert Manifest.read(out).layout == "quantized"
+
+
+@pytest.mark.slow
+def test_compress_prune_then_quantize_of_a_wrapper_loads_in_both(q35, tmp_path):
+    """compress writes config.json's own dict: its quantize stage's targets are renamed to the wrapper's modules too."""
+    src, _ = q35
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- prune: {ratio: 0.25, method: frequency}\n- quantize: {bits: 4}\n")
+    out = tmp_path / "c"
+    _cli("compress", src, "--recipe", recipe, *CALIB, "-o", out)
+    targets = [t for g in json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()
+               for t in g["targets"]]  # fmt: skip
+    assert not any(t.startswith(r"re:^model\.layers") for t in targets)
+    assert torch.equal(_logits(load(out, dtype=torch.bfloat16)), _logits(reload_clean(out)))
