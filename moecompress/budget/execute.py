@@ -164,9 +164,10 @@ def transforms_for(plan: dict[str, Any], spec: RouterSpec, num_experts: int, kee
         channels = {}
         for l, v in layers.items():
             per = []
-            for r in v["experts"]:
-                w = r["width"] if not r["removed"] else I
-                per.append(torch.arange(I) if w == I else keep[l][w][r["expert"]])
+            kept_w = [r["width"] for r in v["experts"] if not r["removed"]]
+            for r in v["experts"]:  # (a removed expert's entry is never read; servable: the layer's one width, which
+                w = r["width"] if not r["removed"] else kept_w[0] if servable and kept_w else I  # the atom stage
+                per.append(torch.arange(I) if w == I else keep[l][w][r["expert"]])  # reads from the first entry)
             channels[l] = per
         info = {"method": "budget plan (channels: routed second moment x |down column|^2)", "score": "budget"}
         out.append(AtomTransform(spec, keep=channels, layout="uniform" if servable else "exact", refit=Refit(),
