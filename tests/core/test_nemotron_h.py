@@ -254,3 +254,23 @@ def test_merged_outputs_load_cleanly(nemotron, tmp_path, method):
         got, want = load(out)(input_ids=ids).logits, reload_clean(out)(input_ids=ids).logits
         base = load(nemotron)(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base, atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("servable", [False, True])
+def test_byte_budget_outputs_load(nemotron, tmp_path, servable):
+    """compress --budget-ratio: the exact plan loads with moecompress.load (backbone.* keys, gateless experts padded
+    exactly); the servable plan (here it removes layer 1's expert 0) writes config.json with the experts' one width
+    and loads cleanly in plain transformers."""
+    from moecompress import load
+
+    out = tmp_path / f"budget-{servable}"
+    _cli("compress", nemotron, "--budget-ratio", "0.8", *(["--servable"] if servable else []), *CALIB, "-o", out)
+    with torch.no_grad():
+        assert torch.isfinite(load(out)(input_ids=torch.arange(12)[None] % 300).logits).all()
+    if servable:
+        cfg = json.loads((out / "config.json").read_text())
+        plan = json.loads((out / "plan.json").read_text())
+        widths = {w for v in plan["layers"].values() for w in v["widths"]}
+        assert widths == {cfg["moe_intermediate_size"]}, (widths, cfg["moe_intermediate_size"])
+        reload_clean(out)
