@@ -350,8 +350,8 @@ class LayerStream:
         pair; None when the family keeps its experts fused on disk or the experts' headers differ in shape or dtype
         (then the layer is read whole, as before)."""
         fam, E = self.fam, self.ckpt.num_experts
-        if fam.fused_disk or fam.expert_bias or (fam.own_experts and fam.gate != "apply_gate"):  # own gate: same layout
-            return None
+        if fam.fused_disk or fam.expert_bias or (fam.own_experts and fam.gate not in ("apply_gate", "ungated")):
+            return None  # (own gate, gateless experts: the same layout; gateless: the gate rows are read from up)
         if self._info is None:
             self._info = self.ckpt.tensor_info()
         info = self._info
@@ -370,7 +370,9 @@ class LayerStream:
         for s in range(0, E, step):
             part = self.ckpt.read([k for e in range(s, min(E, s + step)) for k in keys[e]])
             for e in range(s, min(E, s + step)):
-                g, u, d = (part.pop(k) for k in keys[e])
+                g, u, d = (part[k] for k in keys[e])  # (gateless: g and u are the one up tensor)
+                for k in keys[e]:
+                    part.pop(k, None)
                 if gate_up is None or down is None:
                     gate_up = torch.empty((E, 2 * I, H), dtype=g.dtype)
                     down = torch.empty((E, H, I), dtype=d.dtype)
