@@ -297,8 +297,9 @@ class PruneTransform(Transform):
         if "down" in self.opts.refit:
             src.hidden_only()  # the cached outputs are done with: fit_downs reads activations only
             w_dense = dense_weights(w_p, idx_p, self.E)
-            # when fit_downs would refit no kept expert (flagship shapes at the default --error-tokens), its float32
-            # copy of the kept downs ([k, H, I]: 400 MB on a Qwen3-30B layer) is not made; the output is the same
+            # when fit_downs would refit no kept expert (too few tokens for every guard), its float32 copy of the
+            # kept downs ([k, H, I]: 400 MB on a Qwen3-30B layer) is not made; the output is the same (the synthetic
+            # 30B-shaped layer at the default --error-tokens does refit: some kept experts pass the guard)
             if refits_any(w_dense, keep, view.down.shape[2], self.opts.refit_min_rows):
                 downs, y_p = fit_downs(
                     src.hidden_of,
@@ -330,6 +331,9 @@ class PruneTransform(Transform):
         ctx.extra["expert_ids"] = [source[e] for e in keep]
         if downs is not None:
             view = replace(view, down=None)
+            # the block takes the refitted downs now: its unpruned ones go before the kept gate/up rows are copied
+            # (the 30B-shaped layer: 403 MB of bf16 less at the prune's peak); set_block_experts sets them again
+            ctx.experts.down_proj = torch.nn.Parameter(downs, requires_grad=False)
         sel, gate_up = select_experts(view, keep)
         if downs is not None:
             sel = replace(sel, down=downs)
