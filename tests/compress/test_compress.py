@@ -69,13 +69,15 @@ def test_merge_then_atoms_then_bits(tmp_path, tokenizer_dir):
     assert model.config.num_local_experts == 4 and model.config.intermediate_size == 16
 
 
-def test_a_grouped_router_takes_merge_and_refuses_a_uniform_atom_stage(tmp_path, tokenizer_dir):
+def test_a_grouped_router_takes_merge_and_a_uniform_atom_stage(tmp_path, tokenizer_dir):
     ds = build_tiny("deepseek_v3", tmp_path / "ds", tokenizer_dir)
     res = _run(str(ds), "--merge", "0.25", *SMALL, "-o", str(tmp_path / "m"))
     assert res.exit_code == 0, res.output
     assert moecompress.load(tmp_path / "m").config.n_routed_experts == 6
-    res = _run(str(ds), "--atom", "0.25", *SMALL, "-o", str(tmp_path / "a"))
-    assert res.exit_code == 2 and "--layout exact" in res.output and "prune --granularity atom" in res.output
+    res = _run(str(ds), "--atom", "0.25", *SMALL, "-o", str(tmp_path / "a"))  # shared experts zero-padded to 2 x 16
+    assert res.exit_code == 0, res.output
+    cfg = moecompress.load(tmp_path / "a").config
+    assert (cfg.moe_intermediate_size, cfg.n_shared_experts) == (16, 2)
 
 
 @pytest.mark.parametrize(
