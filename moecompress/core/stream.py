@@ -163,6 +163,8 @@ def _biased_experts(fam: Family, ex: nn.Module) -> nn.Module:
     with torch.device("meta"):
         if fam.gate == "apply_gate":
             return GatedExperts(E, H, I, own_gate(ex, fam.name))
+        if fam.gate is None and not fam.expert_bias:  # only transposed (Aria: x @ [H, 2I]): its plain act(g) * u
+            return GatedExperts(E, H, I, ex.act_fn)
         return BiasedExperts(E, H, I, fam.name, fam.gate or "", float(ex.alpha), float(ex.limit))
 
 
