@@ -280,10 +280,13 @@ class Checkpoint:
         if self.family.layer_parts and self.family.nest is None:
             self._nest_keys()  # (only the layer-held block's keys are renamed: model.layers.N.moe.<part>)
         if self.family.nest is not None:
-            from .derive import nest_disk_body
+            from .derive import nest_disk_body, nest_disk_head
 
             # (the text model's path in the checkpoint: where the module keeps it, or DeepSeek-OCR-2's model.*)
-            self._nest = (nest_disk_body(self.config) or self.family.nest[0], self.family.nest[1])
+            self._nest = (
+                nest_disk_body(self.config) or self.family.nest[0],
+                nest_disk_head(self.config) or self.family.nest[1],
+            )
             self.wrapper_config, self.config = self.config, self.config.get_text_config()
             self._nest_keys()
             layers_on_disk = {int(m[1]) for k in self.weight_map if (m := _LAYER_KEY.match(k))}

@@ -438,7 +438,7 @@ def derive(cfg: Any) -> dict[str, Any]:
     nest: tuple[str, str] | None = None
     wrapper: torch.nn.Module | None = None
     entry = cfg.to_json_string(use_diff=False)
-    _TEXT_BODY[0] = None
+    _TEXT_BODY[0] = _TEXT_HEAD[0] = None
     if getattr(cfg, "text_config", None) is not None:  # a multimodal wrapper: its language model is the view
         wrapper, model, body, head = _wrapper(cfg)
         nest, cfg = (body, head), model.config
@@ -612,7 +612,14 @@ def derive(cfg: Any) -> dict[str, Any]:
 
     _ROOT_BODY[0] = "model"
     disk_block, expert_names, renames, (disk_router, disk_correction), fused_names, view = _disk_layout(
-        wrapper or model, l0, block_name, experts_name, router_name, E, nest[0] if nest else "model", corr_module,
+        wrapper or model,
+        l0,
+        block_name,
+        experts_name,
+        router_name,
+        E,
+        nest[0] if nest else "model",
+        corr_module,
         gateless,
     )
     if gateless and fused_names is not None:
@@ -620,7 +627,7 @@ def derive(cfg: Any) -> dict[str, Any]:
     if view and nest:
         raise Refusal(f"transformers converts its tensor {view[0][2][0][0]} on disk inside a multimodal wrapper")
     if nest:
-        _NEST_DISK[entry] = _TEXT_BODY[0] or ""
+        _NEST_DISK[entry], _NEST_HEAD[entry] = _TEXT_BODY[0] or "", _TEXT_HEAD[0] or ""
     if (flags["is_transposed"] or flags["has_bias"] or not flags["is_concatenated"]) and fused_names is None:
         raise Refusal("its experts are transposed, interleaved or biased in memory but saved per expert: not mapped")
     scaled = bool(getattr(block, "scaled_input", False))
@@ -775,7 +782,7 @@ def _disk_layout(
     marked = {k: v for k, v in out.items() if v.device.type != "meta" and v.dtype == torch.float64}
     fused = [k for k, v in marked.items() if v.shape[0] == E and v.dim() == 3]
     if fused:
-        return _fused_layout(out, sd, marked, prefix, block, router, gu_key, dn_key, gate_up, down)
+        return _fused_layout(out, sd, marked, prefix, block, router, gu_key, dn_key, gate_up, down, body)
     pat = re.compile(
         rf"^{re.escape(prefix)}(?P<block>[\w.]+?)\.{re.escape(experts)}\.(?P<e>\d+)\.(?P<name>\w+)\.weight$"
     )
@@ -900,20 +907,34 @@ def _text_body_on_disk(out: dict[str, Any], sd: dict[str, Any], body: str, l: in
     marked = [k for k, v in out.items() if v.device.type != "meta" and v.dtype == torch.float64]  # layer l's experts
     found = {m[1] or "" for k in marked if (m := re.match(rf"^(?:(.+)\.)?layers\.{l}\.", k))}
     if (
-        body == "model" or len(marked) <= 2 or len(found) != 1 or (dbody := found.pop()) in (body, "")
-    ):  # (2: fused)  # ("": Mistral-Large-4's root)
+        body == "model" or len(marked) < 2 or len(found) != 1 or (dbody := found.pop()) in (body, "")
+    ):  # ("": Mistral-Large-4's root)
         return out
     dpre = f"{dbody}." if dbody else ""
+    by_id = {id(v): k for k, v in sd.items()}
     renamed = {}
     for k, v in out.items():
         m = f"{body}.{k[len(dpre) :]}" if k.startswith(dpre) else None
         text = m is not None and (k.startswith(f"{dpre}layers.") or sd.get(m) is v)
+        src = by_id.get(id(v))
+        if not text and src is not None and src != k and src.rsplit(".", 2)[-2] == "lm_head":
+            # the wrapper's head saved elsewhere too (Aria: language_model.lm_head.weight; module: lm_head.weight)
+            _TEXT_HEAD[0], m, text = k.rsplit(".", 1)[0], src, True
         renamed[m if text else k] = v
     _TEXT_BODY[0] = dbody
     return renamed
 
 
 _TEXT_BODY: list[str | None] = [None]  # the disk body ``_text_body_on_disk`` found in the last derive
+_TEXT_HEAD: list[str | None] = [None]  # and the disk name of the wrapper's lm_head when not the module's
+_NEST_HEAD: dict[str, str] = {}  # a multimodal wrapper's config -> where its checkpoint keeps the lm_head
+
+
+def nest_disk_head(cfg: Any) -> str | None:
+    """Where a multimodal wrapper's checkpoint keeps its lm_head when not where the module does (Aria's
+    language_model.lm_head), None then."""
+    nest_disk_body(cfg)
+    return _NEST_HEAD.get(cfg.to_json_string(use_diff=False)) or None
 
 
 def nest_disk_body(cfg: Any) -> str | None:
@@ -1041,6 +1062,7 @@ def _fused_layout(
     dn_key: str,
     gate_up: torch.Tensor,
     down: torch.Tensor,
+    body: str = "model",
 ) -> tuple[str, tuple[str, str, str], tuple[tuple[str, str], ...], tuple[str | None, str | None], Any, Any]:
     """``_disk_layout`` for experts saved fused: the marker tensors come back whole (same values, maybe renamed, as
     Granite's input_linear/output_linear), the router maybe renamed (Granite's router.layer), nothing else."""
@@ -1071,10 +1093,14 @@ def _fused_layout(
     renames: dict[str, str] = {}  # layer-relative disk name -> module name
     view: list[ViewRule] = []  # renames outside the layers (HY-V4's hc_head: hc_pre.hc_head.hc_head_fn on disk)
     by_id = {id(v): k for k, v in sd.items()}
-    lay = re.compile(r"^model\.layers\.\d+\.")
+    lay = re.compile(rf"^{re.escape(body)}\.layers\.\d+\.")
     for k in sorted(others - want):  # tensors saved as they are under another name (the same tensor object)
         src = by_id.get(id(out[k]))
         kp, sp = lay.match(k), lay.match(src or "")
+        if src is not None and body != "model" and kp is None and sp is None and not src.startswith(f"{body}."):
+            want.discard(src)  # a multimodal wrapper's other tensors (Aria's vision tower): copied as they are
+            others.discard(k)
+            continue
         if src is None or src not in want - others or (kp is None) != (sp is None) or (kp and sp and kp[0] != sp[0]):
             raise Refusal(f"transformers renames tensors on disk besides its fused experts ({k}, from {src})")
         routed = (f"{block}.{router}.", f"{block}.{gu_key.rsplit('.', 2)[1]}.")  # (the router's, the experts')
