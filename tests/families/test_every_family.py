@@ -23,7 +23,6 @@ TYPES = installed_moe_types()
 # Multimodal wrappers are read through their language model (qwen3_5_moe, qwen3_vl_moe, glm4v_moe are supported);
 # the others are refused for what their text model has
 REFUSED: dict[str, str] = {
-    "aria": "fused on disk and converted on save",
     "diffusion_gemma": "does not find one text model",
     "dots3_note": "overrides layer sizes per layer",
     "ernie4_5_vl_moe": "not one block.experts per layer",
