@@ -791,6 +791,13 @@ def _disk_layout(
     seen = 0
     for k, v in marked.items():
         m = pat.match(k)
+        if m is None and re.match(rf"^layers\.\d+\.{re.escape(experts)}\.\d+\.", k):  # (Mistral-Large-4)
+            raise Refusal(
+                f"transformers saves its experts as {k}, not <block>.{experts}.<e>.<proj>.weight: its checkpoint keeps "
+                "the language model at the root in Mistral's native names (the decoder layer holds the router, "
+                "experts and shared experts; tok_embeddings, output, the rotary embedding's lerope.alpha), which "
+                "moecompress does not map"
+            )
         if m is None:
             raise Refusal(f"transformers saves its experts as {k}, not <block>.{experts}.<e>.<proj>.weight")
         e = int(m["e"])
