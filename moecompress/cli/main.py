@@ -103,11 +103,19 @@ def info(
         "layout": ck.layout,
         "compressed_by": ck.manifest.command if ck.manifest is not None else None,
         "stages": [s["op"] for s in ck.manifest.stages] if ck.manifest is not None else [],
+        "warnings": list(
+            dict.fromkeys(ck.manifest.warnings + [w for s in ck.manifest.stages for w in s.get("warnings") or []])
+        )
+        if ck.manifest is not None
+        else [],
     }
     t = Table(show_header=False, box=None)
     for k, v in facts.items():
-        t.add_row(f"[bold]{k}", str(v))
+        if k != "warnings":
+            t.add_row(f"[bold]{k}", str(v))
     out_console.print(t)
+    for w in facts["warnings"]:  # what the operations that wrote it said about it (e.g. atom's padded shared experts)
+        out_console.print(f"note: {w}")
     if facts["layout"] != "uniform":
         out_console.print(f"layout {facts['layout']!r}: load it exactly with moecompress.load(path)")
     if json_out:

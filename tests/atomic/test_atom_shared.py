@@ -18,10 +18,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "families"))
 from family_checks import from_pretrained, reload_clean  # noqa: E402
 from family_models import MOE_WIDTH, build, tiny_config  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
 
 from moecompress import load  # noqa: E402
 from moecompress.atomic.run import atomic_prune, check_layout  # noqa: E402
 from moecompress.atomic.shared import shared_padding  # noqa: E402
+from moecompress.cli.main import app  # noqa: E402
 from moecompress.core.checkpoint import Checkpoint  # noqa: E402
 from moecompress.core.errors import UserError  # noqa: E402
 
@@ -103,6 +105,10 @@ def test_uniform_atom_pads_shared_experts_exactly(tmp_path, tokenizer_dir, model
     assert pad["padded_width"] == new * K and pad["zero_channels_per_module"] == new * K - MOE_WIDTH * n
     assert pad["params_added"] == len(pad["modules"]) * 3 * cfg["hidden_size"] * pad["zero_channels_per_module"]
     assert any(key in w for w in man["warnings"])
+    facts = tmp_path / "facts.json"  # moecompress info shows the padding too
+    res = CliRunner().invoke(app, ["info", str(out), "--json", str(facts)])
+    assert res.exit_code == 0 and f"{key} {n} -> {new}" in " ".join(res.output.split())
+    assert any(f"{key} {n} -> {new}" in w for w in json.loads(facts.read_text())["warnings"])
 
     pruned = reload_clean(out).float()  # plain transformers: no missing, unexpected or mismatched keys
     ids = torch.arange(24)[None] % 300
