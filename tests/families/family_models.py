@@ -46,6 +46,13 @@ REAL_FIELDS: dict[str, dict[str, Any]] = {
     "qwen4_exp_text": dict(
         indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4
     ),
+    # Mistral-Large-4: its defaults hold 72-entry per-layer lists (the config refuses another layer count)
+    "mistral_large4_text": {
+        "kv_source_layers": lambda L: list(range(L)),
+        "indexer_types": lambda L: ["full"] * L,
+        "no_rope_layers": lambda L: [1] * L,
+        "mlp_layer_types": lambda L: ["dense"] + ["sparse"] * (L - 1),
+    },
 }
 
 
