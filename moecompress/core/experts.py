@@ -15,8 +15,15 @@ Three kinds of ``act`` compute h differently, each exactly what the family's exp
   relu^2). The view keeps the [E, 2I, H] layout every operation slices, with the gate half a copy of the up rows that
   nothing computes with: h = act(u) (``gated``, ``fused_hidden``, ``expert_outputs``, ``routed_forward`` use the up
   rows only, bit for bit transformers' eager computation) and the family writes only up and down.
-Calling a ``GatedActivation``, an ``ExpertsKernel`` or an ``Ungated`` as act(g) refuses in one line: a code path that
-multiplies act(g) * u itself would be silently wrong on these experts.
+- ``PostNorm``: experts that normalize each expert's output (transformers' ``has_post_expert_norm=True``, MuseSpark:
+  f = norm(h down^T), one norm module shared by the layer's experts, applied before the routing weight).
+  ``routed_forward``, ``expert_outputs`` and ``expert_forward`` apply the norm, bit for bit the family's eager
+  computation (profile, masked-routing prune, merge similarity). The norm mixes the hidden channels of f (an RMS
+  over them), so f is not linear in h: ``expert_hidden``, ``fused_hidden`` and ``gated`` (the helpers of channel
+  pruning, refit, merge alignment, GPTQ / LP-plan error measurement and the packed quantized kernel, which form
+  f = h down^T themselves) refuse in one line.
+Calling a ``GatedActivation``, an ``ExpertsKernel``, an ``Ungated`` or a ``PostNorm`` as act(g) refuses in one line: a
+code path that multiplies act(g) * u itself would be silently wrong on these experts.
 
 The layer stream may hold the fused weights in the checkpoint's dtype (bf16) while the hidden states are float32:
 ``routed_forward``, ``expert_outputs`` and the ``ExpertsKernel`` upcast one expert's weights at a time to the
@@ -135,6 +142,8 @@ def experts_activation(experts: nn.Module) -> Act:
     overrides transformers' default ``_apply_gate`` (gpt-oss's biased experts aside), else its ``act_fn``."""
     from transformers.integrations.moe import _default_apply_gate
 
+    if getattr(experts, "has_post_expert_norm", False) or isinstance(getattr(experts, "act_fn", None), PostNorm):
+        raise PostNorm(activation(None), nn.Identity(), type(experts).__name__).refuse()  # (the packed kernel: no norm)
     if getattr(experts, "has_gate", True) is False:  # transformers' gateless experts (Nemotron-H)
         return Ungated(experts.act_fn, type(experts).__name__)
     gate = getattr(type(experts), "_apply_gate", _default_apply_gate)
@@ -145,6 +154,8 @@ def experts_activation(experts: nn.Module) -> Act:
 
 def gated(act: Act, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """h = act(g) * u, or the family's own gated activation of (g, u): g, u [..., I] -> [..., I]."""
+    if isinstance(act, PostNorm):
+        raise act.refuse()
     if isinstance(act, (GatedActivation, Ungated)):
         return act.glu(g, u)
     return act(g) * u
@@ -262,11 +273,59 @@ class UngatedExperts(nn.Module):
         return routed_forward(self.gate_up_proj, self.down_proj, self.act_fn, hidden, top_k_index, top_k_weights)
 
 
+class PostNorm:
+    """The activation of experts with a norm after each expert (``has_post_expert_norm=True``, MuseSpark): ``act`` the
+    inner activation (h = act(g) * u, or a ``GatedActivation`` / ``Ungated``), ``norm`` the experts module's
+    ``post_expert_norm`` (one module for every expert of the layer): f = norm(h down^T)."""
+
+    def __init__(self, act: Act, norm: nn.Module, family: str):
+        if isinstance(act, (PostNorm, ExpertsKernel)):
+            raise ValueError(f"{family}: a post-expert norm over {type(act).__name__} experts is not modelled")
+        self.act, self.norm, self.family = act, norm, family
+
+    def output(self, h: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """f = norm(h down^T): h [n, I], down [H, I] -> [n, H]."""
+        return self.norm(nn.functional.linear(h, down.to(h.dtype)))
+
+    def refuse(self) -> UserError:
+        return UserError(
+            f"{self.family}'s experts normalize each expert's output (has_post_expert_norm=True: f = norm(h down^T), "
+            "an RMS over the hidden channels), which this operation's expert math (f linear in h) does not model, "
+            "so it is refused for this model type"
+        )
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        raise self.refuse()
+
+
+class PostNormedExperts(nn.Module):
+    """The experts of a family with a post-expert norm in the view's layout: gate_up_proj [E, 2I, H] (gate rows first),
+    down_proj [E, H, I], ``post_expert_norm`` the family's own norm module (its weight saved at
+    ``experts.post_expert_norm.weight`` as transformers does), ``act_fn`` a ``PostNorm``; ``forward`` is
+    ``routed_forward``: F.linear, act, F.linear, the norm, weighting: the family's eager computation, same ops in the
+    same order."""
+
+    def __init__(self, E: int, H: int, I: int, act: Act, norm: nn.Module, family: str):
+        super().__init__()
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(E, H, I), requires_grad=False)
+        self.post_expert_norm = norm
+        self.act_fn = PostNorm(act, norm, family)
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return routed_forward(self.gate_up_proj, self.down_proj, self.act_fn, hidden, top_k_index, top_k_weights)
+
+
 def expert_outputs(gate_up: torch.Tensor, down: torch.Tensor, act: Act, x: torch.Tensor) -> torch.Tensor:
     """Every expert's unweighted output on the same tokens: gate_up [E, 2I, H], down [E, H, I], x [N, H] ->
     [E, N, H] (with the experts' biases and own activation for ``BiasedExperts``)."""
     if isinstance(act, ExpertsKernel):
         return torch.stack([act.output(act.hidden(x, gate_up[e], e), down[e], e) for e in range(gate_up.shape[0])])
+    if isinstance(act, PostNorm):  # the norm after each expert: f = norm(h down^T), one expert at a time
+        return torch.stack(
+            [act.output(fused_hidden(x, gate_up[e].to(x.dtype), act.act), down[e]) for e in range(len(down))]
+        )
     if gate_up.dtype != x.dtype or down.dtype != x.dtype:  # narrow weights: one expert upcast at a time
         out = torch.empty((gate_up.shape[0], x.shape[0], down.shape[1]), dtype=x.dtype, device=x.device)  # [E, N, H]
         for e in range(gate_up.shape[0]):
@@ -288,21 +347,28 @@ def activation(config: object) -> Act:
 
 
 def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: Act) -> torch.Tensor:
-    """h(x) = act(x gate^T) * (x up^T): x [T, H], gate/up [I, H] -> [T, I]."""
-    if isinstance(act, ExpertsKernel):
+    """h(x) = act(x gate^T) * (x up^T): x [T, H], gate/up [I, H] -> [T, I] (refused for a ``PostNorm``: its callers
+    model the expert output as linear in h)."""
+    if isinstance(act, (ExpertsKernel, PostNorm)):
         raise act.refuse()
     return gated(act, nn.functional.linear(x, gate), nn.functional.linear(x, up))
 
 
 def expert_forward(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act: Act) -> torch.Tensor:
-    """f(x) = h(x) down^T: x [T, H], gate/up [I, H], down [H, I] -> [T, H] (unweighted expert output)."""
+    """f(x) = h(x) down^T: x [T, H], gate/up [I, H], down [H, I] -> [T, H] (unweighted expert output; with the
+    post-expert norm for a ``PostNorm``)."""
+    if isinstance(act, PostNorm):
+        return act.output(fused_hidden(x, torch.cat([gate, up]), act.act), down)
     return nn.functional.linear(expert_hidden(x, gate, up, act), down)
 
 
 def fused_hidden(x: torch.Tensor, gate_up: torch.Tensor, act: Act) -> torch.Tensor:
     """h(x) from transformers' fused ``gate_up [2I, H]`` (gate rows first): x [T, H] -> [T, I]. The same values as
-    ``expert_hidden`` up to float rounding; bit for bit what the eager kernel (and ``routed_forward``) computes."""
+    ``expert_hidden`` up to float rounding; bit for bit what the eager kernel (and ``routed_forward``) computes.
+    Refused for a ``PostNorm`` (its callers form f = h down^T themselves, without the norm)."""
     if isinstance(act, ExpertsKernel):
+        raise act.refuse()
+    if isinstance(act, PostNorm):  # its callers form f = h down^T themselves: without the norm
         raise act.refuse()
     if isinstance(act, Ungated):  # transformers' eager gateless experts: act(F.linear(x, up))
         return act.act(nn.functional.linear(x, gate_up[gate_up.shape[0] // 2 :]))
@@ -332,11 +398,13 @@ def routed_forward(
     out = torch.zeros_like(hidden)
     E = gate_up.shape[0]
     kernel = act if isinstance(act, ExpertsKernel) else None  # biased experts (gpt-oss): their own computation
+    post = isinstance(act, PostNorm)  # a norm after each expert (MuseSpark): f = norm(h down^T)
+    inner = act.act if isinstance(act, PostNorm) else act
 
     def term(e: int, token_idx: torch.Tensor, pos: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if kernel is None:
-            h = fused_hidden(x[token_idx], gate_up[e].to(x.dtype), act)  # [n, I] (upcast: narrow weights)
-            f = nn.functional.linear(h, down[e].to(h.dtype))  # [n, H]
+            h = fused_hidden(x[token_idx], gate_up[e].to(x.dtype), inner)  # [n, I] (upcast: narrow weights)
+            f = act.output(h, down[e]) if post else nn.functional.linear(h, down[e].to(h.dtype))  # [n, H]
         else:
             h = kernel.hidden(x[token_idx], gate_up[e], e)
             f = kernel.output(h, down[e], e)
