@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
@@ -78,6 +79,11 @@ def _int(cfg: Any, *keys: str, default: int | None = None) -> int:
 
 
 def _attn_params(cfg: Any, H: int) -> int:
+    raw = cfg.to_dict()
+    over = [v for v in (raw.get("per_layer_config") or {}).values() if isinstance(v, dict)]
+    if over and raw.get("kv_lora_rank"):  # Dots3-Note: per-layer latent-attention sizes (global reads raise): widest
+        keys = set().union(*over)
+        cfg = SimpleNamespace(**(raw | {k: max(v for v in [raw.get(k), *(o.get(k) for o in over)] if v) for k in keys}))
     heads = _int(cfg, "num_attention_heads")
     if getattr(cfg, "kv_lora_rank", None):  # multi-head latent attention (DeepSeek-V2/V3, Kimi-K2)
         nope, rope, v = (_int(cfg, k, default=0) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
