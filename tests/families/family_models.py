@@ -43,6 +43,9 @@ REAL_FIELDS: dict[str, dict[str, Any]] = {
     "lfm2_moe": {"layer_types": lambda L: ["conv", "full_attention"] * (L // 2)},
     "deepseek_ocr2_text": {"mlp_layer_types": lambda L: ["dense"] + ["sparse"] * (L - 1)},
     "unlimited_ocr_text": {"mlp_layer_types": lambda L: ["dense"] + ["sparse"] * (L - 1)},
+    "dots3_note_text": {"mlp_layer_types": lambda L: ["dense"] + ["sparse"] * (L - 1)},
+    # MuseSpark: experts over their own width (moe_hidden_size, projected into and out of the hidden size)
+    "muse_spark_text": {"mlp_layer_types": lambda L: ["dense"] + ["sparse"] * (L - 1), "moe_hidden_size": 48},
     "qwen4_exp_text": dict(
         indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4
     ),
@@ -58,6 +61,9 @@ REAL_FIELDS: dict[str, dict[str, Any]] = {
 
 # small sizes for fields only one model type has (Nemotron-H's Mamba-2 mixer: 128 heads of 64 by default, its shared
 # expert 7688 wide), set in its tiny config beside the common ones
+# per-layer attention overrides of multi-head latent attention layers (Dots3-Note's sliding layers)
+_MLA_OVERRIDES = {"num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "head_dim",
+                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"}  # fmt: skip
 SMALL_FIELDS: dict[str, dict[str, Any]] = {
     "nemotron_h": dict(
         mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=16, chunk_size=8,
@@ -142,6 +148,16 @@ def _overrides(defaults: dict[str, Any], width: int = MOE_WIDTH) -> dict[str, An
         out |= dict(enable_moe_block=True, top_k_experts=2)
     if isinstance(defaults.get("per_layer_config"), dict):  # Gemma-4: per-layer overrides of the layers kept
         out["per_layer_config"] = {k: v for k, v in defaults["per_layer_config"].items() if int(k) < 4}
+        kinds, over = defaults.get("layer_types") or [], defaults["per_layer_config"]
+        odd = {kinds[int(k)] for k in over if int(k) < len(kinds)}  # Dots3-Note: the sliding layers' own attention
+        if (
+            odd
+            and all(set(v) <= _MLA_OVERRIDES for v in over.values())
+            and defaults.get("kv_lora_rank")
+            and "vocab_size_per_layer_input" not in defaults
+        ):
+            small = dict(num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=24, qk_nope_head_dim=8, head_dim=16)
+            out["per_layer_config"] = {i: small for i, t in enumerate(out.get("layer_types") or []) if t in odd}
         if "vocab_size_per_layer_input" in defaults:  # Gemma-4: full-attention layers' own head_dim, key-value heads
             full = [i for i, t in enumerate(out.get("layer_types") or []) if t == "full_attention"]
             out["per_layer_config"] = {i: {"head_dim": 32, "num_key_value_heads": 1} for i in full}  # (others: 16, 2)
@@ -211,8 +227,44 @@ def tiny_config(model_type: str, width: int = MOE_WIDTH):
     kw: dict[str, Any] = {"text_config": small}
     if isinstance(vision, dict):
         kw["vision_config"] = vision | {k: v for k, v in _VISION.items() if k in vision}
+        n = kw["vision_config"].get("num_hidden_layers", 1)
+        for k in ("layer_types", "mlp_layer_types"):  # (MuseSpark's, Dots3-Note's vision towers: the kept blocks')
+            if isinstance(vision.get(k), list):
+                kw["vision_config"][k] = vision[k][:n]
+        if "adapter_in_dim" in vision:  # Dots3-Note's vision adapter: vision width -> text width
+            kw["vision_config"] |= {
+                "adapter_in_dim": kw["vision_config"]["hidden_size"],
+                "adapter_out_dim": small["hidden_size"],
+            }
+        if isinstance(vision.get("per_layer_config"), dict):
+            kw["vision_config"]["per_layer_config"] = {
+                k: v for k, v in vision["per_layer_config"].items() if int(k) < n
+            }
         for sub, small_sub in VISION_FIELDS.get(model_type, {}).items():  # nested vision sub-configs
             kw["vision_config"][sub] = vision[sub] | small_sub
+    if isinstance(defaults.get("audio_config"), dict):  # MuseSpark: a one-block audio tower onto the tiny text width
+        audio = defaults["audio_config"]
+        kw["audio_config"] = audio | {"out_hidden_size": small["hidden_size"]}
+        if "adapter_out_dim" in audio:  # Dots3-Note's audio encoder: one narrow block onto the text width
+            small_audio = dict(
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                head_dim=16,
+                downsample_hidden_size=16,
+                adapter_input_size=32,
+                conv_output_size=16 * audio["feature_size"] // 8,
+                adapter_out_dim=small["hidden_size"],
+            )
+            kw["audio_config"] |= {k: v for k, v in small_audio.items() if k in audio}  # fmt: skip
+        if isinstance(audio.get("hidden_sizes"), list):  # its blocks: one narrow block per stage
+            kw["audio_config"] |= {
+                "hidden_sizes": [16] * len(audio["hidden_sizes"]),
+                "depths": [1] * len(audio["depths"]),
+            }
+        kw |= {k: small["hidden_size"] for k in ("out_hidden_size", "projector_hidden_size") if k in defaults}
     for i, k in enumerate(m for m in _MARKERS if m in defaults):
         kw[k] = VOCAB - 1 - i
     if "tie_word_embeddings" in defaults:
