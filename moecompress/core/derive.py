@@ -399,7 +399,13 @@ def _used_before_layers(cls: type, names: list[str]) -> list[str]:
 
 # per-layer config overrides of the attention only (Gemma-4's full-attention layers: global head_dim and key-value
 # heads): the layer stream builds every layer with transformers' own code, the experts' shapes are checked per layer
-_ATTENTION_OVERRIDES = {"head_dim", "num_key_value_heads"}
+# per-layer config overrides that only size a layer's attention (built by transformers from the config, run by the
+# layer stream as the family's own modules): Gemma-4's full-attention head_dim / key-value heads, Dots3-Note's
+# sliding layers' multi-head latent attention (heads, LoRA ranks, head widths)
+_ATTENTION_OVERRIDES = {
+    "head_dim", "num_key_value_heads", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "v_head_dim",
+}  # fmt: skip
 
 
 def _layer_parts(block: torch.nn.Module) -> tuple[str, ...]:
@@ -484,7 +490,11 @@ def derive(cfg: Any) -> dict[str, Any]:
         if flags["is_transposed"] or flags["has_bias"] or flags["has_post_expert_norm"] or not hasattr(ex, "act_fn"):
             raise Refusal(f"its gateless experts are transposed, biased, post-normed or have no act_fn ({flags})")
     if flags["has_post_expert_norm"]:
-        raise Refusal("its experts apply a norm after each expert (has_post_expert_norm=True)")
+        raise Refusal(  # (the norm itself is modelled: core.experts.PostNorm / PostNormedExperts, tested)
+            "its experts apply a norm after each expert (has_post_expert_norm=True) to a projected input "
+            "(pre_expert_proj: moe_hidden_size) while its router reads the block input, which the profile's router "
+            "statistics (logits from the experts' input) and the layer stream do not model yet"
+        )
     gate = "ungated" if gateless else None
     if gateless:
         from .experts import Ungated
@@ -643,10 +653,10 @@ def derive(cfg: Any) -> dict[str, Any]:
             )
 
     overrides = sorted({k for v in (cfg.to_dict().get("per_layer_config") or {}).values() for k in v})
-    if set(overrides) - _ATTENTION_OVERRIDES:  # (Dots3-Note: its tiny test config does not build; not verified)
+    if set(overrides) - _ATTENTION_OVERRIDES:  # (an expert count or width per layer: every operation assumes one)
         raise Refusal(
-            f"its config overrides layer sizes per layer (per_layer_config: {overrides}), which no moecompress check "
-            "has verified"
+            f"its config overrides {sorted(set(overrides) - _ATTENTION_OVERRIDES)} per layer (per_layer_config), "
+            "which moecompress does not handle (it accepts per-layer attention sizes only)"
         )  # Gemma-4: the full-attention layers' head_dim / key-value heads (built by transformers, checked in tests)
     if len(_VIEWS) > 64:
         _VIEWS.clear()

@@ -24,7 +24,6 @@ TYPES = installed_moe_types()
 # the others are refused for what their text model has
 REFUSED: dict[str, str] = {
     "diffusion_gemma": "does not find one text model",
-    "dots3_note": "overrides layer sizes per layer",
     "ernie4_5_vl_moe": "not one block.experts per layer",
     "glm5_next": "converts its tensor",
     "inkling": "no config class registered",
