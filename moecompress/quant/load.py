@@ -176,6 +176,10 @@ def load_quantized(
     if packed:
         routed, raw = split_routed(raw, qconfig, fam, sorted(moe), E)
     state = dequantize_state(raw, qconfig, device)
+    from moecompress.core.checkpoint import Checkpoint
+
+    ck = Checkpoint(p)  # modules outside the layers renamed on disk (DeepSeek-V4's head.weight is lm_head.weight)
+    state = {k if k.startswith("model.layers.") else ck.view_key(k): v for k, v in state.items()}
     module_sd: dict[str, torch.Tensor] = {}
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in state.items():

@@ -33,6 +33,7 @@ from family_checks import (  # noqa: E402
 )
 from family_models import tiny_config  # noqa: E402
 
+from moecompress import load  # noqa: E402
 from moecompress.cli.main import app  # noqa: E402
 from moecompress.core.checkpoint import Checkpoint  # noqa: E402
 from moecompress.core.stream import LayerStream  # noqa: E402
@@ -118,8 +119,12 @@ def test_gptq_output_loads_cleanly(hashed, tmp_path):
     res = _cli("quantize", hashed, "--bits", "4", *CALIB, "-o", out)
     assert res.exit_code == 0, res.output
     model = reload_clean(out)  # plain transformers + compressed-tensors: no missing/unexpected keys
+    ids = torch.arange(12)[None] % 300
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=torch.arange(12)[None] % 300).logits).all()
+        want = model(input_ids=ids).logits.float()
+        assert torch.isfinite(want).all()
+        got = load(out)(input_ids=ids).logits  # moecompress.load reads head.weight (disk) as lm_head.weight
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
