@@ -444,6 +444,21 @@ FLAGSHIP_OPS = ["profile", "prune", "merge", "quantize-gptq", "quantize-lp", "at
 FLAGSHIP_TOKENS = [(128, 2048), (512, 2048)]
 
 
+# the commit from which prune (and compress's prune stage) refit the kept down projections by default (merge, which
+# starts from that pruning since then, has one run on it: its variant is not split, see README Scale)
+DOWN_REFIT_DEFAULT = "a9e8da4"
+
+
+def _default_refit_at(commit: str | None) -> str:
+    """The refit a run of the default prune did at ``commit`` ("sha HH:MM" as the stores record it): "down" from
+    DOWN_REFIT_DEFAULT on, "none" before it (or without a commit)."""
+    sha = (commit or "").split(" ")[0]
+    if not sha:
+        return "none"
+    git = ["git", "-C", str(ROOT), "merge-base", "--is-ancestor", DOWN_REFIT_DEFAULT, sha]
+    return "down" if subprocess.run(git, capture_output=True).returncode == 0 else "none"
+
+
 def measured_runs(stores: list[Path]) -> list[dict]:
     """The completed runs of the sweep stores, as fit rows (variant, shape, settings, host bytes, CPU s)."""
     from moecompress.estimate import shape_of_config
@@ -460,6 +475,9 @@ def measured_runs(stores: list[Path]) -> list[dict]:
             if latest[key] != i or "cpu_s" not in r or r.get("failed"):
                 continue
             est_op, settings = OPS[r["op"]][1]
+            default_prune = settings.get("method", "output-error") == "output-error" and "refit" not in settings
+            if est_op in ("prune", "compress") and default_prune:  # see DOWN_REFIT_DEFAULT
+                settings = {**settings, "refit": _default_refit_at(r.get("commit"))}
             s = Settings(samples=r["samples"], seq_len=r["seq_len"], batch_size=8, device="cpu", **settings)
             runs.append({
                 "name": key, "op": r["op"], "variant": variant(est_op, s) if est_op != "compress" else "compress",

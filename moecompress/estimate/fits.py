@@ -13,6 +13,8 @@ _ADVICE = {  # the term that dominates the host peak -> (what shrinks it, the va
     "err": ("a smaller --error-tokens", ("prune", "prune-refit")),
     "sim": ("a smaller --sim-tokens", ("profile", "merge")),
     "cache": ("fewer --samples (the refit caches the routed expert outputs)", ("prune-refit",)),
+    "downs": ("--refit none (the default down refit holds the kept down projections in float32)", ("prune",)),
+    "hidden": ("a smaller --error-tokens (the down refit reads their expert activations)", ("prune",)),
     "codes": ("--plan uniform (the LP plan holds codes at every candidate width)", ("quantize-lp",)),
     "align": ("--no-align", ("merge",)),
 }

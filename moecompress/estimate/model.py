@@ -57,8 +57,9 @@ PRIOR_SECONDS_CONST = 2.0
 
 def priors(mac_per_s: float) -> tuple[dict[str, float], dict[str, float]]:
     """(host prior per term, seconds prior per term): see PRIOR_HOST_CONST."""
-    host = {n: 1.0 for n in ("layer", "acts", "sim", "err", "cache", "align", "codes", "hessians", "G")}
-    secs = {n: 1.0 / mac_per_s for n in ("fwd", "sim", "search", "refit", "svd", "rtn", "gptq", "hessians")}
+    names = ("layer", "acts", "sim", "err", "cache", "downs", "hidden", "align", "codes", "hessians", "G")
+    host = {n: 1.0 for n in names}
+    secs = {n: 1.0 / mac_per_s for n in ("fwd", "sim", "search", "refit", "downfit", "svd", "rtn", "gptq", "hessians")}
     secs.update(grads=1.0 / mac_per_s, score=1.0 / mac_per_s)
     return {"const": PRIOR_HOST_CONST, **host}, {"const": PRIOR_SECONDS_CONST, **secs}
 
@@ -91,12 +92,23 @@ class Settings:
         return self.samples * self.seq_len
 
 
+def prune_refit(s: Settings) -> str:
+    """The refit a prune runs: --refit, else the CLI's default for the method (prune.transform.default_refit: a down
+    refit after output error, none after the score methods)."""
+    if s.refit is not None:
+        return s.refit
+    from ..prune.transform import default_refit
+
+    return default_refit(s.method or "output-error")
+
+
 def variant(op: str, s: Settings) -> str:
     """The fitted model an op and its settings use (one coefficient set per variant)."""
     if op == "prune":
         if s.method not in (None, "output-error"):
             return "prune-reap"  # every profile-score method costs a profile pass and a sort
-        return "prune-refit" if s.refit in ("router", "router+down") else "prune"  # down: ~1.1x none (prune_bench.cost)
+        # a down refit (the default) is the "prune" variant's downs/hidden/downfit terms (features)
+        return "prune-refit" if prune_refit(s) in ("router", "router+down") else "prune"
     if op == "quantize":
         if s.method == "rtn":
             return "quantize-rtn"
@@ -129,6 +141,11 @@ def features(shape: ModelShape, var: str, s: Settings) -> tuple[dict[str, float]
         cached = min(E, k + (4 if var == "prune" else 2))  # each sampled token's expert outputs (prune/transform.py)
         mem["err"] = 4.0 * err * cached * H
         tim["search"] = Lm * err * E * expert_fwd
+    if var == "prune" and prune_refit(s) == "down":  # the default refit of the kept down projections (prune/refit)
+        err = min(s.error_tokens, T)
+        mem["downs"] = 4.0 * E * H * I  # the kept experts' refitted downs, float32 (at most every expert's)
+        mem["hidden"] = 4.0 * err * min(E, k + 4) * I  # the sampled tokens' expert activations fit_downs reads
+        tim["downfit"] = Lm * (err * k * I * (H + I) + E * I**3)  # per kept expert: Gram, targets, ridge solve
     if var == "prune-refit":
         mem["cache"] = 4.0 * T * k * H
         tim["refit"] = Lm * T * E * H

@@ -21,8 +21,10 @@ VARIANTS = ("profile", "prune", "prune-reap", "prune-refit", "merge", "quantize-
 
 def unit_coefs() -> dict:
     """Every term's coefficient 1: predictions are the plain sums of the terms (no fitted numbers involved)."""
-    ones = {n: 1.0 for n in ("const", "layer", "acts", "sim", "err", "cache", "align", "codes", "hessians", "G")}
-    time_terms = ("const", "fwd", "sim", "search", "refit", "svd", "rtn", "gptq", "hessians", "grads", "score")
+    host_terms = ("const", "layer", "acts", "sim", "err", "cache", "downs", "hidden", "align", "codes", "hessians", "G")
+    ones = {n: 1.0 for n in host_terms}
+    time_terms = ("const", "fwd", "sim", "search", "refit", "downfit", "svd", "rtn", "gptq", "hessians", "grads")
+    time_terms += ("score",)
     secs = {n: 1e-9 for n in time_terms}
     return {"ops": {v: {"host": dict(ones), "seconds": dict(secs)} for v in VARIANTS}}
 
@@ -83,6 +85,28 @@ def test_variants() -> None:
     assert variant("quantize", Settings(method="rtn")) == "quantize-rtn"
     with pytest.raises(ValueError):
         predict(shape_of_config(tiny_config("mixtral")), "shrink", coefs=unit_coefs())
+
+
+def test_default_prune_is_priced_with_its_down_refit() -> None:
+    """The default prune (output error) refits the kept down projections (prune.transform.default_refit): its
+    prediction carries the float32 downs, the activations fit_downs reads and the fit's time; --refit none and the
+    score methods (default refit none) do not."""
+    shape = shape_of_config(tiny_config("qwen3_moe", hidden_size=512, num_experts=64, moe_intermediate_size=256))
+    c = unit_coefs()
+    default = predict(shape, "prune", coefs=c, samples=16, seq_len=256)
+    plain = predict(shape, "prune", coefs=c, samples=16, seq_len=256, refit="none")
+    down = predict(shape, "prune", coefs=c, samples=16, seq_len=256, refit="down")
+    assert default == down and default.variant == plain.variant == "prune"
+    assert default.terms["downs"] == 4.0 * 64 * 512 * 256 and "downs" not in plain.terms
+    assert default.host_bytes > plain.host_bytes and default.seconds > plain.seconds
+    assert "downfit" not in features(shape, "prune-reap", Settings(method="reap"))[2]
+    assert "downs" not in features(shape, "prune", Settings(method="reap"))[0]  # reap's default refit is none
+    # the compress prune stage is the default prune too
+    comp = predict(shape, "compress", coefs=c, samples=16, seq_len=256, stages=["prune"])
+    assert comp.host_bytes == max(default.host_bytes, predict(shape, "profile", coefs=c, samples=16).host_bytes)
+    # the shipped fit has the down refit's terms, from runs measured with it
+    shipped = coefficients()["ops"]["prune"]
+    assert shipped["host"].get("downs", 0) > 0 and "downfit" in shipped["seconds"]
 
 
 def test_fit_recovers_known_coefficients() -> None:
