@@ -109,6 +109,16 @@ def test_default_prune_is_priced_with_its_down_refit() -> None:
     assert shipped["host"].get("downs", 0) > 0 and "downfit" in shipped["seconds"]
 
 
+def test_refusal_advice_follows_the_dominant_term() -> None:
+    """A prune whose peak is the down refit's float32 downs is told --refit none; a score-method prune is not."""
+    from moecompress.estimate.fits import advice
+    from moecompress.estimate.model import Estimate
+
+    terms = {"const": 5e8, "layer": 1e9, "downs": 8e9, "hidden": 1e8}
+    assert "--refit none" in advice(Estimate("prune", "prune", 10**10, 0, 0, 1.0, terms), False)
+    assert "--refit none" not in advice(Estimate("prune", "prune-reap", 10**10, 0, 0, 1.0, terms), False)
+
+
 def test_fit_recovers_known_coefficients() -> None:
     truth = {"const": 0.5, "layer": 2.5, "acts": 1.0}
     rows = [{"const": 1.0, "layer": float(l), "acts": float(a)} for l in (1e6, 4e7, 3e8) for a in (2e5, 9e7)]
