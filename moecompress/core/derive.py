@@ -489,12 +489,11 @@ def derive(cfg: Any) -> dict[str, Any]:
             )
         if flags["is_transposed"] or flags["has_bias"] or flags["has_post_expert_norm"] or not hasattr(ex, "act_fn"):
             raise Refusal(f"its gateless experts are transposed, biased, post-normed or have no act_fn ({flags})")
-    if flags["has_post_expert_norm"]:
-        raise Refusal(  # (the norm itself is modelled: core.experts.PostNorm / PostNormedExperts, tested)
-            "its experts apply a norm after each expert (has_post_expert_norm=True) to a projected input "
-            "(pre_expert_proj: moe_hidden_size) while its router reads the block input, which the profile's router "
-            "statistics (logits from the experts' input) and the layer stream do not model yet"
-        )
+    post_norm = flags["has_post_expert_norm"]  # MuseSpark: f = norm(h down^T) (experts.PostNorm)
+    if post_norm and (gateless or flags["is_transposed"] or flags["has_bias"] or not flags["is_concatenated"]):
+        raise Refusal(f"its experts apply a norm after each expert in a layout not modelled with it ({flags})")
+    if post_norm and not isinstance(getattr(ex, "post_expert_norm", None), torch.nn.Module):
+        raise Refusal("its experts declare has_post_expert_norm=True but hold no post_expert_norm module")
     gate = "ungated" if gateless else None
     if gateless:
         from .experts import Ungated
@@ -519,6 +518,8 @@ def derive(cfg: Any) -> dict[str, Any]:
     want = {"gate_up_proj", "down_proj"} | ({"gate_up_proj_bias", "down_proj_bias"} if flags["has_bias"] else set())
     if gateless:
         want = {"up_proj", "down_proj"}
+    if post_norm:  # the norm's own weight [H] (one per layer, not per expert): kept as it is
+        want |= {f"post_expert_norm.{n}" for n, _ in ex.post_expert_norm.named_parameters()}
     if set(params) != want or list(ex.buffers()):
         raise Refusal(f"its experts hold {sorted(params)}, not exactly {sorted(want)}")
     if gateless:
@@ -532,7 +533,11 @@ def derive(cfg: Any) -> dict[str, Any]:
     else:
         E, I2, H = params["gate_up_proj"]
         down_shape = (E, H, I2 // 2)
-    if not gateless and (I2 % 2 or params["down_proj"] != down_shape or H != cfg.hidden_size):
+    if post_norm and any(v != (H,) for k, v in params.items() if k.startswith("post_expert_norm.")):
+        raise Refusal(f"its post-expert norm holds {params}, not one weight [H]")
+    # MuseSpark's experts run over moe_hidden_size (the block projects into and out of it): the router reads hidden
+    width_ok = H == cfg.hidden_size or (post_norm and getattr(cfg, "moe_hidden_size", None) == H)
+    if not gateless and (I2 % 2 or params["down_proj"] != down_shape or not width_ok):
         raise Refusal(f"its experts have shapes {params}, not gate_up [E, 2I, H] and down [E, H, I] (or transposed)")
     if flags["has_bias"] and (params["gate_up_proj_bias"] != (E, I2) or params["down_proj_bias"] != (E, H)):
         raise Refusal(f"its expert biases have shapes {params}, not [E, 2I] and [E, H]")
@@ -542,10 +547,11 @@ def derive(cfg: Any) -> dict[str, Any]:
             raise Refusal(f"its layers differ in expert shapes (layer {l0}: {params}, layer {l}: {got})")
 
     block = layers[l0].get_submodule(block_name)
+    hidden = cfg.hidden_size  # the router reads the block input: [E, hidden] (MuseSpark's experts: moe_hidden_size)
     routers = [
         n
         for n, c in block.named_children()
-        if n != experts_name and getattr(c, "weight", None) is not None and tuple(c.weight.shape) == (E, H)
+        if n != experts_name and getattr(c, "weight", None) is not None and tuple(c.weight.shape) == (E, hidden)
     ]
     if not routers:  # Hunyuan: the gate module holds the router as a Linear child (gate.wg), and nothing else
         routers = [
@@ -553,7 +559,7 @@ def derive(cfg: Any) -> dict[str, Any]:
             for n, c in block.named_children()
             if n != experts_name and "shared" not in n
             for g, w in c.named_children()
-            if getattr(w, "weight", None) is not None and tuple(w.weight.shape) == (E, H)
+            if getattr(w, "weight", None) is not None and tuple(w.weight.shape) == (E, hidden)
             and {k for k, _ in [*c.named_parameters(), *c.named_buffers()]} <= {f"{g}.weight", f"{g}.bias"}
         ]  # fmt: skip
     expert_scale = None
@@ -572,7 +578,7 @@ def derive(cfg: Any) -> dict[str, Any]:
     for l in hashed:  # DeepSeek-V4's first layers: the same router weight [E, H], expert ids from tid2eid[input_ids]
         r = layers[l].get_submodule(block_name).get_submodule(router_name)
         held = {n: tuple(t.shape) for n, t in [*r.named_parameters(), *r.named_buffers()]}
-        if held.get("weight") != (E, H) or set(held) != {"weight", _HASH_TABLE}:
+        if held.get("weight") != (E, hidden) or set(held) != {"weight", _HASH_TABLE}:
             raise Refusal(
                 f"its hash-routed layer {l} holds router tensors {sorted(held)}, not weight and {_HASH_TABLE}"
             )
@@ -697,6 +703,7 @@ def derive(cfg: Any) -> dict[str, Any]:
         "embed": embed_name,
         "final_norm": norm_name,
         "gate": gate,
+        "post_norm": post_norm,
         "disk_body": _ROOT_BODY[0],
         "fused_names": fused_names,
         "classes": (type(block).__name__, type(router).__name__, type(ex).__name__),

@@ -106,6 +106,9 @@ class Family:
     # rows that nothing computes with (experts.Ungated), expert_names[0] == expert_names[1], and only up and down are
     # written
     gate: str | None = None
+    # a norm after each expert (transformers' has_post_expert_norm, MuseSpark: f = norm(h down^T), its weight at
+    # experts.post_expert_norm.weight): the stream runs the experts as experts.PostNormedExperts
+    post_norm: bool = False
     embed: str = "embed_tokens"  # input embedding module under model.model
     final_norm: str = "norm"  # final norm module under model.model (Jamba: final_layernorm)
     # where the checkpoint keeps the model body: "model" (model.layers.*), or another root transformers renames on
@@ -144,7 +147,7 @@ class Family:
     def own_experts(self) -> bool:
         """The layer stream runs this family's experts as ``experts.BiasedExperts`` (biases, own gate, transposed or
         interleaved layouts) or ``experts.GatedExperts`` (its own channel-wise gate), not as the transformers module."""
-        return self.transposed or self.interleaved or self.expert_bias or self.gate is not None
+        return self.transposed or self.interleaved or self.expert_bias or self.gate is not None or self.post_norm
 
     def view_names(self, tensors: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint's tensors under the view's names: keys under ``disk_body`` (Nemotron-H's backbone.*) renamed
@@ -183,6 +186,12 @@ class Family:
         if self.expert_scale and not removes_experts:  # channel pruning (the atom transform rebuilds the layer)
             raise UserError(
                 f"channel pruning does not carry {self.name}'s per-expert output scale ({self.expert_scale}) yet: "
+                "prune whole experts with --method frequency, routing-mass or reap and --refit none"
+            )
+        if self.post_norm and not removes_experts:  # channel pruning: HEAPr and the refit take f linear in h
+            raise UserError(
+                f"channel pruning is refused for {self.name}: its experts normalize each expert's output "
+                "(f = post_expert_norm(h down^T)), which the channel scores and refit (f linear in h) do not model: "
                 "prune whole experts with --method frequency, routing-mass or reap and --refit none"
             )
         if removes_experts and self.hash_layers:
@@ -322,6 +331,8 @@ class Family:
             owned = rf"(?:{owned}|{re.escape(self.expert_scale)}$)"
         if self.fused_names:  # fused experts saved outside the experts name (Granite's input_linear.weight)
             owned = rf"(?:{owned}|{'|'.join(re.escape(n) + '$' for n in self.fused_names)})"
+        if self.post_norm:  # the experts' post_expert_norm.weight (one per layer, not per expert): passed through as is
+            owned = rf"(?!{re.escape(self.experts)}\.post_expert_norm\.){owned}"
         if self.hash_layers:  # a hash router's token -> expert table is the layer's own tensor, passed through as is
             owned = rf"(?!(?:{re.escape(self.router)}|{re.escape(self.disk_router or self.router)})\.tid2eid$){owned}"
         return re.compile(
@@ -692,6 +703,7 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             interleaved=not d["flags"]["is_concatenated"],
             expert_bias=d["flags"]["has_bias"],
             gate=d["gate"],
+            post_norm=d.get("post_norm", False),
             disk_body=d.get("disk_body", "model"),
             embed=d["embed"],
             final_norm=d["final_norm"],

@@ -23,7 +23,15 @@ from torch import nn
 from .checkpoint import DTYPE_BYTES, Checkpoint
 from .derive import causal_lm, layer_carry
 from .errors import UserError
-from .experts import BiasedExperts, GatedExperts, Ungated, UngatedExperts, own_gate, routed_forward
+from .experts import (
+    BiasedExperts,
+    GatedExperts,
+    PostNormedExperts,
+    Ungated,
+    UngatedExperts,
+    own_gate,
+    routed_forward,
+)
 from .families import Family
 
 
@@ -160,6 +168,10 @@ def _biased_experts(fam: Family, ex: nn.Module) -> nn.Module:
             return UngatedExperts(E, H, I, Ungated(ex.act_fn, fam.name))
     E, a, b = ex.gate_up_proj.shape
     H, I = (a, b // 2) if fam.transposed else (b, a // 2)
+    if fam.post_norm:  # MuseSpark: f = norm(h down^T), the module's own norm (on the meta device, filled on load)
+        act = own_gate(ex, fam.name) if fam.gate == "apply_gate" else ex.act_fn
+        with torch.device("meta"):
+            return PostNormedExperts(E, H, I, act, copy.deepcopy(ex.post_expert_norm), fam.name)
     with torch.device("meta"):
         if fam.gate == "apply_gate":
             return GatedExperts(E, H, I, own_gate(ex, fam.name))
@@ -276,6 +288,11 @@ class LayerStream:
         kinds = getattr(ckpt.config, "layer_types", None)
         mixed = isinstance(kinds, (list, tuple)) and len(set(map(str, kinds))) > 1
         self.layer_types: list[str] | None = [str(t) for t in kinds] if mixed else None
+        theta = getattr(ckpt.config, "layer_rope_theta", None)  # per-layer RoPE bases (MuseSpark, GraniteMoE-SWA):
+        n = len(self.decoder_layers)  # each layer gets its base's position embeddings, none where it is 0 (NoPE)
+        if isinstance(theta, (list, tuple)) and len(theta) >= n and len({str(r) for r in theta[:n]}) > 1:
+            base = self.layer_types or [str(kinds[0]) if isinstance(kinds, (list, tuple)) else "layer"] * n
+            self.layer_types = [f"{t}/rope_theta={r}" for t, r in zip(base, theta[:n], strict=True)]
         classes = [type(layer).__name__ for layer in self.decoder_layers]
         if len(set(classes)) > 1:  # hybrid stacks of layer classes (Jamba's Mamba and attention layers)
             self.layer_types = [f"{c}/{t}" for c, t in zip(classes, self.layer_types or classes, strict=True)]

@@ -87,12 +87,22 @@ class ProfileTransform(Transform):
         self._acc: LayerAccumulator | None = None
         self._parts: dict[int, LayerAccumulator] = {}  # batch -> that batch's accumulator (not folded yet)
         self._quota: list[int] = []
+        self._router_in: list[torch.Tensor] = []  # the router's own input, where it is not the experts' (MuseSpark)
+        self._hook: Any = None
 
     def moe_layer(self, ctx: LayerContext) -> None:
         down = ctx.experts.down_proj  # [E, H, I]
         self._acc = LayerAccumulator(self.num_experts, down.shape[-1], down.shape[1], self.num_domains, self.sim_tokens)
         self._parts = {}
         self._quota = sim_quota([b.numel() for b in ctx.engine.batches], self.sim_tokens)
+        self._router_in = []
+        if ctx.router.weight.shape[-1] != down.shape[1]:  # the router reads the block input, the experts a projection
+            # of it (MuseSpark: pre_expert_norm(pre_expert_proj(x)), moe_hidden_size wide): its logits from its input
+            def grab(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                x = args[0] if args else kwargs["hidden_states"]
+                self._router_in.append(x.detach().reshape(-1, x.shape[-1]))
+
+            self._hook = ctx.router.register_forward_pre_hook(grab, with_kwargs=True)
 
     def observe_forward(
         self, ctx: LayerContext, batch: int, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor
@@ -101,7 +111,13 @@ class ProfileTransform(Transform):
         assert acc is not None
         part = LayerAccumulator(acc.num_experts, acc.width, acc.hidden, acc.num_domains, self._quota[batch])
         self._parts[batch] = part
-        logits = torch.nn.functional.linear(hidden.float(), router.weight.float())  # [T, E]
+        x = hidden
+        if self._hook is not None:  # the router's own input (the block's), seen just before these experts ran
+            x = self._router_in.pop()
+            self._router_in.clear()
+            if x.shape[0] != hidden.shape[0]:
+                raise RuntimeError(f"the router saw {x.shape[0]} tokens, its experts {hidden.shape[0]}")
+        logits = torch.nn.functional.linear(x.float(), router.weight.float())  # [T, E]
         if getattr(router, "bias", None) is not None:
             logits = logits + router.bias.float()
         add_router_batch(part, logits, hidden)
@@ -135,6 +151,9 @@ class ProfileTransform(Transform):
         return acc
 
     def observed(self, ctx: LayerContext) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook, self._router_in = None, []
         acc = self._fold_all(ctx)
         stats = finalize(acc, self.top_k)
         x = torch.cat(acc.sim_inputs).to(ctx.engine.device)

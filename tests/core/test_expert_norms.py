@@ -6,6 +6,8 @@ in one line (issue 12)."""
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,12 @@ from moecompress.core.experts import (
     gated,
     routed_forward,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "families"))
+from family_checks import check_profile, check_prune, check_view_write  # noqa: E402
+from family_models import build  # noqa: E402
+
+from moecompress.core.checkpoint import Checkpoint  # noqa: E402
 
 E, H, I, T, K = 6, 48, 40, 37, 2  # expert width not a multiple of 16; the experts' own width (moe_hidden_size)
 
@@ -120,3 +128,41 @@ def test_helpers_that_model_the_output_as_linear_in_h_refuse_in_one_line():
         with pytest.raises(UserError, match="has_post_expert_norm=True") as err:
             call()
         assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def muse(tmp_path_factory, tokenizer_dir) -> Checkpoint:
+    """A tiny MuseSpark (the families' tiny config: hidden 64, experts over moe_hidden_size 48, a NoPE layer)."""
+    return Checkpoint(build("muse_spark", tmp_path_factory.mktemp("muse") / "base", tokenizer_dir))
+
+
+def test_muse_spark_opens_and_its_view_writes_back_bit_for_bit(muse):
+    fam, cfg = muse.family, muse.config.get_text_config()
+    assert fam.derived and fam.post_norm and fam.own_experts
+    w = muse.moe_weights(muse.moe_layers[0])
+    assert w.router.shape == (muse.num_experts, cfg.hidden_size) and w.down.shape[1] == cfg.moe_hidden_size
+    assert cfg.moe_hidden_size != cfg.hidden_size
+    check_view_write(muse)  # the post_expert_norm weight passes through unchanged, outside the routed tensors
+
+
+def test_muse_spark_profile_equals_a_brute_force_loop_on_the_full_model(muse):
+    """Router statistics from the router's own input (the block's), expert statistics from the experts' input
+    (pre_expert_norm(pre_expert_proj(x))) and normed outputs; layer 3 (RoPE) follows the NoPE full-attention layer 1,
+    each with its own position embeddings in the layer stream."""
+    check_profile(muse)
+
+
+def test_muse_spark_frequency_prune_equals_the_base_with_those_experts_masked(muse, tmp_path):
+    check_prune(muse, tmp_path)  # loads in plain transformers; logits = base with the removed experts masked
+
+
+def test_muse_spark_channel_pruning_is_refused_in_one_line(muse, tmp_path):
+    from typer.testing import CliRunner
+
+    from moecompress.cli.main import app
+
+    out = tmp_path / "atom"
+    args = ["prune", str(muse.path), "--granularity", "atom", "--ratio", "0.25", "--refit", "none"]
+    res = CliRunner().invoke(app, [*args, "--samples", "2", "--seq-len", "16", "--device", "cpu", "-o", str(out)])
+    assert res.exit_code == 2 and "normalize each expert's output" in res.output, res.output
+    assert len(res.output.strip().splitlines()) <= 3 and not out.exists()

@@ -103,7 +103,9 @@ def check_view_write(ck: Checkpoint) -> None:
     for l in ck.moe_layers:
         w = ck.moe_weights(l)
         E, I, H = w.gate.shape
-        assert w.down.shape == (E, H, I) and w.router.shape == (E, H) and E == ck.num_experts
+        # the router reads the block input: [E, hidden], where the experts run over H (MuseSpark: moe_hidden_size)
+        width = ck.config.get_text_config().hidden_size if ck.family.post_norm else H
+        assert w.down.shape == (E, H, I) and w.router.shape == (E, width) and E == ck.num_experts
         written = ck.family.write_layer(w, l)
         assert set(written) == {k for k in disk if ck.family.routed_key_pattern(l).match(k)}, l
         for k, v in written.items():
@@ -157,6 +159,8 @@ def brute_force(path: Path, input_ids: torch.Tensor, domains: list[str]) -> dict
             if w.gate_bias is None:
                 own = getattr(ex, "_apply_gate", None)  # (Llama-4's experts predate the interface: act_fn only)
                 h = own(torch.cat([g, u])) if own is not None else ex.act_fn(g) * u
+                if fam.post_norm:  # MuseSpark: the experts module's own norm after each expert
+                    return h, ex.post_expert_norm((w.down[e].float() @ h)[None])[0]
                 return h, w.down[e].float() @ h
             g, u = g + w.gate_bias[e].float(), u + w.up_bias[e].float()
             h = ex._apply_gate(torch.stack([g, u], -1).flatten() if fam.interleaved else torch.cat([g, u]))

@@ -31,7 +31,6 @@ REFUSED: dict[str, str] = {
     "minimax_m3_vl": "too large to map by markers",
     "mistral4": "has no causal-LM class",
     "mistral_large4": "transformers saves its experts as layers",
-    "muse_spark": "has_post_expert_norm=True",
     "openai_privacy_filter": "has no causal-LM class",
     "qwen3_omni_moe": "keeps its language model in nested configs",
     "zaya": "no single router",
