@@ -1,5 +1,6 @@
 """merge's per-cluster state under a memory bound: the merge candidates kept between sweeps are capped (by
---max-memory, and at half the layer's experts), the others merged again, with the same choice and error."""
+--max-memory, and at ``STATE_LAYER_FRACTION`` of the layer's experts: by default one cluster's), the others merged
+again, with the same choice and error."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from moecompress.core.families import MoEWeights
 from moecompress.core.limits import set_memory_limit
-from moecompress.merge import choose
+from moecompress.merge import choose, layer
 from moecompress.merge.choose import KINDS, Clustering, LayerFit, choose_clusters
 from moecompress.merge.layer import cached_clusters
 from moecompress.merge.options import MergeOptions
@@ -53,10 +54,16 @@ def test_capped_candidate_cache_makes_the_same_choice(monkeypatch):
                 assert torch.equal(x, y)
 
 
-def test_cached_clusters_follow_max_memory_and_half_the_layer():
+def test_cached_clusters_follow_max_memory_and_the_layer_fraction(monkeypatch):
     w = _layer(E=8, I=12, H=16)
-    expert = 3 * 12 * 16 * 2  # one merged expert in bf16
     full = MergeOptions(ratio=0.5)
+    try:
+        set_memory_limit(10**9)
+        assert cached_clusters(w, 4, full, torch.bfloat16) == 1  # the default keeps one cluster's merges
+    finally:
+        set_memory_limit(None)
+    monkeypatch.setattr(layer, "STATE_LAYER_FRACTION", 0.5)
+    expert = 3 * 12 * 16 * 2  # one merged expert in bf16
     truncated = MergeOptions(ratio=0.5, rank=2)  # subspace and average candidates per cluster
     try:
         set_memory_limit(10**9)
