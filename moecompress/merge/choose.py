@@ -486,8 +486,19 @@ def assemble(candidates: list[Candidate], w: MoEWeights, dtypes: dict[str, torch
     """The merged layer view from one candidate per cluster (cluster order = new expert order), in ``dtypes`` (per
     field; default: the dtypes of ``w``)."""
     dt = dtypes or {k: v.dtype for k, v in vars(w).items() if v is not None}
-    parts = dict(gate="gate", up="up", down="down", router="row", router_bias="bias", correction_bias="corr")
-    return MoEWeights(**{
+    parts = dict(down="down", router="row", router_bias="bias", correction_bias="corr")
+    out = {
         k: None if getattr(w, k) is None else torch.stack([getattr(c, a).to(dt[k]) for c in candidates])
         for k, a in parts.items()
-    })  # fmt: skip
+    }
+    if dt["gate"] == dt["up"]:  # gate and up as the halves of one [K, 2I, H] tensor: the block's gate_up_proj as it
+        # is (``prune.load.set_block_experts``), not a concatenated copy made while the old layer is still held
+        I, H = candidates[0].gate.shape
+        gate_up = candidates[0].gate.new_empty(len(candidates), 2 * I, H, dtype=dt["gate"])
+        for j, c in enumerate(candidates):
+            gate_up[j, :I] = c.gate
+            gate_up[j, I:] = c.up
+        out |= {"gate": gate_up[:, :I], "up": gate_up[:, I:]}
+    else:
+        out |= {k: torch.stack([getattr(c, k).to(dt[k]) for c in candidates]) for k in ("gate", "up")}
+    return MoEWeights(**out)

@@ -134,14 +134,18 @@ class MergeTransform(Transform):
             w, x, K, self.spec.top_k, self.opts, freqs, sim, protected, self.n_group, self.spec.norm_topk, self.spec,
             act=ctx.experts.act_fn, dtypes={k: v for k, v in dt.items() if getattr(w, k) is not None},
         )  # fmt: skip
-        del x
+        del x, w, cur  # the block's old experts go when set_block_experts replaces them (no other reference)
         merged = MoEWeights(**{k: None if v is None else v.cpu() for k, v in vars(merged).items()})
         self.layers[str(l)] = info
         self.counts[l] = (E, K)
         src = ids if ids is not None else list(range(E))
         ctx.extra["merged_from"] = [[src[e] for e in c] for c in info["clusters"]]
         if self.opts.sequential:  # the merged layer makes the next layer's inputs (experts held as they were)
-            set_block_experts(ctx.block, self.fam, _as(merged, eng.stream.dtype, eng.device, held), l)
+            m = _as(merged, eng.stream.dtype, eng.device, held)
+            # choose.assemble makes gate and up the halves of one [K, 2I, H] tensor: the block holds it as it is
+            # (set_block_experts checks it; otherwise it concatenates)
+            set_block_experts(ctx.block, self.fam, m, l, gate_up=m.gate._base)
+            del m
         ctx.replace(self.fam.write_layer(merged, l))
 
     @property
