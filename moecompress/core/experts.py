@@ -257,20 +257,13 @@ class Ungated:
         )
 
 
-class UngatedExperts(nn.Module):
+class UngatedExperts(GatedExperts):
     """The experts of a family without a gate projection in the view's layout: gate_up_proj [E, 2I, H] (the gate half
     a copy of the up rows, unused), down_proj [E, H, I], ``act_fn`` an ``Ungated``; ``forward`` is ``routed_forward``:
     F.linear(x, up), act, F.linear(h, down), weighting: transformers' eager computation, same ops in the same order."""
 
-    def __init__(self, E: int, H: int, I: int, act_fn: Ungated):
-        super().__init__()
-        self.num_experts = E
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(E, H, I), requires_grad=False)
-        self.act_fn = act_fn
-
-    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        return routed_forward(self.gate_up_proj, self.down_proj, self.act_fn, hidden, top_k_index, top_k_weights)
+    def __init__(self, E: int, H: int, I: int, act_fn: Ungated):  # type: ignore[override]
+        super().__init__(E, H, I, act_fn)  # type: ignore[arg-type]
 
 
 class PostNorm:
