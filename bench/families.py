@@ -54,8 +54,9 @@ def run(types: list[str] | None) -> dict:
             r["seconds"] = round(time.time() - t0, 1)
             results[mt] = r
             print(json.dumps(r)[:300], flush=True)
-    ok = [t for t, r in results.items() if r.get("supported") and all(v == "ok" for v in r["ops"].values())]
-    opened = [t for t, r in results.items() if r.get("supported")]
+    counted = {t: r for t, r in results.items() if t in all_types}  # (extra --types, e.g. gemma4_text: listed only)
+    ok = [t for t, r in counted.items() if r.get("supported") and all(v == "ok" for v in r["ops"].values())]
+    opened = [t for t, r in counted.items() if r.get("supported")]
     return {
         "transformers": transformers.__version__,
         "torch": torch.__version__,
@@ -63,6 +64,7 @@ def run(types: list[str] | None) -> dict:
         "installed_moe_types": len(all_types),
         "all_ops_pass": len(ok),
         "supported": len(opened),
+        "also_checked": sorted(set(results) - set(all_types)),
         "types": {t: results[t] for t in sorted(results)},
     }
 
@@ -72,7 +74,14 @@ def table(report: dict) -> str:
         f"Measured by `bench/families.py` with transformers {report['transformers']}: of the "
         f"{report['installed_moe_types']} MoE model types (those whose experts use `use_experts_implementation`, "
         "and Llama-4's `llama4` / `llama4_text`, whose experts module predates it), "
-        f"**{report['supported']} are supported** and {report['all_ops_pass']} pass every check below (tiny model "
+        f"**{report['supported']} are supported** and {report['all_ops_pass']} pass every check below"
+        + (
+            f" (also listed, not counted: {', '.join(f'`{t}`' for t in report['also_checked'])}, a model type "
+            "that shares another's modeling file)"
+            if report.get("also_checked")
+            else ""
+        )
+        + " (tiny model "
         "of each built from its config class, saved by `save_pretrained`; ✓ passes, – refused on purpose in one "
         "line, the line listed under the table, ✗ fails). Columns: `info`; view→write bit-identical; profile "
         "statistics = a brute-force token loop on the transformers model; `prune --ratio 0.25 --method frequency` "
