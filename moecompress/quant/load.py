@@ -198,13 +198,7 @@ def load_quantized(
             module_sd[f"model.layers.{l}.{k}"] = v
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, experts_implementation="eager")
-    for l, (experts, bits) in routed.items():
-        block = model.get_submodule(f"model.layers.{l}.{fam.module_block}")
-        try:
-            mod = PackedExperts.from_experts(experts, bits, experts_activation(getattr(block, fam.experts)), device)
-        except ValueError as err:
-            raise UserError(f"{p}: layer {l} routed experts: {err}: the folder is damaged") from None
-        setattr(block, fam.experts, mod)
+    _install_packed(model, "model", routed, fam, device, p)
     own = model.state_dict()
     sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in module_sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
@@ -259,14 +253,21 @@ def load_through_transformers(
     bad = {k: sorted(info[k])[:3] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if bad:
         raise UserError(f"{p}: tensors do not match config.json ({bad})")
+    _install_packed(model, fam.nest[0] if fam.nest else "model", routed, fam, device, p)
+    return model.to(device).eval()
+
+
+def _install_packed(
+    model: torch.nn.Module, body: str, routed: dict, fam: Family, device: torch.device | str, p: Path
+) -> None:
+    """Replace each MoE layer's experts module under ``body``.layers.N by the :class:`PackedExperts` of its codes."""
     for l, (experts, bits) in routed.items():
-        block = model.get_submodule(f"{fam.nest[0] if fam.nest else 'model'}.layers.{l}.{fam.module_block}")
+        block = model.get_submodule(f"{body}.layers.{l}.{fam.module_block}")
         try:
             mod = PackedExperts.from_experts(experts, bits, experts_activation(getattr(block, fam.experts)), device)
         except ValueError as err:
             raise UserError(f"{p}: layer {l} routed experts: {err}: the folder is damaged") from None
         setattr(block, fam.experts, mod)
-    return model.to(device).eval()
 
 
 def _view_qconfig(qconfig: dict, ck: Any) -> dict:

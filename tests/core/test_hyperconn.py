@@ -67,6 +67,17 @@ def hashed(tmp_path_factory, tokenizer_dir) -> Path:
     return _build(tmp_path_factory.mktemp("dsv4") / "hashed", tokenizer_dir, hash_layers=2)
 
 
+def _streamed(ck: Checkpoint, ids: torch.Tensor) -> tuple[LayerStream, torch.Tensor]:
+    """The layer stream run over every layer of ``ck`` on ``ids`` (closed) and the logits of its one batch."""
+    ls = LayerStream(ck, ids, batch_size=ids.shape[0])
+    try:
+        for _, layer in ls.layers():
+            ls.forward_layer(layer)
+        return ls, ls.logits(0)
+    finally:
+        ls.close()
+
+
 def _cli(*args: object):
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -182,13 +193,7 @@ def test_hy_v4_streams_the_top_k_its_full_indexer_layers_hand_to_the_shared_ones
     assert ck.config.indexer_types[2:] == ["shared", "shared"]
     check_view_write(ck)
     ids = (torch.arange(2 * 20).reshape(2, 20) * 5 + 1) % 300
-    ls = LayerStream(ck, ids, batch_size=2)
-    try:
-        for _, layer in ls.layers():
-            ls.forward_layer(layer)
-        got = ls.logits(0)
-    finally:
-        ls.close()
+    ls, got = _streamed(ck, ids)
     assert ls._carry == {"prev_topk_indices": 1} and ls._tail_names == ("hc_head",)
     want = from_pretrained(path)(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
@@ -207,13 +212,7 @@ def test_qwen4_exp_streams_its_hyper_connection_mixer_as_its_head(qwen4_exp):
     ``hyper_connection_mixer`` (no [hidden] final norm): the streamed logits are its language model's logits."""
     ck = Checkpoint(qwen4_exp)
     ids = (torch.arange(2 * 20).reshape(2, 20) * 7 + 2) % 300
-    ls = LayerStream(ck, ids, batch_size=2)
-    try:
-        for _, layer in ls.layers():
-            ls.forward_layer(layer)
-        got = ls.logits(0)
-    finally:
-        ls.close()
+    ls, got = _streamed(ck, ids)
     assert ls._own_head and ck.family.final_norm == "hyper_connection_mixer"
     want = from_pretrained(qwen4_exp)(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
