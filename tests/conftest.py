@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MOECOMPRESS_QUIET", "1")
@@ -119,8 +120,15 @@ def build_tiny(
 ) -> Path:
     """Save a tiny randomly initialized model of ``model_type`` (with non-trivial router/bias values), in ``dtype``
     when given (e.g. bfloat16, as most releases are)."""
+    return save_random(tiny_config(model_type, **over), folder, tokenizer_dir, seed, dtype=dtype)
+
+
+def save_random(
+    cfg: Any, folder: Path, tokenizer_dir: Path, seed: int = 0, *, dtype: torch.dtype | None = None
+) -> Path:
+    """Save the model of config ``cfg`` randomly initialized (weights N(0, 0.08), correction biases U(-0.05, 0.05)),
+    in ``dtype`` when given, with the test tokenizer beside it."""
     torch.manual_seed(seed)
-    cfg = tiny_config(model_type, **over)
     model = AutoModelForCausalLM.from_config(cfg, experts_implementation="eager")
     with torch.no_grad():
         for p in model.parameters():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_random
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.models.nemotron_h import NemotronHConfig
@@ -73,19 +74,7 @@ def _disk(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _build(folder: Path, tokenizer_dir: Path, seed: int = 0, **over: object) -> Path:
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(**over), experts_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.08)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.uniform_(-0.05, 0.05)
-    model.save_pretrained(folder)
-    for f in tokenizer_dir.iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
-    return folder
+    return save_random(_config(**over), folder, tokenizer_dir, seed)
 
 
 @pytest.fixture(scope="module")
