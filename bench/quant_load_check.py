@@ -6,11 +6,12 @@ it with ``AutoModelForCausalLM.from_pretrained`` in bf16 and fp32, with the defa
 same dtype. Prints a table and writes ``reports/quant_load_check.json``.
 
 With ``--fused`` it instead asks, for every supported model type whose routed experts are fused on disk (gpt-oss,
-Granite), whether stock transformers loads any compressed-tensors layout of quantized experts: per-expert keys
-(what moecompress writes for the other families) and the fused tensors packed under their disk names, each with and
-without ``"dequantize": true`` in the quantization_config (tests/quant/fused_layouts.py); it records the missing /
-unexpected keys or the error in ``reports/quant_load_check.fused.json`` + ``.md``: the evidence behind the quantize
-refusal for those types.
+Granite, Qwen3-VL-MoE, Gemma-4, HY-V4, Aria, Muse Spark), whether stock transformers loads any compressed-tensors
+layout of quantized experts: per-expert keys (what moecompress writes for the other families) and the fused tensors
+packed under their disk names / parameter names / parameter suffixes, each with and without ``"dequantize": true`` in
+the quantization_config (tests/quant/fused_layouts.py); it records the missing / unexpected keys or the error, and
+for each failing layout the path one packed key takes through transformers' loader, in
+``reports/quant_load_check.fused.json`` + ``.md``: the evidence behind the quantize refusal for those types.
 
 With ``--mxfp4`` it quantizes tiny gpt-oss models (hidden 64, expert widths ``--widths``, multiples of 32) to MXFP4
 with RTN and with GPTQ on the FP4 grid (same calibration windows), loads each output in stock transformers (missing /
@@ -133,7 +134,7 @@ def fused_layouts(out_json: Path, types: list[str] | None = None) -> None:
     sys.path.insert(0, str(ROOT / "tests" / "quant"))
     from family_checks import family_or_refusal
     from family_models import build, installed_moe_types
-    from fused_layouts import layouts, try_layout
+    from fused_layouts import layouts, trace, try_layout
 
     from moecompress.core.errors import UserError
     from moecompress.core.families import family_for
@@ -155,6 +156,9 @@ def fused_layouts(out_json: Path, types: list[str] | None = None) -> None:
             for name, (tensors, targets) in found.items():
                 for dequant in (False, True):
                     r = try_layout(src, Path(tmp) / f"{t}-q", tensors, targets, dequant)
+                    if not r["loads"]:  # the loader's path for one packed gate/up key: which transform drops it
+                        key = min((k for k in tensors if k.endswith("packed")), key=lambda k: ("gate" not in k, k))
+                        r["trace"] = trace(Path(tmp) / f"{t}-q", key, dequant)
                     rows.append({"model_type": t, "layout": name, "dequantize": dequant, **r})
                     print(t, name, "dequantize" if dequant else "", r)
     record = {
@@ -183,8 +187,56 @@ def fused_layouts(out_json: Path, types: list[str] | None = None) -> None:
             f"| {r['model_type']} | {r['layout']} | {r['dequantize']} | {r['loads']} | {r.get('missing', '-')} | "
             f"{r.get('unexpected', '-')} (`{ex}`) |"
         )
+    lines += [
+        "",
+        "## Where transformers' loader drops each layout (one packed gate/up key per row)",
+        "",
+        "`core_model_loading.rename_source_key` applies the model's renamings, then at most one converter (the "
+        "model's conversion mapping as `HfQuantizer.update_weight_conversions` leaves it, then the quantizer's "
+        "general `weight` converter); a key that ends at no model parameter is unexpected and the fused parameter "
+        "stays missing.",
+        "",
+        "| model type | layout | dequantize | path of the key |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model_type']} | {r['layout']} | {r['dequantize']} | `{r['trace']}` |" for r in rows if r.get("trace")
+    ]
+    lines += ["", *WHY]
     out_json.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out_json} and {out_json.with_suffix('.md')}")
+
+
+WHY = """## Why no layout loads (transformers 5.23 loading path, read for these types)
+
+- **`dequantize: false`** (compressed modules): `CompressedTensorsHfQuantizer._process_model_before_weight_loading`
+  calls compressed-tensors' `apply_quantization_config`, whose `initialize_module_for_quantization` gives
+  `weight_packed` / `weight_scale` parameters to `nn.Linear` / `nn.Embedding` modules only (any other targeted
+  module type raises ValueError). These types' routed experts are one module holding 3-D `gate_up_proj` / `down_proj`
+  parameters, and `HfQuantizer`'s module swap before loading (`MODULES_TO_PATCH_FOR_QUANTIZATION`) lists only
+  `Llama4TextExperts` (-> `SequentialLlama4TextExperts`, which moecompress writes for Llama-4). So no module holds a
+  packed tensor: every packed key is unexpected and the fused parameters stay missing.
+- **`dequantize: true`** (in the saved quantization_config or passed at load: the same `quantization_config.dequantize`
+  flag): `CompressedTensorsDequantize` runs (a) inside one of the model's converters only where
+  `HfQuantizer.update_weight_conversions` extends it: a `WeightConverter` whose source patterns all end in `.weight`
+  (the per-expert `MergeModulelist` converters of Mixtral-like types), or (b) as the quantizer's general converter
+  (`get_weight_conversions`: `weight_packed|weight_scale|weight_shape|... -> weight`), which can only produce a
+  name ending in `.weight`; the fused parameters are `experts.gate_up_proj` / `experts.down_proj`. Per type:
+  - granitemoe, granitemoe_swa, granitemoehybrid, granitemoeshared, aria: the fused tensors are mapped by
+    `WeightRenaming` (`block_sparse_moe.input_linear.weight` / `mlp.experts.fc1.weight` -> `experts.gate_up_proj`;
+    granitemoe_swa saves them as `experts.gate_up_proj`): `update_weight_conversions` skips renamings, and a
+    pattern ends on a name boundary (`WeightTransform`: `(?!\\w)`), so it never renames `input_linear.weight_packed`;
+    `<name>.weight.weight_packed` would be renamed to `experts.gate_up_proj.weight_packed`, then by (b) to
+    `experts.gate_up_proj.weight`: no parameter.
+  - qwen3_vl_moe: its `WeightConverter('mlp.experts.gate_up_proj', Transpose)` has no `.weight` source
+    (`gate_up_proj` is not in the quantizer's `serialized_names`, so no dequantize step is added), and
+    `core_model_loading.apply_converters` lets one converter match a key: it claims
+    `gate_up_proj.weight_packed` (name unchanged) before (b) can.
+  - gemma4, hy_v4, muse_spark, gpt_oss: no conversion on the experts; only (b) applies.
+- What would unblock it upstream: a dequantize step on the converters / renamings of fused parameter names (e.g.
+  `update_weight_conversions` accepting a fused target with `weight_packed` companions), or a
+  `MODULES_TO_PATCH_FOR_QUANTIZATION` entry (one Linear module per expert) for these experts classes as Llama-4 has.
+""".splitlines()
 
 
 def mxfp4_check(
