@@ -92,8 +92,10 @@ def decoder_layers(model: torch.nn.Module, fam: Any) -> Any:
 
 def moe_block(layer: torch.nn.Module, fam: Any) -> torch.nn.Module:
     """A decoder layer's MoE block in transformers' own model: the layer itself where it holds its router and
-    experts (Gemma-4; the view's ``<layer>.moe``, ``interface.DecoderLayerMoe``)."""
-    return layer if fam.layer_parts else getattr(layer, fam.module_block)
+    experts (Gemma-4; the view's ``<layer>.moe``, ``interface.DecoderLayerMoe``). (Mistral-Large-4's checkpoint
+    saves its real ``mlp`` block's parts in the layer: layer_parts too, but the module is there.)"""
+    block = getattr(layer, fam.module_block, None)
+    return block if isinstance(block, torch.nn.Module) else layer
 
 
 def check_view_write(ck: Checkpoint) -> None:
