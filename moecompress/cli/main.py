@@ -96,6 +96,7 @@ def info(
         "norm_topk": fam.norm_topk(cfg),
         "n_group": fam.n_group(cfg),
         "shared_experts": fam.shared,
+        "routing": fam.routing_summary(),
         "hidden_size": cfg.hidden_size,
         "params": ck.num_params,
         "bytes": ck.bytes_on_disk,

@@ -699,6 +699,11 @@ def derive(cfg: Any) -> dict[str, Any]:
         "groups_contiguous": groups_contiguous,
         "dense": frozenset(range(len(layers))) - frozenset(moe),
         "routing_like": reference,
+        # derive's meta-device MoE block, its layer and the config it was built from (a wrapper's text config):
+        # what routing_check runs when the source comparison above finds no reference (families.derived_family)
+        "routing_block": block if reference is None else None,
+        "routing_layer": l0,
+        "routing_config": cfg,
         "flags": flags,
         "embed": embed_name,
         "final_norm": norm_name,

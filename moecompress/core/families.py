@@ -82,6 +82,11 @@ class Family:
     # False for a derived family whose router code is not a copy of a hand-written family's: operations that
     # re-implement routing must refuse it; operations that use the model's own routing (profile) work.
     routing_known: bool = True
+    # how routing_known was established: "record" (a hand-written family), "source" (derive: the block and router
+    # code equal a hand-written family's), "behaviour" (core.routing_check: the family's own block, run on random
+    # inputs, routes as prune.order.route does), None (not verified: ``routing_note`` says where it differs)
+    routing_verified_by: str | None = "record"
+    routing_note: str = ""
     derived: bool = False  # built by ``derive`` from the transformers model, not written by hand
     # other per-layer tensors transformers saves under another name: (disk name, module name), layer-relative
     renames: tuple[tuple[str, str], ...] = ()
@@ -200,19 +205,34 @@ class Family:
                 "-> expert table (router.tid2eid), so removing experts would send tokens elsewhere, and config.json "
                 "holds one expert count for every layer (quantize and channel pruning, --granularity atom, work)"
             )
-        if self.routing_known:
+        if self.routing_known and self.routing_verified_by != "behaviour":
             return
         if removes_experts and self.group_key is not None and self.n_group(cfg) > 1 and not self.groups_contiguous:
+            why = f" ({self.routing_note})" if self.routing_note and self.routing_known else ""
             raise UserError(
                 f"{self.name} routes within groups of experts (config {self.group_key} = {self.n_group(cfg)}) by "
-                f"code moecompress has not verified: {what} could regroup its experts, so it is refused for this "
-                "model type (quantize and channel pruning without refit work)"
+                f"code moecompress has not verified{why}: {what} could regroup its experts, so it is refused for "
+                "this model type (quantize and channel pruning without refit work)"
             )
-        if needs_routing:
-            raise UserError(
-                f"{what} re-implements the router, and {self.name}'s routing (derived from its transformers code) "
-                f"is not one moecompress has verified: {hint}"
+        if needs_routing and not self.routing_known:
+            why = (
+                f"its routing differs from moecompress's re-implementation on random inputs: {self.routing_note}"
+                if self.routing_note
+                else "its routing (derived from its transformers code) is not one moecompress has verified"
             )
+            raise UserError(f"{what} re-implements the router, and for {self.name} {why}: {hint}")
+
+    def routing_summary(self) -> str:
+        """One line for ``moecompress info``: how moecompress knows this family's routing, or where it differs."""
+        if self.routing_verified_by == "record":
+            return "re-implemented by moecompress (a hand-written family)"
+        if self.routing_verified_by == "source":
+            return "verified: its router code equals a hand-written family's"
+        if self.routing_verified_by == "behaviour":
+            extra = f"; expert removal within groups not verified ({self.routing_note})" if self.routing_note else ""
+            return "verified: its own block routes as moecompress's re-implementation on random inputs" + extra
+        why = self.routing_note or "its router code is not one moecompress re-implements"
+        return f"not verified ({why}): merge, output-error prune and refits are refused"
 
     def n_group(self, cfg: Any) -> int:
         if not self.group_key or getattr(cfg, self.group_key, None) is None:
@@ -696,6 +716,7 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             correction_module=d["correction_module"],
             correction_row=d["correction_row"],
             routing_known=d["routing_like"] is not None,
+            routing_verified_by="source" if d["routing_like"] is not None else None,
             derived=True,
             fused_names=d["fused_names"][:2] if d["fused_names"] else None,
             save_transposed=bool(d["fused_names"] and d["fused_names"][2]),
@@ -713,6 +734,8 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
             layer_parts=d.get("layer_parts", ()),
             hash_layers=d.get("hash_layers", ()),
         )
+        if d["routing_block"] is not None:  # no source match: run the block itself against route()
+            fam = _behaviour_verified(fam, d)
         result = (fam, "")
     if memo is not None:
         if len(_DERIVED) > 64:
@@ -721,3 +744,24 @@ def derived_family(cfg: Any) -> tuple[Family | None, str]:
         if result[0] is not None and result[0].nest is not None:  # its text config (what Checkpoint.config holds)
             _DERIVED[d["text_config"].to_json_string(use_diff=False)] = result
     return result
+
+
+def _behaviour_verified(fam: Family, d: dict[str, Any]) -> Family:
+    """``fam`` with routing_known set when its own MoE block routes as ``prune.order.route`` on random inputs
+    (``core.routing_check``), else with the first difference in ``routing_note``. Its group-limited routing counts as
+    contiguous (expert removal allowed) only when a block rebuilt with one expert fewer per group routes as ``route``
+    with those experts masked (the source pattern ``groups_contiguous`` is not enough once routing is verified)."""
+    from .routing_check import check_routing
+
+    cfg = d["routing_config"]
+    res = check_routing(d["routing_block"], fam, cfg, d["routing_layer"])
+    if not res.verified:
+        return replace(fam, routing_note=res.reason)
+    try:
+        groups = fam.group_key is not None and fam.n_group(cfg) > 1
+    except UserError:  # (a bad group count: check_config says so when the model is opened)
+        groups = False
+    return replace(
+        fam, routing_known=True, routing_verified_by="behaviour", routing_note=res.reason,
+        groups_contiguous=res.removal_verified if groups else fam.groups_contiguous,
+    )  # fmt: skip

@@ -214,7 +214,7 @@ def test_beam_every_operation_follows_the_experts_gate(gate, tmp_path, tokenizer
     r = run_checks("beam", tmp_path, tokenizer_dir, ops=OPS + EXTRA_OPS)
     merge = r["ops"].pop("merge")
     assert set(r["ops"].values()) == {"ok"}, r
-    assert merge.startswith("refused: merging re-implements the router"), merge
+    assert merge == "ok", merge  # its routing is verified by behaviour (core.routing_check)
 
 
 def test_packed_experts_of_moecompress_load_apply_the_family_gate():

@@ -239,11 +239,14 @@ HASH_ROUTED = "pick experts by a fixed token -> expert table"
 
 
 def check_prune(ck: Checkpoint, work: Path) -> None:
+    """Prune 25%: the default output-error search (refit none, so the output is the base with experts removed) where
+    moecompress re-implements the family's routing (record, source or behaviour verified), else by frequency."""
     out = work / "pruned"
+    method = ("output-error", "--refit", "none") if ck.family.routing_known else ("frequency",)
     try:
-        _cli("prune", ck.path, "--ratio", "0.25", "--method", "frequency", *CALIB, "-o", out)
+        _cli("prune", ck.path, "--ratio", "0.25", "--method", *method, *CALIB, "-o", out)
     except AssertionError as err:
-        if GROUPS_UNVERIFIED in str(err) and ck.family.group_key and not ck.family.routing_known:
+        if GROUPS_UNVERIFIED in str(err) and ck.family.group_key and not ck.family.groups_contiguous:
             raise Refused("group-limited routing not verified: expert removal could regroup experts") from None
         if HASH_ROUTED in str(err) and ck.family.hash_layers and not out.exists():
             raise Refused("hash-routed layers (tid2eid): expert removal would send tokens to other experts") from None

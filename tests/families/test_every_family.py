@@ -85,7 +85,7 @@ def test_group_routing_prunes_whole_groups_and_equals_the_base_model_with_those_
 
 def test_group_routing_is_refused_only_when_its_groups_are_not_contiguous_index_blocks():
     glm = family_for(tiny_config("glm4_moe"))
-    assert glm.group_key == "n_group" and glm.groups_contiguous and not glm.routing_known
+    assert glm.group_key == "n_group" and glm.groups_contiguous and glm.routing_verified_by == "behaviour"
     cfg = tiny_config("glm4_moe")
     glm.check_routing(cfg, "expert pruning", True, False, "")  # verified: no refusal
     odd = replace(glm, groups_contiguous=False)
@@ -94,11 +94,14 @@ def test_group_routing_is_refused_only_when_its_groups_are_not_contiguous_index_
 
 
 def test_derived_routing_is_marked_unknown_unless_it_copies_a_hand_written_router(tmp_path, tokenizer_dir):
-    """prune's output-error search re-implements routing: a derived router it does not know must say so."""
+    """prune's output-error search re-implements routing: a derived router it does not know must say so; one whose
+    code differs but whose block routes as the re-implementation (core.routing_check) is verified by behaviour."""
     glm = Checkpoint(build("glm4_moe", tmp_path / "glm", tokenizer_dir))
-    assert glm.family.derived and not glm.family.routing_known  # sigmoid + correction bias, own code
+    assert glm.family.derived and glm.family.routing_known  # sigmoid + correction bias, own code
+    assert glm.family.routing_verified_by == "behaviour"  # not by source: its block ran against route()
+    assert not family_for(tiny_config("jamba")).routing_known  # no renormalization over the top-k
     mellum = family_for(tiny_config("mellum"))
-    assert mellum.derived and mellum.routing_known  # its block and router are Qwen3-MoE's code
+    assert mellum.derived and mellum.routing_known and mellum.routing_verified_by == "source"  # Qwen3-MoE's code
     assert glm.family.correction_bias == "e_score_correction_bias" and glm.family.group_key == "n_group"
     w = glm.moe_weights(glm.moe_layers[0])
     assert w.correction_bias is not None and w.correction_bias.shape == (glm.num_experts,)
@@ -121,7 +124,8 @@ def test_every_installed_moe_type(model_type, tmp_path, tokenizer_dir):
         return
     assert r["supported"], f"{model_type} is refused ({r.get('reason')}): support it or list it in REFUSED"
     fam = Checkpoint(build(model_type, tmp_path / "again", tokenizer_dir)).family
-    refusable = {"prune"} if fam.group_key and not fam.routing_known and not fam.groups_contiguous else set()
+    unverified_groups = fam.routing_verified_by in (None, "behaviour") and not fam.groups_contiguous
+    refusable = {"prune"} if fam.group_key and unverified_groups else set()
     if fam.hash_layers:  # DeepSeek-V4: layers routed by a token -> expert table refuse expert removal
         refusable.add("prune")
     if fam.fused_disk or fam.nest:  # per-expert quantized tensors would not load in transformers / moecompress.load

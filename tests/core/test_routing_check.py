@@ -1,0 +1,153 @@
+"""Behavioural routing check (issue 12, core/routing_check.py): a family's own MoE block, run on random inputs with
+its experts captured, routes exactly as moecompress's re-implementation (prune.order.route) or it is not verified,
+with the first difference; verified derived families get merge and the output-error search."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "families"))
+from family_checks import run_checks  # noqa: E402
+from family_models import tiny_config  # noqa: E402
+
+from moecompress.core import routing_check  # noqa: E402
+from moecompress.core.checkpoint import Checkpoint  # noqa: E402
+from moecompress.core.derive import meta_model  # noqa: E402
+from moecompress.core.errors import UserError  # noqa: E402
+from moecompress.core.families import family_for  # noqa: E402
+from moecompress.core.routing_check import check_routing  # noqa: E402
+
+
+def _block(model_type: str):
+    """(meta-device MoE block of the first MoE layer, family, config) of the tiny model of ``model_type``."""
+    cfg = tiny_config(model_type)
+    fam = family_for(cfg)
+    l = fam.moe_layers(cfg)[0]
+    return meta_model(cfg).model.layers[l].get_submodule(fam.module_block), fam, cfg
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3", "gpt_oss", "mellum"])
+def test_families_whose_source_matches_also_pass_behaviourally(model_type):
+    """softmax top-k renormalized (Qwen3-MoE, Mellum's copy of it), sigmoid + correction bias + group-limited top-k +
+    routed scaling (DeepSeek-V3), router bias (gpt-oss): the re-implementation the source check trusts is exact."""
+    block, fam, cfg = _block(model_type)
+    assert fam.routing_known and fam.routing_verified_by in ("record", "source")
+    res = check_routing(block, fam, cfg)
+    assert res.verified and res.removal_verified and not res.reason, res
+
+
+# model type -> (verified, words of the first difference): sigmoid + correction (GLM-4.5, group-limited; MiniMax-M2
+# with the bias on the block), softmax (Cohere2-MoE), routed scaling applied to the experts' output (Beam); ERNIE-4.5
+# chooses by softmax + correction, Phi-MoE's sparsemixer, Jamba does not renormalize, HY-V3 scales by
+# router_scaling_factor, Llama-4 scales the experts' inputs, AXK1 normalizes the block's output
+CASES = {
+    "glm4_moe": (True, ""),
+    "minimax_m2": (True, ""),
+    "cohere2_moe": (True, ""),
+    "beam": (True, ""),
+    "ernie4_5_moe": (False, "goes to experts"),
+    "phimoe": (False, "weight for expert"),
+    "jamba": (False, "weight for expert"),
+    "hy_v3": (False, "x route()'s"),
+    "llama4_text": (False, "weight for expert"),
+    "axk1": (False, "not its experts' routed output"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(CASES))
+def test_derived_families_are_verified_by_their_own_blocks(model_type):
+    ok, says = CASES[model_type]
+    fam = family_for(tiny_config(model_type))
+    assert fam.derived and fam.routing_known == ok, fam.routing_note
+    assert fam.routing_verified_by == ("behaviour" if ok else None)
+    if ok:
+        assert not fam.routing_note
+        fam.check_routing(tiny_config(model_type), "merging", True, True, "")  # no refusal
+    else:
+        assert says in fam.routing_note, fam.routing_note
+        with pytest.raises(UserError, match="differs from moecompress's re-implementation on random inputs"):
+            fam.check_routing(tiny_config(model_type), "merging", True, True, "prune with --method frequency")
+
+
+def test_the_correction_bias_changes_the_choice():
+    """Without the correction bias route() picks other experts than GLM-4.5's block: the check sees a mishandled
+    correction (its random values are large enough to move choices)."""
+    block, fam, cfg = _block("glm4_moe")
+    res = check_routing(block, replace(fam, correction_bias=None), cfg)
+    assert not res.verified and "goes to experts" in res.reason, res
+
+
+def test_an_altered_router_is_not_verified(monkeypatch):
+    """Qwen3-MoE's router with its logits doubled before the softmax: the same family code otherwise, not verified."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    block, fam, cfg = _block("qwen3_moe")
+    forward = Qwen3MoeTopKRouter.forward
+    monkeypatch.setattr(Qwen3MoeTopKRouter, "forward", lambda self, h: forward(self, 2 * h))
+    res = check_routing(block, fam, cfg)
+    assert not res.verified and "weight for expert" in res.reason, res
+
+
+def test_a_block_that_scales_its_output_is_not_verified(monkeypatch):
+    """Qwen3-MoE's block with its output doubled after the experts: the weights passed to the experts match, the
+    block's output is not their routed output."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    block, fam, cfg = _block("qwen3_moe")
+    forward = Qwen3MoeSparseMoeBlock.forward
+    monkeypatch.setattr(Qwen3MoeSparseMoeBlock, "forward", lambda self, h: 2 * forward(self, h))
+    res = check_routing(block, fam, cfg)
+    assert not res.verified and "not its experts' routed output" in res.reason, res
+
+
+def test_group_removal_needs_the_rebuilt_block_to_route_as_route_masked(monkeypatch):
+    """GLM-4.5 (2 groups of 4): the block rebuilt with 3 experts per group routes as route() with the removed experts
+    masked, so removal is verified; a rebuilt block that ignores the groups is caught, and the family then refuses
+    expert removal (its routing stays verified for the rest)."""
+    block, fam, cfg = _block("glm4_moe")
+    assert fam.n_group(cfg) == 2 and fam.groups_contiguous
+    res = check_routing(block, fam, cfg)
+    assert res.verified and res.removal_verified, res
+    rebuild = routing_check._reduced_block
+
+    def ungrouped(*args):
+        b = rebuild(*args)
+        b.gate.n_group = b.gate.num_group = b.gate.topk_group = 1
+        return b
+
+    monkeypatch.setattr(routing_check, "_reduced_block", ungrouped)
+    res = check_routing(block, fam, cfg)
+    assert res.verified and not res.removal_verified and res.reason.startswith("removal:"), res
+    odd = replace(fam, routing_verified_by="behaviour", groups_contiguous=False, routing_note=res.reason)
+    with pytest.raises(UserError, match="routes within groups of experts"):
+        odd.check_routing(cfg, "expert pruning", True, False, "")
+    odd.check_routing(cfg, "merging", False, True, "")  # no removal: verified routing
+
+
+def test_a_block_that_cannot_run_is_not_verified_and_nothing_raises():
+    _, fam, cfg = _block("glm4_moe")
+    with torch.device("meta"):
+        res = check_routing(torch.nn.Linear(4, 4), fam, cfg)
+    assert not res.verified and res.reason, res
+
+
+def test_info_says_how_the_routing_is_known():
+    assert family_for(tiny_config("qwen3_moe")).routing_summary().startswith("re-implemented")
+    assert family_for(tiny_config("mellum")).routing_summary().startswith("verified: its router code")
+    assert family_for(tiny_config("glm4_moe")).routing_summary().startswith("verified: its own block")
+    assert "weight for expert" in family_for(tiny_config("jamba")).routing_summary()
+
+
+def test_a_newly_verified_family_merges_and_its_output_error_prune_is_the_base_masked(tmp_path, tokenizer_dir):
+    """MiniMax-M2 (sigmoid + the block's correction bias, verified by behaviour): merge writes a checkpoint plain
+    transformers loads with no missing/unexpected keys, and prune 25% by the output-error search (refit none) gives
+    the base model's logits with those experts masked out of routing (family_checks.check_prune)."""
+    r = run_checks("minimax_m2", tmp_path, tokenizer_dir, ops=("prune", "merge"))
+    assert r["routing_known"] and r["ops"] == {"open": "ok", "prune": "ok", "merge": "ok"}, r
+    stage = Checkpoint(tmp_path / "minimax_m2-out" / "pruned").manifest.stage("prune")
+    assert stage["method"] == "output-error", stage
