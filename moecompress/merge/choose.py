@@ -47,6 +47,9 @@ from moecompress.merge.subspace import merge_average, merge_subspace
 from moecompress.prune.order import ExpertOutputs, RouterSpec, output_error_order, route, router_choice
 from moecompress.prune.refit import HOLDOUT, MIN_ROWS, dense_weights, fit_downs
 
+# the trials' [rows, k, H] float32 blocks (gathered expert outputs) are made this many bytes at a time
+ROW_CHUNK_BYTES = 1 << 25
+
 KINDS = ("keep", "keep+refit", "subspace", "subspace+refit", "average", "average+refit")
 
 
@@ -208,30 +211,41 @@ class _Routed:
         changed = (idx2 != self.idx).any(1) | has_j.any(1) | (self.idx == j).any(1)  # [T]
         rows = changed.nonzero()[:, 0]  # [n]
         nonorm = spec.kind == "softmax" and not spec.norm_topk
-        # outputs of the changed tokens' new top-k: kept slots, the candidate, experts that entered the top-k
+        # outputs of the changed tokens' new top-k: kept slots (``pos``: the old slot holding the expert), the
+        # candidate, experts that entered the top-k (computed here, [m, H]); no [n, k, H] tensor is made: the
+        # other routed experts' part is summed ``ROW_CHUNK_BYTES`` at a time (each row's sum is the same)
         i_new, i_old = idx2[rows], self.idx[rows]  # [n, k]
         match = i_new[:, :, None] == i_old[:, None, :]  # [n, k, k]
         pos = match.int().argmax(2)  # [n, k]
-        outs = self.outs[rows[:, None], pos]  # [n, k, H] (a copy)
         mine = i_new == j  # [n, k]
         enter = ~match.any(2) & ~mine
+        new = None
         if bool(enter.any()):
             pr, ps = enter.nonzero().unbind(1)
             ex = i_new[pr, ps]
+            ent = torch.empty(pr.shape[0], fit.x.shape[1], device=fit.x.device)  # [m, H]
             for e in ex.unique().tolist():
                 sel = ex == e
                 c = chosen[e]
-                outs[pr[sel], ps[sel]] = expert_forward(
-                    fit.x[rows[pr[sel]]], c.gate.float(), c.up.float(), c.down.float(), fit.act
-                )
+                ent[sel] = expert_forward(fit.x[rows[pr[sel]]], c.gate.float(), c.up.float(), c.down.float(), fit.act)
+            at = torch.full_like(pos, -1)  # [n, k] the row of ``ent`` for each entered slot
+            at[pr, ps] = torch.arange(pr.shape[0], device=at.device)
+            new = (at, ent)
+        gather = (pos, new)
+        w_new = w2[rows]  # [n, k]
+        wo = w_new * ~mine  # [n, k] the other routed experts' weights
+        others = torch.empty(rows.shape[0], fit.x.shape[1], device=fit.x.device)  # [n, H]
+        step = self._chunk()
+        for r0 in range(0, rows.shape[0], step):
+            r1 = r0 + step
+            others[r0:r1] = (self._outs_of(rows, gather, r0, r1) * wo[r0:r1, :, None]).sum(1)
         jr, js = mine.nonzero().unbind(1)  # the changed rows routed to j, and j's slot there
         h = fit.hidden(cand, rows[jr])  # [nj, I]
-        w_new = w2[rows]  # [n, k]
         s = w_new[jr, js]  # [nj] j's routing weight
-        others = (outs * (w_new * ~mine)[:, :, None]).sum(1)  # [n, H] the other routed experts' part
-        scale = None
+        scale = d2_all = None
         if nonorm:  # every token's weights scale by Z_old / Z_new; unchanged tokens in closed form
             scale = (w2.sum(1) / self.wts.sum(1).clamp_min(1e-30))[:, None]  # [T, 1]
+            d2_all = (self.yc * scale - fit.y).double().pow(2).sum(1)  # [T] unchanged tokens, rescaled
         versions: list[_Trial] = []
         downs = []
         if plain is not None:
@@ -247,14 +261,12 @@ class _Routed:
                 downs.append((cand, cand.down))
         for c, down in downs:
             out_j = torch.nn.functional.linear(h, down.float())  # [nj, H]
-            # the version's outputs are ``outs`` with j's slots set to out_j: kept apart (``accept`` writes both), not
-            # one [n, k, H] copy per version (the 32-expert cut of the 30B-shaped layer peaked in these copies)
+            # the version's outputs are the gathered ones with j's slots set to out_j: ``accept`` writes both
             yn = others.clone()
             yn.index_add_(0, jr, s[:, None] * out_j)  # [n, H]
             d2n = (yn - fit.y[rows]).double().pow(2).sum(1)  # [n]
             m = rows >= fit.n_fit
-            if nonorm:
-                d2_all = (self.yc * scale - fit.y).double().pow(2).sum(1)  # [T] unchanged tokens, rescaled
+            if d2_all is not None:
                 base = float(d2_all[fit.n_fit :].sum()) - float(d2_all[rows[m]].sum())
                 delta = d2_all - self.d2  # [T] per-token change of the squared error
                 delta[rows] = d2n - self.d2[rows]
@@ -268,7 +280,9 @@ class _Routed:
             mean = float(delta.sum()) / n_m
             sd = max(float(delta.pow(2).sum()) / n_m - mean * mean, 0.0) ** 0.5
             se = sd / n_m**0.5 * n_m / fit.norm  # on the scale of ``err``
-            versions.append(_Trial(c, err, j, logits, corr, w2, idx2, rows, outs, yn, d2n, scale, se, (jr, js, out_j)))
+            versions.append(
+                _Trial(c, err, j, logits, corr, w2, idx2, rows, gather, yn, d2n, scale, se, (jr, js, out_j))
+            )
         return versions
 
     def refit_all(self, chosen: list[Candidate]) -> float:
@@ -297,6 +311,24 @@ class _Routed:
         self.err = float(self.d2[fit.n_fit :].sum()) / fit.norm
         return self.err
 
+    def _chunk(self) -> int:
+        """Rows of a [rows, k, H] float32 block of about ``ROW_CHUNK_BYTES``."""
+        k, H = self.outs.shape[1:]
+        return max(1, ROW_CHUNK_BYTES // (4 * k * H))
+
+    def _outs_of(self, rows: torch.Tensor, gather: tuple[Any, ...], a: int, b: int) -> torch.Tensor:
+        """Rows a:b of a trial's routed expert outputs [b - a, k, H] (a copy): each kept slot from the current
+        outputs (``pos``: the old slot of the same expert), each entered expert's from the trial (``new``); the
+        candidate's slots hold a kept slot's value (their weight there is zero; ``accept`` sets them)."""
+        pos, new = gather
+        out = self.outs[rows[a:b, None], pos[a:b]]  # [c, k, H]
+        if new is not None:
+            at = new[0][a:b]
+            r, s = (at >= 0).nonzero().unbind(1)
+            if r.numel():
+                out[r, s] = new[1][at[r, s]]
+        return out
+
     def accept(self, t: _Trial) -> None:
         """Make trial ``t`` the merged layer's current state."""
         self.logits, self.corr = t.logits, t.corr
@@ -304,7 +336,9 @@ class _Routed:
             self.wts = t.w2.clone()
             self.yc = self.yc * t.scale  # slot outputs are unweighted: unchanged
         self.wts[t.rows], self.idx[t.rows] = t.w2[t.rows], t.idx2[t.rows]
-        self.outs[t.rows] = t.outs
+        step = self._chunk()
+        for r0 in range(0, t.rows.shape[0], step):  # a chunk's rows read and write only themselves
+            self.outs[t.rows[r0 : r0 + step]] = self._outs_of(t.rows, t.gather, r0, r0 + step)
         jr, js, out_j = t.slots
         self.outs[t.rows[jr], js] = out_j
         self.yc[t.rows] = t.yn
@@ -323,7 +357,7 @@ class _Trial:
     w2: torch.Tensor
     idx2: torch.Tensor
     rows: torch.Tensor
-    outs: torch.Tensor
+    gather: tuple[Any, ...]  # (pos [n, k], (slot -> entered row [n, k], entered outputs [m, H]) or None)
     yn: torch.Tensor
     d2n: torch.Tensor
     scale: torch.Tensor | None

@@ -77,3 +77,26 @@ def test_cached_clusters_follow_max_memory_and_the_layer_fraction(monkeypatch):
         assert cached_clusters(w, 4, full, torch.bfloat16) == 1  # at least one
     finally:
         set_memory_limit(None)
+
+
+def test_trials_in_row_chunks_make_the_same_choice_bit_for_bit(monkeypatch):
+    """A trial gathers the changed tokens' expert outputs ``ROW_CHUNK_BYTES`` at a time (no [n, k, H] copy) and
+    ``accept`` writes them back the same way: a few rows per chunk gives the same choices, tensors and errors as one
+    chunk, with and without top-k renormalization."""
+    w = _layer(seed=3)
+    g = torch.Generator().manual_seed(2)
+    x_fit, x_eval = torch.randn(400, 16, generator=g), torch.randn(200, 16, generator=g)
+    clustering = Clustering("test", [[0, 1, 2], [3, 4], [5], [6, 7]], [1, 3, 5, 7])
+    freqs = torch.full((8,), 1 / 8)
+    for spec in (RouterSpec(top_k=2), RouterSpec(top_k=3, norm_topk=False)):
+        runs = []
+        for chunk_bytes in (1 << 25, 3 * 4 * spec.top_k * 16):  # one chunk; 3 rows per chunk
+            monkeypatch.setattr(choose, "ROW_CHUNK_BYTES", chunk_bytes)
+            fit = LayerFit(w, x_fit, x_eval, spec, F.silu)
+            chosen, start, err, d2 = choose_clusters(fit, clustering, freqs, x_fit[:64], KINDS_NO_KEEP_REFIT)
+            runs.append((chosen, start, err, d2))
+        (a, s0, e0, d0), (b, s1, e1, d1) = runs
+        assert [c.kind for c in a] == [c.kind for c in b] and (s0, e0) == (s1, e1) and torch.equal(d0, d1)
+        assert any(c.kind != "keep" for c in a) and e0 < s0  # trials were accepted: accept's chunks ran
+        for ca, cb in zip(a, b, strict=True):
+            assert all(torch.equal(getattr(ca, k), getattr(cb, k)) for k in ("gate", "up", "down", "row"))
