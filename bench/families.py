@@ -84,13 +84,17 @@ def table(report: dict) -> str:
         + " (tiny model "
         "of each built from its config class, saved by `save_pretrained`; ✓ passes, – refused on purpose in one "
         "line, the line listed under the table, ✗ fails). Columns: `info`; view→write bit-identical; profile "
-        "statistics = a brute-force token loop on the transformers model; `prune --ratio 0.25 --method frequency` "
+        "statistics = a brute-force token loop on the transformers model; `prune --ratio 0.25` (the default "
+        "output-error search with `--refit none` where `routing_known`, else `--method frequency`) "
         "loads in plain transformers with no missing/unexpected keys and its logits equal the base model's with "
         "the removed experts masked out of routing; `quantize --bits 4 --plan uniform --method rtn` loads in plain "
         "transformers (gpt-oss: MXFP4 in the release layout, at expert width 64); "
         "`prune --granularity atom --refit none` loads with `moecompress.load`; `merge --ratio 0.25` "
         "loads in plain transformers; `eval --base` and `report` run on the prune output; `moecompress.load` of "
-        "the prune output gives transformers' logits. A multimodal wrapper (`record` wrapper) is checked on its MoE "
+        "the prune output gives transformers' logits. `routing_known`: moecompress re-implements the family's "
+        "routing (output-error search, refits, merge) because it is hand-written, its router code equals a "
+        "hand-written family's (source), or its own MoE block routes as the re-implementation on random inputs "
+        "(behaviour, `core/routing_check.py`). A multimodal wrapper (`record` wrapper) is checked on its MoE "
         'language model, and "plain transformers" is the image-text-to-text class its model type maps to.',
         "",
         "| model type | record | `routing_known` | open | view→write | profile | prune | quantize | info | atom "
@@ -107,7 +111,9 @@ def table(report: dict) -> str:
             for op in OPS
         ]
         kind = "wrapper" if r.get("nest") else "derived" if r.get("derived") else "hand-written"
-        rows.append(f"| `{t}` | {kind} | {'yes' if r.get('routing_known') else 'no'} | " + " | ".join(cells) + " |")
+        by = r.get("routing_verified_by")
+        known = ("yes" + (f" ({by})" if by in ("source", "behaviour") else "")) if r.get("routing_known") else "no"
+        rows.append(f"| `{t}` | {kind} | {known} | " + " | ".join(cells) + " |")
     failed = [
         f"- `{t}` {op}: {v}"
         for t, r in report["types"].items()

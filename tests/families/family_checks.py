@@ -457,6 +457,7 @@ def run_checks(model_type: str, work: Path, tokenizer_dir: Path, ops: tuple[str,
     result |= {
         "derived": fam.derived,
         "routing_known": fam.routing_known,
+        "routing_verified_by": fam.routing_verified_by,  # record | source | behaviour | None
         "moe_layers": ck.moe_layers,
         "count_keys": list(fam.count_keys),
         "shared": fam.shared,
