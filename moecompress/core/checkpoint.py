@@ -280,13 +280,18 @@ class Checkpoint:
         if self.family.layer_parts and self.family.nest is None:
             self._nest_keys()  # (only the layer-held block's keys are renamed: model.layers.N.moe.<part>)
         if self.family.nest is not None:
-            from .derive import nest_disk_body, nest_disk_head
+            from .derive import nest_disk_body, nest_disk_head, view_rules
 
-            # (the text model's path in the checkpoint: where the module keeps it, or DeepSeek-OCR-2's model.*)
+            # (the text model's path in the checkpoint: where the module keeps it, DeepSeek-OCR-2's model.*, or ""
+            # for the checkpoint's root: Mistral-Large-4's layers.*, norm.*, output.*)
+            disk_body = nest_disk_body(self.config)
             self._nest = (
-                nest_disk_body(self.config) or self.family.nest[0],
+                self.family.nest[0] if disk_body is None else disk_body,
                 nest_disk_head(self.config) or self.family.nest[1],
             )
+            # tensors outside the layers the checkpoint names otherwise (Mistral-Large-4's tok_embeddings is the
+            # view's model.embed_tokens, lerope.alpha its model.rotary_emb.alpha): disk name -> view name
+            self._renamed = {parts[0][0]: view for _, view, parts in view_rules(self.config)}
             self.wrapper_config, self.config = self.config, self.config.get_text_config()
             self._nest_keys()
             layers_on_disk = {int(m[1]) for k in self.weight_map if (m := _LAYER_KEY.match(k))}
@@ -427,8 +432,12 @@ class Checkpoint:
             found = next((v for v, d in self._disk.items() if d == key), None)
             return found if found is not None else self._block_view_key(key)
         body, head = self._nest
-        if key.startswith(body + "."):
+        if key in self._renamed:
+            return self._renamed[key]
+        if body and key.startswith(body + "."):
             return self._block_view_key("model." + key[len(body) + 1 :])
+        if not body and key.startswith(("layers.", f"{self.family.final_norm}.")):  # the text model at the root
+            return self._block_view_key("model." + key)
         if key.startswith(head + "."):
             return "lm_head." + key[len(head) + 1 :]
         return key
@@ -455,7 +464,7 @@ class Checkpoint:
             return f"{body}.{key[len('model.') :]}" if body != "model" and key.startswith("model.") else key
         body, head = self._nest
         if key.startswith("model.layers."):
-            return f"{body}.{key[len('model.') :]}"
+            return f"{body}.{key[len('model.') :]}" if body else key[len("model.") :]
         if key.startswith("lm_head."):
             return f"{head}.{key[len('lm_head.') :]}"
         return key
@@ -503,12 +512,16 @@ class Checkpoint:
             full[attr] = text
             if isinstance(full.get("quantization_config"), dict):  # (compress: a quantize stage's, view names)
                 full["quantization_config"] = self._disk_names(full["quantization_config"])
+                if self.family.renames:
+                    full["quantization_config"] = self._module_targets(full["quantization_config"])
             return full
         full, before = copy.deepcopy(raw), self.config.to_dict()
         text = dict(full[attr])
         for k, v in config.items():
             if k == "quantization_config":
                 full[k] = self._disk_names(v)
+                if self.family.renames and isinstance(v, dict):  # (Mistral-Large-4's attention.wq: self_attn.q_proj)
+                    full[k] = self._module_targets(full[k])
             elif k not in before or before[k] != v:
                 text[k] = v
         full[attr] = text
@@ -524,6 +537,7 @@ class Checkpoint:
         if not isinstance(obj, list):
             return obj
         out = list(obj)
+        parts = self.family.layer_parts
         for t in obj:
             if not isinstance(t, str):
                 continue
@@ -533,6 +547,8 @@ class Checkpoint:
             ]
             if self.family.disk_block != self.family.module_block:  # (Mixtral: no block-named target is written)
                 pairs.append((f"{self.family.disk_block}.", f"{self.family.module_block}."))
+            mb = f"{self.family.module_block}."  # the block's parts saved in the layer (Mistral-Large-4)
+            pairs += [(d[len(mb) :], m) for d, m in pairs if d.startswith(mb) and d[len(mb) :].split(".")[0] in parts]
             for d, m in pairs:
                 new = new.replace(re.escape(f".{d}"), re.escape(f".{m}")) if t.startswith("re:") else new
                 new = new.replace(f".{d}", f".{m}") if not t.startswith("re:") else new
@@ -554,9 +570,13 @@ class Checkpoint:
             return out
         if not isinstance(obj, str) or self.family.nest is None:
             return obj
-        body = body or self._nest[0]
-        obj = obj.replace(re.escape("model.layers."), re.escape(f"{body}.layers."))
-        return f"{body}.{obj[len('model.') :]}" if obj.startswith("model.layers.") else obj
+        body = self._nest[0] if body is None else body
+        disk = f"{body}.layers." if body else "layers."  # ("": the text model at the checkpoint's root)
+        obj = obj.replace(re.escape("model.layers."), re.escape(disk))
+        for part in self.family.layer_parts:  # the block's modules saved in the layer (layers.N.<part>)
+            nested = f".{self.family.module_block}.{part}."
+            obj = obj.replace(re.escape(nested), re.escape(f".{part}.")).replace(nested, f".{part}.")
+        return disk + obj[len("model.layers.") :] if obj.startswith("model.layers.") else obj
 
     def _read_weights(self) -> None:
         self.weight_map = self._load_weight_map()

@@ -626,7 +626,7 @@ def derive(cfg: Any) -> dict[str, Any]:
     if top_k_key is None:
         raise Refusal("its config has no integer num_experts_per_tok (the router's top-k)")
 
-    _ROOT_BODY[0] = "model"
+    _ROOT_BODY[0], _BLOCK_PARTS[0] = "model", ()
     disk_block, expert_names, renames, (disk_router, disk_correction), fused_names, view = _disk_layout(
         wrapper or model,
         l0,
@@ -640,10 +640,13 @@ def derive(cfg: Any) -> dict[str, Any]:
     )
     if gateless and fused_names is not None:
         raise Refusal("its gateless experts are saved fused on disk: not mapped")
-    if view and nest:
-        raise Refusal(f"transformers converts its tensor {view[0][2][0][0]} on disk inside a multimodal wrapper")
+    if view and nest:  # renames outside the layers (Mistral-Large-4's tok_embeddings, lerope.alpha) map; nothing else
+        odd = [r for r in view if r[0] or len(r[2]) != 1 or r[2][0][1] != -1 or not r[1].startswith(f"{nest[0]}.")]
+        if odd:
+            raise Refusal(f"transformers converts its tensor {odd[0][2][0][0]} on disk inside a multimodal wrapper")
+        view = tuple(("", f"model.{src[len(nest[0]) + 1 :]}", parts) for _, src, parts in view)  # the view's names
     if nest:
-        _NEST_DISK[entry], _NEST_HEAD[entry] = _TEXT_BODY[0] or "", _TEXT_HEAD[0] or ""
+        _NEST_DISK[entry], _NEST_HEAD[entry] = _TEXT_BODY[0], _TEXT_HEAD[0] or ""
     if (flags["is_transposed"] or flags["has_bias"] or not flags["is_concatenated"]) and fused_names is None:
         raise Refusal("its experts are transposed, interleaved or biased in memory but saved per expert: not mapped")
     scaled = bool(getattr(block, "scaled_input", False))
@@ -667,6 +670,8 @@ def derive(cfg: Any) -> dict[str, Any]:
     if len(_VIEWS) > 64:
         _VIEWS.clear()
     _VIEWS[cfg.to_json_string(use_diff=False)] = view
+    if nest:  # (also under the wrapper's config, which Checkpoint holds when it asks)
+        _VIEWS[entry] = view
     reference = None
     sig = (_norm_source(type(block)), _norm_source(type(router)))
     groups_contiguous = any(_CONTIGUOUS_GROUPS.search(_source(c)) for c in (type(block), type(router)))
@@ -715,7 +720,7 @@ def derive(cfg: Any) -> dict[str, Any]:
         "nest": nest,
         "scaled_input": scaled,
         "expert_scale": expert_scale,
-        "layer_parts": _layer_parts(block),
+        "layer_parts": _layer_parts(block) or _BLOCK_PARTS[0],
         "hash_layers": tuple(hashed),
         "text_config": cfg if nest else None,
         "view": view,
@@ -801,6 +806,7 @@ def _disk_layout(
         raise Refusal(f"transformers' save conversion fails on it ({type(err).__name__}: {str(err)[:120]})") from None
     out = _root_body_on_disk(out, sd, body)
     out = _text_body_on_disk(out, sd, body, l)
+    out = _block_parts_on_disk(out, model.get_submodule(f"{prefix}{block}"), body, block, experts)
     marked = {k: v for k, v in out.items() if v.device.type != "meta" and v.dtype == torch.float64}
     fused = [k for k, v in marked.items() if v.shape[0] == E and v.dim() == 3]
     if fused:
@@ -813,13 +819,6 @@ def _disk_layout(
     seen = 0
     for k, v in marked.items():
         m = pat.match(k)
-        if m is None and re.match(rf"^layers\.\d+\.{re.escape(experts)}\.\d+\.", k):  # (Mistral-Large-4)
-            raise Refusal(
-                f"transformers saves its experts as {k}, not <block>.{experts}.<e>.<proj>.weight: its checkpoint keeps "
-                "the language model at the root in Mistral's native names (the decoder layer holds the router, "
-                "experts and shared experts; tok_embeddings, output, the rotary embedding's lerope.alpha), which "
-                "moecompress does not map"
-            )
         if m is None:
             raise Refusal(f"transformers saves its experts as {k}, not <block>.{experts}.<e>.<proj>.weight")
         e = int(m["e"])
@@ -926,7 +925,7 @@ def _root_body_on_disk(out: dict[str, Any], sd: dict[str, Any], body: str) -> di
     return renamed
 
 
-_NEST_DISK: dict[str, str] = {}  # a multimodal wrapper's config -> where its checkpoint keeps the text model
+_NEST_DISK: dict[str, str | None] = {}  # a multimodal wrapper's config -> where its checkpoint keeps the text model
 
 
 def _text_body_on_disk(out: dict[str, Any], sd: dict[str, Any], body: str, l: int) -> dict[str, Any]:
@@ -935,10 +934,8 @@ def _text_body_on_disk(out: dict[str, Any], sd: dict[str, Any], body: str, l: in
     on disk; model.language_model.* in the module); the disk body is recorded (``nest_disk_body``)."""
     marked = [k for k, v in out.items() if v.device.type != "meta" and v.dtype == torch.float64]  # layer l's experts
     found = {m[1] or "" for k in marked if (m := re.match(rf"^(?:(.+)\.)?layers\.{l}\.", k))}
-    if (
-        body == "model" or len(marked) < 2 or len(found) != 1 or (dbody := found.pop()) in (body, "")
-    ):  # ("": Mistral-Large-4's root)
-        return out
+    if body == "model" or len(marked) < 2 or len(found) != 1 or (dbody := found.pop()) == body:
+        return out  # ("" is the checkpoint's root: Mistral-Large-4's layers.*, norm.*)
     dpre = f"{dbody}." if dbody else ""
     by_id = {id(v): k for k, v in sd.items()}
     renamed = {}
@@ -959,6 +956,36 @@ _TEXT_HEAD: list[str | None] = [None]  # and the disk name of the wrapper's lm_h
 _NEST_HEAD: dict[str, str] = {}  # a multimodal wrapper's config -> where its checkpoint keeps the lm_head
 
 
+# the MoE block's modules ``_block_parts_on_disk`` found saved in the decoder layer in the last derive
+_BLOCK_PARTS: list[tuple[str, ...]] = [()]
+
+
+def _block_parts_on_disk(
+    out: dict[str, Any], block_module: torch.nn.Module, body: str, block: str, experts: str
+) -> dict[str, Any]:
+    """``out`` (transformers' save conversion) with the MoE block's modules named as in the module where the checkpoint
+    saves them in the decoder layer itself (Mistral-Large-4: ``layers.N.experts.E.w1``, ``layers.N.gate``,
+    ``layers.N.shared_experts.*`` for the module's ``layers.N.mlp.*``): every layer-level key of a block child gets the
+    block back; the children are recorded (``_BLOCK_PARTS``, the family's ``layer_parts``: the checkpoint maps them
+    both ways as Gemma-4's)."""
+    lay = re.compile(rf"^{re.escape(body)}\.layers\.\d+\.")
+    marked = [k for k, v in out.items() if v.device.type != "meta" and v.dtype == torch.float64]
+    at_layer = [m is not None and k[m.end() :].startswith(f"{experts}.") for k in marked for m in [lay.match(k)]]
+    if not marked or not all(at_layer):
+        return out
+    parts = tuple(n for n, _ in block_module.named_children())
+    renamed: dict[str, Any] = {}
+    for k, v in out.items():
+        m = lay.match(k)
+        if m is not None and k[m.end() :].split(".", 1)[0] in parts:
+            k = f"{m[0]}{block}.{k[m.end() :]}"
+            if k in out:
+                raise Refusal(f"transformers saves its MoE block's {k[m.end() :]} both in the layer and in {block}")
+        renamed[k] = v
+    _BLOCK_PARTS[0] = parts
+    return renamed
+
+
 def nest_disk_head(cfg: Any) -> str | None:
     """Where a multimodal wrapper's checkpoint keeps its lm_head when not where the module does (Aria's
     language_model.lm_head), None then."""
@@ -967,14 +994,15 @@ def nest_disk_head(cfg: Any) -> str | None:
 
 
 def nest_disk_body(cfg: Any) -> str | None:
-    """Where a multimodal wrapper's checkpoint keeps its text model when not where the module does (None then)."""
+    """Where a multimodal wrapper's checkpoint keeps its text model when not where the module does (None then; ""
+    for the checkpoint's root: Mistral-Large-4's layers.*)."""
     memo = cfg.to_json_string(use_diff=False)
     if memo not in _NEST_DISK:
         try:
             derive(cfg)
         except Refusal:
             return None
-    return _NEST_DISK.get(memo) or None
+    return _NEST_DISK.get(memo)
 
 
 # A tensor the checkpoint's view names as transformers' module does, made of disk tensors: (layer-relative scope

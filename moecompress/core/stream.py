@@ -150,6 +150,11 @@ def skeleton(ckpt: Checkpoint) -> nn.Module:
             if "sdpa" not in str(err).lower() and "scaled_dot_product" not in str(err):
                 raise
             model = causal_lm(cfg, experts_implementation="eager", attn_implementation="eager")
+    # buffers the checkpoint saves outside the layers (Mistral-Large-4's rotary embedding scales its frequencies by
+    # exp(lerope.alpha), zeros until loaded) take the saved values; the others keep what the config computes
+    saved = [n for n, b in model.named_buffers() if not n.startswith("model.layers.") and n in ckpt.weight_map]
+    for name, t in ckpt.read(saved).items() if saved else ():
+        model.get_buffer(name).copy_(t)
     if ckpt.family.own_experts:
         for l in ckpt.moe_layers:
             block = getattr(model.model.layers[l], ckpt.family.module_block)
