@@ -30,7 +30,6 @@ REFUSED: dict[str, str] = {
     "inkling2": "converted on save",
     "minimax_m3_vl": "too large to map by markers",
     "mistral4": "has no causal-LM class",
-    "mistral_large4": "transformers saves its experts as layers",
     "openai_privacy_filter": "has no causal-LM class",
     "qwen3_omni_moe": "keeps its language model in nested configs",
     "zaya": "no single router",
