@@ -11,12 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from family_checks import check_profile, check_view_write  # noqa: E402
+from family_checks import check_profile, check_view_write, run_checks  # noqa: E402
 from family_models import build, tiny_config  # noqa: E402
 
 from moecompress.core.checkpoint import Checkpoint  # noqa: E402
@@ -101,3 +102,15 @@ def test_view_write_is_bit_exact_and_profile_reads_the_saved_rotary_alpha(tmp_pa
 
     assert torch.equal(skeleton(ck).model.rotary_emb.alpha, alpha)
     check_profile(ck)
+
+
+@pytest.mark.slow
+def test_every_operation_runs_or_refuses_in_one_line(tmp_path, tokenizer_dir):
+    """Frequency prune 25% loads clean in MistralLarge4ForConditionalGeneration with the base's logits with those
+    experts masked; 4-bit RTN loads clean there with moecompress.load's logits (bf16, equal); info, channel pruning,
+    load, eval and report run; merge is refused in one line (its routing is not verified)."""
+    every = ("view_write", "profile", "prune", "quantize", "info", "atom", "merge", "load", "eval", "report")
+    r = run_checks(T, tmp_path, tokenizer_dir, ops=every)
+    ops = r["ops"]
+    assert ops.pop("merge").startswith("refused: merging re-implements the router"), r
+    assert ops == {op: "ok" for op in ("open", *every) if op != "merge"}, r
