@@ -114,3 +114,32 @@ def test_every_operation_runs_or_refuses_in_one_line(tmp_path, tokenizer_dir):
     ops = r["ops"]
     assert ops.pop("merge").startswith("refused: merging re-implements the router"), r
     assert ops == {op: "ok" for op in ("open", *every) if op != "merge"}, r
+
+
+@pytest.mark.slow
+def test_one_pass_prune_and_quantize_loads_clean_with_moecompress_loads_logits(tmp_path, tokenizer_dir):
+    """compress (frequency prune 25% then 4 bits): config.json's quantization_config names the renamed modules
+    (attention.wq is self_attn.q_proj, shared_experts saved in the layer are mlp.shared_experts) so transformers loads
+    it clean, with moecompress.load's logits."""
+    import json
+
+    from family_checks import _cli, reload_clean
+
+    from moecompress import load
+
+    path = build(T, tmp_path / T, tokenizer_dir)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps([{"prune": {"ratio": 0.25, "method": "frequency"}}, {"quantize": {"bits": 4}}]))
+    out = tmp_path / "c"
+    _cli("compress", path, "--recipe", recipe, "--samples", "2", "--seq-len", "16", "--device", "cpu", "-o", out)
+    targets = json.dumps(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert "self_attn\\\\.q_proj" in targets and "mlp\\\\.shared_experts\\\\.gate_proj" in targets, targets[:300]
+    reload_clean(out)
+    ids = torch.arange(12)[None] % 300
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(out, experts_implementation="eager", dtype=torch.bfloat16)
+    with torch.no_grad():
+        a = load(out, dtype=torch.bfloat16)(input_ids=ids).logits.float()
+        b = model(input_ids=ids).logits.float()
+    assert torch.equal(a, b), float((a - b).abs().max())
