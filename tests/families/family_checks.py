@@ -240,9 +240,11 @@ HASH_ROUTED = "pick experts by a fixed token -> expert table"
 
 def check_prune(ck: Checkpoint, work: Path) -> None:
     """Prune 25%: the default output-error search (refit none, so the output is the base with experts removed) where
-    moecompress re-implements the family's routing (record, source or behaviour verified), else by frequency."""
+    moecompress re-implements the family's routing (record, source or behaviour verified) and its expert math (not
+    gpt-oss's biased clamped SwiGLU, refused there), else by frequency."""
     out = work / "pruned"
-    method = ("output-error", "--refit", "none") if ck.family.routing_known else ("frequency",)
+    search = ck.family.routing_known and not ck.family.expert_bias
+    method = ("output-error", "--refit", "none") if search else ("frequency",)
     try:
         _cli("prune", ck.path, "--ratio", "0.25", "--method", *method, *CALIB, "-o", out)
     except AssertionError as err:
