@@ -71,7 +71,7 @@ class Job:
     @classmethod
     def prepare(
         cls,
-        model: str | Path | None,
+        model: str | Path | Checkpoint | None,
         output: str | Path | None,
         *,
         calib: str | Path = "mixed",
@@ -93,7 +93,7 @@ class Job:
         hessian, stages, ... as ``estimate.predict`` takes them), refuse in one line when the predicted peak
         memory exceeds this machine's RAM, the GPU or --max-memory (``core.limits.memory_limit()``)."""
         started = time.time()
-        ckpt = Checkpoint(model)
+        ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)  # (opened already: not again)
         out = check_output(output, ckpt.path, overwrite) if output is not None else None
         stages = (settings or {}).get("stages") or ()
         if out is not None and (op == "quantize" or (op == "compress" and "quantize" in stages)):
