@@ -37,8 +37,15 @@ class Profile:
         return cls(meta, tensors)
 
     def layer(self, l: int, name: str) -> torch.Tensor:
-        """e.g. profile.layer(3, "reap") -> [E]; names as in stats.finalize plus "output_similarity"."""
-        return self.tensors[f"layer{l}.{name}"]
+        """e.g. profile.layer(3, "reap") -> [E]; names as in stats.finalize plus "output_similarity" (which the
+        profile ``moecompress prune`` makes for itself does not measure: a UserError here)."""
+        key = f"layer{l}.{name}"
+        if key not in self.tensors and name == "output_similarity" and f"layer{l}.tokens" in self.tensors:
+            raise UserError(
+                "this profile has no output similarity (the profile `moecompress prune` writes for itself does not "
+                "measure it): give a profile from `moecompress profile`, or none"
+            )
+        return self.tensors[key]
 
     @property
     def moe_layers(self) -> list[int]:

@@ -156,9 +156,12 @@ class ProfileTransform(Transform):
             self._hook, self._router_in = None, []
         acc = self._fold_all(ctx)
         stats = finalize(acc, self.top_k)
-        x = torch.cat(acc.sim_inputs).to(ctx.engine.device)
-        experts = ctx.experts
-        stats["output_similarity"] = output_similarity(experts.gate_up_proj, experts.down_proj, experts.act_fn, x).cpu()
+        if self.sim_tokens > 0:  # 0: no output similarity (``prune``'s own profile pass: nothing there reads it)
+            x = torch.cat(acc.sim_inputs).to(ctx.engine.device)
+            experts = ctx.experts
+            stats["output_similarity"] = output_similarity(
+                experts.gate_up_proj, experts.down_proj, experts.act_fn, x
+            ).cpu()
         self.results[ctx.index] = stats
         self._acc = None
 
