@@ -233,17 +233,19 @@ class ExpertOutputs:
         flat = top.reshape(-1)
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=E).tolist()
+        cache, hcache = self.cache.view(T * c, -1), None if self.hcache is None else self.hcache.view(T * c, -1)
         start = 0
         for e, n in enumerate(counts):
             if n:
-                pos = order[start : start + n]
+                pos = order[start : start + n]  # flat (token, slot) positions held for expert e
                 start += n
-                if self.hcache is None:
-                    self.cache.view(T * c, -1)[pos] = self.apply(e, x[pos // c])
+                xr = x.index_select(0, torch.div(pos, c, rounding_mode="floor"))
+                if hcache is None:
+                    cache.index_copy_(0, pos, self.apply(e, xr))
                 else:
-                    h = self.apply_hidden(e, x[pos // c])
-                    self.hcache.view(T * c, -1)[pos] = h
-                    self.cache.view(T * c, -1)[pos] = torch.nn.functional.linear(h, self.down[e].float())
+                    h = self.apply_hidden(e, xr)
+                    hcache.index_copy_(0, pos, h)
+                    cache.index_copy_(0, pos, torch.nn.functional.linear(h, self.down[e].float()))
 
     def apply_hidden(self, e: int, xr: torch.Tensor) -> torch.Tensor:
         """h_e on rows xr [n, H] -> [n, I] (float32)."""
@@ -254,7 +256,8 @@ class ExpertOutputs:
         s = self.slot[rows, e]
         if self.hcache is None:
             return self.apply_hidden(e, self.x[rows])
-        out = self.hcache[rows, s.clamp_min(0).long()]
+        c = self.hcache.shape[1]
+        out = self.hcache.view(-1, self.hcache.shape[-1]).index_select(0, rows * c + s.clamp_min(0))  # [n, I]
         miss = (s < 0).nonzero().squeeze(1)
         if miss.numel():
             out[miss] = self.apply_hidden(e, self.x[rows[miss]])
@@ -278,7 +281,9 @@ class ExpertOutputs:
     def get(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """[P] token rows, [P, k] experts -> [P, k, H] unweighted outputs."""
         s = self.slot[rows[:, None], idx]  # [P, k]
-        out = self.cache[rows[:, None], s.clamp_min(0).long()]  # [P, k, H] (a copy)
+        P, k = s.shape
+        flat = (rows[:, None] * self.cache.shape[1] + s.clamp_min(0)).reshape(-1)  # rows of the [T c, H] view
+        out = self.cache.view(-1, self.cache.shape[-1]).index_select(0, flat).view(P, k, -1)  # [P, k, H] (a copy)
         miss = (s < 0).nonzero()
         if miss.numel():
             pr, pk = miss.unbind(1)
@@ -368,13 +373,15 @@ def output_error_order(
     max_remove: int,
     correction: torch.Tensor | None = None,
     scale: float | None = None,
+    y0: torch.Tensor | None = None,
 ) -> list[Step]:
     """Greedy removal order: each step drops the expert whose removal raises the relative error least.
 
     outs: [T, E, H] expert outputs, or an object with ``get(rows, idx)`` (``ExpertOutputs``); logits [T, E] router
     logits (+ router bias) on the same tokens. Error of a removed set R: ||y_R - y||^2 / scale summed over tokens
     (y = routed output with every expert; scale defaults to ||y||^2; pass the residual stream's energy on the same
-    tokens to compare layers). With groups, every group loses one expert per round (the round is one step; its
+    tokens to compare layers; ``y0`` [T, H]: y when the caller has it already, ``routed_output`` of ``outs`` under the
+    unpruned routing). With groups, every group loses one expert per round (the round is one step; its
     cost is the round's error increase).
 
     Exact and incremental: the error a candidate's removal adds is kept per (token, expert) pair for the experts
@@ -387,7 +394,10 @@ def output_error_order(
     g, Eg = spec.n_group, E // spec.n_group
     dev = logits.device
     rows_all = torch.arange(T, device=dev)
-    y0 = routed_output(src, rows_all, *route(logits, spec, None, correction)).double()  # [T, H]
+    if y0 is None:
+        y0 = routed_output(src, rows_all, *route(logits, spec, None, correction))
+    y0f = y0.float()  # [T, H] float32 (the pair errors' reference)
+    y0 = y0.double()  # [T, H]
     C = y0.pow(2).sum(1)  # [T] ||y||^2
     denom = max(float(scale if scale is not None else C.sum()), 1e-30)
     nonorm = spec.kind == "softmax" and not spec.norm_topk
@@ -433,7 +443,7 @@ def output_error_order(
     def _refresh_softmax(rows: torch.Tensor) -> None:
         # every removal from the top-k brings in the same (k+1)-th expert: one gather of k+1 outputs per token
         k = spec.top_k
-        probs = torch.softmax(logits[rows].masked_fill(removed, float("-inf")), dim=-1)  # as route() does
+        probs = torch.softmax(logits.index_select(0, rows).masked_fill(removed, float("-inf")), dim=-1)  # as route()
         pj, J = probs.topk(min(k + 1, E), dim=-1)  # [n, k+1]
         f = src.get(rows, J)  # [n, k+1, H]
         cur = pj[:, :k] / pj[:, :k].sum(-1, keepdim=True) if spec.norm_topk else pj[:, :k]
@@ -450,14 +460,13 @@ def output_error_order(
         aff[rows[:, None], top] = True
         dep[rows[:, None], J] = True
         pair[rows] = 0.0
-        yr = y0[rows][:, None, :]
         if nonorm:  # weights are the current probabilities p_j = exp(l_j) / Z, so u = y_trial * Z
             yt, z = yt.double(), Z[rows][:, None]
             pair[rows[:, None], top] = yt.pow(2).sum(-1) * z * z
             ub[rows] = 0.0
-            ub[rows[:, None], top] = (yt * yr).sum(-1) * z
+            ub[rows[:, None], top] = (yt * y0.index_select(0, rows)[:, None, :]).sum(-1) * z
         else:  # a difference of outputs: float32 is enough per token; sums over tokens are float64
-            pair[rows[:, None], top] = (yt - yr.float()).pow(2).sum(-1).double()
+            pair[rows[:, None], top] = (yt - y0f.index_select(0, rows)[:, None, :]).pow_(2).sum(-1).double()
 
     def _refresh_general(rows: torch.Tensor) -> None:
         lr = logits[rows]

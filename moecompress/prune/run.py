@@ -50,15 +50,18 @@ def prune_model(
         lambda: removal_count(first.num_experts, opts.ratio, RouterSpec.from_config(first.family, first.config))
     )
     job = Job.prepare(
-        model, output, calib=calib, samples=samples, seq_len=seq_len, seed=opts.seed, batch_size=batch_size,
+        first, output, calib=calib, samples=samples, seq_len=seq_len, seed=opts.seed, batch_size=batch_size,
         device=device, overwrite=overwrite, profile_dir=profile_dir, tokens=tokens, op="prune",
         settings={"method": opts.method, "refit": opts.refit, "error_tokens": opts.error_tokens},
     )  # fmt: skip
     ckpt = job.ckpt
     spec = RouterSpec.from_config(ckpt.family, ckpt.config)
     prof = job.profile()
-    if prof is None:
-        prof = build_profile(ckpt, job.tokens(), collect(ckpt, job.tokens(), batch_size, job.device), job.elapsed)
+    if prof is None:  # its own profile pass, without output similarity (nothing in prune reads it, and it evaluates
+        # every expert on 256 tokens: as much expert compute as the routed forward at E128); the rest is bit for bit a
+        # standalone profile's
+        stats = collect(ckpt, job.tokens(), batch_size, job.device, sim_tokens=0)
+        prof = build_profile(ckpt, job.tokens(), stats, job.elapsed)
     prune = _plan(job, spec, opts, prof)
     needs_tokens = opts.method == "output-error" or opts.refit != "none"
     no_windows = torch.zeros(0, 1, dtype=torch.long)  # experts chosen, nothing to refit: slice, no compute

@@ -253,7 +253,8 @@ class PruneTransform(Transform):
         y0sq = max(_sq_sum(y0), 1e-30)
         order = None
         if l not in self.kept:
-            order = output_error_order(src, logits, spec, self.protected.get(l, set()), self.max_remove, corr, y0sq)
+            protected = self.protected.get(l, set())
+            order = output_error_order(src, logits, spec, protected, self.max_remove, corr, y0sq, y0)
         if self.measure:
             self._pending = (order, y0sq, None, None)
             return

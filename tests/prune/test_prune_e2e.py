@@ -349,3 +349,24 @@ def test_down_refit_that_no_expert_can_take_writes_the_unrefitted_bytes(tmp_path
         prune_model(
             path, tmp_path / "again", PruneOptions(ratio=0.34, refit="down", refit_min_rows=0), tokens=_tokens()
         )
+
+
+def test_own_profile_is_the_profile_without_output_similarity(tmp_path, tokenizer_dir):
+    """prune without --profile profiles the model itself without output similarity (nothing in prune reads it; it
+    was ~1/3 of that pass): every other statistic is a standalone profile's, and a merge asking it for similarity
+    gets a one-line UserError."""
+    from moecompress.core.errors import UserError
+    from moecompress.profile.files import Profile
+
+    path = build_tiny("qwen3_moe", tmp_path / "q", tokenizer_dir)
+    prune_model(path, tmp_path / "out", PruneOptions(ratio=0.25), tokens=_tokens())
+    own = Profile.load(tmp_path / "out" / "profile")
+    ck = Checkpoint(path)
+    full = build_profile(ck, _tokens(), collect(ck, _tokens(), batch_size=8), 0.0)
+    sim = {k for k in full.tensors if k.endswith(".output_similarity")}
+    assert sim and set(own.tensors) == set(full.tensors) - sim
+    assert all(torch.equal(own.tensors[k], full.tensors[k]) for k in own.tensors)
+    assert own.super_experts == full.super_experts
+    with pytest.raises(UserError, match="moecompress profile"):
+        own.layer(own.moe_layers[0], "output_similarity")
+    assert torch.equal(own.layer(own.moe_layers[0], "reap"), full.layer(own.moe_layers[0], "reap"))
