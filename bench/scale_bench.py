@@ -357,6 +357,7 @@ def ops_sweep(args: argparse.Namespace) -> None:
                 except (KeyError, OSError):  # no fitted coefficients yet for this op
                     pred = None
                 key = f"{case}/{op}/{args.samples}x{args.seq_len}"
+                commit, started = _commit(code), time.strftime("%H:%M", time.gmtime())  # the code the run starts on
                 if pred is not None and pred.host_bytes > rss_cap * args.skip_factor:
                     res = {"skipped": f"predicted {pred.host_bytes / 2**30:.1f} GiB > {rss_cap / 2**30:.1f} GiB cap"}
                 else:
@@ -368,7 +369,8 @@ def ops_sweep(args: argparse.Namespace) -> None:
                     case=case,
                     op=op,
                     checkpoint_bytes=size,
-                    commit=_commit(code),
+                    commit=commit,
+                    started=started,
                     at=time.strftime("%H:%M", time.gmtime()),
                 )
                 res.update(samples=args.samples, seq_len=args.seq_len)
