@@ -23,6 +23,7 @@ from moecompress.prune.order import (
     possible_ratios,
     removal_count,
     route,
+    routed_output,
     router_choice,
     score_order,
 )
@@ -187,6 +188,24 @@ def test_incremental_greedy_equals_naive_recompute(spec, cached):
         assert [sum(s.cost for s in order[: i + 1]) for i in range(len(order))] == pytest.approx(
             errs[g - 1 :: g], rel=1e-5, abs=1e-9
         )
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["softmax", "softmax-no-norm", "groups", "groups-topk2"])
+def test_greedy_given_the_callers_routed_output_is_the_same_bit_for_bit(spec):
+    """``output_error_order(..., y0=...)`` (the prune transform passes the y it computed already) makes the same
+    choices with the same costs, bit for bit, as the greedy computing y itself."""
+    x, gate, up, down, logits, corr = _experts(1)
+    corr = corr if spec.kind != "softmax" else None
+    n = 6 if spec.n_group == 1 else 4
+    runs = []
+    for given in (False, True):
+        src = ExpertOutputs(x, gate, up, down, router_choice(logits, spec, corr), 3)
+        y0 = routed_output(src, torch.arange(x.shape[0]), *route(logits, spec, None, corr)) if given else None
+        runs.append([(s.experts, s.cost) for s in output_error_order(src, logits, spec, set(), n, corr, y0=y0)])
+    assert runs[0] == runs[1] and len(runs[0]) == n // spec.n_group
+    src = ExpertOutputs(x, gate, up, down, router_choice(logits, spec, corr), 3)
+    wrong = output_error_order(src, logits, spec, set(), n, corr, y0=torch.zeros(x.shape[0], down.shape[1]))
+    assert [(s.experts, s.cost) for s in wrong] != runs[0]  # the given y0 is the one used
 
 
 def test_outputs_by_token_cache_is_exact_and_reuses_freed_slots():
