@@ -354,7 +354,14 @@ class PruneTransform(Transform):
         if order is None:
             return
         cache = ctx.engine.cache
-        r = sample_rows([cache[i].reshape(-1, cache[i].shape[-1]) for i in range(len(cache))], self.opts.error_tokens)
+        D = y0.shape[-1] if y0 is not None else cache[0].shape[-1]
+        # per token [T_b, D]; hyper-connection layers (HY-V4, Qwen4-Exp) carry hc residual streams ([B, S, hc, D] or
+        # [B, S, hc D]): their sum stands for the residual the block's output joins (an energy scale only)
+        tok = [
+            c.reshape(-1, D) if c.dim() <= 3 and c.shape[-1] == D else c.reshape(c.shape[0] * c.shape[1], -1, D).sum(1)
+            for c in (cache[i] for i in range(len(cache)))
+        ]
+        r = sample_rows(tok, self.opts.error_tokens)
         if y0 is not None:  # the unpruned layer's output on the same tokens: r = r_p + y - y_p
             r = r.float() + y0 - y_p
         energy = max(_sq_sum(r), 1e-30)
