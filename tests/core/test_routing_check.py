@@ -151,3 +151,12 @@ def test_a_newly_verified_family_merges_and_its_output_error_prune_is_the_base_m
     assert r["routing_known"] and r["ops"] == {"open": "ok", "prune": "ok", "merge": "ok"}, r
     stage = Checkpoint(tmp_path / "minimax_m2-out" / "pruned").manifest.stage("prune")
     assert stage["method"] == "output-error", stage
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["hy_v4", "qwen4_exp"])
+def test_output_error_prune_of_hyper_connection_models_is_the_base_masked(model_type, tmp_path, tokenizer_dir):
+    """HY-V4 (verified by behaviour) and Qwen4-Exp (by source) carry hc residual streams [B, S, hc, D]: the default
+    output-error prune runs (its residual-energy scale crashed on that cache) and equals the base model masked."""
+    r = run_checks(model_type, tmp_path, tokenizer_dir, ops=("prune",))
+    assert r["routing_known"] and r["ops"] == {"open": "ok", "prune": "ok"}, r
