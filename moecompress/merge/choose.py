@@ -28,7 +28,11 @@ Cost and memory (T = |F| + |M| tokens, k = top-k, K merged experts): no [T, E, H
 layer is held as its routing [T, k] and the outputs of each token's k routed experts [T, k, H] (``_Routed``); a
 candidate for cluster j changes only the tokens j is routed to before or after (and, without top-k
 renormalization, every token's scale in closed form), so a trial computes the candidate on ~T k / K tokens and any
-expert that enters a changed token's top-k on that token alone. Everything stays on the tokens' device.
+expert that enters a changed token's top-k on that token alone; no [n, k, H] tensor of the n changed tokens is
+made (their outputs are gathered and summed in row blocks of ``ROW_CHUNK_BYTES``). Everything stays on the tokens'
+device. On the CPU the C heap's freed pages go back to the system before each trial (``core.stream.release_freed``:
+glibc ``malloc_trim``, a no-op elsewhere; no process-wide malloc setting): the trials' temporaries of varying
+sizes otherwise fragment the heap, whose freed pages stay resident and crept into the peak.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 
 from moecompress.core.experts import Act, expert_forward
 from moecompress.core.families import MoEWeights
+from moecompress.core.stream import release_freed
 from moecompress.merge.align import EXACT_BLOCK, activations, align_cluster
 from moecompress.merge.refit import lstsq_down
 from moecompress.merge.router import RouterFitter
@@ -188,7 +193,7 @@ class _Routed:
     def __init__(self, fit: LayerFit, logits, corr, wts, idx, outs):
         self.fit, self.logits, self.corr, self.wts, self.idx, self.outs = fit, logits, corr, wts, idx, outs
         self.yc = (outs * wts[:, :, None]).sum(1)  # [T, H]
-        self.d2 = (self.yc - fit.y).double().pow(2).sum(1)  # [T]
+        self.d2 = _sq_err(self.yc, fit.y)  # [T]
         m = slice(fit.n_fit, None)
         self.err = float(self.d2[m].sum()) / fit.norm
 
@@ -245,7 +250,7 @@ class _Routed:
         scale = d2_all = None
         if nonorm:  # every token's weights scale by Z_old / Z_new; unchanged tokens in closed form
             scale = (w2.sum(1) / self.wts.sum(1).clamp_min(1e-30))[:, None]  # [T, 1]
-            d2_all = (self.yc * scale - fit.y).double().pow(2).sum(1)  # [T] unchanged tokens, rescaled
+            d2_all = _sq_err(self.yc, fit.y, scale=scale)  # [T] unchanged tokens, rescaled
         versions: list[_Trial] = []
         downs = []
         if plain is not None:
@@ -264,7 +269,7 @@ class _Routed:
             # the version's outputs are the gathered ones with j's slots set to out_j: ``accept`` writes both
             yn = others.clone()
             yn.index_add_(0, jr, s[:, None] * out_j)  # [n, H]
-            d2n = (yn - fit.y[rows]).double().pow(2).sum(1)  # [n]
+            d2n = _sq_err(yn, fit.y, rows)  # [n]
             m = rows >= fit.n_fit
             if d2_all is not None:
                 base = float(d2_all[fit.n_fit :].sum()) - float(d2_all[rows[m]].sum())
@@ -307,7 +312,7 @@ class _Routed:
             self.outs[jr, js] = out_j
             self.yc[jr] = others + s[:, None] * out_j
             chosen[j] = Candidate(c.kind, c.gate, c.up, down, c.row, c.bias, c.corr, prior=prior)
-        self.d2 = (self.yc - fit.y).double().pow(2).sum(1)
+        self.d2 = _sq_err(self.yc, fit.y)
         self.err = float(self.d2[fit.n_fit :].sum()) / fit.norm
         return self.err
 
@@ -342,7 +347,7 @@ class _Routed:
         jr, js, out_j = t.slots
         self.outs[t.rows[jr], js] = out_j
         self.yc[t.rows] = t.yn
-        self.d2 = (self.yc - self.fit.y).double().pow(2).sum(1) if t.scale is not None else self.d2
+        self.d2 = _sq_err(self.yc, self.fit.y) if t.scale is not None else self.d2
         self.d2[t.rows] = t.d2n
         self.err = t.err
 
@@ -363,6 +368,20 @@ class _Trial:
     scale: torch.Tensor | None
     se: float = 0.0  # standard error of (err - the current error), from the per-token changes on the measure tokens
     slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows of ``rows``, slot, output) of j
+
+
+def _sq_err(
+    a: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None = None, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-row squared error [n] float64 of a [n, H] (times ``scale`` [n, 1]) to y[rows] (y: [n, H] when ``rows``
+    is None), a block of rows at a time: no [n, H] float64 temporaries (each row's sum is the same)."""
+    out = torch.empty(a.shape[0], dtype=torch.float64, device=a.device)
+    step = max(1, ROW_CHUNK_BYTES // (4 * 8 * a.shape[1]))  # float64 blocks of a quarter of ROW_CHUNK_BYTES
+    for r0 in range(0, a.shape[0], step):
+        r1 = r0 + step
+        ar = a[r0:r1] if scale is None else a[r0:r1] * scale[r0:r1]
+        out[r0:r1] = (ar - (y[r0:r1] if rows is None else y[rows[r0:r1]])).double().pow(2).sum(1)
+    return out
 
 
 def _parts(c: Candidate) -> tuple[Any, ...]:
@@ -477,6 +496,8 @@ def choose_clusters(
                 if plain is None and refit is None:
                     continue
                 best = None
+                if fit.x.device.type == "cpu":  # freed pages of earlier trials and merges back to the system first
+                    release_freed()
                 for t in state.trial(j, cand, chosen, plain, refit):
                     gain = state.err * (1 - 1e-9) - t.err
                     if gain > min_gain_se * t.se and (best is None or t.err < best.err * (1 - 1e-9)):
