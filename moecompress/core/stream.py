@@ -150,9 +150,16 @@ def skeleton(ckpt: Checkpoint) -> nn.Module:
             if "sdpa" not in str(err).lower() and "scaled_dot_product" not in str(err):
                 raise
             model = causal_lm(cfg, experts_implementation="eager", attn_implementation="eager")
-    # buffers the checkpoint saves outside the layers (Mistral-Large-4's rotary embedding scales its frequencies by
-    # exp(lerope.alpha), zeros until loaded) take the saved values; the others keep what the config computes
-    saved = [n for n, b in model.named_buffers() if not n.startswith("model.layers.") and n in ckpt.weight_map]
+    # persistent buffers the checkpoint saves outside the layers (Mistral-Large-4's rotary embedding scales its
+    # frequencies by exp(lerope.alpha), zeros until loaded) take the saved values, as transformers loads them; the
+    # others keep what the config computes (a saved non-persistent one, an old inv_freq, is ignored there too)
+    persistent = [
+        f"{m}.{b}" if m else b
+        for m, mod in model.named_modules()
+        for b in mod._buffers
+        if b not in mod._non_persistent_buffers_set
+    ]
+    saved = [n for n in persistent if not n.startswith("model.layers.") and n in ckpt.weight_map]
     for name, t in ckpt.read(saved).items() if saved else ():
         model.get_buffer(name).copy_(t)
     if ckpt.family.own_experts:
