@@ -500,11 +500,54 @@ class Checkpoint:
                 config = dict(config, quantization_config=self._module_targets(config["quantization_config"]))
             return config
         raw = read_json_file(self.path / "config.json", "config.json (JSON)")
-        attr = next(k for k, v in vars(self.wrapper_config).items() if v is self.config)
-        if not isinstance(raw.get(attr), dict):
-            raise UserError(f"config.json has no {attr} object, which its model type keeps its language model in")
+        path = self._text_config_path()
+        outer = raw  # (Qwen3-Omni's text config is two deep: thinker_config.text_config)
+        for k in path[:-1]:
+            outer = outer.get(k) if isinstance(outer, dict) else None
+        attr = path[-1]
+        if not isinstance(outer, dict) or not isinstance(outer.get(attr), dict):
+            where = ".".join(path)
+            raise UserError(f"config.json has no {where} object, which its model type keeps its language model in")
+        if len(path) > 1:  # the level holding the text config (thinker_config) is written as config.json would be
+            if config.get("model_type") == raw.get("model_type"):  # config.json's dict: its level, top text keys
+                level = copy.deepcopy(config)
+                for k in path[:-1]:
+                    level = level[k]
+                text_keys = set(self.config.to_dict()) | {"quantization_config"}  # (quantization_config: at the top)
+                config = dict(level) | {k: v for k, v in config.items() if k not in raw and k in text_keys}
+            full = self._output_config_in(outer, attr, config, outer.get("model_type"))
+            top = copy.deepcopy(raw)
+            inner = top
+            for k in path[:-1]:
+                inner[k] = dict(inner[k])
+                inner = inner[k]
+            inner[attr] = full[attr]
+            if "quantization_config" in full:
+                top["quantization_config"] = full["quantization_config"]
+            return top
+        return self._output_config_in(raw, attr, config, raw.get("model_type"))
+
+    def _text_config_path(self) -> tuple[str, ...]:
+        """The attribute path from the wrapper's config to its text config (("text_config",); Qwen3-Omni's
+        ("thinker_config", "text_config"))."""
+        for k, v in vars(self.wrapper_config).items():
+            if v is self.config:
+                return (k,)
+        for k, v in vars(self.wrapper_config).items():
+            for kk, vv in vars(v).items() if hasattr(v, "to_dict") else ():
+                if vv is self.config:
+                    return (k, kk)
+        raise UserError(
+            f"{self.wrapper_config.model_type}'s config does not hold its text config where moecompress looks"
+        )
+
+    def _output_config_in(
+        self, raw: dict[str, Any], attr: str, config: dict[str, Any], top_type: Any
+    ) -> dict[str, Any]:
+        """``output_config`` for the dict ``raw`` holding the text config at ``attr`` (config.json, or the level of it
+        that holds the text config)."""
         text_keys = set(self.config.to_dict())
-        if config.get("model_type") == raw.get("model_type"):  # config.json's dict: move text keys set at its top
+        if config.get("model_type") == top_type:  # config.json's dict: move text keys set at its top
             full = copy.deepcopy(config)
             text = dict(full[attr])
             for k in [k for k in full if k not in raw and k in text_keys and k != "quantization_config"]:

@@ -255,14 +255,73 @@ def meta_model(cfg: Any) -> torch.nn.Module:
         raise Refusal(f"transformers cannot build it from config.json ({build_error(err, cfg.model_type)})") from None
 
 
-def wrapper_auto_class(cfg: Any) -> Any:
-    """The Auto class transformers loads a multimodal wrapper with (image-text-to-text), None for other models."""
-    from transformers import AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+def nests_text(cfg: Any) -> bool:
+    """The config is a multimodal wrapper's: its text model's config is nested in it (text_config, or two configs
+    deep as Qwen3-Omni's thinker_config.text_config)."""
+    if getattr(cfg, "text_config", None) is not None:
+        return True
+    try:
+        text = cfg.get_text_config()
+    except Exception:  # a config transformers cannot navigate: not a wrapper
+        return False
+    return text is not None and text is not cfg
 
-    if getattr(cfg, "text_config", None) is None or cfg.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+
+_THINKERS: dict[type, type] = {}
+
+
+def _with_thinker_forward(cls: type) -> type:
+    """``cls`` (Qwen3-Omni's wrapper: a thinker that generates text, and a talker that speaks, with ``generate`` but no
+    ``forward``) with a ``forward`` that is its thinker's: the text logits, as transformers' generate computes them."""
+    if cls not in _THINKERS:
+
+        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self.thinker(*args, **kwargs)
+
+        _THINKERS[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return _THINKERS[cls]
+
+
+class _ThinkerAuto:
+    """The Auto class for a wrapper whose text model is its thinker's (Qwen3-Omni): transformers' multimodal-LM class
+    with the thinker's forward (``_with_thinker_forward``); the checkpoint's names and the talker stay as they are."""
+
+    @staticmethod
+    def _cls(cfg: Any) -> type:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING
+
+        return _with_thinker_forward(MODEL_FOR_MULTIMODAL_LM_MAPPING[type(cfg)])
+
+    @classmethod
+    def from_config(cls, cfg: Any, **kwargs: Any) -> Any:
+        kwargs.pop("trust_remote_code", None)
+        return cls._cls(cfg)._from_config(cfg, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: Any, *args: Any, **kwargs: Any) -> Any:
+        from transformers import AutoConfig
+
+        kwargs.pop("trust_remote_code", None)
+        cfg = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, trust_remote_code=False)
+        return cls._cls(cfg).from_pretrained(path, *args, config=cfg, **kwargs)
+
+
+def wrapper_auto_class(cfg: Any) -> Any:
+    """The Auto class transformers loads a multimodal wrapper with (image-text-to-text; Qwen3-Omni's multimodal-LM
+    class with its thinker's forward), None for other models."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
+    )
+
+    if not nests_text(cfg):
         return None
-    return AutoModelForImageTextToText
+    if getattr(cfg, "text_config", None) is not None and cfg.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    if getattr(cfg, "thinker_config", None) is not None and cfg.model_type in MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES:
+        return _ThinkerAuto
+    return None
 
 
 def _wrapper(cfg: Any) -> tuple[torch.nn.Module, TextLM, str, str]:
@@ -295,9 +354,14 @@ def _wrapper(cfg: Any) -> tuple[torch.nn.Module, TextLM, str, str]:
             "its language model's layers hold no experts module of transformers' experts interface "
             "(use_experts_implementation): the expert view cannot be derived"
         )
+    text = cfg.get_text_config()
+    if len(bodies) > 1:  # (Qwen3-Omni with its talker: the talker's MoE text model is not the text config's)
+        built = [b for b in bodies if getattr(wrapper.get_submodule(b), "config", None) is not None]
+        bodies = [b for b in built if wrapper.get_submodule(b).config.to_dict() == text.to_dict()] or bodies
+    if len(bodies) == 1 and len(heads) > 1:  # (and the talker's code predictor's heads: the head beside the body)
+        heads = [h for h in heads if h.split(".", 1)[0] == bodies[0].split(".", 1)[0]] or heads
     if len(bodies) != 1 or len(heads) != 1:
         raise Refusal(f"it nests its language model where moecompress does not find one text model ({bodies}, {heads})")
-    text = cfg.get_text_config()
     if getattr(wrapper.get_submodule(bodies[0]), "config", text).to_dict() != text.to_dict():
         raise Refusal(f"its text model at {bodies[0]} is not built from its text_config")
     lm = TextLM(wrapper.get_submodule(bodies[0]), wrapper.get_submodule(heads[0]), text)
@@ -445,7 +509,7 @@ def derive(cfg: Any) -> dict[str, Any]:
     wrapper: torch.nn.Module | None = None
     entry = cfg.to_json_string(use_diff=False)
     _TEXT_BODY[0] = _TEXT_HEAD[0] = None
-    if getattr(cfg, "text_config", None) is not None:  # a multimodal wrapper: its language model is the view
+    if nests_text(cfg):  # a multimodal wrapper: its language model is the view
         wrapper, model, body, head = _wrapper(cfg)
         nest, cfg = (body, head), model.config
     elif mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
