@@ -624,6 +624,12 @@ def _expert_count_anywhere(cfg: Any, least: int = 2) -> str | None:
     except Exception:  # a hostile config object: treat it as carrying no expert count
         return None
     places: list[tuple[str, Any]] = [("", d)] + [(f"{k}.", v) for k, v in d.items() if isinstance(v, dict)]
+    try:  # (two configs deep: Qwen3-Omni's thinker_config.text_config)
+        text = cfg.get_text_config()
+        if text is not cfg and hasattr(text, "to_dict"):
+            places.append(("text_config.", text.to_dict()))
+    except Exception:  # a config without transformers' text-config lookup: the levels above only
+        pass
     for prefix, sub in places:
         for key in EXPERT_COUNT_KEYS:
             v = sub.get(key)
