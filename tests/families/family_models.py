@@ -213,6 +213,13 @@ def _uses_mrope(model_type: str) -> bool:
 
 def tiny_config(model_type: str, width: int = MOE_WIDTH):
     defaults = AutoConfig.for_model(model_type).to_dict()
+    if isinstance(defaults.get("thinker_config"), dict):  # Qwen3-Omni: the thinker (text, vision, audio), no talker
+        thinker = tiny_config(defaults["thinker_config"]["model_type"], width).to_dict()
+        small = dict(
+            encoder_layers=1, d_model=32, encoder_attention_heads=2, encoder_ffn_dim=48, downsample_hidden_size=16
+        )
+        thinker["audio_config"] |= small | {"output_dim": thinker["text_config"]["hidden_size"]}
+        return AutoConfig.for_model(model_type, thinker_config=thinker, enable_audio_output=False)
     text = defaults.get("text_config")
     if not isinstance(text, dict):
         return AutoConfig.for_model(model_type, **_overrides(defaults, width))
@@ -274,12 +281,9 @@ def tiny_config(model_type: str, width: int = MOE_WIDTH):
 
 def model_class(cfg: Any) -> Any:
     """The Auto class transformers loads this model type with: causal LM, or image-text-to-text for a wrapper."""
-    from transformers import AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    from moecompress.core.derive import wrapper_auto_class  # (Qwen3-Omni: its multimodal-LM class, thinker forward)
 
-    if getattr(cfg, "text_config", None) is not None and cfg.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        return AutoModelForImageTextToText
-    return AutoModelForCausalLM
+    return wrapper_auto_class(cfg) or AutoModelForCausalLM
 
 
 def build(
