@@ -20,7 +20,7 @@ TYPES = installed_moe_types()
 
 # model type -> what its one-line refusal must say (the reason moecompress cannot support it correctly yet);
 # (lfm2_moe, deepseek_ocr2 and qwen4_exp are built with the fields their default configs leave None: REAL_FIELDS).
-# Multimodal wrappers are read through their language model (qwen3_5_moe, qwen3_vl_moe, glm4v_moe are supported);
+# Multimodal wrappers are read through their language model (qwen3_5_moe, qwen3_vl_moe, glm4v_moe, qwen3_omni_moe);
 # the others are refused for what their text model has
 REFUSED: dict[str, str] = {
     "diffusion_gemma": "does not find one text model",
@@ -31,7 +31,6 @@ REFUSED: dict[str, str] = {
     "minimax_m3_vl": "too large to map by markers",
     "mistral4": "has no causal-LM class",
     "openai_privacy_filter": "has no causal-LM class",
-    "qwen3_omni_moe": "keeps its language model in nested configs",
     "zaya": "no single router",
 }
 
