@@ -46,7 +46,7 @@ from moecompress.merge.align import EXACT_BLOCK, activations, align_cluster
 from moecompress.merge.refit import lstsq_down
 from moecompress.merge.router import RouterFitter
 from moecompress.merge.subspace import merge_average, merge_subspace
-from moecompress.prune.order import ExpertOutputs, RouterSpec, output_error_order, route, router_choice
+from moecompress.prune.order import ExpertOutputs, RouterSpec, output_error_order, route, routed_output, router_choice
 from moecompress.prune.refit import HOLDOUT, MIN_ROWS, dense_weights, fit_downs
 
 # the trials' [rows, k, H] float32 blocks (gathered expert outputs) are made this many bytes at a time
@@ -106,7 +106,7 @@ class LayerFit:
         self.src = ExpertOutputs(self.x, w.gate, w.up, w.down, rank, spec.top_k + 1, act)
         rows = torch.arange(self.x.shape[0], device=self.x.device)
         w0, idx0 = route(self.logits0, spec, None, w.correction_bias)
-        self.y = (self.src.get(rows, idx0) * w0[:, :, None]).sum(1)  # [T, H]
+        self.y = routed_output(self.src, rows, w0, idx0)  # [T, H] in row blocks: no [T, k, H] temporaries
         self.norm = max(float(self.y[self.n_fit :].double().pow(2).sum()), 1e-30)
         self.router = None
         if w.correction_bias is None:
@@ -190,7 +190,10 @@ class _Routed:
 
     def __init__(self, fit: LayerFit, logits, corr, wts, idx, outs):
         self.fit, self.logits, self.corr, self.wts, self.idx, self.outs = fit, logits, corr, wts, idx, outs
-        self.yc = (outs * wts[:, :, None]).sum(1)  # [T, H]
+        self.yc = torch.empty(outs.shape[0], outs.shape[2], device=outs.device)  # [T, H]
+        step = self._chunk()
+        for r0 in range(0, outs.shape[0], step):  # no [T, k, H] product (each row's sum is the same)
+            self.yc[r0 : r0 + step] = (outs[r0 : r0 + step] * wts[r0 : r0 + step, :, None]).sum(1)
         self.d2 = _sq_err(self.yc, fit.y)  # [T]
         m = slice(fit.n_fit, None)
         self.err = float(self.d2[m].sum()) / fit.norm
