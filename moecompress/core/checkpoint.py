@@ -487,6 +487,14 @@ class Checkpoint:
                 "moecompress.load yet); use expert pruning or merging with the uniform layout, or channel pruning "
                 "with --layout uniform"
             )
+        if self.wrapper_config is not None and layout == "quantized" and self._experts_outside_text():
+            raise UserError(
+                f"{self.wrapper_config.model_type} holds experts outside its language model ({self._nest[0]}; "
+                "Qwen3-Omni's talker): transformers does not load those experts unquantized from a quantized "
+                "checkpoint (they would be missing), and moecompress quantizes only the language model's; quantize "
+                "a checkpoint without them (Qwen3-Omni "
+                "with enable_audio_output false, the Thinking release), or prune / merge (uniform layout)"
+            )
 
     def output_config(self, config: dict[str, Any], layout: str = "uniform") -> dict[str, Any]:
         """config.json of an output from the config dict an operation changed: for a multimodal wrapper, its
@@ -620,6 +628,14 @@ class Checkpoint:
             nested = f".{self.family.module_block}.{part}."
             obj = obj.replace(re.escape(nested), re.escape(f".{part}.")).replace(nested, f".{part}.")
         return disk + obj[len("model.layers.") :] if obj.startswith("model.layers.") else obj
+
+    def _experts_outside_text(self) -> bool:
+        """The wrapper's checkpoint holds experts of another model of its own outside its text model (Qwen3-Omni's
+        talker.*, built from its talker_config: an MoE that no operation touches): a quantized output of it does not
+        load in transformers. (Qwen3.5-MoE's mtp.* experts are not one: transformers drops them on load.)"""
+        body = f"{self._nest[0]}." if self._nest[0] else ""  # ("": the text model at the root, Mistral-Large-4)
+        outside = {k.split(".", 1)[0] for k in self.weight_map if ".experts." in k and not k.startswith(body)}
+        return any(getattr(self.wrapper_config, f"{m}_config", None) is not None for m in outside)
 
     def _read_weights(self) -> None:
         self.weight_map = self._load_weight_map()
