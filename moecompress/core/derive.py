@@ -355,10 +355,11 @@ def _wrapper(cfg: Any) -> tuple[torch.nn.Module, TextLM, str, str]:
             "(use_experts_implementation): the expert view cannot be derived"
         )
     text = cfg.get_text_config()
-    if len(bodies) > 1:  # (Qwen3-Omni with its talker: the talker's MoE text model is not the text config's)
+    if len(bodies) > 1 and auto is _ThinkerAuto:  # (Qwen3-Omni with its talker, a separate speech model: its MoE
+        # text model is built from the talker's config, not the text config; the thinker's alone generates text)
         built = [b for b in bodies if getattr(wrapper.get_submodule(b), "config", None) is not None]
         bodies = [b for b in built if wrapper.get_submodule(b).config.to_dict() == text.to_dict()] or bodies
-    if len(bodies) == 1 and len(heads) > 1:  # (and the talker's code predictor's heads: the head beside the body)
+    if len(bodies) == 1 and len(heads) > 1 and auto is _ThinkerAuto:  # (the talker's code predictor's heads too)
         heads = [h for h in heads if h.split(".", 1)[0] == bodies[0].split(".", 1)[0]] or heads
     if len(bodies) != 1 or len(heads) != 1:
         raise Refusal(f"it nests its language model where moecompress does not find one text model ({bodies}, {heads})")
