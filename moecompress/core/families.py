@@ -87,6 +87,9 @@ class Family:
     # inputs, routes as prune.order.route does), None (not verified: ``routing_note`` says where it differs)
     routing_verified_by: str | None = "record"
     routing_note: str = ""
+    # the RouterSpec variant core.routing_check found the block to route by ((field, value) pairs over what
+    # RouterSpec.from_config gives; ("scaling_key", key): the routed scaling read from config ``key``); () for none
+    router_variant: tuple[tuple[str, Any], ...] = ()
     derived: bool = False  # built by ``derive`` from the transformers model, not written by hand
     # other per-layer tensors transformers saves under another name: (disk name, module name), layer-relative
     renames: tuple[tuple[str, str], ...] = ()
@@ -768,6 +771,6 @@ def _behaviour_verified(fam: Family, d: dict[str, Any]) -> Family:
     except UserError:  # (a bad group count: check_config says so when the model is opened)
         groups = False
     return replace(
-        fam, routing_known=True, routing_verified_by="behaviour", routing_note=res.reason,
+        fam, routing_known=True, routing_verified_by="behaviour", routing_note=res.reason, router_variant=res.variant,
         groups_contiguous=res.removal_verified if groups else fam.groups_contiguous,
     )  # fmt: skip

@@ -21,12 +21,16 @@ expert) agree within 1e-5 relative, and (zero stubs) the block's output equals t
 choice. Group-limited routers (n_group > 1) also get a second run of the block rebuilt with one expert fewer per
 group, its router rows the kept rows: it must route as ``route`` does with those experts masked, which is what
 removing experts relies on (``removal_verified``). Any exception is a failure with its reason, never a crash.
+The RouterSpec is tried from ``candidates``: ``RouterSpec.from_config``'s first, then its variants (score, choice,
+renormalization, a config key's routed scaling); the first that passes is returned as ``variant`` and recorded on the
+Family (``router_variant``), so later ``from_config`` calls return it; none: the first candidate's difference.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -43,6 +47,7 @@ class RoutingCheck:
     verified: bool  # the block routes as route() on random inputs
     removal_verified: bool  # group-limited routing: removing one expert per group routes as route() masked
     reason: str  # the first difference ("" when verified)
+    variant: tuple[tuple[str, Any], ...] = ()  # the RouterSpec variant it routes by (Family.router_variant)
 
 
 class _Mismatch(Exception):
@@ -257,26 +262,74 @@ def _copy_kept(src: torch.nn.Module, dst: torch.nn.Module, keep: torch.Tensor, E
             t.copy_(s)
 
 
+SCALING_KEYS = ("router_scaling_factor", "routed_scaling_factor")
+
+
+def candidates(fam: Any, cfg: Any) -> list[tuple[tuple[tuple[str, Any], ...], RouterSpec]]:
+    """(variant, spec) pairs to try, ``RouterSpec.from_config``'s first: sigmoid scores instead of softmax (no
+    correction bias: Flint), softmax scores (ERNIE-4.5) or the choice by logits + correction (Kolibri1), top-k
+    renormalization toggled (Jamba), a routed scaling read from a config key (HY-V3's router_scaling_factor)."""
+    base = RouterSpec.from_config(replace(fam, router_variant=()), cfg)
+    if base.kind == "softmax":
+        kinds: list[dict[str, Any]] = [{}] + ([{"kind": "sigmoid_group"}] if base.n_group <= 1 else [])
+    else:
+        kinds = [{}, {"score": "softmax"}]
+    choices: list[dict[str, Any]] = [{}, {"choice": "logits"}] if fam.correction_bias else [{}]
+    norms: list[dict[str, Any]] = [{}, {"norm_topk": not base.norm_topk}]
+    scalings: list[dict[str, Any]] = [{}]
+    for key in SCALING_KEYS:
+        v = getattr(cfg, key, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) not in (1.0, base.scaling):
+            scalings.append({"scaling_key": key})
+    out, seen = [], set()
+    for parts in itertools.product(kinds, choices, norms, scalings):
+        var = tuple(sorted(kv for p in parts for kv in p.items()))
+        kind = dict(var).get("kind", base.kind)
+        if kind == "softmax" and any(k in dict(var) for k in ("scaling_key", "choice", "score")):
+            continue  # route()'s softmax ranks by logits and applies no scaling: the same as without
+        spec = RouterSpec.from_config(replace(fam, router_variant=var), cfg)
+        if spec not in seen:
+            seen.add(spec)
+            out.append((var, spec))
+    return out
+
+
 @torch.no_grad()
-def check_routing(meta_block: torch.nn.Module, fam: Any, cfg: Any, layer: int = 0) -> RoutingCheck:
+def check_routing(
+    meta_block: torch.nn.Module, fam: Any, cfg: Any, layer: int = 0,
+    only: list[tuple[tuple[tuple[str, Any], ...], RouterSpec]] | None = None,
+) -> RoutingCheck:  # fmt: skip
     """Run the family's own block (``meta_block``: derive's, on the meta device) against ``route`` (module
-    docstring). ``cfg``: the config the block was built from (a wrapper's text config); never raises."""
+    docstring) under each of ``candidates`` (or ``only`` those) in turn: the first that matches is the result's
+    ``variant``; none: the first candidate's difference. ``cfg``: the config the block was built from (a wrapper's
+    text config); never raises."""
+    first = ""
     try:
         H = int(cfg.hidden_size)
         E = int(fam.router_of(meta_block).weight.shape[0])
-        spec = RouterSpec.from_config(fam, cfg)
         scale = torch.rand(E, generator=torch.Generator().manual_seed(7)) + 0.5  # [E] factors in [0.5, 1.5)
         blocks = (_prepared(meta_block, fam, scale, False), _prepared(meta_block, fam, scale, True))
-        for seed in SEEDS:
-            for b in blocks:
-                _fill(b, fam, H, seed)
-            _check_runs(blocks, fam, spec, H, seed)
+        found = None
+        for var, spec in only if only is not None else candidates(fam, cfg):
+            try:
+                for seed in SEEDS:
+                    for b in blocks:
+                        _fill(b, fam, H, seed)
+                    _check_runs(blocks, fam, spec, H, seed)
+            except _Mismatch as err:
+                first = first or str(err)  # from_config's difference is the one reported
+                continue
+            found = var, spec
+            break
+        if found is None:
+            raise _Mismatch(first)
+        var, spec = found
     except _Mismatch as err:
         return RoutingCheck(False, False, str(err))
     except Exception as err:  # the family's code raised on the stubbed block: not verified, with the reason
         return RoutingCheck(False, False, f"running its block raised {type(err).__name__}: {str(err)[:160]}")
     if spec.n_group <= 1:
-        return RoutingCheck(True, True, "")
+        return RoutingCheck(True, True, "", var)
     try:
         g = spec.n_group
         per = E // g
@@ -294,7 +347,7 @@ def check_routing(meta_block: torch.nn.Module, fam: Any, cfg: Any, layer: int = 
                 _copy_kept(full, b, keep, E)
             _check_runs(small, fam, spec, H, seed, keep=keep, full=full)  # type: ignore[arg-type]
     except _Mismatch as err:
-        return RoutingCheck(True, False, f"removal: {err}")
+        return RoutingCheck(True, False, f"removal: {err}", var)
     except Exception as err:
-        return RoutingCheck(True, False, f"removal: running the rebuilt block raised {type(err).__name__}: {err}")
-    return RoutingCheck(True, True, "")
+        return RoutingCheck(True, False, f"removal: running the rebuilt block raised {type(err).__name__}: {err}", var)
+    return RoutingCheck(True, True, "", var)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -43,11 +43,16 @@ class RouterSpec:
     """How a family's router turns logits into top-k weights (transformers 5.x semantics)."""
 
     top_k: int
-    kind: str = "softmax"  # softmax | sigmoid_group (DeepSeek-V3)
+    # softmax: softmax top-k, ranked by logits | sigmoid_group (DeepSeek-V3): scores + correction bias choose,
+    # group-limited, scores gathered as weights; ``score`` / ``choice`` vary the second (derived families, verified
+    # by core.routing_check: ERNIE-4.5 softmax scores, Kolibri1 chooses by logits + correction, Flint sigmoid alone)
+    kind: str = "softmax"
     norm_topk: bool = True
     n_group: int = 1
     topk_group: int = 1
     scaling: float = 1.0
+    score: str = "sigmoid"  # sigmoid_group: the scores (weights before renormalization): sigmoid | softmax
+    choice: str = "score"  # sigmoid_group: the correction bias is added to the scores (score) or the logits (logits)
 
     @classmethod
     def from_config(cls, fam: Any, cfg: Any) -> RouterSpec:
@@ -56,10 +61,21 @@ class RouterSpec:
             return cls(
                 top_k=fam.top_k(cfg), kind="sigmoid_group", norm_topk=fam.norm_topk(cfg), **groups,
                 scaling=float(getattr(cfg, "routed_scaling_factor", 1.0) or 1.0),
-            )  # fmt: skip
+            )._variant(fam, cfg)  # fmt: skip
         if groups["n_group"] > 1:  # group-limited softmax (DeepSeek-V2): removal counts per group; ``route`` is
-            return cls(top_k=fam.top_k(cfg), norm_topk=fam.norm_topk(cfg), **groups)  # never used (routing refused)
-        return cls(top_k=fam.top_k(cfg), norm_topk=fam.norm_topk(cfg))
+            return cls(top_k=fam.top_k(cfg), norm_topk=fam.norm_topk(cfg), **groups)._variant(fam, cfg)  # unused
+        return cls(top_k=fam.top_k(cfg), norm_topk=fam.norm_topk(cfg))._variant(fam, cfg)
+
+    def _variant(self, fam: Any, cfg: Any) -> RouterSpec:
+        """This spec with the family's recorded variant (``Family.router_variant``: field -> value pairs, found by
+        core.routing_check; ``scaling_key`` names the config key the routed scaling is read from)."""
+        var = dict(getattr(fam, "router_variant", ()) or ())
+        if not var:
+            return self
+        key = var.pop("scaling_key", None)
+        if key:
+            var["scaling"] = float(getattr(cfg, key, 1.0) or 1.0)
+        return replace(self, **var)
 
     def min_keep(self) -> int:
         """Fewest experts a layer may keep and still route (>= top-k; every group >= 2 for group routing)."""
@@ -159,8 +175,11 @@ def route(logits: torch.Tensor, spec: RouterSpec, removed: torch.Tensor | None =
         if spec.norm_topk:
             w = w / w.sum(-1, keepdim=True)
         return w, idx
-    scores = logits.sigmoid()  # [T, E]
-    choice = scores + (correction.float() if correction is not None else 0.0)
+    if spec.score == "softmax":  # over the routable experts (a removed expert's row is gone)
+        scores = torch.softmax(logits if removed is None else logits.masked_fill(removed, float("-inf")), dim=-1)
+    else:
+        scores = logits.sigmoid()  # [T, E]
+    choice = (logits if spec.choice == "logits" else scores) + (correction.float() if correction is not None else 0.0)
     if removed is not None:
         choice = choice.masked_fill(removed, float("-inf"))
     T, E = choice.shape
@@ -334,10 +353,12 @@ def routed_output(src: Any, rows: torch.Tensor, w: torch.Tensor, idx: torch.Tens
 
 
 def router_choice(logits: torch.Tensor, spec: RouterSpec, correction: torch.Tensor | None) -> torch.Tensor:
-    """The score the router ranks experts by: logits (softmax) or sigmoid scores + correction bias."""
+    """The score the router ranks experts by: logits (softmax) or scores (or logits, ``spec.choice``) + correction
+    bias (softmax scores: over every expert, as before any removal)."""
     if spec.kind == "softmax":
         return logits
-    return logits.sigmoid() + (correction.float() if correction is not None else 0.0)
+    base = logits if spec.choice == "logits" else logits.softmax(-1) if spec.score == "softmax" else logits.sigmoid()
+    return base + (correction.float() if correction is not None else 0.0)
 
 
 def _sets(
@@ -357,6 +378,10 @@ def _sets(
     if spec.kind == "softmax":
         dep.scatter_(1, choice.topk(min(k + 1, E), dim=1).indices, True)
         return aff, dep
+    if spec.score == "softmax" and (correction is not None or not spec.norm_topk):
+        # softmax scores + correction (ERNIE-4.5), or not renormalized: removing any expert rescales every score,
+        # which can reorder the choice or changes the weights: every routable expert affects every token
+        return ~removed.expand(n, E), torch.ones(n, E, dtype=torch.bool, device=logits.device)
     g, Eg = spec.n_group, E // spec.n_group
     off = (torch.arange(g, device=logits.device) * Eg)[None, :, None]
     grouped = choice.view(n, g, Eg)

@@ -21,6 +21,7 @@ from moecompress.core.derive import meta_model  # noqa: E402
 from moecompress.core.errors import UserError  # noqa: E402
 from moecompress.core.families import family_for  # noqa: E402
 from moecompress.core.routing_check import check_routing  # noqa: E402
+from moecompress.prune.order import RouterSpec, route  # noqa: E402
 
 
 def _block(model_type: str):
@@ -42,18 +43,21 @@ def test_families_whose_source_matches_also_pass_behaviourally(model_type):
 
 
 # model type -> (verified, words of the first difference): sigmoid + correction (GLM-4.5, group-limited; MiniMax-M2
-# with the bias on the block), softmax (Cohere2-MoE), routed scaling applied to the experts' output (Beam); ERNIE-4.5
-# chooses by softmax + correction, Phi-MoE's sparsemixer, Jamba does not renormalize, HY-V3 scales by
-# router_scaling_factor, Llama-4 scales the experts' inputs, AXK1 normalizes the block's output
+# with the bias on the block), softmax (Cohere2-MoE), routed scaling applied to the experts' output (Beam); by a
+# RouterSpec variant (VARIANTS): ERNIE-4.5 chooses by softmax + correction, Kolibri1 by logits + correction, Flint's
+# sigmoid without correction, Jamba does not renormalize, HY-V3 scales by router_scaling_factor; not verified:
+# Phi-MoE's sparsemixer, Llama-4 scales the experts' inputs, AXK1 normalizes the block's output
 CASES = {
     "glm4_moe": (True, ""),
     "minimax_m2": (True, ""),
     "cohere2_moe": (True, ""),
     "beam": (True, ""),
-    "ernie4_5_moe": (False, "goes to experts"),
+    "ernie4_5_moe": (True, ""),
+    "kolibri1": (True, ""),
+    "flint": (True, ""),
+    "jamba": (True, ""),
+    "hy_v3": (True, ""),
     "phimoe": (False, "weight for expert"),
-    "jamba": (False, "weight for expert"),
-    "hy_v3": (False, "x route()'s"),
     "llama4_text": (False, "weight for expert"),
     "axk1": (False, "not its experts' routed output"),
 }
@@ -72,6 +76,56 @@ def test_derived_families_are_verified_by_their_own_blocks(model_type):
         assert says in fam.routing_note, fam.routing_note
         with pytest.raises(UserError, match="differs from moecompress's re-implementation on random inputs"):
             fam.check_routing(tiny_config(model_type), "merging", True, True, "prune with --method frequency")
+
+
+# model type -> (the variant recorded on the Family, what RouterSpec.from_config then gives)
+VARIANTS = {
+    "ernie4_5_moe": ((("score", "softmax"),), dict(kind="sigmoid_group", score="softmax", norm_topk=True)),
+    "kolibri1": ((("choice", "logits"),), dict(kind="sigmoid_group", choice="logits", norm_topk=False)),
+    "flint": ((("kind", "sigmoid_group"),), dict(kind="sigmoid_group", score="sigmoid", norm_topk=True)),
+    "jamba": ((("norm_topk", False),), dict(kind="softmax", norm_topk=False)),
+    "hy_v3": ((("scaling_key", "router_scaling_factor"),), dict(kind="sigmoid_group", norm_topk=True)),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(VARIANTS))
+def test_the_matching_variant_is_recorded_and_from_config_returns_it(model_type):
+    """check_routing tries RouterSpec.from_config's spec first, then its variants; the one that routes as the
+    block is recorded on the Family and from_config returns it (HY-V3: the scaling read from the config)."""
+    cfg = tiny_config(model_type)
+    fam = family_for(cfg)
+    variant, fields = VARIANTS[model_type]
+    assert fam.router_variant == variant
+    spec = RouterSpec.from_config(fam, cfg)
+    assert {k: getattr(spec, k) for k in fields} == fields, spec
+    if model_type == "hy_v3":
+        assert spec.scaling == float(cfg.router_scaling_factor) != 1.0
+    base = RouterSpec.from_config(replace(fam, router_variant=()), cfg)
+    assert base != spec and routing_check.candidates(fam, cfg)[0] == ((), base)
+    # from_config's own spec is refused by the block: the variant is needed
+    block, _, _ = _block(model_type)
+    monkey = [(v, s) for v, s in routing_check.candidates(fam, cfg) if v == ()]
+    assert monkey and not check_routing(block, fam, cfg, only=monkey).verified
+
+
+def test_route_variants_by_hand():
+    """route()'s variants on fixed logits: softmax scores + correction choose (ERNIE-4.5; a removed expert leaves
+    the softmax), logits + correction choose with sigmoid weights (Kolibri1), unrenormalized softmax (Jamba)."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    corr = torch.tensor([0.0, 0.0, 0.0, 0.9])
+    p = logits.softmax(-1)
+    w, idx = route(logits, RouterSpec(top_k=2, kind="sigmoid_group", score="softmax"), None, corr)
+    want = (p + corr).topk(2).indices
+    assert idx.sort().values.tolist() == want.sort().values.tolist()
+    torch.testing.assert_close(w, p[0, idx[0]][None] / p[0, idx[0]].sum())
+    removed = torch.tensor([True, False, False, False])
+    w, idx = route(logits, RouterSpec(top_k=2, kind="sigmoid_group", score="softmax"), removed, corr)
+    q = logits[:, 1:].softmax(-1)
+    assert sorted(idx[0].tolist()) == sorted((q + corr[1:]).topk(2).indices[0].add(1).tolist())
+    w, idx = route(logits, RouterSpec(top_k=2, kind="sigmoid_group", choice="logits", norm_topk=False), None, corr)
+    assert sorted(idx[0].tolist()) == [0, 1] and torch.equal(w, logits[0, idx[0]].sigmoid()[None])
+    w, idx = route(logits, RouterSpec(top_k=2, norm_topk=False))
+    torch.testing.assert_close(w, p.topk(2).values)
 
 
 def test_the_correction_bias_changes_the_choice():
@@ -140,7 +194,7 @@ def test_info_says_how_the_routing_is_known():
     assert family_for(tiny_config("qwen3_moe")).routing_summary().startswith("re-implemented")
     assert family_for(tiny_config("mellum")).routing_summary().startswith("verified: its router code")
     assert family_for(tiny_config("glm4_moe")).routing_summary().startswith("verified: its own block")
-    assert "weight for expert" in family_for(tiny_config("jamba")).routing_summary()
+    assert "weight for expert" in family_for(tiny_config("phimoe")).routing_summary()
 
 
 def test_a_newly_verified_family_merges_and_its_output_error_prune_is_the_base_masked(tmp_path, tokenizer_dir):
@@ -160,3 +214,15 @@ def test_output_error_prune_of_hyper_connection_models_is_the_base_masked(model_
     output-error prune runs (its residual-energy scale crashed on that cache) and equals the base model masked."""
     r = run_checks(model_type, tmp_path, tokenizer_dir, ops=("prune",))
     assert r["routing_known"] and r["ops"] == {"open": "ok", "prune": "ok"}, r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(VARIANTS))
+def test_families_verified_by_a_variant_merge_and_prune_as_the_base_masked(model_type, tmp_path, tokenizer_dir):
+    """ERNIE-4.5, Kolibri1, Flint, Jamba, HY-V3 (each by its RouterSpec variant): the default output-error prune
+    (refit none) gives the base model's logits with those experts masked out of routing, and merge writes a
+    checkpoint plain transformers loads (family_checks)."""
+    r = run_checks(model_type, tmp_path, tokenizer_dir, ops=("prune", "merge"))
+    assert r["routing_known"] and r["ops"] == {"open": "ok", "prune": "ok", "merge": "ok"}, r
+    stage = Checkpoint(tmp_path / f"{model_type}-out" / "pruned").manifest.stage("prune")
+    assert stage["method"] == "output-error", stage
