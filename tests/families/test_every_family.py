@@ -97,7 +97,7 @@ def test_derived_routing_is_marked_unknown_unless_it_copies_a_hand_written_route
     glm = Checkpoint(build("glm4_moe", tmp_path / "glm", tokenizer_dir))
     assert glm.family.derived and glm.family.routing_known  # sigmoid + correction bias, own code
     assert glm.family.routing_verified_by == "behaviour"  # not by source: its block ran against route()
-    assert not family_for(tiny_config("jamba")).routing_known  # no renormalization over the top-k
+    assert not family_for(tiny_config("phimoe")).routing_known  # its sparsemixer: no RouterSpec variant
     mellum = family_for(tiny_config("mellum"))
     assert mellum.derived and mellum.routing_known and mellum.routing_verified_by == "source"  # Qwen3-MoE's code
     assert glm.family.correction_bias == "e_score_correction_bias" and glm.family.group_key == "n_group"

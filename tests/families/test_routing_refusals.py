@@ -1,6 +1,6 @@
 """Operations that re-implement routing refuse a derived family whose router moecompress has not verified, in one
 line that says where its routing differs and what works instead; operations that use the model's own routing run.
-Flint: sigmoid scores renormalized over the top-k, no correction bias (route() takes a softmax there)."""
+Phi-MoE: its sparsemixer (no RouterSpec variant routes as it; Flint's sigmoid without correction is one now)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ CAL = ["--samples", "2", "--seq-len", "16", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def flint(tmp_path_factory, tokenizer_dir):
-    path = build("flint", tmp_path_factory.mktemp("m") / "flint", tokenizer_dir)
+def phimoe(tmp_path_factory, tokenizer_dir):
+    path = build("phimoe", tmp_path_factory.mktemp("m") / "phimoe", tokenizer_dir)
     fam = Checkpoint(path).family
     assert fam.derived and not fam.routing_known and fam.routing_verified_by is None
     assert "weight for expert" in fam.routing_note  # the same experts, other weights
@@ -37,16 +37,16 @@ def _run(*argv):
         (["compress", "--prune", "0.25"], "method: frequency"),
     ],
 )
-def test_re_implemented_routing_is_refused(flint, tmp_path, argv, says):
-    res = _run(argv[0], flint, *argv[1:], *CAL, "-o", tmp_path / "out")
+def test_re_implemented_routing_is_refused(phimoe, tmp_path, argv, says):
+    res = _run(argv[0], phimoe, *argv[1:], *CAL, "-o", tmp_path / "out")
     assert res.exit_code == 2, res.output
     assert says in res.output and "differs from moecompress's re-implementation on random inputs" in res.output
     assert not (tmp_path / "out").exists()
 
 
-def test_the_models_own_routing_still_works(flint, tmp_path):
-    res = _run("prune", flint, "--ratio", "0.25", "--method", "frequency", *CAL, "-o", tmp_path / "p")
+def test_the_models_own_routing_still_works(phimoe, tmp_path):
+    res = _run("prune", phimoe, "--ratio", "0.25", "--method", "frequency", *CAL, "-o", tmp_path / "p")
     assert res.exit_code == 0, res.output
-    res = _run("prune", flint, "--granularity", "atom", "--ratio", "0.25", "--refit", "none", *CAL,
+    res = _run("prune", phimoe, "--granularity", "atom", "--ratio", "0.25", "--refit", "none", *CAL,
                "-o", tmp_path / "a")  # fmt: skip
     assert res.exit_code == 0, res.output
