@@ -226,3 +226,38 @@ def test_families_verified_by_a_variant_merge_and_prune_as_the_base_masked(model
     assert r["routing_known"] and r["ops"] == {"open": "ok", "prune": "ok", "merge": "ok"}, r
     stage = Checkpoint(tmp_path / f"{model_type}-out" / "pruned").manifest.stage("prune")
     assert stage["method"] == "output-error", stage
+
+
+@pytest.mark.parametrize("variant", ["score_softmax", "choice_logits"])
+def test_output_error_order_of_a_variant_is_the_brute_force_greedy(variant):
+    """The incremental output-error search under ERNIE-4.5's softmax scores + correction (every removal rescales
+    every score, so it can reorder any token's choice) and Kolibri1's logits + correction choice: each step removes
+    the expert a brute-force recomputation of every candidate finds cheapest, at that cost."""
+    from moecompress.prune.order import output_error_order, routed_output
+
+    g = torch.Generator().manual_seed(3)
+    T, E, H = 96, 8, 12
+    outs, logits = torch.randn(T, E, H, generator=g), torch.randn(T, E, generator=g)
+    corr = torch.randn(E, generator=g) * 0.1
+    spec = RouterSpec(top_k=2, kind="sigmoid_group", **({"score": "softmax"} if variant == "score_softmax" else {}))
+    if variant == "choice_logits":
+        spec = replace(spec, choice="logits", norm_topk=False)
+    rows = torch.arange(T)
+    src = type("S", (), {"get": lambda self, r, i: outs[r[:, None], i]})()
+    y0 = routed_output(src, rows, *route(logits, spec, None, corr)).double()
+    steps = output_error_order(outs, logits, spec, set(), 4, corr)
+    removed = torch.zeros(E, dtype=torch.bool)
+    prev = 0.0
+    for step in steps:
+        errs = {}
+        for e in range(E):
+            if removed[e]:
+                continue
+            trial = removed.clone()
+            trial[e] = True
+            y = routed_output(src, rows, *route(logits, spec, trial, corr)).double()
+            errs[e] = float((y - y0).pow(2).sum() / y0.pow(2).sum())
+        best = min(errs, key=errs.get)
+        assert step.experts == (best,) and step.cost == pytest.approx(errs[best] - prev, rel=1e-6, abs=1e-9)
+        removed[best] = True
+        prev = errs[best]
