@@ -167,3 +167,23 @@ def test_merge_uses_the_profile_and_protects_super_experts(tmp_path, tokenizer_d
     other = build_tiny("qwen3_moe", tmp_path / "q2", tokenizer_dir, seed=1, num_experts=8)
     with pytest.raises(UserError, match="another model"):
         merge_model(other, tmp_path / "m2", MergeOptions(ratio=0.5), tmp_path / "prof", samples=4, seq_len=32)
+
+
+def test_merge_refuses_a_profile_without_its_similarity_before_the_pass(tmp_path, tokenizer_dir, monkeypatch):
+    """The profile `moecompress prune` writes for itself has no output similarity: merge --profile on it stops in one
+    line before any layer is merged, and writes nothing."""
+    from conftest import build_tiny
+
+    from moecompress.merge import transform
+    from moecompress.prune.run import PruneOptions, prune_model
+
+    src = build_tiny("qwen3_moe", tmp_path / "q", tokenizer_dir)
+    prune_model(src, tmp_path / "pruned", PruneOptions(ratio=0.25), tokens=_tokens())
+    called = []
+    monkeypatch.setattr(transform.MergeTransform, "moe_layer", lambda self, ctx: called.append(ctx.index))
+    with pytest.raises(UserError, match="no output similarity"):
+        merge_model(src, tmp_path / "m", MergeOptions(ratio=0.5), tmp_path / "pruned" / "profile", tokens=_tokens())
+    assert not called and not (tmp_path / "m").exists()
+    monkeypatch.undo()
+    opts = MergeOptions(ratio=0.5, similarity="router")  # a similarity that profile holds: it runs
+    merge_model(src, tmp_path / "m2", opts, tmp_path / "pruned" / "profile", tokens=_tokens(), device=CPU)
