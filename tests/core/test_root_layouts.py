@@ -18,19 +18,11 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "families"))
-from family_checks import run_checks  # noqa: E402
+from family_checks import disk_keys, run_checks  # noqa: E402
 from family_models import build, tiny_config  # noqa: E402
 
 from moecompress.core.checkpoint import Checkpoint  # noqa: E402
 from moecompress.core.derive import derive, nest_disk_body, nest_disk_head  # noqa: E402
-
-
-def _disk_keys(folder: Path) -> set[str]:
-    keys: set[str] = set()
-    for f in folder.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as s:
-            keys |= set(s.keys())
-    return keys
 
 
 def test_aria_is_read_under_its_legacy_names_with_experts_fused_on_disk():
@@ -44,7 +36,7 @@ def test_aria_is_read_under_its_legacy_names_with_experts_fused_on_disk():
 
 def test_aria_checkpoint_maps_disk_and_view_both_ways(tmp_path, tokenizer_dir):
     path = build("aria", tmp_path / "aria", tokenizer_dir)
-    disk = _disk_keys(path)
+    disk = disk_keys(path)
     assert "language_model.lm_head.weight" in disk and "language_model.model.layers.0.mlp.experts.fc1.weight" in disk
     ck = Checkpoint(path)
     assert ck.family.fused_disk and ck.moe_layers == [0, 1, 2, 3]

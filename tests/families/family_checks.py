@@ -496,3 +496,14 @@ def run_checks(model_type: str, work: Path, tokenizer_dir: Path, ops: tuple[str,
             first = (str(err).strip().splitlines() or [""])[-1][:200]
             result["ops"][op] = f"failed: {type(err).__name__}: {first}"
     return result
+
+
+def disk_keys(folder: Path) -> set[str]:
+    """Every tensor name in a folder's safetensors files (the names on disk, before any conversion)."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as s:
+            keys |= set(s.keys())
+    return keys

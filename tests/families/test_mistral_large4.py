@@ -17,21 +17,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from family_checks import check_profile, check_view_write, run_checks  # noqa: E402
+from family_checks import check_profile, check_view_write, disk_keys, run_checks  # noqa: E402
 from family_models import build, tiny_config  # noqa: E402
 
 from moecompress.core.checkpoint import Checkpoint  # noqa: E402
 from moecompress.core.derive import derive, nest_disk_body, nest_disk_head  # noqa: E402
 
 T = "mistral_large4"
-
-
-def _disk_keys(folder: Path) -> set[str]:
-    keys: set[str] = set()
-    for f in folder.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as s:
-            keys |= set(s.keys())
-    return keys
 
 
 def _with_alpha(path: Path) -> torch.Tensor:
@@ -64,7 +56,7 @@ def test_derive_maps_the_native_root_layout():
 
 def test_checkpoint_names_disk_and_view_both_ways(tmp_path, tokenizer_dir):
     path = build(T, tmp_path / T, tokenizer_dir)
-    disk = _disk_keys(path)
+    disk = disk_keys(path)
     ck = Checkpoint(path)
     pairs = {
         "layers.1.experts.3.w1.weight": "model.layers.1.mlp.experts.3.w1.weight",
