@@ -99,6 +99,8 @@ def merge_model(
         op="merge", settings={"sim_tokens": opts.sim_tokens},
     )  # fmt: skip
     profile, ckpt = job.profile(), job.ckpt
+    if profile is not None and profile.moe_layers:  # a profile without the similarity asked for: refused up front
+        profile.layer(profile.moe_layers[0], f"{opts.similarity}_similarity")  # (prune's own has no output similarity)
     ckpt.family.check_routing(ckpt.config, "merging", True, True, "prune with --method frequency instead")
     protected = protected_experts(ckpt.moe_layers, profile, opts.protect_super)
     K = n_clusters_for(ckpt.num_experts, opts.ratio)

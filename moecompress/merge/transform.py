@@ -62,8 +62,6 @@ class MergeTransform(Transform):
                 f"{' and does not carry expert biases' if self.fam.expert_bias else ''}, so it is refused for it; "
                 "use `moecompress prune` to remove experts instead"
             )
-        if self.profile is not None and self.profile.moe_layers:  # a profile without the similarity asked for fails
-            self.profile.layer(self.profile.moe_layers[0], f"{self.opts.similarity}_similarity")  # here, not mid-run
         self.spec = RouterSpec.from_config(self.fam, cfg)
         self.n_group = self.fam.n_group(cfg)
         self.source_experts = engine.ckpt.num_experts
