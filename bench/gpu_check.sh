@@ -46,6 +46,8 @@ rc=$?
 [ "$OUT/gpu_check.json" -ef reports/gpu_check.json ] || cp "$OUT/gpu_check.json" reports/gpu_check.json 2>/dev/null
 # The suite's CUDA tests (marked gpu): packed experts on CUDA vs the CPU dense loader, the Triton kernel on CUDA
 echo "== pytest -m gpu"
+# pytest imports the tree's package (rootdir first on sys.path), whose calibration subpackage lives at ./calibration
+[ -e moecompress/calibration ] || ln -sfn ../calibration moecompress/calibration
 timeout "${GPU_PYTEST_S:-60}" $PY -m pytest -q -p no:cacheprovider -m gpu --junitxml="$OUT/gpu_pytest.xml" \
   tests/quant/test_quant_packed.py tests/quant/test_quant_triton.py
 echo "== pytest -m gpu exited with $?"

@@ -76,24 +76,26 @@ def quadratic_form(W_down: torch.Tensor, G: GradStat, experts: Iterable[int] | N
     if isinstance(G, ChunkedG):
         for ids, part in G.chunks(experts):
             for k, e in enumerate(ids):
-                W = W_down[e].double()  # [H, I]
-                q[e] = (W * (part[k].double() @ W)).sum(dim=0)
+                W = W_down[e].to(part.device, torch.float64)  # [H, I], on G's device (G may sit on the GPU)
+                q[e] = (W * (part[k].double() @ W)).sum(dim=0).to(q.device)
             del part
         return q
+    dev = G.factors.device if isinstance(G, LowRankG) else G.device  # compute where G is (the GPU under --device cuda)
     for e in range(E) if experts is None else experts:
-        W = W_down[e].double()  # [H, I]
+        W = W_down[e].to(dev, torch.float64)  # [H, I]
         if kind == "full":
             assert isinstance(G, torch.Tensor)
-            q[e] = (W * (G[e].double() @ W)).sum(dim=0)
+            qe = (W * (G[e].double() @ W)).sum(dim=0)
         elif kind == "diag":
             assert isinstance(G, torch.Tensor)
-            q[e] = (W.square() * G[e].double().unsqueeze(-1)).sum(dim=0)
+            qe = (W.square() * G[e].double().unsqueeze(-1)).sum(dim=0)
         else:
             assert isinstance(G, LowRankG)
             UW = G.factors[e].double().T @ W  # [r, I]
-            q[e] = UW.square().sum(dim=0)
+            qe = UW.square().sum(dim=0)
             if G.residual_diag is not None:
-                q[e] += (W.square() * G.residual_diag[e].double().unsqueeze(-1)).sum(dim=0)
+                qe += (W.square() * G.residual_diag[e].double().unsqueeze(-1)).sum(dim=0)
+        q[e] = qe.to(q.device)
     return q
 
 
