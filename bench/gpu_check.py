@@ -18,6 +18,9 @@ the CPU and 2, so that the GPU-only parts never wait for the slower CPU referenc
    top-8, 32 query / 4 KV heads of 128) with ``--big-layers`` layers (default 2) and the built-in tokenizer (vocab
    8192), made on the machine in bf16; ``profile`` and ``quantize`` (GPTQ 4-bit) on the device, timed, peak memory
    recorded.
+6. ``bigops``: on the same big checkpoint on the device, the default ``prune`` (output-error search, 50% of
+   experts, from the big profile), ``prune --granularity atom`` (HEAPr, 25% of channels) and ``merge`` (50%, from
+   the big profile), timed with their peak GPU memory (needs ``big``'s profile; run as ``--parts big,bigops``).
 5. ``throughput``: tokens/s of one-token forwards (no KV cache) at batch 1 and 64 of the big 4-bit model with packed
    experts (Triton kernel, and the torch unpacking path) vs the dense bf16 model (transformers' default experts
    kernel and the eager loop), CUDA events, median of ``--iters``.
@@ -90,7 +93,7 @@ TINY_BIG = dict(
 )
 
 
-PARTS = ("builtin", "kernel", "big", "throughput")
+PARTS = ("builtin", "kernel", "big", "bigops", "throughput")
 
 
 class Budget:
@@ -575,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-layers", type=int, default=None, help="layers of the synthetic checkpoint (default 2)")
     ap.add_argument("--iters", type=int, default=None, help="timed forwards per throughput point")
     ap.add_argument("--out", default=str(ROOT / "reports" / "gpu_check.json"))
-    ap.add_argument("--parts", default="builtin,kernel,big,throughput", help="comma list of the parts to run")
+    ap.add_argument("--parts", default="builtin,kernel,big,bigops,throughput", help="comma list of the parts to run")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
     args = ap.parse_args(argv)
     dev = args.device
@@ -624,16 +627,25 @@ def main(argv: list[str] | None = None) -> int:
         shapes = TINY_BIG if quick else QWEN3_30B
         bdir = work / "big"
         est_big = 5 if quick else 15 * big_layers
-        if parts & {"big", "throughput"}:
+        if parts & {"big", "bigops", "throughput"}:
             big = res["big"] = {}
             run.op(big, "make", dev, lambda: make_big(bdir / "base", big_layers, shapes, dev), est_big / 2)
             bcal = ["--samples", "4" if quick else "8", "--seq-len", "32" if quick else "256", "--batch-size", "4"]
             base = str(bdir / "base")
-            if "big" in parts:
+            if parts & {"big", "bigops"}:
                 prof = ["profile", base, "-o", str(bdir / "profile"), *bcal]
                 run.cmd(big, "profile", dev, prof, est_big, needs=["make"])
             q4 = ["quantize", base, "--bits", "4", "--plan", "uniform", "--method", "gptq", "-o", str(bdir / "q4")]
             run.cmd(big, "quantize_gptq4", dev, [*q4, *bcal], est_big, needs=["make"])
+            if "bigops" in parts:  # the other heavy ops on the big slice, the GPU's own figures (no CPU reference)
+                bprof = ["--profile", str(bdir / "profile")]
+                outerr = ["prune", base, "--ratio", "0.5", *bprof, "-o", str(bdir / "pruned"), *bcal]
+                run.cmd(big, "prune_output_error", dev, outerr, est_big, needs=["profile"])
+                aratio = "0.5" if quick else "0.25"  # the quick slice's width 32 has two blocks of 16 channels
+                atom = ["prune", base, "--granularity", "atom", "--ratio", aratio, "-o", str(bdir / "atom"), *bcal]
+                run.cmd(big, "prune_atom_heapr", dev, atom, est_big, needs=["make"])
+                merge = ["merge", base, "--ratio", "0.5", *bprof, "-o", str(bdir / "merged"), *bcal]
+                run.cmd(big, "merge", dev, merge, 2 * est_big, needs=["profile"])
         if "throughput" in parts:
             res["throughput"] = {"quantize_gptq4": res["big"].get("quantize_gptq4", {})}
             run.op(res["throughput"], "big_q4", dev,

@@ -48,7 +48,8 @@ def test_quick_cpu_run_passes_every_part(tiny, tmp_path):
     assert cmp["eval_q4"]["kl_dev"] == cmp["eval_q4"]["kl_cpu"] > 0
     k = res["kernel"]["q4_logits"]
     assert k["ok"] and k["packed_layers"] == 3 and k["torch_vs_cpu_dense_rel_max_abs"] == 0
-    assert all(res["big"][op]["ok"] for op in ("make", "profile", "quantize_gptq4")), res["big"]
+    big_ops = ("make", "profile", "quantize_gptq4", "prune_output_error", "prune_atom_heapr", "merge")
+    assert set(res["big"]) == set(big_ops) and all(res["big"][op]["ok"] for op in big_ops), res["big"]
     tp = res["throughput"]["big_q4"]
     assert tp["ok"]
     for name in ("dense_bf16_default_kernel", "dense_bf16_eager", "packed4_torch"):
