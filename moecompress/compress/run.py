@@ -57,15 +57,29 @@ def _quantize(job: Job, opts: dict[str, Any], prof: Any) -> Transform:
 BUILDERS: dict[str, Builder] = {"prune": _prune, "merge": _merge, "atom": _atom, "quantize": _quantize}
 
 
-def _profile(job: Job) -> tuple[Any, bool]:
-    """The reused --profile, or a profile made now in a pass of its own (returned with True: save it)."""
+def reads_output_similarity(stages: list[Stage]) -> bool:
+    """Whether a stage reads the profile's output similarity: only a merge stage clustering by it (the merge
+    command's default). Without one, compress's own profile pass skips measuring it, as prune's does."""
+    from ..merge.options import MergeOptions
+
+    return any(s.op == "merge" and MergeOptions(**s.options).similarity == "output" for s in stages)
+
+
+def _profile(job: Job, stages: list[Stage]) -> tuple[Any, bool]:
+    """The reused --profile, or a profile made now in a pass of its own (returned with True: save it). The pass
+    measures output similarity only when a stage reads it (it evaluates every expert on 256 tokens: as much expert
+    compute as the routed forward at E128); otherwise the saved profile has none, like prune's own, and
+    ``merge --profile`` refuses it in one line. Everything else is bit for bit a standalone profile's."""
     prof = job.profile()
     if prof is not None:
         return prof, False
     from ..profile.run import build_profile, collect
 
     tokens = job.tokens()
-    stats = collect(job.ckpt, tokens, job.batch_size, job.device)
+    if reads_output_similarity(stages):
+        stats = collect(job.ckpt, tokens, job.batch_size, job.device)
+    else:
+        stats = collect(job.ckpt, tokens, job.batch_size, job.device, sim_tokens=0)
     return build_profile(job.ckpt, tokens, stats, job.elapsed), True
 
 
@@ -111,7 +125,7 @@ def compress_model(
         settings={"stages": [s.op for s in stages]},
     )  # fmt: skip
     ckpt = job.ckpt
-    prof, made = _profile(job)
+    prof, made = _profile(job, stages)
     transforms = [BUILDERS[s.op](job, dict(s.options), prof) for s in stages]
     cfg = json.loads((ckpt.path / "config.json").read_text())
     manifest, profile_ref = new_manifest(job, "compress", profile_dir)

@@ -38,12 +38,14 @@ class Profile:
 
     def layer(self, l: int, name: str) -> torch.Tensor:
         """e.g. profile.layer(3, "reap") -> [E]; names as in stats.finalize plus "output_similarity" (which the
-        profile ``moecompress prune`` makes for itself does not measure: a UserError here)."""
+        profile ``moecompress prune``, or ``compress`` without a merge stage, makes for itself does not measure: a
+        UserError here)."""
         key = f"layer{l}.{name}"
         if key not in self.tensors and name == "output_similarity" and f"layer{l}.tokens" in self.tensors:
             raise UserError(
-                "this profile has no output similarity (the profile `moecompress prune` writes for itself does not "
-                "measure it): give a profile from `moecompress profile`, or none"
+                "this profile has no output similarity (the profile `moecompress prune`, or `compress` without a "
+                "merge stage, writes for itself does not measure it): give a profile from `moecompress profile`, "
+                "or none"
             )
         return self.tensors[key]
 

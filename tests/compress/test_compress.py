@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import build_tiny
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import moecompress
@@ -46,6 +47,25 @@ def test_prune_then_quantize_in_one_pass(qwen, tmp_path):
     assert (out / "profile" / "profile.json").is_file()  # the profile the prune stage used, for the report
 
 
+def test_its_own_profile_has_no_output_similarity_without_a_merge_stage(qwen, tmp_path):
+    """compress's own profile pass skips output similarity when no merge stage reads it (as prune's does): the rest
+    is a standalone profile's, the saved profile says it has none, and `merge --profile` refuses it in one line."""
+    from moecompress.profile.files import Profile
+
+    res = _run(str(qwen), "--prune", "0.34", *SMALL, "-o", str(tmp_path / "c"))
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["profile", str(qwen), *SMALL, "-o", str(tmp_path / "prof")])
+    assert res.exit_code == 0, res.output
+    own, full = Profile.load(tmp_path / "c" / "profile"), Profile.load(tmp_path / "prof")
+    dropped = {k for k in full.tensors if k.endswith(".output_similarity")}
+    assert dropped and set(own.tensors) == set(full.tensors) - dropped
+    assert all(torch.equal(own.tensors[k], full.tensors[k]) for k in own.tensors)
+    merge = ["merge", str(qwen), "--ratio", "0.25", "--profile", str(tmp_path / "c" / "profile"), *SMALL]
+    res = CliRunner().invoke(app, [*merge, "-o", str(tmp_path / "m")])
+    assert res.exit_code == 2 and res.output.count("error:") == 1, res.output
+    assert "no output similarity" in res.output and not (tmp_path / "m").exists()
+
+
 def test_a_one_stage_recipe_file_writes_what_the_single_command_writes(qwen, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("- prune: {ratio: 0.34}\n")
@@ -65,6 +85,7 @@ def test_merge_then_atoms_then_bits(tmp_path, tokenizer_dir):
     assert res.exit_code == 0, res.output
     man = Manifest.read(out)
     assert [s["op"] for s in man.stages] == ["merge", "atom", "quantize"]
+    assert "layer0.output_similarity" in load_file(str(out / "profile" / "profile.safetensors"))  # the merge read it
     model = moecompress.load(out)
     assert model.config.num_local_experts == 4 and model.config.intermediate_size == 16
 
