@@ -19,6 +19,11 @@ model, bench/quant_bench.py), plain (``'mse'``) or none (``'none'``, absmax).
 
 The Hessian factorization (damping, permutation, Cholesky of the inverse) depends only on ``H``: compute it once
 with :func:`prepare_hessian` and pass it to :func:`gptq_quantize` for every candidate width.
+
+Batched: :func:`prepare_hessian_batched` and :func:`gptq_quantize_batched` do the same for N experts' matrices of one
+projection at once (``w [N, R, C]``, ``H [N, C, C]``), each step one kernel for all N: on a GPU, where every kernel
+costs microseconds whatever its size, the per-expert column loop is launch-bound. They equal a loop of the per-expert
+functions up to float rounding (on the CPU bit for bit: the same products, batched).
 """
 
 from __future__ import annotations
@@ -70,6 +75,13 @@ class PreparedHessian:
     dead: torch.Tensor  # [C] bool, inputs that never fire (zero diagonal)
     diag: torch.Tensor  # [C] Hessian diagonal (original order), weights of the "hmse" clipping search
     h: torch.Tensor | None = None  # [C, C] the Hessian (original order, dead diagonal 1), for ``refine_scales``
+
+    def at(self, k: int) -> PreparedHessian:
+        """Expert ``k``'s of a batch made by :func:`prepare_hessian_batched` (views, no copies)."""
+        return PreparedHessian(
+            self.hinv[k], None if self.perm is None else self.perm[k], self.dead[k], self.diag[k],
+            None if self.h is None else self.h[k],
+        )  # fmt: skip
 
 
 def prepare_hessian(
@@ -238,3 +250,171 @@ def gptq_quantize(
             err_blk[:, i] = err
         wk[:, b1:] -= err_blk @ hinv[b0:b1, b1:]
     return (q_out, refine_scales(w0, q_out, scales, ph.h, g)) if refine else (q_out, scales)
+
+
+# ---- batched: N matrices of one projection at once (a chunk of experts); equal to a loop of the functions above ----
+
+
+def _inverse_cholesky_batched_(p: torch.Tensor, damp: float, step: int | None = None) -> torch.Tensor:
+    """:func:`_inverse_cholesky_` of ``p [N, C, C]`` (float32, damped and then overwritten in place): returns ``p``
+    holding the upper Cholesky factors of the damped inverses. Works ``step`` matrices at a time (default all):
+    besides ``p``, about three [step, C, C] temporaries. A matrix that is not positive definite is retried with
+    more damping on its own; one host sync per slice and round, never one per matrix."""
+    n = p.shape[0]
+    step = n if step is None else max(1, step)
+    d0 = p.diagonal(dim1=-2, dim2=-1).clone()  # [N, C] undamped diagonals
+    diag_mean = d0.mean(-1).clamp_min(1e-8)  # [N]
+    for s0 in range(0, n, step):
+        s1 = min(n, s0 + step)
+        todo = torch.arange(s0, s1, device=p.device)  # [m] matrices still to factorize
+        out = None
+        for mult in (1.0, 10.0, 100.0, 1000.0):
+            sub = p[s0:s1] if todo.numel() == s1 - s0 else p[todo]  # [m, C, C] (a view, then a copy of the rest)
+            sub.diagonal(dim1=-2, dim2=-1).copy_(d0[todo] + damp * mult * diag_mean[todo, None])
+            chol, info = torch.linalg.cholesky_ex(sub)
+            hinv = torch.cholesky_inverse(chol)
+            del chol
+            u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
+            ok = ((info == 0) & (info2 == 0)).cpu()  # [m], the round's one host sync
+            if out is None and bool(ok.all()):
+                p[s0:s1] = u
+                break
+            out = u.new_zeros(s1 - s0, *u.shape[1:]) if out is None else out
+            out[todo[ok.to(todo.device)] - s0] = u[ok.to(u.device)]
+            todo = todo[~ok.to(todo.device)]
+            del u
+            if not todo.numel():
+                p[s0:s1] = out
+                break
+        else:
+            raise ValueError("Hessian is not positive definite even after damping")
+    return p
+
+
+def prepare_hessian_batched(
+    h: torch.Tensor,
+    damp: float = 0.01,
+    actorder: bool = True,
+    keep: bool = False,
+    inplace: bool = False,
+    step: int | None = None,
+) -> PreparedHessian:
+    """:func:`prepare_hessian` of ``h [N, C, C]`` (N experts' Hessians of one projection) in one batched pass: the
+    fields of the result have a leading dim N (``hinv [N, C, C]``, ``perm [N, C]``, ``dead``/``diag [N, C]``, ``h``),
+    ``PreparedHessian.at(k)`` is expert k's. Equal to a loop of :func:`prepare_hessian` up to float rounding (on
+    the CPU bit for bit). Memory: besides ``h`` (with ``keep`` or ``not inplace`` a copy), one [N, C, C] (the
+    factors) and ~3 [step, C, C] while factorizing (``step``: matrices per Cholesky call, default all)."""
+    h = h.float()
+    if not inplace:
+        h = h.clone()
+    n = h.shape[0]
+    diag = h.diagonal(dim1=-2, dim2=-1).clone()  # [N, C]
+    dead = diag == 0
+    h.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
+    kept = h if keep else None
+    perm = None
+    if actorder:
+        perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)  # [N, C]
+        rows = torch.arange(n, device=h.device)[:, None, None]
+        p = h[rows, perm[:, :, None], perm[:, None, :]]  # [N, C, C] in processing order (one gather)
+    else:
+        p = h.clone() if keep else h  # factorized in place: the kept Hessians stay undamped
+    del h
+    return PreparedHessian(_inverse_cholesky_batched_(p, damp, step), perm, dead, diag, kept)
+
+
+def gptq_quantize_batched(
+    w: torch.Tensor,
+    prepared: PreparedHessian,
+    bits: int,
+    group_size: int | None = None,
+    scale_dtype: torch.dtype = torch.bfloat16,
+    block_size: int = 128,
+    clip_grid: tuple[float, ...] = DEFAULT_CLIP_GRID,
+    actorder: bool = True,
+    clip: str = DEFAULT_CLIP,
+    refine: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gptq_quantize` of ``w [N, R, C]``, N experts' weights of one projection, with their Hessians prepared by
+    :func:`prepare_hessian_batched`: the column loop runs over ``[N, R]`` at once and the lazy block updates are
+    batched products, so a GPU runs one kernel per step for all N (the per-expert function is launch-bound there).
+    Returns ``(q [N, R, C] int8, scale [N, R, C // g])``, equal to a loop of :func:`gptq_quantize` up to float
+    rounding (on the CPU bit for bit). Scale searches and the refinement run expert by expert (a few kernels per
+    group, outside the column loop). Memory: a few [N, R, C] float32 working copies besides the prepared Hessians."""
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
+    n, rows, cols = w.shape
+    g = group_size or group_size_for(cols)
+    if cols % g:
+        raise ValueError(f"group_size {g} must divide the input width {cols}")
+    ph = prepared
+    if ph.hinv.dim() != 3 or ph.hinv.shape[0] != n:
+        raise ValueError(f"the prepared Hessians are not a batch of {n} (use prepare_hessian_batched)")
+    if (ph.perm is not None) != actorder:
+        raise ValueError("the prepared Hessian was made with another actorder setting")
+    if refine and ph.h is None:
+        raise ValueError("refine needs a Hessian prepared with keep=True")
+    qmin, qmax = qrange(bits)
+    shrinks = (1.0,) if clip == "none" else clip_grid
+    dev = w.device
+    wk = w.float().clone().masked_fill_(ph.dead.to(dev)[:, None, :], 0.0)  # [N, R, C], dead inputs zeroed
+    w0 = wk.clone() if refine else None
+    cw = ph.diag.to(dev).float() if clip == "hmse" else torch.ones(n, cols, device=dev)  # [N, C]
+    hinv = ph.hinv
+    q_out = torch.zeros(n, rows, cols, dtype=torch.int8, device=dev)
+    if actorder:
+        scales = torch.stack([compute_scales(wk[k], bits, g, scale_dtype, shrinks, cw[k]) for k in range(n)])
+        scales_f = scales.float()  # [N, R, G]
+        perm = ph.perm.to(dev)  # [N, C]
+        group_of = perm // g  # [N, C] group of each processed column
+        wk = wk.gather(2, perm[:, None, :].expand(n, rows, cols))  # [N, R, C] in processing order
+        q_perm = torch.zeros_like(q_out)
+        for b0 in range(0, cols, block_size):
+            b1 = min(b0 + block_size, cols)
+            w_blk = wk[:, :, b0:b1].clone()  # [N, R, m]
+            err_blk = torch.zeros_like(w_blk)
+            hinv_blk = hinv[:, b0:b1, b0:b1]  # [N, m, m]
+            s_blk = scales_f.gather(2, group_of[:, None, b0:b1].expand(n, rows, b1 - b0))  # [N, R, m]
+            for i in range(b1 - b0):
+                s = s_blk[:, :, i]  # [N, R]
+                wcol = w_blk[:, :, i]
+                qcol = torch.clamp(torch.round(wcol / s), qmin, qmax)
+                q_perm[:, :, b0 + i] = qcol.to(torch.int8)
+                err = (wcol - qcol * s) / hinv_blk[:, i, i, None]  # [N, R]
+                w_blk[:, :, i:] -= err.unsqueeze(2) @ hinv_blk[:, i : i + 1, i:]
+                err_blk[:, :, i] = err
+            wk[:, :, b1:] -= err_blk @ hinv[:, b0:b1, b1:]
+        q_out.scatter_(2, perm[:, None, :].expand(n, rows, cols), q_perm)
+        del wk, q_perm, w_blk, err_blk  # [N, R, C] working copies, not needed by the refinement
+    else:
+        block_size = g if g >= block_size else (block_size // g) * g  # groups never straddle blocks
+        scales = torch.zeros(n, rows, cols // g, dtype=scale_dtype, device=dev)
+        cur_scale = None
+        for b0 in range(0, cols, block_size):
+            b1 = min(b0 + block_size, cols)
+            w_blk = wk[:, :, b0:b1].clone()  # [N, R, m]
+            err_blk = torch.zeros_like(w_blk)
+            hinv_blk = hinv[:, b0:b1, b0:b1]  # [N, m, m]
+            for i in range(b1 - b0):
+                col = b0 + i
+                if col % g == 0:
+                    s = torch.stack(
+                        [
+                            compute_scales(w_blk[k, :, i : i + g], bits, g, scale_dtype, shrinks, cw[k, col : col + g])
+                            for k in range(n)
+                        ]
+                    )[:, :, 0]  # [N, R]
+                    scales[:, :, col // g] = s
+                    cur_scale = s.float()
+                wcol = w_blk[:, :, i]  # [N, R]
+                qcol = torch.clamp(torch.round(wcol / cur_scale), qmin, qmax)
+                q_out[:, :, col] = qcol.to(torch.int8)
+                err = (wcol - qcol * cur_scale) / hinv_blk[:, i, i, None]
+                w_blk[:, :, i:] -= err.unsqueeze(2) @ hinv_blk[:, i : i + 1, i:]
+                err_blk[:, :, i] = err
+            wk[:, :, b1:] -= err_blk @ hinv[:, b0:b1, b1:]
+        del wk, w_blk, err_blk
+    if refine:
+        scales = torch.stack([refine_scales(w0[k], q_out[k], scales[k], ph.h[k], g) for k in range(n)])
+    return q_out, scales
