@@ -26,6 +26,7 @@ of the experts (``core.dist.share``) and the rows are exchanged afterwards (``co
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,14 @@ from torch import nn
 
 from moecompress.core import dist
 from moecompress.core.experts import fused_hidden
-from moecompress.quant.gptq import DEFAULT_CLIP, PreparedHessian, gptq_quantize, prepare_hessian
+from moecompress.quant.gptq import (
+    DEFAULT_CLIP,
+    PreparedHessian,
+    gptq_quantize,
+    gptq_quantize_batched,
+    prepare_hessian,
+    prepare_hessian_batched,
+)
 from moecompress.quant.pack import pack_int32, packed_cols, unpack_int32
 from moecompress.quant.rtn import DEFAULT_CLIP_GRID, dequantize, group_size_for, rtn_quantize
 
@@ -166,20 +174,67 @@ def hessian_chunk(
     x 4`` bytes (``I^2`` only ``with_down``; the factorizations are made one expert at a time); at least 1, at
     most ``num_experts``. Small chunks cost nothing on the CPU (every expert's Hessian is summed from the same
     batches either way); on a GPU each chunk moves the captured inputs to the device once more."""
+    per = 4 * (hidden * hidden + (width * width if with_down else 0))
+    return int(max(1, min(num_experts, _hessian_budget(device, limit, layer_bytes) // per)))
+
+
+def _device_limit(device: torch.device, limit: int | None) -> int:
+    """``limit``, else ``--max-memory``, else the free memory of ``device`` (MemAvailable on the CPU)."""
     from ..core.limits import host_available_bytes, memory_limit
 
     if limit is None:
         limit = memory_limit()
     if limit is None:
-        if device.type == "cuda":
-            limit = int(torch.cuda.mem_get_info(device)[0])
-        else:
-            limit = host_available_bytes()
-    per = 4 * (hidden * hidden + (width * width if with_down else 0))
-    budget = limit * HESSIAN_MEMORY_FRACTION
+        limit = int(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else host_available_bytes()
+    return limit
+
+
+def _hessian_budget(device: torch.device, limit: int | None, layer_bytes: int | None) -> float:
+    """Bytes a chunk's Hessians may take (:func:`hessian_chunk`)."""
+    budget = _device_limit(device, limit) * HESSIAN_MEMORY_FRACTION
     if layer_bytes is not None:
         budget = min(budget, layer_bytes * HESSIAN_LAYER_FRACTION)
-    return int(max(1, min(num_experts, budget // per)))
+    return budget
+
+
+GPTQ_BATCHED_ENV = "MOECOMPRESS_GPTQ_BATCHED"  # "1": batched GPTQ on every device, "0": expert by expert
+
+
+def gptq_batched(device: torch.device) -> bool:
+    """Whether GPTQ runs a batch of experts per call (:func:`moecompress.quant.gptq.gptq_quantize_batched`) on
+    ``device``: ``$MOECOMPRESS_GPTQ_BATCHED`` (1 / 0) when set, else on CUDA only."""
+    env = os.environ.get(GPTQ_BATCHED_ENV, "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
+    return device.type == "cuda"
+
+
+def gptq_batch(
+    num_experts: int,
+    hidden: int,
+    width: int,
+    with_down: bool,
+    device: torch.device,
+    limit: int | None = None,
+    layer_bytes: int | None = None,
+) -> tuple[int, int]:
+    """``(chunk, batch)`` of the batched GPTQ: Hessians held for ``chunk`` experts, ``batch`` of them per batched
+    call. One expert of a batch holds, besides its Hessians, its factors (``H^2``, and ``I^2`` for down_proj) and
+    a few float32 copies of its weights (~``4 x 3IH``): ``work`` bytes. On CUDA the chunk is :func:`hessian_chunk`'s
+    and the batches take at most a quarter of ``limit`` (default ``--max-memory``, else free GPU memory). On the
+    CPU the chunk is the batch, sized so that ``batch x (Hessians + work)`` stays within the per-expert path's
+    peak (a chunk's Hessians plus one expert's work): the host peak is not raised."""
+    per = 4 * (hidden * hidden + (width * width if with_down else 0))
+    work = 4 * (hidden * hidden + 2 * width * width + 12 * width * hidden)
+    chunk = hessian_chunk(num_experts, hidden, width, with_down, device, limit, layer_bytes)
+    if device.type == "cuda":
+        batch = int(_device_limit(device, limit) * HESSIAN_MEMORY_FRACTION // work)
+        return chunk, int(max(1, min(chunk, batch)))
+    budget = min(_hessian_budget(device, limit, layer_bytes), chunk * per)
+    batch = int(max(1, min(num_experts, (budget + work) // (per + work))))
+    return batch, batch
 
 
 def expert_group_size(hidden: int, width: int) -> int:
@@ -344,6 +399,7 @@ def quantize_layer(
     expert_widths: Sequence[Width] | None = None,
     chunk: int | None = None,
     packed: bool = False,
+    batched: bool | None = None,
 ) -> tuple[dict[Width, Any], list[str], torch.Tensor | None]:
     """Quantize every routed expert of a layer at every width in ``widths``.
 
@@ -360,7 +416,12 @@ def quantize_layer(
     weight, never an int8 copy of the layer), else :class:`QuantizedExperts` (int8 codes).
 
     Memory: Hessians exist for ``chunk`` experts at a time (default :func:`hessian_chunk`, from ``--max-memory``
-    or the device's free memory, and from the layer's size), built from the captured inputs per chunk. Under
+    or the device's free memory, and from the layer's size), built from the captured inputs per chunk.
+    ``batched`` (default :func:`gptq_batched`: on CUDA, or as ``$MOECOMPRESS_GPTQ_BATCHED`` says): the GPTQ experts
+    of a chunk that share their widths go through one batched GPTQ call per projection and width
+    (:func:`moecompress.quant.gptq.gptq_quantize_batched`), ``batch`` of them at a time (:func:`gptq_batch`; a
+    given ``chunk`` is also the batch); the same codes as expert by expert up to float rounding (on the CPU bit
+    for bit). Under
     torchrun each rank quantizes the experts of ``dist.share(E)`` and the codes and errors are then exchanged
     (``dist.fill_rows_``), so every rank returns the whole layer, bit for bit what one process computes.
     """
@@ -447,11 +508,63 @@ def quantize_layer(
                     d = (nn.functional.linear(hq, dn_q) - ref) * pe.unsqueeze(-1)
                     err[e, j] = d.double().pow(2).sum().item()
 
+    def expert_batch(es: list[int], h_gu: torch.Tensor, h_dn: torch.Tensor | None) -> None:
+        """:func:`one_expert` for the GPTQ experts ``es`` (one set of widths), each GPTQ a batched call over them:
+        ``h_gu [n, H, H]``, ``h_dn [n, I, I]`` their Hessians (factorized in place)."""
+        n = len(es)
+        idx = torch.tensor(es)
+        gu = gate_up.index_select(0, idx.to(gate_up.device)).to(dev).float()  # [n, 2I, H]
+        dn = down.index_select(0, idx.to(down.device)).to(dev).float()  # [n, H, I]
+        routed = [cap.routed(e) for e in es] if (with_err or opts.sequential) else None  # [(X_e [m, H], p_e [m])]
+        refs = [_expert_out(gu[k], dn[k], act, routed[k][0])[1] for k in range(n)] if with_err else None
+        step = max(1, -(-n // 3))  # the factorization's temporaries: ~one more [n, C, C]
+        kw = {"clip_grid": opts.clip_grid, "actorder": opts.actorder, "clip": opts.clip, "refine": opts.refine}
+        ph_gu = prepare_hessian_batched(h_gu, opts.damp, opts.actorder, opts.refine, inplace=True, step=step)
+        ph_dn = None
+        if not opts.sequential:
+            ph_dn = prepare_hessian_batched(h_dn, opts.damp, opts.actorder, opts.refine, inplace=True, step=step)
+        mine_w = [w for w in widths if expert_widths is None or expert_widths[es[0]] == w]
+        for bg in dict.fromkeys(pairs[w][0] for w in mine_w):
+            q1, s1 = gptq_quantize_batched(gu, ph_gu, bg, g_h, scale_dtype, **kw)  # [n, 2I, H], [n, 2I, H / g_h]
+            hqs: list[torch.Tensor | None] = [None] * n
+            h_seq = torch.empty(n, I, I, device=dev) if opts.sequential else None
+            for k, e in enumerate(es):
+                gu_codes[bg][0][e], gu_codes[bg][1][e] = store(q1[k], bg), s1[k].cpu()
+                if routed is not None:
+                    gu_q = dequantize(q1[k], s1[k], g_h, weight_dtype).float()
+                    hqs[k] = _expert_out(gu_q, dn[k], act, routed[k][0])[0]  # [m, I] of the quantized gate/up
+                if h_seq is not None:
+                    hw = hqs[k] * routed[k][1].unsqueeze(-1) if opts.weighted else hqs[k]
+                    h_seq[k] = hw.T @ hw
+            del q1, s1
+            if h_seq is not None:
+                ph_dn = prepare_hessian_batched(h_seq, opts.damp, opts.actorder, opts.refine, inplace=True, step=step)
+            for w in (w for w in mine_w if pairs[w][0] == bg):
+                j = widths.index(w)
+                q2, s2 = gptq_quantize_batched(dn, ph_dn, pairs[w][1], g_i, scale_dtype, **kw)  # [n, H, I]
+                for k, e in enumerate(es):
+                    down_of[w][0][e], down_of[w][1][e] = store(q2[k], pairs[w][1]), s2[k].cpu()
+                    xe, pe = routed[k] if routed is not None else (None, None)
+                    if err is not None and xe.shape[0]:
+                        dn_q = dequantize(q2[k], s2[k], g_i, weight_dtype).float()
+                        d = (nn.functional.linear(hqs[k], dn_q) - refs[k]) * pe.unsqueeze(-1)
+                        err[e, j] = d.double().pow(2).sum().item()
+                del q2, s2
+
     # this rank's experts (all of them in one process), their Hessians built chunk by chunk within the memory bound
     mine = list(dist.share(E))
+    if batched is None:
+        batched = gptq_batched(dev)
+    batched = batched and method == "gptq"
+    batch = chunk
     if chunk is None:
         held = gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
-        chunk = hessian_chunk(E, H, I, not opts.sequential, dev, layer_bytes=held) if cap is not None else E
+        if cap is None:
+            chunk = batch = E
+        elif batched:
+            chunk, batch = gptq_batch(E, H, I, not opts.sequential, dev, layer_bytes=held)
+        else:
+            chunk = hessian_chunk(E, H, I, not opts.sequential, dev, layer_bytes=held)
     for c0 in range(0, len(mine), max(1, chunk)):
         ids = mine[c0 : c0 + max(1, chunk)]
         hs = [e for e in ids if gptq_e[e]]
@@ -461,6 +574,23 @@ def quantize_layer(
             h_gu, h_dn = cap.hessians(
                 hs, gate_up if not opts.sequential else None, act if not opts.sequential else None
             )
+        if batched and hs:
+            # GPTQ experts with the same widths together (a bit plan's write gives experts their own), in batches
+            by_widths: dict[Any, list[int]] = {}
+            for k, e in enumerate(hs):
+                by_widths.setdefault(None if expert_widths is None else expert_widths[e], []).append(k)
+
+            def take(t: torch.Tensor | None, ks: list[int]) -> torch.Tensor | None:
+                """Rows ``ks`` of a chunk's Hessians: a view when they are consecutive, else a copy."""
+                if t is None or ks == list(range(ks[0], ks[-1] + 1)):
+                    return None if t is None else t[ks[0] : ks[-1] + 1]
+                return t[torch.tensor(ks, device=t.device)]
+
+            for ks in by_widths.values():
+                for b0 in range(0, len(ks), max(1, batch)):
+                    kb = ks[b0 : b0 + max(1, batch)]
+                    expert_batch([hs[k] for k in kb], take(h_gu, kb), take(h_dn, kb))
+            ids = [e for e in ids if e not in hs]  # the RTN experts, one by one below
         for e in ids:
             k = hs.index(e) if e in hs else None
             one_expert(e, None if k is None else h_gu[k], None if (k is None or h_dn is None) else h_dn[k])

@@ -1,0 +1,201 @@
+"""Batched GPTQ (N experts of one projection per call, quant/gptq.py) against the per-expert functions, and the
+quantize path that uses it (quant/layer.py: on CUDA by default, forced here with ``batched=True`` or
+``$MOECOMPRESS_GPTQ_BATCHED``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny
+from safetensors.torch import load_file
+
+from moecompress.core.evaluate import evaluate
+from moecompress.core.experts import routed_forward
+from moecompress.core.writer import dir_bytes
+from moecompress.quant.gptq import (
+    gptq_quantize,
+    gptq_quantize_batched,
+    prepare_hessian,
+    prepare_hessian_batched,
+)
+from moecompress.quant.layer import GPTQ_BATCHED_ENV, GPTQOptions, LayerCapture, gptq_batch, quantize_layer
+from moecompress.quant.run import run_quantize
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]  # fmt: skip
+
+
+def _problem(n, rows, cols, seed=0, dead=0, shifts=()):
+    """``w [n, R, C]`` and Hessians ``[n, C, C]`` of random inputs; ``dead`` inputs never fire; ``shifts``: (k, s)
+    make matrix k indefinite by ``s`` x its mean diagonal, so it needs more damping than the first try."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, rows, cols, generator=gen)
+    x = torch.randn(n, 3 * cols, cols, generator=gen) * torch.rand(n, 1, cols, generator=gen).add(0.1)
+    x[:, :, :dead] = 0
+    h = x.transpose(1, 2) @ x
+    for k, s in shifts:
+        h[k] -= s * h[k].diagonal().mean() * torch.eye(cols)
+    return w, h
+
+
+def _per_expert(w, h, bits, g, actorder, refine, clip="hmse"):
+    out = []
+    for k in range(w.shape[0]):
+        ph = prepare_hessian(h[k], 0.01, actorder, keep=refine)
+        out.append(gptq_quantize(w[k], None, bits, g, prepared=ph, actorder=actorder, clip=clip, refine=refine))
+    return torch.stack([q for q, _ in out]), torch.stack([s for _, s in out])
+
+
+def _agree(a, b):
+    (qa, sa), (qb, sb) = a, b
+    assert qa.shape == qb.shape and sa.shape == sb.shape
+    assert (qa.cpu() == qb.cpu()).float().mean() >= 0.999
+    torch.testing.assert_close(sb.float().cpu(), sa.float().cpu(), rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize(
+    "n,bits,g,actorder,refine,dead,clip",
+    [
+        (1, 4, None, True, True, 0, "hmse"),
+        (3, 4, None, True, True, 3, "hmse"),
+        (4, 3, 32, True, False, 0, "mse"),
+        (3, 3, 32, False, True, 2, "hmse"),
+        (5, 4, 64, False, False, 0, "none"),
+    ],
+)
+def test_batched_equals_the_per_expert_loop(dev, n, bits, g, actorder, refine, dead, clip):
+    w, h = _problem(n, 24, 128, seed=n + bits, dead=dead)
+    ref = _per_expert(w, h, bits, g, actorder, refine, clip)
+    w, h = w.to(dev), h.to(dev)
+    ph = prepare_hessian_batched(h, 0.01, actorder, keep=refine, step=2)
+    got = gptq_quantize_batched(w, ph, bits, g, actorder=actorder, clip=clip, refine=refine)
+    assert got[0].device == w.device and got[1].device == w.device and ph.hinv.device == w.device
+    _agree(got, ref)
+    if dead:  # dead inputs are zeroed, as per expert
+        assert (got[0][:, :, :dead] == 0).all()
+    if dev == "cpu":  # the same products, batched: bit for bit on the CPU
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("step", [None, 1, 2])
+def test_damping_retries_only_the_matrices_that_need_them(dev, step):
+    # matrix 1 needs 10x the damping, matrix 2 100x; 0 and 3 factorize at the first try
+    w, h = _problem(4, 16, 96, seed=7, shifts=((1, 0.05), (2, 0.5)))
+    ref = _per_expert(w, h, 4, 32, True, True)
+    ph = prepare_hessian_batched(h.to(dev), 0.01, True, keep=True, step=step)
+    for k in range(4):
+        torch.testing.assert_close(ph.at(k).hinv.cpu(), prepare_hessian(h[k], 0.01, True).hinv, rtol=1e-4, atol=1e-5)
+    _agree(gptq_quantize_batched(w.to(dev), ph, 4, 32, refine=True), ref)
+    h[3] -= 5 * h[3].diagonal().mean() * torch.eye(96)  # beyond the largest damping
+    with pytest.raises(ValueError, match="not positive definite"):
+        prepare_hessian_batched(h.to(dev), 0.01, True, step=step)
+
+
+def test_batched_refusals():
+    w, h = _problem(2, 8, 64)
+    ph = prepare_hessian_batched(h, actorder=True)
+    with pytest.raises(ValueError, match="batch of 3"):
+        gptq_quantize_batched(torch.randn(3, 8, 64), ph, 4)
+    with pytest.raises(ValueError, match="actorder"):
+        gptq_quantize_batched(w, ph, 4, actorder=False)
+    with pytest.raises(ValueError, match="keep=True"):
+        gptq_quantize_batched(w, ph, 4, refine=True)
+    with pytest.raises(ValueError, match="clip"):
+        gptq_quantize_batched(w, ph, 4, clip="max")
+
+
+def _capture(E=6, H=64, I=32, T=200, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    gu = torch.randn(E, 2 * I, H, generator=gen) / H**0.5
+    dn = torch.randn(E, H, I, generator=gen) / I**0.5
+    cap = LayerCapture(E, H, I)
+    for _ in range(2):
+        x = torch.randn(T, H, generator=gen)
+        idx = torch.stack([torch.randperm(E, generator=gen)[:2] for _ in range(T)])
+        p = torch.softmax(torch.randn(T, 2, generator=gen), -1)
+        cap.add_batch(x, idx, p)
+        routed_forward(gu, dn, torch.nn.functional.silu, x, idx, p, cap.observer())
+    return cap, gu, dn
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_quantize_layer_batched_equals_per_expert(sequential, monkeypatch):
+    cap, gu, dn = _capture()
+    act = torch.nn.functional.silu
+    opts = GPTQOptions(sequential=sequential)
+    min_tokens = int(cap.counts.sort().values[1]) + 1  # some experts take RTN
+    widths = (3, (2, 4), 4)
+    calls = []
+    orig = gptq_quantize_batched
+
+    def spy(w, *a, **k):
+        calls.append(w.shape[0])
+        return orig(w, *a, **k)
+
+    monkeypatch.setattr("moecompress.quant.layer.gptq_quantize_batched", spy)
+    a = quantize_layer(gu, dn, act, widths, "gptq", cap, min_tokens, torch.float32, opts=opts, batched=False)
+    assert not calls
+    n_gptq = a[1].count("gptq")
+    assert 1 < n_gptq < 6
+    for chunk in (6, 4):  # a given chunk is also the batch
+        calls.clear()
+        b = quantize_layer(gu, dn, act, widths, "gptq", cap, min_tokens, torch.float32, opts=opts, chunk=chunk,
+                           batched=True)  # fmt: skip
+        assert max(calls) <= chunk and sum(calls) == n_gptq * (3 + 3)  # 3 gate/up + 3 down widths
+        assert chunk < 6 or calls == [n_gptq] * 6  # one call per projection and width for the whole layer
+        assert a[1] == b[1]
+        torch.testing.assert_close(b[2], a[2], rtol=1e-4, atol=1e-9)
+        for wd in widths:
+            for name in ("gate_up_q", "gate_up_s", "down_q", "down_s"):
+                assert torch.equal(getattr(a[0][wd], name), getattr(b[0][wd], name)), (wd, name)
+    # a bit plan's write: each expert at its own width, experts of one width batched together
+    plan = [widths[e % 3] for e in range(6)]
+    c = quantize_layer(gu, dn, act, widths, "gptq", cap, min_tokens, torch.float32, opts=opts, expert_widths=plan,
+                       chunk=6, batched=False)  # fmt: skip
+    d = quantize_layer(gu, dn, act, widths, "gptq", cap, min_tokens, torch.float32, opts=opts, expert_widths=plan,
+                       chunk=6, batched=True, packed=True)  # fmt: skip
+    for e in range(6):
+        for which in (0, 1):
+            ref = c[0][plan[e]].dequantized_expert(e)[which]
+            assert torch.equal(d[0][plan[e]].weight(e, which), ref), (e, which)
+
+
+def test_batch_size_keeps_the_host_peak_and_uses_the_chunk_on_cuda(monkeypatch):
+    cpu = torch.device("cpu")
+    E, H, I = 128, 2048, 768  # the Qwen3-30B layer: 18 experts' Hessians per chunk
+    layer = E * 3 * H * I * 2
+    per, work = 4 * H * H, 4 * (H * H + 2 * I * I + 12 * I * H)
+    chunk, batch = gptq_batch(E, H, I, False, cpu, limit=10**12, layer_bytes=layer)
+    assert chunk == batch and 1 < batch < 18
+    assert batch * (per + work) <= 18 * per + work  # never above the per-expert path's chunk + one expert
+    assert gptq_batch(E, H, I, False, cpu, limit=1, layer_bytes=layer) == (1, 1)
+    cuda = torch.device("cuda")
+    assert gptq_batch(E, H, I, False, cuda, limit=10**12, layer_bytes=layer) == (18, 18)
+    assert gptq_batch(E, H, I, False, cuda, limit=4 * 5 * work, layer_bytes=layer) == (18, 5)  # --max-memory binds
+    from moecompress.quant.layer import gptq_batched
+
+    monkeypatch.delenv(GPTQ_BATCHED_ENV, raising=False)
+    assert gptq_batched(cuda) and not gptq_batched(cpu)
+    monkeypatch.setenv(GPTQ_BATCHED_ENV, "1")
+    assert gptq_batched(cpu)
+    monkeypatch.setenv(GPTQ_BATCHED_ENV, "0")
+    assert not gptq_batched(cuda)
+
+
+def test_quantize_end_to_end_batched_equals_per_expert(tmp_path, tokenizer_dir, monkeypatch):
+    model = build_tiny("qwen3_moe", tmp_path / "m", tokenizer_dir)
+    kw = dict(bits=3, plan="uniform", method="gptq", other_bits=8, samples=4, seq_len=32, batch_size=4, min_tokens=4)
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(GPTQ_BATCHED_ENV, flag)
+        monkeypatch.setattr("moecompress.quant.layer.gptq_batch", lambda E, *a, **k: (E, E))  # whole layers
+        outs[flag] = tmp_path / f"q{flag}"
+        run_quantize(model, outs[flag], **kw)
+    kl = {f: evaluate(o, model, seq_len=32, max_windows=2)["kl_to_base"] for f, o in outs.items()}
+    assert dir_bytes(outs["0"]) == dir_bytes(outs["1"])
+    tensors = {f: [load_file(p) for p in sorted(o.glob("*.safetensors"))] for f, o in outs.items()}
+    for a, b in zip(tensors["0"], tensors["1"], strict=True):  # on the CPU bit for bit
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert kl["1"] == pytest.approx(kl["0"], rel=1e-3, abs=1e-7)
