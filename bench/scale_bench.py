@@ -451,14 +451,37 @@ FLAGSHIP_TOKENS = [(128, 2048), (512, 2048)]
 DOWN_REFIT_DEFAULT = "a9e8da4"
 
 
-def _default_refit_at(commit: str | None) -> str:
-    """The refit a run of the default prune did at ``commit`` ("sha HH:MM" as the stores record it): "down" from
-    DOWN_REFIT_DEFAULT on, "none" before it (or without a commit)."""
+# the commits from which the profile pass a command runs for itself measures no output similarity: prune's (every
+# method), then compress's without a merge stage; runs before them are fitted with the profile's 256 similarity tokens
+PRUNE_NO_SIMILARITY = "1026905"
+COMPRESS_NO_SIMILARITY = "babd786"
+
+
+def _at_or_after(commit: str | None, since: str) -> bool:
+    """Whether ``commit`` ("sha HH:MM" as the stores record it) contains ``since`` (False without a commit)."""
     sha = (commit or "").split(" ")[0]
     if not sha:
-        return "none"
-    git = ["git", "-C", str(ROOT), "merge-base", "--is-ancestor", DOWN_REFIT_DEFAULT, sha]
-    return "down" if subprocess.run(git, capture_output=True).returncode == 0 else "none"
+        return False
+    git = ["git", "-C", str(ROOT), "merge-base", "--is-ancestor", since, sha]
+    return subprocess.run(git, capture_output=True).returncode == 0
+
+
+def _default_refit_at(commit: str | None) -> str:
+    """The refit a run of the default prune did at ``commit``: "down" from DOWN_REFIT_DEFAULT on, "none" before it
+    (or without a commit)."""
+    return "down" if _at_or_after(commit, DOWN_REFIT_DEFAULT) else "none"
+
+
+def _own_sim_tokens_at(est_op: str, settings: dict, commit: str | None) -> int | None:
+    """The similarity tokens of the profile pass a prune or compress run made for itself at ``commit``: the
+    profile's 256 before PRUNE_NO_SIMILARITY / COMPRESS_NO_SIMILARITY, else None (the model's default: none)."""
+    from moecompress.estimate.model import PROFILE_SIM_TOKENS
+
+    if est_op == "prune" and not _at_or_after(commit, PRUNE_NO_SIMILARITY):
+        return PROFILE_SIM_TOKENS
+    if est_op == "compress" and "merge" not in settings.get("stages", ()):
+        return None if _at_or_after(commit, COMPRESS_NO_SIMILARITY) else PROFILE_SIM_TOKENS
+    return None
 
 
 def measured_runs(stores: list[Path]) -> list[dict]:
@@ -480,6 +503,9 @@ def measured_runs(stores: list[Path]) -> list[dict]:
             default_prune = settings.get("method", "output-error") == "output-error" and "refit" not in settings
             if est_op in ("prune", "compress") and default_prune:  # see DOWN_REFIT_DEFAULT
                 settings = {**settings, "refit": _default_refit_at(r.get("commit"))}
+            sim = _own_sim_tokens_at(est_op, settings, r.get("commit"))  # see PRUNE_NO_SIMILARITY
+            if sim is not None:
+                settings = {**settings, "sim_tokens": sim}
             s = Settings(samples=r["samples"], seq_len=r["seq_len"], batch_size=8, device="cpu", **settings)
             runs.append({
                 "name": key, "op": r["op"], "variant": variant(est_op, s) if est_op != "compress" else "compress",
@@ -529,7 +555,8 @@ def fit_and_report(args: argparse.Namespace) -> None:
     check = []
     for r in runs:
         st = r["settings"]
-        kw = {k: getattr(st, k) for k in ("samples", "seq_len", "batch_size", "device", "method", "refit", "plan")}
+        keys = ("samples", "seq_len", "batch_size", "device", "method", "refit", "plan", "sim_tokens")
+        kw = {k: getattr(st, k) for k in keys}
         if r["op"] == "compress":
             kw["stages"] = OPS["compress"][1][1]["stages"]
         p = predict(r["shape"], r["est_op"], **kw)

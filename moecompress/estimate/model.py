@@ -102,6 +102,17 @@ def prune_refit(s: Settings) -> str:
     return default_refit(s.method or "output-error")
 
 
+def sim_tokens(var: str, s: Settings) -> int:
+    """Tokens a variant's output similarity is measured on: ``sim_tokens`` when given, else the op's default (a
+    profile 256, merge 512; prune's own profile pass none, since commit 1026905: nothing in prune reads it). 0: no
+    similarity term."""
+    if s.sim_tokens is not None:
+        return s.sim_tokens
+    if var == "merge":
+        return MERGE_SIM_TOKENS
+    return 0 if var.startswith("prune") else PROFILE_SIM_TOKENS
+
+
 def variant(op: str, s: Settings) -> str:
     """The fitted model an op and its settings use (one coefficient set per variant)."""
     if op == "prune":
@@ -132,7 +143,7 @@ def features(shape: ModelShape, var: str, s: Settings) -> tuple[dict[str, float]
     state: dict[str, float] = {}
     tim: dict[str, float] = {"const": 1.0, "fwd": fwd}
     expert_fwd = 3.0 * H * I  # multiply-adds of one expert on one token
-    sim = s.sim_tokens or (MERGE_SIM_TOKENS if var == "merge" else PROFILE_SIM_TOKENS)
+    sim = sim_tokens(var, s)
     if var in ("profile", "prune", "prune-reap", "prune-refit"):
         mem["sim"] = 4.0 * sim * E * H
         tim["sim"] = Lm * sim * E * expert_fwd
@@ -240,14 +251,19 @@ def predict(shape: ModelShape, op: str, coefs: dict[str, Any] | None = None, **s
     s = Settings(**known)
     if op != "compress":
         est = predict_variant(shape, variant(op, s), s, coefs)
-        if s.profile_reused and op == "prune":  # the profile pass is not run again
-            prof = predict_variant(shape, "profile", s, coefs)
+        if s.profile_reused and op == "prune":  # the profile pass (prune's own: no similarity) is not run again
+            prof = predict_variant(shape, "profile", _replace_settings(s, sim_tokens=sim_tokens(est.variant, s)), coefs)
             est = _replace(est, seconds=max(est.seconds - prof.seconds + _const_seconds(coefs), _const_seconds(coefs)))
         return _replace(est, op=op)
-    # compress: a profile pass (unless reused), then one engine pass running every stage's transform per layer
+    # compress: a profile pass (unless reused), then one engine pass running every stage's transform per layer; its
+    # own profile pass measures output similarity only for a merge stage (compress/run.py), as prune's (no
+    # similarity) otherwise: the prune stage's own-profile share (subtracted below) is priced the same way
     one_pass = _replace_settings(s, plan="uniform")  # a compress quantize stage is uniform (no global LP plan)
     stages = [variant(st, one_pass) for st in (s.stages or ("prune",))]
-    parts = [predict_variant(shape, v, s, coefs) for v in stages]
+    if s.sim_tokens is None:
+        s = _replace_settings(s, sim_tokens=PROFILE_SIM_TOKENS if "merge" in stages else 0)
+    parts = [predict_variant(shape, v, s if v != "merge" else _replace_settings(s, sim_tokens=None), coefs)
+             for v in stages]  # fmt: skip
     prof = predict_variant(shape, "profile", s, coefs)
     base = _const_seconds(coefs)
     seconds = base + (0.0 if s.profile_reused else prof.seconds - base)

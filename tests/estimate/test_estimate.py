@@ -109,6 +109,33 @@ def test_default_prune_is_priced_with_its_down_refit() -> None:
     assert shipped["host"].get("downs", 0) > 0 and "downfit" in shipped["seconds"]
 
 
+def test_own_profile_passes_without_a_merge_are_priced_without_similarity() -> None:
+    """prune's own profile pass (every method) and compress's without a merge stage measure no output similarity
+    (prune/run.py, compress/run.py): no similarity term in their prediction; a profile and merge keep theirs, and
+    a compress with a merge stage prices its profile pass with it."""
+    shape = shape_of_config(tiny_config("qwen3_moe", hidden_size=512, num_experts=64, moe_intermediate_size=256))
+    c, tok = unit_coefs(), {"samples": 16, "seq_len": 256}
+    for var, s in (("prune", Settings()), ("prune-reap", Settings(method="reap")), ("prune-refit", Settings())):
+        mem, _, tim = features(shape, var, s)
+        assert mem["sim"] == 0 and tim["sim"] == 0
+        assert features(shape, var, Settings(sim_tokens=256))[0]["sim"] == 4.0 * 256 * 64 * 512  # runs from before
+    assert features(shape, "profile", Settings())[0]["sim"] == 4.0 * 256 * 64 * 512
+    assert features(shape, "merge", Settings())[0]["sim"] == 4.0 * 512 * 64 * 512
+    base = c["ops"]["profile"]["seconds"]["const"]
+    prof = {n: predict(shape, "profile", coefs=c, sim_tokens=n, **tok) for n in (0, 256)}
+    assert prof[256].seconds > prof[0].seconds
+    quant = predict(shape, "quantize", coefs=c, plan="uniform", **tok)
+    merge = predict(shape, "merge", coefs=c, **tok)
+    q = predict(shape, "compress", coefs=c, stages=["quantize"], **tok)
+    assert q.seconds == pytest.approx(prof[0].seconds + quant.seconds - base)
+    m = predict(shape, "compress", coefs=c, stages=["merge", "quantize"], **tok)
+    assert m.seconds == pytest.approx(prof[256].seconds + merge.seconds + quant.seconds - 2 * base)
+    # a prune reusing a profile saves its own pass, the one without similarity
+    prune = predict(shape, "prune", coefs=c, **tok)
+    reused = predict(shape, "prune", coefs=c, profile_reused=True, **tok)
+    assert reused.seconds == pytest.approx(prune.seconds - prof[0].seconds + base)
+
+
 def test_refusal_advice_follows_the_dominant_term() -> None:
     """A prune whose peak is the down refit's float32 downs is told --refit none; a score-method prune is not."""
     from moecompress.estimate.fits import advice
