@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..core.experts import expert_forward, expert_hidden, gated
+from ..core.limits import STATE_MEMORY_FRACTION
 
 PROFILE_KEYS = {"reap": "reap", "frequency": "frequency", "routing-mass": "routing_mass"}
 
@@ -226,6 +227,24 @@ class DenseOutputs:
         pass
 
 
+CACHE_FLOOR_BYTES = 256 * 2**20  # the search's output cache may always take this much (small layers: k+4 slots)
+CACHE_LAYER_FRACTION = 0.5  # ... or this share of the layer's routed experts in the checkpoint dtype, if more
+
+
+def cache_slots(want: int, slot_bytes: int, layer_bytes: int, limit: int | None = None) -> int:
+    """How many slots per token ``ExpertOutputs`` caches: ``want``, fewer when ``want`` slots of ``slot_bytes`` each
+    (T x (H [+ I]) x 4) exceed max(CACHE_FLOOR_BYTES, CACHE_LAYER_FRACTION x ``layer_bytes``) or a quarter of
+    ``limit`` (--max-memory); at least 1. The outputs are the same for any count (pairs not held are computed when
+    asked for); fewer slots cost more expert evaluations, not memory: the DeepSeek-V3-dims slice (H 7168, 16 experts
+    of width 2048, top-8, 4,096 tokens) holds 4 of 12 wanted (604 MB instead of 1.81 GB)."""
+    if want < 1 or slot_bytes < 1 or layer_bytes < 0:
+        raise ValueError(f"cache_slots: want {want} and slot bytes {slot_bytes} must be positive")
+    budget = max(CACHE_FLOOR_BYTES, int(CACHE_LAYER_FRACTION * layer_bytes))
+    if limit is not None:
+        budget = min(budget, int(limit * STATE_MEMORY_FRACTION))
+    return max(1, min(want, budget // slot_bytes))
+
+
 class ExpertOutputs:
     """Unweighted outputs f_e(x_t) of (token, expert) pairs without a [T, E, H] tensor.
 
@@ -422,8 +441,13 @@ def output_error_order(
     if y0 is None:
         y0 = routed_output(src, rows_all, *route(logits, spec, None, correction))
     y0f = y0.float()  # [T, H] float32 (the pair errors' reference)
-    y0 = y0.double()  # [T, H]
-    C = y0.pow(2).sum(1)  # [T] ||y||^2
+    H = y0.shape[1]
+
+    def y0d(r: torch.Tensor) -> torch.Tensor:  # rows of y in float64 (no [T, H] float64 copy: 235 MB at H 7168)
+        return y0.index_select(0, r).double()
+
+    cr = max(1, (1 << 22) // H)  # rows per 32 MB float64 block
+    C = torch.cat([y0[s : s + cr].double().pow(2).sum(1) for s in range(0, T, cr)])  # [T] ||y||^2
     denom = max(float(scale if scale is not None else C.sum()), 1e-30)
     nonorm = spec.kind == "softmax" and not spec.norm_topk
     removed = torch.zeros(E, dtype=torch.bool, device=dev)
@@ -438,7 +462,7 @@ def output_error_order(
         el = (logits - logits.max(1, keepdim=True).values).double().exp()  # [T, E]
         Z = el.sum(1)
         A, B = C.clone(), C.clone()
-    chunk = max(1, (1 << 22) // (E + spec.top_k * y0.shape[1]))
+    chunk = max(1, (1 << 22) // (E + spec.top_k * H))
     delta = torch.zeros(
         E, dtype=torch.float64, device=dev
     )  # fixed modes: summed error increase of removing each expert
@@ -448,7 +472,7 @@ def output_error_order(
 
     def refresh(rows: torch.Tensor) -> None:
         """Recompute the routing, error and pair errors of these tokens under the current removed set."""
-        step = max(64, (1 << 23) // ((2 * spec.top_k + 1) * y0.shape[1] + E))  # rows: ~32 MB of work at once
+        step = max(64, (1 << 23) // ((2 * spec.top_k + 1) * H + E))  # rows: ~32 MB of work at once
         for s in range(0, rows.numel(), step):
             r = rows[s : s + step]
             if not nonorm:
@@ -460,10 +484,10 @@ def output_error_order(
     def _store(rows: torch.Tensor, y: torch.Tensor) -> None:
         if nonorm:
             A[rows] = y.pow(2).sum(1)
-            B[rows] = (y * y0[rows]).sum(1)
+            B[rows] = (y * y0d(rows)).sum(1)
             d2[rows] = A[rows] - 2 * B[rows] + C[rows]
         else:
-            d2[rows] = (y - y0[rows]).pow(2).sum(1)
+            d2[rows] = (y - y0d(rows)).pow(2).sum(1)
 
     def _refresh_softmax(rows: torch.Tensor) -> None:
         # every removal from the top-k brings in the same (k+1)-th expert: one gather of k+1 outputs per token
@@ -489,7 +513,7 @@ def output_error_order(
             yt, z = yt.double(), Z[rows][:, None]
             pair[rows[:, None], top] = yt.pow(2).sum(-1) * z * z
             ub[rows] = 0.0
-            ub[rows[:, None], top] = (yt * y0.index_select(0, rows)[:, None, :]).sum(-1) * z
+            ub[rows[:, None], top] = (yt * y0d(rows)[:, None, :]).sum(-1) * z
         else:  # a difference of outputs: float32 is enough per token; sums over tokens are float64
             pair[rows[:, None], top] = (yt - y0f.index_select(0, rows)[:, None, :]).pow_(2).sum(-1).double()
 
@@ -510,9 +534,9 @@ def output_error_order(
             if nonorm:
                 zp = Z[tok] - el[tok, e]
                 pair[tok, e] = yt.pow(2).sum(1) * zp * zp
-                ub[tok, e] = (yt * y0[tok]).sum(1) * zp
+                ub[tok, e] = (yt * y0d(tok)).sum(1) * zp
             else:
-                pair[tok, e] = (yt - y0[tok]).pow(2).sum(1)
+                pair[tok, e] = (yt - y0d(tok)).pow(2).sum(1)
 
     refresh(rows_all)
     lost = [0] * g

@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.engine import Engine, LayerContext, Transform
+from ..core.limits import memory_limit
 from .load import block_view, select_experts, set_block_experts
 from .order import (
     ExpertOutputs,
     RouterSpec,
     Step,
+    cache_slots,
     kept_global,
     kept_uniform,
     method_scores,
@@ -245,9 +247,13 @@ class PruneTransform(Transform):
         # each token's best k+4 expert outputs (k+2 missed often enough that the misses, computed a few rows at a
         # time, cost more than the extra upfront rows: E128 prune pass 13.0 -> 11.6-12.3 CPU s, same order and costs;
         # with the down refit 21.8 -> 20.4-21.3 CPU s); more are computed when asked for, into removed experts' slots
-        c = spec.top_k + 4
+        # (bounded: k+4 slots of T x (H [+ I]) float32 each may exceed the layer itself, see ``cache_slots``)
+        hidden = "down" in opts.refit
+        slot_bytes = x.shape[0] * (view.down.shape[1] + (view.down.shape[2] if hidden else 0)) * 4
+        layer_bytes = sum(t.numel() * t.element_size() for t in (view.gate, view.up, view.down))
+        c = cache_slots(spec.top_k + 4, slot_bytes, layer_bytes, memory_limit())
         src = ExpertOutputs(x, view.gate, view.up, view.down, router_choice(logits, spec, corr), c,
-                            ctx.experts.act_fn, hidden="down" in opts.refit)  # fmt: skip
+                            ctx.experts.act_fn, hidden=hidden)  # fmt: skip
         rows_all = torch.arange(x.shape[0], device=x.device)
         y0 = routed_output(src, rows_all, *route(logits, spec, None, corr))  # [T, H] the unpruned routed output
         y0sq = max(_sq_sum(y0), 1e-30)

@@ -370,3 +370,37 @@ def test_own_profile_is_the_profile_without_output_similarity(tmp_path, tokenize
     with pytest.raises(UserError, match="moecompress profile"):
         own.layer(own.moe_layers[0], "output_similarity")
     assert torch.equal(own.layer(own.moe_layers[0], "reap"), full.layer(own.moe_layers[0], "reap"))
+
+
+def test_a_bounded_search_cache_keeps_the_same_experts_and_bytes(tmp_path, tokenizer_dir, monkeypatch):
+    """The default prune (output error + down refit) with its expert-output cache cut to one slot per token (what a
+    layer much larger than its budget gets, ``order.cache_slots``) keeps the same experts and writes the same bytes
+    as with the full cache, except the refitted down projections, equal to float rounding (their activations are
+    computed for other batches of rows; a matmul may round a row differently)."""
+    import moecompress.prune.order as order
+    import moecompress.prune.transform as transform
+
+    path = build_tiny("deepseek_v3", tmp_path / "m", tokenizer_dir)
+    full, small = tmp_path / "full", tmp_path / "small"
+    m_full = prune_model(path, full, PruneOptions(ratio=0.5), tokens=_tokens())
+    slots = []
+
+    class Spy(order.ExpertOutputs):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            slots.append(self.owner.shape[1])
+
+    monkeypatch.setattr(order, "CACHE_FLOOR_BYTES", 1)
+    monkeypatch.setattr(order, "CACHE_LAYER_FRACTION", 0.0)
+    monkeypatch.setattr(transform, "ExpertOutputs", Spy)
+    m_small = prune_model(path, small, PruneOptions(ratio=0.5), tokens=_tokens())
+    assert m_small["refit"] == "down" and slots and set(slots) == {1}
+    kept = [{l: v["kept"] for l, v in m["layers"].items()} for m in (m_full, m_small)]
+    assert kept[0] == kept[1] and all(len(k) < 8 for k in kept[0].values())
+    a, b = Checkpoint(full), Checkpoint(small)
+    keys = sorted(a.tensor_info())
+    assert keys == sorted(b.tensor_info())
+    ta, tb = a.read(keys), b.read(keys)
+    assert all(torch.equal(ta[k], tb[k]) for k in keys if "down_proj" not in k)
+    for k in keys:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ from moecompress.prune.order import (
     NotEnoughRemovable,
     RouterSpec,
     Step,
+    cache_slots,
     combine,
     kept_global,
     kept_uniform,
@@ -499,3 +500,36 @@ def test_fit_downs_hold_out_check_and_minimum_rows():
     same, y2 = fit_downs(src.hidden_of, down, kept, wd, y0, y_new, holdout=2, min_rows=1e9)
     assert torch.equal(same, down)
     torch.testing.assert_close(y2, y_new.float())
+
+
+def test_cache_slots_bound_the_search_cache_by_the_layer_and_max_memory():
+    """k+4 slots unless they take more than max(256 MiB, half the layer's routed experts) or a quarter of
+    --max-memory: the DeepSeek-V3-dims slice (4,096 tokens, H 7168, width 2048, 16 experts in bf16) holds 4 slots of
+    its 12, the Qwen3-30B-shaped layer and the small synthetic ones all 12."""
+    layer = lambda E, H, I: E * 3 * H * I * 2  # noqa: E731 - bf16 gate, up, down
+    slot = lambda T, H, I: T * (H + I) * 4  # noqa: E731 - outputs + activations, float32
+    assert cache_slots(12, slot(4096, 7168, 2048), layer(16, 7168, 2048)) == 4
+    assert cache_slots(12, slot(4096, 2048, 768), layer(128, 2048, 768)) == 12
+    assert cache_slots(12, slot(4096, 512, 256), layer(16, 512, 256)) == 12  # the 256 MiB floor
+    assert cache_slots(12, slot(4096, 512, 256), layer(16, 512, 256), limit=4 * 3 * slot(4096, 512, 256)) == 3
+    assert cache_slots(12, slot(4096, 7168, 2048), layer(16, 7168, 2048), limit=1) == 1  # never fewer than one
+    with pytest.raises(ValueError, match="must be positive"):
+        cache_slots(0, 1, 1)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["softmax", "softmax-no-norm", "groups", "groups-topk2"])
+def test_greedy_with_one_cached_slot_equals_the_full_cache(spec):
+    """The search makes the same choices with the same costs whatever the cache holds (one slot per token: almost
+    every pair is computed when asked for; k+4: the default), and the refit's activations are the same."""
+    x, gate, up, down, logits, corr = _experts(5, T=300, H=24, I=16)
+    corr = corr if spec.kind != "softmax" else None
+    n = 6 if spec.n_group == 1 else 4
+    runs, hidden = [], []
+    for c in (1, spec.top_k + 4):
+        src = ExpertOutputs(x, gate, up, down, router_choice(logits, spec, corr), c, hidden=True)
+        runs.append([(s.experts, s.cost) for s in output_error_order(src, logits, spec, set(), n, corr)])
+        hidden.append(torch.stack([src.hidden_of(e, torch.arange(300)) for e in range(8)]))
+    assert len(runs[0]) == n // spec.n_group
+    assert [s[0] for s in runs[0]] == [s[0] for s in runs[1]]
+    assert [s[1] for s in runs[0]] == pytest.approx([s[1] for s in runs[1]], rel=1e-6, abs=1e-12)
+    torch.testing.assert_close(hidden[0], hidden[1])
