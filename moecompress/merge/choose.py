@@ -121,8 +121,11 @@ class LayerFit:
         """Intermediate activations [n, I] of candidate ``c`` on token rows [n]."""
         return activations(self.x[rows], c.gate, c.up, self.act)
 
-    def start(self, clustering: Clustering) -> tuple[list[Candidate], _Routed]:
-        """Every cluster at "keep its dominant member": the candidates and the merged layer's routed state."""
+    def start(self, clustering: Clustering, outputs: bool = True) -> tuple[list[Candidate], _Routed]:
+        """Every cluster at "keep its dominant member": the candidates and the merged layer's routed state. Without
+        ``outputs`` the state holds no expert outputs ([T, k, H]; gathered, summed and freed here): enough for
+        ``pruning_refit``, which reads only the routing and the routed output (one clustering's start kept while
+        another is searched costs [T, H], not [T, k, H])."""
         w = self.w
         chosen = [keep_candidate(w, d) for d in clustering.dominant]
         rows = torch.stack([c.row for c in chosen])  # [K, H]
@@ -133,7 +136,11 @@ class LayerFit:
         dom = torch.as_tensor(clustering.dominant, device=idx.device)
         all_rows = torch.arange(self.x.shape[0], device=idx.device)
         outs = self.src.get(all_rows, dom[idx])  # [T, k, H] the dominant experts' original outputs
-        return chosen, _Routed(self, logits, corr, wts, idx, outs)
+        state = _Routed(self, logits, corr, wts, idx, outs)
+        if not outputs:
+            del outs
+            state.outs = None
+        return chosen, state
 
     def pruning_refit(
         self, clustering: Clustering, chosen: list[Candidate], state: _Routed, holdout: int = HOLDOUT,
@@ -154,13 +161,28 @@ class LayerFit:
             return activations(self.x[rows], w.gate[e], w.up[e], self.act)
 
         state.outs = None  # the expert outputs [T, k, H] are not read by the refit: not held with its downs
+        # fit_downs leaves an expert with too few fit tokens as it is and the others' fits do not see it: only the
+        # others are passed (the same fits in the same order; float32 downs of those alone, not of all K)
+        check = torch.zeros(dense.shape[0], dtype=torch.bool, device=dense.device)
+        if holdout > 1:
+            check[::holdout] = True
+        n_fit = ((dense[:, dom] > 0) & ~check[:, None]).sum(0).tolist()  # [K] fit tokens of each kept member
+        fits = [j for j, n in enumerate(n_fit) if n > 0 and n >= min_rows * w.down.shape[2]]
         downs = fit_downs(
-            hidden, w.down, dom, dense, self.y, state.yc, kept_only=True, holdout=holdout, min_rows=min_rows
-        )[0]
+            hidden, w.down, [dom[j] for j in fits], dense, self.y, state.yc, kept_only=True, holdout=holdout,
+            min_rows=min_rows,
+        )[0]  # fmt: skip
+        at = dict(zip(fits, range(len(fits)), strict=True))
+        dt = self.dtypes["down"]
         out = []
         for j, c in enumerate(chosen):
-            d = downs[j].to(self.dtypes["down"])
-            refit = not torch.equal(d, c.down.to(d.dtype))
+            if j in at:
+                d = downs[at[j]].to(dt)
+                refit = not torch.equal(d, c.down.to(dt))
+            else:
+                d, refit = c.down.float().to(dt), False
+            if not refit and c.down.dtype == dt:  # the layer's own tensor, not a copy held through the search
+                d = c.down
             kind = "keep+refit" if refit else c.kind
             out.append(Candidate(kind, c.gate, c.up, d, c.row, c.bias, c.corr, prior=c.down, fit_all=True))
         # the float32 downs [K, H, I] and the old state's outputs [T, k, H] go before the new state is built (on the
@@ -446,6 +468,7 @@ def choose_clusters(
     min_gain_se: float = 0.0,
     holdout: int = HOLDOUT,
     last: bool = False,
+    begun: tuple[list[Candidate], _Routed] | None = None,
 ) -> tuple[list[Candidate], float, float, torch.Tensor]:
     """Coordinate descent over the clusters' candidates. Returns (chosen candidates, error at start, final error,
     the final squared error of each measure token [n_M] float64). With "keep+refit" among ``kinds`` the start is
@@ -458,10 +481,15 @@ def choose_clusters(
     ``clock`` (``layer.Clock``, optional) is charged "merge candidates" (alignment, merges, router rows) and
     "candidate trials" (routing, outputs, refits, errors). ``cache``: the clusters whose merge candidates are kept
     for the next sweep (None: all; the others' are built again: the same tensors, so the same choice). ``last``:
-    no clustering of this ``fit`` starts after this one (``fit.src`` is freed once this one has started)."""
+    no clustering of this ``fit`` starts after this one (``fit.src`` is freed once this one has started).
+    ``begun``: this clustering's ``fit.start`` made earlier (without outputs when "keep+refit" is among ``kinds``:
+    ``choose_layer`` starts every clustering before the first search, so the cached original outputs are freed
+    before it); it is consumed."""
     w = fit.w
     lap = clock.lap if clock is not None else (lambda name: None)
-    chosen, state = fit.start(clustering)
+    chosen, state = begun if begun is not None else fit.start(clustering)
+    if state.outs is None and "keep+refit" not in kinds:
+        raise ValueError("a start without expert outputs serves only a search that starts from the pruning refit")
     if last:  # no clustering starts after this one: the cached original outputs ([T, k+1, H]) are done with
         fit.src = None
     start = state.err

@@ -270,6 +270,8 @@ def choose_layer(
     n_eval = min(opts.eval_tokens, xf.shape[0] // 3)
     x_eval, x_fit = xf[perm[:n_eval]], xf[perm[n_eval:]][: opts.fit_tokens]  # disjoint
     fit = LayerFit(w, x_fit, x_eval, spec, act, dtypes)
+    x_fit = fit.x[: fit.n_fit]  # the same values: the copies made above are not held beside ``fit.x``
+    del x_eval
     clock.lap("layer outputs")
     dominant = [m[int(freqs[m].argmax())] for m in clusters]
     options = [Clustering("k-means", clusters, dominant)]
@@ -284,10 +286,18 @@ def choose_layer(
     kept: tuple[float, Clustering, list[Any], torch.Tensor] | None = None
     x_align = x_fit[: opts.align_tokens]
     cache = cached_clusters(w, len(clusters), opts, fit.dtypes["gate"], xf.device)
-    for i, c in enumerate(reversed(options)):  # the pruning choice first: another clustering must be clearly better
+    order = list(reversed(options))  # the pruning choice first: another clustering must be clearly better
+    starts: list[Any] = []
+    if "keep+refit" in opts.candidates:  # every search starts from the pruning refit, which needs no expert outputs:
+        # every clustering starts now (in the same order, so from the same cache), and the cached original outputs
+        # ([T, k+1, H] float32, 302 MB on the Qwen3-30B-shaped layer) are not held through the searches
+        starts = [fit.start(c, outputs=False) for c in order]
+        fit.src = None
+    for i, c in enumerate(order):
         chosen, start, err, d2 = choose_clusters(
             fit, c, freqs, x_align, opts.candidates, opts.aligned, rank_fn, align_block=opts.align_block, clock=clock,
-            cache=cache, min_gain_se=opts.min_gain_se, last=i == len(options) - 1,
+            cache=cache, min_gain_se=opts.min_gain_se, last=i == len(order) - 1,
+            begun=starts.pop(0) if starts else None,
         )  # fmt: skip
         tried.append((err, c, start))
         if kept is None or kept[0] - err > opts.min_gain_se * _paired_se(d2 - kept[3], fit.norm):

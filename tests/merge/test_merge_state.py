@@ -4,6 +4,7 @@ again, with the same choice and error."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -100,3 +101,57 @@ def test_trials_in_row_chunks_make_the_same_choice_bit_for_bit(monkeypatch):
         assert any(c.kind != "keep" for c in a) and e0 < s0  # trials were accepted: accept's chunks ran
         for ca, cb in zip(a, b, strict=True):
             assert all(torch.equal(getattr(ca, k), getattr(cb, k)) for k in ("gate", "up", "down", "row"))
+
+
+def _fit_and_clustering(seed=3):
+    w = _layer(E=8, I=12, H=16, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    fit = LayerFit(w, torch.randn(400, 16, generator=g), torch.randn(200, 16, generator=g), RouterSpec(top_k=2), F.silu)
+    return w, fit, Clustering("test", [[0, 1, 2], [3, 4], [5], [6, 7]], [1, 3, 5, 7])
+
+
+def test_pruning_refit_passes_only_refittable_experts_and_keeps_the_others_as_they_are():
+    """Kept experts with too few fit tokens are left out of ``fit_downs`` (it skips them, and the Gauss-Seidel fits
+    of the others never see them): the downs are bit for bit those of ``fit_downs`` over every kept expert, and a
+    down projection left as it is is the layer's own tensor (no copy held through the search)."""
+    from moecompress.merge.align import activations
+    from moecompress.merge.choose import dense_weights, fit_downs
+
+    w, fit, clustering = _fit_and_clustering()
+    w = MoEWeights(**{k: None if v is None else v.to(torch.bfloat16) for k, v in vars(w).items()})
+    fit = LayerFit(w, fit.x[:400], fit.x[400:], RouterSpec(top_k=2), F.silu)
+    dom = clustering.dominant
+    _, state0 = fit.start(clustering)
+    dense = dense_weights(state0.wts, torch.as_tensor(dom)[state0.idx], 8)
+    for holdout in (0, 3):
+        fit_rows = dense[torch.arange(dense.shape[0]) % holdout != 0] if holdout > 1 else dense
+        counts = sorted(int(n) for n in (fit_rows[:, dom] > 0).sum(0))
+        min_rows = (counts[1] + 0.5) / 12  # the two least routed kept experts (or more, on a tie) below the minimum
+        hid = lambda e, r: activations(fit.x[r], w.gate[e], w.up[e], F.silu)  # noqa: E731
+        want = fit_downs(hid, w.down, dom, dense, fit.y, state0.yc, kept_only=True, holdout=holdout, min_rows=min_rows)
+        chosen, state = fit.start(clustering)
+        got, _ = fit.pruning_refit(clustering, chosen, state, holdout=holdout, min_rows=min_rows)
+        assert torch.equal(torch.stack([c.down for c in got]), want[0].to(torch.bfloat16))
+        skipped = [j for j, e in enumerate(dom) if int((fit_rows[:, e] > 0).sum()) < min_rows * 12]
+        assert 2 <= len(skipped) < 4
+        for j in skipped:
+            assert got[j].kind == "keep" and got[j].down.data_ptr() == w.down[dom[j]].data_ptr()
+        assert holdout or sum(c.kind == "keep+refit" for c in got) == 4 - len(skipped)
+
+
+def test_a_start_made_early_without_outputs_gives_the_same_search():
+    """``choose_layer`` starts every clustering before the first search (the cached original outputs are then
+    freed): a start without expert outputs, passed as ``begun``, gives the same choice and errors; a search that
+    does not start from the pruning refit needs the outputs and refuses such a start."""
+    w, fit, clustering = _fit_and_clustering()
+    freqs = torch.full((8,), 1 / 8)
+    begun = fit.start(clustering, outputs=False)
+    assert begun[1].outs is None and begun[1].yc is not None
+    ref = choose_clusters(fit, clustering, freqs, fit.x[:200])
+    got = choose_clusters(fit, clustering, freqs, fit.x[:200], begun=begun)
+    assert (got[1], got[2]) == (ref[1], ref[2]) and torch.equal(got[3], ref[3])
+    assert [c.kind for c in got[0]] == [c.kind for c in ref[0]]
+    for a, b in zip(got[0], ref[0], strict=True):
+        assert torch.equal(a.down, b.down) and torch.equal(a.row, b.row)
+    with pytest.raises(ValueError, match="pruning refit"):
+        choose_clusters(fit, clustering, freqs, fit.x[:200], KINDS_NO_KEEP_REFIT, begun=fit.start(clustering, False))
