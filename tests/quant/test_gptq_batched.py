@@ -164,24 +164,46 @@ def test_quantize_layer_batched_equals_per_expert(sequential, monkeypatch):
 
 def test_batch_size_keeps_the_host_peak_and_uses_the_chunk_on_cuda(monkeypatch):
     cpu = torch.device("cpu")
-    E, H, I = 128, 2048, 768  # the Qwen3-30B layer: 18 experts' Hessians per chunk
-    layer = E * 3 * H * I * 2
-    per, work = 4 * H * H, 4 * (H * H + 2 * I * I + 12 * I * H)
-    chunk, batch = gptq_batch(E, H, I, False, cpu, limit=10**12, layer_bytes=layer)
-    assert chunk == batch and 1 < batch < 18
-    assert batch * (per + work) <= 18 * per + work  # never above the per-expert path's chunk + one expert
-    assert gptq_batch(E, H, I, False, cpu, limit=1, layer_bytes=layer) == (1, 1)
+    for H, I, chunk0, want in ((512, 256, 24, 3), (2048, 768, 18, 1)):  # E128 at H 512; the Qwen3-30B layer
+        layer = 128 * 3 * H * I * 2
+        per, work = 4 * H * H, 4 * (H * H + 2 * I * I + 12 * I * H)
+        assert gptq_batch(128, H, I, False, cpu, limit=10**12, layer_bytes=layer) == (want, want)
+        assert want * (per + work) <= chunk0 * per + work  # never above the per-expert path's chunk + one expert
+        assert gptq_batch(128, H, I, False, cpu, limit=1, layer_bytes=layer) == (1, 1)
     cuda = torch.device("cuda")
-    assert gptq_batch(E, H, I, False, cuda, limit=10**12, layer_bytes=layer) == (18, 18)
-    assert gptq_batch(E, H, I, False, cuda, limit=4 * 5 * work, layer_bytes=layer) == (18, 5)  # --max-memory binds
+    assert gptq_batch(128, H, I, False, cuda, limit=10**12, layer_bytes=layer) == (18, 18)
+    assert gptq_batch(128, H, I, False, cuda, limit=4 * 5 * work, layer_bytes=layer) == (18, 5)  # --max-memory binds
     from moecompress.quant.layer import gptq_batched
 
     monkeypatch.delenv(GPTQ_BATCHED_ENV, raising=False)
-    assert gptq_batched(cuda) and not gptq_batched(cpu)
+    assert gptq_batched(cuda) is None and gptq_batched(cpu) is None  # by the batch size (CPU), always (CUDA)
     monkeypatch.setenv(GPTQ_BATCHED_ENV, "1")
-    assert gptq_batched(cpu)
+    assert gptq_batched(cpu) is True
     monkeypatch.setenv(GPTQ_BATCHED_ENV, "0")
-    assert not gptq_batched(cuda)
+    assert gptq_batched(cuda) is False
+
+
+def test_cpu_default_batches_only_where_a_batch_holds_several_experts(monkeypatch):
+    cap, gu, dn = _capture()
+    calls = []
+
+    def spy(w, *a, **k):
+        calls.append(w.shape[0])
+        return gptq_quantize_batched(w, *a, **k)
+
+    monkeypatch.setattr("moecompress.quant.layer.gptq_quantize_batched", spy)
+    monkeypatch.delenv(GPTQ_BATCHED_ENV, raising=False)
+    run = lambda: quantize_layer(gu, dn, torch.nn.functional.silu, (4,), "gptq", cap, 4, torch.float32)  # noqa: E731
+    for batch, want in ((1, []), (3, [3, 3, 3, 3])):
+        calls.clear()
+        monkeypatch.setattr("moecompress.quant.layer.gptq_batch", lambda E, *a, n=batch, **k: (n, n))
+        run()
+        assert calls == want
+    calls.clear()
+    monkeypatch.setenv(GPTQ_BATCHED_ENV, "1")  # forced: batched even with one expert per call
+    monkeypatch.setattr("moecompress.quant.layer.gptq_batch", lambda E, *a, **k: (1, 1))
+    run()
+    assert calls == [1] * 12
 
 
 def test_quantize_end_to_end_batched_equals_per_expert(tmp_path, tokenizer_dir, monkeypatch):
