@@ -83,6 +83,9 @@ def test_batched_equals_the_per_expert_loop(dev, n, bits, g, actorder, refine, d
 def test_damping_retries_only_the_matrices_that_need_them(dev, step):
     # matrix 1 needs 10x the damping, matrix 2 100x; 0 and 3 factorize at the first try
     w, h = _problem(4, 16, 96, seed=7, shifts=((1, 0.05), (2, 0.5)))
+    first = [int(torch.linalg.cholesky_ex(m + 0.01 * m.diagonal().mean() * torch.eye(96))[1]) for m in h]
+    assert [f != 0 for f in first] == [False, True, True, False]  # 1 and 2 fail the first damping
+    assert int(torch.linalg.cholesky_ex(h[2] + 0.1 * h[2].diagonal().mean() * torch.eye(96))[1]) != 0  # 2 also 10x
     ref = _per_expert(w, h, 4, 32, True, True)
     ph = prepare_hessian_batched(h.to(dev), 0.01, True, keep=True, step=step)
     for k in range(4):
@@ -91,6 +94,29 @@ def test_damping_retries_only_the_matrices_that_need_them(dev, step):
     h[3] -= 5 * h[3].diagonal().mean() * torch.eye(96)  # beyond the largest damping
     with pytest.raises(ValueError, match="not positive definite"):
         prepare_hessian_batched(h.to(dev), 0.01, True, step=step)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_singular_hessian_with_dead_inputs_is_damped_until_it_factorizes(dev):
+    # expert 1 saw 20 tokens for 96 inputs (4 never fire): with damping 1e-8 its Cholesky fails twice (CPU float32)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 16, 96, generator=gen)
+    xs = [torch.randn(t, 96, generator=gen) for t in (300, 20, 300)]
+    xs[1][:, :4] = 0
+    h = torch.stack([x.T @ x for x in xs])
+    h1 = h[1].clone()
+    h1.diagonal()[:4] = 1.0  # as prepared: dead inputs' diagonal 1
+    assert int(torch.linalg.cholesky_ex(h1 + 1e-8 * h1.diagonal().mean() * torch.eye(96))[1]) != 0
+    ref = _per_expert_damp(w, h, 1e-8)
+    got = gptq_quantize_batched(w.to(dev), prepare_hessian_batched(h.to(dev), 1e-8, True, keep=True), 4, refine=True)
+    _agree(got, ref)
+    assert (got[0][1, :, :4] == 0).all() and (got[0][1] != 0).any()
+
+
+def _per_expert_damp(w, h, damp):
+    out = [gptq_quantize(w[k], None, 4, prepared=prepare_hessian(h[k], damp, True, keep=True), refine=True)
+           for k in range(w.shape[0])]  # fmt: skip
+    return torch.stack([q for q, _ in out]), torch.stack([s for _, s in out])
 
 
 def test_batched_refusals():
