@@ -341,7 +341,8 @@ def gptq_quantize_batched(
     batched products, so a GPU runs one kernel per step for all N (the per-expert function is launch-bound there).
     Returns ``(q [N, R, C] int8, scale [N, R, C // g])``, equal to a loop of :func:`gptq_quantize` up to float
     rounding (on the CPU bit for bit). Scale searches and the refinement run expert by expert (a few kernels per
-    group, outside the column loop). Memory: a few [N, R, C] float32 working copies besides the prepared Hessians."""
+    group, outside the column loop). Memory: two or three [N, R, C] float32 working copies (the weights with dead
+    inputs zeroed, their permuted working copy, int8 codes) besides the prepared Hessians."""
     if clip not in CLIP_MODES:
         raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
     n, rows, cols = w.shape
@@ -358,17 +359,17 @@ def gptq_quantize_batched(
     qmin, qmax = qrange(bits)
     shrinks = (1.0,) if clip == "none" else clip_grid
     dev = w.device
-    wk = w.float().clone().masked_fill_(ph.dead.to(dev)[:, None, :], 0.0)  # [N, R, C], dead inputs zeroed
-    w0 = wk.clone() if refine else None
+    w0 = w.float().clone().masked_fill_(ph.dead.to(dev)[:, None, :], 0.0)  # [N, R, C], dead inputs zeroed
     cw = ph.diag.to(dev).float() if clip == "hmse" else torch.ones(n, cols, device=dev)  # [N, C]
     hinv = ph.hinv
     q_out = torch.zeros(n, rows, cols, dtype=torch.int8, device=dev)
     if actorder:
-        scales = torch.stack([compute_scales(wk[k], bits, g, scale_dtype, shrinks, cw[k]) for k in range(n)])
+        scales = torch.stack([compute_scales(w0[k], bits, g, scale_dtype, shrinks, cw[k]) for k in range(n)])
         scales_f = scales.float()  # [N, R, G]
         perm = ph.perm.to(dev)  # [N, C]
         group_of = perm // g  # [N, C] group of each processed column
-        wk = wk.gather(2, perm[:, None, :].expand(n, rows, cols))  # [N, R, C] in processing order
+        wk = w0.gather(2, perm[:, None, :].expand(n, rows, cols))  # [N, R, C] in processing order
+        w0 = w0 if refine else None  # the refinement's original weights
         q_perm = torch.zeros_like(q_out)
         for b0 in range(0, cols, block_size):
             b1 = min(b0 + block_size, cols)
@@ -388,6 +389,7 @@ def gptq_quantize_batched(
         q_out.scatter_(2, perm[:, None, :].expand(n, rows, cols), q_perm)
         del wk, q_perm, w_blk, err_blk  # [N, R, C] working copies, not needed by the refinement
     else:
+        wk = w0.clone() if refine else w0  # updated in place by the column loop
         block_size = g if g >= block_size else (block_size // g) * g  # groups never straddle blocks
         scales = torch.zeros(n, rows, cols // g, dtype=scale_dtype, device=dev)
         cur_scale = None
