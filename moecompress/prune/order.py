@@ -268,6 +268,7 @@ class ExpertOutputs:
         self.cache = torch.empty(T, c, down.shape[1], device=dev)
         self.hcache = torch.empty(T, c, gate.shape[1], device=dev) if hidden else None
         self.owner = top.to(torch.int32)  # [T, c] expert held in each slot (-1: free)
+        self.slots = c
         flat = top.reshape(-1)
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=E).tolist()
@@ -462,7 +463,11 @@ def output_error_order(
         el = (logits - logits.max(1, keepdim=True).values).double().exp()  # [T, E]
         Z = el.sum(1)
         A, B = C.clone(), C.clone()
-    chunk = max(1, (1 << 22) // (E + spec.top_k * H))
+    # a cache bounded below k+1 slots (``cache_slots``) misses pairs on every refresh; each miss upcasts its expert's
+    # weights once per call, so such a source is asked for 4x more rows at once (same values, fewer upcasts)
+    slots = getattr(src, "slots", None)
+    wide = 4 if slots is not None and slots < spec.top_k + 1 else 1
+    chunk = max(1, wide * (1 << 22) // (E + spec.top_k * H))
     delta = torch.zeros(
         E, dtype=torch.float64, device=dev
     )  # fixed modes: summed error increase of removing each expert
@@ -472,7 +477,7 @@ def output_error_order(
 
     def refresh(rows: torch.Tensor) -> None:
         """Recompute the routing, error and pair errors of these tokens under the current removed set."""
-        step = max(64, (1 << 23) // ((2 * spec.top_k + 1) * H + E))  # rows: ~32 MB of work at once
+        step = max(64, wide * (1 << 23) // ((2 * spec.top_k + 1) * H + E))  # rows: ~32 MB of work at once
         for s in range(0, rows.numel(), step):
             r = rows[s : s + step]
             if not nonorm:
