@@ -373,21 +373,24 @@ def gptq_quantize_batched(
         q_perm = torch.zeros_like(q_out)
         for b0 in range(0, cols, block_size):
             b1 = min(b0 + block_size, cols)
-            w_blk = wk[:, :, b0:b1].clone()  # [N, R, m]
-            err_blk = torch.zeros_like(w_blk)
-            hinv_blk = hinv[:, b0:b1, b0:b1]  # [N, m, m]
-            s_blk = scales_f.gather(2, group_of[:, None, b0:b1].expand(n, rows, b1 - b0))  # [N, R, m]
-            for i in range(b1 - b0):
-                s = s_blk[:, :, i]  # [N, R]
-                wcol = w_blk[:, :, i]
-                qcol = torch.clamp(torch.round(wcol / s), qmin, qmax)
-                q_perm[:, :, b0 + i] = qcol.to(torch.int8)
-                err = (wcol - qcol * s) / hinv_blk[:, i, i, None]  # [N, R]
-                w_blk[:, :, i:] -= err.unsqueeze(2) @ hinv_blk[:, i : i + 1, i:]
-                err_blk[:, :, i] = err
-            wk[:, :, b1:] -= err_blk @ hinv[:, b0:b1, b1:]
+            m = b1 - b0
+            # the block column-major, so that column i is one contiguous [N, R] (fewest kernels per column)
+            w_t = wk[:, :, b0:b1].permute(2, 0, 1).contiguous()  # [m, N, R]
+            s_t = scales_f.gather(2, group_of[:, None, b0:b1].expand(n, rows, m)).permute(2, 0, 1).contiguous()
+            h_t = hinv[:, b0:b1, b0:b1].permute(1, 2, 0).contiguous()  # [m, m, N]: h_t[i, j, k] = hinv[k][i, j]
+            d_t = h_t.diagonal(dim1=0, dim2=1).T.unsqueeze(-1).contiguous()  # [m, N, 1] Hinv[i, i]
+            q_t = torch.empty_like(w_t)  # [m, N, R] codes (float)
+            e_t = torch.empty_like(w_t)  # [m, N, R] scaled errors
+            for i in range(m):  # per column 8 kernels for the whole batch, written into the block's rows
+                wcol, s, qcol, err = w_t[i], s_t[i], q_t[i], e_t[i]  # [N, R]
+                torch.div(wcol, s, out=qcol).round_().clamp_(qmin, qmax)
+                torch.sub(wcol, torch.mul(qcol, s, out=err), out=err).div_(d_t[i])  # (w - q s) / Hinv[i, i]
+                if i + 1 < m:  # the rest of the block: w_j -= err * Hinv[i, j] (the outer product, exactly)
+                    w_t[i + 1 :].sub_(h_t[i, i + 1 :, :, None] * err)
+            q_perm[:, :, b0:b1] = q_t.permute(1, 2, 0).to(torch.int8)
+            wk[:, :, b1:] -= e_t.permute(1, 2, 0).contiguous() @ hinv[:, b0:b1, b1:]  # [N, R, m] x [N, m, C - b1]
         q_out.scatter_(2, perm[:, None, :].expand(n, rows, cols), q_perm)
-        del wk, q_perm, w_blk, err_blk  # [N, R, C] working copies, not needed by the refinement
+        del wk, q_perm, w_t, q_t, e_t  # [N, R, C] working copies, not needed by the refinement
     else:
         wk = w0.clone() if refine else w0  # updated in place by the column loop
         block_size = g if g >= block_size else (block_size // g) * g  # groups never straddle blocks
