@@ -105,7 +105,7 @@ def budget_compress(
     )  # fmt: skip
     budget, note = budget_bytes_for(ckpt, budget_gb, budget_ratio)
     Structure(ckpt, servable, other_bits, [], FRACTIONS, PAIRS).check_reachable(budget, note)  # before any pass
-    prof, made = _profile(job)
+    prof, made = _profile(job, [])  # no merge stage: its own profile skips output similarity
     supers = supers_of(prof)
     Structure(ckpt, servable, other_bits, supers, FRACTIONS, PAIRS).check_reachable(budget, note)  # supers kept
     measure, kl = measure_budget(job, prof, check=check)
