@@ -289,10 +289,13 @@ def test_outputs_by_token_and_combine_equal_the_experts_module(tmp_path, tokeniz
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", SPECS, ids=["softmax", "softmax-no-norm", "groups", "groups-topk2"])
 def test_output_error_search_and_refit_on_cuda_equal_cpu(spec):
-    """Every tensor of the search and the refit follows the data's device: the same order on CUDA as on the CPU."""
+    """Every tensor of the search and the refit follows the data's device: the same order on CUDA as on the CPU.
+    Group routing removes at most down to the router's minimum (``min_keep``): past it a chosen group holds fewer
+    than top-k routable experts, and which masked (-inf) expert fills the top-k is up to each device's topk (on an
+    H200 the "groups" case, 4 removals of 8 where 6 must stay, picked (1, 7) where the CPU picked (1, 6))."""
     x, gate, up, down, logits, corr = _experts(1)
     corr = corr if spec.kind != "softmax" else None
-    n = 6 if spec.n_group == 1 else 4
+    n = 6 if spec.n_group == 1 else 8 - spec.min_keep()
     runs = []
     for dev in ("cpu", "cuda"):
         t = [v.to(dev) if v is not None else None for v in (x, gate, up, down, logits, corr)]
