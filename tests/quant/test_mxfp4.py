@@ -213,8 +213,11 @@ def test_on_cuda_rtn_writes_the_cpu_bytes_and_gptq_loads(gpt_oss64, tmp_path):
     out = outs[("cuda", "gptq")]
     # transformers on CUDA without the `kernels` package dequantizes MXFP4 experts to bf16 whatever the model's dtype
     # (the eager forward then fails on float32 x bf16, seen on an H200 with transformers 5.17): every FP4 code times
-    # its power-of-two scale is exact in bf16, so .float() gives the written weights exactly
-    model = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager").float()
+    # its power-of-two scale is exact in bf16, so float32 copies are the written weights exactly (per parameter:
+    # transformers refuses .float() on a model it loaded quantized)
+    model = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager")
+    for p in model.parameters():
+        p.data = p.data.float()
     ids = torch.arange(40)[None] % 300
     with torch.no_grad():
         x, y = model(input_ids=ids).logits.float(), load(out)(input_ids=ids).logits.float()
