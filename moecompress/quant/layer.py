@@ -202,6 +202,11 @@ GPTQ_BATCHED_ENV = "MOECOMPRESS_GPTQ_BATCHED"  # "1": batched GPTQ even where a 
 # batches of 3 experts at H 512 cut GPTQ's CPU time by 20-35%; at H 2048 (R 1536), first not faster (+5%), with the
 # column-major loop 14% faster, but the Qwen3-30B layer's peak was not measured with them: one expert per call there
 GPTQ_CPU_BLOCK_BYTES = 1 << 20
+# CUDA: a batch's working memory (factors, weight copies) stays within this share of the layer's routed weights as
+# held, so the device peak keeps issue 13's bound (2.5x the layer + the activation cache). On an H200, the Qwen3-30B
+# slice with batches of a whole chunk (18) peaked at 3.88 GB of GPU memory, over the bound's 3.0 GB (1.83 GB expert by
+# expert; reports/gpu_check.bigops.json): 0.5 gives batches of 6 there
+GPTQ_CUDA_LAYER_FRACTION = 0.5
 
 
 def gptq_batched(device: torch.device) -> bool | None:
@@ -228,7 +233,8 @@ def gptq_batch(
     """``(chunk, batch)`` of the batched GPTQ: Hessians held for ``chunk`` experts, ``batch`` of them per batched
     call. One expert of a batch holds, besides its Hessians, its factors (``H^2``, and ``I^2`` for down_proj) and
     a few float32 copies of its weights (~``4 x 3IH``): ``work`` bytes. On CUDA the chunk is :func:`hessian_chunk`'s
-    and the batches take at most a quarter of ``limit`` (default ``--max-memory``, else free GPU memory). On the
+    and the batches take at most a quarter of ``limit`` (default ``--max-memory``, else free GPU memory) and, given
+    ``layer_bytes``, ``GPTQ_CUDA_LAYER_FRACTION`` of the layer. On the
     CPU the chunk is the batch, sized so that ``batch x (Hessians + work)`` stays within the per-expert path's
     peak (a chunk's Hessians plus one expert's work): the host peak is not raised; and so that the column loop's
     block ``[batch, R, 128]`` stays within ``GPTQ_CPU_BLOCK_BYTES`` (wider batches were slower on the CPU)."""
@@ -237,6 +243,8 @@ def gptq_batch(
     chunk = hessian_chunk(num_experts, hidden, width, with_down, device, limit, layer_bytes)
     if device.type == "cuda":
         batch = int(_device_limit(device, limit) * HESSIAN_MEMORY_FRACTION // work)
+        if layer_bytes is not None:
+            batch = min(batch, int(layer_bytes * GPTQ_CUDA_LAYER_FRACTION // work))
         return chunk, int(max(1, min(chunk, batch)))
     budget = min(_hessian_budget(device, limit, layer_bytes), chunk * per)
     batch = min(num_experts, (budget + work) // (per + work), GPTQ_CPU_BLOCK_BYTES // (512 * max(2 * width, hidden)))

@@ -197,7 +197,8 @@ def test_batch_size_keeps_the_host_peak_and_uses_the_chunk_on_cuda(monkeypatch):
         assert want * (per + work) <= chunk0 * per + work  # never above the per-expert path's chunk + one expert
         assert gptq_batch(128, H, I, False, cpu, limit=1, layer_bytes=layer) == (1, 1)
     cuda = torch.device("cuda")
-    assert gptq_batch(128, H, I, False, cuda, limit=10**12, layer_bytes=layer) == (18, 18)
+    assert gptq_batch(128, H, I, False, cuda, limit=10**12, layer_bytes=layer) == (18, 6)  # half the layer
+    assert gptq_batch(128, H, I, False, cuda, limit=10**12) == (128, 128)  # no layer given: the memory limit only
     assert gptq_batch(128, H, I, False, cuda, limit=4 * 5 * work, layer_bytes=layer) == (18, 5)  # --max-memory binds
     from moecompress.quant.layer import gptq_batched
 
