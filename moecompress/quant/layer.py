@@ -199,9 +199,10 @@ def _hessian_budget(device: torch.device, limit: int | None, layer_bytes: int | 
 
 GPTQ_BATCHED_ENV = "MOECOMPRESS_GPTQ_BATCHED"  # "1": batched GPTQ even where a batch is 1, "0": expert by expert
 # CPU: the column loop's block of a batch, [batch, R, 128] float32, stays within this (cache): measured on one core,
-# batches of 3 experts at H 512 cut GPTQ's CPU time by 20-35%; at H 2048 (R 1536), first not faster (+5%), with the
-# column-major loop 14% faster, but the Qwen3-30B layer's peak was not measured with them: one expert per call there
-GPTQ_CPU_BLOCK_BYTES = 1 << 20
+# batches of 3 experts at H 512 cut GPTQ's CPU time by 20-35%; at H 2048 (R 1536; 3 MiB gives batches of 3 there),
+# with the column-major loop 14% faster for 6 experts; the whole Qwen3-30B layer quantize 565 -> 526 CPU s, peak RSS
+# 2.81 -> 2.55 GB (reports/scale_bench.ops13i.*); at DeepSeek-V3's H 7168 still one expert per call (not measured)
+GPTQ_CPU_BLOCK_BYTES = 3 << 20
 # CUDA: a batch's working memory (factors, weight copies) stays within this share of the layer's routed weights as
 # held, so the device peak keeps issue 13's bound (2.5x the layer + the activation cache). On an H200, the Qwen3-30B
 # slice with batches of a whole chunk (18) peaked at 3.88 GB of GPU memory, over the bound's 3.0 GB (1.83 GB expert by

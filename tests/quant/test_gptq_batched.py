@@ -190,7 +190,8 @@ def test_quantize_layer_batched_equals_per_expert(sequential, monkeypatch):
 
 def test_batch_size_keeps_the_host_peak_and_uses_the_chunk_on_cuda(monkeypatch):
     cpu = torch.device("cpu")
-    for H, I, chunk0, want in ((512, 256, 24, 3), (2048, 768, 18, 1)):  # E128 at H 512; the Qwen3-30B layer
+    # E128 at H 512; DeepSeek-V3's dims (the column block of 3 would be 11 MiB); the Qwen3-30B layer (3 MiB block)
+    for H, I, chunk0, want in ((512, 256, 24, 3), (7168, 2048, 13, 1), (2048, 768, 18, 3)):
         layer = 128 * 3 * H * I * 2
         per, work = 4 * H * H, 4 * (H * H + 2 * I * I + 12 * I * H)
         assert gptq_batch(128, H, I, False, cpu, limit=10**12, layer_bytes=layer) == (want, want)
