@@ -174,8 +174,13 @@ def hessian_chunk(
     x 4`` bytes (``I^2`` only ``with_down``; the factorizations are made one expert at a time); at least 1, at
     most ``num_experts``. Small chunks cost nothing on the CPU (every expert's Hessian is summed from the same
     batches either way); on a GPU each chunk moves the captured inputs to the device once more."""
-    per = 4 * (hidden * hidden + (width * width if with_down else 0))
+    per = _hessian_bytes(hidden, width, with_down)
     return int(max(1, min(num_experts, _hessian_budget(device, limit, layer_bytes) // per)))
+
+
+def _hessian_bytes(hidden: int, width: int, with_down: bool) -> int:
+    """One expert's float32 Hessians: gate/up's [H, H] and, ``with_down``, down's [I, I]."""
+    return 4 * (hidden * hidden + (width * width if with_down else 0))
 
 
 def _device_limit(device: torch.device, limit: int | None) -> int:
@@ -239,7 +244,7 @@ def gptq_batch(
     CPU the chunk is the batch, sized so that ``batch x (Hessians + work)`` stays within the per-expert path's
     peak (a chunk's Hessians plus one expert's work): the host peak is not raised; and so that the column loop's
     block ``[batch, R, 128]`` stays within ``GPTQ_CPU_BLOCK_BYTES`` (wider batches were slower on the CPU)."""
-    per = 4 * (hidden * hidden + (width * width if with_down else 0))
+    per = _hessian_bytes(hidden, width, with_down)
     work = 4 * (hidden * hidden + 2 * width * width + 12 * width * hidden)
     chunk = hessian_chunk(num_experts, hidden, width, with_down, device, limit, layer_bytes)
     if device.type == "cuda":

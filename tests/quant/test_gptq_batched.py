@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import build_tiny
 from safetensors.torch import load_file
+from test_quant_scale import _capture as _layer_capture
 
 from moecompress.core.evaluate import evaluate
-from moecompress.core.experts import routed_forward
 from moecompress.core.writer import dir_bytes
 from moecompress.quant.gptq import (
     gptq_quantize,
@@ -18,7 +18,7 @@ from moecompress.quant.gptq import (
     prepare_hessian,
     prepare_hessian_batched,
 )
-from moecompress.quant.layer import GPTQ_BATCHED_ENV, GPTQOptions, LayerCapture, gptq_batch, quantize_layer
+from moecompress.quant.layer import GPTQ_BATCHED_ENV, GPTQOptions, gptq_batch, quantize_layer
 from moecompress.quant.run import run_quantize
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -133,17 +133,7 @@ def test_batched_refusals():
 
 
 def _capture(E=6, H=64, I=32, T=200, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    gu = torch.randn(E, 2 * I, H, generator=gen) / H**0.5
-    dn = torch.randn(E, H, I, generator=gen) / I**0.5
-    cap = LayerCapture(E, H, I)
-    for _ in range(2):
-        x = torch.randn(T, H, generator=gen)
-        idx = torch.stack([torch.randperm(E, generator=gen)[:2] for _ in range(T)])
-        p = torch.softmax(torch.randn(T, 2, generator=gen), -1)
-        cap.add_batch(x, idx, p)
-        routed_forward(gu, dn, torch.nn.functional.silu, x, idx, p, cap.observer())
-    return cap, gu, dn
+    return _layer_capture(seed, E, H, I, T)
 
 
 @pytest.mark.parametrize("sequential", [True, False])
