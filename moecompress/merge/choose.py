@@ -47,7 +47,7 @@ from moecompress.merge.refit import lstsq_down
 from moecompress.merge.router import RouterFitter
 from moecompress.merge.subspace import merge_average, merge_subspace
 from moecompress.prune.order import ExpertOutputs, RouterSpec, output_error_order, route, routed_output, router_choice
-from moecompress.prune.refit import HOLDOUT, MIN_ROWS, dense_weights, fit_downs
+from moecompress.prune.refit import HOLDOUT, MIN_ROWS, dense_weights, fit_downs, refittable
 
 # the trials' [rows, k, H] float32 blocks (gathered expert outputs) are made this many bytes at a time
 ROW_CHUNK_BYTES = 1 << 25
@@ -163,11 +163,7 @@ class LayerFit:
         state.outs = None  # the expert outputs [T, k, H] are not read by the refit: not held with its downs
         # fit_downs leaves an expert with too few fit tokens as it is and the others' fits do not see it: only the
         # others are passed (the same fits in the same order; float32 downs of those alone, not of all K)
-        check = torch.zeros(dense.shape[0], dtype=torch.bool, device=dense.device)
-        if holdout > 1:
-            check[::holdout] = True
-        n_fit = ((dense[:, dom] > 0) & ~check[:, None]).sum(0).tolist()  # [K] fit tokens of each kept member
-        fits = [j for j, n in enumerate(n_fit) if n > 0 and n >= min_rows * w.down.shape[2]]
+        fits = refittable(dense, dom, holdout, min_rows, w.down.shape[2])
         downs = fit_downs(
             hidden, w.down, [dom[j] for j in fits], dense, self.y, state.yc, kept_only=True, holdout=holdout,
             min_rows=min_rows,

@@ -182,6 +182,27 @@ def refits_any(w_new: torch.Tensor, kept: list[int], width: int, min_rows: float
     return int((w_new[:, kept] > 0).sum(0).max()) >= max(min_rows * width, 1.0)
 
 
+def holdout_mask(tokens: int, holdout: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[T] bool: the tokens :func:`fit_downs` holds out of its fits to check them (every ``holdout``-th, if > 1)."""
+    check = torch.zeros(tokens, dtype=torch.bool, device=device)
+    if holdout > 1:
+        check[::holdout] = True
+    return check
+
+
+def enough_fit_tokens(n: int, min_rows: float, width: int) -> bool:
+    """Whether :func:`fit_downs` refits an expert of width I with ``n`` fit tokens (some, and ``min_rows`` x I)."""
+    return n > 0 and n >= min_rows * width
+
+
+def refittable(w_new: torch.Tensor, kept: list[int], holdout: int, min_rows: float, width: int) -> list[int]:
+    """Positions in ``kept`` of the experts :func:`fit_downs` would refit (enough fit tokens; its hold-out check may
+    still keep the old down): the others it leaves as they are, and no other fit sees them."""
+    check = holdout_mask(w_new.shape[0], holdout, w_new.device)
+    n_fit = ((w_new[:, kept] > 0) & ~check[:, None]).sum(0).tolist()  # [K] fit tokens of each kept expert
+    return [j for j, n in enumerate(n_fit) if enough_fit_tokens(n, min_rows, width)]
+
+
 def fit_downs(
     hidden: Callable[[int, torch.Tensor], torch.Tensor], down: torch.Tensor, kept: list[int], w_new: torch.Tensor,
     y0: torch.Tensor, y_new: torch.Tensor, ridge: float = 1e-3, kept_only: bool = False, holdout: int = 0,
@@ -212,16 +233,14 @@ def fit_downs(
     else:
         cur = down.clone()
     routed = (w_new > 0).T  # [E, T]
-    check = torch.zeros(w_new.shape[0], dtype=torch.bool, device=w_new.device)  # [T] held-out tokens
-    if holdout > 1:
-        check[::holdout] = True
+    check = holdout_mask(w_new.shape[0], holdout, w_new.device)  # [T] held-out tokens
     for j, e in enumerate(kept):
         i = j if kept_only else e
         if kept_only:
             cur[i] = down[e]
         on = routed[e].nonzero().squeeze(1)
         fit = ~check[on]
-        if not bool(fit.any()) or int(fit.sum()) < min_rows * down.shape[2]:
+        if not enough_fit_tokens(int(fit.sum()), min_rows, down.shape[2]):
             continue
         a = w_new[on, e, None].float() * hidden(e, on)  # [t, I] the weighted activations
         old = cur[i].float()
