@@ -538,7 +538,7 @@ def fit_and_report(args: argparse.Namespace) -> None:
 
     stores = [Path(p) for p in args.stores.split(",")]
     runs = measured_runs(stores)
-    mac = mac_rate()
+    mac = args.mac_per_s or mac_rate()
     fitted = fit([r for r in runs if r["variant"] != "compress"], mac)
     coefs = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/scale_bench.py --fit --stores "
@@ -699,6 +699,11 @@ if __name__ == "__main__":
         ap.add_argument("--fit", action="store_true")
         ap.add_argument("--stores", default=str(ROOT / "reports" / "scale_bench.ops.json"))
         ap.add_argument("--out", default=str(ROOT / "reports" / "scale_bench.ops"))
+        ap.add_argument(
+            "--mac-per-s", type=float, default=None,
+            help="one thread's multiply-add rate the time priors use (default: measured now; pass the last fit's "
+            "mac_per_s from coefficients.json to compare two fits without the machine's load moving it)",
+        )  # fmt: skip
         fit_and_report(ap.parse_args())
     elif len(sys.argv) > 1 and sys.argv[1] == "--ops-sweep":
         ap = argparse.ArgumentParser(description="per-operation sweep")

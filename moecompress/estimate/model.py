@@ -59,8 +59,8 @@ def priors(mac_per_s: float) -> tuple[dict[str, float], dict[str, float]]:
     """(host prior per term, seconds prior per term): see PRIOR_HOST_CONST."""
     names = ("layer", "acts", "sim", "err", "cache", "downs", "hidden", "align", "codes", "hessians", "G")
     host = {n: 1.0 for n in names}
-    secs = {n: 1.0 / mac_per_s for n in ("fwd", "sim", "search", "refit", "downfit", "svd", "rtn", "gptq", "hessians")}
-    secs.update(grads=1.0 / mac_per_s, score=1.0 / mac_per_s)
+    timed = ("fwd", "sim", "search", "miss", "refit", "downfit", "svd", "rtn", "gptq", "hessians", "grads", "score")
+    secs = {n: 1.0 / mac_per_s for n in timed}
     return {"const": PRIOR_HOST_CONST, **host}, {"const": PRIOR_SECONDS_CONST, **secs}
 
 
@@ -149,13 +149,19 @@ def features(shape: ModelShape, var: str, s: Settings) -> tuple[dict[str, float]
         tim["sim"] = Lm * sim * E * expert_fwd
     if var in ("prune", "prune-refit"):
         err = min(s.error_tokens, T)
-        cached = min(E, k + (4 if var == "prune" else 2))  # each sampled token's expert outputs (prune/transform.py)
+        cached = search_slots(shape, var, s)  # each sampled token's cached expert outputs (prune/transform.py)
         mem["err"] = 4.0 * err * cached * H
         tim["search"] = Lm * err * E * expert_fwd
+        # a cache bounded below the k+1 outputs a refresh gathers per token recomputes the rest on every refresh:
+        # the first pass over every token, then one per removal over the tokens it can move ((k+1)/E of them, about
+        # E/2 removals at the default ratio): (1 + (k+1)/2) passes of (k+1 - slots) expert forwards per token
+        missing = max(0, min(E, k + 1) - cached)
+        if missing:
+            tim["miss"] = Lm * err * missing * expert_fwd * (1.0 + (k + 1) / 2.0)
     if var == "prune" and prune_refit(s) == "down":  # the default refit of the kept down projections (prune/refit)
         err = min(s.error_tokens, T)
         mem["downs"] = 4.0 * E * H * I  # the kept experts' refitted downs, float32 (at most every expert's)
-        mem["hidden"] = 4.0 * err * min(E, k + 4) * I  # the sampled tokens' expert activations fit_downs reads
+        mem["hidden"] = 4.0 * err * search_slots(shape, var, s) * I  # the sampled tokens' activations fit_downs reads
         tim["downfit"] = Lm * (err * k * I * (H + I) + E * I**3)  # per kept expert: Gram, targets, ridge solve
     if var == "prune-refit":
         mem["cache"] = 4.0 * T * k * H
@@ -182,6 +188,21 @@ def features(shape: ModelShape, var: str, s: Settings) -> tuple[dict[str, float]
         tim["score"] = Lm * E * I * H * (H if s.hessian == "full" else 1)
     mem.update(state)
     return mem, state, tim
+
+
+def search_slots(shape: ModelShape, var: str, s: Settings) -> int:
+    """Expert outputs per sampled token the output-error search caches (prune/transform.py): k+4 (k+2 for the router
+    refit's variant), at most E, fewer where ``prune.order.cache_slots`` bounds them by the layer's size or
+    --max-memory (the DeepSeek-V3-dims slice: 4 of 12)."""
+    from ..prune.order import cache_slots
+
+    E, H, I, k = shape.experts, shape.hidden, shape.width, shape.top_k
+    err = max(1, min(s.error_tokens, s.tokens))
+    if var != "prune":
+        return min(E, k + 2)
+    down = prune_refit(s) == "down"
+    slot_bytes = err * (H + (I if down else 0)) * 4
+    return min(E, cache_slots(k + 4, slot_bytes, 3 * E * H * I * shape.dtype_bytes, s.max_memory))
 
 
 def disk_bytes(shape: ModelShape, var: str, s: Settings) -> int:
