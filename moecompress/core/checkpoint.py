@@ -304,6 +304,7 @@ class Checkpoint:
         if missing:
             raise UserError(f"the weights have no tensors for decoder layer {missing[0]}: the checkpoint is incomplete")
         self.nonfinite: dict[str, tuple[int, int]] = {}  # tensor -> (NaN count, Inf count), filled as tensors are read
+        self._finite: set[str] = set()  # tensors read and found finite (a later read skips the check)
         check_shapes(self)
 
     def _body_keys(self) -> None:
@@ -784,8 +785,11 @@ class Checkpoint:
         return out
 
     def _check_finite(self, key: str, t: torch.Tensor) -> None:
-        """Record and warn (once per tensor, on stderr) about NaN/Inf weights as they are read."""
-        if not t.is_floating_point() or key in self.nonfinite:
+        """Record and warn (once per tensor, on stderr) about NaN/Inf weights as they are read. Each tensor is checked
+        once per Checkpoint: a command that reads the model again (prune's pass after its profile pass) skips the
+        tensors already found finite (the files do not change under a run; the check was 0.27 CPU s of the E128
+        synthetic's prune pass)."""
+        if not t.is_floating_point() or key in self.nonfinite or key in self._finite:
             return
         nan = inf = 0
         for chunk in t.reshape(-1).split(1 << 24):  # bounded temporaries even for a multi-GB embedding
@@ -793,6 +797,7 @@ class Checkpoint:
                 nan += int(torch.isnan(chunk).sum())
                 inf += int(torch.isinf(chunk).sum())
         if not nan and not inf:
+            self._finite.add(key)
             return
         self.nonfinite[key] = (nan, inf)
         from .progress import console

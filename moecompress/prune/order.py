@@ -364,12 +364,18 @@ def routed_output(src: Any, rows: torch.Tensor, w: torch.Tensor, idx: torch.Tens
     """Routed output [P, H] of token rows [P] under weights/indices [P, k], ``chunk`` rows at a time (the gathered
     outputs [chunk, k, H] are the only temporary; each row's sum is the same for any chunk)."""
     if rows.numel() <= chunk:
-        return (src.get(rows, idx) * w[:, :, None]).sum(1)
+        return _weighted_sum(src.get(rows, idx), w)
     parts = [
-        (src.get(rows[s : s + chunk], idx[s : s + chunk]) * w[s : s + chunk, :, None]).sum(1)
+        _weighted_sum(src.get(rows[s : s + chunk], idx[s : s + chunk]), w[s : s + chunk])
         for s in range(0, rows.numel(), chunk)
     ]
     return torch.cat(parts)
+
+
+def _weighted_sum(f: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``(f * w[:, :, None]).sum(1)`` bit for bit, multiplying in place when that keeps f's dtype (``get`` returns a
+    copy: one [chunk, k, H] temporary less per chunk)."""
+    return (f.mul_(w[:, :, None]) if torch.result_type(f, w) == f.dtype else f * w[:, :, None]).sum(1)
 
 
 def router_choice(logits: torch.Tensor, spec: RouterSpec, correction: torch.Tensor | None) -> torch.Tensor:

@@ -218,6 +218,26 @@ def test_nan_weights_are_warned_and_kept_out_of_profile_json(model, tmp_path):
     assert any(e["reap"] is None for e in prof["experts"])  # NaN statistics are null, not NaN
 
 
+def test_each_tensor_is_checked_for_nan_once_per_checkpoint(model, monkeypatch):
+    """A second read of the same tensors (prune's pass after its profile pass) skips the finite check of those
+    already found finite; a non-finite tensor stays recorded (and is warned about once)."""
+    key = "model.layers.1.mlp.experts.2.down_proj.weight"
+    edit_tensors(lambda t: t[key].__setitem__((0, 0), float("nan")))(model)
+    ck = Checkpoint(model)
+    checked: list[int] = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: checked.append(t.numel()) or real(t))
+    first = ck.layer_tensors(1)
+    n_first = len(checked)
+    assert n_first == sum(t.is_floating_point() for t in first.values())  # every float tensor checked once
+    again = ck.layer_tensors(1)
+    assert len(checked) == n_first  # nothing checked again
+    assert all(torch.allclose(first[k], again[k], rtol=0, atol=0, equal_nan=True) for k in first)
+    assert ck.nonfinite == {key: (1, 0)}
+    ck.layer_tensors(0)
+    assert len(checked) > n_first  # other tensors are still checked on their first read
+
+
 # ---------- Hugging Face cache layout (snapshots/<rev>/* -> ../../blobs/<sha>) ----------
 
 
