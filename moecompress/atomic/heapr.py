@@ -67,25 +67,29 @@ def quadratic_form(W_down: torch.Tensor, G: GradStat, experts: Iterable[int] | N
     """q_{e,j} = w_j^T G_e w_j for every column j of every expert's down projection (of ``experts`` only when
     given: the other rows are zero; each expert's row is computed on its own, the same either way).
 
-    W_down: [E, H, I]. Returns [E, I] in float64. Upcast one expert at a time: no float64 copy of a layer-sized
-    tensor (full G at H 2048, E 128 is 2.1 GB in fp32; its float64 copy and G W would add 4.3 + 1.6 GB).
+    W_down: [E, H, I], wherever the experts are (not copied: the GPU's layer stays on the GPU). Each expert's [H, I]
+    is upcast to float64 on G's device (the GPU for a chunked G under --device cuda), where its row is computed;
+    the rows come to the CPU together (one copy per chunk of experts). Returns [E, I] float64 on the CPU. No
+    float64 or host copy of a layer-sized tensor (full G at H 2048, E 128 is 2.1 GB in fp32; its float64 copy and
+    G W would add 4.3 + 1.6 GB).
     """
     kind = g_kind(G)
     E, _, I = W_down.shape
-    q = torch.zeros(E, I, dtype=torch.float64, device=W_down.device)
+    q = torch.zeros(E, I, dtype=torch.float64)  # [E, I] on the CPU, where the scores are ranked
     if isinstance(G, ChunkedG):
         for ids, part in G.chunks(experts):
-            for k, e in enumerate(ids):
-                W = W_down[e].to(part.device, torch.float64)  # [H, I], on G's device (G may sit on the GPU)
-                q[e] = (W * (part[k].double() @ W)).sum(dim=0).to(q.device)
-            del part
+            rows = [_quad_full(W_down[e].to(part.device, torch.float64), part[k]) for k, e in enumerate(ids)]
+            _put_rows(q, ids, rows)
+            del part, rows
         return q
     dev = G.factors.device if isinstance(G, LowRankG) else G.device  # compute where G is (the GPU under --device cuda)
-    for e in range(E) if experts is None else experts:
-        W = W_down[e].to(dev, torch.float64)  # [H, I]
+    ids = list(range(E)) if experts is None else list(experts)
+    rows = []
+    for e in ids:
+        W = W_down[e].to(dev, torch.float64)  # [H, I]: this expert only
         if kind == "full":
             assert isinstance(G, torch.Tensor)
-            qe = (W * (G[e].double() @ W)).sum(dim=0)
+            qe = _quad_full(W, G[e])
         elif kind == "diag":
             assert isinstance(G, torch.Tensor)
             qe = (W.square() * G[e].double().unsqueeze(-1)).sum(dim=0)
@@ -95,8 +99,20 @@ def quadratic_form(W_down: torch.Tensor, G: GradStat, experts: Iterable[int] | N
             qe = UW.square().sum(dim=0)
             if G.residual_diag is not None:
                 qe += (W.square() * G.residual_diag[e].double().unsqueeze(-1)).sum(dim=0)
-        q[e] = qe.to(q.device)
+        rows.append(qe)
+    _put_rows(q, ids, rows)
     return q
+
+
+def _quad_full(W: torch.Tensor, Ge: torch.Tensor) -> torch.Tensor:
+    """w_j^T G_e w_j for every column of one expert's float64 down projection W [H, I] (on G_e's device): [I]."""
+    return (W * (Ge.double() @ W)).sum(dim=0)
+
+
+def _put_rows(q: torch.Tensor, ids: list[int], rows: list[torch.Tensor]) -> None:
+    """q[ids] = the rows [I] (on the compute device), brought to q's device in one copy."""
+    if ids:
+        q[ids] = torch.stack(rows).to(q.device)
 
 
 def heapr_scores(
@@ -105,11 +121,12 @@ def heapr_scores(
     """HEAPr score s_{e,j} = m_{e,j} * w_j^T G_e w_j (estimated loss increase when channel j of e is removed).
 
     m: [E, I] channel second moments over routed tokens; W_down: [E, H, I]; G: see module docstring.
-    Returns [E, I] float64 (larger = more important); only the rows of ``experts`` when given (others zero).
+    Returns [E, I] float64 on the CPU (larger = more important); only the rows of ``experts`` when given (others
+    zero).
     """
     if m.shape != (W_down.shape[0], W_down.shape[2]):
         raise ValueError(f"m {tuple(m.shape)} does not match W_down {tuple(W_down.shape)}")
-    return m.double() * quadratic_form(W_down, G, experts)
+    return m.double().to("cpu") * quadratic_form(W_down, G, experts)
 
 
 # ---- selection ---------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def streamed_scores(
 
     def score(l: int, st: LayerGradStats, experts: torch.nn.Module) -> torch.Tensor:
         E = m[l].shape[0]  # under torchrun each rank scores its share of the experts, then all rows are shared
-        down = experts.down_proj.detach().cpu()  # [E, H, I] as held (bf16 layers: upcast per expert in the scores)
+        down = experts.down_proj.detach()  # [E, H, I] as held, where held (upcast per expert, on G's device)
         s = heapr_scores(m[l], down, st.G, dist.share(E))  # [E, I]
         return dist.fill_rows_(s, E)
 
