@@ -135,12 +135,36 @@ class LayerFit:
         wts, idx = route(logits, self.spec, None, corr)
         dom = torch.as_tensor(clustering.dominant, device=idx.device)
         all_rows = torch.arange(self.x.shape[0], device=idx.device)
-        outs = self.src.get(all_rows, dom[idx])  # [T, k, H] the dominant experts' original outputs
-        state = _Routed(self, logits, corr, wts, idx, outs)
-        if not outputs:
-            del outs
-            state.outs = None
-        return chosen, state
+        if outputs:
+            outs = self.src.get(all_rows, dom[idx])  # [T, k, H] the dominant experts' original outputs
+            return chosen, _Routed(self, logits, corr, wts, idx, outs)
+        # the routed output alone: no [T, k, H] copy (192 MB at 12,288 fit + measure tokens of H 512, 805 MB at H 2048)
+        return chosen, _Routed(self, logits, corr, wts, idx, None, self._routed_sum(dom[idx], wts))
+
+    def _routed_sum(self, idx: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
+        """sum_k wts[t, k] f_{idx[t, k]}(x_t) [T, H] from the cached original outputs: what ``_Routed`` sums from
+        ``src.get(every row, idx)``, bit for bit, without its [T, k, H] copy. The pairs not cached are computed in
+        one ``get`` as that call computes (and keeps) them, since an expert's outputs on other row sets may differ in
+        the last bits; the rest is gathered and summed in ``_Routed``'s row blocks (each row's sum is the same)."""
+        src, (T, k), H = self.src, idx.shape, self.x.shape[1]
+        rows = torch.arange(T, device=idx.device)
+        slot = src.slot[rows[:, None], idx]  # [T, k] (-1: not cached), read before the misses are kept
+        pr, pk = (slot < 0).nonzero().unbind(1)
+        missed = src.get(rows[pr], idx[pr, pk][:, None])[:, 0] if pr.numel() else None  # [M, H]
+        at = torch.full_like(slot, -1, dtype=torch.long)  # [T, k] the row of ``missed`` for each missed pair
+        at[pr, pk] = torch.arange(pr.numel(), device=at.device)
+        cached = src.cache.view(-1, src.cache.shape[-1])  # [T c, H]
+        flat = rows[:, None] * src.cache.shape[1] + slot.clamp_min(0)  # [T, k]
+        yc = torch.empty(T, H, device=self.x.device)
+        step = _row_chunk(k, H)
+        for r0 in range(0, T, step):
+            r1 = r0 + step
+            out = cached.index_select(0, flat[r0:r1].reshape(-1)).view(-1, k, H)  # [c, k, H]
+            if missed is not None:
+                r, s = (at[r0:r1] >= 0).nonzero().unbind(1)
+                out[r, s] = missed[at[r0:r1][r, s]]
+            yc[r0:r1] = (out * wts[r0:r1, :, None]).sum(1)
+        return yc
 
     def pruning_refit(
         self, clustering: Clustering, chosen: list[Candidate], state: _Routed, holdout: int = HOLDOUT,
@@ -206,12 +230,15 @@ class _Routed:
     """The merged layer under construction on all T tokens: logits [T, K], correction bias [K], routing (wts, idx)
     [T, k], each routed expert's output [T, k, H], the routed output [T, H] and its squared error [T] to y."""
 
-    def __init__(self, fit: LayerFit, logits, corr, wts, idx, outs):
+    def __init__(self, fit: LayerFit, logits, corr, wts, idx, outs, yc=None):
+        """``outs`` None: a state without expert outputs, its routed output ``yc`` given (``LayerFit.start``)."""
         self.fit, self.logits, self.corr, self.wts, self.idx, self.outs = fit, logits, corr, wts, idx, outs
-        self.yc = torch.empty(outs.shape[0], outs.shape[2], device=outs.device)  # [T, H]
-        step = self._chunk()
-        for r0 in range(0, outs.shape[0], step):  # no [T, k, H] product (each row's sum is the same)
-            self.yc[r0 : r0 + step] = (outs[r0 : r0 + step] * wts[r0 : r0 + step, :, None]).sum(1)
+        if yc is None:
+            yc = torch.empty(outs.shape[0], outs.shape[2], device=outs.device)  # [T, H]
+            step = self._chunk()
+            for r0 in range(0, outs.shape[0], step):  # no [T, k, H] product (each row's sum is the same)
+                yc[r0 : r0 + step] = (outs[r0 : r0 + step] * wts[r0 : r0 + step, :, None]).sum(1)
+        self.yc = yc
         self.d2 = _sq_err(self.yc, fit.y)  # [T]
         m = slice(fit.n_fit, None)
         self.err = float(self.d2[m].sum()) / fit.norm
@@ -337,8 +364,7 @@ class _Routed:
 
     def _chunk(self) -> int:
         """Rows of a [rows, k, H] float32 block of about ``ROW_CHUNK_BYTES``."""
-        k, H = self.outs.shape[1:]
-        return max(1, ROW_CHUNK_BYTES // (4 * k * H))
+        return _row_chunk(*self.outs.shape[1:])
 
     def _outs_of(self, rows: torch.Tensor, gather: tuple[Any, ...], a: int, b: int) -> torch.Tensor:
         """Rows a:b of a trial's routed expert outputs [b - a, k, H] (a copy): each kept slot from the current
@@ -387,6 +413,11 @@ class _Trial:
     scale: torch.Tensor | None
     se: float = 0.0  # standard error of (err - the current error), from the per-token changes on the measure tokens
     slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows of ``rows``, slot, output) of j
+
+
+def _row_chunk(k: int, H: int) -> int:
+    """Rows of a [rows, k, H] float32 block of about ``ROW_CHUNK_BYTES``."""
+    return max(1, ROW_CHUNK_BYTES // (4 * k * H))
 
 
 def _sq_err(
@@ -528,6 +559,7 @@ def choose_clusters(
                 if best is not None:
                     state.accept(best)
                     chosen[j], changed = best.cand, True
+                best = t = None  # no trial's outputs ([n, H]) are held through the next trial
         if not changed:
             break
     lap("candidate trials")

@@ -155,3 +155,34 @@ def test_a_start_made_early_without_outputs_gives_the_same_search():
         assert torch.equal(a.down, b.down) and torch.equal(a.row, b.row)
     with pytest.raises(ValueError, match="pruning refit"):
         choose_clusters(fit, clustering, freqs, fit.x[:200], KINDS_NO_KEEP_REFIT, begun=fit.start(clustering, False))
+
+
+def test_a_start_without_outputs_sums_the_routed_output_in_row_blocks_bit_for_bit(monkeypatch):
+    """A start without expert outputs sums them a row block at a time (no [T, k, H] copy): its routed output,
+    per-token errors and error are the start-with-outputs' bit for bit, in one block or in blocks of 3 rows; the
+    pairs not cached (dominant experts outside a token's cached outputs) are computed in one call, as the start with
+    outputs computes them, and kept in the same freed slots."""
+    import copy
+
+    _, fit0, clustering = _fit_and_clustering()
+    for e in (0, 2):  # removed by an earlier search (as output_error_order does): their slots are free
+        fit0.src.release(e)
+    for chunk_bytes in (1 << 25, 3 * 4 * 2 * 16):  # one block; 3 rows per block
+        monkeypatch.setattr(choose, "ROW_CHUNK_BYTES", chunk_bytes)
+        fit, ref = copy.deepcopy(fit0), copy.deepcopy(fit0)
+        asked: list[tuple[int, ...]] = []
+
+        def get(rows, idx, get=fit.src.get, asked=asked):
+            asked.append(tuple(idx.shape))
+            return get(rows, idx)
+
+        monkeypatch.setattr(fit.src, "get", get)
+        _, full = ref.start(clustering)
+        _, bare = fit.start(clustering, outputs=False)
+        experts = torch.as_tensor(clustering.dominant)[full.idx]  # [T, k]
+        missed = int((fit0.src.slot[torch.arange(600)[:, None], experts] < 0).sum())
+        assert bare.outs is None and asked == [(missed, 1)] and missed > 0  # only the pairs not cached, one call
+        assert torch.equal(bare.yc, full.yc) and torch.equal(bare.d2, full.d2) and bare.err == full.err
+        for name in ("cache", "slot", "owner"):  # the computed pairs kept as the start with outputs keeps them
+            assert torch.equal(getattr(fit.src, name), getattr(ref.src, name))
+        assert bool((fit.src.owner != fit0.src.owner).any())  # some were kept in the freed slots
