@@ -496,18 +496,19 @@ def quantize_layer(
         return gptq_quantize(w, None, bits, g, scale_dtype, opts.damp, **kw)
 
     def one_expert(e: int, h_gu: torch.Tensor | None, h_dn: torch.Tensor | None) -> None:
-        gu = gate_up[e].to(dev).float()  # [2I, H]
-        dn = down[e].to(dev).float()  # [H, I]
         gptq = gptq_e[e]
-        xe = pe = ref = None
-        if cap is not None and (with_err or (gptq and opts.sequential)):
-            xe, pe = cap.routed(e)
-            ref = _expert_out(gu, dn, act, xe)[1] if with_err else None
-        # the chunk's Hessians are used once each: factorized in place (no copy of them)
+        # the chunk's Hessians are used once each: factorized in place (no copy of them), before the expert's
+        # float32 weights and routed inputs exist (the factorization's peak, ~4 [H, H], then holds only the Hessian)
         ph_gu = prepare_hessian(h_gu, opts.damp, opts.actorder, opts.refine, inplace=True) if gptq else None
         ph_dn = None
         if gptq and not opts.sequential:
             ph_dn = prepare_hessian(h_dn, opts.damp, opts.actorder, opts.refine, inplace=True)
+        gu = gate_up[e].to(dev).float()  # [2I, H]
+        dn = down[e].to(dev).float()  # [H, I]
+        xe = pe = ref = None
+        if cap is not None and (with_err or (gptq and opts.sequential)):
+            xe, pe = cap.routed(e)
+            ref = _expert_out(gu, dn, act, xe)[1] if with_err else None
         mine_w = [w for w in widths if expert_widths is None or expert_widths[e] == w]
         for bg in dict.fromkeys(pairs[w][0] for w in mine_w):  # gate/up once per width, then each down width
             q1, s1 = quantize_one(gu, bg, g_h, ph_gu)

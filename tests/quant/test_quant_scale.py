@@ -117,6 +117,31 @@ def test_refined_scales_lower_the_output_error_and_keep_the_codes():
     torch.testing.assert_close(got, s)
 
 
+
+def test_refine_scales_in_row_blocks_equals_all_rows_at_once(monkeypatch):
+    """refine_scales works REFINE_BLOCK_ELEMENTS // C rows at a time (its temporaries stay bounded at DeepSeek-V3's
+    R 4096 x C 7168): each row's scales do not depend on the others, so the blocks give the all-rows result bit for
+    bit, including rows whose refit is rejected (kept scales) and a last, shorter block."""
+    from moecompress.quant import gptq
+
+    g = torch.Generator().manual_seed(7)
+    rows, cols, gs = 37, 64, 16
+    x = torch.randn(256, cols, generator=g) * torch.rand(cols, generator=g)
+    h = x.T @ x
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    q, s = gptq_quantize(w, h, 3, gs, torch.bfloat16)
+    q[0] = 0  # a row whose refit is rejected (no positive least-squares scales): it keeps its scales
+    whole = refine_scales(w, q, s, h, gs)
+    calls = []
+    real = gptq._refine_rows
+    monkeypatch.setattr(gptq, "_refine_rows", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(gptq, "REFINE_BLOCK_ELEMENTS", 5 * cols)  # five rows per block: 8 blocks, the last of 2
+    blocked = gptq.refine_scales(w, q, s, h, gs)
+    assert calls == [5] * 7 + [2]
+    assert torch.equal(whole[0], s[0]) and not torch.equal(whole[1:], s[1:])
+    assert torch.equal(blocked, whole)
+
+
 _RANK_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[2])
