@@ -137,22 +137,29 @@ class LayerCapture:
                     continue
                 x = x_all[tok]  # [m, H]
                 p = w_all[tok, pos].unsqueeze(-1) if self.weighted else 1.0  # [m, 1]
-                h_gu[i] += (x * p).T @ (x * p)
+                xp = x * p
+                h_gu[i] += xp.T @ xp
                 if h_dn is not None:
                     hf = fused_hidden(x, gate_up[e].to(dev).float(), act) * p  # [m, I]
                     h_dn[i] += hf.T @ hf
         return h_gu, h_dn
 
     def routed(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(X_e [n, H], p_e [n])``: the routed inputs of expert ``e`` and their router weights, on ``device``."""
-        xs, ps = [], []
+        """``(X_e [n, H], p_e [n])``: the routed inputs of expert ``e`` and their router weights, on ``device``.
+        The rows are gathered straight into ``X_e`` (no per-batch copies joined afterwards: at 16 experts, top-8,
+        an expert's X_e is about half the calibration tokens' [T, H], so that join was one more such copy)."""
+        hits = []
         for x, idx, w in self.batches:
             tok, pos = torch.where(idx == e)
-            xs.append(x[tok])
-            ps.append(w[tok, pos])
-        if not xs:
+            hits.append((x, tok, w[tok, pos]))
+        if not hits:
             return torch.zeros(0, self.hidden, device=self.device), torch.zeros(0, device=self.device)
-        return torch.cat(xs).to(self.device), torch.cat(ps).to(self.device)
+        xe = torch.empty(sum(t.numel() for _, t, _ in hits), self.hidden, dtype=hits[0][0].dtype)
+        r = 0
+        for x, tok, _ in hits:
+            torch.index_select(x, 0, tok, out=xe[r : r + tok.numel()])
+            r += tok.numel()
+        return xe.to(self.device), torch.cat([p for _, _, p in hits]).to(self.device)
 
 
 HESSIAN_MEMORY_FRACTION = 0.25  # of --max-memory, else of the free memory of the job's device
@@ -403,6 +410,25 @@ def _expert_out(gu: torch.Tensor, dn: torch.Tensor, act: Callable, x: torch.Tens
     return h, nn.functional.linear(h, dn)  # [n, H]
 
 
+def _output_err(
+    hq: torch.Tensor, dn_q: torch.Tensor, refs: list[torch.Tensor | None], k: int, p: torch.Tensor, last: bool
+) -> float:
+    """``sum_x p(x)^2 ||f_q(x) - f(x)||^2`` (float64) of one expert: ``hq [n, I]`` the hidden of its quantized
+    gate/up, ``dn_q [H, I]`` its quantized down_proj, ``refs[k] [n, H]`` the original outputs (dropped from
+    ``refs`` once used when ``last``), ``p [n]`` the router weights. Formed in place (one [n, H] float32 and one
+    float64 temporary: ``(hq dn_q^T - ref) p``, then its float64 copy squared in place): the values and the sum of
+    ``((linear(hq, dn_q) - ref) * p).double().pow(2).sum()``, which held two more (the difference and the squares;
+    at 16 experts, top-8, n is about half the calibration tokens)."""
+    d = nn.functional.linear(hq, dn_q)  # [n, H]
+    d.sub_(refs[k])
+    if last:
+        refs[k] = None
+    d.mul_(p.unsqueeze(-1))
+    dd = d.double()
+    del d
+    return dd.pow_(2).sum().item()
+
+
 @torch.no_grad()
 def quantize_layer(
     gate_up: torch.Tensor,  # [E, 2I, H] (any dtype/device; upcast per expert)
@@ -505,29 +531,34 @@ def quantize_layer(
             ph_dn = prepare_hessian(h_dn, opts.damp, opts.actorder, opts.refine, inplace=True)
         gu = gate_up[e].to(dev).float()  # [2I, H]
         dn = down[e].to(dev).float()  # [H, I]
-        xe = pe = ref = None
+        xe = pe = None
+        ref: list[torch.Tensor | None] = [None]
         if cap is not None and (with_err or (gptq and opts.sequential)):
             xe, pe = cap.routed(e)
-            ref = _expert_out(gu, dn, act, xe)[1] if with_err else None
+            ref[0] = _expert_out(gu, dn, act, xe)[1] if with_err else None
         mine_w = [w for w in widths if expert_widths is None or expert_widths[e] == w]
-        for bg in dict.fromkeys(pairs[w][0] for w in mine_w):  # gate/up once per width, then each down width
+        bgs = list(dict.fromkeys(pairs[w][0] for w in mine_w))
+        for bg in bgs:  # gate/up once per width, then each down width
             q1, s1 = quantize_one(gu, bg, g_h, ph_gu)
             gu_codes[bg][0][e], gu_codes[bg][1][e] = store(q1, bg), s1.cpu()
             gu_q = dequantize(q1, s1, g_h, weight_dtype).float()
             hq = None
             if xe is not None:
-                hq = _expert_out(gu_q, dn, act, xe)[0]  # [n, I] outputs of the quantized gate/up
+                hq = fused_hidden(xe, gu_q, act)  # [n, I] hidden of the quantized gate/up (no down_proj output)
+                if bg == bgs[-1]:
+                    xe = None  # the routed inputs' last use: not held through the error measure
             if gptq and opts.sequential:
                 hw = hq * pe.unsqueeze(-1) if opts.weighted else hq
                 ph_dn = prepare_hessian(hw.T @ hw, opts.damp, opts.actorder, opts.refine, inplace=True)
-            for w in (w for w in mine_w if pairs[w][0] == bg):
+                del hw
+            downs = [w for w in mine_w if pairs[w][0] == bg]
+            for w in downs:
                 j = widths.index(w)
                 q2, s2 = quantize_one(dn, pairs[w][1], g_i, ph_dn)
                 down_of[w][0][e], down_of[w][1][e] = store(q2, pairs[w][1]), s2.cpu()
-                if err is not None and xe.shape[0]:
+                if err is not None and hq.shape[0]:
                     dn_q = dequantize(q2, s2, g_i, weight_dtype).float()
-                    d = (nn.functional.linear(hq, dn_q) - ref) * pe.unsqueeze(-1)
-                    err[e, j] = d.double().pow(2).sum().item()
+                    err[e, j] = _output_err(hq, dn_q, ref, 0, pe, bg == bgs[-1] and w == downs[-1])
 
     def expert_batch(es: list[int], h_gu: torch.Tensor, h_dn: torch.Tensor | None) -> None:
         """:func:`one_expert` for the GPTQ experts ``es`` (one set of widths), each GPTQ a batched call over them:
@@ -536,7 +567,8 @@ def quantize_layer(
         idx = torch.tensor(es)
         gu = gate_up.index_select(0, idx.to(gate_up.device)).to(dev).float()  # [n, 2I, H]
         dn = down.index_select(0, idx.to(down.device)).to(dev).float()  # [n, H, I]
-        routed = [cap.routed(e) for e in es] if (with_err or opts.sequential) else None  # [(X_e [m, H], p_e [m])]
+        # [(X_e [m, H], p_e [m])]
+        routed: list[Any] | None = [cap.routed(e) for e in es] if (with_err or opts.sequential) else None
         refs = [_expert_out(gu[k], dn[k], act, routed[k][0])[1] for k in range(n)] if with_err else None
         step = max(1, -(-n // 3))  # the factorization's temporaries: ~one more [n, C, C]
         kw = {"clip_grid": opts.clip_grid, "actorder": opts.actorder, "clip": opts.clip, "refine": opts.refine}
@@ -545,7 +577,8 @@ def quantize_layer(
         if not opts.sequential:
             ph_dn = prepare_hessian_batched(h_dn, opts.damp, opts.actorder, opts.refine, inplace=True, step=step)
         mine_w = [w for w in widths if expert_widths is None or expert_widths[es[0]] == w]
-        for bg in dict.fromkeys(pairs[w][0] for w in mine_w):
+        bgs = list(dict.fromkeys(pairs[w][0] for w in mine_w))
+        for bg in bgs:
             q1, s1 = gptq_quantize_batched(gu, ph_gu, bg, g_h, scale_dtype, **kw)  # [n, 2I, H], [n, 2I, H / g_h]
             hqs: list[torch.Tensor | None] = [None] * n
             h_seq = torch.empty(n, I, I, device=dev) if opts.sequential else None
@@ -553,23 +586,28 @@ def quantize_layer(
                 gu_codes[bg][0][e], gu_codes[bg][1][e] = store(q1[k], bg), s1[k].cpu()
                 if routed is not None:
                     gu_q = dequantize(q1[k], s1[k], g_h, weight_dtype).float()
-                    hqs[k] = _expert_out(gu_q, dn[k], act, routed[k][0])[0]  # [m, I] of the quantized gate/up
+                    hqs[k] = fused_hidden(routed[k][0], gu_q, act)  # [m, I] hidden of the quantized gate/up
+                    if bg == bgs[-1]:
+                        routed[k] = (None, routed[k][1])  # X_e's last use: not held through the error measure
                 if h_seq is not None:
                     hw = hqs[k] * routed[k][1].unsqueeze(-1) if opts.weighted else hqs[k]
                     h_seq[k] = hw.T @ hw
+                    del hw
             del q1, s1
             if h_seq is not None:
                 ph_dn = prepare_hessian_batched(h_seq, opts.damp, opts.actorder, opts.refine, inplace=True, step=step)
-            for w in (w for w in mine_w if pairs[w][0] == bg):
+            downs = [w for w in mine_w if pairs[w][0] == bg]
+            for w in downs:
                 j = widths.index(w)
                 q2, s2 = gptq_quantize_batched(dn, ph_dn, pairs[w][1], g_i, scale_dtype, **kw)  # [n, H, I]
                 for k, e in enumerate(es):
                     down_of[w][0][e], down_of[w][1][e] = store(q2[k], pairs[w][1]), s2[k].cpu()
-                    xe, pe = routed[k] if routed is not None else (None, None)
-                    if err is not None and xe.shape[0]:
+                    if err is not None and routed[k][1].shape[0]:
                         dn_q = dequantize(q2[k], s2[k], g_i, weight_dtype).float()
-                        d = (nn.functional.linear(hqs[k], dn_q) - refs[k]) * pe.unsqueeze(-1)
-                        err[e, j] = d.double().pow(2).sum().item()
+                        last = bg == bgs[-1] and w == downs[-1]
+                        err[e, j] = _output_err(hqs[k], dn_q, refs, k, routed[k][1], last)
+                        if last:
+                            hqs[k] = None
                 del q2, s2
 
     # this rank's experts (all of them in one process), their Hessians built chunk by chunk within the memory bound
