@@ -119,15 +119,21 @@ def _head_grads(ls: LayerStream, hidden: Any, grads: ActivationCache) -> None:
     """dL/dh [B, S, H] of the summed next-token NLL at the last layer's outputs ``hidden``, per batch."""
     for i, ids in enumerate(ls.batches):
         h = hidden[i].to(ls.device).detach().requires_grad_(True)
+        # every position's logits with the last one's target ignored, not a [B (S-1), V] copy of the others (nor,
+        # backward, the zero-padded [B, S, V] gradient of that slice): each row's gradient is the same, the last
+        # row's 0 either way; the logits are not referenced past the loss (its graph keeps only their log-softmax)
+        targets = torch.full_like(ids, -100)
+        targets[:, :-1] = ids[:, 1:]
         with torch.enable_grad():
             logits = ls.head(h)  # [B, S, V]
             loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1).to(ls.device),
+                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).to(ls.device), ignore_index=-100,
                 reduction="sum",
             )  # fmt: skip
+            del logits
             loss.backward()
         grads.append(h.grad.detach())
-        del h, logits, loss
+        del h, loss
 
 
 def _backward_layer(

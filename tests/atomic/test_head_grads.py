@@ -1,0 +1,37 @@
+"""The gradient pass's head gradients (atomic/gradstream._head_grads): every position's logits with the last
+target ignored give the gradients of the next-token loss on the first S-1 positions bit for bit (no [B (S-1), V]
+copy of the logits), and 0 at the last position."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from moecompress.atomic.gradstream import _head_grads
+
+
+def _sliced(head: torch.nn.Module, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """dL/dh of the summed NLL of positions 1..S-1 on the sliced logits (the formula before)."""
+    h = h.detach().requires_grad_(True)
+    logits = head(h)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    loss = F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="sum")
+    loss.backward()
+    return h.grad
+
+
+def test_head_grads_equal_the_sliced_loss_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    H, V = 24, 97
+    for dtype in (torch.float32, torch.bfloat16):
+        head = torch.nn.Sequential(torch.nn.LayerNorm(H), torch.nn.Linear(H, V, bias=False)).to(dtype)
+        ids = [torch.randint(0, V, (3, 17), generator=g), torch.randint(0, V, (2, 17), generator=g)]
+        hidden = [torch.randn(*b.shape, H, generator=g).to(dtype) for b in ids]
+        grads: list[torch.Tensor] = []
+        _head_grads(SimpleNamespace(batches=ids, device=torch.device("cpu"), head=head), hidden, grads)
+        for got, h, b in zip(grads, hidden, ids, strict=True):
+            want = _sliced(head, h, b)
+            assert got.dtype == dtype and torch.equal(got, want)
+            assert not bool(got[:, -1].any()) and bool(got[:, :-1].any())
