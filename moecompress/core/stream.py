@@ -33,6 +33,7 @@ from .experts import (
     routed_forward,
 )
 from .families import Family
+from .memprobe import probe
 
 
 def release_freed() -> None:
@@ -427,6 +428,7 @@ class LayerStream:
             del got
         del raw  # per-expert tensors are now stacked into the fused ones
         release_freed()
+        probe(f"layer {l}: read")
         keep: tuple[str, ...] = ()
         if self.narrow and l in self._moe:
             ex = f"{self.fam.module_block}.{self.fam.experts}"
@@ -435,6 +437,7 @@ class LayerStream:
             if keep and not isinstance(experts, BiasedExperts):  # (BiasedExperts' own forward is routed_forward)
                 experts.__class__ = _narrow_class(type(experts))
         self._materialize(layer, state, f"layer {l}", keep)
+        probe(f"layer {l}: materialized")
         return layer
 
     def free(self, module: nn.Module) -> None:
@@ -455,8 +458,10 @@ class LayerStream:
                 self._capture_per_layer(emb)
             finally:
                 self.free(emb)
+            probe("captured")
             return
         self._capture(emb)
+        probe("captured")
 
     def _capture_per_layer(self, emb: nn.Module) -> None:
         """Capture with the per-layer input modules materialized, recording the per-layer inputs of every batch."""

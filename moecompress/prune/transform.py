@@ -27,6 +27,7 @@ import torch
 
 from ..core.engine import Engine, LayerContext, Transform
 from ..core.limits import memory_limit
+from ..core.memprobe import probe
 from .load import block_view, select_experts, set_block_experts
 from .order import (
     ExpertOutputs,
@@ -239,7 +240,13 @@ class PruneTransform(Transform):
         if not self.wants_inputs:  # chosen before the pass, nothing to refit: slice the block
             self._apply(ctx, _boxed(view), self.kept[l])
             return
+        probe(f"prune {l}: inputs")
         x = sample_rows(ctx.inputs, opts.error_tokens)  # [T, H]
+        sizes = [int(t.shape[0]) for t in ctx.inputs]
+        if x.shape[0] == sum(sizes) and all(t.dtype == x.dtype and t.device == x.device for t in ctx.inputs):
+            # every input row was sampled (the default 4,096 error tokens of 16 x 256 calibration tokens): x is their
+            # copy, so the inputs become views of it (the same values; one [T, H] fewer: 117 MB at DeepSeek-V3 dims)
+            ctx.inputs = list(x.split(sizes))
         logits = x.float() @ view.router.float().T  # [T, E]
         if view.router_bias is not None:
             logits = logits + view.router_bias.float()
@@ -254,6 +261,7 @@ class PruneTransform(Transform):
         c = cache_slots(spec.top_k + 4, slot_bytes, layer_bytes, memory_limit())
         src = ExpertOutputs(x, view.gate, view.up, view.down, router_choice(logits, spec, corr), c,
                             ctx.experts.act_fn, hidden=hidden)  # fmt: skip
+        probe(f"prune {l}: cache filled")
         rows_all = torch.arange(x.shape[0], device=x.device)
         y0 = routed_output(src, rows_all, *route(logits, spec, None, corr))  # [T, H] the unpruned routed output
         y0sq = max(_sq_sum(y0), 1e-30)
@@ -261,6 +269,7 @@ class PruneTransform(Transform):
         if l not in self.kept:
             protected = self.protected.get(l, set())
             order = output_error_order(src, logits, spec, protected, self.max_remove, corr, y0sq, y0)
+        probe(f"prune {l}: searched")
         if self.measure:
             self._pending = (order, y0sq, None, None)
             return
@@ -273,11 +282,13 @@ class PruneTransform(Transform):
             self.refit_errors[l] = {k: round(v, 6) for k, v in stats.items()}
         else:
             y_p = routed_output(src, rows_all, *route(logits, spec, removed, corr))
+        probe(f"prune {l}: refitted")
         del src  # the cached expert outputs ([T, c, H]) go before the kept experts are copied
         box = _boxed(view)
         del view  # _apply holds the only reference: the unpruned block is freed once the pruned one replaces it
         self._apply(ctx, box, keep, downs)
         self._pending = (order, y0sq, y0, y_p) if order is not None else None
+        probe(f"prune {l}: applied")
 
     def _refit(
         self, src: ExpertOutputs, x: torch.Tensor, view: Any, removed: torch.Tensor, keep: list[int],
@@ -353,6 +364,7 @@ class PruneTransform(Transform):
     @torch.no_grad()
     def layer_done(self, ctx: LayerContext) -> None:
         """Scale the layer's order costs by its residual stream's energy on the sampled tokens (layers compare)."""
+        probe(f"prune {ctx.index}: forward done")
         if self._pending is None:
             return
         order, y0sq, y0, y_p = self._pending
