@@ -515,6 +515,68 @@ def measured_runs(stores: list[Path]) -> list[dict]:
     return runs
 
 
+BOUND_LAYERS = 2.5  # issue 13: peak host memory <= 2.5 MoE layers in the checkpoint dtype + the activation cache
+STATUS_CASES = ("qwen3-30b-layer", "dsv3-slice")
+
+
+def bound_bytes(case: str, samples: int, seq_len: int) -> int:
+    """The memory bound of a flagship case: 2.5 x its bf16 routed experts per layer + the fp32 activation cache."""
+    _, H, E, I, _ = CASES[case]
+    return int(BOUND_LAYERS * E * 3 * H * I * 2 + samples * seq_len * H * 4)
+
+
+def status_rows(stores: list[Path], cases: tuple[str, ...] = STATUS_CASES) -> list[dict]:
+    """The latest run of each (case, op, tokens) of ``cases`` across ``stores`` (later stores win), with its bound."""
+    latest: dict[str, dict] = {}
+    for store in stores:
+        for key, r in json.loads(store.read_text())["runs"].items():
+            if r.get("case") in cases:
+                latest[key] = {**r, "store": store.name}
+    rows = []
+    for key, r in latest.items():
+        bound = bound_bytes(r["case"], r["samples"], r["seq_len"])
+        peak = r.get("peak_rss_bytes")
+        done = "cpu_s" in r and not r.get("failed")
+        rows.append({
+            "key": key, "case": r["case"], "op": r["op"], "tokens": f"{r['samples']}x{r['seq_len']}",
+            "peak_bytes": peak, "bound_bytes": bound, "cpu_s": r.get("cpu_s"), "complete": done,
+            "under": bool(done and peak is not None and peak <= bound), "commit": r.get("commit"),
+            "store": r["store"], "note": r.get("failed") or r.get("skipped") or r.get("killed") or "",
+        })  # fmt: skip
+    order = {op: i for i, op in enumerate(OPS)}
+    return sorted(rows, key=lambda x: (cases.index(x["case"]), order.get(x["op"], 99), x["tokens"]))
+
+
+def render_status_md(rows: list[dict]) -> str:
+    lines = [
+        "# Issue 13: flagship-shaped cases against the memory bound",
+        "",
+        f"Bound: {BOUND_LAYERS} x the layer's routed experts in bf16 + the fp32 activation cache (calibration tokens"
+        " x H x 4 bytes). One CPU thread, `--device cpu`; the latest run of each cell across the stores (later"
+        " stores win).",
+        "",
+        "| case | op | tokens | peak RSS | bound | under | CPU s | commit | store |",
+        "|---|---|---|---:|---:|---|---:|---|---|",
+    ]
+    for r in rows:
+        peak = f"{r['peak_bytes'] / 2**30:.2f} GiB" if r["peak_bytes"] else "-"
+        under = ("yes" if r["under"] else "**no**") if r["complete"] else f"not complete: {r['note']}"[:60]
+        cpu = f"{r['cpu_s']:.1f}" if r["cpu_s"] is not None else "-"
+        lines.append(
+            f"| {r['case']} | {r['op']} | {r['tokens']} | {peak} | {r['bound_bytes'] / 2**30:.2f} GiB | {under} | {cpu}"
+            f" | {(r['commit'] or '-').split()[0][:8]} | {r['store']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def status(args: argparse.Namespace) -> None:
+    rows = status_rows([Path(s) for s in args.stores.split(",")])
+    md = render_status_md(rows)
+    Path(args.out + ".md").write_text(md)
+    Path(args.out + ".json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    print(md, end="")
+
+
 def mac_rate() -> float:
     """One CPU thread's fp32 multiply-add rate (1024^2 matmuls, CPU time): the prior of every time term."""
     import torch
@@ -705,6 +767,12 @@ if __name__ == "__main__":
             "mac_per_s from coefficients.json to compare two fits without the machine's load moving it)",
         )  # fmt: skip
         fit_and_report(ap.parse_args())
+    elif len(sys.argv) > 1 and sys.argv[1] == "--status":
+        ap = argparse.ArgumentParser(description="flagship cases against issue 13's memory bound")
+        ap.add_argument("--status", action="store_true")
+        ap.add_argument("--stores", required=True, help="comma list of sweep stores, oldest first")
+        ap.add_argument("--out", default=str(ROOT / "reports" / "scale_status"))
+        status(ap.parse_args())
     elif len(sys.argv) > 1 and sys.argv[1] == "--ops-sweep":
         ap = argparse.ArgumentParser(description="per-operation sweep")
         ap.add_argument("--ops-sweep", action="store_true")
