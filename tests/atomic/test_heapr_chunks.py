@@ -44,3 +44,22 @@ def test_expert_chunk_follows_max_memory():
     finally:
         set_memory_limit(None)
     assert expert_chunk(8, 100, limit=400) == 1
+
+
+def test_quad_full_row_blocks_equal_the_whole_product(monkeypatch):
+    """w_j^T G w_j made a few float64 rows of G at a time (no float64 copy of G) is the whole expression's bit for
+    bit, for blocks that divide H and blocks that do not."""
+    from moecompress.atomic import heapr
+
+    g = torch.Generator().manual_seed(0)
+    H, I = 96, 40
+    A = torch.randn(H, H, generator=g)
+    Ge = (A @ A.T / H).float()  # [H, H] float32, as accumulated
+    W = (torch.randn(H, I, generator=g) * 0.02).to(torch.bfloat16).double()  # a bf16 down projection, upcast
+    whole = (W * (Ge.double() @ W)).sum(dim=0)
+    for rows in (1, 7, 32, H, 4 * H):
+        monkeypatch.setattr(heapr, "QUAD_BLOCK_BYTES", 8 * H * rows)
+        q = heapr._quad_full(W, Ge)
+        assert q.dtype == torch.float64 and q.shape == (I,)
+        assert torch.equal(q, whole), rows
+    assert whole.abs().sum() > 0
