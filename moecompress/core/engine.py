@@ -43,8 +43,9 @@ from .checkpoint import Checkpoint
 from .errors import UserError
 from .experts import routed_forward
 from .interface import observing
+from .memprobe import probe
 from .progress import progress_bar
-from .stream import LayerStream
+from .stream import LayerStream, module_state, release_freed
 
 
 class _Stop(Exception):
@@ -162,6 +163,7 @@ class Engine:
         self.moe = set(ckpt.moe_layers)
         self._shared = SharedCache(self) if self.world > 1 else None
         self._replay: Replay | None = None  # the mixers' outputs moe_inputs kept for the layer's forward
+        self._released: Replay | None = None  # the replay whose mixers' weights are released (this layer's)
         self.block_kwargs: list[dict[str, torch.Tensor]] = []  # moe_inputs' per-batch keyword inputs of the block
 
     @property
@@ -204,7 +206,13 @@ class Engine:
         activation cache is spilled to disk (they are the cache's size)."""
         xs: list[torch.Tensor] = []
         block = getattr(layer, self.fam.module_block)
-        replay = Replay(layer, block) if not getattr(self.stream.cache, "spilled", False) else None
+        n = len(self.stream.cache)
+        prior = self._replay if self._replay is not None and self._replay.layer is layer else None
+        if prior is not None and not prior.complete(n):
+            prior = None
+        # a second call on the layer (a transform dropped ctx.inputs) replays the recorded mixers: they may be released
+        spilled = getattr(self.stream.cache, "spilled", False)
+        replay = Replay(layer, block) if prior is None and not spilled else None
 
         kws: list[dict[str, torch.Tensor]] = []  # per batch: the block's per-token keyword inputs, as [1, T_b, ...]
 
@@ -218,24 +226,49 @@ class Engine:
             raise _Stop
 
         handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-        self._replay = None
+        if prior is None:
+            self._replay = None
         try:
             with torch.no_grad(), replay.recording() if replay is not None else nullcontext():
-                for i in range(len(self.stream.cache)):
+                for i in range(n):
                     try:
-                        self.stream.run_layer(layer, i)
+                        with prior.playing(i, keep=True) if prior is not None else nullcontext():
+                            self.stream.run_layer(layer, i)
                     except _Stop:
                         pass
                     if replay is not None:
                         replay.batch_done()
         finally:
             handle.remove()
-        if replay is not None and replay.complete(len(self.stream.cache)):
+        if replay is not None and replay.complete(n):
             self._replay = replay
+            self._release_mixers(replay)
         names = sorted(kws[0]) if kws else []
         parts = [self.gather_batches([kw[n] for kw in kws]) for n in names]
         self.block_kwargs = [dict(zip(names, vals, strict=True)) for vals in zip(*parts, strict=True)]
         return self.gather_batches(xs)
+
+    def _release_mixers(self, replay: Replay) -> None:
+        """The replayed mixers' weights (the layer's attention, in the stream's dtype: 0.51 GB float32 at DeepSeek-V3
+        dims) are idle once their outputs are recorded: they go to meta for the rest of the layer's transforms. A
+        mixer called outside a replay (a probe running the whole layer in ``emit``) reads its weights back from the
+        checkpoint first (the same values: the same tensors cast the same way)."""
+        stream, fam = self.stream, self.fam
+        l = next(j for j, m in enumerate(stream.decoder_layers) if m is replay.layer)
+        prefix = f"model.layers.{l}."
+
+        def restore(name: str, module: nn.Module) -> None:
+            keys = [
+                k for k in self.ckpt.keys()
+                if k.startswith(prefix) and fam.disk_to_module(k)[len(prefix) :].startswith(f"{name}.")
+            ]  # fmt: skip
+            state = module_state(fam, self.ckpt.read(keys), l, None)
+            stream._materialize(module, {k[len(name) + 1 :]: v for k, v in state.items()}, f"layer {l} {name}")
+
+        replay.release(restore)
+        self._released = replay
+        release_freed()
+        probe(f"layer {l}: mixers released")
 
     def _observing(self, ctx: LayerContext, observers: list[Transform], batch: int) -> Callable[..., torch.Tensor]:
         """An experts forward for batch ``batch``: the eager computation, with the observers' hooks. The block
@@ -333,6 +366,9 @@ class Engine:
                     for t in transforms:
                         t.layer_done(ctx)
                 yield ctx
+                if self._released is not None:  # the layer is freed next: its released mixers stay released
+                    self._released.unhook()
+                    self._released = None
                 bar.advance(task)
 
     def run(self, transforms: list[Transform], emit: Callable[[LayerContext], None] | None = None) -> None:
@@ -365,6 +401,8 @@ class Replay:
         self._calls: dict[str, int] = dict.fromkeys(self.mixers, 0)
         self.ok = bool(self.mixers)
         self.batches = 0
+        self._playing = False
+        self._hooks: list[Any] = []
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -398,20 +436,49 @@ class Replay:
         return self.ok and bool(self.outputs) and self.batches == batches
 
     @contextmanager
-    def playing(self, i: int) -> Iterator[None]:
-        """The mixers return batch ``i``'s recorded outputs (and forget them: each batch is replayed once)."""
+    def playing(self, i: int, keep: bool = False) -> Iterator[None]:
+        """The mixers return batch ``i``'s recorded outputs (and forget them: each batch is replayed once; with
+        ``keep`` they return a copy and the recording stays, for a second ``Engine.moe_inputs`` on the layer)."""
         own = {name: vars(self.mixers[name]).get("forward") for name in self.outputs}  # an instance's own forward
         for name, outs in self.outputs.items():
-            out, outs[i] = outs[i], None
+            out = _cloned(outs[i]) if keep else outs[i]
+            if not keep:
+                outs[i] = None
             self.mixers[name].forward = lambda *a, _out=out, **k: _out
+        self._playing = True
         try:
             yield
         finally:
+            self._playing = False
             for name, f in own.items():
                 if f is None:
                     del self.mixers[name].forward
                 else:
                     self.mixers[name].forward = f
+
+    def release(self, restore: Callable[[str, nn.Module], None]) -> None:
+        """Move the replayed mixers' parameters to meta (their buffers stay); a mixer called while no batch is being
+        replayed calls ``restore(name, mixer)`` first, which must give it its parameters back."""
+        for name in self.outputs:
+            mixer = self.mixers[name]
+            for m in mixer.modules():
+                for pname, p in list(m._parameters.items()):
+                    if p is not None and p.device.type != "meta":
+                        m._parameters[pname] = nn.Parameter(
+                            torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad
+                        )
+
+            def hook(_m: Any, _args: Any, _name: str = name, _mixer: nn.Module = mixer) -> None:
+                if not self._playing and any(p.device.type == "meta" for p in _mixer.parameters()):
+                    restore(_name, _mixer)
+
+            self._hooks.append(mixer.register_forward_pre_hook(hook))
+
+    def unhook(self) -> None:
+        """Remove ``release``'s restoring hooks (the layer is being freed)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
 
 def _cloned(out: Any) -> Any:

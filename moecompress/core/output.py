@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +66,14 @@ class Output:
         if (exc_type is not None or not self.main) and self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def add(self, key: str, t: torch.Tensor) -> None:
+    def add(self, key: str, t: torch.Tensor, load: Callable[[], torch.Tensor] | None = None) -> None:
+        """Write ``t`` as checkpoint tensor ``key`` (rewritten by the transforms); ``load``: ``t`` can be read again,
+        so when it is written unchanged the writer reads it when its shard is written instead of holding it."""
         if self.shards is None:  # not rank 0
             return
         for k, v in self._rewritten(key, t, 0):
             for dk, dv in self._disk_items(k, v):  # (Kimi-Linear's conv1d: the disk tensors it is made of)
-                self.shards.add(dk, dv)
+                self.shards.add(dk, dv, load if dv is t else None)
 
     def _rewritten(self, key: str, t: torch.Tensor, start: int) -> list[tuple[str, torch.Tensor]]:
         """What to write for tensor ``key``: the first transform from ``start`` on whose ``rewrite`` takes it, each
@@ -83,15 +85,17 @@ class Output:
         return [(key, t)]
 
     def add_globals(self, ckpt: Checkpoint, transforms: Sequence[Transform] = ()) -> None:
-        """Every tensor outside the decoder layers (embeddings, final norm, lm_head), in checkpoint order."""
+        """Every tensor outside the decoder layers (embeddings, final norm, lm_head), in checkpoint order. Those no
+        transform rewrites are read again from the checkpoint when their shard is written (with the first layer's,
+        below the layer flush size): the writer does not hold them, nor their mapped pages, through the pass."""
         self.transforms = transforms
         self._disk_key = ckpt.disk_key  # a multimodal wrapper's language model is written under its own names
         self._disk_items = ckpt.disk_writer(transforms)  # (a quantized output keeps Kimi-Linear's conv1d whole)
         if self.shards is None:
             return
         keys = [k for k in ckpt.keys() if not k.startswith("model.layers.")]
-        for k, t in ckpt.read(keys).items():  # each shard opened once
-            self.add(k, t)
+        for k, t in ckpt.read(keys).items():  # each shard opened once; read again when their shard is written
+            self.add(k, t, lambda k=k: ckpt.read([k])[k])
         self.shards.boundary(self._layer_flush or 0)
 
     def add_layer(self, ctx: LayerContext) -> None:

@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,7 +356,7 @@ class ShardWriter:
 
     def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
         self.folder, self.max_shard_bytes = folder, max_shard_bytes
-        self._shard: dict[str, torch.Tensor] = {}
+        self._shard: dict[str, torch.Tensor | Callable[[], torch.Tensor]] = {}
         self._size = 0
         self._written: list[tuple[str, list[str]]] = []
         self._seen: set[str] = set()
@@ -367,7 +367,9 @@ class ShardWriter:
         if not self._shard:
             return
         name = f"shard-{len(self._written):05d}.tmp"
-        save_tensors(self._shard, self.folder / name, metadata={"format": "pt"})
+        tensors = {k: _on_cpu(v() if callable(v) else v) for k, v in self._shard.items()}
+        save_tensors(tensors, self.folder / name, metadata={"format": "pt"})
+        del tensors
         self._written.append((name, list(self._shard)))
         self._shard, self._size = {}, 0
 
@@ -384,14 +386,18 @@ class ShardWriter:
         self._flush()
         return True
 
-    def add(self, key: str, t: torch.Tensor) -> None:
+    def add(self, key: str, t: torch.Tensor, load: Callable[[], torch.Tensor] | None = None) -> None:
+        """Buffer ``t`` for the current shard; with ``load`` only its size is taken now and ``load()`` (which must
+        return the same tensor again, e.g. read from the input checkpoint) gives the data when the shard is written,
+        so nothing of it is held meanwhile (the globals a layer pass writes with its first layer: the embedding and
+        lm_head, views of a safetensors memory map whose read pages would stay resident through the pass)."""
         if key in self._seen:
             raise ValueError(f"tensor {key} written twice")
         self._seen.add(key)
         nbytes = t.numel() * t.element_size()
         if self._shard and self._size + nbytes > self.max_shard_bytes:
             self._flush()
-        self._shard[key] = t.detach().to("cpu").contiguous()
+        self._shard[key] = _on_cpu(t) if load is None else _same_as(key, t, load)
         self._size += nbytes
         self.total += nbytes
         self.params += t.numel()
@@ -407,6 +413,23 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return index
+
+
+def _on_cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous()
+
+
+def _same_as(key: str, t: torch.Tensor, load: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``load`` checked to give a tensor of ``t``'s shape and dtype."""
+    shape, dtype = tuple(t.shape), t.dtype
+
+    def loaded() -> torch.Tensor:
+        got = load()
+        if tuple(got.shape) != shape or got.dtype != dtype:
+            raise ValueError(f"tensor {key} read again as {tuple(got.shape)} {got.dtype}, not {shape} {dtype}")
+        return got
+
+    return loaded
 
 
 def write_shards(

@@ -92,3 +92,53 @@ def test_a_mixer_called_twice_is_not_replayed():
     with once.playing(0):
         assert torch.equal(layer(torch.ones(2, 4)), want)
     assert "forward" not in vars(layer.attn)
+
+
+class TwiceAndProbe(Transform):
+    """Checks the attention's weights are released once the MoE inputs are captured, asks for the inputs a second
+    time (they must be the same) and keeps nothing else."""
+
+    name = "twice"
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def moe_layer(self, ctx: LayerContext) -> None:
+        first = [x.clone() for x in ctx.inputs]
+        self.seen.append(all(p.device.type == "meta" for p in ctx.layer.self_attn.parameters()))
+        ctx.inputs = []
+        again = ctx.engine.moe_inputs(ctx.layer)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+        ctx.inputs = again
+
+
+def _probed(path, release: bool, monkeypatch) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+    """Final states and, per layer, the layer run again on batch 0 in ``emit`` (as quantize's probes do)."""
+    ck = Checkpoint(path)
+    tokens = calibration_set(load_tokenizer(path), "mixed", 5, 16, seed=2)
+    eng = Engine(ck, tokens.input_ids, batch_size=2)
+    t = TwiceAndProbe()
+    probes: list[torch.Tensor] = []
+    h = None
+    with monkeypatch.context() as m:
+        if not release:
+            m.setattr(Replay, "release", lambda self, restore: None)
+        for ctx in eng.layers([t]):
+            kw = eng.stream.layer_kwargs(ctx.index, 0)
+            h = (eng.stream.cache[0] if h is None else h).clone()
+            out = ctx.layer(h, **kw)
+            h = out[0] if isinstance(out, tuple) else out
+            probes.append(h.clone())
+            assert all(p.device.type != "meta" for p in ctx.layer.self_attn.parameters())
+        states = [eng.cache[i].clone() for i in range(len(eng.cache))]
+        eng.close()
+    return states, probes, t.seen
+
+
+def test_released_attention_comes_back_when_the_layer_runs_again(tmp_path, tokenizer_dir, monkeypatch):
+    path = build_tiny("mixtral", tmp_path / "m", tokenizer_dir)
+    states, probes, seen = _probed(path, True, monkeypatch)
+    states0, probes0, seen0 = _probed(path, False, monkeypatch)
+    assert seen and all(seen) and not any(seen0)  # released only when release runs
+    for a, b in zip(states + probes, states0 + probes0, strict=True):
+        assert torch.equal(a, b)

@@ -91,3 +91,40 @@ def test_a_shard_per_layer_holds_the_same_tensors_and_loads_in_transformers(tmp_
     with torch.no_grad():
         ref = reload_clean(tmp_path / "whole")(input_ids=ids).logits
         torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=0)
+
+
+def test_a_tensor_given_with_load_is_read_when_its_shard_is_written(tmp_path):
+    data = {"a": torch.arange(6, dtype=torch.bfloat16), "b": torch.ones(2, 3)}
+    reads: list[str] = []
+
+    def load(k):
+        reads.append(k)
+        return data[k].clone()
+
+    for d in ("lazy", "eager", "bad"):
+        (tmp_path / d).mkdir()
+    w = ShardWriter(tmp_path / "lazy")
+    w.add("a", data["a"], lambda: load("a"))
+    w.add("b", data["b"])
+    assert w.buffered == 12 + 24 and not reads  # its size counts at once; nothing read yet
+    index = w.close()
+    assert reads == ["a"]
+    ref = ShardWriter(tmp_path / "eager")
+    for k, t in data.items():
+        ref.add(k, t)
+    assert index == ref.close()
+    one = "model-00001-of-00001.safetensors"
+    assert (tmp_path / "lazy" / one).read_bytes() == (tmp_path / "eager" / one).read_bytes()
+    bad = ShardWriter(tmp_path / "bad")
+    bad.add("a", data["a"], lambda: data["b"])
+    with pytest.raises(ValueError, match="read again"):
+        bad.close()
+
+
+def test_output_holds_no_global_between_add_globals_and_the_flush(tmp_path, tokenizer_dir):
+    src = build_tiny("qwen3_moe", tmp_path / "src", tokenizer_dir, dtype=torch.bfloat16)
+    ck = Checkpoint(src)
+    with Output(tmp_path / "out") as o:
+        o.add_globals(ck)
+        assert o.shards is not None and o.shards._shard
+        assert all(callable(v) for v in o.shards._shard.values())  # sizes only: no tensor (nor its mapped pages)
