@@ -344,6 +344,11 @@ class ExpertOutputs:
 
     def _keep(self, tok: torch.Tensor, exp: torch.Tensor, vals: torch.Tensor, hs: torch.Tensor | None = None) -> None:
         """Store computed pairs (sorted by token) in their token's free slots, as far as there are any."""
+        self._put(self._claim(tok, exp), vals, hs)
+
+    def _claim(self, tok: torch.Tensor, exp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``_keep``'s bookkeeping: the pairs (sorted by token) that get a free slot of their token, as (which pairs,
+        token, slot); the slots are theirs from now on (their values are ``_put`` next)."""
         _, first, counts = tok.unique_consecutive(return_inverse=True, return_counts=True)
         rank = (
             torch.arange(tok.numel(), device=tok.device) - (counts.cumsum(0) - counts)[first]
@@ -351,16 +356,121 @@ class ExpertOutputs:
         free = self.owner[tok] < 0  # [U, c]
         pick = (free.cumsum(1) == rank[:, None] + 1) & free
         ok = pick.any(1)
-        if bool(ok.any()):
-            t, e, sl = tok[ok], exp[ok], pick[ok].int().argmax(1)
-            self.cache[t, sl] = vals[ok]
-            if hs is not None and self.hcache is not None:
-                self.hcache[t, sl] = hs[ok]
-            self.owner[t, sl] = e.to(torch.int32)
-            self.slot[t, e] = sl.to(torch.int32)
+        if not bool(ok.any()):
+            return None
+        t, e, sl = tok[ok], exp[ok], pick[ok].int().argmax(1)
+        self.owner[t, sl] = e.to(torch.int32)
+        self.slot[t, e] = sl.to(torch.int32)
+        return ok, t, sl
+
+    def _put(
+        self, claimed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, vals: torch.Tensor,
+        hs: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        if claimed is None:
+            return
+        ok, t, sl = claimed
+        self.cache[t, sl] = vals[ok]
+        if hs is not None and self.hcache is not None:
+            self.hcache[t, sl] = hs[ok]
+
+    def planned(self, calls: list[tuple[torch.Tensor, torch.Tensor]]) -> PlannedGets:
+        """A source answering these ``get(rows, idx)`` calls, in this order, exactly as this one would (the same
+        values bit for bit, the same pairs kept), with each missed expert's weights upcast once per group of calls
+        instead of once per call (see ``PlannedGets``)."""
+        return PlannedGets(self, calls)
 
 
-def routed_output(src: Any, rows: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+PLAN_BYTES = 64 * 2**20  # the missed pairs' outputs one group of planned calls computes ahead (PlannedGets)
+
+
+class PlannedGets:
+    """``ExpertOutputs.get`` for a known sequence of calls, with fewer upcasts: the calls are taken in groups whose
+    missed pairs' outputs (and activations) stay under PLAN_BYTES; for a group, which pairs each call misses and
+    which of them it keeps are settled first (the slot bookkeeping, call by call, as ``get`` would), then each expert
+    any of them misses is upcast once and evaluated on each call's rows of it (the same rows in the same order as
+    ``get`` computes them: the same values), then every call is answered in turn. A slot a call reads was filled
+    before it (slots are only freed by ``release``, between groups), so answering later reads nothing changed.
+    A bounded cache (``cache_slots``) misses pairs on every refresh of the search: at DeepSeek-V3 dims a miss call
+    upcast up to 16 experts' weights (176 MB each) for a few hundred rows."""
+
+    def __init__(self, src: ExpertOutputs, calls: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.src, self.calls, self.pos = src, calls, 0
+        self.slots = src.slots
+        self.ready: list[tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]] = []
+
+    def release(self, e: int) -> None:
+        raise RuntimeError("PlannedGets answers a fixed sequence of calls: release on the source between them")
+
+    def get(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if not self.ready:
+            self._plan()
+        if not self.ready:
+            raise RuntimeError("PlannedGets: more calls than planned")
+        r, i, answer = self.ready.pop(0)
+        if r.shape != rows.shape or i.shape != idx.shape or not torch.equal(r, rows) or not torch.equal(i, idx):
+            raise RuntimeError("PlannedGets: a call other than the planned one")
+        return answer()
+
+    def _plan(self) -> None:
+        src = self.src
+        E, H = src.slot.shape[1], src.cache.shape[-1]
+        width = H + (src.hcache.shape[-1] if src.hcache is not None else 0)
+        group: list[dict[str, Any]] = []
+        held = 0
+        while self.pos < len(self.calls) and (not group or held < PLAN_BYTES):
+            rows, idx = self.calls[self.pos]
+            self.pos += 1
+            s = src.slot[rows[:, None], idx]  # [P, k] as get reads it now
+            call: dict[str, Any] = {"rows": rows, "idx": idx, "s": s, "tok": None}
+            miss = (s < 0).nonzero()
+            if miss.numel():
+                pr, pk = miss.unbind(1)
+                keys, inv = (rows[pr] * E + idx[pr, pk]).unique(return_inverse=True)  # sorted by token
+                tok, exp = keys // E, keys % E
+                call.update(pr=pr, pk=pk, inv=inv, tok=tok, exp=exp, claimed=src._claim(tok, exp))
+                call["vals"] = torch.empty(keys.numel(), H, device=src.cache.device)
+                call["hs"] = None if src.hcache is None else torch.empty(keys.numel(), src.hcache.shape[-1],
+                                                                        device=src.cache.device)  # fmt: skip
+                held += keys.numel() * width * 4
+            group.append(call)
+        missed = [c for c in group if c["tok"] is not None]
+        experts = sorted({e for c in missed for e in c["exp"].unique().tolist()})
+        for e in experts:
+            g, u, d = src.gate[e].float(), src.up[e].float(), src.down[e].float()
+            for c in missed:
+                sel = c["exp"] == e
+                if not bool(sel.any()):
+                    continue
+                xr = src.x[c["tok"][sel]]
+                if c["hs"] is None:
+                    c["vals"][sel] = expert_forward(xr.float(), g, u, d, src.act)
+                else:
+                    c["hs"][sel] = expert_hidden(xr.float(), g, u, src.act)
+                    c["vals"][sel] = torch.nn.functional.linear(c["hs"][sel], d)
+            del g, u, d
+        for c in missed:
+            src._put(c["claimed"], c["vals"], c["hs"])
+            c["hs"] = None
+        self.ready = [(c["rows"], c["idx"], lambda c=c: self._answer(c)) for c in group]
+
+    def _answer(self, c: dict[str, Any]) -> torch.Tensor:
+        src, s, rows = self.src, c["s"], c["rows"]
+        P, k = s.shape
+        flat = (rows[:, None] * src.cache.shape[1] + s.clamp_min(0)).reshape(-1)
+        out = src.cache.view(-1, src.cache.shape[-1]).index_select(0, flat).view(P, k, -1)
+        if c["tok"] is not None:
+            out[c["pr"], c["pk"]] = c["vals"][c["inv"]]
+        c.clear()
+        return out
+
+
+ROUTED_CHUNK = 1024  # rows per get of routed_output
+
+
+def routed_output(
+    src: Any, rows: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, chunk: int = ROUTED_CHUNK
+) -> torch.Tensor:
     """Routed output [P, H] of token rows [P] under weights/indices [P, k], ``chunk`` rows at a time (the gathered
     outputs [chunk, k, H] are the only temporary; each row's sum is the same for any chunk)."""
     if rows.numel() <= chunk:
@@ -370,6 +480,13 @@ def routed_output(src: Any, rows: torch.Tensor, w: torch.Tensor, idx: torch.Tens
         for s in range(0, rows.numel(), chunk)
     ]
     return torch.cat(parts)
+
+
+def routed_gets(rows: torch.Tensor, idx: torch.Tensor, chunk: int = ROUTED_CHUNK) -> list[tuple[torch.Tensor, ...]]:
+    """The ``get(rows, idx)`` calls ``routed_output`` makes, in order."""
+    if rows.numel() <= chunk:
+        return [(rows, idx)]
+    return [(rows[s : s + chunk], idx[s : s + chunk]) for s in range(0, rows.numel(), chunk)]
 
 
 def _weighted_sum(f: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -414,6 +531,10 @@ def _sets(
     aff.scatter_(1, (grouped.topk(min(2, Eg), dim=-1).indices + off).reshape(n, -1), True)
     dep.scatter_(1, (grouped.topk(min(max(3, k + 1), Eg), dim=-1).indices + off).reshape(n, -1), True)
     return aff, dep | aff
+
+
+TRIAL_ELEMENTS = 1 << 22  # output_error_order: float32 elements of the trial routings evaluated at once
+REFRESH_ELEMENTS = 1 << 23  # ... and of a refresh's part (rows at once)
 
 
 def output_error_order(
@@ -473,7 +594,7 @@ def output_error_order(
     # weights once per call, so such a source is asked for 4x more rows at once (same values, fewer upcasts)
     slots = getattr(src, "slots", None)
     wide = 4 if slots is not None and slots < spec.top_k + 1 else 1
-    chunk = max(1, wide * (1 << 22) // (E + spec.top_k * H))
+    chunk = max(1, wide * TRIAL_ELEMENTS // (E + spec.top_k * H))
     delta = torch.zeros(
         E, dtype=torch.float64, device=dev
     )  # fixed modes: summed error increase of removing each expert
@@ -483,12 +604,20 @@ def output_error_order(
 
     def refresh(rows: torch.Tensor) -> None:
         """Recompute the routing, error and pair errors of these tokens under the current removed set."""
-        step = max(64, wide * (1 << 23) // ((2 * spec.top_k + 1) * H + E))  # rows: ~32 MB of work at once
-        for s in range(0, rows.numel(), step):
-            r = rows[s : s + step]
+        step = max(64, wide * REFRESH_ELEMENTS // ((2 * spec.top_k + 1) * H + E))  # rows: ~32 MB of work at once
+        parts = [rows[s : s + step] for s in range(0, rows.numel(), step)]
+        if spec.kind == "softmax":  # each part's k+1 best experts under the removed set (fixed while refreshing)
+            tops = [_top_softmax(r) for r in parts]
+            got = src
+            if wide > 1 and hasattr(src, "planned"):  # a bounded cache: its misses computed several parts at once
+                got = src.planned([(r, J) for r, (_, J) in zip(parts, tops, strict=True)])
+        for i, r in enumerate(parts):
             if not nonorm:
                 delta.sub_(gain(r))
-            (_refresh_softmax if spec.kind == "softmax" else _refresh_general)(r)
+            if spec.kind == "softmax":
+                _refresh_softmax(r, *tops[i], got)
+            else:
+                _refresh_general(r)
             if not nonorm:
                 delta.add_(gain(r))
 
@@ -500,12 +629,15 @@ def output_error_order(
         else:
             d2[rows] = (y - y0d(rows)).pow(2).sum(1)
 
-    def _refresh_softmax(rows: torch.Tensor) -> None:
+    def _top_softmax(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probabilities and experts [n, k+1] of each token's k+1 best routable experts."""
+        probs = torch.softmax(logits.index_select(0, rows).masked_fill(removed, float("-inf")), dim=-1)  # as route()
+        return probs.topk(min(spec.top_k + 1, E), dim=-1)
+
+    def _refresh_softmax(rows: torch.Tensor, pj: torch.Tensor, J: torch.Tensor, got: Any) -> None:
         # every removal from the top-k brings in the same (k+1)-th expert: one gather of k+1 outputs per token
         k = spec.top_k
-        probs = torch.softmax(logits.index_select(0, rows).masked_fill(removed, float("-inf")), dim=-1)  # as route()
-        pj, J = probs.topk(min(k + 1, E), dim=-1)  # [n, k+1]
-        f = src.get(rows, J)  # [n, k+1, H]
+        f = got.get(rows, J)  # [n, k+1, H]
         cur = pj[:, :k] / pj[:, :k].sum(-1, keepdim=True) if spec.norm_topk else pj[:, :k]
         _store(rows, torch.einsum("nk,nkh->nh", cur, f[:, :k]).double())
         n, kk = J.shape
@@ -531,17 +663,24 @@ def output_error_order(
     def _refresh_general(rows: torch.Tensor) -> None:
         lr = logits[rows]
         w, idx = route(lr, spec, removed, correction)
-        _store(rows, routed_output(src, rows, w, idx).double())
         a, d = _sets(lr, spec, removed, idx, correction)
-        aff[rows], dep[rows] = a, d
-        pair[rows] = 0.0
         pr, pe = a.nonzero().unbind(1)
+        trials = []  # per chunk of (token, removed expert) pairs: the routing with that expert removed too
         for s in range(0, pr.numel(), chunk):
             r, e = pr[s : s + chunk], pe[s : s + chunk]
             trial = removed.expand(r.numel(), E).clone()
             trial[torch.arange(r.numel(), device=dev), e] = True
+            trials.append((r, e, *route(lr[r], spec, trial, correction)))
+        got = src
+        if wide > 1 and hasattr(src, "planned"):  # a bounded cache: its misses computed a group of calls at a time
+            calls = routed_gets(rows, idx) + [c for r, _, _, ti in trials for c in routed_gets(rows[r], ti)]
+            got = src.planned(calls)
+        _store(rows, routed_output(got, rows, w, idx).double())
+        aff[rows], dep[rows] = a, d
+        pair[rows] = 0.0
+        for r, e, tw, ti in trials:
             tok = rows[r]
-            yt = routed_output(src, tok, *route(lr[r], spec, trial, correction)).double()  # [P, H]
+            yt = routed_output(got, tok, tw, ti).double()  # [P, H]
             if nonorm:
                 zp = Z[tok] - el[tok, e]
                 pair[tok, e] = yt.pow(2).sum(1) * zp * zp

@@ -205,8 +205,8 @@ def refittable(w_new: torch.Tensor, kept: list[int], holdout: int, min_rows: flo
 
 def fit_downs(
     hidden: Callable[[int, torch.Tensor], torch.Tensor], down: torch.Tensor, kept: list[int], w_new: torch.Tensor,
-    y0: torch.Tensor, y_new: torch.Tensor, ridge: float = 1e-3, kept_only: bool = False, holdout: int = 0,
-    min_rows: float = 0.0,
+    y0: torch.Tensor, y_new: torch.Tensor | None, ridge: float = 1e-3, kept_only: bool = False, holdout: int = 0,
+    min_rows: float = 0.0, resid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Down projections of the kept experts by ridge least squares, one kept expert at a time (Gauss-Seidel: each
     fit sees the others' already refitted outputs).
@@ -226,8 +226,11 @@ def fit_downs(
     original layer and of the pruned one with the original downs. Returns ([E, H, I] in down's dtype, removed
     experts' rows unchanged, or with ``kept_only`` [len(kept), H, I] float32 in the order of ``kept`` (a layer held
     in bf16 needs no float32 copy of every down projection); the pruned layer's routed output with the new downs
-    [T, H] float32)."""
-    resid = y0.float() - y_new.float()  # [T, H] what the pruned layer misses, updated after each fit
+    [T, H] float32). ``resid``: y0 - y_new [T, H] float32 computed by the caller (then ``y_new`` is None), which may
+    so let go of y_new during the fit; it is updated in place and becomes the returned output."""
+    if resid is None:
+        assert y_new is not None
+        resid = y0.float() - y_new.float()  # [T, H] what the pruned layer misses, updated after each fit
     if kept_only:
         cur = torch.empty((len(kept), *down.shape[1:]), dtype=torch.float32, device=down.device)  # [k, H, I]
     else:
@@ -244,7 +247,12 @@ def fit_downs(
             continue
         a = w_new[on, e, None].float() * hidden(e, on)  # [t, I] the weighted activations
         old = cur[i].float()
-        new = (old + ridge_step(a[fit], resid[on[fit]], ridge).T).to(cur.dtype)  # [H, I]
+        if bool(fit.all()):  # (no copies of a and of the residual's rows when every routed token fits: the same values)
+            step = ridge_step(a, resid if on.numel() == resid.shape[0] else resid[on], ridge)
+        else:
+            step = ridge_step(a[fit], resid[on[fit]], ridge)
+        new = (old + step.T).to(cur.dtype)  # [H, I]
+        del step
         change = a @ (new.float() - old).T  # [t, H] the expert's output change on its tokens
         if holdout > 1:
             r = resid[on[~fit]]  # [n, H] held-out residuals
@@ -252,7 +260,7 @@ def fit_downs(
                 continue
         cur[i] = new
         resid.index_add_(0, on, change, alpha=-1.0)
-    return cur, y0.float() - resid
+    return cur, resid.neg_().add_(y0.float())  # y0 - resid, bit for bit, in place
 
 
 def ridge_step(a: torch.Tensor, resid: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:

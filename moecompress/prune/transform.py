@@ -319,17 +319,22 @@ class PruneTransform(Transform):
             # kept downs ([k, H, I]: 400 MB on a Qwen3-30B layer) is not made; the output is the same (the synthetic
             # 30B-shaped layer at the default --error-tokens does refit: some kept experts pass the guard)
             if refits_any(w_dense, keep, view.down.shape[2], self.opts.refit_min_rows):
+                resid = y0.float() - y_p.float()  # (fit_downs' own first step: y_p is not held through the fit)
+                del y_p
+                probe("prune: down refit")
                 downs, y_p = fit_downs(
                     src.hidden_of,
                     view.down,
                     keep,
                     w_dense,
                     y0,
-                    y_p,
+                    None,
                     kept_only=True,
                     holdout=self.opts.refit_holdout,
                     min_rows=self.opts.refit_min_rows,
+                    resid=resid,
                 )
+                del resid
             else:
                 y_p = y0.float() - (y0.float() - y_p.float())  # what fit_downs returns when it refits nothing
             stats["error_after_down"] = _sq_error(y_p, y0) / y0sq

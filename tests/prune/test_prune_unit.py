@@ -536,3 +536,70 @@ def test_greedy_with_one_cached_slot_equals_the_full_cache(spec):
     assert [s[0] for s in runs[0]] == [s[0] for s in runs[1]]
     assert [s[1] for s in runs[0]] == pytest.approx([s[1] for s in runs[1]], rel=1e-6, abs=1e-12)
     torch.testing.assert_close(hidden[0], hidden[1])
+
+
+class _OneByOne:
+    """The cache without ``planned``: every get computes its own misses (the search's path before PlannedGets)."""
+
+    def __init__(self, src):
+        self.src, self.slots = src, src.slots
+
+    def get(self, rows, idx):
+        return self.src.get(rows, idx)
+
+    def release(self, e):
+        self.src.release(e)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["softmax", "softmax-no-norm", "groups", "groups-topk2"])
+@pytest.mark.parametrize("hidden", [False, True], ids=["outputs", "hidden"])
+@pytest.mark.parametrize("plan_bytes", [1, 1 << 30], ids=["call-per-group", "one-group"])
+def test_planned_misses_give_the_search_bit_for_bit(monkeypatch, spec, hidden, plan_bytes):
+    """A cache below k+1 slots answers the search's refresh calls a group at a time (PlannedGets: each missed expert
+    upcast once per group): the same order and costs bit for bit, the same pairs kept with the same values."""
+    import moecompress.prune.order as order
+
+    monkeypatch.setattr(order, "TRIAL_ELEMENTS", 200)  # several parts and trial chunks per refresh
+    monkeypatch.setattr(order, "REFRESH_ELEMENTS", 400)
+    monkeypatch.setattr(order, "PLAN_BYTES", plan_bytes)
+    x, gate, up, down, logits, corr = _experts(5)
+    corr = corr if spec.kind != "softmax" else None
+    n = 6 if spec.n_group == 1 else 4
+    runs, srcs, planned = [], [], []
+    real = ExpertOutputs.planned
+    monkeypatch.setattr(ExpertOutputs, "planned", lambda self, calls: planned.append(len(calls)) or real(self, calls))
+    for one_by_one in (False, True):
+        src = ExpertOutputs(x, gate, up, down, router_choice(logits, spec, corr), 1, hidden=hidden)
+        got = output_error_order(_OneByOne(src) if one_by_one else src, logits, spec, set(), n, corr)
+        runs.append([(s.experts, s.cost) for s in got])
+        srcs.append(src)
+    assert planned and max(planned) > 1  # the planned path ran, with several calls per plan
+    assert runs[0] == runs[1] and len(runs[0]) == n // spec.n_group
+    a, b = srcs
+    assert torch.equal(a.slot, b.slot) and torch.equal(a.owner, b.owner) and torch.equal(a.cache, b.cache)
+    assert (a.hcache is None) == (not hidden) and (not hidden or torch.equal(a.hcache, b.hcache))
+    plan = a.planned([(torch.arange(3), torch.zeros(3, 1, dtype=torch.long))])
+    with pytest.raises(RuntimeError, match="other than the planned"):
+        plan.get(torch.arange(2), torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_fit_downs_when_every_token_fits_is_the_copying_fit_bit_for_bit():
+    """Every token routed to every kept expert (8 of 16 kept at top-8) and no hold-out: the fit reads the residual
+    and the activations without copying their rows; the downs and the output are those of the copied rows."""
+    g = torch.Generator().manual_seed(7)
+    T, E, H, I = 96, 4, 16, 8
+    down = torch.randn(E, H, I, generator=g)
+    kept = [0, 2]
+    w = torch.zeros(T, E)
+    w[:, kept] = torch.rand(T, 2, generator=g) + 0.1
+    w[5, 2] = 0.0  # expert 2 misses a token: its rows are gathered (the copying path)
+    hs = torch.randn(E, T, I, generator=g)
+    y0, yn = torch.randn(T, H, generator=g), torch.randn(T, H, generator=g)
+    got, y = fit_downs(lambda e, rows: hs[e][rows], down, kept, w, y0, yn, kept_only=True)
+    resid, ref = y0 - yn, torch.empty(2, H, I)
+    for j, e in enumerate(kept):  # the fit as it was: rows copied
+        on = (w[:, e] > 0).nonzero().squeeze(1)
+        a = w[on, e, None] * hs[e][on]
+        ref[j] = down[e] + ridge_step(a[torch.ones(on.numel(), dtype=torch.bool)], resid[on]).T
+        resid.index_add_(0, on, a @ (ref[j] - down[e]).T, alpha=-1.0)
+    assert torch.equal(got, ref) and torch.equal(y, y0 - resid)
