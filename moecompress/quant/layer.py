@@ -29,6 +29,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from moecompress.quant.gptq import (
     prepare_hessian_batched,
 )
 from moecompress.quant.pack import pack_int32, packed_cols, unpack_int32
+from moecompress.quant.rowfile import RowFile
 from moecompress.quant.rtn import DEFAULT_CLIP_GRID, dequantize, group_size_for, rtn_quantize
 
 
@@ -357,15 +359,21 @@ class PackedCodes:
         g_i: int,
         scale_dtype: torch.dtype,
         gate_up: tuple[torch.Tensor, torch.Tensor] | None = None,
+        folder: str | Path | None = None,
     ) -> PackedCodes:
-        """Unset codes of ``E`` experts (``gate_up``: packed gate/up codes and scales to share, else new ones)."""
+        """Unset codes of ``E`` experts (``gate_up``: packed gate/up codes and scales to share, else new ones);
+        with ``folder``, each field a :class:`RowFile` there (rows written and read one expert at a time)."""
         H, I = hidden, width
+
+        def new(*shape: int, dtype: torch.dtype) -> Any:
+            return torch.empty(*shape, dtype=dtype) if folder is None else RowFile(shape, dtype, folder)
+
         gu = gate_up or (
-            torch.empty(E, 2 * I, packed_cols(H, bits), dtype=torch.int32),
-            torch.empty(E, 2 * I, H // g_h, dtype=scale_dtype),
+            new(E, 2 * I, packed_cols(H, bits), dtype=torch.int32),
+            new(E, 2 * I, H // g_h, dtype=scale_dtype),
         )
-        dn = torch.empty(E, H, packed_cols(I, down_bits), dtype=torch.int32)
-        return cls(bits, down_bits, g_h, g_i, *gu, dn, torch.empty(E, H, I // g_i, dtype=scale_dtype), H, I)
+        dn = new(E, H, packed_cols(I, down_bits), dtype=torch.int32)
+        return cls(bits, down_bits, g_h, g_i, *gu, dn, new(E, H, I // g_i, dtype=scale_dtype), H, I)
 
     @classmethod
     def of(cls, qe: QuantizedExperts, gate_up: torch.Tensor | None = None) -> PackedCodes:
@@ -446,6 +454,7 @@ def quantize_layer(
     chunk: int | None = None,
     packed: bool = False,
     batched: bool | None = None,
+    spill: str | Path | None = None,
 ) -> tuple[dict[Width, Any], list[str], torch.Tensor | None]:
     """Quantize every routed expert of a layer at every width in ``widths``.
 
@@ -459,7 +468,9 @@ def quantize_layer(
     quantized at its width only (a bit plan's write); the rows of the other widths' codes are left unset for it.
 
     ``packed``: the codes are :class:`PackedCodes` (each expert packed as it is quantized: ``bits / 8`` bytes per
-    weight, never an int8 copy of the layer), else :class:`QuantizedExperts` (int8 codes).
+    weight, never an int8 copy of the layer), else :class:`QuantizedExperts` (int8 codes). ``spill`` (a folder,
+    with ``packed``, in one process): the codes' fields are :class:`~moecompress.quant.rowfile.RowFile` s there,
+    each expert's rows written as they are made (host memory holds none of the layer's codes; the same bits).
 
     Memory: Hessians exist for ``chunk`` experts at a time (default :func:`hessian_chunk`, from ``--max-memory``
     or the device's free memory, and from the layer's size), built from the captured inputs per chunk.
@@ -484,10 +495,12 @@ def quantize_layer(
     dev = cap.device if cap is not None else torch.device("cpu")
     pairs = {w: split_width(w) for w in widths}
     out: dict[Width, Any] = {}
+    if spill is not None and (not packed or dist.world() > 1):
+        raise ValueError("spilled codes are packed, in one process")
     if packed:
         gu_packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # gate/up codes once per gate/up width
         for w, (bg, bd) in pairs.items():
-            out[w] = PackedCodes.empty(E, H, I, bg, bd, g_h, g_i, scale_dtype, gu_packed.get(bg))
+            out[w] = PackedCodes.empty(E, H, I, bg, bd, g_h, g_i, scale_dtype, gu_packed.get(bg), spill)
             gu_packed[bg] = out[w].gate_up, out[w].gate_up_s
         gu_codes = {q.bits: (q.gate_up, q.gate_up_s) for q in out.values()}
     else:
@@ -658,7 +671,8 @@ def quantize_layer(
             one_expert(e, None if k is None else h_gu[k], None if (k is None or h_dn is None) else h_dn[k])
         del h_gu, h_dn
     for t in [t for c in gu_codes.values() for t in c] + [t for d in down_of.values() for t in d]:
-        dist.fill_rows_(t, E)  # every rank gets every expert's codes (a no-op in one process)
+        if spill is None:  # (spilled codes are made in one process)
+            dist.fill_rows_(t, E)  # every rank gets every expert's codes (a no-op in one process)
     if err is not None:
         dist.fill_rows_(err, E)
         err /= max(cap.tokens, 1)

@@ -7,11 +7,13 @@ Three modes, each a short function over the engine (quant/transform.py):
 - LP (``--plan lp``): the plan needs every layer's measurements first, so two passes: ``MeasureTransform`` (errors
   at every candidate width, token counts, sensitivity probes), ``make_plan`` (quant/plan.py), then
   ``QuantTransform(plan)`` writes each expert at its planned width. The measuring pass keeps every width's codes,
-  packed as written (2 + 3 + 4 + 8 bits per weight), when they fit in half of --max-memory (else half of the
-  host's available memory; ``max_cache_bytes`` overrides), and the write pass then just streams the layers through
-  (no windows); above it, when one layer's codes fit, they are spilled to one temporary file per layer (quant/
-  codecache.py: one layer in memory; where the temporary disk has twice their size free); otherwise (or with
-  propagation) the write pass quantizes again on the same inputs: the same codes.
+  packed as written (2 + 3 + 4 + 8 bits per weight), and the write pass then just streams the layers through (no
+  windows). In memory when they fit in half of --max-memory (else half of the host's available memory) and in a
+  quarter of one MoE layer's routed weights or 256 MiB (``code_memory_bound``; ``max_cache_bytes`` overrides, 0:
+  none kept); above it they go to temporary files as each expert is quantized (quant/codecache.py, quant/
+  rowfile.py: no layer's codes in memory, the probes and the write pass read the rows they use; where the
+  temporary disk has twice their size free); otherwise (or with propagation) the write pass quantizes again on the
+  same inputs: the same codes.
 - plan only (``--plan-only``): the measurement and the plan, written to OUTPUT/bit_plan.json.
 
 GPTQ (quant/gptq.py, quant/layer.py): static act-order with the plain group layout, Hessian-diagonal-weighted scale
@@ -41,6 +43,7 @@ from ..core.job import Job
 from ..core.manifest import Manifest
 from ..core.output import Output
 from ..core.writer import atomic_dir
+from . import keys
 from .layer import GPTQOptions, Width, split_width
 from .mxfp4 import check_options, run_mxfp4, writes_mxfp4
 from .plan import (  # noqa: F401  (Layout, layer_sensitivity, option_sensitivity, scale_dtype_of: the bench's API)
@@ -57,17 +60,28 @@ from .plan import (  # noqa: F401  (Layout, layer_sensitivity, option_sensitivit
     option_sensitivity,
     scale_dtype_of,
 )
-from .transform import MeasureTransform, PackedCodes, QuantTransform
+from .transform import DTYPES, MeasureTransform, PackedCodes, QuantTransform
 
 CODE_CACHE_FRACTION = 0.5  # of --max-memory, else of the host's available memory: the LP's kept codes
+# ... and of one MoE layer's routed weights (as on disk), at least CODE_MEMORY_FLOOR: the codes at every candidate
+# width are ~17 bits per weight, more than a bf16 layer, so held in memory they alone would pass the bound of
+# 2.5 layers (Qwen3-30B layer: 1.19 GB beside 1.2 GB); past this they go to files as they are made
+CODE_LAYER_FRACTION = 0.25
+CODE_MEMORY_FLOOR = 256 * 2**20
 
 
 def code_cache_bound() -> int:
-    """Bytes the measuring pass may keep in codes for the write pass (see the module doc)."""
+    """Bytes the measuring pass may keep in codes for the write pass by the memory limit (see the module doc)."""
     from ..core.limits import host_available_bytes, memory_limit
 
     limit = memory_limit()
     return int((limit if limit is not None else host_available_bytes()) * CODE_CACHE_FRACTION)
+
+
+def code_memory_bound(layer_bytes: int) -> int:
+    """Bytes of codes the measuring pass may hold in memory: :func:`code_cache_bound`, and at most
+    ``CODE_LAYER_FRACTION`` of one MoE layer's routed weights (``layer_bytes``) or ``CODE_MEMORY_FLOOR``."""
+    return min(code_cache_bound(), max(CODE_MEMORY_FLOOR, int(CODE_LAYER_FRACTION * layer_bytes)))
 
 
 @dataclass(frozen=True)
@@ -95,7 +109,7 @@ class QuantOptions:
     opts: GPTQOptions = field(default_factory=GPTQOptions)
     cost_model: str = "kl"
     protect: bool = True
-    max_cache_bytes: int | None = None  # the measuring pass keeps every width's codes up to this (code_cache_bound)
+    max_cache_bytes: int | None = None  # codes in memory up to this, past it in files (code_memory_bound); 0: none kept
 
     def check(self) -> None:
         _validate(self.bits, self.budget_gb, self.plan, self.method, self.granularity, self.other_bits)
@@ -335,15 +349,20 @@ def _measure_pass(r: _Run, tokens: TokenSet | None) -> dict[str, Any]:
         return {"err": None, "counts": None, "max_abs": None, "probe_kl": None, "used": used}
     probes = PROBE_WIDTHS if (o.plan == "lp" and o.cost_model == "kl") else ()
     lay = r.lay
-    bound = o.max_cache_bytes if o.max_cache_bytes is not None else code_cache_bound()
-    total = PackedCodes.estimate(len(lay.moe) * lay.E * 3 * lay.I * lay.H, o.widths)
-    fits = total <= bound
-    # past the bound, one layer's codes at a time in memory and the rest in files, where the disk has room twice
-    spill = not fits and PackedCodes.estimate(lay.E * 3 * lay.I * lay.H, o.widths) <= bound and 2 * total <= _free_tmp()
-    keep = (fits or spill) and not o.propagate and not o.plan_only  # propagated writes see other inputs: other codes
+    weights = lay.E * 3 * lay.I * lay.H  # one MoE layer's routed weights
+    layer_bytes = weights * DTYPES.get(keys.expert_info(r.ckpt, lay.moe[0], 0)[1], torch.float32).itemsize
+    bound = o.max_cache_bytes if o.max_cache_bytes is not None else code_memory_bound(layer_bytes)
+    one = PackedCodes.estimate(weights, o.widths)  # one layer's codes at every width (17 bits/weight for WIDTHS)
+    total = one * len(lay.moe)
+    # propagated writes see other inputs, so other codes: none kept; max_cache_bytes=0 keeps none either
+    keep = not o.propagate and not o.plan_only and bound > 0
+    held = total if keep else one  # what the measuring pass holds in memory
+    # past the bound, the codes go to files as they are made, where the disk has room for them twice
+    spill = held > bound and 2 * held <= _free_tmp()
+    keep = keep and (spill or total <= bound)  # else (no disk room) the write pass quantizes again
     return measure(
         r.ckpt, tokens, o.widths, o.method, o.min_tokens, o.batch_size, r.job.device, o.opts, probes, keep,
-        spill_codes=spill and keep,
+        spill_codes=spill,
     )  # fmt: skip
 
 

@@ -322,7 +322,9 @@ class MeasureTransform(Transform):
     ``emit=probe_layer``, then ``probe_kl(engine)``). Results by layer in ``err``, ``counts``, ``max_abs``,
     ``used``; with ``keep_codes``, every width's codes in ``codes``, packed as written (``PackedCodes``: bits / 8
     bytes per expert weight per width) for a write pass that gets them instead of quantizing again
-    (``QuantTransform(codes=...)``); with ``spill_codes`` they go to one file per layer (``CodeCache``)."""
+    (``QuantTransform(codes=...)``); with ``spill_codes`` every width's codes go to files as each expert is
+    quantized (``CodeCache``, quant/rowfile.py: host memory holds none of them, kept or not; the probes read their
+    widths back from the files)."""
 
     name = "quantize"
     reads_narrow = True  # expert weights are upcast per expert where used (core/stream.py narrow)
@@ -341,6 +343,8 @@ class MeasureTransform(Transform):
     ):
         self.widths, self.method, self.min_tokens = tuple(widths), method, min_tokens
         self.codes = CodeCache(spill_codes) if keep_codes else None  # (layer, width) -> PackedCodes
+        # where the layer's codes are made when spilled (files of codes not kept go when the layer's are dropped)
+        self._spill = (self.codes if self.codes is not None else CodeCache(True)) if spill_codes else None
         self.opts = opts or GPTQOptions()
         # a probe at b bits uses the width b, or the option (b, b)
         self._probe = {b: w for b in probe_widths for w in (b, (b, b)) if w in self.widths}
@@ -364,7 +368,7 @@ class MeasureTransform(Transform):
         cap = capture_layer(ctx, self.method == "gptq" and not self.opts.sequential, self.opts.weighted)
         codes, used, err = quantize_layer(
             gu, dn, ctx.experts.act_fn, self.widths, self.method, cap, self.min_tokens, self.scale_dtype,
-            self.weight_dtype, self.opts, True, packed=True,
+            self.weight_dtype, self.opts, True, packed=True, spill=None if self._spill is None else self._spill.folder,
         )  # fmt: skip
         l = ctx.index
         self.used[l], self.counts[l], self.max_abs[l] = used, cap.counts.numpy(), cap.max_abs.numpy()
