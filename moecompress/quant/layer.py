@@ -534,36 +534,46 @@ def quantize_layer(
         kw["refine"] = opts.refine
         return gptq_quantize(w, None, bits, g, scale_dtype, opts.damp, **kw)
 
-    def one_expert(e: int, h_gu: torch.Tensor | None, h_dn: torch.Tensor | None) -> None:
+    def one_expert(e: int, hess: list[torch.Tensor | None]) -> None:
+        """Expert ``e`` at its widths; ``hess`` = [its gate/up Hessian, its down Hessian] (None: RTN / not
+        needed), taken out of the list so that, where the caller holds no other reference (a chunk's last
+        expert), they are freed here once used."""
         gptq = gptq_e[e]
+        h_gu, h_dn = hess
+        hess.clear()
         # the chunk's Hessians are used once each: factorized in place (no copy of them), before the expert's
         # float32 weights and routed inputs exist (the factorization's peak, ~4 [H, H], then holds only the Hessian)
         ph_gu = prepare_hessian(h_gu, opts.damp, opts.actorder, opts.refine, inplace=True) if gptq else None
         ph_dn = None
         if gptq and not opts.sequential:
             ph_dn = prepare_hessian(h_dn, opts.damp, opts.actorder, opts.refine, inplace=True)
+        del h_gu, h_dn  # (held by the prepared Hessians while they are)
         gu = gate_up[e].to(dev).float()  # [2I, H]
-        dn = down[e].to(dev).float()  # [H, I]
         xe = pe = None
         ref: list[torch.Tensor | None] = [None]
         if cap is not None and (with_err or (gptq and opts.sequential)):
             xe, pe = cap.routed(e)
-            ref[0] = _expert_out(gu, dn, act, xe)[1] if with_err else None
+            ref[0] = _expert_out(gu, down[e].to(dev).float(), act, xe)[1] if with_err else None
         mine_w = [w for w in widths if expert_widths is None or expert_widths[e] == w]
         bgs = list(dict.fromkeys(pairs[w][0] for w in mine_w))
         for bg in bgs:  # gate/up once per width, then each down width
             q1, s1 = quantize_one(gu, bg, g_h, ph_gu)
             gu_codes[bg][0][e], gu_codes[bg][1][e] = store(q1, bg), s1.cpu()
             gu_q = dequantize(q1, s1, g_h, weight_dtype).float()
+            del q1, s1
             hq = None
             if xe is not None:
                 hq = fused_hidden(xe, gu_q, act)  # [n, I] hidden of the quantized gate/up (no down_proj output)
                 if bg == bgs[-1]:
                     xe = None  # the routed inputs' last use: not held through the error measure
+            del gu_q
+            if bg == bgs[-1]:  # gate/up's last use: its weights and factorized Hessian are not held through down's
+                gu = ph_gu = None  # GPTQ (at DeepSeek-V3 dims, [H, H] twice and [2I, H]: ~0.5 GiB)
             if gptq and opts.sequential:
                 hw = hq * pe.unsqueeze(-1) if opts.weighted else hq
                 ph_dn = prepare_hessian(hw.T @ hw, opts.damp, opts.actorder, opts.refine, inplace=True)
                 del hw
+            dn = down[e].to(dev).float()  # [H, I] (upcast here: not held through gate/up's GPTQ)
             downs = [w for w in mine_w if pairs[w][0] == bg]
             for w in downs:
                 j = widths.index(w)
@@ -572,6 +582,9 @@ def quantize_layer(
                 if err is not None and hq.shape[0]:
                     dn_q = dequantize(q2, s2, g_i, weight_dtype).float()
                     err[e, j] = _output_err(hq, dn_q, ref, 0, pe, bg == bgs[-1] and w == downs[-1])
+                    del dn_q
+                del q2, s2
+            del dn
 
     def expert_batch(es: list[int], h_gu: torch.Tensor, h_dn: torch.Tensor | None) -> None:
         """:func:`one_expert` for the GPTQ experts ``es`` (one set of widths), each GPTQ a batched call over them:
@@ -607,6 +620,8 @@ def quantize_layer(
                     h_seq[k] = hw.T @ hw
                     del hw
             del q1, s1
+            if bg == bgs[-1]:  # gate/up's last use: not held through down's GPTQ
+                gu = ph_gu = None
             if h_seq is not None:
                 ph_dn = prepare_hessian_batched(h_seq, opts.damp, opts.actorder, opts.refine, inplace=True, step=step)
             downs = [w for w in mine_w if pairs[w][0] == bg]
@@ -668,7 +683,10 @@ def quantize_layer(
             ids = [e for e in ids if e not in hs]  # the RTN experts, one by one below
         for e in ids:
             k = hs.index(e) if e in hs else None
-            one_expert(e, None if k is None else h_gu[k], None if (k is None or h_dn is None) else h_dn[k])
+            hess = [None if k is None else h_gu[k], None if (k is None or h_dn is None) else h_dn[k]]
+            if hs and e == hs[-1]:  # the chunk's last GPTQ expert: its Hessians go when that expert is done with
+                h_gu = h_dn = None  # them (with one expert a chunk, as at DeepSeek-V3 dims, each expert's)
+            one_expert(e, hess)
         del h_gu, h_dn
     for t in [t for c in gu_codes.values() for t in c] + [t for d in down_of.values() for t in d]:
         if spill is None:  # (spilled codes are made in one process)
