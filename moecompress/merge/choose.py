@@ -42,11 +42,13 @@ import torch
 
 from moecompress.core.experts import Act, expert_forward
 from moecompress.core.families import MoEWeights
+from moecompress.core.memprobe import probe
 from moecompress.merge.align import EXACT_BLOCK, activations, align_cluster
+from moecompress.merge.held import Held, HeldOutputs
 from moecompress.merge.refit import lstsq_down
 from moecompress.merge.router import RouterFitter
 from moecompress.merge.subspace import merge_average, merge_subspace
-from moecompress.prune.order import ExpertOutputs, RouterSpec, output_error_order, route, routed_output, router_choice
+from moecompress.prune.order import RouterSpec, output_error_order, route, routed_output, router_choice
 from moecompress.prune.refit import HOLDOUT, MIN_ROWS, dense_weights, fit_downs, refittable
 
 # the trials' [rows, k, H] float32 blocks (gathered expert outputs) are made this many bytes at a time
@@ -99,19 +101,21 @@ class LayerFit:
         once, so it is measured as it will be written (default: the dtypes of ``w``)."""
         self.w, self.spec, self.act = w, spec, act  # act: the experts' activation
         self.dtypes = dtypes or {k: v.dtype for k, v in vars(w).items() if v is not None}
-        self.x = torch.cat([x_fit, x_eval]).float()  # [T, H]
+        self.x = _joined(x_fit, x_eval)  # [T, H]
         self.n_fit = x_fit.shape[0]
+        self.router = None
+        if w.correction_bias is None:  # first: its Gram matrix and factor ([H+1, H+1] float64 each, 411 MB at H 7168)
+            # are made while none of the outputs below is held
+            dts = (self.dtypes["router"], self.dtypes.get("router_bias"))
+            self.router = RouterFitter(self.x[: self.n_fit], w.router, w.router_bias, dtypes=dts)
         self.logits0 = self._logits(w.router, w.router_bias)  # [T, E]
         rank = router_choice(self.logits0, spec, w.correction_bias)
-        self.src = ExpertOutputs(self.x, w.gate, w.up, w.down, rank, spec.top_k + 1, act)
+        # past ``held.HELD_BYTES`` the cache [T, k+1, H] is in a file, its pages dropped after each block of work
+        self.src = HeldOutputs(self.x, w.gate, w.up, w.down, rank, spec.top_k + 1, act)
         rows = torch.arange(self.x.shape[0], device=self.x.device)
         w0, idx0 = route(self.logits0, spec, None, w.correction_bias)
         self.y = routed_output(self.src, rows, w0, idx0)  # [T, H] in row blocks: no [T, k, H] temporaries
         self.norm = max(float(self.y[self.n_fit :].double().pow(2).sum()), 1e-30)
-        self.router = None
-        if w.correction_bias is None:
-            dts = (self.dtypes["router"], self.dtypes.get("router_bias"))
-            self.router = RouterFitter(x_fit, w.router, w.router_bias, dtypes=dts)
 
     def _logits(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         logits = self.x @ rows.float().T
@@ -143,14 +147,24 @@ class LayerFit:
 
     def _routed_sum(self, idx: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
         """sum_k wts[t, k] f_{idx[t, k]}(x_t) [T, H] from the cached original outputs: what ``_Routed`` sums from
-        ``src.get(every row, idx)``, bit for bit, without its [T, k, H] copy. The pairs not cached are computed in
-        one ``get`` as that call computes (and keeps) them, since an expert's outputs on other row sets may differ in
-        the last bits; the rest is gathered and summed in ``_Routed``'s row blocks (each row's sum is the same)."""
+        ``src.get(every row, idx)``, bit for bit, without its [T, k, H] copy. The pairs not cached are computed as
+        that call computes (and keeps) them, since an expert's outputs on other row sets may differ in the last bits:
+        each expert on all its missed rows at once, in ascending expert order (one ``get`` per expert: the same
+        calls, and the same free slots taken, as one ``get`` of every missed pair, without holding all of them
+        [M, H] three times over; they are held in a ``Held`` tensor, past ``held.HELD_BYTES`` in a file); the rest
+        is gathered and summed in ``_Routed``'s row blocks (each row's sum is the same)."""
         src, (T, k), H = self.src, idx.shape, self.x.shape[1]
         rows = torch.arange(T, device=idx.device)
         slot = src.slot[rows[:, None], idx]  # [T, k] (-1: not cached), read before the misses are kept
-        pr, pk = (slot < 0).nonzero().unbind(1)
-        missed = src.get(rows[pr], idx[pr, pk][:, None])[:, 0] if pr.numel() else None  # [M, H]
+        pr, pk = (slot < 0).nonzero().unbind(1)  # sorted by row: each expert's missed rows ascending
+        missed = None
+        if pr.numel():
+            missed = Held.empty((pr.numel(), H), self.x.device)  # [M, H]
+            ex = idx[pr, pk]
+            for e in ex.unique().tolist():
+                sel = (ex == e).nonzero()[:, 0]
+                missed.t[sel] = src.get(rows[pr[sel]], torch.full_like(sel, e)[:, None])[:, 0]
+                missed.drop()
         at = torch.full_like(slot, -1, dtype=torch.long)  # [T, k] the row of ``missed`` for each missed pair
         at[pr, pk] = torch.arange(pr.numel(), device=at.device)
         cached = src.cache.view(-1, src.cache.shape[-1])  # [T c, H]
@@ -160,9 +174,11 @@ class LayerFit:
         for r0 in range(0, T, step):
             r1 = r0 + step
             out = cached.index_select(0, flat[r0:r1].reshape(-1)).view(-1, k, H)  # [c, k, H]
+            src.drop()
             if missed is not None:
                 r, s = (at[r0:r1] >= 0).nonzero().unbind(1)
-                out[r, s] = missed[at[r0:r1][r, s]]
+                out[r, s] = missed.t[at[r0:r1][r, s]]
+                missed.drop()
             yc[r0:r1] = (out * wts[r0:r1, :, None]).sum(1)
         return yc
 
@@ -218,30 +234,61 @@ class LayerFit:
         corr = None if chosen[0].corr is None else torch.stack([c.corr for c in chosen])
         logits = self._logits(rows, bias)  # [T, K]
         wts, idx = route(logits, self.spec, None, corr)
-        outs = torch.empty(*idx.shape, self.x.shape[1], device=self.x.device)  # [T, k, H]
+        held = Held.empty((*idx.shape, self.x.shape[1]), self.x.device)  # [T, k, H] (in a file past HELD_BYTES)
         for j, c in enumerate(chosen):
             r, s = (idx == j).nonzero().unbind(1)
             if r.numel():
-                outs[r, s] = torch.nn.functional.linear(self.hidden(c, r), c.down.float())
-        return _Routed(self, logits, corr, wts, idx, outs)
+                held.t[r, s] = torch.nn.functional.linear(self.hidden(c, r), c.down.float())
+                held.drop()
+        return _Routed(self, logits, corr, wts, idx, held)
+
+
+def _joined(x_fit: torch.Tensor, x_eval: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([x_fit, x_eval]).float()``: without a copy when both are the two consecutive parts of one contiguous
+    float32 tensor (``layer.choose_layer`` gathers the fit and measure rows at once), that tensor."""
+    base = x_fit._base
+    if (
+        base is not None and x_eval._base is base and base.dtype == torch.float32 and base.is_contiguous()
+        and x_fit.data_ptr() == base.data_ptr() and x_eval.data_ptr() == base.data_ptr() + x_fit.nbytes
+        and base.shape[0] == x_fit.shape[0] + x_eval.shape[0]
+    ):  # fmt: skip
+        return base
+    return torch.cat([x_fit, x_eval]).float()
 
 
 class _Routed:
     """The merged layer under construction on all T tokens: logits [T, K], correction bias [K], routing (wts, idx)
-    [T, k], each routed expert's output [T, k, H], the routed output [T, H] and its squared error [T] to y."""
+    [T, k], each routed expert's output [T, k, H] (``Held``: past ``held.HELD_BYTES`` in a file, worked on a row
+    block at a time, each block's pages dropped after it), the routed output [T, H] and its squared error [T] to y."""
 
-    def __init__(self, fit: LayerFit, logits, corr, wts, idx, outs, yc=None):
+    def __init__(self, fit: LayerFit, logits, corr, wts, idx, outs: Held | torch.Tensor | None, yc=None):
         """``outs`` None: a state without expert outputs, its routed output ``yc`` given (``LayerFit.start``)."""
-        self.fit, self.logits, self.corr, self.wts, self.idx, self.outs = fit, logits, corr, wts, idx, outs
+        self.fit, self.logits, self.corr, self.wts, self.idx = fit, logits, corr, wts, idx
+        self.outs = outs
         if yc is None:
+            outs = self.outs
             yc = torch.empty(outs.shape[0], outs.shape[2], device=outs.device)  # [T, H]
             step = self._chunk()
             for r0 in range(0, outs.shape[0], step):  # no [T, k, H] product (each row's sum is the same)
                 yc[r0 : r0 + step] = (outs[r0 : r0 + step] * wts[r0 : r0 + step, :, None]).sum(1)
+                self.drop()
         self.yc = yc
         self.d2 = _sq_err(self.yc, fit.y)  # [T]
         m = slice(fit.n_fit, None)
         self.err = float(self.d2[m].sum()) / fit.norm
+
+    @property
+    def outs(self) -> torch.Tensor | None:
+        return None if self.held is None else self.held.t
+
+    @outs.setter
+    def outs(self, outs: Held | torch.Tensor | None) -> None:
+        self.held = outs if outs is None or isinstance(outs, Held) else Held(outs)
+
+    def drop(self) -> None:
+        """After a block of work on ``outs``: its pages leave the process when it is in a file."""
+        if self.held is not None:
+            self.held.drop()
 
     def trial(
         self, j: int, cand: Candidate, chosen: list[Candidate], plain: str | None, refit: str | None
@@ -290,6 +337,7 @@ class _Routed:
         for r0 in range(0, rows.shape[0], step):
             r1 = r0 + step
             others[r0:r1] = (self._outs_of(rows, gather, r0, r1) * wo[r0:r1, :, None]).sum(1)
+            self.drop()
         jr, js = mine.nonzero().unbind(1)  # the changed rows routed to j, and j's slot there
         h = fit.hidden(cand, rows[jr])  # [nj, I]
         s = w_new[jr, js]  # [nj] j's routing weight
@@ -313,9 +361,9 @@ class _Routed:
         for c, down in downs:
             out_j = torch.nn.functional.linear(h, down.float())  # [nj, H]
             # the version's outputs are the gathered ones with j's slots set to out_j: ``accept`` writes both
-            yn = others.clone()
-            yn.index_add_(0, jr, s[:, None] * out_j)  # [n, H]
+            yn = _with_j(others, jr, s, out_j)  # [n, H]
             d2n = _sq_err(yn, fit.y, rows)  # [n]
+            del yn  # made again by ``accept`` (the same operations): no version holds an [n, H] of its own
             m = rows >= fit.n_fit
             if d2_all is not None:
                 base = float(d2_all[fit.n_fit :].sum()) - float(d2_all[rows[m]].sum())
@@ -332,7 +380,7 @@ class _Routed:
             sd = max(float(delta.pow(2).sum()) / n_m - mean * mean, 0.0) ** 0.5
             se = sd / n_m**0.5 * n_m / fit.norm  # on the scale of ``err``
             versions.append(
-                _Trial(c, err, j, logits, corr, w2, idx2, rows, gather, yn, d2n, scale, se, (jr, js, out_j))
+                _Trial(c, err, j, logits, corr, w2, idx2, rows, gather, others, s, d2n, scale, se, (jr, js, out_j))
             )
         return versions
 
@@ -352,10 +400,12 @@ class _Routed:
             s = self.wts[jr, js]  # [n]
             h = fit.hidden(c, jr)  # [n, I]
             others = self.yc[jr] - s[:, None] * self.outs[jr, js]  # [n, H]
+            self.drop()
             prior = c.down if c.prior is None else c.prior
             down = lstsq_down(s[:, None] * h, fit.y[jr] - others, prior, dtype=fit.dtypes["down"])
             out_j = torch.nn.functional.linear(h, down.float())  # [n, H]
             self.outs[jr, js] = out_j
+            self.drop()
             self.yc[jr] = others + s[:, None] * out_j
             chosen[j] = Candidate(c.kind, c.gate, c.up, down, c.row, c.bias, c.corr, prior=prior)
         self.d2 = _sq_err(self.yc, fit.y)
@@ -389,9 +439,11 @@ class _Routed:
         step = self._chunk()
         for r0 in range(0, t.rows.shape[0], step):  # a chunk's rows read and write only themselves
             self.outs[t.rows[r0 : r0 + step]] = self._outs_of(t.rows, t.gather, r0, r0 + step)
+            self.drop()
         jr, js, out_j = t.slots
         self.outs[t.rows[jr], js] = out_j
-        self.yc[t.rows] = t.yn
+        self.drop()
+        self.yc[t.rows] = _with_j(t.others, jr, t.s, out_j)
         self.d2 = _sq_err(self.yc, self.fit.y) if t.scale is not None else self.d2
         self.d2[t.rows] = t.d2n
         self.err = t.err
@@ -408,11 +460,19 @@ class _Trial:
     idx2: torch.Tensor
     rows: torch.Tensor
     gather: tuple[Any, ...]  # (pos [n, k], (slot -> entered row [n, k], entered outputs [m, H]) or None)
-    yn: torch.Tensor
+    others: torch.Tensor  # [n, H] the other routed experts' part of the changed rows' output (every version's)
+    s: torch.Tensor  # [nj] j's routing weight on its changed rows: the output is others + s out_j there (``_with_j``)
     d2n: torch.Tensor
     scale: torch.Tensor | None
     se: float = 0.0  # standard error of (err - the current error), from the per-token changes on the measure tokens
     slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows of ``rows``, slot, output) of j
+
+
+def _with_j(others: torch.Tensor, jr: torch.Tensor, s: torch.Tensor, out_j: torch.Tensor) -> torch.Tensor:
+    """A trial's routed output on its changed rows [n, H]: ``others`` with j's weighted output added on rows ``jr``."""
+    yn = others.clone()
+    yn.index_add_(0, jr, s[:, None] * out_j)
+    return yn
 
 
 def _row_chunk(k: int, H: int) -> int:
@@ -523,6 +583,7 @@ def choose_clusters(
     if "keep+refit" in kinds:  # the default pruning's down refit, on all T tokens with its hold-out check
         chosen, state = fit.pruning_refit(clustering, chosen, state, holdout)
         start = state.err
+        probe(f"merge: {clustering.name} pruning refit")
     merged_cache: dict[int, list[Candidate]] = {}
     merging = {"subspace", "subspace+refit", "average", "average+refit"} & set(kinds)
     for _ in range(sweeps):
@@ -560,6 +621,7 @@ def choose_clusters(
                     state.accept(best)
                     chosen[j], changed = best.cand, True
                 best = t = None  # no trial's outputs ([n, H]) are held through the next trial
+        probe(f"merge: {clustering.name} sweep")
         if not changed:
             break
     lap("candidate trials")
@@ -573,7 +635,10 @@ def pruning_clustering(
     experts; each removed expert joins the kept, unprotected expert of its group whose output it resembles most."""
     E = fit.w.num_experts
     # on every calibration token (fit and measure), as pruning chooses: the clusterings' baseline is its choice
-    order = output_error_order(fit.src, fit.logits0, fit.spec, set(protected), E - n_keep, fit.w.correction_bias)
+    # y0: the original routed output it would compute again from the same cache (the same values: fit.y)
+    order = output_error_order(
+        fit.src, fit.logits0, fit.spec, set(protected), E - n_keep, fit.w.correction_bias, y0=fit.y
+    )
     removed: list[int] = []
     for step in order:
         if len(removed) >= E - n_keep:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..core.experts import Act
 from ..core.families import MoEWeights
 from ..core.limits import expert_chunk
+from ..core.memprobe import probe
 from ..prune.order import RouterSpec
 from .align import align_cluster
 from .choose import Clustering, LayerFit, assemble, choose_clusters, pruning_clustering
@@ -152,6 +153,7 @@ def cluster_layer(
     similarity = similarity.cpu()
     if clock is not None:
         clock.lap("similarity")
+    probe("merge: similarity")
     # Group-limited routing (DeepSeek): cluster inside each group so new experts stay group-contiguous.
     Eg, Kg = E // n_group, n_clusters // n_group
     labels = torch.empty(E, dtype=torch.long)
@@ -169,6 +171,7 @@ def cluster_layer(
         labels[idx] = local + g * Kg
     if clock is not None:
         clock.lap("clustering")
+    probe("merge: clustered")
     return labels_to_clusters(labels), similarity
 
 
@@ -269,16 +272,22 @@ def choose_layer(
     perm = torch.randperm(xf.shape[0], generator=gen).to(xf.device)
     n_eval = min(opts.eval_tokens, xf.shape[0] // 3)
     # disjoint; the fit rows are picked before they are copied (not a [T - n_eval, H] copy sliced to fit_tokens:
-    # 56 MB at 32k tokens of H 512, 2 GB at 262k tokens of H 2048, held until ``fit.x`` replaced it)
-    x_eval, x_fit = xf[perm[:n_eval]], xf[perm[n_eval:][: opts.fit_tokens]]
+    # 56 MB at 32k tokens of H 512, 2 GB at 262k tokens of H 2048, held until ``fit.x`` replaced it); the fit rows,
+    # then the measure rows, gathered at once: LayerFit holds that tensor as ``fit.x`` (no second [Tc, H] copy)
+    x_all = xf[torch.cat([perm[n_eval:][: opts.fit_tokens], perm[:n_eval]])]
+    n_fit = x_all.shape[0] - n_eval
+    x_fit, x_eval = x_all[:n_fit], x_all[n_fit:]
+    del x_all
     fit = LayerFit(w, x_fit, x_eval, spec, act, dtypes)
     x_fit = fit.x[: fit.n_fit]  # the same values: the copies made above are not held beside ``fit.x``
     del x_eval
     clock.lap("layer outputs")
+    probe("merge: layer outputs")
     dominant = [m[int(freqs[m].argmax())] for m in clusters]
     options = [Clustering("k-means", clusters, dominant)]
     options.append(pruning_clustering(fit, len(clusters), protected, similarity, n_group))
     clock.lap("pruning order")
+    probe("merge: pruning order")
 
     def rank_fn(m: torch.Tensor) -> int:
         return rank_for(m.shape[1], m.shape[2], m.shape[0], opts.rank, opts.rank_fraction)
@@ -295,6 +304,7 @@ def choose_layer(
         # ([T, k+1, H] float32, 302 MB on the Qwen3-30B-shaped layer) are not held through the searches
         starts = [fit.start(c, outputs=False) for c in order]
         fit.src = None
+        probe("merge: starts")
     for i, c in enumerate(order):
         chosen, start, err, d2 = choose_clusters(
             fit, c, freqs, x_align, opts.candidates, opts.aligned, rank_fn, align_block=opts.align_block, clock=clock,
@@ -305,12 +315,14 @@ def choose_layer(
         if kept is None or kept[0] - err > opts.min_gain_se * _paired_se(d2 - kept[3], fit.norm):
             kept = (err, c, chosen, d2)
         del chosen
+        probe(f"merge: searched {c.name}")
     assert kept is not None
     err, best, chosen, _ = kept
     err_all = None
     if opts.final_refit and any(c.kind.endswith("+refit") for c in chosen):
         err_all = fit.routed(chosen).refit_all(chosen)
         clock.lap("final refit")
+    probe("merge: final refit")
     merged = assemble(chosen, w, fit.dtypes)
     within = [float(similarity[m][:, m].mean()) for m in best.clusters if len(m) > 1]
     info = {

@@ -108,7 +108,11 @@ def lstsq_down(
     a, y = a.double(), y.double()
     gram = a.T @ a  # [I, I]
     lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-    rhs = y.T @ a + lam * prior.double()  # [H, I]
+    # y.T @ a + lam * prior formed in place (the same sums and products): two [H, I] float64 temporaries fewer, and
+    # y [t, H] float64 freed before the solve (at H 7168, I 2048: 235 + 157 MB less at the solve)
+    rhs = y.T @ a  # [H, I]
+    del y
+    rhs += prior.double().mul_(lam)
     sol = torch.linalg.solve(
         gram + lam * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device), rhs.T
     ).T  # [H, I]

@@ -22,6 +22,7 @@ from ..core.engine import Engine, LayerContext, Transform
 from ..core.errors import UserError
 from ..core.families import MoEWeights
 from ..core.job import Job
+from ..core.memprobe import probe
 from ..prune.load import block_view, set_block_experts
 from ..prune.order import RouterSpec
 from .cluster import MergeTargetError, check_merge_target, n_clusters_for
@@ -129,6 +130,7 @@ class MergeTransform(Transform):
         ids = ctx.extra.pop("expert_ids", None)
         protected, freqs, sim = self._stats(l, E, ids)
         check_merge_target(E, K, self.spec.top_k, len(protected), self.n_group)
+        probe(f"merge {l}: inputs")
         x = torch.cat([b.to(eng.device) for b in ctx.inputs])  # [T, H]
         if all(b.device == x.device for b in ctx.inputs):  # the batches become views of x (the same values): one
             # [T, H] copy of the calibration inputs held through the merge, not two (64 MB at 32k tokens of H 512)
@@ -137,6 +139,7 @@ class MergeTransform(Transform):
             w, x, K, self.spec.top_k, self.opts, freqs, sim, protected, self.n_group, self.spec.norm_topk, self.spec,
             act=ctx.experts.act_fn, dtypes={k: v for k, v in dt.items() if getattr(w, k) is not None},
         )  # fmt: skip
+        probe(f"merge {l}: merged")
         del x, w, cur  # the block's old experts go when set_block_experts replaces them (no other reference)
         merged = MoEWeights(**{k: None if v is None else v.cpu() for k, v in vars(merged).items()})
         self.layers[str(l)] = info
@@ -150,6 +153,7 @@ class MergeTransform(Transform):
             set_block_experts(ctx.block, self.fam, m, l, gate_up=m.gate._base)
             del m
         ctx.replace(self.fam.write_layer(merged, l))
+        probe(f"merge {l}: applied")
 
     @property
     def experts_after(self) -> int:

@@ -160,8 +160,8 @@ def test_a_start_made_early_without_outputs_gives_the_same_search():
 def test_a_start_without_outputs_sums_the_routed_output_in_row_blocks_bit_for_bit(monkeypatch):
     """A start without expert outputs sums them a row block at a time (no [T, k, H] copy): its routed output,
     per-token errors and error are the start-with-outputs' bit for bit, in one block or in blocks of 3 rows; the
-    pairs not cached (dominant experts outside a token's cached outputs) are computed in one call, as the start with
-    outputs computes them, and kept in the same freed slots."""
+    pairs not cached (dominant experts outside a token's cached outputs) are computed one expert at a time on all
+    its missed rows, as the start with outputs computes them, and kept in the same freed slots."""
     import copy
 
     _, fit0, clustering = _fit_and_clustering()
@@ -172,8 +172,11 @@ def test_a_start_without_outputs_sums_the_routed_output_in_row_blocks_bit_for_bi
         fit, ref = copy.deepcopy(fit0), copy.deepcopy(fit0)
         asked: list[tuple[int, ...]] = []
 
-        def get(rows, idx, get=fit.src.get, asked=asked):
+        asked_experts: list[int] = []
+
+        def get(rows, idx, get=fit.src.get, asked=asked, asked_experts=asked_experts):
             asked.append(tuple(idx.shape))
+            asked_experts.extend(idx.unique().tolist())
             return get(rows, idx)
 
         monkeypatch.setattr(fit.src, "get", get)
@@ -181,7 +184,10 @@ def test_a_start_without_outputs_sums_the_routed_output_in_row_blocks_bit_for_bi
         _, bare = fit.start(clustering, outputs=False)
         experts = torch.as_tensor(clustering.dominant)[full.idx]  # [T, k]
         missed = int((fit0.src.slot[torch.arange(600)[:, None], experts] < 0).sum())
-        assert bare.outs is None and asked == [(missed, 1)] and missed > 0  # only the pairs not cached, one call
+        # only the pairs not cached, one call per expert (ascending) with all its missed rows, as one call has them
+        assert bare.outs is None and sum(n for n, _ in asked) == missed and missed > 0
+        assert all(k == 1 for _, k in asked) and len(asked) == len(set(asked_experts)) > 1
+        assert asked_experts == sorted(asked_experts)
         assert torch.equal(bare.yc, full.yc) and torch.equal(bare.d2, full.d2) and bare.err == full.err
         for name in ("cache", "slot", "owner"):  # the computed pairs kept as the start with outputs keeps them
             assert torch.equal(getattr(fit.src, name), getattr(ref.src, name))

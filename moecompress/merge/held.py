@@ -1,0 +1,105 @@
+"""The measured choice's large float32 state held in memory, or past ``HELD_BYTES`` in a temporary file.
+
+    h = Held.empty((T, k, H))          # torch.empty, or a tensor mapped from a new (unlinked) temporary file
+    h.t[rows] = ...; h.drop()          # after each block of work: the file's pages leave this process's memory
+
+merge/choose.py holds two tensors that grow with the fit + measure tokens Tc: the cached original expert outputs
+[Tc, k+1, H] (``HeldOutputs``) and the merged layer's routed outputs [Tc, k, H] (``_Routed.outs``): 906 + 805 MB at
+Qwen3-30B dims and 12,288 tokens, 1,057 + 940 MB on the DeepSeek-V3-dims slice at 4,096. Past ``HELD_BYTES`` each is a
+shared memory map of a temporary file, worked on a row block at a time, and ``drop`` (madvise DONTNEED) after each
+block takes its pages off the process (they stay in the kernel's page cache, written back to the file: a later read
+faults them back with the values written). The values and the arithmetic are the same either way, so the choice and
+the written bytes are the same bit for bit; the process's resident memory holds a block, not the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import tempfile
+
+import torch
+
+from ..prune.order import ExpertOutputs
+
+# each of the choice's [Tc, ., H] float32 tensors is held in memory up to this size, past it in a temporary file
+HELD_BYTES = 128 << 20
+
+
+class Held:
+    """A float32 tensor ``t``: in memory, or (on the CPU, past ``limit`` bytes) a shared memory map of an unlinked
+    temporary file, whose resident pages ``drop`` gives back (no-op in memory)."""
+
+    def __init__(self, t: torch.Tensor, mm: mmap.mmap | None = None):
+        self.t, self._mm = t, mm
+
+    @classmethod
+    def empty(
+        cls, shape: tuple[int, ...], device: torch.device | str = "cpu", limit: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Held:  # fmt: skip
+        """An unset tensor of ``shape`` (in a file when on the CPU and over ``limit``, default ``HELD_BYTES``)."""
+        limit = HELD_BYTES if limit is None else limit
+        n = math.prod(shape)
+        size = n * torch.empty((), dtype=dtype).element_size()
+        if torch.device(device).type != "cpu" or size <= limit:
+            return cls(torch.empty(shape, device=device, dtype=dtype))
+        fd, path = tempfile.mkstemp(prefix="moecompress-merge-")
+        try:
+            os.unlink(path)  # the file lives as long as the mapping
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return cls(torch.frombuffer(mm, dtype=dtype, count=n).view(shape), mm)
+
+    @classmethod
+    def of(cls, t: torch.Tensor, limit: int | None = None) -> Held:
+        """``t``'s values held (a copy in a file, its pages dropped, when ``empty`` would put it in one)."""
+        h = cls.empty(tuple(t.shape), t.device, limit, t.dtype)
+        if not h.spilled:
+            return cls(t)
+        h.t.copy_(t)
+        h.drop()
+        return h
+
+    @property
+    def spilled(self) -> bool:
+        return self._mm is not None
+
+    def drop(self) -> None:
+        """The file's pages leave this process's resident memory (their values are kept in the file)."""
+        if self._mm is not None:
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
+
+class HeldOutputs(ExpertOutputs):
+    """``prune.order.ExpertOutputs`` (the same pairs, the same calls, so the same values) whose cache [T, c, H] is
+    ``Held``: past ``HELD_BYTES`` in a file, its pages dropped after each expert's fill, each ``get`` and each
+    expert computed for a miss (``drop``; ``LayerFit`` drops after its own reads of ``cache``)."""
+
+    _held: Held | None = None
+
+    @property  # type: ignore[override]
+    def cache(self) -> torch.Tensor | None:
+        return None if self._held is None else self._held.t
+
+    @cache.setter
+    def cache(self, t: torch.Tensor | None) -> None:
+        # ExpertOutputs.__init__ sets an unset [T, c, H] torch.empty (its pages never touched): replaced by a Held one
+        self._held = None if t is None else Held.empty(tuple(t.shape), t.device)
+
+    def drop(self) -> None:
+        if self._held is not None:
+            self._held.drop()
+
+    def apply(self, e: int, xr: torch.Tensor) -> torch.Tensor:
+        self.drop()  # the previous expert's filled rows (or a get's reads) leave before this one's are computed
+        return super().apply(e, xr)
+
+    def get(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        try:
+            return super().get(rows, idx)
+        finally:
+            self.drop()
