@@ -302,6 +302,11 @@ class ExpertOutputs:
             out[miss] = self.apply_hidden(e, self.x[rows[miss]])
         return out
 
+    def keep_only(self, keep: list[int], gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        """The weights of experts ``keep`` only, as [k, ...] copies in that order (the same values): from here on only
+        the kept experts' outputs and activations are asked for (the prune's down refit frees the others)."""
+        self.gate, self.up, self.down = (_KeptRows(t, keep) for t in (gate, up, down))
+
     def hidden_only(self) -> None:
         """Free the cached outputs [T, c, H] (only ``hidden_of`` is asked from here on: ``get`` is no longer
         available); the down refit needs the activations alone (the 30B-shaped layer: 403 MB less at its peak)."""
@@ -379,6 +384,16 @@ class ExpertOutputs:
         values bit for bit, the same pairs kept), with each missed expert's weights upcast once per group of calls
         instead of once per call (see ``PlannedGets``)."""
         return PlannedGets(self, calls)
+
+
+class _KeptRows:
+    """t [k, ...] indexed by source expert: ``self[keep[j]]`` is t[j]."""
+
+    def __init__(self, t: torch.Tensor, keep: list[int]):
+        self.t, self.pos = t, {e: j for j, e in enumerate(keep)}
+
+    def __getitem__(self, e: int) -> torch.Tensor:
+        return self.t[self.pos[e]]
 
 
 PLAN_BYTES = 64 * 2**20  # the missed pairs' outputs one group of planned calls computes ahead (PlannedGets)

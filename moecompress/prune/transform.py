@@ -277,8 +277,11 @@ class PruneTransform(Transform):
         removed = torch.ones(E, dtype=torch.bool, device=x.device)
         removed[keep] = False
         downs = None
+        selected = False
         if opts.refit != "none":
-            view, downs, stats, y_p = self._refit(src, x, view, removed, keep, y0, y0sq)
+            box = _boxed(view)
+            del view  # (_refit may prune the block before the down refit: then this was the unpruned one's last holder)
+            view, downs, stats, y_p, selected = self._refit(ctx, src, x, box, removed, keep, y0, y0sq)
             self.refit_errors[l] = {k: round(v, 6) for k, v in stats.items()}
         else:
             y_p = routed_output(src, rows_all, *route(logits, spec, removed, corr))
@@ -286,18 +289,24 @@ class PruneTransform(Transform):
         del src  # the cached expert outputs ([T, c, H]) go before the kept experts are copied
         box = _boxed(view)
         del view  # _apply holds the only reference: the unpruned block is freed once the pruned one replaces it
-        self._apply(ctx, box, keep, downs)
+        self._apply(ctx, box, keep, downs, selected)
         self._pending = (order, y0sq, y0, y_p) if order is not None else None
         probe(f"prune {l}: applied")
 
     def _refit(
-        self, src: ExpertOutputs, x: torch.Tensor, view: Any, removed: torch.Tensor, keep: list[int],
-        y0: torch.Tensor, y0sq: float,
-    ) -> tuple[Any, torch.Tensor | None, dict[str, float], torch.Tensor]:  # fmt: skip
+        self, ctx: LayerContext, src: ExpertOutputs, x: torch.Tensor, box: list[Any], removed: torch.Tensor,
+        keep: list[int], y0: torch.Tensor, y0sq: float,
+    ) -> tuple[Any, torch.Tensor | None, dict[str, float], torch.Tensor, bool]:  # fmt: skip
         """The kept experts' router rows and/or down projections refitted to the unpruned routed output y0; returns
         the view with the refitted router, the kept experts' refitted down projections ([k, H, I] float32, in the
         order of ``keep``; None without a down refit), the relative errors before/after, and the refitted layer's
-        routed output on x [T, H] (from the cached expert outputs and activations: no expert is evaluated again)."""
+        routed output on x [T, H] (from the cached expert outputs and activations: no expert is evaluated again), and
+        whether the returned view is already the block's pruned one (``box`` holds the block's view, taken here).
+
+        Before the down refit the block is pruned to the kept experts (``_prune_block``): the refit reads only theirs,
+        and the removed experts' weights (half the layer at ratio 0.5: 0.7 GB of bf16 at DeepSeek-V3 dims) are freed
+        before its float32 downs and temporaries are made."""
+        view = box.pop()
         spec, corr = self.spec, view.correction_bias
         for e in removed.nonzero().squeeze(1).tolist():
             src.release(e)  # their slots can hold the outputs the kept experts' routing moves to
@@ -321,12 +330,15 @@ class PruneTransform(Transform):
             if refits_any(w_dense, keep, view.down.shape[2], self.opts.refit_min_rows):
                 resid = y0.float() - y_p.float()  # (fit_downs' own first step: y_p is not held through the fit)
                 del y_p
+                box.append(view)
+                del view
+                view = self._prune_block(ctx, src, box, keep)
                 probe("prune: down refit")
                 downs, y_p = fit_downs(
-                    src.hidden_of,
+                    lambda j, r: src.hidden_of(keep[j], r),
                     view.down,
-                    keep,
-                    w_dense,
+                    list(range(len(keep))),
+                    w_dense[:, keep],
                     y0,
                     None,
                     kept_only=True,
@@ -335,19 +347,34 @@ class PruneTransform(Transform):
                     resid=resid,
                 )
                 del resid
-            else:
-                y_p = y0.float() - (y0.float() - y_p.float())  # what fit_downs returns when it refits nothing
+                stats["error_after_down"] = _sq_error(y_p, y0) / y0sq
+                return view, downs, stats, y_p, True
+            y_p = y0.float() - (y0.float() - y_p.float())  # what fit_downs returns when it refits nothing
             stats["error_after_down"] = _sq_error(y_p, y0) / y0sq
-        return view, downs, stats, y_p
+        return view, downs, stats, y_p, False
 
-    def _apply(self, ctx: LayerContext, box: list[Any], keep: list[int], downs: torch.Tensor | None = None) -> None:
+    def _prune_block(self, ctx: LayerContext, src: ExpertOutputs, box: list[Any], keep: list[int]) -> Any:
+        """Prune the block to experts ``keep`` of the view in ``box`` (its only holder, emptied here) as ``_apply``
+        does, and point ``src``'s expert weights at the kept copies (the same values): the unpruned tensors are
+        freed. Returns the block's new view (k experts, in the order of ``keep``)."""
+        view = box.pop()
+        sel, gate_up = select_experts(view, keep)
+        del view
+        set_block_experts(ctx.block, ctx.engine.fam, sel, ctx.index, gate_up=gate_up)
+        src.keep_only(keep, sel.gate, sel.up, sel.down)
+        return sel
+
+    def _apply(
+        self, ctx: LayerContext, box: list[Any], keep: list[int], downs: torch.Tensor | None = None,
+        selected: bool = False,
+    ) -> None:  # fmt: skip
         """Leave the block pruned to experts ``keep`` of the view in ``box`` (a one-item list, emptied here: the
         block's view, maybe refitted, whose only reference this is, so that the unpruned tensors are freed before the
         written ones are made: 200 MB less at the 30B-shaped layer's peak; one copy of the
         kept experts, which the block holds and the written tensors view) and write its routed experts and router
         in the checkpoint's dtypes; ``downs`` [k, H, I]: the kept experts' refitted down projections (held as they
         are, float32). ``ctx.extra["expert_ids"]`` names each kept expert's source expert for the stages after
-        this one."""
+        this one. ``selected``: the view is the block's already pruned to ``keep`` (``_prune_block``), in its order."""
         l, fam = ctx.index, ctx.engine.fam
         view = box.pop()
         source = ctx.extra.get("expert_ids", list(range(self.E)))
@@ -357,7 +384,10 @@ class PruneTransform(Transform):
             # the block takes the refitted downs now: its unpruned ones go before the kept gate/up rows are copied
             # (the 30B-shaped layer: 403 MB of bf16 less at the prune's peak); set_block_experts sets them again
             ctx.experts.down_proj = torch.nn.Parameter(downs, requires_grad=False)
-        sel, gate_up = select_experts(view, keep)
+        if selected:
+            sel, gate_up = view, ctx.experts.gate_up_proj.data  # (its gate and up are this tensor's halves)
+        else:
+            sel, gate_up = select_experts(view, keep)
         if downs is not None:
             sel = replace(sel, down=downs)
         del view

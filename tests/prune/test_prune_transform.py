@@ -142,3 +142,40 @@ def test_recipe_stage_builds_the_transform_and_a_one_stage_compress_equals_prune
     assert files and files == sorted(f.name for f in (tmp_path / "compress").glob("*.safetensors"))
     for f in sorted((tmp_path / "prune").glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "compress" / f.name).read_bytes(), f.name
+
+
+def test_the_down_refit_runs_with_the_unpruned_experts_freed(tmp_path, tokenizer_dir, monkeypatch):
+    """Output error + down refit: the block is pruned to the kept experts before fit_downs runs (the removed experts'
+    weights are freed then, not held through the refit), and the written model is the same as pruning after it."""
+    import weakref
+
+    import moecompress.prune.transform as transform
+
+    path = build_tiny("qwen3_moe", tmp_path / "m", tokenizer_dir)
+    ckpt = Checkpoint(path)
+    spec, E = RouterSpec.from_config(ckpt.family, ckpt.config), ckpt.num_experts
+    seen: list[bool] = []
+    held: list[weakref.ref] = []
+    real_fit, real_layer = transform.fit_downs, PruneTransform.moe_layer
+
+    def moe_layer(self, ctx):  # the unpruned layer's fused experts, as the stream materialized them
+        held.append(weakref.ref(ctx.experts.gate_up_proj.data.untyped_storage()))
+        return real_layer(self, ctx)
+
+    def fit(*a, **k):
+        seen.append(held[-1]() is None)
+        return real_fit(*a, **k)
+
+    opts = dict(ratio=0.5, refit="down", refit_min_rows=0.0)
+    monkeypatch.setattr(PruneTransform, "moe_layer", moe_layer)
+    monkeypatch.setattr(transform, "fit_downs", fit)
+    first = PruneTransform(spec, E, PruneOptions(**opts))
+    _write(ckpt, tmp_path / "early", [first], _tokens())
+    assert seen and all(seen)
+    assert set(first.refit_errors) == set(ckpt.moe_layers)
+    out = Checkpoint(tmp_path / "early")
+    for l in ckpt.moe_layers:
+        got, want = out.moe_weights(l), ckpt.moe_weights(l).select(first.kept[l])
+        for name in ("gate", "up", "router"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (l, name)
+        assert not torch.equal(got.down, want.down)  # refitted
