@@ -55,13 +55,16 @@ class Held:
         return cls(torch.frombuffer(mm, dtype=dtype, count=n).view(shape), mm)
 
     @classmethod
-    def of(cls, t: torch.Tensor, limit: int | None = None) -> Held:
-        """``t``'s values held (a copy in a file, its pages dropped, when ``empty`` would put it in one)."""
+    def of(cls, t: torch.Tensor, limit: int | None = None, block: int = 1 << 25) -> Held:
+        """``t``'s values held: ``t`` itself, or a copy in a file (when ``empty`` would put it in one) written
+        ``block`` bytes of rows at a time, each block's pages dropped after it."""
         h = cls.empty(tuple(t.shape), t.device, limit, t.dtype)
         if not h.spilled:
             return cls(t)
-        h.t.copy_(t)
-        h.drop()
+        step = max(1, block // max(1, t[:1].nbytes))
+        for r0 in range(0, t.shape[0], step):
+            h.t[r0 : r0 + step] = t[r0 : r0 + step]
+            h.drop()
         return h
 
     @property

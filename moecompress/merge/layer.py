@@ -323,7 +323,11 @@ def choose_layer(
         err_all = fit.routed(chosen).refit_all(chosen)
         clock.lap("final refit")
     probe("merge: final refit")
-    merged = assemble(chosen, w, fit.dtypes)
+    dtypes, n_fit = fit.dtypes, x_fit.shape[0]
+    # the tokens, y and the router fit go before the merged layer is built beside the old one (x_align, x_fit: views
+    # of fit.x): at DeepSeek-V3 dims, 2 x [4,096, 7,168] float32 and more, held while 0.7 GB of merged experts are made
+    del fit, x_fit, x_align, kept
+    merged = assemble(chosen, w, dtypes)
     within = [float(similarity[m][:, m].mean()) for m in best.clusters if len(m) > 1]
     info = {
         "clusters": best.clusters,
@@ -340,7 +344,7 @@ def choose_layer(
         "output_error_by_clustering": {t[1].name: round(t[0], 6) for t in tried},
         "output_error_after_final_refit": None if err_all is None else round(err_all, 6),
         "eval_tokens": n_eval,
-        "fit_tokens": x_fit.shape[0],
+        "fit_tokens": n_fit,
         "frequency": [round(float(v), 6) for v in freqs],
         "cluster_sizes": [len(m) for m in best.clusters],
         "mean_within_cluster_similarity": round(sum(within) / len(within), 4) if within else None,

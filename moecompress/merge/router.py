@@ -108,7 +108,10 @@ class RouterFitter:
         gram.diagonal().add_(self.lam)
         # gram + lam I is positive definite (lam > 0 unless x == 0); the factor is read by each ``fit`` alone: past
         # ``held.HELD_BYTES`` (411 MB at H 7168) it is kept in a file, resident during those reads only
-        self.chol = Held.of(torch.linalg.cholesky(gram))
+        chol = torch.linalg.cholesky(gram)
+        del gram  # before the factor is copied to its file: not three [D, D] float64 at once
+        self.chol = Held.of(chol)
+        del chol
 
     def _xa(self) -> torch.Tensor:
         """The design matrix [T, H(+1)] in float64: x, with a column of ones when the router has a bias."""

@@ -34,6 +34,10 @@ def test_held_in_memory_below_the_limit_and_in_a_file_above_it_keeps_values_and_
     assert torch.equal(big.t[:, 12345], torch.arange(16, dtype=torch.float32))  # the values come back from the file
     assert torch.equal(big.t[7], torch.full((1 << 20,), 7.0))
     assert not Held.empty((16, 1 << 20), "meta", limit=1024).spilled  # only CPU tensors go to a file
+    t = torch.randn(100, 30, dtype=torch.float64)
+    copy = Held.of(t, limit=0, block=7 * 30 * 8)  # written 7 rows at a time
+    assert copy.spilled and copy.t.dtype == torch.float64 and torch.equal(copy.t, t)
+    assert Held.of(t).t is t  # below the limit: the tensor itself
 
 
 def _layer(E=8, I=12, H=16, seed=0):
