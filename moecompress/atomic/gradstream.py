@@ -34,8 +34,9 @@ from ..core.engine import Engine, Transform
 from ..core.experts import ExpertsKernel, gated, routed_forward
 from ..core.interface import observing
 from ..core.limits import expert_chunk
+from ..core.memprobe import probe
 from ..core.progress import progress_bar
-from ..core.stream import ActivationCache, LayerStream
+from ..core.stream import ActivationCache, LayerStream, release_freed
 from .gradstats import (
     GradStatAccumulator,
     LayerGradStats,
@@ -115,25 +116,56 @@ def _keep_all(acts: ActivationCache, cache: Any) -> None:
         acts.append(cache[i])  # in memory: the same tensor, no copy
 
 
-def _head_grads(ls: LayerStream, hidden: Any, grads: ActivationCache) -> None:
-    """dL/dh [B, S, H] of the summed next-token NLL at the last layer's outputs ``hidden``, per batch."""
+HEAD_LOGIT_BYTES = 256 << 20  # float32 logits made at once by the head gradients (positions chunked beyond)
+
+
+def head_positions(batch: int, seq: int, vocab: int | None) -> int:
+    """Positions of a [batch, seq] batch whose float32 logits [batch, n, vocab] the head makes at once: all of them
+    when they fit HEAD_LOGIT_BYTES, else equal chunks under it (Qwen3's 152k vocabulary at 8 x 2048 tokens: 10 GB
+    per float32 copy of the logits, ~3 copies while the loss and its gradient are built)."""
+    if not vocab or 4 * batch * seq * vocab <= HEAD_LOGIT_BYTES:
+        return seq
+    step = max(1, HEAD_LOGIT_BYTES // (4 * batch * vocab))
+    parts = -(-seq // step)
+    return -(-seq // parts)  # equal chunks (no small remainder)
+
+
+def _head_grads(ls: LayerStream, hidden: Any, grads: ActivationCache, vocab: int | None = None) -> None:
+    """dL/dh [B, S, H] of the summed next-token NLL at the last layer's outputs ``hidden``, per batch; with the
+    ``vocab`` size, the logits of ``head_positions`` positions at a time (each row's gradient is its own: the norm,
+    the head and the log-softmax work row by row and the summed loss gives every row weight 1)."""
     for i, ids in enumerate(ls.batches):
-        h = hidden[i].to(ls.device).detach().requires_grad_(True)
+        h = hidden[i].to(ls.device).detach()
         # every position's logits with the last one's target ignored, not a [B (S-1), V] copy of the others (nor,
         # backward, the zero-padded [B, S, V] gradient of that slice): each row's gradient is the same, the last
         # row's 0 either way; the logits are not referenced past the loss (its graph keeps only their log-softmax)
         targets = torch.full_like(ids, -100)
         targets[:, :-1] = ids[:, 1:]
-        with torch.enable_grad():
-            logits = ls.head(h)  # [B, S, V]
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).to(ls.device), ignore_index=-100,
-                reduction="sum",
-            )  # fmt: skip
-            del logits
-            loss.backward()
-        grads.append(h.grad.detach())
-        del h, loss
+        targets = targets.to(ls.device)
+        B, S = ids.shape
+        step = head_positions(B, S, vocab)
+        if step >= S:
+            grads.append(_head_grad(ls, h, targets))
+            continue
+        out = torch.empty_like(h)
+        for s0 in range(0, S, step):
+            out[:, s0 : s0 + step] = _head_grad(ls, h[:, s0 : s0 + step], targets[:, s0 : s0 + step])
+        grads.append(out)
+        del h, out
+
+
+def _head_grad(ls: LayerStream, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """dL/dh of the summed NLL of the head's logits on ``h`` [B, n, H] against ``targets`` [B, n] (-100: none)."""
+    h = h.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = ls.head(h)  # [B, n, V]
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        del logits
+        loss.backward()
+    assert h.grad is not None
+    return h.grad.detach()
 
 
 def _backward_layer(
@@ -155,6 +187,16 @@ def _backward_layer(
             y.backward(grads[i].to(ls.device))
         grads[i] = x.grad.detach()
         del x, y
+        release_freed()  # the batch's graph: its freed pages go back before the next batch builds one
+
+
+def _free_all_but_down(ls: LayerStream, layer: torch.nn.Module, experts: torch.nn.Module) -> None:
+    """Free decoder ``layer`` once its backward is done, except its routed experts' down_proj, which the scores read
+    (``on_layer``): attention, router and gate_up (2/3 of the experts) are not held while G is built and scored.
+    The experts module keeps its other parameters on the meta device (their shapes and dtypes)."""
+    down = experts.down_proj.detach()  # the held tensor itself (no copy); free() only replaces the parameter
+    ls.free(layer)
+    experts.down_proj = torch.nn.Parameter(down, requires_grad=False)
 
 
 @contextmanager
@@ -227,8 +269,10 @@ def streamed_grad_stats(
     """G_e (and optionally m) per MoE layer with one layer in memory at a time.
 
     input_ids: [N, S]. Returns {layer: on_layer(layer, stats, experts_module)} (or the LayerGradStats when
-    on_layer is None). progress(n) is called after each of the 2 x num_layers + 1 steps. spill: keep the layer
-    inputs and gradients in files (None: when all layers' inputs exceed SPILL_BYTES); the scores do not depend on it.
+    on_layer is None); ``on_layer`` runs once the layer's backward is done and the layer is freed but for the
+    experts' down_proj (their other parameters are on the meta device). progress(n) is called after each of the
+    2 x num_layers + 1 steps. spill: keep the layer inputs and gradients in files (None: when all layers' inputs
+    exceed SPILL_BYTES); the scores do not depend on it.
     split_experts: under torchrun, each rank's G (and so ``on_layer``'s) holds only the experts of
     ``dist.share(E)`` (the others are zero); False: every expert's on every rank. m, when asked for, is summed over
     the ranks (all-reduce: float64 rounding of the sum order).
@@ -260,7 +304,11 @@ def streamed_grad_stats(
                 inputs.append(ActivationCache(spill))
                 _keep_all(inputs[-1], ls.cache)
             tick()
-        _head_grads(ls, ls.cache, grads)
+        _head_grads(ls, ls.cache, grads, getattr(ckpt.config, "vocab_size", None))
+        ls.free_head()  # lm_head [V, H] in float32 (1.2 GB at Qwen3's vocabulary) is not needed again
+        ls.cache.close()  # the last layer's outputs: only the head read them (the backward re-runs from inputs)
+        release_freed()
+        probe("gradient pass: head gradients")
         tick()
         with progress_bar() as bar:  # backward, one layer at a time
             task = bar.add_task("gradient pass (backward)", total=n_layers)
@@ -280,6 +328,9 @@ def streamed_grad_stats(
                     handle = attach_hook(experts, l, accs, msum, "diag" if chunked else kind, rank, gate_up, sink=sink)
                 try:
                     _backward_layer(ls, l, layer, inputs[l], grads, experts)
+                    probe(f"gradient pass {l}: backward")
+                    if on_layer is not None and experts is not None:
+                        _free_all_but_down(ls, layer, experts)
                     if l in accs and chunked:
                         accs.pop(l)
                         if W > 1:

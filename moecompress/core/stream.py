@@ -658,6 +658,17 @@ class LayerStream:
         self._materialize(self.model.lm_head, {"weight": self.ckpt.get(key)}, "lm_head")
         self._head_ready = True
 
+    def free_head(self) -> None:
+        """Free what ``head`` materialized (final norm, tail modules, lm_head: [V, H] in the stream's dtype); the next
+        ``head`` call reads them again."""
+        if not getattr(self, "_head_ready", False):
+            return
+        for name in self._tail_names:
+            self.free(self.model.model.get_submodule(name))
+        self.free(self._norm)
+        self.free(self.model.lm_head)
+        self._head_ready = False
+
     @property
     def _norm(self) -> nn.Module:
         return self.model.model.get_submodule(self.fam.final_norm)

@@ -35,3 +35,28 @@ def test_head_grads_equal_the_sliced_loss_bit_for_bit():
             want = _sliced(head, h, b)
             assert got.dtype == dtype and torch.equal(got, want)
             assert not bool(got[:, -1].any()) and bool(got[:, :-1].any())
+
+
+def test_head_grads_in_position_chunks_equal_the_whole_batch(monkeypatch):
+    """Past HEAD_LOGIT_BYTES the logits are made a chunk of positions at a time (equal chunks): the gradients are
+    the whole batch's bit for bit, in fp32 and bf16."""
+    from moecompress.atomic import gradstream
+
+    g = torch.Generator().manual_seed(1)
+    H, V, B, S = 64, 300, 3, 40
+    assert gradstream.head_positions(B, S, V) == S  # 144 KB of logits: one piece
+    for dtype in (torch.float32, torch.bfloat16):
+        head = torch.nn.Sequential(torch.nn.LayerNorm(H), torch.nn.Linear(H, V, bias=False)).to(dtype)
+        ids = [torch.randint(0, V, (B, S), generator=g)]
+        hidden = [torch.randn(B, S, H, generator=g).to(dtype)]
+        ls = SimpleNamespace(batches=ids, device=torch.device("cpu"), head=head)
+        whole: list[torch.Tensor] = []
+        _head_grads(ls, hidden, whole, V)
+        for cap, step in ((4 * B * V * 12, 10), (4 * B * V * 13, 10), (4 * B * V * 33, 20)):
+            monkeypatch.setattr(gradstream, "HEAD_LOGIT_BYTES", cap)
+            assert gradstream.head_positions(B, S, V) == step
+            parts: list[torch.Tensor] = []
+            _head_grads(ls, hidden, parts, V)
+            assert parts[0].dtype == dtype and torch.equal(parts[0], whole[0]), (dtype, cap)
+        monkeypatch.undo()
+        assert bool(whole[0][:, :-1].any()) and not bool(whole[0][:, -1].any())
