@@ -345,6 +345,7 @@ def streamed_grad_stats(
                         stats = LayerGradStats(G=chunked_g(rows, E, H, chunk), counts=counts, m=m)
                         out[l] = on_layer(l, stats, experts)
                         del stats
+                        probe(f"gradient pass {l}: scored")
                     if l in accs and W > 1:
                         _accumulate_gathered(engine, accs[l], rows, split_experts)
                         if l in msum:
