@@ -85,7 +85,7 @@ class _UpcastLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (w,) = ctx.saved_tensors
-        return grad.mm(w.to(grad.dtype)), None
+        return grad.matmul(w.to(grad.dtype)), None  # (x [.., in]: matmul folds the leading dims into one mm)
 
 
 class _NarrowKernel(ExpertsKernel):
@@ -102,6 +102,32 @@ class _NarrowKernel(ExpertsKernel):
 
     def output(self, h: torch.Tensor, down: torch.Tensor, e: int) -> torch.Tensor:
         return _UpcastLinear.apply(h, down)
+
+
+def _narrow_attention(layer: torch.nn.Module) -> list[torch.nn.Linear]:
+    """Hold the bias-free float32 projections of ``layer``'s attention (``self_attn``) in bfloat16 where that is
+    exact (every weight a bfloat16 value: a bf16 checkpoint upcast by the stream), computed through ``_UpcastLinear``
+    (the same F.linear on the same float32 values, forward and backward): the backward then holds them at half
+    size (DeepSeek-V3 dims: 514 -> 257 MB). Returns the modules changed (``_widen`` undoes their forwards)."""
+    attn = getattr(layer, "self_attn", None)
+    done: list[torch.nn.Linear] = []
+    if not isinstance(attn, torch.nn.Module):
+        return done
+    for m in attn.modules():
+        if type(m) is not torch.nn.Linear or m.bias is not None or m.weight.dtype != torch.float32:
+            continue
+        narrow = m.weight.detach().to(torch.bfloat16)
+        if not torch.equal(narrow.float(), m.weight):
+            continue
+        m.weight = torch.nn.Parameter(narrow, requires_grad=False)
+        m.forward = lambda x, w=narrow: _UpcastLinear.apply(x, w)  # type: ignore[method-assign]
+        done.append(m)
+    return done
+
+
+def _widen(mods: list[torch.nn.Linear]) -> None:
+    for m in mods:
+        del m.forward
 
 
 def _narrow(experts: torch.nn.Module | None, dtype: torch.dtype) -> bool:
@@ -314,6 +340,8 @@ def streamed_grad_stats(
             task = bar.add_task("gradient pass (backward)", total=n_layers)
             for l in reversed(range(n_layers)):
                 layer = ls.load_layer(l)
+                narrowed = _narrow_attention(layer) if ls.dtype == torch.float32 else []
+                release_freed()
                 accs: dict[int, GradStatAccumulator] = {}
                 msum: dict[int, torch.Tensor] = {}
                 experts = getattr(ls.moe_block(layer), fam.experts) if l in moe else None
@@ -358,6 +386,7 @@ def streamed_grad_stats(
                 finally:
                     if handle is not None:
                         handle.remove()
+                    _widen(narrowed)
                     ls.free(layer)
                     inputs[l].close()
                 tick()

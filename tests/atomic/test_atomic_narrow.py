@@ -148,3 +148,38 @@ def test_the_backward_recomputes_each_experts_terms_with_the_same_gradients():
     assert saved[1] == x0.numel() * 4 + w.numel() * 4 and saved[0] > 5 * saved[1], saved
     with pytest.raises(ValueError, match="observe"):
         routed_forward(gate_up, down, kernel, x0, idx, w.detach(), observe=lambda *a: None, recompute=True)
+
+
+def test_attention_held_bf16_in_the_backward_gives_the_same_statistics(pair, monkeypatch):
+    """The gradient pass holds a bf16 checkpoint's attention projections in bf16 in its backward (upcast where
+    used): G, counts and m equal the pass with them in float32 bit for bit; a weight that is no bf16 value stays."""
+    from moecompress.atomic import gradstream as gs
+
+    ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    ck = Checkpoint(pair[0])
+    changed: list[int] = []
+    narrow = gs._narrow_attention
+
+    def spy(layer):
+        done = narrow(layer)
+        changed.append(len(done))
+        assert all(m.weight.dtype == torch.bfloat16 for m in done)
+        return done
+
+    monkeypatch.setattr(gs, "_narrow_attention", spy)
+    held = streamed_grad_stats(ck, ids, "full", batch_size=2, with_moments=True)
+    assert changed and all(n >= 4 for n in changed)  # q, k, v, o of every layer
+    monkeypatch.setattr(gs, "_narrow_attention", lambda layer: [])
+    wide = streamed_grad_stats(ck, ids, "full", batch_size=2, with_moments=True)
+    assert sorted(held) == sorted(wide) == ck.moe_layers
+    for l in wide:
+        assert torch.equal(held[l].G, wide[l].G) and held[l].G.abs().sum() > 0, l
+        assert torch.equal(held[l].counts, wide[l].counts) and torch.equal(held[l].m, wide[l].m), l
+
+    lin = torch.nn.Linear(8, 4, bias=False)
+    lin.weight.data = torch.randn(4, 8).bfloat16().float()
+    lin.weight.data[0, 0] += 1e-4  # no longer a bf16 value
+    layer = torch.nn.Module()
+    layer.self_attn = torch.nn.Module()
+    layer.self_attn.o_proj = lin
+    assert narrow(layer) == [] and lin.weight.dtype == torch.float32
