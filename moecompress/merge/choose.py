@@ -44,7 +44,7 @@ from moecompress.core.experts import Act, expert_forward
 from moecompress.core.families import MoEWeights
 from moecompress.core.memprobe import probe
 from moecompress.merge.align import EXACT_BLOCK, activations, align_cluster
-from moecompress.merge.held import Held, HeldOutputs
+from moecompress.merge.held import Held, HeldOutputs, state_limit
 from moecompress.merge.refit import lstsq_down
 from moecompress.merge.router import RouterFitter
 from moecompress.merge.subspace import merge_average, merge_subspace
@@ -110,8 +110,13 @@ class LayerFit:
             self.router = RouterFitter(self.x[: self.n_fit], w.router, w.router_bias, dtypes=dts)
         self.logits0 = self._logits(w.router, w.router_bias)  # [T, E]
         rank = router_choice(self.logits0, spec, w.correction_bias)
-        # past ``held.HELD_BYTES`` the cache [T, k+1, H] is in a file, its pages dropped after each block of work
-        self.src = HeldOutputs(self.x, w.gate, w.up, w.down, rank, spec.top_k + 1, act)
+        # past ``held.state_limit`` the cache [T, k+1, H] (and each routed state [T, k, H]) is in a file, its pages
+        # dropped after each block of work
+        E, I, H = w.gate.shape
+        self.held_limit = state_limit(
+            E * I * H * sum(torch.empty((), dtype=self.dtypes[k]).element_size() for k in ("gate", "up", "down"))
+        )
+        self.src = HeldOutputs(self.x, w.gate, w.up, w.down, rank, spec.top_k + 1, act, limit=self.held_limit)
         rows = torch.arange(self.x.shape[0], device=self.x.device)
         w0, idx0 = route(self.logits0, spec, None, w.correction_bias)
         self.y = routed_output(self.src, rows, w0, idx0)  # [T, H] in row blocks: no [T, k, H] temporaries
@@ -234,7 +239,7 @@ class LayerFit:
         corr = None if chosen[0].corr is None else torch.stack([c.corr for c in chosen])
         logits = self._logits(rows, bias)  # [T, K]
         wts, idx = route(logits, self.spec, None, corr)
-        held = Held.empty((*idx.shape, self.x.shape[1]), self.x.device)  # [T, k, H] (in a file past HELD_BYTES)
+        held = Held.empty((*idx.shape, self.x.shape[1]), self.x.device, self.held_limit)  # [T, k, H]
         for j, c in enumerate(chosen):
             r, s = (idx == j).nonzero().unbind(1)
             if r.numel():
@@ -258,7 +263,7 @@ def _joined(x_fit: torch.Tensor, x_eval: torch.Tensor) -> torch.Tensor:
 
 class _Routed:
     """The merged layer under construction on all T tokens: logits [T, K], correction bias [K], routing (wts, idx)
-    [T, k], each routed expert's output [T, k, H] (``Held``: past ``held.HELD_BYTES`` in a file, worked on a row
+    [T, k], each routed expert's output [T, k, H] (``Held``: past ``held.state_limit`` in a file, worked on a row
     block at a time, each block's pages dropped after it), the routed output [T, H] and its squared error [T] to y."""
 
     def __init__(self, fit: LayerFit, logits, corr, wts, idx, outs: Held | torch.Tensor | None, yc=None):

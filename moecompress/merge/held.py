@@ -1,15 +1,19 @@
-"""The measured choice's large float32 state held in memory, or past ``HELD_BYTES`` in a temporary file.
+"""The measured choice's large state held in memory, or past a size in a temporary file.
 
-    h = Held.empty((T, k, H))          # torch.empty, or a tensor mapped from a new (unlinked) temporary file
+    h = Held.empty((T, k, H), limit=state_limit(layer_bytes))   # torch.empty, or mapped from an unlinked temp file
     h.t[rows] = ...; h.drop()          # after each block of work: the file's pages leave this process's memory
 
 merge/choose.py holds two tensors that grow with the fit + measure tokens Tc: the cached original expert outputs
 [Tc, k+1, H] (``HeldOutputs``) and the merged layer's routed outputs [Tc, k, H] (``_Routed.outs``): 906 + 805 MB at
-Qwen3-30B dims and 12,288 tokens, 1,057 + 940 MB on the DeepSeek-V3-dims slice at 4,096. Past ``HELD_BYTES`` each is a
-shared memory map of a temporary file, worked on a row block at a time, and ``drop`` (madvise DONTNEED) after each
-block takes its pages off the process (they stay in the kernel's page cache, written back to the file: a later read
-faults them back with the values written). The values and the arithmetic are the same either way, so the choice and
-the written bytes are the same bit for bit; the process's resident memory holds a block, not the tensor.
+Qwen3-30B dims and 12,288 tokens, 1,057 + 940 MB on the DeepSeek-V3-dims slice at 4,096. Each stays in memory up to
+``state_limit`` (the larger of ``STATE_FLOOR_BYTES`` and ``STATE_LAYER_FRACTION`` of the layer's routed experts in the
+checkpoint dtype, as prune's search cache) and past it is a shared memory map of a temporary file, worked on a row block
+at a time; ``drop`` (madvise DONTNEED) after each block takes its pages off the process (they stay in the kernel's
+page cache, written back to the file: a later read faults them back with the values written). Smaller state of the
+same pass (the router fit's [H+1, H+1] float64 factor, the starts' missed outputs) goes to a file past ``HELD_BYTES``.
+The values and the arithmetic are the same either way, so the choice and the written bytes are the same bit for bit;
+the process's resident memory holds a block, not the tensor. The page faults cost CPU time (at H 512 with every
+state in files, about a quarter more per layer): hence the limits.
 """
 
 from __future__ import annotations
@@ -18,13 +22,22 @@ import math
 import mmap
 import os
 import tempfile
+from typing import Any
 
 import torch
 
 from ..prune.order import ExpertOutputs
 
-# each of the choice's [Tc, ., H] float32 tensors is held in memory up to this size, past it in a temporary file
+# a Held tensor is in memory up to this size, past it in a temporary file (default limit)
 HELD_BYTES = 128 << 20
+# the [Tc, ., H] state (cache, routed outputs) stays in memory up to the larger of these (``state_limit``)
+STATE_FLOOR_BYTES = 256 << 20
+STATE_LAYER_FRACTION = 0.5
+
+
+def state_limit(layer_bytes: int) -> int:
+    """Bytes of one [Tc, ., H] state tensor held in memory for a layer of ``layer_bytes`` routed-expert bytes."""
+    return max(STATE_FLOOR_BYTES, int(STATE_LAYER_FRACTION * layer_bytes))
 
 
 class Held:
@@ -83,6 +96,11 @@ class HeldOutputs(ExpertOutputs):
     expert computed for a miss (``drop``; ``LayerFit`` drops after its own reads of ``cache``)."""
 
     _held: Held | None = None
+    limit: int | None = None  # the cache's ``Held.empty`` limit (set before ``ExpertOutputs.__init__`` runs)
+
+    def __init__(self, *args: Any, limit: int | None = None, **kwargs: Any):
+        self.limit = limit
+        super().__init__(*args, **kwargs)
 
     @property  # type: ignore[override]
     def cache(self) -> torch.Tensor | None:
@@ -91,7 +109,7 @@ class HeldOutputs(ExpertOutputs):
     @cache.setter
     def cache(self, t: torch.Tensor | None) -> None:
         # ExpertOutputs.__init__ sets an unset [T, c, H] torch.empty (its pages never touched): replaced by a Held one
-        self._held = None if t is None else Held.empty(tuple(t.shape), t.device)
+        self._held = None if t is None else Held.empty(tuple(t.shape), t.device, self.limit)
 
     def drop(self) -> None:
         if self._held is not None:

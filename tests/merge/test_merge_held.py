@@ -1,4 +1,4 @@
-"""merge's choose state past ``held.HELD_BYTES``: the cached expert outputs [T, k+1, H] and the merged layer's routed
+"""merge's choose state past ``held.state_limit``: the cached expert outputs [T, k+1, H] and the merged layer's routed
 outputs [T, k, H] in temporary files, a row block resident at a time, with the same choice and tensors bit for bit."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _layer(E=8, I=12, H=16, seed=0):
 
 def test_choose_state_in_files_gives_the_same_merge_bit_for_bit(monkeypatch):
     """merge_layer's measured choice (starts, pruning refit, trials, accepts, final refit) with every choose state in
-    a file (HELD_BYTES 0) and in memory: the same clusters, choices, errors and merged tensors, with and without
+    a file (every limit 0) and in memory: the same clusters, choices, errors and merged tensors, with and without
     top-k renormalization; and the files were used (the cache, each routed state, the router fit's factor)."""
     spilled: list[tuple[int, ...]] = []
     empty = Held.empty.__func__
@@ -67,6 +67,8 @@ def test_choose_state_in_files_gives_the_same_merge_bit_for_bit(monkeypatch):
         runs = []
         for limit in (1 << 30, 0):
             monkeypatch.setattr(held, "HELD_BYTES", limit)
+            monkeypatch.setattr(held, "STATE_FLOOR_BYTES", limit)
+            monkeypatch.setattr(held, "STATE_LAYER_FRACTION", 1.0 if limit else 0.0)
             monkeypatch.setattr(choose, "ROW_CHUNK_BYTES", 7 * 4 * spec.top_k * 16)  # 7 rows per block
             spilled.clear()
             merged, info = merge_layer(w, x, 4, spec.top_k, opts, spec=spec, norm_topk=spec.norm_topk, act=F.silu)
@@ -79,3 +81,17 @@ def test_choose_state_in_files_gives_the_same_merge_bit_for_bit(monkeypatch):
         assert i0 == i1
         for k in ("gate", "up", "down", "router"):
             assert torch.equal(getattr(m0, k), getattr(m1, k)), k
+
+
+def test_state_limit_keeps_small_layers_in_memory_and_flagship_state_in_files():
+    """The [Tc, ., H] state stays in memory up to max(256 MiB, half the layer's routed experts): E16 at H 512 keeps
+    its 12,288-token cache (226 MB) in memory; the DeepSeek-V3-dims slice (1.41 GB of bf16 experts) puts its
+    4,096-token cache (1,057 MB) and routed state (940 MB) in files, as the Qwen3-30B layer (1.21 GB) at 12,288
+    tokens (906, 805 MB); the 30B layer at 4,096 tokens (302, 268 MB) stays in memory."""
+    mb = 10**6
+    e16 = held.state_limit(16 * 3 * 256 * 512 * 2)
+    assert e16 == held.STATE_FLOOR_BYTES and 12_288 * 9 * 512 * 4 < e16
+    slice_ = held.state_limit(16 * 3 * 2048 * 7168 * 2)
+    assert 700 * mb < slice_ < 1_057 * mb and 940 * mb > slice_
+    q30 = held.state_limit(128 * 3 * 768 * 2048 * 2)
+    assert 805 * mb > q30 > 302 * mb
