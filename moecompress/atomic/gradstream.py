@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..core import dist
 from ..core.checkpoint import DTYPE_BYTES, Checkpoint
@@ -207,13 +208,42 @@ def _backward_layer(
     ``experts`` held narrow run through ``_NarrowKernel`` (the graph holds no float32 copy of their weights)."""
     for i in range(len(grads)):
         x = inputs[i].to(ls.device).detach().requires_grad_(True)
-        with torch.enable_grad(), _narrow_forward(experts, ls.dtype):
+        again = x.numel() * x.element_size() >= RECOMPUTE_ATTENTION_BYTES
+        with torch.enable_grad(), _narrow_forward(experts, ls.dtype), _recomputed_attention(layer, again):
             y = layer(x, **ls.layer_kwargs(l, i))  # the layer type's own mask when types are mixed
             y = y[0] if isinstance(y, tuple) else y
             y.backward(grads[i].to(ls.device))
         grads[i] = x.grad.detach()
         del x, y
         release_freed()  # the batch's graph: its freed pages go back before the next batch builds one
+
+
+RECOMPUTE_ATTENTION_BYTES = 32 << 20  # a batch's hidden states from which the backward recomputes the attention
+
+
+@contextmanager
+def _recomputed_attention(layer: torch.nn.Module, on: bool = True) -> Iterator[None]:
+    """While inside (when ``on``): ``layer``'s attention (``self_attn``) runs under non-reentrant activation
+    checkpointing, so the graph keeps its inputs only and its intermediates (queries, norms, rotary terms, the
+    SDPA output: ~10 [B S, H] floats at DeepSeek-V3 dims) are recomputed when the backward reaches it, not held
+    while the MoE part's backward runs; the same ops on the same inputs, so the same gradients bit for bit."""
+    attn = getattr(layer, "self_attn", None)
+    if not on or not isinstance(attn, torch.nn.Module):
+        yield
+        return
+    own, had = attn.forward, "forward" in vars(attn)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(own, *args, use_reentrant=False, **kwargs)
+
+    attn.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            attn.forward = own
+        else:
+            del attn.forward
 
 
 def _free_all_but_down(ls: LayerStream, layer: torch.nn.Module, experts: torch.nn.Module) -> None:

@@ -183,3 +183,34 @@ def test_attention_held_bf16_in_the_backward_gives_the_same_statistics(pair, mon
     layer.self_attn = torch.nn.Module()
     layer.self_attn.o_proj = lin
     assert narrow(layer) == [] and lin.weight.dtype == torch.float32
+
+
+def test_recomputed_attention_gives_the_same_statistics(pair, monkeypatch):
+    """Past RECOMPUTE_ATTENTION_BYTES the backward recomputes each layer's attention (activation checkpointing):
+    G, counts and m equal the pass that keeps the attention's intermediates, bit for bit."""
+    from moecompress.atomic import gradstream as gs
+
+    ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(2))
+    ck = Checkpoint(pair[0])
+    calls: list[int] = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    runs = {}
+    for cap in (0, 1 << 40):
+        monkeypatch.setattr(gs, "RECOMPUTE_ATTENTION_BYTES", cap)
+        calls.clear()
+        runs[cap] = streamed_grad_stats(ck, ids, "full", batch_size=2, with_moments=True)
+        n_layers = ck.config.num_hidden_layers
+        assert len(calls) >= (2 * n_layers if cap == 0 else 0)  # 2 batches per layer
+        if cap:
+            assert not calls
+    on, off = runs[0], runs[1 << 40]
+    assert sorted(on) == sorted(off) == ck.moe_layers
+    for l in off:
+        assert torch.equal(on[l].G, off[l].G) and on[l].G.abs().sum() > 0, l
+        assert torch.equal(on[l].counts, off[l].counts) and torch.equal(on[l].m, off[l].m), l
