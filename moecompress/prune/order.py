@@ -343,7 +343,9 @@ class ExpertOutputs:
                 else:
                     hs[sel] = self.apply_hidden(e, self.x[tok[sel]])
                     vals[sel] = torch.nn.functional.linear(hs[sel], self.down[e].float())
-            out[pr, pk] = vals[inv]
+            step = max(1, (1 << 22) // out.shape[-1])  # (the gathered rows a block at a time: no [misses, H] copy)
+            for s in range(0, pr.numel(), step):
+                out[pr[s : s + step], pk[s : s + step]] = vals[inv[s : s + step]]
             self._keep(tok, exp, vals, hs)
         return out
 

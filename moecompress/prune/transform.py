@@ -28,6 +28,7 @@ import torch
 from ..core.engine import Engine, LayerContext, Transform
 from ..core.limits import memory_limit
 from ..core.memprobe import probe
+from ..core.stream import release_freed
 from .load import block_view, select_experts, set_block_experts
 from .order import (
     ExpertOutputs,
@@ -310,6 +311,7 @@ class PruneTransform(Transform):
         spec, corr = self.spec, view.correction_bias
         for e in removed.nonzero().squeeze(1).tolist():
             src.release(e)  # their slots can hold the outputs the kept experts' routing moves to
+        release_freed()  # (the search's temporaries, freed into the C heap)
         rows, bias = view.router, view.router_bias
         stats: dict[str, float] = {}
         if "router" in self.opts.refit:
@@ -319,10 +321,12 @@ class PruneTransform(Transform):
         lg = x.float() @ rows.float().T + (bias.float() if bias is not None else 0.0)
         w_p, idx_p = route(lg, spec, removed, corr)
         y_p = routed_output(src, torch.arange(x.shape[0], device=x.device), w_p, idx_p)
+        probe("prune: pruned output")
         stats.setdefault("error_before", _sq_error(y_p, y0) / y0sq)
         downs = None
         if "down" in self.opts.refit:
             src.hidden_only()  # the cached outputs are done with: fit_downs reads activations only
+            release_freed()
             w_dense = dense_weights(w_p, idx_p, self.E)
             # when fit_downs would refit no kept expert (too few tokens for every guard), its float32 copy of the
             # kept downs ([k, H, I]: 400 MB on a Qwen3-30B layer) is not made; the output is the same (the synthetic
