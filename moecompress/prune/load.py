@@ -74,15 +74,26 @@ def _is_half(t: torch.Tensor, fused: torch.Tensor, half: int) -> bool:
     )  # fmt: skip
 
 
-def select_experts(w: MoEWeights, keep: list[int]) -> tuple[MoEWeights, torch.Tensor]:
-    """``w.select(keep)`` with the kept experts' gate and up rows copied once, expert by expert, into one fused
-    [k, 2I, H] tensor (returned too) whose halves are the selection's gate and up: with ``set_block_experts(...,
-    gate_up=)`` the block holds that one copy (``select`` + the block's concatenation made two, and a temporary)."""
+def kept_gate_up(w: MoEWeights, keep: list[int]) -> torch.Tensor:
+    """The kept experts' gate and up rows copied once, expert by expert, into one fused [k, 2I, H] tensor."""
     k, (I, H) = len(keep), w.gate.shape[1:]
     gate_up = torch.empty((k, 2 * I, H), dtype=w.gate.dtype, device=w.gate.device)  # [k, 2I, H]
     for j, e in enumerate(keep):
         gate_up[j, :I] = w.gate[e]
         gate_up[j, I:] = w.up[e]
+    return gate_up
+
+
+def select_experts(
+    w: MoEWeights, keep: list[int], gate_up: torch.Tensor | None = None
+) -> tuple[MoEWeights, torch.Tensor]:
+    """``w.select(keep)`` with the kept experts' gate and up rows copied once, expert by expert, into one fused
+    [k, 2I, H] tensor (returned too) whose halves are the selection's gate and up: with ``set_block_experts(...,
+    gate_up=)`` the block holds that one copy (``select`` + the block's concatenation made two, and a temporary).
+    ``gate_up``: that tensor made already (``kept_gate_up``; ``w.gate`` and ``w.up`` are then not read)."""
+    if gate_up is None:
+        gate_up = kept_gate_up(w, keep)
+    I = gate_up.shape[1] // 2
     idx = torch.as_tensor(keep, dtype=torch.long, device=w.router.device)
     pick = lambda t: None if t is None else t.index_select(0, idx.to(t.device))  # noqa: E731
     sel = replace(

@@ -29,7 +29,7 @@ from ..core.engine import Engine, LayerContext, Transform
 from ..core.limits import memory_limit
 from ..core.memprobe import probe
 from ..core.stream import release_freed
-from .load import block_view, select_experts, set_block_experts
+from .load import _is_half, block_view, kept_gate_up, select_experts, set_block_experts
 from .order import (
     ExpertOutputs,
     RouterSpec,
@@ -362,9 +362,21 @@ class PruneTransform(Transform):
         does, and point ``src``'s expert weights at the kept copies (the same values): the unpruned tensors are
         freed. Returns the block's new view (k experts, in the order of ``keep``)."""
         view = box.pop()
-        sel, gate_up = select_experts(view, keep)
+        experts, fam = ctx.experts, ctx.engine.fam
+        gu = getattr(experts, "gate_up_proj", None)
+        gate_up = None
+        if not fam.gateless and gu is not None and _is_half(view.gate, gu.data, 0) and _is_half(view.up, gu.data, 1):
+            # in two steps: the kept gate/up rows first, which the block and src then read, so the unpruned gate_up
+            # is freed before the kept downs are copied (the unpruned layer and all of the kept copy never coexist)
+            gate_up = kept_gate_up(view, keep)
+            experts.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
+            I = gate_up.shape[1] // 2
+            src.gate = src.up = None  # (no expert is evaluated until keep_only below points them at the kept rows)
+            view = replace(view, gate=gate_up[:, :I], up=gate_up[:, I:])
+            del gu
+        sel, gate_up = select_experts(view, keep, gate_up)
         del view
-        set_block_experts(ctx.block, ctx.engine.fam, sel, ctx.index, gate_up=gate_up)
+        set_block_experts(ctx.block, fam, sel, ctx.index, gate_up=gate_up)
         src.keep_only(keep, sel.gate, sel.up, sel.down)
         return sel
 
