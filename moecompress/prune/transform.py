@@ -332,7 +332,11 @@ class PruneTransform(Transform):
             # kept downs ([k, H, I]: 400 MB on a Qwen3-30B layer) is not made; the output is the same (the synthetic
             # 30B-shaped layer at the default --error-tokens does refit: some kept experts pass the guard)
             if refits_any(w_dense, keep, view.down.shape[2], self.opts.refit_min_rows):
-                resid = y0.float() - y_p.float()  # (fit_downs' own first step: y_p is not held through the fit)
+                # fit_downs' own first step, y0 - y_p, formed in y_p's storage when it is a float32 tensor of its
+                # own ((-y_p) + y0 is y0 - y_p bit for bit): y_p is not held through the fit, and no third [T, H]
+                # float32 tensor meets the kept experts' copy (DeepSeek-V3 dims, 4,096 tokens: 117 MB at the peak)
+                resid = y_p.float()
+                resid = (resid.neg_() if resid is not y_p or y_p._base is None else -resid).add_(y0.float())
                 del y_p
                 box.append(view)
                 del view
