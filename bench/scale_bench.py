@@ -454,6 +454,9 @@ DOWN_REFIT_DEFAULT = "a9e8da4"
 # the commits from which the profile pass a command runs for itself measures no output similarity: prune's (every
 # method), then compress's without a merge stage; runs before them are fitted with the profile's 256 similarity tokens
 PRUNE_NO_SIMILARITY = "1026905"
+# the commit from which the LP plan's codes past quant.run.code_memory_bound go to files as they are made (before
+# it, every layer's codes were held in memory up to half of the limit): estimate.model.Settings.codes_spill
+LP_CODES_SPILL = "924ac33"
 COMPRESS_NO_SIMILARITY = "babd786"
 
 
@@ -500,19 +503,31 @@ def measured_runs(stores: list[Path]) -> list[dict]:
             if latest[key] != i or "cpu_s" not in r or r.get("failed"):
                 continue
             est_op, settings = OPS[r["op"]][1]
+            # the commit whose code ran; a run made on uncommitted diffs names the commit they became
+            commit = r.get("code_equivalent") or r.get("commit")
             default_prune = settings.get("method", "output-error") == "output-error" and "refit" not in settings
             if est_op in ("prune", "compress") and default_prune:  # see DOWN_REFIT_DEFAULT
-                settings = {**settings, "refit": _default_refit_at(r.get("commit"))}
-            sim = _own_sim_tokens_at(est_op, settings, r.get("commit"))  # see PRUNE_NO_SIMILARITY
+                settings = {**settings, "refit": _default_refit_at(commit)}
+            if r["op"] == "quantize-lp":  # see LP_CODES_SPILL
+                settings = {**settings, "codes_spill": _at_or_after(commit, LP_CODES_SPILL)}
+            sim = _own_sim_tokens_at(est_op, settings, commit)  # see PRUNE_NO_SIMILARITY
             if sim is not None:
                 settings = {**settings, "sim_tokens": sim}
             s = Settings(samples=r["samples"], seq_len=r["seq_len"], batch_size=8, device="cpu", **settings)
             runs.append({
                 "name": key, "op": r["op"], "variant": variant(est_op, s) if est_op != "compress" else "compress",
                 "shape": shape_of_config(case_config(r["case"])), "settings": s, "est_op": est_op,
-                "host_bytes": r["peak_rss_bytes"], "seconds": r["cpu_s"], "commit": r.get("commit"),
+                "host_bytes": r["peak_rss_bytes"], "seconds": r["cpu_s"], "commit": commit,
             })  # fmt: skip
     return runs
+
+
+def store_paths(arg: str) -> list[Path]:
+    """``--stores``: a comma list of sweep stores, oldest first, or ``@FILE`` naming a file that lists them (one per
+    line or comma-separated; paths relative to the repository root)."""
+    text = (ROOT / arg[1:]).read_text() if arg.startswith("@") else arg
+    names = [n.strip() for n in text.replace("\n", ",").split(",") if n.strip()]
+    return [p if p.is_absolute() else ROOT / p for p in map(Path, names)]
 
 
 BOUND_LAYERS = 2.5  # issue 13: peak host memory <= 2.5 MoE layers in the checkpoint dtype + the activation cache
@@ -540,7 +555,8 @@ def status_rows(stores: list[Path], cases: tuple[str, ...] = STATUS_CASES) -> li
         rows.append({
             "key": key, "case": r["case"], "op": r["op"], "tokens": f"{r['samples']}x{r['seq_len']}",
             "peak_bytes": peak, "bound_bytes": bound, "cpu_s": r.get("cpu_s"), "complete": done,
-            "under": bool(done and peak is not None and peak <= bound), "commit": r.get("commit"),
+            "under": bool(done and peak is not None and peak <= bound),
+            "commit": r.get("code_equivalent") or r.get("commit"),
             "store": r["store"], "note": r.get("failed") or r.get("skipped") or r.get("killed") or "",
         })  # fmt: skip
     order = {op: i for i, op in enumerate(OPS)}
@@ -570,7 +586,7 @@ def render_status_md(rows: list[dict]) -> str:
 
 
 def status(args: argparse.Namespace) -> None:
-    rows = status_rows([Path(s) for s in args.stores.split(",")])
+    rows = status_rows(store_paths(args.stores))
     md = render_status_md(rows)
     Path(args.out + ".md").write_text(md)
     Path(args.out + ".json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
@@ -598,7 +614,7 @@ def fit_and_report(args: argparse.Namespace) -> None:
     from moecompress.estimate.fit import fit
     from moecompress.estimate.model import COEFFICIENTS
 
-    stores = [Path(p) for p in args.stores.split(",")]
+    stores = store_paths(args.stores)
     runs = measured_runs(stores)
     mac = args.mac_per_s or mac_rate()
     fitted = fit([r for r in runs if r["variant"] != "compress"], mac)

@@ -10,7 +10,8 @@ memory term is "copies held at the peak", the coefficient of a time term is seco
     est.host_bytes, est.gpu_bytes, est.disk_bytes, est.seconds, est.time_class
 
 The activation-cache disk is not fitted: it follows the engine's spill rule (the cache of T H fp32 values spills to
-disk past 4 GiB; HEAPr keeps every layer's inputs and spills once they pass 4 GiB together).
+disk past 4 GiB; HEAPr keeps every layer's inputs and spills once they pass 4 GiB together; the LP plan's codes at
+every candidate width, ~17 bits per routed weight, go to files past ``quant.run.code_memory_bound``).
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ class Settings:
     stages: tuple[str, ...] = ()
     max_memory: int | None = None
     memory: int | None = None  # the memory of the machine (or GPU) the op runs on: it sizes chunks without --max-memory
+    # the LP plan's codes past quant.run.code_memory_bound go to files as they are made (since commit 924ac33);
+    # False: the rule before, every layer's codes held in memory up to CODE_CACHE_FRACTION of the limit
+    codes_spill: bool = True
 
     @property
     def tokens(self) -> int:
@@ -179,7 +183,8 @@ def features(shape: ModelShape, var: str, s: Settings) -> tuple[dict[str, float]
         tim["gptq"] = Lm * E * I * H * (2.0 * H + I)
         tim["hessians"] = Lm * T * k * (H * H + I * I)
     if var == "quantize-lp":
-        mem["codes"] = 4.0 * shape.moe_layer_params
+        codes, bound = lp_codes(shape, s)
+        mem["codes"] = codes if (codes <= bound or not s.codes_spill) else 0.0  # past the bound: in files
     if var == "atom":
         every = 4.0 * (L + 1) * T * H  # every layer's inputs (and gradients), spilled together past 4 GiB
         mem["acts"] = every if every <= SPILL_BYTES else acts_mem
@@ -205,13 +210,31 @@ def search_slots(shape: ModelShape, var: str, s: Settings) -> int:
     return min(E, cache_slots(k + 4, slot_bytes, 3 * E * H * I * shape.dtype_bytes, s.max_memory))
 
 
+def lp_codes(shape: ModelShape, s: Settings) -> tuple[float, float]:
+    """(bytes of every MoE layer's codes at every candidate width, as the LP's measuring pass keeps them for the
+    write pass; the bytes it may hold in memory: quant.run.code_memory_bound for this model and limit)."""
+    from ..quant.layer import PackedCodes
+    from ..quant.plan import WIDTHS
+    from ..quant.run import CODE_CACHE_FRACTION, CODE_LAYER_FRACTION, CODE_MEMORY_FLOOR
+
+    codes = float(PackedCodes.estimate(shape.moe_layer_params, WIDTHS)) * shape.moe_layers
+    limit = s.max_memory if s.max_memory is not None else s.memory
+    bound = max(CODE_MEMORY_FLOOR, CODE_LAYER_FRACTION * shape.dtype_bytes * shape.moe_layer_params)
+    return codes, (min(bound, CODE_CACHE_FRACTION * limit) if limit is not None else bound)
+
+
 def disk_bytes(shape: ModelShape, var: str, s: Settings) -> int:
-    """Activation-cache bytes spilled to disk at the peak (the engine's rule, not fitted)."""
+    """Activation-cache bytes spilled to disk at the peak (the engine's rule, not fitted), and the LP plan's codes
+    past their memory bound (quant/codecache.py: every layer's, until the write pass has read them)."""
     acts = 4 * s.tokens * shape.hidden
     if var == "atom":
         every = 2 * (shape.layers + 1) * acts  # inputs and gradients of every layer
         return every if every // 2 > SPILL_BYTES else 0
-    return 2 * acts if acts > SPILL_BYTES else 0  # inputs and the next layer's outputs
+    cache = 2 * acts if acts > SPILL_BYTES else 0  # inputs and the next layer's outputs
+    if var == "quantize-lp" and s.codes_spill:
+        codes, bound = lp_codes(shape, s)
+        cache += int(codes) if codes > bound else 0
+    return cache
 
 
 @lru_cache(maxsize=4)
@@ -250,9 +273,10 @@ def predict_variant(shape: ModelShape, var: str, s: Settings, coefs: dict[str, A
     host = _apply(c["host"], mem)
     seconds = sum(_apply(c["seconds"], tim).values())
     limit = s.max_memory if s.max_memory is not None else s.memory
+    chunked = {**CHUNKED, "codes": ()} if s.codes_spill else CHUNKED  # spilled codes: bounded in features()
     if limit is not None:  # bounded per-expert state: a share of the limit, never below one expert's
         for name, frac in _fractions().items():
-            if var in CHUNKED[name] and name in host and host[name] > frac * limit:
+            if var in chunked[name] and name in host and host[name] > frac * limit:
                 host[name] = max(frac * limit, host[name] / shape.experts)
     gpu = 0.0
     if s.device.startswith("cuda"):  # the layer, its per-expert state and (unspilled) cache live on the GPU

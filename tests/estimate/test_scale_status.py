@@ -51,3 +51,13 @@ def test_status_takes_the_latest_store_and_flags_runs_over_the_bound(tmp_path) -
     assert not rows["merge"]["complete"] and not rows["merge"]["under"]
     md = sb.render_status_md(list(rows.values()))
     assert "**no**" in md and "not complete: killed at the CPU cap" in md and "abc1234 |" in md
+
+
+def test_stores_from_a_list_file(tmp_path) -> None:
+    sb = _scale_bench()
+    listing = tmp_path / "stores.txt"
+    listing.write_text(f"{tmp_path / 'a.json'}\n{tmp_path / 'b.json'},{tmp_path / 'c.json'}\n\n")
+    assert sb.store_paths(f"@{listing}") == [tmp_path / n for n in ("a.json", "b.json", "c.json")]
+    assert sb.store_paths("reports/x.json") == [sb.ROOT / "reports" / "x.json"]
+    shipped = sb.store_paths("@bench/scale_stores.txt")  # the list the README's refit command reads
+    assert shipped and all(p.exists() for p in shipped)
