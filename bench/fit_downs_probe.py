@@ -51,8 +51,10 @@ def main() -> None:
     peak = status()["VmHWM"] - base["VmRSS"]
     sha = [hashlib.sha256(a.numpy().tobytes()).hexdigest()[:16] for a in (cur, y)]
     gib = cur.numel() * 4 / 2**30
-    print(f"T {T}: fit_downs peak {peak:.3f} GiB above its inputs (the fitted downs {gib:.3f} GiB), "
-          f"{time.process_time() - t:.1f} CPU s; sha256 downs {sha[0]} output {sha[1]}")
+    print(
+        f"T {T}: fit_downs peak {peak:.3f} GiB above its inputs (the fitted downs {gib:.3f} GiB), "
+        f"{time.process_time() - t:.1f} CPU s; sha256 downs {sha[0]} output {sha[1]}"
+    )
 
 
 if __name__ == "__main__":

@@ -117,7 +117,6 @@ def test_refined_scales_lower_the_output_error_and_keep_the_codes():
     torch.testing.assert_close(got, s)
 
 
-
 def test_refine_scales_in_row_blocks_equals_all_rows_at_once(monkeypatch):
     """refine_scales works REFINE_BLOCK_ELEMENTS // C rows at a time (its temporaries stay bounded at DeepSeek-V3's
     R 4096 x C 7168): each row's scales do not depend on the others, so the blocks give the all-rows result bit for
