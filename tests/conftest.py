@@ -195,3 +195,13 @@ def write_with_transform(src: Path, transform: object, out: Path) -> None:
         man = Manifest("quantize", "quantized", "moecompress.load", str(ck.path), ck.fingerprint, None,
                        ck.num_params, ck.bytes_on_disk)  # fmt: skip
         o.finish(ck, cfg, man, report=False)
+
+
+def load_bench(name: str) -> Any:
+    """The module bench/NAME.py of this checkout (bench/ is not a package), for tests of the prepared benches."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
