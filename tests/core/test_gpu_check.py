@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from conftest import build_tiny, load_bench
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _gpu_check():
