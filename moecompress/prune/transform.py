@@ -327,6 +327,7 @@ class PruneTransform(Transform):
         if "down" in self.opts.refit:
             src.hidden_only()  # the cached outputs are done with: fit_downs reads activations only
             release_freed()
+            probe("prune: cached outputs freed")
             w_dense = dense_weights(w_p, idx_p, self.E)
             # when fit_downs would refit no kept expert (too few tokens for every guard), its float32 copy of the
             # kept downs ([k, H, I]: 400 MB on a Qwen3-30B layer) is not made; the output is the same (the synthetic
@@ -378,7 +379,9 @@ class PruneTransform(Transform):
             src.gate = src.up = None  # (no expert is evaluated until keep_only below points them at the kept rows)
             view = replace(view, gate=gate_up[:, :I], up=gate_up[:, I:])
             del gu
+            probe("prune: kept gate/up copied")
         sel, gate_up = select_experts(view, keep, gate_up)
+        probe("prune: kept experts selected")
         del view
         set_block_experts(ctx.block, fam, sel, ctx.index, gate_up=gate_up)
         src.keep_only(keep, sel.gate, sel.up, sel.down)
