@@ -603,3 +603,16 @@ def test_fit_downs_when_every_token_fits_is_the_copying_fit_bit_for_bit():
         ref[j] = down[e] + ridge_step(a[torch.ones(on.numel(), dtype=torch.bool)], resid[on]).T
         resid.index_add_(0, on, a @ (ref[j] - down[e]).T, alpha=-1.0)
     assert torch.equal(got, ref) and torch.equal(y, y0 - resid)
+
+
+def test_sq_error_in_row_blocks_matches_the_whole_sum(monkeypatch) -> None:
+    """Past SQ_ERROR_BLOCK_BYTES the squared error is summed a block of rows at a time (no [T, H] float64 copy):
+    the same value to rounding; at or under it, bit for bit."""
+    from moecompress.prune import transform as T
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(301, 64, generator=g), torch.randn(301, 64, generator=g)
+    ref = float((a.double() - b.double()).pow(2).sum())
+    assert T._sq_error(a, b) == ref
+    monkeypatch.setattr(T, "SQ_ERROR_BLOCK_BYTES", 8 * 64 * 7)  # 7 rows per block, 43 blocks
+    assert T._sq_error(a, b) == pytest.approx(ref, rel=1e-13) and T._sq_error(a, a) == 0.0
