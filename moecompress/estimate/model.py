@@ -215,12 +215,12 @@ def lp_codes(shape: ModelShape, s: Settings) -> tuple[float, float]:
     write pass; the bytes it may hold in memory: quant.run.code_memory_bound for this model and limit)."""
     from ..quant.layer import PackedCodes
     from ..quant.plan import WIDTHS
-    from ..quant.run import CODE_CACHE_FRACTION, CODE_LAYER_FRACTION, CODE_MEMORY_FLOOR
+    from ..quant.run import code_memory_bound
 
     codes = float(PackedCodes.estimate(shape.moe_layer_params, WIDTHS)) * shape.moe_layers
     limit = s.max_memory if s.max_memory is not None else s.memory
-    bound = max(CODE_MEMORY_FLOOR, CODE_LAYER_FRACTION * shape.dtype_bytes * shape.moe_layer_params)
-    return codes, (min(bound, CODE_CACHE_FRACTION * limit) if limit is not None else bound)
+    layer_bytes = shape.dtype_bytes * shape.moe_layer_params
+    return codes, float(code_memory_bound(layer_bytes, limit if limit is not None else 2**62))
 
 
 def disk_bytes(shape: ModelShape, var: str, s: Settings) -> int:

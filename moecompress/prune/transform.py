@@ -144,9 +144,9 @@ def _sq_error(a: torch.Tensor, b: torch.Tensor) -> float:
     SQ_ERROR_BLOCK_BYTES: bit for bit up to that size, past it the blocks' sums are added (the same value to ~1e-15
     relative; it is only reported, rounded to 6 digits). One [T, H] float64 temporary was 235 MB at the peak of the
     DeepSeek-V3-dims slice's default prune (four of them were 270 MB at the 30B-shaped layer's)."""
-    rows = max(1, SQ_ERROR_BLOCK_BYTES // (8 * max(1, a[0].numel()))) if a.dim() else 1
-    if a.dim() == 0 or a.shape[0] <= rows:
+    if a.dim() == 0 or 8 * a.numel() <= SQ_ERROR_BLOCK_BYTES:
         return float(a.to(torch.float64, copy=True).sub_(b).pow_(2).sum())
+    rows = max(1, SQ_ERROR_BLOCK_BYTES // (8 * a[0].numel()))
     return float(sum(float(a[i : i + rows].to(torch.float64, copy=True).sub_(b[i : i + rows]).pow_(2).sum())
                      for i in range(0, a.shape[0], rows)))  # fmt: skip
 

@@ -78,10 +78,12 @@ def code_cache_bound() -> int:
     return int((limit if limit is not None else host_available_bytes()) * CODE_CACHE_FRACTION)
 
 
-def code_memory_bound(layer_bytes: int) -> int:
-    """Bytes of codes the measuring pass may hold in memory: :func:`code_cache_bound`, and at most
-    ``CODE_LAYER_FRACTION`` of one MoE layer's routed weights (``layer_bytes``) or ``CODE_MEMORY_FLOOR``."""
-    return min(code_cache_bound(), max(CODE_MEMORY_FLOOR, int(CODE_LAYER_FRACTION * layer_bytes)))
+def code_memory_bound(layer_bytes: int, limit: int | None = None) -> int:
+    """Bytes of codes the measuring pass may hold in memory: :func:`code_cache_bound` (``CODE_CACHE_FRACTION`` of
+    ``limit`` when given: the cost model's machine), and at most ``CODE_LAYER_FRACTION`` of one MoE layer's routed
+    weights (``layer_bytes``) or ``CODE_MEMORY_FLOOR``."""
+    cache = code_cache_bound() if limit is None else int(limit * CODE_CACHE_FRACTION)
+    return min(cache, max(CODE_MEMORY_FLOOR, int(CODE_LAYER_FRACTION * layer_bytes)))
 
 
 @dataclass(frozen=True)
