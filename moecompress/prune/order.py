@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -414,20 +414,35 @@ class PlannedGets:
     def __init__(self, src: ExpertOutputs, calls: list[tuple[torch.Tensor, torch.Tensor]]):
         self.src, self.calls, self.pos = src, calls, 0
         self.slots = src.slots
-        self.ready: list[tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]] = []
+        self.ready: list[dict[str, Any]] = []  # the planned group's calls not answered yet
 
     def release(self, e: int) -> None:
         raise RuntimeError("PlannedGets answers a fixed sequence of calls: release on the source between them")
 
     def get(self, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        c = self._next(rows, idx)
+        out = self._answer(c)
+        c.clear()
+        return out
+
+    def blocks(self, rows: torch.Tensor, idx: torch.Tensor, block: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """The next planned call's answer ``block`` rows at a time, as (first row, [n, k, H]): the same values as
+        ``get``'s (its misses were computed for the whole call), without the call's whole [P, k, H] at once."""
+        c = self._next(rows, idx)
+        for lo in range(0, rows.numel(), block):
+            yield lo, self._answer(c, lo, lo + block)
+        c.clear()
+
+    def _next(self, rows: torch.Tensor, idx: torch.Tensor) -> dict[str, Any]:
         if not self.ready:
             self._plan()
         if not self.ready:
             raise RuntimeError("PlannedGets: more calls than planned")
-        r, i, answer = self.ready.pop(0)
+        c = self.ready.pop(0)
+        r, i = c["rows"], c["idx"]
         if r.shape != rows.shape or i.shape != idx.shape or not torch.equal(r, rows) or not torch.equal(i, idx):
             raise RuntimeError("PlannedGets: a call other than the planned one")
-        return answer()
+        return c
 
     def _plan(self) -> None:
         src = self.src
@@ -469,34 +484,77 @@ class PlannedGets:
         for c in missed:
             src._put(c["claimed"], c["vals"], c["hs"])
             c["hs"] = None
-        self.ready = [(c["rows"], c["idx"], lambda c=c: self._answer(c)) for c in group]
+        self.ready = group
 
-    def _answer(self, c: dict[str, Any]) -> torch.Tensor:
-        src, s, rows = self.src, c["s"], c["rows"]
+    def _answer(self, c: dict[str, Any], lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Call ``c``'s answer for its rows lo:hi (all by default)."""
+        src, s, rows = self.src, c["s"][lo:hi], c["rows"][lo:hi]
         P, k = s.shape
         flat = (rows[:, None] * src.cache.shape[1] + s.clamp_min(0)).reshape(-1)
         out = src.cache.view(-1, src.cache.shape[-1]).index_select(0, flat).view(P, k, -1)
         if c["tok"] is not None:
-            out[c["pr"], c["pk"]] = c["vals"][c["inv"]]
-        c.clear()
+            pr, pk, inv = c["pr"], c["pk"], c["inv"]
+            if lo or hi is not None:
+                m = pr >= lo if hi is None else (pr >= lo) & (pr < hi)
+                pr, pk, inv = pr[m] - lo, pk[m], inv[m]
+            out[pr, pk] = c["vals"][inv]
         return out
 
 
 ROUTED_CHUNK = 1024  # rows per get of routed_output
+ROUTED_BYTES = 64 * 2**20  # ... or fewer: the gathered [chunk, k, H] float32 outputs stay under this (``routed_chunk``)
+
+
+def routed_chunk(k: int, hidden: int) -> int:
+    """Rows per ``get`` for a whole-layer routed output: ROUTED_CHUNK, fewer when [chunk, k, H] float32 passes
+    ROUTED_BYTES (DeepSeek-V3 dims, top-8: 292 rows, 67 MB, instead of 1,024 rows, 235 MB)."""
+    return max(1, min(ROUTED_CHUNK, ROUTED_BYTES // max(1, k * hidden * 4)))
 
 
 def routed_output(
     src: Any, rows: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, chunk: int = ROUTED_CHUNK
 ) -> torch.Tensor:
     """Routed output [P, H] of token rows [P] under weights/indices [P, k], ``chunk`` rows at a time (the gathered
-    outputs [chunk, k, H] are the only temporary; each row's sum is the same for any chunk)."""
+    outputs [chunk, k, H] are the only temporary; each row's weighted sum is the same for any chunk, but a source
+    that computes missed pairs per call may round them differently for another chunk: ``layer_output`` keeps the
+    calls). The chunks' sums are written into the [P, H] result as they are made (no parts list, no copy)."""
     if rows.numel() <= chunk:
         return _weighted_sum(src.get(rows, idx), w)
-    parts = [
-        _weighted_sum(src.get(rows[s : s + chunk], idx[s : s + chunk]), w[s : s + chunk])
-        for s in range(0, rows.numel(), chunk)
-    ]
-    return torch.cat(parts)
+    out = None
+    for s in range(0, rows.numel(), chunk):
+        part = _weighted_sum(src.get(rows[s : s + chunk], idx[s : s + chunk]), w[s : s + chunk])
+        if out is None:
+            out = part.new_empty(rows.numel(), part.shape[1])
+        out[s : s + part.shape[0]] = part
+        del part
+    return out
+
+
+def layer_output(src: Any, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``routed_output`` of every token row of ``src`` [T, H] (the same values bit for bit, the same pairs kept in
+    the cache) with the gathered outputs in ``routed_chunk`` rows at a time: an ``ExpertOutputs`` answers the same
+    ROUTED_CHUNK-row calls (through ``planned``: each call's missed pairs are computed for the whole call, as ``get``
+    computes them, since an expert's output on a different number of rows may differ in the last bit), a block of
+    rows at a time. DeepSeek-V3 dims, top-8: [292, 8, 7168] float32 (67 MB) gathered at once instead of 235 MB."""
+    T = idx.shape[0]
+    rows = torch.arange(T, device=idx.device)
+    if not hasattr(src, "planned"):
+        return routed_output(src, rows, w, idx, ROUTED_CHUNK)
+    block = routed_chunk(idx.shape[1], src.x.shape[1])
+    calls = routed_gets(rows, idx, ROUTED_CHUNK)
+    got = src.planned(calls)
+    out = None
+    start = 0
+    for r, i in calls:
+        for lo, f in got.blocks(r, i, block):
+            a = start + lo
+            part = _weighted_sum(f, w[a : a + f.shape[0]])
+            del f
+            if out is None:
+                out = part.new_empty(T, part.shape[1])
+            out[a : a + part.shape[0]] = part
+        start += r.numel()
+    return out
 
 
 def routed_gets(rows: torch.Tensor, idx: torch.Tensor, chunk: int = ROUTED_CHUNK) -> list[tuple[torch.Tensor, ...]]:
@@ -584,7 +642,7 @@ def output_error_order(
     dev = logits.device
     rows_all = torch.arange(T, device=dev)
     if y0 is None:
-        y0 = routed_output(src, rows_all, *route(logits, spec, None, correction))
+        y0 = layer_output(src, *route(logits, spec, None, correction))
     y0f = y0.float()  # [T, H] float32 (the pair errors' reference)
     H = y0.shape[1]
 

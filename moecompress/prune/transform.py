@@ -37,12 +37,12 @@ from .order import (
     cache_slots,
     kept_global,
     kept_uniform,
+    layer_output,
     method_scores,
     output_error_order,
     removal_count,
     rescaled,
     route,
-    routed_output,
     router_choice,
     score_order,
 )
@@ -272,8 +272,7 @@ class PruneTransform(Transform):
         src = ExpertOutputs(x, view.gate, view.up, view.down, router_choice(logits, spec, corr), c,
                             ctx.experts.act_fn, hidden=hidden)  # fmt: skip
         probe(f"prune {l}: cache filled")
-        rows_all = torch.arange(x.shape[0], device=x.device)
-        y0 = routed_output(src, rows_all, *route(logits, spec, None, corr))  # [T, H] the unpruned routed output
+        y0 = layer_output(src, *route(logits, spec, None, corr))  # [T, H] the unpruned routed output
         y0sq = max(_sq_sum(y0), 1e-30)
         order = None
         if l not in self.kept:
@@ -294,7 +293,7 @@ class PruneTransform(Transform):
             view, downs, stats, y_p, selected = self._refit(ctx, src, x, box, removed, keep, y0, y0sq)
             self.refit_errors[l] = {k: round(v, 6) for k, v in stats.items()}
         else:
-            y_p = routed_output(src, rows_all, *route(logits, spec, removed, corr))
+            y_p = layer_output(src, *route(logits, spec, removed, corr))
         probe(f"prune {l}: refitted")
         del src  # the cached expert outputs ([T, c, H]) go before the kept experts are copied
         box = _boxed(view)
@@ -329,7 +328,7 @@ class PruneTransform(Transform):
             stats = {"error_before": e0 / y0sq, "error_after_router": e1 / y0sq}
         lg = x.float() @ rows.float().T + (bias.float() if bias is not None else 0.0)
         w_p, idx_p = route(lg, spec, removed, corr)
-        y_p = routed_output(src, torch.arange(x.shape[0], device=x.device), w_p, idx_p)
+        y_p = layer_output(src, w_p, idx_p)
         probe("prune: pruned output")
         stats.setdefault("error_before", _sq_error(y_p, y0) / y0sq)
         downs = None

@@ -19,11 +19,13 @@ from moecompress.prune.order import (
     combine,
     kept_global,
     kept_uniform,
+    layer_output,
     output_error_order,
     outputs_by_token,
     possible_ratios,
     removal_count,
     route,
+    routed_chunk,
     routed_output,
     router_choice,
     score_order,
@@ -581,6 +583,35 @@ def test_planned_misses_give_the_search_bit_for_bit(monkeypatch, spec, hidden, p
     plan = a.planned([(torch.arange(3), torch.zeros(3, 1, dtype=torch.long))])
     with pytest.raises(RuntimeError, match="other than the planned"):
         plan.get(torch.arange(2), torch.zeros(2, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("slots", [1, 6], ids=["bounded-cache", "full-cache"])
+@pytest.mark.parametrize("hidden", [False, True], ids=["outputs", "hidden"])
+def test_layer_output_in_small_chunks_is_the_routed_output_bit_for_bit(monkeypatch, slots, hidden):
+    """The whole-layer routed output in byte-bounded chunks (through ``planned`` when the cache is bounded) equals
+    one ``routed_output`` over every row (the chunk rule and the bookkeeping change nothing: the same values, the
+    same pairs kept in the cache)."""
+    import moecompress.prune.order as order
+
+    assert routed_chunk(8, 7168) == 292 and routed_chunk(8, 512) == order.ROUTED_CHUNK == 1024
+    monkeypatch.setattr(order, "ROUTED_CHUNK", 30)  # calls of 30 rows (a short last one), answered 7 rows at a time
+    monkeypatch.setattr(order, "ROUTED_BYTES", 7 * 2 * 24 * 4)
+    monkeypatch.setattr(order, "PLAN_BYTES", 600)  # several planned groups
+    x, gate, up, down, logits, _ = _experts(5, T=100, H=24, I=16)
+    w, idx = route(logits, SOFT, None, None)
+    srcs, outs = [], []
+    for whole in (True, False):
+        src = ExpertOutputs(x, gate, up, down, router_choice(logits, SOFT, None), slots, hidden=hidden)
+        if whole:
+            outs.append(routed_output(src, torch.arange(100), w, idx, chunk=30))
+        else:
+            outs.append(layer_output(src, w, idx))
+        srcs.append(src)
+    assert torch.equal(outs[0], outs[1]) and outs[1].shape == (100, 24)
+    a, b = srcs
+    assert torch.equal(a.slot, b.slot) and torch.equal(a.owner, b.owner) and torch.equal(a.cache, b.cache)
+    assert not hidden or torch.equal(a.hcache, b.hcache)
+    assert routed_chunk(2, 24) == 7
 
 
 def test_fit_downs_when_every_token_fits_is_the_copying_fit_bit_for_bit():
