@@ -28,6 +28,7 @@ functions up to float rounding (on the CPU bit for bit: the same products, batch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,18 +46,26 @@ def hessian_from_inputs(x: torch.Tensor) -> torch.Tensor:
     return xf.T @ xf  # [C, C]
 
 
-def _inverse_cholesky_(box: list[torch.Tensor], damp: float) -> torch.Tensor:
+def _inverse_cholesky_(
+    box: list[torch.Tensor], damp: float, rebuild: Callable[[], torch.Tensor] | None = None
+) -> torch.Tensor:
     """Upper Cholesky factor of ``H^-1`` after damping; more damping if needed for positive definiteness.
 
     ``box`` holds the only reference to ``H [C, C]`` (float32), whose diagonal is damped in place, so at most three
-    [C, C] matrices exist here at once (H, its factor, the inverse; then H, the inverse, its factor)."""
+    [C, C] matrices exist here at once (H, its factor, the inverse; then H, the inverse, its factor). ``rebuild``:
+    gives H (undamped) again; then H is let go once its factor exists (two [C, C] at once, not three; a retry
+    with more damping rebuilds it: the same matrix, so the same factor bit for bit)."""
     h = box.pop()
     diag_mean = torch.diag(h).mean().clamp_min(1e-8)
     d0 = h.diagonal().clone()  # [C] undamped diagonal
     for mult in (1.0, 10.0, 100.0, 1000.0):
+        if h is None:
+            h = rebuild()
         h.diagonal().copy_(d0 + damp * mult * diag_mean)  # = H + I * damp * mult * mean(diag H)
         chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
+            if rebuild is not None:
+                h = None
             hinv = torch.cholesky_inverse(chol)
             del chol
             chol_inv, info = torch.linalg.cholesky_ex(hinv, upper=True)
@@ -98,13 +107,18 @@ def prepare_hessian(
     h[dead, dead] = 1.0
     kept = h if keep else None
     perm = None
+    rebuild = None
     if actorder:
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
         box = [h[perm[:, None], perm]]  # [C, C] in processing order (one gather)
+        if keep:  # the gather can be made again from the kept Hessian: not held beside its factor and inverse
+            rebuild = lambda: kept[perm[:, None], perm]  # noqa: E731
     else:
         box = [h.clone() if keep else h]  # factorized in place: the kept Hessian stays undamped
+        if keep:
+            rebuild = kept.clone
     del h
-    return PreparedHessian(_inverse_cholesky_(box, damp), perm, dead, diag, kept)
+    return PreparedHessian(_inverse_cholesky_(box, damp, rebuild), perm, dead, diag, kept)
 
 
 # refine_scales works on a block of rows at a time (rows are independent), so its float32 temporaries stay near this
@@ -206,16 +220,22 @@ def gptq_quantize(
     if refine and ph.h is None:
         raise ValueError("refine needs a Hessian prepared with keep=True")
     w0 = None
+    dead = bool(ph.dead.any())
     if refine:
         w0 = w.float()  # read only: a copy only where dead inputs are zeroed (at DeepSeek-V3's gate/up, 112 MiB)
-        if bool(ph.dead.any()):
+        if dead:
             w0 = w0.clone()
             w0[:, ph.dead] = 0.0
-    wk = w.float().clone()  # [R, C]
-    wk[:, ph.dead] = 0.0
     hinv = ph.hinv
     q_out = torch.zeros(rows, cols, dtype=torch.int8, device=w.device)
     if actorder:
+        # the scales read w with dead inputs zeroed, the loop its permuted copy: without dead inputs, a float32
+        # w itself is read and only the permuted copy is made (one [R, C] float32 fewer: 112 MiB at DeepSeek-V3's
+        # gate/up; the same values)
+        wk = w.float()
+        if dead:
+            wk = wk.clone()
+            wk[:, ph.dead] = 0.0
         cw = ph.diag if clip == "hmse" else torch.ones(cols, device=w.device)
         scales = (
             grid.scales(wk, g, cw.to(w.device).float()) if grid is not None  # [R, G]
@@ -243,6 +263,8 @@ def gptq_quantize(
         q_out[:, ph.perm] = q_perm
         del wk, q_perm, w_blk, err_blk  # [R, C] working copies, not needed by the refinement
         return (q_out, refine_scales(w0, q_out, scales, ph.h, g)) if refine else (q_out, scales)
+    wk = w.float().clone()  # [R, C]
+    wk[:, ph.dead] = 0.0
     cw = ph.diag.to(w.device).float() if clip == "hmse" else torch.ones(cols, device=w.device)
     block_size = g if g >= block_size else (block_size // g) * g  # groups never straddle blocks
     scales = torch.zeros(rows, cols // g, dtype=scale_dtype, device=w.device)

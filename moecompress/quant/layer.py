@@ -551,14 +551,17 @@ def quantize_layer(
         gu = gate_up[e].to(dev).float()  # [2I, H]
         xe = pe = None
         ref: list[torch.Tensor | None] = [None]
-        if cap is not None and (with_err or (gptq and opts.sequential)):
-            xe, pe = cap.routed(e)
-            ref[0] = _expert_out(gu, down[e].to(dev).float(), act, xe)[1] if with_err else None
+        want_routed = cap is not None and (with_err or (gptq and opts.sequential))
         mine_w = [w for w in widths if expert_widths is None or expert_widths[e] == w]
         bgs = list(dict.fromkeys(pairs[w][0] for w in mine_w))
         for bg in bgs:  # gate/up once per width, then each down width
             q1, s1 = quantize_one(gu, bg, g_h, ph_gu)
             gu_codes[bg][0][e], gu_codes[bg][1][e] = store(q1, bg), s1.cpu()
+            if want_routed and xe is None and bg == bgs[0]:  # the routed inputs and reference outputs are read after
+                xe, pe = cap.routed(e)  # gate/up's first GPTQ, not held through it ([n, H] twice: ~0.1 GiB)
+                ref[0] = _expert_out(gu, down[e].to(dev).float(), act, xe)[1] if with_err else None
+            if bg == bgs[-1]:  # gate/up's last use: its weights and factorized Hessian (Hessian, factor) are not held
+                gu = ph_gu = None  # through the dequantized copy or down's GPTQ (DeepSeek-V3 dims: ~0.5 GiB)
             gu_q = dequantize(q1, s1, g_h, weight_dtype).float()
             del q1, s1
             hq = None
@@ -567,8 +570,6 @@ def quantize_layer(
                 if bg == bgs[-1]:
                     xe = None  # the routed inputs' last use: not held through the error measure
             del gu_q
-            if bg == bgs[-1]:  # gate/up's last use: its weights and factorized Hessian are not held through down's
-                gu = ph_gu = None  # GPTQ (at DeepSeek-V3 dims, [H, H] twice and [2I, H]: ~0.5 GiB)
             if gptq and opts.sequential:
                 hw = hq * pe.unsqueeze(-1) if opts.weighted else hq
                 ph_dn = prepare_hessian(hw.T @ hw, opts.damp, opts.actorder, opts.refine, inplace=True)

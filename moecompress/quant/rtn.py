@@ -103,20 +103,39 @@ def _search_scales(
 
 
 def quantize_with_scales(w: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Codes ``q [..., R, C]`` (int8) of ``w`` under given group scales ``[..., R, C // group_size]``."""
+    """Codes ``q [..., R, C]`` (int8) of ``w`` under given group scales ``[..., R, C // group_size]``; a block of
+    rows at a time (``SCALE_BLOCK_ELEMENTS`` weights: each code depends on its own weight and scale only), so the
+    float32 temporaries stay near 4 MiB each (an attention projection at DeepSeek-V3 dims, [7168, 7168]: ~0.6 GiB
+    of [R, C] float32 temporaries before)."""
     qmin, qmax = qrange(bits)
-    s = scale.float().repeat_interleave(group_size, dim=-1)  # [..., R, C]
-    return torch.clamp(torch.round(w.float() / s), qmin, qmax).to(torch.int8)
+    cols = w.shape[-1]
+    wf, sf = w.reshape(-1, cols), scale.reshape(-1, scale.shape[-1])
+    out = torch.empty(wf.shape, dtype=torch.int8, device=w.device)
+    step = max(1, SCALE_BLOCK_ELEMENTS // max(1, cols))
+    for r0 in range(0, wf.shape[0], step):
+        s = sf[r0 : r0 + step].float().repeat_interleave(group_size, dim=-1)  # [n, C]
+        out[r0 : r0 + step] = torch.clamp(torch.round(wf[r0 : r0 + step].float() / s), qmin, qmax)
+    return out.reshape(w.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``q [..., R, C] * scale [..., R, C // g]`` -> weights in ``dtype`` (default: the scale's dtype).
 
     The product is formed in float32 and rounded once, which equals compressed-tensors' dequantization in the
-    scale dtype (a product of an 8-bit integer and a bf16/fp16 scale is exact in float32).
+    scale dtype (a product of an 8-bit integer and a bf16/fp16 scale is exact in float32). Works
+    ``SCALE_BLOCK_ELEMENTS`` weights of rows at a time (each weight is its own product): the float32 temporaries
+    stay near 4 MiB each besides the result (DeepSeek-V3's gate/up, [4096, 7168]: 0.34 GiB of them before).
     """
-    out = q.float() * scale.float().repeat_interleave(group_size, dim=-1)
-    return out.to(dtype or scale.dtype)
+    dtype = dtype or scale.dtype
+    cols = q.shape[-1]
+    qf, sf = q.reshape(-1, cols), scale.reshape(-1, scale.shape[-1])
+    out = torch.empty(qf.shape, dtype=dtype, device=q.device)
+    step = max(1, SCALE_BLOCK_ELEMENTS // max(1, cols))
+    for r0 in range(0, qf.shape[0], step):
+        blk = qf[r0 : r0 + step].float()
+        blk.mul_(sf[r0 : r0 + step].float().repeat_interleave(group_size, dim=-1))
+        out[r0 : r0 + step] = blk  # (rounded to dtype as the whole product was)
+    return out.reshape(q.shape)
 
 
 def rtn_quantize(

@@ -281,3 +281,70 @@ def test_scale_search_in_row_blocks_equals_one_block(monkeypatch):
     blocked = [rtn.compute_scales(w, b, 16, torch.bfloat16, col_weight=c) for b in (2, 4) for c in (None, cw)]
     assert all(torch.equal(a, b) for a, b in zip(whole, blocked, strict=True))
     assert whole[0].shape == (3, 10, 4)
+
+
+def test_codes_and_dequantized_weights_in_row_blocks_equal_the_whole_matrix_formula(monkeypatch):
+    """quantize_with_scales and dequantize work a block of rows at a time (bounded float32 temporaries): the same
+    codes and weights as the one-step formulas, for 2-D and batched [n, R, C] inputs and any output dtype."""
+    from moecompress.quant import rtn
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3, 10, 64, generator=g).to(torch.bfloat16)
+    s = rtn.compute_scales(w, 4, 16, torch.bfloat16)
+    q_ref = torch.clamp(torch.round(w.float() / s.float().repeat_interleave(16, dim=-1)), -8, 7).to(torch.int8)
+    monkeypatch.setattr(rtn, "SCALE_BLOCK_ELEMENTS", 150)  # two rows of 64 per block, a short last block
+    for ww, ss, qr in ((w, s, q_ref), (w[1], s[1], q_ref[1])):
+        q = rtn.quantize_with_scales(ww, ss, 4, 16)
+        assert q.dtype == torch.int8 and torch.equal(q, qr)
+        for dt in (None, torch.float32, torch.float16):
+            want = (qr.float() * ss.float().repeat_interleave(16, dim=-1)).to(dt or ss.dtype)
+            got = rtn.dequantize(q, ss, 16, dt)
+            assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("actorder", [True, False])
+def test_a_retry_after_the_inverse_fails_rebuilds_the_hessian_bit_for_bit(monkeypatch, actorder):
+    """With a kept Hessian the ordered copy is let go once its factor exists; when the inverse's factorization
+    fails, it is rebuilt and damped more: the same factor as holding it throughout."""
+    from moecompress.quant import gptq
+
+    x = torch.randn(40, 24, generator=torch.Generator().manual_seed(6))
+    h = x.T @ x
+    real = torch.linalg.cholesky_ex
+    results = []
+    for keep in (True, False):
+        calls = {"upper": 0}
+
+        def flaky(a, upper=False, calls=calls, **kw):
+            out, info = real(a, upper=upper, **kw)
+            if upper:
+                calls["upper"] += 1
+                if calls["upper"] == 1:  # the first inverse is "not positive definite": damp 10x and retry
+                    return out, torch.ones_like(info)
+            return out, info
+
+        monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
+        ph = gptq.prepare_hessian(h.clone(), 0.01, actorder, keep=keep, inplace=True)
+        monkeypatch.setattr(torch.linalg, "cholesky_ex", real)
+        assert calls["upper"] == 2
+        results.append(ph.hinv)
+    assert torch.equal(results[0], results[1])
+    want, _ = _prepare_reference(h, 0.1, actorder)  # the retry's damping: 10 x 0.01
+    assert torch.equal(results[0], want)
+
+
+@pytest.mark.parametrize("dead", [False, True], ids=["live", "dead-input"])
+def test_gptq_leaves_a_float32_weight_untouched(dead):
+    """Without dead inputs GPTQ reads a float32 weight itself (no working copy of it beside the permuted one): the
+    caller's tensor is never written, and the codes equal those of a copy's."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(64, 32, generator=g)
+    if dead:
+        x[:, 3] = 0
+    w = torch.randn(12, 32, generator=g)
+    before = w.clone()
+    ph = prepare_hessian(x.T @ x, 0.03, True, keep=True)
+    q, s = gptq_quantize(w, None, 4, 16, prepared=ph, refine=True)
+    assert torch.equal(w, before)
+    q2, s2 = gptq_quantize(w.clone(), None, 4, 16, prepared=ph, refine=True)
+    assert torch.equal(q, q2) and torch.equal(s, s2)
