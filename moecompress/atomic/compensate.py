@@ -89,19 +89,24 @@ def refit_down(
     keep: torch.Tensor,
     act: Act,
     ridge: float = 1e-3,
+    among: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ridge least-squares down projection [H, K] of expert e's kept channels ``keep`` (``refit_dtype`` of
     ``w.down``: float32 for a bf16 or float32 layer).
 
-    x: [T, H] tokens; p: [T] expert e's routing weight (0 where not routed). Target: p * f_e(x) of the unpruned
-    expert; the sliced columns are the ridge prior and the answer when no token reaches e."""
+    x: [T, H] tokens; p: [T] expert e's routing weight (0 where not routed); ``among`` [T] bool: fit on those
+    tokens only (the same fit as on ``x[among]``, without copying those rows first). Target: p * f_e(x) of the
+    unpruned expert; the sliced columns are the ridge prior and the answer when no token reaches e."""
     kept_down = w.down[e][:, keep]  # [H, K]
     rows = p > 0
+    if among is not None:
+        rows &= among
     if not bool(rows.any()):
         return kept_down.to(refit_dtype(kept_down.dtype), copy=True)
     xs, ps = x[rows].float(), p[rows]  # [t, H], [t]
     target = ps[:, None] * (_hidden(xs, w.gate[e], w.up[e], act).double() @ w.down[e].double().T)  # [t, H]
     h = _hidden(xs, w.gate[e][keep], w.up[e][keep], act)  # [t, K]
+    del xs  # (not held through the solve: [t, H] float32, ~56 MiB at DeepSeek-V3 dims)
     return lstsq_down(ps.double()[:, None] * h.double(), target, kept_down, ridge, refit_dtype(w.down.dtype))
 
 
@@ -141,7 +146,7 @@ def iter_refit_downs(
         if k.numel() == 0 or e not in todo:
             yield e, kept_down
             continue
-        fitted = refit_down(x[~check], weights[~check, e], w, e, k, act, ridge)
+        fitted = refit_down(x, weights[:, e], w, e, k, act, ridge, among=~check)  # (no [T, H] copy of x[~check])
         if holdout > 1:
             on = check & (weights[:, e] > 0)
             xv, pv = x[on], weights[on, e, None].float()  # [n, H], [n, 1]

@@ -9,7 +9,7 @@ from conftest import reload_clean
 
 import moecompress
 from moecompress.atomic import run as ap
-from moecompress.atomic.compensate import dense_routing, refit_expert_downs, slice_layer, with_downs
+from moecompress.atomic.compensate import dense_routing, refit_down, refit_expert_downs, slice_layer, with_downs
 from moecompress.core.experts import routed_forward
 from moecompress.core.families import MoEWeights
 from moecompress.prune.order import RouterSpec, route
@@ -21,6 +21,25 @@ FAST = dict(samples=8, seq_len=64, batch_size=4, hessian="diag")
 def _routed(x, w, spec):
     wk, idx = route(x @ w.router.T, spec)  # [T, k]
     return routed_forward(torch.cat([w.gate, w.up], dim=1), w.down, torch.nn.functional.silu, x, idx, wk)
+
+
+def test_refit_among_tokens_equals_the_refit_on_their_copied_rows():
+    """``among`` fits on a subset of the tokens without copying their rows first: the same down, bit for bit (the
+    hold-out refit of ``iter_refit_downs`` no longer makes a [T, H] copy of x per expert)."""
+    g = torch.Generator().manual_seed(3)
+    E, I, H = 4, 20, 12
+    w = MoEWeights(*(torch.randn(*s, generator=g) * 0.4 for s in ((E, I, H), (E, I, H), (E, H, I), (E, H))))
+    x = torch.randn(500, H, generator=g)
+    p = dense_routing(x @ w.router.T, RouterSpec(top_k=2))
+    among = torch.ones(500, dtype=torch.bool)
+    among[::4] = False
+    keep = torch.arange(0, I, 2)
+    for e in range(E):
+        got = refit_down(x, p[:, e], w, e, keep, torch.nn.functional.silu, among=among)
+        want = refit_down(x[among], p[among, e], w, e, keep, torch.nn.functional.silu)
+        assert torch.equal(got, want) and got.shape == (H, keep.numel())
+    none = torch.zeros(500, dtype=torch.bool)  # no token: the sliced columns
+    assert torch.equal(refit_down(x, p[:, 0], w, 0, keep, torch.nn.functional.silu, among=none), w.down[0][:, keep])
 
 
 def test_refit_lowers_the_layer_output_error_of_pruned_channels():
