@@ -18,6 +18,8 @@ to it (the KL change against the exact matching is measured in bench/merge_bench
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -126,21 +128,33 @@ def align_cluster(
     ref: int,
     act: Act,
     block: int = EXACT_BLOCK,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Align every member of a cluster to member ``ref``.
 
     Args:
         x: [T, H] sample tokens; gate, up: [n, I, H]; down: [n, H, I] the members; ref: index of the reference;
-        act: the experts' activation; block: the largest neuron block matched exactly (``match_neurons``).
+        act: the experts' activation; block: the largest neuron block matched exactly (``match_neurons``);
+        inplace: permute the members of ``gate``, ``up``, ``down`` themselves (a caller's own copies), not copies.
 
     Returns:
         (gate, up, down) with every member's neurons permuted to match the reference (functions unchanged).
     """
-    ref_act = activations(x, gate[ref], up[ref], act)  # [T, I]
-    g, u, d = gate.clone(), up.clone(), down.clone()
-    for j in range(gate.shape[0]):
-        if j == ref:
-            continue
-        perm = match_neurons(ref_act, activations(x, gate[j], up[j], act), block)
-        g[j], u[j], d[j] = permute_expert(gate[j], up[j], down[j], perm)
+    perms = align_perms(x, gate, up, ref, act, block)
+    g, u, d = (gate, up, down) if inplace else (gate.clone(), up.clone(), down.clone())
+    for j, perm in enumerate(perms):
+        if perm is not None:
+            g[j], u[j], d[j] = permute_expert(gate[j], up[j], down[j], perm)
     return g, u, d
+
+
+def align_perms(
+    x: torch.Tensor, gate: Any, up: Any, ref: int, act: Act, block: int = EXACT_BLOCK
+) -> list[torch.Tensor | None]:
+    """The permutations ``align_cluster`` applies: perm [I] of each member (None for ``ref``), from the members'
+    gate[j], up[j] [I, H] (an [n, I, H] tensor or a list of the layer's own [I, H] tensors: no copies needed)."""
+    ref_act = activations(x, gate[ref], up[ref], act)  # [T, I]
+    return [
+        None if j == ref else match_neurons(ref_act, activations(x, gate[j], up[j], act), block)
+        for j in range(len(gate))
+    ]

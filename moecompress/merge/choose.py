@@ -36,6 +36,7 @@ device. (``malloc_trim`` before each trial was measured and not kept: on E128 it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -43,7 +44,8 @@ import torch
 from moecompress.core.experts import Act, expert_forward
 from moecompress.core.families import MoEWeights
 from moecompress.core.memprobe import probe
-from moecompress.merge.align import EXACT_BLOCK, activations, align_cluster
+from moecompress.core.stream import release_freed
+from moecompress.merge.align import EXACT_BLOCK, activations, align_perms
 from moecompress.merge.held import Held, HeldOutputs, state_limit
 from moecompress.merge.refit import lstsq_down
 from moecompress.merge.router import RouterFitter
@@ -53,6 +55,8 @@ from moecompress.prune.refit import HOLDOUT, MIN_ROWS, dense_weights, fit_downs,
 
 # the trials' [rows, k, H] float32 blocks (gathered expert outputs) are made this many bytes at a time
 ROW_CHUNK_BYTES = 1 << 25
+# experts of at least this many elements per matrix (I x H) have the C heap trimmed between a search's clusters
+TRIM_EXPERT_ELEMENTS = 1 << 22
 
 KINDS = ("keep", "keep+refit", "subspace", "subspace+refit", "average", "average+refit")
 
@@ -104,6 +108,7 @@ class LayerFit:
         self.x = _joined(x_fit, x_eval)  # [T, H]
         self.n_fit = x_fit.shape[0]
         self.router = None
+        self.rows: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}  # ``router_row``'s
         if w.correction_bias is None:  # first: its Gram matrix and factor ([H+1, H+1] float64 each, 411 MB at H 7168)
             # are made while none of the outputs below is held
             dts = (self.dtypes["router"], self.dtypes.get("router_bias"))
@@ -113,6 +118,11 @@ class LayerFit:
         # past ``held.state_limit`` the cache [T, k+1, H] (and each routed state [T, k, H]) is in a file, its pages
         # dropped after each block of work
         E, I, H = w.gate.shape
+        # freed pages of the C heap given back (``core.stream.release_freed``) once per cluster of a search and around
+        # the pruning refits, for experts this wide: the trials' [I, H]-sized temporaries are freed into a heap that
+        # otherwise grew by ~0.8 GB through a search on the DeepSeek-V3-dims slice (nothing accepted, nothing held);
+        # below it a cluster's trials are short and the trim would cost a share of their CPU (12% per trial at E128)
+        self.trim = self.x.device.type == "cpu" and I * H >= TRIM_EXPERT_ELEMENTS
         self.held_limit = state_limit(
             E * I * H * sum(torch.empty((), dtype=self.dtypes[k]).element_size() for k in ("gate", "up", "down"))
         )
@@ -126,9 +136,29 @@ class LayerFit:
         logits = self.x @ rows.float().T
         return logits + bias.float() if bias is not None else logits
 
+    def router_row(self, members: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The merged router row [H] (and bias) of cluster ``members`` fitted by ``self.router`` (softmax routing),
+        kept: a cluster's row is fitted once per layer (the same call each time, so the same row)."""
+        key = tuple(members)
+        if key not in self.rows:
+            rows, bias = self.router.fit([members])
+            self.rows[key] = (rows[0], None if bias is None else bias[0])
+        return self.rows[key]
+
+    def fit_router_rows(self, clusterings: list[Clustering]) -> None:
+        """Every merged cluster's router row of ``clusterings`` fitted now, then the fitter freed: its factor
+        ([H+1, H+1] float64, 411 MB at H 7168, in a file) is not read while a search holds its state."""
+        if self.router is None:
+            return
+        for c in clusterings:
+            for m in c.clusters:
+                if len(m) > 1:
+                    self.router_row(m)
+        self.router = None
+
     def hidden(self, c: Candidate, rows: torch.Tensor) -> torch.Tensor:
         """Intermediate activations [n, I] of candidate ``c`` on token rows [n]."""
-        return activations(self.x[rows], c.gate, c.up, self.act)
+        return activations(_take(self.x, rows), c.gate, c.up, self.act)
 
     def start(self, clustering: Clustering, outputs: bool = True) -> tuple[list[Candidate], _Routed]:
         """Every cluster at "keep its dominant member": the candidates and the merged layer's routed state. Without
@@ -203,18 +233,26 @@ class LayerFit:
         dense = dense_weights(state.wts, experts, E)  # [T, E]
 
         def hidden(e: int, rows: torch.Tensor) -> torch.Tensor:
-            return activations(self.x[rows], w.gate[e], w.up[e], self.act)
+            return activations(_take(self.x, rows), w.gate[e], w.up[e], self.act)
 
         state.outs = None  # the expert outputs [T, k, H] are not read by the refit: not held with its downs
+        if self.trim:
+            release_freed()
         # fit_downs leaves an expert with too few fit tokens as it is and the others' fits do not see it: only the
-        # others are passed (the same fits in the same order; float32 downs of those alone, not of all K)
+        # others are passed (the same fits in the same order; the downs of those alone, not of all K)
         fits = refittable(dense, dom, holdout, min_rows, w.down.shape[2])
-        downs = fit_downs(
-            hidden, w.down, [dom[j] for j in fits], dense, self.y, state.yc, kept_only=True, holdout=holdout,
-            min_rows=min_rows,
-        )[0]  # fmt: skip
-        at = dict(zip(fits, range(len(fits)), strict=True))
         dt = self.dtypes["down"]
+        # the residual y - yc formed in yc's storage ((-yc) + y, bit for bit; the start's yc is not read again) and
+        # the kept downs held in the checkpoint dtype when the layer is (each the float32 fit rounded once, as below):
+        # at DeepSeek-V3 dims 117 MB and 235 MB less beside the fits
+        resid = state.yc.neg_().add_(self.y)
+        state.yc = None
+        downs = fit_downs(
+            hidden, w.down, [dom[j] for j in fits], dense, self.y, None, kept_only=True, holdout=holdout,
+            min_rows=min_rows, resid=resid, kept_dtype=dt if w.down.dtype == dt else torch.float32,
+        )[0]  # fmt: skip
+        del resid
+        at = dict(zip(fits, range(len(fits)), strict=True))
         out = []
         for j, c in enumerate(chosen):
             if j in at:
@@ -226,8 +264,9 @@ class LayerFit:
                 d = c.down
             kind = "keep+refit" if refit else c.kind
             out.append(Candidate(kind, c.gate, c.up, d, c.row, c.bias, c.corr, prior=c.down, fit_all=True))
-        # the float32 downs [K, H, I] and the old state's outputs [T, k, H] go before the new state is built (on the
-        # 30B-shaped layer 403 + 268 MB that were held together with the new outputs)
+        # the fits' downs [K, H, I] (when float32; in the checkpoint dtype the refitted candidates' downs are views of
+        # them) and the old state's outputs [T, k, H] go before the new state is built (on the 30B-shaped layer
+        # 403 + 268 MB that were held together with the new outputs)
         del downs
         state.outs = state.yc = None
         return out, self.routed(out)
@@ -358,17 +397,24 @@ class _Routed:
             f = rows[jr] < fit.n_fit  # fit rows routed to j
             if bool(f.any()):
                 a = s[f, None] * h[f]  # [nf, I]
-                down = lstsq_down(a, fit.y[rows[jr[f]]] - others[jr[f]], cand.down, dtype=fit.dtypes["down"])
+                target = partial(_residual, fit.y, rows[jr[f]], others, jr[f])  # made a block at a time
+                down = lstsq_down(a, target, cand.down, dtype=fit.dtypes["down"])
+                del a
                 c = Candidate(refit, cand.gate, cand.up, down, cand.row, cand.bias, cand.corr, prior=cand.down)
                 downs.append((c, down))
             elif plain is None:  # nothing to refit on: the candidate as it is (as the plain version would be)
                 downs.append((cand, cand.down))
+        step = _row_chunk(1, fit.x.shape[1])
         for c, down in downs:
             out_j = torch.nn.functional.linear(h, down.float())  # [nj, H]
-            # the version's outputs are the gathered ones with j's slots set to out_j: ``accept`` writes both
-            yn = _with_j(others, jr, s, out_j)  # [n, H]
-            d2n = _sq_err(yn, fit.y, rows)  # [n]
-            del yn  # made again by ``accept`` (the same operations): no version holds an [n, H] of its own
+            # the version's outputs are the gathered ones with j's slots set to out_j: ``accept`` makes out_j again
+            # (the same call) and writes both; its routed output, others with j's part added, is made (here and in
+            # ``accept``) a block of rows at a time: no version holds an [n, H] of its own
+            d2n = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)  # [n]
+            for r0 in range(0, rows.shape[0], step):
+                yn = _with_j(others, jr, s, out_j, r0, r0 + step)
+                d2n[r0 : r0 + step] = _sq_err(yn, fit.y, rows[r0 : r0 + step])
+            del out_j
             m = rows >= fit.n_fit
             if d2_all is not None:
                 base = float(d2_all[fit.n_fit :].sum()) - float(d2_all[rows[m]].sum())
@@ -385,7 +431,7 @@ class _Routed:
             sd = max(float(delta.pow(2).sum()) / n_m - mean * mean, 0.0) ** 0.5
             se = sd / n_m**0.5 * n_m / fit.norm  # on the scale of ``err``
             versions.append(
-                _Trial(c, err, j, logits, corr, w2, idx2, rows, gather, others, s, d2n, scale, se, (jr, js, out_j))
+                _Trial(c, err, j, logits, corr, w2, idx2, rows, gather, others, s, d2n, scale, se, (jr, js), h)
             )
         return versions
 
@@ -404,10 +450,16 @@ class _Routed:
                 continue
             s = self.wts[jr, js]  # [n]
             h = fit.hidden(c, jr)  # [n, I]
-            others = self.yc[jr] - s[:, None] * self.outs[jr, js]  # [n, H]
-            self.drop()
+            others = torch.empty(jr.shape[0], fit.x.shape[1], device=fit.x.device)  # [n, H]
+            step = _row_chunk(1, fit.x.shape[1])
+            for r0 in range(0, jr.shape[0], step):  # a block of rows at a time (the same values)
+                r = slice(r0, r0 + step)
+                others[r] = self.yc[jr[r]] - s[r, None] * self.outs[jr[r], js[r]]
+                self.drop()
             prior = c.down if c.prior is None else c.prior
-            down = lstsq_down(s[:, None] * h, fit.y[jr] - others, prior, dtype=fit.dtypes["down"])
+            every = torch.arange(jr.shape[0], device=jr.device)
+            target = partial(_residual, fit.y, jr, others, every)  # made a block of columns at a time
+            down = lstsq_down(s[:, None] * h, target, prior, dtype=fit.dtypes["down"])
             out_j = torch.nn.functional.linear(h, down.float())  # [n, H]
             self.outs[jr, js] = out_j
             self.drop()
@@ -445,10 +497,12 @@ class _Routed:
         for r0 in range(0, t.rows.shape[0], step):  # a chunk's rows read and write only themselves
             self.outs[t.rows[r0 : r0 + step]] = self._outs_of(t.rows, t.gather, r0, r0 + step)
             self.drop()
-        jr, js, out_j = t.slots
+        jr, js = t.slots
+        out_j = torch.nn.functional.linear(t.h, t.cand.down.float())  # [nj, H] as ``trial`` made it (the same call)
         self.outs[t.rows[jr], js] = out_j
         self.drop()
-        self.yc[t.rows] = _with_j(t.others, jr, t.s, out_j)
+        for r0 in range(0, t.rows.shape[0], step):  # others with j's part added, a block of rows at a time
+            self.yc[t.rows[r0 : r0 + step]] = _with_j(t.others, jr, t.s, out_j, r0, r0 + step)
         self.d2 = _sq_err(self.yc, self.fit.y) if t.scale is not None else self.d2
         self.d2[t.rows] = t.d2n
         self.err = t.err
@@ -470,14 +524,37 @@ class _Trial:
     d2n: torch.Tensor
     scale: torch.Tensor | None
     se: float = 0.0  # standard error of (err - the current error), from the per-token changes on the measure tokens
-    slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows of ``rows``, slot, output) of j
+    slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows of ``rows``, slot) of j
+    h: torch.Tensor | None = None  # [nj, I] the candidate's activations there: out_j = linear(h, cand.down.float())
 
 
-def _with_j(others: torch.Tensor, jr: torch.Tensor, s: torch.Tensor, out_j: torch.Tensor) -> torch.Tensor:
-    """A trial's routed output on its changed rows [n, H]: ``others`` with j's weighted output added on rows ``jr``."""
-    yn = others.clone()
-    yn.index_add_(0, jr, s[:, None] * out_j)
+def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[rows]``, or ``x`` itself when ``rows`` are all its rows in order (the same values, no [T, H] copy: at
+    K = top-k every token is routed to every merged expert)."""
+    n = x.shape[0]
+    if rows.numel() == n and bool((rows == torch.arange(n, device=rows.device)).all()):
+        return x
+    return x[rows]
+
+
+def _with_j(
+    others: torch.Tensor, jr: torch.Tensor, s: torch.Tensor, out_j: torch.Tensor, r0: int = 0, r1: int | None = None
+) -> torch.Tensor:
+    """Rows r0:r1 (default all) of a trial's routed output on its changed rows [n, H]: ``others`` with j's weighted
+    output added on rows ``jr`` (ascending, each row once: a block's rows are the same sums as the whole's)."""
+    r1 = others.shape[0] if r1 is None else min(r1, others.shape[0])
+    lo, hi = torch.searchsorted(jr, torch.tensor([r0, r1], device=jr.device)).tolist()
+    yn = others[r0:r1].clone()
+    yn.index_add_(0, jr[lo:hi] - r0, s[lo:hi, None] * out_j[lo:hi])
     return yn
+
+
+def _residual(
+    y: torch.Tensor, rows: torch.Tensor, others: torch.Tensor, orows: torch.Tensor, h0: int, h1: int
+) -> torch.Tensor:
+    """Columns h0:h1 of ``y[rows] - others[orows]`` [n, h1 - h0] (``lstsq_down``'s target, a block at a time: the
+    same values, no [n, H] difference nor its gathered operands)."""
+    return y[rows, h0:h1] - others[orows, h0:h1]
 
 
 def _row_chunk(k: int, H: int) -> int:
@@ -521,26 +598,43 @@ def merge_candidates(
     """Subspace and average merges of a cluster (aligned to member ``ref`` on tokens ``x_align`` when ``align``) with
     fitted rows; an untruncated subspace merge equals the average, so then only "subspace" is returned."""
     w = fit.w
-    mg, mu, md = w.gate[members], w.up[members], w.down[members]  # [n, I, H], [n, I, H], [n, H, I]
-    f = freqs[members]
-    if align:
-        mg, mu, md = align_cluster(x_align, mg, mu, md, members.index(ref), fit.act, align_block)
-    if fit.router is not None:
-        rows, bias = fit.router.fit([members])
-        row, b, corr = rows[0], None if bias is None else bias[0], None
+    if w.correction_bias is None:  # softmax routing: the row fitted to the members' log-sum-exp (``router_row``)
+        row, b = fit.router_row(members)
+        corr = None
     else:  # sigmoid routing: frequency-free average row and correction bias (as merged_router_rows does)
         dt = fit.dtypes
         row = w.router[members].to(dt["router"]).mean(0)
         b = None if w.router_bias is None else w.router_bias[members].to(dt["router_bias"]).mean()
         corr = w.correction_bias[members].double().mean().to(dt["correction_bias"])
-    ranks = [rank_fn(m) for m in (mg, mu, md)]
-    mats = (mg, mu, md)
-    dts = [fit.dtypes[k] for k in ("gate", "up", "down")]
-    full = all(r is None or r >= min(m.shape[1], m.shape[0] * m.shape[2]) for r, m in zip(ranks, mats, strict=True))
-    parts = [merge_subspace(m, f, r, d) for m, r, d in zip(mats, ranks, dts, strict=True)]
+    f = freqs[members]
+    n = len(members)
+    perms: list[torch.Tensor | None] = [None] * n
+    if align:  # from the layer's own gate/up rows (no copies): the permutations ``align_cluster`` finds
+        gu = ([w.gate[e] for e in members], [w.up[e] for e in members])
+        perms = align_perms(x_align, *gu, members.index(ref), fit.act, align_block)
+
+    def stacked(name: str) -> torch.Tensor:
+        """The aligned members' [n, ., .] of one projection: ``align_cluster``'s result for it (the same values),
+        made one projection at a time (n x 29 MB at DeepSeek-V3 dims held, not n x 88 MB)."""
+        src = getattr(w, name)
+        out = src.new_empty((n, *src.shape[1:]))
+        for i, (e, p) in enumerate(zip(members, perms, strict=True)):
+            out[i] = src[e] if p is None else src[e][:, p] if name == "down" else src[e][p]
+        return out
+
+    names = ("gate", "up", "down")
+    shapes = [(n, *getattr(w, k).shape[1:]) for k in names]
+    ranks = [rank_fn(torch.empty(sh, device="meta")) for sh in shapes]  # rank_fn reads the members' shape
+    full = all(r is None or r >= min(sh[1], sh[0] * sh[2]) for r, sh in zip(ranks, shapes, strict=True))
+    parts, avg = [], []
+    for k, r in zip(names, ranks, strict=True):
+        m = stacked(k)
+        parts.append(merge_subspace(m, f, r, fit.dtypes[k]))
+        if not full:
+            avg.append(merge_average(m, f, fit.dtypes[k]))
+        del m
     out = [Candidate("subspace", *parts, row, b, corr)]
     if not full:
-        avg = [merge_average(m, f, d) for m, d in zip(mats, dts, strict=True)]
         out.append(Candidate("average", *avg, row, b, corr))
     return out
 
@@ -609,6 +703,8 @@ def choose_clusters(
                     if cache is None or len(merged_cache) < cache:
                         merged_cache[j] = merges
                 base += merges
+            if fit.trim:
+                release_freed()
             for cand in base:  # try it in place of column j; keep it only if it is clearly better
                 is_current = cand.kind == "keep" and chosen[j].kind == "keep"
                 # an untruncated subspace merge is the average: one candidate, under the first name asked for

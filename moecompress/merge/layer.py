@@ -24,6 +24,7 @@ from ..core.experts import Act
 from ..core.families import MoEWeights
 from ..core.limits import expert_chunk
 from ..core.memprobe import probe
+from ..core.stream import release_freed
 from ..prune.order import RouterSpec
 from .align import align_cluster
 from .choose import Clustering, LayerFit, assemble, choose_clusters, pruning_clustering
@@ -298,6 +299,9 @@ def choose_layer(
     x_align = x_fit[: opts.align_tokens]
     cache = cached_clusters(w, len(clusters), opts, fit.dtypes["gate"], xf.device)
     order = list(reversed(options))  # the pruning choice first: another clustering must be clearly better
+    if {"subspace", "subspace+refit", "average", "average+refit"} & set(opts.candidates):
+        fit.fit_router_rows(order)  # before the starts: the router fit's factor is not read during the searches
+        probe("merge: router rows")
     starts: list[Any] = []
     if "keep+refit" in opts.candidates:  # every search starts from the pruning refit, which needs no expert outputs:
         # every clustering starts now (in the same order, so from the same cache), and the cached original outputs
@@ -315,6 +319,8 @@ def choose_layer(
         if kept is None or kept[0] - err > opts.min_gain_se * _paired_se(d2 - kept[3], fit.norm):
             kept = (err, c, chosen, d2)
         del chosen
+        if fit.trim:
+            release_freed()
         probe(f"merge: searched {c.name}")
     assert kept is not None
     err, best, chosen, _ = kept

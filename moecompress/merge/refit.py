@@ -10,11 +10,16 @@ Weighted ridge least squares gives the down projection that best reproduces the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from moecompress.core.experts import Act
 from moecompress.merge.align import activations
+
+# ``lstsq_down`` makes its targets' float64 columns about this many bytes at a time
+TARGET_BLOCK_BYTES = 1 << 25
 
 
 def routing_weights(logits: torch.Tensor, top_k: int, norm_topk: bool) -> torch.Tensor:
@@ -93,27 +98,48 @@ def refit_down_to(
 
 
 def lstsq_down(
-    a: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, ridge: float = 1e-3, dtype: torch.dtype | None = None
+    a: torch.Tensor,
+    y: torch.Tensor | Callable[[int, int], torch.Tensor],
+    prior: torch.Tensor,
+    ridge: float = 1e-3,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Ridge least squares W = argmin sum_t ||W a_t - y_t||^2 + lam ||W - prior||^2.
 
     Args:
-        a: [t, I] (weighted) intermediate activations; y: [t, H] targets; prior: [H, I] the current projection.
+        a: [t, I] (weighted) intermediate activations; prior: [H, I] the current projection.
+        y: [t, H] targets, or a function (h0, h1) -> their columns h0:h1 [t, h1 - h0] (made a block at a time: no
+            [t, H] target is held; at H 7168 and 2,731 tokens 157 MB in float64).
         ridge: lam relative to the mean diagonal of the Gram matrix a^T a.
         dtype: the result's dtype (default: the dtype of ``prior``).
 
     Returns:
         [H, I] in ``dtype``, rounded once from float64.
+
+    W = (y^T a + lam prior) (a^T a + lam)^-1 is solved a block of W's rows (``_row_blocks``) at a time against one LU
+    factorization: each block's right-hand side y[:, block]^T a + lam prior[block] and its solution are those rows of
+    the whole one's, bit for bit (tests/merge/test_merge_refit), so no [H, I] float64 right-hand side nor solution
+    is held (117 MB each at H 7168, I 2048).
     """
-    a, y = a.double(), y.double()
+    a = a.double()
     gram = a.T @ a  # [I, I]
     lam = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
-    # y.T @ a + lam * prior formed in place (the same sums and products): two [H, I] float64 temporaries fewer, and
-    # y [t, H] float64 freed before the solve (at H 7168, I 2048: 235 + 157 MB less at the solve)
-    rhs = y.T @ a  # [H, I]
-    del y
-    rhs += prior.double().mul_(lam)
-    sol = torch.linalg.solve(
-        gram + lam * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device), rhs.T
-    ).T  # [H, I]
-    return sol.to(dtype or prior.dtype)
+    lu, piv = torch.linalg.lu_factor(gram + lam * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device))
+    del gram
+    H = prior.shape[0]
+    out = torch.empty(H, a.shape[1], dtype=dtype or prior.dtype, device=a.device)  # [H, I]
+    for h0, h1 in _row_blocks(H, a.shape[0]):
+        rhs = (y(h0, h1) if callable(y) else y[:, h0:h1]).double().T @ a  # [c, I]
+        rhs += prior[h0:h1].double() * lam  # (a float64 prior is not scaled in place)
+        out[h0:h1] = torch.linalg.lu_solve(lu, piv, rhs.T).T
+    return out
+
+
+def _row_blocks(H: int, t: int) -> list[tuple[int, int]]:
+    """Row blocks of ``lstsq_down``'s solution: [t, c] float64 target columns of about ``TARGET_BLOCK_BYTES``, every
+    width a multiple of 64 (blocks of such widths were measured bit for bit equal to the whole products, blocks of
+    odd widths were not); one block when H is not a multiple of 64."""
+    c = max(64, TARGET_BLOCK_BYTES // (8 * max(1, t)) // 64 * 64)
+    if H % 64:
+        return [(0, H)]
+    return [(h0, min(h0 + c, H)) for h0 in range(0, H, c)]

@@ -16,6 +16,9 @@ import torch
 from moecompress.merge.held import Held
 from moecompress.merge.subspace import _normalized_weights
 
+# ``RouterFitter.fit`` forms x^T target from float64 copies of this many bytes of x's columns at a time
+XT_BLOCK_BYTES = 1 << 25
+
 
 def merged_router_rows(
     w_router: torch.Tensor,
@@ -108,15 +111,31 @@ class RouterFitter:
         gram.diagonal().add_(self.lam)
         # gram + lam I is positive definite (lam > 0 unless x == 0); the factor is read by each ``fit`` alone: past
         # ``held.HELD_BYTES`` (411 MB at H 7168) it is kept in a file, resident during those reads only
-        chol = torch.linalg.cholesky(gram)
+        chol = torch.linalg.cholesky(gram)  # column-major, as LAPACK makes it
         del gram  # before the factor is copied to its file: not three [D, D] float64 at once
-        self.chol = Held.of(chol)
+        # held as its transpose, a row-major tensor (the same memory order), so the factor read back from the file
+        # (``chol.t.mT``) is column-major as made: the triangular solves in ``fit`` take it as it is
+        self.chol = Held.of(chol.mT)
         del chol
 
     def _xa(self) -> torch.Tensor:
         """The design matrix [T, H(+1)] in float64: x, with a column of ones when the router has a bias."""
         xf = self.x.to(torch.float64)
         return torch.cat([xf, torch.ones_like(xf[:, :1])], dim=1) if self.bias is not None else xf
+
+    def _xa_t(self, target: torch.Tensor) -> torch.Tensor:
+        """``self._xa().T @ target`` [D, K] from float64 copies of ``XT_BLOCK_BYTES`` of x's columns at a time, not
+        of all of x ([T, H] float64: 157 MB at H 7168 and 2,731 fit tokens); bit for bit the same rows (each is its
+        own product over the tokens, as the one product computes it: tests/merge/test_merge_router)."""
+        T, H = self.x.shape
+        out = torch.empty(H + (self.bias is not None), target.shape[1], dtype=torch.float64, device=target.device)
+        step = max(1, XT_BLOCK_BYTES // (8 * T))
+        for c0 in range(0, H, step):
+            c1 = min(c0 + step, H)
+            out[c0:c1] = self.x[:, c0:c1].to(torch.float64).T @ target
+        if self.bias is not None:
+            out[H:] = torch.ones(T, 1, dtype=torch.float64, device=target.device).T @ target
+        return out
 
     def fit(self, clusters: list[list[int]], kl_steps: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """([K, H] rows, [K] bias or None) for ``clusters`` (as ``fit_router_rows``)."""
@@ -127,12 +146,17 @@ class RouterFitter:
         b64 = bias.to(W.device, torch.float64) if bias is not None else None
         if b64 is not None:
             prior = torch.cat([prior, torch.stack([b64[m].mean() for m in clusters])[:, None]], 1)
-        xa = self._xa()
-        rhs = xa.T @ target + self.lam * prior.T  # [D, K]
-        sol = torch.cholesky_solve(rhs, self.chol.t).T  # [K, D]
-        self.chol.drop()
         merged = [c for c, m in enumerate(clusters) if len(m) > 1]
-        if kl_steps > 0 and merged:
+        xa = self._xa() if kl_steps > 0 and merged else None  # the design matrix only for the KL refinement
+        rhs = (xa.T @ target if xa is not None else self._xa_t(target)) + self.lam * prior.T  # [D, K]
+        # cholesky_solve's two triangular solves made by hand: the same LAPACK solves, bit for bit, without the
+        # column-major copy of the factor that cholesky_solve makes ([D, D] float64: 411 MB at H 7168, beside the
+        # factor's own pages read from its file)
+        L = self.chol.t.mT  # [D, D] lower, column-major
+        sol = torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, rhs, upper=False), upper=True).T
+        del L
+        self.chol.drop()  # [K, D]
+        if xa is not None:
             sol = _refine_kl(xa, target, sol, merged, kl_steps)
         del xa
         for c, m in enumerate(clusters):

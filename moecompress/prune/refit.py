@@ -206,7 +206,7 @@ def refittable(w_new: torch.Tensor, kept: list[int], holdout: int, min_rows: flo
 def fit_downs(
     hidden: Callable[[int, torch.Tensor], torch.Tensor], down: torch.Tensor, kept: list[int], w_new: torch.Tensor,
     y0: torch.Tensor, y_new: torch.Tensor | None, ridge: float = 1e-3, kept_only: bool = False, holdout: int = 0,
-    min_rows: float = 0.0, resid: torch.Tensor | None = None,
+    min_rows: float = 0.0, resid: torch.Tensor | None = None, kept_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Down projections of the kept experts by ridge least squares, one kept expert at a time (Gauss-Seidel: each
     fit sees the others' already refitted outputs).
@@ -221,18 +221,20 @@ def fit_downs(
     ``min_rows`` x its width I is not refitted at all (each output row has I unknowns: with few calibration tokens
     a refit fits noise; 512 tokens on the built-in model, ~0.5 per unknown, took KL 0.042 to 0.27, and to 0.078
     with the hold-out check alone).
-    Args: hidden(e, rows) -> h_e on those token rows [n, I] float32 (e.g. ``ExpertOutputs.hidden_of``);
-    down [E, H, I]; w_new [T, E] dense routing weights of the pruned layer; y0, y_new [T, H] routed outputs of the
-    original layer and of the pruned one with the original downs. Returns ([E, H, I] in down's dtype, removed
-    experts' rows unchanged, or with ``kept_only`` [len(kept), H, I] float32 in the order of ``kept`` (a layer held
-    in bf16 needs no float32 copy of every down projection); the pruned layer's routed output with the new downs
-    [T, H] float32). ``resid``: y0 - y_new [T, H] float32 computed by the caller (then ``y_new`` is None), which may
-    so let go of y_new during the fit; it is updated in place and becomes the returned output."""
+    Args: hidden(e, rows) -> h_e on those token rows [n, I] float32 (e.g. ``ExpertOutputs.hidden_of``); down [E, H, I];
+    w_new [T, E] dense routing weights of the pruned layer; y0, y_new [T, H] routed outputs of the original layer and of
+    the pruned one with the original downs. Returns ([E, H, I] in down's dtype, removed experts' rows unchanged, or with
+    ``kept_only`` [len(kept), H, I] in ``kept_dtype`` in the order of ``kept`` (a layer held in bf16 needs no float32
+    copy of every down projection); the pruned layer's routed output with the new downs [T, H] float32). ``resid``: y0 -
+    y_new [T, H] float32 computed by the caller (then ``y_new`` is None), which may so let go of y_new during the fit;
+    it is updated in place and becomes the returned output. ``kept_dtype``: with ``kept_only``, the dtype the kept downs
+    are returned in, each rounded once when its fit is done (the fits and their checks use the float32 values, so the
+    result is the float32 one rounded, bit for bit; a bf16 layer's kept downs held in bf16: half the bytes)."""
     if resid is None:
         assert y_new is not None
         resid = y0.float() - y_new.float()  # [T, H] what the pruned layer misses, updated after each fit
     if kept_only:
-        cur = torch.empty((len(kept), *down.shape[1:]), dtype=torch.float32, device=down.device)  # [k, H, I]
+        cur = torch.empty((len(kept), *down.shape[1:]), dtype=kept_dtype, device=down.device)  # [k, H, I]
     else:
         cur = down.clone()
     routed = (w_new > 0).T  # [E, T]
@@ -251,7 +253,7 @@ def fit_downs(
             step = ridge_step(a, resid if on.numel() == resid.shape[0] else resid[on], ridge)
         else:
             step = ridge_step(a[fit], resid[on[fit]], ridge)
-        new = (old + step.T).to(cur.dtype)  # [H, I]
+        new = (old + step.T).to(torch.float32 if kept_only else cur.dtype)  # [H, I]
         del step
         change = a @ (new.float() - old).T  # [t, H] the expert's output change on its tokens
         if holdout > 1:

@@ -78,3 +78,16 @@ def test_blocked_matching_is_a_permutation_close_to_the_exact_assignment():
         assert 0.8 < ratio <= 1.0 + 1e-9, (block, ratio)
     with pytest.raises(ValueError, match="block"):
         match_neurons(ref, member, block=1)
+
+
+def test_align_in_place_permutes_the_given_copies_as_the_copying_form():
+    experts = [_expert(s, I=40) for s in (5, 6, 7)]
+    G, U, D = (torch.stack([e[i] for e in experts]).to(torch.bfloat16) for i in range(3))
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(8))
+    want = align_cluster(x, G, U, D, 1, F.silu, block=16)
+    g, u, d = G.clone(), U.clone(), D.clone()
+    got = align_cluster(x, g, u, d, 1, F.silu, block=16, inplace=True)
+    for a, b, own in zip(got, want, (g, u, d), strict=True):
+        assert a is own and torch.equal(a, b)
+    assert not torch.equal(g, G)  # the members were permuted (the reference stays as it is)
+    assert torch.equal(g[1], G[1])

@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from moecompress.merge import held, router
 from moecompress.merge.router import cluster_logits, fit_router_rows, merged_router_rows
 
 
@@ -65,3 +67,40 @@ def test_bias_is_carried():
     assert nb[1] == b[3] and torch.equal(rows[1], w[3])
     _, ab = merged_router_rows(w, clusters, torch.ones(8), bias=b)
     assert torch.allclose(ab[0], b[:3].mean())
+
+
+def _fit_unblocked(x, w, clusters, bias=None, ridge=1e-2):
+    """RouterFitter.fit as it was computed before its blocks: the whole float64 design matrix and cholesky_solve."""
+    xa = x.double() if bias is None else torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+    W = w.double()
+    logits = x.double() @ W.T + (bias.double() if bias is not None else 0.0)
+    gram = xa.T @ xa
+    lam = max(ridge * float(gram.diagonal().mean()), 1e-12)
+    gram.diagonal().add_(lam)
+    prior = torch.stack([W[m].mean(0) for m in clusters])
+    if bias is not None:
+        prior = torch.cat([prior, torch.stack([bias.double()[m].mean() for m in clusters])[:, None]], 1)
+    rhs = xa.T @ cluster_logits(logits, clusters) + lam * prior.T
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(gram)).T
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("block_bytes", [8 * 300 * 5, 1 << 25])  # blocks of 5 columns, or all at once
+@pytest.mark.parametrize("held_bytes", [0, 1 << 27])  # the factor in a file, or in memory
+def test_fit_blocks_bit_for_bit(monkeypatch, with_bias, block_bytes, held_bytes):
+    """The fit's x^T target in column blocks and its two triangular solves give cholesky_solve's rows bit for bit."""
+    monkeypatch.setattr(router, "XT_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(held, "HELD_BYTES", held_bytes)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(300, 37, generator=g)  # float32 tokens, as LayerFit passes them
+    w = torch.randn(8, 37, generator=g).to(torch.bfloat16)
+    b = torch.randn(8, generator=g) if with_bias else None
+    f = router.RouterFitter(x, w, b, dtypes=(torch.float64, None if b is None else torch.float64))
+    assert f.chol.spilled == (held_bytes == 0)
+    for clusters in ([[0, 3]], [[0, 1, 2], [3], [4, 5], [6, 7]]):
+        rows, nb = f.fit(clusters)
+        sol = _fit_unblocked(x, w, clusters, b)
+        for c, m in enumerate(clusters):  # singletons keep their row (and bias) as they are
+            if len(m) > 1:
+                assert torch.equal(rows[c], sol[c, :37])
+                assert b is None or torch.equal(nb[c], sol[c, 37])

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from moecompress.merge import subspace
 from moecompress.merge.subspace import merge_average, merge_subspace, rank_for
 
 
@@ -58,3 +59,17 @@ def test_rank_for():
     assert rank_for(128, 256, 3, None, 0.5) == 64
     assert rank_for(256, 64, 2, None, 0.25) == 32
     assert rank_for(8, 8, 2, 1000, None) == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("block_bytes", [1, 8 * 3 * 24 * 5, 1 << 25])  # a row, 5 rows, all rows at a time
+def test_average_in_row_blocks_is_bit_for_bit(monkeypatch, dtype, block_bytes):
+    """merge_average's float64 rows a block at a time give the one-product average, rounded once, bit for bit."""
+    w = _members(3, 37, 24, seed=5).to(dtype)
+    f = torch.tensor([0.2, 0.5, 0.3])
+    whole = torch.einsum("n,noi->oi", f.double() / f.double().sum(), w.to(torch.float64))
+    for out_dtype in (None, torch.bfloat16):
+        monkeypatch.setattr(subspace, "AVERAGE_BLOCK_BYTES", block_bytes)
+        got = merge_average(w, f, out_dtype)
+        assert got.dtype == (out_dtype or dtype)
+        assert torch.equal(got, whole.to(out_dtype or dtype))
