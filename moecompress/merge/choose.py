@@ -122,7 +122,7 @@ class LayerFit:
         # the pruning refits, for experts this wide: the trials' [I, H]-sized temporaries are freed into a heap that
         # otherwise grew by ~0.8 GB through a search on the DeepSeek-V3-dims slice (nothing accepted, nothing held);
         # below it a cluster's trials are short and the trim would cost a share of their CPU (12% per trial at E128)
-        self.trim = self.x.device.type == "cpu" and I * H >= TRIM_EXPERT_ELEMENTS
+        self.trim = wide_experts(w, self.x.device)
         self.held_limit = state_limit(
             E * I * H * sum(torch.empty((), dtype=self.dtypes[k]).element_size() for k in ("gate", "up", "down"))
         )
@@ -526,6 +526,12 @@ class _Trial:
     se: float = 0.0  # standard error of (err - the current error), from the per-token changes on the measure tokens
     slots: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows of ``rows``, slot) of j
     h: torch.Tensor | None = None  # [nj, I] the candidate's activations there: out_j = linear(h, cand.down.float())
+
+
+def wide_experts(w: MoEWeights, device: torch.device) -> bool:
+    """Experts of at least ``TRIM_EXPERT_ELEMENTS`` per matrix on the CPU: their merge trims the C heap between a
+    search's clusters and maps its large allocations (``held.mapped_allocations``)."""
+    return device.type == "cpu" and w.gate.shape[1] * w.gate.shape[2] >= TRIM_EXPERT_ELEMENTS
 
 
 def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,9 @@ from ..core.memprobe import probe
 from ..core.stream import release_freed
 from ..prune.order import RouterSpec
 from .align import align_cluster
-from .choose import Clustering, LayerFit, assemble, choose_clusters, pruning_clustering
+from .choose import Clustering, LayerFit, assemble, choose_clusters, pruning_clustering, wide_experts
 from .cluster import MergeTargetError, agglomerative_cluster, kmeans_cluster, labels_to_clusters
+from .held import mapped_allocations
 from .options import MergeOptions
 from .refit import refit_down, routing_weights
 from .router import fit_router_rows, merged_router_rows
@@ -100,9 +101,10 @@ def merge_layer(
     )  # fmt: skip
     if opts.choose:
         spec = spec or RouterSpec(top_k=top_k, norm_topk=norm_topk)
-        merged, info = choose_layer(
-            w, xf, clusters, freqs, similarity, protected or [], n_group, spec, opts, gen, act, clock, dtypes
-        )  # fmt: skip
+        with mapped_allocations(wide_experts(w, xf.device)):
+            merged, info = choose_layer(
+                w, xf, clusters, freqs, similarity, protected or [], n_group, spec, opts, gen, act, clock, dtypes
+            )  # fmt: skip
     else:
         merged, info = merge_clusters(w, xf, logits, clusters, freqs, similarity, top_k, norm_topk, opts, gen, act)
         clock.lap("merge")

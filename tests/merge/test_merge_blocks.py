@@ -137,3 +137,28 @@ def test_choose_layer_fits_the_router_rows_before_the_starts(monkeypatch):
     x = torch.randn(600, 16, generator=torch.Generator().manual_seed(2))
     layer.merge_layer(w, x, 4, 2, MergeOptions(ratio=0.5, eval_tokens=150, sim_tokens=64, align_tokens=64), act=F.silu)
     assert len(seen) == 2 and all(r is None and n > 0 for r, n in seen)
+
+
+def test_mapped_allocations_sets_and_restores_the_mmap_threshold(monkeypatch):
+    from moecompress.merge import held
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(held, "_MALLOPT", lambda param, value: calls.append((param, value)) or 1)
+    with held.mapped_allocations(False):
+        pass
+    assert calls == []
+    with pytest.raises(RuntimeError), held.mapped_allocations():
+        assert calls == [(held.M_MMAP_THRESHOLD, held.MAPPED_BYTES), (held.M_TRIM_THRESHOLD, held.MAPPED_BYTES)]
+        raise RuntimeError
+    top = held.DYNAMIC_MAX_BYTES
+    assert calls[2:] == [(held.M_MMAP_THRESHOLD, top), (held.M_TRIM_THRESHOLD, 2 * top)]
+    monkeypatch.setattr(held, "_MALLOPT", False)  # no glibc: nothing to set
+    with held.mapped_allocations():
+        pass
+
+
+def test_wide_experts_only_on_the_cpu_past_the_size():
+    w = _layer(torch.float32)  # I x H = 12 x 16
+    assert not choose.wide_experts(w, torch.device("cpu"))
+    w = MoEWeights(gate=torch.empty(2, 2048, 2048, device="meta"), up=None, down=None, router=None)
+    assert choose.wide_experts(w, torch.device("cpu")) and not choose.wide_experts(w, torch.device("meta"))
