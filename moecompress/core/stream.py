@@ -36,21 +36,26 @@ from .families import Family
 from .memprobe import probe
 
 
+def libc_function(name: str) -> Any:
+    """glibc's function ``name`` (ctypes), or None where there is no glibc (looked up once per name)."""
+    if name not in _LIBC:
+        try:
+            _LIBC[name] = getattr(ctypes.CDLL("libc.so.6"), name)
+        except (OSError, AttributeError):
+            _LIBC[name] = None
+    return _LIBC[name]
+
+
 def release_freed() -> None:
     """Give the C heap's freed pages back to the system (glibc ``malloc_trim``; a no-op elsewhere): tensors below
     malloc's mmap threshold (per-expert weights, activations) are freed into the heap, whose pages otherwise stay
     resident when it is fragmented, so a pass's peak would carry the freed garbage of the layers before."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    trim = libc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
 
 
-_TRIM: Any = None
+_LIBC: dict[str, Any] = {}
 STACK_CHUNK_BYTES = 64 << 20  # per-expert tensors read at once while a layer's experts are stacked
 
 

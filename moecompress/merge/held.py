@@ -18,7 +18,6 @@ state in files, about a quarter more per layer): hence the limits.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import mmap
 import os
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..core.stream import release_freed
+from ..core.stream import libc_function, release_freed
 from ..prune.order import ExpertOutputs
 
 # a Held tensor is in memory up to this size, past it in a temporary file (default limit)
@@ -134,7 +133,6 @@ class HeldOutputs(ExpertOutputs):
 M_MMAP_THRESHOLD, M_TRIM_THRESHOLD = -3, -1
 MAPPED_BYTES = 1 << 20
 DYNAMIC_MAX_BYTES = 32 << 20  # glibc's largest dynamic mmap threshold on 64-bit: where it stands after large frees
-_MALLOPT: Any = None
 
 
 @contextmanager
@@ -145,20 +143,15 @@ def mapped_allocations(on: bool = True) -> Iterator[None]:
     then go to the heap, whose freed pages stay resident; on a 4-expert proxy of the DeepSeek-V3-dims slice that held
     0.33 GB at the trials' peak (2.83 -> 2.51 GB) for 12% more CPU (page faults: 215 -> 241 s). After: the threshold
     set to ``DYNAMIC_MAX_BYTES``, where the default one stands after such blocks (mallopt turns the adjustment off)."""
-    global _MALLOPT
-    if _MALLOPT is None:
-        try:
-            _MALLOPT = ctypes.CDLL("libc.so.6").mallopt
-        except (OSError, AttributeError):
-            _MALLOPT = False
-    if not on or not _MALLOPT:
+    mallopt = libc_function("mallopt")
+    if not on or mallopt is None:
         yield
         return
-    _MALLOPT(M_MMAP_THRESHOLD, MAPPED_BYTES)
-    _MALLOPT(M_TRIM_THRESHOLD, MAPPED_BYTES)  # a freed top of the heap past this goes back at once
+    mallopt(M_MMAP_THRESHOLD, MAPPED_BYTES)
+    mallopt(M_TRIM_THRESHOLD, MAPPED_BYTES)  # a freed top of the heap past this goes back at once
     release_freed()  # the heap's free pages from before (later large allocations are mapped, not taken from it)
     try:
         yield
     finally:
-        _MALLOPT(M_MMAP_THRESHOLD, DYNAMIC_MAX_BYTES)
-        _MALLOPT(M_TRIM_THRESHOLD, 2 * DYNAMIC_MAX_BYTES)  # (glibc's dynamic trim threshold: twice the mmap one)
+        mallopt(M_MMAP_THRESHOLD, DYNAMIC_MAX_BYTES)
+        mallopt(M_TRIM_THRESHOLD, 2 * DYNAMIC_MAX_BYTES)  # (glibc's dynamic trim threshold: twice the mmap one)

@@ -143,7 +143,8 @@ def test_mapped_allocations_sets_and_restores_the_mmap_threshold(monkeypatch):
     from moecompress.merge import held
 
     calls: list[tuple[int, int]] = []
-    monkeypatch.setattr(held, "_MALLOPT", lambda param, value: calls.append((param, value)) or 1)
+    fake = {"mallopt": lambda param, value: calls.append((param, value)) or 1}
+    monkeypatch.setattr(held, "libc_function", fake.get)
     with held.mapped_allocations(False):
         pass
     assert calls == []
@@ -152,7 +153,7 @@ def test_mapped_allocations_sets_and_restores_the_mmap_threshold(monkeypatch):
         raise RuntimeError
     top = held.DYNAMIC_MAX_BYTES
     assert calls[2:] == [(held.M_MMAP_THRESHOLD, top), (held.M_TRIM_THRESHOLD, 2 * top)]
-    monkeypatch.setattr(held, "_MALLOPT", False)  # no glibc: nothing to set
+    monkeypatch.setattr(held, "libc_function", {}.get)  # no glibc: nothing to set
     with held.mapped_allocations():
         pass
 
