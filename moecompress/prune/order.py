@@ -487,15 +487,15 @@ class PlannedGets:
         self.ready = group
 
     def _answer(self, c: dict[str, Any], lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """Call ``c``'s answer for its rows lo:hi (all by default)."""
+        """Call ``c``'s answer for its rows lo:hi (all of them without ``hi``)."""
         src, s, rows = self.src, c["s"][lo:hi], c["rows"][lo:hi]
         P, k = s.shape
         flat = (rows[:, None] * src.cache.shape[1] + s.clamp_min(0)).reshape(-1)
         out = src.cache.view(-1, src.cache.shape[-1]).index_select(0, flat).view(P, k, -1)
         if c["tok"] is not None:
             pr, pk, inv = c["pr"], c["pk"], c["inv"]
-            if lo or hi is not None:
-                m = pr >= lo if hi is None else (pr >= lo) & (pr < hi)
+            if hi is not None:  # (a block of rows: its misses only, counted from lo)
+                m = (pr >= lo) & (pr < hi)
                 pr, pk, inv = pr[m] - lo, pk[m], inv[m]
             out[pr, pk] = c["vals"][inv]
         return out

@@ -557,7 +557,7 @@ def quantize_layer(
         for bg in bgs:  # gate/up once per width, then each down width
             q1, s1 = quantize_one(gu, bg, g_h, ph_gu)
             gu_codes[bg][0][e], gu_codes[bg][1][e] = store(q1, bg), s1.cpu()
-            if want_routed and xe is None and bg == bgs[0]:  # the routed inputs and reference outputs are read after
+            if want_routed and bg == bgs[0]:  # the routed inputs and reference outputs are read after
                 xe, pe = cap.routed(e)  # gate/up's first GPTQ, not held through it ([n, H] twice: ~0.1 GiB)
                 ref[0] = _expert_out(gu, down[e].to(dev).float(), act, xe)[1] if with_err else None
             if bg == bgs[-1]:  # gate/up's last use: its weights and factorized Hessian (Hessian, factor) are not held
