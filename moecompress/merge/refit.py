@@ -118,7 +118,7 @@ def lstsq_down(
 
     W = (y^T a + lam prior) (a^T a + lam)^-1 is solved a block of W's rows (``_row_blocks``) at a time against one LU
     factorization: each block's right-hand side y[:, block]^T a + lam prior[block] and its solution are those rows of
-    the whole one's, bit for bit (tests/merge/test_merge_refit), so no [H, I] float64 right-hand side nor solution
+    the whole one's, bit for bit (tests/merge/test_merge_blocks), so no [H, I] float64 right-hand side nor solution
     is held (117 MB each at H 7168, I 2048).
     """
     a = a.double()
