@@ -17,6 +17,8 @@ in one call and equal a per-expert loop.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -64,11 +66,16 @@ def compute_scales(
     cols = w.shape[-1]
     _check(bits, cols, group_size)
     flat = w.reshape(-1, cols)  # [N, C]
-    step = max(1, SCALE_BLOCK_ELEMENTS // cols)
     out = torch.empty(flat.shape[0], cols // group_size, dtype=scale_dtype, device=w.device)
-    for r0 in range(0, flat.shape[0], step):
-        out[r0 : r0 + step] = _search_scales(flat[r0 : r0 + step], bits, group_size, scale_dtype, clip_grid, col_weight)
+    for r in _row_blocks(flat.shape[0], cols):
+        out[r] = _search_scales(flat[r], bits, group_size, scale_dtype, clip_grid, col_weight)
     return out.reshape(*w.shape[:-1], cols // group_size)
+
+
+def _row_blocks(rows: int, cols: int) -> Iterator[slice]:
+    """Row slices of an [rows, cols] matrix of about ``SCALE_BLOCK_ELEMENTS`` elements each (at least one row)."""
+    step = max(1, SCALE_BLOCK_ELEMENTS // max(1, cols))
+    return (slice(r0, r0 + step) for r0 in range(0, rows, step))
 
 
 def _search_scales(
@@ -111,10 +118,9 @@ def quantize_with_scales(w: torch.Tensor, scale: torch.Tensor, bits: int, group_
     cols = w.shape[-1]
     wf, sf = w.reshape(-1, cols), scale.reshape(-1, scale.shape[-1])
     out = torch.empty(wf.shape, dtype=torch.int8, device=w.device)
-    step = max(1, SCALE_BLOCK_ELEMENTS // max(1, cols))
-    for r0 in range(0, wf.shape[0], step):
-        s = sf[r0 : r0 + step].float().repeat_interleave(group_size, dim=-1)  # [n, C]
-        out[r0 : r0 + step] = torch.clamp(torch.round(wf[r0 : r0 + step].float() / s), qmin, qmax)
+    for r in _row_blocks(wf.shape[0], cols):
+        s = sf[r].float().repeat_interleave(group_size, dim=-1)  # [n, C]
+        out[r] = torch.clamp(torch.round(wf[r].float() / s), qmin, qmax)
     return out.reshape(w.shape)
 
 
@@ -130,11 +136,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: tor
     cols = q.shape[-1]
     qf, sf = q.reshape(-1, cols), scale.reshape(-1, scale.shape[-1])
     out = torch.empty(qf.shape, dtype=dtype, device=q.device)
-    step = max(1, SCALE_BLOCK_ELEMENTS // max(1, cols))
-    for r0 in range(0, qf.shape[0], step):
-        blk = qf[r0 : r0 + step].float()
-        blk.mul_(sf[r0 : r0 + step].float().repeat_interleave(group_size, dim=-1))
-        out[r0 : r0 + step] = blk  # (rounded to dtype as the whole product was)
+    for r in _row_blocks(qf.shape[0], cols):
+        blk = qf[r].float()
+        blk.mul_(sf[r].float().repeat_interleave(group_size, dim=-1))
+        out[r] = blk  # (rounded to dtype as the whole product was)
     return out.reshape(q.shape)
 
 
