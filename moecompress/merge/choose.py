@@ -35,7 +35,8 @@ device. (``malloc_trim`` before each trial was measured and not kept: on E128 it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -46,7 +47,7 @@ from moecompress.core.families import MoEWeights
 from moecompress.core.memprobe import probe
 from moecompress.core.stream import release_freed
 from moecompress.merge.align import EXACT_BLOCK, activations, align_perms
-from moecompress.merge.held import Held, HeldOutputs, state_limit
+from moecompress.merge.held import Held, HeldOutputs, park, parks, state_limit, unpark
 from moecompress.merge.refit import lstsq_down
 from moecompress.merge.router import RouterFitter
 from moecompress.merge.subspace import merge_average, merge_subspace
@@ -334,6 +335,18 @@ class _Routed:
         if self.held is not None:
             self.held.drop()
 
+    def park(self) -> None:
+        """While this state waits unread (a clustering's start while another is searched): its routed output [T, H]
+        past ``held.PARK_BYTES`` in a temporary file (117 MB at DeepSeek-V3 dims and 4,096 tokens); ``unpark``
+        brings it back, the same values. Only a state without expert outputs (``LayerFit.start(outputs=False)``)."""
+        if self.held is not None:
+            raise ValueError("a state holding expert outputs is not parked")
+        self.yc = park(self.yc)
+
+    def unpark(self) -> None:
+        if isinstance(self.yc, Held):
+            self.yc = unpark(self.yc)
+
     def trial(
         self, j: int, cand: Candidate, chosen: list[Candidate], plain: str | None, refit: str | None
     ) -> list[_Trial]:
@@ -528,6 +541,36 @@ class _Trial:
     h: torch.Tensor | None = None  # [nj, I] the candidate's activations there: out_j = linear(h, cand.down.float())
 
 
+# the fields of a ``Candidate`` that ``parked`` may move to a file (the router entries are small)
+PARKED_FIELDS = ("gate", "up", "down", "prior")
+
+
+def parked(chosen: list[Candidate], w: MoEWeights, wait: bool = True) -> Callable[[], list[Candidate]]:
+    """``chosen`` while it waits unread (the best clustering so far while the next one is searched; none when not
+    ``wait``): the tensors of its own (refitted downs, merges; not views of the layer's ``w``), past
+    ``held.PARK_BYTES`` in all, each in a temporary file (on the CPU; at DeepSeek-V3 dims eight refitted downs:
+    235 MB). The caller drops ``chosen``; the returned call gives the candidates back in memory, bit for bit."""
+    layer = {getattr(w, f).untyped_storage().data_ptr() for f in ("gate", "up", "down")}
+    own: dict[int, torch.Tensor] = {}  # by id: a tensor in two fields (or two candidates) is parked once
+    for c in chosen:
+        for f in PARKED_FIELDS:
+            t = getattr(c, f)
+            if t is not None and t.device.type == "cpu" and t.untyped_storage().data_ptr() not in layer:
+                own[id(t)] = t
+    if not wait or not parks(sum(t.nbytes for t in own.values())):
+        return lambda: chosen
+    where = [{f: id(getattr(c, f)) for f in PARKED_FIELDS if id(getattr(c, f)) in own} for c in chosen]
+    shells = [replace(c, **dict.fromkeys(fs)) for c, fs in zip(chosen, where, strict=True)]
+    held = {k: park(t, 0) for k, t in own.items()}
+    del own
+
+    def back() -> list[Candidate]:
+        values = {k: unpark(h) for k, h in held.items()}
+        return [replace(c, **{f: values[k] for f, k in fs.items()}) for c, fs in zip(shells, where, strict=True)]
+
+    return back
+
+
 def wide_experts(w: MoEWeights, device: torch.device) -> bool:
     """Experts of at least ``TRIM_EXPERT_ELEMENTS`` per matrix on the CPU: their merge trims the C heap between a
     search's clusters and maps its large allocations (``held.mapped_allocations``)."""
@@ -680,6 +723,7 @@ def choose_clusters(
     w = fit.w
     lap = clock.lap if clock is not None else (lambda name: None)
     chosen, state = begun if begun is not None else fit.start(clustering)
+    state.unpark()
     if state.outs is None and "keep+refit" not in kinds:
         raise ValueError("a start without expert outputs serves only a search that starts from the pruning refit")
     if last:  # no clustering starts after this one: the cached original outputs ([T, k+1, H]) are done with

@@ -1,4 +1,4 @@
-"""The measured choice's large state held in memory, or past a size in a temporary file.
+"""The measured choice's large state held in memory, or past a size in a temporary file (``core.held.Held``).
 
     h = Held.empty((T, k, H), limit=state_limit(layer_bytes))   # torch.empty, or mapped from an unlinked temp file
     h.t[rows] = ...; h.drop()          # after each block of work: the file's pages leave this process's memory
@@ -18,21 +18,20 @@ state in files, about a quarter more per layer): hence the limits.
 
 from __future__ import annotations
 
-import math
-import mmap
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from ..core.held import HELD_BYTES, PARK_BYTES, Held, park, parks, unpark
 from ..core.stream import libc_function, release_freed
 from ..prune.order import ExpertOutputs
 
-# a Held tensor is in memory up to this size, past it in a temporary file (default limit)
-HELD_BYTES = 128 << 20
+__all__ = [
+    "HELD_BYTES", "PARK_BYTES", "Held", "HeldOutputs", "mapped_allocations", "park", "parks", "state_limit", "unpark",
+]  # fmt: skip
+
 # the [Tc, ., H] state (cache, routed outputs) stays in memory up to the larger of these (``state_limit``)
 STATE_FLOOR_BYTES = 256 << 20
 STATE_LAYER_FRACTION = 0.5
@@ -41,56 +40,6 @@ STATE_LAYER_FRACTION = 0.5
 def state_limit(layer_bytes: int) -> int:
     """Bytes of one [Tc, ., H] state tensor held in memory for a layer of ``layer_bytes`` routed-expert bytes."""
     return max(STATE_FLOOR_BYTES, int(STATE_LAYER_FRACTION * layer_bytes))
-
-
-class Held:
-    """A float32 tensor ``t``: in memory, or (on the CPU, past ``limit`` bytes) a shared memory map of an unlinked
-    temporary file, whose resident pages ``drop`` gives back (no-op in memory)."""
-
-    def __init__(self, t: torch.Tensor, mm: mmap.mmap | None = None):
-        self.t, self._mm = t, mm
-
-    @classmethod
-    def empty(
-        cls, shape: tuple[int, ...], device: torch.device | str = "cpu", limit: int | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> Held:  # fmt: skip
-        """An unset tensor of ``shape`` (in a file when on the CPU and over ``limit``, default ``HELD_BYTES``)."""
-        limit = HELD_BYTES if limit is None else limit
-        n = math.prod(shape)
-        size = n * torch.empty((), dtype=dtype).element_size()
-        if torch.device(device).type != "cpu" or size <= limit:
-            return cls(torch.empty(shape, device=device, dtype=dtype))
-        fd, path = tempfile.mkstemp(prefix="moecompress-merge-")
-        try:
-            os.unlink(path)  # the file lives as long as the mapping
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-        return cls(torch.frombuffer(mm, dtype=dtype, count=n).view(shape), mm)
-
-    @classmethod
-    def of(cls, t: torch.Tensor, limit: int | None = None, block: int = 1 << 25) -> Held:
-        """``t``'s values held: ``t`` itself, or a copy in a file (when ``empty`` would put it in one) written
-        ``block`` bytes of rows at a time, each block's pages dropped after it."""
-        h = cls.empty(tuple(t.shape), t.device, limit, t.dtype)
-        if not h.spilled:
-            return cls(t)
-        step = max(1, block // max(1, t[:1].nbytes))
-        for r0 in range(0, t.shape[0], step):
-            h.t[r0 : r0 + step] = t[r0 : r0 + step]
-            h.drop()
-        return h
-
-    @property
-    def spilled(self) -> bool:
-        return self._mm is not None
-
-    def drop(self) -> None:
-        """The file's pages leave this process's resident memory (their values are kept in the file)."""
-        if self._mm is not None:
-            self._mm.madvise(mmap.MADV_DONTNEED)
 
 
 class HeldOutputs(ExpertOutputs):

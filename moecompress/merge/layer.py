@@ -15,6 +15,7 @@ held-out calibration tokens.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from ..core.memprobe import probe
 from ..core.stream import release_freed
 from ..prune.order import RouterSpec
 from .align import align_cluster
-from .choose import Clustering, LayerFit, assemble, choose_clusters, pruning_clustering, wide_experts
+from .choose import Clustering, LayerFit, assemble, choose_clusters, parked, pruning_clustering, wide_experts
 from .cluster import MergeTargetError, agglomerative_cluster, kmeans_cluster, labels_to_clusters
 from .held import mapped_allocations
 from .options import MergeOptions
@@ -96,16 +97,18 @@ def merge_layer(
     if freqs is None:
         scores = logits if w.correction_bias is None else logits.sigmoid() + w.correction_bias.to(torch.float32)
         freqs = routing_frequency(scores, top_k).cpu()  # [E]
-    clusters, similarity = cluster_layer(
-        w, xf, logits, n_clusters, opts, gen, act, similarity, protected, n_group, clock
-    )  # fmt: skip
-    if opts.choose:
-        spec = spec or RouterSpec(top_k=top_k, norm_topk=norm_topk)
-        with mapped_allocations(wide_experts(w, xf.device)):
+    # wide experts: from the similarity on, large temporaries are mapped and leave the process when freed (else the
+    # similarity's freed into the C heap 90-250 MB on 16 experts of H 4096, I 1024, held through the searches)
+    with mapped_allocations(opts.choose and wide_experts(w, xf.device)):
+        clusters, similarity = cluster_layer(
+            w, xf, logits, n_clusters, opts, gen, act, similarity, protected, n_group, clock
+        )  # fmt: skip
+        if opts.choose:
+            spec = spec or RouterSpec(top_k=top_k, norm_topk=norm_topk)
             merged, info = choose_layer(
                 w, xf, clusters, freqs, similarity, protected or [], n_group, spec, opts, gen, act, clock, dtypes
             )  # fmt: skip
-    else:
+    if not opts.choose:
         merged, info = merge_clusters(w, xf, logits, clusters, freqs, similarity, top_k, norm_topk, opts, gen, act)
         clock.lap("merge")
     info["seconds"] = clock.laps
@@ -297,7 +300,7 @@ def choose_layer(
 
     tried: list[tuple[float, Clustering, float]] = []  # (error, clustering, error at start)
     # the best so far (only its candidates are held): (error, clustering, candidates, per-token errors [n_M])
-    kept: tuple[float, Clustering, list[Any], torch.Tensor] | None = None
+    kept: tuple[float, Clustering, Callable[[], list[Any]], torch.Tensor] | None = None
     x_align = x_fit[: opts.align_tokens]
     cache = cached_clusters(w, len(clusters), opts, fit.dtypes["gate"], xf.device)
     order = list(reversed(options))  # the pruning choice first: another clustering must be clearly better
@@ -310,6 +313,8 @@ def choose_layer(
         # ([T, k+1, H] float32, 302 MB on the Qwen3-30B-shaped layer) are not held through the searches
         starts = [fit.start(c, outputs=False) for c in order]
         fit.src = None
+        for _, state in starts[1:]:  # each waits through the searches before its own
+            state.park()
         probe("merge: starts")
     for i, c in enumerate(order):
         chosen, start, err, d2 = choose_clusters(
@@ -319,13 +324,15 @@ def choose_layer(
         )  # fmt: skip
         tried.append((err, c, start))
         if kept is None or kept[0] - err > opts.min_gain_se * _paired_se(d2 - kept[3], fit.norm):
-            kept = (err, c, chosen, d2)
+            # the best so far waits through the next searches (if any) in files: its own refitted downs and merges
+            kept = (err, c, parked(chosen, w, wait=i < len(order) - 1), d2)
         del chosen
         if fit.trim:
             release_freed()
         probe(f"merge: searched {c.name}")
     assert kept is not None
-    err, best, chosen, _ = kept
+    err, best, back, _ = kept
+    chosen = back()
     err_all = None
     if opts.final_refit and any(c.kind.endswith("+refit") for c in chosen):
         err_all = fit.routed(chosen).refit_all(chosen)
@@ -334,7 +341,7 @@ def choose_layer(
     dtypes, n_fit = fit.dtypes, x_fit.shape[0]
     # the tokens, y and the router fit go before the merged layer is built beside the old one (x_align, x_fit: views
     # of fit.x): at DeepSeek-V3 dims, 2 x [4,096, 7,168] float32 and more, held while 0.7 GB of merged experts are made
-    del fit, x_fit, x_align, kept
+    del fit, x_fit, x_align, kept, back
     merged = assemble(chosen, w, dtypes)
     within = [float(similarity[m][:, m].mean()) for m in best.clusters if len(m) > 1]
     info = {

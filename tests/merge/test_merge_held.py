@@ -6,38 +6,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moecompress.core import held as core_held
 from moecompress.core.families import MoEWeights
 from moecompress.merge import choose, held
 from moecompress.merge.held import Held
 from moecompress.merge.layer import merge_layer
 from moecompress.merge.options import MergeOptions
 from moecompress.prune.order import RouterSpec
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
-
-
-def test_held_in_memory_below_the_limit_and_in_a_file_above_it_keeps_values_and_drops_pages():
-    small = Held.empty((4, 3), limit=1024)
-    assert not small.spilled
-    small.drop()  # a no-op in memory
-    big = Held.empty((16, 1 << 20), limit=1024)  # 64 MiB
-    assert big.spilled
-    before = _rss()
-    big.t.copy_(torch.arange(16, dtype=torch.float32)[:, None].expand(16, 1 << 20))
-    filled = _rss()
-    assert filled - before > 48 << 20  # the written pages are resident ...
-    big.drop()
-    assert filled - _rss() > 48 << 20  # ... until dropped
-    assert torch.equal(big.t[:, 12345], torch.arange(16, dtype=torch.float32))  # the values come back from the file
-    assert torch.equal(big.t[7], torch.full((1 << 20,), 7.0))
-    assert not Held.empty((16, 1 << 20), "meta", limit=1024).spilled  # only CPU tensors go to a file
-    t = torch.randn(100, 30, dtype=torch.float64)
-    copy = Held.of(t, limit=0, block=7 * 30 * 8)  # written 7 rows at a time
-    assert copy.spilled and copy.t.dtype == torch.float64 and torch.equal(copy.t, t)
-    assert Held.of(t).t is t  # below the limit: the tensor itself
 
 
 def _layer(E=8, I=12, H=16, seed=0):
@@ -66,9 +41,10 @@ def test_choose_state_in_files_gives_the_same_merge_bit_for_bit(monkeypatch):
         opts = MergeOptions(ratio=0.5, eval_tokens=300, fit_tokens=600, sim_tokens=64, align_tokens=64)
         runs = []
         for limit in (1 << 30, 0):
-            monkeypatch.setattr(held, "HELD_BYTES", limit)
+            monkeypatch.setattr(core_held, "HELD_BYTES", limit)
             monkeypatch.setattr(held, "STATE_FLOOR_BYTES", limit)
             monkeypatch.setattr(held, "STATE_LAYER_FRACTION", 1.0 if limit else 0.0)
+            monkeypatch.setattr(core_held, "PARK_BYTES", limit)  # the waiting start and best choice so far
             monkeypatch.setattr(choose, "ROW_CHUNK_BYTES", 7 * 4 * spec.top_k * 16)  # 7 rows per block
             spilled.clear()
             merged, info = merge_layer(w, x, 4, spec.top_k, opts, spec=spec, norm_topk=spec.norm_topk, act=F.silu)
@@ -76,6 +52,7 @@ def test_choose_state_in_files_gives_the_same_merge_bit_for_bit(monkeypatch):
         (m0, i0, s0), (m1, i1, s1) = runs
         assert s0 == [] and (900, spec.top_k + 1, 16) in s1 and (900, spec.top_k, 16) in s1  # cache, routed state
         assert (16, 16) in s1  # the router fit's Cholesky factor
+        assert (900, 16) in s1  # the second clustering's start (its routed output) waited in a file
         assert any(c != "keep" for c in i0["choices"])  # trials were accepted: the state was written to
         i0.pop("seconds"), i1.pop("seconds")
         assert i0 == i1
@@ -95,3 +72,38 @@ def test_state_limit_keeps_small_layers_in_memory_and_flagship_state_in_files():
     assert 700 * mb < slice_ < 1_057 * mb and 940 * mb > slice_
     q30 = held.state_limit(128 * 3 * 768 * 2048 * 2)
     assert 805 * mb > q30 > 302 * mb
+
+
+def test_parked_candidates_wait_in_files_and_come_back_the_same(monkeypatch):
+    """``choose.parked``: a choice's own tensors (a refitted down, a merge; one tensor in two fields parked once) go to
+    files past ``held.PARK_BYTES``, the layer's views stay; the call gives back equal values in memory. Below the
+    limit, or when nothing waits, the candidates themselves."""
+    w = _layer(E=4, I=32, H=64)
+    merged = choose.Candidate("subspace", w.gate[0] + 1, w.up[0] + 1, w.down[0] + 1, w.router[0])
+    refit = choose.Candidate("keep+refit", w.gate[1], w.up[1], w.down[1] * 2, w.router[1], prior=w.down[1])
+    both = choose.Candidate("subspace+refit", merged.gate, merged.up, merged.down * 3, w.router[0], prior=merged.down)
+    chosen = [choose.keep_candidate(w, 2), merged, refit, both]
+    own = 3 * 32 * 64 * 4 + 2 * 64 * 32 * 4  # merged's gate/up/down (shared with ``both``) + two refitted downs
+    assert choose.parked(chosen, w, wait=False)() is chosen
+    assert choose.parked(chosen, w)() is chosen  # 40 KB: below the default limit
+    held_ = []
+    of = Held.of.__func__
+
+    def spy(cls, t, limit=None, block=1 << 25):
+        h = of(cls, t, limit, block)
+        held_.append(h)
+        return h
+
+    monkeypatch.setattr(Held, "of", classmethod(spy))
+    monkeypatch.setattr(core_held, "PARK_BYTES", own - 1)
+    back = choose.parked(chosen, w)
+    assert len(held_) == 5 and all(h.spilled for h in held_)  # merged's three, two refitted downs; no view of w
+    again = back()
+    assert again is not chosen and again[0] is not chosen[0]
+    for a, b in zip(again, chosen, strict=True):
+        assert a.kind == b.kind and a.row is b.row
+        for f in choose.PARKED_FIELDS:
+            ta, tb = getattr(a, f), getattr(b, f)
+            assert (ta is None) == (tb is None) and (ta is None or torch.equal(ta, tb)), (b.kind, f)
+    assert again[0].gate.data_ptr() == w.gate[2].data_ptr()  # the layer's views stay views
+    assert again[3].prior is again[1].down  # one tensor in two fields comes back as one

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from moecompress.merge import held, router
+from moecompress.core import held as core_held
+from moecompress.merge import router
 from moecompress.merge.router import cluster_logits, fit_router_rows, merged_router_rows
 
 
@@ -90,7 +91,7 @@ def _fit_unblocked(x, w, clusters, bias=None, ridge=1e-2):
 def test_fit_blocks_bit_for_bit(monkeypatch, with_bias, block_bytes, held_bytes):
     """The fit's x^T target in column blocks and its two triangular solves give cholesky_solve's rows bit for bit."""
     monkeypatch.setattr(router, "XT_BLOCK_BYTES", block_bytes)
-    monkeypatch.setattr(held, "HELD_BYTES", held_bytes)
+    monkeypatch.setattr(core_held, "HELD_BYTES", held_bytes)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(300, 37, generator=g)  # float32 tokens, as LayerFit passes them
     w = torch.randn(8, 37, generator=g).to(torch.bfloat16)
