@@ -44,10 +44,11 @@ import torch
 
 from moecompress.core.experts import Act, expert_forward
 from moecompress.core.families import MoEWeights
+from moecompress.core.held import Held, park, parks, unpark
 from moecompress.core.memprobe import probe
 from moecompress.core.stream import release_freed
 from moecompress.merge.align import EXACT_BLOCK, activations, align_perms
-from moecompress.merge.held import Held, HeldOutputs, park, parks, state_limit, unpark
+from moecompress.merge.held import HeldOutputs, state_limit
 from moecompress.merge.refit import lstsq_down
 from moecompress.merge.router import RouterFitter
 from moecompress.merge.subspace import merge_average, merge_subspace

@@ -10,7 +10,8 @@ Qwen3-30B dims and 12,288 tokens, 1,057 + 940 MB on the DeepSeek-V3-dims slice a
 checkpoint dtype, as prune's search cache) and past it is a shared memory map of a temporary file, worked on a row block
 at a time; ``drop`` (madvise DONTNEED) after each block takes its pages off the process (they stay in the kernel's
 page cache, written back to the file: a later read faults them back with the values written). Smaller state of the
-same pass (the router fit's [H+1, H+1] float64 factor, the starts' missed outputs) goes to a file past ``HELD_BYTES``.
+same pass (the router fit's [H+1, H+1] float64 factor, the starts' missed outputs) goes to a file past
+``core.held.HELD_BYTES``.
 The values and the arithmetic are the same either way, so the choice and the written bytes are the same bit for bit;
 the process's resident memory holds a block, not the tensor. The page faults cost CPU time (at H 512 with every
 state in files, about a quarter more per layer): hence the limits.
@@ -24,13 +25,9 @@ from typing import Any
 
 import torch
 
-from ..core.held import HELD_BYTES, PARK_BYTES, Held, park, parks, unpark
+from ..core.held import Held
 from ..core.stream import libc_function, release_freed
 from ..prune.order import ExpertOutputs
-
-__all__ = [
-    "HELD_BYTES", "PARK_BYTES", "Held", "HeldOutputs", "mapped_allocations", "park", "parks", "state_limit", "unpark",
-]  # fmt: skip
 
 # the [Tc, ., H] state (cache, routed outputs) stays in memory up to the larger of these (``state_limit``)
 STATE_FLOOR_BYTES = 256 << 20
@@ -44,7 +41,7 @@ def state_limit(layer_bytes: int) -> int:
 
 class HeldOutputs(ExpertOutputs):
     """``prune.order.ExpertOutputs`` (the same pairs, the same calls, so the same values) whose cache [T, c, H] is
-    ``Held``: past ``HELD_BYTES`` in a file, its pages dropped after each expert's fill, each ``get`` and each
+    ``Held``: past ``core.held.HELD_BYTES`` in a file, its pages dropped after each expert's fill, each ``get`` and each
     expert computed for a miss (``drop``; ``LayerFit`` drops after its own reads of ``cache``)."""
 
     _held: Held | None = None

@@ -108,9 +108,9 @@ def merge_layer(
             merged, info = choose_layer(
                 w, xf, clusters, freqs, similarity, protected or [], n_group, spec, opts, gen, act, clock, dtypes
             )  # fmt: skip
-    if not opts.choose:
-        merged, info = merge_clusters(w, xf, logits, clusters, freqs, similarity, top_k, norm_topk, opts, gen, act)
-        clock.lap("merge")
+        else:
+            merged, info = merge_clusters(w, xf, logits, clusters, freqs, similarity, top_k, norm_topk, opts, gen, act)
+            clock.lap("merge")
     info["seconds"] = clock.laps
     return merged, info
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from moecompress.merge.held import Held
+from moecompress.core.held import Held
 from moecompress.merge.subspace import _normalized_weights
 
 # ``RouterFitter.fit`` forms x^T target from float64 copies of this many bytes of x's columns at a time

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from moecompress.core import held as core_held
 from moecompress.core.families import MoEWeights
+from moecompress.core.held import Held
 from moecompress.merge import choose, held
-from moecompress.merge.held import Held
 from moecompress.merge.layer import merge_layer
 from moecompress.merge.options import MergeOptions
 from moecompress.prune.order import RouterSpec
