@@ -608,6 +608,23 @@ def mac_rate() -> float:
     return 10 * 1024**3 / max((t1.user - t0.user) + (t1.system - t0.system), 1e-3)
 
 
+def clip_rate() -> float:
+    """One CPU thread's rate of weights through RTN's clip search and codes (``quant.rtn.rtn_quantize`` at 4 bits,
+    group 128, the default seven shrink factors, on a [1024, 1024] float32 matrix; CPU time): the prior of the
+    quantize variants' clip term, elementwise work that a multiply-add rate prices ~1,000x too cheap."""
+    import torch
+
+    from moecompress.quant.rtn import rtn_quantize
+
+    torch.set_num_threads(1)
+    w = torch.randn(1024, 1024)
+    rtn_quantize(w, 4, 128)
+    t0 = time.process_time()
+    for _ in range(20):
+        rtn_quantize(w, 4, 128)
+    return 20 * w.numel() / max(time.process_time() - t0, 1e-3)
+
+
 def fit_and_report(args: argparse.Namespace) -> None:
     """Fit coefficients.json on the stores' runs; write PREFIX.md: measured, predicted vs measured, flagships."""
     from moecompress.estimate import predict, shape_of_config
@@ -617,12 +634,13 @@ def fit_and_report(args: argparse.Namespace) -> None:
     stores = store_paths(args.stores)
     runs = measured_runs(stores)
     mac = args.mac_per_s or mac_rate()
-    fitted = fit([r for r in runs if r["variant"] != "compress"], mac)
+    clip = args.clip_per_s or clip_rate()
+    fitted = fit([r for r in runs if r["variant"] != "compress"], mac, clip)
     coefs = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/scale_bench.py --fit --stores "
         + ",".join(os.path.relpath(p, ROOT) for p in stores),
         "fitted_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(),
-        "mac_per_s": round(mac),
+        "mac_per_s": round(mac), "clip_per_s": round(clip),
         "units": "host: copies of each term's bytes at the peak RSS; seconds: CPU s (one thread) per term unit",
         "ops": fitted,
     }  # fmt: skip
@@ -642,7 +660,7 @@ def fit_and_report(args: argparse.Namespace) -> None:
         others = [o for o in runs if o is not r and o["variant"] != "compress"]
         loo = None
         if r["variant"] == "compress" or any(o["variant"] == r["variant"] for o in others):
-            loo_coefs = {"ops": {**fitted, **fit(others, mac)}}
+            loo_coefs = {"ops": {**fitted, **fit(others, mac, clip)}}
             loo = predict(r["shape"], r["est_op"], coefs=loo_coefs, **kw)
         check.append({
             "run": r["name"], "commit": r["commit"], "measured_host": r["host_bytes"], "predicted_host": p.host_bytes,
@@ -781,6 +799,11 @@ if __name__ == "__main__":
             "--mac-per-s", type=float, default=None,
             help="one thread's multiply-add rate the time priors use (default: measured now; pass the last fit's "
             "mac_per_s from coefficients.json to compare two fits without the machine's load moving it)",
+        )  # fmt: skip
+        ap.add_argument(
+            "--clip-per-s", type=float, default=None,
+            help="one thread's rate of weights through RTN's clip search, the clip term's prior (default: measured "
+            "now; pass the last fit's clip_per_s to compare fits)",
         )  # fmt: skip
         fit_and_report(ap.parse_args())
     elif len(sys.argv) > 1 and sys.argv[1] == "--status":

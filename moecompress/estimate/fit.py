@@ -53,10 +53,12 @@ def fit_terms(
     return {n: float(lo + v * sc) for n, lo, v, sc in zip(names, low, x, scale, strict=True)}
 
 
-def fit(runs: list[dict[str, Any]], mac_per_s: float | None = None) -> dict[str, dict[str, Any]]:
+def fit(
+    runs: list[dict[str, Any]], mac_per_s: float | None = None, clip_per_s: float | None = None
+) -> dict[str, dict[str, Any]]:
     """Per variant: fitted "host" and "seconds" coefficients and the runs they came from (pulled weakly towards
-    ``model.priors(mac_per_s)`` when given)."""
-    host_prior, time_prior = priors(mac_per_s) if mac_per_s else (None, None)
+    ``model.priors(mac_per_s, clip_per_s)`` when given)."""
+    host_prior, time_prior = priors(mac_per_s, clip_per_s) if mac_per_s else (None, None)
     # certain: the layer-streamed forward cannot run faster than this CPU's measured multiply-add rate (without the
     # floor, runs whose forward is small beside the statistics left it at 0, and a 262k-token profile of a 30B model
     # came out at half an hour)

@@ -3,8 +3,9 @@
 Each prediction is a sum of named terms, each a size or an operation count computed from the model's shape and the
 calibration settings (``features``), times a coefficient fitted by least squares on measured runs
 (``bench/scale_bench.py --ops-sweep`` then ``--fit``; stored in ``coefficients.json`` beside this module with the
-command that produced it). Memory terms are bytes, time terms are multiply-adds or bytes; the coefficient of a
-memory term is "copies held at the peak", the coefficient of a time term is seconds per unit on one CPU thread.
+command that produced it). Memory terms are bytes, time terms are multiply-adds, weights through the clip
+search or expert visits of the MoE forward; the coefficient of a memory term is "copies held at the peak", the
+coefficient of a time term is seconds per unit on one CPU thread.
 
     est = predict(shape, "quantize", samples=128, seq_len=2048, plan="lp", device="cuda")
     est.host_bytes, est.gpu_bytes, est.disk_bytes, est.seconds, est.time_class
@@ -46,22 +47,27 @@ def _fractions() -> dict[str, float]:
 
 
 # What the fit is pulled towards where the runs cannot tell terms apart (a weak prior, see fit.fit_terms): one copy
-# of every memory term, a Python + torch process's baseline, and every time term at one CPU thread's measured
-# multiply-add rate (``mac_per_s`` in coefficients.json, measured by the bench that fits).
+# of every memory term, a Python + torch process's baseline, every multiply-add term at one CPU thread's measured
+# multiply-add rate (``mac_per_s`` in coefficients.json, measured by the bench that fits) and the clip search term
+# at one thread's measured rate of weights through it (``clip_per_s``: elementwise work, ~1,000x a multiply-add).
 PRIOR_HOST_CONST = 5e8
 HOST_FLOOR = {"layer": 1.0, "acts": 1.0}  # certain: the engine holds one layer and the unspilled cache
 # variants whose transforms read the routed experts narrow (core/stream.py): the engine holds them in the
 # checkpoint's dtype (bf16: half of float32), the rest of the layer in float32 (a down refit keeps float32 downs)
 NARROW = ("profile", "prune", "prune-reap", "quantize-rtn", "quantize-gptq", "quantize-lp")
 PRIOR_SECONDS_CONST = 2.0
+PRIOR_VISIT_SECONDS = 1e-4  # one expert visit of the MoE forward's loop, besides its multiply-adds
 
 
-def priors(mac_per_s: float) -> tuple[dict[str, float], dict[str, float]]:
-    """(host prior per term, seconds prior per term): see PRIOR_HOST_CONST."""
+def priors(mac_per_s: float, clip_per_s: float | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """(host prior per term, seconds prior per term): see PRIOR_HOST_CONST. Without ``clip_per_s`` the clip term
+    is priced as one multiply-add per weight (the fits before it was measured)."""
     names = ("layer", "acts", "sim", "err", "cache", "downs", "hidden", "align", "codes", "hessians", "G")
     host = {n: 1.0 for n in names}
-    timed = ("fwd", "sim", "search", "miss", "refit", "downfit", "svd", "rtn", "gptq", "hessians", "grads", "score")
+    timed = ("fwd", "sim", "search", "miss", "refit", "downfit", "svd", "gptq", "hessians", "grads", "score")
     secs = {n: 1.0 / mac_per_s for n in timed}
+    secs["clip"] = 1.0 / (clip_per_s or mac_per_s)
+    secs["visits"] = PRIOR_VISIT_SECONDS
     return {"const": PRIOR_HOST_CONST, **host}, {"const": PRIOR_SECONDS_CONST, **secs}
 
 
@@ -145,7 +151,10 @@ def features(shape: ModelShape, var: str, s: Settings) -> tuple[dict[str, float]
     fwd = L * T * shape.active_params_per_token + L * T * s.seq_len * H  # multiply-adds of a pass
     mem: dict[str, float] = {"const": 1.0, "layer": layer, "acts": acts_mem}
     state: dict[str, float] = {}
-    tim: dict[str, float] = {"const": 1.0, "fwd": fwd}
+    # the MoE forward visits each expert a batch hits one by one (index, three small products, index_add): work per
+    # visit besides its multiply-adds, which the runs at 64-256 experts show (E256's profile took 1.5x E16's+fwd)
+    visits = Lm * E * math.ceil(T / Tb)
+    tim: dict[str, float] = {"const": 1.0, "fwd": fwd, "visits": visits}
     expert_fwd = 3.0 * H * I  # multiply-adds of one expert on one token
     sim = sim_tokens(var, s)
     if var in ("profile", "prune", "prune-reap", "prune-refit"):
@@ -175,9 +184,13 @@ def features(shape: ModelShape, var: str, s: Settings) -> tuple[dict[str, float]
         mem["align"] = 4.0 * E * I * I
         tim["sim"] = Lm * sim * E * expert_fwd
         tim["svd"] = Lm * E * H * I * min(H, I)
+    if var.startswith("quantize"):
+        # every routed weight through the clip search (quant/rtn.py: the codes at each of seven shrink factors and
+        # their error, elementwise) once per width it is quantized at: the LP plan's measuring pass at every
+        # candidate width, RTN and GPTQ at one (GPTQ searches its groups' scales the same way)
+        tim["clip"] = Lm * shape.moe_layer_params * (len(lp_widths()) if var == "quantize-lp" else 1)
     if var == "quantize-rtn":
         mem["codes"] = 1.0 * shape.moe_layer_params
-        tim["rtn"] = Lm * shape.moe_layer_params
     if var in ("quantize-gptq", "quantize-lp"):
         state["hessians"] = 4.0 * E * (H * H + I * I)  # [E, H, H] + [E, I, I] fp32
         tim["gptq"] = Lm * E * I * H * (2.0 * H + I)
@@ -210,14 +223,20 @@ def search_slots(shape: ModelShape, var: str, s: Settings) -> int:
     return min(E, cache_slots(k + 4, slot_bytes, 3 * E * H * I * shape.dtype_bytes, s.max_memory))
 
 
+def lp_widths() -> tuple[int, ...]:
+    """The LP plan's candidate widths: its measuring pass quantizes every routed weight at each."""
+    from ..quant.plan import WIDTHS
+
+    return tuple(WIDTHS)
+
+
 def lp_codes(shape: ModelShape, s: Settings) -> tuple[float, float]:
     """(bytes of every MoE layer's codes at every candidate width, as the LP's measuring pass keeps them for the
     write pass; the bytes it may hold in memory: quant.run.code_memory_bound for this model and limit)."""
     from ..quant.layer import PackedCodes
-    from ..quant.plan import WIDTHS
     from ..quant.run import code_memory_bound
 
-    codes = float(PackedCodes.estimate(shape.moe_layer_params, WIDTHS)) * shape.moe_layers
+    codes = float(PackedCodes.estimate(shape.moe_layer_params, lp_widths())) * shape.moe_layers
     limit = s.max_memory if s.max_memory is not None else s.memory
     layer_bytes = shape.dtype_bytes * shape.moe_layer_params
     return codes, float(code_memory_bound(layer_bytes, limit if limit is not None else 2**62))

@@ -23,8 +23,8 @@ def unit_coefs() -> dict:
     """Every term's coefficient 1: predictions are the plain sums of the terms (no fitted numbers involved)."""
     host_terms = ("const", "layer", "acts", "sim", "err", "cache", "downs", "hidden", "align", "codes", "hessians", "G")
     ones = {n: 1.0 for n in host_terms}
-    time_terms = ("const", "fwd", "sim", "search", "refit", "downfit", "svd", "rtn", "gptq", "hessians", "grads")
-    time_terms += ("score",)
+    time_terms = ("const", "fwd", "sim", "search", "refit", "downfit", "svd", "clip", "gptq", "hessians", "grads")
+    time_terms += ("score", "visits")
     secs = {n: 1e-9 for n in time_terms}
     return {"ops": {v: {"host": dict(ones), "seconds": dict(secs)} for v in VARIANTS}}
 
@@ -195,3 +195,20 @@ def test_fit_prior_decides_only_what_the_runs_leave_open() -> None:
     rows = [{"const": 1.0, "layer": float(l)} for l in (10.0, 100.0, 1000.0)]
     got = fit_terms(rows, [5.0 + 3.0 * r["layer"] for r in rows], prior)
     assert got["layer"] == pytest.approx(3.0, rel=1e-2) and got["const"] == pytest.approx(5.0, rel=0.1)
+
+
+def test_quantize_time_follows_the_weights_through_the_clip_search() -> None:
+    """RTN's and the LP plan's time grow with the routed weights they quantize (the clip term, once per width: the
+    LP plan's four), in the shipped fit; before the term had its own prior, RTN's time was flat in the model's
+    size (1.1 s at 16 and at 256 experts, 0.8 and 5.7 s measured)."""
+    c = coefficients()
+    assert c["clip_per_s"] < c["mac_per_s"] / 100  # elementwise work: far slower per unit than a multiply-add
+    small, big = (shape_of_config(tiny_config("qwen3_moe", hidden_size=512, num_experts=e, moe_intermediate_size=256))
+                  for e in (16, 256))  # fmt: skip
+    for plan in ("uniform", "lp"):
+        kw = {"samples": 16, "seq_len": 256, "plan": plan, "method": "rtn" if plan == "uniform" else "gptq"}
+        s, b = predict(small, "quantize", **kw).seconds, predict(big, "quantize", **kw).seconds
+        assert b > 3 * s, (plan, s, b)
+    _, _, t = features(big, "quantize-lp", Settings())
+    _, _, t1 = features(big, "quantize-rtn", Settings())
+    assert t["clip"] == 4 * t1["clip"] == 4 * big.moe_layers * big.moe_layer_params
