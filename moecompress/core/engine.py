@@ -450,8 +450,7 @@ class Replay:
         ``keep`` they return a copy and the recording stays, for a second ``Engine.moe_inputs`` on the layer)."""
         own = {name: vars(self.mixers[name]).get("forward") for name in self.outputs}  # an instance's own forward
         for name, outs in self.outputs.items():
-            out = _mapped(unpark, outs[i])  # (a parked batch: back in memory)
-            out = _cloned(out) if keep else out
+            out = _played(outs[i], keep)
             if not keep:
                 outs[i] = None
             self.mixers[name].forward = lambda *a, _out=out, **k: _out
@@ -503,6 +502,19 @@ def _mapped(fn: Callable[[Any], Any], out: Any) -> Any:
 
 def _cloned(out: Any) -> Any:
     return _mapped(lambda t: t.detach().clone(), out)
+
+
+def _played(out: Any, keep: bool) -> Any:
+    """A recorded output to replay: parked tensors back in memory (``unpark``: already a copy of the file), the
+    others as recorded, or with ``keep`` a copy (the recording stays for a second replay)."""
+
+    def one(x: torch.Tensor | Held) -> torch.Tensor:
+        if isinstance(x, Held) and x.spilled:
+            return unpark(x)
+        t = x.t if isinstance(x, Held) else x
+        return t.detach().clone() if keep else t
+
+    return _mapped(one, out)
 
 
 class SharedCache:

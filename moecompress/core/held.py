@@ -45,20 +45,9 @@ class Held:
         disk never faults a later write)."""
         n = math.prod(shape)
         size = n * torch.empty((), dtype=dtype).element_size()
-        if not _in_file(size, device, limit):
+        mm = _file_map(size) if _in_file(size, device, limit) else None
+        if mm is None:
             return cls(torch.empty(shape, device=device, dtype=dtype))
-        try:
-            fd, path = tempfile.mkstemp(prefix="moecompress-held-")
-        except OSError:
-            return cls(torch.empty(shape, device=device, dtype=dtype))
-        try:
-            os.unlink(path)  # the file lives as long as the mapping
-            os.posix_fallocate(fd, 0, size)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError:  # no room (or no mapping) for it: in memory, as below the limit
-            return cls(torch.empty(shape, device=device, dtype=dtype))
-        finally:
-            os.close(fd)
         return cls(torch.frombuffer(mm, dtype=dtype, count=n).view(shape), mm)
 
     @classmethod
@@ -84,6 +73,23 @@ class Held:
         """The file's pages leave this process's resident memory (their values are kept in the file)."""
         if self._mm is not None:
             self._mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _file_map(size: int) -> mmap.mmap | None:
+    """A shared read-write map of a new unlinked temporary file of ``size`` bytes, its blocks reserved; None when
+    the temporary folder has no room for it (or cannot hold or map a file)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="moecompress-held-")
+    except OSError:
+        return None
+    try:
+        os.unlink(path)  # the file lives as long as the mapping
+        os.posix_fallocate(fd, 0, size)
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _in_file(nbytes: int, device: torch.device | str, limit: int | None) -> bool:

@@ -95,8 +95,12 @@ def test_the_recorded_mixer_outputs_wait_in_files_and_replay_the_same(monkeypatc
     rep.park()
     assert all(isinstance(h, Held) and h.spilled for h in rep.outputs["attn"])
     layer.attn.weight.data.zero_()  # not run when replayed
+    clones = []
+    real_clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(t) or real_clone(t, *a, **k))
     with rep.playing(1, keep=True):
         assert torch.equal(layer(xs[1]), want[1])
+    assert not clones  # the file's copy is the copy: a parked batch is not copied twice
     assert isinstance(rep.outputs["attn"][1], Held)  # kept for a second replay
     for i, x in enumerate(xs):
         with rep.playing(i):
