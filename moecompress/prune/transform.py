@@ -132,23 +132,29 @@ def sample_rows(batches: list[torch.Tensor], limit: int) -> torch.Tensor:
 
 
 def _sq_sum(t: torch.Tensor) -> float:
-    """``float(t.double().pow(2).sum())`` bit for bit with one float64 temporary (not two)."""
-    return float(t.to(torch.float64, copy=True).pow_(2).sum())
+    """``float(t.double().pow(2).sum())`` with one float64 temporary of at most SQ_ERROR_BLOCK_BYTES (``_sq_error``
+    against nothing): one [T, H] float64 copy of the layer's reference output was 235 MB at DeepSeek-V3 dims."""
+    return _sq_error(t, None)
 
 
 SQ_ERROR_BLOCK_BYTES = 64 * 2**20  # float64 rows _sq_error makes at a time
 
 
-def _sq_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``float((a.double() - b.double()).pow(2).sum())`` with one float64 temporary of at most
+def _sq_error(a: torch.Tensor, b: torch.Tensor | None) -> float:
+    """``float((a.double() - b.double()).pow(2).sum())`` (``b`` None: of ``a``) with one float64 temporary of at most
     SQ_ERROR_BLOCK_BYTES: bit for bit up to that size, past it the blocks' sums are added (the same value to ~1e-15
-    relative; it is only reported, rounded to 6 digits). One [T, H] float64 temporary was 235 MB at the peak of the
-    DeepSeek-V3-dims slice's default prune (four of them were 270 MB at the 30B-shaped layer's)."""
+    relative; errors are reported rounded to 6 digits, and the layer's reference energy scales all its candidates
+    alike). One [T, H] float64 temporary was 235 MB at the peak of the DeepSeek-V3-dims slice's default prune (four
+    of them were 270 MB at the 30B-shaped layer's)."""
+
+    def part(x: torch.Tensor, y: torch.Tensor | None) -> float:
+        d = x.to(torch.float64, copy=True)
+        return float((d if y is None else d.sub_(y)).pow_(2).sum())
+
     if a.dim() == 0 or 8 * a.numel() <= SQ_ERROR_BLOCK_BYTES:
-        return float(a.to(torch.float64, copy=True).sub_(b).pow_(2).sum())
+        return part(a, b)
     rows = max(1, SQ_ERROR_BLOCK_BYTES // (8 * a[0].numel()))
-    return float(sum(float(a[i : i + rows].to(torch.float64, copy=True).sub_(b[i : i + rows]).pow_(2).sum())
-                     for i in range(0, a.shape[0], rows)))  # fmt: skip
+    return float(sum(part(a[i : i + rows], None if b is None else b[i : i + rows]) for i in range(0, a.shape[0], rows)))
 
 
 def _boxed(view: Any) -> list[Any]:

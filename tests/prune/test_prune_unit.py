@@ -637,8 +637,8 @@ def test_fit_downs_when_every_token_fits_is_the_copying_fit_bit_for_bit():
 
 
 def test_sq_error_in_row_blocks_matches_the_whole_sum(monkeypatch) -> None:
-    """Past SQ_ERROR_BLOCK_BYTES the squared error is summed a block of rows at a time (no [T, H] float64 copy):
-    the same value to rounding; at or under it, bit for bit."""
+    """Past SQ_ERROR_BLOCK_BYTES the squared error (and a tensor's energy) is summed a block of rows at a time (no
+    [T, H] float64 copy): the same value to rounding; at or under it, bit for bit."""
     from moecompress.prune import transform as T
 
     g = torch.Generator().manual_seed(0)
@@ -647,3 +647,5 @@ def test_sq_error_in_row_blocks_matches_the_whole_sum(monkeypatch) -> None:
     assert T._sq_error(a, b) == ref
     monkeypatch.setattr(T, "SQ_ERROR_BLOCK_BYTES", 8 * 64 * 7)  # 7 rows per block, 43 blocks
     assert T._sq_error(a, b) == pytest.approx(ref, rel=1e-13) and T._sq_error(a, a) == 0.0
+    energy = float(a.double().pow(2).sum())  # the reference output's energy: blocked the same way
+    assert T._sq_sum(a) == pytest.approx(energy, rel=1e-13) and T._sq_sum(a[:7]) == float(a[:7].double().pow(2).sum())
