@@ -638,7 +638,8 @@ def fit_and_report(args: argparse.Namespace) -> None:
     fitted = fit([r for r in runs if r["variant"] != "compress"], mac, clip)
     coefs = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/scale_bench.py --fit --stores "
-        + ",".join(os.path.relpath(p, ROOT) for p in stores),
+        + ",".join(os.path.relpath(p, ROOT) for p in stores)
+        + f" --mac-per-s {round(mac)} --clip-per-s {round(clip)}",  # the rates used, so that it refits the same
         "fitted_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _commit(),
         "mac_per_s": round(mac), "clip_per_s": round(clip),
         "units": "host: copies of each term's bytes at the peak RSS; seconds: CPU s (one thread) per term unit",
