@@ -458,6 +458,10 @@ PRUNE_NO_SIMILARITY = "1026905"
 # it, every layer's codes were held in memory up to half of the limit): estimate.model.Settings.codes_spill
 LP_CODES_SPILL = "924ac33"
 COMPRESS_NO_SIMILARITY = "babd786"
+# the commits from which a variant the cost model prices narrow (estimate.model.NARROW) holds the routed experts in
+# the checkpoint's dtype (its transform reads narrow, core/stream.py): runs before them held float32 layers
+# (estimate.model.Settings.narrow). merge reads narrow since b8b6ce7 but is priced in float32 (see NARROW)
+NARROW_SINCE = {"atom": "007f81c"}
 
 
 def _at_or_after(commit: str | None, since: str) -> bool:
@@ -510,6 +514,8 @@ def measured_runs(stores: list[Path]) -> list[dict]:
                 settings = {**settings, "refit": _default_refit_at(commit)}
             if r["op"] == "quantize-lp":  # see LP_CODES_SPILL
                 settings = {**settings, "codes_spill": _at_or_after(commit, LP_CODES_SPILL)}
+            if r["op"] in NARROW_SINCE and not _at_or_after(commit, NARROW_SINCE[r["op"]]):  # see NARROW_SINCE
+                settings = {**settings, "narrow": False}
             sim = _own_sim_tokens_at(est_op, settings, commit)  # see PRUNE_NO_SIMILARITY
             if sim is not None:
                 settings = {**settings, "sim_tokens": sim}

@@ -53,8 +53,12 @@ def _fractions() -> dict[str, float]:
 PRIOR_HOST_CONST = 5e8
 HOST_FLOOR = {"layer": 1.0, "acts": 1.0}  # certain: the engine holds one layer and the unspilled cache
 # variants whose transforms read the routed experts narrow (core/stream.py): the engine holds them in the
-# checkpoint's dtype (bf16: half of float32), the rest of the layer in float32 (a down refit keeps float32 downs)
-NARROW = ("profile", "prune", "prune-reap", "quantize-rtn", "quantize-gptq", "quantize-lp")
+# checkpoint's dtype (bf16: half of float32), the rest of the layer in float32 (a down refit keeps float32 downs).
+# merge reads narrow too (since b8b6ce7) but is priced with a float32 layer: the other half stands for the state it
+# keeps in temporary files on the CPU (mapped allocations, parked choices, merge/held.py) and in device memory on the
+# GPU, which no term counts. Priced narrow, the host fit moved to +2% on the DeepSeek-V3-dims slice (+26% as is) and
+# the H200 merge peak to -33% (+5% as is): the float32 price is the safer of the two until GPU runs can fit a term.
+NARROW = ("profile", "prune", "prune-reap", "quantize-rtn", "quantize-gptq", "quantize-lp", "atom")
 PRIOR_SECONDS_CONST = 2.0
 PRIOR_VISIT_SECONDS = 1e-4  # one expert visit of the MoE forward's loop, besides its multiply-adds
 
@@ -96,6 +100,9 @@ class Settings:
     # the LP plan's codes past quant.run.code_memory_bound go to files as they are made (since commit 924ac33);
     # False: the rule before, every layer's codes held in memory up to CODE_CACHE_FRACTION of the limit
     codes_spill: bool = True
+    # the engine holds the routed experts in the checkpoint's dtype (NARROW variants); False: in float32, as atom
+    # did before commit 007f81c (measured runs of that code); None: the variant's rule
+    narrow: bool | None = None
 
     @property
     def tokens(self) -> int:
@@ -146,7 +153,8 @@ def features(shape: ModelShape, var: str, s: Settings) -> tuple[dict[str, float]
     acts_mem = acts if acts <= SPILL_BYTES else 4.0 * Tb * H * 2
     moe_part = shape.layer_params - shape.attn_params  # the largest layer's MLP part: the MoE block unless dense wins
     routed = shape.moe_layer_params if shape.moe_layers and moe_part >= shape.moe_layer_params else 0
-    held = shape.dtype_bytes if var in NARROW else 4  # routed experts in the checkpoint's dtype, or float32
+    narrow = var in NARROW if s.narrow is None else s.narrow
+    held = shape.dtype_bytes if narrow else 4  # routed experts in the checkpoint's dtype, or float32
     layer = 4.0 * (shape.layer_params - routed) + min(4, held) * routed  # the one decoder layer the engine holds
     fwd = L * T * shape.active_params_per_token + L * T * s.seq_len * H  # multiply-adds of a pass
     mem: dict[str, float] = {"const": 1.0, "layer": layer, "acts": acts_mem}

@@ -212,3 +212,14 @@ def test_quantize_time_follows_the_weights_through_the_clip_search() -> None:
     _, _, t = features(big, "quantize-lp", Settings())
     _, _, t1 = features(big, "quantize-rtn", Settings())
     assert t["clip"] == 4 * t1["clip"] == 4 * big.moe_layers * big.moe_layer_params
+
+
+def test_atom_is_priced_with_the_layer_it_holds() -> None:
+    """HEAPr holds the routed experts in the checkpoint's dtype (bf16: half the float32 layer); runs of the code
+    before that are fitted with ``narrow=False``; merge is priced in float32 (estimate/model.py NARROW)."""
+    shape = shape_of_config(tiny_config("qwen3_moe", hidden_size=512, num_experts=64, moe_intermediate_size=256))
+    assert shape.dtype_bytes == 2
+    bf16 = features(shape, "atom", Settings())[0]["layer"]
+    fp32 = features(shape, "atom", Settings(narrow=False))[0]["layer"]
+    assert fp32 - bf16 == pytest.approx(2 * shape.moe_layer_params)
+    assert features(shape, "merge", Settings())[0]["layer"] == fp32
