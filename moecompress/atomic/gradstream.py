@@ -359,6 +359,7 @@ def streamed_grad_stats(
             if ctx.index < n_layers - 1:
                 inputs.append(ActivationCache(spill))
                 _keep_all(inputs[-1], ls.cache)
+            del ctx  # not held through the next layer (Engine.layers)
             tick()
         _head_grads(ls, ls.cache, grads, getattr(ckpt.config, "vocab_size", None))
         ls.free_head()  # lm_head [V, H] in float32 (1.2 GB at Qwen3's vocabulary) is not needed again
