@@ -537,7 +537,7 @@ def store_paths(arg: str) -> list[Path]:
 
 
 BOUND_LAYERS = 2.5  # issue 13: peak host memory <= 2.5 MoE layers in the checkpoint dtype + the activation cache
-STATUS_CASES = ("qwen3-30b-layer", "dsv3-slice")
+STATUS_CASES = ("qwen3-30b-layer", "qwen3-30b-2layer", "dsv3-slice")  # 2 layers: what passes between layers
 
 
 def bound_bytes(case: str, samples: int, seq_len: int) -> int:
