@@ -345,8 +345,7 @@ class _Routed:
         self.yc = park(self.yc)
 
     def unpark(self) -> None:
-        if isinstance(self.yc, Held):
-            self.yc = unpark(self.yc)
+        self.yc = unpark(self.yc)  # (a tensor never parked comes back as it is)
 
     def trial(
         self, j: int, cand: Candidate, chosen: list[Candidate], plain: str | None, refit: str | None
